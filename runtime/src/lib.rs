@@ -1,0 +1,16 @@
+//! egret's runtime: what a program needs to run a compiled (or interpreted) LLaMA model —
+//! weight loading (safetensors, GGUF), tokenizers, sampling and the generation loop.
+//!
+//! This crate is what users embed, so its dependency tree stays small: it never depends on
+//! the compiler crates (`egret-ir`, `egret-passes`, `egret-backends`), LLVM or egg.
+
+pub mod error;
+pub mod generate;
+pub mod gguf;
+pub mod sampler;
+pub mod tensor;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Result, RuntimeError};
+pub use tensor::HostTensor;

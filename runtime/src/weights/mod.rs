@@ -1,0 +1,1 @@
+//! Weight loading (filled in by the weights work).
