@@ -1,1 +1,359 @@
-fn main() {}
+//! The `egret` command line: a thin layer over the facade library. Every failure prints one
+//! `error: …` line and exits with status 1; nothing panics on bad input.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use egret::interp::{optimized_graph, InterpModel};
+use egret::{load_config, load_model, load_tokenizer, ModelSource};
+use egret_models::GraphKind;
+use egret_passes::{all_passes, pipeline, PassCx, PassManager, PrintAfter};
+use egret_runtime::generate::{generate, GenerateOptions};
+use egret_runtime::sampler::SamplerConfig;
+use egret_runtime::weights::{save_safetensors, SaveDType, Weights};
+use egret_runtime::HostTensor;
+
+#[derive(Parser)]
+#[command(name = "egret", version, about = "A compiler for neural-network graphs (LLaMA in a tensor IR)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    Cpu,
+    Gpu,
+    Interp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Inference,
+    Training,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Which {
+    Prefill,
+    Decode,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DTypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text from a prompt.
+    Generate {
+        model: String,
+        #[arg(long, conflicts_with = "tokens")]
+        prompt: Option<String>,
+        /// Prompt as comma-separated token ids.
+        #[arg(long)]
+        tokens: Option<String>,
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, value_enum, default_value_t = Backend::Interp)]
+        backend: Backend,
+        #[arg(long, default_value = "default")]
+        passes: String,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run one forward pass and print the logits of every position as JSON.
+    Logits {
+        model: String,
+        #[arg(long)]
+        tokens: String,
+        #[arg(long, value_enum, default_value_t = Backend::Interp)]
+        backend: Backend,
+        #[arg(long, default_value = "default")]
+        passes: String,
+    },
+    /// Encode text with the model's tokenizer.
+    Tokenize {
+        model: String,
+        #[arg(long)]
+        text: String,
+        /// Add BOS/EOS as the tokenizer's configuration asks.
+        #[arg(long)]
+        add_special: bool,
+    },
+    /// Write a Hugging Face directory (config.json, model.safetensors, tokenizer.json).
+    Convert {
+        model: String,
+        #[arg(short, long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+        dtype: DTypeArg,
+    },
+    /// Show the IR of a model, optionally after passes.
+    Ir {
+        model: String,
+        #[arg(long, value_enum, default_value_t = Mode::Inference)]
+        mode: Mode,
+        /// Which inference graph to show.
+        #[arg(long, value_enum, default_value_t = Which::Prefill)]
+        graph: Which,
+        /// Fix the batch dim `B`.
+        #[arg(long)]
+        batch: Option<i64>,
+        /// Fix the sequence dim `T`.
+        #[arg(long)]
+        seq: Option<i64>,
+        #[arg(long)]
+        memory_budget: Option<u64>,
+        #[arg(long, default_value = "none")]
+        passes: String,
+        /// Print the IR after this pass (or `all`).
+        #[arg(long)]
+        print_after: Option<String>,
+        #[arg(long, conflicts_with = "dot")]
+        stats: bool,
+        #[arg(long)]
+        dot: bool,
+    },
+    /// List the passes.
+    Passes,
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    if let Err(e) = run(cli) {
+        eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+        std::process::exit(1);
+    }
+}
+
+fn parse_ids(s: &str) -> Result<Vec<u32>> {
+    let ids: Vec<u32> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| t.parse::<u32>().map_err(|_| anyhow!("--tokens: `{t}` is not a token id (expected comma-separated non-negative integers)")))
+        .collect::<Result<_>>()?;
+    if ids.is_empty() {
+        bail!("--tokens: no token ids given");
+    }
+    Ok(ids)
+}
+
+fn require_interp(b: Backend) -> Result<()> {
+    match b {
+        Backend::Interp => Ok(()),
+        Backend::Cpu => bail!("backend `cpu` (LLVM) is not built yet; use --backend interp"),
+        Backend::Gpu => bail!("backend `gpu` (PTX) is not built yet; use --backend interp"),
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Generate { model, prompt, tokens, max_new_tokens, temperature, top_p, seed, backend, passes, json } => {
+            require_interp(backend)?;
+            if !(temperature >= 0.0) || !(top_p > 0.0 && top_p <= 1.0) {
+                bail!("--temperature must be >= 0 and --top-p in (0, 1]");
+            }
+            let src = ModelSource::resolve(&model)?;
+            let loaded = load_model(&src)?;
+            let prompt_ids = match (&prompt, &tokens) {
+                (Some(text), None) => {
+                    let tok = loaded.tokenizer.as_ref().ok_or_else(|| anyhow!("{model}: no tokenizer; pass --tokens instead of --prompt"))?;
+                    tok.encode(text, true)?
+                }
+                (None, Some(t)) => parse_ids(t)?,
+                _ => bail!("give --prompt TEXT or --tokens 1,2,3"),
+            };
+            let stop_ids = loaded.config.eos_token_ids.clone();
+            let tokenizer = loaded.tokenizer;
+            let mut m = InterpModel::new(loaded.config, loaded.params, &passes)?;
+            let opts = GenerateOptions { max_new_tokens, sampler: SamplerConfig { temperature, top_p, seed }, stop_ids };
+            let stdout = std::io::stdout();
+            let mut printed = String::new();
+            let mut so_far: Vec<u32> = Vec::new();
+            let gen = generate(&mut m, &prompt_ids, &opts, |id| {
+                if json {
+                    return;
+                }
+                so_far.push(id);
+                if let Some(tok) = &tokenizer {
+                    if let Ok(text) = tok.decode(&so_far) {
+                        // Print only complete characters: hold back a trailing replacement char.
+                        let stable = text.trim_end_matches('\u{FFFD}');
+                        if stable.len() > printed.len() && stable.starts_with(printed.as_str()) {
+                            let mut out = stdout.lock();
+                            let _ = write!(out, "{}", &stable[printed.len()..]);
+                            let _ = out.flush();
+                            printed = stable.to_string();
+                        }
+                    }
+                }
+            })?;
+            let text = match &tokenizer {
+                Some(t) => t.decode(&gen.ids)?,
+                None => String::new(),
+            };
+            if json {
+                let obj = serde_json::json!({
+                    "prompt_ids": prompt_ids,
+                    "ids": gen.ids,
+                    "text": text,
+                    "prefill_tok_s": gen.prefill_tok_s(),
+                    "decode_tok_s": gen.decode_tok_s(),
+                });
+                println!("{obj}");
+            } else if tokenizer.is_none() {
+                println!("{}", gen.ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
+            } else {
+                if text.len() > printed.len() && text.starts_with(&printed) {
+                    print!("{}", &text[printed.len()..]);
+                }
+                println!();
+            }
+            Ok(())
+        }
+        Cmd::Logits { model, tokens, backend, passes } => {
+            require_interp(backend)?;
+            let ids = parse_ids(&tokens)?;
+            let loaded = load_model(&ModelSource::resolve(&model)?)?;
+            let v = loaded.config.vocab_size;
+            let mut m = InterpModel::new(loaded.config, loaded.params, &passes)?;
+            let rows = m.logits_all(&ids)?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            write!(out, "{{\"shape\":[{},{}],\"logits\":[", rows.len(), v)?;
+            for (i, row) in rows.iter().enumerate() {
+                out.write_all(if i == 0 { b"[" } else { b",[" })?;
+                for (j, x) in row.iter().enumerate() {
+                    if j > 0 {
+                        out.write_all(b",")?;
+                    }
+                    if x.is_finite() {
+                        write!(out, "{x}")?;
+                    } else {
+                        out.write_all(b"null")?;
+                    }
+                }
+                out.write_all(b"]")?;
+            }
+            writeln!(out, "]}}")?;
+            Ok(())
+        }
+        Cmd::Tokenize { model, text, add_special } => {
+            let tok = load_tokenizer(&ModelSource::resolve(&model)?)?;
+            let ids = tok.encode(&text, add_special)?;
+            println!("{}", serde_json::json!({ "ids": ids }));
+            Ok(())
+        }
+        Cmd::Convert { model, out, dtype } => convert(&model, &out, dtype),
+        Cmd::Ir { model, mode, graph, batch, seq, memory_budget, passes, print_after, stats, dot } => {
+            if mode == Mode::Training || memory_budget.is_some() {
+                bail!("training graphs (--mode training, --memory-budget) are not built yet: autodiff arrives with the training work");
+            }
+            let cfg = load_config(&ModelSource::resolve(&model)?)?;
+            let kind = if graph == Which::Prefill { GraphKind::Prefill } else { GraphKind::Decode };
+            let mut g = egret_models::build(&cfg, kind)?;
+            let mut bind = HashMap::new();
+            if let Some(b) = batch {
+                bind.insert("B".to_string(), b);
+            }
+            if let Some(t) = seq {
+                bind.insert("T".to_string(), t);
+            }
+            if batch.is_some_and(|b| b < 1) || seq.is_some_and(|t| t < 1) {
+                bail!("--batch and --seq must be at least 1");
+            }
+            g.bind_dims(&bind);
+            egret_ir::verify(&g)?;
+            let pa = match print_after.as_deref() {
+                None => PrintAfter::Nothing,
+                Some("all") => PrintAfter::All,
+                Some(list) => PrintAfter::Passes(list.split(',').map(|s| s.trim().to_string()).collect()),
+            };
+            let pm = PassManager::new(pipeline(&passes)?).print_after(pa)?;
+            let mut cx = PassCx::default();
+            let reports = pm.run(&mut g, &mut cx, |name, g| {
+                println!("; IR after {name}");
+                print!("{}", egret_ir::print(g));
+            })?;
+            if stats {
+                let mut ops: BTreeMap<&str, usize> = BTreeMap::new();
+                for n in &g.nodes {
+                    *ops.entry(n.op.name()).or_default() += 1;
+                }
+                let passes: Vec<_> = reports.iter().map(|r| serde_json::json!({"name": r.name, "ms": r.ms})).collect();
+                println!("{}", serde_json::json!({ "ops": ops, "passes": passes, "nodes": g.len(), "counters": cx.counters }));
+            } else if dot {
+                print!("{}", g.to_dot());
+            } else {
+                print!("{}", egret_ir::print(&g));
+            }
+            Ok(())
+        }
+        Cmd::Passes => {
+            for p in all_passes() {
+                println!("{:<12} {}", p.name(), p.summary());
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory, then renames it,
+/// so an existing file is replaced whole or not at all.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+fn convert(model: &str, out: &Path, dtype: DTypeArg) -> Result<()> {
+    let src = ModelSource::resolve(model)?;
+    let loaded = load_model(&src)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut w = Weights::new();
+    for (name, shape) in loaded.config.parameters() {
+        let t = &loaded.params[&name];
+        w.insert(name, HostTensor::new(shape, t.to_f32_vec()));
+    }
+    let dt = match dtype {
+        DTypeArg::F32 => SaveDType::F32,
+        DTypeArg::Bf16 => SaveDType::BF16,
+        DTypeArg::F16 => SaveDType::F16,
+    };
+    save_safetensors(&out.join("model.safetensors"), &w, dt)?;
+    let mut cfg = loaded.config.to_hf_json();
+    cfg["torch_dtype"] = serde_json::json!(match dtype {
+        DTypeArg::F32 => "float32",
+        DTypeArg::Bf16 => "bfloat16",
+        DTypeArg::F16 => "float16",
+    });
+    write_atomic(&out.join("config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
+    if let Some(tok) = &loaded.tokenizer {
+        write_atomic(&out.join("tokenizer.json"), serde_json::to_string(&tok.to_tokenizer_json())?.as_bytes())?;
+    }
+    println!("{}", out.display());
+    Ok(())
+}

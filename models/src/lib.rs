@@ -1,1 +1,21 @@
-//! placeholder
+//! LLaMA-family models in egret's IR: the configuration (from a Hugging Face `config.json`,
+//! GGUF metadata or a preset), and the graph builder shared by prefill and decode.
+//! Parameters carry their Hugging Face names, so loading weights is a lookup by name.
+
+pub mod config;
+pub mod llama;
+pub mod presets;
+
+pub use config::LlamaConfig;
+pub use llama::{build, GraphKind};
+
+/// Errors in model configuration or construction.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{source_desc}: {msg}")]
+    Config { source_desc: String, msg: String },
+    #[error("unknown preset `{0}` (known: {known})", known = presets::NAMES.join(", "))]
+    UnknownPreset(String),
+    #[error(transparent)]
+    Ir(#[from] egret_ir::IrError),
+}

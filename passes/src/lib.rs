@@ -1,1 +1,47 @@
-//! placeholder
+//! Graph passes. A pass is a named unit (`name()` is also its CLI name) that rewrites a
+//! `Graph` in place; the `PassManager` runs a pipeline, verifies the graph after every pass,
+//! times each one and can print the IR after any of them.
+
+pub mod cse;
+pub mod dce;
+pub mod manager;
+pub mod pipelines;
+
+pub use manager::{PassManager, PassReport, PrintAfter};
+pub use pipelines::{all_passes, pipeline};
+
+use egret_ir::{Graph, IrError};
+
+/// Whether a pass changed the graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Changed {
+    Yes,
+    No,
+}
+
+/// Context shared by the passes of one pipeline run (statistics, later target info).
+#[derive(Debug, Default)]
+pub struct PassCx {
+    /// Counters a pass may bump (`cse.merged`, …), shown by `egret ir --stats`.
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+pub trait Pass {
+    /// Kebab-case name, used on the command line.
+    fn name(&self) -> &'static str;
+    /// One line for `egret passes`.
+    fn summary(&self) -> &'static str;
+    fn run(&self, g: &mut Graph, cx: &mut PassCx) -> Result<Changed, PassError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error("unknown pass `{name}` (known passes: {known})")]
+    UnknownPass { name: String, known: String },
+    #[error("unknown pass `{0}` for --print-after")]
+    UnknownPrintAfter(String),
+    #[error("pass `{pass}` produced an invalid graph: {source}")]
+    Invalid { pass: String, source: IrError },
+    #[error("pass `{pass}` failed: {source}")]
+    Failed { pass: String, source: IrError },
+}

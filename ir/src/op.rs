@@ -1,0 +1,205 @@
+//! The operations of the IR. Primitives are few and each has one meaning, defined by the
+//! reference interpreter (`interp.rs`); type rules are in `infer.rs`.
+//!
+//! Ops whose result type cannot be derived from their operands (`input`, `param`, `const`,
+//! `iota`, `reshape`, `broadcast`, `cast`) take it from the node's declared type.
+
+use std::fmt;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum UnaryOp {
+    Neg,
+    Exp,
+    Log,
+    Sqrt,
+    Rsqrt,
+    Recip,
+    Sigmoid,
+    Tanh,
+    Sin,
+    Cos,
+    Abs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+    Min,
+    Pow,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CompareOp {
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Eq,
+    Ne,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ReduceOp {
+    Sum,
+    Max,
+    Mean,
+}
+
+/// An operation. Operands are the node's `inputs`, in the order documented per variant.
+#[derive(Clone, Debug)]
+pub enum Op {
+    /// A runtime input (token ids, positions, KV cache), bound by name when the graph runs.
+    Input { name: String },
+    /// A model parameter, named by its Hugging Face checkpoint name.
+    Param { name: String },
+    /// Every element equals `value` (converted to the declared dtype; `-inf` allowed).
+    Constant { value: f64 },
+    /// Element at index `i` equals `i[axis]` (in the declared dtype).
+    Iota { axis: usize },
+    /// Elementwise `f(x)`.
+    Unary(UnaryOp),
+    /// Elementwise `f(a, b)`; operands have equal shapes and dtypes (broadcast explicitly).
+    Binary(BinaryOp),
+    /// Elementwise comparison of equal-shaped operands; result `bool`.
+    Compare(CompareOp),
+    /// `select(c, a, b)[i] = if c[i] { a[i] } else { b[i] }`.
+    Select,
+    /// Reduces `axis`, keeping it with size 1. `mean` divides the sum by the axis length.
+    Reduce { op: ReduceOp, axis: usize },
+    /// `[..., M, K] x [..., K, N] -> [..., M, N]`; batch dims equal, or the right operand is
+    /// rank 2 and shared by every batch. Accumulates in f64 in the interpreter.
+    MatMul,
+    /// Same elements in row-major order, declared shape.
+    Reshape,
+    /// `out.dims[i] = in.dims[perm[i]]`.
+    Permute { perm: Vec<usize> },
+    /// Same rank; each input dim equals the output dim or is 1 (then repeated).
+    Broadcast,
+    /// `out = in[.., start..end, ..]` along `axis` (constant bounds).
+    Slice { axis: usize, start: usize, end: usize },
+    /// Concatenation of all operands along `axis`; other dims equal.
+    Concat { axis: usize },
+    /// `gather(table, idx)`: `out[i.., j, k..] = table[i.., idx[j], k..]` with `j` the index
+    /// dims replacing table dim `axis`. An index outside the table is an error.
+    Gather { axis: usize },
+    /// Conversion to the declared dtype (floats round to nearest even; float→int truncates).
+    Cast,
+}
+
+// `Constant` holds an f64, so equality and hashing compare its bits: two constants are the
+// same op iff they print the same (NaN equals NaN, 0.0 differs from -0.0).
+impl PartialEq for Op {
+    fn eq(&self, other: &Op) -> bool {
+        match (self, other) {
+            (Op::Constant { value: a }, Op::Constant { value: b }) => a.to_bits() == b.to_bits(),
+            (Op::Input { name: a }, Op::Input { name: b }) | (Op::Param { name: a }, Op::Param { name: b }) => a == b,
+            (Op::Iota { axis: a }, Op::Iota { axis: b }) | (Op::Concat { axis: a }, Op::Concat { axis: b }) => a == b,
+            (Op::Gather { axis: a }, Op::Gather { axis: b }) => a == b,
+            (Op::Unary(a), Op::Unary(b)) => a == b,
+            (Op::Binary(a), Op::Binary(b)) => a == b,
+            (Op::Compare(a), Op::Compare(b)) => a == b,
+            (Op::Reduce { op: a, axis: x }, Op::Reduce { op: b, axis: y }) => a == b && x == y,
+            (Op::Permute { perm: a }, Op::Permute { perm: b }) => a == b,
+            (Op::Slice { axis: a, start: s1, end: e1 }, Op::Slice { axis: b, start: s2, end: e2 }) => (a, s1, e1) == (b, s2, e2),
+            (Op::Select, Op::Select) | (Op::MatMul, Op::MatMul) | (Op::Reshape, Op::Reshape) => true,
+            (Op::Broadcast, Op::Broadcast) | (Op::Cast, Op::Cast) => true,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Op {}
+
+impl std::hash::Hash for Op {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        std::mem::discriminant(self).hash(h);
+        match self {
+            Op::Input { name } | Op::Param { name } => name.hash(h),
+            Op::Constant { value } => value.to_bits().hash(h),
+            Op::Iota { axis } | Op::Concat { axis } | Op::Gather { axis } => axis.hash(h),
+            Op::Unary(u) => u.hash(h),
+            Op::Binary(b) => b.hash(h),
+            Op::Compare(c) => c.hash(h),
+            Op::Reduce { op, axis } => (op, axis).hash(h),
+            Op::Permute { perm } => perm.hash(h),
+            Op::Slice { axis, start, end } => (axis, start, end).hash(h),
+            Op::Select | Op::MatMul | Op::Reshape | Op::Broadcast | Op::Cast => {}
+        }
+    }
+}
+
+impl Op {
+    /// The op's name in the text format and in statistics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Input { .. } => "input",
+            Op::Param { .. } => "param",
+            Op::Constant { .. } => "const",
+            Op::Iota { .. } => "iota",
+            Op::Unary(u) => u.name(),
+            Op::Binary(b) => b.name(),
+            Op::Compare(c) => c.name(),
+            Op::Select => "select",
+            Op::Reduce { op, .. } => op.name(),
+            Op::MatMul => "matmul",
+            Op::Reshape => "reshape",
+            Op::Permute { .. } => "permute",
+            Op::Broadcast => "broadcast",
+            Op::Slice { .. } => "slice",
+            Op::Concat { .. } => "concat",
+            Op::Gather { .. } => "gather",
+            Op::Cast => "cast",
+        }
+    }
+
+    /// Number of operands, or `None` for variadic ops (`concat`: at least one).
+    pub fn arity(&self) -> Option<usize> {
+        Some(match self {
+            Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Iota { .. } => 0,
+            Op::Unary(_) | Op::Reduce { .. } | Op::Reshape | Op::Permute { .. } | Op::Broadcast => 1,
+            Op::Slice { .. } | Op::Cast => 1,
+            Op::Binary(_) | Op::Compare(_) | Op::MatMul | Op::Gather { .. } => 2,
+            Op::Select => 3,
+            Op::Concat { .. } => return None,
+        })
+    }
+
+    /// Whether the result type is taken from the node's declaration rather than inferred.
+    pub fn declares_type(&self) -> bool {
+        matches!(
+            self,
+            Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Iota { .. } | Op::Reshape | Op::Broadcast | Op::Cast
+        )
+    }
+}
+
+macro_rules! named_enum {
+    ($ty:ident { $($variant:ident => $name:literal),* $(,)? }) => {
+        impl $ty {
+            pub const ALL: &'static [$ty] = &[$($ty::$variant),*];
+            pub fn name(self) -> &'static str {
+                match self { $($ty::$variant => $name),* }
+            }
+            pub fn from_name(s: &str) -> Option<$ty> {
+                match s { $($name => Some($ty::$variant),)* _ => None }
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(self.name()) }
+        }
+    };
+}
+
+named_enum!(UnaryOp {
+    Neg => "neg", Exp => "exp", Log => "log", Sqrt => "sqrt", Rsqrt => "rsqrt", Recip => "recip",
+    Sigmoid => "sigmoid", Tanh => "tanh", Sin => "sin", Cos => "cos", Abs => "abs",
+});
+named_enum!(BinaryOp {
+    Add => "add", Sub => "sub", Mul => "mul", Div => "div", Max => "max", Min => "min", Pow => "pow",
+});
+named_enum!(CompareOp { Lt => "lt", Le => "le", Gt => "gt", Ge => "ge", Eq => "eq", Ne => "ne" });
+named_enum!(ReduceOp { Sum => "reduce_sum", Max => "reduce_max", Mean => "reduce_mean" });

@@ -1,0 +1,237 @@
+//! `LlamaConfig`: the hyper-parameters that fix a LLaMA-style model's graph, read from a
+//! Hugging Face `config.json` or a GGUF header, and checked for consistency.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::ModelError;
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub tie_word_embeddings: bool,
+    pub max_position_embeddings: usize,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+fn cfg_err(src: &str, msg: impl Into<String>) -> ModelError {
+    ModelError::Config { source_desc: src.to_string(), msg: msg.into() }
+}
+
+impl LlamaConfig {
+    /// Parses a Hugging Face `config.json`. `src` names the file in errors.
+    pub fn from_hf_json(text: &str, src: &str) -> Result<LlamaConfig, ModelError> {
+        let v: Value = serde_json::from_str(text).map_err(|e| cfg_err(src, format!("not valid JSON: {e}")))?;
+        let obj = v.as_object().ok_or_else(|| cfg_err(src, "expected a JSON object"))?;
+        if let Some(mt) = obj.get("model_type").and_then(Value::as_str) {
+            if !matches!(mt, "llama" | "mistral") {
+                return Err(cfg_err(src, format!("model_type `{mt}` is not a LLaMA-style model (expected `llama`)")));
+            }
+        }
+        if let Some(act) = obj.get("hidden_act").and_then(Value::as_str) {
+            if act != "silu" {
+                return Err(cfg_err(src, format!("hidden_act `{act}` is not supported (LLaMA uses `silu`)")));
+            }
+        }
+        let req = |k: &str| -> Result<usize, ModelError> {
+            obj.get(k)
+                .and_then(Value::as_u64)
+                .map(|x| x as usize)
+                .ok_or_else(|| cfg_err(src, format!("missing or non-integer `{k}`")))
+        };
+        let opt = |k: &str| obj.get(k).and_then(Value::as_u64).map(|x| x as usize);
+        let heads = req("num_attention_heads")?;
+        let hidden = req("hidden_size")?;
+        let rope_params = obj.get("rope_parameters").and_then(Value::as_object);
+        let rope_theta = obj
+            .get("rope_theta")
+            .and_then(Value::as_f64)
+            .or_else(|| rope_params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
+            .unwrap_or(10000.0);
+        let rope_type = obj
+            .get("rope_scaling")
+            .filter(|s| !s.is_null())
+            .or_else(|| rope_params.map(|_| &v["rope_parameters"]))
+            .and_then(|s| s.get("rope_type").or_else(|| s.get("type")))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        if rope_type != "default" {
+            return Err(cfg_err(src, format!("RoPE scaling `{rope_type}` is not supported yet (only plain RoPE)")));
+        }
+        let ids = |k: &str| -> Vec<u32> {
+            match obj.get(k) {
+                Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+                Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+                _ => vec![],
+            }
+        };
+        let cfg = LlamaConfig {
+            vocab_size: req("vocab_size")?,
+            hidden_size: hidden,
+            intermediate_size: req("intermediate_size")?,
+            num_hidden_layers: req("num_hidden_layers")?,
+            num_attention_heads: heads,
+            num_key_value_heads: opt("num_key_value_heads").unwrap_or(heads),
+            head_dim: opt("head_dim").unwrap_or(if heads > 0 { hidden / heads } else { 0 }),
+            rms_norm_eps: obj.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
+            rope_theta,
+            tie_word_embeddings: obj.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+            max_position_embeddings: opt("max_position_embeddings").unwrap_or(2048),
+            attention_bias: obj.get("attention_bias").and_then(Value::as_bool).unwrap_or(false),
+            mlp_bias: obj.get("mlp_bias").and_then(Value::as_bool).unwrap_or(false),
+            bos_token_id: ids("bos_token_id").first().copied(),
+            eos_token_ids: ids("eos_token_id"),
+        };
+        cfg.validate(src)?;
+        Ok(cfg)
+    }
+
+    /// Reads the `llama.*` keys of a GGUF header.
+    pub fn from_gguf(g: &egret_runtime::gguf::GgufFile, src: &str) -> Result<LlamaConfig, ModelError> {
+        let arch = g.architecture().unwrap_or("");
+        if arch != "llama" {
+            return Err(cfg_err(src, format!("GGUF architecture `{arch}` is not supported (expected `llama`)")));
+        }
+        let req = |k: &str| -> Result<usize, ModelError> {
+            g.get_u64(k).map(|x| x as usize).ok_or_else(|| cfg_err(src, format!("missing GGUF key `{k}`")))
+        };
+        let hidden = req("llama.embedding_length")?;
+        let heads = req("llama.attention.head_count")?;
+        let vocab = match g.get_u64("llama.vocab_size") {
+            Some(v) => v as usize,
+            None => g
+                .get_array("tokenizer.ggml.tokens")
+                .map(|a| a.len())
+                .ok_or_else(|| cfg_err(src, "missing `llama.vocab_size` and `tokenizer.ggml.tokens`"))?,
+        };
+        let head_dim = g.get_u64("llama.attention.key_length").map(|x| x as usize).unwrap_or(if heads > 0 { hidden / heads } else { 0 });
+        let has_output = g.tensors().iter().any(|t| t.name == "output.weight");
+        let cfg = LlamaConfig {
+            vocab_size: vocab,
+            hidden_size: hidden,
+            intermediate_size: req("llama.feed_forward_length")?,
+            num_hidden_layers: req("llama.block_count")?,
+            num_attention_heads: heads,
+            num_key_value_heads: g.get_u64("llama.attention.head_count_kv").map(|x| x as usize).unwrap_or(heads),
+            head_dim,
+            rms_norm_eps: g.get_f32("llama.attention.layer_norm_rms_epsilon").map(|x| x as f64).unwrap_or(1e-5),
+            rope_theta: g.get_f32("llama.rope.freq_base").map(|x| x as f64).unwrap_or(10000.0),
+            tie_word_embeddings: !has_output,
+            max_position_embeddings: g.get_u64("llama.context_length").map(|x| x as usize).unwrap_or(2048),
+            attention_bias: g.tensors().iter().any(|t| t.name == "blk.0.attn_q.bias"),
+            mlp_bias: false,
+            bos_token_id: g.get_u64("tokenizer.ggml.bos_token_id").map(|x| x as u32),
+            eos_token_ids: g.get_u64("tokenizer.ggml.eos_token_id").map(|x| vec![x as u32]).unwrap_or_default(),
+        };
+        if let Some(scaling) = g.get_str("llama.rope.scaling.type") {
+            if scaling != "none" {
+                return Err(cfg_err(src, format!("RoPE scaling `{scaling}` is not supported yet")));
+            }
+        }
+        cfg.validate(src)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, src: &str) -> Result<(), ModelError> {
+        let nonzero = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+        ];
+        for (k, v) in nonzero {
+            if v == 0 {
+                return Err(cfg_err(src, format!("`{k}` must be positive")));
+            }
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err(cfg_err(
+                src,
+                format!("num_attention_heads ({}) is not a multiple of num_key_value_heads ({})", self.num_attention_heads, self.num_key_value_heads),
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(cfg_err(src, format!("head_dim ({}) must be even for rotary embeddings", self.head_dim)));
+        }
+        if !(self.rope_theta > 0.0) || !(self.rms_norm_eps >= 0.0) {
+            return Err(cfg_err(src, "rope_theta must be positive and rms_norm_eps non-negative"));
+        }
+        Ok(())
+    }
+
+    /// Every parameter of the model: Hugging Face name and shape.
+    pub fn parameters(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, d) = (self.hidden_size, self.head_dim);
+        let (q, kv, f) = (self.num_attention_heads * d, self.num_key_value_heads * d, self.intermediate_size);
+        let mut p = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab_size, h])];
+        for i in 0..self.num_hidden_layers {
+            let l = format!("model.layers.{i}");
+            p.push((format!("{l}.input_layernorm.weight"), vec![h]));
+            p.push((format!("{l}.self_attn.q_proj.weight"), vec![q, h]));
+            p.push((format!("{l}.self_attn.k_proj.weight"), vec![kv, h]));
+            p.push((format!("{l}.self_attn.v_proj.weight"), vec![kv, h]));
+            if self.attention_bias {
+                p.push((format!("{l}.self_attn.q_proj.bias"), vec![q]));
+                p.push((format!("{l}.self_attn.k_proj.bias"), vec![kv]));
+                p.push((format!("{l}.self_attn.v_proj.bias"), vec![kv]));
+            }
+            p.push((format!("{l}.self_attn.o_proj.weight"), vec![h, q]));
+            if self.attention_bias {
+                p.push((format!("{l}.self_attn.o_proj.bias"), vec![h]));
+            }
+            p.push((format!("{l}.post_attention_layernorm.weight"), vec![h]));
+            p.push((format!("{l}.mlp.gate_proj.weight"), vec![f, h]));
+            p.push((format!("{l}.mlp.up_proj.weight"), vec![f, h]));
+            p.push((format!("{l}.mlp.down_proj.weight"), vec![h, f]));
+            if self.mlp_bias {
+                p.push((format!("{l}.mlp.gate_proj.bias"), vec![f]));
+                p.push((format!("{l}.mlp.up_proj.bias"), vec![f]));
+                p.push((format!("{l}.mlp.down_proj.bias"), vec![h]));
+            }
+        }
+        p.push(("model.norm.weight".to_string(), vec![h]));
+        if !self.tie_word_embeddings {
+            p.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
+        }
+        p
+    }
+
+    /// The config as a Hugging Face `config.json` object (for `egret convert`).
+    pub fn to_hf_json(&self) -> Value {
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": match self.eos_token_ids.as_slice() { [one] => serde_json::json!(one), many => serde_json::json!(many) },
+            "torch_dtype": "float32",
+        })
+    }
+}
