@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
-use egret::interp::{optimized_graph, InterpModel};
+use egret::interp::InterpModel;
 use egret::{load_config, load_model, load_tokenizer, ModelSource};
 use egret_models::GraphKind;
 use egret_passes::{all_passes, pipeline, PassCx, PassManager, PrintAfter};
@@ -103,7 +103,7 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
         dtype: DTypeArg,
     },
-    /// Show the IR of a model, optionally after passes.
+    /// Show the IR of a model (or of an IR text file `*.ir`), optionally after passes.
     Ir {
         model: String,
         #[arg(long, value_enum, default_value_t = Mode::Inference)]
@@ -271,9 +271,15 @@ fn run(cli: Cli) -> Result<()> {
             if mode == Mode::Training || memory_budget.is_some() {
                 bail!("training graphs (--mode training, --memory-budget) are not built yet: autodiff arrives with the training work");
             }
-            let cfg = load_config(&ModelSource::resolve(&model)?)?;
-            let kind = if graph == Which::Prefill { GraphKind::Prefill } else { GraphKind::Decode };
-            let mut g = egret_models::build(&cfg, kind)?;
+            let mut g = if model.ends_with(".ir") {
+                // IR text: parse (errors give line:column) and verify.
+                let text = std::fs::read_to_string(&model).with_context(|| format!("cannot read {model}"))?;
+                egret_ir::parse(&text).with_context(|| format!("{model}"))?
+            } else {
+                let cfg = load_config(&ModelSource::resolve(&model)?)?;
+                let kind = if graph == Which::Prefill { GraphKind::Prefill } else { GraphKind::Decode };
+                egret_models::build(&cfg, kind)?
+            };
             let mut bind = HashMap::new();
             if let Some(b) = batch {
                 bind.insert("B".to_string(), b);

@@ -193,10 +193,6 @@ impl AddedVocab {
         out
     }
 
-    /// The added token with this id, if any.
-    pub fn by_id(&self, id: u32) -> Option<usize> {
-        self.tokens.iter().position(|t| t.id == id)
-    }
 }
 
 #[cfg(test)]

@@ -244,9 +244,12 @@ mod tests {
 
     #[test]
     fn llama_chain_strips_one_leading_space_and_joins_bytes() {
-        let toks = ["▁Hello", "▁", "<0xE2>", "<0x82>", "<0xAC>", "<0xFF>"].map(String::from).to_vec();
+        let toks = ["▁Hello", "▁", "<0xE2>", "<0x82>", "<0xAC>", "▁x", "<0xFF>"].map(String::from).to_vec();
         let out = llama_decoder().decode_chain(toks).unwrap().concat();
-        assert_eq!(out, "Hello €\u{FFFD}");
+        assert_eq!(out, "Hello € x\u{FFFD}");
+        // An invalid run gives one U+FFFD per byte, as in HF.
+        let toks = ["<0xE2>", "<0x82>", "<0xFF>"].map(String::from).to_vec();
+        assert_eq!(llama_decoder().decode_chain(toks).unwrap().concat(), "\u{FFFD}\u{FFFD}\u{FFFD}");
         assert_eq!(llama_decoder().token_bytes("▁Hi"), b" Hi");
         assert_eq!(llama_decoder().token_bytes("<0xE2>"), vec![0xE2]);
     }

