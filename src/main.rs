@@ -18,7 +18,7 @@ use egret_runtime::weights::{save_safetensors, SaveDType, Weights};
 use egret_runtime::HostTensor;
 
 #[derive(Parser)]
-#[command(name = "egret", version, about = "A compiler for neural-network graphs (LLaMA in a tensor IR)")]
+#[command(name = "egret", version, about = "A compiler for neural-network graphs (LLaMA in a tensor IR)", args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -87,7 +87,7 @@ fn malformed_ir_text() {
     let p = tmp.0.join("g.ir");
     fs::write(&p, "graph g {\n  %0 = input \"x\" : f32[4]\n  %1 = neg(%0 : f32[4]\n}\n").unwrap();
     let e = egret_err(&["ir", p.to_str().unwrap()]);
-    assert!(e.contains("3:17: expected"), "{e}");
+    assert!(e.contains("3:15: expected `,`, found `:`"), "{e}");
     fs::write(&p, "graph g {\n  %0 = input \"x\" : f32[4]\n  %1 = neg(%0) : f32[5]\n  output \"y\" = %1\n}\n").unwrap();
     let e = egret_err(&["ir", p.to_str().unwrap()]);
     assert!(e.contains("neg gives f32[4], but the node declares f32[5]"), "{e}");

@@ -6,6 +6,9 @@
 //! matched (by their normalised form) in that. Matching is leftmost-longest; `single_word`,
 //! `lstrip` and `rstrip` are honoured as HF does.
 
+use std::sync::OnceLock;
+
+use fancy_regex::Regex;
 use serde_json::{json, Value};
 
 use super::normalize::Normalizer;
@@ -130,8 +133,15 @@ pub(crate) struct AddedVocab {
     pub decoded: Vec<String>,
 }
 
+/// Whether `c` is a word character in the sense of the regex `\w` (letters, marks, decimal
+/// digits, connector punctuation, joiners), which HF's `single_word` check uses.
 fn is_word_char(c: char) -> bool {
-    c.is_alphanumeric() || c == '_'
+    static WORD: OnceLock<Option<Regex>> = OnceLock::new();
+    let mut buf = [0u8; 4];
+    match WORD.get_or_init(|| Regex::new(r"^\w$").ok()) {
+        Some(re) => re.is_match(c.encode_utf8(&mut buf)).unwrap_or(false),
+        None => c.is_alphanumeric() || c == '_',
+    }
 }
 
 impl AddedVocab {
