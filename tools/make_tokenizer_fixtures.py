@@ -28,13 +28,16 @@ It writes, under --out:
   its ids are the `ids_gguf` field, from a tokenizer without them).
 
 Each cases file: {"cases": [{"text", "ids" (no specials added), "ids_special" (add_special_tokens),
-"decoded" (decode(ids), specials kept)}]}.
+"decoded" (decode(ids), specials kept)}]}, one case per line: hand-written strings (digits, punctuation
+runs, scripts, emoji with ZWJ, whitespace runs, contractions, specials, the empty string, the
+training corpus) and RANDOM_COUNT seeded random strings.
 """
 
 import argparse
 import io
 import json
 import os
+import random
 import sys
 
 import sentencepiece as spm
@@ -118,6 +121,37 @@ CASES = [
     CORPUS,
 ]
 
+# Random strings (fixed seed) mixing scripts, marks, spaces, digits, contractions and specials.
+RANDOM_SEED = 20240601
+RANDOM_COUNT = 80
+RANDOM_RANGES = [(0x20, 0x7E)] * 6 + [
+    (0x00, 0x20), (0xA0, 0x24F), (0x300, 0x36F), (0x370, 0x3FF), (0x400, 0x4FF), (0x590, 0x6FF),
+    (0x900, 0x97F), (0xE00, 0xE7F), (0x1100, 0x11FF), (0x2000, 0x206F), (0x2070, 0x218F),
+    (0x2460, 0x24FF), (0x3000, 0x303F), (0x3040, 0x30FF), (0x4E00, 0x4F00), (0xAC00, 0xAD00),
+    (0xFF00, 0xFFEF), (0x1F300, 0x1F6FF), (0x1F900, 0x1F9FF), (0x10000, 0x100FF), (0x1D400, 0x1D4FF),
+]
+RANDOM_WORDS = [
+    "the", " the", "'s", "'S", "'ll", "'LL", "'re", "'ve", "'", "'m ", "x'S", " ", "  ", "   \n", "\n",
+    "\n\n\n", "\t", "  \t ", "\r\n", "\u0085", "\x0b", "\x0c", "\u2028", "\u00a0\u00a0", " \u00a0",
+    "123", "4567", "٣", "१२", "Ⅻ", "²", "<0x41>", "<0xE2>", "▁", "▁▁", "Ġ", "<|im_start|>",
+    "<|im_end|>", "<s>", "</s>", "<mask>", "xyz", " xyz", "<|begin_of_text|>",
+]
+
+
+def random_texts():
+    rng = random.Random(RANDOM_SEED)
+    texts = []
+    for _ in range(RANDOM_COUNT):
+        out = []
+        for _ in range(rng.randint(0, 40)):
+            if rng.random() < 0.3:
+                out.append(rng.choice(RANDOM_WORDS))
+            else:
+                a, b = rng.choice(RANDOM_RANGES)
+                out.append(chr(rng.randint(a, b)))
+        texts.append("".join(out))
+    return texts
+
 
 def cases_for(tok, texts, extra=None):
     out = []
@@ -140,6 +174,18 @@ def write_json(path, value):
         json.dump(value, f, ensure_ascii=False, indent=1, sort_keys=True)
         f.write("\n")
     print(f"wrote {path} ({os.path.getsize(path)} bytes)")
+
+
+def write_cases(path, meta, cases):
+    """`meta` plus "cases", one case per line, so that diffs of re-generated fixtures stay readable."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("{\n")
+        for k in sorted(meta):
+            f.write(f" {json.dumps(k)}: {json.dumps(meta[k], ensure_ascii=False)},\n")
+        f.write(' "cases": [\n')
+        f.write(",\n".join("  " + json.dumps(c, ensure_ascii=False, sort_keys=True) for c in cases))
+        f.write("\n ]\n}\n")
+    print(f"wrote {path} ({os.path.getsize(path)} bytes, {len(cases)} cases)")
 
 
 def generate_merges(vocab, vocab_scores):
@@ -184,9 +230,8 @@ def smollm2(gguf_path, out):
         "bos_token_id": int(field("tokenizer.ggml.bos_token_id")),
         "eos_token_id": int(field("tokenizer.ggml.eos_token_id")),
         "vocab_size": len(tokens),
-        "cases": cases_for(tok, CASES),
     }
-    write_json(os.path.join(out, "smollm2.cases.json"), meta)
+    write_cases(os.path.join(out, "smollm2.cases.json"), meta, cases_for(tok, CASES + random_texts()))
 
 
 SPM_USER_DEFINED = ["<sep>"]
@@ -260,11 +305,11 @@ def spm_llama(out):
         "tokenizer.ggml.add_eos_token": False,
     }
     write_json(os.path.join(out, "spm_llama.gguf.json"), gguf_meta)
-    cases = cases_for(tok, CASES)
+    cases = cases_for(tok, CASES + random_texts())
     # SentencePiece itself, for information: HF's conversion may differ from it in rare cases.
     differ = sum(1 for c in cases if sp.encode(c["text"]) != c["ids"])
     print(f"spm_llama: {n} pieces, {len(merges)} merges; sentencepiece differs from HF on {differ}/{len(cases)} cases")
-    write_json(os.path.join(out, "spm_llama.cases.json"), {"tokenizers_version": tokenizers.__version__, "cases": cases})
+    write_cases(os.path.join(out, "spm_llama.cases.json"), {"tokenizers_version": tokenizers.__version__}, cases)
 
 
 def bpe_llama3(out):
@@ -325,9 +370,9 @@ def bpe_llama3(out):
         "tokenizer.ggml.add_bos_token": True,
     }
     write_json(os.path.join(out, "bpe_llama3.gguf.json"), gguf_meta)
-    cases = cases_for(tok, CASES, extra=base)
+    cases = cases_for(tok, CASES + random_texts(), extra=base)
     print(f"bpe_llama3: {len(tokens)} tokens, {len(merges)} merges")
-    write_json(os.path.join(out, "bpe_llama3.cases.json"), {"tokenizers_version": tokenizers.__version__, "cases": cases})
+    write_cases(os.path.join(out, "bpe_llama3.cases.json"), {"tokenizers_version": tokenizers.__version__}, cases)
 
 
 def main():
