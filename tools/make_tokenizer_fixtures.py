@@ -27,10 +27,17 @@ It writes, under --out:
   vocabulary as GGUF metadata with `pre = "llama-bpe"` (no lstrip/single_word tokens there, so
   its ids are the `ids_gguf` field, from a tokenizer without them).
 
+- {spm_metaspace_first, spm_metaspace_always_split, bpe_misc, bpe_whitespace}.{tokenizer,cases}.json:
+  the same vocabularies behind other parts, each checked against HF: Metaspace pre-tokenizer and
+  decoder (prepend_scheme first / always, split); Strip, Lowercase, Replace(regex) and Prepend
+  normalizers with Split behaviours (merged_with_previous, removed, contiguous, inverted
+  merged_with_next), contiguous Digits and RobertaProcessing; Whitespace and WhitespaceSplit.
+
 Each cases file: {"cases": [{"text", "ids" (no specials added), "ids_special" (add_special_tokens),
-"decoded" (decode(ids), specials kept)}]}, one case per line: hand-written strings (digits, punctuation
+"decoded" (decode(ids), specials kept), "random"}]}, one case per line: hand-written strings (digits, punctuation
 runs, scripts, emoji with ZWJ, whitespace runs, contractions, specials, the empty string, the
-training corpus) and RANDOM_COUNT seeded random strings.
+training corpus) and RANDOM_COUNT seeded random strings ("random": true; they may hold bytes a
+vocabulary lacks, which HF drops, so they need not decode back to themselves).
 """
 
 import argparse
@@ -155,13 +162,14 @@ def random_texts():
 
 def cases_for(tok, texts, extra=None):
     out = []
-    for text in texts:
+    for i, text in enumerate(texts):
         ids = tok.encode(text, add_special_tokens=False).ids
         case = {
             "text": text,
             "ids": ids,
             "ids_special": tok.encode(text, add_special_tokens=True).ids,
             "decoded": tok.decode(ids, skip_special_tokens=False),
+            "random": i >= len(CASES),
         }
         if extra is not None:
             case["ids_gguf"] = extra.encode(text, add_special_tokens=False).ids
@@ -310,6 +318,7 @@ def spm_llama(out):
     differ = sum(1 for c in cases if sp.encode(c["text"]) != c["ids"])
     print(f"spm_llama: {n} pieces, {len(merges)} merges; sentencepiece differs from HF on {differ}/{len(cases)} cases")
     write_cases(os.path.join(out, "spm_llama.cases.json"), {"tokenizers_version": tokenizers.__version__}, cases)
+    return tok
 
 
 def bpe_llama3(out):
@@ -373,6 +382,63 @@ def bpe_llama3(out):
     cases = cases_for(tok, CASES + random_texts(), extra=base)
     print(f"bpe_llama3: {len(tokens)} tokens, {len(merges)} merges")
     write_cases(os.path.join(out, "bpe_llama3.cases.json"), {"tokenizers_version": tokenizers.__version__}, cases)
+    return base
+
+
+def variants(out, spm_tok, bpe_tok):
+    """The same two vocabularies behind other pipeline parts, to check each part against HF."""
+    vocab_ids = bpe_tok.get_vocab()
+    bos, eos = vocab_ids["<|begin_of_text|>"], vocab_ids["<|end_of_text|>"]
+
+    def metaspace(scheme, split):
+        tok = Tokenizer.from_str(spm_tok.to_str())
+        tok.normalizer = None
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=split)
+        tok.decoder = decoders.Sequence(
+            [decoders.Metaspace(replacement="▁", prepend_scheme=scheme, split=split), decoders.ByteFallback(), decoders.Fuse()]
+        )
+        return tok
+
+    def misc():
+        tok = Tokenizer.from_str(bpe_tok.to_str())
+        tok.normalizer = normalizers.Sequence(
+            [
+                normalizers.Strip(left=True, right=False),
+                normalizers.Lowercase(),
+                normalizers.Replace(Regex(r"[0-9]{4,}"), "#"),
+                normalizers.Prepend("> "),
+            ]
+        )
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split("-", behavior="merged_with_previous"),
+                pre_tokenizers.Split(Regex(r"\s+"), behavior="removed"),
+                pre_tokenizers.Digits(individual_digits=False),
+                pre_tokenizers.Split(Regex(r"[.!?]"), behavior="contiguous"),
+                pre_tokenizers.Split(Regex(r"[a-z]+"), behavior="merged_with_next", invert=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=False),
+            ]
+        )
+        tok.post_processor = processors.RobertaProcessing(("<|end_of_text|>", eos), ("<|begin_of_text|>", bos))
+        return tok
+
+    def whitespace():
+        tok = Tokenizer.from_str(bpe_tok.to_str())
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Whitespace(), pre_tokenizers.ByteLevel(add_prefix_space=True)]
+        )
+        tok.post_processor = None
+        return tok
+
+    for name, tok in [
+        ("spm_metaspace_first", metaspace("first", False)),
+        ("spm_metaspace_always_split", metaspace("always", True)),
+        ("bpe_misc", misc()),
+        ("bpe_whitespace", whitespace()),
+    ]:
+        write_json(os.path.join(out, f"{name}.tokenizer.json"), json.loads(tok.to_str()))
+        meta = {"tokenizers_version": tokenizers.__version__}
+        write_cases(os.path.join(out, f"{name}.cases.json"), meta, cases_for(tok, CASES))
 
 
 def main():
@@ -388,8 +454,9 @@ def main():
     if not os.path.exists(args.gguf):
         sys.exit(f"{args.gguf} not found: run scripts/test.sh once to fetch SmolLM2, or pass --gguf")
     smollm2(args.gguf, args.out)
-    spm_llama(args.out)
-    bpe_llama3(args.out)
+    spm_tok = spm_llama(args.out)
+    bpe_tok = bpe_llama3(args.out)
+    variants(args.out, spm_tok, bpe_tok)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,21 @@ fn check_axis(axis: usize, rank: usize) -> Result<(), String> {
     Ok(())
 }
 
+fn float(t: &TensorType) -> Result<(), String> {
+    if !t.dtype.is_float() {
+        return Err(format!("needs a float operand, got {}", t.dtype));
+    }
+    Ok(())
+}
+
+fn rms_norm_operands(x: &TensorType, w: &TensorType) -> Result<(), String> {
+    float(x)?;
+    if w.dtype != x.dtype || w.shape.rank() != 1 || x.shape.rank() == 0 || w.shape.0[0] != x.shape.0[x.shape.rank() - 1] {
+        return Err(format!("weight {w} does not fit the last dim of {x}"));
+    }
+    Ok(())
+}
+
 /// Infers the result type of `op` applied to operands of types `ins`. For ops that declare
 /// their type, `declared` is required and checked for consistency with the operands.
 pub fn infer_type(op: &Op, ins: &[&TensorType], declared: Option<&TensorType>) -> Result<TensorType, String> {
@@ -186,6 +201,58 @@ pub fn infer_type(op: &Op, ins: &[&TensorType], declared: Option<&TensorType>) -
             dims.extend(ins[1].shape.0.iter().cloned());
             dims.extend(t[axis + 1..].iter().cloned());
             Ok(TensorType { dtype: ins[0].dtype, shape: Shape(dims) })
+        }
+        Op::Softmax { axis } => {
+            check_axis(*axis, ins[0].shape.rank())?;
+            float(ins[0])?;
+            Ok(ins[0].clone())
+        }
+        Op::RmsNorm { .. } => {
+            rms_norm_operands(ins[0], ins[1])?;
+            Ok(ins[0].clone())
+        }
+        Op::RmsNormMatMul { .. } => {
+            rms_norm_operands(ins[0], ins[1])?;
+            infer_type(&Op::MatMul, &[ins[0], ins[2]], None).and_then(|t| {
+                if ins[2].shape.rank() != 2 {
+                    return Err(format!("weight must be rank 2, got {}", ins[2].shape));
+                }
+                Ok(t)
+            })
+        }
+        Op::SwiGlu => {
+            same_shape(ins[0], ins[1], "swiglu")?;
+            float(ins[0])?;
+            if ins[0].dtype != ins[1].dtype {
+                return Err(format!("operand dtypes differ: {} vs {}", ins[0].dtype, ins[1].dtype));
+            }
+            Ok(ins[0].clone())
+        }
+        Op::FusedAttention { .. } => {
+            let (q, k, v, p) = (&ins[0].shape.0, &ins[1].shape.0, &ins[2].shape.0, &ins[3].shape.0);
+            if q.len() != 4 || k.len() != 4 || v.len() != 4 || p.len() != 2 {
+                return Err(format!("expects q, k, v of rank 4 and positions of rank 2, got {} {} {} {}", ins[0].shape, ins[1].shape, ins[2].shape, ins[3].shape));
+            }
+            for t in &ins[..3] {
+                float(t)?;
+                if t.dtype != ins[0].dtype {
+                    return Err("q, k, v must share a dtype".into());
+                }
+            }
+            if !ins[3].dtype.is_int() {
+                return Err(format!("positions must be integers, got {}", ins[3].dtype));
+            }
+            if k[0] != q[0] || v[0] != q[0] || p[0] != q[0] || p[1] != q[2] {
+                return Err(format!("batch/sequence dims disagree: q {} positions {}", ins[0].shape, ins[3].shape));
+            }
+            if k[1] != v[1] || k[2] != v[2] || k[3] != q[3] {
+                return Err(format!("k {} and v {} do not fit q {}", ins[1].shape, ins[2].shape, ins[0].shape));
+            }
+            match (q[1].as_const(), k[1].as_const()) {
+                (Some(h), Some(hkv)) if hkv > 0 && h % hkv == 0 => {}
+                _ => return Err(format!("query heads {} must be a constant multiple of KV heads {}", q[1], k[1])),
+            }
+            Ok(TensorType { dtype: ins[0].dtype, shape: Shape(vec![q[0].clone(), q[1].clone(), q[2].clone(), v[3].clone()]) })
         }
         Op::Cast => {
             let t = need_declared()?;

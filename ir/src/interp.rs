@@ -277,12 +277,17 @@ fn unary_f32(op: UnaryOp, x: f32) -> f32 {
         UnaryOp::Sqrt => x.sqrt(),
         UnaryOp::Rsqrt => 1.0 / x.sqrt(),
         UnaryOp::Recip => 1.0 / x,
-        UnaryOp::Sigmoid => (1.0 / (1.0 + (-(x as f64)).exp())) as f32,
+        UnaryOp::Sigmoid => sigmoid(x),
+        UnaryOp::Silu => x * sigmoid(x),
         UnaryOp::Tanh => x.tanh(),
         UnaryOp::Sin => (x as f64).sin() as f32,
         UnaryOp::Cos => (x as f64).cos() as f32,
         UnaryOp::Abs => x.abs(),
     }
+}
+
+fn sigmoid(x: f32) -> f32 {
+    (1.0 / (1.0 + (-(x as f64)).exp())) as f32
 }
 
 fn binary_f32(op: BinaryOp, a: f32, b: f32) -> f32 {
@@ -617,7 +622,95 @@ fn eval(op: &Op, dtype: DType, shape: &[usize], a: &[&Tensor]) -> Result<Tensor,
         Op::Concat { axis } => concat(*axis, dtype, shape, a)?,
         Op::Gather { axis } => gather(*axis, dtype, shape, a[0], a[1])?,
         Op::Cast => cast(dtype, a[0]),
+        Op::Softmax { axis } => {
+            let x = a[0].f32s()?;
+            let mut out = x.to_vec();
+            let outer: usize = shape[..*axis].iter().product();
+            let inner: usize = shape[axis + 1..].iter().product();
+            for o in 0..outer {
+                for i in 0..inner {
+                    softmax_strided(&mut out[o * shape[*axis] * inner + i..], shape[*axis], inner);
+                }
+            }
+            out.iter_mut().for_each(|v| *v = round_to(dtype, *v));
+            Tensor::dense(dtype, shape.to_vec(), Data::F32(Arc::new(out)))
+        }
+        Op::RmsNorm { eps } => Tensor::dense(dtype, shape.to_vec(), Data::F32(Arc::new(rms_norm(a[0], a[1], *eps)?))),
+        Op::RmsNormMatMul { eps } => {
+            let xs = a[0].shape.clone();
+            let n = Tensor::dense(a[0].dtype, xs, Data::F32(Arc::new(rms_norm(a[0], a[1], *eps)?)));
+            matmul(dtype, shape, &n, a[2])?
+        }
+        Op::SwiGlu => {
+            let (g, u) = (a[0].f32s()?, a[1].f32s()?);
+            let out = g.iter().zip(u.iter()).map(|(&g, &u)| round_to(dtype, (g * sigmoid(g)) * u)).collect();
+            Tensor::dense(dtype, shape.to_vec(), Data::F32(Arc::new(out)))
+        }
+        Op::FusedAttention { scale } => fused_attention(*scale, dtype, shape, a[0], a[1], a[2], a[3])?,
     })
+}
+
+/// In-place softmax of `len` elements `stride` apart, computed as the spelled-out form is:
+/// max in f32, `exp(x - max)` in f32, the sum accumulated in f64 and rounded, then divided.
+fn softmax_strided(x: &mut [f32], len: usize, stride: usize) {
+    let at = |j: usize| j * stride;
+    let m = (0..len).map(|j| x[at(j)] as f64).fold(f64::NEG_INFINITY, |m, v| if v.is_nan() || m.is_nan() { f64::NAN } else { m.max(v) }) as f32;
+    for j in 0..len {
+        x[at(j)] = (x[at(j)] - m).exp();
+    }
+    let s = (0..len).map(|j| x[at(j)] as f64).sum::<f64>() as f32;
+    for j in 0..len {
+        x[at(j)] /= s;
+    }
+}
+
+/// `w * (x * rsqrt(mean(x²) + eps))` over the last axis, in the spelled-out form's arithmetic.
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Vec<f32>, IrError> {
+    let (xv, wv) = (x.f32s()?, w.f32s()?);
+    let n = *x.shape.last().unwrap_or(&1);
+    let eps = eps as f32;
+    let mut out = vec![0f32; xv.len()];
+    for (row, o) in xv.chunks(n.max(1)).zip(out.chunks_mut(n.max(1))) {
+        let mean = (row.iter().map(|&v| (v * v) as f64).sum::<f64>() / n as f64) as f32;
+        let r = 1.0 / (mean + eps).sqrt();
+        for ((o, &v), &w) in o.iter_mut().zip(row).zip(wv.iter()) {
+            *o = w * (v * r);
+        }
+    }
+    Ok(out)
+}
+
+fn fused_attention(scale: f64, dtype: DType, shape: &[usize], q: &Tensor, k: &Tensor, v: &Tensor, pos: &Tensor) -> Result<Tensor, IrError> {
+    let (b, h, t, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
+    let (hkv, s, dv) = (k.shape[1], k.shape[2], v.shape[3]);
+    let rep = h / hkv.max(1);
+    let (qv, kv, pv) = (q.f32s()?, k.f32s()?, pos.i64s()?);
+    // vᵀ per KV head: [B, Hkv, Dv, S], so each output element is one contiguous dot.
+    let vt = v.permute(&[0, 1, 3, 2]).f32s()?;
+    let scale = scale as f32;
+    let mut out = vec![0f32; b * h * t * dv];
+    let mut p = vec![0f32; s];
+    for bi in 0..b {
+        for hi in 0..h {
+            let g = hi / rep;
+            let kb = &kv[(bi * hkv + g) * s * d..][..s * d];
+            let vb = &vt[(bi * hkv + g) * dv * s..][..dv * s];
+            for ti in 0..t {
+                let qr = &qv[((bi * h + hi) * t + ti) * d..][..d];
+                let limit = pv[bi * t + ti];
+                for (j, pj) in p.iter_mut().enumerate() {
+                    let score = dot_f64(qr, &kb[j * d..(j + 1) * d]) as f32 * scale;
+                    *pj = if (j as i64) <= limit { score } else { f32::NEG_INFINITY };
+                }
+                softmax_strided(&mut p, s, 1);
+                let o = &mut out[((bi * h + hi) * t + ti) * dv..][..dv];
+                for (c, oc) in o.iter_mut().enumerate() {
+                    *oc = round_to(dtype, dot_f64(&p, &vb[c * s..(c + 1) * s]) as f32);
+                }
+            }
+        }
+    }
+    Ok(Tensor::dense(dtype, shape.to_vec(), Data::F32(Arc::new(out))))
 }
 
 fn reduce(op: ReduceOp, axis: usize, dtype: DType, x: &Tensor) -> Result<Tensor, IrError> {

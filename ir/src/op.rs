@@ -19,6 +19,8 @@ pub enum UnaryOp {
     Sin,
     Cos,
     Abs,
+    /// `x * sigmoid(x)` (introduced by fusion; also writable directly).
+    Silu,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -88,6 +90,22 @@ pub enum Op {
     Gather { axis: usize },
     /// Conversion to the declared dtype (floats round to nearest even; float→int truncates).
     Cast,
+
+    // ---- Fused ops, introduced by the e-graph passes. Each equals the spelled-out form
+    // ---- the interpreter would compute from primitives (up to rounding).
+    /// `exp(x - max x) / Σ exp(x - max x)` along `axis`.
+    Softmax { axis: usize },
+    /// `rms_norm(x, w) = w * (x * rsqrt(mean(x², last axis) + eps))`; `w` has the last dim of `x`.
+    RmsNorm { eps: f64 },
+    /// `matmul(rms_norm(x, w), W)`, `W: [K, N]` shared by every batch.
+    RmsNormMatMul { eps: f64 },
+    /// `swiglu(g, u) = silu(g) * u`, elementwise.
+    SwiGlu,
+    /// Causal grouped-query attention `(q [B,H,T,D], k [B,Hkv,S,D], v [B,Hkv,S,Dv],
+    /// positions i64[B,T]) -> [B,H,T,Dv]`: query head `h` uses KV head `h / (H/Hkv)`;
+    /// key `j` is visible to query `t` iff `j <= positions[b,t]`;
+    /// `out = softmax(scale · q·kᵀ over visible keys) · v`.
+    FusedAttention { scale: f64 },
 }
 
 // `Constant` holds an f64, so equality and hashing compare its bits: two constants are the
@@ -106,7 +124,10 @@ impl PartialEq for Op {
             (Op::Permute { perm: a }, Op::Permute { perm: b }) => a == b,
             (Op::Slice { axis: a, start: s1, end: e1 }, Op::Slice { axis: b, start: s2, end: e2 }) => (a, s1, e1) == (b, s2, e2),
             (Op::Select, Op::Select) | (Op::MatMul, Op::MatMul) | (Op::Reshape, Op::Reshape) => true,
-            (Op::Broadcast, Op::Broadcast) | (Op::Cast, Op::Cast) => true,
+            (Op::Broadcast, Op::Broadcast) | (Op::Cast, Op::Cast) | (Op::SwiGlu, Op::SwiGlu) => true,
+            (Op::Softmax { axis: a }, Op::Softmax { axis: b }) => a == b,
+            (Op::RmsNorm { eps: a }, Op::RmsNorm { eps: b }) | (Op::RmsNormMatMul { eps: a }, Op::RmsNormMatMul { eps: b }) => a.to_bits() == b.to_bits(),
+            (Op::FusedAttention { scale: a }, Op::FusedAttention { scale: b }) => a.to_bits() == b.to_bits(),
             _ => false,
         }
     }
@@ -119,15 +140,17 @@ impl std::hash::Hash for Op {
         std::mem::discriminant(self).hash(h);
         match self {
             Op::Input { name } | Op::Param { name } => name.hash(h),
-            Op::Constant { value } => value.to_bits().hash(h),
-            Op::Iota { axis } | Op::Concat { axis } | Op::Gather { axis } => axis.hash(h),
+            Op::Constant { value } | Op::RmsNorm { eps: value } | Op::RmsNormMatMul { eps: value } | Op::FusedAttention { scale: value } => {
+                value.to_bits().hash(h)
+            }
+            Op::Iota { axis } | Op::Concat { axis } | Op::Gather { axis } | Op::Softmax { axis } => axis.hash(h),
             Op::Unary(u) => u.hash(h),
             Op::Binary(b) => b.hash(h),
             Op::Compare(c) => c.hash(h),
             Op::Reduce { op, axis } => (op, axis).hash(h),
             Op::Permute { perm } => perm.hash(h),
             Op::Slice { axis, start, end } => (axis, start, end).hash(h),
-            Op::Select | Op::MatMul | Op::Reshape | Op::Broadcast | Op::Cast => {}
+            Op::Select | Op::MatMul | Op::Reshape | Op::Broadcast | Op::Cast | Op::SwiGlu => {}
         }
     }
 }
@@ -153,6 +176,11 @@ impl Op {
             Op::Concat { .. } => "concat",
             Op::Gather { .. } => "gather",
             Op::Cast => "cast",
+            Op::Softmax { .. } => "softmax",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::RmsNormMatMul { .. } => "rms_norm_matmul",
+            Op::SwiGlu => "swiglu",
+            Op::FusedAttention { .. } => "fused_attention",
         }
     }
 
@@ -161,14 +189,20 @@ impl Op {
         Some(match self {
             Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Iota { .. } => 0,
             Op::Unary(_) | Op::Reduce { .. } | Op::Reshape | Op::Permute { .. } | Op::Broadcast => 1,
-            Op::Slice { .. } | Op::Cast => 1,
-            Op::Binary(_) | Op::Compare(_) | Op::MatMul | Op::Gather { .. } => 2,
-            Op::Select => 3,
+            Op::Slice { .. } | Op::Cast | Op::Softmax { .. } => 1,
+            Op::Binary(_) | Op::Compare(_) | Op::MatMul | Op::Gather { .. } | Op::RmsNorm { .. } | Op::SwiGlu => 2,
+            Op::Select | Op::RmsNormMatMul { .. } => 3,
+            Op::FusedAttention { .. } => 4,
             Op::Concat { .. } => return None,
         })
     }
 
     /// Whether the result type is taken from the node's declaration rather than inferred.
+    /// Whether this is one of the fused ops the optimizer introduces.
+    pub fn is_fused(&self) -> bool {
+        matches!(self, Op::Softmax { .. } | Op::RmsNorm { .. } | Op::RmsNormMatMul { .. } | Op::SwiGlu | Op::FusedAttention { .. } | Op::Unary(UnaryOp::Silu))
+    }
+
     pub fn declares_type(&self) -> bool {
         matches!(
             self,
@@ -196,7 +230,7 @@ macro_rules! named_enum {
 
 named_enum!(UnaryOp {
     Neg => "neg", Exp => "exp", Log => "log", Sqrt => "sqrt", Rsqrt => "rsqrt", Recip => "recip",
-    Sigmoid => "sigmoid", Tanh => "tanh", Sin => "sin", Cos => "cos", Abs => "abs",
+    Sigmoid => "sigmoid", Tanh => "tanh", Sin => "sin", Cos => "cos", Abs => "abs", Silu => "silu",
 });
 named_enum!(BinaryOp {
     Add => "add", Sub => "sub", Mul => "mul", Div => "div", Max => "max", Min => "min", Pow => "pow",

@@ -66,7 +66,13 @@ fn print_node(n: &Node) -> String {
         Op::Constant { value } => {
             let _ = write!(s, "[value={}]", print_f64(*value));
         }
-        Op::Iota { axis } | Op::Reduce { axis, .. } | Op::Concat { axis } | Op::Gather { axis } => {
+        Op::RmsNorm { eps } | Op::RmsNormMatMul { eps } => {
+            let _ = write!(s, "[eps={}]", print_f64(*eps));
+        }
+        Op::FusedAttention { scale } => {
+            let _ = write!(s, "[scale={}]", print_f64(*scale));
+        }
+        Op::Iota { axis } | Op::Reduce { axis, .. } | Op::Concat { axis } | Op::Gather { axis } | Op::Softmax { axis } => {
             let _ = write!(s, "[axis={axis}]");
         }
         Op::Permute { perm } => {
@@ -76,7 +82,7 @@ fn print_node(n: &Node) -> String {
         Op::Slice { axis, start, end } => {
             let _ = write!(s, "[axis={axis}, start={start}, end={end}]");
         }
-        Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Select | Op::MatMul | Op::Reshape | Op::Broadcast | Op::Cast => {}
+        Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Select | Op::MatMul | Op::Reshape | Op::Broadcast | Op::Cast | Op::SwiGlu => {}
     }
     if !n.inputs.is_empty() {
         let a: Vec<String> = n.inputs.iter().map(|v| v.to_string()).collect();
@@ -474,6 +480,13 @@ impl Attrs {
         }
     }
 
+    fn f64(&mut self, key: &str, at: (usize, usize)) -> Result<f64, ParseError> {
+        match self.take(key, at)? {
+            AttrVal::Num(v, _) => Ok(v),
+            AttrVal::List(_) => Err(ParseError { line: at.0, col: at.1, msg: format!("attribute `{key}` must be a number") }),
+        }
+    }
+
     fn finish(self) -> Result<(), ParseError> {
         match self.items.first() {
             Some((k, _, line, col)) => Err(ParseError { line: *line, col: *col, msg: format!("unknown attribute `{k}`") }),
@@ -618,6 +631,11 @@ fn build_op(name: &str, label: Option<String>, a: &mut Attrs, at: (usize, usize)
         "slice" => Op::Slice { axis: a.usize("axis", at)?, start: a.usize("start", at)?, end: a.usize("end", at)? },
         "concat" => Op::Concat { axis: a.usize("axis", at)? },
         "gather" => Op::Gather { axis: a.usize("axis", at)? },
+        "softmax" => Op::Softmax { axis: a.usize("axis", at)? },
+        "swiglu" => Op::SwiGlu,
+        "rms_norm" => Op::RmsNorm { eps: a.f64("eps", at)? },
+        "rms_norm_matmul" => Op::RmsNormMatMul { eps: a.f64("eps", at)? },
+        "fused_attention" => Op::FusedAttention { scale: a.f64("scale", at)? },
         other => return Err(ParseError { line: at.0, col: at.1, msg: format!("unknown op `{other}`") }),
     })
 }

@@ -44,13 +44,15 @@ impl AddedToken {
             .get("id")
             .and_then(Value::as_u64)
             .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| RuntimeError::Tokenizer(format!("added token without a valid \"id\": {v}")))?;
-        let content = v
-            .get("content")
-            .and_then(Value::as_str)
-            .ok_or_else(|| RuntimeError::Tokenizer(format!("added token without \"content\": {v}")))?;
+            .ok_or_else(|| {
+                RuntimeError::Tokenizer(format!("added token without a valid \"id\": {v}"))
+            })?;
+        let content = v.get("content").and_then(Value::as_str).ok_or_else(|| {
+            RuntimeError::Tokenizer(format!("added token without \"content\": {v}"))
+        })?;
         let special = v.get("special").and_then(Value::as_bool).unwrap_or(false);
-        let flag = |key: &str, default: bool| v.get(key).and_then(Value::as_bool).unwrap_or(default);
+        let flag =
+            |key: &str, default: bool| v.get(key).and_then(Value::as_bool).unwrap_or(default);
         Ok(AddedToken {
             id,
             content: content.to_owned(),
@@ -98,9 +100,18 @@ impl Matcher {
         }
         for list in &mut by_first_byte {
             // Longest first; among equal patterns the first added wins.
-            list.sort_by(|&a, &b| patterns[b].0.len().cmp(&patterns[a].0.len()).then(a.cmp(&b)));
+            list.sort_by(|&a, &b| {
+                patterns[b]
+                    .0
+                    .len()
+                    .cmp(&patterns[a].0.len())
+                    .then(a.cmp(&b))
+            });
         }
-        Matcher { patterns, by_first_byte }
+        Matcher {
+            patterns,
+            by_first_byte,
+        }
     }
 
     /// The next match at or after `from`: `(start, end, token index)`.
@@ -164,12 +175,21 @@ impl AddedVocab {
                 raw.push((form, i));
             }
         }
-        Ok(AddedVocab { tokens, raw: Matcher::new(raw), normalized: Matcher::new(normalized), decoded })
+        Ok(AddedVocab {
+            tokens,
+            raw: Matcher::new(raw),
+            normalized: Matcher::new(normalized),
+            decoded,
+        })
     }
 
     /// Splits `text` at the raw (`normalized == false`) or the normalised added tokens.
     pub fn split<'a>(&self, text: &'a str, normalized: bool) -> Vec<Segment<'a>> {
-        let matcher = if normalized { &self.normalized } else { &self.raw };
+        let matcher = if normalized {
+            &self.normalized
+        } else {
+            &self.raw
+        };
         let mut out = Vec::new();
         let mut start_offset = 0;
         let mut from = 0;
@@ -202,7 +222,6 @@ impl AddedVocab {
         }
         out
     }
-
 }
 
 #[cfg(test)]
@@ -236,6 +255,9 @@ mod tests {
         let mut t = AddedToken::special(3, "ab", false);
         t.single_word = true;
         let v = AddedVocab::new(vec![t], None).unwrap();
-        assert_eq!(v.split("xab ab", false), vec![Segment::Text("xab ", 0), Segment::Token(3)]);
+        assert_eq!(
+            v.split("xab ab", false),
+            vec![Segment::Text("xab ", 0), Segment::Token(3)]
+        );
     }
 }

@@ -22,8 +22,8 @@ const CACHE_MAX_WORD_BYTES: usize = 256;
 /// The cache is emptied when it holds this many words, which bounds its memory (about 10 MB).
 const CACHE_CAPACITY: usize = 100_000;
 /// Largest token id accepted from a vocabulary: ids index dense tables, and real vocabularies
-/// stay far below this (the largest have about 260 000 entries).
-pub(crate) const MAX_TOKEN_ID: u32 = 1 << 24;
+/// stay far below this (the largest have about 260 000 entries); it bounds the id table at ~100 MB.
+pub(crate) const MAX_TOKEN_ID: u32 = 1 << 22;
 
 /// A small multiplicative hasher for the merge table's `(u32, u32)` keys, which are looked up
 /// once per candidate pair: SipHash would dominate the merge loop.
@@ -130,7 +130,10 @@ struct Candidate {
 impl Ord for Candidate {
     // BinaryHeap pops the greatest: make that the lowest rank, then the leftmost position.
     fn cmp(&self, other: &Self) -> Ordering {
-        other.rank.cmp(&self.rank).then_with(|| other.pos.cmp(&self.pos))
+        other
+            .rank
+            .cmp(&self.rank)
+            .then_with(|| other.pos.cmp(&self.pos))
     }
 }
 
@@ -143,13 +146,20 @@ impl PartialOrd for Candidate {
 impl Bpe {
     /// Builds the model; a merge naming a token missing from the vocabulary is an error, as
     /// in Hugging Face.
-    pub fn new(vocab: HashMap<String, u32>, merges: Vec<(String, String)>, options: BpeOptions) -> Result<Bpe> {
+    pub fn new(
+        vocab: HashMap<String, u32>,
+        merges: Vec<(String, String)>,
+        options: BpeOptions,
+    ) -> Result<Bpe> {
         if let Some((token, &id)) = vocab.iter().find(|(_, &id)| id >= MAX_TOKEN_ID) {
             return Err(RuntimeError::Tokenizer(format!(
                 "token {token:?} has id {id}, above the limit of {MAX_TOKEN_ID}"
             )));
         }
-        let prefix_len = options.continuing_subword_prefix.as_ref().map_or(0, String::len);
+        let prefix_len = options
+            .continuing_subword_prefix
+            .as_ref()
+            .map_or(0, String::len);
         let lookup = |t: &str| {
             vocab.get(t).copied().ok_or_else(|| {
                 RuntimeError::Tokenizer(format!("merge uses {t:?}, which is not in the vocabulary"))
@@ -234,7 +244,10 @@ impl Bpe {
 
     fn initial_symbols(&self, word: &str) -> Vec<u32> {
         let mut ids = Vec::with_capacity(word.len());
-        let unk_id = self.unk_token.as_ref().and_then(|u| self.vocab.get(u).copied());
+        let unk_id = self
+            .unk_token
+            .as_ref()
+            .and_then(|u| self.vocab.get(u).copied());
         // A pending unknown run: fused runs of unknown characters make one unknown token.
         let mut pending_unk = false;
         let mut piece = String::new();
@@ -261,7 +274,10 @@ impl Bpe {
                 continue;
             }
             if self.byte_fallback {
-                let bytes: Option<Vec<u32>> = piece.bytes().map(|b| self.byte_ids[usize::from(b)]).collect();
+                let bytes: Option<Vec<u32>> = piece
+                    .bytes()
+                    .map(|b| self.byte_ids[usize::from(b)])
+                    .collect();
                 if let Some(bytes) = bytes {
                     // HF leaves a pending unknown run open across byte tokens.
                     ids.extend(bytes);
@@ -321,13 +337,21 @@ impl Bpe {
             if merged.prev != NONE {
                 let prev = symbols[merged.prev];
                 if let Some(&(rank, new_id)) = self.pair_ranks.get(&(prev.id, merged.id)) {
-                    queue.push(Candidate { rank, pos: merged.prev, new_id });
+                    queue.push(Candidate {
+                        rank,
+                        pos: merged.prev,
+                        new_id,
+                    });
                 }
             }
             if merged.next != NONE {
                 let next = symbols[merged.next];
                 if let Some(&(rank, new_id)) = self.pair_ranks.get(&(merged.id, next.id)) {
-                    queue.push(Candidate { rank, pos: top.pos, new_id });
+                    queue.push(Candidate {
+                        rank,
+                        pos: top.pos,
+                        new_id,
+                    });
                 }
             }
         }
@@ -340,8 +364,15 @@ mod tests {
     use super::*;
 
     fn model(vocab: &[&str], merges: &[(&str, &str)], options: BpeOptions) -> Bpe {
-        let vocab = vocab.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
-        let merges = merges.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        let vocab = vocab
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
+        let merges = merges
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
         Bpe::new(vocab, merges, options).unwrap()
     }
 
@@ -354,7 +385,11 @@ mod tests {
     #[test]
     fn merges_lowest_rank_first_then_leftmost() {
         // a b c ab bc abc: "abc" merges (b,c) first (rank 0), then (a,bc).
-        let m = model(&["a", "b", "c", "ab", "bc", "abc"], &[("b", "c"), ("a", "b"), ("a", "bc")], BpeOptions::default());
+        let m = model(
+            &["a", "b", "c", "ab", "bc", "abc"],
+            &[("b", "c"), ("a", "b"), ("a", "bc")],
+            BpeOptions::default(),
+        );
         assert_eq!(ids(&m, "abc"), vec![5]);
         assert_eq!(ids(&m, "ab"), vec![3]);
         // Equal ranks: "aaa" with (a,a) merges the leftmost pair.
@@ -368,14 +403,30 @@ mod tests {
         let mut vocab: Vec<String> = vec!["<unk>".into(), "a".into()];
         vocab.extend((0..=255).map(|b| format!("<0x{b:02X}>")));
         let vocab_refs: Vec<&str> = vocab.iter().map(String::as_str).collect();
-        let options = BpeOptions { byte_fallback: true, unk_token: Some("<unk>".into()), fuse_unk: true, ..Default::default() };
+        let options = BpeOptions {
+            byte_fallback: true,
+            unk_token: Some("<unk>".into()),
+            fuse_unk: true,
+            ..Default::default()
+        };
         let m = model(&vocab_refs, &[], options);
         // é is C3 A9.
         assert_eq!(ids(&m, "aé"), vec![1, 2 + 0xC3, 2 + 0xA9]);
-        let options = BpeOptions { unk_token: Some("<unk>".into()), fuse_unk: true, ..Default::default() };
+        let options = BpeOptions {
+            unk_token: Some("<unk>".into()),
+            fuse_unk: true,
+            ..Default::default()
+        };
         let m = model(&["<unk>", "a"], &[], options);
         assert_eq!(ids(&m, "éüa€"), vec![0, 1, 0]);
-        let m = model(&["<unk>", "a"], &[], BpeOptions { unk_token: Some("<unk>".into()), ..Default::default() });
+        let m = model(
+            &["<unk>", "a"],
+            &[],
+            BpeOptions {
+                unk_token: Some("<unk>".into()),
+                ..Default::default()
+            },
+        );
         assert_eq!(ids(&m, "éüa"), vec![0, 0, 1]);
         // No unknown token: the character is dropped, as in HF.
         let m = model(&["a"], &[], BpeOptions::default());
@@ -385,7 +436,8 @@ mod tests {
     #[test]
     fn bad_merges_are_errors() {
         let vocab: HashMap<String, u32> = [("a".to_string(), 0), ("b".to_string(), 1)].into();
-        let err = Bpe::new(vocab, vec![("a".into(), "b".into())], BpeOptions::default()).unwrap_err();
+        let err =
+            Bpe::new(vocab, vec![("a".into(), "b".into())], BpeOptions::default()).unwrap_err();
         assert!(err.to_string().contains("\"ab\""), "{err}");
     }
 }

@@ -36,7 +36,10 @@ fn table() -> &'static ByteTable {
             byte_to_char[usize::from(b)] = c;
             char_to_byte[code as usize] = i16::from(b);
         }
-        ByteTable { byte_to_char, char_to_byte }
+        ByteTable {
+            byte_to_char,
+            char_to_byte,
+        }
     })
 }
 

@@ -15,14 +15,25 @@ use crate::error::{Result, RuntimeError};
 #[derive(Clone, Debug)]
 pub(crate) enum Decoder {
     ByteLevel,
-    Replace { pattern: Pattern, content: String },
+    Replace {
+        pattern: Pattern,
+        content: String,
+    },
     /// Runs of `<0xXX>` tokens become the text of their bytes (one U+FFFD per byte if invalid).
     ByteFallback,
     /// Joins all tokens into one.
     Fuse,
     /// Removes up to `start` leading and `stop` trailing `content` characters of each token.
-    Strip { content: char, start: usize, stop: usize },
-    Metaspace { replacement: char, prepend_scheme: PrependScheme, split: bool },
+    Strip {
+        content: char,
+        start: usize,
+        stop: usize,
+    },
+    Metaspace {
+        replacement: char,
+        prepend_scheme: PrependScheme,
+        split: bool,
+    },
     Sequence(Vec<Decoder>),
 }
 
@@ -41,7 +52,10 @@ fn flush_bytes(bytes: &mut Vec<u8>, out: &mut Vec<String>) {
     }
     match String::from_utf8(std::mem::take(bytes)) {
         Ok(s) => out.push(s),
-        Err(e) => out.extend(std::iter::repeat_n("\u{FFFD}".to_string(), e.into_bytes().len())),
+        Err(e) => out.extend(std::iter::repeat_n(
+            "\u{FFFD}".to_string(),
+            e.into_bytes().len(),
+        )),
     }
 }
 
@@ -93,17 +107,34 @@ impl Decoder {
                 out
             }
             Decoder::Fuse => vec![tokens.concat()],
-            Decoder::Strip { content, start, stop } => tokens
+            Decoder::Strip {
+                content,
+                start,
+                stop,
+            } => tokens
                 .into_iter()
                 .map(|t| {
                     let chars: Vec<char> = t.chars().collect();
-                    let lead = chars.iter().take(*start).take_while(|&&c| c == *content).count();
+                    let lead = chars
+                        .iter()
+                        .take(*start)
+                        .take_while(|&&c| c == *content)
+                        .count();
                     let rest = &chars[lead..];
-                    let trail = rest.iter().rev().take(*stop).take_while(|&&c| c == *content).count();
+                    let trail = rest
+                        .iter()
+                        .rev()
+                        .take(*stop)
+                        .take_while(|&&c| c == *content)
+                        .count();
                     rest[..rest.len() - trail].iter().collect()
                 })
                 .collect(),
-            Decoder::Metaspace { replacement, prepend_scheme, .. } => tokens
+            Decoder::Metaspace {
+                replacement,
+                prepend_scheme,
+                ..
+            } => tokens
                 .iter()
                 .enumerate()
                 .map(|(i, t)| {
@@ -153,9 +184,11 @@ impl Decoder {
                     s.push_str(&t[prev..]);
                     Form::Text(s)
                 }
-                (Decoder::Metaspace { replacement, .. }, Form::Text(t)) => {
-                    Form::Text(t.chars().map(|c| if c == *replacement { ' ' } else { c }).collect())
-                }
+                (Decoder::Metaspace { replacement, .. }, Form::Text(t)) => Form::Text(
+                    t.chars()
+                        .map(|c| if c == *replacement { ' ' } else { c })
+                        .collect(),
+                ),
                 (_, form) => form,
             }
         }
@@ -167,12 +200,20 @@ impl Decoder {
 
     pub fn from_json(v: &Value) -> Result<Decoder> {
         let ty = type_of(v, "decoder")?;
-        let int = |key: &str| v.get(key).and_then(Value::as_u64).map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX));
+        let int = |key: &str| {
+            v.get(key)
+                .and_then(Value::as_u64)
+                .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX))
+        };
         Ok(match ty {
             "ByteLevel" => Decoder::ByteLevel,
             "Replace" => Decoder::Replace {
                 pattern: Pattern::from_json(v.get("pattern").unwrap_or(&Value::Null))?,
-                content: v.get("content").and_then(Value::as_str).unwrap_or("").to_owned(),
+                content: v
+                    .get("content")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned(),
             },
             "ByteFallback" => Decoder::ByteFallback,
             "Fuse" => Decoder::Fuse,
@@ -215,10 +256,18 @@ impl Decoder {
             }
             Decoder::ByteFallback => json!({ "type": "ByteFallback" }),
             Decoder::Fuse => json!({ "type": "Fuse" }),
-            Decoder::Strip { content, start, stop } => {
+            Decoder::Strip {
+                content,
+                start,
+                stop,
+            } => {
                 json!({ "type": "Strip", "content": content.to_string(), "start": start, "stop": stop })
             }
-            Decoder::Metaspace { replacement, prepend_scheme, split } => json!({
+            Decoder::Metaspace {
+                replacement,
+                prepend_scheme,
+                split,
+            } => json!({
                 "type": "Metaspace", "replacement": replacement.to_string(),
                 "prepend_scheme": prepend_scheme.name(), "split": split
             }),
@@ -235,28 +284,48 @@ mod tests {
 
     fn llama_decoder() -> Decoder {
         Decoder::Sequence(vec![
-            Decoder::Replace { pattern: Pattern::literal("▁").unwrap(), content: " ".into() },
+            Decoder::Replace {
+                pattern: Pattern::literal("▁").unwrap(),
+                content: " ".into(),
+            },
             Decoder::ByteFallback,
             Decoder::Fuse,
-            Decoder::Strip { content: ' ', start: 1, stop: 0 },
+            Decoder::Strip {
+                content: ' ',
+                start: 1,
+                stop: 0,
+            },
         ])
     }
 
     #[test]
     fn llama_chain_strips_one_leading_space_and_joins_bytes() {
-        let toks = ["▁Hello", "▁", "<0xE2>", "<0x82>", "<0xAC>", "▁x", "<0xFF>"].map(String::from).to_vec();
+        let toks = ["▁Hello", "▁", "<0xE2>", "<0x82>", "<0xAC>", "▁x", "<0xFF>"]
+            .map(String::from)
+            .to_vec();
         let out = llama_decoder().decode_chain(toks).unwrap().concat();
         assert_eq!(out, "Hello € x\u{FFFD}");
         // An invalid run gives one U+FFFD per byte, as in HF.
         let toks = ["<0xE2>", "<0x82>", "<0xFF>"].map(String::from).to_vec();
-        assert_eq!(llama_decoder().decode_chain(toks).unwrap().concat(), "\u{FFFD}\u{FFFD}\u{FFFD}");
+        assert_eq!(
+            llama_decoder().decode_chain(toks).unwrap().concat(),
+            "\u{FFFD}\u{FFFD}\u{FFFD}"
+        );
         assert_eq!(llama_decoder().token_bytes("▁Hi"), b" Hi");
         assert_eq!(llama_decoder().token_bytes("<0xE2>"), vec![0xE2]);
     }
 
     #[test]
     fn strip_never_panics_on_short_tokens() {
-        let d = Decoder::Strip { content: ' ', start: 3, stop: 5 };
-        assert_eq!(d.decode_chain(vec![" ".into(), "".into(), " a  ".into()]).unwrap(), vec!["", "", "a"]);
+        let d = Decoder::Strip {
+            content: ' ',
+            start: 3,
+            stop: 5,
+        };
+        assert_eq!(
+            d.decode_chain(vec![" ".into(), "".into(), " a  ".into()])
+                .unwrap(),
+            vec!["", "", "a"]
+        );
     }
 }

@@ -60,7 +60,10 @@ impl Meta<'_> {
         match self.0.get(&Self::key(name)) {
             None => Ok(None),
             Some(GgufValue::String(s)) => Ok(Some(s)),
-            Some(other) => Err(bad(format!("{} must be a string, not {other:?}", Self::key(name)))),
+            Some(other) => Err(bad(format!(
+                "{} must be a string, not {other:?}",
+                Self::key(name)
+            ))),
         }
     }
 
@@ -68,7 +71,9 @@ impl Meta<'_> {
         match self.0.get(&Self::key(name)) {
             None => Ok(None),
             Some(GgufValue::Bool(b)) => Ok(Some(*b)),
-            Some(v) => as_int(v).map(|n| Some(n != 0)).ok_or_else(|| bad(format!("{} must be a bool", Self::key(name)))),
+            Some(v) => as_int(v)
+                .map(|n| Some(n != 0))
+                .ok_or_else(|| bad(format!("{} must be a bool", Self::key(name)))),
         }
     }
 
@@ -78,8 +83,13 @@ impl Meta<'_> {
             // Some converters write -1 for "none".
             Some(v) => match as_int(v) {
                 Some(n) if n < 0 => Ok(None),
-                Some(n) => u32::try_from(n).map(Some).map_err(|_| bad(format!("{} = {n} is too large", Self::key(name)))),
-                None => Err(bad(format!("{} must be an integer, not {v:?}", Self::key(name)))),
+                Some(n) => u32::try_from(n)
+                    .map(Some)
+                    .map_err(|_| bad(format!("{} = {n} is too large", Self::key(name)))),
+                None => Err(bad(format!(
+                    "{} must be an integer, not {v:?}",
+                    Self::key(name)
+                ))),
             },
         }
     }
@@ -93,11 +103,16 @@ impl Meta<'_> {
     }
 
     fn strings(&self, name: &str) -> Result<Option<Vec<String>>> {
-        let Some(a) = self.array(name)? else { return Ok(None) };
+        let Some(a) = self.array(name)? else {
+            return Ok(None);
+        };
         a.iter()
             .map(|v| match v {
                 GgufValue::String(s) => Ok(s.clone()),
-                other => Err(bad(format!("{} must hold strings, found {other:?}", Self::key(name)))),
+                other => Err(bad(format!(
+                    "{} must hold strings, found {other:?}",
+                    Self::key(name)
+                ))),
             })
             .collect::<Result<Vec<_>>>()
             .map(Some)
@@ -108,8 +123,12 @@ impl Tokenizer {
     /// Builds the tokenizer a GGUF file embeds, from its `tokenizer.ggml.*` metadata.
     pub fn from_gguf_metadata(meta: &GgufMetadata) -> Result<Tokenizer> {
         let m = Meta(meta);
-        let model = m.string("model")?.ok_or_else(|| bad("GGUF metadata has no tokenizer.ggml.model".into()))?;
-        let tokens = m.strings("tokens")?.ok_or_else(|| bad("GGUF metadata has no tokenizer.ggml.tokens".into()))?;
+        let model = m
+            .string("model")?
+            .ok_or_else(|| bad("GGUF metadata has no tokenizer.ggml.model".into()))?;
+        let tokens = m
+            .strings("tokens")?
+            .ok_or_else(|| bad("GGUF metadata has no tokenizer.ggml.tokens".into()))?;
         let n = tokens.len();
         if n == 0 || n >= super::bpe::MAX_TOKEN_ID as usize {
             return Err(bad(format!("tokenizer.ggml.tokens has {n} tokens")));
@@ -118,19 +137,31 @@ impl Tokenizer {
             None => vec![1; n],
             Some(a) => a
                 .iter()
-                .map(|v| as_int(v).ok_or_else(|| bad("tokenizer.ggml.token_type must hold integers".into())))
+                .map(|v| {
+                    as_int(v)
+                        .ok_or_else(|| bad("tokenizer.ggml.token_type must hold integers".into()))
+                })
                 .collect::<Result<_>>()?,
         };
         if types.len() != n {
-            return Err(bad(format!("tokenizer.ggml.token_type has {} entries for {n} tokens", types.len())));
+            return Err(bad(format!(
+                "tokenizer.ggml.token_type has {} entries for {n} tokens",
+                types.len()
+            )));
         }
         // Python-dict semantics: a repeated token string maps to its last id.
-        let vocab: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: HashMap<String, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
         let added: Vec<AddedToken> = tokens
             .iter()
             .zip(&types)
             .enumerate()
-            .filter(|(_, (t, &ty))| !t.is_empty() && matches!(ty, TYPE_UNKNOWN | TYPE_CONTROL | TYPE_USER_DEFINED))
+            .filter(|(_, (t, &ty))| {
+                !t.is_empty() && matches!(ty, TYPE_UNKNOWN | TYPE_CONTROL | TYPE_USER_DEFINED)
+            })
             .map(|(i, (t, &ty))| AddedToken::special(i as u32, t, ty != TYPE_USER_DEFINED))
             .collect();
         let bos = m.id("bos_token_id")?;
@@ -141,7 +172,11 @@ impl Tokenizer {
                 Some(id) => tokens
                     .get(id as usize)
                     .map(|t| Some((id, t.clone())))
-                    .ok_or_else(|| bad(format!("special token id {id} is outside the vocabulary of {n} tokens"))),
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "special token id {id} is outside the vocabulary of {n} tokens"
+                        ))
+                    }),
             }
         };
         let bos_tok = name_of(bos)?;
@@ -158,9 +193,15 @@ impl Tokenizer {
                     .enumerate()
                     .map(|(i, s)| {
                         // Split at the first space after the first character, as llama.cpp does.
-                        let at = s.char_indices().skip(1).find(|&(_, c)| c == ' ').map(|(at, _)| at);
+                        let at = s
+                            .char_indices()
+                            .skip(1)
+                            .find(|&(_, c)| c == ' ')
+                            .map(|(at, _)| at);
                         at.map(|at| (s[..at].to_owned(), s[at + 1..].to_owned()))
-                            .ok_or_else(|| bad(format!("tokenizer.ggml.merges[{i}] = {s:?} is not \"a b\"")))
+                            .ok_or_else(|| {
+                                bad(format!("tokenizer.ggml.merges[{i}] = {s:?} is not \"a b\""))
+                            })
                     })
                     .collect::<Result<Vec<_>>>()?;
                 let pre = m.string("pre")?.unwrap_or("default");
@@ -168,7 +209,14 @@ impl Tokenizer {
                 Parts {
                     normalizer: None,
                     pre_tokenizer: Some(pre_tokenizer),
-                    model: Bpe::new(vocab, merges, BpeOptions { ignore_merges, ..Default::default() })?,
+                    model: Bpe::new(
+                        vocab,
+                        merges,
+                        BpeOptions {
+                            ignore_merges,
+                            ..Default::default()
+                        },
+                    )?,
                     added,
                     decoder: Some(Decoder::ByteLevel),
                     post_processor: post(add_bos, add_eos, &bos_tok, &eos_tok),
@@ -185,33 +233,58 @@ impl Tokenizer {
                         .map(|v| match v {
                             GgufValue::F32(x) => Ok(*x),
                             GgufValue::F64(x) => Ok(*x as f32),
-                            other => Err(bad(format!("tokenizer.ggml.scores must hold floats, found {other:?}"))),
+                            other => Err(bad(format!(
+                                "tokenizer.ggml.scores must hold floats, found {other:?}"
+                            ))),
                         })
                         .collect::<Result<_>>()?,
                 };
                 if scores.len() != n {
-                    return Err(bad(format!("tokenizer.ggml.scores has {} entries for {n} tokens", scores.len())));
+                    return Err(bad(format!(
+                        "tokenizer.ggml.scores has {} entries for {n} tokens",
+                        scores.len()
+                    )));
                 }
-                let unk_id = m.id("unknown_token_id")?.or_else(|| types.iter().position(|&t| t == TYPE_UNKNOWN).map(|i| i as u32));
+                let unk_id = m.id("unknown_token_id")?.or_else(|| {
+                    types
+                        .iter()
+                        .position(|&t| t == TYPE_UNKNOWN)
+                        .map(|i| i as u32)
+                });
                 let unk_token = match unk_id {
                     Some(id) => Some(name_of(Some(id))?.map(|(_, t)| t).unwrap_or_default()),
                     None => vocab.contains_key("<unk>").then(|| "<unk>".to_owned()),
                 };
                 let merges = merges_from_scores(&tokens, &scores, &vocab);
-                let options = BpeOptions { unk_token, fuse_unk: true, byte_fallback: true, ..Default::default() };
-                let space = Normalizer::Replace { pattern: Pattern::literal(" ")?, content: "▁".into() };
+                let options = BpeOptions {
+                    unk_token,
+                    fuse_unk: true,
+                    byte_fallback: true,
+                    ..Default::default()
+                };
+                let space = Normalizer::Replace {
+                    pattern: Pattern::literal(" ")?,
+                    content: "▁".into(),
+                };
                 let normalizer = if add_space_prefix {
                     Normalizer::Sequence(vec![Normalizer::Prepend("▁".into()), space])
                 } else {
                     Normalizer::Sequence(vec![space])
                 };
                 let mut decoder = vec![
-                    Decoder::Replace { pattern: Pattern::literal("▁")?, content: " ".into() },
+                    Decoder::Replace {
+                        pattern: Pattern::literal("▁")?,
+                        content: " ".into(),
+                    },
                     Decoder::ByteFallback,
                     Decoder::Fuse,
                 ];
                 if add_space_prefix {
-                    decoder.push(Decoder::Strip { content: ' ', start: 1, stop: 0 });
+                    decoder.push(Decoder::Strip {
+                        content: ' ',
+                        start: 1,
+                        stop: 0,
+                    });
                 }
                 Parts {
                     normalizer: Some(normalizer),
@@ -223,7 +296,9 @@ impl Tokenizer {
                 }
             }
             other => {
-                return Err(bad(format!("GGUF tokenizer model {other:?} is not supported (supported: gpt2, llama)")));
+                return Err(bad(format!(
+                    "GGUF tokenizer model {other:?} is not supported (supported: gpt2, llama)"
+                )));
             }
         };
         let mut tok = Tokenizer::from_parts(parts)?;
@@ -239,21 +314,31 @@ fn byte_level_pre(pre: &str) -> Result<(PreTokenizer, bool)> {
         "default" | "gpt2" => (PreTokenizer::byte_level(false, true)?, false),
         "smollm" | "starcoder" | "refact" => (
             PreTokenizer::Sequence(vec![
-                PreTokenizer::Digits { individual_digits: true },
+                PreTokenizer::Digits {
+                    individual_digits: true,
+                },
                 PreTokenizer::byte_level(false, true)?,
             ]),
             false,
         ),
         "llama3" | "llama-bpe" => (
-            PreTokenizer::Sequence(vec![PreTokenizer::split_regex(LLAMA3_PATTERN)?, PreTokenizer::byte_level(false, false)?]),
+            PreTokenizer::Sequence(vec![
+                PreTokenizer::split_regex(LLAMA3_PATTERN)?,
+                PreTokenizer::byte_level(false, false)?,
+            ]),
             true,
         ),
         "qwen2" => (
-            PreTokenizer::Sequence(vec![PreTokenizer::split_regex(QWEN2_PATTERN)?, PreTokenizer::byte_level(false, false)?]),
+            PreTokenizer::Sequence(vec![
+                PreTokenizer::split_regex(QWEN2_PATTERN)?,
+                PreTokenizer::byte_level(false, false)?,
+            ]),
             false,
         ),
         other => {
-            return Err(bad(format!("GGUF tokenizer.ggml.pre {other:?} is not supported (supported: {KNOWN_PRE})")));
+            return Err(bad(format!(
+                "GGUF tokenizer.ggml.pre {other:?} is not supported (supported: {KNOWN_PRE})"
+            )));
         }
     })
 }
@@ -266,8 +351,14 @@ fn post(
     bos: &Option<(u32, String)>,
     eos: &Option<(u32, String)>,
 ) -> Option<PostProcessor> {
-    let bos = bos.as_ref().filter(|_| add_bos).map(|(id, t)| (*id, t.as_str()));
-    let eos = eos.as_ref().filter(|_| add_eos).map(|(id, t)| (*id, t.as_str()));
+    let bos = bos
+        .as_ref()
+        .filter(|_| add_bos)
+        .map(|(id, t)| (*id, t.as_str()));
+    let eos = eos
+        .as_ref()
+        .filter(|_| add_eos)
+        .map(|(id, t)| (*id, t.as_str()));
     if bos.is_none() && eos.is_none() {
         return None;
     }

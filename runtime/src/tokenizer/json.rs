@@ -38,10 +38,15 @@ fn optional<T>(v: &Value, key: &str, parse: impl Fn(&Value) -> Result<T>) -> Res
 fn parse_model(v: &Value) -> Result<Bpe> {
     if let Some(ty) = v.get("type").and_then(Value::as_str) {
         if ty != "BPE" {
-            return Err(bad(format!("model type {ty:?} is not supported (only BPE)")));
+            return Err(bad(format!(
+                "model type {ty:?} is not supported (only BPE)"
+            )));
         }
     }
-    let vocab_json = v.get("vocab").and_then(Value::as_object).ok_or_else(|| bad("model has no \"vocab\" object".into()))?;
+    let vocab_json = v
+        .get("vocab")
+        .and_then(Value::as_object)
+        .ok_or_else(|| bad("model has no \"vocab\" object".into()))?;
     let mut vocab = HashMap::with_capacity(vocab_json.len());
     for (token, id) in vocab_json {
         let id = id
@@ -50,7 +55,10 @@ fn parse_model(v: &Value) -> Result<Bpe> {
             .ok_or_else(|| bad(format!("vocab entry {token:?} has id {id}, not a u32")))?;
         vocab.insert(token.clone(), id);
     }
-    let merges_json = v.get("merges").and_then(Value::as_array).ok_or_else(|| bad("model has no \"merges\" list".into()))?;
+    let merges_json = v
+        .get("merges")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("model has no \"merges\" list".into()))?;
     let mut merges = Vec::with_capacity(merges_json.len());
     for (rank, m) in merges_json.iter().enumerate() {
         let pair = match m {
@@ -61,13 +69,22 @@ fn parse_model(v: &Value) -> Result<Bpe> {
                     _ => None,
                 }
             }
-            Value::Array(a) => match (a.first().and_then(Value::as_str), a.get(1).and_then(Value::as_str), a.len()) {
+            Value::Array(a) => match (
+                a.first().and_then(Value::as_str),
+                a.get(1).and_then(Value::as_str),
+                a.len(),
+            ) {
                 (Some(x), Some(y), 2) => Some((x.to_owned(), y.to_owned())),
                 _ => None,
             },
             _ => None,
         };
-        merges.push(pair.ok_or_else(|| bad(format!("merge {} is neither \"a b\" nor [\"a\", \"b\"]: {m}", rank + 1)))?);
+        merges.push(pair.ok_or_else(|| {
+            bad(format!(
+                "merge {} is neither \"a b\" nor [\"a\", \"b\"]: {m}",
+                rank + 1
+            ))
+        })?);
     }
     let string = |key: &str| v.get(key).and_then(Value::as_str).map(str::to_owned);
     let flag = |key: &str| v.get(key).and_then(Value::as_bool).unwrap_or(false);
@@ -85,12 +102,23 @@ fn parse_model(v: &Value) -> Result<Bpe> {
 fn model_to_json(model: &Bpe) -> Value {
     let mut by_id: Vec<(&String, &u32)> = model.vocab.iter().collect();
     by_id.sort_by_key(|&(t, &id)| (id, t.as_str()));
-    let vocab: Map<String, Value> = by_id.into_iter().map(|(t, &id)| (t.clone(), json!(id))).collect();
+    let vocab: Map<String, Value> = by_id
+        .into_iter()
+        .map(|(t, &id)| (t.clone(), json!(id)))
+        .collect();
     // The "a b" form is read by every tokenizers release; pairs only where a token has a space.
-    let merges: Vec<Value> = if model.merges.iter().any(|(a, b)| a.contains(' ') || b.contains(' ')) {
+    let merges: Vec<Value> = if model
+        .merges
+        .iter()
+        .any(|(a, b)| a.contains(' ') || b.contains(' '))
+    {
         model.merges.iter().map(|(a, b)| json!([a, b])).collect()
     } else {
-        model.merges.iter().map(|(a, b)| json!(format!("{a} {b}"))).collect()
+        model
+            .merges
+            .iter()
+            .map(|(a, b)| json!(format!("{a} {b}")))
+            .collect()
     };
     let o = model.options();
     json!({
@@ -106,16 +134,23 @@ impl Tokenizer {
     /// Reads a Hugging Face `tokenizer.json` (BPE model). BOS/EOS come from a
     /// `tokenizer_config.json` or `config.json` beside it when present.
     pub fn from_tokenizer_json(path: &Path) -> Result<Tokenizer> {
-        let text = std::fs::read_to_string(path).map_err(|source| RuntimeError::Io { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| RuntimeError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
         let at = |e: RuntimeError| match e {
-            RuntimeError::Tokenizer(msg) => RuntimeError::Tokenizer(format!("{}: {msg}", path.display())),
+            RuntimeError::Tokenizer(msg) => {
+                RuntimeError::Tokenizer(format!("{}: {msg}", path.display()))
+            }
             other => other,
         };
-        let value: Value = serde_json::from_str(&text).map_err(|e| bad(format!("{}: not valid JSON: {e}", path.display())))?;
+        let value: Value = serde_json::from_str(&text)
+            .map_err(|e| bad(format!("{}: not valid JSON: {e}", path.display())))?;
         let mut tok = Tokenizer::from_tokenizer_json_value(&value).map_err(at)?;
         if let Some(dir) = path.parent() {
             let (bos, eos) = sibling_bos_eos(&tok, dir);
-            tok.set_bos_eos(bos.or(tok.bos), eos.or(tok.eos)).map_err(at)?;
+            tok.set_bos_eos(bos.or(tok.bos), eos.or(tok.eos))
+                .map_err(at)?;
         }
         Ok(tok)
     }
@@ -126,12 +161,22 @@ impl Tokenizer {
         if !value.is_object() {
             return Err(bad("tokenizer.json must hold a JSON object".into()));
         }
-        let model = parse_model(value.get("model").ok_or_else(|| bad("no \"model\"".into()))?)?;
+        let model = parse_model(
+            value
+                .get("model")
+                .ok_or_else(|| bad("no \"model\"".into()))?,
+        )?;
         let added = match value.get("added_tokens") {
             None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(list)) => list.iter().map(AddedToken::from_json).collect::<Result<_>>()?,
-            Some(other) => return Err(bad(format!("\"added_tokens\" must be a list, not {other}"))),
+            Some(Value::Array(list)) => list
+                .iter()
+                .map(AddedToken::from_json)
+                .collect::<Result<_>>()?,
+            Some(other) => {
+                return Err(bad(format!("\"added_tokens\" must be a list, not {other}")))
+            }
         };
+        let added = assign_added_ids(&model, added);
         let parts = Parts {
             normalizer: optional(value, "normalizer", Normalizer::from_json)?,
             pre_tokenizer: optional(value, "pre_tokenizer", PreTokenizer::from_json)?,
@@ -141,7 +186,11 @@ impl Tokenizer {
             post_processor: optional(value, "post_processor", PostProcessor::from_json)?,
         };
         let mut tok = Tokenizer::from_parts(parts)?;
-        let (before, after) = tok.post_processor.as_ref().map(PostProcessor::template_specials).unwrap_or_default();
+        let (before, after) = tok
+            .post_processor
+            .as_ref()
+            .map(PostProcessor::template_specials)
+            .unwrap_or_default();
         let by_name = |names: &[&str]| names.iter().find_map(|n| tok.token_to_id(n));
         let bos = before.first().copied().or_else(|| by_name(&BOS_NAMES));
         let eos = after.last().copied().or_else(|| by_name(&EOS_NAMES));
@@ -167,6 +216,34 @@ impl Tokenizer {
     }
 }
 
+/// The ids HF gives added tokens when it loads a tokenizer.json: the ids written in the file
+/// are ignored (HF only warns when they differ); a token already in the model's vocabulary
+/// takes that id, any other the next id from the vocabulary's size on. A content listed twice
+/// keeps its first id and its last flags; empty contents are dropped.
+fn assign_added_ids(model: &Bpe, tokens: Vec<AddedToken>) -> Vec<AddedToken> {
+    let mut next_id = u32::try_from(model.vocab.len()).unwrap_or(u32::MAX);
+    let mut out: Vec<AddedToken> = Vec::with_capacity(tokens.len());
+    for mut token in tokens {
+        if token.content.is_empty() {
+            continue;
+        }
+        if let Some(seen) = out.iter_mut().find(|t| t.content == token.content) {
+            token.id = seen.id;
+            *seen = token;
+            continue;
+        }
+        token.id = match model.vocab.get(&token.content) {
+            Some(&id) => id,
+            None => {
+                next_id = next_id.saturating_add(1);
+                next_id - 1
+            }
+        };
+        out.push(token);
+    }
+    out
+}
+
 /// BOS/EOS as `tokenizer_config.json` (token strings) or `config.json` (ids) in `dir` say.
 fn sibling_bos_eos(tok: &Tokenizer, dir: &Path) -> (Option<u32>, Option<u32>) {
     let read = |name: &str| -> Option<Value> {
@@ -178,7 +255,9 @@ fn sibling_bos_eos(tok: &Tokenizer, dir: &Path) -> (Option<u32>, Option<u32>) {
     if let Some(cfg) = read("tokenizer_config.json") {
         let token = |key: &str| {
             let v = cfg.get(key)?;
-            let s = v.as_str().or_else(|| v.get("content").and_then(Value::as_str))?;
+            let s = v
+                .as_str()
+                .or_else(|| v.get("content").and_then(Value::as_str))?;
             tok.token_to_id(s)
         };
         bos = token("bos_token");
@@ -188,7 +267,9 @@ fn sibling_bos_eos(tok: &Tokenizer, dir: &Path) -> (Option<u32>, Option<u32>) {
         let id = |key: &str| {
             let v = cfg.get(key)?;
             let n = v.as_u64().or_else(|| v.as_array()?.first()?.as_u64())?;
-            u32::try_from(n).ok().filter(|&id| (id as usize) < tok.vocab_size())
+            u32::try_from(n)
+                .ok()
+                .filter(|&id| (id as usize) < tok.vocab_size())
         };
         bos = bos.or_else(|| id("bos_token_id"));
         eos = eos.or_else(|| id("eos_token_id"));

@@ -164,7 +164,10 @@ impl Tokenizer {
                 match segment {
                     Segment::Token(id) => ids.push(id),
                     Segment::Text(s, offset) => {
-                        let piece = Piece { text: s.to_owned(), at_start: raw_offset == 0 && offset == 0 };
+                        let piece = Piece {
+                            text: s.to_owned(),
+                            at_start: raw_offset == 0 && offset == 0,
+                        };
                         match &self.pre_tokenizer {
                             Some(p) => {
                                 for word in p.run(vec![piece])? {
@@ -188,15 +191,23 @@ impl Tokenizer {
     fn token(&self, id: u32) -> Result<&str> {
         match self.id_to_token.get(id as usize) {
             Some(Some(t)) => Ok(t),
-            Some(None) => Err(RuntimeError::Tokenizer(format!("token id {id} has no token in this vocabulary"))),
-            None => Err(RuntimeError::TokenOutOfRange { id: u64::from(id), vocab: self.vocab_size() }),
+            Some(None) => Err(RuntimeError::Tokenizer(format!(
+                "token id {id} has no token in this vocabulary"
+            ))),
+            None => Err(RuntimeError::TokenOutOfRange {
+                id: u64::from(id),
+                vocab: self.vocab_size(),
+            }),
         }
     }
 
     /// The text of `ids`, special tokens included (as their text); bytes that do not form
     /// UTF-8 become U+FFFD.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        let tokens = ids.iter().map(|&id| self.token(id).map(str::to_owned)).collect::<Result<Vec<_>>>()?;
+        let tokens = ids
+            .iter()
+            .map(|&id| self.token(id).map(str::to_owned))
+            .collect::<Result<Vec<_>>>()?;
         match &self.decoder {
             Some(d) => Ok(d.decode_chain(tokens)?.concat()),
             None => Ok(tokens.join(" ")),
@@ -229,7 +240,10 @@ impl Tokenizer {
 
     /// The id of a token string, as the vocabulary writes it (`"Ġthe"`, `"▁the"`, `"<s>"`).
     pub fn token_to_id(&self, s: &str) -> Option<u32> {
-        self.added_ids.get(s).or_else(|| self.model.vocab.get(s)).copied()
+        self.added_ids
+            .get(s)
+            .or_else(|| self.model.vocab.get(s))
+            .copied()
     }
 }
 
@@ -239,7 +253,11 @@ mod tests {
     use crate::gguf::{GgufMetadata, GgufValue};
 
     fn strings(list: &[&str]) -> GgufValue {
-        GgufValue::Array(list.iter().map(|s| GgufValue::String(s.to_string())).collect())
+        GgufValue::Array(
+            list.iter()
+                .map(|s| GgufValue::String(s.to_string()))
+                .collect(),
+        )
     }
 
     /// A tiny byte-level vocabulary: all 256 byte characters, a few merges, two specials.
@@ -250,11 +268,23 @@ mod tests {
         let mut types = vec![GgufValue::I32(3), GgufValue::I32(3)];
         types.extend(std::iter::repeat_n(GgufValue::I32(1), tokens.len() - 2));
         let mut m = GgufMetadata::new();
-        m.insert("tokenizer.ggml.model".into(), GgufValue::String("gpt2".into()));
-        m.insert("tokenizer.ggml.pre".into(), GgufValue::String("smollm".into()));
-        m.insert("tokenizer.ggml.tokens".into(), GgufValue::Array(tokens.into_iter().map(GgufValue::String).collect()));
+        m.insert(
+            "tokenizer.ggml.model".into(),
+            GgufValue::String("gpt2".into()),
+        );
+        m.insert(
+            "tokenizer.ggml.pre".into(),
+            GgufValue::String("smollm".into()),
+        );
+        m.insert(
+            "tokenizer.ggml.tokens".into(),
+            GgufValue::Array(tokens.into_iter().map(GgufValue::String).collect()),
+        );
         m.insert("tokenizer.ggml.token_type".into(), GgufValue::Array(types));
-        m.insert("tokenizer.ggml.merges".into(), strings(&["Ġ t", "h e", "Ġt he", "Ġ he"]));
+        m.insert(
+            "tokenizer.ggml.merges".into(),
+            strings(&["Ġ t", "h e", "Ġt he", "Ġ he"]),
+        );
         m.insert("tokenizer.ggml.bos_token_id".into(), GgufValue::U32(1));
         m.insert("tokenizer.ggml.eos_token_id".into(), GgufValue::U32(0));
         m
@@ -270,15 +300,24 @@ mod tests {
         assert_eq!(t.decode(&ids).unwrap(), "<|im_start|>x the 42");
         assert_eq!(t.encode("", true).unwrap(), Vec::<u32>::new());
         assert_eq!((t.bos_id(), t.eos_id()), (Some(1), Some(0)));
-        let bytes: Vec<u8> = ids.iter().flat_map(|&i| t.decode_token_bytes(i).unwrap()).collect();
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&i| t.decode_token_bytes(i).unwrap())
+            .collect();
         assert_eq!(bytes, b"<|im_start|>x the 42");
-        assert!(matches!(t.decode(&[9999]), Err(RuntimeError::TokenOutOfRange { id: 9999, .. })));
+        assert!(matches!(
+            t.decode(&[9999]),
+            Err(RuntimeError::TokenOutOfRange { id: 9999, .. })
+        ));
     }
 
     #[test]
     fn unknown_pre_tokenizer_is_named() {
         let mut m = tiny_gpt2();
-        m.insert("tokenizer.ggml.pre".into(), GgufValue::String("klingon".into()));
+        m.insert(
+            "tokenizer.ggml.pre".into(),
+            GgufValue::String("klingon".into()),
+        );
         let err = Tokenizer::from_gguf_metadata(&m).unwrap_err().to_string();
         assert!(err.contains("klingon"), "{err}");
     }

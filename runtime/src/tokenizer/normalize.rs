@@ -15,10 +15,16 @@ pub(crate) enum Normalizer {
     Sequence(Vec<Normalizer>),
     /// Prepends the string to non-empty text.
     Prepend(String),
-    Replace { pattern: Pattern, content: String },
+    Replace {
+        pattern: Pattern,
+        content: String,
+    },
     /// Lowercases character by character (no final-sigma rule, as in HF).
     Lowercase,
-    Strip { left: bool, right: bool },
+    Strip {
+        left: bool,
+        right: bool,
+    },
 }
 
 impl Normalizer {
@@ -74,16 +80,28 @@ impl Normalizer {
     pub fn from_json(v: &Value) -> Result<Normalizer> {
         let ty = type_of(v, "normalizer")?;
         let string = |key: &str| {
-            v.get(key).and_then(Value::as_str).map(str::to_owned).ok_or_else(|| {
-                RuntimeError::Tokenizer(format!("normalizer {ty} needs a string \"{key}\""))
-            })
+            v.get(key)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| {
+                    RuntimeError::Tokenizer(format!("normalizer {ty} needs a string \"{key}\""))
+                })
         };
         Ok(match ty {
             "Sequence" => {
-                let list = v.get("normalizers").and_then(Value::as_array).ok_or_else(|| {
-                    RuntimeError::Tokenizer("normalizer Sequence needs a \"normalizers\" list".into())
-                })?;
-                Normalizer::Sequence(list.iter().map(Normalizer::from_json).collect::<Result<_>>()?)
+                let list = v
+                    .get("normalizers")
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| {
+                        RuntimeError::Tokenizer(
+                            "normalizer Sequence needs a \"normalizers\" list".into(),
+                        )
+                    })?;
+                Normalizer::Sequence(
+                    list.iter()
+                        .map(Normalizer::from_json)
+                        .collect::<Result<_>>()?,
+                )
             }
             "Prepend" => Normalizer::Prepend(string("prepend")?),
             "Replace" => Normalizer::Replace {
@@ -93,7 +111,10 @@ impl Normalizer {
             "Lowercase" => Normalizer::Lowercase,
             "Strip" => Normalizer::Strip {
                 left: v.get("strip_left").and_then(Value::as_bool).unwrap_or(true),
-                right: v.get("strip_right").and_then(Value::as_bool).unwrap_or(true),
+                right: v
+                    .get("strip_right")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(true),
             },
             other => return Err(unsupported("normalizer", other)),
         })
@@ -124,7 +145,10 @@ mod tests {
     fn legacy_llama_normalizer() {
         let n = Normalizer::Sequence(vec![
             Normalizer::Prepend("▁".into()),
-            Normalizer::Replace { pattern: Pattern::literal(" ").unwrap(), content: "▁".into() },
+            Normalizer::Replace {
+                pattern: Pattern::literal(" ").unwrap(),
+                content: "▁".into(),
+            },
         ]);
         assert_eq!(n.normalize("Hi  there").unwrap(), "▁Hi▁▁there");
         assert_eq!(n.normalize("").unwrap(), "");

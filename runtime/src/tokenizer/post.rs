@@ -25,10 +25,20 @@ pub(crate) struct TemplateSpecial {
 
 #[derive(Clone, Debug)]
 pub(crate) enum PostProcessor {
-    Template { single: Vec<TemplatePiece>, pair: Vec<TemplatePiece>, specials: Vec<TemplateSpecial> },
+    Template {
+        single: Vec<TemplatePiece>,
+        pair: Vec<TemplatePiece>,
+        specials: Vec<TemplateSpecial>,
+    },
     /// `cls $A sep`, for both Roberta and Bert; the JSON form is kept to write it back.
-    ClsSep { cls: u32, sep: u32, json: Value },
-    ByteLevel { json: Value },
+    ClsSep {
+        cls: u32,
+        sep: u32,
+        json: Value,
+    },
+    ByteLevel {
+        json: Value,
+    },
     Sequence(Vec<PostProcessor>),
 }
 
@@ -43,17 +53,31 @@ impl PostProcessor {
         let mut single = Vec::new();
         let mut pair = Vec::new();
         let mut specials = Vec::new();
-        let special = |name: &str, type_id| TemplatePiece::Special { id: name.to_owned(), type_id };
-        let seq = |id: &str, type_id| TemplatePiece::Sequence { id: id.to_owned(), type_id };
+        let special = |name: &str, type_id| TemplatePiece::Special {
+            id: name.to_owned(),
+            type_id,
+        };
+        let seq = |id: &str, type_id| TemplatePiece::Sequence {
+            id: id.to_owned(),
+            type_id,
+        };
         if let Some((id, name)) = bos {
             single.push(special(name, 0));
-            specials.push(TemplateSpecial { name: name.to_owned(), ids: vec![id], tokens: vec![name.to_owned()] });
+            specials.push(TemplateSpecial {
+                name: name.to_owned(),
+                ids: vec![id],
+                tokens: vec![name.to_owned()],
+            });
         }
         single.push(seq("A", 0));
         if let Some((id, name)) = eos {
             single.push(special(name, 0));
             if specials.iter().all(|s| s.name != name) {
-                specials.push(TemplateSpecial { name: name.to_owned(), ids: vec![id], tokens: vec![name.to_owned()] });
+                specials.push(TemplateSpecial {
+                    name: name.to_owned(),
+                    ids: vec![id],
+                    tokens: vec![name.to_owned()],
+                });
             }
         }
         for (seq_id, type_id) in [("A", 0), ("B", 1)] {
@@ -65,13 +89,19 @@ impl PostProcessor {
                 pair.push(special(name, type_id));
             }
         }
-        PostProcessor::Template { single, pair, specials }
+        PostProcessor::Template {
+            single,
+            pair,
+            specials,
+        }
     }
 
     /// `ids` with the special tokens of a single-sequence encoding added.
     pub fn process(&self, ids: Vec<u32>) -> Vec<u32> {
         match self {
-            PostProcessor::Template { single, specials, .. } => {
+            PostProcessor::Template {
+                single, specials, ..
+            } => {
                 let mut out = Vec::with_capacity(ids.len() + 2);
                 for piece in single {
                     match piece {
@@ -100,7 +130,9 @@ impl PostProcessor {
     /// The special tokens that the single template puts before and after the sequence.
     pub fn template_specials(&self) -> (Vec<u32>, Vec<u32>) {
         match self {
-            PostProcessor::Template { single, specials, .. } => {
+            PostProcessor::Template {
+                single, specials, ..
+            } => {
                 let mut before = Vec::new();
                 let mut after = Vec::new();
                 let mut seen_sequence = false;
@@ -108,8 +140,16 @@ impl PostProcessor {
                     match piece {
                         TemplatePiece::Sequence { .. } => seen_sequence = true,
                         TemplatePiece::Special { id, .. } => {
-                            let ids = specials.iter().find(|s| &s.name == id).map(|s| s.ids.clone()).unwrap_or_default();
-                            if seen_sequence { after.extend(ids) } else { before.extend(ids) }
+                            let ids = specials
+                                .iter()
+                                .find(|s| &s.name == id)
+                                .map(|s| s.ids.clone())
+                                .unwrap_or_default();
+                            if seen_sequence {
+                                after.extend(ids)
+                            } else {
+                                before.extend(ids)
+                            }
                         }
                     }
                 }
@@ -143,11 +183,17 @@ impl PostProcessor {
                 for piece in single.iter().chain(&pair) {
                     if let TemplatePiece::Special { id, .. } = piece {
                         if specials.iter().all(|s| &s.name != id) {
-                            return Err(bad(format!("TemplateProcessing uses special token {id:?} without defining it")));
+                            return Err(bad(format!(
+                                "TemplateProcessing uses special token {id:?} without defining it"
+                            )));
                         }
                     }
                 }
-                PostProcessor::Template { single, pair, specials }
+                PostProcessor::Template {
+                    single,
+                    pair,
+                    specials,
+                }
             }
             "RobertaProcessing" | "BertProcessing" => {
                 let pair_id = |key: &str| {
@@ -158,15 +204,25 @@ impl PostProcessor {
                         .and_then(|n| u32::try_from(n).ok())
                         .ok_or_else(|| bad(format!("{ty} needs \"{key}\": [token, id]")))
                 };
-                PostProcessor::ClsSep { cls: pair_id("cls")?, sep: pair_id("sep")?, json: v.clone() }
+                PostProcessor::ClsSep {
+                    cls: pair_id("cls")?,
+                    sep: pair_id("sep")?,
+                    json: v.clone(),
+                }
             }
             "ByteLevel" => PostProcessor::ByteLevel { json: v.clone() },
             "Sequence" => {
                 let list = v
                     .get("processors")
                     .and_then(Value::as_array)
-                    .ok_or_else(|| bad("post_processor Sequence needs a \"processors\" list".into()))?;
-                PostProcessor::Sequence(list.iter().map(PostProcessor::from_json).collect::<Result<_>>()?)
+                    .ok_or_else(|| {
+                        bad("post_processor Sequence needs a \"processors\" list".into())
+                    })?;
+                PostProcessor::Sequence(
+                    list.iter()
+                        .map(PostProcessor::from_json)
+                        .collect::<Result<_>>()?,
+                )
             }
             other => return Err(unsupported("post_processor", other)),
         })
@@ -174,18 +230,31 @@ impl PostProcessor {
 
     pub fn to_json(&self) -> Value {
         match self {
-            PostProcessor::Template { single, pair, specials } => {
+            PostProcessor::Template {
+                single,
+                pair,
+                specials,
+            } => {
                 let pieces = |list: &[TemplatePiece]| {
                     list.iter()
                         .map(|p| match p {
-                            TemplatePiece::Sequence { id, type_id } => json!({ "Sequence": { "id": id, "type_id": type_id } }),
-                            TemplatePiece::Special { id, type_id } => json!({ "SpecialToken": { "id": id, "type_id": type_id } }),
+                            TemplatePiece::Sequence { id, type_id } => {
+                                json!({ "Sequence": { "id": id, "type_id": type_id } })
+                            }
+                            TemplatePiece::Special { id, type_id } => {
+                                json!({ "SpecialToken": { "id": id, "type_id": type_id } })
+                            }
                         })
                         .collect::<Vec<_>>()
                 };
                 let specials: serde_json::Map<String, Value> = specials
                     .iter()
-                    .map(|s| (s.name.clone(), json!({ "id": s.name, "ids": s.ids, "tokens": s.tokens })))
+                    .map(|s| {
+                        (
+                            s.name.clone(),
+                            json!({ "id": s.name, "ids": s.ids, "tokens": s.tokens }),
+                        )
+                    })
                     .collect();
                 json!({ "type": "TemplateProcessing", "single": pieces(single), "pair": pieces(pair), "special_tokens": specials })
             }
@@ -204,8 +273,14 @@ fn parse_template(v: Option<&Value>, what: &str) -> Result<Vec<TemplatePiece>> {
     list.iter()
         .map(|item| {
             let field = |inner: &Value| -> Result<(String, u64)> {
-                let id = inner.get("id").and_then(Value::as_str).ok_or_else(|| bad(format!("template piece without an id: {item}")))?;
-                Ok((id.to_owned(), inner.get("type_id").and_then(Value::as_u64).unwrap_or(0)))
+                let id = inner
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| bad(format!("template piece without an id: {item}")))?;
+                Ok((
+                    id.to_owned(),
+                    inner.get("type_id").and_then(Value::as_u64).unwrap_or(0),
+                ))
             };
             if let Some(inner) = item.get("Sequence") {
                 let (id, type_id) = field(inner)?;
@@ -214,7 +289,9 @@ fn parse_template(v: Option<&Value>, what: &str) -> Result<Vec<TemplatePiece>> {
                 let (id, type_id) = field(inner)?;
                 Ok(TemplatePiece::Special { id, type_id })
             } else {
-                Err(bad(format!("template piece must be Sequence or SpecialToken: {item}")))
+                Err(bad(format!(
+                    "template piece must be Sequence or SpecialToken: {item}"
+                )))
             }
         })
         .collect()
@@ -229,15 +306,32 @@ fn parse_specials(v: Option<&Value>) -> Result<Vec<TemplateSpecial>> {
             let ids = s
                 .get("ids")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok())).collect::<Option<Vec<u32>>>())
+                .map(|a| {
+                    a.iter()
+                        .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()))
+                        .collect::<Option<Vec<u32>>>()
+                })
                 .unwrap_or(None)
-                .ok_or_else(|| bad(format!("template special token {name:?} needs \"ids\": [u32, …]")))?;
+                .ok_or_else(|| {
+                    bad(format!(
+                        "template special token {name:?} needs \"ids\": [u32, …]"
+                    ))
+                })?;
             let tokens = s
                 .get("tokens")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_owned)
+                        .collect()
+                })
                 .unwrap_or_default();
-            let name = s.get("id").and_then(Value::as_str).unwrap_or(name).to_owned();
+            let name = s
+                .get("id")
+                .and_then(Value::as_str)
+                .unwrap_or(name)
+                .to_owned();
             Ok(TemplateSpecial { name, ids, tokens })
         })
         .collect()

@@ -80,11 +80,19 @@ pub(crate) struct Pattern {
 
 impl Pattern {
     pub fn regex(source: &str) -> Result<Pattern> {
-        Ok(Pattern { is_regex: true, source: source.to_owned(), regex: compile(source)? })
+        Ok(Pattern {
+            is_regex: true,
+            source: source.to_owned(),
+            regex: compile(source)?,
+        })
     }
 
     pub fn literal(source: &str) -> Result<Pattern> {
-        Ok(Pattern { is_regex: false, source: source.to_owned(), regex: compile(&fancy_regex::escape(source))? })
+        Ok(Pattern {
+            is_regex: false,
+            source: source.to_owned(),
+            regex: compile(&fancy_regex::escape(source))?,
+        })
     }
 
     /// Parses tokenizer.json's `{"String": s}` or `{"Regex": r}`.
@@ -94,7 +102,9 @@ impl Pattern {
         } else if let Some(r) = v.get("Regex").and_then(Value::as_str) {
             Pattern::regex(r)
         } else {
-            Err(bad(format!("a pattern must be {{\"String\": …}} or {{\"Regex\": …}}, not {v}")))
+            Err(bad(format!(
+                "a pattern must be {{\"String\": …}} or {{\"Regex\": …}}, not {v}"
+            )))
         }
     }
 
@@ -129,7 +139,10 @@ fn bad(msg: String) -> RuntimeError {
 }
 
 /// `text` cut into `(start, end, is_match)` ranges that cover it, from a list of matches.
-fn cover(len: usize, matches: impl IntoIterator<Item = (usize, usize)>) -> Vec<(usize, usize, bool)> {
+fn cover(
+    len: usize,
+    matches: impl IntoIterator<Item = (usize, usize)>,
+) -> Vec<(usize, usize, bool)> {
     if len == 0 {
         return vec![(0, 0, false)];
     }
@@ -152,7 +165,11 @@ fn cover(len: usize, matches: impl IntoIterator<Item = (usize, usize)>) -> Vec<(
 fn split_ranges(ranges: Vec<(usize, usize, bool)>, behavior: Behavior) -> Vec<(usize, usize)> {
     match behavior {
         Behavior::Isolated => ranges.into_iter().map(|(s, e, _)| (s, e)).collect(),
-        Behavior::Removed => ranges.into_iter().filter(|r| !r.2).map(|(s, e, _)| (s, e)).collect(),
+        Behavior::Removed => ranges
+            .into_iter()
+            .filter(|r| !r.2)
+            .map(|(s, e, _)| (s, e))
+            .collect(),
         Behavior::Contiguous => {
             let mut out: Vec<(usize, usize)> = Vec::new();
             let mut previous_match = false;
@@ -194,11 +211,19 @@ fn split_ranges(ranges: Vec<(usize, usize, bool)>, behavior: Behavior) -> Vec<(u
 }
 
 /// Cuts `piece` at `ranges` (from [`cover`]) under `behavior`, dropping empty pieces.
-fn split_piece(piece: &Piece, ranges: Vec<(usize, usize, bool)>, behavior: Behavior, out: &mut Vec<Piece>) {
+fn split_piece(
+    piece: &Piece,
+    ranges: Vec<(usize, usize, bool)>,
+    behavior: Behavior,
+    out: &mut Vec<Piece>,
+) {
     for (s, e) in split_ranges(ranges, behavior) {
         if s < e {
             if let Some(text) = piece.text.get(s..e) {
-                out.push(Piece { text: text.to_owned(), at_start: piece.at_start && s == 0 });
+                out.push(Piece {
+                    text: text.to_owned(),
+                    at_start: piece.at_start && s == 0,
+                });
             }
         }
     }
@@ -206,7 +231,10 @@ fn split_piece(piece: &Piece, ranges: Vec<(usize, usize, bool)>, behavior: Behav
 
 /// Ranges of single characters for which `pred` holds (HF's `Fn(char) -> bool` pattern).
 fn char_ranges(text: &str, pred: impl Fn(char) -> bool) -> Vec<(usize, usize, bool)> {
-    let matches = text.char_indices().filter(|&(_, c)| pred(c)).map(|(i, c)| (i, i + c.len_utf8()));
+    let matches = text
+        .char_indices()
+        .filter(|&(_, c)| pred(c))
+        .map(|(i, c)| (i, i + c.len_utf8()));
     cover(text.len(), matches)
 }
 
@@ -241,24 +269,50 @@ impl PrependScheme {
 #[derive(Clone, Debug)]
 pub(crate) enum PreTokenizer {
     /// Optionally a leading space, optionally GPT-2's regex, then bytes → table characters.
-    ByteLevel { add_prefix_space: bool, trim_offsets: bool, use_regex: bool, gpt2: Pattern },
+    ByteLevel {
+        add_prefix_space: bool,
+        trim_offsets: bool,
+        use_regex: bool,
+        gpt2: Pattern,
+    },
     /// Digits cut out one by one (`individual_digits`) or in runs.
-    Digits { individual_digits: bool },
-    Split { pattern: Pattern, behavior: Behavior, invert: bool },
+    Digits {
+        individual_digits: bool,
+    },
+    Split {
+        pattern: Pattern,
+        behavior: Behavior,
+        invert: bool,
+    },
     /// Spaces become `replacement`, which may be prepended, and the text is cut before each.
-    Metaspace { replacement: char, prepend_scheme: PrependScheme, split: bool },
-    Whitespace { pattern: Pattern },
+    Metaspace {
+        replacement: char,
+        prepend_scheme: PrependScheme,
+        split: bool,
+    },
+    Whitespace {
+        pattern: Pattern,
+    },
     WhitespaceSplit,
     Sequence(Vec<PreTokenizer>),
 }
 
 impl PreTokenizer {
     pub fn byte_level(add_prefix_space: bool, use_regex: bool) -> Result<PreTokenizer> {
-        Ok(PreTokenizer::ByteLevel { add_prefix_space, trim_offsets: true, use_regex, gpt2: Pattern::regex(GPT2_PATTERN)? })
+        Ok(PreTokenizer::ByteLevel {
+            add_prefix_space,
+            trim_offsets: true,
+            use_regex,
+            gpt2: Pattern::regex(GPT2_PATTERN)?,
+        })
     }
 
     pub fn split_regex(pattern: &str) -> Result<PreTokenizer> {
-        Ok(PreTokenizer::Split { pattern: Pattern::regex(pattern)?, behavior: Behavior::Isolated, invert: false })
+        Ok(PreTokenizer::Split {
+            pattern: Pattern::regex(pattern)?,
+            behavior: Behavior::Isolated,
+            invert: false,
+        })
     }
 
     /// Applies this pre-tokeniser to every piece.
@@ -272,7 +326,12 @@ impl PreTokenizer {
                 }
                 return Ok(pieces);
             }
-            PreTokenizer::ByteLevel { add_prefix_space, use_regex, gpt2, .. } => {
+            PreTokenizer::ByteLevel {
+                add_prefix_space,
+                use_regex,
+                gpt2,
+                ..
+            } => {
                 for mut piece in pieces {
                     if *add_prefix_space && !piece.text.starts_with(' ') {
                         piece.text.insert(0, ' ');
@@ -284,16 +343,32 @@ impl PreTokenizer {
                     } else if !piece.text.is_empty() {
                         words.push(piece);
                     }
-                    out.extend(words.into_iter().map(|w| Piece { text: bytelevel::encode_bytes(&w.text), at_start: w.at_start }));
+                    out.extend(words.into_iter().map(|w| Piece {
+                        text: bytelevel::encode_bytes(&w.text),
+                        at_start: w.at_start,
+                    }));
                 }
             }
             PreTokenizer::Digits { individual_digits } => {
-                let behavior = if *individual_digits { Behavior::Isolated } else { Behavior::Contiguous };
+                let behavior = if *individual_digits {
+                    Behavior::Isolated
+                } else {
+                    Behavior::Contiguous
+                };
                 for piece in &pieces {
-                    split_piece(piece, char_ranges(&piece.text, char::is_numeric), behavior, &mut out);
+                    split_piece(
+                        piece,
+                        char_ranges(&piece.text, char::is_numeric),
+                        behavior,
+                        &mut out,
+                    );
                 }
             }
-            PreTokenizer::Split { pattern, behavior, invert } => {
+            PreTokenizer::Split {
+                pattern,
+                behavior,
+                invert,
+            } => {
                 for piece in &pieces {
                     let mut ranges = cover(piece.text.len(), pattern.find_all(&piece.text)?);
                     if *invert {
@@ -302,7 +377,11 @@ impl PreTokenizer {
                     split_piece(piece, ranges, *behavior, &mut out);
                 }
             }
-            PreTokenizer::Metaspace { replacement, prepend_scheme, split } => {
+            PreTokenizer::Metaspace {
+                replacement,
+                prepend_scheme,
+                split,
+            } => {
                 let rep = replacement.to_string();
                 for piece in pieces {
                     let mut text = piece.text.replace(' ', &rep);
@@ -314,7 +393,10 @@ impl PreTokenizer {
                     if prepend && !text.starts_with(*replacement) {
                         text.insert(0, *replacement);
                     }
-                    let piece = Piece { text, at_start: piece.at_start };
+                    let piece = Piece {
+                        text,
+                        at_start: piece.at_start,
+                    };
                     if *split {
                         let ranges = char_ranges(&piece.text, |c| c == *replacement);
                         split_piece(&piece, ranges, Behavior::MergedWithNext, &mut out);
@@ -332,7 +414,12 @@ impl PreTokenizer {
             }
             PreTokenizer::WhitespaceSplit => {
                 for piece in &pieces {
-                    split_piece(piece, char_ranges(&piece.text, char::is_whitespace), Behavior::Removed, &mut out);
+                    split_piece(
+                        piece,
+                        char_ranges(&piece.text, char::is_whitespace),
+                        Behavior::Removed,
+                        &mut out,
+                    );
                 }
             }
         }
@@ -341,7 +428,8 @@ impl PreTokenizer {
 
     pub fn from_json(v: &Value) -> Result<PreTokenizer> {
         let ty = type_of(v, "pre_tokenizer")?;
-        let flag = |key: &str, default: bool| v.get(key).and_then(Value::as_bool).unwrap_or(default);
+        let flag =
+            |key: &str, default: bool| v.get(key).and_then(Value::as_bool).unwrap_or(default);
         Ok(match ty {
             "ByteLevel" => PreTokenizer::ByteLevel {
                 add_prefix_space: flag("add_prefix_space", true),
@@ -349,7 +437,9 @@ impl PreTokenizer {
                 use_regex: flag("use_regex", true),
                 gpt2: Pattern::regex(GPT2_PATTERN)?,
             },
-            "Digits" => PreTokenizer::Digits { individual_digits: flag("individual_digits", false) },
+            "Digits" => PreTokenizer::Digits {
+                individual_digits: flag("individual_digits", false),
+            },
             "Split" => PreTokenizer::Split {
                 pattern: Pattern::from_json(v.get("pattern").unwrap_or(&Value::Null))?,
                 behavior: Behavior::parse(v.get("behavior").and_then(Value::as_str).unwrap_or(""))?,
@@ -364,15 +454,28 @@ impl PreTokenizer {
                 if v.get("add_prefix_space").and_then(Value::as_bool) == Some(false) {
                     prepend_scheme = PrependScheme::Never;
                 }
-                PreTokenizer::Metaspace { replacement, prepend_scheme, split: flag("split", true) }
+                PreTokenizer::Metaspace {
+                    replacement,
+                    prepend_scheme,
+                    split: flag("split", true),
+                }
             }
-            "Whitespace" => PreTokenizer::Whitespace { pattern: Pattern::regex(WHITESPACE_PATTERN)? },
+            "Whitespace" => PreTokenizer::Whitespace {
+                pattern: Pattern::regex(WHITESPACE_PATTERN)?,
+            },
             "WhitespaceSplit" => PreTokenizer::WhitespaceSplit,
             "Sequence" => {
-                let list = v.get("pretokenizers").and_then(Value::as_array).ok_or_else(|| {
-                    bad("pre_tokenizer Sequence needs a \"pretokenizers\" list".into())
-                })?;
-                PreTokenizer::Sequence(list.iter().map(PreTokenizer::from_json).collect::<Result<_>>()?)
+                let list = v
+                    .get("pretokenizers")
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| {
+                        bad("pre_tokenizer Sequence needs a \"pretokenizers\" list".into())
+                    })?;
+                PreTokenizer::Sequence(
+                    list.iter()
+                        .map(PreTokenizer::from_json)
+                        .collect::<Result<_>>()?,
+                )
             }
             other => return Err(unsupported("pre_tokenizer", other)),
         })
@@ -380,17 +483,30 @@ impl PreTokenizer {
 
     pub fn to_json(&self) -> Value {
         match self {
-            PreTokenizer::ByteLevel { add_prefix_space, trim_offsets, use_regex, .. } => json!({
+            PreTokenizer::ByteLevel {
+                add_prefix_space,
+                trim_offsets,
+                use_regex,
+                ..
+            } => json!({
                 "type": "ByteLevel", "add_prefix_space": add_prefix_space,
                 "trim_offsets": trim_offsets, "use_regex": use_regex
             }),
             PreTokenizer::Digits { individual_digits } => {
                 json!({ "type": "Digits", "individual_digits": individual_digits })
             }
-            PreTokenizer::Split { pattern, behavior, invert } => json!({
+            PreTokenizer::Split {
+                pattern,
+                behavior,
+                invert,
+            } => json!({
                 "type": "Split", "pattern": pattern.to_json(), "behavior": behavior.name(), "invert": invert
             }),
-            PreTokenizer::Metaspace { replacement, prepend_scheme, split } => json!({
+            PreTokenizer::Metaspace {
+                replacement,
+                prepend_scheme,
+                split,
+            } => json!({
                 "type": "Metaspace", "replacement": replacement.to_string(),
                 "prepend_scheme": prepend_scheme.name(), "split": split
             }),
@@ -405,7 +521,9 @@ impl PreTokenizer {
 
 /// The `"type"` of a tokenizer.json component.
 pub(crate) fn type_of<'a>(v: &'a Value, what: &str) -> Result<&'a str> {
-    v.get("type").and_then(Value::as_str).ok_or_else(|| bad(format!("{what} without a \"type\": {v}")))
+    v.get("type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad(format!("{what} without a \"type\": {v}")))
 }
 
 pub(crate) fn unsupported(what: &str, ty: &str) -> RuntimeError {
@@ -427,33 +545,72 @@ mod tests {
     use super::*;
 
     fn words(p: &PreTokenizer, text: &str) -> Vec<String> {
-        p.run(vec![Piece { text: text.into(), at_start: true }]).unwrap().into_iter().map(|p| p.text).collect()
+        p.run(vec![Piece {
+            text: text.into(),
+            at_start: true,
+        }])
+        .unwrap()
+        .into_iter()
+        .map(|p| p.text)
+        .collect()
     }
 
     #[test]
     fn gpt2_regex_keeps_one_space_with_the_next_word() {
         let p = PreTokenizer::byte_level(false, true).unwrap();
-        assert_eq!(words(&p, "Hello  world's 12"), vec!["Hello", "Ġ", "Ġworld", "'s", "Ġ12"]);
+        assert_eq!(
+            words(&p, "Hello  world's 12"),
+            vec!["Hello", "Ġ", "Ġworld", "'s", "Ġ12"]
+        );
     }
 
     #[test]
     fn digits_and_behaviours() {
-        let p = PreTokenizer::Digits { individual_digits: true };
+        let p = PreTokenizer::Digits {
+            individual_digits: true,
+        };
         assert_eq!(words(&p, "ab123c"), vec!["ab", "1", "2", "3", "c"]);
-        let p = PreTokenizer::Digits { individual_digits: false };
+        let p = PreTokenizer::Digits {
+            individual_digits: false,
+        };
         assert_eq!(words(&p, "ab123c"), vec!["ab", "123", "c"]);
-        let split = |b| PreTokenizer::Split { pattern: Pattern::literal("-").unwrap(), behavior: b, invert: false };
-        assert_eq!(words(&split(Behavior::Removed), "a-b--c"), vec!["a", "b", "c"]);
-        assert_eq!(words(&split(Behavior::MergedWithPrevious), "a-b--c"), vec!["a-", "b-", "-", "c"]);
-        assert_eq!(words(&split(Behavior::MergedWithNext), "a-b--c"), vec!["a", "-b", "-", "-c"]);
-        assert_eq!(words(&split(Behavior::Contiguous), "a-b--c"), vec!["a", "-", "b", "--", "c"]);
+        let split = |b| PreTokenizer::Split {
+            pattern: Pattern::literal("-").unwrap(),
+            behavior: b,
+            invert: false,
+        };
+        assert_eq!(
+            words(&split(Behavior::Removed), "a-b--c"),
+            vec!["a", "b", "c"]
+        );
+        assert_eq!(
+            words(&split(Behavior::MergedWithPrevious), "a-b--c"),
+            vec!["a-", "b-", "-", "c"]
+        );
+        assert_eq!(
+            words(&split(Behavior::MergedWithNext), "a-b--c"),
+            vec!["a", "-b", "-", "-c"]
+        );
+        assert_eq!(
+            words(&split(Behavior::Contiguous), "a-b--c"),
+            vec!["a", "-", "b", "--", "c"]
+        );
     }
 
     #[test]
     fn metaspace_prepends_only_at_the_start_with_first() {
-        let p = PreTokenizer::Metaspace { replacement: '▁', prepend_scheme: PrependScheme::First, split: true };
+        let p = PreTokenizer::Metaspace {
+            replacement: '▁',
+            prepend_scheme: PrependScheme::First,
+            split: true,
+        };
         assert_eq!(words(&p, "Hey you"), vec!["▁Hey", "▁you"]);
-        let later = p.run(vec![Piece { text: "Hey".into(), at_start: false }]).unwrap();
+        let later = p
+            .run(vec![Piece {
+                text: "Hey".into(),
+                at_start: false,
+            }])
+            .unwrap();
         assert_eq!(later[0].text, "Hey");
     }
 }

@@ -11,7 +11,11 @@ use std::collections::HashMap;
 
 /// Ranked merges for a SentencePiece vocabulary. `vocab` maps each piece to its id (the last
 /// id where a piece repeats, like a Python dict); `pieces` and `scores` are in id order.
-pub(crate) fn merges_from_scores(pieces: &[String], scores: &[f32], vocab: &HashMap<String, u32>) -> Vec<(String, String)> {
+pub(crate) fn merges_from_scores(
+    pieces: &[String],
+    scores: &[f32],
+    vocab: &HashMap<String, u32>,
+) -> Vec<(String, String)> {
     // Python's dict(vocab_scores): first position of each piece, last score.
     let mut first_seen: HashMap<&str, usize> = HashMap::with_capacity(pieces.len());
     let mut order: Vec<(&str, f32)> = Vec::with_capacity(pieces.len());
@@ -37,14 +41,26 @@ pub(crate) fn merges_from_scores(pieces: &[String], scores: &[f32], vocab: &Hash
             }
         }
         local.sort_by_key(|&(li, ri, ..)| (li, ri));
-        merges.extend(local.iter().map(|&(_, _, l, r, lc, rc)| (l, r, score, lc, rc)));
+        merges.extend(
+            local
+                .iter()
+                .map(|&(_, _, l, r, lc, rc)| (l, r, score, lc, rc)),
+        );
     }
     // sorted(key=(score, len(l), len(r)), reverse=True): stable, so ties keep their order.
     // total_cmp keeps the order total even for NaN scores (a corrupt file must not panic);
     // -0.0 is folded into 0.0 first, as Python compares them equal.
     let key = |s: f32| if s == 0.0 { 0.0 } else { s };
-    merges.sort_by(|a, b| key(b.2).total_cmp(&key(a.2)).then(b.3.cmp(&a.3)).then(b.4.cmp(&a.4)));
-    merges.into_iter().map(|(l, r, ..)| (l.to_owned(), r.to_owned())).collect()
+    merges.sort_by(|a, b| {
+        key(b.2)
+            .total_cmp(&key(a.2))
+            .then(b.3.cmp(&a.3))
+            .then(b.4.cmp(&a.4))
+    });
+    merges
+        .into_iter()
+        .map(|(l, r, ..)| (l.to_owned(), r.to_owned()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -53,11 +69,20 @@ mod tests {
 
     #[test]
     fn merges_follow_the_merged_piece_score() {
-        let pieces: Vec<String> = ["<unk>", "▁", "a", "b", "ab", "▁ab", "▁a"].map(String::from).to_vec();
+        let pieces: Vec<String> = ["<unk>", "▁", "a", "b", "ab", "▁ab", "▁a"]
+            .map(String::from)
+            .to_vec();
         let scores = [0.0, -1.0, -2.0, -3.0, -0.5, -0.7, -0.9];
-        let vocab = pieces.iter().enumerate().map(|(i, p)| (p.clone(), i as u32)).collect();
+        let vocab = pieces
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.clone(), i as u32))
+            .collect();
         let merges = merges_from_scores(&pieces, &scores, &vocab);
-        let m: Vec<(&str, &str)> = merges.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        let m: Vec<(&str, &str)> = merges
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
         // "<unk>" has no split into two pieces; "▁ab" has two (by ids: ▁+ab, ▁a+b), ordered by
         // longer left first.
         assert_eq!(m, vec![("a", "b"), ("▁a", "b"), ("▁", "ab"), ("▁", "a")]);
