@@ -36,8 +36,10 @@ fn to_runtime(e: egret_ir::IrError) -> RuntimeError {
 
 impl InterpModel {
     pub fn new(cfg: LlamaConfig, params: HashMap<String, Tensor>, passes: &str) -> Result<InterpModel> {
-        let prefill = Interpreter::new(&optimized_graph(&cfg, GraphKind::Prefill, passes)?)?;
-        let decode = Interpreter::new(&optimized_graph(&cfg, GraphKind::Decode, passes)?)?;
+        let mut prefill = Interpreter::new(&optimized_graph(&cfg, GraphKind::Prefill, passes)?)?;
+        let mut decode = Interpreter::new(&optimized_graph(&cfg, GraphKind::Decode, passes)?)?;
+        prefill.prepare(&params)?;
+        decode.prepare(&params)?;
         Ok(InterpModel { cfg, prefill, decode, params, cache: Vec::new(), pos: 0 })
     }
 

@@ -126,6 +126,9 @@ enum Cmd {
         print_after: Option<String>,
         #[arg(long, conflicts_with = "dot")]
         stats: bool,
+        /// Print the rewrite rules that fired, with counts (to stderr with IR output).
+        #[arg(long)]
+        explain: bool,
         #[arg(long)]
         dot: bool,
     },
@@ -267,7 +270,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Convert { model, out, dtype } => convert(&model, &out, dtype),
-        Cmd::Ir { model, mode, graph, batch, seq, memory_budget, passes, print_after, stats, dot } => {
+        Cmd::Ir { model, mode, graph, batch, seq, memory_budget, passes, print_after, stats, explain, dot } => {
             if mode == Mode::Training || memory_budget.is_some() {
                 bail!("training graphs (--mode training, --memory-budget) are not built yet: autodiff arrives with the training work");
             }
@@ -309,7 +312,11 @@ fn run(cli: Cli) -> Result<()> {
                     *ops.entry(n.op.name()).or_default() += 1;
                 }
                 let passes: Vec<_> = reports.iter().map(|r| serde_json::json!({"name": r.name, "ms": r.ms})).collect();
-                println!("{}", serde_json::json!({ "ops": ops, "passes": passes, "nodes": g.len(), "counters": cx.counters }));
+                println!("{}", serde_json::json!({ "ops": ops, "passes": passes, "nodes": g.len(), "counters": cx.counters, "rules": cx.rules_fired }));
+            } else if explain {
+                for (rule, n) in &cx.rules_fired {
+                    println!("{rule:<28} {n}");
+                }
             } else if dot {
                 print!("{}", g.to_dot());
             } else {

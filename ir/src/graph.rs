@@ -28,7 +28,7 @@ impl fmt::Display for ValueId {
 }
 
 /// The type of a value: element type and symbolic shape.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TensorType {
     pub dtype: DType,
     pub shape: Shape,

@@ -269,7 +269,8 @@ fn wrap_int(dtype: DType, x: i64) -> i64 {
     }
 }
 
-fn unary_f32(op: UnaryOp, x: f32) -> f32 {
+/// `f(x)` in the interpreter's f32 arithmetic (constant folding uses the same).
+pub fn unary_f32(op: UnaryOp, x: f32) -> f32 {
     match op {
         UnaryOp::Neg => -x,
         UnaryOp::Exp => x.exp(),
@@ -290,7 +291,8 @@ fn sigmoid(x: f32) -> f32 {
     (1.0 / (1.0 + (-(x as f64)).exp())) as f32
 }
 
-fn binary_f32(op: BinaryOp, a: f32, b: f32) -> f32 {
+/// `f(a, b)` in the interpreter's f32 arithmetic (constant folding uses the same).
+pub fn binary_f32(op: BinaryOp, a: f32, b: f32) -> f32 {
     match op {
         BinaryOp::Add => a + b,
         BinaryOp::Sub => a - b,
@@ -406,13 +408,101 @@ pub struct Interpreter {
     graph: Graph,
     order: Vec<ValueId>,
     uses: Vec<usize>,
+    /// Values computed from parameters alone (merged weights, transposes), kept by `prepare`.
+    cache: HashMap<ValueId, Tensor>,
 }
 
 impl Interpreter {
     pub fn new(graph: &Graph) -> Result<Interpreter, IrError> {
         crate::verify(graph)?;
         let order = graph.live_topo_order().map_err(|v| IrError::Verify { value: Some(v), msg: "cycle".into() })?;
-        Ok(Interpreter { graph: graph.clone(), order, uses: graph.use_counts() })
+        Ok(Interpreter { graph: graph.clone(), order, uses: graph.use_counts(), cache: HashMap::new() })
+    }
+
+    /// Precomputes every value that depends only on parameters and constants (and has a
+    /// shape free of symbols) and is used by the rest of the graph, so `run` does not
+    /// recompute it (e.g. weights concatenated by `merge-matmuls`). Later runs must pass the
+    /// same parameters.
+    pub fn prepare(&mut self, params: &HashMap<String, Tensor>) -> Result<(), IrError> {
+        let g = &self.graph;
+        let mut fixed = vec![false; g.len()];
+        for &v in &self.order {
+            let n = g.node(v);
+            let const_shape = n.ty.shape.dims().iter().all(|d| d.as_const().is_some());
+            fixed[v.index()] = const_shape
+                && match n.op {
+                    Op::Input { .. } => false,
+                    Op::Param { .. } | Op::Constant { .. } | Op::Iota { .. } => true,
+                    _ => n.inputs.iter().all(|u| fixed[u.index()]),
+                };
+        }
+        // Fixed values some non-fixed node (or an output) needs.
+        let mut frontier = vec![false; g.len()];
+        for &v in &self.order {
+            if !fixed[v.index()] {
+                for u in &g.node(v).inputs {
+                    frontier[u.index()] |= fixed[u.index()];
+                }
+            }
+        }
+        for (_, v) in &g.outputs {
+            frontier[v.index()] |= fixed[v.index()];
+        }
+        // Evaluate the fixed sub-graph once.
+        let mut vals: HashMap<ValueId, Tensor> = HashMap::new();
+        let bindings = HashMap::new();
+        for &v in &self.order {
+            if !fixed[v.index()] {
+                continue;
+            }
+            let n = g.node(v);
+            let shape = n.ty.shape.eval(&bindings).map_err(|s| ierr(format!("unbound `{s}`")))?;
+            let t = match &n.op {
+                Op::Param { name } => params.get(name).cloned().ok_or_else(|| ierr(format!("missing parameter `{name}`")))?.with_dtype(n.ty.dtype),
+                _ => {
+                    let args: Vec<&Tensor> = n.inputs.iter().map(|u| &vals[u]).collect();
+                    eval(&n.op, n.ty.dtype, &shape, &args)?
+                }
+            };
+            if t.shape != shape {
+                return Err(IrError::Interp { value: Some(v), msg: format!("parameter has shape {:?}, the graph declares {:?}", t.shape, shape) });
+            }
+            vals.insert(v, t);
+        }
+        // A fixed right operand of a matmul is stored column-major, so each output element
+        // reads one contiguous row of it.
+        let mut rhs = vec![false; g.len()];
+        for &v in &self.order {
+            let n = g.node(v);
+            if matches!(n.op, Op::MatMul | Op::RmsNormMatMul { .. }) {
+                if let Some(w) = n.inputs.last() {
+                    rhs[w.index()] = true;
+                }
+            }
+        }
+        self.cache = vals
+            .into_iter()
+            .filter(|(v, _)| frontier[v.index()])
+            .map(|(v, t)| {
+                let t = if rhs[v.index()] && t.shape.len() == 2 { t.permute(&[1, 0]).contiguous().permute(&[1, 0]) } else { t };
+                (v, t)
+            })
+            .collect();
+        // Re-plan: fixed nodes are no longer evaluated; count uses among the rest.
+        self.order.retain(|v| !fixed[v.index()] || self.cache.contains_key(v));
+        let mut uses = vec![0; g.len()];
+        for &v in &self.order {
+            if !self.cache.contains_key(&v) {
+                for u in &g.node(v).inputs {
+                    uses[u.index()] += 1;
+                }
+            }
+        }
+        for (_, v) in &g.outputs {
+            uses[v.index()] += 1;
+        }
+        self.uses = uses;
+        Ok(())
     }
 
     pub fn graph(&self) -> &Graph {
@@ -459,6 +549,10 @@ impl Interpreter {
         let mut vals: Vec<Option<Tensor>> = vec![None; g.len()];
         let mut uses = self.uses.clone();
         for &v in &self.order {
+            if let Some(t) = self.cache.get(&v) {
+                vals[v.index()] = Some(t.clone());
+                continue;
+            }
             let node = g.node(v);
             let args: Vec<&Tensor> = node
                 .inputs

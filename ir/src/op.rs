@@ -135,6 +135,38 @@ impl PartialEq for Op {
 
 impl Eq for Op {}
 
+impl Op {
+    /// Attributes as numbers, for a total order (f64s by their bits).
+    fn attr_key(&self) -> Vec<u64> {
+        match self {
+            Op::Constant { value } | Op::RmsNorm { eps: value } | Op::RmsNormMatMul { eps: value } | Op::FusedAttention { scale: value } => {
+                vec![value.to_bits()]
+            }
+            Op::Iota { axis } | Op::Concat { axis } | Op::Gather { axis } | Op::Softmax { axis } | Op::Reduce { axis, .. } => vec![*axis as u64],
+            Op::Permute { perm } => perm.iter().map(|&p| p as u64).collect(),
+            Op::Slice { axis, start, end } => vec![*axis as u64, *start as u64, *end as u64],
+            _ => vec![],
+        }
+    }
+}
+
+impl PartialOrd for Op {
+    fn partial_cmp(&self, other: &Op) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// A total order (by name, then attributes, then input/param name), as e-graph nodes need.
+impl Ord for Op {
+    fn cmp(&self, other: &Op) -> std::cmp::Ordering {
+        let label = |o: &Op| match o {
+            Op::Input { name } | Op::Param { name } => name.clone(),
+            _ => String::new(),
+        };
+        (self.name(), self.attr_key(), label(self)).cmp(&(other.name(), other.attr_key(), label(other)))
+    }
+}
+
 impl std::hash::Hash for Op {
     fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
         std::mem::discriminant(self).hash(h);

@@ -129,7 +129,7 @@ impl fmt::Display for Dim {
 }
 
 /// A tensor shape: a list of dims, outermost first (row-major).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct Shape(pub Vec<Dim>);
 
 impl Shape {

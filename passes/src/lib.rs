@@ -4,6 +4,9 @@
 
 pub mod cse;
 pub mod dce;
+pub mod egraph;
+pub mod fuse;
+pub mod rules;
 pub mod manager;
 pub mod pipelines;
 
@@ -19,11 +22,21 @@ pub enum Changed {
     No,
 }
 
-/// Context shared by the passes of one pipeline run (statistics, later target info).
-#[derive(Debug, Default)]
+/// Context shared by the passes of one pipeline run: the target the cost model describes,
+/// and what the passes did.
+#[derive(Debug)]
 pub struct PassCx {
-    /// Counters a pass may bump (`cse.merged`, …), shown by `egret ir --stats`.
+    pub target: egraph::Target,
+    /// Counters a pass may bump (`cse.merged`, e-graph sizes, …), shown by `egret ir --stats`.
     pub counters: std::collections::BTreeMap<String, u64>,
+    /// How many times each rewrite rule fired (`--explain`).
+    pub rules_fired: std::collections::BTreeMap<String, u64>,
+}
+
+impl Default for PassCx {
+    fn default() -> Self {
+        PassCx { target: egraph::Target::cpu(), counters: Default::default(), rules_fired: Default::default() }
+    }
 }
 
 pub trait Pass {

@@ -3,15 +3,16 @@
 
 use crate::cse::Cse;
 use crate::dce::Dce;
+use crate::fuse::{Canonicalize, Fuse, MergeMatmuls};
 use crate::{Pass, PassError};
 
 /// All passes, in the order `egret passes` lists them.
 pub fn all_passes() -> Vec<Box<dyn Pass>> {
-    vec![Box::new(Cse), Box::new(Dce)]
+    vec![Box::new(Canonicalize), Box::new(Fuse), Box::new(MergeMatmuls), Box::new(Cse), Box::new(Dce)]
 }
 
 /// The default pipeline, step by step.
-pub const DEFAULT: &[&str] = &["cse", "dce"];
+pub const DEFAULT: &[&str] = &["fuse", "merge-matmuls", "cse", "dce"];
 
 /// Resolves `default`, `none` or `a,b,c` into passes.
 pub fn pipeline(spec: &str) -> Result<Vec<Box<dyn Pass>>, PassError> {
