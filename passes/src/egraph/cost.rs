@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use egret_ir::{Dim, Op, TensorType};
+use egret_ir::{BinaryOp, CompareOp, Dim, Op, TensorType, UnaryOp};
 
 /// Machine figures for the roofline. `cpu()` is this project's 2-core development machine
 /// (measured: ~205 GFLOP/s sgemm, ~10 GB/s copy); `gpu()` an H100-class card.
@@ -78,9 +78,32 @@ pub fn node_cost(target: &Target, op: &Op, ins: &[&TensorType], out: &TensorType
             4.0 * tq * s * d + 5.0 * tq * s
         }
         Op::Softmax { .. } | Op::RmsNorm { .. } => 5.0 * n,
-        Op::Unary(_) | Op::SwiGlu => 4.0 * n,
+        Op::SwiGlu => 6.0 * n,
+        Op::Unary(u) => unary_flops(*u) * n,
+        // Division has a fraction of multiplication's throughput on every target.
+        Op::Binary(BinaryOp::Div) => 4.0 * n,
+        Op::Binary(BinaryOp::Pow) => 16.0 * n,
+        // `le` is the canonical comparison; the others cost a hair more so ties go to it.
+        Op::Compare(CompareOp::Le | CompareOp::Eq | CompareOp::Ne) => n,
+        Op::Compare(_) => 1.01 * n,
         _ => n,
     };
-    // Only the part of a broadcast operand that exists is read.
-    target.launch_s + (io_bytes / target.bytes_per_s).max(flops / target.flops_per_s)
+    let (mem, compute) = (io_bytes / target.bytes_per_s, flops / target.flops_per_s);
+    // Memory and compute overlap imperfectly: the smaller one still shows a little.
+    target.launch_s + mem.max(compute) + OVERLAP_RESIDUE * mem.min(compute)
+}
+
+/// Fraction of the smaller of memory and compute time that overlap does not hide.
+const OVERLAP_RESIDUE: f64 = 0.05;
+
+/// Relative cost of a unary function in multiply-add units.
+fn unary_flops(u: UnaryOp) -> f64 {
+    match u {
+        UnaryOp::Neg | UnaryOp::Abs => 1.0,
+        UnaryOp::Rsqrt => 2.0,
+        UnaryOp::Sqrt | UnaryOp::Recip => 4.0,
+        UnaryOp::Exp | UnaryOp::Log | UnaryOp::Sigmoid | UnaryOp::Tanh => 8.0,
+        UnaryOp::Silu => 9.0,
+        UnaryOp::Sin | UnaryOp::Cos => 12.0,
+    }
 }

@@ -60,8 +60,58 @@ fn levels(eg: &EG) -> HashMap<Id, u32> {
     level
 }
 
-pub fn extract(eg: &EG, target: &Target) -> Extraction {
+/// Refinement rounds after the first greedy choice (each kept only if it lowers the cost
+/// of the whole extracted DAG; two rounds settle every case seen).
+const REFINE_ROUNDS: usize = 3;
+
+/// Picks the best node per class, then refines: a class already in the extracted DAG is
+/// computed anyway, so a second pass treats it as free, which lets a user switch to a form
+/// that reuses it (e.g. `y * rsqrt(x)` when `rsqrt(x)` is an output anyway).
+pub fn extract(eg: &EG, target: &Target, roots: &[Id]) -> Extraction {
     let level = levels(eg);
+    let mut best = greedy(eg, target, &level, None);
+    let mut best_cost = dag_cost(eg, target, &best, roots);
+    for _ in 0..REFINE_ROUNDS {
+        let live = reachable(eg, &best, roots);
+        let next = greedy(eg, target, &level, Some((&live, &best)));
+        let c = dag_cost(eg, target, &next, roots);
+        if c < best_cost {
+            best = next;
+            best_cost = c;
+        } else {
+            break;
+        }
+    }
+    best
+}
+
+/// Classes the chosen nodes reach from the roots.
+fn reachable(eg: &EG, ex: &Extraction, roots: &[Id]) -> std::collections::HashSet<Id> {
+    let mut seen = std::collections::HashSet::new();
+    let mut stack: Vec<Id> = roots.iter().map(|r| eg.find(*r)).collect();
+    while let Some(c) = stack.pop() {
+        if seen.insert(c) {
+            if let Some(n) = ex.best.get(&c) {
+                stack.extend(n.children.iter().map(|k| eg.find(*k)));
+            }
+        }
+    }
+    seen
+}
+
+/// The cost of computing every class the chosen nodes reach, each once.
+fn dag_cost(eg: &EG, target: &Target, ex: &Extraction, roots: &[Id]) -> f64 {
+    reachable(eg, ex, roots)
+        .into_iter()
+        .map(|c| {
+            let n = &ex.best[&c];
+            let tys: Vec<&TensorType> = n.children.iter().map(|k| &eg[eg.find(*k)].data.ty).collect();
+            node_cost(target, &n.op, &tys, &eg[c].data.ty)
+        })
+        .sum()
+}
+
+fn greedy(eg: &EG, target: &Target, level: &HashMap<Id, u32>, prev: Option<(&std::collections::HashSet<Id>, &Extraction)>) -> Extraction {
     let mut users: HashMap<Id, f64> = HashMap::new();
     for class in eg.classes() {
         for n in &class.nodes {
@@ -91,7 +141,10 @@ pub fn extract(eg: &EG, target: &Target) -> Extraction {
             let mut seen: Vec<Id> = Vec::new();
             for k in kids {
                 if !seen.contains(&k) {
-                    c += cost[&k] / users.get(&k).copied().unwrap_or(1.0).max(1.0);
+                    c += match prev {
+                        Some((live, _)) if live.contains(&k) => 0.0,
+                        _ => cost[&k] / users.get(&k).copied().unwrap_or(1.0).max(1.0),
+                    };
                     seen.push(k);
                 }
             }

@@ -70,14 +70,16 @@ pub fn optimize(g: &Graph, rules: &[Rewrite<ENode, TensorAnalysis>], target: &Ta
     sat.nodes = runner.egraph.total_number_of_nodes();
     sat.classes = runner.egraph.number_of_classes();
     sat.saturated = matches!(runner.stop_reason, Some(StopReason::Saturated));
-    sat.stop_reason = format!("{:?}", runner.stop_reason.as_ref().map(|r| match r {
-        StopReason::Saturated => "saturated".to_string(),
-        StopReason::IterationLimit(n) => format!("iteration limit {n}"),
-        StopReason::NodeLimit(n) => format!("node limit {n}"),
-        StopReason::TimeLimit(t) => format!("time limit {t}s"),
-        StopReason::Other(s) => s.clone(),
-    }));
-    let ex = extract::extract(&runner.egraph, target);
+    sat.stop_reason = match &runner.stop_reason {
+        Some(StopReason::Saturated) => "saturated".to_string(),
+        Some(StopReason::IterationLimit(n)) => format!("iteration limit {n}"),
+        Some(StopReason::NodeLimit(n)) => format!("node limit {n}"),
+        Some(StopReason::TimeLimit(t)) => format!("time limit {t}s"),
+        Some(StopReason::Other(s)) => s.clone(),
+        None => "not run".to_string(),
+    };
+    let root_ids: Vec<Id> = roots.iter().map(|(_, id)| *id).collect();
+    let ex = extract::extract(&runner.egraph, target, &root_ids);
     let out = extract::build_graph(&runner.egraph, &ex, &g.name, &roots);
     (out, sat)
 }
