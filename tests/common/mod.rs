@@ -2,8 +2,11 @@
 //! the `egret` binary.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Command, Output};
+
+use egret_ir::{DType, Graph, Interpreter, Op, Tensor};
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -67,3 +70,83 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Sizes bound to symbolic dims in the numeric check.
+fn symbol_value(s: &str) -> i64 {
+    match s {
+        "B" => 2,
+        "T" => 5,
+        "P" => 3,
+        _ => 4,
+    }
+}
+
+/// xorshift64*: deterministic inputs, no dependency.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn uniform(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+}
+
+/// Random values for every input and param of `g` (ints in 0..4: valid indices/positions).
+pub fn random_bindings(g: &Graph, seed: u64) -> (HashMap<String, Tensor>, HashMap<String, Tensor>) {
+    let mut rng = Rng(seed | 1);
+    let bind: HashMap<String, i64> = g
+        .nodes
+        .iter()
+        .flat_map(|n| n.ty.shape.dims().iter().flat_map(|d| d.symbols().map(str::to_string).collect::<Vec<_>>()))
+        .map(|s| {
+            let v = symbol_value(&s);
+            (s, v)
+        })
+        .collect();
+    let mut inputs = HashMap::new();
+    let mut params = HashMap::new();
+    for n in &g.nodes {
+        let (map, name) = match &n.op {
+            Op::Input { name } => (&mut inputs, name),
+            Op::Param { name } => (&mut params, name),
+            _ => continue,
+        };
+        let shape = n.ty.shape.eval(&bind).expect("symbols bound");
+        let numel: usize = shape.iter().product();
+        let t = match n.ty.dtype {
+            DType::I32 | DType::I64 => Tensor::from_i64(shape, (0..numel).map(|_| (rng.next() % 4) as i64).collect()).unwrap(),
+            DType::Bool => Tensor::from_bool(shape, (0..numel).map(|_| rng.next() % 2 == 0).collect()).unwrap(),
+            _ => Tensor::from_f32(shape, (0..numel).map(|_| rng.uniform()).collect()).unwrap(),
+        };
+        map.insert(name.clone(), t);
+    }
+    (inputs, params)
+}
+
+/// Runs both graphs on the same random bindings; returns the largest relative difference.
+pub fn compare_numerically(a: &Graph, b: &Graph, seed: u64) -> f32 {
+    let (inputs, params) = random_bindings(a, seed);
+    let ra = Interpreter::new(a).unwrap().run(&inputs, &params).unwrap();
+    let rb = Interpreter::new(b).unwrap().run(&inputs, &params).unwrap();
+    let mut worst = 0f32;
+    for (name, ta) in &ra {
+        let (x, y) = (ta.to_f32_vec(), rb[name].to_f32_vec());
+        assert_eq!(x.len(), y.len(), "output {name}");
+        let scale = x.iter().filter(|v| v.is_finite()).fold(1f32, |m, v| m.max(v.abs()));
+        for (p, q) in x.iter().zip(&y) {
+            if p.is_finite() || q.is_finite() {
+                worst = worst.max((p - q).abs() / scale);
+            } else {
+                assert_eq!(p.is_nan(), q.is_nan(), "output {name}: {p} vs {q}");
+            }
+        }
+    }
+    worst
+}
+
