@@ -16,13 +16,27 @@ fn ir_prints_text_that_parses_back() {
 
 #[test]
 fn ir_stats_counts_ops_and_times_passes() {
-    let out = egret_ok(&["ir", "llama-7b", "--passes", "default", "--stats"]);
+    let out = egret_ok(&["ir", "llama-7b", "--stats"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["ops"]["matmul"], 32 * 9 + 1, "{out}");
     assert_eq!(v["ops"]["param"], 32 * 9 + 3);
+    assert_eq!(v["passes"], serde_json::json!([]));
+    let out = egret_ok(&["ir", "llama-7b", "--passes", "default", "--stats"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // Every layer: one fused attention, one SwiGLU, the input norm fused into the merged QKV
+    // projection and the post-attention norm into the merged gate/up; the final norm into the head.
+    assert_eq!(v["ops"]["fused_attention"], 32, "{out}");
+    assert_eq!(v["ops"]["swiglu"], 32, "{out}");
+    assert_eq!(v["ops"]["rms_norm_matmul"], 2 * 32 + 1, "{out}");
+    assert_eq!(v["ops"]["matmul"], 2 * 32, "o_proj and down_proj stay plain: {out}");
+    assert!(v["ops"].get("rsqrt").is_none() && v["ops"].get("softmax").is_none(), "{out}");
     let passes: Vec<&str> = v["passes"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
-    assert_eq!(passes, ["cse", "dce"]);
+    assert_eq!(passes, ["fuse", "merge-matmuls", "cse", "dce"]);
     assert!(v["passes"][0]["ms"].as_f64().unwrap() >= 0.0);
+    assert_eq!(v["rules"]["attention"], 32, "{out}");
+    assert!(v["counters"]["fuse.egraph_nodes"].as_u64().unwrap() > 0);
+    let explain = egret_ok(&["ir", "llama-7b", "--passes", "default", "--explain"]);
+    assert!(explain.lines().any(|l| l.starts_with("attention ") && l.trim_end().ends_with(" 32")), "{explain}");
 }
 
 #[test]
@@ -49,8 +63,9 @@ fn ir_reads_ir_text_files() {
 #[test]
 fn passes_lists_names_and_summaries() {
     let out = egret_ok(&["passes"]);
-    assert!(out.lines().any(|l| l.starts_with("cse ")), "{out}");
-    assert!(out.lines().any(|l| l.starts_with("dce ")), "{out}");
+    for name in ["canonicalize", "fuse", "merge-matmuls", "cse", "dce"] {
+        assert!(out.lines().any(|l| l.starts_with(&format!("{name} "))), "{name} missing: {out}");
+    }
 }
 
 #[test]

@@ -51,18 +51,26 @@ fn gguf_greedy_ids_match_transformers_and_logits_agree() {
     assert!(g["text"].as_str().unwrap().starts_with(" Paris."), "{}", g["text"]);
     assert!(g["prefill_tok_s"].as_f64().unwrap() > 0.0 && g["decode_tok_s"].as_f64().unwrap() > 0.0);
 
-    // Prompt logits: the reference's 16 largest per position, within the tolerance.
+    // Prompt logits, with and without the optimizer: the reference's 16 largest per
+    // position within the tolerance, and the two runs within it of each other everywhere.
     let toks: Vec<String> = r.prompt_ids.iter().map(|t| t.to_string()).collect();
-    let out = egret_ok(&["logits", gguf.to_str().unwrap(), "--tokens", &toks.join(","), "--backend", "interp"]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let tol = 1e-4 * r.max_abs.max(1.0);
-    for (pos, (ids, vals)) in r.top.iter().enumerate() {
-        let row = v["logits"][pos].as_array().unwrap();
-        for (id, want) in ids.iter().zip(vals) {
-            let got = row[*id as usize].as_f64().unwrap() as f32;
-            assert!((got - want).abs() <= tol, "position {pos}, id {id}: {got} vs {want} (tol {tol})");
+    let mut runs = vec![];
+    for passes in ["default", "none"] {
+        let out = egret_ok(&["logits", gguf.to_str().unwrap(), "--tokens", &toks.join(","), "--backend", "interp", "--passes", passes]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        for (pos, (ids, vals)) in r.top.iter().enumerate() {
+            let row = v["logits"][pos].as_array().unwrap();
+            for (id, want) in ids.iter().zip(vals) {
+                let got = row[*id as usize].as_f64().unwrap() as f32;
+                assert!((got - want).abs() <= tol, "{passes}: position {pos}, id {id}: {got} vs {want} (tol {tol})");
+            }
         }
+        let flat: Vec<f32> = v["logits"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32)).collect();
+        runs.push(flat);
     }
+    let d = runs[0].iter().zip(&runs[1]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(d <= tol, "default vs none: max |diff| {d} > {tol}");
 }
 
 #[test]
