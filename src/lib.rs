@@ -2,6 +2,7 @@
 //! file or a preset), loads its configuration, weights and tokenizer, and runs models on a
 //! backend. The CLI in `main.rs` is a thin layer over this.
 
+pub mod cpu;
 pub mod interp;
 pub mod model;
 

@@ -68,10 +68,16 @@ enum Cmd {
         top_p: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        #[arg(long, value_enum, default_value_t = Backend::Interp)]
+        #[arg(long, value_enum, default_value_t = Backend::Cpu)]
         backend: Backend,
         #[arg(long, default_value = "default")]
         passes: String,
+        /// Threads for the CPU backend (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// LLVM CPU name for the CPU backend (`native`: this machine).
+        #[arg(long, default_value = "native")]
+        cpu: String,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -81,10 +87,14 @@ enum Cmd {
         model: String,
         #[arg(long)]
         tokens: String,
-        #[arg(long, value_enum, default_value_t = Backend::Interp)]
+        #[arg(long, value_enum, default_value_t = Backend::Cpu)]
         backend: Backend,
         #[arg(long, default_value = "default")]
         passes: String,
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long, default_value = "native")]
+        cpu: String,
     },
     /// Encode text with the model's tokenizer.
     Tokenize {
@@ -164,18 +174,55 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-fn require_interp(b: Backend) -> Result<()> {
-    match b {
-        Backend::Interp => Ok(()),
-        Backend::Cpu => bail!("backend `cpu` (LLVM) is not built yet; use --backend interp"),
-        Backend::Gpu => bail!("backend `gpu` (PTX) is not built yet; use --backend interp"),
+/// How to run the model: the backend and its options.
+struct RunOpts {
+    backend: Backend,
+    passes: String,
+    threads: usize,
+    cpu: String,
+}
+
+/// A loaded model on the chosen backend.
+enum Runner {
+    Interp(InterpModel),
+    Cpu(egret::cpu::CpuModel),
+}
+
+impl Runner {
+    fn new(loaded: egret::LoadedModel, o: &RunOpts) -> Result<(Runner, Option<egret_runtime::tokenizer::Tokenizer>, Vec<u32>)> {
+        let stop = loaded.config.eos_token_ids.clone();
+        let tok = loaded.tokenizer;
+        let r = match o.backend {
+            Backend::Interp => Runner::Interp(InterpModel::new(loaded.config, loaded.params, &o.passes)?),
+            Backend::Cpu => Runner::Cpu(egret::cpu::CpuModel::new(loaded.config, loaded.params, &o.passes, &egret_backends::llvm::CpuOptions { cpu: o.cpu.clone() }, o.threads)?),
+            Backend::Gpu => bail!("backend `gpu` (PTX) is not built yet; use --backend cpu or interp"),
+        };
+        Ok((r, tok, stop))
     }
+
+    fn model(&mut self) -> &mut dyn egret_runtime::generate::LanguageModel {
+        match self {
+            Runner::Interp(m) => m,
+            Runner::Cpu(m) => m,
+        }
+    }
+
+    fn logits_all(&mut self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
+        Ok(match self {
+            Runner::Interp(m) => m.logits_all(ids)?,
+            Runner::Cpu(m) => m.logits_all(ids)?,
+        })
+    }
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Generate { model, prompt, tokens, max_new_tokens, temperature, top_p, seed, backend, passes, json } => {
-            require_interp(backend)?;
+        Cmd::Generate { model, prompt, tokens, max_new_tokens, temperature, top_p, seed, backend, passes, threads, cpu, json } => {
+            let ro = RunOpts { backend, passes, threads: threads.unwrap_or_else(default_threads).max(1), cpu };
             if !(temperature >= 0.0) || !(top_p > 0.0 && top_p <= 1.0) {
                 bail!("--temperature must be >= 0 and --top-p in (0, 1]");
             }
@@ -189,14 +236,12 @@ fn run(cli: Cli) -> Result<()> {
                 (None, Some(t)) => parse_ids(t)?,
                 _ => bail!("give --prompt TEXT or --tokens 1,2,3"),
             };
-            let stop_ids = loaded.config.eos_token_ids.clone();
-            let tokenizer = loaded.tokenizer;
-            let mut m = InterpModel::new(loaded.config, loaded.params, &passes)?;
+            let (mut m, tokenizer, stop_ids) = Runner::new(loaded, &ro)?;
             let opts = GenerateOptions { max_new_tokens, sampler: SamplerConfig { temperature, top_p, seed }, stop_ids };
             let stdout = std::io::stdout();
             let mut printed = String::new();
             let mut so_far: Vec<u32> = Vec::new();
-            let gen = generate(&mut m, &prompt_ids, &opts, |id| {
+            let gen = generate(m.model(), &prompt_ids, &opts, |id| {
                 if json {
                     return;
                 }
@@ -237,12 +282,12 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Logits { model, tokens, backend, passes } => {
-            require_interp(backend)?;
+        Cmd::Logits { model, tokens, backend, passes, threads, cpu } => {
+            let ro = RunOpts { backend, passes, threads: threads.unwrap_or_else(default_threads).max(1), cpu };
             let ids = parse_ids(&tokens)?;
             let loaded = load_model(&ModelSource::resolve(&model)?)?;
             let v = loaded.config.vocab_size;
-            let mut m = InterpModel::new(loaded.config, loaded.params, &passes)?;
+            let (mut m, _, _) = Runner::new(loaded, &ro)?;
             let rows = m.logits_all(&ids)?;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             write!(out, "{{\"shape\":[{},{}],\"logits\":[", rows.len(), v)?;

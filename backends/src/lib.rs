@@ -1,1 +1,18 @@
-//! placeholder
+//! egret's code generators: scheduling a graph into the kernel IR (`schedule`, `kernel`),
+//! and lowering it for CPUs through LLVM (`llvm`). The PTX backend will lower the same kernel
+//! IR for NVIDIA GPUs.
+
+pub mod kernel;
+pub mod llvm;
+pub mod schedule;
+
+/// Errors of scheduling and code generation.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Ir(egret_ir::IrError),
+    #[error("the backend cannot handle this graph: {0}")]
+    Unsupported(String),
+    #[error("LLVM: {0}")]
+    Llvm(String),
+}

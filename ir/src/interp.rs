@@ -130,6 +130,14 @@ impl Tensor {
         self
     }
 
+    /// The shared f32 buffer, if this tensor is a dense float tensor over all of it.
+    pub fn f32_arc(&self) -> Option<Arc<Vec<f32>>> {
+        match &self.data {
+            Data::F32(b) if self.is_contiguous() => Some(b.clone()),
+            _ => None,
+        }
+    }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }

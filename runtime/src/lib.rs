@@ -4,9 +4,12 @@
 //! This crate is what users embed, so its dependency tree stays small: it never depends on
 //! the compiler crates (`egret-ir`, `egret-passes`, `egret-backends`), LLVM or egg.
 
+pub mod cpu;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+pub mod plan;
+pub mod pool;
 pub mod sampler;
 pub mod tensor;
 pub mod tokenizer;

@@ -1,0 +1,215 @@
+//! The kernel IR shared by the CPU and GPU code generators: a `Program` is a list of
+//! buffers and a list of kernels, each a loop nest of a known kind over strided views of
+//! those buffers. Views (`permute`, `broadcast`, `slice`, contiguous `reshape`) never
+//! become kernels: they are `Access` strides. Chains of elementwise ops become one
+//! `Elementwise` kernel whose body is an expression tree.
+
+use egret_ir::{BinaryOp, CompareOp, Dim, ReduceOp, UnaryOp};
+use egret_runtime::plan::{BufferSpec, ElemType};
+
+/// A sum of products of dims, `Σ coef · Π factors`: strides and offsets of views over
+/// symbolic shapes (the stride of the outer dim of `[T, P+T]` is `P+T`, of `[B, T, P+T]`
+/// is `T·(P+T)`). Generated code evaluates it from the symbol values at kernel entry.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Poly(pub Vec<(i64, Vec<Dim>)>);
+
+impl Poly {
+    pub fn zero() -> Poly {
+        Poly(vec![])
+    }
+
+    pub fn c(v: i64) -> Poly {
+        if v == 0 { Poly::zero() } else { Poly(vec![(v, vec![])]) }
+    }
+
+    pub fn dim(d: &Dim) -> Poly {
+        match d.as_const() {
+            Some(v) => Poly::c(v),
+            None => Poly(vec![(1, vec![d.clone()])]),
+        }
+    }
+
+    /// `self · d`.
+    pub fn mul_dim(&self, d: &Dim) -> Poly {
+        match d.as_const() {
+            Some(v) => self.scale(v),
+            None => Poly(self.0.iter().map(|(c, f)| (*c, f.iter().cloned().chain([d.clone()]).collect())).collect()),
+        }
+    }
+
+    pub fn scale(&self, k: i64) -> Poly {
+        if k == 0 {
+            return Poly::zero();
+        }
+        Poly(self.0.iter().map(|(c, f)| (c * k, f.clone())).collect())
+    }
+
+    pub fn add(&self, o: &Poly) -> Poly {
+        let mut terms = self.0.clone();
+        for (c, f) in &o.0 {
+            match terms.iter_mut().find(|(_, g)| g == f) {
+                Some(t) => t.0 += c,
+                None => terms.push((*c, f.clone())),
+            }
+        }
+        terms.retain(|(c, _)| *c != 0);
+        Poly(terms)
+    }
+
+    pub fn as_const(&self) -> Option<i64> {
+        match self.0.as_slice() {
+            [] => Some(0),
+            [(c, f)] if f.is_empty() => Some(*c),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Poly {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("0");
+        }
+        for (i, (c, fs)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" + ")?;
+            }
+            write!(f, "{c}")?;
+            for d in fs {
+                write!(f, "*({d})")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A strided view of a buffer: element `i` (a multi-index over the kernel's iteration
+/// space) is at `offset + Σ i[d]·strides[d]` (in elements).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Access {
+    pub buf: u32,
+    pub offset: Poly,
+    pub strides: Vec<Poly>,
+}
+
+impl Access {
+    /// The row-major contiguous view of a buffer of this shape.
+    pub fn contiguous(buf: u32, shape: &[Dim]) -> Access {
+        Access { buf, offset: Poly::zero(), strides: contiguous_strides(shape) }
+    }
+
+    /// Whether this is the buffer's row-major layout for `shape`, from its start.
+    pub fn is_contiguous(&self, shape: &[Dim]) -> bool {
+        self.offset == Poly::zero() && self.strides == contiguous_strides(shape)
+    }
+}
+
+/// Row-major strides of a shape.
+pub fn contiguous_strides(shape: &[Dim]) -> Vec<Poly> {
+    let mut strides = vec![Poly::zero(); shape.len()];
+    let mut acc = Poly::c(1);
+    for i in (0..shape.len()).rev() {
+        strides[i] = acc.clone();
+        acc = acc.mul_dim(&shape[i]);
+    }
+    strides
+}
+
+/// A scalar expression over the kernel's iteration index.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Expr {
+    Load(Access, ElemType),
+    Const(f64, ElemType),
+    /// The index along an axis of the iteration space.
+    Iota(usize, ElemType),
+    Unary(UnaryOp, Box<Expr>),
+    Binary(BinaryOp, Box<Expr>, Box<Expr>),
+    Compare(CompareOp, Box<Expr>, Box<Expr>),
+    Select(Box<Expr>, Box<Expr>, Box<Expr>),
+    /// Conversion; `round` rounds an f32 to f16/bf16 precision.
+    Cast(ElemType, Box<Expr>, Round),
+    /// `silu(a) * b`.
+    SwiGlu(Box<Expr>, Box<Expr>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Round {
+    None,
+    F16,
+    BF16,
+}
+
+impl Expr {
+    pub fn elem(&self) -> ElemType {
+        match self {
+            Expr::Load(_, t) | Expr::Const(_, t) | Expr::Iota(_, t) | Expr::Cast(t, _, _) => *t,
+            Expr::Unary(_, a) | Expr::Binary(_, a, _) | Expr::SwiGlu(a, _) => a.elem(),
+            Expr::Compare(..) => ElemType::Bool,
+            Expr::Select(_, a, _) => a.elem(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Kernel {
+    /// `out[i] = expr(i)` for every `i` in `shape`.
+    Elementwise { out: Access, shape: Vec<Dim>, expr: Expr },
+    /// `out = reduce(src, axis)` with the axis kept as 1; `out` contiguous.
+    Reduce { op: ReduceOp, out: u32, src: Access, shape: Vec<Dim>, axis: usize },
+    /// Softmax along `axis`; `out` contiguous.
+    Softmax { out: u32, src: Access, shape: Vec<Dim>, axis: usize },
+    /// `out[b, m, n] = Σ_k a[b, m, k] · w[b?, k, n]`; `batch` dims flattened in row-major order.
+    MatMul { out: u32, a: Access, w: Access, batch: Vec<Dim>, m: Dim, n: Dim, k: Dim, shared_w: bool },
+    /// `out[r, :] = w * (x[r, :] * rsqrt(mean(x[r, :]²) + eps))`, rows over `shape[..-1]`.
+    RmsNorm { out: u32, x: Access, w: Access, shape: Vec<Dim>, eps: f64 },
+    /// `matmul(rms_norm(x, g), w)`.
+    RmsNormMatMul { out: u32, x: Access, g: Access, w: Access, batch: Vec<Dim>, m: Dim, n: Dim, k: Dim, eps: f64 },
+    /// Causal grouped-query attention, online softmax; see `Op::FusedAttention`.
+    Attention { out: u32, q: Access, k: Access, v: Access, pos: Access, dims: AttnDims, scale: f64 },
+    /// Rows of `table` (`[outer, len, inner]` around `axis`) picked by `idx`.
+    Gather { out: u32, table: Access, idx: Access, table_shape: Vec<Dim>, idx_shape: Vec<Dim>, axis: usize, elem: ElemType },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttnDims {
+    pub b: Dim,
+    pub h: i64,
+    pub t: Dim,
+    pub d: i64,
+    pub hkv: i64,
+    pub s: Dim,
+    pub dv: i64,
+}
+
+impl Kernel {
+    /// One line saying what the kernel computes.
+    pub fn describe(&self) -> String {
+        match self {
+            Kernel::Elementwise { shape, .. } => format!("elementwise {}", dims(shape)),
+            Kernel::Reduce { op, shape, axis, .. } => format!("{} axis {axis} of {}", op.name(), dims(shape)),
+            Kernel::Softmax { shape, axis, .. } => format!("softmax axis {axis} of {}", dims(shape)),
+            Kernel::MatMul { m, n, k, batch, .. } => format!("matmul {}[{m}x{k}]·[{k}x{n}]", dims(batch)),
+            Kernel::RmsNorm { shape, .. } => format!("rms_norm {}", dims(shape)),
+            Kernel::RmsNormMatMul { m, n, k, batch, .. } => format!("rms_norm_matmul {}[{m}x{k}]·[{k}x{n}]", dims(batch)),
+            Kernel::Attention { dims: d, .. } => format!("attention b={} h={} t={} s={} d={}", d.b, d.h, d.t, d.s, d.d),
+            Kernel::Gather { table_shape, idx_shape, .. } => format!("gather {} by {}", dims(table_shape), dims(idx_shape)),
+        }
+    }
+}
+
+fn dims(d: &[Dim]) -> String {
+    let v: Vec<String> = d.iter().map(|x| x.to_string()).collect();
+    format!("[{}]", v.join(", "))
+}
+
+/// A scheduled graph: buffers (with roles and symbolic dims) and kernels in execution order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Program {
+    pub name: String,
+    pub symbols: Vec<String>,
+    pub buffers: Vec<BufferSpec>,
+    pub kernels: Vec<Kernel>,
+    /// Kernels that depend only on parameters (run once at load).
+    pub init: Vec<bool>,
+    pub outputs: Vec<(String, u32)>,
+}

@@ -1,0 +1,970 @@
+//! One LLVM function per kernel. `Fb` wraps the builder with the few constructs the kernels
+//! need: symbol and stride evaluation, thread ranges, counted loops, typed loads and stores,
+//! and fast-math arithmetic for reductions.
+
+use std::collections::HashMap;
+
+use inkwell::attributes::AttributeLoc;
+use inkwell::builder::Builder;
+use inkwell::context::Context;
+use inkwell::intrinsics::Intrinsic;
+use inkwell::module::{Linkage, Module};
+use inkwell::types::{BasicTypeEnum, FloatType, IntType};
+use inkwell::values::{BasicMetadataValueEnum, BasicValueEnum, FloatValue, FunctionValue, InstructionOpcode, IntValue, PointerValue};
+use inkwell::{AddressSpace, FloatPredicate, IntPredicate};
+
+use egret_ir::{BinaryOp, CompareOp, Dim, ReduceOp, UnaryOp};
+use egret_runtime::plan::ElemType;
+
+use crate::kernel::{Access, Expr, Kernel, Poly, Program, Round};
+use crate::BackendError;
+
+type R<T> = Result<T, BackendError>;
+
+fn be(e: impl std::fmt::Display) -> BackendError {
+    BackendError::Llvm(e.to_string())
+}
+
+/// An access with its pointer, offset and strides evaluated at kernel entry.
+#[derive(Clone)]
+struct Av<'ctx> {
+    ptr: PointerValue<'ctx>,
+    off: IntValue<'ctx>,
+    strides: Vec<IntValue<'ctx>>,
+    elem: ElemType,
+}
+
+struct Fb<'a, 'ctx> {
+    ctx: &'ctx Context,
+    module: &'a Module<'ctx>,
+    b: Builder<'ctx>,
+    func: FunctionValue<'ctx>,
+    prog: &'a Program,
+    bufs: PointerValue<'ctx>,
+    syms: PointerValue<'ctx>,
+    tid: IntValue<'ctx>,
+    nth: IntValue<'ctx>,
+    scratch: PointerValue<'ctx>,
+    args: HashMap<u32, u32>,
+    arg_list: Vec<u32>,
+    i64t: IntType<'ctx>,
+    f32t: FloatType<'ctx>,
+}
+
+impl<'a, 'ctx> Fb<'a, 'ctx> {
+    fn i64c(&self, v: i64) -> IntValue<'ctx> {
+        self.i64t.const_int(v as u64, true)
+    }
+
+    fn f32c(&self, v: f64) -> FloatValue<'ctx> {
+        self.f32t.const_float(v as f32 as f64)
+    }
+
+    fn sym(&self, name: &str) -> R<IntValue<'ctx>> {
+        let i = self.prog.symbols.iter().position(|s| s == name).ok_or_else(|| BackendError::Unsupported(format!("unknown symbol {name}")))?;
+        let p = unsafe { self.b.build_in_bounds_gep(self.i64t, self.syms, &[self.i64c(i as i64)], "symp") }.map_err(be)?;
+        Ok(self.b.build_load(self.i64t, p, name).map_err(be)?.into_int_value())
+    }
+
+    fn dim(&self, d: &Dim) -> R<IntValue<'ctx>> {
+        let zero: HashMap<String, i64> = d.symbols().map(|s| (s.to_string(), 0)).collect();
+        let c = d.eval(&zero).unwrap_or(0);
+        let mut v = self.i64c(c);
+        for s in d.symbols() {
+            let mut one = zero.clone();
+            one.insert(s.to_string(), 1);
+            let coef = d.eval(&one).unwrap_or(0) - c;
+            let t = self.mul(self.sym(s)?, self.i64c(coef))?;
+            v = self.add(v, t)?;
+        }
+        Ok(v)
+    }
+
+    fn poly(&self, p: &Poly) -> R<IntValue<'ctx>> {
+        let mut v = self.i64c(0);
+        for (c, fs) in &p.0 {
+            let mut t = self.i64c(*c);
+            for f in fs {
+                t = self.mul(t, self.dim(f)?)?;
+            }
+            v = self.add(v, t)?;
+        }
+        Ok(v)
+    }
+
+    fn add(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> R<IntValue<'ctx>> {
+        self.b.build_int_add(a, b, "").map_err(be)
+    }
+
+    fn mul(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> R<IntValue<'ctx>> {
+        self.b.build_int_mul(a, b, "").map_err(be)
+    }
+
+    fn buf(&self, id: u32) -> R<PointerValue<'ctx>> {
+        let i = self.args[&id];
+        let ptrt = self.ctx.ptr_type(AddressSpace::default());
+        let p = unsafe { self.b.build_in_bounds_gep(ptrt, self.bufs, &[self.i64c(i as i64)], "bufp") }.map_err(be)?;
+        Ok(self.b.build_load(ptrt, p, "buf").map_err(be)?.into_pointer_value())
+    }
+
+    fn access(&self, a: &Access, elem: ElemType) -> R<Av<'ctx>> {
+        Ok(Av { ptr: self.buf(a.buf)?, off: self.poly(&a.offset)?, strides: a.strides.iter().map(|s| self.poly(s)).collect::<R<_>>()?, elem })
+    }
+
+    fn elem_type(&self, e: ElemType) -> BasicTypeEnum<'ctx> {
+        match e {
+            ElemType::F32 => self.f32t.into(),
+            ElemType::I64 => self.i64t.into(),
+            ElemType::Bool => self.ctx.i8_type().into(),
+        }
+    }
+
+    /// Loads element `idx` of `av`'s buffer (bools as i1).
+    fn load(&self, av: &Av<'ctx>, idx: IntValue<'ctx>) -> R<BasicValueEnum<'ctx>> {
+        let ty = self.elem_type(av.elem);
+        let p = unsafe { self.b.build_in_bounds_gep(ty, av.ptr, &[idx], "p") }.map_err(be)?;
+        let v = self.b.build_load(ty, p, "v").map_err(be)?;
+        Ok(match av.elem {
+            ElemType::Bool => self.b.build_int_compare(IntPredicate::NE, v.into_int_value(), self.ctx.i8_type().const_zero(), "b").map_err(be)?.into(),
+            _ => v,
+        })
+    }
+
+    fn store(&self, ptr: PointerValue<'ctx>, elem: ElemType, idx: IntValue<'ctx>, v: BasicValueEnum<'ctx>) -> R<()> {
+        let ty = self.elem_type(elem);
+        let p = unsafe { self.b.build_in_bounds_gep(ty, ptr, &[idx], "p") }.map_err(be)?;
+        let v: BasicValueEnum = match elem {
+            ElemType::Bool => self.b.build_int_z_extend(v.into_int_value(), self.ctx.i8_type(), "z").map_err(be)?.into(),
+            _ => v,
+        };
+        self.b.build_store(p, v).map_err(be)?;
+        Ok(())
+    }
+
+    fn load_f32(&self, ptr: PointerValue<'ctx>, idx: IntValue<'ctx>) -> R<FloatValue<'ctx>> {
+        let p = unsafe { self.b.build_in_bounds_gep(self.f32t, ptr, &[idx], "p") }.map_err(be)?;
+        Ok(self.b.build_load(self.f32t, p, "f").map_err(be)?.into_float_value())
+    }
+
+    fn store_f32(&self, ptr: PointerValue<'ctx>, idx: IntValue<'ctx>, v: FloatValue<'ctx>) -> R<()> {
+        let p = unsafe { self.b.build_in_bounds_gep(self.f32t, ptr, &[idx], "p") }.map_err(be)?;
+        self.b.build_store(p, v).map_err(be)?;
+        Ok(())
+    }
+
+    /// `[total·tid/n, total·(tid+1)/n)`: this thread's share of `total` work units.
+    fn split(&self, total: IntValue<'ctx>) -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
+        let s = self.b.build_int_signed_div(self.mul(total, self.tid)?, self.nth, "s").map_err(be)?;
+        let t1 = self.add(self.tid, self.i64c(1))?;
+        let e = self.b.build_int_signed_div(self.mul(total, t1)?, self.nth, "e").map_err(be)?;
+        Ok((s, e))
+    }
+
+    /// `for i in start..end { body(i) }`.
+    fn for_range(&self, start: IntValue<'ctx>, end: IntValue<'ctx>, mut body: impl FnMut(&Self, IntValue<'ctx>) -> R<()>) -> R<()> {
+        let pre = self.b.get_insert_block().expect("positioned");
+        let head = self.ctx.append_basic_block(self.func, "loop");
+        let bodyb = self.ctx.append_basic_block(self.func, "body");
+        let exit = self.ctx.append_basic_block(self.func, "exit");
+        self.b.build_unconditional_branch(head).map_err(be)?;
+        self.b.position_at_end(head);
+        let phi = self.b.build_phi(self.i64t, "i").map_err(be)?;
+        phi.add_incoming(&[(&start, pre)]);
+        let i = phi.as_basic_value().into_int_value();
+        let c = self.b.build_int_compare(IntPredicate::SLT, i, end, "c").map_err(be)?;
+        self.b.build_conditional_branch(c, bodyb, exit).map_err(be)?;
+        self.b.position_at_end(bodyb);
+        body(self, i)?;
+        let next = self.add(i, self.i64c(1))?;
+        let latch = self.b.get_insert_block().expect("positioned");
+        self.b.build_unconditional_branch(head).map_err(be)?;
+        phi.add_incoming(&[(&next, latch)]);
+        self.b.position_at_end(exit);
+        Ok(())
+    }
+
+    /// A stack slot in the entry block (promoted to a register by LLVM).
+    fn slot(&self, ty: BasicTypeEnum<'ctx>) -> R<PointerValue<'ctx>> {
+        let entry = self.func.get_first_basic_block().expect("entry");
+        let tmp = self.ctx.create_builder();
+        match entry.get_first_instruction() {
+            Some(i) => tmp.position_before(&i),
+            None => tmp.position_at_end(entry),
+        }
+        tmp.build_alloca(ty, "slot").map_err(be)
+    }
+
+    fn get(&self, slot: PointerValue<'ctx>) -> R<FloatValue<'ctx>> {
+        Ok(self.b.build_load(self.f32t, slot, "g").map_err(be)?.into_float_value())
+    }
+
+    fn set(&self, slot: PointerValue<'ctx>, v: FloatValue<'ctx>) -> R<()> {
+        self.b.build_store(slot, v).map_err(be)?;
+        Ok(())
+    }
+
+    fn fast(&self, v: FloatValue<'ctx>) -> FloatValue<'ctx> {
+        if let Some(i) = v.as_instruction() {
+            if matches!(i.get_opcode(), InstructionOpcode::FAdd | InstructionOpcode::FMul | InstructionOpcode::FSub) {
+                use inkwell::values::FastMathFlags as F;
+                let _ = i.set_fast_math_flags(F::AllowReassoc | F::AllowContract);
+            }
+        }
+        v
+    }
+
+    fn fadd(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+        self.b.build_float_add(a, b, "").map_err(be)
+    }
+
+    fn fmul(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+        self.b.build_float_mul(a, b, "").map_err(be)
+    }
+
+    /// `acc + a·b` with reassociation and contraction allowed (vectorisable dot products).
+    fn fma_fast(&self, acc: FloatValue<'ctx>, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+        let p = self.fast(self.fmul(a, b)?);
+        Ok(self.fast(self.fadd(acc, p)?))
+    }
+
+    fn intrinsic(&self, name: &str, args: &[FloatValue<'ctx>]) -> R<FloatValue<'ctx>> {
+        let i = Intrinsic::find(name).ok_or_else(|| BackendError::Llvm(format!("no intrinsic {name}")))?;
+        let f = i.get_declaration(self.module, &[self.f32t.into()]).ok_or_else(|| BackendError::Llvm(format!("cannot declare {name}")))?;
+        let a: Vec<BasicMetadataValueEnum> = args.iter().map(|v| (*v).into()).collect();
+        let r = self.b.build_call(f, &a, name).map_err(be)?;
+        Ok(r.try_as_basic_value().basic().expect("intrinsic returns a value").into_float_value())
+    }
+
+    /// `tanhf` from the C library (there is no LLVM intrinsic).
+    fn libm(&self, name: &str, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+        let f = self.module.get_function(name).unwrap_or_else(|| self.module.add_function(name, self.f32t.fn_type(&[self.f32t.into()], false), Some(Linkage::External)));
+        let r = self.b.build_call(f, &[x.into()], name).map_err(be)?;
+        Ok(r.try_as_basic_value().basic().expect("returns f32").into_float_value())
+    }
+
+    fn exp(&self, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+        self.intrinsic("llvm.exp", &[x])
+    }
+
+    fn sigmoid(&self, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+        let n = self.b.build_float_neg(x, "n").map_err(be)?;
+        let e = self.exp(n)?;
+        let d = self.fadd(self.f32c(1.0), e)?;
+        self.b.build_float_div(self.f32c(1.0), d, "sig").map_err(be)
+    }
+
+    /// Row-major multi-index of `lin` over `dims`.
+    fn decompose(&self, mut lin: IntValue<'ctx>, dims: &[IntValue<'ctx>]) -> R<Vec<IntValue<'ctx>>> {
+        let mut idx = vec![self.i64c(0); dims.len()];
+        for d in (0..dims.len()).rev() {
+            if d == 0 {
+                idx[0] = lin;
+            } else {
+                idx[d] = self.b.build_int_signed_rem(lin, dims[d], "r").map_err(be)?;
+                lin = self.b.build_int_signed_div(lin, dims[d], "q").map_err(be)?;
+            }
+        }
+        Ok(idx)
+    }
+
+    /// `off + Σ idx[d]·strides[d]` over the given dims of an access.
+    fn at(&self, av: &Av<'ctx>, idx: &[(usize, IntValue<'ctx>)]) -> R<IntValue<'ctx>> {
+        let mut o = av.off;
+        for (d, i) in idx {
+            o = self.add(o, self.mul(*i, av.strides[*d])?)?;
+        }
+        Ok(o)
+    }
+
+    fn ret_ok(&self) -> R<()> {
+        self.b.build_return(Some(&self.ctx.i32_type().const_zero())).map_err(be)?;
+        Ok(())
+    }
+}
+
+/// Emits kernel `k` as function `name`; returns its buffer arguments and scratch floats.
+pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, prog: &Program, k: &Kernel, name: &str, cpu: &str, features: &str) -> R<(Vec<u32>, usize)> {
+    let ptrt = ctx.ptr_type(AddressSpace::default());
+    let i64t = ctx.i64_type();
+    let fnty = ctx.i32_type().fn_type(&[ptrt.into(), ptrt.into(), i64t.into(), i64t.into(), ptrt.into()], false);
+    let func = module.add_function(name, fnty, None);
+    func.add_attribute(AttributeLoc::Function, ctx.create_string_attribute("target-cpu", cpu));
+    if !features.is_empty() {
+        func.add_attribute(AttributeLoc::Function, ctx.create_string_attribute("target-features", features));
+    }
+    let entry = ctx.append_basic_block(func, "entry");
+    let b = ctx.create_builder();
+    b.position_at_end(entry);
+    let arg_list = kernel_buffers(k);
+    let args: HashMap<u32, u32> = arg_list.iter().enumerate().map(|(i, b)| (*b, i as u32)).collect();
+    let p = |i: u32| func.get_nth_param(i).expect("param");
+    let fb = Fb {
+        ctx,
+        module,
+        b,
+        func,
+        prog,
+        bufs: p(0).into_pointer_value(),
+        syms: p(1).into_pointer_value(),
+        tid: p(2).into_int_value(),
+        nth: p(3).into_int_value(),
+        scratch: p(4).into_pointer_value(),
+        args,
+        arg_list: arg_list.clone(),
+        i64t,
+        f32t: ctx.f32_type(),
+    };
+    let scratch = match k {
+        Kernel::Elementwise { out, shape, expr } => {
+            elementwise(&fb, out, shape, expr)?;
+            0
+        }
+        Kernel::Reduce { op, out, src, shape, axis } => {
+            reduce(&fb, *op, *out, src, shape, *axis)?;
+            0
+        }
+        Kernel::Softmax { out, src, shape, axis } => {
+            softmax(&fb, *out, src, shape, *axis)?;
+            0
+        }
+        Kernel::MatMul { out, a, w, batch, m, n, k, shared_w } => {
+            matmul(&fb, *out, a, None, w, batch, m, n, k, *shared_w, 0.0)?;
+            0
+        }
+        Kernel::RmsNormMatMul { out, x, g, w, batch, m, n, k, eps } => {
+            matmul(&fb, *out, x, Some(g), w, batch, m, n, k, true, *eps)?;
+            0
+        }
+        Kernel::RmsNorm { out, x, w, shape, eps } => {
+            rms_norm(&fb, *out, x, w, shape, *eps)?;
+            0
+        }
+        Kernel::Attention { out, q, k, v, pos, dims, scale } => {
+            attention(&fb, *out, q, k, v, pos, dims, *scale)?;
+            dims.dv as usize
+        }
+        Kernel::Gather { out, table, idx, table_shape, idx_shape, axis, elem } => {
+            gather(&fb, *out, table, idx, table_shape, idx_shape, *axis, *elem)?;
+            0
+        }
+    };
+    let _ = &fb.arg_list;
+    Ok((arg_list, scratch))
+}
+
+/// The distinct buffers a kernel touches, in a fixed order (its argument list).
+fn kernel_buffers(k: &Kernel) -> Vec<u32> {
+    let mut v = vec![];
+    let mut add = |b: u32| {
+        if !v.contains(&b) {
+            v.push(b)
+        }
+    };
+    fn expr_bufs(e: &Expr, add: &mut dyn FnMut(u32)) {
+        match e {
+            Expr::Load(a, _) => add(a.buf),
+            Expr::Const(..) | Expr::Iota(..) => {}
+            Expr::Unary(_, a) | Expr::Cast(_, a, _) => expr_bufs(a, add),
+            Expr::Binary(_, a, b) | Expr::Compare(_, a, b) | Expr::SwiGlu(a, b) => {
+                expr_bufs(a, add);
+                expr_bufs(b, add);
+            }
+            Expr::Select(c, a, b) => {
+                expr_bufs(c, add);
+                expr_bufs(a, add);
+                expr_bufs(b, add);
+            }
+        }
+    }
+    match k {
+        Kernel::Elementwise { out, expr, .. } => {
+            add(out.buf);
+            expr_bufs(expr, &mut add);
+        }
+        Kernel::Reduce { out, src, .. } | Kernel::Softmax { out, src, .. } => {
+            add(*out);
+            add(src.buf);
+        }
+        Kernel::MatMul { out, a, w, .. } => {
+            add(*out);
+            add(a.buf);
+            add(w.buf);
+        }
+        Kernel::RmsNormMatMul { out, x, g, w, .. } => {
+            add(*out);
+            add(x.buf);
+            add(g.buf);
+            add(w.buf);
+        }
+        Kernel::RmsNorm { out, x, w, .. } => {
+            add(*out);
+            add(x.buf);
+            add(w.buf);
+        }
+        Kernel::Attention { out, q, k, v, pos, .. } => {
+            for b in [*out, q.buf, k.buf, v.buf, pos.buf] {
+                add(b);
+            }
+        }
+        Kernel::Gather { out, table, idx, .. } => {
+            add(*out);
+            add(table.buf);
+            add(idx.buf);
+        }
+    }
+    v
+}
+
+fn collect_loads<'e>(e: &'e Expr, out: &mut Vec<(&'e Access, ElemType)>) {
+    match e {
+        Expr::Load(a, t) => out.push((a, *t)),
+        Expr::Const(..) | Expr::Iota(..) => {}
+        Expr::Unary(_, a) | Expr::Cast(_, a, _) => collect_loads(a, out),
+        Expr::Binary(_, a, b) | Expr::Compare(_, a, b) | Expr::SwiGlu(a, b) => {
+            collect_loads(a, out);
+            collect_loads(b, out);
+        }
+        Expr::Select(c, a, b) => {
+            collect_loads(c, out);
+            collect_loads(a, out);
+            collect_loads(b, out);
+        }
+    }
+}
+
+/// Evaluates `e` at one element; `bases[i]` is the element offset of the i-th load and
+/// `index` the iteration multi-index (for `iota`).
+fn eval<'ctx>(fb: &Fb<'_, 'ctx>, e: &Expr, avs: &[Av<'ctx>], bases: &[IntValue<'ctx>], next: &mut usize, index: &[IntValue<'ctx>]) -> R<BasicValueEnum<'ctx>> {
+    Ok(match e {
+        Expr::Load(..) => {
+            let i = *next;
+            *next += 1;
+            fb.load(&avs[i], bases[i])?
+        }
+        Expr::Const(v, t) => match t {
+            ElemType::F32 => fb.f32c(*v).into(),
+            ElemType::I64 => fb.i64c(*v as i64).into(),
+            ElemType::Bool => fb.ctx.bool_type().const_int((*v != 0.0) as u64, false).into(),
+        },
+        Expr::Iota(axis, t) => {
+            let i = index[*axis];
+            match t {
+                ElemType::F32 => fb.b.build_signed_int_to_float(i, fb.f32t, "iota").map_err(be)?.into(),
+                _ => i.into(),
+            }
+        }
+        Expr::Unary(u, a) => {
+            let x = eval(fb, a, avs, bases, next, index)?;
+            if x.is_int_value() {
+                let x = x.into_int_value();
+                match u {
+                    UnaryOp::Neg => fb.b.build_int_neg(x, "neg").map_err(be)?.into(),
+                    _ => {
+                        let n = fb.b.build_int_neg(x, "neg").map_err(be)?;
+                        let c = fb.b.build_int_compare(IntPredicate::SLT, x, fb.i64c(0), "c").map_err(be)?;
+                        fb.b.build_select(c, n, x, "abs").map_err(be)?
+                    }
+                }
+            } else {
+                let x = x.into_float_value();
+                let one = fb.f32c(1.0);
+                let v = match u {
+                    UnaryOp::Neg => fb.b.build_float_neg(x, "neg").map_err(be)?,
+                    UnaryOp::Exp => fb.exp(x)?,
+                    UnaryOp::Log => fb.intrinsic("llvm.log", &[x])?,
+                    UnaryOp::Sqrt => fb.intrinsic("llvm.sqrt", &[x])?,
+                    UnaryOp::Rsqrt => {
+                        let s = fb.intrinsic("llvm.sqrt", &[x])?;
+                        fb.b.build_float_div(one, s, "rsqrt").map_err(be)?
+                    }
+                    UnaryOp::Recip => fb.b.build_float_div(one, x, "recip").map_err(be)?,
+                    UnaryOp::Sigmoid => fb.sigmoid(x)?,
+                    UnaryOp::Silu => {
+                        let s = fb.sigmoid(x)?;
+                        fb.fmul(x, s)?
+                    }
+                    UnaryOp::Tanh => fb.libm("tanhf", x)?,
+                    UnaryOp::Sin => fb.intrinsic("llvm.sin", &[x])?,
+                    UnaryOp::Cos => fb.intrinsic("llvm.cos", &[x])?,
+                    UnaryOp::Abs => fb.intrinsic("llvm.fabs", &[x])?,
+                };
+                v.into()
+            }
+        }
+        Expr::Binary(op, a, c) => {
+            let x = eval(fb, a, avs, bases, next, index)?;
+            let y = eval(fb, c, avs, bases, next, index)?;
+            if x.is_int_value() {
+                let (x, y) = (x.into_int_value(), y.into_int_value());
+                match op {
+                    BinaryOp::Add => fb.add(x, y)?.into(),
+                    BinaryOp::Sub => fb.b.build_int_sub(x, y, "").map_err(be)?.into(),
+                    BinaryOp::Mul => fb.mul(x, y)?.into(),
+                    BinaryOp::Div => {
+                        let z = fb.b.build_int_compare(IntPredicate::EQ, y, fb.i64c(0), "z").map_err(be)?;
+                        let safe = fb.b.build_select(z, fb.i64c(1), y, "d").map_err(be)?.into_int_value();
+                        fb.b.build_int_signed_div(x, safe, "div").map_err(be)?.into()
+                    }
+                    BinaryOp::Max | BinaryOp::Min => {
+                        let p = if *op == BinaryOp::Max { IntPredicate::SGT } else { IntPredicate::SLT };
+                        let c = fb.b.build_int_compare(p, x, y, "c").map_err(be)?;
+                        fb.b.build_select(c, x, y, "m").map_err(be)?
+                    }
+                    BinaryOp::Pow => return Err(BackendError::Unsupported("integer pow".into())),
+                }
+            } else {
+                let (x, y) = (x.into_float_value(), y.into_float_value());
+                let v = match op {
+                    BinaryOp::Add => fb.fadd(x, y)?,
+                    BinaryOp::Sub => fb.b.build_float_sub(x, y, "").map_err(be)?,
+                    BinaryOp::Mul => fb.fmul(x, y)?,
+                    BinaryOp::Div => fb.b.build_float_div(x, y, "").map_err(be)?,
+                    BinaryOp::Max => fb.intrinsic("llvm.maximum", &[x, y])?,
+                    BinaryOp::Min => fb.intrinsic("llvm.minimum", &[x, y])?,
+                    BinaryOp::Pow => fb.intrinsic("llvm.pow", &[x, y])?,
+                };
+                v.into()
+            }
+        }
+        Expr::Compare(op, a, c) => {
+            let x = eval(fb, a, avs, bases, next, index)?;
+            let y = eval(fb, c, avs, bases, next, index)?;
+            if x.is_float_value() {
+                let p = match op {
+                    CompareOp::Lt => FloatPredicate::OLT,
+                    CompareOp::Le => FloatPredicate::OLE,
+                    CompareOp::Gt => FloatPredicate::OGT,
+                    CompareOp::Ge => FloatPredicate::OGE,
+                    CompareOp::Eq => FloatPredicate::OEQ,
+                    CompareOp::Ne => FloatPredicate::UNE,
+                };
+                fb.b.build_float_compare(p, x.into_float_value(), y.into_float_value(), "cmp").map_err(be)?.into()
+            } else {
+                let p = match op {
+                    CompareOp::Lt => IntPredicate::SLT,
+                    CompareOp::Le => IntPredicate::SLE,
+                    CompareOp::Gt => IntPredicate::SGT,
+                    CompareOp::Ge => IntPredicate::SGE,
+                    CompareOp::Eq => IntPredicate::EQ,
+                    CompareOp::Ne => IntPredicate::NE,
+                };
+                fb.b.build_int_compare(p, x.into_int_value(), y.into_int_value(), "cmp").map_err(be)?.into()
+            }
+        }
+        Expr::Select(c, a, d) => {
+            let c = eval(fb, c, avs, bases, next, index)?.into_int_value();
+            let x = eval(fb, a, avs, bases, next, index)?;
+            let y = eval(fb, d, avs, bases, next, index)?;
+            fb.b.build_select(c, x, y, "sel").map_err(be)?
+        }
+        Expr::Cast(to, a, round) => {
+            let x = eval(fb, a, avs, bases, next, index)?;
+            let v: BasicValueEnum = match (x, to) {
+                (BasicValueEnum::FloatValue(f), ElemType::F32) => f.into(),
+                (BasicValueEnum::FloatValue(f), ElemType::I64) => fb.b.build_float_to_signed_int(f, fb.i64t, "fi").map_err(be)?.into(),
+                (BasicValueEnum::FloatValue(f), ElemType::Bool) => fb.b.build_float_compare(FloatPredicate::UNE, f, fb.f32c(0.0), "fb").map_err(be)?.into(),
+                (BasicValueEnum::IntValue(i), ElemType::F32) if i.get_type().get_bit_width() == 1 => fb.b.build_unsigned_int_to_float(i, fb.f32t, "bf").map_err(be)?.into(),
+                (BasicValueEnum::IntValue(i), ElemType::F32) => fb.b.build_signed_int_to_float(i, fb.f32t, "if").map_err(be)?.into(),
+                (BasicValueEnum::IntValue(i), ElemType::I64) if i.get_type().get_bit_width() == 1 => fb.b.build_int_z_extend(i, fb.i64t, "bi").map_err(be)?.into(),
+                (BasicValueEnum::IntValue(i), ElemType::I64) => i.into(),
+                (BasicValueEnum::IntValue(i), ElemType::Bool) if i.get_type().get_bit_width() == 1 => i.into(),
+                (BasicValueEnum::IntValue(i), ElemType::Bool) => fb.b.build_int_compare(IntPredicate::NE, i, fb.i64c(0), "ib").map_err(be)?.into(),
+                _ => return Err(BackendError::Unsupported("cast".into())),
+            };
+            match (round, v) {
+                (Round::F16, BasicValueEnum::FloatValue(f)) => {
+                    let h = fb.b.build_float_trunc(f, fb.ctx.f16_type(), "h").map_err(be)?;
+                    fb.b.build_float_ext(h, fb.f32t, "f").map_err(be)?.into()
+                }
+                (Round::BF16, BasicValueEnum::FloatValue(f)) => round_bf16(fb, f)?.into(),
+                (_, v) => v,
+            }
+        }
+        Expr::SwiGlu(a, c) => {
+            let g = eval(fb, a, avs, bases, next, index)?.into_float_value();
+            let u = eval(fb, c, avs, bases, next, index)?.into_float_value();
+            let s = fb.sigmoid(g)?;
+            let silu = fb.fmul(g, s)?;
+            fb.fmul(silu, u)?.into()
+        }
+    })
+}
+
+/// Round-to-nearest-even to bfloat16 precision, NaN kept: `(bits + 0x7fff + lsb) & ~0xffff`.
+fn round_bf16<'ctx>(fb: &Fb<'_, 'ctx>, f: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+    let i32t = fb.ctx.i32_type();
+    let bits = fb.b.build_bit_cast(f, i32t, "bits").map_err(be)?.into_int_value();
+    let lsb = fb.b.build_and(fb.b.build_right_shift(bits, i32t.const_int(16, false), false, "s").map_err(be)?, i32t.const_int(1, false), "l").map_err(be)?;
+    let r = fb.b.build_int_add(fb.b.build_int_add(bits, i32t.const_int(0x7fff, false), "a").map_err(be)?, lsb, "b").map_err(be)?;
+    let r = fb.b.build_and(r, i32t.const_int(0xffff_0000, false), "m").map_err(be)?;
+    let rounded = fb.b.build_bit_cast(r, fb.f32t, "r").map_err(be)?.into_float_value();
+    let nan = fb.b.build_float_compare(FloatPredicate::UNO, f, f, "nan").map_err(be)?;
+    Ok(fb.b.build_select(nan, f, rounded, "bf").map_err(be)?.into_float_value())
+}
+
+fn elementwise(fb: &Fb, out: &Access, shape: &[Dim], expr: &Expr) -> R<()> {
+    let mut loads = vec![];
+    collect_loads(expr, &mut loads);
+    let avs: Vec<Av> = loads.iter().map(|(a, t)| fb.access(a, *t)).collect::<R<_>>()?;
+    let oav = fb.access(out, expr.elem())?;
+    let dims: Vec<IntValue> = shape.iter().map(|d| fb.dim(d)).collect::<R<_>>()?;
+    let r = dims.len();
+    let (outer, inner) = if r == 0 { (vec![], fb.i64c(1)) } else { (dims[..r - 1].to_vec(), dims[r - 1]) };
+    let mut rows = fb.i64c(1);
+    for d in &outer {
+        rows = fb.mul(rows, *d)?;
+    }
+    let (s, e) = fb.split(rows)?;
+    fb.for_range(s, e, |fb, row| {
+        let idx = fb.decompose(row, &outer)?;
+        let pairs: Vec<(usize, IntValue)> = idx.iter().copied().enumerate().collect();
+        let bases: Vec<IntValue> = avs.iter().map(|a| fb.at(a, &pairs)).collect::<R<_>>()?;
+        let obase = fb.at(&oav, &pairs)?;
+        fb.for_range(fb.i64c(0), inner, |fb, j| {
+            let el: Vec<IntValue> = if r == 0 { bases.clone() } else { avs.iter().zip(&bases).map(|(a, b)| fb.add(*b, fb.mul(j, a.strides[r - 1])?)).collect::<R<_>>()? };
+            let mut index = idx.clone();
+            if r > 0 {
+                index.push(j);
+            }
+            let v = eval(fb, expr, &avs, &el, &mut 0, &index)?;
+            let o = if r == 0 { obase } else { fb.add(obase, fb.mul(j, oav.strides[r - 1])?)? };
+            fb.store(oav.ptr, oav.elem, o, v)
+        })
+    })?;
+    fb.ret_ok()
+}
+
+/// Output elements: all dims but `axis` (row-major); returns (dims without axis, their
+/// original positions).
+fn without_axis<'ctx>(fb: &Fb<'_, 'ctx>, shape: &[Dim], axis: usize) -> R<(Vec<IntValue<'ctx>>, Vec<usize>, IntValue<'ctx>)> {
+    let mut dims = vec![];
+    let mut pos = vec![];
+    let mut total = fb.i64c(1);
+    for (i, d) in shape.iter().enumerate() {
+        if i != axis {
+            let v = fb.dim(d)?;
+            total = fb.mul(total, v)?;
+            dims.push(v);
+            pos.push(i);
+        }
+    }
+    Ok((dims, pos, total))
+}
+
+fn reduce(fb: &Fb, op: ReduceOp, out: u32, src: &Access, shape: &[Dim], axis: usize) -> R<()> {
+    let sav = fb.access(src, ElemType::F32)?;
+    let is_int = fb.prog.buffers[src.buf as usize].elem == ElemType::I64;
+    if is_int {
+        return Err(BackendError::Unsupported("integer reductions on the CPU backend".into()));
+    }
+    let optr = fb.buf(out)?;
+    let (dims, pos, total) = without_axis(fb, shape, axis)?;
+    let len = fb.dim(&shape[axis])?;
+    let (s, e) = fb.split(total)?;
+    let f64t = fb.ctx.f64_type();
+    let acc = fb.slot(f64t.into())?;
+    fb.for_range(s, e, |fb, o| {
+        let idx = fb.decompose(o, &dims)?;
+        let pairs: Vec<(usize, IntValue)> = pos.iter().copied().zip(idx.iter().copied()).collect();
+        let base = fb.at(&sav, &pairs)?;
+        let init = if op == ReduceOp::Max { f64::NEG_INFINITY } else { 0.0 };
+        fb.b.build_store(acc, f64t.const_float(init)).map_err(be)?;
+        fb.for_range(fb.i64c(0), len, |fb, j| {
+            let x = fb.load_f32(sav.ptr, fb.add(base, fb.mul(j, sav.strides[axis])?)?)?;
+            let x = fb.b.build_float_ext(x, f64t, "x").map_err(be)?;
+            let a = fb.b.build_load(f64t, acc, "a").map_err(be)?.into_float_value();
+            let v = match op {
+                ReduceOp::Max => {
+                    let i = Intrinsic::find("llvm.maximum").expect("intrinsic");
+                    let f = i.get_declaration(fb.module, &[f64t.into()]).expect("decl");
+                    fb.b.build_call(f, &[a.into(), x.into()], "m").map_err(be)?.try_as_basic_value().basic().expect("value").into_float_value()
+                }
+                _ => fb.b.build_float_add(a, x, "s").map_err(be)?,
+            };
+            fb.b.build_store(acc, v).map_err(be)?;
+            Ok(())
+        })?;
+        let mut a = fb.b.build_load(f64t, acc, "a").map_err(be)?.into_float_value();
+        if op == ReduceOp::Mean {
+            let n = fb.b.build_signed_int_to_float(len, f64t, "n").map_err(be)?;
+            a = fb.b.build_float_div(a, n, "mean").map_err(be)?;
+        }
+        let v = fb.b.build_float_trunc(a, fb.f32t, "v").map_err(be)?;
+        fb.store_f32(optr, o, v)
+    })?;
+    fb.ret_ok()
+}
+
+fn softmax(fb: &Fb, out: u32, src: &Access, shape: &[Dim], axis: usize) -> R<()> {
+    let sav = fb.access(src, ElemType::F32)?;
+    let optr = fb.buf(out)?;
+    let ostr = crate::kernel::contiguous_strides(shape).iter().map(|p| fb.poly(p)).collect::<R<Vec<_>>>()?;
+    let (dims, pos, total) = without_axis(fb, shape, axis)?;
+    let len = fb.dim(&shape[axis])?;
+    let (s, e) = fb.split(total)?;
+    let f64t = fb.ctx.f64_type();
+    let mx = fb.slot(fb.f32t.into())?;
+    let sum = fb.slot(f64t.into())?;
+    fb.for_range(s, e, |fb, o| {
+        let idx = fb.decompose(o, &dims)?;
+        let pairs: Vec<(usize, IntValue)> = pos.iter().copied().zip(idx.iter().copied()).collect();
+        let base = fb.at(&sav, &pairs)?;
+        let mut obase = fb.i64c(0);
+        for (p, i) in &pairs {
+            obase = fb.add(obase, fb.mul(*i, ostr[*p])?)?;
+        }
+        fb.set(mx, fb.f32c(f64::NEG_INFINITY))?;
+        fb.for_range(fb.i64c(0), len, |fb, j| {
+            let x = fb.load_f32(sav.ptr, fb.add(base, fb.mul(j, sav.strides[axis])?)?)?;
+            let m = fb.intrinsic("llvm.maximum", &[fb.get(mx)?, x])?;
+            fb.set(mx, m)
+        })?;
+        fb.b.build_store(sum, f64t.const_float(0.0)).map_err(be)?;
+        let m = fb.get(mx)?;
+        fb.for_range(fb.i64c(0), len, |fb, j| {
+            let x = fb.load_f32(sav.ptr, fb.add(base, fb.mul(j, sav.strides[axis])?)?)?;
+            let z = fb.b.build_float_sub(x, m, "z").map_err(be)?;
+            let ez = fb.exp(z)?;
+            fb.store_f32(optr, fb.add(obase, fb.mul(j, ostr[axis])?)?, ez)?;
+            let a = fb.b.build_load(f64t, sum, "a").map_err(be)?.into_float_value();
+            let ez64 = fb.b.build_float_ext(ez, f64t, "e").map_err(be)?;
+            fb.b.build_store(sum, fb.b.build_float_add(a, ez64, "s").map_err(be)?).map_err(be)?;
+            Ok(())
+        })?;
+        let tot = fb.b.build_load(f64t, sum, "t").map_err(be)?.into_float_value();
+        let tot = fb.b.build_float_trunc(tot, fb.f32t, "t").map_err(be)?;
+        fb.for_range(fb.i64c(0), len, |fb, j| {
+            let at = fb.add(obase, fb.mul(j, ostr[axis])?)?;
+            let v = fb.load_f32(optr, at)?;
+            fb.store_f32(optr, at, fb.b.build_float_div(v, tot, "p").map_err(be)?)
+        })
+    })?;
+    fb.ret_ok()
+}
+
+/// `out = a·w` (or `rms_norm(a, g)·w`): threads split the columns; for each row of `a`
+/// (and its inverse RMS when fused) every column of the thread's share is one dot product
+/// over `k` with reassociation allowed, so LLVM vectorises it.
+#[allow(clippy::too_many_arguments)]
+fn matmul(fb: &Fb, out: u32, a: &Access, g: Option<&Access>, w: &Access, batch: &[Dim], m: &Dim, n: &Dim, k: &Dim, shared_w: bool, eps: f64) -> R<()> {
+    let aav = fb.access(a, ElemType::F32)?;
+    let wav = fb.access(w, ElemType::F32)?;
+    let gav = g.map(|g| fb.access(g, ElemType::F32)).transpose()?;
+    let optr = fb.buf(out)?;
+    let bdims: Vec<IntValue> = batch.iter().map(|d| fb.dim(d)).collect::<R<_>>()?;
+    let (mv, nv, kv) = (fb.dim(m)?, fb.dim(n)?, fb.dim(k)?);
+    let nb = bdims.len();
+    let mut nbatch = fb.i64c(1);
+    for d in &bdims {
+        nbatch = fb.mul(nbatch, *d)?;
+    }
+    let (cs, ce) = fb.split(nv)?;
+    let acc = fb.slot(fb.f32t.into())?;
+    let inv = fb.slot(fb.f32t.into())?;
+    let (ra, ka) = (aav.strides.len() - 2, aav.strides.len() - 1);
+    let (kw, nw) = (wav.strides.len() - 2, wav.strides.len() - 1);
+    fb.for_range(fb.i64c(0), nbatch, |fb, bi| {
+        let bidx = fb.decompose(bi, &bdims)?;
+        let bpairs: Vec<(usize, IntValue)> = bidx.iter().copied().enumerate().collect();
+        let abase0 = fb.at(&aav, &bpairs)?;
+        let wbase0 = if shared_w { wav.off } else { fb.at(&wav, &bpairs)? };
+        fb.for_range(fb.i64c(0), mv, |fb, mi| {
+            let abase = fb.add(abase0, fb.mul(mi, aav.strides[ra])?)?;
+            if g.is_some() {
+                fb.set(acc, fb.f32c(0.0))?;
+                fb.for_range(fb.i64c(0), kv, |fb, kk| {
+                    let x = fb.load_f32(aav.ptr, fb.add(abase, fb.mul(kk, aav.strides[ka])?)?)?;
+                    let v = fb.fma_fast(fb.get(acc)?, x, x)?;
+                    fb.set(acc, v)
+                })?;
+                let kf = fb.b.build_signed_int_to_float(kv, fb.f32t, "k").map_err(be)?;
+                let mean = fb.b.build_float_div(fb.get(acc)?, kf, "mean").map_err(be)?;
+                let ve = fb.fadd(mean, fb.f32c(eps))?;
+                let sq = fb.intrinsic("llvm.sqrt", &[ve])?;
+                fb.set(inv, fb.b.build_float_div(fb.f32c(1.0), sq, "inv").map_err(be)?)?;
+            }
+            let orow = fb.mul(fb.add(fb.mul(bi, mv)?, mi)?, nv)?;
+            fb.for_range(cs, ce, |fb, ni| {
+                let wbase = fb.add(wbase0, fb.mul(ni, wav.strides[nw])?)?;
+                fb.set(acc, fb.f32c(0.0))?;
+                fb.for_range(fb.i64c(0), kv, |fb, kk| {
+                    let mut x = fb.load_f32(aav.ptr, fb.add(abase, fb.mul(kk, aav.strides[ka])?)?)?;
+                    if let Some(gav) = &gav {
+                        let gv = fb.load_f32(gav.ptr, fb.add(gav.off, fb.mul(kk, gav.strides[0])?)?)?;
+                        x = fb.fast(fb.fmul(x, gv)?);
+                    }
+                    let y = fb.load_f32(wav.ptr, fb.add(wbase, fb.mul(kk, wav.strides[kw])?)?)?;
+                    let v = fb.fma_fast(fb.get(acc)?, x, y)?;
+                    fb.set(acc, v)
+                })?;
+                let mut r = fb.get(acc)?;
+                if g.is_some() {
+                    r = fb.fmul(r, fb.get(inv)?)?;
+                }
+                fb.store_f32(optr, fb.add(orow, ni)?, r)
+            })
+        })
+    })?;
+    let _ = nb;
+    fb.ret_ok()
+}
+
+fn rms_norm(fb: &Fb, out: u32, x: &Access, w: &Access, shape: &[Dim], eps: f64) -> R<()> {
+    let xav = fb.access(x, ElemType::F32)?;
+    let wav = fb.access(w, ElemType::F32)?;
+    let optr = fb.buf(out)?;
+    let r = shape.len();
+    let dims: Vec<IntValue> = shape[..r - 1].iter().map(|d| fb.dim(d)).collect::<R<_>>()?;
+    let n = fb.dim(&shape[r - 1])?;
+    let mut rows = fb.i64c(1);
+    for d in &dims {
+        rows = fb.mul(rows, *d)?;
+    }
+    let (s, e) = fb.split(rows)?;
+    let f64t = fb.ctx.f64_type();
+    let acc = fb.slot(f64t.into())?;
+    fb.for_range(s, e, |fb, row| {
+        let idx = fb.decompose(row, &dims)?;
+        let pairs: Vec<(usize, IntValue)> = idx.iter().copied().enumerate().collect();
+        let base = fb.at(&xav, &pairs)?;
+        fb.b.build_store(acc, f64t.const_float(0.0)).map_err(be)?;
+        fb.for_range(fb.i64c(0), n, |fb, j| {
+            let v = fb.load_f32(xav.ptr, fb.add(base, fb.mul(j, xav.strides[r - 1])?)?)?;
+            let sq = fb.b.build_float_ext(fb.fmul(v, v)?, f64t, "sq").map_err(be)?;
+            let a = fb.b.build_load(f64t, acc, "a").map_err(be)?.into_float_value();
+            fb.b.build_store(acc, fb.b.build_float_add(a, sq, "s").map_err(be)?).map_err(be)?;
+            Ok(())
+        })?;
+        let a = fb.b.build_load(f64t, acc, "a").map_err(be)?.into_float_value();
+        let nf = fb.b.build_signed_int_to_float(n, f64t, "n").map_err(be)?;
+        let mean = fb.b.build_float_trunc(fb.b.build_float_div(a, nf, "m").map_err(be)?, fb.f32t, "m").map_err(be)?;
+        let sq = fb.intrinsic("llvm.sqrt", &[fb.fadd(mean, fb.f32c(eps))?])?;
+        let inv = fb.b.build_float_div(fb.f32c(1.0), sq, "inv").map_err(be)?;
+        let obase = fb.mul(row, n)?;
+        fb.for_range(fb.i64c(0), n, |fb, j| {
+            let v = fb.load_f32(xav.ptr, fb.add(base, fb.mul(j, xav.strides[r - 1])?)?)?;
+            let wv = fb.load_f32(wav.ptr, fb.add(wav.off, fb.mul(j, wav.strides[0])?)?)?;
+            let y = fb.fmul(wv, fb.fmul(v, inv)?)?;
+            fb.store_f32(optr, fb.add(obase, j)?, y)
+        })
+    })?;
+    fb.ret_ok()
+}
+
+/// Flash-style attention: per (b, h, t) one pass over the visible keys with a running max
+/// `m`, running sum `l` and the output row as accumulator (in scratch), rescaled when the
+/// max grows.
+#[allow(clippy::too_many_arguments)]
+fn attention(fb: &Fb, out: u32, q: &Access, k: &Access, v: &Access, pos: &Access, d: &crate::kernel::AttnDims, scale: f64) -> R<()> {
+    let (qa, ka, va) = (fb.access(q, ElemType::F32)?, fb.access(k, ElemType::F32)?, fb.access(v, ElemType::F32)?);
+    let pa = fb.access(pos, ElemType::I64)?;
+    let optr = fb.buf(out)?;
+    let (bv, tv, sv) = (fb.dim(&d.b)?, fb.dim(&d.t)?, fb.dim(&d.s)?);
+    let (h, dd, dv, rep) = (fb.i64c(d.h), fb.i64c(d.d), fb.i64c(d.dv), fb.i64c(d.h / d.hkv));
+    let units = fb.mul(fb.mul(bv, h)?, tv)?;
+    let (s, e) = fb.split(units)?;
+    let (mx, l, dot, p) = (fb.slot(fb.f32t.into())?, fb.slot(fb.f32t.into())?, fb.slot(fb.f32t.into())?, fb.slot(fb.f32t.into())?);
+    fb.for_range(s, e, |fb, u| {
+        let idx = fb.decompose(u, &[bv, h, tv])?;
+        let (bi, hi, ti) = (idx[0], idx[1], idx[2]);
+        let g = fb.b.build_int_signed_div(hi, rep, "g").map_err(be)?;
+        let qb = fb.at(&qa, &[(0, bi), (1, hi), (2, ti)])?;
+        let kb = fb.at(&ka, &[(0, bi), (1, g)])?;
+        let vb = fb.at(&va, &[(0, bi), (1, g)])?;
+        let limit = fb.load(&pa, fb.at(&pa, &[(0, bi), (1, ti)])?)?.into_int_value();
+        // visible keys: j <= positions[b, t], j < S
+        let lim1 = fb.add(limit, fb.i64c(1))?;
+        let c = fb.b.build_int_compare(IntPredicate::SLT, lim1, sv, "c").map_err(be)?;
+        let end = fb.b.build_select(c, lim1, sv, "end").map_err(be)?.into_int_value();
+        fb.set(mx, fb.f32c(f64::NEG_INFINITY))?;
+        fb.set(l, fb.f32c(0.0))?;
+        fb.for_range(fb.i64c(0), dv, |fb, c| fb.store_f32(fb.scratch, c, fb.f32c(0.0)))?;
+        fb.for_range(fb.i64c(0), end, |fb, j| {
+            let kr = fb.add(kb, fb.mul(j, ka.strides[2])?)?;
+            fb.set(dot, fb.f32c(0.0))?;
+            fb.for_range(fb.i64c(0), dd, |fb, c| {
+                let x = fb.load_f32(qa.ptr, fb.add(qb, fb.mul(c, qa.strides[3])?)?)?;
+                let y = fb.load_f32(ka.ptr, fb.add(kr, fb.mul(c, ka.strides[3])?)?)?;
+                fb.set(dot, fb.fma_fast(fb.get(dot)?, x, y)?)
+            })?;
+            let sc = fb.fmul(fb.get(dot)?, fb.f32c(scale))?;
+            let m_old = fb.get(mx)?;
+            let m_new = fb.intrinsic("llvm.maxnum", &[m_old, sc])?;
+            let alpha = fb.exp(fb.b.build_float_sub(m_old, m_new, "d").map_err(be)?)?;
+            fb.set(p, fb.exp(fb.b.build_float_sub(sc, m_new, "z").map_err(be)?)?)?;
+            fb.set(l, fb.fadd(fb.fmul(fb.get(l)?, alpha)?, fb.get(p)?)?)?;
+            fb.set(mx, m_new)?;
+            let vr = fb.add(vb, fb.mul(j, va.strides[2])?)?;
+            fb.for_range(fb.i64c(0), dv, |fb, c| {
+                let a = fb.load_f32(fb.scratch, c)?;
+                let y = fb.load_f32(va.ptr, fb.add(vr, fb.mul(c, va.strides[3])?)?)?;
+                let nv = fb.fadd(fb.fmul(a, alpha)?, fb.fmul(fb.get(p)?, y)?)?;
+                fb.store_f32(fb.scratch, c, nv)
+            })
+        })?;
+        let obase = fb.mul(u, dv)?;
+        let lv = fb.get(l)?;
+        fb.for_range(fb.i64c(0), dv, |fb, c| {
+            let a = fb.load_f32(fb.scratch, c)?;
+            fb.store_f32(optr, fb.add(obase, c)?, fb.b.build_float_div(a, lv, "o").map_err(be)?)
+        })
+    })?;
+    fb.ret_ok()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gather(fb: &Fb, out: u32, table: &Access, idx: &Access, tshape: &[Dim], ishape: &[Dim], axis: usize, elem: ElemType) -> R<()> {
+    let ta = fb.access(table, elem)?;
+    let ia = fb.access(idx, ElemType::I64)?;
+    let optr = fb.buf(out)?;
+    let outer: Vec<IntValue> = tshape[..axis].iter().map(|d| fb.dim(d)).collect::<R<_>>()?;
+    let inner: Vec<IntValue> = tshape[axis + 1..].iter().map(|d| fb.dim(d)).collect::<R<_>>()?;
+    let idims: Vec<IntValue> = ishape.iter().map(|d| fb.dim(d)).collect::<R<_>>()?;
+    let len = fb.dim(&tshape[axis])?;
+    let mut no = fb.i64c(1);
+    for d in &outer {
+        no = fb.mul(no, *d)?;
+    }
+    let mut ni = fb.i64c(1);
+    for d in &idims {
+        ni = fb.mul(ni, *d)?;
+    }
+    let mut ninner = fb.i64c(1);
+    for d in &inner {
+        ninner = fb.mul(ninner, *d)?;
+    }
+    let units = fb.mul(no, ni)?;
+    let (s, e) = fb.split(units)?;
+    let bad = fb.ctx.append_basic_block(fb.func, "bad");
+    fb.for_range(s, e, |fb, u| {
+        let o = fb.b.build_int_signed_div(u, ni, "o").map_err(be)?;
+        let ii = fb.b.build_int_signed_rem(u, ni, "ii").map_err(be)?;
+        let iidx = fb.decompose(ii, &idims)?;
+        let ipairs: Vec<(usize, IntValue)> = iidx.iter().copied().enumerate().collect();
+        let id = fb.load(&ia, fb.at(&ia, &ipairs)?)?.into_int_value();
+        let neg = fb.b.build_int_compare(IntPredicate::SLT, id, fb.i64c(0), "neg").map_err(be)?;
+        let big = fb.b.build_int_compare(IntPredicate::SGE, id, len, "big").map_err(be)?;
+        let oob = fb.b.build_or(neg, big, "oob").map_err(be)?;
+        let ok = fb.ctx.append_basic_block(fb.func, "ok");
+        fb.b.build_conditional_branch(oob, bad, ok).map_err(be)?;
+        fb.b.position_at_end(ok);
+        let oidx = fb.decompose(o, &outer)?;
+        let mut pairs: Vec<(usize, IntValue)> = oidx.iter().copied().enumerate().collect();
+        pairs.push((axis, id));
+        let base = fb.at(&ta, &pairs)?;
+        let obase = fb.mul(u, ninner)?;
+        fb.for_range(fb.i64c(0), ninner, |fb, c| {
+            let iidx = fb.decompose(c, &inner)?;
+            let mut at = base;
+            for (i, v) in iidx.iter().enumerate() {
+                at = fb.add(at, fb.mul(*v, ta.strides[axis + 1 + i])?)?;
+            }
+            let v = fb.load(&ta, at)?;
+            fb.store(optr, elem, fb.add(obase, c)?, v)
+        })
+    })?;
+    fb.ret_ok()?;
+    fb.b.position_at_end(bad);
+    fb.b.build_return(Some(&fb.ctx.i32_type().const_int(1, false))).map_err(be)?;
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! CPU code generation through LLVM (inkwell): every kernel of a `Program` becomes one
+//! function with the runtime's kernel ABI (`runtime::cpu`), the module is optimised at O3
+//! for the chosen CPU (host by default) and JIT-compiled; the runtime's executor calls the
+//! functions. Each kernel splits its outermost parallel loop across `nthreads` by `tid`.
+//!
+//! The kernels are straightforward loop nests whose inner loops LLVM vectorises: reductions
+//! and dot products carry `reassoc`/`contract` fast-math flags so they vectorise and use FMA.
+
+mod kernels;
+
+use inkwell::context::Context;
+use inkwell::execution_engine::ExecutionEngine;
+use inkwell::module::Module;
+use inkwell::passes::PassBuilderOptions;
+use inkwell::targets::{CodeModel, InitializationConfig, RelocMode, Target, TargetMachine};
+use inkwell::OptimizationLevel;
+
+use egret_runtime::cpu::KernelFn;
+use egret_runtime::plan::{KernelCall, Plan};
+
+use crate::kernel::Program;
+use crate::BackendError;
+
+/// Options of the CPU backend.
+#[derive(Clone, Debug)]
+pub struct CpuOptions {
+    /// LLVM CPU name; `native` means this machine's.
+    pub cpu: String,
+}
+
+impl Default for CpuOptions {
+    fn default() -> Self {
+        CpuOptions { cpu: "native".into() }
+    }
+}
+
+fn llvm_err(e: impl std::fmt::Display) -> BackendError {
+    BackendError::Llvm(e.to_string())
+}
+
+/// The CPU name and feature string for `cpu` (`native`: the host's).
+fn cpu_and_features(cpu: &str) -> (String, String) {
+    if cpu == "native" {
+        (TargetMachine::get_host_cpu_name().to_string(), TargetMachine::get_host_cpu_features().to_string())
+    } else {
+        (cpu.to_string(), String::new())
+    }
+}
+
+fn target_machine(cpu: &str) -> Result<TargetMachine, BackendError> {
+    Target::initialize_native(&InitializationConfig::default()).map_err(llvm_err)?;
+    let triple = TargetMachine::get_default_triple();
+    let target = Target::from_triple(&triple).map_err(llvm_err)?;
+    let (name, features) = cpu_and_features(cpu);
+    target
+        .create_target_machine(&triple, &name, &features, OptimizationLevel::Aggressive, RelocMode::PIC, CodeModel::Default)
+        .ok_or_else(|| BackendError::Llvm(format!("LLVM does not know the CPU `{cpu}`")))
+}
+
+/// Kernel function names in the module.
+pub fn kernel_symbol(prog: &Program, i: usize) -> String {
+    format!("egret_{}_k{i}", prog.name)
+}
+
+/// Generates the (unoptimised) LLVM module of a program.
+pub fn codegen<'ctx>(ctx: &'ctx Context, prog: &Program, cpu: &str) -> Result<(Module<'ctx>, Vec<KernelCall>), BackendError> {
+    let module = ctx.create_module(&format!("egret_{}", prog.name));
+    let (name, features) = cpu_and_features(cpu);
+    let mut calls = Vec::new();
+    for (i, k) in prog.kernels.iter().enumerate() {
+        let sym = kernel_symbol(prog, i);
+        let (args, scratch) = kernels::emit(ctx, &module, prog, k, &sym, &name, &features)?;
+        calls.push(KernelCall { symbol: sym, args, init: prog.init[i], scratch_floats: scratch, what: k.describe() });
+    }
+    module.verify().map_err(|e| BackendError::Llvm(format!("generated module is invalid: {e}")))?;
+    Ok((module, calls))
+}
+
+/// The program's LLVM IR after O3 for `cpu` (for snapshots and `--emit llvm`).
+pub fn optimized_ir(prog: &Program, cpu: &str) -> Result<String, BackendError> {
+    let ctx = Context::create();
+    let (module, _) = codegen(&ctx, prog, cpu)?;
+    let tm = target_machine(cpu)?;
+    module.set_triple(&tm.get_triple());
+    module.set_data_layout(&tm.get_target_data().get_data_layout());
+    module.run_passes("default<O3>", &tm, PassBuilderOptions::create()).map_err(llvm_err)?;
+    Ok(module.print_to_string().to_string())
+}
+
+/// A JIT-compiled program: the executable plan and one function per kernel.
+pub struct Compiled {
+    pub plan: Plan,
+    pub fns: Vec<KernelFn>,
+    // The engine owns the machine code the function pointers point into.
+    _engine: ExecutionEngine<'static>,
+}
+
+/// Compiles a program for this machine and JITs it.
+pub fn compile(prog: &Program, opts: &CpuOptions) -> Result<Compiled, BackendError> {
+    // The LLVM context must outlive the engine and its code, which the caller keeps for as
+    // long as it runs the model: give it static lifetime (one small context per compile).
+    let ctx: &'static Context = Box::leak(Box::new(Context::create()));
+    let (module, calls) = codegen(ctx, prog, &opts.cpu)?;
+    let tm = target_machine(&opts.cpu)?;
+    module.set_triple(&tm.get_triple());
+    module.set_data_layout(&tm.get_target_data().get_data_layout());
+    module.run_passes("default<O3>", &tm, PassBuilderOptions::create()).map_err(llvm_err)?;
+    let engine = module.create_jit_execution_engine(OptimizationLevel::Aggressive).map_err(llvm_err)?;
+    let mut fns = Vec::new();
+    for c in &calls {
+        let addr = engine.get_function_address(&c.symbol).map_err(llvm_err)?;
+        // SAFETY: the function was generated with exactly the KernelFn signature.
+        fns.push(unsafe { std::mem::transmute::<usize, KernelFn>(addr) });
+    }
+    let plan = Plan { name: prog.name.clone(), symbols: prog.symbols.clone(), buffers: prog.buffers.clone(), kernels: calls, outputs: prog.outputs.clone() };
+    Ok(Compiled { plan, fns, _engine: engine })
+}

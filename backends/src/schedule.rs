@@ -1,0 +1,323 @@
+//! Scheduling: a verified graph becomes a `Program`. Inputs and parameters become buffers;
+//! views become strided `Access`es over their source; elementwise ops used once are inlined
+//! into their consumer's expression; every other value gets a buffer and a kernel. Kernels
+//! that read only parameters (merged or transposed weights) are marked `init`: the runtime
+//! runs them once when weights are bound.
+
+use std::collections::BTreeSet;
+
+use egret_ir::{DType, Dim, Graph, Op, ValueId};
+use egret_runtime::plan::{BufferRole, BufferSpec, ElemType, SymDim};
+
+use crate::kernel::{contiguous_strides, Access, AttnDims, Expr, Kernel, Poly, Program, Round};
+use crate::BackendError;
+
+fn elem(d: DType) -> ElemType {
+    match d {
+        DType::F32 | DType::F16 | DType::BF16 => ElemType::F32,
+        DType::I32 | DType::I64 => ElemType::I64,
+        DType::Bool => ElemType::Bool,
+    }
+}
+
+fn round_of(d: DType) -> Round {
+    match d {
+        DType::F16 => Round::F16,
+        DType::BF16 => Round::BF16,
+        _ => Round::None,
+    }
+}
+
+/// What a graph value is during scheduling.
+#[derive(Clone, Debug)]
+enum Val {
+    /// Stored in a buffer, seen through this view.
+    View(Access),
+    /// Not stored: an expression over the consumer's index (same shape).
+    Inline(Expr),
+}
+
+struct Sched<'g> {
+    g: &'g Graph,
+    symbols: Vec<String>,
+    buffers: Vec<BufferSpec>,
+    /// Per buffer: holds only values computed from parameters.
+    weight_only: Vec<bool>,
+    kernels: Vec<Kernel>,
+    init: Vec<bool>,
+    uses: Vec<usize>,
+}
+
+impl Sched<'_> {
+    fn symdim(&self, d: &Dim) -> SymDim {
+        let mut out = SymDim::c(d.eval(&Default::default()).unwrap_or(0));
+        let mut c0 = Dim::c(0);
+        for s in d.symbols() {
+            let idx = self.symbols.iter().position(|x| x == s).expect("symbol collected") as u32;
+            // coefficient of s: d(s=1, others=0) - d(all 0)
+            let mut b = std::collections::HashMap::new();
+            b.insert(s.to_string(), 1i64);
+            let coef = d.substitute(&b).substitute(&Default::default());
+            let _ = &mut c0;
+            out.terms.push((idx, 0));
+            let last = out.terms.len() - 1;
+            out.terms[last].1 = coef_of(d, s, &coef);
+        }
+        out.constant = constant_of(d);
+        out
+    }
+
+    fn new_buffer(&mut self, role: BufferRole, e: ElemType, shape: &[Dim], weight_only: bool) -> u32 {
+        let dims = shape.iter().map(|d| self.symdim(d)).collect();
+        self.buffers.push(BufferSpec { role, elem: e, dims });
+        self.weight_only.push(weight_only);
+        (self.buffers.len() - 1) as u32
+    }
+
+    fn push(&mut self, k: Kernel, reads: &[u32], out: u32) {
+        let init = !reads.is_empty() && reads.iter().all(|b| self.weight_only[*b as usize]) && self.buffers[out as usize].dims.iter().all(|d| d.terms.is_empty());
+        if init {
+            self.buffers[out as usize].role = BufferRole::Init;
+            self.weight_only[out as usize] = true;
+        }
+        self.kernels.push(k);
+        self.init.push(init);
+    }
+
+    /// Stores an inline value in a fresh contiguous buffer.
+    fn materialize(&mut self, e: Expr, shape: &[Dim]) -> Access {
+        let mut reads = vec![];
+        loads(&e, &mut reads);
+        let weight_only = !reads.is_empty() && reads.iter().all(|b| self.weight_only[*b as usize]);
+        let const_only = reads.is_empty();
+        let out = self.new_buffer(BufferRole::Temp, e.elem(), shape, weight_only || const_only);
+        let acc = Access::contiguous(out, shape);
+        let k = Kernel::Elementwise { out: acc.clone(), shape: shape.to_vec(), expr: e };
+        if const_only && shape.iter().all(|d| d.as_const().is_some()) {
+            self.buffers[out as usize].role = BufferRole::Init;
+            self.kernels.push(k);
+            self.init.push(true);
+        } else {
+            self.push(k, &reads, out);
+        }
+        acc
+    }
+
+    fn view(&mut self, v: &Val, shape: &[Dim]) -> Access {
+        match v {
+            Val::View(a) => a.clone(),
+            Val::Inline(e) => self.materialize(e.clone(), shape),
+        }
+    }
+
+    fn expr(&self, v: &Val, e: ElemType) -> Expr {
+        match v {
+            Val::View(a) => Expr::Load(a.clone(), e),
+            Val::Inline(x) => x.clone(),
+        }
+    }
+}
+
+fn constant_of(d: &Dim) -> i64 {
+    let zero: std::collections::HashMap<String, i64> = d.symbols().map(|s| (s.to_string(), 0)).collect();
+    d.eval(&zero).unwrap_or(0)
+}
+
+fn coef_of(d: &Dim, s: &str, _: &Dim) -> i64 {
+    let mut b: std::collections::HashMap<String, i64> = d.symbols().map(|x| (x.to_string(), 0)).collect();
+    b.insert(s.to_string(), 1);
+    d.eval(&b).unwrap_or(0) - constant_of(d)
+}
+
+fn loads(e: &Expr, out: &mut Vec<u32>) {
+    match e {
+        Expr::Load(a, _) => out.push(a.buf),
+        Expr::Const(..) | Expr::Iota(..) => {}
+        Expr::Unary(_, a) | Expr::Cast(_, a, _) => loads(a, out),
+        Expr::Binary(_, a, b) | Expr::Compare(_, a, b) | Expr::SwiGlu(a, b) => {
+            loads(a, out);
+            loads(b, out);
+        }
+        Expr::Select(c, a, b) => {
+            loads(c, out);
+            loads(a, out);
+            loads(b, out);
+        }
+    }
+}
+
+fn is_cheap(e: &Expr) -> bool {
+    matches!(e, Expr::Const(..) | Expr::Iota(..))
+}
+
+/// Schedules `g` (verified) into a program.
+pub fn schedule(g: &Graph) -> Result<Program, BackendError> {
+    egret_ir::verify(g).map_err(BackendError::Ir)?;
+    let order = g.live_topo_order().map_err(|_| BackendError::Unsupported("cycle".into()))?;
+    let mut syms = BTreeSet::new();
+    for n in &g.nodes {
+        for d in n.ty.shape.dims() {
+            syms.extend(d.symbols().map(str::to_string));
+        }
+    }
+    let mut s = Sched { g, symbols: syms.into_iter().collect(), buffers: vec![], weight_only: vec![], kernels: vec![], init: vec![], uses: g.use_counts() };
+    let mut vals: Vec<Option<Val>> = vec![None; g.len()];
+    let outputs: BTreeSet<ValueId> = g.outputs.iter().map(|(_, v)| *v).collect();
+    for v in order {
+        let n = g.node(v);
+        let shape = n.ty.shape.dims().to_vec();
+        let e = elem(n.ty.dtype);
+        let arg = |i: usize| vals[n.inputs[i].index()].clone().expect("topological order");
+        let arg_shape = |i: usize| g.shape(n.inputs[i]).to_vec();
+        let val = match &n.op {
+            Op::Input { name } => Val::View(Access::contiguous(s.new_buffer(BufferRole::Input(name.clone()), e, &shape, false), &shape)),
+            Op::Param { name } => Val::View(Access::contiguous(s.new_buffer(BufferRole::Param(name.clone()), e, &shape, true), &shape)),
+            Op::Constant { value } => Val::Inline(Expr::Const(*value, e)),
+            Op::Iota { axis } => Val::Inline(Expr::Iota(*axis, e)),
+            Op::Unary(u) => Val::Inline(Expr::Unary(*u, Box::new(s.expr(&arg(0), e)))),
+            Op::Binary(b) => Val::Inline(Expr::Binary(*b, Box::new(s.expr(&arg(0), e)), Box::new(s.expr(&arg(1), e)))),
+            Op::Compare(c) => {
+                let ie = elem(g.ty(n.inputs[0]).dtype);
+                Val::Inline(Expr::Compare(*c, Box::new(s.expr(&arg(0), ie)), Box::new(s.expr(&arg(1), ie))))
+            }
+            Op::Select => Val::Inline(Expr::Select(Box::new(s.expr(&arg(0), ElemType::Bool)), Box::new(s.expr(&arg(1), e)), Box::new(s.expr(&arg(2), e)))),
+            Op::Cast => {
+                let ie = elem(g.ty(n.inputs[0]).dtype);
+                Val::Inline(Expr::Cast(e, Box::new(s.expr(&arg(0), ie)), round_of(n.ty.dtype)))
+            }
+            Op::SwiGlu => Val::Inline(Expr::SwiGlu(Box::new(s.expr(&arg(0), e)), Box::new(s.expr(&arg(1), e)))),
+            Op::Permute { perm } => match arg(0) {
+                Val::Inline(Expr::Const(c, t)) => Val::Inline(Expr::Const(c, t)),
+                a => {
+                    let acc = s.view(&a, &arg_shape(0));
+                    Val::View(Access { buf: acc.buf, offset: acc.offset.clone(), strides: perm.iter().map(|&p| acc.strides[p].clone()).collect() })
+                }
+            },
+            Op::Broadcast => match arg(0) {
+                Val::Inline(Expr::Const(c, t)) => Val::Inline(Expr::Const(c, t)),
+                a => {
+                    let ins = arg_shape(0);
+                    let acc = s.view(&a, &ins);
+                    let strides = ins.iter().zip(&shape).zip(&acc.strides).map(|((i, o), st)| if i != o { Poly::zero() } else { st.clone() }).collect();
+                    Val::View(Access { buf: acc.buf, offset: acc.offset, strides })
+                }
+            },
+            Op::Slice { axis, start, .. } => {
+                let acc = s.view(&arg(0), &arg_shape(0));
+                let offset = acc.offset.add(&acc.strides[*axis].scale(*start as i64));
+                Val::View(Access { buf: acc.buf, offset, strides: acc.strides })
+            }
+            Op::Reshape => match arg(0) {
+                Val::Inline(Expr::Const(c, t)) => Val::Inline(Expr::Const(c, t)),
+                a => {
+                    let ins = arg_shape(0);
+                    let acc = s.view(&a, &ins);
+                    let acc = if acc.strides == contiguous_strides(&ins) { acc } else { s.materialize(Expr::Load(acc, e), &ins) };
+                    Val::View(Access { buf: acc.buf, offset: acc.offset, strides: contiguous_strides(&shape) })
+                }
+            },
+            Op::Concat { axis } => {
+                let mut reads = vec![];
+                let pieces: Vec<(Expr, Vec<Dim>)> = (0..n.inputs.len()).map(|i| (s.expr(&arg(i), e), arg_shape(i))).collect();
+                for (x, _) in &pieces {
+                    loads(x, &mut reads);
+                }
+                let wo = !reads.is_empty() && reads.iter().all(|b| s.weight_only[*b as usize]);
+                let out = s.new_buffer(BufferRole::Temp, e, &shape, wo);
+                let strides = contiguous_strides(&shape);
+                let mut start = Poly::zero();
+                for (x, pshape) in pieces {
+                    let mut r = vec![];
+                    loads(&x, &mut r);
+                    let acc = Access { buf: out, offset: start.clone(), strides: strides.clone() };
+                    start = start.add(&strides[*axis].mul_dim(&pshape[*axis]));
+                    s.push(Kernel::Elementwise { out: acc, shape: pshape, expr: x }, &r, out);
+                }
+                Val::View(Access::contiguous(out, &shape))
+            }
+            Op::Gather { axis } => {
+                let (table, idx) = (s.view(&arg(0), &arg_shape(0)), s.view(&arg(1), &arg_shape(1)));
+                let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
+                let k = Kernel::Gather { out, table: table.clone(), idx: idx.clone(), table_shape: arg_shape(0), idx_shape: arg_shape(1), axis: *axis, elem: e };
+                s.push(k, &[table.buf, idx.buf], out);
+                Val::View(Access::contiguous(out, &shape))
+            }
+            Op::Reduce { op, axis } => {
+                let src = s.view(&arg(0), &arg_shape(0));
+                let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
+                s.push(Kernel::Reduce { op: *op, out, src: src.clone(), shape: arg_shape(0), axis: *axis }, &[src.buf], out);
+                Val::View(Access::contiguous(out, &shape))
+            }
+            Op::Softmax { axis } => {
+                let src = s.view(&arg(0), &shape);
+                let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
+                s.push(Kernel::Softmax { out, src: src.clone(), shape: shape.clone(), axis: *axis }, &[src.buf], out);
+                Val::View(Access::contiguous(out, &shape))
+            }
+            Op::RmsNorm { eps } => {
+                let (x, w) = (s.view(&arg(0), &shape), s.view(&arg(1), &arg_shape(1)));
+                let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
+                s.push(Kernel::RmsNorm { out, x: x.clone(), w: w.clone(), shape: shape.clone(), eps: *eps }, &[x.buf, w.buf], out);
+                Val::View(Access::contiguous(out, &shape))
+            }
+            Op::MatMul | Op::RmsNormMatMul { .. } => {
+                let fused = matches!(n.op, Op::RmsNormMatMul { .. });
+                let wi = if fused { 2 } else { 1 };
+                let (ash, wsh) = (arg_shape(0), arg_shape(wi));
+                let a = s.view(&arg(0), &ash);
+                let w = s.view(&arg(wi), &wsh);
+                let batch = ash[..ash.len() - 2].to_vec();
+                let (m, k, nn) = (ash[ash.len() - 2].clone(), ash[ash.len() - 1].clone(), wsh[wsh.len() - 1].clone());
+                let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
+                let shared_w = wsh.len() == 2;
+                if let Op::RmsNormMatMul { eps } = n.op {
+                    let gw = s.view(&arg(1), &arg_shape(1));
+                    s.push(Kernel::RmsNormMatMul { out, x: a.clone(), g: gw.clone(), w: w.clone(), batch, m, n: nn, k, eps }, &[a.buf, gw.buf, w.buf], out);
+                } else {
+                    s.push(Kernel::MatMul { out, a: a.clone(), w: w.clone(), batch, m, n: nn, k, shared_w }, &[a.buf, w.buf], out);
+                }
+                Val::View(Access::contiguous(out, &shape))
+            }
+            Op::FusedAttention { scale } => {
+                let sh: Vec<Vec<Dim>> = (0..4).map(arg_shape).collect();
+                let acc: Vec<Access> = (0..4).map(|i| s.view(&arg(i), &sh[i])).collect();
+                let c = |d: &Dim| d.as_const().ok_or_else(|| BackendError::Unsupported(format!("attention needs constant head counts and sizes, got {d}")));
+                let dims = AttnDims { b: sh[0][0].clone(), h: c(&sh[0][1])?, t: sh[0][2].clone(), d: c(&sh[0][3])?, hkv: c(&sh[1][1])?, s: sh[1][2].clone(), dv: c(&sh[2][3])? };
+                let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
+                let reads: Vec<u32> = acc.iter().map(|a| a.buf).collect();
+                s.push(Kernel::Attention { out, q: acc[0].clone(), k: acc[1].clone(), v: acc[2].clone(), pos: acc[3].clone(), dims, scale: *scale }, &reads, out);
+                Val::View(Access::contiguous(out, &shape))
+            }
+        };
+        // Elementwise values used more than once (or returned) are stored once.
+        let val = match val {
+            Val::Inline(x) if !is_cheap(&x) && (s.uses[v.index()] > 1 || outputs.contains(&v)) => Val::View(s.materialize(x, &shape)),
+            other => other,
+        };
+        vals[v.index()] = Some(val);
+    }
+    // Outputs: each in its own contiguous per-run buffer.
+    let mut outs = vec![];
+    let mut taken = BTreeSet::new();
+    for (name, v) in &g.outputs {
+        let shape = g.shape(*v).to_vec();
+        let e = elem(g.ty(*v).dtype);
+        let val = vals[v.index()].clone().expect("computed");
+        let buf = match &val {
+            Val::View(a) if a.is_contiguous(&shape) && s.buffers[a.buf as usize].role == BufferRole::Temp && taken.insert(a.buf) => a.buf,
+            other => {
+                let x = s.expr(other, e);
+                let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
+                let mut r = vec![];
+                loads(&x, &mut r);
+                s.kernels.push(Kernel::Elementwise { out: Access::contiguous(out, &shape), shape: shape.clone(), expr: x });
+                s.init.push(false);
+                taken.insert(out);
+                out
+            }
+        };
+        outs.push((name.clone(), buf));
+    }
+    let _ = s.g;
+    Ok(Program { name: g.name.clone(), symbols: s.symbols, buffers: s.buffers, kernels: s.kernels, init: s.init, outputs: outs })
+}

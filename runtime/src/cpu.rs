@@ -1,0 +1,295 @@
+//! The CPU executor: runs a `Plan` whose kernels are native functions (JIT-compiled or from
+//! an artifact's shared library). Parameters are bound once (and `Init` kernels run then);
+//! each run binds the inputs, lays temporaries out in one arena by liveness, launches every
+//! kernel on the thread pool and copies the outputs out.
+//!
+//! Kernel ABI (what the backends generate):
+//! `i32 kernel(u8** bufs, const i64* syms, i64 tid, i64 nthreads, f32* scratch)` — `bufs`
+//! holds the kernel's operands in `KernelCall::args` order, `syms` the symbol values,
+//! `scratch` this thread's scratch floats; a non-zero return is an error code.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::error::{Result, RuntimeError};
+use crate::plan::{BufferRole, ElemType, Plan};
+use crate::pool::Pool;
+
+pub type KernelFn = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64, *mut f32) -> i32;
+
+/// Buffers are placed at multiples of this (a cache line, and AVX-512 alignment).
+const ALIGN: usize = 64;
+
+/// Kernel error codes and what they mean.
+fn kernel_error(code: i32, what: &str) -> RuntimeError {
+    let msg = match code {
+        1 => "an index is out of range (a token id beyond the vocabulary?)".to_string(),
+        c => format!("error code {c}"),
+    };
+    RuntimeError::Invalid(format!("kernel `{what}` failed: {msg}"))
+}
+
+/// 64-byte-aligned storage.
+struct Aligned {
+    raw: Vec<u8>,
+    off: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(len: usize) -> Aligned {
+        let raw = vec![0u8; len + ALIGN];
+        let off = raw.as_ptr().align_offset(ALIGN);
+        Aligned { raw, off, len }
+    }
+
+    fn ptr(&mut self) -> *mut u8 {
+        // SAFETY: off < ALIGN and raw has len + ALIGN bytes.
+        unsafe { self.raw.as_mut_ptr().add(self.off) }
+    }
+
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        let (o, l) = (self.off, self.len);
+        &mut self.raw[o..o + l]
+    }
+}
+
+/// Host data for an input or an output.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HostData {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostValue {
+    pub shape: Vec<usize>,
+    pub data: HostData,
+}
+
+/// Storage of a buffer that outlives runs: parameters are shared with the caller (never
+/// written), `Init` values owned.
+enum Storage {
+    Owned(Aligned),
+    Shared(Arc<Vec<f32>>),
+}
+
+impl Storage {
+    fn ptr(&mut self) -> *mut u8 {
+        match self {
+            Storage::Owned(a) => a.ptr(),
+            // Kernels only read parameters; the pointer is never written through.
+            Storage::Shared(v) => v.as_ptr() as *mut u8,
+        }
+    }
+}
+
+struct Layout {
+    syms: Vec<i64>,
+    offsets: Vec<usize>,
+    arena_bytes: usize,
+}
+
+pub struct CpuExecutor {
+    plan: Plan,
+    fns: Vec<KernelFn>,
+    pool: Pool,
+    persistent: Vec<Option<Storage>>,
+    arena: Aligned,
+    scratch: Aligned,
+    layout: Option<Layout>,
+}
+
+// SAFETY: kernel functions are plain code; buffers are owned and only touched inside `run`.
+unsafe impl Send for CpuExecutor {}
+
+struct SendPtr<T>(*const T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl CpuExecutor {
+    /// `fns[i]` implements `plan.kernels[i]`.
+    pub fn new(plan: Plan, fns: Vec<KernelFn>, threads: usize) -> Result<CpuExecutor> {
+        if fns.len() != plan.kernels.len() {
+            return Err(RuntimeError::Invalid(format!("{} kernels for a plan of {}", fns.len(), plan.kernels.len())));
+        }
+        let n = plan.buffers.len();
+        Ok(CpuExecutor { plan, fns, pool: Pool::new(threads), persistent: (0..n).map(|_| None).collect(), arena: Aligned::new(0), scratch: Aligned::new(0), layout: None })
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    /// Bytes of the last run's arena (temporaries), for reports.
+    pub fn arena_bytes(&self) -> usize {
+        self.layout.as_ref().map(|l| l.arena_bytes).unwrap_or(0)
+    }
+
+    /// Binds the parameters (shared, not copied; shapes checked) and runs the `Init` kernels.
+    pub fn bind_params(&mut self, get: &dyn Fn(&str) -> Option<(Vec<usize>, Arc<Vec<f32>>)>) -> Result<()> {
+        for (i, b) in self.plan.buffers.iter().enumerate() {
+            let BufferRole::Param(name) = &b.role else { continue };
+            let (shape, data) = get(name).ok_or_else(|| RuntimeError::MissingTensor { name: name.clone(), source_desc: "weights".into() })?;
+            let want: Vec<usize> = b.dims.iter().map(|d| d.eval(&[]).max(0) as usize).collect();
+            if shape != want {
+                return Err(RuntimeError::ShapeMismatch { name: name.clone(), got: shape, expected: want });
+            }
+            self.persistent[i] = Some(Storage::Shared(data));
+        }
+        for (i, b) in self.plan.buffers.iter().enumerate() {
+            if b.role == BufferRole::Init {
+                self.persistent[i] = Some(Storage::Owned(Aligned::new(b.bytes(&[]))));
+            }
+        }
+        let init: Vec<usize> = (0..self.plan.kernels.len()).filter(|k| self.plan.kernels[*k].init).collect();
+        for k in init {
+            self.launch(k, &[], &vec![std::ptr::null_mut(); self.plan.buffers.len()])?;
+        }
+        Ok(())
+    }
+
+    fn plan_layout(&self, syms: &[i64]) -> Layout {
+        let nb = self.plan.buffers.len();
+        let (mut first, mut last) = (vec![usize::MAX; nb], vec![0usize; nb]);
+        for (k, call) in self.plan.kernels.iter().enumerate() {
+            if call.init {
+                continue;
+            }
+            for &a in &call.args {
+                let a = a as usize;
+                first[a] = first[a].min(k);
+                last[a] = last[a].max(k);
+            }
+        }
+        for (_, b) in &self.plan.outputs {
+            last[*b as usize] = usize::MAX;
+        }
+        let mut temps: Vec<usize> = (0..nb).filter(|&b| self.plan.buffers[b].role == BufferRole::Temp && first[b] != usize::MAX).collect();
+        let size = |b: usize| self.plan.buffers[b].bytes(syms).div_ceil(ALIGN) * ALIGN;
+        temps.sort_by_key(|&b| std::cmp::Reverse(size(b)));
+        let mut placed: Vec<(usize, usize, usize, usize)> = Vec::new(); // (offset, size, first, last)
+        let mut offsets = vec![0usize; nb];
+        let mut arena = 0;
+        for b in temps {
+            let (sz, f, l) = (size(b), first[b], last[b]);
+            let mut conflicts: Vec<(usize, usize)> = placed.iter().filter(|p| p.2 <= l && f <= p.3).map(|p| (p.0, p.1)).collect();
+            conflicts.sort();
+            let mut off = 0;
+            for (o, s) in conflicts {
+                if off + sz <= o {
+                    break;
+                }
+                off = off.max(o + s);
+            }
+            offsets[b] = off;
+            arena = arena.max(off + sz);
+            placed.push((off, sz, f, l));
+        }
+        Layout { syms: syms.to_vec(), offsets, arena_bytes: arena }
+    }
+
+    fn launch(&mut self, k: usize, syms: &[i64], ptrs: &[*mut u8]) -> Result<()> {
+        let call = &self.plan.kernels[k];
+        let args: Vec<*mut u8> = call
+            .args
+            .iter()
+            .map(|&a| match &mut self.persistent[a as usize] {
+                Some(p) => p.ptr(),
+                None => ptrs[a as usize],
+            })
+            .collect();
+        let threads = self.pool.threads();
+        let need = call.scratch_floats * 4 * threads;
+        if self.scratch.len < need {
+            self.scratch = Aligned::new(need);
+        }
+        let f = self.fns[k];
+        let stride = call.scratch_floats;
+        let (args_p, syms_p, scratch_p) = (SendPtr(args.as_ptr()), SendPtr(syms.as_ptr()), SendPtr(self.scratch.ptr() as *const f32));
+        let status = Arc::new(std::sync::atomic::AtomicI32::new(0));
+        let st = status.clone();
+        let task = Arc::new(move |tid: usize, n: usize| {
+            let (a, s, sc) = (&args_p, &syms_p, &scratch_p);
+            // SAFETY: the plan's kernels read and write only their operand buffers, which
+            // outlive this call; each thread gets a disjoint scratch slice.
+            let rc = unsafe { f(a.0 as *const *mut u8, s.0, tid as i64, n as i64, (sc.0 as *mut f32).add(tid * stride)) };
+            if rc != 0 {
+                st.store(rc, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        self.pool.run(task);
+        let rc = status.load(std::sync::atomic::Ordering::SeqCst);
+        if rc != 0 {
+            return Err(kernel_error(rc, &self.plan.kernels[k].what));
+        }
+        Ok(())
+    }
+
+    /// Runs the plan on named inputs; returns the named outputs.
+    pub fn run(&mut self, inputs: &HashMap<String, HostValue>) -> Result<HashMap<String, HostValue>> {
+        let syms = self.plan.bind_symbols(|n| inputs.get(n).map(|v| v.shape.clone())).map_err(RuntimeError::Invalid)?;
+        if self.layout.as_ref().is_none_or(|l| l.syms != syms) {
+            let l = self.plan_layout(&syms);
+            if self.arena.len < l.arena_bytes {
+                self.arena = Aligned::new(l.arena_bytes);
+            }
+            self.layout = Some(l);
+        }
+        let layout = self.layout.as_ref().expect("just planned");
+        let base = self.arena.ptr();
+        let mut ptrs: Vec<*mut u8> = vec![std::ptr::null_mut(); self.plan.buffers.len()];
+        let mut input_store: Vec<Aligned> = Vec::new();
+        for (i, b) in self.plan.buffers.iter().enumerate() {
+            match &b.role {
+                BufferRole::Temp => {
+                    // SAFETY: offsets lie within the arena, sized for these symbols.
+                    ptrs[i] = unsafe { base.add(layout.offsets[i]) };
+                }
+                BufferRole::Input(name) => {
+                    let v = &inputs[name];
+                    let mut a = Aligned::new(b.bytes(&syms));
+                    match (&v.data, b.elem) {
+                        (HostData::F32(d), ElemType::F32) => a.bytes_mut().iter_mut().zip(d.iter().flat_map(|x| x.to_le_bytes())).for_each(|(o, i)| *o = i),
+                        (HostData::I64(d), ElemType::I64) => a.bytes_mut().iter_mut().zip(d.iter().flat_map(|x| x.to_le_bytes())).for_each(|(o, i)| *o = i),
+                        _ => return Err(RuntimeError::Invalid(format!("input `{name}` has the wrong element type"))),
+                    }
+                    ptrs[i] = a.ptr();
+                    input_store.push(a);
+                }
+                _ => {}
+            }
+        }
+        for k in 0..self.plan.kernels.len() {
+            if !self.plan.kernels[k].init {
+                self.launch(k, &syms, &ptrs)?;
+            }
+        }
+        let mut outs = HashMap::new();
+        for (name, b) in &self.plan.outputs {
+            let spec = &self.plan.buffers[*b as usize];
+            let shape: Vec<usize> = spec.dims.iter().map(|d| d.eval(&syms).max(0) as usize).collect();
+            let n: usize = shape.iter().product();
+            let p = match &mut self.persistent[*b as usize] {
+                Some(a) => a.ptr() as *const u8,
+                None => ptrs[*b as usize] as *const u8,
+            };
+            // SAFETY: the buffer holds n elements of its type.
+            let data = unsafe {
+                match spec.elem {
+                    ElemType::F32 => HostData::F32(std::slice::from_raw_parts(p as *const f32, n).to_vec()),
+                    ElemType::I64 => HostData::I64(std::slice::from_raw_parts(p as *const i64, n).to_vec()),
+                    ElemType::Bool => HostData::I64(std::slice::from_raw_parts(p, n).iter().map(|&b| b as i64).collect()),
+                }
+            };
+            outs.insert(name.clone(), HostValue { shape, data });
+        }
+        drop(input_store);
+        Ok(outs)
+    }
+}

@@ -1,0 +1,137 @@
+//! The executable plan a compiled model carries: symbolic dims, buffers (inputs, parameters,
+//! outputs, temporaries, values precomputed from parameters), and the ordered kernel calls.
+//! Backends produce it; the executors in this crate run it. It is plain data (serde), so an
+//! artifact can store it next to its kernels.
+
+use serde::{Deserialize, Serialize};
+
+/// `constant + Σ coef · symbols[index]`: a dimension known once the inputs are bound.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SymDim {
+    pub constant: i64,
+    pub terms: Vec<(u32, i64)>,
+}
+
+impl SymDim {
+    pub fn c(v: i64) -> SymDim {
+        SymDim { constant: v, terms: vec![] }
+    }
+
+    pub fn eval(&self, syms: &[i64]) -> i64 {
+        self.constant + self.terms.iter().map(|(s, c)| syms.get(*s as usize).copied().unwrap_or(0) * c).sum::<i64>()
+    }
+
+    /// The symbol's index if the dim is exactly one symbol.
+    pub fn as_sym(&self) -> Option<u32> {
+        match self.terms.as_slice() {
+            [(s, 1)] if self.constant == 0 => Some(*s),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ElemType {
+    F32,
+    I64,
+    /// One byte per element, 0 or 1.
+    Bool,
+}
+
+impl ElemType {
+    pub fn size(self) -> usize {
+        match self {
+            ElemType::F32 => 4,
+            ElemType::I64 => 8,
+            ElemType::Bool => 1,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BufferRole {
+    /// Bound by name from the caller's inputs.
+    Input(String),
+    /// Bound by name from the model's weights.
+    Param(String),
+    /// Computed once from parameters when weights are bound (merged or transposed weights).
+    Init,
+    /// Computed per run; its storage comes from the arena.
+    Temp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BufferSpec {
+    pub role: BufferRole,
+    pub elem: ElemType,
+    pub dims: Vec<SymDim>,
+}
+
+impl BufferSpec {
+    pub fn bytes(&self, syms: &[i64]) -> usize {
+        self.dims.iter().map(|d| d.eval(syms).max(0) as usize).product::<usize>() * self.elem.size()
+    }
+}
+
+/// One kernel invocation: the kernel's symbol in the payload and its buffer operands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelCall {
+    pub symbol: String,
+    /// Buffer ids, in the kernel's argument order.
+    pub args: Vec<u32>,
+    /// Runs once when weights are bound (all its operands are parameters or `Init`).
+    pub init: bool,
+    /// f32 scratch floats each thread needs.
+    pub scratch_floats: usize,
+    /// What the kernel computes, for `--explain`-style listings and profiles.
+    pub what: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub name: String,
+    pub symbols: Vec<String>,
+    pub buffers: Vec<BufferSpec>,
+    pub kernels: Vec<KernelCall>,
+    /// Named results and the buffer holding each.
+    pub outputs: Vec<(String, u32)>,
+}
+
+impl Plan {
+    /// Binds symbols from input shapes: every input dim that is a lone symbol fixes it; the
+    /// rest are checked. `shapes` gives each input's shape by name.
+    pub fn bind_symbols(&self, shape_of: impl Fn(&str) -> Option<Vec<usize>>) -> Result<Vec<i64>, String> {
+        let mut syms: Vec<Option<i64>> = vec![None; self.symbols.len()];
+        for b in &self.buffers {
+            let BufferRole::Input(name) = &b.role else { continue };
+            let shape = shape_of(name).ok_or_else(|| format!("missing input `{name}`"))?;
+            if shape.len() != b.dims.len() {
+                return Err(format!("input `{name}` has rank {}, expected {}", shape.len(), b.dims.len()));
+            }
+            for (d, &n) in b.dims.iter().zip(&shape) {
+                if let Some(s) = d.as_sym() {
+                    match syms[s as usize] {
+                        Some(v) if v != n as i64 => {
+                            return Err(format!("input `{name}`: dimension {} is {n} here but {v} elsewhere", self.symbols[s as usize]));
+                        }
+                        _ => syms[s as usize] = Some(n as i64),
+                    }
+                }
+            }
+        }
+        let syms: Vec<i64> = syms
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| v.ok_or_else(|| format!("symbol `{}` is not fixed by any input", self.symbols[i])))
+            .collect::<Result<_, _>>()?;
+        for b in &self.buffers {
+            let BufferRole::Input(name) = &b.role else { continue };
+            let shape = shape_of(name).unwrap_or_default();
+            let want: Vec<usize> = b.dims.iter().map(|d| d.eval(&syms).max(0) as usize).collect();
+            if shape != want {
+                return Err(format!("input `{name}` has shape {shape:?}, expected {want:?}"));
+            }
+        }
+        Ok(syms)
+    }
+}

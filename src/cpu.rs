@@ -1,0 +1,113 @@
+//! Running a model on the CPU backend: the optimised prefill and decode graphs are scheduled,
+//! compiled through LLVM for this machine, and run by the runtime's executor on a thread
+//! pool, with the KV cache kept between steps. This is `--backend cpu`.
+
+use std::collections::HashMap;
+
+use egret_backends::llvm::{compile, Compiled, CpuOptions};
+use egret_backends::schedule::schedule;
+use egret_ir::{Graph, Tensor};
+use egret_models::{GraphKind, LlamaConfig};
+use egret_runtime::cpu::{CpuExecutor, HostData, HostValue};
+use egret_runtime::generate::{check_ids, LanguageModel};
+use egret_runtime::RuntimeError;
+
+use crate::interp::optimized_graph;
+use crate::{EgretError, Result};
+
+/// Compiles a graph and binds parameters: an executor ready to run.
+pub fn executor(g: &Graph, params: &HashMap<String, Tensor>, opts: &CpuOptions, threads: usize) -> Result<(CpuExecutor, Compiled)> {
+    let prog = schedule(g).map_err(|e| EgretError::Usage(e.to_string()))?;
+    let compiled = compile(&prog, opts).map_err(|e| EgretError::Usage(e.to_string()))?;
+    let mut ex = CpuExecutor::new(compiled.plan.clone(), compiled.fns.clone(), threads)?;
+    let get = |name: &str| params.get(name).and_then(|t| Some((t.shape().to_vec(), t.f32_arc()?)));
+    ex.bind_params(&get)?;
+    Ok((ex, compiled))
+}
+
+pub struct CpuModel {
+    cfg: LlamaConfig,
+    prefill: CpuExecutor,
+    decode: CpuExecutor,
+    // Keep the machine code alive as long as the executors.
+    _code: (Compiled, Compiled),
+    cache: Vec<(HostValue, HostValue)>,
+    pos: usize,
+}
+
+// SAFETY: the compiled code is immutable and the executors are Send.
+unsafe impl Send for CpuModel {}
+
+fn rt(e: EgretError) -> RuntimeError {
+    match e {
+        EgretError::Runtime(r) => r,
+        e => RuntimeError::Invalid(e.to_string()),
+    }
+}
+
+impl CpuModel {
+    pub fn new(cfg: LlamaConfig, params: HashMap<String, Tensor>, passes: &str, opts: &CpuOptions, threads: usize) -> Result<CpuModel> {
+        let (prefill, c1) = executor(&optimized_graph(&cfg, GraphKind::Prefill, passes)?, &params, opts, threads)?;
+        let (decode, c2) = executor(&optimized_graph(&cfg, GraphKind::Decode, passes)?, &params, opts, threads)?;
+        Ok(CpuModel { cfg, prefill, decode, _code: (c1, c2), cache: vec![], pos: 0 })
+    }
+
+    fn ids(ids: &[u32], start: usize) -> HashMap<String, HostValue> {
+        let t = ids.len();
+        let mut m = HashMap::new();
+        m.insert("tokens".into(), HostValue { shape: vec![1, t], data: HostData::I64(ids.iter().map(|&i| i as i64).collect()) });
+        m.insert("positions".into(), HostValue { shape: vec![1, t], data: HostData::I64((start..start + t).map(|p| p as i64).collect()) });
+        m
+    }
+
+    fn take_cache(&mut self, out: &mut HashMap<String, HostValue>) -> Result<()> {
+        self.cache.clear();
+        for i in 0..self.cfg.num_hidden_layers {
+            match (out.remove(&format!("present_key.{i}")), out.remove(&format!("present_value.{i}"))) {
+                (Some(k), Some(v)) => self.cache.push((k, v)),
+                _ => return Err(RuntimeError::Invalid(format!("graph did not return the cache of layer {i}")).into()),
+            }
+        }
+        Ok(())
+    }
+
+    fn logits(out: &HashMap<String, HostValue>) -> Result<Vec<f32>> {
+        match out.get("logits").map(|v| &v.data) {
+            Some(HostData::F32(v)) => Ok(v.clone()),
+            _ => Err(RuntimeError::Invalid("graph returned no f32 logits".into()).into()),
+        }
+    }
+
+    /// Logits of every position of `ids`.
+    pub fn logits_all(&mut self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
+        check_ids(ids, self.cfg.vocab_size)?;
+        let mut out = self.prefill.run(&Self::ids(ids, 0))?;
+        self.take_cache(&mut out)?;
+        self.pos = ids.len();
+        Ok(Self::logits(&out)?.chunks(self.cfg.vocab_size).map(<[f32]>::to_vec).collect())
+    }
+}
+
+impl LanguageModel for CpuModel {
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn prefill(&mut self, ids: &[u32]) -> egret_runtime::Result<Vec<f32>> {
+        let rows = self.logits_all(ids).map_err(rt)?;
+        Ok(rows.last().cloned().unwrap_or_default())
+    }
+
+    fn decode(&mut self, id: u32) -> egret_runtime::Result<Vec<f32>> {
+        check_ids(&[id], self.cfg.vocab_size)?;
+        let mut inputs = Self::ids(&[id], self.pos);
+        for (i, (k, v)) in self.cache.drain(..).enumerate() {
+            inputs.insert(format!("past_key.{i}"), k);
+            inputs.insert(format!("past_value.{i}"), v);
+        }
+        let mut out = self.decode.run(&inputs)?;
+        self.take_cache(&mut out).map_err(rt)?;
+        self.pos += 1;
+        Self::logits(&out).map_err(rt)
+    }
+}
