@@ -182,6 +182,16 @@ pub struct AttnDims {
 }
 
 impl Kernel {
+    /// Work as a product of dims (elements touched or multiply-adds).
+    pub fn work(&self) -> Vec<Dim> {
+        match self {
+            Kernel::Elementwise { shape, .. } | Kernel::Reduce { shape, .. } | Kernel::Softmax { shape, .. } | Kernel::RmsNorm { shape, .. } => shape.clone(),
+            Kernel::MatMul { batch, m, n, k, .. } | Kernel::RmsNormMatMul { batch, m, n, k, .. } => batch.iter().cloned().chain([m.clone(), n.clone(), k.clone()]).collect(),
+            Kernel::Attention { dims: d, .. } => vec![d.b.clone(), Dim::c(d.h), d.t.clone(), d.s.clone(), Dim::c(d.d + d.dv)],
+            Kernel::Gather { idx_shape, table_shape, axis, .. } => idx_shape.iter().cloned().chain(table_shape[axis + 1..].iter().cloned()).collect(),
+        }
+    }
+
     /// One line saying what the kernel computes.
     pub fn describe(&self) -> String {
         match self {

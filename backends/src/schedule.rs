@@ -103,6 +103,35 @@ impl Sched<'_> {
         acc
     }
 
+    /// A view of a matmul's right operand (`[.., K, N]`) in which `K` is the contiguous axis,
+    /// so every output element is one contiguous dot product. Weights already transposed
+    /// (`permute(param)`) qualify as they are; otherwise a copy in that layout is made —
+    /// once at load when the operand depends only on parameters.
+    fn k_contiguous(&mut self, acc: Access, shape: &[Dim], e: ElemType) -> Access {
+        let r = shape.len();
+        if acc.strides[r - 2] == Poly::c(1) {
+            return acc;
+        }
+        // Buffer [.., N, K] contiguous; viewed as [.., K, N] with the last two strides swapped.
+        let mut tshape = shape.to_vec();
+        tshape.swap(r - 1, r - 2);
+        let weight_only = self.weight_only[acc.buf as usize];
+        let out = self.new_buffer(BufferRole::Temp, e, &tshape, weight_only);
+        let mut strides = contiguous_strides(&tshape);
+        strides.swap(r - 1, r - 2);
+        let view = Access { buf: out, offset: Poly::zero(), strides };
+        self.push(Kernel::Elementwise { out: view.clone(), shape: shape.to_vec(), expr: Expr::Load(acc.clone(), e) }, &[acc.buf], out);
+        view
+    }
+
+    /// A view whose last axis is contiguous (copying if needed).
+    fn row_contiguous(&mut self, acc: Access, shape: &[Dim], e: ElemType) -> Access {
+        if acc.strides.last() == Some(&Poly::c(1)) {
+            return acc;
+        }
+        self.materialize(Expr::Load(acc, e), shape)
+    }
+
     fn view(&mut self, v: &Val, shape: &[Dim]) -> Access {
         match v {
             Val::View(a) => a.clone(),
@@ -171,6 +200,9 @@ pub fn schedule(g: &Graph) -> Result<Program, BackendError> {
         let arg_shape = |i: usize| g.shape(n.inputs[i]).to_vec();
         let val = match &n.op {
             Op::Input { name } => Val::View(Access::contiguous(s.new_buffer(BufferRole::Input(name.clone()), e, &shape, false), &shape)),
+            Op::Param { name } if shape.iter().any(|d| d.as_const().is_none()) => {
+                return Err(BackendError::Unsupported(format!("parameter `{name}` has a symbolic shape {}; parameters need constant shapes", n.ty.shape)));
+            }
             Op::Param { name } => Val::View(Access::contiguous(s.new_buffer(BufferRole::Param(name.clone()), e, &shape, true), &shape)),
             Op::Constant { value } => Val::Inline(Expr::Const(*value, e)),
             Op::Iota { axis } => Val::Inline(Expr::Iota(*axis, e)),
@@ -226,12 +258,15 @@ pub fn schedule(g: &Graph) -> Result<Program, BackendError> {
                 let out = s.new_buffer(BufferRole::Temp, e, &shape, wo);
                 let strides = contiguous_strides(&shape);
                 let mut start = Poly::zero();
+                let init = wo && shape.iter().all(|d| d.as_const().is_some());
+                if init {
+                    s.buffers[out as usize].role = BufferRole::Init;
+                }
                 for (x, pshape) in pieces {
-                    let mut r = vec![];
-                    loads(&x, &mut r);
                     let acc = Access { buf: out, offset: start.clone(), strides: strides.clone() };
                     start = start.add(&strides[*axis].mul_dim(&pshape[*axis]));
-                    s.push(Kernel::Elementwise { out: acc, shape: pshape, expr: x }, &r, out);
+                    s.kernels.push(Kernel::Elementwise { out: acc, shape: pshape, expr: x });
+                    s.init.push(init);
                 }
                 Val::View(Access::contiguous(out, &shape))
             }
@@ -265,7 +300,9 @@ pub fn schedule(g: &Graph) -> Result<Program, BackendError> {
                 let wi = if fused { 2 } else { 1 };
                 let (ash, wsh) = (arg_shape(0), arg_shape(wi));
                 let a = s.view(&arg(0), &ash);
+                let a = s.row_contiguous(a, &ash, e);
                 let w = s.view(&arg(wi), &wsh);
+                let w = s.k_contiguous(w, &wsh, e);
                 let batch = ash[..ash.len() - 2].to_vec();
                 let (m, k, nn) = (ash[ash.len() - 2].clone(), ash[ash.len() - 1].clone(), wsh[wsh.len() - 1].clone());
                 let out = s.new_buffer(BufferRole::Temp, e, &shape, false);

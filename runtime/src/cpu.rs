@@ -17,6 +17,10 @@ use crate::pool::Pool;
 
 pub type KernelFn = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64, *mut f32) -> i32;
 
+/// Kernels with less work than this (elements or multiply-adds) run on the calling thread:
+/// waking the other threads costs a few microseconds, about this much work.
+const PARALLEL_MIN_WORK: i64 = 1 << 15;
+
 /// Buffers are placed at multiples of this (a cache line, and AVX-512 alignment).
 const ALIGN: usize = 64;
 
@@ -205,7 +209,7 @@ impl CpuExecutor {
             })
             .collect();
         let threads = self.pool.threads();
-        let need = call.scratch_floats * 4 * threads;
+        let need = call.scratch_floats * 4 * threads.max(1);
         if self.scratch.len < need {
             self.scratch = Aligned::new(need);
         }
@@ -223,7 +227,12 @@ impl CpuExecutor {
                 st.store(rc, std::sync::atomic::Ordering::SeqCst);
             }
         });
-        self.pool.run(task);
+        let work: i64 = call.work.iter().map(|d| d.eval(syms).max(1)).product();
+        if work < PARALLEL_MIN_WORK {
+            task(0, 1);
+        } else {
+            self.pool.run(task);
+        }
         let rc = status.load(std::sync::atomic::Ordering::SeqCst);
         if rc != 0 {
             return Err(kernel_error(rc, &self.plan.kernels[k].what));
@@ -265,9 +274,14 @@ impl CpuExecutor {
                 _ => {}
             }
         }
+        let profile = std::env::var_os("EGRET_PROFILE").is_some();
         for k in 0..self.plan.kernels.len() {
             if !self.plan.kernels[k].init {
+                let t0 = std::time::Instant::now();
                 self.launch(k, &syms, &ptrs)?;
+                if profile {
+                    eprintln!("profile\t{}\t{:.1}\t{}", self.plan.kernels[k].symbol, t0.elapsed().as_secs_f64() * 1e6, self.plan.kernels[k].what);
+                }
             }
         }
         let mut outs = HashMap::new();

@@ -85,6 +85,9 @@ pub struct KernelCall {
     pub scratch_floats: usize,
     /// What the kernel computes, for `--explain`-style listings and profiles.
     pub what: String,
+    /// Work estimate (elements or multiply-adds) as a product of dims: small kernels run on
+    /// the calling thread alone, since waking the pool costs more than they do.
+    pub work: Vec<SymDim>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -67,8 +67,14 @@ impl Pool {
             self.shared.wake.notify_all();
         }
         f(0, self.n);
+        let mut spins = 0u32;
         while self.shared.remaining.load(Ordering::Acquire) != 0 {
-            std::hint::spin_loop();
+            spins += 1;
+            if spins < 4096 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
         }
     }
 }

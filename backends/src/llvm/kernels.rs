@@ -352,6 +352,39 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, prog: &Program, k: 
     Ok((arg_list, scratch))
 }
 
+/// The kernel with its buffers renumbered `0..n` in argument order (kernels equal under
+/// this renaming compile to the same function), and its argument list. Buffers with
+/// different element types or dims stay distinct because the kernel records them.
+pub fn canonical(k: &Kernel, prog: &Program) -> (Kernel, Vec<u32>) {
+    let args = kernel_buffers(k);
+    let map = |b: u32| args.iter().position(|&x| x == b).expect("argument") as u32;
+    let ren = |a: &Access| Access { buf: map(a.buf), ..a.clone() };
+    fn ren_expr(e: &Expr, f: &dyn Fn(&Access) -> Access) -> Expr {
+        match e {
+            Expr::Load(a, t) => Expr::Load(f(a), *t),
+            Expr::Const(..) | Expr::Iota(..) => e.clone(),
+            Expr::Unary(u, a) => Expr::Unary(*u, Box::new(ren_expr(a, f))),
+            Expr::Cast(t, a, r) => Expr::Cast(*t, Box::new(ren_expr(a, f)), *r),
+            Expr::Binary(o, a, b) => Expr::Binary(*o, Box::new(ren_expr(a, f)), Box::new(ren_expr(b, f))),
+            Expr::Compare(o, a, b) => Expr::Compare(*o, Box::new(ren_expr(a, f)), Box::new(ren_expr(b, f))),
+            Expr::SwiGlu(a, b) => Expr::SwiGlu(Box::new(ren_expr(a, f)), Box::new(ren_expr(b, f))),
+            Expr::Select(c, a, b) => Expr::Select(Box::new(ren_expr(c, f)), Box::new(ren_expr(a, f)), Box::new(ren_expr(b, f))),
+        }
+    }
+    let _ = prog;
+    let c = match k {
+        Kernel::Elementwise { out, shape, expr } => Kernel::Elementwise { out: ren(out), shape: shape.clone(), expr: ren_expr(expr, &ren) },
+        Kernel::Reduce { op, out, src, shape, axis } => Kernel::Reduce { op: *op, out: map(*out), src: ren(src), shape: shape.clone(), axis: *axis },
+        Kernel::Softmax { out, src, shape, axis } => Kernel::Softmax { out: map(*out), src: ren(src), shape: shape.clone(), axis: *axis },
+        Kernel::MatMul { out, a, w, batch, m, n, k, shared_w } => Kernel::MatMul { out: map(*out), a: ren(a), w: ren(w), batch: batch.clone(), m: m.clone(), n: n.clone(), k: k.clone(), shared_w: *shared_w },
+        Kernel::RmsNormMatMul { out, x, g, w, batch, m, n, k, eps } => Kernel::RmsNormMatMul { out: map(*out), x: ren(x), g: ren(g), w: ren(w), batch: batch.clone(), m: m.clone(), n: n.clone(), k: k.clone(), eps: *eps },
+        Kernel::RmsNorm { out, x, w, shape, eps } => Kernel::RmsNorm { out: map(*out), x: ren(x), w: ren(w), shape: shape.clone(), eps: *eps },
+        Kernel::Attention { out, q, k, v, pos, dims, scale } => Kernel::Attention { out: map(*out), q: ren(q), k: ren(k), v: ren(v), pos: ren(pos), dims: dims.clone(), scale: *scale },
+        Kernel::Gather { out, table, idx, table_shape, idx_shape, axis, elem } => Kernel::Gather { out: map(*out), table: ren(table), idx: ren(idx), table_shape: table_shape.clone(), idx_shape: idx_shape.clone(), axis: *axis, elem: *elem },
+    };
+    (c, args)
+}
+
 /// The distinct buffers a kernel touches, in a fixed order (its argument list).
 fn kernel_buffers(k: &Kernel) -> Vec<u32> {
     let mut v = vec![];

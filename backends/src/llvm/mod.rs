@@ -62,15 +62,41 @@ pub fn kernel_symbol(prog: &Program, i: usize) -> String {
     format!("egret_{}_k{i}", prog.name)
 }
 
-/// Generates the (unoptimised) LLVM module of a program.
+/// A dim in the plan's symbol numbering.
+pub fn symdim(prog: &Program, d: &egret_ir::Dim) -> egret_runtime::plan::SymDim {
+    let zero: std::collections::HashMap<String, i64> = d.symbols().map(|s| (s.to_string(), 0)).collect();
+    let c = d.eval(&zero).unwrap_or(0);
+    let terms = d
+        .symbols()
+        .map(|s| {
+            let mut one = zero.clone();
+            one.insert(s.to_string(), 1);
+            (prog.symbols.iter().position(|x| x == s).unwrap_or(0) as u32, d.eval(&one).unwrap_or(0) - c)
+        })
+        .collect();
+    egret_runtime::plan::SymDim { constant: c, terms }
+}
+
+/// Generates the (unoptimised) LLVM module of a program. Kernels that differ only in which
+/// buffers they touch (the same layer's kernels in every layer) share one function.
 pub fn codegen<'ctx>(ctx: &'ctx Context, prog: &Program, cpu: &str) -> Result<(Module<'ctx>, Vec<KernelCall>), BackendError> {
     let module = ctx.create_module(&format!("egret_{}", prog.name));
     let (name, features) = cpu_and_features(cpu);
     let mut calls = Vec::new();
+    let mut seen: Vec<(crate::kernel::Kernel, String, usize)> = Vec::new();
     for (i, k) in prog.kernels.iter().enumerate() {
-        let sym = kernel_symbol(prog, i);
-        let (args, scratch) = kernels::emit(ctx, &module, prog, k, &sym, &name, &features)?;
-        calls.push(KernelCall { symbol: sym, args, init: prog.init[i], scratch_floats: scratch, what: k.describe() });
+        let (canon, args) = kernels::canonical(k, prog);
+        let (sym, scratch) = match seen.iter().find(|(c, ..)| *c == canon) {
+            Some((_, sym, scratch)) => (sym.clone(), *scratch),
+            None => {
+                let sym = kernel_symbol(prog, seen.len());
+                let (_, scratch) = kernels::emit(ctx, &module, prog, k, &sym, &name, &features)?;
+                seen.push((canon, sym.clone(), scratch));
+                (sym, scratch)
+            }
+        };
+        let work = k.work().iter().map(|d| symdim(prog, d)).collect();
+        calls.push(KernelCall { symbol: sym, args, init: prog.init[i], scratch_floats: scratch, what: k.describe(), work });
     }
     module.verify().map_err(|e| BackendError::Llvm(format!("generated module is invalid: {e}")))?;
     Ok((module, calls))
@@ -108,6 +134,7 @@ pub fn compile(prog: &Program, opts: &CpuOptions) -> Result<Compiled, BackendErr
     let engine = module.create_jit_execution_engine(OptimizationLevel::Aggressive).map_err(llvm_err)?;
     let mut fns = Vec::new();
     for c in &calls {
+        // (kernels sharing a function resolve to the same address)
         let addr = engine.get_function_address(&c.symbol).map_err(llvm_err)?;
         // SAFETY: the function was generated with exactly the KernelFn signature.
         fns.push(unsafe { std::mem::transmute::<usize, KernelFn>(addr) });

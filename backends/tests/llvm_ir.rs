@@ -1,0 +1,26 @@
+//! LLVM IR of a few kernels after O3 for a fixed CPU (`x86-64-v3`), as insta snapshots, so
+//! changes in generated code are reviewed.
+
+use egret_backends::llvm::optimized_ir;
+use egret_backends::schedule::schedule;
+
+fn ir_of(src: &str) -> String {
+    let g = egret_ir::parse(src).unwrap();
+    let prog = schedule(&g).unwrap();
+    let text = optimized_ir(&prog, "x86-64-v3").unwrap();
+    // Keep the function bodies; drop the module header (target triple, datalayout, ids).
+    text.lines().filter(|l| !l.starts_with("; ModuleID") && !l.starts_with("source_filename") && !l.starts_with("target ")).collect::<Vec<_>>().join("\n")
+}
+
+#[test]
+fn matvec_kernel() {
+    let ir = ir_of("graph mv {\n  %x = input \"x\" : f32[T, 64]\n  %w = param \"w\" : f32[32, 64]\n  %wt = permute[perm=[1, 0]](%w) : f32[64, 32]\n  %y = matmul(%x, %wt) : f32[T, 32]\n  output \"y\" = %y\n}");
+    assert!(ir.contains("<8 x float>"), "the dot product should be vectorised:\n{ir}");
+    insta::assert_snapshot!(ir);
+}
+
+#[test]
+fn fused_elementwise_kernel() {
+    let ir = ir_of("graph ew {\n  %a = input \"a\" : f32[T, 64]\n  %b = input \"b\" : f32[T, 64]\n  %s = swiglu(%a, %b) : f32[T, 64]\n  %c = const[value=2.0] : f32[T, 64]\n  %y = mul(%s, %c) : f32[T, 64]\n  output \"y\" = %y\n}");
+    insta::assert_snapshot!(ir);
+}
