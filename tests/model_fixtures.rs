@@ -51,6 +51,38 @@ fn tiny_models_match_transformers_on_the_interpreter() {
 }
 
 #[test]
+fn tiny_models_match_transformers_on_the_cpu_backend() {
+    for name in MODELS {
+        let fx = read(name);
+        for passes in ["none", "default"] {
+            let src = ModelSource::resolve(fixture(&format!("tiny/{name}")).to_str().unwrap()).unwrap();
+            let m = load_model(&src).unwrap();
+            let mut cm = egret::cpu::CpuModel::new(m.config, m.params, passes, &egret_backends::llvm::CpuOptions::default(), 2).unwrap();
+            let got = cm.logits_all(&fx.tokens).unwrap();
+            let (d, maxref) = max_diff(&got, &fx.logits);
+            let tol = 1e-4 * maxref.max(1.0);
+            assert!(d <= tol, "{name} ({passes}, cpu): max |diff| {d} > {tol}");
+        }
+    }
+}
+
+#[test]
+fn cpu_decode_with_kv_cache_matches_full_prefill() {
+    use egret_runtime::generate::LanguageModel;
+    let fx = read("gqa_untied");
+    let src = ModelSource::resolve(fixture("tiny/gqa_untied").to_str().unwrap()).unwrap();
+    let m = load_model(&src).unwrap();
+    let mut cm = egret::cpu::CpuModel::new(m.config, m.params, "default", &egret_backends::llvm::CpuOptions::default(), 2).unwrap();
+    let k = 3;
+    let mut rows = vec![cm.prefill(&fx.tokens[..k]).unwrap()];
+    for &t in &fx.tokens[k..] {
+        rows.push(cm.decode(t).unwrap());
+    }
+    let (d, maxref) = max_diff(&rows, &fx.logits[k - 1..]);
+    assert!(d <= 1e-4 * maxref.max(1.0), "max |diff| {d}");
+}
+
+#[test]
 fn logits_cli_prints_every_position() {
     let fx = read("gqa_untied");
     let toks: Vec<String> = fx.tokens.iter().map(|t| t.to_string()).collect();

@@ -32,8 +32,8 @@ fn reference() -> Reference {
     }
 }
 
-fn generate_json(model: &str, r: &Reference) -> serde_json::Value {
-    let out = egret_ok(&["generate", model, "--prompt", &r.prompt, "--max-new-tokens", "20", "--temperature", "0", "--backend", "interp", "--json"]);
+fn generate_json(model: &str, r: &Reference, backend: &str) -> serde_json::Value {
+    let out = egret_ok(&["generate", model, "--prompt", &r.prompt, "--max-new-tokens", "20", "--temperature", "0", "--backend", backend, "--json"]);
     serde_json::from_str(&out).unwrap()
 }
 
@@ -45,7 +45,7 @@ fn ids_of(v: &serde_json::Value) -> Vec<u32> {
 fn gguf_greedy_ids_match_transformers_and_logits_agree() {
     let r = reference();
     let gguf = smollm2_gguf();
-    let g = generate_json(gguf.to_str().unwrap(), &r);
+    let g = generate_json(gguf.to_str().unwrap(), &r, "interp");
     assert_eq!(ids_of(&g["prompt_ids"]), r.prompt_ids);
     assert_eq!(ids_of(&g["ids"]), r.ids);
     assert!(g["text"].as_str().unwrap().starts_with(" Paris."), "{}", g["text"]);
@@ -84,7 +84,27 @@ fn converted_hf_directory_generates_the_same_ids() {
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(out_dir.join(f).is_file(), "{f} missing");
     }
-    let g = generate_json(out_dir.to_str().unwrap(), &r);
+    let g = generate_json(out_dir.to_str().unwrap(), &r, "cpu");
     assert_eq!(ids_of(&g["prompt_ids"]), r.prompt_ids);
     assert_eq!(ids_of(&g["ids"]), r.ids);
+}
+
+#[test]
+fn cpu_backend_greedy_ids_match_transformers() {
+    let r = reference();
+    let gguf = smollm2_gguf();
+    let g = generate_json(gguf.to_str().unwrap(), &r, "cpu");
+    assert_eq!(ids_of(&g["prompt_ids"]), r.prompt_ids);
+    assert_eq!(ids_of(&g["ids"]), r.ids);
+    // Prompt logits on the CPU backend against the reference's top 16 per position.
+    let toks: Vec<String> = r.prompt_ids.iter().map(|t| t.to_string()).collect();
+    let out = egret_ok(&["logits", gguf.to_str().unwrap(), "--tokens", &toks.join(","), "--backend", "cpu"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let tol = 1e-4 * r.max_abs.max(1.0);
+    for (pos, (ids, vals)) in r.top.iter().enumerate() {
+        for (id, want) in ids.iter().zip(vals) {
+            let got = v["logits"][pos][*id as usize].as_f64().unwrap() as f32;
+            assert!((got - want).abs() <= tol, "cpu: position {pos}, id {id}: {got} vs {want} (tol {tol})");
+        }
+    }
 }
