@@ -162,8 +162,9 @@ pub enum Kernel {
     MatMul { out: u32, a: Access, w: Access, batch: Vec<Dim>, m: Dim, n: Dim, k: Dim, shared_w: bool },
     /// `out[r, :] = w * (x[r, :] * rsqrt(mean(x[r, :]²) + eps))`, rows over `shape[..-1]`.
     RmsNorm { out: u32, x: Access, w: Access, shape: Vec<Dim>, eps: f64 },
-    /// `matmul(rms_norm(x, g), w)`.
-    RmsNormMatMul { out: u32, x: Access, g: Access, w: Access, batch: Vec<Dim>, m: Dim, n: Dim, k: Dim, eps: f64 },
+    /// `matmul(rms_norm(x, g), w)`; with `g: None` the norm weight is already folded into
+    /// `w` (`w'[k, n] = g[k]·w[k, n]`, computed once at load), so only the row scale remains.
+    RmsNormMatMul { out: u32, x: Access, g: Option<Access>, w: Access, batch: Vec<Dim>, m: Dim, n: Dim, k: Dim, eps: f64 },
     /// Causal grouped-query attention, online softmax; see `Op::FusedAttention`.
     Attention { out: u32, q: Access, k: Access, v: Access, pos: Access, dims: AttnDims, scale: f64 },
     /// Rows of `table` (`[outer, len, inner]` around `axis`) picked by `idx`.

@@ -309,7 +309,17 @@ pub fn schedule(g: &Graph) -> Result<Program, BackendError> {
                 let shared_w = wsh.len() == 2;
                 if let Op::RmsNormMatMul { eps } = n.op {
                     let gw = s.view(&arg(1), &arg_shape(1));
-                    s.push(Kernel::RmsNormMatMul { out, x: a.clone(), g: gw.clone(), w: w.clone(), batch, m, n: nn, k, eps }, &[a.buf, gw.buf, w.buf], out);
+                    if s.weight_only[gw.buf as usize] && s.weight_only[w.buf as usize] && shared_w {
+                        // fold-norm-weight: w'[k, n] = g[k]·w[k, n], once at load, k-contiguous.
+                        let wf = s.new_buffer(BufferRole::Temp, e, &[nn.clone(), k.clone()], true);
+                        let view = Access { buf: wf, offset: Poly::zero(), strides: vec![Poly::c(1), Poly::dim(&k)] };
+                        let gb = Access { buf: gw.buf, offset: gw.offset.clone(), strides: vec![gw.strides[0].clone(), Poly::zero()] };
+                        let expr = Expr::Binary(egret_ir::BinaryOp::Mul, Box::new(Expr::Load(gb, e)), Box::new(Expr::Load(w.clone(), e)));
+                        s.push(Kernel::Elementwise { out: view.clone(), shape: wsh.clone(), expr }, &[gw.buf, w.buf], wf);
+                        s.push(Kernel::RmsNormMatMul { out, x: a.clone(), g: None, w: view.clone(), batch, m, n: nn, k, eps }, &[a.buf, view.buf], out);
+                    } else {
+                        s.push(Kernel::RmsNormMatMul { out, x: a.clone(), g: Some(gw.clone()), w: w.clone(), batch, m, n: nn, k, eps }, &[a.buf, gw.buf, w.buf], out);
+                    }
                 } else {
                     s.push(Kernel::MatMul { out, a: a.clone(), w: w.clone(), batch, m, n: nn, k, shared_w }, &[a.buf, w.buf], out);
                 }

@@ -328,11 +328,11 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, prog: &Program, k: 
             0
         }
         Kernel::MatMul { out, a, w, batch, m, n, k, shared_w } => {
-            matmul(&fb, *out, a, None, w, batch, m, n, k, *shared_w, 0.0)?;
+            matmul(&fb, *out, a, None, w, batch, m, n, k, *shared_w)?;
             0
         }
         Kernel::RmsNormMatMul { out, x, g, w, batch, m, n, k, eps } => {
-            matmul(&fb, *out, x, Some(g), w, batch, m, n, k, true, *eps)?;
+            matmul(&fb, *out, x, Some((g.as_ref(), *eps)), w, batch, m, n, k, true)?;
             0
         }
         Kernel::RmsNorm { out, x, w, shape, eps } => {
@@ -377,7 +377,7 @@ pub fn canonical(k: &Kernel, prog: &Program) -> (Kernel, Vec<u32>) {
         Kernel::Reduce { op, out, src, shape, axis } => Kernel::Reduce { op: *op, out: map(*out), src: ren(src), shape: shape.clone(), axis: *axis },
         Kernel::Softmax { out, src, shape, axis } => Kernel::Softmax { out: map(*out), src: ren(src), shape: shape.clone(), axis: *axis },
         Kernel::MatMul { out, a, w, batch, m, n, k, shared_w } => Kernel::MatMul { out: map(*out), a: ren(a), w: ren(w), batch: batch.clone(), m: m.clone(), n: n.clone(), k: k.clone(), shared_w: *shared_w },
-        Kernel::RmsNormMatMul { out, x, g, w, batch, m, n, k, eps } => Kernel::RmsNormMatMul { out: map(*out), x: ren(x), g: ren(g), w: ren(w), batch: batch.clone(), m: m.clone(), n: n.clone(), k: k.clone(), eps: *eps },
+        Kernel::RmsNormMatMul { out, x, g, w, batch, m, n, k, eps } => Kernel::RmsNormMatMul { out: map(*out), x: ren(x), g: g.as_ref().map(ren), w: ren(w), batch: batch.clone(), m: m.clone(), n: n.clone(), k: k.clone(), eps: *eps },
         Kernel::RmsNorm { out, x, w, shape, eps } => Kernel::RmsNorm { out: map(*out), x: ren(x), w: ren(w), shape: shape.clone(), eps: *eps },
         Kernel::Attention { out, q, k, v, pos, dims, scale } => Kernel::Attention { out: map(*out), q: ren(q), k: ren(k), v: ren(v), pos: ren(pos), dims: dims.clone(), scale: *scale },
         Kernel::Gather { out, table, idx, table_shape, idx_shape, axis, elem } => Kernel::Gather { out: map(*out), table: ren(table), idx: ren(idx), table_shape: table_shape.clone(), idx_shape: idx_shape.clone(), axis: *axis, elem: *elem },
@@ -426,7 +426,9 @@ fn kernel_buffers(k: &Kernel) -> Vec<u32> {
         Kernel::RmsNormMatMul { out, x, g, w, .. } => {
             add(*out);
             add(x.buf);
-            add(g.buf);
+            if let Some(g) = g {
+                add(g.buf);
+            }
             add(w.buf);
         }
         Kernel::RmsNorm { out, x, w, .. } => {
@@ -775,70 +777,88 @@ fn softmax(fb: &Fb, out: u32, src: &Access, shape: &[Dim], axis: usize) -> R<()>
     fb.ret_ok()
 }
 
-/// `out = a·w` (or `rms_norm(a, g)·w`): threads split the columns; for each row of `a`
-/// (and its inverse RMS when fused) every column of the thread's share is one dot product
-/// over `k` with reassociation allowed, so LLVM vectorises it.
+/// Rows handled together by the matmul kernel: each weight element loaded feeds this many
+/// multiply-adds (register blocking), and the weight column stays in L1 across the block.
+const ROW_BLOCK: usize = 4;
+
+/// `out = a·w`, or with `norm = Some((g, eps))` `rms_norm(a, g)·w` (`g: None` when folded into
+/// `w`). Threads split the columns; rows go in blocks of `ROW_BLOCK`, each output element a
+/// dot product over `k` with reassociation allowed, so LLVM vectorises it.
 #[allow(clippy::too_many_arguments)]
-fn matmul(fb: &Fb, out: u32, a: &Access, g: Option<&Access>, w: &Access, batch: &[Dim], m: &Dim, n: &Dim, k: &Dim, shared_w: bool, eps: f64) -> R<()> {
+fn matmul<'ctx>(fb: &Fb<'_, 'ctx>, out: u32, a: &Access, norm: Option<(Option<&Access>, f64)>, w: &Access, batch: &[Dim], m: &Dim, n: &Dim, k: &Dim, shared_w: bool) -> R<()> {
     let aav = fb.access(a, ElemType::F32)?;
     let wav = fb.access(w, ElemType::F32)?;
-    let gav = g.map(|g| fb.access(g, ElemType::F32)).transpose()?;
+    let gav = match norm {
+        Some((Some(g), _)) => Some(fb.access(g, ElemType::F32)?),
+        _ => None,
+    };
+    let eps = norm.map(|(_, e)| e).unwrap_or(0.0);
     let optr = fb.buf(out)?;
     let bdims: Vec<IntValue> = batch.iter().map(|d| fb.dim(d)).collect::<R<_>>()?;
     let (mv, nv, kv) = (fb.dim(m)?, fb.dim(n)?, fb.dim(k)?);
-    let nb = bdims.len();
     let mut nbatch = fb.i64c(1);
     for d in &bdims {
         nbatch = fb.mul(nbatch, *d)?;
     }
     let (cs, ce) = fb.split(nv)?;
-    let acc = fb.slot(fb.f32t.into())?;
-    let inv = fb.slot(fb.f32t.into())?;
+    let accs: Vec<PointerValue> = (0..ROW_BLOCK).map(|_| fb.slot(fb.f32t.into())).collect::<R<_>>()?;
+    let invs: Vec<PointerValue> = (0..ROW_BLOCK).map(|_| fb.slot(fb.f32t.into())).collect::<R<_>>()?;
     let (ra, ka) = (aav.strides.len() - 2, aav.strides.len() - 1);
     let (kw, nw) = (wav.strides.len() - 2, wav.strides.len() - 1);
+    let blocks = fb.b.build_int_signed_div(mv, fb.i64c(ROW_BLOCK as i64), "blocks").map_err(be)?;
+    let tail_start = fb.mul(blocks, fb.i64c(ROW_BLOCK as i64))?;
     fb.for_range(fb.i64c(0), nbatch, |fb, bi| {
         let bidx = fb.decompose(bi, &bdims)?;
         let bpairs: Vec<(usize, IntValue)> = bidx.iter().copied().enumerate().collect();
         let abase0 = fb.at(&aav, &bpairs)?;
         let wbase0 = if shared_w { wav.off } else { fb.at(&wav, &bpairs)? };
-        fb.for_range(fb.i64c(0), mv, |fb, mi| {
-            let abase = fb.add(abase0, fb.mul(mi, aav.strides[ra])?)?;
-            if g.is_some() {
-                fb.set(acc, fb.f32c(0.0))?;
-                fb.for_range(fb.i64c(0), kv, |fb, kk| {
-                    let x = fb.load_f32(aav.ptr, fb.add(abase, fb.mul(kk, aav.strides[ka])?)?)?;
-                    let v = fb.fma_fast(fb.get(acc)?, x, x)?;
-                    fb.set(acc, v)
-                })?;
-                let kf = fb.b.build_signed_int_to_float(kv, fb.f32t, "k").map_err(be)?;
-                let mean = fb.b.build_float_div(fb.get(acc)?, kf, "mean").map_err(be)?;
-                let ve = fb.fadd(mean, fb.f32c(eps))?;
-                let sq = fb.intrinsic("llvm.sqrt", &[ve])?;
-                fb.set(inv, fb.b.build_float_div(fb.f32c(1.0), sq, "inv").map_err(be)?)?;
+        // A block of `rows` rows starting at `m0`.
+        let block = |fb: &Fb<'_, 'ctx>, m0: IntValue<'ctx>, rows: usize| -> R<()> {
+            let abases: Vec<IntValue> = (0..rows).map(|r| fb.add(abase0, fb.mul(fb.add(m0, fb.i64c(r as i64))?, aav.strides[ra])?)).collect::<R<_>>()?;
+            if norm.is_some() {
+                for r in 0..rows {
+                    fb.set(accs[r], fb.f32c(0.0))?;
+                    fb.for_range(fb.i64c(0), kv, |fb, kk| {
+                        let x = fb.load_f32(aav.ptr, fb.add(abases[r], fb.mul(kk, aav.strides[ka])?)?)?;
+                        fb.set(accs[r], fb.fma_fast(fb.get(accs[r])?, x, x)?)
+                    })?;
+                    let kf = fb.b.build_signed_int_to_float(kv, fb.f32t, "k").map_err(be)?;
+                    let mean = fb.b.build_float_div(fb.get(accs[r])?, kf, "mean").map_err(be)?;
+                    let sq = fb.intrinsic("llvm.sqrt", &[fb.fadd(mean, fb.f32c(eps))?])?;
+                    fb.set(invs[r], fb.b.build_float_div(fb.f32c(1.0), sq, "inv").map_err(be)?)?;
+                }
             }
-            let orow = fb.mul(fb.add(fb.mul(bi, mv)?, mi)?, nv)?;
             fb.for_range(cs, ce, |fb, ni| {
                 let wbase = fb.add(wbase0, fb.mul(ni, wav.strides[nw])?)?;
-                fb.set(acc, fb.f32c(0.0))?;
+                for acc in accs.iter().take(rows) {
+                    fb.set(*acc, fb.f32c(0.0))?;
+                }
                 fb.for_range(fb.i64c(0), kv, |fb, kk| {
-                    let mut x = fb.load_f32(aav.ptr, fb.add(abase, fb.mul(kk, aav.strides[ka])?)?)?;
+                    let mut y = fb.load_f32(wav.ptr, fb.add(wbase, fb.mul(kk, wav.strides[kw])?)?)?;
                     if let Some(gav) = &gav {
                         let gv = fb.load_f32(gav.ptr, fb.add(gav.off, fb.mul(kk, gav.strides[0])?)?)?;
-                        x = fb.fast(fb.fmul(x, gv)?);
+                        y = fb.fast(fb.fmul(y, gv)?);
                     }
-                    let y = fb.load_f32(wav.ptr, fb.add(wbase, fb.mul(kk, wav.strides[kw])?)?)?;
-                    let v = fb.fma_fast(fb.get(acc)?, x, y)?;
-                    fb.set(acc, v)
+                    for r in 0..rows {
+                        let x = fb.load_f32(aav.ptr, fb.add(abases[r], fb.mul(kk, aav.strides[ka])?)?)?;
+                        fb.set(accs[r], fb.fma_fast(fb.get(accs[r])?, x, y)?)?;
+                    }
+                    Ok(())
                 })?;
-                let mut r = fb.get(acc)?;
-                if g.is_some() {
-                    r = fb.fmul(r, fb.get(inv)?)?;
+                for r in 0..rows {
+                    let mut v = fb.get(accs[r])?;
+                    if norm.is_some() {
+                        v = fb.fmul(v, fb.get(invs[r])?)?;
+                    }
+                    let row = fb.add(fb.mul(bi, mv)?, fb.add(m0, fb.i64c(r as i64))?)?;
+                    fb.store_f32(optr, fb.add(fb.mul(row, nv)?, ni)?, v)?;
                 }
-                fb.store_f32(optr, fb.add(orow, ni)?, r)
+                Ok(())
             })
-        })
+        };
+        fb.for_range(fb.i64c(0), blocks, |fb, blk| block(fb, fb.mul(blk, fb.i64c(ROW_BLOCK as i64))?, ROW_BLOCK))?;
+        fb.for_range(tail_start, mv, |fb, mi| block(fb, mi, 1))
     })?;
-    let _ = nb;
     fb.ret_ok()
 }
 
