@@ -4,8 +4,8 @@
 
 use std::collections::HashMap;
 
-use egret_backends::llvm::{compile, Compiled, CpuOptions};
-use egret_backends::schedule::schedule;
+use egret_backends::llvm::{compile, panel_width, Compiled, CpuOptions};
+use egret_backends::schedule::{schedule_with, ScheduleOptions};
 use egret_ir::{Graph, Tensor};
 use egret_models::{GraphKind, LlamaConfig};
 use egret_runtime::cpu::{CpuExecutor, HostData, HostValue};
@@ -17,7 +17,8 @@ use crate::{EgretError, Result};
 
 /// Compiles a graph and binds parameters: an executor ready to run.
 pub fn executor(g: &Graph, params: &HashMap<String, Tensor>, opts: &CpuOptions, threads: usize) -> Result<(CpuExecutor, Compiled)> {
-    let prog = schedule(g).map_err(|e| EgretError::Usage(e.to_string()))?;
+    let sopts = ScheduleOptions { panel: panel_width(&opts.cpu) };
+    let prog = schedule_with(g, sopts).map_err(|e| EgretError::Usage(e.to_string()))?;
     let compiled = compile(&prog, opts).map_err(|e| EgretError::Usage(e.to_string()))?;
     let mut ex = CpuExecutor::new(compiled.plan.clone(), compiled.fns.clone(), threads)?;
     let get = |name: &str| params.get(name).and_then(|t| Some((t.shape().to_vec(), t.f32_arc()?)));

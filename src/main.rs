@@ -144,6 +144,49 @@ enum Cmd {
     },
     /// List the passes.
     Passes,
+    /// Measure: a matmul kernel, or a model's prefill and decode speed.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// `[N, N] x [N, N]` f32 matmul (weights as a linear layer stores them).
+    Matmul {
+        #[arg(long, default_value_t = 2048)]
+        size: usize,
+        #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+        backend: Backend,
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long, default_value = "native")]
+        cpu: String,
+        /// Timed repetitions (the best is reported).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prefill a prompt of `--prompt-len` tokens, then decode `--gen` tokens.
+    Model {
+        model: String,
+        #[arg(long, default_value_t = 64)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 64)]
+        gen: usize,
+        #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+        backend: Backend,
+        #[arg(long, default_value = "default")]
+        passes: String,
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long, default_value = "native")]
+        cpu: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() {
@@ -369,6 +412,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Bench { what } => bench(what),
         Cmd::Passes => {
             for p in all_passes() {
                 println!("{:<12} {}", p.name(), p.summary());
@@ -414,4 +458,71 @@ fn convert(model: &str, out: &Path, dtype: DTypeArg) -> Result<()> {
     }
     println!("{}", out.display());
     Ok(())
+}
+
+fn bench(what: BenchCmd) -> Result<()> {
+    match what {
+        BenchCmd::Matmul { size, backend, threads, cpu, reps, json } => {
+            if backend != Backend::Cpu {
+                bail!("bench matmul measures the cpu backend (the interpreter is a reference, not a fast path)");
+            }
+            let n = size as i64;
+            let src = format!("graph mm {{\n  %a = input \"a\" : f32[{n}, {n}]\n  %w = param \"w\" : f32[{n}, {n}]\n  %wt = permute[perm=[1, 0]](%w) : f32[{n}, {n}]\n  %y = matmul(%a, %wt) : f32[{n}, {n}]\n  output \"y\" = %y\n}}");
+            let g = egret_ir::parse(&src)?;
+            let mut params = HashMap::new();
+            let vals: Vec<f32> = (0..size * size).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+            params.insert("w".to_string(), egret_ir::Tensor::from_f32(vec![size, size], vals.clone())?);
+            let threads = threads.unwrap_or_else(default_threads).max(1);
+            let (mut ex, _code) = egret::cpu::executor(&g, &params, &egret_backends::llvm::CpuOptions { cpu }, threads)?;
+            let mut inputs = HashMap::new();
+            inputs.insert("a".to_string(), egret_runtime::cpu::HostValue { shape: vec![size, size], data: egret_runtime::cpu::HostData::F32(vals) });
+            ex.run(&inputs)?;
+            let mut best = f64::INFINITY;
+            for _ in 0..reps.max(1) {
+                let t0 = std::time::Instant::now();
+                ex.run(&inputs)?;
+                best = best.min(t0.elapsed().as_secs_f64());
+            }
+            let gflops = 2.0 * (size as f64).powi(3) / best / 1e9;
+            if json {
+                println!("{}", serde_json::json!({ "gflops": gflops }));
+            } else {
+                println!("matmul {size}x{size}x{size}: {gflops:.1} GFLOP/s ({:.2} ms, {threads} threads)", best * 1e3);
+            }
+            Ok(())
+        }
+        BenchCmd::Model { model, prompt_len, gen, backend, passes, threads, cpu, json } => {
+            let ro = RunOpts { backend, passes, threads: threads.unwrap_or_else(default_threads).max(1), cpu };
+            let loaded = load_model(&ModelSource::resolve(&model)?)?;
+            let vocab = loaded.config.vocab_size as u64;
+            if prompt_len == 0 {
+                bail!("--prompt-len must be at least 1");
+            }
+            let (mut m, _, _) = Runner::new(loaded, &ro)?;
+            // A fixed pseudo-random prompt (the speed does not depend on the ids).
+            let prompt: Vec<u32> = (0..prompt_len as u64).map(|i| ((i * 2654435761 + 12345) % vocab) as u32).collect();
+            let run = |m: &mut Runner| -> Result<(f64, f64)> {
+                let lm = m.model();
+                let t0 = std::time::Instant::now();
+                let logits = lm.prefill(&prompt)?;
+                let t_prefill = t0.elapsed().as_secs_f64();
+                let mut next = egret_runtime::sampler::argmax(&logits);
+                let t1 = std::time::Instant::now();
+                for _ in 0..gen {
+                    let l = lm.decode(next)?;
+                    next = egret_runtime::sampler::argmax(&l);
+                }
+                let t_decode = t1.elapsed().as_secs_f64();
+                Ok((prompt_len as f64 / t_prefill, if gen > 0 { gen as f64 / t_decode } else { 0.0 }))
+            };
+            run(&mut m)?; // warm-up: first-touch of weights and arena
+            let (p, d) = run(&mut m)?;
+            if json {
+                println!("{}", serde_json::json!({ "prefill_tok_s": p, "decode_tok_s": d }));
+            } else {
+                println!("prefill {p:.1} tok/s ({prompt_len} tokens), decode {d:.1} tok/s ({gen} tokens)");
+            }
+            Ok(())
+        }
+    }
 }

@@ -167,6 +167,14 @@ pub enum Kernel {
     RmsNormMatMul { out: u32, x: Access, g: Option<Access>, w: Access, batch: Vec<Dim>, m: Dim, n: Dim, k: Dim, eps: f64 },
     /// Causal grouped-query attention, online softmax; see `Op::FusedAttention`.
     Attention { out: u32, q: Access, k: Access, v: Access, pos: Access, dims: AttnDims, scale: f64 },
+    /// Weights repacked for `Gemm`: `w` is a `[K, N]` view; column panels of `nr` columns are
+    /// stored k-major, `out[(p·K + k)·nr + j] = w[k, p·nr + j]`, zero past `N`.
+    PackPanels { out: u32, w: Access, k: i64, n: i64, nr: i64 },
+    /// `out[r, :] = a[r, :] · W` over `rows` rows (`a` k-contiguous with row stride
+    /// `a.strides[0]`), `W` packed by `PackPanels` into `bp`; with `norm`, each row is scaled
+    /// by `rsqrt(mean(a[r]²) + eps)` (the RMSNorm weight is folded into `W`). A register-
+    /// blocked micro-kernel of `mr × nr` accumulators over cache blocks of `a` and `bp`.
+    Gemm { out: u32, a: Access, bp: u32, rows: Vec<Dim>, k: i64, n: i64, nr: i64, norm: Option<f64> },
     /// Rows of `table` (`[outer, len, inner]` around `axis`) picked by `idx`.
     Gather { out: u32, table: Access, idx: Access, table_shape: Vec<Dim>, idx_shape: Vec<Dim>, axis: usize, elem: ElemType },
 }
@@ -190,6 +198,8 @@ impl Kernel {
             Kernel::MatMul { batch, m, n, k, .. } | Kernel::RmsNormMatMul { batch, m, n, k, .. } => batch.iter().cloned().chain([m.clone(), n.clone(), k.clone()]).collect(),
             Kernel::Attention { dims: d, .. } => vec![d.b.clone(), Dim::c(d.h), d.t.clone(), d.s.clone(), Dim::c(d.d + d.dv)],
             Kernel::Gather { idx_shape, table_shape, axis, .. } => idx_shape.iter().cloned().chain(table_shape[axis + 1..].iter().cloned()).collect(),
+            Kernel::PackPanels { k, n, .. } => vec![Dim::c(*k), Dim::c(*n)],
+            Kernel::Gemm { rows, k, n, .. } => rows.iter().cloned().chain([Dim::c(*k), Dim::c(*n)]).collect(),
         }
     }
 
@@ -204,6 +214,8 @@ impl Kernel {
             Kernel::RmsNormMatMul { m, n, k, batch, .. } => format!("rms_norm_matmul {}[{m}x{k}]·[{k}x{n}]", dims(batch)),
             Kernel::Attention { dims: d, .. } => format!("attention b={} h={} t={} s={} d={}", d.b, d.h, d.t, d.s, d.d),
             Kernel::Gather { table_shape, idx_shape, .. } => format!("gather {} by {}", dims(table_shape), dims(idx_shape)),
+            Kernel::PackPanels { k, n, nr, .. } => format!("pack [{k}x{n}] in panels of {nr}"),
+            Kernel::Gemm { rows, k, n, norm, .. } => format!("{} {}x[{k}x{n}]", if norm.is_some() { "gemm+rms_norm" } else { "gemm" }, dims(rows)),
         }
     }
 }

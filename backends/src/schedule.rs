@@ -38,6 +38,7 @@ enum Val {
 }
 
 struct Sched<'g> {
+    panel: i64,
     g: &'g Graph,
     symbols: Vec<String>,
     buffers: Vec<BufferSpec>,
@@ -179,8 +180,27 @@ fn is_cheap(e: &Expr) -> bool {
     matches!(e, Expr::Const(..) | Expr::Iota(..))
 }
 
-/// Schedules `g` (verified) into a program.
+/// Target facts scheduling needs.
+#[derive(Clone, Copy, Debug)]
+pub struct ScheduleOptions {
+    /// Columns per packed weight panel for `Gemm` (a multiple of the vector width), or 0 to
+    /// keep plain matmul kernels.
+    pub panel: i64,
+}
+
+impl Default for ScheduleOptions {
+    fn default() -> Self {
+        ScheduleOptions { panel: 32 }
+    }
+}
+
+/// Schedules `g` (verified) into a program with default options.
 pub fn schedule(g: &Graph) -> Result<Program, BackendError> {
+    schedule_with(g, ScheduleOptions::default())
+}
+
+/// Schedules `g` (verified) into a program.
+pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, BackendError> {
     egret_ir::verify(g).map_err(BackendError::Ir)?;
     let order = g.live_topo_order().map_err(|_| BackendError::Unsupported("cycle".into()))?;
     let mut syms = BTreeSet::new();
@@ -189,7 +209,7 @@ pub fn schedule(g: &Graph) -> Result<Program, BackendError> {
             syms.extend(d.symbols().map(str::to_string));
         }
     }
-    let mut s = Sched { g, symbols: syms.into_iter().collect(), buffers: vec![], weight_only: vec![], kernels: vec![], init: vec![], uses: g.use_counts() };
+    let mut s = Sched { panel: opts.panel, g, symbols: syms.into_iter().collect(), buffers: vec![], weight_only: vec![], kernels: vec![], init: vec![], uses: g.use_counts() };
     let mut vals: Vec<Option<Val>> = vec![None; g.len()];
     let outputs: BTreeSet<ValueId> = g.outputs.iter().map(|(_, v)| *v).collect();
     for v in order {
@@ -307,6 +327,32 @@ pub fn schedule(g: &Graph) -> Result<Program, BackendError> {
                 let (m, k, nn) = (ash[ash.len() - 2].clone(), ash[ash.len() - 1].clone(), wsh[wsh.len() - 1].clone());
                 let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
                 let shared_w = wsh.len() == 2;
+                // Weights known at load with constant K, N and rows of `a` that collapse to one
+                // stride: pack the weights into panels once and run the blocked GEMM.
+                let rows_contig = (0..ash.len() - 2).all(|i| a.strides[i] == a.strides[i + 1].mul_dim(&ash[i + 1]));
+                if s.panel > 0 && shared_w && s.weight_only[w.buf as usize] && k.as_const().is_some() && nn.as_const().is_some() && rows_contig && a.strides[ash.len() - 1] == Poly::c(1) {
+                    let (kc, ncst) = (k.as_const().expect("checked"), nn.as_const().expect("checked"));
+                    let (w, norm) = match n.op {
+                        Op::RmsNormMatMul { eps } => {
+                            let gw = s.view(&arg(1), &arg_shape(1));
+                            // fold-norm-weight: w'[k, n] = g[k]·w[k, n]
+                            let gb = Access { buf: gw.buf, offset: gw.offset.clone(), strides: vec![gw.strides[0].clone(), Poly::zero()] };
+                            let expr = Expr::Binary(egret_ir::BinaryOp::Mul, Box::new(Expr::Load(gb, e)), Box::new(Expr::Load(w.clone(), e)));
+                            let wf = s.materialize(expr, &wsh);
+                            (wf, Some(eps))
+                        }
+                        _ => (w, None),
+                    };
+                    let panels = (ncst + s.panel - 1) / s.panel;
+                    let bp = s.new_buffer(BufferRole::Temp, e, &[Dim::c(panels * kc * s.panel)], true);
+                    s.push(Kernel::PackPanels { out: bp, w: w.clone(), k: kc, n: ncst, nr: s.panel }, &[w.buf], bp);
+                    let a2 = Access { buf: a.buf, offset: a.offset.clone(), strides: vec![a.strides[ash.len() - 2].clone(), Poly::c(1)] };
+                    let mut rows = batch.clone();
+                    rows.push(m.clone());
+                    s.push(Kernel::Gemm { out, a: a2, bp, rows, k: kc, n: ncst, nr: s.panel, norm }, &[a.buf, bp], out);
+                    vals[v.index()] = Some(Val::View(Access::contiguous(out, &shape)));
+                    continue;
+                }
                 if let Op::RmsNormMatMul { eps } = n.op {
                     let gw = s.view(&arg(1), &arg_shape(1));
                     if s.weight_only[gw.buf as usize] && s.weight_only[w.buf as usize] && shared_w {

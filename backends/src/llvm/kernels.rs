@@ -10,7 +10,7 @@ use inkwell::context::Context;
 use inkwell::intrinsics::Intrinsic;
 use inkwell::module::{Linkage, Module};
 use inkwell::types::{BasicTypeEnum, FloatType, IntType};
-use inkwell::values::{BasicMetadataValueEnum, BasicValueEnum, FloatValue, FunctionValue, InstructionOpcode, IntValue, PointerValue};
+use inkwell::values::{BasicMetadataValueEnum, BasicValue, BasicValueEnum, FloatValue, FunctionValue, InstructionOpcode, IntValue, PointerValue};
 use inkwell::{AddressSpace, FloatPredicate, IntPredicate};
 
 use egret_ir::{BinaryOp, CompareOp, Dim, ReduceOp, UnaryOp};
@@ -347,6 +347,14 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, prog: &Program, k: 
             gather(&fb, *out, table, idx, table_shape, idx_shape, *axis, *elem)?;
             0
         }
+        Kernel::PackPanels { out, w, k, n, nr } => {
+            pack_panels(&fb, *out, w, *k, *n, *nr)?;
+            0
+        }
+        Kernel::Gemm { out, a, bp, rows, k, n, nr, norm } => {
+            gemm(&fb, *out, a, *bp, rows, *k, *n, *nr, *norm)?;
+            (GEMM_MR * *nr + GEMM_MC) as usize
+        }
     };
     let _ = &fb.arg_list;
     Ok((arg_list, scratch))
@@ -381,6 +389,8 @@ pub fn canonical(k: &Kernel, prog: &Program) -> (Kernel, Vec<u32>) {
         Kernel::RmsNorm { out, x, w, shape, eps } => Kernel::RmsNorm { out: map(*out), x: ren(x), w: ren(w), shape: shape.clone(), eps: *eps },
         Kernel::Attention { out, q, k, v, pos, dims, scale } => Kernel::Attention { out: map(*out), q: ren(q), k: ren(k), v: ren(v), pos: ren(pos), dims: dims.clone(), scale: *scale },
         Kernel::Gather { out, table, idx, table_shape, idx_shape, axis, elem } => Kernel::Gather { out: map(*out), table: ren(table), idx: ren(idx), table_shape: table_shape.clone(), idx_shape: idx_shape.clone(), axis: *axis, elem: *elem },
+        Kernel::PackPanels { out, w, k, n, nr } => Kernel::PackPanels { out: map(*out), w: ren(w), k: *k, n: *n, nr: *nr },
+        Kernel::Gemm { out, a, bp, rows, k, n, nr, norm } => Kernel::Gemm { out: map(*out), a: ren(a), bp: map(*bp), rows: rows.clone(), k: *k, n: *n, nr: *nr, norm: *norm },
     };
     (c, args)
 }
@@ -445,6 +455,15 @@ fn kernel_buffers(k: &Kernel) -> Vec<u32> {
             add(*out);
             add(table.buf);
             add(idx.buf);
+        }
+        Kernel::PackPanels { out, w, .. } => {
+            add(*out);
+            add(w.buf);
+        }
+        Kernel::Gemm { out, a, bp, .. } => {
+            add(*out);
+            add(a.buf);
+            add(*bp);
         }
     }
     v
@@ -1020,4 +1039,279 @@ fn gather(fb: &Fb, out: u32, table: &Access, idx: &Access, tshape: &[Dim], ishap
     fb.b.position_at_end(bad);
     fb.b.build_return(Some(&fb.ctx.i32_type().const_int(1, false))).map_err(be)?;
     Ok(())
+}
+
+/// GEMM blocking. `MR` rows × `nr` columns of accumulators live in registers (8 × 2 vectors
+/// with AVX-512: 16 of 32 registers); `KC` keeps a weight panel slice (`KC·nr` floats, 32 KiB
+/// at nr = 32) in L1; `MC` rows of `a` (`MC·KC` floats, 64 KiB) stay in L2 while every panel
+/// of the thread passes over them.
+const GEMM_MR: i64 = 8;
+const GEMM_KC: i64 = 256;
+const GEMM_MC: i64 = 64;
+
+fn pack_panels(fb: &Fb, out: u32, w: &Access, k: i64, n: i64, nr: i64) -> R<()> {
+    let wav = fb.access(w, ElemType::F32)?;
+    let optr = fb.buf(out)?;
+    let panels = (n + nr - 1) / nr;
+    let (s, e) = fb.split(fb.i64c(panels))?;
+    fb.for_range(s, e, |fb, p| {
+        fb.for_range(fb.i64c(0), fb.i64c(k), |fb, kk| {
+            fb.for_range(fb.i64c(0), fb.i64c(nr), |fb, j| {
+                let col = fb.add(fb.mul(p, fb.i64c(nr))?, j)?;
+                let inside = fb.b.build_int_compare(IntPredicate::SLT, col, fb.i64c(n), "in").map_err(be)?;
+                let safe = fb.b.build_select(inside, col, fb.i64c(0), "c").map_err(be)?.into_int_value();
+                let at = fb.add(fb.add(wav.off, fb.mul(kk, wav.strides[0])?)?, fb.mul(safe, wav.strides[1])?)?;
+                let v = fb.load_f32(wav.ptr, at)?;
+                let v = fb.b.build_select(inside, v, fb.f32c(0.0), "v").map_err(be)?.into_float_value();
+                let o = fb.add(fb.mul(fb.add(fb.mul(p, fb.i64c(k))?, kk)?, fb.i64c(nr))?, j)?;
+                fb.store_f32(optr, o, v)
+            })
+        })
+    })?;
+    fb.ret_ok()
+}
+
+/// The `mr × nr` micro-kernel: `c[r, 0..nr] (+)= Σ_{k<kl} a[r·lda + k] · bp[k·nr .. k·nr+nr]`,
+/// then, if `scale` is not null, `c[r, :] *= scale[r]`. One function per (mr, nr) per module.
+fn ukernel<'ctx>(fb: &Fb<'_, 'ctx>, mr: i64, nr: i64, cpu_attrs: &[inkwell::attributes::Attribute]) -> R<FunctionValue<'ctx>> {
+    let name = format!("egret_ukernel_{mr}x{nr}");
+    if let Some(f) = fb.module.get_function(&name) {
+        return Ok(f);
+    }
+    let ctx = fb.ctx;
+    let (ptrt, i64t, f32t) = (ctx.ptr_type(AddressSpace::default()), ctx.i64_type(), ctx.f32_type());
+    let vw = (nr / 2) as u32;
+    let vt = f32t.vec_type(vw);
+    let nv = (nr as u32) / vw;
+    let fty = ctx.void_type().fn_type(&[ptrt.into(), i64t.into(), ptrt.into(), ptrt.into(), i64t.into(), i64t.into(), ctx.bool_type().into(), ptrt.into()], false);
+    let f = fb.module.add_function(&name, fty, Some(Linkage::Internal));
+    for a in cpu_attrs {
+        f.add_attribute(AttributeLoc::Function, *a);
+    }
+    let b = ctx.create_builder();
+    let entry = ctx.append_basic_block(f, "entry");
+    b.position_at_end(entry);
+    let p = |i: u32| f.get_nth_param(i).expect("param");
+    let (a, lda, bp, c, ldc, kl, first, scale) = (p(0).into_pointer_value(), p(1).into_int_value(), p(2).into_pointer_value(), p(3).into_pointer_value(), p(4).into_int_value(), p(5).into_int_value(), p(6).into_int_value(), p(7).into_pointer_value());
+    let fma = Intrinsic::find("llvm.fma").expect("fma").get_declaration(fb.module, &[vt.into()]).expect("fma decl");
+    let i64c = |v: i64| i64t.const_int(v as u64, true);
+    let gep = |ty: BasicTypeEnum<'ctx>, base: PointerValue<'ctx>, idx: IntValue<'ctx>| unsafe { b.build_in_bounds_gep(ty, base, &[idx], "p") }.map_err(be);
+    let vload = |ptr: PointerValue<'ctx>| -> R<inkwell::values::VectorValue<'ctx>> {
+        let v = b.build_load(vt, ptr, "vl").map_err(be)?;
+        v.as_instruction_value().expect("load").set_alignment(4).map_err(be)?;
+        Ok(v.into_vector_value())
+    };
+    let splat = |x: FloatValue<'ctx>| -> R<inkwell::values::VectorValue<'ctx>> {
+        let undef = vt.get_undef();
+        let v = b.build_insert_element(undef, x, i64c(0), "ins").map_err(be)?;
+        let mask = ctx.i32_type().vec_type(vw).const_zero();
+        b.build_shuffle_vector(v, undef, mask, "splat").map_err(be)
+    };
+    // Accumulators start at zero or at c.
+    let mut acc: Vec<Vec<inkwell::values::VectorValue<'ctx>>> = vec![];
+    let zero_bb = ctx.append_basic_block(f, "zero");
+    let load_bb = ctx.append_basic_block(f, "load");
+    let loop_pre = ctx.append_basic_block(f, "pre");
+    b.build_conditional_branch(first, zero_bb, load_bb).map_err(be)?;
+    b.position_at_end(load_bb);
+    let mut loaded = vec![];
+    for r in 0..mr {
+        for v in 0..nv as i64 {
+            let idx = b.build_int_add(b.build_int_mul(i64c(r), ldc, "").map_err(be)?, i64c(v * vw as i64), "").map_err(be)?;
+            loaded.push(vload(gep(f32t.into(), c, idx)?)?);
+        }
+    }
+    b.build_unconditional_branch(loop_pre).map_err(be)?;
+    b.position_at_end(zero_bb);
+    b.build_unconditional_branch(loop_pre).map_err(be)?;
+    b.position_at_end(loop_pre);
+    for (i, lv) in loaded.iter().enumerate() {
+        let phi = b.build_phi(vt, "acc0").map_err(be)?;
+        phi.add_incoming(&[(lv, load_bb), (&vt.const_zero(), zero_bb)]);
+        if i % nv as usize == 0 {
+            acc.push(vec![]);
+        }
+        acc.last_mut().expect("row").push(phi.as_basic_value().into_vector_value());
+    }
+    // k loop with the accumulators as phis.
+    let head = ctx.append_basic_block(f, "k");
+    let body = ctx.append_basic_block(f, "kbody");
+    let exit = ctx.append_basic_block(f, "kexit");
+    b.build_unconditional_branch(head).map_err(be)?;
+    b.position_at_end(head);
+    let kphi = b.build_phi(i64t, "kk").map_err(be)?;
+    kphi.add_incoming(&[(&i64c(0), loop_pre)]);
+    let mut aphis = vec![];
+    for row in &acc {
+        let mut rp = vec![];
+        for v in row {
+            let ph = b.build_phi(vt, "acc").map_err(be)?;
+            ph.add_incoming(&[(v, loop_pre)]);
+            rp.push(ph);
+        }
+        aphis.push(rp);
+    }
+    let kk = kphi.as_basic_value().into_int_value();
+    let cond = b.build_int_compare(IntPredicate::SLT, kk, kl, "c").map_err(be)?;
+    b.build_conditional_branch(cond, body, exit).map_err(be)?;
+    b.position_at_end(body);
+    let boff = b.build_int_mul(kk, i64c(nr), "bo").map_err(be)?;
+    let bvs: Vec<_> = (0..nv as i64).map(|v| vload(gep(f32t.into(), bp, b.build_int_add(boff, i64c(v * vw as i64), "").map_err(be)?)?)).collect::<R<_>>()?;
+    let mut new_acc = vec![];
+    for (r, row) in aphis.iter().enumerate() {
+        let aidx = b.build_int_add(b.build_int_mul(i64c(r as i64), lda, "").map_err(be)?, kk, "").map_err(be)?;
+        let av = b.build_load(f32t, gep(f32t.into(), a, aidx)?, "a").map_err(be)?.into_float_value();
+        let asp = splat(av)?;
+        let mut nrow = vec![];
+        for (v, ph) in row.iter().enumerate() {
+            let cur = ph.as_basic_value().into_vector_value();
+            let r = b.build_call(fma, &[asp.into(), bvs[v].into(), cur.into()], "fma").map_err(be)?;
+            nrow.push(r.try_as_basic_value().basic().expect("fma value").into_vector_value());
+        }
+        new_acc.push(nrow);
+    }
+    let knext = b.build_int_add(kk, i64c(1), "kn").map_err(be)?;
+    let latch = b.get_insert_block().expect("block");
+    kphi.add_incoming(&[(&knext, latch)]);
+    for (row, nrow) in aphis.iter().zip(&new_acc) {
+        for (ph, nv_) in row.iter().zip(nrow) {
+            ph.add_incoming(&[(nv_, latch)]);
+        }
+    }
+    b.build_unconditional_branch(head).map_err(be)?;
+    b.position_at_end(exit);
+    // Optional row scale, then store.
+    let has_scale = b.build_is_not_null(scale, "hs").map_err(be)?;
+    let scale_bb = ctx.append_basic_block(f, "scale");
+    let store_bb = ctx.append_basic_block(f, "store");
+    let exit_bb = b.get_insert_block().expect("block");
+    b.build_conditional_branch(has_scale, scale_bb, store_bb).map_err(be)?;
+    b.position_at_end(scale_bb);
+    let mut scaled = vec![];
+    for (r, row) in aphis.iter().enumerate() {
+        let sv = b.build_load(f32t, gep(f32t.into(), scale, i64c(r as i64))?, "s").map_err(be)?.into_float_value();
+        let ssp = splat(sv)?;
+        for ph in row {
+            scaled.push(b.build_float_mul(ph.as_basic_value().into_vector_value(), ssp, "sc").map_err(be)?);
+        }
+    }
+    b.build_unconditional_branch(store_bb).map_err(be)?;
+    b.position_at_end(store_bb);
+    let mut fins = vec![];
+    let mut i = 0;
+    for row in aphis.iter() {
+        for ph in row.iter() {
+            let fin = b.build_phi(vt, "fin").map_err(be)?;
+            fin.add_incoming(&[(&ph.as_basic_value().into_vector_value(), exit_bb), (&scaled[i], scale_bb)]);
+            i += 1;
+            fins.push(fin);
+        }
+    }
+    let mut fins = fins.into_iter();
+    for (r, row) in aphis.iter().enumerate() {
+        for (v, _) in row.iter().enumerate() {
+            let fin = fins.next().expect("one per accumulator");
+            let idx = b.build_int_add(b.build_int_mul(i64c(r as i64), ldc, "").map_err(be)?, i64c(v as i64 * vw as i64), "").map_err(be)?;
+            let st = b.build_store(gep(f32t.into(), c, idx)?, fin.as_basic_value()).map_err(be)?;
+            st.set_alignment(4).map_err(be)?;
+        }
+    }
+    b.build_return(None).map_err(be)?;
+    Ok(f)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm<'ctx>(fb: &Fb<'_, 'ctx>, out: u32, a: &Access, bp: u32, rows: &[Dim], k: i64, n: i64, nr: i64, norm: Option<f64>) -> R<()> {
+    let attrs: Vec<_> = fb.func.attributes(AttributeLoc::Function);
+    let uk = ukernel(fb, GEMM_MR, nr, &attrs)?;
+    let uk1 = ukernel(fb, 1, nr, &attrs)?;
+    let aav = fb.access(a, ElemType::F32)?;
+    let (optr, bptr) = (fb.buf(out)?, fb.buf(bp)?);
+    let mut total = fb.i64c(1);
+    for d in rows {
+        total = fb.mul(total, fb.dim(d)?)?;
+    }
+    let lda = aav.strides[0];
+    let panels = (n + nr - 1) / nr;
+    let (ps, pe) = fb.split(fb.i64c(panels))?;
+    let tile = fb.scratch;
+    let inv = unsafe { fb.b.build_in_bounds_gep(fb.f32t, fb.scratch, &[fb.i64c(GEMM_MR * nr)], "inv") }.map_err(be)?;
+    let null = fb.ctx.ptr_type(AddressSpace::default()).const_null();
+    let nchunks = fb.b.build_int_signed_div(fb.add(total, fb.i64c(GEMM_MC - 1))?, fb.i64c(GEMM_MC), "nch").map_err(be)?;
+    let kblocks = (k + GEMM_KC - 1) / GEMM_KC;
+    let min = |fb: &Fb<'_, 'ctx>, x: IntValue<'ctx>, y: IntValue<'ctx>| -> R<IntValue<'ctx>> {
+        let c = fb.b.build_int_compare(IntPredicate::SLT, x, y, "c").map_err(be)?;
+        Ok(fb.b.build_select(c, x, y, "m").map_err(be)?.into_int_value())
+    };
+    fb.for_range(fb.i64c(0), nchunks, |fb, ch| {
+        let mc = fb.mul(ch, fb.i64c(GEMM_MC))?;
+        let mrows = min(fb, fb.i64c(GEMM_MC), fb.b.build_int_sub(total, mc, "").map_err(be)?)?;
+        if let Some(eps) = norm {
+            let acc = fb.slot(fb.f32t.into())?;
+            fb.for_range(fb.i64c(0), mrows, |fb, r| {
+                let base = fb.add(aav.off, fb.mul(fb.add(mc, r)?, lda)?)?;
+                fb.set(acc, fb.f32c(0.0))?;
+                fb.for_range(fb.i64c(0), fb.i64c(k), |fb, kk| {
+                    let x = fb.load_f32(aav.ptr, fb.add(base, kk)?)?;
+                    fb.set(acc, fb.fma_fast(fb.get(acc)?, x, x)?)
+                })?;
+                let mean = fb.b.build_float_div(fb.get(acc)?, fb.f32c(k as f64), "mean").map_err(be)?;
+                let sq = fb.intrinsic("llvm.sqrt", &[fb.fadd(mean, fb.f32c(eps))?])?;
+                fb.store_f32(inv, r, fb.b.build_float_div(fb.f32c(1.0), sq, "inv").map_err(be)?)
+            })?;
+        }
+        fb.for_range(fb.i64c(0), fb.i64c(kblocks), |fb, kb| {
+            let kc = fb.mul(kb, fb.i64c(GEMM_KC))?;
+            let kl = min(fb, fb.i64c(GEMM_KC), fb.b.build_int_sub(fb.i64c(k), kc, "").map_err(be)?)?;
+            let first = fb.b.build_int_compare(IntPredicate::EQ, kb, fb.i64c(0), "first").map_err(be)?;
+            let last = fb.b.build_int_compare(IntPredicate::EQ, kb, fb.i64c(kblocks - 1), "last").map_err(be)?;
+            fb.for_range(ps, pe, |fb, p| {
+                let cols = min(fb, fb.i64c(nr), fb.b.build_int_sub(fb.i64c(n), fb.mul(p, fb.i64c(nr))?, "").map_err(be)?)?;
+                let full = fb.b.build_int_compare(IntPredicate::EQ, cols, fb.i64c(nr), "full").map_err(be)?;
+                let bpp = unsafe { fb.b.build_in_bounds_gep(fb.f32t, bptr, &[fb.mul(fb.add(fb.mul(p, fb.i64c(k))?, kc)?, fb.i64c(nr))?], "bpp") }.map_err(be)?;
+                // One row block of `mr` rows starting at chunk row `r0`.
+                let call = |fb: &Fb<'_, 'ctx>, r0: IntValue<'ctx>, mr: i64, f: FunctionValue<'ctx>| -> R<()> {
+                    let row = fb.add(mc, r0)?;
+                    let aptr = unsafe { fb.b.build_in_bounds_gep(fb.f32t, aav.ptr, &[fb.add(fb.add(aav.off, fb.mul(row, lda)?)?, kc)?], "ap") }.map_err(be)?;
+                    let cidx = fb.add(fb.mul(row, fb.i64c(n))?, fb.mul(p, fb.i64c(nr))?)?;
+                    let cptr = unsafe { fb.b.build_in_bounds_gep(fb.f32t, optr, &[cidx], "cp") }.map_err(be)?;
+                    let sp = if norm.is_some() {
+                        let s = unsafe { fb.b.build_in_bounds_gep(fb.f32t, inv, &[r0], "sp") }.map_err(be)?;
+                        fb.b.build_select(last, s, null, "sc").map_err(be)?.into_pointer_value()
+                    } else {
+                        null
+                    };
+                    let full_bb = fb.ctx.append_basic_block(fb.func, "full");
+                    let part_bb = fb.ctx.append_basic_block(fb.func, "part");
+                    let done_bb = fb.ctx.append_basic_block(fb.func, "done");
+                    fb.b.build_conditional_branch(full, full_bb, part_bb).map_err(be)?;
+                    fb.b.position_at_end(full_bb);
+                    fb.b.build_call(f, &[aptr.into(), lda.into(), bpp.into(), cptr.into(), fb.i64c(n).into(), kl.into(), first.into(), sp.into()], "").map_err(be)?;
+                    fb.b.build_unconditional_branch(done_bb).map_err(be)?;
+                    // A partial last panel goes through the tile: copy in, compute, copy out.
+                    fb.b.position_at_end(part_bb);
+                    fb.for_range(fb.i64c(0), fb.i64c(mr), |fb, r| {
+                        fb.for_range(fb.i64c(0), cols, |fb, j| {
+                            let v = fb.load_f32(cptr, fb.add(fb.mul(r, fb.i64c(n))?, j)?)?;
+                            fb.store_f32(tile, fb.add(fb.mul(r, fb.i64c(nr))?, j)?, v)
+                        })
+                    })?;
+                    fb.b.build_call(f, &[aptr.into(), lda.into(), bpp.into(), tile.into(), fb.i64c(nr).into(), kl.into(), first.into(), sp.into()], "").map_err(be)?;
+                    fb.for_range(fb.i64c(0), fb.i64c(mr), |fb, r| {
+                        fb.for_range(fb.i64c(0), cols, |fb, j| {
+                            let v = fb.load_f32(tile, fb.add(fb.mul(r, fb.i64c(nr))?, j)?)?;
+                            fb.store_f32(cptr, fb.add(fb.mul(r, fb.i64c(n))?, j)?, v)
+                        })
+                    })?;
+                    fb.b.build_unconditional_branch(done_bb).map_err(be)?;
+                    fb.b.position_at_end(done_bb);
+                    Ok(())
+                };
+                let blocks = fb.b.build_int_signed_div(mrows, fb.i64c(GEMM_MR), "nb").map_err(be)?;
+                fb.for_range(fb.i64c(0), blocks, |fb, rb| call(fb, fb.mul(rb, fb.i64c(GEMM_MR))?, GEMM_MR, uk))?;
+                fb.for_range(fb.mul(blocks, fb.i64c(GEMM_MR))?, mrows, |fb, r| call(fb, r, 1, uk1))
+            })
+        })
+    })?;
+    fb.ret_ok()
 }

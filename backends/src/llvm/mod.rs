@@ -47,6 +47,19 @@ fn cpu_and_features(cpu: &str) -> (String, String) {
     }
 }
 
+/// GEMM panel width for a CPU: two vectors of its widest float registers.
+pub fn panel_width(cpu: &str) -> i64 {
+    let (name, features) = cpu_and_features(cpu);
+    let has = |f: &str| features.split(',').any(|x| x == f);
+    if has("+avx512f") || (features.is_empty() && matches!(name.as_str(), "x86-64-v4" | "skylake-avx512" | "icelake-server" | "sapphirerapids" | "emeraldrapids" | "znver4" | "znver5")) {
+        32
+    } else if has("+avx") || (features.is_empty() && matches!(name.as_str(), "x86-64-v3" | "haswell" | "skylake" | "znver2" | "znver3")) {
+        16
+    } else {
+        8
+    }
+}
+
 fn target_machine(cpu: &str) -> Result<TargetMachine, BackendError> {
     Target::initialize_native(&InitializationConfig::default()).map_err(llvm_err)?;
     let triple = TargetMachine::get_default_triple();
