@@ -53,10 +53,6 @@ impl Aligned {
     }
 
 
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        let (o, l) = (self.off, self.len);
-        &mut self.raw[o..o + l]
-    }
 }
 
 /// Host data for an input or an output.
@@ -242,6 +238,7 @@ impl CpuExecutor {
 
     /// Runs the plan on named inputs; returns the named outputs.
     pub fn run(&mut self, inputs: &HashMap<String, HostValue>) -> Result<HashMap<String, HostValue>> {
+        let t_run = std::time::Instant::now();
         let syms = self.plan.bind_symbols(|n| inputs.get(n).map(|v| v.shape.clone())).map_err(RuntimeError::Invalid)?;
         if self.layout.as_ref().is_none_or(|l| l.syms != syms) {
             let l = self.plan_layout(&syms);
@@ -253,7 +250,6 @@ impl CpuExecutor {
         let layout = self.layout.as_ref().expect("just planned");
         let base = self.arena.ptr();
         let mut ptrs: Vec<*mut u8> = vec![std::ptr::null_mut(); self.plan.buffers.len()];
-        let mut input_store: Vec<Aligned> = Vec::new();
         for (i, b) in self.plan.buffers.iter().enumerate() {
             match &b.role {
                 BufferRole::Temp => {
@@ -262,19 +258,22 @@ impl CpuExecutor {
                 }
                 BufferRole::Input(name) => {
                     let v = &inputs[name];
-                    let mut a = Aligned::new(b.bytes(&syms));
-                    match (&v.data, b.elem) {
-                        (HostData::F32(d), ElemType::F32) => a.bytes_mut().iter_mut().zip(d.iter().flat_map(|x| x.to_le_bytes())).for_each(|(o, i)| *o = i),
-                        (HostData::I64(d), ElemType::I64) => a.bytes_mut().iter_mut().zip(d.iter().flat_map(|x| x.to_le_bytes())).for_each(|(o, i)| *o = i),
-                        _ => return Err(RuntimeError::Invalid(format!("input `{name}` has the wrong element type"))),
-                    }
-                    ptrs[i] = a.ptr();
-                    input_store.push(a);
+                    // Inputs are read in place: kernels never write their inputs.
+                    let n: usize = v.shape.iter().product();
+                    ptrs[i] = match (&v.data, b.elem) {
+                        (HostData::F32(d), ElemType::F32) if d.len() == n => d.as_ptr() as *mut u8,
+                        (HostData::I64(d), ElemType::I64) if d.len() == n => d.as_ptr() as *mut u8,
+                        _ => return Err(RuntimeError::Invalid(format!("input `{name}` has the wrong element type or length"))),
+                    };
                 }
                 _ => {}
             }
         }
         let profile = std::env::var_os("EGRET_PROFILE").is_some();
+        if profile {
+            eprintln!("phase\tsetup\t{:.1}", t_run.elapsed().as_secs_f64() * 1e6);
+        }
+        let t_kernels = std::time::Instant::now();
         for k in 0..self.plan.kernels.len() {
             if !self.plan.kernels[k].init {
                 let t0 = std::time::Instant::now();
@@ -284,6 +283,10 @@ impl CpuExecutor {
                 }
             }
         }
+        if profile {
+            eprintln!("phase\tkernels\t{:.1}", t_kernels.elapsed().as_secs_f64() * 1e6);
+        }
+        let t_out = std::time::Instant::now();
         let mut outs = HashMap::new();
         for (name, b) in &self.plan.outputs {
             let spec = &self.plan.buffers[*b as usize];
@@ -303,7 +306,9 @@ impl CpuExecutor {
             };
             outs.insert(name.clone(), HostValue { shape, data });
         }
-        drop(input_store);
+        if profile {
+            eprintln!("phase\toutputs\t{:.1}", t_out.elapsed().as_secs_f64() * 1e6);
+        }
         Ok(outs)
     }
 }
