@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# egret against its anchors in one run, alternating (anchor, egret, anchor, egret) so the
+# shared machine's noise hits both sides alike; prints each figure and the ratio of the
+# means.  Needs bench/anchors/setup.sh and make_f32_gguf.sh done, and a release build:
+#   cargo build --release && bash bench/compare.sh [--threads T] [--rounds R]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+T=2 R=2
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --threads) T="$2"; shift 2 ;; --rounds) R="$2"; shift 2 ;;
+    *) echo "compare.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+done
+C="${EGRET_CACHE:-$HOME/.cache/egret}"
+EGRET=target/release/egret
+F32="$C/smollm2/SmolLM2-135M-Instruct.F32.gguf"
+Q41="$C/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+for f in "$EGRET" "$F32" "$Q41" "$C/anchors/venv/bin/python"; do
+  [ -e "$f" ] || { echo "compare.sh: missing $f (see bench/README.md)" >&2; exit 1; }
+done
+out=$(mktemp)
+for r in $(seq "$R"); do
+  echo "numpy $("$C/anchors/venv/bin/python" bench/anchors/numpy_sgemm.py --size 2048 --threads "$T")" >> "$out"
+  echo "egret_mm $("$EGRET" bench matmul --size 2048 --threads "$T" --json)" >> "$out"
+  echo "llama $(bash bench/anchors/llama_cpp.sh "$F32" --threads "$T" --prompt-len 64 --gen 64)" >> "$out"
+  echo "egret_model $("$EGRET" bench model "$Q41" --threads "$T" --prompt-len 64 --gen 64 --json)" >> "$out"
+done
+echo "membw $(bash bench/anchors/membw.sh --threads "$T")" >> "$out"
+python3 - "$out" <<'PY'
+import json, sys, statistics as st
+rows = {}
+for line in open(sys.argv[1]):
+    k, v = line.split(" ", 1)
+    rows.setdefault(k, []).append(json.loads(v))
+mean = lambda k, f: st.mean(r[f] for r in rows[k])
+def line(what, ours, anchor):
+    print(f"| {what} | {ours:.1f} | {anchor:.1f} | {ours / anchor:.2f}x |")
+print("| measure | egret | anchor | ratio |")
+print("| --- | --- | --- | --- |")
+line("sgemm 2048^3 f32, GFLOP/s (anchor numpy/OpenBLAS)", mean("egret_mm", "gflops"), mean("numpy", "gflops"))
+line("SmolLM2 f32 prefill pp64, tok/s (anchor llama.cpp F32)", mean("egret_model", "prefill_tok_s"), mean("llama", "prefill_tok_s"))
+line("SmolLM2 f32 decode tg64, tok/s (anchor llama.cpp F32)", mean("egret_model", "decode_tok_s"), mean("llama", "decode_tok_s"))
+print("raw:", json.dumps(rows))
+PY
+rm -f "$out"
