@@ -17,7 +17,7 @@ use crate::{EgretError, Result};
 
 /// Compiles a graph and binds parameters: an executor ready to run.
 pub fn executor(g: &Graph, params: &HashMap<String, Tensor>, opts: &CpuOptions, threads: usize) -> Result<(CpuExecutor, Compiled)> {
-    let sopts = ScheduleOptions { panel: panel_width(&opts.cpu) };
+    let sopts = ScheduleOptions { panel: panel_width(&opts.cpu), weights: opts.weights };
     let prog = schedule_with(g, sopts).map_err(|e| EgretError::Usage(e.to_string()))?;
     let compiled = compile(&prog, opts).map_err(|e| EgretError::Usage(e.to_string()))?;
     let mut ex = CpuExecutor::new(compiled.plan.clone(), compiled.fns.clone(), threads)?;

@@ -78,6 +78,9 @@ enum Cmd {
         /// LLVM CPU name for the CPU backend (`native`: this machine).
         #[arg(long, default_value = "native")]
         cpu: String,
+        /// Storage of matmul weights on the CPU backend (compute is f32).
+        #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+        weights_dtype: DTypeArg,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -95,6 +98,8 @@ enum Cmd {
         threads: Option<usize>,
         #[arg(long, default_value = "native")]
         cpu: String,
+        #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+        weights_dtype: DTypeArg,
     },
     /// Encode text with the model's tokenizer.
     Tokenize {
@@ -184,6 +189,8 @@ enum BenchCmd {
         threads: Option<usize>,
         #[arg(long, default_value = "native")]
         cpu: String,
+        #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+        weights_dtype: DTypeArg,
         #[arg(long)]
         json: bool,
     },
@@ -223,6 +230,15 @@ struct RunOpts {
     passes: String,
     threads: usize,
     cpu: String,
+    weights: DTypeArg,
+}
+
+fn panel_type(d: DTypeArg) -> egret_backends::kernel::PanelType {
+    match d {
+        DTypeArg::F32 => egret_backends::kernel::PanelType::F32,
+        DTypeArg::Bf16 => egret_backends::kernel::PanelType::BF16,
+        DTypeArg::F16 => egret_backends::kernel::PanelType::F16,
+    }
 }
 
 /// A loaded model on the chosen backend.
@@ -237,7 +253,7 @@ impl Runner {
         let tok = loaded.tokenizer;
         let r = match o.backend {
             Backend::Interp => Runner::Interp(InterpModel::new(loaded.config, loaded.params, &o.passes)?),
-            Backend::Cpu => Runner::Cpu(egret::cpu::CpuModel::new(loaded.config, loaded.params, &o.passes, &egret_backends::llvm::CpuOptions { cpu: o.cpu.clone() }, o.threads)?),
+            Backend::Cpu => Runner::Cpu(egret::cpu::CpuModel::new(loaded.config, loaded.params, &o.passes, &egret_backends::llvm::CpuOptions { cpu: o.cpu.clone(), weights: panel_type(o.weights) }, o.threads)?),
             Backend::Gpu => bail!("backend `gpu` (PTX) is not built yet; use --backend cpu or interp"),
         };
         Ok((r, tok, stop))
@@ -264,8 +280,8 @@ fn default_threads() -> usize {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Generate { model, prompt, tokens, max_new_tokens, temperature, top_p, seed, backend, passes, threads, cpu, json } => {
-            let ro = RunOpts { backend, passes, threads: threads.unwrap_or_else(default_threads).max(1), cpu };
+        Cmd::Generate { model, prompt, tokens, max_new_tokens, temperature, top_p, seed, backend, passes, threads, cpu, weights_dtype, json } => {
+            let ro = RunOpts { backend, passes, threads: threads.unwrap_or_else(default_threads).max(1), cpu, weights: weights_dtype };
             if !(temperature >= 0.0) || !(top_p > 0.0 && top_p <= 1.0) {
                 bail!("--temperature must be >= 0 and --top-p in (0, 1]");
             }
@@ -325,8 +341,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Logits { model, tokens, backend, passes, threads, cpu } => {
-            let ro = RunOpts { backend, passes, threads: threads.unwrap_or_else(default_threads).max(1), cpu };
+        Cmd::Logits { model, tokens, backend, passes, threads, cpu, weights_dtype } => {
+            let ro = RunOpts { backend, passes, threads: threads.unwrap_or_else(default_threads).max(1), cpu, weights: weights_dtype };
             let ids = parse_ids(&tokens)?;
             let loaded = load_model(&ModelSource::resolve(&model)?)?;
             let v = loaded.config.vocab_size;
@@ -473,7 +489,7 @@ fn bench(what: BenchCmd) -> Result<()> {
             let vals: Vec<f32> = (0..size * size).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
             params.insert("w".to_string(), egret_ir::Tensor::from_f32(vec![size, size], vals.clone())?);
             let threads = threads.unwrap_or_else(default_threads).max(1);
-            let (mut ex, _code) = egret::cpu::executor(&g, &params, &egret_backends::llvm::CpuOptions { cpu }, threads)?;
+            let (mut ex, _code) = egret::cpu::executor(&g, &params, &egret_backends::llvm::CpuOptions { cpu, ..Default::default() }, threads)?;
             let mut inputs = HashMap::new();
             inputs.insert("a".to_string(), egret_runtime::cpu::HostValue { shape: vec![size, size], data: egret_runtime::cpu::HostData::F32(vals) });
             ex.run(&inputs)?;
@@ -491,8 +507,8 @@ fn bench(what: BenchCmd) -> Result<()> {
             }
             Ok(())
         }
-        BenchCmd::Model { model, prompt_len, gen, backend, passes, threads, cpu, json } => {
-            let ro = RunOpts { backend, passes, threads: threads.unwrap_or_else(default_threads).max(1), cpu };
+        BenchCmd::Model { model, prompt_len, gen, backend, passes, threads, cpu, weights_dtype, json } => {
+            let ro = RunOpts { backend, passes, threads: threads.unwrap_or_else(default_threads).max(1), cpu, weights: weights_dtype };
             let loaded = load_model(&ModelSource::resolve(&model)?)?;
             let vocab = loaded.config.vocab_size as u64;
             if prompt_len == 0 {

@@ -169,14 +169,23 @@ pub enum Kernel {
     Attention { out: u32, q: Access, k: Access, v: Access, pos: Access, dims: AttnDims, scale: f64 },
     /// Weights repacked for `Gemm`: `w` is a `[K, N]` view; column panels of `nr` columns are
     /// stored k-major, `out[(p·K + k)·nr + j] = w[k, p·nr + j]`, zero past `N`.
-    PackPanels { out: u32, w: Access, k: i64, n: i64, nr: i64 },
+    PackPanels { out: u32, w: Access, k: i64, n: i64, nr: i64, store: PanelType },
     /// `out[r, :] = a[r, :] · W` over `rows` rows (`a` k-contiguous with row stride
     /// `a.strides[0]`), `W` packed by `PackPanels` into `bp`; with `norm`, each row is scaled
     /// by `rsqrt(mean(a[r]²) + eps)` (the RMSNorm weight is folded into `W`). A register-
     /// blocked micro-kernel of `mr × nr` accumulators over cache blocks of `a` and `bp`.
-    Gemm { out: u32, a: Access, bp: u32, rows: Vec<Dim>, k: i64, n: i64, nr: i64, norm: Option<f64> },
+    Gemm { out: u32, a: Access, bp: u32, rows: Vec<Dim>, k: i64, n: i64, nr: i64, norm: Option<f64>, panel: PanelType },
     /// Rows of `table` (`[outer, len, inner]` around `axis`) picked by `idx`.
     Gather { out: u32, table: Access, idx: Access, table_shape: Vec<Dim>, idx_shape: Vec<Dim>, axis: usize, elem: ElemType },
+}
+
+/// How packed GEMM weights are stored: f32, or rounded to bf16/f16 (half the bytes, which
+/// is what decode is bound by); the GEMM computes in f32 either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PanelType {
+    F32,
+    BF16,
+    F16,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -214,7 +223,7 @@ impl Kernel {
             Kernel::RmsNormMatMul { m, n, k, batch, .. } => format!("rms_norm_matmul {}[{m}x{k}]·[{k}x{n}]", dims(batch)),
             Kernel::Attention { dims: d, .. } => format!("attention b={} h={} t={} s={} d={}", d.b, d.h, d.t, d.s, d.d),
             Kernel::Gather { table_shape, idx_shape, .. } => format!("gather {} by {}", dims(table_shape), dims(idx_shape)),
-            Kernel::PackPanels { k, n, nr, .. } => format!("pack [{k}x{n}] in panels of {nr}"),
+            Kernel::PackPanels { k, n, nr, store, .. } => format!("pack [{k}x{n}] in {store:?} panels of {nr}"),
             Kernel::Gemm { rows, k, n, norm, .. } => format!("{} {}x[{k}x{n}]", if norm.is_some() { "gemm+rms_norm" } else { "gemm" }, dims(rows)),
         }
     }

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use egret_ir::{DType, Dim, Graph, Op, ValueId};
 use egret_runtime::plan::{BufferRole, BufferSpec, ElemType, SymDim};
 
-use crate::kernel::{contiguous_strides, Access, AttnDims, Expr, Kernel, Poly, Program, Round};
+use crate::kernel::{contiguous_strides, Access, AttnDims, Expr, Kernel, PanelType, Poly, Program, Round};
 use crate::BackendError;
 
 fn elem(d: DType) -> ElemType {
@@ -39,6 +39,7 @@ enum Val {
 
 struct Sched<'g> {
     panel: i64,
+    weights: PanelType,
     g: &'g Graph,
     symbols: Vec<String>,
     buffers: Vec<BufferSpec>,
@@ -186,11 +187,13 @@ pub struct ScheduleOptions {
     /// Columns per packed weight panel for `Gemm` (a multiple of the vector width), or 0 to
     /// keep plain matmul kernels.
     pub panel: i64,
+    /// Storage of packed weights.
+    pub weights: PanelType,
 }
 
 impl Default for ScheduleOptions {
     fn default() -> Self {
-        ScheduleOptions { panel: 32 }
+        ScheduleOptions { panel: 32, weights: PanelType::F32 }
     }
 }
 
@@ -209,7 +212,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
             syms.extend(d.symbols().map(str::to_string));
         }
     }
-    let mut s = Sched { panel: opts.panel, g, symbols: syms.into_iter().collect(), buffers: vec![], weight_only: vec![], kernels: vec![], init: vec![], uses: g.use_counts() };
+    let mut s = Sched { panel: opts.panel, weights: opts.weights, g, symbols: syms.into_iter().collect(), buffers: vec![], weight_only: vec![], kernels: vec![], init: vec![], uses: g.use_counts() };
     let mut vals: Vec<Option<Val>> = vec![None; g.len()];
     let outputs: BTreeSet<ValueId> = g.outputs.iter().map(|(_, v)| *v).collect();
     for v in order {
@@ -344,12 +347,13 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                         _ => (w, None),
                     };
                     let panels = (ncst + s.panel - 1) / s.panel;
-                    let bp = s.new_buffer(BufferRole::Temp, e, &[Dim::c(panels * kc * s.panel)], true);
-                    s.push(Kernel::PackPanels { out: bp, w: w.clone(), k: kc, n: ncst, nr: s.panel }, &[w.buf], bp);
+                    let pe = if s.weights == PanelType::F32 { e } else { ElemType::Half };
+                    let bp = s.new_buffer(BufferRole::Temp, pe, &[Dim::c(panels * kc * s.panel)], true);
+                    s.push(Kernel::PackPanels { out: bp, w: w.clone(), k: kc, n: ncst, nr: s.panel, store: s.weights }, &[w.buf], bp);
                     let a2 = Access { buf: a.buf, offset: a.offset.clone(), strides: vec![a.strides[ash.len() - 2].clone(), Poly::c(1)] };
                     let mut rows = batch.clone();
                     rows.push(m.clone());
-                    s.push(Kernel::Gemm { out, a: a2, bp, rows, k: kc, n: ncst, nr: s.panel, norm }, &[a.buf, bp], out);
+                    s.push(Kernel::Gemm { out, a: a2, bp, rows, k: kc, n: ncst, nr: s.panel, norm, panel: s.weights }, &[a.buf, bp], out);
                     vals[v.index()] = Some(Val::View(Access::contiguous(out, &shape)));
                     continue;
                 }

@@ -302,6 +302,7 @@ impl CpuExecutor {
                     ElemType::F32 => HostData::F32(std::slice::from_raw_parts(p as *const f32, n).to_vec()),
                     ElemType::I64 => HostData::I64(std::slice::from_raw_parts(p as *const i64, n).to_vec()),
                     ElemType::Bool => HostData::I64(std::slice::from_raw_parts(p, n).iter().map(|&b| b as i64).collect()),
+                    ElemType::Half => return Err(RuntimeError::Invalid(format!("output `{name}` is a packed half-precision buffer"))),
                 }
             };
             outs.insert(name.clone(), HostValue { shape, data });

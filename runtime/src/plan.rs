@@ -36,6 +36,8 @@ pub enum ElemType {
     I64,
     /// One byte per element, 0 or 1.
     Bool,
+    /// Two bytes per element (bf16 or f16 bits): packed weights only.
+    Half,
 }
 
 impl ElemType {
@@ -44,6 +46,7 @@ impl ElemType {
             ElemType::F32 => 4,
             ElemType::I64 => 8,
             ElemType::Bool => 1,
+            ElemType::Half => 2,
         }
     }
 }

@@ -16,7 +16,7 @@ use inkwell::{AddressSpace, FloatPredicate, IntPredicate};
 use egret_ir::{BinaryOp, CompareOp, Dim, ReduceOp, UnaryOp};
 use egret_runtime::plan::ElemType;
 
-use crate::kernel::{Access, Expr, Kernel, Poly, Program, Round};
+use crate::kernel::{Access, Expr, Kernel, PanelType, Poly, Program, Round};
 use crate::BackendError;
 
 type R<T> = Result<T, BackendError>;
@@ -116,6 +116,7 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
             ElemType::F32 => self.f32t.into(),
             ElemType::I64 => self.i64t.into(),
             ElemType::Bool => self.ctx.i8_type().into(),
+            ElemType::Half => self.ctx.i16_type().into(),
         }
     }
 
@@ -347,12 +348,12 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, prog: &Program, k: 
             gather(&fb, *out, table, idx, table_shape, idx_shape, *axis, *elem)?;
             0
         }
-        Kernel::PackPanels { out, w, k, n, nr } => {
-            pack_panels(&fb, *out, w, *k, *n, *nr)?;
+        Kernel::PackPanels { out, w, k, n, nr, store } => {
+            pack_panels(&fb, *out, w, *k, *n, *nr, *store)?;
             0
         }
-        Kernel::Gemm { out, a, bp, rows, k, n, nr, norm } => {
-            gemm(&fb, *out, a, *bp, rows, *k, *n, *nr, *norm)?;
+        Kernel::Gemm { out, a, bp, rows, k, n, nr, norm, panel } => {
+            gemm(&fb, *out, a, *bp, rows, *k, *n, *nr, *norm, *panel)?;
             (GEMM_MR * *nr + GEMM_MC) as usize
         }
     };
@@ -389,8 +390,8 @@ pub fn canonical(k: &Kernel, prog: &Program) -> (Kernel, Vec<u32>) {
         Kernel::RmsNorm { out, x, w, shape, eps } => Kernel::RmsNorm { out: map(*out), x: ren(x), w: ren(w), shape: shape.clone(), eps: *eps },
         Kernel::Attention { out, q, k, v, pos, dims, scale } => Kernel::Attention { out: map(*out), q: ren(q), k: ren(k), v: ren(v), pos: ren(pos), dims: dims.clone(), scale: *scale },
         Kernel::Gather { out, table, idx, table_shape, idx_shape, axis, elem } => Kernel::Gather { out: map(*out), table: ren(table), idx: ren(idx), table_shape: table_shape.clone(), idx_shape: idx_shape.clone(), axis: *axis, elem: *elem },
-        Kernel::PackPanels { out, w, k, n, nr } => Kernel::PackPanels { out: map(*out), w: ren(w), k: *k, n: *n, nr: *nr },
-        Kernel::Gemm { out, a, bp, rows, k, n, nr, norm } => Kernel::Gemm { out: map(*out), a: ren(a), bp: map(*bp), rows: rows.clone(), k: *k, n: *n, nr: *nr, norm: *norm },
+        Kernel::PackPanels { out, w, k, n, nr, store } => Kernel::PackPanels { out: map(*out), w: ren(w), k: *k, n: *n, nr: *nr, store: *store },
+        Kernel::Gemm { out, a, bp, rows, k, n, nr, norm, panel } => Kernel::Gemm { out: map(*out), a: ren(a), bp: map(*bp), rows: rows.clone(), k: *k, n: *n, nr: *nr, norm: *norm, panel: *panel },
     };
     (c, args)
 }
@@ -499,6 +500,7 @@ fn eval<'ctx>(fb: &Fb<'_, 'ctx>, e: &Expr, avs: &[Av<'ctx>], bases: &[IntValue<'
             ElemType::F32 => fb.f32c(*v).into(),
             ElemType::I64 => fb.i64c(*v as i64).into(),
             ElemType::Bool => fb.ctx.bool_type().const_int((*v != 0.0) as u64, false).into(),
+            ElemType::Half => return Err(BackendError::Unsupported("half constants".into())),
         },
         Expr::Iota(axis, t) => {
             let i = index[*axis];
@@ -1049,7 +1051,7 @@ const GEMM_MR: i64 = 8;
 const GEMM_KC: i64 = 256;
 const GEMM_MC: i64 = 64;
 
-fn pack_panels(fb: &Fb, out: u32, w: &Access, k: i64, n: i64, nr: i64) -> R<()> {
+fn pack_panels(fb: &Fb, out: u32, w: &Access, k: i64, n: i64, nr: i64, store: PanelType) -> R<()> {
     let wav = fb.access(w, ElemType::F32)?;
     let optr = fb.buf(out)?;
     let panels = (n + nr - 1) / nr;
@@ -1064,7 +1066,23 @@ fn pack_panels(fb: &Fb, out: u32, w: &Access, k: i64, n: i64, nr: i64) -> R<()> 
                 let v = fb.load_f32(wav.ptr, at)?;
                 let v = fb.b.build_select(inside, v, fb.f32c(0.0), "v").map_err(be)?.into_float_value();
                 let o = fb.add(fb.mul(fb.add(fb.mul(p, fb.i64c(k))?, kk)?, fb.i64c(nr))?, j)?;
-                fb.store_f32(optr, o, v)
+                match store {
+                    PanelType::F32 => fb.store_f32(optr, o, v),
+                    PanelType::BF16 | PanelType::F16 => {
+                        let bits = if store == PanelType::BF16 {
+                            let r = round_bf16(fb, v)?;
+                            let i = fb.b.build_bit_cast(r, fb.ctx.i32_type(), "bits").map_err(be)?.into_int_value();
+                            let hi = fb.b.build_right_shift(i, fb.ctx.i32_type().const_int(16, false), false, "hi").map_err(be)?;
+                            fb.b.build_int_truncate(hi, fb.ctx.i16_type(), "h").map_err(be)?
+                        } else {
+                            let h = fb.b.build_float_trunc(v, fb.ctx.f16_type(), "h").map_err(be)?;
+                            fb.b.build_bit_cast(h, fb.ctx.i16_type(), "hb").map_err(be)?.into_int_value()
+                        };
+                        let pp = unsafe { fb.b.build_in_bounds_gep(fb.ctx.i16_type(), optr, &[o], "p") }.map_err(be)?;
+                        fb.b.build_store(pp, bits).map_err(be)?;
+                        Ok(())
+                    }
+                }
             })
         })
     })?;
@@ -1073,8 +1091,8 @@ fn pack_panels(fb: &Fb, out: u32, w: &Access, k: i64, n: i64, nr: i64) -> R<()> 
 
 /// The `mr × nr` micro-kernel: `c[r, 0..nr] (+)= Σ_{k<kl} a[r·lda + k] · bp[k·nr .. k·nr+nr]`,
 /// then, if `scale` is not null, `c[r, :] *= scale[r]`. One function per (mr, nr) per module.
-fn ukernel<'ctx>(fb: &Fb<'_, 'ctx>, mr: i64, nr: i64, cpu_attrs: &[inkwell::attributes::Attribute]) -> R<FunctionValue<'ctx>> {
-    let name = format!("egret_ukernel_{mr}x{nr}");
+fn ukernel<'ctx>(fb: &Fb<'_, 'ctx>, mr: i64, nr: i64, panel: PanelType, cpu_attrs: &[inkwell::attributes::Attribute]) -> R<FunctionValue<'ctx>> {
+    let name = format!("egret_ukernel_{mr}x{nr}_{panel:?}");
     if let Some(f) = fb.module.get_function(&name) {
         return Ok(f);
     }
@@ -1156,7 +1174,29 @@ fn ukernel<'ctx>(fb: &Fb<'_, 'ctx>, mr: i64, nr: i64, cpu_attrs: &[inkwell::attr
     b.build_conditional_branch(cond, body, exit).map_err(be)?;
     b.position_at_end(body);
     let boff = b.build_int_mul(kk, i64c(nr), "bo").map_err(be)?;
-    let bvs: Vec<_> = (0..nv as i64).map(|v| vload(gep(f32t.into(), bp, b.build_int_add(boff, i64c(v * vw as i64), "").map_err(be)?)?)).collect::<R<_>>()?;
+    let bvs: Vec<inkwell::values::VectorValue<'ctx>> = (0..nv as i64)
+        .map(|v| -> R<inkwell::values::VectorValue<'ctx>> {
+            let idx = b.build_int_add(boff, i64c(v * vw as i64), "").map_err(be)?;
+            match panel {
+                PanelType::F32 => vload(gep(f32t.into(), bp, idx)?),
+                PanelType::BF16 | PanelType::F16 => {
+                    let ht = ctx.i16_type().vec_type(vw);
+                    let hv = b.build_load(ht, gep(ctx.i16_type().into(), bp, idx)?, "hl").map_err(be)?;
+                    hv.as_instruction_value().expect("load").set_alignment(2).map_err(be)?;
+                    let hv = hv.into_vector_value();
+                    if panel == PanelType::BF16 {
+                        // bf16 -> f32: the bits become the high half of the f32.
+                        let wide = b.build_int_z_extend(hv, ctx.i32_type().vec_type(vw), "z").map_err(be)?;
+                        let sh = b.build_left_shift(wide, inkwell::types::VectorType::const_vector(&vec![ctx.i32_type().const_int(16, false); vw as usize]), "s").map_err(be)?;
+                        Ok(b.build_bit_cast(sh, vt, "f").map_err(be)?.into_vector_value())
+                    } else {
+                        let h = b.build_bit_cast(hv, ctx.f16_type().vec_type(vw), "h").map_err(be)?.into_vector_value();
+                        Ok(b.build_float_ext(h, vt, "f").map_err(be)?)
+                    }
+                }
+            }
+        })
+        .collect::<R<_>>()?;
     let mut new_acc = vec![];
     for (r, row) in aphis.iter().enumerate() {
         let aidx = b.build_int_add(b.build_int_mul(i64c(r as i64), lda, "").map_err(be)?, kk, "").map_err(be)?;
@@ -1221,10 +1261,11 @@ fn ukernel<'ctx>(fb: &Fb<'_, 'ctx>, mr: i64, nr: i64, cpu_attrs: &[inkwell::attr
 }
 
 #[allow(clippy::too_many_arguments)]
-fn gemm<'ctx>(fb: &Fb<'_, 'ctx>, out: u32, a: &Access, bp: u32, rows: &[Dim], k: i64, n: i64, nr: i64, norm: Option<f64>) -> R<()> {
+fn gemm<'ctx>(fb: &Fb<'_, 'ctx>, out: u32, a: &Access, bp: u32, rows: &[Dim], k: i64, n: i64, nr: i64, norm: Option<f64>, panel: PanelType) -> R<()> {
     let attrs: Vec<_> = fb.func.attributes(AttributeLoc::Function);
-    let uk = ukernel(fb, GEMM_MR, nr, &attrs)?;
-    let uk1 = ukernel(fb, 1, nr, &attrs)?;
+    let uk = ukernel(fb, GEMM_MR, nr, panel, &attrs)?;
+    let uk1 = ukernel(fb, 1, nr, panel, &attrs)?;
+    let pty: BasicTypeEnum = if panel == PanelType::F32 { fb.f32t.into() } else { fb.ctx.i16_type().into() };
     let aav = fb.access(a, ElemType::F32)?;
     let (optr, bptr) = (fb.buf(out)?, fb.buf(bp)?);
     let mut total = fb.i64c(1);
@@ -1238,7 +1279,11 @@ fn gemm<'ctx>(fb: &Fb<'_, 'ctx>, out: u32, a: &Access, bp: u32, rows: &[Dim], k:
     let inv = unsafe { fb.b.build_in_bounds_gep(fb.f32t, fb.scratch, &[fb.i64c(GEMM_MR * nr)], "inv") }.map_err(be)?;
     let null = fb.ctx.ptr_type(AddressSpace::default()).const_null();
     let nchunks = fb.b.build_int_signed_div(fb.add(total, fb.i64c(GEMM_MC - 1))?, fb.i64c(GEMM_MC), "nch").map_err(be)?;
-    let kblocks = (k + GEMM_KC - 1) / GEMM_KC;
+    // With few rows (decode) there is no reuse to block for: stream each panel whole.
+    let few = fb.b.build_int_compare(IntPredicate::SLE, total, fb.i64c(GEMM_MR), "few").map_err(be)?;
+    let kcs = fb.b.build_select(few, fb.i64c(k), fb.i64c(GEMM_KC.min(k)), "kcs").map_err(be)?.into_int_value();
+    let kblocks = fb.b.build_int_signed_div(fb.add(fb.i64c(k - 1), kcs)?, kcs, "kblocks").map_err(be)?;
+    let last_kb = fb.b.build_int_sub(kblocks, fb.i64c(1), "lastkb").map_err(be)?;
     let min = |fb: &Fb<'_, 'ctx>, x: IntValue<'ctx>, y: IntValue<'ctx>| -> R<IntValue<'ctx>> {
         let c = fb.b.build_int_compare(IntPredicate::SLT, x, y, "c").map_err(be)?;
         Ok(fb.b.build_select(c, x, y, "m").map_err(be)?.into_int_value())
@@ -1260,15 +1305,15 @@ fn gemm<'ctx>(fb: &Fb<'_, 'ctx>, out: u32, a: &Access, bp: u32, rows: &[Dim], k:
                 fb.store_f32(inv, r, fb.b.build_float_div(fb.f32c(1.0), sq, "inv").map_err(be)?)
             })?;
         }
-        fb.for_range(fb.i64c(0), fb.i64c(kblocks), |fb, kb| {
-            let kc = fb.mul(kb, fb.i64c(GEMM_KC))?;
-            let kl = min(fb, fb.i64c(GEMM_KC), fb.b.build_int_sub(fb.i64c(k), kc, "").map_err(be)?)?;
+        fb.for_range(fb.i64c(0), kblocks, |fb, kb| {
+            let kc = fb.mul(kb, kcs)?;
+            let kl = min(fb, kcs, fb.b.build_int_sub(fb.i64c(k), kc, "").map_err(be)?)?;
             let first = fb.b.build_int_compare(IntPredicate::EQ, kb, fb.i64c(0), "first").map_err(be)?;
-            let last = fb.b.build_int_compare(IntPredicate::EQ, kb, fb.i64c(kblocks - 1), "last").map_err(be)?;
+            let last = fb.b.build_int_compare(IntPredicate::EQ, kb, last_kb, "last").map_err(be)?;
             fb.for_range(ps, pe, |fb, p| {
                 let cols = min(fb, fb.i64c(nr), fb.b.build_int_sub(fb.i64c(n), fb.mul(p, fb.i64c(nr))?, "").map_err(be)?)?;
                 let full = fb.b.build_int_compare(IntPredicate::EQ, cols, fb.i64c(nr), "full").map_err(be)?;
-                let bpp = unsafe { fb.b.build_in_bounds_gep(fb.f32t, bptr, &[fb.mul(fb.add(fb.mul(p, fb.i64c(k))?, kc)?, fb.i64c(nr))?], "bpp") }.map_err(be)?;
+                let bpp = unsafe { fb.b.build_in_bounds_gep(pty, bptr, &[fb.mul(fb.add(fb.mul(p, fb.i64c(k))?, kc)?, fb.i64c(nr))?], "bpp") }.map_err(be)?;
                 // One row block of `mr` rows starting at chunk row `r0`.
                 let call = |fb: &Fb<'_, 'ctx>, r0: IntValue<'ctx>, mr: i64, f: FunctionValue<'ctx>| -> R<()> {
                     let row = fb.add(mc, r0)?;

@@ -26,11 +26,13 @@ use crate::BackendError;
 pub struct CpuOptions {
     /// LLVM CPU name; `native` means this machine's.
     pub cpu: String,
+    /// Storage of the packed matmul weights (compute stays f32).
+    pub weights: crate::kernel::PanelType,
 }
 
 impl Default for CpuOptions {
     fn default() -> Self {
-        CpuOptions { cpu: "native".into() }
+        CpuOptions { cpu: "native".into(), weights: crate::kernel::PanelType::F32 }
     }
 }
 
