@@ -1,21 +1,31 @@
 //! LLVM IR of a few kernels after O3 for a fixed CPU (`x86-64-v3`), as insta snapshots, so
 //! changes in generated code are reviewed.
 
-use egret_backends::llvm::optimized_ir;
-use egret_backends::schedule::schedule;
+use egret_backends::kernel::PanelType;
+use egret_backends::llvm::{optimized_ir, panel_width};
+use egret_backends::schedule::{schedule_with, ScheduleOptions};
+
+const CPU: &str = "x86-64-v3";
 
 fn ir_of(src: &str) -> String {
     let g = egret_ir::parse(src).unwrap();
-    let prog = schedule(&g).unwrap();
-    let text = optimized_ir(&prog, "x86-64-v3").unwrap();
+    let prog = schedule_with(&g, ScheduleOptions { panel: panel_width(CPU), weights: PanelType::F32 }).unwrap();
+    let text = optimized_ir(&prog, CPU).unwrap();
     // Keep the function bodies; drop the module header (target triple, datalayout, ids).
     text.lines().filter(|l| !l.starts_with("; ModuleID") && !l.starts_with("source_filename") && !l.starts_with("target ")).collect::<Vec<_>>().join("\n")
 }
 
 #[test]
-fn matvec_kernel() {
+fn gemm_with_packed_weights() {
     let ir = ir_of("graph mv {\n  %x = input \"x\" : f32[T, 64]\n  %w = param \"w\" : f32[32, 64]\n  %wt = permute[perm=[1, 0]](%w) : f32[64, 32]\n  %y = matmul(%x, %wt) : f32[T, 32]\n  output \"y\" = %y\n}");
-    assert!(ir.contains("<8 x float>"), "the dot product should be vectorised:\n{ir}");
+    assert!(ir.contains("@llvm.fma.v8f32"), "the micro-kernel should use vector FMA:\n{ir}");
+    insta::assert_snapshot!(ir);
+}
+
+#[test]
+fn activation_matmul_kernel() {
+    // Both operands computed at run time: the plain matmul with a vectorised dot product.
+    let ir = ir_of("graph mm {\n  %a = input \"a\" : f32[T, 64]\n  %b = input \"b\" : f32[64, T]\n  %bt = permute[perm=[1, 0]](%b) : f32[T, 64]\n  %c = permute[perm=[1, 0]](%bt) : f32[64, T]\n  %y = matmul(%a, %c) : f32[T, T]\n  output \"y\" = %y\n}");
     insta::assert_snapshot!(ir);
 }
 
