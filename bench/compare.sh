@@ -25,6 +25,7 @@ for r in $(seq "$R"); do
   echo "egret_mm $("$EGRET" bench matmul --size 2048 --threads "$T" --json)" >> "$out"
   echo "llama $(bash bench/anchors/llama_cpp.sh "$F32" --threads "$T" --prompt-len 64 --gen 64)" >> "$out"
   echo "egret_model $("$EGRET" bench model "$Q41" --threads "$T" --prompt-len 64 --gen 64 --json)" >> "$out"
+  echo "egret_bf16 $("$EGRET" bench model "$Q41" --threads "$T" --prompt-len 64 --gen 64 --weights-dtype bf16 --json)" >> "$out"
 done
 echo "membw $(bash bench/anchors/membw.sh --threads "$T")" >> "$out"
 python3 - "$out" <<'PY'
@@ -41,6 +42,14 @@ print("| --- | --- | --- | --- |")
 line("sgemm 2048^3 f32, GFLOP/s (anchor numpy/OpenBLAS)", mean("egret_mm", "gflops"), mean("numpy", "gflops"))
 line("SmolLM2 f32 prefill pp64, tok/s (anchor llama.cpp F32)", mean("egret_model", "prefill_tok_s"), mean("llama", "prefill_tok_s"))
 line("SmolLM2 f32 decode tg64, tok/s (anchor llama.cpp F32)", mean("egret_model", "decode_tok_s"), mean("llama", "decode_tok_s"))
+line("SmolLM2 bf16-weight prefill pp64, tok/s (anchor llama.cpp F32)", mean("egret_bf16", "prefill_tok_s"), mean("llama", "prefill_tok_s"))
+line("SmolLM2 bf16-weight decode tg64, tok/s (anchor llama.cpp F32)", mean("egret_bf16", "decode_tok_s"), mean("llama", "decode_tok_s"))
+# Weight bytes streamed per decoded token: every matmul weight once (the tied embedding
+# doubles as the LM head); against the measured copy bandwidth (read + write).
+params = 134_515_008
+for k, bytes_per in (("egret_model", 4), ("egret_bf16", 2)):
+    gbs = mean(k, "decode_tok_s") * params * bytes_per / 1e9
+    print(f"| {k}: weight bytes/token x tok/s = {gbs:.1f} GB/s of {mean('membw', 'rw_gbs'):.1f} GB/s copy read+write ({gbs / mean('membw', 'rw_gbs'):.0%}) |")
 print("raw:", json.dumps(rows))
 PY
 rm -f "$out"

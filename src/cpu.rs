@@ -17,9 +17,14 @@ use crate::{EgretError, Result};
 
 /// Compiles a graph and binds parameters: an executor ready to run.
 pub fn executor(g: &Graph, params: &HashMap<String, Tensor>, opts: &CpuOptions, threads: usize) -> Result<(CpuExecutor, Compiled)> {
+    let t0 = std::time::Instant::now();
     let sopts = ScheduleOptions { panel: panel_width(&opts.cpu), weights: opts.weights };
     let prog = schedule_with(g, sopts).map_err(|e| EgretError::Usage(e.to_string()))?;
     let compiled = compile(&prog, opts).map_err(|e| EgretError::Usage(e.to_string()))?;
+    if std::env::var_os("EGRET_PROFILE").is_some() {
+        let distinct: std::collections::BTreeSet<&str> = compiled.plan.kernels.iter().map(|k| k.symbol.as_str()).collect();
+        eprintln!("compile\t{}\t{:.1} ms\t{} kernels, {} functions", g.name, t0.elapsed().as_secs_f64() * 1e3, compiled.plan.kernels.len(), distinct.len());
+    }
     let mut ex = CpuExecutor::new(compiled.plan.clone(), compiled.fns.clone(), threads)?;
     let get = |name: &str| params.get(name).and_then(|t| Some((t.shape().to_vec(), t.f32_arc()?)));
     ex.bind_params(&get)?;

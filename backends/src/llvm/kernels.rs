@@ -1050,6 +1050,8 @@ fn gather(fb: &Fb, out: u32, table: &Access, idx: &Access, tshape: &[Dim], ishap
 const GEMM_MR: i64 = 8;
 const GEMM_KC: i64 = 256;
 const GEMM_MC: i64 = 64;
+/// Panel rows (k steps) ahead that the micro-kernel prefetches.
+const PREFETCH_ROWS: i64 = 16;
 
 fn pack_panels(fb: &Fb, out: u32, w: &Access, k: i64, n: i64, nr: i64, store: PanelType) -> R<()> {
     let wav = fb.access(w, ElemType::F32)?;
@@ -1174,6 +1176,16 @@ fn ukernel<'ctx>(fb: &Fb<'_, 'ctx>, mr: i64, nr: i64, panel: PanelType, cpu_attr
     b.build_conditional_branch(cond, body, exit).map_err(be)?;
     b.position_at_end(body);
     let boff = b.build_int_mul(kk, i64c(nr), "bo").map_err(be)?;
+    // Prefetch the weights a few rows ahead: with one row (decode) the kernel is a pure
+    // stream over the packed panels and the hardware prefetcher alone falls behind.
+    {
+        let pf = Intrinsic::find("llvm.prefetch").expect("prefetch").get_declaration(fb.module, &[ptrt.into()]).expect("prefetch decl");
+        let ety: BasicTypeEnum = if panel == PanelType::F32 { f32t.into() } else { ctx.i16_type().into() };
+        let ahead = b.build_int_add(boff, i64c(PREFETCH_ROWS * nr), "pf").map_err(be)?;
+        let addr = gep(ety, bp, ahead)?;
+        let i32t = ctx.i32_type();
+        b.build_call(pf, &[addr.into(), i32t.const_zero().into(), i32t.const_int(3, false).into(), i32t.const_int(1, false).into()], "").map_err(be)?;
+    }
     let bvs: Vec<inkwell::values::VectorValue<'ctx>> = (0..nv as i64)
         .map(|v| -> R<inkwell::values::VectorValue<'ctx>> {
             let idx = b.build_int_add(boff, i64c(v * vw as i64), "").map_err(be)?;
