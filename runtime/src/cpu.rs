@@ -24,6 +24,28 @@ const PARALLEL_MIN_WORK: i64 = 1 << 15;
 /// Buffers are placed at multiples of this (a cache line, and AVX-512 alignment).
 const ALIGN: usize = 64;
 
+/// Kernels loaded from a shared library (an artifact's CPU payload). The library stays
+/// loaded as long as this value lives; keep it beside the executor.
+pub struct KernelLibrary {
+    _lib: libloading::Library,
+    pub fns: Vec<KernelFn>,
+}
+
+/// Loads `path` and resolves every kernel the plan calls.
+pub fn load_kernel_library(path: &std::path::Path, plan: &Plan) -> Result<KernelLibrary> {
+    // SAFETY: loading runs the library's initialisers; egret's kernel libraries have none
+    // beyond the C runtime's.
+    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| RuntimeError::Invalid(format!("cannot load kernel library {}: {e}", path.display())))?;
+    let mut fns = Vec::with_capacity(plan.kernels.len());
+    for k in &plan.kernels {
+        // SAFETY: the symbol was generated with exactly the KernelFn signature.
+        let f: libloading::Symbol<KernelFn> = unsafe { lib.get(k.symbol.as_bytes()) }
+            .map_err(|e| RuntimeError::Invalid(format!("kernel library {} lacks `{}`: {e}", path.display(), k.symbol)))?;
+        fns.push(*f);
+    }
+    Ok(KernelLibrary { _lib: lib, fns })
+}
+
 /// Kernel error codes and what they mean.
 fn kernel_error(code: i32, what: &str) -> RuntimeError {
     let msg = match code {

@@ -12,7 +12,7 @@ use inkwell::context::Context;
 use inkwell::execution_engine::ExecutionEngine;
 use inkwell::module::Module;
 use inkwell::passes::PassBuilderOptions;
-use inkwell::targets::{CodeModel, InitializationConfig, RelocMode, Target, TargetMachine};
+use inkwell::targets::{CodeModel, FileType, InitializationConfig, RelocMode, Target, TargetMachine};
 use inkwell::OptimizationLevel;
 
 use egret_runtime::cpu::KernelFn;
@@ -156,4 +156,33 @@ pub fn compile(prog: &Program, opts: &CpuOptions) -> Result<Compiled, BackendErr
     }
     let plan = Plan { name: prog.name.clone(), symbols: prog.symbols.clone(), buffers: prog.buffers.clone(), kernels: calls, outputs: prog.outputs.clone() };
     Ok(Compiled { plan, fns, _engine: engine })
+}
+
+/// Compiles a program to a shared library at `path` (an object file from LLVM, linked by the
+/// system C compiler `cc`): the CPU payload of an artifact. The library is written to a
+/// temporary name and renamed, so an existing file is replaced whole or not at all.
+/// Returns the plan whose `KernelCall::symbol`s the library exports.
+pub fn compile_shared_library(prog: &Program, opts: &CpuOptions, path: &std::path::Path) -> Result<Plan, BackendError> {
+    let ctx = Context::create();
+    let (module, calls) = codegen(&ctx, prog, &opts.cpu)?;
+    let tm = target_machine(&opts.cpu)?;
+    module.set_triple(&tm.get_triple());
+    module.set_data_layout(&tm.get_target_data().get_data_layout());
+    module.run_passes("default<O3>", &tm, PassBuilderOptions::create()).map_err(llvm_err)?;
+    let pid = std::process::id();
+    let obj = path.with_extension(format!("o.tmp-{pid}"));
+    let tmp = path.with_extension(format!("so.tmp-{pid}"));
+    tm.write_to_file(&module, FileType::Object, &obj).map_err(llvm_err)?;
+    let status = std::process::Command::new("cc").arg("-shared").arg("-o").arg(&tmp).arg(&obj).arg("-lm").status();
+    let _ = std::fs::remove_file(&obj);
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(BackendError::Llvm(format!("linking the kernels with `cc -shared` failed ({s})")));
+        }
+        Err(e) => return Err(BackendError::Llvm(format!("cannot run the C compiler `cc` to link the kernels: {e}"))),
+    }
+    std::fs::rename(&tmp, path).map_err(|e| BackendError::Llvm(format!("cannot write {}: {e}", path.display())))?;
+    Ok(Plan { name: prog.name.clone(), symbols: prog.symbols.clone(), buffers: prog.buffers.clone(), kernels: calls, outputs: prog.outputs.clone() })
 }
