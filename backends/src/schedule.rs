@@ -71,7 +71,7 @@ impl Sched<'_> {
 
     fn new_buffer(&mut self, role: BufferRole, e: ElemType, shape: &[Dim], weight_only: bool) -> u32 {
         let dims = shape.iter().map(|d| self.symdim(d)).collect();
-        self.buffers.push(BufferSpec { role, elem: e, dims });
+        self.buffers.push(BufferSpec { role, elem: e, dims, streamed: false });
         self.weight_only.push(weight_only);
         (self.buffers.len() - 1) as u32
     }
@@ -349,6 +349,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                     let panels = (ncst + s.panel - 1) / s.panel;
                     let pe = if s.weights == PanelType::F32 { e } else { ElemType::Half };
                     let bp = s.new_buffer(BufferRole::Temp, pe, &[Dim::c(panels * kc * s.panel)], true);
+                    s.buffers[bp as usize].streamed = true;
                     s.push(Kernel::PackPanels { out: bp, w: w.clone(), k: kc, n: ncst, nr: s.panel, store: s.weights }, &[w.buf], bp);
                     let a2 = Access { buf: a.buf, offset: a.offset.clone(), strides: vec![a.strides[ash.len() - 2].clone(), Poly::c(1)] };
                     let mut rows = batch.clone();

@@ -55,9 +55,9 @@ fn kernel_error(code: i32, what: &str) -> RuntimeError {
     RuntimeError::Invalid(format!("kernel `{what}` failed: {msg}"))
 }
 
-/// Buffers at least this large are anonymous memory maps advised to use transparent huge
-/// pages: decode streams the packed weights every token, and 4 KiB pages cost a TLB miss
-/// every 4 KiB of that stream.
+/// Streamed buffers at least this large are anonymous memory maps advised to use transparent
+/// huge pages: decode streams the packed weights every token, and 4 KiB pages cost a TLB miss
+/// every 4 KiB of that stream. (Only those: faulting in huge pages costs start-up time.)
 const HUGE_PAGE_MIN: usize = 4 << 20;
 
 /// 64-byte-aligned storage (page-aligned and huge-page-advised when large).
@@ -68,7 +68,11 @@ enum Aligned {
 
 impl Aligned {
     fn new(len: usize) -> Aligned {
-        if len >= HUGE_PAGE_MIN {
+        Aligned::with_pages(len, false)
+    }
+
+    fn with_pages(len: usize, huge: bool) -> Aligned {
+        if huge && len >= HUGE_PAGE_MIN {
             if let Ok(map) = memmap2::MmapMut::map_anon(len) {
                 #[cfg(target_os = "linux")]
                 let _ = map.advise(memmap2::Advice::HugePage);
@@ -184,12 +188,28 @@ impl CpuExecutor {
         }
         for (i, b) in self.plan.buffers.iter().enumerate() {
             if b.role == BufferRole::Init {
-                self.persistent[i] = Some(Storage::Owned(Aligned::new(b.bytes(&[]))));
+                self.persistent[i] = Some(Storage::Owned(Aligned::with_pages(b.bytes(&[]), b.streamed)));
             }
         }
         let init: Vec<usize> = (0..self.plan.kernels.len()).filter(|k| self.plan.kernels[*k].init).collect();
         for k in init {
             self.launch(k, &[], &vec![std::ptr::null_mut(); self.plan.buffers.len()])?;
+        }
+        // Init values only other init kernels read (concatenated or folded weights before
+        // packing) are not needed any more.
+        let mut needed = vec![false; self.plan.buffers.len()];
+        for call in self.plan.kernels.iter().filter(|k| !k.init) {
+            for &a in &call.args {
+                needed[a as usize] = true;
+            }
+        }
+        for (_, b) in &self.plan.outputs {
+            needed[*b as usize] = true;
+        }
+        for (i, b) in self.plan.buffers.iter().enumerate() {
+            if b.role == BufferRole::Init && !needed[i] {
+                self.persistent[i] = None;
+            }
         }
         Ok(())
     }

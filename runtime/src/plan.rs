@@ -68,6 +68,9 @@ pub struct BufferSpec {
     pub role: BufferRole,
     pub elem: ElemType,
     pub dims: Vec<SymDim>,
+    /// Streamed in full by every run (packed weights): worth backing with huge pages.
+    #[serde(default)]
+    pub streamed: bool,
 }
 
 impl BufferSpec {
