@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use egret_backends::llvm::{compile, panel_width, Compiled, CpuOptions};
+use egret_backends::llvm::{compile_many, panel_width, unify_symbols, Compiled, CpuOptions};
 use egret_backends::schedule::{schedule_with, ScheduleOptions};
 use egret_ir::{Graph, Tensor};
 use egret_models::{GraphKind, LlamaConfig};
@@ -17,18 +17,31 @@ use crate::{EgretError, Result};
 
 /// Compiles a graph and binds parameters: an executor ready to run.
 pub fn executor(g: &Graph, params: &HashMap<String, Tensor>, opts: &CpuOptions, threads: usize) -> Result<(CpuExecutor, Compiled)> {
+    Ok(executors(&[g], params, opts, threads)?.remove(0))
+}
+
+/// Compiles graphs of one model together (one LLVM module, kernels shared between them) and
+/// binds parameters: one executor per graph.
+pub fn executors(gs: &[&Graph], params: &HashMap<String, Tensor>, opts: &CpuOptions, threads: usize) -> Result<Vec<(CpuExecutor, Compiled)>> {
     let t0 = std::time::Instant::now();
     let sopts = ScheduleOptions { panel: panel_width(&opts.cpu), weights: opts.weights };
-    let prog = schedule_with(g, sopts).map_err(|e| EgretError::Usage(e.to_string()))?;
-    let compiled = compile(&prog, opts).map_err(|e| EgretError::Usage(e.to_string()))?;
+    let mut progs = gs.iter().map(|g| schedule_with(g, sopts)).collect::<Result<Vec<_>, _>>().map_err(|e| EgretError::Usage(e.to_string()))?;
+    unify_symbols(&mut progs);
+    let refs: Vec<&egret_backends::kernel::Program> = progs.iter().collect();
+    let compiled = compile_many(&refs, opts).map_err(|e| EgretError::Usage(e.to_string()))?;
     if std::env::var_os("EGRET_PROFILE").is_some() {
-        let distinct: std::collections::BTreeSet<&str> = compiled.plan.kernels.iter().map(|k| k.symbol.as_str()).collect();
-        eprintln!("compile\t{}\t{:.1} ms\t{} kernels, {} functions", g.name, t0.elapsed().as_secs_f64() * 1e3, compiled.plan.kernels.len(), distinct.len());
+        let distinct: std::collections::BTreeSet<&str> = compiled.iter().flat_map(|c| c.plan.kernels.iter().map(|k| k.symbol.as_str())).collect();
+        let calls: usize = compiled.iter().map(|c| c.plan.kernels.len()).sum();
+        eprintln!("compile\t{} graph(s)\t{:.1} ms\t{calls} kernel calls, {} functions", gs.len(), t0.elapsed().as_secs_f64() * 1e3, distinct.len());
     }
-    let mut ex = CpuExecutor::new(compiled.plan.clone(), compiled.fns.clone(), threads)?;
     let get = |name: &str| params.get(name).and_then(|t| Some((t.shape().to_vec(), t.f32_arc()?)));
-    ex.bind_params(&get)?;
-    Ok((ex, compiled))
+    let mut out = Vec::new();
+    for c in compiled {
+        let mut ex = CpuExecutor::new(c.plan.clone(), c.fns.clone(), threads)?;
+        ex.bind_params(&get)?;
+        out.push((ex, c));
+    }
+    Ok(out)
 }
 
 pub struct CpuModel {
@@ -53,8 +66,10 @@ fn rt(e: EgretError) -> RuntimeError {
 
 impl CpuModel {
     pub fn new(cfg: LlamaConfig, params: HashMap<String, Tensor>, passes: &str, opts: &CpuOptions, threads: usize) -> Result<CpuModel> {
-        let (prefill, c1) = executor(&optimized_graph(&cfg, GraphKind::Prefill, passes)?, &params, opts, threads)?;
-        let (decode, c2) = executor(&optimized_graph(&cfg, GraphKind::Decode, passes)?, &params, opts, threads)?;
+        let (gp, gd) = (optimized_graph(&cfg, GraphKind::Prefill, passes)?, optimized_graph(&cfg, GraphKind::Decode, passes)?);
+        let mut ex = executors(&[&gp, &gd], &params, opts, threads)?;
+        let (decode, c2) = ex.pop().expect("two executors");
+        let (prefill, c1) = ex.pop().expect("two executors");
         Ok(CpuModel { cfg, prefill, decode, _code: (c1, c2), cache: vec![], pos: 0 })
     }
 

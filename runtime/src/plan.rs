@@ -128,10 +128,16 @@ impl Plan {
                 }
             }
         }
+        // A symbol no buffer mentions (a plan compiled with a sibling's symbols) stays 0.
+        let used = |i: usize| self.buffers.iter().any(|b| b.dims.iter().any(|d| d.terms.iter().any(|t| t.0 as usize == i)));
         let syms: Vec<i64> = syms
             .into_iter()
             .enumerate()
-            .map(|(i, v)| v.ok_or_else(|| format!("symbol `{}` is not fixed by any input", self.symbols[i])))
+            .map(|(i, v)| match v {
+                Some(v) => Ok(v),
+                None if !used(i) => Ok(0),
+                None => Err(format!("symbol `{}` is not fixed by any input", self.symbols[i])),
+            })
             .collect::<Result<_, _>>()?;
         for b in &self.buffers {
             let BufferRole::Input(name) = &b.role else { continue };

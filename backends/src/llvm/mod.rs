@@ -92,29 +92,63 @@ pub fn symdim(prog: &Program, d: &egret_ir::Dim) -> egret_runtime::plan::SymDim 
     egret_runtime::plan::SymDim { constant: c, terms }
 }
 
-/// Generates the (unoptimised) LLVM module of a program. Kernels that differ only in which
-/// buffers they touch (the same layer's kernels in every layer) share one function.
+/// Generates the (unoptimised) LLVM module of a program.
 pub fn codegen<'ctx>(ctx: &'ctx Context, prog: &Program, cpu: &str) -> Result<(Module<'ctx>, Vec<KernelCall>), BackendError> {
-    let module = ctx.create_module(&format!("egret_{}", prog.name));
+    let (module, mut calls) = codegen_many(ctx, &[prog], cpu)?;
+    Ok((module, calls.remove(0)))
+}
+
+/// Generates one module for several programs of one model (prefill and decode). Kernels
+/// that differ only in which buffers they touch — the same layer's kernels in every layer,
+/// and most kernels of prefill and decode — share one function. The programs must use the
+/// same symbol list (`unify_symbols`).
+pub fn codegen_many<'ctx>(ctx: &'ctx Context, progs: &[&Program], cpu: &str) -> Result<(Module<'ctx>, Vec<Vec<KernelCall>>), BackendError> {
+    let module = ctx.create_module(&format!("egret_{}", progs.first().map(|p| p.name.as_str()).unwrap_or("empty")));
     let (name, features) = cpu_and_features(cpu);
-    let mut calls = Vec::new();
     let mut seen: Vec<(crate::kernel::Kernel, String, usize)> = Vec::new();
-    for (i, k) in prog.kernels.iter().enumerate() {
-        let (canon, args) = kernels::canonical(k, prog);
-        let (sym, scratch) = match seen.iter().find(|(c, ..)| *c == canon) {
-            Some((_, sym, scratch)) => (sym.clone(), *scratch),
-            None => {
-                let sym = kernel_symbol(prog, seen.len());
-                let (_, scratch) = kernels::emit(ctx, &module, prog, k, &sym, &name, &features)?;
-                seen.push((canon, sym.clone(), scratch));
-                (sym, scratch)
-            }
-        };
-        let work = k.work().iter().map(|d| symdim(prog, d)).collect();
-        calls.push(KernelCall { symbol: sym, args, init: prog.init[i], scratch_floats: scratch, what: k.describe(), work });
+    let mut all = Vec::new();
+    for prog in progs {
+        if prog.symbols != progs[0].symbols {
+            return Err(BackendError::Unsupported("programs compiled together must share their symbols".into()));
+        }
+        let mut calls = Vec::new();
+        for (i, k) in prog.kernels.iter().enumerate() {
+            let (canon, args) = kernels::canonical(k, prog);
+            let (sym, scratch) = match seen.iter().find(|(c, ..)| *c == canon) {
+                Some((_, sym, scratch)) => (sym.clone(), *scratch),
+                None => {
+                    let sym = format!("egret_{}_k{}", progs[0].name, seen.len());
+                    let (_, scratch) = kernels::emit(ctx, &module, prog, k, &sym, &name, &features)?;
+                    seen.push((canon, sym.clone(), scratch));
+                    (sym, scratch)
+                }
+            };
+            let work = k.work().iter().map(|d| symdim(prog, d)).collect();
+            calls.push(KernelCall { symbol: sym, args, init: prog.init[i], scratch_floats: scratch, what: k.describe(), work });
+        }
+        all.push(calls);
     }
     module.verify().map_err(|e| BackendError::Llvm(format!("generated module is invalid: {e}")))?;
-    Ok((module, calls))
+    Ok((module, all))
+}
+
+/// Gives every program the union of their symbols (sorted), renumbering buffer dims, so
+/// they can be compiled together. A symbol a program does not use is simply never read.
+pub fn unify_symbols(progs: &mut [Program]) {
+    let mut all: Vec<String> = progs.iter().flat_map(|p| p.symbols.iter().cloned()).collect();
+    all.sort();
+    all.dedup();
+    for p in progs.iter_mut() {
+        let map: Vec<u32> = p.symbols.iter().map(|s| all.iter().position(|x| x == s).expect("in union") as u32).collect();
+        for b in &mut p.buffers {
+            for d in &mut b.dims {
+                for t in &mut d.terms {
+                    t.0 = map[t.0 as usize];
+                }
+            }
+        }
+        p.symbols = all.clone();
+    }
 }
 
 /// The program's LLVM IR after O3 for `cpu` (for snapshots and `--emit llvm`).
@@ -132,30 +166,40 @@ pub fn optimized_ir(prog: &Program, cpu: &str) -> Result<String, BackendError> {
 pub struct Compiled {
     pub plan: Plan,
     pub fns: Vec<KernelFn>,
-    // The engine owns the machine code the function pointers point into.
+    // The engine owns the machine code the function pointers point into (shared by the
+    // programs compiled together).
     _engine: ExecutionEngine<'static>,
 }
 
 /// Compiles a program for this machine and JITs it.
 pub fn compile(prog: &Program, opts: &CpuOptions) -> Result<Compiled, BackendError> {
+    Ok(compile_many(&[prog], opts)?.remove(0))
+}
+
+/// Compiles programs of one model together (one module, shared kernels) and JITs them.
+pub fn compile_many(progs: &[&Program], opts: &CpuOptions) -> Result<Vec<Compiled>, BackendError> {
     // The LLVM context must outlive the engine and its code, which the caller keeps for as
     // long as it runs the model: give it static lifetime (one small context per compile).
     let ctx: &'static Context = Box::leak(Box::new(Context::create()));
-    let (module, calls) = codegen(ctx, prog, &opts.cpu)?;
+    let (module, all) = codegen_many(ctx, progs, &opts.cpu)?;
     let tm = target_machine(&opts.cpu)?;
     module.set_triple(&tm.get_triple());
     module.set_data_layout(&tm.get_target_data().get_data_layout());
     module.run_passes("default<O3>", &tm, PassBuilderOptions::create()).map_err(llvm_err)?;
     let engine = module.create_jit_execution_engine(OptimizationLevel::Aggressive).map_err(llvm_err)?;
-    let mut fns = Vec::new();
-    for c in &calls {
-        // (kernels sharing a function resolve to the same address)
-        let addr = engine.get_function_address(&c.symbol).map_err(llvm_err)?;
-        // SAFETY: the function was generated with exactly the KernelFn signature.
-        fns.push(unsafe { std::mem::transmute::<usize, KernelFn>(addr) });
+    let mut out = Vec::new();
+    for (prog, calls) in progs.iter().zip(all) {
+        let mut fns = Vec::new();
+        for c in &calls {
+            // (kernels sharing a function resolve to the same address)
+            let addr = engine.get_function_address(&c.symbol).map_err(llvm_err)?;
+            // SAFETY: the function was generated with exactly the KernelFn signature.
+            fns.push(unsafe { std::mem::transmute::<usize, KernelFn>(addr) });
+        }
+        let plan = Plan { name: prog.name.clone(), symbols: prog.symbols.clone(), buffers: prog.buffers.clone(), kernels: calls, outputs: prog.outputs.clone() };
+        out.push(Compiled { plan, fns, _engine: engine.clone() });
     }
-    let plan = Plan { name: prog.name.clone(), symbols: prog.symbols.clone(), buffers: prog.buffers.clone(), kernels: calls, outputs: prog.outputs.clone() };
-    Ok(Compiled { plan, fns, _engine: engine })
+    Ok(out)
 }
 
 /// Compiles a program to a shared library at `path` (an object file from LLVM, linked by the
