@@ -66,7 +66,7 @@ fn rt(e: EgretError) -> RuntimeError {
 
 impl CpuModel {
     pub fn new(cfg: LlamaConfig, params: HashMap<String, Tensor>, passes: &str, opts: &CpuOptions, threads: usize) -> Result<CpuModel> {
-        let (gp, gd) = (optimized_graph(&cfg, GraphKind::Prefill, passes)?, optimized_graph(&cfg, GraphKind::Decode, passes)?);
+        let (gp, gd) = (optimized_graph(&cfg, GraphKind::PrefillLogitsAt, passes)?, optimized_graph(&cfg, GraphKind::Decode, passes)?);
         let mut ex = executors(&[&gp, &gd], &params, opts, threads)?;
         let (decode, c2) = ex.pop().expect("two executors");
         let (prefill, c1) = ex.pop().expect("two executors");
@@ -101,8 +101,15 @@ impl CpuModel {
 
     /// Logits of every position of `ids`.
     pub fn logits_all(&mut self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
+        self.logits_at(ids, (0..ids.len()).collect())
+    }
+
+    /// Runs the prompt (filling the cache) and returns the logits at the given positions.
+    fn logits_at(&mut self, ids: &[u32], at: Vec<usize>) -> Result<Vec<Vec<f32>>> {
         check_ids(ids, self.cfg.vocab_size)?;
-        let mut out = self.prefill.run(&Self::ids(ids, 0))?;
+        let mut inputs = Self::ids(ids, 0);
+        inputs.insert("logits_at".into(), HostValue { shape: vec![at.len()], data: HostData::I64(at.iter().map(|&p| p as i64).collect()) });
+        let mut out = self.prefill.run(&inputs)?;
         self.take_cache(&mut out)?;
         self.pos = ids.len();
         Ok(Self::logits(&out)?.chunks(self.cfg.vocab_size).map(<[f32]>::to_vec).collect())
@@ -115,7 +122,8 @@ impl LanguageModel for CpuModel {
     }
 
     fn prefill(&mut self, ids: &[u32]) -> egret_runtime::Result<Vec<f32>> {
-        let rows = self.logits_all(ids).map_err(rt)?;
+        let last = ids.len().saturating_sub(1);
+        let rows = self.logits_at(ids, vec![last]).map_err(rt)?;
         Ok(rows.last().cloned().unwrap_or_default())
     }
 

@@ -40,6 +40,8 @@ enum Mode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Which {
     Prefill,
+    /// Prefill with logits only at the positions of input `logits_at`.
+    PrefillAt,
     Decode,
 }
 
@@ -384,7 +386,11 @@ fn run(cli: Cli) -> Result<()> {
                 egret_ir::parse(&text).with_context(|| format!("{model}"))?
             } else {
                 let cfg = load_config(&ModelSource::resolve(&model)?)?;
-                let kind = if graph == Which::Prefill { GraphKind::Prefill } else { GraphKind::Decode };
+                let kind = match graph {
+                    Which::Prefill => GraphKind::Prefill,
+                    Which::PrefillAt => GraphKind::PrefillLogitsAt,
+                    Which::Decode => GraphKind::Decode,
+                };
                 egret_models::build(&cfg, kind)?
             };
             let mut bind = HashMap::new();

@@ -15,7 +15,12 @@ use crate::ModelError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GraphKind {
+    /// Logits at every position.
     Prefill,
+    /// Logits only at the positions in the input `logits_at` (`i64[L]`): generation needs
+    /// the last one alone, and the LM head over every prompt position is a fifth of a short
+    /// prompt's work.
+    PrefillLogitsAt,
     Decode,
 }
 
@@ -23,6 +28,7 @@ impl GraphKind {
     pub fn name(self) -> &'static str {
         match self {
             GraphKind::Prefill => "prefill",
+            GraphKind::PrefillLogitsAt => "prefill_at",
             GraphKind::Decode => "decode",
         }
     }
@@ -149,7 +155,7 @@ impl Builder<'_> {
         let q = self.rope(q, rope.0, rope.1)?;
         let k = self.rope(k, rope.0, rope.1)?;
         let (k, v) = match kind {
-            GraphKind::Prefill => (k, v),
+            GraphKind::Prefill | GraphKind::PrefillLogitsAt => (k, v),
             GraphKind::Decode => {
                 let cache = vec![self.b.clone(), self.c(hkv), Dim::sym("P"), self.c(d)];
                 let pk = self.g.input(&format!("past_key.{i}"), DType::F32, cache.clone());
@@ -211,7 +217,7 @@ pub fn build(cfg: &LlamaConfig, kind: GraphKind) -> Result<Graph, ModelError> {
     let rope = bd.rope_tables(positions)?;
     // Causal mask [B, 1, T, S]: key position (iota over S) <= query position.
     let s = match kind {
-        GraphKind::Prefill => t.clone(),
+        GraphKind::Prefill | GraphKind::PrefillLogitsAt => t.clone(),
         GraphKind::Decode => Dim::sym("P").add(&t),
     };
     let grid = vec![b.clone(), Dim::c(1), t.clone(), s.clone()];
@@ -221,6 +227,10 @@ pub fn build(cfg: &LlamaConfig, kind: GraphKind) -> Result<Graph, ModelError> {
     let mask = bd.g.compare(CompareOp::Le, kpos, qpos)?;
     for i in 0..cfg.num_hidden_layers {
         x = bd.layer(i, x, rope, mask, kind)?;
+    }
+    if kind == GraphKind::PrefillLogitsAt {
+        let at = bd.g.input("logits_at", DType::I64, vec![Dim::sym("L")]);
+        x = bd.g.gather(x, at, 1)?;
     }
     let x = bd.rms_norm(x, "model.norm")?;
     let logits = if cfg.tie_word_embeddings {
