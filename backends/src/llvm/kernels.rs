@@ -243,8 +243,34 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
         Ok(r.try_as_basic_value().basic().expect("returns f32").into_float_value())
     }
 
+    /// `e^x` in straight-line arithmetic (no libm call), so loops around it vectorise:
+    /// `x = n·ln2 + r` with `n = round(x·log2 e)`, `|r| ≤ ln2/2`, `e^r` by a degree-6
+    /// polynomial (Taylor coefficients; error below 2 ulp on that interval), and `2^n`
+    /// assembled in the exponent bits. Below -87.3 the result is 0 (so `exp(-inf) = 0`),
+    /// above 88.7 +inf, and NaN stays NaN.
     fn exp(&self, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
-        self.intrinsic("llvm.exp", &[x])
+        let f = |v: f64| self.f32c(v);
+        let xc = self.intrinsic("llvm.maxnum", &[x, f(-87.3)])?;
+        let xc = self.intrinsic("llvm.minnum", &[xc, f(88.7)])?;
+        let n = self.intrinsic("llvm.rint", &[self.fmul(xc, f(std::f64::consts::LOG2_E))?])?;
+        // r = x - n·ln2, with ln2 split in two for precision (Cody-Waite).
+        let r = self.b.build_float_sub(xc, self.fmul(n, f(0.693_359_375))?, "r").map_err(be)?;
+        let r = self.b.build_float_sub(r, self.fmul(n, f(-2.121_944_400_546_905_8e-4))?, "r").map_err(be)?;
+        let mut p = f(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = self.fadd(self.fmul(p, r)?, f(c))?;
+        }
+        let i32t = self.ctx.i32_type();
+        let ni = self.b.build_float_to_signed_int(n, i32t, "ni").map_err(be)?;
+        let bits = self.b.build_left_shift(self.b.build_int_add(ni, i32t.const_int(127, false), "b").map_err(be)?, i32t.const_int(23, false), "e").map_err(be)?;
+        let scale = self.b.build_bit_cast(bits, self.f32t, "pow2").map_err(be)?.into_float_value();
+        let y = self.fmul(p, scale)?;
+        let tiny = self.b.build_float_compare(FloatPredicate::OLT, x, f(-87.3), "tiny").map_err(be)?;
+        let y = self.b.build_select(tiny, f(0.0), y, "y").map_err(be)?.into_float_value();
+        let huge = self.b.build_float_compare(FloatPredicate::OGT, x, f(88.7), "huge").map_err(be)?;
+        let y = self.b.build_select(huge, f(f64::INFINITY), y, "y").map_err(be)?.into_float_value();
+        let nan = self.b.build_float_compare(FloatPredicate::UNO, x, x, "nan").map_err(be)?;
+        Ok(self.b.build_select(nan, x, y, "exp").map_err(be)?.into_float_value())
     }
 
     fn sigmoid(&self, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
