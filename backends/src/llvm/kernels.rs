@@ -368,7 +368,7 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, prog: &Program, k: 
         }
         Kernel::Attention { out, q, k, v, pos, dims, scale } => {
             attention(&fb, *out, q, k, v, pos, dims, *scale)?;
-            dims.dv as usize
+            (dims.dv + ATTN_BLOCK) as usize
         }
         Kernel::Gather { out, table, idx, table_shape, idx_shape, axis, elem } => {
             gather(&fb, *out, table, idx, table_shape, idx_shape, *axis, *elem)?;
@@ -951,9 +951,14 @@ fn rms_norm(fb: &Fb, out: u32, x: &Access, w: &Access, shape: &[Dim], eps: f64) 
     fb.ret_ok()
 }
 
-/// Flash-style attention: per (b, h, t) one pass over the visible keys with a running max
-/// `m`, running sum `l` and the output row as accumulator (in scratch), rescaled when the
-/// max grows.
+/// Keys per block of the attention kernel: scores of a block are computed together so the
+/// max, the exponentials and their sum vectorise across keys.
+const ATTN_BLOCK: i64 = 64;
+
+/// Flash-style attention: per (b, h, t), the visible keys in blocks of `ATTN_BLOCK`. For each
+/// block: scores (one dot product per key), the block max, `p = exp(s - m)` and its sum, then
+/// the running output row (in scratch) is rescaled by `exp(m_old - m_new)` and accumulates
+/// `Σ p·v`. Scratch: `dv` floats of output row, then `ATTN_BLOCK` scores.
 #[allow(clippy::too_many_arguments)]
 fn attention(fb: &Fb, out: u32, q: &Access, k: &Access, v: &Access, pos: &Access, d: &crate::kernel::AttnDims, scale: f64) -> R<()> {
     let (qa, ka, va) = (fb.access(q, ElemType::F32)?, fb.access(k, ElemType::F32)?, fb.access(v, ElemType::F32)?);
@@ -963,7 +968,9 @@ fn attention(fb: &Fb, out: u32, q: &Access, k: &Access, v: &Access, pos: &Access
     let (h, dd, dv, rep) = (fb.i64c(d.h), fb.i64c(d.d), fb.i64c(d.dv), fb.i64c(d.h / d.hkv));
     let units = fb.mul(fb.mul(bv, h)?, tv)?;
     let (s, e) = fb.split(units)?;
-    let (mx, l, dot, p) = (fb.slot(fb.f32t.into())?, fb.slot(fb.f32t.into())?, fb.slot(fb.f32t.into())?, fb.slot(fb.f32t.into())?);
+    let (mx, l, dot, bmax, psum) = (fb.slot(fb.f32t.into())?, fb.slot(fb.f32t.into())?, fb.slot(fb.f32t.into())?, fb.slot(fb.f32t.into())?, fb.slot(fb.f32t.into())?);
+    let acc = fb.scratch;
+    let sc = unsafe { fb.b.build_in_bounds_gep(fb.f32t, fb.scratch, &[dv], "scores") }.map_err(be)?;
     fb.for_range(s, e, |fb, u| {
         let idx = fb.decompose(u, &[bv, h, tv])?;
         let (bi, hi, ti) = (idx[0], idx[1], idx[2]);
@@ -978,34 +985,59 @@ fn attention(fb: &Fb, out: u32, q: &Access, k: &Access, v: &Access, pos: &Access
         let end = fb.b.build_select(c, lim1, sv, "end").map_err(be)?.into_int_value();
         fb.set(mx, fb.f32c(f64::NEG_INFINITY))?;
         fb.set(l, fb.f32c(0.0))?;
-        fb.for_range(fb.i64c(0), dv, |fb, c| fb.store_f32(fb.scratch, c, fb.f32c(0.0)))?;
-        fb.for_range(fb.i64c(0), end, |fb, j| {
-            let kr = fb.add(kb, fb.mul(j, ka.strides[2])?)?;
-            fb.set(dot, fb.f32c(0.0))?;
-            fb.for_range(fb.i64c(0), dd, |fb, c| {
-                let x = fb.load_f32(qa.ptr, fb.add(qb, fb.mul(c, qa.strides[3])?)?)?;
-                let y = fb.load_f32(ka.ptr, fb.add(kr, fb.mul(c, ka.strides[3])?)?)?;
-                fb.set(dot, fb.fma_fast(fb.get(dot)?, x, y)?)
+        fb.for_range(fb.i64c(0), dv, |fb, c| fb.store_f32(acc, c, fb.f32c(0.0)))?;
+        let nblocks = fb.b.build_int_signed_div(fb.add(end, fb.i64c(ATTN_BLOCK - 1))?, fb.i64c(ATTN_BLOCK), "nb").map_err(be)?;
+        fb.for_range(fb.i64c(0), nblocks, |fb, blk| {
+            let j0 = fb.mul(blk, fb.i64c(ATTN_BLOCK))?;
+            let rest = fb.b.build_int_sub(end, j0, "rest").map_err(be)?;
+            let lt = fb.b.build_int_compare(IntPredicate::SLT, rest, fb.i64c(ATTN_BLOCK), "lt").map_err(be)?;
+            let jl = fb.b.build_select(lt, rest, fb.i64c(ATTN_BLOCK), "jl").map_err(be)?.into_int_value();
+            // Scores of the block, and their max.
+            fb.set(bmax, fb.f32c(f64::NEG_INFINITY))?;
+            fb.for_range(fb.i64c(0), jl, |fb, j| {
+                let kr = fb.add(kb, fb.mul(fb.add(j0, j)?, ka.strides[2])?)?;
+                fb.set(dot, fb.f32c(0.0))?;
+                fb.for_range(fb.i64c(0), dd, |fb, c| {
+                    let x = fb.load_f32(qa.ptr, fb.add(qb, fb.mul(c, qa.strides[3])?)?)?;
+                    let y = fb.load_f32(ka.ptr, fb.add(kr, fb.mul(c, ka.strides[3])?)?)?;
+                    fb.set(dot, fb.fma_fast(fb.get(dot)?, x, y)?)
+                })?;
+                let score = fb.fmul(fb.get(dot)?, fb.f32c(scale))?;
+                fb.store_f32(sc, j, score)?;
+                fb.set(bmax, fb.intrinsic("llvm.maxnum", &[fb.get(bmax)?, score])?)
             })?;
-            let sc = fb.fmul(fb.get(dot)?, fb.f32c(scale))?;
             let m_old = fb.get(mx)?;
-            let m_new = fb.intrinsic("llvm.maxnum", &[m_old, sc])?;
+            let m_new = fb.intrinsic("llvm.maxnum", &[m_old, fb.get(bmax)?])?;
             let alpha = fb.exp(fb.b.build_float_sub(m_old, m_new, "d").map_err(be)?)?;
-            fb.set(p, fb.exp(fb.b.build_float_sub(sc, m_new, "z").map_err(be)?)?)?;
-            fb.set(l, fb.fadd(fb.fmul(fb.get(l)?, alpha)?, fb.get(p)?)?)?;
+            // p = exp(s - m_new), in place, and their sum.
+            fb.set(psum, fb.f32c(0.0))?;
+            fb.for_range(fb.i64c(0), jl, |fb, j| {
+                let z = fb.b.build_float_sub(fb.load_f32(sc, j)?, m_new, "z").map_err(be)?;
+                let p = fb.exp(z)?;
+                fb.store_f32(sc, j, p)?;
+                let t = fb.fast(fb.fadd(fb.get(psum)?, p)?);
+                fb.set(psum, t)
+            })?;
+            fb.set(l, fb.fadd(fb.fmul(fb.get(l)?, alpha)?, fb.get(psum)?)?)?;
             fb.set(mx, m_new)?;
-            let vr = fb.add(vb, fb.mul(j, va.strides[2])?)?;
             fb.for_range(fb.i64c(0), dv, |fb, c| {
-                let a = fb.load_f32(fb.scratch, c)?;
-                let y = fb.load_f32(va.ptr, fb.add(vr, fb.mul(c, va.strides[3])?)?)?;
-                let nv = fb.fadd(fb.fmul(a, alpha)?, fb.fmul(fb.get(p)?, y)?)?;
-                fb.store_f32(fb.scratch, c, nv)
+                let a = fb.load_f32(acc, c)?;
+                fb.store_f32(acc, c, fb.fmul(a, alpha)?)
+            })?;
+            fb.for_range(fb.i64c(0), jl, |fb, j| {
+                let p = fb.load_f32(sc, j)?;
+                let vr = fb.add(vb, fb.mul(fb.add(j0, j)?, va.strides[2])?)?;
+                fb.for_range(fb.i64c(0), dv, |fb, c| {
+                    let a = fb.load_f32(acc, c)?;
+                    let y = fb.load_f32(va.ptr, fb.add(vr, fb.mul(c, va.strides[3])?)?)?;
+                    fb.store_f32(acc, c, fb.fadd(a, fb.fmul(p, y)?)?)
+                })
             })
         })?;
         let obase = fb.mul(u, dv)?;
         let lv = fb.get(l)?;
         fb.for_range(fb.i64c(0), dv, |fb, c| {
-            let a = fb.load_f32(fb.scratch, c)?;
+            let a = fb.load_f32(acc, c)?;
             fb.store_f32(optr, fb.add(obase, c)?, fb.b.build_float_div(a, lv, "o").map_err(be)?)
         })
     })?;
