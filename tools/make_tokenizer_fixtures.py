@@ -3,9 +3,9 @@
 
 Run (from the repository root; deterministic, so re-running rewrites identical files):
 
-    python3 -m venv /root/.cache/egret/tokvenv
-    /root/.cache/egret/tokvenv/bin/pip install tokenizers gguf sentencepiece numpy
-    /root/.cache/egret/tokvenv/bin/python tools/make_tokenizer_fixtures.py \
+    python3 -m venv ~/.cache/egret/tokvenv
+    ~/.cache/egret/tokvenv/bin/pip install tokenizers gguf sentencepiece numpy
+    ~/.cache/egret/tokvenv/bin/python tools/make_tokenizer_fixtures.py \
         [--gguf $HOME/.cache/egret/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf] [--out tests/fixtures/tokenizer]
 
 It writes, under --out:
