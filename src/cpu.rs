@@ -16,25 +16,54 @@ use crate::interp::optimized_graph;
 use crate::{EgretError, Result};
 
 /// Compiles a graph and binds parameters: an executor ready to run.
-pub fn executor(g: &Graph, params: &HashMap<String, Tensor>, opts: &CpuOptions, threads: usize) -> Result<(CpuExecutor, Compiled)> {
+pub fn executor(
+    g: &Graph,
+    params: &HashMap<String, Tensor>,
+    opts: &CpuOptions,
+    threads: usize,
+) -> Result<(CpuExecutor, Compiled)> {
     Ok(executors(&[g], params, opts, threads)?.remove(0))
 }
 
 /// Compiles graphs of one model together (one LLVM module, kernels shared between them) and
 /// binds parameters: one executor per graph.
-pub fn executors(gs: &[&Graph], params: &HashMap<String, Tensor>, opts: &CpuOptions, threads: usize) -> Result<Vec<(CpuExecutor, Compiled)>> {
+pub fn executors(
+    gs: &[&Graph],
+    params: &HashMap<String, Tensor>,
+    opts: &CpuOptions,
+    threads: usize,
+) -> Result<Vec<(CpuExecutor, Compiled)>> {
     let t0 = std::time::Instant::now();
-    let sopts = ScheduleOptions { panel: panel_width(&opts.cpu), weights: opts.weights };
-    let mut progs = gs.iter().map(|g| schedule_with(g, sopts)).collect::<Result<Vec<_>, _>>().map_err(|e| EgretError::Usage(e.to_string()))?;
+    let sopts = ScheduleOptions {
+        panel: panel_width(&opts.cpu),
+        weights: opts.weights,
+    };
+    let mut progs = gs
+        .iter()
+        .map(|g| schedule_with(g, sopts))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| EgretError::Usage(e.to_string()))?;
     unify_symbols(&mut progs);
     let refs: Vec<&egret_backends::kernel::Program> = progs.iter().collect();
     let compiled = compile_many(&refs, opts).map_err(|e| EgretError::Usage(e.to_string()))?;
     if std::env::var_os("EGRET_PROFILE").is_some() {
-        let distinct: std::collections::BTreeSet<&str> = compiled.iter().flat_map(|c| c.plan.kernels.iter().map(|k| k.symbol.as_str())).collect();
+        let distinct: std::collections::BTreeSet<&str> = compiled
+            .iter()
+            .flat_map(|c| c.plan.kernels.iter().map(|k| k.symbol.as_str()))
+            .collect();
         let calls: usize = compiled.iter().map(|c| c.plan.kernels.len()).sum();
-        eprintln!("compile\t{} graph(s)\t{:.1} ms\t{calls} kernel calls, {} functions", gs.len(), t0.elapsed().as_secs_f64() * 1e3, distinct.len());
+        eprintln!(
+            "compile\t{} graph(s)\t{:.1} ms\t{calls} kernel calls, {} functions",
+            gs.len(),
+            t0.elapsed().as_secs_f64() * 1e3,
+            distinct.len()
+        );
     }
-    let get = |name: &str| params.get(name).and_then(|t| Some((t.shape().to_vec(), t.f32_arc()?)));
+    let get = |name: &str| {
+        params
+            .get(name)
+            .and_then(|t| Some((t.shape().to_vec(), t.f32_arc()?)))
+    };
     let mut out = Vec::new();
     for c in compiled {
         let mut ex = CpuExecutor::new(c.plan.clone(), c.fns.clone(), threads)?;
@@ -65,28 +94,64 @@ fn rt(e: EgretError) -> RuntimeError {
 }
 
 impl CpuModel {
-    pub fn new(cfg: LlamaConfig, params: HashMap<String, Tensor>, passes: &str, opts: &CpuOptions, threads: usize) -> Result<CpuModel> {
-        let (gp, gd) = (optimized_graph(&cfg, GraphKind::PrefillLogitsAt, passes)?, optimized_graph(&cfg, GraphKind::Decode, passes)?);
+    pub fn new(
+        cfg: LlamaConfig,
+        params: HashMap<String, Tensor>,
+        passes: &str,
+        opts: &CpuOptions,
+        threads: usize,
+    ) -> Result<CpuModel> {
+        let (gp, gd) = (
+            optimized_graph(&cfg, GraphKind::PrefillLogitsAt, passes)?,
+            optimized_graph(&cfg, GraphKind::Decode, passes)?,
+        );
         let mut ex = executors(&[&gp, &gd], &params, opts, threads)?;
         let (decode, c2) = ex.pop().expect("two executors");
         let (prefill, c1) = ex.pop().expect("two executors");
-        Ok(CpuModel { cfg, prefill, decode, _code: (c1, c2), cache: vec![], pos: 0 })
+        Ok(CpuModel {
+            cfg,
+            prefill,
+            decode,
+            _code: (c1, c2),
+            cache: vec![],
+            pos: 0,
+        })
     }
 
     fn ids(ids: &[u32], start: usize) -> HashMap<String, HostValue> {
         let t = ids.len();
         let mut m = HashMap::new();
-        m.insert("tokens".into(), HostValue { shape: vec![1, t], data: HostData::I64(ids.iter().map(|&i| i as i64).collect()) });
-        m.insert("positions".into(), HostValue { shape: vec![1, t], data: HostData::I64((start..start + t).map(|p| p as i64).collect()) });
+        m.insert(
+            "tokens".into(),
+            HostValue {
+                shape: vec![1, t],
+                data: HostData::I64(ids.iter().map(|&i| i as i64).collect()),
+            },
+        );
+        m.insert(
+            "positions".into(),
+            HostValue {
+                shape: vec![1, t],
+                data: HostData::I64((start..start + t).map(|p| p as i64).collect()),
+            },
+        );
         m
     }
 
     fn take_cache(&mut self, out: &mut HashMap<String, HostValue>) -> Result<()> {
         self.cache.clear();
         for i in 0..self.cfg.num_hidden_layers {
-            match (out.remove(&format!("present_key.{i}")), out.remove(&format!("present_value.{i}"))) {
+            match (
+                out.remove(&format!("present_key.{i}")),
+                out.remove(&format!("present_value.{i}")),
+            ) {
                 (Some(k), Some(v)) => self.cache.push((k, v)),
-                _ => return Err(RuntimeError::Invalid(format!("graph did not return the cache of layer {i}")).into()),
+                _ => {
+                    return Err(RuntimeError::Invalid(format!(
+                        "graph did not return the cache of layer {i}"
+                    ))
+                    .into())
+                }
             }
         }
         Ok(())
@@ -108,11 +173,20 @@ impl CpuModel {
     fn logits_at(&mut self, ids: &[u32], at: Vec<usize>) -> Result<Vec<Vec<f32>>> {
         check_ids(ids, self.cfg.vocab_size)?;
         let mut inputs = Self::ids(ids, 0);
-        inputs.insert("logits_at".into(), HostValue { shape: vec![at.len()], data: HostData::I64(at.iter().map(|&p| p as i64).collect()) });
+        inputs.insert(
+            "logits_at".into(),
+            HostValue {
+                shape: vec![at.len()],
+                data: HostData::I64(at.iter().map(|&p| p as i64).collect()),
+            },
+        );
         let mut out = self.prefill.run(&inputs)?;
         self.take_cache(&mut out)?;
         self.pos = ids.len();
-        Ok(Self::logits(&out)?.chunks(self.cfg.vocab_size).map(<[f32]>::to_vec).collect())
+        Ok(Self::logits(&out)?
+            .chunks(self.cfg.vocab_size)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 }
 

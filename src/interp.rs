@@ -35,12 +35,23 @@ fn to_runtime(e: egret_ir::IrError) -> RuntimeError {
 }
 
 impl InterpModel {
-    pub fn new(cfg: LlamaConfig, params: HashMap<String, Tensor>, passes: &str) -> Result<InterpModel> {
+    pub fn new(
+        cfg: LlamaConfig,
+        params: HashMap<String, Tensor>,
+        passes: &str,
+    ) -> Result<InterpModel> {
         let mut prefill = Interpreter::new(&optimized_graph(&cfg, GraphKind::Prefill, passes)?)?;
         let mut decode = Interpreter::new(&optimized_graph(&cfg, GraphKind::Decode, passes)?)?;
         prefill.prepare(&params)?;
         decode.prepare(&params)?;
-        Ok(InterpModel { cfg, prefill, decode, params, cache: Vec::new(), pos: 0 })
+        Ok(InterpModel {
+            cfg,
+            prefill,
+            decode,
+            params,
+            cache: Vec::new(),
+            pos: 0,
+        })
     }
 
     /// Logits of every position of `ids` (batch 1): `T` rows of `V`.
@@ -53,8 +64,14 @@ impl InterpModel {
     fn tokens(ids: &[u32], start: usize) -> Result<HashMap<String, Tensor>> {
         let t = ids.len();
         let mut m = HashMap::new();
-        m.insert("tokens".to_string(), Tensor::from_i64(vec![1, t], ids.iter().map(|&i| i as i64).collect())?);
-        m.insert("positions".to_string(), Tensor::from_i64(vec![1, t], (start..start + t).map(|p| p as i64).collect())?);
+        m.insert(
+            "tokens".to_string(),
+            Tensor::from_i64(vec![1, t], ids.iter().map(|&i| i as i64).collect())?,
+        );
+        m.insert(
+            "positions".to_string(),
+            Tensor::from_i64(vec![1, t], (start..start + t).map(|p| p as i64).collect())?,
+        );
         Ok(m)
     }
 
@@ -65,7 +82,12 @@ impl InterpModel {
             let v = out.remove(&format!("present_value.{i}"));
             match (k, v) {
                 (Some(k), Some(v)) => self.cache.push((k, v)),
-                _ => return Err(RuntimeError::Invalid(format!("graph did not return the cache of layer {i}")).into()),
+                _ => {
+                    return Err(RuntimeError::Invalid(format!(
+                        "graph did not return the cache of layer {i}"
+                    ))
+                    .into())
+                }
             }
         }
         Ok(())
@@ -87,20 +109,24 @@ impl LanguageModel for InterpModel {
     }
 
     fn prefill(&mut self, ids: &[u32]) -> egret_runtime::Result<Vec<f32>> {
-        let all = self.run_prefill(ids).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        let all = self
+            .run_prefill(ids)
+            .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         let v = self.cfg.vocab_size;
         Ok(all[all.len() - v..].to_vec())
     }
 
     fn decode(&mut self, id: u32) -> egret_runtime::Result<Vec<f32>> {
         check_ids(&[id], self.cfg.vocab_size)?;
-        let mut inputs = Self::tokens(&[id], self.pos).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        let mut inputs =
+            Self::tokens(&[id], self.pos).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         for (i, (k, v)) in self.cache.iter().enumerate() {
             inputs.insert(format!("past_key.{i}"), k.clone());
             inputs.insert(format!("past_value.{i}"), v.clone());
         }
         let mut out = self.decode.run(&inputs, &self.params).map_err(to_runtime)?;
-        self.take_cache(&mut out).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+        self.take_cache(&mut out)
+            .map_err(|e| RuntimeError::Invalid(e.to_string()))?;
         self.pos += 1;
         Ok(out["logits"].to_f32_vec())
     }

@@ -18,7 +18,12 @@ use egret_runtime::weights::{save_safetensors, SaveDType, Weights};
 use egret_runtime::HostTensor;
 
 #[derive(Parser)]
-#[command(name = "egret", version, about = "A compiler for neural-network graphs (LLaMA in a tensor IR)", args_override_self = true)]
+#[command(
+    name = "egret",
+    version,
+    about = "A compiler for neural-network graphs (LLaMA in a tensor IR)",
+    args_override_self = true
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -250,13 +255,33 @@ enum Runner {
 }
 
 impl Runner {
-    fn new(loaded: egret::LoadedModel, o: &RunOpts) -> Result<(Runner, Option<egret_runtime::tokenizer::Tokenizer>, Vec<u32>)> {
+    fn new(
+        loaded: egret::LoadedModel,
+        o: &RunOpts,
+    ) -> Result<(
+        Runner,
+        Option<egret_runtime::tokenizer::Tokenizer>,
+        Vec<u32>,
+    )> {
         let stop = loaded.config.eos_token_ids.clone();
         let tok = loaded.tokenizer;
         let r = match o.backend {
-            Backend::Interp => Runner::Interp(InterpModel::new(loaded.config, loaded.params, &o.passes)?),
-            Backend::Cpu => Runner::Cpu(egret::cpu::CpuModel::new(loaded.config, loaded.params, &o.passes, &egret_backends::llvm::CpuOptions { cpu: o.cpu.clone(), weights: panel_type(o.weights) }, o.threads)?),
-            Backend::Gpu => bail!("backend `gpu` (PTX) is not built yet; use --backend cpu or interp"),
+            Backend::Interp => {
+                Runner::Interp(InterpModel::new(loaded.config, loaded.params, &o.passes)?)
+            }
+            Backend::Cpu => Runner::Cpu(egret::cpu::CpuModel::new(
+                loaded.config,
+                loaded.params,
+                &o.passes,
+                &egret_backends::llvm::CpuOptions {
+                    cpu: o.cpu.clone(),
+                    weights: panel_type(o.weights),
+                },
+                o.threads,
+            )?),
+            Backend::Gpu => {
+                bail!("backend `gpu` (PTX) is not built yet; use --backend cpu or interp")
+            }
         };
         Ok((r, tok, stop))
     }
@@ -277,13 +302,35 @@ impl Runner {
 }
 
 fn default_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Generate { model, prompt, tokens, max_new_tokens, temperature, top_p, seed, backend, passes, threads, cpu, weights_dtype, json } => {
-            let ro = RunOpts { backend, passes, threads: threads.unwrap_or_else(default_threads).max(1), cpu, weights: weights_dtype };
+        Cmd::Generate {
+            model,
+            prompt,
+            tokens,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            backend,
+            passes,
+            threads,
+            cpu,
+            weights_dtype,
+            json,
+        } => {
+            let ro = RunOpts {
+                backend,
+                passes,
+                threads: threads.unwrap_or_else(default_threads).max(1),
+                cpu,
+                weights: weights_dtype,
+            };
             if !(temperature >= 0.0) || !(top_p > 0.0 && top_p <= 1.0) {
                 bail!("--temperature must be >= 0 and --top-p in (0, 1]");
             }
@@ -291,14 +338,24 @@ fn run(cli: Cli) -> Result<()> {
             let loaded = load_model(&src)?;
             let prompt_ids = match (&prompt, &tokens) {
                 (Some(text), None) => {
-                    let tok = loaded.tokenizer.as_ref().ok_or_else(|| anyhow!("{model}: no tokenizer; pass --tokens instead of --prompt"))?;
+                    let tok = loaded.tokenizer.as_ref().ok_or_else(|| {
+                        anyhow!("{model}: no tokenizer; pass --tokens instead of --prompt")
+                    })?;
                     tok.encode(text, true)?
                 }
                 (None, Some(t)) => parse_ids(t)?,
                 _ => bail!("give --prompt TEXT or --tokens 1,2,3"),
             };
             let (mut m, tokenizer, stop_ids) = Runner::new(loaded, &ro)?;
-            let opts = GenerateOptions { max_new_tokens, sampler: SamplerConfig { temperature, top_p, seed }, stop_ids };
+            let opts = GenerateOptions {
+                max_new_tokens,
+                sampler: SamplerConfig {
+                    temperature,
+                    top_p,
+                    seed,
+                },
+                stop_ids,
+            };
             let stdout = std::io::stdout();
             let mut printed = String::new();
             let mut so_far: Vec<u32> = Vec::new();
@@ -334,7 +391,14 @@ fn run(cli: Cli) -> Result<()> {
                 });
                 println!("{obj}");
             } else if tokenizer.is_none() {
-                println!("{}", gen.ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","));
+                println!(
+                    "{}",
+                    gen.ids
+                        .iter()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                );
             } else {
                 if text.len() > printed.len() && text.starts_with(&printed) {
                     print!("{}", &text[printed.len()..]);
@@ -343,8 +407,22 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Logits { model, tokens, backend, passes, threads, cpu, weights_dtype } => {
-            let ro = RunOpts { backend, passes, threads: threads.unwrap_or_else(default_threads).max(1), cpu, weights: weights_dtype };
+        Cmd::Logits {
+            model,
+            tokens,
+            backend,
+            passes,
+            threads,
+            cpu,
+            weights_dtype,
+        } => {
+            let ro = RunOpts {
+                backend,
+                passes,
+                threads: threads.unwrap_or_else(default_threads).max(1),
+                cpu,
+                weights: weights_dtype,
+            };
             let ids = parse_ids(&tokens)?;
             let loaded = load_model(&ModelSource::resolve(&model)?)?;
             let v = loaded.config.vocab_size;
@@ -369,20 +447,37 @@ fn run(cli: Cli) -> Result<()> {
             writeln!(out, "]}}")?;
             Ok(())
         }
-        Cmd::Tokenize { model, text, add_special } => {
+        Cmd::Tokenize {
+            model,
+            text,
+            add_special,
+        } => {
             let tok = load_tokenizer(&ModelSource::resolve(&model)?)?;
             let ids = tok.encode(&text, add_special)?;
             println!("{}", serde_json::json!({ "ids": ids }));
             Ok(())
         }
         Cmd::Convert { model, out, dtype } => convert(&model, &out, dtype),
-        Cmd::Ir { model, mode, graph, batch, seq, memory_budget, passes, print_after, stats, explain, dot } => {
+        Cmd::Ir {
+            model,
+            mode,
+            graph,
+            batch,
+            seq,
+            memory_budget,
+            passes,
+            print_after,
+            stats,
+            explain,
+            dot,
+        } => {
             if mode == Mode::Training || memory_budget.is_some() {
                 bail!("training graphs (--mode training, --memory-budget) are not built yet: autodiff arrives with the training work");
             }
             let mut g = if model.ends_with(".ir") {
                 // IR text: parse (errors give line:column) and verify.
-                let text = std::fs::read_to_string(&model).with_context(|| format!("cannot read {model}"))?;
+                let text = std::fs::read_to_string(&model)
+                    .with_context(|| format!("cannot read {model}"))?;
                 egret_ir::parse(&text).with_context(|| format!("{model}"))?
             } else {
                 let cfg = load_config(&ModelSource::resolve(&model)?)?;
@@ -408,7 +503,9 @@ fn run(cli: Cli) -> Result<()> {
             let pa = match print_after.as_deref() {
                 None => PrintAfter::Nothing,
                 Some("all") => PrintAfter::All,
-                Some(list) => PrintAfter::Passes(list.split(',').map(|s| s.trim().to_string()).collect()),
+                Some(list) => {
+                    PrintAfter::Passes(list.split(',').map(|s| s.trim().to_string()).collect())
+                }
             };
             let pm = PassManager::new(pipeline(&passes)?).print_after(pa)?;
             let mut cx = PassCx::default();
@@ -421,8 +518,14 @@ fn run(cli: Cli) -> Result<()> {
                 for n in &g.nodes {
                     *ops.entry(n.op.name()).or_default() += 1;
                 }
-                let passes: Vec<_> = reports.iter().map(|r| serde_json::json!({"name": r.name, "ms": r.ms})).collect();
-                println!("{}", serde_json::json!({ "ops": ops, "passes": passes, "nodes": g.len(), "counters": cx.counters, "rules": cx.rules_fired }));
+                let passes: Vec<_> = reports
+                    .iter()
+                    .map(|r| serde_json::json!({"name": r.name, "ms": r.ms}))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({ "ops": ops, "passes": passes, "nodes": g.len(), "counters": cx.counters, "rules": cx.rules_fired })
+                );
             } else if explain {
                 for (rule, n) in &cx.rules_fired {
                     println!("{rule:<28} {n}");
@@ -449,7 +552,8 @@ fn run(cli: Cli) -> Result<()> {
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }
 
@@ -474,9 +578,15 @@ fn convert(model: &str, out: &Path, dtype: DTypeArg) -> Result<()> {
         DTypeArg::Bf16 => "bfloat16",
         DTypeArg::F16 => "float16",
     });
-    write_atomic(&out.join("config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
+    write_atomic(
+        &out.join("config.json"),
+        serde_json::to_string_pretty(&cfg)?.as_bytes(),
+    )?;
     if let Some(tok) = &loaded.tokenizer {
-        write_atomic(&out.join("tokenizer.json"), serde_json::to_string(&tok.to_tokenizer_json())?.as_bytes())?;
+        write_atomic(
+            &out.join("tokenizer.json"),
+            serde_json::to_string(&tok.to_tokenizer_json())?.as_bytes(),
+        )?;
     }
     println!("{}", out.display());
     Ok(())
@@ -484,7 +594,14 @@ fn convert(model: &str, out: &Path, dtype: DTypeArg) -> Result<()> {
 
 fn bench(what: BenchCmd) -> Result<()> {
     match what {
-        BenchCmd::Matmul { size, backend, threads, cpu, reps, json } => {
+        BenchCmd::Matmul {
+            size,
+            backend,
+            threads,
+            cpu,
+            reps,
+            json,
+        } => {
             if backend != Backend::Cpu {
                 bail!("bench matmul measures the cpu backend (the interpreter is a reference, not a fast path)");
             }
@@ -492,12 +609,31 @@ fn bench(what: BenchCmd) -> Result<()> {
             let src = format!("graph mm {{\n  %a = input \"a\" : f32[{n}, {n}]\n  %w = param \"w\" : f32[{n}, {n}]\n  %wt = permute[perm=[1, 0]](%w) : f32[{n}, {n}]\n  %y = matmul(%a, %wt) : f32[{n}, {n}]\n  output \"y\" = %y\n}}");
             let g = egret_ir::parse(&src)?;
             let mut params = HashMap::new();
-            let vals: Vec<f32> = (0..size * size).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
-            params.insert("w".to_string(), egret_ir::Tensor::from_f32(vec![size, size], vals.clone())?);
+            let vals: Vec<f32> = (0..size * size)
+                .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+                .collect();
+            params.insert(
+                "w".to_string(),
+                egret_ir::Tensor::from_f32(vec![size, size], vals.clone())?,
+            );
             let threads = threads.unwrap_or_else(default_threads).max(1);
-            let (mut ex, _code) = egret::cpu::executor(&g, &params, &egret_backends::llvm::CpuOptions { cpu, ..Default::default() }, threads)?;
+            let (mut ex, _code) = egret::cpu::executor(
+                &g,
+                &params,
+                &egret_backends::llvm::CpuOptions {
+                    cpu,
+                    ..Default::default()
+                },
+                threads,
+            )?;
             let mut inputs = HashMap::new();
-            inputs.insert("a".to_string(), egret_runtime::cpu::HostValue { shape: vec![size, size], data: egret_runtime::cpu::HostData::F32(vals) });
+            inputs.insert(
+                "a".to_string(),
+                egret_runtime::cpu::HostValue {
+                    shape: vec![size, size],
+                    data: egret_runtime::cpu::HostData::F32(vals),
+                },
+            );
             ex.run(&inputs)?;
             let mut best = f64::INFINITY;
             for _ in 0..reps.max(1) {
@@ -513,8 +649,24 @@ fn bench(what: BenchCmd) -> Result<()> {
             }
             Ok(())
         }
-        BenchCmd::Model { model, prompt_len, gen, backend, passes, threads, cpu, weights_dtype, json } => {
-            let ro = RunOpts { backend, passes, threads: threads.unwrap_or_else(default_threads).max(1), cpu, weights: weights_dtype };
+        BenchCmd::Model {
+            model,
+            prompt_len,
+            gen,
+            backend,
+            passes,
+            threads,
+            cpu,
+            weights_dtype,
+            json,
+        } => {
+            let ro = RunOpts {
+                backend,
+                passes,
+                threads: threads.unwrap_or_else(default_threads).max(1),
+                cpu,
+                weights: weights_dtype,
+            };
             let loaded = load_model(&ModelSource::resolve(&model)?)?;
             let vocab = loaded.config.vocab_size as u64;
             if prompt_len == 0 {
@@ -522,7 +674,9 @@ fn bench(what: BenchCmd) -> Result<()> {
             }
             let (mut m, _, _) = Runner::new(loaded, &ro)?;
             // A fixed pseudo-random prompt (the speed does not depend on the ids).
-            let prompt: Vec<u32> = (0..prompt_len as u64).map(|i| ((i * 2654435761 + 12345) % vocab) as u32).collect();
+            let prompt: Vec<u32> = (0..prompt_len as u64)
+                .map(|i| ((i * 2654435761 + 12345) % vocab) as u32)
+                .collect();
             let run = |m: &mut Runner| -> Result<(f64, f64)> {
                 let lm = m.model();
                 let t0 = std::time::Instant::now();
@@ -535,12 +689,18 @@ fn bench(what: BenchCmd) -> Result<()> {
                     next = egret_runtime::sampler::argmax(&l);
                 }
                 let t_decode = t1.elapsed().as_secs_f64();
-                Ok((prompt_len as f64 / t_prefill, if gen > 0 { gen as f64 / t_decode } else { 0.0 }))
+                Ok((
+                    prompt_len as f64 / t_prefill,
+                    if gen > 0 { gen as f64 / t_decode } else { 0.0 },
+                ))
             };
             run(&mut m)?; // warm-up: first-touch of weights and arena
             let (p, d) = run(&mut m)?;
             if json {
-                println!("{}", serde_json::json!({ "prefill_tok_s": p, "decode_tok_s": d }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "prefill_tok_s": p, "decode_tok_s": d })
+                );
             } else {
                 println!("prefill {p:.1} tok/s ({prompt_len} tokens), decode {d:.1} tok/s ({gen} tokens)");
             }

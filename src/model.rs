@@ -32,27 +32,42 @@ impl ModelSource {
         }
         if p.is_file() {
             if p.file_name().is_some_and(|n| n == "config.json") {
-                return Ok(ModelSource::HfDir(p.parent().map(Path::to_path_buf).unwrap_or_default()));
+                return Ok(ModelSource::HfDir(
+                    p.parent().map(Path::to_path_buf).unwrap_or_default(),
+                ));
             }
             let mut magic = [0u8; 4];
-            let is_gguf = std::fs::File::open(p).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok() && &magic == b"GGUF";
+            let is_gguf = std::fs::File::open(p)
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+                .is_ok()
+                && &magic == b"GGUF";
             if is_gguf || p.extension().is_some_and(|e| e == "gguf") {
                 return Ok(ModelSource::Gguf(p.to_path_buf()));
             }
-            return Err(EgretError::Usage(format!("{arg}: not a GGUF file, a config.json or a model directory")));
+            return Err(EgretError::Usage(format!(
+                "{arg}: not a GGUF file, a config.json or a model directory"
+            )));
         }
         if presets::NAMES.contains(&arg) {
             return Ok(ModelSource::Preset(arg.to_string()));
         }
         if arg.contains('/') || arg.contains('.') {
-            return Err(EgretError::Usage(format!("{arg}: no such file or directory")));
+            return Err(EgretError::Usage(format!(
+                "{arg}: no such file or directory"
+            )));
         }
         Err(egret_models::ModelError::UnknownPreset(arg.to_string()).into())
     }
 }
 
 fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| egret_runtime::RuntimeError::Io { path: path.to_path_buf(), source: e }.into())
+    std::fs::read_to_string(path).map_err(|e| {
+        egret_runtime::RuntimeError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }
+        .into()
+    })
 }
 
 pub fn load_config(src: &ModelSource) -> Result<LlamaConfig> {
@@ -61,7 +76,9 @@ pub fn load_config(src: &ModelSource) -> Result<LlamaConfig> {
             let p = d.join("config.json");
             LlamaConfig::from_hf_json(&read_text(&p)?, &p.display().to_string())?
         }
-        ModelSource::Gguf(p) => LlamaConfig::from_gguf(&GgufFile::open(p)?, &p.display().to_string())?,
+        ModelSource::Gguf(p) => {
+            LlamaConfig::from_gguf(&GgufFile::open(p)?, &p.display().to_string())?
+        }
         ModelSource::Preset(name) => presets::preset(name)?,
     })
 }
@@ -71,12 +88,19 @@ pub fn load_tokenizer(src: &ModelSource) -> Result<Tokenizer> {
         ModelSource::HfDir(d) => {
             let p = d.join("tokenizer.json");
             if !p.is_file() {
-                return Err(EgretError::Usage(format!("{}: no tokenizer.json; pass token ids with --tokens", d.display())));
+                return Err(EgretError::Usage(format!(
+                    "{}: no tokenizer.json; pass token ids with --tokens",
+                    d.display()
+                )));
             }
             Ok(Tokenizer::from_tokenizer_json(&p)?)
         }
-        ModelSource::Gguf(p) => Ok(Tokenizer::from_gguf_metadata(GgufFile::open(p)?.metadata())?),
-        ModelSource::Preset(n) => Err(EgretError::Usage(format!("preset `{n}` has no tokenizer; give a model directory or GGUF file"))),
+        ModelSource::Gguf(p) => Ok(Tokenizer::from_gguf_metadata(
+            GgufFile::open(p)?.metadata(),
+        )?),
+        ModelSource::Preset(n) => Err(EgretError::Usage(format!(
+            "preset `{n}` has no tokenizer; give a model directory or GGUF file"
+        ))),
     }
 }
 

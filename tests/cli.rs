@@ -28,26 +28,69 @@ fn ir_stats_counts_ops_and_times_passes() {
     assert_eq!(v["ops"]["fused_attention"], 32, "{out}");
     assert_eq!(v["ops"]["swiglu"], 32, "{out}");
     assert_eq!(v["ops"]["rms_norm_matmul"], 2 * 32 + 1, "{out}");
-    assert_eq!(v["ops"]["matmul"], 2 * 32, "o_proj and down_proj stay plain: {out}");
-    assert!(v["ops"].get("rsqrt").is_none() && v["ops"].get("softmax").is_none(), "{out}");
-    let passes: Vec<&str> = v["passes"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        v["ops"]["matmul"],
+        2 * 32,
+        "o_proj and down_proj stay plain: {out}"
+    );
+    assert!(
+        v["ops"].get("rsqrt").is_none() && v["ops"].get("softmax").is_none(),
+        "{out}"
+    );
+    let passes: Vec<&str> = v["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
     assert_eq!(passes, ["fuse", "merge-matmuls", "cse", "dce"]);
     assert!(v["passes"][0]["ms"].as_f64().unwrap() >= 0.0);
     assert_eq!(v["rules"]["attention"], 32, "{out}");
     assert!(v["counters"]["fuse.egraph_nodes"].as_u64().unwrap() > 0);
     let explain = egret_ok(&["ir", "llama-7b", "--passes", "default", "--explain"]);
-    assert!(explain.lines().any(|l| l.starts_with("attention ") && l.trim_end().ends_with(" 32")), "{explain}");
+    assert!(
+        explain
+            .lines()
+            .any(|l| l.starts_with("attention ") && l.trim_end().ends_with(" 32")),
+        "{explain}"
+    );
 }
 
 #[test]
 fn ir_binds_dims_prints_after_passes_and_draws_dot() {
-    let out = egret_ok(&["ir", "smollm2-135m", "--batch", "1", "--seq", "16", "--passes", "cse,dce", "--print-after", "cse"]);
-    assert!(out.starts_with("; IR after cse\ngraph prefill {"), "{}", &out[..80]);
+    let out = egret_ok(&[
+        "ir",
+        "smollm2-135m",
+        "--batch",
+        "1",
+        "--seq",
+        "16",
+        "--passes",
+        "cse,dce",
+        "--print-after",
+        "cse",
+    ]);
+    assert!(
+        out.starts_with("; IR after cse\ngraph prefill {"),
+        "{}",
+        &out[..80]
+    );
     assert!(out.contains("input \"tokens\" : i64[1, 16]"));
     assert_eq!(out.matches("graph prefill {").count(), 2);
     let dot = egret_ok(&["ir", "smollm2-135m", "--graph", "decode", "--dot"]);
-    assert!(dot.starts_with("digraph {") && dot.contains("past_key.29"), "{}", &dot[..60]);
-    let e = egret_err(&["ir", "smollm2-135m", "--passes", "cse", "--print-after", "dce"]);
+    assert!(
+        dot.starts_with("digraph {") && dot.contains("past_key.29"),
+        "{}",
+        &dot[..60]
+    );
+    let e = egret_err(&[
+        "ir",
+        "smollm2-135m",
+        "--passes",
+        "cse",
+        "--print-after",
+        "dce",
+    ]);
     assert!(e.contains("dce"), "{e}");
 }
 
@@ -64,16 +107,29 @@ fn ir_reads_ir_text_files() {
 fn passes_lists_names_and_summaries() {
     let out = egret_ok(&["passes"]);
     for name in ["canonicalize", "fuse", "merge-matmuls", "cse", "dce"] {
-        assert!(out.lines().any(|l| l.starts_with(&format!("{name} "))), "{name} missing: {out}");
+        assert!(
+            out.lines().any(|l| l.starts_with(&format!("{name} "))),
+            "{name} missing: {out}"
+        );
     }
 }
 
 #[test]
 fn tokenize_uses_the_models_tokenizer() {
     let gguf = smollm2_gguf();
-    let out = egret_ok(&["tokenize", gguf.to_str().unwrap(), "--text", "The capital of France is"]);
+    let out = egret_ok(&[
+        "tokenize",
+        gguf.to_str().unwrap(),
+        "--text",
+        "The capital of France is",
+    ]);
     assert_eq!(out.trim(), r#"{"ids":[504,3575,282,4649,314]}"#);
-    let out = egret_ok(&["tokenize", gguf.to_str().unwrap(), "--text", "<|im_start|>user\nHi 42<|im_end|>"]);
+    let out = egret_ok(&[
+        "tokenize",
+        gguf.to_str().unwrap(),
+        "--text",
+        "<|im_start|>user\nHi 42<|im_end|>",
+    ]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let ids = v["ids"].as_array().unwrap();
     assert_eq!(ids[0], 1, "<|im_start|> is one special token: {out}");
@@ -86,14 +142,38 @@ fn tokenize_uses_the_models_tokenizer() {
 fn seeded_sampling_is_reproducible_and_seed_dependent() {
     let d = fixture("tiny/gqa_untied");
     let run = |seed: &str| {
-        let out = egret_ok(&["generate", d.to_str().unwrap(), "--tokens", "3,17,0", "--max-new-tokens", "12", "--temperature", "1.5", "--top-p", "0.95", "--seed", seed, "--backend", "interp", "--json"]);
+        let out = egret_ok(&[
+            "generate",
+            d.to_str().unwrap(),
+            "--tokens",
+            "3,17,0",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "1.5",
+            "--top-p",
+            "0.95",
+            "--seed",
+            seed,
+            "--backend",
+            "interp",
+            "--json",
+        ]);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        v["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect::<Vec<_>>()
+        v["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect::<Vec<_>>()
     };
     let a = run("7");
     assert_eq!(a.len(), 12);
     assert_eq!(a, run("7"));
-    assert!((1..6).any(|s| run(&s.to_string()) != a), "different seeds should give different samples");
+    assert!(
+        (1..6).any(|s| run(&s.to_string()) != a),
+        "different seeds should give different samples"
+    );
 }
 
 #[test]
@@ -101,6 +181,13 @@ fn training_and_compiled_backends_say_they_are_not_built_yet() {
     let e = egret_err(&["ir", "smollm2-135m", "--mode", "training"]);
     assert!(e.contains("not built yet"), "{e}");
     let d = fixture("tiny/gqa_untied");
-    let e = egret_err(&["generate", d.to_str().unwrap(), "--tokens", "1", "--backend", "gpu"]);
+    let e = egret_err(&[
+        "generate",
+        d.to_str().unwrap(),
+        "--tokens",
+        "1",
+        "--backend",
+        "gpu",
+    ]);
     assert!(e.contains("gpu"), "{e}");
 }

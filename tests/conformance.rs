@@ -18,7 +18,9 @@ const TOLERANCE: f32 = 1e-5;
 /// Each case: a name and IR text over the symbol `N`. Inputs are uniform in [-1, 1]
 /// (integers in [0, 4)); ops with restricted domains take `abs(x) + 1` first.
 const CASES: &[(&str, &str)] = &[
-    ("unary", r#"
+    (
+        "unary",
+        r#"
   %x = input "x" : f32[N, 3]
   %a = abs(%x) : f32[N, 3]
   %one = const[value=1.0] : f32[N, 3]
@@ -35,8 +37,11 @@ const CASES: &[(&str, &str)] = &[
   %n = neg(%x) : f32[N, 3]
   %u = silu(%x) : f32[N, 3]
   %y = concat[axis=1](%e, %l, %s, %r, %c, %g, %t, %si, %co, %n, %u) : f32[N, 33]
-  output "y" = %y"#),
-    ("binary-compare-select", r#"
+  output "y" = %y"#,
+    ),
+    (
+        "binary-compare-select",
+        r#"
   %x = input "x" : f32[N, 5]
   %z = input "z" : f32[N, 5]
   %a = abs(%x) : f32[N, 5]
@@ -53,8 +58,11 @@ const CASES: &[(&str, &str)] = &[
   %ge = ge(%x, %z) : bool[N, 5]
   %sel2 = select(%ge, %s, %m) : f32[N, 5]
   %y = concat[axis=1](%s, %m, %d, %mx, %mn, %pw, %sel, %sel2) : f32[N, 40]
-  output "y" = %y"#),
-    ("casts-iota-const", r#"
+  output "y" = %y"#,
+    ),
+    (
+        "casts-iota-const",
+        r#"
   %x = input "x" : f32[N, 4]
   %k = const[value=7.5] : f32[N, 4]
   %xk = mul(%x, %k) : f32[N, 4]
@@ -66,8 +74,11 @@ const CASES: &[(&str, &str)] = &[
   %hf = cast(%h) : f32[N, 4]
   %io = iota[axis=0] : f32[N, 4]
   %y = concat[axis=1](%f, %bf, %hf, %io) : f32[N, 16]
-  output "y" = %y"#),
-    ("reductions", r#"
+  output "y" = %y"#,
+    ),
+    (
+        "reductions",
+        r#"
   %x = input "x" : f32[N, 7]
   %s0 = reduce_sum[axis=0](%x) : f32[1, 7]
   %m0 = reduce_max[axis=0](%x) : f32[1, 7]
@@ -78,32 +89,47 @@ const CASES: &[(&str, &str)] = &[
   %r0 = concat[axis=0](%s0, %m0, %a0) : f32[3, 7]
   %r1 = concat[axis=1](%s1, %m1, %a1) : f32[N, 3]
   output "r0" = %r0
-  output "r1" = %r1"#),
-    ("softmax", r#"
+  output "r1" = %r1"#,
+    ),
+    (
+        "softmax",
+        r#"
   %x = input "x" : f32[3, N]
   %a = softmax[axis=1](%x) : f32[3, N]
   %b = softmax[axis=0](%x) : f32[3, N]
   output "a" = %a
-  output "b" = %b"#),
-    ("matmul-weights", r#"
+  output "b" = %b"#,
+    ),
+    (
+        "matmul-weights",
+        r#"
   %x = input "x" : f32[N, 17]
   %w = param "w" : f32[9, 17]
   %wt = permute[perm=[1, 0]](%w) : f32[17, 9]
   %y = matmul(%x, %wt) : f32[N, 9]
   %v = param "v" : f32[9, 5]
   %z = matmul(%y, %v) : f32[N, 5]
-  output "z" = %z"#),
-    ("matmul-batched", r#"
+  output "z" = %z"#,
+    ),
+    (
+        "matmul-batched",
+        r#"
   %a = input "a" : f32[2, N, 5]
   %b = input "b" : f32[2, 5, N]
   %y = matmul(%a, %b) : f32[2, N, N]
-  output "y" = %y"#),
-    ("matmul-long-k", r#"
+  output "y" = %y"#,
+    ),
+    (
+        "matmul-long-k",
+        r#"
   %a = input "a" : f32[3, N]
   %b = input "b" : f32[N, 4]
   %y = matmul(%a, %b) : f32[3, 4]
-  output "y" = %y"#),
-    ("rms-norm-swiglu", r#"
+  output "y" = %y"#,
+    ),
+    (
+        "rms-norm-swiglu",
+        r#"
   %x = input "x" : f32[N, 6]
   %g = param "g" : f32[6]
   %n = rms_norm[eps=1e-5](%x, %g) : f32[N, 6]
@@ -112,15 +138,21 @@ const CASES: &[(&str, &str)] = &[
   %u = input "u" : f32[N, 8]
   %s = swiglu(%m, %u) : f32[N, 8]
   output "n" = %n
-  output "s" = %s"#),
-    ("attention-gqa", r#"
+  output "s" = %s"#,
+    ),
+    (
+        "attention-gqa",
+        r#"
   %q = input "q" : f32[1, 4, N, 8]
   %k = input "k" : f32[1, 2, N, 8]
   %v = input "v" : f32[1, 2, N, 8]
   %pos = iota[axis=1] : i64[1, N]
   %o = fused_attention[scale=0.35](%q, %k, %v, %pos) : f32[1, 4, N, 8]
-  output "o" = %o"#),
-    ("views", r#"
+  output "o" = %o"#,
+    ),
+    (
+        "views",
+        r#"
   %x = input "x" : f32[2, N, 3]
   %p = permute[perm=[2, 0, 1]](%x) : f32[3, 2, N]
   %s = slice[axis=0, start=1, end=3](%p) : f32[2, 2, N]
@@ -129,16 +161,21 @@ const CASES: &[(&str, &str)] = &[
   %b = broadcast(%c) : f32[4, N]
   %y = add(%r, %b) : f32[4, N]
   %t = permute[perm=[1, 0]](%y) : f32[N, 4]
-  output "t" = %t"#),
-    ("gather", r#"
+  output "t" = %t"#,
+    ),
+    (
+        "gather",
+        r#"
   %t = input "table" : f32[4, N]
   %i = input "ids" : i64[N]
   %y = gather[axis=0](%t, %i) : f32[N, N]
-  output "y" = %y"#),
+  output "y" = %y"#,
+    ),
 ];
 
 fn graph(name: &str, body: &str) -> Graph {
-    egret_ir::parse(&format!("graph {} {{{body}\n}}", name.replace('-', "_"))).unwrap_or_else(|e| panic!("{name}: {e}"))
+    egret_ir::parse(&format!("graph {} {{{body}\n}}", name.replace('-', "_")))
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 fn bindings(g: &Graph, n: i64, seed: u64) -> (HashMap<String, Tensor>, HashMap<String, Tensor>) {
@@ -155,7 +192,10 @@ fn bindings(g: &Graph, n: i64, seed: u64) -> (HashMap<String, Tensor>, HashMap<S
         let shape = node.ty.shape.eval(&b).unwrap();
         let len: usize = shape.iter().product();
         let t = match node.ty.dtype {
-            DType::I64 | DType::I32 => Tensor::from_i64(shape, (0..len).map(|_| (rng.next() % 4) as i64).collect()).unwrap(),
+            DType::I64 | DType::I32 => {
+                Tensor::from_i64(shape, (0..len).map(|_| (rng.next() % 4) as i64).collect())
+                    .unwrap()
+            }
             _ => Tensor::from_f32(shape, (0..len).map(|_| rng.uniform()).collect()).unwrap(),
         };
         map.insert(name.clone(), t);
@@ -165,18 +205,36 @@ fn bindings(g: &Graph, n: i64, seed: u64) -> (HashMap<String, Tensor>, HashMap<S
 
 type Outputs = HashMap<String, Vec<f32>>;
 
-fn run_interp(g: &Graph, inputs: &HashMap<String, Tensor>, params: &HashMap<String, Tensor>) -> Outputs {
+fn run_interp(
+    g: &Graph,
+    inputs: &HashMap<String, Tensor>,
+    params: &HashMap<String, Tensor>,
+) -> Outputs {
     let out = Interpreter::new(g).unwrap().run(inputs, params).unwrap();
     out.into_iter().map(|(k, v)| (k, v.to_f32_vec())).collect()
 }
 
-fn run_cpu(g: &Graph, inputs: &HashMap<String, Tensor>, params: &HashMap<String, Tensor>) -> Outputs {
+fn run_cpu(
+    g: &Graph,
+    inputs: &HashMap<String, Tensor>,
+    params: &HashMap<String, Tensor>,
+) -> Outputs {
     let (mut ex, _code) = egret::cpu::executor(g, params, &CpuOptions::default(), 2).unwrap();
     let host: HashMap<String, HostValue> = inputs
         .iter()
         .map(|(k, t)| {
-            let data = if t.dtype().is_float() { HostData::F32(t.to_f32_vec()) } else { HostData::I64(t.to_i64_vec()) };
-            (k.clone(), HostValue { shape: t.shape().to_vec(), data })
+            let data = if t.dtype().is_float() {
+                HostData::F32(t.to_f32_vec())
+            } else {
+                HostData::I64(t.to_i64_vec())
+            };
+            (
+                k.clone(),
+                HostValue {
+                    shape: t.shape().to_vec(),
+                    data,
+                },
+            )
         })
         .collect();
     let out = ex.run(&host).unwrap();
@@ -191,7 +249,10 @@ fn run_cpu(g: &Graph, inputs: &HashMap<String, Tensor>, params: &HashMap<String,
         .collect()
 }
 
-fn check(backend: &str, run: fn(&Graph, &HashMap<String, Tensor>, &HashMap<String, Tensor>) -> Outputs) {
+fn check(
+    backend: &str,
+    run: fn(&Graph, &HashMap<String, Tensor>, &HashMap<String, Tensor>) -> Outputs,
+) {
     let mut failures = vec![];
     for (name, body) in CASES {
         let g = graph(name, body);
@@ -203,10 +264,19 @@ fn check(backend: &str, run: fn(&Graph, &HashMap<String, Tensor>, &HashMap<Strin
             for (out, w) in &want {
                 let gv = &got[out];
                 assert_eq!(gv.len(), w.len(), "{name} n={n} {out}");
-                let scale = w.iter().filter(|x| x.is_finite()).fold(1f32, |m, x| m.max(x.abs()));
-                let worst = w.iter().zip(gv).map(|(a, b)| if a == b { 0.0 } else { (a - b).abs() / scale }).fold(0f32, f32::max);
+                let scale = w
+                    .iter()
+                    .filter(|x| x.is_finite())
+                    .fold(1f32, |m, x| m.max(x.abs()));
+                let worst = w
+                    .iter()
+                    .zip(gv)
+                    .map(|(a, b)| if a == b { 0.0 } else { (a - b).abs() / scale })
+                    .fold(0f32, f32::max);
                 if !(worst <= TOLERANCE) {
-                    failures.push(format!("{backend}: {name} N={n} output {out}: relative difference {worst}"));
+                    failures.push(format!(
+                        "{backend}: {name} N={n} output {out}: relative difference {worst}"
+                    ));
                 }
             }
         }

@@ -28,12 +28,17 @@ fn files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-fn run_file(path: &Path, fired_anywhere: &mut std::collections::BTreeSet<String>) -> Result<(), String> {
+fn run_file(
+    path: &Path,
+    fired_anywhere: &mut std::collections::BTreeSet<String>,
+) -> Result<(), String> {
     let src = std::fs::read_to_string(path).unwrap();
     let mut pipe = "default".to_string();
     let (mut fires, mut checks, mut nots) = (vec![], vec![], vec![]);
     for line in src.lines() {
-        let Some(rest) = line.strip_prefix(';') else { continue };
+        let Some(rest) = line.strip_prefix(';') else {
+            continue;
+        };
         let rest = rest.trim();
         if let Some(v) = rest.strip_prefix("pipeline:") {
             pipe = v.trim().to_string();
@@ -49,12 +54,22 @@ fn run_file(path: &Path, fired_anywhere: &mut std::collections::BTreeSet<String>
     egret_ir::verify(&input).map_err(|e| format!("input: {e}"))?;
     let mut g = input.clone();
     let mut cx = PassCx::default();
-    PassManager::new(pipeline(&pipe).map_err(|e| e.to_string())?).run(&mut g, &mut cx, |_, _| {}).map_err(|e| e.to_string())?;
+    PassManager::new(pipeline(&pipe).map_err(|e| e.to_string())?)
+        .run(&mut g, &mut cx, |_, _| {})
+        .map_err(|e| e.to_string())?;
     let text = egret_ir::print(&g);
-    fired_anywhere.extend(cx.rules_fired.iter().filter(|(_, n)| **n > 0).map(|(r, _)| r.clone()));
+    fired_anywhere.extend(
+        cx.rules_fired
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(r, _)| r.clone()),
+    );
     for f in &fires {
         if cx.rules_fired.get(f).copied().unwrap_or(0) == 0 {
-            return Err(format!("rule `{f}` did not fire (fired: {:?})\n{text}", cx.rules_fired));
+            return Err(format!(
+                "rule `{f}` did not fire (fired: {:?})\n{text}",
+                cx.rules_fired
+            ));
         }
     }
     for c in &checks {
@@ -79,13 +94,37 @@ fn run_file(path: &Path, fired_anywhere: &mut std::collections::BTreeSet<String>
 #[test]
 fn filetests() {
     let mut all = vec![];
-    files(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/filetests"), &mut all);
+    files(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/filetests"),
+        &mut all,
+    );
     all.sort();
-    assert!(all.len() >= 20, "expected the filetest suite, found {}", all.len());
+    assert!(
+        all.len() >= 20,
+        "expected the filetest suite, found {}",
+        all.len()
+    );
     let mut fired = std::collections::BTreeSet::new();
-    let failures: Vec<String> = all.iter().filter_map(|p| run_file(p, &mut fired).err().map(|e| format!("{}: {e}", p.display()))).collect();
-    assert!(failures.is_empty(), "{} of {} filetests failed:\n{}", failures.len(), all.len(), failures.join("\n\n"));
+    let failures: Vec<String> = all
+        .iter()
+        .filter_map(|p| {
+            run_file(p, &mut fired)
+                .err()
+                .map(|e| format!("{}: {e}", p.display()))
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} filetests failed:\n{}",
+        failures.len(),
+        all.len(),
+        failures.join("\n\n")
+    );
     // Every rule is exercised (and so checked numerically) by some filetest.
-    let never: Vec<String> = egret_passes::rules::all().iter().map(|r| r.name.to_string()).filter(|n| !fired.contains(n)).collect();
+    let never: Vec<String> = egret_passes::rules::all()
+        .iter()
+        .map(|r| r.name.to_string())
+        .filter(|n| !fired.contains(n))
+        .collect();
     assert!(never.is_empty(), "rules no filetest exercises: {never:?}");
 }

@@ -14,9 +14,28 @@ struct Fixture {
 }
 
 fn read(name: &str) -> Fixture {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(&format!("tiny/{name}/logits.json"))).unwrap()).unwrap();
-    let tokens = v["tokens"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
-    let logits = v["logits"].as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()).collect();
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture(&format!("tiny/{name}/logits.json"))).unwrap(),
+    )
+    .unwrap();
+    let tokens = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    let logits = v["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect();
     Fixture { tokens, logits }
 }
 
@@ -39,7 +58,8 @@ fn tiny_models_match_transformers_on_the_interpreter() {
     for name in MODELS {
         let fx = read(name);
         for passes in ["none", "default"] {
-            let src = ModelSource::resolve(fixture(&format!("tiny/{name}")).to_str().unwrap()).unwrap();
+            let src =
+                ModelSource::resolve(fixture(&format!("tiny/{name}")).to_str().unwrap()).unwrap();
             let m = load_model(&src).unwrap();
             let mut im = InterpModel::new(m.config, m.params, passes).unwrap();
             let got = im.logits_all(&fx.tokens).unwrap();
@@ -55,9 +75,17 @@ fn tiny_models_match_transformers_on_the_cpu_backend() {
     for name in MODELS {
         let fx = read(name);
         for passes in ["none", "default"] {
-            let src = ModelSource::resolve(fixture(&format!("tiny/{name}")).to_str().unwrap()).unwrap();
+            let src =
+                ModelSource::resolve(fixture(&format!("tiny/{name}")).to_str().unwrap()).unwrap();
             let m = load_model(&src).unwrap();
-            let mut cm = egret::cpu::CpuModel::new(m.config, m.params, passes, &egret_backends::llvm::CpuOptions::default(), 2).unwrap();
+            let mut cm = egret::cpu::CpuModel::new(
+                m.config,
+                m.params,
+                passes,
+                &egret_backends::llvm::CpuOptions::default(),
+                2,
+            )
+            .unwrap();
             let got = cm.logits_all(&fx.tokens).unwrap();
             let (d, maxref) = max_diff(&got, &fx.logits);
             let tol = 1e-4 * maxref.max(1.0);
@@ -72,7 +100,14 @@ fn cpu_decode_with_kv_cache_matches_full_prefill() {
     let fx = read("gqa_untied");
     let src = ModelSource::resolve(fixture("tiny/gqa_untied").to_str().unwrap()).unwrap();
     let m = load_model(&src).unwrap();
-    let mut cm = egret::cpu::CpuModel::new(m.config, m.params, "default", &egret_backends::llvm::CpuOptions::default(), 2).unwrap();
+    let mut cm = egret::cpu::CpuModel::new(
+        m.config,
+        m.params,
+        "default",
+        &egret_backends::llvm::CpuOptions::default(),
+        2,
+    )
+    .unwrap();
     let k = 3;
     let mut rows = vec![cm.prefill(&fx.tokens[..k]).unwrap()];
     for &t in &fx.tokens[k..] {
@@ -87,10 +122,28 @@ fn logits_cli_prints_every_position() {
     let fx = read("gqa_untied");
     let toks: Vec<String> = fx.tokens.iter().map(|t| t.to_string()).collect();
     let dir = fixture("tiny/gqa_untied");
-    let out = egret_ok(&["logits", dir.to_str().unwrap(), "--tokens", &toks.join(","), "--backend", "interp"]);
+    let out = egret_ok(&[
+        "logits",
+        dir.to_str().unwrap(),
+        "--tokens",
+        &toks.join(","),
+        "--backend",
+        "interp",
+    ]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["shape"], serde_json::json!([fx.tokens.len(), 101]));
-    let got: Vec<Vec<f32>> = v["logits"].as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()).collect();
+    let got: Vec<Vec<f32>> = v["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect();
     let (d, maxref) = max_diff(&got, &fx.logits);
     assert!(d <= 1e-4 * maxref.max(1.0), "max |diff| {d}");
 }

@@ -17,7 +17,9 @@ fn random_graph(seed: u64) -> Graph {
     let t = Dim::sym("T");
     let full = vec![t.clone(), Dim::c(6)];
     let col = vec![t.clone(), Dim::c(1)];
-    let mut pool: Vec<ValueId> = (0..2).map(|i| g.input(&format!("x{i}"), DType::F32, full.clone())).collect();
+    let mut pool: Vec<ValueId> = (0..2)
+        .map(|i| g.input(&format!("x{i}"), DType::F32, full.clone()))
+        .collect();
     let mut params = 0;
     for _ in 0..STEPS {
         let pick = |r: &mut Rng, pool: &Vec<ValueId>| pool[(r.next() % pool.len() as u64) as usize];
@@ -25,16 +27,31 @@ fn random_graph(seed: u64) -> Graph {
         let b = pick(&mut r, &pool);
         let v = match r.next() % 11 {
             0 => {
-                let u = [UnaryOp::Neg, UnaryOp::Tanh, UnaryOp::Sigmoid, UnaryOp::Abs, UnaryOp::Sin][(r.next() % 5) as usize];
+                let u = [
+                    UnaryOp::Neg,
+                    UnaryOp::Tanh,
+                    UnaryOp::Sigmoid,
+                    UnaryOp::Abs,
+                    UnaryOp::Sin,
+                ][(r.next() % 5) as usize];
                 g.unary(u, a).unwrap()
             }
             1 => {
-                let op = [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Max][(r.next() % 4) as usize];
+                let op = [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Max]
+                    [(r.next() % 4) as usize];
                 g.binary(op, a, b).unwrap()
             }
             2 => {
-                let c = g.constant([0.5, 2.0, 1.0, 3.0][(r.next() % 4) as usize], DType::F32, full.clone());
-                let op = if r.next() % 2 == 0 { BinaryOp::Mul } else { BinaryOp::Div };
+                let c = g.constant(
+                    [0.5, 2.0, 1.0, 3.0][(r.next() % 4) as usize],
+                    DType::F32,
+                    full.clone(),
+                );
+                let op = if r.next() % 2 == 0 {
+                    BinaryOp::Mul
+                } else {
+                    BinaryOp::Div
+                };
                 g.binary(op, a, c).unwrap()
             }
             3 => {
@@ -68,8 +85,16 @@ fn random_graph(seed: u64) -> Graph {
             }
             5 | 6 => {
                 params += 1;
-                let w = g.param(&format!("m{params}"), DType::F32, vec![Dim::c(6), Dim::c(6)]);
-                let w = if r.next() % 2 == 0 { g.permute(w, vec![1, 0]).unwrap() } else { w };
+                let w = g.param(
+                    &format!("m{params}"),
+                    DType::F32,
+                    vec![Dim::c(6), Dim::c(6)],
+                );
+                let w = if r.next() % 2 == 0 {
+                    g.permute(w, vec![1, 0]).unwrap()
+                } else {
+                    w
+                };
                 g.matmul(a, w).unwrap()
             }
             7 => {
@@ -93,7 +118,8 @@ fn random_graph(seed: u64) -> Graph {
                 }
             }
             8 => {
-                let op = [CompareOp::Lt, CompareOp::Gt, CompareOp::Ge, CompareOp::Le][(r.next() % 4) as usize];
+                let op = [CompareOp::Lt, CompareOp::Gt, CompareOp::Ge, CompareOp::Le]
+                    [(r.next() % 4) as usize];
                 let c = g.compare(op, a, b).unwrap();
                 g.select(c, a, b).unwrap()
             }
@@ -123,15 +149,34 @@ fn random_graphs_keep_their_meaning_under_the_default_pipeline() {
         let g = random_graph(seed);
         let mut opt = g.clone();
         let mut cx = PassCx::default();
-        PassManager::new(pipeline("default").unwrap()).run(&mut opt, &mut cx, |_, _| {}).unwrap();
+        PassManager::new(pipeline("default").unwrap())
+            .run(&mut opt, &mut cx, |_, _| {})
+            .unwrap();
         for (k, v) in cx.rules_fired {
             *fired.entry(k).or_insert(0) += v;
         }
         let d = compare_numerically(&g, &opt, seed + 100);
-        assert!(d <= 1e-4, "seed {seed}: outputs differ by {d}\nbefore:\n{}\nafter:\n{}", egret_ir::print(&g), egret_ir::print(&opt));
+        assert!(
+            d <= 1e-4,
+            "seed {seed}: outputs differ by {d}\nbefore:\n{}\nafter:\n{}",
+            egret_ir::print(&g),
+            egret_ir::print(&opt)
+        );
     }
     // The graphs exercise the interesting rules, not only the trivial ones.
-    for rule in ["softmax", "silu", "silu-from-div", "rms-norm", "rms-norm-matmul", "div-const-to-mul", "permute-permute", "merge-matmuls"] {
-        assert!(fired.get(rule).copied().unwrap_or(0) > 0, "rule {rule} never fired: {fired:?}");
+    for rule in [
+        "softmax",
+        "silu",
+        "silu-from-div",
+        "rms-norm",
+        "rms-norm-matmul",
+        "div-const-to-mul",
+        "permute-permute",
+        "merge-matmuls",
+    ] {
+        assert!(
+            fired.get(rule).copied().unwrap_or(0) > 0,
+            "rule {rule} never fired: {fired:?}"
+        );
     }
 }

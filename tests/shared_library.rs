@@ -23,25 +23,52 @@ fn shared_library_matches_the_interpreter() {
     let w: Vec<f32> = (0..32).map(|i| (i as f32 * 0.37).sin()).collect();
     let gw: Vec<f32> = (0..8).map(|i| 1.0 + i as f32 * 0.1).collect();
     let x: Vec<f32> = (0..24).map(|i| (i as f32 * 0.61).cos()).collect();
-    let params: HashMap<String, (Vec<usize>, std::sync::Arc<Vec<f32>>)> =
-        [("w".to_string(), (vec![4, 8], std::sync::Arc::new(w.clone()))), ("g".to_string(), (vec![8], std::sync::Arc::new(gw.clone())))].into_iter().collect();
+    let params: HashMap<String, (Vec<usize>, std::sync::Arc<Vec<f32>>)> = [
+        (
+            "w".to_string(),
+            (vec![4, 8], std::sync::Arc::new(w.clone())),
+        ),
+        ("g".to_string(), (vec![8], std::sync::Arc::new(gw.clone()))),
+    ]
+    .into_iter()
+    .collect();
     ex.bind_params(&|n: &str| params.get(n).cloned()).unwrap();
     let mut inputs = HashMap::new();
-    inputs.insert("x".to_string(), HostValue { shape: vec![3, 8], data: HostData::F32(x.clone()) });
+    inputs.insert(
+        "x".to_string(),
+        HostValue {
+            shape: vec![3, 8],
+            data: HostData::F32(x.clone()),
+        },
+    );
     let out = ex.run(&inputs).unwrap();
-    let HostData::F32(got) = &out["y"].data else { panic!("f32 output") };
+    let HostData::F32(got) = &out["y"].data else {
+        panic!("f32 output")
+    };
     // Reference: the interpreter.
     let it = egret_ir::Interpreter::new(&g).unwrap();
     let mut ti = HashMap::new();
-    ti.insert("x".to_string(), egret_ir::Tensor::from_f32(vec![3, 8], x).unwrap());
+    ti.insert(
+        "x".to_string(),
+        egret_ir::Tensor::from_f32(vec![3, 8], x).unwrap(),
+    );
     let mut tp = HashMap::new();
-    tp.insert("w".to_string(), egret_ir::Tensor::from_f32(vec![4, 8], w).unwrap());
-    tp.insert("g".to_string(), egret_ir::Tensor::from_f32(vec![8], gw).unwrap());
+    tp.insert(
+        "w".to_string(),
+        egret_ir::Tensor::from_f32(vec![4, 8], w).unwrap(),
+    );
+    tp.insert(
+        "g".to_string(),
+        egret_ir::Tensor::from_f32(vec![8], gw).unwrap(),
+    );
     let want = it.run(&ti, &tp).unwrap()["y"].to_f32_vec();
     for (a, b) in got.iter().zip(&want) {
         assert!((a - b).abs() <= 1e-5, "{a} vs {b}");
     }
     // A missing library is a clear error.
-    let err = load_kernel_library(&tmp.0.join("missing.so"), ex.plan()).err().expect("missing library must fail").to_string();
+    let err = load_kernel_library(&tmp.0.join("missing.so"), ex.plan())
+        .err()
+        .expect("missing library must fail")
+        .to_string();
     assert!(err.contains("cannot load kernel library"), "{err}");
 }

@@ -16,8 +16,16 @@ struct Reference {
 }
 
 fn reference() -> Reference {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("smollm2/greedy.json")).unwrap()).unwrap();
-    let ids = |x: &serde_json::Value| x.as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect::<Vec<_>>();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2/greedy.json")).unwrap())
+            .unwrap();
+    let ids = |x: &serde_json::Value| {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_u64().unwrap() as u32)
+            .collect::<Vec<_>>()
+    };
     Reference {
         prompt: v["prompt"].as_str().unwrap().to_string(),
         prompt_ids: ids(&v["prompt_ids"]),
@@ -26,19 +34,45 @@ fn reference() -> Reference {
             .as_array()
             .unwrap()
             .iter()
-            .map(|r| (ids(&r["ids"]), r["values"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()))
+            .map(|r| {
+                (
+                    ids(&r["ids"]),
+                    r["values"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_f64().unwrap() as f32)
+                        .collect(),
+                )
+            })
             .collect(),
         max_abs: v["max_abs_logit"].as_f64().unwrap() as f32,
     }
 }
 
 fn generate_json(model: &str, r: &Reference, backend: &str) -> serde_json::Value {
-    let out = egret_ok(&["generate", model, "--prompt", &r.prompt, "--max-new-tokens", "20", "--temperature", "0", "--backend", backend, "--json"]);
+    let out = egret_ok(&[
+        "generate",
+        model,
+        "--prompt",
+        &r.prompt,
+        "--max-new-tokens",
+        "20",
+        "--temperature",
+        "0",
+        "--backend",
+        backend,
+        "--json",
+    ]);
     serde_json::from_str(&out).unwrap()
 }
 
 fn ids_of(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[test]
@@ -48,8 +82,14 @@ fn gguf_greedy_ids_match_transformers_and_logits_agree() {
     let g = generate_json(gguf.to_str().unwrap(), &r, "interp");
     assert_eq!(ids_of(&g["prompt_ids"]), r.prompt_ids);
     assert_eq!(ids_of(&g["ids"]), r.ids);
-    assert!(g["text"].as_str().unwrap().starts_with(" Paris."), "{}", g["text"]);
-    assert!(g["prefill_tok_s"].as_f64().unwrap() > 0.0 && g["decode_tok_s"].as_f64().unwrap() > 0.0);
+    assert!(
+        g["text"].as_str().unwrap().starts_with(" Paris."),
+        "{}",
+        g["text"]
+    );
+    assert!(
+        g["prefill_tok_s"].as_f64().unwrap() > 0.0 && g["decode_tok_s"].as_f64().unwrap() > 0.0
+    );
 
     // Prompt logits, with and without the optimizer: the reference's 16 largest per
     // position within the tolerance, and the two runs within it of each other everywhere.
@@ -57,19 +97,45 @@ fn gguf_greedy_ids_match_transformers_and_logits_agree() {
     let tol = 1e-4 * r.max_abs.max(1.0);
     let mut runs = vec![];
     for passes in ["default", "none"] {
-        let out = egret_ok(&["logits", gguf.to_str().unwrap(), "--tokens", &toks.join(","), "--backend", "interp", "--passes", passes]);
+        let out = egret_ok(&[
+            "logits",
+            gguf.to_str().unwrap(),
+            "--tokens",
+            &toks.join(","),
+            "--backend",
+            "interp",
+            "--passes",
+            passes,
+        ]);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         for (pos, (ids, vals)) in r.top.iter().enumerate() {
             let row = v["logits"][pos].as_array().unwrap();
             for (id, want) in ids.iter().zip(vals) {
                 let got = row[*id as usize].as_f64().unwrap() as f32;
-                assert!((got - want).abs() <= tol, "{passes}: position {pos}, id {id}: {got} vs {want} (tol {tol})");
+                assert!(
+                    (got - want).abs() <= tol,
+                    "{passes}: position {pos}, id {id}: {got} vs {want} (tol {tol})"
+                );
             }
         }
-        let flat: Vec<f32> = v["logits"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32)).collect();
+        let flat: Vec<f32> = v["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+            })
+            .collect();
         runs.push(flat);
     }
-    let d = runs[0].iter().zip(&runs[1]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let d = runs[0]
+        .iter()
+        .zip(&runs[1])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     assert!(d <= tol, "default vs none: max |diff| {d} > {tol}");
 }
 
@@ -79,7 +145,14 @@ fn converted_hf_directory_generates_the_same_ids() {
     let gguf = smollm2_gguf();
     let dir = TempDir::new("smollm2-hf");
     let out_dir = dir.0.join("smollm2");
-    let printed = egret_ok(&["convert", gguf.to_str().unwrap(), "-o", out_dir.to_str().unwrap(), "--dtype", "f32"]);
+    let printed = egret_ok(&[
+        "convert",
+        gguf.to_str().unwrap(),
+        "-o",
+        out_dir.to_str().unwrap(),
+        "--dtype",
+        "f32",
+    ]);
     assert_eq!(printed.trim(), out_dir.to_str().unwrap());
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(out_dir.join(f).is_file(), "{f} missing");
@@ -98,13 +171,23 @@ fn cpu_backend_greedy_ids_match_transformers() {
     assert_eq!(ids_of(&g["ids"]), r.ids);
     // Prompt logits on the CPU backend against the reference's top 16 per position.
     let toks: Vec<String> = r.prompt_ids.iter().map(|t| t.to_string()).collect();
-    let out = egret_ok(&["logits", gguf.to_str().unwrap(), "--tokens", &toks.join(","), "--backend", "cpu"]);
+    let out = egret_ok(&[
+        "logits",
+        gguf.to_str().unwrap(),
+        "--tokens",
+        &toks.join(","),
+        "--backend",
+        "cpu",
+    ]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let tol = 1e-4 * r.max_abs.max(1.0);
     for (pos, (ids, vals)) in r.top.iter().enumerate() {
         for (id, want) in ids.iter().zip(vals) {
             let got = v["logits"][pos][*id as usize].as_f64().unwrap() as f32;
-            assert!((got - want).abs() <= tol, "cpu: position {pos}, id {id}: {got} vs {want} (tol {tol})");
+            assert!(
+                (got - want).abs() <= tol,
+                "cpu: position {pos}, id {id}: {got} vs {want} (tol {tol})"
+            );
         }
     }
 }

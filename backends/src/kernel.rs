@@ -19,7 +19,11 @@ impl Poly {
     }
 
     pub fn c(v: i64) -> Poly {
-        if v == 0 { Poly::zero() } else { Poly(vec![(v, vec![])]) }
+        if v == 0 {
+            Poly::zero()
+        } else {
+            Poly(vec![(v, vec![])])
+        }
     }
 
     pub fn dim(d: &Dim) -> Poly {
@@ -33,7 +37,12 @@ impl Poly {
     pub fn mul_dim(&self, d: &Dim) -> Poly {
         match d.as_const() {
             Some(v) => self.scale(v),
-            None => Poly(self.0.iter().map(|(c, f)| (*c, f.iter().cloned().chain([d.clone()]).collect())).collect()),
+            None => Poly(
+                self.0
+                    .iter()
+                    .map(|(c, f)| (*c, f.iter().cloned().chain([d.clone()]).collect()))
+                    .collect(),
+            ),
         }
     }
 
@@ -95,7 +104,11 @@ pub struct Access {
 impl Access {
     /// The row-major contiguous view of a buffer of this shape.
     pub fn contiguous(buf: u32, shape: &[Dim]) -> Access {
-        Access { buf, offset: Poly::zero(), strides: contiguous_strides(shape) }
+        Access {
+            buf,
+            offset: Poly::zero(),
+            strides: contiguous_strides(shape),
+        }
     }
 
     /// Whether this is the buffer's row-major layout for `shape`, from its start.
@@ -153,30 +166,103 @@ impl Expr {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Kernel {
     /// `out[i] = expr(i)` for every `i` in `shape`.
-    Elementwise { out: Access, shape: Vec<Dim>, expr: Expr },
+    Elementwise {
+        out: Access,
+        shape: Vec<Dim>,
+        expr: Expr,
+    },
     /// `out = reduce(src, axis)` with the axis kept as 1; `out` contiguous.
-    Reduce { op: ReduceOp, out: u32, src: Access, shape: Vec<Dim>, axis: usize },
+    Reduce {
+        op: ReduceOp,
+        out: u32,
+        src: Access,
+        shape: Vec<Dim>,
+        axis: usize,
+    },
     /// Softmax along `axis`; `out` contiguous.
-    Softmax { out: u32, src: Access, shape: Vec<Dim>, axis: usize },
+    Softmax {
+        out: u32,
+        src: Access,
+        shape: Vec<Dim>,
+        axis: usize,
+    },
     /// `out[b, m, n] = Σ_k a[b, m, k] · w[b?, k, n]`; `batch` dims flattened in row-major order.
-    MatMul { out: u32, a: Access, w: Access, batch: Vec<Dim>, m: Dim, n: Dim, k: Dim, shared_w: bool },
+    MatMul {
+        out: u32,
+        a: Access,
+        w: Access,
+        batch: Vec<Dim>,
+        m: Dim,
+        n: Dim,
+        k: Dim,
+        shared_w: bool,
+    },
     /// `out[r, :] = w * (x[r, :] * rsqrt(mean(x[r, :]²) + eps))`, rows over `shape[..-1]`.
-    RmsNorm { out: u32, x: Access, w: Access, shape: Vec<Dim>, eps: f64 },
+    RmsNorm {
+        out: u32,
+        x: Access,
+        w: Access,
+        shape: Vec<Dim>,
+        eps: f64,
+    },
     /// `matmul(rms_norm(x, g), w)`; with `g: None` the norm weight is already folded into
     /// `w` (`w'[k, n] = g[k]·w[k, n]`, computed once at load), so only the row scale remains.
-    RmsNormMatMul { out: u32, x: Access, g: Option<Access>, w: Access, batch: Vec<Dim>, m: Dim, n: Dim, k: Dim, eps: f64 },
+    RmsNormMatMul {
+        out: u32,
+        x: Access,
+        g: Option<Access>,
+        w: Access,
+        batch: Vec<Dim>,
+        m: Dim,
+        n: Dim,
+        k: Dim,
+        eps: f64,
+    },
     /// Causal grouped-query attention, online softmax; see `Op::FusedAttention`.
-    Attention { out: u32, q: Access, k: Access, v: Access, pos: Access, dims: AttnDims, scale: f64 },
+    Attention {
+        out: u32,
+        q: Access,
+        k: Access,
+        v: Access,
+        pos: Access,
+        dims: AttnDims,
+        scale: f64,
+    },
     /// Weights repacked for `Gemm`: `w` is a `[K, N]` view; column panels of `nr` columns are
     /// stored k-major, `out[(p·K + k)·nr + j] = w[k, p·nr + j]`, zero past `N`.
-    PackPanels { out: u32, w: Access, k: i64, n: i64, nr: i64, store: PanelType },
+    PackPanels {
+        out: u32,
+        w: Access,
+        k: i64,
+        n: i64,
+        nr: i64,
+        store: PanelType,
+    },
     /// `out[r, :] = a[r, :] · W` over `rows` rows (`a` k-contiguous with row stride
     /// `a.strides[0]`), `W` packed by `PackPanels` into `bp`; with `norm`, each row is scaled
     /// by `rsqrt(mean(a[r]²) + eps)` (the RMSNorm weight is folded into `W`). A register-
     /// blocked micro-kernel of `mr × nr` accumulators over cache blocks of `a` and `bp`.
-    Gemm { out: u32, a: Access, bp: u32, rows: Vec<Dim>, k: i64, n: i64, nr: i64, norm: Option<f64>, panel: PanelType },
+    Gemm {
+        out: u32,
+        a: Access,
+        bp: u32,
+        rows: Vec<Dim>,
+        k: i64,
+        n: i64,
+        nr: i64,
+        norm: Option<f64>,
+        panel: PanelType,
+    },
     /// Rows of `table` (`[outer, len, inner]` around `axis`) picked by `idx`.
-    Gather { out: u32, table: Access, idx: Access, table_shape: Vec<Dim>, idx_shape: Vec<Dim>, axis: usize, elem: ElemType },
+    Gather {
+        out: u32,
+        table: Access,
+        idx: Access,
+        table_shape: Vec<Dim>,
+        idx_shape: Vec<Dim>,
+        axis: usize,
+        elem: ElemType,
+    },
 }
 
 /// How packed GEMM weights are stored: f32, or rounded to bf16/f16 (half the bytes, which
@@ -203,12 +289,39 @@ impl Kernel {
     /// Work as a product of dims (elements touched or multiply-adds).
     pub fn work(&self) -> Vec<Dim> {
         match self {
-            Kernel::Elementwise { shape, .. } | Kernel::Reduce { shape, .. } | Kernel::Softmax { shape, .. } | Kernel::RmsNorm { shape, .. } => shape.clone(),
-            Kernel::MatMul { batch, m, n, k, .. } | Kernel::RmsNormMatMul { batch, m, n, k, .. } => batch.iter().cloned().chain([m.clone(), n.clone(), k.clone()]).collect(),
-            Kernel::Attention { dims: d, .. } => vec![d.b.clone(), Dim::c(d.h), d.t.clone(), d.s.clone(), Dim::c(d.d + d.dv)],
-            Kernel::Gather { idx_shape, table_shape, axis, .. } => idx_shape.iter().cloned().chain(table_shape[axis + 1..].iter().cloned()).collect(),
+            Kernel::Elementwise { shape, .. }
+            | Kernel::Reduce { shape, .. }
+            | Kernel::Softmax { shape, .. }
+            | Kernel::RmsNorm { shape, .. } => shape.clone(),
+            Kernel::MatMul { batch, m, n, k, .. }
+            | Kernel::RmsNormMatMul { batch, m, n, k, .. } => batch
+                .iter()
+                .cloned()
+                .chain([m.clone(), n.clone(), k.clone()])
+                .collect(),
+            Kernel::Attention { dims: d, .. } => vec![
+                d.b.clone(),
+                Dim::c(d.h),
+                d.t.clone(),
+                d.s.clone(),
+                Dim::c(d.d + d.dv),
+            ],
+            Kernel::Gather {
+                idx_shape,
+                table_shape,
+                axis,
+                ..
+            } => idx_shape
+                .iter()
+                .cloned()
+                .chain(table_shape[axis + 1..].iter().cloned())
+                .collect(),
             Kernel::PackPanels { k, n, .. } => vec![Dim::c(*k), Dim::c(*n)],
-            Kernel::Gemm { rows, k, n, .. } => rows.iter().cloned().chain([Dim::c(*k), Dim::c(*n)]).collect(),
+            Kernel::Gemm { rows, k, n, .. } => rows
+                .iter()
+                .cloned()
+                .chain([Dim::c(*k), Dim::c(*n)])
+                .collect(),
         }
     }
 
@@ -216,15 +329,42 @@ impl Kernel {
     pub fn describe(&self) -> String {
         match self {
             Kernel::Elementwise { shape, .. } => format!("elementwise {}", dims(shape)),
-            Kernel::Reduce { op, shape, axis, .. } => format!("{} axis {axis} of {}", op.name(), dims(shape)),
-            Kernel::Softmax { shape, axis, .. } => format!("softmax axis {axis} of {}", dims(shape)),
-            Kernel::MatMul { m, n, k, batch, .. } => format!("matmul {}[{m}x{k}]·[{k}x{n}]", dims(batch)),
+            Kernel::Reduce {
+                op, shape, axis, ..
+            } => format!("{} axis {axis} of {}", op.name(), dims(shape)),
+            Kernel::Softmax { shape, axis, .. } => {
+                format!("softmax axis {axis} of {}", dims(shape))
+            }
+            Kernel::MatMul { m, n, k, batch, .. } => {
+                format!("matmul {}[{m}x{k}]·[{k}x{n}]", dims(batch))
+            }
             Kernel::RmsNorm { shape, .. } => format!("rms_norm {}", dims(shape)),
-            Kernel::RmsNormMatMul { m, n, k, batch, .. } => format!("rms_norm_matmul {}[{m}x{k}]·[{k}x{n}]", dims(batch)),
-            Kernel::Attention { dims: d, .. } => format!("attention b={} h={} t={} s={} d={}", d.b, d.h, d.t, d.s, d.d),
-            Kernel::Gather { table_shape, idx_shape, .. } => format!("gather {} by {}", dims(table_shape), dims(idx_shape)),
-            Kernel::PackPanels { k, n, nr, store, .. } => format!("pack [{k}x{n}] in {store:?} panels of {nr}"),
-            Kernel::Gemm { rows, k, n, norm, .. } => format!("{} {}x[{k}x{n}]", if norm.is_some() { "gemm+rms_norm" } else { "gemm" }, dims(rows)),
+            Kernel::RmsNormMatMul { m, n, k, batch, .. } => {
+                format!("rms_norm_matmul {}[{m}x{k}]·[{k}x{n}]", dims(batch))
+            }
+            Kernel::Attention { dims: d, .. } => format!(
+                "attention b={} h={} t={} s={} d={}",
+                d.b, d.h, d.t, d.s, d.d
+            ),
+            Kernel::Gather {
+                table_shape,
+                idx_shape,
+                ..
+            } => format!("gather {} by {}", dims(table_shape), dims(idx_shape)),
+            Kernel::PackPanels {
+                k, n, nr, store, ..
+            } => format!("pack [{k}x{n}] in {store:?} panels of {nr}"),
+            Kernel::Gemm {
+                rows, k, n, norm, ..
+            } => format!(
+                "{} {}x[{k}x{n}]",
+                if norm.is_some() {
+                    "gemm+rms_norm"
+                } else {
+                    "gemm"
+                },
+                dims(rows)
+            ),
         }
     }
 }

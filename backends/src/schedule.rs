@@ -9,7 +9,9 @@ use std::collections::BTreeSet;
 use egret_ir::{DType, Dim, Graph, Op, ValueId};
 use egret_runtime::plan::{BufferRole, BufferSpec, ElemType, SymDim};
 
-use crate::kernel::{contiguous_strides, Access, AttnDims, Expr, Kernel, PanelType, Poly, Program, Round};
+use crate::kernel::{
+    contiguous_strides, Access, AttnDims, Expr, Kernel, PanelType, Poly, Program, Round,
+};
 use crate::BackendError;
 
 fn elem(d: DType) -> ElemType {
@@ -55,7 +57,11 @@ impl Sched<'_> {
         let mut out = SymDim::c(d.eval(&Default::default()).unwrap_or(0));
         let mut c0 = Dim::c(0);
         for s in d.symbols() {
-            let idx = self.symbols.iter().position(|x| x == s).expect("symbol collected") as u32;
+            let idx = self
+                .symbols
+                .iter()
+                .position(|x| x == s)
+                .expect("symbol collected") as u32;
             // coefficient of s: d(s=1, others=0) - d(all 0)
             let mut b = std::collections::HashMap::new();
             b.insert(s.to_string(), 1i64);
@@ -69,15 +75,31 @@ impl Sched<'_> {
         out
     }
 
-    fn new_buffer(&mut self, role: BufferRole, e: ElemType, shape: &[Dim], weight_only: bool) -> u32 {
+    fn new_buffer(
+        &mut self,
+        role: BufferRole,
+        e: ElemType,
+        shape: &[Dim],
+        weight_only: bool,
+    ) -> u32 {
         let dims = shape.iter().map(|d| self.symdim(d)).collect();
-        self.buffers.push(BufferSpec { role, elem: e, dims, streamed: false });
+        self.buffers.push(BufferSpec {
+            role,
+            elem: e,
+            dims,
+            streamed: false,
+        });
         self.weight_only.push(weight_only);
         (self.buffers.len() - 1) as u32
     }
 
     fn push(&mut self, k: Kernel, reads: &[u32], out: u32) {
-        let init = !reads.is_empty() && reads.iter().all(|b| self.weight_only[*b as usize]) && self.buffers[out as usize].dims.iter().all(|d| d.terms.is_empty());
+        let init = !reads.is_empty()
+            && reads.iter().all(|b| self.weight_only[*b as usize])
+            && self.buffers[out as usize]
+                .dims
+                .iter()
+                .all(|d| d.terms.is_empty());
         if init {
             self.buffers[out as usize].role = BufferRole::Init;
             self.weight_only[out as usize] = true;
@@ -94,7 +116,11 @@ impl Sched<'_> {
         let const_only = reads.is_empty();
         let out = self.new_buffer(BufferRole::Temp, e.elem(), shape, weight_only || const_only);
         let acc = Access::contiguous(out, shape);
-        let k = Kernel::Elementwise { out: acc.clone(), shape: shape.to_vec(), expr: e };
+        let k = Kernel::Elementwise {
+            out: acc.clone(),
+            shape: shape.to_vec(),
+            expr: e,
+        };
         if const_only && shape.iter().all(|d| d.as_const().is_some()) {
             self.buffers[out as usize].role = BufferRole::Init;
             self.kernels.push(k);
@@ -121,8 +147,20 @@ impl Sched<'_> {
         let out = self.new_buffer(BufferRole::Temp, e, &tshape, weight_only);
         let mut strides = contiguous_strides(&tshape);
         strides.swap(r - 1, r - 2);
-        let view = Access { buf: out, offset: Poly::zero(), strides };
-        self.push(Kernel::Elementwise { out: view.clone(), shape: shape.to_vec(), expr: Expr::Load(acc.clone(), e) }, &[acc.buf], out);
+        let view = Access {
+            buf: out,
+            offset: Poly::zero(),
+            strides,
+        };
+        self.push(
+            Kernel::Elementwise {
+                out: view.clone(),
+                shape: shape.to_vec(),
+                expr: Expr::Load(acc.clone(), e),
+            },
+            &[acc.buf],
+            out,
+        );
         view
     }
 
@@ -150,12 +188,14 @@ impl Sched<'_> {
 }
 
 fn constant_of(d: &Dim) -> i64 {
-    let zero: std::collections::HashMap<String, i64> = d.symbols().map(|s| (s.to_string(), 0)).collect();
+    let zero: std::collections::HashMap<String, i64> =
+        d.symbols().map(|s| (s.to_string(), 0)).collect();
     d.eval(&zero).unwrap_or(0)
 }
 
 fn coef_of(d: &Dim, s: &str, _: &Dim) -> i64 {
-    let mut b: std::collections::HashMap<String, i64> = d.symbols().map(|x| (x.to_string(), 0)).collect();
+    let mut b: std::collections::HashMap<String, i64> =
+        d.symbols().map(|x| (x.to_string(), 0)).collect();
     b.insert(s.to_string(), 1);
     d.eval(&b).unwrap_or(0) - constant_of(d)
 }
@@ -193,7 +233,10 @@ pub struct ScheduleOptions {
 
 impl Default for ScheduleOptions {
     fn default() -> Self {
-        ScheduleOptions { panel: 32, weights: PanelType::F32 }
+        ScheduleOptions {
+            panel: 32,
+            weights: PanelType::F32,
+        }
     }
 }
 
@@ -205,47 +248,95 @@ pub fn schedule(g: &Graph) -> Result<Program, BackendError> {
 /// Schedules `g` (verified) into a program.
 pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, BackendError> {
     egret_ir::verify(g).map_err(BackendError::Ir)?;
-    let order = g.live_topo_order().map_err(|_| BackendError::Unsupported("cycle".into()))?;
+    let order = g
+        .live_topo_order()
+        .map_err(|_| BackendError::Unsupported("cycle".into()))?;
     let mut syms = BTreeSet::new();
     for n in &g.nodes {
         for d in n.ty.shape.dims() {
             syms.extend(d.symbols().map(str::to_string));
         }
     }
-    let mut s = Sched { panel: opts.panel, weights: opts.weights, g, symbols: syms.into_iter().collect(), buffers: vec![], weight_only: vec![], kernels: vec![], init: vec![], uses: g.use_counts() };
+    let mut s = Sched {
+        panel: opts.panel,
+        weights: opts.weights,
+        g,
+        symbols: syms.into_iter().collect(),
+        buffers: vec![],
+        weight_only: vec![],
+        kernels: vec![],
+        init: vec![],
+        uses: g.use_counts(),
+    };
     let mut vals: Vec<Option<Val>> = vec![None; g.len()];
     let outputs: BTreeSet<ValueId> = g.outputs.iter().map(|(_, v)| *v).collect();
     for v in order {
         let n = g.node(v);
         let shape = n.ty.shape.dims().to_vec();
         let e = elem(n.ty.dtype);
-        let arg = |i: usize| vals[n.inputs[i].index()].clone().expect("topological order");
+        let arg = |i: usize| {
+            vals[n.inputs[i].index()]
+                .clone()
+                .expect("topological order")
+        };
         let arg_shape = |i: usize| g.shape(n.inputs[i]).to_vec();
         let val = match &n.op {
-            Op::Input { name } => Val::View(Access::contiguous(s.new_buffer(BufferRole::Input(name.clone()), e, &shape, false), &shape)),
+            Op::Input { name } => Val::View(Access::contiguous(
+                s.new_buffer(BufferRole::Input(name.clone()), e, &shape, false),
+                &shape,
+            )),
             Op::Param { name } if shape.iter().any(|d| d.as_const().is_none()) => {
-                return Err(BackendError::Unsupported(format!("parameter `{name}` has a symbolic shape {}; parameters need constant shapes", n.ty.shape)));
+                return Err(BackendError::Unsupported(format!(
+                    "parameter `{name}` has a symbolic shape {}; parameters need constant shapes",
+                    n.ty.shape
+                )));
             }
-            Op::Param { name } => Val::View(Access::contiguous(s.new_buffer(BufferRole::Param(name.clone()), e, &shape, true), &shape)),
+            Op::Param { name } => Val::View(Access::contiguous(
+                s.new_buffer(BufferRole::Param(name.clone()), e, &shape, true),
+                &shape,
+            )),
             Op::Constant { value } => Val::Inline(Expr::Const(*value, e)),
             Op::Iota { axis } => Val::Inline(Expr::Iota(*axis, e)),
             Op::Unary(u) => Val::Inline(Expr::Unary(*u, Box::new(s.expr(&arg(0), e)))),
-            Op::Binary(b) => Val::Inline(Expr::Binary(*b, Box::new(s.expr(&arg(0), e)), Box::new(s.expr(&arg(1), e)))),
+            Op::Binary(b) => Val::Inline(Expr::Binary(
+                *b,
+                Box::new(s.expr(&arg(0), e)),
+                Box::new(s.expr(&arg(1), e)),
+            )),
             Op::Compare(c) => {
                 let ie = elem(g.ty(n.inputs[0]).dtype);
-                Val::Inline(Expr::Compare(*c, Box::new(s.expr(&arg(0), ie)), Box::new(s.expr(&arg(1), ie))))
+                Val::Inline(Expr::Compare(
+                    *c,
+                    Box::new(s.expr(&arg(0), ie)),
+                    Box::new(s.expr(&arg(1), ie)),
+                ))
             }
-            Op::Select => Val::Inline(Expr::Select(Box::new(s.expr(&arg(0), ElemType::Bool)), Box::new(s.expr(&arg(1), e)), Box::new(s.expr(&arg(2), e)))),
+            Op::Select => Val::Inline(Expr::Select(
+                Box::new(s.expr(&arg(0), ElemType::Bool)),
+                Box::new(s.expr(&arg(1), e)),
+                Box::new(s.expr(&arg(2), e)),
+            )),
             Op::Cast => {
                 let ie = elem(g.ty(n.inputs[0]).dtype);
-                Val::Inline(Expr::Cast(e, Box::new(s.expr(&arg(0), ie)), round_of(n.ty.dtype)))
+                Val::Inline(Expr::Cast(
+                    e,
+                    Box::new(s.expr(&arg(0), ie)),
+                    round_of(n.ty.dtype),
+                ))
             }
-            Op::SwiGlu => Val::Inline(Expr::SwiGlu(Box::new(s.expr(&arg(0), e)), Box::new(s.expr(&arg(1), e)))),
+            Op::SwiGlu => Val::Inline(Expr::SwiGlu(
+                Box::new(s.expr(&arg(0), e)),
+                Box::new(s.expr(&arg(1), e)),
+            )),
             Op::Permute { perm } => match arg(0) {
                 Val::Inline(Expr::Const(c, t)) => Val::Inline(Expr::Const(c, t)),
                 a => {
                     let acc = s.view(&a, &arg_shape(0));
-                    Val::View(Access { buf: acc.buf, offset: acc.offset.clone(), strides: perm.iter().map(|&p| acc.strides[p].clone()).collect() })
+                    Val::View(Access {
+                        buf: acc.buf,
+                        offset: acc.offset.clone(),
+                        strides: perm.iter().map(|&p| acc.strides[p].clone()).collect(),
+                    })
                 }
             },
             Op::Broadcast => match arg(0) {
@@ -253,27 +344,50 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                 a => {
                     let ins = arg_shape(0);
                     let acc = s.view(&a, &ins);
-                    let strides = ins.iter().zip(&shape).zip(&acc.strides).map(|((i, o), st)| if i != o { Poly::zero() } else { st.clone() }).collect();
-                    Val::View(Access { buf: acc.buf, offset: acc.offset, strides })
+                    let strides = ins
+                        .iter()
+                        .zip(&shape)
+                        .zip(&acc.strides)
+                        .map(|((i, o), st)| if i != o { Poly::zero() } else { st.clone() })
+                        .collect();
+                    Val::View(Access {
+                        buf: acc.buf,
+                        offset: acc.offset,
+                        strides,
+                    })
                 }
             },
             Op::Slice { axis, start, .. } => {
                 let acc = s.view(&arg(0), &arg_shape(0));
                 let offset = acc.offset.add(&acc.strides[*axis].scale(*start as i64));
-                Val::View(Access { buf: acc.buf, offset, strides: acc.strides })
+                Val::View(Access {
+                    buf: acc.buf,
+                    offset,
+                    strides: acc.strides,
+                })
             }
             Op::Reshape => match arg(0) {
                 Val::Inline(Expr::Const(c, t)) => Val::Inline(Expr::Const(c, t)),
                 a => {
                     let ins = arg_shape(0);
                     let acc = s.view(&a, &ins);
-                    let acc = if acc.strides == contiguous_strides(&ins) { acc } else { s.materialize(Expr::Load(acc, e), &ins) };
-                    Val::View(Access { buf: acc.buf, offset: acc.offset, strides: contiguous_strides(&shape) })
+                    let acc = if acc.strides == contiguous_strides(&ins) {
+                        acc
+                    } else {
+                        s.materialize(Expr::Load(acc, e), &ins)
+                    };
+                    Val::View(Access {
+                        buf: acc.buf,
+                        offset: acc.offset,
+                        strides: contiguous_strides(&shape),
+                    })
                 }
             },
             Op::Concat { axis } => {
                 let mut reads = vec![];
-                let pieces: Vec<(Expr, Vec<Dim>)> = (0..n.inputs.len()).map(|i| (s.expr(&arg(i), e), arg_shape(i))).collect();
+                let pieces: Vec<(Expr, Vec<Dim>)> = (0..n.inputs.len())
+                    .map(|i| (s.expr(&arg(i), e), arg_shape(i)))
+                    .collect();
                 for (x, _) in &pieces {
                     loads(x, &mut reads);
                 }
@@ -286,36 +400,84 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                     s.buffers[out as usize].role = BufferRole::Init;
                 }
                 for (x, pshape) in pieces {
-                    let acc = Access { buf: out, offset: start.clone(), strides: strides.clone() };
+                    let acc = Access {
+                        buf: out,
+                        offset: start.clone(),
+                        strides: strides.clone(),
+                    };
                     start = start.add(&strides[*axis].mul_dim(&pshape[*axis]));
-                    s.kernels.push(Kernel::Elementwise { out: acc, shape: pshape, expr: x });
+                    s.kernels.push(Kernel::Elementwise {
+                        out: acc,
+                        shape: pshape,
+                        expr: x,
+                    });
                     s.init.push(init);
                 }
                 Val::View(Access::contiguous(out, &shape))
             }
             Op::Gather { axis } => {
-                let (table, idx) = (s.view(&arg(0), &arg_shape(0)), s.view(&arg(1), &arg_shape(1)));
+                let (table, idx) = (
+                    s.view(&arg(0), &arg_shape(0)),
+                    s.view(&arg(1), &arg_shape(1)),
+                );
                 let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
-                let k = Kernel::Gather { out, table: table.clone(), idx: idx.clone(), table_shape: arg_shape(0), idx_shape: arg_shape(1), axis: *axis, elem: e };
+                let k = Kernel::Gather {
+                    out,
+                    table: table.clone(),
+                    idx: idx.clone(),
+                    table_shape: arg_shape(0),
+                    idx_shape: arg_shape(1),
+                    axis: *axis,
+                    elem: e,
+                };
                 s.push(k, &[table.buf, idx.buf], out);
                 Val::View(Access::contiguous(out, &shape))
             }
             Op::Reduce { op, axis } => {
                 let src = s.view(&arg(0), &arg_shape(0));
                 let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
-                s.push(Kernel::Reduce { op: *op, out, src: src.clone(), shape: arg_shape(0), axis: *axis }, &[src.buf], out);
+                s.push(
+                    Kernel::Reduce {
+                        op: *op,
+                        out,
+                        src: src.clone(),
+                        shape: arg_shape(0),
+                        axis: *axis,
+                    },
+                    &[src.buf],
+                    out,
+                );
                 Val::View(Access::contiguous(out, &shape))
             }
             Op::Softmax { axis } => {
                 let src = s.view(&arg(0), &shape);
                 let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
-                s.push(Kernel::Softmax { out, src: src.clone(), shape: shape.clone(), axis: *axis }, &[src.buf], out);
+                s.push(
+                    Kernel::Softmax {
+                        out,
+                        src: src.clone(),
+                        shape: shape.clone(),
+                        axis: *axis,
+                    },
+                    &[src.buf],
+                    out,
+                );
                 Val::View(Access::contiguous(out, &shape))
             }
             Op::RmsNorm { eps } => {
                 let (x, w) = (s.view(&arg(0), &shape), s.view(&arg(1), &arg_shape(1)));
                 let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
-                s.push(Kernel::RmsNorm { out, x: x.clone(), w: w.clone(), shape: shape.clone(), eps: *eps }, &[x.buf, w.buf], out);
+                s.push(
+                    Kernel::RmsNorm {
+                        out,
+                        x: x.clone(),
+                        w: w.clone(),
+                        shape: shape.clone(),
+                        eps: *eps,
+                    },
+                    &[x.buf, w.buf],
+                    out,
+                );
                 Val::View(Access::contiguous(out, &shape))
             }
             Op::MatMul | Op::RmsNormMatMul { .. } => {
@@ -327,34 +489,91 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                 let w = s.view(&arg(wi), &wsh);
                 let w = s.k_contiguous(w, &wsh, e);
                 let batch = ash[..ash.len() - 2].to_vec();
-                let (m, k, nn) = (ash[ash.len() - 2].clone(), ash[ash.len() - 1].clone(), wsh[wsh.len() - 1].clone());
+                let (m, k, nn) = (
+                    ash[ash.len() - 2].clone(),
+                    ash[ash.len() - 1].clone(),
+                    wsh[wsh.len() - 1].clone(),
+                );
                 let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
                 let shared_w = wsh.len() == 2;
                 // Weights known at load with constant K, N and rows of `a` that collapse to one
                 // stride: pack the weights into panels once and run the blocked GEMM.
-                let rows_contig = (0..ash.len() - 2).all(|i| a.strides[i] == a.strides[i + 1].mul_dim(&ash[i + 1]));
-                if s.panel > 0 && shared_w && s.weight_only[w.buf as usize] && k.as_const().is_some() && nn.as_const().is_some() && rows_contig && a.strides[ash.len() - 1] == Poly::c(1) {
-                    let (kc, ncst) = (k.as_const().expect("checked"), nn.as_const().expect("checked"));
+                let rows_contig = (0..ash.len() - 2)
+                    .all(|i| a.strides[i] == a.strides[i + 1].mul_dim(&ash[i + 1]));
+                if s.panel > 0
+                    && shared_w
+                    && s.weight_only[w.buf as usize]
+                    && k.as_const().is_some()
+                    && nn.as_const().is_some()
+                    && rows_contig
+                    && a.strides[ash.len() - 1] == Poly::c(1)
+                {
+                    let (kc, ncst) = (
+                        k.as_const().expect("checked"),
+                        nn.as_const().expect("checked"),
+                    );
                     let (w, norm) = match n.op {
                         Op::RmsNormMatMul { eps } => {
                             let gw = s.view(&arg(1), &arg_shape(1));
                             // fold-norm-weight: w'[k, n] = g[k]·w[k, n]
-                            let gb = Access { buf: gw.buf, offset: gw.offset.clone(), strides: vec![gw.strides[0].clone(), Poly::zero()] };
-                            let expr = Expr::Binary(egret_ir::BinaryOp::Mul, Box::new(Expr::Load(gb, e)), Box::new(Expr::Load(w.clone(), e)));
+                            let gb = Access {
+                                buf: gw.buf,
+                                offset: gw.offset.clone(),
+                                strides: vec![gw.strides[0].clone(), Poly::zero()],
+                            };
+                            let expr = Expr::Binary(
+                                egret_ir::BinaryOp::Mul,
+                                Box::new(Expr::Load(gb, e)),
+                                Box::new(Expr::Load(w.clone(), e)),
+                            );
                             let wf = s.materialize(expr, &wsh);
                             (wf, Some(eps))
                         }
                         _ => (w, None),
                     };
                     let panels = (ncst + s.panel - 1) / s.panel;
-                    let pe = if s.weights == PanelType::F32 { e } else { ElemType::Half };
-                    let bp = s.new_buffer(BufferRole::Temp, pe, &[Dim::c(panels * kc * s.panel)], true);
+                    let pe = if s.weights == PanelType::F32 {
+                        e
+                    } else {
+                        ElemType::Half
+                    };
+                    let bp =
+                        s.new_buffer(BufferRole::Temp, pe, &[Dim::c(panels * kc * s.panel)], true);
                     s.buffers[bp as usize].streamed = true;
-                    s.push(Kernel::PackPanels { out: bp, w: w.clone(), k: kc, n: ncst, nr: s.panel, store: s.weights }, &[w.buf], bp);
-                    let a2 = Access { buf: a.buf, offset: a.offset.clone(), strides: vec![a.strides[ash.len() - 2].clone(), Poly::c(1)] };
+                    s.push(
+                        Kernel::PackPanels {
+                            out: bp,
+                            w: w.clone(),
+                            k: kc,
+                            n: ncst,
+                            nr: s.panel,
+                            store: s.weights,
+                        },
+                        &[w.buf],
+                        bp,
+                    );
+                    let a2 = Access {
+                        buf: a.buf,
+                        offset: a.offset.clone(),
+                        strides: vec![a.strides[ash.len() - 2].clone(), Poly::c(1)],
+                    };
                     let mut rows = batch.clone();
                     rows.push(m.clone());
-                    s.push(Kernel::Gemm { out, a: a2, bp, rows, k: kc, n: ncst, nr: s.panel, norm, panel: s.weights }, &[a.buf, bp], out);
+                    s.push(
+                        Kernel::Gemm {
+                            out,
+                            a: a2,
+                            bp,
+                            rows,
+                            k: kc,
+                            n: ncst,
+                            nr: s.panel,
+                            norm,
+                            panel: s.weights,
+                        },
+                        &[a.buf, bp],
+                        out,
+                    );
                     vals[v.index()] = Some(Val::View(Access::contiguous(out, &shape)));
                     continue;
                 }
@@ -363,33 +582,122 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                     if s.weight_only[gw.buf as usize] && s.weight_only[w.buf as usize] && shared_w {
                         // fold-norm-weight: w'[k, n] = g[k]·w[k, n], once at load, k-contiguous.
                         let wf = s.new_buffer(BufferRole::Temp, e, &[nn.clone(), k.clone()], true);
-                        let view = Access { buf: wf, offset: Poly::zero(), strides: vec![Poly::c(1), Poly::dim(&k)] };
-                        let gb = Access { buf: gw.buf, offset: gw.offset.clone(), strides: vec![gw.strides[0].clone(), Poly::zero()] };
-                        let expr = Expr::Binary(egret_ir::BinaryOp::Mul, Box::new(Expr::Load(gb, e)), Box::new(Expr::Load(w.clone(), e)));
-                        s.push(Kernel::Elementwise { out: view.clone(), shape: wsh.clone(), expr }, &[gw.buf, w.buf], wf);
-                        s.push(Kernel::RmsNormMatMul { out, x: a.clone(), g: None, w: view.clone(), batch, m, n: nn, k, eps }, &[a.buf, view.buf], out);
+                        let view = Access {
+                            buf: wf,
+                            offset: Poly::zero(),
+                            strides: vec![Poly::c(1), Poly::dim(&k)],
+                        };
+                        let gb = Access {
+                            buf: gw.buf,
+                            offset: gw.offset.clone(),
+                            strides: vec![gw.strides[0].clone(), Poly::zero()],
+                        };
+                        let expr = Expr::Binary(
+                            egret_ir::BinaryOp::Mul,
+                            Box::new(Expr::Load(gb, e)),
+                            Box::new(Expr::Load(w.clone(), e)),
+                        );
+                        s.push(
+                            Kernel::Elementwise {
+                                out: view.clone(),
+                                shape: wsh.clone(),
+                                expr,
+                            },
+                            &[gw.buf, w.buf],
+                            wf,
+                        );
+                        s.push(
+                            Kernel::RmsNormMatMul {
+                                out,
+                                x: a.clone(),
+                                g: None,
+                                w: view.clone(),
+                                batch,
+                                m,
+                                n: nn,
+                                k,
+                                eps,
+                            },
+                            &[a.buf, view.buf],
+                            out,
+                        );
                     } else {
-                        s.push(Kernel::RmsNormMatMul { out, x: a.clone(), g: Some(gw.clone()), w: w.clone(), batch, m, n: nn, k, eps }, &[a.buf, gw.buf, w.buf], out);
+                        s.push(
+                            Kernel::RmsNormMatMul {
+                                out,
+                                x: a.clone(),
+                                g: Some(gw.clone()),
+                                w: w.clone(),
+                                batch,
+                                m,
+                                n: nn,
+                                k,
+                                eps,
+                            },
+                            &[a.buf, gw.buf, w.buf],
+                            out,
+                        );
                     }
                 } else {
-                    s.push(Kernel::MatMul { out, a: a.clone(), w: w.clone(), batch, m, n: nn, k, shared_w }, &[a.buf, w.buf], out);
+                    s.push(
+                        Kernel::MatMul {
+                            out,
+                            a: a.clone(),
+                            w: w.clone(),
+                            batch,
+                            m,
+                            n: nn,
+                            k,
+                            shared_w,
+                        },
+                        &[a.buf, w.buf],
+                        out,
+                    );
                 }
                 Val::View(Access::contiguous(out, &shape))
             }
             Op::FusedAttention { scale } => {
                 let sh: Vec<Vec<Dim>> = (0..4).map(arg_shape).collect();
                 let acc: Vec<Access> = (0..4).map(|i| s.view(&arg(i), &sh[i])).collect();
-                let c = |d: &Dim| d.as_const().ok_or_else(|| BackendError::Unsupported(format!("attention needs constant head counts and sizes, got {d}")));
-                let dims = AttnDims { b: sh[0][0].clone(), h: c(&sh[0][1])?, t: sh[0][2].clone(), d: c(&sh[0][3])?, hkv: c(&sh[1][1])?, s: sh[1][2].clone(), dv: c(&sh[2][3])? };
+                let c = |d: &Dim| {
+                    d.as_const().ok_or_else(|| {
+                        BackendError::Unsupported(format!(
+                            "attention needs constant head counts and sizes, got {d}"
+                        ))
+                    })
+                };
+                let dims = AttnDims {
+                    b: sh[0][0].clone(),
+                    h: c(&sh[0][1])?,
+                    t: sh[0][2].clone(),
+                    d: c(&sh[0][3])?,
+                    hkv: c(&sh[1][1])?,
+                    s: sh[1][2].clone(),
+                    dv: c(&sh[2][3])?,
+                };
                 let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
                 let reads: Vec<u32> = acc.iter().map(|a| a.buf).collect();
-                s.push(Kernel::Attention { out, q: acc[0].clone(), k: acc[1].clone(), v: acc[2].clone(), pos: acc[3].clone(), dims, scale: *scale }, &reads, out);
+                s.push(
+                    Kernel::Attention {
+                        out,
+                        q: acc[0].clone(),
+                        k: acc[1].clone(),
+                        v: acc[2].clone(),
+                        pos: acc[3].clone(),
+                        dims,
+                        scale: *scale,
+                    },
+                    &reads,
+                    out,
+                );
                 Val::View(Access::contiguous(out, &shape))
             }
         };
         // Elementwise values used more than once (or returned) are stored once.
         let val = match val {
-            Val::Inline(x) if !is_cheap(&x) && (s.uses[v.index()] > 1 || outputs.contains(&v)) => Val::View(s.materialize(x, &shape)),
+            Val::Inline(x) if !is_cheap(&x) && (s.uses[v.index()] > 1 || outputs.contains(&v)) => {
+                Val::View(s.materialize(x, &shape))
+            }
             other => other,
         };
         vals[v.index()] = Some(val);
@@ -402,13 +710,23 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
         let e = elem(g.ty(*v).dtype);
         let val = vals[v.index()].clone().expect("computed");
         let buf = match &val {
-            Val::View(a) if a.is_contiguous(&shape) && s.buffers[a.buf as usize].role == BufferRole::Temp && taken.insert(a.buf) => a.buf,
+            Val::View(a)
+                if a.is_contiguous(&shape)
+                    && s.buffers[a.buf as usize].role == BufferRole::Temp
+                    && taken.insert(a.buf) =>
+            {
+                a.buf
+            }
             other => {
                 let x = s.expr(other, e);
                 let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
                 let mut r = vec![];
                 loads(&x, &mut r);
-                s.kernels.push(Kernel::Elementwise { out: Access::contiguous(out, &shape), shape: shape.clone(), expr: x });
+                s.kernels.push(Kernel::Elementwise {
+                    out: Access::contiguous(out, &shape),
+                    shape: shape.clone(),
+                    expr: x,
+                });
                 s.init.push(false);
                 taken.insert(out);
                 out
@@ -417,5 +735,12 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
         outs.push((name.clone(), buf));
     }
     let _ = s.g;
-    Ok(Program { name: g.name.clone(), symbols: s.symbols, buffers: s.buffers, kernels: s.kernels, init: s.init, outputs: outs })
+    Ok(Program {
+        name: g.name.clone(),
+        symbols: s.symbols,
+        buffers: s.buffers,
+        kernels: s.kernels,
+        init: s.init,
+        outputs: outs,
+    })
 }

@@ -9,16 +9,33 @@ const CPU: &str = "x86-64-v3";
 
 fn ir_of(src: &str) -> String {
     let g = egret_ir::parse(src).unwrap();
-    let prog = schedule_with(&g, ScheduleOptions { panel: panel_width(CPU), weights: PanelType::F32 }).unwrap();
+    let prog = schedule_with(
+        &g,
+        ScheduleOptions {
+            panel: panel_width(CPU),
+            weights: PanelType::F32,
+        },
+    )
+    .unwrap();
     let text = optimized_ir(&prog, CPU).unwrap();
     // Keep the function bodies; drop the module header (target triple, datalayout, ids).
-    text.lines().filter(|l| !l.starts_with("; ModuleID") && !l.starts_with("source_filename") && !l.starts_with("target ")).collect::<Vec<_>>().join("\n")
+    text.lines()
+        .filter(|l| {
+            !l.starts_with("; ModuleID")
+                && !l.starts_with("source_filename")
+                && !l.starts_with("target ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[test]
 fn gemm_with_packed_weights() {
     let ir = ir_of("graph mv {\n  %x = input \"x\" : f32[T, 64]\n  %w = param \"w\" : f32[32, 64]\n  %wt = permute[perm=[1, 0]](%w) : f32[64, 32]\n  %y = matmul(%x, %wt) : f32[T, 32]\n  output \"y\" = %y\n}");
-    assert!(ir.contains("@llvm.fma.v8f32"), "the micro-kernel should use vector FMA:\n{ir}");
+    assert!(
+        ir.contains("@llvm.fma.v8f32"),
+        "the micro-kernel should use vector FMA:\n{ir}"
+    );
     insta::assert_snapshot!(ir);
 }
 

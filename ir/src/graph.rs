@@ -36,7 +36,10 @@ pub struct TensorType {
 
 impl TensorType {
     pub fn new(dtype: DType, dims: Vec<Dim>) -> TensorType {
-        TensorType { dtype, shape: Shape(dims) }
+        TensorType {
+            dtype,
+            shape: Shape(dims),
+        }
     }
 }
 
@@ -63,7 +66,11 @@ pub struct Graph {
 
 impl Graph {
     pub fn new(name: &str) -> Graph {
-        Graph { name: name.to_string(), nodes: Vec::new(), outputs: Vec::new() }
+        Graph {
+            name: name.to_string(),
+            nodes: Vec::new(),
+            outputs: Vec::new(),
+        }
     }
 
     pub fn node(&self, v: ValueId) -> &Node {
@@ -99,7 +106,12 @@ impl Graph {
 
     /// Appends a node whose type is inferred (for ops that declare their type, `declared`
     /// supplies it). Errors say which op and operands disagree.
-    pub fn add(&mut self, op: Op, inputs: &[ValueId], declared: Option<TensorType>) -> Result<ValueId, IrError> {
+    pub fn add(
+        &mut self,
+        op: Op,
+        inputs: &[ValueId],
+        declared: Option<TensorType>,
+    ) -> Result<ValueId, IrError> {
         let tys: Vec<&TensorType> = inputs.iter().map(|v| self.ty(*v)).collect();
         let ty = infer_type(&op, &tys, declared.as_ref()).map_err(|msg| IrError::Build {
             op: op.name().to_string(),
@@ -221,7 +233,13 @@ impl Graph {
     /// Fixes some symbolic dims to constants (e.g. `B=1, T=2048` for a memory plan).
     pub fn bind_dims(&mut self, bindings: &HashMap<String, i64>) {
         for n in &mut self.nodes {
-            n.ty.shape = crate::shape::Shape(n.ty.shape.dims().iter().map(|d| d.substitute(bindings)).collect());
+            n.ty.shape = crate::shape::Shape(
+                n.ty.shape
+                    .dims()
+                    .iter()
+                    .map(|d| d.substitute(bindings))
+                    .collect(),
+            );
         }
     }
 
@@ -236,7 +254,9 @@ impl Graph {
             .enumerate()
             .map(|(i, n)| {
                 let label = match &n.op {
-                    Op::Input { name } | Op::Param { name } => format!("%{i} {} {name}\n{}", n.op.name(), n.ty),
+                    Op::Input { name } | Op::Param { name } => {
+                        format!("%{i} {} {name}\n{}", n.op.name(), n.ty)
+                    }
                     _ => format!("%{i} {}\n{}", n.op.name(), n.ty),
                 };
                 g.add_node(label)
@@ -263,11 +283,19 @@ impl Graph {
 /// returns an error naming the op if operand types disagree.
 impl Graph {
     pub fn input(&mut self, name: &str, dtype: DType, dims: Vec<Dim>) -> ValueId {
-        self.push(Op::Input { name: name.into() }, vec![], TensorType::new(dtype, dims))
+        self.push(
+            Op::Input { name: name.into() },
+            vec![],
+            TensorType::new(dtype, dims),
+        )
     }
 
     pub fn param(&mut self, name: &str, dtype: DType, dims: Vec<Dim>) -> ValueId {
-        self.push(Op::Param { name: name.into() }, vec![], TensorType::new(dtype, dims))
+        self.push(
+            Op::Param { name: name.into() },
+            vec![],
+            TensorType::new(dtype, dims),
+        )
     }
 
     pub fn constant(&mut self, value: f64, dtype: DType, dims: Vec<Dim>) -> ValueId {
@@ -322,7 +350,13 @@ impl Graph {
         self.add(Op::Broadcast, &[x], Some(TensorType::new(dtype, dims)))
     }
 
-    pub fn slice(&mut self, x: ValueId, axis: usize, start: usize, end: usize) -> Result<ValueId, IrError> {
+    pub fn slice(
+        &mut self,
+        x: ValueId,
+        axis: usize,
+        start: usize,
+        end: usize,
+    ) -> Result<ValueId, IrError> {
         self.add(Op::Slice { axis, start, end }, &[x], None)
     }
 
@@ -330,7 +364,12 @@ impl Graph {
         self.add(Op::Concat { axis }, xs, None)
     }
 
-    pub fn gather(&mut self, table: ValueId, idx: ValueId, axis: usize) -> Result<ValueId, IrError> {
+    pub fn gather(
+        &mut self,
+        table: ValueId,
+        idx: ValueId,
+        axis: usize,
+    ) -> Result<ValueId, IrError> {
         self.add(Op::Gather { axis }, &[table, idx], None)
     }
 

@@ -86,12 +86,21 @@ fn gather_strided<T: Copy>(buf: &[T], shape: &[usize], strides: &[usize], offset
 }
 
 fn ierr(msg: impl Into<String>) -> IrError {
-    IrError::Interp { value: None, msg: msg.into() }
+    IrError::Interp {
+        value: None,
+        msg: msg.into(),
+    }
 }
 
 impl Tensor {
     fn dense(dtype: DType, shape: Vec<usize>, data: Data) -> Tensor {
-        Tensor { dtype, strides: contiguous_strides(&shape), shape, offset: 0, data }
+        Tensor {
+            dtype,
+            strides: contiguous_strides(&shape),
+            shape,
+            offset: 0,
+            data,
+        }
     }
 
     /// A float tensor (`dtype` f32, f16 or bf16; values are taken as given).
@@ -113,13 +122,19 @@ impl Tensor {
 
     pub fn from_bool(shape: Vec<usize>, data: Vec<bool>) -> Result<Tensor, IrError> {
         Self::check_len(&shape, data.len())?;
-        Ok(Tensor::dense(DType::Bool, shape, Data::Bool(Arc::new(data))))
+        Ok(Tensor::dense(
+            DType::Bool,
+            shape,
+            Data::Bool(Arc::new(data)),
+        ))
     }
 
     fn check_len(shape: &[usize], len: usize) -> Result<(), IrError> {
         let n: usize = shape.iter().product();
         if n != len {
-            return Err(ierr(format!("shape {shape:?} needs {n} elements, got {len}")));
+            return Err(ierr(format!(
+                "shape {shape:?} needs {n} elements, got {len}"
+            )));
         }
         Ok(())
     }
@@ -163,24 +178,41 @@ impl Tensor {
     pub fn to_f32_vec(&self) -> Vec<f32> {
         match &self.data {
             Data::F32(b) => gather_strided(b, &self.shape, &self.strides, self.offset),
-            Data::I64(b) => gather_strided(b, &self.shape, &self.strides, self.offset).into_iter().map(|x| x as f32).collect(),
-            Data::Bool(b) => gather_strided(b, &self.shape, &self.strides, self.offset).into_iter().map(|x| x as u8 as f32).collect(),
+            Data::I64(b) => gather_strided(b, &self.shape, &self.strides, self.offset)
+                .into_iter()
+                .map(|x| x as f32)
+                .collect(),
+            Data::Bool(b) => gather_strided(b, &self.shape, &self.strides, self.offset)
+                .into_iter()
+                .map(|x| x as u8 as f32)
+                .collect(),
         }
     }
 
     /// The elements in row-major order as i64 (floats truncated).
     pub fn to_i64_vec(&self) -> Vec<i64> {
         match &self.data {
-            Data::F32(b) => gather_strided(b, &self.shape, &self.strides, self.offset).into_iter().map(|x| x as i64).collect(),
+            Data::F32(b) => gather_strided(b, &self.shape, &self.strides, self.offset)
+                .into_iter()
+                .map(|x| x as i64)
+                .collect(),
             Data::I64(b) => gather_strided(b, &self.shape, &self.strides, self.offset),
-            Data::Bool(b) => gather_strided(b, &self.shape, &self.strides, self.offset).into_iter().map(|x| x as i64).collect(),
+            Data::Bool(b) => gather_strided(b, &self.shape, &self.strides, self.offset)
+                .into_iter()
+                .map(|x| x as i64)
+                .collect(),
         }
     }
 
     fn f32s(&self) -> Result<Arc<Vec<f32>>, IrError> {
         match &self.data {
             Data::F32(b) if self.is_contiguous() => Ok(b.clone()),
-            Data::F32(b) => Ok(Arc::new(gather_strided(b, &self.shape, &self.strides, self.offset))),
+            Data::F32(b) => Ok(Arc::new(gather_strided(
+                b,
+                &self.shape,
+                &self.strides,
+                self.offset,
+            ))),
             _ => Err(ierr(format!("expected a float tensor, got {}", self.dtype))),
         }
     }
@@ -188,15 +220,28 @@ impl Tensor {
     fn i64s(&self) -> Result<Arc<Vec<i64>>, IrError> {
         match &self.data {
             Data::I64(b) if self.is_contiguous() => Ok(b.clone()),
-            Data::I64(b) => Ok(Arc::new(gather_strided(b, &self.shape, &self.strides, self.offset))),
-            _ => Err(ierr(format!("expected an integer tensor, got {}", self.dtype))),
+            Data::I64(b) => Ok(Arc::new(gather_strided(
+                b,
+                &self.shape,
+                &self.strides,
+                self.offset,
+            ))),
+            _ => Err(ierr(format!(
+                "expected an integer tensor, got {}",
+                self.dtype
+            ))),
         }
     }
 
     fn bools(&self) -> Result<Arc<Vec<bool>>, IrError> {
         match &self.data {
             Data::Bool(b) if self.is_contiguous() => Ok(b.clone()),
-            Data::Bool(b) => Ok(Arc::new(gather_strided(b, &self.shape, &self.strides, self.offset))),
+            Data::Bool(b) => Ok(Arc::new(gather_strided(
+                b,
+                &self.shape,
+                &self.strides,
+                self.offset,
+            ))),
             _ => Err(ierr(format!("expected a bool tensor, got {}", self.dtype))),
         }
     }
@@ -207,9 +252,24 @@ impl Tensor {
             return self.clone();
         }
         let data = match &self.data {
-            Data::F32(b) => Data::F32(Arc::new(gather_strided(b, &self.shape, &self.strides, self.offset))),
-            Data::I64(b) => Data::I64(Arc::new(gather_strided(b, &self.shape, &self.strides, self.offset))),
-            Data::Bool(b) => Data::Bool(Arc::new(gather_strided(b, &self.shape, &self.strides, self.offset))),
+            Data::F32(b) => Data::F32(Arc::new(gather_strided(
+                b,
+                &self.shape,
+                &self.strides,
+                self.offset,
+            ))),
+            Data::I64(b) => Data::I64(Arc::new(gather_strided(
+                b,
+                &self.shape,
+                &self.strides,
+                self.offset,
+            ))),
+            Data::Bool(b) => Data::Bool(Arc::new(gather_strided(
+                b,
+                &self.shape,
+                &self.strides,
+                self.offset,
+            ))),
         };
         Tensor::dense(self.dtype, self.shape.clone(), data)
     }
@@ -223,7 +283,10 @@ impl Tensor {
 
     fn reshape(&self, shape: Vec<usize>) -> Result<Tensor, IrError> {
         if shape.iter().product::<usize>() != self.numel() {
-            return Err(ierr(format!("reshape {:?} -> {shape:?} changes the element count", self.shape)));
+            return Err(ierr(format!(
+                "reshape {:?} -> {shape:?} changes the element count",
+                self.shape
+            )));
         }
         let mut t = self.contiguous();
         t.strides = contiguous_strides(&shape);
@@ -233,13 +296,19 @@ impl Tensor {
 
     fn broadcast(&self, shape: Vec<usize>) -> Result<Tensor, IrError> {
         if shape.len() != self.shape.len() {
-            return Err(ierr(format!("broadcast {:?} -> {shape:?} changes rank", self.shape)));
+            return Err(ierr(format!(
+                "broadcast {:?} -> {shape:?} changes rank",
+                self.shape
+            )));
         }
         let mut t = self.clone();
         for i in 0..shape.len() {
             if self.shape[i] != shape[i] {
                 if self.shape[i] != 1 {
-                    return Err(ierr(format!("cannot broadcast {:?} to {shape:?}", self.shape)));
+                    return Err(ierr(format!(
+                        "cannot broadcast {:?} to {shape:?}",
+                        self.shape
+                    )));
                 }
                 t.strides[i] = 0;
             }
@@ -256,7 +325,13 @@ impl Tensor {
         } else {
             Data::I64(Arc::new(vec![wrap_int(dtype, value as i64)]))
         };
-        Tensor { dtype, strides: vec![0; shape.len()], shape, offset: 0, data }
+        Tensor {
+            dtype,
+            strides: vec![0; shape.len()],
+            shape,
+            offset: 0,
+            data,
+        }
     }
 }
 
@@ -307,10 +382,18 @@ pub fn binary_f32(op: BinaryOp, a: f32, b: f32) -> f32 {
         BinaryOp::Mul => a * b,
         BinaryOp::Div => a / b,
         BinaryOp::Max => {
-            if a.is_nan() || b.is_nan() { f32::NAN } else { a.max(b) }
+            if a.is_nan() || b.is_nan() {
+                f32::NAN
+            } else {
+                a.max(b)
+            }
         }
         BinaryOp::Min => {
-            if a.is_nan() || b.is_nan() { f32::NAN } else { a.min(b) }
+            if a.is_nan() || b.is_nan() {
+                f32::NAN
+            } else {
+                a.min(b)
+            }
         }
         BinaryOp::Pow => (a as f64).powf(b as f64) as f32,
     }
@@ -365,11 +448,21 @@ fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
 }
 
 fn threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// `c[r, n] = a_row(r) · bt_row(r, n)` for every output row `r` of length `n_cols`.
-fn matmul_rows(c: &mut [f32], n_cols: usize, k: usize, a: &[f32], bt_of_row: &(dyn Fn(usize) -> usize + Sync), bt: &[f32], macs: usize) {
+fn matmul_rows(
+    c: &mut [f32],
+    n_cols: usize,
+    k: usize,
+    a: &[f32],
+    bt_of_row: &(dyn Fn(usize) -> usize + Sync),
+    bt: &[f32],
+    macs: usize,
+) {
     let rows = c.len() / n_cols.max(1);
     let row = |r: usize, out: &mut [f32], col0: usize| {
         let ar = &a[r * k..(r + 1) * k];
@@ -423,8 +516,16 @@ pub struct Interpreter {
 impl Interpreter {
     pub fn new(graph: &Graph) -> Result<Interpreter, IrError> {
         crate::verify(graph)?;
-        let order = graph.live_topo_order().map_err(|v| IrError::Verify { value: Some(v), msg: "cycle".into() })?;
-        Ok(Interpreter { graph: graph.clone(), order, uses: graph.use_counts(), cache: HashMap::new() })
+        let order = graph.live_topo_order().map_err(|v| IrError::Verify {
+            value: Some(v),
+            msg: "cycle".into(),
+        })?;
+        Ok(Interpreter {
+            graph: graph.clone(),
+            order,
+            uses: graph.use_counts(),
+            cache: HashMap::new(),
+        })
     }
 
     /// Precomputes every value that depends only on parameters and constants (and has a
@@ -464,16 +565,29 @@ impl Interpreter {
                 continue;
             }
             let n = g.node(v);
-            let shape = n.ty.shape.eval(&bindings).map_err(|s| ierr(format!("unbound `{s}`")))?;
+            let shape =
+                n.ty.shape
+                    .eval(&bindings)
+                    .map_err(|s| ierr(format!("unbound `{s}`")))?;
             let t = match &n.op {
-                Op::Param { name } => params.get(name).cloned().ok_or_else(|| ierr(format!("missing parameter `{name}`")))?.with_dtype(n.ty.dtype),
+                Op::Param { name } => params
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| ierr(format!("missing parameter `{name}`")))?
+                    .with_dtype(n.ty.dtype),
                 _ => {
                     let args: Vec<&Tensor> = n.inputs.iter().map(|u| &vals[u]).collect();
                     eval(&n.op, n.ty.dtype, &shape, &args)?
                 }
             };
             if t.shape != shape {
-                return Err(IrError::Interp { value: Some(v), msg: format!("parameter has shape {:?}, the graph declares {:?}", t.shape, shape) });
+                return Err(IrError::Interp {
+                    value: Some(v),
+                    msg: format!(
+                        "parameter has shape {:?}, the graph declares {:?}",
+                        t.shape, shape
+                    ),
+                });
             }
             vals.insert(v, t);
         }
@@ -492,12 +606,17 @@ impl Interpreter {
             .into_iter()
             .filter(|(v, _)| frontier[v.index()])
             .map(|(v, t)| {
-                let t = if rhs[v.index()] && t.shape.len() == 2 { t.permute(&[1, 0]).contiguous().permute(&[1, 0]) } else { t };
+                let t = if rhs[v.index()] && t.shape.len() == 2 {
+                    t.permute(&[1, 0]).contiguous().permute(&[1, 0])
+                } else {
+                    t
+                };
                 (v, t)
             })
             .collect();
         // Re-plan: fixed nodes are no longer evaluated; count uses among the rest.
-        self.order.retain(|v| !fixed[v.index()] || self.cache.contains_key(v));
+        self.order
+            .retain(|v| !fixed[v.index()] || self.cache.contains_key(v));
         let mut uses = vec![0; g.len()];
         for &v in &self.order {
             if !self.cache.contains_key(&v) {
@@ -519,15 +638,29 @@ impl Interpreter {
 
     /// Evaluates the graph. `inputs` are bound to `input` nodes and `params` to `param`
     /// nodes by name; symbolic dims are bound from their shapes. Returns the outputs by name.
-    pub fn run(&self, inputs: &HashMap<String, Tensor>, params: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>, IrError> {
+    pub fn run(
+        &self,
+        inputs: &HashMap<String, Tensor>,
+        params: &HashMap<String, Tensor>,
+    ) -> Result<HashMap<String, Tensor>, IrError> {
         let g = &self.graph;
         let mut bindings: HashMap<String, i64> = HashMap::new();
         // Bind symbols from inputs and params: single-symbol dims first, then check the rest.
         let bound: Vec<(ValueId, &Tensor)> = g
             .values()
             .filter_map(|v| match &g.node(v).op {
-                Op::Input { name } => Some(inputs.get(name).map(|t| (v, t)).ok_or_else(|| ierr(format!("missing input `{name}`")))),
-                Op::Param { name } => Some(params.get(name).map(|t| (v, t)).ok_or_else(|| ierr(format!("missing parameter `{name}`")))),
+                Op::Input { name } => Some(
+                    inputs
+                        .get(name)
+                        .map(|t| (v, t))
+                        .ok_or_else(|| ierr(format!("missing input `{name}`"))),
+                ),
+                Op::Param { name } => Some(
+                    params
+                        .get(name)
+                        .map(|t| (v, t))
+                        .ok_or_else(|| ierr(format!("missing parameter `{name}`"))),
+                ),
                 _ => None,
             })
             .collect::<Result<_, _>>()?;
@@ -539,7 +672,9 @@ impl Interpreter {
             for (d, &n) in ty.shape.dims().iter().zip(&t.shape) {
                 if let Some(s) = d.as_sym() {
                     match bindings.get(s) {
-                        Some(&prev) if prev != n as i64 => return Err(self.bad_binding(*v, t, &bindings)),
+                        Some(&prev) if prev != n as i64 => {
+                            return Err(self.bad_binding(*v, t, &bindings))
+                        }
                         _ => {
                             bindings.insert(s.to_string(), n as i64);
                         }
@@ -549,7 +684,9 @@ impl Interpreter {
         }
         for (v, t) in &bound {
             let ty = g.ty(*v);
-            let class_ok = (ty.dtype.is_float() && t.dtype.is_float()) || (ty.dtype.is_int() && t.dtype.is_int()) || (ty.dtype == t.dtype);
+            let class_ok = (ty.dtype.is_float() && t.dtype.is_float())
+                || (ty.dtype.is_int() && t.dtype.is_int())
+                || (ty.dtype == t.dtype);
             if !class_ok || ty.shape.eval(&bindings).ok().as_deref() != Some(t.shape.as_slice()) {
                 return Err(self.bad_binding(*v, t, &bindings));
             }
@@ -565,7 +702,11 @@ impl Interpreter {
             let args: Vec<&Tensor> = node
                 .inputs
                 .iter()
-                .map(|u| vals[u.index()].as_ref().ok_or_else(|| ierr(format!("{u} used before it is computed"))))
+                .map(|u| {
+                    vals[u.index()]
+                        .as_ref()
+                        .ok_or_else(|| ierr(format!("{u} used before it is computed")))
+                })
                 .collect::<Result<_, _>>()?;
             let shape = node.ty.shape.eval(&bindings).map_err(|s| IrError::Interp {
                 value: Some(v),
@@ -575,14 +716,22 @@ impl Interpreter {
                 Op::Input { name } => inputs[name].clone().with_dtype(node.ty.dtype),
                 Op::Param { name } => params[name].clone().with_dtype(node.ty.dtype),
                 _ => eval(&node.op, node.ty.dtype, &shape, &args).map_err(|e| match e {
-                    IrError::Interp { value: None, msg } => IrError::Interp { value: Some(v), msg: format!("{}: {msg}", node.op.name()) },
+                    IrError::Interp { value: None, msg } => IrError::Interp {
+                        value: Some(v),
+                        msg: format!("{}: {msg}", node.op.name()),
+                    },
                     e => e,
                 })?,
             };
             if out.shape != shape {
                 return Err(IrError::Interp {
                     value: Some(v),
-                    msg: format!("{} produced shape {:?}, the graph declares {:?}", node.op.name(), out.shape, shape),
+                    msg: format!(
+                        "{} produced shape {:?}, the graph declares {:?}",
+                        node.op.name(),
+                        out.shape,
+                        shape
+                    ),
                 });
             }
             for u in &node.inputs {
@@ -595,7 +744,9 @@ impl Interpreter {
         }
         let mut outs = HashMap::new();
         for (name, v) in &g.outputs {
-            let t = vals[v.index()].clone().ok_or_else(|| ierr(format!("output `{name}` was not computed")))?;
+            let t = vals[v.index()]
+                .clone()
+                .ok_or_else(|| ierr(format!("output `{name}` was not computed")))?;
             outs.insert(name.clone(), t);
         }
         Ok(outs)
@@ -617,7 +768,11 @@ impl Interpreter {
                 t.dtype,
                 t.shape,
                 node.ty,
-                if bound.is_empty() { String::new() } else { format!(" (with {})", bound.join(", ")) }
+                if bound.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (with {})", bound.join(", "))
+                }
             ),
         }
     }
@@ -633,15 +788,26 @@ fn eval(op: &Op, dtype: DType, shape: &[usize], a: &[&Tensor]) -> Result<Tensor,
             let n: usize = shape.iter().product();
             let idx = (0..n).map(|i| ((i / strides[*axis]) % shape[*axis]) as i64);
             if dtype.is_float() {
-                Tensor::dense(dtype, shape.to_vec(), Data::F32(Arc::new(idx.map(|x| round_to(dtype, x as f32)).collect())))
+                Tensor::dense(
+                    dtype,
+                    shape.to_vec(),
+                    Data::F32(Arc::new(idx.map(|x| round_to(dtype, x as f32)).collect())),
+                )
             } else {
-                Tensor::dense(dtype, shape.to_vec(), Data::I64(Arc::new(idx.map(|x| wrap_int(dtype, x)).collect())))
+                Tensor::dense(
+                    dtype,
+                    shape.to_vec(),
+                    Data::I64(Arc::new(idx.map(|x| wrap_int(dtype, x)).collect())),
+                )
             }
         }
         Op::Unary(u) => match &a[0].data {
             Data::F32(_) => {
                 let x = a[0].f32s()?;
-                let out = x.iter().map(|&x| round_to(dtype, unary_f32(*u, x))).collect();
+                let out = x
+                    .iter()
+                    .map(|&x| round_to(dtype, unary_f32(*u, x)))
+                    .collect();
                 Tensor::dense(dtype, shape.to_vec(), Data::F32(Arc::new(out)))
             }
             Data::I64(_) => {
@@ -661,12 +827,20 @@ fn eval(op: &Op, dtype: DType, shape: &[usize], a: &[&Tensor]) -> Result<Tensor,
         Op::Binary(b) => match &a[0].data {
             Data::F32(_) => {
                 let (x, y) = (a[0].f32s()?, a[1].f32s()?);
-                let out = x.iter().zip(y.iter()).map(|(&x, &y)| round_to(dtype, binary_f32(*b, x, y))).collect();
+                let out = x
+                    .iter()
+                    .zip(y.iter())
+                    .map(|(&x, &y)| round_to(dtype, binary_f32(*b, x, y)))
+                    .collect();
                 Tensor::dense(dtype, shape.to_vec(), Data::F32(Arc::new(out)))
             }
             Data::I64(_) => {
                 let (x, y) = (a[0].i64s()?, a[1].i64s()?);
-                let out = x.iter().zip(y.iter()).map(|(&x, &y)| binary_i64(*b, x, y).map(|v| wrap_int(dtype, v))).collect::<Result<_, _>>()?;
+                let out = x
+                    .iter()
+                    .zip(y.iter())
+                    .map(|(&x, &y)| binary_i64(*b, x, y).map(|v| wrap_int(dtype, v)))
+                    .collect::<Result<_, _>>()?;
                 Tensor::dense(dtype, shape.to_vec(), Data::I64(Arc::new(out)))
             }
             Data::Bool(_) => return Err(ierr("arithmetic on bool")),
@@ -675,15 +849,24 @@ fn eval(op: &Op, dtype: DType, shape: &[usize], a: &[&Tensor]) -> Result<Tensor,
             let out: Vec<bool> = match &a[0].data {
                 Data::F32(_) => {
                     let (x, y) = (a[0].f32s()?, a[1].f32s()?);
-                    x.iter().zip(y.iter()).map(|(&x, &y)| compare(*c, x, y)).collect()
+                    x.iter()
+                        .zip(y.iter())
+                        .map(|(&x, &y)| compare(*c, x, y))
+                        .collect()
                 }
                 Data::I64(_) => {
                     let (x, y) = (a[0].i64s()?, a[1].i64s()?);
-                    x.iter().zip(y.iter()).map(|(&x, &y)| compare(*c, x, y)).collect()
+                    x.iter()
+                        .zip(y.iter())
+                        .map(|(&x, &y)| compare(*c, x, y))
+                        .collect()
                 }
                 Data::Bool(_) => {
                     let (x, y) = (a[0].bools()?, a[1].bools()?);
-                    x.iter().zip(y.iter()).map(|(&x, &y)| compare(*c, x, y)).collect()
+                    x.iter()
+                        .zip(y.iter())
+                        .map(|(&x, &y)| compare(*c, x, y))
+                        .collect()
                 }
             };
             Tensor::dense(DType::Bool, shape.to_vec(), Data::Bool(Arc::new(out)))
@@ -693,15 +876,30 @@ fn eval(op: &Op, dtype: DType, shape: &[usize], a: &[&Tensor]) -> Result<Tensor,
             let data = match &a[1].data {
                 Data::F32(_) => {
                     let (x, y) = (a[1].f32s()?, a[2].f32s()?);
-                    Data::F32(Arc::new(c.iter().zip(x.iter().zip(y.iter())).map(|(&c, (&x, &y))| if c { x } else { y }).collect()))
+                    Data::F32(Arc::new(
+                        c.iter()
+                            .zip(x.iter().zip(y.iter()))
+                            .map(|(&c, (&x, &y))| if c { x } else { y })
+                            .collect(),
+                    ))
                 }
                 Data::I64(_) => {
                     let (x, y) = (a[1].i64s()?, a[2].i64s()?);
-                    Data::I64(Arc::new(c.iter().zip(x.iter().zip(y.iter())).map(|(&c, (&x, &y))| if c { x } else { y }).collect()))
+                    Data::I64(Arc::new(
+                        c.iter()
+                            .zip(x.iter().zip(y.iter()))
+                            .map(|(&c, (&x, &y))| if c { x } else { y })
+                            .collect(),
+                    ))
                 }
                 Data::Bool(_) => {
                     let (x, y) = (a[1].bools()?, a[2].bools()?);
-                    Data::Bool(Arc::new(c.iter().zip(x.iter().zip(y.iter())).map(|(&c, (&x, &y))| if c { x } else { y }).collect()))
+                    Data::Bool(Arc::new(
+                        c.iter()
+                            .zip(x.iter().zip(y.iter()))
+                            .map(|(&c, (&x, &y))| if c { x } else { y })
+                            .collect(),
+                    ))
                 }
             };
             Tensor::dense(dtype, shape.to_vec(), data)
@@ -714,7 +912,10 @@ fn eval(op: &Op, dtype: DType, shape: &[usize], a: &[&Tensor]) -> Result<Tensor,
         Op::Slice { axis, start, end } => {
             let t = a[0];
             if *end > t.shape[*axis] {
-                return Err(ierr(format!("slice end {end} beyond dim {} of length {}", axis, t.shape[*axis])));
+                return Err(ierr(format!(
+                    "slice end {end} beyond dim {} of length {}",
+                    axis, t.shape[*axis]
+                )));
             }
             let mut v = t.clone();
             v.offset += start * t.strides[*axis];
@@ -731,24 +932,42 @@ fn eval(op: &Op, dtype: DType, shape: &[usize], a: &[&Tensor]) -> Result<Tensor,
             let inner: usize = shape[axis + 1..].iter().product();
             for o in 0..outer {
                 for i in 0..inner {
-                    softmax_strided(&mut out[o * shape[*axis] * inner + i..], shape[*axis], inner);
+                    softmax_strided(
+                        &mut out[o * shape[*axis] * inner + i..],
+                        shape[*axis],
+                        inner,
+                    );
                 }
             }
             out.iter_mut().for_each(|v| *v = round_to(dtype, *v));
             Tensor::dense(dtype, shape.to_vec(), Data::F32(Arc::new(out)))
         }
-        Op::RmsNorm { eps } => Tensor::dense(dtype, shape.to_vec(), Data::F32(Arc::new(rms_norm(a[0], a[1], *eps)?))),
+        Op::RmsNorm { eps } => Tensor::dense(
+            dtype,
+            shape.to_vec(),
+            Data::F32(Arc::new(rms_norm(a[0], a[1], *eps)?)),
+        ),
         Op::RmsNormMatMul { eps } => {
             let xs = a[0].shape.clone();
-            let n = Tensor::dense(a[0].dtype, xs, Data::F32(Arc::new(rms_norm(a[0], a[1], *eps)?)));
+            let n = Tensor::dense(
+                a[0].dtype,
+                xs,
+                Data::F32(Arc::new(rms_norm(a[0], a[1], *eps)?)),
+            );
             matmul(dtype, shape, &n, a[2])?
         }
         Op::SwiGlu => {
             let (g, u) = (a[0].f32s()?, a[1].f32s()?);
-            let out = g.iter().zip(u.iter()).map(|(&g, &u)| round_to(dtype, (g * sigmoid(g)) * u)).collect();
+            let out = g
+                .iter()
+                .zip(u.iter())
+                .map(|(&g, &u)| round_to(dtype, (g * sigmoid(g)) * u))
+                .collect();
             Tensor::dense(dtype, shape.to_vec(), Data::F32(Arc::new(out)))
         }
-        Op::FusedAttention { scale } => fused_attention(*scale, dtype, shape, a[0], a[1], a[2], a[3])?,
+        Op::FusedAttention { scale } => {
+            fused_attention(*scale, dtype, shape, a[0], a[1], a[2], a[3])?
+        }
     })
 }
 
@@ -756,7 +975,15 @@ fn eval(op: &Op, dtype: DType, shape: &[usize], a: &[&Tensor]) -> Result<Tensor,
 /// max in f32, `exp(x - max)` in f32, the sum accumulated in f64 and rounded, then divided.
 fn softmax_strided(x: &mut [f32], len: usize, stride: usize) {
     let at = |j: usize| j * stride;
-    let m = (0..len).map(|j| x[at(j)] as f64).fold(f64::NEG_INFINITY, |m, v| if v.is_nan() || m.is_nan() { f64::NAN } else { m.max(v) }) as f32;
+    let m = (0..len)
+        .map(|j| x[at(j)] as f64)
+        .fold(f64::NEG_INFINITY, |m, v| {
+            if v.is_nan() || m.is_nan() {
+                f64::NAN
+            } else {
+                m.max(v)
+            }
+        }) as f32;
     for j in 0..len {
         x[at(j)] = (x[at(j)] - m).exp();
     }
@@ -782,7 +1009,15 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Vec<f32>, IrError> {
     Ok(out)
 }
 
-fn fused_attention(scale: f64, dtype: DType, shape: &[usize], q: &Tensor, k: &Tensor, v: &Tensor, pos: &Tensor) -> Result<Tensor, IrError> {
+fn fused_attention(
+    scale: f64,
+    dtype: DType,
+    shape: &[usize],
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pos: &Tensor,
+) -> Result<Tensor, IrError> {
     let (b, h, t, d) = (q.shape[0], q.shape[1], q.shape[2], q.shape[3]);
     let (hkv, s, dv) = (k.shape[1], k.shape[2], v.shape[3]);
     let rep = h / hkv.max(1);
@@ -802,7 +1037,11 @@ fn fused_attention(scale: f64, dtype: DType, shape: &[usize], q: &Tensor, k: &Te
                 let limit = pv[bi * t + ti];
                 for (j, pj) in p.iter_mut().enumerate() {
                     let score = dot_f64(qr, &kb[j * d..(j + 1) * d]) as f32 * scale;
-                    *pj = if (j as i64) <= limit { score } else { f32::NEG_INFINITY };
+                    *pj = if (j as i64) <= limit {
+                        score
+                    } else {
+                        f32::NEG_INFINITY
+                    };
                 }
                 softmax_strided(&mut p, s, 1);
                 let o = &mut out[((bi * h + hi) * t + ti) * dv..][..dv];
@@ -812,7 +1051,11 @@ fn fused_attention(scale: f64, dtype: DType, shape: &[usize], q: &Tensor, k: &Te
             }
         }
     }
-    Ok(Tensor::dense(dtype, shape.to_vec(), Data::F32(Arc::new(out))))
+    Ok(Tensor::dense(
+        dtype,
+        shape.to_vec(),
+        Data::F32(Arc::new(out)),
+    ))
 }
 
 fn reduce(op: ReduceOp, axis: usize, dtype: DType, x: &Tensor) -> Result<Tensor, IrError> {
@@ -831,7 +1074,17 @@ fn reduce(op: ReduceOp, axis: usize, dtype: DType, x: &Tensor) -> Result<Tensor,
                     let v = match op {
                         ReduceOp::Sum => (0..len).map(|j| at(j) as f64).sum::<f64>(),
                         ReduceOp::Mean => (0..len).map(|j| at(j) as f64).sum::<f64>() / len as f64,
-                        ReduceOp::Max => (0..len).map(|j| at(j) as f64).fold(f64::NEG_INFINITY, |m, v| if v.is_nan() || m.is_nan() { f64::NAN } else { m.max(v) }),
+                        ReduceOp::Max => {
+                            (0..len)
+                                .map(|j| at(j) as f64)
+                                .fold(f64::NEG_INFINITY, |m, v| {
+                                    if v.is_nan() || m.is_nan() {
+                                        f64::NAN
+                                    } else {
+                                        m.max(v)
+                                    }
+                                })
+                        }
                     };
                     out[o * inner + i] = round_to(dtype, v as f32);
                 }
@@ -847,7 +1100,9 @@ fn reduce(op: ReduceOp, axis: usize, dtype: DType, x: &Tensor) -> Result<Tensor,
                         dtype,
                         match op {
                             ReduceOp::Sum => it.fold(0i64, |a, b| a.wrapping_add(b)),
-                            ReduceOp::Mean => it.fold(0i64, |a, b| a.wrapping_add(b)) / (len.max(1) as i64),
+                            ReduceOp::Mean => {
+                                it.fold(0i64, |a, b| a.wrapping_add(b)) / (len.max(1) as i64)
+                            }
                             ReduceOp::Max => it.max().unwrap_or(i64::MIN),
                         },
                     );
@@ -865,7 +1120,10 @@ fn matmul(dtype: DType, shape: &[usize], a: &Tensor, b: &Tensor) -> Result<Tenso
     let (m, k) = (a.shape[ra - 2], a.shape[ra - 1]);
     let n = b.shape[rb - 1];
     if b.shape[rb - 2] != k {
-        return Err(ierr(format!("inner dims differ: {:?} x {:?}", a.shape, b.shape)));
+        return Err(ierr(format!(
+            "inner dims differ: {:?} x {:?}",
+            a.shape, b.shape
+        )));
     }
     let av = a.f32s()?;
     // Bᵀ as a dense [.., N, K] buffer: free when B is itself a transposed view (a weight).
@@ -906,14 +1164,22 @@ fn concat(axis: usize, dtype: DType, shape: &[usize], xs: &[&Tensor]) -> Result<
     Ok(Tensor::dense(dtype, shape.to_vec(), data))
 }
 
-fn gather(axis: usize, dtype: DType, shape: &[usize], table: &Tensor, idx: &Tensor) -> Result<Tensor, IrError> {
+fn gather(
+    axis: usize,
+    dtype: DType,
+    shape: &[usize],
+    table: &Tensor,
+    idx: &Tensor,
+) -> Result<Tensor, IrError> {
     let ids = idx.i64s()?;
     let outer: usize = table.shape[..axis].iter().product();
     let len = table.shape[axis];
     let inner: usize = table.shape[axis + 1..].iter().product();
     for &i in ids.iter() {
         if i < 0 || i as usize >= len {
-            return Err(ierr(format!("index {i} is out of range for an axis of length {len}")));
+            return Err(ierr(format!(
+                "index {i} is out of range for an axis of length {len}"
+            )));
         }
     }
     macro_rules! gat {
@@ -940,11 +1206,23 @@ fn gather(axis: usize, dtype: DType, shape: &[usize], table: &Tensor, idx: &Tens
 fn cast(dtype: DType, x: &Tensor) -> Tensor {
     let shape = x.shape.clone();
     let data = if dtype.is_float() {
-        Data::F32(Arc::new(x.to_f32_vec().into_iter().map(|v| round_to(dtype, v)).collect()))
+        Data::F32(Arc::new(
+            x.to_f32_vec()
+                .into_iter()
+                .map(|v| round_to(dtype, v))
+                .collect(),
+        ))
     } else if dtype == DType::Bool {
-        Data::Bool(Arc::new(x.to_f32_vec().into_iter().map(|v| v != 0.0).collect()))
+        Data::Bool(Arc::new(
+            x.to_f32_vec().into_iter().map(|v| v != 0.0).collect(),
+        ))
     } else {
-        Data::I64(Arc::new(x.to_i64_vec().into_iter().map(|v| wrap_int(dtype, v)).collect()))
+        Data::I64(Arc::new(
+            x.to_i64_vec()
+                .into_iter()
+                .map(|v| wrap_int(dtype, v))
+                .collect(),
+        ))
     };
     Tensor::dense(dtype, shape, data)
 }

@@ -82,7 +82,11 @@ pub enum Op {
     /// Same rank; each input dim equals the output dim or is 1 (then repeated).
     Broadcast,
     /// `out = in[.., start..end, ..]` along `axis` (constant bounds).
-    Slice { axis: usize, start: usize, end: usize },
+    Slice {
+        axis: usize,
+        start: usize,
+        end: usize,
+    },
     /// Concatenation of all operands along `axis`; other dims equal.
     Concat { axis: usize },
     /// `gather(table, idx)`: `out[i.., j, k..] = table[i.., idx[j], k..]` with `j` the index
@@ -114,20 +118,42 @@ impl PartialEq for Op {
     fn eq(&self, other: &Op) -> bool {
         match (self, other) {
             (Op::Constant { value: a }, Op::Constant { value: b }) => a.to_bits() == b.to_bits(),
-            (Op::Input { name: a }, Op::Input { name: b }) | (Op::Param { name: a }, Op::Param { name: b }) => a == b,
-            (Op::Iota { axis: a }, Op::Iota { axis: b }) | (Op::Concat { axis: a }, Op::Concat { axis: b }) => a == b,
+            (Op::Input { name: a }, Op::Input { name: b })
+            | (Op::Param { name: a }, Op::Param { name: b }) => a == b,
+            (Op::Iota { axis: a }, Op::Iota { axis: b })
+            | (Op::Concat { axis: a }, Op::Concat { axis: b }) => a == b,
             (Op::Gather { axis: a }, Op::Gather { axis: b }) => a == b,
             (Op::Unary(a), Op::Unary(b)) => a == b,
             (Op::Binary(a), Op::Binary(b)) => a == b,
             (Op::Compare(a), Op::Compare(b)) => a == b,
             (Op::Reduce { op: a, axis: x }, Op::Reduce { op: b, axis: y }) => a == b && x == y,
             (Op::Permute { perm: a }, Op::Permute { perm: b }) => a == b,
-            (Op::Slice { axis: a, start: s1, end: e1 }, Op::Slice { axis: b, start: s2, end: e2 }) => (a, s1, e1) == (b, s2, e2),
-            (Op::Select, Op::Select) | (Op::MatMul, Op::MatMul) | (Op::Reshape, Op::Reshape) => true,
-            (Op::Broadcast, Op::Broadcast) | (Op::Cast, Op::Cast) | (Op::SwiGlu, Op::SwiGlu) => true,
+            (
+                Op::Slice {
+                    axis: a,
+                    start: s1,
+                    end: e1,
+                },
+                Op::Slice {
+                    axis: b,
+                    start: s2,
+                    end: e2,
+                },
+            ) => (a, s1, e1) == (b, s2, e2),
+            (Op::Select, Op::Select) | (Op::MatMul, Op::MatMul) | (Op::Reshape, Op::Reshape) => {
+                true
+            }
+            (Op::Broadcast, Op::Broadcast) | (Op::Cast, Op::Cast) | (Op::SwiGlu, Op::SwiGlu) => {
+                true
+            }
             (Op::Softmax { axis: a }, Op::Softmax { axis: b }) => a == b,
-            (Op::RmsNorm { eps: a }, Op::RmsNorm { eps: b }) | (Op::RmsNormMatMul { eps: a }, Op::RmsNormMatMul { eps: b }) => a.to_bits() == b.to_bits(),
-            (Op::FusedAttention { scale: a }, Op::FusedAttention { scale: b }) => a.to_bits() == b.to_bits(),
+            (Op::RmsNorm { eps: a }, Op::RmsNorm { eps: b })
+            | (Op::RmsNormMatMul { eps: a }, Op::RmsNormMatMul { eps: b }) => {
+                a.to_bits() == b.to_bits()
+            }
+            (Op::FusedAttention { scale: a }, Op::FusedAttention { scale: b }) => {
+                a.to_bits() == b.to_bits()
+            }
             _ => false,
         }
     }
@@ -139,10 +165,17 @@ impl Op {
     /// Attributes as numbers, for a total order (f64s by their bits).
     fn attr_key(&self) -> Vec<u64> {
         match self {
-            Op::Constant { value } | Op::RmsNorm { eps: value } | Op::RmsNormMatMul { eps: value } | Op::FusedAttention { scale: value } => {
+            Op::Constant { value }
+            | Op::RmsNorm { eps: value }
+            | Op::RmsNormMatMul { eps: value }
+            | Op::FusedAttention { scale: value } => {
                 vec![value.to_bits()]
             }
-            Op::Iota { axis } | Op::Concat { axis } | Op::Gather { axis } | Op::Softmax { axis } | Op::Reduce { axis, .. } => vec![*axis as u64],
+            Op::Iota { axis }
+            | Op::Concat { axis }
+            | Op::Gather { axis }
+            | Op::Softmax { axis }
+            | Op::Reduce { axis, .. } => vec![*axis as u64],
             Op::Permute { perm } => perm.iter().map(|&p| p as u64).collect(),
             Op::Slice { axis, start, end } => vec![*axis as u64, *start as u64, *end as u64],
             _ => vec![],
@@ -163,7 +196,11 @@ impl Ord for Op {
             Op::Input { name } | Op::Param { name } => name.clone(),
             _ => String::new(),
         };
-        (self.name(), self.attr_key(), label(self)).cmp(&(other.name(), other.attr_key(), label(other)))
+        (self.name(), self.attr_key(), label(self)).cmp(&(
+            other.name(),
+            other.attr_key(),
+            label(other),
+        ))
     }
 }
 
@@ -172,10 +209,14 @@ impl std::hash::Hash for Op {
         std::mem::discriminant(self).hash(h);
         match self {
             Op::Input { name } | Op::Param { name } => name.hash(h),
-            Op::Constant { value } | Op::RmsNorm { eps: value } | Op::RmsNormMatMul { eps: value } | Op::FusedAttention { scale: value } => {
-                value.to_bits().hash(h)
-            }
-            Op::Iota { axis } | Op::Concat { axis } | Op::Gather { axis } | Op::Softmax { axis } => axis.hash(h),
+            Op::Constant { value }
+            | Op::RmsNorm { eps: value }
+            | Op::RmsNormMatMul { eps: value }
+            | Op::FusedAttention { scale: value } => value.to_bits().hash(h),
+            Op::Iota { axis }
+            | Op::Concat { axis }
+            | Op::Gather { axis }
+            | Op::Softmax { axis } => axis.hash(h),
             Op::Unary(u) => u.hash(h),
             Op::Binary(b) => b.hash(h),
             Op::Compare(c) => c.hash(h),
@@ -220,9 +261,16 @@ impl Op {
     pub fn arity(&self) -> Option<usize> {
         Some(match self {
             Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Iota { .. } => 0,
-            Op::Unary(_) | Op::Reduce { .. } | Op::Reshape | Op::Permute { .. } | Op::Broadcast => 1,
+            Op::Unary(_) | Op::Reduce { .. } | Op::Reshape | Op::Permute { .. } | Op::Broadcast => {
+                1
+            }
             Op::Slice { .. } | Op::Cast | Op::Softmax { .. } => 1,
-            Op::Binary(_) | Op::Compare(_) | Op::MatMul | Op::Gather { .. } | Op::RmsNorm { .. } | Op::SwiGlu => 2,
+            Op::Binary(_)
+            | Op::Compare(_)
+            | Op::MatMul
+            | Op::Gather { .. }
+            | Op::RmsNorm { .. }
+            | Op::SwiGlu => 2,
             Op::Select | Op::RmsNormMatMul { .. } => 3,
             Op::FusedAttention { .. } => 4,
             Op::Concat { .. } => return None,
@@ -232,13 +280,27 @@ impl Op {
     /// Whether the result type is taken from the node's declaration rather than inferred.
     /// Whether this is one of the fused ops the optimizer introduces.
     pub fn is_fused(&self) -> bool {
-        matches!(self, Op::Softmax { .. } | Op::RmsNorm { .. } | Op::RmsNormMatMul { .. } | Op::SwiGlu | Op::FusedAttention { .. } | Op::Unary(UnaryOp::Silu))
+        matches!(
+            self,
+            Op::Softmax { .. }
+                | Op::RmsNorm { .. }
+                | Op::RmsNormMatMul { .. }
+                | Op::SwiGlu
+                | Op::FusedAttention { .. }
+                | Op::Unary(UnaryOp::Silu)
+        )
     }
 
     pub fn declares_type(&self) -> bool {
         matches!(
             self,
-            Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Iota { .. } | Op::Reshape | Op::Broadcast | Op::Cast
+            Op::Input { .. }
+                | Op::Param { .. }
+                | Op::Constant { .. }
+                | Op::Iota { .. }
+                | Op::Reshape
+                | Op::Broadcast
+                | Op::Cast
         )
     }
 }

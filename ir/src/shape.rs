@@ -15,15 +15,24 @@ pub struct Dim {
 
 impl Dim {
     pub fn c(value: i64) -> Dim {
-        Dim { constant: value, terms: Vec::new() }
+        Dim {
+            constant: value,
+            terms: Vec::new(),
+        }
     }
 
     pub fn sym(name: &str) -> Dim {
-        Dim { constant: 0, terms: vec![(name.to_string(), 1)] }
+        Dim {
+            constant: 0,
+            terms: vec![(name.to_string(), 1)],
+        }
     }
 
     fn from_map(constant: i64, map: BTreeMap<String, i64>) -> Dim {
-        Dim { constant, terms: map.into_iter().filter(|(_, c)| *c != 0).collect() }
+        Dim {
+            constant,
+            terms: map.into_iter().filter(|(_, c)| *c != 0).collect(),
+        }
     }
 
     /// The value if the dim has no symbols.

@@ -40,7 +40,10 @@ fn quote(s: &str) -> String {
 }
 
 fn quote_if_needed(s: &str) -> String {
-    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !s.starts_with(|c: char| c.is_ascii_digit()) {
+    if !s.is_empty()
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+    {
         s.to_string()
     } else {
         quote(s)
@@ -51,7 +54,11 @@ fn print_f64(v: f64) -> String {
     if v.is_nan() {
         "nan".into()
     } else if v.is_infinite() {
-        if v > 0.0 { "inf".into() } else { "-inf".into() }
+        if v > 0.0 {
+            "inf".into()
+        } else {
+            "-inf".into()
+        }
     } else {
         format!("{v:?}")
     }
@@ -72,7 +79,11 @@ fn print_node(n: &Node) -> String {
         Op::FusedAttention { scale } => {
             let _ = write!(s, "[scale={}]", print_f64(*scale));
         }
-        Op::Iota { axis } | Op::Reduce { axis, .. } | Op::Concat { axis } | Op::Gather { axis } | Op::Softmax { axis } => {
+        Op::Iota { axis }
+        | Op::Reduce { axis, .. }
+        | Op::Concat { axis }
+        | Op::Gather { axis }
+        | Op::Softmax { axis } => {
             let _ = write!(s, "[axis={axis}]");
         }
         Op::Permute { perm } => {
@@ -82,7 +93,15 @@ fn print_node(n: &Node) -> String {
         Op::Slice { axis, start, end } => {
             let _ = write!(s, "[axis={axis}, start={start}, end={end}]");
         }
-        Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Select | Op::MatMul | Op::Reshape | Op::Broadcast | Op::Cast | Op::SwiGlu => {}
+        Op::Unary(_)
+        | Op::Binary(_)
+        | Op::Compare(_)
+        | Op::Select
+        | Op::MatMul
+        | Op::Reshape
+        | Op::Broadcast
+        | Op::Cast
+        | Op::SwiGlu => {}
     }
     if !n.inputs.is_empty() {
         let a: Vec<String> = n.inputs.iter().map(|v| v.to_string()).collect();
@@ -125,12 +144,20 @@ struct Spanned {
 }
 
 fn lex(src: &str) -> Result<Vec<Spanned>, ParseError> {
-    let mut lx = Lexer { chars: src.char_indices().peekable(), line: 1, col: 1 };
+    let mut lx = Lexer {
+        chars: src.char_indices().peekable(),
+        line: 1,
+        col: 1,
+    };
     let mut out = Vec::new();
     loop {
         let (line, col) = (lx.line, lx.col);
         let Some(&(_, c)) = lx.chars.peek() else {
-            out.push(Spanned { tok: Tok::Eof, line, col });
+            out.push(Spanned {
+                tok: Tok::Eof,
+                line,
+                col,
+            });
             return Ok(out);
         };
         let err = |msg: String| ParseError { line, col, msg };
@@ -182,13 +209,24 @@ fn lex(src: &str) -> Result<Vec<Spanned>, ParseError> {
                         Some('\\') => s.push('\\'),
                         Some('n') => s.push('\n'),
                         Some('t') => s.push('\t'),
-                        other => return Err(err(format!("unknown escape `\\{}`", other.unwrap_or(' ')))),
+                        other => {
+                            return Err(err(format!("unknown escape `\\{}`", other.unwrap_or(' '))))
+                        }
                     },
                     Some(c) => s.push(c),
                 }
             }
             Tok::Str(s)
-        } else if c.is_ascii_digit() || (c == '-' && !matches!(out.last(), Some(Spanned { tok: Tok::Ident(_) | Tok::Num(_), .. }))) {
+        } else if c.is_ascii_digit()
+            || (c == '-'
+                && !matches!(
+                    out.last(),
+                    Some(Spanned {
+                        tok: Tok::Ident(_) | Tok::Num(_),
+                        ..
+                    })
+                ))
+        {
             // A number: digits, '.', exponent; a leading '-' only where a value is expected.
             let mut s = String::new();
             if c == '-' {
@@ -199,17 +237,30 @@ fn lex(src: &str) -> Result<Vec<Spanned>, ParseError> {
                     if w != "inf" {
                         return Err(err(format!("unexpected `-{w}`")));
                     }
-                    out.push(Spanned { tok: Tok::Num("-inf".into()), line, col });
+                    out.push(Spanned {
+                        tok: Tok::Num("-inf".into()),
+                        line,
+                        col,
+                    });
                     continue;
                 }
                 if !matches!(lx.chars.peek(), Some(&(_, d)) if d.is_ascii_digit()) {
-                    out.push(Spanned { tok: Tok::Punct('-'), line, col });
+                    out.push(Spanned {
+                        tok: Tok::Punct('-'),
+                        line,
+                        col,
+                    });
                     continue;
                 }
             }
             while let Some(&(_, d)) = lx.chars.peek() {
                 let prev_e = s.ends_with('e') || s.ends_with('E');
-                if d.is_ascii_digit() || d == '.' || d == 'e' || d == 'E' || (prev_e && (d == '-' || d == '+')) {
+                if d.is_ascii_digit()
+                    || d == '.'
+                    || d == 'e'
+                    || d == 'E'
+                    || (prev_e && (d == '-' || d == '+'))
+                {
                     s.push(d);
                     lx.bump();
                 } else {
@@ -254,7 +305,11 @@ impl Parser {
 
     fn err<T>(&self, msg: impl Into<String>) -> Result<T, ParseError> {
         let t = &self.toks[self.pos];
-        Err(ParseError { line: t.line, col: t.col, msg: msg.into() })
+        Err(ParseError {
+            line: t.line,
+            col: t.col,
+            msg: msg.into(),
+        })
     }
 
     fn next(&mut self) -> Spanned {
@@ -319,7 +374,11 @@ impl Parser {
     fn f64(&mut self) -> Result<f64, ParseError> {
         match self.peek().clone() {
             Tok::Num(s) => {
-                let v = if s == "-inf" { Ok(f64::NEG_INFINITY) } else { s.parse::<f64>() };
+                let v = if s == "-inf" {
+                    Ok(f64::NEG_INFINITY)
+                } else {
+                    s.parse::<f64>()
+                };
                 match v {
                     Ok(v) => {
                         self.next();
@@ -387,7 +446,9 @@ impl Parser {
         let name = self.ident()?;
         let Some(dtype) = DType::from_name(&name) else {
             self.pos = start;
-            return self.err(format!("unknown dtype `{name}` (expected one of f32, f16, bf16, i32, i64, bool)"));
+            return self.err(format!(
+                "unknown dtype `{name}` (expected one of f32, f16, bf16, i32, i64, bool)"
+            ));
         };
         self.expect('[')?;
         let mut dims = Vec::new();
@@ -400,7 +461,10 @@ impl Parser {
                 self.expect(',')?;
             }
         }
-        Ok(TensorType { dtype, shape: Shape(dims) })
+        Ok(TensorType {
+            dtype,
+            shape: Shape(dims),
+        })
     }
 }
 
@@ -469,27 +533,43 @@ impl Attrs {
     fn take(&mut self, key: &str, at: (usize, usize)) -> Result<AttrVal, ParseError> {
         match self.items.iter().position(|(k, ..)| k == key) {
             Some(i) => Ok(self.items.remove(i).1),
-            None => Err(ParseError { line: at.0, col: at.1, msg: format!("missing attribute `{key}`") }),
+            None => Err(ParseError {
+                line: at.0,
+                col: at.1,
+                msg: format!("missing attribute `{key}`"),
+            }),
         }
     }
 
     fn usize(&mut self, key: &str, at: (usize, usize)) -> Result<usize, ParseError> {
         match self.take(key, at)? {
             AttrVal::Num(_, Some(v)) => Ok(v),
-            _ => Err(ParseError { line: at.0, col: at.1, msg: format!("attribute `{key}` must be a non-negative integer") }),
+            _ => Err(ParseError {
+                line: at.0,
+                col: at.1,
+                msg: format!("attribute `{key}` must be a non-negative integer"),
+            }),
         }
     }
 
     fn f64(&mut self, key: &str, at: (usize, usize)) -> Result<f64, ParseError> {
         match self.take(key, at)? {
             AttrVal::Num(v, _) => Ok(v),
-            AttrVal::List(_) => Err(ParseError { line: at.0, col: at.1, msg: format!("attribute `{key}` must be a number") }),
+            AttrVal::List(_) => Err(ParseError {
+                line: at.0,
+                col: at.1,
+                msg: format!("attribute `{key}` must be a number"),
+            }),
         }
     }
 
     fn finish(self) -> Result<(), ParseError> {
         match self.items.first() {
-            Some((k, _, line, col)) => Err(ParseError { line: *line, col: *col, msg: format!("unknown attribute `{k}`") }),
+            Some((k, _, line, col)) => Err(ParseError {
+                line: *line,
+                col: *col,
+                msg: format!("unknown attribute `{k}`"),
+            }),
             None => Ok(()),
         }
     }
@@ -497,7 +577,10 @@ impl Attrs {
 
 /// Parses the text format. The result is not verified: call `verify` for types and cycles.
 pub fn parse(src: &str) -> Result<Graph, ParseError> {
-    let mut p = Parser { toks: lex(src)?, pos: 0 };
+    let mut p = Parser {
+        toks: lex(src)?,
+        pos: 0,
+    };
     match p.ident() {
         Ok(kw) if kw == "graph" => {}
         _ => {
@@ -533,13 +616,23 @@ pub fn parse(src: &str) -> Result<Graph, ParseError> {
                 let sp = p.next();
                 match sp.tok {
                     Tok::Value(v) => out_refs.push((oname, v, sp.line, sp.col)),
-                    t => return Err(ParseError { line: sp.line, col: sp.col, msg: format!("expected a value, found {}", describe(&t)) }),
+                    t => {
+                        return Err(ParseError {
+                            line: sp.line,
+                            col: sp.col,
+                            msg: format!("expected a value, found {}", describe(&t)),
+                        })
+                    }
                 }
             }
             Tok::Value(v) => {
                 p.next();
                 if names.contains_key(&v) {
-                    return Err(ParseError { line: at.0, col: at.1, msg: format!("%{v} is defined twice") });
+                    return Err(ParseError {
+                        line: at.0,
+                        col: at.1,
+                        msg: format!("%{v} is defined twice"),
+                    });
                 }
                 p.expect('=')?;
                 let op_at = (p.toks[p.pos].line, p.toks[p.pos].col);
@@ -556,7 +649,16 @@ pub fn parse(src: &str) -> Result<Graph, ParseError> {
                             let sp = p.next();
                             match sp.tok {
                                 Tok::Value(v) => operands.push((v, sp.line, sp.col)),
-                                t => return Err(ParseError { line: sp.line, col: sp.col, msg: format!("expected an operand `%name`, found {}", describe(&t)) }),
+                                t => {
+                                    return Err(ParseError {
+                                        line: sp.line,
+                                        col: sp.col,
+                                        msg: format!(
+                                            "expected an operand `%name`, found {}",
+                                            describe(&t)
+                                        ),
+                                    })
+                                }
                             }
                             if p.eat(')') {
                                 break;
@@ -577,7 +679,12 @@ pub fn parse(src: &str) -> Result<Graph, ParseError> {
                 let id = g.push(op, vec![ValueId(u32::MAX); arity], ty);
                 names.insert(v, id);
             }
-            t => return p.err(format!("expected `%name = ...`, `output` or `}}`, found {}", describe(&t))),
+            t => {
+                return p.err(format!(
+                    "expected `%name = ...`, `output` or `}}`, found {}",
+                    describe(&t)
+                ))
+            }
         }
     }
     if *p.peek() != Tok::Eof {
@@ -585,20 +692,33 @@ pub fn parse(src: &str) -> Result<Graph, ParseError> {
     }
     for (node, k, name, line, col) in refs {
         let Some(&id) = names.get(&name) else {
-            return Err(ParseError { line, col, msg: format!("%{name} is not defined") });
+            return Err(ParseError {
+                line,
+                col,
+                msg: format!("%{name} is not defined"),
+            });
         };
         g.nodes[node].inputs[k] = id;
     }
     for (oname, name, line, col) in out_refs {
         let Some(&id) = names.get(&name) else {
-            return Err(ParseError { line, col, msg: format!("%{name} is not defined") });
+            return Err(ParseError {
+                line,
+                col,
+                msg: format!("%{name} is not defined"),
+            });
         };
         g.output(&oname, id);
     }
     Ok(g)
 }
 
-fn build_op(name: &str, label: Option<String>, a: &mut Attrs, at: (usize, usize)) -> Result<Op, ParseError> {
+fn build_op(
+    name: &str,
+    label: Option<String>,
+    a: &mut Attrs,
+    at: (usize, usize),
+) -> Result<Op, ParseError> {
     if let Some(u) = UnaryOp::from_name(name) {
         return Ok(Op::Unary(u));
     }
@@ -609,16 +729,31 @@ fn build_op(name: &str, label: Option<String>, a: &mut Attrs, at: (usize, usize)
         return Ok(Op::Compare(c));
     }
     if let Some(r) = ReduceOp::from_name(name) {
-        return Ok(Op::Reduce { op: r, axis: a.usize("axis", at)? });
+        return Ok(Op::Reduce {
+            op: r,
+            axis: a.usize("axis", at)?,
+        });
     }
     Ok(match name {
-        "input" => Op::Input { name: label.unwrap_or_default() },
-        "param" => Op::Param { name: label.unwrap_or_default() },
+        "input" => Op::Input {
+            name: label.unwrap_or_default(),
+        },
+        "param" => Op::Param {
+            name: label.unwrap_or_default(),
+        },
         "const" => match a.take("value", at)? {
             AttrVal::Num(v, _) => Op::Constant { value: v },
-            AttrVal::List(_) => return Err(ParseError { line: at.0, col: at.1, msg: "`value` must be a number".into() }),
+            AttrVal::List(_) => {
+                return Err(ParseError {
+                    line: at.0,
+                    col: at.1,
+                    msg: "`value` must be a number".into(),
+                })
+            }
         },
-        "iota" => Op::Iota { axis: a.usize("axis", at)? },
+        "iota" => Op::Iota {
+            axis: a.usize("axis", at)?,
+        },
         "select" => Op::Select,
         "matmul" => Op::MatMul,
         "reshape" => Op::Reshape,
@@ -626,16 +761,44 @@ fn build_op(name: &str, label: Option<String>, a: &mut Attrs, at: (usize, usize)
         "cast" => Op::Cast,
         "permute" => match a.take("perm", at)? {
             AttrVal::List(perm) => Op::Permute { perm },
-            AttrVal::Num(..) => return Err(ParseError { line: at.0, col: at.1, msg: "`perm` must be a list like [0, 2, 1]".into() }),
+            AttrVal::Num(..) => {
+                return Err(ParseError {
+                    line: at.0,
+                    col: at.1,
+                    msg: "`perm` must be a list like [0, 2, 1]".into(),
+                })
+            }
         },
-        "slice" => Op::Slice { axis: a.usize("axis", at)?, start: a.usize("start", at)?, end: a.usize("end", at)? },
-        "concat" => Op::Concat { axis: a.usize("axis", at)? },
-        "gather" => Op::Gather { axis: a.usize("axis", at)? },
-        "softmax" => Op::Softmax { axis: a.usize("axis", at)? },
+        "slice" => Op::Slice {
+            axis: a.usize("axis", at)?,
+            start: a.usize("start", at)?,
+            end: a.usize("end", at)?,
+        },
+        "concat" => Op::Concat {
+            axis: a.usize("axis", at)?,
+        },
+        "gather" => Op::Gather {
+            axis: a.usize("axis", at)?,
+        },
+        "softmax" => Op::Softmax {
+            axis: a.usize("axis", at)?,
+        },
         "swiglu" => Op::SwiGlu,
-        "rms_norm" => Op::RmsNorm { eps: a.f64("eps", at)? },
-        "rms_norm_matmul" => Op::RmsNormMatMul { eps: a.f64("eps", at)? },
-        "fused_attention" => Op::FusedAttention { scale: a.f64("scale", at)? },
-        other => return Err(ParseError { line: at.0, col: at.1, msg: format!("unknown op `{other}`") }),
+        "rms_norm" => Op::RmsNorm {
+            eps: a.f64("eps", at)?,
+        },
+        "rms_norm_matmul" => Op::RmsNormMatMul {
+            eps: a.f64("eps", at)?,
+        },
+        "fused_attention" => Op::FusedAttention {
+            scale: a.f64("scale", at)?,
+        },
+        other => {
+            return Err(ParseError {
+                line: at.0,
+                col: at.1,
+                msg: format!("unknown op `{other}`"),
+            })
+        }
     })
 }

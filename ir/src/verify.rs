@@ -20,7 +20,10 @@ pub fn verify(g: &Graph) -> Result<(), IrError> {
         let v = ValueId(i as u32);
         for u in &node.inputs {
             if u.index() >= n {
-                return Err(err(Some(v), format!("{} uses {u}, which is not defined", node.op.name())));
+                return Err(err(
+                    Some(v),
+                    format!("{} uses {u}, which is not defined", node.op.name()),
+                ));
             }
         }
     }
@@ -30,7 +33,10 @@ pub fn verify(g: &Graph) -> Result<(), IrError> {
     let mut out_names = HashSet::new();
     for (name, v) in &g.outputs {
         if v.index() >= n {
-            return Err(err(None, format!("output `{name}` is {v}, which is not defined")));
+            return Err(err(
+                None,
+                format!("output `{name}` is {v}, which is not defined"),
+            ));
         }
         if !out_names.insert(name.as_str()) {
             return Err(err(None, format!("output `{name}` is named twice")));
@@ -57,9 +63,17 @@ pub fn verify(g: &Graph) -> Result<(), IrError> {
         }
         let tys: Vec<_> = node.inputs.iter().map(|u| g.ty(*u)).collect();
         let declared = node.op.declares_type().then_some(&node.ty);
-        let ty = infer_type(&node.op, &tys, declared).map_err(|m| err(Some(v), format!("{}: {m}", node.op.name())))?;
+        let ty = infer_type(&node.op, &tys, declared)
+            .map_err(|m| err(Some(v), format!("{}: {m}", node.op.name())))?;
         if ty != node.ty {
-            return Err(err(Some(v), format!("{} gives {ty}, but the node declares {}", node.op.name(), node.ty)));
+            return Err(err(
+                Some(v),
+                format!(
+                    "{} gives {ty}, but the node declares {}",
+                    node.op.name(),
+                    node.ty
+                ),
+            ));
         }
     }
     Ok(())

@@ -7,7 +7,10 @@ use egret_ir::{parse, Interpreter, Tensor};
 fn run(src: &str, inputs: Vec<(&str, Tensor)>) -> HashMap<String, Tensor> {
     let g = parse(src).unwrap();
     let it = Interpreter::new(&g).unwrap();
-    let inputs = inputs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let inputs = inputs
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
     it.run(&inputs, &HashMap::new()).unwrap()
 }
 
@@ -21,7 +24,10 @@ fn matmul_with_transposed_and_batched_operands() {
         "graph g {\n %a = input \"a\" : f32[2, 2, 3]\n %w = input \"w\" : f32[4, 3]\n %wt = permute[perm=[1, 0]](%w) : f32[3, 4]\n %y = matmul(%a, %wt) : f32[2, 2, 4]\n output \"y\" = %y\n}",
         vec![("a", f(&[2, 2, 3], &[1., 2., 3., 4., 5., 6., 0., 1., 0., 1., 0., 0.])), ("w", f(&[4, 3], &[1., 0., 0., 0., 1., 0., 0., 0., 1., 1., 1., 1.]))],
     );
-    assert_eq!(out["y"].to_f32_vec(), vec![1., 2., 3., 6., 4., 5., 6., 15., 0., 1., 0., 1., 1., 0., 0., 1.]);
+    assert_eq!(
+        out["y"].to_f32_vec(),
+        vec![1., 2., 3., 6., 4., 5., 6., 15., 0., 1., 0., 1., 1., 0., 0., 1.]
+    );
 }
 
 #[test]
@@ -48,9 +54,19 @@ fn softmax_mask_gather_concat_slice() {
   output "p" = %p
   output "sl" = %sl
 }"#;
-    let out = run(src, vec![("s", f(&[1, 3], &[1.0, 1.0, 5.0])), ("t", f(&[3, 2], &[1., 2., 3., 4., 5., 6.])), ("i", Tensor::from_i64(vec![2], vec![2, 0]).unwrap())]);
+    let out = run(
+        src,
+        vec![
+            ("s", f(&[1, 3], &[1.0, 1.0, 5.0])),
+            ("t", f(&[3, 2], &[1., 2., 3., 4., 5., 6.])),
+            ("i", Tensor::from_i64(vec![2], vec![2, 0]).unwrap()),
+        ],
+    );
     let p = out["p"].to_f32_vec();
-    assert!((p[0] - 0.5).abs() < 1e-7 && (p[1] - 0.5).abs() < 1e-7 && p[2] == 0.0, "{p:?}");
+    assert!(
+        (p[0] - 0.5).abs() < 1e-7 && (p[1] - 0.5).abs() < 1e-7 && p[2] == 0.0,
+        "{p:?}"
+    );
     assert_eq!(out["sl"].to_f32_vec(), vec![6., 5., 2., 1.]);
 }
 
@@ -62,7 +78,10 @@ fn symbolic_dims_bind_from_inputs_and_mismatches_are_errors() {
     inputs.insert("a".to_string(), f(&[3, 2], &[0.; 6]));
     inputs.insert("b".to_string(), f(&[2, 2], &[0.; 4]));
     let e = it.run(&inputs, &HashMap::new()).unwrap_err().to_string();
-    assert!(e.contains("input `b` is f32[2, 2], but the graph expects f32[T, 2] (with T=3)"), "{e}");
+    assert!(
+        e.contains("input `b` is f32[2, 2], but the graph expects f32[T, 2] (with T=3)"),
+        "{e}"
+    );
     inputs.remove("b");
     let e = it.run(&inputs, &HashMap::new()).unwrap_err().to_string();
     assert!(e.contains("missing input `b`"), "{e}");
@@ -76,7 +95,10 @@ fn gather_out_of_range_is_an_error() {
     inputs.insert("t".to_string(), f(&[3, 2], &[0.; 6]));
     inputs.insert("i".to_string(), Tensor::from_i64(vec![1], vec![3]).unwrap());
     let e = it.run(&inputs, &HashMap::new()).unwrap_err().to_string();
-    assert!(e.contains("index 3 is out of range for an axis of length 3"), "{e}");
+    assert!(
+        e.contains("index 3 is out of range for an axis of length 3"),
+        "{e}"
+    );
 }
 
 #[test]

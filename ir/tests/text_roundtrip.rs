@@ -9,9 +9,17 @@ fn every_op() -> Graph {
     let (b, t) = (Dim::sym("B"), Dim::sym("T"));
     let x = g.input("x", DType::F32, vec![b.clone(), t.clone(), Dim::c(4)]);
     let ids = g.input("ids", DType::I64, vec![b.clone(), t.clone()]);
-    let past = g.input("past", DType::F32, vec![b.clone(), Dim::sym("P"), Dim::c(4)]);
+    let past = g.input(
+        "past",
+        DType::F32,
+        vec![b.clone(), Dim::sym("P"), Dim::c(4)],
+    );
     let w = g.param("model.w.weight", DType::F32, vec![Dim::c(6), Dim::c(4)]);
-    let table = g.param("model.embed_tokens.weight", DType::F32, vec![Dim::c(10), Dim::c(4)]);
+    let table = g.param(
+        "model.embed_tokens.weight",
+        DType::F32,
+        vec![Dim::c(10), Dim::c(4)],
+    );
     let mut cur = x;
     for u in UnaryOp::ALL {
         cur = g.unary(*u, cur).unwrap();
@@ -23,7 +31,11 @@ fn every_op() -> Graph {
     for c in CompareOp::ALL {
         conds.push(g.compare(*c, cur, x).unwrap());
     }
-    let neg = g.constant(f64::NEG_INFINITY, DType::F32, vec![b.clone(), t.clone(), Dim::c(4)]);
+    let neg = g.constant(
+        f64::NEG_INFINITY,
+        DType::F32,
+        vec![b.clone(), t.clone(), Dim::c(4)],
+    );
     let tiny = g.constant(1e-5, DType::F32, vec![b.clone(), t.clone(), Dim::c(4)]);
     let sel = g.select(conds[0], cur, neg).unwrap();
     let sel = g.binary(BinaryOp::Add, sel, tiny).unwrap();
@@ -33,9 +45,13 @@ fn every_op() -> Graph {
     }
     let wt = g.permute(w, vec![1, 0]).unwrap();
     let mm = g.matmul(sel, wt).unwrap();
-    let r = g.reshape(mm, vec![b.clone(), t.clone(), Dim::c(2), Dim::c(3)]).unwrap();
+    let r = g
+        .reshape(mm, vec![b.clone(), t.clone(), Dim::c(2), Dim::c(3)])
+        .unwrap();
     let s = g.slice(r, 3, 1, 3).unwrap();
-    let bc = g.broadcast(red[0], vec![b.clone(), t.clone(), Dim::c(4)]).unwrap();
+    let bc = g
+        .broadcast(red[0], vec![b.clone(), t.clone(), Dim::c(4)])
+        .unwrap();
     let cat = g.concat(&[past, bc], 1).unwrap();
     let emb = g.gather(table, ids, 0).unwrap();
     let io = g.iota(1, DType::I64, vec![b.clone(), t.clone()]).unwrap();
@@ -61,8 +77,31 @@ fn every_op_round_trips() {
     assert_eq!(print(&back), text);
     verify(&back).unwrap();
     // Each op name appears in the text.
-    for name in ["input", "param", "const", "iota", "select", "matmul", "reshape", "permute", "broadcast", "slice", "concat", "gather", "cast", "reduce_sum", "reduce_max", "reduce_mean", "sigmoid", "pow", "le"] {
-        assert!(text.contains(&format!(" {name}")), "{name} missing from\n{text}");
+    for name in [
+        "input",
+        "param",
+        "const",
+        "iota",
+        "select",
+        "matmul",
+        "reshape",
+        "permute",
+        "broadcast",
+        "slice",
+        "concat",
+        "gather",
+        "cast",
+        "reduce_sum",
+        "reduce_max",
+        "reduce_mean",
+        "sigmoid",
+        "pow",
+        "le",
+    ] {
+        assert!(
+            text.contains(&format!(" {name}")),
+            "{name} missing from\n{text}"
+        );
     }
 }
 
@@ -91,7 +130,9 @@ fn parse_err(src: &str) -> String {
 fn malformed_text_reports_line_and_column() {
     let e = parse_err("graph g {\n  %0 = input \"x\" : f32[4]\n  %1 = frobnicate(%0) : f32[4]\n  output \"y\" = %1\n}\n");
     assert_eq!(e, "3:8: unknown op `frobnicate`");
-    let e = parse_err("graph g {\n  %0 = input \"x\" : f32[4]\n  %1 = neg(%7) : f32[4]\n  output \"y\" = %1\n}\n");
+    let e = parse_err(
+        "graph g {\n  %0 = input \"x\" : f32[4]\n  %1 = neg(%7) : f32[4]\n  output \"y\" = %1\n}\n",
+    );
     assert_eq!(e, "3:12: %7 is not defined");
     let e = parse_err("graph g {\n  %0 = input \"x\" : q7[4]\n}");
     assert!(e.starts_with("2:20: unknown dtype `q7`"), "{e}");
@@ -111,8 +152,13 @@ fn malformed_text_reports_line_and_column() {
 fn verifier_catches_bad_graphs() {
     let check = |src: &str| verify(&parse(src).unwrap()).unwrap_err().to_string();
     // Wrong declared type.
-    let e = check("graph g {\n %0 = input \"x\" : f32[4]\n %1 = neg(%0) : f32[5]\n output \"y\" = %1\n}");
-    assert_eq!(e, "invalid graph: %1: neg gives f32[4], but the node declares f32[5]");
+    let e = check(
+        "graph g {\n %0 = input \"x\" : f32[4]\n %1 = neg(%0) : f32[5]\n output \"y\" = %1\n}",
+    );
+    assert_eq!(
+        e,
+        "invalid graph: %1: neg gives f32[4], but the node declares f32[5]"
+    );
     // Shapes that disagree.
     let e = check("graph g {\n %0 = input \"x\" : f32[4]\n %1 = input \"z\" : f32[3]\n %2 = add(%0, %1) : f32[4]\n output \"y\" = %2\n}");
     assert!(e.contains("operand shapes differ: [4] vs [3]"), "{e}");
@@ -120,7 +166,8 @@ fn verifier_catches_bad_graphs() {
     let e = check("graph g {\n %0 = input \"a\" : f32[2, 3]\n %1 = input \"b\" : f32[4, 5]\n %2 = matmul(%0, %1) : f32[2, 5]\n output \"y\" = %2\n}");
     assert!(e.contains("inner dims differ"), "{e}");
     // A cycle through forward references.
-    let e = check("graph g {\n %0 = neg(%1) : f32[4]\n %1 = neg(%0) : f32[4]\n output \"y\" = %1\n}");
+    let e =
+        check("graph g {\n %0 = neg(%1) : f32[4]\n %1 = neg(%0) : f32[4]\n output \"y\" = %1\n}");
     assert!(e.contains("cycle"), "{e}");
     // Dtype mismatch.
     let e = check("graph g {\n %0 = input \"a\" : f32[2]\n %1 = input \"b\" : i64[2]\n %2 = mul(%0, %1) : f32[2]\n output \"y\" = %2\n}");
@@ -130,7 +177,9 @@ fn verifier_catches_bad_graphs() {
     assert!(e.contains("element counts differ"), "{e}");
     // No outputs; duplicate input names.
     assert!(check("graph g {\n %0 = input \"a\" : f32[2]\n}").contains("no outputs"));
-    let e = check("graph g {\n %0 = input \"a\" : f32[2]\n %1 = input \"a\" : f32[2]\n output \"y\" = %1\n}");
+    let e = check(
+        "graph g {\n %0 = input \"a\" : f32[2]\n %1 = input \"a\" : f32[2]\n output \"y\" = %1\n}",
+    );
     assert!(e.contains("declared twice"), "{e}");
     // Bad permutation, out-of-range axis, bool arithmetic.
     let e = check("graph g {\n %0 = input \"a\" : f32[2, 3]\n %1 = permute[perm=[0, 0]](%0) : f32[2, 2]\n output \"y\" = %1\n}");
@@ -143,7 +192,11 @@ fn verifier_catches_bad_graphs() {
 fn dangling_operand_in_a_built_graph_is_reported() {
     let mut g = Graph::new("g");
     let x = g.input("x", DType::F32, vec![Dim::c(2)]);
-    let y = g.push(egret_ir::Op::Unary(UnaryOp::Neg), vec![egret_ir::ValueId(9)], g.ty(x).clone());
+    let y = g.push(
+        egret_ir::Op::Unary(UnaryOp::Neg),
+        vec![egret_ir::ValueId(9)],
+        g.ty(x).clone(),
+    );
     g.output("y", y);
     let e = verify(&g).unwrap_err().to_string();
     assert_eq!(e, "invalid graph: %1: neg uses %9, which is not defined");

@@ -26,22 +26,34 @@ pub struct LlamaConfig {
 }
 
 fn cfg_err(src: &str, msg: impl Into<String>) -> ModelError {
-    ModelError::Config { source_desc: src.to_string(), msg: msg.into() }
+    ModelError::Config {
+        source_desc: src.to_string(),
+        msg: msg.into(),
+    }
 }
 
 impl LlamaConfig {
     /// Parses a Hugging Face `config.json`. `src` names the file in errors.
     pub fn from_hf_json(text: &str, src: &str) -> Result<LlamaConfig, ModelError> {
-        let v: Value = serde_json::from_str(text).map_err(|e| cfg_err(src, format!("not valid JSON: {e}")))?;
-        let obj = v.as_object().ok_or_else(|| cfg_err(src, "expected a JSON object"))?;
+        let v: Value =
+            serde_json::from_str(text).map_err(|e| cfg_err(src, format!("not valid JSON: {e}")))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| cfg_err(src, "expected a JSON object"))?;
         if let Some(mt) = obj.get("model_type").and_then(Value::as_str) {
             if !matches!(mt, "llama" | "mistral") {
-                return Err(cfg_err(src, format!("model_type `{mt}` is not a LLaMA-style model (expected `llama`)")));
+                return Err(cfg_err(
+                    src,
+                    format!("model_type `{mt}` is not a LLaMA-style model (expected `llama`)"),
+                ));
             }
         }
         if let Some(act) = obj.get("hidden_act").and_then(Value::as_str) {
             if act != "silu" {
-                return Err(cfg_err(src, format!("hidden_act `{act}` is not supported (LLaMA uses `silu`)")));
+                return Err(cfg_err(
+                    src,
+                    format!("hidden_act `{act}` is not supported (LLaMA uses `silu`)"),
+                ));
             }
         }
         let req = |k: &str| -> Result<usize, ModelError> {
@@ -57,7 +69,11 @@ impl LlamaConfig {
         let rope_theta = obj
             .get("rope_theta")
             .and_then(Value::as_f64)
-            .or_else(|| rope_params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
+            .or_else(|| {
+                rope_params
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(Value::as_f64)
+            })
             .unwrap_or(10000.0);
         let rope_type = obj
             .get("rope_scaling")
@@ -67,12 +83,19 @@ impl LlamaConfig {
             .and_then(Value::as_str)
             .unwrap_or("default");
         if rope_type != "default" {
-            return Err(cfg_err(src, format!("RoPE scaling `{rope_type}` is not supported yet (only plain RoPE)")));
+            return Err(cfg_err(
+                src,
+                format!("RoPE scaling `{rope_type}` is not supported yet (only plain RoPE)"),
+            ));
         }
         let ids = |k: &str| -> Vec<u32> {
             match obj.get(k) {
                 Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-                Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(Value::as_u64)
+                    .map(|x| x as u32)
+                    .collect(),
                 _ => vec![],
             }
         };
@@ -84,12 +107,24 @@ impl LlamaConfig {
             num_attention_heads: heads,
             num_key_value_heads: opt("num_key_value_heads").unwrap_or(heads),
             head_dim: opt("head_dim").unwrap_or(if heads > 0 { hidden / heads } else { 0 }),
-            rms_norm_eps: obj.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
+            rms_norm_eps: obj
+                .get("rms_norm_eps")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-6),
             rope_theta,
-            tie_word_embeddings: obj.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+            tie_word_embeddings: obj
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             max_position_embeddings: opt("max_position_embeddings").unwrap_or(2048),
-            attention_bias: obj.get("attention_bias").and_then(Value::as_bool).unwrap_or(false),
-            mlp_bias: obj.get("mlp_bias").and_then(Value::as_bool).unwrap_or(false),
+            attention_bias: obj
+                .get("attention_bias")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            mlp_bias: obj
+                .get("mlp_bias")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             bos_token_id: ids("bos_token_id").first().copied(),
             eos_token_ids: ids("eos_token_id"),
         };
@@ -98,13 +133,21 @@ impl LlamaConfig {
     }
 
     /// Reads the `llama.*` keys of a GGUF header.
-    pub fn from_gguf(g: &egret_runtime::gguf::GgufFile, src: &str) -> Result<LlamaConfig, ModelError> {
+    pub fn from_gguf(
+        g: &egret_runtime::gguf::GgufFile,
+        src: &str,
+    ) -> Result<LlamaConfig, ModelError> {
         let arch = g.architecture().unwrap_or("");
         if arch != "llama" {
-            return Err(cfg_err(src, format!("GGUF architecture `{arch}` is not supported (expected `llama`)")));
+            return Err(cfg_err(
+                src,
+                format!("GGUF architecture `{arch}` is not supported (expected `llama`)"),
+            ));
         }
         let req = |k: &str| -> Result<usize, ModelError> {
-            g.get_u64(k).map(|x| x as usize).ok_or_else(|| cfg_err(src, format!("missing GGUF key `{k}`")))
+            g.get_u64(k)
+                .map(|x| x as usize)
+                .ok_or_else(|| cfg_err(src, format!("missing GGUF key `{k}`")))
         };
         let hidden = req("llama.embedding_length")?;
         let heads = req("llama.attention.head_count")?;
@@ -113,9 +156,17 @@ impl LlamaConfig {
             None => g
                 .get_array("tokenizer.ggml.tokens")
                 .map(|a| a.len())
-                .ok_or_else(|| cfg_err(src, "missing `llama.vocab_size` and `tokenizer.ggml.tokens`"))?,
+                .ok_or_else(|| {
+                    cfg_err(
+                        src,
+                        "missing `llama.vocab_size` and `tokenizer.ggml.tokens`",
+                    )
+                })?,
         };
-        let head_dim = g.get_u64("llama.attention.key_length").map(|x| x as usize).unwrap_or(if heads > 0 { hidden / heads } else { 0 });
+        let head_dim = g
+            .get_u64("llama.attention.key_length")
+            .map(|x| x as usize)
+            .unwrap_or(if heads > 0 { hidden / heads } else { 0 });
         let has_output = g.tensors().iter().any(|t| t.name == "output.weight");
         let cfg = LlamaConfig {
             vocab_size: vocab,
@@ -123,20 +174,38 @@ impl LlamaConfig {
             intermediate_size: req("llama.feed_forward_length")?,
             num_hidden_layers: req("llama.block_count")?,
             num_attention_heads: heads,
-            num_key_value_heads: g.get_u64("llama.attention.head_count_kv").map(|x| x as usize).unwrap_or(heads),
+            num_key_value_heads: g
+                .get_u64("llama.attention.head_count_kv")
+                .map(|x| x as usize)
+                .unwrap_or(heads),
             head_dim,
-            rms_norm_eps: g.get_f32("llama.attention.layer_norm_rms_epsilon").map(|x| x as f64).unwrap_or(1e-5),
-            rope_theta: g.get_f32("llama.rope.freq_base").map(|x| x as f64).unwrap_or(10000.0),
+            rms_norm_eps: g
+                .get_f32("llama.attention.layer_norm_rms_epsilon")
+                .map(|x| x as f64)
+                .unwrap_or(1e-5),
+            rope_theta: g
+                .get_f32("llama.rope.freq_base")
+                .map(|x| x as f64)
+                .unwrap_or(10000.0),
             tie_word_embeddings: !has_output,
-            max_position_embeddings: g.get_u64("llama.context_length").map(|x| x as usize).unwrap_or(2048),
+            max_position_embeddings: g
+                .get_u64("llama.context_length")
+                .map(|x| x as usize)
+                .unwrap_or(2048),
             attention_bias: g.tensors().iter().any(|t| t.name == "blk.0.attn_q.bias"),
             mlp_bias: false,
             bos_token_id: g.get_u64("tokenizer.ggml.bos_token_id").map(|x| x as u32),
-            eos_token_ids: g.get_u64("tokenizer.ggml.eos_token_id").map(|x| vec![x as u32]).unwrap_or_default(),
+            eos_token_ids: g
+                .get_u64("tokenizer.ggml.eos_token_id")
+                .map(|x| vec![x as u32])
+                .unwrap_or_default(),
         };
         if let Some(scaling) = g.get_str("llama.rope.scaling.type") {
             if scaling != "none" {
-                return Err(cfg_err(src, format!("RoPE scaling `{scaling}` is not supported yet")));
+                return Err(cfg_err(
+                    src,
+                    format!("RoPE scaling `{scaling}` is not supported yet"),
+                ));
             }
         }
         cfg.validate(src)?;
@@ -161,14 +230,26 @@ impl LlamaConfig {
         if self.num_attention_heads % self.num_key_value_heads != 0 {
             return Err(cfg_err(
                 src,
-                format!("num_attention_heads ({}) is not a multiple of num_key_value_heads ({})", self.num_attention_heads, self.num_key_value_heads),
+                format!(
+                    "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+                    self.num_attention_heads, self.num_key_value_heads
+                ),
             ));
         }
         if self.head_dim % 2 != 0 {
-            return Err(cfg_err(src, format!("head_dim ({}) must be even for rotary embeddings", self.head_dim)));
+            return Err(cfg_err(
+                src,
+                format!(
+                    "head_dim ({}) must be even for rotary embeddings",
+                    self.head_dim
+                ),
+            ));
         }
         if !(self.rope_theta > 0.0) || !(self.rms_norm_eps >= 0.0) {
-            return Err(cfg_err(src, "rope_theta must be positive and rms_norm_eps non-negative"));
+            return Err(cfg_err(
+                src,
+                "rope_theta must be positive and rms_norm_eps non-negative",
+            ));
         }
         Ok(())
     }
@@ -176,8 +257,15 @@ impl LlamaConfig {
     /// Every parameter of the model: Hugging Face name and shape.
     pub fn parameters(&self) -> Vec<(String, Vec<usize>)> {
         let (h, d) = (self.hidden_size, self.head_dim);
-        let (q, kv, f) = (self.num_attention_heads * d, self.num_key_value_heads * d, self.intermediate_size);
-        let mut p = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab_size, h])];
+        let (q, kv, f) = (
+            self.num_attention_heads * d,
+            self.num_key_value_heads * d,
+            self.intermediate_size,
+        );
+        let mut p = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![self.vocab_size, h],
+        )];
         for i in 0..self.num_hidden_layers {
             let l = format!("model.layers.{i}");
             p.push((format!("{l}.input_layernorm.weight"), vec![h]));

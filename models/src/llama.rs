@@ -50,13 +50,19 @@ impl Builder<'_> {
 
     /// `x @ Wᵀ (+ bias)` for a Hugging Face linear weight `W: [out, in]`.
     fn linear(&mut self, x: ValueId, name: &str, out: usize, inp: usize, bias: bool) -> R<ValueId> {
-        let w = self.g.param(&format!("{name}.weight"), DType::F32, vec![self.c(out), self.c(inp)]);
+        let w = self.g.param(
+            &format!("{name}.weight"),
+            DType::F32,
+            vec![self.c(out), self.c(inp)],
+        );
         let wt = self.g.permute(w, vec![1, 0])?;
         let y = self.g.matmul(x, wt)?;
         if !bias {
             return Ok(y);
         }
-        let bv = self.g.param(&format!("{name}.bias"), DType::F32, vec![self.c(out)]);
+        let bv = self
+            .g
+            .param(&format!("{name}.bias"), DType::F32, vec![self.c(out)]);
         let shape = self.g.shape(y).to_vec();
         let bb = self.g.broadcast_to(bv, &shape)?;
         Ok(self.g.binary(BinaryOp::Add, y, bb)?)
@@ -74,7 +80,9 @@ impl Builder<'_> {
         let r = self.g.unary(UnaryOp::Rsqrt, var)?;
         let r = self.g.broadcast(r, shape.clone())?;
         let xn = self.g.binary(BinaryOp::Mul, x, r)?;
-        let w = self.g.param(&format!("{name}.weight"), DType::F32, vec![self.c(h)]);
+        let w = self
+            .g
+            .param(&format!("{name}.weight"), DType::F32, vec![self.c(h)]);
         let w = self.g.broadcast_to(w, &shape)?;
         Ok(self.g.binary(BinaryOp::Mul, w, xn)?)
     }
@@ -124,7 +132,10 @@ impl Builder<'_> {
     /// `[B, T, H·D] -> [B, H, T, D]`.
     fn split_heads(&mut self, x: ValueId, heads: usize) -> R<ValueId> {
         let d = self.cfg.head_dim;
-        let x = self.g.reshape(x, vec![self.b.clone(), self.t.clone(), self.c(heads), self.c(d)])?;
+        let x = self.g.reshape(
+            x,
+            vec![self.b.clone(), self.t.clone(), self.c(heads), self.c(d)],
+        )?;
         Ok(self.g.permute(x, vec![0, 2, 1, 3])?)
     }
 
@@ -134,21 +145,66 @@ impl Builder<'_> {
             return Ok(x);
         }
         let s = self.g.shape(x).to_vec();
-        let x = self.g.reshape(x, vec![s[0].clone(), s[1].clone(), Dim::c(1), s[2].clone(), s[3].clone()])?;
-        let x = self.g.broadcast(x, vec![s[0].clone(), s[1].clone(), self.c(rep), s[2].clone(), s[3].clone()])?;
+        let x = self.g.reshape(
+            x,
+            vec![
+                s[0].clone(),
+                s[1].clone(),
+                Dim::c(1),
+                s[2].clone(),
+                s[3].clone(),
+            ],
+        )?;
+        let x = self.g.broadcast(
+            x,
+            vec![
+                s[0].clone(),
+                s[1].clone(),
+                self.c(rep),
+                s[2].clone(),
+                s[3].clone(),
+            ],
+        )?;
         let heads = self.c(self.cfg.num_attention_heads);
-        Ok(self.g.reshape(x, vec![s[0].clone(), heads, s[2].clone(), s[3].clone()])?)
+        Ok(self
+            .g
+            .reshape(x, vec![s[0].clone(), heads, s[2].clone(), s[3].clone()])?)
     }
 
-    fn layer(&mut self, i: usize, x: ValueId, rope: (ValueId, ValueId), mask: ValueId, kind: GraphKind) -> R<ValueId> {
+    fn layer(
+        &mut self,
+        i: usize,
+        x: ValueId,
+        rope: (ValueId, ValueId),
+        mask: ValueId,
+        kind: GraphKind,
+    ) -> R<ValueId> {
         let cfg = self.cfg;
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (hq, hkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let l = format!("model.layers.{i}");
         let xn = self.rms_norm(x, &format!("{l}.input_layernorm"))?;
-        let q = self.linear(xn, &format!("{l}.self_attn.q_proj"), hq * d, h, cfg.attention_bias)?;
-        let k = self.linear(xn, &format!("{l}.self_attn.k_proj"), hkv * d, h, cfg.attention_bias)?;
-        let v = self.linear(xn, &format!("{l}.self_attn.v_proj"), hkv * d, h, cfg.attention_bias)?;
+        let q = self.linear(
+            xn,
+            &format!("{l}.self_attn.q_proj"),
+            hq * d,
+            h,
+            cfg.attention_bias,
+        )?;
+        let k = self.linear(
+            xn,
+            &format!("{l}.self_attn.k_proj"),
+            hkv * d,
+            h,
+            cfg.attention_bias,
+        )?;
+        let v = self.linear(
+            xn,
+            &format!("{l}.self_attn.v_proj"),
+            hkv * d,
+            h,
+            cfg.attention_bias,
+        )?;
         let q = self.split_heads(q, hq)?;
         let k = self.split_heads(k, hkv)?;
         let v = self.split_heads(v, hkv)?;
@@ -158,7 +214,9 @@ impl Builder<'_> {
             GraphKind::Prefill | GraphKind::PrefillLogitsAt => (k, v),
             GraphKind::Decode => {
                 let cache = vec![self.b.clone(), self.c(hkv), Dim::sym("P"), self.c(d)];
-                let pk = self.g.input(&format!("past_key.{i}"), DType::F32, cache.clone());
+                let pk = self
+                    .g
+                    .input(&format!("past_key.{i}"), DType::F32, cache.clone());
                 let pv = self.g.input(&format!("past_value.{i}"), DType::F32, cache);
                 (self.g.concat(&[pk, k], 2)?, self.g.concat(&[pv, v], 2)?)
             }
@@ -178,8 +236,16 @@ impl Builder<'_> {
         let probs = self.softmax(scores)?;
         let o = self.g.matmul(probs, v)?;
         let o = self.g.permute(o, vec![0, 2, 1, 3])?;
-        let o = self.g.reshape(o, vec![self.b.clone(), self.t.clone(), self.c(hq * d)])?;
-        let o = self.linear(o, &format!("{l}.self_attn.o_proj"), h, hq * d, cfg.attention_bias)?;
+        let o = self
+            .g
+            .reshape(o, vec![self.b.clone(), self.t.clone(), self.c(hq * d)])?;
+        let o = self.linear(
+            o,
+            &format!("{l}.self_attn.o_proj"),
+            h,
+            hq * d,
+            cfg.attention_bias,
+        )?;
         let x = self.g.binary(BinaryOp::Add, x, o)?;
         let xn = self.rms_norm(x, &format!("{l}.post_attention_layernorm"))?;
         let f = cfg.intermediate_size;
@@ -209,10 +275,20 @@ impl Builder<'_> {
 /// Builds the prefill or decode graph of a LLaMA model.
 pub fn build(cfg: &LlamaConfig, kind: GraphKind) -> Result<Graph, ModelError> {
     let (b, t) = (Dim::sym("B"), Dim::sym("T"));
-    let mut bd = Builder { g: Graph::new(kind.name()), cfg, b: b.clone(), t: t.clone() };
+    let mut bd = Builder {
+        g: Graph::new(kind.name()),
+        cfg,
+        b: b.clone(),
+        t: t.clone(),
+    };
     let tokens = bd.g.input("tokens", DType::I64, vec![b.clone(), t.clone()]);
-    let positions = bd.g.input("positions", DType::I64, vec![b.clone(), t.clone()]);
-    let embed = bd.g.param("model.embed_tokens.weight", DType::F32, vec![bd.c(cfg.vocab_size), bd.c(cfg.hidden_size)]);
+    let positions =
+        bd.g.input("positions", DType::I64, vec![b.clone(), t.clone()]);
+    let embed = bd.g.param(
+        "model.embed_tokens.weight",
+        DType::F32,
+        vec![bd.c(cfg.vocab_size), bd.c(cfg.hidden_size)],
+    );
     let mut x = bd.g.gather(embed, tokens, 0)?;
     let rope = bd.rope_tables(positions)?;
     // Causal mask [B, 1, T, S]: key position (iota over S) <= query position.
@@ -222,7 +298,8 @@ pub fn build(cfg: &LlamaConfig, kind: GraphKind) -> Result<Graph, ModelError> {
     };
     let grid = vec![b.clone(), Dim::c(1), t.clone(), s.clone()];
     let kpos = bd.g.iota(3, DType::I64, grid.clone())?;
-    let qpos = bd.g.reshape(positions, vec![b.clone(), Dim::c(1), t.clone(), Dim::c(1)])?;
+    let qpos =
+        bd.g.reshape(positions, vec![b.clone(), Dim::c(1), t.clone(), Dim::c(1)])?;
     let qpos = bd.g.broadcast(qpos, grid)?;
     let mask = bd.g.compare(CompareOp::Le, kpos, qpos)?;
     for i in 0..cfg.num_hidden_layers {

@@ -3,7 +3,13 @@
 use crate::config::LlamaConfig;
 use crate::ModelError;
 
-pub const NAMES: &[&str] = &["llama-7b", "llama-13b", "llama-33b", "llama-65b", "smollm2-135m"];
+pub const NAMES: &[&str] = &[
+    "llama-7b",
+    "llama-13b",
+    "llama-33b",
+    "llama-65b",
+    "smollm2-135m",
+];
 
 /// LLaMA-1 (Touvron et al. 2023, Table 2): dim, heads, layers; FFN width is
 /// 2/3·4·dim rounded up to a multiple of 256, as in the released checkpoints.

@@ -29,7 +29,11 @@ fn every_preset_builds_and_verifies() {
             let g = build(&cfg, kind).unwrap();
             egret_ir::verify(&g).unwrap();
             let params = g.params().len();
-            assert_eq!(params, cfg.parameters().len(), "{name}: graph params vs config parameter list");
+            assert_eq!(
+                params,
+                cfg.parameters().len(),
+                "{name}: graph params vs config parameter list"
+            );
             assert_eq!(g.outputs.len(), 1 + 2 * cfg.num_hidden_layers);
         }
     }
@@ -40,15 +44,30 @@ fn config_json_spellings() {
     let base = r#"{"model_type":"llama","vocab_size":10,"hidden_size":8,"intermediate_size":16,
         "num_hidden_layers":1,"num_attention_heads":2"#;
     let top = LlamaConfig::from_hf_json(&format!("{base},\"rope_theta\":5000.0}}"), "c").unwrap();
-    let nested = LlamaConfig::from_hf_json(&format!("{base},\"rope_parameters\":{{\"rope_type\":\"default\",\"rope_theta\":5000.0}}}}"), "c").unwrap();
+    let nested = LlamaConfig::from_hf_json(
+        &format!(
+            "{base},\"rope_parameters\":{{\"rope_type\":\"default\",\"rope_theta\":5000.0}}}}"
+        ),
+        "c",
+    )
+    .unwrap();
     assert_eq!(top, nested);
     assert_eq!(top.rope_theta, 5000.0);
     assert_eq!(top.num_key_value_heads, 2);
     assert_eq!(top.head_dim, 4);
-    let e = LlamaConfig::from_hf_json(&format!("{base},\"num_key_value_heads\":3}}"), "c.json").unwrap_err().to_string();
+    let e = LlamaConfig::from_hf_json(&format!("{base},\"num_key_value_heads\":3}}"), "c.json")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("c.json") && e.contains("not a multiple"), "{e}");
-    let e = LlamaConfig::from_hf_json(&format!("{base},\"rope_scaling\":{{\"rope_type\":\"yarn\",\"factor\":4.0}}}}"), "c").unwrap_err().to_string();
+    let e = LlamaConfig::from_hf_json(
+        &format!("{base},\"rope_scaling\":{{\"rope_type\":\"yarn\",\"factor\":4.0}}}}"),
+        "c",
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("yarn"), "{e}");
-    let e = LlamaConfig::from_hf_json(r#"{"model_type":"gpt2"}"#, "c").unwrap_err().to_string();
+    let e = LlamaConfig::from_hf_json(r#"{"model_type":"gpt2"}"#, "c")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("gpt2"), "{e}");
 }

@@ -22,7 +22,10 @@ impl Pass for Cse {
     fn run(&self, g: &mut Graph, cx: &mut PassCx) -> Result<Changed, PassError> {
         let order = g.live_topo_order().map_err(|v| PassError::Failed {
             pass: "cse".into(),
-            source: egret_ir::IrError::Verify { value: Some(v), msg: "cycle".into() },
+            source: egret_ir::IrError::Verify {
+                value: Some(v),
+                msg: "cycle".into(),
+            },
         })?;
         let mut replace: Vec<ValueId> = g.values().collect();
         let mut seen: HashMap<(Op, Vec<ValueId>, TensorType), ValueId> = HashMap::new();
@@ -51,7 +54,10 @@ impl Pass for Cse {
         }
         *cx.counters.entry("cse.merged".into()).or_default() += merged;
         if merged > 0 {
-            g.compact().map_err(|e| PassError::Failed { pass: "cse".into(), source: e })?;
+            g.compact().map_err(|e| PassError::Failed {
+                pass: "cse".into(),
+                source: e,
+            })?;
             Ok(Changed::Yes)
         } else {
             Ok(Changed::No)

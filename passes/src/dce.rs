@@ -17,8 +17,15 @@ impl Pass for Dce {
 
     fn run(&self, g: &mut Graph, cx: &mut PassCx) -> Result<Changed, PassError> {
         let before = g.nodes.clone();
-        let removed = g.compact().map_err(|e| PassError::Failed { pass: "dce".into(), source: e })?;
+        let removed = g.compact().map_err(|e| PassError::Failed {
+            pass: "dce".into(),
+            source: e,
+        })?;
         *cx.counters.entry("dce.removed".into()).or_default() += removed as u64;
-        Ok(if removed > 0 || g.nodes != before { Changed::Yes } else { Changed::No })
+        Ok(if removed > 0 || g.nodes != before {
+            Changed::Yes
+        } else {
+            Changed::No
+        })
     }
 }

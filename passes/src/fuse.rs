@@ -12,13 +12,22 @@ fn record(cx: &mut PassCx, pass: &str, sat: &Saturation) {
     for (rule, n) in &sat.fired {
         *cx.rules_fired.entry(rule.clone()).or_default() += *n as u64;
     }
-    cx.counters.insert(format!("{pass}.egraph_nodes"), sat.nodes as u64);
-    cx.counters.insert(format!("{pass}.egraph_classes"), sat.classes as u64);
-    cx.counters.insert(format!("{pass}.iterations"), sat.iterations as u64);
-    cx.counters.insert(format!("{pass}.saturated"), sat.saturated as u64);
+    cx.counters
+        .insert(format!("{pass}.egraph_nodes"), sat.nodes as u64);
+    cx.counters
+        .insert(format!("{pass}.egraph_classes"), sat.classes as u64);
+    cx.counters
+        .insert(format!("{pass}.iterations"), sat.iterations as u64);
+    cx.counters
+        .insert(format!("{pass}.saturated"), sat.saturated as u64);
 }
 
-fn run_rules(name: &str, g: &mut Graph, cx: &mut PassCx, rules: &[rules::Rw]) -> Result<Changed, PassError> {
+fn run_rules(
+    name: &str,
+    g: &mut Graph,
+    cx: &mut PassCx,
+    rules: &[rules::Rw],
+) -> Result<Changed, PassError> {
     let (out, sat) = optimize(g, rules, &cx.target);
     record(cx, name, &sat);
     let changed = out != *g;

@@ -6,9 +6,9 @@ pub mod cse;
 pub mod dce;
 pub mod egraph;
 pub mod fuse;
-pub mod rules;
 pub mod manager;
 pub mod pipelines;
+pub mod rules;
 
 pub use manager::{PassManager, PassReport, PrintAfter};
 pub use pipelines::{all_passes, pipeline};
@@ -35,7 +35,11 @@ pub struct PassCx {
 
 impl Default for PassCx {
     fn default() -> Self {
-        PassCx { target: egraph::Target::cpu(), counters: Default::default(), rules_fired: Default::default() }
+        PassCx {
+            target: egraph::Target::cpu(),
+            counters: Default::default(),
+            rules_fired: Default::default(),
+        }
     }
 }
 

@@ -31,7 +31,10 @@ pub struct PassManager {
 
 impl PassManager {
     pub fn new(passes: Vec<Box<dyn Pass>>) -> PassManager {
-        PassManager { passes, print_after: PrintAfter::Nothing }
+        PassManager {
+            passes,
+            print_after: PrintAfter::Nothing,
+        }
     }
 
     /// Asks for the IR after the named passes; an unknown name (not in this pipeline) is an error.
@@ -48,14 +51,26 @@ impl PassManager {
     }
 
     /// Runs every pass; `dump(pass_name, graph)` is called where printing was requested.
-    pub fn run(&self, g: &mut Graph, cx: &mut PassCx, mut dump: impl FnMut(&str, &Graph)) -> Result<Vec<PassReport>, PassError> {
+    pub fn run(
+        &self,
+        g: &mut Graph,
+        cx: &mut PassCx,
+        mut dump: impl FnMut(&str, &Graph),
+    ) -> Result<Vec<PassReport>, PassError> {
         let mut reports = Vec::new();
         for p in &self.passes {
             let t0 = Instant::now();
             let changed = p.run(g, cx)?;
             let ms = t0.elapsed().as_secs_f64() * 1e3;
-            egret_ir::verify(g).map_err(|e| PassError::Invalid { pass: p.name().into(), source: e })?;
-            reports.push(PassReport { name: p.name().into(), ms, changed: changed == Changed::Yes });
+            egret_ir::verify(g).map_err(|e| PassError::Invalid {
+                pass: p.name().into(),
+                source: e,
+            })?;
+            reports.push(PassReport {
+                name: p.name().into(),
+                ms,
+                changed: changed == Changed::Yes,
+            });
             let wanted = match &self.print_after {
                 PrintAfter::Nothing => false,
                 PrintAfter::All => true,

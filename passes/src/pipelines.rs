@@ -8,7 +8,13 @@ use crate::{Pass, PassError};
 
 /// All passes, in the order `egret passes` lists them.
 pub fn all_passes() -> Vec<Box<dyn Pass>> {
-    vec![Box::new(Canonicalize), Box::new(Fuse), Box::new(MergeMatmuls), Box::new(Cse), Box::new(Dce)]
+    vec![
+        Box::new(Canonicalize),
+        Box::new(Fuse),
+        Box::new(MergeMatmuls),
+        Box::new(Cse),
+        Box::new(Dce),
+    ]
 }
 
 /// The default pipeline, step by step.
@@ -24,10 +30,17 @@ pub fn pipeline(spec: &str) -> Result<Vec<Box<dyn Pass>>, PassError> {
     names
         .into_iter()
         .map(|n| {
-            all_passes().into_iter().find(|p| p.name() == n).ok_or_else(|| PassError::UnknownPass {
-                name: n.to_string(),
-                known: all_passes().iter().map(|p| p.name()).collect::<Vec<_>>().join(", "),
-            })
+            all_passes()
+                .into_iter()
+                .find(|p| p.name() == n)
+                .ok_or_else(|| PassError::UnknownPass {
+                    name: n.to_string(),
+                    known: all_passes()
+                        .iter()
+                        .map(|p| p.name())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })
         })
         .collect()
 }

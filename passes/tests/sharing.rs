@@ -16,11 +16,20 @@ fn shared_values_stay_shared() {
   output "e" = %e
 }"#;
     let mut g = egret_ir::parse(src).unwrap();
-    PassManager::new(pipeline("fuse").unwrap()).run(&mut g, &mut PassCx::default(), |_, _| {}).unwrap();
+    PassManager::new(pipeline("fuse").unwrap())
+        .run(&mut g, &mut PassCx::default(), |_, _| {})
+        .unwrap();
     let text = egret_ir::print(&g);
     assert_eq!(text.matches("exp(").count(), 1, "{text}");
     assert_eq!(g.len(), 5, "{text}");
-    assert_eq!(g.outputs[1].1, g.nodes.iter().position(|n| n.op.name() == "exp").map(|i| egret_ir::ValueId(i as u32)).unwrap());
+    assert_eq!(
+        g.outputs[1].1,
+        g.nodes
+            .iter()
+            .position(|n| n.op.name() == "exp")
+            .map(|i| egret_ir::ValueId(i as u32))
+            .unwrap()
+    );
 }
 
 #[test]
@@ -34,7 +43,9 @@ fn deep_residual_chains_extract_in_linear_size() {
     src += "  output \"y\" = %x200\n}\n";
     let mut g = egret_ir::parse(&src).unwrap();
     let mut cx = PassCx::default();
-    PassManager::new(pipeline("fuse").unwrap()).run(&mut g, &mut cx, |_, _| {}).unwrap();
+    PassManager::new(pipeline("fuse").unwrap())
+        .run(&mut g, &mut cx, |_, _| {})
+        .unwrap();
     let text = egret_ir::print(&g);
     assert_eq!(text.matches("silu(").count(), 200);
     assert_eq!(text.matches("sigmoid(").count(), 0);

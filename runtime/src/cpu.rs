@@ -35,12 +35,23 @@ pub struct KernelLibrary {
 pub fn load_kernel_library(path: &std::path::Path, plan: &Plan) -> Result<KernelLibrary> {
     // SAFETY: loading runs the library's initialisers; egret's kernel libraries have none
     // beyond the C runtime's.
-    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| RuntimeError::Invalid(format!("cannot load kernel library {}: {e}", path.display())))?;
+    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| {
+        RuntimeError::Invalid(format!(
+            "cannot load kernel library {}: {e}",
+            path.display()
+        ))
+    })?;
     let mut fns = Vec::with_capacity(plan.kernels.len());
     for k in &plan.kernels {
         // SAFETY: the symbol was generated with exactly the KernelFn signature.
-        let f: libloading::Symbol<KernelFn> = unsafe { lib.get(k.symbol.as_bytes()) }
-            .map_err(|e| RuntimeError::Invalid(format!("kernel library {} lacks `{}`: {e}", path.display(), k.symbol)))?;
+        let f: libloading::Symbol<KernelFn> =
+            unsafe { lib.get(k.symbol.as_bytes()) }.map_err(|e| {
+                RuntimeError::Invalid(format!(
+                    "kernel library {} lacks `{}`: {e}",
+                    path.display(),
+                    k.symbol
+                ))
+            })?;
         fns.push(*f);
     }
     Ok(KernelLibrary { _lib: lib, fns })
@@ -62,8 +73,15 @@ const HUGE_PAGE_MIN: usize = 4 << 20;
 
 /// 64-byte-aligned storage (page-aligned and huge-page-advised when large).
 enum Aligned {
-    Heap { raw: Vec<u8>, off: usize, len: usize },
-    Map { map: memmap2::MmapMut, len: usize },
+    Heap {
+        raw: Vec<u8>,
+        off: usize,
+        len: usize,
+    },
+    Map {
+        map: memmap2::MmapMut,
+        len: usize,
+    },
 }
 
 impl Aligned {
@@ -156,10 +174,22 @@ impl CpuExecutor {
     /// `fns[i]` implements `plan.kernels[i]`.
     pub fn new(plan: Plan, fns: Vec<KernelFn>, threads: usize) -> Result<CpuExecutor> {
         if fns.len() != plan.kernels.len() {
-            return Err(RuntimeError::Invalid(format!("{} kernels for a plan of {}", fns.len(), plan.kernels.len())));
+            return Err(RuntimeError::Invalid(format!(
+                "{} kernels for a plan of {}",
+                fns.len(),
+                plan.kernels.len()
+            )));
         }
         let n = plan.buffers.len();
-        Ok(CpuExecutor { plan, fns, pool: Pool::new(threads), persistent: (0..n).map(|_| None).collect(), arena: Aligned::new(0), scratch: Aligned::new(0), layout: None })
+        Ok(CpuExecutor {
+            plan,
+            fns,
+            pool: Pool::new(threads),
+            persistent: (0..n).map(|_| None).collect(),
+            arena: Aligned::new(0),
+            scratch: Aligned::new(0),
+            layout: None,
+        })
     }
 
     pub fn plan(&self) -> &Plan {
@@ -176,22 +206,39 @@ impl CpuExecutor {
     }
 
     /// Binds the parameters (shared, not copied; shapes checked) and runs the `Init` kernels.
-    pub fn bind_params(&mut self, get: &dyn Fn(&str) -> Option<(Vec<usize>, Arc<Vec<f32>>)>) -> Result<()> {
+    pub fn bind_params(
+        &mut self,
+        get: &dyn Fn(&str) -> Option<(Vec<usize>, Arc<Vec<f32>>)>,
+    ) -> Result<()> {
         for (i, b) in self.plan.buffers.iter().enumerate() {
-            let BufferRole::Param(name) = &b.role else { continue };
-            let (shape, data) = get(name).ok_or_else(|| RuntimeError::MissingTensor { name: name.clone(), source_desc: "weights".into() })?;
+            let BufferRole::Param(name) = &b.role else {
+                continue;
+            };
+            let (shape, data) = get(name).ok_or_else(|| RuntimeError::MissingTensor {
+                name: name.clone(),
+                source_desc: "weights".into(),
+            })?;
             let want: Vec<usize> = b.dims.iter().map(|d| d.eval(&[]).max(0) as usize).collect();
             if shape != want {
-                return Err(RuntimeError::ShapeMismatch { name: name.clone(), got: shape, expected: want });
+                return Err(RuntimeError::ShapeMismatch {
+                    name: name.clone(),
+                    got: shape,
+                    expected: want,
+                });
             }
             self.persistent[i] = Some(Storage::Shared(data));
         }
         for (i, b) in self.plan.buffers.iter().enumerate() {
             if b.role == BufferRole::Init {
-                self.persistent[i] = Some(Storage::Owned(Aligned::with_pages(b.bytes(&[]), b.streamed)));
+                self.persistent[i] = Some(Storage::Owned(Aligned::with_pages(
+                    b.bytes(&[]),
+                    b.streamed,
+                )));
             }
         }
-        let init: Vec<usize> = (0..self.plan.kernels.len()).filter(|k| self.plan.kernels[*k].init).collect();
+        let init: Vec<usize> = (0..self.plan.kernels.len())
+            .filter(|k| self.plan.kernels[*k].init)
+            .collect();
         for k in init {
             self.launch(k, &[], &vec![std::ptr::null_mut(); self.plan.buffers.len()])?;
         }
@@ -230,7 +277,9 @@ impl CpuExecutor {
         for (_, b) in &self.plan.outputs {
             last[*b as usize] = usize::MAX;
         }
-        let mut temps: Vec<usize> = (0..nb).filter(|&b| self.plan.buffers[b].role == BufferRole::Temp && first[b] != usize::MAX).collect();
+        let mut temps: Vec<usize> = (0..nb)
+            .filter(|&b| self.plan.buffers[b].role == BufferRole::Temp && first[b] != usize::MAX)
+            .collect();
         let size = |b: usize| self.plan.buffers[b].bytes(syms).div_ceil(ALIGN) * ALIGN;
         temps.sort_by_key(|&b| std::cmp::Reverse(size(b)));
         let mut placed: Vec<(usize, usize, usize, usize)> = Vec::new(); // (offset, size, first, last)
@@ -238,7 +287,11 @@ impl CpuExecutor {
         let mut arena = 0;
         for b in temps {
             let (sz, f, l) = (size(b), first[b], last[b]);
-            let mut conflicts: Vec<(usize, usize)> = placed.iter().filter(|p| p.2 <= l && f <= p.3).map(|p| (p.0, p.1)).collect();
+            let mut conflicts: Vec<(usize, usize)> = placed
+                .iter()
+                .filter(|p| p.2 <= l && f <= p.3)
+                .map(|p| (p.0, p.1))
+                .collect();
             conflicts.sort();
             let mut off = 0;
             for (o, s) in conflicts {
@@ -251,7 +304,11 @@ impl CpuExecutor {
             arena = arena.max(off + sz);
             placed.push((off, sz, f, l));
         }
-        Layout { syms: syms.to_vec(), offsets, arena_bytes: arena }
+        Layout {
+            syms: syms.to_vec(),
+            offsets,
+            arena_bytes: arena,
+        }
     }
 
     fn launch(&mut self, k: usize, syms: &[i64], ptrs: &[*mut u8]) -> Result<()> {
@@ -271,14 +328,26 @@ impl CpuExecutor {
         }
         let f = self.fns[k];
         let stride = call.scratch_floats;
-        let (args_p, syms_p, scratch_p) = (SendPtr(args.as_ptr()), SendPtr(syms.as_ptr()), SendPtr(self.scratch.ptr() as *const f32));
+        let (args_p, syms_p, scratch_p) = (
+            SendPtr(args.as_ptr()),
+            SendPtr(syms.as_ptr()),
+            SendPtr(self.scratch.ptr() as *const f32),
+        );
         let status = Arc::new(std::sync::atomic::AtomicI32::new(0));
         let st = status.clone();
         let task = Arc::new(move |tid: usize, n: usize| {
             let (a, s, sc) = (&args_p, &syms_p, &scratch_p);
             // SAFETY: the plan's kernels read and write only their operand buffers, which
             // outlive this call; each thread gets a disjoint scratch slice.
-            let rc = unsafe { f(a.0 as *const *mut u8, s.0, tid as i64, n as i64, (sc.0 as *mut f32).add(tid * stride)) };
+            let rc = unsafe {
+                f(
+                    a.0 as *const *mut u8,
+                    s.0,
+                    tid as i64,
+                    n as i64,
+                    (sc.0 as *mut f32).add(tid * stride),
+                )
+            };
             if rc != 0 {
                 st.store(rc, std::sync::atomic::Ordering::SeqCst);
             }
@@ -297,14 +366,30 @@ impl CpuExecutor {
     }
 
     /// Runs the plan on named inputs; returns the named outputs.
-    pub fn run(&mut self, inputs: &HashMap<String, HostValue>) -> Result<HashMap<String, HostValue>> {
+    pub fn run(
+        &mut self,
+        inputs: &HashMap<String, HostValue>,
+    ) -> Result<HashMap<String, HostValue>> {
         let t_run = std::time::Instant::now();
-        let syms = self.plan.bind_symbols(|n| inputs.get(n).map(|v| v.shape.clone())).map_err(RuntimeError::Invalid)?;
+        let syms = self
+            .plan
+            .bind_symbols(|n| inputs.get(n).map(|v| v.shape.clone()))
+            .map_err(RuntimeError::Invalid)?;
         // Lay out for symbol values rounded up to a power of two: buffer sizes only grow with
         // the symbols, so that layout serves every smaller value too, and a decode loop whose
         // cache length grows by one each step re-plans only at each doubling.
-        let monotone = self.plan.buffers.iter().all(|b| b.dims.iter().all(|d| d.terms.iter().all(|t| t.1 >= 0)));
-        let plan_syms: Vec<i64> = if monotone { syms.iter().map(|&v| (v.max(1) as u64).next_power_of_two() as i64).collect() } else { syms.clone() };
+        let monotone = self
+            .plan
+            .buffers
+            .iter()
+            .all(|b| b.dims.iter().all(|d| d.terms.iter().all(|t| t.1 >= 0)));
+        let plan_syms: Vec<i64> = if monotone {
+            syms.iter()
+                .map(|&v| (v.max(1) as u64).next_power_of_two() as i64)
+                .collect()
+        } else {
+            syms.clone()
+        };
         if self.layout.as_ref().is_none_or(|l| l.syms != plan_syms) {
             let l = self.plan_layout(&plan_syms);
             if self.arena.len() < l.arena_bytes {
@@ -328,7 +413,11 @@ impl CpuExecutor {
                     ptrs[i] = match (&v.data, b.elem) {
                         (HostData::F32(d), ElemType::F32) if d.len() == n => d.as_ptr() as *mut u8,
                         (HostData::I64(d), ElemType::I64) if d.len() == n => d.as_ptr() as *mut u8,
-                        _ => return Err(RuntimeError::Invalid(format!("input `{name}` has the wrong element type or length"))),
+                        _ => {
+                            return Err(RuntimeError::Invalid(format!(
+                                "input `{name}` has the wrong element type or length"
+                            )))
+                        }
                     };
                 }
                 _ => {}
@@ -344,18 +433,30 @@ impl CpuExecutor {
                 let t0 = std::time::Instant::now();
                 self.launch(k, &syms, &ptrs)?;
                 if profile {
-                    eprintln!("profile\t{}\t{:.1}\t{}", self.plan.kernels[k].symbol, t0.elapsed().as_secs_f64() * 1e6, self.plan.kernels[k].what);
+                    eprintln!(
+                        "profile\t{}\t{:.1}\t{}",
+                        self.plan.kernels[k].symbol,
+                        t0.elapsed().as_secs_f64() * 1e6,
+                        self.plan.kernels[k].what
+                    );
                 }
             }
         }
         if profile {
-            eprintln!("phase\tkernels\t{:.1}", t_kernels.elapsed().as_secs_f64() * 1e6);
+            eprintln!(
+                "phase\tkernels\t{:.1}",
+                t_kernels.elapsed().as_secs_f64() * 1e6
+            );
         }
         let t_out = std::time::Instant::now();
         let mut outs = HashMap::new();
         for (name, b) in &self.plan.outputs {
             let spec = &self.plan.buffers[*b as usize];
-            let shape: Vec<usize> = spec.dims.iter().map(|d| d.eval(&syms).max(0) as usize).collect();
+            let shape: Vec<usize> = spec
+                .dims
+                .iter()
+                .map(|d| d.eval(&syms).max(0) as usize)
+                .collect();
             let n: usize = shape.iter().product();
             let p = match &mut self.persistent[*b as usize] {
                 Some(a) => a.ptr() as *const u8,
@@ -364,10 +465,23 @@ impl CpuExecutor {
             // SAFETY: the buffer holds n elements of its type.
             let data = unsafe {
                 match spec.elem {
-                    ElemType::F32 => HostData::F32(std::slice::from_raw_parts(p as *const f32, n).to_vec()),
-                    ElemType::I64 => HostData::I64(std::slice::from_raw_parts(p as *const i64, n).to_vec()),
-                    ElemType::Bool => HostData::I64(std::slice::from_raw_parts(p, n).iter().map(|&b| b as i64).collect()),
-                    ElemType::Half => return Err(RuntimeError::Invalid(format!("output `{name}` is a packed half-precision buffer"))),
+                    ElemType::F32 => {
+                        HostData::F32(std::slice::from_raw_parts(p as *const f32, n).to_vec())
+                    }
+                    ElemType::I64 => {
+                        HostData::I64(std::slice::from_raw_parts(p as *const i64, n).to_vec())
+                    }
+                    ElemType::Bool => HostData::I64(
+                        std::slice::from_raw_parts(p, n)
+                            .iter()
+                            .map(|&b| b as i64)
+                            .collect(),
+                    ),
+                    ElemType::Half => {
+                        return Err(RuntimeError::Invalid(format!(
+                            "output `{name}` is a packed half-precision buffer"
+                        )))
+                    }
                 }
             };
             outs.insert(name.clone(), HostValue { shape, data });

@@ -8,9 +8,15 @@ pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     #[error("cannot read {}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write {}: {source}", path.display())]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}: not a valid safetensors file: {reason}", path.display())]
     Safetensors { path: PathBuf, reason: String },
     #[error("{}: not a valid GGUF file: {reason}", path.display())]
@@ -20,7 +26,11 @@ pub enum RuntimeError {
     #[error("{source_desc}: missing tensor `{name}`")]
     MissingTensor { name: String, source_desc: String },
     #[error("tensor `{name}` has shape {got:?}, but the model expects {expected:?}")]
-    ShapeMismatch { name: String, got: Vec<usize>, expected: Vec<usize> },
+    ShapeMismatch {
+        name: String,
+        got: Vec<usize>,
+        expected: Vec<usize>,
+    },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("token id {id} is out of range: the vocabulary has {vocab} tokens (ids 0..{vocab})")]

@@ -37,30 +37,54 @@ pub struct Generation {
 
 impl Generation {
     pub fn prefill_tok_s(&self) -> f64 {
-        if self.prefill_secs > 0.0 { self.prompt_tokens as f64 / self.prefill_secs } else { 0.0 }
+        if self.prefill_secs > 0.0 {
+            self.prompt_tokens as f64 / self.prefill_secs
+        } else {
+            0.0
+        }
     }
 
     pub fn decode_tok_s(&self) -> f64 {
-        if self.decode_secs > 0.0 { self.decode_steps as f64 / self.decode_secs } else { 0.0 }
+        if self.decode_secs > 0.0 {
+            self.decode_steps as f64 / self.decode_secs
+        } else {
+            0.0
+        }
     }
 }
 
 /// Checks that every id is inside the vocabulary.
 pub fn check_ids(ids: &[u32], vocab: usize) -> Result<()> {
     match ids.iter().find(|&&id| id as usize >= vocab) {
-        Some(&id) => Err(RuntimeError::TokenOutOfRange { id: id as u64, vocab }),
+        Some(&id) => Err(RuntimeError::TokenOutOfRange {
+            id: id as u64,
+            vocab,
+        }),
         None => Ok(()),
     }
 }
 
 /// Generates up to `opts.max_new_tokens` tokens after `prompt`, calling `on_token` with each.
-pub fn generate(model: &mut dyn LanguageModel, prompt: &[u32], opts: &GenerateOptions, mut on_token: impl FnMut(u32)) -> Result<Generation> {
+pub fn generate(
+    model: &mut dyn LanguageModel,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    mut on_token: impl FnMut(u32),
+) -> Result<Generation> {
     if prompt.is_empty() {
-        return Err(RuntimeError::Invalid("the prompt is empty: give at least one token".into()));
+        return Err(RuntimeError::Invalid(
+            "the prompt is empty: give at least one token".into(),
+        ));
     }
     check_ids(prompt, model.vocab_size())?;
     let mut sampler = Sampler::new(opts.sampler.clone());
-    let mut gen = Generation { ids: Vec::new(), prompt_tokens: prompt.len(), prefill_secs: 0.0, decode_secs: 0.0, decode_steps: 0 };
+    let mut gen = Generation {
+        ids: Vec::new(),
+        prompt_tokens: prompt.len(),
+        prefill_secs: 0.0,
+        decode_secs: 0.0,
+        decode_steps: 0,
+    };
     if opts.max_new_tokens == 0 {
         return Ok(gen);
     }

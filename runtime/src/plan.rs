@@ -14,11 +14,19 @@ pub struct SymDim {
 
 impl SymDim {
     pub fn c(v: i64) -> SymDim {
-        SymDim { constant: v, terms: vec![] }
+        SymDim {
+            constant: v,
+            terms: vec![],
+        }
     }
 
     pub fn eval(&self, syms: &[i64]) -> i64 {
-        self.constant + self.terms.iter().map(|(s, c)| syms.get(*s as usize).copied().unwrap_or(0) * c).sum::<i64>()
+        self.constant
+            + self
+                .terms
+                .iter()
+                .map(|(s, c)| syms.get(*s as usize).copied().unwrap_or(0) * c)
+                .sum::<i64>()
     }
 
     /// The symbol's index if the dim is exactly one symbol.
@@ -75,7 +83,11 @@ pub struct BufferSpec {
 
 impl BufferSpec {
     pub fn bytes(&self, syms: &[i64]) -> usize {
-        self.dims.iter().map(|d| d.eval(syms).max(0) as usize).product::<usize>() * self.elem.size()
+        self.dims
+            .iter()
+            .map(|d| d.eval(syms).max(0) as usize)
+            .product::<usize>()
+            * self.elem.size()
     }
 }
 
@@ -109,19 +121,31 @@ pub struct Plan {
 impl Plan {
     /// Binds symbols from input shapes: every input dim that is a lone symbol fixes it; the
     /// rest are checked. `shapes` gives each input's shape by name.
-    pub fn bind_symbols(&self, shape_of: impl Fn(&str) -> Option<Vec<usize>>) -> Result<Vec<i64>, String> {
+    pub fn bind_symbols(
+        &self,
+        shape_of: impl Fn(&str) -> Option<Vec<usize>>,
+    ) -> Result<Vec<i64>, String> {
         let mut syms: Vec<Option<i64>> = vec![None; self.symbols.len()];
         for b in &self.buffers {
-            let BufferRole::Input(name) = &b.role else { continue };
+            let BufferRole::Input(name) = &b.role else {
+                continue;
+            };
             let shape = shape_of(name).ok_or_else(|| format!("missing input `{name}`"))?;
             if shape.len() != b.dims.len() {
-                return Err(format!("input `{name}` has rank {}, expected {}", shape.len(), b.dims.len()));
+                return Err(format!(
+                    "input `{name}` has rank {}, expected {}",
+                    shape.len(),
+                    b.dims.len()
+                ));
             }
             for (d, &n) in b.dims.iter().zip(&shape) {
                 if let Some(s) = d.as_sym() {
                     match syms[s as usize] {
                         Some(v) if v != n as i64 => {
-                            return Err(format!("input `{name}`: dimension {} is {n} here but {v} elsewhere", self.symbols[s as usize]));
+                            return Err(format!(
+                                "input `{name}`: dimension {} is {n} here but {v} elsewhere",
+                                self.symbols[s as usize]
+                            ));
                         }
                         _ => syms[s as usize] = Some(n as i64),
                     }
@@ -129,22 +153,39 @@ impl Plan {
             }
         }
         // A symbol no buffer mentions (a plan compiled with a sibling's symbols) stays 0.
-        let used = |i: usize| self.buffers.iter().any(|b| b.dims.iter().any(|d| d.terms.iter().any(|t| t.0 as usize == i)));
+        let used = |i: usize| {
+            self.buffers.iter().any(|b| {
+                b.dims
+                    .iter()
+                    .any(|d| d.terms.iter().any(|t| t.0 as usize == i))
+            })
+        };
         let syms: Vec<i64> = syms
             .into_iter()
             .enumerate()
             .map(|(i, v)| match v {
                 Some(v) => Ok(v),
                 None if !used(i) => Ok(0),
-                None => Err(format!("symbol `{}` is not fixed by any input", self.symbols[i])),
+                None => Err(format!(
+                    "symbol `{}` is not fixed by any input",
+                    self.symbols[i]
+                )),
             })
             .collect::<Result<_, _>>()?;
         for b in &self.buffers {
-            let BufferRole::Input(name) = &b.role else { continue };
+            let BufferRole::Input(name) = &b.role else {
+                continue;
+            };
             let shape = shape_of(name).unwrap_or_default();
-            let want: Vec<usize> = b.dims.iter().map(|d| d.eval(&syms).max(0) as usize).collect();
+            let want: Vec<usize> = b
+                .dims
+                .iter()
+                .map(|d| d.eval(&syms).max(0) as usize)
+                .collect();
             if shape != want {
-                return Err(format!("input `{name}` has shape {shape:?}, expected {want:?}"));
+                return Err(format!(
+                    "input `{name}` has shape {shape:?}, expected {want:?}"
+                ));
             }
         }
         Ok(syms)

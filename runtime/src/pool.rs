@@ -43,7 +43,10 @@ impl Pool {
         let workers = (1..n)
             .map(|tid| {
                 let sh = shared.clone();
-                std::thread::Builder::new().name(format!("egret-{tid}")).spawn(move || worker(sh, tid, n)).expect("spawn worker thread")
+                std::thread::Builder::new()
+                    .name(format!("egret-{tid}"))
+                    .spawn(move || worker(sh, tid, n))
+                    .expect("spawn worker thread")
             })
             .collect();
         Pool { shared, workers, n }
@@ -95,7 +98,10 @@ fn worker(sh: Arc<Shared>, tid: usize, n: usize) {
             if spins % 1024 == 0 && start.elapsed() > SPIN {
                 let g = sh.sleep_lock.lock().expect("pool lock");
                 if sh.epoch.load(Ordering::Acquire) == seen && !sh.stop.load(Ordering::Acquire) {
-                    let _g = sh.wake.wait_timeout(g, Duration::from_millis(50)).expect("pool lock");
+                    let _g = sh
+                        .wake
+                        .wait_timeout(g, Duration::from_millis(50))
+                        .expect("pool lock");
                 }
             } else {
                 std::hint::spin_loop();
@@ -139,6 +145,9 @@ mod tests {
             }));
         }
         let v = hits.load(Ordering::SeqCst);
-        assert_eq!((v & 0xff, (v >> 8) & 0xff, (v >> 16) & 0xff), (200, 200, 200));
+        assert_eq!(
+            (v & 0xff, (v >> 8) & 0xff, (v >> 16) & 0xff),
+            (200, 200, 200)
+        );
     }
 }

@@ -13,7 +13,11 @@ pub struct SamplerConfig {
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        SamplerConfig { temperature: 0.0, top_p: 1.0, seed: 0 }
+        SamplerConfig {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        }
     }
 }
 
@@ -47,8 +51,14 @@ impl Sampler {
             return argmax(logits);
         }
         let t = self.cfg.temperature as f64;
-        let max = logits.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
-        let mut probs: Vec<(u32, f64)> = logits.iter().enumerate().map(|(i, &x)| (i as u32, ((x as f64 - max) / t).exp())).collect();
+        let max = logits
+            .iter()
+            .fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+        let mut probs: Vec<(u32, f64)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| (i as u32, ((x as f64 - max) / t).exp()))
+            .collect();
         let total: f64 = probs.iter().map(|p| p.1).sum();
         if !(total > 0.0) || !total.is_finite() {
             return argmax(logits);
@@ -103,7 +113,11 @@ mod tests {
 
     #[test]
     fn seeded_sampling_repeats_and_follows_probabilities() {
-        let cfg = SamplerConfig { temperature: 1.0, top_p: 1.0, seed: 7 };
+        let cfg = SamplerConfig {
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: 7,
+        };
         let logits = [0.0f32, (3.0f32).ln(), f32::NEG_INFINITY];
         let draw = |cfg: &SamplerConfig| {
             let mut s = Sampler::new(cfg.clone());
@@ -118,7 +132,11 @@ mod tests {
 
     #[test]
     fn top_p_keeps_the_nucleus() {
-        let cfg = SamplerConfig { temperature: 1.0, top_p: 0.5, seed: 1 };
+        let cfg = SamplerConfig {
+            temperature: 1.0,
+            top_p: 0.5,
+            seed: 1,
+        };
         let mut s = Sampler::new(cfg);
         let logits = [(0.6f32).ln(), (0.3f32).ln(), (0.1f32).ln()];
         assert!((0..500).all(|_| s.sample(&logits) == 0));

@@ -11,7 +11,11 @@ pub struct HostTensor {
 impl HostTensor {
     /// Makes a tensor; panics only on a programming error (data length ≠ product of shape).
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
-        assert_eq!(shape.iter().product::<usize>(), data.len(), "shape/data mismatch");
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "shape/data mismatch"
+        );
         HostTensor { shape, data }
     }
 

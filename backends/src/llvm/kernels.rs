@@ -10,7 +10,10 @@ use inkwell::context::Context;
 use inkwell::intrinsics::Intrinsic;
 use inkwell::module::{Linkage, Module};
 use inkwell::types::{BasicTypeEnum, FloatType, IntType};
-use inkwell::values::{BasicMetadataValueEnum, BasicValue, BasicValueEnum, FloatValue, FunctionValue, InstructionOpcode, IntValue, PointerValue};
+use inkwell::values::{
+    BasicMetadataValueEnum, BasicValue, BasicValueEnum, FloatValue, FunctionValue,
+    InstructionOpcode, IntValue, PointerValue,
+};
 use inkwell::{AddressSpace, FloatPredicate, IntPredicate};
 
 use egret_ir::{BinaryOp, CompareOp, Dim, ReduceOp, UnaryOp};
@@ -61,9 +64,22 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
     }
 
     fn sym(&self, name: &str) -> R<IntValue<'ctx>> {
-        let i = self.prog.symbols.iter().position(|s| s == name).ok_or_else(|| BackendError::Unsupported(format!("unknown symbol {name}")))?;
-        let p = unsafe { self.b.build_in_bounds_gep(self.i64t, self.syms, &[self.i64c(i as i64)], "symp") }.map_err(be)?;
-        Ok(self.b.build_load(self.i64t, p, name).map_err(be)?.into_int_value())
+        let i = self
+            .prog
+            .symbols
+            .iter()
+            .position(|s| s == name)
+            .ok_or_else(|| BackendError::Unsupported(format!("unknown symbol {name}")))?;
+        let p = unsafe {
+            self.b
+                .build_in_bounds_gep(self.i64t, self.syms, &[self.i64c(i as i64)], "symp")
+        }
+        .map_err(be)?;
+        Ok(self
+            .b
+            .build_load(self.i64t, p, name)
+            .map_err(be)?
+            .into_int_value())
     }
 
     fn dim(&self, d: &Dim) -> R<IntValue<'ctx>> {
@@ -103,12 +119,25 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
     fn buf(&self, id: u32) -> R<PointerValue<'ctx>> {
         let i = self.args[&id];
         let ptrt = self.ctx.ptr_type(AddressSpace::default());
-        let p = unsafe { self.b.build_in_bounds_gep(ptrt, self.bufs, &[self.i64c(i as i64)], "bufp") }.map_err(be)?;
-        Ok(self.b.build_load(ptrt, p, "buf").map_err(be)?.into_pointer_value())
+        let p = unsafe {
+            self.b
+                .build_in_bounds_gep(ptrt, self.bufs, &[self.i64c(i as i64)], "bufp")
+        }
+        .map_err(be)?;
+        Ok(self
+            .b
+            .build_load(ptrt, p, "buf")
+            .map_err(be)?
+            .into_pointer_value())
     }
 
     fn access(&self, a: &Access, elem: ElemType) -> R<Av<'ctx>> {
-        Ok(Av { ptr: self.buf(a.buf)?, off: self.poly(&a.offset)?, strides: a.strides.iter().map(|s| self.poly(s)).collect::<R<_>>()?, elem })
+        Ok(Av {
+            ptr: self.buf(a.buf)?,
+            off: self.poly(&a.offset)?,
+            strides: a.strides.iter().map(|s| self.poly(s)).collect::<R<_>>()?,
+            elem,
+        })
     }
 
     fn elem_type(&self, e: ElemType) -> BasicTypeEnum<'ctx> {
@@ -126,16 +155,35 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
         let p = unsafe { self.b.build_in_bounds_gep(ty, av.ptr, &[idx], "p") }.map_err(be)?;
         let v = self.b.build_load(ty, p, "v").map_err(be)?;
         Ok(match av.elem {
-            ElemType::Bool => self.b.build_int_compare(IntPredicate::NE, v.into_int_value(), self.ctx.i8_type().const_zero(), "b").map_err(be)?.into(),
+            ElemType::Bool => self
+                .b
+                .build_int_compare(
+                    IntPredicate::NE,
+                    v.into_int_value(),
+                    self.ctx.i8_type().const_zero(),
+                    "b",
+                )
+                .map_err(be)?
+                .into(),
             _ => v,
         })
     }
 
-    fn store(&self, ptr: PointerValue<'ctx>, elem: ElemType, idx: IntValue<'ctx>, v: BasicValueEnum<'ctx>) -> R<()> {
+    fn store(
+        &self,
+        ptr: PointerValue<'ctx>,
+        elem: ElemType,
+        idx: IntValue<'ctx>,
+        v: BasicValueEnum<'ctx>,
+    ) -> R<()> {
         let ty = self.elem_type(elem);
         let p = unsafe { self.b.build_in_bounds_gep(ty, ptr, &[idx], "p") }.map_err(be)?;
         let v: BasicValueEnum = match elem {
-            ElemType::Bool => self.b.build_int_z_extend(v.into_int_value(), self.ctx.i8_type(), "z").map_err(be)?.into(),
+            ElemType::Bool => self
+                .b
+                .build_int_z_extend(v.into_int_value(), self.ctx.i8_type(), "z")
+                .map_err(be)?
+                .into(),
             _ => v,
         };
         self.b.build_store(p, v).map_err(be)?;
@@ -144,10 +192,19 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
 
     fn load_f32(&self, ptr: PointerValue<'ctx>, idx: IntValue<'ctx>) -> R<FloatValue<'ctx>> {
         let p = unsafe { self.b.build_in_bounds_gep(self.f32t, ptr, &[idx], "p") }.map_err(be)?;
-        Ok(self.b.build_load(self.f32t, p, "f").map_err(be)?.into_float_value())
+        Ok(self
+            .b
+            .build_load(self.f32t, p, "f")
+            .map_err(be)?
+            .into_float_value())
     }
 
-    fn store_f32(&self, ptr: PointerValue<'ctx>, idx: IntValue<'ctx>, v: FloatValue<'ctx>) -> R<()> {
+    fn store_f32(
+        &self,
+        ptr: PointerValue<'ctx>,
+        idx: IntValue<'ctx>,
+        v: FloatValue<'ctx>,
+    ) -> R<()> {
         let p = unsafe { self.b.build_in_bounds_gep(self.f32t, ptr, &[idx], "p") }.map_err(be)?;
         self.b.build_store(p, v).map_err(be)?;
         Ok(())
@@ -155,14 +212,25 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
 
     /// `[total·tid/n, total·(tid+1)/n)`: this thread's share of `total` work units.
     fn split(&self, total: IntValue<'ctx>) -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
-        let s = self.b.build_int_signed_div(self.mul(total, self.tid)?, self.nth, "s").map_err(be)?;
+        let s = self
+            .b
+            .build_int_signed_div(self.mul(total, self.tid)?, self.nth, "s")
+            .map_err(be)?;
         let t1 = self.add(self.tid, self.i64c(1))?;
-        let e = self.b.build_int_signed_div(self.mul(total, t1)?, self.nth, "e").map_err(be)?;
+        let e = self
+            .b
+            .build_int_signed_div(self.mul(total, t1)?, self.nth, "e")
+            .map_err(be)?;
         Ok((s, e))
     }
 
     /// `for i in start..end { body(i) }`.
-    fn for_range(&self, start: IntValue<'ctx>, end: IntValue<'ctx>, mut body: impl FnMut(&Self, IntValue<'ctx>) -> R<()>) -> R<()> {
+    fn for_range(
+        &self,
+        start: IntValue<'ctx>,
+        end: IntValue<'ctx>,
+        mut body: impl FnMut(&Self, IntValue<'ctx>) -> R<()>,
+    ) -> R<()> {
         let pre = self.b.get_insert_block().expect("positioned");
         let head = self.ctx.append_basic_block(self.func, "loop");
         let bodyb = self.ctx.append_basic_block(self.func, "body");
@@ -172,8 +240,13 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
         let phi = self.b.build_phi(self.i64t, "i").map_err(be)?;
         phi.add_incoming(&[(&start, pre)]);
         let i = phi.as_basic_value().into_int_value();
-        let c = self.b.build_int_compare(IntPredicate::SLT, i, end, "c").map_err(be)?;
-        self.b.build_conditional_branch(c, bodyb, exit).map_err(be)?;
+        let c = self
+            .b
+            .build_int_compare(IntPredicate::SLT, i, end, "c")
+            .map_err(be)?;
+        self.b
+            .build_conditional_branch(c, bodyb, exit)
+            .map_err(be)?;
         self.b.position_at_end(bodyb);
         body(self, i)?;
         let next = self.add(i, self.i64c(1))?;
@@ -196,7 +269,11 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
     }
 
     fn get(&self, slot: PointerValue<'ctx>) -> R<FloatValue<'ctx>> {
-        Ok(self.b.build_load(self.f32t, slot, "g").map_err(be)?.into_float_value())
+        Ok(self
+            .b
+            .build_load(self.f32t, slot, "g")
+            .map_err(be)?
+            .into_float_value())
     }
 
     fn set(&self, slot: PointerValue<'ctx>, v: FloatValue<'ctx>) -> R<()> {
@@ -206,7 +283,10 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
 
     fn fast(&self, v: FloatValue<'ctx>) -> FloatValue<'ctx> {
         if let Some(i) = v.as_instruction() {
-            if matches!(i.get_opcode(), InstructionOpcode::FAdd | InstructionOpcode::FMul | InstructionOpcode::FSub) {
+            if matches!(
+                i.get_opcode(),
+                InstructionOpcode::FAdd | InstructionOpcode::FMul | InstructionOpcode::FSub
+            ) {
                 use inkwell::values::FastMathFlags as F;
                 let _ = i.set_fast_math_flags(F::AllowReassoc | F::AllowContract);
             }
@@ -223,24 +303,44 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
     }
 
     /// `acc + a·b` with reassociation and contraction allowed (vectorisable dot products).
-    fn fma_fast(&self, acc: FloatValue<'ctx>, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+    fn fma_fast(
+        &self,
+        acc: FloatValue<'ctx>,
+        a: FloatValue<'ctx>,
+        b: FloatValue<'ctx>,
+    ) -> R<FloatValue<'ctx>> {
         let p = self.fast(self.fmul(a, b)?);
         Ok(self.fast(self.fadd(acc, p)?))
     }
 
     fn intrinsic(&self, name: &str, args: &[FloatValue<'ctx>]) -> R<FloatValue<'ctx>> {
-        let i = Intrinsic::find(name).ok_or_else(|| BackendError::Llvm(format!("no intrinsic {name}")))?;
-        let f = i.get_declaration(self.module, &[self.f32t.into()]).ok_or_else(|| BackendError::Llvm(format!("cannot declare {name}")))?;
+        let i = Intrinsic::find(name)
+            .ok_or_else(|| BackendError::Llvm(format!("no intrinsic {name}")))?;
+        let f = i
+            .get_declaration(self.module, &[self.f32t.into()])
+            .ok_or_else(|| BackendError::Llvm(format!("cannot declare {name}")))?;
         let a: Vec<BasicMetadataValueEnum> = args.iter().map(|v| (*v).into()).collect();
         let r = self.b.build_call(f, &a, name).map_err(be)?;
-        Ok(r.try_as_basic_value().basic().expect("intrinsic returns a value").into_float_value())
+        Ok(r.try_as_basic_value()
+            .basic()
+            .expect("intrinsic returns a value")
+            .into_float_value())
     }
 
     /// `tanhf` from the C library (there is no LLVM intrinsic).
     fn libm(&self, name: &str, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
-        let f = self.module.get_function(name).unwrap_or_else(|| self.module.add_function(name, self.f32t.fn_type(&[self.f32t.into()], false), Some(Linkage::External)));
+        let f = self.module.get_function(name).unwrap_or_else(|| {
+            self.module.add_function(
+                name,
+                self.f32t.fn_type(&[self.f32t.into()], false),
+                Some(Linkage::External),
+            )
+        });
         let r = self.b.build_call(f, &[x.into()], name).map_err(be)?;
-        Ok(r.try_as_basic_value().basic().expect("returns f32").into_float_value())
+        Ok(r.try_as_basic_value()
+            .basic()
+            .expect("returns f32")
+            .into_float_value())
     }
 
     /// `e^x` in straight-line arithmetic (no libm call), so loops around it vectorise:
@@ -254,23 +354,66 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
         let xc = self.intrinsic("llvm.minnum", &[xc, f(88.7)])?;
         let n = self.intrinsic("llvm.rint", &[self.fmul(xc, f(std::f64::consts::LOG2_E))?])?;
         // r = x - n·ln2, with ln2 split in two for precision (Cody-Waite).
-        let r = self.b.build_float_sub(xc, self.fmul(n, f(0.693_359_375))?, "r").map_err(be)?;
-        let r = self.b.build_float_sub(r, self.fmul(n, f(-2.121_944_400_546_905_8e-4))?, "r").map_err(be)?;
+        let r = self
+            .b
+            .build_float_sub(xc, self.fmul(n, f(0.693_359_375))?, "r")
+            .map_err(be)?;
+        let r = self
+            .b
+            .build_float_sub(r, self.fmul(n, f(-2.121_944_400_546_905_8e-4))?, "r")
+            .map_err(be)?;
         let mut p = f(1.0 / 720.0);
         for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
             p = self.fadd(self.fmul(p, r)?, f(c))?;
         }
         let i32t = self.ctx.i32_type();
-        let ni = self.b.build_float_to_signed_int(n, i32t, "ni").map_err(be)?;
-        let bits = self.b.build_left_shift(self.b.build_int_add(ni, i32t.const_int(127, false), "b").map_err(be)?, i32t.const_int(23, false), "e").map_err(be)?;
-        let scale = self.b.build_bit_cast(bits, self.f32t, "pow2").map_err(be)?.into_float_value();
+        let ni = self
+            .b
+            .build_float_to_signed_int(n, i32t, "ni")
+            .map_err(be)?;
+        let bits = self
+            .b
+            .build_left_shift(
+                self.b
+                    .build_int_add(ni, i32t.const_int(127, false), "b")
+                    .map_err(be)?,
+                i32t.const_int(23, false),
+                "e",
+            )
+            .map_err(be)?;
+        let scale = self
+            .b
+            .build_bit_cast(bits, self.f32t, "pow2")
+            .map_err(be)?
+            .into_float_value();
         let y = self.fmul(p, scale)?;
-        let tiny = self.b.build_float_compare(FloatPredicate::OLT, x, f(-87.3), "tiny").map_err(be)?;
-        let y = self.b.build_select(tiny, f(0.0), y, "y").map_err(be)?.into_float_value();
-        let huge = self.b.build_float_compare(FloatPredicate::OGT, x, f(88.7), "huge").map_err(be)?;
-        let y = self.b.build_select(huge, f(f64::INFINITY), y, "y").map_err(be)?.into_float_value();
-        let nan = self.b.build_float_compare(FloatPredicate::UNO, x, x, "nan").map_err(be)?;
-        Ok(self.b.build_select(nan, x, y, "exp").map_err(be)?.into_float_value())
+        let tiny = self
+            .b
+            .build_float_compare(FloatPredicate::OLT, x, f(-87.3), "tiny")
+            .map_err(be)?;
+        let y = self
+            .b
+            .build_select(tiny, f(0.0), y, "y")
+            .map_err(be)?
+            .into_float_value();
+        let huge = self
+            .b
+            .build_float_compare(FloatPredicate::OGT, x, f(88.7), "huge")
+            .map_err(be)?;
+        let y = self
+            .b
+            .build_select(huge, f(f64::INFINITY), y, "y")
+            .map_err(be)?
+            .into_float_value();
+        let nan = self
+            .b
+            .build_float_compare(FloatPredicate::UNO, x, x, "nan")
+            .map_err(be)?;
+        Ok(self
+            .b
+            .build_select(nan, x, y, "exp")
+            .map_err(be)?
+            .into_float_value())
     }
 
     fn sigmoid(&self, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
@@ -281,7 +424,11 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
     }
 
     /// Row-major multi-index of `lin` over `dims`.
-    fn decompose(&self, mut lin: IntValue<'ctx>, dims: &[IntValue<'ctx>]) -> R<Vec<IntValue<'ctx>>> {
+    fn decompose(
+        &self,
+        mut lin: IntValue<'ctx>,
+        dims: &[IntValue<'ctx>],
+    ) -> R<Vec<IntValue<'ctx>>> {
         let mut idx = vec![self.i64c(0); dims.len()];
         for d in (0..dims.len()).rev() {
             if d == 0 {
@@ -304,26 +451,55 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
     }
 
     fn ret_ok(&self) -> R<()> {
-        self.b.build_return(Some(&self.ctx.i32_type().const_zero())).map_err(be)?;
+        self.b
+            .build_return(Some(&self.ctx.i32_type().const_zero()))
+            .map_err(be)?;
         Ok(())
     }
 }
 
 /// Emits kernel `k` as function `name`; returns its buffer arguments and scratch floats.
-pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, prog: &Program, k: &Kernel, name: &str, cpu: &str, features: &str) -> R<(Vec<u32>, usize)> {
+pub fn emit<'ctx>(
+    ctx: &'ctx Context,
+    module: &Module<'ctx>,
+    prog: &Program,
+    k: &Kernel,
+    name: &str,
+    cpu: &str,
+    features: &str,
+) -> R<(Vec<u32>, usize)> {
     let ptrt = ctx.ptr_type(AddressSpace::default());
     let i64t = ctx.i64_type();
-    let fnty = ctx.i32_type().fn_type(&[ptrt.into(), ptrt.into(), i64t.into(), i64t.into(), ptrt.into()], false);
+    let fnty = ctx.i32_type().fn_type(
+        &[
+            ptrt.into(),
+            ptrt.into(),
+            i64t.into(),
+            i64t.into(),
+            ptrt.into(),
+        ],
+        false,
+    );
     let func = module.add_function(name, fnty, None);
-    func.add_attribute(AttributeLoc::Function, ctx.create_string_attribute("target-cpu", cpu));
+    func.add_attribute(
+        AttributeLoc::Function,
+        ctx.create_string_attribute("target-cpu", cpu),
+    );
     if !features.is_empty() {
-        func.add_attribute(AttributeLoc::Function, ctx.create_string_attribute("target-features", features));
+        func.add_attribute(
+            AttributeLoc::Function,
+            ctx.create_string_attribute("target-features", features),
+        );
     }
     let entry = ctx.append_basic_block(func, "entry");
     let b = ctx.create_builder();
     b.position_at_end(entry);
     let arg_list = kernel_buffers(k);
-    let args: HashMap<u32, u32> = arg_list.iter().enumerate().map(|(i, b)| (*b, i as u32)).collect();
+    let args: HashMap<u32, u32> = arg_list
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (*b, i as u32))
+        .collect();
     let p = |i: u32| func.get_nth_param(i).expect("param");
     let fb = Fb {
         ctx,
@@ -346,39 +522,119 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, prog: &Program, k: 
             elementwise(&fb, out, shape, expr)?;
             0
         }
-        Kernel::Reduce { op, out, src, shape, axis } => {
+        Kernel::Reduce {
+            op,
+            out,
+            src,
+            shape,
+            axis,
+        } => {
             reduce(&fb, *op, *out, src, shape, *axis)?;
             0
         }
-        Kernel::Softmax { out, src, shape, axis } => {
+        Kernel::Softmax {
+            out,
+            src,
+            shape,
+            axis,
+        } => {
             softmax(&fb, *out, src, shape, *axis)?;
             0
         }
-        Kernel::MatMul { out, a, w, batch, m, n, k, shared_w } => {
+        Kernel::MatMul {
+            out,
+            a,
+            w,
+            batch,
+            m,
+            n,
+            k,
+            shared_w,
+        } => {
             matmul(&fb, *out, a, None, w, batch, m, n, k, *shared_w)?;
             0
         }
-        Kernel::RmsNormMatMul { out, x, g, w, batch, m, n, k, eps } => {
-            matmul(&fb, *out, x, Some((g.as_ref(), *eps)), w, batch, m, n, k, true)?;
+        Kernel::RmsNormMatMul {
+            out,
+            x,
+            g,
+            w,
+            batch,
+            m,
+            n,
+            k,
+            eps,
+        } => {
+            matmul(
+                &fb,
+                *out,
+                x,
+                Some((g.as_ref(), *eps)),
+                w,
+                batch,
+                m,
+                n,
+                k,
+                true,
+            )?;
             0
         }
-        Kernel::RmsNorm { out, x, w, shape, eps } => {
+        Kernel::RmsNorm {
+            out,
+            x,
+            w,
+            shape,
+            eps,
+        } => {
             rms_norm(&fb, *out, x, w, shape, *eps)?;
             0
         }
-        Kernel::Attention { out, q, k, v, pos, dims, scale } => {
+        Kernel::Attention {
+            out,
+            q,
+            k,
+            v,
+            pos,
+            dims,
+            scale,
+        } => {
             attention(&fb, *out, q, k, v, pos, dims, *scale)?;
             (dims.dv + ATTN_BLOCK) as usize
         }
-        Kernel::Gather { out, table, idx, table_shape, idx_shape, axis, elem } => {
+        Kernel::Gather {
+            out,
+            table,
+            idx,
+            table_shape,
+            idx_shape,
+            axis,
+            elem,
+        } => {
             gather(&fb, *out, table, idx, table_shape, idx_shape, *axis, *elem)?;
             0
         }
-        Kernel::PackPanels { out, w, k, n, nr, store } => {
+        Kernel::PackPanels {
+            out,
+            w,
+            k,
+            n,
+            nr,
+            store,
+        } => {
             pack_panels(&fb, *out, w, *k, *n, *nr, *store)?;
             0
         }
-        Kernel::Gemm { out, a, bp, rows, k, n, nr, norm, panel } => {
+        Kernel::Gemm {
+            out,
+            a,
+            bp,
+            rows,
+            k,
+            n,
+            nr,
+            norm,
+            panel,
+        } => {
             gemm(&fb, *out, a, *bp, rows, *k, *n, *nr, *norm, *panel)?;
             (GEMM_MR * *nr + GEMM_MC) as usize
         }
@@ -393,31 +649,184 @@ pub fn emit<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, prog: &Program, k: 
 pub fn canonical(k: &Kernel, prog: &Program) -> (Kernel, Vec<u32>) {
     let args = kernel_buffers(k);
     let map = |b: u32| args.iter().position(|&x| x == b).expect("argument") as u32;
-    let ren = |a: &Access| Access { buf: map(a.buf), ..a.clone() };
+    let ren = |a: &Access| Access {
+        buf: map(a.buf),
+        ..a.clone()
+    };
     fn ren_expr(e: &Expr, f: &dyn Fn(&Access) -> Access) -> Expr {
         match e {
             Expr::Load(a, t) => Expr::Load(f(a), *t),
             Expr::Const(..) | Expr::Iota(..) => e.clone(),
             Expr::Unary(u, a) => Expr::Unary(*u, Box::new(ren_expr(a, f))),
             Expr::Cast(t, a, r) => Expr::Cast(*t, Box::new(ren_expr(a, f)), *r),
-            Expr::Binary(o, a, b) => Expr::Binary(*o, Box::new(ren_expr(a, f)), Box::new(ren_expr(b, f))),
-            Expr::Compare(o, a, b) => Expr::Compare(*o, Box::new(ren_expr(a, f)), Box::new(ren_expr(b, f))),
+            Expr::Binary(o, a, b) => {
+                Expr::Binary(*o, Box::new(ren_expr(a, f)), Box::new(ren_expr(b, f)))
+            }
+            Expr::Compare(o, a, b) => {
+                Expr::Compare(*o, Box::new(ren_expr(a, f)), Box::new(ren_expr(b, f)))
+            }
             Expr::SwiGlu(a, b) => Expr::SwiGlu(Box::new(ren_expr(a, f)), Box::new(ren_expr(b, f))),
-            Expr::Select(c, a, b) => Expr::Select(Box::new(ren_expr(c, f)), Box::new(ren_expr(a, f)), Box::new(ren_expr(b, f))),
+            Expr::Select(c, a, b) => Expr::Select(
+                Box::new(ren_expr(c, f)),
+                Box::new(ren_expr(a, f)),
+                Box::new(ren_expr(b, f)),
+            ),
         }
     }
     let _ = prog;
     let c = match k {
-        Kernel::Elementwise { out, shape, expr } => Kernel::Elementwise { out: ren(out), shape: shape.clone(), expr: ren_expr(expr, &ren) },
-        Kernel::Reduce { op, out, src, shape, axis } => Kernel::Reduce { op: *op, out: map(*out), src: ren(src), shape: shape.clone(), axis: *axis },
-        Kernel::Softmax { out, src, shape, axis } => Kernel::Softmax { out: map(*out), src: ren(src), shape: shape.clone(), axis: *axis },
-        Kernel::MatMul { out, a, w, batch, m, n, k, shared_w } => Kernel::MatMul { out: map(*out), a: ren(a), w: ren(w), batch: batch.clone(), m: m.clone(), n: n.clone(), k: k.clone(), shared_w: *shared_w },
-        Kernel::RmsNormMatMul { out, x, g, w, batch, m, n, k, eps } => Kernel::RmsNormMatMul { out: map(*out), x: ren(x), g: g.as_ref().map(ren), w: ren(w), batch: batch.clone(), m: m.clone(), n: n.clone(), k: k.clone(), eps: *eps },
-        Kernel::RmsNorm { out, x, w, shape, eps } => Kernel::RmsNorm { out: map(*out), x: ren(x), w: ren(w), shape: shape.clone(), eps: *eps },
-        Kernel::Attention { out, q, k, v, pos, dims, scale } => Kernel::Attention { out: map(*out), q: ren(q), k: ren(k), v: ren(v), pos: ren(pos), dims: dims.clone(), scale: *scale },
-        Kernel::Gather { out, table, idx, table_shape, idx_shape, axis, elem } => Kernel::Gather { out: map(*out), table: ren(table), idx: ren(idx), table_shape: table_shape.clone(), idx_shape: idx_shape.clone(), axis: *axis, elem: *elem },
-        Kernel::PackPanels { out, w, k, n, nr, store } => Kernel::PackPanels { out: map(*out), w: ren(w), k: *k, n: *n, nr: *nr, store: *store },
-        Kernel::Gemm { out, a, bp, rows, k, n, nr, norm, panel } => Kernel::Gemm { out: map(*out), a: ren(a), bp: map(*bp), rows: rows.clone(), k: *k, n: *n, nr: *nr, norm: *norm, panel: *panel },
+        Kernel::Elementwise { out, shape, expr } => Kernel::Elementwise {
+            out: ren(out),
+            shape: shape.clone(),
+            expr: ren_expr(expr, &ren),
+        },
+        Kernel::Reduce {
+            op,
+            out,
+            src,
+            shape,
+            axis,
+        } => Kernel::Reduce {
+            op: *op,
+            out: map(*out),
+            src: ren(src),
+            shape: shape.clone(),
+            axis: *axis,
+        },
+        Kernel::Softmax {
+            out,
+            src,
+            shape,
+            axis,
+        } => Kernel::Softmax {
+            out: map(*out),
+            src: ren(src),
+            shape: shape.clone(),
+            axis: *axis,
+        },
+        Kernel::MatMul {
+            out,
+            a,
+            w,
+            batch,
+            m,
+            n,
+            k,
+            shared_w,
+        } => Kernel::MatMul {
+            out: map(*out),
+            a: ren(a),
+            w: ren(w),
+            batch: batch.clone(),
+            m: m.clone(),
+            n: n.clone(),
+            k: k.clone(),
+            shared_w: *shared_w,
+        },
+        Kernel::RmsNormMatMul {
+            out,
+            x,
+            g,
+            w,
+            batch,
+            m,
+            n,
+            k,
+            eps,
+        } => Kernel::RmsNormMatMul {
+            out: map(*out),
+            x: ren(x),
+            g: g.as_ref().map(ren),
+            w: ren(w),
+            batch: batch.clone(),
+            m: m.clone(),
+            n: n.clone(),
+            k: k.clone(),
+            eps: *eps,
+        },
+        Kernel::RmsNorm {
+            out,
+            x,
+            w,
+            shape,
+            eps,
+        } => Kernel::RmsNorm {
+            out: map(*out),
+            x: ren(x),
+            w: ren(w),
+            shape: shape.clone(),
+            eps: *eps,
+        },
+        Kernel::Attention {
+            out,
+            q,
+            k,
+            v,
+            pos,
+            dims,
+            scale,
+        } => Kernel::Attention {
+            out: map(*out),
+            q: ren(q),
+            k: ren(k),
+            v: ren(v),
+            pos: ren(pos),
+            dims: dims.clone(),
+            scale: *scale,
+        },
+        Kernel::Gather {
+            out,
+            table,
+            idx,
+            table_shape,
+            idx_shape,
+            axis,
+            elem,
+        } => Kernel::Gather {
+            out: map(*out),
+            table: ren(table),
+            idx: ren(idx),
+            table_shape: table_shape.clone(),
+            idx_shape: idx_shape.clone(),
+            axis: *axis,
+            elem: *elem,
+        },
+        Kernel::PackPanels {
+            out,
+            w,
+            k,
+            n,
+            nr,
+            store,
+        } => Kernel::PackPanels {
+            out: map(*out),
+            w: ren(w),
+            k: *k,
+            n: *n,
+            nr: *nr,
+            store: *store,
+        },
+        Kernel::Gemm {
+            out,
+            a,
+            bp,
+            rows,
+            k,
+            n,
+            nr,
+            norm,
+            panel,
+        } => Kernel::Gemm {
+            out: map(*out),
+            a: ren(a),
+            bp: map(*bp),
+            rows: rows.clone(),
+            k: *k,
+            n: *n,
+            nr: *nr,
+            norm: *norm,
+            panel: *panel,
+        },
     };
     (c, args)
 }
@@ -473,12 +882,16 @@ fn kernel_buffers(k: &Kernel) -> Vec<u32> {
             add(x.buf);
             add(w.buf);
         }
-        Kernel::Attention { out, q, k, v, pos, .. } => {
+        Kernel::Attention {
+            out, q, k, v, pos, ..
+        } => {
             for b in [*out, q.buf, k.buf, v.buf, pos.buf] {
                 add(b);
             }
         }
-        Kernel::Gather { out, table, idx, .. } => {
+        Kernel::Gather {
+            out, table, idx, ..
+        } => {
             add(*out);
             add(table.buf);
             add(idx.buf);
@@ -515,7 +928,14 @@ fn collect_loads<'e>(e: &'e Expr, out: &mut Vec<(&'e Access, ElemType)>) {
 
 /// Evaluates `e` at one element; `bases[i]` is the element offset of the i-th load and
 /// `index` the iteration multi-index (for `iota`).
-fn eval<'ctx>(fb: &Fb<'_, 'ctx>, e: &Expr, avs: &[Av<'ctx>], bases: &[IntValue<'ctx>], next: &mut usize, index: &[IntValue<'ctx>]) -> R<BasicValueEnum<'ctx>> {
+fn eval<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    e: &Expr,
+    avs: &[Av<'ctx>],
+    bases: &[IntValue<'ctx>],
+    next: &mut usize,
+    index: &[IntValue<'ctx>],
+) -> R<BasicValueEnum<'ctx>> {
     Ok(match e {
         Expr::Load(..) => {
             let i = *next;
@@ -525,13 +945,21 @@ fn eval<'ctx>(fb: &Fb<'_, 'ctx>, e: &Expr, avs: &[Av<'ctx>], bases: &[IntValue<'
         Expr::Const(v, t) => match t {
             ElemType::F32 => fb.f32c(*v).into(),
             ElemType::I64 => fb.i64c(*v as i64).into(),
-            ElemType::Bool => fb.ctx.bool_type().const_int((*v != 0.0) as u64, false).into(),
+            ElemType::Bool => fb
+                .ctx
+                .bool_type()
+                .const_int((*v != 0.0) as u64, false)
+                .into(),
             ElemType::Half => return Err(BackendError::Unsupported("half constants".into())),
         },
         Expr::Iota(axis, t) => {
             let i = index[*axis];
             match t {
-                ElemType::F32 => fb.b.build_signed_int_to_float(i, fb.f32t, "iota").map_err(be)?.into(),
+                ElemType::F32 => {
+                    fb.b.build_signed_int_to_float(i, fb.f32t, "iota")
+                        .map_err(be)?
+                        .into()
+                }
                 _ => i.into(),
             }
         }
@@ -543,7 +971,9 @@ fn eval<'ctx>(fb: &Fb<'_, 'ctx>, e: &Expr, avs: &[Av<'ctx>], bases: &[IntValue<'
                     UnaryOp::Neg => fb.b.build_int_neg(x, "neg").map_err(be)?.into(),
                     _ => {
                         let n = fb.b.build_int_neg(x, "neg").map_err(be)?;
-                        let c = fb.b.build_int_compare(IntPredicate::SLT, x, fb.i64c(0), "c").map_err(be)?;
+                        let c =
+                            fb.b.build_int_compare(IntPredicate::SLT, x, fb.i64c(0), "c")
+                                .map_err(be)?;
                         fb.b.build_select(c, n, x, "abs").map_err(be)?
                     }
                 }
@@ -583,12 +1013,23 @@ fn eval<'ctx>(fb: &Fb<'_, 'ctx>, e: &Expr, avs: &[Av<'ctx>], bases: &[IntValue<'
                     BinaryOp::Sub => fb.b.build_int_sub(x, y, "").map_err(be)?.into(),
                     BinaryOp::Mul => fb.mul(x, y)?.into(),
                     BinaryOp::Div => {
-                        let z = fb.b.build_int_compare(IntPredicate::EQ, y, fb.i64c(0), "z").map_err(be)?;
-                        let safe = fb.b.build_select(z, fb.i64c(1), y, "d").map_err(be)?.into_int_value();
-                        fb.b.build_int_signed_div(x, safe, "div").map_err(be)?.into()
+                        let z =
+                            fb.b.build_int_compare(IntPredicate::EQ, y, fb.i64c(0), "z")
+                                .map_err(be)?;
+                        let safe =
+                            fb.b.build_select(z, fb.i64c(1), y, "d")
+                                .map_err(be)?
+                                .into_int_value();
+                        fb.b.build_int_signed_div(x, safe, "div")
+                            .map_err(be)?
+                            .into()
                     }
                     BinaryOp::Max | BinaryOp::Min => {
-                        let p = if *op == BinaryOp::Max { IntPredicate::SGT } else { IntPredicate::SLT };
+                        let p = if *op == BinaryOp::Max {
+                            IntPredicate::SGT
+                        } else {
+                            IntPredicate::SLT
+                        };
                         let c = fb.b.build_int_compare(p, x, y, "c").map_err(be)?;
                         fb.b.build_select(c, x, y, "m").map_err(be)?
                     }
@@ -620,7 +1061,9 @@ fn eval<'ctx>(fb: &Fb<'_, 'ctx>, e: &Expr, avs: &[Av<'ctx>], bases: &[IntValue<'
                     CompareOp::Eq => FloatPredicate::OEQ,
                     CompareOp::Ne => FloatPredicate::UNE,
                 };
-                fb.b.build_float_compare(p, x.into_float_value(), y.into_float_value(), "cmp").map_err(be)?.into()
+                fb.b.build_float_compare(p, x.into_float_value(), y.into_float_value(), "cmp")
+                    .map_err(be)?
+                    .into()
             } else {
                 let p = match op {
                     CompareOp::Lt => IntPredicate::SLT,
@@ -630,7 +1073,9 @@ fn eval<'ctx>(fb: &Fb<'_, 'ctx>, e: &Expr, avs: &[Av<'ctx>], bases: &[IntValue<'
                     CompareOp::Eq => IntPredicate::EQ,
                     CompareOp::Ne => IntPredicate::NE,
                 };
-                fb.b.build_int_compare(p, x.into_int_value(), y.into_int_value(), "cmp").map_err(be)?.into()
+                fb.b.build_int_compare(p, x.into_int_value(), y.into_int_value(), "cmp")
+                    .map_err(be)?
+                    .into()
             }
         }
         Expr::Select(c, a, d) => {
@@ -643,19 +1088,53 @@ fn eval<'ctx>(fb: &Fb<'_, 'ctx>, e: &Expr, avs: &[Av<'ctx>], bases: &[IntValue<'
             let x = eval(fb, a, avs, bases, next, index)?;
             let v: BasicValueEnum = match (x, to) {
                 (BasicValueEnum::FloatValue(f), ElemType::F32) => f.into(),
-                (BasicValueEnum::FloatValue(f), ElemType::I64) => fb.b.build_float_to_signed_int(f, fb.i64t, "fi").map_err(be)?.into(),
-                (BasicValueEnum::FloatValue(f), ElemType::Bool) => fb.b.build_float_compare(FloatPredicate::UNE, f, fb.f32c(0.0), "fb").map_err(be)?.into(),
-                (BasicValueEnum::IntValue(i), ElemType::F32) if i.get_type().get_bit_width() == 1 => fb.b.build_unsigned_int_to_float(i, fb.f32t, "bf").map_err(be)?.into(),
-                (BasicValueEnum::IntValue(i), ElemType::F32) => fb.b.build_signed_int_to_float(i, fb.f32t, "if").map_err(be)?.into(),
-                (BasicValueEnum::IntValue(i), ElemType::I64) if i.get_type().get_bit_width() == 1 => fb.b.build_int_z_extend(i, fb.i64t, "bi").map_err(be)?.into(),
+                (BasicValueEnum::FloatValue(f), ElemType::I64) => {
+                    fb.b.build_float_to_signed_int(f, fb.i64t, "fi")
+                        .map_err(be)?
+                        .into()
+                }
+                (BasicValueEnum::FloatValue(f), ElemType::Bool) => {
+                    fb.b.build_float_compare(FloatPredicate::UNE, f, fb.f32c(0.0), "fb")
+                        .map_err(be)?
+                        .into()
+                }
+                (BasicValueEnum::IntValue(i), ElemType::F32)
+                    if i.get_type().get_bit_width() == 1 =>
+                {
+                    fb.b.build_unsigned_int_to_float(i, fb.f32t, "bf")
+                        .map_err(be)?
+                        .into()
+                }
+                (BasicValueEnum::IntValue(i), ElemType::F32) => {
+                    fb.b.build_signed_int_to_float(i, fb.f32t, "if")
+                        .map_err(be)?
+                        .into()
+                }
+                (BasicValueEnum::IntValue(i), ElemType::I64)
+                    if i.get_type().get_bit_width() == 1 =>
+                {
+                    fb.b.build_int_z_extend(i, fb.i64t, "bi")
+                        .map_err(be)?
+                        .into()
+                }
                 (BasicValueEnum::IntValue(i), ElemType::I64) => i.into(),
-                (BasicValueEnum::IntValue(i), ElemType::Bool) if i.get_type().get_bit_width() == 1 => i.into(),
-                (BasicValueEnum::IntValue(i), ElemType::Bool) => fb.b.build_int_compare(IntPredicate::NE, i, fb.i64c(0), "ib").map_err(be)?.into(),
+                (BasicValueEnum::IntValue(i), ElemType::Bool)
+                    if i.get_type().get_bit_width() == 1 =>
+                {
+                    i.into()
+                }
+                (BasicValueEnum::IntValue(i), ElemType::Bool) => {
+                    fb.b.build_int_compare(IntPredicate::NE, i, fb.i64c(0), "ib")
+                        .map_err(be)?
+                        .into()
+                }
                 _ => return Err(BackendError::Unsupported("cast".into())),
             };
             match (round, v) {
                 (Round::F16, BasicValueEnum::FloatValue(f)) => {
-                    let h = fb.b.build_float_trunc(f, fb.ctx.f16_type(), "h").map_err(be)?;
+                    let h =
+                        fb.b.build_float_trunc(f, fb.ctx.f16_type(), "h")
+                            .map_err(be)?;
                     fb.b.build_float_ext(h, fb.f32t, "f").map_err(be)?.into()
                 }
                 (Round::BF16, BasicValueEnum::FloatValue(f)) => round_bf16(fb, f)?.into(),
@@ -675,23 +1154,58 @@ fn eval<'ctx>(fb: &Fb<'_, 'ctx>, e: &Expr, avs: &[Av<'ctx>], bases: &[IntValue<'
 /// Round-to-nearest-even to bfloat16 precision, NaN kept: `(bits + 0x7fff + lsb) & ~0xffff`.
 fn round_bf16<'ctx>(fb: &Fb<'_, 'ctx>, f: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
     let i32t = fb.ctx.i32_type();
-    let bits = fb.b.build_bit_cast(f, i32t, "bits").map_err(be)?.into_int_value();
-    let lsb = fb.b.build_and(fb.b.build_right_shift(bits, i32t.const_int(16, false), false, "s").map_err(be)?, i32t.const_int(1, false), "l").map_err(be)?;
-    let r = fb.b.build_int_add(fb.b.build_int_add(bits, i32t.const_int(0x7fff, false), "a").map_err(be)?, lsb, "b").map_err(be)?;
-    let r = fb.b.build_and(r, i32t.const_int(0xffff_0000, false), "m").map_err(be)?;
-    let rounded = fb.b.build_bit_cast(r, fb.f32t, "r").map_err(be)?.into_float_value();
-    let nan = fb.b.build_float_compare(FloatPredicate::UNO, f, f, "nan").map_err(be)?;
-    Ok(fb.b.build_select(nan, f, rounded, "bf").map_err(be)?.into_float_value())
+    let bits =
+        fb.b.build_bit_cast(f, i32t, "bits")
+            .map_err(be)?
+            .into_int_value();
+    let lsb =
+        fb.b.build_and(
+            fb.b.build_right_shift(bits, i32t.const_int(16, false), false, "s")
+                .map_err(be)?,
+            i32t.const_int(1, false),
+            "l",
+        )
+        .map_err(be)?;
+    let r =
+        fb.b.build_int_add(
+            fb.b.build_int_add(bits, i32t.const_int(0x7fff, false), "a")
+                .map_err(be)?,
+            lsb,
+            "b",
+        )
+        .map_err(be)?;
+    let r =
+        fb.b.build_and(r, i32t.const_int(0xffff_0000, false), "m")
+            .map_err(be)?;
+    let rounded =
+        fb.b.build_bit_cast(r, fb.f32t, "r")
+            .map_err(be)?
+            .into_float_value();
+    let nan =
+        fb.b.build_float_compare(FloatPredicate::UNO, f, f, "nan")
+            .map_err(be)?;
+    Ok(fb
+        .b
+        .build_select(nan, f, rounded, "bf")
+        .map_err(be)?
+        .into_float_value())
 }
 
 fn elementwise(fb: &Fb, out: &Access, shape: &[Dim], expr: &Expr) -> R<()> {
     let mut loads = vec![];
     collect_loads(expr, &mut loads);
-    let avs: Vec<Av> = loads.iter().map(|(a, t)| fb.access(a, *t)).collect::<R<_>>()?;
+    let avs: Vec<Av> = loads
+        .iter()
+        .map(|(a, t)| fb.access(a, *t))
+        .collect::<R<_>>()?;
     let oav = fb.access(out, expr.elem())?;
     let dims: Vec<IntValue> = shape.iter().map(|d| fb.dim(d)).collect::<R<_>>()?;
     let r = dims.len();
-    let (outer, inner) = if r == 0 { (vec![], fb.i64c(1)) } else { (dims[..r - 1].to_vec(), dims[r - 1]) };
+    let (outer, inner) = if r == 0 {
+        (vec![], fb.i64c(1))
+    } else {
+        (dims[..r - 1].to_vec(), dims[r - 1])
+    };
     let mut rows = fb.i64c(1);
     for d in &outer {
         rows = fb.mul(rows, *d)?;
@@ -703,13 +1217,24 @@ fn elementwise(fb: &Fb, out: &Access, shape: &[Dim], expr: &Expr) -> R<()> {
         let bases: Vec<IntValue> = avs.iter().map(|a| fb.at(a, &pairs)).collect::<R<_>>()?;
         let obase = fb.at(&oav, &pairs)?;
         fb.for_range(fb.i64c(0), inner, |fb, j| {
-            let el: Vec<IntValue> = if r == 0 { bases.clone() } else { avs.iter().zip(&bases).map(|(a, b)| fb.add(*b, fb.mul(j, a.strides[r - 1])?)).collect::<R<_>>()? };
+            let el: Vec<IntValue> = if r == 0 {
+                bases.clone()
+            } else {
+                avs.iter()
+                    .zip(&bases)
+                    .map(|(a, b)| fb.add(*b, fb.mul(j, a.strides[r - 1])?))
+                    .collect::<R<_>>()?
+            };
             let mut index = idx.clone();
             if r > 0 {
                 index.push(j);
             }
             let v = eval(fb, expr, &avs, &el, &mut 0, &index)?;
-            let o = if r == 0 { obase } else { fb.add(obase, fb.mul(j, oav.strides[r - 1])?)? };
+            let o = if r == 0 {
+                obase
+            } else {
+                fb.add(obase, fb.mul(j, oav.strides[r - 1])?)?
+            };
             fb.store(oav.ptr, oav.elem, o, v)
         })
     })?;
@@ -718,7 +1243,11 @@ fn elementwise(fb: &Fb, out: &Access, shape: &[Dim], expr: &Expr) -> R<()> {
 
 /// Output elements: all dims but `axis` (row-major); returns (dims without axis, their
 /// original positions).
-fn without_axis<'ctx>(fb: &Fb<'_, 'ctx>, shape: &[Dim], axis: usize) -> R<(Vec<IntValue<'ctx>>, Vec<usize>, IntValue<'ctx>)> {
+fn without_axis<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    shape: &[Dim],
+    axis: usize,
+) -> R<(Vec<IntValue<'ctx>>, Vec<usize>, IntValue<'ctx>)> {
     let mut dims = vec![];
     let mut pos = vec![];
     let mut total = fb.i64c(1);
@@ -737,7 +1266,9 @@ fn reduce(fb: &Fb, op: ReduceOp, out: u32, src: &Access, shape: &[Dim], axis: us
     let sav = fb.access(src, ElemType::F32)?;
     let is_int = fb.prog.buffers[src.buf as usize].elem == ElemType::I64;
     if is_int {
-        return Err(BackendError::Unsupported("integer reductions on the CPU backend".into()));
+        return Err(BackendError::Unsupported(
+            "integer reductions on the CPU backend".into(),
+        ));
     }
     let optr = fb.buf(out)?;
     let (dims, pos, total) = without_axis(fb, shape, axis)?;
@@ -749,24 +1280,39 @@ fn reduce(fb: &Fb, op: ReduceOp, out: u32, src: &Access, shape: &[Dim], axis: us
         let idx = fb.decompose(o, &dims)?;
         let pairs: Vec<(usize, IntValue)> = pos.iter().copied().zip(idx.iter().copied()).collect();
         let base = fb.at(&sav, &pairs)?;
-        let init = if op == ReduceOp::Max { f64::NEG_INFINITY } else { 0.0 };
+        let init = if op == ReduceOp::Max {
+            f64::NEG_INFINITY
+        } else {
+            0.0
+        };
         fb.b.build_store(acc, f64t.const_float(init)).map_err(be)?;
         fb.for_range(fb.i64c(0), len, |fb, j| {
             let x = fb.load_f32(sav.ptr, fb.add(base, fb.mul(j, sav.strides[axis])?)?)?;
             let x = fb.b.build_float_ext(x, f64t, "x").map_err(be)?;
-            let a = fb.b.build_load(f64t, acc, "a").map_err(be)?.into_float_value();
+            let a =
+                fb.b.build_load(f64t, acc, "a")
+                    .map_err(be)?
+                    .into_float_value();
             let v = match op {
                 ReduceOp::Max => {
                     let i = Intrinsic::find("llvm.maximum").expect("intrinsic");
                     let f = i.get_declaration(fb.module, &[f64t.into()]).expect("decl");
-                    fb.b.build_call(f, &[a.into(), x.into()], "m").map_err(be)?.try_as_basic_value().basic().expect("value").into_float_value()
+                    fb.b.build_call(f, &[a.into(), x.into()], "m")
+                        .map_err(be)?
+                        .try_as_basic_value()
+                        .basic()
+                        .expect("value")
+                        .into_float_value()
                 }
                 _ => fb.b.build_float_add(a, x, "s").map_err(be)?,
             };
             fb.b.build_store(acc, v).map_err(be)?;
             Ok(())
         })?;
-        let mut a = fb.b.build_load(f64t, acc, "a").map_err(be)?.into_float_value();
+        let mut a =
+            fb.b.build_load(f64t, acc, "a")
+                .map_err(be)?
+                .into_float_value();
         if op == ReduceOp::Mean {
             let n = fb.b.build_signed_int_to_float(len, f64t, "n").map_err(be)?;
             a = fb.b.build_float_div(a, n, "mean").map_err(be)?;
@@ -780,7 +1326,10 @@ fn reduce(fb: &Fb, op: ReduceOp, out: u32, src: &Access, shape: &[Dim], axis: us
 fn softmax(fb: &Fb, out: u32, src: &Access, shape: &[Dim], axis: usize) -> R<()> {
     let sav = fb.access(src, ElemType::F32)?;
     let optr = fb.buf(out)?;
-    let ostr = crate::kernel::contiguous_strides(shape).iter().map(|p| fb.poly(p)).collect::<R<Vec<_>>>()?;
+    let ostr = crate::kernel::contiguous_strides(shape)
+        .iter()
+        .map(|p| fb.poly(p))
+        .collect::<R<Vec<_>>>()?;
     let (dims, pos, total) = without_axis(fb, shape, axis)?;
     let len = fb.dim(&shape[axis])?;
     let (s, e) = fb.split(total)?;
@@ -808,12 +1357,19 @@ fn softmax(fb: &Fb, out: u32, src: &Access, shape: &[Dim], axis: usize) -> R<()>
             let z = fb.b.build_float_sub(x, m, "z").map_err(be)?;
             let ez = fb.exp(z)?;
             fb.store_f32(optr, fb.add(obase, fb.mul(j, ostr[axis])?)?, ez)?;
-            let a = fb.b.build_load(f64t, sum, "a").map_err(be)?.into_float_value();
+            let a =
+                fb.b.build_load(f64t, sum, "a")
+                    .map_err(be)?
+                    .into_float_value();
             let ez64 = fb.b.build_float_ext(ez, f64t, "e").map_err(be)?;
-            fb.b.build_store(sum, fb.b.build_float_add(a, ez64, "s").map_err(be)?).map_err(be)?;
+            fb.b.build_store(sum, fb.b.build_float_add(a, ez64, "s").map_err(be)?)
+                .map_err(be)?;
             Ok(())
         })?;
-        let tot = fb.b.build_load(f64t, sum, "t").map_err(be)?.into_float_value();
+        let tot =
+            fb.b.build_load(f64t, sum, "t")
+                .map_err(be)?
+                .into_float_value();
         let tot = fb.b.build_float_trunc(tot, fb.f32t, "t").map_err(be)?;
         fb.for_range(fb.i64c(0), len, |fb, j| {
             let at = fb.add(obase, fb.mul(j, ostr[axis])?)?;
@@ -832,7 +1388,18 @@ const ROW_BLOCK: usize = 4;
 /// `w`). Threads split the columns; rows go in blocks of `ROW_BLOCK`, each output element a
 /// dot product over `k` with reassociation allowed, so LLVM vectorises it.
 #[allow(clippy::too_many_arguments)]
-fn matmul<'ctx>(fb: &Fb<'_, 'ctx>, out: u32, a: &Access, norm: Option<(Option<&Access>, f64)>, w: &Access, batch: &[Dim], m: &Dim, n: &Dim, k: &Dim, shared_w: bool) -> R<()> {
+fn matmul<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    out: u32,
+    a: &Access,
+    norm: Option<(Option<&Access>, f64)>,
+    w: &Access,
+    batch: &[Dim],
+    m: &Dim,
+    n: &Dim,
+    k: &Dim,
+    shared_w: bool,
+) -> R<()> {
     let aav = fb.access(a, ElemType::F32)?;
     let wav = fb.access(w, ElemType::F32)?;
     let gav = match norm {
@@ -848,31 +1415,56 @@ fn matmul<'ctx>(fb: &Fb<'_, 'ctx>, out: u32, a: &Access, norm: Option<(Option<&A
         nbatch = fb.mul(nbatch, *d)?;
     }
     let (cs, ce) = fb.split(nv)?;
-    let accs: Vec<PointerValue> = (0..ROW_BLOCK).map(|_| fb.slot(fb.f32t.into())).collect::<R<_>>()?;
-    let invs: Vec<PointerValue> = (0..ROW_BLOCK).map(|_| fb.slot(fb.f32t.into())).collect::<R<_>>()?;
+    let accs: Vec<PointerValue> = (0..ROW_BLOCK)
+        .map(|_| fb.slot(fb.f32t.into()))
+        .collect::<R<_>>()?;
+    let invs: Vec<PointerValue> = (0..ROW_BLOCK)
+        .map(|_| fb.slot(fb.f32t.into()))
+        .collect::<R<_>>()?;
     let (ra, ka) = (aav.strides.len() - 2, aav.strides.len() - 1);
     let (kw, nw) = (wav.strides.len() - 2, wav.strides.len() - 1);
-    let blocks = fb.b.build_int_signed_div(mv, fb.i64c(ROW_BLOCK as i64), "blocks").map_err(be)?;
+    let blocks =
+        fb.b.build_int_signed_div(mv, fb.i64c(ROW_BLOCK as i64), "blocks")
+            .map_err(be)?;
     let tail_start = fb.mul(blocks, fb.i64c(ROW_BLOCK as i64))?;
     fb.for_range(fb.i64c(0), nbatch, |fb, bi| {
         let bidx = fb.decompose(bi, &bdims)?;
         let bpairs: Vec<(usize, IntValue)> = bidx.iter().copied().enumerate().collect();
         let abase0 = fb.at(&aav, &bpairs)?;
-        let wbase0 = if shared_w { wav.off } else { fb.at(&wav, &bpairs)? };
+        let wbase0 = if shared_w {
+            wav.off
+        } else {
+            fb.at(&wav, &bpairs)?
+        };
         // A block of `rows` rows starting at `m0`.
         let block = |fb: &Fb<'_, 'ctx>, m0: IntValue<'ctx>, rows: usize| -> R<()> {
-            let abases: Vec<IntValue> = (0..rows).map(|r| fb.add(abase0, fb.mul(fb.add(m0, fb.i64c(r as i64))?, aav.strides[ra])?)).collect::<R<_>>()?;
+            let abases: Vec<IntValue> = (0..rows)
+                .map(|r| {
+                    fb.add(
+                        abase0,
+                        fb.mul(fb.add(m0, fb.i64c(r as i64))?, aav.strides[ra])?,
+                    )
+                })
+                .collect::<R<_>>()?;
             if norm.is_some() {
                 for r in 0..rows {
                     fb.set(accs[r], fb.f32c(0.0))?;
                     fb.for_range(fb.i64c(0), kv, |fb, kk| {
-                        let x = fb.load_f32(aav.ptr, fb.add(abases[r], fb.mul(kk, aav.strides[ka])?)?)?;
+                        let x =
+                            fb.load_f32(aav.ptr, fb.add(abases[r], fb.mul(kk, aav.strides[ka])?)?)?;
                         fb.set(accs[r], fb.fma_fast(fb.get(accs[r])?, x, x)?)
                     })?;
-                    let kf = fb.b.build_signed_int_to_float(kv, fb.f32t, "k").map_err(be)?;
-                    let mean = fb.b.build_float_div(fb.get(accs[r])?, kf, "mean").map_err(be)?;
+                    let kf =
+                        fb.b.build_signed_int_to_float(kv, fb.f32t, "k")
+                            .map_err(be)?;
+                    let mean =
+                        fb.b.build_float_div(fb.get(accs[r])?, kf, "mean")
+                            .map_err(be)?;
                     let sq = fb.intrinsic("llvm.sqrt", &[fb.fadd(mean, fb.f32c(eps))?])?;
-                    fb.set(invs[r], fb.b.build_float_div(fb.f32c(1.0), sq, "inv").map_err(be)?)?;
+                    fb.set(
+                        invs[r],
+                        fb.b.build_float_div(fb.f32c(1.0), sq, "inv").map_err(be)?,
+                    )?;
                 }
             }
             fb.for_range(cs, ce, |fb, ni| {
@@ -881,13 +1473,16 @@ fn matmul<'ctx>(fb: &Fb<'_, 'ctx>, out: u32, a: &Access, norm: Option<(Option<&A
                     fb.set(*acc, fb.f32c(0.0))?;
                 }
                 fb.for_range(fb.i64c(0), kv, |fb, kk| {
-                    let mut y = fb.load_f32(wav.ptr, fb.add(wbase, fb.mul(kk, wav.strides[kw])?)?)?;
+                    let mut y =
+                        fb.load_f32(wav.ptr, fb.add(wbase, fb.mul(kk, wav.strides[kw])?)?)?;
                     if let Some(gav) = &gav {
-                        let gv = fb.load_f32(gav.ptr, fb.add(gav.off, fb.mul(kk, gav.strides[0])?)?)?;
+                        let gv =
+                            fb.load_f32(gav.ptr, fb.add(gav.off, fb.mul(kk, gav.strides[0])?)?)?;
                         y = fb.fast(fb.fmul(y, gv)?);
                     }
                     for r in 0..rows {
-                        let x = fb.load_f32(aav.ptr, fb.add(abases[r], fb.mul(kk, aav.strides[ka])?)?)?;
+                        let x =
+                            fb.load_f32(aav.ptr, fb.add(abases[r], fb.mul(kk, aav.strides[ka])?)?)?;
                         fb.set(accs[r], fb.fma_fast(fb.get(accs[r])?, x, y)?)?;
                     }
                     Ok(())
@@ -903,7 +1498,9 @@ fn matmul<'ctx>(fb: &Fb<'_, 'ctx>, out: u32, a: &Access, norm: Option<(Option<&A
                 Ok(())
             })
         };
-        fb.for_range(fb.i64c(0), blocks, |fb, blk| block(fb, fb.mul(blk, fb.i64c(ROW_BLOCK as i64))?, ROW_BLOCK))?;
+        fb.for_range(fb.i64c(0), blocks, |fb, blk| {
+            block(fb, fb.mul(blk, fb.i64c(ROW_BLOCK as i64))?, ROW_BLOCK)
+        })?;
         fb.for_range(tail_start, mv, |fb, mi| block(fb, mi, 1))
     })?;
     fb.ret_ok()
@@ -930,14 +1527,25 @@ fn rms_norm(fb: &Fb, out: u32, x: &Access, w: &Access, shape: &[Dim], eps: f64) 
         fb.b.build_store(acc, f64t.const_float(0.0)).map_err(be)?;
         fb.for_range(fb.i64c(0), n, |fb, j| {
             let v = fb.load_f32(xav.ptr, fb.add(base, fb.mul(j, xav.strides[r - 1])?)?)?;
-            let sq = fb.b.build_float_ext(fb.fmul(v, v)?, f64t, "sq").map_err(be)?;
-            let a = fb.b.build_load(f64t, acc, "a").map_err(be)?.into_float_value();
-            fb.b.build_store(acc, fb.b.build_float_add(a, sq, "s").map_err(be)?).map_err(be)?;
+            let sq =
+                fb.b.build_float_ext(fb.fmul(v, v)?, f64t, "sq")
+                    .map_err(be)?;
+            let a =
+                fb.b.build_load(f64t, acc, "a")
+                    .map_err(be)?
+                    .into_float_value();
+            fb.b.build_store(acc, fb.b.build_float_add(a, sq, "s").map_err(be)?)
+                .map_err(be)?;
             Ok(())
         })?;
-        let a = fb.b.build_load(f64t, acc, "a").map_err(be)?.into_float_value();
+        let a =
+            fb.b.build_load(f64t, acc, "a")
+                .map_err(be)?
+                .into_float_value();
         let nf = fb.b.build_signed_int_to_float(n, f64t, "n").map_err(be)?;
-        let mean = fb.b.build_float_trunc(fb.b.build_float_div(a, nf, "m").map_err(be)?, fb.f32t, "m").map_err(be)?;
+        let mean =
+            fb.b.build_float_trunc(fb.b.build_float_div(a, nf, "m").map_err(be)?, fb.f32t, "m")
+                .map_err(be)?;
         let sq = fb.intrinsic("llvm.sqrt", &[fb.fadd(mean, fb.f32c(eps))?])?;
         let inv = fb.b.build_float_div(fb.f32c(1.0), sq, "inv").map_err(be)?;
         let obase = fb.mul(row, n)?;
@@ -960,17 +1568,44 @@ const ATTN_BLOCK: i64 = 64;
 /// the running output row (in scratch) is rescaled by `exp(m_old - m_new)` and accumulates
 /// `Σ p·v`. Scratch: `dv` floats of output row, then `ATTN_BLOCK` scores.
 #[allow(clippy::too_many_arguments)]
-fn attention(fb: &Fb, out: u32, q: &Access, k: &Access, v: &Access, pos: &Access, d: &crate::kernel::AttnDims, scale: f64) -> R<()> {
-    let (qa, ka, va) = (fb.access(q, ElemType::F32)?, fb.access(k, ElemType::F32)?, fb.access(v, ElemType::F32)?);
+fn attention(
+    fb: &Fb,
+    out: u32,
+    q: &Access,
+    k: &Access,
+    v: &Access,
+    pos: &Access,
+    d: &crate::kernel::AttnDims,
+    scale: f64,
+) -> R<()> {
+    let (qa, ka, va) = (
+        fb.access(q, ElemType::F32)?,
+        fb.access(k, ElemType::F32)?,
+        fb.access(v, ElemType::F32)?,
+    );
     let pa = fb.access(pos, ElemType::I64)?;
     let optr = fb.buf(out)?;
     let (bv, tv, sv) = (fb.dim(&d.b)?, fb.dim(&d.t)?, fb.dim(&d.s)?);
-    let (h, dd, dv, rep) = (fb.i64c(d.h), fb.i64c(d.d), fb.i64c(d.dv), fb.i64c(d.h / d.hkv));
+    let (h, dd, dv, rep) = (
+        fb.i64c(d.h),
+        fb.i64c(d.d),
+        fb.i64c(d.dv),
+        fb.i64c(d.h / d.hkv),
+    );
     let units = fb.mul(fb.mul(bv, h)?, tv)?;
     let (s, e) = fb.split(units)?;
-    let (mx, l, dot, bmax, psum) = (fb.slot(fb.f32t.into())?, fb.slot(fb.f32t.into())?, fb.slot(fb.f32t.into())?, fb.slot(fb.f32t.into())?, fb.slot(fb.f32t.into())?);
+    let (mx, l, dot, bmax, psum) = (
+        fb.slot(fb.f32t.into())?,
+        fb.slot(fb.f32t.into())?,
+        fb.slot(fb.f32t.into())?,
+        fb.slot(fb.f32t.into())?,
+        fb.slot(fb.f32t.into())?,
+    );
     let acc = fb.scratch;
-    let sc = unsafe { fb.b.build_in_bounds_gep(fb.f32t, fb.scratch, &[dv], "scores") }.map_err(be)?;
+    let sc = unsafe {
+        fb.b.build_in_bounds_gep(fb.f32t, fb.scratch, &[dv], "scores")
+    }
+    .map_err(be)?;
     fb.for_range(s, e, |fb, u| {
         let idx = fb.decompose(u, &[bv, h, tv])?;
         let (bi, hi, ti) = (idx[0], idx[1], idx[2]);
@@ -978,20 +1613,38 @@ fn attention(fb: &Fb, out: u32, q: &Access, k: &Access, v: &Access, pos: &Access
         let qb = fb.at(&qa, &[(0, bi), (1, hi), (2, ti)])?;
         let kb = fb.at(&ka, &[(0, bi), (1, g)])?;
         let vb = fb.at(&va, &[(0, bi), (1, g)])?;
-        let limit = fb.load(&pa, fb.at(&pa, &[(0, bi), (1, ti)])?)?.into_int_value();
+        let limit = fb
+            .load(&pa, fb.at(&pa, &[(0, bi), (1, ti)])?)?
+            .into_int_value();
         // visible keys: j <= positions[b, t], j < S
         let lim1 = fb.add(limit, fb.i64c(1))?;
-        let c = fb.b.build_int_compare(IntPredicate::SLT, lim1, sv, "c").map_err(be)?;
-        let end = fb.b.build_select(c, lim1, sv, "end").map_err(be)?.into_int_value();
+        let c =
+            fb.b.build_int_compare(IntPredicate::SLT, lim1, sv, "c")
+                .map_err(be)?;
+        let end =
+            fb.b.build_select(c, lim1, sv, "end")
+                .map_err(be)?
+                .into_int_value();
         fb.set(mx, fb.f32c(f64::NEG_INFINITY))?;
         fb.set(l, fb.f32c(0.0))?;
         fb.for_range(fb.i64c(0), dv, |fb, c| fb.store_f32(acc, c, fb.f32c(0.0)))?;
-        let nblocks = fb.b.build_int_signed_div(fb.add(end, fb.i64c(ATTN_BLOCK - 1))?, fb.i64c(ATTN_BLOCK), "nb").map_err(be)?;
+        let nblocks =
+            fb.b.build_int_signed_div(
+                fb.add(end, fb.i64c(ATTN_BLOCK - 1))?,
+                fb.i64c(ATTN_BLOCK),
+                "nb",
+            )
+            .map_err(be)?;
         fb.for_range(fb.i64c(0), nblocks, |fb, blk| {
             let j0 = fb.mul(blk, fb.i64c(ATTN_BLOCK))?;
             let rest = fb.b.build_int_sub(end, j0, "rest").map_err(be)?;
-            let lt = fb.b.build_int_compare(IntPredicate::SLT, rest, fb.i64c(ATTN_BLOCK), "lt").map_err(be)?;
-            let jl = fb.b.build_select(lt, rest, fb.i64c(ATTN_BLOCK), "jl").map_err(be)?.into_int_value();
+            let lt =
+                fb.b.build_int_compare(IntPredicate::SLT, rest, fb.i64c(ATTN_BLOCK), "lt")
+                    .map_err(be)?;
+            let jl =
+                fb.b.build_select(lt, rest, fb.i64c(ATTN_BLOCK), "jl")
+                    .map_err(be)?
+                    .into_int_value();
             // Scores of the block, and their max.
             fb.set(bmax, fb.f32c(f64::NEG_INFINITY))?;
             fb.for_range(fb.i64c(0), jl, |fb, j| {
@@ -1012,7 +1665,9 @@ fn attention(fb: &Fb, out: u32, q: &Access, k: &Access, v: &Access, pos: &Access
             // p = exp(s - m_new), in place, and their sum.
             fb.set(psum, fb.f32c(0.0))?;
             fb.for_range(fb.i64c(0), jl, |fb, j| {
-                let z = fb.b.build_float_sub(fb.load_f32(sc, j)?, m_new, "z").map_err(be)?;
+                let z =
+                    fb.b.build_float_sub(fb.load_f32(sc, j)?, m_new, "z")
+                        .map_err(be)?;
                 let p = fb.exp(z)?;
                 fb.store_f32(sc, j, p)?;
                 let t = fb.fast(fb.fadd(fb.get(psum)?, p)?);
@@ -1038,19 +1693,35 @@ fn attention(fb: &Fb, out: u32, q: &Access, k: &Access, v: &Access, pos: &Access
         let lv = fb.get(l)?;
         fb.for_range(fb.i64c(0), dv, |fb, c| {
             let a = fb.load_f32(acc, c)?;
-            fb.store_f32(optr, fb.add(obase, c)?, fb.b.build_float_div(a, lv, "o").map_err(be)?)
+            fb.store_f32(
+                optr,
+                fb.add(obase, c)?,
+                fb.b.build_float_div(a, lv, "o").map_err(be)?,
+            )
         })
     })?;
     fb.ret_ok()
 }
 
 #[allow(clippy::too_many_arguments)]
-fn gather(fb: &Fb, out: u32, table: &Access, idx: &Access, tshape: &[Dim], ishape: &[Dim], axis: usize, elem: ElemType) -> R<()> {
+fn gather(
+    fb: &Fb,
+    out: u32,
+    table: &Access,
+    idx: &Access,
+    tshape: &[Dim],
+    ishape: &[Dim],
+    axis: usize,
+    elem: ElemType,
+) -> R<()> {
     let ta = fb.access(table, elem)?;
     let ia = fb.access(idx, ElemType::I64)?;
     let optr = fb.buf(out)?;
     let outer: Vec<IntValue> = tshape[..axis].iter().map(|d| fb.dim(d)).collect::<R<_>>()?;
-    let inner: Vec<IntValue> = tshape[axis + 1..].iter().map(|d| fb.dim(d)).collect::<R<_>>()?;
+    let inner: Vec<IntValue> = tshape[axis + 1..]
+        .iter()
+        .map(|d| fb.dim(d))
+        .collect::<R<_>>()?;
     let idims: Vec<IntValue> = ishape.iter().map(|d| fb.dim(d)).collect::<R<_>>()?;
     let len = fb.dim(&tshape[axis])?;
     let mut no = fb.i64c(1);
@@ -1074,8 +1745,12 @@ fn gather(fb: &Fb, out: u32, table: &Access, idx: &Access, tshape: &[Dim], ishap
         let iidx = fb.decompose(ii, &idims)?;
         let ipairs: Vec<(usize, IntValue)> = iidx.iter().copied().enumerate().collect();
         let id = fb.load(&ia, fb.at(&ia, &ipairs)?)?.into_int_value();
-        let neg = fb.b.build_int_compare(IntPredicate::SLT, id, fb.i64c(0), "neg").map_err(be)?;
-        let big = fb.b.build_int_compare(IntPredicate::SGE, id, len, "big").map_err(be)?;
+        let neg =
+            fb.b.build_int_compare(IntPredicate::SLT, id, fb.i64c(0), "neg")
+                .map_err(be)?;
+        let big =
+            fb.b.build_int_compare(IntPredicate::SGE, id, len, "big")
+                .map_err(be)?;
         let oob = fb.b.build_or(neg, big, "oob").map_err(be)?;
         let ok = fb.ctx.append_basic_block(fb.func, "ok");
         fb.b.build_conditional_branch(oob, bad, ok).map_err(be)?;
@@ -1097,7 +1772,8 @@ fn gather(fb: &Fb, out: u32, table: &Access, idx: &Access, tshape: &[Dim], ishap
     })?;
     fb.ret_ok()?;
     fb.b.position_at_end(bad);
-    fb.b.build_return(Some(&fb.ctx.i32_type().const_int(1, false))).map_err(be)?;
+    fb.b.build_return(Some(&fb.ctx.i32_type().const_int(1, false)))
+        .map_err(be)?;
     Ok(())
 }
 
@@ -1120,25 +1796,53 @@ fn pack_panels(fb: &Fb, out: u32, w: &Access, k: i64, n: i64, nr: i64, store: Pa
         fb.for_range(fb.i64c(0), fb.i64c(k), |fb, kk| {
             fb.for_range(fb.i64c(0), fb.i64c(nr), |fb, j| {
                 let col = fb.add(fb.mul(p, fb.i64c(nr))?, j)?;
-                let inside = fb.b.build_int_compare(IntPredicate::SLT, col, fb.i64c(n), "in").map_err(be)?;
-                let safe = fb.b.build_select(inside, col, fb.i64c(0), "c").map_err(be)?.into_int_value();
-                let at = fb.add(fb.add(wav.off, fb.mul(kk, wav.strides[0])?)?, fb.mul(safe, wav.strides[1])?)?;
+                let inside =
+                    fb.b.build_int_compare(IntPredicate::SLT, col, fb.i64c(n), "in")
+                        .map_err(be)?;
+                let safe =
+                    fb.b.build_select(inside, col, fb.i64c(0), "c")
+                        .map_err(be)?
+                        .into_int_value();
+                let at = fb.add(
+                    fb.add(wav.off, fb.mul(kk, wav.strides[0])?)?,
+                    fb.mul(safe, wav.strides[1])?,
+                )?;
                 let v = fb.load_f32(wav.ptr, at)?;
-                let v = fb.b.build_select(inside, v, fb.f32c(0.0), "v").map_err(be)?.into_float_value();
+                let v =
+                    fb.b.build_select(inside, v, fb.f32c(0.0), "v")
+                        .map_err(be)?
+                        .into_float_value();
                 let o = fb.add(fb.mul(fb.add(fb.mul(p, fb.i64c(k))?, kk)?, fb.i64c(nr))?, j)?;
                 match store {
                     PanelType::F32 => fb.store_f32(optr, o, v),
                     PanelType::BF16 | PanelType::F16 => {
                         let bits = if store == PanelType::BF16 {
                             let r = round_bf16(fb, v)?;
-                            let i = fb.b.build_bit_cast(r, fb.ctx.i32_type(), "bits").map_err(be)?.into_int_value();
-                            let hi = fb.b.build_right_shift(i, fb.ctx.i32_type().const_int(16, false), false, "hi").map_err(be)?;
-                            fb.b.build_int_truncate(hi, fb.ctx.i16_type(), "h").map_err(be)?
+                            let i =
+                                fb.b.build_bit_cast(r, fb.ctx.i32_type(), "bits")
+                                    .map_err(be)?
+                                    .into_int_value();
+                            let hi =
+                                fb.b.build_right_shift(
+                                    i,
+                                    fb.ctx.i32_type().const_int(16, false),
+                                    false,
+                                    "hi",
+                                )
+                                .map_err(be)?;
+                            fb.b.build_int_truncate(hi, fb.ctx.i16_type(), "h")
+                                .map_err(be)?
                         } else {
-                            let h = fb.b.build_float_trunc(v, fb.ctx.f16_type(), "h").map_err(be)?;
-                            fb.b.build_bit_cast(h, fb.ctx.i16_type(), "hb").map_err(be)?.into_int_value()
+                            let h =
+                                fb.b.build_float_trunc(v, fb.ctx.f16_type(), "h")
+                                    .map_err(be)?;
+                            fb.b.build_bit_cast(h, fb.ctx.i16_type(), "hb")
+                                .map_err(be)?
+                                .into_int_value()
                         };
-                        let pp = unsafe { fb.b.build_in_bounds_gep(fb.ctx.i16_type(), optr, &[o], "p") }.map_err(be)?;
+                        let pp =
+                            unsafe { fb.b.build_in_bounds_gep(fb.ctx.i16_type(), optr, &[o], "p") }
+                                .map_err(be)?;
                         fb.b.build_store(pp, bits).map_err(be)?;
                         Ok(())
                     }
@@ -1151,17 +1855,39 @@ fn pack_panels(fb: &Fb, out: u32, w: &Access, k: i64, n: i64, nr: i64, store: Pa
 
 /// The `mr × nr` micro-kernel: `c[r, 0..nr] (+)= Σ_{k<kl} a[r·lda + k] · bp[k·nr .. k·nr+nr]`,
 /// then, if `scale` is not null, `c[r, :] *= scale[r]`. One function per (mr, nr) per module.
-fn ukernel<'ctx>(fb: &Fb<'_, 'ctx>, mr: i64, nr: i64, panel: PanelType, cpu_attrs: &[inkwell::attributes::Attribute]) -> R<FunctionValue<'ctx>> {
+fn ukernel<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    mr: i64,
+    nr: i64,
+    panel: PanelType,
+    cpu_attrs: &[inkwell::attributes::Attribute],
+) -> R<FunctionValue<'ctx>> {
     let name = format!("egret_ukernel_{mr}x{nr}_{panel:?}");
     if let Some(f) = fb.module.get_function(&name) {
         return Ok(f);
     }
     let ctx = fb.ctx;
-    let (ptrt, i64t, f32t) = (ctx.ptr_type(AddressSpace::default()), ctx.i64_type(), ctx.f32_type());
+    let (ptrt, i64t, f32t) = (
+        ctx.ptr_type(AddressSpace::default()),
+        ctx.i64_type(),
+        ctx.f32_type(),
+    );
     let vw = (nr / 2) as u32;
     let vt = f32t.vec_type(vw);
     let nv = (nr as u32) / vw;
-    let fty = ctx.void_type().fn_type(&[ptrt.into(), i64t.into(), ptrt.into(), ptrt.into(), i64t.into(), i64t.into(), ctx.bool_type().into(), ptrt.into()], false);
+    let fty = ctx.void_type().fn_type(
+        &[
+            ptrt.into(),
+            i64t.into(),
+            ptrt.into(),
+            ptrt.into(),
+            i64t.into(),
+            i64t.into(),
+            ctx.bool_type().into(),
+            ptrt.into(),
+        ],
+        false,
+    );
     let f = fb.module.add_function(&name, fty, Some(Linkage::Internal));
     for a in cpu_attrs {
         f.add_attribute(AttributeLoc::Function, *a);
@@ -1170,18 +1896,37 @@ fn ukernel<'ctx>(fb: &Fb<'_, 'ctx>, mr: i64, nr: i64, panel: PanelType, cpu_attr
     let entry = ctx.append_basic_block(f, "entry");
     b.position_at_end(entry);
     let p = |i: u32| f.get_nth_param(i).expect("param");
-    let (a, lda, bp, c, ldc, kl, first, scale) = (p(0).into_pointer_value(), p(1).into_int_value(), p(2).into_pointer_value(), p(3).into_pointer_value(), p(4).into_int_value(), p(5).into_int_value(), p(6).into_int_value(), p(7).into_pointer_value());
-    let fma = Intrinsic::find("llvm.fma").expect("fma").get_declaration(fb.module, &[vt.into()]).expect("fma decl");
+    let (a, lda, bp, c, ldc, kl, first, scale) = (
+        p(0).into_pointer_value(),
+        p(1).into_int_value(),
+        p(2).into_pointer_value(),
+        p(3).into_pointer_value(),
+        p(4).into_int_value(),
+        p(5).into_int_value(),
+        p(6).into_int_value(),
+        p(7).into_pointer_value(),
+    );
+    let fma = Intrinsic::find("llvm.fma")
+        .expect("fma")
+        .get_declaration(fb.module, &[vt.into()])
+        .expect("fma decl");
     let i64c = |v: i64| i64t.const_int(v as u64, true);
-    let gep = |ty: BasicTypeEnum<'ctx>, base: PointerValue<'ctx>, idx: IntValue<'ctx>| unsafe { b.build_in_bounds_gep(ty, base, &[idx], "p") }.map_err(be);
+    let gep = |ty: BasicTypeEnum<'ctx>, base: PointerValue<'ctx>, idx: IntValue<'ctx>| {
+        unsafe { b.build_in_bounds_gep(ty, base, &[idx], "p") }.map_err(be)
+    };
     let vload = |ptr: PointerValue<'ctx>| -> R<inkwell::values::VectorValue<'ctx>> {
         let v = b.build_load(vt, ptr, "vl").map_err(be)?;
-        v.as_instruction_value().expect("load").set_alignment(4).map_err(be)?;
+        v.as_instruction_value()
+            .expect("load")
+            .set_alignment(4)
+            .map_err(be)?;
         Ok(v.into_vector_value())
     };
     let splat = |x: FloatValue<'ctx>| -> R<inkwell::values::VectorValue<'ctx>> {
         let undef = vt.get_undef();
-        let v = b.build_insert_element(undef, x, i64c(0), "ins").map_err(be)?;
+        let v = b
+            .build_insert_element(undef, x, i64c(0), "ins")
+            .map_err(be)?;
         let mask = ctx.i32_type().vec_type(vw).const_zero();
         b.build_shuffle_vector(v, undef, mask, "splat").map_err(be)
     };
@@ -1190,12 +1935,19 @@ fn ukernel<'ctx>(fb: &Fb<'_, 'ctx>, mr: i64, nr: i64, panel: PanelType, cpu_attr
     let zero_bb = ctx.append_basic_block(f, "zero");
     let load_bb = ctx.append_basic_block(f, "load");
     let loop_pre = ctx.append_basic_block(f, "pre");
-    b.build_conditional_branch(first, zero_bb, load_bb).map_err(be)?;
+    b.build_conditional_branch(first, zero_bb, load_bb)
+        .map_err(be)?;
     b.position_at_end(load_bb);
     let mut loaded = vec![];
     for r in 0..mr {
         for v in 0..nv as i64 {
-            let idx = b.build_int_add(b.build_int_mul(i64c(r), ldc, "").map_err(be)?, i64c(v * vw as i64), "").map_err(be)?;
+            let idx = b
+                .build_int_add(
+                    b.build_int_mul(i64c(r), ldc, "").map_err(be)?,
+                    i64c(v * vw as i64),
+                    "",
+                )
+                .map_err(be)?;
             loaded.push(vload(gep(f32t.into(), c, idx)?)?);
         }
     }
@@ -1209,7 +1961,9 @@ fn ukernel<'ctx>(fb: &Fb<'_, 'ctx>, mr: i64, nr: i64, panel: PanelType, cpu_attr
         if i % nv as usize == 0 {
             acc.push(vec![]);
         }
-        acc.last_mut().expect("row").push(phi.as_basic_value().into_vector_value());
+        acc.last_mut()
+            .expect("row")
+            .push(phi.as_basic_value().into_vector_value());
     }
     // k loop with the accumulators as phis.
     let head = ctx.append_basic_block(f, "k");
@@ -1230,19 +1984,40 @@ fn ukernel<'ctx>(fb: &Fb<'_, 'ctx>, mr: i64, nr: i64, panel: PanelType, cpu_attr
         aphis.push(rp);
     }
     let kk = kphi.as_basic_value().into_int_value();
-    let cond = b.build_int_compare(IntPredicate::SLT, kk, kl, "c").map_err(be)?;
+    let cond = b
+        .build_int_compare(IntPredicate::SLT, kk, kl, "c")
+        .map_err(be)?;
     b.build_conditional_branch(cond, body, exit).map_err(be)?;
     b.position_at_end(body);
     let boff = b.build_int_mul(kk, i64c(nr), "bo").map_err(be)?;
     // Prefetch the weights a few rows ahead: with one row (decode) the kernel is a pure
     // stream over the packed panels and the hardware prefetcher alone falls behind.
     {
-        let pf = Intrinsic::find("llvm.prefetch").expect("prefetch").get_declaration(fb.module, &[ptrt.into()]).expect("prefetch decl");
-        let ety: BasicTypeEnum = if panel == PanelType::F32 { f32t.into() } else { ctx.i16_type().into() };
-        let ahead = b.build_int_add(boff, i64c(PREFETCH_ROWS * nr), "pf").map_err(be)?;
+        let pf = Intrinsic::find("llvm.prefetch")
+            .expect("prefetch")
+            .get_declaration(fb.module, &[ptrt.into()])
+            .expect("prefetch decl");
+        let ety: BasicTypeEnum = if panel == PanelType::F32 {
+            f32t.into()
+        } else {
+            ctx.i16_type().into()
+        };
+        let ahead = b
+            .build_int_add(boff, i64c(PREFETCH_ROWS * nr), "pf")
+            .map_err(be)?;
         let addr = gep(ety, bp, ahead)?;
         let i32t = ctx.i32_type();
-        b.build_call(pf, &[addr.into(), i32t.const_zero().into(), i32t.const_int(3, false).into(), i32t.const_int(1, false).into()], "").map_err(be)?;
+        b.build_call(
+            pf,
+            &[
+                addr.into(),
+                i32t.const_zero().into(),
+                i32t.const_int(3, false).into(),
+                i32t.const_int(1, false).into(),
+            ],
+            "",
+        )
+        .map_err(be)?;
     }
     let bvs: Vec<inkwell::values::VectorValue<'ctx>> = (0..nv as i64)
         .map(|v| -> R<inkwell::values::VectorValue<'ctx>> {
@@ -1251,16 +2026,40 @@ fn ukernel<'ctx>(fb: &Fb<'_, 'ctx>, mr: i64, nr: i64, panel: PanelType, cpu_attr
                 PanelType::F32 => vload(gep(f32t.into(), bp, idx)?),
                 PanelType::BF16 | PanelType::F16 => {
                     let ht = ctx.i16_type().vec_type(vw);
-                    let hv = b.build_load(ht, gep(ctx.i16_type().into(), bp, idx)?, "hl").map_err(be)?;
-                    hv.as_instruction_value().expect("load").set_alignment(2).map_err(be)?;
+                    let hv = b
+                        .build_load(ht, gep(ctx.i16_type().into(), bp, idx)?, "hl")
+                        .map_err(be)?;
+                    hv.as_instruction_value()
+                        .expect("load")
+                        .set_alignment(2)
+                        .map_err(be)?;
                     let hv = hv.into_vector_value();
                     if panel == PanelType::BF16 {
                         // bf16 -> f32: the bits become the high half of the f32.
-                        let wide = b.build_int_z_extend(hv, ctx.i32_type().vec_type(vw), "z").map_err(be)?;
-                        let sh = b.build_left_shift(wide, inkwell::types::VectorType::const_vector(&vec![ctx.i32_type().const_int(16, false); vw as usize]), "s").map_err(be)?;
-                        Ok(b.build_bit_cast(sh, vt, "f").map_err(be)?.into_vector_value())
+                        let wide = b
+                            .build_int_z_extend(hv, ctx.i32_type().vec_type(vw), "z")
+                            .map_err(be)?;
+                        let sh = b
+                            .build_left_shift(
+                                wide,
+                                inkwell::types::VectorType::const_vector(&vec![
+                                    ctx.i32_type()
+                                        .const_int(
+                                            16, false
+                                        );
+                                    vw as usize
+                                ]),
+                                "s",
+                            )
+                            .map_err(be)?;
+                        Ok(b.build_bit_cast(sh, vt, "f")
+                            .map_err(be)?
+                            .into_vector_value())
                     } else {
-                        let h = b.build_bit_cast(hv, ctx.f16_type().vec_type(vw), "h").map_err(be)?.into_vector_value();
+                        let h = b
+                            .build_bit_cast(hv, ctx.f16_type().vec_type(vw), "h")
+                            .map_err(be)?
+                            .into_vector_value();
                         Ok(b.build_float_ext(h, vt, "f").map_err(be)?)
                     }
                 }
@@ -1269,14 +2068,30 @@ fn ukernel<'ctx>(fb: &Fb<'_, 'ctx>, mr: i64, nr: i64, panel: PanelType, cpu_attr
         .collect::<R<_>>()?;
     let mut new_acc = vec![];
     for (r, row) in aphis.iter().enumerate() {
-        let aidx = b.build_int_add(b.build_int_mul(i64c(r as i64), lda, "").map_err(be)?, kk, "").map_err(be)?;
-        let av = b.build_load(f32t, gep(f32t.into(), a, aidx)?, "a").map_err(be)?.into_float_value();
+        let aidx = b
+            .build_int_add(
+                b.build_int_mul(i64c(r as i64), lda, "").map_err(be)?,
+                kk,
+                "",
+            )
+            .map_err(be)?;
+        let av = b
+            .build_load(f32t, gep(f32t.into(), a, aidx)?, "a")
+            .map_err(be)?
+            .into_float_value();
         let asp = splat(av)?;
         let mut nrow = vec![];
         for (v, ph) in row.iter().enumerate() {
             let cur = ph.as_basic_value().into_vector_value();
-            let r = b.build_call(fma, &[asp.into(), bvs[v].into(), cur.into()], "fma").map_err(be)?;
-            nrow.push(r.try_as_basic_value().basic().expect("fma value").into_vector_value());
+            let r = b
+                .build_call(fma, &[asp.into(), bvs[v].into(), cur.into()], "fma")
+                .map_err(be)?;
+            nrow.push(
+                r.try_as_basic_value()
+                    .basic()
+                    .expect("fma value")
+                    .into_vector_value(),
+            );
         }
         new_acc.push(nrow);
     }
@@ -1295,14 +2110,21 @@ fn ukernel<'ctx>(fb: &Fb<'_, 'ctx>, mr: i64, nr: i64, panel: PanelType, cpu_attr
     let scale_bb = ctx.append_basic_block(f, "scale");
     let store_bb = ctx.append_basic_block(f, "store");
     let exit_bb = b.get_insert_block().expect("block");
-    b.build_conditional_branch(has_scale, scale_bb, store_bb).map_err(be)?;
+    b.build_conditional_branch(has_scale, scale_bb, store_bb)
+        .map_err(be)?;
     b.position_at_end(scale_bb);
     let mut scaled = vec![];
     for (r, row) in aphis.iter().enumerate() {
-        let sv = b.build_load(f32t, gep(f32t.into(), scale, i64c(r as i64))?, "s").map_err(be)?.into_float_value();
+        let sv = b
+            .build_load(f32t, gep(f32t.into(), scale, i64c(r as i64))?, "s")
+            .map_err(be)?
+            .into_float_value();
         let ssp = splat(sv)?;
         for ph in row {
-            scaled.push(b.build_float_mul(ph.as_basic_value().into_vector_value(), ssp, "sc").map_err(be)?);
+            scaled.push(
+                b.build_float_mul(ph.as_basic_value().into_vector_value(), ssp, "sc")
+                    .map_err(be)?,
+            );
         }
     }
     b.build_unconditional_branch(store_bb).map_err(be)?;
@@ -1312,7 +2134,10 @@ fn ukernel<'ctx>(fb: &Fb<'_, 'ctx>, mr: i64, nr: i64, panel: PanelType, cpu_attr
     for row in aphis.iter() {
         for ph in row.iter() {
             let fin = b.build_phi(vt, "fin").map_err(be)?;
-            fin.add_incoming(&[(&ph.as_basic_value().into_vector_value(), exit_bb), (&scaled[i], scale_bb)]);
+            fin.add_incoming(&[
+                (&ph.as_basic_value().into_vector_value(), exit_bb),
+                (&scaled[i], scale_bb),
+            ]);
             i += 1;
             fins.push(fin);
         }
@@ -1321,8 +2146,16 @@ fn ukernel<'ctx>(fb: &Fb<'_, 'ctx>, mr: i64, nr: i64, panel: PanelType, cpu_attr
     for (r, row) in aphis.iter().enumerate() {
         for (v, _) in row.iter().enumerate() {
             let fin = fins.next().expect("one per accumulator");
-            let idx = b.build_int_add(b.build_int_mul(i64c(r as i64), ldc, "").map_err(be)?, i64c(v as i64 * vw as i64), "").map_err(be)?;
-            let st = b.build_store(gep(f32t.into(), c, idx)?, fin.as_basic_value()).map_err(be)?;
+            let idx = b
+                .build_int_add(
+                    b.build_int_mul(i64c(r as i64), ldc, "").map_err(be)?,
+                    i64c(v as i64 * vw as i64),
+                    "",
+                )
+                .map_err(be)?;
+            let st = b
+                .build_store(gep(f32t.into(), c, idx)?, fin.as_basic_value())
+                .map_err(be)?;
             st.set_alignment(4).map_err(be)?;
         }
     }
@@ -1331,11 +2164,26 @@ fn ukernel<'ctx>(fb: &Fb<'_, 'ctx>, mr: i64, nr: i64, panel: PanelType, cpu_attr
 }
 
 #[allow(clippy::too_many_arguments)]
-fn gemm<'ctx>(fb: &Fb<'_, 'ctx>, out: u32, a: &Access, bp: u32, rows: &[Dim], k: i64, n: i64, nr: i64, norm: Option<f64>, panel: PanelType) -> R<()> {
+fn gemm<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    out: u32,
+    a: &Access,
+    bp: u32,
+    rows: &[Dim],
+    k: i64,
+    n: i64,
+    nr: i64,
+    norm: Option<f64>,
+    panel: PanelType,
+) -> R<()> {
     let attrs: Vec<_> = fb.func.attributes(AttributeLoc::Function);
     let uk = ukernel(fb, GEMM_MR, nr, panel, &attrs)?;
     let uk1 = ukernel(fb, 1, nr, panel, &attrs)?;
-    let pty: BasicTypeEnum = if panel == PanelType::F32 { fb.f32t.into() } else { fb.ctx.i16_type().into() };
+    let pty: BasicTypeEnum = if panel == PanelType::F32 {
+        fb.f32t.into()
+    } else {
+        fb.ctx.i16_type().into()
+    };
     let aav = fb.access(a, ElemType::F32)?;
     let (optr, bptr) = (fb.buf(out)?, fb.buf(bp)?);
     let mut total = fb.i64c(1);
@@ -1346,21 +2194,49 @@ fn gemm<'ctx>(fb: &Fb<'_, 'ctx>, out: u32, a: &Access, bp: u32, rows: &[Dim], k:
     let panels = (n + nr - 1) / nr;
     let (ps, pe) = fb.split(fb.i64c(panels))?;
     let tile = fb.scratch;
-    let inv = unsafe { fb.b.build_in_bounds_gep(fb.f32t, fb.scratch, &[fb.i64c(GEMM_MR * nr)], "inv") }.map_err(be)?;
+    let inv = unsafe {
+        fb.b.build_in_bounds_gep(fb.f32t, fb.scratch, &[fb.i64c(GEMM_MR * nr)], "inv")
+    }
+    .map_err(be)?;
     let null = fb.ctx.ptr_type(AddressSpace::default()).const_null();
-    let nchunks = fb.b.build_int_signed_div(fb.add(total, fb.i64c(GEMM_MC - 1))?, fb.i64c(GEMM_MC), "nch").map_err(be)?;
+    let nchunks =
+        fb.b.build_int_signed_div(
+            fb.add(total, fb.i64c(GEMM_MC - 1))?,
+            fb.i64c(GEMM_MC),
+            "nch",
+        )
+        .map_err(be)?;
     // With few rows (decode) there is no reuse to block for: stream each panel whole.
-    let few = fb.b.build_int_compare(IntPredicate::SLE, total, fb.i64c(GEMM_MR), "few").map_err(be)?;
-    let kcs = fb.b.build_select(few, fb.i64c(k), fb.i64c(GEMM_KC.min(k)), "kcs").map_err(be)?.into_int_value();
-    let kblocks = fb.b.build_int_signed_div(fb.add(fb.i64c(k - 1), kcs)?, kcs, "kblocks").map_err(be)?;
-    let last_kb = fb.b.build_int_sub(kblocks, fb.i64c(1), "lastkb").map_err(be)?;
+    let few =
+        fb.b.build_int_compare(IntPredicate::SLE, total, fb.i64c(GEMM_MR), "few")
+            .map_err(be)?;
+    let kcs =
+        fb.b.build_select(few, fb.i64c(k), fb.i64c(GEMM_KC.min(k)), "kcs")
+            .map_err(be)?
+            .into_int_value();
+    let kblocks =
+        fb.b.build_int_signed_div(fb.add(fb.i64c(k - 1), kcs)?, kcs, "kblocks")
+            .map_err(be)?;
+    let last_kb =
+        fb.b.build_int_sub(kblocks, fb.i64c(1), "lastkb")
+            .map_err(be)?;
     let min = |fb: &Fb<'_, 'ctx>, x: IntValue<'ctx>, y: IntValue<'ctx>| -> R<IntValue<'ctx>> {
-        let c = fb.b.build_int_compare(IntPredicate::SLT, x, y, "c").map_err(be)?;
-        Ok(fb.b.build_select(c, x, y, "m").map_err(be)?.into_int_value())
+        let c =
+            fb.b.build_int_compare(IntPredicate::SLT, x, y, "c")
+                .map_err(be)?;
+        Ok(fb
+            .b
+            .build_select(c, x, y, "m")
+            .map_err(be)?
+            .into_int_value())
     };
     fb.for_range(fb.i64c(0), nchunks, |fb, ch| {
         let mc = fb.mul(ch, fb.i64c(GEMM_MC))?;
-        let mrows = min(fb, fb.i64c(GEMM_MC), fb.b.build_int_sub(total, mc, "").map_err(be)?)?;
+        let mrows = min(
+            fb,
+            fb.i64c(GEMM_MC),
+            fb.b.build_int_sub(total, mc, "").map_err(be)?,
+        )?;
         if let Some(eps) = norm {
             let acc = fb.slot(fb.f32t.into())?;
             fb.for_range(fb.i64c(0), mrows, |fb, r| {
@@ -1370,38 +2246,94 @@ fn gemm<'ctx>(fb: &Fb<'_, 'ctx>, out: u32, a: &Access, bp: u32, rows: &[Dim], k:
                     let x = fb.load_f32(aav.ptr, fb.add(base, kk)?)?;
                     fb.set(acc, fb.fma_fast(fb.get(acc)?, x, x)?)
                 })?;
-                let mean = fb.b.build_float_div(fb.get(acc)?, fb.f32c(k as f64), "mean").map_err(be)?;
+                let mean =
+                    fb.b.build_float_div(fb.get(acc)?, fb.f32c(k as f64), "mean")
+                        .map_err(be)?;
                 let sq = fb.intrinsic("llvm.sqrt", &[fb.fadd(mean, fb.f32c(eps))?])?;
-                fb.store_f32(inv, r, fb.b.build_float_div(fb.f32c(1.0), sq, "inv").map_err(be)?)
+                fb.store_f32(
+                    inv,
+                    r,
+                    fb.b.build_float_div(fb.f32c(1.0), sq, "inv").map_err(be)?,
+                )
             })?;
         }
         fb.for_range(fb.i64c(0), kblocks, |fb, kb| {
             let kc = fb.mul(kb, kcs)?;
             let kl = min(fb, kcs, fb.b.build_int_sub(fb.i64c(k), kc, "").map_err(be)?)?;
-            let first = fb.b.build_int_compare(IntPredicate::EQ, kb, fb.i64c(0), "first").map_err(be)?;
-            let last = fb.b.build_int_compare(IntPredicate::EQ, kb, last_kb, "last").map_err(be)?;
+            let first =
+                fb.b.build_int_compare(IntPredicate::EQ, kb, fb.i64c(0), "first")
+                    .map_err(be)?;
+            let last =
+                fb.b.build_int_compare(IntPredicate::EQ, kb, last_kb, "last")
+                    .map_err(be)?;
             fb.for_range(ps, pe, |fb, p| {
-                let cols = min(fb, fb.i64c(nr), fb.b.build_int_sub(fb.i64c(n), fb.mul(p, fb.i64c(nr))?, "").map_err(be)?)?;
-                let full = fb.b.build_int_compare(IntPredicate::EQ, cols, fb.i64c(nr), "full").map_err(be)?;
-                let bpp = unsafe { fb.b.build_in_bounds_gep(pty, bptr, &[fb.mul(fb.add(fb.mul(p, fb.i64c(k))?, kc)?, fb.i64c(nr))?], "bpp") }.map_err(be)?;
+                let cols = min(
+                    fb,
+                    fb.i64c(nr),
+                    fb.b.build_int_sub(fb.i64c(n), fb.mul(p, fb.i64c(nr))?, "")
+                        .map_err(be)?,
+                )?;
+                let full =
+                    fb.b.build_int_compare(IntPredicate::EQ, cols, fb.i64c(nr), "full")
+                        .map_err(be)?;
+                let bpp = unsafe {
+                    fb.b.build_in_bounds_gep(
+                        pty,
+                        bptr,
+                        &[fb.mul(fb.add(fb.mul(p, fb.i64c(k))?, kc)?, fb.i64c(nr))?],
+                        "bpp",
+                    )
+                }
+                .map_err(be)?;
                 // One row block of `mr` rows starting at chunk row `r0`.
-                let call = |fb: &Fb<'_, 'ctx>, r0: IntValue<'ctx>, mr: i64, f: FunctionValue<'ctx>| -> R<()> {
+                let call = |fb: &Fb<'_, 'ctx>,
+                            r0: IntValue<'ctx>,
+                            mr: i64,
+                            f: FunctionValue<'ctx>|
+                 -> R<()> {
                     let row = fb.add(mc, r0)?;
-                    let aptr = unsafe { fb.b.build_in_bounds_gep(fb.f32t, aav.ptr, &[fb.add(fb.add(aav.off, fb.mul(row, lda)?)?, kc)?], "ap") }.map_err(be)?;
+                    let aptr = unsafe {
+                        fb.b.build_in_bounds_gep(
+                            fb.f32t,
+                            aav.ptr,
+                            &[fb.add(fb.add(aav.off, fb.mul(row, lda)?)?, kc)?],
+                            "ap",
+                        )
+                    }
+                    .map_err(be)?;
                     let cidx = fb.add(fb.mul(row, fb.i64c(n))?, fb.mul(p, fb.i64c(nr))?)?;
-                    let cptr = unsafe { fb.b.build_in_bounds_gep(fb.f32t, optr, &[cidx], "cp") }.map_err(be)?;
+                    let cptr = unsafe { fb.b.build_in_bounds_gep(fb.f32t, optr, &[cidx], "cp") }
+                        .map_err(be)?;
                     let sp = if norm.is_some() {
-                        let s = unsafe { fb.b.build_in_bounds_gep(fb.f32t, inv, &[r0], "sp") }.map_err(be)?;
-                        fb.b.build_select(last, s, null, "sc").map_err(be)?.into_pointer_value()
+                        let s = unsafe { fb.b.build_in_bounds_gep(fb.f32t, inv, &[r0], "sp") }
+                            .map_err(be)?;
+                        fb.b.build_select(last, s, null, "sc")
+                            .map_err(be)?
+                            .into_pointer_value()
                     } else {
                         null
                     };
                     let full_bb = fb.ctx.append_basic_block(fb.func, "full");
                     let part_bb = fb.ctx.append_basic_block(fb.func, "part");
                     let done_bb = fb.ctx.append_basic_block(fb.func, "done");
-                    fb.b.build_conditional_branch(full, full_bb, part_bb).map_err(be)?;
+                    fb.b.build_conditional_branch(full, full_bb, part_bb)
+                        .map_err(be)?;
                     fb.b.position_at_end(full_bb);
-                    fb.b.build_call(f, &[aptr.into(), lda.into(), bpp.into(), cptr.into(), fb.i64c(n).into(), kl.into(), first.into(), sp.into()], "").map_err(be)?;
+                    fb.b.build_call(
+                        f,
+                        &[
+                            aptr.into(),
+                            lda.into(),
+                            bpp.into(),
+                            cptr.into(),
+                            fb.i64c(n).into(),
+                            kl.into(),
+                            first.into(),
+                            sp.into(),
+                        ],
+                        "",
+                    )
+                    .map_err(be)?;
                     fb.b.build_unconditional_branch(done_bb).map_err(be)?;
                     // A partial last panel goes through the tile: copy in, compute, copy out.
                     fb.b.position_at_end(part_bb);
@@ -1411,7 +2343,21 @@ fn gemm<'ctx>(fb: &Fb<'_, 'ctx>, out: u32, a: &Access, bp: u32, rows: &[Dim], k:
                             fb.store_f32(tile, fb.add(fb.mul(r, fb.i64c(nr))?, j)?, v)
                         })
                     })?;
-                    fb.b.build_call(f, &[aptr.into(), lda.into(), bpp.into(), tile.into(), fb.i64c(nr).into(), kl.into(), first.into(), sp.into()], "").map_err(be)?;
+                    fb.b.build_call(
+                        f,
+                        &[
+                            aptr.into(),
+                            lda.into(),
+                            bpp.into(),
+                            tile.into(),
+                            fb.i64c(nr).into(),
+                            kl.into(),
+                            first.into(),
+                            sp.into(),
+                        ],
+                        "",
+                    )
+                    .map_err(be)?;
                     fb.for_range(fb.i64c(0), fb.i64c(mr), |fb, r| {
                         fb.for_range(fb.i64c(0), cols, |fb, j| {
                             let v = fb.load_f32(tile, fb.add(fb.mul(r, fb.i64c(nr))?, j)?)?;
@@ -1422,9 +2368,15 @@ fn gemm<'ctx>(fb: &Fb<'_, 'ctx>, out: u32, a: &Access, bp: u32, rows: &[Dim], k:
                     fb.b.position_at_end(done_bb);
                     Ok(())
                 };
-                let blocks = fb.b.build_int_signed_div(mrows, fb.i64c(GEMM_MR), "nb").map_err(be)?;
-                fb.for_range(fb.i64c(0), blocks, |fb, rb| call(fb, fb.mul(rb, fb.i64c(GEMM_MR))?, GEMM_MR, uk))?;
-                fb.for_range(fb.mul(blocks, fb.i64c(GEMM_MR))?, mrows, |fb, r| call(fb, r, 1, uk1))
+                let blocks =
+                    fb.b.build_int_signed_div(mrows, fb.i64c(GEMM_MR), "nb")
+                        .map_err(be)?;
+                fb.for_range(fb.i64c(0), blocks, |fb, rb| {
+                    call(fb, fb.mul(rb, fb.i64c(GEMM_MR))?, GEMM_MR, uk)
+                })?;
+                fb.for_range(fb.mul(blocks, fb.i64c(GEMM_MR))?, mrows, |fb, r| {
+                    call(fb, r, 1, uk1)
+                })
             })
         })
     })?;

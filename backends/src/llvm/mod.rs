@@ -12,7 +12,9 @@ use inkwell::context::Context;
 use inkwell::execution_engine::ExecutionEngine;
 use inkwell::module::Module;
 use inkwell::passes::PassBuilderOptions;
-use inkwell::targets::{CodeModel, FileType, InitializationConfig, RelocMode, Target, TargetMachine};
+use inkwell::targets::{
+    CodeModel, FileType, InitializationConfig, RelocMode, Target, TargetMachine,
+};
 use inkwell::OptimizationLevel;
 
 use egret_runtime::cpu::KernelFn;
@@ -32,7 +34,10 @@ pub struct CpuOptions {
 
 impl Default for CpuOptions {
     fn default() -> Self {
-        CpuOptions { cpu: "native".into(), weights: crate::kernel::PanelType::F32 }
+        CpuOptions {
+            cpu: "native".into(),
+            weights: crate::kernel::PanelType::F32,
+        }
     }
 }
 
@@ -43,7 +48,10 @@ fn llvm_err(e: impl std::fmt::Display) -> BackendError {
 /// The CPU name and feature string for `cpu` (`native`: the host's).
 fn cpu_and_features(cpu: &str) -> (String, String) {
     if cpu == "native" {
-        (TargetMachine::get_host_cpu_name().to_string(), TargetMachine::get_host_cpu_features().to_string())
+        (
+            TargetMachine::get_host_cpu_name().to_string(),
+            TargetMachine::get_host_cpu_features().to_string(),
+        )
     } else {
         (cpu.to_string(), String::new())
     }
@@ -53,9 +61,27 @@ fn cpu_and_features(cpu: &str) -> (String, String) {
 pub fn panel_width(cpu: &str) -> i64 {
     let (name, features) = cpu_and_features(cpu);
     let has = |f: &str| features.split(',').any(|x| x == f);
-    if has("+avx512f") || (features.is_empty() && matches!(name.as_str(), "x86-64-v4" | "skylake-avx512" | "icelake-server" | "sapphirerapids" | "emeraldrapids" | "znver4" | "znver5")) {
+    if has("+avx512f")
+        || (features.is_empty()
+            && matches!(
+                name.as_str(),
+                "x86-64-v4"
+                    | "skylake-avx512"
+                    | "icelake-server"
+                    | "sapphirerapids"
+                    | "emeraldrapids"
+                    | "znver4"
+                    | "znver5"
+            ))
+    {
         32
-    } else if has("+avx") || (features.is_empty() && matches!(name.as_str(), "x86-64-v3" | "haswell" | "skylake" | "znver2" | "znver3")) {
+    } else if has("+avx")
+        || (features.is_empty()
+            && matches!(
+                name.as_str(),
+                "x86-64-v3" | "haswell" | "skylake" | "znver2" | "znver3"
+            ))
+    {
         16
     } else {
         8
@@ -68,7 +94,14 @@ fn target_machine(cpu: &str) -> Result<TargetMachine, BackendError> {
     let target = Target::from_triple(&triple).map_err(llvm_err)?;
     let (name, features) = cpu_and_features(cpu);
     target
-        .create_target_machine(&triple, &name, &features, OptimizationLevel::Aggressive, RelocMode::PIC, CodeModel::Default)
+        .create_target_machine(
+            &triple,
+            &name,
+            &features,
+            OptimizationLevel::Aggressive,
+            RelocMode::PIC,
+            CodeModel::Default,
+        )
         .ok_or_else(|| BackendError::Llvm(format!("LLVM does not know the CPU `{cpu}`")))
 }
 
@@ -79,21 +112,29 @@ pub fn kernel_symbol(prog: &Program, i: usize) -> String {
 
 /// A dim in the plan's symbol numbering.
 pub fn symdim(prog: &Program, d: &egret_ir::Dim) -> egret_runtime::plan::SymDim {
-    let zero: std::collections::HashMap<String, i64> = d.symbols().map(|s| (s.to_string(), 0)).collect();
+    let zero: std::collections::HashMap<String, i64> =
+        d.symbols().map(|s| (s.to_string(), 0)).collect();
     let c = d.eval(&zero).unwrap_or(0);
     let terms = d
         .symbols()
         .map(|s| {
             let mut one = zero.clone();
             one.insert(s.to_string(), 1);
-            (prog.symbols.iter().position(|x| x == s).unwrap_or(0) as u32, d.eval(&one).unwrap_or(0) - c)
+            (
+                prog.symbols.iter().position(|x| x == s).unwrap_or(0) as u32,
+                d.eval(&one).unwrap_or(0) - c,
+            )
         })
         .collect();
     egret_runtime::plan::SymDim { constant: c, terms }
 }
 
 /// Generates the (unoptimised) LLVM module of a program.
-pub fn codegen<'ctx>(ctx: &'ctx Context, prog: &Program, cpu: &str) -> Result<(Module<'ctx>, Vec<KernelCall>), BackendError> {
+pub fn codegen<'ctx>(
+    ctx: &'ctx Context,
+    prog: &Program,
+    cpu: &str,
+) -> Result<(Module<'ctx>, Vec<KernelCall>), BackendError> {
     let (module, mut calls) = codegen_many(ctx, &[prog], cpu)?;
     Ok((module, calls.remove(0)))
 }
@@ -102,14 +143,23 @@ pub fn codegen<'ctx>(ctx: &'ctx Context, prog: &Program, cpu: &str) -> Result<(M
 /// that differ only in which buffers they touch — the same layer's kernels in every layer,
 /// and most kernels of prefill and decode — share one function. The programs must use the
 /// same symbol list (`unify_symbols`).
-pub fn codegen_many<'ctx>(ctx: &'ctx Context, progs: &[&Program], cpu: &str) -> Result<(Module<'ctx>, Vec<Vec<KernelCall>>), BackendError> {
-    let module = ctx.create_module(&format!("egret_{}", progs.first().map(|p| p.name.as_str()).unwrap_or("empty")));
+pub fn codegen_many<'ctx>(
+    ctx: &'ctx Context,
+    progs: &[&Program],
+    cpu: &str,
+) -> Result<(Module<'ctx>, Vec<Vec<KernelCall>>), BackendError> {
+    let module = ctx.create_module(&format!(
+        "egret_{}",
+        progs.first().map(|p| p.name.as_str()).unwrap_or("empty")
+    ));
     let (name, features) = cpu_and_features(cpu);
     let mut seen: Vec<(crate::kernel::Kernel, String, usize)> = Vec::new();
     let mut all = Vec::new();
     for prog in progs {
         if prog.symbols != progs[0].symbols {
-            return Err(BackendError::Unsupported("programs compiled together must share their symbols".into()));
+            return Err(BackendError::Unsupported(
+                "programs compiled together must share their symbols".into(),
+            ));
         }
         let mut calls = Vec::new();
         for (i, k) in prog.kernels.iter().enumerate() {
@@ -118,28 +168,45 @@ pub fn codegen_many<'ctx>(ctx: &'ctx Context, progs: &[&Program], cpu: &str) -> 
                 Some((_, sym, scratch)) => (sym.clone(), *scratch),
                 None => {
                     let sym = format!("egret_{}_k{}", progs[0].name, seen.len());
-                    let (_, scratch) = kernels::emit(ctx, &module, prog, k, &sym, &name, &features)?;
+                    let (_, scratch) =
+                        kernels::emit(ctx, &module, prog, k, &sym, &name, &features)?;
                     seen.push((canon, sym.clone(), scratch));
                     (sym, scratch)
                 }
             };
             let work = k.work().iter().map(|d| symdim(prog, d)).collect();
-            calls.push(KernelCall { symbol: sym, args, init: prog.init[i], scratch_floats: scratch, what: k.describe(), work });
+            calls.push(KernelCall {
+                symbol: sym,
+                args,
+                init: prog.init[i],
+                scratch_floats: scratch,
+                what: k.describe(),
+                work,
+            });
         }
         all.push(calls);
     }
-    module.verify().map_err(|e| BackendError::Llvm(format!("generated module is invalid: {e}")))?;
+    module
+        .verify()
+        .map_err(|e| BackendError::Llvm(format!("generated module is invalid: {e}")))?;
     Ok((module, all))
 }
 
 /// Gives every program the union of their symbols (sorted), renumbering buffer dims, so
 /// they can be compiled together. A symbol a program does not use is simply never read.
 pub fn unify_symbols(progs: &mut [Program]) {
-    let mut all: Vec<String> = progs.iter().flat_map(|p| p.symbols.iter().cloned()).collect();
+    let mut all: Vec<String> = progs
+        .iter()
+        .flat_map(|p| p.symbols.iter().cloned())
+        .collect();
     all.sort();
     all.dedup();
     for p in progs.iter_mut() {
-        let map: Vec<u32> = p.symbols.iter().map(|s| all.iter().position(|x| x == s).expect("in union") as u32).collect();
+        let map: Vec<u32> = p
+            .symbols
+            .iter()
+            .map(|s| all.iter().position(|x| x == s).expect("in union") as u32)
+            .collect();
         for b in &mut p.buffers {
             for d in &mut b.dims {
                 for t in &mut d.terms {
@@ -158,7 +225,9 @@ pub fn optimized_ir(prog: &Program, cpu: &str) -> Result<String, BackendError> {
     let tm = target_machine(cpu)?;
     module.set_triple(&tm.get_triple());
     module.set_data_layout(&tm.get_target_data().get_data_layout());
-    module.run_passes("default<O3>", &tm, PassBuilderOptions::create()).map_err(llvm_err)?;
+    module
+        .run_passes("default<O3>", &tm, PassBuilderOptions::create())
+        .map_err(llvm_err)?;
     Ok(module.print_to_string().to_string())
 }
 
@@ -185,8 +254,12 @@ pub fn compile_many(progs: &[&Program], opts: &CpuOptions) -> Result<Vec<Compile
     let tm = target_machine(&opts.cpu)?;
     module.set_triple(&tm.get_triple());
     module.set_data_layout(&tm.get_target_data().get_data_layout());
-    module.run_passes("default<O3>", &tm, PassBuilderOptions::create()).map_err(llvm_err)?;
-    let engine = module.create_jit_execution_engine(OptimizationLevel::Aggressive).map_err(llvm_err)?;
+    module
+        .run_passes("default<O3>", &tm, PassBuilderOptions::create())
+        .map_err(llvm_err)?;
+    let engine = module
+        .create_jit_execution_engine(OptimizationLevel::Aggressive)
+        .map_err(llvm_err)?;
     let mut out = Vec::new();
     for (prog, calls) in progs.iter().zip(all) {
         let mut fns = Vec::new();
@@ -196,8 +269,18 @@ pub fn compile_many(progs: &[&Program], opts: &CpuOptions) -> Result<Vec<Compile
             // SAFETY: the function was generated with exactly the KernelFn signature.
             fns.push(unsafe { std::mem::transmute::<usize, KernelFn>(addr) });
         }
-        let plan = Plan { name: prog.name.clone(), symbols: prog.symbols.clone(), buffers: prog.buffers.clone(), kernels: calls, outputs: prog.outputs.clone() };
-        out.push(Compiled { plan, fns, _engine: engine.clone() });
+        let plan = Plan {
+            name: prog.name.clone(),
+            symbols: prog.symbols.clone(),
+            buffers: prog.buffers.clone(),
+            kernels: calls,
+            outputs: prog.outputs.clone(),
+        };
+        out.push(Compiled {
+            plan,
+            fns,
+            _engine: engine.clone(),
+        });
     }
     Ok(out)
 }
@@ -206,27 +289,53 @@ pub fn compile_many(progs: &[&Program], opts: &CpuOptions) -> Result<Vec<Compile
 /// system C compiler `cc`): the CPU payload of an artifact. The library is written to a
 /// temporary name and renamed, so an existing file is replaced whole or not at all.
 /// Returns the plan whose `KernelCall::symbol`s the library exports.
-pub fn compile_shared_library(prog: &Program, opts: &CpuOptions, path: &std::path::Path) -> Result<Plan, BackendError> {
+pub fn compile_shared_library(
+    prog: &Program,
+    opts: &CpuOptions,
+    path: &std::path::Path,
+) -> Result<Plan, BackendError> {
     let ctx = Context::create();
     let (module, calls) = codegen(&ctx, prog, &opts.cpu)?;
     let tm = target_machine(&opts.cpu)?;
     module.set_triple(&tm.get_triple());
     module.set_data_layout(&tm.get_target_data().get_data_layout());
-    module.run_passes("default<O3>", &tm, PassBuilderOptions::create()).map_err(llvm_err)?;
+    module
+        .run_passes("default<O3>", &tm, PassBuilderOptions::create())
+        .map_err(llvm_err)?;
     let pid = std::process::id();
     let obj = path.with_extension(format!("o.tmp-{pid}"));
     let tmp = path.with_extension(format!("so.tmp-{pid}"));
-    tm.write_to_file(&module, FileType::Object, &obj).map_err(llvm_err)?;
-    let status = std::process::Command::new("cc").arg("-shared").arg("-o").arg(&tmp).arg(&obj).arg("-lm").status();
+    tm.write_to_file(&module, FileType::Object, &obj)
+        .map_err(llvm_err)?;
+    let status = std::process::Command::new("cc")
+        .arg("-shared")
+        .arg("-o")
+        .arg(&tmp)
+        .arg(&obj)
+        .arg("-lm")
+        .status();
     let _ = std::fs::remove_file(&obj);
     match status {
         Ok(s) if s.success() => {}
         Ok(s) => {
             let _ = std::fs::remove_file(&tmp);
-            return Err(BackendError::Llvm(format!("linking the kernels with `cc -shared` failed ({s})")));
+            return Err(BackendError::Llvm(format!(
+                "linking the kernels with `cc -shared` failed ({s})"
+            )));
         }
-        Err(e) => return Err(BackendError::Llvm(format!("cannot run the C compiler `cc` to link the kernels: {e}"))),
+        Err(e) => {
+            return Err(BackendError::Llvm(format!(
+                "cannot run the C compiler `cc` to link the kernels: {e}"
+            )))
+        }
     }
-    std::fs::rename(&tmp, path).map_err(|e| BackendError::Llvm(format!("cannot write {}: {e}", path.display())))?;
-    Ok(Plan { name: prog.name.clone(), symbols: prog.symbols.clone(), buffers: prog.buffers.clone(), kernels: calls, outputs: prog.outputs.clone() })
+    std::fs::rename(&tmp, path)
+        .map_err(|e| BackendError::Llvm(format!("cannot write {}: {e}", path.display())))?;
+    Ok(Plan {
+        name: prog.name.clone(),
+        symbols: prog.symbols.clone(),
+        buffers: prog.buffers.clone(),
+        kernels: calls,
+        outputs: prog.outputs.clone(),
+    })
 }

@@ -19,11 +19,21 @@ pub struct Target {
 
 impl Target {
     pub fn cpu() -> Target {
-        Target { name: "cpu", bytes_per_s: 10e9, flops_per_s: 200e9, launch_s: 2e-6 }
+        Target {
+            name: "cpu",
+            bytes_per_s: 10e9,
+            flops_per_s: 200e9,
+            launch_s: 2e-6,
+        }
     }
 
     pub fn gpu() -> Target {
-        Target { name: "gpu", bytes_per_s: 3e12, flops_per_s: 700e12, launch_s: 4e-6 }
+        Target {
+            name: "gpu",
+            bytes_per_s: 3e12,
+            flops_per_s: 700e12,
+            launch_s: 4e-6,
+        }
     }
 }
 
@@ -43,7 +53,10 @@ fn numel(t: &TensorType) -> f64 {
         .map(|d: &Dim| {
             let mut b = typical.clone();
             for s in d.symbols() {
-                b.insert(s.to_string(), if s == "B" { TYPICAL_BATCH } else { TYPICAL_DIM });
+                b.insert(
+                    s.to_string(),
+                    if s == "B" { TYPICAL_BATCH } else { TYPICAL_DIM },
+                );
             }
             d.eval(&b).unwrap_or(TYPICAL_DIM).max(1) as f64
         })
@@ -59,21 +72,41 @@ pub fn node_cost(target: &Target, op: &Op, ins: &[&TensorType], out: &TensorType
     let io_bytes: f64 = ins.iter().map(|t| bytes(t)).sum::<f64>() + bytes(out);
     let n = numel(out);
     let flops = match op {
-        Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Reshape | Op::Permute { .. } | Op::Broadcast | Op::Slice { .. } => {
+        Op::Input { .. }
+        | Op::Param { .. }
+        | Op::Constant { .. }
+        | Op::Reshape
+        | Op::Permute { .. }
+        | Op::Broadcast
+        | Op::Slice { .. } => {
             return VIEW_COST_S;
         }
         Op::MatMul => {
-            let k = ins[0].shape.dims().last().map(|d| numel(&TensorType::new(out.dtype, vec![d.clone()]))).unwrap_or(1.0);
+            let k = ins[0]
+                .shape
+                .dims()
+                .last()
+                .map(|d| numel(&TensorType::new(out.dtype, vec![d.clone()])))
+                .unwrap_or(1.0);
             2.0 * n * k
         }
         Op::RmsNormMatMul { .. } => {
-            let k = numel(&TensorType::new(out.dtype, vec![ins[0].shape.dims().last().cloned().unwrap_or(Dim::c(1))]));
+            let k = numel(&TensorType::new(
+                out.dtype,
+                vec![ins[0].shape.dims().last().cloned().unwrap_or(Dim::c(1))],
+            ));
             2.0 * n * k + 3.0 * numel(ins[0])
         }
         Op::FusedAttention { .. } => {
             // Two matmuls over T×S scores per head plus the softmax.
-            let d = numel(&TensorType::new(out.dtype, vec![ins[0].shape.dims()[3].clone()]));
-            let s = numel(&TensorType::new(out.dtype, vec![ins[1].shape.dims()[2].clone()]));
+            let d = numel(&TensorType::new(
+                out.dtype,
+                vec![ins[0].shape.dims()[3].clone()],
+            ));
+            let s = numel(&TensorType::new(
+                out.dtype,
+                vec![ins[1].shape.dims()[2].clone()],
+            ));
             let tq = n / d.max(1.0);
             4.0 * tq * s * d + 5.0 * tq * s
         }

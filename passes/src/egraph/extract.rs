@@ -8,8 +8,8 @@
 //! To rule out cycles, a node is eligible only if every operand's *level* (the height of
 //! the shallowest term the class holds) is below its own class's level.
 
-use std::collections::{BinaryHeap, HashMap};
 use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 
 use egg::Id;
 use egret_ir::{Graph, Op, TensorType, ValueId};
@@ -52,7 +52,12 @@ fn levels(eg: &EG) -> HashMap<Id, u32> {
             *p -= 1;
             if *p == 0 && !level.contains_key(&parent) {
                 let node = &eg[parent].nodes[i];
-                let h = 1 + node.children.iter().map(|c| level[&eg.find(*c)]).max().unwrap_or(0);
+                let h = 1 + node
+                    .children
+                    .iter()
+                    .map(|c| level[&eg.find(*c)])
+                    .max()
+                    .unwrap_or(0);
                 heap.push(Reverse((h, parent)));
             }
         }
@@ -105,13 +110,22 @@ fn dag_cost(eg: &EG, target: &Target, ex: &Extraction, roots: &[Id]) -> f64 {
         .into_iter()
         .map(|c| {
             let n = &ex.best[&c];
-            let tys: Vec<&TensorType> = n.children.iter().map(|k| &eg[eg.find(*k)].data.ty).collect();
+            let tys: Vec<&TensorType> = n
+                .children
+                .iter()
+                .map(|k| &eg[eg.find(*k)].data.ty)
+                .collect();
             node_cost(target, &n.op, &tys, &eg[c].data.ty)
         })
         .sum()
 }
 
-fn greedy(eg: &EG, target: &Target, level: &HashMap<Id, u32>, prev: Option<(&std::collections::HashSet<Id>, &Extraction)>) -> Extraction {
+fn greedy(
+    eg: &EG,
+    target: &Target,
+    level: &HashMap<Id, u32>,
+    prev: Option<(&std::collections::HashSet<Id>, &Extraction)>,
+) -> Extraction {
     let mut users: HashMap<Id, f64> = HashMap::new();
     for class in eg.classes() {
         for n in &class.nodes {
@@ -133,7 +147,10 @@ fn greedy(eg: &EG, target: &Target, level: &HashMap<Id, u32>, prev: Option<(&std
         let mut choice: Option<(f64, &ENode)> = None;
         for n in &class.nodes {
             let kids: Vec<Id> = n.children.iter().map(|c| eg.find(*c)).collect();
-            if kids.iter().any(|k| level.get(k).is_none_or(|&l| l >= lv) || !cost.contains_key(k)) {
+            if kids
+                .iter()
+                .any(|k| level.get(k).is_none_or(|&l| l >= lv) || !cost.contains_key(k))
+            {
                 continue;
             }
             let tys: Vec<&TensorType> = kids.iter().map(|k| &eg[*k].data.ty).collect();
@@ -171,7 +188,13 @@ pub fn build_graph(eg: &EG, ex: &Extraction, name: &str, roots: &[(String, Id)])
     g
 }
 
-fn build(eg: &EG, ex: &Extraction, id: Id, g: &mut Graph, memo: &mut HashMap<Id, ValueId>) -> ValueId {
+fn build(
+    eg: &EG,
+    ex: &Extraction,
+    id: Id,
+    g: &mut Graph,
+    memo: &mut HashMap<Id, ValueId>,
+) -> ValueId {
     // Iterative post-order: levels strictly decrease along chosen edges, so this ends.
     let mut stack = vec![(id, false)];
     while let Some((c, expanded)) = stack.pop() {

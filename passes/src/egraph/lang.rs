@@ -26,7 +26,12 @@ pub struct ENode {
 impl ENode {
     pub fn new(op: Op, decl: Option<TensorType>, children: Vec<Id>) -> ENode {
         let decl = if op.declares_type() { decl } else { None };
-        ENode { op, decl, wildcard: false, children }
+        ENode {
+            op,
+            decl,
+            wildcard: false,
+            children,
+        }
     }
 }
 
@@ -73,8 +78,12 @@ fn op_for_name(name: &str) -> Option<Op> {
         return Some(Op::Reduce { op: r, axis: 0 });
     }
     Some(match name {
-        "input" => Op::Input { name: String::new() },
-        "param" => Op::Param { name: String::new() },
+        "input" => Op::Input {
+            name: String::new(),
+        },
+        "param" => Op::Param {
+            name: String::new(),
+        },
         "const" => Op::Constant { value: 0.0 },
         "iota" => Op::Iota { axis: 0 },
         "select" => Op::Select,
@@ -82,7 +91,11 @@ fn op_for_name(name: &str) -> Option<Op> {
         "reshape" => Op::Reshape,
         "permute" => Op::Permute { perm: vec![] },
         "broadcast" => Op::Broadcast,
-        "slice" => Op::Slice { axis: 0, start: 0, end: 0 },
+        "slice" => Op::Slice {
+            axis: 0,
+            start: 0,
+            end: 0,
+        },
         "concat" => Op::Concat { axis: 0 },
         "gather" => Op::Gather { axis: 0 },
         "cast" => Op::Cast,
@@ -100,7 +113,12 @@ impl egg::FromOp for ENode {
 
     fn from_op(op: &str, children: Vec<Id>) -> Result<ENode, String> {
         let o = op_for_name(op).ok_or_else(|| format!("unknown op `{op}` in pattern"))?;
-        Ok(ENode { op: o, decl: None, wildcard: true, children })
+        Ok(ENode {
+            op: o,
+            decl: None,
+            wildcard: true,
+            children,
+        })
     }
 }
 
@@ -121,8 +139,12 @@ impl Analysis<ENode> for TensorAnalysis {
 
     fn make(egraph: &mut EG, enode: &ENode) -> Info {
         let tys: Vec<&TensorType> = enode.children.iter().map(|c| &egraph[*c].data.ty).collect();
-        let ty = infer_type(&enode.op, &tys, enode.decl.as_ref())
-            .unwrap_or_else(|e| panic!("internal: an ill-typed {} entered the e-graph ({e}); rules must use add_typed", enode.op.name()));
+        let ty = infer_type(&enode.op, &tys, enode.decl.as_ref()).unwrap_or_else(|e| {
+            panic!(
+                "internal: an ill-typed {} entered the e-graph ({e}); rules must use add_typed",
+                enode.op.name()
+            )
+        });
         let konst = match enode.op {
             Op::Constant { value } => Some(value),
             _ => None,

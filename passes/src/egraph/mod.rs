@@ -42,16 +42,28 @@ pub fn to_egraph(g: &Graph) -> (EG, Vec<(String, Id)>) {
     let mut ids: Vec<Option<Id>> = vec![None; g.len()];
     for v in order {
         let n = g.node(v);
-        let children = n.inputs.iter().map(|u| ids[u.index()].expect("topological order")).collect();
+        let children = n
+            .inputs
+            .iter()
+            .map(|u| ids[u.index()].expect("topological order"))
+            .collect();
         let id = eg.add(ENode::new(n.op.clone(), Some(n.ty.clone()), children));
         ids[v.index()] = Some(id);
     }
-    let roots = g.outputs.iter().map(|(name, v)| (name.clone(), ids[v.index()].expect("output computed"))).collect();
+    let roots = g
+        .outputs
+        .iter()
+        .map(|(name, v)| (name.clone(), ids[v.index()].expect("output computed")))
+        .collect();
     (eg, roots)
 }
 
 /// Saturates `g` under `rules` and extracts the cheapest equivalent graph for `target`.
-pub fn optimize(g: &Graph, rules: &[Rewrite<ENode, TensorAnalysis>], target: &Target) -> (Graph, Saturation) {
+pub fn optimize(
+    g: &Graph,
+    rules: &[Rewrite<ENode, TensorAnalysis>],
+    target: &Target,
+) -> (Graph, Saturation) {
     let (eg, roots) = to_egraph(g);
     let runner = Runner::default()
         .with_egraph(eg)

@@ -13,8 +13,12 @@ pub fn rules() -> Vec<Rw> {
                 Op::Permute { perm } if n.children == [var(s, "?p")] => Some(perm.clone()),
                 _ => None,
             })?;
-            let inner = nodes_named(eg, var(s, "?p"), "permute").into_iter().next()?;
-            let Op::Permute { perm: p } = &inner.op else { return None };
+            let inner = nodes_named(eg, var(s, "?p"), "permute")
+                .into_iter()
+                .next()?;
+            let Op::Permute { perm: p } = &inner.op else {
+                return None;
+            };
             let composed: Vec<usize> = outer.iter().map(|&q| p[q]).collect();
             if composed.iter().enumerate().all(|(i, &c)| i == c) {
                 return Some(inner.children[0]);
@@ -27,12 +31,22 @@ pub fn rules() -> Vec<Rw> {
                 .then(|| var(s, "?x"))
         }),
         // reshape-reshape: reshape(reshape(x)) -> reshape(x)
-        rule("reshape-reshape", "(reshape (reshape ?x))", |eg, id, s| declared(eg, Op::Reshape, ty(eg, id), vec![var(s, "?x")])),
+        rule("reshape-reshape", "(reshape (reshape ?x))", |eg, id, s| {
+            declared(eg, Op::Reshape, ty(eg, id), vec![var(s, "?x")])
+        }),
         // reshape-noop / broadcast-noop: a view to the same shape is the value itself
-        rule("reshape-noop", "(reshape ?x)", |eg, id, s| (ty(eg, id) == ty(eg, var(s, "?x"))).then(|| var(s, "?x"))),
-        rule("broadcast-noop", "(broadcast ?x)", |eg, id, s| (ty(eg, id) == ty(eg, var(s, "?x"))).then(|| var(s, "?x"))),
+        rule("reshape-noop", "(reshape ?x)", |eg, id, s| {
+            (ty(eg, id) == ty(eg, var(s, "?x"))).then(|| var(s, "?x"))
+        }),
+        rule("broadcast-noop", "(broadcast ?x)", |eg, id, s| {
+            (ty(eg, id) == ty(eg, var(s, "?x"))).then(|| var(s, "?x"))
+        }),
         // broadcast-broadcast: broadcast(broadcast(x)) -> broadcast(x)
-        rule("broadcast-broadcast", "(broadcast (broadcast ?x))", |eg, id, s| declared(eg, Op::Broadcast, ty(eg, id), vec![var(s, "?x")])),
+        rule(
+            "broadcast-broadcast",
+            "(broadcast (broadcast ?x))",
+            |eg, id, s| declared(eg, Op::Broadcast, ty(eg, id), vec![var(s, "?x")]),
+        ),
         // view-of-const: reshape/broadcast/permute of a splat constant is a splat constant
         rule("reshape-const", "(reshape ?c)", |eg, id, s| {
             let c = konst(eg, var(s, "?c"))?;
@@ -53,7 +67,9 @@ pub fn rules() -> Vec<Rw> {
                 Op::Permute { perm } if n.children == [m] => Some(perm.clone()),
                 _ => None,
             })?;
-            let (k, c) = nodes_named(eg, m, "mul").into_iter().find_map(|n| Some((n.children[0], konst(eg, n.children[1])?)))?;
+            let (k, c) = nodes_named(eg, m, "mul")
+                .into_iter()
+                .find_map(|n| Some((n.children[0], konst(eg, n.children[1])?)))?;
             let pk = op(eg, Op::Permute { perm }, vec![k])?;
             let cc = constant(eg, c, ty(eg, id));
             op(eg, Op::Binary(BinaryOp::Mul), vec![pk, cc])

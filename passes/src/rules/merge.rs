@@ -34,7 +34,10 @@ pub fn merge_matmuls(g: &mut Graph, target: &Target) -> usize {
         let n = g.node(v);
         let (key, shared) = match n.op {
             Op::MatMul => ("matmul".to_string(), n.inputs[..1].to_vec()),
-            Op::RmsNormMatMul { eps } => (format!("rms_norm_matmul:{}", eps.to_bits()), n.inputs[..2].to_vec()),
+            Op::RmsNormMatMul { eps } => (
+                format!("rms_norm_matmul:{}", eps.to_bits()),
+                n.inputs[..2].to_vec(),
+            ),
             _ => continue,
         };
         let w = *n.inputs.last().expect("matmul has operands");
@@ -51,13 +54,22 @@ pub fn merge_matmuls(g: &mut Graph, target: &Target) -> usize {
             continue;
         }
         let op = g.node(members[0]).op.clone();
-        let ws: Vec<ValueId> = members.iter().map(|m| *g.node(*m).inputs.last().expect("operands")).collect();
+        let ws: Vec<ValueId> = members
+            .iter()
+            .map(|m| *g.node(*m).inputs.last().expect("operands"))
+            .collect();
         // Every weight must share K and dtype.
         let k = g.ty(ws[0]).shape.dims()[0].clone();
-        if ws.iter().any(|w| g.ty(*w).shape.dims()[0] != k || g.ty(*w).dtype != g.ty(ws[0]).dtype) {
+        if ws
+            .iter()
+            .any(|w| g.ty(*w).shape.dims()[0] != k || g.ty(*w).dtype != g.ty(ws[0]).dtype)
+        {
             continue;
         }
-        let ns: Vec<i64> = ws.iter().map(|w| g.ty(*w).shape.dims()[1].as_const().expect("checked")).collect();
+        let ns: Vec<i64> = ws
+            .iter()
+            .map(|w| g.ty(*w).shape.dims()[1].as_const().expect("checked"))
+            .collect();
         let total: i64 = ns.iter().sum();
         let separate: f64 = members
             .iter()
@@ -75,7 +87,12 @@ pub fn merge_matmuls(g: &mut Graph, target: &Target) -> usize {
         ins.push(&wcat_ty);
         let mut together = node_cost(target, &op, &ins, &out_ty);
         if !ws.iter().all(|w| weight_only[w.index()]) {
-            together += node_cost(target, &Op::Concat { axis: 1 }, &ws.iter().map(|w| g.ty(*w)).collect::<Vec<_>>(), &wcat_ty);
+            together += node_cost(
+                target,
+                &Op::Concat { axis: 1 },
+                &ws.iter().map(|w| g.ty(*w)).collect::<Vec<_>>(),
+                &wcat_ty,
+            );
         }
         if together >= separate {
             continue;
@@ -83,11 +100,15 @@ pub fn merge_matmuls(g: &mut Graph, target: &Target) -> usize {
         let Ok(wcat) = g.concat(&ws, 1) else { continue };
         let mut operands = shared.clone();
         operands.push(wcat);
-        let Ok(y) = g.add(op.clone(), &operands, None) else { continue };
+        let Ok(y) = g.add(op.clone(), &operands, None) else {
+            continue;
+        };
         let axis = out_ty.shape.rank() - 1;
         let mut start = 0usize;
         for (m, n) in members.iter().zip(&ns) {
-            let Ok(part) = g.slice(y, axis, start, start + *n as usize) else { break };
+            let Ok(part) = g.slice(y, axis, start, start + *n as usize) else {
+                break;
+            };
             replace.push((*m, part));
             start += *n as usize;
         }

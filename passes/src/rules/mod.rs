@@ -22,10 +22,23 @@ impl<F> Applier<ENode, TensorAnalysis> for Apply<F>
 where
     F: Fn(&mut EG, Id, &Subst) -> Option<Id> + Send + Sync + 'static,
 {
-    fn apply_one(&self, eg: &mut EG, eclass: Id, subst: &Subst, _: Option<&PatternAst<ENode>>, _: Symbol) -> Vec<Id> {
-        let Some(id) = (self.0)(eg, eclass, subst) else { return vec![] };
+    fn apply_one(
+        &self,
+        eg: &mut EG,
+        eclass: Id,
+        subst: &Subst,
+        _: Option<&PatternAst<ENode>>,
+        _: Symbol,
+    ) -> Vec<Id> {
+        let Some(id) = (self.0)(eg, eclass, subst) else {
+            return vec![];
+        };
         if eg[id].data.ty != eg[eclass].data.ty {
-            debug_assert!(false, "rule changed a type: {} vs {}", eg[id].data.ty, eg[eclass].data.ty);
+            debug_assert!(
+                false,
+                "rule changed a type: {} vs {}",
+                eg[id].data.ty, eg[eclass].data.ty
+            );
             return vec![];
         }
         if eg.union(eclass, id) {
@@ -46,8 +59,13 @@ pub fn rule<F>(name: &str, lhs: &str, f: F) -> Rw
 where
     F: Fn(&mut EG, Id, &Subst) -> Option<Id> + Send + Sync + 'static,
 {
-    let pat: Pattern<ENode> = lhs.parse().unwrap_or_else(|e| panic!("rule {name}: bad pattern {lhs}: {e:?}"));
-    let mut vars: Vec<&str> = lhs.split(|c: char| c == '(' || c == ')' || c.is_whitespace()).filter(|t| t.starts_with('?')).collect();
+    let pat: Pattern<ENode> = lhs
+        .parse()
+        .unwrap_or_else(|e| panic!("rule {name}: bad pattern {lhs}: {e:?}"));
+    let mut vars: Vec<&str> = lhs
+        .split(|c: char| c == '(' || c == ')' || c.is_whitespace())
+        .filter(|t| t.starts_with('?'))
+        .collect();
     let n = vars.len();
     vars.sort();
     vars.dedup();
@@ -82,7 +100,12 @@ pub fn is_const(eg: &EG, id: Id, v: f64) -> bool {
 
 /// The e-nodes of a class whose op has this name (cloned: callers then mutate the e-graph).
 pub fn nodes_named(eg: &EG, id: Id, name: &str) -> Vec<ENode> {
-    eg[id].nodes.iter().filter(|n| n.op.name() == name).cloned().collect()
+    eg[id]
+        .nodes
+        .iter()
+        .filter(|n| n.op.name() == name)
+        .cloned()
+        .collect()
 }
 
 pub fn first_named(eg: &EG, id: Id, name: &str) -> Option<ENode> {
