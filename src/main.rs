@@ -75,19 +75,8 @@ enum Cmd {
         top_p: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        #[arg(long, value_enum, default_value_t = Backend::Cpu)]
-        backend: Backend,
-        #[arg(long, default_value = "default")]
-        passes: String,
-        /// Threads for the CPU backend (default: all cores).
-        #[arg(long)]
-        threads: Option<usize>,
-        /// LLVM CPU name for the CPU backend (`native`: this machine).
-        #[arg(long, default_value = "native")]
-        cpu: String,
-        /// Storage of matmul weights on the CPU backend (compute is f32).
-        #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
-        weights_dtype: DTypeArg,
+        #[command(flatten)]
+        run: RunOpts,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -97,16 +86,8 @@ enum Cmd {
         model: String,
         #[arg(long)]
         tokens: String,
-        #[arg(long, value_enum, default_value_t = Backend::Cpu)]
-        backend: Backend,
-        #[arg(long, default_value = "default")]
-        passes: String,
-        #[arg(long)]
-        threads: Option<usize>,
-        #[arg(long, default_value = "native")]
-        cpu: String,
-        #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
-        weights_dtype: DTypeArg,
+        #[command(flatten)]
+        run: RunOpts,
     },
     /// Encode text with the model's tokenizer.
     Tokenize {
@@ -188,16 +169,8 @@ enum BenchCmd {
         prompt_len: usize,
         #[arg(long, default_value_t = 64)]
         gen: usize,
-        #[arg(long, value_enum, default_value_t = Backend::Cpu)]
-        backend: Backend,
-        #[arg(long, default_value = "default")]
-        passes: String,
-        #[arg(long)]
-        threads: Option<usize>,
-        #[arg(long, default_value = "native")]
-        cpu: String,
-        #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
-        weights_dtype: DTypeArg,
+        #[command(flatten)]
+        run: RunOpts,
         #[arg(long)]
         json: bool,
     },
@@ -231,13 +204,29 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-/// How to run the model: the backend and its options.
+/// How to run the model: the backend and its options (shared by `generate`, `logits` and
+/// `bench model`).
+#[derive(clap::Args)]
 struct RunOpts {
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
+    #[arg(long, default_value = "default")]
     passes: String,
-    threads: usize,
+    /// Threads for the CPU backend (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// LLVM CPU name for the CPU backend (`native`: this machine).
+    #[arg(long, default_value = "native")]
     cpu: String,
-    weights: DTypeArg,
+    /// Storage of matmul weights on the CPU backend (compute is f32).
+    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    weights_dtype: DTypeArg,
+}
+
+impl RunOpts {
+    fn threads(&self) -> usize {
+        self.threads.unwrap_or_else(default_threads).max(1)
+    }
 }
 
 fn panel_type(d: DTypeArg) -> egret_backends::kernel::PanelType {
@@ -275,9 +264,9 @@ impl Runner {
                 &o.passes,
                 &egret_backends::llvm::CpuOptions {
                     cpu: o.cpu.clone(),
-                    weights: panel_type(o.weights),
+                    weights: panel_type(o.weights_dtype),
                 },
-                o.threads,
+                o.threads(),
             )?),
             Backend::Gpu => {
                 bail!("backend `gpu` (PTX) is not built yet; use --backend cpu or interp")
@@ -317,20 +306,9 @@ fn run(cli: Cli) -> Result<()> {
             temperature,
             top_p,
             seed,
-            backend,
-            passes,
-            threads,
-            cpu,
-            weights_dtype,
+            run: ro,
             json,
         } => {
-            let ro = RunOpts {
-                backend,
-                passes,
-                threads: threads.unwrap_or_else(default_threads).max(1),
-                cpu,
-                weights: weights_dtype,
-            };
             if !(temperature >= 0.0) || !(top_p > 0.0 && top_p <= 1.0) {
                 bail!("--temperature must be >= 0 and --top-p in (0, 1]");
             }
@@ -410,19 +388,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Logits {
             model,
             tokens,
-            backend,
-            passes,
-            threads,
-            cpu,
-            weights_dtype,
+            run: ro,
         } => {
-            let ro = RunOpts {
-                backend,
-                passes,
-                threads: threads.unwrap_or_else(default_threads).max(1),
-                cpu,
-                weights: weights_dtype,
-            };
             let ids = parse_ids(&tokens)?;
             let loaded = load_model(&ModelSource::resolve(&model)?)?;
             let v = loaded.config.vocab_size;
@@ -653,20 +620,9 @@ fn bench(what: BenchCmd) -> Result<()> {
             model,
             prompt_len,
             gen,
-            backend,
-            passes,
-            threads,
-            cpu,
-            weights_dtype,
+            run: ro,
             json,
         } => {
-            let ro = RunOpts {
-                backend,
-                passes,
-                threads: threads.unwrap_or_else(default_threads).max(1),
-                cpu,
-                weights: weights_dtype,
-            };
             let loaded = load_model(&ModelSource::resolve(&model)?)?;
             let vocab = loaded.config.vocab_size as u64;
             if prompt_len == 0 {

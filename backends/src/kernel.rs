@@ -117,6 +117,27 @@ impl Access {
     }
 }
 
+/// A dim as the runtime plan stores it: symbols by their index in `symbols`.
+pub fn symdim(symbols: &[String], d: &Dim) -> egret_runtime::plan::SymDim {
+    let terms = d
+        .terms()
+        .iter()
+        .map(|(s, c)| {
+            (
+                symbols
+                    .iter()
+                    .position(|x| x == s)
+                    .expect("symbol of the program") as u32,
+                *c,
+            )
+        })
+        .collect();
+    egret_runtime::plan::SymDim {
+        constant: d.constant(),
+        terms,
+    }
+}
+
 /// Row-major strides of a shape.
 pub fn contiguous_strides(shape: &[Dim]) -> Vec<Poly> {
     let mut strides = vec![Poly::zero(); shape.len()];

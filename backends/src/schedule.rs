@@ -7,10 +7,10 @@
 use std::collections::BTreeSet;
 
 use egret_ir::{DType, Dim, Graph, Op, ValueId};
-use egret_runtime::plan::{BufferRole, BufferSpec, ElemType, SymDim};
+use egret_runtime::plan::{BufferRole, BufferSpec, ElemType};
 
 use crate::kernel::{
-    contiguous_strides, Access, AttnDims, Expr, Kernel, PanelType, Poly, Program, Round,
+    contiguous_strides, symdim, Access, AttnDims, Expr, Kernel, PanelType, Poly, Program, Round,
 };
 use crate::BackendError;
 
@@ -53,28 +53,6 @@ struct Sched<'g> {
 }
 
 impl Sched<'_> {
-    fn symdim(&self, d: &Dim) -> SymDim {
-        let mut out = SymDim::c(d.eval(&Default::default()).unwrap_or(0));
-        let mut c0 = Dim::c(0);
-        for s in d.symbols() {
-            let idx = self
-                .symbols
-                .iter()
-                .position(|x| x == s)
-                .expect("symbol collected") as u32;
-            // coefficient of s: d(s=1, others=0) - d(all 0)
-            let mut b = std::collections::HashMap::new();
-            b.insert(s.to_string(), 1i64);
-            let coef = d.substitute(&b).substitute(&Default::default());
-            let _ = &mut c0;
-            out.terms.push((idx, 0));
-            let last = out.terms.len() - 1;
-            out.terms[last].1 = coef_of(d, s, &coef);
-        }
-        out.constant = constant_of(d);
-        out
-    }
-
     fn new_buffer(
         &mut self,
         role: BufferRole,
@@ -82,7 +60,7 @@ impl Sched<'_> {
         shape: &[Dim],
         weight_only: bool,
     ) -> u32 {
-        let dims = shape.iter().map(|d| self.symdim(d)).collect();
+        let dims = shape.iter().map(|d| symdim(&self.symbols, d)).collect();
         self.buffers.push(BufferSpec {
             role,
             elem: e,
@@ -185,19 +163,6 @@ impl Sched<'_> {
             Val::Inline(x) => x.clone(),
         }
     }
-}
-
-fn constant_of(d: &Dim) -> i64 {
-    let zero: std::collections::HashMap<String, i64> =
-        d.symbols().map(|s| (s.to_string(), 0)).collect();
-    d.eval(&zero).unwrap_or(0)
-}
-
-fn coef_of(d: &Dim, s: &str, _: &Dim) -> i64 {
-    let mut b: std::collections::HashMap<String, i64> =
-        d.symbols().map(|x| (x.to_string(), 0)).collect();
-    b.insert(s.to_string(), 1);
-    d.eval(&b).unwrap_or(0) - constant_of(d)
 }
 
 fn loads(e: &Expr, out: &mut Vec<u32>) {

@@ -35,6 +35,16 @@ impl Dim {
         }
     }
 
+    /// The constant part.
+    pub fn constant(&self) -> i64 {
+        self.constant
+    }
+
+    /// The symbolic part: `(symbol, coefficient)` pairs, sorted by symbol.
+    pub fn terms(&self) -> &[(String, i64)] {
+        &self.terms
+    }
+
     /// The value if the dim has no symbols.
     pub fn as_const(&self) -> Option<i64> {
         self.terms.is_empty().then_some(self.constant)

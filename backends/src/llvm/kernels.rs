@@ -83,14 +83,9 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
     }
 
     fn dim(&self, d: &Dim) -> R<IntValue<'ctx>> {
-        let zero: HashMap<String, i64> = d.symbols().map(|s| (s.to_string(), 0)).collect();
-        let c = d.eval(&zero).unwrap_or(0);
-        let mut v = self.i64c(c);
-        for s in d.symbols() {
-            let mut one = zero.clone();
-            one.insert(s.to_string(), 1);
-            let coef = d.eval(&one).unwrap_or(0) - c;
-            let t = self.mul(self.sym(s)?, self.i64c(coef))?;
+        let mut v = self.i64c(d.constant());
+        for (s, coef) in d.terms() {
+            let t = self.mul(self.sym(s)?, self.i64c(*coef))?;
             v = self.add(v, t)?;
         }
         Ok(v)

@@ -110,25 +110,6 @@ pub fn kernel_symbol(prog: &Program, i: usize) -> String {
     format!("egret_{}_k{i}", prog.name)
 }
 
-/// A dim in the plan's symbol numbering.
-pub fn symdim(prog: &Program, d: &egret_ir::Dim) -> egret_runtime::plan::SymDim {
-    let zero: std::collections::HashMap<String, i64> =
-        d.symbols().map(|s| (s.to_string(), 0)).collect();
-    let c = d.eval(&zero).unwrap_or(0);
-    let terms = d
-        .symbols()
-        .map(|s| {
-            let mut one = zero.clone();
-            one.insert(s.to_string(), 1);
-            (
-                prog.symbols.iter().position(|x| x == s).unwrap_or(0) as u32,
-                d.eval(&one).unwrap_or(0) - c,
-            )
-        })
-        .collect();
-    egret_runtime::plan::SymDim { constant: c, terms }
-}
-
 /// Generates the (unoptimised) LLVM module of a program.
 pub fn codegen<'ctx>(
     ctx: &'ctx Context,
@@ -174,7 +155,11 @@ pub fn codegen_many<'ctx>(
                     (sym, scratch)
                 }
             };
-            let work = k.work().iter().map(|d| symdim(prog, d)).collect();
+            let work = k
+                .work()
+                .iter()
+                .map(|d| crate::kernel::symdim(&prog.symbols, d))
+                .collect();
             calls.push(KernelCall {
                 symbol: sym,
                 args,
