@@ -39,10 +39,9 @@ enum Val {
     Inline(Expr),
 }
 
-struct Sched<'g> {
+struct Sched {
     panel: i64,
     weights: PanelType,
-    g: &'g Graph,
     symbols: Vec<String>,
     buffers: Vec<BufferSpec>,
     /// Per buffer: holds only values computed from parameters.
@@ -52,7 +51,7 @@ struct Sched<'g> {
     uses: Vec<usize>,
 }
 
-impl Sched<'_> {
+impl Sched {
     fn new_buffer(
         &mut self,
         role: BufferRole,
@@ -225,7 +224,6 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
     let mut s = Sched {
         panel: opts.panel,
         weights: opts.weights,
-        g,
         symbols: syms.into_iter().collect(),
         buffers: vec![],
         weight_only: vec![],
@@ -699,7 +697,6 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
         };
         outs.push((name.clone(), buf));
     }
-    let _ = s.g;
     Ok(Program {
         name: g.name.clone(),
         symbols: s.symbols,

@@ -49,7 +49,6 @@ struct Fb<'a, 'ctx> {
     nth: IntValue<'ctx>,
     scratch: PointerValue<'ctx>,
     args: HashMap<u32, u32>,
-    arg_list: Vec<u32>,
     i64t: IntType<'ctx>,
     f32t: FloatType<'ctx>,
 }
@@ -508,7 +507,6 @@ pub fn emit<'ctx>(
         nth: p(3).into_int_value(),
         scratch: p(4).into_pointer_value(),
         args,
-        arg_list: arg_list.clone(),
         i64t,
         f32t: ctx.f32_type(),
     };
@@ -634,14 +632,13 @@ pub fn emit<'ctx>(
             (GEMM_MR * *nr + GEMM_MC) as usize
         }
     };
-    let _ = &fb.arg_list;
     Ok((arg_list, scratch))
 }
 
 /// The kernel with its buffers renumbered `0..n` in argument order (kernels equal under
 /// this renaming compile to the same function), and its argument list. Buffers with
 /// different element types or dims stay distinct because the kernel records them.
-pub fn canonical(k: &Kernel, prog: &Program) -> (Kernel, Vec<u32>) {
+pub fn canonical(k: &Kernel) -> (Kernel, Vec<u32>) {
     let args = kernel_buffers(k);
     let map = |b: u32| args.iter().position(|&x| x == b).expect("argument") as u32;
     let ren = |a: &Access| Access {
@@ -668,7 +665,6 @@ pub fn canonical(k: &Kernel, prog: &Program) -> (Kernel, Vec<u32>) {
             ),
         }
     }
-    let _ = prog;
     let c = match k {
         Kernel::Elementwise { out, shape, expr } => Kernel::Elementwise {
             out: ren(out),

@@ -144,7 +144,7 @@ pub fn codegen_many<'ctx>(
         }
         let mut calls = Vec::new();
         for (i, k) in prog.kernels.iter().enumerate() {
-            let (canon, args) = kernels::canonical(k, prog);
+            let (canon, args) = kernels::canonical(k);
             let (sym, scratch) = match seen.iter().find(|(c, ..)| *c == canon) {
                 Some((_, sym, scratch)) => (sym.clone(), *scratch),
                 None => {

@@ -149,15 +149,10 @@ fn unrepeat_kv(eg: &EG, kr: Id) -> Id {
         for b in nodes_named(eg, r.children[0], "broadcast") {
             for r2 in nodes_named(eg, b.children[0], "reshape") {
                 let k = r2.children[0];
-                let (kd, rd, bd) = (
-                    ty(eg, k).shape.0,
-                    ty(eg, r2.children[0]).shape.0,
-                    ty(eg, b.children[0]).shape.0,
-                );
+                let (kd, bd) = (ty(eg, k).shape.0, ty(eg, b.children[0]).shape.0);
                 let bt = ty(eg, r.children[0]).shape.0;
                 let d = t.shape.dims();
                 // k [B,Hkv,S,D] -> [B,Hkv,1,S,D] -> [B,Hkv,rep,S,D] -> [B,Hkv*rep,S,D]
-                let _ = rd;
                 if kd.len() == 4
                     && bd.len() == 5
                     && bt.len() == 5
