@@ -1,6 +1,7 @@
-//! Running a model on the CPU backend: the optimised prefill and decode graphs are scheduled,
-//! compiled through LLVM for this machine, and run by the runtime's executor on a thread
-//! pool, with the KV cache kept between steps. This is `--backend cpu`.
+//! Running a model on the CPU backend: the optimised graph is scheduled, compiled through
+//! LLVM for this machine, and run by the runtime's executor on a thread pool. A generation
+//! runs one `Step` graph for the prompt and for each new token; the KV cache is a state of
+//! the executor, grown in place (never copied in or out). This is `--backend cpu`.
 
 use std::collections::HashMap;
 
@@ -22,21 +23,24 @@ pub fn executor(
     opts: &CpuOptions,
     threads: usize,
 ) -> Result<(CpuExecutor, Compiled)> {
-    Ok(executors(&[g], params, opts, threads)?.remove(0))
+    Ok(executors(&[g], params, opts, threads, false)?.remove(0))
 }
 
 /// Compiles graphs of one model together (one LLVM module, kernels shared between them) and
-/// binds parameters: one executor per graph.
+/// binds parameters: one executor per graph. With `states`, outputs that grow an input
+/// (`concat(past, new)`) stay in the executor between runs (`CpuExecutor::state`).
 pub fn executors(
     gs: &[&Graph],
     params: &HashMap<String, Tensor>,
     opts: &CpuOptions,
     threads: usize,
+    states: bool,
 ) -> Result<Vec<(CpuExecutor, Compiled)>> {
     let t0 = std::time::Instant::now();
     let sopts = ScheduleOptions {
         panel: panel_width(&opts.cpu),
         weights: opts.weights,
+        states,
     };
     let mut progs = gs
         .iter()
@@ -75,15 +79,13 @@ pub fn executors(
 
 pub struct CpuModel {
     cfg: LlamaConfig,
-    prefill: CpuExecutor,
-    decode: CpuExecutor,
-    // Keep the machine code alive as long as the executors.
-    _code: (Compiled, Compiled),
-    cache: Vec<(HostValue, HostValue)>,
+    step: CpuExecutor,
+    // Keep the machine code alive as long as the executor.
+    _code: Compiled,
     pos: usize,
 }
 
-// SAFETY: the compiled code is immutable and the executors are Send.
+// SAFETY: the compiled code is immutable and the executor is Send.
 unsafe impl Send for CpuModel {}
 
 fn rt(e: EgretError) -> RuntimeError {
@@ -101,92 +103,62 @@ impl CpuModel {
         opts: &CpuOptions,
         threads: usize,
     ) -> Result<CpuModel> {
-        let (gp, gd) = (
-            optimized_graph(&cfg, GraphKind::PrefillLogitsAt, passes)?,
-            optimized_graph(&cfg, GraphKind::Decode, passes)?,
-        );
-        let mut ex = executors(&[&gp, &gd], &params, opts, threads)?;
-        let (decode, c2) = ex.pop().expect("two executors");
-        let (prefill, c1) = ex.pop().expect("two executors");
+        let g = optimized_graph(&cfg, GraphKind::Step, passes)?;
+        let (step, code) = executors(&[&g], &params, opts, threads, true)?.remove(0);
+        if step.plan().states.len() != 2 * cfg.num_hidden_layers {
+            return Err(RuntimeError::Invalid(format!(
+                "the step graph keeps {} cache states, expected {}",
+                step.plan().states.len(),
+                2 * cfg.num_hidden_layers
+            ))
+            .into());
+        }
         Ok(CpuModel {
             cfg,
-            prefill,
-            decode,
-            _code: (c1, c2),
-            cache: vec![],
+            step,
+            _code: code,
             pos: 0,
         })
     }
 
-    fn ids(ids: &[u32], start: usize) -> HashMap<String, HostValue> {
-        let t = ids.len();
-        let mut m = HashMap::new();
-        m.insert(
-            "tokens".into(),
-            HostValue {
-                shape: vec![1, t],
-                data: HostData::I64(ids.iter().map(|&i| i as i64).collect()),
-            },
-        );
-        m.insert(
-            "positions".into(),
-            HostValue {
-                shape: vec![1, t],
-                data: HostData::I64((start..start + t).map(|p| p as i64).collect()),
-            },
-        );
-        m
-    }
-
-    fn take_cache(&mut self, out: &mut HashMap<String, HostValue>) -> Result<()> {
-        self.cache.clear();
-        for i in 0..self.cfg.num_hidden_layers {
-            match (
-                out.remove(&format!("present_key.{i}")),
-                out.remove(&format!("present_value.{i}")),
-            ) {
-                (Some(k), Some(v)) => self.cache.push((k, v)),
-                _ => {
-                    return Err(RuntimeError::Invalid(format!(
-                        "graph did not return the cache of layer {i}"
-                    ))
-                    .into())
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn logits(out: &HashMap<String, HostValue>) -> Result<Vec<f32>> {
+    /// Runs `ids` at positions `pos..` over the cache, returning the logits at the given
+    /// offsets into `ids`; the cache grows by `ids.len()`.
+    fn run(&mut self, ids: &[u32], at: &[usize]) -> Result<Vec<Vec<f32>>> {
+        check_ids(ids, self.cfg.vocab_size)?;
+        let (t, start) = (ids.len(), self.pos);
+        let i64s = |shape: Vec<usize>, v: Vec<i64>| HostValue {
+            shape,
+            data: HostData::I64(v),
+        };
+        let inputs = HashMap::from([
+            (
+                "tokens".to_string(),
+                i64s(vec![1, t], ids.iter().map(|&i| i as i64).collect()),
+            ),
+            (
+                "positions".to_string(),
+                i64s(vec![1, t], (start..start + t).map(|p| p as i64).collect()),
+            ),
+            (
+                "logits_at".to_string(),
+                i64s(vec![at.len()], at.iter().map(|&p| p as i64).collect()),
+            ),
+        ]);
+        let out = self.step.run(&inputs)?;
+        self.pos += t;
         match out.get("logits").map(|v| &v.data) {
-            Some(HostData::F32(v)) => Ok(v.clone()),
+            Some(HostData::F32(v)) => {
+                Ok(v.chunks(self.cfg.vocab_size).map(<[f32]>::to_vec).collect())
+            }
             _ => Err(RuntimeError::Invalid("graph returned no f32 logits".into()).into()),
         }
     }
 
-    /// Logits of every position of `ids`.
+    /// Logits of every position of `ids`, from an empty cache.
     pub fn logits_all(&mut self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
-        self.logits_at(ids, (0..ids.len()).collect())
-    }
-
-    /// Runs the prompt (filling the cache) and returns the logits at the given positions.
-    fn logits_at(&mut self, ids: &[u32], at: Vec<usize>) -> Result<Vec<Vec<f32>>> {
-        check_ids(ids, self.cfg.vocab_size)?;
-        let mut inputs = Self::ids(ids, 0);
-        inputs.insert(
-            "logits_at".into(),
-            HostValue {
-                shape: vec![at.len()],
-                data: HostData::I64(at.iter().map(|&p| p as i64).collect()),
-            },
-        );
-        let mut out = self.prefill.run(&inputs)?;
-        self.take_cache(&mut out)?;
-        self.pos = ids.len();
-        Ok(Self::logits(&out)?
-            .chunks(self.cfg.vocab_size)
-            .map(<[f32]>::to_vec)
-            .collect())
+        self.step.reset_states();
+        self.pos = 0;
+        self.run(ids, &(0..ids.len()).collect::<Vec<_>>())
     }
 }
 
@@ -196,21 +168,15 @@ impl LanguageModel for CpuModel {
     }
 
     fn prefill(&mut self, ids: &[u32]) -> egret_runtime::Result<Vec<f32>> {
+        self.step.reset_states();
+        self.pos = 0;
         let last = ids.len().saturating_sub(1);
-        let rows = self.logits_at(ids, vec![last]).map_err(rt)?;
+        let rows = self.run(ids, &[last]).map_err(rt)?;
         Ok(rows.last().cloned().unwrap_or_default())
     }
 
     fn decode(&mut self, id: u32) -> egret_runtime::Result<Vec<f32>> {
-        check_ids(&[id], self.cfg.vocab_size)?;
-        let mut inputs = Self::ids(&[id], self.pos);
-        for (i, (k, v)) in self.cache.drain(..).enumerate() {
-            inputs.insert(format!("past_key.{i}"), k);
-            inputs.insert(format!("past_value.{i}"), v);
-        }
-        let mut out = self.decode.run(&inputs)?;
-        self.take_cache(&mut out).map_err(rt)?;
-        self.pos += 1;
-        Self::logits(&out).map_err(rt)
+        let rows = self.run(&[id], &[0]).map_err(rt)?;
+        Ok(rows.last().cloned().unwrap_or_default())
     }
 }

@@ -111,3 +111,99 @@ fn out_of_range_index_in_a_kernel_is_an_error() {
     );
     assert!(ex.run(&inputs).is_err());
 }
+
+/// `out = concat(past, 2·new)` along the middle axis, with a running sum of the result: the
+/// state is kept in the executor and grown in place, across capacity doublings.
+#[test]
+fn states_grow_in_place_across_runs() {
+    let g = egret_ir::parse(
+        "graph g {\n  %p = input \"past\" : f32[2, P, 3]\n  %n = input \"new\" : f32[2, T, 3]\n  %c = const[value=2.0] : f32[2, T, 3]\n  %m = mul(%n, %c) : f32[2, T, 3]\n  %y = concat[axis=1](%p, %m) : f32[2, P+T, 3]\n  %s = reduce_sum[axis=1](%y) : f32[2, 1, 3]\n  output \"sum\" = %s\n  output \"present\" = %y\n}",
+    )
+    .unwrap();
+    let (mut ex, _code) =
+        egret::cpu::executors(&[&g], &HashMap::new(), &CpuOptions::default(), 2, true)
+            .unwrap()
+            .remove(0);
+    assert_eq!(ex.plan().states.len(), 1);
+    assert_eq!(ex.plan().outputs.len(), 1, "the state is not an output");
+    // Reference: the whole value, row by row.
+    let mut want: Vec<Vec<f32>> = vec![vec![]; 2];
+    let mut step = 0;
+    for t in [5usize, 1, 1, 70, 1, 100, 3] {
+        let new: Vec<f32> = (0..2 * t * 3).map(|i| (step * 1000 + i) as f32).collect();
+        step += 1;
+        let mut inputs = HashMap::new();
+        inputs.insert(
+            "new".to_string(),
+            HostValue {
+                shape: vec![2, t, 3],
+                data: HostData::F32(new.clone()),
+            },
+        );
+        let out = ex.run(&inputs).unwrap();
+        for b in 0..2 {
+            want[b].extend(new[b * t * 3..(b + 1) * t * 3].iter().map(|x| 2.0 * x));
+        }
+        let len = want[0].len() / 3;
+        let got = ex.state("present").unwrap();
+        assert_eq!(got.shape, vec![2, len, 3]);
+        assert_eq!(got.data, HostData::F32(want.concat()));
+        let sums: Vec<f32> = (0..2)
+            .flat_map(|b| (0..3).map(move |c| (b, c)))
+            .map(|(b, c)| want[b].iter().skip(c).step_by(3).sum())
+            .collect();
+        assert_eq!(out["sum"].data, HostData::F32(sums));
+    }
+    // An input of the state's name replaces its value; a reset empties it.
+    let mut inputs = HashMap::new();
+    inputs.insert(
+        "past".to_string(),
+        HostValue {
+            shape: vec![2, 1, 3],
+            data: HostData::F32(vec![1.0; 6]),
+        },
+    );
+    inputs.insert(
+        "new".to_string(),
+        HostValue {
+            shape: vec![2, 1, 3],
+            data: HostData::F32(vec![0.5; 6]),
+        },
+    );
+    let out = ex.run(&inputs).unwrap();
+    assert_eq!(out["sum"].data, HostData::F32(vec![2.0; 6]));
+    ex.reset_states();
+    inputs.remove("past");
+    let out = ex.run(&inputs).unwrap();
+    assert_eq!(out["sum"].data, HostData::F32(vec![1.0; 6]));
+    assert_eq!(ex.state("past").unwrap().shape, vec![2, 1, 3]);
+}
+
+/// A generation longer than the cache's first capacities: decode over the in-place cache
+/// matches one prefill of the whole sequence.
+#[test]
+fn long_decode_over_the_growing_cache_matches_prefill() {
+    use egret_runtime::generate::LanguageModel;
+    let src = egret::ModelSource::resolve(fixture("tiny/gqa_untied").to_str().unwrap()).unwrap();
+    let m = egret::load_model(&src).unwrap();
+    let vocab = m.config.vocab_size as u32;
+    let mut cm =
+        egret::cpu::CpuModel::new(m.config, m.params, "default", &CpuOptions::default(), 2)
+            .unwrap();
+    let ids: Vec<u32> = (0..150u32).map(|i| (i * 7 + 3) % vocab).collect();
+    let full = cm.logits_all(&ids).unwrap();
+    let k = 10;
+    let mut rows = vec![cm.prefill(&ids[..k]).unwrap()];
+    for &t in &ids[k..ids.len() - 1] {
+        rows.push(cm.decode(t).unwrap());
+    }
+    let scale = full.iter().flatten().fold(1f32, |m, x| m.max(x.abs()));
+    for (i, (a, b)) in rows.iter().zip(&full[k - 1..]).enumerate() {
+        let d = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(d <= 1e-4 * scale, "position {}: max |diff| {d}", k - 1 + i);
+    }
+}

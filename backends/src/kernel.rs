@@ -5,7 +5,7 @@
 //! `Elementwise` kernel whose body is an expression tree.
 
 use egret_ir::{BinaryOp, CompareOp, Dim, ReduceOp, UnaryOp};
-use egret_runtime::plan::{BufferSpec, ElemType};
+use egret_runtime::plan::{BufferSpec, ElemType, StateSpec};
 
 /// A sum of products of dims, `Σ coef · Π factors`: strides and offsets of views over
 /// symbolic shapes (the stride of the outer dim of `[T, P+T]` is `P+T`, of `[B, T, P+T]`
@@ -405,4 +405,6 @@ pub struct Program {
     /// Kernels that depend only on parameters (run once at load).
     pub init: Vec<bool>,
     pub outputs: Vec<(String, u32)>,
+    /// Values grown in place between runs (see `StateSpec`).
+    pub states: Vec<StateSpec>,
 }

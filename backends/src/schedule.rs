@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 
 use egret_ir::{DType, Dim, Graph, Op, ValueId};
-use egret_runtime::plan::{BufferRole, BufferSpec, ElemType};
+use egret_runtime::plan::{BufferRole, BufferSpec, ElemType, StateSpec};
 
 use crate::kernel::{
     contiguous_strides, symdim, Access, AttnDims, Expr, Kernel, PanelType, Poly, Program, Round,
@@ -193,6 +193,9 @@ pub struct ScheduleOptions {
     pub panel: i64,
     /// Storage of packed weights.
     pub weights: PanelType,
+    /// Keep outputs spelled `concat(input, new, axis)` in place between runs (`StateSpec`)
+    /// instead of returning them: for callers that run the plan step after step (decode).
+    pub states: bool,
 }
 
 impl Default for ScheduleOptions {
@@ -200,8 +203,60 @@ impl Default for ScheduleOptions {
         ScheduleOptions {
             panel: 32,
             weights: PanelType::F32,
+            states: false,
         }
     }
+}
+
+/// A state found in the graph: the input, the concat that grows it, and the output's name.
+struct StateCand {
+    input: ValueId,
+    concat: ValueId,
+    output: String,
+    axis: usize,
+    /// Name of the capacity symbol (`<len>.capacity`).
+    capacity: String,
+}
+
+/// Outputs `concat[axis](x, ..)` of an input `x` used by nothing else, whose extent along
+/// `axis` is a lone symbol: values that can grow in place between runs.
+fn find_states(g: &Graph) -> Vec<StateCand> {
+    let uses = g.use_counts();
+    let mut out: Vec<StateCand> = vec![];
+    for (name, v) in &g.outputs {
+        let n = g.node(*v);
+        let Op::Concat { axis } = n.op else {
+            continue;
+        };
+        let Some(&x) = n.inputs.first() else {
+            continue;
+        };
+        let once = g.outputs.iter().filter(|(_, w)| w == v).count() == 1;
+        let xs = g.shape(x);
+        let Some(len) = xs[axis].as_sym() else {
+            continue;
+        };
+        let len_elsewhere = xs
+            .iter()
+            .enumerate()
+            .any(|(i, d)| i != axis && d.symbols().any(|s| s == len));
+        if matches!(g.node(x).op, Op::Input { .. })
+            && uses[x.index()] == 1
+            && once
+            && n.inputs.len() >= 2
+            && !len_elsewhere
+            && out.iter().all(|c| c.concat != *v)
+        {
+            out.push(StateCand {
+                input: x,
+                concat: *v,
+                output: name.clone(),
+                axis,
+                capacity: format!("{len}.capacity"),
+            });
+        }
+    }
+    out
 }
 
 /// Schedules `g` (verified) into a program with default options.
@@ -221,6 +276,10 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
             syms.extend(d.symbols().map(str::to_string));
         }
     }
+    let cands = if opts.states { find_states(&g) } else { vec![] };
+    syms.extend(cands.iter().map(|c| c.capacity.clone()));
+    // Per state: its buffer and the strides of its capacity layout.
+    let mut state_bufs: Vec<Option<(u32, Vec<Poly>)>> = vec![None; cands.len()];
     let mut s = Sched {
         panel: opts.panel,
         weights: opts.weights,
@@ -243,7 +302,47 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                 .expect("topological order")
         };
         let arg_shape = |i: usize| g.shape(n.inputs[i]).to_vec();
+        let state = cands.iter().position(|c| c.input == v || c.concat == v);
         let val = match &n.op {
+            Op::Input { .. } if state.is_some() => {
+                let i = state.expect("checked");
+                let mut cap_shape = shape.clone();
+                cap_shape[cands[i].axis] = Dim::sym(&cands[i].capacity);
+                let buf = s.new_buffer(BufferRole::State(i as u32), e, &cap_shape, false);
+                let strides = contiguous_strides(&cap_shape);
+                state_bufs[i] = Some((buf, strides.clone()));
+                Val::View(Access {
+                    buf,
+                    offset: Poly::zero(),
+                    strides,
+                })
+            }
+            Op::Concat { axis } if state.is_some() => {
+                // The first piece is the state itself; the rest are appended after it.
+                let i = state.expect("checked");
+                let (buf, strides) = state_bufs[i].clone().expect("input before its concat");
+                let mut start = strides[*axis].mul_dim(&arg_shape(0)[*axis]);
+                for j in 1..n.inputs.len() {
+                    let pshape = arg_shape(j);
+                    let x = s.expr(&arg(j), e);
+                    s.kernels.push(Kernel::Elementwise {
+                        out: Access {
+                            buf,
+                            offset: start.clone(),
+                            strides: strides.clone(),
+                        },
+                        shape: pshape.clone(),
+                        expr: x,
+                    });
+                    s.init.push(false);
+                    start = start.add(&strides[*axis].mul_dim(&pshape[*axis]));
+                }
+                Val::View(Access {
+                    buf,
+                    offset: Poly::zero(),
+                    strides,
+                })
+            }
             Op::Input { name } => Val::View(Access::contiguous(
                 s.new_buffer(BufferRole::Input(name.clone()), e, &shape, false),
                 &shape,
@@ -669,6 +768,9 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
     let mut outs = vec![];
     let mut taken = BTreeSet::new();
     for (name, v) in &g.outputs {
+        if cands.iter().any(|c| c.concat == *v) {
+            continue;
+        }
         let shape = g.shape(*v).to_vec();
         let e = elem(g.ty(*v).dtype);
         let val = vals[v.index()].clone().expect("computed");
@@ -697,8 +799,34 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
         };
         outs.push((name.clone(), buf));
     }
+    let states = cands
+        .iter()
+        .zip(&state_bufs)
+        .map(|(c, sb)| {
+            let buf = &sb.as_ref().expect("scheduled").0;
+            let sd =
+                |shape: &[Dim]| -> Vec<_> { shape.iter().map(|d| symdim(&s.symbols, d)).collect() };
+            let Op::Input { name } = &g.node(c.input).op else {
+                unreachable!("states start at inputs")
+            };
+            StateSpec {
+                input: name.clone(),
+                output: c.output.clone(),
+                buffer: *buf,
+                axis: c.axis,
+                dims: sd(g.shape(c.input)),
+                out_dims: sd(g.shape(c.concat)),
+                capacity: s
+                    .symbols
+                    .iter()
+                    .position(|x| *x == c.capacity)
+                    .expect("added above") as u32,
+            }
+        })
+        .collect();
     Ok(Program {
         name: g.name.clone(),
+        states,
         symbols: s.symbols,
         buffers: s.buffers,
         kernels: s.kernels,

@@ -14,6 +14,7 @@ fn ir_of(src: &str) -> String {
         ScheduleOptions {
             panel: panel_width(CPU),
             weights: PanelType::F32,
+            ..Default::default()
         },
     )
     .unwrap();

@@ -7,6 +7,8 @@
 //! (`present_key.{i}`, `present_value.{i}`: `f32[B, Hkv, T, D]`). `Decode` also takes the
 //! cache `past_key.{i}`/`past_value.{i}` (`f32[B, Hkv, P, D]`) and attends over `P+T` keys.
 //! Key `j` is visible to query `i` iff `j <= positions[i]` (the cache holds positions `0..P`).
+//! `PrefillLogitsAt` and `Step` (prefill and decode) compute logits only at the positions
+//! in `logits_at`.
 
 use egret_ir::{BinaryOp, CompareOp, DType, Dim, Graph, ReduceOp, UnaryOp, ValueId};
 
@@ -21,7 +23,11 @@ pub enum GraphKind {
     /// the last one alone, and the LM head over every prompt position is a fifth of a short
     /// prompt's work.
     PrefillLogitsAt,
+    /// Also takes the cache (`past_key.{i}`, `past_value.{i}`) and attends over `P+T` keys.
     Decode,
+    /// `Decode` with logits only at `logits_at`: one graph for a whole generation, the
+    /// prompt (`P = 0`) and then each new token (`T = 1`) over the cache.
+    Step,
 }
 
 impl GraphKind {
@@ -30,6 +36,7 @@ impl GraphKind {
             GraphKind::Prefill => "prefill",
             GraphKind::PrefillLogitsAt => "prefill_at",
             GraphKind::Decode => "decode",
+            GraphKind::Step => "step",
         }
     }
 }
@@ -212,7 +219,7 @@ impl Builder<'_> {
         let k = self.rope(k, rope.0, rope.1)?;
         let (k, v) = match kind {
             GraphKind::Prefill | GraphKind::PrefillLogitsAt => (k, v),
-            GraphKind::Decode => {
+            GraphKind::Decode | GraphKind::Step => {
                 let cache = vec![self.b.clone(), self.c(hkv), Dim::sym("P"), self.c(d)];
                 let pk = self
                     .g
@@ -294,7 +301,7 @@ pub fn build(cfg: &LlamaConfig, kind: GraphKind) -> Result<Graph, ModelError> {
     // Causal mask [B, 1, T, S]: key position (iota over S) <= query position.
     let s = match kind {
         GraphKind::Prefill | GraphKind::PrefillLogitsAt => t.clone(),
-        GraphKind::Decode => Dim::sym("P").add(&t),
+        GraphKind::Decode | GraphKind::Step => Dim::sym("P").add(&t),
     };
     let grid = vec![b.clone(), Dim::c(1), t.clone(), s.clone()];
     let kpos = bd.g.iota(3, DType::I64, grid.clone())?;
@@ -305,7 +312,7 @@ pub fn build(cfg: &LlamaConfig, kind: GraphKind) -> Result<Graph, ModelError> {
     for i in 0..cfg.num_hidden_layers {
         x = bd.layer(i, x, rope, mask, kind)?;
     }
-    if kind == GraphKind::PrefillLogitsAt {
+    if matches!(kind, GraphKind::PrefillLogitsAt | GraphKind::Step) {
         let at = bd.g.input("logits_at", DType::I64, vec![Dim::sym("L")]);
         x = bd.g.gather(x, at, 1)?;
     }

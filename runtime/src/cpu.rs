@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::error::{Result, RuntimeError};
-use crate::plan::{BufferRole, ElemType, Plan};
+use crate::plan::{BufferRole, ElemType, Plan, SymDim};
 use crate::pool::Pool;
 
 pub type KernelFn = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64, *mut f32) -> i32;
@@ -147,6 +147,51 @@ impl Storage {
     }
 }
 
+/// Capacity a state starts with, along its growing axis: a KV cache of a short prompt is
+/// not re-laid out at the first few tokens.
+const STATE_MIN_CAPACITY: usize = 64;
+
+/// A state's storage (see `StateSpec`): its value's shape now and its capacity.
+struct StateBuf {
+    data: Aligned,
+    /// Empty until the first run.
+    shape: Vec<usize>,
+    cap: usize,
+}
+
+impl StateBuf {
+    fn empty() -> StateBuf {
+        StateBuf {
+            data: Aligned::new(0),
+            shape: vec![],
+            cap: 0,
+        }
+    }
+
+    /// Re-lays the value out for `dims` (the logical shape, `axis` included) and `cap`,
+    /// keeping the first `len` entries along `axis` of the current value.
+    fn relayout(&mut self, axis: usize, dims: &[usize], len: usize, cap: usize, elem: usize) {
+        let outer: usize = dims[..axis].iter().product();
+        let inner: usize = dims[axis + 1..].iter().product::<usize>() * elem;
+        let mut data = Aligned::new(outer * cap * inner);
+        if self.cap > 0 && len > 0 {
+            let (src, dst) = (self.data.ptr(), data.ptr());
+            for o in 0..outer {
+                // SAFETY: both buffers hold `outer` rows of their capacity; len ≤ both.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        src.add(o * self.cap * inner),
+                        dst.add(o * cap * inner),
+                        len * inner,
+                    )
+                };
+            }
+        }
+        self.data = data;
+        self.cap = cap;
+    }
+}
+
 struct Layout {
     syms: Vec<i64>,
     offsets: Vec<usize>,
@@ -161,6 +206,7 @@ pub struct CpuExecutor {
     arena: Aligned,
     scratch: Aligned,
     layout: Option<Layout>,
+    states: Vec<StateBuf>,
 }
 
 // SAFETY: kernel functions are plain code; buffers are owned and only touched inside `run`.
@@ -181,6 +227,7 @@ impl CpuExecutor {
             )));
         }
         let n = plan.buffers.len();
+        let states = plan.states.iter().map(|_| StateBuf::empty()).collect();
         Ok(CpuExecutor {
             plan,
             fns,
@@ -189,11 +236,150 @@ impl CpuExecutor {
             arena: Aligned::new(0),
             scratch: Aligned::new(0),
             layout: None,
+            states,
         })
     }
 
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// Empties every state: the next run starts a new sequence (length 0).
+    pub fn reset_states(&mut self) {
+        for st in &mut self.states {
+            *st = StateBuf::empty();
+        }
+    }
+
+    /// The current value of a state, by its input or output name (a copy).
+    pub fn state(&mut self, name: &str) -> Option<HostValue> {
+        let i = self
+            .plan
+            .states
+            .iter()
+            .position(|s| s.input == name || s.output == name)?;
+        let spec = &self.plan.states[i];
+        let elem = self.plan.buffers[spec.buffer as usize].elem;
+        let st = &mut self.states[i];
+        if st.shape.is_empty() {
+            return None;
+        }
+        let axis = spec.axis;
+        let outer: usize = st.shape[..axis].iter().product();
+        let inner: usize = st.shape[axis + 1..].iter().product();
+        let len = st.shape[axis];
+        let p = st.data.ptr();
+        let mut f = vec![];
+        let mut l = vec![];
+        for o in 0..outer {
+            let row = o * st.cap * inner;
+            // SAFETY: row `o` holds `cap · inner` elements, the first `len · inner` set.
+            unsafe {
+                match elem {
+                    ElemType::I64 => l.extend_from_slice(std::slice::from_raw_parts(
+                        (p as *const i64).add(row),
+                        len * inner,
+                    )),
+                    _ => f.extend_from_slice(std::slice::from_raw_parts(
+                        (p as *const f32).add(row),
+                        len * inner,
+                    )),
+                }
+            }
+        }
+        Some(HostValue {
+            shape: st.shape.clone(),
+            data: if elem == ElemType::I64 {
+                HostData::I64(l)
+            } else {
+                HostData::F32(f)
+            },
+        })
+    }
+
+    /// Fixes each state's length symbol: from an input of the state's input name (which
+    /// replaces the state's value), else from the value kept since the last run.
+    fn load_states(&mut self, inputs: &HashMap<String, HostValue>) -> Result<Vec<(u32, i64)>> {
+        let mut fixed = vec![];
+        for (i, spec) in self.plan.states.iter().enumerate() {
+            let len_sym = spec.len_symbol().ok_or_else(|| {
+                RuntimeError::Invalid(format!("state `{}` has no length symbol", spec.input))
+            })?;
+            let elem = self.plan.buffers[spec.buffer as usize].elem;
+            let st = &mut self.states[i];
+            if let Some(v) = inputs.get(&spec.input) {
+                let (bytes, n) = match (&v.data, elem) {
+                    (HostData::F32(d), ElemType::F32) => (d.as_ptr() as *const u8, d.len()),
+                    (HostData::I64(d), ElemType::I64) => (d.as_ptr() as *const u8, d.len()),
+                    _ => {
+                        return Err(RuntimeError::Invalid(format!(
+                            "input `{}` has the wrong element type",
+                            spec.input
+                        )))
+                    }
+                };
+                if v.shape.len() != spec.dims.len() || v.shape.iter().product::<usize>() != n {
+                    return Err(RuntimeError::Invalid(format!(
+                        "input `{}` has shape {:?}, rank {} expected",
+                        spec.input,
+                        v.shape,
+                        spec.dims.len()
+                    )));
+                }
+                let len = v.shape[spec.axis];
+                let cap = len.next_power_of_two().max(STATE_MIN_CAPACITY);
+                *st = StateBuf::empty();
+                st.relayout(spec.axis, &v.shape, 0, cap, elem.size());
+                let outer: usize = v.shape[..spec.axis].iter().product();
+                let inner = v.shape[spec.axis + 1..].iter().product::<usize>() * elem.size();
+                let dst = st.data.ptr();
+                for o in 0..outer {
+                    // SAFETY: the source holds `outer` rows of `len · inner` bytes; the
+                    // state `outer` rows of `cap · inner`.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            bytes.add(o * len * inner),
+                            dst.add(o * cap * inner),
+                            len * inner,
+                        )
+                    };
+                }
+                st.shape = v.shape.clone();
+            }
+            let len = st.shape.get(spec.axis).copied().unwrap_or(0);
+            fixed.push((len_sym, len as i64));
+            // Set by `grow_states` once the other symbols are bound.
+            fixed.push((spec.capacity, st.cap as i64));
+        }
+        Ok(fixed)
+    }
+
+    /// Checks each state against the bound symbols and makes room for this run's growth;
+    /// fixes the capacity symbols in `syms`.
+    fn grow_states(&mut self, syms: &mut [i64]) -> Result<()> {
+        for (i, spec) in self.plan.states.iter().enumerate() {
+            let elem = self.plan.buffers[spec.buffer as usize].elem.size();
+            let ev = |ds: &[SymDim], syms: &[i64]| -> Vec<usize> {
+                ds.iter().map(|d| d.eval(syms).max(0) as usize).collect()
+            };
+            let want = ev(&spec.dims, syms);
+            let out = ev(&spec.out_dims, syms);
+            let st = &mut self.states[i];
+            if !st.shape.is_empty() && st.shape != want {
+                return Err(RuntimeError::Invalid(format!(
+                    "state `{}` holds shape {:?} but this run needs {want:?}; reset the states to start a new sequence",
+                    spec.input, st.shape
+                )));
+            }
+            let need = out[spec.axis];
+            if st.cap < need || st.shape.is_empty() {
+                let cap = need.next_power_of_two().max(STATE_MIN_CAPACITY).max(st.cap);
+                let len = want[spec.axis];
+                st.relayout(spec.axis, &out, len, cap, elem);
+            }
+            syms[spec.capacity as usize] = st.cap as i64;
+        }
+        Ok(())
     }
 
     pub fn threads(&self) -> usize {
@@ -371,10 +557,12 @@ impl CpuExecutor {
         inputs: &HashMap<String, HostValue>,
     ) -> Result<HashMap<String, HostValue>> {
         let t_run = std::time::Instant::now();
-        let syms = self
+        let fixed = self.load_states(inputs)?;
+        let mut syms = self
             .plan
-            .bind_symbols(|n| inputs.get(n).map(|v| v.shape.clone()))
+            .bind_symbols(|n| inputs.get(n).map(|v| v.shape.clone()), &fixed)
             .map_err(RuntimeError::Invalid)?;
+        self.grow_states(&mut syms)?;
         // Lay out for symbol values rounded up to a power of two: buffer sizes only grow with
         // the symbols, so that layout serves every smaller value too, and a decode loop whose
         // cache length grows by one each step re-plans only at each doubling.
@@ -420,6 +608,7 @@ impl CpuExecutor {
                         }
                     };
                 }
+                BufferRole::State(j) => ptrs[i] = self.states[*j as usize].data.ptr(),
                 _ => {}
             }
         }
@@ -447,6 +636,13 @@ impl CpuExecutor {
                 "phase\tkernels\t{:.1}",
                 t_kernels.elapsed().as_secs_f64() * 1e6
             );
+        }
+        for (i, spec) in self.plan.states.iter().enumerate() {
+            self.states[i].shape = spec
+                .out_dims
+                .iter()
+                .map(|d| d.eval(&syms).max(0) as usize)
+                .collect();
         }
         let t_out = std::time::Instant::now();
         let mut outs = HashMap::new();

@@ -69,6 +69,8 @@ pub enum BufferRole {
     Init,
     /// Computed per run; its storage comes from the arena.
     Temp,
+    /// Storage of the state `Plan::states[i]`, owned by the executor across runs.
+    State(u32),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,16 +118,55 @@ pub struct Plan {
     pub kernels: Vec<KernelCall>,
     /// Named results and the buffer holding each.
     pub outputs: Vec<(String, u32)>,
+    /// Values grown in place from run to run (a KV cache).
+    #[serde(default)]
+    pub states: Vec<StateSpec>,
+}
+
+/// A value the graph spells `output = concat(input, new, axis)` (a KV cache: `past_key.0`
+/// in, `present_key.0` out), kept by the executor in one buffer between runs instead of being
+/// copied in and out: the buffer's extent along `axis` is a capacity (the symbol
+/// `capacity`), a run appends `new` after the first `len` entries, and the value after the
+/// run is the input of the next. Strides of every view of it are in terms of the capacity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateSpec {
+    /// Name of the value before a run (the graph input).
+    pub input: String,
+    /// Name of the value after a run (the graph output).
+    pub output: String,
+    /// The buffer (role `State`) holding it; its dims are `dims` with `capacity` at `axis`.
+    pub buffer: u32,
+    pub axis: usize,
+    /// Dims of the input; the one at `axis` is a lone symbol, its current length.
+    pub dims: Vec<SymDim>,
+    /// Dims of the output.
+    pub out_dims: Vec<SymDim>,
+    /// Symbol holding the allocated extent along `axis`.
+    pub capacity: u32,
+}
+
+impl StateSpec {
+    /// The symbol holding the current length along `axis`.
+    pub fn len_symbol(&self) -> Option<u32> {
+        self.dims.get(self.axis).and_then(SymDim::as_sym)
+    }
 }
 
 impl Plan {
     /// Binds symbols from input shapes: every input dim that is a lone symbol fixes it; the
-    /// rest are checked. `shapes` gives each input's shape by name.
+    /// rest are checked. `shapes` gives each input's shape by name; `fixed` gives symbols
+    /// known otherwise (a state's length and capacity).
     pub fn bind_symbols(
         &self,
         shape_of: impl Fn(&str) -> Option<Vec<usize>>,
+        fixed: &[(u32, i64)],
     ) -> Result<Vec<i64>, String> {
         let mut syms: Vec<Option<i64>> = vec![None; self.symbols.len()];
+        for &(s, v) in fixed {
+            if let Some(x) = syms.get_mut(s as usize) {
+                *x = Some(v);
+            }
+        }
         for b in &self.buffers {
             let BufferRole::Input(name) = &b.role else {
                 continue;

@@ -192,12 +192,20 @@ pub fn unify_symbols(progs: &mut [Program]) {
             .iter()
             .map(|s| all.iter().position(|x| x == s).expect("in union") as u32)
             .collect();
-        for b in &mut p.buffers {
-            for d in &mut b.dims {
-                for t in &mut d.terms {
-                    t.0 = map[t.0 as usize];
-                }
+        let remap = |d: &mut egret_runtime::plan::SymDim| {
+            for t in &mut d.terms {
+                t.0 = map[t.0 as usize];
             }
+        };
+        for b in &mut p.buffers {
+            b.dims.iter_mut().for_each(remap);
+        }
+        for st in &mut p.states {
+            st.dims
+                .iter_mut()
+                .chain(st.out_dims.iter_mut())
+                .for_each(remap);
+            st.capacity = map[st.capacity as usize];
         }
         p.symbols = all.clone();
     }
@@ -260,6 +268,7 @@ pub fn compile_many(progs: &[&Program], opts: &CpuOptions) -> Result<Vec<Compile
             buffers: prog.buffers.clone(),
             kernels: calls,
             outputs: prog.outputs.clone(),
+            states: prog.states.clone(),
         };
         out.push(Compiled {
             plan,
@@ -322,5 +331,6 @@ pub fn compile_shared_library(
         buffers: prog.buffers.clone(),
         kernels: calls,
         outputs: prog.outputs.clone(),
+        states: prog.states.clone(),
     })
 }
