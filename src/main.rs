@@ -48,6 +48,8 @@ enum Which {
     /// Prefill with logits only at the positions of input `logits_at`.
     PrefillAt,
     Decode,
+    /// Decode with logits only at `logits_at`: what `--backend cpu` runs for prompt and tokens.
+    Step,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -452,6 +454,7 @@ fn run(cli: Cli) -> Result<()> {
                     Which::Prefill => GraphKind::Prefill,
                     Which::PrefillAt => GraphKind::PrefillLogitsAt,
                     Which::Decode => GraphKind::Decode,
+                    Which::Step => GraphKind::Step,
                 };
                 egret_models::build(&cfg, kind)?
             };

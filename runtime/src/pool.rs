@@ -16,6 +16,8 @@ type Task = Arc<dyn Fn(usize, usize) + Send + Sync>;
 struct Shared {
     epoch: AtomicUsize,
     remaining: AtomicUsize,
+    /// Workers asleep on `wake` (or about to be): only then does `run` pay for a notify.
+    sleepers: AtomicUsize,
     stop: AtomicBool,
     task: Mutex<Option<Task>>,
     wake: Condvar,
@@ -35,6 +37,7 @@ impl Pool {
         let shared = Arc::new(Shared {
             epoch: AtomicUsize::new(0),
             remaining: AtomicUsize::new(0),
+            sleepers: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             task: Mutex::new(None),
             wake: Condvar::new(),
@@ -64,9 +67,11 @@ impl Pool {
         }
         *self.shared.task.lock().expect("pool lock") = Some(f.clone());
         self.shared.remaining.store(self.n - 1, Ordering::SeqCst);
-        {
+        self.shared.epoch.fetch_add(1, Ordering::SeqCst);
+        // A worker about to sleep re-checks the epoch under `sleep_lock` after counting
+        // itself in `sleepers` (both SeqCst): either it sees the new epoch or we see it.
+        if self.shared.sleepers.load(Ordering::SeqCst) > 0 {
             let _g = self.shared.sleep_lock.lock().expect("pool lock");
-            self.shared.epoch.fetch_add(1, Ordering::SeqCst);
             self.shared.wake.notify_all();
         }
         f(0, self.n);
@@ -97,12 +102,14 @@ fn worker(sh: Arc<Shared>, tid: usize, n: usize) {
             spins += 1;
             if spins % 1024 == 0 && start.elapsed() > SPIN {
                 let g = sh.sleep_lock.lock().expect("pool lock");
-                if sh.epoch.load(Ordering::Acquire) == seen && !sh.stop.load(Ordering::Acquire) {
+                sh.sleepers.fetch_add(1, Ordering::SeqCst);
+                if sh.epoch.load(Ordering::SeqCst) == seen && !sh.stop.load(Ordering::Acquire) {
                     let _g = sh
                         .wake
                         .wait_timeout(g, Duration::from_millis(50))
                         .expect("pool lock");
                 }
+                sh.sleepers.fetch_sub(1, Ordering::SeqCst);
             } else {
                 std::hint::spin_loop();
             }
