@@ -151,6 +151,22 @@ const CASES: &[(&str, &str)] = &[
   output "o" = %o"#,
     ),
     (
+        // Few query rows over many keys: the split-KV path (at N = 1000, 7 splits, the
+        // first row's later splits see no visible key at all).
+        "attention-decode",
+        r#"
+  %q = input "q" : f32[1, 4, 2, 8]
+  %k = input "k" : f32[1, 2, N, 8]
+  %v = input "v" : f32[1, 2, N, 8]
+  %i = iota[axis=1] : i64[1, 2]
+  %a = const[value=600.0] : i64[1, 2]
+  %b = const[value=300.0] : i64[1, 2]
+  %m = mul(%i, %a) : i64[1, 2]
+  %pos = add(%m, %b) : i64[1, 2]
+  %o = fused_attention[scale=0.35](%q, %k, %v, %pos) : f32[1, 4, 2, 8]
+  output "o" = %o"#,
+    ),
+    (
         "views",
         r#"
   %x = input "x" : f32[2, N, 3]

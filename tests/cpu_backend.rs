@@ -179,8 +179,8 @@ fn states_grow_in_place_across_runs() {
     assert_eq!(ex.state("past").unwrap().shape, vec![2, 1, 3]);
 }
 
-/// A generation longer than the cache's first capacities: decode over the in-place cache
-/// matches one prefill of the whole sequence.
+/// A generation longer than the cache's first capacities and long enough for split-KV
+/// decode attention: decode over the in-place cache matches one prefill of the sequence.
 #[test]
 fn long_decode_over_the_growing_cache_matches_prefill() {
     use egret_runtime::generate::LanguageModel;
@@ -190,7 +190,7 @@ fn long_decode_over_the_growing_cache_matches_prefill() {
     let mut cm =
         egret::cpu::CpuModel::new(m.config, m.params, "default", &CpuOptions::default(), 2)
             .unwrap();
-    let ids: Vec<u32> = (0..150u32).map(|i| (i * 7 + 3) % vocab).collect();
+    let ids: Vec<u32> = (0..300u32).map(|i| (i * 7 + 3) % vocab).collect();
     let full = cm.logits_all(&ids).unwrap();
     let k = 10;
     let mut rows = vec![cm.prefill(&ids[..k]).unwrap()];

@@ -239,9 +239,12 @@ pub enum Kernel {
         k: Dim,
         eps: f64,
     },
-    /// Causal grouped-query attention, online softmax; see `Op::FusedAttention`.
+    /// Causal grouped-query attention, online softmax; see `Op::FusedAttention`. With few
+    /// query rows (decode) the keys are split (`attn_splits`) and each split's partial result
+    /// `(acc[dv], max, sum)` goes to `part`, merged by the `AttentionCombine` that follows.
     Attention {
         out: u32,
+        part: u32,
         q: Access,
         k: Access,
         v: Access,
@@ -249,6 +252,9 @@ pub enum Kernel {
         dims: AttnDims,
         scale: f64,
     },
+    /// Split-KV merge: `o = Σ_c acc_c·e^(m_c−M) / Σ_c l_c·e^(m_c−M)`, `M = max_c m_c`, over
+    /// the splits in `part`; nothing to do when the attention did not split.
+    AttentionCombine { out: u32, part: u32, dims: AttnDims },
     /// Weights repacked for `Gemm`: `w` is a `[K, N]` view; column panels of `nr` columns are
     /// stored k-major, `out[(p·K + k)·nr + j] = w[k, p·nr + j]`, zero past `N`.
     PackPanels {
@@ -306,6 +312,23 @@ pub struct AttnDims {
     pub dv: i64,
 }
 
+/// Split-KV decode attention: with at most `ATTN_SPLIT_UNITS` query rows (`B·H·T`), the
+/// visible keys of each row are cut into `nsplit = clamp(S / ATTN_SPLIT_MIN_KEYS, 1,
+/// ATTN_SPLITS)` contiguous chunks, so every thread has work even when there are fewer rows
+/// than threads; the partial results (`dv + 2` floats each) fit a fixed buffer.
+pub const ATTN_SPLIT_UNITS: i64 = 64;
+/// The most splits per query row.
+pub const ATTN_SPLITS: i64 = 16;
+/// The fewest keys worth a split of their own.
+pub const ATTN_SPLIT_MIN_KEYS: i64 = 128;
+
+impl AttnDims {
+    /// Floats of the split-KV partial-results buffer.
+    pub fn part_len(&self) -> i64 {
+        ATTN_SPLIT_UNITS * ATTN_SPLITS * (self.dv + 2)
+    }
+}
+
 impl Kernel {
     /// Work as a product of dims (elements touched or multiply-adds).
     pub fn work(&self) -> Vec<Dim> {
@@ -326,6 +349,12 @@ impl Kernel {
                 d.t.clone(),
                 d.s.clone(),
                 Dim::c(d.d + d.dv),
+            ],
+            Kernel::AttentionCombine { dims: d, .. } => vec![
+                d.b.clone(),
+                Dim::c(d.h),
+                d.t.clone(),
+                Dim::c(ATTN_SPLITS * d.dv),
             ],
             Kernel::Gather {
                 idx_shape,
@@ -366,6 +395,10 @@ impl Kernel {
             Kernel::Attention { dims: d, .. } => format!(
                 "attention b={} h={} t={} s={} d={}",
                 d.b, d.h, d.t, d.s, d.d
+            ),
+            Kernel::AttentionCombine { dims: d, .. } => format!(
+                "attention split-KV merge b={} h={} t={} d={}",
+                d.b, d.h, d.t, d.dv
             ),
             Kernel::Gather {
                 table_shape,

@@ -738,20 +738,23 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                     dv: c(&sh[2][3])?,
                 };
                 let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
+                let part = s.new_buffer(BufferRole::Temp, e, &[Dim::c(dims.part_len())], false);
                 let reads: Vec<u32> = acc.iter().map(|a| a.buf).collect();
                 s.push(
                     Kernel::Attention {
                         out,
+                        part,
                         q: acc[0].clone(),
                         k: acc[1].clone(),
                         v: acc[2].clone(),
                         pos: acc[3].clone(),
-                        dims,
+                        dims: dims.clone(),
                         scale: *scale,
                     },
                     &reads,
                     out,
                 );
+                s.push(Kernel::AttentionCombine { out, part, dims }, &[part], out);
                 Val::View(Access::contiguous(out, &shape))
             }
         };

@@ -19,7 +19,10 @@ use inkwell::{AddressSpace, FloatPredicate, IntPredicate};
 use egret_ir::{BinaryOp, CompareOp, Dim, ReduceOp, UnaryOp};
 use egret_runtime::plan::ElemType;
 
-use crate::kernel::{Access, Expr, Kernel, PanelType, Poly, Program, Round};
+use crate::kernel::{
+    Access, Expr, Kernel, PanelType, Poly, Program, Round, ATTN_SPLITS, ATTN_SPLIT_MIN_KEYS,
+    ATTN_SPLIT_UNITS,
+};
 use crate::BackendError;
 
 type R<T> = Result<T, BackendError>;
@@ -248,6 +251,42 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
         self.b.build_unconditional_branch(head).map_err(be)?;
         phi.add_incoming(&[(&next, latch)]);
         self.b.position_at_end(exit);
+        Ok(())
+    }
+
+    /// `min(a, b)`, signed.
+    fn imin(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> R<IntValue<'ctx>> {
+        let c = self
+            .b
+            .build_int_compare(IntPredicate::SLT, a, b, "c")
+            .map_err(be)?;
+        Ok(self
+            .b
+            .build_select(c, a, b, "min")
+            .map_err(be)?
+            .into_int_value())
+    }
+
+    /// `if cond { then(..) } else { other(..) }`.
+    fn if_else(
+        &self,
+        cond: IntValue<'ctx>,
+        then: impl FnOnce(&Self) -> R<()>,
+        other: impl FnOnce(&Self) -> R<()>,
+    ) -> R<()> {
+        let (tb, eb, join) = (
+            self.ctx.append_basic_block(self.func, "then"),
+            self.ctx.append_basic_block(self.func, "else"),
+            self.ctx.append_basic_block(self.func, "join"),
+        );
+        self.b.build_conditional_branch(cond, tb, eb).map_err(be)?;
+        self.b.position_at_end(tb);
+        then(self)?;
+        self.b.build_unconditional_branch(join).map_err(be)?;
+        self.b.position_at_end(eb);
+        other(self)?;
+        self.b.build_unconditional_branch(join).map_err(be)?;
+        self.b.position_at_end(join);
         Ok(())
     }
 
@@ -584,6 +623,7 @@ pub fn emit<'ctx>(
         }
         Kernel::Attention {
             out,
+            part,
             q,
             k,
             v,
@@ -591,8 +631,12 @@ pub fn emit<'ctx>(
             dims,
             scale,
         } => {
-            attention(&fb, *out, q, k, v, pos, dims, *scale)?;
+            attention(&fb, *out, *part, q, k, v, pos, dims, *scale)?;
             (dims.dv + ATTN_BLOCK) as usize
+        }
+        Kernel::AttentionCombine { out, part, dims } => {
+            attention_combine(&fb, *out, *part, dims)?;
+            ATTN_SPLITS as usize
         }
         Kernel::Gather {
             out,
@@ -750,6 +794,7 @@ pub fn canonical(k: &Kernel) -> (Kernel, Vec<u32>) {
         },
         Kernel::Attention {
             out,
+            part,
             q,
             k,
             v,
@@ -758,12 +803,18 @@ pub fn canonical(k: &Kernel) -> (Kernel, Vec<u32>) {
             scale,
         } => Kernel::Attention {
             out: map(*out),
+            part: map(*part),
             q: ren(q),
             k: ren(k),
             v: ren(v),
             pos: ren(pos),
             dims: dims.clone(),
             scale: *scale,
+        },
+        Kernel::AttentionCombine { out, part, dims } => Kernel::AttentionCombine {
+            out: map(*out),
+            part: map(*part),
+            dims: dims.clone(),
         },
         Kernel::Gather {
             out,
@@ -874,11 +925,21 @@ fn kernel_buffers(k: &Kernel) -> Vec<u32> {
             add(w.buf);
         }
         Kernel::Attention {
-            out, q, k, v, pos, ..
+            out,
+            part,
+            q,
+            k,
+            v,
+            pos,
+            ..
         } => {
-            for b in [*out, q.buf, k.buf, v.buf, pos.buf] {
+            for b in [*out, *part, q.buf, k.buf, v.buf, pos.buf] {
                 add(b);
             }
+        }
+        Kernel::AttentionCombine { out, part, .. } => {
+            add(*out);
+            add(*part);
         }
         Kernel::Gather {
             out, table, idx, ..
@@ -1554,14 +1615,52 @@ fn rms_norm(fb: &Fb, out: u32, x: &Access, w: &Access, shape: &[Dim], eps: f64) 
 /// max, the exponentials and their sum vectorise across keys.
 const ATTN_BLOCK: i64 = 64;
 
-/// Flash-style attention: per (b, h, t), the visible keys in blocks of `ATTN_BLOCK`. For each
-/// block: scores (one dot product per key), the block max, `p = exp(s - m)` and its sum, then
-/// the running output row (in scratch) is rescaled by `exp(m_old - m_new)` and accumulates
-/// `Σ p·v`. Scratch: `dv` floats of output row, then `ATTN_BLOCK` scores.
+/// Split-KV decision, the same in `attention` and `attention_combine`: `nsplit` (see
+/// `ATTN_SPLIT_UNITS`) from the query rows `units` and key count `s`.
+fn attn_splits<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    units: IntValue<'ctx>,
+    s: IntValue<'ctx>,
+) -> R<IntValue<'ctx>> {
+    let by_keys =
+        fb.b.build_int_signed_div(s, fb.i64c(ATTN_SPLIT_MIN_KEYS), "bk")
+            .map_err(be)?;
+    let clamp = |v: IntValue<'ctx>, pred: IntPredicate, lim: i64| -> R<IntValue<'ctx>> {
+        let c =
+            fb.b.build_int_compare(pred, v, fb.i64c(lim), "c")
+                .map_err(be)?;
+        Ok(fb
+            .b
+            .build_select(c, v, fb.i64c(lim), "cl")
+            .map_err(be)?
+            .into_int_value())
+    };
+    let n = clamp(
+        clamp(by_keys, IntPredicate::SGT, 1)?,
+        IntPredicate::SLT,
+        ATTN_SPLITS,
+    )?;
+    let few =
+        fb.b.build_int_compare(IntPredicate::SLE, units, fb.i64c(ATTN_SPLIT_UNITS), "few")
+            .map_err(be)?;
+    Ok(fb
+        .b
+        .build_select(few, n, fb.i64c(1), "nsplit")
+        .map_err(be)?
+        .into_int_value())
+}
+
+/// Flash-style attention: per (b, h, t) — and per split of the keys when `attn_splits` says
+/// so — the visible keys in blocks of `ATTN_BLOCK`. For each block: scores (one dot product
+/// per key), the block max, `p = exp(s - m)` and its sum, then the running output row (in
+/// scratch) is rescaled by `exp(m_old - m_new)` and accumulates `Σ p·v`. Unsplit, the row is
+/// divided by the sum and stored; split, `(acc, m, l)` go to `part` for the merge.
+/// Scratch: `dv` floats of output row, then `ATTN_BLOCK` scores.
 #[allow(clippy::too_many_arguments)]
 fn attention(
     fb: &Fb,
     out: u32,
+    part: u32,
     q: &Access,
     k: &Access,
     v: &Access,
@@ -1576,6 +1675,7 @@ fn attention(
     );
     let pa = fb.access(pos, ElemType::I64)?;
     let optr = fb.buf(out)?;
+    let pptr = fb.buf(part)?;
     let (bv, tv, sv) = (fb.dim(&d.b)?, fb.dim(&d.t)?, fb.dim(&d.s)?);
     let (h, dd, dv, rep) = (
         fb.i64c(d.h),
@@ -1584,7 +1684,21 @@ fn attention(
         fb.i64c(d.h / d.hkv),
     );
     let units = fb.mul(fb.mul(bv, h)?, tv)?;
-    let (s, e) = fb.split(units)?;
+    let nsplit = attn_splits(fb, units, sv)?;
+    let chunk =
+        fb.b.build_int_signed_div(
+            fb.add(
+                sv,
+                fb.b.build_int_sub(nsplit, fb.i64c(1), "n1").map_err(be)?,
+            )?,
+            nsplit,
+            "chunk",
+        )
+        .map_err(be)?;
+    let single =
+        fb.b.build_int_compare(IntPredicate::EQ, nsplit, fb.i64c(1), "single")
+            .map_err(be)?;
+    let (s, e) = fb.split(fb.mul(units, nsplit)?)?;
     let (mx, l, dot, bmax, psum) = (
         fb.slot(fb.f32t.into())?,
         fb.slot(fb.f32t.into())?,
@@ -1597,7 +1711,11 @@ fn attention(
         fb.b.build_in_bounds_gep(fb.f32t, fb.scratch, &[dv], "scores")
     }
     .map_err(be)?;
-    fb.for_range(s, e, |fb, u| {
+    fb.for_range(s, e, |fb, item| {
+        let u = fb.b.build_int_signed_div(item, nsplit, "u").map_err(be)?;
+        let c =
+            fb.b.build_int_signed_rem(item, nsplit, "split")
+                .map_err(be)?;
         let idx = fb.decompose(u, &[bv, h, tv])?;
         let (bi, hi, ti) = (idx[0], idx[1], idx[2]);
         let g = fb.b.build_int_signed_div(hi, rep, "g").map_err(be)?;
@@ -1607,35 +1725,28 @@ fn attention(
         let limit = fb
             .load(&pa, fb.at(&pa, &[(0, bi), (1, ti)])?)?
             .into_int_value();
-        // visible keys: j <= positions[b, t], j < S
-        let lim1 = fb.add(limit, fb.i64c(1))?;
-        let c =
-            fb.b.build_int_compare(IntPredicate::SLT, lim1, sv, "c")
-                .map_err(be)?;
-        let end =
-            fb.b.build_select(c, lim1, sv, "end")
-                .map_err(be)?
-                .into_int_value();
+        // visible keys: j <= positions[b, t], j < S; this split's share [lo, hi).
+        let min = |a, b| fb.imin(a, b);
+        let end = min(fb.add(limit, fb.i64c(1))?, sv)?;
+        let lo = fb.mul(c, chunk)?;
+        let hi = min(fb.add(lo, chunk)?, end)?;
+        let n = fb.b.build_int_sub(hi, lo, "n").map_err(be)?;
         fb.set(mx, fb.f32c(f64::NEG_INFINITY))?;
         fb.set(l, fb.f32c(0.0))?;
         fb.for_range(fb.i64c(0), dv, |fb, c| fb.store_f32(acc, c, fb.f32c(0.0)))?;
         let nblocks =
             fb.b.build_int_signed_div(
-                fb.add(end, fb.i64c(ATTN_BLOCK - 1))?,
+                fb.add(n, fb.i64c(ATTN_BLOCK - 1))?,
                 fb.i64c(ATTN_BLOCK),
                 "nb",
             )
             .map_err(be)?;
         fb.for_range(fb.i64c(0), nblocks, |fb, blk| {
-            let j0 = fb.mul(blk, fb.i64c(ATTN_BLOCK))?;
-            let rest = fb.b.build_int_sub(end, j0, "rest").map_err(be)?;
-            let lt =
-                fb.b.build_int_compare(IntPredicate::SLT, rest, fb.i64c(ATTN_BLOCK), "lt")
-                    .map_err(be)?;
-            let jl =
-                fb.b.build_select(lt, rest, fb.i64c(ATTN_BLOCK), "jl")
-                    .map_err(be)?
-                    .into_int_value();
+            let j0 = fb.add(lo, fb.mul(blk, fb.i64c(ATTN_BLOCK))?)?;
+            let jl = min(
+                fb.b.build_int_sub(hi, j0, "rest").map_err(be)?,
+                fb.i64c(ATTN_BLOCK),
+            )?;
             // Scores of the block, and their max.
             fb.set(bmax, fb.f32c(f64::NEG_INFINITY))?;
             fb.for_range(fb.i64c(0), jl, |fb, j| {
@@ -1680,17 +1791,87 @@ fn attention(
                 })
             })
         })?;
-        let obase = fb.mul(u, dv)?;
-        let lv = fb.get(l)?;
-        fb.for_range(fb.i64c(0), dv, |fb, c| {
-            let a = fb.load_f32(acc, c)?;
-            fb.store_f32(
-                optr,
-                fb.add(obase, c)?,
-                fb.b.build_float_div(a, lv, "o").map_err(be)?,
-            )
-        })
+        fb.if_else(
+            single,
+            |fb| {
+                let obase = fb.mul(u, dv)?;
+                let lv = fb.get(l)?;
+                fb.for_range(fb.i64c(0), dv, |fb, c| {
+                    let a = fb.load_f32(acc, c)?;
+                    fb.store_f32(
+                        optr,
+                        fb.add(obase, c)?,
+                        fb.b.build_float_div(a, lv, "o").map_err(be)?,
+                    )
+                })
+            },
+            |fb| {
+                let pbase = fb.mul(item, fb.i64c(d.dv + 2))?;
+                fb.for_range(fb.i64c(0), dv, |fb, c| {
+                    fb.store_f32(pptr, fb.add(pbase, c)?, fb.load_f32(acc, c)?)
+                })?;
+                fb.store_f32(pptr, fb.add(pbase, dv)?, fb.get(mx)?)?;
+                fb.store_f32(pptr, fb.add(pbase, fb.i64c(d.dv + 1))?, fb.get(l)?)
+            },
+        )
     })?;
+    fb.ret_ok()
+}
+
+/// The split-KV merge (see `Kernel::AttentionCombine`), per query row. Scratch: the
+/// `ATTN_SPLITS` weights `e^(m_c−M) / L`.
+fn attention_combine(fb: &Fb, out: u32, part: u32, d: &crate::kernel::AttnDims) -> R<()> {
+    let optr = fb.buf(out)?;
+    let pptr = fb.buf(part)?;
+    let (bv, tv, sv) = (fb.dim(&d.b)?, fb.dim(&d.t)?, fb.dim(&d.s)?);
+    let dv = fb.i64c(d.dv);
+    let units = fb.mul(fb.mul(bv, fb.i64c(d.h))?, tv)?;
+    let nsplit = attn_splits(fb, units, sv)?;
+    let split =
+        fb.b.build_int_compare(IntPredicate::SGT, nsplit, fb.i64c(1), "split")
+            .map_err(be)?;
+    let (mx, lsum) = (fb.slot(fb.f32t.into())?, fb.slot(fb.f32t.into())?);
+    let w = fb.scratch;
+    fb.if_else(
+        split,
+        |fb| {
+            let (s, e) = fb.split(units)?;
+            fb.for_range(s, e, |fb, u| {
+                let base = fb.mul(fb.mul(u, nsplit)?, fb.i64c(d.dv + 2))?;
+                let at = |c, off| fb.add(base, fb.add(fb.mul(c, fb.i64c(d.dv + 2))?, off)?);
+                fb.set(mx, fb.f32c(f64::NEG_INFINITY))?;
+                fb.for_range(fb.i64c(0), nsplit, |fb, c| {
+                    let m = fb.load_f32(pptr, at(c, dv)?)?;
+                    fb.set(mx, fb.intrinsic("llvm.maxnum", &[fb.get(mx)?, m])?)
+                })?;
+                let big = fb.get(mx)?;
+                fb.set(lsum, fb.f32c(0.0))?;
+                fb.for_range(fb.i64c(0), nsplit, |fb, c| {
+                    let m = fb.load_f32(pptr, at(c, dv)?)?;
+                    let wc = fb.exp(fb.b.build_float_sub(m, big, "z").map_err(be)?)?;
+                    fb.store_f32(w, c, wc)?;
+                    let lc = fb.load_f32(pptr, at(c, fb.i64c(d.dv + 1))?)?;
+                    fb.set(lsum, fb.fadd(fb.get(lsum)?, fb.fmul(lc, wc)?)?)
+                })?;
+                let inv =
+                    fb.b.build_float_div(fb.f32c(1.0), fb.get(lsum)?, "inv")
+                        .map_err(be)?;
+                fb.for_range(fb.i64c(0), nsplit, |fb, c| {
+                    fb.store_f32(w, c, fb.fmul(fb.load_f32(w, c)?, inv)?)
+                })?;
+                let obase = fb.mul(u, dv)?;
+                fb.for_range(fb.i64c(0), dv, |fb, j| {
+                    fb.set(mx, fb.f32c(0.0))?;
+                    fb.for_range(fb.i64c(0), nsplit, |fb, c| {
+                        let a = fb.load_f32(pptr, at(c, j)?)?;
+                        fb.set(mx, fb.fma_fast(fb.get(mx)?, a, fb.load_f32(w, c)?)?)
+                    })?;
+                    fb.store_f32(optr, fb.add(obase, j)?, fb.get(mx)?)
+                })
+            })
+        },
+        |_| Ok(()),
+    )?;
     fb.ret_ok()
 }
 
