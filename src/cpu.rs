@@ -1,17 +1,21 @@
-//! Running a model on the CPU backend: the optimised graph is scheduled, compiled through
-//! LLVM for this machine, and run by the runtime's executor on a thread pool. A generation
-//! runs one `Step` graph for the prompt and for each new token; the KV cache is a state of
-//! the executor, grown in place (never copied in or out). This is `--backend cpu`.
+//! Running a model on the CPU backend: the optimised `Step` graph is scheduled, compiled
+//! through LLVM into an artifact (kept in a content-addressed compile cache, so a second
+//! start skips optimisation and LLVM), and run by the runtime's `Session` on a thread pool.
+//! One graph serves the prompt and each new token; the KV cache is a state of the executor,
+//! grown in place. `executor`/`executors` JIT-compile any graph (tests, `bench matmul`).
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use egret_backends::artifact::write_cpu_artifact;
 use egret_backends::llvm::{compile_many, panel_width, unify_symbols, Compiled, CpuOptions};
 use egret_backends::schedule::{schedule_with, ScheduleOptions};
 use egret_ir::{Graph, Tensor};
 use egret_models::{GraphKind, LlamaConfig};
-use egret_runtime::cpu::{CpuExecutor, HostData, HostValue};
-use egret_runtime::generate::{check_ids, LanguageModel};
-use egret_runtime::RuntimeError;
+use egret_runtime::cpu::CpuExecutor;
+use egret_runtime::generate::LanguageModel;
+use egret_runtime::{Artifact, Session};
 
 use crate::interp::optimized_graph;
 use crate::{EgretError, Result};
@@ -77,25 +81,96 @@ pub fn executors(
     Ok(out)
 }
 
-pub struct CpuModel {
-    cfg: LlamaConfig,
-    step: CpuExecutor,
-    // Keep the machine code alive as long as the executor.
-    _code: Compiled,
-    pos: usize,
+/// Where `CpuModel` gets its compiled code.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CodeSource {
+    /// The compile cache: an artifact keyed by configuration, passes, target and compiler
+    /// build, compiled there first if missing (`$EGRET_CACHE/artifacts/`).
+    Cache,
+    /// Compile afresh into a temporary artifact (`--no-cache`).
+    Fresh,
+    /// An artifact compiled by `egret compile` (`--artifact DIR`).
+    Artifact(PathBuf),
 }
 
-// SAFETY: the compiled code is immutable and the executor is Send.
-unsafe impl Send for CpuModel {}
+/// A fingerprint of the compiler's sources (from `build.rs`): artifacts in the cache are
+/// keyed by it, so a changed compiler never reuses an old artifact.
+pub const BUILD_ID: &str = env!("EGRET_BUILD_ID");
 
-fn rt(e: EgretError) -> RuntimeError {
-    match e {
-        EgretError::Runtime(r) => r,
-        e => RuntimeError::Invalid(e.to_string()),
+/// The compile cache's directory: `$EGRET_CACHE/artifacts`, by default under
+/// `~/.cache/egret`.
+pub fn cache_dir() -> PathBuf {
+    let root = std::env::var_os("EGRET_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/egret")))
+        .unwrap_or_else(|| std::env::temp_dir().join("egret-cache"));
+    root.join("artifacts")
+}
+
+/// The cache key of a compilation: SHA-256 over everything the artifact depends on.
+pub fn cache_key(cfg: &LlamaConfig, passes: &str, opts: &CpuOptions) -> String {
+    let (cpu, features) = egret_backends::llvm::target_cpu(&opts.cpu);
+    let text = format!(
+        "format {}\ncompiler {} {BUILD_ID}\nconfig {}\npasses {passes}\ncpu {cpu} {}\nweights {:?}\n",
+        egret_runtime::artifact::FORMAT_VERSION,
+        env!("CARGO_PKG_VERSION"),
+        serde_json::to_string(cfg).unwrap_or_default(),
+        features.join(","),
+        opts.weights,
+    );
+    egret_runtime::artifact::sha256_hex(text.as_bytes())[..32].to_string()
+}
+
+/// Optimises the model's `Step` graph and compiles it for the CPU into an artifact at `dir`
+/// (replacing one already there). This is `egret compile --target cpu`.
+pub fn compile_artifact(
+    cfg: &LlamaConfig,
+    passes: &str,
+    opts: &CpuOptions,
+    dir: &Path,
+) -> Result<PathBuf> {
+    let t0 = std::time::Instant::now();
+    let g = optimized_graph(cfg, GraphKind::Step, passes)?;
+    let sopts = ScheduleOptions {
+        panel: panel_width(&opts.cpu),
+        weights: opts.weights,
+        states: true,
+    };
+    let prog = schedule_with(&g, sopts).map_err(|e| EgretError::Usage(e.to_string()))?;
+    let model = serde_json::to_value(cfg).unwrap_or_default();
+    let out = write_cpu_artifact(&prog, opts, model, dir)
+        .map_err(|e| EgretError::Usage(e.to_string()))?;
+    if std::env::var_os("EGRET_PROFILE").is_some() {
+        eprintln!(
+            "compile\tartifact\t{:.1} ms\t{} kernel calls",
+            t0.elapsed().as_secs_f64() * 1e3,
+            prog.kernels.len()
+        );
     }
+    Ok(out)
+}
+
+/// The cached artifact for this compilation, compiled into the cache first if it is not
+/// there (or does not load).
+pub fn cached_artifact(cfg: &LlamaConfig, passes: &str, opts: &CpuOptions) -> Result<Artifact> {
+    let dir = cache_dir().join(cache_key(cfg, passes, opts));
+    if let Ok(a) = Artifact::load(&dir) {
+        return Ok(a);
+    }
+    std::fs::create_dir_all(cache_dir())
+        .map_err(|e| EgretError::Usage(format!("cannot create {}: {e}", cache_dir().display())))?;
+    compile_artifact(cfg, passes, opts, &dir)?;
+    Ok(Artifact::load(&dir)?)
+}
+
+/// A model compiled for the CPU and bound to its weights: a runtime `Session` (the KV cache
+/// a state of its executor). This is `--backend cpu`.
+pub struct CpuModel {
+    session: Session,
 }
 
 impl CpuModel {
+    /// Compiles (through the cache) and binds parameters; `threads` as the executor takes.
     pub fn new(
         cfg: LlamaConfig,
         params: HashMap<String, Tensor>,
@@ -103,80 +178,63 @@ impl CpuModel {
         opts: &CpuOptions,
         threads: usize,
     ) -> Result<CpuModel> {
-        let g = optimized_graph(&cfg, GraphKind::Step, passes)?;
-        let (step, code) = executors(&[&g], &params, opts, threads, true)?.remove(0);
-        if step.plan().states.len() != 2 * cfg.num_hidden_layers {
-            return Err(RuntimeError::Invalid(format!(
-                "the step graph keeps {} cache states, expected {}",
-                step.plan().states.len(),
-                2 * cfg.num_hidden_layers
-            ))
-            .into());
-        }
-        Ok(CpuModel {
-            cfg,
-            step,
-            _code: code,
-            pos: 0,
-        })
+        CpuModel::with_source(cfg, params, passes, opts, threads, &CodeSource::Cache)
     }
 
-    /// Runs `ids` at positions `pos..` over the cache, returning the logits at the given
-    /// offsets into `ids`; the cache grows by `ids.len()`.
-    fn run(&mut self, ids: &[u32], at: &[usize]) -> Result<Vec<Vec<f32>>> {
-        check_ids(ids, self.cfg.vocab_size)?;
-        let (t, start) = (ids.len(), self.pos);
-        let i64s = |shape: Vec<usize>, v: Vec<i64>| HostValue {
-            shape,
-            data: HostData::I64(v),
-        };
-        let inputs = HashMap::from([
-            (
-                "tokens".to_string(),
-                i64s(vec![1, t], ids.iter().map(|&i| i as i64).collect()),
-            ),
-            (
-                "positions".to_string(),
-                i64s(vec![1, t], (start..start + t).map(|p| p as i64).collect()),
-            ),
-            (
-                "logits_at".to_string(),
-                i64s(vec![at.len()], at.iter().map(|&p| p as i64).collect()),
-            ),
-        ]);
-        let out = self.step.run(&inputs)?;
-        self.pos += t;
-        match out.get("logits").map(|v| &v.data) {
-            Some(HostData::F32(v)) => {
-                Ok(v.chunks(self.cfg.vocab_size).map(<[f32]>::to_vec).collect())
+    pub fn with_source(
+        cfg: LlamaConfig,
+        params: HashMap<String, Tensor>,
+        passes: &str,
+        opts: &CpuOptions,
+        threads: usize,
+        source: &CodeSource,
+    ) -> Result<CpuModel> {
+        let art = match source {
+            CodeSource::Cache => cached_artifact(&cfg, passes, opts)?,
+            CodeSource::Artifact(dir) => Artifact::load(dir)?,
+            CodeSource::Fresh => {
+                static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+                let dir = std::env::temp_dir().join(format!(
+                    "egret-fresh-{}-{}",
+                    std::process::id(),
+                    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                ));
+                compile_artifact(&cfg, passes, opts, &dir)?;
+                let a = Artifact::load(&dir);
+                // The library is mapped once loaded; the directory is not needed after.
+                let session = a.and_then(|a| {
+                    Session::with_params(&a, &|n| param(&params, n), "the weights", threads)
+                });
+                let _ = std::fs::remove_dir_all(&dir);
+                return Ok(CpuModel { session: session? });
             }
-            _ => Err(RuntimeError::Invalid("graph returned no f32 logits".into()).into()),
-        }
+        };
+        let session = Session::with_params(&art, &|n| param(&params, n), "the weights", threads)?;
+        Ok(CpuModel { session })
     }
 
     /// Logits of every position of `ids`, from an empty cache.
     pub fn logits_all(&mut self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
-        self.step.reset_states();
-        self.pos = 0;
-        self.run(ids, &(0..ids.len()).collect::<Vec<_>>())
+        Ok(self.session.logits(ids)?)
     }
+}
+
+fn param(params: &HashMap<String, Tensor>, name: &str) -> Option<(Vec<usize>, Arc<Vec<f32>>)> {
+    params
+        .get(name)
+        .and_then(|t| Some((t.shape().to_vec(), t.f32_arc()?)))
 }
 
 impl LanguageModel for CpuModel {
     fn vocab_size(&self) -> usize {
-        self.cfg.vocab_size
+        self.session.vocab_size()
     }
 
     fn prefill(&mut self, ids: &[u32]) -> egret_runtime::Result<Vec<f32>> {
-        self.step.reset_states();
-        self.pos = 0;
-        let last = ids.len().saturating_sub(1);
-        let rows = self.run(ids, &[last]).map_err(rt)?;
-        Ok(rows.last().cloned().unwrap_or_default())
+        self.session.prefill(ids)
     }
 
     fn decode(&mut self, id: u32) -> egret_runtime::Result<Vec<f32>> {
-        let rows = self.run(&[id], &[0]).map_err(rt)?;
-        Ok(rows.last().cloned().unwrap_or_default())
+        self.session.decode(id)
     }
 }

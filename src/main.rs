@@ -53,6 +53,12 @@ enum Which {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Target {
+    Cpu,
+    Ptx,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum DTypeArg {
     F32,
     Bf16,
@@ -99,6 +105,24 @@ enum Cmd {
         /// Add BOS/EOS as the tokenizer's configuration asks.
         #[arg(long)]
         add_special: bool,
+    },
+    /// Compile a model into an artifact directory (manifest.json + kernel payload).
+    Compile {
+        model: String,
+        #[arg(long, value_enum, default_value_t = Target::Cpu)]
+        target: Target,
+        #[arg(long, value_enum, default_value_t = Mode::Inference)]
+        mode: Mode,
+        #[arg(long, default_value = "default")]
+        passes: String,
+        /// LLVM CPU name (`native`: this machine).
+        #[arg(long, default_value = "native")]
+        cpu: String,
+        /// Storage of matmul weights (compute is f32).
+        #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+        weights_dtype: DTypeArg,
+        #[arg(short, long)]
+        out: PathBuf,
     },
     /// Write a Hugging Face directory (config.json, model.safetensors, tokenizer.json).
     Convert {
@@ -223,6 +247,12 @@ struct RunOpts {
     /// Storage of matmul weights on the CPU backend (compute is f32).
     #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
     weights_dtype: DTypeArg,
+    /// Run this artifact (from `egret compile`) instead of compiling; MODEL gives the weights.
+    #[arg(long, conflicts_with = "no_cache")]
+    artifact: Option<PathBuf>,
+    /// Compile afresh instead of reusing an artifact from the compile cache.
+    #[arg(long)]
+    no_cache: bool,
 }
 
 impl RunOpts {
@@ -257,10 +287,13 @@ impl Runner {
         let stop = loaded.config.eos_token_ids.clone();
         let tok = loaded.tokenizer;
         let r = match o.backend {
+            Backend::Interp if o.artifact.is_some() => {
+                bail!("--artifact runs compiled code: use it with --backend cpu")
+            }
             Backend::Interp => {
                 Runner::Interp(InterpModel::new(loaded.config, loaded.params, &o.passes)?)
             }
-            Backend::Cpu => Runner::Cpu(egret::cpu::CpuModel::new(
+            Backend::Cpu => Runner::Cpu(egret::cpu::CpuModel::with_source(
                 loaded.config,
                 loaded.params,
                 &o.passes,
@@ -269,6 +302,11 @@ impl Runner {
                     weights: panel_type(o.weights_dtype),
                 },
                 o.threads(),
+                &match (&o.artifact, o.no_cache) {
+                    (Some(d), _) => egret::cpu::CodeSource::Artifact(d.clone()),
+                    (None, true) => egret::cpu::CodeSource::Fresh,
+                    (None, false) => egret::cpu::CodeSource::Cache,
+                },
             )?),
             Backend::Gpu => {
                 bail!("backend `gpu` (PTX) is not built yet; use --backend cpu or interp")
@@ -427,6 +465,30 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Convert { model, out, dtype } => convert(&model, &out, dtype),
+        Cmd::Compile {
+            model,
+            target,
+            mode,
+            passes,
+            cpu,
+            weights_dtype,
+            out,
+        } => {
+            if target == Target::Ptx {
+                bail!("target `ptx` (the GPU backend) is not built yet; use --target cpu");
+            }
+            if mode != Mode::Inference {
+                bail!("training artifacts are not built yet; use --mode inference");
+            }
+            let cfg = egret::load_config(&ModelSource::resolve(&model)?)?;
+            let opts = egret_backends::llvm::CpuOptions {
+                cpu,
+                weights: panel_type(weights_dtype),
+            };
+            let dir = egret::cpu::compile_artifact(&cfg, &passes, &opts, &out)?;
+            println!("{}", dir.display());
+            Ok(())
+        }
         Cmd::Ir {
             model,
             mode,

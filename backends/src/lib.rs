@@ -1,7 +1,8 @@
 //! egret's code generators: scheduling a graph into the kernel IR (`schedule`, `kernel`),
 //! and lowering it for CPUs through LLVM (`llvm`). The PTX backend will lower the same kernel
-//! IR for NVIDIA GPUs.
+//! IR for NVIDIA GPUs. `artifact` writes compiled artifacts.
 
+pub mod artifact;
 pub mod kernel;
 pub mod llvm;
 pub mod schedule;
@@ -15,4 +16,6 @@ pub enum BackendError {
     Unsupported(String),
     #[error("LLVM: {0}")]
     Llvm(String),
+    #[error("cannot write the artifact: {0}")]
+    Io(String),
 }

@@ -35,6 +35,8 @@ pub enum RuntimeError {
     Tokenizer(String),
     #[error("token id {id} is out of range: the vocabulary has {vocab} tokens (ids 0..{vocab})")]
     TokenOutOfRange { id: u64, vocab: usize },
+    #[error("{}: not a usable egret artifact: {reason}", path.display())]
+    Artifact { path: PathBuf, reason: String },
     #[error("{0}")]
     Invalid(String),
 }

@@ -4,6 +4,7 @@
 //! This crate is what users embed, so its dependency tree stays small: it never depends on
 //! the compiler crates (`egret-ir`, `egret-passes`, `egret-backends`), LLVM or egg.
 
+pub mod artifact;
 pub mod cpu;
 pub mod error;
 pub mod generate;
@@ -11,9 +12,12 @@ pub mod gguf;
 pub mod plan;
 pub mod pool;
 pub mod sampler;
+pub mod session;
 pub mod tensor;
 pub mod tokenizer;
 pub mod weights;
 
+pub use artifact::{Artifact, Manifest};
 pub use error::{Result, RuntimeError};
+pub use session::Session;
 pub use tensor::HostTensor;

@@ -46,6 +46,37 @@ fn llvm_err(e: impl std::fmt::Display) -> BackendError {
 }
 
 /// The CPU name and feature string for `cpu` (`native`: the host's).
+/// The LLVM CPU name and the features the code may use, for an artifact's manifest: this
+/// machine's for `native`; for the `x86-64-v*` levels their defining features; otherwise
+/// none listed (the CPU name alone says what the code needs).
+pub fn target_cpu(cpu: &str) -> (String, Vec<String>) {
+    let (name, features) = cpu_and_features(cpu);
+    let mut list: Vec<String> = features
+        .split(',')
+        .filter_map(|f| f.strip_prefix('+'))
+        .map(str::to_string)
+        .collect();
+    if list.is_empty() {
+        let v2 = ["sse3", "ssse3", "sse4.1", "sse4.2", "popcnt"];
+        let v3 = [
+            "avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "lzcnt", "movbe",
+        ];
+        let v4 = ["avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"];
+        let levels: &[&[&str]] = match name.as_str() {
+            "x86-64-v2" => &[&v2],
+            "x86-64-v3" => &[&v2, &v3],
+            "x86-64-v4" => &[&v2, &v3, &v4],
+            _ => &[],
+        };
+        list = levels
+            .iter()
+            .flat_map(|l| l.iter().map(|f| f.to_string()))
+            .collect();
+    }
+    list.sort();
+    (name, list)
+}
+
 fn cpu_and_features(cpu: &str) -> (String, String) {
     if cpu == "native" {
         (

@@ -1,0 +1,113 @@
+//! Writing compiled artifacts (the format is `egret_runtime::artifact`'s): the CPU payload is
+//! the program's kernels as a shared library, `kernels.so`, next to `manifest.json`. The
+//! directory is assembled under a temporary name and renamed into place, so an existing
+//! artifact is replaced whole or not at all.
+
+use std::path::{Path, PathBuf};
+
+use egret_runtime::artifact::{
+    sha256_hex, EntryPoint, Manifest, ParamSpec, Payload, Target, FORMAT, FORMAT_VERSION, MANIFEST,
+};
+use egret_runtime::plan::BufferRole;
+
+use crate::kernel::{PanelType, Program};
+use crate::llvm::{compile_shared_library, target_cpu, CpuOptions};
+use crate::BackendError;
+
+/// The CPU payload's file name.
+pub const CPU_PAYLOAD: &str = "kernels.so";
+
+fn io(path: &Path, e: std::io::Error) -> BackendError {
+    BackendError::Io(format!("{}: {e}", path.display()))
+}
+
+/// Compiles `step` (the model's step graph, scheduled with states) for the CPU into an
+/// artifact at `dir`. `model` is the configuration recorded in the manifest.
+pub fn write_cpu_artifact(
+    step: &Program,
+    opts: &CpuOptions,
+    model: serde_json::Value,
+    dir: &Path,
+) -> Result<PathBuf, BackendError> {
+    let pid = std::process::id();
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "artifact".into());
+    let tmp = dir.with_file_name(format!(".{name}.tmp-{pid}"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    let result = (|| {
+        let so = tmp.join(CPU_PAYLOAD);
+        let plan = compile_shared_library(step, opts, &so)?;
+        let bytes = std::fs::read(&so).map_err(|e| io(&so, e))?;
+        let parameters = plan
+            .buffers
+            .iter()
+            .filter_map(|b| match &b.role {
+                BufferRole::Param(n) => Some(ParamSpec {
+                    name: n.clone(),
+                    shape: b.dims.iter().map(|d| d.constant.max(0) as usize).collect(),
+                    dtype: "f32".into(),
+                }),
+                _ => None,
+            })
+            .collect();
+        let (cpu, features) = target_cpu(&opts.cpu);
+        let manifest = Manifest {
+            format: FORMAT.into(),
+            format_version: FORMAT_VERSION,
+            compiler: format!("egret {}", env!("CARGO_PKG_VERSION")),
+            target: Target {
+                kind: "cpu".into(),
+                arch: std::env::consts::ARCH.into(),
+                cpu,
+                features,
+            },
+            mode: "inference".into(),
+            model,
+            weights_dtype: match opts.weights {
+                PanelType::F32 => "f32",
+                PanelType::BF16 => "bf16",
+                PanelType::F16 => "f16",
+            }
+            .into(),
+            entry_points: vec![EntryPoint {
+                name: "step".into(),
+                payload: CPU_PAYLOAD.into(),
+                plan,
+            }],
+            parameters,
+            payloads: vec![Payload {
+                file: CPU_PAYLOAD.into(),
+                sha256: sha256_hex(&bytes),
+                bytes: bytes.len() as u64,
+            }],
+        };
+        let text = serde_json::to_string(&manifest)
+            .map_err(|e| BackendError::Io(format!("manifest: {e}")))?;
+        let m = tmp.join(MANIFEST);
+        std::fs::write(&m, text).map_err(|e| io(&m, e))
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    // Swap in: an old artifact moves aside first and is removed only once the new one is in.
+    let old = dir.with_file_name(format!(".{name}.old-{pid}"));
+    let had_old = dir.exists();
+    if had_old {
+        std::fs::rename(dir, &old).map_err(|e| io(dir, e))?;
+    }
+    if let Err(e) = std::fs::rename(&tmp, dir) {
+        if had_old {
+            let _ = std::fs::rename(&old, dir);
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(io(dir, e));
+    }
+    if had_old {
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    Ok(dir.to_path_buf())
+}
