@@ -54,7 +54,7 @@ pub fn write_cpu_artifact(
             })
             .collect();
         let (cpu, features) = target_cpu(&opts.cpu);
-        let manifest = Manifest {
+        let mut manifest = Manifest {
             format: FORMAT.into(),
             format_version: FORMAT_VERSION,
             compiler: format!("egret {}", env!("CARGO_PKG_VERSION")),
@@ -83,7 +83,9 @@ pub fn write_cpu_artifact(
                 sha256: sha256_hex(&bytes),
                 bytes: bytes.len() as u64,
             }],
+            content_sha256: String::new(),
         };
+        manifest.content_sha256 = manifest.content_hash();
         let text = serde_json::to_string(&manifest)
             .map_err(|e| BackendError::Io(format!("manifest: {e}")))?;
         let m = tmp.join(MANIFEST);

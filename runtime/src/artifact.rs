@@ -42,6 +42,23 @@ pub struct Manifest {
     /// What the weights must supply, by Hugging Face name.
     pub parameters: Vec<ParamSpec>,
     pub payloads: Vec<Payload>,
+    /// SHA-256 of the target, entry points, parameters and payload list (`content_hash`):
+    /// a plan changed by one byte would run kernels over the wrong buffers, so it is refused.
+    pub content_sha256: String,
+}
+
+impl Manifest {
+    /// The hash `content_sha256` must hold.
+    pub fn content_hash(&self) -> String {
+        let text = serde_json::to_string(&(
+            &self.target,
+            &self.entry_points,
+            &self.parameters,
+            &self.payloads,
+        ))
+        .unwrap_or_default();
+        sha256_hex(text.as_bytes())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,6 +256,11 @@ impl Artifact {
         }
         let manifest: Manifest = serde_json::from_value(head)
             .map_err(|e| bad(format!("{MANIFEST} is malformed: {e}")))?;
+        if manifest.content_hash() != manifest.content_sha256 {
+            return Err(bad(format!(
+                "{MANIFEST} does not match its content_sha256: it was changed or damaged"
+            )));
+        }
         for p in &manifest.payloads {
             if p.file.is_empty() || p.file.contains(['/', '\\']) || p.file == "." || p.file == ".."
             {

@@ -5,6 +5,7 @@
 //! the compiler crates (`egret-ir`, `egret-passes`, `egret-backends`), LLVM or egg.
 
 pub mod artifact;
+pub mod capi;
 pub mod cpu;
 pub mod error;
 pub mod generate;
