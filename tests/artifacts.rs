@@ -291,14 +291,24 @@ fn bad_artifacts_are_refused_with_one_clear_error() {
         }
         std::fs::write(d.join(MANIFEST), serde_json::to_string(&m).unwrap()).unwrap();
     };
+    // A copy whose manifest is edited (and re-hashed, or not).
+    let edited = |name: &str, f: &dyn Fn(&mut Manifest), rehash: bool| {
+        variant(name, &|d| {
+            let mut m = manifest.clone();
+            f(&mut m);
+            write_manifest(d, &m, rehash)
+        })
+    };
     let cases: Vec<(&str, PathBuf, &str)> = vec![
         (
             "unknown format version",
-            variant("version", &|d| {
-                let mut m = manifest.clone();
-                m.format_version = 99;
-                write_manifest(d, &m, true)
-            }),
+            edited(
+                "version",
+                &|m| {
+                    m.format_version = 99;
+                },
+                true,
+            ),
             "format version 99 is not supported",
         ),
         (
@@ -314,20 +324,24 @@ fn bad_artifacts_are_refused_with_one_clear_error() {
         ),
         (
             "another architecture",
-            variant("arch", &|d| {
-                let mut m = manifest.clone();
-                m.target.arch = "riscv64".into();
-                write_manifest(d, &m, true)
-            }),
+            edited(
+                "arch",
+                &|m| {
+                    m.target.arch = "riscv64".into();
+                },
+                true,
+            ),
             "compiled for riscv64",
         ),
         (
             "a GPU target",
-            variant("ptx", &|d| {
-                let mut m = manifest.clone();
-                m.target.kind = "ptx".into();
-                write_manifest(d, &m, true)
-            }),
+            edited(
+                "ptx",
+                &|m| {
+                    m.target.kind = "ptx".into();
+                },
+                true,
+            ),
             "not `cpu`",
         ),
         (
@@ -339,31 +353,37 @@ fn bad_artifacts_are_refused_with_one_clear_error() {
         ),
         (
             "a plan edited without its hash",
-            variant("plan", &|d| {
-                let mut m = manifest.clone();
-                m.entry_points[0].plan.kernels[0].args[0] = 0;
-                m.entry_points[0].plan.kernels.swap(1, 2);
-                write_manifest(d, &m, false)
-            }),
+            edited(
+                "plan",
+                &|m| {
+                    m.entry_points[0].plan.kernels[0].args[0] = 0;
+                    m.entry_points[0].plan.kernels.swap(1, 2);
+                },
+                false,
+            ),
             "content_sha256",
         ),
         (
             "a plan naming a buffer it lacks",
-            variant("range", &|d| {
-                let mut m = manifest.clone();
-                m.entry_points[0].plan.kernels[0].args[0] = 1_000_000;
-                write_manifest(d, &m, true)
-            }),
+            edited(
+                "range",
+                &|m| {
+                    m.entry_points[0].plan.kernels[0].args[0] = 1_000_000;
+                },
+                true,
+            ),
             "names buffer 1000000",
         ),
         (
             "a payload path outside the artifact",
-            variant("escape", &|d| {
-                let mut m = manifest.clone();
-                m.payloads[0].file = "../good/kernels.so".into();
-                m.entry_points[0].payload = m.payloads[0].file.clone();
-                write_manifest(d, &m, true)
-            }),
+            edited(
+                "escape",
+                &|m| {
+                    m.payloads[0].file = "../good/kernels.so".into();
+                    m.entry_points[0].payload = m.payloads[0].file.clone();
+                },
+                true,
+            ),
             "not a plain file name",
         ),
     ];
