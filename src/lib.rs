@@ -5,6 +5,7 @@
 pub mod cpu;
 pub mod interp;
 pub mod model;
+pub mod train;
 
 pub use interp::InterpModel;
 pub use model::{load_config, load_model, load_tokenizer, LoadedModel, ModelSource};

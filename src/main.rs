@@ -106,6 +106,26 @@ enum Cmd {
         #[arg(long)]
         add_special: bool,
     },
+    /// Loss (mean next-token cross-entropy) and the gradient of every parameter.
+    Grad {
+        model: String,
+        /// The sequence, as comma-separated token ids (at least two).
+        #[arg(long)]
+        tokens: String,
+        #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+        backend: Backend,
+        #[arg(long, default_value = "default")]
+        passes: String,
+        /// Threads for the CPU backend (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Activation memory budget for checkpoint placement.
+        #[arg(long)]
+        memory_budget: Option<u64>,
+        /// Write the gradients here (safetensors, `grad.<name>`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Compile a model into an artifact directory (manifest.json + kernel payload).
     Compile {
         model: String,
@@ -465,6 +485,46 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Convert { model, out, dtype } => convert(&model, &out, dtype),
+        Cmd::Grad {
+            model,
+            tokens,
+            backend,
+            passes,
+            threads,
+            memory_budget,
+            out,
+        } => {
+            if memory_budget.is_some() {
+                bail!("--memory-budget (checkpoint placement) is not built yet");
+            }
+            let ids = parse_ids(&tokens)?;
+            let loaded = load_model(&ModelSource::resolve(&model)?)?;
+            let opts = egret_backends::llvm::CpuOptions::default();
+            let be = match backend {
+                Backend::Interp => egret::train::GradBackend::Interp,
+                Backend::Cpu => egret::train::GradBackend::Cpu {
+                    opts: &opts,
+                    threads: threads.unwrap_or_else(default_threads).max(1),
+                },
+                Backend::Gpu => {
+                    bail!("backend `gpu` (PTX) is not built yet; use --backend cpu or interp")
+                }
+            };
+            let r = egret::train::grads(&loaded.config, &loaded.params, &ids, &passes, be)?;
+            if let Some(path) = out {
+                let mut w = egret_runtime::weights::Weights::new().with_source("gradients");
+                for (name, t) in r.grads {
+                    w.insert(format!("grad.{name}"), t);
+                }
+                egret_runtime::weights::save_safetensors(
+                    &path,
+                    &w,
+                    egret_runtime::weights::SaveDType::F32,
+                )?;
+            }
+            println!("{}", serde_json::json!({ "loss": r.loss }));
+            Ok(())
+        }
         Cmd::Compile {
             model,
             target,

@@ -3,6 +3,9 @@
 
 Writes, under tests/fixtures/:
   tiny/<name>/{config.json, model.safetensors, logits.json}
+  tiny/<name>/{grads.json, grads.safetensors}
+      the loss LlamaForCausalLM(labels=tokens) computes on the same sequence (mean next-token
+      cross-entropy) and the gradient of every parameter (`grad.<name>`), in float32.
       small random LLaMA models (GQA and MHA, tied and untied embeddings, odd sizes, an
       explicit head_dim, both spellings of rope_theta) and the logits of every position of
       a fixed token sequence, computed by LlamaForCausalLM in float32.
@@ -87,6 +90,22 @@ def tiny_models():
         print("wrote", d)
 
 
+def tiny_grads():
+    from safetensors.torch import save_file
+    for name in TINY:
+        d = OUT / "tiny" / name
+        model = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        toks = json.loads((d / "logits.json").read_text())["tokens"]
+        ids = torch.tensor([toks])
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        grads = {f"grad.{n}": p.grad.detach().contiguous()
+                 for n, p in model.named_parameters() if p.grad is not None}
+        save_file(grads, str(d / "grads.safetensors"), metadata={"format": "pt"})
+        write_json(d / "grads.json", {"tokens": toks, "loss": float(loss)})
+        print("wrote grads of", name, float(loss))
+
+
 def smollm2(gguf):
     gguf = pathlib.Path(gguf)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -116,7 +135,13 @@ if __name__ == "__main__":
         os.environ.get("EGRET_SMOLLM2_GGUF",
                        "~/.cache/egret/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
     ap.add_argument("--skip-smollm2", action="store_true")
+    ap.add_argument("--grads-only", action="store_true",
+                    help="only (re)write the gradient fixtures of the existing tiny models")
     a = ap.parse_args()
+    if a.grads_only:
+        tiny_grads()
+        raise SystemExit(0)
     tiny_models()
+    tiny_grads()
     if not a.skip_smollm2:
         smollm2(a.gguf)

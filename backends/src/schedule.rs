@@ -783,6 +783,10 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                     && s.buffers[a.buf as usize].role == BufferRole::Temp
                     && taken.insert(a.buf) =>
             {
+                // A contiguous view (a reshape) of the buffer: same elements, the output's
+                // shape.
+                s.buffers[a.buf as usize].dims =
+                    shape.iter().map(|d| symdim(&s.symbols, d)).collect();
                 a.buf
             }
             other => {

@@ -7,7 +7,7 @@ pub mod llama;
 pub mod presets;
 
 pub use config::LlamaConfig;
-pub use llama::{build, GraphKind};
+pub use llama::{build, build_training, GraphKind};
 
 /// Errors in model configuration or construction.
 #[derive(Debug, thiserror::Error)]

@@ -331,3 +331,58 @@ pub fn build(cfg: &LlamaConfig, kind: GraphKind) -> Result<Graph, ModelError> {
     egret_ir::verify(&g)?;
     Ok(g)
 }
+
+/// The training graph: `Prefill`'s forward pass and `loss` (`f32[1, 1, 1]`), the mean
+/// next-token cross-entropy. Input `targets` (`i64[B, T]`) holds the token each position
+/// should predict (`tokens[t + 1]`), negative where there is none (the last position):
+/// `loss = Σ_valid (logsumexp(logits) − logits[target]) / #valid`, with the log-sum-exp
+/// taken after subtracting the row max. Differentiate it with `egret_passes::autodiff`.
+pub fn build_training(cfg: &LlamaConfig) -> Result<Graph, ModelError> {
+    let mut g = build(cfg, GraphKind::Prefill)?;
+    g.name = "train".into();
+    let logits = g
+        .outputs
+        .iter()
+        .find(|(n, _)| n == "logits")
+        .map(|(_, v)| *v)
+        .expect("the forward graph returns logits");
+    g.outputs.clear();
+    let (b, t) = (Dim::sym("B"), Dim::sym("T"));
+    let targets = g.input("targets", DType::I64, vec![b.clone(), t.clone()]);
+    let loss = cross_entropy(&mut g, logits, targets)?;
+    g.output("loss", loss);
+    egret_ir::verify(&g)?;
+    Ok(g)
+}
+
+/// Mean cross-entropy of `logits` (`[B, T, V]`) against `targets` (`[B, T]`, negative =
+/// ignored), as `[1, 1, 1]`.
+fn cross_entropy(g: &mut Graph, x: ValueId, targets: ValueId) -> Result<ValueId, ModelError> {
+    let shape = g.shape(x).to_vec();
+    let (b, t) = (shape[0].clone(), shape[1].clone());
+    let m = g.reduce(ReduceOp::Max, x, 2)?;
+    let mb = g.broadcast(m, shape.clone())?;
+    let d = g.binary(BinaryOp::Sub, x, mb)?;
+    let e = g.unary(UnaryOp::Exp, d)?;
+    let s = g.reduce(ReduceOp::Sum, e, 2)?;
+    let ls = g.unary(UnaryOp::Log, s)?;
+    let lse = g.binary(BinaryOp::Add, ls, m)?;
+    let vocab = g.iota(2, DType::I64, shape.clone())?;
+    let t1 = g.reshape(targets, vec![b.clone(), t.clone(), Dim::c(1)])?;
+    let tb = g.broadcast(t1, shape)?;
+    let hit = g.compare(CompareOp::Eq, vocab, tb)?;
+    let zero = g.constant_like(0.0, x);
+    let picked = g.select(hit, x, zero)?;
+    let picked = g.reduce(ReduceOp::Sum, picked, 2)?;
+    let nll = g.binary(BinaryOp::Sub, lse, picked)?;
+    let z = g.constant(0.0, DType::I64, vec![b.clone(), t.clone(), Dim::c(1)]);
+    let valid = g.compare(CompareOp::Ge, t1, z)?;
+    let w = g.cast(valid, DType::F32)?;
+    let nll = g.binary(BinaryOp::Mul, nll, w)?;
+    let (mut total, mut count) = (nll, w);
+    for axis in 0..2 {
+        total = g.reduce(ReduceOp::Sum, total, axis)?;
+        count = g.reduce(ReduceOp::Sum, count, axis)?;
+    }
+    Ok(g.binary(BinaryOp::Div, total, count)?)
+}

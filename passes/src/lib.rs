@@ -2,6 +2,7 @@
 //! `Graph` in place; the `PassManager` runs a pipeline, verifies the graph after every pass,
 //! times each one and can print the IR after any of them.
 
+pub mod autodiff;
 pub mod cse;
 pub mod dce;
 pub mod egraph;
