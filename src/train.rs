@@ -119,3 +119,235 @@ pub fn grads(
     grads.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(Grads { loss, grads })
 }
+
+/// Hyper-parameters of `egret train` that shape the compiled step.
+pub use egret_passes::optim::AdamW;
+
+/// The train-step graph: loss, gradients (clipped) and the AdamW update, after `passes`.
+/// Inputs: `tokens`, `positions`, `targets` (`i64[B, T]`), `lr`, `bc1`, `bc2`, `m.<p>`,
+/// `v.<p>`; outputs `loss`, `grad_norm`, `new.<p>`, `new_m.<p>`, `new_v.<p>`.
+pub fn step_graph(cfg: &LlamaConfig, passes: &str, opt: &AdamW) -> Result<Graph> {
+    let fwd = build_training(cfg)?;
+    let mut g = egret_passes::autodiff::differentiate(&fwd, "loss")?;
+    egret_passes::optim::append_adamw(&mut g, opt)?;
+    g.outputs.retain(|(n, _)| !n.starts_with("grad."));
+    let pm = PassManager::new(pipeline(passes)?);
+    pm.run(&mut g, &mut PassCx::default(), |_, _| {})?;
+    Ok(g)
+}
+
+/// Hugging Face's initialisation: linear and embedding weights `N(0, 0.02²)`, norm weights
+/// 1; deterministic in `seed` (SplitMix64 and Box-Muller).
+pub fn random_init(cfg: &LlamaConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
+    let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let mut out = HashMap::new();
+    for (name, shape) in cfg.parameters() {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = if name.ends_with("norm.weight") {
+            vec![1.0; n]
+        } else {
+            (0..n)
+                .map(|_| {
+                    let u1 = ((next() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+                    let u2 = (next() >> 11) as f64 / (1u64 << 53) as f64;
+                    (0.02 * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+                })
+                .collect()
+        };
+        out.insert(name, Tensor::from_f32(shape, data)?);
+    }
+    Ok(out)
+}
+
+enum Exec {
+    Interp(Interpreter),
+    Cpu {
+        ex: Box<egret_runtime::cpu::CpuExecutor>,
+        // Declared after `ex`: the machine code outlives the executor that calls it.
+        _code: egret_backends::llvm::Compiled,
+    },
+}
+
+/// One model in training: parameters, AdamW state and a compiled step.
+pub struct Trainer {
+    pub cfg: LlamaConfig,
+    pub opt: AdamW,
+    pub params: HashMap<String, Tensor>,
+    /// AdamW's first and second moments, by parameter name.
+    pub m: HashMap<String, Vec<f32>>,
+    pub v: HashMap<String, Vec<f32>>,
+    /// Steps taken (the next step is `step + 1`).
+    pub step: usize,
+    exec: Exec,
+}
+
+/// What one step measured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepOut {
+    pub loss: f32,
+    pub grad_norm: f32,
+}
+
+impl Trainer {
+    /// Compiles the step for `backend` and starts from `params` with zero moments.
+    pub fn new(
+        cfg: LlamaConfig,
+        params: HashMap<String, Tensor>,
+        opt: AdamW,
+        passes: &str,
+        backend: GradBackend,
+    ) -> Result<Trainer> {
+        let g = step_graph(&cfg, passes, &opt)?;
+        let exec = match backend {
+            GradBackend::Interp => Exec::Interp(Interpreter::new(&g)?),
+            GradBackend::Cpu { opts, threads } => {
+                let (ex, code) = crate::cpu::executor(&g, &params, opts, threads)?;
+                Exec::Cpu {
+                    ex: Box::new(ex),
+                    _code: code,
+                }
+            }
+        };
+        let zeros = |p: &HashMap<String, Tensor>| {
+            p.iter()
+                .map(|(k, t)| (k.clone(), vec![0.0f32; t.shape().iter().product()]))
+                .collect()
+        };
+        Ok(Trainer {
+            m: zeros(&params),
+            v: zeros(&params),
+            cfg,
+            opt,
+            params,
+            step: 0,
+            exec,
+        })
+    }
+
+    /// One AdamW step on a batch: `tokens` and `targets` hold `b` rows of `t`.
+    pub fn train_step(
+        &mut self,
+        tokens: &[u32],
+        targets: &[i64],
+        b: usize,
+        t: usize,
+        lr: f64,
+    ) -> Result<StepOut> {
+        if tokens.len() != b * t || targets.len() != b * t || t == 0 {
+            return Err(EgretError::Usage(format!(
+                "a batch of {b}×{t} needs {} tokens and targets",
+                b * t
+            )));
+        }
+        check_ids(tokens, self.cfg.vocab_size)?;
+        let k = (self.step + 1) as i32;
+        let bc1 = 1.0 - self.opt.beta1.powi(k);
+        let bc2 = 1.0 - self.opt.beta2.powi(k);
+        let ids: Vec<i64> = tokens.iter().map(|&i| i as i64).collect();
+        let pos: Vec<i64> = (0..b).flat_map(|_| 0..t as i64).collect();
+        let mut f32s: Vec<(String, Vec<usize>, Vec<f32>)> = vec![
+            ("lr".into(), vec![1], vec![lr as f32]),
+            ("bc1".into(), vec![1], vec![bc1 as f32]),
+            ("bc2".into(), vec![1], vec![bc2 as f32]),
+        ];
+        for (name, t) in &self.params {
+            let s = t.shape().to_vec();
+            f32s.push((format!("m.{name}"), s.clone(), self.m[name].clone()));
+            f32s.push((format!("v.{name}"), s, self.v[name].clone()));
+        }
+        let i64s = [
+            ("tokens", ids),
+            ("positions", pos),
+            ("targets", targets.to_vec()),
+        ];
+        let mut out: HashMap<String, (Vec<usize>, Vec<f32>)> = match &mut self.exec {
+            Exec::Interp(it) => {
+                let mut inputs = HashMap::new();
+                for (n, v) in i64s {
+                    inputs.insert(n.to_string(), Tensor::from_i64(vec![b, t], v)?);
+                }
+                for (n, s, v) in f32s {
+                    inputs.insert(n, Tensor::from_f32(s, v)?);
+                }
+                it.run(&inputs, &self.params)?
+                    .into_iter()
+                    .map(|(k, v)| (k, (v.shape().to_vec(), v.to_f32_vec())))
+                    .collect()
+            }
+            Exec::Cpu { ex, .. } => {
+                let mut inputs = HashMap::new();
+                for (n, v) in i64s {
+                    inputs.insert(
+                        n.to_string(),
+                        HostValue {
+                            shape: vec![b, t],
+                            data: HostData::I64(v),
+                        },
+                    );
+                }
+                for (n, s, v) in f32s {
+                    inputs.insert(
+                        n,
+                        HostValue {
+                            shape: s,
+                            data: HostData::F32(v),
+                        },
+                    );
+                }
+                ex.run(&inputs)?
+                    .into_iter()
+                    .filter_map(|(k, v)| match v.data {
+                        HostData::F32(d) => Some((k, (v.shape, d))),
+                        HostData::I64(_) => None,
+                    })
+                    .collect()
+            }
+        };
+        let mut take = |name: &str| {
+            out.remove(name)
+                .ok_or_else(|| EgretError::Usage(format!("the train step returned no `{name}`")))
+        };
+        let loss = take("loss")?.1[0];
+        let grad_norm = take("grad_norm")?.1[0];
+        let names: Vec<String> = self.params.keys().cloned().collect();
+        let mut new_params = HashMap::new();
+        for name in &names {
+            let (shape, p) = take(&format!("new.{name}"))?;
+            new_params.insert(name.clone(), Tensor::from_f32(shape, p)?);
+            self.m
+                .insert(name.clone(), take(&format!("new_m.{name}"))?.1);
+            self.v
+                .insert(name.clone(), take(&format!("new_v.{name}"))?.1);
+        }
+        self.params = new_params;
+        if let Exec::Cpu { ex, .. } = &mut self.exec {
+            let params = &self.params;
+            ex.bind_params(&|n| {
+                params
+                    .get(n)
+                    .and_then(|t| Some((t.shape().to_vec(), t.f32_arc()?)))
+            })?;
+        }
+        self.step += 1;
+        Ok(StepOut { loss, grad_norm })
+    }
+}
+
+/// Learning rate at step `k` (from 1): linear warmup over `warmup` steps to `peak`, then
+/// cosine decay to `peak / 10` at step `total`.
+pub fn lr_at(k: usize, peak: f64, warmup: usize, total: usize) -> f64 {
+    if warmup > 0 && k <= warmup {
+        return peak * k as f64 / warmup as f64;
+    }
+    let span = total.saturating_sub(warmup).max(1) as f64;
+    let done = ((k - warmup) as f64 / span).min(1.0);
+    let min = peak / 10.0;
+    min + 0.5 * (peak - min) * (1.0 + (std::f64::consts::PI * done).cos())
+}

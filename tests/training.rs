@@ -109,3 +109,68 @@ fn grad_cli_prints_the_loss_and_writes_every_gradient() {
     let e = egret_err(&["grad", d.to_str().unwrap(), "--tokens", "3,1000"]);
     assert!(e.contains("out of range"), "{e}");
 }
+
+/// One `egret` AdamW step (clipping at 1.0) against `torch.optim.AdamW`: the new parameters,
+/// and the updates themselves (`p' - p`, about `lr` per element) within 1e-3 relative L2.
+fn adamw_step(backend: &str) {
+    let opts = CpuOptions::default();
+    for name in MODELS {
+        let d = fixture(&format!("tiny/{name}"));
+        let j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("grads.json")).unwrap()).unwrap();
+        let want = egret_runtime::weights::load(&d.join("adamw_step.safetensors")).unwrap();
+        let (toks, want_loss, _) = reference(name);
+        let m =
+            egret::load_model(&egret::ModelSource::resolve(d.to_str().unwrap()).unwrap()).unwrap();
+        let before = m.params.clone();
+        let be = match backend {
+            "interp" => GradBackend::Interp,
+            _ => GradBackend::Cpu {
+                opts: &opts,
+                threads: 2,
+            },
+        };
+        let mut tr = egret::train::Trainer::new(
+            m.config,
+            m.params,
+            egret::train::AdamW::default(),
+            "default",
+            be,
+        )
+        .unwrap();
+        let t = toks.len();
+        let out = tr
+            .train_step(&toks, &egret::train::targets(&toks), 1, t, 1e-3)
+            .unwrap();
+        assert!((out.loss - want_loss).abs() <= 1e-5 * want_loss, "{name}");
+        let gn = j["grad_norm"].as_f64().unwrap() as f32;
+        assert!(
+            (out.grad_norm - gn).abs() <= 1e-4 * gn,
+            "{name}: {} vs {gn}",
+            out.grad_norm
+        );
+        assert_eq!(tr.step, 1);
+        for (pname, w) in want.iter() {
+            let got = tr.params[pname].to_f32_vec();
+            let old = before[pname].to_f32_vec();
+            assert!(rel_l2(&got, &w.data) <= 1e-6, "{name} {backend}: {pname}");
+            let du: Vec<f32> = got.iter().zip(&old).map(|(a, b)| a - b).collect();
+            let dw: Vec<f32> = w.data.iter().zip(&old).map(|(a, b)| a - b).collect();
+            let e = rel_l2(&du, &dw);
+            assert!(
+                e <= 1e-3,
+                "{name} {backend}: update of {pname} relative L2 {e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn one_adamw_step_matches_torch_on_the_interpreter() {
+    adamw_step("interp");
+}
+
+#[test]
+fn one_adamw_step_matches_torch_on_the_cpu_backend() {
+    adamw_step("cpu");
+}

@@ -3,9 +3,10 @@
 
 Writes, under tests/fixtures/:
   tiny/<name>/{config.json, model.safetensors, logits.json}
-  tiny/<name>/{grads.json, grads.safetensors}
+  tiny/<name>/{grads.json, grads.safetensors, adamw_step.safetensors}
       the loss LlamaForCausalLM(labels=tokens) computes on the same sequence (mean next-token
-      cross-entropy) and the gradient of every parameter (`grad.<name>`), in float32.
+      cross-entropy), the gradient of every parameter (`grad.<name>`), in float32, and the
+      parameters after one torch.optim.AdamW step (global-norm clipping at 1.0 first).
       small random LLaMA models (GQA and MHA, tied and untied embeddings, odd sizes, an
       explicit head_dim, both spellings of rope_theta) and the logits of every position of
       a fixed token sequence, computed by LlamaForCausalLM in float32.
@@ -102,7 +103,16 @@ def tiny_grads():
         grads = {f"grad.{n}": p.grad.detach().contiguous()
                  for n, p in model.named_parameters() if p.grad is not None}
         save_file(grads, str(d / "grads.safetensors"), metadata={"format": "pt"})
-        write_json(d / "grads.json", {"tokens": toks, "loss": float(loss)})
+        # One AdamW step (torch defaults, weight decay 0.01) after clipping the global norm
+        # at 1.0, as `egret train` takes it.
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                                weight_decay=0.01)
+        opt.step()
+        new = {n: p.detach().contiguous() for n, p in model.named_parameters()}
+        save_file(new, str(d / "adamw_step.safetensors"), metadata={"format": "pt"})
+        write_json(d / "grads.json", {"tokens": toks, "loss": float(loss),
+                                      "grad_norm": float(norm), "lr": 1e-3})
         print("wrote grads of", name, float(loss))
 
 

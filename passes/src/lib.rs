@@ -8,6 +8,7 @@ pub mod dce;
 pub mod egraph;
 pub mod fuse;
 pub mod manager;
+pub mod optim;
 pub mod pipelines;
 pub mod rules;
 

@@ -414,12 +414,16 @@ impl CpuExecutor {
             }
             self.persistent[i] = Some(Storage::Shared(data));
         }
+        // Init buffers: kept from an earlier bind (a training step rebinds new weights).
         for (i, b) in self.plan.buffers.iter().enumerate() {
             if b.role == BufferRole::Init {
-                self.persistent[i] = Some(Storage::Owned(Aligned::with_pages(
-                    b.bytes(&[]),
-                    b.streamed,
-                )));
+                let keep = matches!(&self.persistent[i], Some(Storage::Owned(a)) if a.len() == b.bytes(&[]));
+                if !keep {
+                    self.persistent[i] = Some(Storage::Owned(Aligned::with_pages(
+                        b.bytes(&[]),
+                        b.streamed,
+                    )));
+                }
             }
         }
         let init: Vec<usize> = (0..self.plan.kernels.len())
