@@ -22,16 +22,16 @@ fn profile_dir() -> PathBuf {
         .to_path_buf()
 }
 
-fn cargo_build(args: &[&str]) {
+fn cargo(args: &[&str]) {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.arg("build").args(args).current_dir(common::root());
+    c.args(args).current_dir(common::root());
     if !cfg!(debug_assertions) {
         c.arg("--release");
     }
     let out = c.output().expect("run cargo");
     assert!(
         out.status.success(),
-        "cargo build {args:?}: {}",
+        "cargo {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
@@ -121,7 +121,7 @@ fn smollm2_artifact_runs_from_the_cli_the_rust_example_and_c() {
     assert_eq!(got, want, "--artifact");
 
     // The Rust example: only egret-runtime.
-    cargo_build(&["--example", "embed"]);
+    cargo(&["build", "--example", "embed"]);
     let out = Command::new(profile_dir().join("examples/embed"))
         .args([a, g, "12", PROMPT, "--ids"])
         .output()
@@ -138,7 +138,14 @@ fn smollm2_artifact_runs_from_the_cli_the_rust_example_and_c() {
     );
 
     // The C example against libegret_runtime.so.
-    cargo_build(&["-p", "egret-runtime", "--lib"]);
+    cargo(&[
+        "rustc",
+        "-p",
+        "egret-runtime",
+        "--lib",
+        "--crate-type",
+        "cdylib",
+    ]);
     let lib = profile_dir();
     let exe = t.0.join("generate_c");
     let cc = Command::new("cc")

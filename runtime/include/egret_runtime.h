@@ -1,4 +1,5 @@
-/* egret_runtime.h: the C interface of egret's runtime (libegret_runtime.so).
+/* egret_runtime.h: the C interface of egret's runtime (libegret_runtime.so, built by
+ * `cargo rustc -p egret-runtime --release --lib --crate-type cdylib`).
  *
  * Load an artifact compiled by `egret compile`, bind its weights (a .gguf file, a
  * .safetensors file or a Hugging Face directory), and run it. Functions that can fail return
