@@ -53,6 +53,11 @@ enum Which {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum InitArg {
+    Random,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Target {
     Cpu,
     Ptx,
@@ -125,6 +130,59 @@ enum Cmd {
         /// Write the gradients here (safetensors, `grad.<name>`).
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Train with AdamW on a text file (next-token prediction), or fine-tune a checkpoint.
+    Train {
+        /// A model to fine-tune, or (with `--init random`) a config.json / directory / preset.
+        model: String,
+        /// Training text (UTF-8).
+        #[arg(long)]
+        data: PathBuf,
+        /// Start from random weights (Hugging Face's initialisation) instead of MODEL's.
+        #[arg(long, value_enum)]
+        init: Option<InitArg>,
+        /// Tokenizer: a tokenizer.json, a GGUF file or a model directory (default: MODEL's).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Total steps (a resumed run continues up to this many).
+        #[arg(long, default_value_t = 100)]
+        steps: usize,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Peak learning rate (linear warmup, then cosine decay to a tenth).
+        #[arg(long, default_value_t = 3e-4)]
+        lr: f64,
+        #[arg(long, default_value_t = 0)]
+        warmup: usize,
+        #[arg(long, default_value_t = 0.01)]
+        weight_decay: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        memory_budget: Option<u64>,
+        /// Write the final checkpoint here (Hugging Face layout plus optimizer state).
+        #[arg(long)]
+        save: Option<PathBuf>,
+        /// Also write `SAVE/checkpoint-<step>` every this many steps.
+        #[arg(long)]
+        save_every: Option<usize>,
+        /// Continue from a checkpoint (its weights, optimizer state and hyper-parameters).
+        #[arg(long)]
+        resume: Option<PathBuf>,
+        /// JSONL log (`step`, `loss`, `lr`, `tok_s`, `grad_norm`); the loss curve is drawn
+        /// beside it as SVG at the end.
+        #[arg(long)]
+        log: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+        backend: Backend,
+        #[arg(long, default_value = "default")]
+        passes: String,
+        /// Threads for the CPU backend (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Compile a model into an artifact directory (manifest.json + kernel payload).
     Compile {
@@ -485,6 +543,71 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Convert { model, out, dtype } => convert(&model, &out, dtype),
+        Cmd::Train {
+            model,
+            data,
+            init,
+            tokenizer,
+            steps,
+            batch,
+            seq,
+            lr,
+            warmup,
+            weight_decay,
+            seed,
+            memory_budget,
+            save,
+            save_every,
+            resume,
+            log,
+            backend,
+            passes,
+            threads,
+        } => {
+            if memory_budget.is_some() {
+                bail!("--memory-budget (checkpoint placement) is not built yet");
+            }
+            if batch == 0 || seq == 0 {
+                bail!("--batch and --seq must be at least 1");
+            }
+            let opts = egret_backends::llvm::CpuOptions::default();
+            let be = match backend {
+                Backend::Interp => egret::train::GradBackend::Interp,
+                Backend::Cpu => egret::train::GradBackend::Cpu {
+                    opts: &opts,
+                    threads: threads.unwrap_or_else(default_threads).max(1),
+                },
+                Backend::Gpu => {
+                    bail!("backend `gpu` (PTX) is not built yet; use --backend cpu or interp")
+                }
+            };
+            let run = TrainRun {
+                model,
+                data,
+                random: init.is_some(),
+                tokenizer,
+                state: egret::train::TrainerState {
+                    step: 0,
+                    seed,
+                    batch,
+                    seq,
+                    lr,
+                    warmup,
+                    total_steps: steps,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    weight_decay,
+                    max_grad_norm: Some(1.0),
+                },
+                save,
+                save_every,
+                resume,
+                log,
+                passes,
+            };
+            train(run, be)
+        }
         Cmd::Grad {
             model,
             tokens,
@@ -788,4 +911,156 @@ fn bench(what: BenchCmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+struct TrainRun {
+    model: String,
+    data: PathBuf,
+    random: bool,
+    tokenizer: Option<PathBuf>,
+    state: egret::train::TrainerState,
+    save: Option<PathBuf>,
+    save_every: Option<usize>,
+    resume: Option<PathBuf>,
+    log: Option<PathBuf>,
+    passes: String,
+}
+
+fn load_tokenizer_at(p: &Path) -> Result<egret_runtime::tokenizer::Tokenizer> {
+    use egret_runtime::tokenizer::Tokenizer;
+    Ok(if p.is_dir() {
+        Tokenizer::from_tokenizer_json(&p.join("tokenizer.json"))?
+    } else if p.extension().is_some_and(|e| e == "json") {
+        Tokenizer::from_tokenizer_json(p)?
+    } else {
+        Tokenizer::from_gguf_metadata(egret_runtime::gguf::GgufFile::open(p)?.metadata())?
+    })
+}
+
+fn train(run: TrainRun, be: egret::train::GradBackend) -> Result<()> {
+    use egret::train::{batch_at, lr_at, save_checkpoint, AdamW, Trainer};
+    let total = run.state.total_steps;
+    let (cfg, params, resumed, mut state) = match &run.resume {
+        Some(dir) => {
+            let ck = egret::train::load_checkpoint(dir)?;
+            let mut st = ck.state.clone();
+            st.total_steps = total;
+            (ck.config, ck.params, Some((ck.m, ck.v)), st)
+        }
+        None if run.random => {
+            let cfg = egret::load_config(&ModelSource::resolve(&run.model)?)?;
+            let p = egret::train::random_init(&cfg, run.state.seed)?;
+            (cfg, p, None, run.state.clone())
+        }
+        None => {
+            let m = load_model(&ModelSource::resolve(&run.model)?)?;
+            (m.config, m.params, None, run.state.clone())
+        }
+    };
+    let tokenizer = match (&run.tokenizer, &run.resume) {
+        (Some(p), _) => load_tokenizer_at(p)?,
+        (None, Some(d)) if d.join("tokenizer.json").is_file() => load_tokenizer_at(d)?,
+        _ => egret::load_tokenizer(&ModelSource::resolve(&run.model)?)?,
+    };
+    let text =
+        std::fs::read(&run.data).with_context(|| format!("cannot read {}", run.data.display()))?;
+    let data = tokenizer.encode(&String::from_utf8_lossy(&text), false)?;
+    if data.len() < state.seq + 1 {
+        bail!(
+            "{} has {} tokens; --seq {} needs at least {}",
+            run.data.display(),
+            data.len(),
+            state.seq,
+            state.seq + 1
+        );
+    }
+    egret_runtime::generate::check_ids(&data, cfg.vocab_size)?;
+    let opt = AdamW {
+        beta1: state.beta1,
+        beta2: state.beta2,
+        eps: state.eps,
+        weight_decay: state.weight_decay,
+        max_grad_norm: state.max_grad_norm,
+    };
+    let mut tr = Trainer::new(cfg, params, opt, &run.passes, be)?;
+    if let Some((m, v)) = resumed {
+        tr.m = m;
+        tr.v = v;
+        tr.step = state.step;
+    }
+    let mut log = match &run.log {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(run.resume.is_some())
+                .truncate(run.resume.is_none())
+                .open(p)
+                .with_context(|| format!("cannot write {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let (b, t) = (state.batch, state.seq);
+    let start = tr.step;
+    let t_all = std::time::Instant::now();
+    let mut last = None;
+    for k in start + 1..=total {
+        let (toks, tg) = batch_at(&data, k, state.seed, b, t);
+        let lr = lr_at(k, state.lr, state.warmup, total);
+        let t0 = std::time::Instant::now();
+        let out = tr.train_step(&toks, &tg, b, t, lr)?;
+        let tok_s = (b * t) as f64 / t0.elapsed().as_secs_f64();
+        last = Some(out.loss);
+        if let Some(f) = &mut log {
+            let line = serde_json::json!({
+                "step": k, "loss": out.loss, "lr": lr, "tok_s": tok_s, "grad_norm": out.grad_norm,
+            });
+            writeln!(f, "{line}")?;
+        }
+        let width = 30;
+        let done = (k * width) / total.max(1);
+        eprint!(
+            "\rstep {k}/{total} [{}{}] loss {:.4} lr {:.2e} {:.0} tok/s ",
+            "#".repeat(done),
+            ".".repeat(width - done),
+            out.loss,
+            lr,
+            tok_s
+        );
+        state.step = k;
+        if let (Some(dir), Some(every)) = (&run.save, run.save_every) {
+            if every > 0 && k % every == 0 {
+                save_checkpoint(
+                    &dir.join(format!("checkpoint-{k}")),
+                    &tr,
+                    &state,
+                    Some(&tokenizer),
+                )?;
+            }
+        }
+    }
+    eprintln!();
+    if let Some(dir) = &run.save {
+        save_checkpoint(dir, &tr, &state, Some(&tokenizer))?;
+    }
+    if let Some(p) = &run.log {
+        drop(log);
+        let pts: Vec<(usize, f32)> = std::fs::read_to_string(p)?
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| Some((v["step"].as_u64()? as usize, v["loss"].as_f64()? as f32)))
+            .collect();
+        let svg = p.with_extension("svg");
+        write_atomic(&svg, egret::train::loss_curve_svg(&pts).as_bytes())?;
+    }
+    let steps = total.saturating_sub(start);
+    println!(
+        "{}",
+        serde_json::json!({
+            "steps": steps,
+            "loss": last,
+            "tok_s": (steps * b * t) as f64 / t_all.elapsed().as_secs_f64().max(1e-9),
+        })
+    );
+    Ok(())
 }

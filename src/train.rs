@@ -3,6 +3,7 @@
 //! `egret grad` prints the loss and writes every gradient.
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use egret_backends::llvm::CpuOptions;
 use egret_ir::{Graph, Interpreter, Tensor};
@@ -10,6 +11,8 @@ use egret_models::{build_training, LlamaConfig};
 use egret_passes::{pipeline, PassCx, PassManager};
 use egret_runtime::cpu::{HostData, HostValue};
 use egret_runtime::generate::check_ids;
+use egret_runtime::tokenizer::Tokenizer;
+use egret_runtime::weights::{save_safetensors, SaveDType, Weights};
 use egret_runtime::HostTensor;
 
 use crate::{EgretError, Result};
@@ -350,4 +353,227 @@ pub fn lr_at(k: usize, peak: f64, warmup: usize, total: usize) -> f64 {
     let done = ((k - warmup) as f64 / span).min(1.0);
     let min = peak / 10.0;
     min + 0.5 * (peak - min) * (1.0 + (std::f64::consts::PI * done).cos())
+}
+
+/// What `egret train` keeps beside a checkpoint (`trainer_state.json`) to resume exactly.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainerState {
+    /// Steps taken.
+    pub step: usize,
+    pub seed: u64,
+    pub batch: usize,
+    pub seq: usize,
+    pub lr: f64,
+    pub warmup: usize,
+    pub total_steps: usize,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: Option<f64>,
+}
+
+/// Batch `step` (from 1) of `b` windows of `t + 1` tokens at offsets drawn from a generator
+/// seeded by `(seed, step)`, so a resumed run sees the same batches: inputs `w[..t]`,
+/// targets `w[1..]`.
+pub fn batch_at(data: &[u32], step: usize, seed: u64, b: usize, t: usize) -> (Vec<u32>, Vec<i64>) {
+    let span = data.len().saturating_sub(t + 1) + 1;
+    let mut state = seed
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add((step as u64).wrapping_mul(0xd1b5_4a32_d192_ed03));
+    let (mut toks, mut tg) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
+    for _ in 0..b {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        let off = ((z ^ (z >> 31)) % span as u64) as usize;
+        toks.extend_from_slice(&data[off..off + t]);
+        tg.extend(data[off + 1..off + t + 1].iter().map(|&x| x as i64));
+    }
+    (toks, tg)
+}
+
+/// Writes a directory whole or not at all: `fill` writes into a temporary sibling, which
+/// then replaces `dir` (an old `dir` is removed only once the new one is in place).
+pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "out".into());
+    let pid = std::process::id();
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(p) = parent {
+        std::fs::create_dir_all(p)
+            .map_err(|e| EgretError::Usage(format!("cannot create {}: {e}", p.display())))?;
+    }
+    let tmp = dir.with_file_name(format!(".{name}.tmp-{pid}"));
+    let old = dir.with_file_name(format!(".{name}.old-{pid}"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let io = |p: &Path, e: std::io::Error| {
+        EgretError::Usage(format!("cannot write {}: {e}", p.display()))
+    };
+    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let had = dir.exists();
+    if had {
+        std::fs::rename(dir, &old).map_err(|e| io(dir, e))?;
+    }
+    if let Err(e) = std::fs::rename(&tmp, dir) {
+        if had {
+            let _ = std::fs::rename(&old, dir);
+        }
+        return Err(io(dir, e));
+    }
+    if had {
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    Ok(())
+}
+
+fn weights_of(
+    names: &[(String, Vec<usize>)],
+    get: impl Fn(&str) -> Vec<f32>,
+    prefix: &str,
+) -> Weights {
+    let mut w = Weights::new();
+    for (n, s) in names {
+        w.insert(format!("{prefix}{n}"), HostTensor::new(s.clone(), get(n)));
+    }
+    w
+}
+
+/// Saves a checkpoint in Hugging Face layout (`config.json`, `model.safetensors`, and the
+/// tokenizer if known) plus `optimizer.safetensors` (`m.<p>`, `v.<p>`) and
+/// `trainer_state.json`, atomically. Intermediate checkpoints (`checkpoint-<step>`) already
+/// inside `dir` are kept.
+pub fn save_checkpoint(
+    dir: &Path,
+    tr: &Trainer,
+    state: &TrainerState,
+    tokenizer: Option<&Tokenizer>,
+) -> Result<()> {
+    let names = tr.cfg.parameters();
+    write_dir_atomic(dir, |d| {
+        let model = weights_of(&names, |n| tr.params[n].to_f32_vec(), "");
+        save_safetensors(&d.join("model.safetensors"), &model, SaveDType::F32)?;
+        let mut opt = weights_of(&names, |n| tr.m[n].clone(), "m.");
+        for (k, t) in weights_of(&names, |n| tr.v[n].clone(), "v.") {
+            opt.insert(k, t);
+        }
+        save_safetensors(&d.join("optimizer.safetensors"), &opt, SaveDType::F32)?;
+        let mut cfg = tr.cfg.to_hf_json();
+        cfg["torch_dtype"] = serde_json::json!("float32");
+        let write = |name: &str, text: String| {
+            std::fs::write(d.join(name), text)
+                .map_err(|e| EgretError::Usage(format!("cannot write {name}: {e}")))
+        };
+        write(
+            "config.json",
+            serde_json::to_string_pretty(&cfg).unwrap_or_default(),
+        )?;
+        write(
+            "trainer_state.json",
+            serde_json::to_string_pretty(state).unwrap_or_default(),
+        )?;
+        if let Some(t) = tokenizer {
+            write("tokenizer.json", t.to_tokenizer_json().to_string())?;
+        }
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with("checkpoint-") {
+                    std::fs::rename(e.path(), d.join(e.file_name())).map_err(|err| {
+                        EgretError::Usage(format!("cannot keep {}: {err}", e.path().display()))
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// A checkpoint written by `save_checkpoint`: configuration, parameters, moments, state.
+pub struct Checkpoint {
+    pub config: LlamaConfig,
+    pub params: HashMap<String, Tensor>,
+    pub m: HashMap<String, Vec<f32>>,
+    pub v: HashMap<String, Vec<f32>>,
+    pub state: TrainerState,
+}
+
+pub fn load_checkpoint(dir: &Path) -> Result<Checkpoint> {
+    let src = crate::ModelSource::HfDir(dir.to_path_buf());
+    let loaded = crate::load_model(&src)?;
+    let st = dir.join("trainer_state.json");
+    let text = std::fs::read_to_string(&st).map_err(|e| {
+        EgretError::Usage(format!("{}: {e} (not an egret checkpoint?)", st.display()))
+    })?;
+    let state: TrainerState = serde_json::from_str(&text)
+        .map_err(|e| EgretError::Usage(format!("{}: {e}", st.display())))?;
+    let opt = egret_runtime::weights::load(&dir.join("optimizer.safetensors"))?;
+    let (mut m, mut v) = (HashMap::new(), HashMap::new());
+    for (name, shape) in loaded.config.parameters() {
+        m.insert(
+            name.clone(),
+            opt.expect(&format!("m.{name}"), &shape)?.data.clone(),
+        );
+        v.insert(
+            name.clone(),
+            opt.expect(&format!("v.{name}"), &shape)?.data.clone(),
+        );
+    }
+    Ok(Checkpoint {
+        config: loaded.config,
+        params: loaded.params,
+        m,
+        v,
+        state,
+    })
+}
+
+/// The loss curve as an SVG line chart (step on x, loss on y).
+pub fn loss_curve_svg(points: &[(usize, f32)]) -> String {
+    let (w, h, pad) = (640.0f64, 360.0f64, 48.0f64);
+    let xs = points.iter().map(|p| p.0 as f64);
+    let ys = points.iter().map(|p| p.1 as f64).filter(|y| y.is_finite());
+    let (x0, x1) = (
+        xs.clone().fold(f64::INFINITY, f64::min),
+        xs.fold(f64::NEG_INFINITY, f64::max),
+    );
+    let (y0, y1) = (
+        ys.clone().fold(f64::INFINITY, f64::min),
+        ys.fold(f64::NEG_INFINITY, f64::max),
+    );
+    let sx = |x: f64| pad + (x - x0) / (x1 - x0).max(1e-9) * (w - 2.0 * pad);
+    let sy = |y: f64| h - pad - (y - y0) / (y1 - y0).max(1e-9) * (h - 2.0 * pad);
+    let pts: Vec<String> = points
+        .iter()
+        .filter(|p| p.1.is_finite())
+        .map(|p| format!("{:.1},{:.1}", sx(p.0 as f64), sy(p.1 as f64)))
+        .collect();
+    format!(
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<line x1="{pad}" y1="{b}" x2="{r}" y2="{b}" stroke="black"/>
+<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{b}" stroke="black"/>
+<text x="{pad}" y="{ty}" text-anchor="middle">{x0}</text>
+<text x="{r}" y="{ty}" text-anchor="middle">{x1}</text>
+<text x="{lx}" y="{b}" text-anchor="end">{y0:.3}</text>
+<text x="{lx}" y="{pad}" text-anchor="end">{y1:.3}</text>
+<text x="{cx}" y="{ty}" text-anchor="middle">step</text>
+<text x="12" y="{cy}" transform="rotate(-90 12 {cy})" text-anchor="middle">loss</text>
+<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{pts}"/>
+</svg>
+"##,
+        b = h - pad,
+        r = w - pad,
+        ty = h - pad + 18.0,
+        lx = pad - 4.0,
+        cx = w / 2.0,
+        cy = h / 2.0,
+        pts = pts.join(" "),
+    )
 }
