@@ -105,8 +105,11 @@ enum Cmd {
     /// Encode text with the model's tokenizer.
     Tokenize {
         model: String,
+        #[arg(long, required_unless_present = "file", conflicts_with = "file")]
+        text: Option<String>,
+        /// Encode the contents of this file (UTF-8) instead of `--text`.
         #[arg(long)]
-        text: String,
+        file: Option<PathBuf>,
         /// Add BOS/EOS as the tokenizer's configuration asks.
         #[arg(long)]
         add_special: bool,
@@ -535,9 +538,18 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Tokenize {
             model,
             text,
+            file,
             add_special,
         } => {
             let tok = load_tokenizer(&ModelSource::resolve(&model)?)?;
+            let text = match (text, file) {
+                (Some(t), _) => t,
+                (None, Some(f)) => String::from_utf8_lossy(
+                    &std::fs::read(&f).with_context(|| format!("cannot read {}", f.display()))?,
+                )
+                .into_owned(),
+                (None, None) => bail!("give --text or --file"),
+            };
             let ids = tok.encode(&text, add_special)?;
             println!("{}", serde_json::json!({ "ids": ids }));
             Ok(())
