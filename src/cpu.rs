@@ -45,6 +45,10 @@ pub fn executors(
         panel: panel_width(&opts.cpu),
         weights: opts.weights,
         states,
+        // Training graphs: recomputed activations just before the gradients that read them.
+        deep_first: gs
+            .iter()
+            .any(|g| g.outputs.iter().any(|(n, _)| n == "loss")),
     };
     let mut progs = gs
         .iter()
@@ -135,6 +139,7 @@ pub fn compile_artifact(
         panel: panel_width(&opts.cpu),
         weights: opts.weights,
         states: true,
+        deep_first: false,
     };
     let prog = schedule_with(&g, sopts).map_err(|e| EgretError::Usage(e.to_string()))?;
     let model = serde_json::to_value(cfg).unwrap_or_default();

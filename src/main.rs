@@ -53,6 +53,12 @@ enum Which {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum RematBaseline {
+    Layers,
+    Sqrt,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum InitArg {
     Random,
 }
@@ -227,8 +233,13 @@ enum Cmd {
         /// Fix the sequence dim `T`.
         #[arg(long)]
         seq: Option<i64>,
+        /// With --mode training: activation memory budget in bytes for checkpoint placement.
         #[arg(long)]
         memory_budget: Option<u64>,
+        /// With --mode training: recompute as a classic baseline does instead (`layers`: keep
+        /// each layer's input; `sqrt`: every ⌈√layers⌉-th layer's).
+        #[arg(long, value_enum)]
+        remat_baseline: Option<RematBaseline>,
         #[arg(long, default_value = "none")]
         passes: String,
         /// Print the IR after this pass (or `all`).
@@ -576,9 +587,6 @@ fn run(cli: Cli) -> Result<()> {
             passes,
             threads,
         } => {
-            if memory_budget.is_some() {
-                bail!("--memory-budget (checkpoint placement) is not built yet");
-            }
             if batch == 0 || seq == 0 {
                 bail!("--batch and --seq must be at least 1");
             }
@@ -617,6 +625,7 @@ fn run(cli: Cli) -> Result<()> {
                 resume,
                 log,
                 passes,
+                memory_budget,
             };
             train(run, be)
         }
@@ -629,9 +638,6 @@ fn run(cli: Cli) -> Result<()> {
             memory_budget,
             out,
         } => {
-            if memory_budget.is_some() {
-                bail!("--memory-budget (checkpoint placement) is not built yet");
-            }
             let ids = parse_ids(&tokens)?;
             let loaded = load_model(&ModelSource::resolve(&model)?)?;
             let opts = egret_backends::llvm::CpuOptions::default();
@@ -645,7 +651,14 @@ fn run(cli: Cli) -> Result<()> {
                     bail!("backend `gpu` (PTX) is not built yet; use --backend cpu or interp")
                 }
             };
-            let r = egret::train::grads(&loaded.config, &loaded.params, &ids, &passes, be)?;
+            let r = egret::train::grads(
+                &loaded.config,
+                &loaded.params,
+                &ids,
+                &passes,
+                be,
+                memory_budget,
+            )?;
             if let Some(path) = out {
                 let mut w = egret_runtime::weights::Weights::new().with_source("gradients");
                 for (name, t) in r.grads {
@@ -691,16 +704,24 @@ fn run(cli: Cli) -> Result<()> {
             batch,
             seq,
             memory_budget,
+            remat_baseline,
             passes,
             print_after,
             stats,
             explain,
             dot,
         } => {
-            if mode == Mode::Training || memory_budget.is_some() {
-                bail!("training graphs (--mode training, --memory-budget) are not built yet: autodiff arrives with the training work");
+            if memory_budget.is_some() && mode != Mode::Training {
+                bail!("--memory-budget places checkpoints in training graphs: add --mode training");
             }
-            let mut g = if model.ends_with(".ir") {
+            if remat_baseline.is_some() && (mode != Mode::Training || memory_budget.is_some()) {
+                bail!("--remat-baseline is for --mode training without --memory-budget");
+            }
+            let mut g = if mode == Mode::Training {
+                let cfg = load_config(&ModelSource::resolve(&model)?)?;
+                let fwd = egret_models::build_training(&cfg)?;
+                egret_passes::autodiff::differentiate(&fwd, "loss")?
+            } else if model.ends_with(".ir") {
                 // IR text: parse (errors give line:column) and verify.
                 let text = std::fs::read_to_string(&model)
                     .with_context(|| format!("cannot read {model}"))?;
@@ -740,6 +761,34 @@ fn run(cli: Cli) -> Result<()> {
                 println!("; IR after {name}");
                 print!("{}", egret_ir::print(g));
             })?;
+            let mut memory = serde_json::Value::Null;
+            if mode == Mode::Training {
+                // Dims the memory plan needs: those given, else batch 1 and 2048 tokens.
+                let b = HashMap::from([
+                    ("B".to_string(), batch.unwrap_or(1)),
+                    ("T".to_string(), seq.unwrap_or(2048)),
+                ]);
+                use egret_backends::remat;
+                let p = match (memory_budget, remat_baseline) {
+                    (Some(budget), _) => remat::place(&g, budget, &b)?,
+                    (None, Some(RematBaseline::Layers)) => {
+                        remat::evaluate(&g, &remat::layer_checkpoints(&g, 1)?, &b)?
+                    }
+                    (None, Some(RematBaseline::Sqrt)) => {
+                        let layers = load_config(&ModelSource::resolve(&model)?)?.num_hidden_layers;
+                        let every = (layers as f64).sqrt().ceil() as usize;
+                        remat::evaluate(&g, &remat::layer_checkpoints(&g, every)?, &b)?
+                    }
+                    (None, None) => remat::evaluate(&g, &Default::default(), &b)?,
+                };
+                memory = serde_json::json!({
+                    "peak_activation_bytes": p.peak_activation_bytes,
+                    "budget_bytes": memory_budget,
+                    "recompute_flops_ratio": p.recompute_flops_ratio,
+                    "recomputed_values": p.recomputed,
+                });
+                g = p.graph;
+            }
             if stats {
                 let mut ops: BTreeMap<&str, usize> = BTreeMap::new();
                 for n in &g.nodes {
@@ -749,10 +798,11 @@ fn run(cli: Cli) -> Result<()> {
                     .iter()
                     .map(|r| serde_json::json!({"name": r.name, "ms": r.ms}))
                     .collect();
-                println!(
-                    "{}",
-                    serde_json::json!({ "ops": ops, "passes": passes, "nodes": g.len(), "counters": cx.counters, "rules": cx.rules_fired })
-                );
+                let mut j = serde_json::json!({ "ops": ops, "passes": passes, "nodes": g.len(), "counters": cx.counters, "rules": cx.rules_fired });
+                if !memory.is_null() {
+                    j["memory"] = memory;
+                }
+                println!("{j}");
             } else if explain {
                 for (rule, n) in &cx.rules_fired {
                     println!("{rule:<28} {n}");
@@ -936,6 +986,7 @@ struct TrainRun {
     resume: Option<PathBuf>,
     log: Option<PathBuf>,
     passes: String,
+    memory_budget: Option<u64>,
 }
 
 fn load_tokenizer_at(p: &Path) -> Result<egret_runtime::tokenizer::Tokenizer> {
@@ -994,7 +1045,12 @@ fn train(run: TrainRun, be: egret::train::GradBackend) -> Result<()> {
         weight_decay: state.weight_decay,
         max_grad_norm: state.max_grad_norm,
     };
-    let mut tr = Trainer::new(cfg, params, opt, &run.passes, be)?;
+    let budget = run.memory_budget.map(|bytes| egret::train::MemoryBudget {
+        bytes,
+        batch: state.batch,
+        seq: state.seq,
+    });
+    let mut tr = Trainer::new(cfg, params, opt, &run.passes, be, budget)?;
     if let Some((m, v)) = resumed {
         tr.m = m;
         tr.v = v;

@@ -17,14 +17,35 @@ use egret_runtime::HostTensor;
 
 use crate::{EgretError, Result};
 
+/// An activation-memory budget for checkpoint placement, with the batch shape it is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryBudget {
+    pub bytes: u64,
+    pub batch: usize,
+    pub seq: usize,
+}
+
+/// Places checkpoints in a training graph (`egret_backends::remat::place`) when a budget
+/// is given.
+fn place(g: Graph, budget: Option<MemoryBudget>) -> Result<Graph> {
+    let Some(m) = budget else { return Ok(g) };
+    let b = HashMap::from([
+        ("B".to_string(), m.batch as i64),
+        ("T".to_string(), m.seq as i64),
+    ]);
+    Ok(egret_backends::remat::place(&g, m.bytes, &b)
+        .map_err(|e| EgretError::Usage(e.to_string()))?
+        .graph)
+}
+
 /// The loss-and-gradients graph of a model: outputs `loss` and `grad.<name>` for every
-/// parameter, after the pipeline `passes`.
-pub fn grad_graph(cfg: &LlamaConfig, passes: &str) -> Result<Graph> {
+/// parameter, after the pipeline `passes` and checkpoint placement under `budget`.
+pub fn grad_graph(cfg: &LlamaConfig, passes: &str, budget: Option<MemoryBudget>) -> Result<Graph> {
     let fwd = build_training(cfg)?;
     let mut g = egret_passes::autodiff::differentiate(&fwd, "loss")?;
     let pm = PassManager::new(pipeline(passes)?);
     pm.run(&mut g, &mut PassCx::default(), |_, _| {})?;
-    Ok(g)
+    place(g, budget)
 }
 
 /// The targets of a sequence for next-token prediction: `tokens[t + 1]`, and -1 (none) at
@@ -59,6 +80,7 @@ pub fn grads(
     ids: &[u32],
     passes: &str,
     backend: GradBackend,
+    budget: Option<u64>,
 ) -> Result<Grads> {
     if ids.len() < 2 {
         return Err(EgretError::Usage(
@@ -66,7 +88,12 @@ pub fn grads(
         ));
     }
     check_ids(ids, cfg.vocab_size)?;
-    let g = grad_graph(cfg, passes)?;
+    let budget = budget.map(|bytes| MemoryBudget {
+        bytes,
+        batch: 1,
+        seq: ids.len(),
+    });
+    let g = grad_graph(cfg, passes, budget)?;
     let t = ids.len();
     let tokens: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
     let positions: Vec<i64> = (0..t as i64).collect();
@@ -129,14 +156,19 @@ pub use egret_passes::optim::AdamW;
 /// The train-step graph: loss, gradients (clipped) and the AdamW update, after `passes`.
 /// Inputs: `tokens`, `positions`, `targets` (`i64[B, T]`), `lr`, `bc1`, `bc2`, `m.<p>`,
 /// `v.<p>`; outputs `loss`, `grad_norm`, `new.<p>`, `new_m.<p>`, `new_v.<p>`.
-pub fn step_graph(cfg: &LlamaConfig, passes: &str, opt: &AdamW) -> Result<Graph> {
+pub fn step_graph(
+    cfg: &LlamaConfig,
+    passes: &str,
+    opt: &AdamW,
+    budget: Option<MemoryBudget>,
+) -> Result<Graph> {
     let fwd = build_training(cfg)?;
     let mut g = egret_passes::autodiff::differentiate(&fwd, "loss")?;
     egret_passes::optim::append_adamw(&mut g, opt)?;
     g.outputs.retain(|(n, _)| !n.starts_with("grad."));
     let pm = PassManager::new(pipeline(passes)?);
     pm.run(&mut g, &mut PassCx::default(), |_, _| {})?;
-    Ok(g)
+    place(g, budget)
 }
 
 /// Hugging Face's initialisation: linear and embedding weights `N(0, 0.02²)`, norm weights
@@ -206,8 +238,9 @@ impl Trainer {
         opt: AdamW,
         passes: &str,
         backend: GradBackend,
+        budget: Option<MemoryBudget>,
     ) -> Result<Trainer> {
-        let g = step_graph(&cfg, passes, &opt)?;
+        let g = step_graph(&cfg, passes, &opt, budget)?;
         let exec = match backend {
             GradBackend::Interp => Exec::Interp(Interpreter::new(&g)?),
             GradBackend::Cpu { opts, threads } => {

@@ -32,6 +32,10 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn check(backend: &str, passes: &str) {
+    check_with(backend, passes, None)
+}
+
+fn check_with(backend: &str, passes: &str, budget: Option<&dyn Fn(&str) -> u64>) {
     let opts = CpuOptions::default();
     for name in MODELS {
         let (toks, want_loss, want) = reference(name);
@@ -45,7 +49,15 @@ fn check(backend: &str, passes: &str) {
                 threads: 2,
             },
         };
-        let got = grads(&m.config, &m.params, &toks, passes, be).unwrap();
+        let got = grads(
+            &m.config,
+            &m.params,
+            &toks,
+            passes,
+            be,
+            budget.map(|f| f(name)),
+        )
+        .unwrap();
         let lrel = (got.loss - want_loss).abs() / want_loss.abs();
         assert!(
             lrel <= 1e-5,
@@ -136,6 +148,7 @@ fn adamw_step(backend: &str) {
             egret::train::AdamW::default(),
             "default",
             be,
+            None,
         )
         .unwrap();
         let t = toks.len();
@@ -296,4 +309,84 @@ fn train_from_scratch_resumes_exactly() {
         "100000",
     ]);
     assert!(e.contains("--seq"), "{e}");
+}
+
+/// The memory plan of a tiny model's training graph at the fixture's sequence length, as
+/// `egret ir --mode training --stats` reports it.
+fn memory(name: &str, extra: &[&str]) -> serde_json::Value {
+    let (toks, _, _) = reference(name);
+    let d = fixture(&format!("tiny/{name}"));
+    let seq = toks.len().to_string();
+    let mut args = vec![
+        "ir",
+        d.to_str().unwrap(),
+        "--mode",
+        "training",
+        "--passes",
+        "default",
+        "--seq",
+        &seq,
+        "--stats",
+    ];
+    args.extend_from_slice(extra);
+    let v: serde_json::Value = serde_json::from_str(egret_ok(&args).trim()).unwrap();
+    v["memory"].clone()
+}
+
+/// A budget below the no-recomputation peak: the per-layer checkpointing baseline's peak.
+fn forcing_budget(name: &str) -> u64 {
+    let none = memory(name, &[])["peak_activation_bytes"].as_u64().unwrap();
+    let layers = memory(name, &["--remat-baseline", "layers"])["peak_activation_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        layers < none,
+        "{name}: per-layer checkpointing should save memory"
+    );
+    layers
+}
+
+#[test]
+fn gradients_are_unchanged_by_a_budget_that_forces_recomputation() {
+    for name in MODELS {
+        let budget = forcing_budget(name);
+        let m = memory(name, &["--memory-budget", &budget.to_string()]);
+        assert!(
+            m["peak_activation_bytes"].as_u64().unwrap() <= budget,
+            "{name}: {m}"
+        );
+        assert!(
+            m["recompute_flops_ratio"].as_f64().unwrap() > 0.0,
+            "{name}: {m}"
+        );
+        assert_eq!(m["budget_bytes"].as_u64(), Some(budget));
+    }
+    check_with("interp", "default", Some(&forcing_budget));
+    check_with("cpu", "default", Some(&forcing_budget));
+}
+
+#[test]
+fn a_budget_below_the_smallest_peak_is_an_error_naming_it() {
+    let d = fixture("tiny/gqa_untied");
+    let e = egret_err(&[
+        "ir",
+        d.to_str().unwrap(),
+        "--mode",
+        "training",
+        "--seq",
+        "9",
+        "--stats",
+        "--memory-budget",
+        "1000",
+    ]);
+    assert!(e.contains("smallest activation peak"), "{e}");
+    let e = egret_err(&[
+        "grad",
+        d.to_str().unwrap(),
+        "--tokens",
+        "3,17,0,42",
+        "--memory-budget",
+        "1000",
+    ]);
+    assert!(e.contains("smallest activation peak"), "{e}");
 }

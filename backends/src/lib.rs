@@ -5,6 +5,7 @@
 pub mod artifact;
 pub mod kernel;
 pub mod llvm;
+pub mod remat;
 pub mod schedule;
 
 /// Errors of scheduling and code generation.

@@ -196,6 +196,9 @@ pub struct ScheduleOptions {
     /// Keep outputs spelled `concat(input, new, axis)` in place between runs (`StateSpec`)
     /// instead of returning them: for callers that run the plan step after step (decode).
     pub states: bool,
+    /// Order kernels deepest operand first (`Graph::deep_first_topo_order`): for training
+    /// graphs, so recomputed activations are made just before the gradients that read them.
+    pub deep_first: bool,
 }
 
 impl Default for ScheduleOptions {
@@ -204,6 +207,7 @@ impl Default for ScheduleOptions {
             panel: 32,
             weights: PanelType::F32,
             states: false,
+            deep_first: false,
         }
     }
 }
@@ -267,9 +271,12 @@ pub fn schedule(g: &Graph) -> Result<Program, BackendError> {
 /// Schedules `g` (verified) into a program.
 pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, BackendError> {
     egret_ir::verify(g).map_err(BackendError::Ir)?;
-    let order = g
-        .live_topo_order()
-        .map_err(|_| BackendError::Unsupported("cycle".into()))?;
+    let order = if opts.deep_first {
+        g.deep_first_topo_order()
+    } else {
+        g.live_topo_order()
+    }
+    .map_err(|_| BackendError::Unsupported("cycle".into()))?;
     let mut syms = BTreeSet::new();
     for n in &g.nodes {
         for d in n.ty.shape.dims() {
@@ -291,6 +298,8 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
         uses: g.use_counts(),
     };
     let mut vals: Vec<Option<Val>> = vec![None; g.len()];
+    let mut taken = BTreeSet::new();
+    let mut out_bufs: std::collections::HashMap<String, u32> = Default::default();
     let outputs: BTreeSet<ValueId> = g.outputs.iter().map(|(_, v)| *v).collect();
     for v in order {
         let n = g.node(v);
@@ -766,46 +775,48 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
             other => other,
         };
         vals[v.index()] = Some(val);
-    }
-    // Outputs: each in its own contiguous per-run buffer.
-    let mut outs = vec![];
-    let mut taken = BTreeSet::new();
-    for (name, v) in &g.outputs {
-        if cands.iter().any(|c| c.concat == *v) {
-            continue;
+        // Each output in its own contiguous per-run buffer, made as soon as the value is:
+        // a copy made at the end would keep the value's buffer alive until then.
+        for (name, o) in &g.outputs {
+            if *o != v || cands.iter().any(|c| c.concat == v) {
+                continue;
+            }
+            let val = vals[v.index()].clone().expect("just computed");
+            let buf = match &val {
+                Val::View(a)
+                    if a.is_contiguous(&shape)
+                        && s.buffers[a.buf as usize].role == BufferRole::Temp
+                        && taken.insert(a.buf) =>
+                {
+                    // A contiguous view (a reshape) of the buffer: same elements, the
+                    // output's shape.
+                    s.buffers[a.buf as usize].dims =
+                        shape.iter().map(|d| symdim(&s.symbols, d)).collect();
+                    a.buf
+                }
+                other => {
+                    let x = s.expr(other, e);
+                    let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
+                    s.kernels.push(Kernel::Elementwise {
+                        out: Access::contiguous(out, &shape),
+                        shape: shape.clone(),
+                        expr: x,
+                    });
+                    s.init.push(false);
+                    taken.insert(out);
+                    out
+                }
+            };
+            out_bufs.insert(name.clone(), buf);
         }
-        let shape = g.shape(*v).to_vec();
-        let e = elem(g.ty(*v).dtype);
-        let val = vals[v.index()].clone().expect("computed");
-        let buf = match &val {
-            Val::View(a)
-                if a.is_contiguous(&shape)
-                    && s.buffers[a.buf as usize].role == BufferRole::Temp
-                    && taken.insert(a.buf) =>
-            {
-                // A contiguous view (a reshape) of the buffer: same elements, the output's
-                // shape.
-                s.buffers[a.buf as usize].dims =
-                    shape.iter().map(|d| symdim(&s.symbols, d)).collect();
-                a.buf
-            }
-            other => {
-                let x = s.expr(other, e);
-                let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
-                let mut r = vec![];
-                loads(&x, &mut r);
-                s.kernels.push(Kernel::Elementwise {
-                    out: Access::contiguous(out, &shape),
-                    shape: shape.clone(),
-                    expr: x,
-                });
-                s.init.push(false);
-                taken.insert(out);
-                out
-            }
-        };
-        outs.push((name.clone(), buf));
     }
+    // Outputs in the graph's order (their buffers were made as each value was computed).
+    let outs: Vec<(String, u32)> = g
+        .outputs
+        .iter()
+        .filter(|(_, v)| !cands.iter().any(|c| c.concat == *v))
+        .map(|(n, _)| (n.clone(), out_bufs[n]))
+        .collect();
     let states = cands
         .iter()
         .zip(&state_bufs)

@@ -168,6 +168,48 @@ impl Graph {
 
     /// A topological order of the nodes reachable from the outputs, or the id of a node on
     /// a cycle. Operand ids must be in range (the verifier checks that first).
+    /// Like `live_topo_order`, but at each node the operand with the longest chain behind
+    /// it is computed first: a short side computation (a recomputed activation next to a
+    /// long chain of gradients) then runs just before its use instead of long before it.
+    pub fn deep_first_topo_order(&self) -> Result<Vec<ValueId>, ValueId> {
+        let order = self.live_topo_order()?;
+        let mut depth = vec![0usize; self.nodes.len()];
+        for &v in &order {
+            depth[v.index()] = 1 + self.nodes[v.index()]
+                .inputs
+                .iter()
+                .map(|u| depth[u.index()])
+                .max()
+                .unwrap_or(0);
+        }
+        let mut done = vec![false; self.nodes.len()];
+        let mut out = Vec::with_capacity(order.len());
+        for (_, root) in &self.outputs {
+            let mut stack = vec![(*root, false)];
+            while let Some((v, expanded)) = stack.pop() {
+                if done[v.index()] {
+                    continue;
+                }
+                if expanded {
+                    done[v.index()] = true;
+                    out.push(v);
+                    continue;
+                }
+                stack.push((v, true));
+                let mut ins: Vec<ValueId> = self.nodes[v.index()]
+                    .inputs
+                    .iter()
+                    .copied()
+                    .filter(|u| !done[u.index()])
+                    .collect();
+                // Pushed shallowest first, so the deepest is popped (computed) first.
+                ins.sort_by_key(|u| depth[u.index()]);
+                stack.extend(ins.into_iter().map(|u| (u, false)));
+            }
+        }
+        Ok(out)
+    }
+
     pub fn live_topo_order(&self) -> Result<Vec<ValueId>, ValueId> {
         #[derive(Clone, Copy, PartialEq)]
         enum Mark {

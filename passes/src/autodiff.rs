@@ -178,9 +178,13 @@ pub fn differentiate(g: &Graph, loss: &str) -> R<Graph> {
             adj[x.index()] = Some(sum);
         }
     }
+    // Gradients in reverse order of the parameters' first use: a backend that computes
+    // outputs in order then runs backpropagation layer by layer, from the last one down,
+    // each weight's gradient as soon as its adjoint exists.
     let params: Vec<(String, ValueId)> = g
         .params()
         .into_iter()
+        .rev()
         .map(|(n, v)| (n.to_string(), v))
         .collect();
     for (name, p) in params {

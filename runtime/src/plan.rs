@@ -153,6 +153,40 @@ impl StateSpec {
 }
 
 impl Plan {
+    /// The memory plan's peak: the most bytes of per-run temporaries (`Temp` buffers) live
+    /// at once as the kernels run in order, each buffer live from the first kernel that
+    /// touches it to the last; buffers for which `exclude` holds are not counted.
+    pub fn peak_temp_bytes(&self, syms: &[i64], exclude: impl Fn(u32) -> bool) -> u64 {
+        let nb = self.buffers.len();
+        let (mut first, mut last) = (vec![usize::MAX; nb], vec![0usize; nb]);
+        for (k, call) in self.kernels.iter().enumerate().filter(|(_, c)| !c.init) {
+            for &a in &call.args {
+                let a = a as usize;
+                first[a] = first[a].min(k);
+                last[a] = last[a].max(k);
+            }
+        }
+        let n = self.kernels.len();
+        let mut delta = vec![0i128; n + 1];
+        for b in 0..nb {
+            if self.buffers[b].role != BufferRole::Temp
+                || first[b] == usize::MAX
+                || exclude(b as u32)
+            {
+                continue;
+            }
+            let sz = self.buffers[b].bytes(syms) as i128;
+            delta[first[b]] += sz;
+            delta[last[b] + 1] -= sz;
+        }
+        let (mut cur, mut peak) = (0i128, 0i128);
+        for d in delta {
+            cur += d;
+            peak = peak.max(cur);
+        }
+        peak as u64
+    }
+
     /// Binds symbols from input shapes: every input dim that is a lone symbol fixes it; the
     /// rest are checked. `shapes` gives each input's shape by name; `fixed` gives symbols
     /// known otherwise (a state's length and capacity).

@@ -874,7 +874,8 @@ pub fn canonical(k: &Kernel) -> (Kernel, Vec<u32>) {
 }
 
 /// The distinct buffers a kernel touches, in a fixed order (its argument list).
-fn kernel_buffers(k: &Kernel) -> Vec<u32> {
+/// Every buffer a kernel reads or writes, in argument order.
+pub fn kernel_buffers(k: &Kernel) -> Vec<u32> {
     let mut v = vec![];
     let mut add = |b: u32| {
         if !v.contains(&b) {

@@ -7,6 +7,7 @@
 //! and dot products carry `reassoc`/`contract` fast-math flags so they vectorise and use FMA.
 
 mod kernels;
+pub use kernels::kernel_buffers;
 
 use inkwell::context::Context;
 use inkwell::execution_engine::ExecutionEngine;
