@@ -177,9 +177,18 @@ fn seeded_sampling_is_reproducible_and_seed_dependent() {
 }
 
 #[test]
-fn training_and_compiled_backends_say_they_are_not_built_yet() {
-    let e = egret_err(&["ir", "smollm2-135m", "--mode", "training"]);
+fn the_gpu_backend_and_ptx_target_say_they_are_not_built_yet() {
+    let e = egret_err(&[
+        "compile",
+        "smollm2-135m",
+        "--target",
+        "ptx",
+        "-o",
+        "/nonexistent",
+    ]);
     assert!(e.contains("not built yet"), "{e}");
+    let e = egret_err(&["ir", "smollm2-135m", "--memory-budget", "1000"]);
+    assert!(e.contains("--mode training"), "{e}");
     let d = fixture("tiny/gqa_untied");
     let e = egret_err(&[
         "generate",

@@ -312,281 +312,360 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
         };
         let arg_shape = |i: usize| g.shape(n.inputs[i]).to_vec();
         let state = cands.iter().position(|c| c.input == v || c.concat == v);
-        let val = match &n.op {
-            Op::Input { .. } if state.is_some() => {
-                let i = state.expect("checked");
-                let mut cap_shape = shape.clone();
-                cap_shape[cands[i].axis] = Dim::sym(&cands[i].capacity);
-                let buf = s.new_buffer(BufferRole::State(i as u32), e, &cap_shape, false);
-                let strides = contiguous_strides(&cap_shape);
-                state_bufs[i] = Some((buf, strides.clone()));
-                Val::View(Access {
-                    buf,
-                    offset: Poly::zero(),
-                    strides,
-                })
-            }
-            Op::Concat { axis } if state.is_some() => {
-                // The first piece is the state itself; the rest are appended after it.
-                let i = state.expect("checked");
-                let (buf, strides) = state_bufs[i].clone().expect("input before its concat");
-                let mut start = strides[*axis].mul_dim(&arg_shape(0)[*axis]);
-                for j in 1..n.inputs.len() {
-                    let pshape = arg_shape(j);
-                    let x = s.expr(&arg(j), e);
-                    s.kernels.push(Kernel::Elementwise {
-                        out: Access {
-                            buf,
-                            offset: start.clone(),
-                            strides: strides.clone(),
-                        },
-                        shape: pshape.clone(),
-                        expr: x,
-                    });
-                    s.init.push(false);
-                    start = start.add(&strides[*axis].mul_dim(&pshape[*axis]));
-                }
-                Val::View(Access {
-                    buf,
-                    offset: Poly::zero(),
-                    strides,
-                })
-            }
-            Op::Input { name } => Val::View(Access::contiguous(
-                s.new_buffer(BufferRole::Input(name.clone()), e, &shape, false),
-                &shape,
-            )),
-            Op::Param { name } if shape.iter().any(|d| d.as_const().is_none()) => {
-                return Err(BackendError::Unsupported(format!(
-                    "parameter `{name}` has a symbolic shape {}; parameters need constant shapes",
-                    n.ty.shape
-                )));
-            }
-            Op::Param { name } => Val::View(Access::contiguous(
-                s.new_buffer(BufferRole::Param(name.clone()), e, &shape, true),
-                &shape,
-            )),
-            Op::Constant { value } => Val::Inline(Expr::Const(*value, e)),
-            Op::Iota { axis } => Val::Inline(Expr::Iota(*axis, e)),
-            Op::Unary(u) => Val::Inline(Expr::Unary(*u, Box::new(s.expr(&arg(0), e)))),
-            Op::Binary(b) => Val::Inline(Expr::Binary(
-                *b,
-                Box::new(s.expr(&arg(0), e)),
-                Box::new(s.expr(&arg(1), e)),
-            )),
-            Op::Compare(c) => {
-                let ie = elem(g.ty(n.inputs[0]).dtype);
-                Val::Inline(Expr::Compare(
-                    *c,
-                    Box::new(s.expr(&arg(0), ie)),
-                    Box::new(s.expr(&arg(1), ie)),
-                ))
-            }
-            Op::Select => Val::Inline(Expr::Select(
-                Box::new(s.expr(&arg(0), ElemType::Bool)),
-                Box::new(s.expr(&arg(1), e)),
-                Box::new(s.expr(&arg(2), e)),
-            )),
-            Op::Cast => {
-                let ie = elem(g.ty(n.inputs[0]).dtype);
-                Val::Inline(Expr::Cast(
-                    e,
-                    Box::new(s.expr(&arg(0), ie)),
-                    round_of(n.ty.dtype),
-                ))
-            }
-            Op::SwiGlu => Val::Inline(Expr::SwiGlu(
-                Box::new(s.expr(&arg(0), e)),
-                Box::new(s.expr(&arg(1), e)),
-            )),
-            Op::Permute { perm } => match arg(0) {
-                Val::Inline(Expr::Const(c, t)) => Val::Inline(Expr::Const(c, t)),
-                a => {
-                    let acc = s.view(&a, &arg_shape(0));
+        let val = 'val: {
+            match &n.op {
+                Op::Input { .. } if state.is_some() => {
+                    let i = state.expect("checked");
+                    let mut cap_shape = shape.clone();
+                    cap_shape[cands[i].axis] = Dim::sym(&cands[i].capacity);
+                    let buf = s.new_buffer(BufferRole::State(i as u32), e, &cap_shape, false);
+                    let strides = contiguous_strides(&cap_shape);
+                    state_bufs[i] = Some((buf, strides.clone()));
                     Val::View(Access {
-                        buf: acc.buf,
-                        offset: acc.offset.clone(),
-                        strides: perm.iter().map(|&p| acc.strides[p].clone()).collect(),
-                    })
-                }
-            },
-            Op::Broadcast => match arg(0) {
-                Val::Inline(Expr::Const(c, t)) => Val::Inline(Expr::Const(c, t)),
-                a => {
-                    let ins = arg_shape(0);
-                    let acc = s.view(&a, &ins);
-                    let strides = ins
-                        .iter()
-                        .zip(&shape)
-                        .zip(&acc.strides)
-                        .map(|((i, o), st)| if i != o { Poly::zero() } else { st.clone() })
-                        .collect();
-                    Val::View(Access {
-                        buf: acc.buf,
-                        offset: acc.offset,
+                        buf,
+                        offset: Poly::zero(),
                         strides,
                     })
                 }
-            },
-            Op::Slice { axis, start, .. } => {
-                let acc = s.view(&arg(0), &arg_shape(0));
-                let offset = acc.offset.add(&acc.strides[*axis].scale(*start as i64));
-                Val::View(Access {
-                    buf: acc.buf,
-                    offset,
-                    strides: acc.strides,
-                })
-            }
-            Op::Reshape => match arg(0) {
-                Val::Inline(Expr::Const(c, t)) => Val::Inline(Expr::Const(c, t)),
-                a => {
-                    let ins = arg_shape(0);
-                    let acc = s.view(&a, &ins);
-                    let acc = if acc.strides == contiguous_strides(&ins) {
-                        acc
-                    } else {
-                        s.materialize(Expr::Load(acc, e), &ins)
-                    };
+                Op::Concat { axis } if state.is_some() => {
+                    // The first piece is the state itself; the rest are appended after it.
+                    let i = state.expect("checked");
+                    let (buf, strides) = state_bufs[i].clone().expect("input before its concat");
+                    let mut start = strides[*axis].mul_dim(&arg_shape(0)[*axis]);
+                    for j in 1..n.inputs.len() {
+                        let pshape = arg_shape(j);
+                        let x = s.expr(&arg(j), e);
+                        s.kernels.push(Kernel::Elementwise {
+                            out: Access {
+                                buf,
+                                offset: start.clone(),
+                                strides: strides.clone(),
+                            },
+                            shape: pshape.clone(),
+                            expr: x,
+                        });
+                        s.init.push(false);
+                        start = start.add(&strides[*axis].mul_dim(&pshape[*axis]));
+                    }
                     Val::View(Access {
-                        buf: acc.buf,
-                        offset: acc.offset,
-                        strides: contiguous_strides(&shape),
+                        buf,
+                        offset: Poly::zero(),
+                        strides,
                     })
                 }
-            },
-            Op::Concat { axis } => {
-                let mut reads = vec![];
-                let pieces: Vec<(Expr, Vec<Dim>)> = (0..n.inputs.len())
-                    .map(|i| (s.expr(&arg(i), e), arg_shape(i)))
-                    .collect();
-                for (x, _) in &pieces {
-                    loads(x, &mut reads);
+                Op::Input { name } => Val::View(Access::contiguous(
+                    s.new_buffer(BufferRole::Input(name.clone()), e, &shape, false),
+                    &shape,
+                )),
+                Op::Param { name } if shape.iter().any(|d| d.as_const().is_none()) => {
+                    return Err(BackendError::Unsupported(format!(
+                    "parameter `{name}` has a symbolic shape {}; parameters need constant shapes",
+                    n.ty.shape
+                )));
                 }
-                let wo = !reads.is_empty() && reads.iter().all(|b| s.weight_only[*b as usize]);
-                let out = s.new_buffer(BufferRole::Temp, e, &shape, wo);
-                let strides = contiguous_strides(&shape);
-                let mut start = Poly::zero();
-                let init = wo && shape.iter().all(|d| d.as_const().is_some());
-                if init {
-                    s.buffers[out as usize].role = BufferRole::Init;
+                Op::Param { name } => Val::View(Access::contiguous(
+                    s.new_buffer(BufferRole::Param(name.clone()), e, &shape, true),
+                    &shape,
+                )),
+                Op::Constant { value } => Val::Inline(Expr::Const(*value, e)),
+                Op::Iota { axis } => Val::Inline(Expr::Iota(*axis, e)),
+                Op::Unary(u) => Val::Inline(Expr::Unary(*u, Box::new(s.expr(&arg(0), e)))),
+                Op::Binary(b) => Val::Inline(Expr::Binary(
+                    *b,
+                    Box::new(s.expr(&arg(0), e)),
+                    Box::new(s.expr(&arg(1), e)),
+                )),
+                Op::Compare(c) => {
+                    let ie = elem(g.ty(n.inputs[0]).dtype);
+                    Val::Inline(Expr::Compare(
+                        *c,
+                        Box::new(s.expr(&arg(0), ie)),
+                        Box::new(s.expr(&arg(1), ie)),
+                    ))
                 }
-                for (x, pshape) in pieces {
-                    let acc = Access {
-                        buf: out,
-                        offset: start.clone(),
-                        strides: strides.clone(),
-                    };
-                    start = start.add(&strides[*axis].mul_dim(&pshape[*axis]));
-                    s.kernels.push(Kernel::Elementwise {
-                        out: acc,
-                        shape: pshape,
-                        expr: x,
-                    });
-                    s.init.push(init);
+                Op::Select => Val::Inline(Expr::Select(
+                    Box::new(s.expr(&arg(0), ElemType::Bool)),
+                    Box::new(s.expr(&arg(1), e)),
+                    Box::new(s.expr(&arg(2), e)),
+                )),
+                Op::Cast => {
+                    let ie = elem(g.ty(n.inputs[0]).dtype);
+                    Val::Inline(Expr::Cast(
+                        e,
+                        Box::new(s.expr(&arg(0), ie)),
+                        round_of(n.ty.dtype),
+                    ))
                 }
-                Val::View(Access::contiguous(out, &shape))
-            }
-            Op::Gather { axis } => {
-                let (table, idx) = (
-                    s.view(&arg(0), &arg_shape(0)),
-                    s.view(&arg(1), &arg_shape(1)),
-                );
-                let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
-                let k = Kernel::Gather {
-                    out,
-                    table: table.clone(),
-                    idx: idx.clone(),
-                    table_shape: arg_shape(0),
-                    idx_shape: arg_shape(1),
-                    axis: *axis,
-                    elem: e,
-                };
-                s.push(k, &[table.buf, idx.buf], out);
-                Val::View(Access::contiguous(out, &shape))
-            }
-            Op::Reduce { op, axis } => {
-                let src = s.view(&arg(0), &arg_shape(0));
-                let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
-                s.push(
-                    Kernel::Reduce {
-                        op: *op,
-                        out,
-                        src: src.clone(),
-                        shape: arg_shape(0),
-                        axis: *axis,
-                    },
-                    &[src.buf],
-                    out,
-                );
-                Val::View(Access::contiguous(out, &shape))
-            }
-            Op::Softmax { axis } => {
-                let src = s.view(&arg(0), &shape);
-                let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
-                s.push(
-                    Kernel::Softmax {
-                        out,
-                        src: src.clone(),
-                        shape: shape.clone(),
-                        axis: *axis,
-                    },
-                    &[src.buf],
-                    out,
-                );
-                Val::View(Access::contiguous(out, &shape))
-            }
-            Op::RmsNorm { eps } => {
-                let (x, w) = (s.view(&arg(0), &shape), s.view(&arg(1), &arg_shape(1)));
-                let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
-                s.push(
-                    Kernel::RmsNorm {
-                        out,
-                        x: x.clone(),
-                        w: w.clone(),
-                        shape: shape.clone(),
-                        eps: *eps,
-                    },
-                    &[x.buf, w.buf],
-                    out,
-                );
-                Val::View(Access::contiguous(out, &shape))
-            }
-            Op::MatMul | Op::RmsNormMatMul { .. } => {
-                let fused = matches!(n.op, Op::RmsNormMatMul { .. });
-                let wi = if fused { 2 } else { 1 };
-                let (ash, wsh) = (arg_shape(0), arg_shape(wi));
-                let a = s.view(&arg(0), &ash);
-                let a = s.row_contiguous(a, &ash, e);
-                let w = s.view(&arg(wi), &wsh);
-                let w = s.k_contiguous(w, &wsh, e);
-                let batch = ash[..ash.len() - 2].to_vec();
-                let (m, k, nn) = (
-                    ash[ash.len() - 2].clone(),
-                    ash[ash.len() - 1].clone(),
-                    wsh[wsh.len() - 1].clone(),
-                );
-                let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
-                let shared_w = wsh.len() == 2;
-                // Weights known at load with constant K, N and rows of `a` that collapse to one
-                // stride: pack the weights into panels once and run the blocked GEMM.
-                let rows_contig = (0..ash.len() - 2)
-                    .all(|i| a.strides[i] == a.strides[i + 1].mul_dim(&ash[i + 1]));
-                if s.panel > 0
-                    && shared_w
-                    && s.weight_only[w.buf as usize]
-                    && k.as_const().is_some()
-                    && nn.as_const().is_some()
-                    && rows_contig
-                    && a.strides[ash.len() - 1] == Poly::c(1)
-                {
-                    let (kc, ncst) = (
-                        k.as_const().expect("checked"),
-                        nn.as_const().expect("checked"),
+                Op::SwiGlu => Val::Inline(Expr::SwiGlu(
+                    Box::new(s.expr(&arg(0), e)),
+                    Box::new(s.expr(&arg(1), e)),
+                )),
+                Op::Permute { perm } => match arg(0) {
+                    Val::Inline(Expr::Const(c, t)) => Val::Inline(Expr::Const(c, t)),
+                    a => {
+                        let acc = s.view(&a, &arg_shape(0));
+                        Val::View(Access {
+                            buf: acc.buf,
+                            offset: acc.offset.clone(),
+                            strides: perm.iter().map(|&p| acc.strides[p].clone()).collect(),
+                        })
+                    }
+                },
+                Op::Broadcast => match arg(0) {
+                    Val::Inline(Expr::Const(c, t)) => Val::Inline(Expr::Const(c, t)),
+                    a => {
+                        let ins = arg_shape(0);
+                        let acc = s.view(&a, &ins);
+                        let strides = ins
+                            .iter()
+                            .zip(&shape)
+                            .zip(&acc.strides)
+                            .map(|((i, o), st)| if i != o { Poly::zero() } else { st.clone() })
+                            .collect();
+                        Val::View(Access {
+                            buf: acc.buf,
+                            offset: acc.offset,
+                            strides,
+                        })
+                    }
+                },
+                Op::Slice { axis, start, .. } => {
+                    let acc = s.view(&arg(0), &arg_shape(0));
+                    let offset = acc.offset.add(&acc.strides[*axis].scale(*start as i64));
+                    Val::View(Access {
+                        buf: acc.buf,
+                        offset,
+                        strides: acc.strides,
+                    })
+                }
+                Op::Reshape => match arg(0) {
+                    Val::Inline(Expr::Const(c, t)) => Val::Inline(Expr::Const(c, t)),
+                    a => {
+                        let ins = arg_shape(0);
+                        let acc = s.view(&a, &ins);
+                        let acc = if acc.strides == contiguous_strides(&ins) {
+                            acc
+                        } else {
+                            s.materialize(Expr::Load(acc, e), &ins)
+                        };
+                        Val::View(Access {
+                            buf: acc.buf,
+                            offset: acc.offset,
+                            strides: contiguous_strides(&shape),
+                        })
+                    }
+                },
+                Op::Concat { axis } => {
+                    let mut reads = vec![];
+                    let pieces: Vec<(Expr, Vec<Dim>)> = (0..n.inputs.len())
+                        .map(|i| (s.expr(&arg(i), e), arg_shape(i)))
+                        .collect();
+                    for (x, _) in &pieces {
+                        loads(x, &mut reads);
+                    }
+                    let wo = !reads.is_empty() && reads.iter().all(|b| s.weight_only[*b as usize]);
+                    let out = s.new_buffer(BufferRole::Temp, e, &shape, wo);
+                    let strides = contiguous_strides(&shape);
+                    let mut start = Poly::zero();
+                    let init = wo && shape.iter().all(|d| d.as_const().is_some());
+                    if init {
+                        s.buffers[out as usize].role = BufferRole::Init;
+                    }
+                    for (x, pshape) in pieces {
+                        let acc = Access {
+                            buf: out,
+                            offset: start.clone(),
+                            strides: strides.clone(),
+                        };
+                        start = start.add(&strides[*axis].mul_dim(&pshape[*axis]));
+                        s.kernels.push(Kernel::Elementwise {
+                            out: acc,
+                            shape: pshape,
+                            expr: x,
+                        });
+                        s.init.push(init);
+                    }
+                    Val::View(Access::contiguous(out, &shape))
+                }
+                Op::Gather { axis } => {
+                    let (table, idx) = (
+                        s.view(&arg(0), &arg_shape(0)),
+                        s.view(&arg(1), &arg_shape(1)),
                     );
-                    let (w, norm) = match n.op {
-                        Op::RmsNormMatMul { eps } => {
-                            let gw = s.view(&arg(1), &arg_shape(1));
-                            // fold-norm-weight: w'[k, n] = g[k]·w[k, n]
+                    let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
+                    let k = Kernel::Gather {
+                        out,
+                        table: table.clone(),
+                        idx: idx.clone(),
+                        table_shape: arg_shape(0),
+                        idx_shape: arg_shape(1),
+                        axis: *axis,
+                        elem: e,
+                    };
+                    s.push(k, &[table.buf, idx.buf], out);
+                    Val::View(Access::contiguous(out, &shape))
+                }
+                Op::Reduce { op, axis } => {
+                    let src = s.view(&arg(0), &arg_shape(0));
+                    let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
+                    s.push(
+                        Kernel::Reduce {
+                            op: *op,
+                            out,
+                            src: src.clone(),
+                            shape: arg_shape(0),
+                            axis: *axis,
+                        },
+                        &[src.buf],
+                        out,
+                    );
+                    Val::View(Access::contiguous(out, &shape))
+                }
+                Op::Softmax { axis } => {
+                    let src = s.view(&arg(0), &shape);
+                    let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
+                    s.push(
+                        Kernel::Softmax {
+                            out,
+                            src: src.clone(),
+                            shape: shape.clone(),
+                            axis: *axis,
+                        },
+                        &[src.buf],
+                        out,
+                    );
+                    Val::View(Access::contiguous(out, &shape))
+                }
+                Op::RmsNorm { eps } => {
+                    let (x, w) = (s.view(&arg(0), &shape), s.view(&arg(1), &arg_shape(1)));
+                    let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
+                    s.push(
+                        Kernel::RmsNorm {
+                            out,
+                            x: x.clone(),
+                            w: w.clone(),
+                            shape: shape.clone(),
+                            eps: *eps,
+                        },
+                        &[x.buf, w.buf],
+                        out,
+                    );
+                    Val::View(Access::contiguous(out, &shape))
+                }
+                Op::MatMul | Op::RmsNormMatMul { .. } => {
+                    let fused = matches!(n.op, Op::RmsNormMatMul { .. });
+                    let wi = if fused { 2 } else { 1 };
+                    let (ash, wsh) = (arg_shape(0), arg_shape(wi));
+                    let a = s.view(&arg(0), &ash);
+                    let a = s.row_contiguous(a, &ash, e);
+                    let w = s.view(&arg(wi), &wsh);
+                    let w = s.k_contiguous(w, &wsh, e);
+                    let batch = ash[..ash.len() - 2].to_vec();
+                    let (m, k, nn) = (
+                        ash[ash.len() - 2].clone(),
+                        ash[ash.len() - 1].clone(),
+                        wsh[wsh.len() - 1].clone(),
+                    );
+                    let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
+                    let shared_w = wsh.len() == 2;
+                    // Weights known at load with constant K, N and rows of `a` that collapse to one
+                    // stride: pack the weights into panels once and run the blocked GEMM.
+                    let rows_contig = (0..ash.len() - 2)
+                        .all(|i| a.strides[i] == a.strides[i + 1].mul_dim(&ash[i + 1]));
+                    if s.panel > 0
+                        && shared_w
+                        && s.weight_only[w.buf as usize]
+                        && k.as_const().is_some()
+                        && nn.as_const().is_some()
+                        && rows_contig
+                        && a.strides[ash.len() - 1] == Poly::c(1)
+                    {
+                        let (kc, ncst) = (
+                            k.as_const().expect("checked"),
+                            nn.as_const().expect("checked"),
+                        );
+                        let (w, norm) = match n.op {
+                            Op::RmsNormMatMul { eps } => {
+                                let gw = s.view(&arg(1), &arg_shape(1));
+                                // fold-norm-weight: w'[k, n] = g[k]·w[k, n]
+                                let gb = Access {
+                                    buf: gw.buf,
+                                    offset: gw.offset.clone(),
+                                    strides: vec![gw.strides[0].clone(), Poly::zero()],
+                                };
+                                let expr = Expr::Binary(
+                                    egret_ir::BinaryOp::Mul,
+                                    Box::new(Expr::Load(gb, e)),
+                                    Box::new(Expr::Load(w.clone(), e)),
+                                );
+                                let wf = s.materialize(expr, &wsh);
+                                (wf, Some(eps))
+                            }
+                            _ => (w, None),
+                        };
+                        let panels = (ncst + s.panel - 1) / s.panel;
+                        let pe = if s.weights == PanelType::F32 {
+                            e
+                        } else {
+                            ElemType::Half
+                        };
+                        let bp = s.new_buffer(
+                            BufferRole::Temp,
+                            pe,
+                            &[Dim::c(panels * kc * s.panel)],
+                            true,
+                        );
+                        s.buffers[bp as usize].streamed = true;
+                        s.push(
+                            Kernel::PackPanels {
+                                out: bp,
+                                w: w.clone(),
+                                k: kc,
+                                n: ncst,
+                                nr: s.panel,
+                                store: s.weights,
+                            },
+                            &[w.buf],
+                            bp,
+                        );
+                        let a2 = Access {
+                            buf: a.buf,
+                            offset: a.offset.clone(),
+                            strides: vec![a.strides[ash.len() - 2].clone(), Poly::c(1)],
+                        };
+                        let mut rows = batch.clone();
+                        rows.push(m.clone());
+                        s.push(
+                            Kernel::Gemm {
+                                out,
+                                a: a2,
+                                bp,
+                                rows,
+                                k: kc,
+                                n: ncst,
+                                nr: s.panel,
+                                norm,
+                                panel: s.weights,
+                            },
+                            &[a.buf, bp],
+                            out,
+                        );
+                        break 'val Val::View(Access::contiguous(out, &shape));
+                    }
+                    if let Op::RmsNormMatMul { eps } = n.op {
+                        let gw = s.view(&arg(1), &arg_shape(1));
+                        if s.weight_only[gw.buf as usize]
+                            && s.weight_only[w.buf as usize]
+                            && shared_w
+                        {
+                            // fold-norm-weight: w'[k, n] = g[k]·w[k, n], once at load, k-contiguous.
+                            let wf =
+                                s.new_buffer(BufferRole::Temp, e, &[nn.clone(), k.clone()], true);
+                            let view = Access {
+                                buf: wf,
+                                offset: Poly::zero(),
+                                strides: vec![Poly::c(1), Poly::dim(&k)],
+                            };
                             let gb = Access {
                                 buf: gw.buf,
                                 offset: gw.offset.clone(),
@@ -597,174 +676,104 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                                 Box::new(Expr::Load(gb, e)),
                                 Box::new(Expr::Load(w.clone(), e)),
                             );
-                            let wf = s.materialize(expr, &wsh);
-                            (wf, Some(eps))
+                            s.push(
+                                Kernel::Elementwise {
+                                    out: view.clone(),
+                                    shape: wsh.clone(),
+                                    expr,
+                                },
+                                &[gw.buf, w.buf],
+                                wf,
+                            );
+                            s.push(
+                                Kernel::RmsNormMatMul {
+                                    out,
+                                    x: a.clone(),
+                                    g: None,
+                                    w: view.clone(),
+                                    batch,
+                                    m,
+                                    n: nn,
+                                    k,
+                                    eps,
+                                },
+                                &[a.buf, view.buf],
+                                out,
+                            );
+                        } else {
+                            s.push(
+                                Kernel::RmsNormMatMul {
+                                    out,
+                                    x: a.clone(),
+                                    g: Some(gw.clone()),
+                                    w: w.clone(),
+                                    batch,
+                                    m,
+                                    n: nn,
+                                    k,
+                                    eps,
+                                },
+                                &[a.buf, gw.buf, w.buf],
+                                out,
+                            );
                         }
-                        _ => (w, None),
-                    };
-                    let panels = (ncst + s.panel - 1) / s.panel;
-                    let pe = if s.weights == PanelType::F32 {
-                        e
-                    } else {
-                        ElemType::Half
-                    };
-                    let bp =
-                        s.new_buffer(BufferRole::Temp, pe, &[Dim::c(panels * kc * s.panel)], true);
-                    s.buffers[bp as usize].streamed = true;
-                    s.push(
-                        Kernel::PackPanels {
-                            out: bp,
-                            w: w.clone(),
-                            k: kc,
-                            n: ncst,
-                            nr: s.panel,
-                            store: s.weights,
-                        },
-                        &[w.buf],
-                        bp,
-                    );
-                    let a2 = Access {
-                        buf: a.buf,
-                        offset: a.offset.clone(),
-                        strides: vec![a.strides[ash.len() - 2].clone(), Poly::c(1)],
-                    };
-                    let mut rows = batch.clone();
-                    rows.push(m.clone());
-                    s.push(
-                        Kernel::Gemm {
-                            out,
-                            a: a2,
-                            bp,
-                            rows,
-                            k: kc,
-                            n: ncst,
-                            nr: s.panel,
-                            norm,
-                            panel: s.weights,
-                        },
-                        &[a.buf, bp],
-                        out,
-                    );
-                    vals[v.index()] = Some(Val::View(Access::contiguous(out, &shape)));
-                    continue;
-                }
-                if let Op::RmsNormMatMul { eps } = n.op {
-                    let gw = s.view(&arg(1), &arg_shape(1));
-                    if s.weight_only[gw.buf as usize] && s.weight_only[w.buf as usize] && shared_w {
-                        // fold-norm-weight: w'[k, n] = g[k]·w[k, n], once at load, k-contiguous.
-                        let wf = s.new_buffer(BufferRole::Temp, e, &[nn.clone(), k.clone()], true);
-                        let view = Access {
-                            buf: wf,
-                            offset: Poly::zero(),
-                            strides: vec![Poly::c(1), Poly::dim(&k)],
-                        };
-                        let gb = Access {
-                            buf: gw.buf,
-                            offset: gw.offset.clone(),
-                            strides: vec![gw.strides[0].clone(), Poly::zero()],
-                        };
-                        let expr = Expr::Binary(
-                            egret_ir::BinaryOp::Mul,
-                            Box::new(Expr::Load(gb, e)),
-                            Box::new(Expr::Load(w.clone(), e)),
-                        );
-                        s.push(
-                            Kernel::Elementwise {
-                                out: view.clone(),
-                                shape: wsh.clone(),
-                                expr,
-                            },
-                            &[gw.buf, w.buf],
-                            wf,
-                        );
-                        s.push(
-                            Kernel::RmsNormMatMul {
-                                out,
-                                x: a.clone(),
-                                g: None,
-                                w: view.clone(),
-                                batch,
-                                m,
-                                n: nn,
-                                k,
-                                eps,
-                            },
-                            &[a.buf, view.buf],
-                            out,
-                        );
                     } else {
                         s.push(
-                            Kernel::RmsNormMatMul {
+                            Kernel::MatMul {
                                 out,
-                                x: a.clone(),
-                                g: Some(gw.clone()),
+                                a: a.clone(),
                                 w: w.clone(),
                                 batch,
                                 m,
                                 n: nn,
                                 k,
-                                eps,
+                                shared_w,
                             },
-                            &[a.buf, gw.buf, w.buf],
+                            &[a.buf, w.buf],
                             out,
                         );
                     }
-                } else {
+                    Val::View(Access::contiguous(out, &shape))
+                }
+                Op::FusedAttention { scale } => {
+                    let sh: Vec<Vec<Dim>> = (0..4).map(arg_shape).collect();
+                    let acc: Vec<Access> = (0..4).map(|i| s.view(&arg(i), &sh[i])).collect();
+                    let c = |d: &Dim| {
+                        d.as_const().ok_or_else(|| {
+                            BackendError::Unsupported(format!(
+                                "attention needs constant head counts and sizes, got {d}"
+                            ))
+                        })
+                    };
+                    let dims = AttnDims {
+                        b: sh[0][0].clone(),
+                        h: c(&sh[0][1])?,
+                        t: sh[0][2].clone(),
+                        d: c(&sh[0][3])?,
+                        hkv: c(&sh[1][1])?,
+                        s: sh[1][2].clone(),
+                        dv: c(&sh[2][3])?,
+                    };
+                    let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
+                    let part = s.new_buffer(BufferRole::Temp, e, &[Dim::c(dims.part_len())], false);
+                    let reads: Vec<u32> = acc.iter().map(|a| a.buf).collect();
                     s.push(
-                        Kernel::MatMul {
+                        Kernel::Attention {
                             out,
-                            a: a.clone(),
-                            w: w.clone(),
-                            batch,
-                            m,
-                            n: nn,
-                            k,
-                            shared_w,
+                            part,
+                            q: acc[0].clone(),
+                            k: acc[1].clone(),
+                            v: acc[2].clone(),
+                            pos: acc[3].clone(),
+                            dims: dims.clone(),
+                            scale: *scale,
                         },
-                        &[a.buf, w.buf],
+                        &reads,
                         out,
                     );
+                    s.push(Kernel::AttentionCombine { out, part, dims }, &[part], out);
+                    Val::View(Access::contiguous(out, &shape))
                 }
-                Val::View(Access::contiguous(out, &shape))
-            }
-            Op::FusedAttention { scale } => {
-                let sh: Vec<Vec<Dim>> = (0..4).map(arg_shape).collect();
-                let acc: Vec<Access> = (0..4).map(|i| s.view(&arg(i), &sh[i])).collect();
-                let c = |d: &Dim| {
-                    d.as_const().ok_or_else(|| {
-                        BackendError::Unsupported(format!(
-                            "attention needs constant head counts and sizes, got {d}"
-                        ))
-                    })
-                };
-                let dims = AttnDims {
-                    b: sh[0][0].clone(),
-                    h: c(&sh[0][1])?,
-                    t: sh[0][2].clone(),
-                    d: c(&sh[0][3])?,
-                    hkv: c(&sh[1][1])?,
-                    s: sh[1][2].clone(),
-                    dv: c(&sh[2][3])?,
-                };
-                let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
-                let part = s.new_buffer(BufferRole::Temp, e, &[Dim::c(dims.part_len())], false);
-                let reads: Vec<u32> = acc.iter().map(|a| a.buf).collect();
-                s.push(
-                    Kernel::Attention {
-                        out,
-                        part,
-                        q: acc[0].clone(),
-                        k: acc[1].clone(),
-                        v: acc[2].clone(),
-                        pos: acc[3].clone(),
-                        dims: dims.clone(),
-                        scale: *scale,
-                    },
-                    &reads,
-                    out,
-                );
-                s.push(Kernel::AttentionCombine { out, part, dims }, &[part], out);
-                Val::View(Access::contiguous(out, &shape))
             }
         };
         // Elementwise values used more than once (or returned) are stored once.
