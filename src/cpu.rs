@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use egret_backends::artifact::write_cpu_artifact;
+use egret_backends::artifact::{write_cpu_artifact, EntrySpec};
 use egret_backends::llvm::{compile_many, panel_width, unify_symbols, Compiled, CpuOptions};
 use egret_backends::schedule::{schedule_with, ScheduleOptions};
 use egret_ir::{Graph, Tensor};
@@ -112,10 +112,10 @@ pub fn cache_dir() -> PathBuf {
 }
 
 /// The cache key of a compilation: SHA-256 over everything the artifact depends on.
-pub fn cache_key(cfg: &LlamaConfig, passes: &str, opts: &CpuOptions) -> String {
+pub fn cache_key(cfg: &LlamaConfig, passes: &str, opts: &CpuOptions, what: &str) -> String {
     let (cpu, features) = egret_backends::llvm::target_cpu(&opts.cpu);
     let text = format!(
-        "format {}\ncompiler {} {BUILD_ID}\nconfig {}\npasses {passes}\ncpu {cpu} {}\nweights {:?}\n",
+        "{what}\nformat {}\ncompiler {} {BUILD_ID}\nconfig {}\npasses {passes}\ncpu {cpu} {}\nweights {:?}\n",
         egret_runtime::artifact::FORMAT_VERSION,
         env!("CARGO_PKG_VERSION"),
         serde_json::to_string(cfg).unwrap_or_default(),
@@ -143,7 +143,7 @@ pub fn compile_artifact(
     };
     let prog = schedule_with(&g, sopts).map_err(|e| EgretError::Usage(e.to_string()))?;
     let model = serde_json::to_value(cfg).unwrap_or_default();
-    let out = write_cpu_artifact(&prog, opts, model, dir)
+    let out = write_cpu_artifact(&prog, opts, model, &EntrySpec::inference(), dir)
         .map_err(|e| EgretError::Usage(e.to_string()))?;
     if std::env::var_os("EGRET_PROFILE").is_some() {
         eprintln!(
@@ -155,17 +155,41 @@ pub fn compile_artifact(
     Ok(out)
 }
 
-/// The cached artifact for this compilation, compiled into the cache first if it is not
-/// there (or does not load).
-pub fn cached_artifact(cfg: &LlamaConfig, passes: &str, opts: &CpuOptions) -> Result<Artifact> {
-    let dir = cache_dir().join(cache_key(cfg, passes, opts));
+/// The artifact of cache key `key`, compiled by `compile` into the cache first if it is not
+/// there (or does not load). Compilation goes to a private directory renamed into place, so
+/// processes and threads racing for one key never see a half-written artifact.
+pub fn cached(key: &str, compile: impl FnOnce(&Path) -> Result<PathBuf>) -> Result<Artifact> {
+    let dir = cache_dir().join(key);
     if let Ok(a) = Artifact::load(&dir) {
         return Ok(a);
     }
     std::fs::create_dir_all(cache_dir())
         .map_err(|e| EgretError::Usage(format!("cannot create {}: {e}", cache_dir().display())))?;
-    compile_artifact(cfg, passes, opts, &dir)?;
+    static SERIAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let mine = cache_dir().join(format!(
+        ".{key}.new-{}-{}",
+        std::process::id(),
+        SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    compile(&mine)?;
+    if dir.exists() {
+        // A damaged entry (it did not load above) makes way; a fresh one from a racing
+        // compilation is kept.
+        if Artifact::load(&dir).is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+    if std::fs::rename(&mine, &dir).is_err() {
+        let _ = std::fs::remove_dir_all(&mine);
+    }
     Ok(Artifact::load(&dir)?)
+}
+
+/// The cached inference artifact for this compilation.
+pub fn cached_artifact(cfg: &LlamaConfig, passes: &str, opts: &CpuOptions) -> Result<Artifact> {
+    cached(&cache_key(cfg, passes, opts, "step"), |d| {
+        compile_artifact(cfg, passes, opts, d)
+    })
 }
 
 /// A model compiled for the CPU and bound to its weights: a runtime `Session` (the KV cache

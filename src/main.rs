@@ -1052,9 +1052,7 @@ fn train(run: TrainRun, be: egret::train::GradBackend) -> Result<()> {
     });
     let mut tr = Trainer::new(cfg, params, opt, &run.passes, be, budget)?;
     if let Some((m, v)) = resumed {
-        tr.m = m;
-        tr.v = v;
-        tr.step = state.step;
+        tr.restore(state.step, m, v)?;
     }
     let mut log = match &run.log {
         Some(p) => Some(

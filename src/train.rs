@@ -202,36 +202,81 @@ pub fn random_init(cfg: &LlamaConfig, seed: u64) -> Result<HashMap<String, Tenso
 }
 
 enum Exec {
-    Interp(Interpreter),
-    Cpu {
-        ex: Box<egret_runtime::cpu::CpuExecutor>,
-        // Declared after `ex`: the machine code outlives the executor that calls it.
-        _code: egret_backends::llvm::Compiled,
+    Interp {
+        it: Box<Interpreter>,
+        params: HashMap<String, Tensor>,
+        m: HashMap<String, Vec<f32>>,
+        v: HashMap<String, Vec<f32>>,
     },
+    /// A `train_step` artifact from the compile cache, run by the runtime.
+    Cpu(Box<egret_runtime::TrainSession>),
 }
 
-/// One model in training: parameters, AdamW state and a compiled step.
+/// One model in training: a compiled step with the parameters and AdamW's state.
 pub struct Trainer {
     pub cfg: LlamaConfig,
     pub opt: AdamW,
-    pub params: HashMap<String, Tensor>,
-    /// AdamW's first and second moments, by parameter name.
-    pub m: HashMap<String, Vec<f32>>,
-    pub v: HashMap<String, Vec<f32>>,
     /// Steps taken (the next step is `step + 1`).
     pub step: usize,
     exec: Exec,
 }
 
-/// What one step measured.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct StepOut {
-    pub loss: f32,
-    pub grad_norm: f32,
+pub use egret_runtime::StepOut;
+
+/// The AdamW constants as an artifact records them.
+fn adamw_spec(o: &AdamW) -> egret_runtime::artifact::AdamWSpec {
+    egret_runtime::artifact::AdamWSpec {
+        beta1: o.beta1,
+        beta2: o.beta2,
+        eps: o.eps,
+        weight_decay: o.weight_decay,
+        max_grad_norm: o.max_grad_norm,
+    }
+}
+
+/// The `train_step` artifact of a model, from the compile cache (keyed also by the AdamW
+/// constants and the memory budget), compiled there first if needed.
+pub fn train_artifact(
+    cfg: &LlamaConfig,
+    passes: &str,
+    opts: &CpuOptions,
+    opt: &AdamW,
+    budget: Option<MemoryBudget>,
+) -> Result<egret_runtime::Artifact> {
+    let what = format!("train_step {opt:?} {budget:?}");
+    crate::cpu::cached(&crate::cpu::cache_key(cfg, passes, opts, &what), |dir| {
+        let t0 = std::time::Instant::now();
+        let g = step_graph(cfg, passes, opt, budget)?;
+        let sopts = egret_backends::schedule::ScheduleOptions {
+            panel: egret_backends::llvm::panel_width(&opts.cpu),
+            weights: opts.weights,
+            states: false,
+            deep_first: true,
+        };
+        let prog = egret_backends::schedule::schedule_with(&g, sopts)
+            .map_err(|e| EgretError::Usage(e.to_string()))?;
+        let spec = egret_backends::artifact::EntrySpec {
+            mode: "training".into(),
+            entry: "train_step".into(),
+            optimizer: Some(adamw_spec(opt)),
+        };
+        let model = serde_json::to_value(cfg).unwrap_or_default();
+        let out = egret_backends::artifact::write_cpu_artifact(&prog, opts, model, &spec, dir)
+            .map_err(|e| EgretError::Usage(e.to_string()))?;
+        if std::env::var_os("EGRET_PROFILE").is_some() {
+            eprintln!(
+                "compile\ttrain_step\t{:.1} ms\t{} kernel calls",
+                t0.elapsed().as_secs_f64() * 1e3,
+                prog.kernels.len()
+            );
+        }
+        Ok(out)
+    })
 }
 
 impl Trainer {
-    /// Compiles the step for `backend` and starts from `params` with zero moments.
+    /// Compiles the step for `backend` (on the CPU through the compile cache) and starts from
+    /// `params` with zero moments.
     pub fn new(
         cfg: LlamaConfig,
         params: HashMap<String, Tensor>,
@@ -240,31 +285,76 @@ impl Trainer {
         backend: GradBackend,
         budget: Option<MemoryBudget>,
     ) -> Result<Trainer> {
-        let g = step_graph(&cfg, passes, &opt, budget)?;
         let exec = match backend {
-            GradBackend::Interp => Exec::Interp(Interpreter::new(&g)?),
-            GradBackend::Cpu { opts, threads } => {
-                let (ex, code) = crate::cpu::executor(&g, &params, opts, threads)?;
-                Exec::Cpu {
-                    ex: Box::new(ex),
-                    _code: code,
+            GradBackend::Interp => {
+                let g = step_graph(&cfg, passes, &opt, budget)?;
+                let zeros = |p: &HashMap<String, Tensor>| {
+                    p.iter()
+                        .map(|(k, t)| (k.clone(), vec![0.0f32; t.shape().iter().product()]))
+                        .collect()
+                };
+                Exec::Interp {
+                    it: Box::new(Interpreter::new(&g)?),
+                    m: zeros(&params),
+                    v: zeros(&params),
+                    params,
                 }
             }
-        };
-        let zeros = |p: &HashMap<String, Tensor>| {
-            p.iter()
-                .map(|(k, t)| (k.clone(), vec![0.0f32; t.shape().iter().product()]))
-                .collect()
+            GradBackend::Cpu { opts, threads } => {
+                let art = train_artifact(&cfg, passes, opts, &opt, budget)?;
+                let get = |n: &str| {
+                    params
+                        .get(n)
+                        .and_then(|t| Some((t.shape().to_vec(), t.f32_arc()?)))
+                };
+                Exec::Cpu(Box::new(egret_runtime::TrainSession::with_params(
+                    &art,
+                    &get,
+                    "the weights",
+                    threads,
+                )?))
+            }
         };
         Ok(Trainer {
-            m: zeros(&params),
-            v: zeros(&params),
             cfg,
             opt,
-            params,
             step: 0,
             exec,
         })
+    }
+
+    /// A parameter's current values.
+    pub fn param(&self, name: &str) -> Option<Vec<f32>> {
+        match &self.exec {
+            Exec::Interp { params, .. } => params.get(name).map(|t| t.to_f32_vec()),
+            Exec::Cpu(s) => s.param(name).map(<[f32]>::to_vec),
+        }
+    }
+
+    /// AdamW's first and second moments of a parameter.
+    pub fn moments(&self, name: &str) -> Option<(Vec<f32>, Vec<f32>)> {
+        match &self.exec {
+            Exec::Interp { m, v, .. } => Some((m.get(name)?.clone(), v.get(name)?.clone())),
+            Exec::Cpu(s) => s.moments(name).map(|(a, b)| (a.to_vec(), b.to_vec())),
+        }
+    }
+
+    /// Continues from saved optimizer state.
+    pub fn restore(
+        &mut self,
+        step: usize,
+        m: HashMap<String, Vec<f32>>,
+        v: HashMap<String, Vec<f32>>,
+    ) -> Result<()> {
+        match &mut self.exec {
+            Exec::Interp { m: mm, v: vv, .. } => {
+                *mm = m;
+                *vv = v;
+            }
+            Exec::Cpu(s) => s.restore(step, m, v)?,
+        }
+        self.step = step;
+        Ok(())
     }
 
     /// One AdamW step on a batch: `tokens` and `targets` hold `b` rows of `t`.
@@ -283,96 +373,53 @@ impl Trainer {
             )));
         }
         check_ids(tokens, self.cfg.vocab_size)?;
-        let k = (self.step + 1) as i32;
-        let bc1 = 1.0 - self.opt.beta1.powi(k);
-        let bc2 = 1.0 - self.opt.beta2.powi(k);
-        let ids: Vec<i64> = tokens.iter().map(|&i| i as i64).collect();
-        let pos: Vec<i64> = (0..b).flat_map(|_| 0..t as i64).collect();
-        let mut f32s: Vec<(String, Vec<usize>, Vec<f32>)> = vec![
-            ("lr".into(), vec![1], vec![lr as f32]),
-            ("bc1".into(), vec![1], vec![bc1 as f32]),
-            ("bc2".into(), vec![1], vec![bc2 as f32]),
-        ];
-        for (name, t) in &self.params {
-            let s = t.shape().to_vec();
-            f32s.push((format!("m.{name}"), s.clone(), self.m[name].clone()));
-            f32s.push((format!("v.{name}"), s, self.v[name].clone()));
-        }
-        let i64s = [
-            ("tokens", ids),
-            ("positions", pos),
-            ("targets", targets.to_vec()),
-        ];
-        let mut out: HashMap<String, (Vec<usize>, Vec<f32>)> = match &mut self.exec {
-            Exec::Interp(it) => {
+        let out = match &mut self.exec {
+            Exec::Cpu(s) => s.train_step(tokens, targets, b, t, lr)?,
+            Exec::Interp { it, params, m, v } => {
+                let k = (self.step + 1) as i32;
+                let bc1 = 1.0 - self.opt.beta1.powi(k);
+                let bc2 = 1.0 - self.opt.beta2.powi(k);
                 let mut inputs = HashMap::new();
-                for (n, v) in i64s {
-                    inputs.insert(n.to_string(), Tensor::from_i64(vec![b, t], v)?);
+                let ids: Vec<i64> = tokens.iter().map(|&i| i as i64).collect();
+                let pos: Vec<i64> = (0..b).flat_map(|_| 0..t as i64).collect();
+                for (n, x) in [
+                    ("tokens", ids),
+                    ("positions", pos),
+                    ("targets", targets.to_vec()),
+                ] {
+                    inputs.insert(n.to_string(), Tensor::from_i64(vec![b, t], x)?);
                 }
-                for (n, s, v) in f32s {
-                    inputs.insert(n, Tensor::from_f32(s, v)?);
+                for (n, x) in [("lr", lr), ("bc1", bc1), ("bc2", bc2)] {
+                    inputs.insert(n.to_string(), Tensor::from_f32(vec![1], vec![x as f32])?);
                 }
-                it.run(&inputs, &self.params)?
-                    .into_iter()
-                    .map(|(k, v)| (k, (v.shape().to_vec(), v.to_f32_vec())))
-                    .collect()
-            }
-            Exec::Cpu { ex, .. } => {
-                let mut inputs = HashMap::new();
-                for (n, v) in i64s {
+                for (name, p) in params.iter() {
+                    let s = p.shape().to_vec();
                     inputs.insert(
-                        n.to_string(),
-                        HostValue {
-                            shape: vec![b, t],
-                            data: HostData::I64(v),
-                        },
+                        format!("m.{name}"),
+                        Tensor::from_f32(s.clone(), m[name].clone())?,
                     );
+                    inputs.insert(format!("v.{name}"), Tensor::from_f32(s, v[name].clone())?);
                 }
-                for (n, s, v) in f32s {
-                    inputs.insert(
-                        n,
-                        HostValue {
-                            shape: s,
-                            data: HostData::F32(v),
-                        },
-                    );
-                }
-                ex.run(&inputs)?
-                    .into_iter()
-                    .filter_map(|(k, v)| match v.data {
-                        HostData::F32(d) => Some((k, (v.shape, d))),
-                        HostData::I64(_) => None,
+                let mut out = it.run(&inputs, params)?;
+                let mut take = |name: &str| {
+                    out.remove(name).ok_or_else(|| {
+                        EgretError::Usage(format!("the train step returned no `{name}`"))
                     })
-                    .collect()
+                };
+                let loss = take("loss")?.to_f32_vec()[0];
+                let grad_norm = take("grad_norm")?.to_f32_vec()[0];
+                let names: Vec<String> = params.keys().cloned().collect();
+                for name in &names {
+                    let p = take(&format!("new.{name}"))?;
+                    m.insert(name.clone(), take(&format!("new_m.{name}"))?.to_f32_vec());
+                    v.insert(name.clone(), take(&format!("new_v.{name}"))?.to_f32_vec());
+                    params.insert(name.clone(), p);
+                }
+                StepOut { loss, grad_norm }
             }
         };
-        let mut take = |name: &str| {
-            out.remove(name)
-                .ok_or_else(|| EgretError::Usage(format!("the train step returned no `{name}`")))
-        };
-        let loss = take("loss")?.1[0];
-        let grad_norm = take("grad_norm")?.1[0];
-        let names: Vec<String> = self.params.keys().cloned().collect();
-        let mut new_params = HashMap::new();
-        for name in &names {
-            let (shape, p) = take(&format!("new.{name}"))?;
-            new_params.insert(name.clone(), Tensor::from_f32(shape, p)?);
-            self.m
-                .insert(name.clone(), take(&format!("new_m.{name}"))?.1);
-            self.v
-                .insert(name.clone(), take(&format!("new_v.{name}"))?.1);
-        }
-        self.params = new_params;
-        if let Exec::Cpu { ex, .. } = &mut self.exec {
-            let params = &self.params;
-            ex.bind_params(&|n| {
-                params
-                    .get(n)
-                    .and_then(|t| Some((t.shape().to_vec(), t.f32_arc()?)))
-            })?;
-        }
         self.step += 1;
-        Ok(StepOut { loss, grad_norm })
+        Ok(out)
     }
 }
 
@@ -491,10 +538,10 @@ pub fn save_checkpoint(
 ) -> Result<()> {
     let names = tr.cfg.parameters();
     write_dir_atomic(dir, |d| {
-        let model = weights_of(&names, |n| tr.params[n].to_f32_vec(), "");
+        let model = weights_of(&names, |n| tr.param(n).unwrap_or_default(), "");
         save_safetensors(&d.join("model.safetensors"), &model, SaveDType::F32)?;
-        let mut opt = weights_of(&names, |n| tr.m[n].clone(), "m.");
-        for (k, t) in weights_of(&names, |n| tr.v[n].clone(), "v.") {
+        let mut opt = weights_of(&names, |n| tr.moments(n).unwrap_or_default().0, "m.");
+        for (k, t) in weights_of(&names, |n| tr.moments(n).unwrap_or_default().1, "v.") {
             opt.insert(k, t);
         }
         save_safetensors(&d.join("optimizer.safetensors"), &opt, SaveDType::F32)?;

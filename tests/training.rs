@@ -164,7 +164,7 @@ fn adamw_step(backend: &str) {
         );
         assert_eq!(tr.step, 1);
         for (pname, w) in want.iter() {
-            let got = tr.params[pname].to_f32_vec();
+            let got = tr.param(pname).unwrap();
             let old = before[pname].to_f32_vec();
             assert!(rel_l2(&got, &w.data) <= 1e-6, "{name} {backend}: {pname}");
             let du: Vec<f32> = got.iter().zip(&old).map(|(a, b)| a - b).collect();
@@ -389,4 +389,50 @@ fn a_budget_below_the_smallest_peak_is_an_error_naming_it() {
         "1000",
     ]);
     assert!(e.contains("smallest activation peak"), "{e}");
+}
+
+/// `egret train` compiles its step into the compile cache once: a second start reuses it.
+#[test]
+fn train_reuses_the_compile_cache() {
+    let t = TempDir::new("train-cache");
+    let cfg = t.0.join("config.json");
+    std::fs::write(&cfg, SMALL_CONFIG).unwrap();
+    let data = t.0.join("data.txt");
+    std::fs::write(
+        &data,
+        "and god said let there be light and there was light ".repeat(20),
+    )
+    .unwrap();
+    let gguf = common::smollm2_gguf();
+    let run = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_egret"))
+            .args([
+                "train",
+                cfg.to_str().unwrap(),
+                "--init",
+                "random",
+                "--tokenizer",
+            ])
+            .arg(&gguf)
+            .args([
+                "--data",
+                data.to_str().unwrap(),
+                "--steps",
+                "2",
+                "--seq",
+                "8",
+            ])
+            .env("EGRET_CACHE", &t.0)
+            .env("EGRET_PROFILE", "1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).contains("compile\ttrain_step")
+    };
+    assert!(run(), "a cold start compiles the train step");
+    assert!(!run(), "a warm start reuses it");
 }

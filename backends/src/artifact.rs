@@ -21,15 +21,42 @@ fn io(path: &Path, e: std::io::Error) -> BackendError {
     BackendError::Io(format!("{}: {e}", path.display()))
 }
 
-/// Compiles `step` (the model's step graph, scheduled with states) for the CPU into an
-/// artifact at `dir`. `model` is the configuration recorded in the manifest.
+/// What an artifact is for: its mode, entry point and (for training) optimizer constants.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EntrySpec {
+    /// `inference` or `training`.
+    pub mode: String,
+    /// `step` (inference over the KV cache) or `train_step`.
+    pub entry: String,
+    pub optimizer: Option<egret_runtime::artifact::AdamWSpec>,
+}
+
+impl EntrySpec {
+    pub fn inference() -> EntrySpec {
+        EntrySpec {
+            mode: "inference".into(),
+            entry: "step".into(),
+            optimizer: None,
+        }
+    }
+}
+
+/// Compiles `step` (the scheduled program of the entry point) for the CPU into an artifact
+/// at `dir`. `model` is the configuration recorded in the manifest.
 pub fn write_cpu_artifact(
     step: &Program,
     opts: &CpuOptions,
     model: serde_json::Value,
+    spec: &EntrySpec,
     dir: &Path,
 ) -> Result<PathBuf, BackendError> {
-    let pid = std::process::id();
+    static SERIAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    // Unique per process and call: two threads may compile the same artifact at once.
+    let pid = format!(
+        "{}-{}",
+        std::process::id(),
+        SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
@@ -64,7 +91,7 @@ pub fn write_cpu_artifact(
                 cpu,
                 features,
             },
-            mode: "inference".into(),
+            mode: spec.mode.clone(),
             model,
             weights_dtype: match opts.weights {
                 PanelType::F32 => "f32",
@@ -73,7 +100,7 @@ pub fn write_cpu_artifact(
             }
             .into(),
             entry_points: vec![EntryPoint {
-                name: "step".into(),
+                name: spec.entry.clone(),
                 payload: CPU_PAYLOAD.into(),
                 plan,
             }],
@@ -83,6 +110,7 @@ pub fn write_cpu_artifact(
                 sha256: sha256_hex(&bytes),
                 bytes: bytes.len() as u64,
             }],
+            optimizer: spec.optimizer,
             content_sha256: String::new(),
         };
         manifest.content_sha256 = manifest.content_hash();

@@ -42,9 +42,24 @@ pub struct Manifest {
     /// What the weights must supply, by Hugging Face name.
     pub parameters: Vec<ParamSpec>,
     pub payloads: Vec<Payload>,
-    /// SHA-256 of the target, entry points, parameters and payload list (`content_hash`):
-    /// a plan changed by one byte would run kernels over the wrong buffers, so it is refused.
+    /// For `mode: training`: the AdamW constants the `train_step` entry point was compiled
+    /// with (the runtime computes the bias corrections from them).
+    #[serde(default)]
+    pub optimizer: Option<AdamWSpec>,
+    /// SHA-256 of the target, entry points, parameters, payload list and optimizer
+    /// (`content_hash`): a plan changed by one byte would run kernels over the wrong buffers,
+    /// so it is refused.
     pub content_sha256: String,
+}
+
+/// AdamW's fixed hyper-parameters (see `egret_passes::optim` for the update).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdamWSpec {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: Option<f64>,
 }
 
 impl Manifest {
@@ -55,6 +70,7 @@ impl Manifest {
             &self.entry_points,
             &self.parameters,
             &self.payloads,
+            &self.optimizer,
         ))
         .unwrap_or_default();
         sha256_hex(text.as_bytes())

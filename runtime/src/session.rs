@@ -178,3 +178,224 @@ impl LanguageModel for Session {
         Ok(self.step(&[id], &[0])?.pop().unwrap_or_default())
     }
 }
+
+/// What one training step measured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepOut {
+    pub loss: f32,
+    /// The gradients' global norm, before clipping.
+    pub grad_norm: f32,
+}
+
+/// A model in training from an artifact's `train_step` entry point (mode `training`): it
+/// owns the parameters and AdamW's moments, and each `train_step` computes the loss, the
+/// gradients and the update in one run of the compiled step, then rebinds the new weights.
+pub struct TrainSession {
+    exec: CpuExecutor,
+    // Declared after `exec`: the code stays loaded while the executor can call it.
+    _lib: KernelLibrary,
+    opt: crate::artifact::AdamWSpec,
+    shapes: Vec<(String, Vec<usize>)>,
+    params: HashMap<String, Arc<Vec<f32>>>,
+    m: HashMap<String, Vec<f32>>,
+    v: HashMap<String, Vec<f32>>,
+    step: usize,
+}
+
+// SAFETY: as for `Session`.
+unsafe impl Send for TrainSession {}
+
+impl TrainSession {
+    /// Binds `weights` to the artifact's `train_step`, moments zero; `threads == 0`: all cores.
+    pub fn new(art: &Artifact, weights: Weights, threads: usize) -> Result<TrainSession> {
+        let source = weights.source().to_string();
+        let params: HashMap<String, (Vec<usize>, Arc<Vec<f32>>)> = weights
+            .into_iter()
+            .map(|(n, t)| (n, (t.shape, Arc::new(t.data))))
+            .collect();
+        TrainSession::with_params(art, &|n| params.get(n).cloned(), &source, threads)
+    }
+
+    /// As `new`, with parameters from any source (`from` names it in errors).
+    pub fn with_params(
+        art: &Artifact,
+        get: ParamSource,
+        from: &str,
+        threads: usize,
+    ) -> Result<TrainSession> {
+        art.check_cpu_target()?;
+        let bad = |reason: &str| RuntimeError::Artifact {
+            path: art.dir().to_path_buf(),
+            reason: reason.to_string(),
+        };
+        let opt = art
+            .manifest()
+            .optimizer
+            .ok_or_else(|| bad("it is not a training artifact (no optimizer)"))?;
+        let entry = art.entry("train_step")?;
+        let mut params = HashMap::new();
+        let mut shapes = vec![];
+        for p in &art.manifest().parameters {
+            let (shape, data) = get(&p.name).ok_or_else(|| RuntimeError::MissingTensor {
+                name: p.name.clone(),
+                source_desc: from.to_string(),
+            })?;
+            if shape != p.shape {
+                return Err(RuntimeError::ShapeMismatch {
+                    name: p.name.clone(),
+                    got: shape,
+                    expected: p.shape.clone(),
+                });
+            }
+            shapes.push((p.name.clone(), shape));
+            params.insert(p.name.clone(), data);
+        }
+        let lib = load_kernel_library(&art.dir().join(&entry.payload), &entry.plan)?;
+        let threads = if threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            threads
+        };
+        let mut exec = CpuExecutor::new(entry.plan.clone(), lib.fns.clone(), threads)?;
+        exec.bind_params(get)?;
+        let zeros = |s: &[(String, Vec<usize>)]| -> HashMap<String, Vec<f32>> {
+            s.iter()
+                .map(|(n, d)| (n.clone(), vec![0.0; d.iter().product()]))
+                .collect()
+        };
+        Ok(TrainSession {
+            exec,
+            _lib: lib,
+            opt,
+            m: zeros(&shapes),
+            v: zeros(&shapes),
+            shapes,
+            params,
+            step: 0,
+        })
+    }
+
+    /// Steps taken.
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    /// A parameter's current values.
+    pub fn param(&self, name: &str) -> Option<&[f32]> {
+        self.params.get(name).map(|p| p.as_slice())
+    }
+
+    /// AdamW's first and second moments of a parameter.
+    pub fn moments(&self, name: &str) -> Option<(&[f32], &[f32])> {
+        Some((self.m.get(name)?.as_slice(), self.v.get(name)?.as_slice()))
+    }
+
+    /// Continues from saved optimizer state: steps taken and each parameter's moments.
+    pub fn restore(
+        &mut self,
+        step: usize,
+        mut m: HashMap<String, Vec<f32>>,
+        mut v: HashMap<String, Vec<f32>>,
+    ) -> Result<()> {
+        for (name, shape) in &self.shapes {
+            let n: usize = shape.iter().product();
+            let (Some(a), Some(b)) = (m.remove(name), v.remove(name)) else {
+                return Err(RuntimeError::Invalid(format!(
+                    "optimizer state lacks the moments of `{name}`"
+                )));
+            };
+            if a.len() != n || b.len() != n {
+                return Err(RuntimeError::Invalid(format!(
+                    "optimizer state of `{name}` has the wrong size"
+                )));
+            }
+            self.m.insert(name.clone(), a);
+            self.v.insert(name.clone(), b);
+        }
+        self.step = step;
+        Ok(())
+    }
+
+    /// One AdamW step on `b` rows of `t` tokens with their targets (negative: none).
+    pub fn train_step(
+        &mut self,
+        tokens: &[u32],
+        targets: &[i64],
+        b: usize,
+        t: usize,
+        lr: f64,
+    ) -> Result<StepOut> {
+        if tokens.len() != b * t || targets.len() != b * t || t == 0 {
+            return Err(RuntimeError::Invalid(format!(
+                "a batch of {b}×{t} needs {} tokens and targets",
+                b * t
+            )));
+        }
+        let k = (self.step + 1) as i32;
+        let f32v = |shape: Vec<usize>, v: Vec<f32>| HostValue {
+            shape,
+            data: HostData::F32(v),
+        };
+        let i64v = |v: Vec<i64>| HostValue {
+            shape: vec![b, t],
+            data: HostData::I64(v),
+        };
+        let mut inputs = HashMap::from([
+            (
+                "tokens".to_string(),
+                i64v(tokens.iter().map(|&i| i as i64).collect()),
+            ),
+            (
+                "positions".to_string(),
+                i64v((0..b).flat_map(|_| 0..t as i64).collect()),
+            ),
+            ("targets".to_string(), i64v(targets.to_vec())),
+            ("lr".to_string(), f32v(vec![1], vec![lr as f32])),
+            (
+                "bc1".to_string(),
+                f32v(vec![1], vec![(1.0 - self.opt.beta1.powi(k)) as f32]),
+            ),
+            (
+                "bc2".to_string(),
+                f32v(vec![1], vec![(1.0 - self.opt.beta2.powi(k)) as f32]),
+            ),
+        ]);
+        for (name, shape) in &self.shapes {
+            inputs.insert(
+                format!("m.{name}"),
+                f32v(shape.clone(), self.m[name].clone()),
+            );
+            inputs.insert(
+                format!("v.{name}"),
+                f32v(shape.clone(), self.v[name].clone()),
+            );
+        }
+        let mut out = self.exec.run(&inputs)?;
+        let mut take = |name: &str| -> Result<Vec<f32>> {
+            match out.remove(name).map(|v| v.data) {
+                Some(HostData::F32(d)) => Ok(d),
+                _ => Err(RuntimeError::Invalid(format!(
+                    "the train step returned no f32 `{name}`"
+                ))),
+            }
+        };
+        let loss = take("loss")?[0];
+        let grad_norm = take("grad_norm")?[0];
+        let mut params = HashMap::new();
+        for (name, _) in &self.shapes {
+            params.insert(name.clone(), Arc::new(take(&format!("new.{name}"))?));
+            let m = take(&format!("new_m.{name}"))?;
+            let v = take(&format!("new_v.{name}"))?;
+            self.m.insert(name.clone(), m);
+            self.v.insert(name.clone(), v);
+        }
+        let shapes = &self.shapes;
+        self.exec.bind_params(&|n| {
+            let s = shapes.iter().find(|(k, _)| k == n)?;
+            Some((s.1.clone(), params.get(n)?.clone()))
+        })?;
+        self.params = params;
+        self.step += 1;
+        Ok(StepOut { loss, grad_norm })
+    }
+}
