@@ -40,10 +40,10 @@ impl Default for AdamW {
     }
 }
 
-/// `x` summed over every axis, as `f32[1]`.
+/// `x` summed over every axis, as `f32[1]` (innermost axis first: contiguous rows).
 fn sum_all(g: &mut Graph, x: ValueId) -> Result<ValueId, IrError> {
     let mut s = x;
-    for axis in 0..g.shape(x).len() {
+    for axis in (0..g.shape(x).len()).rev() {
         s = g.reduce(ReduceOp::Sum, s, axis)?;
     }
     g.reshape(s, vec![Dim::c(1)])
