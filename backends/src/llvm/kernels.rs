@@ -673,7 +673,7 @@ pub fn emit<'ctx>(
             panel,
         } => {
             gemm(&fb, *out, a, *bp, rows, *k, *n, *nr, *norm, *panel)?;
-            (GEMM_MR * *nr + GEMM_MC) as usize
+            (gemm_mr(*nr) * *nr + gemm_mc(*nr)) as usize
         }
     };
     Ok((arg_list, scratch))
@@ -1950,13 +1950,25 @@ fn gather(
     Ok(())
 }
 
-/// GEMM blocking. `MR` rows × `nr` columns of accumulators live in registers (8 × 2 vectors
-/// with AVX-512: 16 of 32 registers); `KC` keeps a weight panel slice (`KC·nr` floats, 32 KiB
-/// at nr = 32) in L1; `MC` rows of `a` (`MC·KC` floats, 64 KiB) stay in L2 while every panel
-/// of the thread passes over them.
-const GEMM_MR: i64 = 8;
+/// GEMM blocking. `gemm_mr(nr)` rows × `nr` columns (two vectors) of accumulators live in
+/// registers: 12 × 2 = 24 of AVX-512's 32 registers, 6 × 2 = 12 of AVX2's 16, leaving room
+/// for the two weight vectors and the broadcast row value. `KC` keeps a weight panel slice
+/// (`KC·nr` floats, 32 KiB at nr = 32) in L1; `gemm_mc(nr)` rows of `a` (`MC·KC` floats,
+/// 72 KiB at MR 12) stay in L2 while every panel of the thread passes over them.
 const GEMM_KC: i64 = 256;
-const GEMM_MC: i64 = 64;
+
+fn gemm_mr(nr: i64) -> i64 {
+    if nr >= 32 {
+        12
+    } else {
+        6
+    }
+}
+
+/// Rows of `a` per L2 block: six register blocks.
+fn gemm_mc(nr: i64) -> i64 {
+    6 * gemm_mr(nr)
+}
 /// Panel rows (k steps) ahead that the micro-kernel prefetches.
 const PREFETCH_ROWS: i64 = 16;
 
@@ -2350,7 +2362,7 @@ fn gemm<'ctx>(
     panel: PanelType,
 ) -> R<()> {
     let attrs: Vec<_> = fb.func.attributes(AttributeLoc::Function);
-    let uk = ukernel(fb, GEMM_MR, nr, panel, &attrs)?;
+    let uk = ukernel(fb, gemm_mr(nr), nr, panel, &attrs)?;
     let uk1 = ukernel(fb, 1, nr, panel, &attrs)?;
     let pty: BasicTypeEnum = if panel == PanelType::F32 {
         fb.f32t.into()
@@ -2368,20 +2380,20 @@ fn gemm<'ctx>(
     let (ps, pe) = fb.split(fb.i64c(panels))?;
     let tile = fb.scratch;
     let inv = unsafe {
-        fb.b.build_in_bounds_gep(fb.f32t, fb.scratch, &[fb.i64c(GEMM_MR * nr)], "inv")
+        fb.b.build_in_bounds_gep(fb.f32t, fb.scratch, &[fb.i64c(gemm_mr(nr) * nr)], "inv")
     }
     .map_err(be)?;
     let null = fb.ctx.ptr_type(AddressSpace::default()).const_null();
     let nchunks =
         fb.b.build_int_signed_div(
-            fb.add(total, fb.i64c(GEMM_MC - 1))?,
-            fb.i64c(GEMM_MC),
+            fb.add(total, fb.i64c(gemm_mc(nr) - 1))?,
+            fb.i64c(gemm_mc(nr)),
             "nch",
         )
         .map_err(be)?;
     // With few rows (decode) there is no reuse to block for: stream each panel whole.
     let few =
-        fb.b.build_int_compare(IntPredicate::SLE, total, fb.i64c(GEMM_MR), "few")
+        fb.b.build_int_compare(IntPredicate::SLE, total, fb.i64c(gemm_mr(nr)), "few")
             .map_err(be)?;
     let kcs =
         fb.b.build_select(few, fb.i64c(k), fb.i64c(GEMM_KC.min(k)), "kcs")
@@ -2404,10 +2416,10 @@ fn gemm<'ctx>(
             .into_int_value())
     };
     fb.for_range(fb.i64c(0), nchunks, |fb, ch| {
-        let mc = fb.mul(ch, fb.i64c(GEMM_MC))?;
+        let mc = fb.mul(ch, fb.i64c(gemm_mc(nr)))?;
         let mrows = min(
             fb,
-            fb.i64c(GEMM_MC),
+            fb.i64c(gemm_mc(nr)),
             fb.b.build_int_sub(total, mc, "").map_err(be)?,
         )?;
         if let Some(eps) = norm {
@@ -2542,12 +2554,12 @@ fn gemm<'ctx>(
                     Ok(())
                 };
                 let blocks =
-                    fb.b.build_int_signed_div(mrows, fb.i64c(GEMM_MR), "nb")
+                    fb.b.build_int_signed_div(mrows, fb.i64c(gemm_mr(nr)), "nb")
                         .map_err(be)?;
                 fb.for_range(fb.i64c(0), blocks, |fb, rb| {
-                    call(fb, fb.mul(rb, fb.i64c(GEMM_MR))?, GEMM_MR, uk)
+                    call(fb, fb.mul(rb, fb.i64c(gemm_mr(nr)))?, gemm_mr(nr), uk)
                 })?;
-                fb.for_range(fb.mul(blocks, fb.i64c(GEMM_MR))?, mrows, |fb, r| {
+                fb.for_range(fb.mul(blocks, fb.i64c(gemm_mr(nr)))?, mrows, |fb, r| {
                     call(fb, r, 1, uk1)
                 })
             })
