@@ -591,16 +591,7 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("--batch and --seq must be at least 1");
             }
             let opts = egret_backends::llvm::CpuOptions::default();
-            let be = match backend {
-                Backend::Interp => egret::train::GradBackend::Interp,
-                Backend::Cpu => egret::train::GradBackend::Cpu {
-                    opts: &opts,
-                    threads: threads.unwrap_or_else(default_threads).max(1),
-                },
-                Backend::Gpu => {
-                    bail!("backend `gpu` (PTX) is not built yet; use --backend cpu or interp")
-                }
-            };
+            let be = grad_backend(backend, &opts, threads)?;
             let run = TrainRun {
                 model,
                 data,
@@ -641,16 +632,7 @@ fn run(cli: Cli) -> Result<()> {
             let ids = parse_ids(&tokens)?;
             let loaded = load_model(&ModelSource::resolve(&model)?)?;
             let opts = egret_backends::llvm::CpuOptions::default();
-            let be = match backend {
-                Backend::Interp => egret::train::GradBackend::Interp,
-                Backend::Cpu => egret::train::GradBackend::Cpu {
-                    opts: &opts,
-                    threads: threads.unwrap_or_else(default_threads).max(1),
-                },
-                Backend::Gpu => {
-                    bail!("backend `gpu` (PTX) is not built yet; use --backend cpu or interp")
-                }
-            };
+            let be = grad_backend(backend, &opts, threads)?;
             let r = egret::train::grads(
                 &loaded.config,
                 &loaded.params,
@@ -973,6 +955,22 @@ fn bench(what: BenchCmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Where `grad` and `train` run.
+fn grad_backend(
+    backend: Backend,
+    opts: &egret_backends::llvm::CpuOptions,
+    threads: Option<usize>,
+) -> Result<egret::train::GradBackend<'_>> {
+    Ok(match backend {
+        Backend::Interp => egret::train::GradBackend::Interp,
+        Backend::Cpu => egret::train::GradBackend::Cpu {
+            opts,
+            threads: threads.unwrap_or_else(default_threads).max(1),
+        },
+        Backend::Gpu => bail!("backend `gpu` (PTX) is not built yet; use --backend cpu or interp"),
+    })
 }
 
 struct TrainRun {

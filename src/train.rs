@@ -366,12 +366,8 @@ impl Trainer {
         t: usize,
         lr: f64,
     ) -> Result<StepOut> {
-        if tokens.len() != b * t || targets.len() != b * t || t == 0 {
-            return Err(EgretError::Usage(format!(
-                "a batch of {b}×{t} needs {} tokens and targets",
-                b * t
-            )));
-        }
+        // The batch's shape is checked where it is used (the runtime's `train_step`, the
+        // interpreter's input tensors).
         check_ids(tokens, self.cfg.vocab_size)?;
         let out = match &mut self.exec {
             Exec::Cpu(s) => s.train_step(tokens, targets, b, t, lr)?,
