@@ -163,8 +163,12 @@ pub fn cached(key: &str, compile: impl FnOnce(&Path) -> Result<PathBuf>) -> Resu
     if let Ok(a) = Artifact::load(&dir) {
         return Ok(a);
     }
-    std::fs::create_dir_all(cache_dir())
-        .map_err(|e| EgretError::Usage(format!("cannot create {}: {e}", cache_dir().display())))?;
+    std::fs::create_dir_all(cache_dir()).map_err(|e| {
+        EgretError::Usage(format!(
+            "cannot create the compile cache {}: {e} (set EGRET_CACHE, or pass --no-cache)",
+            cache_dir().display()
+        ))
+    })?;
     static SERIAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let mine = cache_dir().join(format!(
         ".{key}.new-{}-{}",
