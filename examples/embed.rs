@@ -9,7 +9,7 @@
 //! The prompt is text (encoded with the GGUF's or `tokenizer.json`'s tokenizer) or, with
 //! `--ids`, comma-separated token ids. Prints one JSON object: `ids` (generated) and `text`.
 
-use egret_runtime::generate::{generate, GenerateOptions};
+use egret_runtime::generate::GenerateOptions;
 use egret_runtime::tokenizer::Tokenizer;
 use egret_runtime::{Artifact, Session};
 
@@ -48,7 +48,7 @@ fn run() -> Result<String, Box<dyn std::error::Error>> {
             .into_iter()
             .collect(),
     };
-    let out = generate(&mut session, &ids, &opts, |_| {})?;
+    let out = session.generate(&ids, &opts, |_| {})?;
     let text = match &tokenizer {
         Some(t) => t.decode(&out.ids)?,
         None => String::new(),

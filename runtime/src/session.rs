@@ -4,12 +4,12 @@
 //!
 //! ```no_run
 //! use egret_runtime::{Artifact, Session};
-//! use egret_runtime::generate::{generate, GenerateOptions};
+//! use egret_runtime::generate::GenerateOptions;
 //! let art = Artifact::load("smollm2.egret")?;
 //! let weights = egret_runtime::weights::load("SmolLM2-135M-Instruct.Q4_1.gguf".as_ref())?;
 //! let mut s = Session::new(&art, weights, 0)?;
 //! let opts = GenerateOptions { max_new_tokens: 20, sampler: Default::default(), stop_ids: vec![] };
-//! let out = generate(&mut s, &[504, 3575, 282, 4649, 314], &opts, |_| {})?;
+//! let out = s.generate(&[504, 3575, 282, 4649, 314], &opts, |_| {})?;
 //! # Ok::<(), egret_runtime::RuntimeError>(())
 //! ```
 
@@ -160,6 +160,26 @@ impl Session {
     pub fn logits(&mut self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
         self.reset();
         self.step(ids, &(0..ids.len()).collect::<Vec<_>>())
+    }
+
+    /// Empties the cache, runs the prompt and returns the logits after its last token.
+    pub fn prefill(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        LanguageModel::prefill(self, ids)
+    }
+
+    /// Appends one token to the cache and returns the logits after it.
+    pub fn decode(&mut self, id: u32) -> Result<Vec<f32>> {
+        LanguageModel::decode(self, id)
+    }
+
+    /// Generates after `prompt` (see `generate::generate`), calling `on_token` with each id.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        opts: &crate::generate::GenerateOptions,
+        on_token: impl FnMut(u32),
+    ) -> Result<crate::generate::Generation> {
+        crate::generate::generate(self, prompt, opts, on_token)
     }
 }
 
