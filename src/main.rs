@@ -192,6 +192,9 @@ enum Cmd {
         /// Threads for the CPU backend (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// Compile the step afresh instead of reusing it from the compile cache.
+        #[arg(long)]
+        no_cache: bool,
     },
     /// Compile a model into an artifact directory (manifest.json + kernel payload).
     Compile {
@@ -586,12 +589,13 @@ fn run(cli: Cli) -> Result<()> {
             backend,
             passes,
             threads,
+            no_cache,
         } => {
             if batch == 0 || seq == 0 {
                 bail!("--batch and --seq must be at least 1");
             }
             let opts = egret_backends::llvm::CpuOptions::default();
-            let be = grad_backend(backend, &opts, threads)?;
+            let be = grad_backend(backend, &opts, threads, !no_cache)?;
             let run = TrainRun {
                 model,
                 data,
@@ -632,7 +636,7 @@ fn run(cli: Cli) -> Result<()> {
             let ids = parse_ids(&tokens)?;
             let loaded = load_model(&ModelSource::resolve(&model)?)?;
             let opts = egret_backends::llvm::CpuOptions::default();
-            let be = grad_backend(backend, &opts, threads)?;
+            let be = grad_backend(backend, &opts, threads, true)?;
             let r = egret::train::grads(
                 &loaded.config,
                 &loaded.params,
@@ -962,12 +966,14 @@ fn grad_backend(
     backend: Backend,
     opts: &egret_backends::llvm::CpuOptions,
     threads: Option<usize>,
+    cache: bool,
 ) -> Result<egret::train::GradBackend<'_>> {
     Ok(match backend {
         Backend::Interp => egret::train::GradBackend::Interp,
         Backend::Cpu => egret::train::GradBackend::Cpu {
             opts,
             threads: threads.unwrap_or_else(default_threads).max(1),
+            cache,
         },
         Backend::Gpu => bail!("backend `gpu` (PTX) is not built yet; use --backend cpu or interp"),
     })

@@ -70,6 +70,8 @@ pub enum GradBackend<'a> {
     Cpu {
         opts: &'a CpuOptions,
         threads: usize,
+        /// `Trainer` takes its compiled step from the compile cache (else compiles afresh).
+        cache: bool,
     },
 }
 
@@ -112,7 +114,7 @@ pub fn grads(
                 .map(|(k, v)| (k, (v.shape().to_vec(), v.to_f32_vec())))
                 .collect()
         }
-        GradBackend::Cpu { opts, threads } => {
+        GradBackend::Cpu { opts, threads, .. } => {
             let (mut ex, _code) = crate::cpu::executor(&g, params, opts, threads)?;
             let host = |v: Vec<i64>| HostValue {
                 shape: vec![1, t],
@@ -234,6 +236,43 @@ fn adamw_spec(o: &AdamW) -> egret_runtime::artifact::AdamWSpec {
     }
 }
 
+/// Compiles a model's `train_step` (loss, gradients, AdamW) into a training artifact at `dir`.
+pub fn compile_train_artifact(
+    cfg: &LlamaConfig,
+    passes: &str,
+    opts: &CpuOptions,
+    opt: &AdamW,
+    budget: Option<MemoryBudget>,
+    dir: &Path,
+) -> Result<std::path::PathBuf> {
+    let t0 = std::time::Instant::now();
+    let g = step_graph(cfg, passes, opt, budget)?;
+    let sopts = egret_backends::schedule::ScheduleOptions {
+        panel: egret_backends::llvm::panel_width(&opts.cpu),
+        weights: opts.weights,
+        states: false,
+        deep_first: true,
+    };
+    let prog = egret_backends::schedule::schedule_with(&g, sopts)
+        .map_err(|e| EgretError::Usage(e.to_string()))?;
+    let spec = egret_backends::artifact::EntrySpec {
+        mode: "training".into(),
+        entry: "train_step".into(),
+        optimizer: Some(adamw_spec(opt)),
+    };
+    let model = serde_json::to_value(cfg).unwrap_or_default();
+    let out = egret_backends::artifact::write_cpu_artifact(&prog, opts, model, &spec, dir)
+        .map_err(|e| EgretError::Usage(e.to_string()))?;
+    if std::env::var_os("EGRET_PROFILE").is_some() {
+        eprintln!(
+            "compile\ttrain_step\t{:.1} ms\t{} kernel calls",
+            t0.elapsed().as_secs_f64() * 1e3,
+            prog.kernels.len()
+        );
+    }
+    Ok(out)
+}
+
 /// The `train_step` artifact of a model, from the compile cache (keyed also by the AdamW
 /// constants and the memory budget), compiled there first if needed.
 pub fn train_artifact(
@@ -245,32 +284,7 @@ pub fn train_artifact(
 ) -> Result<egret_runtime::Artifact> {
     let what = format!("train_step {opt:?} {budget:?}");
     crate::cpu::cached(&crate::cpu::cache_key(cfg, passes, opts, &what), |dir| {
-        let t0 = std::time::Instant::now();
-        let g = step_graph(cfg, passes, opt, budget)?;
-        let sopts = egret_backends::schedule::ScheduleOptions {
-            panel: egret_backends::llvm::panel_width(&opts.cpu),
-            weights: opts.weights,
-            states: false,
-            deep_first: true,
-        };
-        let prog = egret_backends::schedule::schedule_with(&g, sopts)
-            .map_err(|e| EgretError::Usage(e.to_string()))?;
-        let spec = egret_backends::artifact::EntrySpec {
-            mode: "training".into(),
-            entry: "train_step".into(),
-            optimizer: Some(adamw_spec(opt)),
-        };
-        let model = serde_json::to_value(cfg).unwrap_or_default();
-        let out = egret_backends::artifact::write_cpu_artifact(&prog, opts, model, &spec, dir)
-            .map_err(|e| EgretError::Usage(e.to_string()))?;
-        if std::env::var_os("EGRET_PROFILE").is_some() {
-            eprintln!(
-                "compile\ttrain_step\t{:.1} ms\t{} kernel calls",
-                t0.elapsed().as_secs_f64() * 1e3,
-                prog.kernels.len()
-            );
-        }
-        Ok(out)
+        compile_train_artifact(cfg, passes, opts, opt, budget, dir)
     })
 }
 
@@ -300,19 +314,38 @@ impl Trainer {
                     params,
                 }
             }
-            GradBackend::Cpu { opts, threads } => {
-                let art = train_artifact(&cfg, passes, opts, &opt, budget)?;
+            GradBackend::Cpu {
+                opts,
+                threads,
+                cache,
+            } => {
                 let get = |n: &str| {
                     params
                         .get(n)
                         .and_then(|t| Some((t.shape().to_vec(), t.f32_arc()?)))
                 };
-                Exec::Cpu(Box::new(egret_runtime::TrainSession::with_params(
-                    &art,
-                    &get,
-                    "the weights",
-                    threads,
-                )?))
+                let session = |art: &egret_runtime::Artifact| {
+                    egret_runtime::TrainSession::with_params(art, &get, "the weights", threads)
+                };
+                let s = if cache {
+                    session(&train_artifact(&cfg, passes, opts, &opt, budget)?)?
+                } else {
+                    // Compiled into a private directory, loaded, and removed (the library
+                    // stays mapped).
+                    static N: std::sync::atomic::AtomicUsize =
+                        std::sync::atomic::AtomicUsize::new(0);
+                    let dir = std::env::temp_dir().join(format!(
+                        "egret-train-{}-{}",
+                        std::process::id(),
+                        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    ));
+                    let r = compile_train_artifact(&cfg, passes, opts, &opt, budget, &dir)
+                        .and_then(|_| Ok(egret_runtime::Artifact::load(&dir)?))
+                        .and_then(|a| Ok(session(&a)?));
+                    let _ = std::fs::remove_dir_all(&dir);
+                    r?
+                };
+                Exec::Cpu(Box::new(s))
             }
         };
         Ok(Trainer {

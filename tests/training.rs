@@ -47,6 +47,7 @@ fn check_with(backend: &str, passes: &str, budget: Option<&dyn Fn(&str) -> u64>)
             _ => GradBackend::Cpu {
                 opts: &opts,
                 threads: 2,
+                cache: true,
             },
         };
         let got = grads(
@@ -140,6 +141,7 @@ fn adamw_step(backend: &str) {
             _ => GradBackend::Cpu {
                 opts: &opts,
                 threads: 2,
+                cache: true,
             },
         };
         let mut tr = egret::train::Trainer::new(
@@ -391,7 +393,8 @@ fn a_budget_below_the_smallest_peak_is_an_error_naming_it() {
     assert!(e.contains("smallest activation peak"), "{e}");
 }
 
-/// `egret train` compiles its step into the compile cache once: a second start reuses it.
+/// `egret train` compiles its step into the compile cache once: a second start reuses it,
+/// `--no-cache` bypasses it.
 #[test]
 fn train_reuses_the_compile_cache() {
     let t = TempDir::new("train-cache");
@@ -404,7 +407,7 @@ fn train_reuses_the_compile_cache() {
     )
     .unwrap();
     let gguf = common::smollm2_gguf();
-    let run = || {
+    let run = |extra: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_egret"))
             .args([
                 "train",
@@ -422,6 +425,7 @@ fn train_reuses_the_compile_cache() {
                 "--seq",
                 "8",
             ])
+            .args(extra)
             .env("EGRET_CACHE", &t.0)
             .env("EGRET_PROFILE", "1")
             .output()
@@ -433,6 +437,7 @@ fn train_reuses_the_compile_cache() {
         );
         String::from_utf8_lossy(&out.stderr).contains("compile\ttrain_step")
     };
-    assert!(run(), "a cold start compiles the train step");
-    assert!(!run(), "a warm start reuses it");
+    assert!(run(&[]), "a cold start compiles the train step");
+    assert!(!run(&[]), "a warm start reuses it");
+    assert!(run(&["--no-cache"]), "--no-cache compiles afresh");
 }
