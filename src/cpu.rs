@@ -169,12 +169,7 @@ pub fn cached(key: &str, compile: impl FnOnce(&Path) -> Result<PathBuf>) -> Resu
             cache_dir().display()
         ))
     })?;
-    static SERIAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let mine = cache_dir().join(format!(
-        ".{key}.new-{}-{}",
-        std::process::id(),
-        SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
+    let mine = cache_dir().join(private_name(&format!(".{key}.new")));
     compile(&mine)?;
     if dir.exists() {
         // A damaged entry (it did not load above) makes way; a fresh one from a racing
@@ -187,6 +182,28 @@ pub fn cached(key: &str, compile: impl FnOnce(&Path) -> Result<PathBuf>) -> Resu
         let _ = std::fs::remove_dir_all(&mine);
     }
     Ok(Artifact::load(&dir)?)
+}
+
+/// `prefix-<pid>-<serial>`: a name no other process or thread uses at the same time.
+fn private_name(prefix: &str) -> String {
+    static SERIAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+/// Compiles an artifact into a private temporary directory (`--no-cache`), hands it to
+/// `open`, and removes the directory: what `open` loads stays mapped.
+pub fn with_fresh_artifact<T>(
+    compile: impl FnOnce(&Path) -> Result<PathBuf>,
+    open: impl FnOnce(&Artifact) -> Result<T>,
+) -> Result<T> {
+    let dir = std::env::temp_dir().join(private_name("egret-fresh"));
+    let r = compile(&dir).and_then(|_| open(&Artifact::load(&dir)?));
+    let _ = std::fs::remove_dir_all(&dir);
+    r
 }
 
 /// The cached inference artifact for this compilation.
@@ -226,20 +243,18 @@ impl CpuModel {
             CodeSource::Cache => cached_artifact(&cfg, passes, opts)?,
             CodeSource::Artifact(dir) => Artifact::load(dir)?,
             CodeSource::Fresh => {
-                static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-                let dir = std::env::temp_dir().join(format!(
-                    "egret-fresh-{}-{}",
-                    std::process::id(),
-                    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                ));
-                compile_artifact(&cfg, passes, opts, &dir)?;
-                let a = Artifact::load(&dir);
-                // The library is mapped once loaded; the directory is not needed after.
-                let session = a.and_then(|a| {
-                    Session::with_params(&a, &|n| param(&params, n), "the weights", threads)
-                });
-                let _ = std::fs::remove_dir_all(&dir);
-                return Ok(CpuModel { session: session? });
+                let session = with_fresh_artifact(
+                    |d| compile_artifact(&cfg, passes, opts, d),
+                    |a| {
+                        Ok(Session::with_params(
+                            a,
+                            &|n| param(&params, n),
+                            "the weights",
+                            threads,
+                        )?)
+                    },
+                )?;
+                return Ok(CpuModel { session });
             }
         };
         let session = Session::with_params(&art, &|n| param(&params, n), "the weights", threads)?;

@@ -330,20 +330,10 @@ impl Trainer {
                 let s = if cache {
                     session(&train_artifact(&cfg, passes, opts, &opt, budget)?)?
                 } else {
-                    // Compiled into a private directory, loaded, and removed (the library
-                    // stays mapped).
-                    static N: std::sync::atomic::AtomicUsize =
-                        std::sync::atomic::AtomicUsize::new(0);
-                    let dir = std::env::temp_dir().join(format!(
-                        "egret-train-{}-{}",
-                        std::process::id(),
-                        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                    ));
-                    let r = compile_train_artifact(&cfg, passes, opts, &opt, budget, &dir)
-                        .and_then(|_| Ok(egret_runtime::Artifact::load(&dir)?))
-                        .and_then(|a| Ok(session(&a)?));
-                    let _ = std::fs::remove_dir_all(&dir);
-                    r?
+                    crate::cpu::with_fresh_artifact(
+                        |d| compile_train_artifact(&cfg, passes, opts, &opt, budget, d),
+                        |a| Ok(session(a)?),
+                    )?
                 };
                 Exec::Cpu(Box::new(s))
             }
@@ -503,44 +493,11 @@ pub fn batch_at(data: &[u32], step: usize, seed: u64, b: usize, t: usize) -> (Ve
     (toks, tg)
 }
 
-/// Writes a directory whole or not at all: `fill` writes into a temporary sibling, which
-/// then replaces `dir` (an old `dir` is removed only once the new one is in place).
+/// Writes a directory whole or not at all (`egret_runtime::fsutil::write_dir_atomic`).
 pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "out".into());
-    let pid = std::process::id();
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
-    if let Some(p) = parent {
-        std::fs::create_dir_all(p)
-            .map_err(|e| EgretError::Usage(format!("cannot create {}: {e}", p.display())))?;
-    }
-    let tmp = dir.with_file_name(format!(".{name}.tmp-{pid}"));
-    let old = dir.with_file_name(format!(".{name}.old-{pid}"));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let io = |p: &Path, e: std::io::Error| {
+    egret_runtime::fsutil::write_dir_atomic(dir, fill, |p, e| {
         EgretError::Usage(format!("cannot write {}: {e}", p.display()))
-    };
-    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-    if let Err(e) = fill(&tmp) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    let had = dir.exists();
-    if had {
-        std::fs::rename(dir, &old).map_err(|e| io(dir, e))?;
-    }
-    if let Err(e) = std::fs::rename(&tmp, dir) {
-        if had {
-            let _ = std::fs::rename(&old, dir);
-        }
-        return Err(io(dir, e));
-    }
-    if had {
-        let _ = std::fs::remove_dir_all(&old);
-    }
-    Ok(())
+    })
 }
 
 fn weights_of(

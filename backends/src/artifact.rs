@@ -50,94 +50,64 @@ pub fn write_cpu_artifact(
     spec: &EntrySpec,
     dir: &Path,
 ) -> Result<PathBuf, BackendError> {
-    static SERIAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    // Unique per process and call: two threads may compile the same artifact at once.
-    let pid = format!(
-        "{}-{}",
-        std::process::id(),
-        SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    );
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "artifact".into());
-    let tmp = dir.with_file_name(format!(".{name}.tmp-{pid}"));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-    let result = (|| {
-        let so = tmp.join(CPU_PAYLOAD);
-        let plan = compile_shared_library(step, opts, &so)?;
-        let bytes = std::fs::read(&so).map_err(|e| io(&so, e))?;
-        let parameters = plan
-            .buffers
-            .iter()
-            .filter_map(|b| match &b.role {
-                BufferRole::Param(n) => Some(ParamSpec {
-                    name: n.clone(),
-                    shape: b.dims.iter().map(|d| d.constant.max(0) as usize).collect(),
-                    dtype: "f32".into(),
-                }),
-                _ => None,
-            })
-            .collect();
-        let (cpu, features) = target_cpu(&opts.cpu);
-        let mut manifest = Manifest {
-            format: FORMAT.into(),
-            format_version: FORMAT_VERSION,
-            compiler: format!("egret {}", env!("CARGO_PKG_VERSION")),
-            target: Target {
-                kind: "cpu".into(),
-                arch: std::env::consts::ARCH.into(),
-                cpu,
-                features,
-            },
-            mode: spec.mode.clone(),
-            model,
-            weights_dtype: match opts.weights {
-                PanelType::F32 => "f32",
-                PanelType::BF16 => "bf16",
-                PanelType::F16 => "f16",
-            }
-            .into(),
-            entry_points: vec![EntryPoint {
-                name: spec.entry.clone(),
-                payload: CPU_PAYLOAD.into(),
-                plan,
-            }],
-            parameters,
-            payloads: vec![Payload {
-                file: CPU_PAYLOAD.into(),
-                sha256: sha256_hex(&bytes),
-                bytes: bytes.len() as u64,
-            }],
-            optimizer: spec.optimizer,
-            content_sha256: String::new(),
-        };
-        manifest.content_sha256 = manifest.content_hash();
-        let text = serde_json::to_string(&manifest)
-            .map_err(|e| BackendError::Io(format!("manifest: {e}")))?;
-        let m = tmp.join(MANIFEST);
-        std::fs::write(&m, text).map_err(|e| io(&m, e))
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    // Swap in: an old artifact moves aside first and is removed only once the new one is in.
-    let old = dir.with_file_name(format!(".{name}.old-{pid}"));
-    let had_old = dir.exists();
-    if had_old {
-        std::fs::rename(dir, &old).map_err(|e| io(dir, e))?;
-    }
-    if let Err(e) = std::fs::rename(&tmp, dir) {
-        if had_old {
-            let _ = std::fs::rename(&old, dir);
-        }
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(io(dir, e));
-    }
-    if had_old {
-        let _ = std::fs::remove_dir_all(&old);
-    }
+    egret_runtime::fsutil::write_dir_atomic(
+        dir,
+        |tmp| {
+            let so = tmp.join(CPU_PAYLOAD);
+            let plan = compile_shared_library(step, opts, &so)?;
+            let bytes = std::fs::read(&so).map_err(|e| io(&so, e))?;
+            let parameters = plan
+                .buffers
+                .iter()
+                .filter_map(|b| match &b.role {
+                    BufferRole::Param(n) => Some(ParamSpec {
+                        name: n.clone(),
+                        shape: b.dims.iter().map(|d| d.constant.max(0) as usize).collect(),
+                        dtype: "f32".into(),
+                    }),
+                    _ => None,
+                })
+                .collect();
+            let (cpu, features) = target_cpu(&opts.cpu);
+            let mut manifest = Manifest {
+                format: FORMAT.into(),
+                format_version: FORMAT_VERSION,
+                compiler: format!("egret {}", env!("CARGO_PKG_VERSION")),
+                target: Target {
+                    kind: "cpu".into(),
+                    arch: std::env::consts::ARCH.into(),
+                    cpu,
+                    features,
+                },
+                mode: spec.mode.clone(),
+                model,
+                weights_dtype: match opts.weights {
+                    PanelType::F32 => "f32",
+                    PanelType::BF16 => "bf16",
+                    PanelType::F16 => "f16",
+                }
+                .into(),
+                entry_points: vec![EntryPoint {
+                    name: spec.entry.clone(),
+                    payload: CPU_PAYLOAD.into(),
+                    plan,
+                }],
+                parameters,
+                payloads: vec![Payload {
+                    file: CPU_PAYLOAD.into(),
+                    sha256: sha256_hex(&bytes),
+                    bytes: bytes.len() as u64,
+                }],
+                optimizer: spec.optimizer,
+                content_sha256: String::new(),
+            };
+            manifest.content_sha256 = manifest.content_hash();
+            let text = serde_json::to_string(&manifest)
+                .map_err(|e| BackendError::Io(format!("manifest: {e}")))?;
+            let m = tmp.join(MANIFEST);
+            std::fs::write(&m, text).map_err(|e| io(&m, e))
+        },
+        io,
+    )?;
     Ok(dir.to_path_buf())
 }

@@ -241,7 +241,16 @@ pub fn evaluate(
     drop: &HashSet<ValueId>,
     b: &HashMap<String, i64>,
 ) -> Result<Placement, BackendError> {
-    let base = total_flops(g, b)?;
+    evaluate_from(g, total_flops(g, b)?, drop, b)
+}
+
+/// `evaluate` with `g`'s own FLOPs already counted (`base`).
+fn evaluate_from(
+    g: &Graph,
+    base: u64,
+    drop: &HashSet<ValueId>,
+    b: &HashMap<String, i64>,
+) -> Result<Placement, BackendError> {
     let r = recompute(g, drop)?;
     let peak = peak_activation_bytes(&r, b)?;
     let extra = total_flops(&r, b)?.saturating_sub(base);
@@ -259,7 +268,9 @@ pub fn evaluate(
 /// of them does not fit, layer inputs are kept only every `k`-th layer, for the smallest `k`
 /// that fits. Below every option's peak: an error naming the smallest peak found.
 pub fn place(g: &Graph, budget: u64, b: &HashMap<String, i64>) -> Result<Placement, BackendError> {
-    let none = evaluate(g, &HashSet::new(), b)?;
+    let base = total_flops(g, b)?;
+    let eval = |drop: &HashSet<ValueId>| evaluate_from(g, base, drop, b);
+    let none = eval(&HashSet::new())?;
     if none.peak_activation_bytes <= budget {
         return Ok(none);
     }
@@ -275,13 +286,13 @@ pub fn place(g: &Graph, budget: u64, b: &HashMap<String, i64>) -> Result<Placeme
         .collect::<Result<_, BackendError>>()?;
     cands.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
     let prefix = |k: usize| -> HashSet<ValueId> { cands[..k].iter().map(|c| c.1).collect() };
-    let all = evaluate(g, &prefix(cands.len()), b)?;
+    let all = eval(&prefix(cands.len()))?;
     let mut smallest = all.peak_activation_bytes.min(none.peak_activation_bytes);
     if all.peak_activation_bytes <= budget {
         let (mut lo, mut hi, mut best) = (0usize, cands.len(), all);
         while hi - lo > 1 {
             let mid = (lo + hi) / 2;
-            let p = evaluate(g, &prefix(mid), b)?;
+            let p = eval(&prefix(mid))?;
             if p.peak_activation_bytes <= budget {
                 hi = mid;
                 best = p;
@@ -292,7 +303,7 @@ pub fn place(g: &Graph, budget: u64, b: &HashMap<String, i64>) -> Result<Placeme
         return Ok(best);
     }
     for every in 2..=inputs.len().max(2) {
-        let p = evaluate(g, &layer_checkpoints(g, every)?, b)?;
+        let p = eval(&layer_checkpoints(g, every)?)?;
         smallest = smallest.min(p.peak_activation_bytes);
         if p.peak_activation_bytes <= budget {
             return Ok(p);

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::plan::{BufferRole, Plan};
+use crate::plan::Plan;
+
 use crate::{Result, RuntimeError};
 
 /// The manifest's file name inside an artifact directory.
@@ -179,55 +180,6 @@ pub fn checkable_features(list: &[String]) -> Vec<String> {
         .filter(|f| host_has(f).is_some())
         .cloned()
         .collect()
-}
-
-impl Plan {
-    /// Checks that every index in the plan is in range, so running it cannot index out of
-    /// bounds whatever the manifest says.
-    pub fn validate(&self) -> std::result::Result<(), String> {
-        let nb = self.buffers.len();
-        let ns = self.symbols.len();
-        let dims_ok = |ds: &[crate::plan::SymDim]| {
-            ds.iter()
-                .all(|d| d.terms.iter().all(|t| (t.0 as usize) < ns))
-        };
-        for (i, b) in self.buffers.iter().enumerate() {
-            if !dims_ok(&b.dims) {
-                return Err(format!("buffer {i} uses a symbol out of range"));
-            }
-            if let BufferRole::State(s) = b.role {
-                if s as usize >= self.states.len() {
-                    return Err(format!("buffer {i} names state {s}, which does not exist"));
-                }
-            }
-        }
-        for k in &self.kernels {
-            if let Some(a) = k.args.iter().find(|&&a| a as usize >= nb) {
-                return Err(format!("kernel `{}` names buffer {a} of {nb}", k.symbol));
-            }
-            if !dims_ok(&k.work) {
-                return Err(format!("kernel `{}` uses a symbol out of range", k.symbol));
-            }
-        }
-        if let Some((n, b)) = self.outputs.iter().find(|(_, b)| *b as usize >= nb) {
-            return Err(format!("output `{n}` names buffer {b} of {nb}"));
-        }
-        for (i, st) in self.states.iter().enumerate() {
-            let ok = (st.buffer as usize) < nb
-                && self.buffers[st.buffer as usize].role == BufferRole::State(i as u32)
-                && (st.capacity as usize) < ns
-                && st.axis < st.dims.len()
-                && st.dims.len() == st.out_dims.len()
-                && st.dims.len() == self.buffers[st.buffer as usize].dims.len()
-                && st.len_symbol().is_some()
-                && dims_ok(&st.dims)
-                && dims_ok(&st.out_dims);
-            if !ok {
-                return Err(format!("state `{}` is inconsistent", st.input));
-            }
-        }
-        Ok(())
-    }
 }
 
 /// A loaded, checked artifact directory.

@@ -8,6 +8,7 @@ pub mod artifact;
 pub mod capi;
 pub mod cpu;
 pub mod error;
+pub mod fsutil;
 pub mod generate;
 pub mod gguf;
 pub mod plan;

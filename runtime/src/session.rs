@@ -25,6 +25,57 @@ use crate::{Result, RuntimeError};
 /// Where a parameter's data comes from: by Hugging Face name, its shape and f32 values.
 pub type ParamSource<'a> = &'a dyn Fn(&str) -> Option<(Vec<usize>, Arc<Vec<f32>>)>;
 
+/// `weights` as a parameter source (moved, not copied) and its description.
+fn weight_params(weights: Weights) -> (String, HashMap<String, (Vec<usize>, Arc<Vec<f32>>)>) {
+    let source = weights.source().to_string();
+    let params = weights
+        .into_iter()
+        .map(|(n, t)| (n, (t.shape, Arc::new(t.data))))
+        .collect();
+    (source, params)
+}
+
+/// What every session does first: checks the target and that `get` supplies each manifest
+/// parameter with its shape, loads the entry point's kernels and binds the parameters.
+/// `threads == 0` means all cores.
+fn bind(
+    art: &Artifact,
+    entry: &str,
+    get: ParamSource,
+    from: &str,
+    threads: usize,
+) -> Result<(CpuExecutor, KernelLibrary)> {
+    art.check_cpu_target()?;
+    for p in &art.manifest().parameters {
+        match get(&p.name) {
+            None => {
+                return Err(RuntimeError::MissingTensor {
+                    name: p.name.clone(),
+                    source_desc: from.to_string(),
+                })
+            }
+            Some((shape, _)) if shape != p.shape => {
+                return Err(RuntimeError::ShapeMismatch {
+                    name: p.name.clone(),
+                    got: shape,
+                    expected: p.shape.clone(),
+                })
+            }
+            _ => {}
+        }
+    }
+    let entry = art.entry(entry)?;
+    let lib = load_kernel_library(&art.dir().join(&entry.payload), &entry.plan)?;
+    let threads = if threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        threads
+    };
+    let mut exec = CpuExecutor::new(entry.plan.clone(), lib.fns.clone(), threads)?;
+    exec.bind_params(get)?;
+    Ok((exec, lib))
+}
+
 pub struct Session {
     exec: CpuExecutor,
     // Declared after `exec`: the code stays loaded while the executor can call it.
@@ -39,11 +90,7 @@ unsafe impl Send for Session {}
 impl Session {
     /// Binds `weights` to the artifact's `step` entry point; `threads == 0` means all cores.
     pub fn new(art: &Artifact, weights: Weights, threads: usize) -> Result<Session> {
-        let source = weights.source().to_string();
-        let params: HashMap<String, (Vec<usize>, Arc<Vec<f32>>)> = weights
-            .into_iter()
-            .map(|(n, t)| (n, (t.shape, Arc::new(t.data))))
-            .collect();
+        let (source, params) = weight_params(weights);
         Session::with_params(art, &|n| params.get(n).cloned(), &source, threads)
     }
 
@@ -54,25 +101,6 @@ impl Session {
         from: &str,
         threads: usize,
     ) -> Result<Session> {
-        art.check_cpu_target()?;
-        for p in &art.manifest().parameters {
-            match get(&p.name) {
-                None => {
-                    return Err(RuntimeError::MissingTensor {
-                        name: p.name.clone(),
-                        source_desc: from.to_string(),
-                    })
-                }
-                Some((shape, _)) if shape != p.shape => {
-                    return Err(RuntimeError::ShapeMismatch {
-                        name: p.name.clone(),
-                        got: shape,
-                        expected: p.shape.clone(),
-                    })
-                }
-                _ => {}
-            }
-        }
         let entry = art.entry("step")?;
         let plan = &entry.plan;
         let bad = |reason: &str| RuntimeError::Artifact {
@@ -90,14 +118,7 @@ impl Session {
             .filter(|d| d.terms.is_empty() && d.constant > 0)
             .ok_or_else(|| bad("the logits have no fixed vocabulary dimension"))?
             .constant as usize;
-        let lib = load_kernel_library(&art.dir().join(&entry.payload), plan)?;
-        let threads = if threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            threads
-        };
-        let mut exec = CpuExecutor::new(plan.clone(), lib.fns.clone(), threads)?;
-        exec.bind_params(get)?;
+        let (exec, lib) = bind(art, "step", get, from, threads)?;
         Ok(Session {
             exec,
             _lib: lib,
@@ -228,11 +249,7 @@ unsafe impl Send for TrainSession {}
 impl TrainSession {
     /// Binds `weights` to the artifact's `train_step`, moments zero; `threads == 0`: all cores.
     pub fn new(art: &Artifact, weights: Weights, threads: usize) -> Result<TrainSession> {
-        let source = weights.source().to_string();
-        let params: HashMap<String, (Vec<usize>, Arc<Vec<f32>>)> = weights
-            .into_iter()
-            .map(|(n, t)| (n, (t.shape, Arc::new(t.data))))
-            .collect();
+        let (source, params) = weight_params(weights);
         TrainSession::with_params(art, &|n| params.get(n).cloned(), &source, threads)
     }
 
@@ -243,16 +260,15 @@ impl TrainSession {
         from: &str,
         threads: usize,
     ) -> Result<TrainSession> {
-        art.check_cpu_target()?;
-        let bad = |reason: &str| RuntimeError::Artifact {
-            path: art.dir().to_path_buf(),
-            reason: reason.to_string(),
-        };
         let opt = art
             .manifest()
             .optimizer
-            .ok_or_else(|| bad("it is not a training artifact (no optimizer)"))?;
-        let entry = art.entry("train_step")?;
+            .ok_or_else(|| RuntimeError::Artifact {
+                path: art.dir().to_path_buf(),
+                reason: "it is not a training artifact (no optimizer)".into(),
+            })?;
+        let (exec, lib) = bind(art, "train_step", get, from, threads)?;
+        // `bind` checked that every parameter is there with its shape.
         let mut params = HashMap::new();
         let mut shapes = vec![];
         for p in &art.manifest().parameters {
@@ -260,24 +276,9 @@ impl TrainSession {
                 name: p.name.clone(),
                 source_desc: from.to_string(),
             })?;
-            if shape != p.shape {
-                return Err(RuntimeError::ShapeMismatch {
-                    name: p.name.clone(),
-                    got: shape,
-                    expected: p.shape.clone(),
-                });
-            }
             shapes.push((p.name.clone(), shape));
             params.insert(p.name.clone(), data);
         }
-        let lib = load_kernel_library(&art.dir().join(&entry.payload), &entry.plan)?;
-        let threads = if threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            threads
-        };
-        let mut exec = CpuExecutor::new(entry.plan.clone(), lib.fns.clone(), threads)?;
-        exec.bind_params(get)?;
         let zeros = |s: &[(String, Vec<usize>)]| -> HashMap<String, Vec<f32>> {
             s.iter()
                 .map(|(n, d)| (n.clone(), vec![0.0; d.iter().product()]))

@@ -1,0 +1,56 @@
+//! Writing a directory whole or not at all (artifacts, checkpoints): it is filled under a
+//! private temporary name beside its destination, then renamed into place; an old directory
+//! there is moved aside first and removed only once the new one is in.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Fills a temporary sibling of `dir` with `fill`, then makes it `dir`. `io` turns a file
+/// system failure (path, error) into the caller's error type. On any failure `dir` is left
+/// as it was and the temporary directory is removed.
+pub fn write_dir_atomic<E>(
+    dir: &Path,
+    fill: impl FnOnce(&Path) -> Result<(), E>,
+    io: impl Fn(&Path, std::io::Error) -> E,
+) -> Result<(), E> {
+    static SERIAL: AtomicUsize = AtomicUsize::new(0);
+    // Unique per process and call: two threads may write the same directory at once.
+    let tag = format!(
+        "{}-{}",
+        std::process::id(),
+        SERIAL.fetch_add(1, Ordering::Relaxed)
+    );
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "out".into());
+    if let Some(p) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(p).map_err(|e| io(p, e))?;
+    }
+    let tmp = dir.with_file_name(format!(".{name}.tmp-{tag}"));
+    let old = dir.with_file_name(format!(".{name}.old-{tag}"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let had_old = dir.exists();
+    if had_old {
+        if let Err(e) = std::fs::rename(dir, &old) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(io(dir, e));
+        }
+    }
+    if let Err(e) = std::fs::rename(&tmp, dir) {
+        if had_old {
+            let _ = std::fs::rename(&old, dir);
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(io(dir, e));
+    }
+    if had_old {
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    Ok(())
+}
