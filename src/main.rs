@@ -211,6 +211,9 @@ enum Cmd {
         /// Storage of matmul weights (compute is f32).
         #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
         weights_dtype: DTypeArg,
+        /// GPU architecture for `--target ptx` (sm_80, sm_86, sm_89, sm_90).
+        #[arg(long, default_value = "sm_80")]
+        gpu_arch: String,
         #[arg(short, long)]
         out: PathBuf,
     },
@@ -342,6 +345,9 @@ struct RunOpts {
     /// Storage of matmul weights on the CPU backend (compute is f32).
     #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
     weights_dtype: DTypeArg,
+    /// GPU architecture the GPU backend generates PTX for (it runs on that GPU and later).
+    #[arg(long, default_value = "sm_80")]
+    gpu_arch: String,
     /// Run this artifact (from `egret compile`) instead of compiling; MODEL gives the weights.
     #[arg(long, conflicts_with = "no_cache")]
     artifact: Option<PathBuf>,
@@ -367,7 +373,8 @@ fn panel_type(d: DTypeArg) -> egret_backends::kernel::PanelType {
 /// A loaded model on the chosen backend.
 enum Runner {
     Interp(InterpModel),
-    Cpu(egret::cpu::CpuModel),
+    /// CPU or GPU code from an artifact.
+    Compiled(egret::cpu::CompiledModel),
 }
 
 impl Runner {
@@ -383,12 +390,12 @@ impl Runner {
         let tok = loaded.tokenizer;
         let r = match o.backend {
             Backend::Interp if o.artifact.is_some() => {
-                bail!("--artifact runs compiled code: use it with --backend cpu")
+                bail!("--artifact runs compiled code: use it with --backend cpu or gpu")
             }
             Backend::Interp => {
                 Runner::Interp(InterpModel::new(loaded.config, loaded.params, &o.passes)?)
             }
-            Backend::Cpu => Runner::Cpu(egret::cpu::CpuModel::with_source(
+            Backend::Cpu => Runner::Compiled(egret::cpu::CompiledModel::with_source(
                 loaded.config,
                 loaded.params,
                 &o.passes,
@@ -403,9 +410,19 @@ impl Runner {
                     (None, false) => egret::cpu::CodeSource::Cache,
                 },
             )?),
-            Backend::Gpu => {
-                bail!("backend `gpu` (PTX) is not built yet; use --backend cpu or interp")
-            }
+            Backend::Gpu => Runner::Compiled(egret::gpu::model(
+                loaded.config,
+                loaded.params,
+                &o.passes,
+                &egret_backends::ptx::PtxOptions {
+                    arch: o.gpu_arch.clone(),
+                },
+                &match (&o.artifact, o.no_cache) {
+                    (Some(d), _) => egret::cpu::CodeSource::Artifact(d.clone()),
+                    (None, true) => egret::cpu::CodeSource::Fresh,
+                    (None, false) => egret::cpu::CodeSource::Cache,
+                },
+            )?),
         };
         Ok((r, tok, stop))
     }
@@ -413,14 +430,14 @@ impl Runner {
     fn model(&mut self) -> &mut dyn egret_runtime::generate::LanguageModel {
         match self {
             Runner::Interp(m) => m,
-            Runner::Cpu(m) => m,
+            Runner::Compiled(m) => m,
         }
     }
 
     fn logits_all(&mut self, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
         Ok(match self {
             Runner::Interp(m) => m.logits_all(ids)?,
-            Runner::Cpu(m) => m.logits_all(ids)?,
+            Runner::Compiled(m) => m.logits_all(ids)?,
         })
     }
 }
@@ -666,15 +683,19 @@ fn run(cli: Cli) -> Result<()> {
             passes,
             cpu,
             weights_dtype,
+            gpu_arch,
             out,
         } => {
-            if target == Target::Ptx {
-                bail!("target `ptx` (the GPU backend) is not built yet; use --target cpu");
-            }
             if mode != Mode::Inference {
                 bail!("training artifacts are not built yet; use --mode inference");
             }
             let cfg = egret::load_config(&ModelSource::resolve(&model)?)?;
+            if target == Target::Ptx {
+                let opts = egret_backends::ptx::PtxOptions { arch: gpu_arch };
+                let dir = egret::gpu::compile_artifact(&cfg, &passes, &opts, &out)?;
+                println!("{}", dir.display());
+                return Ok(());
+            }
             let opts = egret_backends::llvm::CpuOptions {
                 cpu,
                 weights: panel_type(weights_dtype),
@@ -975,7 +996,9 @@ fn grad_backend(
             threads: threads.unwrap_or_else(default_threads).max(1),
             cache,
         },
-        Backend::Gpu => bail!("backend `gpu` (PTX) is not built yet; use --backend cpu or interp"),
+        Backend::Gpu => bail!(
+            "training on the GPU backend is not built yet (inference is: generate, logits); use --backend cpu"
+        ),
     })
 }
 

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 
 use common::Rng;
 use egret_backends::llvm::CpuOptions;
+use egret_backends::ptx::PtxOptions;
 use egret_ir::{DType, Graph, Interpreter, Op, Tensor};
 use egret_runtime::cpu::{HostData, HostValue};
 
@@ -236,7 +237,12 @@ fn run_cpu(
     params: &HashMap<String, Tensor>,
 ) -> Outputs {
     let (mut ex, _code) = egret::cpu::executor(g, params, &CpuOptions::default(), 2).unwrap();
-    let host: HashMap<String, HostValue> = inputs
+    let out = ex.run(&host_inputs(inputs)).unwrap();
+    outputs_f32(out)
+}
+
+fn host_inputs(inputs: &HashMap<String, Tensor>) -> HashMap<String, HostValue> {
+    inputs
         .iter()
         .map(|(k, t)| {
             let data = if t.dtype().is_float() {
@@ -252,8 +258,10 @@ fn run_cpu(
                 },
             )
         })
-        .collect();
-    let out = ex.run(&host).unwrap();
+        .collect()
+}
+
+fn outputs_f32(out: HashMap<String, HostValue>) -> Outputs {
     out.into_iter()
         .map(|(k, v)| {
             let f = match v.data {
@@ -303,6 +311,39 @@ fn check(
 #[test]
 fn cpu_backend_matches_the_interpreter() {
     check("cpu", run_cpu);
+}
+
+fn run_gpu(
+    g: &Graph,
+    inputs: &HashMap<String, Tensor>,
+    params: &HashMap<String, Tensor>,
+) -> Outputs {
+    let mut ex = egret::gpu::executor(g, params, &PtxOptions::default()).unwrap();
+    let out = ex.run(&host_inputs(inputs)).unwrap();
+    outputs_f32(out)
+}
+
+/// Runs on a GPU when this machine has one (a CUDA driver and a device); says it was
+/// skipped otherwise.
+#[test]
+fn gpu_backend_matches_the_interpreter() {
+    if common::gpu_or_skip("gpu_backend_matches_the_interpreter") {
+        check("gpu", run_gpu);
+    }
+}
+
+/// Every case's PTX (which does not depend on `N`) assembles for sm_80 and sm_90.
+#[test]
+fn ptx_of_every_case_assembles() {
+    for (name, body) in CASES {
+        let g = graph(name, body);
+        for arch in ["sm_80", "sm_90"] {
+            let (ptx, _) =
+                egret::gpu::compile_graphs(&[&g], &PtxOptions { arch: arch.into() }, false)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+            common::assemble_ptx(name, &ptx, arch);
+        }
+    }
 }
 
 #[test]

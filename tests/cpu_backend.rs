@@ -19,7 +19,7 @@ fn logits(weights: PanelType) -> Vec<Vec<f32>> {
         weights,
         ..Default::default()
     };
-    let mut cm = egret::cpu::CpuModel::new(m.config, m.params, "default", &opts, 2).unwrap();
+    let mut cm = egret::cpu::CompiledModel::new(m.config, m.params, "default", &opts, 2).unwrap();
     cm.logits_all(&[3, 17, 0, 42, 42, 9, 25, 1, 30]).unwrap()
 }
 
@@ -188,7 +188,7 @@ fn long_decode_over_the_growing_cache_matches_prefill() {
     let m = egret::load_model(&src).unwrap();
     let vocab = m.config.vocab_size as u32;
     let mut cm =
-        egret::cpu::CpuModel::new(m.config, m.params, "default", &CpuOptions::default(), 2)
+        egret::cpu::CompiledModel::new(m.config, m.params, "default", &CpuOptions::default(), 2)
             .unwrap();
     let ids: Vec<u32> = (0..300u32).map(|i| (i * 7 + 3) % vocab).collect();
     let full = cm.logits_all(&ids).unwrap();

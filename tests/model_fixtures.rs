@@ -78,7 +78,7 @@ fn tiny_models_match_transformers_on_the_cpu_backend() {
             let src =
                 ModelSource::resolve(fixture(&format!("tiny/{name}")).to_str().unwrap()).unwrap();
             let m = load_model(&src).unwrap();
-            let mut cm = egret::cpu::CpuModel::new(
+            let mut cm = egret::cpu::CompiledModel::new(
                 m.config,
                 m.params,
                 passes,
@@ -100,7 +100,7 @@ fn cpu_decode_with_kv_cache_matches_full_prefill() {
     let fx = read("gqa_untied");
     let src = ModelSource::resolve(fixture("tiny/gqa_untied").to_str().unwrap()).unwrap();
     let m = load_model(&src).unwrap();
-    let mut cm = egret::cpu::CpuModel::new(
+    let mut cm = egret::cpu::CompiledModel::new(
         m.config,
         m.params,
         "default",

@@ -1,5 +1,6 @@
 //! Writing compiled artifacts (the format is `egret_runtime::artifact`'s): the CPU payload is
-//! the program's kernels as a shared library, `kernels.so`, next to `manifest.json`. The
+//! the program's kernels as a shared library, `kernels.so`, the GPU payload a PTX module,
+//! `kernels.ptx`, next to `manifest.json`. The
 //! directory is assembled under a temporary name and renamed into place, so an existing
 //! artifact is replaced whole or not at all.
 
@@ -8,14 +9,17 @@ use std::path::{Path, PathBuf};
 use egret_runtime::artifact::{
     sha256_hex, EntryPoint, Manifest, ParamSpec, Payload, Target, FORMAT, FORMAT_VERSION, MANIFEST,
 };
-use egret_runtime::plan::BufferRole;
+use egret_runtime::plan::{BufferRole, Plan};
 
 use crate::kernel::{PanelType, Program};
 use crate::llvm::{compile_shared_library, target_cpu, CpuOptions};
+use crate::ptx::{compile_ptx, PtxOptions};
 use crate::BackendError;
 
 /// The CPU payload's file name.
 pub const CPU_PAYLOAD: &str = "kernels.so";
+/// The GPU payload's file name.
+pub const PTX_PAYLOAD: &str = "kernels.ptx";
 
 fn io(path: &Path, e: std::io::Error) -> BackendError {
     BackendError::Io(format!("{}: {e}", path.display()))
@@ -50,12 +54,62 @@ pub fn write_cpu_artifact(
     spec: &EntrySpec,
     dir: &Path,
 ) -> Result<PathBuf, BackendError> {
+    let (cpu, features) = target_cpu(&opts.cpu);
+    let target = Target {
+        kind: "cpu".into(),
+        arch: std::env::consts::ARCH.into(),
+        cpu,
+        features,
+    };
+    let dtype = match opts.weights {
+        PanelType::F32 => "f32",
+        PanelType::BF16 => "bf16",
+        PanelType::F16 => "f16",
+    };
+    write_artifact(dir, CPU_PAYLOAD, target, dtype, model, spec, |path| {
+        compile_shared_library(step, opts, path)
+    })
+}
+
+/// Compiles `step` (scheduled with `ptx::schedule_options`) to PTX for `opts.arch` into an
+/// artifact at `dir`: `kernels.ptx` beside the manifest, target kind `ptx`.
+pub fn write_ptx_artifact(
+    step: &Program,
+    opts: &PtxOptions,
+    model: serde_json::Value,
+    spec: &EntrySpec,
+    dir: &Path,
+) -> Result<PathBuf, BackendError> {
+    let target = Target {
+        kind: "ptx".into(),
+        arch: "nvptx64".into(),
+        cpu: opts.arch.clone(),
+        features: vec![],
+    };
+    write_artifact(dir, PTX_PAYLOAD, target, "f32", model, spec, |path| {
+        let (text, mut plans) = compile_ptx(&[step], opts)?;
+        std::fs::write(path, text).map_err(|e| io(path, e))?;
+        Ok(plans.remove(0))
+    })
+}
+
+/// Writes an artifact whose payload `payload` is made by `compile` (which returns the plan
+/// whose calls the payload implements), under a temporary name renamed into place.
+fn write_artifact(
+    dir: &Path,
+    payload: &str,
+    target: Target,
+    weights_dtype: &str,
+    model: serde_json::Value,
+    spec: &EntrySpec,
+    compile: impl FnOnce(&Path) -> Result<Plan, BackendError>,
+) -> Result<PathBuf, BackendError> {
     egret_runtime::fsutil::write_dir_atomic(
         dir,
         |tmp| {
-            let so = tmp.join(CPU_PAYLOAD);
-            let plan = compile_shared_library(step, opts, &so)?;
-            let bytes = std::fs::read(&so).map_err(|e| io(&so, e))?;
+            let file = tmp.join(payload);
+            let plan = compile(&file)?;
+            let bytes = std::fs::read(&file).map_err(|e| io(&file, e))?;
             let parameters = plan
                 .buffers
                 .iter()
@@ -68,33 +122,22 @@ pub fn write_cpu_artifact(
                     _ => None,
                 })
                 .collect();
-            let (cpu, features) = target_cpu(&opts.cpu);
             let mut manifest = Manifest {
                 format: FORMAT.into(),
                 format_version: FORMAT_VERSION,
                 compiler: format!("egret {}", env!("CARGO_PKG_VERSION")),
-                target: Target {
-                    kind: "cpu".into(),
-                    arch: std::env::consts::ARCH.into(),
-                    cpu,
-                    features,
-                },
+                target,
                 mode: spec.mode.clone(),
                 model,
-                weights_dtype: match opts.weights {
-                    PanelType::F32 => "f32",
-                    PanelType::BF16 => "bf16",
-                    PanelType::F16 => "f16",
-                }
-                .into(),
+                weights_dtype: weights_dtype.into(),
                 entry_points: vec![EntryPoint {
                     name: spec.entry.clone(),
-                    payload: CPU_PAYLOAD.into(),
+                    payload: payload.into(),
                     plan,
                 }],
                 parameters,
                 payloads: vec![Payload {
-                    file: CPU_PAYLOAD.into(),
+                    file: payload.into(),
                     sha256: sha256_hex(&bytes),
                     bytes: bytes.len() as u64,
                 }],

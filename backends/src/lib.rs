@@ -1,10 +1,11 @@
 //! egret's code generators: scheduling a graph into the kernel IR (`schedule`, `kernel`),
-//! and lowering it for CPUs through LLVM (`llvm`). The PTX backend will lower the same kernel
-//! IR for NVIDIA GPUs. `artifact` writes compiled artifacts.
+//! and lowering it for CPUs through LLVM (`llvm`) and for NVIDIA GPUs through LLVM's NVPTX
+//! target (`ptx`). `artifact` writes compiled artifacts.
 
 pub mod artifact;
 pub mod kernel;
 pub mod llvm;
+pub mod ptx;
 pub mod remat;
 pub mod schedule;
 

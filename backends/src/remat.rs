@@ -207,6 +207,7 @@ pub fn peak_activation_bytes(g: &Graph, b: &HashMap<String, i64>) -> Result<u64,
                 scratch_floats: 0,
                 what: String::new(),
                 work: vec![],
+                threads: vec![],
             })
             .collect(),
         outputs: prog.outputs.clone(),

@@ -282,6 +282,32 @@ impl Artifact {
 
     /// Checks that this machine can run the CPU payload: the architecture, and every
     /// feature the code may use that the runtime can detect.
+    /// Checks that this machine can run a `ptx` artifact: a CUDA driver, a GPU, and one of
+    /// at least the compute capability the PTX was generated for (`sm_80`: 8.0).
+    pub fn check_gpu_target(&self) -> Result<()> {
+        let t = &self.manifest.target;
+        let bad = |reason: String| RuntimeError::Artifact {
+            path: self.dir.clone(),
+            reason,
+        };
+        if t.kind != "ptx" {
+            return Err(bad(format!("its target is `{}`, not `ptx`", t.kind)));
+        }
+        let want: i32 = t
+            .cpu
+            .strip_prefix("sm_")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| bad(format!("unknown GPU architecture `{}`", t.cpu)))?;
+        let (name, (major, minor)) = crate::gpu::device_info()?;
+        if major * 10 + minor < want {
+            return Err(bad(format!(
+                "compiled for {} but this GPU ({name}) is sm_{major}{minor}",
+                t.cpu
+            )));
+        }
+        Ok(())
+    }
+
     pub fn check_cpu_target(&self) -> Result<()> {
         let t = &self.manifest.target;
         let bad = |reason: String| RuntimeError::Artifact {

@@ -452,52 +452,11 @@ impl CpuExecutor {
     }
 
     fn plan_layout(&self, syms: &[i64]) -> Layout {
-        let nb = self.plan.buffers.len();
-        let (mut first, mut last) = (vec![usize::MAX; nb], vec![0usize; nb]);
-        for (k, call) in self.plan.kernels.iter().enumerate() {
-            if call.init {
-                continue;
-            }
-            for &a in &call.args {
-                let a = a as usize;
-                first[a] = first[a].min(k);
-                last[a] = last[a].max(k);
-            }
-        }
-        for (_, b) in &self.plan.outputs {
-            last[*b as usize] = usize::MAX;
-        }
-        let mut temps: Vec<usize> = (0..nb)
-            .filter(|&b| self.plan.buffers[b].role == BufferRole::Temp && first[b] != usize::MAX)
-            .collect();
-        let size = |b: usize| self.plan.buffers[b].bytes(syms).div_ceil(ALIGN) * ALIGN;
-        temps.sort_by_key(|&b| std::cmp::Reverse(size(b)));
-        let mut placed: Vec<(usize, usize, usize, usize)> = Vec::new(); // (offset, size, first, last)
-        let mut offsets = vec![0usize; nb];
-        let mut arena = 0;
-        for b in temps {
-            let (sz, f, l) = (size(b), first[b], last[b]);
-            let mut conflicts: Vec<(usize, usize)> = placed
-                .iter()
-                .filter(|p| p.2 <= l && f <= p.3)
-                .map(|p| (p.0, p.1))
-                .collect();
-            conflicts.sort();
-            let mut off = 0;
-            for (o, s) in conflicts {
-                if off + sz <= o {
-                    break;
-                }
-                off = off.max(o + s);
-            }
-            offsets[b] = off;
-            arena = arena.max(off + sz);
-            placed.push((off, sz, f, l));
-        }
+        let (offsets, arena_bytes) = self.plan.arena_layout(syms, ALIGN);
         Layout {
             syms: syms.to_vec(),
             offsets,
-            arena_bytes: arena,
+            arena_bytes,
         }
     }
 

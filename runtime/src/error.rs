@@ -37,6 +37,8 @@ pub enum RuntimeError {
     TokenOutOfRange { id: u64, vocab: usize },
     #[error("{}: not a usable egret artifact: {reason}", path.display())]
     Artifact { path: PathBuf, reason: String },
+    #[error("GPU: {0}")]
+    Gpu(String),
     #[error("{0}")]
     Invalid(String),
 }

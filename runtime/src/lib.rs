@@ -11,6 +11,7 @@ pub mod error;
 pub mod fsutil;
 pub mod generate;
 pub mod gguf;
+pub mod gpu;
 pub mod plan;
 pub mod pool;
 pub mod sampler;

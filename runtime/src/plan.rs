@@ -108,6 +108,10 @@ pub struct KernelCall {
     /// Work estimate (elements or multiply-adds) as a product of dims: small kernels run on
     /// the calling thread alone, since waking the pool costs more than they do.
     pub work: Vec<SymDim>,
+    /// GPU kernels: how many threads to launch, as a product of dims (the extent of the
+    /// kernel's parallel loop); empty for CPU kernels.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub threads: Vec<SymDim>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,6 +189,56 @@ impl Plan {
             peak = peak.max(cur);
         }
         peak as u64
+    }
+
+    /// The memory plan for these symbol values: each per-run temporary (`Temp`) gets an
+    /// offset in one arena, live from the first kernel that touches it to the last (outputs
+    /// to the end), largest first, each at the lowest offset (a multiple of `align`) that no
+    /// buffer live at the same time overlaps. Returns the offsets (by buffer) and the size.
+    pub fn arena_layout(&self, syms: &[i64], align: usize) -> (Vec<usize>, usize) {
+        let nb = self.buffers.len();
+        let (mut first, mut last) = (vec![usize::MAX; nb], vec![0usize; nb]);
+        for (k, call) in self.kernels.iter().enumerate() {
+            if call.init {
+                continue;
+            }
+            for &a in &call.args {
+                let a = a as usize;
+                first[a] = first[a].min(k);
+                last[a] = last[a].max(k);
+            }
+        }
+        for (_, b) in &self.outputs {
+            last[*b as usize] = usize::MAX;
+        }
+        let mut temps: Vec<usize> = (0..nb)
+            .filter(|&b| self.buffers[b].role == BufferRole::Temp && first[b] != usize::MAX)
+            .collect();
+        let size = |b: usize| self.buffers[b].bytes(syms).div_ceil(align) * align;
+        temps.sort_by_key(|&b| std::cmp::Reverse(size(b)));
+        let mut placed: Vec<(usize, usize, usize, usize)> = Vec::new(); // (offset, size, first, last)
+        let mut offsets = vec![0usize; nb];
+        let mut arena = 0;
+        for b in temps {
+            let (sz, f, l) = (size(b), first[b], last[b]);
+            let mut conflicts: Vec<(usize, usize)> = placed
+                .iter()
+                .filter(|p| p.2 <= l && f <= p.3)
+                .map(|p| (p.0, p.1))
+                .collect();
+            conflicts.sort();
+            let mut off = 0;
+            for (o, s) in conflicts {
+                if off + sz <= o {
+                    break;
+                }
+                off = off.max(o + s);
+            }
+            offsets[b] = off;
+            arena = arena.max(off + sz);
+            placed.push((off, sz, f, l));
+        }
+        (offsets, arena)
     }
 
     /// Binds symbols from input shapes: every input dim that is a lone symbol fixes it; the

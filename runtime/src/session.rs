@@ -1,5 +1,6 @@
 //! A running model from a compiled artifact: `Session` binds weights to an artifact's `step`
-//! entry point and runs it on the CPU executor, the KV cache held in the executor's states.
+//! entry point and runs it on the CPU executor (target `cpu`) or the CUDA executor (target
+//! `ptx`), the KV cache held in the executor's states.
 //! It implements `LanguageModel`, so `generate` drives it like any other backend.
 //!
 //! ```no_run
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use crate::artifact::Artifact;
 use crate::cpu::{load_kernel_library, CpuExecutor, HostData, HostValue, KernelLibrary};
 use crate::generate::{check_ids, LanguageModel};
+use crate::gpu::GpuExecutor;
 use crate::weights::Weights;
 use crate::{Result, RuntimeError};
 
@@ -35,17 +37,49 @@ fn weight_params(weights: Weights) -> (String, HashMap<String, (Vec<usize>, Arc<
     (source, params)
 }
 
+/// The executor of a session: native kernels on the CPU's thread pool, or PTX on a GPU.
+enum Exec {
+    Cpu {
+        exec: CpuExecutor,
+        // Declared after `exec`: the code stays loaded while the executor can call it.
+        _lib: KernelLibrary,
+    },
+    Gpu(GpuExecutor),
+}
+
+impl Exec {
+    fn run(&mut self, inputs: &HashMap<String, HostValue>) -> Result<HashMap<String, HostValue>> {
+        match self {
+            Exec::Cpu { exec, .. } => exec.run(inputs),
+            Exec::Gpu(g) => g.run(inputs),
+        }
+    }
+
+    fn reset_states(&mut self) {
+        match self {
+            Exec::Cpu { exec, .. } => exec.reset_states(),
+            Exec::Gpu(g) => g.reset_states(),
+        }
+    }
+
+    fn bind_params(&mut self, get: ParamSource) -> Result<()> {
+        match self {
+            Exec::Cpu { exec, .. } => exec.bind_params(get),
+            Exec::Gpu(g) => g.bind_params(get),
+        }
+    }
+}
+
 /// What every session does first: checks the target and that `get` supplies each manifest
-/// parameter with its shape, loads the entry point's kernels and binds the parameters.
-/// `threads == 0` means all cores.
-fn bind(
-    art: &Artifact,
-    entry: &str,
-    get: ParamSource,
-    from: &str,
-    threads: usize,
-) -> Result<(CpuExecutor, KernelLibrary)> {
-    art.check_cpu_target()?;
+/// parameter with its shape, loads the entry point's kernels (a shared library for the CPU,
+/// a PTX module for the GPU) and binds the parameters. `threads == 0` means all cores.
+fn bind(art: &Artifact, entry: &str, get: ParamSource, from: &str, threads: usize) -> Result<Exec> {
+    let gpu = art.manifest().target.kind == "ptx";
+    if gpu {
+        art.check_gpu_target()?;
+    } else {
+        art.check_cpu_target()?;
+    }
     for p in &art.manifest().parameters {
         match get(&p.name) {
             None => {
@@ -65,21 +99,31 @@ fn bind(
         }
     }
     let entry = art.entry(entry)?;
-    let lib = load_kernel_library(&art.dir().join(&entry.payload), &entry.plan)?;
-    let threads = if threads == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+    let payload = art.dir().join(&entry.payload);
+    let mut exec = if gpu {
+        let ptx = std::fs::read_to_string(&payload).map_err(|e| RuntimeError::Io {
+            path: payload.clone(),
+            source: e,
+        })?;
+        Exec::Gpu(GpuExecutor::new(entry.plan.clone(), &ptx)?)
     } else {
-        threads
+        let lib = load_kernel_library(&payload, &entry.plan)?;
+        let threads = if threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            threads
+        };
+        Exec::Cpu {
+            exec: CpuExecutor::new(entry.plan.clone(), lib.fns.clone(), threads)?,
+            _lib: lib,
+        }
     };
-    let mut exec = CpuExecutor::new(entry.plan.clone(), lib.fns.clone(), threads)?;
     exec.bind_params(get)?;
-    Ok((exec, lib))
+    Ok(exec)
 }
 
 pub struct Session {
-    exec: CpuExecutor,
-    // Declared after `exec`: the code stays loaded while the executor can call it.
-    _lib: KernelLibrary,
+    exec: Exec,
     vocab: usize,
     pos: usize,
 }
@@ -118,10 +162,9 @@ impl Session {
             .filter(|d| d.terms.is_empty() && d.constant > 0)
             .ok_or_else(|| bad("the logits have no fixed vocabulary dimension"))?
             .constant as usize;
-        let (exec, lib) = bind(art, "step", get, from, threads)?;
+        let exec = bind(art, "step", get, from, threads)?;
         Ok(Session {
             exec,
-            _lib: lib,
             vocab,
             pos: 0,
         })
@@ -232,9 +275,7 @@ pub struct StepOut {
 /// owns the parameters and AdamW's moments, and each `train_step` computes the loss, the
 /// gradients and the update in one run of the compiled step, then rebinds the new weights.
 pub struct TrainSession {
-    exec: CpuExecutor,
-    // Declared after `exec`: the code stays loaded while the executor can call it.
-    _lib: KernelLibrary,
+    exec: Exec,
     opt: crate::artifact::AdamWSpec,
     shapes: Vec<(String, Vec<usize>)>,
     params: HashMap<String, Arc<Vec<f32>>>,
@@ -267,7 +308,7 @@ impl TrainSession {
                 path: art.dir().to_path_buf(),
                 reason: "it is not a training artifact (no optimizer)".into(),
             })?;
-        let (exec, lib) = bind(art, "train_step", get, from, threads)?;
+        let exec = bind(art, "train_step", get, from, threads)?;
         // `bind` checked that every parameter is there with its shape.
         let mut params = HashMap::new();
         let mut shapes = vec![];
@@ -286,7 +327,6 @@ impl TrainSession {
         };
         Ok(TrainSession {
             exec,
-            _lib: lib,
             opt,
             m: zeros(&shapes),
             v: zeros(&shapes),

@@ -182,3 +182,58 @@ pub fn compare_numerically(a: &Graph, b: &Graph, seed: u64) -> f32 {
     }
     worst
 }
+
+/// NVIDIA's PTX assembler: `$EGRET_PTXAS` (set by scripts/setup.sh), else the copy setup.sh
+/// unpacks into the cache, else `ptxas` on the PATH.
+#[allow(dead_code)]
+pub fn ptxas() -> PathBuf {
+    if let Some(p) = std::env::var_os("EGRET_PTXAS") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var_os("EGRET_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/egret")));
+    if let Some(c) = cache {
+        let p = c.join("ptxas/nvidia/cuda_nvcc/bin/ptxas");
+        if p.exists() {
+            return p;
+        }
+    }
+    PathBuf::from("ptxas")
+}
+
+/// Assembles PTX text for `arch` with `ptxas`; panics with ptxas's message if it fails.
+#[allow(dead_code)]
+pub fn assemble_ptx(what: &str, ptx: &str, arch: &str) {
+    static SERIAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = TempDir::new(&format!("ptxas-{n}"));
+    let src = dir.0.join("k.ptx");
+    std::fs::write(&src, ptx).unwrap();
+    let out = std::process::Command::new(ptxas())
+        .arg(format!("-arch={arch}"))
+        .arg(&src)
+        .arg("-o")
+        .arg(dir.0.join("k.cubin"))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run ptxas ({e}): run scripts/test.sh, which installs it, or set EGRET_PTXAS")
+        });
+    assert!(
+        out.status.success(),
+        "{what}: ptxas -arch={arch} rejected the PTX:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether a GPU can run here; if not, says the GPU test was skipped and why.
+#[allow(dead_code)]
+pub fn gpu_or_skip(test: &str) -> bool {
+    match egret_runtime::gpu::gpu_available() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("skipped {test}: {e}");
+            false
+        }
+    }
+}

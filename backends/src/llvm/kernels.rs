@@ -54,6 +54,8 @@ struct Fb<'a, 'ctx> {
     args: HashMap<u32, u32>,
     i64t: IntType<'ctx>,
     f32t: FloatType<'ctx>,
+    /// Generating for the GPU (NVPTX): no C library, different parallel splits.
+    gpu: bool,
 }
 
 impl<'a, 'ctx> Fb<'a, 'ctx> {
@@ -449,6 +451,183 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
             .into_float_value())
     }
 
+    fn fsel(
+        &self,
+        c: IntValue<'ctx>,
+        a: FloatValue<'ctx>,
+        b: FloatValue<'ctx>,
+    ) -> R<FloatValue<'ctx>> {
+        Ok(self
+            .b
+            .build_select(c, a, b, "sel")
+            .map_err(be)?
+            .into_float_value())
+    }
+
+    fn fcmp(
+        &self,
+        p: FloatPredicate,
+        a: FloatValue<'ctx>,
+        b: FloatValue<'ctx>,
+    ) -> R<IntValue<'ctx>> {
+        self.b.build_float_compare(p, a, b, "fc").map_err(be)
+    }
+
+    /// An NVVM intrinsic `f32 → f32` (`sin.approx.f`, ...).
+    fn nvvm(&self, name: &str, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+        let full = format!("llvm.nvvm.{name}");
+        let f = self.module.get_function(&full).unwrap_or_else(|| {
+            self.module
+                .add_function(&full, self.f32t.fn_type(&[self.f32t.into()], false), None)
+        });
+        let r = self.b.build_call(f, &[x.into()], name).map_err(be)?;
+        Ok(r.try_as_basic_value()
+            .basic()
+            .expect("returns f32")
+            .into_float_value())
+    }
+
+    /// Natural logarithm. CPU: `llvm.log`. GPU (no C library): `x = m·2^e`, `m ∈ [√½, √2)`,
+    /// `ln m = 2·atanh(s)`, `s = (m−1)/(m+1)`, by its series to `s⁹/9` (`|s| < 0.172`, so the
+    /// truncation is below 1e-9); subnormals are scaled by 2²³ first; `ln 0 = −∞`, `ln x<0`
+    /// and `ln NaN` are NaN, `ln ∞ = ∞`.
+    fn log(&self, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+        if !self.gpu {
+            return self.intrinsic("llvm.log", &[x]);
+        }
+        let f = |v: f64| self.f32c(v);
+        let i32t = self.ctx.i32_type();
+        let c = |v: u64| i32t.const_int(v, false);
+        let sub = self.fcmp(FloatPredicate::OLT, x, f(1.175_494_4e-38))?;
+        let xs = self.fsel(sub, self.fmul(x, f(8_388_608.0))?, x)?;
+        let bits = self
+            .b
+            .build_bit_cast(xs, i32t, "bits")
+            .map_err(be)?
+            .into_int_value();
+        let e = self
+            .b
+            .build_right_shift(bits, c(23), false, "e")
+            .map_err(be)?;
+        let e = self.b.build_and(e, c(0xff), "e").map_err(be)?;
+        let e = self.b.build_int_sub(e, c(127), "e").map_err(be)?;
+        let mb = self.b.build_and(bits, c(0x7f_ffff), "m").map_err(be)?;
+        let mb = self.b.build_or(mb, c(0x3f80_0000), "m").map_err(be)?;
+        let m = self
+            .b
+            .build_bit_cast(mb, self.f32t, "m")
+            .map_err(be)?
+            .into_float_value();
+        let big = self.fcmp(FloatPredicate::OGT, m, f(std::f64::consts::SQRT_2))?;
+        let m = self.fsel(big, self.fmul(m, f(0.5))?, m)?;
+        let ef = self
+            .b
+            .build_signed_int_to_float(e, self.f32t, "ef")
+            .map_err(be)?;
+        let ef = self.fsel(big, self.fadd(ef, f(1.0))?, ef)?;
+        let ef = self.fsel(
+            sub,
+            self.b.build_float_sub(ef, f(23.0), "ef").map_err(be)?,
+            ef,
+        )?;
+        let num = self.b.build_float_sub(m, f(1.0), "n").map_err(be)?;
+        let s = self
+            .b
+            .build_float_div(num, self.fadd(m, f(1.0))?, "s")
+            .map_err(be)?;
+        let s2 = self.fmul(s, s)?;
+        let mut p = f(1.0 / 9.0);
+        for k in [1.0 / 7.0, 1.0 / 5.0, 1.0 / 3.0, 1.0] {
+            p = self.fadd(self.fmul(p, s2)?, f(k))?;
+        }
+        let lnm = self.fmul(self.fmul(f(2.0), s)?, p)?;
+        let y = self.fadd(self.fmul(ef, f(std::f64::consts::LN_2))?, lnm)?;
+        let zero = self.fcmp(FloatPredicate::OEQ, x, f(0.0))?;
+        let y = self.fsel(zero, f(f64::NEG_INFINITY), y)?;
+        let inf = self.fcmp(FloatPredicate::OEQ, x, f(f64::INFINITY))?;
+        let y = self.fsel(inf, x, y)?;
+        let bad = self.fcmp(FloatPredicate::ULT, x, f(0.0))?;
+        self.fsel(bad, f(f64::NAN), y)
+    }
+
+    /// `sin x` or `cos x`. GPU: reduced to `[−π, π]` by `x − 2π·rint(x/2π)` with 2π in three
+    /// parts (Cody-Waite), then the hardware's `sin.approx`/`cos.approx` (absolute error
+    /// about 2⁻²¹ there).
+    fn sin_cos(&self, x: FloatValue<'ctx>, cos: bool) -> R<FloatValue<'ctx>> {
+        if !self.gpu {
+            return self.intrinsic(if cos { "llvm.cos" } else { "llvm.sin" }, &[x]);
+        }
+        let f = |v: f64| self.f32c(v);
+        let k = self.intrinsic(
+            "llvm.rint",
+            &[self.fmul(x, f(1.0 / (2.0 * std::f64::consts::PI)))?],
+        )?;
+        let mut r = x;
+        for part in [
+            6.28125,
+            1.935_482_025_146_484_4e-3,
+            -1.748_455_531_469_517_2e-7,
+        ] {
+            r = self
+                .b
+                .build_float_sub(r, self.fmul(k, f(part))?, "r")
+                .map_err(be)?;
+        }
+        self.nvvm(if cos { "cos.approx.f" } else { "sin.approx.f" }, r)
+    }
+
+    /// `tanh x`. GPU: `sign(x)·(1−t)/(1+t)`, `t = e^(−2|x|)`; below `|x| = 0.004`,
+    /// `x − x³/3` (where `1−t` would cancel).
+    fn tanh(&self, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+        if !self.gpu {
+            return self.libm("tanhf", x);
+        }
+        let f = |v: f64| self.f32c(v);
+        let ax = self.intrinsic("llvm.fabs", &[x])?;
+        let t = self.exp(self.fmul(ax, f(-2.0))?)?;
+        let y = self
+            .b
+            .build_float_div(
+                self.b.build_float_sub(f(1.0), t, "n").map_err(be)?,
+                self.fadd(f(1.0), t)?,
+                "y",
+            )
+            .map_err(be)?;
+        let neg = self.fcmp(FloatPredicate::OLT, x, f(0.0))?;
+        let y = self.fsel(neg, self.b.build_float_neg(y, "ny").map_err(be)?, y)?;
+        let x3 = self.fmul(self.fmul(x, x)?, x)?;
+        let small = self
+            .b
+            .build_float_sub(x, self.fmul(x3, f(1.0 / 3.0))?, "s")
+            .map_err(be)?;
+        let tiny = self.fcmp(FloatPredicate::OLT, ax, f(0.004))?;
+        self.fsel(tiny, small, y)
+    }
+
+    /// `x^y`. GPU: `e^(y·ln|x|)`, negative for `x < 0` and odd integer `y`, NaN for `x < 0`
+    /// and non-integer `y`, and `x^0 = 1`.
+    fn pow(&self, x: FloatValue<'ctx>, y: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+        if !self.gpu {
+            return self.intrinsic("llvm.pow", &[x, y]);
+        }
+        let f = |v: f64| self.f32c(v);
+        let ax = self.intrinsic("llvm.fabs", &[x])?;
+        let r = self.exp(self.fmul(y, self.log(ax)?)?)?;
+        let yi = self.intrinsic("llvm.rint", &[y])?;
+        let int = self.fcmp(FloatPredicate::OEQ, yi, y)?;
+        let half = self.intrinsic("llvm.rint", &[self.fmul(y, f(0.5))?])?;
+        let even = self.fcmp(FloatPredicate::OEQ, self.fmul(half, f(2.0))?, y)?;
+        let neg = self.fcmp(FloatPredicate::OLT, x, f(0.0))?;
+        let odd = self.b.build_not(even, "odd").map_err(be)?;
+        let flip = self.b.build_and(neg, odd, "flip").map_err(be)?;
+        let r = self.fsel(flip, self.b.build_float_neg(r, "nr").map_err(be)?, r)?;
+        let nonint = self.b.build_not(int, "ni").map_err(be)?;
+        let bad = self.b.build_and(neg, nonint, "bad").map_err(be)?;
+        let r = self.fsel(bad, f(f64::NAN), r)?;
+        let y0 = self.fcmp(FloatPredicate::OEQ, y, f(0.0))?;
+        self.fsel(y0, f(1.0), r)
+    }
+
     fn sigmoid(&self, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
         let n = self.b.build_float_neg(x, "n").map_err(be)?;
         let e = self.exp(n)?;
@@ -491,6 +670,16 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
     }
 }
 
+/// What the kernel functions are generated for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    /// A CPU (LLVM name and feature string): each function is an exported kernel.
+    Cpu { cpu: String, features: String },
+    /// NVPTX: each function is the private body of a GPU entry point; `tid`/`nthreads` are
+    /// the global thread index and count, and the C library is not there.
+    Gpu,
+}
+
 /// Emits kernel `k` as function `name`; returns its buffer arguments and scratch floats.
 pub fn emit<'ctx>(
     ctx: &'ctx Context,
@@ -498,8 +687,7 @@ pub fn emit<'ctx>(
     prog: &Program,
     k: &Kernel,
     name: &str,
-    cpu: &str,
-    features: &str,
+    flavor: &Flavor,
 ) -> R<(Vec<u32>, usize)> {
     let ptrt = ctx.ptr_type(AddressSpace::default());
     let i64t = ctx.i64_type();
@@ -513,17 +701,35 @@ pub fn emit<'ctx>(
         ],
         false,
     );
-    let func = module.add_function(name, fnty, None);
-    func.add_attribute(
-        AttributeLoc::Function,
-        ctx.create_string_attribute("target-cpu", cpu),
-    );
-    if !features.is_empty() {
-        func.add_attribute(
-            AttributeLoc::Function,
-            ctx.create_string_attribute("target-features", features),
-        );
-    }
+    let gpu = matches!(flavor, Flavor::Gpu);
+    let func = match flavor {
+        Flavor::Cpu { cpu, features } => {
+            let func = module.add_function(name, fnty, None);
+            func.add_attribute(
+                AttributeLoc::Function,
+                ctx.create_string_attribute("target-cpu", cpu),
+            );
+            if !features.is_empty() {
+                func.add_attribute(
+                    AttributeLoc::Function,
+                    ctx.create_string_attribute("target-features", features),
+                );
+            }
+            func
+        }
+        // The body of a GPU kernel: inlined into the entry point `crate::ptx` wraps it in.
+        Flavor::Gpu => {
+            let func = module.add_function(name, fnty, Some(Linkage::Private));
+            func.add_attribute(
+                AttributeLoc::Function,
+                ctx.create_enum_attribute(
+                    inkwell::attributes::Attribute::get_named_enum_kind_id("alwaysinline"),
+                    0,
+                ),
+            );
+            func
+        }
+    };
     let entry = ctx.append_basic_block(func, "entry");
     let b = ctx.create_builder();
     b.position_at_end(entry);
@@ -548,6 +754,7 @@ pub fn emit<'ctx>(
         args,
         i64t,
         f32t: ctx.f32_type(),
+        gpu,
     };
     let scratch = match k {
         Kernel::Elementwise { out, shape, expr } => {
@@ -1036,7 +1243,7 @@ fn eval<'ctx>(
                 let v = match u {
                     UnaryOp::Neg => fb.b.build_float_neg(x, "neg").map_err(be)?,
                     UnaryOp::Exp => fb.exp(x)?,
-                    UnaryOp::Log => fb.intrinsic("llvm.log", &[x])?,
+                    UnaryOp::Log => fb.log(x)?,
                     UnaryOp::Sqrt => fb.intrinsic("llvm.sqrt", &[x])?,
                     UnaryOp::Rsqrt => {
                         let s = fb.intrinsic("llvm.sqrt", &[x])?;
@@ -1048,9 +1255,9 @@ fn eval<'ctx>(
                         let s = fb.sigmoid(x)?;
                         fb.fmul(x, s)?
                     }
-                    UnaryOp::Tanh => fb.libm("tanhf", x)?,
-                    UnaryOp::Sin => fb.intrinsic("llvm.sin", &[x])?,
-                    UnaryOp::Cos => fb.intrinsic("llvm.cos", &[x])?,
+                    UnaryOp::Tanh => fb.tanh(x)?,
+                    UnaryOp::Sin => fb.sin_cos(x, false)?,
+                    UnaryOp::Cos => fb.sin_cos(x, true)?,
                     UnaryOp::Abs => fb.intrinsic("llvm.fabs", &[x])?,
                 };
                 v.into()
@@ -1097,7 +1304,7 @@ fn eval<'ctx>(
                     BinaryOp::Div => fb.b.build_float_div(x, y, "").map_err(be)?,
                     BinaryOp::Max => fb.intrinsic("llvm.maximum", &[x, y])?,
                     BinaryOp::Min => fb.intrinsic("llvm.minimum", &[x, y])?,
-                    BinaryOp::Pow => fb.intrinsic("llvm.pow", &[x, y])?,
+                    BinaryOp::Pow => fb.pow(x, y)?,
                 };
                 v.into()
             }
@@ -1262,6 +1469,18 @@ fn elementwise(fb: &Fb, out: &Access, shape: &[Dim], expr: &Expr) -> R<()> {
     let mut rows = fb.i64c(1);
     for d in &outer {
         rows = fb.mul(rows, *d)?;
+    }
+    if fb.gpu {
+        // One element per GPU thread: neighbouring threads touch neighbouring elements.
+        let (s, e) = fb.split(fb.mul(rows, inner)?)?;
+        fb.for_range(s, e, |fb, lin| {
+            let index = fb.decompose(lin, &dims)?;
+            let pairs: Vec<(usize, IntValue)> = index.iter().copied().enumerate().collect();
+            let el: Vec<IntValue> = avs.iter().map(|a| fb.at(a, &pairs)).collect::<R<_>>()?;
+            let v = eval(fb, expr, &avs, &el, &mut 0, &index)?;
+            fb.store(oav.ptr, oav.elem, fb.at(&oav, &pairs)?, v)
+        })?;
+        return fb.ret_ok();
     }
     let (s, e) = fb.split(rows)?;
     fb.for_range(s, e, |fb, row| {
@@ -1480,7 +1699,9 @@ fn matmul<'ctx>(
         fb.b.build_int_signed_div(mv, fb.i64c(ROW_BLOCK as i64), "blocks")
             .map_err(be)?;
     let tail_start = fb.mul(blocks, fb.i64c(ROW_BLOCK as i64))?;
-    fb.for_range(fb.i64c(0), nbatch, |fb, bi| {
+    // One batch entry; on the GPU only row block `rb`, column `col` of it.
+    type Unit<'c> = Option<(IntValue<'c>, IntValue<'c>)>;
+    let run_batch = |fb: &Fb<'_, 'ctx>, bi: IntValue<'ctx>, unit: Unit<'ctx>| -> R<()> {
         let bidx = fb.decompose(bi, &bdims)?;
         let bpairs: Vec<(usize, IntValue)> = bidx.iter().copied().enumerate().collect();
         let abase0 = fb.at(&aav, &bpairs)?;
@@ -1489,8 +1710,13 @@ fn matmul<'ctx>(
         } else {
             fb.at(&wav, &bpairs)?
         };
-        // A block of `rows` rows starting at `m0`.
-        let block = |fb: &Fb<'_, 'ctx>, m0: IntValue<'ctx>, rows: usize| -> R<()> {
+        // A block of `rows` rows starting at `m0`, columns `cs..ce`.
+        let block = |fb: &Fb<'_, 'ctx>,
+                     m0: IntValue<'ctx>,
+                     rows: usize,
+                     cs: IntValue<'ctx>,
+                     ce: IntValue<'ctx>|
+         -> R<()> {
             let abases: Vec<IntValue> = (0..rows)
                 .map(|r| {
                     fb.add(
@@ -1551,11 +1777,61 @@ fn matmul<'ctx>(
                 Ok(())
             })
         };
+        if let Some((rb, col)) = unit {
+            let m0 = fb.mul(rb, fb.i64c(ROW_BLOCK as i64))?;
+            let c1 = fb.add(col, fb.i64c(1))?;
+            let full =
+                fb.b.build_int_compare(
+                    IntPredicate::SLE,
+                    fb.add(m0, fb.i64c(ROW_BLOCK as i64))?,
+                    mv,
+                    "full",
+                )
+                .map_err(be)?;
+            return fb.if_else(
+                full,
+                |fb| block(fb, m0, ROW_BLOCK, col, c1),
+                |fb| fb.for_range(m0, mv, |fb, mi| block(fb, mi, 1, col, c1)),
+            );
+        }
         fb.for_range(fb.i64c(0), blocks, |fb, blk| {
-            block(fb, fb.mul(blk, fb.i64c(ROW_BLOCK as i64))?, ROW_BLOCK)
+            block(
+                fb,
+                fb.mul(blk, fb.i64c(ROW_BLOCK as i64))?,
+                ROW_BLOCK,
+                cs,
+                ce,
+            )
         })?;
-        fb.for_range(tail_start, mv, |fb, mi| block(fb, mi, 1))
-    })?;
+        fb.for_range(tail_start, mv, |fb, mi| block(fb, mi, 1, cs, ce))
+    };
+    if fb.gpu {
+        // One (row block, column) per GPU thread: neighbouring threads read neighbouring
+        // weight columns.
+        let nblk = fb.add(
+            blocks,
+            fb.b.build_int_signed_div(
+                fb.add(
+                    fb.b.build_int_signed_rem(mv, fb.i64c(ROW_BLOCK as i64), "t")
+                        .map_err(be)?,
+                    fb.i64c(ROW_BLOCK as i64 - 1),
+                )?,
+                fb.i64c(ROW_BLOCK as i64),
+                "tb",
+            )
+            .map_err(be)?,
+        )?;
+        let (us, ue) = fb.split(fb.mul(fb.mul(nbatch, nblk)?, nv)?)?;
+        fb.for_range(us, ue, |fb, u| {
+            let col = fb.b.build_int_signed_rem(u, nv, "col").map_err(be)?;
+            let t = fb.b.build_int_signed_div(u, nv, "t").map_err(be)?;
+            let rb = fb.b.build_int_signed_rem(t, nblk, "rb").map_err(be)?;
+            let bi = fb.b.build_int_signed_div(t, nblk, "bi").map_err(be)?;
+            run_batch(fb, bi, Some((rb, col)))
+        })?;
+    } else {
+        fb.for_range(fb.i64c(0), nbatch, |fb, bi| run_batch(fb, bi, None))?;
+    }
     fb.ret_ok()
 }
 
@@ -2566,4 +2842,133 @@ fn gemm<'ctx>(
         })
     })?;
     fb.ret_ok()
+}
+
+/// The GPU entry point `name` around kernel body `body` (the CPU kernel ABI):
+/// `void name(u8** bufs, const i64* syms, f32* scratch, i32* status)`, launched on a 1-D grid.
+/// Each thread runs the body with `tid` its global index and `nthreads` the grid's thread
+/// count, and its own `scratch_floats` floats of `scratch`; a non-zero return is stored in
+/// `*status` (the executor reads it after the run).
+pub fn gpu_entry<'ctx>(
+    ctx: &'ctx Context,
+    module: &Module<'ctx>,
+    body: FunctionValue<'ctx>,
+    name: &str,
+    scratch_floats: usize,
+) -> R<()> {
+    let ptrt = ctx.ptr_type(AddressSpace::default());
+    let i32t = ctx.i32_type();
+    let i64t = ctx.i64_type();
+    let fnty = ctx
+        .void_type()
+        .fn_type(&[ptrt.into(), ptrt.into(), ptrt.into(), ptrt.into()], false);
+    let func = module.add_function(name, fnty, None);
+    /// LLVM's calling convention number of `ptx_kernel` (a grid entry point).
+    const PTX_KERNEL_CC: u32 = 71;
+    func.set_call_conventions(PTX_KERNEL_CC);
+    let b = ctx.create_builder();
+    b.position_at_end(ctx.append_basic_block(func, "entry"));
+    let sreg = |reg: &str| -> R<IntValue<'ctx>> {
+        let n = format!("llvm.nvvm.read.ptx.sreg.{reg}");
+        let f = module
+            .get_function(&n)
+            .unwrap_or_else(|| module.add_function(&n, i32t.fn_type(&[], false), None));
+        let v = b
+            .build_call(f, &[], reg)
+            .map_err(be)?
+            .try_as_basic_value()
+            .basic()
+            .expect("returns i32")
+            .into_int_value();
+        b.build_int_z_extend(v, i64t, reg).map_err(be)
+    };
+    let (tidx, ctaid, ntid, nctaid) = (
+        sreg("tid.x")?,
+        sreg("ctaid.x")?,
+        sreg("ntid.x")?,
+        sreg("nctaid.x")?,
+    );
+    let tid = b
+        .build_int_add(b.build_int_mul(ctaid, ntid, "").map_err(be)?, tidx, "tid")
+        .map_err(be)?;
+    let nth = b.build_int_mul(nctaid, ntid, "nth").map_err(be)?;
+    let p = |i: u32| func.get_nth_param(i).expect("param").into_pointer_value();
+    let off = b
+        .build_int_mul(tid, i64t.const_int(scratch_floats as u64, false), "so")
+        .map_err(be)?;
+    let scratch =
+        unsafe { b.build_in_bounds_gep(ctx.f32_type(), p(2), &[off], "scratch") }.map_err(be)?;
+    let rc = b
+        .build_call(
+            body,
+            &[
+                p(0).into(),
+                p(1).into(),
+                tid.into(),
+                nth.into(),
+                scratch.into(),
+            ],
+            "rc",
+        )
+        .map_err(be)?
+        .try_as_basic_value()
+        .basic()
+        .expect("returns i32")
+        .into_int_value();
+    let bad_b = ctx.append_basic_block(func, "bad");
+    let done = ctx.append_basic_block(func, "done");
+    let bad = b
+        .build_int_compare(IntPredicate::NE, rc, i32t.const_zero(), "bad")
+        .map_err(be)?;
+    b.build_conditional_branch(bad, bad_b, done).map_err(be)?;
+    b.position_at_end(bad_b);
+    b.build_store(p(3), rc).map_err(be)?;
+    b.build_unconditional_branch(done).map_err(be)?;
+    b.position_at_end(done);
+    b.build_return(None).map_err(be)?;
+    Ok(())
+}
+
+/// How many GPU threads a kernel's parallel loop has work for (what its body splits), as a
+/// product of dims. Attention may split each query row's keys into up to `ATTN_SPLITS`.
+pub fn gpu_threads(k: &Kernel) -> Vec<Dim> {
+    let without = |shape: &[Dim], axis: usize| -> Vec<Dim> {
+        shape
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != axis)
+            .map(|(_, d)| d.clone())
+            .collect()
+    };
+    match k {
+        Kernel::Elementwise { shape, .. } => shape.clone(),
+        Kernel::Reduce { shape, axis, .. } | Kernel::Softmax { shape, axis, .. } => {
+            without(shape, *axis)
+        }
+        Kernel::RmsNorm { shape, .. } => shape[..shape.len() - 1].to_vec(),
+        Kernel::MatMul { batch, m, n, .. } | Kernel::RmsNormMatMul { batch, m, n, .. } => {
+            // (a symbolic `m` over-counts: the extra threads find no work)
+            let r = ROW_BLOCK as i64;
+            let blocks = m
+                .as_const()
+                .map_or_else(|| m.clone(), |v| Dim::c((v + r - 1) / r));
+            batch.iter().cloned().chain([blocks, n.clone()]).collect()
+        }
+        Kernel::Attention { dims: d, .. } => {
+            vec![d.b.clone(), Dim::c(d.h), d.t.clone(), Dim::c(ATTN_SPLITS)]
+        }
+        Kernel::AttentionCombine { dims: d, .. } => vec![d.b.clone(), Dim::c(d.h), d.t.clone()],
+        Kernel::Gather {
+            table_shape,
+            idx_shape,
+            axis,
+            ..
+        } => table_shape[..*axis]
+            .iter()
+            .chain(idx_shape)
+            .cloned()
+            .collect(),
+        Kernel::PackPanels { n, nr, .. } => vec![Dim::c((n + nr - 1) / nr)],
+        Kernel::Gemm { n, nr, .. } => vec![Dim::c((n + nr - 1) / nr)],
+    }
 }

@@ -7,7 +7,7 @@
 //! and dot products carry `reassoc`/`contract` fast-math flags so they vectorise and use FMA.
 
 mod kernels;
-pub use kernels::kernel_buffers;
+pub use kernels::{kernel_buffers, Flavor};
 
 use inkwell::context::Context;
 use inkwell::execution_engine::ExecutionEngine;
@@ -161,11 +161,22 @@ pub fn codegen_many<'ctx>(
     progs: &[&Program],
     cpu: &str,
 ) -> Result<(Module<'ctx>, Vec<Vec<KernelCall>>), BackendError> {
+    let (cpu, features) = cpu_and_features(cpu);
+    codegen_flavor(ctx, progs, &Flavor::Cpu { cpu, features })
+}
+
+/// `codegen_many` for either flavor: for the GPU each kernel is a private body and an entry
+/// point (`kernels::gpu_entry`), and each call records its thread count.
+pub(crate) fn codegen_flavor<'ctx>(
+    ctx: &'ctx Context,
+    progs: &[&Program],
+    flavor: &Flavor,
+) -> Result<(Module<'ctx>, Vec<Vec<KernelCall>>), BackendError> {
     let module = ctx.create_module(&format!(
         "egret_{}",
         progs.first().map(|p| p.name.as_str()).unwrap_or("empty")
     ));
-    let (name, features) = cpu_and_features(cpu);
+    let gpu = matches!(flavor, Flavor::Gpu);
     let mut seen: Vec<(crate::kernel::Kernel, String, usize)> = Vec::new();
     let mut all = Vec::new();
     for prog in progs {
@@ -181,17 +192,31 @@ pub fn codegen_many<'ctx>(
                 Some((_, sym, scratch)) => (sym.clone(), *scratch),
                 None => {
                     let sym = format!("egret_{}_k{}", progs[0].name, seen.len());
-                    let (_, scratch) =
-                        kernels::emit(ctx, &module, prog, k, &sym, &name, &features)?;
+                    let scratch = if gpu {
+                        let body_name = format!("{sym}_body");
+                        let (_, scratch) =
+                            kernels::emit(ctx, &module, prog, k, &body_name, flavor)?;
+                        let body = module.get_function(&body_name).expect("just emitted");
+                        kernels::gpu_entry(ctx, &module, body, &sym, scratch)?;
+                        scratch
+                    } else {
+                        kernels::emit(ctx, &module, prog, k, &sym, flavor)?.1
+                    };
                     seen.push((canon, sym.clone(), scratch));
                     (sym, scratch)
                 }
             };
-            let work = k
-                .work()
-                .iter()
-                .map(|d| crate::kernel::symdim(&prog.symbols, d))
-                .collect();
+            let to_sym = |ds: Vec<egret_ir::Dim>| {
+                ds.iter()
+                    .map(|d| crate::kernel::symdim(&prog.symbols, d))
+                    .collect()
+            };
+            let work = to_sym(k.work());
+            let threads = if gpu {
+                to_sym(kernels::gpu_threads(k))
+            } else {
+                vec![]
+            };
             calls.push(KernelCall {
                 symbol: sym,
                 args,
@@ -199,6 +224,7 @@ pub fn codegen_many<'ctx>(
                 scratch_floats: scratch,
                 what: k.describe(),
                 work,
+                threads,
             });
         }
         all.push(calls);

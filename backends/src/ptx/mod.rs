@@ -1,0 +1,118 @@
+//! GPU code generation: the kernel IR lowered through LLVM's NVPTX target to PTX text
+//! (`nvptx64-nvidia-cuda`, sm_80 and later), which the CUDA driver assembles at load.
+//!
+//! Every kernel is the CPU backend's loop nest (`llvm::kernels`, flavor `Gpu`) wrapped in a
+//! grid entry point (`kernels::gpu_entry`): thread `tid` of `nthreads` takes its share of the
+//! kernel's parallel loop, and each kernel's parallel loop is cut so neighbouring threads
+//! touch neighbouring elements (elementwise: one element each; matmul: one column of a block
+//! of rows each). The launch size is recorded per call (`KernelCall::threads`). The GPU
+//! schedule keeps plain matmuls (no packed CPU panels).
+
+use inkwell::context::Context;
+use inkwell::passes::PassBuilderOptions;
+use inkwell::targets::{
+    CodeModel, FileType, InitializationConfig, RelocMode, Target, TargetMachine, TargetTriple,
+};
+use inkwell::OptimizationLevel;
+
+use egret_runtime::plan::Plan;
+
+use crate::kernel::{PanelType, Program};
+use crate::llvm::{codegen_flavor, Flavor};
+use crate::schedule::ScheduleOptions;
+use crate::BackendError;
+
+/// The GPU architectures PTX is generated for (`--gpu`); the PTX of one runs on it and on
+/// every later one (the driver compiles it for the card at load).
+pub const GPU_ARCHS: &[&str] = &["sm_80", "sm_86", "sm_89", "sm_90"];
+
+/// The PTX ISA version the code declares: 8.0 (CUDA 12.0), enough for sm_90.
+const PTX_FEATURES: &str = "+ptx80";
+
+/// The triple of 64-bit CUDA.
+pub const PTX_TRIPLE: &str = "nvptx64-nvidia-cuda";
+
+/// Options of the GPU backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PtxOptions {
+    /// The GPU architecture, one of `GPU_ARCHS`.
+    pub arch: String,
+}
+
+impl Default for PtxOptions {
+    fn default() -> Self {
+        PtxOptions {
+            arch: "sm_80".into(),
+        }
+    }
+}
+
+/// How the GPU wants graphs scheduled: plain matmul kernels (no packed panels), f32.
+pub fn schedule_options() -> ScheduleOptions {
+    ScheduleOptions {
+        panel: 0,
+        weights: PanelType::F32,
+        ..ScheduleOptions::default()
+    }
+}
+
+fn llvm_err(e: impl std::fmt::Display) -> BackendError {
+    BackendError::Llvm(e.to_string())
+}
+
+fn target_machine(arch: &str) -> Result<TargetMachine, BackendError> {
+    if !GPU_ARCHS.contains(&arch) {
+        return Err(BackendError::Unsupported(format!(
+            "unknown GPU architecture `{arch}` (expected one of {})",
+            GPU_ARCHS.join(", ")
+        )));
+    }
+    Target::initialize_nvptx(&InitializationConfig::default());
+    let triple = TargetTriple::create(PTX_TRIPLE);
+    let target = Target::from_triple(&triple).map_err(llvm_err)?;
+    target
+        .create_target_machine(
+            &triple,
+            arch,
+            PTX_FEATURES,
+            OptimizationLevel::Aggressive,
+            RelocMode::Default,
+            CodeModel::Default,
+        )
+        .ok_or_else(|| BackendError::Llvm(format!("LLVM cannot target NVPTX {arch}")))
+}
+
+/// Programs of one model compiled together to one PTX module: the PTX text and each
+/// program's plan (its calls name the module's entry points).
+pub fn compile_ptx(
+    progs: &[&Program],
+    opts: &PtxOptions,
+) -> Result<(String, Vec<Plan>), BackendError> {
+    let tm = target_machine(&opts.arch)?;
+    let ctx = Context::create();
+    let (module, all) = codegen_flavor(&ctx, progs, &Flavor::Gpu)?;
+    module.set_triple(&tm.get_triple());
+    module.set_data_layout(&tm.get_target_data().get_data_layout());
+    module
+        .run_passes("default<O3>", &tm, PassBuilderOptions::create())
+        .map_err(llvm_err)?;
+    let buf = tm
+        .write_to_memory_buffer(&module, FileType::Assembly)
+        .map_err(llvm_err)?;
+    let ptx = String::from_utf8_lossy(buf.as_slice())
+        .trim_end_matches('\0')
+        .to_string();
+    let plans = progs
+        .iter()
+        .zip(all)
+        .map(|(prog, calls)| Plan {
+            name: prog.name.clone(),
+            symbols: prog.symbols.clone(),
+            buffers: prog.buffers.clone(),
+            kernels: calls,
+            outputs: prog.outputs.clone(),
+            states: prog.states.clone(),
+        })
+        .collect();
+    Ok((ptx, plans))
+}

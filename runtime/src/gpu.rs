@@ -1,0 +1,601 @@
+//! The CUDA executor: runs a `Plan` whose kernels are entry points of a PTX module (the GPU
+//! payload of an artifact), through the CUDA driver API (cudarc, loaded at run time, so a
+//! machine without CUDA builds and runs everything else). Parameters are uploaded once (and
+//! `Init` kernels run then); each run uploads the inputs, lays temporaries out in one device
+//! arena by the plan's memory plan, uploads one table of every kernel's operand pointers and
+//! the symbol values, launches every kernel in order on one stream, and copies the outputs
+//! back. States (the KV cache) live on the device between runs.
+//!
+//! Kernel ABI (what `egret_backends::ptx` generates): `void kernel(u8** bufs, const i64* syms,
+//! f32* scratch, i32* status)` on a 1-D grid of `GPU_BLOCK`-thread blocks; `bufs` holds the
+//! kernel's operands in `KernelCall::args` order; a thread that fails (an index out of
+//! range) stores its error code in `*status`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+    PushKernelArg,
+};
+
+use crate::cpu::{HostData, HostValue};
+use crate::error::{Result, RuntimeError};
+use crate::plan::{BufferRole, ElemType, Plan, SymDim};
+
+/// Threads per block of every launch.
+pub const GPU_BLOCK: u32 = 128;
+
+/// The most threads one launch starts; a kernel with more parallel work gives each thread
+/// several items (its loop splits the work over however many threads run).
+const GPU_MAX_THREADS: i64 = 1 << 20;
+
+/// Buffers in the arena start at multiples of this (the widest vector access).
+const ALIGN: usize = 256;
+
+/// Capacity a state starts with along its growing axis (as on the CPU).
+const STATE_MIN_CAPACITY: usize = 64;
+
+fn cuda(e: impl std::fmt::Debug) -> RuntimeError {
+    RuntimeError::Gpu(format!("CUDA: {e:?}"))
+}
+
+/// Whether this machine can run GPU code: the CUDA driver library is present and has a
+/// device. The error says which is missing.
+pub fn gpu_available() -> Result<()> {
+    // SAFETY: only probes for the library with dlopen.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(RuntimeError::Gpu(
+            "no CUDA driver found (libcuda.so is not installed): use --backend cpu".into(),
+        ));
+    }
+    match CudaContext::device_count() {
+        Ok(n) if n > 0 => Ok(()),
+        Ok(_) => Err(RuntimeError::Gpu(
+            "the CUDA driver sees no GPU: use --backend cpu".into(),
+        )),
+        Err(e) => Err(RuntimeError::Gpu(format!(
+            "the CUDA driver cannot start ({e:?}): use --backend cpu"
+        ))),
+    }
+}
+
+/// The name and compute capability of GPU 0, e.g. `("NVIDIA H100 80GB HBM3", (9, 0))`.
+pub fn device_info() -> Result<(String, (i32, i32))> {
+    gpu_available()?;
+    let ctx = CudaContext::new(0).map_err(cuda)?;
+    Ok((
+        ctx.name().map_err(cuda)?,
+        ctx.compute_capability().map_err(cuda)?,
+    ))
+}
+
+/// A state kept on the device: its value's shape (empty before the first run) and capacity
+/// along its axis.
+struct DevState {
+    data: Option<CudaSlice<u8>>,
+    shape: Vec<usize>,
+    cap: usize,
+}
+
+pub struct GpuExecutor {
+    plan: Plan,
+    stream: Arc<CudaStream>,
+    _module: Arc<CudaModule>,
+    funcs: Vec<CudaFunction>,
+    /// Parameters and `Init` values, by buffer.
+    persistent: Vec<Option<CudaSlice<u8>>>,
+    arena: Option<CudaSlice<u8>>,
+    layout: Option<(Vec<i64>, Vec<usize>, usize)>,
+    scratch: Option<CudaSlice<u8>>,
+    table: Option<CudaSlice<u64>>,
+    syms: CudaSlice<i64>,
+    status: CudaSlice<i32>,
+    states: Vec<DevState>,
+    /// Seconds spent in kernels by the last run (host-timed around a synchronised stream).
+    last_kernel_s: f64,
+}
+
+fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    let (p, _sync) = s.device_ptr(stream);
+    p
+}
+
+impl GpuExecutor {
+    /// Loads `ptx` (the module whose entry points `plan`'s calls name) on GPU 0.
+    pub fn new(plan: Plan, ptx: &str) -> Result<GpuExecutor> {
+        gpu_available()?;
+        let ctx = CudaContext::new(0).map_err(cuda)?;
+        // One stream, so the driver need not track which buffers each launch touches.
+        // SAFETY: every operation of this executor goes through `stream`.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+            .map_err(|e| RuntimeError::Gpu(format!("the driver rejected the PTX: {e:?}")))?;
+        let mut funcs = Vec::with_capacity(plan.kernels.len());
+        for k in &plan.kernels {
+            funcs.push(module.load_function(&k.symbol).map_err(|e| {
+                RuntimeError::Gpu(format!("the PTX lacks kernel `{}`: {e:?}", k.symbol))
+            })?);
+        }
+        let n = plan.buffers.len();
+        let states = plan
+            .states
+            .iter()
+            .map(|_| DevState {
+                data: None,
+                shape: vec![],
+                cap: 0,
+            })
+            .collect();
+        Ok(GpuExecutor {
+            syms: stream
+                .alloc_zeros::<i64>(plan.symbols.len().max(1))
+                .map_err(cuda)?,
+            status: stream.alloc_zeros::<i32>(1).map_err(cuda)?,
+            plan,
+            _module: module,
+            funcs,
+            persistent: (0..n).map(|_| None).collect(),
+            arena: None,
+            layout: None,
+            scratch: None,
+            table: None,
+            states,
+            stream,
+            last_kernel_s: 0.0,
+        })
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Seconds the last run spent launching and running kernels.
+    pub fn last_kernel_seconds(&self) -> f64 {
+        self.last_kernel_s
+    }
+
+    /// Bytes of the last run's device arena.
+    pub fn arena_bytes(&self) -> usize {
+        self.layout.as_ref().map(|l| l.2).unwrap_or(0)
+    }
+
+    /// Empties every state: the next run starts a new sequence.
+    pub fn reset_states(&mut self) {
+        for st in &mut self.states {
+            *st = DevState {
+                data: None,
+                shape: vec![],
+                cap: 0,
+            };
+        }
+    }
+
+    /// Uploads the parameters (shapes checked) and runs the `Init` kernels.
+    pub fn bind_params(
+        &mut self,
+        get: &dyn Fn(&str) -> Option<(Vec<usize>, Arc<Vec<f32>>)>,
+    ) -> Result<()> {
+        for (i, b) in self.plan.buffers.iter().enumerate() {
+            match &b.role {
+                BufferRole::Param(name) => {
+                    let (shape, data) = get(name).ok_or_else(|| RuntimeError::MissingTensor {
+                        name: name.clone(),
+                        source_desc: "weights".into(),
+                    })?;
+                    let want: Vec<usize> =
+                        b.dims.iter().map(|d| d.eval(&[]).max(0) as usize).collect();
+                    if shape != want {
+                        return Err(RuntimeError::ShapeMismatch {
+                            name: name.clone(),
+                            got: shape,
+                            expected: want,
+                        });
+                    }
+                    let bytes: &[u8] = bytemuck_f32(&data);
+                    self.persistent[i] = Some(self.upload(bytes)?);
+                }
+                BufferRole::Init => {
+                    if self.persistent[i]
+                        .as_ref()
+                        .is_none_or(|s| s.len() != b.bytes(&[]).max(1))
+                    {
+                        self.persistent[i] = Some(
+                            self.stream
+                                .alloc_zeros::<u8>(b.bytes(&[]).max(1))
+                                .map_err(cuda)?,
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+        let init: Vec<usize> = (0..self.plan.kernels.len())
+            .filter(|k| self.plan.kernels[*k].init)
+            .collect();
+        if !init.is_empty() {
+            let ptrs = vec![0u64; self.plan.buffers.len()];
+            self.launch_all(&init, &[], &ptrs)?;
+        }
+        Ok(())
+    }
+
+    fn upload(&self, bytes: &[u8]) -> Result<CudaSlice<u8>> {
+        if bytes.is_empty() {
+            return self.stream.alloc_zeros::<u8>(1).map_err(cuda);
+        }
+        self.stream.clone_htod(bytes).map_err(cuda)
+    }
+
+    /// Fixes each state's length symbol (from an input of the state's name, which replaces
+    /// its value, else from the value kept since the last run) and its capacity.
+    fn load_states(&mut self, inputs: &HashMap<String, HostValue>) -> Result<Vec<(u32, i64)>> {
+        let mut fixed = vec![];
+        for i in 0..self.plan.states.len() {
+            let spec = self.plan.states[i].clone();
+            let len_sym = spec.len_symbol().ok_or_else(|| {
+                RuntimeError::Invalid(format!("state `{}` has no length symbol", spec.input))
+            })?;
+            if let Some(v) = inputs.get(&spec.input) {
+                let elem = self.plan.buffers[spec.buffer as usize].elem;
+                let bytes = host_bytes(v, elem)
+                    .ok_or_else(|| wrong_input(&spec.input, "element type or length"))?;
+                if v.shape.len() != spec.dims.len() {
+                    return Err(wrong_input(&spec.input, "rank"));
+                }
+                let len = v.shape[spec.axis];
+                let cap = len.next_power_of_two().max(STATE_MIN_CAPACITY);
+                let data = relayout_host(bytes, &v.shape, spec.axis, len, cap, elem.size());
+                self.states[i] = DevState {
+                    data: Some(self.upload(&data)?),
+                    shape: v.shape.clone(),
+                    cap,
+                };
+            }
+            let st = &self.states[i];
+            fixed.push((
+                len_sym,
+                st.shape.get(spec.axis).copied().unwrap_or(0) as i64,
+            ));
+            fixed.push((spec.capacity, st.cap as i64));
+        }
+        Ok(fixed)
+    }
+
+    /// Checks each state against the bound symbols and makes room for this run's growth
+    /// (through the host: it happens at each doubling only).
+    fn grow_states(&mut self, syms: &mut [i64]) -> Result<()> {
+        for i in 0..self.plan.states.len() {
+            let spec = self.plan.states[i].clone();
+            let elem = self.plan.buffers[spec.buffer as usize].elem.size();
+            let ev = |ds: &[SymDim]| -> Vec<usize> {
+                ds.iter().map(|d| d.eval(syms).max(0) as usize).collect()
+            };
+            let (want, out) = (ev(&spec.dims), ev(&spec.out_dims));
+            let st = &self.states[i];
+            if !st.shape.is_empty() && st.shape != want {
+                return Err(RuntimeError::Invalid(format!(
+                    "state `{}` holds shape {:?} but this run needs {want:?}; reset the states to start a new sequence",
+                    spec.input, st.shape
+                )));
+            }
+            let need = out[spec.axis];
+            if st.cap < need || st.data.is_none() {
+                let cap = need.next_power_of_two().max(STATE_MIN_CAPACITY).max(st.cap);
+                let len = want[spec.axis];
+                let old = match &st.data {
+                    Some(d) => {
+                        let host = self.stream.clone_dtoh(d).map_err(cuda)?;
+                        let mut shape = out.clone();
+                        shape[spec.axis] = st.cap;
+                        // Rows of the old capacity, re-laid out for the new one.
+                        relayout_host(&host, &shape, spec.axis, len, cap, elem)
+                    }
+                    None => {
+                        let mut shape = out.clone();
+                        shape[spec.axis] = cap;
+                        vec![0u8; shape.iter().product::<usize>() * elem]
+                    }
+                };
+                let data = self.upload(&old)?;
+                let st = &mut self.states[i];
+                st.data = Some(data);
+                st.cap = cap;
+            }
+            syms[spec.capacity as usize] = self.states[i].cap as i64;
+        }
+        Ok(())
+    }
+
+    /// Launches `kernels` in order with buffer device addresses `ptrs` (persistent buffers
+    /// filled in here) and symbol values `syms`; waits for them and checks the status.
+    fn launch_all(&mut self, kernels: &[usize], syms: &[i64], ptrs: &[u64]) -> Result<()> {
+        let mut table: Vec<u64> = Vec::new();
+        let mut starts = Vec::with_capacity(kernels.len());
+        let mut scratch_need = 0usize;
+        let mut launch = Vec::with_capacity(kernels.len());
+        for &k in kernels {
+            let call = &self.plan.kernels[k];
+            starts.push(table.len());
+            for &a in &call.args {
+                table.push(match &self.persistent[a as usize] {
+                    Some(s) => dptr(s, &self.stream),
+                    None => ptrs[a as usize],
+                });
+            }
+            let want: i64 = call.threads.iter().map(|d| d.eval(syms).max(1)).product();
+            let threads = want.clamp(1, GPU_MAX_THREADS) as u32;
+            let grid = threads.div_ceil(GPU_BLOCK);
+            scratch_need = scratch_need.max(call.scratch_floats * 4 * (grid * GPU_BLOCK) as usize);
+            launch.push(grid);
+        }
+        if self.table.as_ref().is_none_or(|t| t.len() < table.len()) {
+            self.table = Some(
+                self.stream
+                    .alloc_zeros::<u64>(table.len().max(1))
+                    .map_err(cuda)?,
+            );
+        }
+        if self.scratch.as_ref().is_none_or(|s| s.len() < scratch_need) {
+            self.scratch = Some(
+                self.stream
+                    .alloc_zeros::<u8>(scratch_need.max(4))
+                    .map_err(cuda)?,
+            );
+        }
+        let tab = self.table.as_mut().expect("allocated");
+        if !table.is_empty() {
+            self.stream
+                .memcpy_htod(&table, &mut tab.slice_mut(0..table.len()))
+                .map_err(cuda)?;
+        }
+        let mut sv = syms.to_vec();
+        sv.resize(self.syms.len(), 0);
+        self.stream.memcpy_htod(&sv, &mut self.syms).map_err(cuda)?;
+        self.stream
+            .memcpy_htod(&[0i32], &mut self.status)
+            .map_err(cuda)?;
+        let (tab_p, syms_p, scratch_p, status_p) = (
+            dptr(self.table.as_ref().expect("allocated"), &self.stream),
+            dptr(&self.syms, &self.stream),
+            dptr(self.scratch.as_ref().expect("allocated"), &self.stream),
+            dptr(&self.status, &self.stream),
+        );
+        let t0 = std::time::Instant::now();
+        for (i, &k) in kernels.iter().enumerate() {
+            let bufs = tab_p + 8 * starts[i] as u64;
+            let cfg = LaunchConfig {
+                grid_dim: (launch[i], 1, 1),
+                block_dim: (GPU_BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = self.stream.launch_builder(&self.funcs[k]);
+            b.arg(&bufs).arg(&syms_p).arg(&scratch_p).arg(&status_p);
+            // SAFETY: the entry point takes exactly these four pointers; every pointer in
+            // the table addresses a live device buffer of the size the plan gives it.
+            unsafe { b.launch(cfg) }.map_err(|e| {
+                RuntimeError::Gpu(format!(
+                    "launching `{}` failed: {e:?}",
+                    self.plan.kernels[k].what
+                ))
+            })?;
+        }
+        let status = self
+            .stream
+            .clone_dtoh(&self.status)
+            .map_err(|e| RuntimeError::Gpu(format!("a kernel failed on the device: {e:?}")))?;
+        self.last_kernel_s = t0.elapsed().as_secs_f64();
+        if status[0] != 0 {
+            let msg = match status[0] {
+                1 => "an index is out of range (a token id beyond the vocabulary?)".to_string(),
+                c => format!("error code {c}"),
+            };
+            return Err(RuntimeError::Invalid(format!("a GPU kernel failed: {msg}")));
+        }
+        Ok(())
+    }
+
+    /// Runs the plan on named inputs; returns the named outputs.
+    pub fn run(
+        &mut self,
+        inputs: &HashMap<String, HostValue>,
+    ) -> Result<HashMap<String, HostValue>> {
+        let fixed = self.load_states(inputs)?;
+        let mut syms = self
+            .plan
+            .bind_symbols(|n| inputs.get(n).map(|v| v.shape.clone()), &fixed)
+            .map_err(RuntimeError::Invalid)?;
+        self.grow_states(&mut syms)?;
+        // Laid out for symbols rounded up to powers of two, as on the CPU: a decode loop
+        // re-plans only at each doubling.
+        let monotone = self
+            .plan
+            .buffers
+            .iter()
+            .all(|b| b.dims.iter().all(|d| d.terms.iter().all(|t| t.1 >= 0)));
+        let plan_syms: Vec<i64> = if monotone {
+            syms.iter()
+                .map(|&v| (v.max(1) as u64).next_power_of_two() as i64)
+                .collect()
+        } else {
+            syms.clone()
+        };
+        if self.layout.as_ref().is_none_or(|l| l.0 != plan_syms) {
+            let (offsets, bytes) = self.plan.arena_layout(&plan_syms, ALIGN);
+            if self.arena.as_ref().is_none_or(|a| a.len() < bytes) {
+                self.arena = Some(self.stream.alloc_zeros::<u8>(bytes.max(1)).map_err(cuda)?);
+            }
+            self.layout = Some((plan_syms, offsets, bytes));
+        }
+        let base = dptr(self.arena.as_ref().expect("allocated"), &self.stream);
+        let offsets = self.layout.as_ref().expect("planned").1.clone();
+        let mut ptrs = vec![0u64; self.plan.buffers.len()];
+        // Uploaded inputs live until the run ends.
+        let mut uploaded: Vec<CudaSlice<u8>> = vec![];
+        for (i, b) in self.plan.buffers.iter().enumerate() {
+            match &b.role {
+                BufferRole::Temp => ptrs[i] = base + offsets[i] as u64,
+                BufferRole::Input(name) => {
+                    let v = inputs
+                        .get(name)
+                        .ok_or_else(|| RuntimeError::Invalid(format!("missing input `{name}`")))?;
+                    let bytes =
+                        host_bytes(v, b.elem).ok_or_else(|| wrong_input(name, "element type"))?;
+                    let s = self.upload(bytes)?;
+                    ptrs[i] = dptr(&s, &self.stream);
+                    uploaded.push(s);
+                }
+                BufferRole::State(j) => {
+                    ptrs[i] = dptr(
+                        self.states[*j as usize].data.as_ref().expect("grown"),
+                        &self.stream,
+                    )
+                }
+                _ => {}
+            }
+        }
+        let run: Vec<usize> = (0..self.plan.kernels.len())
+            .filter(|k| !self.plan.kernels[*k].init)
+            .collect();
+        self.launch_all(&run, &syms, &ptrs)?;
+        drop(uploaded);
+        for (i, spec) in self.plan.states.iter().enumerate() {
+            self.states[i].shape = spec
+                .out_dims
+                .iter()
+                .map(|d| d.eval(&syms).max(0) as usize)
+                .collect();
+        }
+        let mut outs = HashMap::new();
+        for (name, b) in &self.plan.outputs {
+            let spec = &self.plan.buffers[*b as usize];
+            let shape: Vec<usize> = spec
+                .dims
+                .iter()
+                .map(|d| d.eval(&syms).max(0) as usize)
+                .collect();
+            let n: usize = shape.iter().product();
+            let bytes = n * spec.elem.size();
+            let mut host = vec![0u8; bytes];
+            if bytes > 0 {
+                match &self.persistent[*b as usize] {
+                    Some(s) => self
+                        .stream
+                        .memcpy_dtoh(&s.slice(0..bytes), &mut host)
+                        .map_err(cuda)?,
+                    None => {
+                        let arena = self.arena.as_ref().expect("allocated");
+                        let off = offsets[*b as usize];
+                        self.stream
+                            .memcpy_dtoh(&arena.slice(off..off + bytes), &mut host)
+                            .map_err(cuda)?
+                    }
+                }
+            }
+            let data = match spec.elem {
+                ElemType::F32 => HostData::F32(
+                    host.chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect(),
+                ),
+                ElemType::I64 => HostData::I64(
+                    host.chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                        .collect(),
+                ),
+                ElemType::Bool => HostData::I64(host.iter().map(|&b| b as i64).collect()),
+                ElemType::Half => {
+                    return Err(RuntimeError::Invalid(format!(
+                        "output `{name}` is a packed half-precision buffer"
+                    )))
+                }
+            };
+            outs.insert(name.clone(), HostValue { shape, data });
+        }
+        Ok(outs)
+    }
+
+    /// The current value of a state, by its input or output name (a copy).
+    pub fn state(&mut self, name: &str) -> Option<HostValue> {
+        let i = self
+            .plan
+            .states
+            .iter()
+            .position(|s| s.input == name || s.output == name)?;
+        let spec = &self.plan.states[i];
+        let elem = self.plan.buffers[spec.buffer as usize].elem;
+        let st = &self.states[i];
+        let data = st.data.as_ref()?;
+        if st.shape.is_empty() {
+            return None;
+        }
+        let host = self.stream.clone_dtoh(data).ok()?;
+        let mut full = st.shape.clone();
+        full[spec.axis] = st.cap;
+        let len = st.shape[spec.axis];
+        let bytes = relayout_host(&host, &full, spec.axis, len, len, elem.size());
+        Some(HostValue {
+            shape: st.shape.clone(),
+            data: match elem {
+                ElemType::I64 => HostData::I64(
+                    bytes
+                        .chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                        .collect(),
+                ),
+                _ => HostData::F32(
+                    bytes
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect(),
+                ),
+            },
+        })
+    }
+}
+
+fn wrong_input(name: &str, what: &str) -> RuntimeError {
+    RuntimeError::Invalid(format!("input `{name}` has the wrong {what}"))
+}
+
+fn bytemuck_f32(v: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and any byte pattern is a valid u8.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+/// The bytes of a host value if its type fits `elem` and its length its shape.
+fn host_bytes(v: &HostValue, elem: ElemType) -> Option<&[u8]> {
+    let n: usize = v.shape.iter().product();
+    match (&v.data, elem) {
+        (HostData::F32(d), ElemType::F32) if d.len() == n => Some(bytemuck_f32(d)),
+        (HostData::I64(d), ElemType::I64) if d.len() == n => {
+            // SAFETY: as above, for i64.
+            Some(unsafe { std::slice::from_raw_parts(d.as_ptr() as *const u8, d.len() * 8) })
+        }
+        _ => None,
+    }
+}
+
+/// `src` holds a value of `shape` (its extent along `axis` the old capacity); returns it laid
+/// out with capacity `cap` along `axis`, the first `len` entries of each row kept.
+fn relayout_host(
+    src: &[u8],
+    shape: &[usize],
+    axis: usize,
+    len: usize,
+    cap: usize,
+    elem: usize,
+) -> Vec<u8> {
+    let outer: usize = shape[..axis].iter().product();
+    let inner: usize = shape[axis + 1..].iter().product::<usize>() * elem;
+    let old = shape[axis];
+    let mut out = vec![0u8; outer * cap * inner];
+    let keep = len.min(old).min(cap) * inner;
+    for o in 0..outer {
+        let (s, d) = (o * old * inner, o * cap * inner);
+        out[d..d + keep].copy_from_slice(&src[s..s + keep]);
+    }
+    out
+}
