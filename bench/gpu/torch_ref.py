@@ -1,0 +1,100 @@
+"""PyTorch side of the GPU check (bench/gpu-check.sh), on the lent GPU machine.
+
+Makes SmolLM2-135M-shaped weights (Hugging Face LlamaForCausalLM with SmolLM2-135M's
+configuration, seeded random initialisation, f32) into WEIGHTS_DIR for egret to load, then
+times on the same GPU: torch.matmul 4096^3 (bf16, and f32 with and without TF32), SDPA
+causal attention (16 heads x 4096 tokens x head 128; bf16 flash and f32), HF greedy
+generation (64-token prompt, 64 new tokens, f32) and one AdamW training step (batch 1 x 256,
+f32). Prints one JSON object per line; the last line holds HF's greedy ids.
+"""
+import json
+import sys
+import time
+
+import torch
+import transformers
+
+out_dir = sys.argv[1]
+dev = "cuda"
+torch.manual_seed(0)
+
+cfg = transformers.LlamaConfig(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+    rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+    bos_token_id=1, eos_token_id=2, hidden_act="silu",
+)
+model = transformers.LlamaForCausalLM(cfg).float()
+model.save_pretrained(out_dir, safe_serialization=True)
+model = model.to(dev).eval()
+
+
+def emit(**kw):
+    print(json.dumps(kw), flush=True)
+
+
+def bench(fn, reps=20):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+n = 4096
+for dtype, tf32 in [(torch.bfloat16, False), (torch.float32, False), (torch.float32, True)]:
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    s = bench(lambda: a @ b)
+    emit(check="torch", what=f"matmul {str(dtype)[6:]}{' tf32' if tf32 else ''} 4096^3",
+         seconds=s, tflops=2 * n**3 / s / 1e12)
+torch.backends.cuda.matmul.allow_tf32 = False
+
+t = 4096
+flops = 16 * t * t / 2 * 128 * 4
+for dtype in [torch.bfloat16, torch.float32]:
+    q, k, v = (torch.randn(1, 16, t, 128, device=dev, dtype=dtype) for _ in range(3))
+    f = torch.nn.functional.scaled_dot_product_attention
+    s = bench(lambda: f(q, k, v, is_causal=True))
+    emit(check="torch", what=f"sdpa causal h16 t4096 d128 {str(dtype)[6:]}", seconds=s,
+         tflops=flops / s / 1e12)
+
+ids = torch.tensor([[(i * 7919 + 13) % cfg.vocab_size for i in range(64)]], device=dev)
+with torch.no_grad():
+    model.generate(ids, max_new_tokens=4, do_sample=False)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model(ids)
+    torch.cuda.synchronize()
+    prefill = 64 / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    gen = model.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False)
+    torch.cuda.synchronize()
+    total = time.perf_counter() - t0
+decode = 63 / max(total - 64 / prefill, 1e-9)
+emit(check="torch", what="hf smollm2 f32", prefill_tok_s=prefill, decode_tok_s=decode)
+
+model.train()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+x = torch.randint(0, cfg.vocab_size, (1, 257), device=dev)
+
+
+def step():
+    opt.zero_grad(set_to_none=True)
+    loss = model(x[:, :-1], labels=x[:, 1:].contiguous()).loss
+    loss.backward()
+    opt.step()
+
+
+s = bench(step, reps=10)
+emit(check="torch", what="train step smollm2 f32 1x256", seconds=s, tok_s=256 / s)
+emit(check="torch", what="hf greedy ids", ids=gen[0, 64:].tolist())

@@ -1,0 +1,159 @@
+//! Prepares the GPU check bundle on a machine without a GPU: everything the runtime-only
+//! `gpu_check` (runtime/examples/gpu_check.rs) needs on the lent GPU machine, which has no
+//! Rust toolchain and no LLVM.
+//!
+//! ```text
+//! cargo run --release --example gpu_bundle -- OUT
+//! ```
+//!
+//! Writes under OUT:
+//! - `conformance/<case>/`: the case's PTX artifact (entry `run`, sm_80) and, per size `N`,
+//!   `n<N>.safetensors` with the inputs (`in.*`), parameters (`param.*`) and the reference
+//!   interpreter's outputs (`want.*`), all as f32 (integer inputs are small and exact);
+//! - `smollm2-ptx/` and `smollm2-cpu/`: SmolLM2-135M's `step` compiled for the GPU (sm_80) and
+//!   for any x86-64-v3 CPU, to run on weights made on the GPU machine;
+//! - `bench-matmul/`, `bench-attention/`: a matmul and a causal attention for timing.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use egret_backends::artifact::{write_ptx_artifact, EntrySpec};
+use egret_backends::llvm::CpuOptions;
+use egret_backends::ptx::{schedule_options, PtxOptions};
+use egret_backends::schedule::schedule_with;
+use egret_ir::{DType, Graph, Interpreter, Op, Tensor};
+use egret_runtime::tensor::HostTensor;
+use egret_runtime::weights::{save_safetensors, SaveDType, Weights};
+
+include!("../tests/common/conformance_cases.rs");
+
+const SIZES: &[i64] = &[1, 3, 17, 63, 65, 1000];
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// SplitMix64: the inputs' random numbers.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn uniform(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+}
+
+fn ptx_artifact(g: &Graph, dir: &Path) -> Res<()> {
+    let prog = schedule_with(g, schedule_options())?;
+    let spec = EntrySpec {
+        mode: "inference".into(),
+        entry: "run".into(),
+        optimizer: None,
+    };
+    write_ptx_artifact(
+        &prog,
+        &PtxOptions::default(),
+        serde_json::Value::Null,
+        &spec,
+        dir,
+    )?;
+    Ok(())
+}
+
+fn host(t: &Tensor) -> HostTensor {
+    HostTensor::new(t.shape().to_vec(), t.to_f32_vec())
+}
+
+fn conformance(out: &Path) -> Res<()> {
+    for (name, body) in CASES {
+        let g = egret_ir::parse(&format!("graph {} {{{body}\n}}", name.replace('-', "_")))?;
+        let dir = out.join("conformance").join(name);
+        ptx_artifact(&g, &dir)?;
+        for &n in SIZES {
+            let mut rng = Rng(n as u64 * 7919 + name.len() as u64);
+            let b = HashMap::from([("N".to_string(), n)]);
+            let (mut inputs, mut params) = (HashMap::new(), HashMap::new());
+            for node in &g.nodes {
+                let (map, pname) = match &node.op {
+                    Op::Input { name } => (&mut inputs, name),
+                    Op::Param { name } => (&mut params, name),
+                    _ => continue,
+                };
+                let shape = node.ty.shape.eval(&b)?;
+                let len: usize = shape.iter().product();
+                let t = match node.ty.dtype {
+                    DType::I64 | DType::I32 => Tensor::from_i64(
+                        shape,
+                        (0..len).map(|_| (rng.next() % 4) as i64).collect(),
+                    )?,
+                    _ => Tensor::from_f32(shape, (0..len).map(|_| rng.uniform()).collect())?,
+                };
+                map.insert(pname.clone(), t);
+            }
+            let want = Interpreter::new(&g)?.run(&inputs, &params)?;
+            let mut w = Weights::new();
+            for (k, t) in &inputs {
+                w.insert(format!("in.{k}"), host(t));
+            }
+            for (k, t) in &params {
+                w.insert(format!("param.{k}"), host(t));
+            }
+            for (k, t) in &want {
+                w.insert(format!("want.{k}"), host(t));
+            }
+            save_safetensors(&dir.join(format!("n{n}.safetensors")), &w, SaveDType::F32)?;
+        }
+        eprintln!("conformance case {name}");
+    }
+    Ok(())
+}
+
+fn main() -> Res<()> {
+    let out = std::env::args().nth(1).ok_or("usage: gpu_bundle OUT_DIR")?;
+    let out = Path::new(&out);
+    std::fs::create_dir_all(out)?;
+    conformance(out)?;
+    let cfg = egret_models::presets::preset("smollm2-135m")?;
+    egret::gpu::compile_artifact(
+        &cfg,
+        "default",
+        &PtxOptions::default(),
+        &out.join("smollm2-ptx"),
+    )?;
+    egret::cpu::compile_artifact(
+        &cfg,
+        "default",
+        &CpuOptions {
+            cpu: "x86-64-v3".into(),
+            ..CpuOptions::default()
+        },
+        &out.join("smollm2-cpu"),
+    )?;
+    let matmul = egret_ir::parse(
+        r#"graph bench_matmul {
+  %a = input "a" : f32[M, K]
+  %w = input "w" : f32[K, N]
+  %y = matmul(%a, %w) : f32[M, N]
+  output "y" = %y
+}"#,
+    )?;
+    ptx_artifact(&matmul, &out.join("bench-matmul"))?;
+    let attn = egret_ir::parse(
+        r#"graph bench_attention {
+  %q = input "q" : f32[1, 16, T, 128]
+  %k = input "k" : f32[1, 16, T, 128]
+  %v = input "v" : f32[1, 16, T, 128]
+  %pos = iota[axis=1] : i64[1, T]
+  %o = fused_attention[scale=0.08838834764831845](%q, %k, %v, %pos) : f32[1, 16, T, 128]
+  output "o" = %o
+}"#,
+    )?;
+    ptx_artifact(&attn, &out.join("bench-attention"))?;
+    println!("{}", out.display());
+    Ok(())
+}

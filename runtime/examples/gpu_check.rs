@@ -1,0 +1,317 @@
+//! The GPU check, run on a lent GPU machine by `bench/gpu-check.sh`: links `egret-runtime`
+//! only (no LLVM, no Rust toolchain needed there) and runs the bundle `gpu_bundle` wrote:
+//!
+//! 1. the conformance cases on the GPU against the interpreter's outputs (f32, 1e-5 of the
+//!    largest magnitude, as on the CPU);
+//! 2. SmolLM2-135M (weights from WEIGHTS, made on that machine) on the GPU and on the CPU:
+//!    prompt logits compared, greedy ids compared, GPU prefill and decode timed;
+//! 3. a 4096³ f32 matmul and a causal attention (16 heads, 4096 tokens, head 128) timed.
+//!
+//! ```text
+//! gpu_check BUNDLE WEIGHTS > results.json
+//! ```
+//!
+//! Prints one JSON object per line (a result each) and a table last, on stderr.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use egret_runtime::cpu::{HostData, HostValue};
+use egret_runtime::gpu::GpuExecutor;
+use egret_runtime::plan::{BufferRole, ElemType};
+use egret_runtime::{Artifact, Session};
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+const TOLERANCE: f32 = 1e-5;
+
+/// The prompt both sides use: 64 ids spread over the vocabulary.
+fn prompt(vocab: usize) -> Vec<u32> {
+    (0..64u64)
+        .map(|i| ((i * 7919 + 13) % vocab as u64) as u32)
+        .collect()
+}
+
+fn executor(dir: &Path) -> Res<GpuExecutor> {
+    let art = Artifact::load(dir)?;
+    art.check_gpu_target()?;
+    let entry = art.entry("run")?;
+    let ptx = std::fs::read_to_string(dir.join(&entry.payload))?;
+    Ok(GpuExecutor::new(entry.plan.clone(), &ptx)?)
+}
+
+fn conformance(bundle: &Path, table: &mut Vec<String>) -> Res<bool> {
+    let mut all_ok = true;
+    let mut cases: Vec<_> = std::fs::read_dir(bundle.join("conformance"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    cases.sort();
+    for case in cases {
+        let name = case
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
+        let mut ex = executor(&case)?;
+        let mut files: Vec<_> = std::fs::read_dir(&case)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        let mut worst_all = 0f32;
+        for f in files {
+            let w = egret_runtime::weights::load(&f)?;
+            let elem_of = |n: &str| {
+                ex.plan()
+                    .buffers
+                    .iter()
+                    .find(|b| b.role == BufferRole::Input(n.to_string()))
+                    .map(|b| b.elem)
+            };
+            let mut inputs = HashMap::new();
+            let mut params: HashMap<String, (Vec<usize>, Arc<Vec<f32>>)> = HashMap::new();
+            let mut want = vec![];
+            for (k, t) in w.iter() {
+                if let Some(n) = k.strip_prefix("in.") {
+                    let data = match elem_of(n) {
+                        Some(ElemType::I64) => {
+                            HostData::I64(t.data.iter().map(|&x| x as i64).collect())
+                        }
+                        _ => HostData::F32(t.data.clone()),
+                    };
+                    inputs.insert(
+                        n.to_string(),
+                        HostValue {
+                            shape: t.shape.clone(),
+                            data,
+                        },
+                    );
+                } else if let Some(n) = k.strip_prefix("param.") {
+                    params.insert(n.to_string(), (t.shape.clone(), Arc::new(t.data.clone())));
+                } else if let Some(n) = k.strip_prefix("want.") {
+                    want.push((n.to_string(), t.data.clone()));
+                }
+            }
+            ex.bind_params(&|n| params.get(n).cloned())?;
+            let got = ex.run(&inputs)?;
+            for (out, wv) in want {
+                let gv: Vec<f32> = match &got.get(&out).ok_or("missing output")?.data {
+                    HostData::F32(v) => v.clone(),
+                    HostData::I64(v) => v.iter().map(|&x| x as f32).collect(),
+                };
+                let scale = wv
+                    .iter()
+                    .filter(|x| x.is_finite())
+                    .fold(1f32, |m, x| m.max(x.abs()));
+                let worst = wv
+                    .iter()
+                    .zip(&gv)
+                    .map(|(a, b)| {
+                        if a == b {
+                            0.0
+                        } else {
+                            let d = (a - b).abs() / scale;
+                            if d.is_nan() {
+                                f32::INFINITY
+                            } else {
+                                d
+                            }
+                        }
+                    })
+                    .fold(0f32, f32::max);
+                let worst = if gv.len() != wv.len() {
+                    f32::INFINITY
+                } else {
+                    worst
+                };
+                worst_all = worst_all.max(worst);
+                println!(
+                    "{}",
+                    serde_json::json!({"check": "conformance", "case": name, "file": f.file_name().unwrap_or_default().to_string_lossy(), "output": out, "worst": worst})
+                );
+            }
+        }
+        let ok = worst_all <= TOLERANCE;
+        all_ok &= ok;
+        table.push(format!(
+            "conformance {name:<24} worst {worst_all:.2e} {}",
+            if ok { "ok" } else { "FAIL" }
+        ));
+    }
+    Ok(all_ok)
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+        )
+        .0 as u32
+}
+
+/// Greedy ids after `ids`, `n` of them, and the logits after the prompt.
+fn greedy(s: &mut Session, ids: &[u32], n: usize) -> Res<(Vec<u32>, Vec<f32>, f64, f64)> {
+    let t0 = Instant::now();
+    let first = s.prefill(ids)?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let mut out = vec![argmax(&first)];
+    let t1 = Instant::now();
+    while out.len() < n {
+        let l = s.decode(*out.last().expect("one"))?;
+        out.push(argmax(&l));
+    }
+    let decode_s = t1.elapsed().as_secs_f64();
+    Ok((out, first, prefill_s, decode_s))
+}
+
+fn smollm2(bundle: &Path, weights: &Path, table: &mut Vec<String>) -> Res<bool> {
+    let w = egret_runtime::weights::load(weights)?;
+    let params: HashMap<String, (Vec<usize>, Arc<Vec<f32>>)> = w
+        .into_iter()
+        .map(|(n, t)| (n, (t.shape, Arc::new(t.data))))
+        .collect();
+    let get = |n: &str| params.get(n).cloned();
+    let gpu_art = Artifact::load(bundle.join("smollm2-ptx"))?;
+    let cpu_art = Artifact::load(bundle.join("smollm2-cpu"))?;
+    let mut gpu = Session::with_params(&gpu_art, &get, "weights", 0)?;
+    let mut cpu = Session::with_params(&cpu_art, &get, "weights", 0)?;
+    let ids = prompt(egret_runtime::generate::LanguageModel::vocab_size(&gpu));
+    let n = 64;
+    // Warm-up: module load and first allocations stay out of the timings.
+    let _ = greedy(&mut gpu, &ids, 4)?;
+    let (g_ids, g_first, g_pre, g_dec) = greedy(&mut gpu, &ids, n)?;
+    let (c_ids, c_first, c_pre, c_dec) = greedy(&mut cpu, &ids, n)?;
+    let num: f64 = g_first
+        .iter()
+        .zip(&c_first)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
+    let den: f64 = c_first.iter().map(|b| (*b as f64).powi(2)).sum();
+    let rel = (num / den.max(1e-30)).sqrt();
+    let same = g_ids.iter().zip(&c_ids).take_while(|(a, b)| a == b).count();
+    let res = serde_json::json!({
+        "check": "smollm2", "prompt_logits_rel_l2": rel, "greedy_equal_prefix": same, "n": n,
+        "gpu_ids": g_ids, "cpu_ids": c_ids,
+        "gpu_prefill_tok_s": ids.len() as f64 / g_pre, "gpu_decode_tok_s": (n - 1) as f64 / g_dec,
+        "cpu_prefill_tok_s": ids.len() as f64 / c_pre, "cpu_decode_tok_s": (n - 1) as f64 / c_dec,
+    });
+    println!("{res}");
+    table.push(format!(
+        "smollm2 prompt logits rel L2 {rel:.2e}; greedy ids equal for {same}/{n}"
+    ));
+    table.push(format!(
+        "smollm2 gpu prefill {:.0} tok/s, decode {:.1} tok/s (cpu here: {:.0}, {:.1})",
+        ids.len() as f64 / g_pre,
+        (n - 1) as f64 / g_dec,
+        ids.len() as f64 / c_pre,
+        (n - 1) as f64 / c_dec
+    ));
+    Ok(rel < 1e-4 && same == n)
+}
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Median of `reps` timed runs (kernel time, after one warm-up).
+fn time_runs(ex: &mut GpuExecutor, inputs: &HashMap<String, HostValue>, reps: usize) -> Res<f64> {
+    ex.run(inputs)?;
+    let mut t = vec![];
+    for _ in 0..reps {
+        ex.run(inputs)?;
+        t.push(ex.last_kernel_seconds());
+    }
+    t.sort_by(|a, b| a.total_cmp(b));
+    Ok(t[t.len() / 2])
+}
+
+fn benches(bundle: &Path, table: &mut Vec<String>) -> Res<()> {
+    let f32v = |shape: Vec<usize>, seed| HostValue {
+        data: HostData::F32(random(shape.iter().product(), seed)),
+        shape,
+    };
+    let n = 4096;
+    let mut mm = executor(&bundle.join("bench-matmul"))?;
+    let inputs = HashMap::from([
+        ("a".to_string(), f32v(vec![n, n], 1)),
+        ("w".to_string(), f32v(vec![n, n], 2)),
+    ]);
+    let s = time_runs(&mut mm, &inputs, 3)?;
+    let tflops = 2.0 * (n as f64).powi(3) / s / 1e12;
+    println!(
+        "{}",
+        serde_json::json!({"check": "bench", "what": "matmul f32 4096^3", "seconds": s, "tflops": tflops})
+    );
+    table.push(format!(
+        "egret matmul f32 4096^3: {:.2} ms, {tflops:.2} TFLOP/s",
+        s * 1e3
+    ));
+    let t = 4096;
+    let mut at = executor(&bundle.join("bench-attention"))?;
+    let inputs = HashMap::from([
+        ("q".to_string(), f32v(vec![1, 16, t, 128], 3)),
+        ("k".to_string(), f32v(vec![1, 16, t, 128], 4)),
+        ("v".to_string(), f32v(vec![1, 16, t, 128], 5)),
+    ]);
+    let s = time_runs(&mut at, &inputs, 3)?;
+    // Causal: half the score matrix, QKᵀ and PV each 2·d flops per score.
+    let flops = 16.0 * (t as f64) * (t as f64) / 2.0 * 128.0 * 4.0;
+    let tflops = flops / s / 1e12;
+    println!(
+        "{}",
+        serde_json::json!({"check": "bench", "what": "attention causal 16x4096x128 f32", "seconds": s, "tflops": tflops})
+    );
+    table.push(format!(
+        "egret attention causal h16 t4096 d128 f32: {:.2} ms, {tflops:.2} TFLOP/s",
+        s * 1e3
+    ));
+    Ok(())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [bundle, weights] = args.as_slice() else {
+        eprintln!("usage: gpu_check BUNDLE WEIGHTS");
+        std::process::exit(2);
+    };
+    let (bundle, weights) = (Path::new(bundle), Path::new(weights));
+    let mut table = vec![];
+    match egret_runtime::gpu::device_info() {
+        Ok((name, cc)) => table.push(format!("device {name} (sm_{}{})", cc.0, cc.1)),
+        Err(e) => {
+            eprintln!("gpu_check: {e}");
+            std::process::exit(1);
+        }
+    }
+    let mut ok = true;
+    let steps: [(&str, &dyn Fn(&mut Vec<String>) -> Res<bool>); 3] = [
+        ("conformance", &|t| conformance(bundle, t)),
+        ("smollm2", &|t| smollm2(bundle, weights, t)),
+        ("benches", &|t| benches(bundle, t).map(|_| true)),
+    ];
+    for (what, step) in steps {
+        let t0 = Instant::now();
+        match step(&mut table) {
+            Ok(r) => ok &= r,
+            Err(e) => {
+                ok = false;
+                table.push(format!("{what}: ERROR {e}"));
+            }
+        }
+        eprintln!("gpu_check: {what} took {:.1} s", t0.elapsed().as_secs_f64());
+    }
+    eprintln!("\n{}", table.join("\n"));
+    std::process::exit(if ok { 0 } else { 1 });
+}

@@ -1,0 +1,176 @@
+// The backend conformance cases, shared by tests/conformance.rs and the GPU check bundle
+// (examples/gpu_bundle.rs), which runs them on a lent GPU. Included, not a module.
+
+/// Each case: a name and IR text over the symbol `N`. Inputs are uniform in [-1, 1]
+/// (integers in [0, 4)); ops with restricted domains take `abs(x) + 1` first.
+const CASES: &[(&str, &str)] = &[
+    (
+        "unary",
+        r#"
+  %x = input "x" : f32[N, 3]
+  %a = abs(%x) : f32[N, 3]
+  %one = const[value=1.0] : f32[N, 3]
+  %p = add(%a, %one) : f32[N, 3]
+  %e = exp(%x) : f32[N, 3]
+  %l = log(%p) : f32[N, 3]
+  %s = sqrt(%a) : f32[N, 3]
+  %r = rsqrt(%p) : f32[N, 3]
+  %c = recip(%p) : f32[N, 3]
+  %g = sigmoid(%x) : f32[N, 3]
+  %t = tanh(%x) : f32[N, 3]
+  %si = sin(%x) : f32[N, 3]
+  %co = cos(%x) : f32[N, 3]
+  %n = neg(%x) : f32[N, 3]
+  %u = silu(%x) : f32[N, 3]
+  %y = concat[axis=1](%e, %l, %s, %r, %c, %g, %t, %si, %co, %n, %u) : f32[N, 33]
+  output "y" = %y"#,
+    ),
+    (
+        "binary-compare-select",
+        r#"
+  %x = input "x" : f32[N, 5]
+  %z = input "z" : f32[N, 5]
+  %a = abs(%x) : f32[N, 5]
+  %one = const[value=1.0] : f32[N, 5]
+  %p = add(%a, %one) : f32[N, 5]
+  %s = sub(%x, %z) : f32[N, 5]
+  %m = mul(%x, %z) : f32[N, 5]
+  %d = div(%z, %p) : f32[N, 5]
+  %mx = max(%x, %z) : f32[N, 5]
+  %mn = min(%x, %z) : f32[N, 5]
+  %pw = pow(%p, %z) : f32[N, 5]
+  %lt = lt(%x, %z) : bool[N, 5]
+  %sel = select(%lt, %x, %z) : f32[N, 5]
+  %ge = ge(%x, %z) : bool[N, 5]
+  %sel2 = select(%ge, %s, %m) : f32[N, 5]
+  %y = concat[axis=1](%s, %m, %d, %mx, %mn, %pw, %sel, %sel2) : f32[N, 40]
+  output "y" = %y"#,
+    ),
+    (
+        "casts-iota-const",
+        r#"
+  %x = input "x" : f32[N, 4]
+  %k = const[value=7.5] : f32[N, 4]
+  %xk = mul(%x, %k) : f32[N, 4]
+  %i = cast(%xk) : i64[N, 4]
+  %f = cast(%i) : f32[N, 4]
+  %b = cast(%xk) : bf16[N, 4]
+  %bf = cast(%b) : f32[N, 4]
+  %h = cast(%xk) : f16[N, 4]
+  %hf = cast(%h) : f32[N, 4]
+  %io = iota[axis=0] : f32[N, 4]
+  %y = concat[axis=1](%f, %bf, %hf, %io) : f32[N, 16]
+  output "y" = %y"#,
+    ),
+    (
+        "reductions",
+        r#"
+  %x = input "x" : f32[N, 7]
+  %s0 = reduce_sum[axis=0](%x) : f32[1, 7]
+  %m0 = reduce_max[axis=0](%x) : f32[1, 7]
+  %a0 = reduce_mean[axis=0](%x) : f32[1, 7]
+  %s1 = reduce_sum[axis=1](%x) : f32[N, 1]
+  %m1 = reduce_max[axis=1](%x) : f32[N, 1]
+  %a1 = reduce_mean[axis=1](%x) : f32[N, 1]
+  %r0 = concat[axis=0](%s0, %m0, %a0) : f32[3, 7]
+  %r1 = concat[axis=1](%s1, %m1, %a1) : f32[N, 3]
+  output "r0" = %r0
+  output "r1" = %r1"#,
+    ),
+    (
+        "softmax",
+        r#"
+  %x = input "x" : f32[3, N]
+  %a = softmax[axis=1](%x) : f32[3, N]
+  %b = softmax[axis=0](%x) : f32[3, N]
+  output "a" = %a
+  output "b" = %b"#,
+    ),
+    (
+        "matmul-weights",
+        r#"
+  %x = input "x" : f32[N, 17]
+  %w = param "w" : f32[9, 17]
+  %wt = permute[perm=[1, 0]](%w) : f32[17, 9]
+  %y = matmul(%x, %wt) : f32[N, 9]
+  %v = param "v" : f32[9, 5]
+  %z = matmul(%y, %v) : f32[N, 5]
+  output "z" = %z"#,
+    ),
+    (
+        "matmul-batched",
+        r#"
+  %a = input "a" : f32[2, N, 5]
+  %b = input "b" : f32[2, 5, N]
+  %y = matmul(%a, %b) : f32[2, N, N]
+  output "y" = %y"#,
+    ),
+    (
+        "matmul-long-k",
+        r#"
+  %a = input "a" : f32[3, N]
+  %b = input "b" : f32[N, 4]
+  %y = matmul(%a, %b) : f32[3, 4]
+  output "y" = %y"#,
+    ),
+    (
+        "rms-norm-swiglu",
+        r#"
+  %x = input "x" : f32[N, 6]
+  %g = param "g" : f32[6]
+  %n = rms_norm[eps=1e-5](%x, %g) : f32[N, 6]
+  %w = param "w" : f32[6, 8]
+  %m = rms_norm_matmul[eps=1e-6](%x, %g, %w) : f32[N, 8]
+  %u = input "u" : f32[N, 8]
+  %s = swiglu(%m, %u) : f32[N, 8]
+  output "n" = %n
+  output "s" = %s"#,
+    ),
+    (
+        "attention-gqa",
+        r#"
+  %q = input "q" : f32[1, 4, N, 8]
+  %k = input "k" : f32[1, 2, N, 8]
+  %v = input "v" : f32[1, 2, N, 8]
+  %pos = iota[axis=1] : i64[1, N]
+  %o = fused_attention[scale=0.35](%q, %k, %v, %pos) : f32[1, 4, N, 8]
+  output "o" = %o"#,
+    ),
+    (
+        // Few query rows over many keys: the split-KV path (at N = 1000, 7 splits, the
+        // first row's later splits see no visible key at all).
+        "attention-decode",
+        r#"
+  %q = input "q" : f32[1, 4, 2, 8]
+  %k = input "k" : f32[1, 2, N, 8]
+  %v = input "v" : f32[1, 2, N, 8]
+  %i = iota[axis=1] : i64[1, 2]
+  %a = const[value=600.0] : i64[1, 2]
+  %b = const[value=300.0] : i64[1, 2]
+  %m = mul(%i, %a) : i64[1, 2]
+  %pos = add(%m, %b) : i64[1, 2]
+  %o = fused_attention[scale=0.35](%q, %k, %v, %pos) : f32[1, 4, 2, 8]
+  output "o" = %o"#,
+    ),
+    (
+        "views",
+        r#"
+  %x = input "x" : f32[2, N, 3]
+  %p = permute[perm=[2, 0, 1]](%x) : f32[3, 2, N]
+  %s = slice[axis=0, start=1, end=3](%p) : f32[2, 2, N]
+  %r = reshape(%s) : f32[4, N]
+  %c = input "c" : f32[1, N]
+  %b = broadcast(%c) : f32[4, N]
+  %y = add(%r, %b) : f32[4, N]
+  %t = permute[perm=[1, 0]](%y) : f32[N, 4]
+  output "t" = %t"#,
+    ),
+    (
+        "gather",
+        r#"
+  %t = input "table" : f32[4, N]
+  %i = input "ids" : i64[N]
+  %y = gather[axis=0](%t, %i) : f32[N, N]
+  output "y" = %y"#,
+    ),
+];
