@@ -612,7 +612,8 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("--batch and --seq must be at least 1");
             }
             let opts = egret_backends::llvm::CpuOptions::default();
-            let be = grad_backend(backend, &opts, threads, !no_cache)?;
+            let gpu = egret_backends::ptx::PtxOptions::default();
+            let be = grad_backend(backend, &opts, &gpu, threads, !no_cache)?;
             let run = TrainRun {
                 model,
                 data,
@@ -653,7 +654,8 @@ fn run(cli: Cli) -> Result<()> {
             let ids = parse_ids(&tokens)?;
             let loaded = load_model(&ModelSource::resolve(&model)?)?;
             let opts = egret_backends::llvm::CpuOptions::default();
-            let be = grad_backend(backend, &opts, threads, true)?;
+            let gpu = egret_backends::ptx::PtxOptions::default();
+            let be = grad_backend(backend, &opts, &gpu, threads, true)?;
             let r = egret::train::grads(
                 &loaded.config,
                 &loaded.params,
@@ -983,12 +985,13 @@ fn bench(what: BenchCmd) -> Result<()> {
 }
 
 /// Where `grad` and `train` run.
-fn grad_backend(
+fn grad_backend<'a>(
     backend: Backend,
-    opts: &egret_backends::llvm::CpuOptions,
+    opts: &'a egret_backends::llvm::CpuOptions,
+    gpu: &'a egret_backends::ptx::PtxOptions,
     threads: Option<usize>,
     cache: bool,
-) -> Result<egret::train::GradBackend<'_>> {
+) -> Result<egret::train::GradBackend<'a>> {
     Ok(match backend {
         Backend::Interp => egret::train::GradBackend::Interp,
         Backend::Cpu => egret::train::GradBackend::Cpu {
@@ -996,9 +999,10 @@ fn grad_backend(
             threads: threads.unwrap_or_else(default_threads).max(1),
             cache,
         },
-        Backend::Gpu => bail!(
-            "training on the GPU backend is not built yet (inference is: generate, logits); use --backend cpu"
-        ),
+        Backend::Gpu => {
+            egret_runtime::gpu::gpu_available()?;
+            egret::train::GradBackend::Gpu { opts: gpu, cache }
+        }
     })
 }
 

@@ -73,6 +73,11 @@ pub enum GradBackend<'a> {
         /// `Trainer` takes its compiled step from the compile cache (else compiles afresh).
         cache: bool,
     },
+    /// PTX on GPU 0 (no GPU: one clear error before compiling).
+    Gpu {
+        opts: &'a egret_backends::ptx::PtxOptions,
+        cache: bool,
+    },
 }
 
 /// Loss and gradients of one sequence (batch 1) of at least two tokens.
@@ -114,8 +119,7 @@ pub fn grads(
                 .map(|(k, v)| (k, (v.shape().to_vec(), v.to_f32_vec())))
                 .collect()
         }
-        GradBackend::Cpu { opts, threads, .. } => {
-            let (mut ex, _code) = crate::cpu::executor(&g, params, opts, threads)?;
+        GradBackend::Cpu { .. } | GradBackend::Gpu { .. } => {
             let host = |v: Vec<i64>| HostValue {
                 shape: vec![1, t],
                 data: HostData::I64(v),
@@ -125,8 +129,18 @@ pub fn grads(
                 ("positions".to_string(), host(positions)),
                 ("targets".to_string(), host(tg)),
             ]);
-            ex.run(&inputs)?
-                .into_iter()
+            let out = match backend {
+                GradBackend::Gpu { opts, .. } => {
+                    crate::gpu::executor(&g, params, opts)?.run(&inputs)?
+                }
+                GradBackend::Cpu { opts, threads, .. } => {
+                    crate::cpu::executor(&g, params, opts, threads)?
+                        .0
+                        .run(&inputs)?
+                }
+                GradBackend::Interp => unreachable!("handled above"),
+            };
+            out.into_iter()
                 .map(|(k, v)| {
                     let d = match v.data {
                         HostData::F32(x) => x,
@@ -275,6 +289,32 @@ pub fn compile_train_artifact(
 
 /// The `train_step` artifact of a model, from the compile cache (keyed also by the AdamW
 /// constants and the memory budget), compiled there first if needed.
+/// `compile_train_artifact` for the GPU: the step scheduled for it and compiled to PTX.
+pub fn compile_train_artifact_ptx(
+    cfg: &LlamaConfig,
+    passes: &str,
+    opts: &egret_backends::ptx::PtxOptions,
+    opt: &AdamW,
+    budget: Option<MemoryBudget>,
+    dir: &Path,
+) -> Result<std::path::PathBuf> {
+    let g = step_graph(cfg, passes, opt, budget)?;
+    let sopts = egret_backends::schedule::ScheduleOptions {
+        deep_first: true,
+        ..egret_backends::ptx::schedule_options()
+    };
+    let prog = egret_backends::schedule::schedule_with(&g, sopts)
+        .map_err(|e| EgretError::Usage(e.to_string()))?;
+    let spec = egret_backends::artifact::EntrySpec {
+        mode: "training".into(),
+        entry: "train_step".into(),
+        optimizer: Some(adamw_spec(opt)),
+    };
+    let model = serde_json::to_value(cfg).unwrap_or_default();
+    egret_backends::artifact::write_ptx_artifact(&prog, opts, model, &spec, dir)
+        .map_err(|e| EgretError::Usage(e.to_string()))
+}
+
 pub fn train_artifact(
     cfg: &LlamaConfig,
     passes: &str,
@@ -334,6 +374,29 @@ impl Trainer {
                         |d| compile_train_artifact(&cfg, passes, opts, &opt, budget, d),
                         |a| Ok(session(a)?),
                     )?
+                };
+                Exec::Cpu(Box::new(s))
+            }
+            GradBackend::Gpu { opts, cache } => {
+                egret_runtime::gpu::gpu_available()?;
+                let get = |n: &str| {
+                    params
+                        .get(n)
+                        .and_then(|t| Some((t.shape().to_vec(), t.f32_arc()?)))
+                };
+                let session = |art: &egret_runtime::Artifact| {
+                    egret_runtime::TrainSession::with_params(art, &get, "the weights", 1)
+                };
+                let compile =
+                    |d: &Path| compile_train_artifact_ptx(&cfg, passes, opts, &opt, budget, d);
+                let s = if cache {
+                    let what = format!("train_step {opt:?} {budget:?}");
+                    session(&crate::cpu::cached(
+                        &crate::gpu::cache_key(&cfg, passes, opts, &what),
+                        compile,
+                    )?)?
+                } else {
+                    crate::cpu::with_fresh_artifact(compile, |a| Ok(session(a)?))?
                 };
                 Exec::Cpu(Box::new(s))
             }

@@ -349,7 +349,7 @@ fn bad_artifacts_are_refused_with_one_clear_error() {
                 },
                 true,
             ),
-            "not `cpu`",
+            "unknown GPU architecture `",
         ),
         (
             "missing payload",

@@ -37,6 +37,7 @@ fn check(backend: &str, passes: &str) {
 
 fn check_with(backend: &str, passes: &str, budget: Option<&dyn Fn(&str) -> u64>) {
     let opts = CpuOptions::default();
+    let gpu = egret_backends::ptx::PtxOptions::default();
     for name in MODELS {
         let (toks, want_loss, want) = reference(name);
         let src = egret::ModelSource::resolve(fixture(&format!("tiny/{name}")).to_str().unwrap())
@@ -44,6 +45,10 @@ fn check_with(backend: &str, passes: &str, budget: Option<&dyn Fn(&str) -> u64>)
         let m = egret::load_model(&src).unwrap();
         let be = match backend {
             "interp" => GradBackend::Interp,
+            "gpu" => GradBackend::Gpu {
+                opts: &gpu,
+                cache: true,
+            },
             _ => GradBackend::Cpu {
                 opts: &opts,
                 threads: 2,
@@ -91,6 +96,39 @@ fn gradients_match_transformers_on_the_cpu_backend() {
     check("cpu", "default");
 }
 
+/// On a GPU when this machine has one; says it was skipped otherwise.
+#[test]
+fn gradients_match_transformers_on_the_gpu_backend() {
+    if common::gpu_or_skip("gradients_match_transformers_on_the_gpu_backend") {
+        check("gpu", "default");
+    }
+}
+
+/// Every training step's PTX assembles for sm_80 and sm_90 (no GPU needed).
+#[test]
+fn training_step_ptx_assembles() {
+    for name in MODELS {
+        let src = egret::ModelSource::resolve(fixture(&format!("tiny/{name}")).to_str().unwrap())
+            .unwrap();
+        let cfg = egret::load_config(&src).unwrap();
+        for arch in ["sm_80", "sm_90"] {
+            let t = TempDir::new(&format!("train-ptx-{name}-{arch}"));
+            let opts = egret_backends::ptx::PtxOptions { arch: arch.into() };
+            let dir = egret::train::compile_train_artifact_ptx(
+                &cfg,
+                "default",
+                &opts,
+                &egret::train::AdamW::default(),
+                None,
+                &t.0.join("a"),
+            )
+            .unwrap();
+            let ptx = std::fs::read_to_string(dir.join("kernels.ptx")).unwrap();
+            common::assemble_ptx(&format!("train_step {name}"), &ptx, arch);
+        }
+    }
+}
+
 #[test]
 fn grad_cli_prints_the_loss_and_writes_every_gradient() {
     let t = TempDir::new("grad-cli");
@@ -121,6 +159,17 @@ fn grad_cli_prints_the_loss_and_writes_every_gradient() {
     assert!(e.contains("at least two tokens"), "{e}");
     let e = egret_err(&["grad", d.to_str().unwrap(), "--tokens", "3,1000"]);
     assert!(e.contains("out of range"), "{e}");
+    if egret_runtime::gpu::gpu_available().is_err() {
+        let e = egret_err(&[
+            "grad",
+            d.to_str().unwrap(),
+            "--tokens",
+            "3,1",
+            "--backend",
+            "gpu",
+        ]);
+        assert!(e.contains("no CUDA driver"), "{e}");
+    }
 }
 
 /// One `egret` AdamW step (clipping at 1.0) against `torch.optim.AdamW`: the new parameters,

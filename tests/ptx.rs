@@ -1,0 +1,131 @@
+//! The GPU backend without a GPU: the PTX of SmolLM2-135M's `step` assembles with NVIDIA's
+//! `ptxas` for sm_80 and sm_90, a few kernels' PTX is snapshotted, `egret compile --target
+//! ptx` writes an artifact, and `--backend gpu` without a CUDA driver is one clear error.
+//! With a GPU, generation on it equals the CPU's.
+
+mod common;
+
+use common::{egret_err, egret_ok, fixture, TempDir};
+use egret_backends::ptx::PtxOptions;
+
+fn ptx_of(ir: &str) -> String {
+    let g = egret_ir::parse(ir).unwrap();
+    egret::gpu::compile_graphs(&[&g], &PtxOptions::default(), false)
+        .unwrap()
+        .0
+}
+
+#[test]
+fn smollm2_step_ptx_assembles_for_sm80_and_sm90() {
+    let cfg = egret_models::presets::preset("smollm2-135m").unwrap();
+    for arch in ["sm_80", "sm_90"] {
+        let t = TempDir::new(&format!("smollm2-ptx-{arch}"));
+        let opts = PtxOptions { arch: arch.into() };
+        let dir = egret::gpu::compile_artifact(&cfg, "default", &opts, &t.0.join("a")).unwrap();
+        let art = egret_runtime::Artifact::load(&dir).unwrap();
+        assert_eq!(art.manifest().target.kind, "ptx");
+        assert_eq!(art.manifest().target.cpu, arch);
+        let ptx = std::fs::read_to_string(dir.join("kernels.ptx")).unwrap();
+        assert!(ptx.contains(&format!(".target {arch}")), "{arch}");
+        common::assemble_ptx("smollm2 step", &ptx, arch);
+    }
+}
+
+#[test]
+fn ptx_snapshots() {
+    insta::assert_snapshot!(
+        "swiglu_elementwise",
+        ptx_of(
+            r#"graph swiglu {
+  %g = input "g" : f32[N, 8]
+  %u = input "u" : f32[N, 8]
+  %s = swiglu(%g, %u) : f32[N, 8]
+  output "s" = %s
+}"#
+        )
+    );
+    insta::assert_snapshot!(
+        "matmul",
+        ptx_of(
+            r#"graph mm {
+  %a = input "a" : f32[M, 64]
+  %w = param "w" : f32[64, 32]
+  %y = matmul(%a, %w) : f32[M, 32]
+  output "y" = %y
+}"#
+        )
+    );
+    insta::assert_snapshot!(
+        "rms_norm",
+        ptx_of(
+            r#"graph rn {
+  %x = input "x" : f32[N, 16]
+  %w = param "w" : f32[16]
+  %y = rms_norm[eps=1e-5](%x, %w) : f32[N, 16]
+  output "y" = %y
+}"#
+        )
+    );
+}
+
+#[test]
+fn compile_target_ptx_writes_an_artifact() {
+    let t = TempDir::new("compile-ptx");
+    let d = fixture("tiny/gqa_untied");
+    let out = t.0.join("m.egret");
+    let line = egret_ok(&[
+        "compile",
+        d.to_str().unwrap(),
+        "--target",
+        "ptx",
+        "--gpu-arch",
+        "sm_90",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(line.trim(), out.to_str().unwrap());
+    let art = egret_runtime::Artifact::load(&out).unwrap();
+    assert_eq!(art.manifest().target.kind, "ptx");
+    assert_eq!(art.manifest().payloads[0].file, "kernels.ptx");
+    let e = egret_err(&[
+        "compile",
+        d.to_str().unwrap(),
+        "--target",
+        "ptx",
+        "--gpu-arch",
+        "sm_70",
+        "-o",
+        t.0.join("x").to_str().unwrap(),
+    ]);
+    assert!(e.contains("unknown GPU architecture `sm_70`"), "{e}");
+    assert!(!t.0.join("x").exists());
+}
+
+#[test]
+fn gpu_backend_generates_like_the_cpu_or_says_there_is_no_gpu() {
+    let d = fixture("tiny/gqa_untied");
+    let args = |backend: &'static str| {
+        vec![
+            "generate",
+            d.to_str().unwrap(),
+            "--tokens",
+            "1,5,9,3",
+            "--max-new-tokens",
+            "12",
+            "--backend",
+            backend,
+            "--json",
+        ]
+    };
+    if egret_runtime::gpu::gpu_available().is_err() {
+        let e = egret_err(&args("gpu"));
+        assert!(e.contains("no CUDA driver"), "{e}");
+        eprintln!("skipped generating on the GPU: no CUDA driver");
+        return;
+    }
+    let ids = |out: String| {
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        v["ids"].clone()
+    };
+    assert_eq!(ids(egret_ok(&args("gpu"))), ids(egret_ok(&args("cpu"))));
+}
