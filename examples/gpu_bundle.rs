@@ -12,7 +12,10 @@
 //!   interpreter's outputs (`want.*`), all as f32 (integer inputs are small and exact);
 //! - `smollm2-ptx/` and `smollm2-cpu/`: SmolLM2-135M's `step` compiled for the GPU (sm_80) and
 //!   for any x86-64-v3 CPU, to run on weights made on the GPU machine;
-//! - `bench-matmul/`, `bench-attention/`: a matmul and a causal attention for timing.
+//! - `bench-matmul/`, `bench-attention/`: a matmul and a causal attention for timing;
+//! - `grads/<fixture>/`: each tiny transformers fixture's gradient graph (PTX, entry `run`)
+//!   with the fixture's weights, tokens and transformers' loss and gradients;
+//! - `smollm2-train/`: SmolLM2-135M's AdamW `train_step` for the GPU, to time.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -154,6 +157,24 @@ fn main() -> Res<()> {
 }"#,
     )?;
     ptx_artifact(&attn, &out.join("bench-attention"))?;
+    for name in ["gqa_untied", "mha_tied_rope_parameters", "odd_head_dim_mqa"] {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny").join(name);
+        let cfg = egret::load_config(&egret::ModelSource::resolve(src.to_str().ok_or("path")?)?)?;
+        let g = egret::train::grad_graph(&cfg, "default", None)?;
+        let dir = out.join("grads").join(name);
+        ptx_artifact(&g, &dir)?;
+        for f in ["model.safetensors", "grads.safetensors", "grads.json"] {
+            std::fs::copy(src.join(f), dir.join(f))?;
+        }
+    }
+    egret::train::compile_train_artifact_ptx(
+        &cfg,
+        "default",
+        &PtxOptions::default(),
+        &egret::train::AdamW::default(),
+        None,
+        &out.join("smollm2-train"),
+    )?;
     println!("{}", out.display());
     Ok(())
 }

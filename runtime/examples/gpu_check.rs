@@ -5,7 +5,9 @@
 //!    largest magnitude, as on the CPU);
 //! 2. SmolLM2-135M (weights from WEIGHTS, made on that machine) on the GPU and on the CPU:
 //!    prompt logits compared, greedy ids compared, GPU prefill and decode timed;
-//! 3. a 4096³ f32 matmul and a causal attention (16 heads, 4096 tokens, head 128) timed.
+//! 3. a 4096³ f32 matmul and a causal attention (16 heads, 4096 tokens, head 128) timed;
+//! 4. the tiny transformers fixtures' loss and gradients on the GPU (1e-5 / 1e-4 relative L2,
+//!    as on the CPU), and SmolLM2's AdamW training step (batch 1 × 256) timed.
 //!
 //! ```text
 //! gpu_check BUNDLE WEIGHTS > results.json
@@ -185,6 +187,37 @@ fn smollm2(bundle: &Path, weights: &Path, table: &mut Vec<String>) -> Res<bool> 
     let _ = greedy(&mut gpu, &ids, 4)?;
     let (g_ids, g_first, g_pre, g_dec) = greedy(&mut gpu, &ids, n)?;
     let (c_ids, c_first, c_pre, c_dec) = greedy(&mut cpu, &ids, n)?;
+    if let Some(ex) = gpu.gpu_executor() {
+        ex.set_profiling(true);
+    }
+    for (what, run) in [("prefill", 0usize), ("decode", 1)] {
+        if run == 0 {
+            gpu.prefill(&ids)?;
+        } else {
+            gpu.decode(ids[0])?;
+        }
+        let ex = gpu.gpu_executor().ok_or("gpu session")?;
+        let mut by: HashMap<String, (f64, usize)> = HashMap::new();
+        for (w, t) in ex.profile() {
+            let key: String = w.split_whitespace().take(1).collect();
+            let e = by.entry(key).or_default();
+            e.0 += t;
+            e.1 += 1;
+        }
+        let mut v: Vec<_> = by.into_iter().collect();
+        v.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+        let total: f64 = v.iter().map(|x| x.1 .0).sum();
+        println!("{}", serde_json::json!({"check": "profile", "step": what, "total_s": total, "kinds": v.iter().map(|(k, (t, n))| serde_json::json!([k, t, n])).collect::<Vec<_>>()}));
+        let top: Vec<String> = v
+            .iter()
+            .take(5)
+            .map(|(k, (t, n))| format!("{k} {:.2} ms/{n}", t * 1e3))
+            .collect();
+        table.push(format!("profile {what} (synchronised launches, {:.2} ms): {}", total * 1e3, top.join(", ")));
+    }
+    if let Some(ex) = gpu.gpu_executor() {
+        ex.set_profiling(false);
+    }
     let num: f64 = g_first
         .iter()
         .zip(&c_first)
@@ -280,6 +313,97 @@ fn benches(bundle: &Path, table: &mut Vec<String>) -> Res<()> {
     Ok(())
 }
 
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn gradients(bundle: &Path, table: &mut Vec<String>) -> Res<bool> {
+    let mut ok = true;
+    let mut dirs: Vec<_> = std::fs::read_dir(bundle.join("grads"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    dirs.sort();
+    for d in dirs {
+        let name = d.file_name().unwrap_or_default().to_string_lossy().to_string();
+        let mut ex = executor(&d)?;
+        let w = egret_runtime::weights::load(&d.join("model.safetensors"))?;
+        let params: HashMap<String, (Vec<usize>, Arc<Vec<f32>>)> = w
+            .into_iter()
+            .map(|(n, t)| (n, (t.shape, Arc::new(t.data))))
+            .collect();
+        ex.bind_params(&|n| params.get(n).cloned())?;
+        let j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("grads.json"))?)?;
+        let toks: Vec<i64> = j["tokens"]
+            .as_array()
+            .ok_or("tokens")?
+            .iter()
+            .filter_map(|x| x.as_i64())
+            .collect();
+        let t = toks.len();
+        let targets: Vec<i64> = toks.iter().skip(1).copied().chain([-1]).collect();
+        let i64v = |v: Vec<i64>| HostValue {
+            shape: vec![1, t],
+            data: HostData::I64(v),
+        };
+        let inputs = HashMap::from([
+            ("tokens".to_string(), i64v(toks.clone())),
+            ("positions".to_string(), i64v((0..t as i64).collect())),
+            ("targets".to_string(), i64v(targets)),
+        ]);
+        let out = ex.run(&inputs)?;
+        let want = egret_runtime::weights::load(&d.join("grads.safetensors"))?;
+        let f = |v: &HostValue| match &v.data {
+            HostData::F32(x) => x.clone(),
+            HostData::I64(x) => x.iter().map(|&i| i as f32).collect(),
+        };
+        let loss = f(out.get("loss").ok_or("no loss")?)[0];
+        let want_loss = j["loss"].as_f64().ok_or("loss")? as f32;
+        let lrel = ((loss - want_loss).abs() / want_loss.abs()) as f64;
+        let mut worst = 0f64;
+        for (k, r) in want.iter() {
+            let g = out.get(k).ok_or_else(|| format!("{name}: no {k}"))?;
+            worst = worst.max(rel_l2(&f(g), &r.data));
+        }
+        let good = lrel <= 1e-5 && worst <= 1e-4;
+        ok &= good;
+        println!("{}", serde_json::json!({"check": "gradients", "fixture": name, "loss_rel": lrel, "worst_grad_rel_l2": worst}));
+        table.push(format!(
+            "gradients {name:<24} loss rel {lrel:.1e}, worst gradient rel L2 {worst:.1e} {}",
+            if good { "ok" } else { "FAIL" }
+        ));
+    }
+    Ok(ok)
+}
+
+fn train_step(bundle: &Path, weights: &Path, table: &mut Vec<String>) -> Res<()> {
+    let art = Artifact::load(bundle.join("smollm2-train"))?;
+    let w = egret_runtime::weights::load(weights)?;
+    let mut s = egret_runtime::TrainSession::new(&art, w, 0)?;
+    let (b, t) = (1, 256);
+    let toks: Vec<u32> = (0..(b * t) as u64).map(|i| ((i * 7919 + 13) % 49152) as u32).collect();
+    let targets: Vec<i64> = toks.iter().skip(1).map(|&x| x as i64).chain([-1]).collect();
+    s.train_step(&toks, &targets, b, t, 1e-4)?;
+    let mut times = vec![];
+    let mut loss = 0.0;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        loss = s.train_step(&toks, &targets, b, t, 1e-4)?.loss;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let sec = times[1];
+    println!("{}", serde_json::json!({"check": "bench", "what": "train step smollm2 f32 1x256", "seconds": sec, "tok_s": (b * t) as f64 / sec, "loss": loss}));
+    table.push(format!(
+        "egret train step smollm2 1x256: {:.1} ms, {:.0} tok/s (loss {loss:.3})",
+        sec * 1e3,
+        (b * t) as f64 / sec
+    ));
+    Ok(())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [bundle, weights] = args.as_slice() else {
@@ -296,10 +420,12 @@ fn main() {
         }
     }
     let mut ok = true;
-    let steps: [(&str, &dyn Fn(&mut Vec<String>) -> Res<bool>); 3] = [
+    let steps: [(&str, &dyn Fn(&mut Vec<String>) -> Res<bool>); 5] = [
         ("conformance", &|t| conformance(bundle, t)),
+        ("gradients", &|t| gradients(bundle, t)),
         ("smollm2", &|t| smollm2(bundle, weights, t)),
         ("benches", &|t| benches(bundle, t).map(|_| true)),
+        ("train step", &|t| train_step(bundle, weights, t).map(|_| true)),
     ];
     for (what, step) in steps {
         let t0 = Instant::now();

@@ -24,7 +24,7 @@ use crate::error::{Result, RuntimeError};
 use crate::plan::{BufferRole, ElemType, Plan, SymDim};
 
 /// Threads per block of every launch.
-pub const GPU_BLOCK: u32 = 128;
+pub const GPU_BLOCK: u32 = 256;
 
 /// The most threads one launch starts; a kernel with more parallel work gives each thread
 /// several items (its loop splits the work over however many threads run).
@@ -94,6 +94,9 @@ pub struct GpuExecutor {
     states: Vec<DevState>,
     /// Seconds spent in kernels by the last run (host-timed around a synchronised stream).
     last_kernel_s: f64,
+    /// With profiling on, each kernel of the last run and its seconds (the stream is
+    /// synchronised after every launch, so this slows the run down).
+    profile: Option<Vec<(String, f64)>>,
 }
 
 fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
@@ -145,6 +148,7 @@ impl GpuExecutor {
             states,
             stream,
             last_kernel_s: 0.0,
+            profile: None,
         })
     }
 
@@ -155,6 +159,16 @@ impl GpuExecutor {
     /// Seconds the last run spent launching and running kernels.
     pub fn last_kernel_seconds(&self) -> f64 {
         self.last_kernel_s
+    }
+
+    /// Times every kernel of the following runs (see `profile`).
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profile = on.then(Vec::new);
+    }
+
+    /// With profiling on: what each kernel of the last run computed and its seconds.
+    pub fn profile(&self) -> &[(String, f64)] {
+        self.profile.as_deref().unwrap_or(&[])
     }
 
     /// Bytes of the last run's device arena.
@@ -364,7 +378,11 @@ impl GpuExecutor {
             dptr(&self.status, &self.stream),
         );
         let t0 = std::time::Instant::now();
+        if let Some(p) = &mut self.profile {
+            p.clear();
+        }
         for (i, &k) in kernels.iter().enumerate() {
+            let tk = std::time::Instant::now();
             let bufs = tab_p + 8 * starts[i] as u64;
             let cfg = LaunchConfig {
                 grid_dim: (launch[i], 1, 1),
@@ -381,6 +399,10 @@ impl GpuExecutor {
                     self.plan.kernels[k].what
                 ))
             })?;
+            if let Some(p) = &mut self.profile {
+                self.stream.synchronize().map_err(cuda)?;
+                p.push((self.plan.kernels[k].what.clone(), tk.elapsed().as_secs_f64()));
+            }
         }
         let status = self
             .stream

@@ -170,6 +170,14 @@ impl Session {
         })
     }
 
+    /// The CUDA executor, when the session runs on the GPU (for profiling).
+    pub fn gpu_executor(&mut self) -> Option<&mut GpuExecutor> {
+        match &mut self.exec {
+            Exec::Gpu(g) => Some(g),
+            Exec::Cpu { .. } => None,
+        }
+    }
+
     /// Tokens already in the cache.
     pub fn position(&self) -> usize {
         self.pos

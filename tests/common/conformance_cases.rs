@@ -153,6 +153,18 @@ const CASES: &[(&str, &str)] = &[
   output "o" = %o"#,
     ),
     (
+        // Strided operands (a transposed left side, a transposed weight) at sizes on both
+        // sides of the GPU's tiled-matmul threshold, with row, column and k tails.
+        "matmul-strided",
+        r#"
+  %x = input "x" : f32[37, N]
+  %xt = permute[perm=[1, 0]](%x) : f32[N, 37]
+  %w = input "w" : f32[130, 37]
+  %wt = permute[perm=[1, 0]](%w) : f32[37, 130]
+  %y = matmul(%xt, %wt) : f32[N, 130]
+  output "y" = %y"#,
+    ),
+    (
         "views",
         r#"
   %x = input "x" : f32[2, N, 3]

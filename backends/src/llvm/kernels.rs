@@ -362,6 +362,29 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
             .into_float_value())
     }
 
+    /// A three-operand f32 intrinsic (`llvm.fma`).
+    fn intrinsic3(
+        &self,
+        name: &str,
+        a: FloatValue<'ctx>,
+        b: FloatValue<'ctx>,
+        c: FloatValue<'ctx>,
+    ) -> R<FloatValue<'ctx>> {
+        let i = Intrinsic::find(name)
+            .ok_or_else(|| BackendError::Llvm(format!("no intrinsic {name}")))?;
+        let f = i
+            .get_declaration(self.module, &[self.f32t.into()])
+            .ok_or_else(|| BackendError::Llvm(format!("cannot declare {name}")))?;
+        let r = self
+            .b
+            .build_call(f, &[a.into(), b.into(), c.into()], name)
+            .map_err(be)?;
+        Ok(r.try_as_basic_value()
+            .basic()
+            .expect("intrinsic returns a value")
+            .into_float_value())
+    }
+
     /// `tanhf` from the C library (there is no LLVM intrinsic).
     fn libm(&self, name: &str, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
         let f = self.module.get_function(name).unwrap_or_else(|| {
@@ -1806,8 +1829,20 @@ fn matmul<'ctx>(
         fb.for_range(tail_start, mv, |fb, mi| block(fb, mi, 1, cs, ce))
     };
     if fb.gpu {
-        // One (row block, column) per GPU thread: neighbouring threads read neighbouring
-        // weight columns.
+        let small = fb
+            .b
+            .build_int_compare(IntPredicate::SLE, mv, fb.i64c(GPU_GEMV_MAX_M), "small")
+            .map_err(be)?;
+        let tiled = fb.ctx.append_basic_block(fb.func, "tiled");
+        let gemv = fb.ctx.append_basic_block(fb.func, "gemv");
+        fb.b.build_conditional_branch(small, gemv, tiled)
+            .map_err(be)?;
+        fb.b.position_at_end(tiled);
+        gpu_tiled_matmul(fb, optr, &aav, gav.as_ref(), norm.is_some(), eps, &wav, &bdims, nbatch, (mv, nv, kv), shared_w)?;
+        fb.ret_ok()?;
+        fb.b.position_at_end(gemv);
+        // Few rows (decode): one (row block, column) per GPU thread, neighbouring threads
+        // reading neighbouring weight columns.
         let nblk = fb.add(
             blocks,
             fb.b.build_int_signed_div(
@@ -1888,6 +1923,231 @@ fn rms_norm(fb: &Fb, out: u32, x: &Access, w: &Access, shape: &[Dim], eps: f64) 
     fb.ret_ok()
 }
 
+/// GPU matmuls with at most this many rows run as one (row block, column) dot product per
+/// thread (they are bound by reading the weights once); larger ones by `gpu_tiled_matmul`.
+const GPU_GEMV_MAX_M: i64 = 32;
+/// `gpu_tiled_matmul`'s output tile (rows and columns) per 256-thread block.
+pub const GPU_TILE: i64 = 128;
+/// Its k-step: an `8 × 128` slice of each operand sits in shared memory.
+const GPU_TILE_K: i64 = 8;
+/// Threads per GPU block (every launch is in blocks of the runtime's `GPU_BLOCK`):
+/// `gpu_tiled_matmul` is written for 256.
+const GPU_BLOCK_THREADS: i64 = egret_runtime::gpu::GPU_BLOCK as i64;
+const _: () = assert!(GPU_BLOCK_THREADS == 256);
+
+/// A shared-memory array of `len` floats private to the kernel being generated.
+fn shared_f32<'ctx>(fb: &Fb<'_, 'ctx>, name: &str, len: u32) -> PointerValue<'ctx> {
+    let ty = fb.f32t.array_type(len);
+    let g = fb
+        .module
+        .add_global(ty, Some(AddressSpace::from(3u16)), &format!("{}_{name}", fb.func.get_name().to_string_lossy()));
+    g.set_linkage(Linkage::Internal);
+    g.set_initializer(&ty.get_undef());
+    g.set_alignment(16);
+    g.as_pointer_value()
+}
+
+/// `barrier.sync.aligned 0`: every thread of the block reaches it before any goes on.
+fn barrier(fb: &Fb) -> R<()> {
+    let name = "llvm.nvvm.barrier.cta.sync.aligned.all";
+    let f = Intrinsic::find(name)
+        .and_then(|i| i.get_declaration(fb.module, &[]))
+        .ok_or_else(|| BackendError::Llvm(format!("no intrinsic {name}")))?;
+    let bar0 = fb.ctx.i32_type().const_zero();
+    fb.b.build_call(f, &[bar0.into()], "").map_err(be)?;
+    Ok(())
+}
+
+/// The classic shared-memory SGEMM on the GPU, f32 throughout: each 256-thread block computes
+/// `GPU_TILE × GPU_TILE` outputs (blocks stride over the tiles of every batch entry), k in
+/// steps of `GPU_TILE_K`: the block stages an `A` slice (stored k-major) and a `W` slice in
+/// shared memory, then thread `(ty, tx)` of a 16 × 16 grid accumulates the 8 × 8 outputs at
+/// rows `ty + 16i`, columns `tx + 16j` (conflict-free shared reads, neighbouring threads on
+/// neighbouring columns). With `norm`, `A`'s rows are first reduced to `rsqrt(mean(a²)+eps)`
+/// (two threads a row) and the outputs scaled by it; `g` scales `A`'s columns as they load.
+#[allow(clippy::too_many_arguments)]
+fn gpu_tiled_matmul<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    optr: PointerValue<'ctx>,
+    aav: &Av<'ctx>,
+    gav: Option<&Av<'ctx>>,
+    norm: bool,
+    eps: f64,
+    wav: &Av<'ctx>,
+    bdims: &[IntValue<'ctx>],
+    nbatch: IntValue<'ctx>,
+    (mv, nv, kv): (IntValue<'ctx>, IntValue<'ctx>, IntValue<'ctx>),
+    shared_w: bool,
+) -> R<()> {
+    let (t, tk) = (GPU_TILE, GPU_TILE_K);
+    let c = |v: i64| fb.i64c(v);
+    let sdiv = |a, b, n| fb.b.build_int_signed_div(a, b, n).map_err(be);
+    let srem = |a, b, n| fb.b.build_int_signed_rem(a, b, n).map_err(be);
+    let lt = |a, b| fb.b.build_int_compare(IntPredicate::SLT, a, b, "lt").map_err(be);
+    let and = |a, b| fb.b.build_and(a, b, "and").map_err(be);
+    let a_s = shared_f32(fb, "a", (t * tk) as u32);
+    let w_s = shared_f32(fb, "w", (t * tk) as u32);
+    let inv_s = shared_f32(fb, "inv", (2 * t) as u32);
+    let lane = srem(fb.tid, c(GPU_BLOCK_THREADS), "lane")?;
+    let blk = sdiv(fb.tid, c(GPU_BLOCK_THREADS), "blk")?;
+    let nblk = sdiv(fb.nth, c(GPU_BLOCK_THREADS), "nblk")?;
+    let (ty, tx) = (sdiv(lane, c(16), "ty")?, srem(lane, c(16), "tx")?);
+    let tiles_m = sdiv(fb.add(mv, c(t - 1))?, c(t), "tm")?;
+    let tiles_n = sdiv(fb.add(nv, c(t - 1))?, c(t), "tn")?;
+    let per_batch = fb.mul(tiles_m, tiles_n)?;
+    let ntiles = fb.mul(per_batch, nbatch)?;
+    // This block's tiles: blk, blk + nblk, ...
+    let iters = sdiv(
+        fb.add(fb.b.build_int_sub(ntiles, blk, "r").map_err(be)?, fb.b.build_int_sub(nblk, c(1), "n1").map_err(be)?)?,
+        nblk,
+        "iters",
+    )?;
+    let accs: Vec<PointerValue> = (0..64).map(|_| fb.slot(fb.f32t.into())).collect::<R<_>>()?;
+    let (ra, ka) = (aav.strides.len() - 2, aav.strides.len() - 1);
+    let (kw, nw) = (wav.strides.len() - 2, wav.strides.len() - 1);
+    let ktiles = sdiv(fb.add(kv, c(tk - 1))?, c(tk), "kt")?;
+    fb.for_range(c(0), iters, |fb, it| {
+        let tile = fb.add(blk, fb.mul(it, nblk)?)?;
+        let bi = sdiv(tile, per_batch, "bi")?;
+        let rest = srem(tile, per_batch, "rest")?;
+        let m0 = fb.mul(sdiv(rest, tiles_n, "tmi")?, c(t))?;
+        let n0 = fb.mul(srem(rest, tiles_n, "tni")?, c(t))?;
+        let bidx = fb.decompose(bi, bdims)?;
+        let bpairs: Vec<(usize, IntValue)> = bidx.iter().copied().enumerate().collect();
+        let abase = fb.at(aav, &bpairs)?;
+        let wbase = if shared_w { wav.off } else { fb.at(wav, &bpairs)? };
+        if norm {
+            // Row r = lane / 2 of the tile, half h = lane % 2 of its k range (interleaved).
+            let r = sdiv(lane, c(2), "r")?;
+            let h = srem(lane, c(2), "h")?;
+            let row = fb.add(m0, r)?;
+            let acc = accs[0];
+            fb.set(acc, fb.f32c(0.0))?;
+            fb.if_else(
+                lt(row, mv)?,
+                |fb| {
+                    let rb = fb.add(abase, fb.mul(row, aav.strides[ra])?)?;
+                    let half = sdiv(fb.add(fb.b.build_int_sub(kv, h, "kh").map_err(be)?, c(1))?, c(2), "nk")?;
+                    fb.for_range(c(0), half, |fb, j| {
+                        let kk = fb.add(fb.mul(j, c(2))?, h)?;
+                        let x = fb.load_f32(aav.ptr, fb.add(rb, fb.mul(kk, aav.strides[ka])?)?)?;
+                        fb.set(acc, fb.fma_fast(fb.get(acc)?, x, x)?)
+                    })
+                },
+                |_| Ok(()),
+            )?;
+            let p = unsafe { fb.b.build_in_bounds_gep(fb.f32t, inv_s, &[lane], "ip") }.map_err(be)?;
+            fb.b.build_store(p, fb.get(acc)?).map_err(be)?;
+            barrier(fb)?;
+            fb.if_else(
+                lt(lane, c(t))?,
+                |fb| {
+                    let i2 = fb.mul(lane, c(2))?;
+                    let s0 = fb.load_f32(inv_s, i2)?;
+                    let s1 = fb.load_f32(inv_s, fb.add(i2, c(1))?)?;
+                    let kf = fb.b.build_signed_int_to_float(kv, fb.f32t, "kf").map_err(be)?;
+                    let mean = fb.b.build_float_div(fb.fadd(s0, s1)?, kf, "mean").map_err(be)?;
+                    let sq = fb.intrinsic("llvm.sqrt", &[fb.fadd(mean, fb.f32c(eps))?])?;
+                    let inv = fb.b.build_float_div(fb.f32c(1.0), sq, "inv").map_err(be)?;
+                    fb.store_f32(inv_s, fb.add(lane, c(t))?, inv)
+                },
+                |_| Ok(()),
+            )?;
+        }
+        for a in &accs {
+            fb.set(*a, fb.f32c(0.0))?;
+        }
+        fb.for_range(c(0), ktiles, |fb, kt| {
+            let k0 = fb.mul(kt, c(tk))?;
+            barrier(fb)?;
+            for i in 0..(t * tk / GPU_BLOCK_THREADS) {
+                let e = fb.add(lane, c(i * GPU_BLOCK_THREADS))?;
+                // A: row e / 8, column e % 8 of the slice, stored at [col][row].
+                let (row, col) = (sdiv(e, c(tk), "ar")?, srem(e, c(tk), "ac")?);
+                let (gm, gk) = (fb.add(m0, row)?, fb.add(k0, col)?);
+                let inb = and(lt(gm, mv)?, lt(gk, kv)?)?;
+                let v = fb.slot(fb.f32t.into())?;
+                fb.set(v, fb.f32c(0.0))?;
+                fb.if_else(
+                    inb,
+                    |fb| {
+                        let at = fb.add(abase, fb.add(fb.mul(gm, aav.strides[ra])?, fb.mul(gk, aav.strides[ka])?)?)?;
+                        let mut x = fb.load_f32(aav.ptr, at)?;
+                        if let Some(g) = gav {
+                            let gv = fb.load_f32(g.ptr, fb.add(g.off, fb.mul(gk, g.strides[0])?)?)?;
+                            x = fb.fmul(x, gv)?;
+                        }
+                        fb.set(v, x)
+                    },
+                    |_| Ok(()),
+                )?;
+                fb.store_f32(a_s, fb.add(fb.mul(col, c(t))?, row)?, fb.get(v)?)?;
+                // W: row e / 128, column e % 128 of the slice.
+                let (wr, wc) = (sdiv(e, c(t), "wr")?, srem(e, c(t), "wc")?);
+                let (gk, gn) = (fb.add(k0, wr)?, fb.add(n0, wc)?);
+                let inb = and(lt(gk, kv)?, lt(gn, nv)?)?;
+                fb.set(v, fb.f32c(0.0))?;
+                fb.if_else(
+                    inb,
+                    |fb| {
+                        let at = fb.add(wbase, fb.add(fb.mul(gk, wav.strides[kw])?, fb.mul(gn, wav.strides[nw])?)?)?;
+                        fb.set(v, fb.load_f32(wav.ptr, at)?)
+                    },
+                    |_| Ok(()),
+                )?;
+                fb.store_f32(w_s, e, fb.get(v)?)?;
+            }
+            barrier(fb)?;
+            for kk in 0..tk {
+                let av: Vec<FloatValue> = (0..8)
+                    .map(|i| fb.load_f32(a_s, fb.add(ty, c(kk * t + 16 * i))?))
+                    .collect::<R<_>>()?;
+                let wv: Vec<FloatValue> = (0..8)
+                    .map(|j| fb.load_f32(w_s, fb.add(tx, c(kk * t + 16 * j))?))
+                    .collect::<R<_>>()?;
+                for i in 0..8 {
+                    for j in 0..8 {
+                        let a = accs[i * 8 + j];
+                        let fma = fb.intrinsic3("llvm.fma", av[i], wv[j], fb.get(a)?)?;
+                        fb.set(a, fma)?;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        for i in 0..8i64 {
+            let r = fb.add(ty, c(16 * i))?;
+            let row = fb.add(m0, r)?;
+            let scale = if norm {
+                Some(fb.load_f32(inv_s, fb.add(r, c(t))?)?)
+            } else {
+                None
+            };
+            for j in 0..8i64 {
+                let col = fb.add(n0, fb.add(tx, c(16 * j))?)?;
+                let a = accs[(i * 8 + j) as usize];
+                fb.if_else(
+                    and(lt(row, mv)?, lt(col, nv)?)?,
+                    |fb| {
+                        let mut v = fb.get(a)?;
+                        if let Some(s) = scale {
+                            v = fb.fmul(v, s)?;
+                        }
+                        let o = fb.add(fb.mul(fb.add(fb.mul(bi, mv)?, row)?, nv)?, col)?;
+                        fb.store_f32(optr, o, v)
+                    },
+                    |_| Ok(()),
+                )?;
+            }
+        }
+        // The next tile's staging must not overwrite `inv_s` before everyone read it.
+        barrier(fb)
+    })
+}
+
+/// `ATTN_SPLIT_MIN_KEYS` on the GPU.
+const GPU_ATTN_SPLIT_MIN_KEYS: i64 = 16;
+
 /// Keys per block of the attention kernel: scores of a block are computed together so the
 /// max, the exponentials and their sum vectorise across keys.
 const ATTN_BLOCK: i64 = 64;
@@ -1899,8 +2159,14 @@ fn attn_splits<'ctx>(
     units: IntValue<'ctx>,
     s: IntValue<'ctx>,
 ) -> R<IntValue<'ctx>> {
+    // A GPU thread is slower than a CPU core but there are thousands: split finer there.
+    let min_keys = if fb.gpu {
+        GPU_ATTN_SPLIT_MIN_KEYS
+    } else {
+        ATTN_SPLIT_MIN_KEYS
+    };
     let by_keys =
-        fb.b.build_int_signed_div(s, fb.i64c(ATTN_SPLIT_MIN_KEYS), "bk")
+        fb.b.build_int_signed_div(s, fb.i64c(min_keys), "bk")
             .map_err(be)?;
     let clamp = |v: IntValue<'ctx>, pred: IntPredicate, lim: i64| -> R<IntValue<'ctx>> {
         let c =
@@ -2866,6 +3132,17 @@ pub fn gpu_entry<'ctx>(
     /// LLVM's calling convention number of `ptx_kernel` (a grid entry point).
     const PTX_KERNEL_CC: u32 = 71;
     func.set_call_conventions(PTX_KERNEL_CC);
+    // Blocks are always `GPU_BLOCK` threads; asking for two resident blocks per SM caps
+    // registers at 128 a thread (the tiled matmul would take more and leave one block).
+    for (k, v) in [
+        ("nvvm.maxntid", GPU_BLOCK_THREADS.to_string()),
+        ("nvvm.minctasm", "2".to_string()),
+    ] {
+        func.add_attribute(
+            AttributeLoc::Function,
+            ctx.create_string_attribute(k, &v),
+        );
+    }
     let b = ctx.create_builder();
     b.position_at_end(ctx.append_basic_block(func, "entry"));
     let sreg = |reg: &str| -> R<IntValue<'ctx>> {
