@@ -15,7 +15,8 @@
 //! - `bench-matmul/`, `bench-attention/`: a matmul and a causal attention for timing;
 //! - `grads/<fixture>/`: each tiny transformers fixture's gradient graph (PTX, entry `run`)
 //!   with the fixture's weights, tokens and transformers' loss and gradients;
-//! - `smollm2-train/`: SmolLM2-135M's AdamW `train_step` for the GPU, to time.
+//! - `smollm2-train/`, `smollm2-train-cpu/`: SmolLM2-135M's AdamW `train_step` for the GPU
+//!   and the CPU: the GPU's losses are checked against the CPU's, and timed.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -158,7 +159,9 @@ fn main() -> Res<()> {
     )?;
     ptx_artifact(&attn, &out.join("bench-attention"))?;
     for name in ["gqa_untied", "mha_tied_rope_parameters", "odd_head_dim_mqa"] {
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny").join(name);
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tiny")
+            .join(name);
         let cfg = egret::load_config(&egret::ModelSource::resolve(src.to_str().ok_or("path")?)?)?;
         let g = egret::train::grad_graph(&cfg, "default", None)?;
         let dir = out.join("grads").join(name);
@@ -174,6 +177,17 @@ fn main() -> Res<()> {
         &egret::train::AdamW::default(),
         None,
         &out.join("smollm2-train"),
+    )?;
+    egret::train::compile_train_artifact(
+        &cfg,
+        "default",
+        &CpuOptions {
+            cpu: "x86-64-v3".into(),
+            ..CpuOptions::default()
+        },
+        &egret::train::AdamW::default(),
+        None,
+        &out.join("smollm2-train-cpu"),
     )?;
     println!("{}", out.display());
     Ok(())

@@ -83,6 +83,10 @@ with torch.no_grad():
 decode = 63 / max(total - 64 / prefill, 1e-9)
 emit(check="torch", what="hf smollm2 f32", prefill_tok_s=prefill, decode_tok_s=decode)
 
+xs = torch.tensor([[(i * 7919 + 13) % cfg.vocab_size for i in range(256)]], device=dev)
+with torch.no_grad():
+    emit(check="torch", what="hf loss of the train-step batch at init",
+         loss=model(xs, labels=xs).loss.item())
 model.train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 x = torch.randint(0, cfg.vocab_size, (1, 257), device=dev)

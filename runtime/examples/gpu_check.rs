@@ -197,23 +197,7 @@ fn smollm2(bundle: &Path, weights: &Path, table: &mut Vec<String>) -> Res<bool> 
             gpu.decode(ids[0])?;
         }
         let ex = gpu.gpu_executor().ok_or("gpu session")?;
-        let mut by: HashMap<String, (f64, usize)> = HashMap::new();
-        for (w, t) in ex.profile() {
-            let key: String = w.split_whitespace().take(1).collect();
-            let e = by.entry(key).or_default();
-            e.0 += t;
-            e.1 += 1;
-        }
-        let mut v: Vec<_> = by.into_iter().collect();
-        v.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
-        let total: f64 = v.iter().map(|x| x.1 .0).sum();
-        println!("{}", serde_json::json!({"check": "profile", "step": what, "total_s": total, "kinds": v.iter().map(|(k, (t, n))| serde_json::json!([k, t, n])).collect::<Vec<_>>()}));
-        let top: Vec<String> = v
-            .iter()
-            .take(5)
-            .map(|(k, (t, n))| format!("{k} {:.2} ms/{n}", t * 1e3))
-            .collect();
-        table.push(format!("profile {what} (synchronised launches, {:.2} ms): {}", total * 1e3, top.join(", ")));
+        summarize_profile(what, ex.profile(), table);
     }
     if let Some(ex) = gpu.gpu_executor() {
         ex.set_profiling(false);
@@ -313,6 +297,38 @@ fn benches(bundle: &Path, table: &mut Vec<String>) -> Res<()> {
     Ok(())
 }
 
+/// The kernels of a profiled run grouped by kind (the first word of what they compute).
+fn summarize_profile(what: &str, profile: &[(String, f64)], table: &mut Vec<String>) {
+    let mut by: HashMap<String, (f64, usize)> = HashMap::new();
+    for (w, t) in profile {
+        let key: String = w.split_whitespace().take(1).collect();
+        let e = by.entry(key).or_default();
+        e.0 += t;
+        e.1 += 1;
+    }
+    let mut v: Vec<_> = by.into_iter().collect();
+    v.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+    let total: f64 = v.iter().map(|x| x.1 .0).sum();
+    let mut slow: Vec<&(String, f64)> = profile.iter().collect();
+    slow.sort_by(|a, b| b.1.total_cmp(&a.1));
+    println!(
+        "{}",
+        serde_json::json!({"check": "profile", "step": what, "total_s": total,
+        "kinds": v.iter().map(|(k, (t, n))| serde_json::json!([k, t, n])).collect::<Vec<_>>(),
+        "slowest": slow.iter().take(12).map(|(w, t)| serde_json::json!([w, t])).collect::<Vec<_>>()})
+    );
+    let top: Vec<String> = v
+        .iter()
+        .take(5)
+        .map(|(k, (t, n))| format!("{k} {:.2} ms/{n}", t * 1e3))
+        .collect();
+    table.push(format!(
+        "profile {what} (synchronised launches, {:.2} ms): {}",
+        total * 1e3,
+        top.join(", ")
+    ));
+}
+
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
@@ -326,7 +342,11 @@ fn gradients(bundle: &Path, table: &mut Vec<String>) -> Res<bool> {
         .collect();
     dirs.sort();
     for d in dirs {
-        let name = d.file_name().unwrap_or_default().to_string_lossy().to_string();
+        let name = d
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
         let mut ex = executor(&d)?;
         let w = egret_runtime::weights::load(&d.join("model.safetensors"))?;
         let params: HashMap<String, (Vec<usize>, Arc<Vec<f32>>)> = w
@@ -369,7 +389,10 @@ fn gradients(bundle: &Path, table: &mut Vec<String>) -> Res<bool> {
         }
         let good = lrel <= 1e-5 && worst <= 1e-4;
         ok &= good;
-        println!("{}", serde_json::json!({"check": "gradients", "fixture": name, "loss_rel": lrel, "worst_grad_rel_l2": worst}));
+        println!(
+            "{}",
+            serde_json::json!({"check": "gradients", "fixture": name, "loss_rel": lrel, "worst_grad_rel_l2": worst})
+        );
         table.push(format!(
             "gradients {name:<24} loss rel {lrel:.1e}, worst gradient rel L2 {worst:.1e} {}",
             if good { "ok" } else { "FAIL" }
@@ -378,30 +401,61 @@ fn gradients(bundle: &Path, table: &mut Vec<String>) -> Res<bool> {
     Ok(ok)
 }
 
-fn train_step(bundle: &Path, weights: &Path, table: &mut Vec<String>) -> Res<()> {
-    let art = Artifact::load(bundle.join("smollm2-train"))?;
-    let w = egret_runtime::weights::load(weights)?;
-    let mut s = egret_runtime::TrainSession::new(&art, w, 0)?;
+/// Two AdamW steps of SmolLM2 (batch 1 × 256) on the GPU and on the CPU from the same
+/// weights: the losses agree; then the GPU's step is timed.
+fn train_step(bundle: &Path, weights: &Path, table: &mut Vec<String>) -> Res<bool> {
     let (b, t) = (1, 256);
-    let toks: Vec<u32> = (0..(b * t) as u64).map(|i| ((i * 7919 + 13) % 49152) as u32).collect();
+    let toks: Vec<u32> = (0..(b * t) as u64)
+        .map(|i| ((i * 7919 + 13) % 49152) as u32)
+        .collect();
     let targets: Vec<i64> = toks.iter().skip(1).map(|&x| x as i64).chain([-1]).collect();
-    s.train_step(&toks, &targets, b, t, 1e-4)?;
+    let mut losses = vec![];
+    let mut gpu = None;
+    for dir in ["smollm2-train", "smollm2-train-cpu"] {
+        let art = Artifact::load(bundle.join(dir))?;
+        let mut s =
+            egret_runtime::TrainSession::new(&art, egret_runtime::weights::load(weights)?, 0)?;
+        let l: Vec<f32> = (0..2)
+            .map(|_| s.train_step(&toks, &targets, b, t, 1e-4).map(|o| o.loss))
+            .collect::<Result<_, _>>()?;
+        losses.push(l);
+        if gpu.is_none() {
+            gpu = Some(s);
+        }
+    }
+    let mut s = gpu.ok_or("gpu session")?;
     let mut times = vec![];
-    let mut loss = 0.0;
     for _ in 0..3 {
         let t0 = Instant::now();
-        loss = s.train_step(&toks, &targets, b, t, 1e-4)?.loss;
+        s.train_step(&toks, &targets, b, t, 1e-4)?;
         times.push(t0.elapsed().as_secs_f64());
     }
     times.sort_by(|a, b| a.total_cmp(b));
     let sec = times[1];
-    println!("{}", serde_json::json!({"check": "bench", "what": "train step smollm2 f32 1x256", "seconds": sec, "tok_s": (b * t) as f64 / sec, "loss": loss}));
+    if let Some(ex) = s.gpu_executor() {
+        ex.set_profiling(true);
+    }
+    s.train_step(&toks, &targets, b, t, 1e-4)?;
+    if let Some(ex) = s.gpu_executor() {
+        summarize_profile("train step", ex.profile(), table);
+    }
+    let rel = losses[0]
+        .iter()
+        .zip(&losses[1])
+        .map(|(g, c)| ((g - c) / c).abs())
+        .fold(0f32, f32::max);
+    println!(
+        "{}",
+        serde_json::json!({"check": "bench", "what": "train step smollm2 f32 1x256", "seconds": sec, "tok_s": (b * t) as f64 / sec, "gpu_losses": losses[0], "cpu_losses": losses[1]})
+    );
     table.push(format!(
-        "egret train step smollm2 1x256: {:.1} ms, {:.0} tok/s (loss {loss:.3})",
+        "egret train step smollm2 1x256: {:.1} ms, {:.0} tok/s; losses gpu {:?} cpu {:?} (rel {rel:.1e})",
         sec * 1e3,
-        (b * t) as f64 / sec
+        (b * t) as f64 / sec,
+        losses[0],
+        losses[1]
     ));
-    Ok(())
+    Ok(rel <= 1e-4)
 }
 
 fn main() {
@@ -425,7 +479,7 @@ fn main() {
         ("gradients", &|t| gradients(bundle, t)),
         ("smollm2", &|t| smollm2(bundle, weights, t)),
         ("benches", &|t| benches(bundle, t).map(|_| true)),
-        ("train step", &|t| train_step(bundle, weights, t).map(|_| true)),
+        ("train step", &|t| train_step(bundle, weights, t)),
     ];
     for (what, step) in steps {
         let t0 = Instant::now();

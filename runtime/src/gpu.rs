@@ -401,7 +401,10 @@ impl GpuExecutor {
             })?;
             if let Some(p) = &mut self.profile {
                 self.stream.synchronize().map_err(cuda)?;
-                p.push((self.plan.kernels[k].what.clone(), tk.elapsed().as_secs_f64()));
+                p.push((
+                    self.plan.kernels[k].what.clone(),
+                    tk.elapsed().as_secs_f64(),
+                ));
             }
         }
         let status = self
@@ -482,14 +485,6 @@ impl GpuExecutor {
             .filter(|k| !self.plan.kernels[*k].init)
             .collect();
         self.launch_all(&run, &syms, &ptrs)?;
-        drop(uploaded);
-        for (i, spec) in self.plan.states.iter().enumerate() {
-            self.states[i].shape = spec
-                .out_dims
-                .iter()
-                .map(|d| d.eval(&syms).max(0) as usize)
-                .collect();
-        }
         let mut outs = HashMap::new();
         for (name, b) in &self.plan.outputs {
             let spec = &self.plan.buffers[*b as usize];
@@ -501,20 +496,16 @@ impl GpuExecutor {
             let n: usize = shape.iter().product();
             let bytes = n * spec.elem.size();
             let mut host = vec![0u8; bytes];
+            // Wherever the output lives (arena, parameter, `Init` value, uploaded input).
+            let src = match &self.persistent[*b as usize] {
+                Some(s) => dptr(s, &self.stream),
+                None => ptrs[*b as usize],
+            };
             if bytes > 0 {
-                match &self.persistent[*b as usize] {
-                    Some(s) => self
-                        .stream
-                        .memcpy_dtoh(&s.slice(0..bytes), &mut host)
-                        .map_err(cuda)?,
-                    None => {
-                        let arena = self.arena.as_ref().expect("allocated");
-                        let off = offsets[*b as usize];
-                        self.stream
-                            .memcpy_dtoh(&arena.slice(off..off + bytes), &mut host)
-                            .map_err(cuda)?
-                    }
-                }
+                // SAFETY: `src` addresses a live device buffer of at least `bytes` bytes (the
+                // plan's size for these symbols); the stream is synchronised (launch_all).
+                unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut host, src) }
+                    .map_err(cuda)?;
             }
             let data = match spec.elem {
                 ElemType::F32 => HostData::F32(
@@ -535,6 +526,14 @@ impl GpuExecutor {
                 }
             };
             outs.insert(name.clone(), HostValue { shape, data });
+        }
+        drop(uploaded);
+        for (i, spec) in self.plan.states.iter().enumerate() {
+            self.states[i].shape = spec
+                .out_dims
+                .iter()
+                .map(|d| d.eval(&syms).max(0) as usize)
+                .collect();
         }
         Ok(outs)
     }

@@ -344,6 +344,14 @@ impl TrainSession {
         })
     }
 
+    /// The CUDA executor, when the session trains on the GPU (for profiling).
+    pub fn gpu_executor(&mut self) -> Option<&mut GpuExecutor> {
+        match &mut self.exec {
+            Exec::Gpu(g) => Some(g),
+            Exec::Cpu { .. } => None,
+        }
+    }
+
     /// Steps taken.
     pub fn step(&self) -> usize {
         self.step

@@ -861,8 +861,13 @@ pub fn emit<'ctx>(
             dims,
             scale,
         } => {
-            attention(&fb, *out, *part, q, k, v, pos, dims, *scale)?;
-            (dims.dv + ATTN_BLOCK) as usize
+            if gpu {
+                gpu_attention(&fb, *out, q, k, v, pos, dims, *scale)?;
+                0
+            } else {
+                attention(&fb, *out, *part, q, k, v, pos, dims, *scale)?;
+                (dims.dv + ATTN_BLOCK) as usize
+            }
         }
         Kernel::AttentionCombine { out, part, dims } => {
             attention_combine(&fb, *out, *part, dims)?;
@@ -1722,9 +1727,8 @@ fn matmul<'ctx>(
         fb.b.build_int_signed_div(mv, fb.i64c(ROW_BLOCK as i64), "blocks")
             .map_err(be)?;
     let tail_start = fb.mul(blocks, fb.i64c(ROW_BLOCK as i64))?;
-    // One batch entry; on the GPU only row block `rb`, column `col` of it.
-    type Unit<'c> = Option<(IntValue<'c>, IntValue<'c>)>;
-    let run_batch = |fb: &Fb<'_, 'ctx>, bi: IntValue<'ctx>, unit: Unit<'ctx>| -> R<()> {
+    // One batch entry.
+    let run_batch = |fb: &Fb<'_, 'ctx>, bi: IntValue<'ctx>| -> R<()> {
         let bidx = fb.decompose(bi, &bdims)?;
         let bpairs: Vec<(usize, IntValue)> = bidx.iter().copied().enumerate().collect();
         let abase0 = fb.at(&aav, &bpairs)?;
@@ -1800,23 +1804,6 @@ fn matmul<'ctx>(
                 Ok(())
             })
         };
-        if let Some((rb, col)) = unit {
-            let m0 = fb.mul(rb, fb.i64c(ROW_BLOCK as i64))?;
-            let c1 = fb.add(col, fb.i64c(1))?;
-            let full =
-                fb.b.build_int_compare(
-                    IntPredicate::SLE,
-                    fb.add(m0, fb.i64c(ROW_BLOCK as i64))?,
-                    mv,
-                    "full",
-                )
-                .map_err(be)?;
-            return fb.if_else(
-                full,
-                |fb| block(fb, m0, ROW_BLOCK, col, c1),
-                |fb| fb.for_range(m0, mv, |fb, mi| block(fb, mi, 1, col, c1)),
-            );
-        }
         fb.for_range(fb.i64c(0), blocks, |fb, blk| {
             block(
                 fb,
@@ -1829,43 +1816,44 @@ fn matmul<'ctx>(
         fb.for_range(tail_start, mv, |fb, mi| block(fb, mi, 1, cs, ce))
     };
     if fb.gpu {
-        let small = fb
-            .b
-            .build_int_compare(IntPredicate::SLE, mv, fb.i64c(GPU_GEMV_MAX_M), "small")
-            .map_err(be)?;
+        let small =
+            fb.b.build_int_compare(IntPredicate::SLE, mv, fb.i64c(GPU_GEMV_MAX_M), "small")
+                .map_err(be)?;
         let tiled = fb.ctx.append_basic_block(fb.func, "tiled");
         let gemv = fb.ctx.append_basic_block(fb.func, "gemv");
         fb.b.build_conditional_branch(small, gemv, tiled)
             .map_err(be)?;
         fb.b.position_at_end(tiled);
-        gpu_tiled_matmul(fb, optr, &aav, gav.as_ref(), norm.is_some(), eps, &wav, &bdims, nbatch, (mv, nv, kv), shared_w)?;
+        gpu_tiled_matmul(
+            fb,
+            optr,
+            &aav,
+            gav.as_ref(),
+            norm.is_some(),
+            eps,
+            &wav,
+            &bdims,
+            nbatch,
+            (mv, nv, kv),
+            shared_w,
+        )?;
         fb.ret_ok()?;
         fb.b.position_at_end(gemv);
-        // Few rows (decode): one (row block, column) per GPU thread, neighbouring threads
-        // reading neighbouring weight columns.
-        let nblk = fb.add(
-            blocks,
-            fb.b.build_int_signed_div(
-                fb.add(
-                    fb.b.build_int_signed_rem(mv, fb.i64c(ROW_BLOCK as i64), "t")
-                        .map_err(be)?,
-                    fb.i64c(ROW_BLOCK as i64 - 1),
-                )?,
-                fb.i64c(ROW_BLOCK as i64),
-                "tb",
-            )
-            .map_err(be)?,
+        gpu_gemv(
+            fb,
+            optr,
+            &aav,
+            gav.as_ref(),
+            norm.is_some(),
+            eps,
+            &wav,
+            &bdims,
+            nbatch,
+            (mv, nv, kv),
+            shared_w,
         )?;
-        let (us, ue) = fb.split(fb.mul(fb.mul(nbatch, nblk)?, nv)?)?;
-        fb.for_range(us, ue, |fb, u| {
-            let col = fb.b.build_int_signed_rem(u, nv, "col").map_err(be)?;
-            let t = fb.b.build_int_signed_div(u, nv, "t").map_err(be)?;
-            let rb = fb.b.build_int_signed_rem(t, nblk, "rb").map_err(be)?;
-            let bi = fb.b.build_int_signed_div(t, nblk, "bi").map_err(be)?;
-            run_batch(fb, bi, Some((rb, col)))
-        })?;
     } else {
-        fb.for_range(fb.i64c(0), nbatch, |fb, bi| run_batch(fb, bi, None))?;
+        fb.for_range(fb.i64c(0), nbatch, |fb, bi| run_batch(fb, bi))?;
     }
     fb.ret_ok()
 }
@@ -1938,9 +1926,11 @@ const _: () = assert!(GPU_BLOCK_THREADS == 256);
 /// A shared-memory array of `len` floats private to the kernel being generated.
 fn shared_f32<'ctx>(fb: &Fb<'_, 'ctx>, name: &str, len: u32) -> PointerValue<'ctx> {
     let ty = fb.f32t.array_type(len);
-    let g = fb
-        .module
-        .add_global(ty, Some(AddressSpace::from(3u16)), &format!("{}_{name}", fb.func.get_name().to_string_lossy()));
+    let g = fb.module.add_global(
+        ty,
+        Some(AddressSpace::from(3u16)),
+        &format!("{}_{name}", fb.func.get_name().to_string_lossy()),
+    );
     g.set_linkage(Linkage::Internal);
     g.set_initializer(&ty.get_undef());
     g.set_alignment(16);
@@ -1956,6 +1946,171 @@ fn barrier(fb: &Fb) -> R<()> {
     let bar0 = fb.ctx.i32_type().const_zero();
     fb.b.build_call(f, &[bar0.into()], "").map_err(be)?;
     Ok(())
+}
+
+/// Column groups of `gpu_gemv`: a warp reads `GEMV_COLS` neighbouring weight columns.
+const GEMV_COLS: i64 = 32;
+
+/// A matmul of few rows (decode) on the GPU, bound by reading the weights once: each
+/// 256-thread block takes `GEMV_COLS` columns (blocks stride over the column groups of every
+/// batch entry) and cuts `k` into 8 chunks, one warp each (lanes on neighbouring columns, so
+/// every weight row is one coalesced read). Rows go four at a time; each warp's partial sums
+/// meet in shared memory and 128 threads add them up and store. With `norm`, the partial sums
+/// of squares of the rows travel the same way and scale the outputs.
+#[allow(clippy::too_many_arguments)]
+fn gpu_gemv<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    optr: PointerValue<'ctx>,
+    aav: &Av<'ctx>,
+    gav: Option<&Av<'ctx>>,
+    norm: bool,
+    eps: f64,
+    wav: &Av<'ctx>,
+    bdims: &[IntValue<'ctx>],
+    nbatch: IntValue<'ctx>,
+    (mv, nv, kv): (IntValue<'ctx>, IntValue<'ctx>, IntValue<'ctx>),
+    shared_w: bool,
+) -> R<()> {
+    let chunks = GPU_BLOCK_THREADS / GEMV_COLS;
+    let rb = ROW_BLOCK as i64;
+    let c = |v: i64| fb.i64c(v);
+    let sdiv = |a, b, n| fb.b.build_int_signed_div(a, b, n).map_err(be);
+    let srem = |a, b, n| fb.b.build_int_signed_rem(a, b, n).map_err(be);
+    let lt = |a, b| {
+        fb.b.build_int_compare(IntPredicate::SLT, a, b, "lt")
+            .map_err(be)
+    };
+    let and = |a, b| fb.b.build_and(a, b, "and").map_err(be);
+    let sub1 = |a| fb.b.build_int_sub(a, c(1), "m1").map_err(be);
+    // Partials: [chunk][row][column], then the rows' sums of squares [chunk][row].
+    let part = shared_f32(fb, "part", (chunks * rb * GEMV_COLS + chunks * rb) as u32);
+    let sq_at = chunks * rb * GEMV_COLS;
+    let lane = srem(fb.tid, c(GPU_BLOCK_THREADS), "lane")?;
+    let blk = sdiv(fb.tid, c(GPU_BLOCK_THREADS), "blk")?;
+    let nblk = sdiv(fb.nth, c(GPU_BLOCK_THREADS), "nblk")?;
+    let (h, col) = (
+        sdiv(lane, c(GEMV_COLS), "h")?,
+        srem(lane, c(GEMV_COLS), "col")?,
+    );
+    let groups = sdiv(fb.add(nv, c(GEMV_COLS - 1))?, c(GEMV_COLS), "groups")?;
+    let units = fb.mul(groups, nbatch)?;
+    let iters = sdiv(
+        fb.add(
+            fb.b.build_int_sub(units, blk, "r").map_err(be)?,
+            sub1(nblk)?,
+        )?,
+        nblk,
+        "iters",
+    )?;
+    let kc = sdiv(fb.add(kv, c(chunks - 1))?, c(chunks), "kc")?;
+    let k0 = fb.mul(h, kc)?;
+    let k1 = fb.imin(fb.add(k0, kc)?, kv)?;
+    let nrb = sdiv(fb.add(mv, c(rb - 1))?, c(rb), "nrb")?;
+    let accs: Vec<PointerValue> = (0..2 * rb)
+        .map(|_| fb.slot(fb.f32t.into()))
+        .collect::<R<_>>()?;
+    let (ra, ka) = (aav.strides.len() - 2, aav.strides.len() - 1);
+    let (kw, nw) = (wav.strides.len() - 2, wav.strides.len() - 1);
+    fb.for_range(c(0), iters, |fb, it| {
+        let unit = fb.add(blk, fb.mul(it, nblk)?)?;
+        let bi = sdiv(unit, groups, "bi")?;
+        let n = fb.add(fb.mul(srem(unit, groups, "g")?, c(GEMV_COLS))?, col)?;
+        // Columns past the end read the last one (harmless) and are never stored.
+        let ncl = fb.imin(n, sub1(nv)?)?;
+        let bidx = fb.decompose(bi, bdims)?;
+        let bpairs: Vec<(usize, IntValue)> = bidx.iter().copied().enumerate().collect();
+        let abase = fb.at(aav, &bpairs)?;
+        let wbase = if shared_w {
+            wav.off
+        } else {
+            fb.at(wav, &bpairs)?
+        };
+        let wcol = fb.add(wbase, fb.mul(ncl, wav.strides[nw])?)?;
+        fb.for_range(c(0), nrb, |fb, rbi| {
+            let m0 = fb.mul(rbi, c(rb))?;
+            // Rows past the end read the last row again and are never stored.
+            let abases: Vec<IntValue> = (0..rb)
+                .map(|r| {
+                    let row = fb.imin(fb.add(m0, c(r))?, sub1(mv)?)?;
+                    fb.add(abase, fb.mul(row, aav.strides[ra])?)
+                })
+                .collect::<R<_>>()?;
+            for a in &accs {
+                fb.set(*a, fb.f32c(0.0))?;
+            }
+            fb.for_range(k0, k1, |fb, kk| {
+                let mut y = fb.load_f32(wav.ptr, fb.add(wcol, fb.mul(kk, wav.strides[kw])?)?)?;
+                if let Some(g) = gav {
+                    let gv = fb.load_f32(g.ptr, fb.add(g.off, fb.mul(kk, g.strides[0])?)?)?;
+                    y = fb.fmul(y, gv)?;
+                }
+                for (r, ab) in abases.iter().enumerate() {
+                    let x = fb.load_f32(aav.ptr, fb.add(*ab, fb.mul(kk, aav.strides[ka])?)?)?;
+                    fb.set(accs[r], fb.intrinsic3("llvm.fma", x, y, fb.get(accs[r])?)?)?;
+                    if norm {
+                        let q = accs[rb as usize + r];
+                        fb.set(q, fb.intrinsic3("llvm.fma", x, x, fb.get(q)?)?)?;
+                    }
+                }
+                Ok(())
+            })?;
+            for r in 0..rb {
+                let slot = fb.add(fb.mul(h, c(rb))?, c(r))?;
+                let at = fb.add(fb.mul(slot, c(GEMV_COLS))?, col)?;
+                fb.store_f32(part, at, fb.get(accs[r as usize])?)?;
+                if norm {
+                    fb.store_f32(
+                        part,
+                        fb.add(c(sq_at), slot)?,
+                        fb.get(accs[(rb + r) as usize])?,
+                    )?;
+                }
+            }
+            barrier(fb)?;
+            fb.if_else(
+                lt(lane, c(rb * GEMV_COLS))?,
+                |fb| {
+                    let r = sdiv(lane, c(GEMV_COLS), "r")?;
+                    let row = fb.add(m0, r)?;
+                    fb.if_else(
+                        and(lt(row, mv)?, lt(n, nv)?)?,
+                        |fb| {
+                            let (sum, sq) = (accs[0], accs[1]);
+                            fb.set(sum, fb.f32c(0.0))?;
+                            fb.set(sq, fb.f32c(0.0))?;
+                            for hh in 0..chunks {
+                                let at = fb.add(
+                                    c(hh * rb * GEMV_COLS),
+                                    fb.add(fb.mul(r, c(GEMV_COLS))?, col)?,
+                                )?;
+                                fb.set(sum, fb.fadd(fb.get(sum)?, fb.load_f32(part, at)?)?)?;
+                                if norm {
+                                    let at = fb.add(c(sq_at + hh * rb), r)?;
+                                    fb.set(sq, fb.fadd(fb.get(sq)?, fb.load_f32(part, at)?)?)?;
+                                }
+                            }
+                            let mut v = fb.get(sum)?;
+                            if norm {
+                                let kf =
+                                    fb.b.build_signed_int_to_float(kv, fb.f32t, "kf")
+                                        .map_err(be)?;
+                                let mean =
+                                    fb.b.build_float_div(fb.get(sq)?, kf, "mean").map_err(be)?;
+                                let sd =
+                                    fb.intrinsic("llvm.sqrt", &[fb.fadd(mean, fb.f32c(eps))?])?;
+                                v = fb.b.build_float_div(v, sd, "v").map_err(be)?;
+                            }
+                            let o = fb.add(fb.mul(fb.add(fb.mul(bi, mv)?, row)?, nv)?, n)?;
+                            fb.store_f32(optr, o, v)
+                        },
+                        |_| Ok(()),
+                    )
+                },
+                |_| Ok(()),
+            )?;
+            barrier(fb)
+        })
+    })
 }
 
 /// The classic shared-memory SGEMM on the GPU, f32 throughout: each 256-thread block computes
@@ -1983,11 +2138,17 @@ fn gpu_tiled_matmul<'ctx>(
     let c = |v: i64| fb.i64c(v);
     let sdiv = |a, b, n| fb.b.build_int_signed_div(a, b, n).map_err(be);
     let srem = |a, b, n| fb.b.build_int_signed_rem(a, b, n).map_err(be);
-    let lt = |a, b| fb.b.build_int_compare(IntPredicate::SLT, a, b, "lt").map_err(be);
+    let lt = |a, b| {
+        fb.b.build_int_compare(IntPredicate::SLT, a, b, "lt")
+            .map_err(be)
+    };
     let and = |a, b| fb.b.build_and(a, b, "and").map_err(be);
     let a_s = shared_f32(fb, "a", (t * tk) as u32);
     let w_s = shared_f32(fb, "w", (t * tk) as u32);
-    let inv_s = shared_f32(fb, "inv", (2 * t) as u32);
+    // Two partial sums of squares per row (one per lane), then the rows' scales after them:
+    // apart, so the threads finishing the scales never overwrite a partial still to be read.
+    let inv_s = shared_f32(fb, "inv", (3 * t) as u32);
+    let inv_at = 2 * t;
     let lane = srem(fb.tid, c(GPU_BLOCK_THREADS), "lane")?;
     let blk = sdiv(fb.tid, c(GPU_BLOCK_THREADS), "blk")?;
     let nblk = sdiv(fb.nth, c(GPU_BLOCK_THREADS), "nblk")?;
@@ -1998,7 +2159,10 @@ fn gpu_tiled_matmul<'ctx>(
     let ntiles = fb.mul(per_batch, nbatch)?;
     // This block's tiles: blk, blk + nblk, ...
     let iters = sdiv(
-        fb.add(fb.b.build_int_sub(ntiles, blk, "r").map_err(be)?, fb.b.build_int_sub(nblk, c(1), "n1").map_err(be)?)?,
+        fb.add(
+            fb.b.build_int_sub(ntiles, blk, "r").map_err(be)?,
+            fb.b.build_int_sub(nblk, c(1), "n1").map_err(be)?,
+        )?,
         nblk,
         "iters",
     )?;
@@ -2015,7 +2179,11 @@ fn gpu_tiled_matmul<'ctx>(
         let bidx = fb.decompose(bi, bdims)?;
         let bpairs: Vec<(usize, IntValue)> = bidx.iter().copied().enumerate().collect();
         let abase = fb.at(aav, &bpairs)?;
-        let wbase = if shared_w { wav.off } else { fb.at(wav, &bpairs)? };
+        let wbase = if shared_w {
+            wav.off
+        } else {
+            fb.at(wav, &bpairs)?
+        };
         if norm {
             // Row r = lane / 2 of the tile, half h = lane % 2 of its k range (interleaved).
             let r = sdiv(lane, c(2), "r")?;
@@ -2027,7 +2195,11 @@ fn gpu_tiled_matmul<'ctx>(
                 lt(row, mv)?,
                 |fb| {
                     let rb = fb.add(abase, fb.mul(row, aav.strides[ra])?)?;
-                    let half = sdiv(fb.add(fb.b.build_int_sub(kv, h, "kh").map_err(be)?, c(1))?, c(2), "nk")?;
+                    let half = sdiv(
+                        fb.add(fb.b.build_int_sub(kv, h, "kh").map_err(be)?, c(1))?,
+                        c(2),
+                        "nk",
+                    )?;
                     fb.for_range(c(0), half, |fb, j| {
                         let kk = fb.add(fb.mul(j, c(2))?, h)?;
                         let x = fb.load_f32(aav.ptr, fb.add(rb, fb.mul(kk, aav.strides[ka])?)?)?;
@@ -2036,7 +2208,8 @@ fn gpu_tiled_matmul<'ctx>(
                 },
                 |_| Ok(()),
             )?;
-            let p = unsafe { fb.b.build_in_bounds_gep(fb.f32t, inv_s, &[lane], "ip") }.map_err(be)?;
+            let p =
+                unsafe { fb.b.build_in_bounds_gep(fb.f32t, inv_s, &[lane], "ip") }.map_err(be)?;
             fb.b.build_store(p, fb.get(acc)?).map_err(be)?;
             barrier(fb)?;
             fb.if_else(
@@ -2045,11 +2218,15 @@ fn gpu_tiled_matmul<'ctx>(
                     let i2 = fb.mul(lane, c(2))?;
                     let s0 = fb.load_f32(inv_s, i2)?;
                     let s1 = fb.load_f32(inv_s, fb.add(i2, c(1))?)?;
-                    let kf = fb.b.build_signed_int_to_float(kv, fb.f32t, "kf").map_err(be)?;
-                    let mean = fb.b.build_float_div(fb.fadd(s0, s1)?, kf, "mean").map_err(be)?;
+                    let kf =
+                        fb.b.build_signed_int_to_float(kv, fb.f32t, "kf")
+                            .map_err(be)?;
+                    let mean =
+                        fb.b.build_float_div(fb.fadd(s0, s1)?, kf, "mean")
+                            .map_err(be)?;
                     let sq = fb.intrinsic("llvm.sqrt", &[fb.fadd(mean, fb.f32c(eps))?])?;
                     let inv = fb.b.build_float_div(fb.f32c(1.0), sq, "inv").map_err(be)?;
-                    fb.store_f32(inv_s, fb.add(lane, c(t))?, inv)
+                    fb.store_f32(inv_s, fb.add(lane, c(inv_at))?, inv)
                 },
                 |_| Ok(()),
             )?;
@@ -2071,10 +2248,14 @@ fn gpu_tiled_matmul<'ctx>(
                 fb.if_else(
                     inb,
                     |fb| {
-                        let at = fb.add(abase, fb.add(fb.mul(gm, aav.strides[ra])?, fb.mul(gk, aav.strides[ka])?)?)?;
+                        let at = fb.add(
+                            abase,
+                            fb.add(fb.mul(gm, aav.strides[ra])?, fb.mul(gk, aav.strides[ka])?)?,
+                        )?;
                         let mut x = fb.load_f32(aav.ptr, at)?;
                         if let Some(g) = gav {
-                            let gv = fb.load_f32(g.ptr, fb.add(g.off, fb.mul(gk, g.strides[0])?)?)?;
+                            let gv =
+                                fb.load_f32(g.ptr, fb.add(g.off, fb.mul(gk, g.strides[0])?)?)?;
                             x = fb.fmul(x, gv)?;
                         }
                         fb.set(v, x)
@@ -2090,7 +2271,10 @@ fn gpu_tiled_matmul<'ctx>(
                 fb.if_else(
                     inb,
                     |fb| {
-                        let at = fb.add(wbase, fb.add(fb.mul(gk, wav.strides[kw])?, fb.mul(gn, wav.strides[nw])?)?)?;
+                        let at = fb.add(
+                            wbase,
+                            fb.add(fb.mul(gk, wav.strides[kw])?, fb.mul(gn, wav.strides[nw])?)?,
+                        )?;
                         fb.set(v, fb.load_f32(wav.ptr, at)?)
                     },
                     |_| Ok(()),
@@ -2119,7 +2303,7 @@ fn gpu_tiled_matmul<'ctx>(
             let r = fb.add(ty, c(16 * i))?;
             let row = fb.add(m0, r)?;
             let scale = if norm {
-                Some(fb.load_f32(inv_s, fb.add(r, c(t))?)?)
+                Some(fb.load_f32(inv_s, fb.add(r, c(inv_at))?)?)
             } else {
                 None
             };
@@ -2145,9 +2329,6 @@ fn gpu_tiled_matmul<'ctx>(
     })
 }
 
-/// `ATTN_SPLIT_MIN_KEYS` on the GPU.
-const GPU_ATTN_SPLIT_MIN_KEYS: i64 = 16;
-
 /// Keys per block of the attention kernel: scores of a block are computed together so the
 /// max, the exponentials and their sum vectorise across keys.
 const ATTN_BLOCK: i64 = 64;
@@ -2159,14 +2340,12 @@ fn attn_splits<'ctx>(
     units: IntValue<'ctx>,
     s: IntValue<'ctx>,
 ) -> R<IntValue<'ctx>> {
-    // A GPU thread is slower than a CPU core but there are thousands: split finer there.
-    let min_keys = if fb.gpu {
-        GPU_ATTN_SPLIT_MIN_KEYS
-    } else {
-        ATTN_SPLIT_MIN_KEYS
-    };
+    if fb.gpu {
+        // `gpu_attention` does not split: the merge has nothing to do.
+        return Ok(fb.i64c(1));
+    }
     let by_keys =
-        fb.b.build_int_signed_div(s, fb.i64c(min_keys), "bk")
+        fb.b.build_int_signed_div(s, fb.i64c(ATTN_SPLIT_MIN_KEYS), "bk")
             .map_err(be)?;
     let clamp = |v: IntValue<'ctx>, pred: IntPredicate, lim: i64| -> R<IntValue<'ctx>> {
         let c =
@@ -2356,6 +2535,176 @@ fn attention(
                 fb.store_f32(pptr, fb.add(pbase, dv)?, fb.get(mx)?)?;
                 fb.store_f32(pptr, fb.add(pbase, fb.i64c(d.dv + 1))?, fb.get(l)?)
             },
+        )
+    })?;
+    fb.ret_ok()
+}
+
+/// The sum of `x` over the 32 lanes of a warp, in every lane (butterfly shuffles).
+fn warp_sum<'ctx>(fb: &Fb<'_, 'ctx>, mut x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+    let name = "llvm.nvvm.shfl.sync.bfly.f32";
+    let f = Intrinsic::find(name)
+        .and_then(|i| i.get_declaration(fb.module, &[]))
+        .ok_or_else(|| BackendError::Llvm(format!("no intrinsic {name}")))?;
+    let i32t = fb.ctx.i32_type();
+    for off in [16u64, 8, 4, 2, 1] {
+        let y =
+            fb.b.build_call(
+                f,
+                &[
+                    i32t.const_int(0xffff_ffff, false).into(),
+                    x.into(),
+                    i32t.const_int(off, false).into(),
+                    i32t.const_int(0x1f, false).into(),
+                ],
+                "shfl",
+            )
+            .map_err(be)?
+            .try_as_basic_value()
+            .basic()
+            .expect("returns f32")
+            .into_float_value();
+        x = fb.fadd(x, y)?;
+    }
+    Ok(x)
+}
+
+/// Causal attention on the GPU, one warp per query row `(b, h, t)` (eight rows a block):
+/// lane `j` holds elements `j, j+32, …` of the (pre-scaled) query and of the output
+/// accumulator; for each visible key the warp forms the score with a butterfly sum and
+/// updates the running max, the sum of `e^(s−m)` and the accumulator online (flash-style),
+/// reading each key and value row once, coalesced. No split-KV on the GPU (`attn_splits`).
+#[allow(clippy::too_many_arguments)]
+fn gpu_attention(
+    fb: &Fb,
+    out: u32,
+    q: &Access,
+    k: &Access,
+    v: &Access,
+    pos: &Access,
+    d: &crate::kernel::AttnDims,
+    scale: f64,
+) -> R<()> {
+    let (qa, ka, va) = (
+        fb.access(q, ElemType::F32)?,
+        fb.access(k, ElemType::F32)?,
+        fb.access(v, ElemType::F32)?,
+    );
+    let pa = fb.access(pos, ElemType::I64)?;
+    let optr = fb.buf(out)?;
+    let c = |v: i64| fb.i64c(v);
+    let sdiv = |a, b, n| fb.b.build_int_signed_div(a, b, n).map_err(be);
+    let srem = |a, b, n| fb.b.build_int_signed_rem(a, b, n).map_err(be);
+    let lt = |a, b| {
+        fb.b.build_int_compare(IntPredicate::SLT, a, b, "lt")
+            .map_err(be)
+    };
+    let (bv, tv, sv) = (fb.dim(&d.b)?, fb.dim(&d.t)?, fb.dim(&d.s)?);
+    let rep = c(d.h / d.hkv);
+    let warps = GPU_BLOCK_THREADS / 32;
+    let lane = srem(fb.tid, c(GPU_BLOCK_THREADS), "lane")?;
+    let (warp, wl) = (sdiv(lane, c(32), "warp")?, srem(lane, c(32), "wl")?);
+    let blk = sdiv(fb.tid, c(GPU_BLOCK_THREADS), "blk")?;
+    let nblk = sdiv(fb.nth, c(GPU_BLOCK_THREADS), "nblk")?;
+    let units = fb.mul(fb.mul(bv, c(d.h))?, tv)?;
+    let groups = sdiv(fb.add(units, c(warps - 1))?, c(warps), "groups")?;
+    let iters = sdiv(
+        fb.add(
+            fb.b.build_int_sub(groups, blk, "r").map_err(be)?,
+            fb.b.build_int_sub(nblk, c(1), "n1").map_err(be)?,
+        )?,
+        nblk,
+        "iters",
+    )?;
+    let nd = ((d.d + 31) / 32) as usize;
+    let ndv = ((d.dv + 31) / 32) as usize;
+    let qr: Vec<PointerValue> = (0..nd).map(|_| fb.slot(fb.f32t.into())).collect::<R<_>>()?;
+    let acc: Vec<PointerValue> = (0..ndv)
+        .map(|_| fb.slot(fb.f32t.into()))
+        .collect::<R<_>>()?;
+    let (mx, l) = (fb.slot(fb.f32t.into())?, fb.slot(fb.f32t.into())?);
+    // Lane j's elements j + 32i that exist.
+    let dims_of = |n: i64, count: usize| -> R<Vec<(IntValue, IntValue)>> {
+        (0..count)
+            .map(|i| {
+                let e = fb.add(wl, c(32 * i as i64))?;
+                Ok((e, lt(e, c(n))?))
+            })
+            .collect()
+    };
+    let qd = dims_of(d.d, nd)?;
+    let vd = dims_of(d.dv, ndv)?;
+    fb.for_range(c(0), iters, |fb, it| {
+        let u = fb.add(fb.mul(fb.add(blk, fb.mul(it, nblk)?)?, c(warps))?, warp)?;
+        fb.if_else(
+            lt(u, units)?,
+            |fb| {
+                let idx = fb.decompose(u, &[bv, c(d.h), tv])?;
+                let (bi, hi, ti) = (idx[0], idx[1], idx[2]);
+                let g = sdiv(hi, rep, "g")?;
+                let qb = fb.at(&qa, &[(0, bi), (1, hi), (2, ti)])?;
+                let kb = fb.at(&ka, &[(0, bi), (1, g)])?;
+                let vb = fb.at(&va, &[(0, bi), (1, g)])?;
+                let limit = fb
+                    .load(&pa, fb.at(&pa, &[(0, bi), (1, ti)])?)?
+                    .into_int_value();
+                let end = fb.imin(fb.add(limit, c(1))?, sv)?;
+                for (i, (e, ok)) in qd.iter().enumerate() {
+                    fb.set(qr[i], fb.f32c(0.0))?;
+                    fb.if_else(
+                        *ok,
+                        |fb| {
+                            let x = fb.load_f32(qa.ptr, fb.add(qb, fb.mul(*e, qa.strides[3])?)?)?;
+                            fb.set(qr[i], fb.fmul(x, fb.f32c(scale))?)
+                        },
+                        |_| Ok(()),
+                    )?;
+                }
+                for a in &acc {
+                    fb.set(*a, fb.f32c(0.0))?;
+                }
+                fb.set(mx, fb.f32c(f64::NEG_INFINITY))?;
+                fb.set(l, fb.f32c(0.0))?;
+                fb.for_range(c(0), end, |fb, s| {
+                    let kr = fb.add(kb, fb.mul(s, ka.strides[2])?)?;
+                    let mut part = fb.f32c(0.0);
+                    for (i, (e, ok)) in qd.iter().enumerate() {
+                        let at = fb.add(kr, fb.mul(fb.imin(*e, c(d.d - 1))?, ka.strides[3])?)?;
+                        let y = fb.load_f32(ka.ptr, at)?;
+                        let y = fb.fsel(*ok, y, fb.f32c(0.0))?;
+                        part = fb.intrinsic3("llvm.fma", fb.get(qr[i])?, y, part)?;
+                    }
+                    let score = warp_sum(fb, part)?;
+                    let m_old = fb.get(mx)?;
+                    let m_new = fb.intrinsic("llvm.maxnum", &[m_old, score])?;
+                    let corr = fb.exp(fb.b.build_float_sub(m_old, m_new, "d").map_err(be)?)?;
+                    let p = fb.exp(fb.b.build_float_sub(score, m_new, "z").map_err(be)?)?;
+                    fb.set(l, fb.intrinsic3("llvm.fma", fb.get(l)?, corr, p)?)?;
+                    fb.set(mx, m_new)?;
+                    let vr = fb.add(vb, fb.mul(s, va.strides[2])?)?;
+                    for (i, (e, _)) in vd.iter().enumerate() {
+                        let at = fb.add(vr, fb.mul(fb.imin(*e, c(d.dv - 1))?, va.strides[3])?)?;
+                        let y = fb.load_f32(va.ptr, at)?;
+                        let a = fb.fmul(fb.get(acc[i])?, corr)?;
+                        fb.set(acc[i], fb.intrinsic3("llvm.fma", p, y, a)?)?;
+                    }
+                    Ok(())
+                })?;
+                let lv = fb.get(l)?;
+                let obase = fb.mul(u, c(d.dv))?;
+                for (i, (e, ok)) in vd.iter().enumerate() {
+                    fb.if_else(
+                        *ok,
+                        |fb| {
+                            let o = fb.b.build_float_div(fb.get(acc[i])?, lv, "o").map_err(be)?;
+                            fb.store_f32(optr, fb.add(obase, *e)?, o)
+                        },
+                        |_| Ok(()),
+                    )?;
+                }
+                Ok(())
+            },
+            |_| Ok(()),
         )
     })?;
     fb.ret_ok()
@@ -3138,10 +3487,7 @@ pub fn gpu_entry<'ctx>(
         ("nvvm.maxntid", GPU_BLOCK_THREADS.to_string()),
         ("nvvm.minctasm", "2".to_string()),
     ] {
-        func.add_attribute(
-            AttributeLoc::Function,
-            ctx.create_string_attribute(k, &v),
-        );
+        func.add_attribute(AttributeLoc::Function, ctx.create_string_attribute(k, &v));
     }
     let b = ctx.create_builder();
     b.position_at_end(ctx.append_basic_block(func, "entry"));
@@ -3229,10 +3575,17 @@ pub fn gpu_threads(k: &Kernel) -> Vec<Dim> {
             let blocks = m
                 .as_const()
                 .map_or_else(|| m.clone(), |v| Dim::c((v + r - 1) / r));
-            batch.iter().cloned().chain([blocks, n.clone()]).collect()
+            // Enough for either GPU matmul: `gpu_gemv` wants 256 threads per 32 columns,
+            // `gpu_tiled_matmul` 256 per 128 × 128 tile.
+            batch
+                .iter()
+                .cloned()
+                .chain([blocks, n.clone(), Dim::c(GPU_BLOCK_THREADS / GEMV_COLS)])
+                .collect()
         }
+        // A warp per query row.
         Kernel::Attention { dims: d, .. } => {
-            vec![d.b.clone(), Dim::c(d.h), d.t.clone(), Dim::c(ATTN_SPLITS)]
+            vec![d.b.clone(), Dim::c(d.h), d.t.clone(), Dim::c(32)]
         }
         Kernel::AttentionCombine { dims: d, .. } => vec![d.b.clone(), Dim::c(d.h), d.t.clone()],
         Kernel::Gather {
