@@ -1816,9 +1816,19 @@ fn matmul<'ctx>(
         fb.for_range(tail_start, mv, |fb, mi| block(fb, mi, 1, cs, ce))
     };
     if fb.gpu {
-        let small =
-            fb.b.build_int_compare(IntPredicate::SLE, mv, fb.i64c(GPU_GEMV_MAX_M), "small")
+        // Few rows, or too few 128 × 128 tiles to fill the GPU: the row-block kernel.
+        let few_rows =
+            fb.b.build_int_compare(IntPredicate::SLE, mv, fb.i64c(GPU_GEMV_MAX_M), "few")
                 .map_err(be)?;
+        let ceil_tiles = |x| -> R<IntValue<'ctx>> {
+            fb.b.build_int_signed_div(fb.add(x, fb.i64c(GPU_TILE - 1))?, fb.i64c(GPU_TILE), "t")
+                .map_err(be)
+        };
+        let tiles = fb.mul(fb.mul(ceil_tiles(mv)?, ceil_tiles(nv)?)?, nbatch)?;
+        let few_tiles =
+            fb.b.build_int_compare(IntPredicate::SLT, tiles, fb.i64c(GPU_TILED_MIN_TILES), "ft")
+                .map_err(be)?;
+        let small = fb.b.build_or(few_rows, few_tiles, "small").map_err(be)?;
         let tiled = fb.ctx.append_basic_block(fb.func, "tiled");
         let gemv = fb.ctx.append_basic_block(fb.func, "gemv");
         fb.b.build_conditional_branch(small, gemv, tiled)
@@ -1911,9 +1921,11 @@ fn rms_norm(fb: &Fb, out: u32, x: &Access, w: &Access, shape: &[Dim], eps: f64) 
     fb.ret_ok()
 }
 
-/// GPU matmuls with at most this many rows run as one (row block, column) dot product per
-/// thread (they are bound by reading the weights once); larger ones by `gpu_tiled_matmul`.
+/// GPU matmuls with at most this many rows run on `gpu_gemv` (bound by reading the weights);
+/// so do those with fewer than `GPU_TILED_MIN_TILES` output tiles (a 64-token prompt's
+/// `[64 × 1536]·[1536 × 576]` has 5: five busy SMs of 132). The rest on `gpu_tiled_matmul`.
 const GPU_GEMV_MAX_M: i64 = 32;
+const GPU_TILED_MIN_TILES: i64 = 132;
 /// `gpu_tiled_matmul`'s output tile (rows and columns) per 256-thread block.
 pub const GPU_TILE: i64 = 128;
 /// Its k-step: an `8 × 128` slice of each operand sits in shared memory.
@@ -1993,7 +2005,9 @@ fn gpu_gemv<'ctx>(
         srem(lane, c(GEMV_COLS), "col")?,
     );
     let groups = sdiv(fb.add(nv, c(GEMV_COLS - 1))?, c(GEMV_COLS), "groups")?;
-    let units = fb.mul(groups, nbatch)?;
+    let nrb = sdiv(fb.add(mv, c(rb - 1))?, c(rb), "nrb")?;
+    // A unit: one row block of one column group of one batch entry.
+    let units = fb.mul(fb.mul(groups, nrb)?, nbatch)?;
     let iters = sdiv(
         fb.add(
             fb.b.build_int_sub(units, blk, "r").map_err(be)?,
@@ -2005,7 +2019,6 @@ fn gpu_gemv<'ctx>(
     let kc = sdiv(fb.add(kv, c(chunks - 1))?, c(chunks), "kc")?;
     let k0 = fb.mul(h, kc)?;
     let k1 = fb.imin(fb.add(k0, kc)?, kv)?;
-    let nrb = sdiv(fb.add(mv, c(rb - 1))?, c(rb), "nrb")?;
     let accs: Vec<PointerValue> = (0..2 * rb)
         .map(|_| fb.slot(fb.f32t.into()))
         .collect::<R<_>>()?;
@@ -2013,6 +2026,8 @@ fn gpu_gemv<'ctx>(
     let (kw, nw) = (wav.strides.len() - 2, wav.strides.len() - 1);
     fb.for_range(c(0), iters, |fb, it| {
         let unit = fb.add(blk, fb.mul(it, nblk)?)?;
+        let rbi = srem(unit, nrb, "rbi")?;
+        let unit = sdiv(unit, nrb, "u")?;
         let bi = sdiv(unit, groups, "bi")?;
         let n = fb.add(fb.mul(srem(unit, groups, "g")?, c(GEMV_COLS))?, col)?;
         // Columns past the end read the last one (harmless) and are never stored.
@@ -2026,7 +2041,7 @@ fn gpu_gemv<'ctx>(
             fb.at(wav, &bpairs)?
         };
         let wcol = fb.add(wbase, fb.mul(ncl, wav.strides[nw])?)?;
-        fb.for_range(c(0), nrb, |fb, rbi| {
+        {
             let m0 = fb.mul(rbi, c(rb))?;
             // Rows past the end read the last row again and are never stored.
             let abases: Vec<IntValue> = (0..rb)
@@ -2109,7 +2124,7 @@ fn gpu_gemv<'ctx>(
                 |_| Ok(()),
             )?;
             barrier(fb)
-        })
+        }
     })
 }
 
@@ -2540,6 +2555,9 @@ fn attention(
     fb.ret_ok()
 }
 
+/// Keys per step of `gpu_attention`'s loop.
+const GPU_ATTN_UNROLL: i64 = 4;
+
 /// The sum of `x` over the 32 lanes of a warp, in every lane (butterfly shuffles).
 fn warp_sum<'ctx>(fb: &Fb<'_, 'ctx>, mut x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
     let name = "llvm.nvvm.shfl.sync.bfly.f32";
@@ -2665,28 +2683,58 @@ fn gpu_attention(
                 }
                 fb.set(mx, fb.f32c(f64::NEG_INFINITY))?;
                 fb.set(l, fb.f32c(0.0))?;
-                fb.for_range(c(0), end, |fb, s| {
-                    let kr = fb.add(kb, fb.mul(s, ka.strides[2])?)?;
-                    let mut part = fb.f32c(0.0);
-                    for (i, (e, ok)) in qd.iter().enumerate() {
-                        let at = fb.add(kr, fb.mul(fb.imin(*e, c(d.d - 1))?, ka.strides[3])?)?;
-                        let y = fb.load_f32(ka.ptr, at)?;
-                        let y = fb.fsel(*ok, y, fb.f32c(0.0))?;
-                        part = fb.intrinsic3("llvm.fma", fb.get(qr[i])?, y, part)?;
+                // Keys `GPU_ATTN_UNROLL` at a time, so their loads are in flight together.
+                let u_n = GPU_ATTN_UNROLL;
+                let groups = sdiv(fb.add(end, c(u_n - 1))?, c(u_n), "kg")?;
+                let last = fb.b.build_int_sub(end, c(1), "last").map_err(be)?;
+                fb.for_range(c(0), groups, |fb, gi| {
+                    let s0 = fb.mul(gi, c(u_n))?;
+                    let keys: Vec<(IntValue, IntValue)> = (0..u_n)
+                        .map(|j| {
+                            let s = fb.add(s0, c(j))?;
+                            Ok((fb.imin(s, last)?, lt(s, end)?))
+                        })
+                        .collect::<R<_>>()?;
+                    let mut scores = vec![];
+                    for (s, valid) in &keys {
+                        let kr = fb.add(kb, fb.mul(*s, ka.strides[2])?)?;
+                        let mut part = fb.f32c(0.0);
+                        for (i, (e, ok)) in qd.iter().enumerate() {
+                            let at =
+                                fb.add(kr, fb.mul(fb.imin(*e, c(d.d - 1))?, ka.strides[3])?)?;
+                            let y = fb.load_f32(ka.ptr, at)?;
+                            let y = fb.fsel(*ok, y, fb.f32c(0.0))?;
+                            part = fb.intrinsic3("llvm.fma", fb.get(qr[i])?, y, part)?;
+                        }
+                        let score = warp_sum(fb, part)?;
+                        scores.push(fb.fsel(*valid, score, fb.f32c(f64::NEG_INFINITY))?);
                     }
-                    let score = warp_sum(fb, part)?;
                     let m_old = fb.get(mx)?;
-                    let m_new = fb.intrinsic("llvm.maxnum", &[m_old, score])?;
+                    let mut m_new = m_old;
+                    for sc in &scores {
+                        m_new = fb.intrinsic("llvm.maxnum", &[m_new, *sc])?;
+                    }
                     let corr = fb.exp(fb.b.build_float_sub(m_old, m_new, "d").map_err(be)?)?;
-                    let p = fb.exp(fb.b.build_float_sub(score, m_new, "z").map_err(be)?)?;
-                    fb.set(l, fb.intrinsic3("llvm.fma", fb.get(l)?, corr, p)?)?;
+                    let ps: Vec<FloatValue> = scores
+                        .iter()
+                        .map(|sc| fb.exp(fb.b.build_float_sub(*sc, m_new, "z").map_err(be)?))
+                        .collect::<R<_>>()?;
+                    let mut lv = fb.fmul(fb.get(l)?, corr)?;
+                    for p in &ps {
+                        lv = fb.fadd(lv, *p)?;
+                    }
+                    fb.set(l, lv)?;
                     fb.set(mx, m_new)?;
-                    let vr = fb.add(vb, fb.mul(s, va.strides[2])?)?;
                     for (i, (e, _)) in vd.iter().enumerate() {
-                        let at = fb.add(vr, fb.mul(fb.imin(*e, c(d.dv - 1))?, va.strides[3])?)?;
-                        let y = fb.load_f32(va.ptr, at)?;
-                        let a = fb.fmul(fb.get(acc[i])?, corr)?;
-                        fb.set(acc[i], fb.intrinsic3("llvm.fma", p, y, a)?)?;
+                        let mut a = fb.fmul(fb.get(acc[i])?, corr)?;
+                        for ((s, _), p) in keys.iter().zip(&ps) {
+                            let vr = fb.add(vb, fb.mul(*s, va.strides[2])?)?;
+                            let at =
+                                fb.add(vr, fb.mul(fb.imin(*e, c(d.dv - 1))?, va.strides[3])?)?;
+                            let y = fb.load_f32(va.ptr, at)?;
+                            a = fb.intrinsic3("llvm.fma", *p, y, a)?;
+                        }
+                        fb.set(acc[i], a)?;
                     }
                     Ok(())
                 })?;
