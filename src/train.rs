@@ -413,7 +413,7 @@ impl Trainer {
     pub fn param(&self, name: &str) -> Option<Vec<f32>> {
         match &self.exec {
             Exec::Interp { params, .. } => params.get(name).map(|t| t.to_f32_vec()),
-            Exec::Cpu(s) => s.param(name).map(<[f32]>::to_vec),
+            Exec::Cpu(s) => s.param(name),
         }
     }
 
@@ -421,7 +421,7 @@ impl Trainer {
     pub fn moments(&self, name: &str) -> Option<(Vec<f32>, Vec<f32>)> {
         match &self.exec {
             Exec::Interp { m, v, .. } => Some((m.get(name)?.clone(), v.get(name)?.clone())),
-            Exec::Cpu(s) => s.moments(name).map(|(a, b)| (a.to_vec(), b.to_vec())),
+            Exec::Cpu(s) => s.moments(name),
         }
     }
 

@@ -97,6 +97,9 @@ pub struct GpuExecutor {
     /// With profiling on, each kernel of the last run and its seconds (the stream is
     /// synchronised after every launch, so this slows the run down).
     profile: Option<Vec<(String, f64)>>,
+    feedback: Vec<(String, String)>,
+    /// Inputs kept on the device between runs (targets of `feedback`).
+    resident: HashMap<String, CudaSlice<u8>>,
 }
 
 fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
@@ -149,6 +152,8 @@ impl GpuExecutor {
             stream,
             last_kernel_s: 0.0,
             profile: None,
+            feedback: vec![],
+            resident: HashMap::new(),
         })
     }
 
@@ -159,6 +164,34 @@ impl GpuExecutor {
     /// Seconds the last run spent launching and running kernels.
     pub fn last_kernel_seconds(&self) -> f64 {
         self.last_kernel_s
+    }
+
+    /// Keeps outputs on the device as the next run's values of parameters or inputs, by name:
+    /// `(output, target)` pairs, a training step's `new.X → X`, `new_m.X → m.X`. After each
+    /// run every such output is copied over its target (and not returned); an input fed back
+    /// is uploaded once (when given) and then stays on the device while no run gives it.
+    pub fn set_feedback(&mut self, pairs: Vec<(String, String)>) {
+        self.feedback = pairs;
+    }
+
+    /// The current f32 value of a parameter or of an input kept on the device, by name.
+    pub fn read(&self, name: &str) -> Result<Option<Vec<f32>>> {
+        let slice = match self
+            .plan
+            .buffers
+            .iter()
+            .position(|b| b.role == BufferRole::Param(name.to_string()))
+        {
+            Some(b) => self.persistent[b].as_ref(),
+            None => self.resident.get(name),
+        };
+        let Some(s) = slice else { return Ok(None) };
+        let host = self.stream.clone_dtoh(s).map_err(cuda)?;
+        Ok(Some(
+            host.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ))
     }
 
     /// Times every kernel of the following runs (see `profile`).
@@ -463,14 +496,26 @@ impl GpuExecutor {
             match &b.role {
                 BufferRole::Temp => ptrs[i] = base + offsets[i] as u64,
                 BufferRole::Input(name) => {
-                    let v = inputs
-                        .get(name)
-                        .ok_or_else(|| RuntimeError::Invalid(format!("missing input `{name}`")))?;
-                    let bytes =
-                        host_bytes(v, b.elem).ok_or_else(|| wrong_input(name, "element type"))?;
-                    let s = self.upload(bytes)?;
-                    ptrs[i] = dptr(&s, &self.stream);
-                    uploaded.push(s);
+                    let fed = self.feedback.iter().any(|(_, t)| t == name);
+                    match inputs.get(name) {
+                        Some(v) => {
+                            let bytes = host_bytes(v, b.elem)
+                                .ok_or_else(|| wrong_input(name, "element type"))?;
+                            let s = self.upload(bytes)?;
+                            ptrs[i] = dptr(&s, &self.stream);
+                            if fed {
+                                self.resident.insert(name.clone(), s);
+                            } else {
+                                uploaded.push(s);
+                            }
+                        }
+                        None if fed && self.resident.contains_key(name) => {
+                            ptrs[i] = dptr(&self.resident[name], &self.stream)
+                        }
+                        None => {
+                            return Err(RuntimeError::Invalid(format!("missing input `{name}`")))
+                        }
+                    }
                 }
                 BufferRole::State(j) => {
                     ptrs[i] = dptr(
@@ -486,7 +531,58 @@ impl GpuExecutor {
             .collect();
         self.launch_all(&run, &syms, &ptrs)?;
         let mut outs = HashMap::new();
+        // Outputs fed back stay on the device, copied over their targets.
+        let mut params_changed = false;
+        for (out, target) in &self.feedback {
+            let Some(&(_, ob)) = self.plan.outputs.iter().find(|(n, _)| n == out) else {
+                return Err(RuntimeError::Invalid(format!(
+                    "no output `{out}` to feed back"
+                )));
+            };
+            let bytes = self.plan.buffers[ob as usize].bytes(&syms);
+            let src = match &self.persistent[ob as usize] {
+                Some(s) => dptr(s, &self.stream),
+                None => ptrs[ob as usize],
+            };
+            let param = self
+                .plan
+                .buffers
+                .iter()
+                .position(|b| b.role == BufferRole::Param(target.clone()));
+            let dst = match param {
+                Some(pb) => {
+                    params_changed = true;
+                    self.persistent[pb]
+                        .as_ref()
+                        .map(|s| (dptr(s, &self.stream), s.len()))
+                }
+                None => self
+                    .resident
+                    .get(target)
+                    .map(|s| (dptr(s, &self.stream), s.len())),
+            };
+            let Some((dst, _)) = dst.filter(|(_, len)| *len >= bytes) else {
+                return Err(RuntimeError::Invalid(format!(
+                    "output `{out}` cannot be fed back to `{target}`: it has no buffer of {bytes} bytes"
+                )));
+            };
+            if bytes > 0 {
+                // SAFETY: both addresses are live device buffers of at least `bytes` bytes.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(
+                        dst,
+                        src,
+                        bytes,
+                        self.stream.cu_stream(),
+                    )
+                }
+                .map_err(cuda)?;
+            }
+        }
         for (name, b) in &self.plan.outputs {
+            if self.feedback.iter().any(|(o, _)| o == name) {
+                continue;
+            }
             let spec = &self.plan.buffers[*b as usize];
             let shape: Vec<usize> = spec
                 .dims
@@ -528,6 +624,15 @@ impl GpuExecutor {
             outs.insert(name.clone(), HostValue { shape, data });
         }
         drop(uploaded);
+        if params_changed {
+            let init: Vec<usize> = (0..self.plan.kernels.len())
+                .filter(|k| self.plan.kernels[*k].init)
+                .collect();
+            if !init.is_empty() {
+                let ptrs = vec![0u64; self.plan.buffers.len()];
+                self.launch_all(&init, &[], &ptrs)?;
+            }
+        }
         for (i, spec) in self.plan.states.iter().enumerate() {
             self.states[i].shape = spec
                 .out_dims

@@ -271,6 +271,16 @@ impl LanguageModel for Session {
     }
 }
 
+/// The first value of an f32 output.
+fn scalar(out: &mut HashMap<String, HostValue>, name: &str) -> Result<f32> {
+    match out.remove(name).map(|v| v.data) {
+        Some(HostData::F32(d)) if !d.is_empty() => Ok(d[0]),
+        _ => Err(RuntimeError::Invalid(format!(
+            "the train step returned no f32 `{name}`"
+        ))),
+    }
+}
+
 /// What one training step measured.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepOut {
@@ -290,6 +300,11 @@ pub struct TrainSession {
     m: HashMap<String, Vec<f32>>,
     v: HashMap<String, Vec<f32>>,
     step: usize,
+    /// On the GPU the parameters and moments stay on the device between steps (the step's
+    /// outputs fed back); `m`/`v` then hold moments still to upload (the first step's zeros
+    /// or restored ones) until the next step sends them.
+    on_device: bool,
+    upload_moments: bool,
 }
 
 // SAFETY: as for `Session`.
@@ -316,7 +331,7 @@ impl TrainSession {
                 path: art.dir().to_path_buf(),
                 reason: "it is not a training artifact (no optimizer)".into(),
             })?;
-        let exec = bind(art, "train_step", get, from, threads)?;
+        let mut exec = bind(art, "train_step", get, from, threads)?;
         // `bind` checked that every parameter is there with its shape.
         let mut params = HashMap::new();
         let mut shapes = vec![];
@@ -327,6 +342,21 @@ impl TrainSession {
             })?;
             shapes.push((p.name.clone(), shape));
             params.insert(p.name.clone(), data);
+        }
+        let on_device = matches!(exec, Exec::Gpu(_));
+        if let Exec::Gpu(g) = &mut exec {
+            g.set_feedback(
+                shapes
+                    .iter()
+                    .flat_map(|(n, _)| {
+                        [
+                            (format!("new.{n}"), n.clone()),
+                            (format!("new_m.{n}"), format!("m.{n}")),
+                            (format!("new_v.{n}"), format!("v.{n}")),
+                        ]
+                    })
+                    .collect(),
+            );
         }
         let zeros = |s: &[(String, Vec<usize>)]| -> HashMap<String, Vec<f32>> {
             s.iter()
@@ -341,6 +371,8 @@ impl TrainSession {
             shapes,
             params,
             step: 0,
+            on_device,
+            upload_moments: true,
         })
     }
 
@@ -357,14 +389,24 @@ impl TrainSession {
         self.step
     }
 
-    /// A parameter's current values.
-    pub fn param(&self, name: &str) -> Option<&[f32]> {
-        self.params.get(name).map(|p| p.as_slice())
+    /// A parameter's current values (read back from the device on the GPU).
+    pub fn param(&self, name: &str) -> Option<Vec<f32>> {
+        match &self.exec {
+            Exec::Gpu(g) if self.on_device => g.read(name).ok().flatten(),
+            _ => self.params.get(name).map(|p| p.to_vec()),
+        }
     }
 
     /// AdamW's first and second moments of a parameter.
-    pub fn moments(&self, name: &str) -> Option<(&[f32], &[f32])> {
-        Some((self.m.get(name)?.as_slice(), self.v.get(name)?.as_slice()))
+    pub fn moments(&self, name: &str) -> Option<(Vec<f32>, Vec<f32>)> {
+        if let Exec::Gpu(g) = &self.exec {
+            if !self.upload_moments {
+                let m = g.read(&format!("m.{name}")).ok().flatten()?;
+                let v = g.read(&format!("v.{name}")).ok().flatten()?;
+                return Some((m, v));
+            }
+        }
+        Some((self.m.get(name)?.clone(), self.v.get(name)?.clone()))
     }
 
     /// Continues from saved optimizer state: steps taken and each parameter's moments.
@@ -390,6 +432,7 @@ impl TrainSession {
             self.v.insert(name.clone(), b);
         }
         self.step = step;
+        self.upload_moments = true;
         Ok(())
     }
 
@@ -437,17 +480,30 @@ impl TrainSession {
                 f32v(vec![1], vec![(1.0 - self.opt.beta2.powi(k)) as f32]),
             ),
         ]);
-        for (name, shape) in &self.shapes {
-            inputs.insert(
-                format!("m.{name}"),
-                f32v(shape.clone(), self.m[name].clone()),
-            );
-            inputs.insert(
-                format!("v.{name}"),
-                f32v(shape.clone(), self.v[name].clone()),
-            );
+        if !self.on_device || self.upload_moments {
+            for (name, shape) in &self.shapes {
+                inputs.insert(
+                    format!("m.{name}"),
+                    f32v(shape.clone(), self.m[name].clone()),
+                );
+                inputs.insert(
+                    format!("v.{name}"),
+                    f32v(shape.clone(), self.v[name].clone()),
+                );
+            }
         }
         let mut out = self.exec.run(&inputs)?;
+        if self.on_device {
+            // The new parameters and moments are already in place on the device.
+            self.upload_moments = false;
+            self.m.clear();
+            self.v.clear();
+            self.params.clear();
+            let loss = scalar(&mut out, "loss")?;
+            let grad_norm = scalar(&mut out, "grad_norm")?;
+            self.step += 1;
+            return Ok(StepOut { loss, grad_norm });
+        }
         let mut take = |name: &str| -> Result<Vec<f32>> {
             match out.remove(name).map(|v| v.data) {
                 Some(HostData::F32(d)) => Ok(d),
