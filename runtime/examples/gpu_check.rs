@@ -410,7 +410,7 @@ fn train_step(bundle: &Path, weights: &Path, table: &mut Vec<String>) -> Res<boo
         .collect();
     let targets: Vec<i64> = toks.iter().skip(1).map(|&x| x as i64).chain([-1]).collect();
     let mut losses = vec![];
-    let mut gpu = None;
+    let mut sessions = vec![];
     for dir in ["smollm2-train", "smollm2-train-cpu"] {
         let art = Artifact::load(bundle.join(dir))?;
         let mut s =
@@ -419,11 +419,23 @@ fn train_step(bundle: &Path, weights: &Path, table: &mut Vec<String>) -> Res<boo
             .map(|_| s.train_step(&toks, &targets, b, t, 1e-4).map(|o| o.loss))
             .collect::<Result<_, _>>()?;
         losses.push(l);
-        if gpu.is_none() {
-            gpu = Some(s);
-        }
+        sessions.push(s);
     }
-    let mut s = gpu.ok_or("gpu session")?;
+    // The parameters and moments after two steps, read back from the device.
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    let p = (
+        sessions[0].param(name).ok_or("param")?,
+        sessions[1].param(name).ok_or("param")?,
+    );
+    let m = (
+        sessions[0].moments(name).ok_or("m")?,
+        sessions[1].moments(name).ok_or("m")?,
+    );
+    let (prel, mrel) = (rel_l2(&p.0, &p.1), rel_l2(&m.0 .0, &m.1 .0));
+    table.push(format!(
+        "train state after 2 steps, gpu vs cpu: {name} rel L2 {prel:.1e}, its m {mrel:.1e}"
+    ));
+    let mut s = sessions.swap_remove(0);
     let mut times = vec![];
     for _ in 0..3 {
         let t0 = Instant::now();
@@ -455,7 +467,7 @@ fn train_step(bundle: &Path, weights: &Path, table: &mut Vec<String>) -> Res<boo
         losses[0],
         losses[1]
     ));
-    Ok(rel <= 1e-4)
+    Ok(rel <= 1e-4 && prel <= 1e-4 && mrel <= 1e-3)
 }
 
 fn main() {
