@@ -99,7 +99,7 @@ pub struct GpuExecutor {
     profile: Option<Vec<(String, f64)>>,
     feedback: Vec<(String, String)>,
     /// Inputs kept on the device between runs (targets of `feedback`).
-    resident: HashMap<String, CudaSlice<u8>>,
+    resident: HashMap<String, (Vec<usize>, CudaSlice<u8>)>,
 }
 
 fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
@@ -183,7 +183,7 @@ impl GpuExecutor {
             .position(|b| b.role == BufferRole::Param(name.to_string()))
         {
             Some(b) => self.persistent[b].as_ref(),
-            None => self.resident.get(name),
+            None => self.resident.get(name).map(|r| &r.1),
         };
         let Some(s) = slice else { return Ok(None) };
         let host = self.stream.clone_dtoh(s).map_err(cuda)?;
@@ -463,7 +463,15 @@ impl GpuExecutor {
         let fixed = self.load_states(inputs)?;
         let mut syms = self
             .plan
-            .bind_symbols(|n| inputs.get(n).map(|v| v.shape.clone()), &fixed)
+            .bind_symbols(
+                |n| {
+                    inputs
+                        .get(n)
+                        .map(|v| v.shape.clone())
+                        .or_else(|| self.resident.get(n).map(|r| r.0.clone()))
+                },
+                &fixed,
+            )
             .map_err(RuntimeError::Invalid)?;
         self.grow_states(&mut syms)?;
         // Laid out for symbols rounded up to powers of two, as on the CPU: a decode loop
@@ -504,13 +512,13 @@ impl GpuExecutor {
                             let s = self.upload(bytes)?;
                             ptrs[i] = dptr(&s, &self.stream);
                             if fed {
-                                self.resident.insert(name.clone(), s);
+                                self.resident.insert(name.clone(), (v.shape.clone(), s));
                             } else {
                                 uploaded.push(s);
                             }
                         }
                         None if fed && self.resident.contains_key(name) => {
-                            ptrs[i] = dptr(&self.resident[name], &self.stream)
+                            ptrs[i] = dptr(&self.resident[name].1, &self.stream)
                         }
                         None => {
                             return Err(RuntimeError::Invalid(format!("missing input `{name}`")))
@@ -559,7 +567,7 @@ impl GpuExecutor {
                 None => self
                     .resident
                     .get(target)
-                    .map(|s| (dptr(s, &self.stream), s.len())),
+                    .map(|(_, s)| (dptr(s, &self.stream), s.len())),
             };
             let Some((dst, _)) = dst.filter(|(_, len)| *len >= bytes) else {
                 return Err(RuntimeError::Invalid(format!(
