@@ -260,21 +260,13 @@ pub fn compile_train_artifact(
     dir: &Path,
 ) -> Result<std::path::PathBuf> {
     let t0 = std::time::Instant::now();
-    let g = step_graph(cfg, passes, opt, budget)?;
     let sopts = egret_backends::schedule::ScheduleOptions {
         panel: egret_backends::llvm::panel_width(&opts.cpu),
         weights: opts.weights,
         states: false,
         deep_first: true,
     };
-    let prog = egret_backends::schedule::schedule_with(&g, sopts)
-        .map_err(|e| EgretError::Usage(e.to_string()))?;
-    let spec = egret_backends::artifact::EntrySpec {
-        mode: "training".into(),
-        entry: "train_step".into(),
-        optimizer: Some(adamw_spec(opt)),
-    };
-    let model = serde_json::to_value(cfg).unwrap_or_default();
+    let (prog, spec, model) = train_program(cfg, passes, opt, budget, sopts)?;
     let out = egret_backends::artifact::write_cpu_artifact(&prog, opts, model, &spec, dir)
         .map_err(|e| EgretError::Usage(e.to_string()))?;
     if std::env::var_os("EGRET_PROFILE").is_some() {
@@ -287,8 +279,6 @@ pub fn compile_train_artifact(
     Ok(out)
 }
 
-/// The `train_step` artifact of a model, from the compile cache (keyed also by the AdamW
-/// constants and the memory budget), compiled there first if needed.
 /// `compile_train_artifact` for the GPU: the step scheduled for it and compiled to PTX.
 pub fn compile_train_artifact_ptx(
     cfg: &LlamaConfig,
@@ -298,11 +288,28 @@ pub fn compile_train_artifact_ptx(
     budget: Option<MemoryBudget>,
     dir: &Path,
 ) -> Result<std::path::PathBuf> {
-    let g = step_graph(cfg, passes, opt, budget)?;
     let sopts = egret_backends::schedule::ScheduleOptions {
         deep_first: true,
         ..egret_backends::ptx::schedule_options()
     };
+    let (prog, spec, model) = train_program(cfg, passes, opt, budget, sopts)?;
+    egret_backends::artifact::write_ptx_artifact(&prog, opts, model, &spec, dir)
+        .map_err(|e| EgretError::Usage(e.to_string()))
+}
+
+/// The train step scheduled with `sopts`, its entry point and the configuration to record.
+fn train_program(
+    cfg: &LlamaConfig,
+    passes: &str,
+    opt: &AdamW,
+    budget: Option<MemoryBudget>,
+    sopts: egret_backends::schedule::ScheduleOptions,
+) -> Result<(
+    egret_backends::kernel::Program,
+    egret_backends::artifact::EntrySpec,
+    serde_json::Value,
+)> {
+    let g = step_graph(cfg, passes, opt, budget)?;
     let prog = egret_backends::schedule::schedule_with(&g, sopts)
         .map_err(|e| EgretError::Usage(e.to_string()))?;
     let spec = egret_backends::artifact::EntrySpec {
@@ -310,11 +317,11 @@ pub fn compile_train_artifact_ptx(
         entry: "train_step".into(),
         optimizer: Some(adamw_spec(opt)),
     };
-    let model = serde_json::to_value(cfg).unwrap_or_default();
-    egret_backends::artifact::write_ptx_artifact(&prog, opts, model, &spec, dir)
-        .map_err(|e| EgretError::Usage(e.to_string()))
+    Ok((prog, spec, serde_json::to_value(cfg).unwrap_or_default()))
 }
 
+/// The `train_step` artifact of a model, from the compile cache (keyed also by the AdamW
+/// constants and the memory budget), compiled there first if needed.
 pub fn train_artifact(
     cfg: &LlamaConfig,
     passes: &str,

@@ -526,21 +526,7 @@ impl CpuExecutor {
             .bind_symbols(|n| inputs.get(n).map(|v| v.shape.clone()), &fixed)
             .map_err(RuntimeError::Invalid)?;
         self.grow_states(&mut syms)?;
-        // Lay out for symbol values rounded up to a power of two: buffer sizes only grow with
-        // the symbols, so that layout serves every smaller value too, and a decode loop whose
-        // cache length grows by one each step re-plans only at each doubling.
-        let monotone = self
-            .plan
-            .buffers
-            .iter()
-            .all(|b| b.dims.iter().all(|d| d.terms.iter().all(|t| t.1 >= 0)));
-        let plan_syms: Vec<i64> = if monotone {
-            syms.iter()
-                .map(|&v| (v.max(1) as u64).next_power_of_two() as i64)
-                .collect()
-        } else {
-            syms.clone()
-        };
+        let plan_syms = self.plan.layout_symbols(&syms);
         if self.layout.as_ref().is_none_or(|l| l.syms != plan_syms) {
             let l = self.plan_layout(&plan_syms);
             if self.arena.len() < l.arena_bytes {

@@ -187,11 +187,7 @@ impl GpuExecutor {
         };
         let Some(s) = slice else { return Ok(None) };
         let host = self.stream.clone_dtoh(s).map_err(cuda)?;
-        Ok(Some(
-            host.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        ))
+        Ok(Some(f32s(&host)))
     }
 
     /// Times every kernel of the following runs (see `profile`).
@@ -474,20 +470,7 @@ impl GpuExecutor {
             )
             .map_err(RuntimeError::Invalid)?;
         self.grow_states(&mut syms)?;
-        // Laid out for symbols rounded up to powers of two, as on the CPU: a decode loop
-        // re-plans only at each doubling.
-        let monotone = self
-            .plan
-            .buffers
-            .iter()
-            .all(|b| b.dims.iter().all(|d| d.terms.iter().all(|t| t.1 >= 0)));
-        let plan_syms: Vec<i64> = if monotone {
-            syms.iter()
-                .map(|&v| (v.max(1) as u64).next_power_of_two() as i64)
-                .collect()
-        } else {
-            syms.clone()
-        };
+        let plan_syms = self.plan.layout_symbols(&syms);
         if self.layout.as_ref().is_none_or(|l| l.0 != plan_syms) {
             let (offsets, bytes) = self.plan.arena_layout(&plan_syms, ALIGN);
             if self.arena.as_ref().is_none_or(|a| a.len() < bytes) {
@@ -612,16 +595,8 @@ impl GpuExecutor {
                     .map_err(cuda)?;
             }
             let data = match spec.elem {
-                ElemType::F32 => HostData::F32(
-                    host.chunks_exact(4)
-                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect(),
-                ),
-                ElemType::I64 => HostData::I64(
-                    host.chunks_exact(8)
-                        .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
-                        .collect(),
-                ),
+                ElemType::F32 => HostData::F32(f32s(&host)),
+                ElemType::I64 => HostData::I64(i64s(&host)),
                 ElemType::Bool => HostData::I64(host.iter().map(|&b| b as i64).collect()),
                 ElemType::Half => {
                     return Err(RuntimeError::Invalid(format!(
@@ -673,21 +648,25 @@ impl GpuExecutor {
         Some(HostValue {
             shape: st.shape.clone(),
             data: match elem {
-                ElemType::I64 => HostData::I64(
-                    bytes
-                        .chunks_exact(8)
-                        .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
-                        .collect(),
-                ),
-                _ => HostData::F32(
-                    bytes
-                        .chunks_exact(4)
-                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect(),
-                ),
+                ElemType::I64 => HostData::I64(i64s(&bytes)),
+                _ => HostData::F32(f32s(&bytes)),
             },
         })
     }
+}
+
+/// Little-endian f32s from bytes (a download).
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Little-endian i64s from bytes.
+fn i64s(b: &[u8]) -> Vec<i64> {
+    b.chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect()
 }
 
 fn wrong_input(name: &str, what: &str) -> RuntimeError {

@@ -191,6 +191,24 @@ impl Plan {
         peak as u64
     }
 
+    /// The symbol values to lay the arena out for: each rounded up to a power of two when
+    /// every buffer only grows with the symbols (that layout then serves every smaller value,
+    /// so a decode loop whose cache grows by one each step re-plans only at each doubling);
+    /// else the values themselves.
+    pub fn layout_symbols(&self, syms: &[i64]) -> Vec<i64> {
+        let monotone = self
+            .buffers
+            .iter()
+            .all(|b| b.dims.iter().all(|d| d.terms.iter().all(|t| t.1 >= 0)));
+        if monotone {
+            syms.iter()
+                .map(|&v| (v.max(1) as u64).next_power_of_two() as i64)
+                .collect()
+        } else {
+            syms.to_vec()
+        }
+    }
+
     /// The memory plan for these symbol values: each per-run temporary (`Temp`) gets an
     /// offset in one arena, live from the first kernel that touches it to the last (outputs
     /// to the end), largest first, each at the lowest offset (a multiple of `align`) that no

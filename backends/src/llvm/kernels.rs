@@ -1834,34 +1834,22 @@ fn matmul<'ctx>(
         fb.b.build_conditional_branch(small, gemv, tiled)
             .map_err(be)?;
         fb.b.position_at_end(tiled);
-        gpu_tiled_matmul(
-            fb,
+        let mm = GpuMatmul {
             optr,
-            &aav,
-            gav.as_ref(),
-            norm.is_some(),
+            aav: &aav,
+            gav: gav.as_ref(),
+            norm: norm.is_some(),
             eps,
-            &wav,
-            &bdims,
+            wav: &wav,
+            bdims: &bdims,
             nbatch,
-            (mv, nv, kv),
+            dims: (mv, nv, kv),
             shared_w,
-        )?;
+        };
+        gpu_tiled_matmul(fb, &mm)?;
         fb.ret_ok()?;
         fb.b.position_at_end(gemv);
-        gpu_gemv(
-            fb,
-            optr,
-            &aav,
-            gav.as_ref(),
-            norm.is_some(),
-            eps,
-            &wav,
-            &bdims,
-            nbatch,
-            (mv, nv, kv),
-            shared_w,
-        )?;
+        gpu_gemv(fb, &mm)?;
     } else {
         fb.for_range(fb.i64c(0), nbatch, |fb, bi| run_batch(fb, bi))?;
     }
@@ -1960,29 +1948,74 @@ fn barrier(fb: &Fb) -> R<()> {
     Ok(())
 }
 
+/// A GPU matmul's operands: `out = a·w` (`[batch, m, k]·[batch?, k, n]`), with `norm` the
+/// rows of `a` RMS-normalised (`eps`) and scaled by `g` first.
+#[derive(Clone, Copy)]
+struct GpuMatmul<'a, 'ctx> {
+    optr: PointerValue<'ctx>,
+    aav: &'a Av<'ctx>,
+    gav: Option<&'a Av<'ctx>>,
+    norm: bool,
+    eps: f64,
+    wav: &'a Av<'ctx>,
+    bdims: &'a [IntValue<'ctx>],
+    nbatch: IntValue<'ctx>,
+    dims: (IntValue<'ctx>, IntValue<'ctx>, IntValue<'ctx>),
+    shared_w: bool,
+}
+
+/// A block-structured GPU kernel's place: this thread's index in its block, the block's
+/// index, the number of blocks, and how many of `units` (taken `blk, blk + nblk, …`) this
+/// block does.
+struct BlockGrid<'ctx> {
+    lane: IntValue<'ctx>,
+    blk: IntValue<'ctx>,
+    nblk: IntValue<'ctx>,
+    iters: IntValue<'ctx>,
+}
+
+fn block_grid<'ctx>(fb: &Fb<'_, 'ctx>, units: IntValue<'ctx>) -> R<BlockGrid<'ctx>> {
+    let c = fb.i64c(GPU_BLOCK_THREADS);
+    let lane = fb.b.build_int_signed_rem(fb.tid, c, "lane").map_err(be)?;
+    let blk = fb.b.build_int_signed_div(fb.tid, c, "blk").map_err(be)?;
+    let nblk = fb.b.build_int_signed_div(fb.nth, c, "nblk").map_err(be)?;
+    let rest = fb.b.build_int_sub(units, blk, "rest").map_err(be)?;
+    let up = fb.add(
+        rest,
+        fb.b.build_int_sub(nblk, fb.i64c(1), "n1").map_err(be)?,
+    )?;
+    let iters = fb.b.build_int_signed_div(up, nblk, "iters").map_err(be)?;
+    Ok(BlockGrid {
+        lane,
+        blk,
+        nblk,
+        iters,
+    })
+}
+
 /// Column groups of `gpu_gemv`: a warp reads `GEMV_COLS` neighbouring weight columns.
 const GEMV_COLS: i64 = 32;
 
 /// A matmul of few rows (decode) on the GPU, bound by reading the weights once: each
 /// 256-thread block takes `GEMV_COLS` columns (blocks stride over the column groups of every
 /// batch entry) and cuts `k` into 8 chunks, one warp each (lanes on neighbouring columns, so
-/// every weight row is one coalesced read). Rows go four at a time; each warp's partial sums
-/// meet in shared memory and 128 threads add them up and store. With `norm`, the partial sums
-/// of squares of the rows travel the same way and scale the outputs.
-#[allow(clippy::too_many_arguments)]
-fn gpu_gemv<'ctx>(
-    fb: &Fb<'_, 'ctx>,
-    optr: PointerValue<'ctx>,
-    aav: &Av<'ctx>,
-    gav: Option<&Av<'ctx>>,
-    norm: bool,
-    eps: f64,
-    wav: &Av<'ctx>,
-    bdims: &[IntValue<'ctx>],
-    nbatch: IntValue<'ctx>,
-    (mv, nv, kv): (IntValue<'ctx>, IntValue<'ctx>, IntValue<'ctx>),
-    shared_w: bool,
-) -> R<()> {
+/// every weight row is one coalesced read), for one block of four rows: blocks stride over
+/// (batch entry, column group, row block) units. Each warp's partial sums meet in shared
+/// memory and 128 threads add them up and store. With `norm`, the partial sums of squares of
+/// the rows travel the same way and scale the outputs.
+fn gpu_gemv<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
+    let GpuMatmul {
+        optr,
+        aav,
+        gav,
+        norm,
+        eps,
+        wav,
+        bdims,
+        nbatch,
+        dims: (mv, nv, kv),
+        shared_w,
+    } = *mm;
     let chunks = GPU_BLOCK_THREADS / GEMV_COLS;
     let rb = ROW_BLOCK as i64;
     let c = |v: i64| fb.i64c(v);
@@ -1997,25 +2030,20 @@ fn gpu_gemv<'ctx>(
     // Partials: [chunk][row][column], then the rows' sums of squares [chunk][row].
     let part = shared_f32(fb, "part", (chunks * rb * GEMV_COLS + chunks * rb) as u32);
     let sq_at = chunks * rb * GEMV_COLS;
-    let lane = srem(fb.tid, c(GPU_BLOCK_THREADS), "lane")?;
-    let blk = sdiv(fb.tid, c(GPU_BLOCK_THREADS), "blk")?;
-    let nblk = sdiv(fb.nth, c(GPU_BLOCK_THREADS), "nblk")?;
-    let (h, col) = (
-        sdiv(lane, c(GEMV_COLS), "h")?,
-        srem(lane, c(GEMV_COLS), "col")?,
-    );
     let groups = sdiv(fb.add(nv, c(GEMV_COLS - 1))?, c(GEMV_COLS), "groups")?;
     let nrb = sdiv(fb.add(mv, c(rb - 1))?, c(rb), "nrb")?;
     // A unit: one row block of one column group of one batch entry.
     let units = fb.mul(fb.mul(groups, nrb)?, nbatch)?;
-    let iters = sdiv(
-        fb.add(
-            fb.b.build_int_sub(units, blk, "r").map_err(be)?,
-            sub1(nblk)?,
-        )?,
+    let BlockGrid {
+        lane,
+        blk,
         nblk,
-        "iters",
-    )?;
+        iters,
+    } = block_grid(fb, units)?;
+    let (h, col) = (
+        sdiv(lane, c(GEMV_COLS), "h")?,
+        srem(lane, c(GEMV_COLS), "col")?,
+    );
     let kc = sdiv(fb.add(kv, c(chunks - 1))?, c(chunks), "kc")?;
     let k0 = fb.mul(h, kc)?;
     let k1 = fb.imin(fb.add(k0, kc)?, kv)?;
@@ -2135,20 +2163,19 @@ fn gpu_gemv<'ctx>(
 /// rows `ty + 16i`, columns `tx + 16j` (conflict-free shared reads, neighbouring threads on
 /// neighbouring columns). With `norm`, `A`'s rows are first reduced to `rsqrt(mean(a²)+eps)`
 /// (two threads a row) and the outputs scaled by it; `g` scales `A`'s columns as they load.
-#[allow(clippy::too_many_arguments)]
-fn gpu_tiled_matmul<'ctx>(
-    fb: &Fb<'_, 'ctx>,
-    optr: PointerValue<'ctx>,
-    aav: &Av<'ctx>,
-    gav: Option<&Av<'ctx>>,
-    norm: bool,
-    eps: f64,
-    wav: &Av<'ctx>,
-    bdims: &[IntValue<'ctx>],
-    nbatch: IntValue<'ctx>,
-    (mv, nv, kv): (IntValue<'ctx>, IntValue<'ctx>, IntValue<'ctx>),
-    shared_w: bool,
-) -> R<()> {
+fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
+    let GpuMatmul {
+        optr,
+        aav,
+        gav,
+        norm,
+        eps,
+        wav,
+        bdims,
+        nbatch,
+        dims: (mv, nv, kv),
+        shared_w,
+    } = *mm;
     let (t, tk) = (GPU_TILE, GPU_TILE_K);
     let c = |v: i64| fb.i64c(v);
     let sdiv = |a, b, n| fb.b.build_int_signed_div(a, b, n).map_err(be);
@@ -2164,23 +2191,17 @@ fn gpu_tiled_matmul<'ctx>(
     // apart, so the threads finishing the scales never overwrite a partial still to be read.
     let inv_s = shared_f32(fb, "inv", (3 * t) as u32);
     let inv_at = 2 * t;
-    let lane = srem(fb.tid, c(GPU_BLOCK_THREADS), "lane")?;
-    let blk = sdiv(fb.tid, c(GPU_BLOCK_THREADS), "blk")?;
-    let nblk = sdiv(fb.nth, c(GPU_BLOCK_THREADS), "nblk")?;
-    let (ty, tx) = (sdiv(lane, c(16), "ty")?, srem(lane, c(16), "tx")?);
     let tiles_m = sdiv(fb.add(mv, c(t - 1))?, c(t), "tm")?;
     let tiles_n = sdiv(fb.add(nv, c(t - 1))?, c(t), "tn")?;
     let per_batch = fb.mul(tiles_m, tiles_n)?;
     let ntiles = fb.mul(per_batch, nbatch)?;
-    // This block's tiles: blk, blk + nblk, ...
-    let iters = sdiv(
-        fb.add(
-            fb.b.build_int_sub(ntiles, blk, "r").map_err(be)?,
-            fb.b.build_int_sub(nblk, c(1), "n1").map_err(be)?,
-        )?,
+    let BlockGrid {
+        lane,
+        blk,
         nblk,
-        "iters",
-    )?;
+        iters,
+    } = block_grid(fb, ntiles)?;
+    let (ty, tx) = (sdiv(lane, c(16), "ty")?, srem(lane, c(16), "tx")?);
     let accs: Vec<PointerValue> = (0..64).map(|_| fb.slot(fb.f32t.into())).collect::<R<_>>()?;
     let (ra, ka) = (aav.strides.len() - 2, aav.strides.len() - 1);
     let (kw, nw) = (wav.strides.len() - 2, wav.strides.len() - 1);
@@ -2620,20 +2641,15 @@ fn gpu_attention(
     let (bv, tv, sv) = (fb.dim(&d.b)?, fb.dim(&d.t)?, fb.dim(&d.s)?);
     let rep = c(d.h / d.hkv);
     let warps = GPU_BLOCK_THREADS / 32;
-    let lane = srem(fb.tid, c(GPU_BLOCK_THREADS), "lane")?;
-    let (warp, wl) = (sdiv(lane, c(32), "warp")?, srem(lane, c(32), "wl")?);
-    let blk = sdiv(fb.tid, c(GPU_BLOCK_THREADS), "blk")?;
-    let nblk = sdiv(fb.nth, c(GPU_BLOCK_THREADS), "nblk")?;
     let units = fb.mul(fb.mul(bv, c(d.h))?, tv)?;
     let groups = sdiv(fb.add(units, c(warps - 1))?, c(warps), "groups")?;
-    let iters = sdiv(
-        fb.add(
-            fb.b.build_int_sub(groups, blk, "r").map_err(be)?,
-            fb.b.build_int_sub(nblk, c(1), "n1").map_err(be)?,
-        )?,
+    let BlockGrid {
+        lane,
+        blk,
         nblk,
-        "iters",
-    )?;
+        iters,
+    } = block_grid(fb, groups)?;
+    let (warp, wl) = (sdiv(lane, c(32), "warp")?, srem(lane, c(32), "wl")?);
     let nd = ((d.d + 31) / 32) as usize;
     let ndv = ((d.dv + 31) / 32) as usize;
     let qr: Vec<PointerValue> = (0..nd).map(|_| fb.slot(fb.f32t.into())).collect::<R<_>>()?;
