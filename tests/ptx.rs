@@ -1,5 +1,5 @@
-//! The GPU backend without a GPU: the PTX of SmolLM2-135M's `step` assembles with NVIDIA's
-//! `ptxas` for sm_80 and sm_90, a few kernels' PTX is snapshotted, `egret compile --target
+//! The GPU backend without a GPU: the PTX of SmolLM2-135M's `step` and AdamW `train_step`
+//! assembles with NVIDIA's `ptxas` for sm_80 and sm_90, a few kernels' PTX is snapshotted, `egret compile --target
 //! ptx` writes an artifact, and `--backend gpu` without a CUDA driver is one clear error.
 //! With a GPU, generation on it equals the CPU's.
 
@@ -28,6 +28,28 @@ fn smollm2_step_ptx_assembles_for_sm80_and_sm90() {
         let ptx = std::fs::read_to_string(dir.join("kernels.ptx")).unwrap();
         assert!(ptx.contains(&format!(".target {arch}")), "{arch}");
         common::assemble_ptx("smollm2 step", &ptx, arch);
+    }
+}
+
+#[test]
+fn smollm2_training_step_ptx_assembles_for_sm80_and_sm90() {
+    let cfg = egret_models::presets::preset("smollm2-135m").unwrap();
+    for arch in ["sm_80", "sm_90"] {
+        let t = TempDir::new(&format!("smollm2-train-ptx-{arch}"));
+        let opts = PtxOptions { arch: arch.into() };
+        let dir = egret::train::compile_train_artifact_ptx(
+            &cfg,
+            "default",
+            &opts,
+            &egret::train::AdamW::default(),
+            None,
+            &t.0.join("a"),
+        )
+        .unwrap();
+        let art = egret_runtime::Artifact::load(&dir).unwrap();
+        assert_eq!(art.manifest().mode, "training");
+        let ptx = std::fs::read_to_string(dir.join("kernels.ptx")).unwrap();
+        common::assemble_ptx("smollm2 train_step", &ptx, arch);
     }
 }
 
