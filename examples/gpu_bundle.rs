@@ -12,7 +12,9 @@
 //!   interpreter's outputs (`want.*`), all as f32 (integer inputs are small and exact);
 //! - `smollm2-ptx/` and `smollm2-cpu/`: SmolLM2-135M's `step` compiled for the GPU (sm_80) and
 //!   for any x86-64-v3 CPU, to run on weights made on the GPU machine;
-//! - `bench-matmul/`, `bench-attention/`: a matmul and a causal attention for timing;
+//! - `conformance-tc/<case>/`: the matmul cases compiled for tensor cores (bf16 operands);
+//! - `bench-matmul/`, `bench-matmul-tc/`, `bench-attention/`: a matmul (f32, and on tensor
+//!   cores) and a causal attention for timing;
 //! - `grads/<fixture>/`: each tiny transformers fixture's gradient graph (PTX, entry `run`)
 //!   with the fixture's weights, tokens and transformers' loss and gradients;
 //! - `smollm2-train/`, `smollm2-train-cpu/`: SmolLM2-135M's AdamW `train_step` for the GPU
@@ -53,19 +55,17 @@ impl Rng {
 }
 
 fn ptx_artifact(g: &Graph, dir: &Path) -> Res<()> {
+    ptx_artifact_with(g, dir, &PtxOptions::default())
+}
+
+fn ptx_artifact_with(g: &Graph, dir: &Path, opts: &PtxOptions) -> Res<()> {
     let prog = schedule_with(g, schedule_options())?;
     let spec = EntrySpec {
         mode: "inference".into(),
         entry: "run".into(),
         optimizer: None,
     };
-    write_ptx_artifact(
-        &prog,
-        &PtxOptions::default(),
-        serde_json::Value::Null,
-        &spec,
-        dir,
-    )?;
+    write_ptx_artifact(&prog, opts, serde_json::Value::Null, &spec, dir)?;
     Ok(())
 }
 
@@ -78,6 +78,16 @@ fn conformance(out: &Path) -> Res<()> {
         let g = egret_ir::parse(&format!("graph {} {{{body}\n}}", name.replace('-', "_")))?;
         let dir = out.join("conformance").join(name);
         ptx_artifact(&g, &dir)?;
+        let tc = PtxOptions {
+            tensor_cores: true,
+            ..PtxOptions::default()
+        };
+        // The matmul cases again on tensor cores (checked at bf16 tolerance on the same
+        // inputs, which stay in `conformance/<case>/`).
+        let tc_dir = out.join("conformance-tc").join(name);
+        if name.contains("matmul") {
+            ptx_artifact_with(&g, &tc_dir, &tc)?;
+        }
         for &n in SIZES {
             let mut rng = Rng(n as u64 * 7919 + name.len() as u64);
             let b = HashMap::from([("N".to_string(), n)]);
@@ -147,6 +157,14 @@ fn main() -> Res<()> {
 }"#,
     )?;
     ptx_artifact(&matmul, &out.join("bench-matmul"))?;
+    ptx_artifact_with(
+        &matmul,
+        &out.join("bench-matmul-tc"),
+        &PtxOptions {
+            tensor_cores: true,
+            ..PtxOptions::default()
+        },
+    )?;
     let attn = egret_ir::parse(
         r#"graph bench_attention {
   %q = input "q" : f32[1, 16, T, 128]

@@ -82,11 +82,12 @@ pub fn compile_artifact(
 /// The compile-cache key of a PTX compilation.
 pub fn cache_key(cfg: &LlamaConfig, passes: &str, opts: &PtxOptions, what: &str) -> String {
     let text = format!(
-        "{what}\nformat {}\ncompiler {} {BUILD_ID}\nconfig {}\npasses {passes}\nptx {}\n",
+        "{what}\nformat {}\ncompiler {} {BUILD_ID}\nconfig {}\npasses {passes}\nptx {} {}\n",
         egret_runtime::artifact::FORMAT_VERSION,
         env!("CARGO_PKG_VERSION"),
         serde_json::to_string(cfg).unwrap_or_default(),
         opts.arch,
+        opts.tensor_cores,
     );
     egret_runtime::artifact::sha256_hex(text.as_bytes())[..32].to_string()
 }

@@ -214,6 +214,9 @@ enum Cmd {
         /// GPU architecture for `--target ptx` (sm_80, sm_86, sm_89, sm_90).
         #[arg(long, default_value = "sm_80")]
         gpu_arch: String,
+        /// With `--target ptx`: large matmuls on tensor cores (bf16 operands, f32 sums).
+        #[arg(long)]
+        tensor_cores: bool,
         #[arg(short, long)]
         out: PathBuf,
     },
@@ -348,6 +351,9 @@ struct RunOpts {
     /// GPU architecture the GPU backend generates PTX for (it runs on that GPU and later).
     #[arg(long, default_value = "sm_80")]
     gpu_arch: String,
+    /// Large GPU matmuls on tensor cores: operands rounded to bf16, sums in f32.
+    #[arg(long)]
+    tensor_cores: bool,
     /// Run this artifact (from `egret compile`) instead of compiling; MODEL gives the weights.
     #[arg(long, conflicts_with = "no_cache")]
     artifact: Option<PathBuf>,
@@ -416,6 +422,7 @@ impl Runner {
                 &o.passes,
                 &egret_backends::ptx::PtxOptions {
                     arch: o.gpu_arch.clone(),
+                    tensor_cores: o.tensor_cores,
                 },
                 &match (&o.artifact, o.no_cache) {
                     (Some(d), _) => egret::cpu::CodeSource::Artifact(d.clone()),
@@ -686,6 +693,7 @@ fn run(cli: Cli) -> Result<()> {
             cpu,
             weights_dtype,
             gpu_arch,
+            tensor_cores,
             out,
         } => {
             if mode != Mode::Inference {
@@ -693,7 +701,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             let cfg = egret::load_config(&ModelSource::resolve(&model)?)?;
             if target == Target::Ptx {
-                let opts = egret_backends::ptx::PtxOptions { arch: gpu_arch };
+                let opts = egret_backends::ptx::PtxOptions {
+                    arch: gpu_arch,
+                    tensor_cores,
+                };
                 let dir = egret::gpu::compile_artifact(&cfg, &passes, &opts, &out)?;
                 println!("{}", dir.display());
                 return Ok(());

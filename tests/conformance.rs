@@ -160,16 +160,54 @@ fn gpu_backend_matches_the_interpreter() {
     }
 }
 
-/// Every case's PTX (which does not depend on `N`) assembles for sm_80 and sm_90.
+/// Every case's PTX (which does not depend on `N`) assembles for sm_80 and sm_90, with and
+/// without tensor-core matmuls.
 #[test]
 fn ptx_of_every_case_assembles() {
     for (name, body) in CASES {
         let g = graph(name, body);
         for arch in ["sm_80", "sm_90"] {
-            let (ptx, _) =
-                egret::gpu::compile_graphs(&[&g], &PtxOptions { arch: arch.into() }, false)
+            for tensor_cores in [false, true] {
+                let opts = PtxOptions {
+                    arch: arch.into(),
+                    tensor_cores,
+                };
+                let (ptx, _) = egret::gpu::compile_graphs(&[&g], &opts, false)
                     .unwrap_or_else(|e| panic!("{name}: {e}"));
-            common::assemble_ptx(name, &ptx, arch);
+                common::assemble_ptx(name, &ptx, arch);
+            }
+        }
+    }
+}
+
+/// With tensor cores, matmuls round their operands to bf16: every output within 1e-2
+/// relative L2 of the interpreter's (on a GPU; skipped without one).
+#[test]
+fn gpu_tensor_core_matmuls_are_within_bf16_tolerance() {
+    if !common::gpu_or_skip("gpu_tensor_core_matmuls_are_within_bf16_tolerance") {
+        return;
+    }
+    let opts = PtxOptions {
+        tensor_cores: true,
+        ..PtxOptions::default()
+    };
+    for (name, body) in CASES.iter().filter(|(n, _)| n.contains("matmul")) {
+        let g = graph(name, body);
+        for &n in SIZES {
+            let (inputs, params) = bindings(&g, n, n as u64 * 31 + name.len() as u64);
+            let want = run_interp(&g, &inputs, &params);
+            let mut ex = egret::gpu::executor(&g, &params, &opts).unwrap();
+            let got = outputs_f32(ex.run(&host_inputs(&inputs)).unwrap());
+            for (out, w) in &want {
+                let num: f64 = w
+                    .iter()
+                    .zip(&got[out])
+                    .map(|(a, b)| ((a - b) as f64).powi(2))
+                    .sum();
+                let den: f64 = w.iter().map(|a| (*a as f64).powi(2)).sum();
+                let rel = (num / den.max(1e-30)).sqrt();
+                assert!(rel <= 1e-2, "{name} N={n} {out}: relative L2 {rel}");
+            }
         }
     }
 }

@@ -20,7 +20,10 @@ fn smollm2_step_ptx_assembles_for_sm80_and_sm90() {
     let cfg = egret_models::presets::preset("smollm2-135m").unwrap();
     for arch in ["sm_80", "sm_90"] {
         let t = TempDir::new(&format!("smollm2-ptx-{arch}"));
-        let opts = PtxOptions { arch: arch.into() };
+        let opts = PtxOptions {
+            arch: arch.into(),
+            ..PtxOptions::default()
+        };
         let dir = egret::gpu::compile_artifact(&cfg, "default", &opts, &t.0.join("a")).unwrap();
         let art = egret_runtime::Artifact::load(&dir).unwrap();
         assert_eq!(art.manifest().target.kind, "ptx");
@@ -36,7 +39,10 @@ fn smollm2_training_step_ptx_assembles_for_sm80_and_sm90() {
     let cfg = egret_models::presets::preset("smollm2-135m").unwrap();
     for arch in ["sm_80", "sm_90"] {
         let t = TempDir::new(&format!("smollm2-train-ptx-{arch}"));
-        let opts = PtxOptions { arch: arch.into() };
+        let opts = PtxOptions {
+            arch: arch.into(),
+            ..PtxOptions::default()
+        };
         let dir = egret::train::compile_train_artifact_ptx(
             &cfg,
             "default",

@@ -113,7 +113,10 @@ fn training_step_ptx_assembles() {
         let cfg = egret::load_config(&src).unwrap();
         for arch in ["sm_80", "sm_90"] {
             let t = TempDir::new(&format!("train-ptx-{name}-{arch}"));
-            let opts = egret_backends::ptx::PtxOptions { arch: arch.into() };
+            let opts = egret_backends::ptx::PtxOptions {
+                arch: arch.into(),
+                ..Default::default()
+            };
             let dir = egret::train::compile_train_artifact_ptx(
                 &cfg,
                 "default",

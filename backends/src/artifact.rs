@@ -84,7 +84,7 @@ pub fn write_ptx_artifact(
         kind: "ptx".into(),
         arch: "nvptx64".into(),
         cpu: opts.arch.clone(),
-        features: vec![],
+        features: crate::ptx::ptx_features(opts),
     };
     write_artifact(dir, PTX_PAYLOAD, target, "f32", model, spec, |path| {
         let (text, mut plans) = compile_ptx(&[step], opts)?;

@@ -44,9 +44,12 @@ fn executor(dir: &Path) -> Res<GpuExecutor> {
     Ok(GpuExecutor::new(entry.plan.clone(), &ptx)?)
 }
 
-fn conformance(bundle: &Path, table: &mut Vec<String>) -> Res<bool> {
+/// The conformance cases under `dir`: `bf16` (tensor cores) judges each output by relative
+/// L2 against 1e-2; otherwise the largest difference over the largest magnitude against
+/// `TOLERANCE`, as the CPU tests do.
+fn conformance(bundle: &Path, dir: &str, bf16: bool, table: &mut Vec<String>) -> Res<bool> {
     let mut all_ok = true;
-    let mut cases: Vec<_> = std::fs::read_dir(bundle.join("conformance"))?
+    let mut cases: Vec<_> = std::fs::read_dir(bundle.join(dir))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
     cases.sort();
@@ -57,7 +60,8 @@ fn conformance(bundle: &Path, table: &mut Vec<String>) -> Res<bool> {
             .to_string_lossy()
             .to_string();
         let mut ex = executor(&case)?;
-        let mut files: Vec<_> = std::fs::read_dir(&case)?
+        // Inputs and expected outputs are the f32 cases' (one copy for both builds).
+        let mut files: Vec<_> = std::fs::read_dir(bundle.join("conformance").join(&name))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
             .collect();
@@ -125,20 +129,22 @@ fn conformance(bundle: &Path, table: &mut Vec<String>) -> Res<bool> {
                     .fold(0f32, f32::max);
                 let worst = if gv.len() != wv.len() {
                     f32::INFINITY
+                } else if bf16 {
+                    rel_l2(&gv, &wv) as f32
                 } else {
                     worst
                 };
                 worst_all = worst_all.max(worst);
                 println!(
                     "{}",
-                    serde_json::json!({"check": "conformance", "case": name, "file": f.file_name().unwrap_or_default().to_string_lossy(), "output": out, "worst": worst})
+                    serde_json::json!({"check": dir, "case": name, "file": f.file_name().unwrap_or_default().to_string_lossy(), "output": out, "worst": worst})
                 );
             }
         }
-        let ok = worst_all <= TOLERANCE;
+        let ok = worst_all <= if bf16 { 1e-2 } else { TOLERANCE };
         all_ok &= ok;
         table.push(format!(
-            "conformance {name:<24} worst {worst_all:.2e} {}",
+            "{dir} {name:<24} worst {worst_all:.2e} {}",
             if ok { "ok" } else { "FAIL" }
         ));
     }
@@ -260,21 +266,49 @@ fn benches(bundle: &Path, table: &mut Vec<String>) -> Res<()> {
         shape,
     };
     let n = 4096;
-    let mut mm = executor(&bundle.join("bench-matmul"))?;
     let inputs = HashMap::from([
         ("a".to_string(), f32v(vec![n, n], 1)),
         ("w".to_string(), f32v(vec![n, n], 2)),
     ]);
-    let s = time_runs(&mut mm, &inputs, 3)?;
-    let tflops = 2.0 * (n as f64).powi(3) / s / 1e12;
-    println!(
-        "{}",
-        serde_json::json!({"check": "bench", "what": "matmul f32 4096^3", "seconds": s, "tflops": tflops})
-    );
-    table.push(format!(
-        "egret matmul f32 4096^3: {:.2} ms, {tflops:.2} TFLOP/s",
-        s * 1e3
-    ));
+    let mut results = vec![];
+    for (dir, what) in [
+        ("bench-matmul", "matmul f32 4096^3"),
+        (
+            "bench-matmul-tc",
+            "matmul tensor cores (bf16 operands, f32 sums) 4096^3",
+        ),
+    ] {
+        let mut mm = executor(&bundle.join(dir))?;
+        let out = mm.run(&inputs)?;
+        if let Some(HostValue {
+            data: HostData::F32(y),
+            ..
+        }) = out.get("y")
+        {
+            results.push(y.clone());
+        }
+        let s = time_runs(&mut mm, &inputs, 3)?;
+        let tflops = 2.0 * (n as f64).powi(3) / s / 1e12;
+        println!(
+            "{}",
+            serde_json::json!({"check": "bench", "what": what, "seconds": s, "tflops": tflops})
+        );
+        table.push(format!(
+            "egret {what}: {:.2} ms, {tflops:.2} TFLOP/s",
+            s * 1e3
+        ));
+    }
+    if let [f32_out, tc_out] = results.as_slice() {
+        let rel = rel_l2(tc_out, f32_out);
+        println!(
+            "{}",
+            serde_json::json!({"check": "bench", "what": "matmul tensor cores vs f32", "rel_l2": rel})
+        );
+        table.push(format!(
+            "egret matmul 4096^3 tensor cores vs f32: relative L2 {rel:.2e} {}",
+            if rel <= 1e-2 { "ok" } else { "FAIL" }
+        ));
+    }
     let t = 4096;
     let mut at = executor(&bundle.join("bench-attention"))?;
     let inputs = HashMap::from([
@@ -486,8 +520,13 @@ fn main() {
         }
     }
     let mut ok = true;
-    let steps: [(&str, &dyn Fn(&mut Vec<String>) -> Res<bool>); 5] = [
-        ("conformance", &|t| conformance(bundle, t)),
+    let steps: [(&str, &dyn Fn(&mut Vec<String>) -> Res<bool>); 6] = [
+        ("conformance", &|t| {
+            conformance(bundle, "conformance", false, t)
+        }),
+        ("conformance-tc", &|t| {
+            conformance(bundle, "conformance-tc", true, t)
+        }),
         ("gradients", &|t| gradients(bundle, t)),
         ("smollm2", &|t| smollm2(bundle, weights, t)),
         ("benches", &|t| benches(bundle, t).map(|_| true)),

@@ -165,6 +165,16 @@ const CASES: &[(&str, &str)] = &[
   output "y" = %y"#,
     ),
     (
+        // Enough output tiles (2 × 8 × 9 at N = 1000) for the GPU's tiled and tensor-core
+        // matmuls; few rows (N ≤ 32) take the row-block kernel.
+        "matmul-wide",
+        r#"
+  %x = input "x" : f32[2, N, 40]
+  %w = param "w" : f32[40, 1100]
+  %y = matmul(%x, %w) : f32[2, N, 1100]
+  output "y" = %y"#,
+    ),
+    (
         "views",
         r#"
   %x = input "x" : f32[2, N, 3]

@@ -56,6 +56,8 @@ struct Fb<'a, 'ctx> {
     f32t: FloatType<'ctx>,
     /// Generating for the GPU (NVPTX): no C library, different parallel splits.
     gpu: bool,
+    /// GPU matmuls on tensor cores (bf16 operands, f32 sums).
+    tensor_cores: bool,
 }
 
 impl<'a, 'ctx> Fb<'a, 'ctx> {
@@ -699,8 +701,9 @@ pub enum Flavor {
     /// A CPU (LLVM name and feature string): each function is an exported kernel.
     Cpu { cpu: String, features: String },
     /// NVPTX: each function is the private body of a GPU entry point; `tid`/`nthreads` are
-    /// the global thread index and count, and the C library is not there.
-    Gpu,
+    /// the global thread index and count, and the C library is not there. With
+    /// `tensor_cores`, large matmuls round their operands to bf16 and run on `mma.sync`.
+    Gpu { tensor_cores: bool },
 }
 
 /// Emits kernel `k` as function `name`; returns its buffer arguments and scratch floats.
@@ -724,7 +727,8 @@ pub fn emit<'ctx>(
         ],
         false,
     );
-    let gpu = matches!(flavor, Flavor::Gpu);
+    let gpu = matches!(flavor, Flavor::Gpu { .. });
+    let tensor_cores = matches!(flavor, Flavor::Gpu { tensor_cores: true });
     let func = match flavor {
         Flavor::Cpu { cpu, features } => {
             let func = module.add_function(name, fnty, None);
@@ -741,7 +745,7 @@ pub fn emit<'ctx>(
             func
         }
         // The body of a GPU kernel: inlined into the entry point `crate::ptx` wraps it in.
-        Flavor::Gpu => {
+        Flavor::Gpu { .. } => {
             let func = module.add_function(name, fnty, Some(Linkage::Private));
             func.add_attribute(
                 AttributeLoc::Function,
@@ -778,6 +782,7 @@ pub fn emit<'ctx>(
         i64t,
         f32t: ctx.f32_type(),
         gpu,
+        tensor_cores,
     };
     let scratch = match k {
         Kernel::Elementwise { out, shape, expr } => {
@@ -1846,7 +1851,11 @@ fn matmul<'ctx>(
             dims: (mv, nv, kv),
             shared_w,
         };
-        gpu_tiled_matmul(fb, &mm)?;
+        if fb.tensor_cores {
+            gpu_mma_matmul(fb, &mm)?;
+        } else {
+            gpu_tiled_matmul(fb, &mm)?;
+        }
         fb.ret_ok()?;
         fb.b.position_at_end(gemv);
         gpu_gemv(fb, &mm)?;
@@ -2156,6 +2165,365 @@ fn gpu_gemv<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     })
 }
 
+/// The RMSNorm row scales of a 128-row tile of `a` (rows from `m0`), into `inv_s[inv_at..]`:
+/// two threads a row sum the squares of alternate columns, their partials (at `inv_s[lane]`)
+/// are added by the first 128 threads, `rsqrt(mean + eps)`. Ends with the scales written by
+/// threads that have not passed a barrier since: the caller's next barrier publishes them.
+#[allow(clippy::too_many_arguments)]
+fn row_scales<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    aav: &Av<'ctx>,
+    abase: IntValue<'ctx>,
+    lane: IntValue<'ctx>,
+    m0: IntValue<'ctx>,
+    (mv, kv): (IntValue<'ctx>, IntValue<'ctx>),
+    eps: f64,
+    inv_s: PointerValue<'ctx>,
+    inv_at: i64,
+) -> R<()> {
+    let t = GPU_TILE;
+    let c = |v: i64| fb.i64c(v);
+    let sdiv = |a, b, n| fb.b.build_int_signed_div(a, b, n).map_err(be);
+    let srem = |a, b, n| fb.b.build_int_signed_rem(a, b, n).map_err(be);
+    let lt = |a, b| {
+        fb.b.build_int_compare(IntPredicate::SLT, a, b, "lt")
+            .map_err(be)
+    };
+    let (ra, ka) = (aav.strides.len() - 2, aav.strides.len() - 1);
+    let acc = fb.slot(fb.f32t.into())?;
+    // Row r = lane / 2 of the tile, half h = lane % 2 of its k range (interleaved).
+    let r = sdiv(lane, c(2), "r")?;
+    let h = srem(lane, c(2), "h")?;
+    let row = fb.add(m0, r)?;
+    fb.set(acc, fb.f32c(0.0))?;
+    fb.if_else(
+        lt(row, mv)?,
+        |fb| {
+            let rb = fb.add(abase, fb.mul(row, aav.strides[ra])?)?;
+            let half = sdiv(
+                fb.add(fb.b.build_int_sub(kv, h, "kh").map_err(be)?, c(1))?,
+                c(2),
+                "nk",
+            )?;
+            fb.for_range(c(0), half, |fb, j| {
+                let kk = fb.add(fb.mul(j, c(2))?, h)?;
+                let x = fb.load_f32(aav.ptr, fb.add(rb, fb.mul(kk, aav.strides[ka])?)?)?;
+                fb.set(acc, fb.fma_fast(fb.get(acc)?, x, x)?)
+            })
+        },
+        |_| Ok(()),
+    )?;
+    let p = unsafe { fb.b.build_in_bounds_gep(fb.f32t, inv_s, &[lane], "ip") }.map_err(be)?;
+    fb.b.build_store(p, fb.get(acc)?).map_err(be)?;
+    barrier(fb)?;
+    fb.if_else(
+        lt(lane, c(t))?,
+        |fb| {
+            let i2 = fb.mul(lane, c(2))?;
+            let s0 = fb.load_f32(inv_s, i2)?;
+            let s1 = fb.load_f32(inv_s, fb.add(i2, c(1))?)?;
+            let kf =
+                fb.b.build_signed_int_to_float(kv, fb.f32t, "kf")
+                    .map_err(be)?;
+            let mean =
+                fb.b.build_float_div(fb.fadd(s0, s1)?, kf, "mean")
+                    .map_err(be)?;
+            let sq = fb.intrinsic("llvm.sqrt", &[fb.fadd(mean, fb.f32c(eps))?])?;
+            let inv = fb.b.build_float_div(fb.f32c(1.0), sq, "inv").map_err(be)?;
+            fb.store_f32(inv_s, fb.add(lane, c(inv_at))?, inv)
+        },
+        |_| Ok(()),
+    )?;
+    Ok(())
+}
+
+/// `gpu_mma_matmul`'s k-step: 32 columns of `A` and rows of `W` staged per step, two
+/// `m16n8k16` steps.
+const MMA_TILE_K: i64 = 32;
+/// Shared-memory row pitch of the staged slices, in bf16 pairs: 16 pairs of data and 4 of
+/// padding, so the eight rows a fragment load touches fall in different banks.
+const MMA_PITCH: i64 = 20;
+
+/// An i32 shared-memory array of `len` words private to the kernel being generated.
+fn shared_i32<'ctx>(fb: &Fb<'_, 'ctx>, name: &str, len: u32) -> PointerValue<'ctx> {
+    let ty = fb.ctx.i32_type().array_type(len);
+    let g = fb.module.add_global(
+        ty,
+        Some(AddressSpace::from(3u16)),
+        &format!("{}_{name}", fb.func.get_name().to_string_lossy()),
+    );
+    g.set_linkage(Linkage::Internal);
+    g.set_initializer(&ty.get_undef());
+    g.set_alignment(16);
+    g.as_pointer_value()
+}
+
+/// Two f32s rounded to bf16 (nearest even) and packed, `lo` in the low half: an `mma`
+/// operand register.
+fn pack_bf16x2<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    lo: FloatValue<'ctx>,
+    hi: FloatValue<'ctx>,
+) -> R<IntValue<'ctx>> {
+    let i32t = fb.ctx.i32_type();
+    let bits = |f: FloatValue<'ctx>| -> R<IntValue<'ctx>> {
+        let r = round_bf16(fb, f)?;
+        let b =
+            fb.b.build_bit_cast(r, i32t, "b")
+                .map_err(be)?
+                .into_int_value();
+        fb.b.build_right_shift(b, i32t.const_int(16, false), false, "h")
+            .map_err(be)
+    };
+    let (l, h) = (bits(lo)?, bits(hi)?);
+    let h =
+        fb.b.build_left_shift(h, i32t.const_int(16, false), "hs")
+            .map_err(be)?;
+    fb.b.build_or(l, h, "pk").map_err(be)
+}
+
+/// The matmul on tensor cores: operands rounded to bf16 as they are staged, products summed
+/// in f32 by `mma.sync.m16n8k16.row.col.f32.bf16.bf16.f32` (sm_80 and later). Each 256-thread
+/// block computes a 128 × 128 tile (blocks stride over the tiles of every batch entry); warp
+/// `(wm, wn)` of a 2 × 4 grid holds a 64 × 32 sub-tile as 4 × 4 fragments of 16 × 8. Per
+/// k-step the block stages `A[128 × 32]` (row-major pairs) and `W[32 × 128]` (stored
+/// column-major, k pairs together) in shared memory; fragments are read with the layout the
+/// instruction defines (lane `g = lane/4`, `t = lane%4`: rows `g`, `g+8`, k pairs `t`, `t+4`).
+/// With `norm`, rows are scaled as in `gpu_tiled_matmul`.
+fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
+    let GpuMatmul {
+        optr,
+        aav,
+        gav,
+        norm,
+        eps,
+        wav,
+        bdims,
+        nbatch,
+        dims: (mv, nv, kv),
+        shared_w,
+    } = *mm;
+    let (t, tk, pitch) = (GPU_TILE, MMA_TILE_K, MMA_PITCH);
+    let c = |v: i64| fb.i64c(v);
+    let sdiv = |a, b, n| fb.b.build_int_signed_div(a, b, n).map_err(be);
+    let srem = |a, b, n| fb.b.build_int_signed_rem(a, b, n).map_err(be);
+    let lt = |a, b| {
+        fb.b.build_int_compare(IntPredicate::SLT, a, b, "lt")
+            .map_err(be)
+    };
+    let and = |a, b| fb.b.build_and(a, b, "and").map_err(be);
+    let i32t = fb.ctx.i32_type();
+    let a_s = shared_i32(fb, "a", (t * pitch) as u32);
+    let w_s = shared_i32(fb, "w", (t * pitch) as u32);
+    let inv_s = shared_f32(fb, "inv", (3 * t) as u32);
+    let inv_at = 2 * t;
+    let tiles_m = sdiv(fb.add(mv, c(t - 1))?, c(t), "tm")?;
+    let tiles_n = sdiv(fb.add(nv, c(t - 1))?, c(t), "tn")?;
+    let per_batch = fb.mul(tiles_m, tiles_n)?;
+    let BlockGrid {
+        lane,
+        blk,
+        nblk,
+        iters,
+    } = block_grid(fb, fb.mul(per_batch, nbatch)?)?;
+    let warp = sdiv(lane, c(32), "warp")?;
+    let wl = srem(lane, c(32), "wl")?;
+    let (wm, wn) = (sdiv(warp, c(4), "wm")?, srem(warp, c(4), "wn")?);
+    let (g, q) = (sdiv(wl, c(4), "g")?, srem(wl, c(4), "q")?);
+    let accs: Vec<PointerValue> = (0..64).map(|_| fb.slot(fb.f32t.into())).collect::<R<_>>()?;
+    let (ra, ka) = (aav.strides.len() - 2, aav.strides.len() - 1);
+    let (kw, nw) = (wav.strides.len() - 2, wav.strides.len() - 1);
+    let ktiles = sdiv(fb.add(kv, c(tk - 1))?, c(tk), "kt")?;
+    let mma = Intrinsic::find("llvm.nvvm.mma.m16n8k16.row.col.bf16")
+        .and_then(|i| i.get_declaration(fb.module, &[]))
+        .ok_or_else(|| BackendError::Llvm("no intrinsic for mma.m16n8k16 bf16".into()))?;
+    let ld = |arr: PointerValue<'ctx>, at: IntValue<'ctx>| -> R<IntValue<'ctx>> {
+        let p = unsafe { fb.b.build_in_bounds_gep(i32t, arr, &[at], "sp") }.map_err(be)?;
+        Ok(fb.b.build_load(i32t, p, "sv").map_err(be)?.into_int_value())
+    };
+    fb.for_range(c(0), iters, |fb, it| {
+        let tile = fb.add(blk, fb.mul(it, nblk)?)?;
+        let bi = sdiv(tile, per_batch, "bi")?;
+        let rest = srem(tile, per_batch, "rest")?;
+        let m0 = fb.mul(sdiv(rest, tiles_n, "tmi")?, c(t))?;
+        let n0 = fb.mul(srem(rest, tiles_n, "tni")?, c(t))?;
+        let bidx = fb.decompose(bi, bdims)?;
+        let bpairs: Vec<(usize, IntValue)> = bidx.iter().copied().enumerate().collect();
+        let abase = fb.at(aav, &bpairs)?;
+        let wbase = if shared_w {
+            wav.off
+        } else {
+            fb.at(wav, &bpairs)?
+        };
+        if norm {
+            row_scales(fb, aav, abase, lane, m0, (mv, kv), eps, inv_s, inv_at)?;
+        }
+        for a in &accs {
+            fb.set(*a, fb.f32c(0.0))?;
+        }
+        fb.for_range(c(0), ktiles, |fb, kt| {
+            let k0 = fb.mul(kt, c(tk))?;
+            barrier(fb)?;
+            // 128 rows × 16 k-pairs of each operand: 8 pairs a thread.
+            for i in 0..(t * tk / 2 / GPU_BLOCK_THREADS) {
+                let e = fb.add(lane, c(i * GPU_BLOCK_THREADS))?;
+                // A: row e / 16, pair e % 16.
+                let (row, pr) = (sdiv(e, c(tk / 2), "ar")?, srem(e, c(tk / 2), "ap")?);
+                let gm = fb.add(m0, row)?;
+                let mut two = vec![];
+                for h in 0..2 {
+                    let gk = fb.add(k0, fb.add(fb.mul(pr, c(2))?, c(h))?)?;
+                    let v = fb.slot(fb.f32t.into())?;
+                    fb.set(v, fb.f32c(0.0))?;
+                    fb.if_else(
+                        and(lt(gm, mv)?, lt(gk, kv)?)?,
+                        |fb| {
+                            let at = fb.add(
+                                abase,
+                                fb.add(fb.mul(gm, aav.strides[ra])?, fb.mul(gk, aav.strides[ka])?)?,
+                            )?;
+                            let mut x = fb.load_f32(aav.ptr, at)?;
+                            if let Some(gv) = gav {
+                                let s = fb.load_f32(
+                                    gv.ptr,
+                                    fb.add(gv.off, fb.mul(gk, gv.strides[0])?)?,
+                                )?;
+                                x = fb.fmul(x, s)?;
+                            }
+                            fb.set(v, x)
+                        },
+                        |_| Ok(()),
+                    )?;
+                    two.push(fb.get(v)?);
+                }
+                let p = unsafe {
+                    fb.b.build_in_bounds_gep(
+                        i32t,
+                        a_s,
+                        &[fb.add(fb.mul(row, c(pitch))?, pr)?],
+                        "ap",
+                    )
+                }
+                .map_err(be)?;
+                fb.b.build_store(p, pack_bf16x2(fb, two[0], two[1])?)
+                    .map_err(be)?;
+                // W: pair e / 128 of k, column e % 128, stored at [column][pair].
+                let (pk, col) = (sdiv(e, c(t), "wp")?, srem(e, c(t), "wc")?);
+                let gn = fb.add(n0, col)?;
+                let mut two = vec![];
+                for h in 0..2 {
+                    let gk = fb.add(k0, fb.add(fb.mul(pk, c(2))?, c(h))?)?;
+                    let v = fb.slot(fb.f32t.into())?;
+                    fb.set(v, fb.f32c(0.0))?;
+                    fb.if_else(
+                        and(lt(gk, kv)?, lt(gn, nv)?)?,
+                        |fb| {
+                            let at = fb.add(
+                                wbase,
+                                fb.add(fb.mul(gk, wav.strides[kw])?, fb.mul(gn, wav.strides[nw])?)?,
+                            )?;
+                            fb.set(v, fb.load_f32(wav.ptr, at)?)
+                        },
+                        |_| Ok(()),
+                    )?;
+                    two.push(fb.get(v)?);
+                }
+                let p = unsafe {
+                    fb.b.build_in_bounds_gep(
+                        i32t,
+                        w_s,
+                        &[fb.add(fb.mul(col, c(pitch))?, pk)?],
+                        "wp",
+                    )
+                }
+                .map_err(be)?;
+                fb.b.build_store(p, pack_bf16x2(fb, two[0], two[1])?)
+                    .map_err(be)?;
+            }
+            barrier(fb)?;
+            for ks in 0..(tk / 16) {
+                let kp = c(ks * 8);
+                // A fragments of the warp's four 16-row tiles.
+                let mut afr = vec![];
+                for i in 0..4i64 {
+                    let r0 = fb.add(fb.mul(wm, c(64))?, fb.add(c(16 * i), g)?)?;
+                    let at = |r: IntValue<'ctx>, p: i64| -> R<IntValue<'ctx>> {
+                        fb.add(fb.mul(r, c(pitch))?, fb.add(kp, fb.add(q, c(p))?)?)
+                    };
+                    let r8 = fb.add(r0, c(8))?;
+                    afr.push([
+                        ld(a_s, at(r0, 0)?)?,
+                        ld(a_s, at(r8, 0)?)?,
+                        ld(a_s, at(r0, 4)?)?,
+                        ld(a_s, at(r8, 4)?)?,
+                    ]);
+                }
+                let mut bfr = vec![];
+                for j in 0..4i64 {
+                    let n = fb.add(fb.mul(wn, c(32))?, fb.add(c(8 * j), g)?)?;
+                    let at = |p: i64| -> R<IntValue<'ctx>> {
+                        fb.add(fb.mul(n, c(pitch))?, fb.add(kp, fb.add(q, c(p))?)?)
+                    };
+                    bfr.push([ld(w_s, at(0)?)?, ld(w_s, at(4)?)?]);
+                }
+                for i in 0..4usize {
+                    for j in 0..4usize {
+                        let acc = &accs[(i * 4 + j) * 4..(i * 4 + j) * 4 + 4];
+                        let mut args: Vec<BasicMetadataValueEnum> = vec![];
+                        args.extend(afr[i].iter().map(|v| BasicMetadataValueEnum::from(*v)));
+                        args.extend(bfr[j].iter().map(|v| BasicMetadataValueEnum::from(*v)));
+                        for a in acc {
+                            args.push(fb.get(*a)?.into());
+                        }
+                        let r =
+                            fb.b.build_call(mma, &args, "mma")
+                                .map_err(be)?
+                                .try_as_basic_value()
+                                .basic()
+                                .expect("returns a struct")
+                                .into_struct_value();
+                        for (x, a) in acc.iter().enumerate() {
+                            let v =
+                                fb.b.build_extract_value(r, x as u32, "c")
+                                    .map_err(be)?
+                                    .into_float_value();
+                            fb.set(*a, v)?;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        // c0, c1: row g, columns 2q, 2q+1; c2, c3: row g+8.
+        for i in 0..4i64 {
+            for j in 0..4i64 {
+                for x in 0..4i64 {
+                    let r = fb.add(fb.mul(wm, c(64))?, fb.add(c(16 * i + 8 * (x / 2)), g)?)?;
+                    let cl = fb.add(
+                        fb.mul(wn, c(32))?,
+                        fb.add(c(8 * j + x % 2), fb.mul(q, c(2))?)?,
+                    )?;
+                    let (row, col) = (fb.add(m0, r)?, fb.add(n0, cl)?);
+                    let a = accs[((i * 4 + j) * 4 + x) as usize];
+                    fb.if_else(
+                        and(lt(row, mv)?, lt(col, nv)?)?,
+                        |fb| {
+                            let mut v = fb.get(a)?;
+                            if norm {
+                                v = fb.fmul(v, fb.load_f32(inv_s, fb.add(r, c(inv_at))?)?)?;
+                            }
+                            let o = fb.add(fb.mul(fb.add(fb.mul(bi, mv)?, row)?, nv)?, col)?;
+                            fb.store_f32(optr, o, v)
+                        },
+                        |_| Ok(()),
+                    )?;
+                }
+            }
+        }
+        barrier(fb)
+    })
+}
+
 /// The classic shared-memory SGEMM on the GPU, f32 throughout: each 256-thread block computes
 /// `GPU_TILE × GPU_TILE` outputs (blocks stride over the tiles of every batch entry), k in
 /// steps of `GPU_TILE_K`: the block stages an `A` slice (stored k-major) and a `W` slice in
@@ -2221,51 +2589,7 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
             fb.at(wav, &bpairs)?
         };
         if norm {
-            // Row r = lane / 2 of the tile, half h = lane % 2 of its k range (interleaved).
-            let r = sdiv(lane, c(2), "r")?;
-            let h = srem(lane, c(2), "h")?;
-            let row = fb.add(m0, r)?;
-            let acc = accs[0];
-            fb.set(acc, fb.f32c(0.0))?;
-            fb.if_else(
-                lt(row, mv)?,
-                |fb| {
-                    let rb = fb.add(abase, fb.mul(row, aav.strides[ra])?)?;
-                    let half = sdiv(
-                        fb.add(fb.b.build_int_sub(kv, h, "kh").map_err(be)?, c(1))?,
-                        c(2),
-                        "nk",
-                    )?;
-                    fb.for_range(c(0), half, |fb, j| {
-                        let kk = fb.add(fb.mul(j, c(2))?, h)?;
-                        let x = fb.load_f32(aav.ptr, fb.add(rb, fb.mul(kk, aav.strides[ka])?)?)?;
-                        fb.set(acc, fb.fma_fast(fb.get(acc)?, x, x)?)
-                    })
-                },
-                |_| Ok(()),
-            )?;
-            let p =
-                unsafe { fb.b.build_in_bounds_gep(fb.f32t, inv_s, &[lane], "ip") }.map_err(be)?;
-            fb.b.build_store(p, fb.get(acc)?).map_err(be)?;
-            barrier(fb)?;
-            fb.if_else(
-                lt(lane, c(t))?,
-                |fb| {
-                    let i2 = fb.mul(lane, c(2))?;
-                    let s0 = fb.load_f32(inv_s, i2)?;
-                    let s1 = fb.load_f32(inv_s, fb.add(i2, c(1))?)?;
-                    let kf =
-                        fb.b.build_signed_int_to_float(kv, fb.f32t, "kf")
-                            .map_err(be)?;
-                    let mean =
-                        fb.b.build_float_div(fb.fadd(s0, s1)?, kf, "mean")
-                            .map_err(be)?;
-                    let sq = fb.intrinsic("llvm.sqrt", &[fb.fadd(mean, fb.f32c(eps))?])?;
-                    let inv = fb.b.build_float_div(fb.f32c(1.0), sq, "inv").map_err(be)?;
-                    fb.store_f32(inv_s, fb.add(lane, c(inv_at))?, inv)
-                },
-                |_| Ok(()),
-            )?;
+            row_scales(fb, aav, abase, lane, m0, (mv, kv), eps, inv_s, inv_at)?;
         }
         for a in &accs {
             fb.set(*a, fb.f32c(0.0))?;

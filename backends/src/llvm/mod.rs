@@ -176,7 +176,7 @@ pub(crate) fn codegen_flavor<'ctx>(
         "egret_{}",
         progs.first().map(|p| p.name.as_str()).unwrap_or("empty")
     ));
-    let gpu = matches!(flavor, Flavor::Gpu);
+    let gpu = matches!(flavor, Flavor::Gpu { .. });
     let mut seen: Vec<(crate::kernel::Kernel, String, usize)> = Vec::new();
     let mut all = Vec::new();
     for prog in progs {

@@ -37,13 +37,26 @@ pub const PTX_TRIPLE: &str = "nvptx64-nvidia-cuda";
 pub struct PtxOptions {
     /// The GPU architecture, one of `GPU_ARCHS`.
     pub arch: String,
+    /// Large matmuls on tensor cores: operands rounded to bf16, products summed in f32
+    /// (`mma.sync.m16n8k16`). Off, every matmul is f32 throughout.
+    pub tensor_cores: bool,
 }
 
 impl Default for PtxOptions {
     fn default() -> Self {
         PtxOptions {
             arch: "sm_80".into(),
+            tensor_cores: false,
         }
+    }
+}
+
+/// The target features a PTX artifact records (what its code does beyond f32).
+pub fn ptx_features(opts: &PtxOptions) -> Vec<String> {
+    if opts.tensor_cores {
+        vec!["bf16-mma".into()]
+    } else {
+        vec![]
     }
 }
 
@@ -90,7 +103,10 @@ pub fn compile_ptx(
 ) -> Result<(String, Vec<Plan>), BackendError> {
     let tm = target_machine(&opts.arch)?;
     let ctx = Context::create();
-    let (module, all) = codegen_flavor(&ctx, progs, &Flavor::Gpu)?;
+    let flavor = Flavor::Gpu {
+        tensor_cores: opts.tensor_cores,
+    };
+    let (module, all) = codegen_flavor(&ctx, progs, &flavor)?;
     module.set_triple(&tm.get_triple());
     module.set_data_layout(&tm.get_target_data().get_data_layout());
     module
