@@ -184,6 +184,21 @@ pub fn cached(key: &str, compile: impl FnOnce(&Path) -> Result<PathBuf>) -> Resu
     Ok(Artifact::load(&dir)?)
 }
 
+/// An artifact given with `--artifact`, which must be for the backend asked for (`cpu` or
+/// `ptx`): a PTX artifact under `--backend cpu` is an error, not a silent switch to the GPU.
+pub fn artifact_for(dir: &Path, kind: &str) -> Result<Artifact> {
+    let art = Artifact::load(dir)?;
+    let got = &art.manifest().target.kind;
+    if got != kind {
+        let backend = if got == "ptx" { "gpu" } else { got.as_str() };
+        return Err(EgretError::Usage(format!(
+            "{}: its target is `{got}`, not `{kind}`: run it with --backend {backend}",
+            dir.display()
+        )));
+    }
+    Ok(art)
+}
+
 /// `prefix-<pid>-<serial>`: a name no other process or thread uses at the same time.
 fn private_name(prefix: &str) -> String {
     static SERIAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -242,7 +257,7 @@ impl CompiledModel {
     ) -> Result<CompiledModel> {
         let art = match source {
             CodeSource::Cache => cached_artifact(&cfg, passes, opts)?,
-            CodeSource::Artifact(dir) => Artifact::load(dir)?,
+            CodeSource::Artifact(dir) => artifact_for(dir, "cpu")?,
             CodeSource::Fresh => {
                 let session = with_fresh_artifact(
                     |d| compile_artifact(&cfg, passes, opts, d),

@@ -16,7 +16,7 @@ use egret_runtime::gpu::GpuExecutor;
 use egret_runtime::plan::Plan;
 use egret_runtime::Artifact;
 
-use crate::cpu::{cached, with_fresh_artifact, CodeSource, CompiledModel, BUILD_ID};
+use crate::cpu::{artifact_for, cached, with_fresh_artifact, CodeSource, CompiledModel, BUILD_ID};
 use crate::interp::optimized_graph;
 use crate::{EgretError, Result};
 
@@ -101,12 +101,16 @@ pub fn model(
     opts: &PtxOptions,
     source: &CodeSource,
 ) -> Result<CompiledModel> {
+    let given = match source {
+        CodeSource::Artifact(dir) => Some(artifact_for(dir, "ptx")?),
+        _ => None,
+    };
     egret_runtime::gpu::gpu_available()?;
     let art = match source {
         CodeSource::Cache => cached(&cache_key(&cfg, passes, opts, "step"), |d| {
             compile_artifact(&cfg, passes, opts, d)
         })?,
-        CodeSource::Artifact(dir) => Artifact::load(dir)?,
+        CodeSource::Artifact(_) => given.expect("loaded above"),
         CodeSource::Fresh => {
             return with_fresh_artifact(
                 |d| compile_artifact(&cfg, passes, opts, d),

@@ -115,6 +115,36 @@ fn compile_target_ptx_writes_an_artifact() {
     let art = egret_runtime::Artifact::load(&out).unwrap();
     assert_eq!(art.manifest().target.kind, "ptx");
     assert_eq!(art.manifest().payloads[0].file, "kernels.ptx");
+    // An artifact runs only on the backend it was compiled for.
+    let e = egret_err(&[
+        "generate",
+        d.to_str().unwrap(),
+        "--tokens",
+        "1,2",
+        "--backend",
+        "cpu",
+        "--artifact",
+        out.to_str().unwrap(),
+    ]);
+    assert!(e.contains("not `cpu`: run it with --backend gpu"), "{e}");
+    let cpu_art = t.0.join("c.egret");
+    egret_ok(&[
+        "compile",
+        d.to_str().unwrap(),
+        "-o",
+        cpu_art.to_str().unwrap(),
+    ]);
+    let e = egret_err(&[
+        "generate",
+        d.to_str().unwrap(),
+        "--tokens",
+        "1,2",
+        "--backend",
+        "gpu",
+        "--artifact",
+        cpu_art.to_str().unwrap(),
+    ]);
+    assert!(e.contains("not `ptx`: run it with --backend cpu"), "{e}");
     let e = egret_err(&[
         "compile",
         d.to_str().unwrap(),
