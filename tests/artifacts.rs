@@ -349,7 +349,7 @@ fn bad_artifacts_are_refused_with_one_clear_error() {
                 },
                 true,
             ),
-            "unknown GPU architecture `",
+            "its target is `ptx`, not `cpu`: run it with --backend gpu",
         ),
         (
             "missing payload",
@@ -398,6 +398,10 @@ fn bad_artifacts_are_refused_with_one_clear_error() {
         let line = run_artifact(dir, w);
         assert!(line.contains(want), "{what}: {line}");
     }
+    // Through the library, a PTX target naming no GPU architecture is refused too.
+    let ptx = egret_runtime::Artifact::load(t.0.join("ptx")).unwrap();
+    let e = ptx.check_gpu_target().unwrap_err().to_string();
+    assert!(e.contains("unknown GPU architecture `"), "{e}");
     // Truncated manifests.
     let text = std::fs::read(good.join(MANIFEST)).unwrap();
     for cut in [0, 1, 10, text.len() / 3, text.len() - 1] {
