@@ -14,7 +14,6 @@ use egret_ir::{Graph, Tensor};
 use egret_models::{GraphKind, LlamaConfig};
 use egret_runtime::gpu::GpuExecutor;
 use egret_runtime::plan::Plan;
-use egret_runtime::Artifact;
 
 use crate::cpu::{artifact_for, cached, with_fresh_artifact, CodeSource, CompiledModel, BUILD_ID};
 use crate::interp::optimized_graph;

@@ -1973,6 +1973,113 @@ struct GpuMatmul<'a, 'ctx> {
     shared_w: bool,
 }
 
+/// Where a tile of a GPU matmul starts: its batch entry, first row and column, and the
+/// offsets of that batch entry in `a` and `w`.
+struct TileAt<'ctx> {
+    bi: IntValue<'ctx>,
+    m0: IntValue<'ctx>,
+    n0: IntValue<'ctx>,
+    abase: IntValue<'ctx>,
+    wbase: IntValue<'ctx>,
+}
+
+impl<'ctx> GpuMatmul<'_, 'ctx> {
+    /// Tile `tile` of `per_batch` per batch entry, `tiles_n` across, `GPU_TILE` square.
+    fn tile_at(
+        &self,
+        fb: &Fb<'_, 'ctx>,
+        tile: IntValue<'ctx>,
+        per_batch: IntValue<'ctx>,
+        tiles_n: IntValue<'ctx>,
+    ) -> R<TileAt<'ctx>> {
+        let sdiv = |a, b, n| fb.b.build_int_signed_div(a, b, n).map_err(be);
+        let srem = |a, b, n| fb.b.build_int_signed_rem(a, b, n).map_err(be);
+        let bi = sdiv(tile, per_batch, "bi")?;
+        let rest = srem(tile, per_batch, "rest")?;
+        let m0 = fb.mul(sdiv(rest, tiles_n, "tmi")?, fb.i64c(GPU_TILE))?;
+        let n0 = fb.mul(srem(rest, tiles_n, "tni")?, fb.i64c(GPU_TILE))?;
+        let bidx = fb.decompose(bi, self.bdims)?;
+        let bpairs: Vec<(usize, IntValue)> = bidx.iter().copied().enumerate().collect();
+        let abase = fb.at(self.aav, &bpairs)?;
+        let wbase = if self.shared_w {
+            self.wav.off
+        } else {
+            fb.at(self.wav, &bpairs)?
+        };
+        Ok(TileAt {
+            bi,
+            m0,
+            n0,
+            abase,
+            wbase,
+        })
+    }
+
+    /// `a[gm, gk]·g[gk]` (g only with a norm weight), 0 outside `m × k`.
+    fn a_elem(
+        &self,
+        fb: &Fb<'_, 'ctx>,
+        abase: IntValue<'ctx>,
+        gm: IntValue<'ctx>,
+        gk: IntValue<'ctx>,
+    ) -> R<FloatValue<'ctx>> {
+        let (mv, _, kv) = self.dims;
+        let aav = self.aav;
+        let (ra, ka) = (aav.strides.len() - 2, aav.strides.len() - 1);
+        let gav = self.gav;
+        guarded_load(fb, (gm, mv), (gk, kv), |fb| {
+            let at = fb.add(
+                abase,
+                fb.add(fb.mul(gm, aav.strides[ra])?, fb.mul(gk, aav.strides[ka])?)?,
+            )?;
+            let mut x = fb.load_f32(aav.ptr, at)?;
+            if let Some(g) = gav {
+                let gv = fb.load_f32(g.ptr, fb.add(g.off, fb.mul(gk, g.strides[0])?)?)?;
+                x = fb.fmul(x, gv)?;
+            }
+            Ok(x)
+        })
+    }
+
+    /// `w[gk, gn]`, 0 outside `k × n`.
+    fn w_elem(
+        &self,
+        fb: &Fb<'_, 'ctx>,
+        wbase: IntValue<'ctx>,
+        gk: IntValue<'ctx>,
+        gn: IntValue<'ctx>,
+    ) -> R<FloatValue<'ctx>> {
+        let (_, nv, kv) = self.dims;
+        let wav = self.wav;
+        let (kw, nw) = (wav.strides.len() - 2, wav.strides.len() - 1);
+        guarded_load(fb, (gk, kv), (gn, nv), |fb| {
+            let at = fb.add(
+                wbase,
+                fb.add(fb.mul(gk, wav.strides[kw])?, fb.mul(gn, wav.strides[nw])?)?,
+            )?;
+            fb.load_f32(wav.ptr, at)
+        })
+    }
+}
+
+/// `load()` when `i < ni` and `j < nj`, else 0 (the load is not made).
+fn guarded_load<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    (i, ni): (IntValue<'ctx>, IntValue<'ctx>),
+    (j, nj): (IntValue<'ctx>, IntValue<'ctx>),
+    load: impl FnOnce(&Fb<'_, 'ctx>) -> R<FloatValue<'ctx>>,
+) -> R<FloatValue<'ctx>> {
+    let lt = |a, b| {
+        fb.b.build_int_compare(IntPredicate::SLT, a, b, "lt")
+            .map_err(be)
+    };
+    let inb = fb.b.build_and(lt(i, ni)?, lt(j, nj)?, "in").map_err(be)?;
+    let v = fb.slot(fb.f32t.into())?;
+    fb.set(v, fb.f32c(0.0))?;
+    fb.if_else(inb, |fb| fb.set(v, load(fb)?), |_| Ok(()))?;
+    fb.get(v)
+}
+
 /// A block-structured GPU kernel's place: this thread's index in its block, the block's
 /// index, the number of blocks, and how many of `units` (taken `blk, blk + nblk, …`) this
 /// block does.
@@ -2294,14 +2401,11 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     let GpuMatmul {
         optr,
         aav,
-        gav,
         norm,
         eps,
-        wav,
-        bdims,
         nbatch,
         dims: (mv, nv, kv),
-        shared_w,
+        ..
     } = *mm;
     let (t, tk, pitch) = (GPU_TILE, MMA_TILE_K, MMA_PITCH);
     let c = |v: i64| fb.i64c(v);
@@ -2331,8 +2435,6 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     let (wm, wn) = (sdiv(warp, c(4), "wm")?, srem(warp, c(4), "wn")?);
     let (g, q) = (sdiv(wl, c(4), "g")?, srem(wl, c(4), "q")?);
     let accs: Vec<PointerValue> = (0..64).map(|_| fb.slot(fb.f32t.into())).collect::<R<_>>()?;
-    let (ra, ka) = (aav.strides.len() - 2, aav.strides.len() - 1);
-    let (kw, nw) = (wav.strides.len() - 2, wav.strides.len() - 1);
     let ktiles = sdiv(fb.add(kv, c(tk - 1))?, c(tk), "kt")?;
     let mma = Intrinsic::find("llvm.nvvm.mma.m16n8k16.row.col.bf16")
         .and_then(|i| i.get_declaration(fb.module, &[]))
@@ -2343,18 +2445,13 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     };
     fb.for_range(c(0), iters, |fb, it| {
         let tile = fb.add(blk, fb.mul(it, nblk)?)?;
-        let bi = sdiv(tile, per_batch, "bi")?;
-        let rest = srem(tile, per_batch, "rest")?;
-        let m0 = fb.mul(sdiv(rest, tiles_n, "tmi")?, c(t))?;
-        let n0 = fb.mul(srem(rest, tiles_n, "tni")?, c(t))?;
-        let bidx = fb.decompose(bi, bdims)?;
-        let bpairs: Vec<(usize, IntValue)> = bidx.iter().copied().enumerate().collect();
-        let abase = fb.at(aav, &bpairs)?;
-        let wbase = if shared_w {
-            wav.off
-        } else {
-            fb.at(wav, &bpairs)?
-        };
+        let TileAt {
+            bi,
+            m0,
+            n0,
+            abase,
+            wbase,
+        } = mm.tile_at(fb, tile, per_batch, tiles_n)?;
         if norm {
             row_scales(fb, aav, abase, lane, m0, (mv, kv), eps, inv_s, inv_at)?;
         }
@@ -2373,28 +2470,7 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
                 let mut two = vec![];
                 for h in 0..2 {
                     let gk = fb.add(k0, fb.add(fb.mul(pr, c(2))?, c(h))?)?;
-                    let v = fb.slot(fb.f32t.into())?;
-                    fb.set(v, fb.f32c(0.0))?;
-                    fb.if_else(
-                        and(lt(gm, mv)?, lt(gk, kv)?)?,
-                        |fb| {
-                            let at = fb.add(
-                                abase,
-                                fb.add(fb.mul(gm, aav.strides[ra])?, fb.mul(gk, aav.strides[ka])?)?,
-                            )?;
-                            let mut x = fb.load_f32(aav.ptr, at)?;
-                            if let Some(gv) = gav {
-                                let s = fb.load_f32(
-                                    gv.ptr,
-                                    fb.add(gv.off, fb.mul(gk, gv.strides[0])?)?,
-                                )?;
-                                x = fb.fmul(x, s)?;
-                            }
-                            fb.set(v, x)
-                        },
-                        |_| Ok(()),
-                    )?;
-                    two.push(fb.get(v)?);
+                    two.push(mm.a_elem(fb, abase, gm, gk)?);
                 }
                 let p = unsafe {
                     fb.b.build_in_bounds_gep(
@@ -2413,20 +2489,7 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
                 let mut two = vec![];
                 for h in 0..2 {
                     let gk = fb.add(k0, fb.add(fb.mul(pk, c(2))?, c(h))?)?;
-                    let v = fb.slot(fb.f32t.into())?;
-                    fb.set(v, fb.f32c(0.0))?;
-                    fb.if_else(
-                        and(lt(gk, kv)?, lt(gn, nv)?)?,
-                        |fb| {
-                            let at = fb.add(
-                                wbase,
-                                fb.add(fb.mul(gk, wav.strides[kw])?, fb.mul(gn, wav.strides[nw])?)?,
-                            )?;
-                            fb.set(v, fb.load_f32(wav.ptr, at)?)
-                        },
-                        |_| Ok(()),
-                    )?;
-                    two.push(fb.get(v)?);
+                    two.push(mm.w_elem(fb, wbase, gk, gn)?);
                 }
                 let p = unsafe {
                     fb.b.build_in_bounds_gep(
@@ -2535,14 +2598,11 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
     let GpuMatmul {
         optr,
         aav,
-        gav,
         norm,
         eps,
-        wav,
-        bdims,
         nbatch,
         dims: (mv, nv, kv),
-        shared_w,
+        ..
     } = *mm;
     let (t, tk) = (GPU_TILE, GPU_TILE_K);
     let c = |v: i64| fb.i64c(v);
@@ -2571,23 +2631,16 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
     } = block_grid(fb, ntiles)?;
     let (ty, tx) = (sdiv(lane, c(16), "ty")?, srem(lane, c(16), "tx")?);
     let accs: Vec<PointerValue> = (0..64).map(|_| fb.slot(fb.f32t.into())).collect::<R<_>>()?;
-    let (ra, ka) = (aav.strides.len() - 2, aav.strides.len() - 1);
-    let (kw, nw) = (wav.strides.len() - 2, wav.strides.len() - 1);
     let ktiles = sdiv(fb.add(kv, c(tk - 1))?, c(tk), "kt")?;
     fb.for_range(c(0), iters, |fb, it| {
         let tile = fb.add(blk, fb.mul(it, nblk)?)?;
-        let bi = sdiv(tile, per_batch, "bi")?;
-        let rest = srem(tile, per_batch, "rest")?;
-        let m0 = fb.mul(sdiv(rest, tiles_n, "tmi")?, c(t))?;
-        let n0 = fb.mul(srem(rest, tiles_n, "tni")?, c(t))?;
-        let bidx = fb.decompose(bi, bdims)?;
-        let bpairs: Vec<(usize, IntValue)> = bidx.iter().copied().enumerate().collect();
-        let abase = fb.at(aav, &bpairs)?;
-        let wbase = if shared_w {
-            wav.off
-        } else {
-            fb.at(wav, &bpairs)?
-        };
+        let TileAt {
+            bi,
+            m0,
+            n0,
+            abase,
+            wbase,
+        } = mm.tile_at(fb, tile, per_batch, tiles_n)?;
         if norm {
             row_scales(fb, aav, abase, lane, m0, (mv, kv), eps, inv_s, inv_at)?;
         }
@@ -2602,44 +2655,12 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
                 // A: row e / 8, column e % 8 of the slice, stored at [col][row].
                 let (row, col) = (sdiv(e, c(tk), "ar")?, srem(e, c(tk), "ac")?);
                 let (gm, gk) = (fb.add(m0, row)?, fb.add(k0, col)?);
-                let inb = and(lt(gm, mv)?, lt(gk, kv)?)?;
-                let v = fb.slot(fb.f32t.into())?;
-                fb.set(v, fb.f32c(0.0))?;
-                fb.if_else(
-                    inb,
-                    |fb| {
-                        let at = fb.add(
-                            abase,
-                            fb.add(fb.mul(gm, aav.strides[ra])?, fb.mul(gk, aav.strides[ka])?)?,
-                        )?;
-                        let mut x = fb.load_f32(aav.ptr, at)?;
-                        if let Some(g) = gav {
-                            let gv =
-                                fb.load_f32(g.ptr, fb.add(g.off, fb.mul(gk, g.strides[0])?)?)?;
-                            x = fb.fmul(x, gv)?;
-                        }
-                        fb.set(v, x)
-                    },
-                    |_| Ok(()),
-                )?;
-                fb.store_f32(a_s, fb.add(fb.mul(col, c(t))?, row)?, fb.get(v)?)?;
+                let x = mm.a_elem(fb, abase, gm, gk)?;
+                fb.store_f32(a_s, fb.add(fb.mul(col, c(t))?, row)?, x)?;
                 // W: row e / 128, column e % 128 of the slice.
                 let (wr, wc) = (sdiv(e, c(t), "wr")?, srem(e, c(t), "wc")?);
                 let (gk, gn) = (fb.add(k0, wr)?, fb.add(n0, wc)?);
-                let inb = and(lt(gk, kv)?, lt(gn, nv)?)?;
-                fb.set(v, fb.f32c(0.0))?;
-                fb.if_else(
-                    inb,
-                    |fb| {
-                        let at = fb.add(
-                            wbase,
-                            fb.add(fb.mul(gk, wav.strides[kw])?, fb.mul(gn, wav.strides[nw])?)?,
-                        )?;
-                        fb.set(v, fb.load_f32(wav.ptr, at)?)
-                    },
-                    |_| Ok(()),
-                )?;
-                fb.store_f32(w_s, e, fb.get(v)?)?;
+                fb.store_f32(w_s, e, mm.w_elem(fb, wbase, gk, gn)?)?;
             }
             barrier(fb)?;
             for kk in 0..tk {
