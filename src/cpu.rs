@@ -45,17 +45,9 @@ pub fn executors(
         panel: panel_width(&opts.cpu),
         weights: opts.weights,
         states,
-        // Training graphs: recomputed activations just before the gradients that read them.
-        deep_first: gs
-            .iter()
-            .any(|g| g.outputs.iter().any(|(n, _)| n == "loss")),
+        deep_first: false,
     };
-    let mut progs = gs
-        .iter()
-        .map(|g| schedule_with(g, sopts))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| EgretError::Usage(e.to_string()))?;
-    unify_symbols(&mut progs);
+    let progs = schedule_graphs(gs, sopts)?;
     let refs: Vec<&egret_backends::kernel::Program> = progs.iter().collect();
     let compiled = compile_many(&refs, opts).map_err(|e| EgretError::Usage(e.to_string()))?;
     if std::env::var_os("EGRET_PROFILE").is_some() {
@@ -83,6 +75,28 @@ pub fn executors(
         out.push((ex, c));
     }
     Ok(out)
+}
+
+/// Schedules graphs of one model to be compiled together (their symbols unified). Training
+/// graphs (with a `loss`) are ordered deepest operand first, so recomputed activations are
+/// made just before the gradients that read them.
+pub(crate) fn schedule_graphs(
+    gs: &[&Graph],
+    sopts: ScheduleOptions,
+) -> Result<Vec<egret_backends::kernel::Program>> {
+    let sopts = ScheduleOptions {
+        deep_first: gs
+            .iter()
+            .any(|g| g.outputs.iter().any(|(n, _)| n == "loss")),
+        ..sopts
+    };
+    let mut progs = gs
+        .iter()
+        .map(|g| schedule_with(g, sopts))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| EgretError::Usage(e.to_string()))?;
+    unify_symbols(&mut progs);
+    Ok(progs)
 }
 
 /// Where `CompiledModel` gets its compiled code.

@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use egret_backends::artifact::{write_ptx_artifact, EntrySpec};
-use egret_backends::llvm::unify_symbols;
 use egret_backends::ptx::{compile_ptx, schedule_options, PtxOptions};
 use egret_backends::schedule::schedule_with;
 use egret_ir::{Graph, Tensor};
@@ -27,17 +26,9 @@ pub fn compile_graphs(
 ) -> Result<(String, Vec<Plan>)> {
     let sopts = egret_backends::schedule::ScheduleOptions {
         states,
-        deep_first: gs
-            .iter()
-            .any(|g| g.outputs.iter().any(|(n, _)| n == "loss")),
         ..schedule_options()
     };
-    let mut progs = gs
-        .iter()
-        .map(|g| schedule_with(g, sopts))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| EgretError::Usage(e.to_string()))?;
-    unify_symbols(&mut progs);
+    let progs = crate::cpu::schedule_graphs(gs, sopts)?;
     let refs: Vec<&egret_backends::kernel::Program> = progs.iter().collect();
     compile_ptx(&refs, opts).map_err(|e| EgretError::Usage(e.to_string()))
 }

@@ -224,8 +224,8 @@ enum Exec {
         m: HashMap<String, Vec<f32>>,
         v: HashMap<String, Vec<f32>>,
     },
-    /// A `train_step` artifact from the compile cache, run by the runtime.
-    Cpu(Box<egret_runtime::TrainSession>),
+    /// A compiled `train_step` artifact (CPU or GPU) run by the runtime.
+    Compiled(Box<egret_runtime::TrainSession>),
 }
 
 /// One model in training: a compiled step with the parameters and AdamW's state.
@@ -320,23 +320,9 @@ fn train_program(
     Ok((prog, spec, serde_json::to_value(cfg).unwrap_or_default()))
 }
 
-/// The `train_step` artifact of a model, from the compile cache (keyed also by the AdamW
-/// constants and the memory budget), compiled there first if needed.
-pub fn train_artifact(
-    cfg: &LlamaConfig,
-    passes: &str,
-    opts: &CpuOptions,
-    opt: &AdamW,
-    budget: Option<MemoryBudget>,
-) -> Result<egret_runtime::Artifact> {
-    let what = format!("train_step {opt:?} {budget:?}");
-    crate::cpu::cached(&crate::cpu::cache_key(cfg, passes, opts, &what), |dir| {
-        compile_train_artifact(cfg, passes, opts, opt, budget, dir)
-    })
-}
-
 impl Trainer {
-    /// Compiles the step for `backend` (on the CPU through the compile cache) and starts from
+    /// Compiles the step for `backend` (CPU or GPU: through the compile cache, keyed also by
+    /// the AdamW constants and the memory budget, unless told not to) and starts from
     /// `params` with zero moments.
     pub fn new(
         cfg: LlamaConfig,
@@ -361,11 +347,36 @@ impl Trainer {
                     params,
                 }
             }
-            GradBackend::Cpu {
-                opts,
-                threads,
-                cache,
-            } => {
+            GradBackend::Cpu { .. } | GradBackend::Gpu { .. } => {
+                let what = format!("train_step {opt:?} {budget:?}");
+                // Per backend: threads, whether to use the cache, its key, and the compiler.
+                type Compile<'c> = Box<dyn Fn(&Path) -> Result<std::path::PathBuf> + 'c>;
+                let (threads, cache, key, compile): (usize, bool, String, Compile) = match backend {
+                    GradBackend::Cpu {
+                        opts,
+                        threads,
+                        cache,
+                    } => (
+                        threads,
+                        cache,
+                        crate::cpu::cache_key(&cfg, passes, opts, &what),
+                        Box::new(|d: &Path| {
+                            compile_train_artifact(&cfg, passes, opts, &opt, budget, d)
+                        }),
+                    ),
+                    GradBackend::Gpu { opts, cache } => {
+                        egret_runtime::gpu::gpu_available()?;
+                        (
+                            1,
+                            cache,
+                            crate::gpu::cache_key(&cfg, passes, opts, &what),
+                            Box::new(|d: &Path| {
+                                compile_train_artifact_ptx(&cfg, passes, opts, &opt, budget, d)
+                            }),
+                        )
+                    }
+                    GradBackend::Interp => unreachable!("handled above"),
+                };
                 let get = |n: &str| {
                     params
                         .get(n)
@@ -375,37 +386,11 @@ impl Trainer {
                     egret_runtime::TrainSession::with_params(art, &get, "the weights", threads)
                 };
                 let s = if cache {
-                    session(&train_artifact(&cfg, passes, opts, &opt, budget)?)?
+                    session(&crate::cpu::cached(&key, |d| compile(d))?)?
                 } else {
-                    crate::cpu::with_fresh_artifact(
-                        |d| compile_train_artifact(&cfg, passes, opts, &opt, budget, d),
-                        |a| Ok(session(a)?),
-                    )?
+                    crate::cpu::with_fresh_artifact(|d| compile(d), |a| Ok(session(a)?))?
                 };
-                Exec::Cpu(Box::new(s))
-            }
-            GradBackend::Gpu { opts, cache } => {
-                egret_runtime::gpu::gpu_available()?;
-                let get = |n: &str| {
-                    params
-                        .get(n)
-                        .and_then(|t| Some((t.shape().to_vec(), t.f32_arc()?)))
-                };
-                let session = |art: &egret_runtime::Artifact| {
-                    egret_runtime::TrainSession::with_params(art, &get, "the weights", 1)
-                };
-                let compile =
-                    |d: &Path| compile_train_artifact_ptx(&cfg, passes, opts, &opt, budget, d);
-                let s = if cache {
-                    let what = format!("train_step {opt:?} {budget:?}");
-                    session(&crate::cpu::cached(
-                        &crate::gpu::cache_key(&cfg, passes, opts, &what),
-                        compile,
-                    )?)?
-                } else {
-                    crate::cpu::with_fresh_artifact(compile, |a| Ok(session(a)?))?
-                };
-                Exec::Cpu(Box::new(s))
+                Exec::Compiled(Box::new(s))
             }
         };
         Ok(Trainer {
@@ -420,7 +405,7 @@ impl Trainer {
     pub fn param(&self, name: &str) -> Option<Vec<f32>> {
         match &self.exec {
             Exec::Interp { params, .. } => params.get(name).map(|t| t.to_f32_vec()),
-            Exec::Cpu(s) => s.param(name),
+            Exec::Compiled(s) => s.param(name),
         }
     }
 
@@ -428,7 +413,7 @@ impl Trainer {
     pub fn moments(&self, name: &str) -> Option<(Vec<f32>, Vec<f32>)> {
         match &self.exec {
             Exec::Interp { m, v, .. } => Some((m.get(name)?.clone(), v.get(name)?.clone())),
-            Exec::Cpu(s) => s.moments(name),
+            Exec::Compiled(s) => s.moments(name),
         }
     }
 
@@ -444,7 +429,7 @@ impl Trainer {
                 *mm = m;
                 *vv = v;
             }
-            Exec::Cpu(s) => s.restore(step, m, v)?,
+            Exec::Compiled(s) => s.restore(step, m, v)?,
         }
         self.step = step;
         Ok(())
@@ -463,7 +448,7 @@ impl Trainer {
         // interpreter's input tensors).
         check_ids(tokens, self.cfg.vocab_size)?;
         let out = match &mut self.exec {
-            Exec::Cpu(s) => s.train_step(tokens, targets, b, t, lr)?,
+            Exec::Compiled(s) => s.train_step(tokens, targets, b, t, lr)?,
             Exec::Interp { it, params, m, v } => {
                 let k = (self.step + 1) as i32;
                 let bc1 = 1.0 - self.opt.beta1.powi(k);

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::error::{Result, RuntimeError};
-use crate::plan::{BufferRole, ElemType, Plan, SymDim};
+use crate::plan::{BufferRole, ElemType, Plan, StateSpec};
 use crate::pool::Pool;
 
 pub type KernelFn = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64, *mut f32) -> i32;
@@ -146,10 +146,6 @@ impl Storage {
         }
     }
 }
-
-/// Capacity a state starts with, along its growing axis: a KV cache of a short prompt is
-/// not re-laid out at the first few tokens.
-const STATE_MIN_CAPACITY: usize = 64;
 
 /// A state's storage (see `StateSpec`): its value's shape now and its capacity.
 struct StateBuf {
@@ -327,7 +323,7 @@ impl CpuExecutor {
                     )));
                 }
                 let len = v.shape[spec.axis];
-                let cap = len.next_power_of_two().max(STATE_MIN_CAPACITY);
+                let cap = StateSpec::capacity_for(len, 0);
                 *st = StateBuf::empty();
                 st.relayout(spec.axis, &v.shape, 0, cap, elem.size());
                 let outer: usize = v.shape[..spec.axis].iter().product();
@@ -359,23 +355,12 @@ impl CpuExecutor {
     fn grow_states(&mut self, syms: &mut [i64]) -> Result<()> {
         for (i, spec) in self.plan.states.iter().enumerate() {
             let elem = self.plan.buffers[spec.buffer as usize].elem.size();
-            let ev = |ds: &[SymDim], syms: &[i64]| -> Vec<usize> {
-                ds.iter().map(|d| d.eval(syms).max(0) as usize).collect()
-            };
-            let want = ev(&spec.dims, syms);
-            let out = ev(&spec.out_dims, syms);
             let st = &mut self.states[i];
-            if !st.shape.is_empty() && st.shape != want {
-                return Err(RuntimeError::Invalid(format!(
-                    "state `{}` holds shape {:?} but this run needs {want:?}; reset the states to start a new sequence",
-                    spec.input, st.shape
-                )));
-            }
-            let need = out[spec.axis];
-            if st.cap < need || st.shape.is_empty() {
-                let cap = need.next_power_of_two().max(STATE_MIN_CAPACITY).max(st.cap);
-                let len = want[spec.axis];
-                st.relayout(spec.axis, &out, len, cap, elem);
+            let grow = spec
+                .growth(syms, &st.shape, st.cap)
+                .map_err(RuntimeError::Invalid)?;
+            if let Some(g) = grow {
+                st.relayout(spec.axis, &g.out, g.len, g.cap, elem);
             }
             syms[spec.capacity as usize] = st.cap as i64;
         }
@@ -587,11 +572,7 @@ impl CpuExecutor {
             );
         }
         for (i, spec) in self.plan.states.iter().enumerate() {
-            self.states[i].shape = spec
-                .out_dims
-                .iter()
-                .map(|d| d.eval(&syms).max(0) as usize)
-                .collect();
+            self.states[i].shape = spec.out_shape(&syms);
         }
         let t_out = std::time::Instant::now();
         let mut outs = HashMap::new();

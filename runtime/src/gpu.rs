@@ -21,10 +21,7 @@ use cudarc::driver::{
 
 use crate::cpu::{HostData, HostValue};
 use crate::error::{Result, RuntimeError};
-use crate::plan::{BufferRole, ElemType, Plan, SymDim};
-
-/// Threads per block of every launch.
-pub const GPU_BLOCK: u32 = 256;
+use crate::plan::{BufferRole, ElemType, Plan, StateSpec, GPU_BLOCK};
 
 /// The most threads one launch starts; a kernel with more parallel work gives each thread
 /// several items (its loop splits the work over however many threads run).
@@ -32,9 +29,6 @@ const GPU_MAX_THREADS: i64 = 1 << 20;
 
 /// Buffers in the arena start at multiples of this (the widest vector access).
 const ALIGN: usize = 256;
-
-/// Capacity a state starts with along its growing axis (as on the CPU).
-const STATE_MIN_CAPACITY: usize = 64;
 
 fn cuda(e: impl std::fmt::Debug) -> RuntimeError {
     RuntimeError::Gpu(format!("CUDA: {e:?}"))
@@ -289,7 +283,7 @@ impl GpuExecutor {
                     return Err(wrong_input(&spec.input, "rank"));
                 }
                 let len = v.shape[spec.axis];
-                let cap = len.next_power_of_two().max(STATE_MIN_CAPACITY);
+                let cap = StateSpec::capacity_for(len, 0);
                 let data = relayout_host(bytes, &v.shape, spec.axis, len, cap, elem.size());
                 self.states[i] = DevState {
                     data: Some(self.upload(&data)?),
@@ -311,41 +305,30 @@ impl GpuExecutor {
     /// (through the host: it happens at each doubling only).
     fn grow_states(&mut self, syms: &mut [i64]) -> Result<()> {
         for i in 0..self.plan.states.len() {
-            let spec = self.plan.states[i].clone();
+            let spec = &self.plan.states[i];
             let elem = self.plan.buffers[spec.buffer as usize].elem.size();
-            let ev = |ds: &[SymDim]| -> Vec<usize> {
-                ds.iter().map(|d| d.eval(syms).max(0) as usize).collect()
-            };
-            let (want, out) = (ev(&spec.dims), ev(&spec.out_dims));
             let st = &self.states[i];
-            if !st.shape.is_empty() && st.shape != want {
-                return Err(RuntimeError::Invalid(format!(
-                    "state `{}` holds shape {:?} but this run needs {want:?}; reset the states to start a new sequence",
-                    spec.input, st.shape
-                )));
-            }
-            let need = out[spec.axis];
-            if st.cap < need || st.data.is_none() {
-                let cap = need.next_power_of_two().max(STATE_MIN_CAPACITY).max(st.cap);
-                let len = want[spec.axis];
-                let old = match &st.data {
+            let grow = spec
+                .growth(syms, &st.shape, st.cap)
+                .map_err(RuntimeError::Invalid)?;
+            if let Some(g) = grow {
+                let mut shape = g.out.clone();
+                let laid_out = match &st.data {
                     Some(d) => {
-                        let host = self.stream.clone_dtoh(d).map_err(cuda)?;
-                        let mut shape = out.clone();
-                        shape[spec.axis] = st.cap;
                         // Rows of the old capacity, re-laid out for the new one.
-                        relayout_host(&host, &shape, spec.axis, len, cap, elem)
+                        let host = self.stream.clone_dtoh(d).map_err(cuda)?;
+                        shape[spec.axis] = st.cap;
+                        relayout_host(&host, &shape, spec.axis, g.len, g.cap, elem)
                     }
                     None => {
-                        let mut shape = out.clone();
-                        shape[spec.axis] = cap;
+                        shape[spec.axis] = g.cap;
                         vec![0u8; shape.iter().product::<usize>() * elem]
                     }
                 };
-                let data = self.upload(&old)?;
+                let data = self.upload(&laid_out)?;
                 let st = &mut self.states[i];
                 st.data = Some(data);
-                st.cap = cap;
+                st.cap = g.cap;
             }
             syms[spec.capacity as usize] = self.states[i].cap as i64;
         }
@@ -617,11 +600,7 @@ impl GpuExecutor {
             }
         }
         for (i, spec) in self.plan.states.iter().enumerate() {
-            self.states[i].shape = spec
-                .out_dims
-                .iter()
-                .map(|d| d.eval(&syms).max(0) as usize)
-                .collect();
+            self.states[i].shape = spec.out_shape(&syms);
         }
         Ok(outs)
     }

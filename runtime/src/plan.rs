@@ -109,10 +109,15 @@ pub struct KernelCall {
     /// the calling thread alone, since waking the pool costs more than they do.
     pub work: Vec<SymDim>,
     /// GPU kernels: how many threads to launch, as a product of dims (the extent of the
-    /// kernel's parallel loop); empty for CPU kernels.
+    /// kernel's parallel loop), in blocks of `GPU_BLOCK`; empty for CPU kernels.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub threads: Vec<SymDim>,
 }
+
+/// Threads per block of every GPU launch: part of the contract between the PTX a backend
+/// generates (kernels that share memory within a block are written for it) and the CUDA
+/// executor that launches it.
+pub const GPU_BLOCK: u32 = 256;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
@@ -149,10 +154,70 @@ pub struct StateSpec {
     pub capacity: u32,
 }
 
+/// Capacity a state starts with, along its growing axis: a KV cache of a short prompt is
+/// not re-laid out at the first few tokens.
+pub const STATE_MIN_CAPACITY: usize = 64;
+
+/// What a run needs done to a state before it starts (`StateSpec::growth`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateGrowth {
+    /// Entries along the axis to keep (the value's length before the run).
+    pub len: usize,
+    /// The new capacity.
+    pub cap: usize,
+    /// The value's shape after the run (its extent along the axis within `cap`).
+    pub out: Vec<usize>,
+}
+
 impl StateSpec {
     /// The symbol holding the current length along `axis`.
     pub fn len_symbol(&self) -> Option<u32> {
         self.dims.get(self.axis).and_then(SymDim::as_sym)
+    }
+
+    /// The capacity for `need` entries when `current` is allocated: doubling, from
+    /// `STATE_MIN_CAPACITY`.
+    pub fn capacity_for(need: usize, current: usize) -> usize {
+        need.next_power_of_two()
+            .max(STATE_MIN_CAPACITY)
+            .max(current)
+    }
+
+    /// The value's shape after a run with these symbols.
+    pub fn out_shape(&self, syms: &[i64]) -> Vec<usize> {
+        self.out_dims
+            .iter()
+            .map(|d| d.eval(syms).max(0) as usize)
+            .collect()
+    }
+
+    /// Checks a held value of shape `held` (empty: none yet) with capacity `cap` against a
+    /// run with these symbols; `Some` when it must be (re-)laid out first: it has no storage
+    /// yet or the run would outgrow the capacity.
+    pub fn growth(
+        &self,
+        syms: &[i64],
+        held: &[usize],
+        cap: usize,
+    ) -> Result<Option<StateGrowth>, String> {
+        let want: Vec<usize> = self
+            .dims
+            .iter()
+            .map(|d| d.eval(syms).max(0) as usize)
+            .collect();
+        if !held.is_empty() && held != want {
+            return Err(format!(
+                "state `{}` holds shape {held:?} but this run needs {want:?}; reset the states to start a new sequence",
+                self.input
+            ));
+        }
+        let out = self.out_shape(syms);
+        let need = out[self.axis];
+        Ok((cap < need || held.is_empty()).then(|| StateGrowth {
+            len: want[self.axis],
+            cap: StateSpec::capacity_for(need, cap),
+            out,
+        }))
     }
 }
 

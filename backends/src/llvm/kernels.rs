@@ -1927,9 +1927,9 @@ const GPU_TILED_MIN_TILES: i64 = 132;
 pub const GPU_TILE: i64 = 128;
 /// Its k-step: an `8 × 128` slice of each operand sits in shared memory.
 const GPU_TILE_K: i64 = 8;
-/// Threads per GPU block (every launch is in blocks of the runtime's `GPU_BLOCK`):
+/// Threads per GPU block (every launch is in blocks of the plan's `GPU_BLOCK`):
 /// `gpu_tiled_matmul` is written for 256.
-const GPU_BLOCK_THREADS: i64 = egret_runtime::gpu::GPU_BLOCK as i64;
+const GPU_BLOCK_THREADS: i64 = egret_runtime::plan::GPU_BLOCK as i64;
 const _: () = assert!(GPU_BLOCK_THREADS == 256);
 
 /// A shared-memory array of `len` floats private to the kernel being generated.
@@ -2721,10 +2721,6 @@ fn attn_splits<'ctx>(
     units: IntValue<'ctx>,
     s: IntValue<'ctx>,
 ) -> R<IntValue<'ctx>> {
-    if fb.gpu {
-        // `gpu_attention` does not split: the merge has nothing to do.
-        return Ok(fb.i64c(1));
-    }
     let by_keys =
         fb.b.build_int_signed_div(s, fb.i64c(ATTN_SPLIT_MIN_KEYS), "bk")
             .map_err(be)?;
@@ -2957,7 +2953,7 @@ fn warp_sum<'ctx>(fb: &Fb<'_, 'ctx>, mut x: FloatValue<'ctx>) -> R<FloatValue<'c
 /// lane `j` holds elements `j, j+32, …` of the (pre-scaled) query and of the output
 /// accumulator; for each visible key the warp forms the score with a butterfly sum and
 /// updates the running max, the sum of `e^(s−m)` and the accumulator online (flash-style),
-/// reading each key and value row once, coalesced. No split-KV on the GPU (`attn_splits`).
+/// reading each key and value row once, coalesced. No split-KV on the GPU: its `AttentionCombine` is not emitted.
 #[allow(clippy::too_many_arguments)]
 fn gpu_attention(
     fb: &Fb,

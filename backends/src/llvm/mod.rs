@@ -187,6 +187,11 @@ pub(crate) fn codegen_flavor<'ctx>(
         }
         let mut calls = Vec::new();
         for (i, k) in prog.kernels.iter().enumerate() {
+            if gpu && matches!(k, crate::kernel::Kernel::AttentionCombine { .. }) {
+                // `gpu_attention` never splits the keys: the merge would be a launch that
+                // does nothing.
+                continue;
+            }
             let (canon, args) = kernels::canonical(k);
             let (sym, scratch) = match seen.iter().find(|(c, ..)| *c == canon) {
                 Some((_, sym, scratch)) => (sym.clone(), *scratch),
