@@ -1,7 +1,9 @@
 //! The CPU executor: runs a `Plan` whose kernels are native functions (JIT-compiled or from
 //! an artifact's shared library). Parameters are bound once (and `Init` kernels run then);
 //! each run binds the inputs, lays temporaries out in one arena by liveness, launches every
-//! kernel on the thread pool and copies the outputs out.
+//! kernel on the thread pool and copies the outputs out. Outputs named by `set_feedback`
+//! (a training step's new weights and moments) are not copied: they are written into
+//! executor-owned storage that becomes the next run's parameter or input by a swap.
 //!
 //! Kernel ABI (what the backends generate):
 //! `i32 kernel(u8** bufs, const i64* syms, i64 tid, i64 nthreads, f32* scratch)` — `bufs`
@@ -115,6 +117,14 @@ impl Aligned {
             Aligned::Map { map, .. } => map.as_mut_ptr(),
         }
     }
+
+    fn as_ptr(&self) -> *const u8 {
+        match self {
+            // SAFETY: as for `ptr`.
+            Aligned::Heap { raw, off, .. } => unsafe { raw.as_ptr().add(*off) },
+            Aligned::Map { map, .. } => map.as_ptr(),
+        }
+    }
 }
 
 /// Host data for an input or an output.
@@ -145,6 +155,30 @@ impl Storage {
             Storage::Shared(v) => v.as_ptr() as *mut u8,
         }
     }
+
+    fn as_ptr(&self) -> *const u8 {
+        match self {
+            Storage::Owned(a) => a.as_ptr(),
+            Storage::Shared(v) => v.as_ptr() as *const u8,
+        }
+    }
+}
+
+/// An output kept as the next run's value of a parameter or an input (`set_feedback`).
+struct Feedback {
+    /// The output's buffer (a per-run temporary).
+    out: u32,
+    /// The parameter's or input's buffer it replaces.
+    target: u32,
+    /// Where the next run writes the output: the target's storage of two runs ago.
+    spare: Option<Aligned>,
+}
+
+/// Copies `n` elements of type `T` at `p` out.
+///
+/// SAFETY: `p` must address `n` initialised, aligned values of `T`.
+unsafe fn copy_out<T: Copy>(p: *const u8, n: usize) -> Vec<T> {
+    std::slice::from_raw_parts(p as *const T, n).to_vec()
 }
 
 /// A state's storage (see `StateSpec`): its value's shape now and its capacity.
@@ -203,6 +237,9 @@ pub struct CpuExecutor {
     scratch: Aligned,
     layout: Option<Layout>,
     states: Vec<StateBuf>,
+    feedback: Vec<Feedback>,
+    /// Inputs that are feedback targets, kept between runs: name → (shape, storage).
+    resident: HashMap<String, (Vec<usize>, Aligned)>,
 }
 
 // SAFETY: kernel functions are plain code; buffers are owned and only touched inside `run`.
@@ -233,7 +270,80 @@ impl CpuExecutor {
             scratch: Aligned::new(0),
             layout: None,
             states,
+            feedback: vec![],
+            resident: HashMap::new(),
         })
+    }
+
+    /// Keeps outputs as the next run's values of parameters or inputs, by name: `(output,
+    /// target)` pairs, a training step's `new.X → X`, `new_m.X → m.X`. Each run writes such
+    /// an output into storage of the executor's, which then becomes the target by a swap
+    /// (nothing is copied, and the output is not returned); parameters changed this way rerun
+    /// the `Init` kernels. An input fed back is copied in when a run gives it and kept while
+    /// no run does. The output and its target must have the same element type and shape.
+    pub fn set_feedback(&mut self, pairs: Vec<(String, String)>) -> Result<()> {
+        let mut feedback = vec![];
+        for (out, target) in pairs {
+            let bad = |why: &str| {
+                RuntimeError::Invalid(format!(
+                    "output `{out}` cannot be fed back to `{target}`: {why}"
+                ))
+            };
+            let ob = self
+                .plan
+                .outputs
+                .iter()
+                .find(|(n, _)| *n == out)
+                .map(|(_, b)| *b)
+                .ok_or_else(|| bad("there is no such output"))?;
+            let tb = self
+                .plan
+                .buffers
+                .iter()
+                .position(|b| match &b.role {
+                    BufferRole::Param(n) | BufferRole::Input(n) => *n == target,
+                    _ => false,
+                })
+                .ok_or_else(|| bad("there is no such parameter or input"))?;
+            let (o, t) = (&self.plan.buffers[ob as usize], &self.plan.buffers[tb]);
+            if o.role != BufferRole::Temp {
+                return Err(bad("the output is not computed by the run"));
+            }
+            if o.elem != t.elem || o.dims != t.dims {
+                return Err(bad("their element types or shapes differ"));
+            }
+            if feedback.iter().any(|f: &Feedback| f.target == tb as u32) {
+                return Err(bad("the target is fed twice"));
+            }
+            feedback.push(Feedback {
+                out: ob,
+                target: tb as u32,
+                spare: None,
+            });
+        }
+        self.feedback = feedback;
+        self.resident.clear();
+        Ok(())
+    }
+
+    /// The current f32 value of a parameter or of an input kept by `set_feedback`.
+    pub fn read(&self, name: &str) -> Option<Vec<f32>> {
+        if let Some((shape, a)) = self.resident.get(name) {
+            // SAFETY: the storage holds the input's f32 values (checked when copied in).
+            return Some(unsafe { copy_out(a.as_ptr(), shape.iter().product()) });
+        }
+        let b = self
+            .plan
+            .buffers
+            .iter()
+            .position(|b| b.role == BufferRole::Param(name.to_string()))?;
+        let spec = &self.plan.buffers[b];
+        if spec.elem != ElemType::F32 {
+            return None;
+        }
+        let p = self.persistent[b].as_ref()?.as_ptr();
+        // SAFETY: a bound parameter holds its (constant) shape's f32 values.
+        Some(unsafe { copy_out(p, spec.bytes(&[]) / 4) })
     }
 
     pub fn plan(&self) -> &Plan {
@@ -399,6 +509,11 @@ impl CpuExecutor {
             }
             self.persistent[i] = Some(Storage::Shared(data));
         }
+        self.run_init()
+    }
+
+    /// Runs the `Init` kernels on the bound parameters.
+    fn run_init(&mut self) -> Result<()> {
         // Init buffers: kept from an earlier bind (a training step rebinds new weights).
         for (i, b) in self.plan.buffers.iter().enumerate() {
             if b.role == BufferRole::Init {
@@ -414,8 +529,18 @@ impl CpuExecutor {
         let init: Vec<usize> = (0..self.plan.kernels.len())
             .filter(|k| self.plan.kernels[*k].init)
             .collect();
+        let profile = std::env::var_os("EGRET_PROFILE").is_some();
         for k in init {
+            let t0 = std::time::Instant::now();
             self.launch(k, &[], &vec![std::ptr::null_mut(); self.plan.buffers.len()])?;
+            if profile {
+                eprintln!(
+                    "profile\t{}\t{:.1}\tinit: {}",
+                    self.plan.kernels[k].symbol,
+                    t0.elapsed().as_secs_f64() * 1e6,
+                    self.plan.kernels[k].what
+                );
+            }
         }
         // Init values only other init kernels read (concatenated or folded weights before
         // packing) are not needed any more.
@@ -428,8 +553,15 @@ impl CpuExecutor {
         for (_, b) in &self.plan.outputs {
             needed[*b as usize] = true;
         }
+        // Parameters that change every run (fed back) rerun the init kernels each time.
+        let rerun = self.feedback.iter().any(|f| {
+            matches!(
+                self.plan.buffers[f.target as usize].role,
+                BufferRole::Param(_)
+            )
+        });
         for (i, b) in self.plan.buffers.iter().enumerate() {
-            if b.role == BufferRole::Init && !needed[i] {
+            if b.role == BufferRole::Init && !needed[i] && !rerun {
                 self.persistent[i] = None;
             }
         }
@@ -508,7 +640,15 @@ impl CpuExecutor {
         let fixed = self.load_states(inputs)?;
         let mut syms = self
             .plan
-            .bind_symbols(|n| inputs.get(n).map(|v| v.shape.clone()), &fixed)
+            .bind_symbols(
+                |n| {
+                    inputs
+                        .get(n)
+                        .map(|v| v.shape.clone())
+                        .or_else(|| self.resident.get(n).map(|r| r.0.clone()))
+                },
+                &fixed,
+            )
             .map_err(RuntimeError::Invalid)?;
         self.grow_states(&mut syms)?;
         let plan_syms = self.plan.layout_symbols(&syms);
@@ -529,10 +669,18 @@ impl CpuExecutor {
                     ptrs[i] = unsafe { base.add(layout.offsets[i]) };
                 }
                 BufferRole::Input(name) => {
-                    let v = &inputs[name];
+                    let fed = self.feedback.iter().any(|f| f.target as usize == i);
+                    let Some(v) = inputs.get(name) else {
+                        // Not given: an input kept by `set_feedback`, or missing.
+                        let r = self.resident.get_mut(name).ok_or_else(|| {
+                            RuntimeError::Invalid(format!("missing input `{name}`"))
+                        })?;
+                        ptrs[i] = r.1.ptr();
+                        continue;
+                    };
                     // Inputs are read in place: kernels never write their inputs.
                     let n: usize = v.shape.iter().product();
-                    ptrs[i] = match (&v.data, b.elem) {
+                    let p = match (&v.data, b.elem) {
                         (HostData::F32(d), ElemType::F32) if d.len() == n => d.as_ptr() as *mut u8,
                         (HostData::I64(d), ElemType::I64) if d.len() == n => d.as_ptr() as *mut u8,
                         _ => {
@@ -541,10 +689,35 @@ impl CpuExecutor {
                             )))
                         }
                     };
+                    ptrs[i] = if fed {
+                        // Kept from now on, in storage the executor owns.
+                        let bytes = n * b.elem.size();
+                        let r = self
+                            .resident
+                            .entry(name.clone())
+                            .or_insert_with(|| (vec![], Aligned::new(0)));
+                        if r.1.len() < bytes {
+                            r.1 = Aligned::new(bytes);
+                        }
+                        r.0 = v.shape.clone();
+                        // SAFETY: `p` holds `bytes` bytes (checked above), the storage as many.
+                        unsafe { std::ptr::copy_nonoverlapping(p, r.1.ptr(), bytes) };
+                        r.1.ptr()
+                    } else {
+                        p
+                    };
                 }
                 BufferRole::State(j) => ptrs[i] = self.states[*j as usize].data.ptr(),
                 _ => {}
             }
+        }
+        // Outputs fed back are written outside the arena, into their spare storage.
+        for f in &mut self.feedback {
+            let bytes = self.plan.buffers[f.out as usize].bytes(&syms);
+            if f.spare.as_ref().is_none_or(|a| a.len() < bytes) {
+                f.spare = Some(Aligned::new(bytes));
+            }
+            ptrs[f.out as usize] = f.spare.as_mut().expect("just made").ptr();
         }
         let profile = std::env::var_os("EGRET_PROFILE").is_some();
         if profile {
@@ -574,9 +747,38 @@ impl CpuExecutor {
         for (i, spec) in self.plan.states.iter().enumerate() {
             self.states[i].shape = spec.out_shape(&syms);
         }
+        // Every kernel succeeded: each fed-back output becomes its target (by a swap; the
+        // target's old storage is the next run's spare).
+        let mut params_changed = false;
+        for f in &mut self.feedback {
+            let new = f.spare.take().expect("allocated for this run");
+            match &self.plan.buffers[f.target as usize].role {
+                BufferRole::Param(_) => {
+                    params_changed = true;
+                    let old = self.persistent[f.target as usize].replace(Storage::Owned(new));
+                    if let Some(Storage::Owned(a)) = old {
+                        f.spare = Some(a);
+                    }
+                }
+                BufferRole::Input(name) => {
+                    let shape = self.plan.buffers[f.out as usize]
+                        .dims
+                        .iter()
+                        .map(|d| d.eval(&syms).max(0) as usize)
+                        .collect();
+                    if let Some((_, old)) = self.resident.insert(name.clone(), (shape, new)) {
+                        f.spare = Some(old);
+                    }
+                }
+                _ => unreachable!("set_feedback targets parameters and inputs"),
+            }
+        }
         let t_out = std::time::Instant::now();
         let mut outs = HashMap::new();
         for (name, b) in &self.plan.outputs {
+            if self.feedback.iter().any(|f| f.out == *b) {
+                continue;
+            }
             let spec = &self.plan.buffers[*b as usize];
             let shape: Vec<usize> = spec
                 .dims
@@ -614,6 +816,14 @@ impl CpuExecutor {
         }
         if profile {
             eprintln!("phase\toutputs\t{:.1}", t_out.elapsed().as_secs_f64() * 1e6);
+        }
+        // New parameters: the values derived from them (transposed, packed) follow.
+        if params_changed {
+            let t_init = std::time::Instant::now();
+            self.run_init()?;
+            if profile {
+                eprintln!("phase\tinit\t{:.1}", t_init.elapsed().as_secs_f64() * 1e6);
+            }
         }
         Ok(outs)
     }

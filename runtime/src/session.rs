@@ -68,6 +68,24 @@ impl Exec {
             Exec::Gpu(g) => g.bind_params(get),
         }
     }
+
+    fn set_feedback(&mut self, pairs: Vec<(String, String)>) -> Result<()> {
+        match self {
+            Exec::Cpu { exec, .. } => exec.set_feedback(pairs),
+            Exec::Gpu(g) => {
+                g.set_feedback(pairs);
+                Ok(())
+            }
+        }
+    }
+
+    /// The current value of a parameter or of an input kept by `set_feedback`.
+    fn read(&self, name: &str) -> Option<Vec<f32>> {
+        match self {
+            Exec::Cpu { exec, .. } => exec.read(name),
+            Exec::Gpu(g) => g.read(name).ok().flatten(),
+        }
+    }
 }
 
 /// What every session does first: checks the target and that `get` supplies each manifest
@@ -289,21 +307,19 @@ pub struct StepOut {
     pub grad_norm: f32,
 }
 
-/// A model in training from an artifact's `train_step` entry point (mode `training`): it
-/// owns the parameters and AdamW's moments, and each `train_step` computes the loss, the
-/// gradients and the update in one run of the compiled step, then rebinds the new weights.
+/// A model in training from an artifact's `train_step` entry point (mode `training`): each
+/// `train_step` computes the loss, the gradients and the AdamW update in one run of the
+/// compiled step. The parameters and moments live in the executor (on the device for the
+/// GPU): the step's new values are fed back as the next step's (`set_feedback`), never
+/// copied out unless asked for (`param`, `moments`).
 pub struct TrainSession {
     exec: Exec,
     opt: crate::artifact::AdamWSpec,
     shapes: Vec<(String, Vec<usize>)>,
-    params: HashMap<String, Arc<Vec<f32>>>,
+    /// Moments still to send (zeros at first, or restored ones) until the next step does.
     m: HashMap<String, Vec<f32>>,
     v: HashMap<String, Vec<f32>>,
     step: usize,
-    /// On the GPU the parameters and moments stay on the device between steps (the step's
-    /// outputs fed back); `m`/`v` then hold moments still to upload (the first step's zeros
-    /// or restored ones) until the next step sends them.
-    on_device: bool,
     upload_moments: bool,
 }
 
@@ -332,32 +348,24 @@ impl TrainSession {
                 reason: "it is not a training artifact (no optimizer)".into(),
             })?;
         let mut exec = bind(art, "train_step", get, from, threads)?;
-        // `bind` checked that every parameter is there with its shape.
-        let mut params = HashMap::new();
-        let mut shapes = vec![];
-        for p in &art.manifest().parameters {
-            let (shape, data) = get(&p.name).ok_or_else(|| RuntimeError::MissingTensor {
-                name: p.name.clone(),
-                source_desc: from.to_string(),
-            })?;
-            shapes.push((p.name.clone(), shape));
-            params.insert(p.name.clone(), data);
-        }
-        let on_device = matches!(exec, Exec::Gpu(_));
-        if let Exec::Gpu(g) = &mut exec {
-            g.set_feedback(
-                shapes
-                    .iter()
-                    .flat_map(|(n, _)| {
-                        [
-                            (format!("new.{n}"), n.clone()),
-                            (format!("new_m.{n}"), format!("m.{n}")),
-                            (format!("new_v.{n}"), format!("v.{n}")),
-                        ]
-                    })
-                    .collect(),
-            );
-        }
+        let shapes: Vec<(String, Vec<usize>)> = art
+            .manifest()
+            .parameters
+            .iter()
+            .map(|p| (p.name.clone(), p.shape.clone()))
+            .collect();
+        exec.set_feedback(
+            shapes
+                .iter()
+                .flat_map(|(n, _)| {
+                    [
+                        (format!("new.{n}"), n.clone()),
+                        (format!("new_m.{n}"), format!("m.{n}")),
+                        (format!("new_v.{n}"), format!("v.{n}")),
+                    ]
+                })
+                .collect(),
+        )?;
         let zeros = |s: &[(String, Vec<usize>)]| -> HashMap<String, Vec<f32>> {
             s.iter()
                 .map(|(n, d)| (n.clone(), vec![0.0; d.iter().product()]))
@@ -369,9 +377,7 @@ impl TrainSession {
             m: zeros(&shapes),
             v: zeros(&shapes),
             shapes,
-            params,
             step: 0,
-            on_device,
             upload_moments: true,
         })
     }
@@ -391,22 +397,17 @@ impl TrainSession {
 
     /// A parameter's current values (read back from the device on the GPU).
     pub fn param(&self, name: &str) -> Option<Vec<f32>> {
-        match &self.exec {
-            Exec::Gpu(g) if self.on_device => g.read(name).ok().flatten(),
-            _ => self.params.get(name).map(|p| p.to_vec()),
-        }
+        self.exec.read(name)
     }
 
     /// AdamW's first and second moments of a parameter.
     pub fn moments(&self, name: &str) -> Option<(Vec<f32>, Vec<f32>)> {
-        if let Exec::Gpu(g) = &self.exec {
-            if !self.upload_moments {
-                let m = g.read(&format!("m.{name}")).ok().flatten()?;
-                let v = g.read(&format!("v.{name}")).ok().flatten()?;
-                return Some((m, v));
-            }
+        if self.upload_moments {
+            return Some((self.m.get(name)?.clone(), self.v.get(name)?.clone()));
         }
-        Some((self.m.get(name)?.clone(), self.v.get(name)?.clone()))
+        let m = self.exec.read(&format!("m.{name}"))?;
+        let v = self.exec.read(&format!("v.{name}"))?;
+        Some((m, v))
     }
 
     /// Continues from saved optimizer state: steps taken and each parameter's moments.
@@ -480,54 +481,41 @@ impl TrainSession {
                 f32v(vec![1], vec![(1.0 - self.opt.beta2.powi(k)) as f32]),
             ),
         ]);
-        if !self.on_device || self.upload_moments {
+        if self.upload_moments {
             for (name, shape) in &self.shapes {
+                let (m, v) = (self.m.remove(name), self.v.remove(name));
                 inputs.insert(
                     format!("m.{name}"),
-                    f32v(shape.clone(), self.m[name].clone()),
+                    f32v(shape.clone(), m.unwrap_or_default()),
                 );
                 inputs.insert(
                     format!("v.{name}"),
-                    f32v(shape.clone(), self.v[name].clone()),
+                    f32v(shape.clone(), v.unwrap_or_default()),
                 );
             }
         }
-        let mut out = self.exec.run(&inputs)?;
-        if self.on_device {
-            // The new parameters and moments are already in place on the device.
-            self.upload_moments = false;
-            self.m.clear();
-            self.v.clear();
-            self.params.clear();
-            let loss = scalar(&mut out, "loss")?;
-            let grad_norm = scalar(&mut out, "grad_norm")?;
-            self.step += 1;
-            return Ok(StepOut { loss, grad_norm });
-        }
-        let mut take = |name: &str| -> Result<Vec<f32>> {
-            match out.remove(name).map(|v| v.data) {
-                Some(HostData::F32(d)) => Ok(d),
-                _ => Err(RuntimeError::Invalid(format!(
-                    "the train step returned no f32 `{name}`"
-                ))),
+        let run = self.exec.run(&inputs);
+        if self.upload_moments {
+            // Kept for a retry until a run has taken them in.
+            for (name, _) in &self.shapes {
+                for (pre, map) in [("m", &mut self.m), ("v", &mut self.v)] {
+                    if let Some(HostValue {
+                        data: HostData::F32(d),
+                        ..
+                    }) = inputs.remove(&format!("{pre}.{name}"))
+                    {
+                        map.insert(name.clone(), d);
+                    }
+                }
             }
-        };
-        let loss = take("loss")?[0];
-        let grad_norm = take("grad_norm")?[0];
-        let mut params = HashMap::new();
-        for (name, _) in &self.shapes {
-            params.insert(name.clone(), Arc::new(take(&format!("new.{name}"))?));
-            let m = take(&format!("new_m.{name}"))?;
-            let v = take(&format!("new_v.{name}"))?;
-            self.m.insert(name.clone(), m);
-            self.v.insert(name.clone(), v);
         }
-        let shapes = &self.shapes;
-        self.exec.bind_params(&|n| {
-            let s = shapes.iter().find(|(k, _)| k == n)?;
-            Some((s.1.clone(), params.get(n)?.clone()))
-        })?;
-        self.params = params;
+        let mut out = run?;
+        // The new parameters and moments are in place in the executor.
+        self.upload_moments = false;
+        self.m.clear();
+        self.v.clear();
+        let loss = scalar(&mut out, "loss")?;
+        let grad_norm = scalar(&mut out, "grad_norm")?;
         self.step += 1;
         Ok(StepOut { loss, grad_norm })
     }

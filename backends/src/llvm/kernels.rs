@@ -1515,6 +1515,15 @@ fn elementwise(fb: &Fb, out: &Access, shape: &[Dim], expr: &Expr) -> R<()> {
         })?;
         return fb.ret_ok();
     }
+    let transposing = r >= 2
+        && loads.iter().map(|(a, _)| *a).chain([out]).any(|a| {
+            a.strides[r - 2] == Poly::c(1)
+                && a.strides[r - 1] != Poly::c(1)
+                && a.strides[r - 1] != Poly::zero()
+        });
+    if transposing {
+        return elementwise_tiled(fb, &avs, &oav, &dims, expr);
+    }
     let (s, e) = fb.split(rows)?;
     fb.for_range(s, e, |fb, row| {
         let idx = fb.decompose(row, &outer)?;
@@ -1541,6 +1550,59 @@ fn elementwise(fb: &Fb, out: &Access, shape: &[Dim], expr: &Expr) -> R<()> {
                 fb.add(obase, fb.mul(j, oav.strides[r - 1])?)?
             };
             fb.store(oav.ptr, oav.elem, o, v)
+        })
+    })?;
+    fb.ret_ok()
+}
+
+/// Rows of the second-to-last axis that a transposing elementwise kernel walks together.
+const TRANSPOSE_TILE: i64 = 16;
+
+/// An elementwise kernel in which some operand (or the output) runs along the
+/// second-to-last axis in memory, not the last (a transpose): in tiles of `TRANSPOSE_TILE`
+/// rows, each column walked down the tile, so each cache line such an operand touches
+/// serves a whole tile instead of one element per sweep over the row.
+fn elementwise_tiled<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    avs: &[Av<'ctx>],
+    oav: &Av<'ctx>,
+    dims: &[IntValue<'ctx>],
+    expr: &Expr,
+) -> R<()> {
+    let r = dims.len();
+    let (mid, inner) = (dims[r - 2], dims[r - 1]);
+    let outer = &dims[..r - 2];
+    let mut orows = fb.i64c(1);
+    for d in outer {
+        orows = fb.mul(orows, *d)?;
+    }
+    let tile = fb.i64c(TRANSPOSE_TILE);
+    let nblk =
+        fb.b.build_int_signed_div(fb.add(mid, fb.i64c(TRANSPOSE_TILE - 1))?, tile, "nb")
+            .map_err(be)?;
+    let (s, e) = fb.split(fb.mul(orows, nblk)?)?;
+    fb.for_range(s, e, |fb, u| {
+        let o = fb.b.build_int_signed_div(u, nblk, "o").map_err(be)?;
+        let blk = fb.b.build_int_signed_rem(u, nblk, "blk").map_err(be)?;
+        let oidx = fb.decompose(o, outer)?;
+        let i0 = fb.mul(blk, tile)?;
+        let i1 = fb.add(i0, tile)?;
+        let short =
+            fb.b.build_int_compare(IntPredicate::SLT, mid, i1, "short")
+                .map_err(be)?;
+        let i1 =
+            fb.b.build_select(short, mid, i1, "i1")
+                .map_err(be)?
+                .into_int_value();
+        fb.for_range(fb.i64c(0), inner, |fb, j| {
+            fb.for_range(i0, i1, |fb, i| {
+                let mut index = oidx.clone();
+                index.extend([i, j]);
+                let pairs: Vec<(usize, IntValue)> = index.iter().copied().enumerate().collect();
+                let el: Vec<IntValue> = avs.iter().map(|a| fb.at(a, &pairs)).collect::<R<_>>()?;
+                let v = eval(fb, expr, avs, &el, &mut 0, &index)?;
+                fb.store(oav.ptr, oav.elem, fb.at(oav, &pairs)?, v)
+            })
         })
     })?;
     fb.ret_ok()
@@ -3265,6 +3327,10 @@ fn gemm_mr(nr: i64) -> i64 {
 fn gemm_mc(nr: i64) -> i64 {
     6 * gemm_mr(nr)
 }
+/// Panels a thread packs together: each row of the weights is then read up to
+/// `PACK_BLOCK · nr` columns at a time (2 KiB at nr = 32), not one panel's width per page.
+const PACK_BLOCK: i64 = 16;
+
 /// Panel rows (k steps) ahead that the micro-kernel prefetches.
 const PREFETCH_ROWS: i64 = 16;
 
@@ -3273,61 +3339,83 @@ fn pack_panels(fb: &Fb, out: u32, w: &Access, k: i64, n: i64, nr: i64, store: Pa
     let optr = fb.buf(out)?;
     let panels = (n + nr - 1) / nr;
     let (s, e) = fb.split(fb.i64c(panels))?;
-    fb.for_range(s, e, |fb, p| {
+    let blocks =
+        fb.b.build_int_signed_div(
+            fb.add(
+                fb.b.build_int_sub(e, s, "np").map_err(be)?,
+                fb.i64c(PACK_BLOCK - 1),
+            )?,
+            fb.i64c(PACK_BLOCK),
+            "nb",
+        )
+        .map_err(be)?;
+    fb.for_range(fb.i64c(0), blocks, |fb, blk| {
+        let p0 = fb.add(s, fb.mul(blk, fb.i64c(PACK_BLOCK))?)?;
+        let p1 = fb.add(p0, fb.i64c(PACK_BLOCK))?;
+        let short =
+            fb.b.build_int_compare(IntPredicate::SLT, e, p1, "short")
+                .map_err(be)?;
+        let p1 =
+            fb.b.build_select(short, e, p1, "p1")
+                .map_err(be)?
+                .into_int_value();
         fb.for_range(fb.i64c(0), fb.i64c(k), |fb, kk| {
-            fb.for_range(fb.i64c(0), fb.i64c(nr), |fb, j| {
-                let col = fb.add(fb.mul(p, fb.i64c(nr))?, j)?;
-                let inside =
-                    fb.b.build_int_compare(IntPredicate::SLT, col, fb.i64c(n), "in")
-                        .map_err(be)?;
-                let safe =
-                    fb.b.build_select(inside, col, fb.i64c(0), "c")
-                        .map_err(be)?
-                        .into_int_value();
-                let at = fb.add(
-                    fb.add(wav.off, fb.mul(kk, wav.strides[0])?)?,
-                    fb.mul(safe, wav.strides[1])?,
-                )?;
-                let v = fb.load_f32(wav.ptr, at)?;
-                let v =
-                    fb.b.build_select(inside, v, fb.f32c(0.0), "v")
-                        .map_err(be)?
-                        .into_float_value();
-                let o = fb.add(fb.mul(fb.add(fb.mul(p, fb.i64c(k))?, kk)?, fb.i64c(nr))?, j)?;
-                match store {
-                    PanelType::F32 => fb.store_f32(optr, o, v),
-                    PanelType::BF16 | PanelType::F16 => {
-                        let bits = if store == PanelType::BF16 {
-                            let r = round_bf16(fb, v)?;
-                            let i =
-                                fb.b.build_bit_cast(r, fb.ctx.i32_type(), "bits")
-                                    .map_err(be)?
-                                    .into_int_value();
-                            let hi =
-                                fb.b.build_right_shift(
-                                    i,
-                                    fb.ctx.i32_type().const_int(16, false),
-                                    false,
-                                    "hi",
-                                )
-                                .map_err(be)?;
-                            fb.b.build_int_truncate(hi, fb.ctx.i16_type(), "h")
-                                .map_err(be)?
-                        } else {
-                            let h =
-                                fb.b.build_float_trunc(v, fb.ctx.f16_type(), "h")
+            fb.for_range(p0, p1, |fb, p| {
+                fb.for_range(fb.i64c(0), fb.i64c(nr), |fb, j| {
+                    let col = fb.add(fb.mul(p, fb.i64c(nr))?, j)?;
+                    let inside =
+                        fb.b.build_int_compare(IntPredicate::SLT, col, fb.i64c(n), "in")
+                            .map_err(be)?;
+                    let safe =
+                        fb.b.build_select(inside, col, fb.i64c(0), "c")
+                            .map_err(be)?
+                            .into_int_value();
+                    let at = fb.add(
+                        fb.add(wav.off, fb.mul(kk, wav.strides[0])?)?,
+                        fb.mul(safe, wav.strides[1])?,
+                    )?;
+                    let v = fb.load_f32(wav.ptr, at)?;
+                    let v =
+                        fb.b.build_select(inside, v, fb.f32c(0.0), "v")
+                            .map_err(be)?
+                            .into_float_value();
+                    let o = fb.add(fb.mul(fb.add(fb.mul(p, fb.i64c(k))?, kk)?, fb.i64c(nr))?, j)?;
+                    match store {
+                        PanelType::F32 => fb.store_f32(optr, o, v),
+                        PanelType::BF16 | PanelType::F16 => {
+                            let bits = if store == PanelType::BF16 {
+                                let r = round_bf16(fb, v)?;
+                                let i =
+                                    fb.b.build_bit_cast(r, fb.ctx.i32_type(), "bits")
+                                        .map_err(be)?
+                                        .into_int_value();
+                                let hi =
+                                    fb.b.build_right_shift(
+                                        i,
+                                        fb.ctx.i32_type().const_int(16, false),
+                                        false,
+                                        "hi",
+                                    )
                                     .map_err(be)?;
-                            fb.b.build_bit_cast(h, fb.ctx.i16_type(), "hb")
-                                .map_err(be)?
-                                .into_int_value()
-                        };
-                        let pp =
-                            unsafe { fb.b.build_in_bounds_gep(fb.ctx.i16_type(), optr, &[o], "p") }
-                                .map_err(be)?;
-                        fb.b.build_store(pp, bits).map_err(be)?;
-                        Ok(())
+                                fb.b.build_int_truncate(hi, fb.ctx.i16_type(), "h")
+                                    .map_err(be)?
+                            } else {
+                                let h =
+                                    fb.b.build_float_trunc(v, fb.ctx.f16_type(), "h")
+                                        .map_err(be)?;
+                                fb.b.build_bit_cast(h, fb.ctx.i16_type(), "hb")
+                                    .map_err(be)?
+                                    .into_int_value()
+                            };
+                            let pp = unsafe {
+                                fb.b.build_in_bounds_gep(fb.ctx.i16_type(), optr, &[o], "p")
+                            }
+                            .map_err(be)?;
+                            fb.b.build_store(pp, bits).map_err(be)?;
+                            Ok(())
+                        }
                     }
-                }
+                })
             })
         })
     })?;
