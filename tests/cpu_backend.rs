@@ -207,3 +207,51 @@ fn long_decode_over_the_growing_cache_matches_prefill() {
         assert!(d <= 1e-4 * scale, "position {}: max |diff| {d}", k - 1 + i);
     }
 }
+
+#[test]
+fn scatter_add_sums_rows_and_refuses_an_index_out_of_range() {
+    let g = egret_ir::parse("graph g {\n  %i = input \"ids\" : i64[N]\n  %x = input \"x\" : f32[N, 2]\n  %y = scatter_add(%i, %x) : f32[3, 2]\n  output \"y\" = %y\n}").unwrap();
+    let (mut ex, _code) =
+        egret::cpu::executor(&g, &HashMap::new(), &CpuOptions::default(), 2).unwrap();
+    let run = |ex: &mut egret_runtime::cpu::CpuExecutor, ids: Vec<i64>| {
+        let n = ids.len();
+        let inputs = HashMap::from([
+            (
+                "ids".to_string(),
+                HostValue {
+                    shape: vec![n],
+                    data: HostData::I64(ids),
+                },
+            ),
+            (
+                "x".to_string(),
+                HostValue {
+                    shape: vec![n, 2],
+                    data: HostData::F32((0..2 * n).map(|v| v as f32).collect()),
+                },
+            ),
+        ]);
+        ex.run(&inputs).map(|o| o["y"].data.clone())
+    };
+    // Rows 0 and 2 hit twice and once, row 1 never.
+    assert_eq!(
+        run(&mut ex, vec![0, 2, 0]).unwrap(),
+        HostData::F32(vec![4.0, 6.0, 0.0, 0.0, 2.0, 3.0])
+    );
+    let err = run(&mut ex, vec![0, 3]).unwrap_err().to_string();
+    assert!(err.contains("out of range"), "{err}");
+    // The interpreter defines the op the same way.
+    let it = egret_ir::Interpreter::new(&g).unwrap();
+    let bad = HashMap::from([
+        (
+            "ids".to_string(),
+            Tensor::from_i64(vec![2], vec![0, -1]).unwrap(),
+        ),
+        (
+            "x".to_string(),
+            Tensor::from_f32(vec![2, 2], vec![1.0; 4]).unwrap(),
+        ),
+    ]);
+    let err = it.run(&bad, &HashMap::new()).unwrap_err().to_string();
+    assert!(err.contains("out of range"), "{err}");
+}

@@ -290,6 +290,17 @@ pub enum Kernel {
         axis: usize,
         elem: ElemType,
     },
+    /// `scatter_add`: `out[v, c] = Σ src[j, c]` over the positions `j` of `idx` (shape
+    /// `idx_shape`) with `idx[j] = v`; `out` is `[rows, inner..]` and contiguous, `src`
+    /// `[idx_shape.., inner..]`. Each thread owns a range of rows and sums in index order.
+    ScatterAdd {
+        out: u32,
+        idx: Access,
+        src: Access,
+        idx_shape: Vec<Dim>,
+        rows: Dim,
+        inner: Vec<Dim>,
+    },
 }
 
 /// How packed GEMM weights are stored: f32, or rounded to bf16/f16 (half the bytes, which
@@ -366,6 +377,16 @@ impl Kernel {
                 .cloned()
                 .chain(table_shape[axis + 1..].iter().cloned())
                 .collect(),
+            Kernel::ScatterAdd {
+                idx_shape,
+                rows,
+                inner,
+                ..
+            } => [rows.clone()]
+                .into_iter()
+                .chain(idx_shape.iter().cloned())
+                .chain(inner.iter().cloned())
+                .collect(),
             Kernel::PackPanels { k, n, .. } => vec![Dim::c(*k), Dim::c(*n)],
             Kernel::Gemm { rows, k, n, .. } => rows
                 .iter()
@@ -405,6 +426,18 @@ impl Kernel {
                 idx_shape,
                 ..
             } => format!("gather {} by {}", dims(table_shape), dims(idx_shape)),
+            Kernel::ScatterAdd {
+                idx_shape,
+                rows,
+                inner,
+                ..
+            } => {
+                let out: Vec<Dim> = [rows.clone()]
+                    .into_iter()
+                    .chain(inner.iter().cloned())
+                    .collect();
+                format!("scatter_add {} into {}", dims(idx_shape), dims(&out))
+            }
             Kernel::PackPanels {
                 k, n, nr, store, ..
             } => format!("pack [{k}x{n}] in {store:?} panels of {nr}"),

@@ -505,6 +505,23 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                     s.push(k, &[table.buf, idx.buf], out);
                     Val::View(Access::contiguous(out, &shape))
                 }
+                Op::ScatterAdd => {
+                    let (idx, src) = (
+                        s.view(&arg(0), &arg_shape(0)),
+                        s.view(&arg(1), &arg_shape(1)),
+                    );
+                    let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
+                    let k = Kernel::ScatterAdd {
+                        out,
+                        idx: idx.clone(),
+                        src: src.clone(),
+                        idx_shape: arg_shape(0),
+                        rows: shape[0].clone(),
+                        inner: shape[1..].to_vec(),
+                    };
+                    s.push(k, &[idx.buf, src.buf], out);
+                    Val::View(Access::contiguous(out, &shape))
+                }
                 Op::Reduce { op, axis } => {
                     let src = s.view(&arg(0), &arg_shape(0));
                     let out = s.new_buffer(BufferRole::Temp, e, &shape, false);

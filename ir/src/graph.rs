@@ -415,6 +415,23 @@ impl Graph {
         self.add(Op::Gather { axis }, &[table, idx], None)
     }
 
+    /// `scatter_add(idx, src)` into `rows` rows (see `Op::ScatterAdd`).
+    pub fn scatter_add(
+        &mut self,
+        idx: ValueId,
+        src: ValueId,
+        rows: Dim,
+    ) -> Result<ValueId, IrError> {
+        let (is, ss) = (self.shape(idx).len(), self.shape(src).to_vec());
+        let mut dims = vec![rows];
+        dims.extend(ss.iter().skip(is).cloned());
+        let ty = TensorType {
+            dtype: self.ty(src).dtype,
+            shape: Shape(dims),
+        };
+        self.add(Op::ScatterAdd, &[idx, src], Some(ty))
+    }
+
     pub fn cast(&mut self, x: ValueId, dtype: DType) -> Result<ValueId, IrError> {
         let shape = self.ty(x).shape.clone();
         self.add(Op::Cast, &[x], Some(TensorType { dtype, shape }))

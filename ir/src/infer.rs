@@ -281,6 +281,26 @@ pub fn infer_type(
                 shape: Shape(dims),
             })
         }
+        Op::ScatterAdd => {
+            let t = need_declared()?;
+            if !ins[0].dtype.is_int() {
+                return Err(format!("indices must be integers, got {}", ins[0].dtype));
+            }
+            float(ins[1])?;
+            let (is, ss, os) = (&ins[0].shape.0, &ins[1].shape.0, &t.shape.0);
+            if t.dtype != ins[1].dtype
+                || ss.len() < is.len()
+                || ss[..is.len()] != is[..]
+                || os.len() != ss.len() - is.len() + 1
+                || os[1..] != ss[is.len()..]
+            {
+                return Err(format!(
+                    "indices {} and values {} cannot scatter into {} {}",
+                    ins[0].shape, ins[1].shape, t.dtype, t.shape
+                ));
+            }
+            Ok(t)
+        }
         Op::Softmax { axis } => {
             check_axis(*axis, ins[0].shape.rank())?;
             float(ins[0])?;

@@ -924,6 +924,7 @@ fn eval(op: &Op, dtype: DType, shape: &[usize], a: &[&Tensor]) -> Result<Tensor,
         }
         Op::Concat { axis } => concat(*axis, dtype, shape, a)?,
         Op::Gather { axis } => gather(*axis, dtype, shape, a[0], a[1])?,
+        Op::ScatterAdd => scatter_add(dtype, shape, a[0], a[1])?,
         Op::Cast => cast(dtype, a[0]),
         Op::Softmax { axis } => {
             let x = a[0].f32s()?;
@@ -1139,6 +1140,37 @@ fn matmul(dtype: DType, shape: &[usize], a: &Tensor, b: &Tensor) -> Result<Tenso
         c.iter_mut().for_each(|x| *x = round_to(dtype, *x));
     }
     Ok(Tensor::dense(dtype, shape.to_vec(), Data::F32(Arc::new(c))))
+}
+
+/// Sums in f64, in index order.
+fn scatter_add(
+    dtype: DType,
+    shape: &[usize],
+    idx: &Tensor,
+    src: &Tensor,
+) -> Result<Tensor, IrError> {
+    let ids = idx.i64s()?;
+    let vals = src.f32s()?;
+    let rows = shape[0];
+    let inner: usize = shape[1..].iter().product();
+    let mut acc = vec![0f64; rows * inner];
+    for (j, &i) in ids.iter().enumerate() {
+        if i < 0 || i as usize >= rows {
+            return Err(ierr(format!(
+                "index {i} is out of range for an axis of length {rows}"
+            )));
+        }
+        let (o, s) = (i as usize * inner, j * inner);
+        for (a, &v) in acc[o..o + inner].iter_mut().zip(&vals[s..s + inner]) {
+            *a += v as f64;
+        }
+    }
+    let out = acc.into_iter().map(|x| round_to(dtype, x as f32)).collect();
+    Ok(Tensor::dense(
+        dtype,
+        shape.to_vec(),
+        Data::F32(Arc::new(out)),
+    ))
 }
 
 fn concat(axis: usize, dtype: DType, shape: &[usize], xs: &[&Tensor]) -> Result<Tensor, IrError> {

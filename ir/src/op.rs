@@ -92,6 +92,10 @@ pub enum Op {
     /// `gather(table, idx)`: `out[i.., j, k..] = table[i.., idx[j], k..]` with `j` the index
     /// dims replacing table dim `axis`. An index outside the table is an error.
     Gather { axis: usize },
+    /// `scatter_add(idx, src)`, the adjoint of `gather` on axis 0: `out[v, k..] = Σ src[j.., k..]`
+    /// over the index positions `j` with `idx[j] == v`, zero where no index points; the
+    /// result type `[V, k..]` is declared. An index outside `0..V` is an error.
+    ScatterAdd,
     /// Conversion to the declared dtype (floats round to nearest even; float→int truncates).
     Cast,
 
@@ -146,6 +150,7 @@ impl PartialEq for Op {
             (Op::Broadcast, Op::Broadcast) | (Op::Cast, Op::Cast) | (Op::SwiGlu, Op::SwiGlu) => {
                 true
             }
+            (Op::ScatterAdd, Op::ScatterAdd) => true,
             (Op::Softmax { axis: a }, Op::Softmax { axis: b }) => a == b,
             (Op::RmsNorm { eps: a }, Op::RmsNorm { eps: b })
             | (Op::RmsNormMatMul { eps: a }, Op::RmsNormMatMul { eps: b }) => {
@@ -223,7 +228,13 @@ impl std::hash::Hash for Op {
             Op::Reduce { op, axis } => (op, axis).hash(h),
             Op::Permute { perm } => perm.hash(h),
             Op::Slice { axis, start, end } => (axis, start, end).hash(h),
-            Op::Select | Op::MatMul | Op::Reshape | Op::Broadcast | Op::Cast | Op::SwiGlu => {}
+            Op::Select
+            | Op::MatMul
+            | Op::Reshape
+            | Op::Broadcast
+            | Op::Cast
+            | Op::SwiGlu
+            | Op::ScatterAdd => {}
         }
     }
 }
@@ -248,6 +259,7 @@ impl Op {
             Op::Slice { .. } => "slice",
             Op::Concat { .. } => "concat",
             Op::Gather { .. } => "gather",
+            Op::ScatterAdd => "scatter_add",
             Op::Cast => "cast",
             Op::Softmax { .. } => "softmax",
             Op::RmsNorm { .. } => "rms_norm",
@@ -269,6 +281,7 @@ impl Op {
             | Op::Compare(_)
             | Op::MatMul
             | Op::Gather { .. }
+            | Op::ScatterAdd
             | Op::RmsNorm { .. }
             | Op::SwiGlu => 2,
             Op::Select | Op::RmsNormMatMul { .. } => 3,
@@ -301,6 +314,7 @@ impl Op {
                 | Op::Reshape
                 | Op::Broadcast
                 | Op::Cast
+                | Op::ScatterAdd
         )
     }
 }

@@ -101,7 +101,8 @@ fn print_node(n: &Node) -> String {
         | Op::Reshape
         | Op::Broadcast
         | Op::Cast
-        | Op::SwiGlu => {}
+        | Op::SwiGlu
+        | Op::ScatterAdd => {}
     }
     if !n.inputs.is_empty() {
         let a: Vec<String> = n.inputs.iter().map(|v| v.to_string()).collect();
@@ -780,6 +781,7 @@ fn build_op(
         "gather" => Op::Gather {
             axis: a.usize("axis", at)?,
         },
+        "scatter_add" => Op::ScatterAdd,
         "softmax" => Op::Softmax {
             axis: a.usize("axis", at)?,
         },

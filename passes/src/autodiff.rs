@@ -18,7 +18,8 @@
 //! - `matmul`: `g·bᵀ`, `aᵀ·g` (summed over the batch when `b` is shared).
 //! - `reshape`, `permute`: the inverse view; `broadcast`: `g` summed over broadcast axes;
 //!   `slice`: `g` padded with zeros; `concat`: slices of `g`.
-//! - `gather` (an embedding table `[V, H]` by ids): `onehot(ids)ᵀ · g`.
+//! - `gather` (a table `[V, ..]` by ids on axis 0): `scatter_add(ids, g)`, each `g[j]` added
+//!   to row `ids[j]`; `scatter_add(ids, x)`: `gather(g, ids)` for `x`.
 
 use egret_ir::{BinaryOp, CompareOp, DType, Dim, Graph, IrError, Op, ReduceOp, UnaryOp, ValueId};
 
@@ -469,32 +470,20 @@ fn backward(
         }
         Op::Gather { axis } => {
             let (table, idx) = (ins[0], ins[1]);
-            let ts = g.shape(table).to_vec();
-            if *axis != 0 || ts.len() != 2 {
+            if *axis != 0 {
                 return Err(unsupported(
-                    "the gradient of gather is built for embedding tables (rank 2, axis 0)",
+                    "the gradient of gather is built for tables indexed on axis 0",
                 ));
             }
-            // onehot[.., v] = (idx[..] == v); dTable = Σ onehotᵀ · g over the id dims.
-            let is = g.shape(idx).to_vec();
-            let r = is.len();
-            let mut grid = is.clone();
-            grid.push(ts[0].clone());
-            let iota = g.iota(r, g.ty(idx).dtype, grid.clone())?;
-            let mut ids1 = is.clone();
-            ids1.push(Dim::c(1));
-            let ib = g.reshape(idx, ids1)?;
-            let ib = g.broadcast(ib, grid)?;
-            let hit = g.compare(CompareOp::Eq, iota, ib)?;
-            let oh = g.cast(hit, g.ty(gv).dtype)?;
-            let mut perm: Vec<usize> = (0..r + 1).collect();
-            perm.swap(r - 1, r);
-            let oht = g.permute(oh, perm)?;
-            let mut d = g.matmul(oht, gv)?;
-            for a in 0..r - 1 {
-                d = g.reduce(ReduceOp::Sum, d, a)?;
+            // dTable[v] = Σ over the index positions j with idx[j] = v of g[j].
+            let rows = g.shape(table)[0].clone();
+            out.push((table, g.scatter_add(idx, gv, rows)?));
+        }
+        Op::ScatterAdd => {
+            // Each src[j] went to row idx[j]: its adjoint is that row of g.
+            if need(1) {
+                out.push((ins[1], g.gather(gv, ins[0], 0)?));
             }
-            out.push((table, g.reshape(d, ts)?));
         }
         Op::Softmax { .. }
         | Op::RmsNorm { .. }

@@ -195,4 +195,17 @@ const CASES: &[(&str, &str)] = &[
   %y = gather[axis=0](%t, %i) : f32[N, N]
   output "y" = %y"#,
     ),
+    (
+        "scatter-add",
+        r#"
+  %i = input "ids" : i64[N, 2]
+  %x = input "x" : f32[N, 2, 5]
+  %a = scatter_add(%i, %x) : f32[4, 5]
+  %j = input "j" : i64[N]
+  %xt = input "xt" : f32[3, N]
+  %v = permute[perm=[1, 0]](%xt) : f32[N, 3]
+  %b = scatter_add(%j, %v) : f32[4, 3]
+  %y = concat[axis=1](%a, %b) : f32[4, 8]
+  output "y" = %y"#,
+    ),
 ];

@@ -890,6 +890,17 @@ pub fn emit<'ctx>(
             gather(&fb, *out, table, idx, table_shape, idx_shape, *axis, *elem)?;
             0
         }
+        Kernel::ScatterAdd {
+            out,
+            idx,
+            src,
+            idx_shape,
+            rows,
+            inner,
+        } => {
+            scatter_add(&fb, *out, idx, src, idx_shape, rows, inner)?;
+            0
+        }
         Kernel::PackPanels {
             out,
             w,
@@ -1073,6 +1084,21 @@ pub fn canonical(k: &Kernel) -> (Kernel, Vec<u32>) {
             axis: *axis,
             elem: *elem,
         },
+        Kernel::ScatterAdd {
+            out,
+            idx,
+            src,
+            idx_shape,
+            rows,
+            inner,
+        } => Kernel::ScatterAdd {
+            out: map(*out),
+            idx: ren(idx),
+            src: ren(src),
+            idx_shape: idx_shape.clone(),
+            rows: rows.clone(),
+            inner: inner.clone(),
+        },
         Kernel::PackPanels {
             out,
             w,
@@ -1188,6 +1214,11 @@ pub fn kernel_buffers(k: &Kernel) -> Vec<u32> {
             add(*out);
             add(table.buf);
             add(idx.buf);
+        }
+        Kernel::ScatterAdd { out, idx, src, .. } => {
+            add(*out);
+            add(idx.buf);
+            add(src.buf);
         }
         Kernel::PackPanels { out, w, .. } => {
             add(*out);
@@ -3308,6 +3339,88 @@ fn gather(
     Ok(())
 }
 
+/// `scatter_add` (see `Kernel::ScatterAdd`): each thread zeroes its range of output rows,
+/// then walks every index in order and adds the source rows that land in its range, so the
+/// sums are deterministic and no two threads write the same row. Every thread checks every
+/// index (an index outside `0..rows` returns 1).
+fn scatter_add(
+    fb: &Fb,
+    out: u32,
+    idx: &Access,
+    src: &Access,
+    ishape: &[Dim],
+    rows: &Dim,
+    inner: &[Dim],
+) -> R<()> {
+    let ia = fb.access(idx, ElemType::I64)?;
+    let sa = fb.access(src, ElemType::F32)?;
+    let optr = fb.buf(out)?;
+    let idims: Vec<IntValue> = ishape.iter().map(|d| fb.dim(d)).collect::<R<_>>()?;
+    let cdims: Vec<IntValue> = inner.iter().map(|d| fb.dim(d)).collect::<R<_>>()?;
+    let nrows = fb.dim(rows)?;
+    let mut ni = fb.i64c(1);
+    for d in &idims {
+        ni = fb.mul(ni, *d)?;
+    }
+    let mut nc = fb.i64c(1);
+    for d in &cdims {
+        nc = fb.mul(nc, *d)?;
+    }
+    let (s, e) = fb.split(nrows)?;
+    fb.for_range(fb.mul(s, nc)?, fb.mul(e, nc)?, |fb, o| {
+        fb.store_f32(optr, o, fb.f32c(0.0))
+    })?;
+    let bad = fb.ctx.append_basic_block(fb.func, "bad");
+    fb.for_range(fb.i64c(0), ni, |fb, j| {
+        let jidx = fb.decompose(j, &idims)?;
+        let jpairs: Vec<(usize, IntValue)> = jidx.iter().copied().enumerate().collect();
+        let id = fb.load(&ia, fb.at(&ia, &jpairs)?)?.into_int_value();
+        let neg =
+            fb.b.build_int_compare(IntPredicate::SLT, id, fb.i64c(0), "neg")
+                .map_err(be)?;
+        let big =
+            fb.b.build_int_compare(IntPredicate::SGE, id, nrows, "big")
+                .map_err(be)?;
+        let oob = fb.b.build_or(neg, big, "oob").map_err(be)?;
+        let ok = fb.ctx.append_basic_block(fb.func, "ok");
+        fb.b.build_conditional_branch(oob, bad, ok).map_err(be)?;
+        fb.b.position_at_end(ok);
+        let lo =
+            fb.b.build_int_compare(IntPredicate::SGE, id, s, "lo")
+                .map_err(be)?;
+        let hi =
+            fb.b.build_int_compare(IntPredicate::SLT, id, e, "hi")
+                .map_err(be)?;
+        let mine = fb.b.build_and(lo, hi, "mine").map_err(be)?;
+        let add_bb = fb.ctx.append_basic_block(fb.func, "add");
+        let next = fb.ctx.append_basic_block(fb.func, "next");
+        fb.b.build_conditional_branch(mine, add_bb, next)
+            .map_err(be)?;
+        fb.b.position_at_end(add_bb);
+        let base = fb.at(&sa, &jpairs)?;
+        let obase = fb.mul(id, nc)?;
+        let r = idims.len();
+        fb.for_range(fb.i64c(0), nc, |fb, c| {
+            let cidx = fb.decompose(c, &cdims)?;
+            let mut at = base;
+            for (i, v) in cidx.iter().enumerate() {
+                at = fb.add(at, fb.mul(*v, sa.strides[r + i])?)?;
+            }
+            let o = fb.add(obase, c)?;
+            let sum = fb.fadd(fb.load_f32(optr, o)?, fb.load(&sa, at)?.into_float_value())?;
+            fb.store_f32(optr, o, sum)
+        })?;
+        fb.b.build_unconditional_branch(next).map_err(be)?;
+        fb.b.position_at_end(next);
+        Ok(())
+    })?;
+    fb.ret_ok()?;
+    fb.b.position_at_end(bad);
+    fb.b.build_return(Some(&fb.ctx.i32_type().const_int(1, false)))
+        .map_err(be)?;
+    Ok(())
+}
+
 /// GEMM blocking. `gemm_mr(nr)` rows × `nr` columns (two vectors) of accumulators live in
 /// registers: 12 × 2 = 24 of AVX-512's 32 registers, 6 × 2 = 12 of AVX2's 16, leaving room
 /// for the two weight vectors and the broadcast row value. `KC` keeps a weight panel slice
@@ -4091,6 +4204,8 @@ pub fn gpu_threads(k: &Kernel) -> Vec<Dim> {
             .chain(idx_shape)
             .cloned()
             .collect(),
+        // A thread per output row.
+        Kernel::ScatterAdd { rows, .. } => vec![rows.clone()],
         Kernel::PackPanels { n, nr, .. } => vec![Dim::c((n + nr - 1) / nr)],
         Kernel::Gemm { n, nr, .. } => vec![Dim::c((n + nr - 1) / nr)],
     }
