@@ -208,6 +208,11 @@ pub enum Kernel {
         axis: usize,
     },
     /// `out[b, m, n] = Σ_k a[b, m, k] · w[b?, k, n]`; `batch` dims flattened in row-major order.
+    /// With `nr > 0` (CPU), the GEMM micro-kernel over `KC × nr` slices of `w` that each
+    /// thread packs as it goes, `a` row-contiguous; otherwise a dot product per output, `w`
+    /// k-contiguous. With `sum_batch` (only with `nr > 0`), the batch entries' products are
+    /// summed into one `[m, n]` result: a matmul summed over its batch axis, as a weight's
+    /// gradient over a batch of sequences is.
     MatMul {
         out: u32,
         a: Access,
@@ -217,6 +222,8 @@ pub enum Kernel {
         n: Dim,
         k: Dim,
         shared_w: bool,
+        nr: i64,
+        sum_batch: bool,
     },
     /// `out[r, :] = w * (x[r, :] * rsqrt(mean(x[r, :]²) + eps))`, rows over `shape[..-1]`.
     RmsNorm {
@@ -406,9 +413,24 @@ impl Kernel {
             Kernel::Softmax { shape, axis, .. } => {
                 format!("softmax axis {axis} of {}", dims(shape))
             }
-            Kernel::MatMul { m, n, k, batch, .. } => {
-                format!("matmul {}[{m}x{k}]·[{k}x{n}]", dims(batch))
-            }
+            Kernel::MatMul {
+                m,
+                n,
+                k,
+                batch,
+                nr,
+                sum_batch,
+                ..
+            } => format!(
+                "{}matmul {}[{m}x{k}]·[{k}x{n}]{}",
+                if *nr > 0 { "packed " } else { "" },
+                dims(batch),
+                if *sum_batch {
+                    " summed over the batch"
+                } else {
+                    ""
+                }
+            ),
             Kernel::RmsNorm { shape, .. } => format!("rms_norm {}", dims(shape)),
             Kernel::RmsNormMatMul { m, n, k, batch, .. } => {
                 format!("rms_norm_matmul {}[{m}x{k}]·[{k}x{n}]", dims(batch))

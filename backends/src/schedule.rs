@@ -268,6 +268,36 @@ pub fn schedule(g: &Graph) -> Result<Program, BackendError> {
     schedule_with(g, ScheduleOptions::default())
 }
 
+/// Batched matmuls (`[B, M, K] × [B?, K, N]`, f32, one batch axis) whose one use is a sum over
+/// that axis and which are not outputs themselves, mapped to that sum: the packed CPU matmul
+/// computes the sum directly (`sum_batch`), with no `[B, M, N]` temporary.
+fn summed_matmuls(g: &Graph) -> std::collections::HashMap<ValueId, ValueId> {
+    let uses = g.use_counts();
+    let outputs: BTreeSet<ValueId> = g.outputs.iter().map(|(_, v)| *v).collect();
+    let mut found = std::collections::HashMap::new();
+    for v in g.values() {
+        let n = g.node(v);
+        let Op::Reduce {
+            op: egret_ir::ReduceOp::Sum,
+            axis: 0,
+        } = n.op
+        else {
+            continue;
+        };
+        let x = n.inputs[0];
+        let xn = g.node(x);
+        if xn.op == Op::MatMul
+            && xn.ty.dtype == DType::F32
+            && xn.ty.shape.rank() == 3
+            && uses[x.index()] == 1
+            && !outputs.contains(&x)
+        {
+            found.insert(x, v);
+        }
+    }
+    found
+}
+
 /// Schedules `g` (verified) into a program.
 pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, BackendError> {
     egret_ir::verify(g).map_err(BackendError::Ir)?;
@@ -296,6 +326,11 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
         kernels: vec![],
         init: vec![],
         uses: g.use_counts(),
+    };
+    let summed_matmuls = if opts.panel > 0 {
+        summed_matmuls(g)
+    } else {
+        Default::default()
     };
     let mut vals: Vec<Option<Val>> = vec![None; g.len()];
     let mut taken = BTreeSet::new();
@@ -522,6 +557,10 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                     s.push(k, &[idx.buf, src.buf], out);
                     Val::View(Access::contiguous(out, &shape))
                 }
+                Op::Reduce { .. } if summed_matmuls.contains_key(&n.inputs[0]) => {
+                    // Computed, summed, by its matmul.
+                    arg(0)
+                }
                 Op::Reduce { op, axis } => {
                     let src = s.view(&arg(0), &arg_shape(0));
                     let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
@@ -576,21 +615,27 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                     let a = s.view(&arg(0), &ash);
                     let a = s.row_contiguous(a, &ash, e);
                     let w = s.view(&arg(wi), &wsh);
-                    let w = s.k_contiguous(w, &wsh, e);
                     let batch = ash[..ash.len() - 2].to_vec();
                     let (m, k, nn) = (
                         ash[ash.len() - 2].clone(),
                         ash[ash.len() - 1].clone(),
                         wsh[wsh.len() - 1].clone(),
                     );
-                    let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
                     let shared_w = wsh.len() == 2;
+                    // A matmul whose only use sums it over its batch axis: one summing kernel.
+                    let summed = summed_matmuls.contains_key(&v);
+                    let out_shape = match summed_matmuls.get(&v) {
+                        Some(r) => g.shape(*r).to_vec(),
+                        None => shape.clone(),
+                    };
+                    let out = s.new_buffer(BufferRole::Temp, e, &out_shape, false);
                     // Weights known at load with constant K, N and rows of `a` that collapse to one
                     // stride: pack the weights into panels once and run the blocked GEMM.
                     let rows_contig = (0..ash.len() - 2)
                         .all(|i| a.strides[i] == a.strides[i + 1].mul_dim(&ash[i + 1]));
                     if s.panel > 0
                         && shared_w
+                        && !summed
                         && s.weight_only[w.buf as usize]
                         && k.as_const().is_some()
                         && nn.as_const().is_some()
@@ -669,6 +714,28 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                         );
                         break 'val Val::View(Access::contiguous(out, &shape));
                     }
+                    if s.panel > 0 && !fused && e == ElemType::F32 {
+                        // Both operands computed at run time: the micro-kernel over slices
+                        // of `w` packed as the kernel goes.
+                        s.push(
+                            Kernel::MatMul {
+                                out,
+                                a: a.clone(),
+                                w: w.clone(),
+                                batch,
+                                m,
+                                n: nn,
+                                k,
+                                shared_w,
+                                nr: s.panel,
+                                sum_batch: summed,
+                            },
+                            &[a.buf, w.buf],
+                            out,
+                        );
+                        break 'val Val::View(Access::contiguous(out, &out_shape));
+                    }
+                    let w = s.k_contiguous(w, &wsh, e);
                     if let Op::RmsNormMatMul { eps } = n.op {
                         let gw = s.view(&arg(1), &arg_shape(1));
                         if s.weight_only[gw.buf as usize]
@@ -745,6 +812,8 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                                 n: nn,
                                 k,
                                 shared_w,
+                                nr: 0,
+                                sum_batch: false,
                             },
                             &[a.buf, w.buf],
                             out,

@@ -175,6 +175,21 @@ const CASES: &[(&str, &str)] = &[
   output "y" = %y"#,
     ),
     (
+        // Summed over the batch axis, as a weight's gradient is: one summing kernel on the CPU.
+        "matmul-summed-over-batch",
+        r#"
+  %x = input "x" : f32[3, N, 13]
+  %xt = permute[perm=[0, 2, 1]](%x) : f32[3, 13, N]
+  %g = input "g" : f32[3, N, 40]
+  %d = matmul(%xt, %g) : f32[3, 13, 40]
+  %s = reduce_sum[axis=0](%d) : f32[1, 13, 40]
+  %w = param "w" : f32[13, 33]
+  %e = matmul(%x, %w) : f32[3, N, 33]
+  %t = reduce_sum[axis=0](%e) : f32[1, N, 33]
+  output "s" = %s
+  output "t" = %t"#,
+    ),
+    (
         "views",
         r#"
   %x = input "x" : f32[2, N, 3]

@@ -817,9 +817,32 @@ pub fn emit<'ctx>(
             n,
             k,
             shared_w,
+            nr,
+            sum_batch,
         } => {
-            matmul(&fb, *out, a, None, w, batch, m, n, k, *shared_w)?;
-            0
+            if *nr > 0 && !gpu {
+                let mm = RuntimeGemm {
+                    out: *out,
+                    a,
+                    w,
+                    batch,
+                    m,
+                    n,
+                    k,
+                    shared_w: *shared_w,
+                    nr: *nr,
+                    sum_batch: *sum_batch,
+                };
+                packed_matmul(&fb, &mm)?;
+                (GEMM_KC * nr + gemm_mr(*nr) * nr) as usize
+            } else if *sum_batch {
+                return Err(BackendError::Unsupported(
+                    "a batch-summed matmul needs the packed CPU kernel".into(),
+                ));
+            } else {
+                matmul(&fb, *out, a, None, w, batch, m, n, k, *shared_w)?;
+                0
+            }
         }
         Kernel::RmsNormMatMul {
             out,
@@ -999,6 +1022,8 @@ pub fn canonical(k: &Kernel) -> (Kernel, Vec<u32>) {
             n,
             k,
             shared_w,
+            nr,
+            sum_batch,
         } => Kernel::MatMul {
             out: map(*out),
             a: ren(a),
@@ -1008,6 +1033,8 @@ pub fn canonical(k: &Kernel) -> (Kernel, Vec<u32>) {
             n: n.clone(),
             k: k.clone(),
             shared_w: *shared_w,
+            nr: *nr,
+            sum_batch: *sum_batch,
         },
         Kernel::RmsNormMatMul {
             out,
@@ -3845,6 +3872,62 @@ fn ukernel<'ctx>(
     Ok(f)
 }
 
+/// One micro-kernel call `f` (`mr × nr`) on the rows at `a` (row stride `lda`) against the
+/// packed slice `bp`, into `c` (row stride `ldc`), `kl` steps, then scaled by `scale` unless
+/// null: straight into `c` when the panel has all `nr` columns, else through the scratch
+/// `tile` (its `cols` columns copied in, computed, copied out).
+fn ukernel_call<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    f: FunctionValue<'ctx>,
+    mr: i64,
+    nr: i64,
+    [a, bp, c, scale, tile]: [PointerValue<'ctx>; 5],
+    [lda, ldc, cols, kl]: [IntValue<'ctx>; 4],
+    first: IntValue<'ctx>,
+) -> R<()> {
+    let full =
+        fb.b.build_int_compare(IntPredicate::EQ, cols, fb.i64c(nr), "full")
+            .map_err(be)?;
+    let full_bb = fb.ctx.append_basic_block(fb.func, "full");
+    let part_bb = fb.ctx.append_basic_block(fb.func, "part");
+    let done_bb = fb.ctx.append_basic_block(fb.func, "done");
+    fb.b.build_conditional_branch(full, full_bb, part_bb)
+        .map_err(be)?;
+    fb.b.position_at_end(full_bb);
+    let args = |c: PointerValue<'ctx>, ldc: IntValue<'ctx>| {
+        [
+            a.into(),
+            lda.into(),
+            bp.into(),
+            c.into(),
+            ldc.into(),
+            kl.into(),
+            first.into(),
+            scale.into(),
+        ]
+    };
+    fb.b.build_call(f, &args(c, ldc), "").map_err(be)?;
+    fb.b.build_unconditional_branch(done_bb).map_err(be)?;
+    fb.b.position_at_end(part_bb);
+    fb.for_range(fb.i64c(0), fb.i64c(mr), |fb, r| {
+        fb.for_range(fb.i64c(0), cols, |fb, j| {
+            let v = fb.load_f32(c, fb.add(fb.mul(r, ldc)?, j)?)?;
+            fb.store_f32(tile, fb.add(fb.mul(r, fb.i64c(nr))?, j)?, v)
+        })
+    })?;
+    fb.b.build_call(f, &args(tile, fb.i64c(nr)), "")
+        .map_err(be)?;
+    fb.for_range(fb.i64c(0), fb.i64c(mr), |fb, r| {
+        fb.for_range(fb.i64c(0), cols, |fb, j| {
+            let v = fb.load_f32(tile, fb.add(fb.mul(r, fb.i64c(nr))?, j)?)?;
+            fb.store_f32(c, fb.add(fb.mul(r, ldc)?, j)?, v)
+        })
+    })?;
+    fb.b.build_unconditional_branch(done_bb).map_err(be)?;
+    fb.b.position_at_end(done_bb);
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn gemm<'ctx>(
     fb: &Fb<'_, 'ctx>,
@@ -3955,9 +4038,6 @@ fn gemm<'ctx>(
                     fb.b.build_int_sub(fb.i64c(n), fb.mul(p, fb.i64c(nr))?, "")
                         .map_err(be)?,
                 )?;
-                let full =
-                    fb.b.build_int_compare(IntPredicate::EQ, cols, fb.i64c(nr), "full")
-                        .map_err(be)?;
                 let bpp = unsafe {
                     fb.b.build_in_bounds_gep(
                         pty,
@@ -3995,60 +4075,15 @@ fn gemm<'ctx>(
                     } else {
                         null
                     };
-                    let full_bb = fb.ctx.append_basic_block(fb.func, "full");
-                    let part_bb = fb.ctx.append_basic_block(fb.func, "part");
-                    let done_bb = fb.ctx.append_basic_block(fb.func, "done");
-                    fb.b.build_conditional_branch(full, full_bb, part_bb)
-                        .map_err(be)?;
-                    fb.b.position_at_end(full_bb);
-                    fb.b.build_call(
+                    ukernel_call(
+                        fb,
                         f,
-                        &[
-                            aptr.into(),
-                            lda.into(),
-                            bpp.into(),
-                            cptr.into(),
-                            fb.i64c(n).into(),
-                            kl.into(),
-                            first.into(),
-                            sp.into(),
-                        ],
-                        "",
+                        mr,
+                        nr,
+                        [aptr, bpp, cptr, sp, tile],
+                        [lda, fb.i64c(n), cols, kl],
+                        first,
                     )
-                    .map_err(be)?;
-                    fb.b.build_unconditional_branch(done_bb).map_err(be)?;
-                    // A partial last panel goes through the tile: copy in, compute, copy out.
-                    fb.b.position_at_end(part_bb);
-                    fb.for_range(fb.i64c(0), fb.i64c(mr), |fb, r| {
-                        fb.for_range(fb.i64c(0), cols, |fb, j| {
-                            let v = fb.load_f32(cptr, fb.add(fb.mul(r, fb.i64c(n))?, j)?)?;
-                            fb.store_f32(tile, fb.add(fb.mul(r, fb.i64c(nr))?, j)?, v)
-                        })
-                    })?;
-                    fb.b.build_call(
-                        f,
-                        &[
-                            aptr.into(),
-                            lda.into(),
-                            bpp.into(),
-                            tile.into(),
-                            fb.i64c(nr).into(),
-                            kl.into(),
-                            first.into(),
-                            sp.into(),
-                        ],
-                        "",
-                    )
-                    .map_err(be)?;
-                    fb.for_range(fb.i64c(0), fb.i64c(mr), |fb, r| {
-                        fb.for_range(fb.i64c(0), cols, |fb, j| {
-                            let v = fb.load_f32(tile, fb.add(fb.mul(r, fb.i64c(nr))?, j)?)?;
-                            fb.store_f32(cptr, fb.add(fb.mul(r, fb.i64c(n))?, j)?, v)
-                        })
-                    })?;
-                    fb.b.build_unconditional_branch(done_bb).map_err(be)?;
-                    fb.b.position_at_end(done_bb);
-                    Ok(())
                 };
                 let blocks =
                     fb.b.build_int_signed_div(mrows, fb.i64c(gemm_mr(nr)), "nb")
@@ -4058,6 +4093,173 @@ fn gemm<'ctx>(
                 })?;
                 fb.for_range(fb.mul(blocks, fb.i64c(gemm_mr(nr)))?, mrows, |fb, r| {
                     call(fb, r, 1, uk1)
+                })
+            })
+        })
+    })?;
+    fb.ret_ok()
+}
+
+/// Rows of `a` a packed run-time matmul walks per slice of `w` it packs: sixteen register
+/// blocks (`192 · KC` floats, 192 KiB, stay in L2 while the thread's panels pass over them).
+const RT_GEMM_MC_BLOCKS: i64 = 16;
+
+/// Operands of a matmul of two run-time values on the CPU (`Kernel::MatMul` with `nr > 0`).
+struct RuntimeGemm<'a> {
+    out: u32,
+    a: &'a Access,
+    w: &'a Access,
+    batch: &'a [Dim],
+    m: &'a Dim,
+    n: &'a Dim,
+    k: &'a Dim,
+    shared_w: bool,
+    nr: i64,
+    sum_batch: bool,
+}
+
+fn imin<'ctx>(fb: &Fb<'_, 'ctx>, x: IntValue<'ctx>, y: IntValue<'ctx>) -> R<IntValue<'ctx>> {
+    let c =
+        fb.b.build_int_compare(IntPredicate::SLT, x, y, "c")
+            .map_err(be)?;
+    Ok(fb
+        .b
+        .build_select(c, x, y, "m")
+        .map_err(be)?
+        .into_int_value())
+}
+
+/// `out = a·w` for two run-time operands on the CPU (see `Kernel::MatMul`). Work units are
+/// (row chunk of `RT_GEMM_MC_BLOCKS` register blocks, column panel of `nr`), split between
+/// threads; for each unit and each `KC` slice of `k`, the thread packs `w[kc.., panel]`
+/// (any strides; zero past `n`) into its scratch and runs the micro-kernel down the chunk's
+/// rows. Batch entries go one after another; with `sum_batch` they accumulate into one result.
+fn packed_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &RuntimeGemm) -> R<()> {
+    let nr = mm.nr;
+    let mr = gemm_mr(nr);
+    let attrs: Vec<_> = fb.func.attributes(AttributeLoc::Function);
+    let uk = ukernel(fb, mr, nr, PanelType::F32, &attrs)?;
+    let uk1 = ukernel(fb, 1, nr, PanelType::F32, &attrs)?;
+    let aav = fb.access(mm.a, ElemType::F32)?;
+    let wav = fb.access(mm.w, ElemType::F32)?;
+    let optr = fb.buf(mm.out)?;
+    let bdims: Vec<IntValue> = mm.batch.iter().map(|d| fb.dim(d)).collect::<R<_>>()?;
+    let (mv, nv, kv) = (fb.dim(mm.m)?, fb.dim(mm.n)?, fb.dim(mm.k)?);
+    let mut nbatch = fb.i64c(1);
+    for d in &bdims {
+        nbatch = fb.mul(nbatch, *d)?;
+    }
+    let ceil = |x: IntValue<'ctx>, d: i64| -> R<IntValue<'ctx>> {
+        fb.b.build_int_signed_div(fb.add(x, fb.i64c(d - 1))?, fb.i64c(d), "ceil")
+            .map_err(be)
+    };
+    let mc = RT_GEMM_MC_BLOCKS * mr;
+    let panels = ceil(nv, nr)?;
+    let chunks = ceil(mv, mc)?;
+    let kblocks = ceil(kv, GEMM_KC)?;
+    let (us, ue) = fb.split(fb.mul(chunks, panels)?)?;
+    let bp = fb.scratch;
+    let tile = unsafe {
+        fb.b.build_in_bounds_gep(fb.f32t, fb.scratch, &[fb.i64c(GEMM_KC * nr)], "tile")
+    }
+    .map_err(be)?;
+    let null = fb.ctx.ptr_type(AddressSpace::default()).const_null();
+    let r = aav.strides.len();
+    let lda = aav.strides[r - 2];
+    let (ks, ns) = (
+        wav.strides[wav.strides.len() - 2],
+        wav.strides[wav.strides.len() - 1],
+    );
+    fb.for_range(fb.i64c(0), nbatch, |fb, bi| {
+        let bidx = fb.decompose(bi, &bdims)?;
+        let bpairs: Vec<(usize, IntValue)> = bidx.iter().copied().enumerate().collect();
+        let abase = fb.at(&aav, &bpairs)?;
+        let wbase = if mm.shared_w {
+            wav.off
+        } else {
+            fb.at(&wav, &bpairs)?
+        };
+        let obase = if mm.sum_batch {
+            fb.i64c(0)
+        } else {
+            fb.mul(bi, fb.mul(mv, nv)?)?
+        };
+        let bfirst = if mm.sum_batch {
+            fb.b.build_int_compare(IntPredicate::EQ, bi, fb.i64c(0), "b0")
+                .map_err(be)?
+        } else {
+            fb.ctx.bool_type().const_int(1, false)
+        };
+        fb.for_range(us, ue, |fb, u| {
+            let ch = fb.b.build_int_signed_div(u, panels, "ch").map_err(be)?;
+            let p = fb.b.build_int_signed_rem(u, panels, "p").map_err(be)?;
+            let r0 = fb.mul(ch, fb.i64c(mc))?;
+            let rows = imin(fb, fb.i64c(mc), fb.b.build_int_sub(mv, r0, "").map_err(be)?)?;
+            let c0 = fb.mul(p, fb.i64c(nr))?;
+            let cols = imin(fb, fb.i64c(nr), fb.b.build_int_sub(nv, c0, "").map_err(be)?)?;
+            fb.for_range(fb.i64c(0), kblocks, |fb, kb| {
+                let kc = fb.mul(kb, fb.i64c(GEMM_KC))?;
+                let kl = imin(
+                    fb,
+                    fb.i64c(GEMM_KC),
+                    fb.b.build_int_sub(kv, kc, "").map_err(be)?,
+                )?;
+                // Pack w[kc..kc+kl, c0..c0+nr] k-major, zero past the last column.
+                fb.for_range(fb.i64c(0), kl, |fb, kk| {
+                    let wrow = fb.add(wbase, fb.mul(fb.add(kc, kk)?, ks)?)?;
+                    fb.for_range(fb.i64c(0), fb.i64c(nr), |fb, j| {
+                        let inside =
+                            fb.b.build_int_compare(IntPredicate::SLT, j, cols, "in")
+                                .map_err(be)?;
+                        let safe =
+                            fb.b.build_select(inside, j, fb.i64c(0), "j")
+                                .map_err(be)?
+                                .into_int_value();
+                        let v =
+                            fb.load_f32(wav.ptr, fb.add(wrow, fb.mul(fb.add(c0, safe)?, ns)?)?)?;
+                        let v =
+                            fb.b.build_select(inside, v, fb.f32c(0.0), "v")
+                                .map_err(be)?
+                                .into_float_value();
+                        fb.store_f32(bp, fb.add(fb.mul(kk, fb.i64c(nr))?, j)?, v)
+                    })
+                })?;
+                let kfirst =
+                    fb.b.build_int_compare(IntPredicate::EQ, kb, fb.i64c(0), "k0")
+                        .map_err(be)?;
+                let first = fb.b.build_and(kfirst, bfirst, "first").map_err(be)?;
+                let call = |fb: &Fb<'_, 'ctx>, row: IntValue<'ctx>, mr: i64, f| -> R<()> {
+                    let row = fb.add(r0, row)?;
+                    let aptr = unsafe {
+                        fb.b.build_in_bounds_gep(
+                            fb.f32t,
+                            aav.ptr,
+                            &[fb.add(fb.add(abase, fb.mul(row, lda)?)?, kc)?],
+                            "ap",
+                        )
+                    }
+                    .map_err(be)?;
+                    let cidx = fb.add(obase, fb.add(fb.mul(row, nv)?, c0)?)?;
+                    let cptr = unsafe { fb.b.build_in_bounds_gep(fb.f32t, optr, &[cidx], "cp") }
+                        .map_err(be)?;
+                    ukernel_call(
+                        fb,
+                        f,
+                        mr,
+                        nr,
+                        [aptr, bp, cptr, null, tile],
+                        [lda, nv, cols, kl],
+                        first,
+                    )
+                };
+                let blocks =
+                    fb.b.build_int_signed_div(rows, fb.i64c(mr), "nb")
+                        .map_err(be)?;
+                fb.for_range(fb.i64c(0), blocks, |fb, rb| {
+                    call(fb, fb.mul(rb, fb.i64c(mr))?, mr, uk)
+                })?;
+                fb.for_range(fb.mul(blocks, fb.i64c(mr))?, rows, |fb, rr| {
+                    call(fb, rr, 1, uk1)
                 })
             })
         })
