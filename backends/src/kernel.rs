@@ -192,11 +192,12 @@ pub enum Kernel {
         shape: Vec<Dim>,
         expr: Expr,
     },
-    /// `out = reduce(src, axis)` with the axis kept as 1; `out` contiguous.
+    /// `out = reduce(src, axis)` with the axis kept as 1; `out` contiguous. `src` is an
+    /// expression over `shape` (a load, or elementwise work fused into the reduction).
     Reduce {
         op: ReduceOp,
         out: u32,
-        src: Access,
+        src: Expr,
         shape: Vec<Dim>,
         axis: usize,
     },

@@ -181,8 +181,23 @@ fn loads(e: &Expr, out: &mut Vec<u32>) {
     }
 }
 
+/// Values recomputed by each consumer rather than stored: constants, and one load combined
+/// with a constant or a broadcast scalar (a gradient times its clipping factor) — each
+/// consumer reads what it would have read from a stored copy, and the store is saved.
 fn is_cheap(e: &Expr) -> bool {
-    matches!(e, Expr::Const(..) | Expr::Iota(..))
+    let scalar = |x: &Expr| match x {
+        Expr::Const(..) => true,
+        Expr::Load(a, _) => a.strides.iter().all(|s| *s == Poly::zero()),
+        _ => false,
+    };
+    match e {
+        Expr::Const(..) | Expr::Iota(..) => true,
+        Expr::Binary(_, a, b) => {
+            (scalar(a) && matches!(**b, Expr::Load(..)))
+                || (scalar(b) && matches!(**a, Expr::Load(..)))
+        }
+        _ => false,
+    }
 }
 
 /// Target facts scheduling needs.
@@ -540,6 +555,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                     s.push(k, &[table.buf, idx.buf], out);
                     Val::View(Access::contiguous(out, &shape))
                 }
+                Op::StopGradient => arg(0),
                 Op::ScatterAdd => {
                     let (idx, src) = (
                         s.view(&arg(0), &arg_shape(0)),
@@ -562,17 +578,20 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                     arg(0)
                 }
                 Op::Reduce { op, axis } => {
-                    let src = s.view(&arg(0), &arg_shape(0));
+                    // Elementwise work feeding the reduction is done inside it, not stored.
+                    let src = s.expr(&arg(0), elem(g.ty(n.inputs[0]).dtype));
+                    let mut reads = vec![];
+                    loads(&src, &mut reads);
                     let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
                     s.push(
                         Kernel::Reduce {
                             op: *op,
                             out,
-                            src: src.clone(),
+                            src,
                             shape: arg_shape(0),
                             axis: *axis,
                         },
-                        &[src.buf],
+                        &reads,
                         out,
                     );
                     Val::View(Access::contiguous(out, &shape))

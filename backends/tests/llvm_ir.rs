@@ -42,8 +42,13 @@ fn gemm_with_packed_weights() {
 
 #[test]
 fn activation_matmul_kernel() {
-    // Both operands computed at run time: the plain matmul with a vectorised dot product.
+    // Both operands computed at run time: the micro-kernel over slices of the right operand
+    // packed as the kernel goes.
     let ir = ir_of("graph mm {\n  %a = input \"a\" : f32[T, 64]\n  %b = input \"b\" : f32[64, T]\n  %bt = permute[perm=[1, 0]](%b) : f32[T, 64]\n  %c = permute[perm=[1, 0]](%bt) : f32[64, T]\n  %y = matmul(%a, %c) : f32[T, T]\n  output \"y\" = %y\n}");
+    assert!(
+        ir.contains("@llvm.fma.v8f32"),
+        "the micro-kernel should use vector FMA:\n{ir}"
+    );
     insta::assert_snapshot!(ir);
 }
 

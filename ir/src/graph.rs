@@ -415,6 +415,10 @@ impl Graph {
         self.add(Op::Gather { axis }, &[table, idx], None)
     }
 
+    pub fn stop_gradient(&mut self, x: ValueId) -> Result<ValueId, IrError> {
+        self.add(Op::StopGradient, &[x], None)
+    }
+
     /// `scatter_add(idx, src)` into `rows` rows (see `Op::ScatterAdd`).
     pub fn scatter_add(
         &mut self,

@@ -281,6 +281,7 @@ pub fn infer_type(
                 shape: Shape(dims),
             })
         }
+        Op::StopGradient => Ok(ins[0].clone()),
         Op::ScatterAdd => {
             let t = need_declared()?;
             if !ins[0].dtype.is_int() {

@@ -96,6 +96,9 @@ pub enum Op {
     /// over the index positions `j` with `idx[j] == v`, zero where no index points; the
     /// result type `[V, k..]` is declared. An index outside `0..V` is an error.
     ScatterAdd,
+    /// The operand unchanged; reverse-mode differentiation treats it as a constant (no
+    /// gradient flows through it), as `max` in a stable log-sum-exp needs none.
+    StopGradient,
     /// Conversion to the declared dtype (floats round to nearest even; float→int truncates).
     Cast,
 
@@ -150,7 +153,7 @@ impl PartialEq for Op {
             (Op::Broadcast, Op::Broadcast) | (Op::Cast, Op::Cast) | (Op::SwiGlu, Op::SwiGlu) => {
                 true
             }
-            (Op::ScatterAdd, Op::ScatterAdd) => true,
+            (Op::ScatterAdd, Op::ScatterAdd) | (Op::StopGradient, Op::StopGradient) => true,
             (Op::Softmax { axis: a }, Op::Softmax { axis: b }) => a == b,
             (Op::RmsNorm { eps: a }, Op::RmsNorm { eps: b })
             | (Op::RmsNormMatMul { eps: a }, Op::RmsNormMatMul { eps: b }) => {
@@ -234,7 +237,8 @@ impl std::hash::Hash for Op {
             | Op::Broadcast
             | Op::Cast
             | Op::SwiGlu
-            | Op::ScatterAdd => {}
+            | Op::ScatterAdd
+            | Op::StopGradient => {}
         }
     }
 }
@@ -260,6 +264,7 @@ impl Op {
             Op::Concat { .. } => "concat",
             Op::Gather { .. } => "gather",
             Op::ScatterAdd => "scatter_add",
+            Op::StopGradient => "stop_gradient",
             Op::Cast => "cast",
             Op::Softmax { .. } => "softmax",
             Op::RmsNorm { .. } => "rms_norm",
@@ -276,7 +281,7 @@ impl Op {
             Op::Unary(_) | Op::Reduce { .. } | Op::Reshape | Op::Permute { .. } | Op::Broadcast => {
                 1
             }
-            Op::Slice { .. } | Op::Cast | Op::Softmax { .. } => 1,
+            Op::Slice { .. } | Op::Cast | Op::Softmax { .. } | Op::StopGradient => 1,
             Op::Binary(_)
             | Op::Compare(_)
             | Op::MatMul

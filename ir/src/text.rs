@@ -102,7 +102,8 @@ fn print_node(n: &Node) -> String {
         | Op::Broadcast
         | Op::Cast
         | Op::SwiGlu
-        | Op::ScatterAdd => {}
+        | Op::ScatterAdd
+        | Op::StopGradient => {}
     }
     if !n.inputs.is_empty() {
         let a: Vec<String> = n.inputs.iter().map(|v| v.to_string()).collect();
@@ -782,6 +783,7 @@ fn build_op(
             axis: a.usize("axis", at)?,
         },
         "scatter_add" => Op::ScatterAdd,
+        "stop_gradient" => Op::StopGradient,
         "softmax" => Op::Softmax {
             axis: a.usize("axis", at)?,
         },

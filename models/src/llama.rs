@@ -360,7 +360,10 @@ pub fn build_training(cfg: &LlamaConfig) -> Result<Graph, ModelError> {
 fn cross_entropy(g: &mut Graph, x: ValueId, targets: ValueId) -> Result<ValueId, ModelError> {
     let shape = g.shape(x).to_vec();
     let (b, t) = (shape[0].clone(), shape[1].clone());
+    // The shift by the row maximum keeps exp in range; the result does not depend on it, so
+    // no gradient flows through it (`stop_gradient`), which saves the backward its passes.
     let m = g.reduce(ReduceOp::Max, x, 2)?;
+    let m = g.stop_gradient(m)?;
     let mb = g.broadcast(m, shape.clone())?;
     let d = g.binary(BinaryOp::Sub, x, mb)?;
     let e = g.unary(UnaryOp::Exp, d)?;

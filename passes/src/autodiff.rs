@@ -18,6 +18,7 @@
 //! - `matmul`: `g·bᵀ`, `aᵀ·g` (summed over the batch when `b` is shared).
 //! - `reshape`, `permute`: the inverse view; `broadcast`: `g` summed over broadcast axes;
 //!   `slice`: `g` padded with zeros; `concat`: slices of `g`.
+//! - `stop_gradient`: none (its result is a constant to differentiation).
 //! - `gather` (a table `[V, ..]` by ids on axis 0): `scatter_add(ids, g)`, each `g[j]` added
 //!   to row `ids[j]`; `scatter_add(ids, x)`: `gather(g, ids)` for `x`.
 
@@ -160,6 +161,7 @@ pub fn differentiate(g: &Graph, loss: &str) -> R<Graph> {
     for &v in &order {
         let n = g.node(v);
         needs[v.index()] = n.ty.dtype.is_float()
+            && n.op != Op::StopGradient
             && (matches!(n.op, Op::Param { .. }) || n.inputs.iter().any(|i| needs[i.index()]));
     }
     let mut adj: Vec<Option<ValueId>> = vec![None; g.len()];
@@ -217,7 +219,7 @@ fn backward(
     let mul = |g: &mut Graph, a, b| g.binary(BinaryOp::Mul, a, b);
     match op {
         Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Iota { .. } => {}
-        Op::Compare(_) => {}
+        Op::Compare(_) | Op::StopGradient => {}
         Op::Unary(u) => {
             let x = ins[0];
             let d = match u {

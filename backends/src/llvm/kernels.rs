@@ -998,7 +998,7 @@ pub fn canonical(k: &Kernel) -> (Kernel, Vec<u32>) {
         } => Kernel::Reduce {
             op: *op,
             out: map(*out),
-            src: ren(src),
+            src: ren_expr(src, &ren),
             shape: shape.clone(),
             axis: *axis,
         },
@@ -1196,7 +1196,11 @@ pub fn kernel_buffers(k: &Kernel) -> Vec<u32> {
             add(out.buf);
             expr_bufs(expr, &mut add);
         }
-        Kernel::Reduce { out, src, .. } | Kernel::Softmax { out, src, .. } => {
+        Kernel::Reduce { out, src, .. } => {
+            add(*out);
+            expr_bufs(src, &mut add);
+        }
+        Kernel::Softmax { out, src, .. } => {
             add(*out);
             add(src.buf);
         }
@@ -1687,14 +1691,20 @@ fn without_axis<'ctx>(
     Ok((dims, pos, total))
 }
 
-fn reduce(fb: &Fb, op: ReduceOp, out: u32, src: &Access, shape: &[Dim], axis: usize) -> R<()> {
-    let sav = fb.access(src, ElemType::F32)?;
-    let is_int = fb.prog.buffers[src.buf as usize].elem == ElemType::I64;
-    if is_int {
+/// Sums accumulate in f64, with reassociation allowed so a unit-stride axis vectorises
+/// (partial sums in vector lanes, then combined: a fixed order, so results repeat exactly).
+fn reduce(fb: &Fb, op: ReduceOp, out: u32, src: &Expr, shape: &[Dim], axis: usize) -> R<()> {
+    if src.elem() != ElemType::F32 {
         return Err(BackendError::Unsupported(
             "integer reductions on the CPU backend".into(),
         ));
     }
+    let mut loads = vec![];
+    collect_loads(src, &mut loads);
+    let avs: Vec<Av> = loads
+        .iter()
+        .map(|(a, t)| fb.access(a, *t))
+        .collect::<R<_>>()?;
     let optr = fb.buf(out)?;
     let (dims, pos, total) = without_axis(fb, shape, axis)?;
     let len = fb.dim(&shape[axis])?;
@@ -1704,7 +1714,7 @@ fn reduce(fb: &Fb, op: ReduceOp, out: u32, src: &Access, shape: &[Dim], axis: us
     fb.for_range(s, e, |fb, o| {
         let idx = fb.decompose(o, &dims)?;
         let pairs: Vec<(usize, IntValue)> = pos.iter().copied().zip(idx.iter().copied()).collect();
-        let base = fb.at(&sav, &pairs)?;
+        let bases: Vec<IntValue> = avs.iter().map(|a| fb.at(a, &pairs)).collect::<R<_>>()?;
         let init = if op == ReduceOp::Max {
             f64::NEG_INFINITY
         } else {
@@ -1712,7 +1722,17 @@ fn reduce(fb: &Fb, op: ReduceOp, out: u32, src: &Access, shape: &[Dim], axis: us
         };
         fb.b.build_store(acc, f64t.const_float(init)).map_err(be)?;
         fb.for_range(fb.i64c(0), len, |fb, j| {
-            let x = fb.load_f32(sav.ptr, fb.add(base, fb.mul(j, sav.strides[axis])?)?)?;
+            let el: Vec<IntValue> = avs
+                .iter()
+                .zip(&bases)
+                .map(|(a, b)| fb.add(*b, fb.mul(j, a.strides[axis])?))
+                .collect::<R<_>>()?;
+            let mut index = vec![fb.i64c(0); shape.len()];
+            for (&p, &i) in pos.iter().zip(&idx) {
+                index[p] = i;
+            }
+            index[axis] = j;
+            let x = eval(fb, src, &avs, &el, &mut 0, &index)?.into_float_value();
             let x = fb.b.build_float_ext(x, f64t, "x").map_err(be)?;
             let a =
                 fb.b.build_load(f64t, acc, "a")
@@ -1729,7 +1749,7 @@ fn reduce(fb: &Fb, op: ReduceOp, out: u32, src: &Access, shape: &[Dim], axis: us
                         .expect("value")
                         .into_float_value()
                 }
-                _ => fb.b.build_float_add(a, x, "s").map_err(be)?,
+                _ => fb.fast(fb.b.build_float_add(a, x, "s").map_err(be)?),
             };
             fb.b.build_store(acc, v).map_err(be)?;
             Ok(())

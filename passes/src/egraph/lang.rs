@@ -99,6 +99,7 @@ fn op_for_name(name: &str) -> Option<Op> {
         "concat" => Op::Concat { axis: 0 },
         "gather" => Op::Gather { axis: 0 },
         "scatter_add" => Op::ScatterAdd,
+        "stop_gradient" => Op::StopGradient,
         "cast" => Op::Cast,
         "softmax" => Op::Softmax { axis: 0 },
         "rms_norm" => Op::RmsNorm { eps: 0.0 },
