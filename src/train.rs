@@ -265,6 +265,8 @@ pub fn compile_train_artifact(
         weights: opts.weights,
         states: false,
         deep_first: true,
+        // New parameters every step: matmuls pack their slices as they go.
+        pack_weights: false,
     };
     let (prog, spec, model) = train_program(cfg, passes, opt, budget, sopts)?;
     let out = egret_backends::artifact::write_cpu_artifact(&prog, opts, model, &spec, dir)

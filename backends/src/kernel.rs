@@ -246,6 +246,8 @@ pub enum Kernel {
         n: Dim,
         k: Dim,
         eps: f64,
+        /// As for `MatMul` (`x` row-contiguous, `g` folded into the packed slices).
+        nr: i64,
     },
     /// Causal grouped-query attention, online softmax; see `Op::FusedAttention`. With few
     /// query rows (decode) the keys are split (`attn_splits`) and each split's partial result

@@ -214,6 +214,10 @@ pub struct ScheduleOptions {
     /// Order kernels deepest operand first (`Graph::deep_first_topo_order`): for training
     /// graphs, so recomputed activations are made just before the gradients that read them.
     pub deep_first: bool,
+    /// Pack weights into panels once, when they are bound (`Init`), for the GEMM. Off for
+    /// programs whose parameters change every run (a training step): their matmuls pack
+    /// slices as they go, with no whole packed copy written and read back each run.
+    pub pack_weights: bool,
 }
 
 impl Default for ScheduleOptions {
@@ -223,6 +227,7 @@ impl Default for ScheduleOptions {
             weights: PanelType::F32,
             states: false,
             deep_first: false,
+            pack_weights: true,
         }
     }
 }
@@ -653,6 +658,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                     let rows_contig = (0..ash.len() - 2)
                         .all(|i| a.strides[i] == a.strides[i + 1].mul_dim(&ash[i + 1]));
                     if s.panel > 0
+                        && opts.pack_weights
                         && shared_w
                         && !summed
                         && s.weight_only[w.buf as usize]
@@ -733,9 +739,34 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                         );
                         break 'val Val::View(Access::contiguous(out, &shape));
                     }
+                    if s.panel > 0 && e == ElemType::F32 && shared_w && fused {
+                        // rms_norm_matmul with weights not packed at load: the micro-kernel
+                        // over slices of `w` (times the norm weight) packed as it goes.
+                        let Op::RmsNormMatMul { eps } = n.op else {
+                            unreachable!("fused")
+                        };
+                        let gw = s.view(&arg(1), &arg_shape(1));
+                        s.push(
+                            Kernel::RmsNormMatMul {
+                                out,
+                                x: a.clone(),
+                                g: Some(gw.clone()),
+                                w: w.clone(),
+                                batch,
+                                m,
+                                n: nn,
+                                k,
+                                eps,
+                                nr: s.panel,
+                            },
+                            &[a.buf, gw.buf, w.buf],
+                            out,
+                        );
+                        break 'val Val::View(Access::contiguous(out, &out_shape));
+                    }
                     if s.panel > 0 && !fused && e == ElemType::F32 {
-                        // Both operands computed at run time: the micro-kernel over slices
-                        // of `w` packed as the kernel goes.
+                        // Both operands computed at run time (or weights not packed at
+                        // load): the micro-kernel over slices of `w` packed as it goes.
                         s.push(
                             Kernel::MatMul {
                                 out,
@@ -799,6 +830,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                                     n: nn,
                                     k,
                                     eps,
+                                    nr: 0,
                                 },
                                 &[a.buf, view.buf],
                                 out,
@@ -815,6 +847,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                                     n: nn,
                                     k,
                                     eps,
+                                    nr: 0,
                                 },
                                 &[a.buf, gw.buf, w.buf],
                                 out,

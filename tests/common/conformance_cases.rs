@@ -190,6 +190,17 @@ const CASES: &[(&str, &str)] = &[
   output "t" = %t"#,
     ),
     (
+        // Weights computed at run time, K beyond one packed slice: the norm's row scale
+        // applies once all of K is summed.
+        "rms-norm-matmul-runtime-weights",
+        r#"
+  %x = input "x" : f32[N, 300]
+  %g = input "g" : f32[300]
+  %w = input "w" : f32[300, 45]
+  %y = rms_norm_matmul[eps=1e-5](%x, %g, %w) : f32[N, 45]
+  output "y" = %y"#,
+    ),
+    (
         "views",
         r#"
   %x = input "x" : f32[2, N, 3]

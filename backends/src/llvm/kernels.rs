@@ -832,9 +832,10 @@ pub fn emit<'ctx>(
                     shared_w: *shared_w,
                     nr: *nr,
                     sum_batch: *sum_batch,
+                    norm: None,
                 };
                 packed_matmul(&fb, &mm)?;
-                (GEMM_KC * nr + gemm_mr(*nr) * nr) as usize
+                rt_gemm_scratch(*nr)
             } else if *sum_batch {
                 return Err(BackendError::Unsupported(
                     "a batch-summed matmul needs the packed CPU kernel".into(),
@@ -854,6 +855,35 @@ pub fn emit<'ctx>(
             n,
             k,
             eps,
+            nr,
+        } if *nr > 0 && !gpu => {
+            let mm = RuntimeGemm {
+                out: *out,
+                a: x,
+                w,
+                batch,
+                m,
+                n,
+                k,
+                shared_w: true,
+                nr: *nr,
+                sum_batch: false,
+                norm: Some((g.as_ref(), *eps)),
+            };
+            packed_matmul(&fb, &mm)?;
+            rt_gemm_scratch(*nr)
+        }
+        Kernel::RmsNormMatMul {
+            out,
+            x,
+            g,
+            w,
+            batch,
+            m,
+            n,
+            k,
+            eps,
+            ..
         } => {
             matmul(
                 &fb,
@@ -1046,6 +1076,7 @@ pub fn canonical(k: &Kernel) -> (Kernel, Vec<u32>) {
             n,
             k,
             eps,
+            nr,
         } => Kernel::RmsNormMatMul {
             out: map(*out),
             x: ren(x),
@@ -1056,6 +1087,7 @@ pub fn canonical(k: &Kernel) -> (Kernel, Vec<u32>) {
             n: n.clone(),
             k: k.clone(),
             eps: *eps,
+            nr: *nr,
         },
         Kernel::RmsNorm {
             out,
@@ -4120,9 +4152,10 @@ fn gemm<'ctx>(
     fb.ret_ok()
 }
 
-/// Rows of `a` a packed run-time matmul walks per slice of `w` it packs: sixteen register
-/// blocks (`192 · KC` floats, 192 KiB, stay in L2 while the thread's panels pass over them).
-const RT_GEMM_MC_BLOCKS: i64 = 16;
+/// Rows of `a` a packed run-time matmul walks per slice of `w` it packs: 24 register blocks
+/// (288 rows; `288 · KC` floats, 288 KiB, stay in L2 while the thread's panels pass over
+/// them), so a training sequence of up to 288 tokens packs each slice of `w` once.
+const RT_GEMM_MC_BLOCKS: i64 = 24;
 
 /// Operands of a matmul of two run-time values on the CPU (`Kernel::MatMul` with `nr > 0`).
 struct RuntimeGemm<'a> {
@@ -4136,6 +4169,15 @@ struct RuntimeGemm<'a> {
     shared_w: bool,
     nr: i64,
     sum_batch: bool,
+    /// `rms_norm(a, g)·w`: each row scaled by `rsqrt(mean(a²) + eps)`, `g` (when given)
+    /// folded into the packed slices of `w`.
+    norm: Option<(Option<&'a Access>, f64)>,
+}
+
+/// Scratch floats per thread of `packed_matmul`: the packed slice, the partial-panel tile and
+/// a chunk's inverse RMS values.
+fn rt_gemm_scratch(nr: i64) -> usize {
+    (GEMM_KC * nr + gemm_mr(nr) * nr + RT_GEMM_MC_BLOCKS * gemm_mr(nr)) as usize
 }
 
 fn imin<'ctx>(fb: &Fb<'_, 'ctx>, x: IntValue<'ctx>, y: IntValue<'ctx>) -> R<IntValue<'ctx>> {
@@ -4151,9 +4193,10 @@ fn imin<'ctx>(fb: &Fb<'_, 'ctx>, x: IntValue<'ctx>, y: IntValue<'ctx>) -> R<IntV
 
 /// `out = a·w` for two run-time operands on the CPU (see `Kernel::MatMul`). Work units are
 /// (row chunk of `RT_GEMM_MC_BLOCKS` register blocks, column panel of `nr`), split between
-/// threads; for each unit and each `KC` slice of `k`, the thread packs `w[kc.., panel]`
-/// (any strides; zero past `n`) into its scratch and runs the micro-kernel down the chunk's
-/// rows. Batch entries go one after another; with `sum_batch` they accumulate into one result.
+/// threads. For each of its chunks, each `KC` slice of `k` and each of its panels there, a
+/// thread packs `w[kc.., panel]` (any strides; zero past `n`; times the norm weight) into
+/// its scratch and runs the micro-kernel down the chunk's rows. Batch entries go one after
+/// another; with `sum_batch` they accumulate into one result.
 fn packed_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &RuntimeGemm) -> R<()> {
     let nr = mm.nr;
     let mr = gemm_mr(nr);
@@ -4190,6 +4233,31 @@ fn packed_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &RuntimeGemm) -> R<()> {
         wav.strides[wav.strides.len() - 2],
         wav.strides[wav.strides.len() - 1],
     );
+    let gav = match mm.norm {
+        Some((Some(g), _)) => Some(fb.access(g, ElemType::F32)?),
+        _ => None,
+    };
+    // With the norm: the inverse RMS of the current chunk's rows (after the tile in the
+    // scratch).
+    let inv = unsafe {
+        fb.b.build_in_bounds_gep(fb.f32t, tile, &[fb.i64c(mr * nr)], "inv")
+    }
+    .map_err(be)?;
+    let sacc = fb.slot(fb.f32t.into())?;
+    let imax = |fb: &Fb<'_, 'ctx>, x: IntValue<'ctx>, y: IntValue<'ctx>| -> R<IntValue<'ctx>> {
+        let c =
+            fb.b.build_int_compare(IntPredicate::SGT, x, y, "c")
+                .map_err(be)?;
+        Ok(fb
+            .b
+            .build_select(c, x, y, "mx")
+            .map_err(be)?
+            .into_int_value())
+    };
+    // The thread's chunks: those its units [us, ue) touch.
+    let ch_s = fb.b.build_int_signed_div(us, panels, "chs").map_err(be)?;
+    let last = fb.add(ue, fb.b.build_int_sub(panels, fb.i64c(1), "").map_err(be)?)?;
+    let ch_e = fb.b.build_int_signed_div(last, panels, "che").map_err(be)?;
     fb.for_range(fb.i64c(0), nbatch, |fb, bi| {
         let bidx = fb.decompose(bi, &bdims)?;
         let bpairs: Vec<(usize, IntValue)> = bidx.iter().copied().enumerate().collect();
@@ -4210,13 +4278,41 @@ fn packed_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &RuntimeGemm) -> R<()> {
         } else {
             fb.ctx.bool_type().const_int(1, false)
         };
-        fb.for_range(us, ue, |fb, u| {
-            let ch = fb.b.build_int_signed_div(u, panels, "ch").map_err(be)?;
-            let p = fb.b.build_int_signed_rem(u, panels, "p").map_err(be)?;
+        fb.for_range(ch_s, ch_e, |fb, ch| {
+            // This thread's panels of the chunk: its units within [ch·panels, (ch+1)·panels).
+            let u0 = fb.mul(ch, panels)?;
+            let p_lo =
+                fb.b.build_int_sub(imax(fb, us, u0)?, u0, "plo")
+                    .map_err(be)?;
+            let p_hi =
+                fb.b.build_int_sub(imin(fb, ue, fb.add(u0, panels)?)?, u0, "phi")
+                    .map_err(be)?;
             let r0 = fb.mul(ch, fb.i64c(mc))?;
             let rows = imin(fb, fb.i64c(mc), fb.b.build_int_sub(mv, r0, "").map_err(be)?)?;
-            let c0 = fb.mul(p, fb.i64c(nr))?;
-            let cols = imin(fb, fb.i64c(nr), fb.b.build_int_sub(nv, c0, "").map_err(be)?)?;
+            if let Some((_, eps)) = mm.norm {
+                fb.for_range(fb.i64c(0), rows, |fb, rr| {
+                    let base = fb.add(abase, fb.mul(fb.add(r0, rr)?, lda)?)?;
+                    fb.set(sacc, fb.f32c(0.0))?;
+                    fb.for_range(fb.i64c(0), kv, |fb, kk| {
+                        let x = fb.load_f32(aav.ptr, fb.add(base, kk)?)?;
+                        fb.set(sacc, fb.fma_fast(fb.get(sacc)?, x, x)?)
+                    })?;
+                    let kf =
+                        fb.b.build_signed_int_to_float(kv, fb.f32t, "k")
+                            .map_err(be)?;
+                    let mean =
+                        fb.b.build_float_div(fb.get(sacc)?, kf, "mean")
+                            .map_err(be)?;
+                    let sq = fb.intrinsic("llvm.sqrt", &[fb.fadd(mean, fb.f32c(eps))?])?;
+                    fb.store_f32(
+                        inv,
+                        rr,
+                        fb.b.build_float_div(fb.f32c(1.0), sq, "inv").map_err(be)?,
+                    )
+                })?;
+            }
+            // k blocks outside the panels: the chunk's `rows × KC` block of `a` stays in cache
+            // while the thread's panels pass over it.
             fb.for_range(fb.i64c(0), kblocks, |fb, kb| {
                 let kc = fb.mul(kb, fb.i64c(GEMM_KC))?;
                 let kl = imin(
@@ -4224,62 +4320,92 @@ fn packed_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &RuntimeGemm) -> R<()> {
                     fb.i64c(GEMM_KC),
                     fb.b.build_int_sub(kv, kc, "").map_err(be)?,
                 )?;
-                // Pack w[kc..kc+kl, c0..c0+nr] k-major, zero past the last column.
-                fb.for_range(fb.i64c(0), kl, |fb, kk| {
-                    let wrow = fb.add(wbase, fb.mul(fb.add(kc, kk)?, ks)?)?;
-                    fb.for_range(fb.i64c(0), fb.i64c(nr), |fb, j| {
-                        let inside =
-                            fb.b.build_int_compare(IntPredicate::SLT, j, cols, "in")
+                fb.for_range(p_lo, p_hi, |fb, p| {
+                    let c0 = fb.mul(p, fb.i64c(nr))?;
+                    let cols = imin(fb, fb.i64c(nr), fb.b.build_int_sub(nv, c0, "").map_err(be)?)?;
+                    // Pack w[kc..kc+kl, c0..c0+nr] k-major, zero past the last column.
+                    fb.for_range(fb.i64c(0), kl, |fb, kk| {
+                        let wrow = fb.add(wbase, fb.mul(fb.add(kc, kk)?, ks)?)?;
+                        let gk = match &gav {
+                            Some(gav) => Some(fb.load_f32(
+                                gav.ptr,
+                                fb.add(gav.off, fb.mul(fb.add(kc, kk)?, gav.strides[0])?)?,
+                            )?),
+                            None => None,
+                        };
+                        fb.for_range(fb.i64c(0), fb.i64c(nr), |fb, j| {
+                            let inside =
+                                fb.b.build_int_compare(IntPredicate::SLT, j, cols, "in")
+                                    .map_err(be)?;
+                            let safe =
+                                fb.b.build_select(inside, j, fb.i64c(0), "j")
+                                    .map_err(be)?
+                                    .into_int_value();
+                            let mut v = fb
+                                .load_f32(wav.ptr, fb.add(wrow, fb.mul(fb.add(c0, safe)?, ns)?)?)?;
+                            if let Some(gk) = gk {
+                                // fold-norm-weight: w'[k, n] = g[k]·w[k, n]
+                                v = fb.fmul(v, gk)?;
+                            }
+                            let v =
+                                fb.b.build_select(inside, v, fb.f32c(0.0), "v")
+                                    .map_err(be)?
+                                    .into_float_value();
+                            fb.store_f32(bp, fb.add(fb.mul(kk, fb.i64c(nr))?, j)?, v)
+                        })
+                    })?;
+                    let kfirst =
+                        fb.b.build_int_compare(IntPredicate::EQ, kb, fb.i64c(0), "k0")
+                            .map_err(be)?;
+                    let first = fb.b.build_and(kfirst, bfirst, "first").map_err(be)?;
+                    let last_kb = fb.b.build_int_sub(kblocks, fb.i64c(1), "").map_err(be)?;
+                    let klast =
+                        fb.b.build_int_compare(IntPredicate::EQ, kb, last_kb, "klast")
+                            .map_err(be)?;
+                    let call = |fb: &Fb<'_, 'ctx>, rr: IntValue<'ctx>, mr: i64, f| -> R<()> {
+                        let row = fb.add(r0, rr)?;
+                        let aptr = unsafe {
+                            fb.b.build_in_bounds_gep(
+                                fb.f32t,
+                                aav.ptr,
+                                &[fb.add(fb.add(abase, fb.mul(row, lda)?)?, kc)?],
+                                "ap",
+                            )
+                        }
+                        .map_err(be)?;
+                        let cidx = fb.add(obase, fb.add(fb.mul(row, nv)?, c0)?)?;
+                        let cptr =
+                            unsafe { fb.b.build_in_bounds_gep(fb.f32t, optr, &[cidx], "cp") }
                                 .map_err(be)?;
-                        let safe =
-                            fb.b.build_select(inside, j, fb.i64c(0), "j")
+                        // The rows' norm scale, once their sums are complete.
+                        let sp = if mm.norm.is_some() {
+                            let s = unsafe { fb.b.build_in_bounds_gep(fb.f32t, inv, &[rr], "sp") }
+                                .map_err(be)?;
+                            fb.b.build_select(klast, s, null, "sc")
                                 .map_err(be)?
-                                .into_int_value();
-                        let v =
-                            fb.load_f32(wav.ptr, fb.add(wrow, fb.mul(fb.add(c0, safe)?, ns)?)?)?;
-                        let v =
-                            fb.b.build_select(inside, v, fb.f32c(0.0), "v")
-                                .map_err(be)?
-                                .into_float_value();
-                        fb.store_f32(bp, fb.add(fb.mul(kk, fb.i64c(nr))?, j)?, v)
-                    })
-                })?;
-                let kfirst =
-                    fb.b.build_int_compare(IntPredicate::EQ, kb, fb.i64c(0), "k0")
-                        .map_err(be)?;
-                let first = fb.b.build_and(kfirst, bfirst, "first").map_err(be)?;
-                let call = |fb: &Fb<'_, 'ctx>, row: IntValue<'ctx>, mr: i64, f| -> R<()> {
-                    let row = fb.add(r0, row)?;
-                    let aptr = unsafe {
-                        fb.b.build_in_bounds_gep(
-                            fb.f32t,
-                            aav.ptr,
-                            &[fb.add(fb.add(abase, fb.mul(row, lda)?)?, kc)?],
-                            "ap",
+                                .into_pointer_value()
+                        } else {
+                            null
+                        };
+                        ukernel_call(
+                            fb,
+                            f,
+                            mr,
+                            nr,
+                            [aptr, bp, cptr, sp, tile],
+                            [lda, nv, cols, kl],
+                            first,
                         )
-                    }
-                    .map_err(be)?;
-                    let cidx = fb.add(obase, fb.add(fb.mul(row, nv)?, c0)?)?;
-                    let cptr = unsafe { fb.b.build_in_bounds_gep(fb.f32t, optr, &[cidx], "cp") }
-                        .map_err(be)?;
-                    ukernel_call(
-                        fb,
-                        f,
-                        mr,
-                        nr,
-                        [aptr, bp, cptr, null, tile],
-                        [lda, nv, cols, kl],
-                        first,
-                    )
-                };
-                let blocks =
-                    fb.b.build_int_signed_div(rows, fb.i64c(mr), "nb")
-                        .map_err(be)?;
-                fb.for_range(fb.i64c(0), blocks, |fb, rb| {
-                    call(fb, fb.mul(rb, fb.i64c(mr))?, mr, uk)
-                })?;
-                fb.for_range(fb.mul(blocks, fb.i64c(mr))?, rows, |fb, rr| {
-                    call(fb, rr, 1, uk1)
+                    };
+                    let blocks =
+                        fb.b.build_int_signed_div(rows, fb.i64c(mr), "nb")
+                            .map_err(be)?;
+                    fb.for_range(fb.i64c(0), blocks, |fb, rb| {
+                        call(fb, fb.mul(rb, fb.i64c(mr))?, mr, uk)
+                    })?;
+                    fb.for_range(fb.mul(blocks, fb.i64c(mr))?, rows, |fb, rr| {
+                        call(fb, rr, 1, uk1)
+                    })
                 })
             })
         })
