@@ -739,56 +739,24 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                         );
                         break 'val Val::View(Access::contiguous(out, &shape));
                     }
-                    if s.panel > 0 && e == ElemType::F32 && shared_w && fused {
-                        // rms_norm_matmul with weights not packed at load: the micro-kernel
-                        // over slices of `w` (times the norm weight) packed as it goes.
-                        let Op::RmsNormMatMul { eps } = n.op else {
-                            unreachable!("fused")
-                        };
-                        let gw = s.view(&arg(1), &arg_shape(1));
-                        s.push(
-                            Kernel::RmsNormMatMul {
-                                out,
-                                x: a.clone(),
-                                g: Some(gw.clone()),
-                                w: w.clone(),
-                                batch,
-                                m,
-                                n: nn,
-                                k,
-                                eps,
-                                nr: s.panel,
-                            },
-                            &[a.buf, gw.buf, w.buf],
-                            out,
-                        );
-                        break 'val Val::View(Access::contiguous(out, &out_shape));
-                    }
-                    if s.panel > 0 && !fused && e == ElemType::F32 {
-                        // Both operands computed at run time (or weights not packed at
-                        // load): the micro-kernel over slices of `w` packed as it goes.
-                        s.push(
-                            Kernel::MatMul {
-                                out,
-                                a: a.clone(),
-                                w: w.clone(),
-                                batch,
-                                m,
-                                n: nn,
-                                k,
-                                shared_w,
-                                nr: s.panel,
-                                sum_batch: summed,
-                            },
-                            &[a.buf, w.buf],
-                            out,
-                        );
-                        break 'val Val::View(Access::contiguous(out, &out_shape));
-                    }
-                    let w = s.k_contiguous(w, &wsh, e);
+                    // Otherwise, on the CPU (both operands computed at run time, or weights
+                    // not packed at load): the micro-kernel over slices of `w` (times the
+                    // norm weight) packed as it goes. Elsewhere: a dot product per output
+                    // over a k-contiguous `w`.
+                    let nr = if s.panel > 0 && e == ElemType::F32 && (shared_w || !fused) {
+                        s.panel
+                    } else {
+                        0
+                    };
+                    let w = if nr > 0 {
+                        w
+                    } else {
+                        s.k_contiguous(w, &wsh, e)
+                    };
                     if let Op::RmsNormMatMul { eps } = n.op {
                         let gw = s.view(&arg(1), &arg_shape(1));
-                        if s.weight_only[gw.buf as usize]
+                        if nr == 0
+                            && s.weight_only[gw.buf as usize]
                             && s.weight_only[w.buf as usize]
                             && shared_w
                         {
@@ -847,7 +815,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                                     n: nn,
                                     k,
                                     eps,
-                                    nr: 0,
+                                    nr,
                                 },
                                 &[a.buf, gw.buf, w.buf],
                                 out,
@@ -864,14 +832,14 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                                 n: nn,
                                 k,
                                 shared_w,
-                                nr: 0,
-                                sum_batch: false,
+                                nr,
+                                sum_batch: summed,
                             },
                             &[a.buf, w.buf],
                             out,
                         );
                     }
-                    Val::View(Access::contiguous(out, &shape))
+                    Val::View(Access::contiguous(out, &out_shape))
                 }
                 Op::FusedAttention { scale } => {
                     let sh: Vec<Vec<Dim>> = (0..4).map(arg_shape).collect();

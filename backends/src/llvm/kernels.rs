@@ -3345,6 +3345,29 @@ fn attention_combine(fb: &Fb, out: u32, part: u32, d: &crate::kernel::AttnDims) 
 }
 
 #[allow(clippy::too_many_arguments)]
+/// The index at `pairs` of `ia`, continuing only when it lies in `0..len` (else to `bad`,
+/// which returns the out-of-range error).
+fn checked_index<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    ia: &Av<'ctx>,
+    pairs: &[(usize, IntValue<'ctx>)],
+    len: IntValue<'ctx>,
+    bad: inkwell::basic_block::BasicBlock<'ctx>,
+) -> R<IntValue<'ctx>> {
+    let id = fb.load(ia, fb.at(ia, pairs)?)?.into_int_value();
+    let neg =
+        fb.b.build_int_compare(IntPredicate::SLT, id, fb.i64c(0), "neg")
+            .map_err(be)?;
+    let big =
+        fb.b.build_int_compare(IntPredicate::SGE, id, len, "big")
+            .map_err(be)?;
+    let oob = fb.b.build_or(neg, big, "oob").map_err(be)?;
+    let ok = fb.ctx.append_basic_block(fb.func, "ok");
+    fb.b.build_conditional_branch(oob, bad, ok).map_err(be)?;
+    fb.b.position_at_end(ok);
+    Ok(id)
+}
+
 fn gather(
     fb: &Fb,
     out: u32,
@@ -3385,17 +3408,7 @@ fn gather(
         let ii = fb.b.build_int_signed_rem(u, ni, "ii").map_err(be)?;
         let iidx = fb.decompose(ii, &idims)?;
         let ipairs: Vec<(usize, IntValue)> = iidx.iter().copied().enumerate().collect();
-        let id = fb.load(&ia, fb.at(&ia, &ipairs)?)?.into_int_value();
-        let neg =
-            fb.b.build_int_compare(IntPredicate::SLT, id, fb.i64c(0), "neg")
-                .map_err(be)?;
-        let big =
-            fb.b.build_int_compare(IntPredicate::SGE, id, len, "big")
-                .map_err(be)?;
-        let oob = fb.b.build_or(neg, big, "oob").map_err(be)?;
-        let ok = fb.ctx.append_basic_block(fb.func, "ok");
-        fb.b.build_conditional_branch(oob, bad, ok).map_err(be)?;
-        fb.b.position_at_end(ok);
+        let id = checked_index(fb, &ia, &ipairs, len, bad)?;
         let oidx = fb.decompose(o, &outer)?;
         let mut pairs: Vec<(usize, IntValue)> = oidx.iter().copied().enumerate().collect();
         pairs.push((axis, id));
@@ -3453,17 +3466,7 @@ fn scatter_add(
     fb.for_range(fb.i64c(0), ni, |fb, j| {
         let jidx = fb.decompose(j, &idims)?;
         let jpairs: Vec<(usize, IntValue)> = jidx.iter().copied().enumerate().collect();
-        let id = fb.load(&ia, fb.at(&ia, &jpairs)?)?.into_int_value();
-        let neg =
-            fb.b.build_int_compare(IntPredicate::SLT, id, fb.i64c(0), "neg")
-                .map_err(be)?;
-        let big =
-            fb.b.build_int_compare(IntPredicate::SGE, id, nrows, "big")
-                .map_err(be)?;
-        let oob = fb.b.build_or(neg, big, "oob").map_err(be)?;
-        let ok = fb.ctx.append_basic_block(fb.func, "ok");
-        fb.b.build_conditional_branch(oob, bad, ok).map_err(be)?;
-        fb.b.position_at_end(ok);
+        let id = checked_index(fb, &ia, &jpairs, nrows, bad)?;
         let lo =
             fb.b.build_int_compare(IntPredicate::SGE, id, s, "lo")
                 .map_err(be)?;
@@ -3924,19 +3927,62 @@ fn ukernel<'ctx>(
     Ok(f)
 }
 
+/// `inv[r] = 1 / sqrt(mean(a[base + r·lda .. + k]²) + eps)` for `r < rows`: the row scales
+/// of `rms_norm` that the GEMMs apply to their sums.
+fn inv_rms_rows<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    a: PointerValue<'ctx>,
+    [base, lda, rows, k]: [IntValue<'ctx>; 4],
+    eps: f64,
+    inv: PointerValue<'ctx>,
+) -> R<()> {
+    let acc = fb.slot(fb.f32t.into())?;
+    let kf =
+        fb.b.build_signed_int_to_float(k, fb.f32t, "k")
+            .map_err(be)?;
+    fb.for_range(fb.i64c(0), rows, |fb, r| {
+        let row = fb.add(base, fb.mul(r, lda)?)?;
+        fb.set(acc, fb.f32c(0.0))?;
+        fb.for_range(fb.i64c(0), k, |fb, kk| {
+            let x = fb.load_f32(a, fb.add(row, kk)?)?;
+            fb.set(acc, fb.fma_fast(fb.get(acc)?, x, x)?)
+        })?;
+        let mean = fb.b.build_float_div(fb.get(acc)?, kf, "mean").map_err(be)?;
+        let sq = fb.intrinsic("llvm.sqrt", &[fb.fadd(mean, fb.f32c(eps))?])?;
+        fb.store_f32(
+            inv,
+            r,
+            fb.b.build_float_div(fb.f32c(1.0), sq, "inv").map_err(be)?,
+        )
+    })
+}
+
 /// One micro-kernel call `f` (`mr × nr`) on the rows at `a` (row stride `lda`) against the
-/// packed slice `bp`, into `c` (row stride `ldc`), `kl` steps, then scaled by `scale` unless
-/// null: straight into `c` when the panel has all `nr` columns, else through the scratch
-/// `tile` (its `cols` columns copied in, computed, copied out).
+/// packed slice `bp`, into `c` (row stride `ldc`), `kl` steps: straight into `c` when the
+/// panel has all `nr` columns, else through the scratch `tile` (its `cols` columns copied
+/// in, computed, copied out). With `row_scale = (inv, r, last)`, when `last` (the sums are
+/// complete) the rows are scaled by `inv[r..r + mr]` (rms_norm).
+#[allow(clippy::too_many_arguments)]
 fn ukernel_call<'ctx>(
     fb: &Fb<'_, 'ctx>,
     f: FunctionValue<'ctx>,
     mr: i64,
     nr: i64,
-    [a, bp, c, scale, tile]: [PointerValue<'ctx>; 5],
+    [a, bp, c, tile]: [PointerValue<'ctx>; 4],
     [lda, ldc, cols, kl]: [IntValue<'ctx>; 4],
     first: IntValue<'ctx>,
+    row_scale: Option<(PointerValue<'ctx>, IntValue<'ctx>, IntValue<'ctx>)>,
 ) -> R<()> {
+    let null = fb.ctx.ptr_type(AddressSpace::default()).const_null();
+    let scale = match row_scale {
+        Some((inv, r, last)) => {
+            let s = unsafe { fb.b.build_in_bounds_gep(fb.f32t, inv, &[r], "sp") }.map_err(be)?;
+            fb.b.build_select(last, s, null, "sc")
+                .map_err(be)?
+                .into_pointer_value()
+        }
+        None => null,
+    };
     let full =
         fb.b.build_int_compare(IntPredicate::EQ, cols, fb.i64c(nr), "full")
             .map_err(be)?;
@@ -4015,7 +4061,6 @@ fn gemm<'ctx>(
         fb.b.build_in_bounds_gep(fb.f32t, fb.scratch, &[fb.i64c(gemm_mr(nr) * nr)], "inv")
     }
     .map_err(be)?;
-    let null = fb.ctx.ptr_type(AddressSpace::default()).const_null();
     let nchunks =
         fb.b.build_int_signed_div(
             fb.add(total, fb.i64c(gemm_mc(nr) - 1))?,
@@ -4055,24 +4100,8 @@ fn gemm<'ctx>(
             fb.b.build_int_sub(total, mc, "").map_err(be)?,
         )?;
         if let Some(eps) = norm {
-            let acc = fb.slot(fb.f32t.into())?;
-            fb.for_range(fb.i64c(0), mrows, |fb, r| {
-                let base = fb.add(aav.off, fb.mul(fb.add(mc, r)?, lda)?)?;
-                fb.set(acc, fb.f32c(0.0))?;
-                fb.for_range(fb.i64c(0), fb.i64c(k), |fb, kk| {
-                    let x = fb.load_f32(aav.ptr, fb.add(base, kk)?)?;
-                    fb.set(acc, fb.fma_fast(fb.get(acc)?, x, x)?)
-                })?;
-                let mean =
-                    fb.b.build_float_div(fb.get(acc)?, fb.f32c(k as f64), "mean")
-                        .map_err(be)?;
-                let sq = fb.intrinsic("llvm.sqrt", &[fb.fadd(mean, fb.f32c(eps))?])?;
-                fb.store_f32(
-                    inv,
-                    r,
-                    fb.b.build_float_div(fb.f32c(1.0), sq, "inv").map_err(be)?,
-                )
-            })?;
+            let base = fb.add(aav.off, fb.mul(mc, lda)?)?;
+            inv_rms_rows(fb, aav.ptr, [base, lda, mrows, fb.i64c(k)], eps, inv)?;
         }
         fb.for_range(fb.i64c(0), kblocks, |fb, kb| {
             let kc = fb.mul(kb, kcs)?;
@@ -4118,23 +4147,15 @@ fn gemm<'ctx>(
                     let cidx = fb.add(fb.mul(row, fb.i64c(n))?, fb.mul(p, fb.i64c(nr))?)?;
                     let cptr = unsafe { fb.b.build_in_bounds_gep(fb.f32t, optr, &[cidx], "cp") }
                         .map_err(be)?;
-                    let sp = if norm.is_some() {
-                        let s = unsafe { fb.b.build_in_bounds_gep(fb.f32t, inv, &[r0], "sp") }
-                            .map_err(be)?;
-                        fb.b.build_select(last, s, null, "sc")
-                            .map_err(be)?
-                            .into_pointer_value()
-                    } else {
-                        null
-                    };
                     ukernel_call(
                         fb,
                         f,
                         mr,
                         nr,
-                        [aptr, bpp, cptr, sp, tile],
+                        [aptr, bpp, cptr, tile],
                         [lda, fb.i64c(n), cols, kl],
                         first,
+                        norm.map(|_| (inv, r0, last)),
                     )
                 };
                 let blocks =
@@ -4226,7 +4247,6 @@ fn packed_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &RuntimeGemm) -> R<()> {
         fb.b.build_in_bounds_gep(fb.f32t, fb.scratch, &[fb.i64c(GEMM_KC * nr)], "tile")
     }
     .map_err(be)?;
-    let null = fb.ctx.ptr_type(AddressSpace::default()).const_null();
     let r = aav.strides.len();
     let lda = aav.strides[r - 2];
     let (ks, ns) = (
@@ -4243,7 +4263,6 @@ fn packed_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &RuntimeGemm) -> R<()> {
         fb.b.build_in_bounds_gep(fb.f32t, tile, &[fb.i64c(mr * nr)], "inv")
     }
     .map_err(be)?;
-    let sacc = fb.slot(fb.f32t.into())?;
     let imax = |fb: &Fb<'_, 'ctx>, x: IntValue<'ctx>, y: IntValue<'ctx>| -> R<IntValue<'ctx>> {
         let c =
             fb.b.build_int_compare(IntPredicate::SGT, x, y, "c")
@@ -4290,26 +4309,8 @@ fn packed_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &RuntimeGemm) -> R<()> {
             let r0 = fb.mul(ch, fb.i64c(mc))?;
             let rows = imin(fb, fb.i64c(mc), fb.b.build_int_sub(mv, r0, "").map_err(be)?)?;
             if let Some((_, eps)) = mm.norm {
-                fb.for_range(fb.i64c(0), rows, |fb, rr| {
-                    let base = fb.add(abase, fb.mul(fb.add(r0, rr)?, lda)?)?;
-                    fb.set(sacc, fb.f32c(0.0))?;
-                    fb.for_range(fb.i64c(0), kv, |fb, kk| {
-                        let x = fb.load_f32(aav.ptr, fb.add(base, kk)?)?;
-                        fb.set(sacc, fb.fma_fast(fb.get(sacc)?, x, x)?)
-                    })?;
-                    let kf =
-                        fb.b.build_signed_int_to_float(kv, fb.f32t, "k")
-                            .map_err(be)?;
-                    let mean =
-                        fb.b.build_float_div(fb.get(sacc)?, kf, "mean")
-                            .map_err(be)?;
-                    let sq = fb.intrinsic("llvm.sqrt", &[fb.fadd(mean, fb.f32c(eps))?])?;
-                    fb.store_f32(
-                        inv,
-                        rr,
-                        fb.b.build_float_div(fb.f32c(1.0), sq, "inv").map_err(be)?,
-                    )
-                })?;
+                let base = fb.add(abase, fb.mul(r0, lda)?)?;
+                inv_rms_rows(fb, aav.ptr, [base, lda, rows, kv], eps, inv)?;
             }
             // k blocks outside the panels: the chunk's `rows × KC` block of `a` stays in cache
             // while the thread's panels pass over it.
@@ -4377,24 +4378,15 @@ fn packed_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &RuntimeGemm) -> R<()> {
                         let cptr =
                             unsafe { fb.b.build_in_bounds_gep(fb.f32t, optr, &[cidx], "cp") }
                                 .map_err(be)?;
-                        // The rows' norm scale, once their sums are complete.
-                        let sp = if mm.norm.is_some() {
-                            let s = unsafe { fb.b.build_in_bounds_gep(fb.f32t, inv, &[rr], "sp") }
-                                .map_err(be)?;
-                            fb.b.build_select(klast, s, null, "sc")
-                                .map_err(be)?
-                                .into_pointer_value()
-                        } else {
-                            null
-                        };
                         ukernel_call(
                             fb,
                             f,
                             mr,
                             nr,
-                            [aptr, bp, cptr, sp, tile],
+                            [aptr, bp, cptr, tile],
                             [lda, nv, cols, kl],
                             first,
+                            mm.norm.map(|_| (inv, rr, klast)),
                         )
                     };
                     let blocks =
