@@ -255,3 +255,56 @@ fn scatter_add_sums_rows_and_refuses_an_index_out_of_range() {
     let err = it.run(&bad, &HashMap::new()).unwrap_err().to_string();
     assert!(err.contains("out of range"), "{err}");
 }
+
+#[test]
+fn fed_back_outputs_become_the_next_runs_parameters_and_inputs() {
+    // new.p = p + x, new_m = m·2: fed back, each run starts from the last run's values.
+    let g = egret_ir::parse("graph g {\n  %p = param \"p\" : f32[3]\n  %x = input \"x\" : f32[3]\n  %m = input \"m\" : f32[3]\n  %np = add(%p, %x) : f32[3]\n  %two = const[value=2.0] : f32[3]\n  %nm = mul(%m, %two) : f32[3]\n  %s = reduce_sum[axis=0](%np) : f32[1]\n  output \"new.p\" = %np\n  output \"new_m\" = %nm\n  output \"s\" = %s\n}").unwrap();
+    let params = HashMap::from([(
+        "p".to_string(),
+        Tensor::from_f32(vec![3], vec![1.0, 2.0, 3.0]).unwrap(),
+    )]);
+    let (mut ex, _code) = egret::cpu::executor(&g, &params, &CpuOptions::default(), 2).unwrap();
+    let bad = ex
+        .set_feedback(vec![("nope".into(), "p".into())])
+        .unwrap_err()
+        .to_string();
+    assert!(bad.contains("no such output"), "{bad}");
+    let bad = ex
+        .set_feedback(vec![("new.p".into(), "q".into())])
+        .unwrap_err()
+        .to_string();
+    assert!(bad.contains("no such parameter or input"), "{bad}");
+    let bad = ex
+        .set_feedback(vec![("s".into(), "p".into())])
+        .unwrap_err()
+        .to_string();
+    assert!(bad.contains("shapes differ"), "{bad}");
+    ex.set_feedback(vec![
+        ("new.p".into(), "p".into()),
+        ("new_m".into(), "m".into()),
+    ])
+    .unwrap();
+    let f32v = |v: Vec<f32>| HostValue {
+        shape: vec![v.len()],
+        data: HostData::F32(v),
+    };
+    let x = ("x".to_string(), f32v(vec![0.5, 0.5, 0.5]));
+    // The first run gives `m`; later runs keep the executor's.
+    let first = HashMap::from([x.clone(), ("m".to_string(), f32v(vec![1.0, -1.0, 3.0]))]);
+    let out = ex.run(&first).unwrap();
+    assert_eq!(out.len(), 1, "fed-back outputs are not returned");
+    assert_eq!(out["s"].data, HostData::F32(vec![7.5]));
+    let out = ex.run(&HashMap::from([x.clone()])).unwrap();
+    assert_eq!(out["s"].data, HostData::F32(vec![9.0]));
+    assert_eq!(ex.read("p").unwrap(), vec![2.0, 3.0, 4.0]);
+    assert_eq!(ex.read("m").unwrap(), vec![4.0, -4.0, 12.0]);
+    // A run that fails (a wrong input) leaves the kept values as they were.
+    let wrong = HashMap::from([("x".to_string(), f32v(vec![1.0; 4]))]);
+    assert!(ex.run(&wrong).is_err());
+    assert_eq!(ex.read("p").unwrap(), vec![2.0, 3.0, 4.0]);
+    // Without `m` and nothing kept for it, after a fresh feedback set-up: one clear error.
+    ex.set_feedback(vec![("new.p".into(), "p".into())]).unwrap();
+    let e = ex.run(&HashMap::from([x])).unwrap_err().to_string();
+    assert!(e.contains("missing input `m`"), "{e}");
+}
