@@ -3927,6 +3927,32 @@ fn ukernel<'ctx>(
     Ok(f)
 }
 
+/// Rows left after the full register blocks go in blocks of this many, then one at a time.
+const TAIL_MR: i64 = 4;
+
+/// Calls `call(fb, r0, mr, f)` over `rows` rows: blocks of the first size while they fit,
+/// then of the next, down to single rows.
+fn row_blocks<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    rows: IntValue<'ctx>,
+    sizes: [(i64, FunctionValue<'ctx>); 3],
+    call: &dyn Fn(&Fb<'_, 'ctx>, IntValue<'ctx>, i64, FunctionValue<'ctx>) -> R<()>,
+) -> R<()> {
+    let mut start = fb.i64c(0);
+    for (mr, f) in sizes {
+        let left = fb.b.build_int_sub(rows, start, "left").map_err(be)?;
+        let n =
+            fb.b.build_int_signed_div(left, fb.i64c(mr), "nb")
+                .map_err(be)?;
+        let s0 = start;
+        fb.for_range(fb.i64c(0), n, |fb, i| {
+            call(fb, fb.add(s0, fb.mul(i, fb.i64c(mr))?)?, mr, f)
+        })?;
+        start = fb.add(start, fb.mul(n, fb.i64c(mr))?)?;
+    }
+    Ok(())
+}
+
 /// `inv[r] = 1 / sqrt(mean(a[base + r·lda .. + k]²) + eps)` for `r < rows`: the row scales
 /// of `rms_norm` that the GEMMs apply to their sums.
 fn inv_rms_rows<'ctx>(
@@ -4041,6 +4067,7 @@ fn gemm<'ctx>(
 ) -> R<()> {
     let attrs: Vec<_> = fb.func.attributes(AttributeLoc::Function);
     let uk = ukernel(fb, gemm_mr(nr), nr, panel, &attrs)?;
+    let uk4 = ukernel(fb, TAIL_MR, nr, panel, &attrs)?;
     let uk1 = ukernel(fb, 1, nr, panel, &attrs)?;
     let pty: BasicTypeEnum = if panel == PanelType::F32 {
         fb.f32t.into()
@@ -4158,15 +4185,12 @@ fn gemm<'ctx>(
                         norm.map(|_| (inv, r0, last)),
                     )
                 };
-                let blocks =
-                    fb.b.build_int_signed_div(mrows, fb.i64c(gemm_mr(nr)), "nb")
-                        .map_err(be)?;
-                fb.for_range(fb.i64c(0), blocks, |fb, rb| {
-                    call(fb, fb.mul(rb, fb.i64c(gemm_mr(nr)))?, gemm_mr(nr), uk)
-                })?;
-                fb.for_range(fb.mul(blocks, fb.i64c(gemm_mr(nr)))?, mrows, |fb, r| {
-                    call(fb, r, 1, uk1)
-                })
+                row_blocks(
+                    fb,
+                    mrows,
+                    [(gemm_mr(nr), uk), (TAIL_MR, uk4), (1, uk1)],
+                    &call,
+                )
             })
         })
     })?;
@@ -4223,6 +4247,7 @@ fn packed_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &RuntimeGemm) -> R<()> {
     let mr = gemm_mr(nr);
     let attrs: Vec<_> = fb.func.attributes(AttributeLoc::Function);
     let uk = ukernel(fb, mr, nr, PanelType::F32, &attrs)?;
+    let uk4 = ukernel(fb, TAIL_MR, nr, PanelType::F32, &attrs)?;
     let uk1 = ukernel(fb, 1, nr, PanelType::F32, &attrs)?;
     let aav = fb.access(mm.a, ElemType::F32)?;
     let wav = fb.access(mm.w, ElemType::F32)?;
@@ -4389,15 +4414,7 @@ fn packed_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &RuntimeGemm) -> R<()> {
                             mm.norm.map(|_| (inv, rr, klast)),
                         )
                     };
-                    let blocks =
-                        fb.b.build_int_signed_div(rows, fb.i64c(mr), "nb")
-                            .map_err(be)?;
-                    fb.for_range(fb.i64c(0), blocks, |fb, rb| {
-                        call(fb, fb.mul(rb, fb.i64c(mr))?, mr, uk)
-                    })?;
-                    fb.for_range(fb.mul(blocks, fb.i64c(mr))?, rows, |fb, rr| {
-                        call(fb, rr, 1, uk1)
-                    })
+                    row_blocks(fb, rows, [(mr, uk), (TAIL_MR, uk4), (1, uk1)], &call)
                 })
             })
         })
