@@ -977,7 +977,7 @@ pub fn emit<'ctx>(
             panel,
         } => {
             gemm(&fb, *out, a, *bp, rows, *k, *n, *nr, *norm, *panel)?;
-            (gemm_mr(*nr) * *nr + gemm_mc(*nr)) as usize
+            (gemm_mr(*nr) * *nr + gemm_mc(*nr) + gemm_mc(*nr) * GEMM_KC) as usize
         }
     };
     Ok((arg_list, scratch))
@@ -3619,8 +3619,9 @@ fn pack_panels(fb: &Fb, out: u32, w: &Access, k: i64, n: i64, nr: i64, store: Pa
     fb.ret_ok()
 }
 
-/// The `mr × nr` micro-kernel: `c[r, 0..nr] (+)= Σ_{k<kl} a[r·lda + k] · bp[k·nr .. k·nr+nr]`,
-/// then, if `scale` is not null, `c[r, :] *= scale[r]`. One function per (mr, nr) per module.
+/// The `mr × nr` micro-kernel: `c[r, 0..nr] (+)= Σ_{k<kl} a[r·lda + k·ka] · bp[k·nr .. k·nr+nr]`
+/// (`ka = 1` for rows of `a` in place, `lda = 1, ka = mr` for a packed block), then, if
+/// `scale` is not null, `c[r, :] *= scale[r]`. One function per (mr, nr) per module.
 fn ukernel<'ctx>(
     fb: &Fb<'_, 'ctx>,
     mr: i64,
@@ -3651,6 +3652,7 @@ fn ukernel<'ctx>(
             i64t.into(),
             ctx.bool_type().into(),
             ptrt.into(),
+            i64t.into(),
         ],
         false,
     );
@@ -3662,7 +3664,7 @@ fn ukernel<'ctx>(
     let entry = ctx.append_basic_block(f, "entry");
     b.position_at_end(entry);
     let p = |i: u32| f.get_nth_param(i).expect("param");
-    let (a, lda, bp, c, ldc, kl, first, scale) = (
+    let (a, lda, bp, c, ldc, kl, first, scale, ka) = (
         p(0).into_pointer_value(),
         p(1).into_int_value(),
         p(2).into_pointer_value(),
@@ -3671,6 +3673,7 @@ fn ukernel<'ctx>(
         p(5).into_int_value(),
         p(6).into_int_value(),
         p(7).into_pointer_value(),
+        p(8).into_int_value(),
     );
     let fma = Intrinsic::find("llvm.fma")
         .expect("fma")
@@ -3837,7 +3840,7 @@ fn ukernel<'ctx>(
         let aidx = b
             .build_int_add(
                 b.build_int_mul(i64c(r as i64), lda, "").map_err(be)?,
-                kk,
+                b.build_int_mul(kk, ka, "").map_err(be)?,
                 "",
             )
             .map_err(be)?;
@@ -3997,7 +4000,7 @@ fn ukernel_call<'ctx>(
     mr: i64,
     nr: i64,
     [a, bp, c, tile]: [PointerValue<'ctx>; 4],
-    [lda, ldc, cols, kl]: [IntValue<'ctx>; 4],
+    [lda, ka, ldc, cols, kl]: [IntValue<'ctx>; 5],
     first: IntValue<'ctx>,
     row_scale: Option<(PointerValue<'ctx>, IntValue<'ctx>, IntValue<'ctx>)>,
 ) -> R<()> {
@@ -4030,6 +4033,7 @@ fn ukernel_call<'ctx>(
             kl.into(),
             first.into(),
             scale.into(),
+            ka.into(),
         ]
     };
     fb.b.build_call(f, &args(c, ldc), "").map_err(be)?;
@@ -4111,6 +4115,20 @@ fn gemm<'ctx>(
     let last_kb =
         fb.b.build_int_sub(kblocks, fb.i64c(1), "lastkb")
             .map_err(be)?;
+    // The chunk's full register blocks of `a`, packed k-major per block (`KC × MR`) for each
+    // k block, so the micro-kernel's broadcasts read consecutive floats, not MR rows `lda`
+    // apart (which share cache sets when `lda` is a multiple of 1 KiB).
+    let mr_full = gemm_mr(nr);
+    let apack = unsafe {
+        fb.b.build_in_bounds_gep(
+            fb.f32t,
+            fb.scratch,
+            &[fb.i64c(mr_full * nr + gemm_mc(nr))],
+            "apack",
+        )
+    }
+    .map_err(be)?;
+    let pack_a = fb.b.build_not(few, "packa").map_err(be)?;
     let min = |fb: &Fb<'_, 'ctx>, x: IntValue<'ctx>, y: IntValue<'ctx>| -> R<IntValue<'ctx>> {
         let c =
             fb.b.build_int_compare(IntPredicate::SLT, x, y, "c")
@@ -4141,6 +4159,34 @@ fn gemm<'ctx>(
             let last =
                 fb.b.build_int_compare(IntPredicate::EQ, kb, last_kb, "last")
                     .map_err(be)?;
+            let full_blocks =
+                fb.b.build_int_signed_div(mrows, fb.i64c(mr_full), "fb")
+                    .map_err(be)?;
+            let do_pack = fb.ctx.append_basic_block(fb.func, "packa");
+            let packed = fb.ctx.append_basic_block(fb.func, "packed");
+            fb.b.build_conditional_branch(pack_a, do_pack, packed)
+                .map_err(be)?;
+            fb.b.position_at_end(do_pack);
+            fb.for_range(
+                fb.i64c(0),
+                fb.mul(full_blocks, fb.i64c(mr_full))?,
+                |fb, r| {
+                    let src = fb.add(fb.add(aav.off, fb.mul(fb.add(mc, r)?, lda)?)?, kc)?;
+                    let blk =
+                        fb.b.build_int_signed_div(r, fb.i64c(mr_full), "blk")
+                            .map_err(be)?;
+                    let lane =
+                        fb.b.build_int_signed_rem(r, fb.i64c(mr_full), "lane")
+                            .map_err(be)?;
+                    let dst = fb.add(fb.mul(blk, fb.i64c(mr_full * GEMM_KC))?, lane)?;
+                    fb.for_range(fb.i64c(0), kl, |fb, kk| {
+                        let v = fb.load_f32(aav.ptr, fb.add(src, kk)?)?;
+                        fb.store_f32(apack, fb.add(dst, fb.mul(kk, fb.i64c(mr_full))?)?, v)
+                    })
+                },
+            )?;
+            fb.b.build_unconditional_branch(packed).map_err(be)?;
+            fb.b.position_at_end(packed);
             fb.for_range(ps, pe, |fb, p| {
                 let cols = min(
                     fb,
@@ -4164,7 +4210,7 @@ fn gemm<'ctx>(
                             f: FunctionValue<'ctx>|
                  -> R<()> {
                     let row = fb.add(mc, r0)?;
-                    let aptr = unsafe {
+                    let mut aptr = unsafe {
                         fb.b.build_in_bounds_gep(
                             fb.f32t,
                             aav.ptr,
@@ -4173,6 +4219,25 @@ fn gemm<'ctx>(
                         )
                     }
                     .map_err(be)?;
+                    let (mut lda_, mut ka) = (lda, fb.i64c(1));
+                    if mr == mr_full {
+                        // Full blocks read the packed copy (unless rows were too few to pack).
+                        let pa = unsafe {
+                            fb.b.build_in_bounds_gep(
+                                fb.f32t,
+                                apack,
+                                &[fb.mul(r0, fb.i64c(GEMM_KC))?],
+                                "pa",
+                            )
+                        }
+                        .map_err(be)?;
+                        let sel = |x: BasicValueEnum<'ctx>, y: BasicValueEnum<'ctx>| {
+                            fb.b.build_select(pack_a, x, y, "s").map_err(be)
+                        };
+                        aptr = sel(pa.into(), aptr.into())?.into_pointer_value();
+                        lda_ = sel(fb.i64c(1).into(), lda.into())?.into_int_value();
+                        ka = sel(fb.i64c(mr_full).into(), fb.i64c(1).into())?.into_int_value();
+                    }
                     let cidx = fb.add(fb.mul(row, fb.i64c(n))?, fb.mul(p, fb.i64c(nr))?)?;
                     let cptr = unsafe { fb.b.build_in_bounds_gep(fb.f32t, optr, &[cidx], "cp") }
                         .map_err(be)?;
@@ -4182,7 +4247,7 @@ fn gemm<'ctx>(
                         mr,
                         nr,
                         [aptr, bpp, cptr, tile],
-                        [lda, fb.i64c(n), cols, kl],
+                        [lda_, ka, fb.i64c(n), cols, kl],
                         first,
                         norm.map(|_| (inv, r0, last)),
                     )
@@ -4411,7 +4476,7 @@ fn packed_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &RuntimeGemm) -> R<()> {
                             mr,
                             nr,
                             [aptr, bp, cptr, tile],
-                            [lda, nv, cols, kl],
+                            [lda, fb.i64c(1), nv, cols, kl],
                             first,
                             mm.norm.map(|_| (inv, rr, klast)),
                         )
