@@ -494,22 +494,26 @@ impl TrainSession {
                 );
             }
         }
-        let run = self.exec.run(&inputs);
-        if self.upload_moments {
-            // Kept for a retry until a run has taken them in.
-            for (name, _) in &self.shapes {
-                for (pre, map) in [("m", &mut self.m), ("v", &mut self.v)] {
-                    if let Some(HostValue {
-                        data: HostData::F32(d),
-                        ..
-                    }) = inputs.remove(&format!("{pre}.{name}"))
-                    {
-                        map.insert(name.clone(), d);
+        let mut out = match self.exec.run(&inputs) {
+            Ok(out) => out,
+            Err(e) => {
+                if self.upload_moments {
+                    // Kept for a retry until a run has taken them in.
+                    for (name, _) in &self.shapes {
+                        for (pre, map) in [("m", &mut self.m), ("v", &mut self.v)] {
+                            if let Some(HostValue {
+                                data: HostData::F32(d),
+                                ..
+                            }) = inputs.remove(&format!("{pre}.{name}"))
+                            {
+                                map.insert(name.clone(), d);
+                            }
+                        }
                     }
                 }
+                return Err(e);
             }
-        }
-        let mut out = run?;
+        };
         // The new parameters and moments are in place in the executor.
         self.upload_moments = false;
         self.m.clear();
