@@ -308,3 +308,45 @@ fn fed_back_outputs_become_the_next_runs_parameters_and_inputs() {
     let e = ex.run(&HashMap::from([x])).unwrap_err().to_string();
     assert!(e.contains("missing input `m`"), "{e}");
 }
+
+#[test]
+fn run_into_writes_outputs_in_place_when_the_caller_holds_storage_for_them() {
+    // y = x·2 with a symbolic length; z = sum(y).
+    let g = egret_ir::parse("graph g {\n  %x = input \"x\" : f32[n]\n  %two = const[value=2.0] : f32[n]\n  %y = mul(%x, %two) : f32[n]\n  %z = reduce_sum[axis=0](%y) : f32[1]\n  output \"y\" = %y\n  output \"z\" = %z\n}").unwrap();
+    let (mut ex, _code) =
+        egret::cpu::executor(&g, &HashMap::new(), &CpuOptions::default(), 2).unwrap();
+    let f32v = |v: Vec<f32>| HostValue {
+        shape: vec![v.len()],
+        data: HostData::F32(v),
+    };
+    let x = |v: Vec<f32>| HashMap::from([("x".to_string(), f32v(v))]);
+    // No entries: every output is filled in, as `run` returns them.
+    let mut outs = HashMap::new();
+    ex.run_into(&x(vec![1.0, 2.0, 3.0]), &mut outs).unwrap();
+    assert_eq!(outs, ex.run(&x(vec![1.0, 2.0, 3.0])).unwrap());
+    // Entries of the right shape are written in place: the same allocation, new values.
+    let HostData::F32(y) = &outs["y"].data else {
+        panic!("f32 output")
+    };
+    let before = y.as_ptr();
+    ex.run_into(&x(vec![4.0, 5.0, 6.0]), &mut outs).unwrap();
+    let HostData::F32(y) = &outs["y"].data else {
+        panic!("f32 output")
+    };
+    assert_eq!(y.as_ptr(), before);
+    assert_eq!(outs["y"].data, HostData::F32(vec![8.0, 10.0, 12.0]));
+    assert_eq!(outs["z"].data, HostData::F32(vec![30.0]));
+    // An entry of another length or element type is replaced, not written past its end.
+    outs.insert("y".into(), f32v(vec![0.0; 2]));
+    outs.insert(
+        "z".into(),
+        HostValue {
+            shape: vec![1],
+            data: HostData::I64(vec![7]),
+        },
+    );
+    ex.run_into(&x(vec![1.0, 1.0, 1.0, 1.0]), &mut outs)
+        .unwrap();
+    assert_eq!(outs["y"], f32v(vec![2.0; 4]));
+    assert_eq!(outs["z"], f32v(vec![8.0]));
+}

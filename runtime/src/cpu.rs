@@ -636,6 +636,21 @@ impl CpuExecutor {
         &mut self,
         inputs: &HashMap<String, HostValue>,
     ) -> Result<HashMap<String, HostValue>> {
+        let mut outs = HashMap::new();
+        self.run_into(inputs, &mut outs)?;
+        Ok(outs)
+    }
+
+    /// Runs the plan on named inputs, writing the named outputs into `outs`. An output whose
+    /// entry already holds a value of its element type and shape (from an earlier run, say)
+    /// is computed in place there, with no copy and no allocation, as numpy's `out=` does;
+    /// any other output is copied into a fresh entry. On an error `outs` may hold partial
+    /// results.
+    pub fn run_into(
+        &mut self,
+        inputs: &HashMap<String, HostValue>,
+        outs: &mut HashMap<String, HostValue>,
+    ) -> Result<()> {
         let t_run = std::time::Instant::now();
         let fixed = self.load_states(inputs)?;
         let mut syms = self
@@ -711,6 +726,38 @@ impl CpuExecutor {
                 _ => {}
             }
         }
+        // Outputs the caller holds storage for are written there, outside the arena.
+        let mut in_place = vec![false; self.plan.outputs.len()];
+        for (o, (name, b)) in self.plan.outputs.iter().enumerate() {
+            let bi = *b as usize;
+            let spec = &self.plan.buffers[bi];
+            let shared = self.plan.outputs.iter().filter(|(_, c)| c == b).count() > 1;
+            if spec.role != BufferRole::Temp
+                || shared
+                || self.persistent[bi].is_some()
+                || self.feedback.iter().any(|f| f.out == *b)
+            {
+                continue;
+            }
+            let Some(v) = outs.get_mut(name) else {
+                continue;
+            };
+            let dims_match = v.shape.len() == spec.dims.len()
+                && v.shape
+                    .iter()
+                    .zip(&spec.dims)
+                    .all(|(&s, d)| d.eval(&syms) == s as i64);
+            let n: usize = v.shape.iter().product();
+            let p = match (&mut v.data, spec.elem) {
+                (HostData::F32(d), ElemType::F32) if d.len() == n => d.as_mut_ptr() as *mut u8,
+                (HostData::I64(d), ElemType::I64) if d.len() == n => d.as_mut_ptr() as *mut u8,
+                _ => continue,
+            };
+            if dims_match {
+                ptrs[bi] = p;
+                in_place[o] = true;
+            }
+        }
         // Outputs fed back are written outside the arena, into their spare storage.
         for f in &mut self.feedback {
             let bytes = self.plan.buffers[f.out as usize].bytes(&syms);
@@ -774,9 +821,8 @@ impl CpuExecutor {
             }
         }
         let t_out = std::time::Instant::now();
-        let mut outs = HashMap::new();
-        for (name, b) in &self.plan.outputs {
-            if self.feedback.iter().any(|f| f.out == *b) {
+        for (o, (name, b)) in self.plan.outputs.iter().enumerate() {
+            if in_place[o] || self.feedback.iter().any(|f| f.out == *b) {
                 continue;
             }
             let spec = &self.plan.buffers[*b as usize];
@@ -825,6 +871,6 @@ impl CpuExecutor {
                 eprintln!("phase\tinit\t{:.1}", t_init.elapsed().as_secs_f64() * 1e6);
             }
         }
-        Ok(outs)
+        Ok(())
     }
 }
