@@ -21,7 +21,8 @@ pub const MANIFEST: &str = "manifest.json";
 /// The value of `Manifest::format`.
 pub const FORMAT: &str = "egret-artifact";
 /// The format version this runtime reads and writes; any other is refused.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2: CPU kernels take the launch's work counter as a sixth argument (`KernelFn`).
+pub const FORMAT_VERSION: u32 = 2;
 /// Manifests larger than this are refused before parsing (a real one is a few MiB).
 const MANIFEST_MAX_BYTES: u64 = 256 << 20;
 

@@ -17,7 +17,12 @@ use crate::error::{Result, RuntimeError};
 use crate::plan::{BufferRole, ElemType, Plan, StateSpec};
 use crate::pool::Pool;
 
-pub type KernelFn = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64, *mut f32) -> i32;
+/// A compiled kernel: `f(buffers, symbols, tid, nthreads, scratch, work)`, run once on every
+/// thread of a launch (`tid` in `0..nthreads`), with the thread's own scratch slice and the
+/// launch's work counter (an `i64` all its threads share, zero when the launch starts, from
+/// which kernels may claim units of work). Returns 0, or an error code (`kernel_error`).
+pub type KernelFn =
+    unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64, *mut f32, *mut i64) -> i32;
 
 /// Kernels with less work than this (elements or multiply-adds) run on the calling thread:
 /// waking the other threads costs a few microseconds, about this much work.
@@ -235,6 +240,8 @@ pub struct CpuExecutor {
     persistent: Vec<Option<Storage>>,
     arena: Aligned,
     scratch: Aligned,
+    /// The work counter of the launch under way (`KernelFn`), zeroed before each.
+    work: Box<std::sync::atomic::AtomicI64>,
     layout: Option<Layout>,
     states: Vec<StateBuf>,
     feedback: Vec<Feedback>,
@@ -268,6 +275,7 @@ impl CpuExecutor {
             persistent: (0..n).map(|_| None).collect(),
             arena: Aligned::new(0),
             scratch: Aligned::new(0),
+            work: Box::new(std::sync::atomic::AtomicI64::new(0)),
             layout: None,
             states,
             feedback: vec![],
@@ -594,17 +602,21 @@ impl CpuExecutor {
         }
         let f = self.fns[k];
         let stride = call.scratch_floats;
-        let (args_p, syms_p, scratch_p) = (
+        // The pool's launch publishes this store to every thread before they start.
+        self.work.store(0, std::sync::atomic::Ordering::Relaxed);
+        let (args_p, syms_p, scratch_p, work_p) = (
             SendPtr(args.as_ptr()),
             SendPtr(syms.as_ptr()),
             SendPtr(self.scratch.ptr() as *const f32),
+            SendPtr(self.work.as_ptr() as *const i64),
         );
         let status = Arc::new(std::sync::atomic::AtomicI32::new(0));
         let st = status.clone();
         let task = Arc::new(move |tid: usize, n: usize| {
-            let (a, s, sc) = (&args_p, &syms_p, &scratch_p);
+            let (a, s, sc, w) = (&args_p, &syms_p, &scratch_p, &work_p);
             // SAFETY: the plan's kernels read and write only their operand buffers, which
-            // outlive this call; each thread gets a disjoint scratch slice.
+            // outlive this call; each thread gets a disjoint scratch slice; the counter is
+            // only touched atomically.
             let rc = unsafe {
                 f(
                     a.0 as *const *mut u8,
@@ -612,6 +624,7 @@ impl CpuExecutor {
                     tid as i64,
                     n as i64,
                     (sc.0 as *mut f32).add(tid * stride),
+                    w.0 as *mut i64,
                 )
             };
             if rc != 0 {

@@ -51,6 +51,9 @@ struct Fb<'a, 'ctx> {
     tid: IntValue<'ctx>,
     nth: IntValue<'ctx>,
     scratch: PointerValue<'ctx>,
+    /// The launch's work counter (an `i64` shared by its threads, zero when it starts), for
+    /// kernels that hand out units of work as threads ask (`claim_units`); null on the GPU.
+    work: PointerValue<'ctx>,
     args: HashMap<u32, u32>,
     i64t: IntType<'ctx>,
     f32t: FloatType<'ctx>,
@@ -223,6 +226,47 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
             .build_int_signed_div(self.mul(total, t1)?, self.nth, "e")
             .map_err(be)?;
         Ok((s, e))
+    }
+
+    /// `body(u)` for every `u` in `0..units`, each run by whichever thread claims it next
+    /// from the launch's work counter: a thread slowed down (a busy neighbour on a shared
+    /// core, a page fault) takes fewer units instead of holding up the others. CPU only.
+    fn claim_units(
+        &self,
+        units: IntValue<'ctx>,
+        mut body: impl FnMut(&Self, IntValue<'ctx>) -> R<()>,
+    ) -> R<()> {
+        if self.gpu {
+            return Err(BackendError::Unsupported(
+                "work claimed from a counter is a CPU schedule".into(),
+            ));
+        }
+        let head = self.ctx.append_basic_block(self.func, "claim");
+        let bodyb = self.ctx.append_basic_block(self.func, "claimed");
+        let exit = self.ctx.append_basic_block(self.func, "claimed_all");
+        self.b.build_unconditional_branch(head).map_err(be)?;
+        self.b.position_at_end(head);
+        let u = self
+            .b
+            .build_atomicrmw(
+                inkwell::AtomicRMWBinOp::Add,
+                self.work,
+                self.i64c(1),
+                inkwell::AtomicOrdering::Monotonic,
+            )
+            .map_err(be)?;
+        let c = self
+            .b
+            .build_int_compare(IntPredicate::SLT, u, units, "c")
+            .map_err(be)?;
+        self.b
+            .build_conditional_branch(c, bodyb, exit)
+            .map_err(be)?;
+        self.b.position_at_end(bodyb);
+        body(self, u)?;
+        self.b.build_unconditional_branch(head).map_err(be)?;
+        self.b.position_at_end(exit);
+        Ok(())
     }
 
     /// `for i in start..end { body(i) }`.
@@ -724,6 +768,7 @@ pub fn emit<'ctx>(
             i64t.into(),
             i64t.into(),
             ptrt.into(),
+            ptrt.into(),
         ],
         false,
     );
@@ -778,6 +823,7 @@ pub fn emit<'ctx>(
         tid: p(2).into_int_value(),
         nth: p(3).into_int_value(),
         scratch: p(4).into_pointer_value(),
+        work: p(5).into_pointer_value(),
         args,
         i64t,
         f32t: ctx.f32_type(),
@@ -3932,6 +3978,12 @@ fn ukernel<'ctx>(
     Ok(f)
 }
 
+/// Ranges of panels per thread that a GEMM with a single register block of rows (decode)
+/// hands out: enough for a thread slowed down to be made up for by the others, few enough
+/// that each range streams many panels in a row (the LM head's 1536 panels go 96 at a time
+/// on 2 threads; a 576-column projection's 18 go 1-2 at a time).
+const DECODE_RANGES: i64 = 8;
+
 /// Rows left after the full register blocks go in blocks of this many, then one at a time.
 const TAIL_MR: i64 = 4;
 
@@ -4088,7 +4140,6 @@ fn gemm<'ctx>(
     }
     let lda = aav.strides[0];
     let panels = (n + nr - 1) / nr;
-    let (ps, pe) = fb.split(fb.i64c(panels))?;
     let tile = fb.scratch;
     let inv = unsafe {
         fb.b.build_in_bounds_gep(fb.f32t, fb.scratch, &[fb.i64c(gemm_mr(nr) * nr)], "inv")
@@ -4139,7 +4190,29 @@ fn gemm<'ctx>(
             .map_err(be)?
             .into_int_value())
     };
-    fb.for_range(fb.i64c(0), nchunks, |fb, ch| {
+    // Units of work, claimed by threads as they go: a chunk of rows times a range of
+    // panels. Every unit packs its chunk's rows of `a` again, so blocked GEMMs cut each
+    // chunk into one range per thread; decode (no packing) into `DECODE_RANGES` per thread,
+    // each still a long contiguous stream of panels.
+    let per_thread =
+        fb.b.build_select(few, fb.i64c(DECODE_RANGES), fb.i64c(1), "pt")
+            .map_err(be)?
+            .into_int_value();
+    let ranges = min(fb, fb.mul(fb.nth, per_thread)?, fb.i64c(panels))?;
+    let units = fb.mul(nchunks, ranges)?;
+    fb.claim_units(units, |fb, u| {
+        let ch = fb.b.build_int_signed_div(u, ranges, "ch").map_err(be)?;
+        let r = fb.b.build_int_signed_rem(u, ranges, "r").map_err(be)?;
+        let ps =
+            fb.b.build_int_signed_div(fb.mul(fb.i64c(panels), r)?, ranges, "ps")
+                .map_err(be)?;
+        let pe =
+            fb.b.build_int_signed_div(
+                fb.mul(fb.i64c(panels), fb.add(r, fb.i64c(1))?)?,
+                ranges,
+                "pe",
+            )
+            .map_err(be)?;
         let mc = fb.mul(ch, fb.i64c(gemm_mc(nr)))?;
         let mrows = min(
             fb,
@@ -4560,6 +4633,7 @@ pub fn gpu_entry<'ctx>(
                 tid.into(),
                 nth.into(),
                 scratch.into(),
+                ptrt.const_null().into(),
             ],
             "rc",
         )
