@@ -228,26 +228,94 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
         Ok((s, e))
     }
 
-    /// `body(u)` for every `u` in `0..units`, each run by whichever thread claims it next
-    /// from the launch's work counter: a thread slowed down (a busy neighbour on a shared
-    /// core, a page fault) takes fewer units instead of holding up the others. CPU only.
-    fn claim_units(
+    /// Runs `body(ch, start, end)` over work the launch's threads claim from its shared
+    /// counter as they go, so a thread slowed down (a busy neighbour on a shared core, a page
+    /// fault) takes less of it instead of holding up the others. Two ways of cutting it,
+    /// chosen at run time by `guided`:
+    /// - guided (`ch` = 0): `start..end` ranges of `0..items`, each a `1/(2·nthreads)` share
+    ///   of what is left (at least one item), so early claims are long contiguous runs and
+    ///   the last ones single items, which bounds the wait at the end by one item's time;
+    /// - fixed units: unit `u` of `chunks × ranges` is range `u % ranges` of `ranges` equal
+    ///   ranges of `0..items`, in chunk `u / ranges` (for work that costs something per unit
+    ///   taken, like packing a chunk's rows).
+    ///
+    /// CPU only (`work` is null on the GPU).
+    fn claim_work(
         &self,
-        units: IntValue<'ctx>,
-        mut body: impl FnMut(&Self, IntValue<'ctx>) -> R<()>,
+        guided: IntValue<'ctx>,
+        items: IntValue<'ctx>,
+        chunks: IntValue<'ctx>,
+        ranges: IntValue<'ctx>,
+        mut body: impl FnMut(&Self, [IntValue<'ctx>; 3]) -> R<()>,
     ) -> R<()> {
         if self.gpu {
             return Err(BackendError::Unsupported(
                 "work claimed from a counter is a CPU schedule".into(),
             ));
         }
-        let head = self.ctx.append_basic_block(self.func, "claim");
-        let bodyb = self.ctx.append_basic_block(self.func, "claimed");
-        let exit = self.ctx.append_basic_block(self.func, "claimed_all");
-        self.b.build_unconditional_branch(head).map_err(be)?;
-        self.b.position_at_end(head);
-        let u = self
-            .b
+        let bb = |n: &str| self.ctx.append_basic_block(self.func, n);
+        let (head, gclaim, uclaim, got, exit) = (
+            bb("claim"),
+            bb("claim_guided"),
+            bb("claim_unit"),
+            bb("claimed"),
+            bb("claimed_all"),
+        );
+        let b = &self.b;
+        b.build_unconditional_branch(head).map_err(be)?;
+        b.position_at_end(head);
+        b.build_conditional_branch(guided, gclaim, uclaim)
+            .map_err(be)?;
+        // Guided: compare-and-swap the next free item forward by the share taken.
+        b.position_at_end(gclaim);
+        let cur = b
+            .build_load(self.i64t, self.work, "cur")
+            .map_err(be)?
+            .into_int_value();
+        cur.as_instruction_value()
+            .expect("load")
+            .set_atomic_ordering(inkwell::AtomicOrdering::Monotonic)
+            .map_err(be)?;
+        cur.as_instruction_value()
+            .expect("load")
+            .set_alignment(8)
+            .map_err(be)?;
+        let left = b.build_int_sub(items, cur, "left").map_err(be)?;
+        let share = b
+            .build_int_signed_div(left, self.mul(self.nth, self.i64c(2))?, "share")
+            .map_err(be)?;
+        let one = b
+            .build_int_compare(IntPredicate::SLT, share, self.i64c(1), "one")
+            .map_err(be)?;
+        let share = b
+            .build_select(one, self.i64c(1), share, "take")
+            .map_err(be)?
+            .into_int_value();
+        let gend = self.add(cur, share)?;
+        let none_left = b
+            .build_int_compare(IntPredicate::SGE, cur, items, "none")
+            .map_err(be)?;
+        let try_bb = bb("claim_try");
+        b.build_conditional_branch(none_left, exit, try_bb)
+            .map_err(be)?;
+        b.position_at_end(try_bb);
+        let swapped = b
+            .build_cmpxchg(
+                self.work,
+                cur,
+                gend,
+                inkwell::AtomicOrdering::Monotonic,
+                inkwell::AtomicOrdering::Monotonic,
+            )
+            .map_err(be)?;
+        let ok = b
+            .build_extract_value(swapped, 1, "ok")
+            .map_err(be)?
+            .into_int_value();
+        b.build_conditional_branch(ok, got, head).map_err(be)?;
+        // Fixed units: one increment per unit.
+        b.position_at_end(uclaim);
+        let u = b
             .build_atomicrmw(
                 inkwell::AtomicRMWBinOp::Add,
                 self.work,
@@ -255,15 +323,33 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
                 inkwell::AtomicOrdering::Monotonic,
             )
             .map_err(be)?;
-        let c = self
-            .b
-            .build_int_compare(IntPredicate::SLT, u, units, "c")
+        let more = b
+            .build_int_compare(IntPredicate::SLT, u, self.mul(chunks, ranges)?, "more")
             .map_err(be)?;
-        self.b
-            .build_conditional_branch(c, bodyb, exit)
+        let unit_bb = bb("claim_unit_range");
+        b.build_conditional_branch(more, unit_bb, exit)
             .map_err(be)?;
-        self.b.position_at_end(bodyb);
-        body(self, u)?;
+        b.position_at_end(unit_bb);
+        let ch = b.build_int_signed_div(u, ranges, "ch").map_err(be)?;
+        let r = b.build_int_signed_rem(u, ranges, "r").map_err(be)?;
+        let ustart = b
+            .build_int_signed_div(self.mul(items, r)?, ranges, "us")
+            .map_err(be)?;
+        let uend = b
+            .build_int_signed_div(self.mul(items, self.add(r, self.i64c(1))?)?, ranges, "ue")
+            .map_err(be)?;
+        b.build_unconditional_branch(got).map_err(be)?;
+        b.position_at_end(got);
+        let mut vals = [self.i64c(0); 3];
+        for (i, (g, u_)) in [(self.i64c(0), ch), (cur, ustart), (gend, uend)]
+            .into_iter()
+            .enumerate()
+        {
+            let phi = b.build_phi(self.i64t, "claimed").map_err(be)?;
+            phi.add_incoming(&[(&g, try_bb), (&u_, unit_bb)]);
+            vals[i] = phi.as_basic_value().into_int_value();
+        }
+        body(self, vals)?;
         self.b.build_unconditional_branch(head).map_err(be)?;
         self.b.position_at_end(exit);
         Ok(())
@@ -3978,12 +4064,6 @@ fn ukernel<'ctx>(
     Ok(f)
 }
 
-/// Ranges of panels per thread that a GEMM with a single register block of rows (decode)
-/// hands out: enough for a thread slowed down to be made up for by the others, few enough
-/// that each range streams many panels in a row (the LM head's 1536 panels go 96 at a time
-/// on 2 threads; a 576-column projection's 18 go 1-2 at a time).
-const DECODE_RANGES: i64 = 8;
-
 /// Rows left after the full register blocks go in blocks of this many, then one at a time.
 const TAIL_MR: i64 = 4;
 
@@ -4190,29 +4270,11 @@ fn gemm<'ctx>(
             .map_err(be)?
             .into_int_value())
     };
-    // Units of work, claimed by threads as they go: a chunk of rows times a range of
-    // panels. Every unit packs its chunk's rows of `a` again, so blocked GEMMs cut each
-    // chunk into one range per thread; decode (no packing) into `DECODE_RANGES` per thread,
-    // each still a long contiguous stream of panels.
-    let per_thread =
-        fb.b.build_select(few, fb.i64c(DECODE_RANGES), fb.i64c(1), "pt")
-            .map_err(be)?
-            .into_int_value();
-    let ranges = min(fb, fb.mul(fb.nth, per_thread)?, fb.i64c(panels))?;
-    let units = fb.mul(nchunks, ranges)?;
-    fb.claim_units(units, |fb, u| {
-        let ch = fb.b.build_int_signed_div(u, ranges, "ch").map_err(be)?;
-        let r = fb.b.build_int_signed_rem(u, ranges, "r").map_err(be)?;
-        let ps =
-            fb.b.build_int_signed_div(fb.mul(fb.i64c(panels), r)?, ranges, "ps")
-                .map_err(be)?;
-        let pe =
-            fb.b.build_int_signed_div(
-                fb.mul(fb.i64c(panels), fb.add(r, fb.i64c(1))?)?,
-                ranges,
-                "pe",
-            )
-            .map_err(be)?;
+    // Work is claimed by threads as they go: decode (a single block of rows, nothing
+    // packed) takes guided ranges of panels; blocked GEMMs take a chunk of rows × one range
+    // of panels per thread, since each unit packs its chunk's rows of `a` again.
+    let ranges = min(fb, fb.nth, fb.i64c(panels))?;
+    fb.claim_work(few, fb.i64c(panels), nchunks, ranges, |fb, [ch, ps, pe]| {
         let mc = fb.mul(ch, fb.i64c(gemm_mc(nr)))?;
         let mrows = min(
             fb,
