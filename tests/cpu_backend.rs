@@ -354,55 +354,57 @@ fn run_into_writes_outputs_in_place_when_the_caller_holds_storage_for_them() {
 #[test]
 fn gemm_work_claimed_by_any_number_of_threads_gives_the_same_bits() {
     // x·wᵀ with packed weights (1000 columns: 32 panels of 32, the last partial), for one row
-    // (decode: ranges of panels handed out) and for 100 rows (chunks × one range per thread).
-    let g = egret_ir::parse("graph g {\n  %x = input \"x\" : f32[T, 65]\n  %w = param \"w\" : f32[1000, 65]\n  %wt = permute[perm=[1, 0]](%w) : f32[65, 1000]\n  %y = matmul(%x, %wt) : f32[T, 1000]\n  output \"y\" = %y\n}").unwrap();
+    // (decode: guided ranges of panels), 100 rows (two chunks, each cut into ranges per
+    // thread) and 300 rows (five chunks), with one k block (K = 65) and two (K = 300).
     let val = |i: usize| ((i * 7919) % 1013) as f32 / 1013.0 - 0.5;
-    let params = HashMap::from([(
-        "w".to_string(),
-        Tensor::from_f32(vec![1000, 65], (0..65_000).map(val).collect()).unwrap(),
-    )]);
-    for rows in [1usize, 100] {
-        let x: Vec<f32> = (0..rows * 65).map(|i| val(i + 17)).collect();
-        let inputs = HashMap::from([(
-            "x".to_string(),
-            HostValue {
-                shape: vec![rows, 65],
-                data: HostData::F32(x.clone()),
-            },
+    for k in [65usize, 300] {
+        let g = egret_ir::parse(&format!("graph g {{\n  %x = input \"x\" : f32[T, {k}]\n  %w = param \"w\" : f32[1000, {k}]\n  %wt = permute[perm=[1, 0]](%w) : f32[{k}, 1000]\n  %y = matmul(%x, %wt) : f32[T, 1000]\n  output \"y\" = %y\n}}")).unwrap();
+        let params = HashMap::from([(
+            "w".to_string(),
+            Tensor::from_f32(vec![1000, k], (0..1000 * k).map(val).collect()).unwrap(),
         )]);
-        let mut results = vec![];
-        for threads in [1, 2, 3, 5] {
-            let (mut ex, _code) =
-                egret::cpu::executor(&g, &params, &CpuOptions::default(), threads).unwrap();
-            // A run on zeros first: the second finds its work only if the counter starts
-            // from zero at every launch.
-            let zeros = HashMap::from([(
-                "x".to_string(),
-                HostValue {
-                    shape: vec![rows, 65],
-                    data: HostData::F32(vec![0.0; rows * 65]),
-                },
-            )]);
-            ex.run(&zeros).unwrap();
-            let HostData::F32(y) = ex.run(&inputs).unwrap().remove("y").unwrap().data else {
-                panic!("f32 output")
+        for rows in [1usize, 100, 300] {
+            let host = |x: Vec<f32>| {
+                HashMap::from([(
+                    "x".to_string(),
+                    HostValue {
+                        shape: vec![rows, k],
+                        data: HostData::F32(x),
+                    },
+                )])
             };
-            results.push(y);
-        }
-        for (i, y) in results.iter().enumerate() {
-            assert_eq!(y, &results[0], "{rows} rows: thread count #{i} differs");
-        }
-        // And the values: within f32 rounding of an f64 dot product.
-        for r in 0..rows {
-            for c in 0..1000 {
-                let want: f64 = (0..65)
-                    .map(|k| x[r * 65 + k] as f64 * val(c * 65 + k) as f64)
-                    .sum();
-                let got = results[0][r * 1000 + c] as f64;
-                assert!(
-                    (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                    "[{r}, {c}]: {got} vs {want}"
+            let x: Vec<f32> = (0..rows * k).map(|i| val(i + 17)).collect();
+            let mut results = vec![];
+            for threads in [1, 2, 3, 5] {
+                let (mut ex, _code) =
+                    egret::cpu::executor(&g, &params, &CpuOptions::default(), threads).unwrap();
+                // A run on zeros first: the second finds its work only if the counter starts
+                // from zero at every launch.
+                ex.run(&host(vec![0.0; rows * k])).unwrap();
+                let out = ex.run(&host(x.clone())).unwrap().remove("y").unwrap();
+                let HostData::F32(y) = out.data else {
+                    panic!("f32 output")
+                };
+                results.push(y);
+            }
+            for (i, y) in results.iter().enumerate() {
+                assert_eq!(
+                    y, &results[0],
+                    "K {k}, {rows} rows: thread count #{i} differs"
                 );
+            }
+            // And the values: within f32 rounding of an f64 dot product.
+            for r in 0..rows {
+                for c in 0..1000 {
+                    let want: f64 = (0..k)
+                        .map(|j| x[r * k + j] as f64 * val(c * k + j) as f64)
+                        .sum();
+                    let got = results[0][r * 1000 + c] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "K {k}, [{r}, {c}]: {got} vs {want}"
+                    );
+                }
             }
         }
     }

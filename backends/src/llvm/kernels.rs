@@ -1109,7 +1109,7 @@ pub fn emit<'ctx>(
             panel,
         } => {
             gemm(&fb, *out, a, *bp, rows, *k, *n, *nr, *norm, *panel)?;
-            (gemm_mr(*nr) * *nr + gemm_mc(*nr) + gemm_mc(*nr) * GEMM_KC) as usize
+            gemm_scratch(*nr, *k)
         }
     };
     Ok((arg_list, scratch))
@@ -3101,7 +3101,7 @@ fn attention(
     let single =
         fb.b.build_int_compare(IntPredicate::EQ, nsplit, fb.i64c(1), "single")
             .map_err(be)?;
-    let (s, e) = fb.split(fb.mul(units, nsplit)?)?;
+    let items = fb.mul(units, nsplit)?;
     let (mx, l, dot, bmax, psum) = (
         fb.slot(fb.f32t.into())?,
         fb.slot(fb.f32t.into())?,
@@ -3114,109 +3114,113 @@ fn attention(
         fb.b.build_in_bounds_gep(fb.f32t, fb.scratch, &[dv], "scores")
     }
     .map_err(be)?;
-    fb.for_range(s, e, |fb, item| {
-        let u = fb.b.build_int_signed_div(item, nsplit, "u").map_err(be)?;
-        let c =
-            fb.b.build_int_signed_rem(item, nsplit, "split")
+    // Rows (and splits) cost what their visible keys do: claimed guided, not split evenly.
+    let guided = fb.ctx.bool_type().const_int(1, false);
+    fb.claim_work(guided, items, fb.i64c(1), fb.i64c(1), |fb, [_, s, e]| {
+        fb.for_range(s, e, |fb, item| {
+            let u = fb.b.build_int_signed_div(item, nsplit, "u").map_err(be)?;
+            let c =
+                fb.b.build_int_signed_rem(item, nsplit, "split")
+                    .map_err(be)?;
+            let idx = fb.decompose(u, &[bv, h, tv])?;
+            let (bi, hi, ti) = (idx[0], idx[1], idx[2]);
+            let g = fb.b.build_int_signed_div(hi, rep, "g").map_err(be)?;
+            let qb = fb.at(&qa, &[(0, bi), (1, hi), (2, ti)])?;
+            let kb = fb.at(&ka, &[(0, bi), (1, g)])?;
+            let vb = fb.at(&va, &[(0, bi), (1, g)])?;
+            let limit = fb
+                .load(&pa, fb.at(&pa, &[(0, bi), (1, ti)])?)?
+                .into_int_value();
+            // visible keys: j <= positions[b, t], j < S; this split's share [lo, hi).
+            let min = |a, b| fb.imin(a, b);
+            let end = min(fb.add(limit, fb.i64c(1))?, sv)?;
+            let lo = fb.mul(c, chunk)?;
+            let hi = min(fb.add(lo, chunk)?, end)?;
+            let n = fb.b.build_int_sub(hi, lo, "n").map_err(be)?;
+            fb.set(mx, fb.f32c(f64::NEG_INFINITY))?;
+            fb.set(l, fb.f32c(0.0))?;
+            fb.for_range(fb.i64c(0), dv, |fb, c| fb.store_f32(acc, c, fb.f32c(0.0)))?;
+            let nblocks =
+                fb.b.build_int_signed_div(
+                    fb.add(n, fb.i64c(ATTN_BLOCK - 1))?,
+                    fb.i64c(ATTN_BLOCK),
+                    "nb",
+                )
                 .map_err(be)?;
-        let idx = fb.decompose(u, &[bv, h, tv])?;
-        let (bi, hi, ti) = (idx[0], idx[1], idx[2]);
-        let g = fb.b.build_int_signed_div(hi, rep, "g").map_err(be)?;
-        let qb = fb.at(&qa, &[(0, bi), (1, hi), (2, ti)])?;
-        let kb = fb.at(&ka, &[(0, bi), (1, g)])?;
-        let vb = fb.at(&va, &[(0, bi), (1, g)])?;
-        let limit = fb
-            .load(&pa, fb.at(&pa, &[(0, bi), (1, ti)])?)?
-            .into_int_value();
-        // visible keys: j <= positions[b, t], j < S; this split's share [lo, hi).
-        let min = |a, b| fb.imin(a, b);
-        let end = min(fb.add(limit, fb.i64c(1))?, sv)?;
-        let lo = fb.mul(c, chunk)?;
-        let hi = min(fb.add(lo, chunk)?, end)?;
-        let n = fb.b.build_int_sub(hi, lo, "n").map_err(be)?;
-        fb.set(mx, fb.f32c(f64::NEG_INFINITY))?;
-        fb.set(l, fb.f32c(0.0))?;
-        fb.for_range(fb.i64c(0), dv, |fb, c| fb.store_f32(acc, c, fb.f32c(0.0)))?;
-        let nblocks =
-            fb.b.build_int_signed_div(
-                fb.add(n, fb.i64c(ATTN_BLOCK - 1))?,
-                fb.i64c(ATTN_BLOCK),
-                "nb",
+            fb.for_range(fb.i64c(0), nblocks, |fb, blk| {
+                let j0 = fb.add(lo, fb.mul(blk, fb.i64c(ATTN_BLOCK))?)?;
+                let jl = min(
+                    fb.b.build_int_sub(hi, j0, "rest").map_err(be)?,
+                    fb.i64c(ATTN_BLOCK),
+                )?;
+                // Scores of the block, and their max.
+                fb.set(bmax, fb.f32c(f64::NEG_INFINITY))?;
+                fb.for_range(fb.i64c(0), jl, |fb, j| {
+                    let kr = fb.add(kb, fb.mul(fb.add(j0, j)?, ka.strides[2])?)?;
+                    fb.set(dot, fb.f32c(0.0))?;
+                    fb.for_range(fb.i64c(0), dd, |fb, c| {
+                        let x = fb.load_f32(qa.ptr, fb.add(qb, fb.mul(c, qa.strides[3])?)?)?;
+                        let y = fb.load_f32(ka.ptr, fb.add(kr, fb.mul(c, ka.strides[3])?)?)?;
+                        fb.set(dot, fb.fma_fast(fb.get(dot)?, x, y)?)
+                    })?;
+                    let score = fb.fmul(fb.get(dot)?, fb.f32c(scale))?;
+                    fb.store_f32(sc, j, score)?;
+                    fb.set(bmax, fb.intrinsic("llvm.maxnum", &[fb.get(bmax)?, score])?)
+                })?;
+                let m_old = fb.get(mx)?;
+                let m_new = fb.intrinsic("llvm.maxnum", &[m_old, fb.get(bmax)?])?;
+                let alpha = fb.exp(fb.b.build_float_sub(m_old, m_new, "d").map_err(be)?)?;
+                // p = exp(s - m_new), in place, and their sum.
+                fb.set(psum, fb.f32c(0.0))?;
+                fb.for_range(fb.i64c(0), jl, |fb, j| {
+                    let z =
+                        fb.b.build_float_sub(fb.load_f32(sc, j)?, m_new, "z")
+                            .map_err(be)?;
+                    let p = fb.exp(z)?;
+                    fb.store_f32(sc, j, p)?;
+                    let t = fb.fast(fb.fadd(fb.get(psum)?, p)?);
+                    fb.set(psum, t)
+                })?;
+                fb.set(l, fb.fadd(fb.fmul(fb.get(l)?, alpha)?, fb.get(psum)?)?)?;
+                fb.set(mx, m_new)?;
+                fb.for_range(fb.i64c(0), dv, |fb, c| {
+                    let a = fb.load_f32(acc, c)?;
+                    fb.store_f32(acc, c, fb.fmul(a, alpha)?)
+                })?;
+                fb.for_range(fb.i64c(0), jl, |fb, j| {
+                    let p = fb.load_f32(sc, j)?;
+                    let vr = fb.add(vb, fb.mul(fb.add(j0, j)?, va.strides[2])?)?;
+                    fb.for_range(fb.i64c(0), dv, |fb, c| {
+                        let a = fb.load_f32(acc, c)?;
+                        let y = fb.load_f32(va.ptr, fb.add(vr, fb.mul(c, va.strides[3])?)?)?;
+                        fb.store_f32(acc, c, fb.fadd(a, fb.fmul(p, y)?)?)
+                    })
+                })
+            })?;
+            fb.if_else(
+                single,
+                |fb| {
+                    let obase = fb.mul(u, dv)?;
+                    let lv = fb.get(l)?;
+                    fb.for_range(fb.i64c(0), dv, |fb, c| {
+                        let a = fb.load_f32(acc, c)?;
+                        fb.store_f32(
+                            optr,
+                            fb.add(obase, c)?,
+                            fb.b.build_float_div(a, lv, "o").map_err(be)?,
+                        )
+                    })
+                },
+                |fb| {
+                    let pbase = fb.mul(item, fb.i64c(d.dv + 2))?;
+                    fb.for_range(fb.i64c(0), dv, |fb, c| {
+                        fb.store_f32(pptr, fb.add(pbase, c)?, fb.load_f32(acc, c)?)
+                    })?;
+                    fb.store_f32(pptr, fb.add(pbase, dv)?, fb.get(mx)?)?;
+                    fb.store_f32(pptr, fb.add(pbase, fb.i64c(d.dv + 1))?, fb.get(l)?)
+                },
             )
-            .map_err(be)?;
-        fb.for_range(fb.i64c(0), nblocks, |fb, blk| {
-            let j0 = fb.add(lo, fb.mul(blk, fb.i64c(ATTN_BLOCK))?)?;
-            let jl = min(
-                fb.b.build_int_sub(hi, j0, "rest").map_err(be)?,
-                fb.i64c(ATTN_BLOCK),
-            )?;
-            // Scores of the block, and their max.
-            fb.set(bmax, fb.f32c(f64::NEG_INFINITY))?;
-            fb.for_range(fb.i64c(0), jl, |fb, j| {
-                let kr = fb.add(kb, fb.mul(fb.add(j0, j)?, ka.strides[2])?)?;
-                fb.set(dot, fb.f32c(0.0))?;
-                fb.for_range(fb.i64c(0), dd, |fb, c| {
-                    let x = fb.load_f32(qa.ptr, fb.add(qb, fb.mul(c, qa.strides[3])?)?)?;
-                    let y = fb.load_f32(ka.ptr, fb.add(kr, fb.mul(c, ka.strides[3])?)?)?;
-                    fb.set(dot, fb.fma_fast(fb.get(dot)?, x, y)?)
-                })?;
-                let score = fb.fmul(fb.get(dot)?, fb.f32c(scale))?;
-                fb.store_f32(sc, j, score)?;
-                fb.set(bmax, fb.intrinsic("llvm.maxnum", &[fb.get(bmax)?, score])?)
-            })?;
-            let m_old = fb.get(mx)?;
-            let m_new = fb.intrinsic("llvm.maxnum", &[m_old, fb.get(bmax)?])?;
-            let alpha = fb.exp(fb.b.build_float_sub(m_old, m_new, "d").map_err(be)?)?;
-            // p = exp(s - m_new), in place, and their sum.
-            fb.set(psum, fb.f32c(0.0))?;
-            fb.for_range(fb.i64c(0), jl, |fb, j| {
-                let z =
-                    fb.b.build_float_sub(fb.load_f32(sc, j)?, m_new, "z")
-                        .map_err(be)?;
-                let p = fb.exp(z)?;
-                fb.store_f32(sc, j, p)?;
-                let t = fb.fast(fb.fadd(fb.get(psum)?, p)?);
-                fb.set(psum, t)
-            })?;
-            fb.set(l, fb.fadd(fb.fmul(fb.get(l)?, alpha)?, fb.get(psum)?)?)?;
-            fb.set(mx, m_new)?;
-            fb.for_range(fb.i64c(0), dv, |fb, c| {
-                let a = fb.load_f32(acc, c)?;
-                fb.store_f32(acc, c, fb.fmul(a, alpha)?)
-            })?;
-            fb.for_range(fb.i64c(0), jl, |fb, j| {
-                let p = fb.load_f32(sc, j)?;
-                let vr = fb.add(vb, fb.mul(fb.add(j0, j)?, va.strides[2])?)?;
-                fb.for_range(fb.i64c(0), dv, |fb, c| {
-                    let a = fb.load_f32(acc, c)?;
-                    let y = fb.load_f32(va.ptr, fb.add(vr, fb.mul(c, va.strides[3])?)?)?;
-                    fb.store_f32(acc, c, fb.fadd(a, fb.fmul(p, y)?)?)
-                })
-            })
-        })?;
-        fb.if_else(
-            single,
-            |fb| {
-                let obase = fb.mul(u, dv)?;
-                let lv = fb.get(l)?;
-                fb.for_range(fb.i64c(0), dv, |fb, c| {
-                    let a = fb.load_f32(acc, c)?;
-                    fb.store_f32(
-                        optr,
-                        fb.add(obase, c)?,
-                        fb.b.build_float_div(a, lv, "o").map_err(be)?,
-                    )
-                })
-            },
-            |fb| {
-                let pbase = fb.mul(item, fb.i64c(d.dv + 2))?;
-                fb.for_range(fb.i64c(0), dv, |fb, c| {
-                    fb.store_f32(pptr, fb.add(pbase, c)?, fb.load_f32(acc, c)?)
-                })?;
-                fb.store_f32(pptr, fb.add(pbase, dv)?, fb.get(mx)?)?;
-                fb.store_f32(pptr, fb.add(pbase, fb.i64c(d.dv + 1))?, fb.get(l)?)
-            },
-        )
+        })
     })?;
     fb.ret_ok()
 }
@@ -3648,6 +3652,13 @@ fn gemm_mr(nr: i64) -> i64 {
     } else {
         6
     }
+}
+
+/// Scratch floats of a GEMM with `k`-long rows: one output tile, the chunk's row scales, and
+/// its rows of `a` packed for every k block.
+fn gemm_scratch(nr: i64, k: i64) -> usize {
+    let kblocks = (k + GEMM_KC - 1) / GEMM_KC;
+    (gemm_mr(nr) * nr + gemm_mc(nr) + gemm_mc(nr) * GEMM_KC * kblocks.max(1)) as usize
 }
 
 /// Rows of `a` per L2 block: six register blocks.
@@ -4271,9 +4282,18 @@ fn gemm<'ctx>(
             .into_int_value())
     };
     // Work is claimed by threads as they go: decode (a single block of rows, nothing
-    // packed) takes guided ranges of panels; blocked GEMMs take a chunk of rows × one range
-    // of panels per thread, since each unit packs its chunk's rows of `a` again.
-    let ranges = min(fb, fb.nth, fb.i64c(panels))?;
+    // packed) takes guided ranges of panels; blocked GEMMs take fixed units, a chunk of rows
+    // × a range of panels (chunk-major; at least 8 units per thread when chunks are few), so
+    // each thread packs a chunk's rows once for all the units of it that it takes.
+    let per_chunk = fb.add(
+        fb.i64c(1),
+        fb.b.build_int_signed_div(fb.i64c(8 - 1), nchunks, "pc")
+            .map_err(be)?,
+    )?;
+    let ranges = min(fb, fb.mul(fb.nth, per_chunk)?, fb.i64c(panels))?;
+    // The chunk this thread's packed rows (and row scales) are of; none yet.
+    let have = fb.slot(fb.i64t.into())?;
+    fb.b.build_store(have, fb.i64c(-1)).map_err(be)?;
     fb.claim_work(few, fb.i64c(panels), nchunks, ranges, |fb, [ch, ps, pe]| {
         let mc = fb.mul(ch, fb.i64c(gemm_mc(nr)))?;
         let mrows = min(
@@ -4281,27 +4301,34 @@ fn gemm<'ctx>(
             fb.i64c(gemm_mc(nr)),
             fb.b.build_int_sub(total, mc, "").map_err(be)?,
         )?;
+        let full_blocks =
+            fb.b.build_int_signed_div(mrows, fb.i64c(mr_full), "fb")
+                .map_err(be)?;
+        let had =
+            fb.b.build_load(fb.i64t, have, "had")
+                .map_err(be)?
+                .into_int_value();
+        let new_chunk =
+            fb.b.build_int_compare(IntPredicate::NE, had, ch, "newch")
+                .map_err(be)?;
+        let prep = fb.ctx.append_basic_block(fb.func, "chunk_prep");
+        let ready = fb.ctx.append_basic_block(fb.func, "chunk_ready");
+        fb.b.build_conditional_branch(new_chunk, prep, ready)
+            .map_err(be)?;
+        fb.b.position_at_end(prep);
         if let Some(eps) = norm {
             let base = fb.add(aav.off, fb.mul(mc, lda)?)?;
             inv_rms_rows(fb, aav.ptr, [base, lda, mrows, fb.i64c(k)], eps, inv)?;
         }
+        let do_pack = fb.ctx.append_basic_block(fb.func, "packa");
+        let packed = fb.ctx.append_basic_block(fb.func, "packed");
+        fb.b.build_conditional_branch(pack_a, do_pack, packed)
+            .map_err(be)?;
+        fb.b.position_at_end(do_pack);
+        // Block `blk` of k block `kb` at `kb·MC·KC + blk·MR·KC`, k-major within.
         fb.for_range(fb.i64c(0), kblocks, |fb, kb| {
             let kc = fb.mul(kb, kcs)?;
             let kl = min(fb, kcs, fb.b.build_int_sub(fb.i64c(k), kc, "").map_err(be)?)?;
-            let first =
-                fb.b.build_int_compare(IntPredicate::EQ, kb, fb.i64c(0), "first")
-                    .map_err(be)?;
-            let last =
-                fb.b.build_int_compare(IntPredicate::EQ, kb, last_kb, "last")
-                    .map_err(be)?;
-            let full_blocks =
-                fb.b.build_int_signed_div(mrows, fb.i64c(mr_full), "fb")
-                    .map_err(be)?;
-            let do_pack = fb.ctx.append_basic_block(fb.func, "packa");
-            let packed = fb.ctx.append_basic_block(fb.func, "packed");
-            fb.b.build_conditional_branch(pack_a, do_pack, packed)
-                .map_err(be)?;
-            fb.b.position_at_end(do_pack);
             fb.for_range(
                 fb.i64c(0),
                 fb.mul(full_blocks, fb.i64c(mr_full))?,
@@ -4313,15 +4340,34 @@ fn gemm<'ctx>(
                     let lane =
                         fb.b.build_int_signed_rem(r, fb.i64c(mr_full), "lane")
                             .map_err(be)?;
-                    let dst = fb.add(fb.mul(blk, fb.i64c(mr_full * GEMM_KC))?, lane)?;
+                    let dst = fb.add(
+                        fb.add(
+                            fb.mul(kb, fb.i64c(gemm_mc(nr) * GEMM_KC))?,
+                            fb.mul(blk, fb.i64c(mr_full * GEMM_KC))?,
+                        )?,
+                        lane,
+                    )?;
                     fb.for_range(fb.i64c(0), kl, |fb, kk| {
                         let v = fb.load_f32(aav.ptr, fb.add(src, kk)?)?;
                         fb.store_f32(apack, fb.add(dst, fb.mul(kk, fb.i64c(mr_full))?)?, v)
                     })
                 },
-            )?;
-            fb.b.build_unconditional_branch(packed).map_err(be)?;
-            fb.b.position_at_end(packed);
+            )
+        })?;
+        fb.b.build_unconditional_branch(packed).map_err(be)?;
+        fb.b.position_at_end(packed);
+        fb.b.build_store(have, ch).map_err(be)?;
+        fb.b.build_unconditional_branch(ready).map_err(be)?;
+        fb.b.position_at_end(ready);
+        fb.for_range(fb.i64c(0), kblocks, |fb, kb| {
+            let kc = fb.mul(kb, kcs)?;
+            let kl = min(fb, kcs, fb.b.build_int_sub(fb.i64c(k), kc, "").map_err(be)?)?;
+            let first =
+                fb.b.build_int_compare(IntPredicate::EQ, kb, fb.i64c(0), "first")
+                    .map_err(be)?;
+            let last =
+                fb.b.build_int_compare(IntPredicate::EQ, kb, last_kb, "last")
+                    .map_err(be)?;
             fb.for_range(ps, pe, |fb, p| {
                 let cols = min(
                     fb,
@@ -4361,7 +4407,10 @@ fn gemm<'ctx>(
                             fb.b.build_in_bounds_gep(
                                 fb.f32t,
                                 apack,
-                                &[fb.mul(r0, fb.i64c(GEMM_KC))?],
+                                &[fb.add(
+                                    fb.mul(kb, fb.i64c(gemm_mc(nr) * GEMM_KC))?,
+                                    fb.mul(r0, fb.i64c(GEMM_KC))?,
+                                )?],
                                 "pa",
                             )
                         }
