@@ -3674,6 +3674,9 @@ const PACK_BLOCK: i64 = 16;
 /// alternating runs, for both f32 and bf16 decode).
 const PREFETCH_ROWS: i64 = 64;
 
+/// Bytes per cache line (x86).
+const CACHE_LINE: i64 = 64;
+
 fn pack_panels(fb: &Fb, out: u32, w: &Access, k: i64, n: i64, nr: i64, store: PanelType) -> R<()> {
     let wav = fb.access(w, ElemType::F32)?;
     let optr = fb.buf(out)?;
@@ -3914,22 +3917,31 @@ fn ukernel<'ctx>(
         } else {
             ctx.i16_type().into()
         };
-        let ahead = b
-            .build_int_add(boff, i64c(PREFETCH_ROWS * nr), "pf")
-            .map_err(be)?;
-        let addr = gep(ety, bp, ahead)?;
+        // One prefetch per cache line of a panel row (two for f32 rows of 32).
+        let elem_bytes = if panel == PanelType::F32 { 4 } else { 2 };
+        let lines = ((nr * elem_bytes + CACHE_LINE - 1) / CACHE_LINE).max(1);
         let i32t = ctx.i32_type();
-        b.build_call(
-            pf,
-            &[
-                addr.into(),
-                i32t.const_zero().into(),
-                i32t.const_int(3, false).into(),
-                i32t.const_int(1, false).into(),
-            ],
-            "",
-        )
-        .map_err(be)?;
+        for line in 0..lines {
+            let ahead = b
+                .build_int_add(
+                    boff,
+                    i64c(PREFETCH_ROWS * nr + line * CACHE_LINE / elem_bytes),
+                    "pf",
+                )
+                .map_err(be)?;
+            let addr = gep(ety, bp, ahead)?;
+            b.build_call(
+                pf,
+                &[
+                    addr.into(),
+                    i32t.const_zero().into(),
+                    i32t.const_int(3, false).into(),
+                    i32t.const_int(1, false).into(),
+                ],
+                "",
+            )
+            .map_err(be)?;
+        }
     }
     let bvs: Vec<inkwell::values::VectorValue<'ctx>> = (0..nv as i64)
         .map(|v| -> R<inkwell::values::VectorValue<'ctx>> {
