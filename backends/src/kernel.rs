@@ -65,6 +65,25 @@ impl Poly {
         Poly(terms)
     }
 
+    /// Equal as polynomials (whatever the order of terms and of factors within them).
+    pub fn same(&self, o: &Poly) -> bool {
+        fn canon(p: &Poly) -> Vec<(Vec<Dim>, i64)> {
+            let mut terms: Vec<(Vec<Dim>, i64)> = vec![];
+            for (c, f) in &p.0 {
+                let mut f = f.clone();
+                f.sort();
+                match terms.iter_mut().find(|(g, _)| *g == f) {
+                    Some(t) => t.1 += c,
+                    None => terms.push((f, *c)),
+                }
+            }
+            terms.retain(|(_, c)| *c != 0);
+            terms.sort();
+            terms
+        }
+        canon(self) == canon(o)
+    }
+
     pub fn as_const(&self) -> Option<i64> {
         match self.0.as_slice() {
             [] => Some(0),
@@ -147,6 +166,101 @@ pub fn contiguous_strides(shape: &[Dim]) -> Vec<Poly> {
         acc = acc.mul_dim(&shape[i]);
     }
     strides
+}
+
+/// An element count as a constant times a multiset of symbolic dims, for telling whether
+/// runs of dims hold the same number of elements.
+#[derive(Clone, Debug, PartialEq)]
+struct Numel {
+    k: i128,
+    syms: Vec<Dim>,
+}
+
+impl Numel {
+    fn of(d: &Dim) -> Numel {
+        match d.as_const() {
+            Some(c) => Numel {
+                k: c as i128,
+                syms: vec![],
+            },
+            None => Numel {
+                k: 1,
+                syms: vec![d.clone()],
+            },
+        }
+    }
+
+    fn times(&self, d: &Dim) -> Numel {
+        let o = Numel::of(d);
+        let mut syms = [self.syms.clone(), o.syms].concat();
+        syms.sort();
+        Numel {
+            k: self.k * o.k,
+            syms,
+        }
+    }
+
+    /// Whether `o` is `self` times a whole number of elements.
+    fn divides(&self, o: &Numel) -> bool {
+        let mut rest = o.syms.clone();
+        self.k != 0
+            && o.k % self.k == 0
+            && self.syms.iter().all(|d| match rest.iter().position(|x| x == d) {
+                Some(i) => {
+                    rest.remove(i);
+                    true
+                }
+                None => false,
+            })
+    }
+}
+
+/// The strides that view `outs` as a reshape of a view of `ins` with `strides`, with no
+/// copy: possible when each run of input dims that becomes a run of output dims is laid
+/// out as one block (each stride its inner neighbour's times that one's extent), as the
+/// `[B, T, 576]` columns of a fused projection's `[B, T, 960]` output split into
+/// `[B, T, 9, 64]` heads are. Dims of extent 1 take any stride. `None` when a copy is needed
+/// (or the runs cannot be matched symbolically).
+pub fn reshape_strides(strides: &[Poly], ins: &[Dim], outs: &[Dim]) -> Option<Vec<Poly>> {
+    let one = |d: &Dim| d.as_const() == Some(1);
+    if ins.iter().chain(outs).any(|d| d.as_const() == Some(0)) {
+        return None;
+    }
+    let is: Vec<usize> = (0..ins.len()).filter(|&i| !one(&ins[i])).collect();
+    let os: Vec<usize> = (0..outs.len()).filter(|&j| !one(&outs[j])).collect();
+    let mut res = vec![Poly::zero(); outs.len()];
+    let (mut a, mut b) = (0, 0);
+    while a < is.len() || b < os.len() {
+        if a == is.len() || b == os.len() {
+            return None;
+        }
+        let (a0, b0) = (a, b);
+        let (mut pa, mut pb) = (Numel::of(&ins[is[a]]), Numel::of(&outs[os[b]]));
+        a += 1;
+        b += 1;
+        while pa != pb {
+            if pa.divides(&pb) && a < is.len() {
+                pa = pa.times(&ins[is[a]]);
+                a += 1;
+            } else if pb.divides(&pa) && b < os.len() {
+                pb = pb.times(&outs[os[b]]);
+                b += 1;
+            } else {
+                return None;
+            }
+        }
+        for w in is[a0..a].windows(2) {
+            if !strides[w[1]].mul_dim(&ins[w[1]]).same(&strides[w[0]]) {
+                return None;
+            }
+        }
+        let mut st = strides[is[a - 1]].clone();
+        for &j in os[b0..b].iter().rev() {
+            res[j] = st.clone();
+            st = st.mul_dim(&outs[j]);
+        }
+    }
+    Some(res)
 }
 
 /// A scalar expression over the kernel's iteration index.
@@ -498,4 +612,80 @@ pub struct Program {
     pub outputs: Vec<(String, u32)>,
     /// Values grown in place between runs (see `StateSpec`).
     pub states: Vec<StateSpec>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims(s: &str) -> Vec<Dim> {
+        s.split(',')
+            .map(|d| match d.trim().parse::<i64>() {
+                Ok(v) => Dim::c(v),
+                Err(_) => Dim::sym(d.trim()),
+            })
+            .collect()
+    }
+
+    fn show(s: Option<Vec<Poly>>) -> String {
+        match s {
+            None => "copy".into(),
+            Some(v) => v.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "),
+        }
+    }
+
+    #[test]
+    fn reshape_of_a_view_keeps_strides_when_each_merged_run_is_one_block() {
+        // Contiguous: any reshape is a view.
+        let c = |s: &str| contiguous_strides(&dims(s));
+        assert_eq!(
+            show(reshape_strides(&c("B, T, 576"), &dims("B, T, 576"), &dims("B, T, 9, 64"))),
+            "576*(T), 576, 64, 1"
+        );
+        // The first 576 of 960 columns, split into heads: the row stride stays 960.
+        let cols = vec![Poly::dim(&Dim::sym("T")).scale(960), Poly::c(960), Poly::c(1)];
+        assert_eq!(
+            show(reshape_strides(&cols, &dims("B, T, 576"), &dims("B, T, 9, 64"))),
+            "960*(T), 960, 64, 1"
+        );
+        // Merging them back is a view too; merging T with the columns is not (960 ≠ 576).
+        let heads = vec![
+            Poly::dim(&Dim::sym("T")).scale(960),
+            Poly::c(960),
+            Poly::c(64),
+            Poly::c(1),
+        ];
+        assert_eq!(
+            show(reshape_strides(&heads, &dims("B, T, 9, 64"), &dims("B, T, 576"))),
+            "960*(T), 960, 1"
+        );
+        assert_eq!(
+            show(reshape_strides(&cols, &dims("B, T, 576"), &dims("B, 576, T"))),
+            "copy"
+        );
+        // Heads permuted in front of T ([B, 9, T, 64] viewed as [B, T, 9, 64]) cannot merge.
+        let permuted = vec![
+            Poly::dim(&Dim::sym("T")).scale(576),
+            Poly::c(64),
+            Poly::dim(&Dim::sym("T")).scale(64),
+            Poly::c(1),
+        ];
+        assert_eq!(
+            show(reshape_strides(&permuted, &dims("B, T, 9, 64"), &dims("B, T, 576"))),
+            "copy"
+        );
+        // Extents of 1 come and go with any stride; a transposed matrix flattens only by copy.
+        assert_eq!(
+            show(reshape_strides(&cols, &dims("B, T, 576"), &dims("B, 1, T, 576, 1"))),
+            "960*(T), 0, 960, 1, 0"
+        );
+        let t = vec![Poly::c(1), Poly::c(3)];
+        assert_eq!(show(reshape_strides(&t, &dims("3, 2"), &dims("6"))), "copy");
+        assert_eq!(show(reshape_strides(&t, &dims("3, 2"), &dims("3, 1, 2"))), "1, 0, 3");
+        // Symbolic runs match by their factors: B and T merge into one run and split again.
+        assert_eq!(
+            show(reshape_strides(&c("B, T, 4"), &dims("B, T, 4"), &dims("T, B, 4"))),
+            "copy"
+        );
+    }
 }

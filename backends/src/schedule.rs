@@ -10,7 +10,7 @@ use egret_ir::{DType, Dim, Graph, Op, ValueId};
 use egret_runtime::plan::{BufferRole, BufferSpec, ElemType, StateSpec};
 
 use crate::kernel::{
-    contiguous_strides, symdim, Access, AttnDims, Expr, Kernel, PanelType, Poly, Program, Round,
+    contiguous_strides, reshape_strides, symdim, Access, AttnDims, Expr, Kernel, PanelType, Poly, Program, Round,
 };
 use crate::BackendError;
 
@@ -498,16 +498,21 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                     a => {
                         let ins = arg_shape(0);
                         let acc = s.view(&a, &ins);
-                        let acc = if acc.strides == contiguous_strides(&ins) {
-                            acc
-                        } else {
-                            s.materialize(Expr::Load(acc, e), &ins)
-                        };
-                        Val::View(Access {
-                            buf: acc.buf,
-                            offset: acc.offset,
-                            strides: contiguous_strides(&shape),
-                        })
+                        match reshape_strides(&acc.strides, &ins, &shape) {
+                            Some(strides) => Val::View(Access {
+                                buf: acc.buf,
+                                offset: acc.offset,
+                                strides,
+                            }),
+                            None => {
+                                let acc = s.materialize(Expr::Load(acc, e), &ins);
+                                Val::View(Access {
+                                    buf: acc.buf,
+                                    offset: acc.offset,
+                                    strides: contiguous_strides(&shape),
+                                })
+                            }
+                        }
                     }
                 },
                 Op::Concat { axis } => {
