@@ -241,7 +241,7 @@ pub struct CpuExecutor {
     arena: Aligned,
     scratch: Aligned,
     /// The work counter of the launch under way (`KernelFn`), zeroed before each.
-    work: Box<std::sync::atomic::AtomicI64>,
+    work: Box<WorkCounter>,
     layout: Option<Layout>,
     states: Vec<StateBuf>,
     feedback: Vec<Feedback>,
@@ -251,6 +251,10 @@ pub struct CpuExecutor {
 
 // SAFETY: kernel functions are plain code; buffers are owned and only touched inside `run`.
 unsafe impl Send for CpuExecutor {}
+
+/// A launch's work counter, alone in its cache lines (threads hammer it while claiming).
+#[repr(align(128))]
+struct WorkCounter(std::sync::atomic::AtomicI64);
 
 struct SendPtr<T>(*const T);
 unsafe impl<T> Send for SendPtr<T> {}
@@ -275,7 +279,7 @@ impl CpuExecutor {
             persistent: (0..n).map(|_| None).collect(),
             arena: Aligned::new(0),
             scratch: Aligned::new(0),
-            work: Box::new(std::sync::atomic::AtomicI64::new(0)),
+            work: Box::new(WorkCounter(std::sync::atomic::AtomicI64::new(0))),
             layout: None,
             states,
             feedback: vec![],
@@ -603,12 +607,12 @@ impl CpuExecutor {
         let f = self.fns[k];
         let stride = call.scratch_floats;
         // The pool's launch publishes this store to every thread before they start.
-        self.work.store(0, std::sync::atomic::Ordering::Relaxed);
+        self.work.0.store(0, std::sync::atomic::Ordering::Relaxed);
         let (args_p, syms_p, scratch_p, work_p) = (
             SendPtr(args.as_ptr()),
             SendPtr(syms.as_ptr()),
             SendPtr(self.scratch.ptr() as *const f32),
-            SendPtr(self.work.as_ptr() as *const i64),
+            SendPtr(self.work.0.as_ptr() as *const i64),
         );
         let status = Arc::new(std::sync::atomic::AtomicI32::new(0));
         let st = status.clone();
