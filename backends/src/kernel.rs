@@ -205,13 +205,16 @@ impl Numel {
         let mut rest = o.syms.clone();
         self.k != 0
             && o.k % self.k == 0
-            && self.syms.iter().all(|d| match rest.iter().position(|x| x == d) {
-                Some(i) => {
-                    rest.remove(i);
-                    true
-                }
-                None => false,
-            })
+            && self
+                .syms
+                .iter()
+                .all(|d| match rest.iter().position(|x| x == d) {
+                    Some(i) => {
+                        rest.remove(i);
+                        true
+                    }
+                    None => false,
+                })
     }
 }
 
@@ -630,7 +633,11 @@ mod tests {
     fn show(s: Option<Vec<Poly>>) -> String {
         match s {
             None => "copy".into(),
-            Some(v) => v.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "),
+            Some(v) => v
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
         }
     }
 
@@ -639,13 +646,25 @@ mod tests {
         // Contiguous: any reshape is a view.
         let c = |s: &str| contiguous_strides(&dims(s));
         assert_eq!(
-            show(reshape_strides(&c("B, T, 576"), &dims("B, T, 576"), &dims("B, T, 9, 64"))),
+            show(reshape_strides(
+                &c("B, T, 576"),
+                &dims("B, T, 576"),
+                &dims("B, T, 9, 64")
+            )),
             "576*(T), 576, 64, 1"
         );
         // The first 576 of 960 columns, split into heads: the row stride stays 960.
-        let cols = vec![Poly::dim(&Dim::sym("T")).scale(960), Poly::c(960), Poly::c(1)];
+        let cols = vec![
+            Poly::dim(&Dim::sym("T")).scale(960),
+            Poly::c(960),
+            Poly::c(1),
+        ];
         assert_eq!(
-            show(reshape_strides(&cols, &dims("B, T, 576"), &dims("B, T, 9, 64"))),
+            show(reshape_strides(
+                &cols,
+                &dims("B, T, 576"),
+                &dims("B, T, 9, 64")
+            )),
             "960*(T), 960, 64, 1"
         );
         // Merging them back is a view too; merging T with the columns is not (960 ≠ 576).
@@ -656,11 +675,19 @@ mod tests {
             Poly::c(1),
         ];
         assert_eq!(
-            show(reshape_strides(&heads, &dims("B, T, 9, 64"), &dims("B, T, 576"))),
+            show(reshape_strides(
+                &heads,
+                &dims("B, T, 9, 64"),
+                &dims("B, T, 576")
+            )),
             "960*(T), 960, 1"
         );
         assert_eq!(
-            show(reshape_strides(&cols, &dims("B, T, 576"), &dims("B, 576, T"))),
+            show(reshape_strides(
+                &cols,
+                &dims("B, T, 576"),
+                &dims("B, 576, T")
+            )),
             "copy"
         );
         // Heads permuted in front of T ([B, 9, T, 64] viewed as [B, T, 9, 64]) cannot merge.
@@ -671,20 +698,35 @@ mod tests {
             Poly::c(1),
         ];
         assert_eq!(
-            show(reshape_strides(&permuted, &dims("B, T, 9, 64"), &dims("B, T, 576"))),
+            show(reshape_strides(
+                &permuted,
+                &dims("B, T, 9, 64"),
+                &dims("B, T, 576")
+            )),
             "copy"
         );
         // Extents of 1 come and go with any stride; a transposed matrix flattens only by copy.
         assert_eq!(
-            show(reshape_strides(&cols, &dims("B, T, 576"), &dims("B, 1, T, 576, 1"))),
+            show(reshape_strides(
+                &cols,
+                &dims("B, T, 576"),
+                &dims("B, 1, T, 576, 1")
+            )),
             "960*(T), 0, 960, 1, 0"
         );
         let t = vec![Poly::c(1), Poly::c(3)];
         assert_eq!(show(reshape_strides(&t, &dims("3, 2"), &dims("6"))), "copy");
-        assert_eq!(show(reshape_strides(&t, &dims("3, 2"), &dims("3, 1, 2"))), "1, 0, 3");
+        assert_eq!(
+            show(reshape_strides(&t, &dims("3, 2"), &dims("3, 1, 2"))),
+            "1, 0, 3"
+        );
         // Symbolic runs match by their factors: B and T merge into one run and split again.
         assert_eq!(
-            show(reshape_strides(&c("B, T, 4"), &dims("B, T, 4"), &dims("T, B, 4"))),
+            show(reshape_strides(
+                &c("B, T, 4"),
+                &dims("B, T, 4"),
+                &dims("T, B, 4")
+            )),
             "copy"
         );
     }

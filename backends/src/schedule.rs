@@ -10,7 +10,8 @@ use egret_ir::{DType, Dim, Graph, Op, ValueId};
 use egret_runtime::plan::{BufferRole, BufferSpec, ElemType, StateSpec};
 
 use crate::kernel::{
-    contiguous_strides, reshape_strides, symdim, Access, AttnDims, Expr, Kernel, PanelType, Poly, Program, Round,
+    contiguous_strides, reshape_strides, symdim, Access, AttnDims, Expr, Kernel, PanelType, Poly,
+    Program, Round,
 };
 use crate::BackendError;
 

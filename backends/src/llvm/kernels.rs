@@ -3799,6 +3799,7 @@ fn ukernel<'ctx>(
             ctx.bool_type().into(),
             ptrt.into(),
             i64t.into(),
+            ptrt.into(),
         ],
         false,
     );
@@ -3810,7 +3811,7 @@ fn ukernel<'ctx>(
     let entry = ctx.append_basic_block(f, "entry");
     b.position_at_end(entry);
     let p = |i: u32| f.get_nth_param(i).expect("param");
-    let (a, lda, bp, c, ldc, kl, first, scale, ka) = (
+    let (a, lda, bp, c, ldc, kl, first, scale, ka, next) = (
         p(0).into_pointer_value(),
         p(1).into_int_value(),
         p(2).into_pointer_value(),
@@ -3820,6 +3821,7 @@ fn ukernel<'ctx>(
         p(6).into_int_value(),
         p(7).into_pointer_value(),
         p(8).into_int_value(),
+        p(9).into_pointer_value(),
     );
     let fma = Intrinsic::find("llvm.fma")
         .expect("fma")
@@ -3936,6 +3938,22 @@ fn ukernel<'ctx>(
                     addr.into(),
                     i32t.const_zero().into(),
                     i32t.const_int(3, false).into(),
+                    i32t.const_int(1, false).into(),
+                ],
+                "",
+            )
+            .map_err(be)?;
+            // The same row of the panel the caller goes on to next, into L2 only.
+            let at = b
+                .build_int_add(boff, i64c(line * CACHE_LINE / elem_bytes), "pn")
+                .map_err(be)?;
+            let addr = unsafe { b.build_gep(ety, next, &[at], "pn") }.map_err(be)?;
+            b.build_call(
+                pf,
+                &[
+                    addr.into(),
+                    i32t.const_zero().into(),
+                    i32t.const_int(2, false).into(),
                     i32t.const_int(1, false).into(),
                 ],
                 "",
@@ -4154,7 +4172,7 @@ fn ukernel_call<'ctx>(
     f: FunctionValue<'ctx>,
     mr: i64,
     nr: i64,
-    [a, bp, c, tile]: [PointerValue<'ctx>; 4],
+    [a, bp, c, tile, next]: [PointerValue<'ctx>; 5],
     [lda, ka, ldc, cols, kl]: [IntValue<'ctx>; 5],
     first: IntValue<'ctx>,
     row_scale: Option<(PointerValue<'ctx>, IntValue<'ctx>, IntValue<'ctx>)>,
@@ -4189,6 +4207,7 @@ fn ukernel_call<'ctx>(
             first.into(),
             scale.into(),
             ka.into(),
+            next.into(),
         ]
     };
     fb.b.build_call(f, &args(c, ldc), "").map_err(be)?;
@@ -4396,6 +4415,15 @@ fn gemm<'ctx>(
                     )
                 }
                 .map_err(be)?;
+                // Blocked, the same k block of the next panel is prefetched into L2 while
+                // this one's row blocks run (it would otherwise come from L3 during the
+                // first); decode streams ahead in its own panel instead.
+                let bnext =
+                    unsafe { fb.b.build_gep(pty, bpp, &[fb.i64c(k * nr)], "bnext") }.map_err(be)?;
+                let bnext =
+                    fb.b.build_select(few, bpp, bnext, "bn")
+                        .map_err(be)?
+                        .into_pointer_value();
                 // One row block of `mr` rows starting at chunk row `r0`.
                 let call = |fb: &Fb<'_, 'ctx>,
                             r0: IntValue<'ctx>,
@@ -4442,7 +4470,7 @@ fn gemm<'ctx>(
                         f,
                         mr,
                         nr,
-                        [aptr, bpp, cptr, tile],
+                        [aptr, bpp, cptr, tile, bnext],
                         [lda_, ka, fb.i64c(n), cols, kl],
                         first,
                         norm.map(|_| (inv, r0, last)),
@@ -4671,7 +4699,7 @@ fn packed_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &RuntimeGemm) -> R<()> {
                             f,
                             mr,
                             nr,
-                            [aptr, bp, cptr, tile],
+                            [aptr, bp, cptr, tile, bp],
                             [lda, fb.i64c(1), nv, cols, kl],
                             first,
                             mm.norm.map(|_| (inv, rr, klast)),
