@@ -643,91 +643,45 @@ mod tests {
 
     #[test]
     fn reshape_of_a_view_keeps_strides_when_each_merged_run_is_one_block() {
-        // Contiguous: any reshape is a view.
-        let c = |s: &str| contiguous_strides(&dims(s));
-        assert_eq!(
-            show(reshape_strides(
-                &c("B, T, 576"),
-                &dims("B, T, 576"),
-                &dims("B, T, 9, 64")
-            )),
-            "576*(T), 576, 64, 1"
-        );
-        // The first 576 of 960 columns, split into heads: the row stride stays 960.
-        let cols = vec![
-            Poly::dim(&Dim::sym("T")).scale(960),
-            Poly::c(960),
-            Poly::c(1),
-        ];
-        assert_eq!(
-            show(reshape_strides(
+        let t = || Poly::dim(&Dim::sym("T"));
+        let contiguous = contiguous_strides(&dims("B, T, 576"));
+        // The first 576 of 960 columns ([B, T, 960] rows), and those split into heads.
+        let cols = vec![t().scale(960), Poly::c(960), Poly::c(1)];
+        let heads = vec![t().scale(960), Poly::c(960), Poly::c(64), Poly::c(1)];
+        // Heads permuted in front of T ([B, 9, T, 64] seen as [B, T, 9, 64]).
+        let permuted = vec![t().scale(576), Poly::c(64), t().scale(64), Poly::c(1)];
+        let transposed = vec![Poly::c(1), Poly::c(3)];
+        let cases: [(&[Poly], &str, &str, &str); 9] = [
+            // Contiguous: any reshape is a view.
+            (
+                &contiguous,
+                "B, T, 576",
+                "B, T, 9, 64",
+                "576*(T), 576, 64, 1",
+            ),
+            // Splitting the columns keeps their row stride; merging them back is a view too.
+            (&cols, "B, T, 576", "B, T, 9, 64", "960*(T), 960, 64, 1"),
+            (&heads, "B, T, 9, 64", "B, T, 576", "960*(T), 960, 1"),
+            // Runs that do not line up, or that are not one block, need a copy.
+            (&cols, "B, T, 576", "B, 576, T", "copy"),
+            (&permuted, "B, T, 9, 64", "B, T, 576", "copy"),
+            (&transposed, "3, 2", "6", "copy"),
+            (&contiguous, "B, T, 576", "T, B, 576", "copy"),
+            // Extents of 1 come and go with any stride.
+            (
                 &cols,
-                &dims("B, T, 576"),
-                &dims("B, T, 9, 64")
-            )),
-            "960*(T), 960, 64, 1"
-        );
-        // Merging them back is a view too; merging T with the columns is not (960 ≠ 576).
-        let heads = vec![
-            Poly::dim(&Dim::sym("T")).scale(960),
-            Poly::c(960),
-            Poly::c(64),
-            Poly::c(1),
+                "B, T, 576",
+                "B, 1, T, 576, 1",
+                "960*(T), 0, 960, 1, 0",
+            ),
+            (&transposed, "3, 2", "3, 1, 2", "1, 0, 3"),
         ];
-        assert_eq!(
-            show(reshape_strides(
-                &heads,
-                &dims("B, T, 9, 64"),
-                &dims("B, T, 576")
-            )),
-            "960*(T), 960, 1"
-        );
-        assert_eq!(
-            show(reshape_strides(
-                &cols,
-                &dims("B, T, 576"),
-                &dims("B, 576, T")
-            )),
-            "copy"
-        );
-        // Heads permuted in front of T ([B, 9, T, 64] viewed as [B, T, 9, 64]) cannot merge.
-        let permuted = vec![
-            Poly::dim(&Dim::sym("T")).scale(576),
-            Poly::c(64),
-            Poly::dim(&Dim::sym("T")).scale(64),
-            Poly::c(1),
-        ];
-        assert_eq!(
-            show(reshape_strides(
-                &permuted,
-                &dims("B, T, 9, 64"),
-                &dims("B, T, 576")
-            )),
-            "copy"
-        );
-        // Extents of 1 come and go with any stride; a transposed matrix flattens only by copy.
-        assert_eq!(
-            show(reshape_strides(
-                &cols,
-                &dims("B, T, 576"),
-                &dims("B, 1, T, 576, 1")
-            )),
-            "960*(T), 0, 960, 1, 0"
-        );
-        let t = vec![Poly::c(1), Poly::c(3)];
-        assert_eq!(show(reshape_strides(&t, &dims("3, 2"), &dims("6"))), "copy");
-        assert_eq!(
-            show(reshape_strides(&t, &dims("3, 2"), &dims("3, 1, 2"))),
-            "1, 0, 3"
-        );
-        // Symbolic runs match by their factors: B and T merge into one run and split again.
-        assert_eq!(
-            show(reshape_strides(
-                &c("B, T, 4"),
-                &dims("B, T, 4"),
-                &dims("T, B, 4")
-            )),
-            "copy"
-        );
+        for (strides, ins, outs, want) in cases {
+            assert_eq!(
+                show(reshape_strides(strides, &dims(ins), &dims(outs))),
+                want,
+                "{ins} -> {outs}"
+            );
+        }
     }
 }

@@ -3053,6 +3053,30 @@ fn attn_splits<'ctx>(
         .into_int_value())
 }
 
+/// Where query row `u` (over `[B, H, T]`) of an attention reads: its query, the first key and
+/// value of its group (head `h` reads kv head `h / (H / Hkv)`), and the end of its visible
+/// keys (`j <= positions[b, t]`, `j < S`).
+fn attn_row<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    [qa, ka, va, pa]: [&Av<'ctx>; 4],
+    [bv, h, tv, sv]: [IntValue<'ctx>; 4],
+    rep: i64,
+    u: IntValue<'ctx>,
+) -> R<[IntValue<'ctx>; 4]> {
+    let idx = fb.decompose(u, &[bv, h, tv])?;
+    let (bi, hi, ti) = (idx[0], idx[1], idx[2]);
+    let g =
+        fb.b.build_int_signed_div(hi, fb.i64c(rep), "g")
+            .map_err(be)?;
+    let qb = fb.at(qa, &[(0, bi), (1, hi), (2, ti)])?;
+    let kb = fb.at(ka, &[(0, bi), (1, g)])?;
+    let vb = fb.at(va, &[(0, bi), (1, g)])?;
+    let limit = fb
+        .load(pa, fb.at(pa, &[(0, bi), (1, ti)])?)?
+        .into_int_value();
+    Ok([qb, kb, vb, fb.imin(fb.add(limit, fb.i64c(1))?, sv)?])
+}
+
 /// Flash-style attention: per (b, h, t) — and per split of the keys when `attn_splits` says
 /// so — the visible keys in blocks of `ATTN_BLOCK`. For each block: scores (one dot product
 /// per key), the block max, `p = exp(s - m)` and its sum, then the running output row (in
@@ -3080,12 +3104,7 @@ fn attention(
     let optr = fb.buf(out)?;
     let pptr = fb.buf(part)?;
     let (bv, tv, sv) = (fb.dim(&d.b)?, fb.dim(&d.t)?, fb.dim(&d.s)?);
-    let (h, dd, dv, rep) = (
-        fb.i64c(d.h),
-        fb.i64c(d.d),
-        fb.i64c(d.dv),
-        fb.i64c(d.h / d.hkv),
-    );
+    let (h, dd, dv) = (fb.i64c(d.h), fb.i64c(d.d), fb.i64c(d.dv));
     let units = fb.mul(fb.mul(bv, h)?, tv)?;
     let nsplit = attn_splits(fb, units, sv)?;
     let chunk =
@@ -3122,18 +3141,10 @@ fn attention(
             let c =
                 fb.b.build_int_signed_rem(item, nsplit, "split")
                     .map_err(be)?;
-            let idx = fb.decompose(u, &[bv, h, tv])?;
-            let (bi, hi, ti) = (idx[0], idx[1], idx[2]);
-            let g = fb.b.build_int_signed_div(hi, rep, "g").map_err(be)?;
-            let qb = fb.at(&qa, &[(0, bi), (1, hi), (2, ti)])?;
-            let kb = fb.at(&ka, &[(0, bi), (1, g)])?;
-            let vb = fb.at(&va, &[(0, bi), (1, g)])?;
-            let limit = fb
-                .load(&pa, fb.at(&pa, &[(0, bi), (1, ti)])?)?
-                .into_int_value();
-            // visible keys: j <= positions[b, t], j < S; this split's share [lo, hi).
+            let [qb, kb, vb, end] =
+                attn_row(fb, [&qa, &ka, &va, &pa], [bv, h, tv, sv], d.h / d.hkv, u)?;
+            // This split's share [lo, hi) of the visible keys.
             let min = |a, b| fb.imin(a, b);
-            let end = min(fb.add(limit, fb.i64c(1))?, sv)?;
             let lo = fb.mul(c, chunk)?;
             let hi = min(fb.add(lo, chunk)?, end)?;
             let n = fb.b.build_int_sub(hi, lo, "n").map_err(be)?;
@@ -3288,7 +3299,6 @@ fn gpu_attention(
             .map_err(be)
     };
     let (bv, tv, sv) = (fb.dim(&d.b)?, fb.dim(&d.t)?, fb.dim(&d.s)?);
-    let rep = c(d.h / d.hkv);
     let warps = GPU_BLOCK_THREADS / 32;
     let units = fb.mul(fb.mul(bv, c(d.h))?, tv)?;
     let groups = sdiv(fb.add(units, c(warps - 1))?, c(warps), "groups")?;
@@ -3322,16 +3332,13 @@ fn gpu_attention(
         fb.if_else(
             lt(u, units)?,
             |fb| {
-                let idx = fb.decompose(u, &[bv, c(d.h), tv])?;
-                let (bi, hi, ti) = (idx[0], idx[1], idx[2]);
-                let g = sdiv(hi, rep, "g")?;
-                let qb = fb.at(&qa, &[(0, bi), (1, hi), (2, ti)])?;
-                let kb = fb.at(&ka, &[(0, bi), (1, g)])?;
-                let vb = fb.at(&va, &[(0, bi), (1, g)])?;
-                let limit = fb
-                    .load(&pa, fb.at(&pa, &[(0, bi), (1, ti)])?)?
-                    .into_int_value();
-                let end = fb.imin(fb.add(limit, c(1))?, sv)?;
+                let [qb, kb, vb, end] = attn_row(
+                    fb,
+                    [&qa, &ka, &va, &pa],
+                    [bv, c(d.h), tv, sv],
+                    d.h / d.hkv,
+                    u,
+                )?;
                 for (i, (e, ok)) in qd.iter().enumerate() {
                     fb.set(qr[i], fb.f32c(0.0))?;
                     fb.if_else(
@@ -3931,42 +3938,28 @@ fn ukernel<'ctx>(
         let elem_bytes = if panel == PanelType::F32 { 4 } else { 2 };
         let lines = ((nr * elem_bytes + CACHE_LINE - 1) / CACHE_LINE).max(1);
         let i32t = ctx.i32_type();
+        // `llvm.prefetch(base + at, read, locality)`: 3 keeps the line in L1, 2 in L2.
+        let prefetch = |base: PointerValue<'ctx>, at: i64, locality: u64| -> R<()> {
+            let idx = b.build_int_add(boff, i64c(at), "pf").map_err(be)?;
+            let addr = unsafe { b.build_gep(ety, base, &[idx], "pfa") }.map_err(be)?;
+            b.build_call(
+                pf,
+                &[
+                    addr.into(),
+                    i32t.const_zero().into(),
+                    i32t.const_int(locality, false).into(),
+                    i32t.const_int(1, false).into(),
+                ],
+                "",
+            )
+            .map_err(be)?;
+            Ok(())
+        };
         for line in 0..lines {
-            let ahead = b
-                .build_int_add(
-                    boff,
-                    i64c(PREFETCH_ROWS * nr + line * CACHE_LINE / elem_bytes),
-                    "pf",
-                )
-                .map_err(be)?;
-            let addr = gep(ety, bp, ahead)?;
-            b.build_call(
-                pf,
-                &[
-                    addr.into(),
-                    i32t.const_zero().into(),
-                    i32t.const_int(3, false).into(),
-                    i32t.const_int(1, false).into(),
-                ],
-                "",
-            )
-            .map_err(be)?;
+            let in_row = line * CACHE_LINE / elem_bytes;
+            prefetch(bp, PREFETCH_ROWS * nr + in_row, 3)?;
             // The same row of the panel the caller goes on to next, into L2 only.
-            let at = b
-                .build_int_add(boff, i64c(line * CACHE_LINE / elem_bytes), "pn")
-                .map_err(be)?;
-            let addr = unsafe { b.build_gep(ety, next, &[at], "pn") }.map_err(be)?;
-            b.build_call(
-                pf,
-                &[
-                    addr.into(),
-                    i32t.const_zero().into(),
-                    i32t.const_int(2, false).into(),
-                    i32t.const_int(1, false).into(),
-                ],
-                "",
-            )
-            .map_err(be)?;
+            prefetch(next, in_row, 2)?;
         }
     }
     let bvs: Vec<inkwell::values::VectorValue<'ctx>> = (0..nv as i64)
