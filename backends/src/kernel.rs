@@ -218,6 +218,13 @@ impl Numel {
     }
 }
 
+/// Whether dims with these strides and extents are laid out as one block, as a contiguous
+/// array of their shape would be up to its innermost stride: each stride is its inner
+/// neighbour's times that one's extent.
+pub fn one_block(strides: &[Poly], dims: &[Dim]) -> bool {
+    (1..strides.len()).all(|i| strides[i].mul_dim(&dims[i]).same(&strides[i - 1]))
+}
+
 /// The strides that view `outs` as a reshape of a view of `ins` with `strides`, with no
 /// copy: possible when each run of input dims that becomes a run of output dims is laid
 /// out as one block (each stride its inner neighbour's times that one's extent), as the
@@ -252,10 +259,12 @@ pub fn reshape_strides(strides: &[Poly], ins: &[Dim], outs: &[Dim]) -> Option<Ve
                 return None;
             }
         }
-        for w in is[a0..a].windows(2) {
-            if !strides[w[1]].mul_dim(&ins[w[1]]).same(&strides[w[0]]) {
-                return None;
-            }
+        let run: (Vec<Poly>, Vec<Dim>) = is[a0..a]
+            .iter()
+            .map(|&i| (strides[i].clone(), ins[i].clone()))
+            .unzip();
+        if !one_block(&run.0, &run.1) {
+            return None;
         }
         let mut st = strides[is[a - 1]].clone();
         for &j in os[b0..b].iter().rev() {

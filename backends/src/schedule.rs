@@ -10,8 +10,8 @@ use egret_ir::{DType, Dim, Graph, Op, ValueId};
 use egret_runtime::plan::{BufferRole, BufferSpec, ElemType, StateSpec};
 
 use crate::kernel::{
-    contiguous_strides, reshape_strides, symdim, Access, AttnDims, Expr, Kernel, PanelType, Poly,
-    Program, Round,
+    contiguous_strides, one_block, reshape_strides, symdim, Access, AttnDims, Expr, Kernel,
+    PanelType, Poly, Program, Round,
 };
 use crate::BackendError;
 
@@ -661,8 +661,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                     let out = s.new_buffer(BufferRole::Temp, e, &out_shape, false);
                     // Weights known at load with constant K, N and rows of `a` that collapse to one
                     // stride: pack the weights into panels once and run the blocked GEMM.
-                    let rows_contig = (0..ash.len() - 2)
-                        .all(|i| a.strides[i] == a.strides[i + 1].mul_dim(&ash[i + 1]));
+                    let rows_contig = one_block(&a.strides[..ash.len() - 1], &ash[..ash.len() - 1]);
                     if s.panel > 0
                         && opts.pack_weights
                         && shared_w

@@ -390,13 +390,20 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
 
     /// `min(a, b)`, signed.
     fn imin(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> R<IntValue<'ctx>> {
-        let c = self
-            .b
-            .build_int_compare(IntPredicate::SLT, a, b, "c")
-            .map_err(be)?;
+        self.pick(IntPredicate::SLT, a, b)
+    }
+
+    /// `max(a, b)`, signed.
+    fn imax(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> R<IntValue<'ctx>> {
+        self.pick(IntPredicate::SGT, a, b)
+    }
+
+    /// `if a <pred> b { a } else { b }`.
+    fn pick(&self, pred: IntPredicate, a: IntValue<'ctx>, b: IntValue<'ctx>) -> R<IntValue<'ctx>> {
+        let c = self.b.build_int_compare(pred, a, b, "c").map_err(be)?;
         Ok(self
             .b
-            .build_select(c, a, b, "min")
+            .build_select(c, a, b, "pick")
             .map_err(be)?
             .into_int_value())
     }
@@ -3676,6 +3683,10 @@ fn gemm_scratch(nr: i64, k: i64) -> usize {
     (gemm_mr(nr) * nr + gemm_mc(nr) + gemm_mc(nr) * GEMM_KC * kblocks.max(1)) as usize
 }
 
+/// Units of work per thread a blocked GEMM cuts its chunks into when they are few (one
+/// chunk: this many ranges of panels per thread), so threads can balance.
+const GEMM_UNITS_PER_THREAD: i64 = 8;
+
 /// Rows of `a` per L2 block: six register blocks.
 fn gemm_mc(nr: i64) -> i64 {
     6 * gemm_mr(nr)
@@ -4303,33 +4314,30 @@ fn gemm<'ctx>(
     }
     .map_err(be)?;
     let pack_a = fb.b.build_not(few, "packa").map_err(be)?;
-    let min = |fb: &Fb<'_, 'ctx>, x: IntValue<'ctx>, y: IntValue<'ctx>| -> R<IntValue<'ctx>> {
-        let c =
-            fb.b.build_int_compare(IntPredicate::SLT, x, y, "c")
-                .map_err(be)?;
-        Ok(fb
-            .b
-            .build_select(c, x, y, "m")
-            .map_err(be)?
-            .into_int_value())
-    };
     // Work is claimed by threads as they go: decode (a single block of rows, nothing
     // packed) takes guided ranges of panels; blocked GEMMs take fixed units, a chunk of rows
     // × a range of panels (chunk-major; at least 8 units per thread when chunks are few), so
     // each thread packs a chunk's rows once for all the units of it that it takes.
     let per_chunk = fb.add(
         fb.i64c(1),
-        fb.b.build_int_signed_div(fb.i64c(8 - 1), nchunks, "pc")
+        fb.b.build_int_signed_div(fb.i64c(GEMM_UNITS_PER_THREAD - 1), nchunks, "pc")
             .map_err(be)?,
     )?;
-    let ranges = min(fb, fb.mul(fb.nth, per_chunk)?, fb.i64c(panels))?;
+    // Where the packed block of `a` starting at chunk row `r0` (a multiple of MR) of k block
+    // `kb` lies in the scratch: `kb·MC·KC + r0·KC`, k-major within (`KC × MR`).
+    let block_at = |fb: &Fb<'_, 'ctx>, kb: IntValue<'ctx>, r0: IntValue<'ctx>| {
+        fb.add(
+            fb.mul(kb, fb.i64c(gemm_mc(nr) * GEMM_KC))?,
+            fb.mul(r0, fb.i64c(GEMM_KC))?,
+        )
+    };
+    let ranges = fb.imin(fb.mul(fb.nth, per_chunk)?, fb.i64c(panels))?;
     // The chunk this thread's packed rows (and row scales) are of; none yet.
     let have = fb.slot(fb.i64t.into())?;
     fb.b.build_store(have, fb.i64c(-1)).map_err(be)?;
     fb.claim_work(few, fb.i64c(panels), nchunks, ranges, |fb, [ch, ps, pe]| {
         let mc = fb.mul(ch, fb.i64c(gemm_mc(nr)))?;
-        let mrows = min(
-            fb,
+        let mrows = fb.imin(
             fb.i64c(gemm_mc(nr)),
             fb.b.build_int_sub(total, mc, "").map_err(be)?,
         )?;
@@ -4357,28 +4365,19 @@ fn gemm<'ctx>(
         fb.b.build_conditional_branch(pack_a, do_pack, packed)
             .map_err(be)?;
         fb.b.position_at_end(do_pack);
-        // Block `blk` of k block `kb` at `kb·MC·KC + blk·MR·KC`, k-major within.
         fb.for_range(fb.i64c(0), kblocks, |fb, kb| {
             let kc = fb.mul(kb, kcs)?;
-            let kl = min(fb, kcs, fb.b.build_int_sub(fb.i64c(k), kc, "").map_err(be)?)?;
+            let kl = fb.imin(kcs, fb.b.build_int_sub(fb.i64c(k), kc, "").map_err(be)?)?;
             fb.for_range(
                 fb.i64c(0),
                 fb.mul(full_blocks, fb.i64c(mr_full))?,
                 |fb, r| {
                     let src = fb.add(fb.add(aav.off, fb.mul(fb.add(mc, r)?, lda)?)?, kc)?;
-                    let blk =
-                        fb.b.build_int_signed_div(r, fb.i64c(mr_full), "blk")
-                            .map_err(be)?;
                     let lane =
                         fb.b.build_int_signed_rem(r, fb.i64c(mr_full), "lane")
                             .map_err(be)?;
-                    let dst = fb.add(
-                        fb.add(
-                            fb.mul(kb, fb.i64c(gemm_mc(nr) * GEMM_KC))?,
-                            fb.mul(blk, fb.i64c(mr_full * GEMM_KC))?,
-                        )?,
-                        lane,
-                    )?;
+                    let r0 = fb.b.build_int_sub(r, lane, "r0").map_err(be)?;
+                    let dst = fb.add(block_at(fb, kb, r0)?, lane)?;
                     fb.for_range(fb.i64c(0), kl, |fb, kk| {
                         let v = fb.load_f32(aav.ptr, fb.add(src, kk)?)?;
                         fb.store_f32(apack, fb.add(dst, fb.mul(kk, fb.i64c(mr_full))?)?, v)
@@ -4393,7 +4392,7 @@ fn gemm<'ctx>(
         fb.b.position_at_end(ready);
         fb.for_range(fb.i64c(0), kblocks, |fb, kb| {
             let kc = fb.mul(kb, kcs)?;
-            let kl = min(fb, kcs, fb.b.build_int_sub(fb.i64c(k), kc, "").map_err(be)?)?;
+            let kl = fb.imin(kcs, fb.b.build_int_sub(fb.i64c(k), kc, "").map_err(be)?)?;
             let first =
                 fb.b.build_int_compare(IntPredicate::EQ, kb, fb.i64c(0), "first")
                     .map_err(be)?;
@@ -4401,8 +4400,7 @@ fn gemm<'ctx>(
                 fb.b.build_int_compare(IntPredicate::EQ, kb, last_kb, "last")
                     .map_err(be)?;
             fb.for_range(ps, pe, |fb, p| {
-                let cols = min(
-                    fb,
+                let cols = fb.imin(
                     fb.i64c(nr),
                     fb.b.build_int_sub(fb.i64c(n), fb.mul(p, fb.i64c(nr))?, "")
                         .map_err(be)?,
@@ -4445,15 +4443,7 @@ fn gemm<'ctx>(
                     if mr == mr_full {
                         // Full blocks read the packed copy (unless rows were too few to pack).
                         let pa = unsafe {
-                            fb.b.build_in_bounds_gep(
-                                fb.f32t,
-                                apack,
-                                &[fb.add(
-                                    fb.mul(kb, fb.i64c(gemm_mc(nr) * GEMM_KC))?,
-                                    fb.mul(r0, fb.i64c(GEMM_KC))?,
-                                )?],
-                                "pa",
-                            )
+                            fb.b.build_in_bounds_gep(fb.f32t, apack, &[block_at(fb, kb, r0)?], "pa")
                         }
                         .map_err(be)?;
                         let sel = |x: BasicValueEnum<'ctx>, y: BasicValueEnum<'ctx>| {
@@ -4517,17 +4507,6 @@ fn rt_gemm_scratch(nr: i64) -> usize {
     (RT_GEMM_KC * nr + gemm_mr(nr) * nr + RT_GEMM_MC_BLOCKS * gemm_mr(nr)) as usize
 }
 
-fn imin<'ctx>(fb: &Fb<'_, 'ctx>, x: IntValue<'ctx>, y: IntValue<'ctx>) -> R<IntValue<'ctx>> {
-    let c =
-        fb.b.build_int_compare(IntPredicate::SLT, x, y, "c")
-            .map_err(be)?;
-    Ok(fb
-        .b
-        .build_select(c, x, y, "m")
-        .map_err(be)?
-        .into_int_value())
-}
-
 /// `out = a·w` for two run-time operands on the CPU (see `Kernel::MatMul`). Work units are
 /// (row chunk of `RT_GEMM_MC_BLOCKS` register blocks, column panel of `nr`), split between
 /// threads. For each of its chunks, each `KC` slice of `k` and each of its panels there, a
@@ -4580,16 +4559,6 @@ fn packed_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &RuntimeGemm) -> R<()> {
         fb.b.build_in_bounds_gep(fb.f32t, tile, &[fb.i64c(mr * nr)], "inv")
     }
     .map_err(be)?;
-    let imax = |fb: &Fb<'_, 'ctx>, x: IntValue<'ctx>, y: IntValue<'ctx>| -> R<IntValue<'ctx>> {
-        let c =
-            fb.b.build_int_compare(IntPredicate::SGT, x, y, "c")
-                .map_err(be)?;
-        Ok(fb
-            .b
-            .build_select(c, x, y, "mx")
-            .map_err(be)?
-            .into_int_value())
-    };
     // The thread's chunks: those its units [us, ue) touch.
     let ch_s = fb.b.build_int_signed_div(us, panels, "chs").map_err(be)?;
     let last = fb.add(ue, fb.b.build_int_sub(panels, fb.i64c(1), "").map_err(be)?)?;
@@ -4618,13 +4587,13 @@ fn packed_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &RuntimeGemm) -> R<()> {
             // This thread's panels of the chunk: its units within [ch·panels, (ch+1)·panels).
             let u0 = fb.mul(ch, panels)?;
             let p_lo =
-                fb.b.build_int_sub(imax(fb, us, u0)?, u0, "plo")
+                fb.b.build_int_sub(fb.imax(us, u0)?, u0, "plo")
                     .map_err(be)?;
             let p_hi =
-                fb.b.build_int_sub(imin(fb, ue, fb.add(u0, panels)?)?, u0, "phi")
+                fb.b.build_int_sub(fb.imin(ue, fb.add(u0, panels)?)?, u0, "phi")
                     .map_err(be)?;
             let r0 = fb.mul(ch, fb.i64c(mc))?;
-            let rows = imin(fb, fb.i64c(mc), fb.b.build_int_sub(mv, r0, "").map_err(be)?)?;
+            let rows = fb.imin(fb.i64c(mc), fb.b.build_int_sub(mv, r0, "").map_err(be)?)?;
             if let Some((_, eps)) = mm.norm {
                 let base = fb.add(abase, fb.mul(r0, lda)?)?;
                 inv_rms_rows(fb, aav.ptr, [base, lda, rows, kv], eps, inv)?;
@@ -4633,14 +4602,13 @@ fn packed_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &RuntimeGemm) -> R<()> {
             // while the thread's panels pass over it.
             fb.for_range(fb.i64c(0), kblocks, |fb, kb| {
                 let kc = fb.mul(kb, fb.i64c(RT_GEMM_KC))?;
-                let kl = imin(
-                    fb,
+                let kl = fb.imin(
                     fb.i64c(RT_GEMM_KC),
                     fb.b.build_int_sub(kv, kc, "").map_err(be)?,
                 )?;
                 fb.for_range(p_lo, p_hi, |fb, p| {
                     let c0 = fb.mul(p, fb.i64c(nr))?;
-                    let cols = imin(fb, fb.i64c(nr), fb.b.build_int_sub(nv, c0, "").map_err(be)?)?;
+                    let cols = fb.imin(fb.i64c(nr), fb.b.build_int_sub(nv, c0, "").map_err(be)?)?;
                     // Pack w[kc..kc+kl, c0..c0+nr] k-major, zero past the last column.
                     fb.for_range(fb.i64c(0), kl, |fb, kk| {
                         let wrow = fb.add(wbase, fb.mul(fb.add(kc, kk)?, ks)?)?;
