@@ -50,6 +50,31 @@ pub fn executor(
     Ok(ex)
 }
 
+/// Compiles a graph as the GPU's kernels for this CPU and binds parameters: an executor
+/// that runs them on the SIMT simulator (`egret_backends::simt`), thread for thread as a GPU
+/// would. Needs no GPU: this is how the GPU kernels are tested without one.
+pub fn simt_executor(
+    g: &Graph,
+    params: &HashMap<String, Tensor>,
+    opts: &PtxOptions,
+) -> Result<egret_runtime::cpu::CpuExecutor> {
+    let sopts = egret_backends::schedule::ScheduleOptions {
+        states: false,
+        ..schedule_options()
+    };
+    let progs = crate::cpu::schedule_graphs(&[g], sopts)?;
+    let mut compiled = egret_backends::simt::compile_many(&[&progs[0]], opts.tensor_cores)
+        .map_err(|e| EgretError::Usage(e.to_string()))?;
+    let mut ex = egret_backends::simt::executor(compiled.remove(0))
+        .map_err(|e| EgretError::Usage(e.to_string()))?;
+    ex.bind_params(&|name: &str| {
+        params
+            .get(name)
+            .and_then(|t| Some((t.shape().to_vec(), t.f32_arc()?)))
+    })?;
+    Ok(ex)
+}
+
 /// Optimises the model's `Step` graph and compiles it to PTX into an artifact at `dir`. This
 /// is `egret compile --target ptx`.
 pub fn compile_artifact(

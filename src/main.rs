@@ -214,7 +214,8 @@ enum Cmd {
         /// GPU architecture for `--target ptx` (sm_80, sm_86, sm_89, sm_90).
         #[arg(long, default_value = "sm_80")]
         gpu_arch: String,
-        /// With `--target ptx`: large matmuls on tensor cores (bf16 operands, f32 sums).
+        /// With `--target ptx`: matmuls in bf16 (operands rounded, f32 sums), the large
+        /// ones on tensor cores.
         #[arg(long)]
         tensor_cores: bool,
         #[arg(short, long)]
@@ -351,7 +352,7 @@ struct RunOpts {
     /// GPU architecture the GPU backend generates PTX for (it runs on that GPU and later).
     #[arg(long, default_value = "sm_80")]
     gpu_arch: String,
-    /// Large GPU matmuls on tensor cores: operands rounded to bf16, sums in f32.
+    /// GPU matmuls in bf16 (operands rounded, f32 sums), the large ones on tensor cores.
     #[arg(long)]
     tensor_cores: bool,
     /// Run this artifact (from `egret compile`) instead of compiling; MODEL gives the weights.

@@ -78,6 +78,11 @@ pub enum GradBackend<'a> {
         opts: &'a egret_backends::ptx::PtxOptions,
         cache: bool,
     },
+    /// The GPU's kernels on the SIMT simulator (`egret_backends::simt`): no GPU needed;
+    /// gradients only (the simulator runs graphs, not training sessions).
+    Simt {
+        opts: &'a egret_backends::ptx::PtxOptions,
+    },
 }
 
 /// Loss and gradients of one sequence (batch 1) of at least two tokens.
@@ -119,7 +124,7 @@ pub fn grads(
                 .map(|(k, v)| (k, (v.shape().to_vec(), v.to_f32_vec())))
                 .collect()
         }
-        GradBackend::Cpu { .. } | GradBackend::Gpu { .. } => {
+        GradBackend::Cpu { .. } | GradBackend::Gpu { .. } | GradBackend::Simt { .. } => {
             let host = |v: Vec<i64>| HostValue {
                 shape: vec![1, t],
                 data: HostData::I64(v),
@@ -132,6 +137,9 @@ pub fn grads(
             let out = match backend {
                 GradBackend::Gpu { opts, .. } => {
                     crate::gpu::executor(&g, params, opts)?.run(&inputs)?
+                }
+                GradBackend::Simt { opts } => {
+                    crate::gpu::simt_executor(&g, params, opts)?.run(&inputs)?
                 }
                 GradBackend::Cpu { opts, threads, .. } => {
                     crate::cpu::executor(&g, params, opts, threads)?
@@ -349,6 +357,11 @@ impl Trainer {
                     params,
                 }
             }
+            GradBackend::Simt { .. } => {
+                return Err(EgretError::Usage(
+                    "the SIMT simulator computes gradients (`grads`), not training steps".into(),
+                ))
+            }
             GradBackend::Cpu { .. } | GradBackend::Gpu { .. } => {
                 let what = format!("train_step {opt:?} {budget:?}");
                 // Per backend: threads, whether to use the cache, its key, and the compiler.
@@ -377,7 +390,9 @@ impl Trainer {
                             }),
                         )
                     }
-                    GradBackend::Interp => unreachable!("handled above"),
+                    GradBackend::Interp | GradBackend::Simt { .. } => {
+                        unreachable!("handled above")
+                    }
                 };
                 let get = |n: &str| {
                     params

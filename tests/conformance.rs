@@ -160,6 +160,22 @@ fn gpu_backend_matches_the_interpreter() {
     }
 }
 
+fn run_simt(
+    g: &Graph,
+    inputs: &HashMap<String, Tensor>,
+    params: &HashMap<String, Tensor>,
+) -> Outputs {
+    let mut ex = egret::gpu::simt_executor(g, params, &PtxOptions::default()).unwrap();
+    let out = ex.run(&host_inputs(inputs)).unwrap();
+    outputs_f32(out)
+}
+
+/// The GPU's kernels, run thread for thread on the SIMT simulator (no GPU needed).
+#[test]
+fn simulated_gpu_kernels_match_the_interpreter() {
+    check("simt", run_simt);
+}
+
 /// Every case's PTX (which does not depend on `N`) assembles for sm_80 and sm_90, with and
 /// without tensor-core matmuls.
 #[test]
@@ -180,13 +196,15 @@ fn ptx_of_every_case_assembles() {
     }
 }
 
-/// With tensor cores, matmuls round their operands to bf16: every output within 1e-2
-/// relative L2 of the interpreter's (on a GPU; skipped without one).
-#[test]
-fn gpu_tensor_core_matmuls_are_within_bf16_tolerance() {
-    if !common::gpu_or_skip("gpu_tensor_core_matmuls_are_within_bf16_tolerance") {
-        return;
-    }
+/// With tensor cores, matmuls round their operands to bf16: every output of every matmul
+/// case within 1e-2 relative L2 of the interpreter's, on executors that `make` builds.
+fn check_tensor_cores(
+    make: fn(
+        &Graph,
+        &HashMap<String, Tensor>,
+        &PtxOptions,
+    ) -> egret::Result<Box<dyn FnMut(&HashMap<String, HostValue>) -> Outputs>>,
+) {
     let opts = PtxOptions {
         tensor_cores: true,
         ..PtxOptions::default()
@@ -196,8 +214,8 @@ fn gpu_tensor_core_matmuls_are_within_bf16_tolerance() {
         for &n in SIZES {
             let (inputs, params) = bindings(&g, n, n as u64 * 31 + name.len() as u64);
             let want = run_interp(&g, &inputs, &params);
-            let mut ex = egret::gpu::executor(&g, &params, &opts).unwrap();
-            let got = outputs_f32(ex.run(&host_inputs(&inputs)).unwrap());
+            let mut run = make(&g, &params, &opts).unwrap();
+            let got = run(&host_inputs(&inputs));
             for (out, w) in &want {
                 let num: f64 = w
                     .iter()
@@ -210,6 +228,30 @@ fn gpu_tensor_core_matmuls_are_within_bf16_tolerance() {
             }
         }
     }
+}
+
+/// Tensor-core matmuls on a GPU (skipped without one).
+#[test]
+fn gpu_tensor_core_matmuls_are_within_bf16_tolerance() {
+    if common::gpu_or_skip("gpu_tensor_core_matmuls_are_within_bf16_tolerance") {
+        check_tensor_cores(|g, params, opts| {
+            let mut ex = egret::gpu::executor(g, params, opts)?;
+            Ok(Box::new(move |i: &HashMap<String, HostValue>| {
+                outputs_f32(ex.run(i).unwrap())
+            }))
+        });
+    }
+}
+
+/// Tensor-core matmuls on the SIMT simulator: the fragment layouts and staging are right.
+#[test]
+fn simulated_tensor_core_matmuls_are_within_bf16_tolerance() {
+    check_tensor_cores(|g, params, opts| {
+        let mut ex = egret::gpu::simt_executor(g, params, opts)?;
+        Ok(Box::new(move |i: &HashMap<String, HostValue>| {
+            outputs_f32(ex.run(i).unwrap())
+        }))
+    });
 }
 
 #[test]

@@ -8,6 +8,7 @@ pub mod llvm;
 pub mod ptx;
 pub mod remat;
 pub mod schedule;
+pub mod simt;
 
 /// Errors of scheduling and code generation.
 #[derive(Debug, thiserror::Error)]

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::error::{Result, RuntimeError};
-use crate::plan::{BufferRole, ElemType, Plan, StateSpec};
+use crate::plan::{BufferRole, ElemType, KernelCall, Plan, StateSpec};
 use crate::pool::Pool;
 
 /// A compiled kernel: `f(buffers, symbols, tid, nthreads, scratch, work)`, run once on every
@@ -23,6 +23,22 @@ use crate::pool::Pool;
 /// which kernels may claim units of work). Returns 0, or an error code (`kernel_error`).
 pub type KernelFn =
     unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64, *mut f32, *mut i64) -> i32;
+
+/// Runs a plan's kernel calls instead of the thread pool: how the CPU executor can drive
+/// kernels compiled for another execution model (GPU kernels on a simulator of the GPU's
+/// threads, say) while it keeps the plan's buffers, states and outputs as usual.
+pub trait Launcher {
+    /// Runs `f`, the kernel of `call`, on operand table `args` and symbol values `syms`;
+    /// returns 0 or the kernel's error code (`kernel_error`), or why the launcher itself
+    /// failed.
+    fn launch(
+        &mut self,
+        f: KernelFn,
+        call: &KernelCall,
+        args: &[*mut u8],
+        syms: &[i64],
+    ) -> std::result::Result<i32, String>;
+}
 
 /// Kernels with less work than this (elements or multiply-adds) run on the calling thread:
 /// waking the other threads costs a few microseconds, about this much work.
@@ -247,6 +263,8 @@ pub struct CpuExecutor {
     feedback: Vec<Feedback>,
     /// Inputs that are feedback targets, kept between runs: name → (shape, storage).
     resident: HashMap<String, (Vec<usize>, Aligned)>,
+    /// Runs the kernels instead of the pool when set (`with_launcher`).
+    launcher: Option<Box<dyn Launcher + Send>>,
 }
 
 // SAFETY: kernel functions are plain code; buffers are owned and only touched inside `run`.
@@ -284,7 +302,19 @@ impl CpuExecutor {
             states,
             feedback: vec![],
             resident: HashMap::new(),
+            launcher: None,
         })
+    }
+
+    /// An executor whose kernel calls `launcher` runs (one host thread; no pool).
+    pub fn with_launcher(
+        plan: Plan,
+        fns: Vec<KernelFn>,
+        launcher: Box<dyn Launcher + Send>,
+    ) -> Result<CpuExecutor> {
+        let mut ex = CpuExecutor::new(plan, fns, 1)?;
+        ex.launcher = Some(launcher);
+        Ok(ex)
     }
 
     /// Keeps outputs as the next run's values of parameters or inputs, by name: `(output,
@@ -599,6 +629,15 @@ impl CpuExecutor {
                 None => ptrs[a as usize],
             })
             .collect();
+        if let Some(l) = self.launcher.as_mut() {
+            let rc = l
+                .launch(self.fns[k], call, &args, syms)
+                .map_err(RuntimeError::Invalid)?;
+            if rc != 0 {
+                return Err(kernel_error(rc, &call.what));
+            }
+            return Ok(());
+        }
         let threads = self.pool.threads();
         let need = call.scratch_floats * 4 * threads.max(1);
         if self.scratch.len() < need {

@@ -61,6 +61,9 @@ struct Fb<'a, 'ctx> {
     gpu: bool,
     /// GPU matmuls on tensor cores (bf16 operands, f32 sums).
     tensor_cores: bool,
+    /// GPU kernels for this CPU, run by the SIMT simulator (`crate::simt`): barriers and
+    /// warp operations call the simulator's hooks, shared memory is ordinary memory.
+    sim: bool,
 }
 
 impl<'a, 'ctx> Fb<'a, 'ctx> {
@@ -635,8 +638,33 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
         self.b.build_float_compare(p, a, b, "fc").map_err(be)
     }
 
-    /// An NVVM intrinsic `f32 → f32` (`sin.approx.f`, ...).
+    /// A call of simulator hook `name` (one of `SIMT_HOOKS`), declared on first use.
+    fn hook(
+        &self,
+        name: &str,
+        ty: inkwell::types::FunctionType<'ctx>,
+        args: &[BasicMetadataValueEnum<'ctx>],
+    ) -> R<Option<inkwell::values::BasicValueEnum<'ctx>>> {
+        debug_assert!(SIMT_HOOKS.contains(&name));
+        let f = self
+            .module
+            .get_function(name)
+            .unwrap_or_else(|| self.module.add_function(name, ty, Some(Linkage::External)));
+        let r = self.b.build_call(f, args, name).map_err(be)?;
+        Ok(r.try_as_basic_value().basic())
+    }
+
+    /// An NVVM intrinsic `f32 → f32` (`sin.approx.f`, ...); in the simulator, the C
+    /// library's function of the same meaning.
     fn nvvm(&self, name: &str, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+        if self.sim {
+            let f = match name {
+                "sin.approx.f" => "sinf",
+                "cos.approx.f" => "cosf",
+                _ => return Err(BackendError::Unsupported(format!("simulated nvvm.{name}"))),
+            };
+            return self.libm(f, x);
+        }
         let full = format!("llvm.nvvm.{name}");
         let f = self.module.get_function(&full).unwrap_or_else(|| {
             self.module
@@ -841,7 +869,29 @@ pub enum Flavor {
     /// the global thread index and count, and the C library is not there. With
     /// `tensor_cores`, large matmuls round their operands to bf16 and run on `mma.sync`.
     Gpu { tensor_cores: bool },
+    /// The GPU's kernels compiled for this CPU, for the SIMT simulator (`crate::simt`):
+    /// each function is an exported body with the CPU kernel ABI, called once per simulated
+    /// GPU thread; barriers and warp operations call the simulator's hooks (`SIMT_HOOKS`).
+    Simt { tensor_cores: bool },
 }
+
+impl Flavor {
+    /// Whether the kernels are the GPU's (for the device or its simulator).
+    pub fn gpu(&self) -> bool {
+        !matches!(self, Flavor::Cpu { .. })
+    }
+}
+
+/// The functions simulated GPU code calls (defined by `crate::simt`, bound at JIT time):
+/// - `egret_simt_barrier()`: `bar.sync 0`;
+/// - `egret_simt_shfl_bfly(f32 x, i32 lanemask) -> f32`: `shfl.sync.bfly` over a full warp;
+/// - `egret_simt_mma_bf16(i32 a0, a1, a2, a3, b0, b1, f32* c)`: `mma.sync.m16n8k16` with
+///   bf16 operands, `c[0..4]` the accumulators in and out.
+pub const SIMT_HOOKS: [&str; 3] = [
+    "egret_simt_barrier",
+    "egret_simt_shfl_bfly",
+    "egret_simt_mma_bf16",
+];
 
 /// Emits kernel `k` as function `name`; returns its buffer arguments and scratch floats.
 pub fn emit<'ctx>(
@@ -865,8 +915,12 @@ pub fn emit<'ctx>(
         ],
         false,
     );
-    let gpu = matches!(flavor, Flavor::Gpu { .. });
-    let tensor_cores = matches!(flavor, Flavor::Gpu { tensor_cores: true });
+    let gpu = flavor.gpu();
+    let sim = matches!(flavor, Flavor::Simt { .. });
+    let tensor_cores = matches!(
+        flavor,
+        Flavor::Gpu { tensor_cores: true } | Flavor::Simt { tensor_cores: true }
+    );
     let func = match flavor {
         Flavor::Cpu { cpu, features } => {
             let func = module.add_function(name, fnty, None);
@@ -882,6 +936,7 @@ pub fn emit<'ctx>(
             }
             func
         }
+        Flavor::Simt { .. } => module.add_function(name, fnty, None),
         // The body of a GPU kernel: inlined into the entry point `crate::ptx` wraps it in.
         Flavor::Gpu { .. } => {
             let func = module.add_function(name, fnty, Some(Linkage::Private));
@@ -922,6 +977,7 @@ pub fn emit<'ctx>(
         f32t: ctx.f32_type(),
         gpu,
         tensor_cores,
+        sim,
     };
     let scratch = match k {
         Kernel::Elementwise { out, shape, expr } => {
@@ -2245,20 +2301,40 @@ const _: () = assert!(GPU_BLOCK_THREADS == 256);
 
 /// A shared-memory array of `len` floats private to the kernel being generated.
 fn shared_f32<'ctx>(fb: &Fb<'_, 'ctx>, name: &str, len: u32) -> PointerValue<'ctx> {
-    let ty = fb.f32t.array_type(len);
+    shared_array(fb, name, fb.f32t.array_type(len))
+}
+
+/// A shared-memory array of type `ty` private to the kernel being generated: address space
+/// 3 on the GPU; in the simulator an ordinary global, visible outside the module so that
+/// LLVM assumes the barrier hook may change it (the other threads of the block write it).
+fn shared_array<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    name: &str,
+    ty: inkwell::types::ArrayType<'ctx>,
+) -> PointerValue<'ctx> {
+    let space = if fb.sim { 0u16 } else { 3 };
     let g = fb.module.add_global(
         ty,
-        Some(AddressSpace::from(3u16)),
+        Some(AddressSpace::from(space)),
         &format!("{}_{name}", fb.func.get_name().to_string_lossy()),
     );
-    g.set_linkage(Linkage::Internal);
-    g.set_initializer(&ty.get_undef());
+    if fb.sim {
+        g.set_linkage(Linkage::External);
+        g.set_initializer(&ty.const_zero());
+    } else {
+        g.set_linkage(Linkage::Internal);
+        g.set_initializer(&ty.get_undef());
+    }
     g.set_alignment(16);
     g.as_pointer_value()
 }
 
 /// `barrier.sync.aligned 0`: every thread of the block reaches it before any goes on.
 fn barrier(fb: &Fb) -> R<()> {
+    if fb.sim {
+        fb.hook(SIMT_HOOKS[0], fb.ctx.void_type().fn_type(&[], false), &[])?;
+        return Ok(());
+    }
     let name = "llvm.nvvm.barrier.cta.sync.aligned.all";
     let f = Intrinsic::find(name)
         .and_then(|i| i.get_declaration(fb.module, &[]))
@@ -2423,6 +2499,17 @@ fn block_grid<'ctx>(fb: &Fb<'_, 'ctx>, units: IntValue<'ctx>) -> R<BlockGrid<'ct
 /// Column groups of `gpu_gemv`: a warp reads `GEMV_COLS` neighbouring weight columns.
 const GEMV_COLS: i64 = 32;
 
+/// A GPU matmul operand as the products see it: rounded to bf16 when matmuls run with bf16
+/// operands (`tensor_cores`), so that every GPU matmul of a program computes alike whichever
+/// kernel its size picks.
+fn operand<'ctx>(fb: &Fb<'_, 'ctx>, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+    if fb.tensor_cores {
+        round_bf16(fb, x)
+    } else {
+        Ok(x)
+    }
+}
+
 /// A matmul of few rows (decode) on the GPU, bound by reading the weights once: each
 /// 256-thread block takes `GEMV_COLS` columns (blocks stride over the column groups of every
 /// batch entry) and cuts `k` into 8 chunks, one warp each (lanes on neighbouring columns, so
@@ -2514,9 +2601,14 @@ fn gpu_gemv<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
                     let gv = fb.load_f32(g.ptr, fb.add(g.off, fb.mul(kk, g.strides[0])?)?)?;
                     y = fb.fmul(y, gv)?;
                 }
+                let yp = operand(fb, y)?;
                 for (r, ab) in abases.iter().enumerate() {
                     let x = fb.load_f32(aav.ptr, fb.add(*ab, fb.mul(kk, aav.strides[ka])?)?)?;
-                    fb.set(accs[r], fb.intrinsic3("llvm.fma", x, y, fb.get(accs[r])?)?)?;
+                    let xp = operand(fb, x)?;
+                    fb.set(
+                        accs[r],
+                        fb.intrinsic3("llvm.fma", xp, yp, fb.get(accs[r])?)?,
+                    )?;
                     if norm {
                         let q = accs[rb as usize + r];
                         fb.set(q, fb.intrinsic3("llvm.fma", x, x, fb.get(q)?)?)?;
@@ -2664,16 +2756,7 @@ const MMA_PITCH: i64 = 20;
 
 /// An i32 shared-memory array of `len` words private to the kernel being generated.
 fn shared_i32<'ctx>(fb: &Fb<'_, 'ctx>, name: &str, len: u32) -> PointerValue<'ctx> {
-    let ty = fb.ctx.i32_type().array_type(len);
-    let g = fb.module.add_global(
-        ty,
-        Some(AddressSpace::from(3u16)),
-        &format!("{}_{name}", fb.func.get_name().to_string_lossy()),
-    );
-    g.set_linkage(Linkage::Internal);
-    g.set_initializer(&ty.get_undef());
-    g.set_alignment(16);
-    g.as_pointer_value()
+    shared_array(fb, name, fb.ctx.i32_type().array_type(len))
 }
 
 /// Two f32s rounded to bf16 (nearest even) and packed, `lo` in the low half: an `mma`
@@ -2698,6 +2781,77 @@ fn pack_bf16x2<'ctx>(
         fb.b.build_left_shift(h, i32t.const_int(16, false), "hs")
             .map_err(be)?;
     fb.b.build_or(l, h, "pk").map_err(be)
+}
+
+/// `d = a·b + c` on a warp's tensor cores: `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32`
+/// (sm_80 and later). Per lane (`g = lane/4`, `t = lane%4`), the operands are bf16 pairs:
+/// `a` rows `g`, `g+8`, `g`, `g+8` at k pairs `t`, `t`, `t+4`, `t+4`; `b` column `g` at k
+/// pairs `t`, `t+4`; `c` and `d` rows `g`, `g`, `g+8`, `g+8`, columns `2t`, `2t+1`, `2t`,
+/// `2t+1`. In the simulator, the hook `egret_simt_mma_bf16` computes the same.
+fn mma_bf16<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    a: [IntValue<'ctx>; 4],
+    b: [IntValue<'ctx>; 2],
+    c: [FloatValue<'ctx>; 4],
+) -> R<[FloatValue<'ctx>; 4]> {
+    let mut args: Vec<BasicMetadataValueEnum> = vec![];
+    args.extend(a.iter().map(|v| BasicMetadataValueEnum::from(*v)));
+    args.extend(b.iter().map(|v| BasicMetadataValueEnum::from(*v)));
+    if fb.sim {
+        let cs = fb.slot(fb.f32t.array_type(4).into())?;
+        let at = |x: usize| -> R<PointerValue<'ctx>> {
+            unsafe {
+                fb.b.build_in_bounds_gep(fb.f32t, cs, &[fb.i64c(x as i64)], "c")
+            }
+            .map_err(be)
+        };
+        for (x, v) in c.iter().enumerate() {
+            fb.b.build_store(at(x)?, *v).map_err(be)?;
+        }
+        args.push(cs.into());
+        let i32t = fb.ctx.i32_type();
+        let ptrt = fb.ctx.ptr_type(AddressSpace::default());
+        let ty = fb.ctx.void_type().fn_type(
+            &[
+                i32t.into(),
+                i32t.into(),
+                i32t.into(),
+                i32t.into(),
+                i32t.into(),
+                i32t.into(),
+                ptrt.into(),
+            ],
+            false,
+        );
+        fb.hook(SIMT_HOOKS[2], ty, &args)?;
+        let mut d = c;
+        for (x, v) in d.iter_mut().enumerate() {
+            *v =
+                fb.b.build_load(fb.f32t, at(x)?, "d")
+                    .map_err(be)?
+                    .into_float_value();
+        }
+        return Ok(d);
+    }
+    let mma = Intrinsic::find("llvm.nvvm.mma.m16n8k16.row.col.bf16")
+        .and_then(|i| i.get_declaration(fb.module, &[]))
+        .ok_or_else(|| BackendError::Llvm("no intrinsic for mma.m16n8k16 bf16".into()))?;
+    args.extend(c.iter().map(|v| BasicMetadataValueEnum::from(*v)));
+    let r =
+        fb.b.build_call(mma, &args, "mma")
+            .map_err(be)?
+            .try_as_basic_value()
+            .basic()
+            .expect("returns a struct")
+            .into_struct_value();
+    let mut d = c;
+    for (x, v) in d.iter_mut().enumerate() {
+        *v =
+            fb.b.build_extract_value(r, x as u32, "d")
+                .map_err(be)?
+                .into_float_value();
+    }
+    Ok(d)
 }
 
 /// The matmul on tensor cores: operands rounded to bf16 as they are staged, products summed
@@ -2747,9 +2901,6 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     let (g, q) = (sdiv(wl, c(4), "g")?, srem(wl, c(4), "q")?);
     let accs: Vec<PointerValue> = (0..64).map(|_| fb.slot(fb.f32t.into())).collect::<R<_>>()?;
     let ktiles = sdiv(fb.add(kv, c(tk - 1))?, c(tk), "kt")?;
-    let mma = Intrinsic::find("llvm.nvvm.mma.m16n8k16.row.col.bf16")
-        .and_then(|i| i.get_declaration(fb.module, &[]))
-        .ok_or_else(|| BackendError::Llvm("no intrinsic for mma.m16n8k16 bf16".into()))?;
     let ld = |arr: PointerValue<'ctx>, at: IntValue<'ctx>| -> R<IntValue<'ctx>> {
         let p = unsafe { fb.b.build_in_bounds_gep(i32t, arr, &[at], "sp") }.map_err(be)?;
         Ok(fb.b.build_load(i32t, p, "sv").map_err(be)?.into_int_value())
@@ -2843,24 +2994,14 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
                 for i in 0..4usize {
                     for j in 0..4usize {
                         let acc = &accs[(i * 4 + j) * 4..(i * 4 + j) * 4 + 4];
-                        let mut args: Vec<BasicMetadataValueEnum> = vec![];
-                        args.extend(afr[i].iter().map(|v| BasicMetadataValueEnum::from(*v)));
-                        args.extend(bfr[j].iter().map(|v| BasicMetadataValueEnum::from(*v)));
-                        for a in acc {
-                            args.push(fb.get(*a)?.into());
-                        }
-                        let r =
-                            fb.b.build_call(mma, &args, "mma")
-                                .map_err(be)?
-                                .try_as_basic_value()
-                                .basic()
-                                .expect("returns a struct")
-                                .into_struct_value();
-                        for (x, a) in acc.iter().enumerate() {
-                            let v =
-                                fb.b.build_extract_value(r, x as u32, "c")
-                                    .map_err(be)?
-                                    .into_float_value();
+                        let c = [
+                            fb.get(acc[0])?,
+                            fb.get(acc[1])?,
+                            fb.get(acc[2])?,
+                            fb.get(acc[3])?,
+                        ];
+                        let d = mma_bf16(fb, afr[i], bfr[j], c)?;
+                        for (a, v) in acc.iter().zip(d) {
                             fb.set(*a, v)?;
                         }
                     }
@@ -3248,11 +3389,20 @@ const GPU_ATTN_UNROLL: i64 = 4;
 
 /// The sum of `x` over the 32 lanes of a warp, in every lane (butterfly shuffles).
 fn warp_sum<'ctx>(fb: &Fb<'_, 'ctx>, mut x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+    let i32t = fb.ctx.i32_type();
+    if fb.sim {
+        for off in [16u64, 8, 4, 2, 1] {
+            let ty = fb.f32t.fn_type(&[fb.f32t.into(), i32t.into()], false);
+            let args = [x.into(), i32t.const_int(off, false).into()];
+            let y = fb.hook(SIMT_HOOKS[1], ty, &args)?.expect("returns f32");
+            x = fb.fadd(x, y.into_float_value())?;
+        }
+        return Ok(x);
+    }
     let name = "llvm.nvvm.shfl.sync.bfly.f32";
     let f = Intrinsic::find(name)
         .and_then(|i| i.get_declaration(fb.module, &[]))
         .ok_or_else(|| BackendError::Llvm(format!("no intrinsic {name}")))?;
-    let i32t = fb.ctx.i32_type();
     for off in [16u64, 8, 4, 2, 1] {
         let y =
             fb.b.build_call(

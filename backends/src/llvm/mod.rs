@@ -7,7 +7,7 @@
 //! and dot products carry `reassoc`/`contract` fast-math flags so they vectorise and use FMA.
 
 mod kernels;
-pub use kernels::{kernel_buffers, Flavor};
+pub use kernels::{kernel_buffers, Flavor, SIMT_HOOKS};
 
 use inkwell::context::Context;
 use inkwell::execution_engine::ExecutionEngine;
@@ -176,7 +176,7 @@ pub(crate) fn codegen_flavor<'ctx>(
         "egret_{}",
         progs.first().map(|p| p.name.as_str()).unwrap_or("empty")
     ));
-    let gpu = matches!(flavor, Flavor::Gpu { .. });
+    let gpu = flavor.gpu();
     let mut seen: Vec<(crate::kernel::Kernel, String, usize)> = Vec::new();
     let mut all = Vec::new();
     for prog in progs {
@@ -197,7 +197,7 @@ pub(crate) fn codegen_flavor<'ctx>(
                 Some((_, sym, scratch)) => (sym.clone(), *scratch),
                 None => {
                     let sym = format!("egret_{}_k{}", progs[0].name, seen.len());
-                    let scratch = if gpu {
+                    let scratch = if matches!(flavor, Flavor::Gpu { .. }) {
                         let body_name = format!("{sym}_body");
                         let (_, scratch) =
                             kernels::emit(ctx, &module, prog, k, &body_name, flavor)?;
@@ -303,11 +303,24 @@ pub fn compile(prog: &Program, opts: &CpuOptions) -> Result<Compiled, BackendErr
 
 /// Compiles programs of one model together (one module, shared kernels) and JITs them.
 pub fn compile_many(progs: &[&Program], opts: &CpuOptions) -> Result<Vec<Compiled>, BackendError> {
+    let (cpu, features) = cpu_and_features(&opts.cpu);
+    jit(progs, &Flavor::Cpu { cpu, features }, &opts.cpu, &[])
+}
+
+/// Generates `progs` in `flavor`, optimises the module at O3 for `cpu` and JITs it, with
+/// `bindings` giving the addresses of functions the code calls by name (the simulator's
+/// hooks).
+pub(crate) fn jit(
+    progs: &[&Program],
+    flavor: &Flavor,
+    cpu: &str,
+    bindings: &[(&str, usize)],
+) -> Result<Vec<Compiled>, BackendError> {
     // The LLVM context must outlive the engine and its code, which the caller keeps for as
     // long as it runs the model: give it static lifetime (one small context per compile).
     let ctx: &'static Context = Box::leak(Box::new(Context::create()));
-    let (module, all) = codegen_many(ctx, progs, &opts.cpu)?;
-    let tm = target_machine(&opts.cpu)?;
+    let (module, all) = codegen_flavor(ctx, progs, flavor)?;
+    let tm = target_machine(cpu)?;
     module.set_triple(&tm.get_triple());
     module.set_data_layout(&tm.get_target_data().get_data_layout());
     module
@@ -316,6 +329,11 @@ pub fn compile_many(progs: &[&Program], opts: &CpuOptions) -> Result<Vec<Compile
     let engine = module
         .create_jit_execution_engine(OptimizationLevel::Aggressive)
         .map_err(llvm_err)?;
+    for (name, addr) in bindings {
+        if let Some(f) = module.get_function(name) {
+            engine.add_global_mapping(&f, *addr);
+        }
+    }
     let mut out = Vec::new();
     for (prog, calls) in progs.iter().zip(all) {
         let mut fns = Vec::new();

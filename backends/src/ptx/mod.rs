@@ -37,8 +37,9 @@ pub const PTX_TRIPLE: &str = "nvptx64-nvidia-cuda";
 pub struct PtxOptions {
     /// The GPU architecture, one of `GPU_ARCHS`.
     pub arch: String,
-    /// Large matmuls on tensor cores: operands rounded to bf16, products summed in f32
-    /// (`mma.sync.m16n8k16`). Off, every matmul is f32 throughout.
+    /// Matmuls with bf16 operands and f32 sums: large ones on tensor cores
+    /// (`mma.sync.m16n8k16`), the others rounding their operands as they load them, so every
+    /// matmul computes alike. Off, every matmul is f32 throughout.
     pub tensor_cores: bool,
 }
 
