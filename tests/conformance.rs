@@ -254,6 +254,72 @@ fn simulated_tensor_core_matmuls_are_within_bf16_tolerance() {
     });
 }
 
+/// Tensor-core matmuls at shapes with enough 128 × 128 tiles for the tensor-core kernel: its
+/// four-float and element-wise staging (unit-stride and transposed operands, a row stride
+/// that is not a multiple of 4), and tails in m, n and k (k shorter than one step, too).
+const EXACT_MMA_CASES: &[(&str, &str)] = &[
+    (
+        "batched-tails",
+        r#"
+  %x = input "x" : f32[2, 1000, 40]
+  %w = param "w" : f32[40, 1100]
+  %y = matmul(%x, %w) : f32[2, 1000, 1100]
+  output "y" = %y"#,
+    ),
+    (
+        "transposed",
+        r#"
+  %x = input "x" : f32[70, 1500]
+  %xt = permute[perm=[1, 0]](%x) : f32[1500, 70]
+  %w = param "w" : f32[1500, 70]
+  %wt = permute[perm=[1, 0]](%w) : f32[70, 1500]
+  %y = matmul(%xt, %wt) : f32[1500, 1500]
+  output "y" = %y"#,
+    ),
+    (
+        "odd-row-stride-short-k",
+        r#"
+  %x = input "x" : f32[2, 1000, 42]
+  %w = param "w" : f32[42, 1100]
+  %y = matmul(%x, %w) : f32[2, 1000, 1100]
+  %u = input "u" : f32[2100, 20]
+  %v = param "v" : f32[20, 1100]
+  %z = matmul(%u, %v) : f32[2100, 1100]
+  output "y" = %y
+  output "z" = %z"#,
+    ),
+];
+
+/// On inputs that bf16 holds exactly (multiples of 1/8 up to 1 in size), whose products and
+/// sums f32 holds exactly too, the tensor-core matmuls must give the interpreter's results
+/// bit for bit: any misplaced fragment, staged element or k step shows.
+#[test]
+fn simulated_tensor_core_matmuls_are_exact_on_bf16_exact_inputs() {
+    let opts = PtxOptions {
+        tensor_cores: true,
+        ..PtxOptions::default()
+    };
+    for (name, body) in EXACT_MMA_CASES {
+        let g = graph(name, body);
+        let (mut inputs, mut params) = bindings(&g, 1, name.len() as u64);
+        let mut rng = Rng(0x5eed ^ name.len() as u64);
+        for t in inputs.values_mut().chain(params.values_mut()) {
+            let len = t.shape().iter().product::<usize>();
+            let v = (0..len)
+                .map(|_| (rng.next() % 17) as f32 / 8.0 - 1.0)
+                .collect();
+            *t = Tensor::from_f32(t.shape().to_vec(), v).unwrap();
+        }
+        let want = run_interp(&g, &inputs, &params);
+        let mut ex = egret::gpu::simt_executor(&g, &params, &opts).unwrap();
+        let got = outputs_f32(ex.run(&host_inputs(&inputs)).unwrap());
+        for (out, w) in &want {
+            let bad = w.iter().zip(&got[out]).filter(|(a, b)| a != b).count();
+            assert_eq!(bad, 0, "{name} {out}: {bad} of {} elements differ", w.len());
+        }
+    }
+}
+
 #[test]
 fn interpreter_matches_itself_trivially_and_cases_parse() {
     check("interp", run_interp);

@@ -203,12 +203,37 @@ extern "C" fn egret_simt_mma_bf16(
     }
 }
 
+/// `ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16`: lane `l` posts the address of row
+/// `l % 8` of matrix `l / 8`; register `q` of lane `l` gets, of matrix `q`, row `l/4`,
+/// elements `2(l%4)`, `2(l%4)+1` (`trans`: rows `2(l%4)`, `2(l%4)+1` of column `l/4`), the
+/// first in the low half.
+extern "C" fn egret_simt_ldmatrix(row: *const u16, trans: i32, out: *mut u32) {
+    let a = row as u64;
+    let (all, lane) = warp_exchange(&[a as u32, (a >> 32) as u32]);
+    let addr = |l: usize| (u64::from(all[l][0]) | (u64::from(all[l][1]) << 32)) as *const u16;
+    let (g, t) = (lane / 4, lane % 4);
+    for q in 0..4 {
+        // SAFETY: the generated code gives each lane the address of 16 bytes of shared
+        // memory (a global of its module) and room for four registers.
+        unsafe {
+            let (lo, hi) = if trans == 0 {
+                let p = addr(8 * q + g);
+                (*p.add(2 * t), *p.add(2 * t + 1))
+            } else {
+                (*addr(8 * q + 2 * t).add(g), *addr(8 * q + 2 * t + 1).add(g))
+            };
+            *out.add(q) = u32::from(lo) | (u32::from(hi) << 16);
+        }
+    }
+}
+
 /// The hooks the simulated code calls, by name (`SIMT_HOOKS`).
-fn hooks() -> [(&'static str, usize); 3] {
+fn hooks() -> [(&'static str, usize); 4] {
     [
         (SIMT_HOOKS[0], egret_simt_barrier as *const () as usize),
         (SIMT_HOOKS[1], egret_simt_shfl_bfly as *const () as usize),
         (SIMT_HOOKS[2], egret_simt_mma_bf16 as *const () as usize),
+        (SIMT_HOOKS[3], egret_simt_ldmatrix as *const () as usize),
     ]
 }
 
@@ -557,6 +582,55 @@ mod tests {
             for c in 0..8 {
                 let want: f32 = 1.0 + (0..16).map(|k| a_of(r, k) * b_of(k, c)).sum::<f32>();
                 assert_eq!(d[r * 8 + c], want, "row {r} column {c}");
+            }
+        }
+    }
+
+    /// Lane `l` points at row `l % 8` of matrix `l / 8` of a 4 × 8 × 8 table holding
+    /// `1000q + 10r + c` at matrix `q`, row `r`, column `c`; it stores the registers it gets.
+    unsafe extern "C" fn ldmatrix(
+        bufs: *const *mut u8,
+        _: *const i64,
+        tid: i64,
+        _: i64,
+        _: *mut f32,
+        _: *mut i64,
+    ) -> i32 {
+        let d = *bufs as *mut u32;
+        let table = *bufs.add(1) as *const u16;
+        let lane = (tid % 32) as usize;
+        for trans in [0, 1] {
+            let mut out = [0u32; 4];
+            egret_simt_ldmatrix(table.add(8 * lane), trans, out.as_mut_ptr());
+            if tid < 32 {
+                for (q, v) in out.iter().enumerate() {
+                    *d.add(trans as usize * 128 + lane * 4 + q) = *v;
+                }
+            }
+        }
+        0
+    }
+
+    #[test]
+    fn ldmatrix_hands_out_rows_and_columns_of_four_8x8_matrices() {
+        let table: Vec<u16> = (0..256)
+            .map(|i| (1000 * (i / 64) + 10 * ((i / 8) % 8) + i % 8) as u16)
+            .collect();
+        let mut d = vec![0u32; 256];
+        let args = [d.as_mut_ptr() as *mut u8, table.as_ptr() as *mut u8];
+        assert_eq!(launcher().launch(ldmatrix, &call(256), &args, &[]), Ok(0));
+        let at = |q: usize, r: usize, c: usize| (1000 * q + 10 * r + c) as u32;
+        for l in 0..32 {
+            let (g, t) = (l / 4, l % 4);
+            for q in 0..4 {
+                let plain = at(q, g, 2 * t) | (at(q, g, 2 * t + 1) << 16);
+                let trans = at(q, 2 * t, g) | (at(q, 2 * t + 1, g) << 16);
+                assert_eq!(d[l * 4 + q], plain, "lane {l} register {q}");
+                assert_eq!(
+                    d[128 + l * 4 + q],
+                    trans,
+                    "lane {l} register {q}, transposed"
+                );
             }
         }
     }

@@ -887,10 +887,13 @@ impl Flavor {
 /// - `egret_simt_shfl_bfly(f32 x, i32 lanemask) -> f32`: `shfl.sync.bfly` over a full warp;
 /// - `egret_simt_mma_bf16(i32 a0, a1, a2, a3, b0, b1, f32* c)`: `mma.sync.m16n8k16` with
 ///   bf16 operands, `c[0..4]` the accumulators in and out.
-pub const SIMT_HOOKS: [&str; 3] = [
+/// - `egret_simt_ldmatrix(ptr row, i32 trans, i32* out)`: `ldmatrix.sync.m8n8.x4.b16`
+///   (`.trans` when `trans` is 1), `row` this lane's row address, `out[0..4]` its registers.
+pub const SIMT_HOOKS: [&str; 4] = [
     "egret_simt_barrier",
     "egret_simt_shfl_bfly",
     "egret_simt_mma_bf16",
+    "egret_simt_ldmatrix",
 ];
 
 /// Emits kernel `k` as function `name`; returns its buffer arguments and scratch floats.
@@ -2747,12 +2750,13 @@ fn row_scales<'ctx>(
     Ok(())
 }
 
-/// `gpu_mma_matmul`'s k-step: 32 columns of `A` and rows of `W` staged per step, two
-/// `m16n8k16` steps.
+/// `gpu_mma_matmul`'s k-step: a `128 × 32` slice of `A` and a `32 × 128` slice of `W` per
+/// stage, two `m16n8k16` steps.
 const MMA_TILE_K: i64 = 32;
-/// Shared-memory row pitch of the staged slices, in bf16 pairs: 16 pairs of data and 4 of
-/// padding, so the eight rows a fragment load touches fall in different banks.
-const MMA_PITCH: i64 = 20;
+/// Words (bf16 pairs) of one stage of one staged operand (`128 × 32` bf16, 8 KiB).
+const MMA_STAGE_WORDS: i64 = GPU_TILE * MMA_TILE_K / 2;
+/// Rows (of `A`) or k rows (of `W`) a 256-thread block stages per pass, four floats a thread.
+const MMA_PASSES: i64 = 4;
 
 /// An i32 shared-memory array of `len` words private to the kernel being generated.
 fn shared_i32<'ctx>(fb: &Fb<'_, 'ctx>, name: &str, len: u32) -> PointerValue<'ctx> {
@@ -2767,6 +2771,30 @@ fn pack_bf16x2<'ctx>(
     hi: FloatValue<'ctx>,
 ) -> R<IntValue<'ctx>> {
     let i32t = fb.ctx.i32_type();
+    if !fb.sim {
+        // One `cvt.rn.bf16x2.f32` (the simulator's C library may lack the conversion, so it
+        // rounds in integer arithmetic, to the same bits for every number).
+        let v2 = fb.f32t.vec_type(2);
+        let mut v = v2.get_undef();
+        for (i, x) in [lo, hi].into_iter().enumerate() {
+            v =
+                fb.b.build_insert_element(v, x, i32t.const_int(i as u64, false), "v")
+                    .map_err(be)?;
+        }
+        let t =
+            fb.b.build_cast(
+                inkwell::values::InstructionOpcode::FPTrunc,
+                v,
+                fb.ctx.bf16_type().vec_type(2),
+                "bf",
+            )
+            .map_err(be)?;
+        return Ok(fb
+            .b
+            .build_bit_cast(t, i32t, "pk")
+            .map_err(be)?
+            .into_int_value());
+    }
     let bits = |f: FloatValue<'ctx>| -> R<IntValue<'ctx>> {
         let r = round_bf16(fb, f)?;
         let b =
@@ -2781,6 +2809,113 @@ fn pack_bf16x2<'ctx>(
         fb.b.build_left_shift(h, i32t.const_int(16, false), "hs")
             .map_err(be)?;
     fb.b.build_or(l, h, "pk").map_err(be)
+}
+
+/// Four f32s at `ptr[idx..idx+4]` in one 16-byte load (`idx` a multiple of 4 and `ptr`
+/// 16-byte aligned: the caller checks).
+fn load_f32x4<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    ptr: PointerValue<'ctx>,
+    idx: IntValue<'ctx>,
+) -> R<[FloatValue<'ctx>; 4]> {
+    let mut p = unsafe { fb.b.build_in_bounds_gep(fb.f32t, ptr, &[idx], "p4") }.map_err(be)?;
+    if !fb.sim {
+        // A global-memory load (`ld.global.v4.f32`), not a generic one: it cannot alias
+        // the shared-memory stores around it.
+        p =
+            fb.b.build_address_space_cast(p, fb.ctx.ptr_type(AddressSpace::from(1u16)), "g")
+                .map_err(be)?;
+    }
+    let v = fb.b.build_load(fb.f32t.vec_type(4), p, "v4").map_err(be)?;
+    v.as_instruction_value()
+        .expect("a load")
+        .set_alignment(16)
+        .map_err(|e| BackendError::Llvm(e.to_string()))?;
+    let v = v.into_vector_value();
+    let i32t = fb.ctx.i32_type();
+    let mut out = [fb.f32c(0.0); 4];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o =
+            fb.b.build_extract_element(v, i32t.const_int(i as u64, false), "e")
+                .map_err(be)?
+                .into_float_value();
+    }
+    Ok(out)
+}
+
+/// Stores words `lo`, `hi` at `arr[idx]`, `arr[idx+1]` in one 8-byte store (`idx` even).
+fn store_i32x2<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    arr: PointerValue<'ctx>,
+    idx: IntValue<'ctx>,
+    lo: IntValue<'ctx>,
+    hi: IntValue<'ctx>,
+) -> R<()> {
+    let i32t = fb.ctx.i32_type();
+    let p = unsafe { fb.b.build_in_bounds_gep(i32t, arr, &[idx], "s2") }.map_err(be)?;
+    let mut v = i32t.vec_type(2).get_undef();
+    for (i, x) in [lo, hi].into_iter().enumerate() {
+        v =
+            fb.b.build_insert_element(v, x, i32t.const_int(i as u64, false), "w")
+                .map_err(be)?;
+    }
+    fb.b.build_store(p, v)
+        .map_err(be)?
+        .set_alignment(8)
+        .map_err(|e| BackendError::Llvm(e.to_string()))?;
+    Ok(())
+}
+
+/// `ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16` (sm_75 and later): four 8 × 8 matrices
+/// of 16-bit elements from shared memory, lane `l` giving the address of row `l % 8` of
+/// matrix `l / 8` (16 contiguous bytes). Register `q` of lane `l` receives, of matrix `q`,
+/// row `l/4`, elements `2(l%4)` and `2(l%4)+1` (low half first); transposed, elements
+/// `(2(l%4), l/4)` and `(2(l%4)+1, l/4)`. In the simulator, the hook `egret_simt_ldmatrix`.
+fn ldmatrix_x4<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    row: PointerValue<'ctx>,
+    trans: bool,
+) -> R<[IntValue<'ctx>; 4]> {
+    let i32t = fb.ctx.i32_type();
+    let mut out = [i32t.const_zero(); 4];
+    if fb.sim {
+        let o = fb.slot(i32t.array_type(4).into())?;
+        let ptrt = fb.ctx.ptr_type(AddressSpace::default());
+        let ty = fb
+            .ctx
+            .void_type()
+            .fn_type(&[ptrt.into(), i32t.into(), ptrt.into()], false);
+        let t = i32t.const_int(u64::from(trans), false);
+        fb.hook(SIMT_HOOKS[3], ty, &[row.into(), t.into(), o.into()])?;
+        for (i, v) in out.iter_mut().enumerate() {
+            let p = unsafe { fb.b.build_in_bounds_gep(i32t, o, &[fb.i64c(i as i64)], "o") }
+                .map_err(be)?;
+            *v = fb.b.build_load(i32t, p, "m").map_err(be)?.into_int_value();
+        }
+        return Ok(out);
+    }
+    let name = if trans {
+        "llvm.nvvm.ldmatrix.sync.aligned.m8n8.x4.trans.b16"
+    } else {
+        "llvm.nvvm.ldmatrix.sync.aligned.m8n8.x4.b16"
+    };
+    let f = Intrinsic::find(name)
+        .and_then(|i| i.get_declaration(fb.module, &[row.get_type().into()]))
+        .ok_or_else(|| BackendError::Llvm(format!("no intrinsic {name}")))?;
+    let r =
+        fb.b.build_call(f, &[row.into()], "ldm")
+            .map_err(be)?
+            .try_as_basic_value()
+            .basic()
+            .expect("returns a struct")
+            .into_struct_value();
+    for (i, v) in out.iter_mut().enumerate() {
+        *v =
+            fb.b.build_extract_value(r, i as u32, "m")
+                .map_err(be)?
+                .into_int_value();
+    }
+    Ok(out)
 }
 
 /// `d = a·b + c` on a warp's tensor cores: `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32`
@@ -2855,35 +2990,65 @@ fn mma_bf16<'ctx>(
 }
 
 /// The matmul on tensor cores: operands rounded to bf16 as they are staged, products summed
-/// in f32 by `mma.sync.m16n8k16.row.col.f32.bf16.bf16.f32` (sm_80 and later). Each 256-thread
-/// block computes a 128 × 128 tile (blocks stride over the tiles of every batch entry); warp
-/// `(wm, wn)` of a 2 × 4 grid holds a 64 × 32 sub-tile as 4 × 4 fragments of 16 × 8. Per
-/// k-step the block stages `A[128 × 32]` (row-major pairs) and `W[32 × 128]` (stored
-/// column-major, k pairs together) in shared memory; fragments are read with the layout the
-/// instruction defines (lane `g = lane/4`, `t = lane%4`: rows `g`, `g+8`, k pairs `t`, `t+4`).
-/// With `norm`, rows are scaled as in `gpu_tiled_matmul`.
+/// in f32 by `mma.sync.m16n8k16` (`mma_bf16`, sm_80 and later). Each 256-thread block
+/// computes a 128 × 128 tile (blocks stride over the tiles of every batch entry); warp
+/// `(wm, wn)` of a 2 × 4 grid holds a 64 × 32 sub-tile as 4 × 4 fragments of 16 × 8.
+///
+/// k advances in steps of 32 through two shared-memory stages: while the warps multiply
+/// one stage, each thread's loads of the next slice are in flight into registers; after the
+/// multiplies they are rounded to bf16 and stored into the other stage, so one barrier per
+/// step suffices. That takes more than 128 registers a thread (64 sums, 32 staged floats,
+/// the fragments), so kernels with this path ask for one resident block per SM
+/// (`gpu_min_blocks`). `A`'s slice is staged row-major (`[128][32]`), `W`'s k-major
+/// (`[32][128]`), with the 16-byte chunks of each row permuted by XOR (`a_word`, `w_word`)
+/// so that the eight rows of every `ldmatrix` phase fall in different banks; fragments are
+/// read with `ldmatrix` (`.trans` for `W`). Slices inside the matrices, with unit stride along
+/// the staged rows and 16-byte alignment, load four floats at a time; the others (edges,
+/// other layouts) element by element with bounds checks. With `norm`, rows are scaled as
+/// in `gpu_tiled_matmul`.
 fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     let GpuMatmul {
         optr,
         aav,
+        gav,
+        wav,
         norm,
         eps,
         nbatch,
         dims: (mv, nv, kv),
         ..
     } = *mm;
-    let (t, tk, pitch) = (GPU_TILE, MMA_TILE_K, MMA_PITCH);
+    let (t, tk, stage) = (GPU_TILE, MMA_TILE_K, MMA_STAGE_WORDS);
     let c = |v: i64| fb.i64c(v);
     let sdiv = |a, b, n| fb.b.build_int_signed_div(a, b, n).map_err(be);
     let srem = |a, b, n| fb.b.build_int_signed_rem(a, b, n).map_err(be);
-    let lt = |a, b| {
-        fb.b.build_int_compare(IntPredicate::SLT, a, b, "lt")
-            .map_err(be)
-    };
+    let cmp = |p, a, b| fb.b.build_int_compare(p, a, b, "cmp").map_err(be);
     let and = |a, b| fb.b.build_and(a, b, "and").map_err(be);
+    let bits = |a: IntValue<'ctx>, m: i64| fb.b.build_and(a, c(m), "bits").map_err(be);
+    let xor = |a, b| fb.b.build_xor(a, b, "xor").map_err(be);
+    let shr = |a: IntValue<'ctx>, s: i64| fb.b.build_right_shift(a, c(s), false, "shr").map_err(be);
+    // Staged `A`: 64-byte rows of four 16-byte chunks, chunk `k/8` XOR `(r/2) % 4`; staged
+    // `W`: 256-byte rows of sixteen chunks, chunk `n/8` XOR `k % 8`. Offsets in words.
+    let a_word = |r: IntValue<'ctx>, k: IntValue<'ctx>| -> R<IntValue<'ctx>> {
+        let chunk = xor(shr(k, 3)?, bits(shr(r, 1)?, 3)?)?;
+        fb.add(
+            fb.add(fb.mul(r, c(tk / 2))?, fb.mul(chunk, c(4))?)?,
+            shr(bits(k, 7)?, 1)?,
+        )
+    };
+    let w_word = |k: IntValue<'ctx>, n: IntValue<'ctx>| -> R<IntValue<'ctx>> {
+        let chunk = xor(shr(n, 3)?, bits(k, 7)?)?;
+        fb.add(
+            fb.add(fb.mul(k, c(t / 2))?, fb.mul(chunk, c(4))?)?,
+            shr(bits(n, 7)?, 1)?,
+        )
+    };
     let i32t = fb.ctx.i32_type();
-    let a_s = shared_i32(fb, "a", (t * pitch) as u32);
-    let w_s = shared_i32(fb, "w", (t * pitch) as u32);
+    let a_s = shared_i32(fb, "a", (2 * stage) as u32);
+    let w_s = shared_i32(fb, "w", (2 * stage) as u32);
+    let word_ptr = |arr: PointerValue<'ctx>, at: IntValue<'ctx>| {
+        unsafe { fb.b.build_in_bounds_gep(i32t, arr, &[at], "wp") }.map_err(be)
+    };
     let inv_s = shared_f32(fb, "inv", (3 * t) as u32);
     let inv_at = 2 * t;
     let tiles_m = sdiv(fb.add(mv, c(t - 1))?, c(t), "tm")?;
@@ -2900,11 +3065,50 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     let (wm, wn) = (sdiv(warp, c(4), "wm")?, srem(warp, c(4), "wn")?);
     let (g, q) = (sdiv(wl, c(4), "g")?, srem(wl, c(4), "q")?);
     let accs: Vec<PointerValue> = (0..64).map(|_| fb.slot(fb.f32t.into())).collect::<R<_>>()?;
+    // The next slice, in flight: `A` rows `lane/8 + 32p`, k `4(lane%8)..+4`; `W` k rows
+    // `warp + 8p`, columns `4·wl..+4`.
+    let staged: Vec<PointerValue> = (0..2 * 4 * MMA_PASSES)
+        .map(|_| fb.slot(fb.f32t.into()))
+        .collect::<R<_>>()?;
+    let (a_row0, a_k) = (
+        sdiv(lane, c(8), "ar")?,
+        fb.mul(srem(lane, c(8), "ak")?, c(4))?,
+    );
+    let w_n = fb.mul(wl, c(4))?;
+    // This thread's store words (first pass) and `ldmatrix` row words (first row tile of `A`
+    // per k step; per column pair of `W`, first k step). Lane `wl` addresses row `wl % 8` of
+    // matrix `wl / 8`: matrices 1 and 3 are 8 rows (of `A`) or k rows (of `W`) on, matrices
+    // 2 and 3 the next 8 k (of `A`) or columns (of `W`).
+    let a_at = a_word(a_row0, a_k)?;
+    let w_at = w_word(warp, w_n)?;
+    let r8 = fb.add(
+        srem(wl, c(8), "r8")?,
+        fb.mul(srem(sdiv(wl, c(8), "m")?, c(2), "m2")?, c(8))?,
+    )?;
+    let half = fb.mul(sdiv(wl, c(16), "h")?, c(8))?;
+    let a_ld: Vec<IntValue> = (0..tk / 16)
+        .map(|ks| a_word(fb.add(fb.mul(wm, c(64))?, r8)?, fb.add(c(16 * ks), half)?))
+        .collect::<R<_>>()?;
+    let w_ld: Vec<IntValue> = (0..2)
+        .map(|jj| w_word(r8, fb.add(fb.add(fb.mul(wn, c(32))?, c(16 * jj))?, half)?))
+        .collect::<R<_>>()?;
     let ktiles = sdiv(fb.add(kv, c(tk - 1))?, c(tk), "kt")?;
-    let ld = |arr: PointerValue<'ctx>, at: IntValue<'ctx>| -> R<IntValue<'ctx>> {
-        let p = unsafe { fb.b.build_in_bounds_gep(i32t, arr, &[at], "sp") }.map_err(be)?;
-        Ok(fb.b.build_load(i32t, p, "sv").map_err(be)?.into_int_value())
+    let (ra, ka) = (aav.strides.len() - 2, aav.strides.len() - 1);
+    let (kw, nw) = (wav.strides.len() - 2, wav.strides.len() - 1);
+    let eq = |a, v: i64| cmp(IntPredicate::EQ, a, c(v));
+    let aligned16 = |p: PointerValue<'ctx>| -> R<IntValue<'ctx>> {
+        let a = fb.b.build_ptr_to_int(p, fb.i64t, "pa").map_err(be)?;
+        eq(bits(a, 15)?, 0)
     };
+    // Four-float loads: unit stride along the staged rows, every row start a multiple of 4.
+    let a_vec = and(
+        and(eq(aav.strides[ka], 1)?, eq(bits(aav.strides[ra], 3)?, 0)?)?,
+        aligned16(aav.ptr)?,
+    )?;
+    let w_vec = and(
+        and(eq(wav.strides[nw], 1)?, eq(bits(wav.strides[kw], 3)?, 0)?)?,
+        aligned16(wav.ptr)?,
+    )?;
     fb.for_range(c(0), iters, |fb, it| {
         let tile = fb.add(blk, fb.mul(it, nblk)?)?;
         let TileAt {
@@ -2920,87 +3124,137 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
         for a in &accs {
             fb.set(*a, fb.f32c(0.0))?;
         }
-        fb.for_range(c(0), ktiles, |fb, kt| {
+        let inside =
+            |o: IntValue<'ctx>, n: IntValue<'ctx>| cmp(IntPredicate::SLE, fb.add(o, c(t))?, n);
+        let a_fast = and(and(a_vec, eq(bits(abase, 3)?, 0)?)?, inside(m0, mv)?)?;
+        let w_fast = and(and(w_vec, eq(bits(wbase, 3)?, 0)?)?, inside(n0, nv)?)?;
+        // Loads `A`'s part of slice `kt` into `staged[..16]`.
+        let load_a = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
             let k0 = fb.mul(kt, c(tk))?;
-            barrier(fb)?;
-            // 128 rows × 16 k-pairs of each operand: 8 pairs a thread.
-            for i in 0..(t * tk / 2 / GPU_BLOCK_THREADS) {
-                let e = fb.add(lane, c(i * GPU_BLOCK_THREADS))?;
-                // A: row e / 16, pair e % 16.
-                let (row, pr) = (sdiv(e, c(tk / 2), "ar")?, srem(e, c(tk / 2), "ap")?);
-                let gm = fb.add(m0, row)?;
-                let mut two = vec![];
-                for h in 0..2 {
-                    let gk = fb.add(k0, fb.add(fb.mul(pr, c(2))?, c(h))?)?;
-                    two.push(mm.a_elem(fb, abase, gm, gk)?);
-                }
-                let p = unsafe {
-                    fb.b.build_in_bounds_gep(
-                        i32t,
-                        a_s,
-                        &[fb.add(fb.mul(row, c(pitch))?, pr)?],
-                        "ap",
-                    )
-                }
-                .map_err(be)?;
-                fb.b.build_store(p, pack_bf16x2(fb, two[0], two[1])?)
-                    .map_err(be)?;
-                // W: pair e / 128 of k, column e % 128, stored at [column][pair].
-                let (pk, col) = (sdiv(e, c(t), "wp")?, srem(e, c(t), "wc")?);
-                let gn = fb.add(n0, col)?;
-                let mut two = vec![];
-                for h in 0..2 {
-                    let gk = fb.add(k0, fb.add(fb.mul(pk, c(2))?, c(h))?)?;
-                    two.push(mm.w_elem(fb, wbase, gk, gn)?);
-                }
-                let p = unsafe {
-                    fb.b.build_in_bounds_gep(
-                        i32t,
-                        w_s,
-                        &[fb.add(fb.mul(col, c(pitch))?, pk)?],
-                        "wp",
-                    )
-                }
-                .map_err(be)?;
-                fb.b.build_store(p, pack_bf16x2(fb, two[0], two[1])?)
-                    .map_err(be)?;
+            let kfull = cmp(IntPredicate::SLE, fb.add(k0, c(tk))?, kv)?;
+            fb.if_else(
+                and(a_fast, kfull)?,
+                |fb| {
+                    for p in 0..MMA_PASSES {
+                        let gm = fb.add(m0, fb.add(a_row0, c(32 * p))?)?;
+                        let gk = fb.add(k0, a_k)?;
+                        let at = fb.add(abase, fb.add(fb.mul(gm, aav.strides[ra])?, gk)?)?;
+                        let v = load_f32x4(fb, aav.ptr, at)?;
+                        for (e, mut x) in v.into_iter().enumerate() {
+                            if let Some(gv) = gav {
+                                let k = fb.add(gk, c(e as i64))?;
+                                let gx = fb
+                                    .load_f32(gv.ptr, fb.add(gv.off, fb.mul(k, gv.strides[0])?)?)?;
+                                x = fb.fmul(x, gx)?;
+                            }
+                            fb.set(staged[(4 * p) as usize + e], x)?;
+                        }
+                    }
+                    Ok(())
+                },
+                |fb| {
+                    for p in 0..MMA_PASSES {
+                        let gm = fb.add(m0, fb.add(a_row0, c(32 * p))?)?;
+                        for e in 0..4 {
+                            let gk = fb.add(k0, fb.add(a_k, c(e))?)?;
+                            let x = mm.a_elem(fb, abase, gm, gk)?;
+                            fb.set(staged[(4 * p + e) as usize], x)?;
+                        }
+                    }
+                    Ok(())
+                },
+            )
+        };
+        // Loads `W`'s part of slice `kt` into `staged[16..]`.
+        let load_w = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
+            let k0 = fb.mul(kt, c(tk))?;
+            let kfull = cmp(IntPredicate::SLE, fb.add(k0, c(tk))?, kv)?;
+            let wb = (4 * MMA_PASSES) as usize;
+            fb.if_else(
+                and(w_fast, kfull)?,
+                |fb| {
+                    for p in 0..MMA_PASSES {
+                        let gk = fb.add(k0, fb.add(warp, c(8 * p))?)?;
+                        let at = fb.add(
+                            wbase,
+                            fb.add(fb.mul(gk, wav.strides[kw])?, fb.add(n0, w_n)?)?,
+                        )?;
+                        let v = load_f32x4(fb, wav.ptr, at)?;
+                        for (e, x) in v.into_iter().enumerate() {
+                            fb.set(staged[wb + (4 * p) as usize + e], x)?;
+                        }
+                    }
+                    Ok(())
+                },
+                |fb| {
+                    for p in 0..MMA_PASSES {
+                        let gk = fb.add(k0, fb.add(warp, c(8 * p))?)?;
+                        for e in 0..4 {
+                            let gn = fb.add(n0, fb.add(w_n, c(e))?)?;
+                            let x = mm.w_elem(fb, wbase, gk, gn)?;
+                            fb.set(staged[wb + (4 * p + e) as usize], x)?;
+                        }
+                    }
+                    Ok(())
+                },
+            )
+        };
+        // Rounds `staged` to bf16 pairs and stores it into stage `buf`.
+        // (Rows 32 apart, k rows 8 apart keep their chunk permutation: each pass is its
+        // first one's word plus a constant.)
+        // One operand's staged part (`from`: 0 for `A`, 16 for `W`) to its words `first`
+        // (pass 0) of array `arr`, passes `pass` words apart.
+        let put = |fb: &Fb<'_, 'ctx>, from: usize, arr, first, pass: i64| -> R<()> {
+            for p in 0..MMA_PASSES {
+                let s = |i: usize| fb.get(staged[from + (4 * p) as usize + i]);
+                let lo = pack_bf16x2(fb, s(0)?, s(1)?)?;
+                let hi = pack_bf16x2(fb, s(2)?, s(3)?)?;
+                store_i32x2(fb, arr, fb.add(first, c(p * pass))?, lo, hi)?;
             }
-            barrier(fb)?;
+            Ok(())
+        };
+        // Slice `kt` into `staged`; `staged` into stage `buf`.
+        let fetch = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
+            load_a(fb, kt)?;
+            load_w(fb, kt)
+        };
+        let stage_staged = |fb: &Fb<'_, 'ctx>, buf: IntValue<'ctx>| -> R<()> {
+            let base = fb.mul(buf, c(stage))?;
+            put(fb, 0, a_s, fb.add(base, a_at)?, 32 * tk / 2)?;
+            put(
+                fb,
+                (4 * MMA_PASSES) as usize,
+                w_s,
+                fb.add(base, w_at)?,
+                8 * t / 2,
+            )
+        };
+        // The warp's 64 × 32 products over stage `buf`.
+        // (Rows 16 apart keep their chunk permutation, and so do k rows 16 apart: the four
+        // row tiles of `A` and the two k steps of `W` are their first one's word plus a
+        // constant.)
+        let multiply = |fb: &Fb<'_, 'ctx>, buf: IntValue<'ctx>| -> R<()> {
+            let base = fb.mul(buf, c(stage))?;
             for ks in 0..(tk / 16) {
-                let kp = c(ks * 8);
-                // A fragments of the warp's four 16-row tiles.
-                let mut afr = vec![];
-                for i in 0..4i64 {
-                    let r0 = fb.add(fb.mul(wm, c(64))?, fb.add(c(16 * i), g)?)?;
-                    let at = |r: IntValue<'ctx>, p: i64| -> R<IntValue<'ctx>> {
-                        fb.add(fb.mul(r, c(pitch))?, fb.add(kp, fb.add(q, c(p))?)?)
-                    };
-                    let r8 = fb.add(r0, c(8))?;
-                    afr.push([
-                        ld(a_s, at(r0, 0)?)?,
-                        ld(a_s, at(r8, 0)?)?,
-                        ld(a_s, at(r0, 4)?)?,
-                        ld(a_s, at(r8, 4)?)?,
-                    ]);
-                }
                 let mut bfr = vec![];
-                for j in 0..4i64 {
-                    let n = fb.add(fb.mul(wn, c(32))?, fb.add(c(8 * j), g)?)?;
-                    let at = |p: i64| -> R<IntValue<'ctx>> {
-                        fb.add(fb.mul(n, c(pitch))?, fb.add(kp, fb.add(q, c(p))?)?)
-                    };
-                    bfr.push([ld(w_s, at(0)?)?, ld(w_s, at(4)?)?]);
+                for wj in &w_ld {
+                    let at = fb.add(base, fb.add(*wj, c(16 * ks * t / 2))?)?;
+                    let m = ldmatrix_x4(fb, word_ptr(w_s, at)?, true)?;
+                    bfr.push([m[0], m[1]]);
+                    bfr.push([m[2], m[3]]);
                 }
                 for i in 0..4usize {
-                    for j in 0..4usize {
+                    let at = fb.add(base, fb.add(a_ld[ks as usize], c(16 * i as i64 * tk / 2))?)?;
+                    let afr = ldmatrix_x4(fb, word_ptr(a_s, at)?, false)?;
+                    for (j, b) in bfr.iter().enumerate() {
                         let acc = &accs[(i * 4 + j) * 4..(i * 4 + j) * 4 + 4];
-                        let c = [
+                        let cur = [
                             fb.get(acc[0])?,
                             fb.get(acc[1])?,
                             fb.get(acc[2])?,
                             fb.get(acc[3])?,
                         ];
-                        let d = mma_bf16(fb, afr[i], bfr[j], c)?;
+                        let d = mma_bf16(fb, afr, *b, cur)?;
                         for (a, v) in acc.iter().zip(d) {
                             fb.set(*a, v)?;
                         }
@@ -3008,6 +3262,17 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
                 }
             }
             Ok(())
+        };
+        fetch(fb, c(0))?;
+        stage_staged(fb, c(0))?;
+        fb.for_range(c(0), ktiles, |fb, kt| {
+            barrier(fb)?;
+            let buf = bits(kt, 1)?;
+            let next = fb.add(kt, c(1))?;
+            let more = cmp(IntPredicate::SLT, next, ktiles)?;
+            fb.if_else(more, |fb| fetch(fb, next), |_| Ok(()))?;
+            multiply(fb, buf)?;
+            fb.if_else(more, |fb| stage_staged(fb, xor(buf, c(1))?), |_| Ok(()))
         })?;
         // c0, c1: row g, columns 2q, 2q+1; c2, c3: row g+8.
         for i in 0..4i64 {
@@ -3021,7 +3286,10 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
                     let (row, col) = (fb.add(m0, r)?, fb.add(n0, cl)?);
                     let a = accs[((i * 4 + j) * 4 + x) as usize];
                     fb.if_else(
-                        and(lt(row, mv)?, lt(col, nv)?)?,
+                        and(
+                            cmp(IntPredicate::SLT, row, mv)?,
+                            cmp(IntPredicate::SLT, col, nv)?,
+                        )?,
                         |fb| {
                             let mut v = fb.get(a)?;
                             if norm {
@@ -4843,6 +5111,7 @@ pub fn gpu_entry<'ctx>(
     body: FunctionValue<'ctx>,
     name: &str,
     scratch_floats: usize,
+    min_blocks: u32,
 ) -> R<()> {
     let ptrt = ctx.ptr_type(AddressSpace::default());
     let i32t = ctx.i32_type();
@@ -4854,11 +5123,12 @@ pub fn gpu_entry<'ctx>(
     /// LLVM's calling convention number of `ptx_kernel` (a grid entry point).
     const PTX_KERNEL_CC: u32 = 71;
     func.set_call_conventions(PTX_KERNEL_CC);
-    // Blocks are always `GPU_BLOCK` threads; asking for two resident blocks per SM caps
-    // registers at 128 a thread (the tiled matmul would take more and leave one block).
+    // Blocks are always `GPU_BLOCK` threads; asking for `min_blocks` resident blocks per SM
+    // caps registers (two: 128 a thread, which the f32 tiled matmul would exceed and leave
+    // one block; see `gpu_min_blocks`).
     for (k, v) in [
         ("nvvm.maxntid", GPU_BLOCK_THREADS.to_string()),
-        ("nvvm.minctasm", "2".to_string()),
+        ("nvvm.minctasm", min_blocks.to_string()),
     ] {
         func.add_attribute(AttributeLoc::Function, ctx.create_string_attribute(k, &v));
     }
@@ -4924,6 +5194,16 @@ pub fn gpu_entry<'ctx>(
     b.position_at_end(done);
     b.build_return(None).map_err(be)?;
     Ok(())
+}
+
+/// Resident blocks per SM a GPU kernel asks for (`nvvm.minctasm`, which caps its registers
+/// at `65536 / (256 · blocks)`): two (128 registers), except matmuls on tensor cores, whose
+/// pipelined tile needs more (`gpu_mma_matmul`).
+pub fn gpu_min_blocks(k: &Kernel, tensor_cores: bool) -> u32 {
+    match k {
+        Kernel::MatMul { .. } | Kernel::RmsNormMatMul { .. } if tensor_cores => 1,
+        _ => 2,
+    }
 }
 
 /// How many GPU threads a kernel's parallel loop has work for (what its body splits), as a

@@ -202,7 +202,9 @@ pub(crate) fn codegen_flavor<'ctx>(
                         let (_, scratch) =
                             kernels::emit(ctx, &module, prog, k, &body_name, flavor)?;
                         let body = module.get_function(&body_name).expect("just emitted");
-                        kernels::gpu_entry(ctx, &module, body, &sym, scratch)?;
+                        let tc = matches!(flavor, Flavor::Gpu { tensor_cores: true });
+                        let blocks = kernels::gpu_min_blocks(k, tc);
+                        kernels::gpu_entry(ctx, &module, body, &sym, scratch, blocks)?;
                         scratch
                     } else {
                         kernels::emit(ctx, &module, prog, k, &sym, flavor)?.1
