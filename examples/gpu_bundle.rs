@@ -13,10 +13,11 @@
 //! - `smollm2-ptx/` and `smollm2-cpu/`: SmolLM2-135M's `step` compiled for the GPU (sm_80) and
 //!   for any x86-64-v3 CPU, to run on weights made on the GPU machine;
 //! - `conformance-tc/<case>/`: the matmul cases compiled for tensor cores (bf16 operands);
-//! - `bench-matmul/`, `bench-matmul-tc/`, `bench-attention/`: a matmul (f32, and on tensor
-//!   cores) and a causal attention for timing;
+//! - `bench-matmul/`, `bench-matmul-tc/`, `bench-attention/`, `bench-attention-tc/`: a
+//!   matmul and a causal attention for timing (f32, and on tensor cores);
 //! - `grads/<fixture>/`: each tiny transformers fixture's gradient graph (PTX, entry `run`)
 //!   with the fixture's weights, tokens and transformers' loss and gradients;
+//!   `grads-bf16/<fixture>/` the same with bf16 matmuls and attention (`--tensor-cores`);
 //! - `smollm2-train/`, `smollm2-train-cpu/`: SmolLM2-135M's AdamW `train_step` for the GPU
 //!   and the CPU: the GPU's losses are checked against the CPU's, and timed.
 
@@ -176,16 +177,23 @@ fn main() -> Res<()> {
 }"#,
     )?;
     ptx_artifact(&attn, &out.join("bench-attention"))?;
+    let tc = PtxOptions {
+        tensor_cores: true,
+        ..PtxOptions::default()
+    };
+    ptx_artifact_with(&attn, &out.join("bench-attention-tc"), &tc)?;
     for name in ["gqa_untied", "mha_tied_rope_parameters", "odd_head_dim_mqa"] {
         let src = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/tiny")
             .join(name);
         let cfg = egret::load_config(&egret::ModelSource::resolve(src.to_str().ok_or("path")?)?)?;
         let g = egret::train::grad_graph(&cfg, "default", None)?;
-        let dir = out.join("grads").join(name);
-        ptx_artifact(&g, &dir)?;
-        for f in ["model.safetensors", "grads.safetensors", "grads.json"] {
-            std::fs::copy(src.join(f), dir.join(f))?;
+        for (sub, opts) in [("grads", PtxOptions::default()), ("grads-bf16", tc.clone())] {
+            let dir = out.join(sub).join(name);
+            ptx_artifact_with(&g, &dir, &opts)?;
+            for f in ["model.safetensors", "grads.safetensors", "grads.json"] {
+                std::fs::copy(src.join(f), dir.join(f))?;
+            }
         }
     }
     egret::train::compile_train_artifact_ptx(

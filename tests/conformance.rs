@@ -320,6 +320,80 @@ fn simulated_tensor_core_matmuls_are_exact_on_bf16_exact_inputs() {
     }
 }
 
+/// Attention on tensor cores (prompts of at least 64 query rows, head sizes 16 to 128):
+/// grouped heads, query rows past a 128-row tile, keys past a 64-key step, a KV cache
+/// (positions offset by the past), strided (permuted) operands, differing query and value
+/// head sizes. Within bf16 tolerance (1e-2 relative L2) of the interpreter's.
+const MMA_ATTENTION_CASES: &[(&str, &str)] = &[
+    (
+        "gqa-prefill-d64",
+        r#"
+  %q = input "q" : f32[1, 4, 150, 64]
+  %k = input "k" : f32[1, 2, 150, 64]
+  %v = input "v" : f32[1, 2, 150, 64]
+  %pos = iota[axis=1] : i64[1, 150]
+  %o = fused_attention[scale=0.125](%q, %k, %v, %pos) : f32[1, 4, 150, 64]
+  output "o" = %o"#,
+    ),
+    (
+        "cache-d128-dv32-batch2",
+        r#"
+  %q = input "q" : f32[2, 2, 70, 128]
+  %k = input "k" : f32[2, 1, 200, 128]
+  %v = input "v" : f32[2, 1, 200, 32]
+  %i = iota[axis=1] : i64[2, 70]
+  %past = const[value=130.0] : i64[2, 70]
+  %pos = add(%i, %past) : i64[2, 70]
+  %o = fused_attention[scale=0.09](%q, %k, %v, %pos) : f32[2, 2, 70, 32]
+  output "o" = %o"#,
+    ),
+    (
+        "permuted-d16",
+        r#"
+  %x = input "x" : f32[1, 300, 3, 16]
+  %q = permute[perm=[0, 2, 1, 3]](%x) : f32[1, 3, 300, 16]
+  %y = input "y" : f32[1, 300, 3, 16]
+  %k = permute[perm=[0, 2, 1, 3]](%y) : f32[1, 3, 300, 16]
+  %z = input "z" : f32[1, 300, 3, 16]
+  %v = permute[perm=[0, 2, 1, 3]](%z) : f32[1, 3, 300, 16]
+  %pos = iota[axis=1] : i64[1, 300]
+  %o = fused_attention[scale=0.25](%q, %k, %v, %pos) : f32[1, 3, 300, 16]
+  output "o" = %o"#,
+    ),
+];
+
+#[test]
+fn simulated_tensor_core_attention_is_within_bf16_tolerance() {
+    let opts = PtxOptions {
+        tensor_cores: true,
+        ..PtxOptions::default()
+    };
+    for (name, body) in MMA_ATTENTION_CASES {
+        let g = graph(name, body);
+        let (mut inputs, params) = bindings(&g, 1, name.len() as u64);
+        let mut rng = Rng(0xa77e ^ name.len() as u64);
+        for t in inputs.values_mut() {
+            let len = t.shape().iter().product::<usize>();
+            let v = (0..len).map(|_| rng.uniform() * 4.0 - 2.0).collect();
+            *t = Tensor::from_f32(t.shape().to_vec(), v).unwrap();
+        }
+        let want = run_interp(&g, &inputs, &params);
+        let mut ex = egret::gpu::simt_executor(&g, &params, &opts).unwrap();
+        let got = outputs_f32(ex.run(&host_inputs(&inputs)).unwrap());
+        for (out, w) in &want {
+            let num: f64 = w
+                .iter()
+                .zip(&got[out])
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
+            let den: f64 = w.iter().map(|a| (*a as f64).powi(2)).sum();
+            let rel = (num / den.max(1e-30)).sqrt();
+            assert!(rel <= 1e-2, "{name} {out}: relative L2 {rel}");
+            eprintln!("{name} {out}: relative L2 {rel:.2e}");
+        }
+    }
+}
+
 #[test]
 fn interpreter_matches_itself_trivially_and_cases_parse() {
     check("interp", run_interp);

@@ -15,14 +15,21 @@ fn ptx_of(ir: &str) -> String {
         .0
 }
 
+/// Both flavours: f32, and bf16 on tensor cores (its matmuls and, head size 64, its prompt
+/// attention on `mma.sync`, with `ldmatrix`).
 #[test]
 fn smollm2_step_ptx_assembles_for_sm80_and_sm90() {
     let cfg = egret_models::presets::preset("smollm2-135m").unwrap();
-    for arch in ["sm_80", "sm_90"] {
-        let t = TempDir::new(&format!("smollm2-ptx-{arch}"));
+    for (arch, tensor_cores) in [
+        ("sm_80", false),
+        ("sm_90", false),
+        ("sm_80", true),
+        ("sm_90", true),
+    ] {
+        let t = TempDir::new(&format!("smollm2-ptx-{arch}-{tensor_cores}"));
         let opts = PtxOptions {
             arch: arch.into(),
-            ..PtxOptions::default()
+            tensor_cores,
         };
         let dir = egret::gpu::compile_artifact(&cfg, "default", &opts, &t.0.join("a")).unwrap();
         let art = egret_runtime::Artifact::load(&dir).unwrap();
@@ -30,6 +37,9 @@ fn smollm2_step_ptx_assembles_for_sm80_and_sm90() {
         assert_eq!(art.manifest().target.cpu, arch);
         let ptx = std::fs::read_to_string(dir.join("kernels.ptx")).unwrap();
         assert!(ptx.contains(&format!(".target {arch}")), "{arch}");
+        for op in ["mma.sync", "ldmatrix"] {
+            assert_eq!(ptx.contains(op), tensor_cores, "{arch} {op}");
+        }
         common::assemble_ptx("smollm2 step", &ptx, arch);
     }
 }

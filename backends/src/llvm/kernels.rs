@@ -3655,42 +3655,450 @@ fn attention(
 /// Keys per step of `gpu_attention`'s loop.
 const GPU_ATTN_UNROLL: i64 = 4;
 
-/// The sum of `x` over the 32 lanes of a warp, in every lane (butterfly shuffles).
-fn warp_sum<'ctx>(fb: &Fb<'_, 'ctx>, mut x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+/// `shfl.sync.bfly.b32` over a full warp: `x` of lane `lane ^ mask`.
+fn shfl_bfly<'ctx>(fb: &Fb<'_, 'ctx>, x: FloatValue<'ctx>, mask: u64) -> R<FloatValue<'ctx>> {
     let i32t = fb.ctx.i32_type();
     if fb.sim {
-        for off in [16u64, 8, 4, 2, 1] {
-            let ty = fb.f32t.fn_type(&[fb.f32t.into(), i32t.into()], false);
-            let args = [x.into(), i32t.const_int(off, false).into()];
-            let y = fb.hook(SIMT_HOOKS[1], ty, &args)?.expect("returns f32");
-            x = fb.fadd(x, y.into_float_value())?;
-        }
-        return Ok(x);
+        let ty = fb.f32t.fn_type(&[fb.f32t.into(), i32t.into()], false);
+        let args = [x.into(), i32t.const_int(mask, false).into()];
+        let y = fb.hook(SIMT_HOOKS[1], ty, &args)?.expect("returns f32");
+        return Ok(y.into_float_value());
     }
     let name = "llvm.nvvm.shfl.sync.bfly.f32";
     let f = Intrinsic::find(name)
         .and_then(|i| i.get_declaration(fb.module, &[]))
         .ok_or_else(|| BackendError::Llvm(format!("no intrinsic {name}")))?;
-    for off in [16u64, 8, 4, 2, 1] {
-        let y =
-            fb.b.build_call(
-                f,
-                &[
-                    i32t.const_int(0xffff_ffff, false).into(),
-                    x.into(),
-                    i32t.const_int(off, false).into(),
-                    i32t.const_int(0x1f, false).into(),
-                ],
-                "shfl",
-            )
-            .map_err(be)?
-            .try_as_basic_value()
-            .basic()
-            .expect("returns f32")
-            .into_float_value();
-        x = fb.fadd(x, y)?;
+    Ok(fb
+        .b
+        .build_call(
+            f,
+            &[
+                i32t.const_int(0xffff_ffff, false).into(),
+                x.into(),
+                i32t.const_int(mask, false).into(),
+                i32t.const_int(0x1f, false).into(),
+            ],
+            "shfl",
+        )
+        .map_err(be)?
+        .try_as_basic_value()
+        .basic()
+        .expect("returns f32")
+        .into_float_value())
+}
+
+/// `x` folded by `combine` over the lanes that differ from this one only in the bits of
+/// `masks` (all 32 lanes for `[16, 8, 4, 2, 1]`, an `mma` quad for `[1, 2]`), in each of them.
+fn warp_fold<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    mut x: FloatValue<'ctx>,
+    masks: &[u64],
+    combine: impl Fn(FloatValue<'ctx>, FloatValue<'ctx>) -> R<FloatValue<'ctx>>,
+) -> R<FloatValue<'ctx>> {
+    for m in masks {
+        let y = shfl_bfly(fb, x, *m)?;
+        x = combine(x, y)?;
     }
     Ok(x)
+}
+
+/// The sum of `x` over the 32 lanes of a warp, in every lane (butterfly shuffles).
+fn warp_sum<'ctx>(fb: &Fb<'_, 'ctx>, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+    warp_fold(fb, x, &[16, 8, 4, 2, 1], |a, b| fb.fadd(a, b))
+}
+
+/// Query rows per block of `gpu_mma_attention`: 16 per warp.
+const MMA_ATTN_ROWS: i64 = 128;
+/// Keys staged per step of `gpu_mma_attention`.
+const MMA_ATTN_KEYS: i64 = 64;
+/// Prompts of at least this many query rows take `gpu_mma_attention`; fewer (decode) keep
+/// the warp-per-row kernel, which wastes no rows of a 16-row fragment.
+const MMA_ATTN_MIN_T: i64 = 64;
+/// Head sizes `gpu_mma_attention` handles (query/key and value): whole `m16n8k16` steps, and
+/// staged rows of a power of two of 16-byte chunks, 32 KiB of keys and values at most.
+const MMA_ATTN_HEADS: [i64; 4] = [16, 32, 64, 128];
+
+/// Whether attention of these sizes runs on tensor cores (with `tensor_cores`).
+fn mma_attention_fits(d: &crate::kernel::AttnDims) -> bool {
+    MMA_ATTN_HEADS.contains(&d.d) && MMA_ATTN_HEADS.contains(&d.dv)
+}
+
+/// Word offset in a staged `[rows][n]` bf16 tile of element `(r, e)` (`e` even): each row
+/// is `n/8` 16-byte chunks, chunk `e/8` XOR `r % min(8, n/8)`, so that the eight rows of an
+/// `ldmatrix` phase fall in different banks.
+fn swizzled_word<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    r: IntValue<'ctx>,
+    e: IntValue<'ctx>,
+    n: i64,
+) -> R<IntValue<'ctx>> {
+    let c = |v: i64| fb.i64c(v);
+    let mask = (n / 8).min(8) - 1;
+    let chunk =
+        fb.b.build_xor(
+            fb.b.build_right_shift(e, c(3), false, "ch").map_err(be)?,
+            fb.b.build_and(r, c(mask), "rm").map_err(be)?,
+            "sw",
+        )
+        .map_err(be)?;
+    let within =
+        fb.b.build_right_shift(fb.b.build_and(e, c(7), "e7").map_err(be)?, c(1), false, "w")
+            .map_err(be)?;
+    fb.add(fb.add(fb.mul(r, c(n / 2))?, fb.mul(chunk, c(4))?)?, within)
+}
+
+/// Causal attention on tensor cores, flash-style (bf16 operands, f32 softmax and sums): a
+/// 256-thread block takes 128 query rows of one `(b, h)`, warp `w` rows `16w..16w+16`, whose
+/// query fragments (pre-scaled, rounded to bf16) stay in registers. Keys and values go
+/// through shared memory `MMA_ATTN_KEYS` at a time, rounded to bf16 and row-chunk-permuted
+/// (`swizzled_word`); up to the last key any of the block's rows sees. Per step, each warp:
+/// `S = Q·Kᵀ` with `mma.sync.m16n8k16` (key fragments by `ldmatrix`), masks keys past each
+/// row's end (`j <= positions[b, t]`, `j < S`), updates the rows' running max (over the
+/// four lanes that share a row) and rescales its output accumulators and partial sums, then
+/// `O += P·V` with the probabilities taken straight from the score accumulators as the
+/// left operand (their layouts coincide) and value fragments by `ldmatrix.trans`. Each row
+/// ends divided by its sum.
+#[allow(clippy::too_many_arguments)]
+fn gpu_mma_attention<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    optr: PointerValue<'ctx>,
+    [qa, ka, va, pa]: [&Av<'ctx>; 4],
+    d: &crate::kernel::AttnDims,
+    scale: f64,
+    [bv, tv, sv]: [IntValue<'ctx>; 3],
+) -> R<()> {
+    let c = |v: i64| fb.i64c(v);
+    let sdiv = |a, b, n| fb.b.build_int_signed_div(a, b, n).map_err(be);
+    let srem = |a, b, n| fb.b.build_int_signed_rem(a, b, n).map_err(be);
+    let cmp = |p, a, b| fb.b.build_int_compare(p, a, b, "cmp").map_err(be);
+    let lt = |a, b| cmp(IntPredicate::SLT, a, b);
+    let and = |a, b| fb.b.build_and(a, b, "and").map_err(be);
+    let i32t = fb.ctx.i32_type();
+    let (dq, dv, keys) = (d.d, d.dv, MMA_ATTN_KEYS);
+    let k_s = shared_i32(fb, "k", (keys * dq / 2) as u32);
+    let v_s = shared_i32(fb, "v", (keys * dv / 2) as u32);
+    let ends_s = shared_f32(fb, "ends", 8);
+    let word_ptr = |arr: PointerValue<'ctx>, at: IntValue<'ctx>| {
+        unsafe { fb.b.build_in_bounds_gep(i32t, arr, &[at], "wp") }.map_err(be)
+    };
+    let ttiles = sdiv(fb.add(tv, c(MMA_ATTN_ROWS - 1))?, c(MMA_ATTN_ROWS), "tt")?;
+    let units = fb.mul(fb.mul(bv, c(d.h))?, ttiles)?;
+    let BlockGrid {
+        lane,
+        blk,
+        nblk,
+        iters,
+    } = block_grid(fb, units)?;
+    let warp = sdiv(lane, c(32), "warp")?;
+    let wl = srem(lane, c(32), "wl")?;
+    let (g, q) = (sdiv(wl, c(4), "g")?, srem(wl, c(4), "q")?);
+    let islot = || fb.slot(i32t.into());
+    let fslot = || fb.slot(fb.f32t.into());
+    let qfr: Vec<PointerValue> = (0..dq / 16 * 4).map(|_| islot()).collect::<R<_>>()?;
+    let sacc: Vec<PointerValue> = (0..keys / 8 * 4).map(|_| fslot()).collect::<R<_>>()?;
+    let oacc: Vec<PointerValue> = (0..dv / 8 * 4).map(|_| fslot()).collect::<R<_>>()?;
+    // Per row of the lane (g, g+8): running max, partial sum, end of visible keys.
+    let (mrow, lrow) = ([fslot()?, fslot()?], [fslot()?, fslot()?]);
+    let ends = [fb.slot(fb.i64t.into())?, fb.slot(fb.i64t.into())?];
+    let geti = |p: PointerValue<'ctx>, ty: inkwell::types::IntType<'ctx>| -> R<IntValue<'ctx>> {
+        Ok(fb.b.build_load(ty, p, "iv").map_err(be)?.into_int_value())
+    };
+    let seti = |p: PointerValue<'ctx>, v: IntValue<'ctx>| -> R<()> {
+        fb.b.build_store(p, v).map_err(be)?;
+        Ok(())
+    };
+    let rep = d.h / d.hkv;
+    // Lane `wl` of an `ldmatrix`: row `wl % 8` of matrix `wl / 8`.
+    let (m8, mhalf) = (srem(wl, c(8), "m8")?, sdiv(wl, c(16), "mh")?);
+    let m_odd = srem(sdiv(wl, c(8), "mq")?, c(2), "mo")?;
+    // Staging vectorised: unit stride along the head dimension, other strides multiples of 4.
+    let vec_ok = |av: &Av<'ctx>| -> R<IntValue<'ctx>> {
+        let mut ok = cmp(IntPredicate::EQ, av.strides[3], c(1))?;
+        for s in &av.strides[..3] {
+            ok = and(
+                ok,
+                cmp(
+                    IntPredicate::EQ,
+                    fb.b.build_and(*s, c(3), "s3").map_err(be)?,
+                    c(0),
+                )?,
+            )?;
+        }
+        let a = fb.b.build_ptr_to_int(av.ptr, fb.i64t, "pa").map_err(be)?;
+        and(
+            ok,
+            cmp(
+                IntPredicate::EQ,
+                fb.b.build_and(a, c(15), "al").map_err(be)?,
+                c(0),
+            )?,
+        )
+    };
+    let (k_vec, v_vec) = (vec_ok(ka)?, vec_ok(va)?);
+    fb.for_range(c(0), iters, |fb, it| {
+        let unit = fb.add(blk, fb.mul(it, nblk)?)?;
+        let idx = fb.decompose(unit, &[bv, c(d.h), ttiles])?;
+        let (bi, hi, tt) = (idx[0], idx[1], idx[2]);
+        let gh = sdiv(hi, c(rep), "gh")?;
+        let t0 = fb.mul(tt, c(MMA_ATTN_ROWS))?;
+        let kb = fb.at(ka, &[(0, bi), (1, gh)])?;
+        let vb = fb.at(va, &[(0, bi), (1, gh)])?;
+        let row_end = |t: IntValue<'ctx>| -> R<IntValue<'ctx>> {
+            let e = fb.slot(fb.i64t.into())?;
+            seti(e, c(0))?;
+            fb.if_else(
+                lt(t, tv)?,
+                |fb| {
+                    let p = fb
+                        .load(pa, fb.at(pa, &[(0, bi), (1, t)])?)?
+                        .into_int_value();
+                    seti(e, fb.imin(fb.add(p, c(1))?, sv)?)
+                },
+                |_| Ok(()),
+            )?;
+            geti(e, fb.i64t)
+        };
+        // The block's last visible key: a warp max over rows `lane % 128`, then over warps.
+        let mine = row_end(fb.add(t0, srem(lane, c(MMA_ATTN_ROWS), "lr")?)?)?;
+        let mine =
+            fb.b.build_signed_int_to_float(mine, fb.f32t, "mf")
+                .map_err(be)?;
+        let wmax = warp_fold(fb, mine, &[16, 8, 4, 2, 1], |a, b| {
+            fb.intrinsic("llvm.maxnum", &[a, b])
+        })?;
+        fb.if_else(
+            cmp(IntPredicate::EQ, wl, c(0))?,
+            |fb| fb.store_f32(ends_s, warp, wmax),
+            |_| Ok(()),
+        )?;
+        barrier(fb)?;
+        let mut bmax = fb.load_f32(ends_s, c(0))?;
+        for w in 1..8 {
+            bmax = fb.intrinsic("llvm.maxnum", &[bmax, fb.load_f32(ends_s, c(w))?])?;
+        }
+        let kend =
+            fb.b.build_float_to_signed_int(bmax, fb.i64t, "kend")
+                .map_err(be)?;
+        // This lane's rows, their ends and query fragments.
+        let r0 = fb.add(t0, fb.add(fb.mul(warp, c(16))?, g)?)?;
+        let rows = [r0, fb.add(r0, c(8))?];
+        for (x, r) in rows.iter().enumerate() {
+            seti(ends[x], row_end(*r)?)?;
+            fb.set(mrow[x], fb.f32c(f64::NEG_INFINITY))?;
+            fb.set(lrow[x], fb.f32c(0.0))?;
+        }
+        let qelem = |r: IntValue<'ctx>, e: i64| -> R<FloatValue<'ctx>> {
+            let out = fb.slot(fb.f32t.into())?;
+            fb.set(out, fb.f32c(0.0))?;
+            fb.if_else(
+                lt(r, tv)?,
+                |fb| {
+                    let at = fb.at(qa, &[(0, bi), (1, hi), (2, r)])?;
+                    let col = fb.add(fb.mul(q, c(2))?, c(e))?;
+                    let x = fb.load_f32(qa.ptr, fb.add(at, fb.mul(col, qa.strides[3])?)?)?;
+                    fb.set(out, fb.fmul(x, fb.f32c(scale))?)
+                },
+                |_| Ok(()),
+            )?;
+            fb.get(out)
+        };
+        for ks in 0..dq / 16 {
+            // a0: row g, k 2q; a1: row g+8; a2: row g, k 2q+8; a3: row g+8, k 2q+8.
+            for (x, (rr, kofs)) in [(0, 0), (1, 0), (0, 8), (1, 8)].into_iter().enumerate() {
+                let e = 16 * ks + kofs;
+                let lo = qelem(rows[rr], e)?;
+                let hi = qelem(rows[rr], e + 1)?;
+                seti(qfr[(ks * 4) as usize + x], pack_bf16x2(fb, lo, hi)?)?;
+            }
+        }
+        for o in &oacc {
+            fb.set(*o, fb.f32c(0.0))?;
+        }
+        // Stages keys (or values) `s0..s0+64` of `src` as bf16 in `dst` (`n` per row).
+        let stage = |fb: &Fb<'_, 'ctx>,
+                     src: &Av<'ctx>,
+                     base: IntValue<'ctx>,
+                     vec: IntValue<'ctx>,
+                     dst: PointerValue<'ctx>,
+                     n: i64,
+                     s0: IntValue<'ctx>|
+         -> R<()> {
+            let fast = and(vec, cmp(IntPredicate::SLE, fb.add(s0, c(keys))?, sv)?)?;
+            for p in 0..(keys * n / 4 / GPU_BLOCK_THREADS) {
+                let i = fb.add(lane, c(p * GPU_BLOCK_THREADS))?;
+                let (r, e) = (
+                    sdiv(i, c(n / 4), "r")?,
+                    fb.mul(srem(i, c(n / 4), "e")?, c(4))?,
+                );
+                let s = fb.add(s0, r)?;
+                let row = fb.add(base, fb.mul(s, src.strides[2])?)?;
+                let vals: Vec<PointerValue> = (0..4).map(|_| fslot()).collect::<R<_>>()?;
+                fb.if_else(
+                    fast,
+                    |fb| {
+                        let v = load_f32x4(fb, src.ptr, fb.add(row, e)?)?;
+                        for (slot, x) in vals.iter().zip(v) {
+                            fb.set(*slot, x)?;
+                        }
+                        Ok(())
+                    },
+                    |fb| {
+                        for (j, slot) in vals.iter().enumerate() {
+                            fb.set(*slot, fb.f32c(0.0))?;
+                            fb.if_else(
+                                lt(s, sv)?,
+                                |fb| {
+                                    let col = fb.add(e, c(j as i64))?;
+                                    let at = fb.add(row, fb.mul(col, src.strides[3])?)?;
+                                    fb.set(*slot, fb.load_f32(src.ptr, at)?)
+                                },
+                                |_| Ok(()),
+                            )?;
+                        }
+                        Ok(())
+                    },
+                )?;
+                let lo = pack_bf16x2(fb, fb.get(vals[0])?, fb.get(vals[1])?)?;
+                let hi = pack_bf16x2(fb, fb.get(vals[2])?, fb.get(vals[3])?)?;
+                store_i32x2(fb, dst, swizzled_word(fb, r, e, n)?, lo, hi)?;
+            }
+            Ok(())
+        };
+        let steps = sdiv(fb.add(kend, c(keys - 1))?, c(keys), "steps")?;
+        fb.for_range(c(0), steps, |fb, st| {
+            let s0 = fb.mul(st, c(keys))?;
+            barrier(fb)?;
+            stage(fb, ka, kb, k_vec, k_s, dq, s0)?;
+            stage(fb, va, vb, v_vec, v_s, dv, s0)?;
+            barrier(fb)?;
+            for a in &sacc {
+                fb.set(*a, fb.f32c(0.0))?;
+            }
+            // S = Q·Kᵀ: key tiles in pairs; matrices (keys +0/+8) × (d +0/+8).
+            for ks in 0..dq / 16 {
+                let a = [0, 1, 2, 3].map(|x| qfr[(ks * 4) as usize + x]);
+                let a = [
+                    geti(a[0], i32t)?,
+                    geti(a[1], i32t)?,
+                    geti(a[2], i32t)?,
+                    geti(a[3], i32t)?,
+                ];
+                for pp in 0..keys / 16 {
+                    let key = fb.add(c(16 * pp), fb.add(m8, fb.mul(mhalf, c(8))?)?)?;
+                    let e = fb.add(c(16 * ks), fb.mul(m_odd, c(8))?)?;
+                    let m = ldmatrix_x4(fb, word_ptr(k_s, swizzled_word(fb, key, e, dq)?)?, false)?;
+                    for (h, b) in [[m[0], m[1]], [m[2], m[3]]].into_iter().enumerate() {
+                        let nt = (2 * pp) as usize + h;
+                        let acc = &sacc[nt * 4..nt * 4 + 4];
+                        let cur = [
+                            fb.get(acc[0])?,
+                            fb.get(acc[1])?,
+                            fb.get(acc[2])?,
+                            fb.get(acc[3])?,
+                        ];
+                        for (s, v) in acc.iter().zip(mma_bf16(fb, a, b, cur)?) {
+                            fb.set(*s, v)?;
+                        }
+                    }
+                }
+            }
+            // Mask, running max, probabilities, rescaling. Accumulator x of key tile nt:
+            // row g + 8(x/2), key s0 + 8nt + 2q + x%2.
+            let ninf = fb.f32c(f64::NEG_INFINITY);
+            let mut corr = vec![];
+            for rr in 0..2usize {
+                let end = geti(ends[rr], fb.i64t)?;
+                let mut m_loc = ninf;
+                for nt in 0..(keys / 8) {
+                    for x in [2 * rr, 2 * rr + 1] {
+                        let j =
+                            fb.add(s0, fb.add(c(8 * nt + (x % 2) as i64), fb.mul(q, c(2))?)?)?;
+                        let slot = sacc[(nt * 4) as usize + x];
+                        let sv_ = fb.fsel(lt(j, end)?, fb.get(slot)?, ninf)?;
+                        fb.set(slot, sv_)?;
+                        m_loc = fb.intrinsic("llvm.maxnum", &[m_loc, sv_])?;
+                    }
+                }
+                let m_loc = warp_fold(fb, m_loc, &[1, 2], |a, b| {
+                    fb.intrinsic("llvm.maxnum", &[a, b])
+                })?;
+                let m_old = fb.get(mrow[rr])?;
+                let m_new = fb.intrinsic("llvm.maxnum", &[m_old, m_loc])?;
+                // (no visible key yet: subtract 0, so that e^(−∞) gives 0, not NaN)
+                let none = fb.fcmp(FloatPredicate::OEQ, m_new, ninf)?;
+                let base = fb.fsel(none, fb.f32c(0.0), m_new)?;
+                let cr = fb.exp(fb.b.build_float_sub(m_old, base, "d").map_err(be)?)?;
+                let mut lsum = fb.fmul(fb.get(lrow[rr])?, cr)?;
+                for nt in 0..(keys / 8) {
+                    for x in [2 * rr, 2 * rr + 1] {
+                        let slot = sacc[(nt * 4) as usize + x];
+                        let p =
+                            fb.exp(fb.b.build_float_sub(fb.get(slot)?, base, "z").map_err(be)?)?;
+                        fb.set(slot, p)?;
+                        lsum = fb.fadd(lsum, p)?;
+                    }
+                }
+                fb.set(lrow[rr], lsum)?;
+                fb.set(mrow[rr], m_new)?;
+                corr.push(cr);
+            }
+            for (i, o) in oacc.iter().enumerate() {
+                fb.set(*o, fb.fmul(fb.get(*o)?, corr[(i % 4) / 2])?)?;
+            }
+            // O += P·V: the probabilities of key tiles 2kk, 2kk+1 are the left fragment of
+            // k step kk; values by `ldmatrix.trans`, matrices (keys +0/+8) × (columns +0/+8).
+            for kk in 0..keys / 16 {
+                let pv = |nt: i64, x: usize| fb.get(sacc[(nt * 4) as usize + x]);
+                let a = [
+                    pack_bf16x2(fb, pv(2 * kk, 0)?, pv(2 * kk, 1)?)?,
+                    pack_bf16x2(fb, pv(2 * kk, 2)?, pv(2 * kk, 3)?)?,
+                    pack_bf16x2(fb, pv(2 * kk + 1, 0)?, pv(2 * kk + 1, 1)?)?,
+                    pack_bf16x2(fb, pv(2 * kk + 1, 2)?, pv(2 * kk + 1, 3)?)?,
+                ];
+                for jj in 0..dv / 16 {
+                    let key = fb.add(c(16 * kk), fb.add(m8, fb.mul(m_odd, c(8))?)?)?;
+                    let e = fb.add(c(16 * jj), fb.mul(mhalf, c(8))?)?;
+                    let m = ldmatrix_x4(fb, word_ptr(v_s, swizzled_word(fb, key, e, dv)?)?, true)?;
+                    for (h, b) in [[m[0], m[1]], [m[2], m[3]]].into_iter().enumerate() {
+                        let nt = (2 * jj) as usize + h;
+                        let acc = &oacc[nt * 4..nt * 4 + 4];
+                        let cur = [
+                            fb.get(acc[0])?,
+                            fb.get(acc[1])?,
+                            fb.get(acc[2])?,
+                            fb.get(acc[3])?,
+                        ];
+                        for (s, v) in acc.iter().zip(mma_bf16(fb, a, b, cur)?) {
+                            fb.set(*s, v)?;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        // Each row's sum over its quad, then the rows out.
+        for (rr, r) in rows.iter().enumerate() {
+            let l = warp_fold(fb, fb.get(lrow[rr])?, &[1, 2], |a, b| fb.fadd(a, b))?;
+            fb.if_else(
+                lt(*r, tv)?,
+                |fb| {
+                    let u = fb.add(fb.mul(fb.add(fb.mul(bi, c(d.h))?, hi)?, tv)?, *r)?;
+                    let obase = fb.mul(u, c(dv))?;
+                    for nt in 0..dv / 8 {
+                        for x in [2 * rr, 2 * rr + 1] {
+                            let col = fb.add(c(8 * nt + (x % 2) as i64), fb.mul(q, c(2))?)?;
+                            let o = fb.get(oacc[(nt * 4) as usize + x])?;
+                            let o = fb.b.build_float_div(o, l, "o").map_err(be)?;
+                            fb.store_f32(optr, fb.add(obase, col)?, o)?;
+                        }
+                    }
+                    Ok(())
+                },
+                |_| Ok(()),
+            )?;
+        }
+        barrier(fb)
+    })
 }
 
 /// Causal attention on the GPU, one warp per query row `(b, h, t)` (eight rows a block):
@@ -3724,6 +4132,21 @@ fn gpu_attention(
             .map_err(be)
     };
     let (bv, tv, sv) = (fb.dim(&d.b)?, fb.dim(&d.t)?, fb.dim(&d.s)?);
+    if fb.tensor_cores && mma_attention_fits(d) {
+        // Prompts on tensor cores; decode (few query rows) goes on below.
+        let long =
+            fb.b.build_int_compare(IntPredicate::SGE, tv, c(MMA_ATTN_MIN_T), "long")
+                .map_err(be)?;
+        let (mma, rows) = (
+            fb.ctx.append_basic_block(fb.func, "mma"),
+            fb.ctx.append_basic_block(fb.func, "rows"),
+        );
+        fb.b.build_conditional_branch(long, mma, rows).map_err(be)?;
+        fb.b.position_at_end(mma);
+        gpu_mma_attention(fb, optr, [&qa, &ka, &va, &pa], d, scale, [bv, tv, sv])?;
+        fb.ret_ok()?;
+        fb.b.position_at_end(rows);
+    }
     let warps = GPU_BLOCK_THREADS / 32;
     let units = fb.mul(fb.mul(bv, c(d.h))?, tv)?;
     let groups = sdiv(fb.add(units, c(warps - 1))?, c(warps), "groups")?;
@@ -5197,11 +5620,12 @@ pub fn gpu_entry<'ctx>(
 }
 
 /// Resident blocks per SM a GPU kernel asks for (`nvvm.minctasm`, which caps its registers
-/// at `65536 / (256 · blocks)`): two (128 registers), except matmuls on tensor cores, whose
-/// pipelined tile needs more (`gpu_mma_matmul`).
+/// at `65536 / (256 · blocks)`): two (128 registers), except matmuls and attention on tensor
+/// cores, whose tiles need more (`gpu_mma_matmul`, `gpu_mma_attention`).
 pub fn gpu_min_blocks(k: &Kernel, tensor_cores: bool) -> u32 {
     match k {
         Kernel::MatMul { .. } | Kernel::RmsNormMatMul { .. } if tensor_cores => 1,
+        Kernel::Attention { dims, .. } if tensor_cores && mma_attention_fits(dims) => 1,
         _ => 2,
     }
 }
