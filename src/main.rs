@@ -215,7 +215,7 @@ enum Cmd {
         #[arg(long, default_value = "sm_80")]
         gpu_arch: String,
         /// With `--target ptx`: matmuls in bf16 (operands rounded, f32 sums), the large
-        /// ones on tensor cores.
+        /// ones and prompt attention on tensor cores.
         #[arg(long)]
         tensor_cores: bool,
         #[arg(short, long)]
@@ -352,7 +352,8 @@ struct RunOpts {
     /// GPU architecture the GPU backend generates PTX for (it runs on that GPU and later).
     #[arg(long, default_value = "sm_80")]
     gpu_arch: String,
-    /// GPU matmuls in bf16 (operands rounded, f32 sums), the large ones on tensor cores.
+    /// GPU matmuls in bf16 (operands rounded, f32 sums), the large ones and prompt attention
+    /// on tensor cores.
     #[arg(long)]
     tensor_cores: bool,
     /// Run this artifact (from `egret compile`) instead of compiling; MODEL gives the weights.
