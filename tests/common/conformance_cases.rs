@@ -78,6 +78,21 @@ const CASES: &[(&str, &str)] = &[
   output "r1" = %r1"#,
     ),
     (
+        // Long unit-stride rows (a warp per row on the GPU from 128 elements), and an
+        // expression reduced (a product of two loads, one broadcast along the row).
+        "reductions-long-rows",
+        r#"
+  %x = input "x" : f32[5, N]
+  %y = input "y" : f32[5, 1]
+  %yb = broadcast(%y) : f32[5, N]
+  %p = mul(%x, %yb) : f32[5, N]
+  %s = reduce_sum[axis=1](%p) : f32[5, 1]
+  %m = reduce_max[axis=1](%x) : f32[5, 1]
+  %a = reduce_mean[axis=1](%x) : f32[5, 1]
+  %r = concat[axis=1](%s, %m, %a) : f32[5, 3]
+  output "r" = %r"#,
+    ),
+    (
         "softmax",
         r#"
   %x = input "x" : f32[3, N]

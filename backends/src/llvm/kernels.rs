@@ -391,6 +391,28 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
         Ok(())
     }
 
+    /// `for i in (start..end).step_by(step)` (`step` > 0; nothing when `start >= end`).
+    fn for_stride(
+        &self,
+        start: IntValue<'ctx>,
+        end: IntValue<'ctx>,
+        step: IntValue<'ctx>,
+        mut body: impl FnMut(&Self, IntValue<'ctx>) -> R<()>,
+    ) -> R<()> {
+        let span = self.b.build_int_sub(end, start, "span").map_err(be)?;
+        let span = self.add(
+            span,
+            self.b.build_int_sub(step, self.i64c(1), "s1").map_err(be)?,
+        )?;
+        let count = self
+            .b
+            .build_int_signed_div(span, step, "count")
+            .map_err(be)?;
+        self.for_range(self.i64c(0), count, |fb, i| {
+            body(fb, fb.add(start, fb.mul(i, step)?)?)
+        })
+    }
+
     /// `min(a, b)`, signed.
     fn imin(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> R<IntValue<'ctx>> {
         self.pick(IntPredicate::SLT, a, b)
@@ -1923,7 +1945,14 @@ fn without_axis<'ctx>(
 
 /// Sums accumulate in f64, with reassociation allowed so a unit-stride axis vectorises
 /// (partial sums in vector lanes, then combined: a fixed order, so results repeat exactly).
-fn reduce(fb: &Fb, op: ReduceOp, out: u32, src: &Expr, shape: &[Dim], axis: usize) -> R<()> {
+fn reduce<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    op: ReduceOp,
+    out: u32,
+    src: &Expr,
+    shape: &[Dim],
+    axis: usize,
+) -> R<()> {
     if src.elem() != ElemType::F32 {
         return Err(BackendError::Unsupported(
             "integer reductions on the CPU backend".into(),
@@ -1938,67 +1967,155 @@ fn reduce(fb: &Fb, op: ReduceOp, out: u32, src: &Expr, shape: &[Dim], axis: usiz
     let optr = fb.buf(out)?;
     let (dims, pos, total) = without_axis(fb, shape, axis)?;
     let len = fb.dim(&shape[axis])?;
-    let (s, e) = fb.split(total)?;
     let f64t = fb.ctx.f64_type();
     let acc = fb.slot(f64t.into())?;
-    fb.for_range(s, e, |fb, o| {
-        let idx = fb.decompose(o, &dims)?;
-        let pairs: Vec<(usize, IntValue)> = pos.iter().copied().zip(idx.iter().copied()).collect();
-        let bases: Vec<IntValue> = avs.iter().map(|a| fb.at(a, &pairs)).collect::<R<_>>()?;
-        let init = if op == ReduceOp::Max {
-            f64::NEG_INFINITY
-        } else {
-            0.0
+    // Row `o`'s elements `j0, j0 + step, …` folded into `acc` (f64).
+    let partial =
+        |fb: &Fb<'_, 'ctx>, o: IntValue<'ctx>, j0: IntValue<'ctx>, step: IntValue<'ctx>| -> R<()> {
+            let idx = fb.decompose(o, &dims)?;
+            let pairs: Vec<(usize, IntValue)> =
+                pos.iter().copied().zip(idx.iter().copied()).collect();
+            let bases: Vec<IntValue> = avs.iter().map(|a| fb.at(a, &pairs)).collect::<R<_>>()?;
+            let init = if op == ReduceOp::Max {
+                f64::NEG_INFINITY
+            } else {
+                0.0
+            };
+            fb.b.build_store(acc, f64t.const_float(init)).map_err(be)?;
+            fb.for_stride(j0, len, step, |fb, j| {
+                let el: Vec<IntValue> = avs
+                    .iter()
+                    .zip(&bases)
+                    .map(|(a, b)| fb.add(*b, fb.mul(j, a.strides[axis])?))
+                    .collect::<R<_>>()?;
+                let mut index = vec![fb.i64c(0); shape.len()];
+                for (&p, &i) in pos.iter().zip(&idx) {
+                    index[p] = i;
+                }
+                index[axis] = j;
+                let x = eval(fb, src, &avs, &el, &mut 0, &index)?.into_float_value();
+                let x = fb.b.build_float_ext(x, f64t, "x").map_err(be)?;
+                let a =
+                    fb.b.build_load(f64t, acc, "a")
+                        .map_err(be)?
+                        .into_float_value();
+                let v = match op {
+                    ReduceOp::Max => {
+                        let i = Intrinsic::find("llvm.maximum").expect("intrinsic");
+                        let f = i.get_declaration(fb.module, &[f64t.into()]).expect("decl");
+                        fb.b.build_call(f, &[a.into(), x.into()], "m")
+                            .map_err(be)?
+                            .try_as_basic_value()
+                            .basic()
+                            .expect("value")
+                            .into_float_value()
+                    }
+                    _ => fb.fast(fb.b.build_float_add(a, x, "s").map_err(be)?),
+                };
+                fb.b.build_store(acc, v).map_err(be)?;
+                Ok(())
+            })
         };
-        fb.b.build_store(acc, f64t.const_float(init)).map_err(be)?;
-        fb.for_range(fb.i64c(0), len, |fb, j| {
-            let el: Vec<IntValue> = avs
-                .iter()
-                .zip(&bases)
-                .map(|(a, b)| fb.add(*b, fb.mul(j, a.strides[axis])?))
-                .collect::<R<_>>()?;
-            let mut index = vec![fb.i64c(0); shape.len()];
-            for (&p, &i) in pos.iter().zip(&idx) {
-                index[p] = i;
-            }
-            index[axis] = j;
-            let x = eval(fb, src, &avs, &el, &mut 0, &index)?.into_float_value();
-            let x = fb.b.build_float_ext(x, f64t, "x").map_err(be)?;
+    let finish = |fb: &Fb<'_, 'ctx>, a: FloatValue<'ctx>| -> R<FloatValue<'ctx>> {
+        if op == ReduceOp::Mean {
+            let n =
+                fb.b.build_signed_int_to_float(len, a.get_type(), "n")
+                    .map_err(be)?;
+            return fb.b.build_float_div(a, n, "mean").map_err(be);
+        }
+        Ok(a)
+    };
+    let by_thread = |fb: &Fb<'_, 'ctx>| -> R<()> {
+        let (s, e) = fb.split(total)?;
+        fb.for_range(s, e, |fb, o| {
+            partial(fb, o, fb.i64c(0), fb.i64c(1))?;
             let a =
                 fb.b.build_load(f64t, acc, "a")
                     .map_err(be)?
                     .into_float_value();
-            let v = match op {
-                ReduceOp::Max => {
-                    let i = Intrinsic::find("llvm.maximum").expect("intrinsic");
-                    let f = i.get_declaration(fb.module, &[f64t.into()]).expect("decl");
-                    fb.b.build_call(f, &[a.into(), x.into()], "m")
-                        .map_err(be)?
-                        .try_as_basic_value()
-                        .basic()
-                        .expect("value")
-                        .into_float_value()
-                }
-                _ => fb.fast(fb.b.build_float_add(a, x, "s").map_err(be)?),
+            let v =
+                fb.b.build_float_trunc(finish(fb, a)?, fb.f32t, "v")
+                    .map_err(be)?;
+            fb.store_f32(optr, o, v)
+        })
+    };
+    let loads: Vec<&Access> = loads.iter().map(|(a, _)| *a).collect();
+    if fb.gpu && gpu_warp_rows(&loads, axis) {
+        gpu_by_warp(fb, total, len, by_thread, |fb, o, lane| {
+            partial(fb, o, lane, fb.i64c(32))?;
+            let a =
+                fb.b.build_load(f64t, acc, "a")
+                    .map_err(be)?
+                    .into_float_value();
+            let a = fb.b.build_float_trunc(a, fb.f32t, "a").map_err(be)?;
+            let a = if op == ReduceOp::Max {
+                warp_fold(fb, a, &[16, 8, 4, 2, 1], |x, y| {
+                    fb.intrinsic("llvm.maximum", &[x, y])
+                })?
+            } else {
+                warp_sum(fb, a)?
             };
-            fb.b.build_store(acc, v).map_err(be)?;
-            Ok(())
+            let v = finish(fb, a)?;
+            fb.if_else(
+                fb.b.build_int_compare(IntPredicate::EQ, lane, fb.i64c(0), "l0")
+                    .map_err(be)?,
+                |fb| fb.store_f32(optr, o, v),
+                |_| Ok(()),
+            )
         })?;
-        let mut a =
-            fb.b.build_load(f64t, acc, "a")
-                .map_err(be)?
-                .into_float_value();
-        if op == ReduceOp::Mean {
-            let n = fb.b.build_signed_int_to_float(len, f64t, "n").map_err(be)?;
-            a = fb.b.build_float_div(a, n, "mean").map_err(be)?;
-        }
-        let v = fb.b.build_float_trunc(a, fb.f32t, "v").map_err(be)?;
-        fb.store_f32(optr, o, v)
-    })?;
+    } else {
+        by_thread(fb)?;
+    }
     fb.ret_ok()
 }
 
-fn softmax(fb: &Fb, out: u32, src: &Access, shape: &[Dim], axis: usize) -> R<()> {
+/// Fewest elements along the axis for which a GPU reduction or softmax gives each row a
+/// warp (lanes striding along the axis, then a butterfly fold) rather than a thread: a
+/// vocabulary-sized row on one thread leaves the GPU nearly idle.
+const GPU_WARP_ROW_MIN: i64 = 128;
+
+/// Whether a GPU reduction or softmax over `axis` takes a warp per row when rows are long:
+/// every operand walks the axis with unit stride (or stays put), so lanes read neighbouring
+/// elements. (Along other axes a thread per row already reads neighbouring elements.)
+fn gpu_warp_rows(loads: &[&Access], axis: usize) -> bool {
+    !loads.is_empty()
+        && loads.iter().all(|a| {
+            a.strides
+                .get(axis)
+                .is_some_and(|s| s.same(&Poly::c(1)) || s.same(&Poly::zero()))
+        })
+}
+
+/// The GPU row split: with at least `GPU_WARP_ROW_MIN` elements a row, warp `tid / 32` of
+/// `nthreads / 32` takes rows `warp, warp + warps, …` and `row(fb, o, lane)` runs on all 32
+/// lanes of it (the launch has 32 threads a row, `gpu_threads`); shorter rows run
+/// `by_thread`.
+fn gpu_by_warp<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    rows: IntValue<'ctx>,
+    len: IntValue<'ctx>,
+    by_thread: impl FnOnce(&Fb<'_, 'ctx>) -> R<()>,
+    row: impl Fn(&Fb<'_, 'ctx>, IntValue<'ctx>, IntValue<'ctx>) -> R<()>,
+) -> R<()> {
+    let long =
+        fb.b.build_int_compare(IntPredicate::SGE, len, fb.i64c(GPU_WARP_ROW_MIN), "long")
+            .map_err(be)?;
+    fb.if_else(
+        long,
+        |fb| {
+            let c32 = fb.i64c(32);
+            let lane = fb.b.build_int_signed_rem(fb.tid, c32, "lane").map_err(be)?;
+            let warp = fb.b.build_int_signed_div(fb.tid, c32, "warp").map_err(be)?;
+            let warps =
+                fb.b.build_int_signed_div(fb.nth, c32, "warps")
+                    .map_err(be)?;
+            fb.for_stride(warp, rows, warps, |fb, o| row(fb, o, lane))
+        },
+        by_thread,
+    )
+}
+
+fn softmax<'ctx>(fb: &Fb<'_, 'ctx>, out: u32, src: &Access, shape: &[Dim], axis: usize) -> R<()> {
     let sav = fb.access(src, ElemType::F32)?;
     let optr = fb.buf(out)?;
     let ostr = crate::kernel::contiguous_strides(shape)
@@ -2007,11 +2124,18 @@ fn softmax(fb: &Fb, out: u32, src: &Access, shape: &[Dim], axis: usize) -> R<()>
         .collect::<R<Vec<_>>>()?;
     let (dims, pos, total) = without_axis(fb, shape, axis)?;
     let len = fb.dim(&shape[axis])?;
-    let (s, e) = fb.split(total)?;
     let f64t = fb.ctx.f64_type();
     let mx = fb.slot(fb.f32t.into())?;
     let sum = fb.slot(f64t.into())?;
-    fb.for_range(s, e, |fb, o| {
+    // Row `o` over elements `j0, j0 + step, …`; `max` and `total` combine the partial max and
+    // sum with the other threads of the row (none, or the warp's lanes).
+    let row = |fb: &Fb<'_, 'ctx>,
+               o: IntValue<'ctx>,
+               j0: IntValue<'ctx>,
+               step: IntValue<'ctx>,
+               max: &dyn Fn(FloatValue<'ctx>) -> R<FloatValue<'ctx>>,
+               add: &dyn Fn(FloatValue<'ctx>) -> R<FloatValue<'ctx>>|
+     -> R<()> {
         let idx = fb.decompose(o, &dims)?;
         let pairs: Vec<(usize, IntValue)> = pos.iter().copied().zip(idx.iter().copied()).collect();
         let base = fb.at(&sav, &pairs)?;
@@ -2020,14 +2144,14 @@ fn softmax(fb: &Fb, out: u32, src: &Access, shape: &[Dim], axis: usize) -> R<()>
             obase = fb.add(obase, fb.mul(*i, ostr[*p])?)?;
         }
         fb.set(mx, fb.f32c(f64::NEG_INFINITY))?;
-        fb.for_range(fb.i64c(0), len, |fb, j| {
+        fb.for_stride(j0, len, step, |fb, j| {
             let x = fb.load_f32(sav.ptr, fb.add(base, fb.mul(j, sav.strides[axis])?)?)?;
             let m = fb.intrinsic("llvm.maximum", &[fb.get(mx)?, x])?;
             fb.set(mx, m)
         })?;
         fb.b.build_store(sum, f64t.const_float(0.0)).map_err(be)?;
-        let m = fb.get(mx)?;
-        fb.for_range(fb.i64c(0), len, |fb, j| {
+        let m = max(fb.get(mx)?)?;
+        fb.for_stride(j0, len, step, |fb, j| {
             let x = fb.load_f32(sav.ptr, fb.add(base, fb.mul(j, sav.strides[axis])?)?)?;
             let z = fb.b.build_float_sub(x, m, "z").map_err(be)?;
             let ez = fb.exp(z)?;
@@ -2045,13 +2169,32 @@ fn softmax(fb: &Fb, out: u32, src: &Access, shape: &[Dim], axis: usize) -> R<()>
             fb.b.build_load(f64t, sum, "t")
                 .map_err(be)?
                 .into_float_value();
-        let tot = fb.b.build_float_trunc(tot, fb.f32t, "t").map_err(be)?;
-        fb.for_range(fb.i64c(0), len, |fb, j| {
+        let tot = add(fb.b.build_float_trunc(tot, fb.f32t, "t").map_err(be)?)?;
+        fb.for_stride(j0, len, step, |fb, j| {
             let at = fb.add(obase, fb.mul(j, ostr[axis])?)?;
             let v = fb.load_f32(optr, at)?;
             fb.store_f32(optr, at, fb.b.build_float_div(v, tot, "p").map_err(be)?)
         })
-    })?;
+    };
+    let by_thread = |fb: &Fb<'_, 'ctx>| -> R<()> {
+        let (s, e) = fb.split(total)?;
+        fb.for_range(s, e, |fb, o| row(fb, o, fb.i64c(0), fb.i64c(1), &Ok, &Ok))
+    };
+    if fb.gpu && gpu_warp_rows(&[src], axis) {
+        gpu_by_warp(fb, total, len, by_thread, |fb, o, lane| {
+            let all = [16, 8, 4, 2, 1];
+            row(
+                fb,
+                o,
+                lane,
+                fb.i64c(32),
+                &|m| warp_fold(fb, m, &all, |x, y| fb.intrinsic("llvm.maximum", &[x, y])),
+                &|t| warp_sum(fb, t),
+            )
+        })?;
+    } else {
+        by_thread(fb)?;
+    }
     fb.ret_ok()
 }
 
@@ -5643,9 +5786,25 @@ pub fn gpu_threads(k: &Kernel) -> Vec<Dim> {
     };
     match k {
         Kernel::Elementwise { shape, .. } => shape.clone(),
-        Kernel::Reduce { shape, axis, .. } | Kernel::Softmax { shape, axis, .. } => {
+        // A thread per row, or a warp per row where rows may take one (`gpu_warp_rows`).
+        Kernel::Reduce {
+            shape, axis, src, ..
+        } => {
+            let mut loads = vec![];
+            collect_loads(src, &mut loads);
+            let loads: Vec<&Access> = loads.iter().map(|(a, _)| *a).collect();
+            let warp = gpu_warp_rows(&loads, *axis);
             without(shape, *axis)
+                .into_iter()
+                .chain(warp.then(|| Dim::c(32)))
+                .collect()
         }
+        Kernel::Softmax {
+            shape, axis, src, ..
+        } => without(shape, *axis)
+            .into_iter()
+            .chain(gpu_warp_rows(&[src], *axis).then(|| Dim::c(32)))
+            .collect(),
         Kernel::RmsNorm { shape, .. } => shape[..shape.len() - 1].to_vec(),
         Kernel::MatMul { batch, m, n, .. } | Kernel::RmsNormMatMul { batch, m, n, .. } => {
             // (a symbolic `m` over-counts: the extra threads find no work)
