@@ -290,6 +290,11 @@ pub enum Expr {
     Cast(ElemType, Box<Expr>, Round),
     /// `silu(a) * b`.
     SwiGlu(Box<Expr>, Box<Expr>),
+    /// Pieces laid end to end along an axis of the iteration space: at index `i` along
+    /// `axis`, the piece `(start, len, e)` with `start <= i < start + len`, evaluated at
+    /// `i - start` (every piece is evaluated at its index clamped into `0..len`, so its
+    /// loads stay in bounds, and the right one selected).
+    Concat(usize, Vec<(Poly, Dim, Expr)>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -306,6 +311,18 @@ impl Expr {
             Expr::Unary(_, a) | Expr::Binary(_, a, _) | Expr::SwiGlu(a, _) => a.elem(),
             Expr::Compare(..) => ElemType::Bool,
             Expr::Select(_, a, _) => a.elem(),
+            Expr::Concat(_, pieces) => pieces[0].2.elem(),
+        }
+    }
+
+    /// The sub-expressions, in evaluation order (loads are numbered in this order).
+    pub fn children(&self) -> Vec<&Expr> {
+        match self {
+            Expr::Load(..) | Expr::Const(..) | Expr::Iota(..) => vec![],
+            Expr::Unary(_, a) | Expr::Cast(_, a, _) => vec![a],
+            Expr::Binary(_, a, b) | Expr::Compare(_, a, b) | Expr::SwiGlu(a, b) => vec![a, b],
+            Expr::Select(c, a, b) => vec![c, a, b],
+            Expr::Concat(_, pieces) => pieces.iter().map(|(_, _, e)| e).collect(),
         }
     }
 }

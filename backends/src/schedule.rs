@@ -168,17 +168,7 @@ impl Sched {
 fn loads(e: &Expr, out: &mut Vec<u32>) {
     match e {
         Expr::Load(a, _) => out.push(a.buf),
-        Expr::Const(..) | Expr::Iota(..) => {}
-        Expr::Unary(_, a) | Expr::Cast(_, a, _) => loads(a, out),
-        Expr::Binary(_, a, b) | Expr::Compare(_, a, b) | Expr::SwiGlu(a, b) => {
-            loads(a, out);
-            loads(b, out);
-        }
-        Expr::Select(c, a, b) => {
-            loads(c, out);
-            loads(a, out);
-            loads(b, out);
-        }
+        _ => e.children().into_iter().for_each(|c| loads(c, out)),
     }
 }
 
@@ -516,7 +506,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                         }
                     }
                 },
-                Op::Concat { axis } => {
+                Op::Concat { axis } => 'concat: {
                     let mut reads = vec![];
                     let pieces: Vec<(Expr, Vec<Dim>)> = (0..n.inputs.len())
                         .map(|i| (s.expr(&arg(i), e), arg_shape(i)))
@@ -525,6 +515,19 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                         loads(x, &mut reads);
                     }
                     let wo = !reads.is_empty() && reads.iter().all(|b| s.weight_only[*b as usize]);
+                    if !wo {
+                        // Computed where it is used: consumers evaluate the piece their
+                        // index falls in (or, used more than once, one kernel stores it).
+                        let mut start = Poly::zero();
+                        let mut inline = vec![];
+                        for (x, pshape) in pieces {
+                            let len = pshape[*axis].clone();
+                            let next = start.add(&Poly::dim(&len));
+                            inline.push((start, len, x));
+                            start = next;
+                        }
+                        break 'concat Val::Inline(Expr::Concat(*axis, inline));
+                    }
                     let out = s.new_buffer(BufferRole::Temp, e, &shape, wo);
                     let strides = contiguous_strides(&shape);
                     let mut start = Poly::zero();

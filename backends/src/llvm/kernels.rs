@@ -1231,6 +1231,13 @@ pub fn canonical(k: &Kernel) -> (Kernel, Vec<u32>) {
                 Box::new(ren_expr(a, f)),
                 Box::new(ren_expr(b, f)),
             ),
+            Expr::Concat(axis, pieces) => Expr::Concat(
+                *axis,
+                pieces
+                    .iter()
+                    .map(|(s, n, e)| (s.clone(), n.clone(), ren_expr(e, f)))
+                    .collect(),
+            ),
         }
     }
     let c = match k {
@@ -1430,17 +1437,7 @@ pub fn kernel_buffers(k: &Kernel) -> Vec<u32> {
     fn expr_bufs(e: &Expr, add: &mut dyn FnMut(u32)) {
         match e {
             Expr::Load(a, _) => add(a.buf),
-            Expr::Const(..) | Expr::Iota(..) => {}
-            Expr::Unary(_, a) | Expr::Cast(_, a, _) => expr_bufs(a, add),
-            Expr::Binary(_, a, b) | Expr::Compare(_, a, b) | Expr::SwiGlu(a, b) => {
-                expr_bufs(a, add);
-                expr_bufs(b, add);
-            }
-            Expr::Select(c, a, b) => {
-                expr_bufs(c, add);
-                expr_bufs(a, add);
-                expr_bufs(b, add);
-            }
+            _ => e.children().into_iter().for_each(|c| expr_bufs(c, add)),
         }
     }
     match k {
@@ -1519,17 +1516,7 @@ pub fn kernel_buffers(k: &Kernel) -> Vec<u32> {
 fn collect_loads<'e>(e: &'e Expr, out: &mut Vec<(&'e Access, ElemType)>) {
     match e {
         Expr::Load(a, t) => out.push((a, *t)),
-        Expr::Const(..) | Expr::Iota(..) => {}
-        Expr::Unary(_, a) | Expr::Cast(_, a, _) => collect_loads(a, out),
-        Expr::Binary(_, a, b) | Expr::Compare(_, a, b) | Expr::SwiGlu(a, b) => {
-            collect_loads(a, out);
-            collect_loads(b, out);
-        }
-        Expr::Select(c, a, b) => {
-            collect_loads(c, out);
-            collect_loads(a, out);
-            collect_loads(b, out);
-        }
+        _ => e.children().into_iter().for_each(|c| collect_loads(c, out)),
     }
 }
 
@@ -1690,6 +1677,42 @@ fn eval<'ctx>(
             let x = eval(fb, a, avs, bases, next, index)?;
             let y = eval(fb, d, avs, bases, next, index)?;
             fb.b.build_select(c, x, y, "sel").map_err(be)?
+        }
+        Expr::Concat(axis, pieces) => {
+            // Each piece at its index clamped into range (its loads' offsets moved by the
+            // clamped distance along `axis`); then the piece `i` falls in is selected.
+            let i = index[*axis];
+            let mut vals = vec![];
+            for (start, len, p) in pieces {
+                let start = fb.poly(start)?;
+                let last =
+                    fb.b.build_int_sub(fb.dim(len)?, fb.i64c(1), "last")
+                        .map_err(be)?;
+                let at = fb.imax(
+                    fb.imin(fb.b.build_int_sub(i, start, "at").map_err(be)?, last)?,
+                    fb.i64c(0),
+                )?;
+                let shift = fb.b.build_int_sub(at, i, "shift").map_err(be)?;
+                let mut own = vec![];
+                collect_loads(p, &mut own);
+                let first = *next;
+                let mut moved = bases.to_vec();
+                for (j, m) in moved.iter_mut().enumerate().skip(first).take(own.len()) {
+                    *m = fb.add(*m, fb.mul(shift, avs[j].strides[*axis])?)?;
+                }
+                let mut idx = index.to_vec();
+                idx[*axis] = at;
+                vals.push((start, eval(fb, p, avs, &moved, next, &idx)?));
+            }
+            let (_, mut v) = vals.pop().expect("a concat has pieces");
+            for (k, (_, x)) in vals.iter().enumerate().rev() {
+                let end = fb.poly(&pieces[k + 1].0)?;
+                let inside =
+                    fb.b.build_int_compare(IntPredicate::SLT, i, end, "in")
+                        .map_err(be)?;
+                v = fb.b.build_select(inside, *x, v, "piece").map_err(be)?;
+            }
+            v
         }
         Expr::Cast(to, a, round) => {
             let x = eval(fb, a, avs, bases, next, index)?;
