@@ -6,6 +6,12 @@
 //! the symbol values, launches every kernel in order on one stream, and copies the outputs
 //! back. States (the KV cache) live on the device between runs.
 //!
+//! A launch sequence seen twice in a row with the same launch parameters (kernels, grid
+//! sizes, and the device addresses of the operand table, symbols, scratch and status, whose
+//! contents are uploaded before each run) is captured as a CUDA graph and replayed from
+//! then on: decode's hundreds of launches a token become one. If the driver refuses to
+//! capture, the executor says so once on standard error and launches one by one.
+//!
 //! Kernel ABI (what `egret_backends::ptx` generates): `void kernel(u8** bufs, const i64* syms,
 //! f32* scratch, i32* status)` on a 1-D grid of `GPU_BLOCK`-thread blocks; `bufs` holds the
 //! kernel's operands in `KernelCall::args` order; a thread that fails (an index out of
@@ -15,8 +21,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
-    PushKernelArg,
+    sys, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr,
+    LaunchConfig, PushKernelArg,
 };
 
 use crate::cpu::{HostData, HostValue};
@@ -94,6 +100,11 @@ pub struct GpuExecutor {
     feedback: Vec<(String, String)>,
     /// Inputs kept on the device between runs (targets of `feedback`).
     resident: HashMap<String, (Vec<usize>, CudaSlice<u8>)>,
+    /// Launch sequences replayed as CUDA graphs (module docs); off after a refused capture.
+    graphs: bool,
+    /// The last launch sequence's parameters, and the graph captured for it once seen twice.
+    last_launch: Vec<u64>,
+    graph: Option<(Vec<u64>, CudaGraph)>,
 }
 
 fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
@@ -109,7 +120,8 @@ impl GpuExecutor {
         // One stream, so the driver need not track which buffers each launch touches.
         // SAFETY: every operation of this executor goes through `stream`.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A stream of its own: the legacy default stream cannot be captured into a graph.
+        let stream = ctx.new_stream().map_err(cuda)?;
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
             .map_err(|e| RuntimeError::Gpu(format!("the driver rejected the PTX: {e:?}")))?;
@@ -148,7 +160,18 @@ impl GpuExecutor {
             profile: None,
             feedback: vec![],
             resident: HashMap::new(),
+            graphs: true,
+            last_launch: vec![],
+            graph: None,
         })
+    }
+
+    /// Whether repeated launch sequences replay as CUDA graphs (on by default).
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs = on;
+        if !on {
+            self.graph = None;
+        }
     }
 
     pub fn plan(&self) -> &Plan {
@@ -393,6 +416,78 @@ impl GpuExecutor {
         if let Some(p) = &mut self.profile {
             p.clear();
         }
+        // What a graph of this sequence depends on (the table, symbols and status are
+        // uploaded before each run, so only their addresses count).
+        let key: Vec<u64> = kernels
+            .iter()
+            .map(|&k| k as u64)
+            .chain(launch.iter().map(|&g| u64::from(g)))
+            .chain([tab_p, syms_p, scratch_p, status_p])
+            .collect();
+        let replay = self.graphs && self.profile.is_none();
+        if replay && self.graph.as_ref().is_some_and(|(k, _)| *k == key) {
+            let (_, g) = self.graph.as_ref().expect("checked");
+            g.launch()
+                .map_err(|e| RuntimeError::Gpu(format!("replaying a CUDA graph failed: {e:?}")))?;
+        } else if replay && self.last_launch == key {
+            self.graph = None;
+            match self.capture(
+                kernels,
+                &launch,
+                &starts,
+                [tab_p, syms_p, scratch_p, status_p],
+            ) {
+                Ok(g) => {
+                    g.launch().map_err(|e| {
+                        RuntimeError::Gpu(format!("replaying a CUDA graph failed: {e:?}"))
+                    })?;
+                    self.graph = Some((key, g));
+                }
+                Err(why) => {
+                    eprintln!("egret: launching kernel by kernel: {why}");
+                    self.graphs = false;
+                    self.launch_each(
+                        kernels,
+                        &launch,
+                        &starts,
+                        [tab_p, syms_p, scratch_p, status_p],
+                    )?;
+                }
+            }
+        } else {
+            self.last_launch = key;
+            self.launch_each(
+                kernels,
+                &launch,
+                &starts,
+                [tab_p, syms_p, scratch_p, status_p],
+            )?;
+        }
+        let status = self
+            .stream
+            .clone_dtoh(&self.status)
+            .map_err(|e| RuntimeError::Gpu(format!("a kernel failed on the device: {e:?}")))?;
+        self.last_kernel_s = t0.elapsed().as_secs_f64();
+        if status[0] != 0 {
+            let msg = match status[0] {
+                1 => "an index is out of range (a token id beyond the vocabulary?)".to_string(),
+                c => format!("error code {c}"),
+            };
+            return Err(RuntimeError::Invalid(format!("a GPU kernel failed: {msg}")));
+        }
+        Ok(())
+    }
+
+    /// Enqueues `kernels` with grid sizes `launch`, operand tables at `starts` of the table,
+    /// and `[table, syms, scratch, status]` device addresses; with profiling on, waits for
+    /// and times each.
+    fn launch_each(
+        &mut self,
+        kernels: &[usize],
+        launch: &[u32],
+        starts: &[usize],
+        [tab_p, syms_p, scratch_p, status_p]: [u64; 4],
+    ) -> Result<()> {
         for (i, &k) in kernels.iter().enumerate() {
             let tk = std::time::Instant::now();
             let bufs = tab_p + 8 * starts[i] as u64;
@@ -419,19 +514,28 @@ impl GpuExecutor {
                 ));
             }
         }
-        let status = self
-            .stream
-            .clone_dtoh(&self.status)
-            .map_err(|e| RuntimeError::Gpu(format!("a kernel failed on the device: {e:?}")))?;
-        self.last_kernel_s = t0.elapsed().as_secs_f64();
-        if status[0] != 0 {
-            let msg = match status[0] {
-                1 => "an index is out of range (a token id beyond the vocabulary?)".to_string(),
-                c => format!("error code {c}"),
-            };
-            return Err(RuntimeError::Invalid(format!("a GPU kernel failed: {msg}")));
-        }
         Ok(())
+    }
+
+    /// The launch sequence of `launch_each`, captured as a graph (not run).
+    fn capture(
+        &mut self,
+        kernels: &[usize],
+        launch: &[u32],
+        starts: &[usize],
+        ptrs: [u64; 4],
+    ) -> std::result::Result<CudaGraph, String> {
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| format!("the driver refused to capture a graph: {e:?}"))?;
+        let enqueued = self.launch_each(kernels, launch, starts, ptrs);
+        // (the capture always ends, so the stream leaves capture mode whatever happened)
+        let graph = self
+            .stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .map_err(|e| format!("capturing a graph failed: {e:?}"))?;
+        enqueued.map_err(|e| format!("launching into a graph failed: {e}"))?;
+        graph.ok_or_else(|| "the captured graph is empty".to_string())
     }
 
     /// Runs the plan on named inputs; returns the named outputs.
