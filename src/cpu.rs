@@ -64,11 +64,7 @@ pub fn executors(
             distinct.len()
         );
     }
-    let get = |name: &str| {
-        params
-            .get(name)
-            .and_then(|t| Some((t.shape().to_vec(), t.f32_arc()?)))
-    };
+    let get = |name: &str| param(params, name);
     let mut out = Vec::new();
     for c in compiled {
         let mut ex = CpuExecutor::new(c.plan.clone(), c.fns.clone(), threads)?;
@@ -308,7 +304,11 @@ impl CompiledModel {
     }
 }
 
-fn param(params: &HashMap<String, Tensor>, name: &str) -> Option<(Vec<usize>, Arc<Vec<f32>>)> {
+/// A parameter's shape and data, as executors bind them.
+pub(crate) fn param(
+    params: &HashMap<String, Tensor>,
+    name: &str,
+) -> Option<(Vec<usize>, Arc<Vec<f32>>)> {
     params
         .get(name)
         .and_then(|t| Some((t.shape().to_vec(), t.f32_arc()?)))

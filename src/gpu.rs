@@ -42,11 +42,7 @@ pub fn executor(
     egret_runtime::gpu::gpu_available()?;
     let (ptx, mut plans) = compile_graphs(&[g], opts, false)?;
     let mut ex = GpuExecutor::new(plans.remove(0), &ptx)?;
-    ex.bind_params(&|name: &str| {
-        params
-            .get(name)
-            .and_then(|t| Some((t.shape().to_vec(), t.f32_arc()?)))
-    })?;
+    ex.bind_params(&|name: &str| crate::cpu::param(params, name))?;
     Ok(ex)
 }
 
@@ -67,11 +63,7 @@ pub fn simt_executor(
         .map_err(|e| EgretError::Usage(e.to_string()))?;
     let mut ex = egret_backends::simt::executor(compiled.remove(0))
         .map_err(|e| EgretError::Usage(e.to_string()))?;
-    ex.bind_params(&|name: &str| {
-        params
-            .get(name)
-            .and_then(|t| Some((t.shape().to_vec(), t.f32_arc()?)))
-    })?;
+    ex.bind_params(&|name: &str| crate::cpu::param(params, name))?;
     Ok(ex)
 }
 

@@ -394,11 +394,7 @@ impl Trainer {
                         unreachable!("handled above")
                     }
                 };
-                let get = |n: &str| {
-                    params
-                        .get(n)
-                        .and_then(|t| Some((t.shape().to_vec(), t.f32_arc()?)))
-                };
+                let get = |n: &str| crate::cpu::param(&params, n);
                 let session = |art: &egret_runtime::Artifact| {
                     egret_runtime::TrainSession::with_params(art, &get, "the weights", threads)
                 };

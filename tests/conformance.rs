@@ -196,6 +196,52 @@ fn ptx_of_every_case_assembles() {
     }
 }
 
+/// `‖got − want‖ / ‖want‖`.
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    let num: f64 = want
+        .iter()
+        .zip(got)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|a| (*a as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// Runs `g` on the interpreter and, with tensor cores, on the SIMT simulator, its inputs
+/// (and with `params_too` its parameters) redrawn by `draw`; returns both outputs.
+fn interp_and_simulated_tc(
+    name: &str,
+    body: &str,
+    seed: u64,
+    params_too: bool,
+    mut draw: impl FnMut(&mut Rng) -> f32,
+) -> (Outputs, Outputs) {
+    let opts = PtxOptions {
+        tensor_cores: true,
+        ..PtxOptions::default()
+    };
+    let g = graph(name, body);
+    let (mut inputs, mut params) = bindings(&g, 1, name.len() as u64);
+    let mut rng = Rng(seed ^ name.len() as u64);
+    let redraw = |t: &mut Tensor, rng: &mut Rng, draw: &mut dyn FnMut(&mut Rng) -> f32| {
+        let len = t.shape().iter().product::<usize>();
+        let v = (0..len).map(|_| draw(rng)).collect();
+        *t = Tensor::from_f32(t.shape().to_vec(), v).unwrap();
+    };
+    for t in inputs.values_mut() {
+        redraw(t, &mut rng, &mut draw);
+    }
+    if params_too {
+        for t in params.values_mut() {
+            redraw(t, &mut rng, &mut draw);
+        }
+    }
+    let want = run_interp(&g, &inputs, &params);
+    let mut ex = egret::gpu::simt_executor(&g, &params, &opts).unwrap();
+    let got = outputs_f32(ex.run(&host_inputs(&inputs)).unwrap());
+    (want, got)
+}
+
 /// With tensor cores, matmuls round their operands to bf16: every output of every matmul
 /// case within 1e-2 relative L2 of the interpreter's, on executors that `make` builds.
 fn check_tensor_cores(
@@ -217,13 +263,7 @@ fn check_tensor_cores(
             let mut run = make(&g, &params, &opts).unwrap();
             let got = run(&host_inputs(&inputs));
             for (out, w) in &want {
-                let num: f64 = w
-                    .iter()
-                    .zip(&got[out])
-                    .map(|(a, b)| ((a - b) as f64).powi(2))
-                    .sum();
-                let den: f64 = w.iter().map(|a| (*a as f64).powi(2)).sum();
-                let rel = (num / den.max(1e-30)).sqrt();
+                let rel = rel_l2(&got[out], w);
                 assert!(rel <= 1e-2, "{name} N={n} {out}: relative L2 {rel}");
             }
         }
@@ -295,24 +335,10 @@ const EXACT_MMA_CASES: &[(&str, &str)] = &[
 /// bit for bit: any misplaced fragment, staged element or k step shows.
 #[test]
 fn simulated_tensor_core_matmuls_are_exact_on_bf16_exact_inputs() {
-    let opts = PtxOptions {
-        tensor_cores: true,
-        ..PtxOptions::default()
-    };
     for (name, body) in EXACT_MMA_CASES {
-        let g = graph(name, body);
-        let (mut inputs, mut params) = bindings(&g, 1, name.len() as u64);
-        let mut rng = Rng(0x5eed ^ name.len() as u64);
-        for t in inputs.values_mut().chain(params.values_mut()) {
-            let len = t.shape().iter().product::<usize>();
-            let v = (0..len)
-                .map(|_| (rng.next() % 17) as f32 / 8.0 - 1.0)
-                .collect();
-            *t = Tensor::from_f32(t.shape().to_vec(), v).unwrap();
-        }
-        let want = run_interp(&g, &inputs, &params);
-        let mut ex = egret::gpu::simt_executor(&g, &params, &opts).unwrap();
-        let got = outputs_f32(ex.run(&host_inputs(&inputs)).unwrap());
+        let (want, got) = interp_and_simulated_tc(name, body, 0x5eed, true, |rng| {
+            (rng.next() % 17) as f32 / 8.0 - 1.0
+        });
         for (out, w) in &want {
             let bad = w.iter().zip(&got[out]).filter(|(a, b)| a != b).count();
             assert_eq!(bad, 0, "{name} {out}: {bad} of {} elements differ", w.len());
@@ -364,30 +390,11 @@ const MMA_ATTENTION_CASES: &[(&str, &str)] = &[
 
 #[test]
 fn simulated_tensor_core_attention_is_within_bf16_tolerance() {
-    let opts = PtxOptions {
-        tensor_cores: true,
-        ..PtxOptions::default()
-    };
     for (name, body) in MMA_ATTENTION_CASES {
-        let g = graph(name, body);
-        let (mut inputs, params) = bindings(&g, 1, name.len() as u64);
-        let mut rng = Rng(0xa77e ^ name.len() as u64);
-        for t in inputs.values_mut() {
-            let len = t.shape().iter().product::<usize>();
-            let v = (0..len).map(|_| rng.uniform() * 4.0 - 2.0).collect();
-            *t = Tensor::from_f32(t.shape().to_vec(), v).unwrap();
-        }
-        let want = run_interp(&g, &inputs, &params);
-        let mut ex = egret::gpu::simt_executor(&g, &params, &opts).unwrap();
-        let got = outputs_f32(ex.run(&host_inputs(&inputs)).unwrap());
+        let (want, got) =
+            interp_and_simulated_tc(name, body, 0xa77e, false, |rng| rng.uniform() * 2.0);
         for (out, w) in &want {
-            let num: f64 = w
-                .iter()
-                .zip(&got[out])
-                .map(|(a, b)| ((a - b) as f64).powi(2))
-                .sum();
-            let den: f64 = w.iter().map(|a| (*a as f64).powi(2)).sum();
-            let rel = (num / den.max(1e-30)).sqrt();
+            let rel = rel_l2(&got[out], w);
             assert!(rel <= 1e-2, "{name} {out}: relative L2 {rel}");
             eprintln!("{name} {out}: relative L2 {rel:.2e}");
         }

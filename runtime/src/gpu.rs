@@ -107,6 +107,12 @@ pub struct GpuExecutor {
     graph: Option<(Vec<u64>, CudaGraph)>,
 }
 
+/// Launches a captured graph on its stream.
+fn replay(g: &CudaGraph) -> Result<()> {
+    g.launch()
+        .map_err(|e| RuntimeError::Gpu(format!("replaying a CUDA graph failed: {e:?}")))
+}
+
 fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
     let (p, _sync) = s.device_ptr(stream);
     p
@@ -424,44 +430,26 @@ impl GpuExecutor {
             .chain(launch.iter().map(|&g| u64::from(g)))
             .chain([tab_p, syms_p, scratch_p, status_p])
             .collect();
-        let replay = self.graphs && self.profile.is_none();
-        if replay && self.graph.as_ref().is_some_and(|(k, _)| *k == key) {
-            let (_, g) = self.graph.as_ref().expect("checked");
-            g.launch()
-                .map_err(|e| RuntimeError::Gpu(format!("replaying a CUDA graph failed: {e:?}")))?;
-        } else if replay && self.last_launch == key {
+        let ptrs = [tab_p, syms_p, scratch_p, status_p];
+        let graphs = self.graphs && self.profile.is_none();
+        if graphs && self.graph.as_ref().is_some_and(|(k, _)| *k == key) {
+            replay(&self.graph.as_ref().expect("checked").1)?;
+        } else if graphs && self.last_launch == key {
             self.graph = None;
-            match self.capture(
-                kernels,
-                &launch,
-                &starts,
-                [tab_p, syms_p, scratch_p, status_p],
-            ) {
+            match self.capture(kernels, &launch, &starts, ptrs) {
                 Ok(g) => {
-                    g.launch().map_err(|e| {
-                        RuntimeError::Gpu(format!("replaying a CUDA graph failed: {e:?}"))
-                    })?;
+                    replay(&g)?;
                     self.graph = Some((key, g));
                 }
                 Err(why) => {
                     eprintln!("egret: launching kernel by kernel: {why}");
                     self.graphs = false;
-                    self.launch_each(
-                        kernels,
-                        &launch,
-                        &starts,
-                        [tab_p, syms_p, scratch_p, status_p],
-                    )?;
+                    self.launch_each(kernels, &launch, &starts, ptrs)?;
                 }
             }
         } else {
             self.last_launch = key;
-            self.launch_each(
-                kernels,
-                &launch,
-                &starts,
-                [tab_p, syms_p, scratch_p, status_p],
-            )?;
+            self.launch_each(kernels, &launch, &starts, ptrs)?;
         }
         let status = self
             .stream

@@ -3068,20 +3068,27 @@ fn ldmatrix_x4<'ctx>(
     let f = Intrinsic::find(name)
         .and_then(|i| i.get_declaration(fb.module, &[row.get_type().into()]))
         .ok_or_else(|| BackendError::Llvm(format!("no intrinsic {name}")))?;
+    for (v, x) in out.iter_mut().zip(call_fields(fb, f, &[row.into()])?) {
+        *v = x.into_int_value();
+    }
+    Ok(out)
+}
+
+/// Calls `f`, an intrinsic that returns a struct of four values, and returns its fields.
+fn call_fields<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    f: FunctionValue<'ctx>,
+    args: &[BasicMetadataValueEnum<'ctx>],
+) -> R<[BasicValueEnum<'ctx>; 4]> {
     let r =
-        fb.b.build_call(f, &[row.into()], "ldm")
+        fb.b.build_call(f, args, "r")
             .map_err(be)?
             .try_as_basic_value()
             .basic()
             .expect("returns a struct")
             .into_struct_value();
-    for (i, v) in out.iter_mut().enumerate() {
-        *v =
-            fb.b.build_extract_value(r, i as u32, "m")
-                .map_err(be)?
-                .into_int_value();
-    }
-    Ok(out)
+    let field = |i: u32| fb.b.build_extract_value(r, i, "f").map_err(be);
+    Ok([field(0)?, field(1)?, field(2)?, field(3)?])
 }
 
 /// `d = a·b + c` on a warp's tensor cores: `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32`
@@ -3138,21 +3145,31 @@ fn mma_bf16<'ctx>(
         .and_then(|i| i.get_declaration(fb.module, &[]))
         .ok_or_else(|| BackendError::Llvm("no intrinsic for mma.m16n8k16 bf16".into()))?;
     args.extend(c.iter().map(|v| BasicMetadataValueEnum::from(*v)));
-    let r =
-        fb.b.build_call(mma, &args, "mma")
-            .map_err(be)?
-            .try_as_basic_value()
-            .basic()
-            .expect("returns a struct")
-            .into_struct_value();
     let mut d = c;
-    for (x, v) in d.iter_mut().enumerate() {
-        *v =
-            fb.b.build_extract_value(r, x as u32, "d")
-                .map_err(be)?
-                .into_float_value();
+    for (v, x) in d.iter_mut().zip(call_fields(fb, mma, &args)?) {
+        *v = x.into_float_value();
     }
     Ok(d)
+}
+
+/// `acc += a·b` on the tensor cores (`mma_bf16`), `acc` the four accumulator slots of this
+/// lane's fragment.
+fn mma_into<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    acc: &[PointerValue<'ctx>],
+    a: [IntValue<'ctx>; 4],
+    b: [IntValue<'ctx>; 2],
+) -> R<()> {
+    let cur = [
+        fb.get(acc[0])?,
+        fb.get(acc[1])?,
+        fb.get(acc[2])?,
+        fb.get(acc[3])?,
+    ];
+    for (s, v) in acc.iter().zip(mma_bf16(fb, a, b, cur)?) {
+        fb.set(*s, v)?;
+    }
+    Ok(())
 }
 
 /// The matmul on tensor cores: operands rounded to bf16 as they are staged, products summed
@@ -3413,17 +3430,7 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
                     let at = fb.add(base, fb.add(a_ld[ks as usize], c(16 * i as i64 * tk / 2))?)?;
                     let afr = ldmatrix_x4(fb, word_ptr(a_s, at)?, false)?;
                     for (j, b) in bfr.iter().enumerate() {
-                        let acc = &accs[(i * 4 + j) * 4..(i * 4 + j) * 4 + 4];
-                        let cur = [
-                            fb.get(acc[0])?,
-                            fb.get(acc[1])?,
-                            fb.get(acc[2])?,
-                            fb.get(acc[3])?,
-                        ];
-                        let d = mma_bf16(fb, afr, *b, cur)?;
-                        for (a, v) in acc.iter().zip(d) {
-                            fb.set(*a, v)?;
-                        }
+                        mma_into(fb, &accs[(i * 4 + j) * 4..(i * 4 + j) * 4 + 4], afr, *b)?;
                     }
                 }
             }
@@ -4155,16 +4162,7 @@ fn gpu_mma_attention<'ctx>(
                     let m = ldmatrix_x4(fb, word_ptr(k_s, swizzled_word(fb, key, e, dq)?)?, false)?;
                     for (h, b) in [[m[0], m[1]], [m[2], m[3]]].into_iter().enumerate() {
                         let nt = (2 * pp) as usize + h;
-                        let acc = &sacc[nt * 4..nt * 4 + 4];
-                        let cur = [
-                            fb.get(acc[0])?,
-                            fb.get(acc[1])?,
-                            fb.get(acc[2])?,
-                            fb.get(acc[3])?,
-                        ];
-                        for (s, v) in acc.iter().zip(mma_bf16(fb, a, b, cur)?) {
-                            fb.set(*s, v)?;
-                        }
+                        mma_into(fb, &sacc[nt * 4..nt * 4 + 4], a, b)?;
                     }
                 }
             }
@@ -4227,16 +4225,7 @@ fn gpu_mma_attention<'ctx>(
                     let m = ldmatrix_x4(fb, word_ptr(v_s, swizzled_word(fb, key, e, dv)?)?, true)?;
                     for (h, b) in [[m[0], m[1]], [m[2], m[3]]].into_iter().enumerate() {
                         let nt = (2 * jj) as usize + h;
-                        let acc = &oacc[nt * 4..nt * 4 + 4];
-                        let cur = [
-                            fb.get(acc[0])?,
-                            fb.get(acc[1])?,
-                            fb.get(acc[2])?,
-                            fb.get(acc[3])?,
-                        ];
-                        for (s, v) in acc.iter().zip(mma_bf16(fb, a, b, cur)?) {
-                            fb.set(*s, v)?;
-                        }
+                        mma_into(fb, &oacc[nt * 4..nt * 4 + 4], a, b)?;
                     }
                 }
             }
