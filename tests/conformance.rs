@@ -374,6 +374,20 @@ const MMA_ATTENTION_CASES: &[(&str, &str)] = &[
   output "o" = %o"#,
     ),
     (
+        // Keys and values sliced from wider rows at an offset of one element: unit stride,
+        // strides multiples of 4, but rows not 16-byte aligned (element-wise staging).
+        "offset-views-d64",
+        r#"
+  %q = input "q" : f32[1, 2, 100, 64]
+  %kw = input "kw" : f32[1, 2, 100, 68]
+  %k = slice[axis=3, start=1, end=65](%kw) : f32[1, 2, 100, 64]
+  %vw = input "vw" : f32[1, 2, 100, 68]
+  %v = slice[axis=3, start=3, end=67](%vw) : f32[1, 2, 100, 64]
+  %pos = iota[axis=1] : i64[1, 100]
+  %o = fused_attention[scale=0.125](%q, %k, %v, %pos) : f32[1, 2, 100, 64]
+  output "o" = %o"#,
+    ),
+    (
         "permuted-d16",
         r#"
   %x = input "x" : f32[1, 300, 3, 16]

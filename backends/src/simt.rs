@@ -19,7 +19,8 @@
 //! blocks; the kernels stride over their work by the grid's size, so fewer blocks than the
 //! GPU would launch compute the same result (and the stride itself gets tested). If every
 //! live thread waits and none can go on (threads of one block at different barriers), the
-//! launch fails with an error instead of hanging.
+//! launch fails with an error instead of hanging; so does a vector access that is not
+//! aligned to its size, on which the GPU would fault.
 
 use std::cell::Cell;
 
@@ -73,6 +74,8 @@ struct Block {
     /// Counts arrivals, releases and exits: a full turn of the threads that leaves it
     /// unchanged made no progress.
     events: u64,
+    /// The first vector access that was not aligned to its size: `(address, bytes)`.
+    misaligned: Option<(u64, u64)>,
 }
 
 thread_local! {
@@ -227,13 +230,29 @@ extern "C" fn egret_simt_ldmatrix(row: *const u16, trans: i32, out: *mut u32) {
     }
 }
 
+/// Records the first vector access of `bytes` bytes at `p` that is not aligned to `bytes`
+/// (`run_block` fails the launch with it).
+extern "C" fn egret_simt_aligned(p: *const u8, bytes: i64) {
+    let (at, n) = (p as u64, bytes as u64);
+    if n > 0 && at % n != 0 {
+        // SAFETY: hooks run on simulated threads only, while `run_block` holds the block.
+        unsafe {
+            let b = block();
+            if (*b).misaligned.is_none() {
+                (*b).misaligned = Some((at, n));
+            }
+        }
+    }
+}
+
 /// The hooks the simulated code calls, by name (`SIMT_HOOKS`).
-fn hooks() -> [(&'static str, usize); 4] {
+fn hooks() -> [(&'static str, usize); 5] {
     [
         (SIMT_HOOKS[0], egret_simt_barrier as *const () as usize),
         (SIMT_HOOKS[1], egret_simt_shfl_bfly as *const () as usize),
         (SIMT_HOOKS[2], egret_simt_mma_bf16 as *const () as usize),
         (SIMT_HOOKS[3], egret_simt_ldmatrix as *const () as usize),
+        (SIMT_HOOKS[4], egret_simt_aligned as *const () as usize),
     ]
 }
 
@@ -293,6 +312,7 @@ impl SimtLauncher {
                 })
                 .collect(),
             events: 0,
+            misaligned: None,
         }));
         // SAFETY (all uses of `bp` below): the block lives until the end of this function,
         // where it is freed after every thread has ended or been reset; only one thread
@@ -356,6 +376,13 @@ impl SimtLauncher {
             }
         }
         CURRENT.with(|c| c.set(std::ptr::null_mut()));
+        if let (Ok(()), Some((at, bytes))) = (&outcome, unsafe { (*bp).misaligned }) {
+            outcome = Err(format!(
+                "the simulated launch of `{}` made a {bytes}-byte vector access at {at:#x}, \
+                 which is not {bytes}-byte aligned (the GPU would fault)",
+                call.what
+            ));
+        }
         for co in threads.iter_mut().flatten() {
             // SAFETY: a deadlocked thread is suspended in a hook, whose frames (and the
             // kernel's) own nothing that needs dropping.
@@ -657,6 +684,33 @@ mod tests {
         let e = run(divergent, 256, &mut [0.0]).unwrap_err();
         assert!(e.contains("deadlocked"), "{e}");
         // the launcher is usable again afterwards
+        let mut d = vec![0f32; 256];
+        assert_eq!(run(rotate, 256, &mut d), Ok(0));
+    }
+
+    /// Thread 5 makes an 8-byte access at an address 4 bytes past an aligned one.
+    unsafe extern "C" fn misaligned(
+        bufs: *const *mut u8,
+        _: *const i64,
+        tid: i64,
+        _: i64,
+        _: *mut f32,
+        _: *mut i64,
+    ) -> i32 {
+        let base = *bufs;
+        let skew = if tid == 5 { 4 } else { 0 };
+        egret_simt_aligned(base.add(8 * tid as usize + skew), 8);
+        0
+    }
+
+    #[test]
+    fn a_vector_access_off_its_alignment_fails_the_launch() {
+        let mut d = vec![0u64; 300];
+        let args = [d.as_mut_ptr() as *mut u8];
+        let e = launcher()
+            .launch(misaligned, &call(256), &args, &[])
+            .unwrap_err();
+        assert!(e.contains("not 8-byte aligned"), "{e}");
         let mut d = vec![0f32; 256];
         assert_eq!(run(rotate, 256, &mut d), Ok(0));
     }

@@ -676,6 +676,21 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
         Ok(r.try_as_basic_value().basic())
     }
 
+    /// In the simulator, a check that a vector access of `bytes` bytes at `p` is aligned as
+    /// the GPU requires (`egret_simt_aligned`); nothing on the GPU itself.
+    fn check_aligned(&self, p: PointerValue<'ctx>, bytes: u64) -> R<()> {
+        if self.sim {
+            let ptrt = self.ctx.ptr_type(AddressSpace::default());
+            let ty = self
+                .ctx
+                .void_type()
+                .fn_type(&[ptrt.into(), self.i64t.into()], false);
+            let n = self.i64t.const_int(bytes, false);
+            self.hook(SIMT_HOOKS[4], ty, &[p.into(), n.into()])?;
+        }
+        Ok(())
+    }
+
     /// An NVVM intrinsic `f32 → f32` (`sin.approx.f`, ...); in the simulator, the C
     /// library's function of the same meaning.
     fn nvvm(&self, name: &str, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
@@ -911,11 +926,14 @@ impl Flavor {
 ///   bf16 operands, `c[0..4]` the accumulators in and out.
 /// - `egret_simt_ldmatrix(ptr row, i32 trans, i32* out)`: `ldmatrix.sync.m8n8.x4.b16`
 ///   (`.trans` when `trans` is 1), `row` this lane's row address, `out[0..4]` its registers.
-pub const SIMT_HOOKS: [&str; 4] = [
+/// - `egret_simt_aligned(ptr p, i64 bytes)`: before a vector access of `bytes` bytes at `p`,
+///   which the GPU requires to be aligned to its size (the simulator fails the launch if not).
+pub const SIMT_HOOKS: [&str; 5] = [
     "egret_simt_barrier",
     "egret_simt_shfl_bfly",
     "egret_simt_mma_bf16",
     "egret_simt_ldmatrix",
+    "egret_simt_aligned",
 ];
 
 /// Emits kernel `k` as function `name`; returns its buffer arguments and scratch floats.
@@ -2985,6 +3003,7 @@ fn load_f32x4<'ctx>(
     idx: IntValue<'ctx>,
 ) -> R<[FloatValue<'ctx>; 4]> {
     let mut p = unsafe { fb.b.build_in_bounds_gep(fb.f32t, ptr, &[idx], "p4") }.map_err(be)?;
+    fb.check_aligned(p, 16)?;
     if !fb.sim {
         // A global-memory load (`ld.global.v4.f32`), not a generic one: it cannot alias
         // the shared-memory stores around it.
@@ -2993,9 +3012,10 @@ fn load_f32x4<'ctx>(
                 .map_err(be)?;
     }
     let v = fb.b.build_load(fb.f32t.vec_type(4), p, "v4").map_err(be)?;
+    // (the simulator checks the alignment itself and reports it rather than fault)
     v.as_instruction_value()
         .expect("a load")
-        .set_alignment(16)
+        .set_alignment(if fb.sim { 4 } else { 16 })
         .map_err(|e| BackendError::Llvm(e.to_string()))?;
     let v = v.into_vector_value();
     let i32t = fb.ctx.i32_type();
@@ -3019,6 +3039,7 @@ fn store_i32x2<'ctx>(
 ) -> R<()> {
     let i32t = fb.ctx.i32_type();
     let p = unsafe { fb.b.build_in_bounds_gep(i32t, arr, &[idx], "s2") }.map_err(be)?;
+    fb.check_aligned(p, 8)?;
     let mut v = i32t.vec_type(2).get_undef();
     for (i, x) in [lo, hi].into_iter().enumerate() {
         v =
@@ -3027,7 +3048,7 @@ fn store_i32x2<'ctx>(
     }
     fb.b.build_store(p, v)
         .map_err(be)?
-        .set_alignment(8)
+        .set_alignment(if fb.sim { 4 } else { 8 })
         .map_err(|e| BackendError::Llvm(e.to_string()))?;
     Ok(())
 }
@@ -3045,6 +3066,7 @@ fn ldmatrix_x4<'ctx>(
     let i32t = fb.ctx.i32_type();
     let mut out = [i32t.const_zero(); 4];
     if fb.sim {
+        fb.check_aligned(row, 16)?;
         let o = fb.slot(i32t.array_type(4).into())?;
         let ptrt = fb.ctx.ptr_type(AddressSpace::default());
         let ty = fb
@@ -4096,7 +4118,16 @@ fn gpu_mma_attention<'ctx>(
                      n: i64,
                      s0: IntValue<'ctx>|
          -> R<()> {
-            let fast = and(vec, cmp(IntPredicate::SLE, fb.add(s0, c(keys))?, sv)?)?;
+            // (`base` holds the view's offset: it must keep the rows 16-byte aligned too)
+            let aligned = cmp(
+                IntPredicate::EQ,
+                fb.b.build_and(base, c(3), "b3").map_err(be)?,
+                c(0),
+            )?;
+            let fast = and(
+                and(vec, aligned)?,
+                cmp(IntPredicate::SLE, fb.add(s0, c(keys))?, sv)?,
+            )?;
             for p in 0..(keys * n / 4 / GPU_BLOCK_THREADS) {
                 let i = fb.add(lane, c(p * GPU_BLOCK_THREADS))?;
                 let (r, e) = (
