@@ -1,11 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check, for one call of a lent GPU machine (no Rust there). Prepare it here:
-#
-#   cargo run --release --example gpu_bundle -- gpu-check/bundle
-#   cargo build --release -p egret-runtime --example gpu_check
-#   cp target/release/examples/gpu_check gpu-check/
-#
-# then run `bench/gpu-check.sh gpu-check` there (carrying `gpu-check`). It makes
+# The GPU check, for one call of a lent GPU machine (no Rust there). Prepare it here with
+# `bash bench/gpu-prepare.sh` (the bundle and the stripped runtime-only binary in
+# `gpu-check/`), then run `bench/gpu-check.sh gpu-check` there (carrying `gpu-check`). It makes
 # SmolLM2-shaped weights with PyTorch, runs egret's conformance cases, SmolLM2 (GPU against
 # CPU) and timings, then PyTorch's timings on the same card; a table comes last.
 set -uo pipefail
