@@ -110,7 +110,8 @@ extern "C" fn egret_simt_barrier() {
             (*b).barrier_generation += 1;
             return;
         }
-        while (*b).barrier_generation == generation {
+        // (the other threads release it while this one is suspended)
+        while std::ptr::read_volatile(&(*b).barrier_generation) == generation {
             suspend();
         }
     }
@@ -133,7 +134,7 @@ fn warp_exchange(words: &[u32]) -> ([[u32; SLOT_WORDS]; WARP], usize) {
             (*w).arrived = 0;
             (*w).generation += 1;
         }
-        while (*w).generation == generation {
+        while std::ptr::read_volatile(&(*w).generation) == generation {
             suspend();
         }
         ((*w).slots[parity], lane)
