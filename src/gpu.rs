@@ -24,13 +24,19 @@ pub fn compile_graphs(
     opts: &PtxOptions,
     states: bool,
 ) -> Result<(String, Vec<Plan>)> {
+    let progs = schedule_for_gpu(gs, states)?;
+    let refs: Vec<&egret_backends::kernel::Program> = progs.iter().collect();
+    compile_ptx(&refs, opts).map_err(|e| EgretError::Usage(e.to_string()))
+}
+
+/// Graphs of one model scheduled as the GPU wants them (`ptx::schedule_options`), with or
+/// without KV-cache states.
+fn schedule_for_gpu(gs: &[&Graph], states: bool) -> Result<Vec<egret_backends::kernel::Program>> {
     let sopts = egret_backends::schedule::ScheduleOptions {
         states,
         ..schedule_options()
     };
-    let progs = crate::cpu::schedule_graphs(gs, sopts)?;
-    let refs: Vec<&egret_backends::kernel::Program> = progs.iter().collect();
-    compile_ptx(&refs, opts).map_err(|e| EgretError::Usage(e.to_string()))
+    crate::cpu::schedule_graphs(gs, sopts)
 }
 
 /// Compiles a graph to PTX and binds parameters on GPU 0: an executor ready to run.
@@ -54,11 +60,7 @@ pub fn simt_executor(
     params: &HashMap<String, Tensor>,
     opts: &PtxOptions,
 ) -> Result<egret_runtime::cpu::CpuExecutor> {
-    let sopts = egret_backends::schedule::ScheduleOptions {
-        states: false,
-        ..schedule_options()
-    };
-    let progs = crate::cpu::schedule_graphs(&[g], sopts)?;
+    let progs = schedule_for_gpu(&[g], false)?;
     let mut compiled = egret_backends::simt::compile_many(&[&progs[0]], opts.tensor_cores)
         .map_err(|e| EgretError::Usage(e.to_string()))?;
     let mut ex = egret_backends::simt::executor(compiled.remove(0))

@@ -290,11 +290,11 @@ pub enum Expr {
     Cast(ElemType, Box<Expr>, Round),
     /// `silu(a) * b`.
     SwiGlu(Box<Expr>, Box<Expr>),
-    /// Pieces laid end to end along an axis of the iteration space: at index `i` along
-    /// `axis`, the piece `(start, len, e)` with `start <= i < start + len`, evaluated at
-    /// `i - start` (every piece is evaluated at its index clamped into `0..len`, so its
-    /// loads stay in bounds, and the right one selected).
-    Concat(usize, Vec<(Poly, Dim, Expr)>),
+    /// Pieces `(len, e)` laid end to end along an axis of the iteration space: at index `i`
+    /// along `axis`, the piece that starts at `start <= i < start + len` (its start the sum
+    /// of the lengths before it), evaluated at `i - start` (every piece is evaluated at its
+    /// index clamped into `0..len`, so its loads stay in bounds, and the right one selected).
+    Concat(usize, Vec<(Dim, Expr)>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -311,7 +311,7 @@ impl Expr {
             Expr::Unary(_, a) | Expr::Binary(_, a, _) | Expr::SwiGlu(a, _) => a.elem(),
             Expr::Compare(..) => ElemType::Bool,
             Expr::Select(_, a, _) => a.elem(),
-            Expr::Concat(_, pieces) => pieces[0].2.elem(),
+            Expr::Concat(_, pieces) => pieces[0].1.elem(),
         }
     }
 
@@ -322,7 +322,7 @@ impl Expr {
             Expr::Unary(_, a) | Expr::Cast(_, a, _) => vec![a],
             Expr::Binary(_, a, b) | Expr::Compare(_, a, b) | Expr::SwiGlu(a, b) => vec![a, b],
             Expr::Select(c, a, b) => vec![c, a, b],
-            Expr::Concat(_, pieces) => pieces.iter().map(|(_, _, e)| e).collect(),
+            Expr::Concat(_, pieces) => pieces.iter().map(|(_, e)| e).collect(),
         }
     }
 }

@@ -518,14 +518,10 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                     if !wo {
                         // Computed where it is used: consumers evaluate the piece their
                         // index falls in (or, used more than once, one kernel stores it).
-                        let mut start = Poly::zero();
-                        let mut inline = vec![];
-                        for (x, pshape) in pieces {
-                            let len = pshape[*axis].clone();
-                            let next = start.add(&Poly::dim(&len));
-                            inline.push((start, len, x));
-                            start = next;
-                        }
+                        let inline = pieces
+                            .into_iter()
+                            .map(|(x, pshape)| (pshape[*axis].clone(), x))
+                            .collect();
                         break 'concat Val::Inline(Expr::Concat(*axis, inline));
                     }
                     let out = s.new_buffer(BufferRole::Temp, e, &shape, wo);

@@ -78,6 +78,28 @@ struct Block {
     misaligned: Option<(u64, u64)>,
 }
 
+impl Block {
+    /// Opens the barrier when every live thread has arrived (`true` if it did).
+    fn release_barrier(&mut self) -> bool {
+        let full = self.barrier_arrived > 0 && self.barrier_arrived == self.live;
+        if full {
+            self.barrier_arrived = 0;
+            self.barrier_generation += 1;
+        }
+        full
+    }
+}
+
+impl WarpSync {
+    /// Completes the warp operation when every live lane has posted.
+    fn release(&mut self) {
+        if self.arrived > 0 && self.arrived == self.live {
+            self.arrived = 0;
+            self.generation += 1;
+        }
+    }
+}
+
 thread_local! {
     static CURRENT: Cell<*mut Block> = const { Cell::new(std::ptr::null_mut()) };
 }
@@ -105,9 +127,7 @@ extern "C" fn egret_simt_barrier() {
         let generation = (*b).barrier_generation;
         (*b).barrier_arrived += 1;
         (*b).events += 1;
-        if (*b).barrier_arrived == (*b).live {
-            (*b).barrier_arrived = 0;
-            (*b).barrier_generation += 1;
+        if (&mut *b).release_barrier() {
             return;
         }
         // (the other threads release it while this one is suspended)
@@ -130,10 +150,7 @@ fn warp_exchange(words: &[u32]) -> ([[u32; SLOT_WORDS]; WARP], usize) {
         (&mut (*w).slots)[parity][lane][..words.len()].copy_from_slice(words);
         (*w).arrived += 1;
         (*b).events += 1;
-        if (*w).arrived == (*w).live {
-            (*w).arrived = 0;
-            (*w).generation += 1;
-        }
+        (&mut *w).release();
         while std::ptr::read_volatile(&(*w).generation) == generation {
             suspend();
         }
@@ -298,6 +315,9 @@ impl SimtLauncher {
         let stride = call.scratch_floats;
         self.scratch.clear();
         self.scratch.resize(stride * BLOCK, 0.0);
+        let stacks = (0..BLOCK)
+            .map(|_| self.stack())
+            .collect::<Result<Vec<_>, String>>()?;
         let bp: *mut Block = Box::into_raw(Box::new(Block {
             running: 0,
             yielders: vec![std::ptr::null(); BLOCK],
@@ -320,8 +340,7 @@ impl SimtLauncher {
         // (simulated or this one) touches it at a time, through the pointer.
         let (argp, symp) = (args.as_ptr() as usize, syms.as_ptr() as usize);
         let mut threads = Vec::with_capacity(BLOCK);
-        for lane in 0..BLOCK {
-            let stack = self.stack()?;
+        for (lane, stack) in stacks.into_iter().enumerate() {
             let tid = (blk * BLOCK + lane) as i64;
             // SAFETY: `scratch` holds `stride` floats for each of the block's threads.
             let scratch = unsafe { self.scratch.as_mut_ptr().add(lane * stride) } as usize;
@@ -406,16 +425,10 @@ unsafe fn exit(b: *mut Block, lane: usize) {
     let b = &mut *b;
     b.live -= 1;
     b.events += 1;
-    if b.barrier_arrived > 0 && b.barrier_arrived == b.live {
-        b.barrier_arrived = 0;
-        b.barrier_generation += 1;
-    }
+    b.release_barrier();
     let w = &mut b.warps[lane / WARP];
     w.live -= 1;
-    if w.arrived > 0 && w.arrived == w.live {
-        w.arrived = 0;
-        w.generation += 1;
-    }
+    w.release();
 }
 
 impl Launcher for SimtLauncher {

@@ -424,13 +424,13 @@ impl GpuExecutor {
         }
         // What a graph of this sequence depends on (the table, symbols and status are
         // uploaded before each run, so only their addresses count).
+        let ptrs = [tab_p, syms_p, scratch_p, status_p];
         let key: Vec<u64> = kernels
             .iter()
             .map(|&k| k as u64)
             .chain(launch.iter().map(|&g| u64::from(g)))
-            .chain([tab_p, syms_p, scratch_p, status_p])
+            .chain(ptrs)
             .collect();
-        let ptrs = [tab_p, syms_p, scratch_p, status_p];
         let graphs = self.graphs && self.profile.is_none();
         if graphs && self.graph.as_ref().is_some_and(|(k, _)| *k == key) {
             replay(&self.graph.as_ref().expect("checked").1)?;

@@ -413,6 +413,20 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
         })
     }
 
+    /// Whether `x` is a multiple of `m` (a power of two).
+    fn multiple_of(&self, x: IntValue<'ctx>, m: i64) -> R<IntValue<'ctx>> {
+        let low = self.b.build_and(x, self.i64c(m - 1), "low").map_err(be)?;
+        self.b
+            .build_int_compare(IntPredicate::EQ, low, self.i64c(0), "mult")
+            .map_err(be)
+    }
+
+    /// Whether `p` is aligned to `bytes` (a power of two).
+    fn ptr_aligned(&self, p: PointerValue<'ctx>, bytes: i64) -> R<IntValue<'ctx>> {
+        let a = self.b.build_ptr_to_int(p, self.i64t, "pa").map_err(be)?;
+        self.multiple_of(a, bytes)
+    }
+
     /// `min(a, b)`, signed.
     fn imin(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> R<IntValue<'ctx>> {
         self.pick(IntPredicate::SLT, a, b)
@@ -1253,7 +1267,7 @@ pub fn canonical(k: &Kernel) -> (Kernel, Vec<u32>) {
                 *axis,
                 pieces
                     .iter()
-                    .map(|(s, n, e)| (s.clone(), n.clone(), ren_expr(e, f)))
+                    .map(|(n, e)| (n.clone(), ren_expr(e, f)))
                     .collect(),
             ),
         }
@@ -1700,35 +1714,32 @@ fn eval<'ctx>(
             // Each piece at its index clamped into range (its loads' offsets moved by the
             // clamped distance along `axis`); then the piece `i` falls in is selected.
             let i = index[*axis];
+            let mut start = fb.i64c(0);
             let mut vals = vec![];
-            for (start, len, p) in pieces {
-                let start = fb.poly(start)?;
-                let last =
-                    fb.b.build_int_sub(fb.dim(len)?, fb.i64c(1), "last")
-                        .map_err(be)?;
-                let at = fb.imax(
-                    fb.imin(fb.b.build_int_sub(i, start, "at").map_err(be)?, last)?,
-                    fb.i64c(0),
-                )?;
+            for (len, p) in pieces {
+                let len = fb.dim(len)?;
+                let last = fb.b.build_int_sub(len, fb.i64c(1), "last").map_err(be)?;
+                let from = fb.b.build_int_sub(i, start, "from").map_err(be)?;
+                let at = fb.imax(fb.imin(from, last)?, fb.i64c(0))?;
                 let shift = fb.b.build_int_sub(at, i, "shift").map_err(be)?;
                 let mut own = vec![];
                 collect_loads(p, &mut own);
-                let first = *next;
                 let mut moved = bases.to_vec();
-                for (j, m) in moved.iter_mut().enumerate().skip(first).take(own.len()) {
+                for (j, m) in moved.iter_mut().enumerate().skip(*next).take(own.len()) {
                     *m = fb.add(*m, fb.mul(shift, avs[j].strides[*axis])?)?;
                 }
                 let mut idx = index.to_vec();
                 idx[*axis] = at;
+                start = fb.add(start, len)?;
+                // (`start` is now this piece's end)
                 vals.push((start, eval(fb, p, avs, &moved, next, &idx)?));
             }
             let (_, mut v) = vals.pop().expect("a concat has pieces");
-            for (k, (_, x)) in vals.iter().enumerate().rev() {
-                let end = fb.poly(&pieces[k + 1].0)?;
+            for (end, x) in vals.into_iter().rev() {
                 let inside =
                     fb.b.build_int_compare(IntPredicate::SLT, i, end, "in")
                         .map_err(be)?;
-                v = fb.b.build_select(inside, *x, v, "piece").map_err(be)?;
+                v = fb.b.build_select(inside, x, v, "piece").map_err(be)?;
             }
             v
         }
@@ -2090,9 +2101,7 @@ fn reduce<'ctx>(
                     .into_float_value();
             let a = fb.b.build_float_trunc(a, fb.f32t, "a").map_err(be)?;
             let a = if op == ReduceOp::Max {
-                warp_fold(fb, a, &[16, 8, 4, 2, 1], |x, y| {
-                    fb.intrinsic("llvm.maximum", &[x, y])
-                })?
+                warp_max(fb, a)?
             } else {
                 warp_sum(fb, a)?
             };
@@ -2168,7 +2177,7 @@ fn softmax<'ctx>(fb: &Fb<'_, 'ctx>, out: u32, src: &Access, shape: &[Dim], axis:
     let f64t = fb.ctx.f64_type();
     let mx = fb.slot(fb.f32t.into())?;
     let sum = fb.slot(f64t.into())?;
-    // Row `o` over elements `j0, j0 + step, …`; `max` and `total` combine the partial max and
+    // Row `o` over elements `j0, j0 + step, …`; `max` and `add` combine the partial max and
     // sum with the other threads of the row (none, or the warp's lanes).
     let row = |fb: &Fb<'_, 'ctx>,
                o: IntValue<'ctx>,
@@ -2223,15 +2232,8 @@ fn softmax<'ctx>(fb: &Fb<'_, 'ctx>, out: u32, src: &Access, shape: &[Dim], axis:
     };
     if fb.gpu && gpu_warp_rows(&[src], axis) {
         gpu_by_warp(fb, total, len, by_thread, |fb, o, lane| {
-            let all = [16, 8, 4, 2, 1];
-            row(
-                fb,
-                o,
-                lane,
-                fb.i64c(32),
-                &|m| warp_fold(fb, m, &all, |x, y| fb.intrinsic("llvm.maximum", &[x, y])),
-                &|t| warp_sum(fb, t),
-            )
+            let (max, add) = (|m| warp_max(fb, m), |t| warp_sum(fb, t));
+            row(fb, o, lane, fb.i64c(32), &max, &add)
         })?;
     } else {
         by_thread(fb)?;
@@ -2939,7 +2941,8 @@ fn row_scales<'ctx>(
 const MMA_TILE_K: i64 = 32;
 /// Words (bf16 pairs) of one stage of one staged operand (`128 × 32` bf16, 8 KiB).
 const MMA_STAGE_WORDS: i64 = GPU_TILE * MMA_TILE_K / 2;
-/// Rows (of `A`) or k rows (of `W`) a 256-thread block stages per pass, four floats a thread.
+/// Passes in which a 256-thread block stages one operand's slice, four floats a thread each
+/// (32 rows of `A`, or 8 k rows of `W`, a pass).
 const MMA_PASSES: i64 = 4;
 
 /// An i32 shared-memory array of `len` words private to the kernel being generated.
@@ -2957,7 +2960,7 @@ fn pack_bf16x2<'ctx>(
     let i32t = fb.ctx.i32_type();
     if !fb.sim {
         // One `cvt.rn.bf16x2.f32` (the simulator's C library may lack the conversion, so it
-        // rounds in integer arithmetic, to the same bits for every number).
+        // rounds in integer arithmetic, to the same bits for every number but NaN).
         let v2 = fb.f32t.vec_type(2);
         let mut v = v2.get_undef();
         for (i, x) in [lo, hi].into_iter().enumerate() {
@@ -3205,7 +3208,7 @@ fn mma_into<'ctx>(
 /// step suffices. That takes more than 128 registers a thread (64 sums, 32 staged floats,
 /// the fragments), so kernels with this path ask for one resident block per SM
 /// (`gpu_min_blocks`). `A`'s slice is staged row-major (`[128][32]`), `W`'s k-major
-/// (`[32][128]`), with the 16-byte chunks of each row permuted by XOR (`a_word`, `w_word`)
+/// (`[32][128]`), with the 16-byte chunks of each row permuted by XOR (`swizzled_word`)
 /// so that the eight rows of every `ldmatrix` phase fall in different banks; fragments are
 /// read with `ldmatrix` (`.trans` for `W`). Slices inside the matrices, with unit stride along
 /// the staged rows and 16-byte alignment, load four floats at a time; the others (edges,
@@ -3231,23 +3234,9 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     let and = |a, b| fb.b.build_and(a, b, "and").map_err(be);
     let bits = |a: IntValue<'ctx>, m: i64| fb.b.build_and(a, c(m), "bits").map_err(be);
     let xor = |a, b| fb.b.build_xor(a, b, "xor").map_err(be);
-    let shr = |a: IntValue<'ctx>, s: i64| fb.b.build_right_shift(a, c(s), false, "shr").map_err(be);
-    // Staged `A`: 64-byte rows of four 16-byte chunks, chunk `k/8` XOR `(r/2) % 4`; staged
-    // `W`: 256-byte rows of sixteen chunks, chunk `n/8` XOR `k % 8`. Offsets in words.
-    let a_word = |r: IntValue<'ctx>, k: IntValue<'ctx>| -> R<IntValue<'ctx>> {
-        let chunk = xor(shr(k, 3)?, bits(shr(r, 1)?, 3)?)?;
-        fb.add(
-            fb.add(fb.mul(r, c(tk / 2))?, fb.mul(chunk, c(4))?)?,
-            shr(bits(k, 7)?, 1)?,
-        )
-    };
-    let w_word = |k: IntValue<'ctx>, n: IntValue<'ctx>| -> R<IntValue<'ctx>> {
-        let chunk = xor(shr(n, 3)?, bits(k, 7)?)?;
-        fb.add(
-            fb.add(fb.mul(k, c(t / 2))?, fb.mul(chunk, c(4))?)?,
-            shr(bits(n, 7)?, 1)?,
-        )
-    };
+    // Staged `A` is `[128][32]` bf16, staged `W` `[32][128]` (words in `swizzled_word`).
+    let a_word = |r, k| swizzled_word(fb, r, k, tk);
+    let w_word = |k, n| swizzled_word(fb, k, n, t);
     let i32t = fb.ctx.i32_type();
     let a_s = shared_i32(fb, "a", (2 * stage) as u32);
     let w_s = shared_i32(fb, "w", (2 * stage) as u32);
@@ -3301,18 +3290,14 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     let (ra, ka) = (aav.strides.len() - 2, aav.strides.len() - 1);
     let (kw, nw) = (wav.strides.len() - 2, wav.strides.len() - 1);
     let eq = |a, v: i64| cmp(IntPredicate::EQ, a, c(v));
-    let aligned16 = |p: PointerValue<'ctx>| -> R<IntValue<'ctx>> {
-        let a = fb.b.build_ptr_to_int(p, fb.i64t, "pa").map_err(be)?;
-        eq(bits(a, 15)?, 0)
-    };
     // Four-float loads: unit stride along the staged rows, every row start a multiple of 4.
     let a_vec = and(
-        and(eq(aav.strides[ka], 1)?, eq(bits(aav.strides[ra], 3)?, 0)?)?,
-        aligned16(aav.ptr)?,
+        and(eq(aav.strides[ka], 1)?, fb.multiple_of(aav.strides[ra], 4)?)?,
+        fb.ptr_aligned(aav.ptr, 16)?,
     )?;
     let w_vec = and(
-        and(eq(wav.strides[nw], 1)?, eq(bits(wav.strides[kw], 3)?, 0)?)?,
-        aligned16(wav.ptr)?,
+        and(eq(wav.strides[nw], 1)?, fb.multiple_of(wav.strides[kw], 4)?)?,
+        fb.ptr_aligned(wav.ptr, 16)?,
     )?;
     fb.for_range(c(0), iters, |fb, it| {
         let tile = fb.add(blk, fb.mul(it, nblk)?)?;
@@ -3331,12 +3316,11 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
         }
         let inside =
             |o: IntValue<'ctx>, n: IntValue<'ctx>| cmp(IntPredicate::SLE, fb.add(o, c(t))?, n);
-        let a_fast = and(and(a_vec, eq(bits(abase, 3)?, 0)?)?, inside(m0, mv)?)?;
-        let w_fast = and(and(w_vec, eq(bits(wbase, 3)?, 0)?)?, inside(n0, nv)?)?;
-        // Loads `A`'s part of slice `kt` into `staged[..16]`.
-        let load_a = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
-            let k0 = fb.mul(kt, c(tk))?;
-            let kfull = cmp(IntPredicate::SLE, fb.add(k0, c(tk))?, kv)?;
+        let a_fast = and(and(a_vec, fb.multiple_of(abase, 4)?)?, inside(m0, mv)?)?;
+        let w_fast = and(and(w_vec, fb.multiple_of(wbase, 4)?)?, inside(n0, nv)?)?;
+        // Loads `A`'s part of the slice at `k0` into `staged[..16]`.
+        // (`k0` the slice's first k, `kfull` whether all its 32 k are inside the matrices)
+        let load_a = |fb: &Fb<'_, 'ctx>, k0: IntValue<'ctx>, kfull: IntValue<'ctx>| -> R<()> {
             fb.if_else(
                 and(a_fast, kfull)?,
                 |fb| {
@@ -3370,10 +3354,8 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
                 },
             )
         };
-        // Loads `W`'s part of slice `kt` into `staged[16..]`.
-        let load_w = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
-            let k0 = fb.mul(kt, c(tk))?;
-            let kfull = cmp(IntPredicate::SLE, fb.add(k0, c(tk))?, kv)?;
+        // Loads `W`'s part of the slice at `k0` into `staged[16..]`.
+        let load_w = |fb: &Fb<'_, 'ctx>, k0: IntValue<'ctx>, kfull: IntValue<'ctx>| -> R<()> {
             let wb = (4 * MMA_PASSES) as usize;
             fb.if_else(
                 and(w_fast, kfull)?,
@@ -3404,11 +3386,9 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
                 },
             )
         };
-        // Rounds `staged` to bf16 pairs and stores it into stage `buf`.
-        // (Rows 32 apart, k rows 8 apart keep their chunk permutation: each pass is its
-        // first one's word plus a constant.)
-        // One operand's staged part (`from`: 0 for `A`, 16 for `W`) to its words `first`
-        // (pass 0) of array `arr`, passes `pass` words apart.
+        // One operand's staged part (`from`: 0 for `A`, 16 for `W`), rounded to bf16 pairs,
+        // to its words `first` (pass 0) of array `arr`, passes `pass` words apart (rows 32
+        // apart, and k rows 8 apart, keep their chunk permutation).
         let put = |fb: &Fb<'_, 'ctx>, from: usize, arr, first, pass: i64| -> R<()> {
             for p in 0..MMA_PASSES {
                 let s = |i: usize| fb.get(staged[from + (4 * p) as usize + i]);
@@ -3420,8 +3400,10 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
         };
         // Slice `kt` into `staged`; `staged` into stage `buf`.
         let fetch = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
-            load_a(fb, kt)?;
-            load_w(fb, kt)
+            let k0 = fb.mul(kt, c(tk))?;
+            let kfull = cmp(IntPredicate::SLE, fb.add(k0, c(tk))?, kv)?;
+            load_a(fb, k0, kfull)?;
+            load_w(fb, k0, kfull)
         };
         let stage_staged = |fb: &Fb<'_, 'ctx>, buf: IntValue<'ctx>| -> R<()> {
             let base = fb.mul(buf, c(stage))?;
@@ -3897,9 +3879,19 @@ fn warp_fold<'ctx>(
     Ok(x)
 }
 
+/// Butterfly masks that reach all 32 lanes of a warp.
+const WARP_MASKS: [u64; 5] = [16, 8, 4, 2, 1];
+
 /// The sum of `x` over the 32 lanes of a warp, in every lane (butterfly shuffles).
 fn warp_sum<'ctx>(fb: &Fb<'_, 'ctx>, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
-    warp_fold(fb, x, &[16, 8, 4, 2, 1], |a, b| fb.fadd(a, b))
+    warp_fold(fb, x, &WARP_MASKS, |a, b| fb.fadd(a, b))
+}
+
+/// The max of `x` over the 32 lanes of a warp, in every lane (NaN wins, as `maximum`).
+fn warp_max<'ctx>(fb: &Fb<'_, 'ctx>, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+    warp_fold(fb, x, &WARP_MASKS, |a, b| {
+        fb.intrinsic("llvm.maximum", &[a, b])
+    })
 }
 
 /// Query rows per block of `gpu_mma_attention`: 16 per warp.
@@ -3918,9 +3910,12 @@ fn mma_attention_fits(d: &crate::kernel::AttnDims) -> bool {
     MMA_ATTN_HEADS.contains(&d.d) && MMA_ATTN_HEADS.contains(&d.dv)
 }
 
-/// Word offset in a staged `[rows][n]` bf16 tile of element `(r, e)` (`e` even): each row
-/// is `n/8` 16-byte chunks, chunk `e/8` XOR `r % min(8, n/8)`, so that the eight rows of an
-/// `ldmatrix` phase fall in different banks.
+/// Word offset in a staged `[rows][n]` bf16 tile (`n` a power of two, at least 16) of
+/// element `(r, e)` (`e` even). A row is `n/8` 16-byte chunks; the 128 bytes of the banks
+/// hold `per = max(1, 8/(n/8))` rows, and chunk `e/8` is XORed with `(r / per) % min(8,
+/// n/8)`, so the eight rows an `ldmatrix` phase reads at one chunk fall in eight different
+/// 16-byte bank groups. Rows `8·per` apart share a permutation: their words differ by a
+/// constant.
 fn swizzled_word<'ctx>(
     fb: &Fb<'_, 'ctx>,
     r: IntValue<'ctx>,
@@ -3928,11 +3923,16 @@ fn swizzled_word<'ctx>(
     n: i64,
 ) -> R<IntValue<'ctx>> {
     let c = |v: i64| fb.i64c(v);
-    let mask = (n / 8).min(8) - 1;
+    let chunks = n / 8;
+    let per = (8 / chunks).max(1);
+    let line =
+        fb.b.build_right_shift(r, c(per.trailing_zeros() as i64), false, "ln")
+            .map_err(be)?;
     let chunk =
         fb.b.build_xor(
             fb.b.build_right_shift(e, c(3), false, "ch").map_err(be)?,
-            fb.b.build_and(r, c(mask), "rm").map_err(be)?,
+            fb.b.build_and(line, c(chunks.min(8) - 1), "rm")
+                .map_err(be)?,
             "sw",
         )
         .map_err(be)?;
@@ -4010,24 +4010,9 @@ fn gpu_mma_attention<'ctx>(
     let vec_ok = |av: &Av<'ctx>| -> R<IntValue<'ctx>> {
         let mut ok = cmp(IntPredicate::EQ, av.strides[3], c(1))?;
         for s in &av.strides[..3] {
-            ok = and(
-                ok,
-                cmp(
-                    IntPredicate::EQ,
-                    fb.b.build_and(*s, c(3), "s3").map_err(be)?,
-                    c(0),
-                )?,
-            )?;
+            ok = and(ok, fb.multiple_of(*s, 4)?)?;
         }
-        let a = fb.b.build_ptr_to_int(av.ptr, fb.i64t, "pa").map_err(be)?;
-        and(
-            ok,
-            cmp(
-                IntPredicate::EQ,
-                fb.b.build_and(a, c(15), "al").map_err(be)?,
-                c(0),
-            )?,
-        )
+        and(ok, fb.ptr_aligned(av.ptr, 16)?)
     };
     let (k_vec, v_vec) = (vec_ok(ka)?, vec_ok(va)?);
     fb.for_range(c(0), iters, |fb, it| {
@@ -4058,9 +4043,7 @@ fn gpu_mma_attention<'ctx>(
         let mine =
             fb.b.build_signed_int_to_float(mine, fb.f32t, "mf")
                 .map_err(be)?;
-        let wmax = warp_fold(fb, mine, &[16, 8, 4, 2, 1], |a, b| {
-            fb.intrinsic("llvm.maxnum", &[a, b])
-        })?;
+        let wmax = warp_max(fb, mine)?;
         fb.if_else(
             cmp(IntPredicate::EQ, wl, c(0))?,
             |fb| fb.store_f32(ends_s, warp, wmax),
@@ -4119,11 +4102,7 @@ fn gpu_mma_attention<'ctx>(
                      s0: IntValue<'ctx>|
          -> R<()> {
             // (`base` holds the view's offset: it must keep the rows 16-byte aligned too)
-            let aligned = cmp(
-                IntPredicate::EQ,
-                fb.b.build_and(base, c(3), "b3").map_err(be)?,
-                c(0),
-            )?;
+            let aligned = fb.multiple_of(base, 4)?;
             let fast = and(
                 and(vec, aligned)?,
                 cmp(IntPredicate::SLE, fb.add(s0, c(keys))?, sv)?,
