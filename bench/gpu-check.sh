@@ -29,4 +29,15 @@ for line in open(sys.argv[2]):
         same = sum(1 for _ in __import__("itertools").takewhile(lambda p: p[0] == p[1], zip(r["gpu_ids"], hf)))
         print(f"egret gpu greedy ids equal to HF's (f32, GPU) for the first {same}/{len(hf)}")
 PY
+# The tensor-core kernels under Nsight Compute, where the machine has it: one launch each of
+# the benches' matmul and attention (their sixth: after the f32 version's five runs).
+if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then
+    for k in matmul_k0 attention_k1; do
+        timeout 120 ncu --kernel-name "regex:egret_bench_${k}" --launch-skip 5 --launch-count 1 \
+            --section SpeedOfLight --section Occupancy --section WarpStateStats \
+            --section MemoryWorkloadAnalysis --section SchedulerStats \
+            "$dir/gpu_check" "$dir/bundle" "$weights" benches > "$out/ncu-$k.txt" 2>&1
+        grep -E "Duration|Throughput|Registers|Achieved Occupancy|Warp Cycles Per Issued|Issue Slots Busy|One or More Eligible|No Eligible|Stall|L1/TEX Hit|L2 Hit" "$out/ncu-$k.txt" | head -40
+    done
+fi
 exit $rc

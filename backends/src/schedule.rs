@@ -42,6 +42,7 @@ enum Val {
 
 struct Sched {
     panel: i64,
+    n_major: bool,
     weights: PanelType,
     symbols: Vec<String>,
     buffers: Vec<BufferSpec>,
@@ -209,6 +210,12 @@ pub struct ScheduleOptions {
     /// programs whose parameters change every run (a training step): their matmuls pack
     /// slices as they go, with no whole packed copy written and read back each run.
     pub pack_weights: bool,
+    /// Give matmuls their right operand `[.., K, N]` with `N` contiguous rather than `K`: the
+    /// GPU's kernels read a weight row across neighbouring lanes (coalesced) and stage it for
+    /// the tensor cores as it lies, where the CPU's dot products want `K` contiguous. A copy
+    /// in the wanted layout is made where the operand lies otherwise, once at load when it
+    /// depends only on parameters.
+    pub n_major: bool,
 }
 
 impl Default for ScheduleOptions {
@@ -219,6 +226,7 @@ impl Default for ScheduleOptions {
             states: false,
             deep_first: false,
             pack_weights: true,
+            n_major: false,
         }
     }
 }
@@ -330,6 +338,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
     let mut state_bufs: Vec<Option<(u32, Vec<Poly>)>> = vec![None; cands.len()];
     let mut s = Sched {
         panel: opts.panel,
+        n_major: opts.n_major,
         weights: opts.weights,
         symbols: syms.into_iter().collect(),
         buffers: vec![],
@@ -754,6 +763,8 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                     };
                     let w = if nr > 0 {
                         w
+                    } else if s.n_major {
+                        s.row_contiguous(w, &wsh, e)
                     } else {
                         s.k_contiguous(w, &wsh, e)
                     };
@@ -764,13 +775,24 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                             && s.weight_only[w.buf as usize]
                             && shared_w
                         {
-                            // fold-norm-weight: w'[k, n] = g[k]·w[k, n], once at load, k-contiguous.
-                            let wf =
-                                s.new_buffer(BufferRole::Temp, e, &[nn.clone(), k.clone()], true);
+                            // fold-norm-weight: w'[k, n] = g[k]·w[k, n], once at load, in the
+                            // layout the matmul wants.
+                            let (wf, strides) = if s.n_major {
+                                let wf = s.new_buffer(BufferRole::Temp, e, &wsh, true);
+                                (wf, contiguous_strides(&wsh))
+                            } else {
+                                let wf = s.new_buffer(
+                                    BufferRole::Temp,
+                                    e,
+                                    &[nn.clone(), k.clone()],
+                                    true,
+                                );
+                                (wf, vec![Poly::c(1), Poly::dim(&k)])
+                            };
                             let view = Access {
                                 buf: wf,
                                 offset: Poly::zero(),
-                                strides: vec![Poly::c(1), Poly::dim(&k)],
+                                strides,
                             };
                             let gb = Access {
                                 buf: gw.buf,

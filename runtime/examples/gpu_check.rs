@@ -10,8 +10,11 @@
 //!    as on the CPU), and SmolLM2's AdamW training step (batch 1 × 256) timed.
 //!
 //! ```text
-//! gpu_check BUNDLE WEIGHTS > results.json
+//! gpu_check BUNDLE WEIGHTS [STEP,...] > results.json
 //! ```
+//!
+//! With STEP names (`conformance`, `conformance-tc`, `gradients`, `smollm2`, `benches`,
+//! `train step`), only those run: `benches` alone, under a profiler.
 //!
 //! Prints one JSON object per line (a result each) and a table last, on stderr.
 
@@ -560,9 +563,13 @@ fn train_step(bundle: &Path, weights: &Path, table: &mut Vec<String>) -> Res<boo
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [bundle, weights] = args.as_slice() else {
-        eprintln!("usage: gpu_check BUNDLE WEIGHTS");
-        std::process::exit(2);
+    let (bundle, weights, only) = match args.as_slice() {
+        [b, w] => (b, w, None),
+        [b, w, only] => (b, w, Some(only.split(',').collect::<Vec<_>>())),
+        _ => {
+            eprintln!("usage: gpu_check BUNDLE WEIGHTS [STEP,...]");
+            std::process::exit(2);
+        }
     };
     let (bundle, weights) = (Path::new(bundle), Path::new(weights));
     let mut table = vec![];
@@ -587,6 +594,9 @@ fn main() {
         ("train step", &|t| train_step(bundle, weights, t)),
     ];
     for (what, step) in steps {
+        if only.as_ref().is_some_and(|o| !o.contains(&what)) {
+            continue;
+        }
         let t0 = Instant::now();
         match step(&mut table) {
             Ok(r) => ok &= r,

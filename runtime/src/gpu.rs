@@ -419,9 +419,6 @@ impl GpuExecutor {
             dptr(&self.status, &self.stream),
         );
         let t0 = std::time::Instant::now();
-        if let Some(p) = &mut self.profile {
-            p.clear();
-        }
         // What a graph of this sequence depends on (the table, symbols and status are
         // uploaded before each run, so only their addresses count).
         let ptrs = [tab_p, syms_p, scratch_p, status_p];
@@ -455,7 +452,7 @@ impl GpuExecutor {
             .stream
             .clone_dtoh(&self.status)
             .map_err(|e| RuntimeError::Gpu(format!("a kernel failed on the device: {e:?}")))?;
-        self.last_kernel_s = t0.elapsed().as_secs_f64();
+        self.last_kernel_s += t0.elapsed().as_secs_f64();
         if status[0] != 0 {
             let msg = match status[0] {
                 1 => "an index is out of range (a token id beyond the vocabulary?)".to_string(),
@@ -531,6 +528,12 @@ impl GpuExecutor {
         &mut self,
         inputs: &HashMap<String, HostValue>,
     ) -> Result<HashMap<String, HostValue>> {
+        // A run's profile and kernel time cover its launches, the `Init` kernels re-run
+        // after fed-back parameters included.
+        if let Some(p) = &mut self.profile {
+            p.clear();
+        }
+        self.last_kernel_s = 0.0;
         let fixed = self.load_states(inputs)?;
         let mut syms = self
             .plan
