@@ -6,11 +6,13 @@
 //! the symbol values, launches every kernel in order on one stream, and copies the outputs
 //! back. States (the KV cache) live on the device between runs.
 //!
-//! A launch sequence seen twice in a row with the same launch parameters (kernels, grid
-//! sizes, and the device addresses of the operand table, symbols, scratch and status, whose
-//! contents are uploaded before each run) is captured as a CUDA graph and replayed from
-//! then on: decode's hundreds of launches a token become one. If the driver refuses to
-//! capture, the executor says so once on standard error and launches one by one.
+//! A launch sequence seen again with the same launch parameters (kernels, grid sizes, and
+//! the device addresses of the operand table, symbols, scratch and status, whose contents
+//! are uploaded before each run) among the last `GPU_GRAPHS_KEPT` is captured as a CUDA
+//! graph and replayed from then on: decode's hundreds of launches a token become one, and so
+//! do a training step's thousands and the `Init` kernels re-run after it (two sequences in
+//! turn). If the driver refuses to capture, the executor says so once on standard error and
+//! launches one by one.
 //!
 //! Kernel ABI (what `egret_backends::ptx` generates): `void kernel(u8** bufs, const i64* syms,
 //! f32* scratch, i32* status)` on a 1-D grid of `GPU_BLOCK`-thread blocks; `bufs` holds the
@@ -32,6 +34,10 @@ use crate::plan::{BufferRole, ElemType, Plan, StateSpec, GPU_BLOCK};
 /// The most threads one launch starts; a kernel with more parallel work gives each thread
 /// several items (its loop splits the work over however many threads run).
 const GPU_MAX_THREADS: i64 = 1 << 20;
+
+/// Launch sequences remembered (and graphs kept) at once: a training step's run and its
+/// `Init` re-run alternate; prefill and decode shapes come and go.
+const GPU_GRAPHS_KEPT: usize = 4;
 
 /// Buffers in the arena start at multiples of this (the widest vector access).
 const ALIGN: usize = 256;
@@ -102,9 +108,10 @@ pub struct GpuExecutor {
     resident: HashMap<String, (Vec<usize>, CudaSlice<u8>)>,
     /// Launch sequences replayed as CUDA graphs (module docs); off after a refused capture.
     graphs: bool,
-    /// The last launch sequence's parameters, and the graph captured for it once seen twice.
-    last_launch: Vec<u64>,
-    graph: Option<(Vec<u64>, CudaGraph)>,
+    /// The last launch sequences' parameters, newest last, and the graphs captured for
+    /// those seen twice (at most `GPU_GRAPHS_KEPT` of each).
+    seen: Vec<Vec<u64>>,
+    captured: Vec<(Vec<u64>, CudaGraph)>,
 }
 
 /// Launches a captured graph on its stream.
@@ -167,8 +174,8 @@ impl GpuExecutor {
             feedback: vec![],
             resident: HashMap::new(),
             graphs: true,
-            last_launch: vec![],
-            graph: None,
+            seen: vec![],
+            captured: vec![],
         })
     }
 
@@ -176,7 +183,7 @@ impl GpuExecutor {
     pub fn set_graphs(&mut self, on: bool) {
         self.graphs = on;
         if !on {
-            self.graph = None;
+            self.captured.clear();
         }
     }
 
@@ -429,14 +436,16 @@ impl GpuExecutor {
             .chain(ptrs)
             .collect();
         let graphs = self.graphs && self.profile.is_none();
-        if graphs && self.graph.as_ref().is_some_and(|(k, _)| *k == key) {
-            replay(&self.graph.as_ref().expect("checked").1)?;
-        } else if graphs && self.last_launch == key {
-            self.graph = None;
+        if let Some((_, g)) = self.captured.iter().find(|(k, _)| graphs && *k == key) {
+            replay(g)?;
+        } else if graphs && self.seen.contains(&key) {
             match self.capture(kernels, &launch, &starts, ptrs) {
                 Ok(g) => {
                     replay(&g)?;
-                    self.graph = Some((key, g));
+                    if self.captured.len() == GPU_GRAPHS_KEPT {
+                        self.captured.remove(0);
+                    }
+                    self.captured.push((key, g));
                 }
                 Err(why) => {
                     eprintln!("egret: launching kernel by kernel: {why}");
@@ -445,7 +454,10 @@ impl GpuExecutor {
                 }
             }
         } else {
-            self.last_launch = key;
+            if self.seen.len() == GPU_GRAPHS_KEPT {
+                self.seen.remove(0);
+            }
+            self.seen.push(key);
             self.launch_each(kernels, &launch, &starts, ptrs)?;
         }
         let status = self

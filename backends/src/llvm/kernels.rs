@@ -231,6 +231,23 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
         Ok((s, e))
     }
 
+    /// Runs `body(i)` for this thread's share of `0..total`: on the GPU every `nth`-th item
+    /// from `tid` (a grid-stride loop, so neighbouring threads take neighbouring items and
+    /// their accesses coalesce however many items each takes; a launch has at most
+    /// `GPU_MAX_THREADS`), elsewhere one contiguous range (`split`).
+    fn for_each_share(
+        &self,
+        total: IntValue<'ctx>,
+        body: impl FnMut(&Self, IntValue<'ctx>) -> R<()>,
+    ) -> R<()> {
+        if self.gpu {
+            self.for_stride(self.tid, total, self.nth, body)
+        } else {
+            let (s, e) = self.split(total)?;
+            self.for_range(s, e, body)
+        }
+    }
+
     /// Runs `body(ch, start, end)` over work the launch's threads claim from its shared
     /// counter as they go, so a thread slowed down (a busy neighbour on a shared core, a page
     /// fault) takes less of it instead of holding up the others. Two ways of cutting it,
@@ -1882,9 +1899,8 @@ fn elementwise(fb: &Fb, out: &Access, shape: &[Dim], expr: &Expr) -> R<()> {
         rows = fb.mul(rows, *d)?;
     }
     if fb.gpu {
-        // One element per GPU thread: neighbouring threads touch neighbouring elements.
-        let (s, e) = fb.split(fb.mul(rows, inner)?)?;
-        fb.for_range(s, e, |fb, lin| {
+        // Neighbouring threads touch neighbouring elements.
+        fb.for_each_share(fb.mul(rows, inner)?, |fb, lin| {
             let index = fb.decompose(lin, &dims)?;
             let pairs: Vec<(usize, IntValue)> = index.iter().copied().enumerate().collect();
             let el: Vec<IntValue> = avs.iter().map(|a| fb.at(a, &pairs)).collect::<R<_>>()?;
@@ -2090,8 +2106,7 @@ fn reduce<'ctx>(
         Ok(a)
     };
     let by_thread = |fb: &Fb<'_, 'ctx>| -> R<()> {
-        let (s, e) = fb.split(total)?;
-        fb.for_range(s, e, |fb, o| {
+        fb.for_each_share(total, |fb, o| {
             partial(fb, o, fb.i64c(0), fb.i64c(1))?;
             let a =
                 fb.b.build_load(f64t, acc, "a")
@@ -2239,8 +2254,7 @@ fn softmax<'ctx>(fb: &Fb<'_, 'ctx>, out: u32, src: &Access, shape: &[Dim], axis:
         })
     };
     let by_thread = |fb: &Fb<'_, 'ctx>| -> R<()> {
-        let (s, e) = fb.split(total)?;
-        fb.for_range(s, e, |fb, o| row(fb, o, fb.i64c(0), fb.i64c(1), &Ok, &Ok))
+        fb.for_each_share(total, |fb, o| row(fb, o, fb.i64c(0), fb.i64c(1), &Ok, &Ok))
     };
     if fb.gpu && gpu_warp_rows(&[src], axis) {
         gpu_by_warp(fb, total, len, by_thread, |fb, o, lane| {
@@ -2433,7 +2447,17 @@ fn matmul<'ctx>(
     fb.ret_ok()
 }
 
-fn rms_norm(fb: &Fb, out: u32, x: &Access, w: &Access, shape: &[Dim], eps: f64) -> R<()> {
+/// `out[.., j] = w[j]·x[.., j] / sqrt(mean_j(x[.., j]²) + eps)`, the sum of squares in f64: a
+/// thread per row, or on the GPU a warp per long unit-stride row (`gpu_by_warp`; a thread
+/// per row walking 576-wide rows left most of the GPU idle and read across rows).
+fn rms_norm<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    out: u32,
+    x: &Access,
+    w: &Access,
+    shape: &[Dim],
+    eps: f64,
+) -> R<()> {
     let xav = fb.access(x, ElemType::F32)?;
     let wav = fb.access(w, ElemType::F32)?;
     let optr = fb.buf(out)?;
@@ -2444,15 +2468,21 @@ fn rms_norm(fb: &Fb, out: u32, x: &Access, w: &Access, shape: &[Dim], eps: f64) 
     for d in &dims {
         rows = fb.mul(rows, *d)?;
     }
-    let (s, e) = fb.split(rows)?;
     let f64t = fb.ctx.f64_type();
     let acc = fb.slot(f64t.into())?;
-    fb.for_range(s, e, |fb, row| {
+    // Row `row`'s elements `j0, j0 + step, …`; `sum` adds up the (f64) partial sums of
+    // squares of the threads sharing the row (none, or the warp's lanes).
+    let norm_row = |fb: &Fb<'_, 'ctx>,
+                    row: IntValue<'ctx>,
+                    j0: IntValue<'ctx>,
+                    step: IntValue<'ctx>,
+                    sum: &dyn Fn(FloatValue<'ctx>) -> R<FloatValue<'ctx>>|
+     -> R<()> {
         let idx = fb.decompose(row, &dims)?;
         let pairs: Vec<(usize, IntValue)> = idx.iter().copied().enumerate().collect();
         let base = fb.at(&xav, &pairs)?;
         fb.b.build_store(acc, f64t.const_float(0.0)).map_err(be)?;
-        fb.for_range(fb.i64c(0), n, |fb, j| {
+        fb.for_stride(j0, n, step, |fb, j| {
             let v = fb.load_f32(xav.ptr, fb.add(base, fb.mul(j, xav.strides[r - 1])?)?)?;
             let sq =
                 fb.b.build_float_ext(fb.fmul(v, v)?, f64t, "sq")
@@ -2469,6 +2499,7 @@ fn rms_norm(fb: &Fb, out: u32, x: &Access, w: &Access, shape: &[Dim], eps: f64) 
             fb.b.build_load(f64t, acc, "a")
                 .map_err(be)?
                 .into_float_value();
+        let a = sum(a)?;
         let nf = fb.b.build_signed_int_to_float(n, f64t, "n").map_err(be)?;
         let mean =
             fb.b.build_float_trunc(fb.b.build_float_div(a, nf, "m").map_err(be)?, fb.f32t, "m")
@@ -2476,13 +2507,29 @@ fn rms_norm(fb: &Fb, out: u32, x: &Access, w: &Access, shape: &[Dim], eps: f64) 
         let sq = fb.intrinsic("llvm.sqrt", &[fb.fadd(mean, fb.f32c(eps))?])?;
         let inv = fb.b.build_float_div(fb.f32c(1.0), sq, "inv").map_err(be)?;
         let obase = fb.mul(row, n)?;
-        fb.for_range(fb.i64c(0), n, |fb, j| {
+        fb.for_stride(j0, n, step, |fb, j| {
             let v = fb.load_f32(xav.ptr, fb.add(base, fb.mul(j, xav.strides[r - 1])?)?)?;
             let wv = fb.load_f32(wav.ptr, fb.add(wav.off, fb.mul(j, wav.strides[0])?)?)?;
             let y = fb.fmul(wv, fb.fmul(v, inv)?)?;
             fb.store_f32(optr, fb.add(obase, j)?, y)
         })
-    })?;
+    };
+    let by_thread = |fb: &Fb<'_, 'ctx>| -> R<()> {
+        fb.for_each_share(rows, |fb, row| {
+            norm_row(fb, row, fb.i64c(0), fb.i64c(1), &|a| Ok(a))
+        })
+    };
+    if fb.gpu && gpu_warp_rows(&[x], r - 1) {
+        gpu_by_warp(fb, rows, n, by_thread, |fb, row, lane| {
+            norm_row(fb, row, lane, fb.i64c(32), &|a| {
+                let a = fb.b.build_float_trunc(a, fb.f32t, "a").map_err(be)?;
+                fb.b.build_float_ext(warp_sum(fb, a)?, f64t, "a")
+                    .map_err(be)
+            })
+        })?;
+    } else {
+        by_thread(fb)?;
+    }
     fb.ret_ok()
 }
 
@@ -4473,8 +4520,7 @@ fn attention_combine(fb: &Fb, out: u32, part: u32, d: &crate::kernel::AttnDims) 
     fb.if_else(
         split,
         |fb| {
-            let (s, e) = fb.split(units)?;
-            fb.for_range(s, e, |fb, u| {
+            fb.for_each_share(units, |fb, u| {
                 let base = fb.mul(fb.mul(u, nsplit)?, fb.i64c(d.dv + 2))?;
                 let at = |c, off| fb.add(base, fb.add(fb.mul(c, fb.i64c(d.dv + 2))?, off)?);
                 fb.set(mx, fb.f32c(f64::NEG_INFINITY))?;
@@ -5840,7 +5886,11 @@ pub fn gpu_threads(k: &Kernel) -> Vec<Dim> {
             .into_iter()
             .chain(gpu_warp_rows(&[src], *axis).then(|| Dim::c(32)))
             .collect(),
-        Kernel::RmsNorm { shape, .. } => shape[..shape.len() - 1].to_vec(),
+        Kernel::RmsNorm { shape, x, .. } => shape[..shape.len() - 1]
+            .iter()
+            .cloned()
+            .chain(gpu_warp_rows(&[x], shape.len() - 1).then(|| Dim::c(32)))
+            .collect(),
         Kernel::MatMul { batch, m, n, .. } | Kernel::RmsNormMatMul { batch, m, n, .. } => {
             // (a symbolic `m` over-counts: the extra threads find no work)
             let r = ROW_BLOCK as i64;
