@@ -209,15 +209,15 @@ fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
 
 /// Runs `g` on the interpreter and, with tensor cores, on the SIMT simulator, its inputs
 /// (and with `params_too` its parameters) redrawn by `draw`; returns both outputs.
-fn interp_and_simulated_tc(
+fn interp_and_simulated(
     name: &str,
     body: &str,
     seed: u64,
-    params_too: bool,
+    (params_too, tensor_cores): (bool, bool),
     mut draw: impl FnMut(&mut Rng) -> f32,
 ) -> (Outputs, Outputs) {
     let opts = PtxOptions {
-        tensor_cores: true,
+        tensor_cores,
         ..PtxOptions::default()
     };
     let g = graph(name, body);
@@ -336,13 +336,48 @@ const EXACT_MMA_CASES: &[(&str, &str)] = &[
 #[test]
 fn simulated_tensor_core_matmuls_are_exact_on_bf16_exact_inputs() {
     for (name, body) in EXACT_MMA_CASES {
-        let (want, got) = interp_and_simulated_tc(name, body, 0x5eed, true, |rng| {
+        let (want, got) = interp_and_simulated(name, body, 0x5eed, (true, true), |rng| {
             (rng.next() % 17) as f32 / 8.0 - 1.0
         });
         for (out, w) in &want {
             let bad = w.iter().zip(&got[out]).filter(|(a, b)| a != b).count();
             assert_eq!(bad, 0, "{name} {out}: {bad} of {} elements differ", w.len());
         }
+    }
+}
+
+/// The f32 tiled matmul (`gpu_tiled_matmul`, no tensor cores) at the same shapes and on the
+/// same exactly-summable inputs: bit for bit the interpreter's, so a misplaced element of its
+/// four-float staging or shared-memory quads shows.
+#[test]
+fn simulated_tiled_matmuls_are_exact_on_bf16_exact_inputs() {
+    for (name, body) in EXACT_MMA_CASES {
+        let (want, got) = interp_and_simulated(name, body, 0x5eed, (true, false), |rng| {
+            (rng.next() % 17) as f32 / 8.0 - 1.0
+        });
+        for (out, w) in &want {
+            let bad = w.iter().zip(&got[out]).filter(|(a, b)| a != b).count();
+            assert_eq!(bad, 0, "{name} {out}: {bad} of {} elements differ", w.len());
+        }
+    }
+}
+
+/// The tiled matmuls' fused RMSNorm (row scales, the norm weight on `A`'s columns as they
+/// load) with enough tiles for the tiled kernels, f32 and on tensor cores: within 1e-5 and
+/// 1e-2 relative L2 of the interpreter's.
+#[test]
+fn simulated_tiled_rms_norm_matmuls_match_the_interpreter() {
+    let body = r#"
+  %x = input "x" : f32[1000, 136]
+  %g = param "g" : f32[136]
+  %w = param "w" : f32[136, 2100]
+  %y = rms_norm_matmul[eps=1e-5](%x, %g, %w) : f32[1000, 2100]
+  output "y" = %y"#;
+    for (tc, tol) in [(false, 1e-5), (true, 1e-2)] {
+        let (want, got) =
+            interp_and_simulated("tiled-norm", body, 7, (true, tc), |rng| rng.uniform());
+        let rel = rel_l2(&got["y"], &want["y"]);
+        assert!(rel <= tol, "tensor cores {tc}: relative L2 {rel}");
     }
 }
 
@@ -406,7 +441,7 @@ const MMA_ATTENTION_CASES: &[(&str, &str)] = &[
 fn simulated_tensor_core_attention_is_within_bf16_tolerance() {
     for (name, body) in MMA_ATTENTION_CASES {
         let (want, got) =
-            interp_and_simulated_tc(name, body, 0xa77e, false, |rng| rng.uniform() * 2.0);
+            interp_and_simulated(name, body, 0xa77e, (false, true), |rng| rng.uniform() * 2.0);
         for (out, w) in &want {
             let rel = rel_l2(&got[out], w);
             assert!(rel <= 1e-2, "{name} {out}: relative L2 {rel}");

@@ -3115,6 +3115,54 @@ fn store_i32x2<'ctx>(
     Ok(())
 }
 
+/// Four f32s at shared `arr[idx..idx+4]` in one 16-byte load (`idx` a multiple of 4).
+fn load_f32x4_shared<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    arr: PointerValue<'ctx>,
+    idx: IntValue<'ctx>,
+) -> R<[FloatValue<'ctx>; 4]> {
+    let p = unsafe { fb.b.build_in_bounds_gep(fb.f32t, arr, &[idx], "q4") }.map_err(be)?;
+    fb.check_aligned(p, 16)?;
+    let v = fb.b.build_load(fb.f32t.vec_type(4), p, "q4").map_err(be)?;
+    v.as_instruction_value()
+        .expect("a load")
+        .set_alignment(if fb.sim { 4 } else { 16 })
+        .map_err(|e| BackendError::Llvm(e.to_string()))?;
+    let v = v.into_vector_value();
+    let i32t = fb.ctx.i32_type();
+    let mut out = [fb.f32c(0.0); 4];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o =
+            fb.b.build_extract_element(v, i32t.const_int(i as u64, false), "e")
+                .map_err(be)?
+                .into_float_value();
+    }
+    Ok(out)
+}
+
+/// Stores four f32s at shared `arr[idx..idx+4]` in one 16-byte store (`idx` a multiple of 4).
+fn store_f32x4_shared<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    arr: PointerValue<'ctx>,
+    idx: IntValue<'ctx>,
+    x: &[FloatValue<'ctx>],
+) -> R<()> {
+    let p = unsafe { fb.b.build_in_bounds_gep(fb.f32t, arr, &[idx], "s4") }.map_err(be)?;
+    fb.check_aligned(p, 16)?;
+    let i32t = fb.ctx.i32_type();
+    let mut v = fb.f32t.vec_type(4).get_undef();
+    for (i, e) in x.iter().enumerate() {
+        v =
+            fb.b.build_insert_element(v, *e, i32t.const_int(i as u64, false), "w")
+                .map_err(be)?;
+    }
+    fb.b.build_store(p, v)
+        .map_err(be)?
+        .set_alignment(if fb.sim { 4 } else { 16 })
+        .map_err(|e| BackendError::Llvm(e.to_string()))?;
+    Ok(())
+}
+
 /// `ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16` (sm_75 and later): four 8 × 8 matrices
 /// of 16-bit elements from shared memory, lane `l` giving the address of row `l % 8` of
 /// matrix `l / 8` (16 contiguous bytes). Register `q` of lane `l` receives, of matrix `q`,
@@ -3545,15 +3593,24 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
 
 /// The classic shared-memory SGEMM on the GPU, f32 throughout: each 256-thread block computes
 /// `GPU_TILE × GPU_TILE` outputs (blocks stride over the tiles of every batch entry), k in
-/// steps of `GPU_TILE_K`: the block stages an `A` slice (stored k-major) and a `W` slice in
-/// shared memory, then thread `(ty, tx)` of a 16 × 16 grid accumulates the 8 × 8 outputs at
-/// rows `ty + 16i`, columns `tx + 16j` (conflict-free shared reads, neighbouring threads on
-/// neighbouring columns). With `norm`, `A`'s rows are first reduced to `rsqrt(mean(a²)+eps)`
-/// (two threads a row) and the outputs scaled by it; `g` scales `A`'s columns as they load.
+/// steps of `GPU_TILE_K`, through two shared-memory stages: while the block multiplies one
+/// slice, each thread's part of the next (four elements of `A`, four of `W`) is in flight to
+/// registers, then stored to the other stage, with one barrier a step. `A` slices are stored
+/// k-major (`[k][row]`), `W` slices `[k][column]`. Thread `(ty, tx)` of a 16 × 16 grid
+/// accumulates the 8 × 8 outputs at rows `4ty..4ty+4` and `64+4ty..`, columns `4tx..4tx+4`
+/// and `64+4tx..`: four 16-byte shared loads feed 64 multiply-adds per k (the `A` quads are
+/// broadcast over the 16 threads of a row, the `W` quads of 16 threads are 256 contiguous
+/// bytes). Loads from global memory are 16 bytes wide where the operand's layout allows (`A`
+/// with unit stride along k, `W` along n, 16-byte aligned, the slice inside the matrices),
+/// element by element otherwise. With `norm`, `A`'s rows are first reduced to
+/// `rsqrt(mean(a²)+eps)` (two threads a row) and the outputs scaled by it; `g` scales `A`'s
+/// columns as they load.
 fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     let GpuMatmul {
         optr,
         aav,
+        gav,
+        wav,
         norm,
         eps,
         nbatch,
@@ -3561,16 +3618,17 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
         ..
     } = *mm;
     let (t, tk) = (GPU_TILE, GPU_TILE_K);
+    let stage = t * tk;
     let c = |v: i64| fb.i64c(v);
     let sdiv = |a, b, n| fb.b.build_int_signed_div(a, b, n).map_err(be);
     let srem = |a, b, n| fb.b.build_int_signed_rem(a, b, n).map_err(be);
-    let lt = |a, b| {
-        fb.b.build_int_compare(IntPredicate::SLT, a, b, "lt")
-            .map_err(be)
-    };
+    let cmp = |p, a, b| fb.b.build_int_compare(p, a, b, "cmp").map_err(be);
+    let lt = |a, b| cmp(IntPredicate::SLT, a, b);
     let and = |a, b| fb.b.build_and(a, b, "and").map_err(be);
-    let a_s = shared_f32(fb, "a", (t * tk) as u32);
-    let w_s = shared_f32(fb, "w", (t * tk) as u32);
+    let bits = |a: IntValue<'ctx>, m: i64| fb.b.build_and(a, c(m), "bits").map_err(be);
+    let xor = |a, b| fb.b.build_xor(a, b, "xor").map_err(be);
+    let a_s = shared_f32(fb, "a", (2 * stage) as u32);
+    let w_s = shared_f32(fb, "w", (2 * stage) as u32);
     // Two partial sums of squares per row (one per lane), then the rows' scales after them:
     // apart, so the threads finishing the scales never overwrite a partial still to be read.
     let inv_s = shared_f32(fb, "inv", (3 * t) as u32);
@@ -3586,8 +3644,31 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
         iters,
     } = block_grid(fb, ntiles)?;
     let (ty, tx) = (sdiv(lane, c(16), "ty")?, srem(lane, c(16), "tx")?);
+    let (r4, c4) = (fb.mul(ty, c(4))?, fb.mul(tx, c(4))?);
     let accs: Vec<PointerValue> = (0..64).map(|_| fb.slot(fb.f32t.into())).collect::<R<_>>()?;
+    // This thread's part of a slice: `A` row `lane / 2`, k `4(lane % 2)..+4`; `W` k row
+    // `lane / 32`, columns `4(lane % 32)..+4`.
+    let staged: Vec<PointerValue> = (0..8).map(|_| fb.slot(fb.f32t.into())).collect::<R<_>>()?;
+    let (a_row, a_k) = (
+        sdiv(lane, c(2), "ar")?,
+        fb.mul(srem(lane, c(2), "ak")?, c(4))?,
+    );
+    let (w_k, w_n) = (
+        sdiv(lane, c(32), "wk")?,
+        fb.mul(srem(lane, c(32), "wn")?, c(4))?,
+    );
     let ktiles = sdiv(fb.add(kv, c(tk - 1))?, c(tk), "kt")?;
+    let (ra, ka) = (aav.strides.len() - 2, aav.strides.len() - 1);
+    let (kw, nw) = (wav.strides.len() - 2, wav.strides.len() - 1);
+    let eq = |a, v: i64| cmp(IntPredicate::EQ, a, c(v));
+    let a_vec = and(
+        and(eq(aav.strides[ka], 1)?, fb.multiple_of(aav.strides[ra], 4)?)?,
+        fb.ptr_aligned(aav.ptr, 16)?,
+    )?;
+    let w_vec = and(
+        and(eq(wav.strides[nw], 1)?, fb.multiple_of(wav.strides[kw], 4)?)?,
+        fb.ptr_aligned(wav.ptr, 16)?,
+    )?;
     fb.for_range(c(0), iters, |fb, it| {
         let tile = fb.add(blk, fb.mul(it, nblk)?)?;
         let TileAt {
@@ -3603,29 +3684,80 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
         for a in &accs {
             fb.set(*a, fb.f32c(0.0))?;
         }
-        fb.for_range(c(0), ktiles, |fb, kt| {
+        let inside =
+            |o: IntValue<'ctx>, n: IntValue<'ctx>| cmp(IntPredicate::SLE, fb.add(o, c(t))?, n);
+        let a_fast = and(and(a_vec, fb.multiple_of(abase, 4)?)?, inside(m0, mv)?)?;
+        let w_fast = and(and(w_vec, fb.multiple_of(wbase, 4)?)?, inside(n0, nv)?)?;
+        // Slice `kt` into `staged`.
+        let fetch = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
             let k0 = fb.mul(kt, c(tk))?;
-            barrier(fb)?;
-            for i in 0..(t * tk / GPU_BLOCK_THREADS) {
-                let e = fb.add(lane, c(i * GPU_BLOCK_THREADS))?;
-                // A: row e / 8, column e % 8 of the slice, stored at [col][row].
-                let (row, col) = (sdiv(e, c(tk), "ar")?, srem(e, c(tk), "ac")?);
-                let (gm, gk) = (fb.add(m0, row)?, fb.add(k0, col)?);
-                let x = mm.a_elem(fb, abase, gm, gk)?;
-                fb.store_f32(a_s, fb.add(fb.mul(col, c(t))?, row)?, x)?;
-                // W: row e / 128, column e % 128 of the slice.
-                let (wr, wc) = (sdiv(e, c(t), "wr")?, srem(e, c(t), "wc")?);
-                let (gk, gn) = (fb.add(k0, wr)?, fb.add(n0, wc)?);
-                fb.store_f32(w_s, e, mm.w_elem(fb, wbase, gk, gn)?)?;
+            let kfull = cmp(IntPredicate::SLE, fb.add(k0, c(tk))?, kv)?;
+            let (gm, gk) = (fb.add(m0, a_row)?, fb.add(k0, a_k)?);
+            fb.if_else(
+                and(a_fast, kfull)?,
+                |fb| {
+                    let at = fb.add(abase, fb.add(fb.mul(gm, aav.strides[ra])?, gk)?)?;
+                    let v = load_f32x4(fb, aav.ptr, at)?;
+                    for (e, mut x) in v.into_iter().enumerate() {
+                        if let Some(g) = gav {
+                            let k = fb.add(gk, c(e as i64))?;
+                            let gx =
+                                fb.load_f32(g.ptr, fb.add(g.off, fb.mul(k, g.strides[0])?)?)?;
+                            x = fb.fmul(x, gx)?;
+                        }
+                        fb.set(staged[e], x)?;
+                    }
+                    Ok(())
+                },
+                |fb| {
+                    for e in 0..4 {
+                        let x = mm.a_elem(fb, abase, gm, fb.add(gk, c(e))?)?;
+                        fb.set(staged[e as usize], x)?;
+                    }
+                    Ok(())
+                },
+            )?;
+            let (gk, gn) = (fb.add(k0, w_k)?, fb.add(n0, w_n)?);
+            fb.if_else(
+                and(w_fast, kfull)?,
+                |fb| {
+                    let at = fb.add(wbase, fb.add(fb.mul(gk, wav.strides[kw])?, gn)?)?;
+                    for (e, x) in load_f32x4(fb, wav.ptr, at)?.into_iter().enumerate() {
+                        fb.set(staged[4 + e], x)?;
+                    }
+                    Ok(())
+                },
+                |fb| {
+                    for e in 0..4 {
+                        let x = mm.w_elem(fb, wbase, gk, fb.add(gn, c(e))?)?;
+                        fb.set(staged[4 + e as usize], x)?;
+                    }
+                    Ok(())
+                },
+            )
+        };
+        // `staged` into stage `buf`.
+        let put = |fb: &Fb<'_, 'ctx>, buf: IntValue<'ctx>| -> R<()> {
+            let base = fb.mul(buf, c(stage))?;
+            for e in 0..4 {
+                let at = fb.add(base, fb.add(fb.mul(fb.add(a_k, c(e))?, c(t))?, a_row)?)?;
+                fb.store_f32(a_s, at, fb.get(staged[e as usize])?)?;
             }
-            barrier(fb)?;
+            let at = fb.add(base, fb.add(fb.mul(w_k, c(t))?, w_n)?)?;
+            let w: Vec<FloatValue> = (4..8).map(|e| fb.get(staged[e])).collect::<R<_>>()?;
+            store_f32x4_shared(fb, w_s, at, &w)
+        };
+        let multiply = |fb: &Fb<'_, 'ctx>, buf: IntValue<'ctx>| -> R<()> {
+            let base = fb.mul(buf, c(stage))?;
             for kk in 0..tk {
-                let av: Vec<FloatValue> = (0..8)
-                    .map(|i| fb.load_f32(a_s, fb.add(ty, c(kk * t + 16 * i))?))
-                    .collect::<R<_>>()?;
-                let wv: Vec<FloatValue> = (0..8)
-                    .map(|j| fb.load_f32(w_s, fb.add(tx, c(kk * t + 16 * j))?))
-                    .collect::<R<_>>()?;
+                let row = fb.add(base, c(kk * t))?;
+                let quad = |arr, at: IntValue<'ctx>| -> R<[FloatValue<'ctx>; 4]> {
+                    load_f32x4_shared(fb, arr, fb.add(row, at)?)
+                };
+                let (a0, a1) = (quad(a_s, r4)?, quad(a_s, fb.add(r4, c(64))?)?);
+                let (w0, w1) = (quad(w_s, c4)?, quad(w_s, fb.add(c4, c(64))?)?);
+                let av: Vec<FloatValue> = a0.into_iter().chain(a1).collect();
+                let wv: Vec<FloatValue> = w0.into_iter().chain(w1).collect();
                 for i in 0..8 {
                     for j in 0..8 {
                         let a = accs[i * 8 + j];
@@ -3635,9 +3767,20 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
                 }
             }
             Ok(())
+        };
+        fetch(fb, c(0))?;
+        put(fb, c(0))?;
+        fb.for_range(c(0), ktiles, |fb, kt| {
+            barrier(fb)?;
+            let buf = bits(kt, 1)?;
+            let next = fb.add(kt, c(1))?;
+            let more = lt(next, ktiles)?;
+            fb.if_else(more, |fb| fetch(fb, next), |_| Ok(()))?;
+            multiply(fb, buf)?;
+            fb.if_else(more, |fb| put(fb, xor(buf, c(1))?), |_| Ok(()))
         })?;
         for i in 0..8i64 {
-            let r = fb.add(ty, c(16 * i))?;
+            let r = fb.add(r4, c(64 * (i / 4) + i % 4))?;
             let row = fb.add(m0, r)?;
             let scale = if norm {
                 Some(fb.load_f32(inv_s, fb.add(r, c(inv_at))?)?)
@@ -3645,7 +3788,7 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
                 None
             };
             for j in 0..8i64 {
-                let col = fb.add(n0, fb.add(tx, c(16 * j))?)?;
+                let col = fb.add(n0, fb.add(c4, c(64 * (j / 4) + j % 4))?)?;
                 let a = accs[(i * 8 + j) as usize];
                 fb.if_else(
                     and(lt(row, mv)?, lt(col, nv)?)?,
@@ -3661,7 +3804,7 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
                 )?;
             }
         }
-        // The next tile's staging must not overwrite `inv_s` before everyone read it.
+        // (the next tile stages into stage 0, which threads may still be reading)
         barrier(fb)
     })
 }
