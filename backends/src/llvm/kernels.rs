@@ -4294,57 +4294,78 @@ fn gpu_mma_attention<'ctx>(
         for o in &oacc {
             fb.set(*o, fb.f32c(0.0))?;
         }
-        // Stages keys (or values) `s0..s0+64` of `src` as bf16 in `dst` (`n` per row).
-        let stage = |fb: &Fb<'_, 'ctx>,
+        // Keys (or values) `s0..s0+64` of `src` (`n` per row), this thread's part: four
+        // elements a pass, every pass's loads issued before any is used (one wait for them
+        // all, not one a pass). Then `put` rounds them to bf16 into `dst`.
+        let fetch = |fb: &Fb<'_, 'ctx>,
                      src: &Av<'ctx>,
                      base: IntValue<'ctx>,
                      vec: IntValue<'ctx>,
-                     dst: PointerValue<'ctx>,
                      n: i64,
                      s0: IntValue<'ctx>|
-         -> R<()> {
+         -> R<Vec<PointerValue<'ctx>>> {
+            let passes = keys * n / 4 / GPU_BLOCK_THREADS;
+            let vals: Vec<PointerValue> = (0..4 * passes).map(|_| fslot()).collect::<R<_>>()?;
             // (`base` holds the view's offset: it must keep the rows 16-byte aligned too)
             let aligned = fb.multiple_of(base, 4)?;
             let fast = and(
                 and(vec, aligned)?,
                 cmp(IntPredicate::SLE, fb.add(s0, c(keys))?, sv)?,
             )?;
-            for p in 0..(keys * n / 4 / GPU_BLOCK_THREADS) {
+            let place = |fb: &Fb<'_, 'ctx>,
+                         p: i64|
+             -> R<(IntValue<'ctx>, IntValue<'ctx>, IntValue<'ctx>)> {
                 let i = fb.add(lane, c(p * GPU_BLOCK_THREADS))?;
                 let (r, e) = (
                     sdiv(i, c(n / 4), "r")?,
                     fb.mul(srem(i, c(n / 4), "e")?, c(4))?,
                 );
                 let s = fb.add(s0, r)?;
-                let row = fb.add(base, fb.mul(s, src.strides[2])?)?;
-                let vals: Vec<PointerValue> = (0..4).map(|_| fslot()).collect::<R<_>>()?;
-                fb.if_else(
-                    fast,
-                    |fb| {
+                Ok((s, fb.add(base, fb.mul(s, src.strides[2])?)?, e))
+            };
+            fb.if_else(
+                fast,
+                |fb| {
+                    for p in 0..passes {
+                        let (_, row, e) = place(fb, p)?;
                         let v = load_f32x4(fb, src.ptr, fb.add(row, e)?)?;
-                        for (slot, x) in vals.iter().zip(v) {
-                            fb.set(*slot, x)?;
+                        for (j, x) in v.into_iter().enumerate() {
+                            fb.set(vals[(4 * p) as usize + j], x)?;
                         }
-                        Ok(())
-                    },
-                    |fb| {
-                        for (j, slot) in vals.iter().enumerate() {
-                            fb.set(*slot, fb.f32c(0.0))?;
+                    }
+                    Ok(())
+                },
+                |fb| {
+                    for p in 0..passes {
+                        let (s, row, e) = place(fb, p)?;
+                        for j in 0..4 {
+                            let slot = vals[(4 * p + j) as usize];
+                            fb.set(slot, fb.f32c(0.0))?;
                             fb.if_else(
                                 lt(s, sv)?,
                                 |fb| {
-                                    let col = fb.add(e, c(j as i64))?;
+                                    let col = fb.add(e, c(j))?;
                                     let at = fb.add(row, fb.mul(col, src.strides[3])?)?;
-                                    fb.set(*slot, fb.load_f32(src.ptr, at)?)
+                                    fb.set(slot, fb.load_f32(src.ptr, at)?)
                                 },
                                 |_| Ok(()),
                             )?;
                         }
-                        Ok(())
-                    },
-                )?;
-                let lo = pack_bf16x2(fb, fb.get(vals[0])?, fb.get(vals[1])?)?;
-                let hi = pack_bf16x2(fb, fb.get(vals[2])?, fb.get(vals[3])?)?;
+                    }
+                    Ok(())
+                },
+            )?;
+            Ok(vals)
+        };
+        let put = |fb: &Fb<'_, 'ctx>, vals: &[PointerValue<'ctx>], dst, n: i64| -> R<()> {
+            for (p, v) in vals.chunks(4).enumerate() {
+                let i = fb.add(lane, c(p as i64 * GPU_BLOCK_THREADS))?;
+                let (r, e) = (
+                    sdiv(i, c(n / 4), "r")?,
+                    fb.mul(srem(i, c(n / 4), "e")?, c(4))?,
+                );
+                let lo = pack_bf16x2(fb, fb.get(v[0])?, fb.get(v[1])?)?;
+                let hi = pack_bf16x2(fb, fb.get(v[2])?, fb.get(v[3])?)?;
                 store_i32x2(fb, dst, swizzled_word(fb, r, e, n)?, lo, hi)?;
             }
             Ok(())
@@ -4353,8 +4374,10 @@ fn gpu_mma_attention<'ctx>(
         fb.for_range(c(0), steps, |fb, st| {
             let s0 = fb.mul(st, c(keys))?;
             barrier(fb)?;
-            stage(fb, ka, kb, k_vec, k_s, dq, s0)?;
-            stage(fb, va, vb, v_vec, v_s, dv, s0)?;
+            let kv = fetch(fb, ka, kb, k_vec, dq, s0)?;
+            let vv = fetch(fb, va, vb, v_vec, dv, s0)?;
+            put(fb, &kv, k_s, dq)?;
+            put(fb, &vv, v_s, dv)?;
             barrier(fb)?;
             for a in &sacc {
                 fb.set(*a, fb.f32c(0.0))?;
