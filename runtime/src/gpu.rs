@@ -103,7 +103,7 @@ pub struct GpuExecutor {
     /// With profiling on, each kernel of the last run and its seconds (the stream is
     /// synchronised after every launch, so this slows the run down).
     profile: Option<Vec<(String, f64)>>,
-    feedback: Vec<(String, String)>,
+    feedback: Vec<Fed>,
     /// Inputs kept on the device between runs (targets of `feedback`).
     resident: HashMap<String, (Vec<usize>, CudaSlice<u8>)>,
     /// Launch sequences replayed as CUDA graphs (module docs); off after a refused capture.
@@ -112,6 +112,16 @@ pub struct GpuExecutor {
     /// those seen twice (at most `GPU_GRAPHS_KEPT` of each).
     seen: Vec<Vec<u64>>,
     captured: Vec<(Vec<u64>, CudaGraph)>,
+}
+
+/// An output fed back over a parameter or input (`GpuExecutor::set_feedback`), with its
+/// output buffer and the target parameter's buffer looked up once (a training step feeds
+/// back hundreds: scanning the plan's buffers for each, every step, cost milliseconds).
+struct Fed {
+    out: String,
+    target: String,
+    ob: Option<u32>,
+    param: Option<usize>,
 }
 
 /// Launches a captured graph on its stream.
@@ -201,7 +211,27 @@ impl GpuExecutor {
     /// run every such output is copied over its target (and not returned); an input fed back
     /// is uploaded once (when given) and then stays on the device while no run gives it.
     pub fn set_feedback(&mut self, pairs: Vec<(String, String)>) {
-        self.feedback = pairs;
+        let outputs: HashMap<&str, u32> = self
+            .plan
+            .outputs
+            .iter()
+            .map(|(n, b)| (n.as_str(), *b))
+            .collect();
+        let mut params: HashMap<&str, usize> = HashMap::new();
+        for (i, b) in self.plan.buffers.iter().enumerate() {
+            if let BufferRole::Param(n) = &b.role {
+                params.entry(n.as_str()).or_insert(i);
+            }
+        }
+        self.feedback = pairs
+            .into_iter()
+            .map(|(out, target)| Fed {
+                ob: outputs.get(out.as_str()).copied(),
+                param: params.get(target.as_str()).copied(),
+                out,
+                target,
+            })
+            .collect();
     }
 
     /// The current f32 value of a parameter or of an input kept on the device, by name.
@@ -573,11 +603,13 @@ impl GpuExecutor {
         let mut ptrs = vec![0u64; self.plan.buffers.len()];
         // Uploaded inputs live until the run ends.
         let mut uploaded: Vec<CudaSlice<u8>> = vec![];
+        let fed_targets: std::collections::HashSet<&str> =
+            self.feedback.iter().map(|f| f.target.as_str()).collect();
         for (i, b) in self.plan.buffers.iter().enumerate() {
             match &b.role {
                 BufferRole::Temp => ptrs[i] = base + offsets[i] as u64,
                 BufferRole::Input(name) => {
-                    let fed = self.feedback.iter().any(|(_, t)| t == name);
+                    let fed = fed_targets.contains(name.as_str());
                     match inputs.get(name) {
                         Some(v) => {
                             let bytes = host_bytes(v, b.elem)
@@ -614,8 +646,14 @@ impl GpuExecutor {
         let mut outs = HashMap::new();
         // Outputs fed back stay on the device, copied over their targets.
         let mut params_changed = false;
-        for (out, target) in &self.feedback {
-            let Some(&(_, ob)) = self.plan.outputs.iter().find(|(n, _)| n == out) else {
+        for Fed {
+            out,
+            target,
+            ob,
+            param,
+        } in &self.feedback
+        {
+            let Some(ob) = *ob else {
                 return Err(RuntimeError::Invalid(format!(
                     "no output `{out}` to feed back"
                 )));
@@ -625,12 +663,7 @@ impl GpuExecutor {
                 Some(s) => dptr(s, &self.stream),
                 None => ptrs[ob as usize],
             };
-            let param = self
-                .plan
-                .buffers
-                .iter()
-                .position(|b| b.role == BufferRole::Param(target.clone()));
-            let dst = match param {
+            let dst = match *param {
                 Some(pb) => {
                     params_changed = true;
                     self.persistent[pb]
@@ -660,8 +693,10 @@ impl GpuExecutor {
                 .map_err(cuda)?;
             }
         }
+        let fed_outputs: std::collections::HashSet<&str> =
+            self.feedback.iter().map(|f| f.out.as_str()).collect();
         for (name, b) in &self.plan.outputs {
-            if self.feedback.iter().any(|(o, _)| o == name) {
+            if fed_outputs.contains(name.as_str()) {
                 continue;
             }
             let spec = &self.plan.buffers[*b as usize];
