@@ -48,6 +48,7 @@ pub fn executors(
         deep_first: false,
         pack_weights: true,
         n_major: false,
+        matmul_residual: false,
     };
     let progs = schedule_graphs(gs, sopts)?;
     let refs: Vec<&egret_backends::kernel::Program> = progs.iter().collect();
@@ -154,6 +155,7 @@ pub fn compile_artifact(
         deep_first: false,
         pack_weights: true,
         n_major: false,
+        matmul_residual: false,
     };
     let prog = schedule_with(&g, sopts).map_err(|e| EgretError::Usage(e.to_string()))?;
     let model = serde_json::to_value(cfg).unwrap_or_default();

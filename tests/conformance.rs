@@ -328,6 +328,16 @@ const EXACT_MMA_CASES: &[(&str, &str)] = &[
   output "y" = %y
   output "z" = %z"#,
     ),
+    (
+        "residual-tails",
+        r#"
+  %x = input "x" : f32[2, 1000, 40]
+  %w = param "w" : f32[40, 1100]
+  %y = matmul(%x, %w) : f32[2, 1000, 1100]
+  %r = input "r" : f32[2, 1000, 1100]
+  %z = add(%r, %y) : f32[2, 1000, 1100]
+  output "z" = %z"#,
+    ),
 ];
 
 /// On inputs that bf16 holds exactly (multiples of 1/8 up to 1 in size), whose products and

@@ -356,7 +356,9 @@ pub enum Kernel {
     /// thread packs as it goes, `a` row-contiguous; otherwise a dot product per output, `w`
     /// k-contiguous. With `sum_batch` (only with `nr > 0`), the batch entries' products are
     /// summed into one `[m, n]` result: a matmul summed over its batch axis, as a weight's
-    /// gradient over a batch of sequences is.
+    /// gradient over a batch of sequences is. With `res` (GPU, `nr = 0`), the residual of an
+    /// `add` that was the product's only use is added as each output is stored:
+    /// `out[b, m, n] = Σ_k a[b, m, k] · w[b?, k, n] + res[b, m, n]`.
     MatMul {
         out: u32,
         a: Access,
@@ -368,6 +370,7 @@ pub enum Kernel {
         shared_w: bool,
         nr: i64,
         sum_batch: bool,
+        res: Option<Access>,
     },
     /// `out[r, :] = w * (x[r, :] * rsqrt(mean(x[r, :]²) + eps))`, rows over `shape[..-1]`.
     RmsNorm {
@@ -566,16 +569,18 @@ impl Kernel {
                 batch,
                 nr,
                 sum_batch,
+                res,
                 ..
             } => format!(
-                "{}matmul {}[{m}x{k}]·[{k}x{n}]{}",
+                "{}matmul {}[{m}x{k}]·[{k}x{n}]{}{}",
                 if *nr > 0 { "packed " } else { "" },
                 dims(batch),
                 if *sum_batch {
                     " summed over the batch"
                 } else {
                     ""
-                }
+                },
+                if res.is_some() { " + residual" } else { "" }
             ),
             Kernel::RmsNorm { shape, .. } => format!("rms_norm {}", dims(shape)),
             Kernel::RmsNormMatMul { m, n, k, batch, .. } => {

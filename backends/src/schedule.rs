@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 
-use egret_ir::{DType, Dim, Graph, Op, ValueId};
+use egret_ir::{BinaryOp, DType, Dim, Graph, Op, ValueId};
 use egret_runtime::plan::{BufferRole, BufferSpec, ElemType, StateSpec};
 
 use crate::kernel::{
@@ -43,6 +43,7 @@ enum Val {
 struct Sched {
     panel: i64,
     n_major: bool,
+    matmul_residual: bool,
     weights: PanelType,
     symbols: Vec<String>,
     buffers: Vec<BufferSpec>,
@@ -85,6 +86,27 @@ impl Sched {
         }
         self.kernels.push(k);
         self.init.push(init);
+    }
+
+    /// Makes `r` the residual of the matmul that just wrote `product` (contiguous, `shape`):
+    /// only when that matmul is the last kernel so far (so `r` is final when it runs), plain
+    /// (`nr = 0`, not summed, not run at load) and without a residual yet.
+    fn add_residual(&mut self, product: &Access, shape: &[Dim], r: Access) -> bool {
+        let last = self.kernels.len().wrapping_sub(1);
+        let fits = product.is_contiguous(shape) && !self.init.get(last).copied().unwrap_or(true);
+        match self.kernels.last_mut() {
+            Some(Kernel::MatMul {
+                out,
+                nr: 0,
+                sum_batch: false,
+                res: res @ None,
+                ..
+            }) if fits && *out == product.buf && r.buf != product.buf => {
+                *res = Some(r);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Stores an inline value in a fresh contiguous buffer.
@@ -216,6 +238,9 @@ pub struct ScheduleOptions {
     /// in the wanted layout is made where the operand lies otherwise, once at load when it
     /// depends only on parameters.
     pub n_major: bool,
+    /// Fold `add(matmul(a, w), r)`, where the product has no other use, into the matmul as
+    /// its residual (`Kernel::MatMul::res`): one kernel instead of two (GPU kernels only).
+    pub matmul_residual: bool,
 }
 
 impl Default for ScheduleOptions {
@@ -227,6 +252,7 @@ impl Default for ScheduleOptions {
             deep_first: false,
             pack_weights: true,
             n_major: false,
+            matmul_residual: false,
         }
     }
 }
@@ -339,6 +365,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
     let mut s = Sched {
         panel: opts.panel,
         n_major: opts.n_major,
+        matmul_residual: opts.matmul_residual,
         weights: opts.weights,
         symbols: syms.into_iter().collect(),
         buffers: vec![],
@@ -425,6 +452,31 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                 Op::Constant { value } => Val::Inline(Expr::Const(*value, e)),
                 Op::Iota { axis } => Val::Inline(Expr::Iota(*axis, e)),
                 Op::Unary(u) => Val::Inline(Expr::Unary(*u, Box::new(s.expr(&arg(0), e)))),
+                Op::Binary(BinaryOp::Add) if s.matmul_residual => {
+                    let sides = [(0, 1), (1, 0)].into_iter().find_map(|(p, r)| {
+                        let product = n.inputs[p];
+                        let same = g.shape(product) == shape.as_slice()
+                            && g.shape(n.inputs[r]) == shape.as_slice();
+                        match (&vals[product.index()], &vals[n.inputs[r].index()]) {
+                            (Some(Val::View(pv)), Some(Val::View(rv)))
+                                if same && s.uses[product.index()] == 1 =>
+                            {
+                                Some((pv.clone(), rv.clone()))
+                            }
+                            _ => None,
+                        }
+                    });
+                    if let Some((pv, rv)) = sides {
+                        if s.add_residual(&pv, &shape, rv) {
+                            break 'val Val::View(pv);
+                        }
+                    }
+                    Val::Inline(Expr::Binary(
+                        BinaryOp::Add,
+                        Box::new(s.expr(&arg(0), e)),
+                        Box::new(s.expr(&arg(1), e)),
+                    ))
+                }
                 Op::Binary(b) => Val::Inline(Expr::Binary(
                     *b,
                     Box::new(s.expr(&arg(0), e)),
@@ -860,6 +912,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                                 shared_w,
                                 nr,
                                 sum_batch: summed,
+                                res: None,
                             },
                             &[a.buf, w.buf],
                             out,

@@ -57,3 +57,23 @@ fn fused_elementwise_kernel() {
     let ir = ir_of("graph ew {\n  %a = input \"a\" : f32[T, 64]\n  %b = input \"b\" : f32[T, 64]\n  %s = swiglu(%a, %b) : f32[T, 64]\n  %c = const[value=2.0] : f32[T, 64]\n  %y = mul(%s, %c) : f32[T, 64]\n  output \"y\" = %y\n}");
     insta::assert_snapshot!(ir);
 }
+
+/// The GPU's schedule folds a residual add into the matmul before it when the product has
+/// no other use (one kernel, `+ residual`), and keeps the add when it has.
+#[test]
+fn gpu_schedule_folds_residual_adds_into_matmuls() {
+    let describe = |src: &str| -> Vec<String> {
+        let g = egret_ir::parse(src).unwrap();
+        let prog = schedule_with(&g, egret_backends::ptx::schedule_options()).unwrap();
+        prog.kernels.iter().map(|k| k.describe()).collect()
+    };
+    let folded = describe(
+        "graph r {\n  %x = input \"x\" : f32[T, 8]\n  %w = param \"w\" : f32[8, 8]\n  %y = matmul(%x, %w) : f32[T, 8]\n  %z = add(%x, %y) : f32[T, 8]\n  output \"z\" = %z\n}",
+    );
+    assert_eq!(folded, ["matmul [][Tx8]·[8x8] + residual"], "{folded:?}");
+    let kept = describe(
+        "graph r {\n  %x = input \"x\" : f32[T, 8]\n  %w = param \"w\" : f32[8, 8]\n  %y = matmul(%x, %w) : f32[T, 8]\n  %z = add(%x, %y) : f32[T, 8]\n  output \"z\" = %z\n  output \"y\" = %y\n}",
+    );
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    assert!(!kept[0].contains("residual"), "{kept:?}");
+}

@@ -113,6 +113,28 @@ const CASES: &[(&str, &str)] = &[
   output "z" = %z"#,
     ),
     (
+        // The residual add folded into the GPU matmul (`Kernel::MatMul::res`): on either
+        // side of the add, from a strided (permuted) view, batched; and a product with a
+        // second use, which keeps its add.
+        "matmul-residual",
+        r#"
+  %a = input "a" : f32[2, N, 5]
+  %b = input "b" : f32[2, 5, 7]
+  %y = matmul(%a, %b) : f32[2, N, 7]
+  %r = input "r" : f32[2, 7, N]
+  %rt = permute[perm=[0, 2, 1]](%r) : f32[2, N, 7]
+  %z = add(%rt, %y) : f32[2, N, 7]
+  %w = param "w" : f32[7, 3]
+  %p = matmul(%z, %w) : f32[2, N, 3]
+  %q = input "q" : f32[2, N, 3]
+  %s = add(%p, %q) : f32[2, N, 3]
+  %w2 = param "w2" : f32[3, 3]
+  %u = matmul(%s, %w2) : f32[2, N, 3]
+  %t = add(%u, %u) : f32[2, N, 3]
+  output "s" = %s
+  output "t" = %t"#,
+    ),
+    (
         "matmul-batched",
         r#"
   %a = input "a" : f32[2, N, 5]

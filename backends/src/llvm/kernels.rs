@@ -1100,7 +1100,13 @@ pub fn emit<'ctx>(
             shared_w,
             nr,
             sum_batch,
+            res,
         } => {
+            if res.is_some() && !gpu {
+                return Err(BackendError::Unsupported(
+                    "a matmul with a residual epilogue is a GPU kernel".into(),
+                ));
+            }
             if *nr > 0 && !gpu {
                 let mm = RuntimeGemm {
                     out: *out,
@@ -1122,7 +1128,19 @@ pub fn emit<'ctx>(
                     "a batch-summed matmul needs the packed CPU kernel".into(),
                 ));
             } else {
-                matmul(&fb, *out, a, None, w, batch, m, n, k, *shared_w)?;
+                matmul(
+                    &fb,
+                    *out,
+                    a,
+                    None,
+                    w,
+                    res.as_ref(),
+                    batch,
+                    m,
+                    n,
+                    k,
+                    *shared_w,
+                )?;
                 0
             }
         }
@@ -1172,6 +1190,7 @@ pub fn emit<'ctx>(
                 x,
                 Some((g.as_ref(), *eps)),
                 w,
+                None,
                 batch,
                 m,
                 n,
@@ -1342,6 +1361,7 @@ pub fn canonical(k: &Kernel) -> (Kernel, Vec<u32>) {
             shared_w,
             nr,
             sum_batch,
+            res,
         } => Kernel::MatMul {
             out: map(*out),
             a: ren(a),
@@ -1353,6 +1373,7 @@ pub fn canonical(k: &Kernel) -> (Kernel, Vec<u32>) {
             shared_w: *shared_w,
             nr: *nr,
             sum_batch: *sum_batch,
+            res: res.as_ref().map(&ren),
         },
         Kernel::RmsNormMatMul {
             out,
@@ -1514,10 +1535,13 @@ pub fn kernel_buffers(k: &Kernel) -> Vec<u32> {
             add(*out);
             add(src.buf);
         }
-        Kernel::MatMul { out, a, w, .. } => {
+        Kernel::MatMul { out, a, w, res, .. } => {
             add(*out);
             add(a.buf);
             add(w.buf);
+            if let Some(r) = res {
+                add(r.buf);
+            }
         }
         Kernel::RmsNormMatMul { out, x, g, w, .. } => {
             add(*out);
@@ -2281,6 +2305,7 @@ fn matmul<'ctx>(
     a: &Access,
     norm: Option<(Option<&Access>, f64)>,
     w: &Access,
+    res: Option<&Access>,
     batch: &[Dim],
     m: &Dim,
     n: &Dim,
@@ -2289,6 +2314,7 @@ fn matmul<'ctx>(
 ) -> R<()> {
     let aav = fb.access(a, ElemType::F32)?;
     let wav = fb.access(w, ElemType::F32)?;
+    let rav = res.map(|r| fb.access(r, ElemType::F32)).transpose()?;
     let gav = match norm {
         Some((Some(g), _)) => Some(fb.access(g, ElemType::F32)?),
         _ => None,
@@ -2428,6 +2454,7 @@ fn matmul<'ctx>(
             norm: norm.is_some(),
             eps,
             wav: &wav,
+            rav: rav.as_ref(),
             bdims: &bdims,
             nbatch,
             dims: (mv, nv, kv),
@@ -2602,6 +2629,8 @@ struct GpuMatmul<'a, 'ctx> {
     norm: bool,
     eps: f64,
     wav: &'a Av<'ctx>,
+    /// The residual added as outputs are stored (`Kernel::MatMul::res`).
+    rav: Option<&'a Av<'ctx>>,
     bdims: &'a [IntValue<'ctx>],
     nbatch: IntValue<'ctx>,
     dims: (IntValue<'ctx>, IntValue<'ctx>, IntValue<'ctx>),
@@ -2616,6 +2645,8 @@ struct TileAt<'ctx> {
     n0: IntValue<'ctx>,
     abase: IntValue<'ctx>,
     wbase: IntValue<'ctx>,
+    /// That batch entry's offset in the residual (0 without one).
+    rbase: IntValue<'ctx>,
 }
 
 impl<'ctx> GpuMatmul<'_, 'ctx> {
@@ -2641,13 +2672,42 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
         } else {
             fb.at(self.wav, &bpairs)?
         };
+        let rbase = match self.rav {
+            Some(r) => fb.at(r, &bpairs)?,
+            None => fb.i64c(0),
+        };
         Ok(TileAt {
             bi,
             m0,
             n0,
             abase,
             wbase,
+            rbase,
         })
+    }
+
+    /// Output `v` at `(row, col)` plus the residual there, if any (`rbase`: the batch
+    /// entry's offset in it).
+    fn with_residual(
+        &self,
+        fb: &Fb<'_, 'ctx>,
+        rbase: IntValue<'ctx>,
+        row: IntValue<'ctx>,
+        col: IntValue<'ctx>,
+        v: FloatValue<'ctx>,
+    ) -> R<FloatValue<'ctx>> {
+        let Some(r) = self.rav else {
+            return Ok(v);
+        };
+        let n = r.strides.len();
+        let at = fb.add(
+            rbase,
+            fb.add(
+                fb.mul(row, r.strides[n - 2])?,
+                fb.mul(col, r.strides[n - 1])?,
+            )?,
+        )?;
+        fb.fadd(v, fb.load_f32(r.ptr, at)?)
     }
 
     /// `a[gm, gk]·g[gk]` (g only with a norm weight), 0 outside `m × k`.
@@ -2777,6 +2837,7 @@ fn gpu_gemv<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
         nbatch,
         dims: (mv, nv, kv),
         shared_w,
+        ..
     } = *mm;
     let chunks = GPU_BLOCK_THREADS / GEMV_COLS;
     let rb = ROW_BLOCK as i64;
@@ -2829,6 +2890,10 @@ fn gpu_gemv<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
             wav.off
         } else {
             fb.at(wav, &bpairs)?
+        };
+        let rbase = match mm.rav {
+            Some(r) => fb.at(r, &bpairs)?,
+            None => c(0),
         };
         let wcol = fb.add(wbase, fb.mul(ncl, wav.strides[nw])?)?;
         {
@@ -2910,6 +2975,7 @@ fn gpu_gemv<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
                                     fb.intrinsic("llvm.sqrt", &[fb.fadd(mean, fb.f32c(eps))?])?;
                                 v = fb.b.build_float_div(v, sd, "v").map_err(be)?;
                             }
+                            let v = mm.with_residual(fb, rbase, row, n, v)?;
                             let o = fb.add(fb.mul(fb.add(fb.mul(bi, mv)?, row)?, nv)?, n)?;
                             fb.store_f32(optr, o, v)
                         },
@@ -3414,6 +3480,7 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
             n0,
             abase,
             wbase,
+            rbase,
         } = mm.tile_at(fb, tile, per_batch, tiles_n)?;
         if norm {
             row_scales(fb, aav, abase, lane, m0, (mv, kv), eps, inv_s, inv_at)?;
@@ -3579,6 +3646,7 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
                             if norm {
                                 v = fb.fmul(v, fb.load_f32(inv_s, fb.add(r, c(inv_at))?)?)?;
                             }
+                            let v = mm.with_residual(fb, rbase, row, col, v)?;
                             let o = fb.add(fb.mul(fb.add(fb.mul(bi, mv)?, row)?, nv)?, col)?;
                             fb.store_f32(optr, o, v)
                         },
@@ -3677,6 +3745,7 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
             n0,
             abase,
             wbase,
+            rbase,
         } = mm.tile_at(fb, tile, per_batch, tiles_n)?;
         if norm {
             row_scales(fb, aav, abase, lane, m0, (mv, kv), eps, inv_s, inv_at)?;
@@ -3797,6 +3866,7 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
                         if let Some(s) = scale {
                             v = fb.fmul(v, s)?;
                         }
+                        let v = mm.with_residual(fb, rbase, row, col, v)?;
                         let o = fb.add(fb.mul(fb.add(fb.mul(bi, mv)?, row)?, nv)?, col)?;
                         fb.store_f32(optr, o, v)
                     },
