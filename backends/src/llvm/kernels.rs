@@ -2686,6 +2686,49 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
         })
     }
 
+    /// Whether `a`'s rows (along k) and `w`'s rows (along n) allow 16-byte loads: unit
+    /// stride along them, every row start a multiple of 4 elements, the base 16-byte aligned.
+    fn vector_rows(&self, fb: &Fb<'_, 'ctx>) -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
+        let rows = |av: &Av<'ctx>, along: usize, across: usize| -> R<IntValue<'ctx>> {
+            let unit =
+                fb.b.build_int_compare(IntPredicate::EQ, av.strides[along], fb.i64c(1), "u")
+                    .map_err(be)?;
+            let starts = fb.multiple_of(av.strides[across], 4)?;
+            let both = fb.b.build_and(unit, starts, "v").map_err(be)?;
+            fb.b.build_and(both, fb.ptr_aligned(av.ptr, 16)?, "v")
+                .map_err(be)
+        };
+        let (ra, wa) = (self.aav.strides.len(), self.wav.strides.len());
+        Ok((
+            rows(self.aav, ra - 1, ra - 2)?,
+            rows(self.wav, wa - 1, wa - 2)?,
+        ))
+    }
+
+    /// Whether a `GPU_TILE`-square tile at rows `m0` (batch offset `abase` in `a`) and
+    /// columns `n0` (`wbase` in `w`) takes each operand's 16-byte path (`vecs` from
+    /// `vector_rows`): the rows allow it, the batch offset keeps them aligned, and the tile
+    /// lies inside the matrix.
+    fn vector_tile(
+        &self,
+        fb: &Fb<'_, 'ctx>,
+        (a_vec, w_vec): (IntValue<'ctx>, IntValue<'ctx>),
+        (m0, abase): (IntValue<'ctx>, IntValue<'ctx>),
+        (n0, wbase): (IntValue<'ctx>, IntValue<'ctx>),
+    ) -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
+        let (mv, nv, _) = self.dims;
+        let fast = |vec, base, o: IntValue<'ctx>, n| -> R<IntValue<'ctx>> {
+            let inside =
+                fb.b.build_int_compare(IntPredicate::SLE, fb.add(o, fb.i64c(GPU_TILE))?, n, "in")
+                    .map_err(be)?;
+            let v =
+                fb.b.build_and(vec, fb.multiple_of(base, 4)?, "f")
+                    .map_err(be)?;
+            fb.b.build_and(v, inside, "f").map_err(be)
+        };
+        Ok((fast(a_vec, abase, m0, mv)?, fast(w_vec, wbase, n0, nv)?))
+    }
+
     /// Output `v` at `(row, col)` plus the residual there, if any (`rbase`: the batch
     /// entry's offset in it).
     fn with_residual(
@@ -3124,15 +3167,17 @@ fn pack_bf16x2<'ctx>(
 }
 
 /// Four f32s at `ptr[idx..idx+4]` in one 16-byte load (`idx` a multiple of 4 and `ptr`
-/// 16-byte aligned: the caller checks).
+/// 16-byte aligned: the caller checks): from global memory, or with `shared` from a
+/// shared-memory array.
 fn load_f32x4<'ctx>(
     fb: &Fb<'_, 'ctx>,
     ptr: PointerValue<'ctx>,
     idx: IntValue<'ctx>,
+    shared: bool,
 ) -> R<[FloatValue<'ctx>; 4]> {
     let mut p = unsafe { fb.b.build_in_bounds_gep(fb.f32t, ptr, &[idx], "p4") }.map_err(be)?;
     fb.check_aligned(p, 16)?;
-    if !fb.sim {
+    if !fb.sim && !shared {
         // A global-memory load (`ld.global.v4.f32`), not a generic one: it cannot alias
         // the shared-memory stores around it.
         p =
@@ -3179,31 +3224,6 @@ fn store_i32x2<'ctx>(
         .set_alignment(if fb.sim { 4 } else { 8 })
         .map_err(|e| BackendError::Llvm(e.to_string()))?;
     Ok(())
-}
-
-/// Four f32s at shared `arr[idx..idx+4]` in one 16-byte load (`idx` a multiple of 4).
-fn load_f32x4_shared<'ctx>(
-    fb: &Fb<'_, 'ctx>,
-    arr: PointerValue<'ctx>,
-    idx: IntValue<'ctx>,
-) -> R<[FloatValue<'ctx>; 4]> {
-    let p = unsafe { fb.b.build_in_bounds_gep(fb.f32t, arr, &[idx], "q4") }.map_err(be)?;
-    fb.check_aligned(p, 16)?;
-    let v = fb.b.build_load(fb.f32t.vec_type(4), p, "q4").map_err(be)?;
-    v.as_instruction_value()
-        .expect("a load")
-        .set_alignment(if fb.sim { 4 } else { 16 })
-        .map_err(|e| BackendError::Llvm(e.to_string()))?;
-    let v = v.into_vector_value();
-    let i32t = fb.ctx.i32_type();
-    let mut out = [fb.f32c(0.0); 4];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o =
-            fb.b.build_extract_element(v, i32t.const_int(i as u64, false), "e")
-                .map_err(be)?
-                .into_float_value();
-    }
-    Ok(out)
 }
 
 /// Stores four f32s at shared `arr[idx..idx+4]` in one 16-byte store (`idx` a multiple of 4).
@@ -3460,18 +3480,8 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
         .map(|jj| w_word(r8, fb.add(fb.add(fb.mul(wn, c(32))?, c(16 * jj))?, half)?))
         .collect::<R<_>>()?;
     let ktiles = sdiv(fb.add(kv, c(tk - 1))?, c(tk), "kt")?;
-    let (ra, ka) = (aav.strides.len() - 2, aav.strides.len() - 1);
-    let (kw, nw) = (wav.strides.len() - 2, wav.strides.len() - 1);
-    let eq = |a, v: i64| cmp(IntPredicate::EQ, a, c(v));
-    // Four-float loads: unit stride along the staged rows, every row start a multiple of 4.
-    let a_vec = and(
-        and(eq(aav.strides[ka], 1)?, fb.multiple_of(aav.strides[ra], 4)?)?,
-        fb.ptr_aligned(aav.ptr, 16)?,
-    )?;
-    let w_vec = and(
-        and(eq(wav.strides[nw], 1)?, fb.multiple_of(wav.strides[kw], 4)?)?,
-        fb.ptr_aligned(wav.ptr, 16)?,
-    )?;
+    let (ra, kw) = (aav.strides.len() - 2, wav.strides.len() - 2);
+    let vecs = mm.vector_rows(fb)?;
     fb.for_range(c(0), iters, |fb, it| {
         let tile = fb.add(blk, fb.mul(it, nblk)?)?;
         let TileAt {
@@ -3488,10 +3498,7 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
         for a in &accs {
             fb.set(*a, fb.f32c(0.0))?;
         }
-        let inside =
-            |o: IntValue<'ctx>, n: IntValue<'ctx>| cmp(IntPredicate::SLE, fb.add(o, c(t))?, n);
-        let a_fast = and(and(a_vec, fb.multiple_of(abase, 4)?)?, inside(m0, mv)?)?;
-        let w_fast = and(and(w_vec, fb.multiple_of(wbase, 4)?)?, inside(n0, nv)?)?;
+        let (a_fast, w_fast) = mm.vector_tile(fb, vecs, (m0, abase), (n0, wbase))?;
         // Loads `A`'s part of the slice at `k0` into `staged[..16]`.
         // (`k0` the slice's first k, `kfull` whether all its 32 k are inside the matrices)
         let load_a = |fb: &Fb<'_, 'ctx>, k0: IntValue<'ctx>, kfull: IntValue<'ctx>| -> R<()> {
@@ -3502,7 +3509,7 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
                         let gm = fb.add(m0, fb.add(a_row0, c(32 * p))?)?;
                         let gk = fb.add(k0, a_k)?;
                         let at = fb.add(abase, fb.add(fb.mul(gm, aav.strides[ra])?, gk)?)?;
-                        let v = load_f32x4(fb, aav.ptr, at)?;
+                        let v = load_f32x4(fb, aav.ptr, at, false)?;
                         for (e, mut x) in v.into_iter().enumerate() {
                             if let Some(gv) = gav {
                                 let k = fb.add(gk, c(e as i64))?;
@@ -3540,7 +3547,7 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
                             wbase,
                             fb.add(fb.mul(gk, wav.strides[kw])?, fb.add(n0, w_n)?)?,
                         )?;
-                        let v = load_f32x4(fb, wav.ptr, at)?;
+                        let v = load_f32x4(fb, wav.ptr, at, false)?;
                         for (e, x) in v.into_iter().enumerate() {
                             fb.set(staged[wb + (4 * p) as usize + e], x)?;
                         }
@@ -3726,17 +3733,8 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
         fb.mul(srem(lane, c(32), "wn")?, c(4))?,
     );
     let ktiles = sdiv(fb.add(kv, c(tk - 1))?, c(tk), "kt")?;
-    let (ra, ka) = (aav.strides.len() - 2, aav.strides.len() - 1);
-    let (kw, nw) = (wav.strides.len() - 2, wav.strides.len() - 1);
-    let eq = |a, v: i64| cmp(IntPredicate::EQ, a, c(v));
-    let a_vec = and(
-        and(eq(aav.strides[ka], 1)?, fb.multiple_of(aav.strides[ra], 4)?)?,
-        fb.ptr_aligned(aav.ptr, 16)?,
-    )?;
-    let w_vec = and(
-        and(eq(wav.strides[nw], 1)?, fb.multiple_of(wav.strides[kw], 4)?)?,
-        fb.ptr_aligned(wav.ptr, 16)?,
-    )?;
+    let (ra, kw) = (aav.strides.len() - 2, wav.strides.len() - 2);
+    let vecs = mm.vector_rows(fb)?;
     fb.for_range(c(0), iters, |fb, it| {
         let tile = fb.add(blk, fb.mul(it, nblk)?)?;
         let TileAt {
@@ -3753,10 +3751,7 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
         for a in &accs {
             fb.set(*a, fb.f32c(0.0))?;
         }
-        let inside =
-            |o: IntValue<'ctx>, n: IntValue<'ctx>| cmp(IntPredicate::SLE, fb.add(o, c(t))?, n);
-        let a_fast = and(and(a_vec, fb.multiple_of(abase, 4)?)?, inside(m0, mv)?)?;
-        let w_fast = and(and(w_vec, fb.multiple_of(wbase, 4)?)?, inside(n0, nv)?)?;
+        let (a_fast, w_fast) = mm.vector_tile(fb, vecs, (m0, abase), (n0, wbase))?;
         // Slice `kt` into `staged`.
         let fetch = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
             let k0 = fb.mul(kt, c(tk))?;
@@ -3766,7 +3761,7 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
                 and(a_fast, kfull)?,
                 |fb| {
                     let at = fb.add(abase, fb.add(fb.mul(gm, aav.strides[ra])?, gk)?)?;
-                    let v = load_f32x4(fb, aav.ptr, at)?;
+                    let v = load_f32x4(fb, aav.ptr, at, false)?;
                     for (e, mut x) in v.into_iter().enumerate() {
                         if let Some(g) = gav {
                             let k = fb.add(gk, c(e as i64))?;
@@ -3791,7 +3786,7 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
                 and(w_fast, kfull)?,
                 |fb| {
                     let at = fb.add(wbase, fb.add(fb.mul(gk, wav.strides[kw])?, gn)?)?;
-                    for (e, x) in load_f32x4(fb, wav.ptr, at)?.into_iter().enumerate() {
+                    for (e, x) in load_f32x4(fb, wav.ptr, at, false)?.into_iter().enumerate() {
                         fb.set(staged[4 + e], x)?;
                     }
                     Ok(())
@@ -3821,7 +3816,7 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
             for kk in 0..tk {
                 let row = fb.add(base, c(kk * t))?;
                 let quad = |arr, at: IntValue<'ctx>| -> R<[FloatValue<'ctx>; 4]> {
-                    load_f32x4_shared(fb, arr, fb.add(row, at)?)
+                    load_f32x4(fb, arr, fb.add(row, at)?, true)
                 };
                 let (a0, a1) = (quad(a_s, r4)?, quad(a_s, fb.add(r4, c(64))?)?);
                 let (w0, w1) = (quad(w_s, c4)?, quad(w_s, fb.add(c4, c(64))?)?);
@@ -4398,7 +4393,7 @@ fn gpu_mma_attention<'ctx>(
                 |fb| {
                     for p in 0..passes {
                         let (_, row, e) = place(fb, p)?;
-                        let v = load_f32x4(fb, src.ptr, fb.add(row, e)?)?;
+                        let v = load_f32x4(fb, src.ptr, fb.add(row, e)?, false)?;
                         for (j, x) in v.into_iter().enumerate() {
                             fb.set(vals[(4 * p) as usize + j], x)?;
                         }
