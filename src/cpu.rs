@@ -49,6 +49,7 @@ pub fn executors(
         pack_weights: true,
         n_major: false,
         matmul_residual: false,
+        attn_tokens_first: false,
     };
     let progs = schedule_graphs(gs, sopts)?;
     let refs: Vec<&egret_backends::kernel::Program> = progs.iter().collect();
@@ -156,6 +157,7 @@ pub fn compile_artifact(
         pack_weights: true,
         n_major: false,
         matmul_residual: false,
+        attn_tokens_first: false,
     };
     let prog = schedule_with(&g, sopts).map_err(|e| EgretError::Usage(e.to_string()))?;
     let model = serde_json::to_value(cfg).unwrap_or_default();

@@ -277,6 +277,7 @@ pub fn compile_train_artifact(
         pack_weights: false,
         n_major: false,
         matmul_residual: false,
+        attn_tokens_first: false,
     };
     let (prog, spec, model) = train_program(cfg, passes, opt, budget, sopts)?;
     let out = egret_backends::artifact::write_cpu_artifact(&prog, opts, model, &spec, dir)

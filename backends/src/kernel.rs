@@ -477,6 +477,10 @@ pub struct AttnDims {
     pub hkv: i64,
     pub s: Dim,
     pub dv: i64,
+    /// `out` is laid out `[B, T, H, Dv]` (tokens first), the attention's `[B, H, T, Dv]`
+    /// value a permuted view of it: the permute back that follows attention in a
+    /// transformer is then free, not a copy (`ScheduleOptions::attn_tokens_first`).
+    pub tokens_first: bool,
 }
 
 /// Split-KV decode attention: with at most `ATTN_SPLIT_UNITS` query rows (`B·H·T`), the

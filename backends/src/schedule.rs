@@ -44,6 +44,7 @@ struct Sched {
     panel: i64,
     n_major: bool,
     matmul_residual: bool,
+    attn_tokens_first: bool,
     weights: PanelType,
     symbols: Vec<String>,
     buffers: Vec<BufferSpec>,
@@ -241,6 +242,10 @@ pub struct ScheduleOptions {
     /// Fold `add(matmul(a, w), r)`, where the product has no other use, into the matmul as
     /// its residual (`Kernel::MatMul::res`): one kernel instead of two (GPU kernels only).
     pub matmul_residual: bool,
+    /// Attention writes its output tokens first (`AttnDims::tokens_first`), so that a
+    /// transformer's permute back to `[B, T, H, Dv]` needs no copy (a kernel launch saved per
+    /// layer where launches are what decode costs).
+    pub attn_tokens_first: bool,
 }
 
 impl Default for ScheduleOptions {
@@ -253,6 +258,7 @@ impl Default for ScheduleOptions {
             pack_weights: true,
             n_major: false,
             matmul_residual: false,
+            attn_tokens_first: false,
         }
     }
 }
@@ -366,6 +372,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
         panel: opts.panel,
         n_major: opts.n_major,
         matmul_residual: opts.matmul_residual,
+        attn_tokens_first: opts.attn_tokens_first,
         weights: opts.weights,
         symbols: syms.into_iter().collect(),
         buffers: vec![],
@@ -938,8 +945,20 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                         hkv: c(&sh[1][1])?,
                         s: sh[1][2].clone(),
                         dv: c(&sh[2][3])?,
+                        tokens_first: s.attn_tokens_first,
                     };
-                    let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
+                    // (tokens first: a `[B, T, H, Dv]` buffer seen as `[B, H, T, Dv]`)
+                    let stored = if dims.tokens_first {
+                        vec![
+                            shape[0].clone(),
+                            shape[2].clone(),
+                            shape[1].clone(),
+                            shape[3].clone(),
+                        ]
+                    } else {
+                        shape.clone()
+                    };
+                    let out = s.new_buffer(BufferRole::Temp, e, &stored, false);
                     let part = s.new_buffer(BufferRole::Temp, e, &[Dim::c(dims.part_len())], false);
                     let reads: Vec<u32> = acc.iter().map(|a| a.buf).collect();
                     s.push(
@@ -956,8 +975,13 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                         &reads,
                         out,
                     );
+                    let tokens_first = dims.tokens_first;
                     s.push(Kernel::AttentionCombine { out, part, dims }, &[part], out);
-                    Val::View(Access::contiguous(out, &shape))
+                    let mut view = Access::contiguous(out, &stored);
+                    if tokens_first {
+                        view.strides.swap(1, 2);
+                    }
+                    Val::View(view)
                 }
             }
         };

@@ -4071,7 +4071,7 @@ fn attention(
             fb.if_else(
                 single,
                 |fb| {
-                    let obase = fb.mul(u, dv)?;
+                    let obase = attn_out_row(fb, u, d)?;
                     let lv = fb.get(l)?;
                     fb.for_range(fb.i64c(0), dv, |fb, c| {
                         let a = fb.load_f32(acc, c)?;
@@ -4207,6 +4207,29 @@ fn swizzled_word<'ctx>(
         fb.b.build_right_shift(fb.b.build_and(e, c(7), "e7").map_err(be)?, c(1), false, "w")
             .map_err(be)?;
     fb.add(fb.add(fb.mul(r, c(n / 2))?, fb.mul(chunk, c(4))?)?, within)
+}
+
+/// Where attention output row `u` (`(b·H + h)·T + t`) starts in `out`: `u·Dv`, or tokens
+/// first (`AttnDims::tokens_first`) `((b·T + t)·H + h)·Dv`.
+fn attn_out_row<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    u: IntValue<'ctx>,
+    d: &crate::kernel::AttnDims,
+) -> R<IntValue<'ctx>> {
+    if !d.tokens_first {
+        return fb.mul(u, fb.i64c(d.dv));
+    }
+    let tv = fb.dim(&d.t)?;
+    let t = fb.b.build_int_signed_rem(u, tv, "t").map_err(be)?;
+    let bh = fb.b.build_int_signed_div(u, tv, "bh").map_err(be)?;
+    let h =
+        fb.b.build_int_signed_rem(bh, fb.i64c(d.h), "h")
+            .map_err(be)?;
+    let b =
+        fb.b.build_int_signed_div(bh, fb.i64c(d.h), "b")
+            .map_err(be)?;
+    let row = fb.add(fb.mul(fb.add(fb.mul(b, tv)?, t)?, fb.i64c(d.h))?, h)?;
+    fb.mul(row, fb.i64c(d.dv))
 }
 
 /// Causal attention on tensor cores, flash-style (bf16 operands, f32 softmax and sums): a
@@ -4539,7 +4562,7 @@ fn gpu_mma_attention<'ctx>(
                 lt(*r, tv)?,
                 |fb| {
                     let u = fb.add(fb.mul(fb.add(fb.mul(bi, c(d.h))?, hi)?, tv)?, *r)?;
-                    let obase = fb.mul(u, c(dv))?;
+                    let obase = attn_out_row(fb, u, d)?;
                     for nt in 0..dv / 8 {
                         for x in [2 * rr, 2 * rr + 1] {
                             let col = fb.add(c(8 * nt + (x % 2) as i64), fb.mul(q, c(2))?)?;
@@ -4715,7 +4738,7 @@ fn gpu_attention(
                     Ok(())
                 })?;
                 let lv = fb.get(l)?;
-                let obase = fb.mul(u, c(d.dv))?;
+                let obase = attn_out_row(fb, u, d)?;
                 for (i, (e, ok)) in vd.iter().enumerate() {
                     fb.if_else(
                         *ok,
@@ -4774,7 +4797,7 @@ fn attention_combine(fb: &Fb, out: u32, part: u32, d: &crate::kernel::AttnDims) 
                 fb.for_range(fb.i64c(0), nsplit, |fb, c| {
                     fb.store_f32(w, c, fb.fmul(fb.load_f32(w, c)?, inv)?)
                 })?;
-                let obase = fb.mul(u, dv)?;
+                let obase = attn_out_row(fb, u, d)?;
                 fb.for_range(fb.i64c(0), dv, |fb, j| {
                     fb.set(mx, fb.f32c(0.0))?;
                     fb.for_range(fb.i64c(0), nsplit, |fb, c| {

@@ -63,13 +63,15 @@ pub fn ptx_features(opts: &PtxOptions) -> Vec<String> {
 }
 
 /// How the GPU wants graphs scheduled: plain matmul kernels (no packed panels), f32, right
-/// operands `N`-contiguous, residual adds folded into the matmuls before them.
+/// operands `N`-contiguous, residual adds folded into the matmuls before them, attention
+/// output tokens first.
 pub fn schedule_options() -> ScheduleOptions {
     ScheduleOptions {
         panel: 0,
         weights: PanelType::F32,
         n_major: true,
         matmul_residual: true,
+        attn_tokens_first: true,
         ..ScheduleOptions::default()
     }
 }
