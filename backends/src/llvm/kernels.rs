@@ -3202,49 +3202,37 @@ fn load_f32x4<'ctx>(
     Ok(out)
 }
 
-/// Stores words `lo`, `hi` at `arr[idx]`, `arr[idx+1]` in one 8-byte store (`idx` even).
-fn store_i32x2<'ctx>(
+/// Stores `xs` (32-bit values, all of one type) at `arr[idx..idx + xs.len()]` in one store
+/// of their total size (`idx` a multiple of their count, `xs` 2 or 4 long).
+fn store_vector<'ctx>(
     fb: &Fb<'_, 'ctx>,
     arr: PointerValue<'ctx>,
     idx: IntValue<'ctx>,
-    lo: IntValue<'ctx>,
-    hi: IntValue<'ctx>,
+    xs: &[BasicValueEnum<'ctx>],
 ) -> R<()> {
+    let n = xs.len() as u32;
+    let (elem, vt): (BasicTypeEnum, _) = match xs[0] {
+        BasicValueEnum::IntValue(x) => (x.get_type().into(), x.get_type().vec_type(n)),
+        BasicValueEnum::FloatValue(x) => (x.get_type().into(), x.get_type().vec_type(n)),
+        other => {
+            return Err(BackendError::Llvm(format!(
+                "no vector store of {:?}",
+                other.get_type()
+            )))
+        }
+    };
+    let p = unsafe { fb.b.build_in_bounds_gep(elem, arr, &[idx], "sv") }.map_err(be)?;
+    fb.check_aligned(p, 4 * n as u64)?;
     let i32t = fb.ctx.i32_type();
-    let p = unsafe { fb.b.build_in_bounds_gep(i32t, arr, &[idx], "s2") }.map_err(be)?;
-    fb.check_aligned(p, 8)?;
-    let mut v = i32t.vec_type(2).get_undef();
-    for (i, x) in [lo, hi].into_iter().enumerate() {
+    let mut v = vt.get_undef();
+    for (i, x) in xs.iter().enumerate() {
         v =
-            fb.b.build_insert_element(v, x, i32t.const_int(i as u64, false), "w")
+            fb.b.build_insert_element(v, *x, i32t.const_int(i as u64, false), "w")
                 .map_err(be)?;
     }
     fb.b.build_store(p, v)
         .map_err(be)?
-        .set_alignment(if fb.sim { 4 } else { 8 })
-        .map_err(|e| BackendError::Llvm(e.to_string()))?;
-    Ok(())
-}
-
-/// Stores four f32s at shared `arr[idx..idx+4]` in one 16-byte store (`idx` a multiple of 4).
-fn store_f32x4_shared<'ctx>(
-    fb: &Fb<'_, 'ctx>,
-    arr: PointerValue<'ctx>,
-    idx: IntValue<'ctx>,
-    x: &[FloatValue<'ctx>],
-) -> R<()> {
-    let p = unsafe { fb.b.build_in_bounds_gep(fb.f32t, arr, &[idx], "s4") }.map_err(be)?;
-    fb.check_aligned(p, 16)?;
-    let i32t = fb.ctx.i32_type();
-    let mut v = fb.f32t.vec_type(4).get_undef();
-    for (i, e) in x.iter().enumerate() {
-        v =
-            fb.b.build_insert_element(v, *e, i32t.const_int(i as u64, false), "w")
-                .map_err(be)?;
-    }
-    fb.b.build_store(p, v)
-        .map_err(be)?
-        .set_alignment(if fb.sim { 4 } else { 16 })
+        .set_alignment(if fb.sim { 4 } else { 4 * n })
         .map_err(|e| BackendError::Llvm(e.to_string()))?;
     Ok(())
 }
@@ -3575,7 +3563,12 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
                 let s = |i: usize| fb.get(staged[from + (4 * p) as usize + i]);
                 let lo = pack_bf16x2(fb, s(0)?, s(1)?)?;
                 let hi = pack_bf16x2(fb, s(2)?, s(3)?)?;
-                store_i32x2(fb, arr, fb.add(first, c(p * pass))?, lo, hi)?;
+                store_vector(
+                    fb,
+                    arr,
+                    fb.add(first, c(p * pass))?,
+                    &[lo.into(), hi.into()],
+                )?;
             }
             Ok(())
         };
@@ -3808,8 +3801,10 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
                 fb.store_f32(a_s, at, fb.get(staged[e as usize])?)?;
             }
             let at = fb.add(base, fb.add(fb.mul(w_k, c(t))?, w_n)?)?;
-            let w: Vec<FloatValue> = (4..8).map(|e| fb.get(staged[e])).collect::<R<_>>()?;
-            store_f32x4_shared(fb, w_s, at, &w)
+            let w: Vec<BasicValueEnum> = (4..8)
+                .map(|e| fb.get(staged[e]).map(Into::into))
+                .collect::<R<_>>()?;
+            store_vector(fb, w_s, at, &w)
         };
         let multiply = |fb: &Fb<'_, 'ctx>, buf: IntValue<'ctx>| -> R<()> {
             let base = fb.mul(buf, c(stage))?;
@@ -4454,7 +4449,12 @@ fn gpu_mma_attention<'ctx>(
                 );
                 let lo = pack_bf16x2(fb, fb.get(v[0])?, fb.get(v[1])?)?;
                 let hi = pack_bf16x2(fb, fb.get(v[2])?, fb.get(v[3])?)?;
-                store_i32x2(fb, dst, swizzled_word(fb, r, e, n)?, lo, hi)?;
+                store_vector(
+                    fb,
+                    dst,
+                    swizzled_word(fb, r, e, n)?,
+                    &[lo.into(), hi.into()],
+                )?;
             }
             Ok(())
         };
