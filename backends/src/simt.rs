@@ -471,6 +471,21 @@ mod tests {
     use super::*;
     use egret_runtime::plan::SymDim;
 
+    /// A test kernel with the kernel ABI (`KernelFn`), naming only the arguments it reads:
+    /// the buffer table, the thread's index and the thread count.
+    macro_rules! kernel {
+        (fn $name:ident($bufs:pat, $tid:pat, $nth:pat) $body:block) => {
+            unsafe extern "C" fn $name(
+                $bufs: *const *mut u8,
+                _: *const i64,
+                $tid: i64,
+                $nth: i64,
+                _: *mut f32,
+                _: *mut i64,
+            ) -> i32 $body
+        };
+    }
+
     fn call(threads: i64) -> KernelCall {
         KernelCall {
             symbol: "k".into(),
@@ -497,16 +512,9 @@ mod tests {
         launcher().launch(f, &call(threads), &args, &[])
     }
 
-    /// Each thread writes its id, waits at the barrier, then reads its neighbour's slot and
-    /// writes it back one place on: right only if nobody reads before all have written.
-    unsafe extern "C" fn rotate(
-        bufs: *const *mut u8,
-        _: *const i64,
-        tid: i64,
-        nth: i64,
-        _: *mut f32,
-        _: *mut i64,
-    ) -> i32 {
+    // Each thread writes its id, waits at the barrier, then reads its neighbour's slot and
+    // writes it back one place on: right only if nobody reads before all have written.
+    kernel!(fn rotate(bufs, tid, nth) {
         let d = *bufs as *mut f32;
         let base = (tid / 256) * 256;
         let lane = tid % 256;
@@ -516,7 +524,7 @@ mod tests {
         egret_simt_barrier();
         *d.add(tid as usize) = v + (nth as f32) * 1000.0;
         0
-    }
+    });
 
     #[test]
     fn a_barrier_holds_every_thread_of_the_block_until_all_arrive() {
@@ -528,14 +536,7 @@ mod tests {
         }
     }
 
-    unsafe extern "C" fn butterfly(
-        bufs: *const *mut u8,
-        _: *const i64,
-        tid: i64,
-        _: i64,
-        _: *mut f32,
-        _: *mut i64,
-    ) -> i32 {
+    kernel!(fn butterfly(bufs, tid, _) {
         let d = *bufs as *mut f32;
         let mut x = tid as f32;
         for m in [16, 8, 4, 2, 1] {
@@ -546,7 +547,7 @@ mod tests {
         *d.add(2 * tid as usize) = x;
         *d.add(2 * tid as usize + 1) = y;
         0
-    }
+    });
 
     #[test]
     fn butterfly_shuffles_sum_and_exchange_within_each_warp() {
@@ -573,16 +574,9 @@ mod tests {
         ((k * 2 + c * 7) % 5) as f32 - 2.0
     }
 
-    /// Every lane loads its fragments of `a` (16 × 16) and `b` (16 × 8) as the PTX ISA lays
-    /// them out, adds `c = 1`, and stores its four results where the layout puts them.
-    unsafe extern "C" fn mma(
-        bufs: *const *mut u8,
-        _: *const i64,
-        tid: i64,
-        _: i64,
-        _: *mut f32,
-        _: *mut i64,
-    ) -> i32 {
+    // Every lane loads its fragments of `a` (16 × 16) and `b` (16 × 8) as the PTX ISA lays
+    // them out, adds `c = 1`, and stores its four results where the layout puts them.
+    kernel!(fn mma(bufs, tid, _) {
         let d = *bufs as *mut f32;
         let lane = (tid % 32) as usize;
         let (g, t) = (lane / 4, lane % 4);
@@ -613,7 +607,7 @@ mod tests {
             }
         }
         0
-    }
+    });
 
     #[test]
     fn mma_computes_a_16x8x16_product_from_the_documented_fragments() {
@@ -627,16 +621,9 @@ mod tests {
         }
     }
 
-    /// Lane `l` points at row `l % 8` of matrix `l / 8` of a 4 × 8 × 8 table holding
-    /// `1000q + 10r + c` at matrix `q`, row `r`, column `c`; it stores the registers it gets.
-    unsafe extern "C" fn ldmatrix(
-        bufs: *const *mut u8,
-        _: *const i64,
-        tid: i64,
-        _: i64,
-        _: *mut f32,
-        _: *mut i64,
-    ) -> i32 {
+    // Lane `l` points at row `l % 8` of matrix `l / 8` of a 4 × 8 × 8 table holding
+    // `1000q + 10r + c` at matrix `q`, row `r`, column `c`; it stores the registers it gets.
+    kernel!(fn ldmatrix(bufs, tid, _) {
         let d = *bufs as *mut u32;
         let table = *bufs.add(1) as *const u16;
         let lane = (tid % 32) as usize;
@@ -650,7 +637,7 @@ mod tests {
             }
         }
         0
-    }
+    });
 
     #[test]
     fn ldmatrix_hands_out_rows_and_columns_of_four_8x8_matrices() {
@@ -676,22 +663,15 @@ mod tests {
         }
     }
 
-    /// Even lanes wait at the barrier, odd lanes at a shuffle: neither can complete.
-    unsafe extern "C" fn divergent(
-        _: *const *mut u8,
-        _: *const i64,
-        tid: i64,
-        _: i64,
-        _: *mut f32,
-        _: *mut i64,
-    ) -> i32 {
+    // Even lanes wait at the barrier, odd lanes at a shuffle: neither can complete.
+    kernel!(fn divergent(_, tid, _) {
         if tid % 2 == 0 {
             egret_simt_barrier();
         } else {
             egret_simt_shfl_bfly(1.0, 1);
         }
         0
-    }
+    });
 
     #[test]
     fn threads_that_can_never_meet_are_reported_not_hung() {
@@ -702,20 +682,13 @@ mod tests {
         assert_eq!(run(rotate, 256, &mut d), Ok(0));
     }
 
-    /// Thread 5 makes an 8-byte access at an address 4 bytes past an aligned one.
-    unsafe extern "C" fn misaligned(
-        bufs: *const *mut u8,
-        _: *const i64,
-        tid: i64,
-        _: i64,
-        _: *mut f32,
-        _: *mut i64,
-    ) -> i32 {
+    // Thread 5 makes an 8-byte access at an address 4 bytes past an aligned one.
+    kernel!(fn misaligned(bufs, tid, _) {
         let base = *bufs;
         let skew = if tid == 5 { 4 } else { 0 };
         egret_simt_aligned(base.add(8 * tid as usize + skew), 8);
         0
-    }
+    });
 
     #[test]
     fn a_vector_access_off_its_alignment_fails_the_launch() {
@@ -729,16 +702,9 @@ mod tests {
         assert_eq!(run(rotate, 256, &mut d), Ok(0));
     }
 
-    unsafe extern "C" fn fails_in_one_thread(
-        _: *const *mut u8,
-        _: *const i64,
-        tid: i64,
-        _: i64,
-        _: *mut f32,
-        _: *mut i64,
-    ) -> i32 {
+    kernel!(fn fails_in_one_thread(_, tid, _) {
         i32::from(tid == 700)
-    }
+    });
 
     #[test]
     fn a_kernel_error_in_any_block_is_returned_and_launches_are_capped() {
