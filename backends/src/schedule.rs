@@ -41,11 +41,6 @@ enum Val {
 }
 
 struct Sched {
-    panel: i64,
-    n_major: bool,
-    matmul_residual: bool,
-    attn_tokens_first: bool,
-    weights: PanelType,
     symbols: Vec<String>,
     buffers: Vec<BufferSpec>,
     /// Per buffer: holds only values computed from parameters.
@@ -93,8 +88,7 @@ impl Sched {
     /// only when that matmul is the last kernel so far (so `r` is final when it runs), plain
     /// (`nr = 0`, not summed, not run at load) and without a residual yet.
     fn add_residual(&mut self, product: &Access, shape: &[Dim], r: Access) -> bool {
-        let last = self.kernels.len().wrapping_sub(1);
-        let fits = product.is_contiguous(shape) && !self.init.get(last).copied().unwrap_or(true);
+        let fits = product.is_contiguous(shape) && self.init.last() == Some(&false);
         match self.kernels.last_mut() {
             Some(Kernel::MatMul {
                 out,
@@ -369,11 +363,6 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
     // Per state: its buffer and the strides of its capacity layout.
     let mut state_bufs: Vec<Option<(u32, Vec<Poly>)>> = vec![None; cands.len()];
     let mut s = Sched {
-        panel: opts.panel,
-        n_major: opts.n_major,
-        matmul_residual: opts.matmul_residual,
-        attn_tokens_first: opts.attn_tokens_first,
-        weights: opts.weights,
         symbols: syms.into_iter().collect(),
         buffers: vec![],
         weight_only: vec![],
@@ -459,7 +448,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                 Op::Constant { value } => Val::Inline(Expr::Const(*value, e)),
                 Op::Iota { axis } => Val::Inline(Expr::Iota(*axis, e)),
                 Op::Unary(u) => Val::Inline(Expr::Unary(*u, Box::new(s.expr(&arg(0), e)))),
-                Op::Binary(BinaryOp::Add) if s.matmul_residual => {
+                Op::Binary(BinaryOp::Add) if opts.matmul_residual => {
                     let sides = [(0, 1), (1, 0)].into_iter().find_map(|(p, r)| {
                         let product = n.inputs[p];
                         let same = g.shape(product) == shape.as_slice()
@@ -729,7 +718,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                     // Weights known at load with constant K, N and rows of `a` that collapse to one
                     // stride: pack the weights into panels once and run the blocked GEMM.
                     let rows_contig = one_block(&a.strides[..ash.len() - 1], &ash[..ash.len() - 1]);
-                    if s.panel > 0
+                    if opts.panel > 0
                         && opts.pack_weights
                         && shared_w
                         && !summed
@@ -762,8 +751,8 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                             }
                             _ => (w, None),
                         };
-                        let panels = (ncst + s.panel - 1) / s.panel;
-                        let pe = if s.weights == PanelType::F32 {
+                        let panels = (ncst + opts.panel - 1) / opts.panel;
+                        let pe = if opts.weights == PanelType::F32 {
                             e
                         } else {
                             ElemType::Half
@@ -771,7 +760,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                         let bp = s.new_buffer(
                             BufferRole::Temp,
                             pe,
-                            &[Dim::c(panels * kc * s.panel)],
+                            &[Dim::c(panels * kc * opts.panel)],
                             true,
                         );
                         s.buffers[bp as usize].streamed = true;
@@ -781,8 +770,8 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                                 w: w.clone(),
                                 k: kc,
                                 n: ncst,
-                                nr: s.panel,
-                                store: s.weights,
+                                nr: opts.panel,
+                                store: opts.weights,
                             },
                             &[w.buf],
                             bp,
@@ -802,9 +791,9 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                                 rows,
                                 k: kc,
                                 n: ncst,
-                                nr: s.panel,
+                                nr: opts.panel,
                                 norm,
-                                panel: s.weights,
+                                panel: opts.weights,
                             },
                             &[a.buf, bp],
                             out,
@@ -815,14 +804,14 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                     // not packed at load): the micro-kernel over slices of `w` (times the
                     // norm weight) packed as it goes. Elsewhere: a dot product per output
                     // over a k-contiguous `w`.
-                    let nr = if s.panel > 0 && e == ElemType::F32 && (shared_w || !fused) {
-                        s.panel
+                    let nr = if opts.panel > 0 && e == ElemType::F32 && (shared_w || !fused) {
+                        opts.panel
                     } else {
                         0
                     };
                     let w = if nr > 0 {
                         w
-                    } else if s.n_major {
+                    } else if opts.n_major {
                         s.row_contiguous(w, &wsh, e)
                     } else {
                         s.k_contiguous(w, &wsh, e)
@@ -836,7 +825,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                         {
                             // fold-norm-weight: w'[k, n] = g[k]·w[k, n], once at load, in the
                             // layout the matmul wants.
-                            let (wf, strides) = if s.n_major {
+                            let (wf, strides) = if opts.n_major {
                                 let wf = s.new_buffer(BufferRole::Temp, e, &wsh, true);
                                 (wf, contiguous_strides(&wsh))
                             } else {
@@ -945,7 +934,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                         hkv: c(&sh[1][1])?,
                         s: sh[1][2].clone(),
                         dv: c(&sh[2][3])?,
-                        tokens_first: s.attn_tokens_first,
+                        tokens_first: opts.attn_tokens_first,
                     };
                     // (tokens first: a `[B, T, H, Dv]` buffer seen as `[B, H, T, Dv]`)
                     let stored = if dims.tokens_first {

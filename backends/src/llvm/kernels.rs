@@ -4377,6 +4377,14 @@ fn gpu_mma_attention<'ctx>(
         for o in &oacc {
             fb.set(*o, fb.f32c(0.0))?;
         }
+        // This thread's pass `p` over a tile of `n` per row: row `r`, elements `e..e+4`.
+        let part = |fb: &Fb<'_, 'ctx>, p: i64, n: i64| -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
+            let i = fb.add(lane, c(p * GPU_BLOCK_THREADS))?;
+            Ok((
+                sdiv(i, c(n / 4), "r")?,
+                fb.mul(srem(i, c(n / 4), "e")?, c(4))?,
+            ))
+        };
         // Keys (or values) `s0..s0+64` of `src` (`n` per row), this thread's part: four
         // elements a pass, every pass's loads issued before any is used (one wait for them
         // all, not one a pass). Then `put` rounds them to bf16 into `dst`.
@@ -4398,11 +4406,7 @@ fn gpu_mma_attention<'ctx>(
             let place = |fb: &Fb<'_, 'ctx>,
                          p: i64|
              -> R<(IntValue<'ctx>, IntValue<'ctx>, IntValue<'ctx>)> {
-                let i = fb.add(lane, c(p * GPU_BLOCK_THREADS))?;
-                let (r, e) = (
-                    sdiv(i, c(n / 4), "r")?,
-                    fb.mul(srem(i, c(n / 4), "e")?, c(4))?,
-                );
+                let (r, e) = part(fb, p, n)?;
                 let s = fb.add(s0, r)?;
                 Ok((s, fb.add(base, fb.mul(s, src.strides[2])?)?, e))
             };
@@ -4442,11 +4446,7 @@ fn gpu_mma_attention<'ctx>(
         };
         let put = |fb: &Fb<'_, 'ctx>, vals: &[PointerValue<'ctx>], dst, n: i64| -> R<()> {
             for (p, v) in vals.chunks(4).enumerate() {
-                let i = fb.add(lane, c(p as i64 * GPU_BLOCK_THREADS))?;
-                let (r, e) = (
-                    sdiv(i, c(n / 4), "r")?,
-                    fb.mul(srem(i, c(n / 4), "e")?, c(4))?,
-                );
+                let (r, e) = part(fb, p as i64, n)?;
                 let lo = pack_bf16x2(fb, fb.get(v[0])?, fb.get(v[1])?)?;
                 let hi = pack_bf16x2(fb, fb.get(v[2])?, fb.get(v[3])?)?;
                 store_vector(
@@ -4870,9 +4870,8 @@ fn gather(
         ninner = fb.mul(ninner, *d)?;
     }
     let units = fb.mul(no, ni)?;
-    let (s, e) = fb.split(units)?;
     let bad = fb.ctx.append_basic_block(fb.func, "bad");
-    fb.for_range(s, e, |fb, u| {
+    fb.for_each_share(units, |fb, u| {
         let o = fb.b.build_int_signed_div(u, ni, "o").map_err(be)?;
         let ii = fb.b.build_int_signed_rem(u, ni, "ii").map_err(be)?;
         let iidx = fb.decompose(ii, &idims)?;
