@@ -15,6 +15,7 @@
 //! - `conformance-tc/<case>/`: the matmul cases compiled for tensor cores (bf16 operands);
 //! - `bench-matmul/`, `bench-matmul-tc/`, `bench-attention/`, `bench-attention-tc/`: a
 //!   matmul and a causal attention for timing (f32, and on tensor cores);
+//!   `bench-matmul-bf16/`: the matmul on tensor cores with its operands stored bf16;
 //! - `grads/<fixture>/`: each tiny transformers fixture's gradient graph (PTX, entry `run`)
 //!   with the fixture's weights, tokens and transformers' loss and gradients;
 //!   `grads-bf16/<fixture>/` the same with bf16 matmuls and attention (`--tensor-cores`);
@@ -60,7 +61,7 @@ fn ptx_artifact(g: &Graph, dir: &Path) -> Res<()> {
 }
 
 fn ptx_artifact_with(g: &Graph, dir: &Path, opts: &PtxOptions) -> Res<()> {
-    let prog = schedule_with(g, schedule_options())?;
+    let prog = schedule_with(g, schedule_options(opts))?;
     let spec = EntrySpec {
         mode: "inference".into(),
         entry: "run".into(),
@@ -161,6 +162,23 @@ fn main() -> Res<()> {
     ptx_artifact_with(
         &matmul,
         &out.join("bench-matmul-tc"),
+        &PtxOptions {
+            tensor_cores: true,
+            ..PtxOptions::default()
+        },
+    )?;
+    // bf16 operands in memory, as cuBLAS's bf16 matmul takes them: the `cp.async` ring.
+    let matmul_bf16 = egret_ir::parse(
+        r#"graph bench_matmul_bf16 {
+  %a = input "a" : bf16[M, K]
+  %w = input "w" : bf16[K, N]
+  %y = matmul(%a, %w) : bf16[M, N]
+  output "y" = %y
+}"#,
+    )?;
+    ptx_artifact_with(
+        &matmul_bf16,
+        &out.join("bench-matmul-bf16"),
         &PtxOptions {
             tensor_cores: true,
             ..PtxOptions::default()

@@ -49,6 +49,7 @@ pub fn executors(
         pack_weights: true,
         n_major: false,
         matmul_residual: false,
+        bf16_operands: false,
         attn_tokens_first: false,
     };
     let progs = schedule_graphs(gs, sopts)?;
@@ -157,6 +158,7 @@ pub fn compile_artifact(
         pack_weights: true,
         n_major: false,
         matmul_residual: false,
+        bf16_operands: false,
         attn_tokens_first: false,
     };
     let prog = schedule_with(&g, sopts).map_err(|e| EgretError::Usage(e.to_string()))?;

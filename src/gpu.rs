@@ -24,17 +24,21 @@ pub fn compile_graphs(
     opts: &PtxOptions,
     states: bool,
 ) -> Result<(String, Vec<Plan>)> {
-    let progs = schedule_for_gpu(gs, states)?;
+    let progs = schedule_for_gpu(gs, opts, states)?;
     let refs: Vec<&egret_backends::kernel::Program> = progs.iter().collect();
     compile_ptx(&refs, opts).map_err(|e| EgretError::Usage(e.to_string()))
 }
 
 /// Graphs of one model scheduled as the GPU wants them (`ptx::schedule_options`), with or
 /// without KV-cache states.
-fn schedule_for_gpu(gs: &[&Graph], states: bool) -> Result<Vec<egret_backends::kernel::Program>> {
+fn schedule_for_gpu(
+    gs: &[&Graph],
+    opts: &PtxOptions,
+    states: bool,
+) -> Result<Vec<egret_backends::kernel::Program>> {
     let sopts = egret_backends::schedule::ScheduleOptions {
         states,
-        ..schedule_options()
+        ..schedule_options(opts)
     };
     crate::cpu::schedule_graphs(gs, sopts)
 }
@@ -60,7 +64,7 @@ pub fn simt_executor(
     params: &HashMap<String, Tensor>,
     opts: &PtxOptions,
 ) -> Result<egret_runtime::cpu::CpuExecutor> {
-    let progs = schedule_for_gpu(&[g], false)?;
+    let progs = schedule_for_gpu(&[g], opts, false)?;
     let mut compiled = egret_backends::simt::compile_many(&[&progs[0]], opts.tensor_cores)
         .map_err(|e| EgretError::Usage(e.to_string()))?;
     let mut ex = egret_backends::simt::executor(compiled.remove(0))
@@ -80,7 +84,7 @@ pub fn compile_artifact(
     let g = optimized_graph(cfg, GraphKind::Step, passes)?;
     let sopts = egret_backends::schedule::ScheduleOptions {
         states: true,
-        ..schedule_options()
+        ..schedule_options(opts)
     };
     let prog = schedule_with(&g, sopts).map_err(|e| EgretError::Usage(e.to_string()))?;
     let model = serde_json::to_value(cfg).unwrap_or_default();

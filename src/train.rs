@@ -277,6 +277,7 @@ pub fn compile_train_artifact(
         pack_weights: false,
         n_major: false,
         matmul_residual: false,
+        bf16_operands: false,
         attn_tokens_first: false,
     };
     let (prog, spec, model) = train_program(cfg, passes, opt, budget, sopts)?;
@@ -303,7 +304,7 @@ pub fn compile_train_artifact_ptx(
 ) -> Result<std::path::PathBuf> {
     let sopts = egret_backends::schedule::ScheduleOptions {
         deep_first: true,
-        ..egret_backends::ptx::schedule_options()
+        ..egret_backends::ptx::schedule_options(opts)
     };
     let (prog, spec, model) = train_program(cfg, passes, opt, budget, sopts)?;
     egret_backends::artifact::write_ptx_artifact(&prog, opts, model, &spec, dir)

@@ -329,6 +329,18 @@ const EXACT_MMA_CASES: &[(&str, &str)] = &[
   output "z" = %z"#,
     ),
     (
+        // With tensor cores, `A` computed by an elementwise kernel (stored bf16 by it) and a
+        // weight (a bf16 copy at load), both with rows of a multiple of 8 elements: the
+        // `cp.async` ring, with tails in m, n and k and more k steps than ring stages.
+        "bf16-ring-tails",
+        r#"
+  %x = input "x" : f32[2, 1000, 136]
+  %a = neg(%x) : f32[2, 1000, 136]
+  %w = param "w" : f32[136, 1104]
+  %y = matmul(%a, %w) : f32[2, 1000, 1104]
+  output "y" = %y"#,
+    ),
+    (
         "residual-tails",
         r#"
   %x = input "x" : f32[2, 1000, 40]

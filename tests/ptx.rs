@@ -37,7 +37,7 @@ fn smollm2_step_ptx_assembles_for_sm80_and_sm90() {
         assert_eq!(art.manifest().target.cpu, arch);
         let ptx = std::fs::read_to_string(dir.join("kernels.ptx")).unwrap();
         assert!(ptx.contains(&format!(".target {arch}")), "{arch}");
-        for op in ["mma.sync", "ldmatrix"] {
+        for op in ["mma.sync", "ldmatrix", "cp.async.cg.shared.global"] {
             assert_eq!(ptx.contains(op), tensor_cores, "{arch} {op}");
         }
         common::assemble_ptx("smollm2 step", &ptx, arch);

@@ -208,6 +208,7 @@ pub fn peak_activation_bytes(g: &Graph, b: &HashMap<String, i64>) -> Result<u64,
                 what: String::new(),
                 work: vec![],
                 threads: vec![],
+                shared_bytes: 0,
             })
             .collect(),
         outputs: prog.outputs.clone(),

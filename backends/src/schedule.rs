@@ -160,6 +160,28 @@ impl Sched {
         view
     }
 
+    /// A tensor-core matmul operand (`ScheduleOptions::bf16_operands`) as the kernel reads
+    /// it: an inline value is stored in bf16 by the kernel that computes it (the rounding
+    /// the matmul applies anyway), a weight-only f32 value gets a contiguous bf16 copy made
+    /// once at load; a bf16 buffer is read as it is, and any other stored value stays f32
+    /// (the kernel rounds it as it loads).
+    fn bf16_operand(&mut self, v: &Val, shape: &[Dim]) -> Access {
+        let to_bf16 = |x: Expr| Expr::Cast(ElemType::BF16, Box::new(x), Round::BF16);
+        match v {
+            Val::Inline(x) => self.materialize(to_bf16(x.clone()), shape),
+            Val::View(a) if self.elem_of(a) == ElemType::BF16 => a.clone(),
+            Val::View(a) if self.weight_only[a.buf as usize] => {
+                self.materialize(to_bf16(Expr::Load(a.clone(), ElemType::F32)), shape)
+            }
+            Val::View(a) => a.clone(),
+        }
+    }
+
+    /// The element type of the buffer `acc` views.
+    fn elem_of(&self, acc: &Access) -> ElemType {
+        self.buffers[acc.buf as usize].elem
+    }
+
     /// A view whose last axis is contiguous (copying if needed).
     fn row_contiguous(&mut self, acc: Access, shape: &[Dim], e: ElemType) -> Access {
         if acc.strides.last() == Some(&Poly::c(1)) {
@@ -236,6 +258,11 @@ pub struct ScheduleOptions {
     /// Fold `add(matmul(a, w), r)`, where the product has no other use, into the matmul as
     /// its residual (`Kernel::MatMul::res`): one kernel instead of two (GPU kernels only).
     pub matmul_residual: bool,
+    /// Tensor-core matmuls read bf16 operands from global memory where they can
+    /// (`Sched::bf16_operand`; with `n_major`): half the bytes, and the GPU's kernel copies
+    /// them into shared memory as they lie. Graph inputs declared `bf16` whose every use is
+    /// a matmul are stored bf16 too (the runtime rounds the values given for them).
+    pub bf16_operands: bool,
     /// Attention writes its output tokens first (`AttnDims::tokens_first`), so that a
     /// transformer's permute back to `[B, T, H, Dv]` needs no copy (a kernel launch saved per
     /// layer where launches are what decode costs).
@@ -252,6 +279,7 @@ impl Default for ScheduleOptions {
             pack_weights: true,
             n_major: false,
             matmul_residual: false,
+            bf16_operands: false,
             attn_tokens_first: false,
         }
     }
@@ -343,6 +371,28 @@ fn summed_matmuls(g: &Graph) -> std::collections::HashMap<ValueId, ValueId> {
     found
 }
 
+/// Inputs declared `bf16`, not outputs, whose every use is a `matmul` operand: stored
+/// bf16 when matmuls read bf16 operands (`ScheduleOptions::bf16_operands`).
+fn matmul_only_bf16_inputs(g: &Graph, outputs: &BTreeSet<ValueId>) -> BTreeSet<ValueId> {
+    let mut only_matmuls: Vec<bool> = vec![true; g.len()];
+    for n in &g.nodes {
+        if n.op != Op::MatMul {
+            for x in &n.inputs {
+                only_matmuls[x.index()] = false;
+            }
+        }
+    }
+    g.values()
+        .filter(|v| {
+            let n = g.node(*v);
+            matches!(n.op, Op::Input { .. })
+                && n.ty.dtype == DType::BF16
+                && only_matmuls[v.index()]
+                && !outputs.contains(v)
+        })
+        .collect()
+}
+
 /// Schedules `g` (verified) into a program.
 pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, BackendError> {
     egret_ir::verify(g).map_err(BackendError::Ir)?;
@@ -375,10 +425,15 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
     } else {
         Default::default()
     };
+    let outputs: BTreeSet<ValueId> = g.outputs.iter().map(|(_, v)| *v).collect();
+    let bf16_inputs = if opts.bf16_operands {
+        matmul_only_bf16_inputs(g, &outputs)
+    } else {
+        BTreeSet::new()
+    };
     let mut vals: Vec<Option<Val>> = vec![None; g.len()];
     let mut taken = BTreeSet::new();
     let mut out_bufs: std::collections::HashMap<String, u32> = Default::default();
-    let outputs: BTreeSet<ValueId> = g.outputs.iter().map(|(_, v)| *v).collect();
     for v in order {
         let n = g.node(v);
         let shape = n.ty.shape.dims().to_vec();
@@ -431,10 +486,17 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                         strides,
                     })
                 }
-                Op::Input { name } => Val::View(Access::contiguous(
-                    s.new_buffer(BufferRole::Input(name.clone()), e, &shape, false),
-                    &shape,
-                )),
+                Op::Input { name } => {
+                    let e = if bf16_inputs.contains(&v) {
+                        ElemType::BF16
+                    } else {
+                        e
+                    };
+                    Val::View(Access::contiguous(
+                        s.new_buffer(BufferRole::Input(name.clone()), e, &shape, false),
+                        &shape,
+                    ))
+                }
                 Op::Param { name } if shape.iter().any(|d| d.as_const().is_none()) => {
                     return Err(BackendError::Unsupported(format!(
                     "parameter `{name}` has a symbolic shape {}; parameters need constant shapes",
@@ -698,8 +760,15 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                     let fused = matches!(n.op, Op::RmsNormMatMul { .. });
                     let wi = if fused { 2 } else { 1 };
                     let (ash, wsh) = (arg_shape(0), arg_shape(wi));
-                    let a = s.view(&arg(0), &ash);
-                    let a = s.row_contiguous(a, &ash, e);
+                    // (bf16 operands: both of a plain matmul; the right one of a fused norm,
+                    // whose left one must be normalised in f32 first)
+                    let bf16 = opts.bf16_operands && opts.panel == 0;
+                    let a = if bf16 && !fused {
+                        s.bf16_operand(&arg(0), &ash)
+                    } else {
+                        s.view(&arg(0), &ash)
+                    };
+                    let a = s.row_contiguous(a.clone(), &ash, s.elem_of(&a));
                     let w = s.view(&arg(wi), &wsh);
                     let batch = ash[..ash.len() - 2].to_vec();
                     let (m, k, nn) = (
@@ -811,6 +880,9 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                     };
                     let w = if nr > 0 {
                         w
+                    } else if bf16 && !fused {
+                        let w = s.bf16_operand(&arg(wi), &wsh);
+                        s.row_contiguous(w.clone(), &wsh, s.elem_of(&w))
                     } else if opts.n_major {
                         s.row_contiguous(w, &wsh, e)
                     } else {
@@ -826,7 +898,8 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                             // fold-norm-weight: w'[k, n] = g[k]·w[k, n], once at load, in the
                             // layout the matmul wants.
                             let (wf, strides) = if opts.n_major {
-                                let wf = s.new_buffer(BufferRole::Temp, e, &wsh, true);
+                                let we = if bf16 { ElemType::BF16 } else { e };
+                                let wf = s.new_buffer(BufferRole::Temp, we, &wsh, true);
                                 (wf, contiguous_strides(&wsh))
                             } else {
                                 let wf = s.new_buffer(
@@ -847,11 +920,14 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                                 offset: gw.offset.clone(),
                                 strides: vec![gw.strides[0].clone(), Poly::zero()],
                             };
-                            let expr = Expr::Binary(
+                            let mut expr = Expr::Binary(
                                 egret_ir::BinaryOp::Mul,
                                 Box::new(Expr::Load(gb, e)),
                                 Box::new(Expr::Load(w.clone(), e)),
                             );
+                            if s.elem_of(&view) == ElemType::BF16 {
+                                expr = Expr::Cast(ElemType::BF16, Box::new(expr), Round::BF16);
+                            }
                             s.push(
                                 Kernel::Elementwise {
                                     out: view.clone(),

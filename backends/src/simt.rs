@@ -76,6 +76,24 @@ struct Block {
     events: u64,
     /// The first vector access that was not aligned to its size: `(address, bytes)`.
     misaligned: Option<(u64, u64)>,
+    /// Each thread's asynchronous copies (`cp.async`): those not yet committed, and the
+    /// committed groups, oldest first. A copy is made only when a wait needs its group done,
+    /// the latest moment the GPU may make it, so code that reads too early reads stale data.
+    copies: Vec<AsyncCopies>,
+}
+
+/// One 16-byte `cp.async`: `src_bytes` bytes from `src`, zeros for the rest of the 16.
+#[derive(Clone, Copy)]
+struct AsyncCopy {
+    dst: usize,
+    src: usize,
+    src_bytes: usize,
+}
+
+#[derive(Default)]
+struct AsyncCopies {
+    open: Vec<AsyncCopy>,
+    groups: std::collections::VecDeque<Vec<AsyncCopy>>,
 }
 
 impl Block {
@@ -263,14 +281,68 @@ extern "C" fn egret_simt_aligned(p: *const u8, bytes: i64) {
     }
 }
 
+/// `cp.async.cg.shared.global [dst], [src], 16, src_bytes`: queued for the running thread
+/// (made by a later `egret_simt_cp_async_wait`).
+extern "C" fn egret_simt_cp_async(dst: *mut u8, src: *const u8, src_bytes: i32) {
+    egret_simt_aligned(dst, 16);
+    egret_simt_aligned(src, 16);
+    // SAFETY: hooks run on simulated threads only, while `run_block` holds the block.
+    unsafe {
+        let b = block();
+        let lane = (*b).running;
+        (&mut (*b).copies)[lane].open.push(AsyncCopy {
+            dst: dst as usize,
+            src: src as usize,
+            src_bytes: src_bytes.clamp(0, 16) as usize,
+        });
+    }
+}
+
+/// `cp.async.commit_group`: the running thread's uncommitted copies become a group.
+extern "C" fn egret_simt_cp_async_commit() {
+    // SAFETY: as above.
+    unsafe {
+        let b = block();
+        let c = &mut (&mut (*b).copies)[(*b).running];
+        let open = std::mem::take(&mut c.open);
+        c.groups.push_back(open);
+    }
+}
+
+/// `cp.async.wait_group n`: the running thread's groups but the `n` newest are made.
+extern "C" fn egret_simt_cp_async_wait(n: i32) {
+    // SAFETY: as above; each copy's addresses were given by the generated code as 16 bytes
+    // of shared memory and `src_bytes` readable bytes.
+    unsafe {
+        let b = block();
+        let c = &mut (&mut (*b).copies)[(*b).running];
+        while c.groups.len() > n.max(0) as usize {
+            for cp in c.groups.pop_front().expect("a group") {
+                let dst = cp.dst as *mut u8;
+                std::ptr::copy_nonoverlapping(cp.src as *const u8, dst, cp.src_bytes);
+                std::ptr::write_bytes(dst.add(cp.src_bytes), 0, 16 - cp.src_bytes);
+            }
+        }
+    }
+}
+
 /// The hooks the simulated code calls, by name (`SIMT_HOOKS`).
-fn hooks() -> [(&'static str, usize); 5] {
+fn hooks() -> [(&'static str, usize); 8] {
     [
         (SIMT_HOOKS[0], egret_simt_barrier as *const () as usize),
         (SIMT_HOOKS[1], egret_simt_shfl_bfly as *const () as usize),
         (SIMT_HOOKS[2], egret_simt_mma_bf16 as *const () as usize),
         (SIMT_HOOKS[3], egret_simt_ldmatrix as *const () as usize),
         (SIMT_HOOKS[4], egret_simt_aligned as *const () as usize),
+        (SIMT_HOOKS[5], egret_simt_cp_async as *const () as usize),
+        (
+            SIMT_HOOKS[6],
+            egret_simt_cp_async_commit as *const () as usize,
+        ),
+        (
+            SIMT_HOOKS[7],
+            egret_simt_cp_async_wait as *const () as usize,
+        ),
     ]
 }
 
@@ -334,6 +406,7 @@ impl SimtLauncher {
                 .collect(),
             events: 0,
             misaligned: None,
+            copies: (0..BLOCK).map(|_| AsyncCopies::default()).collect(),
         }));
         // SAFETY (all uses of `bp` below): the block lives until the end of this function,
         // where it is freed after every thread has ended or been reset; only one thread
@@ -495,6 +568,7 @@ mod tests {
             what: "test kernel".into(),
             work: vec![],
             threads: vec![SymDim::c(threads)],
+            shared_bytes: 0,
         }
     }
 

@@ -64,7 +64,11 @@ fn fused_elementwise_kernel() {
 fn gpu_schedule_folds_residual_adds_into_matmuls() {
     let describe = |src: &str| -> Vec<String> {
         let g = egret_ir::parse(src).unwrap();
-        let prog = schedule_with(&g, egret_backends::ptx::schedule_options()).unwrap();
+        let prog = schedule_with(
+            &g,
+            egret_backends::ptx::schedule_options(&Default::default()),
+        )
+        .unwrap();
         prog.kernels.iter().map(|k| k.describe()).collect()
     };
     let folded = describe(

@@ -291,6 +291,10 @@ fn benches(bundle: &Path, table: &mut Vec<String>) -> Res<()> {
             "bench-matmul-tc",
             "matmul tensor cores (bf16 operands, f32 sums) 4096^3",
         ),
+        (
+            "bench-matmul-bf16",
+            "matmul tensor cores, operands stored bf16 (as cuBLAS's) 4096^3",
+        ),
     ] {
         let mut mm = executor(&bundle.join(dir))?;
         let out = mm.run(&inputs)?;
@@ -312,16 +316,18 @@ fn benches(bundle: &Path, table: &mut Vec<String>) -> Res<()> {
             s * 1e3
         ));
     }
-    if let [f32_out, tc_out] = results.as_slice() {
-        let rel = rel_l2(tc_out, f32_out);
-        println!(
-            "{}",
-            serde_json::json!({"check": "bench", "what": "matmul tensor cores vs f32", "rel_l2": rel})
-        );
-        table.push(format!(
-            "egret matmul 4096^3 tensor cores vs f32: relative L2 {rel:.2e} {}",
-            if rel <= 1e-2 { "ok" } else { "FAIL" }
-        ));
+    if let [f32_out, tc_outs @ ..] = results.as_slice() {
+        for (tc_out, what) in tc_outs.iter().zip(["tensor cores", "bf16 operands"]) {
+            let rel = rel_l2(tc_out, f32_out);
+            println!(
+                "{}",
+                serde_json::json!({"check": "bench", "what": format!("matmul {what} vs f32"), "rel_l2": rel})
+            );
+            table.push(format!(
+                "egret matmul 4096^3 {what} vs f32: relative L2 {rel:.2e} {}",
+                if rel <= 1e-2 { "ok" } else { "FAIL" }
+            ));
+        }
     }
     let t = 4096;
     let inputs = HashMap::from([

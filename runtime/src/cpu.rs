@@ -733,6 +733,8 @@ impl CpuExecutor {
         let layout = self.layout.as_ref().expect("just planned");
         let base = self.arena.ptr();
         let mut ptrs: Vec<*mut u8> = vec![std::ptr::null_mut(); self.plan.buffers.len()];
+        // Inputs stored as bf16, rounded from the f32 values given: kept until the run ends.
+        let mut converted: Vec<Aligned> = vec![];
         for (i, b) in self.plan.buffers.iter().enumerate() {
             match &b.role {
                 BufferRole::Temp => {
@@ -754,6 +756,16 @@ impl CpuExecutor {
                     let p = match (&v.data, b.elem) {
                         (HostData::F32(d), ElemType::F32) if d.len() == n => d.as_ptr() as *mut u8,
                         (HostData::I64(d), ElemType::I64) if d.len() == n => d.as_ptr() as *mut u8,
+                        (HostData::F32(d), ElemType::BF16) if d.len() == n => {
+                            let bytes = crate::plan::bf16_bytes(d);
+                            let mut a = Aligned::new(bytes.len());
+                            // SAFETY: the storage holds `bytes.len()` bytes.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(bytes.as_ptr(), a.ptr(), bytes.len())
+                            };
+                            converted.push(a);
+                            converted.last_mut().expect("pushed").ptr()
+                        }
                         _ => {
                             return Err(RuntimeError::Invalid(format!(
                                 "input `{name}` has the wrong element type or length"
@@ -907,6 +919,9 @@ impl CpuExecutor {
                             .map(|&b| b as i64)
                             .collect(),
                     ),
+                    ElemType::BF16 => HostData::F32(crate::plan::bf16_values(
+                        std::slice::from_raw_parts(p, 2 * n),
+                    )),
                     ElemType::Half => {
                         return Err(RuntimeError::Invalid(format!(
                             "output `{name}` is a packed half-precision buffer"

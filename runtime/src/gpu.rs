@@ -150,9 +150,22 @@ impl GpuExecutor {
             .map_err(|e| RuntimeError::Gpu(format!("the driver rejected the PTX: {e:?}")))?;
         let mut funcs = Vec::with_capacity(plan.kernels.len());
         for k in &plan.kernels {
-            funcs.push(module.load_function(&k.symbol).map_err(|e| {
+            let f = module.load_function(&k.symbol).map_err(|e| {
                 RuntimeError::Gpu(format!("the PTX lacks kernel `{}`: {e:?}", k.symbol))
-            })?);
+            })?;
+            if k.shared_bytes > 0 {
+                f.set_attribute(
+                    sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    k.shared_bytes as i32,
+                )
+                .map_err(|e| {
+                    RuntimeError::Gpu(format!(
+                        "kernel `{}` cannot have {} bytes of shared memory: {e:?}",
+                        k.symbol, k.shared_bytes
+                    ))
+                })?;
+            }
+            funcs.push(f);
         }
         let n = plan.buffers.len();
         let states = plan
@@ -350,7 +363,7 @@ impl GpuExecutor {
                 }
                 let len = v.shape[spec.axis];
                 let cap = StateSpec::capacity_for(len, 0);
-                let data = relayout_host(bytes, &v.shape, spec.axis, len, cap, elem.size());
+                let data = relayout_host(&bytes, &v.shape, spec.axis, len, cap, elem.size());
                 self.states[i] = DevState {
                     data: Some(self.upload(&data)?),
                     shape: v.shape.clone(),
@@ -521,7 +534,7 @@ impl GpuExecutor {
             let cfg = LaunchConfig {
                 grid_dim: (launch[i], 1, 1),
                 block_dim: (GPU_BLOCK, 1, 1),
-                shared_mem_bytes: 0,
+                shared_mem_bytes: self.plan.kernels[k].shared_bytes,
             };
             let mut b = self.stream.launch_builder(&self.funcs[k]);
             b.arg(&bufs).arg(&syms_p).arg(&scratch_p).arg(&status_p);
@@ -614,7 +627,7 @@ impl GpuExecutor {
                         Some(v) => {
                             let bytes = host_bytes(v, b.elem)
                                 .ok_or_else(|| wrong_input(name, "element type"))?;
-                            let s = self.upload(bytes)?;
+                            let s = self.upload(&bytes)?;
                             ptrs[i] = dptr(&s, &self.stream);
                             if fed {
                                 self.resident.insert(name.clone(), (v.shape.clone(), s));
@@ -723,6 +736,7 @@ impl GpuExecutor {
                 ElemType::F32 => HostData::F32(f32s(&host)),
                 ElemType::I64 => HostData::I64(i64s(&host)),
                 ElemType::Bool => HostData::I64(host.iter().map(|&b| b as i64).collect()),
+                ElemType::BF16 => HostData::F32(crate::plan::bf16_values(&host)),
                 ElemType::Half => {
                     return Err(RuntimeError::Invalid(format!(
                         "output `{name}` is a packed half-precision buffer"
@@ -799,14 +813,21 @@ fn bytemuck_f32(v: &[f32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
-/// The bytes of a host value if its type fits `elem` and its length its shape.
-fn host_bytes(v: &HostValue, elem: ElemType) -> Option<&[u8]> {
+/// The bytes of a host value if its type fits `elem` and its length its shape (f32 values
+/// for a bf16 buffer rounded to it).
+fn host_bytes(v: &HostValue, elem: ElemType) -> Option<std::borrow::Cow<'_, [u8]>> {
+    use std::borrow::Cow;
     let n: usize = v.shape.iter().product();
     match (&v.data, elem) {
-        (HostData::F32(d), ElemType::F32) if d.len() == n => Some(bytemuck_f32(d)),
+        (HostData::F32(d), ElemType::F32) if d.len() == n => Some(Cow::Borrowed(bytemuck_f32(d))),
+        (HostData::F32(d), ElemType::BF16) if d.len() == n => {
+            Some(Cow::Owned(crate::plan::bf16_bytes(d)))
+        }
         (HostData::I64(d), ElemType::I64) if d.len() == n => {
             // SAFETY: as above, for i64.
-            Some(unsafe { std::slice::from_raw_parts(d.as_ptr() as *const u8, d.len() * 8) })
+            Some(Cow::Borrowed(unsafe {
+                std::slice::from_raw_parts(d.as_ptr() as *const u8, d.len() * 8)
+            }))
         }
         _ => None,
     }

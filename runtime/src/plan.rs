@@ -46,6 +46,10 @@ pub enum ElemType {
     Bool,
     /// Two bytes per element (bf16 or f16 bits): packed weights only.
     Half,
+    /// bfloat16 values (GPU tensor-core matmul operands and graph inputs declared `bf16`
+    /// when matmuls run on tensor cores): f32 values given for them are rounded to nearest
+    /// even as they are copied in, and read back as f32.
+    BF16,
 }
 
 impl ElemType {
@@ -54,9 +58,28 @@ impl ElemType {
             ElemType::F32 => 4,
             ElemType::I64 => 8,
             ElemType::Bool => 1,
-            ElemType::Half => 2,
+            ElemType::Half | ElemType::BF16 => 2,
         }
     }
+}
+
+/// `x` rounded to bfloat16, nearest even (NaN stays NaN): its bits.
+pub fn bf16_bits(x: f32) -> u16 {
+    half::bf16::from_f32(x).to_bits()
+}
+
+/// f32 values as bfloat16 bytes (little-endian), each rounded to nearest even.
+pub fn bf16_bytes(xs: &[f32]) -> Vec<u8> {
+    xs.iter()
+        .flat_map(|&x| bf16_bits(x).to_le_bytes())
+        .collect()
+}
+
+/// bfloat16 bytes (little-endian) as f32 values (exact).
+pub fn bf16_values(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(2)
+        .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
+        .collect()
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,6 +135,14 @@ pub struct KernelCall {
     /// kernel's parallel loop), in blocks of `GPU_BLOCK`; empty for CPU kernels.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub threads: Vec<SymDim>,
+    /// GPU kernels: bytes of dynamic shared memory each block is launched with (0: none;
+    /// the executor raises the function's limit when it is over the default 48 KiB).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub shared_bytes: u32,
+}
+
+fn is_zero(x: &u32) -> bool {
+    *x == 0
 }
 
 /// Threads per block of every GPU launch: part of the contract between the PTX a backend

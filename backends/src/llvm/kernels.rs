@@ -152,7 +152,33 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
             ElemType::F32 => self.f32t.into(),
             ElemType::I64 => self.i64t.into(),
             ElemType::Bool => self.ctx.i8_type().into(),
-            ElemType::Half => self.ctx.i16_type().into(),
+            ElemType::Half | ElemType::BF16 => self.ctx.i16_type().into(),
+        }
+    }
+
+    /// bf16 bits (an i16) as the f32 they stand for (exact).
+    fn bf16_to_f32(&self, h: IntValue<'ctx>) -> R<FloatValue<'ctx>> {
+        let i32t = self.ctx.i32_type();
+        let w = self.b.build_int_z_extend(h, i32t, "bz").map_err(be)?;
+        let w = self
+            .b
+            .build_left_shift(w, i32t.const_int(16, false), "bs")
+            .map_err(be)?;
+        Ok(self
+            .b
+            .build_bit_cast(w, self.f32t, "bf")
+            .map_err(be)?
+            .into_float_value())
+    }
+
+    /// A float element `idx` of `av`'s buffer (f32, or bf16 widened exactly).
+    fn load_float(&self, av: &Av<'ctx>, idx: IntValue<'ctx>) -> R<FloatValue<'ctx>> {
+        match av.elem {
+            ElemType::F32 => self.load_f32(av.ptr, idx),
+            ElemType::BF16 => Ok(self.load(av, idx)?.into_float_value()),
+            other => Err(BackendError::Unsupported(format!(
+                "a float operand stored as {other:?}"
+            ))),
         }
     }
 
@@ -162,6 +188,7 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
         let p = unsafe { self.b.build_in_bounds_gep(ty, av.ptr, &[idx], "p") }.map_err(be)?;
         let v = self.b.build_load(ty, p, "v").map_err(be)?;
         Ok(match av.elem {
+            ElemType::BF16 => self.bf16_to_f32(v.into_int_value())?.into(),
             ElemType::Bool => self
                 .b
                 .build_int_compare(
@@ -191,6 +218,20 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
                 .build_int_z_extend(v.into_int_value(), self.ctx.i8_type(), "z")
                 .map_err(be)?
                 .into(),
+            // Rounded to nearest even, the high half of its bits kept.
+            ElemType::BF16 => {
+                let r = round_bf16(self, v.into_float_value())?;
+                let i32t = self.ctx.i32_type();
+                let w = self.b.build_bit_cast(r, i32t, "rb").map_err(be)?;
+                let hi = self
+                    .b
+                    .build_right_shift(w.into_int_value(), i32t.const_int(16, false), false, "hi")
+                    .map_err(be)?;
+                self.b
+                    .build_int_truncate(hi, self.ctx.i16_type(), "h")
+                    .map_err(be)?
+                    .into()
+            }
             _ => v,
         };
         self.b.build_store(p, v).map_err(be)?;
@@ -971,12 +1012,18 @@ impl Flavor {
 ///   (`.trans` when `trans` is 1), `row` this lane's row address, `out[0..4]` its registers.
 /// - `egret_simt_aligned(ptr p, i64 bytes)`: before a vector access of `bytes` bytes at `p`,
 ///   which the GPU requires to be aligned to its size (the simulator fails the launch if not).
-pub const SIMT_HOOKS: [&str; 5] = [
+/// - `egret_simt_cp_async(ptr dst, ptr src, i32 src_bytes)`,
+///   `egret_simt_cp_async_commit()`, `egret_simt_cp_async_wait(i32 n)`: `cp.async.cg` of 16
+///   bytes (zero-filled past `src_bytes`), `cp.async.commit_group`, `cp.async.wait_group n`.
+pub const SIMT_HOOKS: [&str; 8] = [
     "egret_simt_barrier",
     "egret_simt_shfl_bfly",
     "egret_simt_mma_bf16",
     "egret_simt_ldmatrix",
     "egret_simt_aligned",
+    "egret_simt_cp_async",
+    "egret_simt_cp_async_commit",
+    "egret_simt_cp_async_wait",
 ];
 
 /// Emits kernel `k` as function `name`; returns its buffer arguments and scratch floats.
@@ -1629,7 +1676,9 @@ fn eval<'ctx>(
                 .bool_type()
                 .const_int((*v != 0.0) as u64, false)
                 .into(),
-            ElemType::Half => return Err(BackendError::Unsupported("half constants".into())),
+            ElemType::Half | ElemType::BF16 => {
+                return Err(BackendError::Unsupported("half constants".into()))
+            }
         },
         Expr::Iota(axis, t) => {
             let i = index[*axis];
@@ -1799,7 +1848,9 @@ fn eval<'ctx>(
         Expr::Cast(to, a, round) => {
             let x = eval(fb, a, avs, bases, next, index)?;
             let v: BasicValueEnum = match (x, to) {
-                (BasicValueEnum::FloatValue(f), ElemType::F32) => f.into(),
+                // (a bf16 value is held as the f32 it stands for: rounded by `round`, and
+                // by the store into a bf16 buffer)
+                (BasicValueEnum::FloatValue(f), ElemType::F32 | ElemType::BF16) => f.into(),
                 (BasicValueEnum::FloatValue(f), ElemType::I64) => {
                     fb.b.build_float_to_signed_int(f, fb.i64t, "fi")
                         .map_err(be)?
@@ -2312,8 +2363,10 @@ fn matmul<'ctx>(
     k: &Dim,
     shared_w: bool,
 ) -> R<()> {
-    let aav = fb.access(a, ElemType::F32)?;
-    let wav = fb.access(w, ElemType::F32)?;
+    // (operands may be stored bf16: tensor-core operands in global memory)
+    let elem = |x: &Access| fb.prog.buffers[x.buf as usize].elem;
+    let aav = fb.access(a, elem(a))?;
+    let wav = fb.access(w, elem(w))?;
     let rav = res.map(|r| fb.access(r, ElemType::F32)).transpose()?;
     let gav = match norm {
         Some((Some(g), _)) => Some(fb.access(g, ElemType::F32)?),
@@ -2686,8 +2739,9 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
         })
     }
 
-    /// Whether `a`'s rows (along k) and `w`'s rows (along n) allow 16-byte loads: unit
-    /// stride along them, every row start a multiple of 4 elements, the base 16-byte aligned.
+    /// Whether `a`'s rows (along k) and `w`'s rows (along n) allow loads of four elements
+    /// (`load_x4`): unit stride along them, every row start a multiple of 4 elements, the
+    /// base aligned to four elements' size.
     fn vector_rows(&self, fb: &Fb<'_, 'ctx>) -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
         let rows = |av: &Av<'ctx>, along: usize, across: usize| -> R<IntValue<'ctx>> {
             let unit =
@@ -2695,7 +2749,8 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
                     .map_err(be)?;
             let starts = fb.multiple_of(av.strides[across], 4)?;
             let both = fb.b.build_and(unit, starts, "v").map_err(be)?;
-            fb.b.build_and(both, fb.ptr_aligned(av.ptr, 16)?, "v")
+            let bytes = 4 * av.elem.size() as i64;
+            fb.b.build_and(both, fb.ptr_aligned(av.ptr, bytes)?, "v")
                 .map_err(be)
         };
         let (ra, wa) = (self.aav.strides.len(), self.wav.strides.len());
@@ -2770,7 +2825,7 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
                 abase,
                 fb.add(fb.mul(gm, aav.strides[ra])?, fb.mul(gk, aav.strides[ka])?)?,
             )?;
-            let mut x = fb.load_f32(aav.ptr, at)?;
+            let mut x = fb.load_float(aav, at)?;
             if let Some(g) = gav {
                 let gv = fb.load_f32(g.ptr, fb.add(g.off, fb.mul(gk, g.strides[0])?)?)?;
                 x = fb.fmul(x, gv)?;
@@ -2795,7 +2850,7 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
                 wbase,
                 fb.add(fb.mul(gk, wav.strides[kw])?, fb.mul(gn, wav.strides[nw])?)?,
             )?;
-            fb.load_f32(wav.ptr, at)
+            fb.load_float(wav, at)
         })
     }
 }
@@ -2952,14 +3007,14 @@ fn gpu_gemv<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
                 fb.set(*a, fb.f32c(0.0))?;
             }
             fb.for_range(k0, k1, |fb, kk| {
-                let mut y = fb.load_f32(wav.ptr, fb.add(wcol, fb.mul(kk, wav.strides[kw])?)?)?;
+                let mut y = fb.load_float(wav, fb.add(wcol, fb.mul(kk, wav.strides[kw])?)?)?;
                 if let Some(g) = gav {
                     let gv = fb.load_f32(g.ptr, fb.add(g.off, fb.mul(kk, g.strides[0])?)?)?;
                     y = fb.fmul(y, gv)?;
                 }
                 let yp = operand(fb, y)?;
                 for (r, ab) in abases.iter().enumerate() {
-                    let x = fb.load_f32(aav.ptr, fb.add(*ab, fb.mul(kk, aav.strides[ka])?)?)?;
+                    let x = fb.load_float(aav, fb.add(*ab, fb.mul(kk, aav.strides[ka])?)?)?;
                     let xp = operand(fb, x)?;
                     fb.set(
                         accs[r],
@@ -3074,7 +3129,7 @@ fn row_scales<'ctx>(
             )?;
             fb.for_range(c(0), half, |fb, j| {
                 let kk = fb.add(fb.mul(j, c(2))?, h)?;
-                let x = fb.load_f32(aav.ptr, fb.add(rb, fb.mul(kk, aav.strides[ka])?)?)?;
+                let x = fb.load_float(aav, fb.add(rb, fb.mul(kk, aav.strides[ka])?)?)?;
                 fb.set(acc, fb.fma_fast(fb.get(acc)?, x, x)?)
             })
         },
@@ -3113,9 +3168,102 @@ const MMA_STAGE_WORDS: i64 = GPU_TILE * MMA_TILE_K / 2;
 /// (32 rows of `A`, or 8 k rows of `W`, a pass).
 const MMA_PASSES: i64 = 4;
 
+/// Stages of `gpu_mma_matmul`'s shared-memory ring: with bf16 operands in global memory,
+/// `MMA_STAGES - 1` slices are in flight (`cp.async`) while one is multiplied.
+const MMA_STAGES: i64 = 4;
+const _: () = assert!((MMA_STAGES as u64).is_power_of_two() && MMA_STAGES >= 2);
+
+/// Bytes of that ring (`A`'s stages, then `W`'s): dynamic shared memory, as it is over the
+/// 48 KiB a kernel may hold statically.
+pub const MMA_RING_BYTES: i64 = MMA_STAGES * 2 * MMA_STAGE_WORDS * 4;
+
 /// An i32 shared-memory array of `len` words private to the kernel being generated.
 fn shared_i32<'ctx>(fb: &Fb<'_, 'ctx>, name: &str, len: u32) -> PointerValue<'ctx> {
     shared_array(fb, name, fb.ctx.i32_type().array_type(len))
+}
+
+/// The kernel's dynamic shared memory as i32 words, `bytes` of it (the launch gives that
+/// many: `gpu_shared_bytes`). On the GPU, the module's one `extern .shared` array; in the
+/// simulator, an array of the kernel's own.
+fn dynamic_shared<'ctx>(fb: &Fb<'_, 'ctx>, bytes: i64) -> PointerValue<'ctx> {
+    if fb.sim {
+        return shared_i32(fb, "dynamic", (bytes / 4) as u32);
+    }
+    const NAME: &str = "egret_dynamic_shared";
+    let g = fb.module.get_global(NAME).unwrap_or_else(|| {
+        let ty = fb.ctx.i32_type().array_type(0);
+        let g = fb
+            .module
+            .add_global(ty, Some(AddressSpace::from(3u16)), NAME);
+        g.set_linkage(Linkage::External);
+        g.set_alignment(16);
+        g
+    });
+    g.as_pointer_value()
+}
+
+/// `cp.async.cg.shared.global [dst], [src], 16, src_bytes` (sm_80 and later): 16 bytes from
+/// global memory to shared memory without passing through registers, the bytes past
+/// `src_bytes` (0 or 16 here) zero-filled; done by the next `cp_async_wait` that covers it.
+fn cp_async<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    dst: PointerValue<'ctx>,
+    src: PointerValue<'ctx>,
+    src_bytes: IntValue<'ctx>,
+) -> R<()> {
+    let i32t = fb.ctx.i32_type();
+    let n = fb.b.build_int_truncate(src_bytes, i32t, "n").map_err(be)?;
+    if fb.sim {
+        let ptrt = fb.ctx.ptr_type(AddressSpace::default());
+        let ty = fb
+            .ctx
+            .void_type()
+            .fn_type(&[ptrt.into(), ptrt.into(), i32t.into()], false);
+        fb.hook(SIMT_HOOKS[5], ty, &[dst.into(), src.into(), n.into()])?;
+        return Ok(());
+    }
+    let g =
+        fb.b.build_address_space_cast(src, fb.ctx.ptr_type(AddressSpace::from(1u16)), "g")
+            .map_err(be)?;
+    let name = "llvm.nvvm.cp.async.cg.shared.global.16.s";
+    let f = Intrinsic::find(name)
+        .and_then(|i| i.get_declaration(fb.module, &[]))
+        .ok_or_else(|| BackendError::Llvm(format!("no intrinsic {name}")))?;
+    fb.b.build_call(f, &[dst.into(), g.into(), n.into()], "")
+        .map_err(be)?;
+    Ok(())
+}
+
+/// `cp.async.commit_group`: this thread's `cp_async`s since the last commit form a group.
+fn cp_async_commit(fb: &Fb) -> R<()> {
+    if fb.sim {
+        fb.hook(SIMT_HOOKS[6], fb.ctx.void_type().fn_type(&[], false), &[])?;
+        return Ok(());
+    }
+    let name = "llvm.nvvm.cp.async.commit.group";
+    let f = Intrinsic::find(name)
+        .and_then(|i| i.get_declaration(fb.module, &[]))
+        .ok_or_else(|| BackendError::Llvm(format!("no intrinsic {name}")))?;
+    fb.b.build_call(f, &[], "").map_err(be)?;
+    Ok(())
+}
+
+/// `cp.async.wait_group n`: every group of this thread but the `n` newest is done (a
+/// barrier after it makes them visible to the block).
+fn cp_async_wait(fb: &Fb, n: i64) -> R<()> {
+    let i32t = fb.ctx.i32_type();
+    let nv = i32t.const_int(n as u64, false);
+    if fb.sim {
+        let ty = fb.ctx.void_type().fn_type(&[i32t.into()], false);
+        fb.hook(SIMT_HOOKS[7], ty, &[nv.into()])?;
+        return Ok(());
+    }
+    let name = "llvm.nvvm.cp.async.wait.group";
+    let f = Intrinsic::find(name)
+        .and_then(|i| i.get_declaration(fb.module, &[]))
+        .ok_or_else(|| BackendError::Llvm(format!("no intrinsic {name}")))?;
+    fb.b.build_call(f, &[nv.into()], "").map_err(be)?;
+    Ok(())
 }
 
 /// Two f32s rounded to bf16 (nearest even) and packed, `lo` in the low half: an `mma`
@@ -3198,6 +3346,42 @@ fn load_f32x4<'ctx>(
             fb.b.build_extract_element(v, i32t.const_int(i as u64, false), "e")
                 .map_err(be)?
                 .into_float_value();
+    }
+    Ok(out)
+}
+
+/// Four float operands at `av`'s `idx..idx+4` in one load of their total size (16 bytes of
+/// f32, 8 of bf16; `idx` a multiple of 4 and the base aligned to that size: `vector_rows`).
+fn load_x4<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    av: &Av<'ctx>,
+    idx: IntValue<'ctx>,
+) -> R<[FloatValue<'ctx>; 4]> {
+    if av.elem == ElemType::F32 {
+        return load_f32x4(fb, av.ptr, idx, false);
+    }
+    let i16t = fb.ctx.i16_type();
+    let mut p = unsafe { fb.b.build_in_bounds_gep(i16t, av.ptr, &[idx], "p4") }.map_err(be)?;
+    fb.check_aligned(p, 8)?;
+    if !fb.sim {
+        p =
+            fb.b.build_address_space_cast(p, fb.ctx.ptr_type(AddressSpace::from(1u16)), "g")
+                .map_err(be)?;
+    }
+    let v = fb.b.build_load(i16t.vec_type(4), p, "h4").map_err(be)?;
+    v.as_instruction_value()
+        .expect("a load")
+        .set_alignment(if fb.sim { 2 } else { 8 })
+        .map_err(|e| BackendError::Llvm(e.to_string()))?;
+    let v = v.into_vector_value();
+    let i32t = fb.ctx.i32_type();
+    let mut out = [fb.f32c(0.0); 4];
+    for (i, o) in out.iter_mut().enumerate() {
+        let h =
+            fb.b.build_extract_element(v, i32t.const_int(i as u64, false), "e")
+                .map_err(be)?
+                .into_int_value();
+        *o = fb.bf16_to_f32(h)?;
     }
     Ok(out)
 }
@@ -3419,11 +3603,12 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     let a_word = |r, k| swizzled_word(fb, r, k, tk);
     let w_word = |k, n| swizzled_word(fb, k, n, t);
     let i32t = fb.ctx.i32_type();
-    let a_s = shared_i32(fb, "a", (2 * stage) as u32);
-    let w_s = shared_i32(fb, "w", (2 * stage) as u32);
     let word_ptr = |arr: PointerValue<'ctx>, at: IntValue<'ctx>| {
         unsafe { fb.b.build_in_bounds_gep(i32t, arr, &[at], "wp") }.map_err(be)
     };
+    // The ring: `MMA_STAGES` stages of `A`, then as many of `W` (the staged path uses two).
+    let a_s = dynamic_shared(fb, MMA_RING_BYTES);
+    let w_s = word_ptr(a_s, c(MMA_STAGES * stage))?;
     let inv_s = shared_f32(fb, "inv", (3 * t) as u32);
     let inv_at = 2 * t;
     let tiles_m = sdiv(fb.add(mv, c(t - 1))?, c(t), "tm")?;
@@ -3470,6 +3655,37 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     let ktiles = sdiv(fb.add(kv, c(tk - 1))?, c(tk), "kt")?;
     let (ra, kw) = (aav.strides.len() - 2, wav.strides.len() - 2);
     let vecs = mm.vector_rows(fb)?;
+    // Whether both operands can take the ring (`cp.async` of 16-byte chunks of 8 bf16 each,
+    // zero-filled outside the matrices): stored bf16 with no norm weight to apply, unit
+    // stride along the staged rows (`A` along k, `W` along n), rows starting on 16-byte
+    // boundaries, and the row length a multiple of 8 (a chunk is all inside or all outside).
+    let ring_ok = if aav.elem == ElemType::BF16 && wav.elem == ElemType::BF16 && gav.is_none() {
+        let rows = |av: &Av<'ctx>, len: IntValue<'ctx>| -> R<IntValue<'ctx>> {
+            let n = av.strides.len();
+            let unit = cmp(IntPredicate::EQ, av.strides[n - 1], c(1))?;
+            let starts = and(
+                fb.multiple_of(av.strides[n - 2], 8)?,
+                fb.multiple_of(len, 8)?,
+            )?;
+            and(and(unit, starts)?, fb.ptr_aligned(av.ptr, 16)?)
+        };
+        Some(and(rows(aav, kv)?, rows(wav, nv)?)?)
+    } else {
+        None
+    };
+    // This thread's chunks of a ring stage: of `A`, rows `lane/4 + 64p`, k `8(lane%4)`; of
+    // `W`, k rows `lane/16 + 16p`, columns `8(lane%16)` (p = 0, 1). Rows 64 apart of `A`
+    // and k rows 16 apart of `W` keep their chunk permutation.
+    let (ca_row, ca_k) = (
+        sdiv(lane, c(4), "cr")?,
+        fb.mul(srem(lane, c(4), "ck")?, c(8))?,
+    );
+    let (cw_k, cw_n) = (
+        sdiv(lane, c(16), "wk")?,
+        fb.mul(srem(lane, c(16), "wn")?, c(8))?,
+    );
+    let ca_at = a_word(ca_row, ca_k)?;
+    let cw_at = w_word(cw_k, cw_n)?;
     fb.for_range(c(0), iters, |fb, it| {
         let tile = fb.add(blk, fb.mul(it, nblk)?)?;
         let TileAt {
@@ -3497,7 +3713,7 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
                         let gm = fb.add(m0, fb.add(a_row0, c(32 * p))?)?;
                         let gk = fb.add(k0, a_k)?;
                         let at = fb.add(abase, fb.add(fb.mul(gm, aav.strides[ra])?, gk)?)?;
-                        let v = load_f32x4(fb, aav.ptr, at, false)?;
+                        let v = load_x4(fb, aav, at)?;
                         for (e, mut x) in v.into_iter().enumerate() {
                             if let Some(gv) = gav {
                                 let k = fb.add(gk, c(e as i64))?;
@@ -3535,7 +3751,7 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
                             wbase,
                             fb.add(fb.mul(gk, wav.strides[kw])?, fb.add(n0, w_n)?)?,
                         )?;
-                        let v = load_f32x4(fb, wav.ptr, at, false)?;
+                        let v = load_x4(fb, wav, at)?;
                         for (e, x) in v.into_iter().enumerate() {
                             fb.set(staged[wb + (4 * p) as usize + e], x)?;
                         }
@@ -3614,17 +3830,95 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
             }
             Ok(())
         };
-        fetch(fb, c(0))?;
-        stage_staged(fb, c(0))?;
-        fb.for_range(c(0), ktiles, |fb, kt| {
-            barrier(fb)?;
-            let buf = bits(kt, 1)?;
-            let next = fb.add(kt, c(1))?;
-            let more = cmp(IntPredicate::SLT, next, ktiles)?;
-            fb.if_else(more, |fb| fetch(fb, next), |_| Ok(()))?;
-            multiply(fb, buf)?;
-            fb.if_else(more, |fb| stage_staged(fb, xor(buf, c(1))?), |_| Ok(()))
-        })?;
+        // Through registers: two stages, the next slice loaded while one is multiplied.
+        let staged_path = |fb: &Fb<'_, 'ctx>| -> R<()> {
+            fetch(fb, c(0))?;
+            stage_staged(fb, c(0))?;
+            fb.for_range(c(0), ktiles, |fb, kt| {
+                barrier(fb)?;
+                let buf = bits(kt, 1)?;
+                let next = fb.add(kt, c(1))?;
+                let more = cmp(IntPredicate::SLT, next, ktiles)?;
+                fb.if_else(more, |fb| fetch(fb, next), |_| Ok(()))?;
+                multiply(fb, buf)?;
+                fb.if_else(more, |fb| stage_staged(fb, xor(buf, c(1))?), |_| Ok(()))
+            })
+        };
+        // Slice `kt` copied into ring stage `kt % MMA_STAGES` (`cp.async`, not waited for).
+        let issue = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
+            let base = fb.mul(bits(kt, MMA_STAGES - 1)?, c(stage))?;
+            let k0 = fb.mul(kt, c(tk))?;
+            let chunk = |fb: &Fb<'_, 'ctx>,
+                         av: &Av<'ctx>,
+                         (i, ni): (IntValue<'ctx>, IntValue<'ctx>),
+                         (j, nj): (IntValue<'ctx>, IntValue<'ctx>),
+                         at: IntValue<'ctx>,
+                         dst: PointerValue<'ctx>|
+             -> R<()> {
+                let inside = and(
+                    cmp(IntPredicate::SLT, i, ni)?,
+                    cmp(IntPredicate::SLT, j, nj)?,
+                )?;
+                // (a chunk outside reads nothing; its address is kept inside the buffer)
+                let at = fb.b.build_select(inside, at, c(0), "at").map_err(be)?;
+                let src = unsafe {
+                    fb.b.build_in_bounds_gep(
+                        fb.ctx.i16_type(),
+                        av.ptr,
+                        &[at.into_int_value()],
+                        "src",
+                    )
+                }
+                .map_err(be)?;
+                let n = fb.b.build_select(inside, c(16), c(0), "n").map_err(be)?;
+                cp_async(fb, dst, src, n.into_int_value())
+            };
+            let n = aav.strides.len();
+            for p in 0..2 {
+                let gm = fb.add(m0, fb.add(ca_row, c(64 * p))?)?;
+                let gk = fb.add(k0, ca_k)?;
+                let at = fb.add(abase, fb.add(fb.mul(gm, aav.strides[n - 2])?, gk)?)?;
+                let dst = word_ptr(a_s, fb.add(base, fb.add(ca_at, c(p * 64 * tk / 2))?)?)?;
+                chunk(fb, aav, (gm, mv), (gk, kv), at, dst)?;
+            }
+            let n = wav.strides.len();
+            for p in 0..2 {
+                let gk = fb.add(k0, fb.add(cw_k, c(16 * p))?)?;
+                let gn = fb.add(n0, cw_n)?;
+                let at = fb.add(wbase, fb.add(fb.mul(gk, wav.strides[n - 2])?, gn)?)?;
+                let dst = word_ptr(w_s, fb.add(base, fb.add(cw_at, c(p * 16 * t / 2))?)?)?;
+                chunk(fb, wav, (gk, kv), (gn, nv), at, dst)?;
+            }
+            Ok(())
+        };
+        // Through the ring: `MMA_STAGES - 1` slices in flight; before slice `kt` is
+        // multiplied, this thread's copies of it are waited for and a barrier publishes
+        // everyone's, after which stage `(kt - 1) % MMA_STAGES`, read by then, is refilled.
+        // Every step commits a group (empty past the end) so the count stays uniform.
+        let ring_path = |fb: &Fb<'_, 'ctx>| -> R<()> {
+            for st in 0..MMA_STAGES - 1 {
+                let some = cmp(IntPredicate::SLT, c(st), ktiles)?;
+                fb.if_else(some, |fb| issue(fb, c(st)), |_| Ok(()))?;
+                cp_async_commit(fb)?;
+            }
+            fb.for_range(c(0), ktiles, |fb, kt| {
+                cp_async_wait(fb, MMA_STAGES - 2)?;
+                barrier(fb)?;
+                let next = fb.add(kt, c(MMA_STAGES - 1))?;
+                let more = cmp(IntPredicate::SLT, next, ktiles)?;
+                fb.if_else(more, |fb| issue(fb, next), |_| Ok(()))?;
+                cp_async_commit(fb)?;
+                multiply(fb, bits(kt, MMA_STAGES - 1)?)
+            })?;
+            cp_async_wait(fb, 0)
+        };
+        match ring_ok {
+            Some(ok) => {
+                let aligned = and(fb.multiple_of(abase, 8)?, fb.multiple_of(wbase, 8)?)?;
+                fb.if_else(and(ok, aligned)?, ring_path, staged_path)?;
+            }
+            None => staged_path(fb)?,
+        }
         // c0, c1: row g, columns 2q, 2q+1; c2, c3: row g+8.
         for i in 0..4i64 {
             for j in 0..4i64 {
@@ -3754,7 +4048,7 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
                 and(a_fast, kfull)?,
                 |fb| {
                     let at = fb.add(abase, fb.add(fb.mul(gm, aav.strides[ra])?, gk)?)?;
-                    let v = load_f32x4(fb, aav.ptr, at, false)?;
+                    let v = load_x4(fb, aav, at)?;
                     for (e, mut x) in v.into_iter().enumerate() {
                         if let Some(g) = gav {
                             let k = fb.add(gk, c(e as i64))?;
@@ -3779,7 +4073,7 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
                 and(w_fast, kfull)?,
                 |fb| {
                     let at = fb.add(wbase, fb.add(fb.mul(gk, wav.strides[kw])?, gn)?)?;
-                    for (e, x) in load_f32x4(fb, wav.ptr, at, false)?.into_iter().enumerate() {
+                    for (e, x) in load_x4(fb, wav, at)?.into_iter().enumerate() {
                         fb.set(staged[4 + e], x)?;
                     }
                     Ok(())
@@ -6094,6 +6388,17 @@ pub fn gpu_entry<'ctx>(
     b.position_at_end(done);
     b.build_return(None).map_err(be)?;
     Ok(())
+}
+
+/// Bytes of dynamic shared memory a GPU kernel is launched with: the tensor-core matmul's
+/// ring (`MMA_RING_BYTES`), none otherwise.
+pub fn gpu_shared_bytes(k: &Kernel, tensor_cores: bool) -> u32 {
+    match k {
+        Kernel::MatMul { .. } | Kernel::RmsNormMatMul { .. } if tensor_cores => {
+            MMA_RING_BYTES as u32
+        }
+        _ => 0,
+    }
 }
 
 /// Resident blocks per SM a GPU kernel asks for (`nvvm.minctasm`, which caps its registers

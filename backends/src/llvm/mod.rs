@@ -177,7 +177,10 @@ pub(crate) fn codegen_flavor<'ctx>(
         progs.first().map(|p| p.name.as_str()).unwrap_or("empty")
     ));
     let gpu = flavor.gpu();
-    let mut seen: Vec<(crate::kernel::Kernel, String, usize)> = Vec::new();
+    // Kernels equal under renaming, with arguments of the same element types, share a
+    // function.
+    type Key = (crate::kernel::Kernel, Vec<egret_runtime::plan::ElemType>);
+    let mut seen: Vec<(Key, String, usize)> = Vec::new();
     let mut all = Vec::new();
     for prog in progs {
         if prog.symbols != progs[0].symbols {
@@ -193,6 +196,11 @@ pub(crate) fn codegen_flavor<'ctx>(
                 continue;
             }
             let (canon, args) = kernels::canonical(k);
+            let elems = args
+                .iter()
+                .map(|b| prog.buffers[*b as usize].elem)
+                .collect();
+            let canon = (canon, elems);
             let (sym, scratch) = match seen.iter().find(|(c, ..)| *c == canon) {
                 Some((_, sym, scratch)) => (sym.clone(), *scratch),
                 None => {
@@ -232,6 +240,14 @@ pub(crate) fn codegen_flavor<'ctx>(
                 what: k.describe(),
                 work,
                 threads,
+                shared_bytes: if gpu {
+                    kernels::gpu_shared_bytes(
+                        k,
+                        matches!(flavor, Flavor::Gpu { tensor_cores: true }),
+                    )
+                } else {
+                    0
+                },
             });
         }
         all.push(calls);

@@ -64,13 +64,14 @@ pub fn ptx_features(opts: &PtxOptions) -> Vec<String> {
 
 /// How the GPU wants graphs scheduled: plain matmul kernels (no packed panels), f32, right
 /// operands `N`-contiguous, residual adds folded into the matmuls before them, attention
-/// output tokens first.
-pub fn schedule_options() -> ScheduleOptions {
+/// output tokens first; with tensor cores, matmul operands stored bf16 where they can be.
+pub fn schedule_options(opts: &PtxOptions) -> ScheduleOptions {
     ScheduleOptions {
         panel: 0,
         weights: PanelType::F32,
         n_major: true,
         matmul_residual: true,
+        bf16_operands: opts.tensor_cores,
         attn_tokens_first: true,
         ..ScheduleOptions::default()
     }
