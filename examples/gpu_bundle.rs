@@ -13,9 +13,11 @@
 //! - `smollm2-ptx/` and `smollm2-cpu/`: SmolLM2-135M's `step` compiled for the GPU (sm_80) and
 //!   for any x86-64-v3 CPU, to run on weights made on the GPU machine;
 //! - `conformance-tc/<case>/`: the matmul cases compiled for tensor cores (bf16 operands);
+//!   `conformance-wgmma/<case>/` the same for sm_90a (`wgmma` where operands are bf16);
 //! - `bench-matmul/`, `bench-matmul-tc/`, `bench-attention/`, `bench-attention-tc/`: a
 //!   matmul and a causal attention for timing (f32, and on tensor cores);
-//!   `bench-matmul-bf16/`: the matmul on tensor cores with its operands stored bf16;
+//!   `bench-matmul-bf16/`: the matmul on tensor cores with its operands stored bf16, and
+//!   `bench-matmul-wgmma/` the same for sm_90a (`wgmma`);
 //! - `grads/<fixture>/`: each tiny transformers fixture's gradient graph (PTX, entry `run`)
 //!   with the fixture's weights, tokens and transformers' loss and gradients;
 //!   `grads-bf16/<fixture>/` the same with bf16 matmuls and attention (`--tensor-cores`);
@@ -89,6 +91,11 @@ fn conformance(out: &Path) -> Res<()> {
         let tc_dir = out.join("conformance-tc").join(name);
         if name.contains("matmul") {
             ptx_artifact_with(&g, &tc_dir, &tc)?;
+            let wgmma = PtxOptions {
+                arch: "sm_90a".into(),
+                ..tc.clone()
+            };
+            ptx_artifact_with(&g, &out.join("conformance-wgmma").join(name), &wgmma)?;
         }
         for &n in SIZES {
             let mut rng = Rng(n as u64 * 7919 + name.len() as u64);
@@ -182,6 +189,15 @@ fn main() -> Res<()> {
         &PtxOptions {
             tensor_cores: true,
             ..PtxOptions::default()
+        },
+    )?;
+    // The same on sm_90a: `wgmma`.
+    ptx_artifact_with(
+        &matmul_bf16,
+        &out.join("bench-matmul-wgmma"),
+        &PtxOptions {
+            arch: "sm_90a".into(),
+            tensor_cores: true,
         },
     )?;
     let attn = egret_ir::parse(

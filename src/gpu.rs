@@ -65,8 +65,9 @@ pub fn simt_executor(
     opts: &PtxOptions,
 ) -> Result<egret_runtime::cpu::CpuExecutor> {
     let progs = schedule_for_gpu(&[g], opts, false)?;
-    let mut compiled = egret_backends::simt::compile_many(&[&progs[0]], opts.tensor_cores)
-        .map_err(|e| EgretError::Usage(e.to_string()))?;
+    let mut compiled =
+        egret_backends::simt::compile_many(&[&progs[0]], opts.tensor_cores, opts.wgmma())
+            .map_err(|e| EgretError::Usage(e.to_string()))?;
     let mut ex = egret_backends::simt::executor(compiled.remove(0))
         .map_err(|e| EgretError::Usage(e.to_string()))?;
     ex.bind_params(&|name: &str| crate::cpu::param(params, name))?;

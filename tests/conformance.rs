@@ -214,12 +214,24 @@ fn interp_and_simulated(
     body: &str,
     seed: u64,
     (params_too, tensor_cores): (bool, bool),
-    mut draw: impl FnMut(&mut Rng) -> f32,
+    draw: impl FnMut(&mut Rng) -> f32,
 ) -> (Outputs, Outputs) {
     let opts = PtxOptions {
         tensor_cores,
         ..PtxOptions::default()
     };
+    interp_and_simulated_with(name, body, seed, params_too, &opts, draw)
+}
+
+/// `interp_and_simulated` for the kernels of `opts`.
+fn interp_and_simulated_with(
+    name: &str,
+    body: &str,
+    seed: u64,
+    params_too: bool,
+    opts: &PtxOptions,
+    mut draw: impl FnMut(&mut Rng) -> f32,
+) -> (Outputs, Outputs) {
     let g = graph(name, body);
     let (mut inputs, mut params) = bindings(&g, 1, name.len() as u64);
     let mut rng = Rng(seed ^ name.len() as u64);
@@ -237,7 +249,7 @@ fn interp_and_simulated(
         }
     }
     let want = run_interp(&g, &inputs, &params);
-    let mut ex = egret::gpu::simt_executor(&g, &params, &opts).unwrap();
+    let mut ex = egret::gpu::simt_executor(&g, &params, opts).unwrap();
     let got = outputs_f32(ex.run(&host_inputs(&inputs)).unwrap());
     (want, got)
 }
@@ -359,6 +371,26 @@ const EXACT_MMA_CASES: &[(&str, &str)] = &[
 fn simulated_tensor_core_matmuls_are_exact_on_bf16_exact_inputs() {
     for (name, body) in EXACT_MMA_CASES {
         let (want, got) = interp_and_simulated(name, body, 0x5eed, (true, true), |rng| {
+            (rng.next() % 17) as f32 / 8.0 - 1.0
+        });
+        for (out, w) in &want {
+            let bad = w.iter().zip(&got[out]).filter(|(a, b)| a != b).count();
+            assert_eq!(bad, 0, "{name} {out}: {bad} of {} elements differ", w.len());
+        }
+    }
+}
+
+/// The same on sm_90a, whose tensor-core matmuls take `wgmma` where both operands are bf16
+/// in memory (`bf16-ring-tails`), `mma.sync` elsewhere: bit for bit the interpreter's, so a
+/// misplaced core matrix, descriptor offset or accumulator shows.
+#[test]
+fn simulated_wgmma_matmuls_are_exact_on_bf16_exact_inputs() {
+    let opts = PtxOptions {
+        arch: "sm_90a".into(),
+        tensor_cores: true,
+    };
+    for (name, body) in EXACT_MMA_CASES {
+        let (want, got) = interp_and_simulated_with(name, body, 0x5eed, true, &opts, |rng| {
             (rng.next() % 17) as f32 / 8.0 - 1.0
         });
         for (out, w) in &want {

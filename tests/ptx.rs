@@ -25,6 +25,7 @@ fn smollm2_step_ptx_assembles_for_sm80_and_sm90() {
         ("sm_90", false),
         ("sm_80", true),
         ("sm_90", true),
+        ("sm_90a", true),
     ] {
         let t = TempDir::new(&format!("smollm2-ptx-{arch}-{tensor_cores}"));
         let opts = PtxOptions {
@@ -39,6 +40,9 @@ fn smollm2_step_ptx_assembles_for_sm80_and_sm90() {
         assert!(ptx.contains(&format!(".target {arch}")), "{arch}");
         for op in ["mma.sync", "ldmatrix", "cp.async.cg.shared.global"] {
             assert_eq!(ptx.contains(op), tensor_cores, "{arch} {op}");
+        }
+        for op in ["wgmma.mma_async", "wgmma.wait_group"] {
+            assert_eq!(ptx.contains(op), arch == "sm_90a", "{arch} {op}");
         }
         common::assemble_ptx("smollm2 step", &ptx, arch);
     }

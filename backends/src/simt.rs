@@ -326,8 +326,54 @@ extern "C" fn egret_simt_cp_async_wait(n: i32) {
     }
 }
 
+/// `wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16` with `A` k-major and `B`
+/// n-major in shared memory, no swizzle: this thread's 64 accumulators (thread `t` of its
+/// warpgroup; layout in `llvm::kernels::wgmma_m64n128`) gain their 16 products, summed in
+/// f32 in k order. Element `(row, k)` of `A` is at byte `(row/8)·a_sbo + (row%8)·16 +
+/// (k/8)·a_lbo + (k%8)·2`; element `(k, col)` of `B` at `(col/8)·b_sbo + (col%8)·2 +
+/// (k/8)·b_lbo + (k%8)·16` (8 × 16-byte core matrices, the descriptors' offsets). The GPU
+/// may read shared memory any time before the wait that covers the instruction; here it is
+/// read at once, which is the same for code that leaves the operands alone until then.
+#[allow(clippy::too_many_arguments)]
+extern "C" fn egret_simt_wgmma(
+    a: *const u8,
+    a_lbo: i64,
+    a_sbo: i64,
+    b: *const u8,
+    b_lbo: i64,
+    b_sbo: i64,
+    d: *mut f32,
+    t: i64,
+) {
+    let (w, l) = (t as usize / 32, t as usize % 32);
+    let (g, q) = (l / 4, l % 4);
+    let (a_lbo, a_sbo) = (a_lbo as usize, a_sbo as usize);
+    let (b_lbo, b_sbo) = (b_lbo as usize, b_sbo as usize);
+    // SAFETY: the generated code gives shared-memory addresses of a `64 × 16` `A` and a
+    // `16 × 128` `B` laid out as above, and room for 64 accumulators.
+    unsafe {
+        let elem = |p: *const u8, at: usize| {
+            let h = u16::from_le_bytes([*p.add(at), *p.add(at + 1)]);
+            f32::from_bits(u32::from(h) << 16)
+        };
+        for j in 0..16 {
+            for x in 0..4 {
+                let row = 16 * w + g + 8 * (x / 2);
+                let col = 8 * j + 2 * q + x % 2;
+                let mut sum = 0f32;
+                for k in 0..16 {
+                    let at_a = (row / 8) * a_sbo + (row % 8) * 16 + (k / 8) * a_lbo + (k % 8) * 2;
+                    let at_b = (col / 8) * b_sbo + (col % 8) * 2 + (k / 8) * b_lbo + (k % 8) * 16;
+                    sum += elem(a, at_a) * elem(b, at_b);
+                }
+                *d.add(4 * j + x) += sum;
+            }
+        }
+    }
+}
+
 /// The hooks the simulated code calls, by name (`SIMT_HOOKS`).
-fn hooks() -> [(&'static str, usize); 8] {
+fn hooks() -> [(&'static str, usize); 9] {
     [
         (SIMT_HOOKS[0], egret_simt_barrier as *const () as usize),
         (SIMT_HOOKS[1], egret_simt_shfl_bfly as *const () as usize),
@@ -343,13 +389,22 @@ fn hooks() -> [(&'static str, usize); 8] {
             SIMT_HOOKS[7],
             egret_simt_cp_async_wait as *const () as usize,
         ),
+        (SIMT_HOOKS[8], egret_simt_wgmma as *const () as usize),
     ]
 }
 
 /// Compiles programs of one model (scheduled for the GPU) as the GPU's kernels for this
 /// CPU, for the simulator.
-pub fn compile_many(progs: &[&Program], tensor_cores: bool) -> Result<Vec<Compiled>, BackendError> {
-    jit(progs, &Flavor::Simt { tensor_cores }, "native", &hooks())
+pub fn compile_many(
+    progs: &[&Program],
+    tensor_cores: bool,
+    wgmma: bool,
+) -> Result<Vec<Compiled>, BackendError> {
+    let flavor = Flavor::Simt {
+        tensor_cores,
+        wgmma,
+    };
+    jit(progs, &flavor, "native", &hooks())
 }
 
 /// Runs kernel calls as GPU launches on the simulator (`Launcher` for the CPU executor).

@@ -13,8 +13,9 @@
 //! gpu_check BUNDLE WEIGHTS [STEP,...] > results.json
 //! ```
 //!
-//! With STEP names (`conformance`, `conformance-tc`, `gradients`, `smollm2`, `benches`,
-//! `train step`), only those run: `benches` alone, under a profiler.
+//! With STEP names (`conformance`, `conformance-tc`, `conformance-wgmma` (sm_90 cards),
+//! `gradients`, `smollm2`, `benches`, `train step`), only those run: `benches` alone, under a
+//! profiler.
 //!
 //! Prints one JSON object per line (a result each) and a table last, on stderr.
 
@@ -295,6 +296,10 @@ fn benches(bundle: &Path, table: &mut Vec<String>) -> Res<()> {
             "bench-matmul-bf16",
             "matmul tensor cores, operands stored bf16 (as cuBLAS's) 4096^3",
         ),
+        (
+            "bench-matmul-wgmma",
+            "matmul wgmma (sm_90a), operands stored bf16 4096^3",
+        ),
     ] {
         let mut mm = executor(&bundle.join(dir))?;
         let out = mm.run(&inputs)?;
@@ -317,7 +322,10 @@ fn benches(bundle: &Path, table: &mut Vec<String>) -> Res<()> {
         ));
     }
     if let [f32_out, tc_outs @ ..] = results.as_slice() {
-        for (tc_out, what) in tc_outs.iter().zip(["tensor cores", "bf16 operands"]) {
+        for (tc_out, what) in tc_outs
+            .iter()
+            .zip(["tensor cores", "bf16 operands", "wgmma"])
+        {
             let rel = rel_l2(tc_out, f32_out);
             println!(
                 "{}",
@@ -591,12 +599,15 @@ fn main() {
         }
     }
     let mut ok = true;
-    let steps: [(&str, &dyn Fn(&mut Vec<String>) -> Res<bool>); 6] = [
+    let steps: [(&str, &dyn Fn(&mut Vec<String>) -> Res<bool>); 7] = [
         ("conformance", &|t| {
             conformance(bundle, "conformance", false, t)
         }),
         ("conformance-tc", &|t| {
             conformance(bundle, "conformance-tc", true, t)
+        }),
+        ("conformance-wgmma", &|t| {
+            conformance(bundle, "conformance-wgmma", true, t)
         }),
         ("gradients", &|t| gradients(bundle, t)),
         ("smollm2", &|t| smollm2(bundle, weights, t)),

@@ -281,10 +281,9 @@ impl Artifact {
             })
     }
 
-    /// Checks that this machine can run the CPU payload: the architecture, and every
-    /// feature the code may use that the runtime can detect.
     /// Checks that this machine can run a `ptx` artifact: a CUDA driver, a GPU, and one of
-    /// at least the compute capability the PTX was generated for (`sm_80`: 8.0).
+    /// at least the compute capability the PTX was generated for (`sm_80`: 8.0), or exactly
+    /// it for architecture-specific PTX (`sm_90a`: 9.0 alone).
     pub fn check_gpu_target(&self) -> Result<()> {
         let t = &self.manifest.target;
         let bad = |reason: String| RuntimeError::Artifact {
@@ -294,13 +293,17 @@ impl Artifact {
         if t.kind != "ptx" {
             return Err(bad(format!("its target is `{}`, not `ptx`", t.kind)));
         }
-        let want: i32 = t
-            .cpu
-            .strip_prefix("sm_")
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| bad(format!("unknown GPU architecture `{}`", t.cpu)))?;
+        let version = t.cpu.strip_prefix("sm_").unwrap_or_default();
+        let (version, specific) = match version.strip_suffix('a') {
+            Some(v) => (v, true),
+            None => (version, false),
+        };
+        let want: i32 = version
+            .parse()
+            .map_err(|_| bad(format!("unknown GPU architecture `{}`", t.cpu)))?;
         let (name, (major, minor)) = crate::gpu::device_info()?;
-        if major * 10 + minor < want {
+        let have = major * 10 + minor;
+        if have < want || (specific && have != want) {
             return Err(bad(format!(
                 "compiled for {} but this GPU ({name}) is sm_{major}{minor}",
                 t.cpu
@@ -309,6 +312,8 @@ impl Artifact {
         Ok(())
     }
 
+    /// Checks that this machine can run the CPU payload: the architecture, and every
+    /// feature the code may use that the runtime can detect.
     pub fn check_cpu_target(&self) -> Result<()> {
         let t = &self.manifest.target;
         let bad = |reason: String| RuntimeError::Artifact {

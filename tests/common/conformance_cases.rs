@@ -113,6 +113,18 @@ const CASES: &[(&str, &str)] = &[
   output "z" = %z"#,
     ),
     (
+        // A computed left operand (stored bf16 by its kernel with tensor cores) and a weight
+        // (a bf16 copy at load), with enough 128 × 128 tiles at N = 1000 for the tiled
+        // kernels: with tensor cores, the `cp.async` ring, and `wgmma` on sm_90a.
+        "matmul-computed-operand",
+        r#"
+  %x = input "x" : f32[2, N, 40]
+  %a = neg(%x) : f32[2, N, 40]
+  %w = param "w" : f32[40, 1104]
+  %y = matmul(%a, %w) : f32[2, N, 1104]
+  output "y" = %y"#,
+    ),
+    (
         // The residual add folded into the GPU matmul (`Kernel::MatMul::res`): on either
         // side of the add, from a strided (permuted) view, batched; and a product with a
         // second use, which keeps its add.

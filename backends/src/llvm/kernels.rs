@@ -9,7 +9,7 @@ use inkwell::builder::Builder;
 use inkwell::context::Context;
 use inkwell::intrinsics::Intrinsic;
 use inkwell::module::{Linkage, Module};
-use inkwell::types::{BasicTypeEnum, FloatType, IntType};
+use inkwell::types::{BasicMetadataTypeEnum, BasicTypeEnum, FloatType, IntType};
 use inkwell::values::{
     BasicMetadataValueEnum, BasicValue, BasicValueEnum, FloatValue, FunctionValue,
     InstructionOpcode, IntValue, PointerValue,
@@ -61,6 +61,8 @@ struct Fb<'a, 'ctx> {
     gpu: bool,
     /// GPU matmuls on tensor cores (bf16 operands, f32 sums).
     tensor_cores: bool,
+    /// Those with bf16 operands in memory on `wgmma.mma_async` (sm_90a).
+    wgmma: bool,
     /// GPU kernels for this CPU, run by the SIMT simulator (`crate::simt`): barriers and
     /// warp operations call the simulator's hooks, shared memory is ordinary memory.
     sim: bool,
@@ -988,12 +990,13 @@ pub enum Flavor {
     Cpu { cpu: String, features: String },
     /// NVPTX: each function is the private body of a GPU entry point; `tid`/`nthreads` are
     /// the global thread index and count, and the C library is not there. With
-    /// `tensor_cores`, large matmuls round their operands to bf16 and run on `mma.sync`.
-    Gpu { tensor_cores: bool },
+    /// `tensor_cores`, large matmuls round their operands to bf16 and run on `mma.sync`, or
+    /// with `wgmma` (sm_90a) on `wgmma.mma_async` where their operands are bf16.
+    Gpu { tensor_cores: bool, wgmma: bool },
     /// The GPU's kernels compiled for this CPU, for the SIMT simulator (`crate::simt`):
     /// each function is an exported body with the CPU kernel ABI, called once per simulated
     /// GPU thread; barriers and warp operations call the simulator's hooks (`SIMT_HOOKS`).
-    Simt { tensor_cores: bool },
+    Simt { tensor_cores: bool, wgmma: bool },
 }
 
 impl Flavor {
@@ -1015,7 +1018,10 @@ impl Flavor {
 /// - `egret_simt_cp_async(ptr dst, ptr src, i32 src_bytes)`,
 ///   `egret_simt_cp_async_commit()`, `egret_simt_cp_async_wait(i32 n)`: `cp.async.cg` of 16
 ///   bytes (zero-filled past `src_bytes`), `cp.async.commit_group`, `cp.async.wait_group n`.
-pub const SIMT_HOOKS: [&str; 8] = [
+/// - `egret_simt_wgmma(ptr a, i64 a_lbo, i64 a_sbo, ptr b, i64 b_lbo, i64 b_sbo, f32* d,
+///   i64 t)`: this thread's part (`t` its index in its warpgroup) of `wgmma.m64n128k16`
+///   (`wgmma_m64n128`).
+pub const SIMT_HOOKS: [&str; 9] = [
     "egret_simt_barrier",
     "egret_simt_shfl_bfly",
     "egret_simt_mma_bf16",
@@ -1024,6 +1030,7 @@ pub const SIMT_HOOKS: [&str; 8] = [
     "egret_simt_cp_async",
     "egret_simt_cp_async_commit",
     "egret_simt_cp_async_wait",
+    "egret_simt_wgmma",
 ];
 
 /// Emits kernel `k` as function `name`; returns its buffer arguments and scratch floats.
@@ -1050,10 +1057,17 @@ pub fn emit<'ctx>(
     );
     let gpu = flavor.gpu();
     let sim = matches!(flavor, Flavor::Simt { .. });
-    let tensor_cores = matches!(
-        flavor,
-        Flavor::Gpu { tensor_cores: true } | Flavor::Simt { tensor_cores: true }
-    );
+    let (tensor_cores, wgmma) = match flavor {
+        Flavor::Gpu {
+            tensor_cores,
+            wgmma,
+        }
+        | Flavor::Simt {
+            tensor_cores,
+            wgmma,
+        } => (*tensor_cores, *tensor_cores && *wgmma),
+        Flavor::Cpu { .. } => (false, false),
+    };
     let func = match flavor {
         Flavor::Cpu { cpu, features } => {
             let func = module.add_function(name, fnty, None);
@@ -1110,6 +1124,7 @@ pub fn emit<'ctx>(
         f32t: ctx.f32_type(),
         gpu,
         tensor_cores,
+        wgmma,
         sim,
     };
     let scratch = match k {
@@ -3350,6 +3365,174 @@ fn load_f32x4<'ctx>(
     Ok(out)
 }
 
+/// `wgmma`'s k-step (sm_90a): a `128 × 64` slice of `A` and a `64 × 128` slice of `W` per
+/// ring stage (16 KiB each), four `m64n128k16` steps per warpgroup.
+const WG_TILE_K: i64 = 64;
+/// Stages of the `wgmma` ring: `WG_STAGES - 2` slices in flight (`cp.async`) while one is
+/// multiplied and the one before may still be read by the tensor cores.
+const WG_STAGES: i64 = 4;
+const _: () = assert!((WG_STAGES as u64).is_power_of_two() && WG_STAGES >= 3);
+/// Bytes of one operand's part of a `wgmma` ring stage.
+const WG_OPERAND_BYTES: i64 = GPU_TILE * WG_TILE_K * 2;
+/// Bytes of the `wgmma` ring (dynamic shared memory).
+pub const WG_RING_BYTES: i64 = WG_STAGES * 2 * WG_OPERAND_BYTES;
+/// The `wgmma` operands' shared-memory layout, in "core matrices" of 8 rows of 16 bytes
+/// (8 bf16), 128 contiguous bytes each, with no swizzle. `A` (`[128 rows][64 k]`, k-major):
+/// core matrix `(row / 8, k / 8)` at `((row / 8) · 8 + k / 8) · 128`, so the leading (k)
+/// byte offset is 128 and the stride (8-row) offset 1024. `W` (`[64 k][128 n]`, n-major,
+/// `imm-trans-b` 1): core matrix `(k / 8, n / 8)` at `((k / 8) · 16 + n / 8) · 128`: the
+/// leading (k) offset is 2048 and the stride (8-column) offset 128.
+const WG_A_LBO: i64 = 128;
+const WG_A_SBO: i64 = 1024;
+const WG_B_LBO: i64 = 2048;
+const WG_B_SBO: i64 = 128;
+
+/// A `wgmma` shared-memory matrix descriptor: start address (its shared-window offset) and
+/// the leading and stride byte offsets, each in 16-byte units in 14 bits (bits 0-13, 16-29,
+/// 32-45), no swizzle (bits 62-63 zero), base offset 0.
+fn wgmma_desc<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    p: PointerValue<'ctx>,
+    lbo: i64,
+    sbo: i64,
+) -> R<IntValue<'ctx>> {
+    let addr = fb.b.build_ptr_to_int(p, fb.i64t, "sa").map_err(be)?;
+    let start =
+        fb.b.build_right_shift(
+            fb.b.build_and(addr, fb.i64c(0x3ffff), "sm").map_err(be)?,
+            fb.i64c(4),
+            false,
+            "st",
+        )
+        .map_err(be)?;
+    let fixed = ((lbo >> 4) & 0x3fff) << 16 | ((sbo >> 4) & 0x3fff) << 32;
+    fb.b.build_or(start, fb.i64c(fixed), "desc").map_err(be)
+}
+
+/// A `wgmma` fence, commit or wait (`llvm.nvvm.wgmma.*.sync.aligned`; no-ops in the
+/// simulator, whose `wgmma` is done when it is issued).
+fn wgmma_sync(fb: &Fb, what: &str, wait: Option<i64>) -> R<()> {
+    if fb.sim {
+        return Ok(());
+    }
+    let name = format!("llvm.nvvm.wgmma.{what}.sync.aligned");
+    let f = Intrinsic::find(&name)
+        .and_then(|i| i.get_declaration(fb.module, &[]))
+        .ok_or_else(|| BackendError::Llvm(format!("no intrinsic {name}")))?;
+    let args: Vec<BasicMetadataValueEnum> = wait.map(|n| fb.i64c(n).into()).into_iter().collect();
+    fb.b.build_call(f, &args, "").map_err(be)?;
+    Ok(())
+}
+
+/// `d += a·b` for a warpgroup: `wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16`, `A`
+/// k-major and `W` n-major in shared memory (descriptors at `a` and `b`, offsets as in
+/// `WG_A_LBO`..), `accs` this thread's 64 accumulators: thread `t` of the warpgroup holds,
+/// for column group `j` (0..16), rows `16(t/32) + (t%32)/4` (`d[4j]`, `d[4j+1]`) and 8
+/// below (`d[4j+2]`, `d[4j+3]`), columns `8j + 2(t%4)` and the next. Asynchronous: the
+/// values are there after a `wgmma_sync("wait_group")` covering it. In the simulator, the
+/// hook `egret_simt_wgmma` computes the same at once from the same addresses and offsets.
+fn wgmma_m64n128<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    (a, b): (PointerValue<'ctx>, PointerValue<'ctx>),
+    t128: IntValue<'ctx>,
+    accs: &[PointerValue<'ctx>],
+) -> R<()> {
+    let f32t = fb.f32t;
+    if fb.sim {
+        let arr = fb.slot(f32t.array_type(64).into())?;
+        let at = |i: usize| {
+            unsafe {
+                fb.b.build_in_bounds_gep(f32t, arr, &[fb.i64c(i as i64)], "d")
+            }
+            .map_err(be)
+        };
+        for (i, acc) in accs.iter().enumerate() {
+            fb.b.build_store(at(i)?, fb.get(*acc)?).map_err(be)?;
+        }
+        let ptrt = fb.ctx.ptr_type(AddressSpace::default());
+        let i64t = fb.i64t;
+        let ty = fb.ctx.void_type().fn_type(
+            &[
+                ptrt.into(),
+                i64t.into(),
+                i64t.into(),
+                ptrt.into(),
+                i64t.into(),
+                i64t.into(),
+                ptrt.into(),
+                i64t.into(),
+            ],
+            false,
+        );
+        let c = |v: i64| fb.i64c(v).into();
+        fb.hook(
+            SIMT_HOOKS[8],
+            ty,
+            &[
+                a.into(),
+                c(WG_A_LBO),
+                c(WG_A_SBO),
+                b.into(),
+                c(WG_B_LBO),
+                c(WG_B_SBO),
+                arr.into(),
+                t128.into(),
+            ],
+        )?;
+        for (i, acc) in accs.iter().enumerate() {
+            let v = fb.b.build_load(f32t, at(i)?, "d").map_err(be)?;
+            fb.b.build_store(*acc, v).map_err(be)?;
+        }
+        return Ok(());
+    }
+    let da = wgmma_desc(fb, a, WG_A_LBO, WG_A_SBO)?;
+    let db = wgmma_desc(fb, b, WG_B_LBO, WG_B_SBO)?;
+    let regs: Vec<String> = (0..64).map(|i| format!("${i}")).collect();
+    let asm = format!(
+        "{{\n.reg .pred p;\nsetp.ne.b32 p, $130, 0;\n\
+         wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {{{}}}, $128, $129, p, 1, 1, 0, 1;\n}}",
+        regs.join(", ")
+    );
+    let constraints = (0..64)
+        .map(|_| "=f".to_string())
+        .chain((0..64).map(|i| i.to_string()))
+        .chain(["l".into(), "l".into(), "r".into()])
+        .collect::<Vec<_>>()
+        .join(",");
+    let out_ty = fb.ctx.struct_type(&vec![f32t.into(); 64], false);
+    let mut params: Vec<BasicMetadataTypeEnum> = vec![f32t.into(); 64];
+    params.extend::<[BasicMetadataTypeEnum; 3]>([
+        fb.i64t.into(),
+        fb.i64t.into(),
+        fb.ctx.i32_type().into(),
+    ]);
+    let fn_ty = out_ty.fn_type(&params, false);
+    let asm_ptr = fb
+        .ctx
+        .create_inline_asm(fn_ty, asm, constraints, true, false, None, false);
+    let mut args: Vec<BasicMetadataValueEnum> = vec![];
+    for acc in accs {
+        args.push(fb.get(*acc)?.into());
+    }
+    args.extend::<[BasicMetadataValueEnum; 3]>([
+        da.into(),
+        db.into(),
+        fb.ctx.i32_type().const_int(1, false).into(),
+    ]);
+    let r =
+        fb.b.build_indirect_call(fn_ty, asm_ptr, &args, "wg")
+            .map_err(be)?
+            .try_as_basic_value()
+            .basic()
+            .expect("returns a struct")
+            .into_struct_value();
+    for (i, acc) in accs.iter().enumerate() {
+        let v = fb.b.build_extract_value(r, i as u32, "d").map_err(be)?;
+        fb.b.build_store(*acc, v).map_err(be)?;
+    }
+    Ok(())
+}
+
 /// Four float operands at `av`'s `idx..idx+4` in one load of their total size (16 bytes of
 /// f32, 8 of bf16; `idx` a multiple of 4 and the base aligned to that size: `vector_rows`).
 fn load_x4<'ctx>(
@@ -3607,8 +3790,18 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
         unsafe { fb.b.build_in_bounds_gep(i32t, arr, &[at], "wp") }.map_err(be)
     };
     // The ring: `MMA_STAGES` stages of `A`, then as many of `W` (the staged path uses two).
-    let a_s = dynamic_shared(fb, MMA_RING_BYTES);
+    let a_s = dynamic_shared(
+        fb,
+        if fb.wgmma {
+            WG_RING_BYTES
+        } else {
+            MMA_RING_BYTES
+        },
+    );
     let w_s = word_ptr(a_s, c(MMA_STAGES * stage))?;
+    let byte_ptr = |at: IntValue<'ctx>| {
+        unsafe { fb.b.build_in_bounds_gep(fb.ctx.i8_type(), a_s, &[at], "bp") }.map_err(be)
+    };
     let inv_s = shared_f32(fb, "inv", (3 * t) as u32);
     let inv_at = 2 * t;
     let tiles_m = sdiv(fb.add(mv, c(t - 1))?, c(t), "tm")?;
@@ -3686,6 +3879,31 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     );
     let ca_at = a_word(ca_row, ca_k)?;
     let cw_at = w_word(cw_k, cw_n)?;
+    // With `wgmma`: this thread's warpgroup `wg`, its index `t128` there and warp `wg_warp`
+    // of it; its chunks of a stage (bytes, `WG_A_LBO`..): of `A`, row `8(lane/64) + lane%8`
+    // (+ 32p), k `8((lane/8)%8)`; of `W`, k row `8(lane/128) + lane%8` (+ 16p), columns
+    // `8((lane/8)%16)`, p = 0..4 (4096 bytes apart). Neighbouring lanes take the rows of one
+    // core matrix, so a warp's 16-byte stores fill all 32 banks.
+    let (wg, t128) = (sdiv(lane, c(128), "wg")?, srem(lane, c(128), "t128")?);
+    let wg_warp = sdiv(t128, c(32), "wgw")?;
+    let lo3 = bits(lane, 7)?;
+    let (wa_rg, wa_kc) = (sdiv(lane, c(64), "rg")?, bits(sdiv(lane, c(8), "l8")?, 7)?);
+    let wa_row = fb.add(fb.mul(wa_rg, c(8))?, lo3)?;
+    let wa_k = fb.mul(wa_kc, c(8))?;
+    let wa_at = fb.add(
+        fb.mul(fb.add(fb.mul(wa_rg, c(8))?, wa_kc)?, c(128))?,
+        fb.mul(lo3, c(16))?,
+    )?;
+    let (ww_kg, ww_ng) = (
+        sdiv(lane, c(128), "kg")?,
+        bits(sdiv(lane, c(8), "l8")?, 15)?,
+    );
+    let ww_k = fb.add(fb.mul(ww_kg, c(8))?, lo3)?;
+    let ww_n = fb.mul(ww_ng, c(8))?;
+    let ww_at = fb.add(
+        fb.mul(fb.add(fb.mul(ww_kg, c(16))?, ww_ng)?, c(128))?,
+        fb.mul(lo3, c(16))?,
+    )?;
     fb.for_range(c(0), iters, |fb, it| {
         let tile = fb.add(blk, fb.mul(it, nblk)?)?;
         let TileAt {
@@ -3844,35 +4062,32 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
                 fb.if_else(more, |fb| stage_staged(fb, xor(buf, c(1))?), |_| Ok(()))
             })
         };
+        // One 16-byte `cp.async` of `av` at element `at` (row `i` of `ni`, column `j` of `nj`
+        // of the matrix) to `dst`, zeros where it lies outside.
+        let chunk = |fb: &Fb<'_, 'ctx>,
+                     av: &Av<'ctx>,
+                     (i, ni): (IntValue<'ctx>, IntValue<'ctx>),
+                     (j, nj): (IntValue<'ctx>, IntValue<'ctx>),
+                     at: IntValue<'ctx>,
+                     dst: PointerValue<'ctx>|
+         -> R<()> {
+            let inside = and(
+                cmp(IntPredicate::SLT, i, ni)?,
+                cmp(IntPredicate::SLT, j, nj)?,
+            )?;
+            // (a chunk outside reads nothing; its address is kept inside the buffer)
+            let at = fb.b.build_select(inside, at, c(0), "at").map_err(be)?;
+            let src = unsafe {
+                fb.b.build_in_bounds_gep(fb.ctx.i16_type(), av.ptr, &[at.into_int_value()], "src")
+            }
+            .map_err(be)?;
+            let n = fb.b.build_select(inside, c(16), c(0), "n").map_err(be)?;
+            cp_async(fb, dst, src, n.into_int_value())
+        };
         // Slice `kt` copied into ring stage `kt % MMA_STAGES` (`cp.async`, not waited for).
         let issue = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
             let base = fb.mul(bits(kt, MMA_STAGES - 1)?, c(stage))?;
             let k0 = fb.mul(kt, c(tk))?;
-            let chunk = |fb: &Fb<'_, 'ctx>,
-                         av: &Av<'ctx>,
-                         (i, ni): (IntValue<'ctx>, IntValue<'ctx>),
-                         (j, nj): (IntValue<'ctx>, IntValue<'ctx>),
-                         at: IntValue<'ctx>,
-                         dst: PointerValue<'ctx>|
-             -> R<()> {
-                let inside = and(
-                    cmp(IntPredicate::SLT, i, ni)?,
-                    cmp(IntPredicate::SLT, j, nj)?,
-                )?;
-                // (a chunk outside reads nothing; its address is kept inside the buffer)
-                let at = fb.b.build_select(inside, at, c(0), "at").map_err(be)?;
-                let src = unsafe {
-                    fb.b.build_in_bounds_gep(
-                        fb.ctx.i16_type(),
-                        av.ptr,
-                        &[at.into_int_value()],
-                        "src",
-                    )
-                }
-                .map_err(be)?;
-                let n = fb.b.build_select(inside, c(16), c(0), "n").map_err(be)?;
-                cp_async(fb, dst, src, n.into_int_value())
-            };
             let n = aav.strides.len();
             for p in 0..2 {
                 let gm = fb.add(m0, fb.add(ca_row, c(64 * p))?)?;
@@ -3912,31 +4127,76 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
             })?;
             cp_async_wait(fb, 0)
         };
-        match ring_ok {
-            Some(ok) => {
-                let aligned = and(fb.multiple_of(abase, 8)?, fb.multiple_of(wbase, 8)?)?;
-                fb.if_else(and(ok, aligned)?, ring_path, staged_path)?;
+        // The `wgmma` ring (sm_90a): `k` in slices of `WG_TILE_K` through `WG_STAGES`
+        // stages; warpgroup `wg` multiplies rows `64wg..` of each slice by all of its 128
+        // columns, four `m64n128k16` steps, and keeps one group of them in flight: before
+        // slice `kt`, its copies are waited for and a barrier publishes them (and tells that
+        // every warpgroup's `wgmma`s of slice `kt - 2` are done), after which stage
+        // `(kt - 2) % WG_STAGES` is refilled with slice `kt + WG_STAGES - 2`.
+        let wg_path = |fb: &Fb<'_, 'ctx>| -> R<()> {
+            let ktw = sdiv(fb.add(kv, c(WG_TILE_K - 1))?, c(WG_TILE_K), "ktw")?;
+            let issue_wg = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
+                let base = fb.mul(bits(kt, WG_STAGES - 1)?, c(2 * WG_OPERAND_BYTES))?;
+                let k0 = fb.mul(kt, c(WG_TILE_K))?;
+                let n = aav.strides.len();
+                for p in 0..4 {
+                    let row = fb.add(wa_row, c(32 * p))?;
+                    let (gm, gk) = (fb.add(m0, row)?, fb.add(k0, wa_k)?);
+                    let at = fb.add(abase, fb.add(fb.mul(gm, aav.strides[n - 2])?, gk)?)?;
+                    let dst = byte_ptr(fb.add(base, fb.add(wa_at, c(4096 * p))?)?)?;
+                    chunk(fb, aav, (gm, mv), (gk, kv), at, dst)?;
+                }
+                let n = wav.strides.len();
+                for p in 0..4 {
+                    let gk = fb.add(k0, fb.add(ww_k, c(16 * p))?)?;
+                    let gn = fb.add(n0, ww_n)?;
+                    let at = fb.add(wbase, fb.add(fb.mul(gk, wav.strides[n - 2])?, gn)?)?;
+                    let at_s = fb.add(base, fb.add(ww_at, c(WG_OPERAND_BYTES + 4096 * p))?)?;
+                    chunk(fb, wav, (gk, kv), (gn, nv), at, byte_ptr(at_s)?)?;
+                }
+                Ok(())
+            };
+            for st in 0..WG_STAGES - 2 {
+                let some = cmp(IntPredicate::SLT, c(st), ktw)?;
+                fb.if_else(some, |fb| issue_wg(fb, c(st)), |_| Ok(()))?;
+                cp_async_commit(fb)?;
             }
-            None => staged_path(fb)?,
-        }
-        // c0, c1: row g, columns 2q, 2q+1; c2, c3: row g+8.
-        for i in 0..4i64 {
-            for j in 0..4i64 {
-                for x in 0..4i64 {
-                    let r = fb.add(fb.mul(wm, c(64))?, fb.add(c(16 * i + 8 * (x / 2)), g)?)?;
-                    let cl = fb.add(
-                        fb.mul(wn, c(32))?,
-                        fb.add(c(8 * j + x % 2), fb.mul(q, c(2))?)?,
-                    )?;
+            fb.for_range(c(0), ktw, |fb, kt| {
+                cp_async_wait(fb, WG_STAGES - 3)?;
+                barrier(fb)?;
+                let next = fb.add(kt, c(WG_STAGES - 2))?;
+                let more = cmp(IntPredicate::SLT, next, ktw)?;
+                fb.if_else(more, |fb| issue_wg(fb, next), |_| Ok(()))?;
+                cp_async_commit(fb)?;
+                let base = fb.mul(bits(kt, WG_STAGES - 1)?, c(2 * WG_OPERAND_BYTES))?;
+                wgmma_sync(fb, "fence", None)?;
+                for ks in 0..WG_TILE_K / 16 {
+                    let a = byte_ptr(fb.add(base, fb.add(fb.mul(wg, c(8192))?, c(256 * ks))?)?)?;
+                    let b = byte_ptr(fb.add(base, c(WG_OPERAND_BYTES + 4096 * ks))?)?;
+                    wgmma_m64n128(fb, (a, b), t128, &accs)?;
+                }
+                wgmma_sync(fb, "commit_group", None)?;
+                wgmma_sync(fb, "wait_group", Some(1))
+            })?;
+            wgmma_sync(fb, "wait_group", Some(0))?;
+            cp_async_wait(fb, 0)
+        };
+        // The outputs: accumulator `x` of this thread at `place(x)` in the tile, scaled by
+        // the row's norm, plus the residual, stored where inside the matrix.
+        let store =
+            |fb: &Fb<'_, 'ctx>,
+             place: &dyn Fn(&Fb<'_, 'ctx>, usize) -> R<(IntValue<'ctx>, IntValue<'ctx>)>|
+             -> R<()> {
+                for (x, a) in accs.iter().enumerate() {
+                    let (r, cl) = place(fb, x)?;
                     let (row, col) = (fb.add(m0, r)?, fb.add(n0, cl)?);
-                    let a = accs[((i * 4 + j) * 4 + x) as usize];
                     fb.if_else(
                         and(
                             cmp(IntPredicate::SLT, row, mv)?,
                             cmp(IntPredicate::SLT, col, nv)?,
                         )?,
                         |fb| {
-                            let mut v = fb.get(a)?;
+                            let mut v = fb.get(*a)?;
                             if norm {
                                 v = fb.fmul(v, fb.load_f32(inv_s, fb.add(r, c(inv_at))?)?)?;
                             }
@@ -3947,7 +4207,48 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
                         |_| Ok(()),
                     )?;
                 }
+                Ok(())
+            };
+        // `mma.sync` fragments: accumulator `(i·4 + j)·4 + x` of warp `(wm, wn)` at row
+        // `64wm + 16i + g` (`+ 8` for x = 2, 3), column `32wn + 8j + 2q` (`+ 1` for odd x).
+        let mma_place = |fb: &Fb<'_, 'ctx>, a: usize| -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
+            let (i, j, x) = ((a / 16) as i64, ((a / 4) % 4) as i64, (a % 4) as i64);
+            let r = fb.add(fb.mul(wm, c(64))?, fb.add(c(16 * i + 8 * (x / 2)), g)?)?;
+            let cl = fb.add(
+                fb.mul(wn, c(32))?,
+                fb.add(c(8 * j + x % 2), fb.mul(q, c(2))?)?,
+            )?;
+            Ok((r, cl))
+        };
+        // `wgmma` fragments (`wgmma_m64n128`), warpgroup `wg` on rows `64wg..`.
+        let wg_place = |fb: &Fb<'_, 'ctx>, a: usize| -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
+            let (j, x) = ((a / 4) as i64, (a % 4) as i64);
+            let r = fb.add(
+                fb.add(fb.mul(wg, c(64))?, fb.mul(wg_warp, c(16))?)?,
+                fb.add(g, c(8 * (x / 2)))?,
+            )?;
+            let cl = fb.add(c(8 * j + x % 2), fb.mul(q, c(2))?)?;
+            Ok((r, cl))
+        };
+        let staged = |fb: &Fb<'_, 'ctx>| -> R<()> {
+            staged_path(fb)?;
+            store(fb, &mma_place)
+        };
+        match ring_ok {
+            Some(ok) => {
+                let aligned = and(fb.multiple_of(abase, 8)?, fb.multiple_of(wbase, 8)?)?;
+                let ring = |fb: &Fb<'_, 'ctx>| -> R<()> {
+                    if fb.wgmma {
+                        wg_path(fb)?;
+                        store(fb, &wg_place)
+                    } else {
+                        ring_path(fb)?;
+                        store(fb, &mma_place)
+                    }
+                };
+                fb.if_else(and(ok, aligned)?, ring, staged)?;
             }
+            None => staged(fb)?,
         }
         barrier(fb)
     })
@@ -6391,11 +6692,15 @@ pub fn gpu_entry<'ctx>(
 }
 
 /// Bytes of dynamic shared memory a GPU kernel is launched with: the tensor-core matmul's
-/// ring (`MMA_RING_BYTES`), none otherwise.
-pub fn gpu_shared_bytes(k: &Kernel, tensor_cores: bool) -> u32 {
+/// ring (`MMA_RING_BYTES`, or `WG_RING_BYTES` with `wgmma`), none otherwise.
+pub fn gpu_shared_bytes(k: &Kernel, tensor_cores: bool, wgmma: bool) -> u32 {
     match k {
         Kernel::MatMul { .. } | Kernel::RmsNormMatMul { .. } if tensor_cores => {
-            MMA_RING_BYTES as u32
+            if wgmma {
+                WG_RING_BYTES as u32
+            } else {
+                MMA_RING_BYTES as u32
+            }
         }
         _ => 0,
     }

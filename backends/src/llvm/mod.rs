@@ -210,7 +210,13 @@ pub(crate) fn codegen_flavor<'ctx>(
                         let (_, scratch) =
                             kernels::emit(ctx, &module, prog, k, &body_name, flavor)?;
                         let body = module.get_function(&body_name).expect("just emitted");
-                        let tc = matches!(flavor, Flavor::Gpu { tensor_cores: true });
+                        let tc = matches!(
+                            flavor,
+                            Flavor::Gpu {
+                                tensor_cores: true,
+                                ..
+                            }
+                        );
                         let blocks = kernels::gpu_min_blocks(k, tc);
                         kernels::gpu_entry(ctx, &module, body, &sym, scratch, blocks)?;
                         scratch
@@ -240,13 +246,12 @@ pub(crate) fn codegen_flavor<'ctx>(
                 what: k.describe(),
                 work,
                 threads,
-                shared_bytes: if gpu {
-                    kernels::gpu_shared_bytes(
-                        k,
-                        matches!(flavor, Flavor::Gpu { tensor_cores: true }),
-                    )
-                } else {
-                    0
+                shared_bytes: match flavor {
+                    Flavor::Gpu {
+                        tensor_cores,
+                        wgmma,
+                    } => kernels::gpu_shared_bytes(k, *tensor_cores, *wgmma),
+                    _ => 0,
                 },
             });
         }

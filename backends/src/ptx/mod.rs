@@ -23,8 +23,9 @@ use crate::schedule::ScheduleOptions;
 use crate::BackendError;
 
 /// The GPU architectures PTX is generated for (`--gpu`); the PTX of one runs on it and on
-/// every later one (the driver compiles it for the card at load).
-pub const GPU_ARCHS: &[&str] = &["sm_80", "sm_86", "sm_89", "sm_90"];
+/// every later one (the driver compiles it for the card at load), except `sm_90a`'s, which
+/// runs on sm_90 cards alone: with `tensor_cores`, its matmuls use Hopper's `wgmma`.
+pub const GPU_ARCHS: &[&str] = &["sm_80", "sm_86", "sm_89", "sm_90", "sm_90a"];
 
 /// The PTX ISA version the code declares: 8.0 (CUDA 12.0), enough for sm_90.
 const PTX_FEATURES: &str = "+ptx80";
@@ -53,12 +54,19 @@ impl Default for PtxOptions {
     }
 }
 
+impl PtxOptions {
+    /// Whether tensor-core matmuls use `wgmma.mma_async` (sm_90a only).
+    pub fn wgmma(&self) -> bool {
+        self.tensor_cores && self.arch == "sm_90a"
+    }
+}
+
 /// The target features a PTX artifact records (what its code does beyond f32).
 pub fn ptx_features(opts: &PtxOptions) -> Vec<String> {
-    if opts.tensor_cores {
-        vec!["bf16-mma".into()]
-    } else {
-        vec![]
+    match (opts.tensor_cores, opts.wgmma()) {
+        (true, true) => vec!["bf16-mma".into(), "wgmma".into()],
+        (true, false) => vec!["bf16-mma".into()],
+        _ => vec![],
     }
 }
 
@@ -113,6 +121,7 @@ pub fn compile_ptx(
     let ctx = Context::create();
     let flavor = Flavor::Gpu {
         tensor_cores: opts.tensor_cores,
+        wgmma: opts.wgmma(),
     };
     let (module, all) = codegen_flavor(&ctx, progs, &flavor)?;
     module.set_triple(&tm.get_triple());
