@@ -30,10 +30,11 @@ for line in open(sys.argv[2]):
         print(f"egret gpu greedy ids equal to HF's (f32, GPU) for the first {same}/{len(hf)}")
 PY
 # The tensor-core kernels under Nsight Compute, where the machine has it: one launch each of
-# the benches' matmul and attention (their sixth: after the f32 version's five runs).
+# the benches' matmul and attention (their sixth: after the f32 version's five runs), or of
+# the kernels named in NCU_KERNELS, skipping NCU_SKIP launches of each.
 if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then
-    for k in matmul_k0 attention_k1; do
-        timeout 120 ncu --kernel-name "regex:egret_bench_${k}" --launch-skip 5 --launch-count 1 \
+    for k in ${NCU_KERNELS:-matmul_k0 attention_k1}; do
+        timeout 120 ncu --kernel-name "regex:egret_bench_${k}" --launch-skip "${NCU_SKIP:-5}" --launch-count 1 \
             --section SpeedOfLight --section Occupancy --section WarpStateStats \
             --section MemoryWorkloadAnalysis --section SchedulerStats \
             "$dir/gpu_check" "$dir/bundle" "$weights" benches > "$out/ncu-$k.txt" 2>&1

@@ -191,9 +191,17 @@ fn main() -> Res<()> {
             ..PtxOptions::default()
         },
     )?;
-    // The same on sm_90a: `wgmma`.
+    // The same on sm_90a: `wgmma` (its own kernel name, for profilers).
+    let matmul_wgmma = egret_ir::parse(
+        r#"graph bench_matmul_wgmma {
+  %a = input "a" : bf16[M, K]
+  %w = input "w" : bf16[K, N]
+  %y = matmul(%a, %w) : bf16[M, N]
+  output "y" = %y
+}"#,
+    )?;
     ptx_artifact_with(
-        &matmul_bf16,
+        &matmul_wgmma,
         &out.join("bench-matmul-wgmma"),
         &PtxOptions {
             arch: "sm_90a".into(),

@@ -327,17 +327,17 @@ extern "C" fn egret_simt_cp_async_wait(n: i32) {
 }
 
 /// `wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16` with `A` k-major and `B`
-/// n-major in shared memory, no swizzle: this thread's 64 accumulators (thread `t` of its
-/// warpgroup; layout in `llvm::kernels::wgmma_m64n128`) gain their 16 products, summed in
-/// f32 in k order. Element `(row, k)` of `A` is at byte `(row/8)·a_sbo + (row%8)·16 +
-/// (k/8)·a_lbo + (k%8)·2`; element `(k, col)` of `B` at `(col/8)·b_sbo + (col%8)·2 +
-/// (k/8)·b_lbo + (k%8)·16` (8 × 16-byte core matrices, the descriptors' offsets). The GPU
-/// may read shared memory any time before the wait that covers the instruction; here it is
-/// read at once, which is the same for code that leaves the operands alone until then.
+/// n-major in shared memory, 128-byte swizzle: this thread's 64 accumulators (thread `t` of
+/// its warpgroup; layout in `llvm::kernels::wgmma_m64n128`) gain their 16 products, summed
+/// in f32 in k order. Element `(row, k)` of `A` is at `a + (row/8)·a_sbo + (row%8)·128 +
+/// 2k`, element `(k, col)` of `B` at `b + (col/64)·b_lbo + (k/8)·b_sbo + (k%8)·128 +
+/// 2(col%64)`, each address then swizzled (bits 4-6 XOR bits 7-9). The GPU may read shared
+/// memory any time before the wait that covers the instruction; here it is read at once,
+/// which is the same for code that leaves the operands alone until then.
 #[allow(clippy::too_many_arguments)]
 extern "C" fn egret_simt_wgmma(
     a: *const u8,
-    a_lbo: i64,
+    _a_lbo: i64,
     a_sbo: i64,
     b: *const u8,
     b_lbo: i64,
@@ -347,13 +347,14 @@ extern "C" fn egret_simt_wgmma(
 ) {
     let (w, l) = (t as usize / 32, t as usize % 32);
     let (g, q) = (l / 4, l % 4);
-    let (a_lbo, a_sbo) = (a_lbo as usize, a_sbo as usize);
-    let (b_lbo, b_sbo) = (b_lbo as usize, b_sbo as usize);
+    let (a_sbo, b_lbo, b_sbo) = (a_sbo as usize, b_lbo as usize, b_sbo as usize);
+    let swizzle = |p: usize| p ^ (((p >> 7) & 7) << 4);
     // SAFETY: the generated code gives shared-memory addresses of a `64 × 16` `A` and a
     // `16 × 128` `B` laid out as above, and room for 64 accumulators.
     unsafe {
-        let elem = |p: *const u8, at: usize| {
-            let h = u16::from_le_bytes([*p.add(at), *p.add(at + 1)]);
+        let elem = |p: usize| {
+            let p = swizzle(p) as *const u8;
+            let h = u16::from_le_bytes([*p, *p.add(1)]);
             f32::from_bits(u32::from(h) << 16)
         };
         for j in 0..16 {
@@ -362,9 +363,13 @@ extern "C" fn egret_simt_wgmma(
                 let col = 8 * j + 2 * q + x % 2;
                 let mut sum = 0f32;
                 for k in 0..16 {
-                    let at_a = (row / 8) * a_sbo + (row % 8) * 16 + (k / 8) * a_lbo + (k % 8) * 2;
-                    let at_b = (col / 8) * b_sbo + (col % 8) * 2 + (k / 8) * b_lbo + (k % 8) * 16;
-                    sum += elem(a, at_a) * elem(b, at_b);
+                    let at_a = a as usize + (row / 8) * a_sbo + (row % 8) * 128 + 2 * k;
+                    let at_b = b as usize
+                        + (col / 64) * b_lbo
+                        + (k / 8) * b_sbo
+                        + (k % 8) * 128
+                        + 2 * (col % 64);
+                    sum += elem(at_a) * elem(at_b);
                 }
                 *d.add(4 * j + x) += sum;
             }

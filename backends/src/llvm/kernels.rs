@@ -3374,22 +3374,27 @@ const WG_STAGES: i64 = 4;
 const _: () = assert!((WG_STAGES as u64).is_power_of_two() && WG_STAGES >= 3);
 /// Bytes of one operand's part of a `wgmma` ring stage.
 const WG_OPERAND_BYTES: i64 = GPU_TILE * WG_TILE_K * 2;
-/// Bytes of the `wgmma` ring (dynamic shared memory).
-pub const WG_RING_BYTES: i64 = WG_STAGES * 2 * WG_OPERAND_BYTES;
-/// The `wgmma` operands' shared-memory layout, in "core matrices" of 8 rows of 16 bytes
-/// (8 bf16), 128 contiguous bytes each, with no swizzle. `A` (`[128 rows][64 k]`, k-major):
-/// core matrix `(row / 8, k / 8)` at `((row / 8) · 8 + k / 8) · 128`, so the leading (k)
-/// byte offset is 128 and the stride (8-row) offset 1024. `W` (`[64 k][128 n]`, n-major,
-/// `imm-trans-b` 1): core matrix `(k / 8, n / 8)` at `((k / 8) · 16 + n / 8) · 128`: the
-/// leading (k) offset is 2048 and the stride (8-column) offset 128.
-const WG_A_LBO: i64 = 128;
+/// Bytes of the `wgmma` ring (dynamic shared memory), with room to align it to 1024 bytes
+/// (the 128-byte swizzle repeats every 1024 bytes of address, and the ring's stages must
+/// start on that period).
+pub const WG_RING_BYTES: i64 = WG_STAGES * 2 * WG_OPERAND_BYTES + 1024;
+/// The `wgmma` operands' shared-memory layout: 128-byte swizzle, which spreads the rows the
+/// tensor cores read together over all banks. Rows of 64 bf16 (128 bytes) in atoms of 8
+/// rows (1024 bytes), the 16-byte chunk `c` of row `r` stored at chunk `c ^ (r % 8)` (the
+/// swizzle: address bits 4-6 XOR bits 7-9). `A` (`[128 rows][64 k]`, k-major): row `r` at
+/// `128r`, the stride (8-row) offset 1024 and the leading offset unused (16). `W` (`[64 k]
+/// [128 n]`, n-major, `imm-trans-b` 1): two blocks of 64 columns, 8192 bytes apart (the
+/// leading offset), each 64 k rows of 128 bytes, atoms of 8 k rows 1024 apart (the
+/// stride offset).
+const WG_A_LBO: i64 = 16;
 const WG_A_SBO: i64 = 1024;
-const WG_B_LBO: i64 = 2048;
-const WG_B_SBO: i64 = 128;
+const WG_B_LBO: i64 = 8192;
+const WG_B_SBO: i64 = 1024;
 
 /// A `wgmma` shared-memory matrix descriptor: start address (its shared-window offset) and
 /// the leading and stride byte offsets, each in 16-byte units in 14 bits (bits 0-13, 16-29,
-/// 32-45), no swizzle (bits 62-63 zero), base offset 0.
+/// 32-45), 128-byte swizzle (bits 62-63: 1), base offset 0 (the start lies in the first
+/// 128 bytes of a 1024-byte period).
 fn wgmma_desc<'ctx>(
     fb: &Fb<'_, 'ctx>,
     p: PointerValue<'ctx>,
@@ -3405,7 +3410,7 @@ fn wgmma_desc<'ctx>(
             "st",
         )
         .map_err(be)?;
-    let fixed = ((lbo >> 4) & 0x3fff) << 16 | ((sbo >> 4) & 0x3fff) << 32;
+    let fixed = ((lbo >> 4) & 0x3fff) << 16 | ((sbo >> 4) & 0x3fff) << 32 | 1 << 62;
     fb.b.build_or(start, fb.i64c(fixed), "desc").map_err(be)
 }
 
@@ -3880,29 +3885,36 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     let ca_at = a_word(ca_row, ca_k)?;
     let cw_at = w_word(cw_k, cw_n)?;
     // With `wgmma`: this thread's warpgroup `wg`, its index `t128` there and warp `wg_warp`
-    // of it; its chunks of a stage (bytes, `WG_A_LBO`..): of `A`, row `8(lane/64) + lane%8`
-    // (+ 32p), k `8((lane/8)%8)`; of `W`, k row `8(lane/128) + lane%8` (+ 16p), columns
-    // `8((lane/8)%16)`, p = 0..4 (4096 bytes apart). Neighbouring lanes take the rows of one
-    // core matrix, so a warp's 16-byte stores fill all 32 banks.
+    // of it; its chunks of a stage (offsets in bytes from the stage, `WG_A_LBO`..): of `A`,
+    // row `lane/8` (+ 32p), k `8(lane%8)`; of `W`, k row `lane/16` (+ 16p), columns
+    // `8(lane%16)`, p = 0..4 (4096 and 2048 bytes apart: whole atoms, same swizzle). A
+    // warp's 16-byte stores fill four 128-byte rows, every bank four times.
     let (wg, t128) = (sdiv(lane, c(128), "wg")?, srem(lane, c(128), "t128")?);
     let wg_warp = sdiv(t128, c(32), "wgw")?;
-    let lo3 = bits(lane, 7)?;
-    let (wa_rg, wa_kc) = (sdiv(lane, c(64), "rg")?, bits(sdiv(lane, c(8), "l8")?, 7)?);
-    let wa_row = fb.add(fb.mul(wa_rg, c(8))?, lo3)?;
-    let wa_k = fb.mul(wa_kc, c(8))?;
-    let wa_at = fb.add(
-        fb.mul(fb.add(fb.mul(wa_rg, c(8))?, wa_kc)?, c(128))?,
-        fb.mul(lo3, c(16))?,
-    )?;
-    let (ww_kg, ww_ng) = (
-        sdiv(lane, c(128), "kg")?,
-        bits(sdiv(lane, c(8), "l8")?, 15)?,
-    );
-    let ww_k = fb.add(fb.mul(ww_kg, c(8))?, lo3)?;
-    let ww_n = fb.mul(ww_ng, c(8))?;
+    // The ring's first 1024-byte boundary (its offset from the ring's start).
+    let ring_addr = fb.b.build_ptr_to_int(a_s, fb.i64t, "ra").map_err(be)?;
+    let wg_ring0 =
+        fb.b.build_int_sub(
+            fb.b.build_and(fb.add(ring_addr, c(1023))?, c(!1023), "al")
+                .map_err(be)?,
+            ring_addr,
+            "r0",
+        )
+        .map_err(be)?;
+    let swz = |chunk: IntValue<'ctx>, row: IntValue<'ctx>| -> R<IntValue<'ctx>> {
+        fb.mul(xor(chunk, bits(row, 7)?)?, c(16))
+    };
+    let (wa_row, wa_c) = (sdiv(lane, c(8), "ar")?, bits(lane, 7)?);
+    let wa_k = fb.mul(wa_c, c(8))?;
+    let wa_at = fb.add(fb.mul(wa_row, c(128))?, swz(wa_c, wa_row)?)?;
+    let (ww_k, ww_c) = (sdiv(lane, c(16), "wk")?, bits(lane, 15)?);
+    let ww_n = fb.mul(ww_c, c(8))?;
     let ww_at = fb.add(
-        fb.mul(fb.add(fb.mul(ww_kg, c(16))?, ww_ng)?, c(128))?,
-        fb.mul(lo3, c(16))?,
+        fb.add(
+            fb.mul(sdiv(ww_c, c(8), "nb")?, c(WG_B_LBO))?,
+            fb.mul(sdiv(ww_k, c(8), "kg")?, c(WG_B_SBO))?,
+        )?,
+        fb.add(fb.mul(bits(ww_k, 7)?, c(128))?, swz(bits(ww_c, 7)?, ww_k)?)?,
     )?;
     fb.for_range(c(0), iters, |fb, it| {
         let tile = fb.add(blk, fb.mul(it, nblk)?)?;
@@ -4136,7 +4148,10 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
         let wg_path = |fb: &Fb<'_, 'ctx>| -> R<()> {
             let ktw = sdiv(fb.add(kv, c(WG_TILE_K - 1))?, c(WG_TILE_K), "ktw")?;
             let issue_wg = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
-                let base = fb.mul(bits(kt, WG_STAGES - 1)?, c(2 * WG_OPERAND_BYTES))?;
+                let base = fb.add(
+                    wg_ring0,
+                    fb.mul(bits(kt, WG_STAGES - 1)?, c(2 * WG_OPERAND_BYTES))?,
+                )?;
                 let k0 = fb.mul(kt, c(WG_TILE_K))?;
                 let n = aav.strides.len();
                 for p in 0..4 {
@@ -4151,7 +4166,7 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
                     let gk = fb.add(k0, fb.add(ww_k, c(16 * p))?)?;
                     let gn = fb.add(n0, ww_n)?;
                     let at = fb.add(wbase, fb.add(fb.mul(gk, wav.strides[n - 2])?, gn)?)?;
-                    let at_s = fb.add(base, fb.add(ww_at, c(WG_OPERAND_BYTES + 4096 * p))?)?;
+                    let at_s = fb.add(base, fb.add(ww_at, c(WG_OPERAND_BYTES + 2048 * p))?)?;
                     chunk(fb, wav, (gk, kv), (gn, nv), at, byte_ptr(at_s)?)?;
                 }
                 Ok(())
@@ -4168,11 +4183,15 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
                 let more = cmp(IntPredicate::SLT, next, ktw)?;
                 fb.if_else(more, |fb| issue_wg(fb, next), |_| Ok(()))?;
                 cp_async_commit(fb)?;
-                let base = fb.mul(bits(kt, WG_STAGES - 1)?, c(2 * WG_OPERAND_BYTES))?;
+                let base = fb.add(
+                    wg_ring0,
+                    fb.mul(bits(kt, WG_STAGES - 1)?, c(2 * WG_OPERAND_BYTES))?,
+                )?;
                 wgmma_sync(fb, "fence", None)?;
+                // (a k16 step: 32 bytes into `A`'s rows, two k atoms into `W`'s)
                 for ks in 0..WG_TILE_K / 16 {
-                    let a = byte_ptr(fb.add(base, fb.add(fb.mul(wg, c(8192))?, c(256 * ks))?)?)?;
-                    let b = byte_ptr(fb.add(base, c(WG_OPERAND_BYTES + 4096 * ks))?)?;
+                    let a = byte_ptr(fb.add(base, fb.add(fb.mul(wg, c(8192))?, c(32 * ks))?)?)?;
+                    let b = byte_ptr(fb.add(base, c(WG_OPERAND_BYTES + 2 * WG_B_SBO * ks))?)?;
                     wgmma_m64n128(fb, (a, b), t128, &accs)?;
                 }
                 wgmma_sync(fb, "commit_group", None)?;
