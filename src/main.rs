@@ -211,7 +211,8 @@ enum Cmd {
         /// Storage of matmul weights (compute is f32).
         #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
         weights_dtype: DTypeArg,
-        /// GPU architecture for `--target ptx` (sm_80, sm_86, sm_89, sm_90).
+        /// GPU architecture for `--target ptx` (sm_80, sm_86, sm_89, sm_90; sm_90a: sm_90
+        /// cards alone, with `wgmma` for `--tensor-cores`).
         #[arg(long, default_value = "sm_80")]
         gpu_arch: String,
         /// With `--target ptx`: matmuls in bf16 (operands rounded, f32 sums), the large
@@ -349,7 +350,8 @@ struct RunOpts {
     /// Storage of matmul weights on the CPU backend (compute is f32).
     #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
     weights_dtype: DTypeArg,
-    /// GPU architecture the GPU backend generates PTX for (it runs on that GPU and later).
+    /// GPU architecture the GPU backend generates PTX for (it runs on that GPU and later;
+    /// sm_90a on sm_90 alone, with `wgmma` for `--tensor-cores`).
     #[arg(long, default_value = "sm_80")]
     gpu_arch: String,
     /// GPU matmuls in bf16 (operands rounded, f32 sums), the large ones and prompt attention

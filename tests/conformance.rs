@@ -400,6 +400,30 @@ fn simulated_wgmma_matmuls_are_exact_on_bf16_exact_inputs() {
     }
 }
 
+/// Graph inputs declared bf16 and used only by a matmul are stored bf16 with tensor cores
+/// (the executor rounds the f32 values it is given): the matmul reads them through the
+/// `cp.async` ring (`mma.sync`), or `wgmma` on sm_90a. Within bf16 tolerance of the
+/// interpreter's (which rounds the bf16 product; the kernels store it in f32).
+#[test]
+fn simulated_bf16_inputs_feed_tensor_core_matmuls() {
+    let body = r#"
+  %a = input "a" : bf16[2, 1000, 136]
+  %w = input "w" : bf16[136, 1104]
+  %y = matmul(%a, %w) : bf16[2, 1000, 1104]
+  output "y" = %y"#;
+    for arch in ["sm_80", "sm_90a"] {
+        let opts = PtxOptions {
+            arch: arch.into(),
+            tensor_cores: true,
+        };
+        let (want, got) =
+            interp_and_simulated_with("bf16-inputs", body, 3, false, &opts, |rng| rng.uniform());
+        let rel = rel_l2(&got["y"], &want["y"]);
+        assert!(rel <= 1e-2, "{arch}: relative L2 {rel}");
+        eprintln!("{arch}: relative L2 {rel:.2e}");
+    }
+}
+
 /// The f32 tiled matmul (`gpu_tiled_matmul`, no tensor cores) at the same shapes and on the
 /// same exactly-summable inputs: bit for bit the interpreter's, so a misplaced element of its
 /// four-float staging or shared-memory quads shows.

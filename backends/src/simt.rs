@@ -846,4 +846,96 @@ mod tests {
         assert_eq!(run(fails_in_one_thread, 1 << 20, &mut [0.0]), Ok(1));
         assert_eq!(run(fails_in_one_thread, 512, &mut [0.0]), Ok(0));
     }
+
+    // Each thread copies 16 bytes (4 floats) from the first half of the buffer to its slot
+    // in the second half with `cp.async`, reads the slot before and after waiting, and keeps
+    // both reads: before the wait the copy must not have happened yet (the simulator makes
+    // copies at the latest moment the GPU may), after it it must have. A second copy of no
+    // source bytes zero-fills.
+    kernel!(fn async_copy(bufs, tid, _) {
+        let d = *bufs as *mut f32;
+        let t = tid as usize;
+        let (src, dst) = (d.add(4 * t), d.add(1024 + 4 * t));
+        egret_simt_cp_async(dst as *mut u8, src as *const u8, 16);
+        egret_simt_cp_async_commit();
+        let before = *dst;
+        egret_simt_cp_async_wait(0);
+        let after = *dst;
+        let zeroed = d.add(2048 + 4 * t);
+        egret_simt_cp_async(zeroed as *mut u8, src as *const u8, 0);
+        egret_simt_cp_async_commit();
+        egret_simt_cp_async_wait(0);
+        *d.add(3072 + 2 * t) = before;
+        *d.add(3072 + 2 * t + 1) = after + *zeroed;
+        0
+    });
+
+    #[test]
+    fn async_copies_land_at_the_wait_that_covers_them() {
+        let mut d = vec![-1f32; 3584];
+        for (i, x) in d[..1024].iter_mut().enumerate() {
+            *x = i as f32;
+        }
+        assert_eq!(run(async_copy, 256, &mut d), Ok(0));
+        for t in 0..256 {
+            assert_eq!(
+                d[3072 + 2 * t],
+                -1.0,
+                "thread {t} saw its copy before the wait"
+            );
+            assert_eq!(d[3072 + 2 * t + 1], (4 * t) as f32, "thread {t}");
+            assert_eq!(&d[1024 + 4 * t..1028 + 4 * t], &d[4 * t..4 * t + 4]);
+        }
+    }
+
+    /// `wgmma.m64n128k16` on operands laid out as the PTX ISA's canonical 128-byte-swizzled
+    /// layouts say (`A` k-major: `((8,m),(T,2k)):((8T,SBO),(1,T))`; `B` n-major:
+    /// `((T,8,m),(8,k)):((1,T,LBO),(8T,SBO))`, both under `Swizzle<3,4,3>`): every thread of
+    /// the warpgroup gets its 64 entries of `A·B + 1` where the accumulator layout puts them.
+    #[test]
+    fn wgmma_computes_a_64x128x16_product_from_swizzled_shared_memory() {
+        // A 1024-byte-aligned region: `A` (8 atoms of 8 rows) at 0, `B` at 8192 (two
+        // 64-column blocks 4096 apart, each two atoms of 8 k rows 1024 apart).
+        let mut mem = vec![0u8; 16384 + 1024];
+        let base = (mem.as_ptr() as usize).next_multiple_of(1024) - mem.as_ptr() as usize;
+        let swizzle = |off: usize| off ^ (((off >> 7) & 7) << 4);
+        let a_val = |r: usize, k: usize| ((r * 3 + k * 5) % 7) as f32 - 3.0;
+        let b_val = |k: usize, c: usize| ((k * 2 + c * 7) % 5) as f32 - 2.0;
+        let mut put = |off: usize, x: f32| {
+            let at = base + swizzle(off);
+            mem[at..at + 2].copy_from_slice(&((x.to_bits() >> 16) as u16).to_le_bytes());
+        };
+        for r in 0..64 {
+            for k in 0..16 {
+                put((r / 8) * 1024 + (r % 8) * 128 + 2 * k, a_val(r, k));
+            }
+        }
+        for k in 0..16 {
+            for c in 0..128 {
+                let off = 8192 + (c / 64) * 4096 + (k / 8) * 1024 + (k % 8) * 128 + 2 * (c % 64);
+                put(off, b_val(k, c));
+            }
+        }
+        let p = unsafe { mem.as_ptr().add(base) };
+        for t in 0..128usize {
+            let mut d = [1f32; 64];
+            egret_simt_wgmma(
+                p,
+                16,
+                1024,
+                unsafe { p.add(8192) },
+                4096,
+                1024,
+                d.as_mut_ptr(),
+                t as i64,
+            );
+            let (w, l) = (t / 32, t % 32);
+            for (i, got) in d.iter().enumerate() {
+                let row = 16 * w + l / 4 + 8 * ((i % 4) / 2);
+                let col = 8 * (i / 4) + 2 * (l % 4) + i % 2;
+                let want: f32 = 1.0 + (0..16).map(|k| a_val(row, k) * b_val(k, col)).sum::<f32>();
+                assert_eq!(*got, want, "thread {t} entry {i} ({row}, {col})");
+            }
+        }
+    }
 }

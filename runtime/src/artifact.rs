@@ -190,6 +190,20 @@ pub struct Artifact {
     manifest: Manifest,
 }
 
+/// Whether PTX for `arch` (`sm_XY`, or `sm_XYa` for architecture-specific code) runs on a
+/// GPU of compute capability `(major, minor)`: one of at least `X.Y`, or exactly `X.Y` for
+/// architecture-specific code. `None` for an architecture name it does not know.
+pub fn gpu_arch_runs_on(arch: &str, (major, minor): (i32, i32)) -> Option<bool> {
+    let version = arch.strip_prefix("sm_")?;
+    let (version, specific) = match version.strip_suffix('a') {
+        Some(v) => (v, true),
+        None => (version, false),
+    };
+    let want: i32 = version.parse().ok()?;
+    let have = major * 10 + minor;
+    Some(have >= want && (!specific || have == want))
+}
+
 impl Artifact {
     /// Reads and checks `dir/manifest.json` and the payloads it lists.
     pub fn load(dir: impl AsRef<Path>) -> Result<Artifact> {
@@ -293,17 +307,11 @@ impl Artifact {
         if t.kind != "ptx" {
             return Err(bad(format!("its target is `{}`, not `ptx`", t.kind)));
         }
-        let version = t.cpu.strip_prefix("sm_").unwrap_or_default();
-        let (version, specific) = match version.strip_suffix('a') {
-            Some(v) => (v, true),
-            None => (version, false),
-        };
-        let want: i32 = version
-            .parse()
-            .map_err(|_| bad(format!("unknown GPU architecture `{}`", t.cpu)))?;
+        if gpu_arch_runs_on(&t.cpu, (0, 0)).is_none() {
+            return Err(bad(format!("unknown GPU architecture `{}`", t.cpu)));
+        }
         let (name, (major, minor)) = crate::gpu::device_info()?;
-        let have = major * 10 + minor;
-        if have < want || (specific && have != want) {
+        if gpu_arch_runs_on(&t.cpu, (major, minor)) != Some(true) {
             return Err(bad(format!(
                 "compiled for {} but this GPU ({name}) is sm_{major}{minor}",
                 t.cpu
@@ -348,5 +356,22 @@ impl Artifact {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gpu_arch_runs_on;
+
+    #[test]
+    fn ptx_runs_on_its_architecture_and_later_ones_and_sm_90a_on_sm_90_alone() {
+        assert_eq!(gpu_arch_runs_on("sm_80", (8, 0)), Some(true));
+        assert_eq!(gpu_arch_runs_on("sm_80", (9, 0)), Some(true));
+        assert_eq!(gpu_arch_runs_on("sm_86", (8, 0)), Some(false));
+        assert_eq!(gpu_arch_runs_on("sm_90a", (9, 0)), Some(true));
+        assert_eq!(gpu_arch_runs_on("sm_90a", (8, 9)), Some(false));
+        assert_eq!(gpu_arch_runs_on("sm_90a", (10, 0)), Some(false));
+        assert_eq!(gpu_arch_runs_on("sm_9x", (9, 0)), None);
+        assert_eq!(gpu_arch_runs_on("compute_90", (9, 0)), None);
     }
 }
