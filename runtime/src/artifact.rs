@@ -22,7 +22,9 @@ pub const MANIFEST: &str = "manifest.json";
 pub const FORMAT: &str = "egret-artifact";
 /// The format version this runtime reads and writes; any other is refused.
 /// Version 2: CPU kernels take the launch's work counter as a sixth argument (`KernelFn`).
-pub const FORMAT_VERSION: u32 = 2;
+/// Version 3: GPU kernels may need dynamic shared memory (`KernelCall::shared_bytes`), and
+/// buffers may hold bf16 (`ElemType::BF16`): an older runtime would launch them wrongly.
+pub const FORMAT_VERSION: u32 = 3;
 /// Manifests larger than this are refused before parsing (a real one is a few MiB).
 const MANIFEST_MAX_BYTES: u64 = 256 << 20;
 
