@@ -157,57 +157,29 @@ fn main() -> Res<()> {
         },
         &out.join("smollm2-cpu"),
     )?;
-    let matmul = egret_ir::parse(
-        r#"graph bench_matmul {
-  %a = input "a" : f32[M, K]
-  %w = input "w" : f32[K, N]
-  %y = matmul(%a, %w) : f32[M, N]
-  output "y" = %y
-}"#,
-    )?;
+    // `y = a·w` over `[M, K]·[K, N]` operands of `dtype`, as graph `name`.
+    let matmul_graph = |name: &str, dtype: &str| {
+        egret_ir::parse(&format!(
+            "graph {name} {{\n  %a = input \"a\" : {dtype}[M, K]\n  %w = input \"w\" : {dtype}[K, N]\n  %y = matmul(%a, %w) : {dtype}[M, N]\n  output \"y\" = %y\n}}"
+        ))
+    };
+    let tc = PtxOptions {
+        tensor_cores: true,
+        ..PtxOptions::default()
+    };
+    let matmul = matmul_graph("bench_matmul", "f32")?;
     ptx_artifact(&matmul, &out.join("bench-matmul"))?;
-    ptx_artifact_with(
-        &matmul,
-        &out.join("bench-matmul-tc"),
-        &PtxOptions {
-            tensor_cores: true,
-            ..PtxOptions::default()
-        },
-    )?;
-    // bf16 operands in memory, as cuBLAS's bf16 matmul takes them: the `cp.async` ring.
-    let matmul_bf16 = egret_ir::parse(
-        r#"graph bench_matmul_bf16 {
-  %a = input "a" : bf16[M, K]
-  %w = input "w" : bf16[K, N]
-  %y = matmul(%a, %w) : bf16[M, N]
-  output "y" = %y
-}"#,
-    )?;
-    ptx_artifact_with(
-        &matmul_bf16,
-        &out.join("bench-matmul-bf16"),
-        &PtxOptions {
-            tensor_cores: true,
-            ..PtxOptions::default()
-        },
-    )?;
-    // The same on sm_90a: `wgmma` (its own kernel name, for profilers).
-    let matmul_wgmma = egret_ir::parse(
-        r#"graph bench_matmul_wgmma {
-  %a = input "a" : bf16[M, K]
-  %w = input "w" : bf16[K, N]
-  %y = matmul(%a, %w) : bf16[M, N]
-  output "y" = %y
-}"#,
-    )?;
-    ptx_artifact_with(
-        &matmul_wgmma,
-        &out.join("bench-matmul-wgmma"),
-        &PtxOptions {
-            arch: "sm_90a".into(),
-            tensor_cores: true,
-        },
-    )?;
+    ptx_artifact_with(&matmul, &out.join("bench-matmul-tc"), &tc)?;
+    // bf16 operands in memory, as cuBLAS's bf16 matmul takes them: the `cp.async` ring; and
+    // on sm_90a `wgmma` (a graph of its own name, so its kernel has one for profilers).
+    let matmul_bf16 = matmul_graph("bench_matmul_bf16", "bf16")?;
+    ptx_artifact_with(&matmul_bf16, &out.join("bench-matmul-bf16"), &tc)?;
+    let matmul_wgmma = matmul_graph("bench_matmul_wgmma", "bf16")?;
+    let wgmma = PtxOptions {
+        arch: "sm_90a".into(),
+        ..tc.clone()
+    };
+    ptx_artifact_with(&matmul_wgmma, &out.join("bench-matmul-wgmma"), &wgmma)?;
     let attn = egret_ir::parse(
         r#"graph bench_attention {
   %q = input "q" : f32[1, 16, T, 128]
@@ -219,10 +191,6 @@ fn main() -> Res<()> {
 }"#,
     )?;
     ptx_artifact(&attn, &out.join("bench-attention"))?;
-    let tc = PtxOptions {
-        tensor_cores: true,
-        ..PtxOptions::default()
-    };
     ptx_artifact_with(&attn, &out.join("bench-attention-tc"), &tc)?;
     for name in ["gqa_untied", "mha_tied_rope_parameters", "odd_head_dim_mqa"] {
         let src = Path::new(env!("CARGO_MANIFEST_DIR"))

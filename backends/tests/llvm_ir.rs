@@ -97,26 +97,24 @@ fn tensor_core_schedule_stores_matmul_operands_bf16() {
         };
         schedule_with(&g, egret_backends::ptx::schedule_options(&opts)).unwrap()
     };
+    let bf16_roles = |prog: &egret_backends::kernel::Program| -> Vec<BufferRole> {
+        prog.buffers
+            .iter()
+            .filter(|b| b.elem == ElemType::BF16)
+            .map(|b| b.role.clone())
+            .collect()
+    };
     let computed = "graph c {\n  %x = input \"x\" : f32[T, 8]\n  %a = neg(%x) : f32[T, 8]\n  %w = param \"w\" : f32[8, 16]\n  %y = matmul(%a, %w) : f32[T, 16]\n  %v = param \"v\" : f32[16, 4]\n  %z = matmul(%y, %v) : f32[T, 4]\n  output \"z\" = %z\n}";
-    let prog = schedule(computed, true);
-    let bf16: Vec<&BufferRole> = prog
-        .buffers
-        .iter()
-        .filter(|b| b.elem == ElemType::BF16)
-        .map(|b| &b.role)
-        .collect();
+    let bf16 = bf16_roles(&schedule(computed, true));
     // neg(x) as it is computed, and the two weights' copies at load; `y` (stored f32 by its
     // matmul) is read as it is.
     assert_eq!(bf16.len(), 3, "{bf16:?}");
     assert_eq!(
-        bf16.iter().filter(|r| ***r == BufferRole::Init).count(),
+        bf16.iter().filter(|r| **r == BufferRole::Init).count(),
         2,
         "{bf16:?}"
     );
-    assert!(schedule(computed, false)
-        .buffers
-        .iter()
-        .all(|b| b.elem != ElemType::BF16));
+    assert!(bf16_roles(&schedule(computed, false)).is_empty());
     let inputs = "graph i {\n  %a = input \"a\" : bf16[T, 8]\n  %w = input \"w\" : bf16[8, 16]\n  %y = matmul(%a, %w) : bf16[T, 16]\n  %f = input \"f\" : bf16[T, 16]\n  %g = neg(%f) : bf16[T, 16]\n  output \"y\" = %y\n  output \"g\" = %g\n}";
     let prog = schedule(inputs, true);
     let elem_of = |name: &str| {
@@ -129,13 +127,7 @@ fn tensor_core_schedule_stores_matmul_operands_bf16() {
     assert_eq!(elem_of("w"), Some(ElemType::BF16));
     assert_eq!(elem_of("f"), Some(ElemType::F32));
     let fused = "graph n {\n  %x = input \"x\" : f32[T, 8]\n  %g = param \"g\" : f32[8]\n  %w = param \"w\" : f32[8, 16]\n  %y = rms_norm_matmul[eps=1e-5](%x, %g, %w) : f32[T, 16]\n  output \"y\" = %y\n}";
-    let prog = schedule(fused, true);
-    let bf16: Vec<&BufferRole> = prog
-        .buffers
-        .iter()
-        .filter(|b| b.elem == ElemType::BF16)
-        .map(|b| &b.role)
-        .collect();
     // Only the folded weight `g·w`, made at load.
-    assert_eq!(bf16, [&BufferRole::Init], "{bf16:?}");
+    let bf16 = bf16_roles(&schedule(fused, true));
+    assert_eq!(bf16, [BufferRole::Init], "{bf16:?}");
 }

@@ -3538,6 +3538,42 @@ fn wgmma_m64n128<'ctx>(
     Ok(())
 }
 
+/// A `cp.async` ring's pipeline over `slices` slices, `ahead` of them in flight: slices
+/// `0..ahead` are issued first, each its own commit group; then, for each slice `kt`, this
+/// thread waits for its copies of `kt` (the `ahead - 1` newer groups may still be pending),
+/// a barrier publishes everyone's (and tells that every thread is done with what it read
+/// before), slice `kt + ahead` is issued, and `consume(kt)` runs. Every step commits a group,
+/// empty past the end, so the count of pending groups stays uniform. `issue(kt)` must write
+/// a stage that no thread can still be reading after that barrier.
+fn ring_pipeline<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    slices: IntValue<'ctx>,
+    ahead: i64,
+    issue: &dyn Fn(&Fb<'_, 'ctx>, IntValue<'ctx>) -> R<()>,
+    consume: &dyn Fn(&Fb<'_, 'ctx>, IntValue<'ctx>) -> R<()>,
+) -> R<()> {
+    let lt = |a, b| {
+        fb.b.build_int_compare(IntPredicate::SLT, a, b, "lt")
+            .map_err(be)
+    };
+    for st in 0..ahead {
+        let some = lt(fb.i64c(st), slices)?;
+        fb.if_else(some, |fb| issue(fb, fb.i64c(st)), |_| Ok(()))?;
+        cp_async_commit(fb)?;
+    }
+    fb.for_range(fb.i64c(0), slices, |fb, kt| {
+        cp_async_wait(fb, ahead - 1)?;
+        barrier(fb)?;
+        let next = fb.add(kt, fb.i64c(ahead))?;
+        let more =
+            fb.b.build_int_compare(IntPredicate::SLT, next, slices, "more")
+                .map_err(be)?;
+        fb.if_else(more, |fb| issue(fb, next), |_| Ok(()))?;
+        cp_async_commit(fb)?;
+        consume(fb, kt)
+    })
+}
+
 /// Four float operands at `av`'s `idx..idx+4` in one load of their total size (16 bytes of
 /// f32, 8 of bf16; `idx` a multiple of 4 and the base aligned to that size: `vector_rows`).
 fn load_x4<'ctx>(
@@ -4123,18 +4159,7 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
         // everyone's, after which stage `(kt - 1) % MMA_STAGES`, read by then, is refilled.
         // Every step commits a group (empty past the end) so the count stays uniform.
         let ring_path = |fb: &Fb<'_, 'ctx>| -> R<()> {
-            for st in 0..MMA_STAGES - 1 {
-                let some = cmp(IntPredicate::SLT, c(st), ktiles)?;
-                fb.if_else(some, |fb| issue(fb, c(st)), |_| Ok(()))?;
-                cp_async_commit(fb)?;
-            }
-            fb.for_range(c(0), ktiles, |fb, kt| {
-                cp_async_wait(fb, MMA_STAGES - 2)?;
-                barrier(fb)?;
-                let next = fb.add(kt, c(MMA_STAGES - 1))?;
-                let more = cmp(IntPredicate::SLT, next, ktiles)?;
-                fb.if_else(more, |fb| issue(fb, next), |_| Ok(()))?;
-                cp_async_commit(fb)?;
+            ring_pipeline(fb, ktiles, MMA_STAGES - 1, &issue, &|fb, kt| {
                 multiply(fb, bits(kt, MMA_STAGES - 1)?)
             })?;
             cp_async_wait(fb, 0)
@@ -4171,18 +4196,7 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
                 }
                 Ok(())
             };
-            for st in 0..WG_STAGES - 2 {
-                let some = cmp(IntPredicate::SLT, c(st), ktw)?;
-                fb.if_else(some, |fb| issue_wg(fb, c(st)), |_| Ok(()))?;
-                cp_async_commit(fb)?;
-            }
-            fb.for_range(c(0), ktw, |fb, kt| {
-                cp_async_wait(fb, WG_STAGES - 3)?;
-                barrier(fb)?;
-                let next = fb.add(kt, c(WG_STAGES - 2))?;
-                let more = cmp(IntPredicate::SLT, next, ktw)?;
-                fb.if_else(more, |fb| issue_wg(fb, next), |_| Ok(()))?;
-                cp_async_commit(fb)?;
+            ring_pipeline(fb, ktw, WG_STAGES - 2, &issue_wg, &|fb, kt| {
                 let base = fb.add(
                     wg_ring0,
                     fb.mul(bits(kt, WG_STAGES - 1)?, c(2 * WG_OPERAND_BYTES))?,
