@@ -3538,6 +3538,9 @@ fn wgmma_m64n128<'ctx>(
     Ok(())
 }
 
+/// Where accumulator `x` of this thread lies in a matmul tile: `(row, column)` in it.
+type TilePlace<'ctx> = dyn Fn(&Fb<'_, 'ctx>, usize) -> R<(IntValue<'ctx>, IntValue<'ctx>)>;
+
 /// A `cp.async` ring's pipeline over `slices` slices, `ahead` of them in flight: slices
 /// `0..ahead` are issued first, each its own commit group; then, for each slice `kt`, this
 /// thread waits for its copies of `kt` (the `ahead - 1` newer groups may still be pending),
@@ -4216,32 +4219,29 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
         };
         // The outputs: accumulator `x` of this thread at `place(x)` in the tile, scaled by
         // the row's norm, plus the residual, stored where inside the matrix.
-        let store =
-            |fb: &Fb<'_, 'ctx>,
-             place: &dyn Fn(&Fb<'_, 'ctx>, usize) -> R<(IntValue<'ctx>, IntValue<'ctx>)>|
-             -> R<()> {
-                for (x, a) in accs.iter().enumerate() {
-                    let (r, cl) = place(fb, x)?;
-                    let (row, col) = (fb.add(m0, r)?, fb.add(n0, cl)?);
-                    fb.if_else(
-                        and(
-                            cmp(IntPredicate::SLT, row, mv)?,
-                            cmp(IntPredicate::SLT, col, nv)?,
-                        )?,
-                        |fb| {
-                            let mut v = fb.get(*a)?;
-                            if norm {
-                                v = fb.fmul(v, fb.load_f32(inv_s, fb.add(r, c(inv_at))?)?)?;
-                            }
-                            let v = mm.with_residual(fb, rbase, row, col, v)?;
-                            let o = fb.add(fb.mul(fb.add(fb.mul(bi, mv)?, row)?, nv)?, col)?;
-                            fb.store_f32(optr, o, v)
-                        },
-                        |_| Ok(()),
-                    )?;
-                }
-                Ok(())
-            };
+        let store = |fb: &Fb<'_, 'ctx>, place: &TilePlace<'ctx>| -> R<()> {
+            for (x, a) in accs.iter().enumerate() {
+                let (r, cl) = place(fb, x)?;
+                let (row, col) = (fb.add(m0, r)?, fb.add(n0, cl)?);
+                fb.if_else(
+                    and(
+                        cmp(IntPredicate::SLT, row, mv)?,
+                        cmp(IntPredicate::SLT, col, nv)?,
+                    )?,
+                    |fb| {
+                        let mut v = fb.get(*a)?;
+                        if norm {
+                            v = fb.fmul(v, fb.load_f32(inv_s, fb.add(r, c(inv_at))?)?)?;
+                        }
+                        let v = mm.with_residual(fb, rbase, row, col, v)?;
+                        let o = fb.add(fb.mul(fb.add(fb.mul(bi, mv)?, row)?, nv)?, col)?;
+                        fb.store_f32(optr, o, v)
+                    },
+                    |_| Ok(()),
+                )?;
+            }
+            Ok(())
+        };
         // `mma.sync` fragments: accumulator `(i·4 + j)·4 + x` of warp `(wm, wn)` at row
         // `64wm + 16i + g` (`+ 8` for x = 2, 3), column `32wn + 8j + 2q` (`+ 1` for odd x).
         let mma_place = |fb: &Fb<'_, 'ctx>, a: usize| -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
