@@ -3539,7 +3539,7 @@ fn wgmma_m64n128<'ctx>(
 }
 
 /// Where accumulator `x` of this thread lies in a matmul tile: `(row, column)` in it.
-type TilePlace<'ctx> = dyn Fn(&Fb<'_, 'ctx>, usize) -> R<(IntValue<'ctx>, IntValue<'ctx>)>;
+type TilePlace<'a, 'ctx> = dyn Fn(&Fb<'_, 'ctx>, usize) -> R<(IntValue<'ctx>, IntValue<'ctx>)> + 'a;
 
 /// A `cp.async` ring's pipeline over `slices` slices, `ahead` of them in flight: slices
 /// `0..ahead` are issued first, each its own commit group; then, for each slice `kt`, this
@@ -4219,7 +4219,7 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
         };
         // The outputs: accumulator `x` of this thread at `place(x)` in the tile, scaled by
         // the row's norm, plus the residual, stored where inside the matrix.
-        let store = |fb: &Fb<'_, 'ctx>, place: &TilePlace<'ctx>| -> R<()> {
+        let store = |fb: &Fb<'_, 'ctx>, place: &TilePlace<'_, 'ctx>| -> R<()> {
             for (x, a) in accs.iter().enumerate() {
                 let (r, cl) = place(fb, x)?;
                 let (row, col) = (fb.add(m0, r)?, fb.add(n0, cl)?);
