@@ -3806,6 +3806,13 @@ fn mma_into<'ctx>(
 /// the staged rows and 16-byte alignment, load four floats at a time; the others (edges,
 /// other layouts) element by element with bounds checks. With `norm`, rows are scaled as
 /// in `gpu_tiled_matmul`.
+///
+/// When both operands are stored bf16 with rows that start on 16 bytes (and no norm weight
+/// to apply as they load), the slices skip the registers: `cp.async` copies them into a
+/// ring of `MMA_STAGES` stages in dynamic shared memory, three slices in flight
+/// (`ring_pipeline`), multiplied as above; or, with `wgmma` (sm_90a), into `WG_STAGES`
+/// 128-byte-swizzled stages of 64-wide slices that two warpgroups multiply with
+/// `wgmma.mma_async.m64n128k16` (`wgmma_m64n128`), each warpgroup 64 rows of the tile.
 fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     let GpuMatmul {
         optr,
