@@ -47,10 +47,7 @@ pub fn executors(
         states,
         deep_first: false,
         pack_weights: true,
-        n_major: false,
-        matmul_residual: false,
-        bf16_operands: false,
-        attn_tokens_first: false,
+        ..ScheduleOptions::default()
     };
     let progs = schedule_graphs(gs, sopts)?;
     let refs: Vec<&egret_backends::kernel::Program> = progs.iter().collect();
@@ -156,10 +153,7 @@ pub fn compile_artifact(
         states: true,
         deep_first: false,
         pack_weights: true,
-        n_major: false,
-        matmul_residual: false,
-        bf16_operands: false,
-        attn_tokens_first: false,
+        ..ScheduleOptions::default()
     };
     let prog = schedule_with(&g, sopts).map_err(|e| EgretError::Usage(e.to_string()))?;
     let model = serde_json::to_value(cfg).unwrap_or_default();

@@ -275,10 +275,7 @@ pub fn compile_train_artifact(
         deep_first: true,
         // New parameters every step: matmuls pack their slices as they go.
         pack_weights: false,
-        n_major: false,
-        matmul_residual: false,
-        bf16_operands: false,
-        attn_tokens_first: false,
+        ..egret_backends::schedule::ScheduleOptions::default()
     };
     let (prog, spec, model) = train_program(cfg, passes, opt, budget, sopts)?;
     let out = egret_backends::artifact::write_cpu_artifact(&prog, opts, model, &spec, dir)

@@ -769,7 +769,11 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                         s.view(&arg(0), &ash)
                     };
                     let a = s.row_contiguous(a.clone(), &ash, s.elem_of(&a));
-                    let w = s.view(&arg(wi), &wsh);
+                    let w = if bf16 && !fused {
+                        s.bf16_operand(&arg(wi), &wsh)
+                    } else {
+                        s.view(&arg(wi), &wsh)
+                    };
                     let batch = ash[..ash.len() - 2].to_vec();
                     let (m, k, nn) = (
                         ash[ash.len() - 2].clone(),
@@ -880,13 +884,10 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                     };
                     let w = if nr > 0 {
                         w
-                    } else if bf16 && !fused {
-                        let w = s.bf16_operand(&arg(wi), &wsh);
-                        s.row_contiguous(w.clone(), &wsh, s.elem_of(&w))
                     } else if opts.n_major {
-                        s.row_contiguous(w, &wsh, e)
+                        s.row_contiguous(w.clone(), &wsh, s.elem_of(&w))
                     } else {
-                        s.k_contiguous(w, &wsh, e)
+                        s.k_contiguous(w.clone(), &wsh, s.elem_of(&w))
                     };
                     if let Op::RmsNormMatMul { eps } = n.op {
                         let gw = s.view(&arg(1), &arg_shape(1));

@@ -757,12 +757,12 @@ impl CpuExecutor {
                         (HostData::F32(d), ElemType::F32) if d.len() == n => d.as_ptr() as *mut u8,
                         (HostData::I64(d), ElemType::I64) if d.len() == n => d.as_ptr() as *mut u8,
                         (HostData::F32(d), ElemType::BF16) if d.len() == n => {
-                            let bytes = crate::plan::bf16_bytes(d);
-                            let mut a = Aligned::new(bytes.len());
-                            // SAFETY: the storage holds `bytes.len()` bytes.
-                            unsafe {
-                                std::ptr::copy_nonoverlapping(bytes.as_ptr(), a.ptr(), bytes.len())
-                            };
+                            let mut a = Aligned::new(2 * n);
+                            let h = a.ptr() as *mut u16;
+                            for (i, &x) in d.iter().enumerate() {
+                                // SAFETY: the storage holds `n` two-byte values.
+                                unsafe { h.add(i).write_unaligned(crate::plan::bf16_bits(x)) };
+                            }
                             converted.push(a);
                             converted.last_mut().expect("pushed").ptr()
                         }

@@ -586,12 +586,15 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
         Ok(self.fast(self.fadd(acc, p)?))
     }
 
+    /// LLVM intrinsic `name` declared in the module, overloaded on `types`.
+    fn declare(&self, name: &str, types: &[BasicTypeEnum<'ctx>]) -> R<FunctionValue<'ctx>> {
+        Intrinsic::find(name)
+            .and_then(|i| i.get_declaration(self.module, types))
+            .ok_or_else(|| BackendError::Llvm(format!("no intrinsic {name}")))
+    }
+
     fn intrinsic(&self, name: &str, args: &[FloatValue<'ctx>]) -> R<FloatValue<'ctx>> {
-        let i = Intrinsic::find(name)
-            .ok_or_else(|| BackendError::Llvm(format!("no intrinsic {name}")))?;
-        let f = i
-            .get_declaration(self.module, &[self.f32t.into()])
-            .ok_or_else(|| BackendError::Llvm(format!("cannot declare {name}")))?;
+        let f = self.declare(name, &[self.f32t.into()])?;
         let a: Vec<BasicMetadataValueEnum> = args.iter().map(|v| (*v).into()).collect();
         let r = self.b.build_call(f, &a, name).map_err(be)?;
         Ok(r.try_as_basic_value()
@@ -608,11 +611,7 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
         b: FloatValue<'ctx>,
         c: FloatValue<'ctx>,
     ) -> R<FloatValue<'ctx>> {
-        let i = Intrinsic::find(name)
-            .ok_or_else(|| BackendError::Llvm(format!("no intrinsic {name}")))?;
-        let f = i
-            .get_declaration(self.module, &[self.f32t.into()])
-            .ok_or_else(|| BackendError::Llvm(format!("cannot declare {name}")))?;
+        let f = self.declare(name, &[self.f32t.into()])?;
         let r = self
             .b
             .build_call(f, &[a.into(), b.into(), c.into()], name)
@@ -2679,9 +2678,7 @@ fn barrier(fb: &Fb) -> R<()> {
         return Ok(());
     }
     let name = "llvm.nvvm.barrier.cta.sync.aligned.all";
-    let f = Intrinsic::find(name)
-        .and_then(|i| i.get_declaration(fb.module, &[]))
-        .ok_or_else(|| BackendError::Llvm(format!("no intrinsic {name}")))?;
+    let f = fb.declare(name, &[])?;
     let bar0 = fb.ctx.i32_type().const_zero();
     fb.b.build_call(f, &[bar0.into()], "").map_err(be)?;
     Ok(())
@@ -2754,25 +2751,27 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
         })
     }
 
-    /// Whether `a`'s rows (along k) and `w`'s rows (along n) allow loads of four elements
-    /// (`load_x4`): unit stride along them, every row start a multiple of 4 elements, the
-    /// base aligned to four elements' size.
-    fn vector_rows(&self, fb: &Fb<'_, 'ctx>) -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
-        let rows = |av: &Av<'ctx>, along: usize, across: usize| -> R<IntValue<'ctx>> {
+    /// Whether `a`'s rows (along k) and `w`'s rows (along n) can be read in chunks of
+    /// `elems` elements, each one aligned access of its size: unit stride along them, every
+    /// row start a multiple of `elems` elements, the base aligned to a chunk's bytes.
+    fn rows_in_chunks(&self, fb: &Fb<'_, 'ctx>, elems: i64) -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
+        let rows = |av: &Av<'ctx>| -> R<IntValue<'ctx>> {
+            let n = av.strides.len();
             let unit =
-                fb.b.build_int_compare(IntPredicate::EQ, av.strides[along], fb.i64c(1), "u")
+                fb.b.build_int_compare(IntPredicate::EQ, av.strides[n - 1], fb.i64c(1), "u")
                     .map_err(be)?;
-            let starts = fb.multiple_of(av.strides[across], 4)?;
+            let starts = fb.multiple_of(av.strides[n - 2], elems)?;
             let both = fb.b.build_and(unit, starts, "v").map_err(be)?;
-            let bytes = 4 * av.elem.size() as i64;
+            let bytes = elems * av.elem.size() as i64;
             fb.b.build_and(both, fb.ptr_aligned(av.ptr, bytes)?, "v")
                 .map_err(be)
         };
-        let (ra, wa) = (self.aav.strides.len(), self.wav.strides.len());
-        Ok((
-            rows(self.aav, ra - 1, ra - 2)?,
-            rows(self.wav, wa - 1, wa - 2)?,
-        ))
+        Ok((rows(self.aav)?, rows(self.wav)?))
+    }
+
+    /// Whether the rows allow loads of four elements (`load_x4`).
+    fn vector_rows(&self, fb: &Fb<'_, 'ctx>) -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
+        self.rows_in_chunks(fb, 4)
     }
 
     /// Whether a `GPU_TILE`-square tile at rows `m0` (batch offset `abase` in `a`) and
@@ -3241,9 +3240,7 @@ fn cp_async<'ctx>(
         fb.b.build_address_space_cast(src, fb.ctx.ptr_type(AddressSpace::from(1u16)), "g")
             .map_err(be)?;
     let name = "llvm.nvvm.cp.async.cg.shared.global.16.s";
-    let f = Intrinsic::find(name)
-        .and_then(|i| i.get_declaration(fb.module, &[]))
-        .ok_or_else(|| BackendError::Llvm(format!("no intrinsic {name}")))?;
+    let f = fb.declare(name, &[])?;
     fb.b.build_call(f, &[dst.into(), g.into(), n.into()], "")
         .map_err(be)?;
     Ok(())
@@ -3256,9 +3253,7 @@ fn cp_async_commit(fb: &Fb) -> R<()> {
         return Ok(());
     }
     let name = "llvm.nvvm.cp.async.commit.group";
-    let f = Intrinsic::find(name)
-        .and_then(|i| i.get_declaration(fb.module, &[]))
-        .ok_or_else(|| BackendError::Llvm(format!("no intrinsic {name}")))?;
+    let f = fb.declare(name, &[])?;
     fb.b.build_call(f, &[], "").map_err(be)?;
     Ok(())
 }
@@ -3274,9 +3269,7 @@ fn cp_async_wait(fb: &Fb, n: i64) -> R<()> {
         return Ok(());
     }
     let name = "llvm.nvvm.cp.async.wait.group";
-    let f = Intrinsic::find(name)
-        .and_then(|i| i.get_declaration(fb.module, &[]))
-        .ok_or_else(|| BackendError::Llvm(format!("no intrinsic {name}")))?;
+    let f = fb.declare(name, &[])?;
     fb.b.build_call(f, &[nv.into()], "").map_err(be)?;
     Ok(())
 }
@@ -3421,9 +3414,7 @@ fn wgmma_sync(fb: &Fb, what: &str, wait: Option<i64>) -> R<()> {
         return Ok(());
     }
     let name = format!("llvm.nvvm.wgmma.{what}.sync.aligned");
-    let f = Intrinsic::find(&name)
-        .and_then(|i| i.get_declaration(fb.module, &[]))
-        .ok_or_else(|| BackendError::Llvm(format!("no intrinsic {name}")))?;
+    let f = fb.declare(&name, &[])?;
     let args: Vec<BasicMetadataValueEnum> = wait.map(|n| fb.i64c(n).into()).into_iter().collect();
     fb.b.build_call(f, &args, "").map_err(be)?;
     Ok(())
@@ -3682,9 +3673,7 @@ fn ldmatrix_x4<'ctx>(
     } else {
         "llvm.nvvm.ldmatrix.sync.aligned.m8n8.x4.b16"
     };
-    let f = Intrinsic::find(name)
-        .and_then(|i| i.get_declaration(fb.module, &[row.get_type().into()]))
-        .ok_or_else(|| BackendError::Llvm(format!("no intrinsic {name}")))?;
+    let f = fb.declare(name, &[row.get_type().into()])?;
     for (v, x) in out.iter_mut().zip(call_fields(fb, f, &[row.into()])?) {
         *v = x.into_int_value();
     }
@@ -3904,16 +3893,9 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     // stride along the staged rows (`A` along k, `W` along n), rows starting on 16-byte
     // boundaries, and the row length a multiple of 8 (a chunk is all inside or all outside).
     let ring_ok = if aav.elem == ElemType::BF16 && wav.elem == ElemType::BF16 && gav.is_none() {
-        let rows = |av: &Av<'ctx>, len: IntValue<'ctx>| -> R<IntValue<'ctx>> {
-            let n = av.strides.len();
-            let unit = cmp(IntPredicate::EQ, av.strides[n - 1], c(1))?;
-            let starts = and(
-                fb.multiple_of(av.strides[n - 2], 8)?,
-                fb.multiple_of(len, 8)?,
-            )?;
-            and(and(unit, starts)?, fb.ptr_aligned(av.ptr, 16)?)
-        };
-        Some(and(rows(aav, kv)?, rows(wav, nv)?)?)
+        let (a_rows, w_rows) = mm.rows_in_chunks(fb, 8)?;
+        let lens = and(fb.multiple_of(kv, 8)?, fb.multiple_of(nv, 8)?)?;
+        Some(and(and(a_rows, w_rows)?, lens)?)
     } else {
         None
     };
@@ -4739,9 +4721,7 @@ fn shfl_bfly<'ctx>(fb: &Fb<'_, 'ctx>, x: FloatValue<'ctx>, mask: u64) -> R<Float
         return Ok(y.into_float_value());
     }
     let name = "llvm.nvvm.shfl.sync.bfly.f32";
-    let f = Intrinsic::find(name)
-        .and_then(|i| i.get_declaration(fb.module, &[]))
-        .ok_or_else(|| BackendError::Llvm(format!("no intrinsic {name}")))?;
+    let f = fb.declare(name, &[])?;
     Ok(fb
         .b
         .build_call(
