@@ -16,8 +16,8 @@
 //!   `conformance-wgmma/<case>/` the same for sm_90a (`wgmma` where operands are bf16);
 //! - `bench-matmul/`, `bench-matmul-tc/`, `bench-attention/`, `bench-attention-tc/`: a
 //!   matmul and a causal attention for timing (f32, and on tensor cores);
-//!   `bench-matmul-bf16/`: the matmul on tensor cores with its operands stored bf16, and
-//!   `bench-matmul-wgmma/` the same for sm_90a (`wgmma`);
+//!   `bench-matmul-bf16/` and `bench-attention-bf16/`: the same on tensor cores with their
+//!   operands stored bf16, and `bench-matmul-wgmma/` the matmul for sm_90a (`wgmma`);
 //! - `grads/<fixture>/`: each tiny transformers fixture's gradient graph (PTX, entry `run`)
 //!   with the fixture's weights, tokens and transformers' loss and gradients;
 //!   `grads-bf16/<fixture>/` the same with bf16 matmuls and attention (`--tensor-cores`);
@@ -180,18 +180,19 @@ fn main() -> Res<()> {
         ..tc.clone()
     };
     ptx_artifact_with(&matmul_wgmma, &out.join("bench-matmul-wgmma"), &wgmma)?;
-    let attn = egret_ir::parse(
-        r#"graph bench_attention {
-  %q = input "q" : f32[1, 16, T, 128]
-  %k = input "k" : f32[1, 16, T, 128]
-  %v = input "v" : f32[1, 16, T, 128]
-  %pos = iota[axis=1] : i64[1, T]
-  %o = fused_attention[scale=0.08838834764831845](%q, %k, %v, %pos) : f32[1, 16, T, 128]
-  output "o" = %o
-}"#,
-    )?;
+    // Causal attention over `[1, 16, T, 128]` operands of `dtype`, as graph `name`.
+    let attention_graph = |name: &str, dtype: &str| {
+        egret_ir::parse(&format!(
+            "graph {name} {{\n  %q = input \"q\" : {dtype}[1, 16, T, 128]\n  %k = input \"k\" : {dtype}[1, 16, T, 128]\n  %v = input \"v\" : {dtype}[1, 16, T, 128]\n  %pos = iota[axis=1] : i64[1, T]\n  %o = fused_attention[scale=0.08838834764831845](%q, %k, %v, %pos) : {dtype}[1, 16, T, 128]\n  output \"o\" = %o\n}}"
+        ))
+    };
+    let attn = attention_graph("bench_attention", "f32")?;
     ptx_artifact(&attn, &out.join("bench-attention"))?;
     ptx_artifact_with(&attn, &out.join("bench-attention-tc"), &tc)?;
+    // bf16 operands in memory, as SDPA takes them: keys and values through the `cp.async`
+    // ring.
+    let attn_bf16 = attention_graph("bench_attention_bf16", "bf16")?;
+    ptx_artifact_with(&attn_bf16, &out.join("bench-attention-bf16"), &tc)?;
     for name in ["gqa_untied", "mha_tied_rope_parameters", "odd_head_dim_mqa"] {
         let src = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/tiny")

@@ -261,11 +261,12 @@ pub struct ScheduleOptions {
     /// Tensor-core matmuls read bf16 operands from global memory where they can
     /// (`Sched::bf16_operand`; with `n_major`): half the bytes, and the GPU's kernel copies
     /// them into shared memory as they lie. Graph inputs declared `bf16` whose every use is
-    /// a matmul are stored bf16 too (the runtime rounds the values given for them).
+    /// a matmul operand or attention's query, keys or values are stored bf16 too (the
+    /// runtime rounds the values given for them).
     pub bf16_operands: bool,
-    /// Attention writes its output tokens first (`AttnDims::tokens_first`), so that a
-    /// transformer's permute back to `[B, T, H, Dv]` needs no copy (a kernel launch saved per
-    /// layer where launches are what decode costs).
+    /// Attention whose every use is a permute back to `[B, T, H, Dv]` (a transformer's)
+    /// writes its output tokens first (`AttnDims::tokens_first`), so that the permute needs
+    /// no copy (a kernel launch saved per layer where launches are what decode costs).
     pub attn_tokens_first: bool,
 }
 
@@ -371,15 +372,19 @@ fn summed_matmuls(g: &Graph) -> std::collections::HashMap<ValueId, ValueId> {
     found
 }
 
-/// Inputs declared `bf16`, not outputs, whose every use is a `matmul` operand: stored
-/// bf16 when matmuls read bf16 operands (`ScheduleOptions::bf16_operands`).
-fn matmul_only_bf16_inputs(g: &Graph, outputs: &BTreeSet<ValueId>) -> BTreeSet<ValueId> {
-    let mut only_matmuls: Vec<bool> = vec![true; g.len()];
+/// Inputs declared `bf16`, not outputs, whose every use is a tensor-core operand (of a
+/// `matmul`, or the query, keys or values of a `fused_attention`): stored bf16 when those
+/// read bf16 operands (`ScheduleOptions::bf16_operands`).
+fn tensor_core_bf16_inputs(g: &Graph, outputs: &BTreeSet<ValueId>) -> BTreeSet<ValueId> {
+    let mut only_operands: Vec<bool> = vec![true; g.len()];
     for n in &g.nodes {
-        if n.op != Op::MatMul {
-            for x in &n.inputs {
-                only_matmuls[x.index()] = false;
-            }
+        let operands = match n.op {
+            Op::MatMul => n.inputs.len(),
+            Op::FusedAttention { .. } => 3,
+            _ => 0,
+        };
+        for x in &n.inputs[operands.min(n.inputs.len())..] {
+            only_operands[x.index()] = false;
         }
     }
     g.values()
@@ -387,8 +392,29 @@ fn matmul_only_bf16_inputs(g: &Graph, outputs: &BTreeSet<ValueId>) -> BTreeSet<V
             let n = g.node(*v);
             matches!(n.op, Op::Input { .. })
                 && n.ty.dtype == DType::BF16
-                && only_matmuls[v.index()]
+                && only_operands[v.index()]
                 && !outputs.contains(v)
+        })
+        .collect()
+}
+
+/// Attention results, not outputs, whose every use is a permute to `[B, T, H, Dv]`: written
+/// tokens first (`ScheduleOptions::attn_tokens_first`), which makes that permute a view.
+fn permuted_attention(g: &Graph, outputs: &BTreeSet<ValueId>) -> BTreeSet<ValueId> {
+    let mut users: Vec<Vec<&Op>> = vec![vec![]; g.len()];
+    for n in &g.nodes {
+        for x in &n.inputs {
+            users[x.index()].push(&n.op);
+        }
+    }
+    g.values()
+        .filter(|v| {
+            matches!(g.node(*v).op, Op::FusedAttention { .. })
+                && !outputs.contains(v)
+                && !users[v.index()].is_empty()
+                && users[v.index()]
+                    .iter()
+                    .all(|op| matches!(op, Op::Permute { perm } if perm[..] == [0, 2, 1, 3]))
         })
         .collect()
 }
@@ -427,10 +453,11 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
     };
     let outputs: BTreeSet<ValueId> = g.outputs.iter().map(|(_, v)| *v).collect();
     let bf16_inputs = if opts.bf16_operands {
-        matmul_only_bf16_inputs(g, &outputs)
+        tensor_core_bf16_inputs(g, &outputs)
     } else {
         BTreeSet::new()
     };
+    let tokens_first_attn = permuted_attention(g, &outputs);
     let mut vals: Vec<Option<Val>> = vec![None; g.len()];
     let mut taken = BTreeSet::new();
     let mut out_bufs: std::collections::HashMap<String, u32> = Default::default();
@@ -1011,7 +1038,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                         hkv: c(&sh[1][1])?,
                         s: sh[1][2].clone(),
                         dv: c(&sh[2][3])?,
-                        tokens_first: opts.attn_tokens_first,
+                        tokens_first: opts.attn_tokens_first && tokens_first_attn.contains(&v),
                     };
                     // (tokens first: a `[B, T, H, Dv]` buffer seen as `[B, H, T, Dv]`)
                     let stored = if dims.tokens_first {

@@ -347,6 +347,7 @@ fn benches(bundle: &Path, table: &mut Vec<String>) -> Res<()> {
     for (dir, what) in [
         ("bench-attention", "f32"),
         ("bench-attention-tc", "tensor cores (bf16 operands)"),
+        ("bench-attention-bf16", "bf16 operands in memory"),
     ] {
         let mut at = executor(&bundle.join(dir))?;
         if let Some(HostValue {
@@ -369,16 +370,18 @@ fn benches(bundle: &Path, table: &mut Vec<String>) -> Res<()> {
             s * 1e3
         ));
     }
-    if let [f32_out, tc_out] = outs.as_slice() {
-        let rel = rel_l2(tc_out, f32_out);
-        println!(
-            "{}",
-            serde_json::json!({"check": "bench", "what": "attention tensor cores vs f32", "rel_l2": rel})
-        );
-        table.push(format!(
-            "egret attention tensor cores vs f32: relative L2 {rel:.2e} {}",
-            if rel <= 1e-2 { "ok" } else { "FAIL" }
-        ));
+    if let [f32_out, tc_outs @ ..] = outs.as_slice() {
+        for (tc_out, what) in tc_outs.iter().zip(["tensor cores", "bf16 operands"]) {
+            let rel = rel_l2(tc_out, f32_out);
+            println!(
+                "{}",
+                serde_json::json!({"check": "bench", "what": format!("attention {what} vs f32"), "rel_l2": rel})
+            );
+            table.push(format!(
+                "egret attention {what} vs f32: relative L2 {rel:.2e} {}",
+                if rel <= 1e-2 { "ok" } else { "FAIL" }
+            ));
+        }
     }
     Ok(())
 }

@@ -711,18 +711,6 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
             .into_float_value())
     }
 
-    /// `e^x` for kernels whose operands are bf16 anyway (the tensor-core attention):
-    /// `2^(x·log2 e)` through `llvm.exp2`, which NVPTX lowers to one special-function
-    /// instruction (`ex2.approx.f32`, about 2 ulp; `x·log2 e` rounded adds a relative error
-    /// near `|x|·6e-8`), for the straight-line `exp`'s 35. `e^(−∞) = 0`, and NaN stays NaN.
-    /// (The simulator's `llvm.exp2` is the C library's `exp2f`.)
-    fn exp_approx(&self, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
-        self.intrinsic(
-            "llvm.exp2",
-            &[self.fmul(x, self.f32c(std::f64::consts::LOG2_E))?],
-        )
-    }
-
     fn fsel(
         &self,
         c: IntValue<'ctx>,
@@ -3258,6 +3246,26 @@ fn cp_async_commit(fb: &Fb) -> R<()> {
     Ok(())
 }
 
+/// One 16-byte `cp.async` of the bf16 elements `at..at + 8` of `av` to `dst` where `inside`;
+/// where not, `dst` is zero-filled and nothing is read (the address is kept inside the
+/// buffer all the same).
+fn cp_async_chunk<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    av: &Av<'ctx>,
+    inside: IntValue<'ctx>,
+    at: IntValue<'ctx>,
+    dst: PointerValue<'ctx>,
+) -> R<()> {
+    let c = |v: i64| fb.i64c(v);
+    let at = fb.b.build_select(inside, at, c(0), "at").map_err(be)?;
+    let src = unsafe {
+        fb.b.build_in_bounds_gep(fb.ctx.i16_type(), av.ptr, &[at.into_int_value()], "src")
+    }
+    .map_err(be)?;
+    let n = fb.b.build_select(inside, c(16), c(0), "n").map_err(be)?;
+    cp_async(fb, dst, src, n.into_int_value())
+}
+
 /// `cp.async.wait_group n`: every group of this thread but the `n` newest is done (a
 /// barrier after it makes them visible to the block).
 fn cp_async_wait(fb: &Fb, n: i64) -> R<()> {
@@ -4115,14 +4123,7 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
                 cmp(IntPredicate::SLT, i, ni)?,
                 cmp(IntPredicate::SLT, j, nj)?,
             )?;
-            // (a chunk outside reads nothing; its address is kept inside the buffer)
-            let at = fb.b.build_select(inside, at, c(0), "at").map_err(be)?;
-            let src = unsafe {
-                fb.b.build_in_bounds_gep(fb.ctx.i16_type(), av.ptr, &[at.into_int_value()], "src")
-            }
-            .map_err(be)?;
-            let n = fb.b.build_select(inside, c(16), c(0), "n").map_err(be)?;
-            cp_async(fb, dst, src, n.into_int_value())
+            cp_async_chunk(fb, av, inside, at, dst)
         };
         // Slice `kt` copied into ring stage `kt % MMA_STAGES` (`cp.async`, not waited for).
         let issue = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
@@ -4775,6 +4776,60 @@ fn warp_max<'ctx>(fb: &Fb<'_, 'ctx>, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>>
 const MMA_ATTN_ROWS: i64 = 128;
 /// Keys staged per step of `gpu_mma_attention`.
 const MMA_ATTN_KEYS: i64 = 64;
+/// Stages of `gpu_mma_attention`'s ring of keys and values: two steps' copies in flight
+/// while one is multiplied (96 KiB of shared memory at head size 128, under the 99 KiB a
+/// block may have on sm_86/sm_89).
+const MMA_ATTN_STAGES: i64 = 3;
+
+/// Whether `gpu_mma_attention` copies keys and values through its `cp.async` ring (both
+/// stored bf16), not through registers; it may where `mma_attn_ring_ok`.
+fn mma_attn_ring(ka: &Av, va: &Av) -> bool {
+    ka.elem == ElemType::BF16 && va.elem == ElemType::BF16
+}
+
+/// Whether keys and values have the rows the ring copies (`cp.async` of 8-element chunks):
+/// unit stride along the head, every row on 16 bytes (offset and other strides multiples of
+/// 8 elements, the buffer aligned).
+fn mma_attn_ring_ok<'ctx>(fb: &Fb<'_, 'ctx>, avs: [&Av<'ctx>; 2]) -> R<IntValue<'ctx>> {
+    let mut ok = fb.ctx.bool_type().const_int(1, false);
+    let and = |a, b| fb.b.build_and(a, b, "and").map_err(be);
+    for av in avs {
+        let unit =
+            fb.b.build_int_compare(IntPredicate::EQ, av.strides[3], fb.i64c(1), "unit")
+                .map_err(be)?;
+        ok = and(and(ok, unit)?, fb.ptr_aligned(av.ptr, 16)?)?;
+        for s in av.strides[..3].iter().chain([&av.off]) {
+            ok = and(ok, fb.multiple_of(*s, 8)?)?;
+        }
+    }
+    Ok(ok)
+}
+
+/// Thread `lane`'s first 16-byte chunk of a staged `[rows][n]` bf16 tile (`n` a power of two,
+/// 16 to 128): row `r0`, element `e`; its next chunks are `rows` rows on (a block's threads
+/// cover `rows` rows a pass).
+fn chunks_of<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    lane: IntValue<'ctx>,
+    n: i64,
+) -> R<(IntValue<'ctx>, IntValue<'ctx>, i64)> {
+    let per_row = n / 8;
+    let r0 =
+        fb.b.build_int_signed_div(lane, fb.i64c(per_row), "r0")
+            .map_err(be)?;
+    let e = fb.mul(
+        fb.b.build_int_signed_rem(lane, fb.i64c(per_row), "e")
+            .map_err(be)?,
+        fb.i64c(8),
+    )?;
+    Ok((r0, e, GPU_BLOCK_THREADS / per_row))
+}
+
+/// Bytes of one stage of `gpu_mma_attention`'s ring: `MMA_ATTN_KEYS` keys and as many
+/// values, bf16.
+fn mma_attn_stage_bytes(d: &crate::kernel::AttnDims) -> i64 {
+    MMA_ATTN_KEYS * (d.d + d.dv) * 2
+}
 /// Prompts of at least this many query rows take `gpu_mma_attention`; fewer (decode) keep
 /// the warp-per-row kernel, which wastes no rows of a 16-row fragment.
 const MMA_ATTN_MIN_T: i64 = 64;
@@ -4853,6 +4908,12 @@ fn attn_out_row<'ctx>(
 /// `O += P·V` with the probabilities taken straight from the score accumulators as the
 /// left operand (their layouts coincide) and value fragments by `ldmatrix.trans`. Each row
 /// ends divided by its sum.
+///
+/// Keys and values stored bf16 with rows on 16 bytes go through a ring of
+/// `MMA_ATTN_STAGES` stages in dynamic shared memory, copied by `cp.async` two steps ahead
+/// of the one multiplied (`ring_pipeline`: one barrier a step); others are loaded into
+/// registers, rounded and stored, between two barriers a step. Blocks take the last query
+/// tiles (the most keys) first, so the short ones fill the end of the launch.
 #[allow(clippy::too_many_arguments)]
 fn gpu_mma_attention<'ctx>(
     fb: &Fb<'_, 'ctx>,
@@ -4870,8 +4931,9 @@ fn gpu_mma_attention<'ctx>(
     let and = |a, b| fb.b.build_and(a, b, "and").map_err(be);
     let i32t = fb.ctx.i32_type();
     let (dq, dv, keys) = (d.d, d.dv, MMA_ATTN_KEYS);
-    let k_s = shared_i32(fb, "k", (keys * dq / 2) as u32);
-    let v_s = shared_i32(fb, "v", (keys * dv / 2) as u32);
+    // The ring: stage `i` holds keys at word `i·stage_words`, values `k_words` after them.
+    let kv_s = dynamic_shared(fb, MMA_ATTN_STAGES * mma_attn_stage_bytes(d));
+    let (k_words, stage_words) = (keys * dq / 2, keys * (dq + dv) / 2);
     let ends_s = shared_f32(fb, "ends", 8);
     let word_ptr = |arr: PointerValue<'ctx>, at: IntValue<'ctx>| {
         unsafe { fb.b.build_in_bounds_gep(i32t, arr, &[at], "wp") }.map_err(be)
@@ -4903,9 +4965,28 @@ fn gpu_mma_attention<'ctx>(
         Ok(())
     };
     let rep = d.h / d.hkv;
+    // Scores are in the log2 domain: the query is scaled by `scale·log2(e)`, so `e^(s−m)` is
+    // `2^(s'−m')` through `llvm.exp2`, which NVPTX lowers to one `ex2.approx.f32` (about 2
+    // ulp) for the straight-line `exp`'s 35 instructions; `2^(−∞) = 0`. (The simulator's
+    // `llvm.exp2` is the C library's `exp2f`.)
+    let exp2 = |x: FloatValue<'ctx>| fb.intrinsic("llvm.exp2", &[x]);
     // Lane `wl` of an `ldmatrix`: row `wl % 8` of matrix `wl / 8`.
     let (m8, mhalf) = (srem(wl, c(8), "m8")?, sdiv(wl, c(16), "mh")?);
     let m_odd = srem(sdiv(wl, c(8), "mq")?, c(2), "mo")?;
+    // The lane's `ldmatrix` row words in a stage: of keys, key `16pp + m8 + 8·mhalf`, head
+    // elements `16ks + 8·m_odd`; of values (`.trans`), key `16kk + m8 + 8·m_odd`, elements
+    // `16jj + 8·mhalf`. Rows 16 apart and elements 64 apart keep their chunk permutation
+    // (`swizzled_word`), so the lane's words for steps 0..4 serve them all, plus a constant
+    // (`ld_word`): four registers an operand, not one a fragment.
+    let lane_words =
+        |row: IntValue<'ctx>, half: IntValue<'ctx>, n: i64| -> R<Vec<IntValue<'ctx>>> {
+            (0..(n / 16).min(4))
+                .map(|j| swizzled_word(fb, row, fb.add(c(16 * j), fb.mul(half, c(8))?)?, n))
+                .collect()
+        };
+    let k_ld = lane_words(fb.add(m8, fb.mul(mhalf, c(8))?)?, m_odd, dq)?;
+    let v_ld = lane_words(fb.add(m8, fb.mul(m_odd, c(8))?)?, mhalf, dv)?;
+    let ld_word = |rows16: i64, step: i64, n: i64| 16 * rows16 * n / 2 + (step / 4) * 32;
     // Staging vectorised: unit stride along the head dimension, other strides multiples of 4.
     let vec_ok = |av: &Av<'ctx>| -> R<IntValue<'ctx>> {
         let mut ok = cmp(IntPredicate::EQ, av.strides[3], c(1))?;
@@ -4915,10 +4996,21 @@ fn gpu_mma_attention<'ctx>(
         and(ok, fb.ptr_aligned(av.ptr, 16)?)
     };
     let (k_vec, v_vec) = (vec_ok(ka)?, vec_ok(va)?);
+    // (bf16 keys and values: the ring; the caller has checked their rows, `mma_attn_ring_ok`)
+    let ring_path = mma_attn_ring(ka, va);
     fb.for_range(c(0), iters, |fb, it| {
+        // The longest units first (the last query tiles, which see the most keys), so that
+        // the short ones fill the end of the launch.
         let unit = fb.add(blk, fb.mul(it, nblk)?)?;
-        let idx = fb.decompose(unit, &[bv, c(d.h), ttiles])?;
-        let (bi, hi, tt) = (idx[0], idx[1], idx[2]);
+        let idx = fb.decompose(unit, &[ttiles, bv, c(d.h)])?;
+        let tt =
+            fb.b.build_int_sub(
+                fb.b.build_int_sub(ttiles, c(1), "t1").map_err(be)?,
+                idx[0],
+                "tt",
+            )
+            .map_err(be)?;
+        let (bi, hi) = (idx[1], idx[2]);
         let gh = sdiv(hi, c(rep), "gh")?;
         let t0 = fb.mul(tt, c(MMA_ATTN_ROWS))?;
         let kb = fb.at(ka, &[(0, bi), (1, gh)])?;
@@ -4973,8 +5065,8 @@ fn gpu_mma_attention<'ctx>(
                 |fb| {
                     let at = fb.at(qa, &[(0, bi), (1, hi), (2, r)])?;
                     let col = fb.add(fb.mul(q, c(2))?, c(e))?;
-                    let x = fb.load_f32(qa.ptr, fb.add(at, fb.mul(col, qa.strides[3])?)?)?;
-                    fb.set(out, fb.fmul(x, fb.f32c(scale))?)
+                    let x = fb.load_float(qa, fb.add(at, fb.mul(col, qa.strides[3])?)?)?;
+                    fb.set(out, fb.fmul(x, fb.f32c(scale * std::f64::consts::LOG2_E))?)
                 },
                 |_| Ok(()),
             )?;
@@ -5030,7 +5122,7 @@ fn gpu_mma_attention<'ctx>(
                 |fb| {
                     for p in 0..passes {
                         let (_, row, e) = place(fb, p)?;
-                        let v = load_f32x4(fb, src.ptr, fb.add(row, e)?, false)?;
+                        let v = load_x4(fb, src, fb.add(row, e)?)?;
                         for (j, x) in v.into_iter().enumerate() {
                             fb.set(vals[(4 * p) as usize + j], x)?;
                         }
@@ -5048,7 +5140,7 @@ fn gpu_mma_attention<'ctx>(
                                 |fb| {
                                     let col = fb.add(e, c(j))?;
                                     let at = fb.add(row, fb.mul(col, src.strides[3])?)?;
-                                    fb.set(slot, fb.load_f32(src.ptr, at)?)
+                                    fb.set(slot, fb.load_float(src, at)?)
                                 },
                                 |_| Ok(()),
                             )?;
@@ -5059,29 +5151,29 @@ fn gpu_mma_attention<'ctx>(
             )?;
             Ok(vals)
         };
-        let put = |fb: &Fb<'_, 'ctx>, vals: &[PointerValue<'ctx>], dst, n: i64| -> R<()> {
+        let put = |fb: &Fb<'_, 'ctx>, vals: &[PointerValue<'ctx>], dst: i64, n: i64| -> R<()> {
             for (p, v) in vals.chunks(4).enumerate() {
                 let (r, e) = part(fb, p as i64, n)?;
                 let lo = pack_bf16x2(fb, fb.get(v[0])?, fb.get(v[1])?)?;
                 let hi = pack_bf16x2(fb, fb.get(v[2])?, fb.get(v[3])?)?;
                 store_vector(
                     fb,
-                    dst,
-                    swizzled_word(fb, r, e, n)?,
+                    kv_s,
+                    fb.add(c(dst), swizzled_word(fb, r, e, n)?)?,
                     &[lo.into(), hi.into()],
                 )?;
             }
             Ok(())
         };
         let steps = sdiv(fb.add(kend, c(keys - 1))?, c(keys), "steps")?;
-        fb.for_range(c(0), steps, |fb, st| {
-            let s0 = fb.mul(st, c(keys))?;
-            barrier(fb)?;
-            let kv = fetch(fb, ka, kb, k_vec, dq, s0)?;
-            let vv = fetch(fb, va, vb, v_vec, dv, s0)?;
-            put(fb, &kv, k_s, dq)?;
-            put(fb, &vv, v_s, dv)?;
-            barrier(fb)?;
+        // Keys `s0..` in the stage at word `base`: the scores, the softmax update and the
+        // values' products.
+        let compute = |fb: &Fb<'_, 'ctx>, s0: IntValue<'ctx>, base: IntValue<'ctx>| -> R<()> {
+            let vbase = fb.add(base, c(k_words))?;
+            // (pointers, each fragment's a constant offset from one: `ldmatrix [p + imm]`)
+            let at = |b, w: &IntValue<'ctx>| word_ptr(kv_s, fb.add(b, *w)?);
+            let k_at: Vec<PointerValue> = k_ld.iter().map(|w| at(base, w)).collect::<R<_>>()?;
+            let v_at: Vec<PointerValue> = v_ld.iter().map(|w| at(vbase, w)).collect::<R<_>>()?;
             for a in &sacc {
                 fb.set(*a, fb.f32c(0.0))?;
             }
@@ -5095,9 +5187,8 @@ fn gpu_mma_attention<'ctx>(
                     geti(a[3], i32t)?,
                 ];
                 for pp in 0..keys / 16 {
-                    let key = fb.add(c(16 * pp), fb.add(m8, fb.mul(mhalf, c(8))?)?)?;
-                    let e = fb.add(c(16 * ks), fb.mul(m_odd, c(8))?)?;
-                    let m = ldmatrix_x4(fb, word_ptr(k_s, swizzled_word(fb, key, e, dq)?)?, false)?;
+                    let p = word_ptr(k_at[(ks % 4) as usize], c(ld_word(pp, ks, dq)))?;
+                    let m = ldmatrix_x4(fb, p, false)?;
                     for (h, b) in [[m[0], m[1]], [m[2], m[3]]].into_iter().enumerate() {
                         let nt = (2 * pp) as usize + h;
                         mma_into(fb, &sacc[nt * 4..nt * 4 + 4], a, b)?;
@@ -5129,14 +5220,12 @@ fn gpu_mma_attention<'ctx>(
                 // (no visible key yet: subtract 0, so that e^(−∞) gives 0, not NaN)
                 let none = fb.fcmp(FloatPredicate::OEQ, m_new, ninf)?;
                 let base = fb.fsel(none, fb.f32c(0.0), m_new)?;
-                let cr = fb.exp_approx(fb.b.build_float_sub(m_old, base, "d").map_err(be)?)?;
+                let cr = exp2(fb.b.build_float_sub(m_old, base, "d").map_err(be)?)?;
                 let mut lsum = fb.fmul(fb.get(lrow[rr])?, cr)?;
                 for nt in 0..(keys / 8) {
                     for x in [2 * rr, 2 * rr + 1] {
                         let slot = sacc[(nt * 4) as usize + x];
-                        let p = fb.exp_approx(
-                            fb.b.build_float_sub(fb.get(slot)?, base, "z").map_err(be)?,
-                        )?;
+                        let p = exp2(fb.b.build_float_sub(fb.get(slot)?, base, "z").map_err(be)?)?;
                         fb.set(slot, p)?;
                         lsum = fb.fadd(lsum, p)?;
                     }
@@ -5159,9 +5248,8 @@ fn gpu_mma_attention<'ctx>(
                     pack_bf16x2(fb, pv(2 * kk + 1, 2)?, pv(2 * kk + 1, 3)?)?,
                 ];
                 for jj in 0..dv / 16 {
-                    let key = fb.add(c(16 * kk), fb.add(m8, fb.mul(m_odd, c(8))?)?)?;
-                    let e = fb.add(c(16 * jj), fb.mul(mhalf, c(8))?)?;
-                    let m = ldmatrix_x4(fb, word_ptr(v_s, swizzled_word(fb, key, e, dv)?)?, true)?;
+                    let p = word_ptr(v_at[(jj % 4) as usize], c(ld_word(kk, jj, dv)))?;
+                    let m = ldmatrix_x4(fb, p, true)?;
                     for (h, b) in [[m[0], m[1]], [m[2], m[3]]].into_iter().enumerate() {
                         let nt = (2 * jj) as usize + h;
                         mma_into(fb, &oacc[nt * 4..nt * 4 + 4], a, b)?;
@@ -5169,7 +5257,61 @@ fn gpu_mma_attention<'ctx>(
                 }
             }
             Ok(())
-        })?;
+        };
+        // Through registers: each step's keys and values loaded, rounded to bf16 and stored
+        // in stage 0, between two barriers.
+        let staged = |fb: &Fb<'_, 'ctx>| -> R<()> {
+            fb.for_range(c(0), steps, |fb, st| {
+                let s0 = fb.mul(st, c(keys))?;
+                barrier(fb)?;
+                let kv = fetch(fb, ka, kb, k_vec, dq, s0)?;
+                let vv = fetch(fb, va, vb, v_vec, dv, s0)?;
+                put(fb, &kv, 0, dq)?;
+                put(fb, &vv, k_words, dv)?;
+                barrier(fb)?;
+                compute(fb, s0, c(0))
+            })
+        };
+        // Step `kt`'s keys and values copied into stage `kt % MMA_ATTN_STAGES` (`cp.async`,
+        // not waited for), keys past `S` as zeros: per pass `p`, row `r0 + p·rows` of the
+        // tile, chunk `e/8` (`chunks_of`). Rows `rows` apart keep their chunk permutation
+        // (`swizzled_word`: `rows` is a multiple of 8 per-rows), so a pass's words are the
+        // first pass's plus a constant.
+        let issue = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
+            let base = fb.mul(srem(kt, c(MMA_ATTN_STAGES), "stg")?, c(stage_words))?;
+            let s0 = fb.mul(kt, c(keys))?;
+            for (av, src, n, at_word) in [(ka, kb, dq, 0), (va, vb, dv, k_words)] {
+                let (r0, e, rows) = chunks_of(fb, lane, n)?;
+                let first = fb.add(base, fb.add(c(at_word), swizzled_word(fb, r0, e, n)?)?)?;
+                let at0 = fb.add(src, fb.add(fb.mul(fb.add(s0, r0)?, av.strides[2])?, e)?)?;
+                for p in 0..(keys + rows - 1) / rows {
+                    let r = fb.add(r0, c(p * rows))?;
+                    let s = fb.add(s0, r)?;
+                    let at = fb.add(at0, fb.mul(c(p * rows), av.strides[2])?)?;
+                    let dst = word_ptr(kv_s, fb.add(first, c(p * rows * n / 2))?)?;
+                    let copy = |fb: &Fb<'_, 'ctx>| cp_async_chunk(fb, av, lt(s, sv)?, at, dst);
+                    if (p + 1) * rows > keys {
+                        fb.if_else(lt(r, c(keys))?, copy, |_| Ok(()))?;
+                    } else {
+                        copy(fb)?;
+                    }
+                }
+            }
+            Ok(())
+        };
+        // Through the ring: `MMA_ATTN_STAGES - 1` steps in flight (`ring_pipeline`).
+        let ring = |fb: &Fb<'_, 'ctx>| -> R<()> {
+            ring_pipeline(fb, steps, MMA_ATTN_STAGES - 1, &issue, &|fb, kt| {
+                let base = fb.mul(srem(kt, c(MMA_ATTN_STAGES), "stg")?, c(stage_words))?;
+                compute(fb, fb.mul(kt, c(keys))?, base)
+            })?;
+            cp_async_wait(fb, 0)
+        };
+        if ring_path {
+            ring(fb)?;
+        } else {
+            staged(fb)?;
+        }
         // Each row's sum over its quad, then the rows out.
         for (rr, r) in rows.iter().enumerate() {
             let l = warp_fold(fb, fb.get(lrow[rr])?, &[1, 2], |a, b| fb.fadd(a, b))?;
@@ -5211,10 +5353,12 @@ fn gpu_attention(
     d: &crate::kernel::AttnDims,
     scale: f64,
 ) -> R<()> {
+    // (query, keys and values stored f32, or bf16: `ScheduleOptions::bf16_operands`)
+    let elem = |x: &Access| fb.prog.buffers[x.buf as usize].elem;
     let (qa, ka, va) = (
-        fb.access(q, ElemType::F32)?,
-        fb.access(k, ElemType::F32)?,
-        fb.access(v, ElemType::F32)?,
+        fb.access(q, elem(q))?,
+        fb.access(k, elem(k))?,
+        fb.access(v, elem(v))?,
     );
     let pa = fb.access(pos, ElemType::I64)?;
     let optr = fb.buf(out)?;
@@ -5227,10 +5371,17 @@ fn gpu_attention(
     };
     let (bv, tv, sv) = (fb.dim(&d.b)?, fb.dim(&d.t)?, fb.dim(&d.s)?);
     if fb.tensor_cores && mma_attention_fits(d) {
-        // Prompts on tensor cores; decode (few query rows) goes on below.
-        let long =
+        // Prompts on tensor cores; decode (few query rows) goes on below, and so do bf16
+        // keys and values whose rows the ring cannot copy (so that the tensor-core kernel
+        // has one way to stage them, and the registers of one).
+        let mut long =
             fb.b.build_int_compare(IntPredicate::SGE, tv, c(MMA_ATTN_MIN_T), "long")
                 .map_err(be)?;
+        if mma_attn_ring(&ka, &va) {
+            long =
+                fb.b.build_and(long, mma_attn_ring_ok(fb, [&ka, &va])?, "ring")
+                    .map_err(be)?;
+        }
         let (mma, rows) = (
             fb.ctx.append_basic_block(fb.func, "mma"),
             fb.ctx.append_basic_block(fb.func, "rows"),
@@ -5286,7 +5437,7 @@ fn gpu_attention(
                     fb.if_else(
                         *ok,
                         |fb| {
-                            let x = fb.load_f32(qa.ptr, fb.add(qb, fb.mul(*e, qa.strides[3])?)?)?;
+                            let x = fb.load_float(&qa, fb.add(qb, fb.mul(*e, qa.strides[3])?)?)?;
                             fb.set(qr[i], fb.fmul(x, fb.f32c(scale))?)
                         },
                         |_| Ok(()),
@@ -5316,7 +5467,7 @@ fn gpu_attention(
                         for (i, (e, ok)) in qd.iter().enumerate() {
                             let at =
                                 fb.add(kr, fb.mul(fb.imin(*e, c(d.d - 1))?, ka.strides[3])?)?;
-                            let y = fb.load_f32(ka.ptr, at)?;
+                            let y = fb.load_float(&ka, at)?;
                             let y = fb.fsel(*ok, y, fb.f32c(0.0))?;
                             part = fb.intrinsic3("llvm.fma", fb.get(qr[i])?, y, part)?;
                         }
@@ -5345,7 +5496,7 @@ fn gpu_attention(
                             let vr = fb.add(vb, fb.mul(*s, va.strides[2])?)?;
                             let at =
                                 fb.add(vr, fb.mul(fb.imin(*e, c(d.dv - 1))?, va.strides[3])?)?;
-                            let y = fb.load_f32(va.ptr, at)?;
+                            let y = fb.load_float(&va, at)?;
                             a = fb.intrinsic3("llvm.fma", *p, y, a)?;
                         }
                         fb.set(acc[i], a)?;
@@ -6712,7 +6863,8 @@ pub fn gpu_entry<'ctx>(
 }
 
 /// Bytes of dynamic shared memory a GPU kernel is launched with: the tensor-core matmul's
-/// ring (`MMA_RING_BYTES`, or `WG_RING_BYTES` with `wgmma`), none otherwise.
+/// ring (`MMA_RING_BYTES`, or `WG_RING_BYTES` with `wgmma`), tensor-core attention's
+/// (`MMA_ATTN_STAGES` stages), none otherwise.
 pub fn gpu_shared_bytes(k: &Kernel, tensor_cores: bool, wgmma: bool) -> u32 {
     match k {
         Kernel::MatMul { .. } | Kernel::RmsNormMatMul { .. } if tensor_cores => {
@@ -6721,6 +6873,9 @@ pub fn gpu_shared_bytes(k: &Kernel, tensor_cores: bool, wgmma: bool) -> u32 {
             } else {
                 MMA_RING_BYTES as u32
             }
+        }
+        Kernel::Attention { dims, .. } if tensor_cores && mma_attention_fits(dims) => {
+            (MMA_ATTN_STAGES * mma_attn_stage_bytes(dims)) as u32
         }
         _ => 0,
     }
