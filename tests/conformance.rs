@@ -353,6 +353,17 @@ const EXACT_MMA_CASES: &[(&str, &str)] = &[
   output "y" = %y"#,
     ),
     (
+        // The same with more k steps than the `wgmma` ring's stages (9 slices of 64, the
+        // last 8 long), so that every stage is refilled.
+        "bf16-ring-long-k",
+        r#"
+  %x = input "x" : f32[2, 900, 520]
+  %a = neg(%x) : f32[2, 900, 520]
+  %w = param "w" : f32[520, 1104]
+  %y = matmul(%a, %w) : f32[2, 900, 1104]
+  output "y" = %y"#,
+    ),
+    (
         "residual-tails",
         r#"
   %x = input "x" : f32[2, 1000, 40]

@@ -3370,9 +3370,11 @@ fn load_f32x4<'ctx>(
 /// ring stage (16 KiB each), four `m64n128k16` steps per warpgroup.
 const WG_TILE_K: i64 = 64;
 /// Stages of the `wgmma` ring: `WG_STAGES - 2` slices in flight (`cp.async`) while one is
-/// multiplied and the one before may still be read by the tensor cores.
-const WG_STAGES: i64 = 4;
-const _: () = assert!((WG_STAGES as u64).is_power_of_two() && WG_STAGES >= 3);
+/// multiplied and the one before may still be read by the tensor cores. Four slices ahead
+/// cover about four slices' multiplies (some 2000 cycles) of load latency; the ring then
+/// takes 193 KiB of the 227 KiB a block may have.
+const WG_STAGES: i64 = 6;
+const _: () = assert!(WG_STAGES >= 3);
 /// Bytes of one operand's part of a `wgmma` ring stage.
 const WG_OPERAND_BYTES: i64 = GPU_TILE * WG_TILE_K * 2;
 /// Bytes of the `wgmma` ring (dynamic shared memory), with room to align it to 1024 bytes
@@ -3433,11 +3435,14 @@ fn wgmma_sync(fb: &Fb, what: &str, wait: Option<i64>) -> R<()> {
 /// `WG_A_LBO`..), `accs` this thread's 64 accumulators: thread `t` of the warpgroup holds,
 /// for column group `j` (0..16), rows `16(t/32) + (t%32)/4` (`d[4j]`, `d[4j+1]`) and 8
 /// below (`d[4j+2]`, `d[4j+3]`), columns `8j + 2(t%4)` and the next. Asynchronous: the
-/// values are there after a `wgmma_sync("wait_group")` covering it. In the simulator, the
-/// hook `egret_simt_wgmma` computes the same at once from the same addresses and offsets.
+/// values are there after a `wgmma_sync("wait_group")` covering it. The GPU reads the
+/// operands through their descriptors `da`, `db` (`wgmma_desc` of `a` and `b`); in the
+/// simulator, the hook `egret_simt_wgmma` computes the same at once from the addresses and
+/// offsets.
 fn wgmma_m64n128<'ctx>(
     fb: &Fb<'_, 'ctx>,
     (a, b): (PointerValue<'ctx>, PointerValue<'ctx>),
+    (da, db): (IntValue<'ctx>, IntValue<'ctx>),
     t128: IntValue<'ctx>,
     accs: &[PointerValue<'ctx>],
 ) -> R<()> {
@@ -3489,8 +3494,6 @@ fn wgmma_m64n128<'ctx>(
         }
         return Ok(());
     }
-    let da = wgmma_desc(fb, a, WG_A_LBO, WG_A_SBO)?;
-    let db = wgmma_desc(fb, b, WG_B_LBO, WG_B_SBO)?;
     let regs: Vec<String> = (0..64).map(|i| format!("${i}")).collect();
     let asm = format!(
         "{{\n.reg .pred p;\nsetp.ne.b32 p, $130, 0;\n\
@@ -3830,6 +3833,7 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     let and = |a, b| fb.b.build_and(a, b, "and").map_err(be);
     let bits = |a: IntValue<'ctx>, m: i64| fb.b.build_and(a, c(m), "bits").map_err(be);
     let xor = |a, b| fb.b.build_xor(a, b, "xor").map_err(be);
+    let urem = |a, n: i64| fb.b.build_int_unsigned_rem(a, c(n), "stage").map_err(be);
     // Staged `A` is `[128][32]` bf16, staged `W` `[32][128]` (words in `swizzled_word`).
     let a_word = |r, k| swizzled_word(fb, r, k, tk);
     let w_word = |k, n| swizzled_word(fb, k, n, t);
@@ -4165,41 +4169,111 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
         // `(kt - 2) % WG_STAGES` is refilled with slice `kt + WG_STAGES - 2`.
         let wg_path = |fb: &Fb<'_, 'ctx>| -> R<()> {
             let ktw = sdiv(fb.add(kv, c(WG_TILE_K - 1))?, c(WG_TILE_K), "ktw")?;
+            // This thread's chunks at `k = 0`, and which lie inside the matrix in m (of `A`)
+            // and n (of `W`): a slice's are these plus `k0` (`A`) or `k0` rows (`W`), so a
+            // step adds and compares, and the address arithmetic stays out of the loop.
+            let (lda, ldw) = (
+                aav.strides[aav.strides.len() - 2],
+                wav.strides[wav.strides.len() - 2],
+            );
+            let a_chunks: Vec<(IntValue, IntValue)> = (0..4)
+                .map(|p| {
+                    let gm = fb.add(m0, fb.add(wa_row, c(32 * p))?)?;
+                    let at = fb.add(abase, fb.add(fb.mul(gm, lda)?, wa_k)?)?;
+                    Ok((at, cmp(IntPredicate::SLT, gm, mv)?))
+                })
+                .collect::<R<_>>()?;
+            let gn = fb.add(n0, ww_n)?;
+            let w_in_n = cmp(IntPredicate::SLT, gn, nv)?;
+            let w_chunks: Vec<IntValue> = (0..4)
+                .map(|p| {
+                    let gk = fb.add(ww_k, c(16 * p))?;
+                    fb.add(wbase, fb.add(fb.mul(gk, ldw)?, gn)?)
+                })
+                .collect::<R<_>>()?;
+            // Slice at `k0` into the stage at `base`, with bounds: chunks outside the
+            // matrices are zeros.
+            let issue_edge = |fb: &Fb<'_, 'ctx>, base: IntValue<'ctx>, k0| -> R<()> {
+                let a_in_k = cmp(IntPredicate::SLT, fb.add(k0, wa_k)?, kv)?;
+                for (p, (at, in_m)) in a_chunks.iter().enumerate() {
+                    let dst = byte_ptr(fb.add(base, fb.add(wa_at, c(4096 * p as i64))?)?)?;
+                    cp_async_chunk(fb, aav, and(*in_m, a_in_k)?, fb.add(*at, k0)?, dst)?;
+                }
+                let w_step = fb.mul(k0, ldw)?;
+                for (p, at) in w_chunks.iter().enumerate() {
+                    let gk = fb.add(k0, fb.add(ww_k, c(16 * p as i64))?)?;
+                    let inside = and(w_in_n, cmp(IntPredicate::SLT, gk, kv)?)?;
+                    let dst =
+                        fb.add(base, fb.add(ww_at, c(WG_OPERAND_BYTES + 2048 * p as i64))?)?;
+                    cp_async_chunk(fb, wav, inside, fb.add(*at, w_step)?, byte_ptr(dst)?)?;
+                }
+                Ok(())
+            };
+            // The same where the slice lies wholly inside (the tile inside in m and n, all 64
+            // k): no bounds, each chunk the tile's first pointer plus the slice's offset.
+            let tile_inside = and(
+                cmp(IntPredicate::SLE, fb.add(m0, c(GPU_TILE))?, mv)?,
+                cmp(IntPredicate::SLE, fb.add(n0, c(GPU_TILE))?, nv)?,
+            )?;
+            let elem_ptr = |from: PointerValue<'ctx>, at: IntValue<'ctx>| {
+                unsafe {
+                    fb.b.build_in_bounds_gep(fb.ctx.i16_type(), from, &[at], "src")
+                }
+                .map_err(be)
+            };
+            let a_ptrs: Vec<PointerValue> = a_chunks
+                .iter()
+                .map(|(at, _)| elem_ptr(aav.ptr, *at))
+                .collect::<R<_>>()?;
+            let w_ptrs: Vec<PointerValue> = w_chunks
+                .iter()
+                .map(|at| elem_ptr(wav.ptr, *at))
+                .collect::<R<_>>()?;
+            let issue_inside = |fb: &Fb<'_, 'ctx>, base: IntValue<'ctx>, k0| -> R<()> {
+                for (p, src) in a_ptrs.iter().enumerate() {
+                    let dst = byte_ptr(fb.add(base, fb.add(wa_at, c(4096 * p as i64))?)?)?;
+                    cp_async(fb, dst, elem_ptr(*src, k0)?, c(16))?;
+                }
+                let w_step = fb.mul(k0, ldw)?;
+                for (p, src) in w_ptrs.iter().enumerate() {
+                    let dst =
+                        fb.add(base, fb.add(ww_at, c(WG_OPERAND_BYTES + 2048 * p as i64))?)?;
+                    cp_async(fb, byte_ptr(dst)?, elem_ptr(*src, w_step)?, c(16))?;
+                }
+                Ok(())
+            };
             let issue_wg = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
                 let base = fb.add(
                     wg_ring0,
-                    fb.mul(bits(kt, WG_STAGES - 1)?, c(2 * WG_OPERAND_BYTES))?,
+                    fb.mul(urem(kt, WG_STAGES)?, c(2 * WG_OPERAND_BYTES))?,
                 )?;
                 let k0 = fb.mul(kt, c(WG_TILE_K))?;
-                let n = aav.strides.len();
-                for p in 0..4 {
-                    let row = fb.add(wa_row, c(32 * p))?;
-                    let (gm, gk) = (fb.add(m0, row)?, fb.add(k0, wa_k)?);
-                    let at = fb.add(abase, fb.add(fb.mul(gm, aav.strides[n - 2])?, gk)?)?;
-                    let dst = byte_ptr(fb.add(base, fb.add(wa_at, c(4096 * p))?)?)?;
-                    chunk(fb, aav, (gm, mv), (gk, kv), at, dst)?;
-                }
-                let n = wav.strides.len();
-                for p in 0..4 {
-                    let gk = fb.add(k0, fb.add(ww_k, c(16 * p))?)?;
-                    let gn = fb.add(n0, ww_n)?;
-                    let at = fb.add(wbase, fb.add(fb.mul(gk, wav.strides[n - 2])?, gn)?)?;
-                    let at_s = fb.add(base, fb.add(ww_at, c(WG_OPERAND_BYTES + 2048 * p))?)?;
-                    chunk(fb, wav, (gk, kv), (gn, nv), at, byte_ptr(at_s)?)?;
-                }
-                Ok(())
+                let k_inside = cmp(IntPredicate::SLE, fb.add(k0, c(WG_TILE_K))?, kv)?;
+                fb.if_else(
+                    and(tile_inside, k_inside)?,
+                    |fb| issue_inside(fb, base, k0),
+                    |fb| issue_edge(fb, base, k0),
+                )
             };
             ring_pipeline(fb, ktw, WG_STAGES - 2, &issue_wg, &|fb, kt| {
                 let base = fb.add(
                     wg_ring0,
-                    fb.mul(bits(kt, WG_STAGES - 1)?, c(2 * WG_OPERAND_BYTES))?,
+                    fb.mul(urem(kt, WG_STAGES)?, c(2 * WG_OPERAND_BYTES))?,
                 )?;
                 wgmma_sync(fb, "fence", None)?;
-                // (a k16 step: 32 bytes into `A`'s rows, two k atoms into `W`'s)
+                // (a k16 step: 32 bytes into `A`'s rows, two k atoms into `W`'s; a step's
+                // descriptors are the first's plus its offset in 16-byte units, which stays in
+                // the 14-bit address field since shared memory is under 256 KiB)
+                let a0 = fb.add(base, fb.mul(wg, c(8192))?)?;
+                let b0 = fb.add(base, c(WG_OPERAND_BYTES))?;
+                let da0 = wgmma_desc(fb, byte_ptr(a0)?, WG_A_LBO, WG_A_SBO)?;
+                let db0 = wgmma_desc(fb, byte_ptr(b0)?, WG_B_LBO, WG_B_SBO)?;
                 for ks in 0..WG_TILE_K / 16 {
-                    let a = byte_ptr(fb.add(base, fb.add(fb.mul(wg, c(8192))?, c(32 * ks))?)?)?;
-                    let b = byte_ptr(fb.add(base, c(WG_OPERAND_BYTES + 2 * WG_B_SBO * ks))?)?;
-                    wgmma_m64n128(fb, (a, b), t128, &accs)?;
+                    let (a_off, b_off) = (32 * ks, 2 * WG_B_SBO * ks);
+                    let a = byte_ptr(fb.add(a0, c(a_off))?)?;
+                    let b = byte_ptr(fb.add(b0, c(b_off))?)?;
+                    let descs = (fb.add(da0, c(a_off >> 4))?, fb.add(db0, c(b_off >> 4))?);
+                    wgmma_m64n128(fb, (a, b), descs, t128, &accs)?;
                 }
                 wgmma_sync(fb, "commit_group", None)?;
                 wgmma_sync(fb, "wait_group", Some(1))
@@ -4949,6 +5023,9 @@ fn gpu_mma_attention<'ctx>(
     let warp = sdiv(lane, c(32), "warp")?;
     let wl = srem(lane, c(32), "wl")?;
     let (g, q) = (sdiv(wl, c(4), "g")?, srem(wl, c(4), "q")?);
+    let q2 =
+        fb.b.build_int_truncate(fb.mul(q, c(2))?, i32t, "q2")
+            .map_err(be)?;
     let islot = || fb.slot(i32t.into());
     let fslot = || fb.slot(fb.f32t.into());
     let qfr: Vec<PointerValue> = (0..dq / 16 * 4).map(|_| islot()).collect::<R<_>>()?;
@@ -5197,17 +5274,27 @@ fn gpu_mma_attention<'ctx>(
             }
             // Mask, running max, probabilities, rescaling. Accumulator x of key tile nt:
             // row g + 8(x/2), key s0 + 8nt + 2q + x%2.
+            // (a key is visible where its offset in the step, `8nt + 2q + x%2`, is under the
+            // row's keys left, `end - s0` clamped to `0..=keys`: 32-bit compares)
             let ninf = fb.f32c(f64::NEG_INFINITY);
             let mut corr = vec![];
             for rr in 0..2usize {
                 let end = geti(ends[rr], fb.i64t)?;
+                let left = fb.b.build_int_sub(end, s0, "left").map_err(be)?;
+                let left = fb.imin(fb.imax(left, c(0))?, c(keys))?;
+                let left = fb.b.build_int_truncate(left, i32t, "l32").map_err(be)?;
+                // (`8nt + x%2 < left - 2q`: a constant against one value a row, not 32
+                // loop-invariant sums held in registers)
+                let lim = fb.b.build_int_sub(left, q2, "lim").map_err(be)?;
                 let mut m_loc = ninf;
                 for nt in 0..(keys / 8) {
                     for x in [2 * rr, 2 * rr + 1] {
-                        let j =
-                            fb.add(s0, fb.add(c(8 * nt + (x % 2) as i64), fb.mul(q, c(2))?)?)?;
+                        let off = i32t.const_int((8 * nt + (x % 2) as i64) as u64, false);
+                        let seen =
+                            fb.b.build_int_compare(IntPredicate::SGT, lim, off, "seen")
+                                .map_err(be)?;
                         let slot = sacc[(nt * 4) as usize + x];
-                        let sv_ = fb.fsel(lt(j, end)?, fb.get(slot)?, ninf)?;
+                        let sv_ = fb.fsel(seen, fb.get(slot)?, ninf)?;
                         fb.set(slot, sv_)?;
                         m_loc = fb.intrinsic("llvm.maxnum", &[m_loc, sv_])?;
                     }
