@@ -20,7 +20,9 @@
 //! GPU would launch compute the same result (and the stride itself gets tested). If every
 //! live thread waits and none can go on (threads of one block at different barriers), the
 //! launch fails with an error instead of hanging; so does a vector access that is not
-//! aligned to its size, on which the GPU would fault.
+//! aligned to its size, on which the GPU would fault, and a `cp.async` into shared memory
+//! that a `wgmma` not yet waited for may still read (the simulator computes a `wgmma` when
+//! it is issued, and the GPU may make a copy as soon as it is issued: a race there).
 
 use std::cell::Cell;
 
@@ -80,6 +82,19 @@ struct Block {
     /// committed groups, oldest first. A copy is made only when a wait needs its group done,
     /// the latest moment the GPU may make it, so code that reads too early reads stale data.
     copies: Vec<AsyncCopies>,
+    /// Each thread's `wgmma`s not yet waited for: the shared-memory byte ranges each may
+    /// still read on the GPU (those not yet committed, then the committed groups).
+    wgmma_reads: Vec<WgmmaReads>,
+    /// The first `cp.async` into shared memory that an unfinished `wgmma` may read (the GPU
+    /// may make the copy as soon as it is issued): `(address, the thread that issued it)`.
+    overwrite: Option<(u64, usize)>,
+}
+
+/// One thread's `wgmma` operand ranges `[start, end)`, by commit group, oldest first.
+#[derive(Default)]
+struct WgmmaReads {
+    open: Vec<(usize, usize)>,
+    groups: std::collections::VecDeque<Vec<(usize, usize)>>,
 }
 
 /// One 16-byte `cp.async`: `src_bytes` bytes from `src`, zeros for the rest of the 16.
@@ -290,6 +305,16 @@ extern "C" fn egret_simt_cp_async(dst: *mut u8, src: *const u8, src_bytes: i32) 
     unsafe {
         let b = block();
         let lane = (*b).running;
+        let (lo, hi) = (dst as usize, dst as usize + 16);
+        let read = (*b).wgmma_reads.iter().any(|r| {
+            r.open
+                .iter()
+                .chain(r.groups.iter().flatten())
+                .any(|&(s, e)| lo < e && s < hi)
+        });
+        if read && (*b).overwrite.is_none() {
+            (*b).overwrite = Some((lo as u64, lane));
+        }
         (&mut (*b).copies)[lane].open.push(AsyncCopy {
             dst: dst as usize,
             src: src as usize,
@@ -326,22 +351,22 @@ extern "C" fn egret_simt_cp_async_wait(n: i32) {
     }
 }
 
-/// `wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16` with `A` k-major and `B`
-/// n-major in shared memory, 128-byte swizzle: this thread's 64 accumulators (thread `t` of
-/// its warpgroup; layout in `llvm::kernels::wgmma_m64n128`) gain their 16 products, summed
-/// in f32 in k order. Element `(row, k)` of `A` is at `a + (row/8)·a_sbo + (row%8)·128 +
-/// 2k`, element `(k, col)` of `B` at `b + (col/64)·b_lbo + (k/8)·b_sbo + (k%8)·128 +
-/// 2(col%64)`, each address then swizzled (bits 4-6 XOR bits 7-9). The GPU may read shared
-/// memory any time before the wait that covers the instruction; here it is read at once,
-/// which is the same for code that leaves the operands alone until then.
+/// `wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16` (`n` = N) with `A` k-major and
+/// `B` n-major in shared memory, 128-byte swizzle: this thread's `N/2` accumulators (thread
+/// `t` of its warpgroup; layout in `llvm::kernels::wgmma_m64`) gain their 16 products,
+/// summed in f32 in k order. Element `(row, k)` of `A` is at `a + (row/8)·a_sbo +
+/// (row%8)·128 + 2k`, element `(k, col)` of `B` at `b + (col/64)·b_lbo + (k/8)·b_sbo +
+/// (k%8)·128 + 2(col%64)`, each address then swizzled (bits 4-6 XOR bits 7-9). The GPU may
+/// read shared memory any time before the wait that covers the instruction; here it is read
+/// at once, which is the same for code that leaves the operands alone until then.
 #[allow(clippy::too_many_arguments)]
 extern "C" fn egret_simt_wgmma(
     a: *const u8,
-    _a_lbo: i64,
     a_sbo: i64,
     b: *const u8,
     b_lbo: i64,
     b_sbo: i64,
+    n: i64,
     d: *mut f32,
     t: i64,
 ) {
@@ -349,15 +374,32 @@ extern "C" fn egret_simt_wgmma(
     let (g, q) = (l / 4, l % 4);
     let (a_sbo, b_lbo, b_sbo) = (a_sbo as usize, b_lbo as usize, b_sbo as usize);
     let swizzle = |p: usize| p ^ (((p >> 7) & 7) << 4);
+    // What the GPU's instruction may read until a wait covers it: the 128-byte rows of
+    // `A`'s eight atoms and, per 64-column block, of `B`'s two k atoms (the swizzle moves
+    // chunks within their row).
+    let row = |p: usize| p & !127;
+    let mut reads = vec![(row(a as usize), row(a as usize + 7 * a_sbo + 7 * 128) + 128)];
+    for blk in 0..n as usize / 64 {
+        let at = b as usize + blk * b_lbo;
+        reads.push((row(at), row(at + b_sbo + 7 * 128) + 128));
+    }
+    // SAFETY: hooks run on simulated threads only, while `run_block` holds the block.
+    unsafe {
+        let b = block();
+        if !b.is_null() {
+            let lane = (*b).running;
+            (&mut (*b).wgmma_reads)[lane].open.extend(reads);
+        }
+    }
     // SAFETY: the generated code gives shared-memory addresses of a `64 × 16` `A` and a
-    // `16 × 128` `B` laid out as above, and room for 64 accumulators.
+    // `16 × n` `B` laid out as above, and room for `n/2` accumulators.
     unsafe {
         let elem = |p: usize| {
             let p = swizzle(p) as *const u8;
             let h = u16::from_le_bytes([*p, *p.add(1)]);
             f32::from_bits(u32::from(h) << 16)
         };
-        for j in 0..16 {
+        for j in 0..n as usize / 8 {
             for x in 0..4 {
                 let row = 16 * w + g + 8 * (x / 2);
                 let col = 8 * j + 2 * q + x % 2;
@@ -377,8 +419,32 @@ extern "C" fn egret_simt_wgmma(
     }
 }
 
+/// `wgmma.commit_group`: the running thread's uncommitted `wgmma`s become a group.
+extern "C" fn egret_simt_wgmma_commit() {
+    // SAFETY: hooks run on simulated threads only, while `run_block` holds the block.
+    unsafe {
+        let b = block();
+        let r = &mut (&mut (*b).wgmma_reads)[(*b).running];
+        let open = std::mem::take(&mut r.open);
+        r.groups.push_back(open);
+    }
+}
+
+/// `wgmma.wait_group n`: the running thread's groups but the `n` newest are done (and read
+/// no more).
+extern "C" fn egret_simt_wgmma_wait(n: i32) {
+    // SAFETY: as above.
+    unsafe {
+        let b = block();
+        let r = &mut (&mut (*b).wgmma_reads)[(*b).running];
+        while r.groups.len() > n.max(0) as usize {
+            r.groups.pop_front();
+        }
+    }
+}
+
 /// The hooks the simulated code calls, by name (`SIMT_HOOKS`).
-fn hooks() -> [(&'static str, usize); 9] {
+fn hooks() -> [(&'static str, usize); 11] {
     [
         (SIMT_HOOKS[0], egret_simt_barrier as *const () as usize),
         (SIMT_HOOKS[1], egret_simt_shfl_bfly as *const () as usize),
@@ -395,6 +461,8 @@ fn hooks() -> [(&'static str, usize); 9] {
             egret_simt_cp_async_wait as *const () as usize,
         ),
         (SIMT_HOOKS[8], egret_simt_wgmma as *const () as usize),
+        (SIMT_HOOKS[9], egret_simt_wgmma_commit as *const () as usize),
+        (SIMT_HOOKS[10], egret_simt_wgmma_wait as *const () as usize),
     ]
 }
 
@@ -467,6 +535,8 @@ impl SimtLauncher {
             events: 0,
             misaligned: None,
             copies: (0..BLOCK).map(|_| AsyncCopies::default()).collect(),
+            wgmma_reads: (0..BLOCK).map(|_| WgmmaReads::default()).collect(),
+            overwrite: None,
         }));
         // SAFETY (all uses of `bp` below): the block lives until the end of this function,
         // where it is freed after every thread has ended or been reset; only one thread
@@ -533,6 +603,13 @@ impl SimtLauncher {
             outcome = Err(format!(
                 "the simulated launch of `{}` made a {bytes}-byte vector access at {at:#x}, \
                  which is not {bytes}-byte aligned (the GPU would fault)",
+                call.what
+            ));
+        }
+        if let (Ok(()), Some((at, lane))) = (&outcome, unsafe { (*bp).overwrite }) {
+            outcome = Err(format!(
+                "in the simulated launch of `{}`, thread {lane} copied into shared memory at \
+                 {at:#x} that a `wgmma` not yet waited for may still read (a race on the GPU)",
                 call.what
             ));
         }
@@ -836,6 +913,44 @@ mod tests {
         assert_eq!(run(rotate, 256, &mut d), Ok(0));
     }
 
+    // Thread 0 issues a `wgmma` on an `A` at 0 and a `B` at 8192 of a 1024-aligned 16 KiB
+    // region and commits it, and waits for it when `safe` (the third buffer's first byte);
+    // after a barrier, every thread copies 16 bytes into `A`'s bytes `16·tid..`.
+    kernel!(fn copy_over_wgmma(bufs, tid, _) {
+        let (mem, src, safe) = (*bufs, *bufs.add(1), *(*bufs.add(2)) != 0);
+        let region = mem.add(mem.align_offset(1024));
+        if tid == 0 {
+            let mut d = [0f32; 64];
+            egret_simt_wgmma(region, 1024, region.add(8192), 4096, 1024, 128, d.as_mut_ptr(), 0);
+            egret_simt_wgmma_commit();
+            if safe {
+                egret_simt_wgmma_wait(0);
+            }
+        }
+        egret_simt_barrier();
+        egret_simt_cp_async(region.add(16 * tid as usize), src, 16);
+        egret_simt_cp_async_commit();
+        egret_simt_cp_async_wait(0);
+        0
+    });
+
+    #[test]
+    fn a_copy_into_what_an_unfinished_wgmma_reads_fails_the_launch() {
+        let mut mem = vec![0u8; 16384 + 1024];
+        let src = [0u8; 32];
+        let src = unsafe { src.as_ptr().add(src.as_ptr().align_offset(16)) };
+        for (safe, ok) in [(0u8, false), (1, true)] {
+            let flag = [safe];
+            let args = [mem.as_mut_ptr(), src as *mut u8, flag.as_ptr() as *mut u8];
+            let got = launcher().launch(copy_over_wgmma, &call(256), &args, &[]);
+            match (ok, got) {
+                (true, r) => assert_eq!(r, Ok(0)),
+                (false, Err(e)) => assert!(e.contains("may still read"), "{e}"),
+                (false, Ok(_)) => panic!("the race went unnoticed"),
+            }
+        }
+    }
+
     kernel!(fn fails_in_one_thread(_, tid, _) {
         i32::from(tid == 700)
     });
@@ -888,53 +1003,58 @@ mod tests {
         }
     }
 
-    /// `wgmma.m64n128k16` on operands laid out as the PTX ISA's canonical 128-byte-swizzled
-    /// layouts say (`A` k-major: `((8,m),(T,2k)):((8T,SBO),(1,T))`; `B` n-major:
-    /// `((T,8,m),(8,k)):((1,T,LBO),(8T,SBO))`, both under `Swizzle<3,4,3>`): every thread of
-    /// the warpgroup gets its 64 entries of `A·B + 1` where the accumulator layout puts them.
+    /// `wgmma.m64nNk16` (N = 128 and 256) on operands laid out as the PTX ISA's canonical
+    /// 128-byte-swizzled layouts say (`A` k-major: `((8,m),(T,2k)):((8T,SBO),(1,T))`; `B`
+    /// n-major: `((T,8,m),(8,k)):((1,T,LBO),(8T,SBO))`, both under `Swizzle<3,4,3>`): every
+    /// thread of the warpgroup gets its N/2 entries of `A·B + 1` where the accumulator
+    /// layout puts them.
     #[test]
-    fn wgmma_computes_a_64x128x16_product_from_swizzled_shared_memory() {
-        // A 1024-byte-aligned region: `A` (8 atoms of 8 rows) at 0, `B` at 8192 (two
-        // 64-column blocks 4096 apart, each two atoms of 8 k rows 1024 apart).
-        let mut mem = vec![0u8; 16384 + 1024];
-        let base = (mem.as_ptr() as usize).next_multiple_of(1024) - mem.as_ptr() as usize;
-        let swizzle = |off: usize| off ^ (((off >> 7) & 7) << 4);
-        let a_val = |r: usize, k: usize| ((r * 3 + k * 5) % 7) as f32 - 3.0;
-        let b_val = |k: usize, c: usize| ((k * 2 + c * 7) % 5) as f32 - 2.0;
-        let mut put = |off: usize, x: f32| {
-            let at = base + swizzle(off);
-            mem[at..at + 2].copy_from_slice(&((x.to_bits() >> 16) as u16).to_le_bytes());
-        };
-        for r in 0..64 {
+    fn wgmma_computes_a_64xnx16_product_from_swizzled_shared_memory() {
+        for n in [128usize, 256] {
+            // A 1024-byte-aligned region: `A` (8 atoms of 8 rows) at 0, `B` at 8192 (64-column
+            // blocks 4096 apart, each two atoms of 8 k rows 1024 apart).
+            let mut mem = vec![0u8; 8192 + 4096 * (n / 64) + 1024];
+            let base = (mem.as_ptr() as usize).next_multiple_of(1024) - mem.as_ptr() as usize;
+            let swizzle = |off: usize| off ^ (((off >> 7) & 7) << 4);
+            let a_val = |r: usize, k: usize| ((r * 3 + k * 5) % 7) as f32 - 3.0;
+            let b_val = |k: usize, c: usize| ((k * 2 + c * 7) % 5) as f32 - 2.0;
+            let mut put = |off: usize, x: f32| {
+                let at = base + swizzle(off);
+                mem[at..at + 2].copy_from_slice(&((x.to_bits() >> 16) as u16).to_le_bytes());
+            };
+            for r in 0..64 {
+                for k in 0..16 {
+                    put((r / 8) * 1024 + (r % 8) * 128 + 2 * k, a_val(r, k));
+                }
+            }
             for k in 0..16 {
-                put((r / 8) * 1024 + (r % 8) * 128 + 2 * k, a_val(r, k));
+                for c in 0..n {
+                    let off =
+                        8192 + (c / 64) * 4096 + (k / 8) * 1024 + (k % 8) * 128 + 2 * (c % 64);
+                    put(off, b_val(k, c));
+                }
             }
-        }
-        for k in 0..16 {
-            for c in 0..128 {
-                let off = 8192 + (c / 64) * 4096 + (k / 8) * 1024 + (k % 8) * 128 + 2 * (c % 64);
-                put(off, b_val(k, c));
-            }
-        }
-        let p = unsafe { mem.as_ptr().add(base) };
-        for t in 0..128usize {
-            let mut d = [1f32; 64];
-            egret_simt_wgmma(
-                p,
-                16,
-                1024,
-                unsafe { p.add(8192) },
-                4096,
-                1024,
-                d.as_mut_ptr(),
-                t as i64,
-            );
-            let (w, l) = (t / 32, t % 32);
-            for (i, got) in d.iter().enumerate() {
-                let row = 16 * w + l / 4 + 8 * ((i % 4) / 2);
-                let col = 8 * (i / 4) + 2 * (l % 4) + i % 2;
-                let want: f32 = 1.0 + (0..16).map(|k| a_val(row, k) * b_val(k, col)).sum::<f32>();
-                assert_eq!(*got, want, "thread {t} entry {i} ({row}, {col})");
+            let p = unsafe { mem.as_ptr().add(base) };
+            for t in 0..128usize {
+                let mut d = vec![1f32; n / 2];
+                egret_simt_wgmma(
+                    p,
+                    1024,
+                    unsafe { p.add(8192) },
+                    4096,
+                    1024,
+                    n as i64,
+                    d.as_mut_ptr(),
+                    t as i64,
+                );
+                let (w, l) = (t / 32, t % 32);
+                for (i, got) in d.iter().enumerate() {
+                    let row = 16 * w + l / 4 + 8 * ((i % 4) / 2);
+                    let col = 8 * (i / 4) + 2 * (l % 4) + i % 2;
+                    let want: f32 =
+                        1.0 + (0..16).map(|k| a_val(row, k) * b_val(k, col)).sum::<f32>();
+                    assert_eq!(*got, want, "n {n} thread {t} entry {i} ({row}, {col})");
+                }
             }
         }
     }

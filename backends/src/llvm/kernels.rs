@@ -1005,10 +1005,13 @@ impl Flavor {
 /// - `egret_simt_cp_async(ptr dst, ptr src, i32 src_bytes)`,
 ///   `egret_simt_cp_async_commit()`, `egret_simt_cp_async_wait(i32 n)`: `cp.async.cg` of 16
 ///   bytes (zero-filled past `src_bytes`), `cp.async.commit_group`, `cp.async.wait_group n`.
-/// - `egret_simt_wgmma(ptr a, i64 a_lbo, i64 a_sbo, ptr b, i64 b_lbo, i64 b_sbo, f32* d,
-///   i64 t)`: this thread's part (`t` its index in its warpgroup) of `wgmma.m64n128k16`
-///   (`wgmma_m64n128`).
-pub const SIMT_HOOKS: [&str; 9] = [
+/// - `egret_simt_wgmma(ptr a, i64 a_sbo, ptr b, i64 b_lbo, i64 b_sbo, i64 n, f32* d, i64 t)`:
+///   this thread's part (`t` its index in its warpgroup) of `wgmma.m64nNk16`, N = `n`
+///   (`wgmma_m64`);
+/// - `egret_simt_wgmma_commit()`, `egret_simt_wgmma_wait(i32 n)`: `wgmma.commit_group`,
+///   `wgmma.wait_group n` (the simulator's `wgmma` is done when issued; these track which
+///   shared memory the GPU's may still be reading, which no copy may overwrite).
+pub const SIMT_HOOKS: [&str; 11] = [
     "egret_simt_barrier",
     "egret_simt_shfl_bfly",
     "egret_simt_mma_bf16",
@@ -1018,6 +1021,8 @@ pub const SIMT_HOOKS: [&str; 9] = [
     "egret_simt_cp_async_commit",
     "egret_simt_cp_async_wait",
     "egret_simt_wgmma",
+    "egret_simt_wgmma_commit",
+    "egret_simt_wgmma_wait",
 ];
 
 /// Emits kernel `k` as function `name`; returns its buffer arguments and scratch floats.
@@ -2516,7 +2521,14 @@ fn matmul<'ctx>(
             shared_w,
         };
         if fb.tensor_cores {
-            gpu_mma_matmul(fb, &mm)?;
+            match fb.wgmma.then(|| wgmma_fits(fb, &mm)).transpose()?.flatten() {
+                Some(fits) => fb.if_else(
+                    fits,
+                    |fb| gpu_wgmma_matmul(fb, &mm),
+                    |fb| gpu_mma_matmul(fb, &mm),
+                )?,
+                None => gpu_mma_matmul(fb, &mm)?,
+            }
         } else {
             gpu_tiled_matmul(fb, &mm)?;
         }
@@ -2711,12 +2723,24 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
         per_batch: IntValue<'ctx>,
         tiles_n: IntValue<'ctx>,
     ) -> R<TileAt<'ctx>> {
+        self.tile_of_width(fb, tile, per_batch, tiles_n, GPU_TILE)
+    }
+
+    /// `tile_at` for tiles `GPU_TILE` rows by `width` columns.
+    fn tile_of_width(
+        &self,
+        fb: &Fb<'_, 'ctx>,
+        tile: IntValue<'ctx>,
+        per_batch: IntValue<'ctx>,
+        tiles_n: IntValue<'ctx>,
+        width: i64,
+    ) -> R<TileAt<'ctx>> {
         let sdiv = |a, b, n| fb.b.build_int_signed_div(a, b, n).map_err(be);
         let srem = |a, b, n| fb.b.build_int_signed_rem(a, b, n).map_err(be);
         let bi = sdiv(tile, per_batch, "bi")?;
         let rest = srem(tile, per_batch, "rest")?;
         let m0 = fb.mul(sdiv(rest, tiles_n, "tmi")?, fb.i64c(GPU_TILE))?;
-        let n0 = fb.mul(srem(rest, tiles_n, "tni")?, fb.i64c(GPU_TILE))?;
+        let n0 = fb.mul(srem(rest, tiles_n, "tni")?, fb.i64c(width))?;
         let bidx = fb.decompose(bi, self.bdims)?;
         let bpairs: Vec<(usize, IntValue)> = bidx.iter().copied().enumerate().collect();
         let abase = fb.at(self.aav, &bpairs)?;
@@ -3366,27 +3390,34 @@ fn load_f32x4<'ctx>(
     Ok(out)
 }
 
-/// `wgmma`'s k-step (sm_90a): a `128 × 64` slice of `A` and a `64 × 128` slice of `W` per
-/// ring stage (16 KiB each), four `m64n128k16` steps per warpgroup.
+/// `gpu_wgmma_matmul`'s tile: `GPU_TILE` rows (a warpgroup's 64 each) by `WG_TILE_N`
+/// columns, each warpgroup's part one `m64n256k16` per k step of 16, so that a slice of
+/// `W` staged in shared memory feeds twice the products of a 128-column tile.
+const WG_TILE_N: i64 = 256;
+/// `wgmma`'s k-step (sm_90a): a `128 × 64` slice of `A` (16 KiB) and a `64 × 256` slice of
+/// `W` (32 KiB) per ring stage, four `m64n256k16` steps per warpgroup.
 const WG_TILE_K: i64 = 64;
 /// Stages of the `wgmma` ring: `WG_STAGES - 2` slices in flight (`cp.async`) while one is
-/// multiplied and the one before may still be read by the tensor cores. Four slices ahead
-/// cover about four slices' multiplies (some 2000 cycles) of load latency; the ring then
-/// takes 193 KiB of the 227 KiB a block may have.
-const WG_STAGES: i64 = 6;
+/// multiplied and the one before may still be read by the tensor cores; two slices ahead
+/// cover about two slices' multiplies (some 2000 cycles) of load latency. The ring takes
+/// 193 KiB of the 227 KiB a block may have.
+const WG_STAGES: i64 = 4;
 const _: () = assert!(WG_STAGES >= 3);
-/// Bytes of one operand's part of a `wgmma` ring stage.
-const WG_OPERAND_BYTES: i64 = GPU_TILE * WG_TILE_K * 2;
+/// Bytes of `A`'s part of a `wgmma` ring stage; `W`'s part follows it.
+const WG_A_BYTES: i64 = GPU_TILE * WG_TILE_K * 2;
+/// Bytes of a `wgmma` ring stage.
+const WG_STAGE_BYTES: i64 = WG_A_BYTES + WG_TILE_K * WG_TILE_N * 2;
 /// Bytes of the `wgmma` ring (dynamic shared memory), with room to align it to 1024 bytes
 /// (the 128-byte swizzle repeats every 1024 bytes of address, and the ring's stages must
 /// start on that period).
-pub const WG_RING_BYTES: i64 = WG_STAGES * 2 * WG_OPERAND_BYTES + 1024;
+pub const WG_RING_BYTES: i64 = WG_STAGES * WG_STAGE_BYTES + 1024;
+const _: () = assert!(WG_RING_BYTES <= 227 * 1024 - 2048 && MMA_RING_BYTES <= WG_RING_BYTES);
 /// The `wgmma` operands' shared-memory layout: 128-byte swizzle, which spreads the rows the
 /// tensor cores read together over all banks. Rows of 64 bf16 (128 bytes) in atoms of 8
 /// rows (1024 bytes), the 16-byte chunk `c` of row `r` stored at chunk `c ^ (r % 8)` (the
 /// swizzle: address bits 4-6 XOR bits 7-9). `A` (`[128 rows][64 k]`, k-major): row `r` at
 /// `128r`, the stride (8-row) offset 1024 and the leading offset unused (16). `W` (`[64 k]
-/// [128 n]`, n-major, `imm-trans-b` 1): two blocks of 64 columns, 8192 bytes apart (the
+/// [256 n]`, n-major, `imm-trans-b` 1): four blocks of 64 columns, 8192 bytes apart (the
 /// leading offset), each 64 k rows of 128 bytes, atoms of 8 k rows 1024 apart (the
 /// stride offset).
 const WG_A_LBO: i64 = 16;
@@ -3417,10 +3448,23 @@ fn wgmma_desc<'ctx>(
     fb.b.build_or(start, fb.i64c(fixed), "desc").map_err(be)
 }
 
-/// A `wgmma` fence, commit or wait (`llvm.nvvm.wgmma.*.sync.aligned`; no-ops in the
-/// simulator, whose `wgmma` is done when it is issued).
+/// A `wgmma` fence, commit or wait (`llvm.nvvm.wgmma.*.sync.aligned`). In the simulator,
+/// whose `wgmma` is done when it is issued, the fence is nothing and the commit and wait
+/// are hooks that track what the GPU's may still read.
 fn wgmma_sync(fb: &Fb, what: &str, wait: Option<i64>) -> R<()> {
     if fb.sim {
+        let i32t = fb.ctx.i32_type();
+        match (what, wait) {
+            ("commit_group", _) => {
+                fb.hook(SIMT_HOOKS[9], fb.ctx.void_type().fn_type(&[], false), &[])?;
+            }
+            ("wait_group", Some(n)) => {
+                let ty = fb.ctx.void_type().fn_type(&[i32t.into()], false);
+                let n = i32t.const_int(n as u64, false);
+                fb.hook(SIMT_HOOKS[10], ty, &[n.into()])?;
+            }
+            _ => {}
+        }
         return Ok(());
     }
     let name = format!("llvm.nvvm.wgmma.{what}.sync.aligned");
@@ -3430,16 +3474,17 @@ fn wgmma_sync(fb: &Fb, what: &str, wait: Option<i64>) -> R<()> {
     Ok(())
 }
 
-/// `d += a·b` for a warpgroup: `wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16`, `A`
-/// k-major and `W` n-major in shared memory (descriptors at `a` and `b`, offsets as in
-/// `WG_A_LBO`..), `accs` this thread's 64 accumulators: thread `t` of the warpgroup holds,
-/// for column group `j` (0..16), rows `16(t/32) + (t%32)/4` (`d[4j]`, `d[4j+1]`) and 8
-/// below (`d[4j+2]`, `d[4j+3]`), columns `8j + 2(t%4)` and the next. Asynchronous: the
+/// `d += a·b` for a warpgroup: `wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16` with
+/// `N` twice the accumulators (`WG_TILE_N`), `A` k-major and `W` n-major in shared memory
+/// (descriptors at `a` and `b`, offsets as in `WG_A_LBO`..), `accs` this thread's `N/2`
+/// accumulators: thread `t` of the warpgroup holds, for column group `j` (0..N/8), rows
+/// `16(t/32) + (t%32)/4` (`d[4j]`, `d[4j+1]`) and 8 below (`d[4j+2]`, `d[4j+3]`), columns
+/// `8j + 2(t%4)` and the next. Asynchronous: the
 /// values are there after a `wgmma_sync("wait_group")` covering it. The GPU reads the
 /// operands through their descriptors `da`, `db` (`wgmma_desc` of `a` and `b`); in the
 /// simulator, the hook `egret_simt_wgmma` computes the same at once from the addresses and
 /// offsets.
-fn wgmma_m64n128<'ctx>(
+fn wgmma_m64<'ctx>(
     fb: &Fb<'_, 'ctx>,
     (a, b): (PointerValue<'ctx>, PointerValue<'ctx>),
     (da, db): (IntValue<'ctx>, IntValue<'ctx>),
@@ -3447,8 +3492,9 @@ fn wgmma_m64n128<'ctx>(
     accs: &[PointerValue<'ctx>],
 ) -> R<()> {
     let f32t = fb.f32t;
+    let (na, n) = (accs.len(), 2 * accs.len() as i64);
     if fb.sim {
-        let arr = fb.slot(f32t.array_type(64).into())?;
+        let arr = fb.slot(f32t.array_type(na as u32).into())?;
         let at = |i: usize| {
             unsafe {
                 fb.b.build_in_bounds_gep(f32t, arr, &[fb.i64c(i as i64)], "d")
@@ -3464,8 +3510,8 @@ fn wgmma_m64n128<'ctx>(
             &[
                 ptrt.into(),
                 i64t.into(),
-                i64t.into(),
                 ptrt.into(),
+                i64t.into(),
                 i64t.into(),
                 i64t.into(),
                 ptrt.into(),
@@ -3479,11 +3525,11 @@ fn wgmma_m64n128<'ctx>(
             ty,
             &[
                 a.into(),
-                c(WG_A_LBO),
                 c(WG_A_SBO),
                 b.into(),
                 c(WG_B_LBO),
                 c(WG_B_SBO),
+                c(n),
                 arr.into(),
                 t128.into(),
             ],
@@ -3494,20 +3540,23 @@ fn wgmma_m64n128<'ctx>(
         }
         return Ok(());
     }
-    let regs: Vec<String> = (0..64).map(|i| format!("${i}")).collect();
+    let regs: Vec<String> = (0..na).map(|i| format!("${i}")).collect();
     let asm = format!(
-        "{{\n.reg .pred p;\nsetp.ne.b32 p, $130, 0;\n\
-         wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {{{}}}, $128, $129, p, 1, 1, 0, 1;\n}}",
-        regs.join(", ")
+        "{{\n.reg .pred p;\nsetp.ne.b32 p, ${}, 0;\n\
+         wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{}}}, ${}, ${}, p, 1, 1, 0, 1;\n}}",
+        2 * na + 2,
+        regs.join(", "),
+        2 * na,
+        2 * na + 1,
     );
-    let constraints = (0..64)
+    let constraints = (0..na)
         .map(|_| "=f".to_string())
-        .chain((0..64).map(|i| i.to_string()))
+        .chain((0..na).map(|i| i.to_string()))
         .chain(["l".into(), "l".into(), "r".into()])
         .collect::<Vec<_>>()
         .join(",");
-    let out_ty = fb.ctx.struct_type(&vec![f32t.into(); 64], false);
-    let mut params: Vec<BasicMetadataTypeEnum> = vec![f32t.into(); 64];
+    let out_ty = fb.ctx.struct_type(&vec![f32t.into(); na], false);
+    let mut params: Vec<BasicMetadataTypeEnum> = vec![f32t.into(); na];
     params.extend::<[BasicMetadataTypeEnum; 3]>([
         fb.i64t.into(),
         fb.i64t.into(),
@@ -3810,9 +3859,8 @@ fn mma_into<'ctx>(
 /// When both operands are stored bf16 with rows that start on 16 bytes (and no norm weight
 /// to apply as they load), the slices skip the registers: `cp.async` copies them into a
 /// ring of `MMA_STAGES` stages in dynamic shared memory, three slices in flight
-/// (`ring_pipeline`), multiplied as above; or, with `wgmma` (sm_90a), into `WG_STAGES`
-/// 128-byte-swizzled stages of 64-wide slices that two warpgroups multiply with
-/// `wgmma.mma_async.m64n128k16` (`wgmma_m64n128`), each warpgroup 64 rows of the tile.
+/// (`ring_pipeline`), multiplied as above. (On sm_90a such operands take
+/// `gpu_wgmma_matmul` where every batch entry's rows do.)
 fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     let GpuMatmul {
         optr,
@@ -3833,7 +3881,6 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     let and = |a, b| fb.b.build_and(a, b, "and").map_err(be);
     let bits = |a: IntValue<'ctx>, m: i64| fb.b.build_and(a, c(m), "bits").map_err(be);
     let xor = |a, b| fb.b.build_xor(a, b, "xor").map_err(be);
-    let urem = |a, n: i64| fb.b.build_int_unsigned_rem(a, c(n), "stage").map_err(be);
     // Staged `A` is `[128][32]` bf16, staged `W` `[32][128]` (words in `swizzled_word`).
     let a_word = |r, k| swizzled_word(fb, r, k, tk);
     let w_word = |k, n| swizzled_word(fb, k, n, t);
@@ -3842,18 +3889,8 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
         unsafe { fb.b.build_in_bounds_gep(i32t, arr, &[at], "wp") }.map_err(be)
     };
     // The ring: `MMA_STAGES` stages of `A`, then as many of `W` (the staged path uses two).
-    let a_s = dynamic_shared(
-        fb,
-        if fb.wgmma {
-            WG_RING_BYTES
-        } else {
-            MMA_RING_BYTES
-        },
-    );
+    let a_s = dynamic_shared(fb, MMA_RING_BYTES);
     let w_s = word_ptr(a_s, c(MMA_STAGES * stage))?;
-    let byte_ptr = |at: IntValue<'ctx>| {
-        unsafe { fb.b.build_in_bounds_gep(fb.ctx.i8_type(), a_s, &[at], "bp") }.map_err(be)
-    };
     let inv_s = shared_f32(fb, "inv", (3 * t) as u32);
     let inv_at = 2 * t;
     let tiles_m = sdiv(fb.add(mv, c(t - 1))?, c(t), "tm")?;
@@ -3924,38 +3961,6 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     );
     let ca_at = a_word(ca_row, ca_k)?;
     let cw_at = w_word(cw_k, cw_n)?;
-    // With `wgmma`: this thread's warpgroup `wg`, its index `t128` there and warp `wg_warp`
-    // of it; its chunks of a stage (offsets in bytes from the stage, `WG_A_LBO`..): of `A`,
-    // row `lane/8` (+ 32p), k `8(lane%8)`; of `W`, k row `lane/16` (+ 16p), columns
-    // `8(lane%16)`, p = 0..4 (4096 and 2048 bytes apart: whole atoms, same swizzle). A
-    // warp's 16-byte stores fill four 128-byte rows, every bank four times.
-    let (wg, t128) = (sdiv(lane, c(128), "wg")?, srem(lane, c(128), "t128")?);
-    let wg_warp = sdiv(t128, c(32), "wgw")?;
-    // The ring's first 1024-byte boundary (its offset from the ring's start).
-    let ring_addr = fb.b.build_ptr_to_int(a_s, fb.i64t, "ra").map_err(be)?;
-    let wg_ring0 =
-        fb.b.build_int_sub(
-            fb.b.build_and(fb.add(ring_addr, c(1023))?, c(!1023), "al")
-                .map_err(be)?,
-            ring_addr,
-            "r0",
-        )
-        .map_err(be)?;
-    let swz = |chunk: IntValue<'ctx>, row: IntValue<'ctx>| -> R<IntValue<'ctx>> {
-        fb.mul(xor(chunk, bits(row, 7)?)?, c(16))
-    };
-    let (wa_row, wa_c) = (sdiv(lane, c(8), "ar")?, bits(lane, 7)?);
-    let wa_k = fb.mul(wa_c, c(8))?;
-    let wa_at = fb.add(fb.mul(wa_row, c(128))?, swz(wa_c, wa_row)?)?;
-    let (ww_k, ww_c) = (sdiv(lane, c(16), "wk")?, bits(lane, 15)?);
-    let ww_n = fb.mul(ww_c, c(8))?;
-    let ww_at = fb.add(
-        fb.add(
-            fb.mul(sdiv(ww_c, c(8), "nb")?, c(WG_B_LBO))?,
-            fb.mul(sdiv(ww_k, c(8), "kg")?, c(WG_B_SBO))?,
-        )?,
-        fb.add(fb.mul(bits(ww_k, 7)?, c(128))?, swz(bits(ww_c, 7)?, ww_k)?)?,
-    )?;
     fb.for_range(c(0), iters, |fb, it| {
         let tile = fb.add(blk, fb.mul(it, nblk)?)?;
         let TileAt {
@@ -4161,126 +4166,6 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
             })?;
             cp_async_wait(fb, 0)
         };
-        // The `wgmma` ring (sm_90a): `k` in slices of `WG_TILE_K` through `WG_STAGES`
-        // stages; warpgroup `wg` multiplies rows `64wg..` of each slice by all of its 128
-        // columns, four `m64n128k16` steps, and keeps one group of them in flight: before
-        // slice `kt`, its copies are waited for and a barrier publishes them (and tells that
-        // every warpgroup's `wgmma`s of slice `kt - 2` are done), after which stage
-        // `(kt - 2) % WG_STAGES` is refilled with slice `kt + WG_STAGES - 2`.
-        let wg_path = |fb: &Fb<'_, 'ctx>| -> R<()> {
-            let ktw = sdiv(fb.add(kv, c(WG_TILE_K - 1))?, c(WG_TILE_K), "ktw")?;
-            // This thread's chunks at `k = 0`, and which lie inside the matrix in m (of `A`)
-            // and n (of `W`): a slice's are these plus `k0` (`A`) or `k0` rows (`W`), so a
-            // step adds and compares, and the address arithmetic stays out of the loop.
-            let (lda, ldw) = (
-                aav.strides[aav.strides.len() - 2],
-                wav.strides[wav.strides.len() - 2],
-            );
-            let a_chunks: Vec<(IntValue, IntValue)> = (0..4)
-                .map(|p| {
-                    let gm = fb.add(m0, fb.add(wa_row, c(32 * p))?)?;
-                    let at = fb.add(abase, fb.add(fb.mul(gm, lda)?, wa_k)?)?;
-                    Ok((at, cmp(IntPredicate::SLT, gm, mv)?))
-                })
-                .collect::<R<_>>()?;
-            let gn = fb.add(n0, ww_n)?;
-            let w_in_n = cmp(IntPredicate::SLT, gn, nv)?;
-            let w_chunks: Vec<IntValue> = (0..4)
-                .map(|p| {
-                    let gk = fb.add(ww_k, c(16 * p))?;
-                    fb.add(wbase, fb.add(fb.mul(gk, ldw)?, gn)?)
-                })
-                .collect::<R<_>>()?;
-            // Slice at `k0` into the stage at `base`, with bounds: chunks outside the
-            // matrices are zeros.
-            let issue_edge = |fb: &Fb<'_, 'ctx>, base: IntValue<'ctx>, k0| -> R<()> {
-                let a_in_k = cmp(IntPredicate::SLT, fb.add(k0, wa_k)?, kv)?;
-                for (p, (at, in_m)) in a_chunks.iter().enumerate() {
-                    let dst = byte_ptr(fb.add(base, fb.add(wa_at, c(4096 * p as i64))?)?)?;
-                    cp_async_chunk(fb, aav, and(*in_m, a_in_k)?, fb.add(*at, k0)?, dst)?;
-                }
-                let w_step = fb.mul(k0, ldw)?;
-                for (p, at) in w_chunks.iter().enumerate() {
-                    let gk = fb.add(k0, fb.add(ww_k, c(16 * p as i64))?)?;
-                    let inside = and(w_in_n, cmp(IntPredicate::SLT, gk, kv)?)?;
-                    let dst =
-                        fb.add(base, fb.add(ww_at, c(WG_OPERAND_BYTES + 2048 * p as i64))?)?;
-                    cp_async_chunk(fb, wav, inside, fb.add(*at, w_step)?, byte_ptr(dst)?)?;
-                }
-                Ok(())
-            };
-            // The same where the slice lies wholly inside (the tile inside in m and n, all 64
-            // k): no bounds, each chunk the tile's first pointer plus the slice's offset.
-            let tile_inside = and(
-                cmp(IntPredicate::SLE, fb.add(m0, c(GPU_TILE))?, mv)?,
-                cmp(IntPredicate::SLE, fb.add(n0, c(GPU_TILE))?, nv)?,
-            )?;
-            let elem_ptr = |from: PointerValue<'ctx>, at: IntValue<'ctx>| {
-                unsafe {
-                    fb.b.build_in_bounds_gep(fb.ctx.i16_type(), from, &[at], "src")
-                }
-                .map_err(be)
-            };
-            let a_ptrs: Vec<PointerValue> = a_chunks
-                .iter()
-                .map(|(at, _)| elem_ptr(aav.ptr, *at))
-                .collect::<R<_>>()?;
-            let w_ptrs: Vec<PointerValue> = w_chunks
-                .iter()
-                .map(|at| elem_ptr(wav.ptr, *at))
-                .collect::<R<_>>()?;
-            let issue_inside = |fb: &Fb<'_, 'ctx>, base: IntValue<'ctx>, k0| -> R<()> {
-                for (p, src) in a_ptrs.iter().enumerate() {
-                    let dst = byte_ptr(fb.add(base, fb.add(wa_at, c(4096 * p as i64))?)?)?;
-                    cp_async(fb, dst, elem_ptr(*src, k0)?, c(16))?;
-                }
-                let w_step = fb.mul(k0, ldw)?;
-                for (p, src) in w_ptrs.iter().enumerate() {
-                    let dst =
-                        fb.add(base, fb.add(ww_at, c(WG_OPERAND_BYTES + 2048 * p as i64))?)?;
-                    cp_async(fb, byte_ptr(dst)?, elem_ptr(*src, w_step)?, c(16))?;
-                }
-                Ok(())
-            };
-            let issue_wg = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
-                let base = fb.add(
-                    wg_ring0,
-                    fb.mul(urem(kt, WG_STAGES)?, c(2 * WG_OPERAND_BYTES))?,
-                )?;
-                let k0 = fb.mul(kt, c(WG_TILE_K))?;
-                let k_inside = cmp(IntPredicate::SLE, fb.add(k0, c(WG_TILE_K))?, kv)?;
-                fb.if_else(
-                    and(tile_inside, k_inside)?,
-                    |fb| issue_inside(fb, base, k0),
-                    |fb| issue_edge(fb, base, k0),
-                )
-            };
-            ring_pipeline(fb, ktw, WG_STAGES - 2, &issue_wg, &|fb, kt| {
-                let base = fb.add(
-                    wg_ring0,
-                    fb.mul(urem(kt, WG_STAGES)?, c(2 * WG_OPERAND_BYTES))?,
-                )?;
-                wgmma_sync(fb, "fence", None)?;
-                // (a k16 step: 32 bytes into `A`'s rows, two k atoms into `W`'s; a step's
-                // descriptors are the first's plus its offset in 16-byte units, which stays in
-                // the 14-bit address field since shared memory is under 256 KiB)
-                let a0 = fb.add(base, fb.mul(wg, c(8192))?)?;
-                let b0 = fb.add(base, c(WG_OPERAND_BYTES))?;
-                let da0 = wgmma_desc(fb, byte_ptr(a0)?, WG_A_LBO, WG_A_SBO)?;
-                let db0 = wgmma_desc(fb, byte_ptr(b0)?, WG_B_LBO, WG_B_SBO)?;
-                for ks in 0..WG_TILE_K / 16 {
-                    let (a_off, b_off) = (32 * ks, 2 * WG_B_SBO * ks);
-                    let a = byte_ptr(fb.add(a0, c(a_off))?)?;
-                    let b = byte_ptr(fb.add(b0, c(b_off))?)?;
-                    let descs = (fb.add(da0, c(a_off >> 4))?, fb.add(db0, c(b_off >> 4))?);
-                    wgmma_m64n128(fb, (a, b), descs, t128, &accs)?;
-                }
-                wgmma_sync(fb, "commit_group", None)?;
-                wgmma_sync(fb, "wait_group", Some(1))
-            })?;
-            wgmma_sync(fb, "wait_group", Some(0))?;
-            cp_async_wait(fb, 0)
-        };
         // The outputs: accumulator `x` of this thread at `place(x)` in the tile, scaled by
         // the row's norm, plus the residual, stored where inside the matrix.
         let store = |fb: &Fb<'_, 'ctx>, place: &TilePlace<'_, 'ctx>| -> R<()> {
@@ -4317,16 +4202,6 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
             )?;
             Ok((r, cl))
         };
-        // `wgmma` fragments (`wgmma_m64n128`), warpgroup `wg` on rows `64wg..`.
-        let wg_place = |fb: &Fb<'_, 'ctx>, a: usize| -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
-            let (j, x) = ((a / 4) as i64, (a % 4) as i64);
-            let r = fb.add(
-                fb.add(fb.mul(wg, c(64))?, fb.mul(wg_warp, c(16))?)?,
-                fb.add(g, c(8 * (x / 2)))?,
-            )?;
-            let cl = fb.add(c(8 * j + x % 2), fb.mul(q, c(2))?)?;
-            Ok((r, cl))
-        };
         let staged = |fb: &Fb<'_, 'ctx>| -> R<()> {
             staged_path(fb)?;
             store(fb, &mma_place)
@@ -4335,17 +4210,284 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
             Some(ok) => {
                 let aligned = and(fb.multiple_of(abase, 8)?, fb.multiple_of(wbase, 8)?)?;
                 let ring = |fb: &Fb<'_, 'ctx>| -> R<()> {
-                    if fb.wgmma {
-                        wg_path(fb)?;
-                        store(fb, &wg_place)
-                    } else {
-                        ring_path(fb)?;
-                        store(fb, &mma_place)
-                    }
+                    ring_path(fb)?;
+                    store(fb, &mma_place)
                 };
                 fb.if_else(and(ok, aligned)?, ring, staged)?;
             }
             None => staged(fb)?,
+        }
+        barrier(fb)
+    })
+}
+
+/// Whether `gpu_wgmma_matmul` can take this matmul: both operands stored bf16 with no norm
+/// weight to apply as they load, unit stride along the staged rows (`A` along k, `W` along
+/// n), every row of every batch entry on 16 bytes (strides and offsets multiples of 8
+/// elements, buffers aligned), and the row lengths multiples of 8 (a 16-byte chunk is all
+/// inside the matrix or all outside).
+fn wgmma_fits<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<Option<IntValue<'ctx>>> {
+    let (aav, wav) = (mm.aav, mm.wav);
+    if aav.elem != ElemType::BF16 || wav.elem != ElemType::BF16 || mm.gav.is_some() {
+        return Ok(None);
+    }
+    let and = |a, b| fb.b.build_and(a, b, "and").map_err(be);
+    let (_, nv, kv) = mm.dims;
+    let (a_rows, w_rows) = mm.rows_in_chunks(fb, 8)?;
+    let mut ok = and(and(a_rows, w_rows)?, fb.multiple_of(kv, 8)?)?;
+    ok = and(ok, fb.multiple_of(nv, 8)?)?;
+    for av in [aav, wav] {
+        let n = av.strides.len();
+        for x in av.strides[..n - 2].iter().chain([&av.off]) {
+            ok = and(ok, fb.multiple_of(*x, 8)?)?;
+        }
+    }
+    Ok(Some(ok))
+}
+
+/// The matmul on sm_90a's `wgmma.mma_async` (both operands bf16 in memory: `wgmma_fits`).
+/// Each 256-thread block computes `GPU_TILE × WG_TILE_N` tiles (blocks stride over the tiles
+/// of every batch entry); warpgroup `wg` holds rows `64wg..64wg+64` of the tile, all its
+/// columns, in 128 accumulators a thread (`wgmma_m64`).
+///
+/// k advances in slices of `WG_TILE_K`: `cp.async` copies them into a ring of `WG_STAGES`
+/// stages in dynamic shared memory, in the 128-byte-swizzled layouts of `WG_A_LBO`..,
+/// `WG_STAGES - 2` slices ahead (`ring_pipeline`; slices wholly inside the matrices without
+/// bounds, the others with chunks outside zero-filled). Before slice `kt` is multiplied,
+/// its copies are waited for and a barrier publishes them; that barrier also tells that
+/// every warpgroup's `wgmma`s of slice `kt - 2` are done (each keeps one group in flight),
+/// so stage `(kt - 2) % WG_STAGES` is the one refilled. With `norm`, rows are scaled as in
+/// `gpu_tiled_matmul`; a residual is added as the outputs are stored.
+fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
+    let GpuMatmul {
+        optr,
+        aav,
+        wav,
+        norm,
+        eps,
+        nbatch,
+        dims: (mv, nv, kv),
+        ..
+    } = *mm;
+    let (tm, tn) = (GPU_TILE, WG_TILE_N);
+    let c = |v: i64| fb.i64c(v);
+    let sdiv = |a, b, n| fb.b.build_int_signed_div(a, b, n).map_err(be);
+    let srem = |a, b, n| fb.b.build_int_signed_rem(a, b, n).map_err(be);
+    let cmp = |p, a, b| fb.b.build_int_compare(p, a, b, "cmp").map_err(be);
+    let and = |a, b| fb.b.build_and(a, b, "and").map_err(be);
+    let bits = |a: IntValue<'ctx>, m: i64| fb.b.build_and(a, c(m), "bits").map_err(be);
+    let xor = |a, b| fb.b.build_xor(a, b, "xor").map_err(be);
+    let urem = |a, n: i64| fb.b.build_int_unsigned_rem(a, c(n), "stage").map_err(be);
+    let ring = dynamic_shared(fb, WG_RING_BYTES);
+    let byte_ptr = |at: IntValue<'ctx>| {
+        unsafe {
+            fb.b.build_in_bounds_gep(fb.ctx.i8_type(), ring, &[at], "bp")
+        }
+        .map_err(be)
+    };
+    let inv_s = shared_f32(fb, "inv", (3 * tm) as u32);
+    let inv_at = 2 * tm;
+    let tiles_m = sdiv(fb.add(mv, c(tm - 1))?, c(tm), "tm")?;
+    let tiles_n = sdiv(fb.add(nv, c(tn - 1))?, c(tn), "tn")?;
+    let per_batch = fb.mul(tiles_m, tiles_n)?;
+    let BlockGrid {
+        lane,
+        blk,
+        nblk,
+        iters,
+    } = block_grid(fb, fb.mul(per_batch, nbatch)?)?;
+    let wl = srem(lane, c(32), "wl")?;
+    let (g, q) = (sdiv(wl, c(4), "g")?, srem(wl, c(4), "q")?);
+    let accs: Vec<PointerValue> = (0..tn / 2)
+        .map(|_| fb.slot(fb.f32t.into()))
+        .collect::<R<_>>()?;
+    // This thread's warpgroup `wg`, its index `t128` there and warp `wg_warp` of it; its
+    // chunks of a stage (byte offsets from the stage): of `A`, row `lane/8` (+ 32p, p < 4),
+    // k `8(lane%8)`; of `W`, k row `lane/32` (+ 8p, p < 8), columns `8(lane%32)`. Rows 32
+    // apart of `A` and k rows 8 apart of `W` are whole atoms on (4096 and 1024 bytes), with
+    // the same swizzle. A warp's 16-byte stores fill four 128-byte rows, every bank four
+    // times.
+    let (wg, t128) = (sdiv(lane, c(128), "wg")?, srem(lane, c(128), "t128")?);
+    let wg_warp = sdiv(t128, c(32), "wgw")?;
+    // The ring's first 1024-byte boundary (its offset from the ring's start).
+    let ring_addr = fb.b.build_ptr_to_int(ring, fb.i64t, "ra").map_err(be)?;
+    let ring0 =
+        fb.b.build_int_sub(
+            fb.b.build_and(fb.add(ring_addr, c(1023))?, c(!1023), "al")
+                .map_err(be)?,
+            ring_addr,
+            "r0",
+        )
+        .map_err(be)?;
+    let swz = |chunk: IntValue<'ctx>, row: IntValue<'ctx>| -> R<IntValue<'ctx>> {
+        fb.mul(xor(chunk, bits(row, 7)?)?, c(16))
+    };
+    let (wa_row, wa_c) = (sdiv(lane, c(8), "ar")?, bits(lane, 7)?);
+    let wa_k = fb.mul(wa_c, c(8))?;
+    let wa_at = fb.add(fb.mul(wa_row, c(128))?, swz(wa_c, wa_row)?)?;
+    let per_k = tn / 8;
+    let (ww_k, ww_c) = (sdiv(lane, c(per_k), "wk")?, srem(lane, c(per_k), "wc")?);
+    let ww_n = fb.mul(ww_c, c(8))?;
+    let ww_at = fb.add(
+        fb.add(
+            fb.mul(sdiv(ww_c, c(8), "nb")?, c(WG_B_LBO))?,
+            fb.mul(ww_k, c(128))?,
+        )?,
+        fb.add(c(WG_A_BYTES), swz(bits(ww_c, 7)?, ww_k)?)?,
+    )?;
+    let w_rows_per_pass = GPU_BLOCK_THREADS / per_k;
+    const _: () = assert!(GPU_BLOCK_THREADS % (WG_TILE_N / 8) == 0);
+    let (lda, ldw) = (
+        aav.strides[aav.strides.len() - 2],
+        wav.strides[wav.strides.len() - 2],
+    );
+    let ktw = sdiv(fb.add(kv, c(WG_TILE_K - 1))?, c(WG_TILE_K), "ktw")?;
+    fb.for_range(c(0), iters, |fb, it| {
+        let tile = fb.add(blk, fb.mul(it, nblk)?)?;
+        let TileAt {
+            bi,
+            m0,
+            n0,
+            abase,
+            wbase,
+            rbase,
+        } = mm.tile_of_width(fb, tile, per_batch, tiles_n, tn)?;
+        if norm {
+            row_scales(fb, aav, abase, lane, m0, (mv, kv), eps, inv_s, inv_at)?;
+        }
+        for a in &accs {
+            fb.set(*a, fb.f32c(0.0))?;
+        }
+        // This thread's chunks at `k = 0`, and which lie inside the matrix in m (of `A`) and
+        // n (of `W`): a slice's are these plus `k0` (`A`) or `k0` rows (`W`).
+        let a_chunks: Vec<(IntValue, IntValue)> = (0..tm / 32)
+            .map(|p| {
+                let gm = fb.add(m0, fb.add(wa_row, c(32 * p))?)?;
+                let at = fb.add(abase, fb.add(fb.mul(gm, lda)?, wa_k)?)?;
+                Ok((at, cmp(IntPredicate::SLT, gm, mv)?))
+            })
+            .collect::<R<_>>()?;
+        let gn = fb.add(n0, ww_n)?;
+        let w_in_n = cmp(IntPredicate::SLT, gn, nv)?;
+        let w_chunks: Vec<IntValue> = (0..WG_TILE_K / w_rows_per_pass)
+            .map(|p| {
+                let gk = fb.add(ww_k, c(w_rows_per_pass * p))?;
+                fb.add(wbase, fb.add(fb.mul(gk, ldw)?, gn)?)
+            })
+            .collect::<R<_>>()?;
+        let a_dst = |p: i64| 4096 * p;
+        let w_dst = |p: i64| 1024 * p;
+        // Slice at `k0` into the stage at `base`, with bounds: chunks outside the matrices
+        // are zeros.
+        let issue_edge = |fb: &Fb<'_, 'ctx>, base: IntValue<'ctx>, k0| -> R<()> {
+            let a_in_k = cmp(IntPredicate::SLT, fb.add(k0, wa_k)?, kv)?;
+            for (p, (at, in_m)) in a_chunks.iter().enumerate() {
+                let dst = byte_ptr(fb.add(base, fb.add(wa_at, c(a_dst(p as i64)))?)?)?;
+                cp_async_chunk(fb, aav, and(*in_m, a_in_k)?, fb.add(*at, k0)?, dst)?;
+            }
+            let w_step = fb.mul(k0, ldw)?;
+            for (p, at) in w_chunks.iter().enumerate() {
+                let gk = fb.add(k0, fb.add(ww_k, c(w_rows_per_pass * p as i64))?)?;
+                let inside = and(w_in_n, cmp(IntPredicate::SLT, gk, kv)?)?;
+                let dst = byte_ptr(fb.add(base, fb.add(ww_at, c(w_dst(p as i64)))?)?)?;
+                cp_async_chunk(fb, wav, inside, fb.add(*at, w_step)?, dst)?;
+            }
+            Ok(())
+        };
+        // The same where the slice lies wholly inside (the tile inside in m and n, all its
+        // k): no bounds, each chunk the tile's first pointer plus the slice's offset.
+        let tile_inside = and(
+            cmp(IntPredicate::SLE, fb.add(m0, c(tm))?, mv)?,
+            cmp(IntPredicate::SLE, fb.add(n0, c(tn))?, nv)?,
+        )?;
+        let elem_ptr = |from: PointerValue<'ctx>, at: IntValue<'ctx>| {
+            unsafe {
+                fb.b.build_in_bounds_gep(fb.ctx.i16_type(), from, &[at], "src")
+            }
+            .map_err(be)
+        };
+        let a_ptrs: Vec<PointerValue> = a_chunks
+            .iter()
+            .map(|(at, _)| elem_ptr(aav.ptr, *at))
+            .collect::<R<_>>()?;
+        let w_ptrs: Vec<PointerValue> = w_chunks
+            .iter()
+            .map(|at| elem_ptr(wav.ptr, *at))
+            .collect::<R<_>>()?;
+        let issue_inside = |fb: &Fb<'_, 'ctx>, base: IntValue<'ctx>, k0| -> R<()> {
+            for (p, src) in a_ptrs.iter().enumerate() {
+                let dst = byte_ptr(fb.add(base, fb.add(wa_at, c(a_dst(p as i64)))?)?)?;
+                cp_async(fb, dst, elem_ptr(*src, k0)?, c(16))?;
+            }
+            let w_step = fb.mul(k0, ldw)?;
+            for (p, src) in w_ptrs.iter().enumerate() {
+                let dst = byte_ptr(fb.add(base, fb.add(ww_at, c(w_dst(p as i64)))?)?)?;
+                cp_async(fb, dst, elem_ptr(*src, w_step)?, c(16))?;
+            }
+            Ok(())
+        };
+        let stage_at = |fb: &Fb<'_, 'ctx>, kt| -> R<IntValue<'ctx>> {
+            fb.add(ring0, fb.mul(urem(kt, WG_STAGES)?, c(WG_STAGE_BYTES))?)
+        };
+        let issue = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
+            let base = stage_at(fb, kt)?;
+            let k0 = fb.mul(kt, c(WG_TILE_K))?;
+            let k_inside = cmp(IntPredicate::SLE, fb.add(k0, c(WG_TILE_K))?, kv)?;
+            fb.if_else(
+                and(tile_inside, k_inside)?,
+                |fb| issue_inside(fb, base, k0),
+                |fb| issue_edge(fb, base, k0),
+            )
+        };
+        ring_pipeline(fb, ktw, WG_STAGES - 2, &issue, &|fb, kt| {
+            let base = stage_at(fb, kt)?;
+            wgmma_sync(fb, "fence", None)?;
+            // (a k16 step: 32 bytes into `A`'s rows, two k atoms into `W`'s; a step's
+            // descriptors are the first's plus its offset in 16-byte units, which stays in
+            // the 14-bit address field since shared memory is under 256 KiB)
+            let a0 = fb.add(base, fb.mul(wg, c(8192))?)?;
+            let b0 = fb.add(base, c(WG_A_BYTES))?;
+            let da0 = wgmma_desc(fb, byte_ptr(a0)?, WG_A_LBO, WG_A_SBO)?;
+            let db0 = wgmma_desc(fb, byte_ptr(b0)?, WG_B_LBO, WG_B_SBO)?;
+            for ks in 0..WG_TILE_K / 16 {
+                let (a_off, b_off) = (32 * ks, 2 * WG_B_SBO * ks);
+                let a = byte_ptr(fb.add(a0, c(a_off))?)?;
+                let b = byte_ptr(fb.add(b0, c(b_off))?)?;
+                let descs = (fb.add(da0, c(a_off >> 4))?, fb.add(db0, c(b_off >> 4))?);
+                wgmma_m64(fb, (a, b), descs, t128, &accs)?;
+            }
+            wgmma_sync(fb, "commit_group", None)?;
+            wgmma_sync(fb, "wait_group", Some(1))
+        })?;
+        wgmma_sync(fb, "wait_group", Some(0))?;
+        cp_async_wait(fb, 0)?;
+        // The outputs: accumulator `x` at row `64wg + 16·wg_warp + g` (+ 8 for `x%4` ≥ 2),
+        // column `8(x/4) + 2q` (+ 1 for odd `x`) of the tile, scaled by the row's norm,
+        // plus the residual, stored where inside the matrix.
+        for (x, a) in accs.iter().enumerate() {
+            let (j, e) = ((x / 4) as i64, (x % 4) as i64);
+            let r = fb.add(
+                fb.add(fb.mul(wg, c(64))?, fb.mul(wg_warp, c(16))?)?,
+                fb.add(g, c(8 * (e / 2)))?,
+            )?;
+            let cl = fb.add(c(8 * j + e % 2), fb.mul(q, c(2))?)?;
+            let (row, col) = (fb.add(m0, r)?, fb.add(n0, cl)?);
+            fb.if_else(
+                and(
+                    cmp(IntPredicate::SLT, row, mv)?,
+                    cmp(IntPredicate::SLT, col, nv)?,
+                )?,
+                |fb| {
+                    let mut v = fb.get(*a)?;
+                    if norm {
+                        v = fb.fmul(v, fb.load_f32(inv_s, fb.add(r, c(inv_at))?)?)?;
+                    }
+                    let v = mm.with_residual(fb, rbase, row, col, v)?;
+                    let o = fb.add(fb.mul(fb.add(fb.mul(bi, mv)?, row)?, nv)?, col)?;
+                    fb.store_f32(optr, o, v)
+                },
+                |_| Ok(()),
+            )?;
         }
         barrier(fb)
     })
