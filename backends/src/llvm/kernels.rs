@@ -5188,7 +5188,16 @@ fn gpu_mma_attention<'ctx>(
     // `2^(s'−m')` through `llvm.exp2`, which NVPTX lowers to one `ex2.approx.f32` (about 2
     // ulp) for the straight-line `exp`'s 35 instructions; `2^(−∞) = 0`. (The simulator's
     // `llvm.exp2` is the C library's `exp2f`.)
-    let exp2 = |x: FloatValue<'ctx>| fb.intrinsic("llvm.exp2", &[x]);
+    // (on the GPU `ex2.approx.ftz.f32`: `llvm.exp2`'s `ex2.approx.f32` keeps subnormal
+    // results with two fix-up instructions a score; the probabilities lose nothing that
+    // counts next to the row's largest, 1)
+    let exp2 = |x: FloatValue<'ctx>| -> R<FloatValue<'ctx>> {
+        if fb.sim {
+            fb.intrinsic("llvm.exp2", &[x])
+        } else {
+            fb.intrinsic("llvm.nvvm.ex2.approx.ftz", &[x])
+        }
+    };
     // Lane `wl` of an `ldmatrix`: row `wl % 8` of matrix `wl / 8`.
     let (m8, mhalf) = (srem(wl, c(8), "m8")?, sdiv(wl, c(16), "mh")?);
     let m_odd = srem(sdiv(wl, c(8), "mq")?, c(2), "mo")?;
@@ -5416,28 +5425,48 @@ fn gpu_mma_attention<'ctx>(
             }
             // Mask, running max, probabilities, rescaling. Accumulator x of key tile nt:
             // row g + 8(x/2), key s0 + 8nt + 2q + x%2.
-            // (a key is visible where its offset in the step, `8nt + 2q + x%2`, is under the
-            // row's keys left, `end - s0` clamped to `0..=keys`: 32-bit compares)
+            // Masks: a key is visible where its offset in the step, `8nt + 2q + x%2`, is under
+            // the row's keys left, `end - s0` clamped to `0..=keys` (32-bit compares of a
+            // constant against one limit a row, `left - 2q`). Steps whose keys every row of
+            // the thread sees (all but the diagonal's and the last) skip them.
             let ninf = fb.f32c(f64::NEG_INFINITY);
+            let mut lims = vec![];
+            let mut all_seen = fb.ctx.bool_type().const_int(1, false);
+            for end in ends {
+                let left =
+                    fb.b.build_int_sub(geti(end, fb.i64t)?, s0, "left")
+                        .map_err(be)?;
+                let left = fb.imin(fb.imax(left, c(0))?, c(keys))?;
+                let sees = cmp(IntPredicate::EQ, left, c(keys))?;
+                all_seen = and(all_seen, sees)?;
+                let left = fb.b.build_int_truncate(left, i32t, "l32").map_err(be)?;
+                lims.push(fb.b.build_int_sub(left, q2, "lim").map_err(be)?);
+            }
+            fb.if_else(
+                all_seen,
+                |_| Ok(()),
+                |fb| {
+                    for (rr, lim) in lims.iter().enumerate() {
+                        for nt in 0..(keys / 8) {
+                            for x in [2 * rr, 2 * rr + 1] {
+                                let off = i32t.const_int((8 * nt + (x % 2) as i64) as u64, false);
+                                let seen =
+                                    fb.b.build_int_compare(IntPredicate::SGT, *lim, off, "seen")
+                                        .map_err(be)?;
+                                let slot = sacc[(nt * 4) as usize + x];
+                                fb.set(slot, fb.fsel(seen, fb.get(slot)?, ninf)?)?;
+                            }
+                        }
+                    }
+                    Ok(())
+                },
+            )?;
             let mut corr = vec![];
             for rr in 0..2usize {
-                let end = geti(ends[rr], fb.i64t)?;
-                let left = fb.b.build_int_sub(end, s0, "left").map_err(be)?;
-                let left = fb.imin(fb.imax(left, c(0))?, c(keys))?;
-                let left = fb.b.build_int_truncate(left, i32t, "l32").map_err(be)?;
-                // (`8nt + x%2 < left - 2q`: a constant against one value a row, not 32
-                // loop-invariant sums held in registers)
-                let lim = fb.b.build_int_sub(left, q2, "lim").map_err(be)?;
                 let mut m_loc = ninf;
                 for nt in 0..(keys / 8) {
                     for x in [2 * rr, 2 * rr + 1] {
-                        let off = i32t.const_int((8 * nt + (x % 2) as i64) as u64, false);
-                        let seen =
-                            fb.b.build_int_compare(IntPredicate::SGT, lim, off, "seen")
-                                .map_err(be)?;
-                        let slot = sacc[(nt * 4) as usize + x];
-                        let sv_ = fb.fsel(seen, fb.get(slot)?, ninf)?;
-                        fb.set(slot, sv_)?;
+                        let sv_ = fb.get(sacc[(nt * 4) as usize + x])?;
                         m_loc = fb.intrinsic("llvm.maxnum", &[m_loc, sv_])?;
                     }
                 }
