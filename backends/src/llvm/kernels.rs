@@ -4134,27 +4134,71 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
             )?;
             cp_async_chunk(fb, av, inside, at, dst)
         };
-        // Slice `kt` copied into ring stage `kt % MMA_STAGES` (`cp.async`, not waited for).
+        // Slice `kt` copied into ring stage `kt % MMA_STAGES` (`cp.async`, not waited for):
+        // this thread's chunks of `A` are rows `ca_row + 64p` at k `ca_k`, of `W` k rows
+        // `cw_k + 16p` at columns `cw_n` (p = 0, 1). Where the tile lies inside the matrices
+        // in m and n and the slice in k, they are the tile's first chunks plus the slice's
+        // offset, without bounds; elsewhere chunks outside are zero-filled.
+        let (lda, ldw) = (
+            aav.strides[aav.strides.len() - 2],
+            wav.strides[wav.strides.len() - 2],
+        );
+        let a_at = |p: i64| -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
+            let gm = fb.add(m0, fb.add(ca_row, c(64 * p))?)?;
+            Ok((gm, fb.add(abase, fb.add(fb.mul(gm, lda)?, ca_k)?)?))
+        };
+        let gn = fb.add(n0, cw_n)?;
+        let w_at = |p: i64| -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
+            let gk = fb.add(cw_k, c(16 * p))?;
+            Ok((gk, fb.add(wbase, fb.add(fb.mul(gk, ldw)?, gn)?)?))
+        };
+        let a_dst = |base, p: i64| word_ptr(a_s, fb.add(base, fb.add(ca_at, c(p * 64 * tk / 2))?)?);
+        let w_dst = |base, p: i64| word_ptr(w_s, fb.add(base, fb.add(cw_at, c(p * 16 * t / 2))?)?);
+        let tile_inside = and(
+            cmp(IntPredicate::SLE, fb.add(m0, c(t))?, mv)?,
+            cmp(IntPredicate::SLE, fb.add(n0, c(t))?, nv)?,
+        )?;
+        let elem_ptr = |av: &Av<'ctx>, at: IntValue<'ctx>| {
+            unsafe {
+                fb.b.build_in_bounds_gep(fb.ctx.i16_type(), av.ptr, &[at], "src")
+            }
+            .map_err(be)
+        };
         let issue = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
             let base = fb.mul(bits(kt, MMA_STAGES - 1)?, c(stage))?;
             let k0 = fb.mul(kt, c(tk))?;
-            let n = aav.strides.len();
-            for p in 0..2 {
-                let gm = fb.add(m0, fb.add(ca_row, c(64 * p))?)?;
-                let gk = fb.add(k0, ca_k)?;
-                let at = fb.add(abase, fb.add(fb.mul(gm, aav.strides[n - 2])?, gk)?)?;
-                let dst = word_ptr(a_s, fb.add(base, fb.add(ca_at, c(p * 64 * tk / 2))?)?)?;
-                chunk(fb, aav, (gm, mv), (gk, kv), at, dst)?;
-            }
-            let n = wav.strides.len();
-            for p in 0..2 {
-                let gk = fb.add(k0, fb.add(cw_k, c(16 * p))?)?;
-                let gn = fb.add(n0, cw_n)?;
-                let at = fb.add(wbase, fb.add(fb.mul(gk, wav.strides[n - 2])?, gn)?)?;
-                let dst = word_ptr(w_s, fb.add(base, fb.add(cw_at, c(p * 16 * t / 2))?)?)?;
-                chunk(fb, wav, (gk, kv), (gn, nv), at, dst)?;
-            }
-            Ok(())
+            let k_inside = cmp(IntPredicate::SLE, fb.add(k0, c(tk))?, kv)?;
+            fb.if_else(
+                and(tile_inside, k_inside)?,
+                |fb| {
+                    let w_step = fb.mul(k0, ldw)?;
+                    for p in 0..2 {
+                        let src = elem_ptr(aav, fb.add(a_at(p)?.1, k0)?)?;
+                        cp_async(fb, a_dst(base, p)?, src, c(16))?;
+                        let src = elem_ptr(wav, fb.add(w_at(p)?.1, w_step)?)?;
+                        cp_async(fb, w_dst(base, p)?, src, c(16))?;
+                    }
+                    Ok(())
+                },
+                |fb| {
+                    for p in 0..2 {
+                        let (gm, at) = a_at(p)?;
+                        let gk = fb.add(k0, ca_k)?;
+                        chunk(
+                            fb,
+                            aav,
+                            (gm, mv),
+                            (gk, kv),
+                            fb.add(at, k0)?,
+                            a_dst(base, p)?,
+                        )?;
+                        let (gk, at) = w_at(p)?;
+                        let (gk, at) = (fb.add(k0, gk)?, fb.add(at, fb.mul(k0, ldw)?)?);
+                        chunk(fb, wav, (gk, kv), (gn, nv), at, w_dst(base, p)?)?;
+                    }
+                    Ok(())
+                },
+            )
         };
         // Through the ring: `MMA_STAGES - 1` slices in flight; before slice `kt` is
         // multiplied, this thread's copies of it are waited for and a barrier publishes
