@@ -2704,6 +2704,7 @@ struct GpuMatmul<'a, 'ctx> {
 
 /// Where a tile of a GPU matmul starts: its batch entry, first row and column, and the
 /// offsets of that batch entry in `a` and `w`.
+#[derive(Clone, Copy)]
 struct TileAt<'ctx> {
     bi: IntValue<'ctx>,
     m0: IntValue<'ctx>,
@@ -2808,6 +2809,64 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
             fb.b.build_and(v, inside, "f").map_err(be)
         };
         Ok((fast(a_vec, abase, m0, mv)?, fast(w_vec, wbase, n0, nv)?))
+    }
+
+    /// The output tiles, `GPU_TILE` rows by `width` columns in every batch entry: how many a
+    /// batch entry has, how many across, and this block's share of them (`block_grid`).
+    fn tiles(
+        &self,
+        fb: &Fb<'_, 'ctx>,
+        width: i64,
+    ) -> R<(IntValue<'ctx>, IntValue<'ctx>, BlockGrid<'ctx>)> {
+        let (mv, nv, _) = self.dims;
+        let over = |x, t: i64| {
+            fb.b.build_int_signed_div(fb.add(x, fb.i64c(t - 1))?, fb.i64c(t), "tiles")
+                .map_err(be)
+        };
+        let tiles_n = over(nv, width)?;
+        let per_batch = fb.mul(over(mv, GPU_TILE)?, tiles_n)?;
+        let grid = block_grid(fb, fb.mul(per_batch, self.nbatch)?)?;
+        Ok((per_batch, tiles_n, grid))
+    }
+
+    /// Stores this thread's accumulators of the tile at `at`: accumulator `x` at `place(x)`
+    /// in the tile, scaled by its row's norm (with `norm`: the tile's row scales in shared
+    /// memory at `inv`, `row_scales`), plus the residual, where inside the matrix.
+    fn store_tile(
+        &self,
+        fb: &Fb<'_, 'ctx>,
+        accs: &[PointerValue<'ctx>],
+        place: &TilePlace<'_, 'ctx>,
+        at: TileAt<'ctx>,
+        (inv_s, inv_at): (PointerValue<'ctx>, i64),
+    ) -> R<()> {
+        let (mv, nv, _) = self.dims;
+        let c = |v: i64| fb.i64c(v);
+        let lt = |a, b| {
+            fb.b.build_int_compare(IntPredicate::SLT, a, b, "lt")
+                .map_err(be)
+        };
+        for (x, a) in accs.iter().enumerate() {
+            let (r, cl) = place(fb, x)?;
+            let (row, col) = (fb.add(at.m0, r)?, fb.add(at.n0, cl)?);
+            let inside =
+                fb.b.build_and(lt(row, mv)?, lt(col, nv)?, "in")
+                    .map_err(be)?;
+            fb.if_else(
+                inside,
+                |fb| {
+                    let mut v = fb.get(*a)?;
+                    if self.norm {
+                        v = fb.fmul(v, fb.load_f32(inv_s, fb.add(r, c(inv_at))?)?)?;
+                    }
+                    let v = self.with_residual(fb, at.rbase, row, col, v)?;
+                    let o = fb.add(fb.mul(fb.add(fb.mul(at.bi, mv)?, row)?, nv)?, col)?;
+                    fb.store_f32(self.optr, o, v)
+                },
+                |_| Ok(()),
+            )?;
+        }
+        Ok(())
     }
 
     /// Output `v` at `(row, col)` plus the residual there, if any (`rbase`: the batch
@@ -3863,13 +3922,11 @@ fn mma_into<'ctx>(
 /// `gpu_wgmma_matmul` where every batch entry's rows do.)
 fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     let GpuMatmul {
-        optr,
         aav,
         gav,
         wav,
         norm,
         eps,
-        nbatch,
         dims: (mv, nv, kv),
         ..
     } = *mm;
@@ -3893,15 +3950,16 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     let w_s = word_ptr(a_s, c(MMA_STAGES * stage))?;
     let inv_s = shared_f32(fb, "inv", (3 * t) as u32);
     let inv_at = 2 * t;
-    let tiles_m = sdiv(fb.add(mv, c(t - 1))?, c(t), "tm")?;
-    let tiles_n = sdiv(fb.add(nv, c(t - 1))?, c(t), "tn")?;
-    let per_batch = fb.mul(tiles_m, tiles_n)?;
-    let BlockGrid {
-        lane,
-        blk,
-        nblk,
-        iters,
-    } = block_grid(fb, fb.mul(per_batch, nbatch)?)?;
+    let (
+        per_batch,
+        tiles_n,
+        BlockGrid {
+            lane,
+            blk,
+            nblk,
+            iters,
+        },
+    ) = mm.tiles(fb, t)?;
     let warp = sdiv(lane, c(32), "warp")?;
     let wl = srem(lane, c(32), "wl")?;
     let (wm, wn) = (sdiv(warp, c(4), "wm")?, srem(warp, c(4), "wn")?);
@@ -3963,14 +4021,14 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     let cw_at = w_word(cw_k, cw_n)?;
     fb.for_range(c(0), iters, |fb, it| {
         let tile = fb.add(blk, fb.mul(it, nblk)?)?;
+        let at = mm.tile_at(fb, tile, per_batch, tiles_n)?;
         let TileAt {
-            bi,
             m0,
             n0,
             abase,
             wbase,
-            rbase,
-        } = mm.tile_at(fb, tile, per_batch, tiles_n)?;
+            ..
+        } = at;
         if norm {
             row_scales(fb, aav, abase, lane, m0, (mv, kv), eps, inv_s, inv_at)?;
         }
@@ -4210,30 +4268,9 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
             })?;
             cp_async_wait(fb, 0)
         };
-        // The outputs: accumulator `x` of this thread at `place(x)` in the tile, scaled by
-        // the row's norm, plus the residual, stored where inside the matrix.
+        // The outputs (`GpuMatmul::store_tile`).
         let store = |fb: &Fb<'_, 'ctx>, place: &TilePlace<'_, 'ctx>| -> R<()> {
-            for (x, a) in accs.iter().enumerate() {
-                let (r, cl) = place(fb, x)?;
-                let (row, col) = (fb.add(m0, r)?, fb.add(n0, cl)?);
-                fb.if_else(
-                    and(
-                        cmp(IntPredicate::SLT, row, mv)?,
-                        cmp(IntPredicate::SLT, col, nv)?,
-                    )?,
-                    |fb| {
-                        let mut v = fb.get(*a)?;
-                        if norm {
-                            v = fb.fmul(v, fb.load_f32(inv_s, fb.add(r, c(inv_at))?)?)?;
-                        }
-                        let v = mm.with_residual(fb, rbase, row, col, v)?;
-                        let o = fb.add(fb.mul(fb.add(fb.mul(bi, mv)?, row)?, nv)?, col)?;
-                        fb.store_f32(optr, o, v)
-                    },
-                    |_| Ok(()),
-                )?;
-            }
-            Ok(())
+            mm.store_tile(fb, &accs, place, at, (inv_s, inv_at))
         };
         // `mma.sync` fragments: accumulator `(i·4 + j)·4 + x` of warp `(wm, wn)` at row
         // `64wm + 16i + g` (`+ 8` for x = 2, 3), column `32wn + 8j + 2q` (`+ 1` for odd x).
@@ -4304,12 +4341,10 @@ fn wgmma_fits<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<Option<Int
 /// `gpu_tiled_matmul`; a residual is added as the outputs are stored.
 fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     let GpuMatmul {
-        optr,
         aav,
         wav,
         norm,
         eps,
-        nbatch,
         dims: (mv, nv, kv),
         ..
     } = *mm;
@@ -4331,15 +4366,16 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
     };
     let inv_s = shared_f32(fb, "inv", (3 * tm) as u32);
     let inv_at = 2 * tm;
-    let tiles_m = sdiv(fb.add(mv, c(tm - 1))?, c(tm), "tm")?;
-    let tiles_n = sdiv(fb.add(nv, c(tn - 1))?, c(tn), "tn")?;
-    let per_batch = fb.mul(tiles_m, tiles_n)?;
-    let BlockGrid {
-        lane,
-        blk,
-        nblk,
-        iters,
-    } = block_grid(fb, fb.mul(per_batch, nbatch)?)?;
+    let (
+        per_batch,
+        tiles_n,
+        BlockGrid {
+            lane,
+            blk,
+            nblk,
+            iters,
+        },
+    ) = mm.tiles(fb, tn)?;
     let wl = srem(lane, c(32), "wl")?;
     let (g, q) = (sdiv(wl, c(4), "g")?, srem(wl, c(4), "q")?);
     let accs: Vec<PointerValue> = (0..tn / 2)
@@ -4388,14 +4424,14 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
     let ktw = sdiv(fb.add(kv, c(WG_TILE_K - 1))?, c(WG_TILE_K), "ktw")?;
     fb.for_range(c(0), iters, |fb, it| {
         let tile = fb.add(blk, fb.mul(it, nblk)?)?;
+        let at = mm.tile_of_width(fb, tile, per_batch, tiles_n, tn)?;
         let TileAt {
-            bi,
             m0,
             n0,
             abase,
             wbase,
-            rbase,
-        } = mm.tile_of_width(fb, tile, per_batch, tiles_n, tn)?;
+            ..
+        } = at;
         if norm {
             row_scales(fb, aav, abase, lane, m0, (mv, kv), eps, inv_s, inv_at)?;
         }
@@ -4506,33 +4542,16 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
         wgmma_sync(fb, "wait_group", Some(0))?;
         cp_async_wait(fb, 0)?;
         // The outputs: accumulator `x` at row `64wg + 16·wg_warp + g` (+ 8 for `x%4` ≥ 2),
-        // column `8(x/4) + 2q` (+ 1 for odd `x`) of the tile, scaled by the row's norm,
-        // plus the residual, stored where inside the matrix.
-        for (x, a) in accs.iter().enumerate() {
+        // column `8(x/4) + 2q` (+ 1 for odd `x`) of the tile (`GpuMatmul::store_tile`).
+        let place = |fb: &Fb<'_, 'ctx>, x: usize| -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
             let (j, e) = ((x / 4) as i64, (x % 4) as i64);
             let r = fb.add(
                 fb.add(fb.mul(wg, c(64))?, fb.mul(wg_warp, c(16))?)?,
                 fb.add(g, c(8 * (e / 2)))?,
             )?;
-            let cl = fb.add(c(8 * j + e % 2), fb.mul(q, c(2))?)?;
-            let (row, col) = (fb.add(m0, r)?, fb.add(n0, cl)?);
-            fb.if_else(
-                and(
-                    cmp(IntPredicate::SLT, row, mv)?,
-                    cmp(IntPredicate::SLT, col, nv)?,
-                )?,
-                |fb| {
-                    let mut v = fb.get(*a)?;
-                    if norm {
-                        v = fb.fmul(v, fb.load_f32(inv_s, fb.add(r, c(inv_at))?)?)?;
-                    }
-                    let v = mm.with_residual(fb, rbase, row, col, v)?;
-                    let o = fb.add(fb.mul(fb.add(fb.mul(bi, mv)?, row)?, nv)?, col)?;
-                    fb.store_f32(optr, o, v)
-                },
-                |_| Ok(()),
-            )?;
-        }
+            Ok((r, fb.add(c(8 * j + e % 2), fb.mul(q, c(2))?)?))
+        };
+        mm.store_tile(fb, &accs, &place, at, (inv_s, inv_at))?;
         barrier(fb)
     })
 }
@@ -4559,7 +4578,6 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
         wav,
         norm,
         eps,
-        nbatch,
         dims: (mv, nv, kv),
         ..
     } = *mm;
@@ -4579,16 +4597,16 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
     // apart, so the threads finishing the scales never overwrite a partial still to be read.
     let inv_s = shared_f32(fb, "inv", (3 * t) as u32);
     let inv_at = 2 * t;
-    let tiles_m = sdiv(fb.add(mv, c(t - 1))?, c(t), "tm")?;
-    let tiles_n = sdiv(fb.add(nv, c(t - 1))?, c(t), "tn")?;
-    let per_batch = fb.mul(tiles_m, tiles_n)?;
-    let ntiles = fb.mul(per_batch, nbatch)?;
-    let BlockGrid {
-        lane,
-        blk,
-        nblk,
-        iters,
-    } = block_grid(fb, ntiles)?;
+    let (
+        per_batch,
+        tiles_n,
+        BlockGrid {
+            lane,
+            blk,
+            nblk,
+            iters,
+        },
+    ) = mm.tiles(fb, t)?;
     let (ty, tx) = (sdiv(lane, c(16), "ty")?, srem(lane, c(16), "tx")?);
     let (r4, c4) = (fb.mul(ty, c(4))?, fb.mul(tx, c(4))?);
     let accs: Vec<PointerValue> = (0..64).map(|_| fb.slot(fb.f32t.into())).collect::<R<_>>()?;
