@@ -3349,6 +3349,50 @@ fn cp_async_chunk<'ctx>(
     cp_async(fb, dst, src, n.into_int_value())
 }
 
+/// One thread's 16-byte chunk of a matmul operand in a `cp.async` ring: its element in the
+/// tile's first slice (`at`), its k there (`k`), and whether it lies inside the matrix
+/// across k (its row of `A`, its columns of `W`).
+struct RingChunk<'ctx> {
+    at: IntValue<'ctx>,
+    k: IntValue<'ctx>,
+    across: IntValue<'ctx>,
+}
+
+/// Copies operand `av`'s `chunks` of a ring slice (`cp.async`, not waited for): each the
+/// chunk of the first slice moved `step` elements on (`k0` along `A`'s rows, `k0` rows of
+/// `W`), to `dst(p)` for chunk `p`. With `bounds` `None` the slice lies wholly inside the
+/// matrix; with `Some((k0, kv))` chunks outside it (across, or at `k + k0` past `kv`) are
+/// zero-filled.
+fn copy_ring_chunks<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    av: &Av<'ctx>,
+    chunks: &[RingChunk<'ctx>],
+    step: IntValue<'ctx>,
+    bounds: Option<(IntValue<'ctx>, IntValue<'ctx>)>,
+    dst: &dyn Fn(i64) -> R<PointerValue<'ctx>>,
+) -> R<()> {
+    for (p, ch) in chunks.iter().enumerate() {
+        let at = fb.add(ch.at, step)?;
+        match bounds {
+            None => {
+                let src = unsafe {
+                    fb.b.build_in_bounds_gep(fb.ctx.i16_type(), av.ptr, &[at], "src")
+                }
+                .map_err(be)?;
+                cp_async(fb, dst(p as i64)?, src, fb.i64c(16))?;
+            }
+            Some((k0, kv)) => {
+                let in_k =
+                    fb.b.build_int_compare(IntPredicate::SLT, fb.add(ch.k, k0)?, kv, "ink")
+                        .map_err(be)?;
+                let inside = fb.b.build_and(ch.across, in_k, "in").map_err(be)?;
+                cp_async_chunk(fb, av, inside, at, dst(p as i64)?)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `cp.async.wait_group n`: every group of this thread but the `n` newest is done (a
 /// barrier after it makes them visible to the block).
 fn cp_async_wait(fb: &Fb, n: i64) -> R<()> {
@@ -4177,85 +4221,54 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
                 fb.if_else(more, |fb| stage_staged(fb, xor(buf, c(1))?), |_| Ok(()))
             })
         };
-        // One 16-byte `cp.async` of `av` at element `at` (row `i` of `ni`, column `j` of `nj`
-        // of the matrix) to `dst`, zeros where it lies outside.
-        let chunk = |fb: &Fb<'_, 'ctx>,
-                     av: &Av<'ctx>,
-                     (i, ni): (IntValue<'ctx>, IntValue<'ctx>),
-                     (j, nj): (IntValue<'ctx>, IntValue<'ctx>),
-                     at: IntValue<'ctx>,
-                     dst: PointerValue<'ctx>|
-         -> R<()> {
-            let inside = and(
-                cmp(IntPredicate::SLT, i, ni)?,
-                cmp(IntPredicate::SLT, j, nj)?,
-            )?;
-            cp_async_chunk(fb, av, inside, at, dst)
-        };
-        // Slice `kt` copied into ring stage `kt % MMA_STAGES` (`cp.async`, not waited for):
-        // this thread's chunks of `A` are rows `ca_row + 64p` at k `ca_k`, of `W` k rows
-        // `cw_k + 16p` at columns `cw_n` (p = 0, 1). Where the tile lies inside the matrices
-        // in m and n and the slice in k, they are the tile's first chunks plus the slice's
-        // offset, without bounds; elsewhere chunks outside are zero-filled.
+        // Slice `kt` copied into ring stage `kt % MMA_STAGES` (`copy_ring_chunks`): this
+        // thread's chunks of `A` are rows `ca_row + 64p` at k `ca_k`, of `W` k rows
+        // `cw_k + 16p` at columns `cw_n` (p = 0, 1); without bounds where the tile lies
+        // inside the matrices in m and n and the slice in k.
         let (lda, ldw) = (
             aav.strides[aav.strides.len() - 2],
             wav.strides[wav.strides.len() - 2],
         );
-        let a_at = |p: i64| -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
-            let gm = fb.add(m0, fb.add(ca_row, c(64 * p))?)?;
-            Ok((gm, fb.add(abase, fb.add(fb.mul(gm, lda)?, ca_k)?)?))
-        };
+        let a_chunks: Vec<RingChunk> = (0..2)
+            .map(|p| {
+                let gm = fb.add(m0, fb.add(ca_row, c(64 * p))?)?;
+                Ok(RingChunk {
+                    at: fb.add(abase, fb.add(fb.mul(gm, lda)?, ca_k)?)?,
+                    k: ca_k,
+                    across: cmp(IntPredicate::SLT, gm, mv)?,
+                })
+            })
+            .collect::<R<_>>()?;
         let gn = fb.add(n0, cw_n)?;
-        let w_at = |p: i64| -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
-            let gk = fb.add(cw_k, c(16 * p))?;
-            Ok((gk, fb.add(wbase, fb.add(fb.mul(gk, ldw)?, gn)?)?))
-        };
-        let a_dst = |base, p: i64| word_ptr(a_s, fb.add(base, fb.add(ca_at, c(p * 64 * tk / 2))?)?);
-        let w_dst = |base, p: i64| word_ptr(w_s, fb.add(base, fb.add(cw_at, c(p * 16 * t / 2))?)?);
+        let w_in_n = cmp(IntPredicate::SLT, gn, nv)?;
+        let w_chunks: Vec<RingChunk> = (0..2)
+            .map(|p| {
+                let gk = fb.add(cw_k, c(16 * p))?;
+                Ok(RingChunk {
+                    at: fb.add(wbase, fb.add(fb.mul(gk, ldw)?, gn)?)?,
+                    k: gk,
+                    across: w_in_n,
+                })
+            })
+            .collect::<R<_>>()?;
         let tile_inside = and(
             cmp(IntPredicate::SLE, fb.add(m0, c(t))?, mv)?,
             cmp(IntPredicate::SLE, fb.add(n0, c(t))?, nv)?,
         )?;
-        let elem_ptr = |av: &Av<'ctx>, at: IntValue<'ctx>| {
-            unsafe {
-                fb.b.build_in_bounds_gep(fb.ctx.i16_type(), av.ptr, &[at], "src")
-            }
-            .map_err(be)
-        };
         let issue = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
             let base = fb.mul(bits(kt, MMA_STAGES - 1)?, c(stage))?;
             let k0 = fb.mul(kt, c(tk))?;
             let k_inside = cmp(IntPredicate::SLE, fb.add(k0, c(tk))?, kv)?;
+            let copy = |fb: &Fb<'_, 'ctx>, bounds| -> R<()> {
+                let a_dst = |p| word_ptr(a_s, fb.add(base, fb.add(ca_at, c(p * 64 * tk / 2))?)?);
+                copy_ring_chunks(fb, aav, &a_chunks, k0, bounds, &a_dst)?;
+                let w_dst = |p| word_ptr(w_s, fb.add(base, fb.add(cw_at, c(p * 16 * t / 2))?)?);
+                copy_ring_chunks(fb, wav, &w_chunks, fb.mul(k0, ldw)?, bounds, &w_dst)
+            };
             fb.if_else(
                 and(tile_inside, k_inside)?,
-                |fb| {
-                    let w_step = fb.mul(k0, ldw)?;
-                    for p in 0..2 {
-                        let src = elem_ptr(aav, fb.add(a_at(p)?.1, k0)?)?;
-                        cp_async(fb, a_dst(base, p)?, src, c(16))?;
-                        let src = elem_ptr(wav, fb.add(w_at(p)?.1, w_step)?)?;
-                        cp_async(fb, w_dst(base, p)?, src, c(16))?;
-                    }
-                    Ok(())
-                },
-                |fb| {
-                    for p in 0..2 {
-                        let (gm, at) = a_at(p)?;
-                        let gk = fb.add(k0, ca_k)?;
-                        chunk(
-                            fb,
-                            aav,
-                            (gm, mv),
-                            (gk, kv),
-                            fb.add(at, k0)?,
-                            a_dst(base, p)?,
-                        )?;
-                        let (gk, at) = w_at(p)?;
-                        let (gk, at) = (fb.add(k0, gk)?, fb.add(at, fb.mul(k0, ldw)?)?);
-                        chunk(fb, wav, (gk, kv), (gn, nv), at, w_dst(base, p)?)?;
-                    }
-                    Ok(())
-                },
+                |fb| copy(fb, None),
+                |fb| copy(fb, Some((k0, kv))),
             )
         };
         // Through the ring: `MMA_STAGES - 1` slices in flight; before slice `kt` is
@@ -4438,74 +4451,34 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
         for a in &accs {
             fb.set(*a, fb.f32c(0.0))?;
         }
-        // This thread's chunks at `k = 0`, and which lie inside the matrix in m (of `A`) and
-        // n (of `W`): a slice's are these plus `k0` (`A`) or `k0` rows (`W`).
-        let a_chunks: Vec<(IntValue, IntValue)> = (0..tm / 32)
+        // This thread's chunks of a slice (`copy_ring_chunks`), copied without bounds where
+        // the tile lies inside the matrices in m and n and the slice in k.
+        let a_chunks: Vec<RingChunk> = (0..tm / 32)
             .map(|p| {
                 let gm = fb.add(m0, fb.add(wa_row, c(32 * p))?)?;
-                let at = fb.add(abase, fb.add(fb.mul(gm, lda)?, wa_k)?)?;
-                Ok((at, cmp(IntPredicate::SLT, gm, mv)?))
+                Ok(RingChunk {
+                    at: fb.add(abase, fb.add(fb.mul(gm, lda)?, wa_k)?)?,
+                    k: wa_k,
+                    across: cmp(IntPredicate::SLT, gm, mv)?,
+                })
             })
             .collect::<R<_>>()?;
         let gn = fb.add(n0, ww_n)?;
         let w_in_n = cmp(IntPredicate::SLT, gn, nv)?;
-        let w_chunks: Vec<IntValue> = (0..WG_TILE_K / w_rows_per_pass)
+        let w_chunks: Vec<RingChunk> = (0..WG_TILE_K / w_rows_per_pass)
             .map(|p| {
                 let gk = fb.add(ww_k, c(w_rows_per_pass * p))?;
-                fb.add(wbase, fb.add(fb.mul(gk, ldw)?, gn)?)
+                Ok(RingChunk {
+                    at: fb.add(wbase, fb.add(fb.mul(gk, ldw)?, gn)?)?,
+                    k: gk,
+                    across: w_in_n,
+                })
             })
             .collect::<R<_>>()?;
-        let a_dst = |p: i64| 4096 * p;
-        let w_dst = |p: i64| 1024 * p;
-        // Slice at `k0` into the stage at `base`, with bounds: chunks outside the matrices
-        // are zeros.
-        let issue_edge = |fb: &Fb<'_, 'ctx>, base: IntValue<'ctx>, k0| -> R<()> {
-            let a_in_k = cmp(IntPredicate::SLT, fb.add(k0, wa_k)?, kv)?;
-            for (p, (at, in_m)) in a_chunks.iter().enumerate() {
-                let dst = byte_ptr(fb.add(base, fb.add(wa_at, c(a_dst(p as i64)))?)?)?;
-                cp_async_chunk(fb, aav, and(*in_m, a_in_k)?, fb.add(*at, k0)?, dst)?;
-            }
-            let w_step = fb.mul(k0, ldw)?;
-            for (p, at) in w_chunks.iter().enumerate() {
-                let gk = fb.add(k0, fb.add(ww_k, c(w_rows_per_pass * p as i64))?)?;
-                let inside = and(w_in_n, cmp(IntPredicate::SLT, gk, kv)?)?;
-                let dst = byte_ptr(fb.add(base, fb.add(ww_at, c(w_dst(p as i64)))?)?)?;
-                cp_async_chunk(fb, wav, inside, fb.add(*at, w_step)?, dst)?;
-            }
-            Ok(())
-        };
-        // The same where the slice lies wholly inside (the tile inside in m and n, all its
-        // k): no bounds, each chunk the tile's first pointer plus the slice's offset.
         let tile_inside = and(
             cmp(IntPredicate::SLE, fb.add(m0, c(tm))?, mv)?,
             cmp(IntPredicate::SLE, fb.add(n0, c(tn))?, nv)?,
         )?;
-        let elem_ptr = |from: PointerValue<'ctx>, at: IntValue<'ctx>| {
-            unsafe {
-                fb.b.build_in_bounds_gep(fb.ctx.i16_type(), from, &[at], "src")
-            }
-            .map_err(be)
-        };
-        let a_ptrs: Vec<PointerValue> = a_chunks
-            .iter()
-            .map(|(at, _)| elem_ptr(aav.ptr, *at))
-            .collect::<R<_>>()?;
-        let w_ptrs: Vec<PointerValue> = w_chunks
-            .iter()
-            .map(|at| elem_ptr(wav.ptr, *at))
-            .collect::<R<_>>()?;
-        let issue_inside = |fb: &Fb<'_, 'ctx>, base: IntValue<'ctx>, k0| -> R<()> {
-            for (p, src) in a_ptrs.iter().enumerate() {
-                let dst = byte_ptr(fb.add(base, fb.add(wa_at, c(a_dst(p as i64)))?)?)?;
-                cp_async(fb, dst, elem_ptr(*src, k0)?, c(16))?;
-            }
-            let w_step = fb.mul(k0, ldw)?;
-            for (p, src) in w_ptrs.iter().enumerate() {
-                let dst = byte_ptr(fb.add(base, fb.add(ww_at, c(w_dst(p as i64)))?)?)?;
-                cp_async(fb, dst, elem_ptr(*src, w_step)?, c(16))?;
-            }
-            Ok(())
-        };
         let stage_at = |fb: &Fb<'_, 'ctx>, kt| -> R<IntValue<'ctx>> {
             fb.add(ring0, fb.mul(urem(kt, WG_STAGES)?, c(WG_STAGE_BYTES))?)
         };
@@ -4513,10 +4486,16 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
             let base = stage_at(fb, kt)?;
             let k0 = fb.mul(kt, c(WG_TILE_K))?;
             let k_inside = cmp(IntPredicate::SLE, fb.add(k0, c(WG_TILE_K))?, kv)?;
+            let copy = |fb: &Fb<'_, 'ctx>, bounds| -> R<()> {
+                let a_dst = |p| byte_ptr(fb.add(base, fb.add(wa_at, c(4096 * p))?)?);
+                copy_ring_chunks(fb, aav, &a_chunks, k0, bounds, &a_dst)?;
+                let w_dst = |p| byte_ptr(fb.add(base, fb.add(ww_at, c(1024 * p))?)?);
+                copy_ring_chunks(fb, wav, &w_chunks, fb.mul(k0, ldw)?, bounds, &w_dst)
+            };
             fb.if_else(
                 and(tile_inside, k_inside)?,
-                |fb| issue_inside(fb, base, k0),
-                |fb| issue_edge(fb, base, k0),
+                |fb| copy(fb, None),
+                |fb| copy(fb, Some((k0, kv))),
             )
         };
         ring_pipeline(fb, ktw, WG_STAGES - 2, &issue, &|fb, kt| {
