@@ -17,7 +17,8 @@
 //! - `bench-matmul/`, `bench-matmul-tc/`, `bench-attention/`, `bench-attention-tc/`: a
 //!   matmul and a causal attention for timing (f32, and on tensor cores);
 //!   `bench-matmul-bf16/` and `bench-attention-bf16/`: the same on tensor cores with their
-//!   operands stored bf16, and `bench-matmul-wgmma/` the matmul for sm_90a (`wgmma`);
+//!   operands stored bf16, and `bench-matmul-wgmma/` and `bench-attention-wgmma/` the same
+//!   for sm_90a (`wgmma`);
 //! - `grads/<fixture>/`: each tiny transformers fixture's gradient graph (PTX, entry `run`)
 //!   with the fixture's weights, tokens and transformers' loss and gradients;
 //!   `grads-bf16/<fixture>/` the same with bf16 matmuls and attention (`--tensor-cores`);
@@ -193,6 +194,9 @@ fn main() -> Res<()> {
     // ring.
     let attn_bf16 = attention_graph("bench_attention_bf16", "bf16")?;
     ptx_artifact_with(&attn_bf16, &out.join("bench-attention-bf16"), &tc)?;
+    // and on sm_90a, both products on `wgmma`.
+    let attn_wgmma = attention_graph("bench_attention_wgmma", "bf16")?;
+    ptx_artifact_with(&attn_wgmma, &out.join("bench-attention-wgmma"), &wgmma)?;
     for name in ["gqa_untied", "mha_tied_rope_parameters", "odd_head_dim_mqa"] {
         let src = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/tiny")

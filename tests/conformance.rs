@@ -543,10 +543,13 @@ fn simulated_tensor_core_attention_is_within_bf16_tolerance() {
 /// executor rounds the values it is given): keys and values through the `cp.async` ring,
 /// with tails in the 64-key steps and 128-row tiles, more steps than ring stages, grouped
 /// heads, positions offset by a cache, differing head sizes, and tiles of fewer 16-byte
-/// chunks than threads (head size 16); and a short prompt, on the warp-per-row kernel.
-const BF16_ATTENTION_CASES: &[(&str, &str)] = &[
+/// chunks than threads (head size 16); and a short prompt, on the warp-per-row kernel. The
+/// flag: on sm_90a both products run on `wgmma` (head sizes multiples of 64), which the
+/// test checks in the PTX it also assembles.
+const BF16_ATTENTION_CASES: &[(&str, bool, &str)] = &[
     (
         "bf16-gqa-prefill-d64",
+        true,
         r#"
   %q = input "q" : bf16[1, 4, 300, 64]
   %k = input "k" : bf16[1, 2, 300, 64]
@@ -557,6 +560,7 @@ const BF16_ATTENTION_CASES: &[(&str, &str)] = &[
     ),
     (
         "bf16-cache-d128-dv32-batch2",
+        false,
         r#"
   %q = input "q" : bf16[2, 2, 70, 128]
   %k = input "k" : bf16[2, 1, 200, 128]
@@ -568,7 +572,32 @@ const BF16_ATTENTION_CASES: &[(&str, &str)] = &[
   output "o" = %o"#,
     ),
     (
+        "bf16-cache-d128-batch2",
+        true,
+        r#"
+  %q = input "q" : bf16[2, 4, 90, 128]
+  %k = input "k" : bf16[2, 2, 250, 128]
+  %v = input "v" : bf16[2, 2, 250, 128]
+  %i = iota[axis=1] : i64[2, 90]
+  %past = const[value=160.0] : i64[2, 90]
+  %pos = add(%i, %past) : i64[2, 90]
+  %o = fused_attention[scale=0.088](%q, %k, %v, %pos) : bf16[2, 4, 90, 128]
+  output "o" = %o"#,
+    ),
+    (
+        "bf16-d64-dv128",
+        true,
+        r#"
+  %q = input "q" : bf16[1, 2, 200, 64]
+  %k = input "k" : bf16[1, 2, 200, 64]
+  %v = input "v" : bf16[1, 2, 200, 128]
+  %pos = iota[axis=1] : i64[1, 200]
+  %o = fused_attention[scale=0.125](%q, %k, %v, %pos) : bf16[1, 2, 200, 128]
+  output "o" = %o"#,
+    ),
+    (
         "bf16-d16",
+        false,
         r#"
   %q = input "q" : bf16[1, 3, 300, 16]
   %k = input "k" : bf16[1, 3, 300, 16]
@@ -579,6 +608,7 @@ const BF16_ATTENTION_CASES: &[(&str, &str)] = &[
     ),
     (
         "bf16-short-prompt",
+        false,
         r#"
   %q = input "q" : bf16[1, 4, 20, 64]
   %k = input "k" : bf16[1, 2, 20, 64]
@@ -596,13 +626,18 @@ fn simulated_bf16_inputs_feed_tensor_core_attention() {
             arch: arch.into(),
             tensor_cores: true,
         };
-        for (name, body) in BF16_ATTENTION_CASES {
+        for (name, wgmma, body) in BF16_ATTENTION_CASES {
             let (want, got) = interp_and_simulated_with(name, body, 0xa77e, false, &opts, |rng| {
                 rng.uniform() * 2.0
             });
             let rel = rel_l2(&got["o"], &want["o"]);
             assert!(rel <= 1e-2, "{arch} {name}: relative L2 {rel}");
             eprintln!("{arch} {name}: relative L2 {rel:.2e}");
+            let (ptx, _) = egret::gpu::compile_graphs(&[&graph(name, body)], &opts, false)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let on_wgmma = ptx.contains("wgmma.mma_async");
+            assert_eq!(on_wgmma, *wgmma && arch == "sm_90a", "{arch} {name}");
+            common::assemble_ptx(name, &ptx, arch);
         }
     }
 }

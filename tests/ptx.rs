@@ -73,6 +73,71 @@ fn smollm2_training_step_ptx_assembles_for_sm80_and_sm90() {
     }
 }
 
+/// GPU launches of the large matmul and prompt attention start one block per tile of their
+/// tiled kernels (no empty blocks dispatched after the work): 128 × 256 tiles on sm_90a's
+/// `wgmma` (bf16 operands), 128 × 128 elsewhere, 128 query rows per head; the small
+/// shapes that take the row kernels keep a thread per item.
+#[test]
+fn tiled_kernels_launch_one_block_per_tile() {
+    let matmul = r#"graph mm {
+  %a = input "a" : DT[M, K]
+  %w = input "w" : DT[K, N]
+  %y = matmul(%a, %w) : DT[M, N]
+  output "y" = %y
+}"#;
+    let attention = r#"graph at {
+  %q = input "q" : DT[1, 16, T, 128]
+  %k = input "k" : DT[1, 16, T, 128]
+  %v = input "v" : DT[1, 16, T, 128]
+  %pos = iota[axis=1] : i64[1, T]
+  %o = fused_attention[scale=0.088](%q, %k, %v, %pos) : DT[1, 16, T, 128]
+  output "o" = %o
+}"#;
+    let blocks = |ir: &str, dt: &str, arch: &str, binds: &[(&str, i64)]| -> u32 {
+        let g = egret_ir::parse(&ir.replace("DT", dt)).unwrap();
+        let opts = PtxOptions {
+            arch: arch.into(),
+            tensor_cores: true,
+        };
+        let (_, plans) = egret::gpu::compile_graphs(&[&g], &opts, false).unwrap();
+        let plan = &plans[0];
+        let syms: Vec<i64> = plan
+            .symbols
+            .iter()
+            .map(|s| binds.iter().find(|(n, _)| n == s).unwrap().1)
+            .collect();
+        let big = plan
+            .kernels
+            .iter()
+            .find(|k| k.what.starts_with("matmul") || k.what.starts_with("attention"))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{:?}",
+                    plan.kernels.iter().map(|k| &k.what).collect::<Vec<_>>()
+                )
+            });
+        big.gpu_blocks(&syms)
+    };
+    let cube = [("M", 4096), ("N", 4096), ("K", 4096)];
+    assert_eq!(blocks(matmul, "bf16", "sm_90a", &cube), 32 * 16);
+    assert_eq!(blocks(matmul, "bf16", "sm_80", &cube), 32 * 32);
+    assert_eq!(blocks(matmul, "f32", "sm_90a", &cube), 32 * 32);
+    // (4 × 4 tiles: the row kernel, on `threads`: 256 per row (a symbolic M is not divided
+    // by its 4-row blocks) × 32 columns, capped at 2^20 threads)
+    let thin = [("M", 500), ("N", 512), ("K", 64)];
+    assert_eq!(blocks(matmul, "bf16", "sm_90a", &thin), 4096);
+    let thinner = [("M", 40), ("N", 512), ("K", 64)];
+    assert_eq!(blocks(matmul, "bf16", "sm_90a", &thinner), 40 * 16);
+    let t = |t: i64| [("T", t)];
+    assert_eq!(blocks(attention, "bf16", "sm_90a", &t(4096)), 16 * 32);
+    assert_eq!(blocks(attention, "f32", "sm_80", &t(4000)), 16 * 32);
+    // (decode-sized: a warp per query row)
+    assert_eq!(
+        blocks(attention, "bf16", "sm_90a", &t(20)),
+        16 * 20 * 32 / 256
+    );
+}
+
 #[test]
 fn ptx_snapshots() {
     insta::assert_snapshot!(

@@ -40,9 +40,6 @@ use crate::BackendError;
 /// more than one, so that kernels striding over their work by the grid are tested.
 pub const SIM_MAX_BLOCKS: usize = 3;
 
-/// The most threads a GPU launch starts (as the CUDA executor caps them).
-const GPU_MAX_THREADS: i64 = 1 << 20;
-
 /// Stack of each simulated thread: kernel frames are small (their arrays are in scratch
 /// or shared memory); this leaves ample room for the hooks.
 const STACK_BYTES: usize = 128 << 10;
@@ -351,6 +348,98 @@ extern "C" fn egret_simt_cp_async_wait(n: i32) {
     }
 }
 
+/// A bf16 at shared-memory address `p` of a 128-byte-swizzled layout (bits 4-6 XOR bits
+/// 7-9 of the address), as f32.
+///
+/// # Safety
+/// `p` swizzled must be two readable bytes.
+unsafe fn swizzled_bf16(p: usize) -> f32 {
+    let p = (p ^ (((p >> 7) & 7) << 4)) as *const u8;
+    let h = u16::from_le_bytes([*p, *p.add(1)]);
+    f32::from_bits(u32::from(h) << 16)
+}
+
+/// The 128-byte row that holds byte `p` of shared memory (a swizzle moves chunks within it).
+fn row_of(p: usize) -> usize {
+    p & !127
+}
+
+/// A `wgmma`'s `B` (`16 × n`) in shared memory, 128-byte swizzle: n-major (transposed,
+/// `imm-trans-b` set) puts element `(k, col)` at
+/// `b + (col/64)·lbo + (k/8)·sbo + (k%8)·128 + 2(col%64)`, k-major at
+/// `b + (col/8)·sbo + (col%8)·128 + 2k`.
+struct WgmmaB {
+    b: usize,
+    lbo: usize,
+    sbo: usize,
+    n_major: bool,
+    n: usize,
+}
+
+impl WgmmaB {
+    fn at(&self, k: usize, col: usize) -> usize {
+        if self.n_major {
+            self.b + (col / 64) * self.lbo + (k / 8) * self.sbo + (k % 8) * 128 + 2 * (col % 64)
+        } else {
+            self.b + (col / 8) * self.sbo + (col % 8) * 128 + 2 * k
+        }
+    }
+
+    /// The 128-byte rows the GPU's instruction may read until a wait covers it: per
+    /// 64-column block two k atoms (n-major), or one atom per 8 columns (k-major).
+    fn reads(&self) -> Vec<(usize, usize)> {
+        if self.n_major {
+            (0..self.n / 64)
+                .map(|blk| {
+                    let at = self.b + blk * self.lbo;
+                    (row_of(at), row_of(at + self.sbo + 7 * 128) + 128)
+                })
+                .collect()
+        } else {
+            (0..self.n / 8)
+                .map(|atom| {
+                    let at = self.b + atom * self.sbo;
+                    (row_of(at), row_of(at + 7 * 128) + 128)
+                })
+                .collect()
+        }
+    }
+}
+
+/// Notes shared-memory rows `reads` as read by the running thread's next `wgmma` group.
+fn wgmma_reading(reads: Vec<(usize, usize)>) {
+    // SAFETY: hooks run on simulated threads only, while `run_block` holds the block.
+    unsafe {
+        let b = block();
+        if !b.is_null() {
+            let lane = (*b).running;
+            (&mut (*b).wgmma_reads)[lane].open.extend(reads);
+        }
+    }
+}
+
+/// This thread's part (`t` its index in its warpgroup) of a `wgmma.m64nNk16` with `A`'s
+/// element `(row, k)` (row of the 64) given by `a` and `B`'s by `b`: its `N/2` accumulators
+/// gain their 16 products, summed in f32 in k order (layout in `llvm::kernels::wgmma_m64`).
+///
+/// # Safety
+/// `d` must be `b.n / 2` writable floats and `b`'s elements readable.
+unsafe fn wgmma_products(a: &dyn Fn(usize, usize) -> f32, b: &WgmmaB, d: *mut f32, t: usize) {
+    let (w, l) = (t / 32, t % 32);
+    let (g, q) = (l / 4, l % 4);
+    for j in 0..b.n / 8 {
+        for x in 0..4 {
+            let row = 16 * w + g + 8 * (x / 2);
+            let col = 8 * j + 2 * q + x % 2;
+            let mut sum = 0f32;
+            for k in 0..16 {
+                sum += a(row, k) * swizzled_bf16(b.at(k, col));
+            }
+            *d.add(4 * j + x) += sum;
+        }
+    }
+}
+
 /// `wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16` (`n` = N) with `A` k-major and
 /// `B` n-major in shared memory, 128-byte swizzle: this thread's `N/2` accumulators (thread
 /// `t` of its warpgroup; layout in `llvm::kernels::wgmma_m64`) gain their 16 products,
@@ -370,53 +459,75 @@ extern "C" fn egret_simt_wgmma(
     d: *mut f32,
     t: i64,
 ) {
-    let (w, l) = (t as usize / 32, t as usize % 32);
-    let (g, q) = (l / 4, l % 4);
-    let (a_sbo, b_lbo, b_sbo) = (a_sbo as usize, b_lbo as usize, b_sbo as usize);
-    let swizzle = |p: usize| p ^ (((p >> 7) & 7) << 4);
-    // What the GPU's instruction may read until a wait covers it: the 128-byte rows of
-    // `A`'s eight atoms and, per 64-column block, of `B`'s two k atoms (the swizzle moves
-    // chunks within their row).
-    let row = |p: usize| p & !127;
-    let mut reads = vec![(row(a as usize), row(a as usize + 7 * a_sbo + 7 * 128) + 128)];
-    for blk in 0..n as usize / 64 {
-        let at = b as usize + blk * b_lbo;
-        reads.push((row(at), row(at + b_sbo + 7 * 128) + 128));
-    }
-    // SAFETY: hooks run on simulated threads only, while `run_block` holds the block.
-    unsafe {
-        let b = block();
-        if !b.is_null() {
-            let lane = (*b).running;
-            (&mut (*b).wgmma_reads)[lane].open.extend(reads);
-        }
-    }
+    let (a, a_sbo) = (a as usize, a_sbo as usize);
+    let b = WgmmaB {
+        b: b as usize,
+        lbo: b_lbo as usize,
+        sbo: b_sbo as usize,
+        n_major: true,
+        n: n as usize,
+    };
+    let mut reads = vec![(row_of(a), row_of(a + 7 * a_sbo + 7 * 128) + 128)];
+    reads.extend(b.reads());
+    wgmma_reading(reads);
     // SAFETY: the generated code gives shared-memory addresses of a `64 × 16` `A` and a
     // `16 × n` `B` laid out as above, and room for `n/2` accumulators.
     unsafe {
-        let elem = |p: usize| {
-            let p = swizzle(p) as *const u8;
-            let h = u16::from_le_bytes([*p, *p.add(1)]);
-            f32::from_bits(u32::from(h) << 16)
-        };
-        for j in 0..n as usize / 8 {
-            for x in 0..4 {
-                let row = 16 * w + g + 8 * (x / 2);
-                let col = 8 * j + 2 * q + x % 2;
-                let mut sum = 0f32;
-                for k in 0..16 {
-                    let at_a = a as usize + (row / 8) * a_sbo + (row % 8) * 128 + 2 * k;
-                    let at_b = b as usize
-                        + (col / 64) * b_lbo
-                        + (k / 8) * b_sbo
-                        + (k % 8) * 128
-                        + 2 * (col % 64);
-                    sum += elem(at_a) * elem(at_b);
-                }
-                *d.add(4 * j + x) += sum;
-            }
+        let a_at =
+            |row: usize, k: usize| swizzled_bf16(a + (row / 8) * a_sbo + (row % 8) * 128 + 2 * k);
+        wgmma_products(&a_at, &b, d, t as usize);
+    }
+}
+
+/// `wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16` with `A` in registers: `a` points
+/// at this thread's four `A` words, laid out per warp as `mma.m16n8k16`'s (warp `w` of the
+/// warpgroup holds rows `16w..16w+16`; `mma_bf16`), `B` in shared memory n-major
+/// (`b_n_major` 1) or k-major (0) as `WgmmaB` says; otherwise as `egret_simt_wgmma`. The
+/// warp's lanes exchange their `A` words, as the instruction reads them.
+#[allow(clippy::too_many_arguments)]
+extern "C" fn egret_simt_wgmma_rs(
+    a: *const u32,
+    b: *const u8,
+    b_lbo: i64,
+    b_sbo: i64,
+    b_n_major: i64,
+    n: i64,
+    d: *mut f32,
+    t: i64,
+) {
+    // SAFETY: the generated code passes four words.
+    let mine = unsafe { [*a, *a.add(1), *a.add(2), *a.add(3)] };
+    let (all, _) = warp_exchange(&mine);
+    let mut rows = [[0f32; 16]; 16];
+    for (l, w) in all.iter().enumerate() {
+        let (g, q) = (l / 4, l % 4);
+        for (reg, (row, k)) in [
+            (g, 2 * q),
+            (g + 8, 2 * q),
+            (g, 2 * q + 8),
+            (g + 8, 2 * q + 8),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let [lo, hi] = bf16_pair(w[reg]);
+            rows[row][k] = lo;
+            rows[row][k + 1] = hi;
         }
     }
+    let b = WgmmaB {
+        b: b as usize,
+        lbo: b_lbo as usize,
+        sbo: b_sbo as usize,
+        n_major: b_n_major != 0,
+        n: n as usize,
+    };
+    wgmma_reading(b.reads());
+    // (the warp's 16 rows: row `r` of the 64 is its warp's row `r % 16`)
+    let a_at = |row: usize, k: usize| rows[row % 16][k];
+    // SAFETY: the generated code gives a `16 × n` `B` in shared memory laid out as `WgmmaB`
+    // says, and room for `n/2` accumulators.
+    unsafe { wgmma_products(&a_at, &b, d, t as usize) };
 }
 
 /// `wgmma.commit_group`: the running thread's uncommitted `wgmma`s become a group.
@@ -444,7 +555,7 @@ extern "C" fn egret_simt_wgmma_wait(n: i32) {
 }
 
 /// The hooks the simulated code calls, by name (`SIMT_HOOKS`).
-fn hooks() -> [(&'static str, usize); 11] {
+fn hooks() -> [(&'static str, usize); 12] {
     [
         (SIMT_HOOKS[0], egret_simt_barrier as *const () as usize),
         (SIMT_HOOKS[1], egret_simt_shfl_bfly as *const () as usize),
@@ -463,6 +574,7 @@ fn hooks() -> [(&'static str, usize); 11] {
         (SIMT_HOOKS[8], egret_simt_wgmma as *const () as usize),
         (SIMT_HOOKS[9], egret_simt_wgmma_commit as *const () as usize),
         (SIMT_HOOKS[10], egret_simt_wgmma_wait as *const () as usize),
+        (SIMT_HOOKS[11], egret_simt_wgmma_rs as *const () as usize),
     ]
 }
 
@@ -649,9 +761,7 @@ impl Launcher for SimtLauncher {
         args: &[*mut u8],
         syms: &[i64],
     ) -> Result<i32, String> {
-        let want: i64 = call.threads.iter().map(|d| d.eval(syms).max(1)).product();
-        let threads = want.clamp(1, GPU_MAX_THREADS) as usize;
-        let nblocks = threads.div_ceil(BLOCK).min(SIM_MAX_BLOCKS);
+        let nblocks = (call.gpu_blocks(syms) as usize).min(SIM_MAX_BLOCKS);
         let mut status = 0;
         for blk in 0..nblocks {
             let rc = self.run_block(f, call, args, syms, blk, nblocks)?;
@@ -706,6 +816,7 @@ mod tests {
             work: vec![],
             threads: vec![SymDim::c(threads)],
             shared_bytes: 0,
+            tiles: None,
         }
     }
 
@@ -947,6 +1058,86 @@ mod tests {
                 (true, r) => assert_eq!(r, Ok(0)),
                 (false, Err(e)) => assert!(e.contains("may still read"), "{e}"),
                 (false, Ok(_)) => panic!("the race went unnoticed"),
+            }
+        }
+    }
+
+    /// Test values, small integers (exact in bf16 and in f32 sums): `A`'s and `B`'s entries.
+    fn rs_a(r: usize, k: usize) -> f32 {
+        ((r * 3 + k * 5) % 7) as f32 - 3.0
+    }
+    fn rs_b(k: usize, c: usize) -> f32 {
+        ((k * 2 + c * 7) % 5) as f32 - 2.0
+    }
+    fn bf16_bits(x: f32) -> u16 {
+        (x.to_bits() >> 16) as u16
+    }
+
+    // Every thread passes its four `A` words (`mma`'s layout per warp, `rs_a`) to a `wgmma`
+    // with `A` in registers, once on a k-major `B` (N = 64) at byte 0 of the 1024-aligned
+    // region in buffer 0, once on an n-major one (N = 128) at byte 8192; its accumulators
+    // (starting at 1) go to buffer 1, 96 floats a thread.
+    kernel!(fn wgmma_from_registers(bufs, tid, _) {
+        let (mem, out) = (*bufs, *bufs.add(1) as *mut f32);
+        let region = mem.add(mem.align_offset(1024));
+        let t = tid as usize % 128;
+        let (w, l) = (t / 32, t % 32);
+        let (g, q) = (l / 4, l % 4);
+        let word = |row: usize, k: usize| {
+            u32::from(bf16_bits(rs_a(row, k))) | (u32::from(bf16_bits(rs_a(row, k + 1))) << 16)
+        };
+        let r = 16 * w + g;
+        let a = [word(r, 2 * q), word(r + 8, 2 * q), word(r, 2 * q + 8), word(r + 8, 2 * q + 8)];
+        let d = out.add(96 * tid as usize);
+        for i in 0..96 {
+            *d.add(i) = 1.0;
+        }
+        egret_simt_wgmma_rs(a.as_ptr(), region, 16, 1024, 0, 64, d, t as i64);
+        egret_simt_wgmma_rs(a.as_ptr(), region.add(8192), 4096, 1024, 1, 128, d.add(32), t as i64);
+        0
+    });
+
+    /// `wgmma` with `A` in registers, the warp's lanes exchanging their words: each thread of
+    /// two warpgroups gets `A·B + 1` where the accumulator layout puts it, with `B` k-major
+    /// (`((8,n),(T,2k)):((8T,SBO),(1,T))`) and n-major (as in the test above).
+    #[test]
+    fn wgmma_with_a_in_registers_reads_b_k_major_and_n_major() {
+        let mut mem = vec![0u8; 8192 + 8192 + 1024];
+        let base = (mem.as_ptr() as usize).next_multiple_of(1024) - mem.as_ptr() as usize;
+        let swizzle = |off: usize| off ^ (((off >> 7) & 7) << 4);
+        let mut put = |off: usize, x: f32| {
+            let at = base + swizzle(off);
+            mem[at..at + 2].copy_from_slice(&bf16_bits(x).to_le_bytes());
+        };
+        for k in 0..16 {
+            for c in 0..64 {
+                put((c / 8) * 1024 + (c % 8) * 128 + 2 * k, rs_b(k, c));
+            }
+            for c in 0..128 {
+                put(
+                    8192 + (c / 64) * 4096 + (k / 8) * 1024 + (k % 8) * 128 + 2 * (c % 64),
+                    rs_b(k, c),
+                );
+            }
+        }
+        let mut out = vec![0f32; 96 * 256];
+        let args = [mem.as_mut_ptr(), out.as_mut_ptr() as *mut u8];
+        assert_eq!(
+            launcher().launch(wgmma_from_registers, &call(256), &args, &[]),
+            Ok(0)
+        );
+        for tid in 0..256 {
+            let t = tid % 128;
+            let (w, l) = (t / 32, t % 32);
+            for (i, got) in out[96 * tid..96 * tid + 96].iter().enumerate() {
+                let (n_major, x) = if i < 32 { (false, i) } else { (true, i - 32) };
+                let row = 16 * w + l / 4 + 8 * ((x % 4) / 2);
+                let col = 8 * (x / 4) + 2 * (l % 4) + x % 2;
+                let want: f32 = 1.0 + (0..16).map(|k| rs_a(row, k) * rs_b(k, col)).sum::<f32>();
+                assert_eq!(
+                    *got, want,
+                    "n-major {n_major} thread {tid} entry {x} ({row}, {col})"
+                );
             }
         }
     }

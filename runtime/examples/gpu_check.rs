@@ -348,6 +348,10 @@ fn benches(bundle: &Path, table: &mut Vec<String>) -> Res<()> {
         ("bench-attention", "f32"),
         ("bench-attention-tc", "tensor cores (bf16 operands)"),
         ("bench-attention-bf16", "bf16 operands in memory"),
+        (
+            "bench-attention-wgmma",
+            "wgmma (sm_90a), bf16 operands in memory",
+        ),
     ] {
         let mut at = executor(&bundle.join(dir))?;
         if let Some(HostValue {
@@ -371,7 +375,10 @@ fn benches(bundle: &Path, table: &mut Vec<String>) -> Res<()> {
         ));
     }
     if let [f32_out, tc_outs @ ..] = outs.as_slice() {
-        for (tc_out, what) in tc_outs.iter().zip(["tensor cores", "bf16 operands"]) {
+        for (tc_out, what) in tc_outs
+            .iter()
+            .zip(["tensor cores", "bf16 operands", "wgmma"])
+        {
             let rel = rel_l2(tc_out, f32_out);
             println!(
                 "{}",

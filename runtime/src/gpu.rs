@@ -31,10 +31,6 @@ use crate::cpu::{HostData, HostValue};
 use crate::error::{Result, RuntimeError};
 use crate::plan::{BufferRole, ElemType, Plan, StateSpec, GPU_BLOCK};
 
-/// The most threads one launch starts; a kernel with more parallel work gives each thread
-/// several items (its loop splits the work over however many threads run).
-const GPU_MAX_THREADS: i64 = 1 << 20;
-
 /// Launch sequences remembered (and graphs kept) at once: a training step's run and its
 /// `Init` re-run alternate; prefill and decode shapes come and go.
 const GPU_GRAPHS_KEPT: usize = 4;
@@ -430,9 +426,7 @@ impl GpuExecutor {
                     None => ptrs[a as usize],
                 });
             }
-            let want: i64 = call.threads.iter().map(|d| d.eval(syms).max(1)).product();
-            let threads = want.clamp(1, GPU_MAX_THREADS) as u32;
-            let grid = threads.div_ceil(GPU_BLOCK);
+            let grid = call.gpu_blocks(syms);
             scratch_need = scratch_need.max(call.scratch_floats * 4 * (grid * GPU_BLOCK) as usize);
             launch.push(grid);
         }

@@ -139,6 +139,67 @@ pub struct KernelCall {
     /// the executor raises the function's limit when it is over the default 48 KiB).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub shared_bytes: u32,
+    /// GPU kernels with a tiled path: one block per tile where the kernel takes it (an older
+    /// runtime ignores this and launches `threads`, which computes the same: kernels stride
+    /// over their work by the grid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiles: Option<TileGrid>,
+}
+
+/// The most threads one GPU launch starts; a kernel with more parallel work gives each thread
+/// several items (its loop splits the work over however many threads run).
+pub const GPU_MAX_THREADS: i64 = 1 << 20;
+
+impl KernelCall {
+    /// Blocks of `GPU_BLOCK` threads a GPU launch of this kernel starts for symbol values
+    /// `syms`: one per tile where `tiles` says the kernel takes its tiled path, else enough
+    /// for `threads`; at least one, at most `GPU_MAX_THREADS / GPU_BLOCK`.
+    pub fn gpu_blocks(&self, syms: &[i64]) -> u32 {
+        let max = GPU_MAX_THREADS / GPU_BLOCK as i64;
+        let blocks = match self.tiles.as_ref().and_then(|t| t.blocks(syms)) {
+            Some(b) => b,
+            None => {
+                let want: i64 = self.threads.iter().map(|d| d.eval(syms).max(1)).product();
+                (want.clamp(1, GPU_MAX_THREADS) as u64).div_ceil(u64::from(GPU_BLOCK)) as i64
+            }
+        };
+        blocks.clamp(1, max) as u32
+    }
+}
+
+/// `⌈extent / tile⌉`: tiles of `tile` along a dimension.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TileDim {
+    pub extent: SymDim,
+    pub tile: i64,
+}
+
+impl TileDim {
+    fn count(&self, syms: &[i64]) -> i64 {
+        (self.extent.eval(syms).max(0) as u64).div_ceil(self.tile.max(1) as u64) as i64
+    }
+}
+
+/// A GPU kernel's tiled path, as its launch sees it: `blocks` tiles (the product of the
+/// `TileDim`s), one block each, when every `(dims, bound)` of `when` holds (the product of
+/// `dims` at least `bound`: the kernel's own test for taking that path).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TileGrid {
+    pub blocks: Vec<TileDim>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<(Vec<TileDim>, i64)>,
+}
+
+impl TileGrid {
+    /// The block count for symbol values `syms`, or `None` where the kernel takes another
+    /// path.
+    pub fn blocks(&self, syms: &[i64]) -> Option<i64> {
+        let product = |dims: &[TileDim]| dims.iter().map(|d| d.count(syms)).product::<i64>();
+        self.when
+            .iter()
+            .all(|(dims, bound)| product(dims) >= *bound)
+            .then(|| product(&self.blocks))
+    }
 }
 
 fn is_zero(x: &u32) -> bool {
@@ -481,5 +542,67 @@ impl Plan {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A matmul-like call over `[M, K]·[K, N]` (symbols `M`, `N`): 128 × 256 tiles where
+    /// `M > 32` and there are at least 132 tiles of 128 × 128; else a thread per `(M, N)`.
+    fn tiled_call() -> KernelCall {
+        let (m, n) = (
+            SymDim {
+                constant: 0,
+                terms: vec![(0, 1)],
+            },
+            SymDim {
+                constant: 0,
+                terms: vec![(1, 1)],
+            },
+        );
+        let tile = |d: &SymDim, t| TileDim {
+            extent: d.clone(),
+            tile: t,
+        };
+        KernelCall {
+            symbol: "k".into(),
+            args: vec![],
+            init: false,
+            scratch_floats: 0,
+            what: "matmul".into(),
+            work: vec![],
+            threads: vec![m.clone(), n.clone()],
+            shared_bytes: 0,
+            tiles: Some(TileGrid {
+                blocks: vec![tile(&m, 128), tile(&n, 256)],
+                when: vec![
+                    (vec![tile(&m, 1)], 33),
+                    (vec![tile(&m, 128), tile(&n, 128)], 132),
+                ],
+            }),
+        }
+    }
+
+    #[test]
+    fn a_tiled_launch_starts_one_block_per_tile_where_the_kernel_tiles() {
+        let call = tiled_call();
+        // 32 × 16 tiles of 128 × 256 (and 32 × 32 ≥ 132 of 128 × 128).
+        assert_eq!(call.gpu_blocks(&[4096, 4096]), 512);
+        // partial tiles count: ⌈1000/128⌉ · ⌈3000/256⌉ = 8 · 12
+        assert_eq!(call.gpu_blocks(&[1000, 3000]), 96);
+        // 32 rows, or too few tiles (1 · 32 and 2 · 4 under 132): the kernel's other path,
+        // a thread per output
+        assert_eq!(call.gpu_blocks(&[32, 4096]), 32 * 4096 / 256);
+        assert_eq!(call.gpu_blocks(&[48, 4096]), 48 * 4096 / 256);
+        assert_eq!(call.gpu_blocks(&[256, 512]), 256 * 512 / 256);
+        // capped as `threads` is
+        let huge = call.gpu_blocks(&[1 << 20, 1 << 20]);
+        assert_eq!(huge as i64, GPU_MAX_THREADS / GPU_BLOCK as i64);
+        let mut plain = tiled_call();
+        plain.tiles = None;
+        assert_eq!(plain.gpu_blocks(&[4096, 4096]), 4096);
+        assert_eq!(plain.gpu_blocks(&[0, 0]), 1);
     }
 }

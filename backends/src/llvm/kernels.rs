@@ -1011,7 +1011,10 @@ impl Flavor {
 /// - `egret_simt_wgmma_commit()`, `egret_simt_wgmma_wait(i32 n)`: `wgmma.commit_group`,
 ///   `wgmma.wait_group n` (the simulator's `wgmma` is done when issued; these track which
 ///   shared memory the GPU's may still be reading, which no copy may overwrite).
-pub const SIMT_HOOKS: [&str; 11] = [
+/// - `egret_simt_wgmma_rs(i32* a, ptr b, i64 b_lbo, i64 b_sbo, i64 b_n_major, i64 n, f32* d,
+///   i64 t)`: the same with `A` in registers (this thread's four words at `a`) and `B`
+///   n-major or k-major (`WgB`).
+pub const SIMT_HOOKS: [&str; 12] = [
     "egret_simt_barrier",
     "egret_simt_shfl_bfly",
     "egret_simt_mma_bf16",
@@ -1023,6 +1026,7 @@ pub const SIMT_HOOKS: [&str; 11] = [
     "egret_simt_wgmma",
     "egret_simt_wgmma_commit",
     "egret_simt_wgmma_wait",
+    "egret_simt_wgmma_rs",
 ];
 
 /// Emits kernel `k` as function `name`; returns its buffer arguments and scratch floats.
@@ -3577,24 +3581,44 @@ fn wgmma_sync(fb: &Fb, what: &str, wait: Option<i64>) -> R<()> {
     Ok(())
 }
 
+/// A `wgmma`'s left operand (`64 × 16`): in shared memory, k-major with stride offset
+/// `WG_A_SBO` (its address and descriptor), or in this thread's four registers, laid out per
+/// warp as `mma_bf16`'s `A` (warp `w` of the warpgroup holding rows `16w..16w+16`).
+enum WgA<'ctx> {
+    Shared(PointerValue<'ctx>, IntValue<'ctx>),
+    Regs([IntValue<'ctx>; 4]),
+}
+
+/// A `wgmma`'s right operand (`16 × N`) in shared memory, 128-byte swizzle: its address,
+/// descriptor (`wgmma_desc` with `lbo` and `sbo`) and whether it is n-major (`imm-trans-b`
+/// 1: element `(k, col)` at `(col/64)·lbo + (k/8)·sbo + (k%8)·128 + 2(col%64)`) or k-major
+/// (`(col/8)·sbo + (col%8)·128 + 2k`), before the swizzle.
+struct WgB<'ctx> {
+    at: PointerValue<'ctx>,
+    desc: IntValue<'ctx>,
+    lbo: i64,
+    sbo: i64,
+    n_major: bool,
+}
+
 /// `d += a·b` for a warpgroup: `wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16` with
-/// `N` twice the accumulators (`WG_TILE_N`), `A` k-major and `W` n-major in shared memory
-/// (descriptors at `a` and `b`, offsets as in `WG_A_LBO`..), `accs` this thread's `N/2`
-/// accumulators: thread `t` of the warpgroup holds, for column group `j` (0..N/8), rows
-/// `16(t/32) + (t%32)/4` (`d[4j]`, `d[4j+1]`) and 8 below (`d[4j+2]`, `d[4j+3]`), columns
-/// `8j + 2(t%4)` and the next. Asynchronous: the
-/// values are there after a `wgmma_sync("wait_group")` covering it. The GPU reads the
-/// operands through their descriptors `da`, `db` (`wgmma_desc` of `a` and `b`); in the
-/// simulator, the hook `egret_simt_wgmma` computes the same at once from the addresses and
-/// offsets.
+/// `N` twice the accumulators, `accs` this thread's `N/2` accumulators: thread `t` of the
+/// warpgroup holds, for column group `j` (0..N/8), rows `16(t/32) + (t%32)/4` (`d[4j]`,
+/// `d[4j+1]`) and 8 below (`d[4j+2]`, `d[4j+3]`), columns `8j + 2(t%4)` and the next (per
+/// warp the layout of `mma_bf16`'s accumulators). Asynchronous: the values are there after a
+/// `wgmma_sync("wait_group")` covering it. The GPU reads shared operands through their
+/// descriptors; in the simulator, the hooks `egret_simt_wgmma` (`A` shared, `B` n-major)
+/// and `egret_simt_wgmma_rs` (`A` in registers) compute the same at once from the
+/// addresses and offsets.
 fn wgmma_m64<'ctx>(
     fb: &Fb<'_, 'ctx>,
-    (a, b): (PointerValue<'ctx>, PointerValue<'ctx>),
-    (da, db): (IntValue<'ctx>, IntValue<'ctx>),
+    a: &WgA<'ctx>,
+    b: &WgB<'ctx>,
     t128: IntValue<'ctx>,
     accs: &[PointerValue<'ctx>],
 ) -> R<()> {
     let f32t = fb.f32t;
+    let i32t = fb.ctx.i32_type();
     let (na, n) = (accs.len(), 2 * accs.len() as i64);
     if fb.sim {
         let arr = fb.slot(f32t.array_type(na as u32).into())?;
@@ -3609,34 +3633,36 @@ fn wgmma_m64<'ctx>(
         }
         let ptrt = fb.ctx.ptr_type(AddressSpace::default());
         let i64t = fb.i64t;
-        let ty = fb.ctx.void_type().fn_type(
-            &[
-                ptrt.into(),
-                i64t.into(),
-                ptrt.into(),
-                i64t.into(),
-                i64t.into(),
-                i64t.into(),
-                ptrt.into(),
-                i64t.into(),
-            ],
-            false,
-        );
         let c = |v: i64| fb.i64c(v).into();
-        fb.hook(
-            SIMT_HOOKS[8],
-            ty,
-            &[
-                a.into(),
-                c(WG_A_SBO),
-                b.into(),
-                c(WG_B_LBO),
-                c(WG_B_SBO),
-                c(n),
-                arr.into(),
-                t128.into(),
-            ],
-        )?;
+        let tail = [c(n), arr.into(), t128.into()];
+        let (hook, mut args): (usize, Vec<BasicMetadataValueEnum>) = match a {
+            WgA::Shared(a, _) => {
+                assert!(b.n_major, "the shared-A hook takes an n-major B");
+                (
+                    8,
+                    vec![(*a).into(), c(WG_A_SBO), b.at.into(), c(b.lbo), c(b.sbo)],
+                )
+            }
+            WgA::Regs(words) => {
+                let w = fb.slot(i32t.array_type(4).into())?;
+                for (i, x) in words.iter().enumerate() {
+                    let p = unsafe { fb.b.build_in_bounds_gep(i32t, w, &[fb.i64c(i as i64)], "a") }
+                        .map_err(be)?;
+                    fb.b.build_store(p, *x).map_err(be)?;
+                }
+                let nm = i64::from(b.n_major);
+                (11, vec![w.into(), b.at.into(), c(b.lbo), c(b.sbo), c(nm)])
+            }
+        };
+        args.extend(tail);
+        let mut params: Vec<BasicMetadataTypeEnum> = vec![ptrt.into(); args.len()];
+        for (p, x) in params.iter_mut().zip(&args) {
+            if x.is_int_value() {
+                *p = i64t.into();
+            }
+        }
+        let ty = fb.ctx.void_type().fn_type(&params, false);
+        fb.hook(SIMT_HOOKS[hook], ty, &args)?;
         for (i, acc) in accs.iter().enumerate() {
             let v = fb.b.build_load(f32t, at(i)?, "d").map_err(be)?;
             fb.b.build_store(*acc, v).map_err(be)?;
@@ -3644,40 +3670,59 @@ fn wgmma_m64<'ctx>(
         return Ok(());
     }
     let regs: Vec<String> = (0..na).map(|i| format!("${i}")).collect();
-    let asm = format!(
-        "{{\n.reg .pred p;\nsetp.ne.b32 p, ${}, 0;\n\
-         wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{}}}, ${}, ${}, p, 1, 1, 0, 1;\n}}",
-        2 * na + 2,
-        regs.join(", "),
-        2 * na,
-        2 * na + 1,
-    );
-    let constraints = (0..na)
-        .map(|_| "=f".to_string())
-        .chain((0..na).map(|i| i.to_string()))
-        .chain(["l".into(), "l".into(), "r".into()])
-        .collect::<Vec<_>>()
-        .join(",");
-    let out_ty = fb.ctx.struct_type(&vec![f32t.into(); na], false);
-    let mut params: Vec<BasicMetadataTypeEnum> = vec![f32t.into(); na];
-    params.extend::<[BasicMetadataTypeEnum; 3]>([
-        fb.i64t.into(),
-        fb.i64t.into(),
-        fb.ctx.i32_type().into(),
-    ]);
-    let fn_ty = out_ty.fn_type(&params, false);
-    let asm_ptr = fb
-        .ctx
-        .create_inline_asm(fn_ty, asm, constraints, true, false, None, false);
     let mut args: Vec<BasicMetadataValueEnum> = vec![];
     for acc in accs {
         args.push(fb.get(*acc)?.into());
     }
-    args.extend::<[BasicMetadataValueEnum; 3]>([
-        da.into(),
-        db.into(),
-        fb.ctx.i32_type().const_int(1, false).into(),
-    ]);
+    let mut params: Vec<BasicMetadataTypeEnum> = vec![f32t.into(); na];
+    let mut constraints: Vec<String> = (0..na)
+        .map(|_| "=f".to_string())
+        .chain((0..na).map(|i| i.to_string()))
+        .collect();
+    let a_text = match a {
+        WgA::Shared(_, da) => {
+            args.push((*da).into());
+            params.push(fb.i64t.into());
+            constraints.push("l".into());
+            format!("${}", 2 * na)
+        }
+        WgA::Regs(words) => {
+            for w in words {
+                args.push((*w).into());
+                params.push(i32t.into());
+                constraints.push("r".into());
+            }
+            let r: Vec<String> = (0..4).map(|i| format!("${}", 2 * na + i)).collect();
+            format!("{{{}}}", r.join(", "))
+        }
+    };
+    let next = 2 * na + if matches!(a, WgA::Shared(..)) { 1 } else { 4 };
+    args.push(b.desc.into());
+    params.push(fb.i64t.into());
+    args.push(i32t.const_int(1, false).into());
+    params.push(i32t.into());
+    constraints.extend(["l".to_string(), "r".to_string()]);
+    // (scale-d `p`, `A` and `B` unscaled; `imm-trans-a` 0 for a shared `A`)
+    let trans = format!(
+        "{}{}",
+        if matches!(a, WgA::Shared(..)) {
+            "0, "
+        } else {
+            ""
+        },
+        u8::from(b.n_major)
+    );
+    let asm = format!(
+        "{{\n.reg .pred p;\nsetp.ne.b32 p, ${}, 0;\n\
+         wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{}}}, {a_text}, ${next}, p, 1, 1, {trans};\n}}",
+        next + 1,
+        regs.join(", "),
+    );
+    let out_ty = fb.ctx.struct_type(&vec![f32t.into(); na], false);
+    let fn_ty = out_ty.fn_type(&params, false);
+    let asm_ptr =
+        fb.ctx
+            .create_inline_asm(fn_ty, asm, constraints.join(","), true, false, None, false);
     let r =
         fb.b.build_indirect_call(fn_ty, asm_ptr, &args, "wg")
             .map_err(be)?
@@ -4512,8 +4557,15 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
                 let (a_off, b_off) = (32 * ks, 2 * WG_B_SBO * ks);
                 let a = byte_ptr(fb.add(a0, c(a_off))?)?;
                 let b = byte_ptr(fb.add(b0, c(b_off))?)?;
-                let descs = (fb.add(da0, c(a_off >> 4))?, fb.add(db0, c(b_off >> 4))?);
-                wgmma_m64(fb, (a, b), descs, t128, &accs)?;
+                let a = WgA::Shared(a, fb.add(da0, c(a_off >> 4))?);
+                let b = WgB {
+                    at: b,
+                    desc: fb.add(db0, c(b_off >> 4))?,
+                    lbo: WG_B_LBO,
+                    sbo: WG_B_SBO,
+                    n_major: true,
+                };
+                wgmma_m64(fb, &a, &b, t128, &accs)?;
             }
             wgmma_sync(fb, "commit_group", None)?;
             wgmma_sync(fb, "wait_group", Some(1))
@@ -5037,6 +5089,10 @@ const MMA_ATTN_KEYS: i64 = 64;
 /// while one is multiplied (96 KiB of shared memory at head size 128, under the 99 KiB a
 /// block may have on sm_86/sm_89).
 const MMA_ATTN_STAGES: i64 = 3;
+/// Stages of the ring when attention runs on `wgmma`: one more, for the step whose `PV`
+/// may still be reading its values while two steps' copies are in flight (129 KiB at head
+/// size 128, of sm_90's 227).
+const WG_ATTN_STAGES: i64 = 4;
 
 /// Whether `gpu_mma_attention` copies keys and values through its `cp.async` ring (both
 /// stored bf16), not through registers; it may where `mma_attn_ring_ok`.
@@ -5086,6 +5142,51 @@ fn chunks_of<'ctx>(
 /// values, bf16.
 fn mma_attn_stage_bytes(d: &crate::kernel::AttnDims) -> i64 {
     MMA_ATTN_KEYS * (d.d + d.dv) * 2
+}
+
+/// Whether `gpu_mma_attention`'s products may run on `wgmma` (with `wgmma`, and keys and
+/// values through the ring): head sizes whole 128-byte rows of the swizzled layouts.
+fn wg_attention_heads(d: &crate::kernel::AttnDims) -> bool {
+    d.d % 64 == 0 && d.dv % 64 == 0
+}
+
+/// Dynamic shared memory of `gpu_mma_attention`: its ring, and where it may run on `wgmma`
+/// its `WG_ATTN_STAGES` and 1024 bytes more, to start on a 1024-byte boundary (a swizzle
+/// atom).
+fn mma_attn_shared_bytes(d: &crate::kernel::AttnDims, wgmma: bool) -> i64 {
+    if wgmma && wg_attention_heads(d) {
+        WG_ATTN_STAGES * mma_attn_stage_bytes(d) + 1024
+    } else {
+        MMA_ATTN_STAGES * mma_attn_stage_bytes(d)
+    }
+}
+
+/// Word offset, in a `wgmma` stage of `[rows][n]` bf16 (`n` a multiple of 64), of element
+/// `(r, e)` (`e` a multiple of 8): the 128-byte-swizzled layout of `WgB`, the same for keys
+/// (k-major) and values (n-major): 64-element column blocks `rows·128` bytes apart, a row's
+/// 128 bytes at `128r`, chunk `(e%64)/8` stored at chunk `((e%64)/8) ^ (r%8)`.
+fn wg_stage_word<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    r: IntValue<'ctx>,
+    e: IntValue<'ctx>,
+    rows: i64,
+) -> R<IntValue<'ctx>> {
+    let c = |v: i64| fb.i64c(v);
+    let blk = fb.b.build_right_shift(e, c(6), false, "eb").map_err(be)?;
+    let chunk =
+        fb.b.build_and(
+            fb.b.build_right_shift(e, c(3), false, "ec").map_err(be)?,
+            c(7),
+            "c7",
+        )
+        .map_err(be)?;
+    let sw =
+        fb.b.build_xor(chunk, fb.b.build_and(r, c(7), "r7").map_err(be)?, "sw")
+            .map_err(be)?;
+    fb.add(
+        fb.add(fb.mul(blk, c(rows * 32))?, fb.mul(r, c(32))?)?,
+        fb.mul(sw, c(4))?,
+    )
 }
 /// Prompts of at least this many query rows take `gpu_mma_attention`; fewer (decode) keep
 /// the warp-per-row kernel, which wastes no rows of a 16-row fragment.
@@ -5171,6 +5272,14 @@ fn attn_out_row<'ctx>(
 /// of the one multiplied (`ring_pipeline`: one barrier a step); others are loaded into
 /// registers, rounded and stored, between two barriers a step. Blocks take the last query
 /// tiles (the most keys) first, so the short ones fill the end of the launch.
+///
+/// On sm_90a, with the ring and head sizes multiples of 64 (`wg_attention_heads`), both
+/// products run on `wgmma` (`wgmma_m64`, `A` in registers): warpgroup `w/4` holds rows
+/// `64(w/4)..` of the tile, whose per-warp register layouts are `mma.sync`'s, so the query
+/// fragments are `QKᵀ`'s left operand, the probabilities `PV`'s and the softmax between is
+/// the same code. The stages are then in `wg_stage_word`'s swizzled layout, from a 1024-byte
+/// boundary; keys are read k-major, values n-major, and each product is waited for before
+/// its results are used (so a stage is free again at the next step's barrier).
 #[allow(clippy::too_many_arguments)]
 fn gpu_mma_attention<'ctx>(
     fb: &Fb<'_, 'ctx>,
@@ -5188,9 +5297,24 @@ fn gpu_mma_attention<'ctx>(
     let and = |a, b| fb.b.build_and(a, b, "and").map_err(be);
     let i32t = fb.ctx.i32_type();
     let (dq, dv, keys) = (d.d, d.dv, MMA_ATTN_KEYS);
-    // The ring: stage `i` holds keys at word `i·stage_words`, values `k_words` after them.
-    let kv_s = dynamic_shared(fb, MMA_ATTN_STAGES * mma_attn_stage_bytes(d));
+    // (bf16 keys and values: the ring; the caller has checked their rows, `mma_attn_ring_ok`)
+    let ring_path = mma_attn_ring(ka, va);
+    // On sm_90a, with the ring, both products on `wgmma` (`wg_attention_heads`).
+    let wg = fb.wgmma && ring_path && wg_attention_heads(d);
+    // The ring: stage `i` holds keys at word `kv0 + i·stage_words`, values `k_words` after
+    // them; `kv0` is 0, or with `wg` the words to the first 1024-byte boundary.
+    let kv_s = dynamic_shared(fb, mma_attn_shared_bytes(d, fb.wgmma));
     let (k_words, stage_words) = (keys * dq / 2, keys * (dq + dv) / 2);
+    let stages = if wg { WG_ATTN_STAGES } else { MMA_ATTN_STAGES };
+    let kv0 = if wg {
+        let at = fb.b.build_ptr_to_int(kv_s, fb.i64t, "ka").map_err(be)?;
+        let up =
+            fb.b.build_and(fb.add(at, c(1023))?, c(!1023), "al")
+                .map_err(be)?;
+        sdiv(fb.b.build_int_sub(up, at, "pad").map_err(be)?, c(4), "kv0")?
+    } else {
+        c(0)
+    };
     let ends_s = shared_f32(fb, "ends", 8);
     let word_ptr = |arr: PointerValue<'ctx>, at: IntValue<'ctx>| {
         unsafe { fb.b.build_in_bounds_gep(i32t, arr, &[at], "wp") }.map_err(be)
@@ -5265,8 +5389,7 @@ fn gpu_mma_attention<'ctx>(
         and(ok, fb.ptr_aligned(av.ptr, 16)?)
     };
     let (k_vec, v_vec) = (vec_ok(ka)?, vec_ok(va)?);
-    // (bf16 keys and values: the ring; the caller has checked their rows, `mma_attn_ring_ok`)
-    let ring_path = mma_attn_ring(ka, va);
+    let t128 = srem(lane, c(128), "t128")?;
     fb.for_range(c(0), iters, |fb, it| {
         // The longest units first (the last query tiles, which see the most keys), so that
         // the short ones fill the end of the launch.
@@ -5441,26 +5564,67 @@ fn gpu_mma_attention<'ctx>(
             let vbase = fb.add(base, c(k_words))?;
             // (pointers, each fragment's a constant offset from one: `ldmatrix [p + imm]`)
             let at = |b, w: &IntValue<'ctx>| word_ptr(kv_s, fb.add(b, *w)?);
-            let k_at: Vec<PointerValue> = k_ld.iter().map(|w| at(base, w)).collect::<R<_>>()?;
-            let v_at: Vec<PointerValue> = v_ld.iter().map(|w| at(vbase, w)).collect::<R<_>>()?;
             for a in &sacc {
                 fb.set(*a, fb.f32c(0.0))?;
             }
-            // S = Q·Kᵀ: key tiles in pairs; matrices (keys +0/+8) × (d +0/+8).
-            for ks in 0..dq / 16 {
+            // `wgmma`'s operand at byte `off` of the stage's keys (`vb`: values) and its
+            // descriptor: keys k-major (key rows of the 64-element block `16ks/64`, 32
+            // bytes a k step into them), values n-major (16 key rows a k step, 64-column
+            // blocks `keys·128` bytes apart).
+            let wg_b = |fb: &Fb<'_, 'ctx>, vb: bool, off: i64| -> R<WgB<'ctx>> {
+                let word = fb.add(if vb { vbase } else { base }, c(off / 4))?;
+                let p = word_ptr(kv_s, word)?;
+                let (lbo, n_major) = if vb {
+                    (keys * 128, true)
+                } else {
+                    (WG_A_LBO, false)
+                };
+                Ok(WgB {
+                    at: p,
+                    desc: wgmma_desc(fb, p, lbo, WG_A_SBO)?,
+                    lbo,
+                    sbo: WG_A_SBO,
+                    n_major,
+                })
+            };
+            let q_frag = |ks: i64| -> R<[IntValue<'ctx>; 4]> {
                 let a = [0, 1, 2, 3].map(|x| qfr[(ks * 4) as usize + x]);
-                let a = [
+                Ok([
                     geti(a[0], i32t)?,
                     geti(a[1], i32t)?,
                     geti(a[2], i32t)?,
                     geti(a[3], i32t)?,
-                ];
-                for pp in 0..keys / 16 {
-                    let p = word_ptr(k_at[(ks % 4) as usize], c(ld_word(pp, ks, dq)))?;
-                    let m = ldmatrix_x4(fb, p, false)?;
-                    for (h, b) in [[m[0], m[1]], [m[2], m[3]]].into_iter().enumerate() {
-                        let nt = (2 * pp) as usize + h;
-                        mma_into(fb, &sacc[nt * 4..nt * 4 + 4], a, b)?;
+                ])
+            };
+            if wg {
+                // S = Q·Kᵀ: the query fragments are `wgmma`'s `A` as they are `mma`'s.
+                wgmma_sync(fb, "fence", None)?;
+                for ks in 0..dq / 16 {
+                    let off = (ks / 4) * keys * 128 + (ks % 4) * 32;
+                    wgmma_m64(
+                        fb,
+                        &WgA::Regs(q_frag(ks)?),
+                        &wg_b(fb, false, off)?,
+                        t128,
+                        &sacc,
+                    )?;
+                }
+                // (groups complete in order: this waits for the last step's `PV` too,
+                // before the softmax rescales its accumulators)
+                wgmma_sync(fb, "commit_group", None)?;
+                wgmma_sync(fb, "wait_group", Some(0))?;
+            } else {
+                // S = Q·Kᵀ: key tiles in pairs; matrices (keys +0/+8) × (d +0/+8).
+                let k_at: Vec<PointerValue> = k_ld.iter().map(|w| at(base, w)).collect::<R<_>>()?;
+                for ks in 0..dq / 16 {
+                    let a = q_frag(ks)?;
+                    for pp in 0..keys / 16 {
+                        let p = word_ptr(k_at[(ks % 4) as usize], c(ld_word(pp, ks, dq)))?;
+                        let m = ldmatrix_x4(fb, p, false)?;
+                        for (h, b) in [[m[0], m[1]], [m[2], m[3]]].into_iter().enumerate() {
+                            let nt = (2 * pp) as usize + h;
+                            mma_into(fb, &sacc[nt * 4..nt * 4 + 4], a, b)?;
+                        }
                     }
                 }
             }
@@ -5537,15 +5701,33 @@ fn gpu_mma_attention<'ctx>(
                 fb.set(*o, fb.fmul(fb.get(*o)?, corr[(i % 4) / 2])?)?;
             }
             // O += P·V: the probabilities of key tiles 2kk, 2kk+1 are the left fragment of
-            // k step kk; values by `ldmatrix.trans`, matrices (keys +0/+8) × (columns +0/+8).
-            for kk in 0..keys / 16 {
+            // k step kk; values by `ldmatrix.trans`, matrices (keys +0/+8) × (columns +0/+8),
+            // or with `wg` from the stage as `wgmma`'s n-major `B`.
+            let p_frag = |kk: i64| -> R<[IntValue<'ctx>; 4]> {
                 let pv = |nt: i64, x: usize| fb.get(sacc[(nt * 4) as usize + x]);
-                let a = [
+                Ok([
                     pack_bf16x2(fb, pv(2 * kk, 0)?, pv(2 * kk, 1)?)?,
                     pack_bf16x2(fb, pv(2 * kk, 2)?, pv(2 * kk, 3)?)?,
                     pack_bf16x2(fb, pv(2 * kk + 1, 0)?, pv(2 * kk + 1, 1)?)?,
                     pack_bf16x2(fb, pv(2 * kk + 1, 2)?, pv(2 * kk + 1, 3)?)?,
-                ];
+                ])
+            };
+            if wg {
+                // (every fragment packed before the fence: registers written between two
+                // `wgmma`s make ptxas fence each)
+                let frags: Vec<[IntValue<'ctx>; 4]> =
+                    (0..keys / 16).map(p_frag).collect::<R<_>>()?;
+                wgmma_sync(fb, "fence", None)?;
+                for (kk, a) in frags.into_iter().enumerate() {
+                    let b = wg_b(fb, true, kk as i64 * 16 * 128)?;
+                    wgmma_m64(fb, &WgA::Regs(a), &b, t128, &oacc)?;
+                }
+                // (waited for by the next step's `QKᵀ`, or after the last step)
+                return wgmma_sync(fb, "commit_group", None);
+            }
+            let v_at: Vec<PointerValue> = v_ld.iter().map(|w| at(vbase, w)).collect::<R<_>>()?;
+            for kk in 0..keys / 16 {
+                let a = p_frag(kk)?;
                 for jj in 0..dv / 16 {
                     let p = word_ptr(v_at[(jj % 4) as usize], c(ld_word(kk, jj, dv)))?;
                     let m = ldmatrix_x4(fb, p, true)?;
@@ -5571,23 +5753,33 @@ fn gpu_mma_attention<'ctx>(
                 compute(fb, s0, c(0))
             })
         };
-        // Step `kt`'s keys and values copied into stage `kt % MMA_ATTN_STAGES` (`cp.async`,
+        // Step `kt`'s keys and values copied into stage `kt % stages` (`cp.async`,
         // not waited for), keys past `S` as zeros: per pass `p`, row `r0 + p·rows` of the
         // tile, chunk `e/8` (`chunks_of`). Rows `rows` apart keep their chunk permutation
         // (`swizzled_word`: `rows` is a multiple of 8 per-rows), so a pass's words are the
         // first pass's plus a constant.
+        // With `wg`, in `wg_stage_word`'s layout, whose rows `rows` apart (a multiple of 8)
+        // also keep their permutation, `rows·128` bytes on.
+        let stage_at = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<IntValue<'ctx>> {
+            fb.add(kv0, fb.mul(srem(kt, c(stages), "stg")?, c(stage_words))?)
+        };
         let issue = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
-            let base = fb.mul(srem(kt, c(MMA_ATTN_STAGES), "stg")?, c(stage_words))?;
+            let base = stage_at(fb, kt)?;
             let s0 = fb.mul(kt, c(keys))?;
             for (av, src, n, at_word) in [(ka, kb, dq, 0), (va, vb, dv, k_words)] {
                 let (r0, e, rows) = chunks_of(fb, lane, n)?;
-                let first = fb.add(base, fb.add(c(at_word), swizzled_word(fb, r0, e, n)?)?)?;
+                let (word, row_words) = if wg {
+                    (wg_stage_word(fb, r0, e, keys)?, 32)
+                } else {
+                    (swizzled_word(fb, r0, e, n)?, n / 2)
+                };
+                let first = fb.add(base, fb.add(c(at_word), word)?)?;
                 let at0 = fb.add(src, fb.add(fb.mul(fb.add(s0, r0)?, av.strides[2])?, e)?)?;
                 for p in 0..(keys + rows - 1) / rows {
                     let r = fb.add(r0, c(p * rows))?;
                     let s = fb.add(s0, r)?;
                     let at = fb.add(at0, fb.mul(c(p * rows), av.strides[2])?)?;
-                    let dst = word_ptr(kv_s, fb.add(first, c(p * rows * n / 2))?)?;
+                    let dst = word_ptr(kv_s, fb.add(first, c(p * rows * row_words))?)?;
                     let copy = |fb: &Fb<'_, 'ctx>| cp_async_chunk(fb, av, lt(s, sv)?, at, dst);
                     if (p + 1) * rows > keys {
                         fb.if_else(lt(r, c(keys))?, copy, |_| Ok(()))?;
@@ -5598,12 +5790,17 @@ fn gpu_mma_attention<'ctx>(
             }
             Ok(())
         };
-        // Through the ring: `MMA_ATTN_STAGES - 1` steps in flight (`ring_pipeline`).
+        // Through the ring: `MMA_ATTN_STAGES - 1` steps in flight (`ring_pipeline`). With
+        // `wg` a step's `PV` is still in flight through the next step's barrier and copies
+        // (its wait is the next `QKᵀ`'s), so the ring has a stage more: the one refilled at
+        // step `kt` was last read by `PV` of step `kt - 2`, waited for at step `kt - 1`.
         let ring = |fb: &Fb<'_, 'ctx>| -> R<()> {
             ring_pipeline(fb, steps, MMA_ATTN_STAGES - 1, &issue, &|fb, kt| {
-                let base = fb.mul(srem(kt, c(MMA_ATTN_STAGES), "stg")?, c(stage_words))?;
-                compute(fb, fb.mul(kt, c(keys))?, base)
+                compute(fb, fb.mul(kt, c(keys))?, stage_at(fb, kt)?)
             })?;
+            if wg {
+                wgmma_sync(fb, "wait_group", Some(0))?;
+            }
             cp_async_wait(fb, 0)
         };
         if ring_path {
@@ -7163,7 +7360,7 @@ pub fn gpu_entry<'ctx>(
 
 /// Bytes of dynamic shared memory a GPU kernel is launched with: the tensor-core matmul's
 /// ring (`MMA_RING_BYTES`, or `WG_RING_BYTES` with `wgmma`), tensor-core attention's
-/// (`MMA_ATTN_STAGES` stages), none otherwise.
+/// (`mma_attn_shared_bytes`), none otherwise.
 pub fn gpu_shared_bytes(k: &Kernel, tensor_cores: bool, wgmma: bool) -> u32 {
     match k {
         Kernel::MatMul { .. } | Kernel::RmsNormMatMul { .. } if tensor_cores => {
@@ -7174,7 +7371,7 @@ pub fn gpu_shared_bytes(k: &Kernel, tensor_cores: bool, wgmma: bool) -> u32 {
             }
         }
         Kernel::Attention { dims, .. } if tensor_cores && mma_attention_fits(dims) => {
-            (MMA_ATTN_STAGES * mma_attn_stage_bytes(dims)) as u32
+            mma_attn_shared_bytes(dims, wgmma) as u32
         }
         _ => 0,
     }
@@ -7189,6 +7386,88 @@ pub fn gpu_min_blocks(k: &Kernel, tensor_cores: bool) -> u32 {
         Kernel::Attention { dims, .. } if tensor_cores && mma_attention_fits(dims) => 1,
         _ => 2,
     }
+}
+
+/// Tiles along dims: `(extent, tile)` pairs, `⌈extent / tile⌉` each, multiplied.
+pub type DimTiles = Vec<(Dim, i64)>;
+
+/// A GPU kernel's tiled path as its launch sees it (`runtime::plan::TileGrid` in dims): one
+/// block per tile of `blocks`, where each `(tiles, bound)` of `when` has at least `bound`
+/// tiles.
+pub struct GpuTiles {
+    pub blocks: DimTiles,
+    pub when: Vec<(DimTiles, i64)>,
+}
+
+/// The tiled path of GPU kernel `k` (operand buffers' element types by `elem`), if it has
+/// one: the matmuls' 128-row tiles (`gpu_tiled_matmul`, `gpu_mma_matmul`, and 128 × 256
+/// where `gpu_wgmma_matmul` may run), taken with more than `GPU_GEMV_MAX_M` rows and at
+/// least `GPU_TILED_MIN_TILES` 128 × 128 tiles (as `matmul` decides); tensor-core
+/// attention's `MMA_ATTN_ROWS` query rows per `(b, h)`, taken from `MMA_ATTN_MIN_T` rows.
+/// Launching one block per tile leaves no empty blocks to dispatch after the work (the
+/// kernels stride over their tiles by the grid, so any grid computes the same; attention's
+/// warp-per-row fallback for bf16 keys and values the ring cannot copy then runs on fewer
+/// warps).
+pub fn gpu_tiles(
+    k: &Kernel,
+    elem: &dyn Fn(u32) -> ElemType,
+    tensor_cores: bool,
+    wgmma: bool,
+) -> Option<GpuTiles> {
+    let (batch, m, n, wide) = match k {
+        Kernel::MatMul {
+            a, w, batch, m, n, ..
+        } => (
+            batch,
+            m,
+            n,
+            [a, w].iter().all(|x| elem(x.buf) == ElemType::BF16),
+        ),
+        Kernel::RmsNormMatMul {
+            x,
+            g,
+            w,
+            batch,
+            m,
+            n,
+            ..
+        } => (
+            batch,
+            m,
+            n,
+            g.is_none() && [x, w].iter().all(|a| elem(a.buf) == ElemType::BF16),
+        ),
+        Kernel::Attention { dims: d, .. } if tensor_cores && mma_attention_fits(d) => {
+            return Some(GpuTiles {
+                blocks: vec![
+                    (d.b.clone(), 1),
+                    (Dim::c(d.h), 1),
+                    (d.t.clone(), MMA_ATTN_ROWS),
+                ],
+                when: vec![(vec![(d.t.clone(), 1)], MMA_ATTN_MIN_T)],
+            });
+        }
+        _ => return None,
+    };
+    let tile_n = if tensor_cores && wgmma && wide {
+        WG_TILE_N
+    } else {
+        GPU_TILE
+    };
+    let per_batch = |tn: i64| -> DimTiles {
+        batch
+            .iter()
+            .map(|b| (b.clone(), 1))
+            .chain([(m.clone(), GPU_TILE), (n.clone(), tn)])
+            .collect()
+    };
+    Some(GpuTiles {
+        blocks: per_batch(tile_n),
+        when: vec![
+            (vec![(m.clone(), 1)], GPU_GEMV_MAX_M + 1),
+            (per_batch(GPU_TILE), GPU_TILED_MIN_TILES),
+        ],
+    })
 }
 
 /// How many GPU threads a kernel's parallel loop has work for (what its body splits), as a

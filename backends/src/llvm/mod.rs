@@ -19,7 +19,7 @@ use inkwell::targets::{
 use inkwell::OptimizationLevel;
 
 use egret_runtime::cpu::KernelFn;
-use egret_runtime::plan::{KernelCall, Plan};
+use egret_runtime::plan::{KernelCall, Plan, TileDim, TileGrid};
 
 use crate::kernel::Program;
 use crate::BackendError;
@@ -252,6 +252,29 @@ pub(crate) fn codegen_flavor<'ctx>(
                         wgmma,
                     } => kernels::gpu_shared_bytes(k, *tensor_cores, *wgmma),
                     _ => 0,
+                },
+                tiles: match flavor {
+                    Flavor::Gpu {
+                        tensor_cores,
+                        wgmma,
+                    } => {
+                        let elem = |b: u32| prog.buffers[b as usize].elem;
+                        kernels::gpu_tiles(k, &elem, *tensor_cores, *wgmma).map(|t| {
+                            let tiles = |ds: kernels::DimTiles| {
+                                ds.iter()
+                                    .map(|(d, tile)| TileDim {
+                                        extent: crate::kernel::symdim(&prog.symbols, d),
+                                        tile: *tile,
+                                    })
+                                    .collect()
+                            };
+                            TileGrid {
+                                blocks: tiles(t.blocks),
+                                when: t.when.into_iter().map(|(d, b)| (tiles(d), b)).collect(),
+                            }
+                        })
+                    }
+                    _ => None,
                 },
             });
         }
