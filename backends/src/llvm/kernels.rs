@@ -5697,9 +5697,23 @@ fn gpu_mma_attention<'ctx>(
                 fb.set(mrow[rr], m_new)?;
                 corr.push(cr);
             }
-            for (i, o) in oacc.iter().enumerate() {
-                fb.set(*o, fb.fmul(fb.get(*o)?, corr[(i % 4) / 2])?)?;
-            }
+            // (skipped where neither row's max moved: a factor of 1 changes nothing, and
+            // after the first steps most rows' maxima stay)
+            let one = fb.f32c(1.0);
+            let kept = and(
+                fb.fcmp(FloatPredicate::OEQ, corr[0], one)?,
+                fb.fcmp(FloatPredicate::OEQ, corr[1], one)?,
+            )?;
+            fb.if_else(
+                kept,
+                |_| Ok(()),
+                |fb| {
+                    for (i, o) in oacc.iter().enumerate() {
+                        fb.set(*o, fb.fmul(fb.get(*o)?, corr[(i % 4) / 2])?)?;
+                    }
+                    Ok(())
+                },
+            )?;
             // O += P·V: the probabilities of key tiles 2kk, 2kk+1 are the left fragment of
             // k step kk; values by `ldmatrix.trans`, matrices (keys +0/+8) × (columns +0/+8),
             // or with `wg` from the stage as `wgmma`'s n-major `B`.
