@@ -198,21 +198,11 @@ fn bf16_pair(r: u32) -> [f32; 2] {
     [f32::from_bits(r << 16), f32::from_bits(r & 0xffff_0000)]
 }
 
-/// `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32`: `d = a·b + c` for a 16 × 16 `a`
-/// and a 16 × 8 `b` spread over the warp (layouts in `llvm::kernels::mma_bf16`). The
-/// products of bf16 values are exact in f32; they are summed in f32 in k order.
-extern "C" fn egret_simt_mma_bf16(
-    a0: u32,
-    a1: u32,
-    a2: u32,
-    a3: u32,
-    b0: u32,
-    b1: u32,
-    c: *mut f32,
-) {
-    let (all, lane) = warp_exchange(&[a0, a1, a2, a3, b0, b1]);
+/// The 16 × 16 bf16 `A` a warp holds in words 0-3 of its lanes (`mma.m16n8k16`'s layout:
+/// lane `l`, with `g = l/4`, `t = l%4`, holds rows `g` and `g + 8` at k `2t, 2t+1` (words 0,
+/// 1) and `2t+8, 2t+9` (words 2, 3)), as f32.
+fn warp_a(all: &[[u32; SLOT_WORDS]; WARP]) -> [[f32; 16]; 16] {
     let mut a = [[0f32; 16]; 16];
-    let mut b = [[0f32; 8]; 16];
     for (l, w) in all.iter().enumerate() {
         let (g, t) = (l / 4, l % 4);
         for (reg, (row, k)) in [
@@ -228,6 +218,27 @@ extern "C" fn egret_simt_mma_bf16(
             a[row][k] = lo;
             a[row][k + 1] = hi;
         }
+    }
+    a
+}
+
+/// `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32`: `d = a·b + c` for a 16 × 16 `a`
+/// and a 16 × 8 `b` spread over the warp (layouts in `llvm::kernels::mma_bf16`). The
+/// products of bf16 values are exact in f32; they are summed in f32 in k order.
+extern "C" fn egret_simt_mma_bf16(
+    a0: u32,
+    a1: u32,
+    a2: u32,
+    a3: u32,
+    b0: u32,
+    b1: u32,
+    c: *mut f32,
+) {
+    let (all, lane) = warp_exchange(&[a0, a1, a2, a3, b0, b1]);
+    let a = warp_a(&all);
+    let mut b = [[0f32; 8]; 16];
+    for (l, w) in all.iter().enumerate() {
+        let (g, t) = (l / 4, l % 4);
         for (reg, k) in [2 * t, 2 * t + 8].into_iter().enumerate() {
             let [lo, hi] = bf16_pair(w[4 + reg]);
             b[k][g] = lo;
@@ -498,23 +509,7 @@ extern "C" fn egret_simt_wgmma_rs(
     // SAFETY: the generated code passes four words.
     let mine = unsafe { [*a, *a.add(1), *a.add(2), *a.add(3)] };
     let (all, _) = warp_exchange(&mine);
-    let mut rows = [[0f32; 16]; 16];
-    for (l, w) in all.iter().enumerate() {
-        let (g, q) = (l / 4, l % 4);
-        for (reg, (row, k)) in [
-            (g, 2 * q),
-            (g + 8, 2 * q),
-            (g, 2 * q + 8),
-            (g + 8, 2 * q + 8),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let [lo, hi] = bf16_pair(w[reg]);
-            rows[row][k] = lo;
-            rows[row][k + 1] = hi;
-        }
-    }
+    let rows = warp_a(&all);
     let b = WgmmaB {
         b: b as usize,
         lbo: b_lbo as usize,
