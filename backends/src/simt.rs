@@ -22,7 +22,9 @@
 //! launch fails with an error instead of hanging; so does a vector access that is not
 //! aligned to its size, on which the GPU would fault, and a `cp.async` into shared memory
 //! that a `wgmma` not yet waited for may still read (the simulator computes a `wgmma` when
-//! it is issued, and the GPU may make a copy as soon as it is issued: a race there).
+//! it is issued, and the GPU may make a copy as soon as it is issued: a race there), and a
+//! `wgmma` reading shared memory that a `cp.async` not yet waited for may still write (the
+//! GPU may make the copy as late as its wait).
 
 use std::cell::Cell;
 
@@ -85,6 +87,9 @@ struct Block {
     /// The first `cp.async` into shared memory that an unfinished `wgmma` may read (the GPU
     /// may make the copy as soon as it is issued): `(address, the thread that issued it)`.
     overwrite: Option<(u64, usize)>,
+    /// The first `wgmma` that reads shared memory a `cp.async` not yet waited for may still
+    /// write (the GPU may make the copy as late as its wait): `(address, the thread)`.
+    early_read: Option<(u64, usize)>,
 }
 
 /// One thread's `wgmma` operand ranges `[start, end)`, by commit group, oldest first.
@@ -417,15 +422,30 @@ impl WgmmaB {
     }
 }
 
-/// Notes shared-memory rows `reads` as read by the running thread's next `wgmma` group.
-fn wgmma_reading(reads: Vec<(usize, usize)>) {
+/// Notes shared-memory rows `reads` as read by the running thread's next `wgmma` group, and
+/// (for thread `t` 0 of the warpgroup: its threads read the same) fails the launch if a
+/// `cp.async` of any thread not yet waited for lands in them.
+fn wgmma_reading(reads: Vec<(usize, usize)>, t: usize) {
     // SAFETY: hooks run on simulated threads only, while `run_block` holds the block.
     unsafe {
         let b = block();
-        if !b.is_null() {
-            let lane = (*b).running;
-            (&mut (*b).wgmma_reads)[lane].open.extend(reads);
+        if b.is_null() {
+            return;
         }
+        let lane = (*b).running;
+        if t == 0 && (*b).early_read.is_none() {
+            let pending = (*b)
+                .copies
+                .iter()
+                .flat_map(|c| c.open.iter().chain(c.groups.iter().flatten()));
+            for cp in pending {
+                if reads.iter().any(|&(s, e)| cp.dst < e && s < cp.dst + 16) {
+                    (*b).early_read = Some((cp.dst as u64, lane));
+                    break;
+                }
+            }
+        }
+        (&mut (*b).wgmma_reads)[lane].open.extend(reads);
     }
 }
 
@@ -480,7 +500,7 @@ extern "C" fn egret_simt_wgmma(
     };
     let mut reads = vec![(row_of(a), row_of(a + 7 * a_sbo + 7 * 128) + 128)];
     reads.extend(b.reads());
-    wgmma_reading(reads);
+    wgmma_reading(reads, t as usize);
     // SAFETY: the generated code gives shared-memory addresses of a `64 × 16` `A` and a
     // `16 × n` `B` laid out as above, and room for `n/2` accumulators.
     unsafe {
@@ -517,7 +537,7 @@ extern "C" fn egret_simt_wgmma_rs(
         n_major: b_n_major != 0,
         n: n as usize,
     };
-    wgmma_reading(b.reads());
+    wgmma_reading(b.reads(), t as usize);
     // (the warp's 16 rows: row `r` of the 64 is its warp's row `r % 16`)
     let a_at = |row: usize, k: usize| rows[row % 16][k];
     // SAFETY: the generated code gives a `16 × n` `B` in shared memory laid out as `WgmmaB`
@@ -644,6 +664,7 @@ impl SimtLauncher {
             copies: (0..BLOCK).map(|_| AsyncCopies::default()).collect(),
             wgmma_reads: (0..BLOCK).map(|_| WgmmaReads::default()).collect(),
             overwrite: None,
+            early_read: None,
         }));
         // SAFETY (all uses of `bp` below): the block lives until the end of this function,
         // where it is freed after every thread has ended or been reset; only one thread
@@ -717,6 +738,14 @@ impl SimtLauncher {
             outcome = Err(format!(
                 "in the simulated launch of `{}`, thread {lane} copied into shared memory at \
                  {at:#x} that a `wgmma` not yet waited for may still read (a race on the GPU)",
+                call.what
+            ));
+        }
+        if let (Ok(()), Some((at, lane))) = (&outcome, unsafe { (*bp).early_read }) {
+            outcome = Err(format!(
+                "in the simulated launch of `{}`, thread {lane}'s `wgmma` reads shared memory \
+                 at {at:#x} that a `cp.async` not yet waited for may still write (a race on \
+                 the GPU)",
                 call.what
             ));
         }
@@ -1133,6 +1162,45 @@ mod tests {
                     *got, want,
                     "n-major {n_major} thread {tid} entry {x} ({row}, {col})"
                 );
+            }
+        }
+    }
+
+    // Every thread copies 16 bytes into `A`'s bytes `16·tid..` of a 1024-aligned region and
+    // commits, waiting for the copy first when `safe`; after a barrier, thread 0 issues a
+    // `wgmma` on that `A`.
+    kernel!(fn wgmma_over_copy(bufs, tid, _) {
+        let (mem, src, safe) = (*bufs, *bufs.add(1), *(*bufs.add(2)) != 0);
+        let region = mem.add(mem.align_offset(1024));
+        egret_simt_cp_async(region.add(16 * tid as usize), src, 16);
+        egret_simt_cp_async_commit();
+        if safe {
+            egret_simt_cp_async_wait(0);
+        }
+        egret_simt_barrier();
+        if tid == 0 {
+            let mut d = [0f32; 64];
+            egret_simt_wgmma(region, 1024, region.add(8192), 4096, 1024, 128, d.as_mut_ptr(), 0);
+            egret_simt_wgmma_commit();
+            egret_simt_wgmma_wait(0);
+        }
+        egret_simt_cp_async_wait(0);
+        0
+    });
+
+    #[test]
+    fn a_wgmma_reading_what_an_unfinished_copy_writes_fails_the_launch() {
+        let mut mem = vec![0u8; 16384 + 1024];
+        let src = [0u8; 32];
+        let src = unsafe { src.as_ptr().add(src.as_ptr().align_offset(16)) };
+        for (safe, ok) in [(0u8, false), (1, true)] {
+            let flag = [safe];
+            let args = [mem.as_mut_ptr(), src as *mut u8, flag.as_ptr() as *mut u8];
+            let got = launcher().launch(wgmma_over_copy, &call(256), &args, &[]);
+            match (ok, got) {
+                (true, r) => assert_eq!(r, Ok(0)),
+                (false, Err(e)) => assert!(e.contains("may still write"), "{e}"),
+                (false, Ok(_)) => panic!("the race went unnoticed"),
             }
         }
     }

@@ -5089,9 +5089,9 @@ const MMA_ATTN_KEYS: i64 = 64;
 /// while one is multiplied (96 KiB of shared memory at head size 128, under the 99 KiB a
 /// block may have on sm_86/sm_89).
 const MMA_ATTN_STAGES: i64 = 3;
-/// Stages of the ring when attention runs on `wgmma`: one more, for the step whose `PV`
-/// may still be reading its values while two steps' copies are in flight (129 KiB at head
-/// size 128, of sm_90's 227).
+/// Stages of the ring when attention runs on `wgmma`, software-pipelined: one more, for the
+/// step whose values the tensor cores may still read while two steps' copies are in flight
+/// (129 KiB at head size 128, of sm_90's 227).
 const WG_ATTN_STAGES: i64 = 4;
 
 /// Whether `gpu_mma_attention` copies keys and values through its `cp.async` ring (both
@@ -5278,8 +5278,8 @@ fn attn_out_row<'ctx>(
 /// `64(w/4)..` of the tile, whose per-warp register layouts are `mma.sync`'s, so the query
 /// fragments are `QKᵀ`'s left operand, the probabilities `PV`'s and the softmax between is
 /// the same code. The stages are then in `wg_stage_word`'s swizzled layout, from a 1024-byte
-/// boundary; keys are read k-major, values n-major, and each product is waited for before
-/// its results are used (so a stage is free again at the next step's barrier).
+/// boundary; keys are read k-major, values n-major; a step's softmax runs while the tensor
+/// cores do the last step's `PV` (the pipeline is described at `ring`).
 #[allow(clippy::too_many_arguments)]
 fn gpu_mma_attention<'ctx>(
     fb: &Fb<'_, 'ctx>,
@@ -5337,6 +5337,16 @@ fn gpu_mma_attention<'ctx>(
     let fslot = || fb.slot(fb.f32t.into());
     let qfr: Vec<PointerValue> = (0..dq / 16 * 4).map(|_| islot()).collect::<R<_>>()?;
     let sacc: Vec<PointerValue> = (0..keys / 8 * 4).map(|_| fslot()).collect::<R<_>>()?;
+    // (on `wgmma`, the last step's probabilities, packed, and its rows' rescale factors,
+    // kept for the next step: `ring`)
+    let (pfr, corr_s): (Vec<PointerValue>, Vec<PointerValue>) = if wg {
+        (
+            (0..keys / 16 * 4).map(|_| islot()).collect::<R<_>>()?,
+            vec![fslot()?, fslot()?],
+        )
+    } else {
+        (vec![], vec![])
+    };
     let oacc: Vec<PointerValue> = (0..dv / 8 * 4).map(|_| fslot()).collect::<R<_>>()?;
     // Per row of the lane (g, g+8): running max, partial sum, end of visible keys.
     let (mrow, lrow) = ([fslot()?, fslot()?], [fslot()?, fslot()?]);
@@ -5558,78 +5568,70 @@ fn gpu_mma_attention<'ctx>(
             Ok(())
         };
         let steps = sdiv(fb.add(kend, c(keys - 1))?, c(keys), "steps")?;
-        // Keys `s0..` in the stage at word `base`: the scores, the softmax update and the
-        // values' products.
-        let compute = |fb: &Fb<'_, 'ctx>, s0: IntValue<'ctx>, base: IntValue<'ctx>| -> R<()> {
-            let vbase = fb.add(base, c(k_words))?;
-            // (pointers, each fragment's a constant offset from one: `ldmatrix [p + imm]`)
-            let at = |b, w: &IntValue<'ctx>| word_ptr(kv_s, fb.add(b, *w)?);
-            for a in &sacc {
+        // (pointers, each fragment's a constant offset from one: `ldmatrix [p + imm]`)
+        let at = |b, w: &IntValue<'ctx>| word_ptr(kv_s, fb.add(b, *w)?);
+        // `wgmma`'s operand at byte `off` of the keys (`values`: the values) at word `word`
+        // and its descriptor: keys k-major (key rows of the 64-element block `16ks/64`, 32
+        // bytes a k step into them), values n-major (16 key rows a k step, 64-column blocks
+        // `keys·128` bytes apart).
+        let wg_b = |fb: &Fb<'_, 'ctx>, word: IntValue<'ctx>, off: i64, values: bool| {
+            let p = word_ptr(kv_s, fb.add(word, c(off / 4))?)?;
+            let (lbo, n_major) = if values {
+                (keys * 128, true)
+            } else {
+                (WG_A_LBO, false)
+            };
+            R::Ok(WgB {
+                at: p,
+                desc: wgmma_desc(fb, p, lbo, WG_A_SBO)?,
+                lbo,
+                sbo: WG_A_SBO,
+                n_major,
+            })
+        };
+        let q_frag = |ks: i64| -> R<[IntValue<'ctx>; 4]> {
+            let a = [0, 1, 2, 3].map(|x| qfr[(ks * 4) as usize + x]);
+            Ok([
+                geti(a[0], i32t)?,
+                geti(a[1], i32t)?,
+                geti(a[2], i32t)?,
+                geti(a[3], i32t)?,
+            ])
+        };
+        // S = Q·Kᵀ into `s` from the keys at word `base`. On `wgmma` (the query fragments are
+        // its `A` as they are `mma`'s): issued and committed, not waited for.
+        let scores = |fb: &Fb<'_, 'ctx>, base: IntValue<'ctx>, s: &[PointerValue<'ctx>]| {
+            for a in s {
                 fb.set(*a, fb.f32c(0.0))?;
             }
-            // `wgmma`'s operand at byte `off` of the stage's keys (`vb`: values) and its
-            // descriptor: keys k-major (key rows of the 64-element block `16ks/64`, 32
-            // bytes a k step into them), values n-major (16 key rows a k step, 64-column
-            // blocks `keys·128` bytes apart).
-            let wg_b = |fb: &Fb<'_, 'ctx>, vb: bool, off: i64| -> R<WgB<'ctx>> {
-                let word = fb.add(if vb { vbase } else { base }, c(off / 4))?;
-                let p = word_ptr(kv_s, word)?;
-                let (lbo, n_major) = if vb {
-                    (keys * 128, true)
-                } else {
-                    (WG_A_LBO, false)
-                };
-                Ok(WgB {
-                    at: p,
-                    desc: wgmma_desc(fb, p, lbo, WG_A_SBO)?,
-                    lbo,
-                    sbo: WG_A_SBO,
-                    n_major,
-                })
-            };
-            let q_frag = |ks: i64| -> R<[IntValue<'ctx>; 4]> {
-                let a = [0, 1, 2, 3].map(|x| qfr[(ks * 4) as usize + x]);
-                Ok([
-                    geti(a[0], i32t)?,
-                    geti(a[1], i32t)?,
-                    geti(a[2], i32t)?,
-                    geti(a[3], i32t)?,
-                ])
-            };
             if wg {
-                // S = Q·Kᵀ: the query fragments are `wgmma`'s `A` as they are `mma`'s.
                 wgmma_sync(fb, "fence", None)?;
                 for ks in 0..dq / 16 {
                     let off = (ks / 4) * keys * 128 + (ks % 4) * 32;
-                    wgmma_m64(
-                        fb,
-                        &WgA::Regs(q_frag(ks)?),
-                        &wg_b(fb, false, off)?,
-                        t128,
-                        &sacc,
-                    )?;
+                    let b = wg_b(fb, base, off, false)?;
+                    wgmma_m64(fb, &WgA::Regs(q_frag(ks)?), &b, t128, s)?;
                 }
-                // (groups complete in order: this waits for the last step's `PV` too,
-                // before the softmax rescales its accumulators)
-                wgmma_sync(fb, "commit_group", None)?;
-                wgmma_sync(fb, "wait_group", Some(0))?;
-            } else {
-                // S = Q·Kᵀ: key tiles in pairs; matrices (keys +0/+8) × (d +0/+8).
-                let k_at: Vec<PointerValue> = k_ld.iter().map(|w| at(base, w)).collect::<R<_>>()?;
-                for ks in 0..dq / 16 {
-                    let a = q_frag(ks)?;
-                    for pp in 0..keys / 16 {
-                        let p = word_ptr(k_at[(ks % 4) as usize], c(ld_word(pp, ks, dq)))?;
-                        let m = ldmatrix_x4(fb, p, false)?;
-                        for (h, b) in [[m[0], m[1]], [m[2], m[3]]].into_iter().enumerate() {
-                            let nt = (2 * pp) as usize + h;
-                            mma_into(fb, &sacc[nt * 4..nt * 4 + 4], a, b)?;
-                        }
+                return wgmma_sync(fb, "commit_group", None);
+            }
+            // key tiles in pairs; matrices (keys +0/+8) × (d +0/+8).
+            let k_at: Vec<PointerValue> = k_ld.iter().map(|w| at(base, w)).collect::<R<_>>()?;
+            for ks in 0..dq / 16 {
+                let a = q_frag(ks)?;
+                for pp in 0..keys / 16 {
+                    let p = word_ptr(k_at[(ks % 4) as usize], c(ld_word(pp, ks, dq)))?;
+                    let m = ldmatrix_x4(fb, p, false)?;
+                    for (h, b) in [[m[0], m[1]], [m[2], m[3]]].into_iter().enumerate() {
+                        let nt = (2 * pp) as usize + h;
+                        mma_into(fb, &s[nt * 4..nt * 4 + 4], a, b)?;
                     }
                 }
             }
-            // Mask, running max, probabilities, rescaling. Accumulator x of key tile nt:
-            // row g + 8(x/2), key s0 + 8nt + 2q + x%2.
+            Ok(())
+        };
+        // The scores `s` of keys `s0..`: mask, running max, probabilities (in `s`); returns
+        // the factor each of the thread's rows' output accumulators are to be rescaled by
+        // (`rescale`). Accumulator x of key tile nt: row g + 8(x/2), key s0 + 8nt + 2q + x%2.
+        let probabilities = |fb: &Fb<'_, 'ctx>, s0: IntValue<'ctx>, s: &[PointerValue<'ctx>]| {
             // Masks: a key is visible where its offset in the step, `8nt + 2q + x%2`, is under
             // the row's keys left, `end - s0` clamped to `0..=keys` (32-bit compares of a
             // constant against one limit a row, `left - 2q`). Steps whose keys every row of
@@ -5658,7 +5660,7 @@ fn gpu_mma_attention<'ctx>(
                                 let seen =
                                     fb.b.build_int_compare(IntPredicate::SGT, *lim, off, "seen")
                                         .map_err(be)?;
-                                let slot = sacc[(nt * 4) as usize + x];
+                                let slot = s[(nt * 4) as usize + x];
                                 fb.set(slot, fb.fsel(seen, fb.get(slot)?, ninf)?)?;
                             }
                         }
@@ -5671,7 +5673,7 @@ fn gpu_mma_attention<'ctx>(
                 let mut m_loc = ninf;
                 for nt in 0..(keys / 8) {
                     for x in [2 * rr, 2 * rr + 1] {
-                        let sv_ = fb.get(sacc[(nt * 4) as usize + x])?;
+                        let sv_ = fb.get(s[(nt * 4) as usize + x])?;
                         m_loc = fb.intrinsic("llvm.maxnum", &[m_loc, sv_])?;
                     }
                 }
@@ -5687,7 +5689,7 @@ fn gpu_mma_attention<'ctx>(
                 let mut lsum = fb.fmul(fb.get(lrow[rr])?, cr)?;
                 for nt in 0..(keys / 8) {
                     for x in [2 * rr, 2 * rr + 1] {
-                        let slot = sacc[(nt * 4) as usize + x];
+                        let slot = s[(nt * 4) as usize + x];
                         let p = exp2(fb.b.build_float_sub(fb.get(slot)?, base, "z").map_err(be)?)?;
                         fb.set(slot, p)?;
                         lsum = fb.fadd(lsum, p)?;
@@ -5697,8 +5699,12 @@ fn gpu_mma_attention<'ctx>(
                 fb.set(mrow[rr], m_new)?;
                 corr.push(cr);
             }
-            // (skipped where neither row's max moved: a factor of 1 changes nothing, and
-            // after the first steps most rows' maxima stay)
+            R::Ok([corr[0], corr[1]])
+        };
+        // The output accumulators of the thread's two rows times `corr`, skipped where
+        // neither row's max moved (a factor of 1 changes nothing, and after the first steps
+        // most rows' maxima stay).
+        let rescale = |fb: &Fb<'_, 'ctx>, corr: [FloatValue<'ctx>; 2]| {
             let one = fb.f32c(1.0);
             let kept = and(
                 fb.fcmp(FloatPredicate::OEQ, corr[0], one)?,
@@ -5713,19 +5719,25 @@ fn gpu_mma_attention<'ctx>(
                     }
                     Ok(())
                 },
-            )?;
-            // O += P·V: the probabilities of key tiles 2kk, 2kk+1 are the left fragment of
-            // k step kk; values by `ldmatrix.trans`, matrices (keys +0/+8) × (columns +0/+8),
-            // or with `wg` from the stage as `wgmma`'s n-major `B`.
-            let p_frag = |kk: i64| -> R<[IntValue<'ctx>; 4]> {
-                let pv = |nt: i64, x: usize| fb.get(sacc[(nt * 4) as usize + x]);
-                Ok([
-                    pack_bf16x2(fb, pv(2 * kk, 0)?, pv(2 * kk, 1)?)?,
-                    pack_bf16x2(fb, pv(2 * kk, 2)?, pv(2 * kk, 3)?)?,
-                    pack_bf16x2(fb, pv(2 * kk + 1, 0)?, pv(2 * kk + 1, 1)?)?,
-                    pack_bf16x2(fb, pv(2 * kk + 1, 2)?, pv(2 * kk + 1, 3)?)?,
-                ])
-            };
+            )
+        };
+        // The left fragment of `PV`'s k step `kk` from the probabilities `s`: those of key
+        // tiles 2kk, 2kk+1, packed to bf16.
+        let p_frag = |s: &[PointerValue<'ctx>], kk: i64| -> R<[IntValue<'ctx>; 4]> {
+            let pv = |nt: i64, x: usize| fb.get(s[(nt * 4) as usize + x]);
+            Ok([
+                pack_bf16x2(fb, pv(2 * kk, 0)?, pv(2 * kk, 1)?)?,
+                pack_bf16x2(fb, pv(2 * kk, 2)?, pv(2 * kk, 3)?)?,
+                pack_bf16x2(fb, pv(2 * kk + 1, 0)?, pv(2 * kk + 1, 1)?)?,
+                pack_bf16x2(fb, pv(2 * kk + 1, 2)?, pv(2 * kk + 1, 3)?)?,
+            ])
+        };
+        // O += P·V from the values at word `vbase`, the left fragments by `p_frag(kk)`;
+        // values by `ldmatrix.trans`, matrices (keys +0/+8) × (columns +0/+8), or on `wgmma`
+        // from the stage as its n-major `B` (issued and committed, not waited for).
+        let values = |fb: &Fb<'_, 'ctx>,
+                      vbase: IntValue<'ctx>,
+                      p_frag: &dyn Fn(i64) -> R<[IntValue<'ctx>; 4]>| {
             if wg {
                 // (every fragment packed before the fence: registers written between two
                 // `wgmma`s make ptxas fence each)
@@ -5733,10 +5745,9 @@ fn gpu_mma_attention<'ctx>(
                     (0..keys / 16).map(p_frag).collect::<R<_>>()?;
                 wgmma_sync(fb, "fence", None)?;
                 for (kk, a) in frags.into_iter().enumerate() {
-                    let b = wg_b(fb, true, kk as i64 * 16 * 128)?;
+                    let b = wg_b(fb, vbase, kk as i64 * 16 * 128, true)?;
                     wgmma_m64(fb, &WgA::Regs(a), &b, t128, &oacc)?;
                 }
-                // (waited for by the next step's `QKᵀ`, or after the last step)
                 return wgmma_sync(fb, "commit_group", None);
             }
             let v_at: Vec<PointerValue> = v_ld.iter().map(|w| at(vbase, w)).collect::<R<_>>()?;
@@ -5752,6 +5763,13 @@ fn gpu_mma_attention<'ctx>(
                 }
             }
             Ok(())
+        };
+        // Keys `s0..` in the stage at word `base`, one step at a time (`mma.sync`).
+        let compute = |fb: &Fb<'_, 'ctx>, s0: IntValue<'ctx>, base: IntValue<'ctx>| -> R<()> {
+            scores(fb, base, &sacc)?;
+            let corr = probabilities(fb, s0, &sacc)?;
+            rescale(fb, corr)?;
+            values(fb, fb.add(base, c(k_words))?, &|kk| p_frag(&sacc, kk))
         };
         // Through registers: each step's keys and values loaded, rounded to bf16 and stored
         // in stage 0, between two barriers.
@@ -5804,17 +5822,95 @@ fn gpu_mma_attention<'ctx>(
             }
             Ok(())
         };
-        // Through the ring: `MMA_ATTN_STAGES - 1` steps in flight (`ring_pipeline`). With
-        // `wg` a step's `PV` is still in flight through the next step's barrier and copies
-        // (its wait is the next `QKᵀ`'s), so the ring has a stage more: the one refilled at
-        // step `kt` was last read by `PV` of step `kt - 2`, waited for at step `kt - 1`.
+        // Through the ring: `MMA_ATTN_STAGES - 1` steps in flight (`ring_pipeline`).
+        //
+        // On `wgmma`, software-pipelined so that the softmax of a step runs while the
+        // tensor cores multiply the last step's probabilities by its values: step `kt`
+        // rescales the output accumulators by step `kt - 1`'s factors, issues `QKᵀ` of its
+        // keys and `PV` of step `kt - 1` (its probabilities packed in `pfr`), waits for the
+        // scores only (groups complete in order) and turns them into probabilities and
+        // factors, then waits for `PV` and packs the new probabilities over the old (a
+        // `wgmma` reads its register operand until it completes). The last step's `PV`
+        // follows the loop. Nothing is in flight across the loop's back edge;
+        // step `kt - 1`'s values are read until step `kt`'s last wait, after the copies step
+        // `kt` issues into stage `(kt + 2) % stages`: hence `WG_ATTN_STAGES`.
         let ring = |fb: &Fb<'_, 'ctx>| -> R<()> {
-            ring_pipeline(fb, steps, MMA_ATTN_STAGES - 1, &issue, &|fb, kt| {
-                compute(fb, fb.mul(kt, c(keys))?, stage_at(fb, kt)?)
-            })?;
-            if wg {
-                wgmma_sync(fb, "wait_group", Some(0))?;
+            if !wg {
+                ring_pipeline(fb, steps, MMA_ATTN_STAGES - 1, &issue, &|fb, kt| {
+                    compute(fb, fb.mul(kt, c(keys))?, stage_at(fb, kt)?)
+                })?;
+                return cp_async_wait(fb, 0);
             }
+            let packed = |kk: i64| -> R<[IntValue<'ctx>; 4]> {
+                let w = |x: usize| geti(pfr[(kk * 4) as usize + x], i32t);
+                Ok([w(0)?, w(1)?, w(2)?, w(3)?])
+            };
+            // Step `kt`'s scores into probabilities, its factors kept, after a wait that
+            // leaves `pending` groups in flight; then every group waited for and the
+            // probabilities packed.
+            let softmax = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>, pending: i64| -> R<()> {
+                wgmma_sync(fb, "wait_group", Some(pending))?;
+                let corr = probabilities(fb, fb.mul(kt, c(keys))?, &sacc)?;
+                for (slot, v) in corr_s.iter().zip(corr) {
+                    fb.set(*slot, v)?;
+                }
+                wgmma_sync(fb, "wait_group", Some(0))?;
+                for kk in 0..keys / 16 {
+                    for (x, w) in p_frag(&sacc, kk)?.into_iter().enumerate() {
+                        seti(pfr[(kk * 4) as usize + x], w)?;
+                    }
+                }
+                Ok(())
+            };
+            // The accumulators rescaled by the last step's factors (nothing is in flight
+            // then), and that step's `PV` issued.
+            let rescale_kept = |fb: &Fb<'_, 'ctx>| -> R<()> {
+                rescale(fb, [fb.get(corr_s[0])?, fb.get(corr_s[1])?])
+            };
+            let last_values = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
+                values(fb, fb.add(stage_at(fb, kt)?, c(k_words))?, &packed)
+            };
+            // (`ring_pipeline`'s steps, the first peeled: no branch between a `wgmma` and
+            // its wait, which would make ptxas serialize them all)
+            let ahead = MMA_ATTN_STAGES - 1;
+            for st in 0..ahead {
+                fb.if_else(
+                    cmp(IntPredicate::SLT, c(st), steps)?,
+                    |fb| issue(fb, c(st)),
+                    |_| Ok(()),
+                )?;
+                cp_async_commit(fb)?;
+            }
+            let arrive = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
+                cp_async_wait(fb, ahead - 1)?;
+                barrier(fb)?;
+                let next = fb.add(kt, c(ahead))?;
+                fb.if_else(
+                    cmp(IntPredicate::SLT, next, steps)?,
+                    |fb| issue(fb, next),
+                    |_| Ok(()),
+                )?;
+                cp_async_commit(fb)
+            };
+            fb.if_else(
+                cmp(IntPredicate::SGT, steps, c(0))?,
+                |fb| {
+                    arrive(fb, c(0))?;
+                    scores(fb, stage_at(fb, c(0))?, &sacc)?;
+                    softmax(fb, c(0), 0)?;
+                    fb.for_range(c(1), steps, |fb, kt| {
+                        arrive(fb, kt)?;
+                        rescale_kept(fb)?;
+                        scores(fb, stage_at(fb, kt)?, &sacc)?;
+                        last_values(fb, fb.b.build_int_sub(kt, c(1), "kp").map_err(be)?)?;
+                        softmax(fb, kt, 1)
+                    })?;
+                    rescale_kept(fb)?;
+                    last_values(fb, fb.b.build_int_sub(steps, c(1), "last").map_err(be)?)?;
+                    wgmma_sync(fb, "wait_group", Some(0))
+                },
+                |_| Ok(()),
+            )?;
             cp_async_wait(fb, 0)
         };
         if ring_path {
