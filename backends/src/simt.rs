@@ -1069,21 +1069,26 @@ mod tests {
         0
     });
 
-    #[test]
-    fn a_copy_into_what_an_unfinished_wgmma_reads_fails_the_launch() {
+    /// Runs race kernel `f` (buffers: a 16 KiB region, a 16-byte source, the `safe` flag)
+    /// unsafe, which must fail the launch with `message`, and safe, which must pass.
+    fn race_is_reported(f: KernelFn, message: &str) {
         let mut mem = vec![0u8; 16384 + 1024];
         let src = [0u8; 32];
         let src = unsafe { src.as_ptr().add(src.as_ptr().align_offset(16)) };
         for (safe, ok) in [(0u8, false), (1, true)] {
             let flag = [safe];
             let args = [mem.as_mut_ptr(), src as *mut u8, flag.as_ptr() as *mut u8];
-            let got = launcher().launch(copy_over_wgmma, &call(256), &args, &[]);
-            match (ok, got) {
+            match (ok, launcher().launch(f, &call(256), &args, &[])) {
                 (true, r) => assert_eq!(r, Ok(0)),
-                (false, Err(e)) => assert!(e.contains("may still read"), "{e}"),
+                (false, Err(e)) => assert!(e.contains(message), "{e}"),
                 (false, Ok(_)) => panic!("the race went unnoticed"),
             }
         }
+    }
+
+    #[test]
+    fn a_copy_into_what_an_unfinished_wgmma_reads_fails_the_launch() {
+        race_is_reported(copy_over_wgmma, "may still read");
     }
 
     /// Test values, small integers (exact in bf16 and in f32 sums): `A`'s and `B`'s entries.
@@ -1190,19 +1195,7 @@ mod tests {
 
     #[test]
     fn a_wgmma_reading_what_an_unfinished_copy_writes_fails_the_launch() {
-        let mut mem = vec![0u8; 16384 + 1024];
-        let src = [0u8; 32];
-        let src = unsafe { src.as_ptr().add(src.as_ptr().align_offset(16)) };
-        for (safe, ok) in [(0u8, false), (1, true)] {
-            let flag = [safe];
-            let args = [mem.as_mut_ptr(), src as *mut u8, flag.as_ptr() as *mut u8];
-            let got = launcher().launch(wgmma_over_copy, &call(256), &args, &[]);
-            match (ok, got) {
-                (true, r) => assert_eq!(r, Ok(0)),
-                (false, Err(e)) => assert!(e.contains("may still write"), "{e}"),
-                (false, Ok(_)) => panic!("the race went unnoticed"),
-            }
-        }
+        race_is_reported(wgmma_over_copy, "may still write");
     }
 
     kernel!(fn fails_in_one_thread(_, tid, _) {

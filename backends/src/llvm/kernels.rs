@@ -3754,26 +3754,47 @@ fn ring_pipeline<'ctx>(
     issue: &dyn Fn(&Fb<'_, 'ctx>, IntValue<'ctx>) -> R<()>,
     consume: &dyn Fn(&Fb<'_, 'ctx>, IntValue<'ctx>) -> R<()>,
 ) -> R<()> {
-    let lt = |a, b| {
-        fb.b.build_int_compare(IntPredicate::SLT, a, b, "lt")
-            .map_err(be)
-    };
+    ring_prologue(fb, slices, ahead, issue)?;
+    fb.for_range(fb.i64c(0), slices, |fb, kt| {
+        ring_arrive(fb, kt, slices, ahead, issue)?;
+        consume(fb, kt)
+    })
+}
+
+/// `ring_pipeline`'s start: slices `0..ahead` issued, each its own commit group.
+fn ring_prologue<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    slices: IntValue<'ctx>,
+    ahead: i64,
+    issue: &dyn Fn(&Fb<'_, 'ctx>, IntValue<'ctx>) -> R<()>,
+) -> R<()> {
     for st in 0..ahead {
-        let some = lt(fb.i64c(st), slices)?;
+        let some =
+            fb.b.build_int_compare(IntPredicate::SLT, fb.i64c(st), slices, "some")
+                .map_err(be)?;
         fb.if_else(some, |fb| issue(fb, fb.i64c(st)), |_| Ok(()))?;
         cp_async_commit(fb)?;
     }
-    fb.for_range(fb.i64c(0), slices, |fb, kt| {
-        cp_async_wait(fb, ahead - 1)?;
-        barrier(fb)?;
-        let next = fb.add(kt, fb.i64c(ahead))?;
-        let more =
-            fb.b.build_int_compare(IntPredicate::SLT, next, slices, "more")
-                .map_err(be)?;
-        fb.if_else(more, |fb| issue(fb, next), |_| Ok(()))?;
-        cp_async_commit(fb)?;
-        consume(fb, kt)
-    })
+    Ok(())
+}
+
+/// `ring_pipeline`'s step `kt` up to its `consume`: this thread's copies of slice `kt`
+/// waited for, a barrier, slice `kt + ahead` issued (an empty group past the end).
+fn ring_arrive<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    kt: IntValue<'ctx>,
+    slices: IntValue<'ctx>,
+    ahead: i64,
+    issue: &dyn Fn(&Fb<'_, 'ctx>, IntValue<'ctx>) -> R<()>,
+) -> R<()> {
+    cp_async_wait(fb, ahead - 1)?;
+    barrier(fb)?;
+    let next = fb.add(kt, fb.i64c(ahead))?;
+    let more =
+        fb.b.build_int_compare(IntPredicate::SLT, next, slices, "more")
+            .map_err(be)?;
+    fb.if_else(more, |fb| issue(fb, next), |_| Ok(()))?;
+    cp_async_commit(fb)
 }
 
 /// Four float operands at `av`'s `idx..idx+4` in one load of their total size (16 bytes of
@@ -5873,25 +5894,8 @@ fn gpu_mma_attention<'ctx>(
             // (`ring_pipeline`'s steps, the first peeled: no branch between a `wgmma` and
             // its wait, which would make ptxas serialize them all)
             let ahead = MMA_ATTN_STAGES - 1;
-            for st in 0..ahead {
-                fb.if_else(
-                    cmp(IntPredicate::SLT, c(st), steps)?,
-                    |fb| issue(fb, c(st)),
-                    |_| Ok(()),
-                )?;
-                cp_async_commit(fb)?;
-            }
-            let arrive = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
-                cp_async_wait(fb, ahead - 1)?;
-                barrier(fb)?;
-                let next = fb.add(kt, c(ahead))?;
-                fb.if_else(
-                    cmp(IntPredicate::SLT, next, steps)?,
-                    |fb| issue(fb, next),
-                    |_| Ok(()),
-                )?;
-                cp_async_commit(fb)
-            };
+            ring_prologue(fb, steps, ahead, &issue)?;
+            let arrive = |fb: &Fb<'_, 'ctx>, kt| ring_arrive(fb, kt, steps, ahead, &issue);
             fb.if_else(
                 cmp(IntPredicate::SGT, steps, c(0))?,
                 |fb| {
