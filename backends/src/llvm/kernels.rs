@@ -5883,11 +5883,12 @@ fn gpu_mma_attention<'ctx>(
                 }
                 Ok(())
             };
-            // The accumulators rescaled by the last step's factors (nothing is in flight
-            // then), and that step's `PV` issued.
+            // The accumulators rescaled by the last step's factors (before anything is
+            // issued: they are not in flight then).
             let rescale_kept = |fb: &Fb<'_, 'ctx>| -> R<()> {
                 rescale(fb, [fb.get(corr_s[0])?, fb.get(corr_s[1])?])
             };
+            // `PV` of step `kt`, from its packed probabilities.
             let last_values = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
                 values(fb, fb.add(stage_at(fb, kt)?, c(k_words))?, &packed)
             };
