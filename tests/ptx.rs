@@ -75,8 +75,8 @@ fn smollm2_training_step_ptx_assembles_for_sm80_and_sm90() {
 
 /// GPU launches of the large matmul and prompt attention start one block per tile of their
 /// tiled kernels (no empty blocks dispatched after the work): 128 × 256 tiles on sm_90a's
-/// `wgmma` (bf16 operands), 128 × 128 elsewhere, 128 query rows per head; the small
-/// shapes that take the row kernels keep a thread per item.
+/// `wgmma` (bf16 operands), 128 × 128 elsewhere, 128 query rows per head; matmuls with few
+/// rows or tiles a block per 4 rows × 32 columns; decode-sized attention a warp per row.
 #[test]
 fn tiled_kernels_launch_one_block_per_tile() {
     let matmul = r#"graph mm {
@@ -122,12 +122,11 @@ fn tiled_kernels_launch_one_block_per_tile() {
     assert_eq!(blocks(matmul, "bf16", "sm_90a", &cube), 32 * 16);
     assert_eq!(blocks(matmul, "bf16", "sm_80", &cube), 32 * 32);
     assert_eq!(blocks(matmul, "f32", "sm_90a", &cube), 32 * 32);
-    // (4 × 4 tiles: the row kernel, on `threads`: 256 per row (a symbolic M is not divided
-    // by its 4-row blocks) × 32 columns, capped at 2^20 threads)
+    // (4 × 4 tiles, or 32 rows: the row kernel, a block per 4 rows × 32 columns)
     let thin = [("M", 500), ("N", 512), ("K", 64)];
-    assert_eq!(blocks(matmul, "bf16", "sm_90a", &thin), 4096);
-    let thinner = [("M", 40), ("N", 512), ("K", 64)];
-    assert_eq!(blocks(matmul, "bf16", "sm_90a", &thinner), 40 * 16);
+    assert_eq!(blocks(matmul, "bf16", "sm_90a", &thin), 125 * 16);
+    let decode = [("M", 1), ("N", 49152), ("K", 576)];
+    assert_eq!(blocks(matmul, "f32", "sm_80", &decode), 1536);
     let t = |t: i64| [("T", t)];
     assert_eq!(blocks(attention, "bf16", "sm_90a", &t(4096)), 16 * 32);
     assert_eq!(blocks(attention, "f32", "sm_80", &t(4000)), 16 * 32);

@@ -209,7 +209,7 @@ pub fn peak_activation_bytes(g: &Graph, b: &HashMap<String, i64>) -> Result<u64,
                 work: vec![],
                 threads: vec![],
                 shared_bytes: 0,
-                tiles: None,
+                tiles: vec![],
             })
             .collect(),
         outputs: prog.outputs.clone(),

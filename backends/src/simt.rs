@@ -840,7 +840,7 @@ mod tests {
             work: vec![],
             threads: vec![SymDim::c(threads)],
             shared_bytes: 0,
-            tiles: None,
+            tiles: vec![],
         }
     }
 

@@ -139,11 +139,12 @@ pub struct KernelCall {
     /// the executor raises the function's limit when it is over the default 48 KiB).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub shared_bytes: u32,
-    /// GPU kernels with a tiled path: one block per tile where the kernel takes it (an older
-    /// runtime ignores this and launches `threads`, which computes the same: kernels stride
-    /// over their work by the grid).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tiles: Option<TileGrid>,
+    /// GPU kernels whose paths work in tiles (blocks of work): the paths' grids, in the
+    /// order the kernel tests for them; a launch takes the first whose test holds, one
+    /// block per tile (an older runtime ignores this and launches `threads`, which computes
+    /// the same: kernels stride over their work by the grid).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tiles: Vec<TileGrid>,
 }
 
 /// The most threads one GPU launch starts; a kernel with more parallel work gives each thread
@@ -152,11 +153,11 @@ pub const GPU_MAX_THREADS: i64 = 1 << 20;
 
 impl KernelCall {
     /// Blocks of `GPU_BLOCK` threads a GPU launch of this kernel starts for symbol values
-    /// `syms`: one per tile where `tiles` says the kernel takes its tiled path, else enough
-    /// for `threads`; at least one, at most `GPU_MAX_THREADS / GPU_BLOCK`.
+    /// `syms`: one per tile of the first of `tiles` whose test holds, else enough for
+    /// `threads`; at least one, at most `GPU_MAX_THREADS / GPU_BLOCK`.
     pub fn gpu_blocks(&self, syms: &[i64]) -> u32 {
         let max = GPU_MAX_THREADS / GPU_BLOCK as i64;
-        let blocks = match self.tiles.as_ref().and_then(|t| t.blocks(syms)) {
+        let blocks = match self.tiles.iter().find_map(|t| t.blocks(syms)) {
             Some(b) => b,
             None => {
                 let want: i64 = self.threads.iter().map(|d| d.eval(syms).max(1)).product();
@@ -180,9 +181,9 @@ impl TileDim {
     }
 }
 
-/// A GPU kernel's tiled path, as its launch sees it: `blocks` tiles (the product of the
+/// One path of a GPU kernel, as its launch sees it: `blocks` tiles (the product of the
 /// `TileDim`s), one block each, when every `(dims, bound)` of `when` holds (the product of
-/// `dims` at least `bound`: the kernel's own test for taking that path).
+/// `dims` at least `bound`: the kernel's own test for taking that path; none: always).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TileGrid {
     pub blocks: Vec<TileDim>,
@@ -550,8 +551,9 @@ mod tests {
     use super::*;
 
     /// A matmul-like call over `[M, K]·[K, N]` (symbols `M`, `N`): 128 × 256 tiles where
-    /// `M > 32` and there are at least 132 tiles of 128 × 128; else a thread per `(M, N)`.
-    fn tiled_call() -> KernelCall {
+    /// `M > 32` and there are at least 132 tiles of 128 × 128; else (`rows`) a block per 4
+    /// rows × 32 columns; with neither, a thread per `(M, N)`.
+    fn tiled_call(rows: bool) -> KernelCall {
         let (m, n) = (
             SymDim {
                 constant: 0,
@@ -566,6 +568,19 @@ mod tests {
             extent: d.clone(),
             tile: t,
         };
+        let mut tiles = vec![TileGrid {
+            blocks: vec![tile(&m, 128), tile(&n, 256)],
+            when: vec![
+                (vec![tile(&m, 1)], 33),
+                (vec![tile(&m, 128), tile(&n, 128)], 132),
+            ],
+        }];
+        if rows {
+            tiles.push(TileGrid {
+                blocks: vec![tile(&m, 4), tile(&n, 32)],
+                when: vec![],
+            });
+        }
         KernelCall {
             symbol: "k".into(),
             args: vec![],
@@ -575,33 +590,29 @@ mod tests {
             work: vec![],
             threads: vec![m.clone(), n.clone()],
             shared_bytes: 0,
-            tiles: Some(TileGrid {
-                blocks: vec![tile(&m, 128), tile(&n, 256)],
-                when: vec![
-                    (vec![tile(&m, 1)], 33),
-                    (vec![tile(&m, 128), tile(&n, 128)], 132),
-                ],
-            }),
+            tiles,
         }
     }
 
     #[test]
-    fn a_tiled_launch_starts_one_block_per_tile_where_the_kernel_tiles() {
-        let call = tiled_call();
+    fn a_tiled_launch_starts_one_block_per_tile_of_the_path_the_kernel_takes() {
+        let call = tiled_call(true);
         // 32 × 16 tiles of 128 × 256 (and 32 × 32 ≥ 132 of 128 × 128).
         assert_eq!(call.gpu_blocks(&[4096, 4096]), 512);
         // partial tiles count: ⌈1000/128⌉ · ⌈3000/256⌉ = 8 · 12
         assert_eq!(call.gpu_blocks(&[1000, 3000]), 96);
-        // 32 rows, or too few tiles (1 · 32 and 2 · 4 under 132): the kernel's other path,
-        // a thread per output
-        assert_eq!(call.gpu_blocks(&[32, 4096]), 32 * 4096 / 256);
-        assert_eq!(call.gpu_blocks(&[48, 4096]), 48 * 4096 / 256);
-        assert_eq!(call.gpu_blocks(&[256, 512]), 256 * 512 / 256);
+        // 32 rows, or too few tiles (1 · 32 and 2 · 4 under 132): the row path
+        assert_eq!(call.gpu_blocks(&[32, 4096]), 8 * 128);
+        assert_eq!(call.gpu_blocks(&[47, 4096]), 12 * 128);
+        assert_eq!(call.gpu_blocks(&[256, 500]), 64 * 16);
         // capped as `threads` is
         let huge = call.gpu_blocks(&[1 << 20, 1 << 20]);
         assert_eq!(huge as i64, GPU_MAX_THREADS / GPU_BLOCK as i64);
-        let mut plain = tiled_call();
-        plain.tiles = None;
+        // no path's test holds, or no paths: `threads`
+        let only_tiled = tiled_call(false);
+        assert_eq!(only_tiled.gpu_blocks(&[32, 4096]), 32 * 4096 / 256);
+        let mut plain = tiled_call(true);
+        plain.tiles.clear();
         assert_eq!(plain.gpu_blocks(&[4096, 4096]), 4096);
         assert_eq!(plain.gpu_blocks(&[0, 0]), 1);
     }

@@ -7506,7 +7506,7 @@ pub fn gpu_min_blocks(k: &Kernel, tensor_cores: bool) -> u32 {
 /// Tiles along dims: `(extent, tile)` pairs, `⌈extent / tile⌉` each, multiplied.
 pub type DimTiles = Vec<(Dim, i64)>;
 
-/// A GPU kernel's tiled path as its launch sees it (`runtime::plan::TileGrid` in dims): one
+/// One path of a GPU kernel as its launch sees it (`runtime::plan::TileGrid` in dims): one
 /// block per tile of `blocks`, where each `(tiles, bound)` of `when` has at least `bound`
 /// tiles.
 pub struct GpuTiles {
@@ -7514,21 +7514,22 @@ pub struct GpuTiles {
     pub when: Vec<(DimTiles, i64)>,
 }
 
-/// The tiled path of GPU kernel `k` (operand buffers' element types by `elem`), if it has
-/// one: the matmuls' 128-row tiles (`gpu_tiled_matmul`, `gpu_mma_matmul`, and 128 × 256
-/// where `gpu_wgmma_matmul` may run), taken with more than `GPU_GEMV_MAX_M` rows and at
-/// least `GPU_TILED_MIN_TILES` 128 × 128 tiles (as `matmul` decides); tensor-core
+/// The paths of GPU kernel `k` (operand buffers' element types by `elem`) that work in
+/// blocks, in the order it tests for them: the matmuls' 128-row tiles (`gpu_tiled_matmul`,
+/// `gpu_mma_matmul`, and 128 × 256 where `gpu_wgmma_matmul` may run), taken with more than
+/// `GPU_GEMV_MAX_M` rows and at least `GPU_TILED_MIN_TILES` 128 × 128 tiles (as `matmul`
+/// decides), else `gpu_gemv`'s blocks of `ROW_BLOCK` rows × `GEMV_COLS` columns; tensor-core
 /// attention's `MMA_ATTN_ROWS` query rows per `(b, h)`, taken from `MMA_ATTN_MIN_T` rows.
 /// Launching one block per tile leaves no empty blocks to dispatch after the work (the
 /// kernels stride over their tiles by the grid, so any grid computes the same; attention's
 /// warp-per-row fallback for bf16 keys and values the ring cannot copy then runs on fewer
-/// warps).
+/// warps). Kernels with none launch `gpu_threads`.
 pub fn gpu_tiles(
     k: &Kernel,
     elem: &dyn Fn(u32) -> ElemType,
     tensor_cores: bool,
     wgmma: bool,
-) -> Option<GpuTiles> {
+) -> Vec<GpuTiles> {
     let (batch, m, n, wide) = match k {
         Kernel::MatMul {
             a, w, batch, m, n, ..
@@ -7553,36 +7554,42 @@ pub fn gpu_tiles(
             g.is_none() && [x, w].iter().all(|a| elem(a.buf) == ElemType::BF16),
         ),
         Kernel::Attention { dims: d, .. } if tensor_cores && mma_attention_fits(d) => {
-            return Some(GpuTiles {
+            return vec![GpuTiles {
                 blocks: vec![
                     (d.b.clone(), 1),
                     (Dim::c(d.h), 1),
                     (d.t.clone(), MMA_ATTN_ROWS),
                 ],
                 when: vec![(vec![(d.t.clone(), 1)], MMA_ATTN_MIN_T)],
-            });
+            }];
         }
-        _ => return None,
+        _ => return vec![],
     };
     let tile_n = if tensor_cores && wgmma && wide {
         WG_TILE_N
     } else {
         GPU_TILE
     };
-    let per_batch = |tn: i64| -> DimTiles {
+    let per_batch = |tm: i64, tn: i64| -> DimTiles {
         batch
             .iter()
             .map(|b| (b.clone(), 1))
-            .chain([(m.clone(), GPU_TILE), (n.clone(), tn)])
+            .chain([(m.clone(), tm), (n.clone(), tn)])
             .collect()
     };
-    Some(GpuTiles {
-        blocks: per_batch(tile_n),
-        when: vec![
-            (vec![(m.clone(), 1)], GPU_GEMV_MAX_M + 1),
-            (per_batch(GPU_TILE), GPU_TILED_MIN_TILES),
-        ],
-    })
+    vec![
+        GpuTiles {
+            blocks: per_batch(GPU_TILE, tile_n),
+            when: vec![
+                (vec![(m.clone(), 1)], GPU_GEMV_MAX_M + 1),
+                (per_batch(GPU_TILE, GPU_TILE), GPU_TILED_MIN_TILES),
+            ],
+        },
+        GpuTiles {
+            blocks: per_batch(ROW_BLOCK as i64, GEMV_COLS),
+            when: vec![],
+        },
+    ]
 }
 
 /// How many GPU threads a kernel's parallel loop has work for (what its body splits), as a

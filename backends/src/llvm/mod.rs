@@ -259,22 +259,23 @@ pub(crate) fn codegen_flavor<'ctx>(
                         wgmma,
                     } => {
                         let elem = |b: u32| prog.buffers[b as usize].elem;
-                        kernels::gpu_tiles(k, &elem, *tensor_cores, *wgmma).map(|t| {
-                            let tiles = |ds: kernels::DimTiles| {
-                                ds.iter()
-                                    .map(|(d, tile)| TileDim {
-                                        extent: crate::kernel::symdim(&prog.symbols, d),
-                                        tile: *tile,
-                                    })
-                                    .collect()
-                            };
-                            TileGrid {
+                        let tiles = |ds: kernels::DimTiles| {
+                            ds.iter()
+                                .map(|(d, tile)| TileDim {
+                                    extent: crate::kernel::symdim(&prog.symbols, d),
+                                    tile: *tile,
+                                })
+                                .collect()
+                        };
+                        kernels::gpu_tiles(k, &elem, *tensor_cores, *wgmma)
+                            .into_iter()
+                            .map(|t| TileGrid {
                                 blocks: tiles(t.blocks),
                                 when: t.when.into_iter().map(|(d, b)| (tiles(d), b)).collect(),
-                            }
-                        })
+                            })
+                            .collect()
                     }
-                    _ => None,
+                    _ => vec![],
                 },
             });
         }
