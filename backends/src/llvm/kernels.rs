@@ -3532,6 +3532,17 @@ const WG_A_SBO: i64 = 1024;
 const WG_B_LBO: i64 = 8192;
 const WG_B_SBO: i64 = 1024;
 
+/// Bytes from shared-memory array `p` to its first 1024-byte boundary, where a
+/// 128-byte-swizzled layout's atoms start (the swizzle is of address bits, so a ring laid
+/// out for it starts there; its allocation has 1024 bytes to spare).
+fn to_swizzle_atom<'ctx>(fb: &Fb<'_, 'ctx>, p: PointerValue<'ctx>) -> R<IntValue<'ctx>> {
+    let at = fb.b.build_ptr_to_int(p, fb.i64t, "sa").map_err(be)?;
+    let up =
+        fb.b.build_and(fb.add(at, fb.i64c(1023))?, fb.i64c(!1023), "al")
+            .map_err(be)?;
+    fb.b.build_int_sub(up, at, "pad").map_err(be)
+}
+
 /// A `wgmma` shared-memory matrix descriptor: start address (its shared-window offset) and
 /// the leading and stride byte offsets, each in 16-byte units in 14 bits (bits 0-13, 16-29,
 /// 32-45), 128-byte swizzle (bits 62-63: 1), base offset 0 (the start lies in the first
@@ -4468,16 +4479,7 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
     // times.
     let (wg, t128) = (sdiv(lane, c(128), "wg")?, srem(lane, c(128), "t128")?);
     let wg_warp = sdiv(t128, c(32), "wgw")?;
-    // The ring's first 1024-byte boundary (its offset from the ring's start).
-    let ring_addr = fb.b.build_ptr_to_int(ring, fb.i64t, "ra").map_err(be)?;
-    let ring0 =
-        fb.b.build_int_sub(
-            fb.b.build_and(fb.add(ring_addr, c(1023))?, c(!1023), "al")
-                .map_err(be)?,
-            ring_addr,
-            "r0",
-        )
-        .map_err(be)?;
+    let ring0 = to_swizzle_atom(fb, ring)?;
     let swz = |chunk: IntValue<'ctx>, row: IntValue<'ctx>| -> R<IntValue<'ctx>> {
         fb.mul(xor(chunk, bits(row, 7)?)?, c(16))
     };
@@ -5328,11 +5330,7 @@ fn gpu_mma_attention<'ctx>(
     let (k_words, stage_words) = (keys * dq / 2, keys * (dq + dv) / 2);
     let stages = if wg { WG_ATTN_STAGES } else { MMA_ATTN_STAGES };
     let kv0 = if wg {
-        let at = fb.b.build_ptr_to_int(kv_s, fb.i64t, "ka").map_err(be)?;
-        let up =
-            fb.b.build_and(fb.add(at, c(1023))?, c(!1023), "al")
-                .map_err(be)?;
-        sdiv(fb.b.build_int_sub(up, at, "pad").map_err(be)?, c(4), "kv0")?
+        sdiv(to_swizzle_atom(fb, kv_s)?, c(4), "kv0")?
     } else {
         c(0)
     };
