@@ -1,19 +1,39 @@
 #!/usr/bin/env bash
 # The GPU check, for one call of a lent GPU machine (no Rust there). Prepare it here with
-# `bash bench/gpu-prepare.sh` (the bundle and the stripped runtime-only binary in
+# `bash bench/gpu-prepare.sh` (the bundle, packed, and the stripped runtime-only binary in
 # `gpu-check/`), then run `bench/gpu-check.sh gpu-check` there (carrying `gpu-check`). It makes
 # SmolLM2-shaped weights with PyTorch, runs egret's conformance cases, SmolLM2 (GPU against
-# CPU) and timings, then PyTorch's timings on the same card; a table comes last.
+# CPU) and timings, each step in a process of its own (a fault leaves a CUDA context
+# unusable: the other steps still run), then PyTorch's timings on the same card; the tables
+# come last.
 set -uo pipefail
 dir="${1:-gpu-check}"
 out="${OUT:-$dir/out}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+bundle="$dir/bundle"
+if [ ! -d "$bundle" ]; then
+    bundle="$(mktemp -d)/bundle"
+    python3 -c 'import sys, tarfile; f = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}; tarfile.open(sys.argv[1]).extractall(sys.argv[2], **f)' \
+        "$dir/bundle.tar.xz" "$(dirname "$bundle")" || exit 1
+fi
 weights="$(mktemp -d)"
 python3 "$(dirname "$0")/gpu/torch_ref.py" "$weights" | tee "$out/torch.jsonl"
-"$dir/gpu_check" "$dir/bundle" "$weights" > "$out/egret.jsonl" 2> >(tee "$out/egret.log" >&2)
-rc=$?
+rc=0
+: > "$out/egret.jsonl"
+: > "$out/egret.log"
+mapfile -t steps < <("$dir/gpu_check" --steps)
+for i in "${!steps[@]}"; do
+    "$dir/gpu_check" "$bundle" "$weights" "${steps[$i]}" >> "$out/egret.jsonl" \
+        2> "$out/egret-$i.log" || rc=1
+    tee -a "$out/egret.log" < "$out/egret-$i.log" >&2
+done
+echo "--- egret (each step's table: what follows its last empty line) ---"
+for i in "${!steps[@]}"; do
+    awk 'NF == 0 { n = 0; next } { t[n++] = $0 } END { for (j = 0; j < n; j++) print t[j] }' \
+        "$out/egret-$i.log"
+done
 echo "--- torch (same card) ---"
 python3 - "$out/torch.jsonl" "$out/egret.jsonl" <<'PY'
 import json, sys
@@ -37,7 +57,7 @@ if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then
         timeout 120 ncu --kernel-name "regex:egret_bench_${k}" --launch-skip "${NCU_SKIP:-5}" --launch-count 1 \
             --section SpeedOfLight --section Occupancy --section WarpStateStats \
             --section MemoryWorkloadAnalysis --section SchedulerStats \
-            "$dir/gpu_check" "$dir/bundle" "$weights" benches > "$out/ncu-$k.txt" 2>&1
+            "$dir/gpu_check" "$bundle" "$weights" benches > "$out/ncu-$k.txt" 2>&1
         grep -E "Duration|Throughput|Registers|Achieved Occupancy|Warp Cycles Per Issued|Issue Slots Busy|One or More Eligible|No Eligible|Stall|L1/TEX Hit|L2 Hit" "$out/ncu-$k.txt" | head -40
     done
 fi

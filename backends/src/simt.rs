@@ -24,7 +24,9 @@
 //! that a `wgmma` not yet waited for may still read (the simulator computes a `wgmma` when
 //! it is issued, and the GPU may make a copy as soon as it is issued: a race there), and a
 //! `wgmma` reading shared memory that a `cp.async` not yet waited for may still write (the
-//! GPU may make the copy as late as its wait).
+//! GPU may make the copy as late as its wait), or that a finished one wrote without the
+//! writing thread's `fence.proxy.async` after it (`cp.async` writes through the generic
+//! proxy, `wgmma` reads through the async proxy, which may not see the write until then).
 
 use std::cell::Cell;
 
@@ -90,6 +92,11 @@ struct Block {
     /// The first `wgmma` that reads shared memory a `cp.async` not yet waited for may still
     /// write (the GPU may make the copy as late as its wait): `(address, the thread)`.
     early_read: Option<(u64, usize)>,
+    /// Each thread's finished `cp.async`s not yet followed by its `fence.proxy.async`: the
+    /// 16-byte chunks they wrote, which a `wgmma` (async proxy) may not see yet.
+    unfenced: Vec<Vec<usize>>,
+    /// The first `wgmma` that reads a chunk of `unfenced`: `(address, the reading thread)`.
+    unfenced_read: Option<(u64, usize)>,
 }
 
 /// One thread's `wgmma` operand ranges `[start, end)`, by commit group, oldest first.
@@ -353,12 +360,14 @@ extern "C" fn egret_simt_cp_async_wait(n: i32) {
     // of shared memory and `src_bytes` readable bytes.
     unsafe {
         let b = block();
-        let c = &mut (&mut (*b).copies)[(*b).running];
+        let lane = (*b).running;
+        let c = &mut (&mut (*b).copies)[lane];
         while c.groups.len() > n.max(0) as usize {
             for cp in c.groups.pop_front().expect("a group") {
                 let dst = cp.dst as *mut u8;
                 std::ptr::copy_nonoverlapping(cp.src as *const u8, dst, cp.src_bytes);
                 std::ptr::write_bytes(dst.add(cp.src_bytes), 0, 16 - cp.src_bytes);
+                (&mut (*b).unfenced)[lane].push(cp.dst);
             }
         }
     }
@@ -433,6 +442,15 @@ fn wgmma_reading(reads: Vec<(usize, usize)>, t: usize) {
             return;
         }
         let lane = (*b).running;
+        if t == 0 && (*b).unfenced_read.is_none() {
+            let written = (*b).unfenced.iter().flatten();
+            if let Some(&at) = written
+                .filter(|&&at| reads.iter().any(|&(s, e)| at < e && s < at + 16))
+                .next()
+            {
+                (*b).unfenced_read = Some((at as u64, lane));
+            }
+        }
         if t == 0 && (*b).early_read.is_none() {
             let pending = (*b)
                 .copies
@@ -569,8 +587,18 @@ extern "C" fn egret_simt_wgmma_wait(n: i32) {
     }
 }
 
+/// `fence.proxy.async.shared::cta`: the running thread's finished copies become visible to
+/// `wgmma`.
+extern "C" fn egret_simt_fence_proxy_async() {
+    // SAFETY: hooks run on simulated threads only, while `run_block` holds the block.
+    unsafe {
+        let b = block();
+        (&mut (*b).unfenced)[(*b).running].clear();
+    }
+}
+
 /// The hooks the simulated code calls, by name (`SIMT_HOOKS`).
-fn hooks() -> [(&'static str, usize); 12] {
+fn hooks() -> [(&'static str, usize); 13] {
     [
         (SIMT_HOOKS[0], egret_simt_barrier as *const () as usize),
         (SIMT_HOOKS[1], egret_simt_shfl_bfly as *const () as usize),
@@ -590,6 +618,10 @@ fn hooks() -> [(&'static str, usize); 12] {
         (SIMT_HOOKS[9], egret_simt_wgmma_commit as *const () as usize),
         (SIMT_HOOKS[10], egret_simt_wgmma_wait as *const () as usize),
         (SIMT_HOOKS[11], egret_simt_wgmma_rs as *const () as usize),
+        (
+            SIMT_HOOKS[12],
+            egret_simt_fence_proxy_async as *const () as usize,
+        ),
     ]
 }
 
@@ -665,6 +697,8 @@ impl SimtLauncher {
             wgmma_reads: (0..BLOCK).map(|_| WgmmaReads::default()).collect(),
             overwrite: None,
             early_read: None,
+            unfenced: vec![vec![]; BLOCK],
+            unfenced_read: None,
         }));
         // SAFETY (all uses of `bp` below): the block lives until the end of this function,
         // where it is freed after every thread has ended or been reset; only one thread
@@ -746,6 +780,14 @@ impl SimtLauncher {
                 "in the simulated launch of `{}`, thread {lane}'s `wgmma` reads shared memory \
                  at {at:#x} that a `cp.async` not yet waited for may still write (a race on \
                  the GPU)",
+                call.what
+            ));
+        }
+        if let (Ok(()), Some((at, lane))) = (&outcome, unsafe { (*bp).unfenced_read }) {
+            outcome = Err(format!(
+                "in the simulated launch of `{}`, thread {lane}'s `wgmma` reads shared memory \
+                 at {at:#x} that a `cp.async` wrote with no `fence.proxy.async` by its thread \
+                 after it (the `wgmma` may not see the write on the GPU)",
                 call.what
             ));
         }
@@ -1172,8 +1214,8 @@ mod tests {
     }
 
     // Every thread copies 16 bytes into `A`'s bytes `16·tid..` of a 1024-aligned region and
-    // commits, waiting for the copy first when `safe`; after a barrier, thread 0 issues a
-    // `wgmma` on that `A`.
+    // commits, waiting for the copy first (and fencing it for the async proxy) when `safe`;
+    // after a barrier, thread 0 issues a `wgmma` on that `A`.
     kernel!(fn wgmma_over_copy(bufs, tid, _) {
         let (mem, src, safe) = (*bufs, *bufs.add(1), *(*bufs.add(2)) != 0);
         let region = mem.add(mem.align_offset(1024));
@@ -1181,6 +1223,7 @@ mod tests {
         egret_simt_cp_async_commit();
         if safe {
             egret_simt_cp_async_wait(0);
+            egret_simt_fence_proxy_async();
         }
         egret_simt_barrier();
         if tid == 0 {
@@ -1196,6 +1239,35 @@ mod tests {
     #[test]
     fn a_wgmma_reading_what_an_unfinished_copy_writes_fails_the_launch() {
         race_is_reported(wgmma_over_copy, "may still write");
+    }
+
+    // As `wgmma_over_copy`, every copy waited for, but fenced for the async proxy only when
+    // `safe`; the fence of one thread (tid 5) comes before its wait, where it fences nothing.
+    kernel!(fn wgmma_after_unfenced_copy(bufs, tid, _) {
+        let (mem, src, safe) = (*bufs, *bufs.add(1), *(*bufs.add(2)) != 0);
+        let region = mem.add(mem.align_offset(1024));
+        egret_simt_cp_async(region.add(16 * tid as usize), src, 16);
+        egret_simt_cp_async_commit();
+        if !safe && tid == 5 {
+            egret_simt_fence_proxy_async();
+        }
+        egret_simt_cp_async_wait(0);
+        if safe || tid != 5 {
+            egret_simt_fence_proxy_async();
+        }
+        egret_simt_barrier();
+        if tid == 0 {
+            let mut d = [0f32; 64];
+            egret_simt_wgmma(region, 1024, region.add(8192), 4096, 1024, 128, d.as_mut_ptr(), 0);
+            egret_simt_wgmma_commit();
+            egret_simt_wgmma_wait(0);
+        }
+        0
+    });
+
+    #[test]
+    fn a_wgmma_reading_a_finished_copy_not_fenced_for_the_async_proxy_fails_the_launch() {
+        race_is_reported(wgmma_after_unfenced_copy, "no `fence.proxy.async`");
     }
 
     kernel!(fn fails_in_one_thread(_, tid, _) {

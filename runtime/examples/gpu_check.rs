@@ -13,9 +13,10 @@
 //! gpu_check BUNDLE WEIGHTS [STEP,...] > results.json
 //! ```
 //!
-//! With STEP names (`conformance`, `conformance-tc`, `conformance-wgmma` (sm_90 cards),
-//! `gradients`, `smollm2`, `benches`, `train step`), only those run: `benches` alone, under a
-//! profiler.
+//! With STEP names (`gpu_check --steps` lists them: `conformance`, `conformance-tc`,
+//! `conformance-wgmma` (sm_90 cards), `gradients`, `smollm2`, `matmul benches`, `attention
+//! benches`, `train step`), only those run: `benches` names both benches, which run alone
+//! under a profiler.
 //!
 //! Prints one JSON object per line (a result each) and a table last, on stderr.
 
@@ -275,17 +276,23 @@ fn time_runs(ex: &mut GpuExecutor, inputs: &HashMap<String, HostValue>, reps: us
     Ok(t[t.len() / 2])
 }
 
-fn benches(bundle: &Path, table: &mut Vec<String>) -> Res<()> {
-    let f32v = |shape: Vec<usize>, seed| HostValue {
+/// A host f32 tensor of `shape` with `random` values from `seed`.
+fn f32v(shape: Vec<usize>, seed: u64) -> HostValue {
+    HostValue {
         data: HostData::F32(random(shape.iter().product(), seed)),
         shape,
-    };
+    }
+}
+
+/// The 4096³ matmuls timed (f32, tensor cores on f32 and bf16 operands, `wgmma`), each
+/// tensor-core result checked against the f32 one.
+fn matmul_benches(bundle: &Path, table: &mut Vec<String>) -> Res<bool> {
     let n = 4096;
     let inputs = HashMap::from([
         ("a".to_string(), f32v(vec![n, n], 1)),
         ("w".to_string(), f32v(vec![n, n], 2)),
     ]);
-    let mut results = vec![];
+    let (mut results, mut ok) = (vec![], true);
     for (dir, what) in [
         ("bench-matmul", "matmul f32 4096^3"),
         (
@@ -327,6 +334,7 @@ fn benches(bundle: &Path, table: &mut Vec<String>) -> Res<()> {
             .zip(["tensor cores", "bf16 operands", "wgmma"])
         {
             let rel = rel_l2(tc_out, f32_out);
+            ok &= rel <= 1e-2;
             println!(
                 "{}",
                 serde_json::json!({"check": "bench", "what": format!("matmul {what} vs f32"), "rel_l2": rel})
@@ -337,13 +345,19 @@ fn benches(bundle: &Path, table: &mut Vec<String>) -> Res<()> {
             ));
         }
     }
+    Ok(ok)
+}
+
+/// The causal attentions (16 heads, 4096 tokens, head 128) timed (f32, tensor cores on f32
+/// and bf16 operands, `wgmma`), each tensor-core result checked against the f32 one.
+fn attention_benches(bundle: &Path, table: &mut Vec<String>) -> Res<bool> {
     let t = 4096;
     let inputs = HashMap::from([
         ("q".to_string(), f32v(vec![1, 16, t, 128], 3)),
         ("k".to_string(), f32v(vec![1, 16, t, 128], 4)),
         ("v".to_string(), f32v(vec![1, 16, t, 128], 5)),
     ]);
-    let mut outs = vec![];
+    let (mut outs, mut ok) = (vec![], true);
     for (dir, what) in [
         ("bench-attention", "f32"),
         ("bench-attention-tc", "tensor cores (bf16 operands)"),
@@ -380,6 +394,7 @@ fn benches(bundle: &Path, table: &mut Vec<String>) -> Res<()> {
             .zip(["tensor cores", "bf16 operands", "wgmma"])
         {
             let rel = rel_l2(tc_out, f32_out);
+            ok &= rel <= 1e-2;
             println!(
                 "{}",
                 serde_json::json!({"check": "bench", "what": format!("attention {what} vs f32"), "rel_l2": rel})
@@ -390,7 +405,7 @@ fn benches(bundle: &Path, table: &mut Vec<String>) -> Res<()> {
             ));
         }
     }
-    Ok(())
+    Ok(ok)
 }
 
 /// The kernels of a profiled run grouped by kind (the first word of what they compute).
@@ -589,13 +604,37 @@ fn train_step(bundle: &Path, weights: &Path, table: &mut Vec<String>) -> Res<boo
     Ok(rel <= 1e-4 && prel <= 1e-4 && mrel <= 1e-3)
 }
 
+/// The steps, in the order they run (`bench/gpu-check.sh` runs each in a process of its
+/// own, so that a fault in one, which leaves the CUDA context unusable, spares the others).
+const STEPS: [&str; 8] = [
+    "conformance",
+    "conformance-tc",
+    "conformance-wgmma",
+    "gradients",
+    "smollm2",
+    "matmul benches",
+    "attention benches",
+    "train step",
+];
+
+/// Whether step `what` is among those named: by its name, or `benches` for both benches.
+fn named(only: &[&str], what: &str) -> bool {
+    only.contains(&what) || (what.ends_with(" benches") && only.contains(&"benches"))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args == ["--steps"] {
+        for s in STEPS {
+            println!("{s}");
+        }
+        return;
+    }
     let (bundle, weights, only) = match args.as_slice() {
         [b, w] => (b, w, None),
         [b, w, only] => (b, w, Some(only.split(',').collect::<Vec<_>>())),
         _ => {
-            eprintln!("usage: gpu_check BUNDLE WEIGHTS [STEP,...]");
+            eprintln!("usage: gpu_check BUNDLE WEIGHTS [STEP,...] | gpu_check --steps");
             std::process::exit(2);
         }
     };
@@ -609,7 +648,7 @@ fn main() {
         }
     }
     let mut ok = true;
-    let steps: [(&str, &dyn Fn(&mut Vec<String>) -> Res<bool>); 7] = [
+    let steps: [(&str, &dyn Fn(&mut Vec<String>) -> Res<bool>); STEPS.len()] = [
         ("conformance", &|t| {
             conformance(bundle, "conformance", false, t)
         }),
@@ -621,11 +660,13 @@ fn main() {
         }),
         ("gradients", &|t| gradients(bundle, t)),
         ("smollm2", &|t| smollm2(bundle, weights, t)),
-        ("benches", &|t| benches(bundle, t).map(|_| true)),
+        ("matmul benches", &|t| matmul_benches(bundle, t)),
+        ("attention benches", &|t| attention_benches(bundle, t)),
         ("train step", &|t| train_step(bundle, weights, t)),
     ];
     for (what, step) in steps {
-        if only.as_ref().is_some_and(|o| !o.contains(&what)) {
+        debug_assert!(STEPS.contains(&what));
+        if only.as_ref().is_some_and(|o| !named(o, what)) {
             continue;
         }
         let t0 = Instant::now();

@@ -1014,7 +1014,9 @@ impl Flavor {
 /// - `egret_simt_wgmma_rs(i32* a, ptr b, i64 b_lbo, i64 b_sbo, i64 b_n_major, i64 n, f32* d,
 ///   i64 t)`: the same with `A` in registers (this thread's four words at `a`) and `B`
 ///   n-major or k-major (`WgB`).
-pub const SIMT_HOOKS: [&str; 12] = [
+/// - `egret_simt_fence_proxy_async()`: `fence.proxy.async.shared::cta` (this thread's
+///   writes to shared memory, `cp.async`s included, made visible to `wgmma`'s reads).
+pub const SIMT_HOOKS: [&str; 13] = [
     "egret_simt_barrier",
     "egret_simt_shfl_bfly",
     "egret_simt_mma_bf16",
@@ -1027,6 +1029,7 @@ pub const SIMT_HOOKS: [&str; 12] = [
     "egret_simt_wgmma_commit",
     "egret_simt_wgmma_wait",
     "egret_simt_wgmma_rs",
+    "egret_simt_fence_proxy_async",
 ];
 
 /// Emits kernel `k` as function `name`; returns its buffer arguments and scratch floats.
@@ -3413,6 +3416,28 @@ fn cp_async_wait(fb: &Fb, n: i64) -> R<()> {
     Ok(())
 }
 
+/// `fence.proxy.async.shared::cta`: this thread's writes to shared memory so far (its
+/// finished `cp.async`s included) become visible to the async proxy, which `wgmma` reads
+/// through (`RingReaders::Wgmma`).
+fn fence_proxy_async(fb: &Fb) -> R<()> {
+    let ty = fb.ctx.void_type().fn_type(&[], false);
+    if fb.sim {
+        fb.hook(SIMT_HOOKS[12], ty, &[])?;
+        return Ok(());
+    }
+    let asm = fb.ctx.create_inline_asm(
+        ty,
+        "fence.proxy.async.shared::cta;".into(),
+        String::new(),
+        true,
+        false,
+        None,
+        false,
+    );
+    fb.b.build_indirect_call(ty, asm, &[], "").map_err(be)?;
+    Ok(())
+}
+
 /// Two f32s rounded to bf16 (nearest even) and packed, `lo` in the low half: an `mma`
 /// operand register.
 fn pack_bf16x2<'ctx>(
@@ -3762,14 +3787,28 @@ fn ring_pipeline<'ctx>(
     fb: &Fb<'_, 'ctx>,
     slices: IntValue<'ctx>,
     ahead: i64,
+    readers: RingReaders,
     issue: &dyn Fn(&Fb<'_, 'ctx>, IntValue<'ctx>) -> R<()>,
     consume: &dyn Fn(&Fb<'_, 'ctx>, IntValue<'ctx>) -> R<()>,
 ) -> R<()> {
     ring_prologue(fb, slices, ahead, issue)?;
     fb.for_range(fb.i64c(0), slices, |fb, kt| {
-        ring_arrive(fb, kt, slices, ahead, issue)?;
+        ring_arrive(fb, kt, slices, ahead, readers, issue)?;
         consume(fb, kt)
     })
+}
+
+/// Who reads a `cp.async` ring's stages. A `cp.async` writes shared memory through the
+/// generic proxy, as a store does; `wgmma` reads it through the async proxy, which sees a
+/// write only after the writing thread's `fence.proxy.async` (PTX ISA, "Async Proxy"), so
+/// for `wgmma` each thread fences its copies once they are done, before the barrier that
+/// publishes them.
+#[derive(Clone, Copy)]
+enum RingReaders {
+    /// `ldmatrix` or `ld.shared`: the barrier alone publishes the copies.
+    Threads,
+    /// `wgmma.mma_async` (shared-memory operands through descriptors).
+    Wgmma,
 }
 
 /// `ring_pipeline`'s start: slices `0..ahead` issued, each its own commit group.
@@ -3790,15 +3829,20 @@ fn ring_prologue<'ctx>(
 }
 
 /// `ring_pipeline`'s step `kt` up to its `consume`: this thread's copies of slice `kt`
-/// waited for, a barrier, slice `kt + ahead` issued (an empty group past the end).
+/// waited for (and fenced for `readers`), a barrier, slice `kt + ahead` issued (an empty
+/// group past the end).
 fn ring_arrive<'ctx>(
     fb: &Fb<'_, 'ctx>,
     kt: IntValue<'ctx>,
     slices: IntValue<'ctx>,
     ahead: i64,
+    readers: RingReaders,
     issue: &dyn Fn(&Fb<'_, 'ctx>, IntValue<'ctx>) -> R<()>,
 ) -> R<()> {
     cp_async_wait(fb, ahead - 1)?;
+    if let RingReaders::Wgmma = readers {
+        fence_proxy_async(fb)?;
+    }
     barrier(fb)?;
     let next = fb.add(kt, fb.i64c(ahead))?;
     let more =
@@ -4353,9 +4397,14 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
         // everyone's, after which stage `(kt - 1) % MMA_STAGES`, read by then, is refilled.
         // Every step commits a group (empty past the end) so the count stays uniform.
         let ring_path = |fb: &Fb<'_, 'ctx>| -> R<()> {
-            ring_pipeline(fb, ktiles, MMA_STAGES - 1, &issue, &|fb, kt| {
-                multiply(fb, bits(kt, MMA_STAGES - 1)?)
-            })?;
+            ring_pipeline(
+                fb,
+                ktiles,
+                MMA_STAGES - 1,
+                RingReaders::Threads,
+                &issue,
+                &|fb, kt| multiply(fb, bits(kt, MMA_STAGES - 1)?),
+            )?;
             cp_async_wait(fb, 0)
         };
         // The outputs (`GpuMatmul::store_tile`).
@@ -4566,33 +4615,40 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
                 |fb| copy(fb, Some((k0, kv))),
             )
         };
-        ring_pipeline(fb, ktw, WG_STAGES - 2, &issue, &|fb, kt| {
-            let base = stage_at(fb, kt)?;
-            wgmma_sync(fb, "fence", None)?;
-            // (a k16 step: 32 bytes into `A`'s rows, two k atoms into `W`'s; a step's
-            // descriptors are the first's plus its offset in 16-byte units, which stays in
-            // the 14-bit address field since shared memory is under 256 KiB)
-            let a0 = fb.add(base, fb.mul(wg, c(8192))?)?;
-            let b0 = fb.add(base, c(WG_A_BYTES))?;
-            let da0 = wgmma_desc(fb, byte_ptr(a0)?, WG_A_LBO, WG_A_SBO)?;
-            let db0 = wgmma_desc(fb, byte_ptr(b0)?, WG_B_LBO, WG_B_SBO)?;
-            for ks in 0..WG_TILE_K / 16 {
-                let (a_off, b_off) = (32 * ks, 2 * WG_B_SBO * ks);
-                let a = byte_ptr(fb.add(a0, c(a_off))?)?;
-                let b = byte_ptr(fb.add(b0, c(b_off))?)?;
-                let a = WgA::Shared(a, fb.add(da0, c(a_off >> 4))?);
-                let b = WgB {
-                    at: b,
-                    desc: fb.add(db0, c(b_off >> 4))?,
-                    lbo: WG_B_LBO,
-                    sbo: WG_B_SBO,
-                    n_major: true,
-                };
-                wgmma_m64(fb, &a, &b, t128, &accs)?;
-            }
-            wgmma_sync(fb, "commit_group", None)?;
-            wgmma_sync(fb, "wait_group", Some(1))
-        })?;
+        ring_pipeline(
+            fb,
+            ktw,
+            WG_STAGES - 2,
+            RingReaders::Wgmma,
+            &issue,
+            &|fb, kt| {
+                let base = stage_at(fb, kt)?;
+                wgmma_sync(fb, "fence", None)?;
+                // (a k16 step: 32 bytes into `A`'s rows, two k atoms into `W`'s; a step's
+                // descriptors are the first's plus its offset in 16-byte units, which stays in
+                // the 14-bit address field since shared memory is under 256 KiB)
+                let a0 = fb.add(base, fb.mul(wg, c(8192))?)?;
+                let b0 = fb.add(base, c(WG_A_BYTES))?;
+                let da0 = wgmma_desc(fb, byte_ptr(a0)?, WG_A_LBO, WG_A_SBO)?;
+                let db0 = wgmma_desc(fb, byte_ptr(b0)?, WG_B_LBO, WG_B_SBO)?;
+                for ks in 0..WG_TILE_K / 16 {
+                    let (a_off, b_off) = (32 * ks, 2 * WG_B_SBO * ks);
+                    let a = byte_ptr(fb.add(a0, c(a_off))?)?;
+                    let b = byte_ptr(fb.add(b0, c(b_off))?)?;
+                    let a = WgA::Shared(a, fb.add(da0, c(a_off >> 4))?);
+                    let b = WgB {
+                        at: b,
+                        desc: fb.add(db0, c(b_off >> 4))?,
+                        lbo: WG_B_LBO,
+                        sbo: WG_B_SBO,
+                        n_major: true,
+                    };
+                    wgmma_m64(fb, &a, &b, t128, &accs)?;
+                }
+                wgmma_sync(fb, "commit_group", None)?;
+                wgmma_sync(fb, "wait_group", Some(1))
+            },
+        )?;
         wgmma_sync(fb, "wait_group", Some(0))?;
         cp_async_wait(fb, 0)?;
         // The outputs: accumulator `x` at row `64wg + 16·wg_warp + g` (+ 8 for `x%4` ≥ 2),
@@ -5855,9 +5911,15 @@ fn gpu_mma_attention<'ctx>(
         // `kt` issues into stage `(kt + 2) % stages`: hence `WG_ATTN_STAGES`.
         let ring = |fb: &Fb<'_, 'ctx>| -> R<()> {
             if !wg {
-                ring_pipeline(fb, steps, MMA_ATTN_STAGES - 1, &issue, &|fb, kt| {
-                    compute(fb, fb.mul(kt, c(keys))?, stage_at(fb, kt)?)
-                })?;
+                let readers = RingReaders::Threads;
+                ring_pipeline(
+                    fb,
+                    steps,
+                    MMA_ATTN_STAGES - 1,
+                    readers,
+                    &issue,
+                    &|fb, kt| compute(fb, fb.mul(kt, c(keys))?, stage_at(fb, kt)?),
+                )?;
                 return cp_async_wait(fb, 0);
             }
             let packed = |kk: i64| -> R<[IntValue<'ctx>; 4]> {
@@ -5894,7 +5956,9 @@ fn gpu_mma_attention<'ctx>(
             // its wait, which would make ptxas serialize them all)
             let ahead = MMA_ATTN_STAGES - 1;
             ring_prologue(fb, steps, ahead, &issue)?;
-            let arrive = |fb: &Fb<'_, 'ctx>, kt| ring_arrive(fb, kt, steps, ahead, &issue);
+            let arrive = |fb: &Fb<'_, 'ctx>, kt| {
+                ring_arrive(fb, kt, steps, ahead, RingReaders::Wgmma, &issue)
+            };
             fb.if_else(
                 cmp(IntPredicate::SGT, steps, c(0))?,
                 |fb| {
