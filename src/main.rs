@@ -743,8 +743,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             let mut g = if mode == Mode::Training {
                 let cfg = load_config(&ModelSource::resolve(&model)?)?;
-                let fwd = egret_models::build_training(&cfg)?;
-                egret_passes::autodiff::differentiate(&fwd, "loss")?
+                egret::train::differentiated(&cfg, &passes)?
             } else if model.ends_with(".ir") {
                 // IR text: parse (errors give line:column) and verify.
                 let text = std::fs::read_to_string(&model)

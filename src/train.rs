@@ -38,11 +38,20 @@ fn place(g: Graph, budget: Option<MemoryBudget>) -> Result<Graph> {
         .graph)
 }
 
+/// The loss graph with a `grad.<p>` output per parameter, not yet optimised as a whole:
+/// `passes` run on the forward graph first, so that what they fuse into attention is
+/// differentiated as attention (FlashAttention-2's backward: `egret_passes::autodiff`).
+pub fn differentiated(cfg: &LlamaConfig, passes: &str) -> Result<Graph> {
+    let mut fwd = build_training(cfg)?;
+    let pm = PassManager::new(pipeline(passes)?);
+    pm.run(&mut fwd, &mut PassCx::default(), |_, _| {})?;
+    Ok(egret_passes::autodiff::differentiate(&fwd, "loss")?)
+}
+
 /// The loss-and-gradients graph of a model: outputs `loss` and `grad.<name>` for every
 /// parameter, after the pipeline `passes` and checkpoint placement under `budget`.
 pub fn grad_graph(cfg: &LlamaConfig, passes: &str, budget: Option<MemoryBudget>) -> Result<Graph> {
-    let fwd = build_training(cfg)?;
-    let mut g = egret_passes::autodiff::differentiate(&fwd, "loss")?;
+    let mut g = differentiated(cfg, passes)?;
     let pm = PassManager::new(pipeline(passes)?);
     pm.run(&mut g, &mut PassCx::default(), |_, _| {})?;
     place(g, budget)
@@ -186,8 +195,7 @@ pub fn step_graph(
     opt: &AdamW,
     budget: Option<MemoryBudget>,
 ) -> Result<Graph> {
-    let fwd = build_training(cfg)?;
-    let mut g = egret_passes::autodiff::differentiate(&fwd, "loss")?;
+    let mut g = differentiated(cfg, passes)?;
     egret_passes::optim::append_adamw(&mut g, opt)?;
     g.outputs.retain(|(n, _)| !n.starts_with("grad."));
     let pm = PassManager::new(pipeline(passes)?);

@@ -4,7 +4,7 @@
 //! become kernels: they are `Access` strides. Chains of elementwise ops become one
 //! `Elementwise` kernel whose body is an expression tree.
 
-use egret_ir::{BinaryOp, CompareOp, Dim, ReduceOp, UnaryOp};
+use egret_ir::{AttnGrad, BinaryOp, CompareOp, Dim, ReduceOp, UnaryOp};
 use egret_runtime::plan::{BufferSpec, ElemType, StateSpec};
 
 /// A sum of products of dims, `Σ coef · Π factors`: strides and offsets of views over
@@ -411,6 +411,21 @@ pub enum Kernel {
     /// Split-KV merge: `o = Σ_c acc_c·e^(m_c−M) / Σ_c l_c·e^(m_c−M)`, `M = max_c m_c`, over
     /// the splits in `part`; nothing to do when the attention did not split.
     AttentionCombine { out: u32, part: u32, dims: AttnDims },
+    /// Attention's backward, FlashAttention-2's: with `grad` `None` each query row's
+    /// log-sum-exp (`Op::AttentionLse`, `[B, H, T]` f32); otherwise the gradient with respect
+    /// to `grad.wrt` (`Op::AttentionGrad`). Probabilities are recomputed from `q` and `k`,
+    /// pair by pair, never stored. One unit per row of the result: a query row for the
+    /// log-sum-exp and `dq` (over its visible keys), a key row for `dk` and `dv` (over the
+    /// query rows that see it, of every head that reads its KV head).
+    AttentionBackward {
+        out: u32,
+        q: Access,
+        k: Access,
+        pos: Access,
+        grad: Option<AttnGradIn>,
+        dims: AttnDims,
+        scale: f64,
+    },
     /// Weights repacked for `Gemm`: `w` is a `[K, N]` view; column panels of `nr` columns are
     /// stored k-major, `out[(p·K + k)·nr + j] = w[k, p·nr + j]`, zero past `N`.
     PackPanels {
@@ -483,6 +498,19 @@ pub struct AttnDims {
     pub tokens_first: bool,
 }
 
+/// The operands only attention's gradients read (`Kernel::AttentionBackward`), and which
+/// gradient is wanted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttnGradIn {
+    pub v: Access,
+    /// The gradient of attention's output, `[B, H, T, Dv]`.
+    pub dout: Access,
+    /// f32 `[B, H, T]`: the rows' log-sum-exp and `Σ dout·out`.
+    pub lse: Access,
+    pub delta: Access,
+    pub wrt: AttnGrad,
+}
+
 /// Split-KV decode attention: with at most `ATTN_SPLIT_UNITS` query rows (`B·H·T`), the
 /// visible keys of each row are cut into `nsplit = clamp(S / ATTN_SPLIT_MIN_KEYS, 1,
 /// ATTN_SPLITS)` contiguous chunks, so every thread has work even when there are fewer rows
@@ -526,6 +554,17 @@ impl Kernel {
                 Dim::c(d.h),
                 d.t.clone(),
                 Dim::c(ATTN_SPLITS * d.dv),
+            ],
+            Kernel::AttentionBackward { dims: d, grad, .. } => vec![
+                d.b.clone(),
+                Dim::c(d.h),
+                d.t.clone(),
+                d.s.clone(),
+                Dim::c(if grad.is_some() {
+                    2 * d.d + 2 * d.dv
+                } else {
+                    d.d
+                }),
             ],
             Kernel::Gather {
                 idx_shape,
@@ -597,6 +636,20 @@ impl Kernel {
             Kernel::AttentionCombine { dims: d, .. } => format!(
                 "attention split-KV merge b={} h={} t={} d={}",
                 d.b, d.h, d.t, d.dv
+            ),
+            Kernel::AttentionBackward { dims: d, grad, .. } => format!(
+                "attention {} b={} h={} t={} s={} d={}",
+                match grad.as_ref().map(|g| g.wrt) {
+                    None => "log-sum-exp",
+                    Some(AttnGrad::Q) => "grad q",
+                    Some(AttnGrad::K) => "grad k",
+                    Some(AttnGrad::V) => "grad v",
+                },
+                d.b,
+                d.h,
+                d.t,
+                d.s,
+                d.d
             ),
             Kernel::Gather {
                 table_shape,

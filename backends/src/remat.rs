@@ -38,8 +38,9 @@ fn numel(g: &Graph, v: ValueId, b: &HashMap<String, i64>) -> Result<u64, Backend
     g.shape(v).iter().map(|d| eval(d, b)).product()
 }
 
-/// FLOPs of computing `v` once: `2·M·N·K` per matmul, `4·B·H·T·S·D` per attention, one per
-/// element otherwise (views: none).
+/// FLOPs of computing `v` once: `2·M·N·K` per matmul, `4·B·H·T·S·D` per attention (`2·…`
+/// for its log-sum-exp, `4·B·H·T·S·(D + Dv)` for a gradient), one per element otherwise
+/// (views: none).
 pub fn node_flops(g: &Graph, v: ValueId, b: &HashMap<String, i64>) -> Result<u64, BackendError> {
     let n = g.node(v);
     Ok(match &n.op {
@@ -52,6 +53,21 @@ pub fn node_flops(g: &Graph, v: ValueId, b: &HashMap<String, i64>) -> Result<u64
             let k = g.shape(n.inputs[1]);
             let (s, d) = (eval(&k[2], b)?, eval(&k[3], b)?);
             4 * numel(g, v, b)? / d.max(1) * s * d
+        }
+        Op::AttentionLse { .. } | Op::AttentionGrad { .. } => {
+            let (q, k) = (g.shape(n.inputs[0]), g.shape(n.inputs[1]));
+            let rows: u64 = q[..3]
+                .iter()
+                .map(|d| eval(d, b))
+                .product::<Result<_, _>>()?;
+            let (s, d) = (eval(&k[2], b)?, eval(&k[3], b)?);
+            match n.op {
+                Op::AttentionLse { .. } => 2 * rows * s * d,
+                _ => {
+                    let dv = eval(&g.shape(n.inputs[2])[3], b)?;
+                    4 * rows * s * (d + dv)
+                }
+            }
         }
         Op::Input { .. }
         | Op::Param { .. }

@@ -10,8 +10,8 @@ use egret_ir::{BinaryOp, DType, Dim, Graph, Op, ValueId};
 use egret_runtime::plan::{BufferRole, BufferSpec, ElemType, StateSpec};
 
 use crate::kernel::{
-    contiguous_strides, one_block, reshape_strides, symdim, Access, AttnDims, Expr, Kernel,
-    PanelType, Poly, Program, Round,
+    contiguous_strides, one_block, reshape_strides, symdim, Access, AttnDims, AttnGradIn, Expr,
+    Kernel, PanelType, Poly, Program, Round,
 };
 use crate::BackendError;
 
@@ -417,6 +417,15 @@ fn permuted_attention(g: &Graph, outputs: &BTreeSet<ValueId>) -> BTreeSet<ValueI
                     .all(|op| matches!(op, Op::Permute { perm } if perm[..] == [0, 2, 1, 3]))
         })
         .collect()
+}
+
+/// An attention head count or size, which the kernels need constant.
+fn attn_const(d: &Dim) -> Result<i64, BackendError> {
+    d.as_const().ok_or_else(|| {
+        BackendError::Unsupported(format!(
+            "attention needs constant head counts and sizes, got {d}"
+        ))
+    })
 }
 
 /// Schedules `g` (verified) into a program.
@@ -1020,16 +1029,59 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                     }
                     Val::View(Access::contiguous(out, &out_shape))
                 }
+                Op::AttentionLse { scale } | Op::AttentionGrad { scale, .. } => {
+                    let wrt = match &n.op {
+                        Op::AttentionGrad { wrt, .. } => Some(*wrt),
+                        _ => None,
+                    };
+                    let sh: Vec<Vec<Dim>> = (0..n.inputs.len()).map(arg_shape).collect();
+                    let acc: Vec<Access> = (0..n.inputs.len())
+                        .map(|i| s.view(&arg(i), &sh[i]))
+                        .collect();
+                    // (operands `q, k, pos` for the log-sum-exp; `q, k, v, pos, dout, lse,
+                    // delta` for a gradient)
+                    let (pos, v_shape) = match wrt {
+                        None => (acc[2].clone(), &sh[1]),
+                        Some(_) => (acc[3].clone(), &sh[2]),
+                    };
+                    let dims = AttnDims {
+                        b: sh[0][0].clone(),
+                        h: attn_const(&sh[0][1])?,
+                        t: sh[0][2].clone(),
+                        d: attn_const(&sh[0][3])?,
+                        hkv: attn_const(&sh[1][1])?,
+                        s: sh[1][2].clone(),
+                        dv: attn_const(&v_shape[3])?,
+                        tokens_first: false,
+                    };
+                    let grad = wrt.map(|wrt| AttnGradIn {
+                        v: acc[2].clone(),
+                        dout: acc[4].clone(),
+                        lse: acc[5].clone(),
+                        delta: acc[6].clone(),
+                        wrt,
+                    });
+                    let out = s.new_buffer(BufferRole::Temp, e, &shape, false);
+                    let reads: Vec<u32> = acc.iter().map(|a| a.buf).collect();
+                    s.push(
+                        Kernel::AttentionBackward {
+                            out,
+                            q: acc[0].clone(),
+                            k: acc[1].clone(),
+                            pos,
+                            grad,
+                            dims,
+                            scale: *scale,
+                        },
+                        &reads,
+                        out,
+                    );
+                    Val::View(Access::contiguous(out, &shape))
+                }
                 Op::FusedAttention { scale } => {
                     let sh: Vec<Vec<Dim>> = (0..4).map(arg_shape).collect();
                     let acc: Vec<Access> = (0..4).map(|i| s.view(&arg(i), &sh[i])).collect();
-                    let c = |d: &Dim| {
-                        d.as_const().ok_or_else(|| {
-                            BackendError::Unsupported(format!(
-                                "attention needs constant head counts and sizes, got {d}"
-                            ))
-                        })
-                    };
+                    let c = attn_const;
                     let dims = AttnDims {
                         b: sh[0][0].clone(),
                         h: c(&sh[0][1])?,

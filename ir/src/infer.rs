@@ -3,7 +3,7 @@
 
 use crate::dtype::DType;
 use crate::graph::TensorType;
-use crate::op::Op;
+use crate::op::{AttnGrad, Op};
 use crate::shape::{Dim, Shape};
 
 fn same_shape(a: &TensorType, b: &TensorType, what: &str) -> Result<(), String> {
@@ -331,52 +331,35 @@ pub fn infer_type(
             }
             Ok(ins[0].clone())
         }
-        Op::FusedAttention { .. } => {
-            let (q, k, v, p) = (
-                &ins[0].shape.0,
-                &ins[1].shape.0,
-                &ins[2].shape.0,
-                &ins[3].shape.0,
-            );
-            if q.len() != 4 || k.len() != 4 || v.len() != 4 || p.len() != 2 {
-                return Err(format!(
-                    "expects q, k, v of rank 4 and positions of rank 2, got {} {} {} {}",
-                    ins[0].shape, ins[1].shape, ins[2].shape, ins[3].shape
-                ));
-            }
-            for t in &ins[..3] {
-                float(t)?;
-                if t.dtype != ins[0].dtype {
-                    return Err("q, k, v must share a dtype".into());
-                }
-            }
-            if !ins[3].dtype.is_int() {
-                return Err(format!("positions must be integers, got {}", ins[3].dtype));
-            }
-            if k[0] != q[0] || v[0] != q[0] || p[0] != q[0] || p[1] != q[2] {
-                return Err(format!(
-                    "batch/sequence dims disagree: q {} positions {}",
-                    ins[0].shape, ins[3].shape
-                ));
-            }
-            if k[1] != v[1] || k[2] != v[2] || k[3] != q[3] {
-                return Err(format!(
-                    "k {} and v {} do not fit q {}",
-                    ins[1].shape, ins[2].shape, ins[0].shape
-                ));
-            }
-            match (q[1].as_const(), k[1].as_const()) {
-                (Some(h), Some(hkv)) if hkv > 0 && h % hkv == 0 => {}
-                _ => {
-                    return Err(format!(
-                        "query heads {} must be a constant multiple of KV heads {}",
-                        q[1], k[1]
-                    ))
-                }
-            }
+        Op::FusedAttention { .. } => attention_type(ins[0], ins[1], Some(ins[2]), ins[3]),
+        Op::AttentionLse { .. } => {
+            attention_type(ins[0], ins[1], None, ins[2])?;
             Ok(TensorType {
-                dtype: ins[0].dtype,
-                shape: Shape(vec![q[0].clone(), q[1].clone(), q[2].clone(), v[3].clone()]),
+                dtype: DType::F32,
+                shape: Shape(ins[0].shape.0[..3].to_vec()),
+            })
+        }
+        Op::AttentionGrad { wrt, .. } => {
+            let out = attention_type(ins[0], ins[1], Some(ins[2]), ins[3])?;
+            if *ins[4] != out {
+                return Err(format!(
+                    "the output's gradient must be {} {}, got {} {}",
+                    out.dtype, out.shape, ins[4].dtype, ins[4].shape
+                ));
+            }
+            let rows = Shape(ins[0].shape.0[..3].to_vec());
+            for (t, what) in [(ins[5], "lse"), (ins[6], "delta")] {
+                if t.dtype != DType::F32 || t.shape != rows {
+                    return Err(format!(
+                        "{what} must be f32 {rows}, got {} {}",
+                        t.dtype, t.shape
+                    ));
+                }
+            }
+            Ok(match wrt {
+                AttnGrad::Q => ins[0].clone(),
+                AttnGrad::K => ins[1].clone(),
+                AttnGrad::V => ins[2].clone(),
             })
         }
         Op::Cast => {
@@ -390,4 +373,64 @@ pub fn infer_type(
             Ok(t)
         }
     }
+}
+
+/// The operands of attention (`fused_attention`; its backward ops without `v` where they
+/// take none): `q [B,H,T,D]`, `k [B,Hkv,S,D]`, `v [B,Hkv,S,Dv]`, positions `[B,T]`, `H` a
+/// constant multiple of `Hkv`. Returns attention's output type, `[B,H,T,Dv]` (`[B,H,T,D]`
+/// without `v`).
+fn attention_type(
+    q: &TensorType,
+    k: &TensorType,
+    v: Option<&TensorType>,
+    p: &TensorType,
+) -> Result<TensorType, String> {
+    let v = v.unwrap_or(k);
+    let ins = [q, k, v, p];
+    let (q, k, v, p) = (
+        &ins[0].shape.0,
+        &ins[1].shape.0,
+        &ins[2].shape.0,
+        &ins[3].shape.0,
+    );
+    if q.len() != 4 || k.len() != 4 || v.len() != 4 || p.len() != 2 {
+        return Err(format!(
+            "expects q, k, v of rank 4 and positions of rank 2, got {} {} {} {}",
+            ins[0].shape, ins[1].shape, ins[2].shape, ins[3].shape
+        ));
+    }
+    for t in &ins[..3] {
+        float(t)?;
+        if t.dtype != ins[0].dtype {
+            return Err("q, k, v must share a dtype".into());
+        }
+    }
+    if !ins[3].dtype.is_int() {
+        return Err(format!("positions must be integers, got {}", ins[3].dtype));
+    }
+    if k[0] != q[0] || v[0] != q[0] || p[0] != q[0] || p[1] != q[2] {
+        return Err(format!(
+            "batch/sequence dims disagree: q {} positions {}",
+            ins[0].shape, ins[3].shape
+        ));
+    }
+    if k[1] != v[1] || k[2] != v[2] || k[3] != q[3] {
+        return Err(format!(
+            "k {} and v {} do not fit q {}",
+            ins[1].shape, ins[2].shape, ins[0].shape
+        ));
+    }
+    match (q[1].as_const(), k[1].as_const()) {
+        (Some(h), Some(hkv)) if hkv > 0 && h % hkv == 0 => {}
+        _ => {
+            return Err(format!(
+                "query heads {} must be a constant multiple of KV heads {}",
+                q[1], k[1]
+            ))
+        }
+    }
+    Ok(TensorType {
+        dtype: ins[0].dtype,
+        shape: Shape(vec![q[0].clone(), q[1].clone(), q[2].clone(), v[3].clone()]),
+    })
 }

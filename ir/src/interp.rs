@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::dtype::DType;
 use crate::graph::{Graph, ValueId};
-use crate::op::{BinaryOp, CompareOp, Op, ReduceOp, UnaryOp};
+use crate::op::{AttnGrad, BinaryOp, CompareOp, Op, ReduceOp, UnaryOp};
 use crate::IrError;
 
 /// Below this many multiply-adds a matmul runs on one thread (spawning costs more).
@@ -970,7 +970,138 @@ fn eval(op: &Op, dtype: DType, shape: &[usize], a: &[&Tensor]) -> Result<Tensor,
         Op::FusedAttention { scale } => {
             fused_attention(*scale, dtype, shape, a[0], a[1], a[2], a[3])?
         }
+        Op::AttentionLse { scale } => {
+            let rows = AttnRows::new(*scale, a[0], a[1], a[2])?;
+            let mut out = Vec::with_capacity(shape.iter().product());
+            for (bi, hi, ti) in rows.units() {
+                out.push(rows.lse(bi, hi, ti) as f32);
+            }
+            Tensor::dense(dtype, shape.to_vec(), Data::F32(Arc::new(out)))
+        }
+        Op::AttentionGrad { scale, wrt } => {
+            let rows = AttnRows::new(*scale, a[0], a[1], a[3])?;
+            let out = attention_grad(&rows, *wrt, a[2], a[4], a[5], a[6])?;
+            let out = out.into_iter().map(|v| round_to(dtype, v as f32)).collect();
+            Tensor::dense(dtype, shape.to_vec(), Data::F32(Arc::new(out)))
+        }
     })
+}
+
+/// Attention's query rows against their visible keys, for its backward ops: the scaled
+/// score of a (row, key) pair computed as `fused_attention` computes it.
+struct AttnRows {
+    scale: f32,
+    /// `(b, h, t, d, hkv, s)`.
+    dims: (usize, usize, usize, usize, usize, usize),
+    q: Arc<Vec<f32>>,
+    k: Arc<Vec<f32>>,
+    pos: Arc<Vec<i64>>,
+}
+
+impl AttnRows {
+    fn new(scale: f64, q: &Tensor, k: &Tensor, pos: &Tensor) -> Result<AttnRows, IrError> {
+        Ok(AttnRows {
+            scale: scale as f32,
+            dims: (
+                q.shape[0], q.shape[1], q.shape[2], q.shape[3], k.shape[1], k.shape[2],
+            ),
+            q: q.f32s()?,
+            k: k.f32s()?,
+            pos: pos.i64s()?,
+        })
+    }
+
+    /// Every query row `(b, h, t)`, in memory order.
+    fn units(&self) -> impl Iterator<Item = (usize, usize, usize)> {
+        let (b, h, t, ..) = self.dims;
+        (0..b).flat_map(move |bi| (0..h).flat_map(move |hi| (0..t).map(move |ti| (bi, hi, ti))))
+    }
+
+    /// Row `(b, h, t)`'s query, its KV head and its visible keys.
+    fn row(&self, bi: usize, hi: usize, ti: usize) -> (&[f32], usize, usize) {
+        let (_, h, t, d, hkv, s) = self.dims;
+        let g = hi / (h / hkv.max(1)).max(1);
+        let limit = self.pos[bi * t + ti];
+        let visible = if limit < 0 {
+            0
+        } else {
+            (limit as usize + 1).min(s)
+        };
+        (&self.q[((bi * h + hi) * t + ti) * d..][..d], g, visible)
+    }
+
+    fn key(&self, bi: usize, g: usize, j: usize) -> &[f32] {
+        let (_, _, _, d, hkv, s) = self.dims;
+        &self.k[((bi * hkv + g) * s + j) * d..][..d]
+    }
+
+    fn score(&self, qr: &[f32], bi: usize, g: usize, j: usize) -> f64 {
+        (dot_f64(qr, self.key(bi, g, j)) as f32 * self.scale) as f64
+    }
+
+    /// `log Σ_{j visible} exp(score_j)`, `-inf` with no visible key.
+    fn lse(&self, bi: usize, hi: usize, ti: usize) -> f64 {
+        let (qr, g, visible) = self.row(bi, hi, ti);
+        let scores: Vec<f64> = (0..visible).map(|j| self.score(qr, bi, g, j)).collect();
+        let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        if m == f64::NEG_INFINITY {
+            return m;
+        }
+        m + scores.iter().map(|x| (x - m).exp()).sum::<f64>().ln()
+    }
+}
+
+/// `attention_grad_{q,k,v}` (see `Op::AttentionGrad`), summed in f64 over every visible
+/// (row, key) pair.
+fn attention_grad(
+    rows: &AttnRows,
+    wrt: AttnGrad,
+    v: &Tensor,
+    dout: &Tensor,
+    lse: &Tensor,
+    delta: &Tensor,
+) -> Result<Vec<f64>, IrError> {
+    let (_, _, _, d, hkv, s) = rows.dims;
+    let dv = v.shape[3];
+    let (vv, dov, lv, dlv) = (v.f32s()?, dout.f32s()?, lse.f32s()?, delta.f32s()?);
+    let mut out = vec![
+        0f64;
+        match wrt {
+            AttnGrad::Q => rows.q.len(),
+            AttnGrad::K => rows.k.len(),
+            AttnGrad::V => vv.len(),
+        }
+    ];
+    for (u, (bi, hi, ti)) in rows.units().enumerate() {
+        let (qr, g, visible) = rows.row(bi, hi, ti);
+        let dor = &dov[u * dv..][..dv];
+        for j in 0..visible {
+            let p = (rows.score(qr, bi, g, j) - lv[u] as f64).exp();
+            let kv = ((bi * hkv + g) * s + j) * dv;
+            let ds = p * (dot_f64(dor, &vv[kv..kv + dv]) - dlv[u] as f64);
+            let sc = rows.scale as f64;
+            match wrt {
+                AttnGrad::Q => {
+                    let k = rows.key(bi, g, j);
+                    for (o, &x) in out[u * d..][..d].iter_mut().zip(k) {
+                        *o += sc * ds * x as f64;
+                    }
+                }
+                AttnGrad::K => {
+                    let at = ((bi * hkv + g) * s + j) * d;
+                    for (o, &x) in out[at..at + d].iter_mut().zip(qr) {
+                        *o += sc * ds * x as f64;
+                    }
+                }
+                AttnGrad::V => {
+                    for (o, &x) in out[kv..kv + dv].iter_mut().zip(dor) {
+                        *o += p * x as f64;
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// In-place softmax of `len` elements `stride` apart, computed as the spelled-out form is:

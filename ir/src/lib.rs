@@ -14,7 +14,7 @@ pub mod verify;
 pub use dtype::DType;
 pub use graph::{Graph, Node, TensorType, ValueId};
 pub use interp::{Interpreter, Tensor};
-pub use op::{BinaryOp, CompareOp, Op, ReduceOp, UnaryOp};
+pub use op::{AttnGrad, BinaryOp, CompareOp, Op, ReduceOp, UnaryOp};
 pub use shape::{Dim, Shape};
 pub use text::{parse, print, ParseError};
 pub use verify::verify;

@@ -117,6 +117,27 @@ pub enum Op {
     /// key `j` is visible to query `t` iff `j <= positions[b,t]`;
     /// `out = softmax(scale · q·kᵀ over visible keys) · v`.
     FusedAttention { scale: f64 },
+
+    // ---- Attention's backward, introduced by `autodiff` (FlashAttention-2's: the
+    // ---- probabilities are recomputed block by block, never stored).
+    /// `(q, k, positions) -> f32[B,H,T]`: each query row's log-sum-exp of its scaled visible
+    /// scores, `lse = log Σ_{j visible} exp(scale · q·k_j)` (`-inf` with no visible key).
+    AttentionLse { scale: f64 },
+    /// `(q, k, v, positions, dout [B,H,T,Dv], lse, delta)`, `lse` and `delta` f32 `[B,H,T]`
+    /// (`delta = Σ_c dout·out`, the rows of `dout` dotted with attention's output): the
+    /// gradient of `fused_attention` with respect to `wrt`. With `p_ij = exp(scale · q_i·k_j
+    /// − lse_i)` on visible keys (0 elsewhere) and `ds_ij = p_ij (dout_i·v_j − delta_i)`:
+    /// `dq_i = scale Σ_j ds_ij k_j`, `dk_j = scale Σ_i ds_ij q_i`, `dv_j = Σ_i p_ij dout_i`
+    /// (for keys and values, `i` over the query rows of every head that reads KV head `j`'s).
+    AttentionGrad { scale: f64, wrt: AttnGrad },
+}
+
+/// Which operand of `fused_attention` an `attention_grad` differentiates with respect to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AttnGrad {
+    Q,
+    K,
+    V,
 }
 
 // `Constant` holds an f64, so equality and hashing compare its bits: two constants are the
@@ -159,8 +180,12 @@ impl PartialEq for Op {
             | (Op::RmsNormMatMul { eps: a }, Op::RmsNormMatMul { eps: b }) => {
                 a.to_bits() == b.to_bits()
             }
-            (Op::FusedAttention { scale: a }, Op::FusedAttention { scale: b }) => {
+            (Op::FusedAttention { scale: a }, Op::FusedAttention { scale: b })
+            | (Op::AttentionLse { scale: a }, Op::AttentionLse { scale: b }) => {
                 a.to_bits() == b.to_bits()
+            }
+            (Op::AttentionGrad { scale: a, wrt: x }, Op::AttentionGrad { scale: b, wrt: y }) => {
+                a.to_bits() == b.to_bits() && x == y
             }
             _ => false,
         }
@@ -176,7 +201,9 @@ impl Op {
             Op::Constant { value }
             | Op::RmsNorm { eps: value }
             | Op::RmsNormMatMul { eps: value }
-            | Op::FusedAttention { scale: value } => {
+            | Op::FusedAttention { scale: value }
+            | Op::AttentionLse { scale: value }
+            | Op::AttentionGrad { scale: value, .. } => {
                 vec![value.to_bits()]
             }
             Op::Iota { axis }
@@ -220,7 +247,9 @@ impl std::hash::Hash for Op {
             Op::Constant { value }
             | Op::RmsNorm { eps: value }
             | Op::RmsNormMatMul { eps: value }
-            | Op::FusedAttention { scale: value } => value.to_bits().hash(h),
+            | Op::FusedAttention { scale: value }
+            | Op::AttentionLse { scale: value } => value.to_bits().hash(h),
+            Op::AttentionGrad { scale, wrt } => (scale.to_bits(), wrt).hash(h),
             Op::Iota { axis }
             | Op::Concat { axis }
             | Op::Gather { axis }
@@ -271,6 +300,12 @@ impl Op {
             Op::RmsNormMatMul { .. } => "rms_norm_matmul",
             Op::SwiGlu => "swiglu",
             Op::FusedAttention { .. } => "fused_attention",
+            Op::AttentionLse { .. } => "attention_lse",
+            Op::AttentionGrad { wrt, .. } => match wrt {
+                AttnGrad::Q => "attention_grad_q",
+                AttnGrad::K => "attention_grad_k",
+                AttnGrad::V => "attention_grad_v",
+            },
         }
     }
 
@@ -289,8 +324,9 @@ impl Op {
             | Op::ScatterAdd
             | Op::RmsNorm { .. }
             | Op::SwiGlu => 2,
-            Op::Select | Op::RmsNormMatMul { .. } => 3,
+            Op::Select | Op::RmsNormMatMul { .. } | Op::AttentionLse { .. } => 3,
             Op::FusedAttention { .. } => 4,
+            Op::AttentionGrad { .. } => 7,
             Op::Concat { .. } => return None,
         })
     }

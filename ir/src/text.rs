@@ -18,7 +18,7 @@ use std::fmt::Write;
 
 use crate::dtype::DType;
 use crate::graph::{Graph, Node, TensorType, ValueId};
-use crate::op::{BinaryOp, CompareOp, Op, ReduceOp, UnaryOp};
+use crate::op::{AttnGrad, BinaryOp, CompareOp, Op, ReduceOp, UnaryOp};
 use crate::shape::{Dim, Shape};
 
 /// Prints the graph in the text format.
@@ -76,7 +76,9 @@ fn print_node(n: &Node) -> String {
         Op::RmsNorm { eps } | Op::RmsNormMatMul { eps } => {
             let _ = write!(s, "[eps={}]", print_f64(*eps));
         }
-        Op::FusedAttention { scale } => {
+        Op::FusedAttention { scale }
+        | Op::AttentionLse { scale }
+        | Op::AttentionGrad { scale, .. } => {
             let _ = write!(s, "[scale={}]", print_f64(*scale));
         }
         Op::Iota { axis }
@@ -796,6 +798,17 @@ fn build_op(
         },
         "fused_attention" => Op::FusedAttention {
             scale: a.f64("scale", at)?,
+        },
+        "attention_lse" => Op::AttentionLse {
+            scale: a.f64("scale", at)?,
+        },
+        "attention_grad_q" | "attention_grad_k" | "attention_grad_v" => Op::AttentionGrad {
+            scale: a.f64("scale", at)?,
+            wrt: match name {
+                "attention_grad_q" => AttnGrad::Q,
+                "attention_grad_k" => AttnGrad::K,
+                _ => AttnGrad::V,
+            },
         },
         other => {
             return Err(ParseError {

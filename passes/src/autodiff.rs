@@ -3,9 +3,11 @@
 //!
 //! Fused ops are first expanded into the primitives that define them (`unfuse`), so every
 //! op has one derivative rule, written once below; the fusion passes run on the result
-//! re-fuse the forward part. Attention's backward recomputes its probabilities from `q` and
-//! `k` instead of keeping them. Only values that depend on a parameter get adjoints (masks,
-//! rotary tables and positions do not).
+//! re-fuse the forward part. Attention is the exception: it keeps its fused form and its
+//! backward is FlashAttention-2's (`attention_lse`, `attention_grad_{q,k,v}`), which
+//! recomputes the probabilities from `q` and `k` block by block instead of keeping them or
+//! spelling out the `[T, S]` scores. Only values that depend on a parameter get adjoints
+//! (masks, rotary tables and positions do not).
 //!
 //! Rules (`g` is the adjoint of the result `y`):
 //! - `neg`: `-g`; `exp`: `g·y`; `log`: `g/x`; `sqrt`: `g·0.5/y`; `rsqrt`: `-0.5·g·y³`;
@@ -21,8 +23,13 @@
 //! - `stop_gradient`: none (its result is a constant to differentiation).
 //! - `gather` (a table `[V, ..]` by ids on axis 0): `scatter_add(ids, g)`, each `g[j]` added
 //!   to row `ids[j]`; `scatter_add(ids, x)`: `gather(g, ids)` for `x`.
+//! - `fused_attention(q, k, v, pos) = y`: with `lse = attention_lse(q, k, pos)` and `delta =
+//!   Σ_c g·y` over the last axis (f32), `attention_grad_{q,k,v}(q, k, v, pos, g, lse,
+//!   delta)` (`Op::AttentionGrad` has the formulas).
 
-use egret_ir::{BinaryOp, CompareOp, DType, Dim, Graph, IrError, Op, ReduceOp, UnaryOp, ValueId};
+use egret_ir::{
+    AttnGrad, BinaryOp, CompareOp, DType, Dim, Graph, IrError, Op, ReduceOp, UnaryOp, ValueId,
+};
 
 type R<T> = Result<T, IrError>;
 
@@ -33,8 +40,20 @@ fn unsupported(msg: impl Into<String>) -> IrError {
     }
 }
 
-/// `g` with each fused op replaced by its primitive spelling (same outputs).
+/// `g` with each fused op but attention replaced by its primitive spelling (same outputs):
+/// what `differentiate` differentiates.
 pub fn unfuse(g: &Graph) -> R<Graph> {
+    rewrite_fused(g, false)
+}
+
+/// `g` with every fused op replaced by its primitive spelling, attention's included (the
+/// `[T, S]` scores, the causal mask, the softmax): the definition the fused forms and
+/// attention's backward ops are checked against.
+pub fn spell_out(g: &Graph) -> R<Graph> {
+    rewrite_fused(g, true)
+}
+
+fn rewrite_fused(g: &Graph, attention_too: bool) -> R<Graph> {
     let mut out = Graph::new(&g.name);
     let mut map: Vec<Option<ValueId>> = vec![None; g.len()];
     let order = g
@@ -63,7 +82,7 @@ pub fn unfuse(g: &Graph) -> R<Graph> {
                 let s = out.unary(UnaryOp::Sigmoid, ins[0])?;
                 out.binary(BinaryOp::Mul, ins[0], s)?
             }
-            Op::FusedAttention { scale } => attention(&mut out, &ins, *scale)?,
+            Op::FusedAttention { scale } if attention_too => attention(&mut out, &ins, *scale)?,
             op => out.push(op.clone(), ins, n.ty.clone()),
         };
         map[v.index()] = Some(new);
@@ -487,11 +506,37 @@ fn backward(
                 out.push((ins[1], g.gather(gv, ins[0], 0)?));
             }
         }
-        Op::Softmax { .. }
-        | Op::RmsNorm { .. }
-        | Op::RmsNormMatMul { .. }
-        | Op::SwiGlu
-        | Op::FusedAttention { .. } => {
+        Op::FusedAttention { scale } => {
+            let (q, k, vv, pos) = (ins[0], ins[1], ins[2], ins[3]);
+            let f32_of = |g: &mut Graph, x| -> R<ValueId> {
+                if g.ty(x).dtype == DType::F32 {
+                    Ok(x)
+                } else {
+                    g.cast(x, DType::F32)
+                }
+            };
+            let gy = mul(g, gv, v)?;
+            let gy = f32_of(g, gy)?;
+            let delta = g.reduce(ReduceOp::Sum, gy, 3)?;
+            let rows = g.shape(delta)[..3].to_vec();
+            let delta = g.reshape(delta, rows)?;
+            let lse = g.add(Op::AttentionLse { scale: *scale }, &[q, k, pos], None)?;
+            for (i, wrt) in [(0, AttnGrad::Q), (1, AttnGrad::K), (2, AttnGrad::V)] {
+                if need(i) {
+                    let op = Op::AttentionGrad { scale: *scale, wrt };
+                    let d = g.add(op, &[q, k, vv, pos, gv, lse, delta], None)?;
+                    out.push((ins[i], d));
+                }
+            }
+        }
+        Op::AttentionLse { .. } | Op::AttentionGrad { .. } => {
+            return Err(unsupported(format!(
+                "`{}` has no derivative here (attention's backward is not differentiated \
+                 again)",
+                op.name()
+            )))
+        }
+        Op::Softmax { .. } | Op::RmsNorm { .. } | Op::RmsNormMatMul { .. } | Op::SwiGlu => {
             return Err(unsupported(format!(
                 "`{}` should have been expanded before differentiation",
                 op.name()

@@ -1,5 +1,6 @@
 //! Derivative rules that the model fixtures do not isolate, checked on the interpreter:
-//! `stop_gradient` blocks the gradient, and gather and scatter_add are each other's adjoint.
+//! `stop_gradient` blocks the gradient, gather and scatter_add are each other's adjoint,
+//! and attention's backward ops equal the derivative of attention's definition.
 
 use std::collections::HashMap;
 
@@ -91,4 +92,101 @@ fn gather_and_scatter_add_are_adjoint() {
         g["grad.x"],
         vec![50.0, 60.0, 10.0, 20.0, 50.0, 60.0, 30.0, 40.0]
     );
+}
+
+/// Deterministic values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Attention's backward (`attention_lse`, `attention_grad_{q,k,v}`) against the derivative
+/// of its spelled-out definition (scores, causal mask, softmax, weighted values), on the
+/// interpreter: grouped heads (4 query heads on 2 KV heads), a cache offset (queries at
+/// positions 3..8 of 9 keys; in batch 1 rows seeing one key and every key), key
+/// and value head sizes that differ, and a weighted loss so every output element counts.
+#[test]
+fn attention_backward_matches_the_derivative_of_its_definition() {
+    let src = r#"graph g {
+  %q = param "q" : f32[2, 4, 5, 3]
+  %k = param "k" : f32[2, 2, 9, 3]
+  %v = param "v" : f32[2, 2, 9, 4]
+  %pos = input "pos" : i64[2, 5]
+  %o = fused_attention[scale=0.7](%q, %k, %v, %pos) : f32[2, 4, 5, 4]
+  %w = input "w" : f32[2, 4, 5, 4]
+  %m = mul(%o, %w) : f32[2, 4, 5, 4]
+  %r3 = reduce_sum[axis=3](%m) : f32[2, 4, 5, 1]
+  %r2 = reduce_sum[axis=2](%r3) : f32[2, 4, 1, 1]
+  %r1 = reduce_sum[axis=1](%r2) : f32[2, 1, 1, 1]
+  %l = reduce_sum[axis=0](%r1) : f32[1, 1, 1, 1]
+  output "loss" = %l
+}"#;
+    let g = egret_ir::parse(src).unwrap();
+    let fused = differentiate(&g, "loss").unwrap();
+    let printed = egret_ir::print(&fused);
+    for op in [
+        "attention_lse",
+        "attention_grad_q",
+        "attention_grad_k",
+        "attention_grad_v",
+    ] {
+        assert!(printed.contains(op), "no {op} in\n{printed}");
+    }
+    let reparsed = egret_ir::parse(&printed).unwrap();
+    assert_eq!(
+        egret_ir::print(&reparsed),
+        printed,
+        "the text format round-trips"
+    );
+    let spelled = differentiate(&egret_passes::autodiff::spell_out(&g).unwrap(), "loss").unwrap();
+    assert!(!egret_ir::print(&spelled).contains("attention"));
+    let params: HashMap<String, Tensor> = [
+        ("q", vec![2, 4, 5, 3], 1),
+        ("k", vec![2, 2, 9, 3], 2),
+        ("v", vec![2, 2, 9, 4], 3),
+    ]
+    .into_iter()
+    .map(|(n, s, seed)| {
+        let len = s.iter().product();
+        (
+            n.to_string(),
+            Tensor::from_f32(s, values(len, seed)).unwrap(),
+        )
+    })
+    .collect();
+    let inputs = HashMap::from([
+        (
+            "pos".to_string(),
+            Tensor::from_i64(vec![2, 5], vec![3, 4, 5, 6, 7, 0, 2, 4, 8, 8]).unwrap(),
+        ),
+        (
+            "w".to_string(),
+            Tensor::from_f32(vec![2, 4, 5, 4], values(160, 4)).unwrap(),
+        ),
+    ]);
+    let run = |d: &egret_ir::Graph| Interpreter::new(d).unwrap().run(&inputs, &params).unwrap();
+    let (a, b) = (run(&fused), run(&spelled));
+    for p in ["q", "k", "v"] {
+        let name = format!("grad.{p}");
+        let (x, y) = (a[&name].to_f32_vec(), b[&name].to_f32_vec());
+        assert!(
+            x.iter().chain(&y).all(|v| v.is_finite()),
+            "{name}: {x:?}\nvs\n{y:?}"
+        );
+        let err = x
+            .iter()
+            .zip(&y)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        let big = y.iter().map(|y| y.abs()).fold(0f32, f32::max);
+        assert!(big > 0.1, "{name} is all but zero: {y:?}");
+        assert!(err <= 1e-5 * big.max(1.0), "{name}: {x:?}\nvs\n{y:?}");
+    }
 }

@@ -16,12 +16,12 @@ use inkwell::values::{
 };
 use inkwell::{AddressSpace, FloatPredicate, IntPredicate};
 
-use egret_ir::{BinaryOp, CompareOp, Dim, ReduceOp, UnaryOp};
+use egret_ir::{AttnGrad, BinaryOp, CompareOp, Dim, ReduceOp, UnaryOp};
 use egret_runtime::plan::ElemType;
 
 use crate::kernel::{
-    Access, Expr, Kernel, PanelType, Poly, Program, Round, ATTN_SPLITS, ATTN_SPLIT_MIN_KEYS,
-    ATTN_SPLIT_UNITS,
+    Access, AttnDims, AttnGradIn, Expr, Kernel, PanelType, Poly, Program, Round, ATTN_SPLITS,
+    ATTN_SPLIT_MIN_KEYS, ATTN_SPLIT_UNITS,
 };
 use crate::BackendError;
 
@@ -1292,6 +1292,15 @@ pub fn emit<'ctx>(
             attention_combine(&fb, *out, *part, dims)?;
             ATTN_SPLITS as usize
         }
+        Kernel::AttentionBackward {
+            out,
+            q,
+            k,
+            pos,
+            grad,
+            dims,
+            scale,
+        } => attention_backward(&fb, *out, [q, k, pos], grad.as_ref(), dims, *scale)?,
         Kernel::Gather {
             out,
             table,
@@ -1496,6 +1505,29 @@ pub fn canonical(k: &Kernel) -> (Kernel, Vec<u32>) {
             part: map(*part),
             dims: dims.clone(),
         },
+        Kernel::AttentionBackward {
+            out,
+            q,
+            k,
+            pos,
+            grad,
+            dims,
+            scale,
+        } => Kernel::AttentionBackward {
+            out: map(*out),
+            q: ren(q),
+            k: ren(k),
+            pos: ren(pos),
+            grad: grad.as_ref().map(|g| AttnGradIn {
+                v: ren(&g.v),
+                dout: ren(&g.dout),
+                lse: ren(&g.lse),
+                delta: ren(&g.delta),
+                wrt: g.wrt,
+            }),
+            dims: dims.clone(),
+            scale: *scale,
+        },
         Kernel::Gather {
             out,
             table,
@@ -1633,6 +1665,23 @@ pub fn kernel_buffers(k: &Kernel) -> Vec<u32> {
         Kernel::AttentionCombine { out, part, .. } => {
             add(*out);
             add(*part);
+        }
+        Kernel::AttentionBackward {
+            out,
+            q,
+            k,
+            pos,
+            grad,
+            ..
+        } => {
+            for b in [*out, q.buf, k.buf, pos.buf] {
+                add(b);
+            }
+            if let Some(g) = grad {
+                for b in [g.v.buf, g.dout.buf, g.lse.buf, g.delta.buf] {
+                    add(b);
+                }
+            }
         }
         Kernel::Gather {
             out, table, idx, ..
@@ -6196,6 +6245,250 @@ fn gpu_attention(
     fb.ret_ok()
 }
 
+/// Attention's backward (`Kernel::AttentionBackward`, FlashAttention-2's arithmetic): for
+/// each unit (a row of the result), each (query row, key) pair it covers: the score
+/// `scale·q·k` recomputed, then for the log-sum-exp the running max and sum; for a gradient
+/// `p = exp(score − lse)`, `ds = p·(dout·v − delta)` and the unit's accumulator row gains
+/// `ds·k` (`dq`), `ds·q` (`dk`) or `p·dout` (`dv`), scaled by `scale` for `dq` and `dk` as it
+/// is stored. Query units (log-sum-exp, `dq`) go over their visible keys; key units (`dk`,
+/// `dv`) over every query row of the heads that read their KV head, those that see them.
+///
+/// On the CPU one thread a unit, units claimed guided (causal rows see different numbers
+/// of keys), the accumulators in scratch (the returned floats a thread). On the GPU a warp
+/// a unit (eight a block): lane `l` holds elements `l, l+32, …` of the accumulator row and
+/// forms its share of each dot product, summed over the warp with butterfly shuffles, so
+/// every row read is 32 lanes wide; the accumulators are in registers.
+fn attention_backward<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    out: u32,
+    [q, k, pos]: [&Access; 3],
+    grad: Option<&AttnGradIn>,
+    d: &AttnDims,
+    scale: f64,
+) -> R<usize> {
+    let elem = |x: &Access| fb.prog.buffers[x.buf as usize].elem;
+    let (qa, ka) = (fb.access(q, elem(q))?, fb.access(k, elem(k))?);
+    let pa = fb.access(pos, ElemType::I64)?;
+    let optr = fb.buf(out)?;
+    let oe = fb.prog.buffers[out as usize].elem;
+    let c = |v: i64| fb.i64c(v);
+    let lt = |a, b| {
+        fb.b.build_int_compare(IntPredicate::SLT, a, b, "lt")
+            .map_err(be)
+    };
+    let (bv, tv, sv) = (fb.dim(&d.b)?, fb.dim(&d.t)?, fb.dim(&d.s)?);
+    let rep = d.h / d.hkv;
+    let gops = match grad {
+        Some(g) => Some((
+            fb.access(&g.v, elem(&g.v))?,
+            fb.access(&g.dout, elem(&g.dout))?,
+            fb.access(&g.lse, ElemType::F32)?,
+            fb.access(&g.delta, ElemType::F32)?,
+            g.wrt,
+        )),
+        None => None,
+    };
+    let wrt = grad.map(|g| g.wrt);
+    // The accumulator row's width, and the factor it is stored with.
+    let (width, out_scale) = match wrt {
+        None => (0, 1.0),
+        Some(AttnGrad::Q) => (d.d, scale),
+        Some(AttnGrad::K) => (d.d, 1.0),
+        Some(AttnGrad::V) => (d.dv, 1.0),
+    };
+    let key_units = matches!(wrt, Some(AttnGrad::K | AttnGrad::V));
+    let units = if key_units {
+        fb.mul(fb.mul(bv, c(d.hkv))?, sv)?
+    } else {
+        fb.mul(fb.mul(bv, c(d.h))?, tv)?
+    };
+    // This thread's lane and the elements `(index, exists)` it holds of a row of `n`: all
+    // of them on the CPU (a loop), `lane + 32i` on the GPU.
+    let lane = if fb.gpu {
+        fb.b.build_int_signed_rem(fb.tid, c(32), "wl").map_err(be)?
+    } else {
+        c(0)
+    };
+    let lanes = |n: i64| -> R<Vec<(IntValue<'ctx>, IntValue<'ctx>)>> {
+        (0..(n + 31) / 32)
+            .map(|i| {
+                let e = fb.add(lane, c(32 * i))?;
+                Ok((fb.imin(e, c(n - 1))?, lt(e, c(n))?))
+            })
+            .collect()
+    };
+    // `Σ a[ab + i·sa]·b[bb + i·sb]` over `i < n` (along the operands' last axes).
+    let dot = |fb: &Fb<'_, 'ctx>,
+               (a, ab): (&Av<'ctx>, IntValue<'ctx>),
+               (b, bb): (&Av<'ctx>, IntValue<'ctx>),
+               n: i64|
+     -> R<FloatValue<'ctx>> {
+        let (sa, sb) = (
+            a.strides[a.strides.len() - 1],
+            b.strides[b.strides.len() - 1],
+        );
+        if fb.gpu {
+            let mut part = fb.f32c(0.0);
+            for (e, ok) in lanes(n)? {
+                let x = fb.load_float(a, fb.add(ab, fb.mul(e, sa)?)?)?;
+                let y = fb.load_float(b, fb.add(bb, fb.mul(e, sb)?)?)?;
+                let y = fb.fsel(ok, y, fb.f32c(0.0))?;
+                part = fb.intrinsic3("llvm.fma", x, y, part)?;
+            }
+            return Ok(part);
+        }
+        let acc = fb.slot(fb.f32t.into())?;
+        fb.set(acc, fb.f32c(0.0))?;
+        fb.for_range(c(0), c(n), |fb, i| {
+            let x = fb.load_float(a, fb.add(ab, fb.mul(i, sa)?)?)?;
+            let y = fb.load_float(b, fb.add(bb, fb.mul(i, sb)?)?)?;
+            fb.set(acc, fb.fma_fast(fb.get(acc)?, x, y)?)
+        })?;
+        fb.get(acc)
+    };
+    // The accumulator row: registers (GPU, this lane's elements) or scratch (CPU).
+    let regs: Vec<PointerValue> = if fb.gpu {
+        (0..(width + 31) / 32)
+            .map(|_| fb.slot(fb.f32t.into()))
+            .collect::<R<_>>()?
+    } else {
+        vec![]
+    };
+    let (mx, l) = (fb.slot(fb.f32t.into())?, fb.slot(fb.f32t.into())?);
+    // `acc += coef·src[sb + i]` along `src`'s last axis.
+    let axpy = |fb: &Fb<'_, 'ctx>,
+                coef: FloatValue<'ctx>,
+                (src, sb): (&Av<'ctx>, IntValue<'ctx>)|
+     -> R<()> {
+        let ss = src.strides[src.strides.len() - 1];
+        if fb.gpu {
+            for ((e, _), r) in lanes(width)?.into_iter().zip(&regs) {
+                let x = fb.load_float(src, fb.add(sb, fb.mul(e, ss)?)?)?;
+                fb.set(*r, fb.intrinsic3("llvm.fma", coef, x, fb.get(*r)?)?)?;
+            }
+            return Ok(());
+        }
+        fb.for_range(c(0), c(width), |fb, i| {
+            let x = fb.load_float(src, fb.add(sb, fb.mul(i, ss)?)?)?;
+            let a = fb.load_f32(fb.scratch, i)?;
+            fb.store_f32(fb.scratch, i, fb.fma_fast(a, coef, x)?)
+        })
+    };
+    // One (query row `(bi, hi, ti)`, key `j`) pair.
+    let pair = |fb: &Fb<'_, 'ctx>,
+                bi: IntValue<'ctx>,
+                hi: IntValue<'ctx>,
+                ti: IntValue<'ctx>,
+                j: IntValue<'ctx>|
+     -> R<()> {
+        let gi = fb.b.build_int_signed_div(hi, c(rep), "g").map_err(be)?;
+        let qb = fb.at(&qa, &[(0, bi), (1, hi), (2, ti)])?;
+        let kb = fb.at(&ka, &[(0, bi), (1, gi), (2, j)])?;
+        let score = fb.fmul(dot(fb, (&qa, qb), (&ka, kb), d.d)?, fb.f32c(scale))?;
+        let Some((va, da, la, ea, wrt)) = &gops else {
+            let m_old = fb.get(mx)?;
+            let m_new = fb.intrinsic("llvm.maxnum", &[m_old, score])?;
+            let corr = fb.exp(fb.b.build_float_sub(m_old, m_new, "d").map_err(be)?)?;
+            let e = fb.exp(fb.b.build_float_sub(score, m_new, "z").map_err(be)?)?;
+            fb.set(l, fb.fadd(fb.fmul(fb.get(l)?, corr)?, e)?)?;
+            return fb.set(mx, m_new);
+        };
+        let row = [(0, bi), (1, hi), (2, ti)];
+        let lse = fb.load_f32(la.ptr, fb.at(la, &row)?)?;
+        let p = fb.exp(fb.b.build_float_sub(score, lse, "z").map_err(be)?)?;
+        let db = fb.at(da, &row)?;
+        if *wrt == AttnGrad::V {
+            return axpy(fb, p, (da, db));
+        }
+        let vb = fb.at(va, &[(0, bi), (1, gi), (2, j)])?;
+        let dp = dot(fb, (da, db), (va, vb), d.dv)?;
+        let delta = fb.load_f32(ea.ptr, fb.at(ea, &row)?)?;
+        let ds = fb.fmul(p, fb.b.build_float_sub(dp, delta, "dd").map_err(be)?)?;
+        match wrt {
+            AttnGrad::Q => axpy(fb, ds, (&ka, kb)),
+            _ => axpy(fb, ds, (&qa, qb)),
+        }
+    };
+    let unit = |fb: &Fb<'_, 'ctx>, u: IntValue<'ctx>| -> R<()> {
+        fb.set(mx, fb.f32c(f64::NEG_INFINITY))?;
+        fb.set(l, fb.f32c(0.0))?;
+        for r in &regs {
+            fb.set(*r, fb.f32c(0.0))?;
+        }
+        if !fb.gpu {
+            fb.for_range(c(0), c(width), |fb, i| {
+                fb.store_f32(fb.scratch, i, fb.f32c(0.0))
+            })?;
+        }
+        if key_units {
+            let idx = fb.decompose(u, &[bv, c(d.hkv), sv])?;
+            let (bi, gi, j) = (idx[0], idx[1], idx[2]);
+            fb.for_range(c(0), c(rep), |fb, r| {
+                let hi = fb.add(fb.mul(gi, c(rep))?, r)?;
+                fb.for_range(c(0), tv, |fb, ti| {
+                    let limit = fb.load(&pa, fb.at(&pa, &[(0, bi), (1, ti)])?)?;
+                    let sees = lt(limit.into_int_value(), j)?;
+                    fb.if_else(sees, |_| Ok(()), |fb| pair(fb, bi, hi, ti, j))
+                })
+            })?;
+        } else {
+            let idx = fb.decompose(u, &[bv, c(d.h), tv])?;
+            let (bi, hi, ti) = (idx[0], idx[1], idx[2]);
+            let limit = fb.load(&pa, fb.at(&pa, &[(0, bi), (1, ti)])?)?;
+            let end = fb.imin(fb.add(limit.into_int_value(), c(1))?, sv)?;
+            fb.for_range(c(0), end, |fb, j| pair(fb, bi, hi, ti, j))?;
+        }
+        // The unit's row of the result (contiguous).
+        if grad.is_none() {
+            let lse = fb.fadd(fb.get(mx)?, fb.log(fb.get(l)?)?)?;
+            let first =
+                fb.b.build_int_compare(IntPredicate::EQ, lane, c(0), "first")
+                    .map_err(be)?;
+            return fb.if_else(first, |fb| fb.store(optr, oe, u, lse.into()), |_| Ok(()));
+        }
+        let ob = fb.mul(u, c(width))?;
+        if fb.gpu {
+            for ((e, ok), r) in lanes(width)?.into_iter().zip(&regs) {
+                let v = fb.fmul(fb.get(*r)?, fb.f32c(out_scale))?;
+                fb.if_else(
+                    ok,
+                    |fb| fb.store(optr, oe, fb.add(ob, e)?, v.into()),
+                    |_| Ok(()),
+                )?;
+            }
+            return Ok(());
+        }
+        fb.for_range(c(0), c(width), |fb, i| {
+            let v = fb.fmul(fb.load_f32(fb.scratch, i)?, fb.f32c(out_scale))?;
+            fb.store(optr, oe, fb.add(ob, i)?, v.into())
+        })
+    };
+    if fb.gpu {
+        let warps = GPU_BLOCK_THREADS / 32;
+        let groups =
+            fb.b.build_int_signed_div(fb.add(units, c(warps - 1))?, c(warps), "groups")
+                .map_err(be)?;
+        let BlockGrid {
+            lane: bl,
+            blk,
+            nblk,
+            iters,
+        } = block_grid(fb, groups)?;
+        let warp = fb.b.build_int_signed_div(bl, c(32), "warp").map_err(be)?;
+        fb.for_range(c(0), iters, |fb, it| {
+            let u = fb.add(fb.mul(fb.add(blk, fb.mul(it, nblk)?)?, c(warps))?, warp)?;
+            fb.if_else(lt(u, units)?, |fb| unit(fb, u), |_| Ok(()))
+        })?;
+    } else {
+        let guided = fb.ctx.bool_type().const_int(1, false);
+        fb.claim_work(guided, units, c(1), c(1), |fb, [_, s, e]| {
+            fb.for_range(s, e, |fb, u| unit(fb, u))
+        })?;
+    }
+    fb.ret_ok()?;
+    Ok(if fb.gpu { 0 } else { width as usize })
+}
+
 /// The split-KV merge (see `Kernel::AttentionCombine`), per query row. Scratch: the
 /// `ATTN_SPLITS` weights `e^(m_c−M) / L`.
 fn attention_combine(fb: &Fb, out: u32, part: u32, d: &crate::kernel::AttnDims) -> R<()> {
@@ -7710,6 +8003,13 @@ pub fn gpu_threads(k: &Kernel) -> Vec<Dim> {
             vec![d.b.clone(), Dim::c(d.h), d.t.clone(), Dim::c(32)]
         }
         Kernel::AttentionCombine { dims: d, .. } => vec![d.b.clone(), Dim::c(d.h), d.t.clone()],
+        // A warp per unit: a query row, or a key row for `dk` and `dv`.
+        Kernel::AttentionBackward { dims: d, grad, .. } => match grad.as_ref().map(|g| g.wrt) {
+            Some(AttnGrad::K | AttnGrad::V) => {
+                vec![d.b.clone(), Dim::c(d.hkv), d.s.clone(), Dim::c(32)]
+            }
+            _ => vec![d.b.clone(), Dim::c(d.h), d.t.clone(), Dim::c(32)],
+        },
         Kernel::Gather {
             table_shape,
             idx_shape,

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use egret_ir::{BinaryOp, CompareOp, Dim, Op, TensorType, UnaryOp};
+use egret_ir::{AttnGrad, BinaryOp, CompareOp, Dim, Op, TensorType, UnaryOp};
 
 /// Machine figures for the roofline. `cpu()` is this project's 2-core development machine
 /// (measured: ~205 GFLOP/s sgemm, ~10 GB/s copy); `gpu()` an H100-class card.
@@ -109,6 +109,26 @@ pub fn node_cost(target: &Target, op: &Op, ins: &[&TensorType], out: &TensorType
             ));
             let tq = n / d.max(1.0);
             4.0 * tq * s * d + 5.0 * tq * s
+        }
+        Op::AttentionLse { .. } | Op::AttentionGrad { .. } => {
+            // Per visible (row, key) pair: the score (2·d) and its exponential; the gradients
+            // add `dout·v` (2·dv, not for `v`) and their own product (2·d or 2·dv).
+            let dim = |t: &TensorType, i: usize| {
+                numel(&TensorType::new(t.dtype, vec![t.shape.dims()[i].clone()]))
+            };
+            let (d, s) = (dim(ins[0], 3), dim(ins[1], 2));
+            let tq = numel(ins[0]) / d.max(1.0);
+            let per = match op {
+                Op::AttentionGrad { wrt, .. } => {
+                    let dv = dim(ins[2], 3);
+                    match wrt {
+                        AttnGrad::V => 2.0 * d + 2.0 * dv,
+                        _ => 4.0 * d + 2.0 * dv,
+                    }
+                }
+                _ => 2.0 * d,
+            };
+            tq * s * (per + 5.0)
         }
         Op::Softmax { .. } | Op::RmsNorm { .. } => 5.0 * n,
         Op::SwiGlu => 6.0 * n,

@@ -11,7 +11,7 @@ use std::fmt;
 
 use egg::{Analysis, DidMerge, EGraph, Id, Language};
 use egret_ir::infer::infer_type;
-use egret_ir::{BinaryOp, CompareOp, Op, ReduceOp, TensorType, UnaryOp};
+use egret_ir::{AttnGrad, BinaryOp, CompareOp, Op, ReduceOp, TensorType, UnaryOp};
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ENode {
@@ -106,6 +106,19 @@ fn op_for_name(name: &str) -> Option<Op> {
         "rms_norm_matmul" => Op::RmsNormMatMul { eps: 0.0 },
         "swiglu" => Op::SwiGlu,
         "fused_attention" => Op::FusedAttention { scale: 0.0 },
+        "attention_lse" => Op::AttentionLse { scale: 0.0 },
+        "attention_grad_q" => Op::AttentionGrad {
+            scale: 0.0,
+            wrt: AttnGrad::Q,
+        },
+        "attention_grad_k" => Op::AttentionGrad {
+            scale: 0.0,
+            wrt: AttnGrad::K,
+        },
+        "attention_grad_v" => Op::AttentionGrad {
+            scale: 0.0,
+            wrt: AttnGrad::V,
+        },
         _ => return None,
     })
 }
