@@ -38,13 +38,18 @@ fn place(g: Graph, budget: Option<MemoryBudget>) -> Result<Graph> {
         .graph)
 }
 
-/// The loss graph with a `grad.<p>` output per parameter, not yet optimised as a whole:
-/// `passes` run on the forward graph first, so that what they fuse into attention is
-/// differentiated as attention (FlashAttention-2's backward: `egret_passes::autodiff`).
+/// The loss graph with a `grad.<p>` output per parameter, not yet optimised as a whole.
+/// When `passes` fuse, the forward graph is fused first, so that what becomes attention is
+/// differentiated as attention (FlashAttention-2's backward: `egret_passes::autodiff`);
+/// the other passes wait for the whole graph (merging the forward's matmuls alone would
+/// keep their concatenated weights alive into the backward).
 pub fn differentiated(cfg: &LlamaConfig, passes: &str) -> Result<Graph> {
     let mut fwd = build_training(cfg)?;
-    let pm = PassManager::new(pipeline(passes)?);
-    pm.run(&mut fwd, &mut PassCx::default(), |_, _| {})?;
+    let fuse: Vec<_> = pipeline(passes)?
+        .into_iter()
+        .filter(|p| p.name() == "fuse")
+        .collect();
+    PassManager::new(fuse).run(&mut fwd, &mut PassCx::default(), |_, _| {})?;
     Ok(egret_passes::autodiff::differentiate(&fwd, "loss")?)
 }
 

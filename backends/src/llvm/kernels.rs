@@ -6292,8 +6292,7 @@ fn attention_backward<'ctx>(
     // The accumulator row's width, and the factor it is stored with.
     let (width, out_scale) = match wrt {
         None => (0, 1.0),
-        Some(AttnGrad::Q) => (d.d, scale),
-        Some(AttnGrad::K) => (d.d, 1.0),
+        Some(AttnGrad::Q) | Some(AttnGrad::K) => (d.d, scale),
         Some(AttnGrad::V) => (d.dv, 1.0),
     };
     let key_units = matches!(wrt, Some(AttnGrad::K | AttnGrad::V));
@@ -6335,7 +6334,7 @@ fn attention_backward<'ctx>(
                 let y = fb.fsel(ok, y, fb.f32c(0.0))?;
                 part = fb.intrinsic3("llvm.fma", x, y, part)?;
             }
-            return Ok(part);
+            return warp_sum(fb, part);
         }
         let acc = fb.slot(fb.f32t.into())?;
         fb.set(acc, fb.f32c(0.0))?;
