@@ -6245,6 +6245,9 @@ fn gpu_attention(
     fb.ret_ok()
 }
 
+/// Pairs of `attention_backward`'s GPU loops taken at a time (independent shuffle chains).
+const GPU_ATTN_BWD_UNROLL: i64 = 4;
+
 /// Attention's backward (`Kernel::AttentionBackward`, FlashAttention-2's arithmetic): for
 /// each unit (a row of the result), each (query row, key) pair it covers: the score
 /// `scale·q·k` recomputed, then for the log-sum-exp the running max and sum; for a gradient
@@ -6257,7 +6260,9 @@ fn gpu_attention(
 /// of keys), the accumulators in scratch (the returned floats a thread). On the GPU a warp
 /// a unit (eight a block): lane `l` holds elements `l, l+32, …` of the accumulator row and
 /// forms its share of each dot product, summed over the warp with butterfly shuffles, so
-/// every row read is 32 lanes wide; the accumulators are in registers.
+/// every row read is 32 lanes wide; the accumulators are in registers; the warp takes
+/// `GPU_ATTN_BWD_UNROLL` pairs at a time (those past the end or not visible add nothing;
+/// a group of key-unit pairs none of which is visible is skipped).
 fn attention_backward<'ctx>(
     fb: &Fb<'_, 'ctx>,
     out: u32,
@@ -6373,40 +6378,93 @@ fn attention_backward<'ctx>(
             fb.store_f32(fb.scratch, i, fb.fma_fast(a, coef, x)?)
         })
     };
-    // One (query row `(bi, hi, ti)`, key `j`) pair.
-    let pair = |fb: &Fb<'_, 'ctx>,
-                bi: IntValue<'ctx>,
-                hi: IntValue<'ctx>,
-                ti: IntValue<'ctx>,
-                j: IntValue<'ctx>|
-     -> R<()> {
-        let gi = fb.b.build_int_signed_div(hi, c(rep), "g").map_err(be)?;
-        let qb = fb.at(&qa, &[(0, bi), (1, hi), (2, ti)])?;
-        let kb = fb.at(&ka, &[(0, bi), (1, gi), (2, j)])?;
-        let score = fb.fmul(dot(fb, (&qa, qb), (&ka, kb), d.d)?, fb.f32c(scale))?;
+    // (Query row `(bi, hi, ti)`, key `j`) pairs of a unit, each with whether it counts
+    // (`None`: it does): their scores, then their probabilities, then (for `dq`, `dk`) their
+    // `dout·v`, then the accumulator updates, so that on the GPU the pairs' chains of
+    // shuffles are independent and interleave. A pair that does not count reads rows inside
+    // the tensors and adds nothing.
+    type Pair<'ctx> = (
+        IntValue<'ctx>,
+        IntValue<'ctx>,
+        IntValue<'ctx>,
+        Option<IntValue<'ctx>>,
+    );
+    let pairs = |fb: &Fb<'_, 'ctx>, bi: IntValue<'ctx>, ps: &[Pair<'ctx>]| -> R<()> {
+        let counts = |ok: Option<IntValue<'ctx>>, x: FloatValue<'ctx>, none: f64| match ok {
+            Some(ok) => fb.fsel(ok, x, fb.f32c(none)),
+            None => Ok(x),
+        };
+        let mut at = vec![];
+        let mut scores = vec![];
+        for &(hi, ti, j, ok) in ps {
+            let gi = fb.b.build_int_signed_div(hi, c(rep), "g").map_err(be)?;
+            let qb = fb.at(&qa, &[(0, bi), (1, hi), (2, ti)])?;
+            let kb = fb.at(&ka, &[(0, bi), (1, gi), (2, j)])?;
+            let score = fb.fmul(dot(fb, (&qa, qb), (&ka, kb), d.d)?, fb.f32c(scale))?;
+            scores.push(counts(ok, score, f64::NEG_INFINITY)?);
+            at.push((gi, hi, ti, j, qb, kb, ok));
+        }
         let Some((va, da, la, ea, wrt)) = &gops else {
             let m_old = fb.get(mx)?;
-            let m_new = fb.intrinsic("llvm.maxnum", &[m_old, score])?;
+            let mut m_new = m_old;
+            for sc in &scores {
+                m_new = fb.intrinsic("llvm.maxnum", &[m_new, *sc])?;
+            }
             let corr = fb.exp(fb.b.build_float_sub(m_old, m_new, "d").map_err(be)?)?;
-            let e = fb.exp(fb.b.build_float_sub(score, m_new, "z").map_err(be)?)?;
-            fb.set(l, fb.fadd(fb.fmul(fb.get(l)?, corr)?, e)?)?;
+            let mut lv = fb.fmul(fb.get(l)?, corr)?;
+            for (sc, a) in scores.iter().zip(&at) {
+                let e = fb.exp(fb.b.build_float_sub(*sc, m_new, "z").map_err(be)?)?;
+                lv = fb.fadd(lv, counts(a.6, e, 0.0)?)?;
+            }
+            fb.set(l, lv)?;
             return fb.set(mx, m_new);
         };
-        let row = [(0, bi), (1, hi), (2, ti)];
-        let lse = fb.load_f32(la.ptr, fb.at(la, &row)?)?;
-        let p = fb.exp(fb.b.build_float_sub(score, lse, "z").map_err(be)?)?;
-        let db = fb.at(da, &row)?;
+        let mut ps_ = vec![];
+        for (sc, &(_, hi, ti, _, _, _, ok)) in scores.iter().zip(&at) {
+            let row = [(0, bi), (1, hi), (2, ti)];
+            let lse = fb.load_f32(la.ptr, fb.at(la, &row)?)?;
+            let p = fb.exp(fb.b.build_float_sub(*sc, lse, "z").map_err(be)?)?;
+            ps_.push((counts(ok, p, 0.0)?, fb.at(da, &row)?, row));
+        }
         if *wrt == AttnGrad::V {
-            return axpy(fb, p, (da, db));
+            for (p, db, _) in &ps_ {
+                axpy(fb, *p, (da, *db))?;
+            }
+            return Ok(());
         }
-        let vb = fb.at(va, &[(0, bi), (1, gi), (2, j)])?;
-        let dp = dot(fb, (da, db), (va, vb), d.dv)?;
-        let delta = fb.load_f32(ea.ptr, fb.at(ea, &row)?)?;
-        let ds = fb.fmul(p, fb.b.build_float_sub(dp, delta, "dd").map_err(be)?)?;
-        match wrt {
-            AttnGrad::Q => axpy(fb, ds, (&ka, kb)),
-            _ => axpy(fb, ds, (&qa, qb)),
+        let mut ds = vec![];
+        for ((p, db, row), &(gi, _, _, j, ..)) in ps_.iter().zip(&at) {
+            let vb = fb.at(va, &[(0, bi), (1, gi), (2, j)])?;
+            let dp = dot(fb, (da, *db), (va, vb), d.dv)?;
+            let delta = fb.load_f32(ea.ptr, fb.at(ea, row)?)?;
+            ds.push(fb.fmul(*p, fb.b.build_float_sub(dp, delta, "dd").map_err(be)?)?);
         }
+        for (x, &(_, _, _, _, qb, kb, _)) in ds.into_iter().zip(&at) {
+            match wrt {
+                AttnGrad::Q => axpy(fb, x, (&ka, kb))?,
+                _ => axpy(fb, x, (&qa, qb))?,
+            }
+        }
+        Ok(())
+    };
+    // On the GPU `GPU_ATTN_BWD_UNROLL` pairs at a time: the `n` items from `i0` of a loop,
+    // `(item clamped to the last, whether it exists)`.
+    let group = |fb: &Fb<'_, 'ctx>, i0: IntValue<'ctx>, n: IntValue<'ctx>| {
+        let last = fb.b.build_int_sub(n, c(1), "last").map_err(be)?;
+        (0..GPU_ATTN_BWD_UNROLL)
+            .map(|x| {
+                let i = fb.add(i0, c(x))?;
+                Ok((fb.imin(i, last)?, lt(i, n)?))
+            })
+            .collect::<R<Vec<_>>>()
+    };
+    let groups = |fb: &Fb<'_, 'ctx>, n: IntValue<'ctx>| {
+        fb.b.build_int_signed_div(
+            fb.add(n, c(GPU_ATTN_BWD_UNROLL - 1))?,
+            c(GPU_ATTN_BWD_UNROLL),
+            "groups",
+        )
+        .map_err(be)
     };
     let unit = |fb: &Fb<'_, 'ctx>, u: IntValue<'ctx>| -> R<()> {
         fb.set(mx, fb.f32c(f64::NEG_INFINITY))?;
@@ -6422,12 +6480,29 @@ fn attention_backward<'ctx>(
         if key_units {
             let idx = fb.decompose(u, &[bv, c(d.hkv), sv])?;
             let (bi, gi, j) = (idx[0], idx[1], idx[2]);
+            // Whether query row `ti` sees key `j`.
+            let sees = |fb: &Fb<'_, 'ctx>, ti| -> R<IntValue<'ctx>> {
+                let limit = fb.load(&pa, fb.at(&pa, &[(0, bi), (1, ti)])?)?;
+                fb.b.build_not(lt(limit.into_int_value(), j)?, "sees")
+                    .map_err(be)
+            };
             fb.for_range(c(0), c(rep), |fb, r| {
                 let hi = fb.add(fb.mul(gi, c(rep))?, r)?;
-                fb.for_range(c(0), tv, |fb, ti| {
-                    let limit = fb.load(&pa, fb.at(&pa, &[(0, bi), (1, ti)])?)?;
-                    let sees = lt(limit.into_int_value(), j)?;
-                    fb.if_else(sees, |_| Ok(()), |fb| pair(fb, bi, hi, ti, j))
+                if !fb.gpu {
+                    return fb.for_range(c(0), tv, |fb, ti| {
+                        let ok = sees(fb, ti)?;
+                        fb.if_else(ok, |fb| pairs(fb, bi, &[(hi, ti, j, None)]), |_| Ok(()))
+                    });
+                }
+                fb.for_range(c(0), groups(fb, tv)?, |fb, g| {
+                    let mut ps = vec![];
+                    let mut any = fb.ctx.bool_type().const_zero();
+                    for (ti, exists) in group(fb, fb.mul(g, c(GPU_ATTN_BWD_UNROLL))?, tv)? {
+                        let ok = fb.b.build_and(exists, sees(fb, ti)?, "ok").map_err(be)?;
+                        any = fb.b.build_or(any, ok, "any").map_err(be)?;
+                        ps.push((hi, ti, j, Some(ok)));
+                    }
+                    fb.if_else(any, |fb| pairs(fb, bi, &ps), |_| Ok(()))
                 })
             })?;
         } else {
@@ -6435,7 +6510,17 @@ fn attention_backward<'ctx>(
             let (bi, hi, ti) = (idx[0], idx[1], idx[2]);
             let limit = fb.load(&pa, fb.at(&pa, &[(0, bi), (1, ti)])?)?;
             let end = fb.imin(fb.add(limit.into_int_value(), c(1))?, sv)?;
-            fb.for_range(c(0), end, |fb, j| pair(fb, bi, hi, ti, j))?;
+            if fb.gpu {
+                fb.for_range(c(0), groups(fb, end)?, |fb, g| {
+                    let ps: Vec<Pair<'ctx>> = group(fb, fb.mul(g, c(GPU_ATTN_BWD_UNROLL))?, end)?
+                        .into_iter()
+                        .map(|(j, ok)| (hi, ti, j, Some(ok)))
+                        .collect();
+                    pairs(fb, bi, &ps)
+                })?;
+            } else {
+                fb.for_range(c(0), end, |fb, j| pairs(fb, bi, &[(hi, ti, j, None)]))?;
+            }
         }
         // The unit's row of the result (contiguous).
         if grad.is_none() {
