@@ -186,6 +186,25 @@ fn verifier_catches_bad_graphs() {
     assert!(e.contains("not a permutation"), "{e}");
     let e = check("graph g {\n %0 = input \"a\" : f32[2, 3]\n %1 = reduce_sum[axis=2](%0) : f32[2, 3]\n output \"y\" = %1\n}");
     assert!(e.contains("axis 2 out of range"), "{e}");
+    // Attention's backward: the output's gradient and the row statistics must fit.
+    let grad = |dout: &str, lse: &str| {
+        format!(
+            "graph g {{\n %q = input \"q\" : f32[1, 4, 5, 8]\n %k = input \"k\" : f32[1, 2, 7, 8]\n \
+             %v = input \"v\" : f32[1, 2, 7, 6]\n %p = input \"p\" : i64[1, 5]\n \
+             %do = input \"do\" : {dout}\n %l = input \"l\" : {lse}\n \
+             %d = input \"d\" : f32[1, 4, 5]\n \
+             %g = attention_grad_k[scale=0.5](%q, %k, %v, %p, %do, %l, %d) : f32[1, 2, 7, 8]\n \
+             output \"y\" = %g\n}}"
+        )
+    };
+    assert!(verify(&parse(&grad("f32[1, 4, 5, 6]", "f32[1, 4, 5]")).unwrap()).is_ok());
+    let e = check(&grad("f32[1, 4, 5, 8]", "f32[1, 4, 5]"));
+    assert!(
+        e.contains("the output's gradient must be f32 [1, 4, 5, 6]"),
+        "{e}"
+    );
+    let e = check(&grad("f32[1, 4, 5, 6]", "bf16[1, 4, 5]"));
+    assert!(e.contains("lse must be f32 [1, 4, 5]"), "{e}");
 }
 
 #[test]
