@@ -419,12 +419,30 @@ fn permuted_attention(g: &Graph, outputs: &BTreeSet<ValueId>) -> BTreeSet<ValueI
         .collect()
 }
 
-/// An attention head count or size, which the kernels need constant.
-fn attn_const(d: &Dim) -> Result<i64, BackendError> {
-    d.as_const().ok_or_else(|| {
-        BackendError::Unsupported(format!(
-            "attention needs constant head counts and sizes, got {d}"
-        ))
+/// Attention's dims from the shapes of `q [B,H,T,D]`, `k [B,Hkv,S,D]` and `v [B,Hkv,S,Dv]`
+/// (the kernels need the head counts and sizes constant).
+fn attn_dims(
+    q: &[Dim],
+    k: &[Dim],
+    v: &[Dim],
+    tokens_first: bool,
+) -> Result<AttnDims, BackendError> {
+    let c = |d: &Dim| {
+        d.as_const().ok_or_else(|| {
+            BackendError::Unsupported(format!(
+                "attention needs constant head counts and sizes, got {d}"
+            ))
+        })
+    };
+    Ok(AttnDims {
+        b: q[0].clone(),
+        h: c(&q[1])?,
+        t: q[2].clone(),
+        d: c(&q[3])?,
+        hkv: c(&k[1])?,
+        s: k[2].clone(),
+        dv: c(&v[3])?,
+        tokens_first,
     })
 }
 
@@ -1044,16 +1062,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                         None => (acc[2].clone(), &sh[1]),
                         Some(_) => (acc[3].clone(), &sh[2]),
                     };
-                    let dims = AttnDims {
-                        b: sh[0][0].clone(),
-                        h: attn_const(&sh[0][1])?,
-                        t: sh[0][2].clone(),
-                        d: attn_const(&sh[0][3])?,
-                        hkv: attn_const(&sh[1][1])?,
-                        s: sh[1][2].clone(),
-                        dv: attn_const(&v_shape[3])?,
-                        tokens_first: false,
-                    };
+                    let dims = attn_dims(&sh[0], &sh[1], v_shape, false)?;
                     let grad = wrt.map(|wrt| AttnGradIn {
                         v: acc[2].clone(),
                         dout: acc[4].clone(),
@@ -1081,19 +1090,10 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                 Op::FusedAttention { scale } => {
                     let sh: Vec<Vec<Dim>> = (0..4).map(arg_shape).collect();
                     let acc: Vec<Access> = (0..4).map(|i| s.view(&arg(i), &sh[i])).collect();
-                    let c = attn_const;
-                    let dims = AttnDims {
-                        b: sh[0][0].clone(),
-                        h: c(&sh[0][1])?,
-                        t: sh[0][2].clone(),
-                        d: c(&sh[0][3])?,
-                        hkv: c(&sh[1][1])?,
-                        s: sh[1][2].clone(),
-                        dv: c(&sh[2][3])?,
-                        tokens_first: opts.attn_tokens_first && tokens_first_attn.contains(&v),
-                    };
+                    let tokens_first = opts.attn_tokens_first && tokens_first_attn.contains(&v);
+                    let dims = attn_dims(&sh[0], &sh[1], &sh[2], tokens_first)?;
                     // (tokens first: a `[B, T, H, Dv]` buffer seen as `[B, H, T, Dv]`)
-                    let stored = if dims.tokens_first {
+                    let stored = if tokens_first {
                         vec![
                             shape[0].clone(),
                             shape[2].clone(),
@@ -1120,7 +1120,6 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                         &reads,
                         out,
                     );
-                    let tokens_first = dims.tokens_first;
                     s.push(Kernel::AttentionCombine { out, part, dims }, &[part], out);
                     let mut view = Access::contiguous(out, &stored);
                     if tokens_first {

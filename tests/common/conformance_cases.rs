@@ -228,32 +228,6 @@ const CASES: &[(&str, &str)] = &[
   output "dv" = %dv"#,
     ),
     (
-        // Attention's backward over a batch of N short sequences behind a cache of two
-        // keys: query and key head size 33 (past one warp's lanes), value head size 20,
-        // two query heads on one KV head.
-        "attention-backward",
-        r#"
-  %q = input "q" : f32[N, 2, 4, 33]
-  %k = input "k" : f32[N, 1, 6, 33]
-  %v = input "v" : f32[N, 1, 6, 20]
-  %i = iota[axis=1] : i64[N, 4]
-  %two = const[value=2.0] : i64[N, 4]
-  %pos = add(%i, %two) : i64[N, 4]
-  %o = fused_attention[scale=0.3](%q, %k, %v, %pos) : f32[N, 2, 4, 20]
-  %do = input "do" : f32[N, 2, 4, 20]
-  %lse = attention_lse[scale=0.3](%q, %k, %pos) : f32[N, 2, 4]
-  %m = mul(%do, %o) : f32[N, 2, 4, 20]
-  %r = reduce_sum[axis=3](%m) : f32[N, 2, 4, 1]
-  %delta = reshape(%r) : f32[N, 2, 4]
-  %dq = attention_grad_q[scale=0.3](%q, %k, %v, %pos, %do, %lse, %delta) : f32[N, 2, 4, 33]
-  %dk = attention_grad_k[scale=0.3](%q, %k, %v, %pos, %do, %lse, %delta) : f32[N, 1, 6, 33]
-  %dv = attention_grad_v[scale=0.3](%q, %k, %v, %pos, %do, %lse, %delta) : f32[N, 1, 6, 20]
-  output "lse" = %lse
-  output "dq" = %dq
-  output "dk" = %dk
-  output "dv" = %dv"#,
-    ),
-    (
         // Strided operands (a transposed left side, a transposed weight) at sizes on both
         // sides of the GPU's tiled-matmul threshold, with row, column and k tails.
         "matmul-strided",
