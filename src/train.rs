@@ -41,8 +41,8 @@ fn place(g: Graph, budget: Option<MemoryBudget>) -> Result<Graph> {
 /// The loss graph with a `grad.<p>` output per parameter, not yet optimised as a whole.
 /// When `passes` fuse, the forward graph is fused first, so that what becomes attention is
 /// differentiated as attention (FlashAttention-2's backward: `egret_passes::autodiff`);
-/// the other passes wait for the whole graph (merging the forward's matmuls alone would
-/// keep their concatenated weights alive into the backward).
+/// the other passes run once, on the whole graph, where they see the forward and the
+/// backward together.
 pub fn differentiated(cfg: &LlamaConfig, passes: &str) -> Result<Graph> {
     let mut fwd = build_training(cfg)?;
     let fuse: Vec<_> = pipeline(passes)?
