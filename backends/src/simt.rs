@@ -1090,16 +1090,46 @@ mod tests {
         assert_eq!(run(rotate, 256, &mut d), Ok(0));
     }
 
+    /// The race kernels' buffers: a 1024-aligned 16 KiB region, a 16-byte source, and the
+    /// `safe` flag (the third buffer's first byte).
+    ///
+    /// # Safety
+    /// `bufs` as `race_is_reported` passes them.
+    unsafe fn race_bufs(bufs: *const *mut u8) -> (*mut u8, *mut u8, bool) {
+        let mem = *bufs;
+        (
+            mem.add(mem.align_offset(1024)),
+            *bufs.add(1),
+            *(*bufs.add(2)) != 0,
+        )
+    }
+
+    /// A `wgmma` (N = 128) on an `A` at 0 and a `B` at 8192 of `region`, committed.
+    ///
+    /// # Safety
+    /// On a simulated thread, `region` 16 KiB.
+    unsafe fn issue_wgmma(region: *mut u8) {
+        let mut d = [0f32; 64];
+        egret_simt_wgmma(
+            region,
+            1024,
+            region.add(8192),
+            4096,
+            1024,
+            128,
+            d.as_mut_ptr(),
+            0,
+        );
+        egret_simt_wgmma_commit();
+    }
+
     // Thread 0 issues a `wgmma` on an `A` at 0 and a `B` at 8192 of a 1024-aligned 16 KiB
     // region and commits it, and waits for it when `safe` (the third buffer's first byte);
     // after a barrier, every thread copies 16 bytes into `A`'s bytes `16·tid..`.
     kernel!(fn copy_over_wgmma(bufs, tid, _) {
-        let (mem, src, safe) = (*bufs, *bufs.add(1), *(*bufs.add(2)) != 0);
-        let region = mem.add(mem.align_offset(1024));
+        let (region, src, safe) = race_bufs(bufs);
         if tid == 0 {
-            let mut d = [0f32; 64];
-            egret_simt_wgmma(region, 1024, region.add(8192), 4096, 1024, 128, d.as_mut_ptr(), 0);
-            egret_simt_wgmma_commit();
+            issue_wgmma(region);
             if safe {
                 egret_simt_wgmma_wait(0);
             }
@@ -1217,8 +1247,7 @@ mod tests {
     // commits, waiting for the copy first (and fencing it for the async proxy) when `safe`;
     // after a barrier, thread 0 issues a `wgmma` on that `A`.
     kernel!(fn wgmma_over_copy(bufs, tid, _) {
-        let (mem, src, safe) = (*bufs, *bufs.add(1), *(*bufs.add(2)) != 0);
-        let region = mem.add(mem.align_offset(1024));
+        let (region, src, safe) = race_bufs(bufs);
         egret_simt_cp_async(region.add(16 * tid as usize), src, 16);
         egret_simt_cp_async_commit();
         if safe {
@@ -1227,9 +1256,7 @@ mod tests {
         }
         egret_simt_barrier();
         if tid == 0 {
-            let mut d = [0f32; 64];
-            egret_simt_wgmma(region, 1024, region.add(8192), 4096, 1024, 128, d.as_mut_ptr(), 0);
-            egret_simt_wgmma_commit();
+            issue_wgmma(region);
             egret_simt_wgmma_wait(0);
         }
         egret_simt_cp_async_wait(0);
@@ -1244,8 +1271,7 @@ mod tests {
     // As `wgmma_over_copy`, every copy waited for, but fenced for the async proxy only when
     // `safe`; the fence of one thread (tid 5) comes before its wait, where it fences nothing.
     kernel!(fn wgmma_after_unfenced_copy(bufs, tid, _) {
-        let (mem, src, safe) = (*bufs, *bufs.add(1), *(*bufs.add(2)) != 0);
-        let region = mem.add(mem.align_offset(1024));
+        let (region, src, safe) = race_bufs(bufs);
         egret_simt_cp_async(region.add(16 * tid as usize), src, 16);
         egret_simt_cp_async_commit();
         if !safe && tid == 5 {
@@ -1257,9 +1283,7 @@ mod tests {
         }
         egret_simt_barrier();
         if tid == 0 {
-            let mut d = [0f32; 64];
-            egret_simt_wgmma(region, 1024, region.add(8192), 4096, 1024, 128, d.as_mut_ptr(), 0);
-            egret_simt_wgmma_commit();
+            issue_wgmma(region);
             egret_simt_wgmma_wait(0);
         }
         0

@@ -4091,6 +4091,21 @@ fn mma_bf16<'ctx>(
     Ok(d)
 }
 
+/// Two `n8` tiles of one `A` fragment: `ldmatrix.x4` at this lane's `p` (`trans` for a
+/// row-major `B`) gives the `B` fragments of two adjacent 8-column tiles, whose products
+/// go to `acc[..4]` and `acc[4..8]` (`mma_into`).
+fn mma_x4_pair<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    p: PointerValue<'ctx>,
+    trans: bool,
+    a: [IntValue<'ctx>; 4],
+    acc: &[PointerValue<'ctx>],
+) -> R<()> {
+    let m = ldmatrix_x4(fb, p, trans)?;
+    mma_into(fb, &acc[..4], a, [m[0], m[1]])?;
+    mma_into(fb, &acc[4..8], a, [m[2], m[3]])
+}
+
 /// `acc += a·b` on the tensor cores (`mma_bf16`), `acc` the four accumulator slots of this
 /// lane's fragment.
 fn mma_into<'ctx>(
@@ -5743,11 +5758,8 @@ fn gpu_mma_attention<'ctx>(
                 let a = q_frag(ks)?;
                 for pp in 0..keys / 16 {
                     let p = word_ptr(k_at[(ks % 4) as usize], c(ld_word(pp, ks, dq)))?;
-                    let m = ldmatrix_x4(fb, p, false)?;
-                    for (h, b) in [[m[0], m[1]], [m[2], m[3]]].into_iter().enumerate() {
-                        let nt = (2 * pp) as usize + h;
-                        mma_into(fb, &s[nt * 4..nt * 4 + 4], a, b)?;
-                    }
+                    let nt = (8 * pp) as usize;
+                    mma_x4_pair(fb, p, false, a, &s[nt..nt + 8])?;
                 }
             }
             Ok(())
@@ -5879,11 +5891,8 @@ fn gpu_mma_attention<'ctx>(
                 let a = p_frag(kk)?;
                 for jj in 0..dv / 16 {
                     let p = word_ptr(v_at[(jj % 4) as usize], c(ld_word(kk, jj, dv)))?;
-                    let m = ldmatrix_x4(fb, p, true)?;
-                    for (h, b) in [[m[0], m[1]], [m[2], m[3]]].into_iter().enumerate() {
-                        let nt = (2 * jj) as usize + h;
-                        mma_into(fb, &oacc[nt * 4..nt * 4 + 4], a, b)?;
-                    }
+                    let nt = (8 * jj) as usize;
+                    mma_x4_pair(fb, p, true, a, &oacc[nt..nt + 8])?;
                 }
             }
             Ok(())
