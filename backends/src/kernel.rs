@@ -416,7 +416,10 @@ pub enum Kernel {
     /// to `grad.wrt` (`Op::AttentionGrad`). Probabilities are recomputed from `q` and `k`,
     /// pair by pair, never stored. One unit per row of the result: a query row for the
     /// log-sum-exp and `dq` (over its visible keys), a key row for `dk` and `dv` (over the
-    /// query rows that see it, of every head that reads its KV head).
+    /// query rows that see it, of every head that reads its KV head). The CPU takes the
+    /// pairs in tiles of rows against `nr` keys or queries, its products on the GEMM
+    /// micro-kernel with panels of `nr` columns (`nr` is the schedule's panel width, which
+    /// the CPU needs); the GPU pair by pair, a warp a unit (`nr` 0).
     AttentionBackward {
         out: u32,
         q: Access,
@@ -425,6 +428,7 @@ pub enum Kernel {
         grad: Option<AttnGradIn>,
         dims: AttnDims,
         scale: f64,
+        nr: i64,
     },
     /// Weights repacked for `Gemm`: `w` is a `[K, N]` view; column panels of `nr` columns are
     /// stored k-major, `out[(p·K + k)·nr + j] = w[k, p·nr + j]`, zero past `N`.

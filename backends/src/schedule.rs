@@ -1081,6 +1081,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                             grad,
                             dims,
                             scale: *scale,
+                            nr: opts.panel,
                         },
                         &reads,
                         out,

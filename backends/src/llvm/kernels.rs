@@ -25,6 +25,8 @@ use crate::kernel::{
 };
 use crate::BackendError;
 
+mod attn_backward;
+
 type R<T> = Result<T, BackendError>;
 
 fn be(e: impl std::fmt::Display) -> BackendError {
@@ -1300,7 +1302,19 @@ pub fn emit<'ctx>(
             grad,
             dims,
             scale,
-        } => attention_backward(&fb, *out, [q, k, pos], grad.as_ref(), dims, *scale)?,
+            nr,
+        } => {
+            if gpu {
+                gpu_attention_backward(&fb, *out, [q, k, pos], grad.as_ref(), dims, *scale)?;
+                0
+            } else if *nr > 0 {
+                attn_backward::tiled(&fb, *out, [q, k, pos], grad.as_ref(), dims, *scale, *nr)?
+            } else {
+                return Err(BackendError::Unsupported(
+                    "attention's backward on the CPU needs a panel width (nr)".into(),
+                ));
+            }
+        }
         Kernel::Gather {
             out,
             table,
@@ -1513,6 +1527,7 @@ pub fn canonical(k: &Kernel) -> (Kernel, Vec<u32>) {
             grad,
             dims,
             scale,
+            nr,
         } => Kernel::AttentionBackward {
             out: map(*out),
             q: ren(q),
@@ -1527,6 +1542,7 @@ pub fn canonical(k: &Kernel) -> (Kernel, Vec<u32>) {
             }),
             dims: dims.clone(),
             scale: *scale,
+            nr: *nr,
         },
         Kernel::Gather {
             out,
@@ -6265,21 +6281,20 @@ const GPU_ATTN_BWD_UNROLL: i64 = 4;
 /// is stored. Query units (log-sum-exp, `dq`) go over their visible keys; key units (`dk`,
 /// `dv`) over every query row of the heads that read their KV head, those that see them.
 ///
-/// On the CPU one thread a unit, units claimed guided (causal rows see different numbers
-/// of keys), the accumulators in scratch (the returned floats a thread). On the GPU a warp
-/// a unit (eight a block): lane `l` holds elements `l, l+32, …` of the accumulator row and
-/// forms its share of each dot product, summed over the warp with butterfly shuffles, so
-/// every row read is 32 lanes wide; the accumulators are in registers; the warp takes
-/// `GPU_ATTN_BWD_UNROLL` pairs at a time (those past the end or not visible add nothing;
-/// a group of key-unit pairs none of which is visible is skipped).
-fn attention_backward<'ctx>(
+/// A warp a unit (eight a block): lane `l` holds elements `l, l+32, …` of the accumulator
+/// row and forms its share of each dot product, summed over the warp with butterfly
+/// shuffles, so every row read is 32 lanes wide; the accumulators are in registers; the
+/// warp takes `GPU_ATTN_BWD_UNROLL` pairs at a time (those past the end or not visible add
+/// nothing; a group of key-unit pairs none of which is visible is skipped). The CPU's
+/// kernel works in tiles (`attn_backward`).
+fn gpu_attention_backward<'ctx>(
     fb: &Fb<'_, 'ctx>,
     out: u32,
     [q, k, pos]: [&Access; 3],
     grad: Option<&AttnGradIn>,
     d: &AttnDims,
     scale: f64,
-) -> R<usize> {
+) -> R<()> {
     let elem = |x: &Access| fb.prog.buffers[x.buf as usize].elem;
     let (qa, ka) = (fb.access(q, elem(q))?, fb.access(k, elem(k))?);
     let pa = fb.access(pos, ElemType::I64)?;
@@ -6315,13 +6330,9 @@ fn attention_backward<'ctx>(
     } else {
         fb.mul(fb.mul(bv, c(d.h))?, tv)?
     };
-    // This thread's lane and the elements `(index, exists)` it holds of a row of `n`: all
-    // of them on the CPU (a loop), `lane + 32i` on the GPU.
-    let lane = if fb.gpu {
-        fb.b.build_int_signed_rem(fb.tid, c(32), "wl").map_err(be)?
-    } else {
-        c(0)
-    };
+    // This thread's lane and the elements `(index, exists)` it holds of a row of `n`:
+    // `lane + 32i`.
+    let lane = fb.b.build_int_signed_rem(fb.tid, c(32), "wl").map_err(be)?;
     let lanes = |n: i64| -> R<Vec<(IntValue<'ctx>, IntValue<'ctx>)>> {
         (0..(n + 31) / 32)
             .map(|i| {
@@ -6330,7 +6341,8 @@ fn attention_backward<'ctx>(
             })
             .collect()
     };
-    // `Σ a[ab + i·sa]·b[bb + i·sb]` over `i < n` (along the operands' last axes).
+    // `Σ a[ab + i·sa]·b[bb + i·sb]` over `i < n` (along the operands' last axes), summed
+    // over the warp.
     let dot = |fb: &Fb<'_, 'ctx>,
                (a, ab): (&Av<'ctx>, IntValue<'ctx>),
                (b, bb): (&Av<'ctx>, IntValue<'ctx>),
@@ -6340,33 +6352,19 @@ fn attention_backward<'ctx>(
             a.strides[a.strides.len() - 1],
             b.strides[b.strides.len() - 1],
         );
-        if fb.gpu {
-            let mut part = fb.f32c(0.0);
-            for (e, ok) in lanes(n)? {
-                let x = fb.load_float(a, fb.add(ab, fb.mul(e, sa)?)?)?;
-                let y = fb.load_float(b, fb.add(bb, fb.mul(e, sb)?)?)?;
-                let y = fb.fsel(ok, y, fb.f32c(0.0))?;
-                part = fb.intrinsic3("llvm.fma", x, y, part)?;
-            }
-            return warp_sum(fb, part);
+        let mut part = fb.f32c(0.0);
+        for (e, ok) in lanes(n)? {
+            let x = fb.load_float(a, fb.add(ab, fb.mul(e, sa)?)?)?;
+            let y = fb.load_float(b, fb.add(bb, fb.mul(e, sb)?)?)?;
+            let y = fb.fsel(ok, y, fb.f32c(0.0))?;
+            part = fb.intrinsic3("llvm.fma", x, y, part)?;
         }
-        let acc = fb.slot(fb.f32t.into())?;
-        fb.set(acc, fb.f32c(0.0))?;
-        fb.for_range(c(0), c(n), |fb, i| {
-            let x = fb.load_float(a, fb.add(ab, fb.mul(i, sa)?)?)?;
-            let y = fb.load_float(b, fb.add(bb, fb.mul(i, sb)?)?)?;
-            fb.set(acc, fb.fma_fast(fb.get(acc)?, x, y)?)
-        })?;
-        fb.get(acc)
+        warp_sum(fb, part)
     };
-    // The accumulator row: registers (GPU, this lane's elements) or scratch (CPU).
-    let regs: Vec<PointerValue> = if fb.gpu {
-        (0..(width + 31) / 32)
-            .map(|_| fb.slot(fb.f32t.into()))
-            .collect::<R<_>>()?
-    } else {
-        vec![]
-    };
+    // This lane's elements of the accumulator row, in registers.
+    let regs: Vec<PointerValue> = (0..(width + 31) / 32)
+        .map(|_| fb.slot(fb.f32t.into()))
+        .collect::<R<_>>()?;
     let (mx, l) = (fb.slot(fb.f32t.into())?, fb.slot(fb.f32t.into())?);
     // `acc += coef·src[sb + i]` along `src`'s last axis.
     let axpy = |fb: &Fb<'_, 'ctx>,
@@ -6374,35 +6372,25 @@ fn attention_backward<'ctx>(
                 (src, sb): (&Av<'ctx>, IntValue<'ctx>)|
      -> R<()> {
         let ss = src.strides[src.strides.len() - 1];
-        if fb.gpu {
-            for ((e, _), r) in lanes(width)?.into_iter().zip(&regs) {
-                let x = fb.load_float(src, fb.add(sb, fb.mul(e, ss)?)?)?;
-                fb.set(*r, fb.intrinsic3("llvm.fma", coef, x, fb.get(*r)?)?)?;
-            }
-            return Ok(());
+        for ((e, _), r) in lanes(width)?.into_iter().zip(&regs) {
+            let x = fb.load_float(src, fb.add(sb, fb.mul(e, ss)?)?)?;
+            fb.set(*r, fb.intrinsic3("llvm.fma", coef, x, fb.get(*r)?)?)?;
         }
-        fb.for_range(c(0), c(width), |fb, i| {
-            let x = fb.load_float(src, fb.add(sb, fb.mul(i, ss)?)?)?;
-            let a = fb.load_f32(fb.scratch, i)?;
-            fb.store_f32(fb.scratch, i, fb.fma_fast(a, coef, x)?)
-        })
+        Ok(())
     };
-    // (Query row `(bi, hi, ti)`, key `j`) pairs of a unit, each with whether it counts
-    // (`None`: it does): their scores, then their probabilities, then (for `dq`, `dk`) their
-    // `dout·v`, then the accumulator updates, so that on the GPU the pairs' chains of
-    // shuffles are independent and interleave. A pair that does not count reads rows inside
-    // the tensors and adds nothing.
+    // (Query row `(bi, hi, ti)`, key `j`) pairs of a unit, each with whether it counts:
+    // their scores, then their probabilities, then (for `dq`, `dk`) their `dout·v`, then
+    // the accumulator updates, so that the pairs' chains of shuffles are independent and
+    // interleave. A pair that does not count reads rows inside the tensors and adds nothing.
     type Pair<'ctx> = (
         IntValue<'ctx>,
         IntValue<'ctx>,
         IntValue<'ctx>,
-        Option<IntValue<'ctx>>,
+        IntValue<'ctx>,
     );
     let pairs = |fb: &Fb<'_, 'ctx>, bi: IntValue<'ctx>, ps: &[Pair<'ctx>]| -> R<()> {
-        let counts = |ok: Option<IntValue<'ctx>>, x: FloatValue<'ctx>, none: f64| match ok {
-            Some(ok) => fb.fsel(ok, x, fb.f32c(none)),
-            None => Ok(x),
-        };
+        let counts =
+            |ok: IntValue<'ctx>, x: FloatValue<'ctx>, none: f64| fb.fsel(ok, x, fb.f32c(none));
         let mut at = vec![];
         let mut scores = vec![];
         for &(hi, ti, j, ok) in ps {
@@ -6456,7 +6444,7 @@ fn attention_backward<'ctx>(
         }
         Ok(())
     };
-    // On the GPU `GPU_ATTN_BWD_UNROLL` pairs at a time: the `n` items from `i0` of a loop,
+    // `GPU_ATTN_BWD_UNROLL` pairs at a time: the `n` items from `i0` of a loop,
     // `(item clamped to the last, whether it exists)`.
     let group = |fb: &Fb<'_, 'ctx>, i0: IntValue<'ctx>, n: IntValue<'ctx>| {
         let last = fb.b.build_int_sub(n, c(1), "last").map_err(be)?;
@@ -6481,11 +6469,6 @@ fn attention_backward<'ctx>(
         for r in &regs {
             fb.set(*r, fb.f32c(0.0))?;
         }
-        if !fb.gpu {
-            fb.for_range(c(0), c(width), |fb, i| {
-                fb.store_f32(fb.scratch, i, fb.f32c(0.0))
-            })?;
-        }
         if key_units {
             let idx = fb.decompose(u, &[bv, c(d.hkv), sv])?;
             let (bi, gi, j) = (idx[0], idx[1], idx[2]);
@@ -6497,19 +6480,13 @@ fn attention_backward<'ctx>(
             };
             fb.for_range(c(0), c(rep), |fb, r| {
                 let hi = fb.add(fb.mul(gi, c(rep))?, r)?;
-                if !fb.gpu {
-                    return fb.for_range(c(0), tv, |fb, ti| {
-                        let ok = sees(fb, ti)?;
-                        fb.if_else(ok, |fb| pairs(fb, bi, &[(hi, ti, j, None)]), |_| Ok(()))
-                    });
-                }
                 fb.for_range(c(0), groups(fb, tv)?, |fb, g| {
                     let mut ps = vec![];
                     let mut any = fb.ctx.bool_type().const_zero();
                     for (ti, exists) in group(fb, fb.mul(g, c(GPU_ATTN_BWD_UNROLL))?, tv)? {
                         let ok = fb.b.build_and(exists, sees(fb, ti)?, "ok").map_err(be)?;
                         any = fb.b.build_or(any, ok, "any").map_err(be)?;
-                        ps.push((hi, ti, j, Some(ok)));
+                        ps.push((hi, ti, j, ok));
                     }
                     fb.if_else(any, |fb| pairs(fb, bi, &ps), |_| Ok(()))
                 })
@@ -6519,17 +6496,13 @@ fn attention_backward<'ctx>(
             let (bi, hi, ti) = (idx[0], idx[1], idx[2]);
             let limit = fb.load(&pa, fb.at(&pa, &[(0, bi), (1, ti)])?)?;
             let end = fb.imin(fb.add(limit.into_int_value(), c(1))?, sv)?;
-            if fb.gpu {
-                fb.for_range(c(0), groups(fb, end)?, |fb, g| {
-                    let ps: Vec<Pair<'ctx>> = group(fb, fb.mul(g, c(GPU_ATTN_BWD_UNROLL))?, end)?
-                        .into_iter()
-                        .map(|(j, ok)| (hi, ti, j, Some(ok)))
-                        .collect();
-                    pairs(fb, bi, &ps)
-                })?;
-            } else {
-                fb.for_range(c(0), end, |fb, j| pairs(fb, bi, &[(hi, ti, j, None)]))?;
-            }
+            fb.for_range(c(0), groups(fb, end)?, |fb, g| {
+                let ps: Vec<Pair<'ctx>> = group(fb, fb.mul(g, c(GPU_ATTN_BWD_UNROLL))?, end)?
+                    .into_iter()
+                    .map(|(j, ok)| (hi, ti, j, ok))
+                    .collect();
+                pairs(fb, bi, &ps)
+            })?;
         }
         // The unit's row of the result (contiguous).
         if grad.is_none() {
@@ -6540,46 +6513,32 @@ fn attention_backward<'ctx>(
             return fb.if_else(first, |fb| fb.store(optr, oe, u, lse.into()), |_| Ok(()));
         }
         let ob = fb.mul(u, c(width))?;
-        if fb.gpu {
-            for ((e, ok), r) in lanes(width)?.into_iter().zip(&regs) {
-                let v = fb.fmul(fb.get(*r)?, fb.f32c(out_scale))?;
-                fb.if_else(
-                    ok,
-                    |fb| fb.store(optr, oe, fb.add(ob, e)?, v.into()),
-                    |_| Ok(()),
-                )?;
-            }
-            return Ok(());
+        for ((e, ok), r) in lanes(width)?.into_iter().zip(&regs) {
+            let v = fb.fmul(fb.get(*r)?, fb.f32c(out_scale))?;
+            fb.if_else(
+                ok,
+                |fb| fb.store(optr, oe, fb.add(ob, e)?, v.into()),
+                |_| Ok(()),
+            )?;
         }
-        fb.for_range(c(0), c(width), |fb, i| {
-            let v = fb.fmul(fb.load_f32(fb.scratch, i)?, fb.f32c(out_scale))?;
-            fb.store(optr, oe, fb.add(ob, i)?, v.into())
-        })
+        Ok(())
     };
-    if fb.gpu {
-        let warps = GPU_BLOCK_THREADS / 32;
-        let groups =
-            fb.b.build_int_signed_div(fb.add(units, c(warps - 1))?, c(warps), "groups")
-                .map_err(be)?;
-        let BlockGrid {
-            lane: bl,
-            blk,
-            nblk,
-            iters,
-        } = block_grid(fb, groups)?;
-        let warp = fb.b.build_int_signed_div(bl, c(32), "warp").map_err(be)?;
-        fb.for_range(c(0), iters, |fb, it| {
-            let u = fb.add(fb.mul(fb.add(blk, fb.mul(it, nblk)?)?, c(warps))?, warp)?;
-            fb.if_else(lt(u, units)?, |fb| unit(fb, u), |_| Ok(()))
-        })?;
-    } else {
-        let guided = fb.ctx.bool_type().const_int(1, false);
-        fb.claim_work(guided, units, c(1), c(1), |fb, [_, s, e]| {
-            fb.for_range(s, e, |fb, u| unit(fb, u))
-        })?;
-    }
-    fb.ret_ok()?;
-    Ok(if fb.gpu { 0 } else { width as usize })
+    let warps = GPU_BLOCK_THREADS / 32;
+    let groups =
+        fb.b.build_int_signed_div(fb.add(units, c(warps - 1))?, c(warps), "groups")
+            .map_err(be)?;
+    let BlockGrid {
+        lane: bl,
+        blk,
+        nblk,
+        iters,
+    } = block_grid(fb, groups)?;
+    let warp = fb.b.build_int_signed_div(bl, c(32), "warp").map_err(be)?;
+    fb.for_range(c(0), iters, |fb, it| {
+        let u = fb.add(fb.mul(fb.add(blk, fb.mul(it, nblk)?)?, c(warps))?, warp)?;
+        fb.if_else(lt(u, units)?, |fb| unit(fb, u), |_| Ok(()))
+    })?;
+    fb.ret_ok()
 }
 
 /// The split-KV merge (see `Kernel::AttentionCombine`), per query row. Scratch: the
