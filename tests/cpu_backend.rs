@@ -412,18 +412,24 @@ fn gemm_work_claimed_by_any_number_of_threads_gives_the_same_bits() {
 }
 
 #[test]
-fn tiled_attention_backward_matches_the_interpreter_across_blocks_and_targets() {
-    // Several blocks of rows and of keys on both sides (T 50 queries, S 75 keys), GQA (4
+fn tiled_attention_matches_the_interpreter_across_blocks_and_targets() {
+    // Attention and its backward. Several blocks of rows and of keys on both sides (T 50
+    // queries, S 75 keys), GQA (4
     // heads on 2), head sizes that fill no panel (33, 20), a cache offset (causal from key
     // 25) and, in batch 1, positions in no order (rows that see few keys next to rows that
     // see all). Panels of 32 (AVX-512), 16 (AVX2) and 8 (SSE), and thread counts that give
     // units of different sizes.
     let (t, s, d, dv) = (50usize, 75usize, 33usize, 20usize);
+    let (w, vw, ve) = (2 * dv + 5, 2 * dv, 2 * dv + 3);
     let g = egret_ir::parse(&format!(
         "graph g {{
-  %q = input \"q\" : f32[2, 4, {t}, {d}]
+  %qt = input \"q\" : f32[2, {t}, 4, {d}]
+  %q = permute[perm=[0, 2, 1, 3]](%qt) : f32[2, 4, {t}, {d}]
   %k = input \"k\" : f32[2, 2, {s}, {d}]
-  %v = input \"v\" : f32[2, 2, {s}, {dv}]
+  %kv = input \"v\" : f32[2, {s}, {w}]
+  %vs = slice[axis=2, start=3, end={ve}](%kv) : f32[2, {s}, {vw}]
+  %vr = reshape(%vs) : f32[2, {s}, 2, {dv}]
+  %v = permute[perm=[0, 2, 1, 3]](%vr) : f32[2, 2, {s}, {dv}]
   %pos = input \"pos\" : i64[2, {t}]
   %o = fused_attention[scale=0.3](%q, %k, %v, %pos) : f32[2, 4, {t}, {dv}]
   %do = input \"do\" : f32[2, 4, {t}, {dv}]
@@ -434,6 +440,7 @@ fn tiled_attention_backward_matches_the_interpreter_across_blocks_and_targets() 
   %dq = attention_grad_q[scale=0.3](%q, %k, %v, %pos, %do, %lse, %delta) : f32[2, 4, {t}, {d}]
   %dk = attention_grad_k[scale=0.3](%q, %k, %v, %pos, %do, %lse, %delta) : f32[2, 2, {s}, {d}]
   %dv = attention_grad_v[scale=0.3](%q, %k, %v, %pos, %do, %lse, %delta) : f32[2, 2, {s}, {dv}]
+  output \"o\" = %o
   output \"lse\" = %lse
   output \"dq\" = %dq
   output \"dk\" = %dk
@@ -451,9 +458,9 @@ fn tiled_attention_backward_matches_the_interpreter_across_blocks_and_targets() 
         .chain((0..t).map(|i| ((i * 37) % s) as i64))
         .collect();
     let inputs = HashMap::from([
-        ("q".to_string(), f32s(vec![2, 4, t, d], 1)),
+        ("q".to_string(), f32s(vec![2, t, 4, d], 1)),
         ("k".to_string(), f32s(vec![2, 2, s, d], 2)),
-        ("v".to_string(), f32s(vec![2, 2, s, dv], 3)),
+        ("v".to_string(), f32s(vec![2, s, 2 * dv + 5], 3)),
         ("do".to_string(), f32s(vec![2, 4, t, dv], 4)),
         (
             "pos".to_string(),
@@ -477,7 +484,7 @@ fn tiled_attention_backward_matches_the_interpreter_across_blocks_and_targets() 
         })
         .collect();
     for cpu in ["native", "x86-64-v3", "x86-64"] {
-        for threads in [1, 3] {
+        for threads in [1, 2, 3] {
             let opts = CpuOptions {
                 cpu: cpu.into(),
                 ..Default::default()
@@ -485,7 +492,7 @@ fn tiled_attention_backward_matches_the_interpreter_across_blocks_and_targets() 
             let (mut ex, _code) =
                 egret::cpu::executor(&g, &HashMap::new(), &opts, threads).unwrap();
             let got = ex.run(&host).unwrap();
-            for name in ["lse", "dq", "dk", "dv"] {
+            for name in ["o", "lse", "dq", "dk", "dv"] {
                 let HostData::F32(y) = &got[name].data else {
                     panic!("f32 output")
                 };
