@@ -95,6 +95,32 @@ fn tiny_models_match_transformers_on_the_cpu_backend() {
 }
 
 #[test]
+fn long_prompts_on_the_cpu_backend_match_the_interpreter() {
+    // 40 tokens: prompt attention takes the tiled kernel (at least a micro-kernel block of
+    // query rows, several row blocks and key blocks), which the fixtures' short prompts do
+    // not reach.
+    let tokens: Vec<u32> = (0..40u32).map(|i| (i * 37 + 5) % 60 + 1).collect();
+    for name in MODELS {
+        let src = ModelSource::resolve(fixture(&format!("tiny/{name}")).to_str().unwrap()).unwrap();
+        let m = load_model(&src).unwrap();
+        let mut im = InterpModel::new(m.config.clone(), m.params.clone(), "default").unwrap();
+        let want = im.logits_all(&tokens).unwrap();
+        let mut cm = egret::cpu::CompiledModel::new(
+            m.config,
+            m.params,
+            "default",
+            &egret_backends::llvm::CpuOptions::default(),
+            2,
+        )
+        .unwrap();
+        let got = cm.logits_all(&tokens).unwrap();
+        let (d, maxref) = max_diff(&got, &want);
+        let tol = 1e-4 * maxref.max(1.0);
+        assert!(d <= tol, "{name}: max |diff| {d} > {tol}");
+    }
+}
+
+#[test]
 fn cpu_decode_with_kv_cache_matches_full_prefill() {
     use egret_runtime::generate::LanguageModel;
     let fx = read("gqa_untied");

@@ -398,6 +398,9 @@ pub enum Kernel {
     /// Causal grouped-query attention, online softmax; see `Op::FusedAttention`. With few
     /// query rows (decode) the keys are split (`attn_splits`) and each split's partial result
     /// `(acc[dv], max, sum)` goes to `part`, merged by the `AttentionCombine` that follows.
+    /// Unsplit on the CPU, with `nr > 0` (the schedule's panel width) and at least a
+    /// micro-kernel block of query rows, blocks of rows against `nr` keys at a time, the
+    /// products on the GEMM micro-kernel (as `AttentionBackward`'s).
     Attention {
         out: u32,
         part: u32,
@@ -407,6 +410,7 @@ pub enum Kernel {
         pos: Access,
         dims: AttnDims,
         scale: f64,
+        nr: i64,
     },
     /// Split-KV merge: `o = Σ_c acc_c·e^(m_c−M) / Σ_c l_c·e^(m_c−M)`, `M = max_c m_c`, over
     /// the splits in `part`; nothing to do when the attention did not split.

@@ -1117,6 +1117,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                             pos: acc[3].clone(),
                             dims: dims.clone(),
                             scale: *scale,
+                            nr: opts.panel,
                         },
                         &reads,
                         out,

@@ -25,7 +25,7 @@ use crate::kernel::{
 };
 use crate::BackendError;
 
-mod attn_backward;
+mod attn_tiles;
 
 type R<T> = Result<T, BackendError>;
 
@@ -1281,13 +1281,13 @@ pub fn emit<'ctx>(
             pos,
             dims,
             scale,
+            nr,
         } => {
             if gpu {
                 gpu_attention(&fb, *out, q, k, v, pos, dims, *scale)?;
                 0
             } else {
-                attention(&fb, *out, *part, q, k, v, pos, dims, *scale)?;
-                (dims.dv + ATTN_BLOCK) as usize
+                attention(&fb, *out, *part, [q, k, v, pos], dims, *scale, *nr)?
             }
         }
         Kernel::AttentionCombine { out, part, dims } => {
@@ -1308,7 +1308,7 @@ pub fn emit<'ctx>(
                 gpu_attention_backward(&fb, *out, [q, k, pos], grad.as_ref(), dims, *scale)?;
                 0
             } else if *nr > 0 {
-                attn_backward::tiled(&fb, *out, [q, k, pos], grad.as_ref(), dims, *scale, *nr)?
+                attn_tiles::backward(&fb, *out, [q, k, pos], grad.as_ref(), dims, *scale, *nr)?
             } else {
                 return Err(BackendError::Unsupported(
                     "attention's backward on the CPU needs a panel width (nr)".into(),
@@ -1504,6 +1504,7 @@ pub fn canonical(k: &Kernel) -> (Kernel, Vec<u32>) {
             pos,
             dims,
             scale,
+            nr,
         } => Kernel::Attention {
             out: map(*out),
             part: map(*part),
@@ -1513,6 +1514,7 @@ pub fn canonical(k: &Kernel) -> (Kernel, Vec<u32>) {
             pos: ren(pos),
             dims: dims.clone(),
             scale: *scale,
+            nr: *nr,
         },
         Kernel::AttentionCombine { out, part, dims } => Kernel::AttentionCombine {
             out: map(*out),
@@ -5024,18 +5026,18 @@ fn attn_row<'ctx>(
 /// scratch) is rescaled by `exp(m_old - m_new)` and accumulates `Σ p·v`. Unsplit, the row is
 /// divided by the sum and stored; split, `(acc, m, l)` go to `part` for the merge.
 /// Scratch: `dv` floats of output row, then `ATTN_BLOCK` scores.
-#[allow(clippy::too_many_arguments)]
-fn attention(
-    fb: &Fb,
+///
+/// Unsplit, with panels (`nr > 0`) and at least `attn_tiles::min_rows` query rows, the
+/// launch takes `attn_tiles::forward` instead. Returns the scratch floats a thread needs.
+fn attention<'ctx>(
+    fb: &Fb<'_, 'ctx>,
     out: u32,
     part: u32,
-    q: &Access,
-    k: &Access,
-    v: &Access,
-    pos: &Access,
+    [q, k, v, pos]: [&Access; 4],
     d: &crate::kernel::AttnDims,
     scale: f64,
-) -> R<()> {
+    nr: i64,
+) -> R<usize> {
     let (qa, ka, va) = (
         fb.access(q, ElemType::F32)?,
         fb.access(k, ElemType::F32)?,
@@ -5075,106 +5077,133 @@ fn attention(
     }
     .map_err(be)?;
     // Rows (and splits) cost what their visible keys do: claimed guided, not split evenly.
-    let guided = fb.ctx.bool_type().const_int(1, false);
-    fb.claim_work(guided, items, fb.i64c(1), fb.i64c(1), |fb, [_, s, e]| {
-        fb.for_range(s, e, |fb, item| {
-            let u = fb.b.build_int_signed_div(item, nsplit, "u").map_err(be)?;
-            let c =
-                fb.b.build_int_signed_rem(item, nsplit, "split")
+    let by_rows = |fb: &Fb<'_, 'ctx>| {
+        let guided = fb.ctx.bool_type().const_int(1, false);
+        fb.claim_work(guided, items, fb.i64c(1), fb.i64c(1), |fb, [_, s, e]| {
+            fb.for_range(s, e, |fb, item| {
+                let u = fb.b.build_int_signed_div(item, nsplit, "u").map_err(be)?;
+                let c =
+                    fb.b.build_int_signed_rem(item, nsplit, "split")
+                        .map_err(be)?;
+                let [qb, kb, vb, end] =
+                    attn_row(fb, [&qa, &ka, &va, &pa], [bv, h, tv, sv], d.h / d.hkv, u)?;
+                // This split's share [lo, hi) of the visible keys.
+                let min = |a, b| fb.imin(a, b);
+                let lo = fb.mul(c, chunk)?;
+                let hi = min(fb.add(lo, chunk)?, end)?;
+                let n = fb.b.build_int_sub(hi, lo, "n").map_err(be)?;
+                fb.set(mx, fb.f32c(f64::NEG_INFINITY))?;
+                fb.set(l, fb.f32c(0.0))?;
+                fb.for_range(fb.i64c(0), dv, |fb, c| fb.store_f32(acc, c, fb.f32c(0.0)))?;
+                let nblocks =
+                    fb.b.build_int_signed_div(
+                        fb.add(n, fb.i64c(ATTN_BLOCK - 1))?,
+                        fb.i64c(ATTN_BLOCK),
+                        "nb",
+                    )
                     .map_err(be)?;
-            let [qb, kb, vb, end] =
-                attn_row(fb, [&qa, &ka, &va, &pa], [bv, h, tv, sv], d.h / d.hkv, u)?;
-            // This split's share [lo, hi) of the visible keys.
-            let min = |a, b| fb.imin(a, b);
-            let lo = fb.mul(c, chunk)?;
-            let hi = min(fb.add(lo, chunk)?, end)?;
-            let n = fb.b.build_int_sub(hi, lo, "n").map_err(be)?;
-            fb.set(mx, fb.f32c(f64::NEG_INFINITY))?;
-            fb.set(l, fb.f32c(0.0))?;
-            fb.for_range(fb.i64c(0), dv, |fb, c| fb.store_f32(acc, c, fb.f32c(0.0)))?;
-            let nblocks =
-                fb.b.build_int_signed_div(
-                    fb.add(n, fb.i64c(ATTN_BLOCK - 1))?,
-                    fb.i64c(ATTN_BLOCK),
-                    "nb",
+                fb.for_range(fb.i64c(0), nblocks, |fb, blk| {
+                    let j0 = fb.add(lo, fb.mul(blk, fb.i64c(ATTN_BLOCK))?)?;
+                    let jl = min(
+                        fb.b.build_int_sub(hi, j0, "rest").map_err(be)?,
+                        fb.i64c(ATTN_BLOCK),
+                    )?;
+                    // Scores of the block, and their max.
+                    fb.set(bmax, fb.f32c(f64::NEG_INFINITY))?;
+                    fb.for_range(fb.i64c(0), jl, |fb, j| {
+                        let kr = fb.add(kb, fb.mul(fb.add(j0, j)?, ka.strides[2])?)?;
+                        fb.set(dot, fb.f32c(0.0))?;
+                        fb.for_range(fb.i64c(0), dd, |fb, c| {
+                            let x = fb.load_f32(qa.ptr, fb.add(qb, fb.mul(c, qa.strides[3])?)?)?;
+                            let y = fb.load_f32(ka.ptr, fb.add(kr, fb.mul(c, ka.strides[3])?)?)?;
+                            fb.set(dot, fb.fma_fast(fb.get(dot)?, x, y)?)
+                        })?;
+                        let score = fb.fmul(fb.get(dot)?, fb.f32c(scale))?;
+                        fb.store_f32(sc, j, score)?;
+                        fb.set(bmax, fb.intrinsic("llvm.maxnum", &[fb.get(bmax)?, score])?)
+                    })?;
+                    let m_old = fb.get(mx)?;
+                    let m_new = fb.intrinsic("llvm.maxnum", &[m_old, fb.get(bmax)?])?;
+                    let alpha = fb.exp(fb.b.build_float_sub(m_old, m_new, "d").map_err(be)?)?;
+                    // p = exp(s - m_new), in place, and their sum.
+                    fb.set(psum, fb.f32c(0.0))?;
+                    fb.for_range(fb.i64c(0), jl, |fb, j| {
+                        let z =
+                            fb.b.build_float_sub(fb.load_f32(sc, j)?, m_new, "z")
+                                .map_err(be)?;
+                        let p = fb.exp(z)?;
+                        fb.store_f32(sc, j, p)?;
+                        let t = fb.fast(fb.fadd(fb.get(psum)?, p)?);
+                        fb.set(psum, t)
+                    })?;
+                    fb.set(l, fb.fadd(fb.fmul(fb.get(l)?, alpha)?, fb.get(psum)?)?)?;
+                    fb.set(mx, m_new)?;
+                    fb.for_range(fb.i64c(0), dv, |fb, c| {
+                        let a = fb.load_f32(acc, c)?;
+                        fb.store_f32(acc, c, fb.fmul(a, alpha)?)
+                    })?;
+                    fb.for_range(fb.i64c(0), jl, |fb, j| {
+                        let p = fb.load_f32(sc, j)?;
+                        let vr = fb.add(vb, fb.mul(fb.add(j0, j)?, va.strides[2])?)?;
+                        fb.for_range(fb.i64c(0), dv, |fb, c| {
+                            let a = fb.load_f32(acc, c)?;
+                            let y = fb.load_f32(va.ptr, fb.add(vr, fb.mul(c, va.strides[3])?)?)?;
+                            fb.store_f32(acc, c, fb.fadd(a, fb.fmul(p, y)?)?)
+                        })
+                    })
+                })?;
+                fb.if_else(
+                    single,
+                    |fb| {
+                        let obase = attn_out_row(fb, u, d)?;
+                        let lv = fb.get(l)?;
+                        fb.for_range(fb.i64c(0), dv, |fb, c| {
+                            let a = fb.load_f32(acc, c)?;
+                            fb.store_f32(
+                                optr,
+                                fb.add(obase, c)?,
+                                fb.b.build_float_div(a, lv, "o").map_err(be)?,
+                            )
+                        })
+                    },
+                    |fb| {
+                        let pbase = fb.mul(item, fb.i64c(d.dv + 2))?;
+                        fb.for_range(fb.i64c(0), dv, |fb, c| {
+                            fb.store_f32(pptr, fb.add(pbase, c)?, fb.load_f32(acc, c)?)
+                        })?;
+                        fb.store_f32(pptr, fb.add(pbase, dv)?, fb.get(mx)?)?;
+                        fb.store_f32(pptr, fb.add(pbase, fb.i64c(d.dv + 1))?, fb.get(l)?)
+                    },
                 )
-                .map_err(be)?;
-            fb.for_range(fb.i64c(0), nblocks, |fb, blk| {
-                let j0 = fb.add(lo, fb.mul(blk, fb.i64c(ATTN_BLOCK))?)?;
-                let jl = min(
-                    fb.b.build_int_sub(hi, j0, "rest").map_err(be)?,
-                    fb.i64c(ATTN_BLOCK),
-                )?;
-                // Scores of the block, and their max.
-                fb.set(bmax, fb.f32c(f64::NEG_INFINITY))?;
-                fb.for_range(fb.i64c(0), jl, |fb, j| {
-                    let kr = fb.add(kb, fb.mul(fb.add(j0, j)?, ka.strides[2])?)?;
-                    fb.set(dot, fb.f32c(0.0))?;
-                    fb.for_range(fb.i64c(0), dd, |fb, c| {
-                        let x = fb.load_f32(qa.ptr, fb.add(qb, fb.mul(c, qa.strides[3])?)?)?;
-                        let y = fb.load_f32(ka.ptr, fb.add(kr, fb.mul(c, ka.strides[3])?)?)?;
-                        fb.set(dot, fb.fma_fast(fb.get(dot)?, x, y)?)
-                    })?;
-                    let score = fb.fmul(fb.get(dot)?, fb.f32c(scale))?;
-                    fb.store_f32(sc, j, score)?;
-                    fb.set(bmax, fb.intrinsic("llvm.maxnum", &[fb.get(bmax)?, score])?)
-                })?;
-                let m_old = fb.get(mx)?;
-                let m_new = fb.intrinsic("llvm.maxnum", &[m_old, fb.get(bmax)?])?;
-                let alpha = fb.exp(fb.b.build_float_sub(m_old, m_new, "d").map_err(be)?)?;
-                // p = exp(s - m_new), in place, and their sum.
-                fb.set(psum, fb.f32c(0.0))?;
-                fb.for_range(fb.i64c(0), jl, |fb, j| {
-                    let z =
-                        fb.b.build_float_sub(fb.load_f32(sc, j)?, m_new, "z")
-                            .map_err(be)?;
-                    let p = fb.exp(z)?;
-                    fb.store_f32(sc, j, p)?;
-                    let t = fb.fast(fb.fadd(fb.get(psum)?, p)?);
-                    fb.set(psum, t)
-                })?;
-                fb.set(l, fb.fadd(fb.fmul(fb.get(l)?, alpha)?, fb.get(psum)?)?)?;
-                fb.set(mx, m_new)?;
-                fb.for_range(fb.i64c(0), dv, |fb, c| {
-                    let a = fb.load_f32(acc, c)?;
-                    fb.store_f32(acc, c, fb.fmul(a, alpha)?)
-                })?;
-                fb.for_range(fb.i64c(0), jl, |fb, j| {
-                    let p = fb.load_f32(sc, j)?;
-                    let vr = fb.add(vb, fb.mul(fb.add(j0, j)?, va.strides[2])?)?;
-                    fb.for_range(fb.i64c(0), dv, |fb, c| {
-                        let a = fb.load_f32(acc, c)?;
-                        let y = fb.load_f32(va.ptr, fb.add(vr, fb.mul(c, va.strides[3])?)?)?;
-                        fb.store_f32(acc, c, fb.fadd(a, fb.fmul(p, y)?)?)
-                    })
-                })
-            })?;
-            fb.if_else(
-                single,
-                |fb| {
-                    let obase = attn_out_row(fb, u, d)?;
-                    let lv = fb.get(l)?;
-                    fb.for_range(fb.i64c(0), dv, |fb, c| {
-                        let a = fb.load_f32(acc, c)?;
-                        fb.store_f32(
-                            optr,
-                            fb.add(obase, c)?,
-                            fb.b.build_float_div(a, lv, "o").map_err(be)?,
-                        )
-                    })
-                },
-                |fb| {
-                    let pbase = fb.mul(item, fb.i64c(d.dv + 2))?;
-                    fb.for_range(fb.i64c(0), dv, |fb, c| {
-                        fb.store_f32(pptr, fb.add(pbase, c)?, fb.load_f32(acc, c)?)
-                    })?;
-                    fb.store_f32(pptr, fb.add(pbase, dv)?, fb.get(mx)?)?;
-                    fb.store_f32(pptr, fb.add(pbase, fb.i64c(d.dv + 1))?, fb.get(l)?)
-                },
-            )
+            })
         })
-    })?;
-    fb.ret_ok()
+    };
+    let mut floats = (d.dv + ATTN_BLOCK) as usize;
+    if nr > 0 {
+        let rows =
+            fb.b.build_int_compare(
+                IntPredicate::SGE,
+                tv,
+                fb.i64c(attn_tiles::min_rows(nr)),
+                "rows",
+            )
+            .map_err(be)?;
+        let tiled = fb.b.build_and(single, rows, "tiled").map_err(be)?;
+        let mut tile_floats = 0;
+        fb.if_else(
+            tiled,
+            |fb| {
+                tile_floats = attn_tiles::forward(fb, out, [q, k, v, pos], d, scale, nr)?;
+                Ok(())
+            },
+            |fb| by_rows(fb),
+        )?;
+        floats = floats.max(tile_floats);
+    } else {
+        by_rows(fb)?;
+    }
+    fb.ret_ok()?;
+    Ok(floats)
 }
 
 /// Keys per step of `gpu_attention`'s loop.
@@ -6286,7 +6315,7 @@ const GPU_ATTN_BWD_UNROLL: i64 = 4;
 /// shuffles, so every row read is 32 lanes wide; the accumulators are in registers; the
 /// warp takes `GPU_ATTN_BWD_UNROLL` pairs at a time (those past the end or not visible add
 /// nothing; a group of key-unit pairs none of which is visible is skipped). The CPU's
-/// kernel works in tiles (`attn_backward`).
+/// kernel works in tiles (`attn_tiles`).
 fn gpu_attention_backward<'ctx>(
     fb: &Fb<'_, 'ctx>,
     out: u32,

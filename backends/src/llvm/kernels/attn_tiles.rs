@@ -1,8 +1,11 @@
-//! Attention's backward on the CPU in tiles (`Kernel::AttentionBackward` with `nr > 0`).
+//! Attention on the CPU in tiles: the forward (`Kernel::Attention` unsplit, with `nr > 0`)
+//! and the backward (`Kernel::AttentionBackward`).
 //!
-//! The arithmetic is FlashAttention-2's, as in `super::gpu_attention_backward`, where a warp
-//! takes one (row, key) pair at a time. Here a unit of work is a block of rows of the result (query
-//! rows for the log-sum-exp and `dq`, key rows of one KV head for `dk` and `dv`), a multiple
+//! The arithmetic is FlashAttention-2's, as in `super::attention` (the forward a row at a
+//! time, which decode's split keys keep) and `super::gpu_attention_backward` (a warp a
+//! (row, key) pair at a time). Here a unit of work is a block of rows of the result (query
+//! rows for the forward, the log-sum-exp and `dq`; key rows of one KV head for `dk` and
+//! `dv`), a multiple
 //! of the GEMM micro-kernel's `mr` rows, and the other side (keys, or the query rows of every
 //! head reading that KV head) is taken `nr` at a time. For each such block, with `A` the
 //! unit's rows and `B` the block's, packed in scratch as the micro-kernel (`super::ukernel`)
@@ -17,7 +20,10 @@
 //! - the update `acc += C·X` with `C` = `dS` (`dq`, `dk`) or `P` (`dv`) and `X` the block's
 //!   rows of `k` (`dq`), `q` (`dk`) or `dout` (`dv`); the result is `acc`, times `scale`
 //!   for `dq` and `dk`;
-//! - for the log-sum-exp, a running max `m` and sum `l` per query row (`lse = m + ln l`).
+//! - for the log-sum-exp, a running max `m` and sum `l` per query row (`lse = m + ln l`);
+//! - for the forward, the same running max and sum, the accumulators rescaled by
+//!   `e^(m − m')` when a row's max moves, `P = e^(S·scale − m')` and `acc += P·v`; each row
+//!   ends as `acc / l`.
 //!
 //! Each `mr`-row block of a unit skips the blocks none of its rows sees (under a causal
 //! mask, the tiles above the diagonal), so masking costs at most one partial tile per row
@@ -30,7 +36,7 @@ use inkwell::{AddressSpace, FloatPredicate, IntPredicate};
 use egret_ir::AttnGrad;
 use egret_runtime::plan::ElemType;
 
-use super::{be, gemm_mr, ukernel, Av, Fb, R};
+use super::{attn_out_row, be, gemm_mr, ukernel, Av, Fb, R};
 use crate::kernel::{Access, AttnDims, AttnGradIn, PanelType};
 
 /// Most micro-kernel row blocks in a unit of work: the block's packed panels are shared by
@@ -103,9 +109,19 @@ impl Layout {
     }
 }
 
+/// What a tiled launch computes.
+enum Mode<'a> {
+    /// Each query row's log-sum-exp (`grad` None).
+    Lse,
+    /// The attention, from these values.
+    Forward(&'a Access),
+    /// A gradient.
+    Grad(&'a AttnGradIn),
+}
+
 /// `Kernel::AttentionBackward` in tiles (see the module's comment); returns the scratch
 /// floats a thread needs.
-pub(super) fn tiled<'ctx>(
+pub(super) fn backward<'ctx>(
     fb: &Fb<'_, 'ctx>,
     out: u32,
     [q, k, pos]: [&Access; 3],
@@ -114,6 +130,47 @@ pub(super) fn tiled<'ctx>(
     scale: f64,
     nr: i64,
 ) -> R<usize> {
+    let mode = match grad {
+        Some(g) => Mode::Grad(g),
+        None => Mode::Lse,
+    };
+    let floats = tiles(fb, out, [q, k, pos], mode, d, scale, nr)?;
+    fb.ret_ok()?;
+    Ok(floats)
+}
+
+/// The attention (`Kernel::Attention`, unsplit) in tiles, where the caller's code is (it
+/// returns nothing); returns the scratch floats a thread needs.
+pub(super) fn forward<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    out: u32,
+    [q, k, v, pos]: [&Access; 4],
+    d: &AttnDims,
+    scale: f64,
+    nr: i64,
+) -> R<usize> {
+    tiles(fb, out, [q, k, pos], Mode::Forward(v), d, scale, nr)
+}
+
+/// The micro-kernel's rows for panels of `nr` columns: the forward takes tiles only when a
+/// launch has at least this many query rows.
+pub(super) fn min_rows(nr: i64) -> i64 {
+    gemm_mr(nr)
+}
+
+fn tiles<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    out: u32,
+    [q, k, pos]: [&Access; 3],
+    mode: Mode,
+    d: &AttnDims,
+    scale: f64,
+    nr: i64,
+) -> R<usize> {
+    let grad = match mode {
+        Mode::Grad(g) => Some(g),
+        _ => None,
+    };
     let mr = gemm_mr(nr);
     let attrs = fb.func.attributes(AttributeLoc::Function);
     let uk = ukernel(fb, mr, nr, PanelType::F32, &attrs)?;
@@ -133,13 +190,18 @@ pub(super) fn tiled<'ctx>(
         }),
         None => None,
     };
+    let fv = match mode {
+        Mode::Forward(v) => Some(fb.access(v, elem(v))?),
+        _ => None,
+    };
     let wrt = grad.map(|g| g.wrt);
     let key_units = matches!(wrt, Some(AttnGrad::K | AttnGrad::V));
     let with_dp = matches!(wrt, Some(AttnGrad::Q | AttnGrad::K));
-    let (width, out_scale) = match wrt {
-        None => (0, 1.0),
-        Some(AttnGrad::Q | AttnGrad::K) => (d.d, scale),
-        Some(AttnGrad::V) => (d.dv, 1.0),
+    let (width, out_scale) = match (&mode, wrt) {
+        (Mode::Lse, _) => (0, 1.0),
+        (Mode::Forward(_), _) => (d.dv, 1.0),
+        (_, Some(AttnGrad::Q | AttnGrad::K)) => (d.d, scale),
+        _ => (d.dv, 1.0),
     };
     let wp = (width + nr - 1) / nr * nr;
     let umax = MAX_ROW_BLOCKS * mr;
@@ -355,6 +417,11 @@ pub(super) fn tiled<'ctx>(
                         key_row(fb, &ka, i)
                     })?;
                 }
+                if let Some(va) = &fv {
+                    pack_panels(fb, sp(lay.p_u)?, nr, va, width, wp, no, &|fb, i| {
+                        key_row(fb, va, i)
+                    })?;
+                }
                 fb.for_range(c(0), rb, |fb, blk| {
                     let seen = lt(o0, load_i64(at_i64(rb_ends, blk)?)?)?;
                     fb.if_else(
@@ -362,10 +429,19 @@ pub(super) fn tiled<'ctx>(
                         |fb| {
                             let tile = Tile { blk, r0, o0 };
                             block_products(fb, &lay, uk, mr, nr, d, &tile, with_dp)?;
-                            if g.is_none() {
-                                return running_lse(fb, &lay, mr, nr, scale, &tile, ends);
+                            match mode {
+                                Mode::Lse => {
+                                    return running_max_sum(
+                                        fb, &lay, mr, nr, scale, &tile, ends, None,
+                                    )
+                                }
+                                Mode::Forward(_) => {
+                                    running_max_sum(fb, &lay, mr, nr, scale, &tile, ends, Some(wp))?
+                                }
+                                Mode::Grad(_) => probabilities(
+                                    fb, &lay, mr, nr, scale, &tile, false, ends, with_dp,
+                                )?,
                             }
-                            probabilities(fb, &lay, mr, nr, scale, &tile, false, ends, with_dp)?;
                             update(fb, &lay, uk, mr, nr, wp, &tile, no)
                         },
                         |_| Ok(()),
@@ -379,18 +455,24 @@ pub(super) fn tiled<'ctx>(
                 fb.mul(fb.add(fb.mul(bi, c(heads))?, hx)?, len)?,
                 fb.add(r0, r)?,
             )?;
-            if g.is_none() {
-                let m = fb.load_f32(sp(lay.m)?, r)?;
-                let l = fb.load_f32(sp(lay.l)?, r)?;
-                let lse = fb.fadd(m, fb.log(l)?)?;
-                return fb.store(optr, oe, orow, lse.into());
-            }
-            let ob = fb.mul(orow, c(width))?;
             let ab = fb.mul(r, c(wp))?;
+            let (ob, factor) = match mode {
+                Mode::Lse => {
+                    let m = fb.load_f32(sp(lay.m)?, r)?;
+                    let l = fb.load_f32(sp(lay.l)?, r)?;
+                    let lse = fb.fadd(m, fb.log(l)?)?;
+                    return fb.store(optr, oe, orow, lse.into());
+                }
+                Mode::Forward(_) => {
+                    let l = fb.load_f32(sp(lay.l)?, r)?;
+                    let inv = fb.b.build_float_div(fb.f32c(1.0), l, "inv").map_err(be)?;
+                    (attn_out_row(fb, orow, d)?, inv)
+                }
+                Mode::Grad(_) => (fb.mul(orow, c(width))?, fb.f32c(out_scale)),
+            };
             fb.for_range(c(0), c(width), |fb, cc| {
                 let v = fb.load_f32(sp(lay.acc)?, fb.add(ab, cc)?)?;
-                let v = fb.fmul(v, fb.f32c(out_scale))?;
-                fb.store(optr, oe, fb.add(ob, cc)?, v.into())
+                fb.store(optr, oe, fb.add(ob, cc)?, fb.fmul(v, factor)?.into())
             })
         })
     };
@@ -398,7 +480,6 @@ pub(super) fn tiled<'ctx>(
     fb.claim_work(guided, units, c(1), c(1), |fb, [_, s, e]| {
         fb.for_range(s, e, |fb, u| unit(fb, u))
     })?;
-    fb.ret_ok()?;
     Ok(lay.total as usize)
 }
 
@@ -668,9 +749,13 @@ fn load_end<'ctx>(
         .into_int_value())
 }
 
-/// The log-sum-exp's running max and sum over a tile of a query unit: per row, the max of
-/// its seen scores `bm`; if it saw any, `m' = max(m, bm)`, `l' = l·e^(m − m') + Σ e^(s − m')`.
-fn running_lse<'ctx>(
+/// The running max and sum over a tile of a query unit: per row, the max of its seen
+/// scores `bm`; if it saw any, `m' = max(m, bm)`, `l' = l·e^(m − m') + Σ e^(s − m')`. For
+/// the forward (`probs`: the accumulators' row length), the tile becomes `P = e^(s − m')`
+/// (0 where unseen, a whole row where the row saw none) and the row's accumulators are
+/// rescaled by `e^(m − m')`.
+#[allow(clippy::too_many_arguments)]
+fn running_max_sum<'ctx>(
     fb: &Fb<'_, 'ctx>,
     lay: &Layout,
     mr: i64,
@@ -678,6 +763,7 @@ fn running_lse<'ctx>(
     scale: f64,
     t: &Tile<'ctx>,
     ends: PointerValue<'ctx>,
+    probs: Option<i64>,
 ) -> R<()> {
     let c = |v: i64| fb.i64c(v);
     let s = |o: i64| gep(fb, fb.scratch, c(o));
@@ -713,16 +799,31 @@ fn running_lse<'ctx>(
                 let m_new = fb.intrinsic("llvm.maxnum", &[m, fb.get(bm)?])?;
                 fb.set(sum, fb.f32c(0.0))?;
                 fb.for_range(c(0), c(nr), |fb, i| {
-                    let sc = fb.load_f32(s(lay.t_s)?, fb.add(row, i)?)?;
+                    let at = fb.add(row, i)?;
+                    let sc = fb.load_f32(s(lay.t_s)?, at)?;
                     let e = fb.exp(fb.b.build_float_sub(sc, m_new, "z").map_err(be)?)?;
+                    if probs.is_some() {
+                        fb.store_f32(s(lay.t_s)?, at, e)?;
+                    }
                     fb.set(sum, fb.fast(fb.fadd(fb.get(sum)?, e)?))
                 })?;
                 let corr = fb.exp(fb.b.build_float_sub(m, m_new, "d").map_err(be)?)?;
+                if let Some(wp) = probs {
+                    let ar = fb.mul(r, c(wp))?;
+                    fb.for_range(c(0), c(wp), |fb, cc| {
+                        let at = fb.add(ar, cc)?;
+                        let a = fb.load_f32(s(lay.acc)?, at)?;
+                        fb.store_f32(s(lay.acc)?, at, fb.fmul(a, corr)?)
+                    })?;
+                }
                 let l = fb.load_f32(s(lay.l)?, r)?;
                 fb.store_f32(s(lay.l)?, r, fb.fadd(fb.fmul(l, corr)?, fb.get(sum)?)?)?;
                 fb.store_f32(s(lay.m)?, r, m_new)
             },
-            |_| Ok(()),
+            |fb| match probs {
+                Some(_) => fill(fb, gep(fb, s(lay.t_s)?, row)?, c(nr), 0.0),
+                None => Ok(()),
+            },
         )
     })
 }
