@@ -54,7 +54,7 @@ struct Fb<'a, 'ctx> {
     nth: IntValue<'ctx>,
     scratch: PointerValue<'ctx>,
     /// The launch's work counter (an `i64` shared by its threads, zero when it starts), for
-    /// kernels that hand out units of work as threads ask (`claim_units`); null on the GPU.
+    /// kernels that hand out units of work as threads ask (`claim_work`); null on the GPU.
     work: PointerValue<'ctx>,
     args: HashMap<u32, u32>,
     i64t: IntType<'ctx>,

@@ -5,11 +5,10 @@
 //! time, which decode's split keys keep) and `super::gpu_attention_backward` (a warp a
 //! (row, key) pair at a time). Here a unit of work is a block of rows of the result (query
 //! rows for the forward, the log-sum-exp and `dq`; key rows of one KV head for `dk` and
-//! `dv`), a multiple
-//! of the GEMM micro-kernel's `mr` rows, and the other side (keys, or the query rows of every
-//! head reading that KV head) is taken `nr` at a time. For each such block, with `A` the
-//! unit's rows and `B` the block's, packed in scratch as the micro-kernel (`super::ukernel`)
-//! reads them:
+//! `dv`), a multiple of the GEMM micro-kernel's `mr` rows, and the other side (keys, or the
+//! query rows of every head reading that KV head) is taken `nr` at a time. For each such
+//! block, with `A` the unit's rows and `B` the block's, packed in scratch as the
+//! micro-kernel (`super::ukernel`) reads them:
 //!
 //! - scores: `S = A_s·B_sᵀ` over the head dim (`A_s, B_s` = `q, k` for query units, `k, q`
 //!   for key units, so a key unit works on `Sᵀ`);
@@ -158,6 +157,8 @@ pub(super) fn min_rows(nr: i64) -> i64 {
     gemm_mr(nr)
 }
 
+/// One launch's units, claimed guided (causal rows cost what their visible keys do), where
+/// the caller's code is; returns the scratch floats a thread needs.
 fn tiles<'ctx>(
     fb: &Fb<'_, 'ctx>,
     out: u32,
