@@ -39,6 +39,14 @@ fn read(name: &str) -> Fixture {
     Fixture { tokens, logits }
 }
 
+/// A tiny model compiled for this CPU (2 threads).
+fn cpu_model(name: &str, passes: &str) -> egret::cpu::CompiledModel {
+    let src = ModelSource::resolve(fixture(&format!("tiny/{name}")).to_str().unwrap()).unwrap();
+    let m = load_model(&src).unwrap();
+    let opts = egret_backends::llvm::CpuOptions::default();
+    egret::cpu::CompiledModel::new(m.config, m.params, passes, &opts, 2).unwrap()
+}
+
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32) {
     assert_eq!(a.len(), b.len());
     let mut d = 0f32;
@@ -75,18 +83,7 @@ fn tiny_models_match_transformers_on_the_cpu_backend() {
     for name in MODELS {
         let fx = read(name);
         for passes in ["none", "default"] {
-            let src =
-                ModelSource::resolve(fixture(&format!("tiny/{name}")).to_str().unwrap()).unwrap();
-            let m = load_model(&src).unwrap();
-            let mut cm = egret::cpu::CompiledModel::new(
-                m.config,
-                m.params,
-                passes,
-                &egret_backends::llvm::CpuOptions::default(),
-                2,
-            )
-            .unwrap();
-            let got = cm.logits_all(&fx.tokens).unwrap();
+            let got = cpu_model(name, passes).logits_all(&fx.tokens).unwrap();
             let (d, maxref) = max_diff(&got, &fx.logits);
             let tol = 1e-4 * maxref.max(1.0);
             assert!(d <= tol, "{name} ({passes}, cpu): max |diff| {d} > {tol}");
@@ -103,17 +100,9 @@ fn long_prompts_on_the_cpu_backend_match_the_interpreter() {
     for name in MODELS {
         let src = ModelSource::resolve(fixture(&format!("tiny/{name}")).to_str().unwrap()).unwrap();
         let m = load_model(&src).unwrap();
-        let mut im = InterpModel::new(m.config.clone(), m.params.clone(), "default").unwrap();
+        let mut im = InterpModel::new(m.config, m.params, "default").unwrap();
         let want = im.logits_all(&tokens).unwrap();
-        let mut cm = egret::cpu::CompiledModel::new(
-            m.config,
-            m.params,
-            "default",
-            &egret_backends::llvm::CpuOptions::default(),
-            2,
-        )
-        .unwrap();
-        let got = cm.logits_all(&tokens).unwrap();
+        let got = cpu_model(name, "default").logits_all(&tokens).unwrap();
         let (d, maxref) = max_diff(&got, &want);
         let tol = 1e-4 * maxref.max(1.0);
         assert!(d <= tol, "{name}: max |diff| {d} > {tol}");
@@ -124,16 +113,7 @@ fn long_prompts_on_the_cpu_backend_match_the_interpreter() {
 fn cpu_decode_with_kv_cache_matches_full_prefill() {
     use egret_runtime::generate::LanguageModel;
     let fx = read("gqa_untied");
-    let src = ModelSource::resolve(fixture("tiny/gqa_untied").to_str().unwrap()).unwrap();
-    let m = load_model(&src).unwrap();
-    let mut cm = egret::cpu::CompiledModel::new(
-        m.config,
-        m.params,
-        "default",
-        &egret_backends::llvm::CpuOptions::default(),
-        2,
-    )
-    .unwrap();
+    let mut cm = cpu_model("gqa_untied", "default");
     let k = 3;
     let mut rows = vec![cm.prefill(&fx.tokens[..k]).unwrap()];
     for &t in &fx.tokens[k..] {

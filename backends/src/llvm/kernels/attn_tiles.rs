@@ -72,7 +72,7 @@ struct Layout {
     /// Accumulators `U × wp`.
     acc: i64,
     /// Per query (a row of a query unit, a column of a key unit): `lse` and `delta`; per
-    /// query row of a log-sum-exp unit: the running max and sum.
+    /// query row of a log-sum-exp or forward unit: the running max and sum.
     lse: i64,
     delta: i64,
     m: i64,
@@ -151,8 +151,8 @@ pub(super) fn forward<'ctx>(
     tiles(fb, out, [q, k, pos], Mode::Forward(v), d, scale, nr)
 }
 
-/// The micro-kernel's rows for panels of `nr` columns: the forward takes tiles only when a
-/// launch has at least this many query rows.
+/// The micro-kernel's rows for panels of `nr` columns: the forward takes tiles only when
+/// each head has at least this many query rows (`T`).
 pub(super) fn min_rows(nr: i64) -> i64 {
     gemm_mr(nr)
 }
@@ -450,7 +450,8 @@ fn tiles<'ctx>(
                 })
             })?;
         }
-        // The unit's rows of the result (contiguous: `[B, heads, len]` or `[.., width]`).
+        // The unit's rows of the result: `[B, heads, len]` (log-sum-exp), `[.., width]`
+        // (gradients), or where `attn_out_row` puts the forward's.
         fb.for_range(c(0), nrows, |fb, r| {
             let orow = fb.add(
                 fb.mul(fb.add(fb.mul(bi, c(heads))?, hx)?, len)?,
@@ -645,29 +646,15 @@ fn block_products<'ctx>(
     let s = |o: i64| gep(fb, fb.scratch, c(o));
     let r = fb.mul(t.blk, c(mr))?;
     let tile = fb.mul(r, c(nr))?;
-    call_uk(
-        fb,
-        uk,
-        gep(fb, s(lay.a_s)?, fb.mul(r, c(d.d))?)?,
-        c(d.d),
-        s(lay.p_s)?,
-        gep(fb, s(lay.t_s)?, tile)?,
-        c(nr),
-        c(d.d),
-        true,
-    )?;
+    // (left rows, their length, panel, tile) of the scores, then of `dP`.
+    let mut products = vec![(lay.a_s, d.d, lay.p_s, lay.t_s)];
     if with_dp {
-        call_uk(
-            fb,
-            uk,
-            gep(fb, s(lay.a_p)?, fb.mul(r, c(d.dv))?)?,
-            c(d.dv),
-            s(lay.p_p)?,
-            gep(fb, s(lay.t_p)?, tile)?,
-            c(nr),
-            c(d.dv),
-            true,
-        )?;
+        products.push((lay.a_p, d.dv, lay.p_p, lay.t_p));
+    }
+    for (a, k, panel, out) in products {
+        let a = gep(fb, s(a)?, fb.mul(r, c(k))?)?;
+        let out = gep(fb, s(out)?, tile)?;
+        call_uk(fb, uk, a, c(k), s(panel)?, out, c(nr), c(k), true)?;
     }
     Ok(())
 }
@@ -726,9 +713,12 @@ fn probabilities<'ctx>(
                 fb.b.build_float_sub(fb.fmul(sc, fb.f32c(scale))?, lse, "z")
                     .map_err(be)?;
             let p = fb.fsel(seen, fb.exp(z)?, fb.f32c(0.0))?;
+            // A pair not seen adds exactly nothing, even where `delta` is not finite (a
+            // query that sees no key has a NaN output, so a NaN `delta`).
             let v = if with_dp {
                 let dp = fb.load_f32(s(lay.t_p)?, at)?;
-                fb.fmul(p, fb.b.build_float_sub(dp, delta, "dd").map_err(be)?)?
+                let ds = fb.fmul(p, fb.b.build_float_sub(dp, delta, "dd").map_err(be)?)?;
+                fb.fsel(seen, ds, fb.f32c(0.0))?
             } else {
                 p
             };
