@@ -267,27 +267,16 @@ fn tiles<'ctx>(
         } else {
             (&qa, g.as_ref().map(|g| &g.dout))
         };
+        let mut lefts = vec![(lay.a_s, a_s_src, d.d)];
+        if with_dp {
+            lefts.push((lay.a_p, a_p_src.expect("gradient operands"), d.dv));
+        }
         fb.for_range(c(0), urows, |fb, r| {
             let (ri, ok) = row(fb, r)?;
             let at = [(0, bi), (1, hx), (2, ri)];
-            copy_row(
-                fb,
-                sp(lay.a_s)?,
-                fb.mul(r, c(d.d))?,
-                (a_s_src, fb.at(a_s_src, &at)?),
-                d.d,
-                ok,
-            )?;
-            if with_dp {
-                let src = a_p_src.expect("gradient operands");
-                copy_row(
-                    fb,
-                    sp(lay.a_p)?,
-                    fb.mul(r, c(d.dv))?,
-                    (src, fb.at(src, &at)?),
-                    d.dv,
-                    ok,
-                )?;
+            for &(dst, src, n) in &lefts {
+                let row = (src, fb.at(src, &at)?);
+                copy_row(fb, sp(dst)?, fb.mul(r, c(n))?, row, n, ok)?;
             }
             Ok(())
         })?;
