@@ -418,7 +418,7 @@ pub enum Kernel {
     /// Attention's backward, FlashAttention-2's: with `grad` `None` each query row's
     /// log-sum-exp (`Op::AttentionLse`, `[B, H, T]` f32); otherwise the gradient with respect
     /// to `grad.wrt` (`Op::AttentionGrad`). Probabilities are recomputed from `q` and `k`,
-    /// pair by pair, never stored. One unit per row of the result: a query row for the
+    /// never stored. One unit per row of the result: a query row for the
     /// log-sum-exp and `dq` (over its visible keys), a key row for `dk` and `dv` (over the
     /// query rows that see it, of every head that reads its KV head). The CPU takes the
     /// pairs in tiles of rows against `nr` keys or queries, its products on the GEMM

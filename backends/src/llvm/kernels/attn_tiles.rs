@@ -251,6 +251,29 @@ fn tiles<'ctx>(
         let limit = fb.load(&pa, fb.at(&pa, &[(0, bi), (1, t)])?)?;
         fb.imin(fb.add(limit.into_int_value(), c(1))?, sv)
     };
+    // Query `t` (of head `h`)'s `lse` and `delta` into slot `i` of the per-query arrays
+    // (zero where `ok` is false: a row or column past the end).
+    let query_stats = |fb: &Fb<'_, 'ctx>,
+                       gops: &GradOps<'ctx>,
+                       [bi, h, t, i]: [IntValue<'ctx>; 4],
+                       ok: IntValue<'ctx>|
+     -> R<()> {
+        let qrow = [(0, bi), (1, h), (2, t)];
+        let lse = fb.load_f32(gops.lse.ptr, fb.at(&gops.lse, &qrow)?)?;
+        let delta = fb.load_f32(gops.delta.ptr, fb.at(&gops.delta, &qrow)?)?;
+        fb.store_f32(sp(lay.lse)?, i, fb.fsel(ok, lse, fb.f32c(0.0))?)?;
+        fb.store_f32(sp(lay.delta)?, i, fb.fsel(ok, delta, fb.f32c(0.0))?)
+    };
+    // The rows the update multiplies: `k` (`dq`), `q` (`dk`), `dout` (`dv`), `v` (forward).
+    let upd_src = match (&g, &fv) {
+        (Some(gops), _) => Some(match gops.wrt {
+            AttnGrad::Q => &ka,
+            AttnGrad::K => &qa,
+            AttnGrad::V => &gops.dout,
+        }),
+        (None, Some(va)) => Some(va),
+        (None, None) => None,
+    };
     let unit = |fb: &Fb<'_, 'ctx>, u: IntValue<'ctx>| -> R<()> {
         let idx = fb.decompose(u, &[bv, c(heads), per_head])?;
         let (bi, hx, ub) = (idx[0], idx[1], idx[2]);
@@ -299,11 +322,7 @@ fn tiles<'ctx>(
                         let end = pick(fb, ok, end, c(0))?;
                         store_i64(at_i64(ends, i)?, end)?;
                         store_i64(max_end, fb.imax(load_i64(max_end)?, end)?)?;
-                        let qrow = [(0, bi), (1, h), (2, t)];
-                        let lse = fb.load_f32(gops.lse.ptr, fb.at(&gops.lse, &qrow)?)?;
-                        let delta = fb.load_f32(gops.delta.ptr, fb.at(&gops.delta, &qrow)?)?;
-                        fb.store_f32(sp(lay.lse)?, i, fb.fsel(ok, lse, fb.f32c(0.0))?)?;
-                        fb.store_f32(sp(lay.delta)?, i, fb.fsel(ok, delta, fb.f32c(0.0))?)
+                        query_stats(fb, gops, [bi, h, t, i], ok)
                     })?;
                     // Some query of the block sees the unit's first key.
                     let seen = lt(r0, load_i64(max_end)?)?;
@@ -329,11 +348,7 @@ fn tiles<'ctx>(
                                     &|fb, i| other_row(fb, &gops.dout, i),
                                 )?;
                             }
-                            let src = if gops.wrt == AttnGrad::K {
-                                &qa
-                            } else {
-                                &gops.dout
-                            };
+                            let src = upd_src.expect("gradients update");
                             pack_panels(fb, sp(lay.p_u)?, nr, src, width, wp, no, &|fb, i| {
                                 other_row(fb, src, i)
                             })?;
@@ -372,13 +387,7 @@ fn tiles<'ctx>(
                 let be_ = at_i64(rb_ends, blk)?;
                 store_i64(be_, fb.imax(load_i64(be_)?, end)?)?;
                 match &g {
-                    Some(gops) => {
-                        let qrow = [(0, bi), (1, h), (2, t)];
-                        let lse = fb.load_f32(gops.lse.ptr, fb.at(&gops.lse, &qrow)?)?;
-                        let delta = fb.load_f32(gops.delta.ptr, fb.at(&gops.delta, &qrow)?)?;
-                        fb.store_f32(sp(lay.lse)?, r, fb.fsel(ok, lse, fb.f32c(0.0))?)?;
-                        fb.store_f32(sp(lay.delta)?, r, fb.fsel(ok, delta, fb.f32c(0.0))?)
-                    }
+                    Some(gops) => query_stats(fb, gops, [bi, h, t, r], ok),
                     None => {
                         fb.store_f32(sp(lay.m)?, r, fb.f32c(f64::NEG_INFINITY))?;
                         fb.store_f32(sp(lay.l)?, r, fb.f32c(0.0))
@@ -397,19 +406,14 @@ fn tiles<'ctx>(
                 pack_transposed(fb, sp(lay.p_s)?, nr, &ka, d.d, no, &|fb, i| {
                     key_row(fb, &ka, i)
                 })?;
-                if let Some(gops) = &g {
-                    if with_dp {
-                        pack_transposed(fb, sp(lay.p_p)?, nr, &gops.v, d.dv, no, &|fb, i| {
-                            key_row(fb, &gops.v, i)
-                        })?;
-                    }
-                    pack_panels(fb, sp(lay.p_u)?, nr, &ka, width, wp, no, &|fb, i| {
-                        key_row(fb, &ka, i)
+                if let (Some(gops), true) = (&g, with_dp) {
+                    pack_transposed(fb, sp(lay.p_p)?, nr, &gops.v, d.dv, no, &|fb, i| {
+                        key_row(fb, &gops.v, i)
                     })?;
                 }
-                if let Some(va) = &fv {
-                    pack_panels(fb, sp(lay.p_u)?, nr, va, width, wp, no, &|fb, i| {
-                        key_row(fb, va, i)
+                if let Some(src) = upd_src {
+                    pack_panels(fb, sp(lay.p_u)?, nr, src, width, wp, no, &|fb, i| {
+                        key_row(fb, src, i)
                     })?;
                 }
                 fb.for_range(c(0), rb, |fb, blk| {
