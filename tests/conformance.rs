@@ -642,6 +642,135 @@ fn simulated_bf16_inputs_feed_tensor_core_attention() {
     }
 }
 
+/// Attention's backward on tensor cores (`mma_attn_bwd`) in the simulator, against the
+/// interpreter. Operands exact in bf16 (sixteenths, and a scale whose product with log2 e is
+/// 1/4), so what differs is the kernels' own rounding of `P` and `dS` to bf16: given the
+/// interpreter's log-sum-exp and `delta`, `dq`, `dk` and `dv` within 5e-3 relative L2; with
+/// all computed in the simulator (the forward's bf16 probabilities make its `delta` differ
+/// from the backward's), within 2e-2, and the log-sum-exp within 1e-6 and infinite (a row
+/// that sees no key) where the interpreter's is. Several 128-row tiles on both sides with
+/// tails (T 150 queries, S 200 keys), GQA (4 heads on 2), the query strided (tokens first,
+/// permuted) and the values a slice of a wider tensor, a cache offset (batch 0: causal from
+/// key 50) and positions in no order (batch 1: rows that see few keys next to rows that see
+/// all, one that sees none); head sizes `(d, dv)` of 64 and 32, and of 16 and 128. Every
+/// attention kernel of the PTX runs `mma`, and the PTX assembles for sm_80 and sm_90.
+#[test]
+fn simulated_tensor_core_attention_backward_matches_the_interpreter() {
+    let (t, s) = (150usize, 200usize);
+    // (the scale times log2 e is 1/4: the pre-scaled operands stay exact in bf16)
+    let sc = 0.25 / std::f64::consts::LOG2_E;
+    for (d, dv) in [(64usize, 32usize), (16, 128)] {
+        let w = 2 * dv + 8;
+        // The operands, and the forward quantities the gradients read (`delta` from the
+        // output), given or computed.
+        let operands = format!(
+            "
+  %qt = input \"q\" : f32[2, {t}, 4, {d}]
+  %q = permute[perm=[0, 2, 1, 3]](%qt) : f32[2, 4, {t}, {d}]
+  %k = input \"k\" : f32[2, 2, {s}, {d}]
+  %kv = input \"v\" : f32[2, 2, {s}, {w}]
+  %v = slice[axis=3, start=8, end={e}](%kv) : f32[2, 2, {s}, {dv}]
+  %pos = input \"pos\" : i64[2, {t}]
+  %do = input \"do\" : f32[2, 4, {t}, {dv}]",
+            e = 8 + dv
+        );
+        let forward = format!(
+            "
+  %o = fused_attention[scale={sc}](%q, %k, %v, %pos) : f32[2, 4, {t}, {dv}]
+  %lse = attention_lse[scale={sc}](%q, %k, %pos) : f32[2, 4, {t}]
+  %m = mul(%do, %o) : f32[2, 4, {t}, {dv}]
+  %r = reduce_sum[axis=3](%m) : f32[2, 4, {t}, 1]
+  %delta = reshape(%r) : f32[2, 4, {t}]
+  output \"lse\" = %lse
+  output \"delta\" = %delta"
+        );
+        let given = format!(
+            "
+  %lse = input \"lse\" : f32[2, 4, {t}]
+  %delta = input \"delta\" : f32[2, 4, {t}]"
+        );
+        let grads = format!(
+            "
+  %dq = attention_grad_q[scale={sc}](%q, %k, %v, %pos, %do, %lse, %delta) : f32[2, 4, {t}, {d}]
+  %dk = attention_grad_k[scale={sc}](%q, %k, %v, %pos, %do, %lse, %delta) : f32[2, 2, {s}, {d}]
+  %dv = attention_grad_v[scale={sc}](%q, %k, %v, %pos, %do, %lse, %delta) : f32[2, 2, {s}, {dv}]
+  output \"dq\" = %dq
+  output \"dk\" = %dk
+  output \"dv\" = %dv"
+        );
+        let full = graph("full", &format!("{operands}{forward}{grads}"));
+        let backward = graph("backward", &format!("{operands}{given}{grads}"));
+        let mut rng = Rng(0xbac4 + d as u64);
+        let mut f32s = |shape: Vec<usize>| {
+            let n = shape.iter().product();
+            let v = (0..n).map(|_| (rng.uniform() * 32.0).round() / 16.0 - 1.0);
+            Tensor::from_f32(shape, v.collect()).unwrap()
+        };
+        let pos: Vec<i64> = (0..t as i64)
+            .map(|i| i + 50)
+            .chain((0..t).map(|i| if i == 3 { -1 } else { ((i * 37) % s) as i64 }))
+            .collect();
+        let mut inputs = HashMap::from([
+            ("q".to_string(), f32s(vec![2, t, 4, d])),
+            ("k".to_string(), f32s(vec![2, 2, s, d])),
+            ("v".to_string(), f32s(vec![2, 2, s, w])),
+            ("do".to_string(), f32s(vec![2, 4, t, dv])),
+            (
+                "pos".to_string(),
+                Tensor::from_i64(vec![2, t], pos).unwrap(),
+            ),
+        ]);
+        let want_full = run_interp(&full, &inputs, &HashMap::new());
+        for x in ["lse", "delta"] {
+            let v = want_full[x].clone();
+            inputs.insert(x.into(), Tensor::from_f32(vec![2, 4, t], v).unwrap());
+        }
+        let want = run_interp(&backward, &inputs, &HashMap::new());
+        for arch in ["sm_80", "sm_90"] {
+            let opts = PtxOptions {
+                arch: arch.into(),
+                tensor_cores: true,
+            };
+            for (g, want, tol) in [(&full, &want_full, 2e-2), (&backward, &want, 5e-3)] {
+                let mut ex = egret::gpu::simt_executor(g, &HashMap::new(), &opts).unwrap();
+                let got = outputs_f32(ex.run(&host_inputs(&inputs)).unwrap());
+                for (out, w) in want.iter().filter(|(k, _)| *k != "delta") {
+                    let x = &got[out];
+                    let what = format!("{arch} d {d} dv {dv} {} {out}", g.name);
+                    let inf: Vec<usize> = (0..w.len()).filter(|&i| w[i].is_infinite()).collect();
+                    let got_inf: Vec<usize> =
+                        (0..x.len()).filter(|&i| x[i].is_infinite()).collect();
+                    assert_eq!(got_inf, inf, "{what}: infinite entries");
+                    let finite = |v: &[f32]| -> Vec<f32> {
+                        v.iter().copied().filter(|a| a.is_finite()).collect()
+                    };
+                    let (fw, fx) = (finite(w), finite(x));
+                    assert_eq!(
+                        fw.len() + inf.len(),
+                        w.len(),
+                        "{what}: NaN in the interpreter's"
+                    );
+                    assert_eq!(fx.len(), fw.len(), "{what}: NaN");
+                    let rel = rel_l2(&fx, &fw);
+                    eprintln!("{what}: relative L2 {rel:.2e}");
+                    let tol = if out == "lse" { 1e-6 } else { tol };
+                    assert!(rel <= tol, "{what}: relative L2 {rel}");
+                }
+            }
+            let (ptx, _) = egret::gpu::compile_graphs(&[&full], &opts, false).unwrap();
+            let on_mma = ptx
+                .split(".entry")
+                .filter(|k| k.contains("mma.sync"))
+                .count();
+            assert_eq!(
+                on_mma, 5,
+                "{arch}: attention, its lse and three gradients on mma"
+            );
+            common::assemble_ptx("attention-backward-mma", &ptx, arch);
+        }
+    }
+}
+
 #[test]
 fn interpreter_matches_itself_trivially_and_cases_parse() {
     check("interp", run_interp);

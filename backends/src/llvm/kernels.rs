@@ -26,6 +26,7 @@ use crate::kernel::{
 use crate::BackendError;
 
 mod attn_tiles;
+mod mma_attn_bwd;
 
 type R<T> = Result<T, BackendError>;
 
@@ -5443,6 +5444,259 @@ fn attn_out_row<'ctx>(
     fb.mul(row, fb.i64c(d.dv))
 }
 
+/// Word `at` of shared memory `arr` (i32 words) as a pointer.
+fn smem_word<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    arr: PointerValue<'ctx>,
+    at: IntValue<'ctx>,
+) -> R<PointerValue<'ctx>> {
+    unsafe {
+        fb.b.build_in_bounds_gep(fb.ctx.i32_type(), arr, &[at], "wp")
+    }
+    .map_err(be)
+}
+
+/// This lane's `ldmatrix` row words in a staged `[MMA_ATTN_KEYS][n]` bf16 tile
+/// (`swizzled_word`), read as `mma`'s `B` along `n` (`trans` false: tile row `16pp + m8 +
+/// 8·mhalf`, elements `16ks + 8·m_odd`, for `S = A·tileᵀ`) or along the tile's rows (`trans`:
+/// row `16kk + m8 + 8·m_odd`, elements `16jj + 8·mhalf`, for `O = P·tile`), where lane `wl`
+/// serves row `m8 = wl % 8` of matrix `wl / 8` (`mhalf = wl / 16`, `m_odd = (wl / 8) % 2`).
+/// Rows 16 apart and elements 64 apart keep their chunk permutation, so the words for steps
+/// 0..4 serve them all, plus a constant (`tile_word`): four registers a tile, not one a
+/// fragment.
+fn tile_lane_words<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    wl: IntValue<'ctx>,
+    n: i64,
+    trans: bool,
+) -> R<Vec<IntValue<'ctx>>> {
+    let c = |v: i64| fb.i64c(v);
+    let m8 = fb.b.build_int_signed_rem(wl, c(8), "m8").map_err(be)?;
+    let mhalf = fb.b.build_int_signed_div(wl, c(16), "mh").map_err(be)?;
+    let m_odd =
+        fb.b.build_int_signed_rem(
+            fb.b.build_int_signed_div(wl, c(8), "mq").map_err(be)?,
+            c(2),
+            "mo",
+        )
+        .map_err(be)?;
+    let (row8, half) = if trans {
+        (m_odd, mhalf)
+    } else {
+        (mhalf, m_odd)
+    };
+    let row = fb.add(m8, fb.mul(row8, c(8))?)?;
+    (0..(n / 16).min(4))
+        .map(|j| swizzled_word(fb, row, fb.add(c(16 * j), fb.mul(half, c(8))?)?, n))
+        .collect()
+}
+
+/// The constant a fragment's `ldmatrix` word adds to its lane word (`tile_lane_words`):
+/// 16-row group `rows16`, 16-element step `step` of a tile `n` wide.
+fn tile_word(rows16: i64, step: i64, n: i64) -> i64 {
+    16 * rows16 * n / 2 + (step / 4) * 32
+}
+
+/// `acc += A·tileᵀ` for the staged `[MMA_ATTN_KEYS][n]` tile at word `base` of `smem`
+/// (`words`: `tile_lane_words(.., n, false)`): `a(ks)` is the left fragment of k step `ks`
+/// (16 of the `n`), `acc` the `MMA_ATTN_KEYS / 8` accumulator tiles of four.
+fn mma_tile_t<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    smem: PointerValue<'ctx>,
+    base: IntValue<'ctx>,
+    words: &[IntValue<'ctx>],
+    n: i64,
+    a: &dyn Fn(i64) -> R<[IntValue<'ctx>; 4]>,
+    acc: &[PointerValue<'ctx>],
+) -> R<()> {
+    // (pointers, each fragment's a constant offset from one: `ldmatrix [p + imm]`)
+    let at: Vec<PointerValue> = words
+        .iter()
+        .map(|w| smem_word(fb, smem, fb.add(base, *w)?))
+        .collect::<R<_>>()?;
+    for ks in 0..n / 16 {
+        let a = a(ks)?;
+        for pp in 0..MMA_ATTN_KEYS / 16 {
+            let p = smem_word(fb, at[(ks % 4) as usize], fb.i64c(tile_word(pp, ks, n)))?;
+            let nt = (8 * pp) as usize;
+            mma_x4_pair(fb, p, false, a, &acc[nt..nt + 8])?;
+        }
+    }
+    Ok(())
+}
+
+/// `acc += P·tile` for the staged `[MMA_ATTN_KEYS][n]` tile at word `base` of `smem`
+/// (`words`: `tile_lane_words(.., n, true)`): `p(kk)` is the left fragment of k step `kk`
+/// (16 of the tile's rows), `acc` the `n / 8` accumulator tiles of four.
+fn mma_tile_n<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    smem: PointerValue<'ctx>,
+    base: IntValue<'ctx>,
+    words: &[IntValue<'ctx>],
+    n: i64,
+    p: &dyn Fn(i64) -> R<[IntValue<'ctx>; 4]>,
+    acc: &[PointerValue<'ctx>],
+) -> R<()> {
+    let at: Vec<PointerValue> = words
+        .iter()
+        .map(|w| smem_word(fb, smem, fb.add(base, *w)?))
+        .collect::<R<_>>()?;
+    for kk in 0..MMA_ATTN_KEYS / 16 {
+        let a = p(kk)?;
+        for jj in 0..n / 16 {
+            let ptr = smem_word(fb, at[(jj % 4) as usize], fb.i64c(tile_word(kk, jj, n)))?;
+            let nt = (8 * jj) as usize;
+            mma_x4_pair(fb, ptr, true, a, &acc[nt..nt + 8])?;
+        }
+    }
+    Ok(())
+}
+
+/// The left fragment of a product's k step `kk` from accumulators `s` (`MMA_ATTN_KEYS / 8`
+/// tiles of four, as `mma` leaves them): those of tiles `2kk`, `2kk + 1`, packed to bf16
+/// (an accumulator tile's layout is half an `A` fragment's).
+fn acc_frag<'ctx>(fb: &Fb<'_, 'ctx>, s: &[PointerValue<'ctx>], kk: i64) -> R<[IntValue<'ctx>; 4]> {
+    let pv = |nt: i64, x: usize| fb.get(s[(nt * 4) as usize + x]);
+    Ok([
+        pack_bf16x2(fb, pv(2 * kk, 0)?, pv(2 * kk, 1)?)?,
+        pack_bf16x2(fb, pv(2 * kk, 2)?, pv(2 * kk, 3)?)?,
+        pack_bf16x2(fb, pv(2 * kk + 1, 0)?, pv(2 * kk + 1, 1)?)?,
+        pack_bf16x2(fb, pv(2 * kk + 1, 2)?, pv(2 * kk + 1, 3)?)?,
+    ])
+}
+
+/// Rows `s0..s0 + MMA_ATTN_KEYS` of `src` (`n` elements a row from word `base`, `len` rows
+/// in all: those past it read as 0), the block's thread `lane`'s part: four elements a pass,
+/// every pass's loads issued before any is used (one wait for them all). `vec`: the rows
+/// have unit stride along `n` and 16-byte alignment, so whole tiles load four at a time.
+/// `stage_put` then stores them.
+#[allow(clippy::too_many_arguments)]
+fn stage_fetch<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    lane: IntValue<'ctx>,
+    src: &Av<'ctx>,
+    base: IntValue<'ctx>,
+    vec: IntValue<'ctx>,
+    n: i64,
+    s0: IntValue<'ctx>,
+    len: IntValue<'ctx>,
+) -> R<Vec<PointerValue<'ctx>>> {
+    let c = |v: i64| fb.i64c(v);
+    let passes = MMA_ATTN_KEYS * n / 4 / GPU_BLOCK_THREADS;
+    let vals: Vec<PointerValue> = (0..4 * passes)
+        .map(|_| fb.slot(fb.f32t.into()))
+        .collect::<R<_>>()?;
+    // (`base` holds the view's offset: it must keep the rows 16-byte aligned too)
+    let aligned = fb.multiple_of(base, 4)?;
+    let inside =
+        fb.b.build_int_compare(IntPredicate::SLE, fb.add(s0, c(MMA_ATTN_KEYS))?, len, "in")
+            .map_err(be)?;
+    let fast =
+        fb.b.build_and(
+            fb.b.build_and(vec, aligned, "va").map_err(be)?,
+            inside,
+            "fast",
+        )
+        .map_err(be)?;
+    let place = |fb: &Fb<'_, 'ctx>, p: i64| -> R<[IntValue<'ctx>; 3]> {
+        let (r, e) = stage_part(fb, lane, p, n)?;
+        let s = fb.add(s0, r)?;
+        Ok([s, fb.add(base, fb.mul(s, src.strides[2])?)?, e])
+    };
+    fb.if_else(
+        fast,
+        |fb| {
+            for p in 0..passes {
+                let [_, row, e] = place(fb, p)?;
+                let v = load_x4(fb, src, fb.add(row, e)?)?;
+                for (j, x) in v.into_iter().enumerate() {
+                    fb.set(vals[(4 * p) as usize + j], x)?;
+                }
+            }
+            Ok(())
+        },
+        |fb| {
+            for p in 0..passes {
+                let [s, row, e] = place(fb, p)?;
+                let seen =
+                    fb.b.build_int_compare(IntPredicate::SLT, s, len, "seen")
+                        .map_err(be)?;
+                for j in 0..4 {
+                    let slot = vals[(4 * p + j) as usize];
+                    fb.set(slot, fb.f32c(0.0))?;
+                    fb.if_else(
+                        seen,
+                        |fb| {
+                            let col = fb.add(e, c(j))?;
+                            let at = fb.add(row, fb.mul(col, src.strides[3])?)?;
+                            fb.set(slot, fb.load_float(src, at)?)
+                        },
+                        |_| Ok(()),
+                    )?;
+                }
+            }
+            Ok(())
+        },
+    )?;
+    Ok(vals)
+}
+
+/// Thread `lane`'s pass `p` over a staged tile of `n` per row: row `r`, elements `e..e+4`.
+fn stage_part<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    lane: IntValue<'ctx>,
+    p: i64,
+    n: i64,
+) -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
+    let i = fb.add(lane, fb.i64c(p * GPU_BLOCK_THREADS))?;
+    Ok((
+        fb.b.build_int_signed_div(i, fb.i64c(n / 4), "r")
+            .map_err(be)?,
+        fb.mul(
+            fb.b.build_int_signed_rem(i, fb.i64c(n / 4), "e")
+                .map_err(be)?,
+            fb.i64c(4),
+        )?,
+    ))
+}
+
+/// `stage_fetch`'s values rounded to bf16 into the `[MMA_ATTN_KEYS][n]` tile at word `dst`
+/// of `smem` (`swizzled_word`).
+fn stage_put<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    lane: IntValue<'ctx>,
+    smem: PointerValue<'ctx>,
+    vals: &[PointerValue<'ctx>],
+    dst: IntValue<'ctx>,
+    n: i64,
+) -> R<()> {
+    for (p, v) in vals.chunks(4).enumerate() {
+        let (r, e) = stage_part(fb, lane, p as i64, n)?;
+        let lo = pack_bf16x2(fb, fb.get(v[0])?, fb.get(v[1])?)?;
+        let hi = pack_bf16x2(fb, fb.get(v[2])?, fb.get(v[3])?)?;
+        store_vector(
+            fb,
+            smem,
+            fb.add(dst, swizzled_word(fb, r, e, n)?)?,
+            &[lo.into(), hi.into()],
+        )?;
+    }
+    Ok(())
+}
+
+/// Whether a staged operand's rows may load four elements at a time (`stage_fetch`): unit
+/// stride along the head, other strides multiples of 4, the buffer on 16 bytes.
+fn stage_vec_ok<'ctx>(fb: &Fb<'_, 'ctx>, av: &Av<'ctx>) -> R<IntValue<'ctx>> {
+    let and = |a, b| fb.b.build_and(a, b, "and").map_err(be);
+    let mut ok =
+        fb.b.build_int_compare(IntPredicate::EQ, av.strides[3], fb.i64c(1), "unit")
+            .map_err(be)?;
+    for s in &av.strides[..3] {
+        ok = and(ok, fb.multiple_of(*s, 4)?)?;
+    }
+    and(ok, fb.ptr_aligned(av.ptr, 16)?)
+}
+
 /// Causal attention on tensor cores, flash-style (bf16 operands, f32 softmax and sums): a
 /// 256-thread block takes 128 query rows of one `(b, h)`, warp `w` rows `16w..16w+16`, whose
 /// query fragments (pre-scaled, rounded to bf16) stay in registers. Keys and values go
@@ -5500,9 +5754,6 @@ fn gpu_mma_attention<'ctx>(
         c(0)
     };
     let ends_s = shared_f32(fb, "ends", 8);
-    let word_ptr = |arr: PointerValue<'ctx>, at: IntValue<'ctx>| {
-        unsafe { fb.b.build_in_bounds_gep(i32t, arr, &[at], "wp") }.map_err(be)
-    };
     let ttiles = sdiv(fb.add(tv, c(MMA_ATTN_ROWS - 1))?, c(MMA_ATTN_ROWS), "tt")?;
     let units = fb.mul(fb.mul(bv, c(d.h))?, ttiles)?;
     let BlockGrid {
@@ -5557,32 +5808,9 @@ fn gpu_mma_attention<'ctx>(
             fb.intrinsic("llvm.nvvm.ex2.approx.ftz", &[x])
         }
     };
-    // Lane `wl` of an `ldmatrix`: row `wl % 8` of matrix `wl / 8`.
-    let (m8, mhalf) = (srem(wl, c(8), "m8")?, sdiv(wl, c(16), "mh")?);
-    let m_odd = srem(sdiv(wl, c(8), "mq")?, c(2), "mo")?;
-    // The lane's `ldmatrix` row words in a stage: of keys, key `16pp + m8 + 8·mhalf`, head
-    // elements `16ks + 8·m_odd`; of values (`.trans`), key `16kk + m8 + 8·m_odd`, elements
-    // `16jj + 8·mhalf`. Rows 16 apart and elements 64 apart keep their chunk permutation
-    // (`swizzled_word`), so the lane's words for steps 0..4 serve them all, plus a constant
-    // (`ld_word`): four registers an operand, not one a fragment.
-    let lane_words =
-        |row: IntValue<'ctx>, half: IntValue<'ctx>, n: i64| -> R<Vec<IntValue<'ctx>>> {
-            (0..(n / 16).min(4))
-                .map(|j| swizzled_word(fb, row, fb.add(c(16 * j), fb.mul(half, c(8))?)?, n))
-                .collect()
-        };
-    let k_ld = lane_words(fb.add(m8, fb.mul(mhalf, c(8))?)?, m_odd, dq)?;
-    let v_ld = lane_words(fb.add(m8, fb.mul(m_odd, c(8))?)?, mhalf, dv)?;
-    let ld_word = |rows16: i64, step: i64, n: i64| 16 * rows16 * n / 2 + (step / 4) * 32;
-    // Staging vectorised: unit stride along the head dimension, other strides multiples of 4.
-    let vec_ok = |av: &Av<'ctx>| -> R<IntValue<'ctx>> {
-        let mut ok = cmp(IntPredicate::EQ, av.strides[3], c(1))?;
-        for s in &av.strides[..3] {
-            ok = and(ok, fb.multiple_of(*s, 4)?)?;
-        }
-        and(ok, fb.ptr_aligned(av.ptr, 16)?)
-    };
-    let (k_vec, v_vec) = (vec_ok(ka)?, vec_ok(va)?);
+    let k_ld = tile_lane_words(fb, wl, dq, false)?;
+    let v_ld = tile_lane_words(fb, wl, dv, true)?;
+    let (k_vec, v_vec) = (stage_vec_ok(fb, ka)?, stage_vec_ok(fb, va)?);
     let t128 = srem(lane, c(128), "t128")?;
     fb.for_range(c(0), iters, |fb, it| {
         // The longest units first (the last query tiles, which see the most keys), so that
@@ -5670,96 +5898,13 @@ fn gpu_mma_attention<'ctx>(
         for o in &oacc {
             fb.set(*o, fb.f32c(0.0))?;
         }
-        // This thread's pass `p` over a tile of `n` per row: row `r`, elements `e..e+4`.
-        let part = |fb: &Fb<'_, 'ctx>, p: i64, n: i64| -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
-            let i = fb.add(lane, c(p * GPU_BLOCK_THREADS))?;
-            Ok((
-                sdiv(i, c(n / 4), "r")?,
-                fb.mul(srem(i, c(n / 4), "e")?, c(4))?,
-            ))
-        };
-        // Keys (or values) `s0..s0+64` of `src` (`n` per row), this thread's part: four
-        // elements a pass, every pass's loads issued before any is used (one wait for them
-        // all, not one a pass). Then `put` rounds them to bf16 into `dst`.
-        let fetch = |fb: &Fb<'_, 'ctx>,
-                     src: &Av<'ctx>,
-                     base: IntValue<'ctx>,
-                     vec: IntValue<'ctx>,
-                     n: i64,
-                     s0: IntValue<'ctx>|
-         -> R<Vec<PointerValue<'ctx>>> {
-            let passes = keys * n / 4 / GPU_BLOCK_THREADS;
-            let vals: Vec<PointerValue> = (0..4 * passes).map(|_| fslot()).collect::<R<_>>()?;
-            // (`base` holds the view's offset: it must keep the rows 16-byte aligned too)
-            let aligned = fb.multiple_of(base, 4)?;
-            let fast = and(
-                and(vec, aligned)?,
-                cmp(IntPredicate::SLE, fb.add(s0, c(keys))?, sv)?,
-            )?;
-            let place = |fb: &Fb<'_, 'ctx>,
-                         p: i64|
-             -> R<(IntValue<'ctx>, IntValue<'ctx>, IntValue<'ctx>)> {
-                let (r, e) = part(fb, p, n)?;
-                let s = fb.add(s0, r)?;
-                Ok((s, fb.add(base, fb.mul(s, src.strides[2])?)?, e))
-            };
-            fb.if_else(
-                fast,
-                |fb| {
-                    for p in 0..passes {
-                        let (_, row, e) = place(fb, p)?;
-                        let v = load_x4(fb, src, fb.add(row, e)?)?;
-                        for (j, x) in v.into_iter().enumerate() {
-                            fb.set(vals[(4 * p) as usize + j], x)?;
-                        }
-                    }
-                    Ok(())
-                },
-                |fb| {
-                    for p in 0..passes {
-                        let (s, row, e) = place(fb, p)?;
-                        for j in 0..4 {
-                            let slot = vals[(4 * p + j) as usize];
-                            fb.set(slot, fb.f32c(0.0))?;
-                            fb.if_else(
-                                lt(s, sv)?,
-                                |fb| {
-                                    let col = fb.add(e, c(j))?;
-                                    let at = fb.add(row, fb.mul(col, src.strides[3])?)?;
-                                    fb.set(slot, fb.load_float(src, at)?)
-                                },
-                                |_| Ok(()),
-                            )?;
-                        }
-                    }
-                    Ok(())
-                },
-            )?;
-            Ok(vals)
-        };
-        let put = |fb: &Fb<'_, 'ctx>, vals: &[PointerValue<'ctx>], dst: i64, n: i64| -> R<()> {
-            for (p, v) in vals.chunks(4).enumerate() {
-                let (r, e) = part(fb, p as i64, n)?;
-                let lo = pack_bf16x2(fb, fb.get(v[0])?, fb.get(v[1])?)?;
-                let hi = pack_bf16x2(fb, fb.get(v[2])?, fb.get(v[3])?)?;
-                store_vector(
-                    fb,
-                    kv_s,
-                    fb.add(c(dst), swizzled_word(fb, r, e, n)?)?,
-                    &[lo.into(), hi.into()],
-                )?;
-            }
-            Ok(())
-        };
         let steps = sdiv(fb.add(kend, c(keys - 1))?, c(keys), "steps")?;
-        // (pointers, each fragment's a constant offset from one: `ldmatrix [p + imm]`)
-        let at = |b, w: &IntValue<'ctx>| word_ptr(kv_s, fb.add(b, *w)?);
         // `wgmma`'s operand at byte `off` of the keys (`values`: the values) at word `word`
         // and its descriptor: keys k-major (key rows of the 64-element block `16ks/64`, 32
         // bytes a k step into them), values n-major (16 key rows a k step, 64-column blocks
         // `keys·128` bytes apart).
         let wg_b = |fb: &Fb<'_, 'ctx>, word: IntValue<'ctx>, off: i64, values: bool| {
-            let p = word_ptr(kv_s, fb.add(word, c(off / 4))?)?;
+            let p = smem_word(fb, kv_s, fb.add(word, c(off / 4))?)?;
             let (lbo, n_major) = if values {
                 (keys * 128, true)
             } else {
@@ -5797,17 +5942,7 @@ fn gpu_mma_attention<'ctx>(
                 }
                 return wgmma_sync(fb, "commit_group", None);
             }
-            // key tiles in pairs; matrices (keys +0/+8) × (d +0/+8).
-            let k_at: Vec<PointerValue> = k_ld.iter().map(|w| at(base, w)).collect::<R<_>>()?;
-            for ks in 0..dq / 16 {
-                let a = q_frag(ks)?;
-                for pp in 0..keys / 16 {
-                    let p = word_ptr(k_at[(ks % 4) as usize], c(ld_word(pp, ks, dq)))?;
-                    let nt = (8 * pp) as usize;
-                    mma_x4_pair(fb, p, false, a, &s[nt..nt + 8])?;
-                }
-            }
-            Ok(())
+            mma_tile_t(fb, kv_s, base, &k_ld, dq, &q_frag, s)
         };
         // The scores `s` of keys `s0..`: mask, running max, probabilities (in `s`); returns
         // the factor each of the thread's rows' output accumulators are to be rescaled by
@@ -5902,17 +6037,6 @@ fn gpu_mma_attention<'ctx>(
                 },
             )
         };
-        // The left fragment of `PV`'s k step `kk` from the probabilities `s`: those of key
-        // tiles 2kk, 2kk+1, packed to bf16.
-        let p_frag = |s: &[PointerValue<'ctx>], kk: i64| -> R<[IntValue<'ctx>; 4]> {
-            let pv = |nt: i64, x: usize| fb.get(s[(nt * 4) as usize + x]);
-            Ok([
-                pack_bf16x2(fb, pv(2 * kk, 0)?, pv(2 * kk, 1)?)?,
-                pack_bf16x2(fb, pv(2 * kk, 2)?, pv(2 * kk, 3)?)?,
-                pack_bf16x2(fb, pv(2 * kk + 1, 0)?, pv(2 * kk + 1, 1)?)?,
-                pack_bf16x2(fb, pv(2 * kk + 1, 2)?, pv(2 * kk + 1, 3)?)?,
-            ])
-        };
         // O += P·V from the values at word `vbase`, the left fragments by `p_frag(kk)`;
         // values by `ldmatrix.trans`, matrices (keys +0/+8) × (columns +0/+8), or on `wgmma`
         // from the stage as its n-major `B` (issued and committed, not waited for).
@@ -5931,23 +6055,14 @@ fn gpu_mma_attention<'ctx>(
                 }
                 return wgmma_sync(fb, "commit_group", None);
             }
-            let v_at: Vec<PointerValue> = v_ld.iter().map(|w| at(vbase, w)).collect::<R<_>>()?;
-            for kk in 0..keys / 16 {
-                let a = p_frag(kk)?;
-                for jj in 0..dv / 16 {
-                    let p = word_ptr(v_at[(jj % 4) as usize], c(ld_word(kk, jj, dv)))?;
-                    let nt = (8 * jj) as usize;
-                    mma_x4_pair(fb, p, true, a, &oacc[nt..nt + 8])?;
-                }
-            }
-            Ok(())
+            mma_tile_n(fb, kv_s, vbase, &v_ld, dv, p_frag, &oacc)
         };
         // Keys `s0..` in the stage at word `base`, one step at a time (`mma.sync`).
         let compute = |fb: &Fb<'_, 'ctx>, s0: IntValue<'ctx>, base: IntValue<'ctx>| -> R<()> {
             scores(fb, base, &sacc)?;
             let corr = probabilities(fb, s0, &sacc)?;
             rescale(fb, corr)?;
-            values(fb, fb.add(base, c(k_words))?, &|kk| p_frag(&sacc, kk))
+            values(fb, fb.add(base, c(k_words))?, &|kk| acc_frag(fb, &sacc, kk))
         };
         // Through registers: each step's keys and values loaded, rounded to bf16 and stored
         // in stage 0, between two barriers.
@@ -5955,10 +6070,10 @@ fn gpu_mma_attention<'ctx>(
             fb.for_range(c(0), steps, |fb, st| {
                 let s0 = fb.mul(st, c(keys))?;
                 barrier(fb)?;
-                let kv = fetch(fb, ka, kb, k_vec, dq, s0)?;
-                let vv = fetch(fb, va, vb, v_vec, dv, s0)?;
-                put(fb, &kv, 0, dq)?;
-                put(fb, &vv, k_words, dv)?;
+                let kv = stage_fetch(fb, lane, ka, kb, k_vec, dq, s0, sv)?;
+                let vv = stage_fetch(fb, lane, va, vb, v_vec, dv, s0, sv)?;
+                stage_put(fb, lane, kv_s, &kv, c(0), dq)?;
+                stage_put(fb, lane, kv_s, &vv, c(k_words), dv)?;
                 barrier(fb)?;
                 compute(fb, s0, c(0))
             })
@@ -5989,7 +6104,7 @@ fn gpu_mma_attention<'ctx>(
                     let r = fb.add(r0, c(p * rows))?;
                     let s = fb.add(s0, r)?;
                     let at = fb.add(at0, fb.mul(c(p * rows), av.strides[2])?)?;
-                    let dst = word_ptr(kv_s, fb.add(first, c(p * rows * row_words))?)?;
+                    let dst = smem_word(fb, kv_s, fb.add(first, c(p * rows * row_words))?)?;
                     let copy = |fb: &Fb<'_, 'ctx>| cp_async_chunk(fb, av, lt(s, sv)?, at, dst);
                     if (p + 1) * rows > keys {
                         fb.if_else(lt(r, c(keys))?, copy, |_| Ok(()))?;
@@ -6040,7 +6155,7 @@ fn gpu_mma_attention<'ctx>(
                 }
                 wgmma_sync(fb, "wait_group", Some(0))?;
                 for kk in 0..keys / 16 {
-                    for (x, w) in p_frag(&sacc, kk)?.into_iter().enumerate() {
+                    for (x, w) in acc_frag(fb, &sacc, kk)?.into_iter().enumerate() {
                         seti(pfr[(kk * 4) as usize + x], w)?;
                     }
                 }
@@ -6359,6 +6474,42 @@ fn gpu_attention_backward<'ctx>(
     } else {
         fb.mul(fb.mul(bv, c(d.h))?, tv)?
     };
+    if fb.tensor_cores && mma_attention_fits(d) {
+        // Enough rows of the result for tiles on tensor cores (`gpu_tiles` takes the same
+        // test).
+        let rows = if key_units { sv } else { tv };
+        let long =
+            fb.b.build_int_compare(IntPredicate::SGE, rows, c(MMA_ATTN_MIN_T), "long")
+                .map_err(be)?;
+        let (mma, warps) = (
+            fb.ctx.append_basic_block(fb.func, "mma"),
+            fb.ctx.append_basic_block(fb.func, "warps"),
+        );
+        fb.b.build_conditional_branch(long, mma, warps)
+            .map_err(be)?;
+        fb.b.position_at_end(mma);
+        let ops = gops
+            .as_ref()
+            .map(|(v, dout, lse, delta, wrt)| mma_attn_bwd::GradOps {
+                v,
+                dout,
+                lse,
+                delta,
+                wrt: *wrt,
+            });
+        mma_attn_bwd::backward(
+            fb,
+            optr,
+            oe,
+            [&qa, &ka, &pa],
+            ops.as_ref(),
+            d,
+            scale,
+            [bv, tv, sv],
+        )?;
+        fb.ret_ok()?;
+        fb.b.position_at_end(warps);
+    }
     // This thread's lane and the elements `(index, exists)` it holds of a row of `n`:
     // `lane + 32i`.
     let lane = fb.b.build_int_signed_rem(fb.tid, c(32), "wl").map_err(be)?;
@@ -7924,6 +8075,9 @@ pub fn gpu_shared_bytes(k: &Kernel, tensor_cores: bool, wgmma: bool) -> u32 {
         Kernel::Attention { dims, .. } if tensor_cores && mma_attention_fits(dims) => {
             mma_attn_shared_bytes(dims, wgmma) as u32
         }
+        Kernel::AttentionBackward { dims, .. } if tensor_cores && mma_attention_fits(dims) => {
+            mma_attn_stage_bytes(dims) as u32
+        }
         _ => 0,
     }
 }
@@ -7935,6 +8089,7 @@ pub fn gpu_min_blocks(k: &Kernel, tensor_cores: bool) -> u32 {
     match k {
         Kernel::MatMul { .. } | Kernel::RmsNormMatMul { .. } if tensor_cores => 1,
         Kernel::Attention { dims, .. } if tensor_cores && mma_attention_fits(dims) => 1,
+        Kernel::AttentionBackward { dims, .. } if tensor_cores && mma_attention_fits(dims) => 1,
         _ => 2,
     }
 }
@@ -7997,6 +8152,22 @@ pub fn gpu_tiles(
                     (d.t.clone(), MMA_ATTN_ROWS),
                 ],
                 when: vec![(vec![(d.t.clone(), 1)], MMA_ATTN_MIN_T)],
+            }];
+        }
+        Kernel::AttentionBackward { dims: d, grad, .. }
+            if tensor_cores && mma_attention_fits(d) =>
+        {
+            let (heads, rows) = match grad.as_ref().map(|g| g.wrt) {
+                Some(AttnGrad::K | AttnGrad::V) => (d.hkv, &d.s),
+                _ => (d.h, &d.t),
+            };
+            return vec![GpuTiles {
+                blocks: vec![
+                    (d.b.clone(), 1),
+                    (Dim::c(heads), 1),
+                    (rows.clone(), MMA_ATTN_ROWS),
+                ],
+                when: vec![(vec![(rows.clone(), 1)], MMA_ATTN_MIN_T)],
             }];
         }
         _ => return vec![],
