@@ -18,7 +18,8 @@
 //!   matmul and a causal attention for timing (f32, and on tensor cores);
 //!   `bench-matmul-bf16/` and `bench-attention-bf16/`: the same on tensor cores with their
 //!   operands stored bf16, and `bench-matmul-wgmma/` and `bench-attention-wgmma/` the same
-//!   for sm_90a (`wgmma`);
+//!   for sm_90a (`wgmma`); `bench-attention-bwd/` and `bench-attention-bwd-tc/`: that
+//!   attention's forward and backward (f32, and on tensor cores from bf16 operands);
 //! - `grads/<fixture>/`: each tiny transformers fixture's gradient graph (PTX, entry `run`)
 //!   with the fixture's weights, tokens and transformers' loss and gradients;
 //!   `grads-bf16/<fixture>/` the same with bf16 matmuls and attention (`--tensor-cores`);
@@ -197,6 +198,37 @@ fn main() -> Res<()> {
     // and on sm_90a, both products on `wgmma`.
     let attn_wgmma = attention_graph("bench_attention_wgmma", "bf16")?;
     ptx_artifact_with(&attn_wgmma, &out.join("bench-attention-wgmma"), &wgmma)?;
+    // Attention's backward over the same sizes (the forward, the log-sum-exp, `delta` and
+    // the three gradients, as a training step computes them): f32 (warp per row), and on
+    // tensor cores with operands of `bf16` (`mma` tiles, `mma_attn_bwd`).
+    let attention_backward_graph = |name: &str, dtype: &str| {
+        egret_ir::parse(&format!(
+            "graph {name} {{
+  %q = input \"q\" : {dtype}[1, 16, T, 128]
+  %k = input \"k\" : {dtype}[1, 16, T, 128]
+  %v = input \"v\" : {dtype}[1, 16, T, 128]
+  %do = input \"do\" : {dtype}[1, 16, T, 128]
+  %pos = iota[axis=1] : i64[1, T]
+  %o = fused_attention[scale=0.08838834764831845](%q, %k, %v, %pos) : {dtype}[1, 16, T, 128]
+  %lse = attention_lse[scale=0.08838834764831845](%q, %k, %pos) : f32[1, 16, T]
+  %o32 = cast(%o) : f32[1, 16, T, 128]
+  %do32 = cast(%do) : f32[1, 16, T, 128]
+  %m = mul(%do32, %o32) : f32[1, 16, T, 128]
+  %r = reduce_sum[axis=3](%m) : f32[1, 16, T, 1]
+  %delta = reshape(%r) : f32[1, 16, T]
+  %dq = attention_grad_q[scale=0.08838834764831845](%q, %k, %v, %pos, %do, %lse, %delta) : {dtype}[1, 16, T, 128]
+  %dk = attention_grad_k[scale=0.08838834764831845](%q, %k, %v, %pos, %do, %lse, %delta) : {dtype}[1, 16, T, 128]
+  %dv = attention_grad_v[scale=0.08838834764831845](%q, %k, %v, %pos, %do, %lse, %delta) : {dtype}[1, 16, T, 128]
+  output \"dq\" = %dq
+  output \"dk\" = %dk
+  output \"dv\" = %dv
+}}"
+        ))
+    };
+    let bwd = attention_backward_graph("bench_attention_bwd", "f32")?;
+    ptx_artifact(&bwd, &out.join("bench-attention-bwd"))?;
+    let bwd_tc = attention_backward_graph("bench_attention_bwd_tc", "bf16")?;
+    ptx_artifact_with(&bwd_tc, &out.join("bench-attention-bwd-tc"), &tc)?;
     for name in ["gqa_untied", "mha_tied_rope_parameters", "odd_head_dim_mqa"] {
         let src = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/tiny")

@@ -3,7 +3,8 @@
 Makes SmolLM2-135M-shaped weights (Hugging Face LlamaForCausalLM with SmolLM2-135M's
 configuration, seeded random initialisation, f32) into WEIGHTS_DIR for egret to load, then
 times on the same GPU: torch.matmul 4096^3 (bf16, and f32 with and without TF32), SDPA
-causal attention (16 heads x 4096 tokens x head 128; bf16 flash and f32), HF greedy
+causal attention (16 heads x 4096 tokens x head 128; bf16 flash and f32, and its forward
+and backward in bf16), HF greedy
 generation (64-token prompt, 64 new tokens, f32) and one AdamW training step (batch 1 x 256,
 f32). Prints one JSON object per line; the last line holds HF's greedy ids.
 """
@@ -67,6 +68,24 @@ for dtype in [torch.bfloat16, torch.float32]:
     s = bench(lambda: f(q, k, v, is_causal=True))
     emit(check="torch", what=f"sdpa causal h16 t4096 d128 {str(dtype)[6:]}", seconds=s,
          tflops=flops / s / 1e12)
+
+# The same attention's forward and backward (bf16, as egret's tensor-core backward reads
+# its operands); FlashAttention's flops: the backward 2.5 times the forward's.
+q, k, v, do = (torch.randn(1, 16, t, 128, device=dev, dtype=torch.bfloat16) for _ in range(4))
+for x in (q, k, v):
+    x.requires_grad_(True)
+f = torch.nn.functional.scaled_dot_product_attention
+
+
+def fwd_bwd():
+    o = f(q, k, v, is_causal=True)
+    torch.autograd.grad(o, (q, k, v), do)
+
+
+s = bench(fwd_bwd)
+emit(check="torch", what="sdpa causal h16 t4096 d128 bfloat16 forward+backward", seconds=s,
+     tflops=flops * 3.5 / s / 1e12)
+del q, k, v, do
 
 ids = torch.tensor([[(i * 7919 + 13) % cfg.vocab_size for i in range(64)]], device=dev)
 with torch.no_grad():

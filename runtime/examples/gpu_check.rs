@@ -5,7 +5,9 @@
 //!    largest magnitude, as on the CPU);
 //! 2. SmolLM2-135M (weights from WEIGHTS, made on that machine) on the GPU and on the CPU:
 //!    prompt logits compared, greedy ids compared, GPU prefill and decode timed;
-//! 3. a 4096³ f32 matmul and a causal attention (16 heads, 4096 tokens, head 128) timed;
+//! 3. a 4096³ f32 matmul and a causal attention (16 heads, 4096 tokens, head 128) timed, and
+//!    that attention's forward and backward (its gradients on tensor cores checked against
+//!    f32's);
 //! 4. the tiny transformers fixtures' loss and gradients on the GPU (1e-5 / 1e-4 relative L2,
 //!    as on the CPU), and SmolLM2's AdamW training step (batch 1 × 256) timed.
 //!
@@ -15,8 +17,8 @@
 //!
 //! With STEP names (`gpu_check --steps` lists them: `conformance`, `conformance-tc`,
 //! `conformance-wgmma` (sm_90 cards), `gradients`, `smollm2`, `matmul benches`, `attention
-//! benches`, `train step`), only those run: `benches` names both benches, which run alone
-//! under a profiler.
+//! benches`, `attention backward benches`, `train step`), only those run: `benches` names
+//! the three benches, which run alone under a profiler.
 //!
 //! Prints one JSON object per line (a result each) and a table last, on stderr.
 
@@ -408,6 +410,60 @@ fn attention_benches(bundle: &Path, table: &mut Vec<String>) -> Res<bool> {
     Ok(ok)
 }
 
+/// The causal attention's forward and backward (16 heads, 4096 tokens, head 128: the
+/// forward, the log-sum-exp, `delta`, `dq`, `dk`, `dv`) timed in f32 and on tensor cores
+/// (bf16 operands), the tensor cores' gradients checked against the f32 ones. TFLOP/s count
+/// FlashAttention's flops (the backward 2.5 times the forward's), not the kernels' own.
+fn attention_backward_bench(bundle: &Path, table: &mut Vec<String>) -> Res<bool> {
+    let t = 4096;
+    let inputs = HashMap::from([
+        ("q".to_string(), f32v(vec![1, 16, t, 128], 3)),
+        ("k".to_string(), f32v(vec![1, 16, t, 128], 4)),
+        ("v".to_string(), f32v(vec![1, 16, t, 128], 5)),
+        ("do".to_string(), f32v(vec![1, 16, t, 128], 6)),
+    ]);
+    let flops = 16.0 * (t as f64) * (t as f64) / 2.0 * 128.0 * 4.0 * 3.5;
+    let mut outs = vec![];
+    for (dir, what) in [
+        ("bench-attention-bwd", "f32"),
+        ("bench-attention-bwd-tc", "tensor cores, bf16 operands"),
+    ] {
+        let mut at = executor(&bundle.join(dir))?;
+        outs.push(at.run(&inputs)?);
+        let s = time_runs(&mut at, &inputs, 3)?;
+        let tflops = flops / s / 1e12;
+        println!(
+            "{}",
+            serde_json::json!({"check": "bench", "what": format!("attention forward+backward causal 16x4096x128 {what}"), "seconds": s, "tflops": tflops})
+        );
+        table.push(format!(
+            "egret attention forward+backward causal h16 t4096 d128 {what}: {:.2} ms, {tflops:.2} TFLOP/s",
+            s * 1e3
+        ));
+    }
+    let mut ok = true;
+    for g in ["dq", "dk", "dv"] {
+        let f32_of = |o: &HashMap<String, HostValue>| match o.get(g) {
+            Some(HostValue {
+                data: HostData::F32(x),
+                ..
+            }) => Ok(x.clone()),
+            _ => Err(format!("no f32 output {g}")),
+        };
+        let rel = rel_l2(&f32_of(&outs[1])?, &f32_of(&outs[0])?);
+        ok &= rel <= 5e-2;
+        println!(
+            "{}",
+            serde_json::json!({"check": "bench", "what": format!("attention backward tensor cores vs f32 {g}"), "rel_l2": rel})
+        );
+        table.push(format!(
+            "egret attention backward tensor cores vs f32 {g}: relative L2 {rel:.2e} {}",
+            if rel <= 5e-2 { "ok" } else { "FAIL" }
+        ));
+    }
+    Ok(ok)
+}
+
 /// The kernels of a profiled run grouped by kind (the first word of what they compute).
 fn summarize_profile(what: &str, profile: &[(String, f64)], table: &mut Vec<String>) {
     let mut by: HashMap<String, (f64, usize)> = HashMap::new();
@@ -606,7 +662,7 @@ fn train_step(bundle: &Path, weights: &Path, table: &mut Vec<String>) -> Res<boo
 
 /// The steps, in the order they run (`bench/gpu-check.sh` runs each in a process of its
 /// own, so that a fault in one, which leaves the CUDA context unusable, spares the others).
-const STEPS: [&str; 8] = [
+const STEPS: [&str; 9] = [
     "conformance",
     "conformance-tc",
     "conformance-wgmma",
@@ -614,6 +670,7 @@ const STEPS: [&str; 8] = [
     "smollm2",
     "matmul benches",
     "attention benches",
+    "attention backward benches",
     "train step",
 ];
 
@@ -662,6 +719,9 @@ fn main() {
         ("smollm2", &|t| smollm2(bundle, weights, t)),
         ("matmul benches", &|t| matmul_benches(bundle, t)),
         ("attention benches", &|t| attention_benches(bundle, t)),
+        ("attention backward benches", &|t| {
+            attention_backward_bench(bundle, t)
+        }),
         ("train step", &|t| train_step(bundle, weights, t)),
     ];
     for (what, step) in steps {

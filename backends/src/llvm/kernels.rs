@@ -6429,8 +6429,10 @@ const GPU_ATTN_BWD_UNROLL: i64 = 4;
 /// row and forms its share of each dot product, summed over the warp with butterfly
 /// shuffles, so every row read is 32 lanes wide; the accumulators are in registers; the
 /// warp takes `GPU_ATTN_BWD_UNROLL` pairs at a time (those past the end or not visible add
-/// nothing; a group of key-unit pairs none of which is visible is skipped). The CPU's
-/// kernel works in tiles (`attn_tiles`).
+/// nothing; a group of key-unit pairs none of which is visible is skipped). With tensor
+/// cores, head sizes of `mma_attention_fits` and at least `MMA_ATTN_MIN_T` rows of the
+/// result, it runs in `mma.sync` tiles instead (`mma_attn_bwd`). The CPU's kernel works in
+/// tiles (`attn_tiles`).
 fn gpu_attention_backward<'ctx>(
     fb: &Fb<'_, 'ctx>,
     out: u32,

@@ -40,8 +40,9 @@ pub struct PtxOptions {
     pub arch: String,
     /// Matmuls with bf16 operands and f32 sums: large ones on tensor cores
     /// (`mma.sync.m16n8k16`), the others rounding their operands as they load them, so every
-    /// matmul computes alike; attention over prompts of 64+ rows (head sizes 16-128) on
-    /// tensor cores too, flash-style. Off, every matmul and attention is f32 throughout.
+    /// matmul computes alike; attention over prompts of 64+ rows (head sizes 16-128) and
+    /// its backward on tensor cores too, flash-style. Off, every matmul and attention is f32
+    /// throughout.
     pub tensor_cores: bool,
 }
 
