@@ -652,7 +652,7 @@ fn simulated_bf16_inputs_feed_tensor_core_attention() {
 /// tails (T 150 queries, S 200 keys), GQA (4 heads on 2), the query strided (tokens first,
 /// permuted) and the values a slice of a wider tensor, a cache offset (batch 0: causal from
 /// key 50) and positions in no order (batch 1: rows that see few keys next to rows that see
-/// all, one that sees none); head sizes `(d, dv)` of 64 and 32, and of 16 and 128. Every
+/// all, two that see none, one past the last key); head sizes `(d, dv)` of 64 and 32, and of 16 and 128. Every
 /// attention kernel of the PTX runs `mma`, and the PTX assembles for sm_80 and sm_90.
 #[test]
 fn simulated_tensor_core_attention_backward_matches_the_interpreter() {
@@ -708,7 +708,12 @@ fn simulated_tensor_core_attention_backward_matches_the_interpreter() {
         };
         let pos: Vec<i64> = (0..t as i64)
             .map(|i| i + 50)
-            .chain((0..t).map(|i| if i == 3 { -1 } else { ((i * 37) % s) as i64 }))
+            .chain((0..t).map(|i| match i {
+                3 => -1,
+                5 => s as i64 + 7,
+                9 => -4,
+                _ => ((i * 37) % s) as i64,
+            }))
             .collect();
         let mut inputs = HashMap::from([
             ("q".to_string(), f32s(vec![2, t, 4, d])),

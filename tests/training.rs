@@ -149,6 +149,65 @@ fn gradients_with_bf16_matmuls_on_the_simulated_gpu() {
     check_within("simt", "default", None, true, BF16_GRAD_TOLERANCE);
 }
 
+/// Attention's backward on tensor cores inside a model (`mma_attn_bwd`: head size 16, GQA 4
+/// heads on 2, 80 tokens, so both its query and its key units take tiles, one partial),
+/// on the simulator with bf16 matmuls, against the CPU backend in f32: loss within 5e-3
+/// relative, every gradient within `BF16_GRAD_TOLERANCE`. The weights are 5 times Hugging
+/// Face's initialisation, so that attention is far from uniform and the query and key
+/// projections' gradients (which only `dq` and `dk` feed) are not noise.
+#[test]
+fn tensor_core_attention_backward_in_a_model_on_the_simulated_gpu() {
+    let text = std::fs::read_to_string(fixture("tiny/gqa_untied").join("config.json")).unwrap();
+    let mut cfg = egret_models::LlamaConfig::from_hf_json(&text, "gqa_untied").unwrap();
+    (cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads) = (64, 16, 4);
+    cfg.num_key_value_heads = 2;
+    let mut params = egret::train::random_init(&cfg, 7).unwrap();
+    for (name, t) in params.iter_mut() {
+        if !name.ends_with("norm.weight") {
+            let v = t.to_f32_vec().iter().map(|x| x * 5.0).collect();
+            *t = egret_ir::Tensor::from_f32(t.shape().to_vec(), v).unwrap();
+        }
+    }
+    let ids: Vec<u32> = (0..80u32)
+        .map(|i| (i * 37 + 11) % cfg.vocab_size as u32)
+        .collect();
+    let cpu = CpuOptions::default();
+    let want = grads(
+        &cfg,
+        &params,
+        &ids,
+        "default",
+        GradBackend::Cpu {
+            opts: &cpu,
+            threads: 2,
+            cache: false,
+        },
+        None,
+    )
+    .unwrap();
+    let gpu = egret_backends::ptx::PtxOptions {
+        tensor_cores: true,
+        ..Default::default()
+    };
+    let got = grads(
+        &cfg,
+        &params,
+        &ids,
+        "default",
+        GradBackend::Simt { opts: &gpu },
+        None,
+    )
+    .unwrap();
+    let lrel = (got.loss - want.loss).abs() / want.loss.abs();
+    assert!(lrel <= 5e-3, "loss {} vs {}", got.loss, want.loss);
+    for ((name, g), (wname, w)) in got.grads.iter().zip(&want.grads) {
+        assert_eq!(name, wname);
+        let e = rel_l2(&g.data, &w.data);
+        eprintln!("{name}: relative L2 {e:.2e}");
+        assert!(e <= BF16_GRAD_TOLERANCE, "{name}: relative L2 {e}");
+    }
+}
+
 /// bf16 matmuls on a GPU (skipped without one).
 #[test]
 fn gradients_with_bf16_matmuls_on_the_gpu_backend() {

@@ -6,11 +6,13 @@
 //! A 256-thread block takes `MMA_ATTN_ROWS` (128) rows of the result, warp `w` rows
 //! `16w..16w + 16`: query rows of one `(b, h)` for the log-sum-exp and `dq`, key rows of one
 //! `(b, KV head)` for `dk` and `dv`. The warp's operands on those rows stay in registers as
-//! `mma`'s left fragments (`A_s`: the query, or the keys, pre-scaled by `scale·log2 e`, so
-//! scores are in the log2 domain; `A_p`: `dout`, or the values). The other side goes
-//! through shared memory `MMA_ATTN_KEYS` (64) rows at a time, rounded to bf16 and
-//! row-chunk-permuted (`stage_fetch`, `stage_put`): `B_s` (the keys, or the query rows of
-//! each head that reads the KV head) and `B_p` (the values, or `dout`). Per step, each warp:
+//! `mma`'s left fragments (`A_s`: the query, or the keys; `A_p`: `dout`, or the values). The
+//! other side goes through shared memory `MMA_ATTN_KEYS` (64) rows at a time, rounded to
+//! bf16 and row-chunk-permuted (`stage_fetch`, `stage_put`): `B_s` (the keys, or the query
+//! rows of each head that reads the KV head) and `B_p` (the values, or `dout`). The query is
+//! pre-scaled by `scale·log2 e` before it is rounded, on either side, so scores are in the
+//! log2 domain and every kernel (the forward's too) forms them from the same rounded
+//! products. Per step, each warp:
 //!
 //! - `S = A_s·B_sᵀ` (`mma_tile_t`), so a key unit works on `Sᵀ`;
 //! - the mask: key `j` is visible to query `t` where `j ≤ positions[b, t]` (and `j < S`,
@@ -36,8 +38,9 @@ use egret_runtime::plan::ElemType;
 
 use super::{
     acc_frag, barrier, be, block_grid, dynamic_shared, mma_attn_stage_bytes, mma_tile_n,
-    mma_tile_t, pack_bf16x2, shared_f32, stage_fetch, stage_put, stage_vec_ok, tile_lane_words,
-    warp_fold, warp_max, Av, BlockGrid, Fb, MMA_ATTN_KEYS, MMA_ATTN_ROWS, R,
+    mma_tile_t, pack_bf16x2, shared_f32, shared_i32, smem_word, stage_fetch, stage_put,
+    stage_vec_ok, tile_lane_words, warp_fold, warp_max, Av, BlockGrid, Fb, MMA_ATTN_KEYS,
+    MMA_ATTN_ROWS, R,
 };
 use crate::kernel::AttnDims;
 
@@ -51,9 +54,9 @@ pub(super) struct GradOps<'a, 'ctx> {
     pub wrt: AttnGrad,
 }
 
-/// Per-column statistics a key unit keeps in shared memory for a step: `lse·log2 e`, `delta`
-/// and the column's last visible key (an i32 in an f32's bits), `MMA_ATTN_KEYS` each.
-const COL_STATS: u32 = 3 * MMA_ATTN_KEYS as u32;
+/// Per-column statistics a key unit keeps in shared memory for a step: `lse·log2 e` and
+/// `delta` (and, in an i32 array, the column's last visible key), `MMA_ATTN_KEYS` each.
+const COL_STATS: u32 = 2 * MMA_ATTN_KEYS as u32;
 
 /// The backward on tensor cores (see the module doc): result `optr` (element type `oe`),
 /// `[q, k, positions]`, the gradient's operands (`None`: the log-sum-exp).
@@ -88,11 +91,21 @@ pub(super) fn backward<'ctx>(
     };
     let wants_dp = matches!(wrt, Some(AttnGrad::Q | AttnGrad::K));
     let a_p = if wants_dp { a_p } else { None };
-    // The update's staged rows and the result's width.
+    // The query is the scores' pre-scaled operand on both sides, in registers (query units)
+    // or as staged (key units), so that every kernel of the forward and the backward forms
+    // its scores from the same rounded products (`round(q·scale·log2 e)·round(k)`).
+    let (a_factor, b_factor) = if key_units {
+        (1.0, scale * log2e)
+    } else {
+        (scale * log2e, 1.0)
+    };
+    // The update's staged rows, the result's width and the factor it is stored with (`dk`'s
+    // update reads the staged, pre-scaled query).
     let (upd_b_p, width, out_scale) = match wrt {
         None => (false, 0, 1.0),
         Some(AttnGrad::V) => (true, d.dv, 1.0),
-        Some(_) => (false, d.d, scale),
+        Some(AttnGrad::K) => (false, d.d, 1.0 / log2e),
+        Some(AttnGrad::Q) => (false, d.d, scale),
     };
     // Rows of the unit side and of the staged side.
     let (rows_len, other_len) = if key_units { (sv, tv) } else { (tv, sv) };
@@ -111,6 +124,7 @@ pub(super) fn backward<'ctx>(
     } = block_grid(fb, units)?;
     let smem = dynamic_shared(fb, mma_attn_stage_bytes(d));
     let cols_s = shared_f32(fb, "cols", COL_STATS);
+    let lims_s = shared_i32(fb, "lims", MMA_ATTN_KEYS as u32);
     let ends_s = shared_f32(fb, "ends", 8);
     let bp_word = c(keys * d.d / 2);
     let warp = sdiv(lane, c(32), "warp")?;
@@ -207,7 +221,7 @@ pub(super) fn backward<'ctx>(
             }
             R::Ok(())
         };
-        load_frags(a_s, d.d, scale * log2e, &afr_s)?;
+        load_frags(a_s, d.d, a_factor, &afr_s)?;
         if let Some(ap) = a_p {
             load_frags(ap, d.dv, 1.0, &afr_p)?;
         }
@@ -227,6 +241,11 @@ pub(super) fn backward<'ctx>(
                 }
                 _ => None,
             };
+            if b_factor != 1.0 {
+                for v in &vs {
+                    fb.set(*v, fb.fmul(fb.get(*v)?, fb.f32c(b_factor))?)?;
+                }
+            }
             stage_put(fb, lane, smem, &vs, c(0), d.d)?;
             if let Some(vp) = vp {
                 stage_put(fb, lane, smem, &vp, bp_word, d.dv)?;
@@ -310,7 +329,8 @@ pub(super) fn backward<'ctx>(
                                 fb.set(l2, fb.fmul(lse, fb.f32c(log2e))?)?;
                                 fb.set(dl, fb.load_f32(gr.delta.ptr, fb.at(gr.delta, &row)?)?)?;
                                 let p = fb.load(pa, fb.at(pa, &[(0, bi), (1, t)])?)?;
-                                let p = fb.imin(fb.imax(p.into_int_value(), c(-1))?, sv)?;
+                                let last = fb.b.build_int_sub(sv, c(1), "sl").map_err(be)?;
+                                let p = fb.imin(fb.imax(p.into_int_value(), c(-1))?, last)?;
                                 fb.b.build_store(lim, p).map_err(be)?;
                                 Ok(())
                             },
@@ -322,17 +342,18 @@ pub(super) fn backward<'ctx>(
                         let lim =
                             fb.b.build_int_truncate(lim.into_int_value(), i32t, "l32")
                                 .map_err(be)?;
-                        let bits = fb.b.build_bit_cast(lim, fb.f32t, "lb").map_err(be)?;
-                        fb.store_f32(cols_s, fb.add(lane, c(2 * keys))?, bits.into_float_value())
+                        fb.b.build_store(smem_word(fb, lims_s, lane)?, lim)
+                            .map_err(be)?;
+                        Ok(())
                     },
                     |_| Ok(()),
                 )
             };
             let col_lim = |fb: &Fb<'_, 'ctx>, col: IntValue<'ctx>| -> R<IntValue<'ctx>> {
-                let bits = fb.load_f32(cols_s, fb.add(col, c(2 * keys))?)?;
+                let p = smem_word(fb, lims_s, col)?;
                 Ok(fb
                     .b
-                    .build_bit_cast(bits, i32t, "li")
+                    .build_load(i32t, p, "lim")
                     .map_err(be)?
                     .into_int_value())
             };
