@@ -5444,6 +5444,91 @@ fn attn_out_row<'ctx>(
     fb.mul(row, fb.i64c(d.dv))
 }
 
+/// The max of `x` (an index) over the warp and over the block, in every thread: a warp max,
+/// then each warp's through `scratch` (8 floats of shared memory, which the block's threads
+/// must not be reading) and one barrier. (Indices are exact as floats below 2^24.)
+fn block_max<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    scratch: PointerValue<'ctx>,
+    x: IntValue<'ctx>,
+    [warp, wl]: [IntValue<'ctx>; 2],
+) -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
+    let x =
+        fb.b.build_signed_int_to_float(x, fb.f32t, "xf")
+            .map_err(be)?;
+    let wmax = warp_max(fb, x)?;
+    let first =
+        fb.b.build_int_compare(IntPredicate::EQ, wl, fb.i64c(0), "first")
+            .map_err(be)?;
+    fb.if_else(first, |fb| fb.store_f32(scratch, warp, wmax), |_| Ok(()))?;
+    barrier(fb)?;
+    let mut bmax = fb.load_f32(scratch, fb.i64c(0))?;
+    for w in 1..GPU_BLOCK_THREADS / 32 {
+        bmax = fb.intrinsic("llvm.maxnum", &[bmax, fb.load_f32(scratch, fb.i64c(w))?])?;
+    }
+    let int = |v: FloatValue<'ctx>| fb.b.build_float_to_signed_int(v, fb.i64t, "mi").map_err(be);
+    Ok((int(wmax)?, int(bmax)?))
+}
+
+/// `2^x` on the GPU in one `ex2.approx.ftz.f32` (about 2 ulp, where the straight-line `exp`
+/// takes 35 instructions; `llvm.exp2`'s `ex2.approx.f32` would keep subnormal results with
+/// two fix-up instructions, and probabilities lose nothing that counts next to a row's
+/// largest, 1). The simulator's is the C library's `exp2f`.
+fn fast_exp2<'ctx>(fb: &Fb<'_, 'ctx>, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+    if fb.sim {
+        fb.intrinsic("llvm.exp2", &[x])
+    } else {
+        fb.intrinsic("llvm.nvvm.ex2.approx.ftz", &[x])
+    }
+}
+
+/// One step of the online softmax of a thread's two rows (`g`, `g + 8`) over the scores
+/// `s` (log2 domain, `MMA_ATTN_KEYS / 8` accumulator tiles of four, `−∞` where not
+/// visible): each row's running max `m` over the quad that holds it moves to `m'`, its
+/// partial sum `l` (this lane's part) becomes `l·2^(m − m') + Σ 2^(s − m')`, and `s` holds
+/// the probabilities `2^(s − m')`. Returns each row's factor `2^(m − m')`.
+fn online_softmax<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    s: &[PointerValue<'ctx>],
+    m: [PointerValue<'ctx>; 2],
+    l: [PointerValue<'ctx>; 2],
+) -> R<[FloatValue<'ctx>; 2]> {
+    let ninf = fb.f32c(f64::NEG_INFINITY);
+    let mut corr = [ninf; 2];
+    for rr in 0..2usize {
+        let mut m_loc = ninf;
+        for nt in 0..MMA_ATTN_KEYS / 8 {
+            for x in [2 * rr, 2 * rr + 1] {
+                let v = fb.get(s[(nt * 4) as usize + x])?;
+                m_loc = fb.intrinsic("llvm.maxnum", &[m_loc, v])?;
+            }
+        }
+        let m_loc = warp_fold(fb, m_loc, &[1, 2], |a, b| {
+            fb.intrinsic("llvm.maxnum", &[a, b])
+        })?;
+        let m_old = fb.get(m[rr])?;
+        let m_new = fb.intrinsic("llvm.maxnum", &[m_old, m_loc])?;
+        // (no visible key yet: subtract 0, so that 2^(−∞) gives 0, not NaN)
+        let none = fb.fcmp(FloatPredicate::OEQ, m_new, ninf)?;
+        let base = fb.fsel(none, fb.f32c(0.0), m_new)?;
+        let cr = fast_exp2(fb, fb.b.build_float_sub(m_old, base, "d").map_err(be)?)?;
+        let mut lsum = fb.fmul(fb.get(l[rr])?, cr)?;
+        for nt in 0..MMA_ATTN_KEYS / 8 {
+            for x in [2 * rr, 2 * rr + 1] {
+                let slot = s[(nt * 4) as usize + x];
+                let z = fb.b.build_float_sub(fb.get(slot)?, base, "z").map_err(be)?;
+                let p = fast_exp2(fb, z)?;
+                fb.set(slot, p)?;
+                lsum = fb.fadd(lsum, p)?;
+            }
+        }
+        fb.set(l[rr], lsum)?;
+        fb.set(m[rr], m_new)?;
+        corr[rr] = cr;
+    }
+    Ok(corr)
+}
+
 /// Word `at` of shared memory `arr` (i32 words) as a pointer.
 fn smem_word<'ctx>(
     fb: &Fb<'_, 'ctx>,
@@ -5497,15 +5582,19 @@ fn tile_word(rows16: i64, step: i64, n: i64) -> i64 {
     16 * rows16 * n / 2 + (step / 4) * 32
 }
 
-/// `acc += A·tileᵀ` for the staged `[MMA_ATTN_KEYS][n]` tile at word `base` of `smem`
-/// (`words`: `tile_lane_words(.., n, false)`): `a(ks)` is the left fragment of k step `ks`
-/// (16 of the `n`), `acc` the `MMA_ATTN_KEYS / 8` accumulator tiles of four.
-fn mma_tile_t<'ctx>(
+/// A product with the staged `[MMA_ATTN_KEYS][n]` tile at word `base` of `smem` into `acc`:
+/// `acc += A·tileᵀ` (`trans` false: `a(ks)` the left fragment of k step `ks`, 16 of the
+/// `n`; `acc` the `MMA_ATTN_KEYS / 8` accumulator tiles of four) or `acc += P·tile`
+/// (`trans`: `a(kk)` that of k step `kk`, 16 of the tile's rows; `acc` the `n / 8` tiles).
+/// `words`: `tile_lane_words(.., n, trans)`.
+#[allow(clippy::too_many_arguments)]
+fn mma_tile<'ctx>(
     fb: &Fb<'_, 'ctx>,
     smem: PointerValue<'ctx>,
     base: IntValue<'ctx>,
     words: &[IntValue<'ctx>],
     n: i64,
+    trans: bool,
     a: &dyn Fn(i64) -> R<[IntValue<'ctx>; 4]>,
     acc: &[PointerValue<'ctx>],
 ) -> R<()> {
@@ -5514,39 +5603,23 @@ fn mma_tile_t<'ctx>(
         .iter()
         .map(|w| smem_word(fb, smem, fb.add(base, *w)?))
         .collect::<R<_>>()?;
-    for ks in 0..n / 16 {
-        let a = a(ks)?;
-        for pp in 0..MMA_ATTN_KEYS / 16 {
-            let p = smem_word(fb, at[(ks % 4) as usize], fb.i64c(tile_word(pp, ks, n)))?;
-            let nt = (8 * pp) as usize;
-            mma_x4_pair(fb, p, false, a, &acc[nt..nt + 8])?;
-        }
-    }
-    Ok(())
-}
-
-/// `acc += P·tile` for the staged `[MMA_ATTN_KEYS][n]` tile at word `base` of `smem`
-/// (`words`: `tile_lane_words(.., n, true)`): `p(kk)` is the left fragment of k step `kk`
-/// (16 of the tile's rows), `acc` the `n / 8` accumulator tiles of four.
-fn mma_tile_n<'ctx>(
-    fb: &Fb<'_, 'ctx>,
-    smem: PointerValue<'ctx>,
-    base: IntValue<'ctx>,
-    words: &[IntValue<'ctx>],
-    n: i64,
-    p: &dyn Fn(i64) -> R<[IntValue<'ctx>; 4]>,
-    acc: &[PointerValue<'ctx>],
-) -> R<()> {
-    let at: Vec<PointerValue> = words
-        .iter()
-        .map(|w| smem_word(fb, smem, fb.add(base, *w)?))
-        .collect::<R<_>>()?;
-    for kk in 0..MMA_ATTN_KEYS / 16 {
-        let a = p(kk)?;
-        for jj in 0..n / 16 {
-            let ptr = smem_word(fb, at[(jj % 4) as usize], fb.i64c(tile_word(kk, jj, n)))?;
-            let nt = (8 * jj) as usize;
-            mma_x4_pair(fb, ptr, true, a, &acc[nt..nt + 8])?;
+    let (outer, inner) = if trans {
+        (MMA_ATTN_KEYS / 16, n / 16)
+    } else {
+        (n / 16, MMA_ATTN_KEYS / 16)
+    };
+    for o in 0..outer {
+        let a = a(o)?;
+        for i in 0..inner {
+            // (16-row group and 16-element step of the tile)
+            let (rows16, step) = if trans { (o, i) } else { (i, o) };
+            let p = smem_word(
+                fb,
+                at[(step % 4) as usize],
+                fb.i64c(tile_word(rows16, step, n)),
+            )?;
+            let nt = (8 * i) as usize;
+            mma_x4_pair(fb, p, trans, a, &acc[nt..nt + 8])?;
         }
     }
     Ok(())
@@ -5794,20 +5867,8 @@ fn gpu_mma_attention<'ctx>(
         Ok(())
     };
     let rep = d.h / d.hkv;
-    // Scores are in the log2 domain: the query is scaled by `scale·log2(e)`, so `e^(s−m)` is
-    // `2^(s'−m')` through `llvm.exp2`, which NVPTX lowers to one `ex2.approx.f32` (about 2
-    // ulp) for the straight-line `exp`'s 35 instructions; `2^(−∞) = 0`. (The simulator's
-    // `llvm.exp2` is the C library's `exp2f`.)
-    // (on the GPU `ex2.approx.ftz.f32`: `llvm.exp2`'s `ex2.approx.f32` keeps subnormal
-    // results with two fix-up instructions a score; the probabilities lose nothing that
-    // counts next to the row's largest, 1)
-    let exp2 = |x: FloatValue<'ctx>| -> R<FloatValue<'ctx>> {
-        if fb.sim {
-            fb.intrinsic("llvm.exp2", &[x])
-        } else {
-            fb.intrinsic("llvm.nvvm.ex2.approx.ftz", &[x])
-        }
-    };
+    // (Scores are in the log2 domain: the query is scaled by `scale·log2(e)`, so `e^(s−m)` is
+    // `2^(s'−m')`, `fast_exp2`, in `online_softmax`.)
     let k_ld = tile_lane_words(fb, wl, dq, false)?;
     let v_ld = tile_lane_words(fb, wl, dv, true)?;
     let (k_vec, v_vec) = (stage_vec_ok(fb, ka)?, stage_vec_ok(fb, va)?);
@@ -5844,25 +5905,9 @@ fn gpu_mma_attention<'ctx>(
             )?;
             geti(e, fb.i64t)
         };
-        // The block's last visible key: a warp max over rows `lane % 128`, then over warps.
+        // The block's last visible key: over rows `lane % 128`.
         let mine = row_end(fb.add(t0, srem(lane, c(MMA_ATTN_ROWS), "lr")?)?)?;
-        let mine =
-            fb.b.build_signed_int_to_float(mine, fb.f32t, "mf")
-                .map_err(be)?;
-        let wmax = warp_max(fb, mine)?;
-        fb.if_else(
-            cmp(IntPredicate::EQ, wl, c(0))?,
-            |fb| fb.store_f32(ends_s, warp, wmax),
-            |_| Ok(()),
-        )?;
-        barrier(fb)?;
-        let mut bmax = fb.load_f32(ends_s, c(0))?;
-        for w in 1..8 {
-            bmax = fb.intrinsic("llvm.maxnum", &[bmax, fb.load_f32(ends_s, c(w))?])?;
-        }
-        let kend =
-            fb.b.build_float_to_signed_int(bmax, fb.i64t, "kend")
-                .map_err(be)?;
+        let (_, kend) = block_max(fb, ends_s, mine, [warp, wl])?;
         // This lane's rows, their ends and query fragments.
         let r0 = fb.add(t0, fb.add(fb.mul(warp, c(16))?, g)?)?;
         let rows = [r0, fb.add(r0, c(8))?];
@@ -5942,7 +5987,7 @@ fn gpu_mma_attention<'ctx>(
                 }
                 return wgmma_sync(fb, "commit_group", None);
             }
-            mma_tile_t(fb, kv_s, base, &k_ld, dq, &q_frag, s)
+            mma_tile(fb, kv_s, base, &k_ld, dq, false, &q_frag, s)
         };
         // The scores `s` of keys `s0..`: mask, running max, probabilities (in `s`); returns
         // the factor each of the thread's rows' output accumulators are to be rescaled by
@@ -5984,38 +6029,7 @@ fn gpu_mma_attention<'ctx>(
                     Ok(())
                 },
             )?;
-            let mut corr = vec![];
-            for rr in 0..2usize {
-                let mut m_loc = ninf;
-                for nt in 0..(keys / 8) {
-                    for x in [2 * rr, 2 * rr + 1] {
-                        let sv_ = fb.get(s[(nt * 4) as usize + x])?;
-                        m_loc = fb.intrinsic("llvm.maxnum", &[m_loc, sv_])?;
-                    }
-                }
-                let m_loc = warp_fold(fb, m_loc, &[1, 2], |a, b| {
-                    fb.intrinsic("llvm.maxnum", &[a, b])
-                })?;
-                let m_old = fb.get(mrow[rr])?;
-                let m_new = fb.intrinsic("llvm.maxnum", &[m_old, m_loc])?;
-                // (no visible key yet: subtract 0, so that e^(−∞) gives 0, not NaN)
-                let none = fb.fcmp(FloatPredicate::OEQ, m_new, ninf)?;
-                let base = fb.fsel(none, fb.f32c(0.0), m_new)?;
-                let cr = exp2(fb.b.build_float_sub(m_old, base, "d").map_err(be)?)?;
-                let mut lsum = fb.fmul(fb.get(lrow[rr])?, cr)?;
-                for nt in 0..(keys / 8) {
-                    for x in [2 * rr, 2 * rr + 1] {
-                        let slot = s[(nt * 4) as usize + x];
-                        let p = exp2(fb.b.build_float_sub(fb.get(slot)?, base, "z").map_err(be)?)?;
-                        fb.set(slot, p)?;
-                        lsum = fb.fadd(lsum, p)?;
-                    }
-                }
-                fb.set(lrow[rr], lsum)?;
-                fb.set(mrow[rr], m_new)?;
-                corr.push(cr);
-            }
-            R::Ok([corr[0], corr[1]])
+            online_softmax(fb, s, mrow, lrow)
         };
         // The output accumulators of the thread's two rows times `corr`, skipped where
         // neither row's max moved (a factor of 1 changes nothing, and after the first steps
@@ -6055,7 +6069,7 @@ fn gpu_mma_attention<'ctx>(
                 }
                 return wgmma_sync(fb, "commit_group", None);
             }
-            mma_tile_n(fb, kv_s, vbase, &v_ld, dv, p_frag, &oacc)
+            mma_tile(fb, kv_s, vbase, &v_ld, dv, true, p_frag, &oacc)
         };
         // Keys `s0..` in the stage at word `base`, one step at a time (`mma.sync`).
         let compute = |fb: &Fb<'_, 'ctx>, s0: IntValue<'ctx>, base: IntValue<'ctx>| -> R<()> {

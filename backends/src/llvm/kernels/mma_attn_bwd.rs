@@ -14,13 +14,13 @@
 //! log2 domain and every kernel (the forward's too) forms them from the same rounded
 //! products. Per step, each warp:
 //!
-//! - `S = A_s·B_sᵀ` (`mma_tile_t`), so a key unit works on `Sᵀ`;
+//! - `S = A_s·B_sᵀ` (`mma_tile`), so a key unit works on `Sᵀ`;
 //! - the mask: key `j` is visible to query `t` where `j ≤ positions[b, t]` (and `j < S`,
 //!   `t < T`);
 //! - the log-sum-exp: a running max `m` and sum `l` per row, `lse = ln 2·m + ln l`;
 //! - otherwise `P = 2^(S − lse·log2 e)` where visible, 0 elsewhere; for `dq` and `dk`,
 //!   `dP = A_p·B_pᵀ` and `dS = P ∘ (dP − delta)` (0 where not visible, whatever `delta`);
-//! - the update `acc += C·X` (`mma_tile_n`, `C` from the accumulators as a left operand,
+//! - the update `acc += C·X` (`mma_tile`, `C` from the accumulators as a left operand,
 //!   `acc_frag`): `C = dS`, `X = B_s` for `dq` and `dk`; `C = P`, `X = B_p` for `dv`.
 //!
 //! Rows end times `scale` for `dq` and `dk`. Query units take the keys up to the last any
@@ -37,10 +37,10 @@ use egret_ir::AttnGrad;
 use egret_runtime::plan::ElemType;
 
 use super::{
-    acc_frag, barrier, be, block_grid, dynamic_shared, mma_attn_stage_bytes, mma_tile_n,
-    mma_tile_t, pack_bf16x2, shared_f32, shared_i32, smem_word, stage_fetch, stage_put,
-    stage_vec_ok, tile_lane_words, warp_fold, warp_max, Av, BlockGrid, Fb, MMA_ATTN_KEYS,
-    MMA_ATTN_ROWS, R,
+    acc_frag, barrier, be, block_grid, block_max, dynamic_shared, fast_exp2, mma_attn_stage_bytes,
+    mma_tile, online_softmax, pack_bf16x2, shared_f32, shared_i32, smem_word, stage_fetch,
+    stage_put, stage_vec_ok, tile_lane_words, warp_fold, warp_max, Av, BlockGrid, Fb,
+    MMA_ATTN_KEYS, MMA_ATTN_ROWS, R,
 };
 use crate::kernel::AttnDims;
 
@@ -159,13 +159,6 @@ pub(super) fn backward<'ctx>(
     let ends = [fb.slot(fb.i64t.into())?, fb.slot(fb.i64t.into())?];
     let (rs1, rs2) = ([fslot()?, fslot()?], [fslot()?, fslot()?]);
     let ninf = fb.f32c(f64::NEG_INFINITY);
-    let exp2 = |x: FloatValue<'ctx>| -> R<FloatValue<'ctx>> {
-        if fb.sim {
-            fb.intrinsic("llvm.exp2", &[x])
-        } else {
-            fb.intrinsic("llvm.nvvm.ex2.approx.ftz", &[x])
-        }
-    };
     let geti = |p: PointerValue<'ctx>| -> R<IntValue<'ctx>> {
         Ok(fb.b.build_load(i32t, p, "iv").map_err(be)?.into_int_value())
     };
@@ -257,17 +250,19 @@ pub(super) fn backward<'ctx>(
             for a in sacc.iter().chain(&pacc) {
                 fb.set(*a, fb.f32c(0.0))?;
             }
-            mma_tile_t(fb, smem, c(0), &bs_t, d.d, &|ks| frag(&afr_s, ks), &sacc)?;
+            mma_tile(
+                fb,
+                smem,
+                c(0),
+                &bs_t,
+                d.d,
+                false,
+                &|ks| frag(&afr_s, ks),
+                &sacc,
+            )?;
             if a_p.is_some() {
-                mma_tile_t(
-                    fb,
-                    smem,
-                    bp_word,
-                    &bp_t,
-                    d.dv,
-                    &|ks| frag(&afr_p, ks),
-                    &pacc,
-                )?;
+                let a = |ks| frag(&afr_p, ks);
+                mma_tile(fb, smem, bp_word, &bp_t, d.dv, false, &a, &pacc)?;
             }
             Ok(())
         };
@@ -283,7 +278,7 @@ pub(super) fn backward<'ctx>(
                         let (seen, l2, delta) = at(nt, x)?;
                         let slot = sacc[(nt * 4) as usize + x];
                         let s = fb.get(slot)?;
-                        let p = exp2(fb.b.build_float_sub(s, l2, "z").map_err(be)?)?;
+                        let p = fast_exp2(fb, fb.b.build_float_sub(s, l2, "z").map_err(be)?)?;
                         let v = if a_p.is_some() {
                             let dp = fb.get(pacc[(nt * 4) as usize + x])?;
                             fb.fmul(p, fb.b.build_float_sub(dp, delta, "dd").map_err(be)?)?
@@ -298,15 +293,8 @@ pub(super) fn backward<'ctx>(
                 } else {
                     (&bs_n, d.d, c(0))
                 };
-                mma_tile_n(
-                    fb,
-                    smem,
-                    base,
-                    words,
-                    n,
-                    &|kk| acc_frag(fb, &sacc, kk),
-                    &acc,
-                )
+                let a = |kk| acc_frag(fb, &sacc, kk);
+                mma_tile(fb, smem, base, words, n, true, &a, &acc)
             };
         if key_units {
             // Column statistics of query rows `t0..t0 + keys` of head `hi`, by threads
@@ -453,27 +441,7 @@ pub(super) fn backward<'ctx>(
                     .into_int_value())
             };
             let mine = fb.imax(end_of(0)?, end_of(1)?)?;
-            let mine =
-                fb.b.build_signed_int_to_float(mine, fb.f32t, "mf")
-                    .map_err(be)?;
-            let wend = warp_max(fb, mine)?;
-            barrier(fb)?;
-            fb.if_else(
-                cmp(IntPredicate::EQ, wl, c(0))?,
-                |fb| fb.store_f32(ends_s, warp, wend),
-                |_| Ok(()),
-            )?;
-            barrier(fb)?;
-            let mut bend = fb.load_f32(ends_s, c(0))?;
-            for w in 1..8 {
-                bend = fb.intrinsic("llvm.maxnum", &[bend, fb.load_f32(ends_s, c(w))?])?;
-            }
-            let kend =
-                fb.b.build_float_to_signed_int(bend, fb.i64t, "kend")
-                    .map_err(be)?;
-            let wend =
-                fb.b.build_float_to_signed_int(wend, fb.i64t, "wend")
-                    .map_err(be)?;
+            let (wend, kend) = block_max(fb, ends_s, mine, [warp, wl])?;
             let steps = sdiv(fb.add(kend, c(keys - 1))?, c(keys), "steps")?;
             // Whether key `s0 + 8nt + 2q + x%2` is visible to the row of accumulator `x`.
             let seen = |fb: &Fb<'_, 'ctx>, s0: IntValue<'ctx>, nt: i64, x: usize| {
@@ -498,38 +466,16 @@ pub(super) fn backward<'ctx>(
                                 ))
                             });
                         }
-                        // The log-sum-exp: each row's running max (over the quad that holds
-                        // it) and this lane's part of its sum.
-                        for rr in 0..2usize {
-                            let mut m_loc = ninf;
-                            let mut vals = vec![];
-                            for nt in 0..keys / 8 {
-                                for x in [2 * rr, 2 * rr + 1] {
-                                    let s = fb.get(sacc[(nt * 4) as usize + x])?;
-                                    let s = fb.fsel(seen(fb, s0, nt, x)?, s, ninf)?;
-                                    m_loc = fb.intrinsic("llvm.maxnum", &[m_loc, s])?;
-                                    vals.push(s);
-                                }
+                        // The log-sum-exp: each row's running max and this lane's part of
+                        // its sum.
+                        for nt in 0..keys / 8 {
+                            for x in 0..4usize {
+                                let slot = sacc[(nt * 4) as usize + x];
+                                let v = fb.fsel(seen(fb, s0, nt, x)?, fb.get(slot)?, ninf)?;
+                                fb.set(slot, v)?;
                             }
-                            let m_loc = warp_fold(fb, m_loc, &[1, 2], |a, b| {
-                                fb.intrinsic("llvm.maxnum", &[a, b])
-                            })?;
-                            let m_old = fb.get(rs1[rr])?;
-                            let m_new = fb.intrinsic("llvm.maxnum", &[m_old, m_loc])?;
-                            // (no visible key yet: subtract 0, so that 2^(−∞) gives 0)
-                            let none = fb.fcmp(FloatPredicate::OEQ, m_new, ninf)?;
-                            let base = fb.fsel(none, fb.f32c(0.0), m_new)?;
-                            let corr = exp2(fb.b.build_float_sub(m_old, base, "d").map_err(be)?)?;
-                            let mut l = fb.fmul(fb.get(rs2[rr])?, corr)?;
-                            for s in vals {
-                                l = fb.fadd(
-                                    l,
-                                    exp2(fb.b.build_float_sub(s, base, "z").map_err(be)?)?,
-                                )?;
-                            }
-                            fb.set(rs2[rr], l)?;
-                            fb.set(rs1[rr], m_new)?;
                         }
+                        online_softmax(fb, &sacc, rs1, rs2)?;
                         Ok(())
                     },
                     |_| Ok(()),
