@@ -23,8 +23,9 @@
 //! - `grads/<fixture>/`: each tiny transformers fixture's gradient graph (PTX, entry `run`)
 //!   with the fixture's weights, tokens and transformers' loss and gradients;
 //!   `grads-bf16/<fixture>/` the same with bf16 matmuls and attention (`--tensor-cores`);
-//! - `smollm2-train/`, `smollm2-train-cpu/`: SmolLM2-135M's AdamW `train_step` for the GPU
-//!   and the CPU: the GPU's losses are checked against the CPU's, and timed.
+//! - `smollm2-train/`, `smollm2-train-tc/`, `smollm2-train-cpu/`: SmolLM2-135M's AdamW
+//!   `train_step` for the GPU (f32, and with tensor cores) and the CPU: the GPU's losses are
+//!   checked against the CPU's, and timed.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -250,6 +251,15 @@ fn main() -> Res<()> {
         &egret::train::AdamW::default(),
         None,
         &out.join("smollm2-train"),
+    )?;
+    // and with tensor cores (bf16 matmuls and attention, its backward in `mma` tiles).
+    egret::train::compile_train_artifact_ptx(
+        &cfg,
+        "default",
+        &tc,
+        &egret::train::AdamW::default(),
+        None,
+        &out.join("smollm2-train-tc"),
     )?;
     egret::train::compile_train_artifact(
         &cfg,

@@ -154,7 +154,8 @@ fn gradients_with_bf16_matmuls_on_the_simulated_gpu() {
 /// on the simulator with bf16 matmuls, against the CPU backend in f32: loss within 5e-3
 /// relative, every gradient within `BF16_GRAD_TOLERANCE`. The weights are 5 times Hugging
 /// Face's initialisation, so that attention is far from uniform and the query and key
-/// projections' gradients (which only `dq` and `dk` feed) are not noise.
+/// projections' gradients (which only `dq` and `dk` feed) are not noise. Its training
+/// step's PTX with tensor cores assembles.
 #[test]
 fn tensor_core_attention_backward_in_a_model_on_the_simulated_gpu() {
     let text = std::fs::read_to_string(fixture("tiny/gqa_untied").join("config.json")).unwrap();
@@ -205,6 +206,27 @@ fn tensor_core_attention_backward_in_a_model_on_the_simulated_gpu() {
         let e = rel_l2(&g.data, &w.data);
         eprintln!("{name}: relative L2 {e:.2e}");
         assert!(e <= BF16_GRAD_TOLERANCE, "{name}: relative L2 {e}");
+    }
+    // Its AdamW training step with tensor cores assembles for sm_80 and sm_90.
+    for arch in ["sm_80", "sm_90"] {
+        let t = TempDir::new(&format!("train-ptx-tc-{arch}"));
+        let opts = egret_backends::ptx::PtxOptions {
+            arch: arch.into(),
+            tensor_cores: true,
+        };
+        let adamw = egret::train::AdamW::default();
+        let dir = egret::train::compile_train_artifact_ptx(
+            &cfg,
+            "default",
+            &opts,
+            &adamw,
+            None,
+            &t.0.join("a"),
+        )
+        .unwrap();
+        let ptx = std::fs::read_to_string(dir.join("kernels.ptx")).unwrap();
+        assert!(ptx.contains("mma.sync"), "{arch}: no tensor cores");
+        common::assemble_ptx(&format!("train_step tensor cores {arch}"), &ptx, arch);
     }
 }
 
