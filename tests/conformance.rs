@@ -652,14 +652,15 @@ fn simulated_bf16_inputs_feed_tensor_core_attention() {
 /// tails (T 150 queries, S 200 keys), GQA (4 heads on 2), the query strided (tokens first,
 /// permuted) and the values a slice of a wider tensor, a cache offset (batch 0: causal from
 /// key 50) and positions in no order (batch 1: rows that see few keys next to rows that see
-/// all, two that see none, one past the last key); head sizes `(d, dv)` of 64 and 32, and of 16 and 128. Every
-/// attention kernel of the PTX runs `mma`, and the PTX assembles for sm_80 and sm_90.
+/// all, two that see none, one past the last key); head sizes `(d, dv)` of 64 and 32, of 16
+/// and 128, and of 128 and 128 (the device check's). Every attention kernel of the PTX runs
+/// `mma`, and the PTX assembles for sm_80 and sm_90.
 #[test]
 fn simulated_tensor_core_attention_backward_matches_the_interpreter() {
     let (t, s) = (150usize, 200usize);
     // (the scale times log2 e is 1/4: the pre-scaled operands stay exact in bf16)
     let sc = 0.25 / std::f64::consts::LOG2_E;
-    for (d, dv) in [(64usize, 32usize), (16, 128)] {
+    for (d, dv) in [(64usize, 32usize), (16, 128), (128, 128)] {
         let w = 2 * dv + 8;
         // The operands, and the forward quantities the gradients read (`delta` from the
         // output), given or computed.
