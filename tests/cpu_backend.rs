@@ -517,3 +517,42 @@ fn tiled_attention_matches_the_interpreter_across_blocks_and_targets() {
         }
     }
 }
+
+/// Sibling elementwise kernels merge (`schedule::merge_elementwise`) where each element
+/// reads what its group stored there: the conformance case `elementwise-siblings` gives one
+/// kernel for the AdamW-like update's three outputs, while the output its sibling reads
+/// transposed keeps a kernel of its own (and so does that sibling).
+#[test]
+fn sibling_elementwise_kernels_merge_only_where_each_element_reads_its_own() {
+    let body = r#"
+  %p = input "p" : f32[N, 37]
+  %g = input "g" : f32[N, 37]
+  %m = input "m" : f32[N, 37]
+  %v = input "v" : f32[N, 37]
+  %c = const[value=0.9] : f32[N, 37]
+  %mn = mul(%c, %m) : f32[N, 37]
+  %gg = mul(%g, %g) : f32[N, 37]
+  %vn = add(%v, %gg) : f32[N, 37]
+  %u = div(%mn, %vn) : f32[N, 37]
+  %pn = sub(%p, %u) : f32[N, 37]
+  %x = input "x" : f32[N, N]
+  %y = exp(%x) : f32[N, N]
+  %yt = permute[perm=[1, 0]](%y) : f32[N, N]
+  %z = add(%yt, %x) : f32[N, N]
+  output "m" = %mn
+  output "v" = %vn
+  output "p" = %pn
+  output "y" = %y
+  output "z" = %z"#;
+    let g = egret_ir::parse(&format!("graph siblings {{{body}\n}}")).unwrap();
+    let prog = egret_backends::schedule::schedule_with(&g, Default::default()).unwrap();
+    let outputs: Vec<usize> = prog
+        .kernels
+        .iter()
+        .map(|k| match k {
+            egret_backends::kernel::Kernel::Elementwise { also, .. } => also.len() + 1,
+            other => panic!("not elementwise: {}", other.describe()),
+        })
+        .collect();
+    assert_eq!(outputs, [3, 1, 1], "{:?}", prog.kernels.iter().map(|k| k.describe()).collect::<Vec<_>>());
+}

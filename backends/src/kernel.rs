@@ -329,11 +329,15 @@ impl Expr {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Kernel {
-    /// `out[i] = expr(i)` for every `i` in `shape`.
+    /// `out[i] = expr(i)` for every `i` in `shape`, then `o[i] = e(i)` for each `(o, e)` of
+    /// `also` in order (siblings merged by `schedule::merge_elementwise`: one pass over the
+    /// elements, one launch). At each element every output is stored before the next is
+    /// computed, so an expression may load an earlier output, at that same element only.
     Elementwise {
         out: Access,
         shape: Vec<Dim>,
         expr: Expr,
+        also: Vec<(Access, Expr)>,
     },
     /// `out = reduce(src, axis)` with the axis kept as 1; `out` contiguous. `src` is an
     /// expression over `shape` (a load, or elementwise work fused into the reduction).
@@ -606,6 +610,9 @@ impl Kernel {
     /// One line saying what the kernel computes.
     pub fn describe(&self) -> String {
         match self {
+            Kernel::Elementwise { shape, also, .. } if !also.is_empty() => {
+                format!("elementwise {} ({} outputs)", dims(shape), also.len() + 1)
+            }
             Kernel::Elementwise { shape, .. } => format!("elementwise {}", dims(shape)),
             Kernel::Reduce {
                 op, shape, axis, ..

@@ -116,6 +116,7 @@ impl Sched {
             out: acc.clone(),
             shape: shape.to_vec(),
             expr: e,
+            also: vec![],
         };
         if const_only && shape.iter().all(|d| d.as_const().is_some()) {
             self.buffers[out as usize].role = BufferRole::Init;
@@ -153,6 +154,7 @@ impl Sched {
                 out: view.clone(),
                 shape: shape.to_vec(),
                 expr: Expr::Load(acc.clone(), e),
+                also: vec![],
             },
             &[acc.buf],
             out,
@@ -530,6 +532,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                             },
                             shape: pshape.clone(),
                             expr: x,
+                            also: vec![],
                         });
                         s.init.push(false);
                         start = start.add(&strides[*axis].mul_dim(&pshape[*axis]));
@@ -715,6 +718,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                             out: acc,
                             shape: pshape,
                             expr: x,
+                            also: vec![],
                         });
                         s.init.push(init);
                     }
@@ -988,6 +992,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                                     out: view.clone(),
                                     shape: wsh.clone(),
                                     expr,
+                                    also: vec![],
                                 },
                                 &[gw.buf, w.buf],
                                 wf,
@@ -1165,6 +1170,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                         out: Access::contiguous(out, &shape),
                         shape: shape.clone(),
                         expr: x,
+                        also: vec![],
                     });
                     s.init.push(false);
                     taken.insert(out);
@@ -1206,13 +1212,86 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
             }
         })
         .collect();
+    let (kernels, init) = merge_elementwise(s.kernels, s.init);
     Ok(Program {
         name: g.name.clone(),
         states,
         symbols: s.symbols,
         buffers: s.buffers,
-        kernels: s.kernels,
-        init: s.init,
+        kernels,
+        init,
         outputs: outs,
     })
+}
+
+/// The most outputs `merge_elementwise` gives one kernel.
+const MAX_MERGED_OUTPUTS: usize = 8;
+
+/// Sibling fusion: neighbouring elementwise kernels over the same shape become one
+/// (`Kernel::Elementwise::also`), one pass over the elements and one launch where there were
+/// several: an optimizer's update of a parameter, its moments and its value (each stored,
+/// since each is an output), reads the gradient and the moments once and launches once.
+/// A kernel joins the one before it (up to `MAX_MERGED_OUTPUTS` outputs) when neither runs at
+/// load (`init`), it writes a buffer the group neither writes nor reads, and it reads the
+/// group's outputs only through the very (contiguous) access that wrote them: at each
+/// element, the value stored there just before. Kernel order is otherwise kept, so every other dependency holds.
+fn merge_elementwise(kernels: Vec<Kernel>, init: Vec<bool>) -> (Vec<Kernel>, Vec<bool>) {
+    let mut out_k: Vec<Kernel> = Vec::with_capacity(kernels.len());
+    let mut out_i: Vec<bool> = Vec::with_capacity(init.len());
+    for (k, i) in kernels.into_iter().zip(init) {
+        if let (
+            Some(Kernel::Elementwise {
+                out: g_out,
+                shape: g_shape,
+                expr: g_expr,
+                also,
+            }),
+            Some(false),
+            Kernel::Elementwise {
+                out,
+                shape,
+                expr,
+                also: k_also,
+            },
+            false,
+        ) = (out_k.last_mut(), out_i.last().copied(), &k, i)
+        {
+            let group: Vec<(&Access, &Expr)> = std::iter::once((&*g_out, &*g_expr))
+                .chain(also.iter().map(|(o, e)| (o, e)))
+                .collect();
+            let mut group_reads = vec![];
+            for (_, e) in &group {
+                loads(e, &mut group_reads);
+            }
+            let mut reads_ok = true;
+            let mut check = |a: &Access| {
+                // (a contiguous output: one element a place, none written twice)
+                if let Some((o, _)) = group.iter().find(|(o, _)| o.buf == a.buf) {
+                    reads_ok &= *o == a && a.is_contiguous(g_shape);
+                }
+            };
+            expr_accesses(expr, &mut check);
+            let joins = k_also.is_empty()
+                && shape == g_shape
+                && group.len() < MAX_MERGED_OUTPUTS
+                && reads_ok
+                && !group.iter().any(|(o, _)| o.buf == out.buf)
+                && !group_reads.contains(&out.buf);
+            if joins {
+                also.push((out.clone(), expr.clone()));
+                continue;
+            }
+        }
+        out_k.push(k);
+        out_i.push(i);
+    }
+    (out_k, out_i)
+}
+
+/// Every access an expression loads through.
+fn expr_accesses<'a>(e: &'a Expr, f: &mut dyn FnMut(&'a Access)) {
+    match e {
+        Expr::Load(a, _) => f(a),
+        _ => e.children().into_iter().for_each(|c| expr_accesses(c, f)),
+    }
 }

@@ -309,4 +309,42 @@ const CASES: &[(&str, &str)] = &[
   %y = concat[axis=1](%a, %b) : f32[4, 8]
   output "y" = %y"#,
     ),
+    (
+        // Sibling elementwise kernels merged into one (`schedule::merge_elementwise`): an
+        // AdamW-like update whose new moments are outputs the new value reads at the same
+        // element; and an output read transposed by its sibling, which must not merge.
+        "elementwise-siblings",
+        r#"
+  %p = input "p" : f32[N, 37]
+  %g = input "g" : f32[N, 37]
+  %m = input "m" : f32[N, 37]
+  %v = input "v" : f32[N, 37]
+  %b1 = const[value=0.9] : f32[N, 37]
+  %c1 = const[value=0.1] : f32[N, 37]
+  %b2 = const[value=0.999] : f32[N, 37]
+  %c2 = const[value=0.001] : f32[N, 37]
+  %eps = const[value=0.00000001] : f32[N, 37]
+  %lr = const[value=0.01] : f32[N, 37]
+  %m1 = mul(%b1, %m) : f32[N, 37]
+  %m2 = mul(%c1, %g) : f32[N, 37]
+  %mn = add(%m1, %m2) : f32[N, 37]
+  %gg = mul(%g, %g) : f32[N, 37]
+  %v1 = mul(%b2, %v) : f32[N, 37]
+  %v2 = mul(%c2, %gg) : f32[N, 37]
+  %vn = add(%v1, %v2) : f32[N, 37]
+  %sq = sqrt(%vn) : f32[N, 37]
+  %den = add(%sq, %eps) : f32[N, 37]
+  %u = div(%mn, %den) : f32[N, 37]
+  %st = mul(%lr, %u) : f32[N, 37]
+  %pn = sub(%p, %st) : f32[N, 37]
+  %x = input "x" : f32[N, N]
+  %y = exp(%x) : f32[N, N]
+  %yt = permute[perm=[1, 0]](%y) : f32[N, N]
+  %z = add(%yt, %x) : f32[N, N]
+  output "m" = %mn
+  output "v" = %vn
+  output "p" = %pn
+  output "y" = %y
+  output "z" = %z"#,
+    ),
 ];

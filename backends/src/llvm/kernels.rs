@@ -1130,8 +1130,17 @@ pub fn emit<'ctx>(
         sim,
     };
     let scratch = match k {
-        Kernel::Elementwise { out, shape, expr } => {
-            elementwise(&fb, out, shape, expr)?;
+        Kernel::Elementwise {
+            out,
+            shape,
+            expr,
+            also,
+        } => {
+            let outs: Vec<(&Access, &Expr)> = [(out, expr)]
+                .into_iter()
+                .chain(also.iter().map(|(o, e)| (o, e)))
+                .collect();
+            elementwise(&fb, &outs, shape)?;
             0
         }
         Kernel::Reduce {
@@ -1406,10 +1415,19 @@ pub fn canonical(k: &Kernel) -> (Kernel, Vec<u32>) {
         }
     }
     let c = match k {
-        Kernel::Elementwise { out, shape, expr } => Kernel::Elementwise {
+        Kernel::Elementwise {
+            out,
+            shape,
+            expr,
+            also,
+        } => Kernel::Elementwise {
             out: ren(out),
             shape: shape.clone(),
             expr: ren_expr(expr, &ren),
+            also: also
+                .iter()
+                .map(|(o, e)| (ren(o), ren_expr(e, &ren)))
+                .collect(),
         },
         Kernel::Reduce {
             op,
@@ -1635,9 +1653,16 @@ pub fn kernel_buffers(k: &Kernel) -> Vec<u32> {
         }
     }
     match k {
-        Kernel::Elementwise { out, expr, .. } => {
-            add(out.buf);
-            expr_bufs(expr, &mut add);
+        Kernel::Elementwise {
+            out, expr, also, ..
+        } => {
+            for (o, e) in [(out, expr)]
+                .into_iter()
+                .chain(also.iter().map(|(o, e)| (o, e)))
+            {
+                add(o.buf);
+                expr_bufs(e, &mut add);
+            }
         }
         Kernel::Reduce { out, src, .. } => {
             add(*out);
@@ -2036,14 +2061,19 @@ fn round_bf16<'ctx>(fb: &Fb<'_, 'ctx>, f: FloatValue<'ctx>) -> R<FloatValue<'ctx
         .into_float_value())
 }
 
-fn elementwise(fb: &Fb, out: &Access, shape: &[Dim], expr: &Expr) -> R<()> {
+fn elementwise<'ctx>(fb: &Fb<'_, 'ctx>, outs: &[(&Access, &Expr)], shape: &[Dim]) -> R<()> {
     let mut loads = vec![];
-    collect_loads(expr, &mut loads);
+    for (_, e) in outs {
+        collect_loads(e, &mut loads);
+    }
     let avs: Vec<Av> = loads
         .iter()
         .map(|(a, t)| fb.access(a, *t))
         .collect::<R<_>>()?;
-    let oav = fb.access(out, expr.elem())?;
+    let oavs: Vec<Av> = outs
+        .iter()
+        .map(|(o, e)| fb.access(o, e.elem()))
+        .collect::<R<_>>()?;
     let dims: Vec<IntValue> = shape.iter().map(|d| fb.dim(d)).collect::<R<_>>()?;
     let r = dims.len();
     let (outer, inner) = if r == 0 {
@@ -2061,49 +2091,77 @@ fn elementwise(fb: &Fb, out: &Access, shape: &[Dim], expr: &Expr) -> R<()> {
             let index = fb.decompose(lin, &dims)?;
             let pairs: Vec<(usize, IntValue)> = index.iter().copied().enumerate().collect();
             let el: Vec<IntValue> = avs.iter().map(|a| fb.at(a, &pairs)).collect::<R<_>>()?;
-            let v = eval(fb, expr, &avs, &el, &mut 0, &index)?;
-            fb.store(oav.ptr, oav.elem, fb.at(&oav, &pairs)?, v)
+            let ats: Vec<IntValue> = oavs.iter().map(|o| fb.at(o, &pairs)).collect::<R<_>>()?;
+            eval_store(fb, outs, &avs, &el, &oavs, &ats, &index)
         })?;
         return fb.ret_ok();
     }
     let transposing = r >= 2
-        && loads.iter().map(|(a, _)| *a).chain([out]).any(|a| {
-            a.strides[r - 2] == Poly::c(1)
-                && a.strides[r - 1] != Poly::c(1)
-                && a.strides[r - 1] != Poly::zero()
-        });
+        && loads
+            .iter()
+            .map(|(a, _)| *a)
+            .chain(outs.iter().map(|(o, _)| *o))
+            .any(|a| {
+                a.strides[r - 2] == Poly::c(1)
+                    && a.strides[r - 1] != Poly::c(1)
+                    && a.strides[r - 1] != Poly::zero()
+            });
     if transposing {
-        return elementwise_tiled(fb, &avs, &oav, &dims, expr);
+        return elementwise_tiled(fb, outs, &avs, &oavs, &dims);
     }
     let (s, e) = fb.split(rows)?;
     fb.for_range(s, e, |fb, row| {
         let idx = fb.decompose(row, &outer)?;
         let pairs: Vec<(usize, IntValue)> = idx.iter().copied().enumerate().collect();
         let bases: Vec<IntValue> = avs.iter().map(|a| fb.at(a, &pairs)).collect::<R<_>>()?;
-        let obase = fb.at(&oav, &pairs)?;
+        let obases: Vec<IntValue> = oavs.iter().map(|o| fb.at(o, &pairs)).collect::<R<_>>()?;
         fb.for_range(fb.i64c(0), inner, |fb, j| {
-            let el: Vec<IntValue> = if r == 0 {
-                bases.clone()
-            } else {
-                avs.iter()
-                    .zip(&bases)
-                    .map(|(a, b)| fb.add(*b, fb.mul(j, a.strides[r - 1])?))
-                    .collect::<R<_>>()?
+            // (the element along the last axis: `base + j·stride`)
+            let step = |a: &Av<'ctx>, b: &IntValue<'ctx>| -> R<IntValue<'ctx>> {
+                if r == 0 {
+                    Ok(*b)
+                } else {
+                    fb.add(*b, fb.mul(j, a.strides[r - 1])?)
+                }
             };
+            let el: Vec<IntValue> = avs
+                .iter()
+                .zip(&bases)
+                .map(|(a, b)| step(a, b))
+                .collect::<R<_>>()?;
+            let ats: Vec<IntValue> = oavs
+                .iter()
+                .zip(&obases)
+                .map(|(o, b)| step(o, b))
+                .collect::<R<_>>()?;
             let mut index = idx.clone();
             if r > 0 {
                 index.push(j);
             }
-            let v = eval(fb, expr, &avs, &el, &mut 0, &index)?;
-            let o = if r == 0 {
-                obase
-            } else {
-                fb.add(obase, fb.mul(j, oav.strides[r - 1])?)?
-            };
-            fb.store(oav.ptr, oav.elem, o, v)
+            eval_store(fb, outs, &avs, &el, &oavs, &ats, &index)
         })
     })?;
     fb.ret_ok()
+}
+
+/// At one element (`el`: where each load reads; `ats`: where each output goes; `index`: its
+/// position), each output's expression evaluated and stored in turn, so that a later one may
+/// load an earlier one's value there.
+fn eval_store<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    outs: &[(&Access, &Expr)],
+    avs: &[Av<'ctx>],
+    el: &[IntValue<'ctx>],
+    oavs: &[Av<'ctx>],
+    ats: &[IntValue<'ctx>],
+    index: &[IntValue<'ctx>],
+) -> R<()> {
+    let mut next = 0;
+    for (((_, e), o), at) in outs.iter().zip(oavs).zip(ats) {
+        let v = eval(fb, e, avs, el, &mut next, index)?;
+        fb.store(o.ptr, o.elem, *at, v)?;
+    }
+    Ok(())
 }
 
 /// Rows of the second-to-last axis that a transposing elementwise kernel walks together.
@@ -2115,10 +2173,10 @@ const TRANSPOSE_TILE: i64 = 16;
 /// serves a whole tile instead of one element per sweep over the row.
 fn elementwise_tiled<'ctx>(
     fb: &Fb<'_, 'ctx>,
+    outs: &[(&Access, &Expr)],
     avs: &[Av<'ctx>],
-    oav: &Av<'ctx>,
+    oavs: &[Av<'ctx>],
     dims: &[IntValue<'ctx>],
-    expr: &Expr,
 ) -> R<()> {
     let r = dims.len();
     let (mid, inner) = (dims[r - 2], dims[r - 1]);
@@ -2151,8 +2209,8 @@ fn elementwise_tiled<'ctx>(
                 index.extend([i, j]);
                 let pairs: Vec<(usize, IntValue)> = index.iter().copied().enumerate().collect();
                 let el: Vec<IntValue> = avs.iter().map(|a| fb.at(a, &pairs)).collect::<R<_>>()?;
-                let v = eval(fb, expr, avs, &el, &mut 0, &index)?;
-                fb.store(oav.ptr, oav.elem, fb.at(oav, &pairs)?, v)
+                let ats: Vec<IntValue> = oavs.iter().map(|o| fb.at(o, &pairs)).collect::<R<_>>()?;
+                eval_store(fb, outs, avs, &el, oavs, &ats, &index)
             })
         })
     })?;
