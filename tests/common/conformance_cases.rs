@@ -337,10 +337,10 @@ const CASES: &[(&str, &str)] = &[
   %u = div(%mn, %den) : f32[N, 37]
   %st = mul(%lr, %u) : f32[N, 37]
   %pn = sub(%p, %st) : f32[N, 37]
-  %x = input "x" : f32[N, N]
-  %y = exp(%x) : f32[N, N]
-  %yt = permute[perm=[1, 0]](%y) : f32[N, N]
-  %z = add(%yt, %x) : f32[N, N]
+  %x = input "x" : f32[9, 9]
+  %y = exp(%x) : f32[9, 9]
+  %yt = permute[perm=[1, 0]](%y) : f32[9, 9]
+  %z = add(%yt, %x) : f32[9, 9]
   output "m" = %mn
   output "v" = %vn
   output "p" = %pn
