@@ -1233,8 +1233,9 @@ const MAX_MERGED_OUTPUTS: usize = 8;
 /// since each is an output), reads the gradient and the moments once and launches once.
 /// A kernel joins the one before it (up to `MAX_MERGED_OUTPUTS` outputs) when neither runs at
 /// load (`init`), it writes a buffer the group neither writes nor reads, and it reads the
-/// group's outputs only through the very (contiguous) access that wrote them: at each
-/// element, the value stored there just before. Kernel order is otherwise kept, so every other dependency holds.
+/// group's outputs only through the very (contiguous) access that wrote them and not
+/// inside a concat (whose pieces read shifted indices): at each element, the value stored
+/// there just before. Kernel order is otherwise kept, so every other dependency holds.
 fn merge_elementwise(kernels: Vec<Kernel>, init: Vec<bool>) -> (Vec<Kernel>, Vec<bool>) {
     let mut out_k: Vec<Kernel> = Vec::with_capacity(kernels.len());
     let mut out_i: Vec<bool> = Vec::with_capacity(init.len());
@@ -1264,13 +1265,14 @@ fn merge_elementwise(kernels: Vec<Kernel>, init: Vec<bool>) -> (Vec<Kernel>, Vec
                 loads(e, &mut group_reads);
             }
             let mut reads_ok = true;
-            let mut check = |a: &Access| {
-                // (a contiguous output: one element a place, none written twice)
+            let mut check = |a: &Access, shifted: bool| {
+                // (a contiguous output: one element a place, none written twice; and not a
+                // piece of a concat, whose loads are shifted to the piece's own index)
                 if let Some((o, _)) = group.iter().find(|(o, _)| o.buf == a.buf) {
-                    reads_ok &= *o == a && a.is_contiguous(g_shape);
+                    reads_ok &= *o == a && a.is_contiguous(g_shape) && !shifted;
                 }
             };
-            expr_accesses(expr, &mut check);
+            expr_accesses(expr, false, &mut check);
             let joins = k_also.is_empty()
                 && shape == g_shape
                 && group.len() < MAX_MERGED_OUTPUTS
@@ -1288,10 +1290,19 @@ fn merge_elementwise(kernels: Vec<Kernel>, init: Vec<bool>) -> (Vec<Kernel>, Vec
     (out_k, out_i)
 }
 
-/// Every access an expression loads through.
-fn expr_accesses<'a>(e: &'a Expr, f: &mut dyn FnMut(&'a Access)) {
+/// Every access an expression loads through, and whether it loads at an index other than
+/// the element's own (`shifted`: inside a concat's piece, which reads its operand at the
+/// index less the piece's start along the concat axis).
+fn expr_accesses<'a>(e: &'a Expr, shifted: bool, f: &mut dyn FnMut(&'a Access, bool)) {
     match e {
-        Expr::Load(a, _) => f(a),
-        _ => e.children().into_iter().for_each(|c| expr_accesses(c, f)),
+        Expr::Load(a, _) => f(a, shifted),
+        Expr::Concat(..) => e
+            .children()
+            .into_iter()
+            .for_each(|c| expr_accesses(c, true, f)),
+        _ => e
+            .children()
+            .into_iter()
+            .for_each(|c| expr_accesses(c, shifted, f)),
     }
 }

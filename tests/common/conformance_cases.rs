@@ -312,7 +312,8 @@ const CASES: &[(&str, &str)] = &[
     (
         // Sibling elementwise kernels merged into one (`schedule::merge_elementwise`): an
         // AdamW-like update whose new moments are outputs the new value reads at the same
-        // element; and an output read transposed by its sibling, which must not merge.
+        // element; and outputs read by a sibling transposed, or shifted through a concat (a
+        // token shift), which must not merge.
         "elementwise-siblings",
         r#"
   %p = input "p" : f32[N, 37]
@@ -341,6 +342,13 @@ const CASES: &[(&str, &str)] = &[
   %y = exp(%x) : f32[9, 9]
   %yt = permute[perm=[1, 0]](%y) : f32[9, 9]
   %z = add(%yt, %x) : f32[9, 9]
+  %w = mul(%g, %p) : f32[N, 37]
+  %ws = slice[axis=1, start=0, end=36](%w) : f32[N, 36]
+  %w0 = const[value=0.5] : f32[N, 1]
+  %wc = concat[axis=1](%w0, %ws) : f32[N, 37]
+  %shift = sub(%wc, %w) : f32[N, 37]
+  output "w" = %w
+  output "shift" = %shift
   output "m" = %mn
   output "v" = %vn
   output "p" = %pn
