@@ -777,6 +777,31 @@ fn simulated_tensor_core_attention_backward_matches_the_interpreter() {
     }
 }
 
+/// Sibling elementwise kernels merge (`schedule::merge_elementwise`) where each element
+/// reads what its group stored there: in the case `elementwise-siblings`, the AdamW-like
+/// update's three outputs share one kernel (with the token shift's stored product, which
+/// reads none of theirs), while the shift itself, which reads that product a column back
+/// through a concat, keeps a kernel of its own, and so do an output read transposed and its
+/// reader.
+#[test]
+fn sibling_elementwise_kernels_merge_only_where_each_element_reads_its_own() {
+    let name = "elementwise-siblings";
+    let (_, body) = CASES.iter().find(|(n, _)| *n == name).expect("the case");
+    let prog =
+        egret_backends::schedule::schedule_with(&graph(name, body), Default::default()).unwrap();
+    let mut kernels: Vec<String> = prog.kernels.iter().map(|k| k.describe()).collect();
+    kernels.sort();
+    assert_eq!(
+        kernels,
+        [
+            "elementwise [9, 9]",
+            "elementwise [9, 9]",
+            "elementwise [N, 37]",
+            "elementwise [N, 37] (4 outputs)",
+        ]
+    );
+}
+
 #[test]
 fn interpreter_matches_itself_trivially_and_cases_parse() {
     check("interp", run_interp);
