@@ -23,12 +23,13 @@
 //! - the update `acc += C·X` (`mma_tile`, `C` from the accumulators as a left operand,
 //!   `acc_frag`): `C = dS`, `X = B_s` for `dq` and `dk`; `C = P`, `X = B_p` for `dv`.
 //!
-//! Rows end times `scale` for `dq` and `dk`. Query units take the keys up to the last any
-//! of the block's rows sees, each warp skipping the steps past its own rows' last; key units
-//! take the query rows of each head in steps whose per-column statistics (`lse`, `delta`,
-//! the last key each row sees) go through shared memory first, so that a step no column of
-//! which sees the block's first key is skipped whole, and one that sees none of a warp's
-//! rows by that warp.
+//! Rows end times `scale` for `dq`, and times `ln 2` for `dk` (whose update read the
+//! pre-scaled query). Query units take the keys up to the last any of the block's rows
+//! sees, each warp skipping the steps past its own rows' last; key units take the query
+//! rows of each head in steps whose per-column statistics (`lse`, `delta`, the last key the
+//! column's query sees) go through shared memory first, so that a step no column of which
+//! sees the block's first key is skipped whole, and one that sees none of a warp's rows by
+//! that warp.
 
 use inkwell::values::{FloatValue, IntValue, PointerValue};
 use inkwell::{FloatPredicate, IntPredicate};
