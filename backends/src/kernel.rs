@@ -607,6 +607,19 @@ impl Kernel {
         }
     }
 
+    /// An elementwise kernel's outputs with their expressions, in the order it computes them
+    /// (`out`, then `also`); none for other kernels.
+    pub fn elementwise_outputs(&self) -> Vec<(&Access, &Expr)> {
+        match self {
+            Kernel::Elementwise {
+                out, expr, also, ..
+            } => std::iter::once((out, expr))
+                .chain(also.iter().map(|(o, e)| (o, e)))
+                .collect(),
+            _ => vec![],
+        }
+    }
+
     /// One line saying what the kernel computes.
     pub fn describe(&self) -> String {
         match self {

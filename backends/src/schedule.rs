@@ -208,10 +208,7 @@ impl Sched {
 }
 
 fn loads(e: &Expr, out: &mut Vec<u32>) {
-    match e {
-        Expr::Load(a, _) => out.push(a.buf),
-        _ => e.children().into_iter().for_each(|c| loads(c, out)),
-    }
+    expr_accesses(e, false, &mut |a, _| out.push(a.buf));
 }
 
 /// Values recomputed by each consumer rather than stored: constants, and one load combined
@@ -1240,52 +1237,51 @@ fn merge_elementwise(kernels: Vec<Kernel>, init: Vec<bool>) -> (Vec<Kernel>, Vec
     let mut out_k: Vec<Kernel> = Vec::with_capacity(kernels.len());
     let mut out_i: Vec<bool> = Vec::with_capacity(init.len());
     for (k, i) in kernels.into_iter().zip(init) {
-        if let (
-            Some(Kernel::Elementwise {
-                out: g_out,
-                shape: g_shape,
-                expr: g_expr,
-                also,
-            }),
-            Some(false),
-            Kernel::Elementwise {
-                out,
-                shape,
-                expr,
-                also: k_also,
-            },
-            false,
-        ) = (out_k.last_mut(), out_i.last().copied(), &k, i)
-        {
-            let group: Vec<(&Access, &Expr)> = std::iter::once((&*g_out, &*g_expr))
-                .chain(also.iter().map(|(o, e)| (o, e)))
-                .collect();
-            let mut group_reads = vec![];
-            for (_, e) in &group {
-                loads(e, &mut group_reads);
-            }
-            let mut reads_ok = true;
-            let mut check = |a: &Access, shifted: bool| {
-                // (a contiguous output: one element a place, none written twice; and not a
-                // piece of a concat, whose loads are shifted to the piece's own index)
-                if let Some((o, _)) = group.iter().find(|(o, _)| o.buf == a.buf) {
-                    reads_ok &= *o == a && a.is_contiguous(g_shape) && !shifted;
+        let joins = match (out_k.last(), out_i.last(), &k, i) {
+            (
+                Some(g @ Kernel::Elementwise { shape: g_shape, .. }),
+                Some(false),
+                Kernel::Elementwise {
+                    out,
+                    shape,
+                    expr,
+                    also,
+                },
+                false,
+            ) => {
+                let group = g.elementwise_outputs();
+                let mut group_reads = vec![];
+                for (_, e) in &group {
+                    loads(e, &mut group_reads);
                 }
-            };
-            expr_accesses(expr, false, &mut check);
-            let joins = k_also.is_empty()
-                && shape == g_shape
-                && group.len() < MAX_MERGED_OUTPUTS
-                && reads_ok
-                && !group.iter().any(|(o, _)| o.buf == out.buf)
-                && !group_reads.contains(&out.buf);
-            if joins {
-                also.push((out.clone(), expr.clone()));
-                continue;
+                let mut reads_ok = true;
+                expr_accesses(expr, false, &mut |a, shifted| {
+                    // (a contiguous output: one element a place, none written twice; and not
+                    // a piece of a concat, whose loads are shifted to the piece's own index)
+                    if let Some((o, _)) = group.iter().find(|(o, _)| o.buf == a.buf) {
+                        reads_ok &= *o == a && a.is_contiguous(g_shape) && !shifted;
+                    }
+                });
+                also.is_empty()
+                    && shape == g_shape
+                    && group.len() < MAX_MERGED_OUTPUTS
+                    && reads_ok
+                    && !group.iter().any(|(o, _)| o.buf == out.buf)
+                    && !group_reads.contains(&out.buf)
+            }
+            _ => false,
+        };
+        match (out_k.last_mut(), k) {
+            (Some(Kernel::Elementwise { also, .. }), Kernel::Elementwise { out, expr, .. })
+                if joins =>
+            {
+                also.push((out, expr))
+            }
+            (_, k) => {
+                out_k.push(k);
+                out_i.push(i);
             }
         }
-        out_k.push(k);
-        out_i.push(i);
     }
     (out_k, out_i)
 }

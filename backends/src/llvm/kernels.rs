@@ -714,6 +714,23 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
             .into_float_value())
     }
 
+    /// `if c { a } else { b }` of integers.
+    fn isel(&self, c: IntValue<'ctx>, a: IntValue<'ctx>, b: IntValue<'ctx>) -> R<IntValue<'ctx>> {
+        Ok(self
+            .b
+            .build_select(c, a, b, "sel")
+            .map_err(be)?
+            .into_int_value())
+    }
+
+    /// `⌈x / d⌉` for `x ≥ 0`, `d > 0`.
+    fn ceil_div(&self, x: IntValue<'ctx>, d: IntValue<'ctx>) -> R<IntValue<'ctx>> {
+        let d1 = self.b.build_int_sub(d, self.i64c(1), "d1").map_err(be)?;
+        self.b
+            .build_int_signed_div(self.add(x, d1)?, d, "ceil")
+            .map_err(be)
+    }
+
     fn fsel(
         &self,
         c: IntValue<'ctx>,
@@ -1130,17 +1147,8 @@ pub fn emit<'ctx>(
         sim,
     };
     let scratch = match k {
-        Kernel::Elementwise {
-            out,
-            shape,
-            expr,
-            also,
-        } => {
-            let outs: Vec<(&Access, &Expr)> = [(out, expr)]
-                .into_iter()
-                .chain(also.iter().map(|(o, e)| (o, e)))
-                .collect();
-            elementwise(&fb, &outs, shape)?;
+        Kernel::Elementwise { shape, .. } => {
+            elementwise(&fb, &k.elementwise_outputs(), shape)?;
             0
         }
         Kernel::Reduce {
@@ -1653,13 +1661,8 @@ pub fn kernel_buffers(k: &Kernel) -> Vec<u32> {
         }
     }
     match k {
-        Kernel::Elementwise {
-            out, expr, also, ..
-        } => {
-            for (o, e) in [(out, expr)]
-                .into_iter()
-                .chain(also.iter().map(|(o, e)| (o, e)))
-            {
+        Kernel::Elementwise { .. } => {
+            for (o, e) in k.elementwise_outputs() {
                 add(o.buf);
                 expr_bufs(e, &mut add);
             }
@@ -5350,17 +5353,28 @@ fn mma_attn_ring(ka: &Av, va: &Av) -> bool {
 /// Whether keys and values have the rows the ring copies (`cp.async` of 8-element chunks):
 /// unit stride along the head, every row on 16 bytes (offset and other strides multiples of
 /// 8 elements, the buffer aligned).
-fn mma_attn_ring_ok<'ctx>(fb: &Fb<'_, 'ctx>, avs: [&Av<'ctx>; 2]) -> R<IntValue<'ctx>> {
-    let mut ok = fb.ctx.bool_type().const_int(1, false);
+fn mma_attn_ring_ok<'ctx>(fb: &Fb<'_, 'ctx>, [k, v]: [&Av<'ctx>; 2]) -> R<IntValue<'ctx>> {
+    fb.b.build_and(rows_on(fb, k, 8, true)?, rows_on(fb, v, 8, true)?, "ring")
+        .map_err(be)
+}
+
+/// Whether a `[B, H, N, D]` operand's rows start on 16 bytes, in steps of `elems` elements:
+/// unit stride along `D`, the other strides (and with `offset_too` the view's offset)
+/// multiples of `elems`, the buffer aligned.
+fn rows_on<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    av: &Av<'ctx>,
+    elems: i64,
+    offset_too: bool,
+) -> R<IntValue<'ctx>> {
     let and = |a, b| fb.b.build_and(a, b, "and").map_err(be);
-    for av in avs {
-        let unit =
-            fb.b.build_int_compare(IntPredicate::EQ, av.strides[3], fb.i64c(1), "unit")
-                .map_err(be)?;
-        ok = and(and(ok, unit)?, fb.ptr_aligned(av.ptr, 16)?)?;
-        for s in av.strides[..3].iter().chain([&av.off]) {
-            ok = and(ok, fb.multiple_of(*s, 8)?)?;
-        }
+    let mut ok =
+        fb.b.build_int_compare(IntPredicate::EQ, av.strides[3], fb.i64c(1), "unit")
+            .map_err(be)?;
+    ok = and(ok, fb.ptr_aligned(av.ptr, 16)?)?;
+    let off = offset_too.then_some(&av.off);
+    for s in av.strides[..3].iter().chain(off) {
+        ok = and(ok, fb.multiple_of(*s, elems)?)?;
     }
     Ok(ok)
 }
@@ -5818,14 +5832,8 @@ fn stage_put<'ctx>(
 /// Whether a staged operand's rows may load four elements at a time (`stage_fetch`): unit
 /// stride along the head, other strides multiples of 4, the buffer on 16 bytes.
 fn stage_vec_ok<'ctx>(fb: &Fb<'_, 'ctx>, av: &Av<'ctx>) -> R<IntValue<'ctx>> {
-    let and = |a, b| fb.b.build_and(a, b, "and").map_err(be);
-    let mut ok =
-        fb.b.build_int_compare(IntPredicate::EQ, av.strides[3], fb.i64c(1), "unit")
-            .map_err(be)?;
-    for s in &av.strides[..3] {
-        ok = and(ok, fb.multiple_of(*s, 4)?)?;
-    }
-    and(ok, fb.ptr_aligned(av.ptr, 16)?)
+    // (the offset: `stage_fetch` checks each tile's base)
+    rows_on(fb, av, 4, false)
 }
 
 /// Causal attention on tensor cores, flash-style (bf16 operands, f32 softmax and sums): a
@@ -5885,7 +5893,7 @@ fn gpu_mma_attention<'ctx>(
         c(0)
     };
     let ends_s = shared_f32(fb, "ends", 8);
-    let ttiles = sdiv(fb.add(tv, c(MMA_ATTN_ROWS - 1))?, c(MMA_ATTN_ROWS), "tt")?;
+    let ttiles = fb.ceil_div(tv, c(MMA_ATTN_ROWS))?;
     let units = fb.mul(fb.mul(bv, c(d.h))?, ttiles)?;
     let BlockGrid {
         lane,
@@ -6001,7 +6009,7 @@ fn gpu_mma_attention<'ctx>(
         for o in &oacc {
             fb.set(*o, fb.f32c(0.0))?;
         }
-        let steps = sdiv(fb.add(kend, c(keys - 1))?, c(keys), "steps")?;
+        let steps = fb.ceil_div(kend, c(keys))?;
         // `wgmma`'s operand at byte `off` of the keys (`values`: the values) at word `word`
         // and its descriptor: keys k-major (key rows of the 64-element block `16ks/64`, 32
         // bytes a k step into them), values n-major (16 key rows a k step, 64-column blocks

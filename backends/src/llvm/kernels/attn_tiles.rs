@@ -224,7 +224,7 @@ fn tiles<'ctx>(
             .map_err(be)?;
     let rb = fb.imax(fb.imin(want, c(MAX_ROW_BLOCKS))?, c(1))?;
     let urows = fb.mul(rb, c(mr))?;
-    let per_head = ceil_div(fb, len, urows)?;
+    let per_head = fb.ceil_div(len, urows)?;
     let units = fb.mul(fb.mul(bv, c(heads))?, per_head)?;
     // Per query (a row of a query unit, a column of a key unit) the end of its visible keys;
     // per row block of a query unit the largest of its rows'.
@@ -309,7 +309,7 @@ fn tiles<'ctx>(
             let gi = hx;
             fb.for_range(c(0), c(rep), |fb, hr| {
                 let h = fb.add(fb.mul(gi, c(rep))?, hr)?;
-                fb.for_range(c(0), ceil_div(fb, other_len, c(nr))?, |fb, ob| {
+                fb.for_range(c(0), fb.ceil_div(other_len, c(nr))?, |fb, ob| {
                     let o0 = fb.mul(ob, c(nr))?;
                     let no =
                         fb.imin(c(nr), fb.b.build_int_sub(other_len, o0, "no").map_err(be)?)?;
@@ -319,7 +319,7 @@ fn tiles<'ctx>(
                         let ok = lt(i, no)?;
                         let t = fb.imin(fb.add(o0, i)?, olast)?;
                         let end = query_end(fb, bi, t)?;
-                        let end = pick(fb, ok, end, c(0))?;
+                        let end = fb.isel(ok, end, c(0))?;
                         store_i64(at_i64(ends, i)?, end)?;
                         store_i64(max_end, fb.imax(load_i64(max_end)?, end)?)?;
                         query_stats(fb, gops, [bi, h, t, i], ok)
@@ -380,7 +380,7 @@ fn tiles<'ctx>(
             fb.for_range(c(0), rb, |_, blk| store_i64(at_i64(rb_ends, blk)?, c(0)))?;
             fb.for_range(c(0), urows, |fb, r| {
                 let (t, ok) = row(fb, r)?;
-                let end = pick(fb, ok, query_end(fb, bi, t)?, c(0))?;
+                let end = fb.isel(ok, query_end(fb, bi, t)?, c(0))?;
                 store_i64(at_i64(ends, r)?, end)?;
                 store_i64(max_end, fb.imax(load_i64(max_end)?, end)?)?;
                 let blk = fb.b.build_int_signed_div(r, c(mr), "rblk").map_err(be)?;
@@ -396,7 +396,7 @@ fn tiles<'ctx>(
             })?;
             let klast = fb.b.build_int_sub(sv, c(1), "kl").map_err(be)?;
             let me = load_i64(max_end)?;
-            fb.for_range(c(0), ceil_div(fb, me, c(nr))?, |fb, ob| {
+            fb.for_range(c(0), fb.ceil_div(me, c(nr))?, |fb, ob| {
                 let o0 = fb.mul(ob, c(nr))?;
                 let no = fb.imin(c(nr), fb.b.build_int_sub(sv, o0, "no").map_err(be)?)?;
                 let key_row = |fb: &Fb<'_, 'ctx>, av: &Av<'ctx>, i: IntValue<'ctx>| {
@@ -484,24 +484,6 @@ struct Tile<'ctx> {
     blk: IntValue<'ctx>,
     r0: IntValue<'ctx>,
     o0: IntValue<'ctx>,
-}
-
-fn ceil_div<'ctx>(fb: &Fb<'_, 'ctx>, x: IntValue<'ctx>, d: IntValue<'ctx>) -> R<IntValue<'ctx>> {
-    let x1 = fb.add(x, fb.b.build_int_sub(d, fb.i64c(1), "d1").map_err(be)?)?;
-    fb.b.build_int_signed_div(x1, d, "ceil").map_err(be)
-}
-
-fn pick<'ctx>(
-    fb: &Fb<'_, 'ctx>,
-    cond: IntValue<'ctx>,
-    a: IntValue<'ctx>,
-    b: IntValue<'ctx>,
-) -> R<IntValue<'ctx>> {
-    Ok(fb
-        .b
-        .build_select(cond, a, b, "sel")
-        .map_err(be)?
-        .into_int_value())
 }
 
 fn fill<'ctx>(fb: &Fb<'_, 'ctx>, p: PointerValue<'ctx>, n: IntValue<'ctx>, v: f64) -> R<()> {

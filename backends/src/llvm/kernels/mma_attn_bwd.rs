@@ -111,11 +111,7 @@ pub(super) fn backward<'ctx>(
     // Rows of the unit side and of the staged side.
     let (rows_len, other_len) = if key_units { (sv, tv) } else { (tv, sv) };
     let heads = if key_units { d.hkv } else { d.h };
-    let tiles = sdiv(
-        fb.add(rows_len, c(MMA_ATTN_ROWS - 1))?,
-        c(MMA_ATTN_ROWS),
-        "tl",
-    )?;
+    let tiles = fb.ceil_div(rows_len, c(MMA_ATTN_ROWS))?;
     let units = fb.mul(fb.mul(bv, c(heads))?, tiles)?;
     let BlockGrid {
         lane,
@@ -350,7 +346,7 @@ pub(super) fn backward<'ctx>(
                 fb.b.build_int_truncate(rows[0], i32t, "r32").map_err(be)?,
                 fb.b.build_int_truncate(rows[1], i32t, "r32").map_err(be)?,
             ];
-            let steps = sdiv(fb.add(tv, c(keys - 1))?, c(keys), "steps")?;
+            let steps = fb.ceil_div(tv, c(keys))?;
             fb.for_range(c(0), c(rep), |fb, r| {
                 let hi = fb.add(fb.mul(hx, c(rep))?, r)?;
                 fb.for_range(c(0), steps, |fb, st| {
@@ -443,7 +439,7 @@ pub(super) fn backward<'ctx>(
             };
             let mine = fb.imax(end_of(0)?, end_of(1)?)?;
             let (wend, kend) = block_max(fb, ends_s, mine, [warp, wl])?;
-            let steps = sdiv(fb.add(kend, c(keys - 1))?, c(keys), "steps")?;
+            let steps = fb.ceil_div(kend, c(keys))?;
             // Whether key `s0 + 8nt + 2q + x%2` is visible to the row of accumulator `x`.
             let seen = |fb: &Fb<'_, 'ctx>, s0: IntValue<'ctx>, nt: i64, x: usize| {
                 let j = fb.add(fb.add(s0, c(8 * nt + (x % 2) as i64))?, fb.mul(q, c(2))?)?;
