@@ -375,12 +375,42 @@ const EXACT_MMA_CASES: &[(&str, &str)] = &[
     ),
 ];
 
+/// Matmuls of more than 32 rows and fewer than 132 tiles of 128 × 128 but at least 64 of
+/// 64 × 64, which take the 64 × 64 tiles of `gpu_tiled_matmul` (with tensor cores too, their
+/// operands rounded to bf16): tails in m, n and k, more tiles than simulated blocks, a
+/// transposed (element-wise staged) and an unaligned-row operand, a residual.
+const EXACT_MID_CASES: &[(&str, &str)] = &[
+    (
+        "mid-batched-tails-residual",
+        r#"
+  %x = input "x" : f32[2, 300, 40]
+  %w = param "w" : f32[40, 500]
+  %y = matmul(%x, %w) : f32[2, 300, 500]
+  %r = input "r" : f32[2, 300, 500]
+  %z = add(%r, %y) : f32[2, 300, 500]
+  output "z" = %z"#,
+    ),
+    (
+        "mid-transposed-odd-stride",
+        r#"
+  %x = input "x" : f32[30, 200]
+  %xt = permute[perm=[1, 0]](%x) : f32[200, 30]
+  %w = param "w" : f32[30, 1100]
+  %y = matmul(%xt, %w) : f32[200, 1100]
+  %u = input "u" : f32[2, 200, 42]
+  %v = param "v" : f32[42, 520]
+  %z = matmul(%u, %v) : f32[2, 200, 520]
+  output "y" = %y
+  output "z" = %z"#,
+    ),
+];
+
 /// On inputs that bf16 holds exactly (multiples of 1/8 up to 1 in size), whose products and
 /// sums f32 holds exactly too, the tensor-core matmuls must give the interpreter's results
 /// bit for bit: any misplaced fragment, staged element or k step shows.
 #[test]
 fn simulated_tensor_core_matmuls_are_exact_on_bf16_exact_inputs() {
-    for (name, body) in EXACT_MMA_CASES {
+    for (name, body) in EXACT_MMA_CASES.iter().chain(EXACT_MID_CASES) {
         let (want, got) = interp_and_simulated(name, body, 0x5eed, (true, true), |rng| {
             (rng.next() % 17) as f32 / 8.0 - 1.0
         });
@@ -400,7 +430,7 @@ fn simulated_wgmma_matmuls_are_exact_on_bf16_exact_inputs() {
         arch: "sm_90a".into(),
         tensor_cores: true,
     };
-    for (name, body) in EXACT_MMA_CASES {
+    for (name, body) in EXACT_MMA_CASES.iter().chain(EXACT_MID_CASES) {
         let (want, got) = interp_and_simulated_with(name, body, 0x5eed, true, &opts, |rng| {
             (rng.next() % 17) as f32 / 8.0 - 1.0
         });
@@ -440,7 +470,7 @@ fn simulated_bf16_inputs_feed_tensor_core_matmuls() {
 /// four-float staging or shared-memory quads shows.
 #[test]
 fn simulated_tiled_matmuls_are_exact_on_bf16_exact_inputs() {
-    for (name, body) in EXACT_MMA_CASES {
+    for (name, body) in EXACT_MMA_CASES.iter().chain(EXACT_MID_CASES) {
         let (want, got) = interp_and_simulated(name, body, 0x5eed, (true, false), |rng| {
             (rng.next() % 17) as f32 / 8.0 - 1.0
         });
@@ -452,21 +482,26 @@ fn simulated_tiled_matmuls_are_exact_on_bf16_exact_inputs() {
 }
 
 /// The tiled matmuls' fused RMSNorm (row scales, the norm weight on `A`'s columns as they
-/// load) with enough tiles for the tiled kernels, f32 and on tensor cores: within 1e-5 and
-/// 1e-2 relative L2 of the interpreter's.
+/// load) with enough tiles for the large-tile kernels, and with few enough for the 64 × 64
+/// tiles (whose rows take four threads each for the scales), f32 and on tensor cores: within
+/// 1e-5 and 1e-2 relative L2 of the interpreter's.
 #[test]
 fn simulated_tiled_rms_norm_matmuls_match_the_interpreter() {
-    let body = r#"
-  %x = input "x" : f32[1000, 136]
+    for (m, n) in [(1000, 2100), (300, 1000)] {
+        let body = format!(
+            r#"
+  %x = input "x" : f32[{m}, 136]
   %g = param "g" : f32[136]
-  %w = param "w" : f32[136, 2100]
-  %y = rms_norm_matmul[eps=1e-5](%x, %g, %w) : f32[1000, 2100]
-  output "y" = %y"#;
-    for (tc, tol) in [(false, 1e-5), (true, 1e-2)] {
-        let (want, got) =
-            interp_and_simulated("tiled-norm", body, 7, (true, tc), |rng| rng.uniform());
-        let rel = rel_l2(&got["y"], &want["y"]);
-        assert!(rel <= tol, "tensor cores {tc}: relative L2 {rel}");
+  %w = param "w" : f32[136, {n}]
+  %y = rms_norm_matmul[eps=1e-5](%x, %g, %w) : f32[{m}, {n}]
+  output "y" = %y"#
+        );
+        for (tc, tol) in [(false, 1e-5), (true, 1e-2)] {
+            let (want, got) =
+                interp_and_simulated("tiled-norm", &body, 7, (true, tc), |rng| rng.uniform());
+            let rel = rel_l2(&got["y"], &want["y"]);
+            assert!(rel <= tol, "{m}x{n}, tensor cores {tc}: relative L2 {rel}");
+        }
     }
 }
 

@@ -122,9 +122,13 @@ fn tiled_kernels_launch_one_block_per_tile() {
     assert_eq!(blocks(matmul, "bf16", "sm_90a", &cube), 32 * 16);
     assert_eq!(blocks(matmul, "bf16", "sm_80", &cube), 32 * 32);
     assert_eq!(blocks(matmul, "f32", "sm_90a", &cube), 32 * 32);
-    // (4 × 4 tiles, or 32 rows: the row kernel, a block per 4 rows × 32 columns)
+    // (4 × 4 large tiles, too few: 8 × 8 small ones; with 8 × 4 small ones too few again, the
+    // row kernel, a block per 4 rows × 32 columns)
     let thin = [("M", 500), ("N", 512), ("K", 64)];
-    assert_eq!(blocks(matmul, "bf16", "sm_90a", &thin), 125 * 16);
+    assert_eq!(blocks(matmul, "bf16", "sm_90a", &thin), 8 * 8);
+    assert_eq!(blocks(matmul, "f32", "sm_80", &thin), 8 * 8);
+    let thinner = [("M", 500), ("N", 256), ("K", 64)];
+    assert_eq!(blocks(matmul, "bf16", "sm_90a", &thinner), 125 * 8);
     let decode = [("M", 1), ("N", 49152), ("K", 576)];
     assert_eq!(blocks(matmul, "f32", "sm_80", &decode), 1536);
     let t = |t: i64| [("T", t)];

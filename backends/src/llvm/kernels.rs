@@ -2625,24 +2625,30 @@ fn matmul<'ctx>(
         fb.for_range(tail_start, mv, |fb, mi| block(fb, mi, 1, cs, ce))
     };
     if fb.gpu {
-        // Few rows, or too few 128 × 128 tiles to fill the GPU: the row-block kernel.
-        let few_rows =
-            fb.b.build_int_compare(IntPredicate::SLE, mv, fb.i64c(GPU_GEMV_MAX_M), "few")
-                .map_err(be)?;
-        let ceil_tiles = |x| -> R<IntValue<'ctx>> {
-            fb.b.build_int_signed_div(fb.add(x, fb.i64c(GPU_TILE - 1))?, fb.i64c(GPU_TILE), "t")
+        // Which kernel (see `GPU_GEMV_MAX_M`): large tiles, small tiles, or row blocks.
+        let shared = tiled_shared(fb)?;
+        let tiles = |t: i64| -> R<IntValue<'ctx>> {
+            let ceil = |x| fb.ceil_div(x, fb.i64c(t));
+            fb.mul(fb.mul(ceil(mv)?, ceil(nv)?)?, nbatch)
+        };
+        let at_least = |x, bound: i64| {
+            fb.b.build_int_compare(IntPredicate::SGE, x, fb.i64c(bound), "ge")
                 .map_err(be)
         };
-        let tiles = fb.mul(fb.mul(ceil_tiles(mv)?, ceil_tiles(nv)?)?, nbatch)?;
-        let few_tiles =
-            fb.b.build_int_compare(IntPredicate::SLT, tiles, fb.i64c(GPU_TILED_MIN_TILES), "ft")
-                .map_err(be)?;
-        let small = fb.b.build_or(few_rows, few_tiles, "small").map_err(be)?;
-        let tiled = fb.ctx.append_basic_block(fb.func, "tiled");
+        let rows = at_least(mv, GPU_GEMV_MAX_M + 1)?;
+        let large_ok = at_least(tiles(GPU_TILE)?, GPU_TILED_MIN_TILES)?;
+        let small_ok = at_least(tiles(GPU_TILE_SMALL)?, GPU_SMALL_MIN_TILES)?;
+        let large = fb.ctx.append_basic_block(fb.func, "large");
+        let not_large = fb.ctx.append_basic_block(fb.func, "not_large");
+        let mid = fb.ctx.append_basic_block(fb.func, "mid");
         let gemv = fb.ctx.append_basic_block(fb.func, "gemv");
-        fb.b.build_conditional_branch(small, gemv, tiled)
+        let and = |a, b| fb.b.build_and(a, b, "and").map_err(be);
+        fb.b.build_conditional_branch(and(rows, large_ok)?, large, not_large)
             .map_err(be)?;
-        fb.b.position_at_end(tiled);
+        fb.b.position_at_end(not_large);
+        fb.b.build_conditional_branch(and(rows, small_ok)?, mid, gemv)
+            .map_err(be)?;
+        fb.b.position_at_end(large);
         let mm = GpuMatmul {
             optr,
             aav: &aav,
@@ -2666,8 +2672,11 @@ fn matmul<'ctx>(
                 None => gpu_mma_matmul(fb, &mm)?,
             }
         } else {
-            gpu_tiled_matmul(fb, &mm)?;
+            gpu_tiled_matmul(fb, &mm, GPU_TILE, shared)?;
         }
+        fb.ret_ok()?;
+        fb.b.position_at_end(mid);
+        gpu_tiled_matmul(fb, &mm, GPU_TILE_SMALL, shared)?;
         fb.ret_ok()?;
         fb.b.position_at_end(gemv);
         gpu_gemv(fb, &mm)?;
@@ -2763,15 +2772,22 @@ fn rms_norm<'ctx>(
     fb.ret_ok()
 }
 
-/// GPU matmuls with at most this many rows run on `gpu_gemv` (bound by reading the weights);
-/// so do those with fewer than `GPU_TILED_MIN_TILES` output tiles (a 64-token prompt's
-/// `[64 × 1536]·[1536 × 576]` has 5: five busy SMs of 132). The rest on `gpu_tiled_matmul`.
+/// GPU matmuls with at most `GPU_GEMV_MAX_M` rows run on `gpu_gemv`, bound by reading the
+/// weights (once per `ROW_BLOCK` rows). The others take the large-tile kernels
+/// (`gpu_tiled_matmul`, or with tensor cores `gpu_mma_matmul` and `gpu_wgmma_matmul`) where
+/// they have at least `GPU_TILED_MIN_TILES` output tiles of `GPU_TILE` square, one an SM of
+/// an H100; else `gpu_tiled_matmul`'s `GPU_TILE_SMALL` tiles where they have at least
+/// `GPU_SMALL_MIN_TILES` of those (a training step's `[256 × 576]·[576 × 3072]` has 48 large
+/// tiles, 192 small ones, and on `gpu_gemv` would read its weights 64 times); else, too small
+/// to keep half the SMs busy with small tiles either (a 64-token prompt's `[64 × 576]·[576 ×
+/// 1536]`, 24), `gpu_gemv`: a small tile's time is about `64·k` cycles of one SM, a weight
+/// reading's `k·n·4` bytes of L2, which for fewer small tiles than this is the smaller bill.
 const GPU_GEMV_MAX_M: i64 = 32;
 const GPU_TILED_MIN_TILES: i64 = 132;
-/// `gpu_tiled_matmul`'s output tile (rows and columns) per 256-thread block.
+const GPU_SMALL_MIN_TILES: i64 = 64;
+/// The large-tile matmul kernels' output tile rows (and columns, but `gpu_wgmma_matmul`'s)
+/// per 256-thread block.
 pub const GPU_TILE: i64 = 128;
-/// Its k-step: an `8 × 128` slice of each operand sits in shared memory.
-const GPU_TILE_K: i64 = 8;
 /// Threads per GPU block (every launch is in blocks of the plan's `GPU_BLOCK`):
 /// `gpu_tiled_matmul` is written for 256.
 const GPU_BLOCK_THREADS: i64 = egret_runtime::plan::GPU_BLOCK as i64;
@@ -2852,31 +2868,19 @@ struct TileAt<'ctx> {
 }
 
 impl<'ctx> GpuMatmul<'_, 'ctx> {
-    /// Tile `tile` of `per_batch` per batch entry, `tiles_n` across, `GPU_TILE` square.
+    /// Tile `tile` of `per_batch` per batch entry, `tiles_n` across, `rows × width`.
     fn tile_at(
         &self,
         fb: &Fb<'_, 'ctx>,
         tile: IntValue<'ctx>,
-        per_batch: IntValue<'ctx>,
-        tiles_n: IntValue<'ctx>,
-    ) -> R<TileAt<'ctx>> {
-        self.tile_of_width(fb, tile, per_batch, tiles_n, GPU_TILE)
-    }
-
-    /// `tile_at` for tiles `GPU_TILE` rows by `width` columns.
-    fn tile_of_width(
-        &self,
-        fb: &Fb<'_, 'ctx>,
-        tile: IntValue<'ctx>,
-        per_batch: IntValue<'ctx>,
-        tiles_n: IntValue<'ctx>,
-        width: i64,
+        (per_batch, tiles_n): (IntValue<'ctx>, IntValue<'ctx>),
+        (rows, width): (i64, i64),
     ) -> R<TileAt<'ctx>> {
         let sdiv = |a, b, n| fb.b.build_int_signed_div(a, b, n).map_err(be);
         let srem = |a, b, n| fb.b.build_int_signed_rem(a, b, n).map_err(be);
         let bi = sdiv(tile, per_batch, "bi")?;
         let rest = srem(tile, per_batch, "rest")?;
-        let m0 = fb.mul(sdiv(rest, tiles_n, "tmi")?, fb.i64c(GPU_TILE))?;
+        let m0 = fb.mul(sdiv(rest, tiles_n, "tmi")?, fb.i64c(rows))?;
         let n0 = fb.mul(srem(rest, tiles_n, "tni")?, fb.i64c(width))?;
         let bidx = fb.decompose(bi, self.bdims)?;
         let bpairs: Vec<(usize, IntValue)> = bidx.iter().copied().enumerate().collect();
@@ -2923,13 +2927,14 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
         self.rows_in_chunks(fb, 4)
     }
 
-    /// Whether a `GPU_TILE`-square tile at rows `m0` (batch offset `abase` in `a`) and
-    /// columns `n0` (`wbase` in `w`) takes each operand's 16-byte path (`vecs` from
-    /// `vector_rows`): the rows allow it, the batch offset keeps them aligned, and the tile
-    /// lies inside the matrix.
+    /// Whether a `t`-square tile at rows `m0` (batch offset `abase` in `a`) and columns
+    /// `n0` (`wbase` in `w`) takes each operand's 16-byte path (`vecs` from `vector_rows`):
+    /// the rows allow it, the batch offset keeps them aligned, and the tile lies inside the
+    /// matrix.
     fn vector_tile(
         &self,
         fb: &Fb<'_, 'ctx>,
+        t: i64,
         (a_vec, w_vec): (IntValue<'ctx>, IntValue<'ctx>),
         (m0, abase): (IntValue<'ctx>, IntValue<'ctx>),
         (n0, wbase): (IntValue<'ctx>, IntValue<'ctx>),
@@ -2937,7 +2942,7 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
         let (mv, nv, _) = self.dims;
         let fast = |vec, base, o: IntValue<'ctx>, n| -> R<IntValue<'ctx>> {
             let inside =
-                fb.b.build_int_compare(IntPredicate::SLE, fb.add(o, fb.i64c(GPU_TILE))?, n, "in")
+                fb.b.build_int_compare(IntPredicate::SLE, fb.add(o, fb.i64c(t))?, n, "in")
                     .map_err(be)?;
             let v =
                 fb.b.build_and(vec, fb.multiple_of(base, 4)?, "f")
@@ -2947,12 +2952,12 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
         Ok((fast(a_vec, abase, m0, mv)?, fast(w_vec, wbase, n0, nv)?))
     }
 
-    /// The output tiles, `GPU_TILE` rows by `width` columns in every batch entry: how many a
-    /// batch entry has, how many across, and this block's share of them (`block_grid`).
+    /// The output tiles, `rows × width` in every batch entry: how many a batch entry has,
+    /// how many across, and this block's share of them (`block_grid`).
     fn tiles(
         &self,
         fb: &Fb<'_, 'ctx>,
-        width: i64,
+        (rows, width): (i64, i64),
     ) -> R<(IntValue<'ctx>, IntValue<'ctx>, BlockGrid<'ctx>)> {
         let (mv, nv, _) = self.dims;
         let over = |x, t: i64| {
@@ -2960,7 +2965,7 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
                 .map_err(be)
         };
         let tiles_n = over(nv, width)?;
-        let per_batch = fb.mul(over(mv, GPU_TILE)?, tiles_n)?;
+        let per_batch = fb.mul(over(mv, rows)?, tiles_n)?;
         let grid = block_grid(fb, fb.mul(per_batch, self.nbatch)?)?;
         Ok((per_batch, tiles_n, grid))
     }
@@ -3308,23 +3313,25 @@ fn gpu_gemv<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     })
 }
 
-/// The RMSNorm row scales of a 128-row tile of `a` (rows from `m0`), into `inv_s[inv_at..]`:
-/// two threads a row sum the squares of alternate columns, their partials (at `inv_s[lane]`)
-/// are added by the first 128 threads, `rsqrt(mean + eps)`. Ends with the scales written by
-/// threads that have not passed a barrier since: the caller's next barrier publishes them.
+/// The RMSNorm row scales of a tile's `t` rows of `a` (from `m0`; `t` divides the block's
+/// threads), into `inv_s[inv_at..]`: `256 / t` threads a row sum the squares of interleaved
+/// columns, their partials (at `inv_s[lane]`) are added by the first `t` threads,
+/// `rsqrt(mean + eps)`. Ends with the scales written by threads that have not passed a
+/// barrier since: the caller's next barrier publishes them.
 #[allow(clippy::too_many_arguments)]
 fn row_scales<'ctx>(
     fb: &Fb<'_, 'ctx>,
     aav: &Av<'ctx>,
     abase: IntValue<'ctx>,
     lane: IntValue<'ctx>,
-    m0: IntValue<'ctx>,
+    (m0, t): (IntValue<'ctx>, i64),
     (mv, kv): (IntValue<'ctx>, IntValue<'ctx>),
     eps: f64,
     inv_s: PointerValue<'ctx>,
     inv_at: i64,
 ) -> R<()> {
-    let t = GPU_TILE;
+    assert!(GPU_BLOCK_THREADS % t == 0 && inv_at >= GPU_BLOCK_THREADS);
+    let parts = GPU_BLOCK_THREADS / t;
     let c = |v: i64| fb.i64c(v);
     let sdiv = |a, b, n| fb.b.build_int_signed_div(a, b, n).map_err(be);
     let srem = |a, b, n| fb.b.build_int_signed_rem(a, b, n).map_err(be);
@@ -3334,22 +3341,22 @@ fn row_scales<'ctx>(
     };
     let (ra, ka) = (aav.strides.len() - 2, aav.strides.len() - 1);
     let acc = fb.slot(fb.f32t.into())?;
-    // Row r = lane / 2 of the tile, half h = lane % 2 of its k range (interleaved).
-    let r = sdiv(lane, c(2), "r")?;
-    let h = srem(lane, c(2), "h")?;
+    // Row r = lane / parts of the tile, part h = lane % parts of its k range (interleaved).
+    let r = sdiv(lane, c(parts), "r")?;
+    let h = srem(lane, c(parts), "h")?;
     let row = fb.add(m0, r)?;
     fb.set(acc, fb.f32c(0.0))?;
     fb.if_else(
         lt(row, mv)?,
         |fb| {
             let rb = fb.add(abase, fb.mul(row, aav.strides[ra])?)?;
-            let half = sdiv(
-                fb.add(fb.b.build_int_sub(kv, h, "kh").map_err(be)?, c(1))?,
-                c(2),
+            let mine = sdiv(
+                fb.add(fb.b.build_int_sub(kv, h, "kh").map_err(be)?, c(parts - 1))?,
+                c(parts),
                 "nk",
             )?;
-            fb.for_range(c(0), half, |fb, j| {
-                let kk = fb.add(fb.mul(j, c(2))?, h)?;
+            fb.for_range(c(0), mine, |fb, j| {
+                let kk = fb.add(fb.mul(j, c(parts))?, h)?;
                 let x = fb.load_float(aav, fb.add(rb, fb.mul(kk, aav.strides[ka])?)?)?;
                 fb.set(acc, fb.fma_fast(fb.get(acc)?, x, x)?)
             })
@@ -3362,15 +3369,15 @@ fn row_scales<'ctx>(
     fb.if_else(
         lt(lane, c(t))?,
         |fb| {
-            let i2 = fb.mul(lane, c(2))?;
-            let s0 = fb.load_f32(inv_s, i2)?;
-            let s1 = fb.load_f32(inv_s, fb.add(i2, c(1))?)?;
+            let first = fb.mul(lane, c(parts))?;
+            let mut sum = fb.load_f32(inv_s, first)?;
+            for p in 1..parts {
+                sum = fb.fadd(sum, fb.load_f32(inv_s, fb.add(first, c(p))?)?)?;
+            }
             let kf =
                 fb.b.build_signed_int_to_float(kv, fb.f32t, "kf")
                     .map_err(be)?;
-            let mean =
-                fb.b.build_float_div(fb.fadd(s0, s1)?, kf, "mean")
-                    .map_err(be)?;
+            let mean = fb.b.build_float_div(sum, kf, "mean").map_err(be)?;
             let sq = fb.intrinsic("llvm.sqrt", &[fb.fadd(mean, fb.f32c(eps))?])?;
             let inv = fb.b.build_float_div(fb.f32c(1.0), sq, "inv").map_err(be)?;
             fb.store_f32(inv_s, fb.add(lane, c(inv_at))?, inv)
@@ -4268,7 +4275,7 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
             nblk,
             iters,
         },
-    ) = mm.tiles(fb, t)?;
+    ) = mm.tiles(fb, (t, t))?;
     let warp = sdiv(lane, c(32), "warp")?;
     let wl = srem(lane, c(32), "wl")?;
     let (wm, wn) = (sdiv(warp, c(4), "wm")?, srem(warp, c(4), "wn")?);
@@ -4330,7 +4337,7 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     let cw_at = w_word(cw_k, cw_n)?;
     fb.for_range(c(0), iters, |fb, it| {
         let tile = fb.add(blk, fb.mul(it, nblk)?)?;
-        let at = mm.tile_at(fb, tile, per_batch, tiles_n)?;
+        let at = mm.tile_at(fb, tile, (per_batch, tiles_n), (t, t))?;
         let TileAt {
             m0,
             n0,
@@ -4339,12 +4346,12 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
             ..
         } = at;
         if norm {
-            row_scales(fb, aav, abase, lane, m0, (mv, kv), eps, inv_s, inv_at)?;
+            row_scales(fb, aav, abase, lane, (m0, t), (mv, kv), eps, inv_s, inv_at)?;
         }
         for a in &accs {
             fb.set(*a, fb.f32c(0.0))?;
         }
-        let (a_fast, w_fast) = mm.vector_tile(fb, vecs, (m0, abase), (n0, wbase))?;
+        let (a_fast, w_fast) = mm.vector_tile(fb, t, vecs, (m0, abase), (n0, wbase))?;
         // Loads `A`'s part of the slice at `k0` into `staged[..16]`.
         // (`k0` the slice's first k, `kfull` whether all its 32 k are inside the matrices)
         let load_a = |fb: &Fb<'_, 'ctx>, k0: IntValue<'ctx>, kfull: IntValue<'ctx>| -> R<()> {
@@ -4658,7 +4665,7 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
             nblk,
             iters,
         },
-    ) = mm.tiles(fb, tn)?;
+    ) = mm.tiles(fb, (tm, tn))?;
     let wl = srem(lane, c(32), "wl")?;
     let (g, q) = (sdiv(wl, c(4), "g")?, srem(wl, c(4), "q")?);
     let accs: Vec<PointerValue> = (0..tn / 2)
@@ -4698,7 +4705,7 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
     let ktw = sdiv(fb.add(kv, c(WG_TILE_K - 1))?, c(WG_TILE_K), "ktw")?;
     fb.for_range(c(0), iters, |fb, it| {
         let tile = fb.add(blk, fb.mul(it, nblk)?)?;
-        let at = mm.tile_of_width(fb, tile, per_batch, tiles_n, tn)?;
+        let at = mm.tile_at(fb, tile, (per_batch, tiles_n), (tm, tn))?;
         let TileAt {
             m0,
             n0,
@@ -4707,7 +4714,7 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
             ..
         } = at;
         if norm {
-            row_scales(fb, aav, abase, lane, m0, (mv, kv), eps, inv_s, inv_at)?;
+            row_scales(fb, aav, abase, lane, (m0, tm), (mv, kv), eps, inv_s, inv_at)?;
         }
         for a in &accs {
             fb.set(*a, fb.f32c(0.0))?;
@@ -4810,21 +4817,72 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
     })
 }
 
-/// The classic shared-memory SGEMM on the GPU, f32 throughout: each 256-thread block computes
-/// `GPU_TILE × GPU_TILE` outputs (blocks stride over the tiles of every batch entry), k in
-/// steps of `GPU_TILE_K`, through two shared-memory stages: while the block multiplies one
-/// slice, each thread's part of the next (four elements of `A`, four of `W`) is in flight to
-/// registers, then stored to the other stage, with one barrier a step. `A` slices are stored
-/// k-major (`[k][row]`), `W` slices `[k][column]`. Thread `(ty, tx)` of a 16 × 16 grid
-/// accumulates the 8 × 8 outputs at rows `4ty..4ty+4` and `64+4ty..`, columns `4tx..4tx+4`
-/// and `64+4tx..`: four 16-byte shared loads feed 64 multiply-adds per k (the `A` quads are
-/// broadcast over the 16 threads of a row, the `W` quads of 16 threads are 256 contiguous
-/// bytes). Loads from global memory are 16 bytes wide where the operand's layout allows (`A`
+/// Rows of `A` (and columns of `W`) per k-step of `gpu_tiled_matmul` times its tile: a
+/// slice of each operand is `1024` floats, four a thread, whatever the tile.
+const SIMT_SLICE: i64 = 1024;
+/// `gpu_tiled_matmul`'s smaller tile, for matmuls of more than `GPU_GEMV_MAX_M` rows but
+/// fewer than `GPU_TILED_MIN_TILES` 128 × 128 tiles (a training step's `[256 × 576]·[576 ×
+/// 3072]` has 48 of 128 × 128 but 192 of 64 × 64; `gpu_gemv` would read the weights once
+/// per 4 rows, 64 times).
+const GPU_TILE_SMALL: i64 = 64;
+
+/// `gpu_tiled_matmul`'s shared memory: two stages of each operand's slice, the row scales.
+#[derive(Clone, Copy)]
+struct TiledShared<'ctx> {
+    a_s: PointerValue<'ctx>,
+    w_s: PointerValue<'ctx>,
+    inv_s: PointerValue<'ctx>,
+}
+
+/// Where row scales start in `TiledShared::inv_s`, after the block's partial sums.
+const TILED_INV_AT: i64 = GPU_BLOCK_THREADS;
+const TILED_SHARED_FLOATS: i64 = 4 * SIMT_SLICE + TILED_INV_AT + GPU_TILE;
+
+/// `TiledShared` for a matmul kernel: static arrays, or with tensor cores (whose kernels are
+/// launched with `MMA_RING_BYTES` or more of dynamic shared memory, and may hold no more
+/// static arrays beside the `wgmma` ring) the start of the dynamic ring, which the tensor-core
+/// paths that would use it do not run beside this one.
+fn tiled_shared<'ctx>(fb: &Fb<'_, 'ctx>) -> R<TiledShared<'ctx>> {
+    let base = if fb.tensor_cores {
+        const _: () = assert!(TILED_SHARED_FLOATS * 4 <= MMA_RING_BYTES);
+        dynamic_shared(fb, MMA_RING_BYTES)
+    } else {
+        shared_f32(fb, "tiled", TILED_SHARED_FLOATS as u32)
+    };
+    let at = |floats: i64| {
+        unsafe {
+            fb.b.build_in_bounds_gep(fb.f32t, base, &[fb.i64c(floats)], "ts")
+        }
+        .map_err(be)
+    };
+    Ok(TiledShared {
+        a_s: at(0)?,
+        w_s: at(2 * SIMT_SLICE)?,
+        inv_s: at(4 * SIMT_SLICE)?,
+    })
+}
+
+/// The classic shared-memory SGEMM on the GPU: each 256-thread block computes `t × t` outputs
+/// (`t` is `GPU_TILE` or `GPU_TILE_SMALL`; blocks stride over the tiles of every batch entry),
+/// k in steps of `tk = SIMT_SLICE / t`, through two shared-memory stages: while the block
+/// multiplies one slice, each thread's part of the next (four elements of `A`, four of `W`)
+/// is in flight to registers, then stored to the other stage, with one barrier a step. `A`
+/// slices are stored k-major (`[k][row]`), `W` slices `[k][column]`. Thread `(ty, tx)` of a
+/// 16 × 16 grid accumulates the outputs at rows `4ty..4ty+4` (and `64+4ty..` for `t` = 128),
+/// columns `4tx..4tx+4` (and `64+4tx..`): 16-byte shared loads, broadcast over the 16 threads
+/// of a row for `A`, 256 contiguous bytes over 16 threads for `W`, feed 16 multiply-adds each
+/// per k. Loads from global memory are 16 bytes wide where the operand's layout allows (`A`
 /// with unit stride along k, `W` along n, 16-byte aligned, the slice inside the matrices),
 /// element by element otherwise. With `norm`, `A`'s rows are first reduced to
-/// `rsqrt(mean(a²)+eps)` (two threads a row) and the outputs scaled by it; `g` scales `A`'s
-/// columns as they load.
-fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
+/// `rsqrt(mean(a²)+eps)` (`row_scales`) and the outputs scaled by it; `g` scales `A`'s columns
+/// as they load. With tensor cores the staged operands are rounded to bf16, as every matmul of
+/// such a program computes (`operand`), the sums f32.
+fn gpu_tiled_matmul<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    mm: &GpuMatmul<'_, 'ctx>,
+    t: i64,
+    sh: TiledShared<'ctx>,
+) -> R<()> {
     let GpuMatmul {
         optr,
         aav,
@@ -4835,8 +4893,10 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
         dims: (mv, nv, kv),
         ..
     } = *mm;
-    let (t, tk) = (GPU_TILE, GPU_TILE_K);
-    let stage = t * tk;
+    assert!(t == GPU_TILE || t == GPU_TILE_SMALL);
+    let (tk, stage, quads) = (SIMT_SLICE / t, SIMT_SLICE, t / 64);
+    let TiledShared { a_s, w_s, inv_s } = sh;
+    let inv_at = TILED_INV_AT;
     let c = |v: i64| fb.i64c(v);
     let sdiv = |a, b, n| fb.b.build_int_signed_div(a, b, n).map_err(be);
     let srem = |a, b, n| fb.b.build_int_signed_rem(a, b, n).map_err(be);
@@ -4845,12 +4905,6 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
     let and = |a, b| fb.b.build_and(a, b, "and").map_err(be);
     let bits = |a: IntValue<'ctx>, m: i64| fb.b.build_and(a, c(m), "bits").map_err(be);
     let xor = |a, b| fb.b.build_xor(a, b, "xor").map_err(be);
-    let a_s = shared_f32(fb, "a", (2 * stage) as u32);
-    let w_s = shared_f32(fb, "w", (2 * stage) as u32);
-    // Two partial sums of squares per row (one per lane), then the rows' scales after them:
-    // apart, so the threads finishing the scales never overwrite a partial still to be read.
-    let inv_s = shared_f32(fb, "inv", (3 * t) as u32);
-    let inv_at = 2 * t;
     let (
         per_batch,
         tiles_n,
@@ -4860,20 +4914,23 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
             nblk,
             iters,
         },
-    ) = mm.tiles(fb, t)?;
+    ) = mm.tiles(fb, (t, t))?;
     let (ty, tx) = (sdiv(lane, c(16), "ty")?, srem(lane, c(16), "tx")?);
     let (r4, c4) = (fb.mul(ty, c(4))?, fb.mul(tx, c(4))?);
-    let accs: Vec<PointerValue> = (0..64).map(|_| fb.slot(fb.f32t.into())).collect::<R<_>>()?;
-    // This thread's part of a slice: `A` row `lane / 2`, k `4(lane % 2)..+4`; `W` k row
-    // `lane / 32`, columns `4(lane % 32)..+4`.
+    let side = 4 * quads;
+    let accs: Vec<PointerValue> = (0..side * side)
+        .map(|_| fb.slot(fb.f32t.into()))
+        .collect::<R<_>>()?;
+    // This thread's part of a slice: `A` row `lane / (tk/4)`, k `4(lane % (tk/4))..+4`;
+    // `W` k row `lane / (t/4)`, columns `4(lane % (t/4))..+4`.
     let staged: Vec<PointerValue> = (0..8).map(|_| fb.slot(fb.f32t.into())).collect::<R<_>>()?;
     let (a_row, a_k) = (
-        sdiv(lane, c(2), "ar")?,
-        fb.mul(srem(lane, c(2), "ak")?, c(4))?,
+        sdiv(lane, c(tk / 4), "ar")?,
+        fb.mul(srem(lane, c(tk / 4), "ak")?, c(4))?,
     );
     let (w_k, w_n) = (
-        sdiv(lane, c(32), "wk")?,
-        fb.mul(srem(lane, c(32), "wn")?, c(4))?,
+        sdiv(lane, c(t / 4), "wk")?,
+        fb.mul(srem(lane, c(t / 4), "wn")?, c(4))?,
     );
     let ktiles = sdiv(fb.add(kv, c(tk - 1))?, c(tk), "kt")?;
     let (ra, kw) = (aav.strides.len() - 2, wav.strides.len() - 2);
@@ -4887,14 +4944,14 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
             abase,
             wbase,
             rbase,
-        } = mm.tile_at(fb, tile, per_batch, tiles_n)?;
+        } = mm.tile_at(fb, tile, (per_batch, tiles_n), (t, t))?;
         if norm {
-            row_scales(fb, aav, abase, lane, m0, (mv, kv), eps, inv_s, inv_at)?;
+            row_scales(fb, aav, abase, lane, (m0, t), (mv, kv), eps, inv_s, inv_at)?;
         }
         for a in &accs {
             fb.set(*a, fb.f32c(0.0))?;
         }
-        let (a_fast, w_fast) = mm.vector_tile(fb, vecs, (m0, abase), (n0, wbase))?;
+        let (a_fast, w_fast) = mm.vector_tile(fb, t, vecs, (m0, abase), (n0, wbase))?;
         // Slice `kt` into `staged`.
         let fetch = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
             let k0 = fb.mul(kt, c(tk))?;
@@ -4943,17 +5000,17 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
                 },
             )
         };
-        // `staged` into stage `buf`.
+        // `staged` into stage `buf`, rounded as the program's matmuls round their operands.
         let put = |fb: &Fb<'_, 'ctx>, buf: IntValue<'ctx>| -> R<()> {
             let base = fb.mul(buf, c(stage))?;
+            let get = |e: usize| operand(fb, fb.get(staged[e])?);
             for e in 0..4 {
                 let at = fb.add(base, fb.add(fb.mul(fb.add(a_k, c(e))?, c(t))?, a_row)?)?;
-                fb.store_f32(a_s, at, fb.get(staged[e as usize])?)?;
+                fb.store_f32(a_s, at, get(e as usize)?)?;
             }
             let at = fb.add(base, fb.add(fb.mul(w_k, c(t))?, w_n)?)?;
-            let w: Vec<BasicValueEnum> = (4..8)
-                .map(|e| fb.get(staged[e]).map(Into::into))
-                .collect::<R<_>>()?;
+            let w: Vec<BasicValueEnum> =
+                (4..8).map(|e| get(e).map(Into::into)).collect::<R<_>>()?;
             store_vector(fb, w_s, at, &w)
         };
         let multiply = |fb: &Fb<'_, 'ctx>, buf: IntValue<'ctx>| -> R<()> {
@@ -4963,13 +5020,14 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
                 let quad = |arr, at: IntValue<'ctx>| -> R<[FloatValue<'ctx>; 4]> {
                     load_f32x4(fb, arr, fb.add(row, at)?, true)
                 };
-                let (a0, a1) = (quad(a_s, r4)?, quad(a_s, fb.add(r4, c(64))?)?);
-                let (w0, w1) = (quad(w_s, c4)?, quad(w_s, fb.add(c4, c(64))?)?);
-                let av: Vec<FloatValue> = a0.into_iter().chain(a1).collect();
-                let wv: Vec<FloatValue> = w0.into_iter().chain(w1).collect();
-                for i in 0..8 {
-                    for j in 0..8 {
-                        let a = accs[i * 8 + j];
+                let (mut av, mut wv) = (Vec::new(), Vec::new());
+                for h in 0..quads {
+                    av.extend(quad(a_s, fb.add(r4, c(64 * h))?)?);
+                    wv.extend(quad(w_s, fb.add(c4, c(64 * h))?)?);
+                }
+                for i in 0..side as usize {
+                    for j in 0..side as usize {
+                        let a = accs[i * side as usize + j];
                         let fma = fb.intrinsic3("llvm.fma", av[i], wv[j], fb.get(a)?)?;
                         fb.set(a, fma)?;
                     }
@@ -4988,7 +5046,7 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
             multiply(fb, buf)?;
             fb.if_else(more, |fb| put(fb, xor(buf, c(1))?), |_| Ok(()))
         })?;
-        for i in 0..8i64 {
+        for i in 0..side {
             let r = fb.add(r4, c(64 * (i / 4) + i % 4))?;
             let row = fb.add(m0, r)?;
             let scale = if norm {
@@ -4996,9 +5054,9 @@ fn gpu_tiled_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
             } else {
                 None
             };
-            for j in 0..8i64 {
+            for j in 0..side {
                 let col = fb.add(n0, fb.add(c4, c(64 * (j / 4) + j % 4))?)?;
-                let a = accs[(i * 8 + j) as usize];
+                let a = accs[(i * side + j) as usize];
                 fb.if_else(
                     and(lt(row, mv)?, lt(col, nv)?)?,
                     |fb| {
@@ -8191,7 +8249,9 @@ pub struct GpuTiles {
 /// blocks, in the order it tests for them: the matmuls' 128-row tiles (`gpu_tiled_matmul`,
 /// `gpu_mma_matmul`, and 128 × 256 where `gpu_wgmma_matmul` may run), taken with more than
 /// `GPU_GEMV_MAX_M` rows and at least `GPU_TILED_MIN_TILES` 128 × 128 tiles (as `matmul`
-/// decides), else `gpu_gemv`'s blocks of `ROW_BLOCK` rows × `GEMV_COLS` columns; tensor-core
+/// decides), else with more than `GPU_GEMV_MAX_M` rows and at least `GPU_SMALL_MIN_TILES` of
+/// them `GPU_TILE_SMALL` square tiles, else `gpu_gemv`'s blocks of `ROW_BLOCK` rows ×
+/// `GEMV_COLS` columns; tensor-core
 /// attention's `MMA_ATTN_ROWS` query rows per `(b, h)`, taken from `MMA_ATTN_MIN_T` rows.
 /// Launching one block per tile leaves no empty blocks to dispatch after the work (the
 /// kernels stride over their tiles by the grid, so any grid computes the same; attention's
@@ -8266,12 +8326,23 @@ pub fn gpu_tiles(
             .chain([(m.clone(), tm), (n.clone(), tn)])
             .collect()
     };
+    let rows = (vec![(m.clone(), 1)], GPU_GEMV_MAX_M + 1);
     vec![
         GpuTiles {
             blocks: per_batch(GPU_TILE, tile_n),
             when: vec![
-                (vec![(m.clone(), 1)], GPU_GEMV_MAX_M + 1),
+                rows.clone(),
                 (per_batch(GPU_TILE, GPU_TILE), GPU_TILED_MIN_TILES),
+            ],
+        },
+        GpuTiles {
+            blocks: per_batch(GPU_TILE_SMALL, GPU_TILE_SMALL),
+            when: vec![
+                rows,
+                (
+                    per_batch(GPU_TILE_SMALL, GPU_TILE_SMALL),
+                    GPU_SMALL_MIN_TILES,
+                ),
             ],
         },
         GpuTiles {
