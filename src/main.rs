@@ -619,9 +619,7 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             no_cache,
         } => {
-            if batch == 0 || seq == 0 {
-                bail!("--batch and --seq must be at least 1");
-            }
+            egret::train::check_step_shape(batch as u64, seq as u64, "--batch and --seq")?;
             let opts = egret_backends::llvm::CpuOptions::default();
             let gpu = egret_backends::ptx::PtxOptions::default();
             let be = grad_backend(backend, &opts, &gpu, threads, !no_cache)?;
@@ -769,6 +767,8 @@ fn run(cli: Cli) -> Result<()> {
             if batch.is_some_and(|b| b < 1) || seq.is_some_and(|t| t < 1) {
                 bail!("--batch and --seq must be at least 1");
             }
+            let (b, t) = (batch.unwrap_or(1) as u64, seq.unwrap_or(1) as u64);
+            egret::train::check_step_shape(b, t, "--batch and --seq")?;
             g.bind_dims(&bind);
             egret_ir::verify(&g)?;
             let pa = match print_after.as_deref() {
@@ -860,6 +860,12 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 fn convert(model: &str, out: &Path, dtype: DTypeArg) -> Result<()> {
     let src = ModelSource::resolve(model)?;
     let loaded = load_model(&src)?;
+    if out.exists() && !out.is_dir() {
+        bail!(
+            "{} exists and is not a directory (left as it is)",
+            out.display()
+        );
+    }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut w = Weights::new();
     for (name, shape) in loaded.config.parameters() {
@@ -892,6 +898,11 @@ fn convert(model: &str, out: &Path, dtype: DTypeArg) -> Result<()> {
     Ok(())
 }
 
+/// The largest `bench matmul --size`: three f32 matrices of 1 GiB each.
+const MAX_BENCH_SIZE: usize = 1 << 14;
+/// The longest `bench model --prompt-len`.
+const MAX_BENCH_PROMPT: usize = 1 << 20;
+
 fn bench(what: BenchCmd) -> Result<()> {
     match what {
         BenchCmd::Matmul {
@@ -904,6 +915,9 @@ fn bench(what: BenchCmd) -> Result<()> {
         } => {
             if backend != Backend::Cpu {
                 bail!("bench matmul measures the cpu backend (the interpreter is a reference, not a fast path)");
+            }
+            if !(1..=MAX_BENCH_SIZE).contains(&size) {
+                bail!("--size must be 1 to {MAX_BENCH_SIZE}");
             }
             let n = size as i64;
             let src = format!("graph mm {{\n  %a = input \"a\" : f32[{n}, {n}]\n  %w = param \"w\" : f32[{n}, {n}]\n  %wt = permute[perm=[1, 0]](%w) : f32[{n}, {n}]\n  %y = matmul(%a, %wt) : f32[{n}, {n}]\n  output \"y\" = %y\n}}");
@@ -961,8 +975,8 @@ fn bench(what: BenchCmd) -> Result<()> {
         } => {
             let loaded = load_model(&ModelSource::resolve(&model)?)?;
             let vocab = loaded.config.vocab_size as u64;
-            if prompt_len == 0 {
-                bail!("--prompt-len must be at least 1");
+            if !(1..=MAX_BENCH_PROMPT).contains(&prompt_len) {
+                bail!("--prompt-len must be 1 to {MAX_BENCH_PROMPT}");
             }
             let (mut m, _, _) = Runner::new(loaded, &ro)?;
             // A fixed pseudo-random prompt (the speed does not depend on the ids).
@@ -1076,6 +1090,7 @@ fn train(run: TrainRun, be: egret::train::GradBackend) -> Result<()> {
     let text =
         std::fs::read(&run.data).with_context(|| format!("cannot read {}", run.data.display()))?;
     let data = tokenizer.encode(&String::from_utf8_lossy(&text), false)?;
+    egret::train::check_step_shape(state.batch as u64, state.seq as u64, "the trainer state")?;
     if data.len() < state.seq + 1 {
         bail!(
             "{} has {} tokens; --seq {} needs at least {}",

@@ -221,18 +221,24 @@ pub fn random_init(cfg: &LlamaConfig, seed: u64) -> Result<HashMap<String, Tenso
     };
     let mut out = HashMap::new();
     for (name, shape) in cfg.parameters() {
+        // (a validated configuration's shapes do not overflow; memory may still run out)
         let n: usize = shape.iter().product();
-        let data: Vec<f32> = if name.ends_with("norm.weight") {
-            vec![1.0; n]
+        let mut data: Vec<f32> = Vec::new();
+        data.try_reserve_exact(n).map_err(|_| {
+            EgretError::Usage(format!(
+                "out of memory: `{name}` {shape:?} needs {} bytes",
+                n as u128 * 4
+            ))
+        })?;
+        if name.ends_with("norm.weight") {
+            data.resize(n, 1.0);
         } else {
-            (0..n)
-                .map(|_| {
-                    let u1 = ((next() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
-                    let u2 = (next() >> 11) as f64 / (1u64 << 53) as f64;
-                    (0.02 * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-                })
-                .collect()
-        };
+            data.extend((0..n).map(|_| {
+                let u1 = ((next() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+                let u2 = (next() >> 11) as f64 / (1u64 << 53) as f64;
+                (0.02 * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+            }));
+        }
         out.insert(name, Tensor::from_f32(shape, data)?);
     }
     Ok(out)
@@ -552,6 +558,26 @@ pub struct TrainerState {
     pub eps: f64,
     pub weight_decay: f64,
     pub max_grad_norm: Option<f64>,
+}
+
+/// The most tokens (batch × sequence) one training step may take: far past what one device
+/// holds, and small enough that no size computed from the two overflows.
+pub const MAX_STEP_TOKENS: u64 = 1 << 24;
+
+/// A step of `batch` windows of `seq` tokens: each at least 1, at most `MAX_STEP_TOKENS`
+/// tokens together (`what` says where the two came from, for the error).
+pub fn check_step_shape(batch: u64, seq: u64, what: &str) -> Result<()> {
+    if batch == 0 || seq == 0 {
+        return Err(EgretError::Usage(format!(
+            "{what}: batch and seq must be at least 1"
+        )));
+    }
+    match batch.checked_mul(seq) {
+        Some(n) if n <= MAX_STEP_TOKENS => Ok(()),
+        _ => Err(EgretError::Usage(format!(
+            "{what}: batch {batch} × seq {seq} is over the limit of {MAX_STEP_TOKENS} tokens a step"
+        ))),
+    }
 }
 
 /// Batch `step` (from 1) of `b` windows of `t + 1` tokens at offsets drawn from a generator

@@ -150,3 +150,88 @@ fn unknown_pass_and_bad_config() {
         "{e}"
     );
 }
+
+/// Sizes past what any model or machine has get one clear error before anything is
+/// allocated: a configuration's layers, dimensions and parameter count (which would
+/// otherwise overflow or exhaust memory as the graph or the weights are built), a step's
+/// batch × sequence, a benchmark's size, a thread count; a shape whose element count
+/// overflows is refused by the tensor that would hold it.
+#[test]
+fn sizes_past_the_limits() {
+    let tmp = TempDir::new("limits");
+    let d = copy_tiny(&tmp, "cfg");
+    let cfg = fs::read_to_string(d.join("config.json")).unwrap();
+    let dir = d.to_str().unwrap();
+    let big = r#"{"hidden_size": 16777216, "intermediate_size": 16777216}"#;
+    for (set, want) in [
+        (
+            r#"{"num_hidden_layers": 1000000000}"#,
+            "`num_hidden_layers` (1000000000) is over the limit",
+        ),
+        (
+            r#"{"hidden_size": 4611686018427387904}"#,
+            "`hidden_size` (4611686018427387904) is over the limit",
+        ),
+        (
+            r#"{"num_attention_heads": 2305843009213693958}"#,
+            "`num_attention_heads` (2305843009213693958) is over the limit",
+        ),
+        (big, "the model would have over 4398046511104 parameters"),
+    ] {
+        let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+        let set: serde_json::Value = serde_json::from_str(set).unwrap();
+        for (k, x) in set.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        fs::write(d.join("config.json"), v.to_string()).unwrap();
+        for args in [
+            vec!["ir", dir, "--stats"],
+            vec!["logits", dir, "--tokens", "1"],
+        ] {
+            let e = egret_err(&args);
+            assert!(e.contains("config.json") && e.contains(want), "{set}: {e}");
+        }
+    }
+    fs::write(d.join("config.json"), &cfg).unwrap();
+    let data = tmp.0.join("data.txt");
+    fs::write(&data, "some text to train on ".repeat(20)).unwrap();
+    for (batch, seq) in [("1", "18446744073709551615"), ("4294967296", "4294967296")] {
+        let e = egret_err(&[
+            "train",
+            dir,
+            "--data",
+            data.to_str().unwrap(),
+            "--steps",
+            "1",
+            "--batch",
+            batch,
+            "--seq",
+            seq,
+            "--backend",
+            "interp",
+        ]);
+        assert!(
+            e.contains("over the limit of 16777216 tokens a step"),
+            "{e}"
+        );
+    }
+    let e = egret_err(&["bench", "matmul", "--size", "4294967296"]);
+    assert!(e.contains("--size must be 1 to 16384"), "{e}");
+    let e = egret_err(&["logits", dir, "--tokens", "1", "--threads", "100000"]);
+    assert!(e.contains("100000 threads is over the limit"), "{e}");
+}
+
+/// An output path that names an existing file (not a directory) is an error, and the file is
+/// left as it was.
+#[test]
+fn an_output_directory_over_a_file_is_refused() {
+    let tmp = TempDir::new("out-file");
+    let d = copy_tiny(&tmp, "m");
+    let f = tmp.0.join("taken");
+    fs::write(&f, "keep me").unwrap();
+    for cmd in ["compile", "convert"] {
+        let e = egret_err(&[cmd, d.to_str().unwrap(), "-o", f.to_str().unwrap()]);
+        assert!(e.contains("exists and is not a directory"), "{cmd}: {e}");
+        assert_eq!(fs::read_to_string(&f).unwrap(), "keep me", "{cmd}");
+    }
+}

@@ -130,7 +130,14 @@ impl Tensor {
     }
 
     fn check_len(shape: &[usize], len: usize) -> Result<(), IrError> {
-        let n: usize = shape.iter().product();
+        let n = shape
+            .iter()
+            .try_fold(1usize, |a, d| a.checked_mul(*d))
+            .ok_or_else(|| {
+                ierr(format!(
+                    "shape {shape:?} has more elements than memory can hold"
+                ))
+            })?;
         if n != len {
             return Err(ierr(format!(
                 "shape {shape:?} needs {n} elements, got {len}"

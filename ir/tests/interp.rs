@@ -110,3 +110,19 @@ fn casts_round_to_the_narrow_type() {
     assert_eq!(out["h"].to_f32_vec(), vec![1.0, -2.703125, 4.0]);
     assert_eq!(out["i"].to_i64_vec(), vec![1, -2, 3]);
 }
+
+/// A shape whose element count overflows is refused, not wrapped to a count that matches
+/// the data (which would leave every later index out of bounds).
+#[test]
+fn a_shape_whose_element_count_overflows_is_refused() {
+    let e = Tensor::from_f32(vec![1 << 32, 1 << 32], vec![]).unwrap_err();
+    assert!(
+        e.to_string().contains("more elements than memory can hold"),
+        "{e}"
+    );
+    let e = Tensor::from_i64(vec![usize::MAX, 2], vec![]).unwrap_err();
+    assert!(
+        e.to_string().contains("more elements than memory can hold"),
+        "{e}"
+    );
+}

@@ -32,6 +32,15 @@ fn cfg_err(src: &str, msg: impl Into<String>) -> ModelError {
     }
 }
 
+/// Limits on a configuration's sizes: the largest LLaMA-family models stay far inside
+/// them, and within them the shapes and parameter counts built from a configuration cannot
+/// overflow. A dimension of a configuration at most `MAX_CONFIG_DIM`.
+pub const MAX_CONFIG_DIM: usize = 1 << 24;
+/// At most this many layers.
+pub const MAX_CONFIG_LAYERS: usize = 1 << 12;
+/// At most this many parameters (counted with biases and an untied LM head), 4.4 × 10¹².
+pub const MAX_CONFIG_PARAMETERS: u64 = 1 << 42;
+
 impl LlamaConfig {
     /// Parses a Hugging Face `config.json`. `src` names the file in errors.
     pub fn from_hf_json(text: &str, src: &str) -> Result<LlamaConfig, ModelError> {
@@ -213,6 +222,31 @@ impl LlamaConfig {
     }
 
     fn validate(&self, src: &str) -> Result<(), ModelError> {
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+        ];
+        for (k, v) in sizes {
+            if v > MAX_CONFIG_DIM {
+                return Err(cfg_err(
+                    src,
+                    format!("`{k}` ({v}) is over the limit of {MAX_CONFIG_DIM}"),
+                ));
+            }
+        }
+        if self.num_hidden_layers > MAX_CONFIG_LAYERS {
+            return Err(cfg_err(
+                src,
+                format!(
+                    "`num_hidden_layers` ({}) is over the limit of {MAX_CONFIG_LAYERS}",
+                    self.num_hidden_layers
+                ),
+            ));
+        }
         let nonzero = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -251,7 +285,35 @@ impl LlamaConfig {
                 "rope_theta must be positive and rms_norm_eps non-negative",
             ));
         }
-        Ok(())
+        match self.parameter_count() {
+            Some(n) if n <= MAX_CONFIG_PARAMETERS => Ok(()),
+            _ => Err(cfg_err(
+                src,
+                format!("the model would have over {MAX_CONFIG_PARAMETERS} parameters"),
+            )),
+        }
+    }
+
+    /// How many parameters the model has (`None` if the count overflows).
+    fn parameter_count(&self) -> Option<u64> {
+        let mul = |xs: &[usize]| xs.iter().try_fold(1u64, |a, x| a.checked_mul(*x as u64));
+        let (h, d, f) = (self.hidden_size, self.head_dim, self.intermediate_size);
+        let q = mul(&[self.num_attention_heads, d])? as usize;
+        let kv = mul(&[self.num_key_value_heads, d])? as usize;
+        // per layer: two norms, q/k/v/o, gate/up/down, and the optional biases; then the
+        // embedding, an LM head and the final norm
+        let layer = [
+            mul(&[2, h])?,
+            mul(&[2, q, h])?,
+            mul(&[2, kv, h])?,
+            mul(&[3, f, h])?,
+            mul(&[q + 2 * kv + 3 * h + 2 * f])?,
+        ];
+        let layer = layer.iter().try_fold(0u64, |a, x| a.checked_add(*x))?;
+        layer
+            .checked_mul(self.num_hidden_layers as u64)?
+            .checked_add(mul(&[2, self.vocab_size, h])?)?
+            .checked_add(h as u64)
     }
 
     /// Every parameter of the model: Hugging Face name and shape.

@@ -108,21 +108,46 @@ enum Aligned {
 }
 
 impl Aligned {
-    fn new(len: usize) -> Aligned {
+    /// No storage.
+    fn empty() -> Aligned {
+        Aligned::Heap {
+            raw: vec![0u8; ALIGN],
+            off: 0,
+            len: 0,
+        }
+        .realigned()
+    }
+
+    /// `len` zeroed bytes, or an error where memory cannot hold them.
+    fn new(len: usize) -> Result<Aligned> {
         Aligned::with_pages(len, false)
     }
 
-    fn with_pages(len: usize, huge: bool) -> Aligned {
+    fn with_pages(len: usize, huge: bool) -> Result<Aligned> {
         if huge && len >= HUGE_PAGE_MIN {
             if let Ok(map) = memmap2::MmapMut::map_anon(len) {
                 #[cfg(target_os = "linux")]
                 let _ = map.advise(memmap2::Advice::HugePage);
-                return Aligned::Map { map, len };
+                return Ok(Aligned::Map { map, len });
             }
         }
-        let raw = vec![0u8; len + ALIGN];
-        let off = raw.as_ptr().align_offset(ALIGN);
-        Aligned::Heap { raw, off, len }
+        let oom = || RuntimeError::Invalid(format!("out of memory: cannot allocate {len} bytes"));
+        let total = len.checked_add(ALIGN).ok_or_else(oom)?;
+        let mut raw = Vec::new();
+        raw.try_reserve_exact(total).map_err(|_| oom())?;
+        raw.resize(total, 0u8);
+        Ok(Aligned::Heap { raw, off: 0, len }.realigned())
+    }
+
+    /// The heap storage's offset set to its first `ALIGN`-aligned byte.
+    fn realigned(self) -> Aligned {
+        match self {
+            Aligned::Heap { raw, len, .. } => {
+                let off = raw.as_ptr().align_offset(ALIGN);
+                Aligned::Heap { raw, off, len }
+            }
+            map => map,
+        }
     }
 
     fn len(&self) -> usize {
@@ -213,7 +238,7 @@ struct StateBuf {
 impl StateBuf {
     fn empty() -> StateBuf {
         StateBuf {
-            data: Aligned::new(0),
+            data: Aligned::empty(),
             shape: vec![],
             cap: 0,
         }
@@ -221,10 +246,17 @@ impl StateBuf {
 
     /// Re-lays the value out for `dims` (the logical shape, `axis` included) and `cap`,
     /// keeping the first `len` entries along `axis` of the current value.
-    fn relayout(&mut self, axis: usize, dims: &[usize], len: usize, cap: usize, elem: usize) {
+    fn relayout(
+        &mut self,
+        axis: usize,
+        dims: &[usize],
+        len: usize,
+        cap: usize,
+        elem: usize,
+    ) -> Result<()> {
         let outer: usize = dims[..axis].iter().product();
         let inner: usize = dims[axis + 1..].iter().product::<usize>() * elem;
-        let mut data = Aligned::new(outer * cap * inner);
+        let mut data = Aligned::new(outer * cap * inner)?;
         if self.cap > 0 && len > 0 {
             let (src, dst) = (self.data.ptr(), data.ptr());
             for o in 0..outer {
@@ -240,6 +272,7 @@ impl StateBuf {
         }
         self.data = data;
         self.cap = cap;
+        Ok(())
     }
 }
 
@@ -293,10 +326,10 @@ impl CpuExecutor {
         Ok(CpuExecutor {
             plan,
             fns,
-            pool: Pool::new(threads),
+            pool: Pool::new(threads)?,
             persistent: (0..n).map(|_| None).collect(),
-            arena: Aligned::new(0),
-            scratch: Aligned::new(0),
+            arena: Aligned::empty(),
+            scratch: Aligned::empty(),
             work: Box::new(WorkCounter(std::sync::atomic::AtomicI64::new(0))),
             layout: None,
             states,
@@ -477,7 +510,7 @@ impl CpuExecutor {
                 let len = v.shape[spec.axis];
                 let cap = StateSpec::capacity_for(len, 0);
                 *st = StateBuf::empty();
-                st.relayout(spec.axis, &v.shape, 0, cap, elem.size());
+                st.relayout(spec.axis, &v.shape, 0, cap, elem.size())?;
                 let outer: usize = v.shape[..spec.axis].iter().product();
                 let inner = v.shape[spec.axis + 1..].iter().product::<usize>() * elem.size();
                 let dst = st.data.ptr();
@@ -512,7 +545,7 @@ impl CpuExecutor {
                 .growth(syms, &st.shape, st.cap)
                 .map_err(RuntimeError::Invalid)?;
             if let Some(g) = grow {
-                st.relayout(spec.axis, &g.out, g.len, g.cap, elem);
+                st.relayout(spec.axis, &g.out, g.len, g.cap, elem)?;
             }
             syms[spec.capacity as usize] = st.cap as i64;
         }
@@ -564,7 +597,7 @@ impl CpuExecutor {
                     self.persistent[i] = Some(Storage::Owned(Aligned::with_pages(
                         b.bytes(&[]),
                         b.streamed,
-                    )));
+                    )?));
                 }
             }
         }
@@ -641,7 +674,7 @@ impl CpuExecutor {
         let threads = self.pool.threads();
         let need = call.scratch_floats * 4 * threads.max(1);
         if self.scratch.len() < need {
-            self.scratch = Aligned::new(need);
+            self.scratch = Aligned::new(need)?;
         }
         let f = self.fns[k];
         let stride = call.scratch_floats;
@@ -726,7 +759,7 @@ impl CpuExecutor {
         if self.layout.as_ref().is_none_or(|l| l.syms != plan_syms) {
             let l = self.plan_layout(&plan_syms);
             if self.arena.len() < l.arena_bytes {
-                self.arena = Aligned::new(l.arena_bytes);
+                self.arena = Aligned::new(l.arena_bytes)?;
             }
             self.layout = Some(l);
         }
@@ -757,7 +790,7 @@ impl CpuExecutor {
                         (HostData::F32(d), ElemType::F32) if d.len() == n => d.as_ptr() as *mut u8,
                         (HostData::I64(d), ElemType::I64) if d.len() == n => d.as_ptr() as *mut u8,
                         (HostData::F32(d), ElemType::BF16) if d.len() == n => {
-                            let mut a = Aligned::new(2 * n);
+                            let mut a = Aligned::new(2 * n)?;
                             let h = a.ptr() as *mut u16;
                             for (i, &x) in d.iter().enumerate() {
                                 // SAFETY: the storage holds `n` two-byte values.
@@ -778,9 +811,9 @@ impl CpuExecutor {
                         let r = self
                             .resident
                             .entry(name.clone())
-                            .or_insert_with(|| (vec![], Aligned::new(0)));
+                            .or_insert_with(|| (vec![], Aligned::empty()));
                         if r.1.len() < bytes {
-                            r.1 = Aligned::new(bytes);
+                            r.1 = Aligned::new(bytes)?;
                         }
                         r.0 = v.shape.clone();
                         // SAFETY: `p` holds `bytes` bytes (checked above), the storage as many.
@@ -830,7 +863,7 @@ impl CpuExecutor {
         for f in &mut self.feedback {
             let bytes = self.plan.buffers[f.out as usize].bytes(&syms);
             if f.spare.as_ref().is_none_or(|a| a.len() < bytes) {
-                f.spare = Some(Aligned::new(bytes));
+                f.spare = Some(Aligned::new(bytes)?);
             }
             ptrs[f.out as usize] = f.spare.as_mut().expect("just made").ptr();
         }

@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Fills a temporary sibling of `dir` with `fill`, then makes it `dir`. `io` turns a file
 /// system failure (path, error) into the caller's error type. On any failure `dir` is left
-/// as it was and the temporary directory is removed.
+/// as it was and the temporary directory is removed; a file that is not a directory at `dir`
+/// is an error, not replaced.
 pub fn write_dir_atomic<E>(
     dir: &Path,
     fill: impl FnOnce(&Path) -> Result<(), E>,
@@ -20,6 +21,14 @@ pub fn write_dir_atomic<E>(
         std::process::id(),
         SERIAL.fetch_add(1, Ordering::Relaxed)
     );
+    // A file (not a directory) in the way is something else the user has: kept, an error.
+    if std::fs::metadata(dir).is_ok_and(|m| !m.is_dir()) {
+        let e = std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "it exists and is not a directory (left as it is)",
+        );
+        return Err(io(dir, e));
+    }
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().to_string())

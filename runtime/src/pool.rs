@@ -8,6 +8,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::error::RuntimeError;
+
+/// The most threads a pool may have: past any machine's cores, so a larger count is a
+/// mistake, and one the system might not survive.
+pub const MAX_POOL_THREADS: usize = 4096;
+
 /// How long an idle worker spins before sleeping.
 const SPIN: Duration = Duration::from_micros(200);
 
@@ -31,9 +37,15 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// A pool of `n` threads in all (the caller plus `n - 1` workers).
-    pub fn new(n: usize) -> Pool {
+    /// A pool of `n` threads in all (the caller plus `n - 1` workers), at most
+    /// `MAX_POOL_THREADS`; an error where the system cannot start that many.
+    pub fn new(n: usize) -> Result<Pool, RuntimeError> {
         let n = n.max(1);
+        if n > MAX_POOL_THREADS {
+            return Err(RuntimeError::Invalid(format!(
+                "{n} threads is over the limit of {MAX_POOL_THREADS}"
+            )));
+        }
         let shared = Arc::new(Shared {
             epoch: AtomicUsize::new(0),
             remaining: AtomicUsize::new(0),
@@ -43,16 +55,21 @@ impl Pool {
             wake: Condvar::new(),
             sleep_lock: Mutex::new(()),
         });
-        let workers = (1..n)
-            .map(|tid| {
-                let sh = shared.clone();
-                std::thread::Builder::new()
-                    .name(format!("egret-{tid}"))
-                    .spawn(move || worker(sh, tid, n))
-                    .expect("spawn worker thread")
-            })
-            .collect();
-        Pool { shared, workers, n }
+        let mut pool = Pool {
+            shared,
+            workers: Vec::with_capacity(n - 1),
+            n,
+        };
+        for tid in 1..n {
+            let sh = pool.shared.clone();
+            let w = std::thread::Builder::new()
+                .name(format!("egret-{tid}"))
+                .spawn(move || worker(sh, tid, n))
+                .map_err(|e| RuntimeError::Invalid(format!("cannot start {n} threads: {e}")))?;
+            // (on an error, dropping the pool stops and joins the workers started so far)
+            pool.workers.push(w);
+        }
+        Ok(pool)
     }
 
     pub fn threads(&self) -> usize {
@@ -142,7 +159,7 @@ mod tests {
 
     #[test]
     fn every_thread_runs_each_task_once() {
-        let pool = Pool::new(3);
+        let pool = Pool::new(3).unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         for _ in 0..200 {
             let h = hits.clone();
