@@ -767,7 +767,8 @@ fn run(cli: Cli) -> Result<()> {
             if batch.is_some_and(|b| b < 1) || seq.is_some_and(|t| t < 1) {
                 bail!("--batch and --seq must be at least 1");
             }
-            let (b, t) = (batch.unwrap_or(1) as u64, seq.unwrap_or(1) as u64);
+            // (as the training memory plan below takes them when not given)
+            let (b, t) = (batch.unwrap_or(1) as u64, seq.unwrap_or(2048) as u64);
             egret::train::check_step_shape(b, t, "--batch and --seq")?;
             g.bind_dims(&bind);
             egret_ir::verify(&g)?;

@@ -477,8 +477,15 @@ impl Trainer {
         t: usize,
         lr: f64,
     ) -> Result<StepOut> {
-        // The batch's shape is checked where it is used (the runtime's `train_step`, the
-        // interpreter's input tensors).
+        check_step_shape(b as u64, t as u64, "train_step")?;
+        if tokens.len() != b * t || targets.len() != b * t {
+            return Err(EgretError::Usage(format!(
+                "a batch of {b}×{t} needs {} tokens and targets, got {} and {}",
+                b * t,
+                tokens.len(),
+                targets.len()
+            )));
+        }
         check_ids(tokens, self.cfg.vocab_size)?;
         let out = match &mut self.exec {
             Exec::Compiled(s) => s.train_step(tokens, targets, b, t, lr)?,
@@ -561,7 +568,9 @@ pub struct TrainerState {
 }
 
 /// The most tokens (batch × sequence) one training step may take: far past what one device
-/// holds, and small enough that no size computed from the two overflows.
+/// holds, and small enough that the token-indexed sizes (inputs, activations) cannot
+/// overflow. Sizes that grow with T² (attention's scores, if a schedule kept them) are
+/// checked where memory is planned.
 pub const MAX_STEP_TOKENS: u64 = 1 << 24;
 
 /// A step of `batch` windows of `seq` tokens: each at least 1, at most `MAX_STEP_TOKENS`

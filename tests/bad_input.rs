@@ -215,6 +215,14 @@ fn sizes_past_the_limits() {
             "{e}"
         );
     }
+    // (`ir` plans training memory for 2048 tokens when --seq is not given)
+    let e = egret_err(&[
+        "ir", dir, "--mode", "training", "--batch", "16777216", "--stats",
+    ]);
+    assert!(
+        e.contains("over the limit of 16777216 tokens a step"),
+        "{e}"
+    );
     let e = egret_err(&["bench", "matmul", "--size", "4294967296"]);
     assert!(e.contains("--size must be 1 to 16384"), "{e}");
     let e = egret_err(&["logits", dir, "--tokens", "1", "--threads", "100000"]);

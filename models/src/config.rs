@@ -223,42 +223,35 @@ impl LlamaConfig {
 
     fn validate(&self, src: &str) -> Result<(), ModelError> {
         let sizes = [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.num_key_value_heads),
-            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size, MAX_CONFIG_DIM),
+            ("hidden_size", self.hidden_size, MAX_CONFIG_DIM),
+            ("intermediate_size", self.intermediate_size, MAX_CONFIG_DIM),
+            (
+                "num_hidden_layers",
+                self.num_hidden_layers,
+                MAX_CONFIG_LAYERS,
+            ),
+            (
+                "num_attention_heads",
+                self.num_attention_heads,
+                MAX_CONFIG_DIM,
+            ),
+            (
+                "num_key_value_heads",
+                self.num_key_value_heads,
+                MAX_CONFIG_DIM,
+            ),
+            ("head_dim", self.head_dim, MAX_CONFIG_DIM),
         ];
-        for (k, v) in sizes {
-            if v > MAX_CONFIG_DIM {
-                return Err(cfg_err(
-                    src,
-                    format!("`{k}` ({v}) is over the limit of {MAX_CONFIG_DIM}"),
-                ));
-            }
-        }
-        if self.num_hidden_layers > MAX_CONFIG_LAYERS {
-            return Err(cfg_err(
-                src,
-                format!(
-                    "`num_hidden_layers` ({}) is over the limit of {MAX_CONFIG_LAYERS}",
-                    self.num_hidden_layers
-                ),
-            ));
-        }
-        let nonzero = [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.num_key_value_heads),
-            ("head_dim", self.head_dim),
-        ];
-        for (k, v) in nonzero {
+        for (k, v, max) in sizes {
             if v == 0 {
                 return Err(cfg_err(src, format!("`{k}` must be positive")));
+            }
+            if v > max {
+                return Err(cfg_err(
+                    src,
+                    format!("`{k}` ({v}) is over the limit of {max}"),
+                ));
             }
         }
         if self.num_attention_heads % self.num_key_value_heads != 0 {

@@ -94,11 +94,14 @@ fn kernel_error(code: i32, what: &str) -> RuntimeError {
 /// every 4 KiB of that stream. (Only those: faulting in huge pages costs start-up time.)
 const HUGE_PAGE_MIN: usize = 4 << 20;
 
-/// 64-byte-aligned storage (page-aligned and huge-page-advised when large).
+/// 64-byte-aligned zeroed storage (page-aligned and huge-page-advised when large). Heap
+/// storage comes from `alloc_zeroed`, whose large blocks are fresh zero pages committed
+/// only as they are touched (an arena laid out for more than a run uses pays for what it
+/// uses), and whose failure is an error here instead of an abort.
 enum Aligned {
     Heap {
-        raw: Vec<u8>,
-        off: usize,
+        ptr: std::ptr::NonNull<u8>,
+        layout: std::alloc::Layout,
         len: usize,
     },
     Map {
@@ -108,14 +111,14 @@ enum Aligned {
 }
 
 impl Aligned {
-    /// No storage.
+    /// No storage (nothing allocated: a dangling, aligned pointer).
     fn empty() -> Aligned {
+        let ptr = std::ptr::NonNull::new(std::ptr::without_provenance_mut(ALIGN));
         Aligned::Heap {
-            raw: vec![0u8; ALIGN],
-            off: 0,
+            ptr: ptr.unwrap_or(std::ptr::NonNull::dangling()),
+            layout: std::alloc::Layout::new::<()>(),
             len: 0,
         }
-        .realigned()
     }
 
     /// `len` zeroed bytes, or an error where memory cannot hold them.
@@ -132,22 +135,14 @@ impl Aligned {
             }
         }
         let oom = || RuntimeError::Invalid(format!("out of memory: cannot allocate {len} bytes"));
-        let total = len.checked_add(ALIGN).ok_or_else(oom)?;
-        let mut raw = Vec::new();
-        raw.try_reserve_exact(total).map_err(|_| oom())?;
-        raw.resize(total, 0u8);
-        Ok(Aligned::Heap { raw, off: 0, len }.realigned())
-    }
-
-    /// The heap storage's offset set to its first `ALIGN`-aligned byte.
-    fn realigned(self) -> Aligned {
-        match self {
-            Aligned::Heap { raw, len, .. } => {
-                let off = raw.as_ptr().align_offset(ALIGN);
-                Aligned::Heap { raw, off, len }
-            }
-            map => map,
+        if len == 0 {
+            return Ok(Aligned::empty());
         }
+        let layout = std::alloc::Layout::from_size_align(len, ALIGN).map_err(|_| oom())?;
+        // SAFETY: the layout's size is not zero.
+        let ptr =
+            std::ptr::NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) }).ok_or_else(oom)?;
+        Ok(Aligned::Heap { ptr, layout, len })
     }
 
     fn len(&self) -> usize {
@@ -158,17 +153,27 @@ impl Aligned {
 
     fn ptr(&mut self) -> *mut u8 {
         match self {
-            // SAFETY: off < ALIGN and raw has len + ALIGN bytes.
-            Aligned::Heap { raw, off, .. } => unsafe { raw.as_mut_ptr().add(*off) },
+            Aligned::Heap { ptr, .. } => ptr.as_ptr(),
             Aligned::Map { map, .. } => map.as_mut_ptr(),
         }
     }
 
     fn as_ptr(&self) -> *const u8 {
         match self {
-            // SAFETY: as for `ptr`.
-            Aligned::Heap { raw, off, .. } => unsafe { raw.as_ptr().add(*off) },
+            Aligned::Heap { ptr, .. } => ptr.as_ptr(),
             Aligned::Map { map, .. } => map.as_ptr(),
+        }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        match self {
+            Aligned::Heap { ptr, layout, len } if *len > 0 => {
+                // SAFETY: allocated by `alloc_zeroed` with this layout, freed once.
+                unsafe { std::alloc::dealloc(ptr.as_ptr(), *layout) };
+            }
+            _ => {}
         }
     }
 }

@@ -446,10 +446,12 @@ impl TrainSession {
         t: usize,
         lr: f64,
     ) -> Result<StepOut> {
-        if tokens.len() != b * t || targets.len() != b * t || t == 0 {
+        let n = b.checked_mul(t).filter(|_| t > 0);
+        if n.is_none_or(|n| tokens.len() != n || targets.len() != n) {
             return Err(RuntimeError::Invalid(format!(
-                "a batch of {b}×{t} needs {} tokens and targets",
-                b * t
+                "a batch of {b}×{t} needs as many tokens and targets as it has positions, got {} and {}",
+                tokens.len(),
+                targets.len()
             )));
         }
         let k = (self.step + 1) as i32;

@@ -2780,8 +2780,9 @@ fn rms_norm<'ctx>(
 /// `GPU_SMALL_MIN_TILES` of those (a training step's `[256 × 576]·[576 × 3072]` has 48 large
 /// tiles, 192 small ones, and on `gpu_gemv` would read its weights 64 times); else, too small
 /// to keep half the SMs busy with small tiles either (a 64-token prompt's `[64 × 576]·[576 ×
-/// 1536]`, 24), `gpu_gemv`: a small tile's time is about `64·k` cycles of one SM, a weight
-/// reading's `k·n·4` bytes of L2, which for fewer small tiles than this is the smaller bill.
+/// 1536]`, 24), `gpu_gemv`. By a rough bill (a small tile takes about `64·k` cycles of one
+/// SM; `gpu_gemv` reads `k·n·4` bytes of L2 per 4 rows) the two are about even near 36
+/// small tiles, and `gpu_gemv` is ahead below; 64 leaves a margin until a device measures.
 const GPU_GEMV_MAX_M: i64 = 32;
 const GPU_TILED_MIN_TILES: i64 = 132;
 const GPU_SMALL_MIN_TILES: i64 = 64;
@@ -8395,8 +8396,9 @@ pub fn gpu_threads(k: &Kernel) -> Vec<Dim> {
             let blocks = m
                 .as_const()
                 .map_or_else(|| m.clone(), |v| Dim::c((v + r - 1) / r));
-            // Enough for either GPU matmul: `gpu_gemv` wants 256 threads per 32 columns,
-            // `gpu_tiled_matmul` 256 per 128 × 128 tile.
+            // Enough for any GPU matmul (launches use `gpu_tiles`; this is the fallback of a
+            // runtime that ignores them): `gpu_gemv` wants 256 threads per 32 columns, the
+            // tiled kernels 256 per tile of 64 × 64 or more.
             batch
                 .iter()
                 .cloned()
