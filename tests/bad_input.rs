@@ -243,3 +243,23 @@ fn an_output_directory_over_a_file_is_refused() {
         assert_eq!(fs::read_to_string(&f).unwrap(), "keep me", "{cmd}");
     }
 }
+
+/// A CPU name LLVM does not know, or a 32-bit one (LLVM would abort on either for 64-bit
+/// code, after printing its own warnings), is one clear error before LLVM sees it.
+#[test]
+fn an_unknown_or_32_bit_cpu_is_refused() {
+    let d = fixture("tiny/gqa_untied");
+    for cpu in ["bogus", "i686", "pentium4"] {
+        let e = egret_err(&[
+            "generate",
+            d.to_str().unwrap(),
+            "--tokens",
+            "1,2",
+            "--max-new-tokens",
+            "1",
+            "--cpu",
+            cpu,
+        ]);
+        assert!(e.contains(&format!("unknown CPU `{cpu}`")), "{e}");
+    }
+}

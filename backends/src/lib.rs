@@ -19,6 +19,9 @@ pub enum BackendError {
     Unsupported(String),
     #[error("LLVM: {0}")]
     Llvm(String),
+    /// A target (CPU name, GPU architecture) the backend cannot generate code for.
+    #[error("{0}")]
+    Target(String),
     #[error("cannot write the artifact: {0}")]
     Io(String),
 }

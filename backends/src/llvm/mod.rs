@@ -120,7 +120,120 @@ pub fn panel_width(cpu: &str) -> i64 {
     }
 }
 
+/// The CPU names LLVM 22 generates 64-bit x86 code for: `llc -march=x86-64 -mcpu=help`
+/// less the 32-bit processors (i686, pentium4, prescott, athlon-xp, …), which LLVM aborts on
+/// for 64-bit code. Any other name would reach LLVM, which prints its own warnings and then
+/// aborts the process, so `target_machine` refuses it first.
+const X86_64_CPUS: &[&str] = &[
+    "alderlake",
+    "amdfam10",
+    "arrowlake",
+    "arrowlake-s",
+    "arrowlake_s",
+    "athlon-fx",
+    "athlon64",
+    "athlon64-sse3",
+    "atom",
+    "atom_sse4_2",
+    "atom_sse4_2_movbe",
+    "barcelona",
+    "bdver1",
+    "bdver2",
+    "bdver3",
+    "bdver4",
+    "bonnell",
+    "broadwell",
+    "btver1",
+    "btver2",
+    "cannonlake",
+    "cascadelake",
+    "clearwaterforest",
+    "cooperlake",
+    "core-avx-i",
+    "core-avx2",
+    "core2",
+    "core_2_duo_sse4_1",
+    "core_2_duo_ssse3",
+    "core_2nd_gen_avx",
+    "core_3rd_gen_avx",
+    "core_4th_gen_avx",
+    "core_4th_gen_avx_tsx",
+    "core_5th_gen_avx",
+    "core_5th_gen_avx_tsx",
+    "core_aes_pclmulqdq",
+    "core_i7_sse4_2",
+    "corei7",
+    "corei7-avx",
+    "diamondrapids",
+    "emeraldrapids",
+    "generic",
+    "goldmont",
+    "goldmont-plus",
+    "goldmont_plus",
+    "gracemont",
+    "grandridge",
+    "graniterapids",
+    "graniterapids-d",
+    "graniterapids_d",
+    "haswell",
+    "icelake-client",
+    "icelake-server",
+    "icelake_client",
+    "icelake_server",
+    "ivybridge",
+    "k8",
+    "k8-sse3",
+    "knl",
+    "knm",
+    "lunarlake",
+    "meteorlake",
+    "mic_avx512",
+    "nehalem",
+    "nocona",
+    "novalake",
+    "opteron",
+    "opteron-sse3",
+    "pantherlake",
+    "penryn",
+    "raptorlake",
+    "rocketlake",
+    "sandybridge",
+    "sapphirerapids",
+    "sierraforest",
+    "silvermont",
+    "skx",
+    "skylake",
+    "skylake-avx512",
+    "skylake_avx512",
+    "slm",
+    "tigerlake",
+    "tremont",
+    "westmere",
+    "wildcatlake",
+    "x86-64",
+    "x86-64-v2",
+    "x86-64-v3",
+    "x86-64-v4",
+    "znver1",
+    "znver2",
+    "znver3",
+    "znver4",
+    "znver5",
+];
+
+/// Whether `cpu` (an LLVM CPU name, or `native`) is one this backend can compile for.
+pub fn check_cpu(cpu: &str) -> Result<(), BackendError> {
+    if cpu == "native" || X86_64_CPUS.contains(&cpu) {
+        return Ok(());
+    }
+    Err(BackendError::Target(format!(
+        "unknown CPU `{cpu}`: give `native` or an x86-64 CPU LLVM knows, such as x86-64-v3, \
+         skylake-avx512, znver4 (`llc -march=x86-64 -mcpu=help` lists them)"
+    )))
+}
+
 fn target_machine(cpu: &str) -> Result<TargetMachine, BackendError> {
+    check_cpu(cpu)?;
     Target::initialize_native(&InitializationConfig::default()).map_err(llvm_err)?;
     let triple = TargetMachine::get_default_triple();
     let target = Target::from_triple(&triple).map_err(llvm_err)?;
