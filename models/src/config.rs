@@ -17,12 +17,98 @@ pub struct LlamaConfig {
     pub head_dim: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
+    /// How the rotary frequencies are rescaled for longer contexts (`rope_scaling`).
+    pub rope_scaling: RopeScaling,
     pub tie_word_embeddings: bool,
     pub max_position_embeddings: usize,
     pub attention_bias: bool,
     pub mlp_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+}
+
+/// A rescaling of the rotary frequencies `inv_freq[i] = theta^(-2i/D)`, as Hugging Face's
+/// `rope_scaling` (`rope_type`) spells it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[serde(tag = "rope_type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    #[default]
+    Default,
+    /// `inv_freq / factor` (position interpolation).
+    Linear { factor: f64 },
+    /// Llama 3.1's: with wavelengths `λ = 2π / inv_freq` against the original context `L`,
+    /// `inv_freq / factor` where `λ > L / low_freq_factor`, `inv_freq` where `λ < L /
+    /// high_freq_factor`, and between them `(1 − s)·inv_freq / factor + s·inv_freq` with
+    /// `s = (L / λ − low_freq_factor) / (high_freq_factor − low_freq_factor)`.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+}
+
+impl RopeScaling {
+    /// From a `rope_scaling` (or `rope_parameters`) object: its `rope_type` (or `type`) and
+    /// that type's fields.
+    fn from_hf(s: Option<&Value>, src: &str) -> Result<RopeScaling, ModelError> {
+        let Some(s) = s.filter(|s| !s.is_null()) else {
+            return Ok(RopeScaling::Default);
+        };
+        let kind = s
+            .get("rope_type")
+            .or_else(|| s.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let num = |k: &str| -> Result<f64, ModelError> {
+            s.get(k)
+                .and_then(Value::as_f64)
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .ok_or_else(|| {
+                    cfg_err(
+                        src,
+                        format!("RoPE scaling `{kind}` needs a positive number `{k}`"),
+                    )
+                })
+        };
+        match kind {
+            "default" => Ok(RopeScaling::Default),
+            "linear" => Ok(RopeScaling::Linear {
+                factor: num("factor")?,
+            }),
+            "llama3" => {
+                let (low, high) = (num("low_freq_factor")?, num("high_freq_factor")?);
+                if high <= low {
+                    return Err(cfg_err(
+                        src,
+                        "RoPE scaling `llama3` needs high_freq_factor above low_freq_factor",
+                    ));
+                }
+                Ok(RopeScaling::Llama3 {
+                    factor: num("factor")?,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position_embeddings: num("original_max_position_embeddings")?
+                        as usize,
+                })
+            }
+            other => Err(cfg_err(
+                src,
+                format!(
+                    "RoPE scaling `{other}` is not supported yet (plain, `linear` and `llama3` are)"
+                ),
+            )),
+        }
+    }
+
+    /// The `rope_scaling` object of a Hugging Face `config.json` (null for plain RoPE).
+    pub fn to_hf_json(&self) -> Value {
+        match self {
+            RopeScaling::Default => Value::Null,
+            other => serde_json::to_value(other).unwrap_or(Value::Null),
+        }
+    }
 }
 
 fn cfg_err(src: &str, msg: impl Into<String>) -> ModelError {
@@ -84,19 +170,12 @@ impl LlamaConfig {
                     .and_then(Value::as_f64)
             })
             .unwrap_or(10000.0);
-        let rope_type = obj
-            .get("rope_scaling")
-            .filter(|s| !s.is_null())
-            .or_else(|| rope_params.map(|_| &v["rope_parameters"]))
-            .and_then(|s| s.get("rope_type").or_else(|| s.get("type")))
-            .and_then(Value::as_str)
-            .unwrap_or("default");
-        if rope_type != "default" {
-            return Err(cfg_err(
-                src,
-                format!("RoPE scaling `{rope_type}` is not supported yet (only plain RoPE)"),
-            ));
-        }
+        let rope_scaling = RopeScaling::from_hf(
+            obj.get("rope_scaling")
+                .filter(|s| !s.is_null())
+                .or_else(|| rope_params.map(|_| &v["rope_parameters"])),
+            src,
+        )?;
         let ids = |k: &str| -> Vec<u32> {
             match obj.get(k) {
                 Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
@@ -121,6 +200,7 @@ impl LlamaConfig {
                 .and_then(Value::as_f64)
                 .unwrap_or(1e-6),
             rope_theta,
+            rope_scaling,
             tie_word_embeddings: obj
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
@@ -196,6 +276,24 @@ impl LlamaConfig {
                 .get_f32("llama.rope.freq_base")
                 .map(|x| x as f64)
                 .unwrap_or(10000.0),
+            rope_scaling: match g.get_str("llama.rope.scaling.type") {
+                None | Some("none") => RopeScaling::Default,
+                Some("linear") => RopeScaling::Linear {
+                    factor: g
+                        .get_f32("llama.rope.scaling.factor")
+                        .map(|x| x as f64)
+                        .filter(|x| x.is_finite() && *x > 0.0)
+                        .ok_or_else(|| {
+                            cfg_err(src, "linear RoPE scaling needs a positive scaling factor")
+                        })?,
+                },
+                Some(other) => {
+                    return Err(cfg_err(
+                        src,
+                        format!("RoPE scaling `{other}` is not supported yet"),
+                    ))
+                }
+            },
             tie_word_embeddings: !has_output,
             max_position_embeddings: g
                 .get_u64("llama.context_length")
@@ -209,13 +307,15 @@ impl LlamaConfig {
                 .map(|x| vec![x as u32])
                 .unwrap_or_default(),
         };
-        if let Some(scaling) = g.get_str("llama.rope.scaling.type") {
-            if scaling != "none" {
-                return Err(cfg_err(
-                    src,
-                    format!("RoPE scaling `{scaling}` is not supported yet"),
-                ));
-            }
+        // Llama 3.1's scaling travels as per-dimension divisors of the frequencies, a tensor
+        // this loader does not apply yet: refused rather than run with plain RoPE.
+        if g.tensors().iter().any(|t| t.name == "rope_freqs.weight") {
+            return Err(cfg_err(
+                src,
+                "per-dimension RoPE frequency factors (`rope_freqs.weight`, Llama 3.1 and later) \
+                 are not supported yet in GGUF files; the Hugging Face checkpoint's `llama3` \
+                 scaling is",
+            ));
         }
         cfg.validate(src)?;
         Ok(cfg)
@@ -368,6 +468,7 @@ impl LlamaConfig {
             "head_dim": self.head_dim,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling.to_hf_json(),
             "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
             "attention_bias": self.attention_bias,

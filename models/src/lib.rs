@@ -6,7 +6,7 @@ pub mod config;
 pub mod llama;
 pub mod presets;
 
-pub use config::LlamaConfig;
+pub use config::{LlamaConfig, RopeScaling};
 pub use llama::{build, build_training, GraphKind};
 
 /// Errors in model configuration or construction.

@@ -12,7 +12,7 @@
 
 use egret_ir::{BinaryOp, CompareOp, DType, Dim, Graph, ReduceOp, UnaryOp, ValueId};
 
-use crate::config::LlamaConfig;
+use crate::config::{LlamaConfig, RopeScaling};
 use crate::ModelError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,6 +107,7 @@ impl Builder<'_> {
         let theta = self.g.constant_like(self.cfg.rope_theta, i);
         let denom = self.g.binary(BinaryOp::Pow, theta, expo)?;
         let inv_freq = self.g.unary(UnaryOp::Recip, denom)?;
+        let inv_freq = self.rope_scaled(inv_freq)?;
         let (b, t) = (self.b.clone(), self.t.clone());
         let pos = self.g.cast(positions, DType::F32)?;
         let pos = self.g.reshape(pos, vec![b.clone(), t.clone(), Dim::c(1)])?;
@@ -119,6 +120,52 @@ impl Builder<'_> {
         let cos = self.g.unary(UnaryOp::Cos, emb)?;
         let sin = self.g.unary(UnaryOp::Sin, emb)?;
         Ok((cos, sin))
+    }
+
+    /// The frequencies `inv` rescaled by the configuration's `RopeScaling`, in f32 in the
+    /// order Hugging Face's `rope_init_fn`s compute them.
+    fn rope_scaled(&mut self, inv: ValueId) -> R<ValueId> {
+        let g = &mut self.g;
+        match self.cfg.rope_scaling {
+            RopeScaling::Default => Ok(inv),
+            RopeScaling::Linear { factor } => {
+                let f = g.constant_like(factor, inv);
+                Ok(g.binary(BinaryOp::Div, inv, f)?)
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: old,
+            } => {
+                let old = old as f64;
+                let c = |g: &mut Graph, v: f64| g.constant_like(v, inv);
+                let two_pi = c(g, std::f64::consts::TAU);
+                let wavelen = g.binary(BinaryOp::Div, two_pi, inv)?;
+                let f = c(g, factor);
+                let divided = g.binary(BinaryOp::Div, inv, f)?;
+                // s = (L / λ − low) / (high − low)
+                let l = c(g, old);
+                let ratio = g.binary(BinaryOp::Div, l, wavelen)?;
+                let lo = c(g, low);
+                let num = g.binary(BinaryOp::Sub, ratio, lo)?;
+                let span = c(g, high - low);
+                let s = g.binary(BinaryOp::Div, num, span)?;
+                // (1 − s)·inv / factor + s·inv
+                let one = c(g, 1.0);
+                let rest = g.binary(BinaryOp::Sub, one, s)?;
+                let a = g.binary(BinaryOp::Mul, rest, inv)?;
+                let a = g.binary(BinaryOp::Div, a, f)?;
+                let b = g.binary(BinaryOp::Mul, s, inv)?;
+                let smoothed = g.binary(BinaryOp::Add, a, b)?;
+                let high_wl = c(g, old / high);
+                let short = g.compare(CompareOp::Lt, wavelen, high_wl)?;
+                let mid_or_short = g.select(short, inv, smoothed)?;
+                let low_wl = c(g, old / low);
+                let long = g.compare(CompareOp::Gt, wavelen, low_wl)?;
+                Ok(g.select(long, divided, mid_or_short)?)
+            }
+        }
     }
 
     /// `x * cos + rotate_half(x) * sin`, `rotate_half(x) = concat(-x[.., D/2:], x[.., :D/2])`.

@@ -1,6 +1,6 @@
 //! Named model shapes for compile-only work: the LLaMA paper's Table 2 models and SmolLM2-135M.
 
-use crate::config::LlamaConfig;
+use crate::config::{LlamaConfig, RopeScaling};
 use crate::ModelError;
 
 pub const NAMES: &[&str] = &[
@@ -24,6 +24,7 @@ fn llama1(dim: usize, heads: usize, layers: usize, ffn: usize) -> LlamaConfig {
         head_dim: dim / heads,
         rms_norm_eps: 1e-6,
         rope_theta: 10000.0,
+        rope_scaling: RopeScaling::Default,
         tie_word_embeddings: false,
         max_position_embeddings: 2048,
         attention_bias: false,
@@ -49,6 +50,7 @@ pub fn preset(name: &str) -> Result<LlamaConfig, ModelError> {
             head_dim: 64,
             rms_norm_eps: 1e-5,
             rope_theta: 100000.0,
+            rope_scaling: RopeScaling::Default,
             tie_word_embeddings: true,
             max_position_embeddings: 8192,
             attention_bias: false,
