@@ -51,8 +51,14 @@ pub enum RopeScaling {
 
 impl RopeScaling {
     /// From a `rope_scaling` (or `rope_parameters`) object: its `rope_type` (or `type`) and
-    /// that type's fields.
-    fn from_hf(s: Option<&Value>, src: &str) -> Result<RopeScaling, ModelError> {
+    /// that type's fields. `original`: the configuration's own original context, and whether
+    /// it overrides the object's (a top-level `original_max_position_embeddings` does; the
+    /// `max_position_embeddings` fallback only stands in for a missing one).
+    fn from_hf(
+        s: Option<&Value>,
+        original: Option<(u64, bool)>,
+        src: &str,
+    ) -> Result<RopeScaling, ModelError> {
         let Some(s) = s.filter(|s| !s.is_null()) else {
             return Ok(RopeScaling::Default);
         };
@@ -85,12 +91,24 @@ impl RopeScaling {
                         "RoPE scaling `llama3` needs high_freq_factor above low_freq_factor",
                     ));
                 }
+                let context = match original {
+                    Some((top, true)) => top as f64,
+                    Some((fallback, false)) => {
+                        num("original_max_position_embeddings").unwrap_or(fallback as f64)
+                    }
+                    None => num("original_max_position_embeddings")?,
+                };
+                if !(context >= 1.0) {
+                    return Err(cfg_err(
+                        src,
+                        "RoPE scaling `llama3` needs a positive original_max_position_embeddings",
+                    ));
+                }
                 Ok(RopeScaling::Llama3 {
                     factor: num("factor")?,
                     low_freq_factor: low,
                     high_freq_factor: high,
-                    original_max_position_embeddings: num("original_max_position_embeddings")?
-                        as usize,
+                    original_max_position_embeddings: context as usize,
                 })
             }
             other => Err(cfg_err(
@@ -170,10 +188,21 @@ impl LlamaConfig {
                     .and_then(Value::as_f64)
             })
             .unwrap_or(10000.0);
+        // (an empty `rope_scaling` falls through to `rope_parameters`, as in transformers 5;
+        // llama3's original context may come from the top level, which wins, or default to
+        // `max_position_embeddings`)
+        let original = obj
+            .get("original_max_position_embeddings")
+            .or_else(|| obj.get("max_position_embeddings"))
+            .and_then(Value::as_u64);
         let rope_scaling = RopeScaling::from_hf(
             obj.get("rope_scaling")
-                .filter(|s| !s.is_null())
+                .filter(|s| s.as_object().is_some_and(|o| !o.is_empty()))
                 .or_else(|| rope_params.map(|_| &v["rope_parameters"])),
+            obj.get("original_max_position_embeddings")
+                .and_then(Value::as_u64)
+                .map(|x| (x, true))
+                .or(original.map(|x| (x, false))),
             src,
         )?;
         let ids = |k: &str| -> Vec<u32> {
@@ -276,18 +305,28 @@ impl LlamaConfig {
                 .get_f32("llama.rope.freq_base")
                 .map(|x| x as f64)
                 .unwrap_or(10000.0),
-            rope_scaling: match g.get_str("llama.rope.scaling.type") {
-                None | Some("none") => RopeScaling::Default,
-                Some("linear") => RopeScaling::Linear {
-                    factor: g
+            // As llama.cpp reads them: the type defaults to linear, the factor to the older
+            // `rope.scale_linear`, then to 1 (none).
+            rope_scaling: match g.get_str("llama.rope.scaling.type").unwrap_or("linear") {
+                "none" => RopeScaling::Default,
+                "linear" => {
+                    let factor = g
                         .get_f32("llama.rope.scaling.factor")
-                        .map(|x| x as f64)
-                        .filter(|x| x.is_finite() && *x > 0.0)
-                        .ok_or_else(|| {
-                            cfg_err(src, "linear RoPE scaling needs a positive scaling factor")
-                        })?,
-                },
-                Some(other) => {
+                        .or_else(|| g.get_f32("llama.rope.scale_linear"))
+                        .map_or(1.0, |x| x as f64);
+                    if !(factor.is_finite() && factor > 0.0) {
+                        return Err(cfg_err(
+                            src,
+                            format!("linear RoPE scaling needs a positive factor, not {factor}"),
+                        ));
+                    }
+                    if factor == 1.0 {
+                        RopeScaling::Default
+                    } else {
+                        RopeScaling::Linear { factor }
+                    }
+                }
+                other => {
                     return Err(cfg_err(
                         src,
                         format!("RoPE scaling `{other}` is not supported yet"),

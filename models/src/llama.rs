@@ -140,13 +140,16 @@ impl Builder<'_> {
             } => {
                 let old = old as f64;
                 let c = |g: &mut Graph, v: f64| g.constant_like(v, inv);
+                // (`c / x` as torch computes a scalar over a tensor: `c · (1 / x)`)
+                let recip = g.unary(UnaryOp::Recip, inv)?;
                 let two_pi = c(g, std::f64::consts::TAU);
-                let wavelen = g.binary(BinaryOp::Div, two_pi, inv)?;
+                let wavelen = g.binary(BinaryOp::Mul, recip, two_pi)?;
                 let f = c(g, factor);
                 let divided = g.binary(BinaryOp::Div, inv, f)?;
                 // s = (L / λ − low) / (high − low)
                 let l = c(g, old);
-                let ratio = g.binary(BinaryOp::Div, l, wavelen)?;
+                let per_wave = g.unary(UnaryOp::Recip, wavelen)?;
+                let ratio = g.binary(BinaryOp::Mul, per_wave, l)?;
                 let lo = c(g, low);
                 let num = g.binary(BinaryOp::Sub, ratio, lo)?;
                 let span = c(g, high - low);

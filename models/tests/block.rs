@@ -82,6 +82,20 @@ fn config_json_spellings() {
     };
     assert_eq!(top.unwrap().rope_scaling, want);
     assert_eq!(nested.unwrap().rope_scaling, want);
+    // the original context from the top level when the scaling lacks it (or overridden by a
+    // top-level `original_max_position_embeddings`), as transformers 5 reads it
+    let short = l3.replace(r#","original_max_position_embeddings":8192"#, "");
+    for (extra, want) in [
+        (r#""max_position_embeddings":4096"#, 4096),
+        (r#""original_max_position_embeddings":2048"#, 2048),
+    ] {
+        let j = format!("{base},{extra},\"rope_scaling\":{{{short}}}}}");
+        let got = LlamaConfig::from_hf_json(&j, "c").unwrap().rope_scaling;
+        assert!(
+            matches!(got, RopeScaling::Llama3 { original_max_position_embeddings: n, .. } if n == want),
+            "{got:?}"
+        );
+    }
     let lin = format!("{base},\"rope_scaling\":{{\"type\":\"linear\",\"factor\":2.0}}}}");
     let lin = LlamaConfig::from_hf_json(&lin, "c").unwrap();
     assert_eq!(lin.rope_scaling, RopeScaling::Linear { factor: 2.0 });
