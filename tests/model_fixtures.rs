@@ -3,16 +3,8 @@
 
 mod common;
 
-use common::{egret_ok, fixture};
+use common::{egret_ok, fixture, TINY_MODELS as MODELS};
 use egret::{load_model, InterpModel, ModelSource};
-
-const MODELS: &[&str] = &[
-    "gqa_untied",
-    "mha_tied_rope_parameters",
-    "odd_head_dim_mqa",
-    "llama3_rope",
-    "linear_rope",
-];
 
 struct Fixture {
     tokens: Vec<u32>,

@@ -6,17 +6,9 @@
 
 mod common;
 
-use common::{egret_err, egret_ok, fixture, TempDir};
+use common::{egret_err, egret_ok, fixture, TempDir, TINY_MODELS as MODELS};
 use egret::train::{grads, GradBackend};
 use egret_backends::llvm::CpuOptions;
-
-const MODELS: &[&str] = &[
-    "gqa_untied",
-    "mha_tied_rope_parameters",
-    "odd_head_dim_mqa",
-    "llama3_rope",
-    "linear_rope",
-];
 
 fn reference(name: &str) -> (Vec<u32>, f32, egret_runtime::weights::Weights) {
     let d = fixture(&format!("tiny/{name}"));

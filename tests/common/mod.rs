@@ -8,6 +8,16 @@ use std::process::{Command, Output};
 
 use egret_ir::{DType, Graph, Interpreter, Op, Tensor};
 
+/// The tiny models under `tests/fixtures/tiny/` (`tools/make_fixtures.py`), each with
+/// transformers' logits, gradients and one AdamW step.
+pub const TINY_MODELS: &[&str] = &[
+    "gqa_untied",
+    "mha_tied_rope_parameters",
+    "odd_head_dim_mqa",
+    "llama3_rope",
+    "linear_rope",
+];
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
