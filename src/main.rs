@@ -767,9 +767,9 @@ fn run(cli: Cli) -> Result<()> {
             if batch.is_some_and(|b| b < 1) || seq.is_some_and(|t| t < 1) {
                 bail!("--batch and --seq must be at least 1");
             }
-            // (as the training memory plan below takes them when not given)
-            let (b, t) = (batch.unwrap_or(1) as u64, seq.unwrap_or(2048) as u64);
-            egret::train::check_step_shape(b, t, "--batch and --seq")?;
+            // Dims the training memory plan needs: those given, else batch 1 and 2048 tokens.
+            let (plan_b, plan_t) = (batch.unwrap_or(1), seq.unwrap_or(2048));
+            egret::train::check_step_shape(plan_b as u64, plan_t as u64, "--batch and --seq")?;
             g.bind_dims(&bind);
             egret_ir::verify(&g)?;
             let pa = match print_after.as_deref() {
@@ -787,11 +787,7 @@ fn run(cli: Cli) -> Result<()> {
             })?;
             let mut memory = serde_json::Value::Null;
             if mode == Mode::Training {
-                // Dims the memory plan needs: those given, else batch 1 and 2048 tokens.
-                let b = HashMap::from([
-                    ("B".to_string(), batch.unwrap_or(1)),
-                    ("T".to_string(), seq.unwrap_or(2048)),
-                ]);
+                let b = HashMap::from([("B".to_string(), plan_b), ("T".to_string(), plan_t)]);
                 use egret_backends::remat;
                 let p = match (memory_budget, remat_baseline) {
                     (Some(budget), _) => remat::place(&g, budget, &b)?,

@@ -569,8 +569,7 @@ pub struct TrainerState {
 
 /// The most tokens (batch × sequence) one training step may take: far past what one device
 /// holds, and small enough that the token-indexed sizes (inputs, activations) cannot
-/// overflow. Sizes that grow with T² (attention's scores, if a schedule kept them) are
-/// checked where memory is planned.
+/// overflow. (No schedule keeps a size that grows with T²: attention is fused.)
 pub const MAX_STEP_TOKENS: u64 = 1 << 24;
 
 /// A step of `batch` windows of `seq` tokens: each at least 1, at most `MAX_STEP_TOKENS`

@@ -142,7 +142,7 @@ fn cfg_err(src: &str, msg: impl Into<String>) -> ModelError {
 pub const MAX_CONFIG_DIM: usize = 1 << 24;
 /// At most this many layers.
 pub const MAX_CONFIG_LAYERS: usize = 1 << 12;
-/// At most this many parameters (counted with biases and an untied LM head), 4.4 × 10¹².
+/// At most this many parameters, 4.4 × 10¹².
 pub const MAX_CONFIG_PARAMETERS: u64 = 1 << 42;
 
 impl LlamaConfig {
@@ -191,18 +191,15 @@ impl LlamaConfig {
         // (an empty `rope_scaling` falls through to `rope_parameters`, as in transformers 5;
         // llama3's original context may come from the top level, which wins, or default to
         // `max_position_embeddings`)
-        let original = obj
-            .get("original_max_position_embeddings")
-            .or_else(|| obj.get("max_position_embeddings"))
-            .and_then(Value::as_u64);
+        let top = |k: &str| obj.get(k).and_then(Value::as_u64);
+        let original = top("original_max_position_embeddings")
+            .map(|x| (x, true))
+            .or_else(|| top("max_position_embeddings").map(|x| (x, false)));
         let rope_scaling = RopeScaling::from_hf(
             obj.get("rope_scaling")
                 .filter(|s| s.as_object().is_some_and(|o| !o.is_empty()))
                 .or_else(|| rope_params.map(|_| &v["rope_parameters"])),
-            obj.get("original_max_position_embeddings")
-                .and_then(Value::as_u64)
-                .map(|x| (x, true))
-                .or(original.map(|x| (x, false))),
+            original,
             src,
         )?;
         let ids = |k: &str| -> Vec<u32> {
@@ -426,26 +423,17 @@ impl LlamaConfig {
         }
     }
 
-    /// How many parameters the model has (`None` if the count overflows).
+    /// How many parameters the model has (`parameters()`; `None` if the count overflows).
+    /// Within the size limits no dimension of a shape overflows, only their products.
     fn parameter_count(&self) -> Option<u64> {
-        let mul = |xs: &[usize]| xs.iter().try_fold(1u64, |a, x| a.checked_mul(*x as u64));
-        let (h, d, f) = (self.hidden_size, self.head_dim, self.intermediate_size);
-        let q = mul(&[self.num_attention_heads, d])? as usize;
-        let kv = mul(&[self.num_key_value_heads, d])? as usize;
-        // per layer: two norms, q/k/v/o, gate/up/down, and the optional biases; then the
-        // embedding, an LM head and the final norm
-        let layer = [
-            mul(&[2, h])?,
-            mul(&[2, q, h])?,
-            mul(&[2, kv, h])?,
-            mul(&[3, f, h])?,
-            mul(&[q + 2 * kv + 3 * h + 2 * f])?,
-        ];
-        let layer = layer.iter().try_fold(0u64, |a, x| a.checked_add(*x))?;
-        layer
-            .checked_mul(self.num_hidden_layers as u64)?
-            .checked_add(mul(&[2, self.vocab_size, h])?)?
-            .checked_add(h as u64)
+        self.parameters()
+            .iter()
+            .try_fold(0u64, |total, (_, shape)| {
+                let n = shape
+                    .iter()
+                    .try_fold(1u64, |a, d| a.checked_mul(*d as u64))?;
+                total.checked_add(n)
+            })
     }
 
     /// Every parameter of the model: Hugging Face name and shape.

@@ -2961,12 +2961,8 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
         (rows, width): (i64, i64),
     ) -> R<(IntValue<'ctx>, IntValue<'ctx>, BlockGrid<'ctx>)> {
         let (mv, nv, _) = self.dims;
-        let over = |x, t: i64| {
-            fb.b.build_int_signed_div(fb.add(x, fb.i64c(t - 1))?, fb.i64c(t), "tiles")
-                .map_err(be)
-        };
-        let tiles_n = over(nv, width)?;
-        let per_batch = fb.mul(over(mv, rows)?, tiles_n)?;
+        let tiles_n = fb.ceil_div(nv, fb.i64c(width))?;
+        let per_batch = fb.mul(fb.ceil_div(mv, fb.i64c(rows))?, tiles_n)?;
         let grid = block_grid(fb, fb.mul(per_batch, self.nbatch)?)?;
         Ok((per_batch, tiles_n, grid))
     }
@@ -4309,7 +4305,7 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     let w_ld: Vec<IntValue> = (0..2)
         .map(|jj| w_word(r8, fb.add(fb.add(fb.mul(wn, c(32))?, c(16 * jj))?, half)?))
         .collect::<R<_>>()?;
-    let ktiles = sdiv(fb.add(kv, c(tk - 1))?, c(tk), "kt")?;
+    let ktiles = fb.ceil_div(kv, c(tk))?;
     let (ra, kw) = (aav.strides.len() - 2, wav.strides.len() - 2);
     let vecs = mm.vector_rows(fb)?;
     // Whether both operands can take the ring (`cp.async` of 16-byte chunks of 8 bf16 each,
@@ -4703,7 +4699,7 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
         aav.strides[aav.strides.len() - 2],
         wav.strides[wav.strides.len() - 2],
     );
-    let ktw = sdiv(fb.add(kv, c(WG_TILE_K - 1))?, c(WG_TILE_K), "ktw")?;
+    let ktw = fb.ceil_div(kv, c(WG_TILE_K))?;
     fb.for_range(c(0), iters, |fb, it| {
         let tile = fb.add(blk, fb.mul(it, nblk)?)?;
         let at = mm.tile_at(fb, tile, (per_batch, tiles_n), (tm, tn))?;
@@ -4933,7 +4929,7 @@ fn gpu_tiled_matmul<'ctx>(
         sdiv(lane, c(t / 4), "wk")?,
         fb.mul(srem(lane, c(t / 4), "wn")?, c(4))?,
     );
-    let ktiles = sdiv(fb.add(kv, c(tk - 1))?, c(tk), "kt")?;
+    let ktiles = fb.ceil_div(kv, c(tk))?;
     let (ra, kw) = (aav.strides.len() - 2, wav.strides.len() - 2);
     let vecs = mm.vector_rows(fb)?;
     fb.for_range(c(0), iters, |fb, it| {
