@@ -21,18 +21,20 @@ fi
 weights="$(mktemp -d)"
 python3 "$(dirname "$0")/gpu/torch_ref.py" "$weights" | tee "$out/torch.jsonl"
 rc=0
+# Each step's own log goes to a scratch folder: a call brings back at most 8 files of $OUT.
+steplogs="$(mktemp -d)"
 : > "$out/egret.jsonl"
 : > "$out/egret.log"
 mapfile -t steps < <("$dir/gpu_check" --steps)
 for i in "${!steps[@]}"; do
     "$dir/gpu_check" "$bundle" "$weights" "${steps[$i]}" >> "$out/egret.jsonl" \
-        2> "$out/egret-$i.log" || rc=1
-    tee -a "$out/egret.log" < "$out/egret-$i.log" >&2
+        2> "$steplogs/egret-$i.log" || rc=1
+    tee -a "$out/egret.log" < "$steplogs/egret-$i.log" >&2
 done
 echo "--- egret (each step's table: what follows its last empty line) ---"
 for i in "${!steps[@]}"; do
     awk 'NF == 0 { n = 0; next } { t[n++] = $0 } END { for (j = 0; j < n; j++) print t[j] }' \
-        "$out/egret-$i.log"
+        "$steplogs/egret-$i.log"
 done
 echo "--- torch (same card) ---"
 python3 - "$out/torch.jsonl" "$out/egret.jsonl" <<'PY'
@@ -51,14 +53,24 @@ for line in open(sys.argv[2]):
 PY
 # The tensor-core kernels under Nsight Compute, where the machine has it: one launch each of
 # the benches' matmul and attention (their sixth: after the f32 version's five runs), or of
-# the kernels named in NCU_KERNELS, skipping NCU_SKIP launches of each.
+# the kernels named in NCU_KERNELS, skipping NCU_SKIP launches of each. Each runs only the
+# bench step its kernel belongs to; the reports go to one file, `ncu.txt`.
 if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then
+    : > "$out/ncu.txt"
     for k in ${NCU_KERNELS:-matmul_k0 attention_k1}; do
+        case "$k" in
+            matmul*) step="matmul benches" ;;
+            attention_bwd*) step="attention backward benches" ;;
+            *) step="attention benches" ;;
+        esac
+        echo "=== ncu $k ($step)" >> "$out/ncu.txt"
         timeout 120 ncu --kernel-name "regex:egret_bench_${k}" --launch-skip "${NCU_SKIP:-5}" --launch-count 1 \
             --section SpeedOfLight --section Occupancy --section WarpStateStats \
             --section MemoryWorkloadAnalysis --section SchedulerStats \
-            "$dir/gpu_check" "$bundle" "$weights" benches > "$out/ncu-$k.txt" 2>&1
-        grep -E "Duration|Throughput|Registers|Achieved Occupancy|Warp Cycles Per Issued|Issue Slots Busy|One or More Eligible|No Eligible|Stall|L1/TEX Hit|L2 Hit" "$out/ncu-$k.txt" | head -40
+            "$dir/gpu_check" "$bundle" "$weights" "$step" > "$steplogs/ncu.txt" 2>&1
+        cat "$steplogs/ncu.txt" >> "$out/ncu.txt"
+        echo "--- ncu $k"
+        grep -E "Duration|Throughput|Registers|Achieved Occupancy|Warp Cycles Per Issued|Issue Slots Busy|One or More Eligible|No Eligible|Stall|L1/TEX Hit|L2 Hit" "$steplogs/ncu.txt" | head -24
     done
 fi
 exit $rc

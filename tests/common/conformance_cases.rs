@@ -313,13 +313,16 @@ const CASES: &[(&str, &str)] = &[
         // Sibling elementwise kernels merged into one (`schedule::merge_elementwise`): an
         // AdamW-like update whose new moments are outputs the new value reads at the same
         // element; and outputs read by a sibling transposed, or shifted through a concat (a
-        // token shift), which must not merge.
+        // token shift), which must not merge. (The second moment is an `abs`, as a second
+        // moment is never negative: a random negative one made half the new values NaN, which
+        // compared as equal and so checked nothing.)
         "elementwise-siblings",
         r#"
   %p = input "p" : f32[N, 37]
   %g = input "g" : f32[N, 37]
   %m = input "m" : f32[N, 37]
-  %v = input "v" : f32[N, 37]
+  %vi = input "v" : f32[N, 37]
+  %v = abs(%vi) : f32[N, 37]
   %b1 = const[value=0.9] : f32[N, 37]
   %c1 = const[value=0.1] : f32[N, 37]
   %b2 = const[value=0.999] : f32[N, 37]

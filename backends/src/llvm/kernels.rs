@@ -2862,6 +2862,8 @@ struct TileAt<'ctx> {
     bi: IntValue<'ctx>,
     m0: IntValue<'ctx>,
     n0: IntValue<'ctx>,
+    /// The tile's rows and width.
+    size: (i64, i64),
     abase: IntValue<'ctx>,
     wbase: IntValue<'ctx>,
     /// That batch entry's offset in the residual (0 without one).
@@ -2899,6 +2901,7 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
             bi,
             m0,
             n0,
+            size: (rows, width),
             abase,
             wbase,
             rbase,
@@ -2970,6 +2973,12 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
     /// Stores this thread's accumulators of the tile at `at`: accumulator `x` at `place(x)`
     /// in the tile, scaled by its row's norm (with `norm`: the tile's row scales in shared
     /// memory at `inv`, `row_scales`), plus the residual, where inside the matrix.
+    ///
+    /// `place` puts accumulators `2i` and `2i + 1` side by side in one row (the layout of
+    /// `mma` and `wgmma` fragments). A tile wholly inside the matrix, with an even row length,
+    /// (and the output on 8 bytes) stores each such pair as one 8-byte store at a constant
+    /// offset from the thread's first output, with no bounds tests; the other tiles test and
+    /// store each output.
     fn store_tile(
         &self,
         fb: &Fb<'_, 'ctx>,
@@ -2980,31 +2989,60 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
     ) -> R<()> {
         let (mv, nv, _) = self.dims;
         let c = |v: i64| fb.i64c(v);
-        let lt = |a, b| {
-            fb.b.build_int_compare(IntPredicate::SLT, a, b, "lt")
-                .map_err(be)
+        let cmp = |p, a, b| fb.b.build_int_compare(p, a, b, "cmp").map_err(be);
+        let lt = |a, b| cmp(IntPredicate::SLT, a, b);
+        let and = |a, b| fb.b.build_and(a, b, "and").map_err(be);
+        let sub = |a, b| fb.b.build_int_sub(a, b, "d").map_err(be);
+        // Output `(row, col)` of the tile, scaled and with its residual.
+        let value = |fb: &Fb<'_, 'ctx>, a: PointerValue<'ctx>, r, row, col| -> R<_> {
+            let mut v = fb.get(a)?;
+            if self.norm {
+                v = fb.fmul(v, fb.load_f32(inv_s, fb.add(r, c(inv_at))?)?)?;
+            }
+            self.with_residual(fb, at.rbase, row, col, v)
         };
-        for (x, a) in accs.iter().enumerate() {
-            let (r, cl) = place(fb, x)?;
-            let (row, col) = (fb.add(at.m0, r)?, fb.add(at.n0, cl)?);
-            let inside =
-                fb.b.build_and(lt(row, mv)?, lt(col, nv)?, "in")
-                    .map_err(be)?;
-            fb.if_else(
-                inside,
-                |fb| {
-                    let mut v = fb.get(*a)?;
-                    if self.norm {
-                        v = fb.fmul(v, fb.load_f32(inv_s, fb.add(r, c(inv_at))?)?)?;
-                    }
-                    let v = self.with_residual(fb, at.rbase, row, col, v)?;
-                    let o = fb.add(fb.mul(fb.add(fb.mul(at.bi, mv)?, row)?, nv)?, col)?;
-                    fb.store_f32(self.optr, o, v)
-                },
-                |_| Ok(()),
+        let (tm, tn) = at.size;
+        let whole = and(
+            and(
+                cmp(IntPredicate::SLE, fb.add(at.m0, c(tm))?, mv)?,
+                cmp(IntPredicate::SLE, fb.add(at.n0, c(tn))?, nv)?,
+            )?,
+            and(fb.multiple_of(nv, 2)?, fb.ptr_aligned(self.optr, 8)?)?,
+        )?;
+        let pairs = |fb: &Fb<'_, 'ctx>| -> R<()> {
+            let (r0, c0) = place(fb, 0)?;
+            let first = fb.add(
+                fb.mul(fb.add(fb.mul(at.bi, mv)?, fb.add(at.m0, r0)?)?, nv)?,
+                fb.add(at.n0, c0)?,
             )?;
-        }
-        Ok(())
+            for x in (0..accs.len()).step_by(2) {
+                let (r, cl) = place(fb, x)?;
+                let (row, col) = (fb.add(at.m0, r)?, fb.add(at.n0, cl)?);
+                let v0 = value(fb, accs[x], r, row, col)?;
+                let v1 = value(fb, accs[x + 1], r, row, fb.add(col, c(1))?)?;
+                // (the offsets from the first output fold to constants times the row length)
+                let o = fb.add(first, fb.add(fb.mul(sub(r, r0)?, nv)?, sub(cl, c0)?)?)?;
+                store_vector(fb, self.optr, o, &[v0.into(), v1.into()])?;
+            }
+            Ok(())
+        };
+        let each = |fb: &Fb<'_, 'ctx>| -> R<()> {
+            for (x, a) in accs.iter().enumerate() {
+                let (r, cl) = place(fb, x)?;
+                let (row, col) = (fb.add(at.m0, r)?, fb.add(at.n0, cl)?);
+                fb.if_else(
+                    and(lt(row, mv)?, lt(col, nv)?)?,
+                    |fb| {
+                        let v = value(fb, *a, r, row, col)?;
+                        let o = fb.add(fb.mul(fb.add(fb.mul(at.bi, mv)?, row)?, nv)?, col)?;
+                        fb.store_f32(self.optr, o, v)
+                    },
+                    |_| Ok(()),
+                )?;
+            }
+            Ok(())
+        };
+        fb.if_else(whole, pairs, each)
     }
 
     /// Output `v` at `(row, col)` plus the residual there, if any (`rbase`: the batch
@@ -4941,6 +4979,7 @@ fn gpu_tiled_matmul<'ctx>(
             abase,
             wbase,
             rbase,
+            ..
         } = mm.tile_at(fb, tile, (per_batch, tiles_n), (t, t))?;
         if norm {
             row_scales(fb, aav, abase, lane, (m0, t), (mv, kv), eps, inv_s, inv_at)?;
@@ -6338,21 +6377,22 @@ fn gpu_mma_attention<'ctx>(
         } else {
             staged(fb)?;
         }
-        // Each row's sum over its quad, then the rows out.
+        // Each row's sum over its quad, then the rows out, times the sum's reciprocal: the
+        // thread's two columns `8nt + 2q`, `+ 1` as one 8-byte store (the row starts at a
+        // multiple of the head size, a power of two, in a buffer on 256 bytes).
         for (rr, r) in rows.iter().enumerate() {
             let l = warp_fold(fb, fb.get(lrow[rr])?, &[1, 2], |a, b| fb.fadd(a, b))?;
+            let inv = fb.b.build_float_div(fb.f32c(1.0), l, "inv").map_err(be)?;
             fb.if_else(
                 lt(*r, tv)?,
                 |fb| {
                     let u = fb.add(fb.mul(fb.add(fb.mul(bi, c(d.h))?, hi)?, tv)?, *r)?;
-                    let obase = attn_out_row(fb, u, d)?;
+                    let first = fb.add(attn_out_row(fb, u, d)?, fb.mul(q, c(2))?)?;
                     for nt in 0..dv / 8 {
-                        for x in [2 * rr, 2 * rr + 1] {
-                            let col = fb.add(c(8 * nt + (x % 2) as i64), fb.mul(q, c(2))?)?;
-                            let o = fb.get(oacc[(nt * 4) as usize + x])?;
-                            let o = fb.b.build_float_div(o, l, "o").map_err(be)?;
-                            fb.store_f32(optr, fb.add(obase, col)?, o)?;
-                        }
+                        let x = (nt * 4) as usize + 2 * rr;
+                        let o0 = fb.fmul(fb.get(oacc[x])?, inv)?;
+                        let o1 = fb.fmul(fb.get(oacc[x + 1])?, inv)?;
+                        store_vector(fb, optr, fb.add(first, c(8 * nt))?, &[o0.into(), o1.into()])?;
                     }
                     Ok(())
                 },
