@@ -53,8 +53,10 @@ for line in open(sys.argv[2]):
 PY
 # The tensor-core kernels under Nsight Compute, where the machine has it: one launch each of
 # the benches' matmul and attention (their sixth: after the f32 version's five runs), or of
-# the kernels named in NCU_KERNELS, skipping NCU_SKIP launches of each. Each runs only the
-# bench step its kernel belongs to; the reports go to one file, `ncu.txt`.
+# the kernels named in NCU_KERNELS, skipping NCU_SKIP launches of each, with the metrics
+# NCU_METRICS names besides the sections (`stalls`: why warps did not issue, per issued
+# instruction, and the tensor pipes' use). Each runs only the bench step its kernel belongs
+# to; the reports go to one file, `ncu.txt`.
 if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then
     : > "$out/ncu.txt"
     for k in ${NCU_KERNELS:-matmul_k0 attention_k1}; do
@@ -64,13 +66,20 @@ if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then
             *) step="attention benches" ;;
         esac
         echo "=== ncu $k ($step)" >> "$out/ncu.txt"
+        metrics=()
+        if [ "${NCU_METRICS:-}" = stalls ]; then
+            metrics=(--metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:sm__pipe_tensor.*cycles_active\.avg\.pct_of_peak_sustained_active,regex:sm__inst_executed_pipe_.*\.avg\.pct_of_peak_sustained_active')
+        fi
         timeout 120 ncu --kernel-name "regex:egret_bench_${k}" --launch-skip "${NCU_SKIP:-5}" --launch-count 1 \
             --section SpeedOfLight --section Occupancy --section WarpStateStats \
-            --section MemoryWorkloadAnalysis --section SchedulerStats \
+            --section MemoryWorkloadAnalysis --section SchedulerStats "${metrics[@]}" \
             "$dir/gpu_check" "$bundle" "$weights" "$step" > "$steplogs/ncu.txt" 2>&1
         cat "$steplogs/ncu.txt" >> "$out/ncu.txt"
         echo "--- ncu $k"
-        grep -E "Duration|Throughput|Registers|Achieved Occupancy|Warp Cycles Per Issued|Issue Slots Busy|One or More Eligible|No Eligible|Stall|L1/TEX Hit|L2 Hit" "$steplogs/ncu.txt" | head -24
+        grep -E "Duration|Compute \(SM\) Throughput|L2 Cache Throughput|Warp Cycles Per Issued|One or More Eligible|ERR|==ERROR" "$steplogs/ncu.txt" | head -12
+        # (the stall reasons over 0.2 cycles an instruction, and the busiest pipes)
+        awk '/issue_stalled/ && $NF + 0 >= 0.2 { sub("smsp__average_warps_issue_stalled_", ""); sub("_per_issue_active.ratio", ""); print "    stall", $1, $NF }
+             /pct_of_peak_sustained_active/ && $NF + 0 >= 5 { print "    pipe", $1, $NF }' "$steplogs/ncu.txt" | head -24
     done
 fi
 exit $rc

@@ -397,6 +397,25 @@ fn tensor_core_bf16_inputs(g: &Graph, outputs: &BTreeSet<ValueId>) -> BTreeSet<V
         .collect()
 }
 
+/// Graph outputs declared `bf16` that a tensor-core matmul or attention writes and nothing
+/// else reads (one output, no other use): stored bf16 (`ScheduleOptions::bf16_operands`), as
+/// the type says, rather than f32; half the bytes written, and the host reads them back as
+/// bf16. (Values other kernels read stay f32: those kernels load f32.)
+fn stored_bf16_outputs(g: &Graph, uses: &[usize]) -> BTreeSet<ValueId> {
+    g.outputs
+        .iter()
+        .map(|(_, v)| *v)
+        .filter(|v| {
+            let n = g.node(*v);
+            matches!(
+                n.op,
+                Op::MatMul | Op::RmsNormMatMul { .. } | Op::FusedAttention { .. }
+            ) && n.ty.dtype == DType::BF16
+                && uses[v.index()] == 1
+        })
+        .collect()
+}
+
 /// Attention results, not outputs, whose every use is a permute to `[B, T, H, Dv]`: written
 /// tokens first (`ScheduleOptions::attn_tokens_first`), which makes that permute a view.
 fn permuted_attention(g: &Graph, outputs: &BTreeSet<ValueId>) -> BTreeSet<ValueId> {
@@ -484,6 +503,11 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
         BTreeSet::new()
     };
     let tokens_first_attn = permuted_attention(g, &outputs);
+    let bf16_outputs = if opts.bf16_operands && opts.panel == 0 {
+        stored_bf16_outputs(g, &s.uses)
+    } else {
+        BTreeSet::new()
+    };
     let mut vals: Vec<Option<Val>> = vec![None; g.len()];
     let mut taken = BTreeSet::new();
     let mut out_bufs: std::collections::HashMap<String, u32> = Default::default();
@@ -491,6 +515,12 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
         let n = g.node(v);
         let shape = n.ty.shape.dims().to_vec();
         let e = elem(n.ty.dtype);
+        // (the element type of the buffer a matmul or attention writes its result to)
+        let out_e = if bf16_outputs.contains(&v) {
+            ElemType::BF16
+        } else {
+            e
+        };
         let arg = |i: usize| {
             vals[n.inputs[i].index()]
                 .clone()
@@ -842,7 +872,8 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                         Some(r) => g.shape(*r).to_vec(),
                         None => shape.clone(),
                     };
-                    let out = s.new_buffer(BufferRole::Temp, e, &out_shape, false);
+                    let out_e = if summed { e } else { out_e };
+                    let out = s.new_buffer(BufferRole::Temp, out_e, &out_shape, false);
                     // Weights known at load with constant K, N and rows of `a` that collapse to one
                     // stride: pack the weights into panels once and run the blocked GEMM.
                     let rows_contig = one_block(&a.strides[..ash.len() - 1], &ash[..ash.len() - 1]);
@@ -1106,7 +1137,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                     } else {
                         shape.clone()
                     };
-                    let out = s.new_buffer(BufferRole::Temp, e, &stored, false);
+                    let out = s.new_buffer(BufferRole::Temp, out_e, &stored, false);
                     let part = s.new_buffer(BufferRole::Temp, e, &[Dim::c(dims.part_len())], false);
                     let reads: Vec<u32> = acc.iter().map(|a| a.buf).collect();
                     s.push(

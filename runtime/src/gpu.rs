@@ -665,6 +665,16 @@ impl GpuExecutor {
                     "no output `{out}` to feed back"
                 )));
             };
+            // (a copy of bytes: the target must store the same elements)
+            let target_elem = self.plan.buffers.iter().find_map(|b| match &b.role {
+                BufferRole::Param(n) | BufferRole::Input(n) if n == target => Some(b.elem),
+                _ => None,
+            });
+            if target_elem.is_some_and(|e| e != self.plan.buffers[ob as usize].elem) {
+                return Err(RuntimeError::Invalid(format!(
+                    "output `{out}` cannot be fed back to `{target}`: their element types differ"
+                )));
+            }
             let bytes = self.plan.buffers[ob as usize].bytes(&syms);
             let src = match &self.persistent[ob as usize] {
                 Some(s) => dptr(s, &self.stream),

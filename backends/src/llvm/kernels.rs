@@ -2516,7 +2516,7 @@ fn matmul<'ctx>(
         _ => None,
     };
     let eps = norm.map(|(_, e)| e).unwrap_or(0.0);
-    let optr = fb.buf(out)?;
+    let obuf = OutBuf::of(fb, out)?;
     let bdims: Vec<IntValue> = batch.iter().map(|d| fb.dim(d)).collect::<R<_>>()?;
     let (mv, nv, kv) = (fb.dim(m)?, fb.dim(n)?, fb.dim(k)?);
     let mut nbatch = fb.i64c(1);
@@ -2608,7 +2608,7 @@ fn matmul<'ctx>(
                         v = fb.fmul(v, fb.get(invs[r])?)?;
                     }
                     let row = fb.add(fb.mul(bi, mv)?, fb.add(m0, fb.i64c(r as i64))?)?;
-                    fb.store_f32(optr, fb.add(fb.mul(row, nv)?, ni)?, v)?;
+                    fb.store_f32(obuf.f32_ptr()?, fb.add(fb.mul(row, nv)?, ni)?, v)?;
                 }
                 Ok(())
             })
@@ -2650,7 +2650,7 @@ fn matmul<'ctx>(
             .map_err(be)?;
         fb.b.position_at_end(large);
         let mm = GpuMatmul {
-            optr,
+            optr: obuf,
             aav: &aav,
             gav: gav.as_ref(),
             norm: norm.is_some(),
@@ -2837,11 +2837,76 @@ fn barrier(fb: &Fb) -> R<()> {
     Ok(())
 }
 
+/// A GPU kernel's output buffer: where it is and how its elements are stored (f32; bf16 for
+/// a bf16 graph output that a tensor-core matmul or attention writes, `schedule`'s
+/// `stored_bf16`).
+#[derive(Clone, Copy)]
+struct OutBuf<'ctx> {
+    ptr: PointerValue<'ctx>,
+    elem: ElemType,
+}
+
+impl<'ctx> OutBuf<'ctx> {
+    fn of(fb: &Fb<'_, 'ctx>, out: u32) -> R<Self> {
+        let elem = fb.prog.buffers[out as usize].elem;
+        match elem {
+            ElemType::F32 | ElemType::BF16 => Ok(OutBuf {
+                ptr: fb.buf(out)?,
+                elem,
+            }),
+            e => Err(BackendError::Unsupported(format!(
+                "a matmul or attention output stored as {e:?}"
+            ))),
+        }
+    }
+
+    /// The f32 buffer, for the paths that store no other (the CPU's).
+    fn f32_ptr(&self) -> R<PointerValue<'ctx>> {
+        match self.elem {
+            ElemType::F32 => Ok(self.ptr),
+            e => Err(BackendError::Unsupported(format!(
+                "an output stored as {e:?} on the CPU"
+            ))),
+        }
+    }
+
+    /// Stores `v` at element `idx`: as it is, or rounded to the nearest bf16 (ties to even,
+    /// `pack_bf16x2`).
+    fn store(&self, fb: &Fb<'_, 'ctx>, idx: IntValue<'ctx>, v: FloatValue<'ctx>) -> R<()> {
+        if self.elem == ElemType::F32 {
+            return fb.store_f32(self.ptr, idx, v);
+        }
+        let i16t = fb.ctx.i16_type();
+        let w = pack_bf16x2(fb, v, fb.f32c(0.0))?;
+        let h = fb.b.build_int_truncate(w, i16t, "h").map_err(be)?;
+        let p = unsafe { fb.b.build_in_bounds_gep(i16t, self.ptr, &[idx], "p") }.map_err(be)?;
+        fb.b.build_store(p, h).map_err(be)?;
+        Ok(())
+    }
+
+    /// Stores `v0` and `v1` at elements `idx` (even; the buffer on 8 bytes) and `idx + 1` as
+    /// one store: 8 bytes of f32, or 4 of bf16.
+    fn store_pair(
+        &self,
+        fb: &Fb<'_, 'ctx>,
+        idx: IntValue<'ctx>,
+        [v0, v1]: [FloatValue<'ctx>; 2],
+    ) -> R<()> {
+        if self.elem == ElemType::F32 {
+            return store_vector(fb, self.ptr, idx, &[v0.into(), v1.into()]);
+        }
+        let half =
+            fb.b.build_int_signed_div(idx, fb.i64c(2), "half")
+                .map_err(be)?;
+        store_vector(fb, self.ptr, half, &[pack_bf16x2(fb, v0, v1)?.into()])
+    }
+}
+
 /// A GPU matmul's operands: `out = a·w` (`[batch, m, k]·[batch?, k, n]`), with `norm` the
 /// rows of `a` RMS-normalised (`eps`) and scaled by `g` first.
 #[derive(Clone, Copy)]
 struct GpuMatmul<'a, 'ctx> {
-    optr: PointerValue<'ctx>,
+    optr: OutBuf<'ctx>,
     aav: &'a Av<'ctx>,
     gav: Option<&'a Av<'ctx>>,
     norm: bool,
@@ -3007,7 +3072,7 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
                 cmp(IntPredicate::SLE, fb.add(at.m0, c(tm))?, mv)?,
                 cmp(IntPredicate::SLE, fb.add(at.n0, c(tn))?, nv)?,
             )?,
-            and(fb.multiple_of(nv, 2)?, fb.ptr_aligned(self.optr, 8)?)?,
+            and(fb.multiple_of(nv, 2)?, fb.ptr_aligned(self.optr.ptr, 8)?)?,
         )?;
         let pairs = |fb: &Fb<'_, 'ctx>| -> R<()> {
             let (r0, c0) = place(fb, 0)?;
@@ -3022,7 +3087,7 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
                 let v1 = value(fb, accs[x + 1], r, row, fb.add(col, c(1))?)?;
                 // (the offsets from the first output fold to constants times the row length)
                 let o = fb.add(first, fb.add(fb.mul(sub(r, r0)?, nv)?, sub(cl, c0)?)?)?;
-                store_vector(fb, self.optr, o, &[v0.into(), v1.into()])?;
+                self.optr.store_pair(fb, o, [v0, v1])?;
             }
             Ok(())
         };
@@ -3035,7 +3100,7 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
                     |fb| {
                         let v = value(fb, *a, r, row, col)?;
                         let o = fb.add(fb.mul(fb.add(fb.mul(at.bi, mv)?, row)?, nv)?, col)?;
-                        fb.store_f32(self.optr, o, v)
+                        self.optr.store(fb, o, v)
                     },
                     |_| Ok(()),
                 )?;
@@ -3336,7 +3401,7 @@ fn gpu_gemv<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
                             }
                             let v = mm.with_residual(fb, rbase, row, n, v)?;
                             let o = fb.add(fb.mul(fb.add(fb.mul(bi, mv)?, row)?, nv)?, n)?;
-                            fb.store_f32(optr, o, v)
+                            optr.store(fb, o, v)
                         },
                         |_| Ok(()),
                     )
@@ -5102,7 +5167,7 @@ fn gpu_tiled_matmul<'ctx>(
                         }
                         let v = mm.with_residual(fb, rbase, row, col, v)?;
                         let o = fb.add(fb.mul(fb.add(fb.mul(bi, mv)?, row)?, nv)?, col)?;
-                        fb.store_f32(optr, o, v)
+                        optr.store(fb, o, v)
                     },
                     |_| Ok(()),
                 )?;
@@ -5200,7 +5265,7 @@ fn attention<'ctx>(
         fb.access(v, ElemType::F32)?,
     );
     let pa = fb.access(pos, ElemType::I64)?;
-    let optr = fb.buf(out)?;
+    let optr = OutBuf::of(fb, out)?.f32_ptr()?;
     let pptr = fb.buf(part)?;
     let (bv, tv, sv) = (fb.dim(&d.b)?, fb.dim(&d.t)?, fb.dim(&d.s)?);
     let (h, dd, dv) = (fb.i64c(d.h), fb.i64c(d.d), fb.i64c(d.dv));
@@ -5958,7 +6023,7 @@ fn stage_vec_ok<'ctx>(fb: &Fb<'_, 'ctx>, av: &Av<'ctx>) -> R<IntValue<'ctx>> {
 #[allow(clippy::too_many_arguments)]
 fn gpu_mma_attention<'ctx>(
     fb: &Fb<'_, 'ctx>,
-    optr: PointerValue<'ctx>,
+    optr: OutBuf<'ctx>,
     [qa, ka, va, pa]: [&Av<'ctx>; 4],
     d: &crate::kernel::AttnDims,
     scale: f64,
@@ -6392,7 +6457,7 @@ fn gpu_mma_attention<'ctx>(
                         let x = (nt * 4) as usize + 2 * rr;
                         let o0 = fb.fmul(fb.get(oacc[x])?, inv)?;
                         let o1 = fb.fmul(fb.get(oacc[x + 1])?, inv)?;
-                        store_vector(fb, optr, fb.add(first, c(8 * nt))?, &[o0.into(), o1.into()])?;
+                        optr.store_pair(fb, fb.add(first, c(8 * nt))?, [o0, o1])?;
                     }
                     Ok(())
                 },
@@ -6427,7 +6492,7 @@ fn gpu_attention(
         fb.access(v, elem(v))?,
     );
     let pa = fb.access(pos, ElemType::I64)?;
-    let optr = fb.buf(out)?;
+    let optr = OutBuf::of(fb, out)?;
     let c = |v: i64| fb.i64c(v);
     let sdiv = |a, b, n| fb.b.build_int_signed_div(a, b, n).map_err(be);
     let srem = |a, b, n| fb.b.build_int_signed_rem(a, b, n).map_err(be);
@@ -6576,7 +6641,7 @@ fn gpu_attention(
                         *ok,
                         |fb| {
                             let o = fb.b.build_float_div(fb.get(acc[i])?, lv, "o").map_err(be)?;
-                            fb.store_f32(optr, fb.add(obase, *e)?, o)
+                            optr.store(fb, fb.add(obase, *e)?, o)
                         },
                         |_| Ok(()),
                     )?;
