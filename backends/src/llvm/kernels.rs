@@ -2024,8 +2024,16 @@ fn eval<'ctx>(
     })
 }
 
-/// Round-to-nearest-even to bfloat16 precision, NaN kept: `(bits + 0x7fff + lsb) & ~0xffff`.
+/// Round-to-nearest-even to bfloat16 precision, NaN kept: `(bits + 0x7fff + lsb) & ~0xffff`;
+/// on the GPU one `cvt.rn.bf16.f32` and back (two instructions for seven: tensor-core matmul
+/// paths that round their operands as they load them are bound by it).
 fn round_bf16<'ctx>(fb: &Fb<'_, 'ctx>, f: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+    if fb.gpu && !fb.sim {
+        let h =
+            fb.b.build_float_trunc(f, fb.ctx.bf16_type(), "bf")
+                .map_err(be)?;
+        return fb.b.build_float_ext(h, fb.f32t, "f").map_err(be);
+    }
     let i32t = fb.ctx.i32_type();
     let bits =
         fb.b.build_bit_cast(f, i32t, "bits")
