@@ -2903,10 +2903,15 @@ impl<'ctx> OutBuf<'ctx> {
         if self.elem == ElemType::F32 {
             return store_vector(fb, self.ptr, idx, &[v0.into(), v1.into()]);
         }
-        let half =
-            fb.b.build_int_signed_div(idx, fb.i64c(2), "half")
-                .map_err(be)?;
-        store_vector(fb, self.ptr, half, &[pack_bf16x2(fb, v0, v1)?.into()])
+        // (addressed as bf16 elements, so that the offsets of a tile's pairs from its first
+        // stay constants folded into the stores)
+        let i16t = fb.ctx.i16_type();
+        let p = unsafe { fb.b.build_in_bounds_gep(i16t, self.ptr, &[idx], "p") }.map_err(be)?;
+        fb.check_aligned(p, 4)?;
+        fb.b.build_store(p, pack_bf16x2(fb, v0, v1)?)
+            .map_err(be)?
+            .set_alignment(4)
+            .map_err(|e| BackendError::Llvm(e.to_string()))
     }
 }
 
