@@ -31,6 +31,8 @@ for i in "${!steps[@]}"; do
         2> "$steplogs/egret-$i.log" || rc=1
     tee -a "$out/egret.log" < "$steplogs/egret-$i.log" >&2
 done
+# cuBLAS and SDPA once more: the card's clocks drift over a call.
+python3 "$(dirname "$0")/gpu/torch_again.py" | tee -a "$out/torch.jsonl"
 echo "--- egret (each step's table: what follows its last empty line) ---"
 for i in "${!steps[@]}"; do
     awk 'NF == 0 { n = 0; next } { t[n++] = $0 } END { for (j = 0; j < n; j++) print t[j] }' \
@@ -50,6 +52,15 @@ for line in open(sys.argv[2]):
     if r.get("check") == "smollm2":
         same = sum(1 for _ in __import__("itertools").takewhile(lambda p: p[0] == p[1], zip(r["gpu_ids"], hf)))
         print(f"egret gpu greedy ids equal to HF's (f32, GPU) for the first {same}/{len(hf)}")
+# The goals' ratios: egret's sm_90a kernel over PyTorch's figure before and after egret's steps.
+rows = lambda path: [json.loads(l) for l in open(path)]
+for name, ours, theirs in [("matmul bf16 4096^3 / cuBLAS", "matmul wgmma", "matmul bfloat16 4096^3"),
+                           ("attention causal t4096 d128 / SDPA flash", "attention causal 16x4096x128 wgmma", "sdpa causal h16 t4096 d128 bfloat16")]:
+    e = [r["tflops"] for r in rows(sys.argv[2]) if r.get("what", "").startswith(ours) and "tflops" in r]
+    t = [r["tflops"] for r in rows(sys.argv[1]) if r.get("what", "").startswith(theirs) and "forward" not in r["what"]]
+    if e and t:
+        print(f"ratio {name}: " + ", ".join(f"{e[0] / x:.3f}" for x in t)
+              + f" (egret {e[0]:.1f}, torch {', '.join(f'{x:.1f}' for x in t)} TFLOP/s)")
 PY
 # The tensor-core kernels under Nsight Compute, where the machine has it: one launch each of
 # the benches' matmul and attention (their sixth: after the f32 version's five runs), or of

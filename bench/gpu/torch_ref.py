@@ -8,15 +8,16 @@ and backward in bf16), HF greedy
 generation (64-token prompt, 64 new tokens, f32) and one AdamW training step (batch 1 x 256,
 f32). Prints one JSON object per line; the last line holds HF's greedy ids.
 """
-import json
 import sys
 import time
 
 import torch
 import transformers
 
+from torch_timing import ATTN_FLOPS, DEV, T, bench, emit, matmul, sdpa
+
 out_dir = sys.argv[1]
-dev = "cuda"
+dev = DEV
 torch.manual_seed(0)
 
 cfg = transformers.LlamaConfig(
@@ -29,45 +30,12 @@ model = transformers.LlamaForCausalLM(cfg).float()
 model.save_pretrained(out_dir, safe_serialization=True)
 model = model.to(dev).eval()
 
-
-def emit(**kw):
-    print(json.dumps(kw), flush=True)
-
-
-def bench(fn, reps=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    times.sort()
-    return times[len(times) // 2]
-
-
-n = 4096
 for dtype, tf32 in [(torch.bfloat16, False), (torch.float32, False), (torch.float32, True)]:
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    a = torch.randn(n, n, device=dev, dtype=dtype)
-    b = torch.randn(n, n, device=dev, dtype=dtype)
-    s = bench(lambda: a @ b)
-    emit(check="torch", what=f"matmul {str(dtype)[6:]}{' tf32' if tf32 else ''} 4096^3",
-         seconds=s, tflops=2 * n**3 / s / 1e12)
-torch.backends.cuda.matmul.allow_tf32 = False
+    matmul(dtype, tf32)
 
-t = 4096
-flops = 16 * t * t / 2 * 128 * 4
 for dtype in [torch.bfloat16, torch.float32]:
-    q, k, v = (torch.randn(1, 16, t, 128, device=dev, dtype=dtype) for _ in range(3))
-    f = torch.nn.functional.scaled_dot_product_attention
-    s = bench(lambda: f(q, k, v, is_causal=True))
-    emit(check="torch", what=f"sdpa causal h16 t4096 d128 {str(dtype)[6:]}", seconds=s,
-         tflops=flops / s / 1e12)
+    sdpa(dtype)
+t, flops = T, ATTN_FLOPS
 
 # The same attention's forward and backward (bf16, as egret's tensor-core backward reads
 # its operands); FlashAttention's flops: the backward 2.5 times the forward's.
