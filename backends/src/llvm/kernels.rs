@@ -4088,11 +4088,31 @@ fn ring_arrive<'ctx>(
     readers: RingReaders,
     issue: &dyn Fn(&Fb<'_, 'ctx>, IntValue<'ctx>) -> R<()>,
 ) -> R<()> {
+    ring_ready(fb, ahead, readers)?;
+    ring_issue_next(fb, kt, slices, ahead, issue)
+}
+
+/// `ring_arrive`'s first half: this thread's copies of the step's slice waited for (and
+/// fenced for `readers`), then a barrier, after which the slice is in every thread's view
+/// and every slice before it has been read (so its stage, `ahead` slices back, may be
+/// refilled).
+fn ring_ready<'ctx>(fb: &Fb<'_, 'ctx>, ahead: i64, readers: RingReaders) -> R<()> {
     cp_async_wait(fb, ahead - 1)?;
     if let RingReaders::Wgmma = readers {
         fence_proxy_async(fb)?;
     }
-    barrier(fb)?;
+    barrier(fb)
+}
+
+/// `ring_arrive`'s second half, anywhere between the barrier and the next step's: slice
+/// `kt + ahead` issued (an empty group past the end).
+fn ring_issue_next<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    kt: IntValue<'ctx>,
+    slices: IntValue<'ctx>,
+    ahead: i64,
+    issue: &dyn Fn(&Fb<'_, 'ctx>, IntValue<'ctx>) -> R<()>,
+) -> R<()> {
     let next = fb.add(kt, fb.i64c(ahead))?;
     let more =
         fb.b.build_int_compare(IntPredicate::SLT, next, slices, "more")
@@ -6424,22 +6444,27 @@ fn gpu_mma_attention<'ctx>(
             };
             // (`ring_pipeline`'s steps, the first peeled: no branch between a `wgmma` and
             // its wait, which would make ptxas serialize them all)
+            // A step's copies (of the keys and values `ahead` steps on) are issued after its
+            // `wgmma`s, while the tensor cores work, not between the barrier and them: the
+            // stage they fill was last read by `PV` of step `kt - 2`, waited for in step
+            // `kt - 1`.
             let ahead = MMA_ATTN_STAGES - 1;
             ring_prologue(fb, steps, ahead, &issue)?;
-            let arrive = |fb: &Fb<'_, 'ctx>, kt| {
-                ring_arrive(fb, kt, steps, ahead, RingReaders::Wgmma, &issue)
-            };
+            let ready = |fb: &Fb<'_, 'ctx>| ring_ready(fb, ahead, RingReaders::Wgmma);
+            let issue_next = |fb: &Fb<'_, 'ctx>, kt| ring_issue_next(fb, kt, steps, ahead, &issue);
             fb.if_else(
                 cmp(IntPredicate::SGT, steps, c(0))?,
                 |fb| {
-                    arrive(fb, c(0))?;
+                    ready(fb)?;
                     scores(fb, stage_at(fb, c(0))?, &sacc)?;
+                    issue_next(fb, c(0))?;
                     softmax(fb, c(0), 0)?;
                     fb.for_range(c(1), steps, |fb, kt| {
-                        arrive(fb, kt)?;
+                        ready(fb)?;
                         rescale_kept(fb)?;
                         scores(fb, stage_at(fb, kt)?, &sacc)?;
                         last_values(fb, fb.b.build_int_sub(kt, c(1), "kp").map_err(be)?)?;
+                        issue_next(fb, kt)?;
                         softmax(fb, kt, 1)
                     })?;
                     rescale_kept(fb)?;
