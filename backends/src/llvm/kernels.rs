@@ -3057,6 +3057,10 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
     /// (and the output on 8 bytes) stores each such pair as one 8-byte store at a constant
     /// offset from the thread's first output, with no bounds tests; the other tiles test and
     /// store each output.
+    ///
+    /// With `stage` (shared memory free for the tile's outputs, 16-byte aligned, and this
+    /// thread's index in the block), a whole tile with no residual, rows of 16-byte multiples
+    /// and the output on 16 bytes goes through it instead (`store_staged`).
     fn store_tile(
         &self,
         fb: &Fb<'_, 'ctx>,
@@ -3064,6 +3068,7 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
         place: &TilePlace<'_, 'ctx>,
         at: TileAt<'ctx>,
         (inv_s, inv_at): (PointerValue<'ctx>, i64),
+        stage: Option<(PointerValue<'ctx>, IntValue<'ctx>)>,
     ) -> R<()> {
         let (mv, nv, _) = self.dims;
         let c = |v: i64| fb.i64c(v);
@@ -3087,7 +3092,7 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
             )?,
             and(fb.multiple_of(nv, 2)?, fb.ptr_aligned(self.optr.ptr, 8)?)?,
         )?;
-        let pairs = |fb: &Fb<'_, 'ctx>| -> R<()> {
+        let pairs_each = |fb: &Fb<'_, 'ctx>| -> R<()> {
             let (r0, c0) = place(fb, 0)?;
             let first = fb.add(
                 fb.mul(fb.add(fb.mul(at.bi, mv)?, fb.add(at.m0, r0)?)?, nv)?,
@@ -3103,6 +3108,30 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
                 self.optr.store_pair(fb, o, [v0, v1])?;
             }
             Ok(())
+        };
+        let pairs = |fb: &Fb<'_, 'ctx>| -> R<()> {
+            let Some((smem, lane)) = stage.filter(|_| self.rav.is_none()) else {
+                return pairs_each(fb);
+            };
+            let esz = self.optr.elem.size() as i64;
+            let rows16 = and(
+                fb.multiple_of(nv, 16 / esz)?,
+                fb.ptr_aligned(self.optr.ptr, 16)?,
+            )?;
+            fb.if_else(
+                rows16,
+                |fb| {
+                    let scaled = |fb: &Fb<'_, 'ctx>, x: usize, r| -> R<FloatValue<'ctx>> {
+                        let mut v = fb.get(accs[x])?;
+                        if self.norm {
+                            v = fb.fmul(v, fb.load_f32(inv_s, fb.add(r, c(inv_at))?)?)?;
+                        }
+                        Ok(v)
+                    };
+                    self.store_staged(fb, accs.len(), place, &scaled, at, (smem, lane))
+                },
+                pairs_each,
+            )
         };
         let each = |fb: &Fb<'_, 'ctx>| -> R<()> {
             for (x, a) in accs.iter().enumerate() {
@@ -3121,6 +3150,114 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
             Ok(())
         };
         fb.if_else(whole, pairs, each)
+    }
+
+    /// A whole tile's outputs through shared memory at `smem`: each thread writes its
+    /// accumulators' pairs (`scaled(x, row)`, in the output's element type) into a
+    /// row-major copy of the tile whose rows are `STAGED_PAD` bytes longer than the tile's
+    /// (so a warp's pairs, 16 or 32 bytes on each of eight rows, fall in distinct banks);
+    /// after a barrier, the block copies it out in 16-byte chunks, each warp whole rows of
+    /// 512 (bf16) or 1024 (f32) contiguous bytes. The fragments' own layout gives a warp 16
+    /// or 32 bytes a row per store: half a 32-byte sector in bf16. Barriers before (every
+    /// warpgroup's `wgmma`s have read the ring that `smem` lies in) and after (the copy is
+    /// read out before the caller reuses it).
+    fn store_staged(
+        &self,
+        fb: &Fb<'_, 'ctx>,
+        n_accs: usize,
+        place: &TilePlace<'_, 'ctx>,
+        scaled: &dyn Fn(&Fb<'_, 'ctx>, usize, IntValue<'ctx>) -> R<FloatValue<'ctx>>,
+        at: TileAt<'ctx>,
+        (smem, lane): (PointerValue<'ctx>, IntValue<'ctx>),
+    ) -> R<()> {
+        let (mv, nv, _) = self.dims;
+        let c = |v: i64| fb.i64c(v);
+        let sub = |a, b| fb.b.build_int_sub(a, b, "d").map_err(be);
+        let (tm, tn) = at.size;
+        let esz = self.optr.elem.size() as i64;
+        let pitch = tn * esz + STAGED_PAD;
+        assert!(tm * pitch <= WG_RING_BYTES - 1024 && (tn * esz) % (16 * 32) == 0);
+        let byte = |off: IntValue<'ctx>| {
+            unsafe {
+                fb.b.build_in_bounds_gep(fb.ctx.i8_type(), smem, &[off], "sb")
+            }
+            .map_err(be)
+        };
+        barrier(fb)?;
+        let (r0, c0) = place(fb, 0)?;
+        let first = fb.add(fb.mul(r0, c(pitch))?, fb.mul(c0, c(esz))?)?;
+        for x in (0..n_accs).step_by(2) {
+            let (r, cl) = place(fb, x)?;
+            let (v0, v1) = (scaled(fb, x, r)?, scaled(fb, x + 1, r)?);
+            let off = fb.add(
+                first,
+                fb.add(
+                    fb.mul(sub(r, r0)?, c(pitch))?,
+                    fb.mul(sub(cl, c0)?, c(esz))?,
+                )?,
+            )?;
+            let p = byte(off)?;
+            let word: BasicValueEnum = match self.optr.elem {
+                ElemType::BF16 => pack_bf16x2(fb, v0, v1)?.into(),
+                _ => {
+                    let v2 = fb.f32t.vec_type(2);
+                    let i32t = fb.ctx.i32_type();
+                    let mut v = v2.get_undef();
+                    for (i, x) in [v0, v1].into_iter().enumerate() {
+                        v =
+                            fb.b.build_insert_element(v, x, i32t.const_int(i as u64, false), "v")
+                                .map_err(be)?;
+                    }
+                    v.into()
+                }
+            };
+            fb.check_aligned(p, 2 * esz as u64)?;
+            fb.b.build_store(p, word)
+                .map_err(be)?
+                .set_alignment(if fb.sim { 1 } else { 2 * esz as u32 })
+                .map_err(|e| BackendError::Llvm(e.to_string()))?;
+        }
+        barrier(fb)?;
+        // Chunk `lane + 256i`: row `chunk / per_row`, 16 bytes `chunk % per_row` into it.
+        let per_row = tn * esz / 16;
+        let gp = |fb: &Fb<'_, 'ctx>, row: IntValue<'ctx>| -> R<IntValue<'ctx>> {
+            let e = fb.add(
+                fb.mul(fb.add(fb.mul(at.bi, mv)?, fb.add(at.m0, row)?)?, nv)?,
+                at.n0,
+            )?;
+            fb.mul(e, c(esz))
+        };
+        let (row0, ch0) = (
+            fb.b.build_int_signed_div(lane, c(per_row), "sr")
+                .map_err(be)?,
+            fb.b.build_int_signed_rem(lane, c(per_row), "sc")
+                .map_err(be)?,
+        );
+        let src0 = fb.add(fb.mul(row0, c(pitch))?, fb.mul(ch0, c(16))?)?;
+        let dst0 = fb.add(gp(fb, row0)?, fb.mul(ch0, c(16))?)?;
+        let row_bytes = fb.mul(nv, c(esz))?;
+        let rows_per_pass = GPU_BLOCK_THREADS / per_row;
+        let v4 = fb.ctx.i32_type().vec_type(4);
+        for i in 0..tm * per_row / GPU_BLOCK_THREADS {
+            let src = byte(fb.add(src0, c(i * rows_per_pass * pitch))?)?;
+            fb.check_aligned(src, 16)?;
+            let v = fb.b.build_load(v4, src, "st16").map_err(be)?;
+            v.as_instruction_value()
+                .expect("a load")
+                .set_alignment(if fb.sim { 1 } else { 16 })
+                .map_err(|e| BackendError::Llvm(e.to_string()))?;
+            let dst = fb.add(dst0, fb.mul(c(i * rows_per_pass), row_bytes)?)?;
+            let dst = unsafe {
+                fb.b.build_in_bounds_gep(fb.ctx.i8_type(), self.optr.ptr, &[dst], "gb")
+            }
+            .map_err(be)?;
+            fb.check_aligned(dst, 16)?;
+            fb.b.build_store(dst, v)
+                .map_err(be)?
+                .set_alignment(if fb.sim { 1 } else { 16 })
+                .map_err(|e| BackendError::Llvm(e.to_string()))?;
+        }
+        Ok(())
     }
 
     /// Output `v` at `(row, col)` plus the residual there, if any (`rbase`: the batch
@@ -4693,7 +4830,7 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
         };
         // The outputs (`GpuMatmul::store_tile`).
         let store = |fb: &Fb<'_, 'ctx>, place: &TilePlace<'_, 'ctx>| -> R<()> {
-            mm.store_tile(fb, &accs, place, at, (inv_s, inv_at))
+            mm.store_tile(fb, &accs, place, at, (inv_s, inv_at), None)
         };
         // `mma.sync` fragments: accumulator `(i·4 + j)·4 + x` of warp `(wm, wn)` at row
         // `64wm + 16i + g` (`+ 8` for x = 2, 3), column `32wn + 8j + 2q` (`+ 1` for odd x).
@@ -4945,10 +5082,23 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
             )?;
             Ok((r, fb.add(c(8 * j + e % 2), fb.mul(q, c(2))?)?))
         };
-        mm.store_tile(fb, &accs, &place, at, (inv_s, inv_at))?;
+        // (the ring, free once every warpgroup's last `wgmma` is done, stages the tile)
+        mm.store_tile(
+            fb,
+            &accs,
+            &place,
+            at,
+            (inv_s, inv_at),
+            Some((byte_ptr(ring0)?, lane)),
+        )?;
         barrier(fb)
     })
 }
+
+/// Bytes added to each row of a tile staged in shared memory for its stores
+/// (`GpuMatmul::store_staged`): 16 shifts each of the eight rows a warp's fragment store
+/// covers by four banks.
+const STAGED_PAD: i64 = 16;
 
 /// Rows of `A` (and columns of `W`) per k-step of `gpu_tiled_matmul` times its tile: a
 /// slice of each operand is `1024` floats, four a thread, whatever the tile.
