@@ -83,7 +83,7 @@ if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then
         fi
         timeout 120 ncu --kernel-name "regex:egret_bench_${k}" --launch-skip "${NCU_SKIP:-5}" --launch-count 1 \
             --section SpeedOfLight --section Occupancy --section WarpStateStats \
-            --section MemoryWorkloadAnalysis --section SchedulerStats "${metrics[@]}" \
+            --section MemoryWorkloadAnalysis --section SchedulerStats ${metrics[@]+"${metrics[@]}"} \
             "$dir/gpu_check" "$bundle" "$weights" "$step" > "$steplogs/ncu.txt" 2>&1
         cat "$steplogs/ncu.txt" >> "$out/ncu.txt"
         echo "--- ncu $k"

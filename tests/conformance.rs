@@ -449,11 +449,18 @@ fn simulated_wgmma_matmuls_are_exact_on_bf16_exact_inputs() {
 /// the interpreter's product rounded to bf16. A bf16 result that another op reads stays f32.
 #[test]
 fn simulated_bf16_inputs_feed_tensor_core_matmuls() {
+    // (`y` on the large tiles, `y2` on 64 × 64 tiles, `y3` on `gpu_gemv`)
     let body = r#"
   %a = input "a" : bf16[2, 1000, 136]
   %w = input "w" : bf16[136, 1104]
   %y = matmul(%a, %w) : bf16[2, 1000, 1104]
-  output "y" = %y"#;
+  %b = input "b" : bf16[300, 136]
+  %y2 = matmul(%b, %w) : bf16[300, 1104]
+  %c = input "c" : bf16[20, 136]
+  %y3 = matmul(%c, %w) : bf16[20, 1104]
+  output "y" = %y
+  output "y2" = %y2
+  output "y3" = %y3"#;
     for arch in ["sm_80", "sm_90a"] {
         let opts = PtxOptions {
             arch: arch.into(),
@@ -462,17 +469,19 @@ fn simulated_bf16_inputs_feed_tensor_core_matmuls() {
         let (want, got) = interp_and_simulated_with("bf16-inputs", body, 3, false, &opts, |rng| {
             (rng.next() % 17) as f32 / 8.0 - 1.0
         });
-        let bad = want["y"]
-            .iter()
-            .zip(&got["y"])
-            .filter(|(a, b)| a != b)
-            .count();
-        assert_eq!(
-            bad,
-            0,
-            "{arch}: {bad} of {} elements differ",
-            want["y"].len()
-        );
+        for out in ["y", "y2", "y3"] {
+            let bad = want[out]
+                .iter()
+                .zip(&got[out])
+                .filter(|(a, b)| a != b)
+                .count();
+            assert_eq!(
+                bad,
+                0,
+                "{arch} {out}: {bad} of {} elements differ",
+                want[out].len()
+            );
+        }
     }
     let stored = |body: &str| {
         let prog = egret_backends::schedule::schedule_with(
@@ -609,6 +618,20 @@ fn simulated_tensor_core_attention_is_within_bf16_tolerance() {
 /// flag: on sm_90a both products run on `wgmma` (head sizes multiples of 64), which the
 /// test checks in the PTX it also assembles.
 const BF16_ATTENTION_CASES: &[(&str, bool, &str)] = &[
+    (
+        // (three query rows: the warp-per-row kernel, its bf16 output stored bf16)
+        "bf16-decode-d64",
+        false,
+        r#"
+  %q = input "q" : bf16[1, 4, 3, 64]
+  %k = input "k" : bf16[1, 2, 40, 64]
+  %v = input "v" : bf16[1, 2, 40, 64]
+  %i = iota[axis=1] : i64[1, 3]
+  %past = const[value=37.0] : i64[1, 3]
+  %pos = add(%i, %past) : i64[1, 3]
+  %o = fused_attention[scale=0.125](%q, %k, %v, %pos) : bf16[1, 4, 3, 64]
+  output "o" = %o"#,
+    ),
     (
         "bf16-gqa-prefill-d64",
         true,

@@ -406,11 +406,24 @@ impl CpuExecutor {
         Ok(())
     }
 
-    /// The current f32 value of a parameter or of an input kept by `set_feedback`.
+    /// The current value of a parameter or of an input kept by `set_feedback`, as f32 (a
+    /// bf16 input widened).
     pub fn read(&self, name: &str) -> Option<Vec<f32>> {
         if let Some((shape, a)) = self.resident.get(name) {
-            // SAFETY: the storage holds the input's f32 values (checked when copied in).
-            return Some(unsafe { copy_out(a.as_ptr(), shape.iter().product()) });
+            let n: usize = shape.iter().product();
+            let elem = self.plan.buffers.iter().find_map(|b| match &b.role {
+                BufferRole::Input(i) if i == name => Some(b.elem),
+                _ => None,
+            })?;
+            return match elem {
+                // SAFETY: the storage holds the input's `n` values of its element type
+                // (checked when copied in).
+                ElemType::F32 => Some(unsafe { copy_out(a.as_ptr(), n) }),
+                ElemType::BF16 => Some(crate::plan::bf16_values(unsafe {
+                    std::slice::from_raw_parts(a.as_ptr(), 2 * n)
+                })),
+                _ => None,
+            };
         }
         let b = self
             .plan

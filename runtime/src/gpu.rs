@@ -219,7 +219,23 @@ impl GpuExecutor {
     /// `(output, target)` pairs, a training step's `new.X → X`, `new_m.X → m.X`. After each
     /// run every such output is copied over its target (and not returned); an input fed back
     /// is uploaded once (when given) and then stays on the device while no run gives it.
-    pub fn set_feedback(&mut self, pairs: Vec<(String, String)>) {
+    ///
+    /// An output whose elements are stored otherwise than its target's (a bf16 output
+    /// stored bf16 over an f32 input, say) cannot be copied over it: an error.
+    pub fn set_feedback(&mut self, pairs: Vec<(String, String)>) -> Result<()> {
+        for (out, target) in &pairs {
+            let out_elem = self
+                .plan
+                .outputs
+                .iter()
+                .find(|(n, _)| n == out)
+                .map(|(_, b)| self.plan.buffers[*b as usize].elem);
+            if out_elem.is_some_and(|e| self.target_elem(target).is_some_and(|t| t != e)) {
+                return Err(RuntimeError::Invalid(format!(
+                    "output `{out}` cannot be fed back to `{target}`: their element types differ"
+                )));
+            }
+        }
         let outputs: HashMap<&str, u32> = self
             .plan
             .outputs
@@ -241,9 +257,19 @@ impl GpuExecutor {
                 target,
             })
             .collect();
+        Ok(())
     }
 
-    /// The current f32 value of a parameter or of an input kept on the device, by name.
+    /// The element type of the parameter or input `name`.
+    fn target_elem(&self, name: &str) -> Option<ElemType> {
+        self.plan.buffers.iter().find_map(|b| match &b.role {
+            BufferRole::Param(n) | BufferRole::Input(n) if n == name => Some(b.elem),
+            _ => None,
+        })
+    }
+
+    /// The current value of a parameter or of an input kept on the device, by name, as f32
+    /// (bf16 ones widened; none for other element types).
     pub fn read(&self, name: &str) -> Result<Option<Vec<f32>>> {
         let slice = match self
             .plan
@@ -256,7 +282,11 @@ impl GpuExecutor {
         };
         let Some(s) = slice else { return Ok(None) };
         let host = self.stream.clone_dtoh(s).map_err(cuda)?;
-        Ok(Some(f32s(&host)))
+        Ok(match self.target_elem(name) {
+            Some(ElemType::BF16) => Some(crate::plan::bf16_values(&host)),
+            Some(ElemType::F32) => Some(f32s(&host)),
+            _ => None,
+        })
     }
 
     /// Times every kernel of the following runs (see `profile`).
@@ -665,16 +695,6 @@ impl GpuExecutor {
                     "no output `{out}` to feed back"
                 )));
             };
-            // (a copy of bytes: the target must store the same elements)
-            let target_elem = self.plan.buffers.iter().find_map(|b| match &b.role {
-                BufferRole::Param(n) | BufferRole::Input(n) if n == target => Some(b.elem),
-                _ => None,
-            });
-            if target_elem.is_some_and(|e| e != self.plan.buffers[ob as usize].elem) {
-                return Err(RuntimeError::Invalid(format!(
-                    "output `{out}` cannot be fed back to `{target}`: their element types differ"
-                )));
-            }
             let bytes = self.plan.buffers[ob as usize].bytes(&syms);
             let src = match &self.persistent[ob as usize] {
                 Some(s) => dptr(s, &self.stream),

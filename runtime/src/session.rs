@@ -72,10 +72,7 @@ impl Exec {
     fn set_feedback(&mut self, pairs: Vec<(String, String)>) -> Result<()> {
         match self {
             Exec::Cpu { exec, .. } => exec.set_feedback(pairs),
-            Exec::Gpu(g) => {
-                g.set_feedback(pairs);
-                Ok(())
-            }
+            Exec::Gpu(g) => g.set_feedback(pairs),
         }
     }
 

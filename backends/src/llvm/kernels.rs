@@ -2892,8 +2892,8 @@ impl<'ctx> OutBuf<'ctx> {
         Ok(())
     }
 
-    /// Stores `v0` and `v1` at elements `idx` (even; the buffer on 8 bytes) and `idx + 1` as
-    /// one store: 8 bytes of f32, or 4 of bf16.
+    /// Stores `v0` and `v1` at elements `idx` (even; the buffer aligned to a pair's bytes)
+    /// and `idx + 1` as one store: 8 bytes of f32, or 4 of bf16.
     fn store_pair(
         &self,
         fb: &Fb<'_, 'ctx>,
@@ -3053,14 +3053,15 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
     /// memory at `inv`, `row_scales`), plus the residual, where inside the matrix.
     ///
     /// `place` puts accumulators `2i` and `2i + 1` side by side in one row (the layout of
-    /// `mma` and `wgmma` fragments). A tile wholly inside the matrix, with an even row length,
-    /// (and the output on 8 bytes) stores each such pair as one 8-byte store at a constant
-    /// offset from the thread's first output, with no bounds tests; the other tiles test and
-    /// store each output.
+    /// `mma` and `wgmma` fragments). A tile wholly inside the matrix, with an even row length
+    /// (and the output on 8 bytes), stores each such pair as one store (8 bytes of f32, 4 of
+    /// bf16) at a constant offset from the thread's first output, with no bounds tests; the
+    /// other tiles test and store each output.
     ///
     /// With `stage` (shared memory free for the tile's outputs, 16-byte aligned, and this
     /// thread's index in the block), a whole tile with no residual, rows of 16-byte multiples
-    /// and the output on 16 bytes goes through it instead (`store_staged`).
+    /// and the output on 16 bytes goes through it instead (`store_staged`); the caller then
+    /// needs a barrier before that shared memory is written again.
     fn store_tile(
         &self,
         fb: &Fb<'_, 'ctx>,
@@ -3154,13 +3155,13 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
 
     /// A whole tile's outputs through shared memory at `smem`: each thread writes its
     /// accumulators' pairs (`scaled(x, row)`, in the output's element type) into a
-    /// row-major copy of the tile whose rows are `STAGED_PAD` bytes longer than the tile's
-    /// (so a warp's pairs, 16 or 32 bytes on each of eight rows, fall in distinct banks);
-    /// after a barrier, the block copies it out in 16-byte chunks, each warp whole rows of
-    /// 512 (bf16) or 1024 (f32) contiguous bytes. The fragments' own layout gives a warp 16
-    /// or 32 bytes a row per store: half a 32-byte sector in bf16. Barriers before (every
-    /// warpgroup's `wgmma`s have read the ring that `smem` lies in) and after (the copy is
-    /// read out before the caller reuses it).
+    /// row-major copy of the tile whose rows are `STAGED_PAD_ELEMS` elements longer than the
+    /// tile's (so the 16 or 32 bytes a quad stores on each of a warp's rows fall in banks
+    /// apart from the neighbouring rows'); after a barrier, the block copies it out in
+    /// 16-byte chunks, each warp 512 contiguous bytes of a row. The fragments' own layout
+    /// gives a warp 16 or 32 bytes a row per store: half a 32-byte sector in bf16. A barrier
+    /// first (every warpgroup's `wgmma`s have read the ring that `smem` lies in); the caller
+    /// puts one after, before the ring is written again.
     fn store_staged(
         &self,
         fb: &Fb<'_, 'ctx>,
@@ -3175,7 +3176,7 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
         let sub = |a, b| fb.b.build_int_sub(a, b, "d").map_err(be);
         let (tm, tn) = at.size;
         let esz = self.optr.elem.size() as i64;
-        let pitch = tn * esz + STAGED_PAD;
+        let pitch = (tn + STAGED_PAD_ELEMS) * esz;
         assert!(tm * pitch <= WG_RING_BYTES - 1024 && (tn * esz) % (16 * 32) == 0);
         let byte = |off: IntValue<'ctx>| {
             unsafe {
@@ -4230,9 +4231,9 @@ fn ring_arrive<'ctx>(
 }
 
 /// `ring_arrive`'s first half: this thread's copies of the step's slice waited for (and
-/// fenced for `readers`), then a barrier, after which the slice is in every thread's view
-/// and every slice before it has been read (so its stage, `ahead` slices back, may be
-/// refilled).
+/// fenced for `readers`), then a barrier, after which the slice is in every thread's view.
+/// Which earlier stage may then be refilled is the caller's reckoning: the one whose
+/// readers (threads, or `wgmma`s each warpgroup has waited for) are done before it.
 fn ring_ready<'ctx>(fb: &Fb<'_, 'ctx>, ahead: i64, readers: RingReaders) -> R<()> {
     cp_async_wait(fb, ahead - 1)?;
     if let RingReaders::Wgmma = readers {
@@ -5095,10 +5096,11 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
     })
 }
 
-/// Bytes added to each row of a tile staged in shared memory for its stores
-/// (`GpuMatmul::store_staged`): 16 shifts each of the eight rows a warp's fragment store
-/// covers by four banks.
-const STAGED_PAD: i64 = 16;
+/// Elements added to each row of a tile staged in shared memory for its stores
+/// (`GpuMatmul::store_staged`): eight shift each row by as many banks as a quad's pairs on
+/// it cover (four for bf16, eight for f32), so a warp's stores, eight rows of them, meet
+/// no bank twice more than their size requires.
+const STAGED_PAD_ELEMS: i64 = 8;
 
 /// Rows of `A` (and columns of `W`) per k-step of `gpu_tiled_matmul` times its tile: a
 /// slice of each operand is `1024` floats, four a thread, whatever the tile.
@@ -6592,13 +6594,15 @@ fn gpu_mma_attention<'ctx>(
             let last_values = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
                 values(fb, fb.add(stage_at(fb, kt)?, c(k_words))?, &packed)
             };
-            // (`ring_pipeline`'s steps, the first peeled: no branch between a `wgmma` and
-            // its wait, which would make ptxas serialize them all)
+            // (`ring_pipeline`'s steps, the first peeled: no wait and no accumulator read in a
+            // branch between a `wgmma` and its wait, which makes ptxas serialize them all;
+            // the copies' branches there leave them be, ptxas warns of nothing)
             // A step's copies (of the keys and values `ahead` steps on) are issued after its
             // `wgmma`s, while the tensor cores work, not between the barrier and them: the
             // stage they fill was last read by `PV` of step `kt - 2`, waited for in step
             // `kt - 1`.
             let ahead = MMA_ATTN_STAGES - 1;
+            const _: () = assert!(WG_ATTN_STAGES > MMA_ATTN_STAGES);
             ring_prologue(fb, steps, ahead, &issue)?;
             let ready = |fb: &Fb<'_, 'ctx>| ring_ready(fb, ahead, RingReaders::Wgmma);
             let issue_next = |fb: &Fb<'_, 'ctx>, kt| ring_issue_next(fb, kt, steps, ahead, &issue);
