@@ -378,12 +378,7 @@ impl CpuExecutor {
                 .ok_or_else(|| bad("there is no such output"))?;
             let tb = self
                 .plan
-                .buffers
-                .iter()
-                .position(|b| match &b.role {
-                    BufferRole::Param(n) | BufferRole::Input(n) => *n == target,
-                    _ => false,
-                })
+                .named_buffer(&target)
                 .ok_or_else(|| bad("there is no such parameter or input"))?;
             let (o, t) = (&self.plan.buffers[ob as usize], &self.plan.buffers[tb]);
             if o.role != BufferRole::Temp {
@@ -411,11 +406,7 @@ impl CpuExecutor {
     pub fn read(&self, name: &str) -> Option<Vec<f32>> {
         if let Some((shape, a)) = self.resident.get(name) {
             let n: usize = shape.iter().product();
-            let elem = self.plan.buffers.iter().find_map(|b| match &b.role {
-                BufferRole::Input(i) if i == name => Some(b.elem),
-                _ => None,
-            })?;
-            return match elem {
+            return match self.plan.buffers[self.plan.named_buffer(name)?].elem {
                 // SAFETY: the storage holds the input's `n` values of its element type
                 // (checked when copied in).
                 ElemType::F32 => Some(unsafe { copy_out(a.as_ptr(), n) }),

@@ -223,25 +223,22 @@ impl GpuExecutor {
     /// An output whose elements are stored otherwise than its target's (a bf16 output
     /// stored bf16 over an f32 input, say) cannot be copied over it: an error.
     pub fn set_feedback(&mut self, pairs: Vec<(String, String)>) -> Result<()> {
-        for (out, target) in &pairs {
-            let out_elem = self
-                .plan
-                .outputs
-                .iter()
-                .find(|(n, _)| n == out)
-                .map(|(_, b)| self.plan.buffers[*b as usize].elem);
-            if out_elem.is_some_and(|e| self.target_elem(target).is_some_and(|t| t != e)) {
-                return Err(RuntimeError::Invalid(format!(
-                    "output `{out}` cannot be fed back to `{target}`: their element types differ"
-                )));
-            }
-        }
         let outputs: HashMap<&str, u32> = self
             .plan
             .outputs
             .iter()
             .map(|(n, b)| (n.as_str(), *b))
             .collect();
+        for (out, target) in &pairs {
+            let out_elem = outputs
+                .get(out.as_str())
+                .map(|b| self.plan.buffers[*b as usize].elem);
+            if out_elem.is_some_and(|e| self.target_elem(target).is_some_and(|t| t != e)) {
+                return Err(RuntimeError::Invalid(format!(
+                    "output `{out}` cannot be fed back to `{target}`: their element types differ"
+                )));
+            }
+        }
         let mut params: HashMap<&str, usize> = HashMap::new();
         for (i, b) in self.plan.buffers.iter().enumerate() {
             if let BufferRole::Param(n) = &b.role {
@@ -262,10 +259,9 @@ impl GpuExecutor {
 
     /// The element type of the parameter or input `name`.
     fn target_elem(&self, name: &str) -> Option<ElemType> {
-        self.plan.buffers.iter().find_map(|b| match &b.role {
-            BufferRole::Param(n) | BufferRole::Input(n) if n == name => Some(b.elem),
-            _ => None,
-        })
+        self.plan
+            .named_buffer(name)
+            .map(|b| self.plan.buffers[b].elem)
     }
 
     /// The current value of a parameter or of an input kept on the device, by name, as f32

@@ -315,6 +315,13 @@ impl StateSpec {
 }
 
 impl Plan {
+    /// The buffer of the parameter or input named `name` (the first such in the plan).
+    pub fn named_buffer(&self, name: &str) -> Option<usize> {
+        self.buffers.iter().position(
+            |b| matches!(&b.role, BufferRole::Param(n) | BufferRole::Input(n) if n == name),
+        )
+    }
+
     /// The memory plan's peak: the most bytes of per-run temporaries (`Temp` buffers) live
     /// at once as the kernels run in order, each buffer live from the first kernel that
     /// touches it to the last; buffers for which `exclude` holds are not counted.

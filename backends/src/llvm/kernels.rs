@@ -3077,13 +3077,17 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
         let lt = |a, b| cmp(IntPredicate::SLT, a, b);
         let and = |a, b| fb.b.build_and(a, b, "and").map_err(be);
         let sub = |a, b| fb.b.build_int_sub(a, b, "d").map_err(be);
-        // Output `(row, col)` of the tile, scaled and with its residual.
-        let value = |fb: &Fb<'_, 'ctx>, a: PointerValue<'ctx>, r, row, col| -> R<_> {
-            let mut v = fb.get(a)?;
-            if self.norm {
-                v = fb.fmul(v, fb.load_f32(inv_s, fb.add(r, c(inv_at))?)?)?;
+        // Accumulator `x`, at row `r` of the tile, scaled by the row's norm.
+        let scaled = |fb: &Fb<'_, 'ctx>, x: usize, r| -> R<FloatValue<'ctx>> {
+            let v = fb.get(accs[x])?;
+            if !self.norm {
+                return Ok(v);
             }
-            self.with_residual(fb, at.rbase, row, col, v)
+            fb.fmul(v, fb.load_f32(inv_s, fb.add(r, c(inv_at))?)?)
+        };
+        // Output `(row, col)` of the tile, accumulator `x`: scaled, with its residual.
+        let value = |fb: &Fb<'_, 'ctx>, x: usize, r, row, col| -> R<_> {
+            self.with_residual(fb, at.rbase, row, col, scaled(fb, x, r)?)
         };
         let (tm, tn) = at.size;
         let whole = and(
@@ -3102,8 +3106,8 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
             for x in (0..accs.len()).step_by(2) {
                 let (r, cl) = place(fb, x)?;
                 let (row, col) = (fb.add(at.m0, r)?, fb.add(at.n0, cl)?);
-                let v0 = value(fb, accs[x], r, row, col)?;
-                let v1 = value(fb, accs[x + 1], r, row, fb.add(col, c(1))?)?;
+                let v0 = value(fb, x, r, row, col)?;
+                let v1 = value(fb, x + 1, r, row, fb.add(col, c(1))?)?;
                 // (the offsets from the first output fold to constants times the row length)
                 let o = fb.add(first, fb.add(fb.mul(sub(r, r0)?, nv)?, sub(cl, c0)?)?)?;
                 self.optr.store_pair(fb, o, [v0, v1])?;
@@ -3121,27 +3125,18 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
             )?;
             fb.if_else(
                 rows16,
-                |fb| {
-                    let scaled = |fb: &Fb<'_, 'ctx>, x: usize, r| -> R<FloatValue<'ctx>> {
-                        let mut v = fb.get(accs[x])?;
-                        if self.norm {
-                            v = fb.fmul(v, fb.load_f32(inv_s, fb.add(r, c(inv_at))?)?)?;
-                        }
-                        Ok(v)
-                    };
-                    self.store_staged(fb, accs.len(), place, &scaled, at, (smem, lane))
-                },
+                |fb| self.store_staged(fb, accs.len(), place, &scaled, at, (smem, lane)),
                 pairs_each,
             )
         };
         let each = |fb: &Fb<'_, 'ctx>| -> R<()> {
-            for (x, a) in accs.iter().enumerate() {
+            for x in 0..accs.len() {
                 let (r, cl) = place(fb, x)?;
                 let (row, col) = (fb.add(at.m0, r)?, fb.add(at.n0, cl)?);
                 fb.if_else(
                     and(lt(row, mv)?, lt(col, nv)?)?,
                     |fb| {
-                        let v = value(fb, *a, r, row, col)?;
+                        let v = value(fb, x, r, row, col)?;
                         let o = fb.add(fb.mul(fb.add(fb.mul(at.bi, mv)?, row)?, nv)?, col)?;
                         self.optr.store(fb, o, v)
                     },
@@ -3185,38 +3180,21 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
             .map_err(be)
         };
         barrier(fb)?;
+        // (the copy, in elements: a row is `tn + STAGED_PAD_ELEMS` long)
+        let copy = OutBuf {
+            ptr: smem,
+            elem: self.optr.elem,
+        };
         let (r0, c0) = place(fb, 0)?;
-        let first = fb.add(fb.mul(r0, c(pitch))?, fb.mul(c0, c(esz))?)?;
+        let first = fb.add(fb.mul(r0, c(pitch / esz))?, c0)?;
         for x in (0..n_accs).step_by(2) {
             let (r, cl) = place(fb, x)?;
             let (v0, v1) = (scaled(fb, x, r)?, scaled(fb, x + 1, r)?);
             let off = fb.add(
                 first,
-                fb.add(
-                    fb.mul(sub(r, r0)?, c(pitch))?,
-                    fb.mul(sub(cl, c0)?, c(esz))?,
-                )?,
+                fb.add(fb.mul(sub(r, r0)?, c(pitch / esz))?, sub(cl, c0)?)?,
             )?;
-            let p = byte(off)?;
-            let word: BasicValueEnum = match self.optr.elem {
-                ElemType::BF16 => pack_bf16x2(fb, v0, v1)?.into(),
-                _ => {
-                    let v2 = fb.f32t.vec_type(2);
-                    let i32t = fb.ctx.i32_type();
-                    let mut v = v2.get_undef();
-                    for (i, x) in [v0, v1].into_iter().enumerate() {
-                        v =
-                            fb.b.build_insert_element(v, x, i32t.const_int(i as u64, false), "v")
-                                .map_err(be)?;
-                    }
-                    v.into()
-                }
-            };
-            fb.check_aligned(p, 2 * esz as u64)?;
-            fb.b.build_store(p, word)
-                .map_err(be)?
-                .set_alignment(if fb.sim { 1 } else { 2 * esz as u32 })
-                .map_err(|e| BackendError::Llvm(e.to_string()))?;
+            copy.store_pair(fb, off, [v0, v1])?;
         }
         barrier(fb)?;
         // Chunk `lane + 256i`: row `chunk / per_row`, 16 bytes `chunk % per_row` into it.
