@@ -4142,23 +4142,23 @@ fn wgmma_m64<'ctx>(
 type TilePlace<'a, 'ctx> = dyn Fn(&Fb<'_, 'ctx>, usize) -> R<(IntValue<'ctx>, IntValue<'ctx>)> + 'a;
 
 /// A `cp.async` ring's pipeline over `slices` slices, `ahead` of them in flight: slices
-/// `0..ahead` are issued first, each its own commit group; then, for each slice `kt`, this
-/// thread waits for its copies of `kt` (the `ahead - 1` newer groups may still be pending),
-/// a barrier publishes everyone's (and tells that every thread is done with what it read
-/// before), slice `kt + ahead` is issued, and `consume(kt)` runs. Every step commits a group,
-/// empty past the end, so the count of pending groups stays uniform. `issue(kt)` must write
-/// a stage that no thread can still be reading after that barrier.
+/// `0..ahead` are issued first; then, for each slice `kt`, its copiers wait for their
+/// copies of it, a barrier publishes them (and tells that every thread is done with what it
+/// read before), slice `kt + ahead` is issued, and `consume(kt)` runs (`RingCopiers` says
+/// who copies which slice and how the waits count). `issue(kt)` copies the slice with the
+/// threads of `copiers` and must write a stage that no thread can still be reading after
+/// that barrier.
 fn ring_pipeline<'ctx>(
     fb: &Fb<'_, 'ctx>,
     slices: IntValue<'ctx>,
     ahead: i64,
-    readers: RingReaders,
+    copiers: RingCopiers<'ctx>,
     issue: &dyn Fn(&Fb<'_, 'ctx>, IntValue<'ctx>) -> R<()>,
     consume: &dyn Fn(&Fb<'_, 'ctx>, IntValue<'ctx>) -> R<()>,
 ) -> R<()> {
-    ring_prologue(fb, slices, ahead, issue)?;
+    ring_prologue(fb, slices, ahead, copiers, issue)?;
     fb.for_range(fb.i64c(0), slices, |fb, kt| {
-        ring_arrive(fb, kt, slices, ahead, readers, issue)?;
+        ring_arrive(fb, kt, slices, ahead, copiers, issue)?;
         consume(fb, kt)
     })
 }
@@ -4166,7 +4166,7 @@ fn ring_pipeline<'ctx>(
 /// Who reads a `cp.async` ring's stages. A `cp.async` writes shared memory through the
 /// generic proxy, as a store does; `wgmma` reads it through the async proxy, which sees a
 /// write only after the writing thread's `fence.proxy.async` (PTX ISA, "Async Proxy"), so
-/// for `wgmma` each thread fences its copies once they are done, before the barrier that
+/// for `wgmma` each copier fences its copies once they are done, before the barrier that
 /// publishes them.
 #[derive(Clone, Copy)]
 enum RingReaders {
@@ -4176,65 +4176,171 @@ enum RingReaders {
     Wgmma,
 }
 
+/// Which threads copy a ring's slices, and who reads them.
+///
+/// For `RingReaders::Threads`, every thread copies part of every slice (`groups` 1) and
+/// commits one group a step (empty past the end), so that waiting for slice `kt` leaves the
+/// `ahead - 1` newer groups in flight.
+///
+/// For `RingReaders::Wgmma`, the block's threads form `groups = ahead` warp-aligned groups
+/// that take the slices in turn: slice `s` is copied wholly by group `s % groups`, which
+/// waits for it (all its copies: it has no others in flight), fences and reaches the barrier,
+/// while the other groups only reach the barrier. The reason is the fence: ptxas makes
+/// `fence.proxy.async.shared::cta` a `MEMBAR.ALL.CTA` (then `FENCE.VIEW.ASYNC.S`), which
+/// waits for the thread's memory operations in flight. Had every thread copied every slice,
+/// its copies of the newer slices would be in flight at that fence, and the ring would hide
+/// one step of load latency however far ahead it is issued; taking turns, a group's copies
+/// issued at step `kt` are first fenced at step `kt + ahead`.
+#[derive(Clone, Copy)]
+struct RingCopiers<'ctx> {
+    readers: RingReaders,
+    /// Groups taking slices in turn.
+    groups: i64,
+    /// This thread's group.
+    group: IntValue<'ctx>,
+    /// This thread's index in its group, of `threads()`.
+    t: IntValue<'ctx>,
+}
+
+impl<'ctx> RingCopiers<'ctx> {
+    /// The copiers of a ring `ahead` slices deep read by `readers` (thread `lane` of the
+    /// block).
+    fn new(fb: &Fb<'_, 'ctx>, lane: IntValue<'ctx>, readers: RingReaders, ahead: i64) -> R<Self> {
+        let groups = match readers {
+            RingReaders::Threads => 1,
+            RingReaders::Wgmma => ahead,
+        };
+        assert!(
+            groups >= 1 && GPU_BLOCK_THREADS % (32 * groups) == 0,
+            "a ring's copier groups are whole warps"
+        );
+        let threads = fb.i64c(GPU_BLOCK_THREADS / groups);
+        Ok(RingCopiers {
+            readers,
+            groups,
+            group: fb.b.build_int_signed_div(lane, threads, "cg").map_err(be)?,
+            t: fb.b.build_int_signed_rem(lane, threads, "ct").map_err(be)?,
+        })
+    }
+
+    /// Threads in each group: an `issue` copies a whole slice with this many.
+    fn threads(&self) -> i64 {
+        GPU_BLOCK_THREADS / self.groups
+    }
+
+    /// Whether this thread copies slice `s` (at every thread when `groups` is 1).
+    fn copies(&self, fb: &Fb<'_, 'ctx>, s: IntValue<'ctx>) -> R<Option<IntValue<'ctx>>> {
+        if self.groups == 1 {
+            return Ok(None);
+        }
+        let turn =
+            fb.b.build_int_unsigned_rem(s, fb.i64c(self.groups), "turn")
+                .map_err(be)?;
+        let mine =
+            fb.b.build_int_compare(IntPredicate::EQ, turn, self.group, "mine")
+                .map_err(be)?;
+        Ok(Some(mine))
+    }
+
+    /// Slice `s` issued where `some` holds and this thread copies it; with one group, a
+    /// group committed whether or not (empty), with more, only after a copy.
+    fn issue_if(
+        &self,
+        fb: &Fb<'_, 'ctx>,
+        some: IntValue<'ctx>,
+        s: IntValue<'ctx>,
+        issue: &dyn Fn(&Fb<'_, 'ctx>, IntValue<'ctx>) -> R<()>,
+    ) -> R<()> {
+        match self.copies(fb, s)? {
+            None => {
+                fb.if_else(some, |fb| issue(fb, s), |_| Ok(()))?;
+                cp_async_commit(fb)
+            }
+            Some(mine) => {
+                let go = fb.b.build_and(some, mine, "go").map_err(be)?;
+                fb.if_else(
+                    go,
+                    |fb| {
+                        issue(fb, s)?;
+                        cp_async_commit(fb)
+                    },
+                    |_| Ok(()),
+                )
+            }
+        }
+    }
+}
+
 /// `ring_pipeline`'s start: slices `0..ahead` issued, each its own commit group.
 fn ring_prologue<'ctx>(
     fb: &Fb<'_, 'ctx>,
     slices: IntValue<'ctx>,
     ahead: i64,
+    copiers: RingCopiers<'ctx>,
     issue: &dyn Fn(&Fb<'_, 'ctx>, IntValue<'ctx>) -> R<()>,
 ) -> R<()> {
     for st in 0..ahead {
         let some =
             fb.b.build_int_compare(IntPredicate::SLT, fb.i64c(st), slices, "some")
                 .map_err(be)?;
-        fb.if_else(some, |fb| issue(fb, fb.i64c(st)), |_| Ok(()))?;
-        cp_async_commit(fb)?;
+        copiers.issue_if(fb, some, fb.i64c(st), issue)?;
     }
     Ok(())
 }
 
-/// `ring_pipeline`'s step `kt` up to its `consume`: this thread's copies of slice `kt`
-/// waited for (and fenced for `readers`), a barrier, slice `kt + ahead` issued (an empty
-/// group past the end).
+/// `ring_pipeline`'s step `kt` up to its `consume`: slice `kt` waited for by its copiers
+/// (and fenced for `wgmma`), a barrier, slice `kt + ahead` issued.
 fn ring_arrive<'ctx>(
     fb: &Fb<'_, 'ctx>,
     kt: IntValue<'ctx>,
     slices: IntValue<'ctx>,
     ahead: i64,
-    readers: RingReaders,
+    copiers: RingCopiers<'ctx>,
     issue: &dyn Fn(&Fb<'_, 'ctx>, IntValue<'ctx>) -> R<()>,
 ) -> R<()> {
-    ring_ready(fb, ahead, readers)?;
-    ring_issue_next(fb, kt, slices, ahead, issue)
+    ring_ready(fb, kt, ahead, copiers)?;
+    ring_issue_next(fb, kt, slices, ahead, copiers, issue)
 }
 
-/// `ring_arrive`'s first half: this thread's copies of the step's slice waited for (and
-/// fenced for `readers`), then a barrier, after which the slice is in every thread's view.
-/// Which earlier stage may then be refilled is the caller's reckoning: the one whose
-/// readers (threads, or `wgmma`s each warpgroup has waited for) are done before it.
-fn ring_ready<'ctx>(fb: &Fb<'_, 'ctx>, ahead: i64, readers: RingReaders) -> R<()> {
-    cp_async_wait(fb, ahead - 1)?;
-    if let RingReaders::Wgmma = readers {
-        fence_proxy_async(fb)?;
+/// `ring_arrive`'s first half: slice `kt`'s copies waited for by their threads (and fenced
+/// for `wgmma`), then a barrier, after which the slice is in every thread's view. Which
+/// earlier stage may then be refilled is the caller's reckoning: the one whose readers
+/// (threads, or `wgmma`s each warpgroup has waited for) are done before it.
+fn ring_ready<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    kt: IntValue<'ctx>,
+    ahead: i64,
+    copiers: RingCopiers<'ctx>,
+) -> R<()> {
+    let settle = |fb: &Fb<'_, 'ctx>, pending: i64| -> R<()> {
+        cp_async_wait(fb, pending)?;
+        match copiers.readers {
+            RingReaders::Wgmma => fence_proxy_async(fb),
+            RingReaders::Threads => Ok(()),
+        }
+    };
+    match copiers.copies(fb, kt)? {
+        None => settle(fb, ahead - 1)?,
+        Some(mine) => fb.if_else(mine, |fb| settle(fb, 0), |_| Ok(()))?,
     }
     barrier(fb)
 }
 
 /// `ring_arrive`'s second half, anywhere between the barrier and the next step's: slice
-/// `kt + ahead` issued (an empty group past the end).
+/// `kt + ahead` issued by its copiers.
 fn ring_issue_next<'ctx>(
     fb: &Fb<'_, 'ctx>,
     kt: IntValue<'ctx>,
     slices: IntValue<'ctx>,
     ahead: i64,
+    copiers: RingCopiers<'ctx>,
     issue: &dyn Fn(&Fb<'_, 'ctx>, IntValue<'ctx>) -> R<()>,
 ) -> R<()> {
     let next = fb.add(kt, fb.i64c(ahead))?;
     let more =
         fb.b.build_int_compare(IntPredicate::SLT, next, slices, "more")
             .map_err(be)?;
-    fb.if_else(more, |fb| issue(fb, next), |_| Ok(()))?;
-    cp_async_commit(fb)
+    copiers.issue_if(fb, more, next, issue)
 }
 
 /// Four float operands at `av`'s `idx..idx+4` in one load of their total size (16 bytes of
@@ -4801,7 +4907,7 @@ fn gpu_mma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
                 fb,
                 ktiles,
                 MMA_STAGES - 1,
-                RingReaders::Threads,
+                RingCopiers::new(fb, lane, RingReaders::Threads, MMA_STAGES - 1)?,
                 &issue,
                 &|fb, kt| multiply(fb, bits(kt, MMA_STAGES - 1)?),
             )?;
@@ -4872,9 +4978,10 @@ fn wgmma_fits<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<Option<Int
 ///
 /// k advances in slices of `WG_TILE_K`: `cp.async` copies them into a ring of `WG_STAGES`
 /// stages in dynamic shared memory, in the 128-byte-swizzled layouts of `WG_A_LBO`..,
-/// `WG_STAGES - 2` slices ahead (`ring_pipeline`; slices wholly inside the matrices without
-/// bounds, the others with chunks outside zero-filled). Before slice `kt` is multiplied,
-/// its copies are waited for and a barrier publishes them; that barrier also tells that
+/// `WG_STAGES - 2` slices ahead, the two warpgroups copying slices in turn (`ring_pipeline`,
+/// `RingCopiers`; slices wholly inside the matrices without bounds, the others with chunks
+/// outside zero-filled). Before slice `kt` is multiplied, its copies are waited for and a
+/// barrier publishes them; that barrier also tells that
 /// every warpgroup's `wgmma`s of slice `kt - 2` are done (each keeps one group in flight),
 /// so stage `(kt - 2) % WG_STAGES` is the one refilled. With `norm`, rows are scaled as in
 /// `gpu_tiled_matmul`; a residual is added as the outputs are stored.
@@ -4920,23 +5027,33 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
     let accs: Vec<PointerValue> = (0..tn / 2)
         .map(|_| fb.slot(fb.f32t.into()))
         .collect::<R<_>>()?;
+    // The ring's copiers (`RingCopiers`: warpgroups taking slices in turn), `ct` this
+    // thread's index among its group's `threads`.
+    let ahead = WG_STAGES - 2;
+    let copiers = RingCopiers::new(fb, lane, RingReaders::Wgmma, ahead)?;
+    let (ct, threads) = (copiers.t, copiers.threads());
     // This thread's warpgroup `wg`, its index `t128` there and warp `wg_warp` of it; its
-    // chunks of a stage (byte offsets from the stage): of `A`, row `lane/8` (+ 32p, p < 4),
-    // k `8(lane%8)`; of `W`, k row `lane/32` (+ 8p, p < 8), columns `8(lane%32)`. Rows 32
-    // apart of `A` and k rows 8 apart of `W` are whole atoms on (4096 and 1024 bytes), with
-    // the same swizzle. A warp's 16-byte stores fill four 128-byte rows, every bank four
-    // times.
+    // chunks of a stage (byte offsets from the stage): of `A`, row `ct/8` (+ `a_rows·p`), k
+    // `8(ct%8)`; of `W`, k row `ct/16` (+ `w_rows·p`), columns `8(ct%16)` and 128 on (column
+    // blocks two apart). Passes move by whole atoms (multiples of 8 rows of `A`, of k rows
+    // of `W`: `128·a_rows` and `128·w_rows` bytes on), with the same swizzle. A warp's 16-byte
+    // stores fill four 128-byte rows, every bank four times.
+    let (a_rows, w_rows) = (threads / 8, threads / 16);
+    assert!(
+        a_rows % 8 == 0 && w_rows % 8 == 0 && tm % a_rows == 0 && WG_TILE_K % w_rows == 0,
+        "copier passes of whole atoms"
+    );
     let (wg, t128) = (sdiv(lane, c(128), "wg")?, srem(lane, c(128), "t128")?);
     let wg_warp = sdiv(t128, c(32), "wgw")?;
     let ring0 = to_swizzle_atom(fb, ring)?;
     let swz = |chunk: IntValue<'ctx>, row: IntValue<'ctx>| -> R<IntValue<'ctx>> {
         fb.mul(xor(chunk, bits(row, 7)?)?, c(16))
     };
-    let (wa_row, wa_c) = (sdiv(lane, c(8), "ar")?, bits(lane, 7)?);
+    let (wa_row, wa_c) = (sdiv(ct, c(8), "ar")?, bits(ct, 7)?);
     let wa_k = fb.mul(wa_c, c(8))?;
     let wa_at = fb.add(fb.mul(wa_row, c(128))?, swz(wa_c, wa_row)?)?;
-    let per_k = tn / 8;
-    let (ww_k, ww_c) = (sdiv(lane, c(per_k), "wk")?, srem(lane, c(per_k), "wc")?);
+    const _: () = assert!(WG_TILE_N == 256);
+    let (ww_k, ww_c) = (sdiv(ct, c(16), "wk")?, srem(ct, c(16), "wc")?);
     let ww_n = fb.mul(ww_c, c(8))?;
     let ww_at = fb.add(
         fb.add(
@@ -4945,8 +5062,6 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
         )?,
         fb.add(c(WG_A_BYTES), swz(bits(ww_c, 7)?, ww_k)?)?,
     )?;
-    let w_rows_per_pass = GPU_BLOCK_THREADS / per_k;
-    const _: () = assert!(GPU_BLOCK_THREADS % (WG_TILE_N / 8) == 0);
     let (lda, ldw) = (
         aav.strides[aav.strides.len() - 2],
         wav.strides[wav.strides.len() - 2],
@@ -4970,9 +5085,9 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
         }
         // This thread's chunks of a slice (`copy_ring_chunks`), copied without bounds where
         // the tile lies inside the matrices in m and n and the slice in k.
-        let a_chunks: Vec<RingChunk> = (0..tm / 32)
+        let a_chunks: Vec<RingChunk> = (0..tm / a_rows)
             .map(|p| {
-                let gm = fb.add(m0, fb.add(wa_row, c(32 * p))?)?;
+                let gm = fb.add(m0, fb.add(wa_row, c(a_rows * p))?)?;
                 Ok(RingChunk {
                     at: fb.add(abase, fb.add(fb.mul(gm, lda)?, wa_k)?)?,
                     k: wa_k,
@@ -4980,15 +5095,20 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
                 })
             })
             .collect::<R<_>>()?;
-        let gn = fb.add(n0, ww_n)?;
-        let w_in_n = cmp(IntPredicate::SLT, gn, nv)?;
-        let w_chunks: Vec<RingChunk> = (0..WG_TILE_K / w_rows_per_pass)
-            .map(|p| {
-                let gk = fb.add(ww_k, c(w_rows_per_pass * p))?;
+        // (`W`'s chunk `2p + h`: pass `p`, columns `128h` on)
+        let gn = [fb.add(n0, ww_n)?, fb.add(n0, fb.add(ww_n, c(128))?)?];
+        let w_in_n = [
+            cmp(IntPredicate::SLT, gn[0], nv)?,
+            cmp(IntPredicate::SLT, gn[1], nv)?,
+        ];
+        let w_chunks: Vec<RingChunk> = (0..2 * WG_TILE_K / w_rows)
+            .map(|i| {
+                let (p, h) = (i / 2, (i % 2) as usize);
+                let gk = fb.add(ww_k, c(w_rows * p))?;
                 Ok(RingChunk {
-                    at: fb.add(wbase, fb.add(fb.mul(gk, ldw)?, gn)?)?,
+                    at: fb.add(wbase, fb.add(fb.mul(gk, ldw)?, gn[h])?)?,
                     k: gk,
-                    across: w_in_n,
+                    across: w_in_n[h],
                 })
             })
             .collect::<R<_>>()?;
@@ -5004,9 +5124,12 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
             let k0 = fb.mul(kt, c(WG_TILE_K))?;
             let k_inside = cmp(IntPredicate::SLE, fb.add(k0, c(WG_TILE_K))?, kv)?;
             let copy = |fb: &Fb<'_, 'ctx>, bounds| -> R<()> {
-                let a_dst = |p| byte_ptr(fb.add(base, fb.add(wa_at, c(4096 * p))?)?);
+                let a_dst = |p| byte_ptr(fb.add(base, fb.add(wa_at, c(128 * a_rows * p))?)?);
                 copy_ring_chunks(fb, aav, &a_chunks, k0, bounds, &a_dst)?;
-                let w_dst = |p| byte_ptr(fb.add(base, fb.add(ww_at, c(1024 * p))?)?);
+                let w_dst = |i: i64| {
+                    let off = 128 * w_rows * (i / 2) + 2 * WG_B_LBO * (i % 2);
+                    byte_ptr(fb.add(base, fb.add(ww_at, c(off))?)?)
+                };
                 copy_ring_chunks(fb, wav, &w_chunks, fb.mul(k0, ldw)?, bounds, &w_dst)
             };
             fb.if_else(
@@ -5015,40 +5138,33 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
                 |fb| copy(fb, Some((k0, kv))),
             )
         };
-        ring_pipeline(
-            fb,
-            ktw,
-            WG_STAGES - 2,
-            RingReaders::Wgmma,
-            &issue,
-            &|fb, kt| {
-                let base = stage_at(fb, kt)?;
-                wgmma_sync(fb, "fence", None)?;
-                // (a k16 step: 32 bytes into `A`'s rows, two k atoms into `W`'s; a step's
-                // descriptors are the first's plus its offset in 16-byte units, which stays in
-                // the 14-bit address field since shared memory is under 256 KiB)
-                let a0 = fb.add(base, fb.mul(wg, c(8192))?)?;
-                let b0 = fb.add(base, c(WG_A_BYTES))?;
-                let da0 = wgmma_desc(fb, byte_ptr(a0)?, WG_A_LBO, WG_A_SBO)?;
-                let db0 = wgmma_desc(fb, byte_ptr(b0)?, WG_B_LBO, WG_B_SBO)?;
-                for ks in 0..WG_TILE_K / 16 {
-                    let (a_off, b_off) = (32 * ks, 2 * WG_B_SBO * ks);
-                    let a = byte_ptr(fb.add(a0, c(a_off))?)?;
-                    let b = byte_ptr(fb.add(b0, c(b_off))?)?;
-                    let a = WgA::Shared(a, fb.add(da0, c(a_off >> 4))?);
-                    let b = WgB {
-                        at: b,
-                        desc: fb.add(db0, c(b_off >> 4))?,
-                        lbo: WG_B_LBO,
-                        sbo: WG_B_SBO,
-                        n_major: true,
-                    };
-                    wgmma_m64(fb, &a, &b, t128, &accs)?;
-                }
-                wgmma_sync(fb, "commit_group", None)?;
-                wgmma_sync(fb, "wait_group", Some(1))
-            },
-        )?;
+        ring_pipeline(fb, ktw, ahead, copiers, &issue, &|fb, kt| {
+            let base = stage_at(fb, kt)?;
+            wgmma_sync(fb, "fence", None)?;
+            // (a k16 step: 32 bytes into `A`'s rows, two k atoms into `W`'s; a step's
+            // descriptors are the first's plus its offset in 16-byte units, which stays in
+            // the 14-bit address field since shared memory is under 256 KiB)
+            let a0 = fb.add(base, fb.mul(wg, c(8192))?)?;
+            let b0 = fb.add(base, c(WG_A_BYTES))?;
+            let da0 = wgmma_desc(fb, byte_ptr(a0)?, WG_A_LBO, WG_A_SBO)?;
+            let db0 = wgmma_desc(fb, byte_ptr(b0)?, WG_B_LBO, WG_B_SBO)?;
+            for ks in 0..WG_TILE_K / 16 {
+                let (a_off, b_off) = (32 * ks, 2 * WG_B_SBO * ks);
+                let a = byte_ptr(fb.add(a0, c(a_off))?)?;
+                let b = byte_ptr(fb.add(b0, c(b_off))?)?;
+                let a = WgA::Shared(a, fb.add(da0, c(a_off >> 4))?);
+                let b = WgB {
+                    at: b,
+                    desc: fb.add(db0, c(b_off >> 4))?,
+                    lbo: WG_B_LBO,
+                    sbo: WG_B_SBO,
+                    n_major: true,
+                };
+                wgmma_m64(fb, &a, &b, t128, &accs)?;
+            }
+            wgmma_sync(fb, "commit_group", None)?;
+            wgmma_sync(fb, "wait_group", Some(1))
+        })?;
         wgmma_sync(fb, "wait_group", Some(0))?;
         cp_async_wait(fb, 0)?;
         // The outputs: accumulator `x` at row `64wg + 16·wg_warp + g` (+ 8 for `x%4` ≥ 2),
@@ -5665,6 +5781,10 @@ const MMA_ATTN_STAGES: i64 = 3;
 /// step whose values the tensor cores may still read while two steps' copies are in flight
 /// (129 KiB at head size 128, of sm_90's 227).
 const WG_ATTN_STAGES: i64 = 4;
+/// Steps of the `wgmma` ring's copies in flight: two, as on `mma.sync`, the warpgroups
+/// taking steps in turn (`RingCopiers`).
+const WG_ATTN_AHEAD: i64 = 2;
+const _: () = assert!(WG_ATTN_STAGES >= WG_ATTN_AHEAD + 2);
 
 /// Whether `gpu_mma_attention` copies keys and values through its `cp.async` ring (both
 /// stored bf16), not through registers; it may where `mma_attn_ring_ok`.
@@ -5702,11 +5822,11 @@ fn rows_on<'ctx>(
 }
 
 /// Thread `lane`'s first 16-byte chunk of a staged `[rows][n]` bf16 tile (`n` a power of two,
-/// 16 to 128): row `r0`, element `e`; its next chunks are `rows` rows on (a block's threads
-/// cover `rows` rows a pass).
+/// 16 to 128) copied by `threads` threads (`lane` below that): row `r0`, element `e`; its
+/// next chunks are `rows` rows on (the threads cover `rows` rows a pass).
 fn chunks_of<'ctx>(
     fb: &Fb<'_, 'ctx>,
-    lane: IntValue<'ctx>,
+    (lane, threads): (IntValue<'ctx>, i64),
     n: i64,
 ) -> R<(IntValue<'ctx>, IntValue<'ctx>, i64)> {
     let per_row = n / 8;
@@ -5718,7 +5838,7 @@ fn chunks_of<'ctx>(
             .map_err(be)?,
         fb.i64c(8),
     )?;
-    Ok((r0, e, GPU_BLOCK_THREADS / per_row))
+    Ok((r0, e, threads / per_row))
 }
 
 /// Bytes of one stage of `gpu_mma_attention`'s ring: `MMA_ATTN_KEYS` keys and as many
@@ -6490,11 +6610,18 @@ fn gpu_mma_attention<'ctx>(
         let stage_at = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<IntValue<'ctx>> {
             fb.add(kv0, fb.mul(srem(kt, c(stages), "stg")?, c(stage_words))?)
         };
+        // (`mma.sync` reads the stages with threads; `wgmma`, as its operands)
+        let (ahead, readers) = if wg {
+            (WG_ATTN_AHEAD, RingReaders::Wgmma)
+        } else {
+            (MMA_ATTN_STAGES - 1, RingReaders::Threads)
+        };
+        let copiers = RingCopiers::new(fb, lane, readers, ahead)?;
         let issue = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
             let base = stage_at(fb, kt)?;
             let s0 = fb.mul(kt, c(keys))?;
             for (av, src, n, at_word) in [(ka, kb, dq, 0), (va, vb, dv, k_words)] {
-                let (r0, e, rows) = chunks_of(fb, lane, n)?;
+                let (r0, e, rows) = chunks_of(fb, (copiers.t, copiers.threads()), n)?;
                 let (word, row_words) = if wg {
                     (wg_stage_word(fb, r0, e, keys)?, 32)
                 } else {
@@ -6531,15 +6658,9 @@ fn gpu_mma_attention<'ctx>(
         // `kt` issues into stage `(kt + 2) % stages`: hence `WG_ATTN_STAGES`.
         let ring = |fb: &Fb<'_, 'ctx>| -> R<()> {
             if !wg {
-                let readers = RingReaders::Threads;
-                ring_pipeline(
-                    fb,
-                    steps,
-                    MMA_ATTN_STAGES - 1,
-                    readers,
-                    &issue,
-                    &|fb, kt| compute(fb, fb.mul(kt, c(keys))?, stage_at(fb, kt)?),
-                )?;
+                ring_pipeline(fb, steps, ahead, copiers, &issue, &|fb, kt| {
+                    compute(fb, fb.mul(kt, c(keys))?, stage_at(fb, kt)?)
+                })?;
                 return cp_async_wait(fb, 0);
             }
             let packed = |kk: i64| -> R<[IntValue<'ctx>; 4]> {
@@ -6579,20 +6700,19 @@ fn gpu_mma_attention<'ctx>(
             // `wgmma`s, while the tensor cores work, not between the barrier and them: the
             // stage they fill was last read by `PV` of step `kt - 2`, waited for in step
             // `kt - 1`.
-            let ahead = MMA_ATTN_STAGES - 1;
-            const _: () = assert!(WG_ATTN_STAGES > MMA_ATTN_STAGES);
-            ring_prologue(fb, steps, ahead, &issue)?;
-            let ready = |fb: &Fb<'_, 'ctx>| ring_ready(fb, ahead, RingReaders::Wgmma);
-            let issue_next = |fb: &Fb<'_, 'ctx>, kt| ring_issue_next(fb, kt, steps, ahead, &issue);
+            ring_prologue(fb, steps, ahead, copiers, &issue)?;
+            let ready = |fb: &Fb<'_, 'ctx>, kt| ring_ready(fb, kt, ahead, copiers);
+            let issue_next =
+                |fb: &Fb<'_, 'ctx>, kt| ring_issue_next(fb, kt, steps, ahead, copiers, &issue);
             fb.if_else(
                 cmp(IntPredicate::SGT, steps, c(0))?,
                 |fb| {
-                    ready(fb)?;
+                    ready(fb, c(0))?;
                     scores(fb, stage_at(fb, c(0))?, &sacc)?;
                     issue_next(fb, c(0))?;
                     softmax(fb, c(0), 0)?;
                     fb.for_range(c(1), steps, |fb, kt| {
-                        ready(fb)?;
+                        ready(fb, kt)?;
                         rescale_kept(fb)?;
                         scores(fb, stage_at(fb, kt)?, &sacc)?;
                         last_values(fb, fb.b.build_int_sub(kt, c(1), "kp").map_err(be)?)?;
