@@ -4186,11 +4186,12 @@ enum RingReaders {
 /// that take the slices in turn: slice `s` is copied wholly by group `s % groups`, which
 /// waits for it (all its copies: it has no others in flight), fences and reaches the barrier,
 /// while the other groups only reach the barrier. The reason is the fence: ptxas makes
-/// `fence.proxy.async.shared::cta` a `MEMBAR.ALL.CTA` (then `FENCE.VIEW.ASYNC.S`), which
-/// waits for the thread's memory operations in flight. Had every thread copied every slice,
-/// its copies of the newer slices would be in flight at that fence, and the ring would hide
-/// one step of load latency however far ahead it is issued; taking turns, a group's copies
-/// issued at step `kt` are first fenced at step `kt + ahead`.
+/// `fence.proxy.async.shared::cta` a `MEMBAR.ALL.CTA` (then `FENCE.VIEW.ASYNC.S`), a memory
+/// barrier over all of the thread's earlier memory operations, which may wait for its
+/// copies still in flight. Had every thread copied every slice, its copies of the newer
+/// slices would be in flight at that fence, and if it waits for them the ring hides one step
+/// of load latency however far ahead it is issued; taking turns, a group's copies issued at
+/// step `kt` meet a fence of that group first at step `kt + ahead`, when they are due.
 #[derive(Clone, Copy)]
 struct RingCopiers<'ctx> {
     readers: RingReaders,
