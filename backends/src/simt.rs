@@ -20,7 +20,10 @@
 //! GPU would launch compute the same result (and the stride itself gets tested). If every
 //! live thread waits and none can go on (threads of one block at different barriers), the
 //! launch fails with an error instead of hanging; so does a vector access that is not
-//! aligned to its size, on which the GPU would fault, and a `cp.async` into shared memory
+//! aligned to its size, on which the GPU would fault. A `cp.async`'s destination holds NaNs
+//! from its issue until its wait makes the copy (the GPU may write at any time between), so
+//! a read there before the wait, or a copy issued over data still to be read, shows in the
+//! results. A launch also fails on a `cp.async` into shared memory
 //! that a `wgmma` not yet waited for may still read (the simulator computes a `wgmma` when
 //! it is issued, and the GPU may make a copy as soon as it is issued: a race there), and a
 //! `wgmma` reading shared memory that a `cp.async` not yet waited for may still write (the
@@ -50,6 +53,10 @@ const STACK_BYTES: usize = 128 << 10;
 
 /// Threads of a warp.
 const WARP: usize = 32;
+
+/// What a `cp.async`'s destination holds from its issue to its wait: every byte `0xff`,
+/// NaN in f32 and bf16 alike.
+const COPY_POISON: u8 = 0xff;
 
 /// Words of operands a lane posts for one warp operation (the most any hook needs).
 const SLOT_WORDS: usize = 8;
@@ -317,7 +324,7 @@ extern "C" fn egret_simt_aligned(p: *const u8, bytes: i64) {
 }
 
 /// `cp.async.cg.shared.global [dst], [src], 16, src_bytes`: queued for the running thread
-/// (made by a later `egret_simt_cp_async_wait`).
+/// (made by a later `egret_simt_cp_async_wait`), its destination poisoned until then.
 extern "C" fn egret_simt_cp_async(dst: *mut u8, src: *const u8, src_bytes: i32) {
     egret_simt_aligned(dst, 16);
     egret_simt_aligned(src, 16);
@@ -335,6 +342,9 @@ extern "C" fn egret_simt_cp_async(dst: *mut u8, src: *const u8, src_bytes: i32) 
         if read && (*b).overwrite.is_none() {
             (*b).overwrite = Some((lo as u64, lane));
         }
+        // (the GPU may write the 16 bytes at any time up to the wait: what is read there
+        // before it, or was there to be read, is gone)
+        std::ptr::write_bytes(dst, COPY_POISON, 16);
         (&mut (*b).copies)[lane].open.push(AsyncCopy {
             dst: dst as usize,
             src: src as usize,

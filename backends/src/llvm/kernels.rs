@@ -2933,6 +2933,22 @@ struct GpuMatmul<'a, 'ctx> {
     shared_w: bool,
 }
 
+/// Shared memory in which `GpuMatmul::store_tile` may stage a tile's outputs, and the work
+/// that follows once the tile no longer needs it.
+#[derive(Clone, Copy)]
+struct Staging<'a, 'ctx> {
+    /// Free for the outputs, 16-byte aligned.
+    smem: PointerValue<'ctx>,
+    /// This thread's index in the block.
+    lane: IntValue<'ctx>,
+    /// Bytes from `smem` that `then` leaves alone: it may write past them.
+    keep: i64,
+    /// Runs once, on every path of `store_tile`, after a barrier that follows every
+    /// thread's last read of the shared memory it may write (the caller's, before
+    /// `store_tile`, among them) and this thread's last use of its accumulators.
+    then: &'a dyn Fn(&Fb<'_, 'ctx>) -> R<()>,
+}
+
 /// Where a tile of a GPU matmul starts: its batch entry, first row and column, and the
 /// offsets of that batch entry in `a` and `w`.
 #[derive(Clone, Copy)]
@@ -3058,10 +3074,10 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
     /// bf16) at a constant offset from the thread's first output, with no bounds tests; the
     /// other tiles test and store each output.
     ///
-    /// With `stage` (shared memory free for the tile's outputs, 16-byte aligned, and this
-    /// thread's index in the block), a whole tile with no residual, rows of 16-byte multiples
-    /// and the output on 16 bytes goes through it instead (`store_staged`); the caller then
-    /// needs a barrier before that shared memory is written again.
+    /// With `stage` (`Staging`), a whole tile with no residual, rows of 16-byte multiples
+    /// and the output on 16 bytes goes through its shared memory instead (`store_staged`);
+    /// the caller then needs a barrier before that shared memory is written again. Its
+    /// `then` runs once on every path, after a barrier (see there).
     fn store_tile(
         &self,
         fb: &Fb<'_, 'ctx>,
@@ -3069,7 +3085,7 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
         place: &TilePlace<'_, 'ctx>,
         at: TileAt<'ctx>,
         (inv_s, inv_at): (PointerValue<'ctx>, i64),
-        stage: Option<(PointerValue<'ctx>, IntValue<'ctx>)>,
+        stage: Option<Staging<'_, 'ctx>>,
     ) -> R<()> {
         let (mv, nv, _) = self.dims;
         let c = |v: i64| fb.i64c(v);
@@ -3114,9 +3130,20 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
             }
             Ok(())
         };
+        // (a path that does not stage: its stores, a barrier, `then`)
+        let unstaged = |fb: &Fb<'_, 'ctx>, path: &dyn Fn(&Fb<'_, 'ctx>) -> R<()>| -> R<()> {
+            path(fb)?;
+            match stage {
+                Some(st) => {
+                    barrier(fb)?;
+                    (st.then)(fb)
+                }
+                None => Ok(()),
+            }
+        };
         let pairs = |fb: &Fb<'_, 'ctx>| -> R<()> {
-            let Some((smem, lane)) = stage.filter(|_| self.rav.is_none()) else {
-                return pairs_each(fb);
+            let Some(st) = stage.filter(|_| self.rav.is_none()) else {
+                return unstaged(fb, &pairs_each);
             };
             let esz = self.optr.elem.size() as i64;
             let rows16 = and(
@@ -3125,8 +3152,8 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
             )?;
             fb.if_else(
                 rows16,
-                |fb| self.store_staged(fb, accs.len(), place, &scaled, at, (smem, lane)),
-                pairs_each,
+                |fb| self.store_staged(fb, accs.len(), place, &scaled, at, st),
+                |fb| unstaged(fb, &pairs_each),
             )
         };
         let each = |fb: &Fb<'_, 'ctx>| -> R<()> {
@@ -3145,7 +3172,7 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
             }
             Ok(())
         };
-        fb.if_else(whole, pairs, each)
+        fb.if_else(whole, pairs, |fb| unstaged(fb, &each))
     }
 
     /// A whole tile's outputs through shared memory at `smem`: each thread writes its
@@ -3156,7 +3183,9 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
     /// 16-byte chunks, each warp 512 contiguous bytes of a row. The fragments' own layout
     /// gives a warp 16 or 32 bytes a row per store: half a 32-byte sector in bf16. A barrier
     /// first (every warpgroup's `wgmma`s have read the ring that `smem` lies in); the caller
-    /// puts one after, before the ring is written again.
+    /// puts one after, before the ring is written again. `stage.then` runs after the barrier
+    /// between the two halves if the staged tile lies within `stage.keep` bytes, else after
+    /// the copy and one more barrier.
     fn store_staged(
         &self,
         fb: &Fb<'_, 'ctx>,
@@ -3164,8 +3193,9 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
         place: &TilePlace<'_, 'ctx>,
         scaled: &dyn Fn(&Fb<'_, 'ctx>, usize, IntValue<'ctx>) -> R<FloatValue<'ctx>>,
         at: TileAt<'ctx>,
-        (smem, lane): (PointerValue<'ctx>, IntValue<'ctx>),
+        stage: Staging<'_, 'ctx>,
     ) -> R<()> {
+        let Staging { smem, lane, .. } = stage;
         let (mv, nv, _) = self.dims;
         let c = |v: i64| fb.i64c(v);
         let sub = |a, b| fb.b.build_int_sub(a, b, "d").map_err(be);
@@ -3197,6 +3227,10 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
             copy.store_pair(fb, off, [v0, v1])?;
         }
         barrier(fb)?;
+        let then_early = tm * pitch <= stage.keep;
+        if then_early {
+            (stage.then)(fb)?;
+        }
         // Chunk `lane + 256i`: row `chunk / per_row`, 16 bytes `chunk % per_row` into it.
         let per_row = tn * esz / 16;
         let gp = |fb: &Fb<'_, 'ctx>, row: IntValue<'ctx>| -> R<IntValue<'ctx>> {
@@ -3235,6 +3269,10 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
                 .map_err(be)?
                 .set_alignment(if fb.sim { 1 } else { 16 })
                 .map_err(|e| BackendError::Llvm(e.to_string()))?;
+        }
+        if !then_early {
+            barrier(fb)?;
+            (stage.then)(fb)?;
         }
         Ok(())
     }
@@ -4979,13 +5017,15 @@ fn wgmma_fits<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<Option<Int
 ///
 /// k advances in slices of `WG_TILE_K`: `cp.async` copies them into a ring of `WG_STAGES`
 /// stages in dynamic shared memory, in the 128-byte-swizzled layouts of `WG_A_LBO`..,
-/// `WG_STAGES - 2` slices ahead, the two warpgroups copying slices in turn (`ring_pipeline`,
-/// `RingCopiers`; slices wholly inside the matrices without bounds, the others with chunks
-/// outside zero-filled). Before slice `kt` is multiplied, its copies are waited for and a
-/// barrier publishes them; that barrier also tells that
-/// every warpgroup's `wgmma`s of slice `kt - 2` are done (each keeps one group in flight),
-/// so stage `(kt - 2) % WG_STAGES` is the one refilled. With `norm`, rows are scaled as in
-/// `gpu_tiled_matmul`; a residual is added as the outputs are stored.
+/// `WG_STAGES - 2` slices ahead, the two warpgroups copying slices in turn (`ring_pipeline`'s
+/// steps, `RingCopiers`; slices wholly inside the matrices without bounds, the others with
+/// chunks outside zero-filled). Before slice `kt` is multiplied, its copies are waited for
+/// and a barrier publishes them; that barrier also tells that every warpgroup's `wgmma`s of
+/// slice `kt - 2` are done (each keeps one group in flight), so the stage of slice `kt - 2`
+/// is the one refilled. The outputs are staged in the ring's first stages and copied out
+/// (`GpuMatmul::store_tile`); meanwhile the block's next tile has its first slices issued
+/// into the others. With `norm`, rows are scaled as in `gpu_tiled_matmul`; a residual is
+/// added as the outputs are stored.
 fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     let GpuMatmul {
         aav,
@@ -5068,8 +5108,21 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
         wav.strides[wav.strides.len() - 2],
     );
     let ktw = fb.ceil_div(kv, c(WG_TILE_K))?;
-    fb.for_range(c(0), iters, |fb, it| {
-        let tile = fb.add(blk, fb.mul(it, nblk)?)?;
+    // Slice `kt` of every tile lies in stage `(kt + ahead) % WG_STAGES`: a tile's first
+    // `ahead` slices in the stages past the first `ahead`, which stage the outputs of the
+    // tile before (`keep` bytes), so they are issued while those are copied out
+    // (`Staging::then`) rather than after.
+    const _: () = assert!(WG_STAGES >= 2 * (WG_STAGES - 2));
+    let keep = ahead * WG_STAGE_BYTES;
+    let stage_at = |fb: &Fb<'_, 'ctx>, kt| -> R<IntValue<'ctx>> {
+        let s = urem(fb.add(kt, c(ahead))?, WG_STAGES)?;
+        fb.add(ring0, fb.mul(s, c(WG_STAGE_BYTES))?)
+    };
+    // Tile `tile`'s place, this thread's chunks of its slices (`copy_ring_chunks`) and whether
+    // it lies inside the matrices in m and n (its slices inside in k are then copied
+    // without bounds).
+    type WgTileCopies<'ctx> = (TileAt<'ctx>, [Vec<RingChunk<'ctx>>; 2], IntValue<'ctx>);
+    let tile_copies = |fb: &Fb<'_, 'ctx>, tile| -> R<WgTileCopies<'ctx>> {
         let at = mm.tile_at(fb, tile, (per_batch, tiles_n), (tm, tn))?;
         let TileAt {
             m0,
@@ -5078,14 +5131,6 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
             wbase,
             ..
         } = at;
-        if norm {
-            row_scales(fb, aav, abase, lane, (m0, tm), (mv, kv), eps, inv_s, inv_at)?;
-        }
-        for a in &accs {
-            fb.set(*a, fb.f32c(0.0))?;
-        }
-        // This thread's chunks of a slice (`copy_ring_chunks`), copied without bounds where
-        // the tile lies inside the matrices in m and n and the slice in k.
         let a_chunks: Vec<RingChunk> = (0..tm / a_rows)
             .map(|p| {
                 let gm = fb.add(m0, fb.add(wa_row, c(a_rows * p))?)?;
@@ -5113,33 +5158,55 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
                 })
             })
             .collect::<R<_>>()?;
-        let tile_inside = and(
+        let inside = and(
             cmp(IntPredicate::SLE, fb.add(m0, c(tm))?, mv)?,
             cmp(IntPredicate::SLE, fb.add(n0, c(tn))?, nv)?,
         )?;
-        let stage_at = |fb: &Fb<'_, 'ctx>, kt| -> R<IntValue<'ctx>> {
-            fb.add(ring0, fb.mul(urem(kt, WG_STAGES)?, c(WG_STAGE_BYTES))?)
-        };
-        let issue = |fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>| -> R<()> {
-            let base = stage_at(fb, kt)?;
-            let k0 = fb.mul(kt, c(WG_TILE_K))?;
-            let k_inside = cmp(IntPredicate::SLE, fb.add(k0, c(WG_TILE_K))?, kv)?;
-            let copy = |fb: &Fb<'_, 'ctx>, bounds| -> R<()> {
-                let a_dst = |p| byte_ptr(fb.add(base, fb.add(wa_at, c(128 * a_rows * p))?)?);
-                copy_ring_chunks(fb, aav, &a_chunks, k0, bounds, &a_dst)?;
-                let w_dst = |i: i64| {
-                    let off = 128 * w_rows * (i / 2) + 2 * WG_B_LBO * (i % 2);
-                    byte_ptr(fb.add(base, fb.add(ww_at, c(off))?)?)
-                };
-                copy_ring_chunks(fb, wav, &w_chunks, fb.mul(k0, ldw)?, bounds, &w_dst)
+        Ok((at, [a_chunks, w_chunks], inside))
+    };
+    // Slice `kt` of the tile at `at` copied into its stage by this thread's chunks.
+    let issue = |fb: &Fb<'_, 'ctx>,
+                 (_, [a_chunks, w_chunks], tile_inside): &WgTileCopies<'ctx>,
+                 kt: IntValue<'ctx>|
+     -> R<()> {
+        let base = stage_at(fb, kt)?;
+        let k0 = fb.mul(kt, c(WG_TILE_K))?;
+        let inside = and(
+            *tile_inside,
+            cmp(IntPredicate::SLE, fb.add(k0, c(WG_TILE_K))?, kv)?,
+        )?;
+        let copy = |fb: &Fb<'_, 'ctx>, bounds| -> R<()> {
+            let a_dst = |p| byte_ptr(fb.add(base, fb.add(wa_at, c(128 * a_rows * p))?)?);
+            copy_ring_chunks(fb, aav, a_chunks, k0, bounds, &a_dst)?;
+            let w_dst = |i: i64| {
+                let off = 128 * w_rows * (i / 2) + 2 * WG_B_LBO * (i % 2);
+                byte_ptr(fb.add(base, fb.add(ww_at, c(off))?)?)
             };
-            fb.if_else(
-                and(tile_inside, k_inside)?,
-                |fb| copy(fb, None),
-                |fb| copy(fb, Some((k0, kv))),
-            )
+            copy_ring_chunks(fb, wav, w_chunks, fb.mul(k0, ldw)?, bounds, &w_dst)
         };
-        ring_pipeline(fb, ktw, ahead, copiers, &issue, &|fb, kt| {
+        fb.if_else(inside, |fb| copy(fb, None), |fb| copy(fb, Some((k0, kv))))
+    };
+    // The first `ahead` slices of tile `tile` issued (`ring_prologue`).
+    let prologue = |fb: &Fb<'_, 'ctx>, tile| -> R<()> {
+        let tc = tile_copies(fb, tile)?;
+        ring_prologue(fb, ktw, ahead, copiers, &|fb, kt| issue(fb, &tc, kt))
+    };
+    let some = cmp(IntPredicate::SGT, iters, c(0))?;
+    fb.if_else(some, |fb| prologue(fb, blk), |_| Ok(()))?;
+    fb.for_range(c(0), iters, |fb, it| {
+        let tile = fb.add(blk, fb.mul(it, nblk)?)?;
+        let tc = tile_copies(fb, tile)?;
+        let at = tc.0;
+        if norm {
+            let (m0, abase) = (at.m0, at.abase);
+            row_scales(fb, aav, abase, lane, (m0, tm), (mv, kv), eps, inv_s, inv_at)?;
+        }
+        for a in &accs {
+            fb.set(*a, fb.f32c(0.0))?;
+        }
+        // (`ring_pipeline`'s steps but for the prologue, issued before)
+        fb.for_range(c(0), ktw, |fb, kt| {
+            ring_arrive(fb, kt, ktw, ahead, copiers, &|fb, s| issue(fb, &tc, s))?;
             let base = stage_at(fb, kt)?;
             wgmma_sync(fb, "fence", None)?;
             // (a k16 step: 32 bytes into `A`'s rows, two k atoms into `W`'s; a step's
@@ -5166,8 +5233,8 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
             wgmma_sync(fb, "commit_group", None)?;
             wgmma_sync(fb, "wait_group", Some(1))
         })?;
+        // (no copies in flight: a tile's slices past its end are not issued)
         wgmma_sync(fb, "wait_group", Some(0))?;
-        cp_async_wait(fb, 0)?;
         // The outputs: accumulator `x` at row `64wg + 16·wg_warp + g` (+ 8 for `x%4` ≥ 2),
         // column `8(x/4) + 2q` (+ 1 for odd `x`) of the tile (`GpuMatmul::store_tile`).
         let place = |fb: &Fb<'_, 'ctx>, x: usize| -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
@@ -5178,17 +5245,22 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
             )?;
             Ok((r, fb.add(c(8 * j + e % 2), fb.mul(q, c(2))?)?))
         };
+        // The next tile's first slices, once the ring past `keep` is free.
+        let next = |fb: &Fb<'_, 'ctx>| -> R<()> {
+            let more = cmp(IntPredicate::SLT, fb.add(it, c(1))?, iters)?;
+            fb.if_else(more, |fb| prologue(fb, fb.add(tile, nblk)?), |_| Ok(()))
+        };
         // (the ring, free once every warpgroup's last `wgmma` is done, stages the tile)
-        mm.store_tile(
-            fb,
-            &accs,
-            &place,
-            at,
-            (inv_s, inv_at),
-            Some((byte_ptr(ring0)?, lane)),
-        )?;
+        let stage = Staging {
+            smem: byte_ptr(ring0)?,
+            lane,
+            keep,
+            then: &next,
+        };
+        mm.store_tile(fb, &accs, &place, at, (inv_s, inv_at), Some(stage))?;
         barrier(fb)
-    })
+    })?;
+    cp_async_wait(fb, 0)
 }
 
 /// Elements added to each row of a tile staged in shared memory for its stores
