@@ -22,7 +22,8 @@
 //!   attention's forward and backward (f32, and on tensor cores from bf16 operands);
 //! - `grads/<fixture>/`: each tiny transformers fixture's gradient graph (PTX, entry `run`)
 //!   with the fixture's weights, tokens and transformers' loss and gradients;
-//!   `grads-bf16/<fixture>/` the same with bf16 matmuls and attention (`--tensor-cores`);
+//!   `grads-bf16/<fixture>/` the same with bf16 matmuls and attention (`--tensor-cores`),
+//!   and that program's own loss and gradients from the simulator (`grads-sim.safetensors`);
 //! - `smollm2-train/`, `smollm2-train-tc/`, `smollm2-train-cpu/`: SmolLM2-135M's AdamW
 //!   `train_step` for the GPU (f32, and with tensor cores) and the CPU: the GPU's losses are
 //!   checked against the CPU's, and timed.
@@ -243,6 +244,37 @@ fn main() -> Res<()> {
                 std::fs::copy(src.join(f), dir.join(f))?;
             }
         }
+        // The same bf16 program's loss and gradients on the simulator: what the GPU must
+        // reproduce, its own rounding to bf16 included.
+        let m = egret::load_model(&egret::ModelSource::resolve(src.to_str().ok_or("path")?)?)?;
+        let j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(src.join("grads.json"))?)?;
+        let toks: Vec<u32> = j["tokens"]
+            .as_array()
+            .ok_or("tokens")?
+            .iter()
+            .filter_map(|x| x.as_u64().map(|t| t as u32))
+            .collect();
+        let sim = egret::train::grads(
+            &m.config,
+            &m.params,
+            &toks,
+            "default",
+            egret::train::GradBackend::Simt { opts: &tc },
+            None,
+        )?;
+        let mut w = Weights::new().with_source("simulated bf16 gradients");
+        w.insert("loss".into(), HostTensor::new(vec![1], vec![sim.loss]));
+        for (n, t) in sim.grads {
+            w.insert(format!("grad.{n}"), t);
+        }
+        save_safetensors(
+            &out.join("grads-bf16")
+                .join(name)
+                .join("grads-sim.safetensors"),
+            &w,
+            SaveDType::F32,
+        )?;
     }
     egret::train::compile_train_artifact_ptx(
         &cfg,
