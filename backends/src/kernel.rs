@@ -362,7 +362,10 @@ pub enum Kernel {
     /// summed into one `[m, n]` result: a matmul summed over its batch axis, as a weight's
     /// gradient over a batch of sequences is. With `res` (GPU, `nr = 0`), the residual of an
     /// `add` that was the product's only use is added as each output is stored:
-    /// `out[b, m, n] = Σ_k a[b, m, k] · w[b?, k, n] + res[b, m, n]`.
+    /// `out[b, m, n] = Σ_k a[b, m, k] · w[b?, k, n] + res[b, m, n]`. With `part` (GPU, a
+    /// long constant k: `SPLIT_K_MIN_K`), a product with too few output tiles to fill the
+    /// GPU splits k (`SPLIT_K`) and leaves its partial tiles in `part`, summed into `out`
+    /// by the `MatMulCombine` that follows.
     MatMul {
         out: u32,
         a: Access,
@@ -375,6 +378,17 @@ pub enum Kernel {
         nr: i64,
         sum_batch: bool,
         res: Option<Access>,
+        part: Option<u32>,
+    },
+    /// `out[b, m, n] = Σ_s part[s, tile(b, m, n), m % T, n % T]`: the k-slices of the split
+    /// `MatMul` before it summed in order (`SPLIT_K`, `T = SPLIT_K_TILE`); nothing to do
+    /// when that matmul did not split.
+    MatMulCombine {
+        out: u32,
+        part: u32,
+        batch: Vec<Dim>,
+        m: Dim,
+        n: Dim,
     },
     /// `out[r, :] = w * (x[r, :] * rsqrt(mean(x[r, :]²) + eps))`, rows over `shape[..-1]`.
     RmsNorm {
@@ -533,6 +547,25 @@ pub const ATTN_SPLITS: i64 = 16;
 /// The fewest keys worth a split of their own.
 pub const ATTN_SPLIT_MIN_KEYS: i64 = 128;
 
+/// Split-K GPU matmuls (`Kernel::MatMul::part`): a plain matmul whose k is a constant of
+/// at least `SPLIT_K_MIN_K` splits k into `SPLIT_K` slices where its output has fewer than
+/// `SPLIT_K_MAX_TILES + 1` tiles of `SPLIT_K_TILE` square and more than a few rows (as the
+/// GPU kernel decides: the small-tile kernel's threshold), each block a (tile, slice); a
+/// training step's `[T × 49152]·[49152 × 576]` (the LM head's input gradient) has 36 such
+/// tiles at `T = 256`, so 288 blocks instead of 36.
+pub const SPLIT_K_MIN_K: i64 = 4096;
+/// Slices of k per tile of a split matmul.
+pub const SPLIT_K: i64 = 8;
+/// The most output tiles a split matmul has.
+pub const SPLIT_K_MAX_TILES: i64 = 63;
+/// Rows and columns of a split matmul's tiles.
+pub const SPLIT_K_TILE: i64 = 64;
+
+/// Floats of a split matmul's partial-tiles buffer.
+pub fn split_k_part_len() -> i64 {
+    SPLIT_K_MAX_TILES * SPLIT_K * SPLIT_K_TILE * SPLIT_K_TILE
+}
+
 impl AttnDims {
     /// Floats of the split-KV partial-results buffer.
     pub fn part_len(&self) -> i64 {
@@ -567,6 +600,11 @@ impl Kernel {
                 d.t.clone(),
                 Dim::c(ATTN_SPLITS * d.dv),
             ],
+            Kernel::MatMulCombine { batch, m, n, .. } => batch
+                .iter()
+                .cloned()
+                .chain([m.clone(), n.clone(), Dim::c(SPLIT_K)])
+                .collect(),
             Kernel::AttentionBackward { dims: d, grad, .. } => vec![
                 d.b.clone(),
                 Dim::c(d.h),
@@ -641,9 +679,10 @@ impl Kernel {
                 nr,
                 sum_batch,
                 res,
+                part,
                 ..
             } => format!(
-                "{}matmul {}[{m}x{k}]·[{k}x{n}]{}{}",
+                "{}matmul {}[{m}x{k}]·[{k}x{n}]{}{}{}",
                 if *nr > 0 { "packed " } else { "" },
                 dims(batch),
                 if *sum_batch {
@@ -651,8 +690,12 @@ impl Kernel {
                 } else {
                     ""
                 },
-                if res.is_some() { " + residual" } else { "" }
+                if res.is_some() { " + residual" } else { "" },
+                if part.is_some() { " (may split k)" } else { "" }
             ),
+            Kernel::MatMulCombine { m, n, batch, .. } => {
+                format!("matmul split-k sum {}[{m}x{n}]", dims(batch))
+            }
             Kernel::RmsNorm { shape, .. } => format!("rms_norm {}", dims(shape)),
             Kernel::RmsNormMatMul { m, n, k, batch, .. } => {
                 format!("rms_norm_matmul {}[{m}x{k}]·[{k}x{n}]", dims(batch))

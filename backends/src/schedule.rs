@@ -10,8 +10,8 @@ use egret_ir::{BinaryOp, DType, Dim, Graph, Op, ValueId};
 use egret_runtime::plan::{BufferRole, BufferSpec, ElemType, StateSpec};
 
 use crate::kernel::{
-    contiguous_strides, one_block, reshape_strides, symdim, Access, AttnDims, AttnGradIn, Expr,
-    Kernel, PanelType, Poly, Program, Round,
+    contiguous_strides, one_block, reshape_strides, split_k_part_len, symdim, Access, AttnDims,
+    AttnGradIn, Expr, Kernel, PanelType, Poly, Program, Round, SPLIT_K_MIN_K,
 };
 use crate::BackendError;
 
@@ -267,6 +267,10 @@ pub struct ScheduleOptions {
     /// writes its output tokens first (`AttnDims::tokens_first`), so that the permute needs
     /// no copy (a kernel launch saved per layer where launches are what decode costs).
     pub attn_tokens_first: bool,
+    /// Plain matmuls with a long constant k (`SPLIT_K_MIN_K`) get a partial-tiles buffer and
+    /// a `MatMulCombine` after them, so that the GPU's kernel may split k where the output
+    /// has too few tiles to fill the GPU (`Kernel::MatMul::part`; GPU kernels only).
+    pub split_k: bool,
 }
 
 impl Default for ScheduleOptions {
@@ -281,6 +285,7 @@ impl Default for ScheduleOptions {
             matmul_residual: false,
             bf16_operands: false,
             attn_tokens_first: false,
+            split_k: false,
         }
     }
 }
@@ -1060,23 +1065,53 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                             );
                         }
                     } else {
+                        // (split-K: a partial-tiles buffer and the sum after the product;
+                        // not for a product of weights alone, made once at load)
+                        let at_load = [a.buf, w.buf].iter().all(|b| s.weight_only[*b as usize]);
+                        let splits = opts.split_k
+                            && nr == 0
+                            && !summed
+                            && !at_load
+                            && k.as_const().is_some_and(|k| k >= SPLIT_K_MIN_K);
+                        let part = splits.then(|| {
+                            s.new_buffer(
+                                BufferRole::Temp,
+                                ElemType::F32,
+                                &[Dim::c(split_k_part_len())],
+                                false,
+                            )
+                        });
                         s.push(
                             Kernel::MatMul {
                                 out,
                                 a: a.clone(),
                                 w: w.clone(),
-                                batch,
-                                m,
-                                n: nn,
+                                batch: batch.clone(),
+                                m: m.clone(),
+                                n: nn.clone(),
                                 k,
                                 shared_w,
                                 nr,
                                 sum_batch: summed,
                                 res: None,
+                                part,
                             },
                             &[a.buf, w.buf],
                             out,
                         );
+                        if let Some(part) = part {
+                            s.push(
+                                Kernel::MatMulCombine {
+                                    out,
+                                    part,
+                                    batch,
+                                    m,
+                                    n: nn,
+                                },
+                                &[part],
+                                out,
+                            );
+                        }
                     }
                     Val::View(Access::contiguous(out, &out_shape))
                 }

@@ -155,6 +155,17 @@ const CASES: &[(&str, &str)] = &[
   output "y" = %y"#,
     ),
     (
+        // A long constant k: on the GPU, with more than 32 rows but too few tiles for the
+        // tiled kernels (N = 63, 65), k is split and the slices summed by a second kernel;
+        // N = 1000 takes the small tiles, fewer rows the row-block kernel.
+        "matmul-split-k",
+        r#"
+  %a = input "a" : f32[2, N, 4100]
+  %b = input "b" : f32[4100, 70]
+  %y = matmul(%a, %b) : f32[2, N, 70]
+  output "y" = %y"#,
+    ),
+    (
         "matmul-long-k",
         r#"
   %a = input "a" : f32[3, N]

@@ -21,7 +21,7 @@ use egret_runtime::plan::ElemType;
 
 use crate::kernel::{
     Access, AttnDims, AttnGradIn, Expr, Kernel, PanelType, Poly, Program, Round, ATTN_SPLITS,
-    ATTN_SPLIT_MIN_KEYS, ATTN_SPLIT_UNITS,
+    ATTN_SPLIT_MIN_KEYS, ATTN_SPLIT_UNITS, SPLIT_K, SPLIT_K_MAX_TILES, SPLIT_K_TILE,
 };
 use crate::BackendError;
 
@@ -1182,10 +1182,11 @@ pub fn emit<'ctx>(
             nr,
             sum_batch,
             res,
+            part,
         } => {
-            if res.is_some() && !gpu {
+            if (res.is_some() || part.is_some()) && !gpu {
                 return Err(BackendError::Unsupported(
-                    "a matmul with a residual epilogue is a GPU kernel".into(),
+                    "a matmul with a residual epilogue or split k is a GPU kernel".into(),
                 ));
             }
             if *nr > 0 && !gpu {
@@ -1215,7 +1216,7 @@ pub fn emit<'ctx>(
                     a,
                     None,
                     w,
-                    res.as_ref(),
+                    (res.as_ref(), *part),
                     batch,
                     m,
                     n,
@@ -1224,6 +1225,21 @@ pub fn emit<'ctx>(
                 )?;
                 0
             }
+        }
+        Kernel::MatMulCombine {
+            out,
+            part,
+            batch,
+            m,
+            n,
+        } => {
+            if !gpu {
+                return Err(BackendError::Unsupported(
+                    "a split-k matmul's sum is a GPU kernel".into(),
+                ));
+            }
+            matmul_combine(&fb, *out, *part, batch, m, n)?;
+            0
         }
         Kernel::RmsNormMatMul {
             out,
@@ -1271,7 +1287,7 @@ pub fn emit<'ctx>(
                 x,
                 Some((g.as_ref(), *eps)),
                 w,
-                None,
+                (None, None),
                 batch,
                 m,
                 n,
@@ -1473,6 +1489,7 @@ pub fn canonical(k: &Kernel) -> (Kernel, Vec<u32>) {
             nr,
             sum_batch,
             res,
+            part,
         } => Kernel::MatMul {
             out: map(*out),
             a: ren(a),
@@ -1485,6 +1502,20 @@ pub fn canonical(k: &Kernel) -> (Kernel, Vec<u32>) {
             nr: *nr,
             sum_batch: *sum_batch,
             res: res.as_ref().map(&ren),
+            part: part.map(&map),
+        },
+        Kernel::MatMulCombine {
+            out,
+            part,
+            batch,
+            m,
+            n,
+        } => Kernel::MatMulCombine {
+            out: map(*out),
+            part: map(*part),
+            batch: batch.clone(),
+            m: m.clone(),
+            n: n.clone(),
         },
         Kernel::RmsNormMatMul {
             out,
@@ -1675,13 +1706,27 @@ pub fn kernel_buffers(k: &Kernel) -> Vec<u32> {
             add(*out);
             add(src.buf);
         }
-        Kernel::MatMul { out, a, w, res, .. } => {
+        Kernel::MatMul {
+            out,
+            a,
+            w,
+            res,
+            part,
+            ..
+        } => {
             add(*out);
             add(a.buf);
             add(w.buf);
             if let Some(r) = res {
                 add(r.buf);
             }
+            if let Some(p) = part {
+                add(*p);
+            }
+        }
+        Kernel::MatMulCombine { out, part, .. } => {
+            add(*out);
+            add(*part);
         }
         Kernel::RmsNormMatMul { out, x, g, w, .. } => {
             add(*out);
@@ -2507,7 +2552,7 @@ fn matmul<'ctx>(
     a: &Access,
     norm: Option<(Option<&Access>, f64)>,
     w: &Access,
-    res: Option<&Access>,
+    (res, part): (Option<&Access>, Option<u32>),
     batch: &[Dim],
     m: &Dim,
     n: &Dim,
@@ -2633,19 +2678,10 @@ fn matmul<'ctx>(
         fb.for_range(tail_start, mv, |fb, mi| block(fb, mi, 1, cs, ce))
     };
     if fb.gpu {
-        // Which kernel (see `GPU_GEMV_MAX_M`): large tiles, small tiles, or row blocks.
+        // Which kernel (see `GPU_GEMV_MAX_M`): large tiles, small tiles, or row blocks (or
+        // split k).
         let shared = tiled_shared(fb)?;
-        let tiles = |t: i64| -> R<IntValue<'ctx>> {
-            let ceil = |x| fb.ceil_div(x, fb.i64c(t));
-            fb.mul(fb.mul(ceil(mv)?, ceil(nv)?)?, nbatch)
-        };
-        let at_least = |x, bound: i64| {
-            fb.b.build_int_compare(IntPredicate::SGE, x, fb.i64c(bound), "ge")
-                .map_err(be)
-        };
-        let rows = at_least(mv, GPU_GEMV_MAX_M + 1)?;
-        let large_ok = at_least(tiles(GPU_TILE)?, GPU_TILED_MIN_TILES)?;
-        let small_ok = at_least(tiles(GPU_TILE_SMALL)?, GPU_SMALL_MIN_TILES)?;
+        let [rows, large_ok, small_ok] = gpu_matmul_paths(fb, (mv, nv), nbatch)?;
         let large = fb.ctx.append_basic_block(fb.func, "large");
         let not_large = fb.ctx.append_basic_block(fb.func, "not_large");
         let mid = fb.ctx.append_basic_block(fb.func, "mid");
@@ -2680,14 +2716,23 @@ fn matmul<'ctx>(
                 None => gpu_mma_matmul(fb, &mm)?,
             }
         } else {
-            gpu_tiled_matmul(fb, &mm, GPU_TILE, shared)?;
+            gpu_tiled_matmul(fb, &mm, GPU_TILE, shared, None)?;
         }
         fb.ret_ok()?;
         fb.b.position_at_end(mid);
-        gpu_tiled_matmul(fb, &mm, GPU_TILE_SMALL, shared)?;
+        gpu_tiled_matmul(fb, &mm, GPU_TILE_SMALL, shared, None)?;
         fb.ret_ok()?;
         fb.b.position_at_end(gemv);
-        gpu_gemv(fb, &mm)?;
+        match part {
+            // (too few tiles for the tiled kernels: with more than `GPU_GEMV_MAX_M` rows,
+            // split k, as `split_k_taken` says)
+            Some(p) => fb.if_else(
+                rows,
+                |fb| gpu_tiled_matmul(fb, &mm, SPLIT_K_TILE, shared, Some(fb.buf(p)?)),
+                |fb| gpu_gemv(fb, &mm),
+            )?,
+            None => gpu_gemv(fb, &mm)?,
+        }
     } else {
         fb.for_range(fb.i64c(0), nbatch, |fb, bi| run_batch(fb, bi))?;
     }
@@ -2780,6 +2825,100 @@ fn rms_norm<'ctx>(
     fb.ret_ok()
 }
 
+/// Which GPU matmul kernel dims `(m, n)` (`nbatch` batch entries) take (see
+/// `GPU_GEMV_MAX_M`): whether they have more than `GPU_GEMV_MAX_M` rows, at least
+/// `GPU_TILED_MIN_TILES` tiles of `GPU_TILE` square, and at least `GPU_SMALL_MIN_TILES` of
+/// `GPU_TILE_SMALL`.
+fn gpu_matmul_paths<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    (mv, nv): (IntValue<'ctx>, IntValue<'ctx>),
+    nbatch: IntValue<'ctx>,
+) -> R<[IntValue<'ctx>; 3]> {
+    let tiles = |t: i64| -> R<IntValue<'ctx>> {
+        let ceil = |x| fb.ceil_div(x, fb.i64c(t));
+        fb.mul(fb.mul(ceil(mv)?, ceil(nv)?)?, nbatch)
+    };
+    let at_least = |x, bound: i64| {
+        fb.b.build_int_compare(IntPredicate::SGE, x, fb.i64c(bound), "ge")
+            .map_err(be)
+    };
+    Ok([
+        at_least(mv, GPU_GEMV_MAX_M + 1)?,
+        at_least(tiles(GPU_TILE)?, GPU_TILED_MIN_TILES)?,
+        at_least(tiles(GPU_TILE_SMALL)?, GPU_SMALL_MIN_TILES)?,
+    ])
+}
+
+/// Whether a GPU matmul that may split k (`Kernel::MatMul::part`) does: more than
+/// `GPU_GEMV_MAX_M` rows but too few tiles for either tiled kernel (`gpu_matmul_paths`),
+/// hence at most `SPLIT_K_MAX_TILES` of `SPLIT_K_TILE` square.
+fn split_k_taken<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    dims: (IntValue<'ctx>, IntValue<'ctx>),
+    nbatch: IntValue<'ctx>,
+) -> R<IntValue<'ctx>> {
+    let [rows, large_ok, small_ok] = gpu_matmul_paths(fb, dims, nbatch)?;
+    let tiled = fb.b.build_or(large_ok, small_ok, "tiled").map_err(be)?;
+    let untiled = fb.b.build_not(tiled, "untiled").map_err(be)?;
+    fb.b.build_and(rows, untiled, "split").map_err(be)
+}
+
+/// Sums a split matmul's partial tiles (`Kernel::MatMulCombine`): output `(b, row, col)` of
+/// tile `tile` (numbered as `GpuMatmul::tile_at` does, `SPLIT_K_TILE` square) is
+/// `Σ_s part[(s·tiles + tile)·T² + (row % T)·T + col % T]`, `s` in order, stored in the
+/// output's element type; nothing when the matmul did not split (`split_k_taken`).
+fn matmul_combine(fb: &Fb, out: u32, part: u32, batch: &[Dim], m: &Dim, n: &Dim) -> R<()> {
+    let t = SPLIT_K_TILE;
+    let c = |v: i64| fb.i64c(v);
+    let optr = OutBuf::of(fb, out)?;
+    let pptr = fb.buf(part)?;
+    let (mv, nv) = (fb.dim(m)?, fb.dim(n)?);
+    let mut nbatch = c(1);
+    for d in batch {
+        nbatch = fb.mul(nbatch, fb.dim(d)?)?;
+    }
+    let taken = split_k_taken(fb, (mv, nv), nbatch)?;
+    let acc = fb.slot(fb.f32t.into())?;
+    fb.if_else(
+        taken,
+        |fb| {
+            let sdiv = |a, b, n| fb.b.build_int_signed_div(a, b, n).map_err(be);
+            let srem = |a, b, n| fb.b.build_int_signed_rem(a, b, n).map_err(be);
+            let tiles_n = fb.ceil_div(nv, c(t))?;
+            let per_batch = fb.mul(fb.ceil_div(mv, c(t))?, tiles_n)?;
+            let tiles = fb.mul(per_batch, nbatch)?;
+            let per_entry = fb.mul(mv, nv)?;
+            fb.for_each_share(fb.mul(nbatch, per_entry)?, |fb, o| {
+                let bi = sdiv(o, per_entry, "bi")?;
+                let rc = srem(o, per_entry, "rc")?;
+                let (row, col) = (sdiv(rc, nv, "row")?, srem(rc, nv, "col")?);
+                let tile = fb.add(
+                    fb.mul(bi, per_batch)?,
+                    fb.add(
+                        fb.mul(sdiv(row, c(t), "tr")?, tiles_n)?,
+                        sdiv(col, c(t), "tc")?,
+                    )?,
+                )?;
+                let local = fb.add(
+                    fb.mul(srem(row, c(t), "lr")?, c(t))?,
+                    srem(col, c(t), "lc")?,
+                )?;
+                fb.set(acc, fb.f32c(0.0))?;
+                for s in 0..SPLIT_K {
+                    let at = fb.add(
+                        fb.mul(fb.add(fb.mul(c(s), tiles)?, tile)?, c(t * t))?,
+                        local,
+                    )?;
+                    fb.set(acc, fb.fadd(fb.get(acc)?, fb.load_f32(pptr, at)?)?)?;
+                }
+                optr.store(fb, o, fb.get(acc)?)
+            })
+        },
+        |_| Ok(()),
+    )?;
+    fb.ret_ok()
+}
+
 /// GPU matmuls with at most `GPU_GEMV_MAX_M` rows run on `gpu_gemv`, bound by reading the
 /// weights (once per `ROW_BLOCK` rows). The others take the large-tile kernels
 /// (`gpu_tiled_matmul`, or with tensor cores `gpu_mma_matmul` and `gpu_wgmma_matmul`) where
@@ -2791,9 +2930,14 @@ fn rms_norm<'ctx>(
 /// 1536]`, 24), `gpu_gemv`. By a rough bill (a small tile takes about `64·k` cycles of one
 /// SM; `gpu_gemv` reads `k·n·4` bytes of L2 per 4 rows) the two are about even near 36
 /// small tiles, and `gpu_gemv` is ahead below; 64 leaves a margin until a device measures.
+/// A matmul with a long constant k (`Kernel::MatMul::part`) and more than `GPU_GEMV_MAX_M`
+/// rows splits k there instead (`split_k_taken`): a training step's LM-head input gradient,
+/// `[256 × 49152]·[49152 × 576]`, would read its 113 MB of weights 64 times on `gpu_gemv`.
 const GPU_GEMV_MAX_M: i64 = 32;
 const GPU_TILED_MIN_TILES: i64 = 132;
 const GPU_SMALL_MIN_TILES: i64 = 64;
+const _: () =
+    assert!(SPLIT_K_MAX_TILES == GPU_SMALL_MIN_TILES - 1 && SPLIT_K_TILE == GPU_TILE_SMALL);
 /// The large-tile matmul kernels' output tile rows (and columns, but `gpu_wgmma_matmul`'s)
 /// per 256-thread block.
 pub const GPU_TILE: i64 = 128;
@@ -5329,11 +5473,18 @@ fn tiled_shared<'ctx>(fb: &Fb<'_, 'ctx>) -> R<TiledShared<'ctx>> {
 /// `rsqrt(mean(a²)+eps)` (`row_scales`) and the outputs scaled by it; `g` scales `A`'s columns
 /// as they load. With tensor cores the staged operands are rounded to bf16, as every matmul of
 /// such a program computes (`operand`), the sums f32.
+///
+/// With `part` (split k, `Kernel::MatMul::part`; `t` is `SPLIT_K_TILE`, no norm or
+/// residual), the blocks stride over (tile, slice) pairs instead, slice `s` of `SPLIT_K`
+/// taking k-steps `s·span..(s+1)·span` (`span = ⌈steps / SPLIT_K⌉`), and each writes its
+/// tile's partial sums, all `t × t` of them, to `part` at tile `s·tiles + tile`
+/// (`matmul_combine` sums them).
 fn gpu_tiled_matmul<'ctx>(
     fb: &Fb<'_, 'ctx>,
     mm: &GpuMatmul<'_, 'ctx>,
     t: i64,
     sh: TiledShared<'ctx>,
+    part: Option<PointerValue<'ctx>>,
 ) -> R<()> {
     let GpuMatmul {
         optr,
@@ -5346,6 +5497,7 @@ fn gpu_tiled_matmul<'ctx>(
         ..
     } = *mm;
     assert!(t == GPU_TILE || t == GPU_TILE_SMALL);
+    assert!(part.is_none() || (t == SPLIT_K_TILE && !norm && mm.rav.is_none()));
     let (tk, stage, quads) = (SIMT_SLICE / t, SIMT_SLICE, t / 64);
     let TiledShared { a_s, w_s, inv_s } = sh;
     let inv_at = TILED_INV_AT;
@@ -5357,16 +5509,18 @@ fn gpu_tiled_matmul<'ctx>(
     let and = |a, b| fb.b.build_and(a, b, "and").map_err(be);
     let bits = |a: IntValue<'ctx>, m: i64| fb.b.build_and(a, c(m), "bits").map_err(be);
     let xor = |a, b| fb.b.build_xor(a, b, "xor").map_err(be);
-    let (
-        per_batch,
-        tiles_n,
-        BlockGrid {
-            lane,
-            blk,
-            nblk,
-            iters,
-        },
-    ) = mm.tiles(fb, (t, t))?;
+    let (per_batch, tiles_n, grid) = mm.tiles(fb, (t, t))?;
+    // (with `part`: blocks over (tile, slice) pairs, slice-major)
+    let tiles = fb.mul(per_batch, mm.nbatch)?;
+    let BlockGrid {
+        lane,
+        blk,
+        nblk,
+        iters,
+    } = match part {
+        Some(_) => block_grid(fb, fb.mul(tiles, c(SPLIT_K))?)?,
+        None => grid,
+    };
     let (ty, tx) = (sdiv(lane, c(16), "ty")?, srem(lane, c(16), "tx")?);
     let (r4, c4) = (fb.mul(ty, c(4))?, fb.mul(tx, c(4))?);
     let side = 4 * quads;
@@ -5385,10 +5539,27 @@ fn gpu_tiled_matmul<'ctx>(
         fb.mul(srem(lane, c(t / 4), "wn")?, c(4))?,
     );
     let ktiles = fb.ceil_div(kv, c(tk))?;
+    let span = fb.ceil_div(ktiles, c(SPLIT_K))?;
     let (ra, kw) = (aav.strides.len() - 2, wav.strides.len() - 2);
     let vecs = mm.vector_rows(fb)?;
     fb.for_range(c(0), iters, |fb, it| {
-        let tile = fb.add(blk, fb.mul(it, nblk)?)?;
+        let unit = fb.add(blk, fb.mul(it, nblk)?)?;
+        // The tile, its slice and the slice's k-steps `k_lo..k_lo + steps`.
+        let (tile, slice, k_lo, steps) = match part {
+            Some(_) => {
+                let slice = sdiv(unit, tiles, "slice")?;
+                let k_lo = fb.mul(slice, span)?;
+                let left = fb.b.build_int_sub(ktiles, k_lo, "left").map_err(be)?;
+                let pick = |p, a: IntValue<'ctx>, b: IntValue<'ctx>| -> R<IntValue<'ctx>> {
+                    let v = fb.b.build_select(cmp(p, a, b)?, a, b, "pick").map_err(be)?;
+                    Ok(v.into_int_value())
+                };
+                let steps = pick(IntPredicate::SLT, span, left)?;
+                let steps = pick(IntPredicate::SGT, steps, c(0))?;
+                (srem(unit, tiles, "tile")?, slice, k_lo, steps)
+            }
+            None => (unit, c(0), c(0), ktiles),
+        };
         let TileAt {
             bi,
             m0,
@@ -5488,17 +5659,29 @@ fn gpu_tiled_matmul<'ctx>(
             }
             Ok(())
         };
-        fetch(fb, c(0))?;
+        fetch(fb, k_lo)?;
         put(fb, c(0))?;
-        fb.for_range(c(0), ktiles, |fb, kt| {
+        fb.for_range(c(0), steps, |fb, j| {
             barrier(fb)?;
-            let buf = bits(kt, 1)?;
-            let next = fb.add(kt, c(1))?;
-            let more = lt(next, ktiles)?;
-            fb.if_else(more, |fb| fetch(fb, next), |_| Ok(()))?;
+            let buf = bits(j, 1)?;
+            let next = fb.add(j, c(1))?;
+            let more = lt(next, steps)?;
+            fb.if_else(more, |fb| fetch(fb, fb.add(k_lo, next)?), |_| Ok(()))?;
             multiply(fb, buf)?;
             fb.if_else(more, |fb| put(fb, xor(buf, c(1))?), |_| Ok(()))
         })?;
+        if let Some(pp) = part {
+            // (partial sums, bounds and all: the sum reads those inside)
+            let base = fb.mul(fb.add(fb.mul(slice, tiles)?, tile)?, c(t * t))?;
+            for i in 0..side {
+                let at = fb.add(base, fb.add(fb.mul(fb.add(r4, c(i))?, c(t))?, c4)?)?;
+                for j in 0..side {
+                    let a = accs[(i * side + j) as usize];
+                    fb.store_f32(pp, fb.add(at, c(j))?, fb.get(a)?)?;
+                }
+            }
+            return barrier(fb);
+        }
         for i in 0..side {
             let r = fb.add(r4, c(64 * (i / 4) + i % 4))?;
             let row = fb.add(m0, r)?;
@@ -8715,8 +8898,9 @@ pub struct GpuTiles {
 /// `gpu_mma_matmul`, and 128 × 256 where `gpu_wgmma_matmul` may run), taken with more than
 /// `GPU_GEMV_MAX_M` rows and at least `GPU_TILED_MIN_TILES` 128 × 128 tiles (as `matmul`
 /// decides), else with more than `GPU_GEMV_MAX_M` rows and at least `GPU_SMALL_MIN_TILES` of
-/// them `GPU_TILE_SMALL` square tiles, else `gpu_gemv`'s blocks of `ROW_BLOCK` rows ×
-/// `GEMV_COLS` columns; tensor-core
+/// them `GPU_TILE_SMALL` square tiles, else (a matmul that may split k, with more than
+/// `GPU_GEMV_MAX_M` rows) a block per tile and k-slice (`SPLIT_K`), else `gpu_gemv`'s blocks
+/// of `ROW_BLOCK` rows × `GEMV_COLS` columns; tensor-core
 /// attention's `MMA_ATTN_ROWS` query rows per `(b, h)`, taken from `MMA_ATTN_MIN_T` rows.
 /// Launching one block per tile leaves no empty blocks to dispatch after the work (the
 /// kernels stride over their tiles by the grid, so any grid computes the same; attention's
@@ -8728,14 +8912,21 @@ pub fn gpu_tiles(
     tensor_cores: bool,
     wgmma: bool,
 ) -> Vec<GpuTiles> {
-    let (batch, m, n, wide) = match k {
+    let (batch, m, n, wide, splits) = match k {
         Kernel::MatMul {
-            a, w, batch, m, n, ..
+            a,
+            w,
+            batch,
+            m,
+            n,
+            part,
+            ..
         } => (
             batch,
             m,
             n,
             [a, w].iter().all(|x| elem(x.buf) == ElemType::BF16),
+            part.is_some(),
         ),
         Kernel::RmsNormMatMul {
             x,
@@ -8750,6 +8941,7 @@ pub fn gpu_tiles(
             m,
             n,
             g.is_none() && [x, w].iter().all(|a| elem(a.buf) == ElemType::BF16),
+            false,
         ),
         Kernel::Attention { dims: d, .. } if tensor_cores && mma_attention_fits(d) => {
             return vec![GpuTiles {
@@ -8792,7 +8984,7 @@ pub fn gpu_tiles(
             .collect()
     };
     let rows = (vec![(m.clone(), 1)], GPU_GEMV_MAX_M + 1);
-    vec![
+    let mut paths = vec![
         GpuTiles {
             blocks: per_batch(GPU_TILE, tile_n),
             when: vec![
@@ -8803,18 +8995,28 @@ pub fn gpu_tiles(
         GpuTiles {
             blocks: per_batch(GPU_TILE_SMALL, GPU_TILE_SMALL),
             when: vec![
-                rows,
+                rows.clone(),
                 (
                     per_batch(GPU_TILE_SMALL, GPU_TILE_SMALL),
                     GPU_SMALL_MIN_TILES,
                 ),
             ],
         },
-        GpuTiles {
-            blocks: per_batch(ROW_BLOCK as i64, GEMV_COLS),
-            when: vec![],
-        },
-    ]
+    ];
+    if splits {
+        // (split k: a block per tile and slice)
+        let mut blocks = per_batch(SPLIT_K_TILE, SPLIT_K_TILE);
+        blocks.push((Dim::c(SPLIT_K), 1));
+        paths.push(GpuTiles {
+            blocks,
+            when: vec![rows],
+        });
+    }
+    paths.push(GpuTiles {
+        blocks: per_batch(ROW_BLOCK as i64, GEMV_COLS),
+        when: vec![],
+    });
+    paths
 }
 
 /// How many GPU threads a kernel's parallel loop has work for (what its body splits), as a
@@ -8874,6 +9076,12 @@ pub fn gpu_threads(k: &Kernel) -> Vec<Dim> {
             vec![d.b.clone(), Dim::c(d.h), d.t.clone(), Dim::c(32)]
         }
         Kernel::AttentionCombine { dims: d, .. } => vec![d.b.clone(), Dim::c(d.h), d.t.clone()],
+        // A thread per output.
+        Kernel::MatMulCombine { batch, m, n, .. } => batch
+            .iter()
+            .cloned()
+            .chain([m.clone(), n.clone()])
+            .collect(),
         // A warp per unit: a query row, or a key row for `dk` and `dv`.
         Kernel::AttentionBackward { dims: d, grad, .. } => match grad.as_ref().map(|g| g.wrt) {
             Some(AttnGrad::K | AttnGrad::V) => {

@@ -82,6 +82,7 @@ pub fn schedule_options(opts: &PtxOptions) -> ScheduleOptions {
         matmul_residual: true,
         bf16_operands: opts.tensor_cores,
         attn_tokens_first: true,
+        split_k: true,
         ..ScheduleOptions::default()
     }
 }
