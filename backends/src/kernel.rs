@@ -380,15 +380,17 @@ pub enum Kernel {
         res: Option<Access>,
         part: Option<u32>,
     },
-    /// `out[b, m, n] = Σ_s part[s, tile(b, m, n), m % T, n % T]`: the k-slices of the split
-    /// `MatMul` before it summed in order (`SPLIT_K`, `T = SPLIT_K_TILE`); nothing to do
-    /// when that matmul did not split.
+    /// `out[b, m, n] = Σ_s part[s, tile(b, m, n), m % T, n % T] (+ res[b, m, n])`: the
+    /// k-slices of the split `MatMul` before it summed in order (`SPLIT_K`,
+    /// `T = SPLIT_K_TILE`), plus that matmul's residual if it has one; nothing to do when
+    /// the matmul did not split (its own paths add the residual then).
     MatMulCombine {
         out: u32,
         part: u32,
         batch: Vec<Dim>,
         m: Dim,
         n: Dim,
+        res: Option<Access>,
     },
     /// `out[r, :] = w * (x[r, :] * rsqrt(mean(x[r, :]²) + eps))`, rows over `shape[..-1]`.
     RmsNorm {
@@ -550,9 +552,10 @@ pub const ATTN_SPLIT_MIN_KEYS: i64 = 128;
 /// Split-K GPU matmuls (`Kernel::MatMul::part`): a plain matmul whose k is a constant of
 /// at least `SPLIT_K_MIN_K` splits k into `SPLIT_K` slices where its output has fewer than
 /// `SPLIT_K_MAX_TILES + 1` tiles of `SPLIT_K_TILE` square and more than a few rows (as the
-/// GPU kernel decides: the small-tile kernel's threshold), each block a (tile, slice); a
+/// GPU kernel decides: the small-tile kernel's threshold), each block a (tile, slice): a
 /// training step's `[T × 49152]·[49152 × 576]` (the LM head's input gradient) has 36 such
-/// tiles at `T = 256`, so 288 blocks instead of 36.
+/// tiles at `T = 256`, 288 blocks of tiles where the row-block kernel it took read the
+/// weights once per 4 rows.
 pub const SPLIT_K_MIN_K: i64 = 4096;
 /// Slices of k per tile of a split matmul.
 pub const SPLIT_K: i64 = 8;

@@ -85,10 +85,31 @@ impl Sched {
     }
 
     /// Makes `r` the residual of the matmul that just wrote `product` (contiguous, `shape`):
-    /// only when that matmul is the last kernel so far (so `r` is final when it runs), plain
-    /// (`nr = 0`, not summed, not run at load) and without a residual yet.
+    /// only when that matmul is the last kernel so far (or followed only by its split-k sum)
+    /// (so `r` is final when it runs), plain (`nr = 0`, not summed, not run at load) and
+    /// without a residual yet.
     fn add_residual(&mut self, product: &Access, shape: &[Dim], r: Access) -> bool {
         let fits = product.is_contiguous(shape) && self.init.last() == Some(&false);
+        // (a matmul that may split k is followed by its sum: both add the residual, each on
+        // its own paths)
+        if let [.., Kernel::MatMul {
+            out,
+            res: res @ None,
+            part: Some(_),
+            ..
+        }, Kernel::MatMulCombine {
+            out: sum_out,
+            res: sum_res @ None,
+            ..
+        }] = &mut self.kernels[..]
+        {
+            if fits && *out == product.buf && *sum_out == *out && r.buf != product.buf {
+                *res = Some(r.clone());
+                *sum_res = Some(r);
+                return true;
+            }
+            return false;
+        }
         match self.kernels.last_mut() {
             Some(Kernel::MatMul {
                 out,
@@ -1107,6 +1128,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                                     batch,
                                     m,
                                     n: nn,
+                                    res: None,
                                 },
                                 &[part],
                                 out,

@@ -1317,9 +1317,9 @@ mod tests {
 
     // Each thread copies 16 bytes (4 floats) from the first half of the buffer to its slot
     // in the second half with `cp.async`, reads the slot before and after waiting, and keeps
-    // both reads: before the wait the copy must not have happened yet (the simulator makes
-    // copies at the latest moment the GPU may), after it it must have. A second copy of no
-    // source bytes zero-fills.
+    // both reads: before the wait the slot holds neither its old value nor the copy but
+    // poison (the GPU may write it at any moment up to the wait; the simulator makes the
+    // copy at the latest), after it the copy. A second copy of no source bytes zero-fills.
     kernel!(fn async_copy(bufs, tid, _) {
         let d = *bufs as *mut f32;
         let t = tid as usize;
@@ -1345,11 +1345,12 @@ mod tests {
             *x = i as f32;
         }
         assert_eq!(run(async_copy, 256, &mut d), Ok(0));
+        let poison = f32::from_bits(u32::from_ne_bytes([COPY_POISON; 4]));
         for t in 0..256 {
             assert_eq!(
-                d[3072 + 2 * t],
-                -1.0,
-                "thread {t} saw its copy before the wait"
+                d[3072 + 2 * t].to_bits(),
+                poison.to_bits(),
+                "thread {t} saw something but poison before the wait"
             );
             assert_eq!(d[3072 + 2 * t + 1], (4 * t) as f32, "thread {t}");
             assert_eq!(&d[1024 + 4 * t..1028 + 4 * t], &d[4 * t..4 * t + 4]);

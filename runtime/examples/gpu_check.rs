@@ -597,9 +597,18 @@ fn gradients_in(
             let sim_loss = sim.get("loss").ok_or("grads-sim: no loss")?.data[0];
             let lrel = ((loss - sim_loss).abs() / sim_loss.abs()) as f64;
             let mut worst = 0f64;
+            let mut compared = 0;
             for (k, r) in sim.iter().filter(|(k, _)| k.starts_with("grad.")) {
                 let g = out.get(k).ok_or_else(|| format!("{name}: no {k}"))?;
                 worst = worst.max(rel_l2(&f(g), &r.data));
+                compared += 1;
+            }
+            if compared != want.iter().count() {
+                return Err(format!(
+                    "{name}: grads-sim has {compared} gradients, the fixture {}",
+                    want.iter().count()
+                )
+                .into());
             }
             let good = lrel <= SIM_GRAD_TOL && worst <= SIM_GRAD_TOL;
             ok &= good;

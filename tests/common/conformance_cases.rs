@@ -156,14 +156,20 @@ const CASES: &[(&str, &str)] = &[
     ),
     (
         // A long constant k: on the GPU, with more than 32 rows but too few tiles for the
-        // tiled kernels (N = 63, 65), k is split and the slices summed by a second kernel;
-        // N = 1000 takes the small tiles, fewer rows the row-block kernel.
+        // tiled kernels (N = 63, 65), k is split and the slices summed by a second kernel
+        // (with the residual folded into the first product); N = 1000 takes the small
+        // tiles for `z`, fewer rows the row-block kernel.
         "matmul-split-k",
         r#"
   %a = input "a" : f32[2, N, 4100]
   %b = input "b" : f32[4100, 70]
+  %r = input "r" : f32[2, N, 70]
   %y = matmul(%a, %b) : f32[2, N, 70]
-  output "y" = %y"#,
+  %z = add(%y, %r) : f32[2, N, 70]
+  %c = input "c" : f32[4100, 3]
+  %u = matmul(%a, %c) : f32[2, N, 3]
+  output "z" = %z
+  output "u" = %u"#,
     ),
     (
         "matmul-long-k",

@@ -1232,13 +1232,14 @@ pub fn emit<'ctx>(
             batch,
             m,
             n,
+            res,
         } => {
             if !gpu {
                 return Err(BackendError::Unsupported(
                     "a split-k matmul's sum is a GPU kernel".into(),
                 ));
             }
-            matmul_combine(&fb, *out, *part, batch, m, n)?;
+            matmul_combine(&fb, (*out, *part, res.as_ref()), batch, m, n)?;
             0
         }
         Kernel::RmsNormMatMul {
@@ -1510,12 +1511,14 @@ pub fn canonical(k: &Kernel) -> (Kernel, Vec<u32>) {
             batch,
             m,
             n,
+            res,
         } => Kernel::MatMulCombine {
             out: map(*out),
             part: map(*part),
             batch: batch.clone(),
             m: m.clone(),
             n: n.clone(),
+            res: res.as_ref().map(&ren),
         },
         Kernel::RmsNormMatMul {
             out,
@@ -1724,9 +1727,12 @@ pub fn kernel_buffers(k: &Kernel) -> Vec<u32> {
                 add(*p);
             }
         }
-        Kernel::MatMulCombine { out, part, .. } => {
+        Kernel::MatMulCombine { out, part, res, .. } => {
             add(*out);
             add(*part);
+            if let Some(r) = res {
+                add(r.buf);
+            }
         }
         Kernel::RmsNormMatMul { out, x, g, w, .. } => {
             add(*out);
@@ -2865,17 +2871,26 @@ fn split_k_taken<'ctx>(
 
 /// Sums a split matmul's partial tiles (`Kernel::MatMulCombine`): output `(b, row, col)` of
 /// tile `tile` (numbered as `GpuMatmul::tile_at` does, `SPLIT_K_TILE` square) is
-/// `Σ_s part[(s·tiles + tile)·T² + (row % T)·T + col % T]`, `s` in order, stored in the
-/// output's element type; nothing when the matmul did not split (`split_k_taken`).
-fn matmul_combine(fb: &Fb, out: u32, part: u32, batch: &[Dim], m: &Dim, n: &Dim) -> R<()> {
+/// `Σ_s part[(s·tiles + tile)·T² + (row % T)·T + col % T]`, `s` in order, plus the residual
+/// `res[b, row, col]` if any, stored in the output's element type; nothing when the matmul
+/// did not split (`split_k_taken`).
+fn matmul_combine(
+    fb: &Fb,
+    (out, part, res): (u32, u32, Option<&Access>),
+    batch: &[Dim],
+    m: &Dim,
+    n: &Dim,
+) -> R<()> {
     let t = SPLIT_K_TILE;
     let c = |v: i64| fb.i64c(v);
     let optr = OutBuf::of(fb, out)?;
     let pptr = fb.buf(part)?;
+    let rav = res.map(|r| fb.access(r, ElemType::F32)).transpose()?;
     let (mv, nv) = (fb.dim(m)?, fb.dim(n)?);
+    let bdims: Vec<IntValue> = batch.iter().map(|d| fb.dim(d)).collect::<R<_>>()?;
     let mut nbatch = c(1);
-    for d in batch {
-        nbatch = fb.mul(nbatch, fb.dim(d)?)?;
+    for d in &bdims {
+        nbatch = fb.mul(nbatch, *d)?;
     }
     let taken = split_k_taken(fb, (mv, nv), nbatch)?;
     let acc = fb.slot(fb.f32t.into())?;
@@ -2910,6 +2925,21 @@ fn matmul_combine(fb: &Fb, out: u32, part: u32, batch: &[Dim], m: &Dim, n: &Dim)
                         local,
                     )?;
                     fb.set(acc, fb.fadd(fb.get(acc)?, fb.load_f32(pptr, at)?)?)?;
+                }
+                if let Some(r) = &rav {
+                    // (as `GpuMatmul::with_residual`: the batch entry's offset, then row and
+                    // column)
+                    let bidx = fb.decompose(bi, &bdims)?;
+                    let pairs: Vec<(usize, IntValue)> = bidx.iter().copied().enumerate().collect();
+                    let nr = r.strides.len();
+                    let at = fb.add(
+                        fb.at(r, &pairs)?,
+                        fb.add(
+                            fb.mul(row, r.strides[nr - 2])?,
+                            fb.mul(col, r.strides[nr - 1])?,
+                        )?,
+                    )?;
+                    fb.set(acc, fb.fadd(fb.get(acc)?, fb.load_f32(r.ptr, at)?)?)?;
                 }
                 optr.store(fb, o, fb.get(acc)?)
             })
@@ -3370,6 +3400,9 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
             )?;
             copy.store_pair(fb, off, [v0, v1])?;
         }
+        // (these stores, of every thread, reach the async proxy before the ring's next
+        // copies over them are fenced by their copiers alone and read by `wgmma`s)
+        fence_proxy_async(fb)?;
         barrier(fb)?;
         let then_early = tm * pitch <= stage.keep;
         if then_early {
@@ -5474,11 +5507,11 @@ fn tiled_shared<'ctx>(fb: &Fb<'_, 'ctx>) -> R<TiledShared<'ctx>> {
 /// as they load. With tensor cores the staged operands are rounded to bf16, as every matmul of
 /// such a program computes (`operand`), the sums f32.
 ///
-/// With `part` (split k, `Kernel::MatMul::part`; `t` is `SPLIT_K_TILE`, no norm or
-/// residual), the blocks stride over (tile, slice) pairs instead, slice `s` of `SPLIT_K`
-/// taking k-steps `s·span..(s+1)·span` (`span = ⌈steps / SPLIT_K⌉`), and each writes its
-/// tile's partial sums, all `t × t` of them, to `part` at tile `s·tiles + tile`
-/// (`matmul_combine` sums them).
+/// With `part` (split k, `Kernel::MatMul::part`; `t` is `SPLIT_K_TILE`, no norm), the
+/// blocks stride over (tile, slice) pairs instead, slice `s` of `SPLIT_K` taking k-steps
+/// `s·span..(s+1)·span` (`span = ⌈steps / SPLIT_K⌉`), and each writes its tile's partial
+/// sums, all `t × t` of them, to `part` at tile `s·tiles + tile` (`matmul_combine` sums
+/// them and adds the residual, if any).
 fn gpu_tiled_matmul<'ctx>(
     fb: &Fb<'_, 'ctx>,
     mm: &GpuMatmul<'_, 'ctx>,
@@ -5497,7 +5530,7 @@ fn gpu_tiled_matmul<'ctx>(
         ..
     } = *mm;
     assert!(t == GPU_TILE || t == GPU_TILE_SMALL);
-    assert!(part.is_none() || (t == SPLIT_K_TILE && !norm && mm.rav.is_none()));
+    assert!(part.is_none() || (t == SPLIT_K_TILE && !norm));
     let (tk, stage, quads) = (SIMT_SLICE / t, SIMT_SLICE, t / 64);
     let TiledShared { a_s, w_s, inv_s } = sh;
     let inv_at = TILED_INV_AT;
@@ -6900,7 +6933,7 @@ fn gpu_mma_attention<'ctx>(
             }
             Ok(())
         };
-        // Through the ring: `MMA_ATTN_STAGES - 1` steps in flight (`ring_pipeline`).
+        // Through the ring: `ahead` steps in flight (`ring_pipeline`, `RingCopiers`).
         //
         // On `wgmma`, software-pipelined so that the softmax of a step runs while the
         // tensor cores multiply the last step's probabilities by its values: step `kt`
