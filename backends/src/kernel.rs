@@ -696,9 +696,13 @@ impl Kernel {
                 if res.is_some() { " + residual" } else { "" },
                 if part.is_some() { " (may split k)" } else { "" }
             ),
-            Kernel::MatMulCombine { m, n, batch, .. } => {
-                format!("matmul split-k sum {}[{m}x{n}]", dims(batch))
-            }
+            Kernel::MatMulCombine {
+                m, n, batch, res, ..
+            } => format!(
+                "matmul split-k sum {}[{m}x{n}]{}",
+                dims(batch),
+                if res.is_some() { " + residual" } else { "" }
+            ),
             Kernel::RmsNorm { shape, .. } => format!("rms_norm {}", dims(shape)),
             Kernel::RmsNormMatMul { m, n, k, batch, .. } => {
                 format!("rms_norm_matmul {}[{m}x{k}]·[{k}x{n}]", dims(batch))

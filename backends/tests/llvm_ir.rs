@@ -82,6 +82,57 @@ fn gpu_schedule_folds_residual_adds_into_matmuls() {
     assert!(!kept[0].contains("residual"), "{kept:?}");
 }
 
+/// The GPU's schedule gives a matmul with a constant k of at least `SPLIT_K_MIN_K` a sum
+/// after it (the kernel may split k), which takes a folded residual too; a shorter or
+/// symbolic k, or a product of parameters alone (made once at load), gets none.
+#[test]
+fn gpu_schedule_lets_long_k_matmuls_split() {
+    // `y = x·w`, `x: [rows, k]` and `w: [k, 8]` inputs or parameters, then `tail`.
+    let describe = |(rows, k): (&str, &str), (x, w): (&str, &str), tail: &str| -> Vec<String> {
+        let src = format!(
+            "graph s {{\n  %x = {x} \"x\" : f32[{rows}, {k}]\n  %w = {w} \"w\" : f32[{k}, 8]\n  \
+             %y = matmul(%x, %w) : f32[{rows}, 8]\n{tail}}}"
+        );
+        let g = egret_ir::parse(&src).unwrap();
+        let prog = schedule_with(
+            &g,
+            egret_backends::ptx::schedule_options(&Default::default()),
+        )
+        .unwrap();
+        prog.kernels.iter().map(|k| k.describe()).collect()
+    };
+    let out = "  output \"y\" = %y\n";
+    let run = ("input", "param");
+    assert_eq!(
+        describe(("T", "4096"), run, out),
+        [
+            "matmul [][Tx4096]·[4096x8] (may split k)",
+            "matmul split-k sum [][Tx8]"
+        ]
+    );
+    let res = "  %r = input \"r\" : f32[T, 8]\n  %z = add(%y, %r) : f32[T, 8]\n  \
+               output \"z\" = %z\n";
+    assert_eq!(
+        describe(("T", "4096"), run, res),
+        [
+            "matmul [][Tx4096]·[4096x8] + residual (may split k)",
+            "matmul split-k sum [][Tx8] + residual"
+        ]
+    );
+    assert_eq!(
+        describe(("T", "4095"), run, out),
+        ["matmul [][Tx4095]·[4095x8]"]
+    );
+    assert_eq!(
+        describe(("T", "K"), ("input", "input"), out),
+        ["matmul [][TxK]·[Kx8]"]
+    );
+    // (both parameters: the product is made once, at load)
+    let at_load = describe(("16", "4096"), ("param", "param"), out).join("; ");
+    assert!(at_load.contains("matmul"), "{at_load}");
+    assert!(!at_load.contains("split"), "{at_load}");
+}
+
 /// With tensor cores the GPU's schedule stores matmul operands bf16 where it can: a computed
 /// left operand by the kernel computing it, a weight by a copy made once at load, a graph
 /// input declared bf16 whose only use is the matmul as it is given; an f32 input (which
