@@ -109,24 +109,28 @@ fn conformance(out: &Path) -> Res<()> {
         for &n in SIZES {
             let mut rng = Rng(n as u64 * 7919 + name.len() as u64);
             let b = HashMap::from([("N".to_string(), n)]);
-            let mut bytes = 0;
+            // (the inputs and parameters with their shapes at this size)
+            let mut bound = vec![];
             for node in &g.nodes {
                 if matches!(node.op, Op::Input { .. } | Op::Param { .. }) {
-                    bytes += 4 * node.ty.shape.eval(&b)?.iter().product::<usize>();
+                    bound.push((node, node.ty.shape.eval(&b)?));
                 }
             }
+            let bytes: usize = bound
+                .iter()
+                .map(|(_, s)| 4 * s.iter().product::<usize>())
+                .sum();
             if bytes > CASE_BYTES_MAX {
                 eprintln!("conformance case {name}: N = {n} left out ({bytes} bytes of inputs)");
                 continue;
             }
             let (mut inputs, mut params) = (HashMap::new(), HashMap::new());
-            for node in &g.nodes {
+            for (node, shape) in bound {
                 let (map, pname) = match &node.op {
                     Op::Input { name } => (&mut inputs, name),
                     Op::Param { name } => (&mut params, name),
                     _ => continue,
                 };
-                let shape = node.ty.shape.eval(&b)?;
                 let len: usize = shape.iter().product();
                 let t = match node.ty.dtype {
                     DType::I64 | DType::I32 => Tensor::from_i64(

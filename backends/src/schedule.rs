@@ -90,27 +90,14 @@ impl Sched {
     /// without a residual yet.
     fn add_residual(&mut self, product: &Access, shape: &[Dim], r: Access) -> bool {
         let fits = product.is_contiguous(shape) && self.init.last() == Some(&false);
-        // (a matmul that may split k is followed by its sum: both add the residual, each on
-        // its own paths)
-        if let [.., Kernel::MatMul {
-            out,
-            res: res @ None,
-            part: Some(_),
-            ..
-        }, Kernel::MatMulCombine {
-            out: sum_out,
-            res: sum_res @ None,
-            ..
-        }] = &mut self.kernels[..]
-        {
-            if fits && *out == product.buf && *sum_out == *out && r.buf != product.buf {
-                *res = Some(r.clone());
-                *sum_res = Some(r);
-                return true;
-            }
-            return false;
-        }
-        match self.kernels.last_mut() {
+        // (a matmul that may split k is followed by its sum, which adds the residual too,
+        // on the paths that split)
+        let (sum, at) = match self.kernels.split_last_mut() {
+            Some((Kernel::MatMulCombine { res, .. }, rest)) => (Some(res), rest.last_mut()),
+            Some((last, _)) => (None, Some(last)),
+            None => (None, None),
+        };
+        match at {
             Some(Kernel::MatMul {
                 out,
                 nr: 0,
@@ -118,6 +105,9 @@ impl Sched {
                 res: res @ None,
                 ..
             }) if fits && *out == product.buf && r.buf != product.buf => {
+                if let Some(sum_res) = sum {
+                    *sum_res = Some(r.clone());
+                }
                 *res = Some(r);
                 true
             }

@@ -1345,11 +1345,11 @@ mod tests {
             *x = i as f32;
         }
         assert_eq!(run(async_copy, 256, &mut d), Ok(0));
-        let poison = f32::from_bits(u32::from_ne_bytes([COPY_POISON; 4]));
+        let poison = u32::from_ne_bytes([COPY_POISON; 4]);
         for t in 0..256 {
             assert_eq!(
                 d[3072 + 2 * t].to_bits(),
-                poison.to_bits(),
+                poison,
                 "thread {t} saw something but poison before the wait"
             );
             assert_eq!(d[3072 + 2 * t + 1], (4 * t) as f32, "thread {t}");

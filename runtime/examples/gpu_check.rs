@@ -31,6 +31,7 @@ use std::time::Instant;
 use egret_runtime::cpu::{HostData, HostValue};
 use egret_runtime::gpu::GpuExecutor;
 use egret_runtime::plan::{BufferRole, ElemType};
+use egret_runtime::tensor::HostTensor;
 use egret_runtime::{Artifact, Session};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -568,61 +569,76 @@ fn gradients_in(
         ]);
         let out = ex.run(&inputs)?;
         let want = egret_runtime::weights::load(&d.join("grads.safetensors"))?;
-        let f = |v: &HostValue| match &v.data {
-            HostData::F32(x) => x.clone(),
-            HostData::I64(x) => x.iter().map(|&i| i as f32).collect(),
-        };
-        let loss = f(out.get("loss").ok_or("no loss")?)[0];
         let want_loss = j["loss"].as_f64().ok_or("loss")? as f32;
-        let lrel = ((loss - want_loss).abs() / want_loss.abs()) as f64;
-        let mut worst = 0f64;
-        for (k, r) in want.iter() {
-            let g = out.get(k).ok_or_else(|| format!("{name}: no {k}"))?;
-            worst = worst.max(rel_l2(&f(g), &r.data));
-        }
-        let good = lrel <= loss_tol && worst <= grad_tol;
+        let row = format!("{sub} {name:<24} ");
+        let (good, compared) = judge_grads(
+            (sub, &name, &row),
+            &out,
+            (want_loss, want.iter().collect()),
+            (loss_tol, grad_tol),
+            table,
+        )?;
         ok &= good;
-        println!(
-            "{}",
-            serde_json::json!({"check": sub, "fixture": name, "loss_rel": lrel, "worst_grad_rel_l2": worst})
-        );
-        table.push(format!(
-            "{sub} {name:<24} loss rel {lrel:.1e}, worst gradient rel L2 {worst:.1e} {}",
-            if good { "ok" } else { "FAIL" }
-        ));
         // Against the same program on the simulator, where the bundle has it.
         let sim_path = d.join("grads-sim.safetensors");
         if sim_path.exists() {
             let sim = egret_runtime::weights::load(&sim_path)?;
             let sim_loss = sim.get("loss").ok_or("grads-sim: no loss")?.data[0];
-            let lrel = ((loss - sim_loss).abs() / sim_loss.abs()) as f64;
-            let mut worst = 0f64;
-            let mut compared = 0;
-            for (k, r) in sim.iter().filter(|(k, _)| k.starts_with("grad.")) {
-                let g = out.get(k).ok_or_else(|| format!("{name}: no {k}"))?;
-                worst = worst.max(rel_l2(&f(g), &r.data));
-                compared += 1;
-            }
-            if compared != want.iter().count() {
+            let grads = sim.iter().filter(|(k, _)| k.starts_with("grad.")).collect();
+            let (good, sim_compared) = judge_grads(
+                (
+                    &format!("{sub}-vs-simulated"),
+                    &name,
+                    &format!("{row}vs the simulator: "),
+                ),
+                &out,
+                (sim_loss, grads),
+                (SIM_GRAD_TOL, SIM_GRAD_TOL),
+                table,
+            )?;
+            if sim_compared != compared {
                 return Err(format!(
-                    "{name}: grads-sim has {compared} gradients, the fixture {}",
-                    want.iter().count()
+                    "{name}: grads-sim has {sim_compared} gradients, the fixture {compared}"
                 )
                 .into());
             }
-            let good = lrel <= SIM_GRAD_TOL && worst <= SIM_GRAD_TOL;
             ok &= good;
-            println!(
-                "{}",
-                serde_json::json!({"check": format!("{sub}-vs-simulated"), "fixture": name, "loss_rel": lrel, "worst_grad_rel_l2": worst})
-            );
-            table.push(format!(
-                "{sub} {name:<24} vs the simulator: loss rel {lrel:.1e}, worst gradient rel L2 {worst:.1e} {}",
-                if good { "ok" } else { "FAIL" }
-            ));
         }
     }
     Ok(ok)
+}
+
+/// Fixture `name`'s loss and gradients from a run (`out`) against a reference's, within
+/// `(loss, gradient)` tolerances (relative error, worst relative L2): a JSON line (`check`)
+/// and a table row (starting `row`). Whether it passed, and how many gradients it compared.
+fn judge_grads(
+    (check, name, row): (&str, &str, &str),
+    out: &HashMap<String, HostValue>,
+    (ref_loss, grads): (f32, Vec<(&str, &HostTensor)>),
+    (loss_tol, grad_tol): (f64, f64),
+    table: &mut Vec<String>,
+) -> Res<(bool, usize)> {
+    let f = |v: &HostValue| match &v.data {
+        HostData::F32(x) => x.clone(),
+        HostData::I64(x) => x.iter().map(|&i| i as f32).collect(),
+    };
+    let loss = f(out.get("loss").ok_or("no loss")?)[0];
+    let lrel = ((loss - ref_loss).abs() / ref_loss.abs()) as f64;
+    let mut worst = 0f64;
+    for (k, r) in &grads {
+        let g = out.get(*k).ok_or_else(|| format!("{name}: no {k}"))?;
+        worst = worst.max(rel_l2(&f(g), &r.data));
+    }
+    let good = lrel <= loss_tol && worst <= grad_tol;
+    println!(
+        "{}",
+        serde_json::json!({"check": check, "fixture": name, "loss_rel": lrel, "worst_grad_rel_l2": worst})
+    );
+    table.push(format!(
+        "{row}loss rel {lrel:.1e}, worst gradient rel L2 {worst:.1e} {}",
+        if good { "ok" } else { "FAIL" }
+    ));
+    Ok((good, grads.len()))
 }
 
 /// Two AdamW steps of SmolLM2 (batch 1 × 256) on the GPU (f32, and with tensor cores) and

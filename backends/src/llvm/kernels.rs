@@ -108,6 +108,16 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
         Ok(v)
     }
 
+    /// A kernel's batch dims as values, and their product (the batch entries).
+    fn batch_dims(&self, batch: &[Dim]) -> R<(Vec<IntValue<'ctx>>, IntValue<'ctx>)> {
+        let dims: Vec<IntValue> = batch.iter().map(|d| self.dim(d)).collect::<R<_>>()?;
+        let mut n = self.i64c(1);
+        for d in &dims {
+            n = self.mul(n, *d)?;
+        }
+        Ok((dims, n))
+    }
+
     fn poly(&self, p: &Poly) -> R<IntValue<'ctx>> {
         let mut v = self.i64c(0);
         for (c, fs) in &p.0 {
@@ -2576,12 +2586,8 @@ fn matmul<'ctx>(
     };
     let eps = norm.map(|(_, e)| e).unwrap_or(0.0);
     let obuf = OutBuf::of(fb, out)?;
-    let bdims: Vec<IntValue> = batch.iter().map(|d| fb.dim(d)).collect::<R<_>>()?;
+    let (bdims, nbatch) = fb.batch_dims(batch)?;
     let (mv, nv, kv) = (fb.dim(m)?, fb.dim(n)?, fb.dim(k)?);
-    let mut nbatch = fb.i64c(1);
-    for d in &bdims {
-        nbatch = fb.mul(nbatch, *d)?;
-    }
     let (cs, ce) = fb.split(nv)?;
     let accs: Vec<PointerValue> = (0..ROW_BLOCK)
         .map(|_| fb.slot(fb.f32t.into()))
@@ -2869,6 +2875,26 @@ fn split_k_taken<'ctx>(
     fb.b.build_and(rows, untiled, "split").map_err(be)
 }
 
+/// `v` plus the residual `r` at `(row, col)` of the batch entry at `rbase` in it (a matmul's
+/// residual epilogue, `Kernel::MatMul::res`).
+fn plus_residual<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    r: &Av<'ctx>,
+    rbase: IntValue<'ctx>,
+    (row, col): (IntValue<'ctx>, IntValue<'ctx>),
+    v: FloatValue<'ctx>,
+) -> R<FloatValue<'ctx>> {
+    let n = r.strides.len();
+    let at = fb.add(
+        rbase,
+        fb.add(
+            fb.mul(row, r.strides[n - 2])?,
+            fb.mul(col, r.strides[n - 1])?,
+        )?,
+    )?;
+    fb.fadd(v, fb.load_f32(r.ptr, at)?)
+}
+
 /// Sums a split matmul's partial tiles (`Kernel::MatMulCombine`): output `(b, row, col)` of
 /// tile `tile` (numbered as `GpuMatmul::tile_at` does, `SPLIT_K_TILE` square) is
 /// `Σ_s part[(s·tiles + tile)·T² + (row % T)·T + col % T]`, `s` in order, plus the residual
@@ -2887,11 +2913,7 @@ fn matmul_combine(
     let pptr = fb.buf(part)?;
     let rav = res.map(|r| fb.access(r, ElemType::F32)).transpose()?;
     let (mv, nv) = (fb.dim(m)?, fb.dim(n)?);
-    let bdims: Vec<IntValue> = batch.iter().map(|d| fb.dim(d)).collect::<R<_>>()?;
-    let mut nbatch = c(1);
-    for d in &bdims {
-        nbatch = fb.mul(nbatch, *d)?;
-    }
+    let (bdims, nbatch) = fb.batch_dims(batch)?;
     let taken = split_k_taken(fb, (mv, nv), nbatch)?;
     let acc = fb.slot(fb.f32t.into())?;
     fb.if_else(
@@ -2926,22 +2948,14 @@ fn matmul_combine(
                     )?;
                     fb.set(acc, fb.fadd(fb.get(acc)?, fb.load_f32(pptr, at)?)?)?;
                 }
+                let mut v = fb.get(acc)?;
                 if let Some(r) = &rav {
-                    // (as `GpuMatmul::with_residual`: the batch entry's offset, then row and
-                    // column)
+                    // (the batch entry's offset in the residual, as `GpuMatmul::tile_at`)
                     let bidx = fb.decompose(bi, &bdims)?;
                     let pairs: Vec<(usize, IntValue)> = bidx.iter().copied().enumerate().collect();
-                    let nr = r.strides.len();
-                    let at = fb.add(
-                        fb.at(r, &pairs)?,
-                        fb.add(
-                            fb.mul(row, r.strides[nr - 2])?,
-                            fb.mul(col, r.strides[nr - 1])?,
-                        )?,
-                    )?;
-                    fb.set(acc, fb.fadd(fb.get(acc)?, fb.load_f32(r.ptr, at)?)?)?;
+                    v = plus_residual(fb, r, fb.at(r, &pairs)?, (row, col), v)?;
                 }
-                optr.store(fb, o, fb.get(acc)?)
+                optr.store(fb, o, v)
             })
         },
         |_| Ok(()),
@@ -3464,18 +3478,10 @@ impl<'ctx> GpuMatmul<'_, 'ctx> {
         col: IntValue<'ctx>,
         v: FloatValue<'ctx>,
     ) -> R<FloatValue<'ctx>> {
-        let Some(r) = self.rav else {
-            return Ok(v);
-        };
-        let n = r.strides.len();
-        let at = fb.add(
-            rbase,
-            fb.add(
-                fb.mul(row, r.strides[n - 2])?,
-                fb.mul(col, r.strides[n - 1])?,
-            )?,
-        )?;
-        fb.fadd(v, fb.load_f32(r.ptr, at)?)
+        match self.rav {
+            Some(r) => plus_residual(fb, r, rbase, (row, col), v),
+            None => Ok(v),
+        }
     }
 
     /// `a[gm, gk]·g[gk]` (g only with a norm weight), 0 outside `m × k`.
@@ -4372,6 +4378,19 @@ fn ring_pipeline<'ctx>(
     consume: &dyn Fn(&Fb<'_, 'ctx>, IntValue<'ctx>) -> R<()>,
 ) -> R<()> {
     ring_prologue(fb, slices, ahead, copiers, issue)?;
+    ring_steps(fb, slices, ahead, copiers, issue, consume)
+}
+
+/// `ring_pipeline` after its prologue (issued already, perhaps earlier): for each slice
+/// `kt`, `ring_arrive` then `consume(kt)`.
+fn ring_steps<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    slices: IntValue<'ctx>,
+    ahead: i64,
+    copiers: RingCopiers<'ctx>,
+    issue: &dyn Fn(&Fb<'_, 'ctx>, IntValue<'ctx>) -> R<()>,
+    consume: &dyn Fn(&Fb<'_, 'ctx>, IntValue<'ctx>) -> R<()>,
+) -> R<()> {
     fb.for_range(fb.i64c(0), slices, |fb, kt| {
         ring_arrive(fb, kt, slices, ahead, copiers, issue)?;
         consume(fb, kt)
@@ -5381,9 +5400,9 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
         for a in &accs {
             fb.set(*a, fb.f32c(0.0))?;
         }
-        // (`ring_pipeline`'s steps but for the prologue, issued before)
-        fb.for_range(c(0), ktw, |fb, kt| {
-            ring_arrive(fb, kt, ktw, ahead, copiers, &|fb, s| issue(fb, &tc, s))?;
+        // (the prologue was issued before: `ring_steps`)
+        let issue_tile = |fb: &Fb<'_, 'ctx>, s| issue(fb, &tc, s);
+        ring_steps(fb, ktw, ahead, copiers, &issue_tile, &|fb, kt| {
             let base = stage_at(fb, kt)?;
             wgmma_sync(fb, "fence", None)?;
             // (a k16 step: 32 bytes into `A`'s rows, two k atoms into `W`'s; a step's
@@ -5583,12 +5602,7 @@ fn gpu_tiled_matmul<'ctx>(
                 let slice = sdiv(unit, tiles, "slice")?;
                 let k_lo = fb.mul(slice, span)?;
                 let left = fb.b.build_int_sub(ktiles, k_lo, "left").map_err(be)?;
-                let pick = |p, a: IntValue<'ctx>, b: IntValue<'ctx>| -> R<IntValue<'ctx>> {
-                    let v = fb.b.build_select(cmp(p, a, b)?, a, b, "pick").map_err(be)?;
-                    Ok(v.into_int_value())
-                };
-                let steps = pick(IntPredicate::SLT, span, left)?;
-                let steps = pick(IntPredicate::SGT, steps, c(0))?;
+                let steps = fb.imax(fb.imin(span, left)?, c(0))?;
                 (srem(unit, tiles, "tile")?, slice, k_lo, steps)
             }
             None => (unit, c(0), c(0), ktiles),
@@ -8626,12 +8640,8 @@ fn packed_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &RuntimeGemm) -> R<()> {
     let aav = fb.access(mm.a, ElemType::F32)?;
     let wav = fb.access(mm.w, ElemType::F32)?;
     let optr = fb.buf(mm.out)?;
-    let bdims: Vec<IntValue> = mm.batch.iter().map(|d| fb.dim(d)).collect::<R<_>>()?;
+    let (bdims, nbatch) = fb.batch_dims(mm.batch)?;
     let (mv, nv, kv) = (fb.dim(mm.m)?, fb.dim(mm.n)?, fb.dim(mm.k)?);
-    let mut nbatch = fb.i64c(1);
-    for d in &bdims {
-        nbatch = fb.mul(nbatch, *d)?;
-    }
     let ceil = |x: IntValue<'ctx>, d: i64| -> R<IntValue<'ctx>> {
         fb.b.build_int_signed_div(fb.add(x, fb.i64c(d - 1))?, fb.i64c(d), "ceil")
             .map_err(be)
