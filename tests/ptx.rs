@@ -141,6 +141,91 @@ fn tiled_kernels_launch_one_block_per_tile() {
     );
 }
 
+/// Tensor-core matmuls and attention launch a light entry point off their large tiles
+/// (`KernelCall::light`): the kernel without the tile path, whose 230-255 registers and
+/// shared-memory ring would hold the small tiles, row blocks and decode attention at one
+/// block an SM. It has no tensor-core instructions, no dynamic shared memory, at most 128
+/// registers (two blocks an SM) and no spills; f32 kernels have none.
+#[test]
+fn heavy_kernels_launch_a_light_entry_point_off_their_tiles() {
+    let matmul = r#"graph mm {
+  %a = input "a" : DT[M, K]
+  %w = input "w" : DT[K, N]
+  %y = matmul(%a, %w) : DT[M, N]
+  output "y" = %y
+}"#;
+    let attention = r#"graph at {
+  %q = input "q" : DT[1, 4, T, 64]
+  %k = input "k" : DT[1, 4, T, 64]
+  %v = input "v" : DT[1, 4, T, 64]
+  %pos = iota[axis=1] : i64[1, T]
+  %o = fused_attention[scale=0.125](%q, %k, %v, %pos) : DT[1, 4, T, 64]
+  output "o" = %o
+}"#;
+    for (arch, dt, tensor_cores) in [
+        ("sm_90a", "bf16", true),
+        ("sm_80", "bf16", true),
+        ("sm_80", "f32", true),
+        ("sm_90", "f32", false),
+    ] {
+        for (ir, big, small) in [
+            (matmul, [("M", 4096), ("N", 4096)], [("M", 500), ("N", 512)]),
+            (attention, [("T", 4096), ("N", 0)], [("T", 20), ("N", 0)]),
+        ] {
+            let g = egret_ir::parse(&ir.replace("DT", dt)).unwrap();
+            let opts = PtxOptions {
+                arch: arch.into(),
+                tensor_cores,
+            };
+            let (ptx, plans) = egret::gpu::compile_graphs(&[&g], &opts, false).unwrap();
+            let call = plans[0]
+                .kernels
+                .iter()
+                .find(|k| k.what.starts_with("matmul") || k.what.starts_with("attention"))
+                .unwrap();
+            let Some(light) = &call.light else {
+                assert!(
+                    !tensor_cores,
+                    "{arch} {dt}: {} has no light entry",
+                    call.what
+                );
+                assert!(!ptx.contains("_light"), "{arch} {dt}");
+                continue;
+            };
+            assert!(tensor_cores, "{arch} {dt}");
+            let syms = |binds: &[(&str, i64)]| -> Vec<i64> {
+                plans[0]
+                    .symbols
+                    .iter()
+                    .map(|s| binds.iter().find(|(n, _)| n == s).map_or(64, |b| b.1))
+                    .collect()
+            };
+            assert!(!call.gpu_launch(&syms(&big)).light, "{arch} {dt}");
+            assert!(call.gpu_launch(&syms(&small)).light, "{arch} {dt}");
+            assert_eq!(light.shared_bytes, 0);
+            assert!(call.shared_bytes > 0, "{arch} {dt}");
+            // The light entry's PTX: up to the next entry point.
+            let start = ptx.find(&format!(".entry {}(", light.symbol)).unwrap();
+            let text = &ptx[start..];
+            let text = &text[..text[1..].find(".entry").map_or(text.len(), |e| e + 1)];
+            for op in ["mma.sync", "wgmma", "ldmatrix", "egret_dynamic_shared"] {
+                assert!(!text.contains(op), "{arch} {dt}: {op} in {}", light.symbol);
+            }
+            let report = common::ptxas_report("light entry", &ptx, arch);
+            let of = |name: &str| &report.iter().find(|(n, _)| n == name).unwrap().1;
+            let regs = |r: &str| -> u32 {
+                let used = r.split("Used ").nth(1).unwrap();
+                used.split(' ').next().unwrap().parse().unwrap()
+            };
+            let r = of(&light.symbol);
+            assert!(regs(r) <= 128, "{arch} {dt} {}: {r}", light.symbol);
+            assert!(r.contains(" 0 bytes spill stores"), "{arch} {dt}: {r}");
+            let heavy = of(&call.symbol);
+            assert!(regs(heavy) > 128, "{arch} {dt} {}: {heavy}", call.symbol);
+        }
+    }
+}
+
 #[test]
 fn ptx_snapshots() {
     insta::assert_snapshot!(

@@ -226,6 +226,7 @@ pub fn peak_activation_bytes(g: &Graph, b: &HashMap<String, i64>) -> Result<u64,
                 threads: vec![],
                 shared_bytes: 0,
                 tiles: vec![],
+                light: None,
             })
             .collect(),
         outputs: prog.outputs.clone(),

@@ -14,16 +14,17 @@
 //!
 //! Slots are double-buffered by generation (a lane cannot get two operations ahead of
 //! another of its warp, since each waits for all), so a fast lane never overwrites operands
-//! a slow one has yet to read. Shared memory is an ordinary global of the module: blocks run
-//! one after another, so one copy serves them all. A launch runs at most `SIM_MAX_BLOCKS`
-//! blocks; the kernels stride over their work by the grid's size, so fewer blocks than the
-//! GPU would launch compute the same result (and the stride itself gets tested). If every
-//! live thread waits and none can go on (threads of one block at different barriers), the
-//! launch fails with an error instead of hanging; so does a vector access that is not
-//! aligned to its size, on which the GPU would fault. A `cp.async`'s destination holds NaNs
-//! from its issue until its wait makes the copy (the GPU may write at any time between), so
-//! a read there before the wait, or a copy issued over data still to be read, shows in the
-//! results. A launch also fails on a `cp.async` into shared memory
+//! a slow one has yet to read. Shared memory is an ordinary global of the module: blocks
+//! run one after another, so one copy serves them all. A launch takes the entry point the
+//! GPU's would (the call's light one off its first path: `KernelCall::gpu_launch`) and runs
+//! at most `SIM_MAX_BLOCKS` blocks; the kernels stride over their work by the grid's size,
+//! so fewer blocks than the GPU would launch compute the same result (and the stride itself
+//! gets tested). If every live thread waits and none can go on (threads of one block at
+//! different barriers), the launch fails with an error instead of hanging; so does a vector
+//! access that is not aligned to its size, on which the GPU would fault. A `cp.async`'s
+//! destination holds NaNs from its issue until its wait makes the copy (the GPU may write
+//! at any time between), so a read there before the wait, or a copy issued over data still
+//! to be read, shows in the results. A launch also fails on a `cp.async` into shared memory
 //! that a `wgmma` not yet waited for may still read (the simulator computes a `wgmma` when
 //! it is issued, and the GPU may make a copy as soon as it is issued: a race there), and a
 //! `wgmma` reading shared memory that a `cp.async` not yet waited for may still write (the
@@ -32,6 +33,7 @@
 //! proxy, `wgmma` reads through the async proxy, which may not see the write until then).
 
 use std::cell::Cell;
+use std::collections::HashMap;
 
 use corosensei::stack::DefaultStack;
 use corosensei::{Coroutine, CoroutineResult, Yielder};
@@ -654,6 +656,8 @@ pub struct SimtLauncher {
     /// Stacks of finished threads, reused.
     stacks: Vec<DefaultStack>,
     scratch: Vec<f32>,
+    /// The light entry points of the plan's calls, by symbol (`KernelCall::light`).
+    light: HashMap<String, KernelFn>,
     /// The JIT engine whose code the kernel functions are (kept alive with the executor).
     _code: Option<Compiled>,
 }
@@ -837,7 +841,15 @@ impl Launcher for SimtLauncher {
         args: &[*mut u8],
         syms: &[i64],
     ) -> Result<i32, String> {
-        let nblocks = (call.gpu_blocks(syms) as usize).min(SIM_MAX_BLOCKS);
+        let launch = call.gpu_launch(syms);
+        let nblocks = (launch.blocks as usize).min(SIM_MAX_BLOCKS);
+        let f = match &call.light {
+            Some(l) if launch.light => *self
+                .light
+                .get(&l.symbol)
+                .ok_or_else(|| format!("the simulator has no light entry `{}`", l.symbol))?,
+            _ => f,
+        };
         let mut status = 0;
         for blk in 0..nblocks {
             let rc = self.run_block(f, call, args, syms, blk, nblocks)?;
@@ -853,9 +865,16 @@ impl Launcher for SimtLauncher {
 pub fn executor(compiled: Compiled) -> Result<CpuExecutor, BackendError> {
     let plan: Plan = compiled.plan.clone();
     let fns = compiled.fns.clone();
+    let light = plan
+        .kernels
+        .iter()
+        .zip(&compiled.light_fns)
+        .filter_map(|(k, f)| Some((k.light.as_ref()?.symbol.clone(), (*f)?)))
+        .collect();
     let launcher = SimtLauncher {
         stacks: vec![],
         scratch: vec![],
+        light,
         _code: Some(compiled),
     };
     CpuExecutor::with_launcher(plan, fns, Box::new(launcher))
@@ -893,6 +912,7 @@ mod tests {
             threads: vec![SymDim::c(threads)],
             shared_bytes: 0,
             tiles: vec![],
+            light: None,
         }
     }
 
@@ -900,6 +920,7 @@ mod tests {
         SimtLauncher {
             stacks: vec![],
             scratch: vec![],
+            light: HashMap::new(),
             _code: None,
         }
     }

@@ -6,13 +6,13 @@
 //! the symbol values, launches every kernel in order on one stream, and copies the outputs
 //! back. States (the KV cache) live on the device between runs.
 //!
-//! A launch sequence seen again with the same launch parameters (kernels, grid sizes, and
-//! the device addresses of the operand table, symbols, scratch and status, whose contents
-//! are uploaded before each run) among the last `GPU_GRAPHS_KEPT` is captured as a CUDA
-//! graph and replayed from then on: decode's hundreds of launches a token become one, and so
-//! do a training step's thousands and the `Init` kernels re-run after it (two sequences in
-//! turn). If the driver refuses to capture, the executor says so once on standard error and
-//! launches one by one.
+//! A launch sequence seen again with the same launch parameters (kernels, grid sizes, the
+//! entry point each launch takes (`KernelCall::gpu_launch`), and the device addresses of the
+//! operand table, symbols, scratch and status, whose contents are uploaded before each run)
+//! among the last `GPU_GRAPHS_KEPT` is captured as a CUDA graph and replayed from then on:
+//! decode's hundreds of launches a token become one, and so do a training step's thousands
+//! and the `Init` kernels re-run after it (two sequences in turn). If the driver refuses to
+//! capture, the executor says so once on standard error and launches one by one.
 //!
 //! Kernel ABI (what `egret_backends::ptx` generates): `void kernel(u8** bufs, const i64* syms,
 //! f32* scratch, i32* status)` on a 1-D grid of `GPU_BLOCK`-thread blocks; `bufs` holds the
@@ -29,7 +29,7 @@ use cudarc::driver::{
 
 use crate::cpu::{HostData, HostValue};
 use crate::error::{Result, RuntimeError};
-use crate::plan::{BufferRole, ElemType, Plan, StateSpec, GPU_BLOCK};
+use crate::plan::{BufferRole, ElemType, GpuLaunch, Plan, StateSpec, GPU_BLOCK};
 
 /// Launch sequences remembered (and graphs kept) at once: a training step's run and its
 /// `Init` re-run alternate; prefill and decode shapes come and go.
@@ -84,7 +84,8 @@ pub struct GpuExecutor {
     plan: Plan,
     stream: Arc<CudaStream>,
     _module: Arc<CudaModule>,
-    funcs: Vec<CudaFunction>,
+    /// Each call's entry point, and its light one (`KernelCall::light`).
+    funcs: Vec<(CudaFunction, Option<CudaFunction>)>,
     /// Parameters and `Init` values, by buffer.
     persistent: Vec<Option<CudaSlice<u8>>>,
     arena: Option<CudaSlice<u8>>,
@@ -144,24 +145,33 @@ impl GpuExecutor {
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
             .map_err(|e| RuntimeError::Gpu(format!("the driver rejected the PTX: {e:?}")))?;
-        let mut funcs = Vec::with_capacity(plan.kernels.len());
-        for k in &plan.kernels {
-            let f = module.load_function(&k.symbol).map_err(|e| {
-                RuntimeError::Gpu(format!("the PTX lacks kernel `{}`: {e:?}", k.symbol))
+        // Each call's entry point, and its light one where it has one (`KernelCall::light`).
+        let load = |symbol: &str, shared: u32| -> Result<CudaFunction> {
+            let f = module.load_function(symbol).map_err(|e| {
+                RuntimeError::Gpu(format!("the PTX lacks kernel `{symbol}`: {e:?}"))
             })?;
-            if k.shared_bytes > 0 {
+            if shared > 0 {
                 f.set_attribute(
                     sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    k.shared_bytes as i32,
+                    shared as i32,
                 )
                 .map_err(|e| {
                     RuntimeError::Gpu(format!(
-                        "kernel `{}` cannot have {} bytes of shared memory: {e:?}",
-                        k.symbol, k.shared_bytes
+                        "kernel `{symbol}` cannot have {shared} bytes of shared memory: {e:?}"
                     ))
                 })?;
             }
-            funcs.push(f);
+            Ok(f)
+        };
+        let mut funcs = Vec::with_capacity(plan.kernels.len());
+        for k in &plan.kernels {
+            let (symbol, shared) = k.gpu_entry(false);
+            let light = k
+                .light
+                .as_ref()
+                .map(|l| load(&l.symbol, l.shared_bytes))
+                .transpose()?;
+            funcs.push((load(symbol, shared)?, light));
         }
         let n = plan.buffers.len();
         let states = plan
@@ -452,8 +462,9 @@ impl GpuExecutor {
                     None => ptrs[a as usize],
                 });
             }
-            let grid = call.gpu_blocks(syms);
-            scratch_need = scratch_need.max(call.scratch_floats * 4 * (grid * GPU_BLOCK) as usize);
+            let grid = call.gpu_launch(syms);
+            scratch_need =
+                scratch_need.max(call.scratch_floats * 4 * (grid.blocks * GPU_BLOCK) as usize);
             launch.push(grid);
         }
         if self.table.as_ref().is_none_or(|t| t.len() < table.len()) {
@@ -495,7 +506,11 @@ impl GpuExecutor {
         let key: Vec<u64> = kernels
             .iter()
             .map(|&k| k as u64)
-            .chain(launch.iter().map(|&g| u64::from(g)))
+            .chain(
+                launch
+                    .iter()
+                    .map(|g| u64::from(g.blocks) << 1 | u64::from(g.light)),
+            )
             .chain(ptrs)
             .collect();
         let graphs = self.graphs && self.profile.is_none();
@@ -544,19 +559,24 @@ impl GpuExecutor {
     fn launch_each(
         &mut self,
         kernels: &[usize],
-        launch: &[u32],
+        launch: &[GpuLaunch],
         starts: &[usize],
         [tab_p, syms_p, scratch_p, status_p]: [u64; 4],
     ) -> Result<()> {
         for (i, &k) in kernels.iter().enumerate() {
             let tk = std::time::Instant::now();
             let bufs = tab_p + 8 * starts[i] as u64;
+            let GpuLaunch { blocks, light } = launch[i];
             let cfg = LaunchConfig {
-                grid_dim: (launch[i], 1, 1),
+                grid_dim: (blocks, 1, 1),
                 block_dim: (GPU_BLOCK, 1, 1),
-                shared_mem_bytes: self.plan.kernels[k].shared_bytes,
+                shared_mem_bytes: self.plan.kernels[k].gpu_entry(light).1,
             };
-            let mut b = self.stream.launch_builder(&self.funcs[k]);
+            let f = match &self.funcs[k] {
+                (_, Some(lf)) if light => lf,
+                (f, _) => f,
+            };
+            let mut b = self.stream.launch_builder(f);
             b.arg(&bufs).arg(&syms_p).arg(&scratch_p).arg(&status_p);
             // SAFETY: the entry point takes exactly these four pointers; every pointer in
             // the table addresses a live device buffer of the size the plan gives it.
@@ -581,7 +601,7 @@ impl GpuExecutor {
     fn capture(
         &mut self,
         kernels: &[usize],
-        launch: &[u32],
+        launch: &[GpuLaunch],
         starts: &[usize],
         ptrs: [u64; 4],
     ) -> std::result::Result<CudaGraph, String> {

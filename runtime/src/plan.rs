@@ -145,6 +145,32 @@ pub struct KernelCall {
     /// the same: kernels stride over their work by the grid).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tiles: Vec<TileGrid>,
+    /// GPU kernels whose first path (`tiles[0]`) needs far more registers and shared memory
+    /// than their others (tensor-core matmul and attention tiles): the kernel compiled
+    /// without that path, launched whenever a launch does not take it, so that the other
+    /// paths run at the occupancy of their own needs (a kernel's register count and shared
+    /// memory cover all its paths). It computes the same as `symbol` for any launch; an
+    /// older runtime ignores it and launches `symbol` always.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub light: Option<LightEntry>,
+}
+
+/// The entry point of a GPU kernel without its first path (`KernelCall::light`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LightEntry {
+    pub symbol: String,
+    /// Bytes of dynamic shared memory it is launched with (as `KernelCall::shared_bytes`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub shared_bytes: u32,
+}
+
+/// How a GPU launch of a kernel call runs (`KernelCall::gpu_launch`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GpuLaunch {
+    /// Blocks of `GPU_BLOCK` threads.
+    pub blocks: u32,
+    /// Whether it runs the call's light entry point (`KernelCall::light`).
+    pub light: bool,
 }
 
 /// The most threads one GPU launch starts; a kernel with more parallel work gives each thread
@@ -156,15 +182,39 @@ impl KernelCall {
     /// `syms`: one per tile of the first of `tiles` whose test holds, else enough for
     /// `threads`; at least one, at most `GPU_MAX_THREADS / GPU_BLOCK`.
     pub fn gpu_blocks(&self, syms: &[i64]) -> u32 {
+        self.gpu_launch(syms).blocks
+    }
+
+    /// The blocks (`gpu_blocks`) and entry point of a GPU launch for symbol values `syms`:
+    /// the light one (`light`) where there is one and the launch takes a path other than
+    /// the first of `tiles`.
+    pub fn gpu_launch(&self, syms: &[i64]) -> GpuLaunch {
         let max = GPU_MAX_THREADS / GPU_BLOCK as i64;
-        let blocks = match self.tiles.iter().find_map(|t| t.blocks(syms)) {
-            Some(b) => b,
+        let path = self
+            .tiles
+            .iter()
+            .enumerate()
+            .find_map(|(i, t)| t.blocks(syms).map(|b| (i, b)));
+        let blocks = match path {
+            Some((_, b)) => b,
             None => {
                 let want: i64 = self.threads.iter().map(|d| d.eval(syms).max(1)).product();
                 (want.clamp(1, GPU_MAX_THREADS) as u64).div_ceil(u64::from(GPU_BLOCK)) as i64
             }
         };
-        blocks.clamp(1, max) as u32
+        GpuLaunch {
+            blocks: blocks.clamp(1, max) as u32,
+            light: self.light.is_some() && !matches!(path, Some((0, _))),
+        }
+    }
+
+    /// The entry point and dynamic shared memory of a launch that does (`light`) or does
+    /// not run the light entry point.
+    pub fn gpu_entry(&self, light: bool) -> (&str, u32) {
+        match (&self.light, light) {
+            (Some(l), true) => (&l.symbol, l.shared_bytes),
+            _ => (&self.symbol, self.shared_bytes),
+        }
     }
 }
 
@@ -598,6 +648,7 @@ mod tests {
             threads: vec![m.clone(), n.clone()],
             shared_bytes: 0,
             tiles,
+            light: None,
         }
     }
 
@@ -622,5 +673,43 @@ mod tests {
         plain.tiles.clear();
         assert_eq!(plain.gpu_blocks(&[4096, 4096]), 4096);
         assert_eq!(plain.gpu_blocks(&[0, 0]), 1);
+    }
+
+    #[test]
+    fn a_launch_off_the_first_path_runs_the_light_entry_point() {
+        let mut call = tiled_call(true);
+        call.shared_bytes = 200_000;
+        // (no light entry: always the kernel's own)
+        assert!(!call.gpu_launch(&[32, 4096]).light);
+        assert_eq!(call.gpu_entry(false), ("k", 200_000));
+        call.light = Some(LightEntry {
+            symbol: "k_light".into(),
+            shared_bytes: 0,
+        });
+        assert_eq!(
+            call.gpu_launch(&[4096, 4096]),
+            GpuLaunch {
+                blocks: 512,
+                light: false
+            }
+        );
+        // the row path, and no path at all (`threads`)
+        assert_eq!(
+            call.gpu_launch(&[32, 4096]),
+            GpuLaunch {
+                blocks: 8 * 128,
+                light: true
+            }
+        );
+        call.tiles.truncate(1);
+        assert_eq!(
+            call.gpu_launch(&[32, 4096]),
+            GpuLaunch {
+                blocks: 32 * 4096 / 256,
+                light: true
+            }
+        );
+        assert_eq!(call.gpu_entry(true), ("k_light", 0));
+        assert_eq!(call.gpu_entry(false), ("k", 200_000));
     }
 }

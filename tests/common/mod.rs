@@ -215,6 +215,14 @@ pub fn ptxas() -> PathBuf {
 /// Assembles PTX text for `arch` with `ptxas`; panics with ptxas's message if it fails.
 #[allow(dead_code)]
 pub fn assemble_ptx(what: &str, ptx: &str, arch: &str) {
+    ptxas_report(what, ptx, arch);
+}
+
+/// Assembles PTX text for `arch` with `ptxas -v`; returns, for each entry point, its name
+/// and `ptxas`'s report on it (registers, spills, shared memory); panics with ptxas's
+/// message if it fails.
+#[allow(dead_code)]
+pub fn ptxas_report(what: &str, ptx: &str, arch: &str) -> Vec<(String, String)> {
     static SERIAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = TempDir::new(&format!("ptxas-{n}"));
@@ -222,6 +230,7 @@ pub fn assemble_ptx(what: &str, ptx: &str, arch: &str) {
     std::fs::write(&src, ptx).unwrap();
     let out = std::process::Command::new(ptxas())
         .arg(format!("-arch={arch}"))
+        .arg("-v")
         .arg(&src)
         .arg("-o")
         .arg(dir.0.join("k.cubin"))
@@ -234,6 +243,18 @@ pub fn assemble_ptx(what: &str, ptx: &str, arch: &str) {
         "{what}: ptxas -arch={arch} rejected the PTX:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // (`-v` reports on standard error: a line naming the entry, then lines about it)
+    let mut entries: Vec<(String, String)> = vec![];
+    for line in String::from_utf8_lossy(&out.stderr).lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let name = rest.split('\'').next().unwrap_or_default();
+            entries.push((name.to_string(), String::new()));
+        } else if let Some((_, report)) = entries.last_mut() {
+            report.push_str(line);
+            report.push('\n');
+        }
+    }
+    entries
 }
 
 /// Whether a GPU can run here; if not, says the GPU test was skipped and why.

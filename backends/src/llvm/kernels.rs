@@ -69,6 +69,9 @@ struct Fb<'a, 'ctx> {
     /// GPU kernels for this CPU, run by the SIMT simulator (`crate::simt`): barriers and
     /// warp operations call the simulator's hooks, shared memory is ordinary memory.
     sim: bool,
+    /// The kernel's first path is generated (`gpu_light`): false in its light entry point,
+    /// which the runtime launches where that path is not taken.
+    heavy: bool,
 }
 
 impl<'a, 'ctx> Fb<'a, 'ctx> {
@@ -1070,6 +1073,7 @@ pub fn emit<'ctx>(
     k: &Kernel,
     name: &str,
     flavor: &Flavor,
+    light: bool,
 ) -> R<(Vec<u32>, usize)> {
     let ptrt = ctx.ptr_type(AddressSpace::default());
     let i64t = ctx.i64_type();
@@ -1155,6 +1159,7 @@ pub fn emit<'ctx>(
         tensor_cores,
         wgmma,
         sim,
+        heavy: !light,
     };
     let scratch = match k {
         Kernel::Elementwise { shape, .. } => {
@@ -2699,8 +2704,13 @@ fn matmul<'ctx>(
         let mid = fb.ctx.append_basic_block(fb.func, "mid");
         let gemv = fb.ctx.append_basic_block(fb.func, "gemv");
         let and = |a, b| fb.b.build_and(a, b, "and").map_err(be);
-        fb.b.build_conditional_branch(and(rows, large_ok)?, large, not_large)
-            .map_err(be)?;
+        if fb.heavy {
+            fb.b.build_conditional_branch(and(rows, large_ok)?, large, not_large)
+                .map_err(be)?;
+        } else {
+            // (the light entry: the runtime launches it where the large tiles are not taken)
+            fb.b.build_unconditional_branch(not_large).map_err(be)?;
+        }
         fb.b.position_at_end(not_large);
         fb.b.build_conditional_branch(and(rows, small_ok)?, mid, gemv)
             .map_err(be)?;
@@ -2718,19 +2728,24 @@ fn matmul<'ctx>(
             dims: (mv, nv, kv),
             shared_w,
         };
-        if fb.tensor_cores {
-            match fb.wgmma.then(|| wgmma_fits(fb, &mm)).transpose()?.flatten() {
-                Some(fits) => fb.if_else(
-                    fits,
-                    |fb| gpu_wgmma_matmul(fb, &mm),
-                    |fb| gpu_mma_matmul(fb, &mm),
-                )?,
-                None => gpu_mma_matmul(fb, &mm)?,
-            }
+        if !fb.heavy {
+            // (nothing branches here)
+            fb.b.build_unreachable().map_err(be)?;
         } else {
-            gpu_tiled_matmul(fb, &mm, GPU_TILE, shared, None)?;
+            if fb.tensor_cores {
+                match fb.wgmma.then(|| wgmma_fits(fb, &mm)).transpose()?.flatten() {
+                    Some(fits) => fb.if_else(
+                        fits,
+                        |fb| gpu_wgmma_matmul(fb, &mm),
+                        |fb| gpu_mma_matmul(fb, &mm),
+                    )?,
+                    None => gpu_mma_matmul(fb, &mm)?,
+                }
+            } else {
+                gpu_tiled_matmul(fb, &mm, GPU_TILE, shared, None)?;
+            }
+            fb.ret_ok()?;
         }
-        fb.ret_ok()?;
         fb.b.position_at_end(mid);
         gpu_tiled_matmul(fb, &mm, GPU_TILE_SMALL, shared, None)?;
         fb.ret_ok()?;
@@ -5491,7 +5506,7 @@ const TILED_SHARED_FLOATS: i64 = 4 * SIMT_SLICE + TILED_INV_AT + GPU_TILE;
 /// static arrays beside the `wgmma` ring) the start of the dynamic ring, which the tensor-core
 /// paths that would use it do not run beside this one.
 fn tiled_shared<'ctx>(fb: &Fb<'_, 'ctx>) -> R<TiledShared<'ctx>> {
-    let base = if fb.tensor_cores {
+    let base = if fb.tensor_cores && fb.heavy {
         const _: () = assert!(TILED_SHARED_FLOATS * 4 <= MMA_RING_BYTES);
         dynamic_shared(fb, MMA_RING_BYTES)
     } else {
@@ -7094,7 +7109,7 @@ fn gpu_attention(
             .map_err(be)
     };
     let (bv, tv, sv) = (fb.dim(&d.b)?, fb.dim(&d.t)?, fb.dim(&d.s)?);
-    if fb.tensor_cores && mma_attention_fits(d) {
+    if fb.tensor_cores && fb.heavy && mma_attention_fits(d) {
         // Prompts on tensor cores; decode (few query rows) goes on below, and so do bf16
         // keys and values whose rows the ring cannot copy (so that the tensor-core kernel
         // has one way to stage them, and the registers of one).
@@ -7309,7 +7324,7 @@ fn gpu_attention_backward<'ctx>(
     } else {
         fb.mul(fb.mul(bv, c(d.h))?, tv)?
     };
-    if fb.tensor_cores && mma_attention_fits(d) {
+    if fb.tensor_cores && fb.heavy && mma_attention_fits(d) {
         // Enough rows of the result for tiles on tensor cores (`gpu_tiles` takes the same
         // test).
         let rows = if key_units { sv } else { tv };
@@ -8913,15 +8928,35 @@ pub fn gpu_shared_bytes(k: &Kernel, tensor_cores: bool, wgmma: bool) -> u32 {
     }
 }
 
-/// Resident blocks per SM a GPU kernel asks for (`nvvm.minctasm`, which caps its registers
-/// at `65536 / (256 · blocks)`): two (128 registers), except matmuls and attention on tensor
-/// cores, whose tiles need more (`gpu_mma_matmul`, `gpu_mma_attention`).
-pub fn gpu_min_blocks(k: &Kernel, tensor_cores: bool) -> u32 {
+/// Whether GPU kernel `k` has a light entry point (`runtime::plan::KernelCall::light`): the
+/// kernel without its first path (`gpu_tiles`), which needs far more registers and shared
+/// memory than its others (matmuls' and attention's tiles on tensor cores: `gpu_mma_matmul`,
+/// `gpu_wgmma_matmul`, `gpu_mma_attention`, with some 230-255 registers and the ring, which
+/// would hold the small tiles, row blocks and warp-per-row attention at one block an SM
+/// too). The light entry asks for `GPU_LIGHT_MIN_BLOCKS` and has no dynamic shared memory.
+pub fn gpu_light(k: &Kernel, tensor_cores: bool) -> bool {
     match k {
-        Kernel::MatMul { .. } | Kernel::RmsNormMatMul { .. } if tensor_cores => 1,
-        Kernel::Attention { dims, .. } if tensor_cores && mma_attention_fits(dims) => 1,
-        Kernel::AttentionBackward { dims, .. } if tensor_cores && mma_attention_fits(dims) => 1,
-        _ => 2,
+        Kernel::MatMul { .. } | Kernel::RmsNormMatMul { .. } => tensor_cores,
+        Kernel::Attention { dims, .. } | Kernel::AttentionBackward { dims, .. } => {
+            tensor_cores && mma_attention_fits(dims)
+        }
+        _ => false,
+    }
+}
+
+/// Resident blocks per SM every GPU kernel but the heavy ones asks for (`nvvm.minctasm`,
+/// which caps its registers at `65536 / (256 · blocks)`, here 128: the f32 tiled matmul would
+/// take more and leave one block).
+pub const GPU_LIGHT_MIN_BLOCKS: u32 = 2;
+
+/// Resident blocks per SM a GPU kernel's entry point asks for: `GPU_LIGHT_MIN_BLOCKS`,
+/// except one for the kernels with a light entry point (`gpu_light`), whose first path's
+/// tiles need more registers.
+pub fn gpu_min_blocks(k: &Kernel, tensor_cores: bool) -> u32 {
+    if gpu_light(k, tensor_cores) {
+        1
+    } else {
+        GPU_LIGHT_MIN_BLOCKS
     }
 }
 

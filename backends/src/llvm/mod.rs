@@ -19,7 +19,7 @@ use inkwell::targets::{
 use inkwell::OptimizationLevel;
 
 use egret_runtime::cpu::KernelFn;
-use egret_runtime::plan::{KernelCall, Plan, TileDim, TileGrid};
+use egret_runtime::plan::{KernelCall, LightEntry, Plan, TileDim, TileGrid};
 
 use crate::kernel::Program;
 use crate::BackendError;
@@ -293,7 +293,7 @@ pub(crate) fn codegen_flavor<'ctx>(
     // Kernels equal under renaming, with arguments of the same element types, share a
     // function.
     type Key = (crate::kernel::Kernel, Vec<egret_runtime::plan::ElemType>);
-    let mut seen: Vec<(Key, String, usize)> = Vec::new();
+    let mut seen: Vec<(Key, String, usize, Option<LightEntry>)> = Vec::new();
     let mut all = Vec::new();
     for prog in progs {
         if prog.symbols != progs[0].symbols {
@@ -314,30 +314,51 @@ pub(crate) fn codegen_flavor<'ctx>(
                 .map(|b| prog.buffers[*b as usize].elem)
                 .collect();
             let canon = (canon, elems);
-            let (sym, scratch) = match seen.iter().find(|(c, ..)| *c == canon) {
-                Some((_, sym, scratch)) => (sym.clone(), *scratch),
+            let (sym, scratch, light) = match seen.iter().find(|(c, ..)| *c == canon) {
+                Some((_, sym, scratch, light)) => (sym.clone(), *scratch, light.clone()),
                 None => {
                     let sym = format!("egret_{}_k{}", progs[0].name, seen.len());
-                    let scratch = if matches!(flavor, Flavor::Gpu { .. }) {
+                    let tc = matches!(
+                        flavor,
+                        Flavor::Gpu {
+                            tensor_cores: true,
+                            ..
+                        } | Flavor::Simt {
+                            tensor_cores: true,
+                            ..
+                        }
+                    );
+                    // The kernel's entry point, and where it has one (`gpu_light`) its light
+                    // one: a GPU entry wrapping a private body, or the simulator's body.
+                    let emit_entry = |sym: &str, light: bool| -> Result<usize, BackendError> {
+                        if !matches!(flavor, Flavor::Gpu { .. }) {
+                            return Ok(kernels::emit(ctx, &module, prog, k, sym, flavor, light)?.1);
+                        }
                         let body_name = format!("{sym}_body");
                         let (_, scratch) =
-                            kernels::emit(ctx, &module, prog, k, &body_name, flavor)?;
+                            kernels::emit(ctx, &module, prog, k, &body_name, flavor, light)?;
                         let body = module.get_function(&body_name).expect("just emitted");
-                        let tc = matches!(
-                            flavor,
-                            Flavor::Gpu {
-                                tensor_cores: true,
-                                ..
-                            }
-                        );
-                        let blocks = kernels::gpu_min_blocks(k, tc);
-                        kernels::gpu_entry(ctx, &module, body, &sym, scratch, blocks)?;
-                        scratch
-                    } else {
-                        kernels::emit(ctx, &module, prog, k, &sym, flavor)?.1
+                        let blocks = if light {
+                            kernels::GPU_LIGHT_MIN_BLOCKS
+                        } else {
+                            kernels::gpu_min_blocks(k, tc)
+                        };
+                        kernels::gpu_entry(ctx, &module, body, sym, scratch, blocks)?;
+                        Ok(scratch)
                     };
-                    seen.push((canon, sym.clone(), scratch));
-                    (sym, scratch)
+                    let mut scratch = emit_entry(&sym, false)?;
+                    let light = if gpu && kernels::gpu_light(k, tc) {
+                        let light_sym = format!("{sym}_light");
+                        scratch = scratch.max(emit_entry(&light_sym, true)?);
+                        Some(LightEntry {
+                            symbol: light_sym,
+                            shared_bytes: 0,
+                        })
+                    } else {
+                        None
+                    };
+                    seen.push((canon, sym.clone(), scratch, light.clone()));
+                    (sym, scratch, light)
                 }
             };
             let to_sym = |ds: Vec<egret_ir::Dim>| {
@@ -366,8 +387,14 @@ pub(crate) fn codegen_flavor<'ctx>(
                     } => kernels::gpu_shared_bytes(k, *tensor_cores, *wgmma),
                     _ => 0,
                 },
+                // (the simulator's launches take the same paths, up to `SIM_MAX_BLOCKS`
+                // blocks of them)
                 tiles: match flavor {
                     Flavor::Gpu {
+                        tensor_cores,
+                        wgmma,
+                    }
+                    | Flavor::Simt {
                         tensor_cores,
                         wgmma,
                     } => {
@@ -388,8 +415,9 @@ pub(crate) fn codegen_flavor<'ctx>(
                             })
                             .collect()
                     }
-                    _ => vec![],
+                    Flavor::Cpu { .. } => vec![],
                 },
+                light,
             });
         }
         all.push(calls);
@@ -451,6 +479,9 @@ pub fn optimized_ir(prog: &Program, cpu: &str) -> Result<String, BackendError> {
 pub struct Compiled {
     pub plan: Plan,
     pub fns: Vec<KernelFn>,
+    /// The light entry point of each call that has one (`KernelCall::light`): the
+    /// simulator's.
+    pub light_fns: Vec<Option<KernelFn>>,
     // The engine owns the machine code the function pointers point into (shared by the
     // programs compiled together).
     _engine: ExecutionEngine<'static>,
@@ -496,12 +527,17 @@ pub(crate) fn jit(
     }
     let mut out = Vec::new();
     for (prog, calls) in progs.iter().zip(all) {
-        let mut fns = Vec::new();
-        for c in &calls {
+        let resolve = |symbol: &str| -> Result<KernelFn, BackendError> {
             // (kernels sharing a function resolve to the same address)
-            let addr = engine.get_function_address(&c.symbol).map_err(llvm_err)?;
+            let addr = engine.get_function_address(symbol).map_err(llvm_err)?;
             // SAFETY: the function was generated with exactly the KernelFn signature.
-            fns.push(unsafe { std::mem::transmute::<usize, KernelFn>(addr) });
+            Ok(unsafe { std::mem::transmute::<usize, KernelFn>(addr) })
+        };
+        let mut fns = Vec::new();
+        let mut light_fns = Vec::new();
+        for c in &calls {
+            fns.push(resolve(&c.symbol)?);
+            light_fns.push(c.light.as_ref().map(|l| resolve(&l.symbol)).transpose()?);
         }
         let plan = Plan {
             name: prog.name.clone(),
@@ -514,6 +550,7 @@ pub(crate) fn jit(
         out.push(Compiled {
             plan,
             fns,
+            light_fns,
             _engine: engine.clone(),
         });
     }
