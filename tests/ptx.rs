@@ -141,6 +141,46 @@ fn tiled_kernels_launch_one_block_per_tile() {
     );
 }
 
+/// A matmul that may split k (a constant k of 512 or more) is followed by the sum of its
+/// slices, which is launched only where the matmul splits: with more than 32 rows and too few
+/// tiles of either size (`[256 × 576]·[576 × 576]`: 36 of 64 × 64), not for decode or for
+/// enough tiles.
+#[test]
+fn a_split_k_sum_is_launched_only_where_its_matmul_splits() {
+    let g = egret_ir::parse(
+        r#"graph mm {
+  %a = input "a" : f32[M, 576]
+  %w = input "w" : f32[576, 576]
+  %y = matmul(%a, %w) : f32[M, 576]
+  output "y" = %y
+}"#,
+    )
+    .unwrap();
+    for tensor_cores in [false, true] {
+        let opts = PtxOptions {
+            arch: "sm_90a".into(),
+            tensor_cores,
+        };
+        let (_, plans) = egret::gpu::compile_graphs(&[&g], &opts, false).unwrap();
+        let call = |what: &str| {
+            plans[0]
+                .kernels
+                .iter()
+                .find(|k| k.what.starts_with(what))
+                .unwrap_or_else(|| panic!("no {what} in {:?}", plans[0].kernels))
+        };
+        let (product, sum) = (call("matmul [][Mx576]"), call("matmul split-k sum"));
+        let at = |k: &egret_runtime::plan::KernelCall, m: i64| k.gpu_launch(&[m]).blocks;
+        // 4 × 9 tiles of 64 × 64, 8 slices each; the sum a thread per output
+        assert_eq!(at(product, 256), 4 * 9 * 8);
+        assert_eq!(at(sum, 256), 256 * 3);
+        for m in [1, 32, 2000] {
+            assert_eq!(at(sum, m), 0, "M = {m}");
+            assert!(at(product, m) > 0, "M = {m}");
+        }
+    }
+}
+
 /// Tensor-core matmuls and attention launch a light entry point off their large tiles
 /// (`KernelCall::light`): the kernel without the tile path, whose 230-255 registers and
 /// shared-memory ring would hold the small tiles, row blocks and decode attention at one

@@ -363,7 +363,7 @@ pub enum Kernel {
     /// gradient over a batch of sequences is. With `res` (GPU, `nr = 0`), the residual of an
     /// `add` that was the product's only use is added as each output is stored:
     /// `out[b, m, n] = Σ_k a[b, m, k] · w[b?, k, n] + res[b, m, n]`. With `part` (GPU, a
-    /// long constant k: `SPLIT_K_MIN_K`), a product with too few output tiles to fill the
+    /// constant k of at least `SPLIT_K_MIN_K`), a product with too few output tiles to fill the
     /// GPU splits k (`SPLIT_K`) and leaves its partial tiles in `part`, summed into `out`
     /// by the `MatMulCombine` that follows.
     MatMul {
@@ -383,7 +383,9 @@ pub enum Kernel {
     /// `out[b, m, n] = Σ_s part[s, tile(b, m, n), m % T, n % T] (+ res[b, m, n])`: the
     /// k-slices of the split `MatMul` before it summed in order (`SPLIT_K`,
     /// `T = SPLIT_K_TILE`), plus that matmul's residual if it has one; nothing to do when
-    /// the matmul did not split (its own paths add the residual then).
+    /// the matmul did not split (its own paths add the residual then), and on the GPU not
+    /// launched then (its paths have no blocks: `gpu_tiles`). The matmul is a `MatMul` or,
+    /// its partial tiles scaled by the rows' norms, an `RmsNormMatMul`.
     MatMulCombine {
         out: u32,
         part: u32,
@@ -414,6 +416,9 @@ pub enum Kernel {
         eps: f64,
         /// As for `MatMul` (`x` row-contiguous, `g` folded into the packed slices).
         nr: i64,
+        /// As for `MatMul` (GPU): the partial tiles of a split k, each scaled by its row's
+        /// norm, summed by the `MatMulCombine` that follows.
+        part: Option<u32>,
     },
     /// Causal grouped-query attention, online softmax; see `Op::FusedAttention`. With few
     /// query rows (decode) the keys are split (`attn_splits`) and each split's partial result
@@ -552,11 +557,14 @@ pub const ATTN_SPLIT_MIN_KEYS: i64 = 128;
 /// Split-K GPU matmuls (`Kernel::MatMul::part`): a plain matmul whose k is a constant of
 /// at least `SPLIT_K_MIN_K` splits k into `SPLIT_K` slices where its output has fewer than
 /// `SPLIT_K_MAX_TILES + 1` tiles of `SPLIT_K_TILE` square and more than a few rows (as the
-/// GPU kernel decides: the small-tile kernel's threshold), each block a (tile, slice): a
-/// training step's `[T × 49152]·[49152 × 576]` (the LM head's input gradient) has 36 such
-/// tiles at `T = 256`, 288 blocks of tiles where the row-block kernel it took read the
-/// weights once per 4 rows.
-pub const SPLIT_K_MIN_K: i64 = 4096;
+/// GPU kernel decides: the small-tile kernel's threshold), each block a (tile, slice). A
+/// training step at `T = 256` has many: its LM head's input gradient `[T × 49152]·[49152 ×
+/// 576]`, and every layer's products into the model's width (`o_proj`, `down_proj` and
+/// the input gradients of the others: `[T × k]·[k × 576]`, 36 tiles), 288 blocks of tiles
+/// where the row-block kernel they took read the weights once per 4 rows. Slices of at
+/// least 64 of k (four of the tiled kernel's k-steps; the last slices may be shorter, or
+/// empty) are worth the partial tile each writes and the sum reads.
+pub const SPLIT_K_MIN_K: i64 = SPLIT_K * 64;
 /// Slices of k per tile of a split matmul.
 pub const SPLIT_K: i64 = 8;
 /// The most output tiles a split matmul has.
@@ -704,9 +712,18 @@ impl Kernel {
                 if res.is_some() { " + residual" } else { "" }
             ),
             Kernel::RmsNorm { shape, .. } => format!("rms_norm {}", dims(shape)),
-            Kernel::RmsNormMatMul { m, n, k, batch, .. } => {
-                format!("rms_norm_matmul {}[{m}x{k}]·[{k}x{n}]", dims(batch))
-            }
+            Kernel::RmsNormMatMul {
+                m,
+                n,
+                k,
+                batch,
+                part,
+                ..
+            } => format!(
+                "rms_norm_matmul {}[{m}x{k}]·[{k}x{n}]{}",
+                dims(batch),
+                if part.is_some() { " (may split k)" } else { "" }
+            ),
             Kernel::Attention { dims: d, .. } => format!(
                 "attention b={} h={} t={} s={} d={}",
                 d.b, d.h, d.t, d.s, d.d

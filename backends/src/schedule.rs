@@ -115,6 +115,53 @@ impl Sched {
         }
     }
 
+    /// Split-K (with `ScheduleOptions::split_k`): a partial-tiles buffer for a matmul of `k`
+    /// over operand buffers `ops` (with packed panels `nr`, summed over its batch or not)
+    /// whose GPU kernel may split k: a plain product with a constant k of at least
+    /// `SPLIT_K_MIN_K`, not of weights alone (made once at load).
+    fn split_k_part(
+        &mut self,
+        split_k: bool,
+        k: &Dim,
+        ops: [u32; 2],
+        nr: i64,
+        summed: bool,
+    ) -> Option<u32> {
+        let at_load = ops.iter().all(|b| self.weight_only[*b as usize]);
+        let splits = split_k
+            && nr == 0
+            && !summed
+            && !at_load
+            && k.as_const().is_some_and(|k| k >= SPLIT_K_MIN_K);
+        splits.then(|| {
+            self.new_buffer(
+                BufferRole::Temp,
+                ElemType::F32,
+                &[Dim::c(split_k_part_len())],
+                false,
+            )
+        })
+    }
+
+    /// The sum of a split matmul's partial tiles (`part`, from `split_k_part`) into `out`,
+    /// after it.
+    fn push_split_k_sum(&mut self, part: Option<u32>, out: u32, batch: Vec<Dim>, m: Dim, n: Dim) {
+        if let Some(part) = part {
+            self.push(
+                Kernel::MatMulCombine {
+                    out,
+                    part,
+                    batch,
+                    m,
+                    n,
+                    res: None,
+                },
+                &[part],
+                out,
+            );
+        }
+    }
+
     /// Stores an inline value in a fresh contiguous buffer.
     fn materialize(&mut self, e: Expr, shape: &[Dim]) -> Access {
         let mut reads = vec![];
@@ -278,7 +325,7 @@ pub struct ScheduleOptions {
     /// writes its output tokens first (`AttnDims::tokens_first`), so that the permute needs
     /// no copy (a kernel launch saved per layer where launches are what decode costs).
     pub attn_tokens_first: bool,
-    /// Plain matmuls with a long constant k (`SPLIT_K_MIN_K`) get a partial-tiles buffer and
+    /// Plain matmuls with a constant k of at least `SPLIT_K_MIN_K` get a partial-tiles buffer and
     /// a `MatMulCombine` after them, so that the GPU's kernel may split k where the output
     /// has too few tiles to fill the GPU (`Kernel::MatMul::part`; GPU kernels only).
     pub split_k: bool,
@@ -1041,57 +1088,49 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                                 &[gw.buf, w.buf],
                                 wf,
                             );
+                            let part =
+                                s.split_k_part(opts.split_k, &k, [a.buf, view.buf], 0, false);
                             s.push(
                                 Kernel::RmsNormMatMul {
                                     out,
                                     x: a.clone(),
                                     g: None,
                                     w: view.clone(),
-                                    batch,
-                                    m,
-                                    n: nn,
+                                    batch: batch.clone(),
+                                    m: m.clone(),
+                                    n: nn.clone(),
                                     k,
                                     eps,
                                     nr: 0,
+                                    part,
                                 },
                                 &[a.buf, view.buf],
                                 out,
                             );
+                            s.push_split_k_sum(part, out, batch, m, nn);
                         } else {
+                            let part = s.split_k_part(opts.split_k, &k, [a.buf, w.buf], nr, false);
                             s.push(
                                 Kernel::RmsNormMatMul {
                                     out,
                                     x: a.clone(),
                                     g: Some(gw.clone()),
                                     w: w.clone(),
-                                    batch,
-                                    m,
-                                    n: nn,
+                                    batch: batch.clone(),
+                                    m: m.clone(),
+                                    n: nn.clone(),
                                     k,
                                     eps,
                                     nr,
+                                    part,
                                 },
                                 &[a.buf, gw.buf, w.buf],
                                 out,
                             );
+                            s.push_split_k_sum(part, out, batch, m, nn);
                         }
                     } else {
-                        // (split-K: a partial-tiles buffer and the sum after the product;
-                        // not for a product of weights alone, made once at load)
-                        let at_load = [a.buf, w.buf].iter().all(|b| s.weight_only[*b as usize]);
-                        let splits = opts.split_k
-                            && nr == 0
-                            && !summed
-                            && !at_load
-                            && k.as_const().is_some_and(|k| k >= SPLIT_K_MIN_K);
-                        let part = splits.then(|| {
-                            s.new_buffer(
-                                BufferRole::Temp,
-                                ElemType::F32,
-                                &[Dim::c(split_k_part_len())],
-                                false,
-                            )
-                        });
+                        let part = s.split_k_part(opts.split_k, &k, [a.buf, w.buf], nr, summed);
                         s.push(
                             Kernel::MatMul {
                                 out,
@@ -1110,20 +1149,7 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                             &[a.buf, w.buf],
                             out,
                         );
-                        if let Some(part) = part {
-                            s.push(
-                                Kernel::MatMulCombine {
-                                    out,
-                                    part,
-                                    batch,
-                                    m,
-                                    n: nn,
-                                    res: None,
-                                },
-                                &[part],
-                                out,
-                            );
-                        }
+                        s.push_split_k_sum(part, out, batch, m, nn);
                     }
                     Val::View(Access::contiguous(out, &out_shape))
                 }

@@ -82,8 +82,8 @@ fn gpu_schedule_folds_residual_adds_into_matmuls() {
     assert!(!kept[0].contains("residual"), "{kept:?}");
 }
 
-/// The GPU's schedule gives a matmul with a constant k of at least `SPLIT_K_MIN_K` a sum
-/// after it (the kernel may split k), which takes a folded residual too; a shorter or
+/// The GPU's schedule gives a matmul with a constant k of at least `SPLIT_K_MIN_K` (512) a
+/// sum after it (the kernel may split k), which takes a folded residual too; a shorter or
 /// symbolic k, or a product of parameters alone (made once at load), gets none.
 #[test]
 fn gpu_schedule_lets_long_k_matmuls_split() {
@@ -120,13 +120,46 @@ fn gpu_schedule_lets_long_k_matmuls_split() {
         ]
     );
     assert_eq!(
-        describe(("T", "4095"), run, out),
-        ["matmul [][Tx4095]·[4095x8]"]
+        describe(("T", "512"), run, out),
+        [
+            "matmul [][Tx512]·[512x8] (may split k)",
+            "matmul split-k sum [][Tx8]"
+        ]
+    );
+    assert_eq!(
+        describe(("T", "511"), run, out),
+        ["matmul [][Tx511]·[511x8]"]
     );
     assert_eq!(
         describe(("T", "K"), ("input", "input"), out),
         ["matmul [][TxK]·[Kx8]"]
     );
+    // A fused norm, its weight folded into the weights at load or not.
+    let norm = |w: &str| {
+        let src = format!(
+            "graph s {{\n  %x = input \"x\" : f32[T, 512]\n  %g = param \"g\" : f32[512]\n  \
+             %w = {w} \"w\" : f32[512, 8]\n  \
+             %y = rms_norm_matmul[eps=1e-5](%x, %g, %w) : f32[T, 8]\n  output \"y\" = %y\n}}"
+        );
+        let g = egret_ir::parse(&src).unwrap();
+        let opts = egret_backends::ptx::schedule_options(&Default::default());
+        let prog = schedule_with(&g, opts).unwrap();
+        prog.kernels
+            .iter()
+            .map(|k| k.describe())
+            .collect::<Vec<_>>()
+    };
+    for w in ["param", "input"] {
+        let ks = norm(w);
+        assert_eq!(
+            ks[ks.len() - 2..],
+            [
+                "rms_norm_matmul [][Tx512]·[512x8] (may split k)",
+                "matmul split-k sum [][Tx8]"
+            ],
+            "{w}: {ks:?}"
+        );
+    }
     // (both parameters: the product is made once, at load)
     let at_load = describe(("16", "4096"), ("param", "param"), out).join("; ");
     assert!(at_load.contains("matmul"), "{at_load}");

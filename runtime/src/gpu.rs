@@ -567,6 +567,10 @@ impl GpuExecutor {
             let tk = std::time::Instant::now();
             let bufs = tab_p + 8 * starts[i] as u64;
             let GpuLaunch { blocks, light } = launch[i];
+            if blocks == 0 {
+                // (nothing to do: `KernelCall::gpu_launch`)
+                continue;
+            }
             let cfg = LaunchConfig {
                 grid_dim: (blocks, 1, 1),
                 block_dim: (GPU_BLOCK, 1, 1),

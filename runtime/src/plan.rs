@@ -167,7 +167,8 @@ pub struct LightEntry {
 /// How a GPU launch of a kernel call runs (`KernelCall::gpu_launch`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GpuLaunch {
-    /// Blocks of `GPU_BLOCK` threads.
+    /// Blocks of `GPU_BLOCK` threads; none where the path taken has nothing to do (a split
+    /// matmul's sum where it did not split): no launch.
     pub blocks: u32,
     /// Whether it runs the call's light entry point (`KernelCall::light`).
     pub light: bool,
@@ -179,8 +180,9 @@ pub const GPU_MAX_THREADS: i64 = 1 << 20;
 
 impl KernelCall {
     /// Blocks of `GPU_BLOCK` threads a GPU launch of this kernel starts for symbol values
-    /// `syms`: one per tile of the first of `tiles` whose test holds, else enough for
-    /// `threads`; at least one, at most `GPU_MAX_THREADS / GPU_BLOCK`.
+    /// `syms`: one per tile of the first of `tiles` whose test holds (none: the path has
+    /// nothing to do, and the kernel is not launched), else enough for `threads`, at least
+    /// one; at most `GPU_MAX_THREADS / GPU_BLOCK`.
     pub fn gpu_blocks(&self, syms: &[i64]) -> u32 {
         self.gpu_launch(syms).blocks
     }
@@ -196,14 +198,15 @@ impl KernelCall {
             .enumerate()
             .find_map(|(i, t)| t.blocks(syms).map(|b| (i, b)));
         let blocks = match path {
-            Some((_, b)) => b,
+            Some((_, b)) => b.clamp(0, max),
             None => {
                 let want: i64 = self.threads.iter().map(|d| d.eval(syms).max(1)).product();
-                (want.clamp(1, GPU_MAX_THREADS) as u64).div_ceil(u64::from(GPU_BLOCK)) as i64
+                let b = (want.clamp(1, GPU_MAX_THREADS) as u64).div_ceil(u64::from(GPU_BLOCK));
+                (b as i64).clamp(1, max)
             }
         };
         GpuLaunch {
-            blocks: blocks.clamp(1, max) as u32,
+            blocks: blocks as u32,
             light: self.light.is_some() && !matches!(path, Some((0, _))),
         }
     }
@@ -666,6 +669,8 @@ mod tests {
         // capped as `threads` is
         let huge = call.gpu_blocks(&[1 << 20, 1 << 20]);
         assert_eq!(huge as i64, GPU_MAX_THREADS / GPU_BLOCK as i64);
+        // a path with no tiles: no launch
+        assert_eq!(call.gpu_blocks(&[0, 4096]), 0);
         // no path's test holds, or no paths: `threads`
         let only_tiled = tiled_call(false);
         assert_eq!(only_tiled.gpu_blocks(&[32, 4096]), 32 * 4096 / 256);

@@ -155,10 +155,13 @@ const CASES: &[(&str, &str)] = &[
   output "y" = %y"#,
     ),
     (
-        // A long constant k: on the GPU, with more than 32 rows but too few tiles for the
-        // tiled kernels (N = 63, 65), k is split and the slices summed by a second kernel
-        // (with the residual folded into the first product); N = 1000 takes the small
-        // tiles for `z`, fewer rows the row-block kernel.
+        // A constant k of 512 or more: on the GPU, with more than 32 rows but too few tiles
+        // for the tiled kernels (N = 63, 65), k is split and the slices summed by a second
+        // kernel (with the residual folded into the first product); N = 1000 takes the
+        // small tiles for `z`, fewer rows the row-block kernel. `v`'s k (520) is 33 of the
+        // tiled kernel's k-steps, the last one partial: slices of five, the eighth empty.
+        // Fused norms split too (`p` with the norm weight folded into the weights at load,
+        // `q` with it applied as `d` loads), each partial tile scaled by its rows' norms.
         "matmul-split-k",
         r#"
   %a = input "a" : f32[2, N, 4100]
@@ -168,8 +171,18 @@ const CASES: &[(&str, &str)] = &[
   %z = add(%y, %r) : f32[2, N, 70]
   %c = input "c" : f32[4100, 3]
   %u = matmul(%a, %c) : f32[2, N, 3]
+  %d = input "d" : f32[N, 520]
+  %e = input "e" : f32[520, 9]
+  %v = matmul(%d, %e) : f32[N, 9]
+  %g = param "g" : f32[520]
+  %f = param "f" : f32[520, 9]
+  %p = rms_norm_matmul[eps=1e-5](%d, %g, %f) : f32[N, 9]
+  %q = rms_norm_matmul[eps=1e-5](%d, %g, %e) : f32[N, 9]
   output "z" = %z
-  output "u" = %u"#,
+  output "u" = %u
+  output "v" = %v
+  output "p" = %p
+  output "q" = %q"#,
     ),
     (
         "matmul-long-k",

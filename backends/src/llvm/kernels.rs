@@ -1268,6 +1268,7 @@ pub fn emit<'ctx>(
             k,
             eps,
             nr,
+            ..
         } if *nr > 0 && !gpu => {
             let mm = RuntimeGemm {
                 out: *out,
@@ -1295,6 +1296,7 @@ pub fn emit<'ctx>(
             n,
             k,
             eps,
+            part,
             ..
         } => {
             matmul(
@@ -1303,7 +1305,7 @@ pub fn emit<'ctx>(
                 x,
                 Some((g.as_ref(), *eps)),
                 w,
-                (None, None),
+                (None, *part),
                 batch,
                 m,
                 n,
@@ -1546,6 +1548,7 @@ pub fn canonical(k: &Kernel) -> (Kernel, Vec<u32>) {
             k,
             eps,
             nr,
+            part,
         } => Kernel::RmsNormMatMul {
             out: map(*out),
             x: ren(x),
@@ -1557,6 +1560,7 @@ pub fn canonical(k: &Kernel) -> (Kernel, Vec<u32>) {
             k: k.clone(),
             eps: *eps,
             nr: *nr,
+            part: part.map(&map),
         },
         Kernel::RmsNorm {
             out,
@@ -1749,13 +1753,18 @@ pub fn kernel_buffers(k: &Kernel) -> Vec<u32> {
                 add(r.buf);
             }
         }
-        Kernel::RmsNormMatMul { out, x, g, w, .. } => {
+        Kernel::RmsNormMatMul {
+            out, x, g, w, part, ..
+        } => {
             add(*out);
             add(x.buf);
             if let Some(g) = g {
                 add(g.buf);
             }
             add(w.buf);
+            if let Some(p) = part {
+                add(*p);
+            }
         }
         Kernel::RmsNorm { out, x, w, .. } => {
             add(*out);
@@ -2989,9 +2998,12 @@ fn matmul_combine(
 /// 1536]`, 24), `gpu_gemv`. By a rough bill (a small tile takes about `64·k` cycles of one
 /// SM; `gpu_gemv` reads `k·n·4` bytes of L2 per 4 rows) the two are about even near 36
 /// small tiles, and `gpu_gemv` is ahead below; 64 leaves a margin until a device measures.
-/// A matmul with a long constant k (`Kernel::MatMul::part`) and more than `GPU_GEMV_MAX_M`
-/// rows splits k there instead (`split_k_taken`): a training step's LM-head input gradient,
-/// `[256 × 49152]·[49152 × 576]`, would read its 113 MB of weights 64 times on `gpu_gemv`.
+/// That bill is wrong where rows are many: G19 timed a training step's `[256 × 1536]·[1536
+/// × 576]` (36 small tiles) at 190-320 µs on `gpu_gemv`, its 64 passes over the weights
+/// bound by latency. A matmul with a constant k of `SPLIT_K_MIN_K` or more
+/// (`Kernel::MatMul::part`) and more than `GPU_GEMV_MAX_M` rows splits k there instead
+/// (`split_k_taken`), 8 blocks a tile; the LM head's input gradient, `[256 × 49152]·[49152
+/// × 576]`, would read its 113 MB of weights 64 times on `gpu_gemv`.
 const GPU_GEMV_MAX_M: i64 = 32;
 const GPU_TILED_MIN_TILES: i64 = 132;
 const GPU_SMALL_MIN_TILES: i64 = 64;
@@ -5541,11 +5553,12 @@ fn tiled_shared<'ctx>(fb: &Fb<'_, 'ctx>) -> R<TiledShared<'ctx>> {
 /// as they load. With tensor cores the staged operands are rounded to bf16, as every matmul of
 /// such a program computes (`operand`), the sums f32.
 ///
-/// With `part` (split k, `Kernel::MatMul::part`; `t` is `SPLIT_K_TILE`, no norm), the
-/// blocks stride over (tile, slice) pairs instead, slice `s` of `SPLIT_K` taking k-steps
+/// With `part` (split k, `Kernel::MatMul::part`; `t` is `SPLIT_K_TILE`), the blocks stride
+/// over (tile, slice) pairs instead, slice `s` of `SPLIT_K` taking k-steps
 /// `s·span..(s+1)·span` (`span = ⌈steps / SPLIT_K⌉`), and each writes its tile's partial
-/// sums, all `t × t` of them, to `part` at tile `s·tiles + tile` (`matmul_combine` sums
-/// them and adds the residual, if any).
+/// sums (scaled by the row's norm, which each block finds over the whole row), all `t × t`
+/// of them, to `part` at tile `s·tiles + tile` (`matmul_combine` sums them and adds the
+/// residual, if any).
 fn gpu_tiled_matmul<'ctx>(
     fb: &Fb<'_, 'ctx>,
     mm: &GpuMatmul<'_, 'ctx>,
@@ -5564,7 +5577,7 @@ fn gpu_tiled_matmul<'ctx>(
         ..
     } = *mm;
     assert!(t == GPU_TILE || t == GPU_TILE_SMALL);
-    assert!(part.is_none() || (t == SPLIT_K_TILE && !norm));
+    assert!(part.is_none() || t == SPLIT_K_TILE);
     let (tk, stage, quads) = (SIMT_SLICE / t, SIMT_SLICE, t / 64);
     let TiledShared { a_s, w_s, inv_s } = sh;
     let inv_at = TILED_INV_AT;
@@ -5732,36 +5745,49 @@ fn gpu_tiled_matmul<'ctx>(
             multiply(fb, buf)?;
             fb.if_else(more, |fb| put(fb, xor(buf, c(1))?), |_| Ok(()))
         })?;
-        if let Some(pp) = part {
-            // (partial sums, bounds and all: the sum reads those inside)
-            let base = fb.mul(fb.add(fb.mul(slice, tiles)?, tile)?, c(t * t))?;
-            for i in 0..side {
-                let at = fb.add(base, fb.add(fb.mul(fb.add(r4, c(i))?, c(t))?, c4)?)?;
-                for j in 0..side {
-                    let a = accs[(i * side + j) as usize];
-                    fb.store_f32(pp, fb.add(at, c(j))?, fb.get(a)?)?;
-                }
-            }
-            return barrier(fb);
-        }
-        for i in 0..side {
+        // Row `i` of this thread's outputs: its row in the tile, and with a norm its scale.
+        let row_of = |i: i64| -> R<(IntValue<'ctx>, Option<FloatValue<'ctx>>)> {
             let r = fb.add(r4, c(64 * (i / 4) + i % 4))?;
-            let row = fb.add(m0, r)?;
             let scale = if norm {
                 Some(fb.load_f32(inv_s, fb.add(r, c(inv_at))?)?)
             } else {
                 None
             };
+            Ok((r, scale))
+        };
+        let scaled = |v: FloatValue<'ctx>, scale: Option<FloatValue<'ctx>>| match scale {
+            Some(s) => fb.fmul(v, s),
+            None => Ok(v),
+        };
+        if let Some(pp) = part {
+            // (partial sums, bounds and all: the sum reads those inside; each scaled by its
+            // row's norm, as the sum of the scaled slices is the scaled sum)
+            if norm {
+                // (`row_scales`' stores are seen after a barrier, and an empty slice has
+                // none in its k-loop)
+                barrier(fb)?;
+            }
+            let base = fb.mul(fb.add(fb.mul(slice, tiles)?, tile)?, c(t * t))?;
+            for i in 0..side {
+                let (r, scale) = row_of(i)?;
+                let at = fb.add(base, fb.add(fb.mul(r, c(t))?, c4)?)?;
+                for j in 0..side {
+                    let a = accs[(i * side + j) as usize];
+                    fb.store_f32(pp, fb.add(at, c(j))?, scaled(fb.get(a)?, scale)?)?;
+                }
+            }
+            return barrier(fb);
+        }
+        for i in 0..side {
+            let (r, scale) = row_of(i)?;
+            let row = fb.add(m0, r)?;
             for j in 0..side {
                 let col = fb.add(n0, fb.add(c4, c(64 * (j / 4) + j % 4))?)?;
                 let a = accs[(i * side + j) as usize];
                 fb.if_else(
                     and(lt(row, mv)?, lt(col, nv)?)?,
                     |fb| {
-                        let mut v = fb.get(a)?;
-                        if let Some(s) = scale {
-                            v = fb.fmul(v, s)?;
-                        }
+                        let v = scaled(fb.get(a)?, scale)?;
                         let v = mm.with_residual(fb, rbase, row, col, v)?;
                         let o = fb.add(fb.mul(fb.add(fb.mul(bi, mv)?, row)?, nv)?, col)?;
                         optr.store(fb, o, v)
@@ -8978,8 +9004,10 @@ pub struct GpuTiles {
 /// decides), else with more than `GPU_GEMV_MAX_M` rows and at least `GPU_SMALL_MIN_TILES` of
 /// them `GPU_TILE_SMALL` square tiles, else (a matmul that may split k, with more than
 /// `GPU_GEMV_MAX_M` rows) a block per tile and k-slice (`SPLIT_K`), else `gpu_gemv`'s blocks
-/// of `ROW_BLOCK` rows × `GEMV_COLS` columns; tensor-core
-/// attention's `MMA_ATTN_ROWS` query rows per `(b, h)`, taken from `MMA_ATTN_MIN_T` rows.
+/// of `ROW_BLOCK` rows × `GEMV_COLS` columns; the split-k sum after such a matmul the same
+/// tests, with a thread per output where the matmul splits and no blocks (no launch: decode
+/// would pay for hundreds of empty ones a token) on its other paths; tensor-core attention's
+/// `MMA_ATTN_ROWS` query rows per `(b, h)`, taken from `MMA_ATTN_MIN_T` rows.
 /// Launching one block per tile leaves no empty blocks to dispatch after the work (the
 /// kernels stride over their tiles by the grid, so any grid computes the same; attention's
 /// warp-per-row fallback for bf16 keys and values the ring cannot copy then runs on fewer
@@ -9013,13 +9041,14 @@ pub fn gpu_tiles(
             batch,
             m,
             n,
+            part,
             ..
         } => (
             batch,
             m,
             n,
             g.is_none() && [x, w].iter().all(|a| elem(a.buf) == ElemType::BF16),
-            false,
+            part.is_some(),
         ),
         Kernel::Attention { dims: d, .. } if tensor_cores && mma_attention_fits(d) => {
             return vec![GpuTiles {
@@ -9047,6 +9076,24 @@ pub fn gpu_tiles(
                 when: vec![(vec![(rows.clone(), 1)], MMA_ATTN_MIN_T)],
             }];
         }
+        // (a launch only where its matmul split, `split_k_taken`: the matmul's tests, with
+        // no blocks on every path but the split one, and there a thread per output)
+        Kernel::MatMulCombine { batch, m, n, .. } => {
+            return matmul_paths(batch, m, n, GPU_TILE, true)
+                .into_iter()
+                .map(|(path, t)| GpuTiles {
+                    blocks: match path {
+                        MatMulPath::Split => batch
+                            .iter()
+                            .map(|b| (b.clone(), 1))
+                            .chain([(m.clone(), 1), (n.clone(), GPU_BLOCK_THREADS)])
+                            .collect(),
+                        _ => vec![(Dim::c(0), 1)],
+                    },
+                    when: t.when,
+                })
+                .collect();
+        }
         _ => return vec![],
     };
     let tile_n = if tensor_cores && wgmma && wide {
@@ -9054,6 +9101,35 @@ pub fn gpu_tiles(
     } else {
         GPU_TILE
     };
+    matmul_paths(batch, m, n, tile_n, splits)
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect()
+}
+
+/// The paths of a GPU matmul (`matmul`'s dispatch), in the order it tests for them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MatMulPath {
+    /// `GPU_TILE`-row tiles: `gpu_tiled_matmul`, or on tensor cores `gpu_mma_matmul` and
+    /// `gpu_wgmma_matmul`.
+    Large,
+    /// `GPU_TILE_SMALL` square tiles.
+    Small,
+    /// Split k (`Kernel::MatMul::part`).
+    Split,
+    /// `gpu_gemv`'s row blocks.
+    Rows,
+}
+
+/// The paths of a GPU matmul over `batch` entries of `[m, n]` (`gpu_tiles`), its large tiles
+/// `GPU_TILE × tile_n`, with a split path where it may split k.
+fn matmul_paths(
+    batch: &[Dim],
+    m: &Dim,
+    n: &Dim,
+    tile_n: i64,
+    splits: bool,
+) -> Vec<(MatMulPath, GpuTiles)> {
     let per_batch = |tm: i64, tn: i64| -> DimTiles {
         batch
             .iter()
@@ -9062,38 +9138,39 @@ pub fn gpu_tiles(
             .collect()
     };
     let rows = (vec![(m.clone(), 1)], GPU_GEMV_MAX_M + 1);
+    let path = |p, blocks, when| (p, GpuTiles { blocks, when });
     let mut paths = vec![
-        GpuTiles {
-            blocks: per_batch(GPU_TILE, tile_n),
-            when: vec![
+        path(
+            MatMulPath::Large,
+            per_batch(GPU_TILE, tile_n),
+            vec![
                 rows.clone(),
                 (per_batch(GPU_TILE, GPU_TILE), GPU_TILED_MIN_TILES),
             ],
-        },
-        GpuTiles {
-            blocks: per_batch(GPU_TILE_SMALL, GPU_TILE_SMALL),
-            when: vec![
+        ),
+        path(
+            MatMulPath::Small,
+            per_batch(GPU_TILE_SMALL, GPU_TILE_SMALL),
+            vec![
                 rows.clone(),
                 (
                     per_batch(GPU_TILE_SMALL, GPU_TILE_SMALL),
                     GPU_SMALL_MIN_TILES,
                 ),
             ],
-        },
+        ),
     ];
     if splits {
         // (split k: a block per tile and slice)
         let mut blocks = per_batch(SPLIT_K_TILE, SPLIT_K_TILE);
         blocks.push((Dim::c(SPLIT_K), 1));
-        paths.push(GpuTiles {
-            blocks,
-            when: vec![rows],
-        });
+        paths.push(path(MatMulPath::Split, blocks, vec![rows]));
     }
-    paths.push(GpuTiles {
-        blocks: per_batch(ROW_BLOCK as i64, GEMV_COLS),
-        when: vec![],
-    });
+    paths.push(path(
+        MatMulPath::Rows,
+        per_batch(ROW_BLOCK as i64, GEMV_COLS),
+        vec![],
+    ));
     paths
 }
 
