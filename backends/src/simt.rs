@@ -19,18 +19,22 @@
 //! GPU's would (the call's light one off its first path: `KernelCall::gpu_launch`) and runs
 //! at most `SIM_MAX_BLOCKS` blocks; the kernels stride over their work by the grid's size,
 //! so fewer blocks than the GPU would launch compute the same result (and the stride itself
-//! gets tested). If every live thread waits and none can go on (threads of one block at
-//! different barriers), the launch fails with an error instead of hanging; so does a vector
-//! access that is not aligned to its size, on which the GPU would fault. A `cp.async`'s
-//! destination holds NaNs from its issue until its wait makes the copy (the GPU may write
-//! at any time between), so a read there before the wait, or a copy issued over data still
-//! to be read, shows in the results. A launch also fails on a `cp.async` into shared memory
-//! that a `wgmma` not yet waited for may still read (the simulator computes a `wgmma` when
-//! it is issued, and the GPU may make a copy as soon as it is issued: a race there), and a
-//! `wgmma` reading shared memory that a `cp.async` not yet waited for may still write (the
-//! GPU may make the copy as late as its wait), or that a finished one wrote without the
-//! writing thread's `fence.proxy.async` after it (`cp.async` writes through the generic
-//! proxy, `wgmma` reads through the async proxy, which may not see the write until then).
+//! gets tested). A block's shared memory starts out NaN (the GPU leaves an earlier block's
+//! data there), and odd blocks resume their threads last to first: a read before the
+//! block's own write, or of another warp's write that no barrier orders, shows in the
+//! results in one order or the other. If every live thread waits and none can go on
+//! (threads of one block at different barriers), the launch fails with an error instead of
+//! hanging; so does a vector access that is not aligned to its size, on which the GPU would
+//! fault. A `cp.async`'s destination holds NaNs from its issue until its wait makes the
+//! copy (the GPU may write at any time between), so a read there before the wait, or a copy
+//! issued over data still to be read, shows in the results. A launch also fails on a
+//! `cp.async` into shared memory that a `wgmma` not yet waited for may still read (the
+//! simulator computes a `wgmma` when it is issued, and the GPU may make a copy as soon as
+//! it is issued: a race there), and a `wgmma` reading shared memory that a `cp.async` not
+//! yet waited for may still write (the GPU may make the copy as late as its wait), or that
+//! a finished one wrote without the writing thread's `fence.proxy.async` after it
+//! (`cp.async` writes through the generic proxy, `wgmma` reads through the async proxy,
+//! which may not see the write until then).
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -59,6 +63,10 @@ const WARP: usize = 32;
 /// What a `cp.async`'s destination holds from its issue to its wait: every byte `0xff`,
 /// NaN in f32 and bf16 alike.
 const COPY_POISON: u8 = 0xff;
+
+/// What a block's shared memory holds when it starts (on the GPU, whatever an earlier block
+/// left there): NaN, so that a read before the block's own write shows in the results.
+const SHARED_POISON: u8 = 0xff;
 
 /// Words of operands a lane posts for one warp operation (the most any hook needs).
 const SLOT_WORDS: usize = 8;
@@ -658,6 +666,8 @@ pub struct SimtLauncher {
     scratch: Vec<f32>,
     /// The light entry points of the plan's calls, by symbol (`KernelCall::light`).
     light: HashMap<String, KernelFn>,
+    /// Each kernel's shared arrays (address, bytes), by symbol (`Compiled::shared`).
+    shared: HashMap<String, Vec<(usize, usize)>>,
     /// The JIT engine whose code the kernel functions are (kept alive with the executor).
     _code: Option<Compiled>,
 }
@@ -746,10 +756,18 @@ impl SimtLauncher {
         CURRENT.with(|c| c.set(bp));
         let mut status = 0;
         let mut outcome = Ok(());
+        // (odd blocks resume their threads last to first: a read of another warp's write
+        // that no barrier orders meets the write in one order and not in the other)
+        let order: Vec<usize> = if blk % 2 == 1 {
+            (0..BLOCK).rev().collect()
+        } else {
+            (0..BLOCK).collect()
+        };
         loop {
             let before = unsafe { (*bp).events };
             let mut live = false;
-            for (lane, slot) in threads.iter_mut().enumerate() {
+            for &lane in &order {
+                let slot = &mut threads[lane];
                 let Some(co) = slot.as_mut() else { continue };
                 live = true;
                 unsafe { (*bp).running = lane };
@@ -850,8 +868,14 @@ impl Launcher for SimtLauncher {
                 .ok_or_else(|| format!("the simulator has no light entry `{}`", l.symbol))?,
             _ => f,
         };
+        let symbol = call.gpu_entry(launch.light).0;
         let mut status = 0;
         for blk in 0..nblocks {
+            for &(at, bytes) in self.shared.get(symbol).into_iter().flatten() {
+                // SAFETY: a shared array of the kernel, in the JIT's memory (kept alive with
+                // the launcher), which no simulated thread uses between blocks.
+                unsafe { std::ptr::write_bytes(at as *mut u8, SHARED_POISON, bytes) };
+            }
             let rc = self.run_block(f, call, args, syms, blk, nblocks)?;
             if status == 0 {
                 status = rc;
@@ -875,6 +899,7 @@ pub fn executor(compiled: Compiled) -> Result<CpuExecutor, BackendError> {
         stacks: vec![],
         scratch: vec![],
         light,
+        shared: compiled.shared.clone(),
         _code: Some(compiled),
     };
     CpuExecutor::with_launcher(plan, fns, Box::new(launcher))
@@ -921,6 +946,7 @@ mod tests {
             stacks: vec![],
             scratch: vec![],
             light: HashMap::new(),
+            shared: HashMap::new(),
             _code: None,
         }
     }
@@ -929,6 +955,66 @@ mod tests {
     fn run(f: KernelFn, threads: i64, data: &mut [f32]) -> Result<i32, String> {
         let args = [data.as_mut_ptr() as *mut u8];
         launcher().launch(f, &call(threads), &args, &[])
+    }
+
+    // Each thread writes its id to a shared array of its kernel's, then (after a barrier,
+    // or not) reads the slot of the lane 32 away, in another warp.
+    static mut UNORDERED: [f32; 256] = [0.0; 256];
+    static mut ORDERED: [f32; 256] = [0.0; 256];
+    unsafe fn swap_warps(bufs: *const *mut u8, tid: i64, shared: *mut f32, ordered: bool) {
+        let d = *bufs as *mut f32;
+        let lane = (tid % 256) as usize;
+        *shared.add(lane) = tid as f32;
+        if ordered {
+            egret_simt_barrier();
+        }
+        *d.add(tid as usize) = *shared.add(lane ^ 32);
+    }
+    kernel!(fn read_unordered(bufs, tid, _nth) {
+        swap_warps(bufs, tid, std::ptr::addr_of_mut!(UNORDERED) as *mut f32, false);
+        0
+    });
+    kernel!(fn read_ordered(bufs, tid, _nth) {
+        swap_warps(bufs, tid, std::ptr::addr_of_mut!(ORDERED) as *mut f32, true);
+        0
+    });
+
+    /// A block's shared memory starts out NaN, and odd blocks run their threads last to
+    /// first: a read of another warp's write with no barrier between reads NaN in every
+    /// block, whichever warp comes first; with the barrier, it reads the write.
+    #[test]
+    fn shared_memory_starts_poisoned_and_blocks_run_in_both_orders() {
+        let mut d = vec![0f32; 512];
+        let mut run_on = |f: KernelFn, arr: *mut f32| {
+            let mut l = launcher();
+            l.shared.insert("k".into(), vec![(arr as usize, 256 * 4)]);
+            let args = [d.as_mut_ptr() as *mut u8];
+            assert_eq!(l.launch(f, &call(512), &args, &[]), Ok(0));
+            d.clone()
+        };
+        let got = run_on(
+            read_unordered,
+            std::ptr::addr_of_mut!(UNORDERED) as *mut f32,
+        );
+        // (block 0 in order: warps 0, 2, 4 and 6 read their odd neighbours' slots before
+        // those are written; block 1 last to first: the odd warps read the even ones')
+        for (i, v) in got.iter().enumerate() {
+            let (block, warp) = (i / 256, i % 256 / 32);
+            let first = warp % 2 == block;
+            let want = (i - i % 256 + ((i % 256) ^ 32)) as f32;
+            assert!(
+                if first { v.is_nan() } else { *v == want },
+                "thread {i}: {v}"
+            );
+        }
+        let got = run_on(read_ordered, std::ptr::addr_of_mut!(ORDERED) as *mut f32);
+        for (i, v) in got.iter().enumerate() {
+            assert_eq!(
+                *v,
+                ((i / 256) * 256 + ((i % 256) ^ 32)) as f32,
+                "thread {i}"
+            );
+        }
     }
 
     // Each thread writes its id, waits at the barrier, then reads its neighbour's slot and

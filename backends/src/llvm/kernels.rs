@@ -3022,19 +3022,30 @@ fn shared_f32<'ctx>(fb: &Fb<'_, 'ctx>, name: &str, len: u32) -> PointerValue<'ct
     shared_array(fb, name, fb.f32t.array_type(len))
 }
 
+/// What separates a kernel's name from an array's in the names of the simulator's shared
+/// arrays (`{kernel}.shared.{array}`), by which it finds each kernel's arrays (to fill them
+/// as a block starts: `crate::simt`).
+pub const SIM_SHARED: &str = ".shared.";
+
 /// A shared-memory array of type `ty` private to the kernel being generated: address space
-/// 3 on the GPU; in the simulator an ordinary global, visible outside the module so that
-/// LLVM assumes the barrier hook may change it (the other threads of the block write it).
+/// 3 on the GPU; in the simulator an ordinary global (named with `SIM_SHARED`), visible
+/// outside the module so that LLVM assumes the barrier hook may change it (the other
+/// threads of the block write it).
 fn shared_array<'ctx>(
     fb: &Fb<'_, 'ctx>,
     name: &str,
     ty: inkwell::types::ArrayType<'ctx>,
 ) -> PointerValue<'ctx> {
     let space = if fb.sim { 0u16 } else { 3 };
+    let kernel = fb.func.get_name().to_string_lossy();
     let g = fb.module.add_global(
         ty,
         Some(AddressSpace::from(space)),
-        &format!("{}_{name}", fb.func.get_name().to_string_lossy()),
+        &if fb.sim {
+            format!("{kernel}{SIM_SHARED}{name}")
+        } else {
+            format!("{kernel}_{name}")
+        },
     );
     if fb.sim {
         g.set_linkage(Linkage::External);

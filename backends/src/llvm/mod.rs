@@ -9,6 +9,8 @@
 mod kernels;
 pub use kernels::{kernel_buffers, Flavor, SIMT_HOOKS};
 
+use std::collections::HashMap;
+
 use inkwell::context::Context;
 use inkwell::execution_engine::ExecutionEngine;
 use inkwell::module::Module;
@@ -482,6 +484,9 @@ pub struct Compiled {
     /// The light entry point of each call that has one (`KernelCall::light`): the
     /// simulator's.
     pub light_fns: Vec<Option<KernelFn>>,
+    /// The simulator's shared arrays (`kernels::SIM_SHARED`) by kernel function: address
+    /// and bytes of each.
+    pub shared: HashMap<String, Vec<(usize, usize)>>,
     // The engine owns the machine code the function pointers point into (shared by the
     // programs compiled together).
     _engine: ExecutionEngine<'static>,
@@ -525,6 +530,29 @@ pub(crate) fn jit(
             engine.add_global_mapping(&f, *addr);
         }
     }
+    let mut shared: HashMap<String, Vec<(usize, usize)>> = HashMap::new();
+    for g in module.get_globals() {
+        let name = g.get_name().to_string_lossy().into_owned();
+        let Some((kernel, _)) = name.split_once(kernels::SIM_SHARED) else {
+            continue;
+        };
+        let cname = std::ffi::CString::new(name.as_str()).map_err(llvm_err)?;
+        // SAFETY: the engine is live and the name a NUL-terminated string.
+        let addr = unsafe {
+            inkwell::llvm_sys::execution_engine::LLVMGetGlobalValueAddress(
+                engine.as_mut_ptr(),
+                cname.as_ptr(),
+            )
+        };
+        if addr == 0 {
+            return Err(BackendError::Llvm(format!("the JIT lacks `{name}`")));
+        }
+        let bytes = engine.get_target_data().get_abi_size(&g.get_value_type());
+        shared
+            .entry(kernel.to_string())
+            .or_default()
+            .push((addr as usize, bytes as usize));
+    }
     let mut out = Vec::new();
     for (prog, calls) in progs.iter().zip(all) {
         let resolve = |symbol: &str| -> Result<KernelFn, BackendError> {
@@ -551,6 +579,7 @@ pub(crate) fn jit(
             plan,
             fns,
             light_fns,
+            shared: shared.clone(),
             _engine: engine.clone(),
         });
     }
