@@ -467,17 +467,31 @@ fn attention_backward_bench(bundle: &Path, table: &mut Vec<String>) -> Res<bool>
     Ok(ok)
 }
 
-/// The kernels of a profiled run grouped by kind (the first word of what they compute).
-fn summarize_profile(what: &str, profile: &[(String, f64)], table: &mut Vec<String>) {
+/// The most kernels (by what they compute) a profile lists with their total time.
+const PROFILE_SHAPES: usize = 30;
+
+/// A profile's kernels grouped by `key` of what they compute: each group's seconds and
+/// launches, most seconds first.
+fn group_profile(
+    profile: &[(String, f64)],
+    key: impl Fn(&str) -> String,
+) -> Vec<(String, (f64, usize))> {
     let mut by: HashMap<String, (f64, usize)> = HashMap::new();
     for (w, t) in profile {
-        let key: String = w.split_whitespace().take(1).collect();
-        let e = by.entry(key).or_default();
+        let e = by.entry(key(w)).or_default();
         e.0 += t;
         e.1 += 1;
     }
     let mut v: Vec<_> = by.into_iter().collect();
     v.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+    v
+}
+
+/// The kernels of a profiled run grouped by kind (the first word of what they compute),
+/// and by what they compute (`shapes`: the layers' kernels of one shape together).
+fn summarize_profile(what: &str, profile: &[(String, f64)], table: &mut Vec<String>) {
+    let v = group_profile(profile, |w| w.split_whitespace().take(1).collect());
+    let shapes = group_profile(profile, str::to_string);
     let total: f64 = v.iter().map(|x| x.1 .0).sum();
     let mut slow: Vec<&(String, f64)> = profile.iter().collect();
     slow.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -485,7 +499,8 @@ fn summarize_profile(what: &str, profile: &[(String, f64)], table: &mut Vec<Stri
         "{}",
         serde_json::json!({"check": "profile", "step": what, "total_s": total,
         "kinds": v.iter().map(|(k, (t, n))| serde_json::json!([k, t, n])).collect::<Vec<_>>(),
-        "slowest": slow.iter().take(12).map(|(w, t)| serde_json::json!([w, t])).collect::<Vec<_>>()})
+        "slowest": slow.iter().take(12).map(|(w, t)| serde_json::json!([w, t])).collect::<Vec<_>>(),
+        "shapes": shapes.iter().take(PROFILE_SHAPES).map(|(k, (t, n))| serde_json::json!([k, t, n])).collect::<Vec<_>>()})
     );
     let top: Vec<String> = v
         .iter()

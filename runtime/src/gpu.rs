@@ -97,8 +97,9 @@ pub struct GpuExecutor {
     states: Vec<DevState>,
     /// Seconds spent in kernels by the last run (host-timed around a synchronised stream).
     last_kernel_s: f64,
-    /// With profiling on, each kernel of the last run and its seconds (the stream is
-    /// synchronised after every launch, so this slows the run down).
+    /// With profiling on, each kernel of the last run (what it computes, and "(light entry)"
+    /// where it ran that: `KernelCall::light`) and its seconds (the stream is synchronised
+    /// after every launch, so this slows the run down); launches of no blocks are not there.
     profile: Option<Vec<(String, f64)>>,
     feedback: Vec<Fed>,
     /// Inputs kept on the device between runs (targets of `feedback`).
@@ -592,10 +593,14 @@ impl GpuExecutor {
             })?;
             if let Some(p) = &mut self.profile {
                 self.stream.synchronize().map_err(cuda)?;
-                p.push((
-                    self.plan.kernels[k].what.clone(),
-                    tk.elapsed().as_secs_f64(),
-                ));
+                // (which entry point ran, where the kernel has two)
+                let what = &self.plan.kernels[k].what;
+                let what = if light {
+                    format!("{what} (light entry)")
+                } else {
+                    what.clone()
+                };
+                p.push((what, tk.elapsed().as_secs_f64()));
             }
         }
         Ok(())
