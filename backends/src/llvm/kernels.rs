@@ -7310,11 +7310,14 @@ const GPU_ATTN_BWD_UNROLL: i64 = 4;
 /// is stored. Query units (log-sum-exp, `dq`) go over their visible keys; key units (`dk`,
 /// `dv`) over every query row of the heads that read their KV head, those that see them.
 ///
-/// A warp a unit (eight a block): lane `l` holds elements `l, l+32, …` of the accumulator
-/// row and forms its share of each dot product, summed over the warp with butterfly
-/// shuffles, so every row read is 32 lanes wide; the accumulators are in registers; the
-/// warp takes `GPU_ATTN_BWD_UNROLL` pairs at a time (those past the end or not visible add
-/// nothing; a group of key-unit pairs none of which is visible is skipped). With tensor
+/// A warp a query unit (eight a block), a block a key unit (its warps take the unit's query
+/// rows in turn, and their partial rows are summed in warp order through shared memory: the
+/// first keys are seen by every query row, so a warp a key left the rest of the GPU idle
+/// behind them): lane `l` holds elements `l, l+32, …` of the accumulator row and forms its
+/// share of each dot product, summed over the warp with butterfly shuffles, so every row
+/// read is 32 lanes wide; the accumulators are in registers; a warp takes
+/// `GPU_ATTN_BWD_UNROLL` pairs at a time (those past the end or not visible add nothing; a
+/// group of key-unit pairs none of which is visible is skipped). With tensor
 /// cores, head sizes of `mma_attention_fits` and at least `MMA_ATTN_MIN_T` rows of the
 /// result, it runs in `mma.sync` tiles instead (`mma_attn_bwd`). The CPU's kernel works in
 /// tiles (`attn_tiles`).
@@ -7530,47 +7533,81 @@ fn gpu_attention_backward<'ctx>(
         )
         .map_err(be)
     };
+    let warps = GPU_BLOCK_THREADS / 32;
+    // A key unit (`dk`, `dv`), on a block: warp `warp` takes the unit's (query head, group of
+    // query rows) pairs `warp, warp + warps, …` (the first keys are seen by every query row,
+    // the last by few: a warp a key left most warps idle behind the first keys'), then the
+    // warps' partial rows meet in shared memory (`partials`) and the block's threads sum
+    // them, in warp order, into the unit's row of the result.
+    let partials = key_units.then(|| shared_f32(fb, "partial_rows", (warps * width) as u32));
+    let key_unit = |fb: &Fb<'_, 'ctx>, u: IntValue<'ctx>, bl: IntValue<'ctx>| -> R<()> {
+        let partials = partials.expect("key units");
+        let warp = fb.b.build_int_signed_div(bl, c(32), "warp").map_err(be)?;
+        for r in &regs {
+            fb.set(*r, fb.f32c(0.0))?;
+        }
+        let idx = fb.decompose(u, &[bv, c(d.hkv), sv])?;
+        let (bi, gi, j) = (idx[0], idx[1], idx[2]);
+        // Whether query row `ti` sees key `j`.
+        let sees = |fb: &Fb<'_, 'ctx>, ti| -> R<IntValue<'ctx>> {
+            let limit = fb.load(&pa, fb.at(&pa, &[(0, bi), (1, ti)])?)?;
+            fb.b.build_not(lt(limit.into_int_value(), j)?, "sees")
+                .map_err(be)
+        };
+        let per_head = groups(fb, tv)?;
+        fb.for_stride(warp, fb.mul(per_head, c(rep))?, c(warps), |fb, x| {
+            let r = fb.b.build_int_signed_div(x, per_head, "r").map_err(be)?;
+            let g = fb.b.build_int_signed_rem(x, per_head, "g").map_err(be)?;
+            let hi = fb.add(fb.mul(gi, c(rep))?, r)?;
+            let mut ps = vec![];
+            let mut any = fb.ctx.bool_type().const_zero();
+            for (ti, exists) in group(fb, fb.mul(g, c(GPU_ATTN_BWD_UNROLL))?, tv)? {
+                let ok = fb.b.build_and(exists, sees(fb, ti)?, "ok").map_err(be)?;
+                any = fb.b.build_or(any, ok, "any").map_err(be)?;
+                ps.push((hi, ti, j, ok));
+            }
+            fb.if_else(any, |fb| pairs(fb, bi, &ps), |_| Ok(()))
+        })?;
+        let mine = fb.mul(warp, c(width))?;
+        for ((e, ok), r) in lanes(width)?.into_iter().zip(&regs) {
+            let v = fb.get(*r)?;
+            fb.if_else(
+                ok,
+                |fb| fb.store_f32(partials, fb.add(mine, e)?, v),
+                |_| Ok(()),
+            )?;
+        }
+        barrier(fb)?;
+        let ob = fb.mul(u, c(width))?;
+        fb.for_stride(bl, c(width), c(GPU_BLOCK_THREADS), |fb, e| {
+            let mut sum = fb.f32c(0.0);
+            for w in 0..warps {
+                sum = fb.fadd(sum, fb.load_f32(partials, fb.add(c(w * width), e)?)?)?;
+            }
+            let v = fb.fmul(sum, fb.f32c(out_scale))?;
+            fb.store(optr, oe, fb.add(ob, e)?, v.into())
+        })?;
+        // (the next unit's partial rows overwrite these)
+        barrier(fb)
+    };
+    // A query unit (log-sum-exp, `dq`), on a warp.
     let unit = |fb: &Fb<'_, 'ctx>, u: IntValue<'ctx>| -> R<()> {
         fb.set(mx, fb.f32c(f64::NEG_INFINITY))?;
         fb.set(l, fb.f32c(0.0))?;
         for r in &regs {
             fb.set(*r, fb.f32c(0.0))?;
         }
-        if key_units {
-            let idx = fb.decompose(u, &[bv, c(d.hkv), sv])?;
-            let (bi, gi, j) = (idx[0], idx[1], idx[2]);
-            // Whether query row `ti` sees key `j`.
-            let sees = |fb: &Fb<'_, 'ctx>, ti| -> R<IntValue<'ctx>> {
-                let limit = fb.load(&pa, fb.at(&pa, &[(0, bi), (1, ti)])?)?;
-                fb.b.build_not(lt(limit.into_int_value(), j)?, "sees")
-                    .map_err(be)
-            };
-            fb.for_range(c(0), c(rep), |fb, r| {
-                let hi = fb.add(fb.mul(gi, c(rep))?, r)?;
-                fb.for_range(c(0), groups(fb, tv)?, |fb, g| {
-                    let mut ps = vec![];
-                    let mut any = fb.ctx.bool_type().const_zero();
-                    for (ti, exists) in group(fb, fb.mul(g, c(GPU_ATTN_BWD_UNROLL))?, tv)? {
-                        let ok = fb.b.build_and(exists, sees(fb, ti)?, "ok").map_err(be)?;
-                        any = fb.b.build_or(any, ok, "any").map_err(be)?;
-                        ps.push((hi, ti, j, ok));
-                    }
-                    fb.if_else(any, |fb| pairs(fb, bi, &ps), |_| Ok(()))
-                })
-            })?;
-        } else {
-            let idx = fb.decompose(u, &[bv, c(d.h), tv])?;
-            let (bi, hi, ti) = (idx[0], idx[1], idx[2]);
-            let limit = fb.load(&pa, fb.at(&pa, &[(0, bi), (1, ti)])?)?;
-            let end = fb.imin(fb.add(limit.into_int_value(), c(1))?, sv)?;
-            fb.for_range(c(0), groups(fb, end)?, |fb, g| {
-                let ps: Vec<Pair<'ctx>> = group(fb, fb.mul(g, c(GPU_ATTN_BWD_UNROLL))?, end)?
-                    .into_iter()
-                    .map(|(j, ok)| (hi, ti, j, ok))
-                    .collect();
-                pairs(fb, bi, &ps)
-            })?;
-        }
+        let idx = fb.decompose(u, &[bv, c(d.h), tv])?;
+        let (bi, hi, ti) = (idx[0], idx[1], idx[2]);
+        let limit = fb.load(&pa, fb.at(&pa, &[(0, bi), (1, ti)])?)?;
+        let end = fb.imin(fb.add(limit.into_int_value(), c(1))?, sv)?;
+        fb.for_range(c(0), groups(fb, end)?, |fb, g| {
+            let ps: Vec<Pair<'ctx>> = group(fb, fb.mul(g, c(GPU_ATTN_BWD_UNROLL))?, end)?
+                .into_iter()
+                .map(|(j, ok)| (hi, ti, j, ok))
+                .collect();
+            pairs(fb, bi, &ps)
+        })?;
         // The unit's row of the result (contiguous).
         if grad.is_none() {
             let lse = fb.fadd(fb.get(mx)?, fb.log(fb.get(l)?)?)?;
@@ -7590,7 +7627,20 @@ fn gpu_attention_backward<'ctx>(
         }
         Ok(())
     };
-    let warps = GPU_BLOCK_THREADS / 32;
+    if key_units {
+        // (a unit a block: every thread of a block takes the same units, so the barriers
+        // are the whole block's)
+        let BlockGrid {
+            lane: bl,
+            blk,
+            nblk,
+            iters,
+        } = block_grid(fb, units)?;
+        fb.for_range(c(0), iters, |fb, it| {
+            key_unit(fb, fb.add(blk, fb.mul(it, nblk)?)?, bl)
+        })?;
+        return fb.ret_ok();
+    }
     let groups =
         fb.b.build_int_signed_div(fb.add(units, c(warps - 1))?, c(warps), "groups")
             .map_err(be)?;
@@ -9248,10 +9298,15 @@ pub fn gpu_threads(k: &Kernel) -> Vec<Dim> {
             .cloned()
             .chain([m.clone(), n.clone()])
             .collect(),
-        // A warp per unit: a query row, or a key row for `dk` and `dv`.
+        // A warp per query row; a block per key row for `dk` and `dv`.
         Kernel::AttentionBackward { dims: d, grad, .. } => match grad.as_ref().map(|g| g.wrt) {
             Some(AttnGrad::K | AttnGrad::V) => {
-                vec![d.b.clone(), Dim::c(d.hkv), d.s.clone(), Dim::c(32)]
+                vec![
+                    d.b.clone(),
+                    Dim::c(d.hkv),
+                    d.s.clone(),
+                    Dim::c(GPU_BLOCK_THREADS),
+                ]
             }
             _ => vec![d.b.clone(), Dim::c(d.h), d.t.clone(), Dim::c(32)],
         },
