@@ -483,7 +483,7 @@ fn group_profile(
         e.1 += 1;
     }
     let mut v: Vec<_> = by.into_iter().collect();
-    v.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+    v.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0).then_with(|| a.0.cmp(&b.0)));
     v
 }
 
