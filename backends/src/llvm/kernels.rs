@@ -7310,14 +7310,15 @@ const GPU_ATTN_BWD_UNROLL: i64 = 4;
 /// is stored. Query units (log-sum-exp, `dq`) go over their visible keys; key units (`dk`,
 /// `dv`) over every query row of the heads that read their KV head, those that see them.
 ///
-/// A warp a query unit (eight a block), a block a key unit (its warps take the unit's query
-/// rows in turn, and their partial rows are summed in warp order through shared memory: the
-/// first keys are seen by every query row, so a warp a key left the rest of the GPU idle
-/// behind them): lane `l` holds elements `l, l+32, …` of the accumulator row and forms its
-/// share of each dot product, summed over the warp with butterfly shuffles, so every row
-/// read is 32 lanes wide; the accumulators are in registers; a warp takes
-/// `GPU_ATTN_BWD_UNROLL` pairs at a time (those past the end or not visible add nothing; a
-/// group of key-unit pairs none of which is visible is skipped). With tensor
+/// A warp a log-sum-exp unit (eight a block), a block a gradient's unit (its warps take the
+/// unit's groups of pairs in turn, and their partial rows are summed in warp order through
+/// shared memory: the first keys are seen by every query row and the last query rows see
+/// every key, so a warp a unit left the rest of the GPU idle behind those): lane `l` holds
+/// elements `l, l+32, …` of the accumulator row and forms its share of each dot product,
+/// summed over the warp with butterfly shuffles, so every row read is 32 lanes wide; the
+/// accumulators are in registers; a warp takes `GPU_ATTN_BWD_UNROLL` pairs at a time
+/// (those past the end or not visible add nothing; a group of key-unit pairs none of which
+/// is visible is skipped). With tensor
 /// cores, head sizes of `mma_attention_fits` and at least `MMA_ATTN_MIN_T` rows of the
 /// result, it runs in `mma.sync` tiles instead (`mma_attn_bwd`). The CPU's kernel works in
 /// tiles (`attn_tiles`).
@@ -7500,11 +7501,14 @@ fn gpu_attention_backward<'ctx>(
             return Ok(());
         }
         let mut ds = vec![];
-        for ((p, db, row), &(gi, _, _, j, ..)) in ps_.iter().zip(&at) {
+        for ((p, db, row), &(gi, _, _, j, _, _, ok)) in ps_.iter().zip(&at) {
             let vb = fb.at(va, &[(0, bi), (1, gi), (2, j)])?;
             let dp = dot(fb, (da, *db), (va, vb), d.dv)?;
             let delta = fb.load_f32(ea.ptr, fb.at(ea, row)?)?;
-            ds.push(fb.fmul(*p, fb.b.build_float_sub(dp, delta, "dd").map_err(be)?)?);
+            let x = fb.fmul(*p, fb.b.build_float_sub(dp, delta, "dd").map_err(be)?)?;
+            // (0 where the pair does not count, whatever `delta` is: a query row that sees
+            // no key has an output of 0/0, so its `delta` may be NaN)
+            ds.push(counts(ok, x, 0.0)?);
         }
         for (x, &(_, _, _, _, qb, kb, _)) in ds.into_iter().zip(&at) {
             match wrt {
@@ -7534,40 +7538,57 @@ fn gpu_attention_backward<'ctx>(
         .map_err(be)
     };
     let warps = GPU_BLOCK_THREADS / 32;
-    // A key unit (`dk`, `dv`), on a block: warp `warp` takes the unit's (query head, group of
-    // query rows) pairs `warp, warp + warps, …` (the first keys are seen by every query row,
-    // the last by few: a warp a key left most warps idle behind the first keys'), then the
-    // warps' partial rows meet in shared memory (`partials`) and the block's threads sum
-    // them, in warp order, into the unit's row of the result.
-    let partials = key_units.then(|| shared_f32(fb, "partial_rows", (warps * width) as u32));
-    let key_unit = |fb: &Fb<'_, 'ctx>, u: IntValue<'ctx>, bl: IntValue<'ctx>| -> R<()> {
-        let partials = partials.expect("key units");
+    // A gradient's unit on a block (`block_units`): warp `warp` takes the unit's groups of
+    // pairs `warp, warp + warps, …` (the first keys are seen by every query row and the
+    // last query rows see every key: a warp a unit left most warps idle behind those),
+    // then the warps' partial rows meet in shared memory (`partials`) and the block's
+    // threads sum them, in warp order, into the unit's row of the result.
+    let block_units = grad.is_some();
+    let partials = block_units.then(|| shared_f32(fb, "partial_rows", (warps * width) as u32));
+    let block_unit = |fb: &Fb<'_, 'ctx>, u: IntValue<'ctx>, bl: IntValue<'ctx>| -> R<()> {
+        let partials = partials.expect("gradient units");
         let warp = fb.b.build_int_signed_div(bl, c(32), "warp").map_err(be)?;
         for r in &regs {
             fb.set(*r, fb.f32c(0.0))?;
         }
-        let idx = fb.decompose(u, &[bv, c(d.hkv), sv])?;
-        let (bi, gi, j) = (idx[0], idx[1], idx[2]);
-        // Whether query row `ti` sees key `j`.
-        let sees = |fb: &Fb<'_, 'ctx>, ti| -> R<IntValue<'ctx>> {
+        if key_units {
+            // (`dk`, `dv`: the (query head, group of query rows) pairs of key `j`)
+            let idx = fb.decompose(u, &[bv, c(d.hkv), sv])?;
+            let (bi, gi, j) = (idx[0], idx[1], idx[2]);
+            // Whether query row `ti` sees key `j`.
+            let sees = |fb: &Fb<'_, 'ctx>, ti| -> R<IntValue<'ctx>> {
+                let limit = fb.load(&pa, fb.at(&pa, &[(0, bi), (1, ti)])?)?;
+                fb.b.build_not(lt(limit.into_int_value(), j)?, "sees")
+                    .map_err(be)
+            };
+            let per_head = groups(fb, tv)?;
+            fb.for_stride(warp, fb.mul(per_head, c(rep))?, c(warps), |fb, x| {
+                let r = fb.b.build_int_signed_div(x, per_head, "r").map_err(be)?;
+                let g = fb.b.build_int_signed_rem(x, per_head, "g").map_err(be)?;
+                let hi = fb.add(fb.mul(gi, c(rep))?, r)?;
+                let mut ps = vec![];
+                let mut any = fb.ctx.bool_type().const_zero();
+                for (ti, exists) in group(fb, fb.mul(g, c(GPU_ATTN_BWD_UNROLL))?, tv)? {
+                    let ok = fb.b.build_and(exists, sees(fb, ti)?, "ok").map_err(be)?;
+                    any = fb.b.build_or(any, ok, "any").map_err(be)?;
+                    ps.push((hi, ti, j, ok));
+                }
+                fb.if_else(any, |fb| pairs(fb, bi, &ps), |_| Ok(()))
+            })?;
+        } else {
+            // (`dq`: the groups of keys query row `ti` sees)
+            let idx = fb.decompose(u, &[bv, c(d.h), tv])?;
+            let (bi, hi, ti) = (idx[0], idx[1], idx[2]);
             let limit = fb.load(&pa, fb.at(&pa, &[(0, bi), (1, ti)])?)?;
-            fb.b.build_not(lt(limit.into_int_value(), j)?, "sees")
-                .map_err(be)
-        };
-        let per_head = groups(fb, tv)?;
-        fb.for_stride(warp, fb.mul(per_head, c(rep))?, c(warps), |fb, x| {
-            let r = fb.b.build_int_signed_div(x, per_head, "r").map_err(be)?;
-            let g = fb.b.build_int_signed_rem(x, per_head, "g").map_err(be)?;
-            let hi = fb.add(fb.mul(gi, c(rep))?, r)?;
-            let mut ps = vec![];
-            let mut any = fb.ctx.bool_type().const_zero();
-            for (ti, exists) in group(fb, fb.mul(g, c(GPU_ATTN_BWD_UNROLL))?, tv)? {
-                let ok = fb.b.build_and(exists, sees(fb, ti)?, "ok").map_err(be)?;
-                any = fb.b.build_or(any, ok, "any").map_err(be)?;
-                ps.push((hi, ti, j, ok));
-            }
-            fb.if_else(any, |fb| pairs(fb, bi, &ps), |_| Ok(()))
-        })?;
+            let end = fb.imin(fb.add(limit.into_int_value(), c(1))?, sv)?;
+            fb.for_stride(warp, groups(fb, end)?, c(warps), |fb, g| {
+                let ps: Vec<Pair<'ctx>> = group(fb, fb.mul(g, c(GPU_ATTN_BWD_UNROLL))?, end)?
+                    .into_iter()
+                    .map(|(j, ok)| (hi, ti, j, ok))
+                    .collect();
+                pairs(fb, bi, &ps)
+            })?;
+        }
         let mine = fb.mul(warp, c(width))?;
         for ((e, ok), r) in lanes(width)?.into_iter().zip(&regs) {
             let v = fb.get(*r)?;
@@ -7590,13 +7611,10 @@ fn gpu_attention_backward<'ctx>(
         // (the next unit's partial rows overwrite these)
         barrier(fb)
     };
-    // A query unit (log-sum-exp, `dq`), on a warp.
+    // A log-sum-exp's unit (a query row), on a warp.
     let unit = |fb: &Fb<'_, 'ctx>, u: IntValue<'ctx>| -> R<()> {
         fb.set(mx, fb.f32c(f64::NEG_INFINITY))?;
         fb.set(l, fb.f32c(0.0))?;
-        for r in &regs {
-            fb.set(*r, fb.f32c(0.0))?;
-        }
         let idx = fb.decompose(u, &[bv, c(d.h), tv])?;
         let (bi, hi, ti) = (idx[0], idx[1], idx[2]);
         let limit = fb.load(&pa, fb.at(&pa, &[(0, bi), (1, ti)])?)?;
@@ -7608,26 +7626,13 @@ fn gpu_attention_backward<'ctx>(
                 .collect();
             pairs(fb, bi, &ps)
         })?;
-        // The unit's row of the result (contiguous).
-        if grad.is_none() {
-            let lse = fb.fadd(fb.get(mx)?, fb.log(fb.get(l)?)?)?;
-            let first =
-                fb.b.build_int_compare(IntPredicate::EQ, lane, c(0), "first")
-                    .map_err(be)?;
-            return fb.if_else(first, |fb| fb.store(optr, oe, u, lse.into()), |_| Ok(()));
-        }
-        let ob = fb.mul(u, c(width))?;
-        for ((e, ok), r) in lanes(width)?.into_iter().zip(&regs) {
-            let v = fb.fmul(fb.get(*r)?, fb.f32c(out_scale))?;
-            fb.if_else(
-                ok,
-                |fb| fb.store(optr, oe, fb.add(ob, e)?, v.into()),
-                |_| Ok(()),
-            )?;
-        }
-        Ok(())
+        let lse = fb.fadd(fb.get(mx)?, fb.log(fb.get(l)?)?)?;
+        let first =
+            fb.b.build_int_compare(IntPredicate::EQ, lane, c(0), "first")
+                .map_err(be)?;
+        fb.if_else(first, |fb| fb.store(optr, oe, u, lse.into()), |_| Ok(()))
     };
-    if key_units {
+    if block_units {
         // (a unit a block: every thread of a block takes the same units, so the barriers
         // are the whole block's)
         let BlockGrid {
@@ -7637,7 +7642,7 @@ fn gpu_attention_backward<'ctx>(
             iters,
         } = block_grid(fb, units)?;
         fb.for_range(c(0), iters, |fb, it| {
-            key_unit(fb, fb.add(blk, fb.mul(it, nblk)?)?, bl)
+            block_unit(fb, fb.add(blk, fb.mul(it, nblk)?)?, bl)
         })?;
         return fb.ret_ok();
     }
@@ -9298,7 +9303,8 @@ pub fn gpu_threads(k: &Kernel) -> Vec<Dim> {
             .cloned()
             .chain([m.clone(), n.clone()])
             .collect(),
-        // A warp per query row; a block per key row for `dk` and `dv`.
+        // A warp per query row for the log-sum-exp; a block per row of a gradient (a query
+        // row for `dq`, a key row for `dk` and `dv`).
         Kernel::AttentionBackward { dims: d, grad, .. } => match grad.as_ref().map(|g| g.wrt) {
             Some(AttnGrad::K | AttnGrad::V) => {
                 vec![
@@ -9308,7 +9314,13 @@ pub fn gpu_threads(k: &Kernel) -> Vec<Dim> {
                     Dim::c(GPU_BLOCK_THREADS),
                 ]
             }
-            _ => vec![d.b.clone(), Dim::c(d.h), d.t.clone(), Dim::c(32)],
+            Some(AttnGrad::Q) => vec![
+                d.b.clone(),
+                Dim::c(d.h),
+                d.t.clone(),
+                Dim::c(GPU_BLOCK_THREADS),
+            ],
+            None => vec![d.b.clone(), Dim::c(d.h), d.t.clone(), Dim::c(32)],
         },
         Kernel::Gather {
             table_shape,
