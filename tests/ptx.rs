@@ -73,26 +73,33 @@ fn smollm2_training_step_ptx_assembles_for_sm80_and_sm90() {
     }
 }
 
+/// `[M, K]·[K, N]` over element type `DT` (replaced by each test).
+const MATMUL_IR: &str = r#"graph mm {
+  %a = input "a" : DT[M, K]
+  %w = input "w" : DT[K, N]
+  %y = matmul(%a, %w) : DT[M, N]
+  output "y" = %y
+}"#;
+
+/// Causal attention over `T` positions, `heads` heads of size `d`, element type `DT`.
+fn attention_ir(heads: usize, d: usize, scale: f64) -> String {
+    let t = format!("DT[1, {heads}, T, {d}]");
+    format!(
+        "graph at {{\n  %q = input \"q\" : {t}\n  %k = input \"k\" : {t}\n  \
+         %v = input \"v\" : {t}\n  %pos = iota[axis=1] : i64[1, T]\n  \
+         %o = fused_attention[scale={scale}](%q, %k, %v, %pos) : {t}\n  output \"o\" = %o\n}}"
+    )
+}
+
 /// GPU launches of the large matmul and prompt attention start one block per tile of their
 /// tiled kernels (no empty blocks dispatched after the work): 128 × 256 tiles on sm_90a's
 /// `wgmma` (bf16 operands), 128 × 128 elsewhere, 128 query rows per head; matmuls with few
 /// rows or tiles a block per 4 rows × 32 columns; decode-sized attention a warp per row.
 #[test]
 fn tiled_kernels_launch_one_block_per_tile() {
-    let matmul = r#"graph mm {
-  %a = input "a" : DT[M, K]
-  %w = input "w" : DT[K, N]
-  %y = matmul(%a, %w) : DT[M, N]
-  output "y" = %y
-}"#;
-    let attention = r#"graph at {
-  %q = input "q" : DT[1, 16, T, 128]
-  %k = input "k" : DT[1, 16, T, 128]
-  %v = input "v" : DT[1, 16, T, 128]
-  %pos = iota[axis=1] : i64[1, T]
-  %o = fused_attention[scale=0.088](%q, %k, %v, %pos) : DT[1, 16, T, 128]
-  output "o" = %o
-}"#;
+    let matmul = MATMUL_IR;
+    let attention = attention_ir(16, 128, 0.088);
+    let attention = attention.as_str();
     let blocks = |ir: &str, dt: &str, arch: &str, binds: &[(&str, i64)]| -> u32 {
         let g = egret_ir::parse(&ir.replace("DT", dt)).unwrap();
         let opts = PtxOptions {
@@ -188,20 +195,9 @@ fn a_split_k_sum_is_launched_only_where_its_matmul_splits() {
 /// registers (two blocks an SM) and no spills; f32 kernels have none.
 #[test]
 fn heavy_kernels_launch_a_light_entry_point_off_their_tiles() {
-    let matmul = r#"graph mm {
-  %a = input "a" : DT[M, K]
-  %w = input "w" : DT[K, N]
-  %y = matmul(%a, %w) : DT[M, N]
-  output "y" = %y
-}"#;
-    let attention = r#"graph at {
-  %q = input "q" : DT[1, 4, T, 64]
-  %k = input "k" : DT[1, 4, T, 64]
-  %v = input "v" : DT[1, 4, T, 64]
-  %pos = iota[axis=1] : i64[1, T]
-  %o = fused_attention[scale=0.125](%q, %k, %v, %pos) : DT[1, 4, T, 64]
-  output "o" = %o
-}"#;
+    let matmul = MATMUL_IR;
+    let attention = attention_ir(4, 64, 0.125);
+    let attention = attention.as_str();
     for (arch, dt, tensor_cores) in [
         ("sm_90a", "bf16", true),
         ("sm_80", "bf16", true),
