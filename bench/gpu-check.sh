@@ -19,6 +19,20 @@ if [ ! -d "$bundle" ]; then
         "$dir/bundle.tar.xz" "$(dirname "$bundle")" || exit 1
 fi
 weights="$(mktemp -d)"
+# cuBLAS for the matmul timed in turn with egret's (`matmul pair benches`): PyTorch's own copy.
+if [ -z "${EGRET_CUBLAS:-}" ]; then
+    EGRET_CUBLAS="$(python3 -c '
+import glob, os, torch
+top = os.path.dirname(torch.__file__)
+roots = [os.path.join(top, "lib"), os.path.join(os.path.dirname(top), "nvidia", "cublas", "lib"),
+         "/usr/local/cuda/lib64"]
+found = [f for r in roots for f in sorted(glob.glob(os.path.join(r, "libcublas.so*")))]
+print(found[0] if found else "")')"
+    export EGRET_CUBLAS
+fi
+# (its folder first on the loader's path, for the libraries it needs beside it)
+[ -n "$EGRET_CUBLAS" ] && export LD_LIBRARY_PATH="$(dirname "$EGRET_CUBLAS")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "cuBLAS for the paired matmul: ${EGRET_CUBLAS:-none found, so the search path of the loader}"
 python3 "$(dirname "$0")/gpu/torch_ref.py" "$weights" | tee "$out/torch.jsonl"
 rc=0
 # Each step's own log goes to a scratch folder: a call brings back at most 8 files of $OUT.
@@ -54,16 +68,24 @@ for line in open(sys.argv[2]):
         print(f"egret gpu greedy ids equal to HF's (f32, GPU) for the first {same}/{len(hf)}")
 # The goals' ratios: egret's sm_90a kernel over PyTorch's figure before and after egret's steps.
 rows = lambda path: [json.loads(l) for l in open(path)]
-for name, ours, theirs in [("matmul bf16 4096^3 / cuBLAS", "matmul wgmma", "matmul bfloat16 4096^3"),
+for name, ours, theirs in [("matmul bf16 4096^3 / cuBLAS", "matmul wgmma (sm_90a)", "matmul bfloat16 4096^3"),
                            ("attention causal t4096 d128 / SDPA flash", "attention causal 16x4096x128 wgmma", "sdpa causal h16 t4096 d128 bfloat16")]:
     e = [r["tflops"] for r in rows(sys.argv[2]) if r.get("what", "").startswith(ours) and "tflops" in r]
     t = [r["tflops"] for r in rows(sys.argv[1]) if r.get("what", "").startswith(theirs) and "forward" not in r["what"]]
     if e and t:
         print(f"ratio {name}: " + ", ".join(f"{e[0] / x:.3f}" for x in t)
               + f" (egret {e[0]:.1f}, torch {', '.join(f'{x:.1f}' for x in t)} TFLOP/s)")
+# The matmul timed in turn with cuBLAS in one process: the ratio under the same clocks.
+for r in rows(sys.argv[2]):
+    if "ratio" in r and r.get("what", "").startswith("matmul wgmma paired"):
+        print(f"ratio matmul bf16 4096^3 / cuBLAS, in turn in one process: {r['ratio']:.3f} "
+              f"(rounds {r['ratio_min']:.3f}-{r['ratio_max']:.3f}; egret {r['tflops']:.1f}, "
+              f"cuBLAS {r['cublas_tflops']:.1f} TFLOP/s)")
 PY
-# The tensor-core kernels under Nsight Compute, where the machine has it: one launch each of
-# the benches' matmul and attention (their sixth: after the f32 version's five runs), or of
+# The tensor-core kernels under Nsight Compute, where the machine has it, at the card's own
+# clocks (`--clock-control none`: the device notes ask that clocks be left alone, and ncu
+# otherwise locks them to base for the run): one launch each of the benches' matmul and
+# attention (their thirteenth: after the f32 version's twelve runs), or of
 # the kernels named in NCU_KERNELS, skipping NCU_SKIP launches of each, with the metrics
 # NCU_METRICS names besides the sections (`stalls`: why warps did not issue, per issued
 # instruction, and the tensor pipes' use). Each runs only the bench step its kernel belongs
@@ -81,7 +103,7 @@ if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then
         if [ "${NCU_METRICS:-}" = stalls ]; then
             metrics=(--metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:sm__pipe_tensor.*cycles_active\.avg\.pct_of_peak_sustained_active,regex:sm__inst_executed_pipe_.*\.avg\.pct_of_peak_sustained_active')
         fi
-        timeout 120 ncu --kernel-name "regex:egret_bench_${k}" --launch-skip "${NCU_SKIP:-5}" --launch-count 1 \
+        timeout 120 ncu --clock-control none --kernel-name "regex:egret_bench_${k}" --launch-skip "${NCU_SKIP:-12}" --launch-count 1 \
             --section SpeedOfLight --section Occupancy --section WarpStateStats \
             --section MemoryWorkloadAnalysis --section SchedulerStats ${metrics[@]+"${metrics[@]}"} \
             "$dir/gpu_check" "$bundle" "$weights" "$step" > "$steplogs/ncu.txt" 2>&1

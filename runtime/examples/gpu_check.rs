@@ -7,7 +7,9 @@
 //!    prompt logits compared, greedy ids compared, GPU prefill and decode timed;
 //! 3. a 4096³ f32 matmul and a causal attention (16 heads, 4096 tokens, head 128) timed, and
 //!    that attention's forward and backward (its gradients on tensor cores checked against
-//!    f32's);
+//!    f32's), each by its device time (events on the stream), the median of `BENCH_REPS`
+//!    runs; the `wgmma` matmul also in turn with cuBLAS's bf16 GEMM in this process (where
+//!    a cuBLAS library is found), for a ratio under the same clocks;
 //! 4. the tiny transformers fixtures' loss and gradients on the GPU (1e-5 / 1e-4 relative L2,
 //!    as on the CPU), and SmolLM2's AdamW training step (batch 1 × 256) timed, in f32 and
 //!    with tensor cores.
@@ -17,9 +19,9 @@
 //! ```
 //!
 //! With STEP names (`gpu_check --steps` lists them: `conformance`, `conformance-tc`,
-//! `conformance-wgmma` (sm_90 cards), `gradients`, `smollm2`, `matmul benches`, `attention
-//! benches`, `attention backward benches`, `train step`), only those run: `benches` names
-//! the three benches, which run alone under a profiler.
+//! `conformance-wgmma` (sm_90 cards), `gradients`, `smollm2`, `matmul benches`, `matmul pair
+//! benches`, `attention benches`, `attention backward benches`, `train step`), only those
+//! run: `benches` names the four benches, which run alone under a profiler.
 //!
 //! Prints one JSON object per line (a result each) and a table last, on stderr.
 
@@ -269,16 +271,26 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Median of `reps` timed runs (kernel time, after one warm-up).
+/// Timed runs of each bench: their median is its figure, as PyTorch's side takes the median
+/// of its runs (`bench/gpu/torch_timing.py`).
+const BENCH_REPS: usize = 10;
+
+/// The median of a list of seconds.
+fn median(mut t: Vec<f64>) -> f64 {
+    t.sort_by(|a, b| a.total_cmp(b));
+    t[t.len() / 2]
+}
+
+/// Median device time of `reps` runs after one warm-up: the kernels' time on the stream by
+/// events (`GpuExecutor::last_device_seconds`), as PyTorch's is taken.
 fn time_runs(ex: &mut GpuExecutor, inputs: &HashMap<String, HostValue>, reps: usize) -> Res<f64> {
     ex.run(inputs)?;
     let mut t = vec![];
     for _ in 0..reps {
         ex.run(inputs)?;
-        t.push(ex.last_kernel_seconds());
+        t.push(ex.last_device_seconds());
     }
-    t.sort_by(|a, b| a.total_cmp(b));
-    Ok(t[t.len() / 2])
+    Ok(median(t))
 }
 
 /// A host f32 tensor of `shape` with `random` values from `seed`.
@@ -322,7 +334,7 @@ fn matmul_benches(bundle: &Path, table: &mut Vec<String>) -> Res<bool> {
         {
             results.push(y.clone());
         }
-        let s = time_runs(&mut mm, &inputs, 3)?;
+        let s = time_runs(&mut mm, &inputs, BENCH_REPS)?;
         let tflops = 2.0 * (n as f64).powi(3) / s / 1e12;
         println!(
             "{}",
@@ -353,6 +365,227 @@ fn matmul_benches(bundle: &Path, table: &mut Vec<String>) -> Res<bool> {
     Ok(ok)
 }
 
+/// cuBLAS, loaded at run time (from `EGRET_CUBLAS`, a path `bench/gpu-check.sh` finds beside
+/// PyTorch, or else from the loader's search path): the bf16 GEMM `torch.matmul` calls
+/// (`cublasGemmEx`, f32 sums), run in this process beside egret's so that both are timed on
+/// one stream, under the same clocks, in turn.
+struct Cublas {
+    handle: *mut std::ffi::c_void,
+    gemm: GemmEx,
+    destroy: unsafe extern "C" fn(*mut std::ffi::c_void) -> i32,
+    _lib: libloading::Library,
+}
+
+/// `cublasGemmEx`'s signature (cuBLAS 12).
+type GemmEx = unsafe extern "C" fn(
+    *mut std::ffi::c_void,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    *const std::ffi::c_void,
+    *const std::ffi::c_void,
+    i32,
+    i32,
+    *const std::ffi::c_void,
+    i32,
+    i32,
+    *const std::ffi::c_void,
+    *mut std::ffi::c_void,
+    i32,
+    i32,
+    i32,
+    i32,
+) -> i32;
+
+/// cuBLAS's constants this uses: no transpose, bf16 data, f32 compute, its default algorithm.
+const CUBLAS_OP_N: i32 = 0;
+const CUDA_R_16BF: i32 = 14;
+const CUBLAS_COMPUTE_32F: i32 = 68;
+const CUBLAS_GEMM_DEFAULT: i32 = -1;
+
+impl Cublas {
+    /// cuBLAS on the current context, its work on `stream`.
+    fn load(stream: &cudarc::driver::CudaStream) -> Res<Cublas> {
+        let names = match std::env::var("EGRET_CUBLAS") {
+            Ok(p) if !p.is_empty() => vec![p],
+            _ => vec!["libcublas.so.12".to_string(), "libcublas.so".to_string()],
+        };
+        // SAFETY: cuBLAS's initialisers only set up the library.
+        let lib = names
+            .iter()
+            .find_map(|n| unsafe { libloading::Library::new(n) }.ok())
+            .ok_or_else(|| format!("no cuBLAS library found (tried {})", names.join(", ")))?;
+        let ok = |what: &str, status: i32| -> Res<()> {
+            if status == 0 {
+                Ok(())
+            } else {
+                Err(format!("{what} failed: cuBLAS status {status}").into())
+            }
+        };
+        // SAFETY: each symbol has the signature cuBLAS 12's header gives it.
+        unsafe {
+            let create: libloading::Symbol<
+                unsafe extern "C" fn(*mut *mut std::ffi::c_void) -> i32,
+            > = lib.get(b"cublasCreate_v2\0")?;
+            let set_stream: libloading::Symbol<
+                unsafe extern "C" fn(*mut std::ffi::c_void, *mut std::ffi::c_void) -> i32,
+            > = lib.get(b"cublasSetStream_v2\0")?;
+            let gemm = *lib.get::<GemmEx>(b"cublasGemmEx\0")?;
+            let destroy = *lib.get(b"cublasDestroy_v2\0")?;
+            stream.context().bind_to_thread()?;
+            let mut handle = std::ptr::null_mut();
+            ok("cublasCreate", create(&mut handle))?;
+            ok(
+                "cublasSetStream",
+                set_stream(handle, stream.cu_stream() as *mut _),
+            )?;
+            Ok(Cublas {
+                handle,
+                gemm,
+                destroy,
+                _lib: lib,
+            })
+        }
+    }
+
+    /// `y = a·w` of row-major bf16 `[m, k]·[k, n]` at device addresses, enqueued: in
+    /// cuBLAS's column-major terms `yᵀ = wᵀ·aᵀ`, as PyTorch calls it.
+    fn matmul_bf16(&self, (m, n, k): (usize, usize, usize), a: u64, w: u64, y: u64) -> Res<()> {
+        let (alpha, beta) = (1f32, 0f32);
+        let p = |x: u64| x as *const std::ffi::c_void;
+        let (m, n, k) = (m as i32, n as i32, k as i32);
+        // SAFETY: the three buffers hold `m·k`, `k·n` and `m·n` bf16 elements.
+        let status = unsafe {
+            (self.gemm)(
+                self.handle,
+                CUBLAS_OP_N,
+                CUBLAS_OP_N,
+                n,
+                m,
+                k,
+                (&alpha as *const f32).cast(),
+                p(w),
+                CUDA_R_16BF,
+                n,
+                p(a),
+                CUDA_R_16BF,
+                k,
+                (&beta as *const f32).cast(),
+                y as *mut std::ffi::c_void,
+                CUDA_R_16BF,
+                n,
+                CUBLAS_COMPUTE_32F,
+                CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        if status != 0 {
+            return Err(format!("cublasGemmEx failed: cuBLAS status {status}").into());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Cublas {
+    fn drop(&mut self) {
+        // SAFETY: the handle was created by this library and is not used after this.
+        unsafe { (self.destroy)(self.handle) };
+    }
+}
+
+/// The `wgmma` matmul goal, timed in turn with cuBLAS in this process: `BENCH_REPS` rounds
+/// of egret's run (its device time) and cuBLAS's GEMM on the same bf16 operands (timed with
+/// events on its stream), each side's operands uploaded afresh before each of its runs, as
+/// egret's run uploads its inputs. Both sides meet the card's clocks alike, which drift over
+/// a call (G19's cuBLAS figures moved by 11% between the call's two ends). Each result is
+/// checked against the other (relative L2, as the other benches).
+fn matmul_pair(bundle: &Path, table: &mut Vec<String>) -> Res<bool> {
+    use cudarc::driver::{sys, CudaContext, DevicePtr};
+    let n = 4096;
+    let (a, w) = (random(n * n, 1), random(n * n, 2));
+    let inputs = HashMap::from([
+        ("a".to_string(), f32v(vec![n, n], 1)),
+        ("w".to_string(), f32v(vec![n, n], 2)),
+    ]);
+    let mut mm = executor(&bundle.join("bench-matmul-wgmma"))?;
+    let ctx = CudaContext::new(0)?;
+    let stream = ctx.new_stream()?;
+    let cublas = match Cublas::load(&stream) {
+        Ok(c) => c,
+        Err(e) => {
+            table.push(format!("egret matmul paired with cuBLAS: skipped ({e})"));
+            return Ok(true);
+        }
+    };
+    let bf16 = |v: &[f32]| -> Vec<u16> {
+        v.iter()
+            .map(|x| half::bf16::from_f32(*x).to_bits())
+            .collect()
+    };
+    let (ab, wb) = (bf16(&a), bf16(&w));
+    let (mut da, mut dw) = (
+        stream.alloc_zeros::<u16>(n * n)?,
+        stream.alloc_zeros::<u16>(n * n)?,
+    );
+    let dy = stream.alloc_zeros::<u16>(n * n)?;
+    let timed = || ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT));
+    let (e0, e1) = (timed()?, timed()?);
+    let mut cublas_run = || -> Res<f64> {
+        stream.memcpy_htod(&ab, &mut da)?;
+        stream.memcpy_htod(&wb, &mut dw)?;
+        let ptr = |s: &cudarc::driver::CudaSlice<u16>| s.device_ptr(&stream).0;
+        e0.record(&stream)?;
+        cublas.matmul_bf16((n, n, n), ptr(&da), ptr(&dw), ptr(&dy))?;
+        e1.record(&stream)?;
+        Ok(f64::from(e0.elapsed_ms(&e1)?) / 1e3)
+    };
+    // (one warm-up each; then the rounds)
+    let y = mm.run(&inputs)?;
+    cublas_run()?;
+    let (mut te, mut tc) = (vec![], vec![]);
+    for _ in 0..BENCH_REPS {
+        mm.run(&inputs)?;
+        te.push(mm.last_device_seconds());
+        tc.push(cublas_run()?);
+    }
+    let pair_ratios: Vec<f64> = te.iter().zip(&tc).map(|(e, c)| c / e).collect();
+    let (lo, hi) = pair_ratios
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(l, h), r| (l.min(*r), h.max(*r)));
+    let (se, sc) = (median(te), median(tc));
+    let flops = 2.0 * (n as f64).powi(3);
+    let ratio = sc / se;
+    // Each side's result against the other's.
+    let theirs: Vec<f32> = stream
+        .clone_dtoh(&dy)?
+        .into_iter()
+        .map(|b| half::bf16::from_bits(b).to_f32())
+        .collect();
+    let rel = match y.get("y") {
+        Some(HostValue {
+            data: HostData::F32(ours),
+            ..
+        }) => rel_l2(ours, &theirs),
+        _ => return Err("the matmul bench gave no f32 output `y`".into()),
+    };
+    let ok = rel <= 1e-2;
+    println!(
+        "{}",
+        serde_json::json!({"check": "bench", "what": "matmul wgmma paired with cuBLAS bf16 4096^3",
+            "seconds": se, "tflops": flops / se / 1e12, "cublas_seconds": sc,
+            "cublas_tflops": flops / sc / 1e12, "ratio": ratio, "ratio_min": lo, "ratio_max": hi,
+            "rel_l2": rel})
+    );
+    table.push(format!(
+        "egret matmul wgmma 4096^3 paired with cuBLAS ({BENCH_REPS} rounds): {:.1} against {:.1} TFLOP/s, {ratio:.3}x (rounds {lo:.3}-{hi:.3}); results within {rel:.2e} {}",
+        flops / se / 1e12,
+        flops / sc / 1e12,
+        if ok { "ok" } else { "FAIL" }
+    ));
+    Ok(ok)
+}
+
 /// The causal attentions (16 heads, 4096 tokens, head 128) timed (f32, tensor cores on f32
 /// and bf16 operands, `wgmma`), each tensor-core result checked against the f32 one.
 fn attention_benches(bundle: &Path, table: &mut Vec<String>) -> Res<bool> {
@@ -380,7 +613,7 @@ fn attention_benches(bundle: &Path, table: &mut Vec<String>) -> Res<bool> {
         {
             outs.push(o.clone());
         }
-        let s = time_runs(&mut at, &inputs, 3)?;
+        let s = time_runs(&mut at, &inputs, BENCH_REPS)?;
         // Causal: half the score matrix, QKᵀ and PV each 2·d flops per score.
         let flops = 16.0 * (t as f64) * (t as f64) / 2.0 * 128.0 * 4.0;
         let tflops = flops / s / 1e12;
@@ -433,7 +666,7 @@ fn attention_backward_bench(bundle: &Path, table: &mut Vec<String>) -> Res<bool>
     ] {
         let mut at = executor(&bundle.join(dir))?;
         outs.push(at.run(&inputs)?);
-        let s = time_runs(&mut at, &inputs, 3)?;
+        let s = time_runs(&mut at, &inputs, BENCH_REPS)?;
         let tflops = flops / s / 1e12;
         println!(
             "{}",
@@ -739,13 +972,14 @@ fn train_step(bundle: &Path, weights: &Path, table: &mut Vec<String>) -> Res<boo
 
 /// The steps, in the order they run (`bench/gpu-check.sh` runs each in a process of its
 /// own, so that a fault in one, which leaves the CUDA context unusable, spares the others).
-const STEPS: [&str; 9] = [
+const STEPS: [&str; 10] = [
     "conformance",
     "conformance-tc",
     "conformance-wgmma",
     "gradients",
     "smollm2",
     "matmul benches",
+    "matmul pair benches",
     "attention benches",
     "attention backward benches",
     "train step",
@@ -795,6 +1029,7 @@ fn main() {
         ("gradients", &|t| gradients(bundle, t)),
         ("smollm2", &|t| smollm2(bundle, weights, t)),
         ("matmul benches", &|t| matmul_benches(bundle, t)),
+        ("matmul pair benches", &|t| matmul_pair(bundle, t)),
         ("attention benches", &|t| attention_benches(bundle, t)),
         ("attention backward benches", &|t| {
             attention_backward_bench(bundle, t)

@@ -23,8 +23,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::driver::{
-    sys, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr,
-    LaunchConfig, PushKernelArg,
+    sys, CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream,
+    DevicePtr, LaunchConfig, PushKernelArg,
 };
 
 use crate::cpu::{HostData, HostValue};
@@ -97,6 +97,11 @@ pub struct GpuExecutor {
     states: Vec<DevState>,
     /// Seconds spent in kernels by the last run (host-timed around a synchronised stream).
     last_kernel_s: f64,
+    /// Seconds the device took over the last run's launches, by `clock`.
+    last_device_s: f64,
+    /// Events recorded on `stream` before and after each launch sequence, timing it on the
+    /// device (launch and synchronisation costs on the host left out).
+    clock: [CudaEvent; 2],
     /// With profiling on, each kernel of the last run (what it computes, and "(light entry)"
     /// where it ran that: `KernelCall::light`) and its seconds (the stream is synchronised
     /// after every launch, so this slows the run down); launches of no blocks are not there.
@@ -143,6 +148,8 @@ impl GpuExecutor {
         unsafe { ctx.disable_event_tracking() };
         // A stream of its own: the legacy default stream cannot be captured into a graph.
         let stream = ctx.new_stream().map_err(cuda)?;
+        let timed = || ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT));
+        let clock = [timed().map_err(cuda)?, timed().map_err(cuda)?];
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
             .map_err(|e| RuntimeError::Gpu(format!("the driver rejected the PTX: {e:?}")))?;
@@ -200,6 +207,8 @@ impl GpuExecutor {
             states,
             stream,
             last_kernel_s: 0.0,
+            last_device_s: 0.0,
+            clock,
             profile: None,
             feedback: vec![],
             resident: HashMap::new(),
@@ -221,9 +230,18 @@ impl GpuExecutor {
         &self.plan
     }
 
-    /// Seconds the last run spent launching and running kernels.
+    /// Seconds the last run spent launching and running kernels, on the host's clock (from
+    /// the first launch to the end of the stream's work, as a caller waits for it).
     pub fn last_kernel_seconds(&self) -> f64 {
         self.last_kernel_s
+    }
+
+    /// Seconds the device spent on the last run's kernels, timed by events on its stream
+    /// around each launch sequence (as `torch.cuda.Event` times PyTorch's work): the launch
+    /// calls and the host's wait for the stream are not counted, so this is the figure to
+    /// set beside another library's kernel time.
+    pub fn last_device_seconds(&self) -> f64 {
+        self.last_device_s
     }
 
     /// Keeps outputs on the device as the next run's values of parameters or inputs, by name:
@@ -501,6 +519,7 @@ impl GpuExecutor {
             dptr(&self.status, &self.stream),
         );
         let t0 = std::time::Instant::now();
+        self.clock[0].record(&self.stream).map_err(cuda)?;
         // What a graph of this sequence depends on (the table, symbols and status are
         // uploaded before each run, so only their addresses count).
         let ptrs = [tab_p, syms_p, scratch_p, status_p];
@@ -539,11 +558,15 @@ impl GpuExecutor {
             self.seen.push(key);
             self.launch_each(kernels, &launch, &starts, ptrs)?;
         }
+        self.clock[1].record(&self.stream).map_err(cuda)?;
         let status = self
             .stream
             .clone_dtoh(&self.status)
             .map_err(|e| RuntimeError::Gpu(format!("a kernel failed on the device: {e:?}")))?;
         self.last_kernel_s += t0.elapsed().as_secs_f64();
+        // (the status copy waited for the stream, so both events are done)
+        let ms = self.clock[0].elapsed_ms(&self.clock[1]).map_err(cuda)?;
+        self.last_device_s += f64::from(ms) / 1e3;
         if status[0] != 0 {
             let msg = match status[0] {
                 1 => "an index is out of range (a token id beyond the vocabulary?)".to_string(),
@@ -638,6 +661,7 @@ impl GpuExecutor {
             p.clear();
         }
         self.last_kernel_s = 0.0;
+        self.last_device_s = 0.0;
         let fixed = self.load_states(inputs)?;
         let mut syms = self
             .plan
