@@ -78,7 +78,7 @@ const CASES: &[(&str, &str)] = &[
   output "r1" = %r1"#,
     ),
     (
-        // Long unit-stride rows (a warp per row on the GPU from 128 elements), and an
+        // Long unit-stride rows (a warp per row on the GPU from 32 elements), and an
         // expression reduced (a product of two loads, one broadcast along the row).
         "reductions-long-rows",
         r#"
@@ -91,6 +91,24 @@ const CASES: &[(&str, &str)] = &[
   %a = reduce_mean[axis=1](%x) : f32[5, 1]
   %r = concat[axis=1](%s, %m, %a) : f32[5, 3]
   output "r" = %r"#,
+    ),
+    (
+        // Sums over a matrix's rows, as a weight's gradient sums over tokens: on the GPU a
+        // block per 32 outputs from 32 rows (`gpu_by_columns`; 7 groups of outputs here,
+        // more than the simulator's blocks), and over a transposed operand's rows; fewer
+        // rows take a thread per output.
+        "reductions-columns",
+        r#"
+  %x = input "x" : f32[2, N, 100]
+  %s = reduce_sum[axis=1](%x) : f32[2, 1, 100]
+  %m = reduce_max[axis=1](%x) : f32[2, 1, 100]
+  %a = reduce_mean[axis=1](%x) : f32[2, 1, 100]
+  %y = input "y" : f32[N, 3]
+  %yt = permute[perm=[1, 0]](%y) : f32[3, N]
+  %t = reduce_sum[axis=1](%yt) : f32[3, 1]
+  %r = concat[axis=1](%s, %m, %a) : f32[2, 3, 100]
+  output "r" = %r
+  output "t" = %t"#,
     ),
     (
         "softmax",
@@ -317,6 +335,24 @@ const CASES: &[(&str, &str)] = &[
   %y = add(%r, %b) : f32[4, N]
   %t = permute[perm=[1, 0]](%y) : f32[N, 4]
   output "t" = %t"#,
+    ),
+    (
+        // Elementwise kernels that transpose (an optimizer's update reading a weight's
+        // gradient computed transposed): on the GPU in 32 × 32 tiles (`gpu_tiled_order`),
+        // with partial tiles along both axes and more tiles than the simulator's blocks;
+        // and batched.
+        "transposing-elementwise",
+        r#"
+  %p = input "p" : f32[N, 70]
+  %g = input "g" : f32[70, N]
+  %gt = permute[perm=[1, 0]](%g) : f32[N, 70]
+  %s = mul(%gt, %gt) : f32[N, 70]
+  %u = sub(%p, %s) : f32[N, 70]
+  %x = input "x" : f32[2, 45, N]
+  %xt = permute[perm=[0, 2, 1]](%x) : f32[2, N, 45]
+  %e = exp(%xt) : f32[2, N, 45]
+  output "u" = %u
+  output "e" = %e"#,
     ),
     (
         "gather",

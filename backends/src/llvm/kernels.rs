@@ -2350,6 +2350,23 @@ fn reduce<'ctx>(
     let len = fb.dim(&shape[axis])?;
     let f64t = fb.ctx.f64_type();
     let acc = fb.slot(f64t.into())?;
+    // `a` and `x` (f64) folded by the reduction's operator.
+    let fold =
+        |fb: &Fb<'_, 'ctx>, a: FloatValue<'ctx>, x: FloatValue<'ctx>| -> R<FloatValue<'ctx>> {
+            Ok(match op {
+                ReduceOp::Max => {
+                    let i = Intrinsic::find("llvm.maximum").expect("intrinsic");
+                    let f = i.get_declaration(fb.module, &[f64t.into()]).expect("decl");
+                    fb.b.build_call(f, &[a.into(), x.into()], "m")
+                        .map_err(be)?
+                        .try_as_basic_value()
+                        .basic()
+                        .expect("value")
+                        .into_float_value()
+                }
+                _ => fb.fast(fb.b.build_float_add(a, x, "s").map_err(be)?),
+            })
+        };
     // Row `o`'s elements `j0, j0 + step, …` folded into `acc` (f64).
     let partial =
         |fb: &Fb<'_, 'ctx>, o: IntValue<'ctx>, j0: IntValue<'ctx>, step: IntValue<'ctx>| -> R<()> {
@@ -2380,20 +2397,7 @@ fn reduce<'ctx>(
                     fb.b.build_load(f64t, acc, "a")
                         .map_err(be)?
                         .into_float_value();
-                let v = match op {
-                    ReduceOp::Max => {
-                        let i = Intrinsic::find("llvm.maximum").expect("intrinsic");
-                        let f = i.get_declaration(fb.module, &[f64t.into()]).expect("decl");
-                        fb.b.build_call(f, &[a.into(), x.into()], "m")
-                            .map_err(be)?
-                            .try_as_basic_value()
-                            .basic()
-                            .expect("value")
-                            .into_float_value()
-                    }
-                    _ => fb.fast(fb.b.build_float_add(a, x, "s").map_err(be)?),
-                };
-                fb.b.build_store(acc, v).map_err(be)?;
+                fb.b.build_store(acc, fold(fb, a, x)?).map_err(be)?;
                 Ok(())
             })
         };
@@ -2419,8 +2423,7 @@ fn reduce<'ctx>(
             fb.store_f32(optr, o, v)
         })
     };
-    let loads: Vec<&Access> = loads.iter().map(|(a, _)| *a).collect();
-    if fb.gpu && gpu_warp_rows(&loads, axis) {
+    if fb.gpu && reduce_warp_rows(src, axis) {
         gpu_by_warp(fb, total, len, by_thread, |fb, o, lane| {
             partial(fb, o, lane, fb.i64c(32))?;
             let a =
@@ -2441,16 +2444,128 @@ fn reduce<'ctx>(
                 |_| Ok(()),
             )
         })?;
+    } else if fb.gpu {
+        // (`gpu_by_columns`: lanes take neighbouring outputs, warps the axis in turn)
+        let warps = fb.i64c(COLUMN_WARPS);
+        let parts = shared_array(
+            fb,
+            "column_partials",
+            f64t.array_type(GPU_BLOCK_THREADS as u32),
+        );
+        let part = |fb: &Fb<'_, 'ctx>, i: IntValue<'ctx>| {
+            unsafe { fb.b.build_in_bounds_gep(f64t, parts, &[i], "part") }.map_err(be)
+        };
+        gpu_by_columns(fb, total, len, by_thread, |fb, o, live, t| {
+            let (warp, lane) = (
+                fb.b.build_int_signed_div(t, fb.i64c(32), "warp")
+                    .map_err(be)?,
+                fb.b.build_int_signed_rem(t, fb.i64c(32), "lane")
+                    .map_err(be)?,
+            );
+            fb.if_else(
+                live,
+                |fb| {
+                    partial(fb, o, warp, warps)?;
+                    let a = fb.b.build_load(f64t, acc, "a").map_err(be)?;
+                    fb.b.build_store(part(fb, t)?, a).map_err(be)?;
+                    Ok(())
+                },
+                |_| Ok(()),
+            )?;
+            barrier(fb)?;
+            // Warp 0 folds its lane's output's partials in warp order, so that runs agree.
+            let first =
+                fb.b.build_int_compare(IntPredicate::EQ, warp, fb.i64c(0), "w0")
+                    .map_err(be)?;
+            let go = fb.b.build_and(first, live, "go").map_err(be)?;
+            fb.if_else(
+                go,
+                |fb| {
+                    let load = |fb: &Fb<'_, 'ctx>, w: i64| -> R<FloatValue<'ctx>> {
+                        let at = fb.add(lane, fb.i64c(32 * w))?;
+                        Ok(fb
+                            .b
+                            .build_load(f64t, part(fb, at)?, "p")
+                            .map_err(be)?
+                            .into_float_value())
+                    };
+                    let mut a = load(fb, 0)?;
+                    for w in 1..COLUMN_WARPS {
+                        a = fold(fb, a, load(fb, w)?)?;
+                    }
+                    let v =
+                        fb.b.build_float_trunc(finish(fb, a)?, fb.f32t, "v")
+                            .map_err(be)?;
+                    fb.store_f32(optr, o, v)
+                },
+                |_| Ok(()),
+            )?;
+            // (the next group's partials go where these were read)
+            barrier(fb)
+        })?;
     } else {
         by_thread(fb)?;
     }
     fb.ret_ok()
 }
 
-/// Fewest elements along the axis for which a GPU reduction or softmax gives each row a
-/// warp (lanes striding along the axis, then a butterfly fold) rather than a thread: a
-/// vocabulary-sized row on one thread leaves the GPU nearly idle.
-const GPU_WARP_ROW_MIN: i64 = 128;
+/// Fewest elements along the axis for which a GPU reduction, softmax or RMSNorm gives each
+/// row a warp (lanes striding along the axis, then a butterfly fold) rather than a thread:
+/// a long row on one thread is a chain of dependent loads, and the rows' threads too few
+/// to fill the GPU (attention's 64-wide rows of a training step: 2304 threads).
+const GPU_WARP_ROW_MIN: i64 = 32;
+
+/// Fewest elements along the axis for which a GPU reduction whose rows cannot take a warp
+/// (the axis is not the operands' unit stride: a sum over a matrix's rows, as a weight's
+/// gradient sums over tokens) splits each output's elements over a block's warps
+/// (`gpu_by_columns`).
+const GPU_COLUMN_MIN: i64 = 32;
+
+/// Warps of a block in `gpu_by_columns`: warp `w` folds elements `w, w + COLUMN_WARPS, …` of
+/// its lane's output.
+const COLUMN_WARPS: i64 = GPU_BLOCK_THREADS / 32;
+
+/// The GPU column split: with at least `GPU_COLUMN_MIN` elements an output, each block takes
+/// groups of 32 neighbouring outputs (`⌈rows / 32⌉` groups, blocks striding over them; the
+/// launch has a block per group, `gpu_tiles`), lane `l` of every warp the group's output
+/// `l`, and `group(fb, o, live, t)` runs on every thread `t` of the block (`live`: output
+/// `o` exists; every thread runs it, so that it may hold barriers). Each output's elements
+/// are then read by eight threads at once, and a warp's loads of one element of 32
+/// neighbouring outputs are neighbours where the outputs' innermost axis is the operands'
+/// (a column sum's). Fewer elements run `by_thread`.
+fn gpu_by_columns<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    rows: IntValue<'ctx>,
+    len: IntValue<'ctx>,
+    by_thread: impl FnOnce(&Fb<'_, 'ctx>) -> R<()>,
+    group: impl Fn(&Fb<'_, 'ctx>, IntValue<'ctx>, IntValue<'ctx>, IntValue<'ctx>) -> R<()>,
+) -> R<()> {
+    let long =
+        fb.b.build_int_compare(IntPredicate::SGE, len, fb.i64c(GPU_COLUMN_MIN), "long")
+            .map_err(be)?;
+    fb.if_else(
+        long,
+        |fb| {
+            let groups = fb.ceil_div(rows, fb.i64c(32))?;
+            let BlockGrid {
+                lane: t,
+                blk,
+                nblk,
+                iters,
+            } = block_grid(fb, groups)?;
+            let l = fb.b.build_int_signed_rem(t, fb.i64c(32), "l").map_err(be)?;
+            fb.for_range(fb.i64c(0), iters, |fb, it| {
+                let g = fb.add(blk, fb.mul(it, nblk)?)?;
+                let o = fb.add(fb.mul(g, fb.i64c(32))?, l)?;
+                let live =
+                    fb.b.build_int_compare(IntPredicate::SLT, o, rows, "live")
+                        .map_err(be)?;
+                group(fb, o, live, t)
+            })
+        },
+        by_thread,
+    )
+}
 
 /// Whether a GPU reduction or softmax over `axis` takes a warp per row when rows are long:
 /// every operand walks the axis with unit stride (or stays put), so lanes read neighbouring
@@ -2462,6 +2577,15 @@ fn gpu_warp_rows(loads: &[&Access], axis: usize) -> bool {
                 .get(axis)
                 .is_some_and(|s| s.same(&Poly::c(1)) || s.same(&Poly::zero()))
         })
+}
+
+/// Whether a GPU reduction of `src` over `axis` takes a warp per long row
+/// (`gpu_warp_rows` of its operands), rather than `gpu_by_columns`.
+fn reduce_warp_rows(src: &Expr, axis: usize) -> bool {
+    let mut loads = vec![];
+    collect_loads(src, &mut loads);
+    let loads: Vec<&Access> = loads.iter().map(|(a, _)| *a).collect();
+    gpu_warp_rows(&loads, axis)
 }
 
 /// The GPU row split: with at least `GPU_WARP_ROW_MIN` elements a row, warp `tid / 32` of
@@ -9073,7 +9197,9 @@ pub struct GpuTiles {
 /// of `ROW_BLOCK` rows × `GEMV_COLS` columns; the split-k sum after such a matmul the same
 /// tests, with a thread per output where the matmul splits and no blocks (no launch: decode
 /// would pay for hundreds of empty ones a token) on its other paths; tensor-core attention's
-/// `MMA_ATTN_ROWS` query rows per `(b, h)`, taken from `MMA_ATTN_MIN_T` rows.
+/// `MMA_ATTN_ROWS` query rows per `(b, h)`, taken from `MMA_ATTN_MIN_T` rows; a reduction
+/// whose rows cannot take a warp, a block per 32 outputs (`gpu_by_columns`), taken where
+/// the axis has at least `GPU_COLUMN_MIN` elements.
 /// Launching one block per tile leaves no empty blocks to dispatch after the work (the
 /// kernels stride over their tiles by the grid, so any grid computes the same; attention's
 /// warp-per-row fallback for bf16 keys and values the ring cannot copy then runs on fewer
@@ -9159,6 +9285,24 @@ pub fn gpu_tiles(
                     when: t.when,
                 })
                 .collect();
+        }
+        // (`gpu_by_columns`: a block per 32 outputs, where the axis is long enough; its
+        // blocks tile the outputs' last axis by 32, so where that axis is short some find
+        // no outputs)
+        Kernel::Reduce {
+            shape, axis, src, ..
+        } if !reduce_warp_rows(src, *axis) => {
+            let mut blocks: DimTiles = (0..shape.len())
+                .filter(|i| i != axis)
+                .map(|i| (shape[i].clone(), 1))
+                .collect();
+            if let Some(last) = blocks.last_mut() {
+                last.1 = 32;
+            }
+            return vec![GpuTiles {
+                blocks,
+                when: vec![(vec![(shape[*axis].clone(), 1)], GPU_COLUMN_MIN)],
+            }];
         }
         _ => return vec![],
     };
@@ -9256,16 +9400,10 @@ pub fn gpu_threads(k: &Kernel) -> Vec<Dim> {
         // A thread per row, or a warp per row where rows may take one (`gpu_warp_rows`).
         Kernel::Reduce {
             shape, axis, src, ..
-        } => {
-            let mut loads = vec![];
-            collect_loads(src, &mut loads);
-            let loads: Vec<&Access> = loads.iter().map(|(a, _)| *a).collect();
-            let warp = gpu_warp_rows(&loads, *axis);
-            without(shape, *axis)
-                .into_iter()
-                .chain(warp.then(|| Dim::c(32)))
-                .collect()
-        }
+        } => without(shape, *axis)
+            .into_iter()
+            .chain(reduce_warp_rows(src, *axis).then(|| Dim::c(32)))
+            .collect(),
         Kernel::Softmax {
             shape, axis, src, ..
         } => without(shape, *axis)
