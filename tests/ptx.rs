@@ -148,6 +148,44 @@ fn tiled_kernels_launch_one_block_per_tile() {
     );
 }
 
+/// A sum over a matrix's rows launches a block per 32 outputs from 32 rows (and a thread per
+/// output below), and an elementwise kernel that transposes a block per 32 × 32 tile.
+#[test]
+fn column_sums_and_transposes_launch_a_block_per_group_or_tile() {
+    let g = egret_ir::parse(
+        r#"graph g {
+  %x = input "x" : f32[T, 576]
+  %s = reduce_sum[axis=0](%x) : f32[1, 576]
+  %u = input "u" : f32[576, T]
+  %ut = permute[perm=[1, 0]](%u) : f32[T, 576]
+  %e = exp(%ut) : f32[T, 576]
+  output "s" = %s
+  output "e" = %e
+}"#,
+    )
+    .unwrap();
+    let (_, plans) = egret::gpu::compile_graphs(&[&g], &PtxOptions::default(), false).unwrap();
+    let plan = &plans[0];
+    let blocks = |what: &str, t: i64| -> u32 {
+        let k = plan
+            .kernels
+            .iter()
+            .find(|k| k.what.starts_with(what))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{what}: {:?}",
+                    plan.kernels.iter().map(|k| &k.what).collect::<Vec<_>>()
+                )
+            });
+        k.gpu_blocks(&[t])
+    };
+    assert_eq!(plan.symbols, ["T"]);
+    assert_eq!(blocks("reduce_sum", 256), 576 / 32);
+    assert_eq!(blocks("reduce_sum", 31), 576_u32.div_ceil(256));
+    assert_eq!(blocks("elementwise", 256), (256 / 32) * (576 / 32));
+    assert_eq!(blocks("elementwise", 33), 2 * (576 / 32));
+}
+
 /// A matmul that may split k (a constant k of 512 or more) is followed by the sum of its
 /// slices, which is launched only where the matmul splits: with more than 32 rows and too few
 /// tiles of either size (`[256 × 576]·[576 × 576]`: 36 of 64 × 64), not for decode or for

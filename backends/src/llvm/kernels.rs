@@ -2171,6 +2171,23 @@ fn elementwise<'ctx>(fb: &Fb<'_, 'ctx>, outs: &[(&Access, &Expr)], shape: &[Dim]
     for d in &outer {
         rows = fb.mul(rows, *d)?;
     }
+    let transposing = r >= 2
+        && elementwise_transposes(
+            loads
+                .iter()
+                .map(|(a, _)| *a)
+                .chain(outs.iter().map(|(o, _)| *o)),
+            r,
+        );
+    if fb.gpu && transposing {
+        gpu_tiled_order(fb, &dims, |fb, index| {
+            let pairs: Vec<(usize, IntValue)> = index.iter().copied().enumerate().collect();
+            let el: Vec<IntValue> = avs.iter().map(|a| fb.at(a, &pairs)).collect::<R<_>>()?;
+            let ats: Vec<IntValue> = oavs.iter().map(|o| fb.at(o, &pairs)).collect::<R<_>>()?;
+            eval_store(fb, outs, &avs, &el, &oavs, &ats, index)
+        })?;
+        return fb.ret_ok();
+    }
     if fb.gpu {
         // Neighbouring threads touch neighbouring elements.
         fb.for_each_share(fb.mul(rows, inner)?, |fb, lin| {
@@ -2182,16 +2199,6 @@ fn elementwise<'ctx>(fb: &Fb<'_, 'ctx>, outs: &[(&Access, &Expr)], shape: &[Dim]
         })?;
         return fb.ret_ok();
     }
-    let transposing = r >= 2
-        && loads
-            .iter()
-            .map(|(a, _)| *a)
-            .chain(outs.iter().map(|(o, _)| *o))
-            .any(|a| {
-                a.strides[r - 2] == Poly::c(1)
-                    && a.strides[r - 1] != Poly::c(1)
-                    && a.strides[r - 1] != Poly::zero()
-            });
     if transposing {
         return elementwise_tiled(fb, outs, &avs, &oavs, &dims);
     }
@@ -2248,6 +2255,83 @@ fn eval_store<'ctx>(
         fb.store(o.ptr, o.elem, *at, v)?;
     }
     Ok(())
+}
+
+/// Whether an elementwise kernel over `r` dims (at least two) transposes: one of its
+/// operands or outputs (`accesses`) runs along the second-to-last axis in memory, not the
+/// last.
+fn elementwise_transposes<'a>(accesses: impl IntoIterator<Item = &'a Access>, r: usize) -> bool {
+    accesses.into_iter().any(|a| {
+        a.strides[r - 2] == Poly::c(1)
+            && a.strides[r - 1] != Poly::c(1)
+            && a.strides[r - 1] != Poly::zero()
+    })
+}
+
+/// Side of the square tiles of the last two axes in which a transposing GPU elementwise
+/// kernel takes its elements (`gpu_tiled_order`): a warp's lanes span one, and the
+/// block's 8 warps its rows.
+const GPU_TRANSPOSE_TILE: i64 = 32;
+const _: () = assert!(GPU_TRANSPOSE_TILE == 32 && GPU_TRANSPOSE_TILE % COLUMN_WARPS == 0);
+
+/// The elements of `dims` (two axes or more) in `GPU_TRANSPOSE_TILE`-square tiles of the
+/// last two axes, blocks striding over the tiles (the launch has a block per tile:
+/// `gpu_tiles`): lane `l` of warp `w` takes column `l` of the tile and its rows `w, w + 8,
+/// …`, and `body(fb, index)` runs at each. A warp's accesses along the last axis are
+/// neighbours, as with a thread per element in order; an operand that runs down the
+/// columns in memory has each 32-byte sector of a column (8 rows) read by the block's 8
+/// warps at about the same time, so L1 serves 7 of the 8 reads, where a thread per element
+/// in row order would read the sector from L2 once per element, rows apart.
+fn gpu_tiled_order<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    dims: &[IntValue<'ctx>],
+    body: impl Fn(&Fb<'_, 'ctx>, &[IntValue<'ctx>]) -> R<()>,
+) -> R<()> {
+    let r = dims.len();
+    let (mid, inner) = (dims[r - 2], dims[r - 1]);
+    let outer = &dims[..r - 2];
+    let c = |v: i64| fb.i64c(v);
+    let mut tiles = fb.ceil_div(inner, c(GPU_TRANSPOSE_TILE))?;
+    let tj = tiles;
+    let ti = fb.ceil_div(mid, c(GPU_TRANSPOSE_TILE))?;
+    tiles = fb.mul(tiles, ti)?;
+    for d in outer {
+        tiles = fb.mul(tiles, *d)?;
+    }
+    let BlockGrid {
+        lane: t,
+        blk,
+        nblk,
+        iters,
+    } = block_grid(fb, tiles)?;
+    let srem = |a, b, n| fb.b.build_int_signed_rem(a, b, n).map_err(be);
+    let sdiv = |a, b, n| fb.b.build_int_signed_div(a, b, n).map_err(be);
+    let (w, l) = (sdiv(t, c(32), "w")?, srem(t, c(32), "l")?);
+    fb.for_range(c(0), iters, |fb, it| {
+        let u = fb.add(blk, fb.mul(it, nblk)?)?;
+        let (jt, rest) = (srem(u, tj, "jt")?, sdiv(u, tj, "rest")?);
+        let (itile, o) = (srem(rest, ti, "it")?, sdiv(rest, ti, "o")?);
+        let mut index = fb.decompose(o, outer)?;
+        let j = fb.add(fb.mul(jt, c(GPU_TRANSPOSE_TILE))?, l)?;
+        let i0 = fb.add(fb.mul(itile, c(GPU_TRANSPOSE_TILE))?, w)?;
+        let cmp = |a, b| {
+            fb.b.build_int_compare(IntPredicate::SLT, a, b, "in")
+                .map_err(be)
+        };
+        fb.if_else(
+            cmp(j, inner)?,
+            |fb| {
+                index.extend([i0, j]);
+                for k in 0..GPU_TRANSPOSE_TILE / COLUMN_WARPS {
+                    let i = fb.add(i0, c(COLUMN_WARPS * k))?;
+                    index[r - 2] = i;
+                    fb.if_else(cmp(i, mid)?, |fb| body(fb, &index), |_| Ok(()))?;
+                }
+                Ok(())
+            },
+            |_| Ok(()),
+        )
+    })
 }
 
 /// Rows of the second-to-last axis that a transposing elementwise kernel walks together.
@@ -9285,6 +9369,35 @@ pub fn gpu_tiles(
                     when: t.when,
                 })
                 .collect();
+        }
+        // (`gpu_tiled_order`: a block per tile)
+        Kernel::Elementwise { shape, .. }
+            if shape.len() >= 2 && {
+                let outs = k.elementwise_outputs();
+                let mut loads = vec![];
+                for (_, e) in &outs {
+                    collect_loads(e, &mut loads);
+                }
+                let accesses = loads
+                    .iter()
+                    .map(|(a, _)| *a)
+                    .chain(outs.iter().map(|(o, _)| *o));
+                elementwise_transposes(accesses, shape.len())
+            } =>
+        {
+            let r = shape.len();
+            return vec![GpuTiles {
+                blocks: shape[..r - 2]
+                    .iter()
+                    .map(|d| (d.clone(), 1))
+                    .chain(
+                        shape[r - 2..]
+                            .iter()
+                            .map(|d| (d.clone(), GPU_TRANSPOSE_TILE)),
+                    )
+                    .collect(),
+                when: vec![],
+            }];
         }
         // (`gpu_by_columns`: a block per 32 outputs, where the axis is long enough; its
         // blocks tile the outputs' last axis by 32, so where that axis is short some find
