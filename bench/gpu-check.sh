@@ -30,8 +30,12 @@ found = [f for r in roots for f in sorted(glob.glob(os.path.join(r, "libcublas.s
 print(found[0] if found else "")')"
     export EGRET_CUBLAS
 fi
-# (its folder first on the loader's path, for the libraries it needs beside it)
-[ -n "$EGRET_CUBLAS" ] && export LD_LIBRARY_PATH="$(dirname "$EGRET_CUBLAS")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# egret's steps run with its folder first on the loader's path, for the libraries it needs
+# beside it (PyTorch's steps keep their own).
+egret_env=(env)
+if [ -n "$EGRET_CUBLAS" ]; then
+    egret_env=(env "LD_LIBRARY_PATH=$(dirname "$EGRET_CUBLAS")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}")
+fi
 echo "cuBLAS for the paired matmul: ${EGRET_CUBLAS:-none found, so the search path of the loader}"
 python3 "$(dirname "$0")/gpu/torch_ref.py" "$weights" | tee "$out/torch.jsonl"
 rc=0
@@ -41,7 +45,7 @@ steplogs="$(mktemp -d)"
 : > "$out/egret.log"
 mapfile -t steps < <("$dir/gpu_check" --steps)
 for i in "${!steps[@]}"; do
-    "$dir/gpu_check" "$bundle" "$weights" "${steps[$i]}" >> "$out/egret.jsonl" \
+    "${egret_env[@]}" "$dir/gpu_check" "$bundle" "$weights" "${steps[$i]}" >> "$out/egret.jsonl" \
         2> "$steplogs/egret-$i.log" || rc=1
     tee -a "$out/egret.log" < "$steplogs/egret-$i.log" >&2
 done
@@ -86,12 +90,15 @@ PY
 # clocks (`--clock-control none`: the device notes ask that clocks be left alone, and ncu
 # otherwise locks them to base for the run): one launch each of the benches' matmul and
 # attention (their thirteenth: after the f32 version's twelve runs), or of
-# the kernels named in NCU_KERNELS, skipping NCU_SKIP launches of each, with the metrics
+# the kernels named in NCU_KERNELS, skipping NCU_SKIP launches of each (by default 12 of the
+# former and 1 of the latter), with the metrics
 # NCU_METRICS names besides the sections (`stalls`: why warps did not issue, per issued
 # instruction, and the tensor pipes' use). Each runs only the bench step its kernel belongs
 # to; the reports go to one file, `ncu.txt`.
 if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then
     : > "$out/ncu.txt"
+    skip_default=12
+    [ -n "${NCU_KERNELS:-}" ] && skip_default=1
     for k in ${NCU_KERNELS:-matmul_k0 attention_k1}; do
         case "$k" in
             matmul*) step="matmul benches" ;;
@@ -103,7 +110,7 @@ if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then
         if [ "${NCU_METRICS:-}" = stalls ]; then
             metrics=(--metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:sm__pipe_tensor.*cycles_active\.avg\.pct_of_peak_sustained_active,regex:sm__inst_executed_pipe_.*\.avg\.pct_of_peak_sustained_active')
         fi
-        timeout 120 ncu --clock-control none --kernel-name "regex:egret_bench_${k}" --launch-skip "${NCU_SKIP:-12}" --launch-count 1 \
+        timeout 120 ncu --clock-control none --kernel-name "regex:egret_bench_${k}" --launch-skip "${NCU_SKIP:-$skip_default}" --launch-count 1 \
             --section SpeedOfLight --section Occupancy --section WarpStateStats \
             --section MemoryWorkloadAnalysis --section SchedulerStats ${metrics[@]+"${metrics[@]}"} \
             "$dir/gpu_check" "$bundle" "$weights" "$step" > "$steplogs/ncu.txt" 2>&1

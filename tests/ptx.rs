@@ -94,7 +94,7 @@ fn attention_ir(heads: usize, d: usize, scale: f64) -> String {
 /// GPU launches of the large matmul and prompt attention start one block per tile of their
 /// tiled kernels (no empty blocks dispatched after the work): 128 × 256 tiles on sm_90a's
 /// `wgmma` (bf16 operands), 128 × 128 elsewhere, 128 query rows per head; matmuls with few
-/// rows or tiles a block per 4 rows × 32 columns; decode-sized attention a warp per row.
+/// rows or tiles a block per 4 rows × 32 columns; decode-sized attention a block per row.
 #[test]
 fn tiled_kernels_launch_one_block_per_tile() {
     let matmul = MATMUL_IR;
@@ -141,11 +141,9 @@ fn tiled_kernels_launch_one_block_per_tile() {
     let t = |t: i64| [("T", t)];
     assert_eq!(blocks(attention, "bf16", "sm_90a", &t(4096)), 16 * 32);
     assert_eq!(blocks(attention, "f32", "sm_80", &t(4000)), 16 * 32);
-    // (decode-sized: a warp per query row)
-    assert_eq!(
-        blocks(attention, "bf16", "sm_90a", &t(20)),
-        16 * 20 * 32 / 256
-    );
+    // (decode-sized: a block per query row)
+    assert_eq!(blocks(attention, "bf16", "sm_90a", &t(20)), 16 * 20);
+    assert_eq!(blocks(attention, "f32", "sm_80", &t(20)), 16 * 20);
 }
 
 /// A sum over a matrix's rows launches a block per 32 outputs from 32 rows (and a thread per
@@ -184,6 +182,23 @@ fn column_sums_and_transposes_launch_a_block_per_group_or_tile() {
     assert_eq!(blocks("reduce_sum", 31), 576_u32.div_ceil(256));
     assert_eq!(blocks("elementwise", 256), (256 / 32) * (576 / 32));
     assert_eq!(blocks("elementwise", 33), 2 * (576 / 32));
+}
+
+/// Attention off tensor-core tiles takes a block per query row below 2048 rows (its warps
+/// splitting the row's keys), and a warp per row (eight rows a block) from there.
+#[test]
+fn attention_off_its_tiles_takes_a_block_per_row_below_2048_rows() {
+    let g = egret_ir::parse(&attention_ir(16, 64, 0.125).replace("DT", "f32")).unwrap();
+    let (_, plans) = egret::gpu::compile_graphs(&[&g], &PtxOptions::default(), false).unwrap();
+    let k = plans[0]
+        .kernels
+        .iter()
+        .find(|k| k.what.starts_with("attention"))
+        .unwrap();
+    assert_eq!(k.gpu_blocks(&[1]), 16);
+    assert_eq!(k.gpu_blocks(&[127]), 16 * 127);
+    assert_eq!(k.gpu_blocks(&[128]), 16 * 128 / 8);
+    assert_eq!(k.gpu_blocks(&[2000]), 16 * 2000 / 8);
 }
 
 /// A matmul that may split k (a constant k of 512 or more) is followed by the sum of its
@@ -296,6 +311,53 @@ fn heavy_kernels_launch_a_light_entry_point_off_their_tiles() {
             assert!(r.contains(" 0 bytes spill stores"), "{arch} {dt}: {r}");
             let heavy = of(&call.symbol);
             assert!(regs(heavy) > 128, "{arch} {dt} {}: {heavy}", call.symbol);
+        }
+    }
+}
+
+/// The tensor-core matmul's and attention's entry points ask for no more shared memory
+/// (static, as ptxas reports it, and the dynamic bytes they are launched with) than a block
+/// may have on each architecture: 163 KiB on sm_80, 99 KiB on sm_86 and sm_89, 227 KiB on
+/// sm_90.
+#[test]
+fn tensor_core_kernels_fit_each_architectures_shared_memory() {
+    let attention = attention_ir(16, 128, 0.088);
+    for (arch, limit) in [
+        ("sm_80", 163 * 1024),
+        ("sm_86", 99 * 1024),
+        ("sm_89", 99 * 1024),
+        ("sm_90a", 227 * 1024),
+    ] {
+        for ir in [MATMUL_IR, attention.as_str()] {
+            let g = egret_ir::parse(&ir.replace("DT", "bf16")).unwrap();
+            let opts = PtxOptions {
+                arch: arch.into(),
+                tensor_cores: true,
+            };
+            let (ptx, plans) = egret::gpu::compile_graphs(&[&g], &opts, false).unwrap();
+            let report = common::ptxas_report("shared memory", &ptx, arch);
+            let static_bytes = |name: &str| -> u32 {
+                let r = &report.iter().find(|(n, _)| n == name).unwrap().1;
+                r.split(" bytes smem")
+                    .next()
+                    .filter(|_| r.contains(" bytes smem"))
+                    .map_or(0, |before| {
+                        before.rsplit(' ').next().unwrap().parse().unwrap()
+                    })
+            };
+            for call in &plans[0].kernels {
+                for light in [false, true] {
+                    if light && call.light.is_none() {
+                        continue;
+                    }
+                    let (symbol, dynamic) = call.gpu_entry(light);
+                    let total = static_bytes(symbol) + dynamic;
+                    assert!(
+                        total <= limit,
+                        "{arch} {symbol}: {total} bytes of shared memory, over {limit}"
+                    );
+                }
+            }
         }
     }
 }

@@ -275,10 +275,15 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
 /// of its runs (`bench/gpu/torch_timing.py`).
 const BENCH_REPS: usize = 10;
 
-/// The median of a list of seconds.
+/// The median of a list of seconds (of the middle two, their mean).
 fn median(mut t: Vec<f64>) -> f64 {
     t.sort_by(|a, b| a.total_cmp(b));
-    t[t.len() / 2]
+    let n = t.len();
+    if n % 2 == 0 {
+        (t[n / 2 - 1] + t[n / 2]) / 2.0
+    } else {
+        t[n / 2]
+    }
 }
 
 /// Median device time of `reps` runs after one warm-up: the kernels' time on the stream by

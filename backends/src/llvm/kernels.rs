@@ -7321,14 +7321,18 @@ fn gpu_mma_attention<'ctx>(
     })
 }
 
-/// Causal attention on the GPU, one warp per query row `(b, h, t)` (eight rows a block):
-/// lane `j` holds elements `j, j+32, …` of the (pre-scaled) query and of the output
-/// accumulator; for each visible key the warp forms the score with a butterfly sum and
-/// updates the running max, the sum of `e^(s−m)` and the accumulator online (flash-style),
-/// reading each key and value row once, coalesced. No split-KV on the GPU: its `AttentionCombine` is not emitted.
+/// Causal attention on the GPU off the tensor-core tiles, one warp per query row `(b, h, t)`
+/// (eight rows a block), or with fewer than `GPU_ATTN_BLOCK_ROWS` rows a block per row,
+/// its warps taking the row's keys in turn and their results merged (not in the tensor-core
+/// kernel's full entry, whose ring leaves no room for the merge's shared memory): lane `j` holds
+/// elements `j, j+32, …` of the (pre-scaled) query and of the output accumulator; for each
+/// visible key the warp forms the score with a butterfly sum and updates the running max,
+/// the sum of `e^(s−m)` and the accumulator online (flash-style), reading each key and
+/// value row once, coalesced. (The CPU's split-KV `AttentionCombine` is not emitted: a
+/// block per row splits the keys within the kernel.)
 #[allow(clippy::too_many_arguments)]
-fn gpu_attention(
-    fb: &Fb,
+fn gpu_attention<'ctx>(
+    fb: &Fb<'_, 'ctx>,
     out: u32,
     q: &Access,
     k: &Access,
@@ -7378,13 +7382,7 @@ fn gpu_attention(
     }
     let warps = GPU_BLOCK_THREADS / 32;
     let units = fb.mul(fb.mul(bv, c(d.h))?, tv)?;
-    let groups = sdiv(fb.add(units, c(warps - 1))?, c(warps), "groups")?;
-    let BlockGrid {
-        lane,
-        blk,
-        nblk,
-        iters,
-    } = block_grid(fb, groups)?;
+    let lane = srem(fb.tid, c(GPU_BLOCK_THREADS), "lane")?;
     let (warp, wl) = (sdiv(lane, c(32), "warp")?, srem(lane, c(32), "wl")?);
     let nd = ((d.d + 31) / 32) as usize;
     let ndv = ((d.dv + 31) / 32) as usize;
@@ -7404,108 +7402,234 @@ fn gpu_attention(
     };
     let qd = dims_of(d.d, nd)?;
     let vd = dims_of(d.dv, ndv)?;
-    fb.for_range(c(0), iters, |fb, it| {
-        let u = fb.add(fb.mul(fb.add(blk, fb.mul(it, nblk)?)?, c(warps))?, warp)?;
-        fb.if_else(
-            lt(u, units)?,
-            |fb| {
-                let [qb, kb, vb, end] = attn_row(
-                    fb,
-                    [&qa, &ka, &va, &pa],
-                    [bv, c(d.h), tv, sv],
-                    d.h / d.hkv,
-                    u,
-                )?;
+    // Query row `u` over its groups of `GPU_ATTN_UNROLL` visible keys `g0, g0 + gstep, …`
+    // (all of them for `g0` 0 and `gstep` 1): this warp's running max, sum of `e^(s−m)` and
+    // output row (lane `wl`'s elements of it) left in `mx`, `l` and `acc`.
+    let row_part = |fb: &Fb<'_, 'ctx>,
+                    u: IntValue<'ctx>,
+                    g0: IntValue<'ctx>,
+                    gstep: IntValue<'ctx>|
+     -> R<()> {
+        let [qb, kb, vb, end] = attn_row(
+            fb,
+            [&qa, &ka, &va, &pa],
+            [bv, c(d.h), tv, sv],
+            d.h / d.hkv,
+            u,
+        )?;
+        for (i, (e, ok)) in qd.iter().enumerate() {
+            fb.set(qr[i], fb.f32c(0.0))?;
+            fb.if_else(
+                *ok,
+                |fb| {
+                    let x = fb.load_float(&qa, fb.add(qb, fb.mul(*e, qa.strides[3])?)?)?;
+                    fb.set(qr[i], fb.fmul(x, fb.f32c(scale))?)
+                },
+                |_| Ok(()),
+            )?;
+        }
+        for a in &acc {
+            fb.set(*a, fb.f32c(0.0))?;
+        }
+        fb.set(mx, fb.f32c(f64::NEG_INFINITY))?;
+        fb.set(l, fb.f32c(0.0))?;
+        // Keys `GPU_ATTN_UNROLL` at a time, so their loads are in flight together.
+        let u_n = GPU_ATTN_UNROLL;
+        let groups = sdiv(fb.add(end, c(u_n - 1))?, c(u_n), "kg")?;
+        let last = fb.b.build_int_sub(end, c(1), "last").map_err(be)?;
+        fb.for_stride(g0, groups, gstep, |fb, gi| {
+            let s0 = fb.mul(gi, c(u_n))?;
+            let keys: Vec<(IntValue, IntValue)> = (0..u_n)
+                .map(|j| {
+                    let s = fb.add(s0, c(j))?;
+                    Ok((fb.imin(s, last)?, lt(s, end)?))
+                })
+                .collect::<R<_>>()?;
+            let mut scores = vec![];
+            for (s, valid) in &keys {
+                let kr = fb.add(kb, fb.mul(*s, ka.strides[2])?)?;
+                let mut part = fb.f32c(0.0);
                 for (i, (e, ok)) in qd.iter().enumerate() {
-                    fb.set(qr[i], fb.f32c(0.0))?;
-                    fb.if_else(
-                        *ok,
-                        |fb| {
-                            let x = fb.load_float(&qa, fb.add(qb, fb.mul(*e, qa.strides[3])?)?)?;
-                            fb.set(qr[i], fb.fmul(x, fb.f32c(scale))?)
-                        },
-                        |_| Ok(()),
-                    )?;
+                    let at = fb.add(kr, fb.mul(fb.imin(*e, c(d.d - 1))?, ka.strides[3])?)?;
+                    let y = fb.load_float(&ka, at)?;
+                    let y = fb.fsel(*ok, y, fb.f32c(0.0))?;
+                    part = fb.intrinsic3("llvm.fma", fb.get(qr[i])?, y, part)?;
                 }
-                for a in &acc {
-                    fb.set(*a, fb.f32c(0.0))?;
+                let score = warp_sum(fb, part)?;
+                scores.push(fb.fsel(*valid, score, fb.f32c(f64::NEG_INFINITY))?);
+            }
+            let m_old = fb.get(mx)?;
+            let mut m_new = m_old;
+            for sc in &scores {
+                m_new = fb.intrinsic("llvm.maxnum", &[m_new, *sc])?;
+            }
+            let corr = fb.exp(fb.b.build_float_sub(m_old, m_new, "d").map_err(be)?)?;
+            let ps: Vec<FloatValue> = scores
+                .iter()
+                .map(|sc| fb.exp(fb.b.build_float_sub(*sc, m_new, "z").map_err(be)?))
+                .collect::<R<_>>()?;
+            let mut lv = fb.fmul(fb.get(l)?, corr)?;
+            for p in &ps {
+                lv = fb.fadd(lv, *p)?;
+            }
+            fb.set(l, lv)?;
+            fb.set(mx, m_new)?;
+            for (i, (e, _)) in vd.iter().enumerate() {
+                let mut a = fb.fmul(fb.get(acc[i])?, corr)?;
+                for ((s, _), p) in keys.iter().zip(&ps) {
+                    let vr = fb.add(vb, fb.mul(*s, va.strides[2])?)?;
+                    let at = fb.add(vr, fb.mul(fb.imin(*e, c(d.dv - 1))?, va.strides[3])?)?;
+                    let y = fb.load_float(&va, at)?;
+                    a = fb.intrinsic3("llvm.fma", *p, y, a)?;
                 }
-                fb.set(mx, fb.f32c(f64::NEG_INFINITY))?;
-                fb.set(l, fb.f32c(0.0))?;
-                // Keys `GPU_ATTN_UNROLL` at a time, so their loads are in flight together.
-                let u_n = GPU_ATTN_UNROLL;
-                let groups = sdiv(fb.add(end, c(u_n - 1))?, c(u_n), "kg")?;
-                let last = fb.b.build_int_sub(end, c(1), "last").map_err(be)?;
-                fb.for_range(c(0), groups, |fb, gi| {
-                    let s0 = fb.mul(gi, c(u_n))?;
-                    let keys: Vec<(IntValue, IntValue)> = (0..u_n)
-                        .map(|j| {
-                            let s = fb.add(s0, c(j))?;
-                            Ok((fb.imin(s, last)?, lt(s, end)?))
-                        })
-                        .collect::<R<_>>()?;
-                    let mut scores = vec![];
-                    for (s, valid) in &keys {
-                        let kr = fb.add(kb, fb.mul(*s, ka.strides[2])?)?;
-                        let mut part = fb.f32c(0.0);
-                        for (i, (e, ok)) in qd.iter().enumerate() {
-                            let at =
-                                fb.add(kr, fb.mul(fb.imin(*e, c(d.d - 1))?, ka.strides[3])?)?;
-                            let y = fb.load_float(&ka, at)?;
-                            let y = fb.fsel(*ok, y, fb.f32c(0.0))?;
-                            part = fb.intrinsic3("llvm.fma", fb.get(qr[i])?, y, part)?;
-                        }
-                        let score = warp_sum(fb, part)?;
-                        scores.push(fb.fsel(*valid, score, fb.f32c(f64::NEG_INFINITY))?);
-                    }
-                    let m_old = fb.get(mx)?;
-                    let mut m_new = m_old;
-                    for sc in &scores {
-                        m_new = fb.intrinsic("llvm.maxnum", &[m_new, *sc])?;
-                    }
-                    let corr = fb.exp(fb.b.build_float_sub(m_old, m_new, "d").map_err(be)?)?;
-                    let ps: Vec<FloatValue> = scores
-                        .iter()
-                        .map(|sc| fb.exp(fb.b.build_float_sub(*sc, m_new, "z").map_err(be)?))
-                        .collect::<R<_>>()?;
-                    let mut lv = fb.fmul(fb.get(l)?, corr)?;
-                    for p in &ps {
-                        lv = fb.fadd(lv, *p)?;
-                    }
-                    fb.set(l, lv)?;
-                    fb.set(mx, m_new)?;
-                    for (i, (e, _)) in vd.iter().enumerate() {
-                        let mut a = fb.fmul(fb.get(acc[i])?, corr)?;
-                        for ((s, _), p) in keys.iter().zip(&ps) {
-                            let vr = fb.add(vb, fb.mul(*s, va.strides[2])?)?;
-                            let at =
-                                fb.add(vr, fb.mul(fb.imin(*e, c(d.dv - 1))?, va.strides[3])?)?;
-                            let y = fb.load_float(&va, at)?;
-                            a = fb.intrinsic3("llvm.fma", *p, y, a)?;
-                        }
-                        fb.set(acc[i], a)?;
-                    }
+                fb.set(acc[i], a)?;
+            }
+            Ok(())
+        })
+    };
+    // Row `u`'s output: lane `wl`'s elements of `row(i)` (its `i`-th), divided by `sum`.
+    let store_row = |fb: &Fb<'_, 'ctx>,
+                     u: IntValue<'ctx>,
+                     row: &dyn Fn(&Fb<'_, 'ctx>, usize) -> R<FloatValue<'ctx>>,
+                     sum: FloatValue<'ctx>|
+     -> R<()> {
+        let obase = attn_out_row(fb, u, d)?;
+        for (i, (e, ok)) in vd.iter().enumerate() {
+            fb.if_else(
+                *ok,
+                |fb| {
+                    let o = fb.b.build_float_div(row(fb, i)?, sum, "o").map_err(be)?;
+                    optr.store(fb, fb.add(obase, *e)?, o)
+                },
+                |_| Ok(()),
+            )?;
+        }
+        Ok(())
+    };
+    // A warp per query row.
+    let by_warp = |fb: &Fb<'_, 'ctx>| -> R<()> {
+        let groups = sdiv(fb.add(units, c(warps - 1))?, c(warps), "groups")?;
+        let BlockGrid {
+            blk, nblk, iters, ..
+        } = block_grid(fb, groups)?;
+        fb.for_range(c(0), iters, |fb, it| {
+            let u = fb.add(fb.mul(fb.add(blk, fb.mul(it, nblk)?)?, c(warps))?, warp)?;
+            fb.if_else(
+                lt(u, units)?,
+                |fb| {
+                    row_part(fb, u, c(0), c(1))?;
+                    store_row(fb, u, &|fb, i| fb.get(acc[i]), fb.get(l)?)
+                },
+                |_| Ok(()),
+            )
+        })
+    };
+    // A block per query row: its warps take the row's key groups in turn, then warp 0
+    // merges their maxima, sums and rows in warp order (`e^(m_w − M)` rescaling each), so
+    // that runs agree.
+    let shared_at = |fb: &Fb<'_, 'ctx>, a: PointerValue<'ctx>, i: IntValue<'ctx>| {
+        unsafe { fb.b.build_in_bounds_gep(fb.f32t, a, &[i], "sh") }.map_err(be)
+    };
+    let load_shared =
+        |fb: &Fb<'_, 'ctx>, a: PointerValue<'ctx>, i: IntValue<'ctx>| -> R<FloatValue<'ctx>> {
+            Ok(fb
+                .b
+                .build_load(fb.f32t, shared_at(fb, a, i)?, "shv")
+                .map_err(be)?
+                .into_float_value())
+        };
+    let by_block = |fb: &Fb<'_, 'ctx>| -> R<()> {
+        let (part_m, part_l, part_acc) = (
+            shared_f32(fb, "row_max", warps as u32),
+            shared_f32(fb, "row_sum", warps as u32),
+            shared_f32(fb, "row_acc", (warps * d.dv) as u32),
+        );
+        let BlockGrid {
+            blk, nblk, iters, ..
+        } = block_grid(fb, units)?;
+        fb.for_range(c(0), iters, |fb, it| {
+            let u = fb.add(blk, fb.mul(it, nblk)?)?;
+            row_part(fb, u, warp, c(warps))?;
+            let first = |fb: &Fb<'_, 'ctx>, x: IntValue<'ctx>| {
+                fb.b.build_int_compare(IntPredicate::EQ, x, c(0), "first")
+                    .map_err(be)
+            };
+            fb.if_else(
+                first(fb, wl)?,
+                |fb| {
+                    fb.b.build_store(shared_at(fb, part_m, warp)?, fb.get(mx)?)
+                        .map_err(be)?;
+                    fb.b.build_store(shared_at(fb, part_l, warp)?, fb.get(l)?)
+                        .map_err(be)?;
                     Ok(())
-                })?;
-                let lv = fb.get(l)?;
-                let obase = attn_out_row(fb, u, d)?;
-                for (i, (e, ok)) in vd.iter().enumerate() {
-                    fb.if_else(
-                        *ok,
-                        |fb| {
-                            let o = fb.b.build_float_div(fb.get(acc[i])?, lv, "o").map_err(be)?;
-                            optr.store(fb, fb.add(obase, *e)?, o)
-                        },
-                        |_| Ok(()),
-                    )?;
-                }
-                Ok(())
-            },
-            |_| Ok(()),
-        )
-    })?;
+                },
+                |_| Ok(()),
+            )?;
+            for (i, (e, ok)) in vd.iter().enumerate() {
+                fb.if_else(
+                    *ok,
+                    |fb| {
+                        let at = fb.add(fb.mul(warp, c(d.dv))?, *e)?;
+                        fb.b.build_store(shared_at(fb, part_acc, at)?, fb.get(acc[i])?)
+                            .map_err(be)?;
+                        Ok(())
+                    },
+                    |_| Ok(()),
+                )?;
+            }
+            barrier(fb)?;
+            fb.if_else(
+                first(fb, warp)?,
+                |fb| {
+                    let ms: Vec<FloatValue> = (0..warps)
+                        .map(|w| load_shared(fb, part_m, c(w)))
+                        .collect::<R<_>>()?;
+                    let mut m_all = ms[0];
+                    for m in &ms[1..] {
+                        m_all = fb.intrinsic("llvm.maxnum", &[m_all, *m])?;
+                    }
+                    let mut sum = fb.f32c(0.0);
+                    let mut scales = vec![];
+                    for (w, m) in ms.iter().enumerate() {
+                        let sc = fb.exp(fb.b.build_float_sub(*m, m_all, "dm").map_err(be)?)?;
+                        let lw = load_shared(fb, part_l, c(w as i64))?;
+                        sum = fb.intrinsic3("llvm.fma", lw, sc, sum)?;
+                        scales.push(sc);
+                    }
+                    let merged = |fb: &Fb<'_, 'ctx>, i: usize| -> R<FloatValue<'ctx>> {
+                        let e = fb.imin(vd[i].0, c(d.dv - 1))?;
+                        let mut a = fb.f32c(0.0);
+                        for (w, sc) in scales.iter().enumerate() {
+                            let at = fb.add(c(w as i64 * d.dv), e)?;
+                            a =
+                                fb.intrinsic3("llvm.fma", load_shared(fb, part_acc, at)?, *sc, a)?;
+                        }
+                        Ok(a)
+                    };
+                    store_row(fb, u, &merged, sum)
+                },
+                |_| Ok(()),
+            )?;
+            // (the next row's partials go where these were read)
+            barrier(fb)
+        })
+    };
+    if fb.tensor_cores && fb.heavy && mma_attention_fits(d) {
+        // (the full entry of tensor-core attention comes here only off its ring, with the
+        // tiles' grid: a warp per row, and no static shared memory beside the ring's
+        // dynamic memory, which at head size 128 fills sm_86's 99 KiB)
+        by_warp(fb)?;
+    } else {
+        fb.if_else(lt(units, c(GPU_ATTN_BLOCK_ROWS))?, by_block, by_warp)?;
+    }
     fb.ret_ok()
 }
+
+/// Query rows (`B·H·T`) from which GPU attention off its tensor-core tiles takes a warp per
+/// row; fewer (decode, short prompts) take a block per row (`gpu_attention`), whose 8
+/// warps split the row's keys: decode's few rows (9 a token for SmolLM2) would otherwise
+/// keep as many warps busy, each walking every key.
+const GPU_ATTN_BLOCK_ROWS: i64 = 2048;
 
 /// Pairs of `attention_backward`'s GPU loops taken at a time (independent shuffle chains).
 const GPU_ATTN_BWD_UNROLL: i64 = 4;
@@ -9281,7 +9405,9 @@ pub struct GpuTiles {
 /// of `ROW_BLOCK` rows × `GEMV_COLS` columns; the split-k sum after such a matmul the same
 /// tests, with a thread per output where the matmul splits and no blocks (no launch: decode
 /// would pay for hundreds of empty ones a token) on its other paths; tensor-core attention's
-/// `MMA_ATTN_ROWS` query rows per `(b, h)`, taken from `MMA_ATTN_MIN_T` rows; a reduction
+/// `MMA_ATTN_ROWS` query rows per `(b, h)`, taken from `MMA_ATTN_MIN_T` rows, then (and
+/// alone off tensor cores) attention's eight query rows a block from `GPU_ATTN_BLOCK_ROWS`
+/// rows (fewer take a block per row: `gpu_threads`); a reduction
 /// whose rows cannot take a warp, a block per 32 outputs (`gpu_by_columns`), taken where
 /// the axis has at least `GPU_COLUMN_MIN` elements.
 /// Launching one block per tile leaves no empty blocks to dispatch after the work (the
@@ -9326,15 +9452,32 @@ pub fn gpu_tiles(
             g.is_none() && [x, w].iter().all(|a| elem(a.buf) == ElemType::BF16),
             part.is_some(),
         ),
-        Kernel::Attention { dims: d, .. } if tensor_cores && mma_attention_fits(d) => {
-            return vec![GpuTiles {
+        Kernel::Attention { dims: d, .. } => {
+            let mut paths = vec![];
+            if tensor_cores && mma_attention_fits(d) {
+                paths.push(GpuTiles {
+                    blocks: vec![
+                        (d.b.clone(), 1),
+                        (Dim::c(d.h), 1),
+                        (d.t.clone(), MMA_ATTN_ROWS),
+                    ],
+                    when: vec![(vec![(d.t.clone(), 1)], MMA_ATTN_MIN_T)],
+                });
+            }
+            // (a warp per query row from `GPU_ATTN_BLOCK_ROWS` rows; fewer take a block
+            // each, as `gpu_threads` launches)
+            paths.push(GpuTiles {
                 blocks: vec![
                     (d.b.clone(), 1),
                     (Dim::c(d.h), 1),
-                    (d.t.clone(), MMA_ATTN_ROWS),
+                    (d.t.clone(), GPU_BLOCK_THREADS / 32),
                 ],
-                when: vec![(vec![(d.t.clone(), 1)], MMA_ATTN_MIN_T)],
-            }];
+                when: vec![(
+                    vec![(d.b.clone(), 1), (Dim::c(d.h), 1), (d.t.clone(), 1)],
+                    GPU_ATTN_BLOCK_ROWS,
+                )],
+            });
+            return paths;
         }
         Kernel::AttentionBackward { dims: d, grad, .. }
             if tensor_cores && mma_attention_fits(d) =>
@@ -9543,9 +9686,14 @@ pub fn gpu_threads(k: &Kernel) -> Vec<Dim> {
                 .chain([blocks, n.clone(), Dim::c(GPU_BLOCK_THREADS / GEMV_COLS)])
                 .collect()
         }
-        // A warp per query row.
+        // A block per query row (with many rows, `gpu_tiles` launches a warp per row).
         Kernel::Attention { dims: d, .. } => {
-            vec![d.b.clone(), Dim::c(d.h), d.t.clone(), Dim::c(32)]
+            vec![
+                d.b.clone(),
+                Dim::c(d.h),
+                d.t.clone(),
+                Dim::c(GPU_BLOCK_THREADS),
+            ]
         }
         Kernel::AttentionCombine { dims: d, .. } => vec![d.b.clone(), Dim::c(d.h), d.t.clone()],
         // A thread per output.
