@@ -3824,11 +3824,6 @@ fn block_grid<'ctx>(fb: &Fb<'_, 'ctx>, units: IntValue<'ctx>) -> R<BlockGrid<'ct
     })
 }
 
-/// Rows of `k` a warp of `gpu_gemv` loads at a time before it adds them: a decode step's
-/// warp walks 72 rows of `k` (576 in 8 chunks), and one load in flight at a time left it
-/// waiting on each.
-const GEMV_UNROLL: i64 = 8;
-
 /// Column groups of `gpu_gemv`: a warp reads `GEMV_COLS` neighbouring weight columns.
 const GEMV_COLS: i64 = 32;
 
@@ -3846,9 +3841,8 @@ fn operand<'ctx>(fb: &Fb<'_, 'ctx>, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> 
 /// A matmul of few rows (decode) on the GPU, bound by reading the weights once: each
 /// 256-thread block takes `GEMV_COLS` columns (blocks stride over the column groups of every
 /// batch entry) and cuts `k` into 8 chunks, one warp each (lanes on neighbouring columns, so
-/// every weight row is one coalesced read, `GEMV_UNROLL` rows of `k` in flight at a time),
-/// for one block of four rows: blocks stride over (batch entry, column group, row block)
-/// units. Each warp's partial sums meet in shared
+/// every weight row is one coalesced read), for one block of four rows: blocks stride over
+/// (batch entry, column group, row block) units. Each warp's partial sums meet in shared
 /// memory and 128 threads add them up and store. With `norm`, the partial sums of squares of
 /// the rows travel the same way and scale the outputs.
 fn gpu_gemv<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
@@ -3895,20 +3889,7 @@ fn gpu_gemv<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
     );
     let kc = sdiv(fb.add(kv, c(chunks - 1))?, c(chunks), "kc")?;
     let k0 = fb.mul(h, kc)?;
-    // (a last chunk may start past `k`: empty)
-    let k1 = fb.imax(fb.imin(fb.add(k0, kc)?, kv)?, k0)?;
-    // This warp's chunk in steps of `GEMV_UNROLL` rows of `k`, then the rest one at a time.
-    let kfull = fb.add(
-        k0,
-        fb.mul(
-            sdiv(
-                fb.b.build_int_sub(k1, k0, "kn").map_err(be)?,
-                c(GEMV_UNROLL),
-                "ks",
-            )?,
-            c(GEMV_UNROLL),
-        )?,
-    )?;
+    let k1 = fb.imin(fb.add(k0, kc)?, kv)?;
     let accs: Vec<PointerValue> = (0..2 * rb)
         .map(|_| fb.slot(fb.f32t.into()))
         .collect::<R<_>>()?;
@@ -3947,43 +3928,27 @@ fn gpu_gemv<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
             for a in &accs {
                 fb.set(*a, fb.f32c(0.0))?;
             }
-            // Rows `kk..kk + n` of `k`: every load first, so that they are in flight
-            // together, then the sums in order of `k` (as one at a time would add them).
-            let rows_of_k = |fb: &Fb<'_, 'ctx>, kk: IntValue<'ctx>, n: i64| -> R<()> {
-                let mut loaded = vec![];
-                for u in 0..n {
-                    let k = fb.add(kk, c(u))?;
-                    let mut y = fb.load_float(wav, fb.add(wcol, fb.mul(k, wav.strides[kw])?)?)?;
-                    if let Some(g) = gav {
-                        let gv = fb.load_f32(g.ptr, fb.add(g.off, fb.mul(k, g.strides[0])?)?)?;
-                        y = fb.fmul(y, gv)?;
-                    }
-                    let xs: Vec<FloatValue> = abases
-                        .iter()
-                        .map(|ab| fb.load_float(aav, fb.add(*ab, fb.mul(k, aav.strides[ka])?)?))
-                        .collect::<R<_>>()?;
-                    loaded.push((y, xs));
+            fb.for_range(k0, k1, |fb, kk| {
+                let mut y = fb.load_float(wav, fb.add(wcol, fb.mul(kk, wav.strides[kw])?)?)?;
+                if let Some(g) = gav {
+                    let gv = fb.load_f32(g.ptr, fb.add(g.off, fb.mul(kk, g.strides[0])?)?)?;
+                    y = fb.fmul(y, gv)?;
                 }
-                for (y, xs) in loaded {
-                    let yp = operand(fb, y)?;
-                    for (r, x) in xs.into_iter().enumerate() {
-                        let xp = operand(fb, x)?;
-                        fb.set(
-                            accs[r],
-                            fb.intrinsic3("llvm.fma", xp, yp, fb.get(accs[r])?)?,
-                        )?;
-                        if norm {
-                            let q = accs[rb as usize + r];
-                            fb.set(q, fb.intrinsic3("llvm.fma", x, x, fb.get(q)?)?)?;
-                        }
+                let yp = operand(fb, y)?;
+                for (r, ab) in abases.iter().enumerate() {
+                    let x = fb.load_float(aav, fb.add(*ab, fb.mul(kk, aav.strides[ka])?)?)?;
+                    let xp = operand(fb, x)?;
+                    fb.set(
+                        accs[r],
+                        fb.intrinsic3("llvm.fma", xp, yp, fb.get(accs[r])?)?,
+                    )?;
+                    if norm {
+                        let q = accs[rb as usize + r];
+                        fb.set(q, fb.intrinsic3("llvm.fma", x, x, fb.get(q)?)?)?;
                     }
                 }
                 Ok(())
-            };
-            fb.for_stride(k0, kfull, c(GEMV_UNROLL), |fb, kk| {
-                rows_of_k(fb, kk, GEMV_UNROLL)
             })?;
-            fb.for_range(kfull, k1, |fb, kk| rows_of_k(fb, kk, 1))?;
             for r in 0..rb {
                 let slot = fb.add(fb.mul(h, c(rb))?, c(r))?;
                 let at = fb.add(fb.mul(slot, c(GEMV_COLS))?, col)?;
@@ -9688,8 +9653,7 @@ pub fn gpu_threads(k: &Kernel) -> Vec<Dim> {
     };
     match k {
         Kernel::Elementwise { shape, .. } => shape.clone(),
-        // A thread per row, or a warp per row where rows may take one (`gpu_warp_rows`);
-        // sums over another stride launch a block per 32 outputs through `gpu_tiles`.
+        // A thread per row, or a warp per row where rows may take one (`gpu_warp_rows`).
         Kernel::Reduce {
             shape, axis, src, ..
         } => without(shape, *axis)
