@@ -422,13 +422,6 @@ impl Cublas {
             .iter()
             .find_map(|n| unsafe { libloading::Library::new(n) }.ok())
             .ok_or_else(|| format!("no cuBLAS library found (tried {})", names.join(", ")))?;
-        let ok = |what: &str, status: i32| -> Res<()> {
-            if status == 0 {
-                Ok(())
-            } else {
-                Err(format!("{what} failed: cuBLAS status {status}").into())
-            }
-        };
         // SAFETY: each symbol has the signature cuBLAS 12's header gives it.
         unsafe {
             let create: libloading::Symbol<
@@ -441,8 +434,8 @@ impl Cublas {
             let destroy = *lib.get(b"cublasDestroy_v2\0")?;
             stream.context().bind_to_thread()?;
             let mut handle = std::ptr::null_mut();
-            ok("cublasCreate", create(&mut handle))?;
-            ok(
+            cublas_ok("cublasCreate", create(&mut handle))?;
+            cublas_ok(
                 "cublasSetStream",
                 set_stream(handle, stream.cu_stream() as *mut _),
             )?;
@@ -485,10 +478,16 @@ impl Cublas {
                 CUBLAS_GEMM_DEFAULT,
             )
         };
-        if status != 0 {
-            return Err(format!("cublasGemmEx failed: cuBLAS status {status}").into());
-        }
+        cublas_ok("cublasGemmEx", status)
+    }
+}
+
+/// A cuBLAS call's status as a result (0 is success).
+fn cublas_ok(what: &str, status: i32) -> Res<()> {
+    if status == 0 {
         Ok(())
+    } else {
+        Err(format!("{what} failed: cuBLAS status {status}").into())
     }
 }
 
@@ -508,11 +507,15 @@ impl Drop for Cublas {
 fn matmul_pair(bundle: &Path, table: &mut Vec<String>) -> Res<bool> {
     use cudarc::driver::{sys, CudaContext, DevicePtr};
     let n = 4096;
-    let (a, w) = (random(n * n, 1), random(n * n, 2));
     let inputs = HashMap::from([
         ("a".to_string(), f32v(vec![n, n], 1)),
         ("w".to_string(), f32v(vec![n, n], 2)),
     ]);
+    let operand = |name: &str| match &inputs[name].data {
+        HostData::F32(v) => Ok(v),
+        _ => Err(format!("input `{name}` is not f32")),
+    };
+    let (a, w) = (operand("a")?, operand("w")?);
     let mut mm = executor(&bundle.join("bench-matmul-wgmma"))?;
     let ctx = CudaContext::new(0)?;
     let stream = ctx.new_stream()?;
@@ -528,7 +531,7 @@ fn matmul_pair(bundle: &Path, table: &mut Vec<String>) -> Res<bool> {
             .map(|x| half::bf16::from_f32(*x).to_bits())
             .collect()
     };
-    let (ab, wb) = (bf16(&a), bf16(&w));
+    let (ab, wb) = (bf16(a), bf16(w));
     let (mut da, mut dw) = (
         stream.alloc_zeros::<u16>(n * n)?,
         stream.alloc_zeros::<u16>(n * n)?,

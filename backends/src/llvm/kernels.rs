@@ -2171,14 +2171,7 @@ fn elementwise<'ctx>(fb: &Fb<'_, 'ctx>, outs: &[(&Access, &Expr)], shape: &[Dim]
     for d in &outer {
         rows = fb.mul(rows, *d)?;
     }
-    let transposing = r >= 2
-        && elementwise_transposes(
-            loads
-                .iter()
-                .map(|(a, _)| *a)
-                .chain(outs.iter().map(|(o, _)| *o)),
-            r,
-        );
+    let transposing = elementwise_transposes(outs, r);
     if fb.gpu && transposing {
         gpu_tiled_order(fb, &dims, |fb, index| {
             let pairs: Vec<(usize, IntValue)> = index.iter().copied().enumerate().collect();
@@ -2257,15 +2250,24 @@ fn eval_store<'ctx>(
     Ok(())
 }
 
-/// Whether an elementwise kernel over `r` dims (at least two) transposes: one of its
-/// operands or outputs (`accesses`) runs along the second-to-last axis in memory, not the
-/// last.
-fn elementwise_transposes<'a>(accesses: impl IntoIterator<Item = &'a Access>, r: usize) -> bool {
-    accesses.into_iter().any(|a| {
-        a.strides[r - 2] == Poly::c(1)
-            && a.strides[r - 1] != Poly::c(1)
-            && a.strides[r - 1] != Poly::zero()
-    })
+/// Whether an elementwise kernel over `r` dims (at least two) with outputs `outs`
+/// transposes: one of its operands or outputs runs along the second-to-last axis in
+/// memory, not the last.
+fn elementwise_transposes(outs: &[(&Access, &Expr)], r: usize) -> bool {
+    let mut loads = vec![];
+    for (_, e) in outs {
+        collect_loads(e, &mut loads);
+    }
+    r >= 2
+        && loads
+            .iter()
+            .map(|(a, _)| *a)
+            .chain(outs.iter().map(|(o, _)| *o))
+            .any(|a| {
+                a.strides[r - 2] == Poly::c(1)
+                    && a.strides[r - 1] != Poly::c(1)
+                    && a.strides[r - 1] != Poly::zero()
+            })
 }
 
 /// Side of the square tiles of the last two axes in which a transposing GPU elementwise
@@ -2624,11 +2626,10 @@ fn gpu_by_columns<'ctx>(
     by_thread: impl FnOnce(&Fb<'_, 'ctx>) -> R<()>,
     group: impl Fn(&Fb<'_, 'ctx>, IntValue<'ctx>, IntValue<'ctx>, IntValue<'ctx>) -> R<()>,
 ) -> R<()> {
-    let long =
-        fb.b.build_int_compare(IntPredicate::SGE, len, fb.i64c(GPU_COLUMN_MIN), "long")
-            .map_err(be)?;
-    fb.if_else(
-        long,
+    by_length(
+        fb,
+        len,
+        GPU_COLUMN_MIN,
         |fb| {
             let groups = fb.ceil_div(rows, fb.i64c(32))?;
             let BlockGrid {
@@ -2649,6 +2650,21 @@ fn gpu_by_columns<'ctx>(
         },
         by_thread,
     )
+}
+
+/// `long` where each row has at least `min` elements (`len`), else `short`: a GPU kernel's
+/// way of sharing rows among threads, chosen at run time (`gpu_by_warp`, `gpu_by_columns`).
+fn by_length<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    len: IntValue<'ctx>,
+    min: i64,
+    long: impl FnOnce(&Fb<'_, 'ctx>) -> R<()>,
+    short: impl FnOnce(&Fb<'_, 'ctx>) -> R<()>,
+) -> R<()> {
+    let is_long =
+        fb.b.build_int_compare(IntPredicate::SGE, len, fb.i64c(min), "long")
+            .map_err(be)?;
+    fb.if_else(is_long, long, short)
 }
 
 /// Whether a GPU reduction or softmax over `axis` takes a warp per row when rows are long:
@@ -2683,11 +2699,10 @@ fn gpu_by_warp<'ctx>(
     by_thread: impl FnOnce(&Fb<'_, 'ctx>) -> R<()>,
     row: impl Fn(&Fb<'_, 'ctx>, IntValue<'ctx>, IntValue<'ctx>) -> R<()>,
 ) -> R<()> {
-    let long =
-        fb.b.build_int_compare(IntPredicate::SGE, len, fb.i64c(GPU_WARP_ROW_MIN), "long")
-            .map_err(be)?;
-    fb.if_else(
-        long,
+    by_length(
+        fb,
+        len,
+        GPU_WARP_ROW_MIN,
         |fb| {
             let c32 = fb.i64c(32);
             let lane = fb.b.build_int_signed_rem(fb.tid, c32, "lane").map_err(be)?;
@@ -7869,6 +7884,25 @@ fn gpu_attention_backward<'ctx>(
         )
         .map_err(be)
     };
+    // Query row `u`'s pairs with the keys it sees, in groups of `GPU_ATTN_BWD_UNROLL` keys
+    // `g0, g0 + gstep, …` (a log-sum-exp's unit, or `dq`'s).
+    let query_keys = |fb: &Fb<'_, 'ctx>,
+                      u: IntValue<'ctx>,
+                      g0: IntValue<'ctx>,
+                      gstep: IntValue<'ctx>|
+     -> R<()> {
+        let idx = fb.decompose(u, &[bv, c(d.h), tv])?;
+        let (bi, hi, ti) = (idx[0], idx[1], idx[2]);
+        let limit = fb.load(&pa, fb.at(&pa, &[(0, bi), (1, ti)])?)?;
+        let end = fb.imin(fb.add(limit.into_int_value(), c(1))?, sv)?;
+        fb.for_stride(g0, groups(fb, end)?, gstep, |fb, g| {
+            let ps: Vec<Pair<'ctx>> = group(fb, fb.mul(g, c(GPU_ATTN_BWD_UNROLL))?, end)?
+                .into_iter()
+                .map(|(j, ok)| (hi, ti, j, ok))
+                .collect();
+            pairs(fb, bi, &ps)
+        })
+    };
     let warps = GPU_BLOCK_THREADS / 32;
     // A gradient's unit on a block (`block_units`): warp `warp` takes the unit's groups of
     // pairs `warp, warp + warps, …` (the first keys are seen by every query row and the
@@ -7909,17 +7943,7 @@ fn gpu_attention_backward<'ctx>(
             })?;
         } else {
             // (`dq`: the groups of keys query row `ti` sees)
-            let idx = fb.decompose(u, &[bv, c(d.h), tv])?;
-            let (bi, hi, ti) = (idx[0], idx[1], idx[2]);
-            let limit = fb.load(&pa, fb.at(&pa, &[(0, bi), (1, ti)])?)?;
-            let end = fb.imin(fb.add(limit.into_int_value(), c(1))?, sv)?;
-            fb.for_stride(warp, groups(fb, end)?, c(warps), |fb, g| {
-                let ps: Vec<Pair<'ctx>> = group(fb, fb.mul(g, c(GPU_ATTN_BWD_UNROLL))?, end)?
-                    .into_iter()
-                    .map(|(j, ok)| (hi, ti, j, ok))
-                    .collect();
-                pairs(fb, bi, &ps)
-            })?;
+            query_keys(fb, u, warp, c(warps))?;
         }
         let mine = fb.mul(warp, c(width))?;
         for ((e, ok), r) in lanes(width)?.into_iter().zip(&regs) {
@@ -7947,17 +7971,7 @@ fn gpu_attention_backward<'ctx>(
     let unit = |fb: &Fb<'_, 'ctx>, u: IntValue<'ctx>| -> R<()> {
         fb.set(mx, fb.f32c(f64::NEG_INFINITY))?;
         fb.set(l, fb.f32c(0.0))?;
-        let idx = fb.decompose(u, &[bv, c(d.h), tv])?;
-        let (bi, hi, ti) = (idx[0], idx[1], idx[2]);
-        let limit = fb.load(&pa, fb.at(&pa, &[(0, bi), (1, ti)])?)?;
-        let end = fb.imin(fb.add(limit.into_int_value(), c(1))?, sv)?;
-        fb.for_range(c(0), groups(fb, end)?, |fb, g| {
-            let ps: Vec<Pair<'ctx>> = group(fb, fb.mul(g, c(GPU_ATTN_BWD_UNROLL))?, end)?
-                .into_iter()
-                .map(|(j, ok)| (hi, ti, j, ok))
-                .collect();
-            pairs(fb, bi, &ps)
-        })?;
+        query_keys(fb, u, c(0), c(1))?;
         let lse = fb.fadd(fb.get(mx)?, fb.log(fb.get(l)?)?)?;
         let first =
             fb.b.build_int_compare(IntPredicate::EQ, lane, c(0), "first")
@@ -9515,18 +9529,7 @@ pub fn gpu_tiles(
         }
         // (`gpu_tiled_order`: a block per tile)
         Kernel::Elementwise { shape, .. }
-            if shape.len() >= 2 && {
-                let outs = k.elementwise_outputs();
-                let mut loads = vec![];
-                for (_, e) in &outs {
-                    collect_loads(e, &mut loads);
-                }
-                let accesses = loads
-                    .iter()
-                    .map(|(a, _)| *a)
-                    .chain(outs.iter().map(|(o, _)| *o));
-                elementwise_transposes(accesses, shape.len())
-            } =>
+            if elementwise_transposes(&k.elementwise_outputs(), shape.len()) =>
         {
             let r = shape.len();
             return vec![GpuTiles {
