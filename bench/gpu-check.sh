@@ -80,11 +80,13 @@ for name, ours, theirs in [("matmul bf16 4096^3 / cuBLAS", "matmul wgmma (sm_90a
         print(f"ratio {name}: " + ", ".join(f"{e[0] / x:.3f}" for x in t)
               + f" (egret {e[0]:.1f}, torch {', '.join(f'{x:.1f}' for x in t)} TFLOP/s)")
 # The matmul timed in turn with cuBLAS in one process: the ratio under the same clocks.
+# (`wgmma`: the ring filled by `cp.async`, the default; `tma`: by the tensor memory accelerator)
 for r in rows(sys.argv[2]):
-    if "ratio" in r and r.get("what", "").startswith("matmul wgmma paired"):
-        print(f"ratio matmul bf16 4096^3 / cuBLAS, in turn in one process: {r['ratio']:.3f} "
-              f"(rounds {r['ratio_min']:.3f}-{r['ratio_max']:.3f}; egret {r['tflops']:.1f}, "
-              f"cuBLAS {r['cublas_tflops']:.1f} TFLOP/s)")
+    for variant in ["wgmma", "tma"]:
+        if "ratio" in r and r.get("what", "").startswith(f"matmul {variant} paired"):
+            print(f"ratio matmul bf16 4096^3 / cuBLAS ({variant}), in turn in one process: "
+                  f"{r['ratio']:.3f} (rounds {r['ratio_min']:.3f}-{r['ratio_max']:.3f}; "
+                  f"egret {r['tflops']:.1f}, cuBLAS {r['cublas_tflops']:.1f} TFLOP/s)")
 PY
 # The tensor-core kernels under Nsight Compute, where the machine has it, at the card's own
 # clocks (`--clock-control none`: the device notes ask that clocks be left alone, and ncu
@@ -101,6 +103,7 @@ if [ -n "${NCU:-}" ] && command -v ncu >/dev/null; then
     [ -n "${NCU_KERNELS:-}" ] && skip_default=1
     for k in ${NCU_KERNELS:-matmul_k0 attention_k1}; do
         case "$k" in
+            matmul_tma*) step="matmul pair benches tma" ;;
             matmul*) step="matmul benches" ;;
             attention_bwd*) step="attention backward benches" ;;
             *) step="attention benches" ;;

@@ -13,12 +13,14 @@
 //! - `smollm2-ptx/` and `smollm2-cpu/`: SmolLM2-135M's `step` compiled for the GPU (sm_80) and
 //!   for any x86-64-v3 CPU, to run on weights made on the GPU machine;
 //! - `conformance-tc/<case>/`: the matmul cases compiled for tensor cores (bf16 operands);
-//!   `conformance-wgmma/<case>/` the same for sm_90a (`wgmma` where operands are bf16);
+//!   `conformance-wgmma/<case>/` the same for sm_90a (`wgmma` where operands are bf16), and
+//!   `conformance-tma/<case>/` with the `wgmma` ring filled by the tensor memory accelerator;
 //! - `bench-matmul/`, `bench-matmul-tc/`, `bench-attention/`, `bench-attention-tc/`: a
 //!   matmul and a causal attention for timing (f32, and on tensor cores);
 //!   `bench-matmul-bf16/` and `bench-attention-bf16/`: the same on tensor cores with their
 //!   operands stored bf16, and `bench-matmul-wgmma/` and `bench-attention-wgmma/` the same
-//!   for sm_90a (`wgmma`); `bench-attention-bwd/` and `bench-attention-bwd-tc/`: that
+//!   for sm_90a (`wgmma`), `bench-matmul-tma/` the `wgmma` matmul fed by the tensor memory
+//!   accelerator; `bench-attention-bwd/` and `bench-attention-bwd-tc/`: that
 //!   attention's forward and backward (f32, and on tensor cores from bf16 operands);
 //! - `grads/<fixture>/`: each tiny transformers fixture's gradient graph (PTX, entry `run`)
 //!   with the fixture's weights, tokens and transformers' loss and gradients;
@@ -105,6 +107,8 @@ fn conformance(out: &Path) -> Res<()> {
                 ..tc.clone()
             };
             ptx_artifact_with(&g, &out.join("conformance-wgmma").join(name), &wgmma)?;
+            let tma = PtxOptions { tma: true, ..wgmma };
+            ptx_artifact_with(&g, &out.join("conformance-tma").join(name), &tma)?;
         }
         for &n in SIZES {
             let mut rng = Rng(n as u64 * 7919 + name.len() as u64);
@@ -203,6 +207,13 @@ fn main() -> Res<()> {
         ..tc.clone()
     };
     ptx_artifact_with(&matmul_wgmma, &out.join("bench-matmul-wgmma"), &wgmma)?;
+    // and with its ring filled by the tensor memory accelerator (`PtxOptions::tma`).
+    let matmul_tma = matmul_graph("bench_matmul_tma", "bf16")?;
+    let tma = PtxOptions {
+        tma: true,
+        ..wgmma.clone()
+    };
+    ptx_artifact_with(&matmul_tma, &out.join("bench-matmul-tma"), &tma)?;
     // Causal attention over `[1, 16, T, 128]` operands of `dtype`, as graph `name`.
     let attention_graph = |name: &str, dtype: &str| {
         egret_ir::parse(&format!(

@@ -65,9 +65,13 @@ pub fn simt_executor(
     opts: &PtxOptions,
 ) -> Result<egret_runtime::cpu::CpuExecutor> {
     let progs = schedule_for_gpu(&[g], opts, false)?;
-    let mut compiled =
-        egret_backends::simt::compile_many(&[&progs[0]], opts.tensor_cores, opts.wgmma())
-            .map_err(|e| EgretError::Usage(e.to_string()))?;
+    let mut compiled = egret_backends::simt::compile_many(
+        &[&progs[0]],
+        opts.tensor_cores,
+        opts.wgmma(),
+        opts.tma(),
+    )
+    .map_err(|e| EgretError::Usage(e.to_string()))?;
     let mut ex = egret_backends::simt::executor(compiled.remove(0))
         .map_err(|e| EgretError::Usage(e.to_string()))?;
     ex.bind_params(&|name: &str| crate::cpu::param(params, name))?;
@@ -96,12 +100,13 @@ pub fn compile_artifact(
 /// The compile-cache key of a PTX compilation.
 pub fn cache_key(cfg: &LlamaConfig, passes: &str, opts: &PtxOptions, what: &str) -> String {
     let text = format!(
-        "{what}\nformat {}\ncompiler {} {BUILD_ID}\nconfig {}\npasses {passes}\nptx {} {}\n",
+        "{what}\nformat {}\ncompiler {} {BUILD_ID}\nconfig {}\npasses {passes}\nptx {} {} {}\n",
         egret_runtime::artifact::FORMAT_VERSION,
         env!("CARGO_PKG_VERSION"),
         serde_json::to_string(cfg).unwrap_or_default(),
         opts.arch,
         opts.tensor_cores,
+        opts.tma(),
     );
     egret_runtime::artifact::sha256_hex(text.as_bytes())[..32].to_string()
 }

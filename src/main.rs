@@ -427,6 +427,7 @@ impl Runner {
                 &egret_backends::ptx::PtxOptions {
                     arch: o.gpu_arch.clone(),
                     tensor_cores: o.tensor_cores,
+                    tma: false,
                 },
                 &match (&o.artifact, o.no_cache) {
                     (Some(d), _) => egret::cpu::CodeSource::Artifact(d.clone()),
@@ -706,6 +707,7 @@ fn run(cli: Cli) -> Result<()> {
                 let opts = egret_backends::ptx::PtxOptions {
                     arch: gpu_arch,
                     tensor_cores,
+                    tma: false,
                 };
                 let dir = egret::gpu::compile_artifact(&cfg, &passes, &opts, &out)?;
                 println!("{}", dir.display());

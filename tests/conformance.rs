@@ -188,6 +188,7 @@ fn ptx_of_every_case_assembles() {
                 let opts = PtxOptions {
                     arch: arch.into(),
                     tensor_cores,
+                    tma: false,
                 };
                 let (ptx, _) = egret::gpu::compile_graphs(&[&g], &opts, false)
                     .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -424,20 +425,30 @@ fn simulated_tensor_core_matmuls_are_exact_on_bf16_exact_inputs() {
 
 /// The same on sm_90a, whose tensor-core matmuls take `wgmma` where both operands are bf16
 /// in memory (`bf16-ring-tails`), `mma.sync` elsewhere: bit for bit the interpreter's, so a
-/// misplaced core matrix, descriptor offset or accumulator shows.
+/// misplaced core matrix, descriptor offset or accumulator shows; with the ring filled by
+/// `cp.async` and by the tensor memory accelerator (`tma`: its boxes, swizzle, zero-filled
+/// edges and barrier phases).
 #[test]
 fn simulated_wgmma_matmuls_are_exact_on_bf16_exact_inputs() {
-    let opts = PtxOptions {
-        arch: "sm_90a".into(),
-        tensor_cores: true,
-    };
-    for (name, body) in EXACT_MMA_CASES.iter().chain(EXACT_MID_CASES) {
-        let (want, got) = interp_and_simulated_with(name, body, 0x5eed, true, &opts, |rng| {
-            (rng.next() % 17) as f32 / 8.0 - 1.0
-        });
-        for (out, w) in &want {
-            let bad = w.iter().zip(&got[out]).filter(|(a, b)| a != b).count();
-            assert_eq!(bad, 0, "{name} {out}: {bad} of {} elements differ", w.len());
+    for tma in [false, true] {
+        let opts = PtxOptions {
+            arch: "sm_90a".into(),
+            tensor_cores: true,
+            tma,
+        };
+        for (name, body) in EXACT_MMA_CASES.iter().chain(EXACT_MID_CASES) {
+            let (want, got) = interp_and_simulated_with(name, body, 0x5eed, true, &opts, |rng| {
+                (rng.next() % 17) as f32 / 8.0 - 1.0
+            });
+            for (out, w) in &want {
+                let bad = w.iter().zip(&got[out]).filter(|(a, b)| a != b).count();
+                assert_eq!(
+                    bad,
+                    0,
+                    "tma {tma}: {name} {out}: {bad} of {} elements differ",
+                    w.len()
+                );
+            }
         }
     }
 }
@@ -461,10 +472,11 @@ fn simulated_bf16_inputs_feed_tensor_core_matmuls() {
   output "y" = %y
   output "y2" = %y2
   output "y3" = %y3"#;
-    for arch in ["sm_80", "sm_90a"] {
+    for (arch, tma) in [("sm_80", false), ("sm_90a", false), ("sm_90a", true)] {
         let opts = PtxOptions {
             arch: arch.into(),
             tensor_cores: true,
+            tma,
         };
         let (want, got) = interp_and_simulated_with("bf16-inputs", body, 3, false, &opts, |rng| {
             (rng.next() % 17) as f32 / 8.0 - 1.0
@@ -478,7 +490,7 @@ fn simulated_bf16_inputs_feed_tensor_core_matmuls() {
             assert_eq!(
                 bad,
                 0,
-                "{arch} {out}: {bad} of {} elements differ",
+                "{arch} (tma {tma}) {out}: {bad} of {} elements differ",
                 want[out].len()
             );
         }
@@ -710,6 +722,7 @@ fn simulated_bf16_inputs_feed_tensor_core_attention() {
         let opts = PtxOptions {
             arch: arch.into(),
             tensor_cores: true,
+            tma: false,
         };
         for (name, wgmma, body) in BF16_ATTENTION_CASES {
             let (want, got) = interp_and_simulated_with(name, body, 0xa77e, false, &opts, |rng| {
@@ -830,6 +843,7 @@ fn simulated_tensor_core_attention_backward_matches_the_interpreter() {
             let opts = PtxOptions {
                 arch: arch.into(),
                 tensor_cores,
+                tma: false,
             };
             let tols = if tensor_cores {
                 [2e-2, 5e-3]

@@ -20,17 +20,19 @@ fn ptx_of(ir: &str) -> String {
 #[test]
 fn smollm2_step_ptx_assembles_for_sm80_and_sm90() {
     let cfg = egret_models::presets::preset("smollm2-135m").unwrap();
-    for (arch, tensor_cores) in [
-        ("sm_80", false),
-        ("sm_90", false),
-        ("sm_80", true),
-        ("sm_90", true),
-        ("sm_90a", true),
+    for (arch, tensor_cores, tma) in [
+        ("sm_80", false, false),
+        ("sm_90", false, false),
+        ("sm_80", true, false),
+        ("sm_90", true, false),
+        ("sm_90a", true, false),
+        ("sm_90a", true, true),
     ] {
-        let t = TempDir::new(&format!("smollm2-ptx-{arch}-{tensor_cores}"));
+        let t = TempDir::new(&format!("smollm2-ptx-{arch}-{tensor_cores}-{tma}"));
         let opts = PtxOptions {
             arch: arch.into(),
             tensor_cores,
+            tma,
         };
         let dir = egret::gpu::compile_artifact(&cfg, "default", &opts, &t.0.join("a")).unwrap();
         let art = egret_runtime::Artifact::load(&dir).unwrap();
@@ -43,6 +45,14 @@ fn smollm2_step_ptx_assembles_for_sm80_and_sm90() {
         }
         for op in ["wgmma.mma_async", "wgmma.wait_group"] {
             assert_eq!(ptx.contains(op), arch == "sm_90a", "{arch} {op}");
+        }
+        for op in [
+            "tensormap.replace",
+            "tensormap.cp_fenceproxy",
+            "cp.async.bulk.tensor",
+            "mbarrier.try_wait.parity",
+        ] {
+            assert_eq!(ptx.contains(op), tma, "{arch} {op}");
         }
         common::assemble_ptx("smollm2 step", &ptx, arch);
     }
@@ -105,6 +115,7 @@ fn tiled_kernels_launch_one_block_per_tile() {
         let opts = PtxOptions {
             arch: arch.into(),
             tensor_cores: true,
+            tma: false,
         };
         let (_, plans) = egret::gpu::compile_graphs(&[&g], &opts, false).unwrap();
         let plan = &plans[0];
@@ -220,6 +231,7 @@ fn a_split_k_sum_is_launched_only_where_its_matmul_splits() {
         let opts = PtxOptions {
             arch: "sm_90a".into(),
             tensor_cores,
+            tma: false,
         };
         let (_, plans) = egret::gpu::compile_graphs(&[&g], &opts, false).unwrap();
         let call = |what: &str| {
@@ -265,6 +277,7 @@ fn heavy_kernels_launch_a_light_entry_point_off_their_tiles() {
             let opts = PtxOptions {
                 arch: arch.into(),
                 tensor_cores,
+                tma: false,
             };
             let (ptx, plans) = egret::gpu::compile_graphs(&[&g], &opts, false).unwrap();
             let call = plans[0]
@@ -322,17 +335,19 @@ fn heavy_kernels_launch_a_light_entry_point_off_their_tiles() {
 #[test]
 fn tensor_core_kernels_fit_each_architectures_shared_memory() {
     let attention = attention_ir(16, 128, 0.088);
-    for (arch, limit) in [
-        ("sm_80", 163 * 1024),
-        ("sm_86", 99 * 1024),
-        ("sm_89", 99 * 1024),
-        ("sm_90a", 227 * 1024),
+    for (arch, limit, tma) in [
+        ("sm_80", 163 * 1024, false),
+        ("sm_86", 99 * 1024, false),
+        ("sm_89", 99 * 1024, false),
+        ("sm_90a", 227 * 1024, false),
+        ("sm_90a", 227 * 1024, true),
     ] {
         for ir in [MATMUL_IR, attention.as_str()] {
             let g = egret_ir::parse(&ir.replace("DT", "bf16")).unwrap();
             let opts = PtxOptions {
                 arch: arch.into(),
                 tensor_cores: true,
+                tma,
             };
             let (ptx, plans) = egret::gpu::compile_graphs(&[&g], &opts, false).unwrap();
             let report = common::ptxas_report("shared memory", &ptx, arch);

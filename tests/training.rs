@@ -211,6 +211,7 @@ fn tensor_core_attention_backward_in_a_model_on_the_simulated_gpu() {
         let opts = egret_backends::ptx::PtxOptions {
             arch: arch.into(),
             tensor_cores: true,
+            tma: false,
         };
         let adamw = egret::train::AdamW::default();
         let dir = egret::train::compile_train_artifact_ptx(

@@ -114,6 +114,113 @@ struct Block {
     unfenced: Vec<Vec<usize>>,
     /// The first `wgmma` that reads a chunk of `unfenced`: `(address, the reading thread)`.
     unfenced_read: Option<(u64, usize)>,
+    /// The block's `mbarrier`s, by address.
+    mbarriers: HashMap<usize, Mbarrier>,
+    /// Tensor copies made (their phase complete) and not yet copied over: a thread sees one
+    /// only once it has waited for that phase itself (`observed`).
+    landed: Vec<Landed>,
+    /// Per thread, per `mbarrier`: how many of its phases the thread has waited for.
+    observed: Vec<HashMap<usize, u64>>,
+    /// The first misuse of an `mbarrier` or a tensor copy (what the GPU would not do, or do
+    /// otherwise).
+    tma_error: Option<String>,
+}
+
+/// A tensor copy made: its `mbarrier`, the phases that barrier had completed with it, and
+/// the bytes it wrote.
+struct Landed {
+    bar: usize,
+    phases: u64,
+    dst: usize,
+    bytes: usize,
+}
+
+/// An `mbarrier`: the arrivals a phase needs and those still to come, the phases completed,
+/// the bytes of copies its arrivals announced, and the tensor copies issued on the current
+/// phase (made when a wait finds the phase complete, the latest the GPU may make them).
+struct Mbarrier {
+    count: usize,
+    pending: usize,
+    phase: u64,
+    expected: usize,
+    copies: Vec<TensorCopy>,
+}
+
+/// One `cp.async.bulk.tensor` of a bf16 tensor (`llvm::kernels` `tma::tma_load`): the box
+/// of `boxed[0]` elements by `boxed[1]` rows at element `coords[0]` of row `coords[1]` of
+/// matrix `coords[2]` of the tensor at `src` (`dims`; rows `strides[0]` bytes apart,
+/// matrices `strides[1]`), to `dst` in 128-byte swizzle.
+#[derive(Clone, Copy)]
+struct TensorCopy {
+    dst: usize,
+    src: usize,
+    dims: [i64; 3],
+    strides: [i64; 2],
+    boxed: [i64; 2],
+    coords: [i64; 3],
+}
+
+impl TensorCopy {
+    fn bytes(&self) -> usize {
+        (self.boxed[0] * self.boxed[1] * 2) as usize
+    }
+
+    /// Makes the copy: element `(r, e)` of the box (zero outside the tensor) to byte
+    /// `2(r·boxed[0] + e)` of the destination, that address swizzled (bits 4-6 XOR bits 7-9).
+    ///
+    /// # Safety
+    /// The tensor's elements inside `dims` must be readable and the destination writable.
+    unsafe fn make(&self) {
+        for r in 0..self.boxed[1] {
+            for e in 0..self.boxed[0] {
+                let (x, y, z) = (self.coords[0] + e, self.coords[1] + r, self.coords[2]);
+                let inside = (0..self.dims[0]).contains(&x)
+                    && (0..self.dims[1]).contains(&y)
+                    && (0..self.dims[2]).contains(&z);
+                let v = if inside {
+                    let at = self.src as i64 + z * self.strides[1] + y * self.strides[0] + 2 * x;
+                    let at = at as usize;
+                    std::ptr::read_unaligned(at as *const u16)
+                } else {
+                    0
+                };
+                let at = self.dst + (2 * (r * self.boxed[0] + e)) as usize;
+                let at = at ^ (((at >> 7) & 7) << 4);
+                std::ptr::write_unaligned(at as *mut u16, v);
+            }
+        }
+    }
+}
+
+/// Completes the current phase of `m` if its arrivals are in and its copies, all of the
+/// bytes announced, issued: the copies are made, and returned.
+///
+/// # Safety
+/// As `TensorCopy::make`, for each copy.
+unsafe fn complete_phase(m: &mut Mbarrier) -> Option<Vec<TensorCopy>> {
+    let issued: usize = m.copies.iter().map(TensorCopy::bytes).sum();
+    if m.pending > 0 || issued != m.expected {
+        return None;
+    }
+    let made = std::mem::take(&mut m.copies);
+    for cp in &made {
+        cp.make();
+    }
+    m.phase += 1;
+    m.pending = m.count;
+    m.expected = 0;
+    Some(made)
+}
+
+/// Records the block's first `mbarrier` or tensor-copy misuse.
+///
+/// # Safety
+/// On a simulated thread, while `run_block` holds the block.
+unsafe fn tma_misuse(what: String) {
+    let b = block();
+    if (*b).tma_error.is_none() {
+        (*b).tma_error = Some(what);
+    }
 }
 
 /// One thread's `wgmma` operand ranges `[start, end)`, by commit group, oldest first.
@@ -482,6 +589,22 @@ fn wgmma_reading(reads: Vec<(usize, usize)>, t: usize) {
                     break;
                 }
             }
+            // (tensor copies in flight, and those made but not yet waited for by this thread)
+            let seen = &(&(*b).observed)[lane];
+            let pending = (*b).mbarriers.values().flat_map(|m| m.copies.iter());
+            let unseen = (*b)
+                .landed
+                .iter()
+                .filter(|l| seen.get(&l.bar).copied().unwrap_or(0) < l.phases);
+            let ranges = pending
+                .map(|cp| (cp.dst, cp.bytes()))
+                .chain(unseen.map(|l| (l.dst, l.bytes)));
+            for (dst, n) in ranges {
+                if reads.iter().any(|&(s, e)| dst < e && s < dst + n) {
+                    (*b).early_read = Some((dst as u64, lane));
+                    break;
+                }
+            }
         }
         (&mut (*b).wgmma_reads)[lane].open.extend(reads);
     }
@@ -617,8 +740,157 @@ extern "C" fn egret_simt_fence_proxy_async() {
     }
 }
 
+/// `mbarrier.init`: the barrier at `bar` starts its first phase, awaiting `count` arrivals.
+extern "C" fn egret_simt_mbarrier_init(bar: *mut u64, count: i64) {
+    // SAFETY: hooks run on simulated threads only, while `run_block` holds the block.
+    unsafe {
+        let b = block();
+        let count = count.max(1) as usize;
+        let old = (*b).mbarriers.insert(
+            bar as usize,
+            Mbarrier {
+                count,
+                pending: count,
+                phase: 0,
+                expected: 0,
+                copies: vec![],
+            },
+        );
+        if old.is_some_and(|m| !m.copies.is_empty()) {
+            tma_misuse(format!(
+                "an mbarrier at {bar:p} initialised with copies in flight"
+            ));
+        }
+        (*b).events += 1;
+    }
+}
+
+/// `mbarrier.arrive.expect_tx`: the current phase of `bar` awaits `bytes` more, and the
+/// running thread arrives.
+extern "C" fn egret_simt_mbarrier_arrive_expect_tx(bar: *mut u64, bytes: i64) {
+    // SAFETY: as above.
+    unsafe {
+        let b = block();
+        match (*b).mbarriers.get_mut(&(bar as usize)) {
+            Some(m) if m.pending > 0 => {
+                m.expected += bytes.max(0) as usize;
+                m.pending -= 1;
+            }
+            Some(_) => tma_misuse(format!(
+                "more arrivals on the mbarrier at {bar:p} than a phase takes"
+            )),
+            None => tma_misuse(format!(
+                "an arrival on an mbarrier at {bar:p} never initialised"
+            )),
+        }
+        (*b).events += 1;
+    }
+}
+
+/// A `mbarrier.try_wait.parity` loop: returns once the phase of `bar` with parity `parity`
+/// has completed (at once for the phase before the first), after which the running thread
+/// sees the copies of that phase and those before; meanwhile the other threads run.
+extern "C" fn egret_simt_mbarrier_wait(bar: *mut u64, parity: i64) {
+    // SAFETY: as above; the copies' addresses come from the generated code (`tma_load`).
+    unsafe {
+        loop {
+            let b = block();
+            let key = bar as usize;
+            let Some(m) = (*b).mbarriers.get_mut(&key) else {
+                tma_misuse(format!(
+                    "a wait on an mbarrier at {bar:p} never initialised"
+                ));
+                return;
+            };
+            if let Some(made) = complete_phase(m) {
+                let phases = m.phase;
+                (*b).events += 1;
+                (*b).landed.extend(made.iter().map(|cp| Landed {
+                    bar: key,
+                    phases,
+                    dst: cp.dst,
+                    bytes: cp.bytes(),
+                }));
+            }
+            let phases = (&(*b).mbarriers)[&key].phase;
+            if (phases & 1) as i64 != (parity & 1) {
+                let seen = (&mut (*b).observed)[(*b).running].entry(key).or_insert(0);
+                *seen = (*seen).max(phases);
+                return;
+            }
+            suspend();
+        }
+    }
+}
+
+/// `cp.async.bulk.tensor` issued on `bar`'s current phase: checked as the GPU would
+/// (destination on a 1024-byte boundary for the swizzle, source and strides on 16 bytes,
+/// box rows of at most 128 bytes), checked against `wgmma`s that may still read its
+/// destination, which holds NaNs until the phase completes.
+#[allow(clippy::too_many_arguments)]
+extern "C" fn egret_simt_tma_load(
+    dst: *mut u8,
+    src: *const u8,
+    dim0: i64,
+    dim1: i64,
+    dim2: i64,
+    row_bytes: i64,
+    matrix_bytes: i64,
+    box0: i64,
+    box1: i64,
+    c0: i64,
+    c1: i64,
+    c2: i64,
+    bar: *mut u64,
+) {
+    let cp = TensorCopy {
+        dst: dst as usize,
+        src: src as usize,
+        dims: [dim0, dim1, dim2],
+        strides: [row_bytes, matrix_bytes],
+        boxed: [box0, box1],
+        coords: [c0, c1, c2],
+    };
+    // SAFETY: as above; the destination is the box's bytes of shared memory.
+    unsafe {
+        let strides_ok = row_bytes % 16 == 0 && (dim2 <= 1 || matrix_bytes % 16 == 0);
+        if !cp.dst.is_multiple_of(1024)
+            || !cp.src.is_multiple_of(16)
+            || !strides_ok
+            || 2 * box0 > 128
+        {
+            tma_misuse(format!(
+                "a tensor copy to {dst:p} from {src:p} (rows {row_bytes} bytes apart, \
+                 matrices {matrix_bytes}, boxes {box0} × {box1}) breaks the copy engine's \
+                 alignment or box rules"
+            ));
+            return;
+        }
+        let b = block();
+        let (lo, hi) = (cp.dst, cp.dst + cp.bytes());
+        let read = (*b).wgmma_reads.iter().any(|r| {
+            r.open
+                .iter()
+                .chain(r.groups.iter().flatten())
+                .any(|&(s, e)| lo < e && s < hi)
+        });
+        if read && (*b).overwrite.is_none() {
+            (*b).overwrite = Some((lo as u64, (*b).running));
+        }
+        std::ptr::write_bytes(dst, COPY_POISON, cp.bytes());
+        (*b).landed.retain(|l| hi <= l.dst || l.dst + l.bytes <= lo);
+        match (*b).mbarriers.get_mut(&(bar as usize)) {
+            Some(m) => m.copies.push(cp),
+            None => tma_misuse(format!(
+                "a tensor copy on an mbarrier at {bar:p} never initialised"
+            )),
+        }
+        (*b).events += 1;
+    }
+}
+
 /// The hooks the simulated code calls, by name (`SIMT_HOOKS`).
-fn hooks() -> [(&'static str, usize); 13] {
+fn hooks() -> [(&'static str, usize); 17] {
     [
         (SIMT_HOOKS[0], egret_simt_barrier as *const () as usize),
         (SIMT_HOOKS[1], egret_simt_shfl_bfly as *const () as usize),
@@ -642,6 +914,19 @@ fn hooks() -> [(&'static str, usize); 13] {
             SIMT_HOOKS[12],
             egret_simt_fence_proxy_async as *const () as usize,
         ),
+        (
+            SIMT_HOOKS[13],
+            egret_simt_mbarrier_init as *const () as usize,
+        ),
+        (
+            SIMT_HOOKS[14],
+            egret_simt_mbarrier_arrive_expect_tx as *const () as usize,
+        ),
+        (
+            SIMT_HOOKS[15],
+            egret_simt_mbarrier_wait as *const () as usize,
+        ),
+        (SIMT_HOOKS[16], egret_simt_tma_load as *const () as usize),
     ]
 }
 
@@ -651,10 +936,12 @@ pub fn compile_many(
     progs: &[&Program],
     tensor_cores: bool,
     wgmma: bool,
+    tma: bool,
 ) -> Result<Vec<Compiled>, BackendError> {
     let flavor = Flavor::Simt {
         tensor_cores,
         wgmma,
+        tma,
     };
     jit(progs, &flavor, "native", &hooks())
 }
@@ -723,6 +1010,10 @@ impl SimtLauncher {
             early_read: None,
             unfenced: vec![vec![]; BLOCK],
             unfenced_read: None,
+            mbarriers: HashMap::new(),
+            landed: vec![],
+            observed: vec![HashMap::new(); BLOCK],
+            tma_error: None,
         }));
         // SAFETY (all uses of `bp` below): the block lives until the end of this function,
         // where it is freed after every thread has ended or been reset; only one thread
@@ -786,7 +1077,8 @@ impl SimtLauncher {
             if unsafe { (*bp).events } == before {
                 outcome = Err(format!(
                     "the simulated launch of `{}` deadlocked: every live thread of block {blk} \
-                     waits at a barrier or warp operation that the others never reach",
+                     waits at a barrier, warp operation or mbarrier phase that the others \
+                     never reach or complete",
                     call.what
                 ));
                 break;
@@ -810,8 +1102,14 @@ impl SimtLauncher {
         if let (Ok(()), Some((at, lane))) = (&outcome, unsafe { (*bp).early_read }) {
             outcome = Err(format!(
                 "in the simulated launch of `{}`, thread {lane}'s `wgmma` reads shared memory \
-                 at {at:#x} that a `cp.async` not yet waited for may still write (a race on \
+                 at {at:#x} that a `cp.async` or tensor copy not yet waited for may still write (a race on \
                  the GPU)",
+                call.what
+            ));
+        }
+        if let (Ok(()), Some(what)) = (&outcome, unsafe { (*bp).tma_error.take() }) {
+            outcome = Err(format!(
+                "in the simulated launch of `{}`, {what}",
                 call.what
             ));
         }
@@ -1278,6 +1576,90 @@ mod tests {
     #[test]
     fn a_copy_into_what_an_unfinished_wgmma_reads_fails_the_launch() {
         race_is_reported(copy_over_wgmma, "may still read");
+    }
+
+    // Thread 0 starts a tensor copy into `A`'s 8 KiB at 0 of the region (every element
+    // outside its tensor: zeros, nothing read) on an mbarrier at the third buffer's second
+    // word; when `safe`, every thread waits for the barrier's phase before the barrier after
+    // which thread 0 issues a `wgmma` over it.
+    kernel!(fn wgmma_over_tensor_copy(bufs, tid, _) {
+        let (region, src, safe) = race_bufs(bufs);
+        let bar = (*bufs.add(2)).add(8) as *mut u64;
+        if tid == 0 {
+            egret_simt_mbarrier_init(bar, 1);
+            egret_simt_mbarrier_arrive_expect_tx(bar, 8192);
+            egret_simt_tma_load(region, src, 64, 0, 1, 128, 0, 64, 64, 0, 0, 0, bar);
+        }
+        egret_simt_barrier();
+        if safe {
+            egret_simt_mbarrier_wait(bar, 0);
+        }
+        egret_simt_barrier();
+        if tid == 0 {
+            issue_wgmma(region);
+            egret_simt_wgmma_wait(0);
+        }
+        egret_simt_mbarrier_wait(bar, 0);
+        0
+    });
+
+    #[test]
+    fn a_wgmma_reading_a_tensor_copy_before_its_phase_completes_fails_the_launch() {
+        race_is_reported(wgmma_over_tensor_copy, "may still write");
+    }
+
+    // Thread 0 copies the box of 64 elements by 32 rows at element 40 of row 50 of matrix 1
+    // of a `[2][70][80]` bf16 tensor (rows 176 bytes apart, matrices 12320) into the
+    // 1024-aligned region, on an mbarrier at the third buffer; every thread waits for it.
+    kernel!(fn tensor_copy_box(bufs, tid, _) {
+        let (region, src, _) = race_bufs(bufs);
+        let bar = *bufs.add(2) as *mut u64;
+        if tid == 0 {
+            egret_simt_mbarrier_init(bar, 1);
+            egret_simt_mbarrier_arrive_expect_tx(bar, 64 * 32 * 2);
+            egret_simt_tma_load(region, src, 80, 70, 2, 176, 12320, 64, 32, 40, 50, 1, bar);
+        }
+        egret_simt_mbarrier_wait(bar, 0);
+        0
+    });
+
+    /// A tensor copy lands as the copy engine lays it out: element `(r, e)` of the box at
+    /// byte `2(64r + e)`, swizzled (chunk `c` of row `r` at chunk `c ^ (r % 8)`), the tensor's
+    /// element at `(40 + e, 50 + r)` of matrix 1, or zero where that lies outside it.
+    #[test]
+    fn a_tensor_copy_lays_out_its_box_swizzled_with_zeros_outside_the_tensor() {
+        let val = |z: usize, y: usize, x: usize| (z * 10000 + y * 100 + x) as u16;
+        let mut src = vec![0u16; 2 * 70 * 88 + 8];
+        let at = src.as_ptr().align_offset(16);
+        for z in 0..2 {
+            for y in 0..70 {
+                for x in 0..80 {
+                    src[at + z * 70 * 88 + y * 88 + x] = val(z, y, x);
+                }
+            }
+        }
+        let mut mem = vec![0xffu8; 4096 + 1024];
+        let mut bar = [0u64; 2];
+        let args = [
+            mem.as_mut_ptr(),
+            unsafe { src.as_mut_ptr().add(at) } as *mut u8,
+            bar.as_mut_ptr() as *mut u8,
+        ];
+        assert_eq!(
+            launcher().launch(tensor_copy_box, &call(256), &args, &[]),
+            Ok(0)
+        );
+        let base = mem.as_ptr().align_offset(1024);
+        for r in 0..32 {
+            for e in 0..64 {
+                let off = 2 * (64 * r + e);
+                let off = base + (off ^ (((off >> 7) & 7) << 4));
+                let got = u16::from_le_bytes([mem[off], mem[off + 1]]);
+                let (x, y) = (40 + e, 50 + r);
+                let want = if x < 80 && y < 70 { val(1, y, x) } else { 0 };
+                assert_eq!(got, want, "box element ({r}, {e})");
+            }
+        }
     }
 
     /// Test values, small integers (exact in bf16 and in f32 sums): `A`'s and `B`'s entries.

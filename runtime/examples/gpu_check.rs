@@ -20,7 +20,9 @@
 //!
 //! With STEP names (`gpu_check --steps` lists them: `conformance`, `conformance-tc`,
 //! `conformance-wgmma` (sm_90 cards), `gradients`, `smollm2`, `matmul benches`, `matmul pair
-//! benches`, `attention benches`, `attention backward benches`, `train step`), only those
+//! benches`, `attention benches`, `attention backward benches`, `train step`,
+//! `conformance-tma` and `matmul pair benches tma` (sm_90 cards: the `wgmma` matmul fed by
+//! the tensor memory accelerator, last, as it has not yet run on a card)), only those
 //! run: `benches` names the four benches, which run alone under a profiler.
 //!
 //! Prints one JSON object per line (a result each) and a table last, on stderr.
@@ -498,13 +500,14 @@ impl Drop for Cublas {
     }
 }
 
-/// The `wgmma` matmul goal, timed in turn with cuBLAS in this process: `BENCH_REPS` rounds
+/// The `wgmma` matmul goal (`variant` `wgmma`: its ring filled by `cp.async`; `tma`: by the
+/// tensor memory accelerator), timed in turn with cuBLAS in this process: `BENCH_REPS` rounds
 /// of egret's run (its device time) and cuBLAS's GEMM on the same bf16 operands (timed with
 /// events on its stream), each side's operands uploaded afresh before each of its runs, as
 /// egret's run uploads its inputs. Both sides meet the card's clocks alike, which drift over
 /// a call (G19's cuBLAS figures moved by 11% between the call's two ends). Each result is
 /// checked against the other (relative L2, as the other benches).
-fn matmul_pair(bundle: &Path, table: &mut Vec<String>) -> Res<bool> {
+fn matmul_pair(bundle: &Path, variant: &str, table: &mut Vec<String>) -> Res<bool> {
     use cudarc::driver::{sys, CudaContext, DevicePtr};
     let n = 4096;
     let inputs = HashMap::from([
@@ -516,13 +519,15 @@ fn matmul_pair(bundle: &Path, table: &mut Vec<String>) -> Res<bool> {
         _ => Err(format!("input `{name}` is not f32")),
     };
     let (a, w) = (operand("a")?, operand("w")?);
-    let mut mm = executor(&bundle.join("bench-matmul-wgmma"))?;
+    let mut mm = executor(&bundle.join(format!("bench-matmul-{variant}")))?;
     let ctx = CudaContext::new(0)?;
     let stream = ctx.new_stream()?;
     let cublas = match Cublas::load(&stream) {
         Ok(c) => c,
         Err(e) => {
-            table.push(format!("egret matmul paired with cuBLAS: skipped ({e})"));
+            table.push(format!(
+                "egret matmul {variant} paired with cuBLAS: skipped ({e})"
+            ));
             return Ok(true);
         }
     };
@@ -580,13 +585,14 @@ fn matmul_pair(bundle: &Path, table: &mut Vec<String>) -> Res<bool> {
     let ok = rel <= 1e-2;
     println!(
         "{}",
-        serde_json::json!({"check": "bench", "what": "matmul wgmma paired with cuBLAS bf16 4096^3",
+        serde_json::json!({"check": "bench",
+            "what": format!("matmul {variant} paired with cuBLAS bf16 4096^3"),
             "seconds": se, "tflops": flops / se / 1e12, "cublas_seconds": sc,
             "cublas_tflops": flops / sc / 1e12, "ratio": ratio, "ratio_min": lo, "ratio_max": hi,
             "rel_l2": rel})
     );
     table.push(format!(
-        "egret matmul wgmma 4096^3 paired with cuBLAS ({BENCH_REPS} rounds): {:.1} against {:.1} TFLOP/s, {ratio:.3}x (rounds {lo:.3}-{hi:.3}); results within {rel:.2e} {}",
+        "egret matmul {variant} 4096^3 paired with cuBLAS ({BENCH_REPS} rounds): {:.1} against {:.1} TFLOP/s, {ratio:.3}x (rounds {lo:.3}-{hi:.3}); results within {rel:.2e} {}",
         flops / se / 1e12,
         flops / sc / 1e12,
         if ok { "ok" } else { "FAIL" }
@@ -980,7 +986,7 @@ fn train_step(bundle: &Path, weights: &Path, table: &mut Vec<String>) -> Res<boo
 
 /// The steps, in the order they run (`bench/gpu-check.sh` runs each in a process of its
 /// own, so that a fault in one, which leaves the CUDA context unusable, spares the others).
-const STEPS: [&str; 10] = [
+const STEPS: [&str; 12] = [
     "conformance",
     "conformance-tc",
     "conformance-wgmma",
@@ -991,6 +997,8 @@ const STEPS: [&str; 10] = [
     "attention benches",
     "attention backward benches",
     "train step",
+    "conformance-tma",
+    "matmul pair benches tma",
 ];
 
 /// Whether step `what` is among those named: by its name, or `benches` for both benches.
@@ -1037,12 +1045,18 @@ fn main() {
         ("gradients", &|t| gradients(bundle, t)),
         ("smollm2", &|t| smollm2(bundle, weights, t)),
         ("matmul benches", &|t| matmul_benches(bundle, t)),
-        ("matmul pair benches", &|t| matmul_pair(bundle, t)),
+        ("matmul pair benches", &|t| matmul_pair(bundle, "wgmma", t)),
         ("attention benches", &|t| attention_benches(bundle, t)),
         ("attention backward benches", &|t| {
             attention_backward_bench(bundle, t)
         }),
         ("train step", &|t| train_step(bundle, weights, t)),
+        ("conformance-tma", &|t| {
+            conformance(bundle, "conformance-tma", true, t)
+        }),
+        ("matmul pair benches tma", &|t| {
+            matmul_pair(bundle, "tma", t)
+        }),
     ];
     for (what, step) in steps {
         debug_assert!(STEPS.contains(&what));

@@ -27,6 +27,7 @@ use crate::BackendError;
 
 mod attn_tiles;
 mod mma_attn_bwd;
+mod tma;
 
 type R<T> = Result<T, BackendError>;
 
@@ -66,6 +67,9 @@ struct Fb<'a, 'ctx> {
     tensor_cores: bool,
     /// Those with bf16 operands in memory on `wgmma.mma_async` (sm_90a).
     wgmma: bool,
+    /// `wgmma` matmuls fed by the tensor memory accelerator (`gpu_wgmma_matmul`'s
+    /// `WgCopies::Tma`) rather than by `cp.async`.
+    tma: bool,
     /// GPU kernels for this CPU, run by the SIMT simulator (`crate::simt`): barriers and
     /// warp operations call the simulator's hooks, shared memory is ordinary memory.
     sim: bool,
@@ -1011,12 +1015,21 @@ pub enum Flavor {
     /// NVPTX: each function is the private body of a GPU entry point; `tid`/`nthreads` are
     /// the global thread index and count, and the C library is not there. With
     /// `tensor_cores`, large matmuls round their operands to bf16 and run on `mma.sync`, or
-    /// with `wgmma` (sm_90a) on `wgmma.mma_async` where their operands are bf16.
-    Gpu { tensor_cores: bool, wgmma: bool },
+    /// with `wgmma` (sm_90a) on `wgmma.mma_async` where their operands are bf16, and with
+    /// `tma` too those fed by the tensor memory accelerator (`WgCopies::Tma`).
+    Gpu {
+        tensor_cores: bool,
+        wgmma: bool,
+        tma: bool,
+    },
     /// The GPU's kernels compiled for this CPU, for the SIMT simulator (`crate::simt`):
     /// each function is an exported body with the CPU kernel ABI, called once per simulated
     /// GPU thread; barriers and warp operations call the simulator's hooks (`SIMT_HOOKS`).
-    Simt { tensor_cores: bool, wgmma: bool },
+    Simt {
+        tensor_cores: bool,
+        wgmma: bool,
+        tma: bool,
+    },
 }
 
 impl Flavor {
@@ -1049,7 +1062,14 @@ impl Flavor {
 ///   n-major or k-major (`WgB`).
 /// - `egret_simt_fence_proxy_async()`: `fence.proxy.async.shared::cta` (this thread's
 ///   writes to shared memory, `cp.async`s included, made visible to `wgmma`'s reads).
-pub const SIMT_HOOKS: [&str; 13] = [
+/// - `egret_simt_mbarrier_init(ptr bar, i64 count)`,
+///   `egret_simt_mbarrier_arrive_expect_tx(ptr bar, i64 bytes)`,
+///   `egret_simt_mbarrier_wait(ptr bar, i64 parity)`: `mbarrier.init`,
+///   `mbarrier.arrive.expect_tx` and a `mbarrier.try_wait.parity` loop (`tma`).
+/// - `egret_simt_tma_load(ptr dst, ptr base, i64 dim0, i64 dim1, i64 row_bytes, i64 box0,
+///   i64 box1, i64 c0, i64 c1, ptr bar)`: `cp.async.bulk.tensor.2d` of a bf16 tensor's box
+///   at element `c0` of row `c1`, 128-byte swizzle, completing on `bar` (`tma::tma_load`).
+pub const SIMT_HOOKS: [&str; 17] = [
     "egret_simt_barrier",
     "egret_simt_shfl_bfly",
     "egret_simt_mma_bf16",
@@ -1063,6 +1083,10 @@ pub const SIMT_HOOKS: [&str; 13] = [
     "egret_simt_wgmma_wait",
     "egret_simt_wgmma_rs",
     "egret_simt_fence_proxy_async",
+    "egret_simt_mbarrier_init",
+    "egret_simt_mbarrier_arrive_expect_tx",
+    "egret_simt_mbarrier_wait",
+    "egret_simt_tma_load",
 ];
 
 /// Emits kernel `k` as function `name`; returns its buffer arguments and scratch floats.
@@ -1090,16 +1114,21 @@ pub fn emit<'ctx>(
     );
     let gpu = flavor.gpu();
     let sim = matches!(flavor, Flavor::Simt { .. });
-    let (tensor_cores, wgmma) = match flavor {
+    let (tensor_cores, wgmma, tma) = match flavor {
         Flavor::Gpu {
             tensor_cores,
             wgmma,
+            tma,
         }
         | Flavor::Simt {
             tensor_cores,
             wgmma,
-        } => (*tensor_cores, *tensor_cores && *wgmma),
-        Flavor::Cpu { .. } => (false, false),
+            tma,
+        } => {
+            let wgmma = *tensor_cores && *wgmma;
+            (*tensor_cores, wgmma, wgmma && *tma)
+        }
+        Flavor::Cpu { .. } => (false, false, false),
     };
     let func = match flavor {
         Flavor::Cpu { cpu, features } => {
@@ -1158,6 +1187,7 @@ pub fn emit<'ctx>(
         gpu,
         tensor_cores,
         wgmma,
+        tma,
         sim,
         heavy: !light,
     };
@@ -2968,7 +2998,14 @@ fn matmul<'ctx>(
                 match fb.wgmma.then(|| wgmma_fits(fb, &mm)).transpose()?.flatten() {
                     Some(fits) => fb.if_else(
                         fits,
-                        |fb| gpu_wgmma_matmul(fb, &mm),
+                        |fb| match fb.tma.then(|| tma_fits(fb, &mm)).transpose()?.flatten() {
+                            Some(tma) => fb.if_else(
+                                tma,
+                                |fb| gpu_wgmma_matmul(fb, &mm, WgCopies::Tma),
+                                |fb| gpu_wgmma_matmul(fb, &mm, WgCopies::CpAsync),
+                            ),
+                            None => gpu_wgmma_matmul(fb, &mm, WgCopies::CpAsync),
+                        },
                         |fb| gpu_mma_matmul(fb, &mm),
                     )?,
                     None => gpu_mma_matmul(fb, &mm)?,
@@ -3245,6 +3282,22 @@ fn shared_f32<'ctx>(fb: &Fb<'_, 'ctx>, name: &str, len: u32) -> PointerValue<'ct
     shared_array(fb, name, fb.f32t.array_type(len))
 }
 
+/// `shared_f32`, or the kernel's array of that name and length if it has one already: for
+/// code generated twice in one kernel on paths that never both run (`gpu_wgmma_matmul`'s
+/// two ways of copying).
+fn shared_f32_once<'ctx>(fb: &Fb<'_, 'ctx>, name: &str, len: u32) -> PointerValue<'ctx> {
+    let kernel = fb.func.get_name().to_string_lossy();
+    let full = if fb.sim {
+        format!("{kernel}{SIM_SHARED}{name}")
+    } else {
+        format!("{kernel}_{name}")
+    };
+    match fb.module.get_global(&full) {
+        Some(g) if g.get_value_type() == fb.f32t.array_type(len).into() => g.as_pointer_value(),
+        _ => shared_f32(fb, name, len),
+    }
+}
+
 /// What separates a kernel's name from an array's in the names of the simulator's shared
 /// arrays (`{kernel}.shared.{array}`), by which it finds each kernel's arrays (to fill them
 /// as a block starts: `crate::simt`).
@@ -3258,6 +3311,16 @@ fn shared_array<'ctx>(
     fb: &Fb<'_, 'ctx>,
     name: &str,
     ty: inkwell::types::ArrayType<'ctx>,
+) -> PointerValue<'ctx> {
+    shared_array_aligned(fb, name, ty, 16)
+}
+
+/// `shared_array` on a boundary of `align` bytes (16 or more).
+fn shared_array_aligned<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    name: &str,
+    ty: inkwell::types::ArrayType<'ctx>,
+    align: u32,
 ) -> PointerValue<'ctx> {
     let space = if fb.sim { 0u16 } else { 3 };
     let kernel = fb.func.get_name().to_string_lossy();
@@ -3277,7 +3340,7 @@ fn shared_array<'ctx>(
         g.set_linkage(Linkage::Internal);
         g.set_initializer(&ty.get_undef());
     }
-    g.set_alignment(16);
+    g.set_alignment(align.max(16));
     g.as_pointer_value()
 }
 
@@ -5483,7 +5546,14 @@ fn wgmma_fits<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<Option<Int
 /// (`GpuMatmul::store_tile`); meanwhile the block's next tile has its first slices issued
 /// into the others. With `norm`, rows are scaled as in `gpu_tiled_matmul`; a residual is
 /// added as the outputs are stored.
-fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> {
+///
+/// With `WgCopies::Tma` the copy engine fills the ring instead (`tma_fits`): thread 0
+/// issues each slice as five tensor copies (`A`'s `128 × 64` box, `W`'s four `64 × 64`), in
+/// the same layouts, their bytes counted on the stage's `mbarrier`, and every thread waits
+/// on that barrier before the slice's `wgmma`s; the step's block barrier still tells that
+/// the stage refilled is free. Tiles reaching past the matrices need no bounds: the engine
+/// fills what lies outside with zeros.
+fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>, copies: WgCopies) -> R<()> {
     let GpuMatmul {
         aav,
         wav,
@@ -5508,7 +5578,7 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
         }
         .map_err(be)
     };
-    let inv_s = shared_f32(fb, "inv", (3 * tm) as u32);
+    let inv_s = shared_f32_once(fb, "inv", (3 * tm) as u32);
     let inv_at = 2 * tm;
     let (
         per_batch,
@@ -5520,6 +5590,10 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
             iters,
         },
     ) = mm.tiles(fb, (tm, tn))?;
+    let tma = match copies {
+        WgCopies::CpAsync => None,
+        WgCopies::Tma => Some(WgTma::new(fb, mm, ring, lane, blk)?),
+    };
     let wl = srem(lane, c(32), "wl")?;
     let (g, q) = (sdiv(wl, c(4), "g")?, srem(wl, c(4), "q")?);
     let accs: Vec<PointerValue> = (0..tn / 2)
@@ -5645,6 +5719,10 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
     };
     // The first `ahead` slices of tile `tile` issued (`ring_prologue`).
     let prologue = |fb: &Fb<'_, 'ctx>, tile| -> R<()> {
+        if let Some(t) = &tma {
+            let at = mm.tile_at(fb, tile, (per_batch, tiles_n), (tm, tn))?;
+            return t.prologue(fb, &at, ktw, ahead, &stage_at);
+        }
         let tc = tile_copies(fb, tile)?;
         ring_prologue(fb, ktw, ahead, copiers, &|fb, kt| issue(fb, &tc, kt))
     };
@@ -5661,9 +5739,9 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
         for a in &accs {
             fb.set(*a, fb.f32c(0.0))?;
         }
-        // (the prologue was issued before: `ring_steps`)
+        // (the prologue was issued before: `ring_steps`, or `WgTma::steps`)
         let issue_tile = |fb: &Fb<'_, 'ctx>, s| issue(fb, &tc, s);
-        ring_steps(fb, ktw, ahead, copiers, &issue_tile, &|fb, kt| {
+        let consume = |fb: &Fb<'_, 'ctx>, kt| -> R<()> {
             let base = stage_at(fb, kt)?;
             wgmma_sync(fb, "fence", None)?;
             // (a k16 step: 32 bytes into `A`'s rows, two k atoms into `W`'s; a step's
@@ -5689,7 +5767,11 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
             }
             wgmma_sync(fb, "commit_group", None)?;
             wgmma_sync(fb, "wait_group", Some(1))
-        })?;
+        };
+        match &tma {
+            Some(t) => t.steps(fb, &at, ktw, ahead, &stage_at, &consume)?,
+            None => ring_steps(fb, ktw, ahead, copiers, &issue_tile, &consume)?,
+        }
         // (no copies in flight: a tile's slices past its end are not issued)
         wgmma_sync(fb, "wait_group", Some(0))?;
         // The outputs: accumulator `x` at row `64wg + 16·wg_warp + g` (+ 8 for `x%4` ≥ 2),
@@ -5717,7 +5799,243 @@ fn gpu_wgmma_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<()> 
         mm.store_tile(fb, &accs, &place, at, (inv_s, inv_at), Some(stage))?;
         barrier(fb)
     })?;
-    cp_async_wait(fb, 0)
+    match tma {
+        Some(_) => Ok(()),
+        None => cp_async_wait(fb, 0),
+    }
+}
+
+/// How `gpu_wgmma_matmul`'s ring is filled.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WgCopies {
+    /// Every thread's `cp.async`s, the warpgroups taking slices in turn (`RingCopiers`).
+    CpAsync,
+    /// The tensor memory accelerator (`WgTma`).
+    Tma,
+}
+
+/// Whether `gpu_wgmma_matmul` may take `WgCopies::Tma` (given `wgmma_fits`, which puts rows
+/// and matrices on 16 bytes): at most one batch dim (a map has one stride past the rows),
+/// sizes that fit the maps' 32-bit fields, and rows and matrices that do not overlap (rows
+/// at least their length apart, matrices at least their rows; a shared `W` has none).
+fn tma_fits<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<Option<IntValue<'ctx>>> {
+    if mm.bdims.len() > 1 {
+        return Ok(None);
+    }
+    let (mv, nv, kv) = mm.dims;
+    let cmp = |p, a, b| fb.b.build_int_compare(p, a, b, "cmp").map_err(be);
+    let and = |a, b| fb.b.build_and(a, b, "and").map_err(be);
+    let mut ok = fb.ctx.bool_type().const_all_ones();
+    for d in [mv, nv, kv, mm.nbatch] {
+        ok = and(ok, cmp(IntPredicate::SLT, d, fb.i64c(i32::MAX as i64))?)?;
+    }
+    for (av, cols, rows, shared) in [(mm.aav, kv, mv, false), (mm.wav, nv, kv, mm.shared_w)] {
+        let n = av.strides.len();
+        ok = and(ok, cmp(IntPredicate::SGE, av.strides[n - 2], cols)?)?;
+        if !mm.bdims.is_empty() && !shared {
+            let matrix = fb.mul(av.strides[n - 2], rows)?;
+            let apart = cmp(IntPredicate::SGE, av.strides[0], matrix)?;
+            let one = cmp(IntPredicate::EQ, mm.nbatch, fb.i64c(1))?;
+            ok = and(ok, fb.b.build_or(apart, one, "apart").map_err(be)?)?;
+        }
+    }
+    Ok(Some(ok))
+}
+
+/// `gpu_wgmma_matmul`'s ring filled by the tensor memory accelerator (`tma`): the operands'
+/// tensors (`A`: k along its rows, `m` rows, boxes of `GPU_TILE` rows; `W`: n along its
+/// rows, k rows, boxes of 64 k rows; each a batch of such matrices if the matmul has a
+/// batch dim and the operand is not shared), a transaction barrier per stage, and the parity each
+/// stage's next phase will have (bit `s` of `phases`, the same in every thread: each waits
+/// once for every slice).
+struct WgTma<'ctx> {
+    a: tma::TmaTensor<'ctx>,
+    w: tma::TmaTensor<'ctx>,
+    bars: PointerValue<'ctx>,
+    phases: PointerValue<'ctx>,
+    /// The ring (`stage_at` offsets are from it).
+    ring: PointerValue<'ctx>,
+    /// Whether this thread is the block's first, which issues every copy.
+    first: IntValue<'ctx>,
+}
+
+impl<'ctx> WgTma<'ctx> {
+    /// The maps made (`tma::tma_maps`), the barriers initialised, then a block barrier.
+    fn new(
+        fb: &Fb<'_, 'ctx>,
+        mm: &GpuMatmul<'_, 'ctx>,
+        ring: PointerValue<'ctx>,
+        lane: IntValue<'ctx>,
+        blk: IntValue<'ctx>,
+    ) -> R<Self> {
+        let (mv, nv, kv) = mm.dims;
+        let bytes = |x| fb.mul(x, fb.i64c(2));
+        let tensor = |av: &Av<'ctx>,
+                      [cols, rows]: [IntValue<'ctx>; 2],
+                      box_rows: i64,
+                      shared: bool|
+         -> R<tma::TmaTensor<'ctx>> {
+            let base = unsafe {
+                fb.b.build_in_bounds_gep(fb.ctx.i16_type(), av.ptr, &[av.off], "tbase")
+            }
+            .map_err(be)?;
+            let batched = !mm.bdims.is_empty() && !shared;
+            let ld = av.strides[av.strides.len() - 2];
+            Ok(tma::TmaTensor {
+                base,
+                dims: [cols, rows, mm.nbatch],
+                strides: [bytes(ld)?, bytes(av.strides[0])?],
+                batched,
+                box_rows,
+                map: None,
+            })
+        };
+        const _: () = assert!(WG_TILE_K * 2 == tma::TMA_BOX_ROW_BYTES && WG_TILE_N % 64 == 0);
+        let mut ts = [
+            tensor(mm.aav, [kv, mv], GPU_TILE, false)?,
+            tensor(mm.wav, [nv, kv], WG_TILE_K, mm.shared_w)?,
+        ];
+        tma::tma_maps(fb, &mut ts, lane, blk)?;
+        let bars = shared_array(fb, "tma_bars", fb.i64t.array_type(WG_STAGES as u32));
+        let first =
+            fb.b.build_int_compare(IntPredicate::EQ, lane, fb.i64c(0), "first")
+                .map_err(be)?;
+        let t = WgTma {
+            a: ts[0],
+            w: ts[1],
+            bars,
+            phases: fb.slot(fb.i64t.into())?,
+            ring,
+            first,
+        };
+        fb.b.build_store(t.phases, fb.i64c(0)).map_err(be)?;
+        fb.if_else(
+            first,
+            |fb| {
+                for s in 0..WG_STAGES {
+                    tma::mbarrier_init(fb, t.bar(fb, fb.i64c(s))?, 1)?;
+                }
+                tma::mbarrier_init_fence(fb)
+            },
+            |_| Ok(()),
+        )?;
+        barrier(fb)?;
+        Ok(t)
+    }
+
+    /// Stage `s`'s barrier.
+    fn bar(&self, fb: &Fb<'_, 'ctx>, s: IntValue<'ctx>) -> R<PointerValue<'ctx>> {
+        unsafe { fb.b.build_in_bounds_gep(fb.i64t, self.bars, &[s], "bar") }.map_err(be)
+    }
+
+    /// The stage (index) of slice `kt` (as `stage_at` places it).
+    fn stage_of(&self, fb: &Fb<'_, 'ctx>, kt: IntValue<'ctx>, ahead: i64) -> R<IntValue<'ctx>> {
+        fb.b.build_int_unsigned_rem(fb.add(kt, fb.i64c(ahead))?, fb.i64c(WG_STAGES), "st")
+            .map_err(be)
+    }
+
+    /// Slice `kt` of the tile at `at` issued into its stage (at `stage_at(kt)`), by the
+    /// calling thread (the first): its bytes announced on the stage's barrier, then the five
+    /// copies.
+    fn issue(
+        &self,
+        fb: &Fb<'_, 'ctx>,
+        at: &TileAt<'ctx>,
+        kt: IntValue<'ctx>,
+        ahead: i64,
+        stage_at: &dyn Fn(&Fb<'_, 'ctx>, IntValue<'ctx>) -> R<IntValue<'ctx>>,
+    ) -> R<()> {
+        let bar = self.bar(fb, self.stage_of(fb, kt, ahead)?)?;
+        tma::mbarrier_arrive_expect(fb, bar, WG_STAGE_BYTES)?;
+        let base = stage_at(fb, kt)?;
+        let k0 = fb.mul(kt, fb.i64c(WG_TILE_K))?;
+        let ring = |off: IntValue<'ctx>| -> R<PointerValue<'ctx>> {
+            unsafe {
+                fb.b.build_in_bounds_gep(fb.ctx.i8_type(), self.ring, &[off], "dst")
+            }
+            .map_err(be)
+        };
+        tma::tma_load(fb, ring(base)?, &self.a, [k0, at.m0, at.bi], bar)?;
+        for nb in 0..WG_TILE_N / 64 {
+            let dst = ring(fb.add(base, fb.i64c(WG_A_BYTES + nb * WG_B_LBO))?)?;
+            let n = fb.add(at.n0, fb.i64c(64 * nb))?;
+            tma::tma_load(fb, dst, &self.w, [n, k0, at.bi], bar)?;
+        }
+        Ok(())
+    }
+
+    /// The tile's first `ahead` slices issued (those it has), by the first thread.
+    fn prologue(
+        &self,
+        fb: &Fb<'_, 'ctx>,
+        at: &TileAt<'ctx>,
+        slices: IntValue<'ctx>,
+        ahead: i64,
+        stage_at: &dyn Fn(&Fb<'_, 'ctx>, IntValue<'ctx>) -> R<IntValue<'ctx>>,
+    ) -> R<()> {
+        fb.if_else(
+            self.first,
+            |fb| {
+                for st in 0..ahead {
+                    let some =
+                        fb.b.build_int_compare(IntPredicate::SLT, fb.i64c(st), slices, "some")
+                            .map_err(be)?;
+                    fb.if_else(
+                        some,
+                        |fb| self.issue(fb, at, fb.i64c(st), ahead, stage_at),
+                        |_| Ok(()),
+                    )?;
+                }
+                Ok(())
+            },
+            |_| Ok(()),
+        )
+    }
+
+    /// The tile's k steps after its prologue: for each slice `kt`, a block barrier (every
+    /// warpgroup's `wgmma`s of slice `kt - 2` are done, so its stage is free), slice
+    /// `kt + ahead` issued there by the first thread, slice `kt`'s phase waited for, and
+    /// `consume(kt)`.
+    fn steps(
+        &self,
+        fb: &Fb<'_, 'ctx>,
+        at: &TileAt<'ctx>,
+        slices: IntValue<'ctx>,
+        ahead: i64,
+        stage_at: &dyn Fn(&Fb<'_, 'ctx>, IntValue<'ctx>) -> R<IntValue<'ctx>>,
+        consume: &dyn Fn(&Fb<'_, 'ctx>, IntValue<'ctx>) -> R<()>,
+    ) -> R<()> {
+        fb.for_range(fb.i64c(0), slices, |fb, kt| {
+            barrier(fb)?;
+            let next = fb.add(kt, fb.i64c(ahead))?;
+            let more =
+                fb.b.build_int_compare(IntPredicate::SLT, next, slices, "more")
+                    .map_err(be)?;
+            let go = fb.b.build_and(self.first, more, "go").map_err(be)?;
+            fb.if_else(
+                go,
+                |fb| self.issue(fb, at, next, ahead, stage_at),
+                |_| Ok(()),
+            )?;
+            let s = self.stage_of(fb, kt, ahead)?;
+            let phases =
+                fb.b.build_load(fb.i64t, self.phases, "ph")
+                    .map_err(be)?
+                    .into_int_value();
+            let parity =
+                fb.b.build_and(
+                    fb.b.build_right_shift(phases, s, false, "p").map_err(be)?,
+                    fb.i64c(1),
+                    "par",
+                )
+                .map_err(be)?;
+            let bit = fb.b.build_left_shift(fb.i64c(1), s, "bit").map_err(be)?;
+            let flipped = fb.b.build_xor(phases, bit, "ph").map_err(be)?;
+            fb.b.build_store(self.phases, flipped).map_err(be)?;
+            tma::mbarrier_wait(fb, self.bar(fb, s)?, parity)?;
+            consume(fb, kt)
+        })
+    }
 }
 
 /// Elements added to each row of a tile staged in shared memory for its stores

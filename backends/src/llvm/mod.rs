@@ -386,6 +386,7 @@ pub(crate) fn codegen_flavor<'ctx>(
                     Flavor::Gpu {
                         tensor_cores,
                         wgmma,
+                        ..
                     } => kernels::gpu_shared_bytes(k, *tensor_cores, *wgmma),
                     _ => 0,
                 },
@@ -395,10 +396,12 @@ pub(crate) fn codegen_flavor<'ctx>(
                     Flavor::Gpu {
                         tensor_cores,
                         wgmma,
+                        ..
                     }
                     | Flavor::Simt {
                         tensor_cores,
                         wgmma,
+                        ..
                     } => {
                         let elem = |b: u32| prog.buffers[b as usize].elem;
                         let tiles = |ds: kernels::DimTiles| {

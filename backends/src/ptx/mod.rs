@@ -29,6 +29,9 @@ pub const GPU_ARCHS: &[&str] = &["sm_80", "sm_86", "sm_89", "sm_90", "sm_90a"];
 
 /// The PTX ISA version the code declares: 8.0 (CUDA 12.0), enough for sm_90.
 const PTX_FEATURES: &str = "+ptx80";
+/// The version with the tensor memory accelerator (`PtxOptions::tma`): 8.3 (CUDA 12.3), for
+/// `tensormap.replace` and the tensor-map proxy fences.
+const PTX_FEATURES_TMA: &str = "+ptx83";
 
 /// The triple of 64-bit CUDA.
 pub const PTX_TRIPLE: &str = "nvptx64-nvidia-cuda";
@@ -44,6 +47,11 @@ pub struct PtxOptions {
     /// its backward on tensor cores too, flash-style. Off, every matmul and attention is f32
     /// throughout.
     pub tensor_cores: bool,
+    /// With `wgmma`, its matmuls' operands copied to shared memory by the tensor memory
+    /// accelerator (`cp.async.bulk.tensor`, tensor maps made on the device, `mbarrier`
+    /// waits) instead of by every thread's `cp.async`: not yet measured on a card, so off
+    /// unless asked for (`bench/gpu-check.sh` times both).
+    pub tma: bool,
 }
 
 impl Default for PtxOptions {
@@ -51,6 +59,7 @@ impl Default for PtxOptions {
         PtxOptions {
             arch: "sm_80".into(),
             tensor_cores: false,
+            tma: false,
         }
     }
 }
@@ -60,11 +69,17 @@ impl PtxOptions {
     pub fn wgmma(&self) -> bool {
         self.tensor_cores && self.arch == "sm_90a"
     }
+
+    /// Whether `wgmma` matmuls are fed by the tensor memory accelerator (`tma`).
+    pub fn tma(&self) -> bool {
+        self.wgmma() && self.tma
+    }
 }
 
 /// The target features a PTX artifact records (what its code does beyond f32).
 pub fn ptx_features(opts: &PtxOptions) -> Vec<String> {
     match (opts.tensor_cores, opts.wgmma()) {
+        (true, true) if opts.tma() => vec!["bf16-mma".into(), "wgmma".into(), "tma".into()],
         (true, true) => vec!["bf16-mma".into(), "wgmma".into()],
         (true, false) => vec!["bf16-mma".into()],
         _ => vec![],
@@ -91,7 +106,7 @@ fn llvm_err(e: impl std::fmt::Display) -> BackendError {
     BackendError::Llvm(e.to_string())
 }
 
-fn target_machine(arch: &str) -> Result<TargetMachine, BackendError> {
+fn target_machine(arch: &str, features: &str) -> Result<TargetMachine, BackendError> {
     if !GPU_ARCHS.contains(&arch) {
         return Err(BackendError::Unsupported(format!(
             "unknown GPU architecture `{arch}` (expected one of {})",
@@ -105,7 +120,7 @@ fn target_machine(arch: &str) -> Result<TargetMachine, BackendError> {
         .create_target_machine(
             &triple,
             arch,
-            PTX_FEATURES,
+            features,
             OptimizationLevel::Aggressive,
             RelocMode::Default,
             CodeModel::Default,
@@ -119,11 +134,17 @@ pub fn compile_ptx(
     progs: &[&Program],
     opts: &PtxOptions,
 ) -> Result<(String, Vec<Plan>), BackendError> {
-    let tm = target_machine(&opts.arch)?;
+    let features = if opts.tma() {
+        PTX_FEATURES_TMA
+    } else {
+        PTX_FEATURES
+    };
+    let tm = target_machine(&opts.arch, features)?;
     let ctx = Context::create();
     let flavor = Flavor::Gpu {
         tensor_cores: opts.tensor_cores,
         wgmma: opts.wgmma(),
+        tma: opts.tma(),
     };
     let (module, all) = codegen_flavor(&ctx, progs, &flavor)?;
     module.set_triple(&tm.get_triple());
