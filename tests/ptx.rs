@@ -158,13 +158,17 @@ fn tiled_kernels_launch_one_block_per_tile() {
 }
 
 /// A sum over a matrix's rows launches a block per 32 outputs from 32 rows (and a thread per
-/// output below), and an elementwise kernel that transposes a block per 32 × 32 tile.
+/// output below), however short the outputs' last axis, and an elementwise kernel that
+/// transposes a block per 32 × 32 tile.
 #[test]
 fn column_sums_and_transposes_launch_a_block_per_group_or_tile() {
     let g = egret_ir::parse(
         r#"graph g {
   %x = input "x" : f32[T, 576]
   %s = reduce_sum[axis=0](%x) : f32[1, 576]
+  %y = input "y" : f32[T, 40, 3]
+  %m = reduce_max[axis=1](%y) : f32[T, 1, 3]
+  output "m" = %m
   %u = input "u" : f32[576, T]
   %ut = permute[perm=[1, 0]](%u) : f32[T, 576]
   %e = exp(%ut) : f32[T, 576]
@@ -191,6 +195,9 @@ fn column_sums_and_transposes_launch_a_block_per_group_or_tile() {
     assert_eq!(plan.symbols, ["T"]);
     assert_eq!(blocks("reduce_sum", 256), 576 / 32);
     assert_eq!(blocks("reduce_sum", 31), 576_u32.div_ceil(256));
+    // (`T × 3` outputs, their last axis 3 long: a block per 32 of them)
+    assert_eq!(blocks("reduce_max", 256), (256 * 3) / 32);
+    assert_eq!(blocks("reduce_max", 11), 2);
     assert_eq!(blocks("elementwise", 256), (256 / 32) * (576 / 32));
     assert_eq!(blocks("elementwise", 33), 2 * (576 / 32));
 }

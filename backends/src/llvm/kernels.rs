@@ -9863,19 +9863,31 @@ pub fn gpu_tiles(
                 when: vec![],
             }];
         }
-        // (`gpu_by_columns`: a block per 32 outputs, where the axis is long enough; its
-        // blocks tile the outputs' last axis by 32, so where that axis is short some find
-        // no outputs)
+        // (`gpu_by_columns`: a block per 32 outputs, where the axis is long enough: the
+        // outputs counted as one axis where their count is linear in the symbols (at most
+        // one of their axes is not a constant); otherwise their last axis tiled by 32, so
+        // that where it is short some blocks find no outputs)
         Kernel::Reduce {
             shape, axis, src, ..
         } if !reduce_warp_rows(src, *axis) => {
-            let mut blocks: DimTiles = (0..shape.len())
-                .filter(|i| i != axis)
-                .map(|i| (shape[i].clone(), 1))
-                .collect();
-            if let Some(last) = blocks.last_mut() {
-                last.1 = 32;
-            }
+            let outs = (0..shape.len()).filter(|i| i != axis);
+            let count = outs.clone().try_fold(Dim::c(1), |n, i| {
+                match (n.as_const(), shape[i].as_const()) {
+                    (Some(a), _) => Some(shape[i].scale(a)),
+                    (_, Some(b)) => Some(n.scale(b)),
+                    _ => None,
+                }
+            });
+            let blocks: DimTiles = match count {
+                Some(n) => vec![(n, 32)],
+                None => {
+                    let mut tiles: DimTiles = outs.map(|i| (shape[i].clone(), 1)).collect();
+                    if let Some(last) = tiles.last_mut() {
+                        last.1 = 32;
+                    }
+                    tiles
+                }
+            };
             return vec![GpuTiles {
                 blocks,
                 when: vec![(vec![(shape[*axis].clone(), 1)], GPU_COLUMN_MIN)],

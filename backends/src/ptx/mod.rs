@@ -29,9 +29,11 @@ pub const GPU_ARCHS: &[&str] = &["sm_80", "sm_86", "sm_89", "sm_90", "sm_90a"];
 
 /// The PTX ISA version the code declares: 8.0 (CUDA 12.0), enough for sm_90.
 const PTX_FEATURES: &str = "+ptx80";
-/// The version with the tensor memory accelerator (`PtxOptions::tma`): 8.3 (CUDA 12.3), for
-/// `tensormap.replace` and the tensor-map proxy fences.
-const PTX_FEATURES_TMA: &str = "+ptx83";
+/// The version with the tensor memory accelerator (`PtxOptions::tma`): 8.7 (CUDA 12.8).
+/// `tensormap.replace` and the tensor-map proxy fences need 8.3, but the `ptxas` of drivers
+/// before CUDA 12.5-12.6 reads a map's strides in 16-byte units where the ISA says bytes
+/// (`llvm::kernels` `tma`); a driver too old for 8.7 refuses the module instead.
+const PTX_FEATURES_TMA: &str = "+ptx87";
 
 /// The triple of 64-bit CUDA.
 pub const PTX_TRIPLE: &str = "nvptx64-nvidia-cuda";

@@ -12,9 +12,14 @@
 //! `tensormap.cp_fenceproxy` (a release in the tensor-map proxy); thread 0, the only one
 //! that issues copies, acquires it there (`fence.proxy.tensormap::generic.acquire`). The
 //! global copies are in `egret_tma_maps`, `TMA_SLOTS` slots of the module shared by its
-//! kernels (a stream runs them one after another): block `b` uses slot `b % TMA_SLOTS`. The
-//! blocks of one launch write the same bytes, and blocks that share a slot are
-//! `TMA_SLOTS` apart, more than a GPU holds at once.
+//! kernels (a stream runs them one after another): block `b` uses slot `b`, there being no
+//! more blocks in a launch than slots.
+//!
+//! The maps' row strides are bytes, as the PTX ISA says; `ptxas` before CUDA 12.5 (and by
+//! Triton's reckoning 12.6) read them in 16-byte units, and the driver's own `ptxas`
+//! assembles the module at load. So the module declares PTX 8.7 (CUDA 12.8) when it uses the
+//! accelerator (`crate::ptx`): an older driver refuses it at load, with an error, rather
+//! than running it wrong.
 //!
 //! A copy is issued by one thread and completes on an `mbarrier` in shared memory: the
 //! issuing thread announces the bytes to come and arrives (`arrive.expect_tx`), each copy
@@ -32,10 +37,13 @@ use inkwell::types::{BasicMetadataTypeEnum, IntType};
 use inkwell::values::{BasicMetadataValueEnum, IntValue, PointerValue};
 use inkwell::{AddressSpace, IntPredicate};
 
+use egret_runtime::plan::{GPU_BLOCK, GPU_MAX_THREADS};
+
 use super::{be, shared_array_aligned, Fb, R, SIMT_HOOKS};
 
-/// Slots of `egret_tma_maps`, each the maps of one block (`TMA_MAPS_PER_BLOCK`).
-const TMA_SLOTS: i64 = 1024;
+/// Slots of `egret_tma_maps`, each the maps of one block (`TMA_MAPS_PER_BLOCK`): as many as
+/// a launch has blocks at most.
+const TMA_SLOTS: i64 = GPU_MAX_THREADS / GPU_BLOCK as i64;
 /// Bytes of a tensor map (1024 bits), and the alignment its copies keep.
 const TMA_MAP_BYTES: i64 = 128;
 /// Tensor maps a block makes (a matmul's two operands).
@@ -73,7 +81,8 @@ pub(super) struct TmaTensor<'ctx> {
     pub map: Option<IntValue<'ctx>>,
 }
 
-/// Inline PTX `text` with `constraints` over `args` (each `r` or `l`), touching memory;
+/// Inline PTX `text` with `constraints` over `args` (each `r` or `l`), touching memory,
+/// convergent (LLVM moves no call of it under new conditions: some are warp-collective);
 /// `ret` the type of `$0` (`=r`) if it returns one.
 fn ptx<'ctx>(
     fb: &Fb<'_, 'ctx>,
@@ -99,6 +108,11 @@ fn ptx<'ctx>(
     let call =
         fb.b.build_indirect_call(fn_ty, asm, &vals, "")
             .map_err(be)?;
+    let convergent = inkwell::attributes::Attribute::get_named_enum_kind_id("convergent");
+    call.add_attribute(
+        inkwell::attributes::AttributeLoc::Function,
+        fb.ctx.create_enum_attribute(convergent, 0),
+    );
     Ok(call
         .try_as_basic_value()
         .basic()
@@ -171,6 +185,7 @@ pub(super) fn tma_maps<'ctx>(
     let generic =
         fb.b.build_ptr_to_int(generic_ptr, fb.i64t, "gmaps")
             .map_err(be)?;
+    // (`blk` < `TMA_SLOTS`; the remainder keeps a larger grid inside the array all the same)
     let slot =
         fb.b.build_int_unsigned_rem(blk, fb.i64c(TMA_SLOTS), "slot")
             .map_err(be)?;
