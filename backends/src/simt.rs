@@ -1102,8 +1102,8 @@ impl SimtLauncher {
         if let (Ok(()), Some((at, lane))) = (&outcome, unsafe { (*bp).early_read }) {
             outcome = Err(format!(
                 "in the simulated launch of `{}`, thread {lane}'s `wgmma` reads shared memory \
-                 at {at:#x} that a `cp.async` or tensor copy not yet waited for may still write (a race on \
-                 the GPU)",
+                 at {at:#x} that a `cp.async` or tensor copy not yet waited for may still \
+                 write (a race on the GPU)",
                 call.what
             ));
         }

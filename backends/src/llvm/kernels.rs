@@ -1066,9 +1066,10 @@ impl Flavor {
 ///   `egret_simt_mbarrier_arrive_expect_tx(ptr bar, i64 bytes)`,
 ///   `egret_simt_mbarrier_wait(ptr bar, i64 parity)`: `mbarrier.init`,
 ///   `mbarrier.arrive.expect_tx` and a `mbarrier.try_wait.parity` loop (`tma`).
-/// - `egret_simt_tma_load(ptr dst, ptr base, i64 dim0, i64 dim1, i64 row_bytes, i64 box0,
-///   i64 box1, i64 c0, i64 c1, ptr bar)`: `cp.async.bulk.tensor.2d` of a bf16 tensor's box
-///   at element `c0` of row `c1`, 128-byte swizzle, completing on `bar` (`tma::tma_load`).
+/// - `egret_simt_tma_load(ptr dst, ptr base, i64 dim0, i64 dim1, i64 dim2, i64 row_bytes,
+///   i64 matrix_bytes, i64 box0, i64 box1, i64 c0, i64 c1, i64 c2, ptr bar)`:
+///   `cp.async.bulk.tensor` of a bf16 tensor's box at element `c0` of row `c1` of matrix
+///   `c2`, 128-byte swizzle, completing on `bar` (`tma::tma_load`).
 pub const SIMT_HOOKS: [&str; 17] = [
     "egret_simt_barrier",
     "egret_simt_shfl_bfly",
@@ -5845,9 +5846,9 @@ fn tma_fits<'ctx>(fb: &Fb<'_, 'ctx>, mm: &GpuMatmul<'_, 'ctx>) -> R<Option<IntVa
 /// `gpu_wgmma_matmul`'s ring filled by the tensor memory accelerator (`tma`): the operands'
 /// tensors (`A`: k along its rows, `m` rows, boxes of `GPU_TILE` rows; `W`: n along its
 /// rows, k rows, boxes of 64 k rows; each a batch of such matrices if the matmul has a
-/// batch dim and the operand is not shared), a transaction barrier per stage, and the parity each
-/// stage's next phase will have (bit `s` of `phases`, the same in every thread: each waits
-/// once for every slice).
+/// batch dim and the operand is not shared), a transaction barrier per stage, and the
+/// parity each stage's next phase will have (bit `s` of `phases`, the same in every thread:
+/// each waits once for every slice).
 struct WgTma<'ctx> {
     a: tma::TmaTensor<'ctx>,
     w: tma::TmaTensor<'ctx>,

@@ -227,26 +227,34 @@ pub(super) fn tma_maps<'ctx>(
                     for (i, t) in tensors.iter().enumerate() {
                         let (s, ..) = at(i)?;
                         let base = fb.b.build_ptr_to_int(t.base, fb.i64t, "base").map_err(be)?;
-                        ptx(fb, &replace_text(t), "r,l,r,r,r,l,l", &[
-                            s,
-                            base,
-                            i32v(fb, t.dims[0])?,
-                            i32v(fb, t.dims[1])?,
-                            i32v(fb, t.dims[2])?,
-                            t.strides[0],
-                            t.strides[1],
-                        ], None)?;
+                        ptx(
+                            fb,
+                            &replace_text(t),
+                            "r,l,r,r,r,l,l",
+                            &[
+                                s,
+                                base,
+                                i32v(fb, t.dims[0])?,
+                                i32v(fb, t.dims[1])?,
+                                i32v(fb, t.dims[2])?,
+                                t.strides[0],
+                                t.strides[1],
+                            ],
+                            None,
+                        )?;
                     }
                     Ok(())
                 },
                 |_| Ok(()),
             )?;
             let f = fb.declare("llvm.nvvm.bar.warp.sync", &[])?;
-            fb.b.build_call(f, &[i32t.const_all_ones().into()], "").map_err(be)?;
+            fb.b.build_call(f, &[i32t.const_all_ones().into()], "")
+                .map_err(be)?;
             for i in 0..tensors.len() {
                 let (s, g, _) = at(i)?;
                 let text = format!(
-                    "tensormap.cp_fenceproxy.global.shared::cta.tensormap::generic.release.gpu.sync.aligned [$0], [$1], {TMA_MAP_BYTES};"
+                    "tensormap.cp_fenceproxy.global.shared::cta.tensormap::generic.release.gpu\
+                     .sync.aligned [$0], [$1], {TMA_MAP_BYTES};"
                 );
                 ptx(fb, &text, "l,r", &[g, s], None)?;
             }
