@@ -166,7 +166,7 @@ enum Cmd {
         lr: f64,
         #[arg(long, default_value_t = 0)]
         warmup: usize,
-        #[arg(long, default_value_t = 0.01)]
+        #[arg(long, default_value_t = TRAIN_WEIGHT_DECAY)]
         weight_decay: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -195,6 +195,10 @@ enum Cmd {
         /// Compile the step afresh instead of reusing it from the compile cache.
         #[arg(long)]
         no_cache: bool,
+        /// Run this training artifact (`egret compile --mode training`) instead of
+        /// compiling the step; MODEL (or --resume) gives the weights.
+        #[arg(long)]
+        artifact: Option<PathBuf>,
     },
     /// Compile a model into an artifact directory (manifest.json + kernel payload).
     Compile {
@@ -219,6 +223,10 @@ enum Cmd {
         /// ones and prompt attention on tensor cores.
         #[arg(long)]
         tensor_cores: bool,
+        /// With `--mode training`: AdamW's weight decay, built into the step (as `egret
+        /// train --weight-decay`, whose default it has).
+        #[arg(long)]
+        weight_decay: Option<f64>,
         #[arg(short, long)]
         out: PathBuf,
     },
@@ -305,6 +313,25 @@ enum BenchCmd {
     },
 }
 
+/// AdamW's weight decay unless `--weight-decay` says otherwise (`egret train`, `egret
+/// compile --mode training`).
+const TRAIN_WEIGHT_DECAY: f64 = 0.01;
+
+/// `println!` that returns a failed write to stdout (a closed pipe, a full disk) as an error
+/// instead of panicking.
+macro_rules! outln {
+    ($($t:tt)*) => {
+        writeln!(std::io::stdout(), $($t)*).map_err(|e| anyhow!("cannot write the output: {e}"))
+    };
+}
+
+/// `print!` as `outln!` does `println!`.
+macro_rules! out {
+    ($($t:tt)*) => {
+        write!(std::io::stdout(), $($t)*).map_err(|e| anyhow!("cannot write the output: {e}"))
+    };
+}
+
 fn main() {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -315,9 +342,45 @@ fn main() {
         }
     };
     if let Err(e) = run(cli) {
-        eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+        eprintln!("error: {}", one_line(&e));
         std::process::exit(1);
     }
+}
+
+/// An error and its causes as one line, each cause once: a message that already quotes its
+/// cause (`cannot read F: No such file…` over the I/O error itself) is not followed by it
+/// again.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    msg.replace('\n', " ")
+}
+
+/// AdamW's weight decay: finite, 0 or more.
+fn check_weight_decay(w: f64) -> Result<()> {
+    if !(w.is_finite() && w >= 0.0) {
+        bail!("--weight-decay {w}: a finite number, 0 or more");
+    }
+    Ok(())
+}
+
+/// A text file, which must be UTF-8 (a tokenizer's input: replacing bad bytes would train
+/// or tokenize text that is not in the file).
+fn read_utf8(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow!(
+            "{} is not UTF-8 text (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })
 }
 
 fn parse_ids(s: &str) -> Result<Vec<u32>> {
@@ -531,21 +594,21 @@ fn run(cli: Cli) -> Result<()> {
                     "prefill_tok_s": gen.prefill_tok_s(),
                     "decode_tok_s": gen.decode_tok_s(),
                 });
-                println!("{obj}");
+                outln!("{obj}")?;
             } else if tokenizer.is_none() {
-                println!(
+                outln!(
                     "{}",
                     gen.ids
                         .iter()
                         .map(u32::to_string)
                         .collect::<Vec<_>>()
                         .join(",")
-                );
+                )?;
             } else {
                 if text.len() > printed.len() && text.starts_with(&printed) {
-                    print!("{}", &text[printed.len()..]);
+                    out!("{}", &text[printed.len()..])?;
                 }
-                println!();
+                outln!()?;
             }
             Ok(())
         }
@@ -587,14 +650,11 @@ fn run(cli: Cli) -> Result<()> {
             let tok = load_tokenizer(&ModelSource::resolve(&model)?)?;
             let text = match (text, file) {
                 (Some(t), _) => t,
-                (None, Some(f)) => String::from_utf8_lossy(
-                    &std::fs::read(&f).with_context(|| format!("cannot read {}", f.display()))?,
-                )
-                .into_owned(),
+                (None, Some(f)) => read_utf8(&f)?,
                 (None, None) => bail!("give --text or --file"),
             };
             let ids = tok.encode(&text, add_special)?;
-            println!("{}", serde_json::json!({ "ids": ids }));
+            outln!("{}", serde_json::json!({ "ids": ids }))?;
             Ok(())
         }
         Cmd::Convert { model, out, dtype } => convert(&model, &out, dtype),
@@ -619,11 +679,20 @@ fn run(cli: Cli) -> Result<()> {
             passes,
             threads,
             no_cache,
+            artifact,
         } => {
             egret::train::check_step_shape(batch as u64, seq as u64, "--batch and --seq")?;
+            if artifact.is_some() && memory_budget.is_some() {
+                bail!("--memory-budget places checkpoints as the step is compiled: an artifact's are fixed (give it to egret compile --mode training)");
+            }
+            if !(lr.is_finite() && lr >= 0.0) {
+                bail!("--lr {lr}: a learning rate is a finite number, 0 or more");
+            }
+            check_weight_decay(weight_decay)?;
             let opts = egret_backends::llvm::CpuOptions::default();
             let gpu = egret_backends::ptx::PtxOptions::default();
             let be = grad_backend(backend, &opts, &gpu, threads, !no_cache)?;
+            let adamw = egret::train::cli_adamw(weight_decay);
             let run = TrainRun {
                 model,
                 data,
@@ -637,12 +706,13 @@ fn run(cli: Cli) -> Result<()> {
                     lr,
                     warmup,
                     total_steps: steps,
-                    beta1: 0.9,
-                    beta2: 0.999,
-                    eps: 1e-8,
-                    weight_decay,
-                    max_grad_norm: Some(1.0),
+                    beta1: adamw.beta1,
+                    beta2: adamw.beta2,
+                    eps: adamw.eps,
+                    weight_decay: adamw.weight_decay,
+                    max_grad_norm: adamw.max_grad_norm,
                 },
+                artifact,
                 save,
                 save_every,
                 resume,
@@ -685,7 +755,7 @@ fn run(cli: Cli) -> Result<()> {
                     egret_runtime::weights::SaveDType::F32,
                 )?;
             }
-            println!("{}", serde_json::json!({ "loss": r.loss }));
+            outln!("{}", serde_json::json!({ "loss": r.loss }))?;
             Ok(())
         }
         Cmd::Compile {
@@ -697,28 +767,43 @@ fn run(cli: Cli) -> Result<()> {
             weights_dtype,
             gpu_arch,
             tensor_cores,
+            weight_decay,
             out,
         } => {
-            if mode != Mode::Inference {
-                bail!("training artifacts are not built yet; use --mode inference");
-            }
             let cfg = egret::load_config(&ModelSource::resolve(&model)?)?;
-            if target == Target::Ptx {
+            if mode == Mode::Inference && weight_decay.is_some() {
+                bail!("--weight-decay is the training step's: add --mode training");
+            }
+            if let Some(w) = weight_decay {
+                check_weight_decay(w)?;
+            }
+            // (a training artifact's step has AdamW built in, as `egret train` runs it)
+            let adamw = egret::train::cli_adamw(weight_decay.unwrap_or(TRAIN_WEIGHT_DECAY));
+            let dir = if target == Target::Ptx {
                 let opts = egret_backends::ptx::PtxOptions {
                     arch: gpu_arch,
                     tensor_cores,
                     tma: false,
                 };
-                let dir = egret::gpu::compile_artifact(&cfg, &passes, &opts, &out)?;
-                println!("{}", dir.display());
-                return Ok(());
-            }
-            let opts = egret_backends::llvm::CpuOptions {
-                cpu,
-                weights: panel_type(weights_dtype),
+                match mode {
+                    Mode::Inference => egret::gpu::compile_artifact(&cfg, &passes, &opts, &out)?,
+                    Mode::Training => egret::train::compile_train_artifact_ptx(
+                        &cfg, &passes, &opts, &adamw, None, &out,
+                    )?,
+                }
+            } else {
+                let opts = egret_backends::llvm::CpuOptions {
+                    cpu,
+                    weights: panel_type(weights_dtype),
+                };
+                match mode {
+                    Mode::Inference => egret::cpu::compile_artifact(&cfg, &passes, &opts, &out)?,
+                    Mode::Training => egret::train::compile_train_artifact(
+                        &cfg, &passes, &opts, &adamw, None, &out,
+                    )?,
+                }
             };
-            let dir = egret::cpu::compile_artifact(&cfg, &passes, &opts, &out)?;
-            println!("{}", dir.display());
+            outln!("{}", dir.display())?;
             Ok(())
         }
         Cmd::Ir {
@@ -783,10 +868,19 @@ fn run(cli: Cli) -> Result<()> {
             };
             let pm = PassManager::new(pipeline(&passes)?).print_after(pa)?;
             let mut cx = PassCx::default();
+            // (the first failed write to stdout, reported once the passes are done)
+            let mut dump_err: Option<std::io::Error> = None;
             let reports = pm.run(&mut g, &mut cx, |name, g| {
-                println!("; IR after {name}");
-                print!("{}", egret_ir::print(g));
+                if dump_err.is_none() {
+                    let mut o = std::io::stdout().lock();
+                    let r = writeln!(o, "; IR after {name}")
+                        .and_then(|_| write!(o, "{}", egret_ir::print(g)));
+                    dump_err = r.err();
+                }
             })?;
+            if let Some(e) = dump_err {
+                bail!("cannot write the output: {e}");
+            }
             let mut memory = serde_json::Value::Null;
             if mode == Mode::Training {
                 let b = HashMap::from([("B".to_string(), plan_b), ("T".to_string(), plan_t)]);
@@ -824,22 +918,22 @@ fn run(cli: Cli) -> Result<()> {
                 if !memory.is_null() {
                     j["memory"] = memory;
                 }
-                println!("{j}");
+                outln!("{j}")?;
             } else if explain {
                 for (rule, n) in &cx.rules_fired {
-                    println!("{rule:<28} {n}");
+                    outln!("{rule:<28} {n}")?;
                 }
             } else if dot {
-                print!("{}", g.to_dot());
+                out!("{}", g.to_dot())?;
             } else {
-                print!("{}", egret_ir::print(&g));
+                out!("{}", egret_ir::print(&g))?;
             }
             Ok(())
         }
         Cmd::Bench { what } => bench(what),
         Cmd::Passes => {
             for p in all_passes() {
-                println!("{:<12} {}", p.name(), p.summary());
+                outln!("{:<12} {}", p.name(), p.summary())?;
             }
             Ok(())
         }
@@ -893,7 +987,7 @@ fn convert(model: &str, out: &Path, dtype: DTypeArg) -> Result<()> {
             serde_json::to_string(&tok.to_tokenizer_json())?.as_bytes(),
         )?;
     }
-    println!("{}", out.display());
+    outln!("{}", out.display())?;
     Ok(())
 }
 
@@ -959,9 +1053,9 @@ fn bench(what: BenchCmd) -> Result<()> {
             }
             let gflops = 2.0 * (size as f64).powi(3) / best / 1e9;
             if json {
-                println!("{}", serde_json::json!({ "gflops": gflops }));
+                outln!("{}", serde_json::json!({ "gflops": gflops }))?;
             } else {
-                println!("matmul {size}x{size}x{size}: {gflops:.1} GFLOP/s ({:.2} ms, {threads} threads)", best * 1e3);
+                outln!("matmul {size}x{size}x{size}: {gflops:.1} GFLOP/s ({:.2} ms, {threads} threads)", best * 1e3)?;
             }
             Ok(())
         }
@@ -1002,12 +1096,12 @@ fn bench(what: BenchCmd) -> Result<()> {
             run(&mut m)?; // warm-up: first-touch of weights and arena
             let (p, d) = run(&mut m)?;
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({ "prefill_tok_s": p, "decode_tok_s": d })
-                );
+                )?;
             } else {
-                println!("prefill {p:.1} tok/s ({prompt_len} tokens), decode {d:.1} tok/s ({gen} tokens)");
+                outln!("prefill {p:.1} tok/s ({prompt_len} tokens), decode {d:.1} tok/s ({gen} tokens)")?;
             }
             Ok(())
         }
@@ -1037,6 +1131,8 @@ fn grad_backend<'a>(
 }
 
 struct TrainRun {
+    /// A training artifact to run (`--artifact`) instead of compiling the step.
+    artifact: Option<PathBuf>,
     model: String,
     data: PathBuf,
     random: bool,
@@ -1086,9 +1182,7 @@ fn train(run: TrainRun, be: egret::train::GradBackend) -> Result<()> {
         (None, Some(d)) if d.join("tokenizer.json").is_file() => load_tokenizer_at(d)?,
         _ => egret::load_tokenizer(&ModelSource::resolve(&run.model)?)?,
     };
-    let text =
-        std::fs::read(&run.data).with_context(|| format!("cannot read {}", run.data.display()))?;
-    let data = tokenizer.encode(&String::from_utf8_lossy(&text), false)?;
+    let data = tokenizer.encode(&read_utf8(&run.data)?, false)?;
     egret::train::check_step_shape(state.batch as u64, state.seq as u64, "the trainer state")?;
     if data.len() < state.seq + 1 {
         bail!(
@@ -1112,7 +1206,10 @@ fn train(run: TrainRun, be: egret::train::GradBackend) -> Result<()> {
         batch: state.batch,
         seq: state.seq,
     });
-    let mut tr = Trainer::new(cfg, params, opt, &run.passes, be, budget)?;
+    let mut tr = match &run.artifact {
+        Some(dir) => Trainer::from_artifact(cfg, params, opt, dir, be)?,
+        None => Trainer::new(cfg, params, opt, &run.passes, be, budget)?,
+    };
     if let Some((m, v)) = resumed {
         tr.restore(state.step, m, v)?;
     }
@@ -1182,13 +1279,13 @@ fn train(run: TrainRun, be: egret::train::GradBackend) -> Result<()> {
         write_atomic(&svg, egret::train::loss_curve_svg(&pts).as_bytes())?;
     }
     let steps = total.saturating_sub(start);
-    println!(
+    outln!(
         "{}",
         serde_json::json!({
             "steps": steps,
             "loss": last,
             "tok_s": (steps * b * t) as f64 / t_all.elapsed().as_secs_f64().max(1e-9),
         })
-    );
+    )?;
     Ok(())
 }

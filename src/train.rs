@@ -266,6 +266,18 @@ pub struct Trainer {
 
 pub use egret_runtime::StepOut;
 
+/// AdamW as `egret train` and `egret compile --mode training` run it: β = (0.9, 0.999),
+/// ε = 1e-8, gradients clipped to a norm of 1, the weight decay given.
+pub fn cli_adamw(weight_decay: f64) -> AdamW {
+    AdamW {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay,
+        max_grad_norm: Some(1.0),
+    }
+}
+
 /// The AdamW constants as an artifact records them.
 fn adamw_spec(o: &AdamW) -> egret_runtime::artifact::AdamWSpec {
     egret_runtime::artifact::AdamWSpec {
@@ -431,6 +443,61 @@ impl Trainer {
             opt,
             step: 0,
             exec,
+        })
+    }
+
+    /// The step of a training artifact compiled beforehand (`egret compile --mode
+    /// training`, `--artifact DIR`) on `backend` (CPU or GPU, as its target), starting from
+    /// `params` with zero moments. The artifact must be for this configuration and these
+    /// AdamW constants, which its step has built in.
+    pub fn from_artifact(
+        cfg: LlamaConfig,
+        params: HashMap<String, Tensor>,
+        opt: AdamW,
+        dir: &Path,
+        backend: GradBackend,
+    ) -> Result<Trainer> {
+        let (kind, threads) = match backend {
+            GradBackend::Cpu { threads, .. } => ("cpu", threads),
+            GradBackend::Gpu { .. } => {
+                egret_runtime::gpu::gpu_available()?;
+                ("ptx", 1)
+            }
+            GradBackend::Interp | GradBackend::Simt { .. } => {
+                return Err(EgretError::Usage(
+                    "--artifact runs compiled code: use it with --backend cpu or gpu".into(),
+                ))
+            }
+        };
+        let art = crate::cpu::artifact_for(dir, kind)?;
+        let m = art.manifest();
+        let at = dir.display();
+        if m.mode != "training" {
+            return Err(EgretError::Usage(format!(
+                "{at}: an artifact for {}, not training: compile one with --mode training",
+                m.mode
+            )));
+        }
+        if m.model != serde_json::to_value(&cfg).unwrap_or_default() {
+            return Err(EgretError::Usage(format!(
+                "{at}: compiled for another model configuration than MODEL's"
+            )));
+        }
+        let want = adamw_spec(&opt);
+        if m.optimizer != Some(want) {
+            return Err(EgretError::Usage(format!(
+                "{at}: its step was compiled with AdamW {:?}, this run asks for {want:?} \
+                 (give the --weight-decay it was compiled with)",
+                m.optimizer
+            )));
+        }
+        let get = |n: &str| crate::cpu::param(&params, n);
+        let s = egret_runtime::TrainSession::with_params(&art, &get, "the weights", threads)?;
+        Ok(Trainer {
+            cfg,
+            opt,
+            step: 0,
+            exec: Exec::Compiled(Box::new(s)),
         })
     }
 
@@ -609,9 +676,14 @@ pub fn batch_at(data: &[u32], step: usize, seed: u64, b: usize, t: usize) -> (Ve
     (toks, tg)
 }
 
-/// Writes a directory whole or not at all (`egret_runtime::fsutil::write_dir_atomic`).
-pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    egret_runtime::fsutil::write_dir_atomic(dir, fill, |p, e| {
+/// Writes a directory whole or not at all (`egret_runtime::fsutil::write_dir_atomic`),
+/// replacing only an empty one or one holding `marker`.
+pub fn write_dir_atomic(
+    dir: &Path,
+    marker: &str,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    egret_runtime::fsutil::write_dir_atomic(dir, marker, fill, |p, e| {
         EgretError::Usage(format!("cannot write {}: {e}", p.display()))
     })
 }
@@ -630,8 +702,9 @@ fn weights_of(
 
 /// Saves a checkpoint in Hugging Face layout (`config.json`, `model.safetensors`, and the
 /// tokenizer if known) plus `optimizer.safetensors` (`m.<p>`, `v.<p>`) and
-/// `trainer_state.json`, atomically. Intermediate checkpoints (`checkpoint-<step>`) already
-/// inside `dir` are kept.
+/// `trainer_state.json`, atomically, into a new or empty directory or over an earlier
+/// checkpoint (`write_dir_atomic`), whose other entries (intermediate checkpoints,
+/// `checkpoint-<step>`, and anything else the user put there) are kept.
 pub fn save_checkpoint(
     dir: &Path,
     tr: &Trainer,
@@ -639,7 +712,7 @@ pub fn save_checkpoint(
     tokenizer: Option<&Tokenizer>,
 ) -> Result<()> {
     let names = tr.cfg.parameters();
-    write_dir_atomic(dir, |d| {
+    write_dir_atomic(dir, "trainer_state.json", |d| {
         let model = weights_of(&names, |n| tr.param(n).unwrap_or_default(), "");
         save_safetensors(&d.join("model.safetensors"), &model, SaveDType::F32)?;
         let mut opt = weights_of(&names, |n| tr.moments(n).unwrap_or_default().0, "m.");
@@ -666,7 +739,7 @@ pub fn save_checkpoint(
         }
         if let Ok(rd) = std::fs::read_dir(dir) {
             for e in rd.flatten() {
-                if e.file_name().to_string_lossy().starts_with("checkpoint-") {
+                if !d.join(e.file_name()).exists() {
                     std::fs::rename(e.path(), d.join(e.file_name())).map_err(|err| {
                         EgretError::Usage(format!("cannot keep {}: {err}", e.path().display()))
                     })?;

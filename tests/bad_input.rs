@@ -263,3 +263,78 @@ fn an_unknown_or_32_bit_cpu_is_refused() {
         assert!(e.contains(&format!("unknown CPU `{cpu}`")), "{e}");
     }
 }
+
+/// A directory in the way that is not one egret writes (no `manifest.json`, not empty) is
+/// the user's: writing an artifact over it is an error, and everything in it stays.
+#[test]
+fn an_output_directory_of_other_things_is_left_alone() {
+    let tmp = TempDir::new("out-dir");
+    let d = copy_tiny(&tmp, "m");
+    let victim = tmp.0.join("photos");
+    fs::create_dir_all(victim.join("2026")).unwrap();
+    fs::write(victim.join("notes.txt"), "keep me").unwrap();
+    fs::write(victim.join("2026").join("a.jpg"), "jpeg").unwrap();
+    let e = egret_err(&[
+        "compile",
+        d.to_str().unwrap(),
+        "-o",
+        victim.to_str().unwrap(),
+    ]);
+    assert!(e.contains("other things in it"), "{e}");
+    assert_eq!(
+        fs::read_to_string(victim.join("notes.txt")).unwrap(),
+        "keep me"
+    );
+    assert_eq!(
+        fs::read_to_string(victim.join("2026").join("a.jpg")).unwrap(),
+        "jpeg"
+    );
+    // (an empty directory, or an earlier artifact, is written over)
+    let empty = tmp.0.join("empty");
+    fs::create_dir_all(&empty).unwrap();
+    for _ in 0..2 {
+        common::egret_ok(&[
+            "compile",
+            d.to_str().unwrap(),
+            "-o",
+            empty.to_str().unwrap(),
+        ]);
+        assert!(empty.join("manifest.json").is_file());
+    }
+}
+
+/// Text that is not UTF-8, a learning rate or weight decay that is not a finite number 0 or
+/// more, and a stdout that cannot be written (a full disk) are each one clear error.
+#[test]
+fn bad_text_hyper_parameters_and_a_full_stdout_are_errors() {
+    let tmp = TempDir::new("bad-text");
+    let d = copy_tiny(&tmp, "m");
+    let m = d.to_str().unwrap();
+    let bad = tmp.0.join("bad.txt");
+    fs::write(&bad, b"ab\xff\xfe cd").unwrap();
+    let tok = common::smollm2_gguf();
+    let t = tok.to_str().unwrap();
+    let e = egret_err(&["tokenize", t, "--file", bad.to_str().unwrap()]);
+    assert!(e.contains("is not UTF-8 text"), "{e}");
+    let b = bad.to_str().unwrap();
+    let e = egret_err(&["train", m, "--tokenizer", t, "--data", b, "--steps", "1"]);
+    assert!(e.contains("is not UTF-8 text"), "{e}");
+    for (flag, v) in [("--lr", "nan"), ("--lr", "-1"), ("--weight-decay", "inf")] {
+        let arg = format!("{flag}={v}");
+        let e = egret_err(&["train", m, "--tokenizer", t, "--data", b, &arg]);
+        assert!(e.contains(flag), "{arg}: {e}");
+    }
+    if std::path::Path::new("/dev/full").exists() {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_egret"))
+            .arg("passes")
+            .stdout(fs::File::create("/dev/full").unwrap())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.starts_with("error: cannot write the output"),
+            "{stderr}"
+        );
+    }
+}

@@ -626,3 +626,98 @@ fn train_reuses_the_compile_cache() {
     assert!(!run(&[]), "a warm start reuses it");
     assert!(run(&["--no-cache"]), "--no-cache compiles afresh");
 }
+
+/// `egret compile --mode training` writes a training artifact, and `egret train --artifact`
+/// runs it: the same losses, bit for bit, as the step compiled through the cache (the same
+/// code); an artifact compiled with other AdamW constants, or an inference artifact, is
+/// refused with one clear error.
+#[test]
+fn a_compiled_training_artifact_trains_as_the_cached_step_does() {
+    let t = TempDir::new("train-artifact");
+    let cfg = t.0.join("config.json");
+    std::fs::write(&cfg, SMALL_CONFIG).unwrap();
+    let data = t.0.join("data.txt");
+    let words = "and the evening and the morning were the first day and god saw the light";
+    let text: String = (0..300)
+        .map(|i| words.split(' ').nth((i * 5 + i / 4) % 15).unwrap())
+        .collect::<Vec<_>>()
+        .join(" ");
+    std::fs::write(&data, text).unwrap();
+    let gguf = common::smollm2_gguf();
+    let (c, d, g) = (
+        cfg.to_str().unwrap(),
+        data.to_str().unwrap(),
+        gguf.to_str().unwrap(),
+    );
+    let art = t.0.join("art");
+    let a = art.to_str().unwrap();
+    let out = egret_ok(&["compile", c, "--mode", "training", "-o", a]);
+    assert_eq!(out.trim(), a);
+    let run = |log: &std::path::Path, extra: &[&str]| -> Vec<(u64, f64)> {
+        let mut args = vec![
+            "train",
+            c,
+            "--init",
+            "random",
+            "--tokenizer",
+            g,
+            "--data",
+            d,
+            "--steps",
+            "6",
+            "--batch",
+            "2",
+            "--seq",
+            "16",
+            "--lr",
+            "3e-3",
+        ];
+        args.extend(["--log", log.to_str().unwrap()]);
+        args.extend(extra);
+        egret_ok(&args);
+        losses(log)
+    };
+    let cached = run(&t.0.join("cached.jsonl"), &[]);
+    let compiled = run(&t.0.join("artifact.jsonl"), &["--artifact", a]);
+    assert_eq!(cached.len(), 6);
+    assert_eq!(cached, compiled);
+    let e = egret_err(&[
+        "train",
+        c,
+        "--init",
+        "random",
+        "--tokenizer",
+        g,
+        "--data",
+        d,
+        "--steps",
+        "1",
+        "--seq",
+        "16",
+        "--artifact",
+        a,
+        "--weight-decay",
+        "0.1",
+    ]);
+    assert!(e.contains("compiled with AdamW"), "{e}");
+    let inference = t.0.join("inference");
+    let i = inference.to_str().unwrap();
+    egret_ok(&["compile", c, "-o", i]);
+    let e = egret_err(&[
+        "train",
+        c,
+        "--init",
+        "random",
+        "--tokenizer",
+        g,
+        "--data",
+        d,
+        "--steps",
+        "1",
+        "--seq",
+        "16",
+        "--artifact",
+        i,
+    ]);
+    assert!(e.contains("not training"), "{e}");
+}

@@ -106,6 +106,7 @@ fn write_artifact(
 ) -> Result<PathBuf, BackendError> {
     egret_runtime::fsutil::write_dir_atomic(
         dir,
+        egret_runtime::artifact::MANIFEST,
         |tmp| {
             let file = tmp.join(payload);
             let plan = compile(&file)?;

@@ -458,7 +458,13 @@ impl Parser {
         let mut dims = Vec::new();
         if !self.eat(']') {
             loop {
-                dims.push(self.dim()?);
+                let at = self.pos;
+                let d = self.dim()?;
+                if let Some(k) = d.as_const().filter(|k| *k < 0) {
+                    self.pos = at;
+                    return self.err(format!("dimension {k} is negative"));
+                }
+                dims.push(d);
                 if self.eat(']') {
                     break;
                 }

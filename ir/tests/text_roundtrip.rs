@@ -146,6 +146,8 @@ fn malformed_text_reports_line_and_column() {
     assert!(e.contains("end of input"), "{e}");
     let e = parse_err("graph g {\n  %0 = slice[axis=0, start=1, end=2, step=1](%0) : f32[1]\n}");
     assert_eq!(e, "2:38: unknown attribute `step`");
+    let e = parse_err("graph g {\n  %0 = input \"x\" : f32[3, -4]\n}");
+    assert_eq!(e, "2:27: dimension -4 is negative");
 }
 
 #[test]
