@@ -1007,7 +1007,7 @@ fn bench(what: BenchCmd) -> Result<()> {
             json,
         } => {
             if backend != Backend::Cpu {
-                bail!("bench matmul measures the cpu backend (the interpreter is a reference, not a fast path)");
+                bail!("bench matmul measures the cpu backend (the GPU's matmul is timed by bench/gpu-check.sh; the interpreter is a reference, not a fast path)");
             }
             if !(1..=MAX_BENCH_SIZE).contains(&size) {
                 bail!("--size must be 1 to {MAX_BENCH_SIZE}");

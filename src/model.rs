@@ -51,9 +51,9 @@ impl ModelSource {
         if presets::NAMES.contains(&arg) {
             return Ok(ModelSource::Preset(arg.to_string()));
         }
-        if arg.contains('/') || arg.contains('.') {
+        if arg.contains('/') || arg.contains('.') || arg.is_empty() {
             return Err(EgretError::Usage(format!(
-                "{arg}: no such file or directory"
+                "{arg:?}: no such file or directory"
             )));
         }
         Err(egret_models::ModelError::UnknownPreset(arg.to_string()).into())

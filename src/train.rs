@@ -677,13 +677,13 @@ pub fn batch_at(data: &[u32], step: usize, seed: u64, b: usize, t: usize) -> (Ve
 }
 
 /// Writes a directory whole or not at all (`egret_runtime::fsutil::write_dir_atomic`),
-/// replacing only an empty one or one holding `marker`.
+/// replacing only an empty one or one of the kind `ours` says (`what`).
 pub fn write_dir_atomic(
     dir: &Path,
-    marker: &str,
+    ours: (&str, &dyn Fn(&Path) -> bool),
     fill: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
-    egret_runtime::fsutil::write_dir_atomic(dir, marker, fill, |p, e| {
+    egret_runtime::fsutil::write_dir_atomic(dir, ours, fill, |p, e| {
         EgretError::Usage(format!("cannot write {}: {e}", p.display()))
     })
 }
@@ -712,7 +712,16 @@ pub fn save_checkpoint(
     tokenizer: Option<&Tokenizer>,
 ) -> Result<()> {
     let names = tr.cfg.parameters();
-    write_dir_atomic(dir, "trainer_state.json", |d| {
+    // (an earlier checkpoint, or the folder of `--save-every`'s checkpoints alone)
+    let ours = |d: &Path| {
+        d.join("trainer_state.json").is_file()
+            || std::fs::read_dir(d).is_ok_and(|entries| {
+                entries
+                    .flatten()
+                    .all(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
+            })
+    };
+    write_dir_atomic(dir, ("an egret checkpoint", &ours), |d| {
         let model = weights_of(&names, |n| tr.param(n).unwrap_or_default(), "");
         save_safetensors(&d.join("model.safetensors"), &model, SaveDType::F32)?;
         let mut opt = weights_of(&names, |n| tr.moments(n).unwrap_or_default().0, "m.");

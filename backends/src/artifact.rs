@@ -106,7 +106,7 @@ fn write_artifact(
 ) -> Result<PathBuf, BackendError> {
     egret_runtime::fsutil::write_dir_atomic(
         dir,
-        egret_runtime::artifact::MANIFEST,
+        ("an egret artifact", &|d: &Path| d.join(MANIFEST).is_file()),
         |tmp| {
             let file = tmp.join(payload);
             let plan = compile(&file)?;

@@ -14,7 +14,7 @@ pub use llama::{build, build_training, GraphKind};
 pub enum ModelError {
     #[error("{source_desc}: {msg}")]
     Config { source_desc: String, msg: String },
-    #[error("unknown preset `{0}` (known: {known})", known = presets::NAMES.join(", "))]
+    #[error("unknown preset `{0}` (known: {known}), and no file or directory of that name", known = presets::NAMES.join(", "))]
     UnknownPreset(String),
     #[error(transparent)]
     Ir(#[from] egret_ir::IrError),

@@ -1,8 +1,8 @@
 //! Writing a directory whole or not at all (artifacts, checkpoints): it is filled under a
 //! private temporary name beside its destination, then renamed into place; an old directory
 //! there is moved aside first and removed only once the new one is in. Only a directory of
-//! the same kind (holding its `marker` file) or an empty one is replaced: any other is the
-//! user's, and writing over it is an error that leaves it as it is.
+//! the same kind (as the caller's `ours` tells) or an empty one is replaced: any other is
+//! the user's, and writing over it is an error that leaves it as it is.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,11 +10,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// Fills a temporary sibling of `dir` with `fill`, then makes it `dir`. `io` turns a file
 /// system failure (path, error) into the caller's error type. On any failure `dir` is left
 /// as it was and the temporary directory is removed. A file that is not a directory at
-/// `dir`, or a directory that is neither empty nor holds a file named `marker` (what `fill`
-/// writes: `manifest.json` for an artifact), is an error, not replaced.
+/// `dir`, or a directory that is neither empty nor `ours` (of the kind `fill` writes: for an
+/// artifact, one holding `manifest.json`), is an error, not replaced; `what` names that
+/// kind in the error.
 pub fn write_dir_atomic<E>(
     dir: &Path,
-    marker: &str,
+    (what, ours): (&str, &dyn Fn(&Path) -> bool),
     fill: impl FnOnce(&Path) -> Result<(), E>,
     io: impl Fn(&Path, std::io::Error) -> E,
 ) -> Result<(), E> {
@@ -34,14 +35,14 @@ pub fn write_dir_atomic<E>(
         return Err(io(dir, e));
     }
     // A directory with other things in it is the user's too.
-    let foreign = std::fs::read_dir(dir)
-        .is_ok_and(|mut entries| entries.next().is_some() && !dir.join(marker).is_file());
+    let foreign =
+        std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some() && !ours(dir));
     if foreign {
         let e = std::io::Error::new(
             std::io::ErrorKind::AlreadyExists,
             format!(
-                "it is a directory with other things in it, not one this writes (no \
-                 `{marker}`): left as it is; give a new or empty directory"
+                "it is a directory with other things in it, not {what}: left as it is; give \
+                 a new or empty directory"
             ),
         );
         return Err(io(dir, e));
