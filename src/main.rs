@@ -777,6 +777,9 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(w) = weight_decay {
                 check_weight_decay(w)?;
             }
+            if mode == Mode::Training && weights_dtype != DTypeArg::F32 {
+                bail!("--weights-dtype: a training step keeps its weights in f32");
+            }
             // (a training artifact's step has AdamW built in, as `egret train` runs it)
             let adamw = egret::train::cli_adamw(weight_decay.unwrap_or(TRAIN_WEIGHT_DECAY));
             let dir = if target == Target::Ptx {
