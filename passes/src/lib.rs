@@ -57,8 +57,8 @@ pub trait Pass {
 pub enum PassError {
     #[error("unknown pass `{name}` (known passes: {known})")]
     UnknownPass { name: String, known: String },
-    #[error("unknown pass `{0}` for --print-after")]
-    UnknownPrintAfter(String),
+    #[error("--print-after `{name}`: not a pass of this pipeline (it runs: {pipeline})")]
+    UnknownPrintAfter { name: String, pipeline: String },
     #[error("pass `{pass}` produced an invalid graph: {source}")]
     Invalid { pass: String, source: IrError },
     #[error("pass `{pass}` failed: {source}")]

@@ -42,7 +42,14 @@ impl PassManager {
         if let PrintAfter::Passes(names) = &p {
             for n in names {
                 if !self.passes.iter().any(|q| q.name() == n) {
-                    return Err(PassError::UnknownPrintAfter(n.clone()));
+                    let names: Vec<&str> = self.passes.iter().map(|q| q.name()).collect();
+                    return Err(PassError::UnknownPrintAfter {
+                        name: n.clone(),
+                        pipeline: match names.is_empty() {
+                            true => "no passes".into(),
+                            false => names.join(", "),
+                        },
+                    });
                 }
             }
         }
