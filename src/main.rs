@@ -197,7 +197,7 @@ enum Cmd {
         no_cache: bool,
         /// Run this training artifact (`egret compile --mode training`) instead of
         /// compiling the step; MODEL (or --resume) gives the weights.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["no_cache", "passes"])]
         artifact: Option<PathBuf>,
     },
     /// Compile a model into an artifact directory (manifest.json + kernel payload).
@@ -639,6 +639,9 @@ fn run(cli: Cli) -> Result<()> {
                 out.write_all(b"]")?;
             }
             writeln!(out, "]}}")?;
+            // (a failed write in the buffer's last flush is an error too, not lost in its drop)
+            out.flush()
+                .map_err(|e| anyhow!("cannot write the output: {e}"))?;
             Ok(())
         }
         Cmd::Tokenize {
@@ -683,7 +686,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             egret::train::check_step_shape(batch as u64, seq as u64, "--batch and --seq")?;
             if artifact.is_some() && memory_budget.is_some() {
-                bail!("--memory-budget places checkpoints as the step is compiled: an artifact's are fixed (give it to egret compile --mode training)");
+                bail!("--memory-budget places activation checkpoints as the step is compiled: a compiled artifact's are fixed");
             }
             if !(lr.is_finite() && lr >= 0.0) {
                 bail!("--lr {lr}: a learning rate is a finite number, 0 or more");
@@ -1162,6 +1165,10 @@ fn load_tokenizer_at(p: &Path) -> Result<egret_runtime::tokenizer::Tokenizer> {
 
 fn train(run: TrainRun, be: egret::train::GradBackend) -> Result<()> {
     use egret::train::{batch_at, lr_at, save_checkpoint, AdamW, Trainer};
+    // (where the result goes, checked before the training it would hold)
+    if let Some(dir) = &run.save {
+        egret::train::check_checkpoint_dir(dir)?;
+    }
     let total = run.state.total_steps;
     let (cfg, params, resumed, mut state) = match &run.resume {
         Some(dir) => {
@@ -1185,6 +1192,13 @@ fn train(run: TrainRun, be: egret::train::GradBackend) -> Result<()> {
         (None, Some(d)) if d.join("tokenizer.json").is_file() => load_tokenizer_at(d)?,
         _ => egret::load_tokenizer(&ModelSource::resolve(&run.model)?)?,
     };
+    if !(state.lr.is_finite() && state.lr >= 0.0) {
+        bail!(
+            "the learning rate {} (from the checkpoint) is not a finite number, 0 or more",
+            state.lr
+        );
+    }
+    check_weight_decay(state.weight_decay)?;
     let data = tokenizer.encode(&read_utf8(&run.data)?, false)?;
     egret::train::check_step_shape(state.batch as u64, state.seq as u64, "the trainer state")?;
     if data.len() < state.seq + 1 {
@@ -1247,7 +1261,9 @@ fn train(run: TrainRun, be: egret::train::GradBackend) -> Result<()> {
         }
         let width = 30;
         let done = (k * width) / total.max(1);
-        eprint!(
+        // (progress only: a closed stderr must not stop the run before it saves)
+        let _ = write!(
+            std::io::stderr(),
             "\rstep {k}/{total} [{}{}] loss {:.4} lr {:.2e} {:.0} tok/s ",
             "#".repeat(done),
             ".".repeat(width - done),
@@ -1267,7 +1283,7 @@ fn train(run: TrainRun, be: egret::train::GradBackend) -> Result<()> {
             }
         }
     }
-    eprintln!();
+    let _ = writeln!(std::io::stderr());
     if let Some(dir) = &run.save {
         save_checkpoint(dir, &tr, &state, Some(&tokenizer))?;
     }

@@ -478,17 +478,38 @@ impl Trainer {
                 m.mode
             )));
         }
-        if m.model != serde_json::to_value(&cfg).unwrap_or_default() {
+        let ours = serde_json::to_value(&cfg).unwrap_or_default();
+        if m.model != ours {
+            let keys: Vec<&str> = match (m.model.as_object(), ours.as_object()) {
+                (Some(a), Some(b)) => a
+                    .keys()
+                    .chain(b.keys())
+                    .filter(|k| a.get(*k) != b.get(*k))
+                    .map(String::as_str)
+                    .collect(),
+                _ => vec![],
+            };
+            let mut keys = keys;
+            keys.sort_unstable();
+            keys.dedup();
             return Err(EgretError::Usage(format!(
-                "{at}: compiled for another model configuration than MODEL's"
+                "{at}: compiled for another model configuration than this run's (differs in: {})",
+                keys.join(", ")
             )));
         }
         let want = adamw_spec(&opt);
         if m.optimizer != Some(want) {
+            let show = |o: &egret_runtime::artifact::AdamWSpec| {
+                format!(
+                    "β1 {}, β2 {}, ε {}, weight decay {}, clip {:?}",
+                    o.beta1, o.beta2, o.eps, o.weight_decay, o.max_grad_norm
+                )
+            };
             return Err(EgretError::Usage(format!(
-                "{at}: its step was compiled with AdamW {:?}, this run asks for {want:?} \
-                 (give the --weight-decay it was compiled with)",
-                m.optimizer
+                "{at}: its step was compiled with AdamW {}, this run's is {} (its \
+                 --weight-decay, or the checkpoint's under --resume)",
+                m.optimizer.as_ref().map_or("(none)".into(), show),
+                show(&want)
             )));
         }
         let get = |n: &str| crate::cpu::param(&params, n);
@@ -676,14 +697,13 @@ pub fn batch_at(data: &[u32], step: usize, seed: u64, b: usize, t: usize) -> (Ve
     (toks, tg)
 }
 
-/// Writes a directory whole or not at all (`egret_runtime::fsutil::write_dir_atomic`),
-/// replacing only an empty one or one of the kind `ours` says (`what`).
+/// Writes a directory whole or not at all (`egret_runtime::fsutil::write_dir_atomic`).
 pub fn write_dir_atomic(
     dir: &Path,
-    ours: (&str, &dyn Fn(&Path) -> bool),
+    replace: egret_runtime::fsutil::Replace,
     fill: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
-    egret_runtime::fsutil::write_dir_atomic(dir, ours, fill, |p, e| {
+    egret_runtime::fsutil::write_dir_atomic(dir, replace, fill, |p, e| {
         EgretError::Usage(format!("cannot write {}: {e}", p.display()))
     })
 }
@@ -702,9 +722,8 @@ fn weights_of(
 
 /// Saves a checkpoint in Hugging Face layout (`config.json`, `model.safetensors`, and the
 /// tokenizer if known) plus `optimizer.safetensors` (`m.<p>`, `v.<p>`) and
-/// `trainer_state.json`, atomically, into a new or empty directory or over an earlier
-/// checkpoint (`write_dir_atomic`), whose other entries (intermediate checkpoints,
-/// `checkpoint-<step>`, and anything else the user put there) are kept.
+/// `trainer_state.json`, atomically, into a new or empty directory, or one whose other
+/// entries are kept (`CHECKPOINT_REPLACE`).
 pub fn save_checkpoint(
     dir: &Path,
     tr: &Trainer,
@@ -712,16 +731,7 @@ pub fn save_checkpoint(
     tokenizer: Option<&Tokenizer>,
 ) -> Result<()> {
     let names = tr.cfg.parameters();
-    // (an earlier checkpoint, or the folder of `--save-every`'s checkpoints alone)
-    let ours = |d: &Path| {
-        d.join("trainer_state.json").is_file()
-            || std::fs::read_dir(d).is_ok_and(|entries| {
-                entries
-                    .flatten()
-                    .all(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
-            })
-    };
-    write_dir_atomic(dir, ("an egret checkpoint", &ours), |d| {
+    write_dir_atomic(dir, CHECKPOINT_REPLACE, |d| {
         let model = weights_of(&names, |n| tr.param(n).unwrap_or_default(), "");
         save_safetensors(&d.join("model.safetensors"), &model, SaveDType::F32)?;
         let mut opt = weights_of(&names, |n| tr.moments(n).unwrap_or_default().0, "m.");
@@ -746,17 +756,42 @@ pub fn save_checkpoint(
         if let Some(t) = tokenizer {
             write("tokenizer.json", t.to_tokenizer_json().to_string())?;
         }
-        if let Ok(rd) = std::fs::read_dir(dir) {
-            for e in rd.flatten() {
-                if !d.join(e.file_name()).exists() {
-                    std::fs::rename(e.path(), d.join(e.file_name())).map_err(|err| {
-                        EgretError::Usage(format!("cannot keep {}: {err}", e.path().display()))
-                    })?;
-                }
-            }
-        }
         Ok(())
     })
+}
+
+/// The files of a checkpoint (`save_checkpoint`).
+const CHECKPOINT_FILES: [&str; 5] = [
+    "model.safetensors",
+    "optimizer.safetensors",
+    "config.json",
+    "trainer_state.json",
+    "tokenizer.json",
+];
+
+/// Whether a checkpoint may be written into `dir`: it holds none of a checkpoint's files
+/// (a folder of `--save-every`'s checkpoints, a log, notes), or it is an egret checkpoint
+/// (its `trainer_state.json` is egret's). Another program's files of the same names are
+/// the user's.
+fn checkpoint_dir_ours(dir: &Path) -> bool {
+    let none = CHECKPOINT_FILES.iter().all(|f| !dir.join(f).exists());
+    none || std::fs::read(dir.join("trainer_state.json"))
+        .ok()
+        .is_some_and(|b| serde_json::from_slice::<TrainerState>(&b).is_ok())
+}
+
+/// How a checkpoint is written over a directory: one that `checkpoint_dir_ours` accepts,
+/// whose other entries (intermediate checkpoints, a log, notes) stay.
+const CHECKPOINT_REPLACE: egret_runtime::fsutil::Replace = egret_runtime::fsutil::Replace {
+    what: "an egret checkpoint",
+    ours: &checkpoint_dir_ours,
+    keep_others: true,
+};
+
+/// Whether `save_checkpoint` may write into `dir` (`--save`, checked before training).
+pub fn check_checkpoint_dir(dir: &Path) -> Result<()> {
+    egret_runtime::fsutil::check_dir_target(dir, CHECKPOINT_REPLACE)
+        .map_err(|e| EgretError::Usage(format!("--save {}: {e}", dir.display())))
 }
 
 /// A checkpoint written by `save_checkpoint`: configuration, parameters, moments, state.

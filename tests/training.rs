@@ -678,7 +678,44 @@ fn a_compiled_training_artifact_trains_as_the_cached_step_does() {
         losses(log)
     };
     let cached = run(&t.0.join("cached.jsonl"), &[]);
-    let compiled = run(&t.0.join("artifact.jsonl"), &["--artifact", a]);
+    // (with a compile cache of its own, which the run must leave empty: it compiles nothing)
+    let cache = t.0.join("cache");
+    let log = t.0.join("artifact.jsonl");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_egret"))
+        .args([
+            "train",
+            c,
+            "--init",
+            "random",
+            "--tokenizer",
+            g,
+            "--data",
+            d,
+            "--steps",
+            "6",
+            "--batch",
+            "2",
+            "--seq",
+            "16",
+            "--lr",
+            "3e-3",
+            "--artifact",
+            a,
+        ])
+        .args(["--log", log.to_str().unwrap()])
+        .env("EGRET_CACHE", &cache)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !cache.join("artifacts").exists(),
+        "--artifact compiled the step anyway"
+    );
+    let compiled = losses(&log);
     assert_eq!(cached.len(), 6);
     assert_eq!(cached, compiled);
     let e = egret_err(&[
@@ -720,4 +757,75 @@ fn a_compiled_training_artifact_trains_as_the_cached_step_does() {
         i,
     ]);
     assert!(e.contains("not training"), "{e}");
+}
+
+/// `--save` into a folder that holds other things keeps them (a log written there, notes,
+/// `--save-every`'s checkpoints); a folder with another program's files of a checkpoint's
+/// names (a `config.json` not from egret) is refused before any training.
+#[test]
+fn saving_a_checkpoint_keeps_what_else_is_in_its_folder() {
+    let t = TempDir::new("save-keeps");
+    let cfg = t.0.join("config.json");
+    std::fs::write(&cfg, SMALL_CONFIG).unwrap();
+    let data = t.0.join("data.txt");
+    std::fs::write(
+        &data,
+        "the light was good and the light was day ".repeat(20),
+    )
+    .unwrap();
+    let gguf = common::smollm2_gguf();
+    let (c, d, g) = (
+        cfg.to_str().unwrap(),
+        data.to_str().unwrap(),
+        gguf.to_str().unwrap(),
+    );
+    let run = t.0.join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(run.join("notes.txt"), "keep me").unwrap();
+    let r = run.to_str().unwrap();
+    let log = run.join("log.jsonl");
+    let args = |save: &str| {
+        vec![
+            "train".to_string(),
+            c.into(),
+            "--init".into(),
+            "random".into(),
+            "--tokenizer".into(),
+            g.into(),
+            "--data".into(),
+            d.into(),
+            "--steps".into(),
+            "4".into(),
+            "--seq".into(),
+            "16".into(),
+            "--save".into(),
+            save.into(),
+            "--save-every".into(),
+            "2".into(),
+            "--log".into(),
+            log.to_str().unwrap().into(),
+        ]
+    };
+    let a = args(r);
+    egret_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    for kept in ["notes.txt", "log.jsonl", "checkpoint-2/model.safetensors"] {
+        assert!(run.join(kept).is_file(), "{kept} is gone");
+    }
+    assert!(run.join("trainer_state.json").is_file());
+    // (again over it: an egret checkpoint now, whose other entries stay)
+    egret_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(
+        std::fs::read_to_string(run.join("notes.txt")).unwrap(),
+        "keep me"
+    );
+    let other = t.0.join("hf-trainer-output");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("config.json"), "{}").unwrap();
+    let b = args(other.to_str().unwrap());
+    let e = egret_err(&b.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(e.contains("not an egret checkpoint"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(other.join("config.json")).unwrap(),
+        "{}"
+    );
 }

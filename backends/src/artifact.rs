@@ -93,6 +93,21 @@ pub fn write_ptx_artifact(
     })
 }
 
+/// Whether `dir` holds an egret artifact and nothing else (its manifest, of this format,
+/// and payloads), which writing an artifact there may replace whole.
+fn is_artifact_dir(dir: &Path) -> bool {
+    let manifest = std::fs::read(dir.join(MANIFEST))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    let ours = manifest.is_some_and(|m| m["format"] == FORMAT);
+    ours && std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().all(|e| {
+            let n = e.file_name();
+            [MANIFEST, CPU_PAYLOAD, PTX_PAYLOAD].iter().any(|f| n == *f)
+        })
+    })
+}
+
 /// Writes an artifact whose payload `payload` is made by `compile` (which returns the plan
 /// whose calls the payload implements), under a temporary name renamed into place.
 fn write_artifact(
@@ -104,9 +119,14 @@ fn write_artifact(
     spec: &EntrySpec,
     compile: impl FnOnce(&Path) -> Result<Plan, BackendError>,
 ) -> Result<PathBuf, BackendError> {
+    let replace = egret_runtime::fsutil::Replace {
+        what: "an egret artifact",
+        ours: &is_artifact_dir,
+        keep_others: false,
+    };
     egret_runtime::fsutil::write_dir_atomic(
         dir,
-        ("an egret artifact", &|d: &Path| d.join(MANIFEST).is_file()),
+        replace,
         |tmp| {
             let file = tmp.join(payload);
             let plan = compile(&file)?;
