@@ -627,82 +627,74 @@ fn train_reuses_the_compile_cache() {
     assert!(run(&["--no-cache"]), "--no-cache compiles afresh");
 }
 
-/// `egret compile --mode training` writes a training artifact, and `egret train --artifact`
-/// runs it: the same losses, bit for bit, as the step compiled through the cache (the same
-/// code); an artifact compiled with other AdamW constants, or an inference artifact, is
-/// refused with one clear error.
-#[test]
-fn a_compiled_training_artifact_trains_as_the_cached_step_does() {
-    let t = TempDir::new("train-artifact");
+/// Owned arguments as `egret_ok` and `egret_err` take them.
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// `egret train CONFIG --init random --tokenizer GGUF --data DATA --steps N` (`small_run`'s
+/// files).
+fn train_from_random([c, d, g]: &[&String; 3], steps: usize) -> Vec<String> {
+    let n = steps.to_string();
+    [
+        "train",
+        c,
+        "--init",
+        "random",
+        "--tokenizer",
+        g,
+        "--data",
+        d,
+        "--steps",
+        &n,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// A temporary run's files: `SMALL_CONFIG` and a data file of `text` in `t`, and the SmolLM2
+/// GGUF for its tokenizer, as paths.
+fn small_run(t: &TempDir, text: &str) -> [String; 3] {
     let cfg = t.0.join("config.json");
     std::fs::write(&cfg, SMALL_CONFIG).unwrap();
     let data = t.0.join("data.txt");
+    std::fs::write(&data, text).unwrap();
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    [path(&cfg), path(&data), path(&common::smollm2_gguf())]
+}
+
+/// `egret compile --mode training` writes a training artifact, and `egret train --artifact`
+/// runs it: the same losses, bit for bit, as the step compiled through the cache (the same
+/// code), with nothing compiled; an artifact compiled with other AdamW constants, or an
+/// inference artifact, is refused with one clear error.
+#[test]
+fn a_compiled_training_artifact_trains_as_the_cached_step_does() {
+    let t = TempDir::new("train-artifact");
     let words = "and the evening and the morning were the first day and god saw the light";
     let text: String = (0..300)
         .map(|i| words.split(' ').nth((i * 5 + i / 4) % 15).unwrap())
         .collect::<Vec<_>>()
         .join(" ");
-    std::fs::write(&data, text).unwrap();
-    let gguf = common::smollm2_gguf();
-    let (c, d, g) = (
-        cfg.to_str().unwrap(),
-        data.to_str().unwrap(),
-        gguf.to_str().unwrap(),
-    );
+    let [c, d, g] = small_run(&t, &text);
     let art = t.0.join("art");
     let a = art.to_str().unwrap();
-    let out = egret_ok(&["compile", c, "--mode", "training", "-o", a]);
+    let out = egret_ok(&["compile", &c, "--mode", "training", "-o", a]);
     assert_eq!(out.trim(), a);
-    let run = |log: &std::path::Path, extra: &[&str]| -> Vec<(u64, f64)> {
-        let mut args = vec![
-            "train",
-            c,
-            "--init",
-            "random",
-            "--tokenizer",
-            g,
-            "--data",
-            d,
-            "--steps",
-            "6",
-            "--batch",
-            "2",
-            "--seq",
-            "16",
-            "--lr",
-            "3e-3",
-        ];
-        args.extend(["--log", log.to_str().unwrap()]);
-        args.extend(extra);
-        egret_ok(&args);
-        losses(log)
+    // `egret train` from random weights, 6 steps unless `extra` says otherwise.
+    let train = |extra: &[&str]| -> Vec<String> {
+        let mut args = train_from_random(&[&c, &d, &g], 6);
+        args.extend(["--batch", "2", "--seq", "16", "--lr", "3e-3"].map(String::from));
+        args.extend(extra.iter().map(|x| x.to_string()));
+        args
     };
-    let cached = run(&t.0.join("cached.jsonl"), &[]);
+    let cached_log = t.0.join("cached.jsonl");
+    egret_ok(&strs(&train(&["--log", cached_log.to_str().unwrap()])));
+    let cached = losses(&cached_log);
     // (with a compile cache of its own, which the run must leave empty: it compiles nothing)
     let cache = t.0.join("cache");
     let log = t.0.join("artifact.jsonl");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_egret"))
-        .args([
-            "train",
-            c,
-            "--init",
-            "random",
-            "--tokenizer",
-            g,
-            "--data",
-            d,
-            "--steps",
-            "6",
-            "--batch",
-            "2",
-            "--seq",
-            "16",
-            "--lr",
-            "3e-3",
-            "--artifact",
-            a,
-        ])
-        .args(["--log", log.to_str().unwrap()])
+        .args(train(&["--artifact", a, "--log", log.to_str().unwrap()]))
         .env("EGRET_CACHE", &cache)
         .output()
         .unwrap();
@@ -718,44 +710,12 @@ fn a_compiled_training_artifact_trains_as_the_cached_step_does() {
     let compiled = losses(&log);
     assert_eq!(cached.len(), 6);
     assert_eq!(cached, compiled);
-    let e = egret_err(&[
-        "train",
-        c,
-        "--init",
-        "random",
-        "--tokenizer",
-        g,
-        "--data",
-        d,
-        "--steps",
-        "1",
-        "--seq",
-        "16",
-        "--artifact",
-        a,
-        "--weight-decay",
-        "0.1",
-    ]);
+    let e = egret_err(&strs(&train(&["--artifact", a, "--weight-decay", "0.1"])));
     assert!(e.contains("compiled with AdamW"), "{e}");
     let inference = t.0.join("inference");
     let i = inference.to_str().unwrap();
-    egret_ok(&["compile", c, "-o", i]);
-    let e = egret_err(&[
-        "train",
-        c,
-        "--init",
-        "random",
-        "--tokenizer",
-        g,
-        "--data",
-        d,
-        "--steps",
-        "1",
-        "--seq",
-        "16",
-        "--artifact",
-        i,
-    ]);
+    egret_ok(&["compile", &c, "-o", i]);
+    let e = egret_err(&strs(&train(&["--artifact", i])));
     assert!(e.contains("not training"), "{e}");
 }
 
@@ -765,55 +725,36 @@ fn a_compiled_training_artifact_trains_as_the_cached_step_does() {
 #[test]
 fn saving_a_checkpoint_keeps_what_else_is_in_its_folder() {
     let t = TempDir::new("save-keeps");
-    let cfg = t.0.join("config.json");
-    std::fs::write(&cfg, SMALL_CONFIG).unwrap();
-    let data = t.0.join("data.txt");
-    std::fs::write(
-        &data,
-        "the light was good and the light was day ".repeat(20),
-    )
-    .unwrap();
-    let gguf = common::smollm2_gguf();
-    let (c, d, g) = (
-        cfg.to_str().unwrap(),
-        data.to_str().unwrap(),
-        gguf.to_str().unwrap(),
-    );
+    let [c, d, g] = small_run(&t, &"the light was good and the light was day ".repeat(20));
     let run = t.0.join("run");
     std::fs::create_dir_all(&run).unwrap();
     std::fs::write(run.join("notes.txt"), "keep me").unwrap();
-    let r = run.to_str().unwrap();
     let log = run.join("log.jsonl");
-    let args = |save: &str| {
-        vec![
-            "train".to_string(),
-            c.into(),
-            "--init".into(),
-            "random".into(),
-            "--tokenizer".into(),
-            g.into(),
-            "--data".into(),
-            d.into(),
-            "--steps".into(),
-            "4".into(),
-            "--seq".into(),
-            "16".into(),
-            "--save".into(),
-            save.into(),
-            "--save-every".into(),
-            "2".into(),
-            "--log".into(),
-            log.to_str().unwrap().into(),
-        ]
+    let (l, r) = (log.to_str().unwrap(), run.to_str().unwrap());
+    let args = |save: &str| -> Vec<String> {
+        let mut args = train_from_random(&[&c, &d, &g], 4);
+        args.extend(
+            [
+                "--seq",
+                "16",
+                "--save",
+                save,
+                "--save-every",
+                "2",
+                "--log",
+                l,
+            ]
+            .map(String::from),
+        );
+        args
     };
-    let a = args(r);
-    egret_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    egret_ok(&strs(&args(r)));
     for kept in ["notes.txt", "log.jsonl", "checkpoint-2/model.safetensors"] {
         assert!(run.join(kept).is_file(), "{kept} is gone");
     }
     assert!(run.join("trainer_state.json").is_file());
     // (again over it: an egret checkpoint now, whose other entries stay)
-    egret_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    egret_ok(&strs(&args(r)));
     assert_eq!(
         std::fs::read_to_string(run.join("notes.txt")).unwrap(),
         "keep me"
@@ -821,8 +762,7 @@ fn saving_a_checkpoint_keeps_what_else_is_in_its_folder() {
     let other = t.0.join("hf-trainer-output");
     std::fs::create_dir_all(&other).unwrap();
     std::fs::write(other.join("config.json"), "{}").unwrap();
-    let b = args(other.to_str().unwrap());
-    let e = egret_err(&b.iter().map(String::as_str).collect::<Vec<_>>());
+    let e = egret_err(&strs(&args(other.to_str().unwrap())));
     assert!(e.contains("not an egret checkpoint"), "{e}");
     assert_eq!(
         std::fs::read_to_string(other.join("config.json")).unwrap(),

@@ -440,6 +440,29 @@ extern "C" fn egret_simt_aligned(p: *const u8, bytes: i64) {
     }
 }
 
+/// An asynchronous copy (`cp.async`, tensor copy) issued by the running thread into the
+/// `bytes` at `dst`: a race if a `wgmma` not yet waited for may read them (the GPU may make
+/// the copy as soon as it is issued), and poisoned until the copy is made (the GPU may write
+/// them at any time up to the wait: what is read there before it, or was there to be read,
+/// is gone).
+///
+/// # Safety
+/// On a simulated thread, while `run_block` holds the block; `bytes` at `dst` writable.
+unsafe fn copy_issued(dst: *mut u8, bytes: usize) {
+    let b = block();
+    let (lo, hi) = (dst as usize, dst as usize + bytes);
+    let read = (*b).wgmma_reads.iter().any(|r| {
+        r.open
+            .iter()
+            .chain(r.groups.iter().flatten())
+            .any(|&(s, e)| lo < e && s < hi)
+    });
+    if read && (*b).overwrite.is_none() {
+        (*b).overwrite = Some((lo as u64, (*b).running));
+    }
+    std::ptr::write_bytes(dst, COPY_POISON, bytes);
+}
+
 /// `cp.async.cg.shared.global [dst], [src], 16, src_bytes`: queued for the running thread
 /// (made by a later `egret_simt_cp_async_wait`), its destination poisoned until then.
 extern "C" fn egret_simt_cp_async(dst: *mut u8, src: *const u8, src_bytes: i32) {
@@ -449,19 +472,7 @@ extern "C" fn egret_simt_cp_async(dst: *mut u8, src: *const u8, src_bytes: i32) 
     unsafe {
         let b = block();
         let lane = (*b).running;
-        let (lo, hi) = (dst as usize, dst as usize + 16);
-        let read = (*b).wgmma_reads.iter().any(|r| {
-            r.open
-                .iter()
-                .chain(r.groups.iter().flatten())
-                .any(|&(s, e)| lo < e && s < hi)
-        });
-        if read && (*b).overwrite.is_none() {
-            (*b).overwrite = Some((lo as u64, lane));
-        }
-        // (the GPU may write the 16 bytes at any time up to the wait: what is read there
-        // before it, or was there to be read, is gone)
-        std::ptr::write_bytes(dst, COPY_POISON, 16);
+        copy_issued(dst, 16);
         (&mut (*b).copies)[lane].open.push(AsyncCopy {
             dst: dst as usize,
             src: src as usize,
@@ -579,25 +590,21 @@ fn wgmma_reading(reads: Vec<(usize, usize)>, t: usize) {
             }
         }
         if t == 0 && (*b).early_read.is_none() {
-            let pending = (*b)
+            // (`cp.async`s not waited for; tensor copies in flight, and those made but not
+            // yet waited for by this thread)
+            let copies = (*b)
                 .copies
                 .iter()
-                .flat_map(|c| c.open.iter().chain(c.groups.iter().flatten()));
-            for cp in pending {
-                if reads.iter().any(|&(s, e)| cp.dst < e && s < cp.dst + 16) {
-                    (*b).early_read = Some((cp.dst as u64, lane));
-                    break;
-                }
-            }
-            // (tensor copies in flight, and those made but not yet waited for by this thread)
+                .flat_map(|c| c.open.iter().chain(c.groups.iter().flatten()))
+                .map(|cp| (cp.dst, 16));
             let seen = &(&(*b).observed)[lane];
-            let pending = (*b).mbarriers.values().flat_map(|m| m.copies.iter());
+            let tensor = (*b).mbarriers.values().flat_map(|m| m.copies.iter());
             let unseen = (*b)
                 .landed
                 .iter()
                 .filter(|l| seen.get(&l.bar).copied().unwrap_or(0) < l.phases);
-            let ranges = pending
-                .map(|cp| (cp.dst, cp.bytes()))
+            let ranges = copies
+                .chain(tensor.map(|cp| (cp.dst, cp.bytes())))
                 .chain(unseen.map(|l| (l.dst, l.bytes)));
             for (dst, n) in ranges {
                 if reads.iter().any(|&(s, e)| dst < e && s < dst + n) {
@@ -868,16 +875,7 @@ extern "C" fn egret_simt_tma_load(
         }
         let b = block();
         let (lo, hi) = (cp.dst, cp.dst + cp.bytes());
-        let read = (*b).wgmma_reads.iter().any(|r| {
-            r.open
-                .iter()
-                .chain(r.groups.iter().flatten())
-                .any(|&(s, e)| lo < e && s < hi)
-        });
-        if read && (*b).overwrite.is_none() {
-            (*b).overwrite = Some((lo as u64, (*b).running));
-        }
-        std::ptr::write_bytes(dst, COPY_POISON, cp.bytes());
+        copy_issued(dst, cp.bytes());
         (*b).landed.retain(|l| hi <= l.dst || l.dst + l.bytes <= lo);
         match (*b).mbarriers.get_mut(&(bar as usize)) {
             Some(m) => m.copies.push(cp),
