@@ -75,12 +75,8 @@ fn ptx_artifact(g: &Graph, dir: &Path) -> Res<()> {
 
 fn ptx_artifact_with(g: &Graph, dir: &Path, opts: &PtxOptions) -> Res<()> {
     let prog = schedule_with(g, schedule_options(opts))?;
-    let spec = EntrySpec {
-        mode: "inference".into(),
-        entry: "run".into(),
-        optimizer: None,
-    };
-    write_ptx_artifact(&prog, opts, serde_json::Value::Null, &spec, dir)?;
+    let spec = EntrySpec::inference();
+    write_ptx_artifact(&[("run", &prog)], opts, serde_json::Value::Null, &spec, dir)?;
     Ok(())
 }
 

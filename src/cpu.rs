@@ -157,8 +157,14 @@ pub fn compile_artifact(
     };
     let prog = schedule_with(&g, sopts).map_err(|e| EgretError::Usage(e.to_string()))?;
     let model = serde_json::to_value(cfg).unwrap_or_default();
-    let out = write_cpu_artifact(&prog, opts, model, &EntrySpec::inference(), dir)
-        .map_err(|e| EgretError::Usage(e.to_string()))?;
+    let out = write_cpu_artifact(
+        &[("step", &prog)],
+        opts,
+        model,
+        &EntrySpec::inference(),
+        dir,
+    )
+    .map_err(|e| EgretError::Usage(e.to_string()))?;
     if std::env::var_os("EGRET_PROFILE").is_some() {
         eprintln!(
             "compile\tartifact\t{:.1} ms\t{} kernel calls",

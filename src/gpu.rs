@@ -93,8 +93,14 @@ pub fn compile_artifact(
     };
     let prog = schedule_with(&g, sopts).map_err(|e| EgretError::Usage(e.to_string()))?;
     let model = serde_json::to_value(cfg).unwrap_or_default();
-    write_ptx_artifact(&prog, opts, model, &EntrySpec::inference(), dir)
-        .map_err(|e| EgretError::Usage(e.to_string()))
+    write_ptx_artifact(
+        &[("step", &prog)],
+        opts,
+        model,
+        &EntrySpec::inference(),
+        dir,
+    )
+    .map_err(|e| EgretError::Usage(e.to_string()))
 }
 
 /// The compile-cache key of a PTX compilation.

@@ -139,6 +139,10 @@ enum Cmd {
         /// Write the gradients here (safetensors, `grad.<name>`).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Run this training artifact's `grads` entry point (`egret compile --mode
+        /// training`) instead of compiling; MODEL gives the weights.
+        #[arg(long, conflicts_with_all = ["passes", "memory_budget"])]
+        artifact: Option<PathBuf>,
     },
     /// Train with AdamW on a text file (next-token prediction), or fine-tune a checkpoint.
     Train {
@@ -733,20 +737,18 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             memory_budget,
             out,
+            artifact,
         } => {
             let ids = parse_ids(&tokens)?;
             let loaded = load_model(&ModelSource::resolve(&model)?)?;
             let opts = egret_backends::llvm::CpuOptions::default();
             let gpu = egret_backends::ptx::PtxOptions::default();
             let be = grad_backend(backend, &opts, &gpu, threads, true)?;
-            let r = egret::train::grads(
-                &loaded.config,
-                &loaded.params,
-                &ids,
-                &passes,
-                be,
-                memory_budget,
-            )?;
+            let (cfg, params) = (&loaded.config, &loaded.params);
+            let r = match &artifact {
+                Some(dir) => egret::train::grads_from_artifact(cfg, params, &ids, dir, be)?,
+                None => egret::train::grads(cfg, params, &ids, &passes, be, memory_budget)?,
+            };
             if let Some(path) = out {
                 let mut w = egret_runtime::weights::Weights::new().with_source("gradients");
                 for (name, t) in r.grads {

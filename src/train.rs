@@ -56,7 +56,11 @@ pub fn differentiated(cfg: &LlamaConfig, passes: &str) -> Result<Graph> {
 /// The loss-and-gradients graph of a model: outputs `loss` and `grad.<name>` for every
 /// parameter, after the pipeline `passes` and checkpoint placement under `budget`.
 pub fn grad_graph(cfg: &LlamaConfig, passes: &str, budget: Option<MemoryBudget>) -> Result<Graph> {
-    let mut g = differentiated(cfg, passes)?;
+    grad_graph_of(differentiated(cfg, passes)?, passes, budget)
+}
+
+/// `grad_graph` from the differentiated graph (`differentiated`).
+fn grad_graph_of(mut g: Graph, passes: &str, budget: Option<MemoryBudget>) -> Result<Graph> {
     let pm = PassManager::new(pipeline(passes)?);
     pm.run(&mut g, &mut PassCx::default(), |_, _| {})?;
     place(g, budget)
@@ -99,6 +103,37 @@ pub enum GradBackend<'a> {
     },
 }
 
+/// A sequence the loss is defined on: at least two tokens, each in the vocabulary.
+fn check_sequence(cfg: &LlamaConfig, ids: &[u32]) -> Result<()> {
+    if ids.len() < 2 {
+        return Err(EgretError::Usage(
+            "the loss needs at least two tokens (one to predict from, one to predict)".into(),
+        ));
+    }
+    Ok(check_ids(ids, cfg.vocab_size)?)
+}
+
+/// `grads` from a training artifact compiled beforehand (`egret compile --mode training`,
+/// `egret grad --artifact DIR`): its `grads` entry point, on `backend` (CPU or GPU, as its
+/// target). The artifact must be for this configuration.
+pub fn grads_from_artifact(
+    cfg: &LlamaConfig,
+    params: &HashMap<String, Tensor>,
+    ids: &[u32],
+    dir: &Path,
+    backend: GradBackend,
+) -> Result<Grads> {
+    check_sequence(cfg, ids)?;
+    let (art, threads) = training_artifact(cfg, dir, backend)?;
+    let get = |n: &str| crate::cpu::param(params, n);
+    let mut s = egret_runtime::GradSession::with_params(&art, &get, "the weights", threads)?;
+    let out = s.grads(ids, &targets(ids), 1, ids.len())?;
+    Ok(Grads {
+        loss: out.loss,
+        grads: out.grads,
+    })
+}
+
 /// Loss and gradients of one sequence (batch 1) of at least two tokens.
 pub fn grads(
     cfg: &LlamaConfig,
@@ -108,12 +143,7 @@ pub fn grads(
     backend: GradBackend,
     budget: Option<u64>,
 ) -> Result<Grads> {
-    if ids.len() < 2 {
-        return Err(EgretError::Usage(
-            "the loss needs at least two tokens (one to predict from, one to predict)".into(),
-        ));
-    }
-    check_ids(ids, cfg.vocab_size)?;
+    check_sequence(cfg, ids)?;
     let budget = budget.map(|bytes| MemoryBudget {
         bytes,
         batch: 1,
@@ -200,7 +230,16 @@ pub fn step_graph(
     opt: &AdamW,
     budget: Option<MemoryBudget>,
 ) -> Result<Graph> {
-    let mut g = differentiated(cfg, passes)?;
+    step_graph_of(differentiated(cfg, passes)?, passes, opt, budget)
+}
+
+/// `step_graph` from the differentiated graph (`differentiated`).
+fn step_graph_of(
+    mut g: Graph,
+    passes: &str,
+    opt: &AdamW,
+    budget: Option<MemoryBudget>,
+) -> Result<Graph> {
     egret_passes::optim::append_adamw(&mut g, opt)?;
     g.outputs.retain(|(n, _)| !n.starts_with("grad."));
     let pm = PassManager::new(pipeline(passes)?);
@@ -289,7 +328,8 @@ fn adamw_spec(o: &AdamW) -> egret_runtime::artifact::AdamWSpec {
     }
 }
 
-/// Compiles a model's `train_step` (loss, gradients, AdamW) into a training artifact at `dir`.
+/// Compiles a model's training artifact at `dir`: the entry points `train_step` (loss,
+/// gradients, AdamW) and `grads` (loss and gradients, as `egret grad` prints them).
 pub fn compile_train_artifact(
     cfg: &LlamaConfig,
     passes: &str,
@@ -308,20 +348,21 @@ pub fn compile_train_artifact(
         pack_weights: false,
         ..egret_backends::schedule::ScheduleOptions::default()
     };
-    let (prog, spec, model) = train_program(cfg, passes, opt, budget, sopts)?;
-    let out = egret_backends::artifact::write_cpu_artifact(&prog, opts, model, &spec, dir)
-        .map_err(|e| EgretError::Usage(e.to_string()))?;
+    let (progs, spec, model) = train_programs(cfg, passes, opt, budget, sopts)?;
+    let out =
+        egret_backends::artifact::write_cpu_artifact(&entries(&progs), opts, model, &spec, dir)
+            .map_err(|e| EgretError::Usage(e.to_string()))?;
     if std::env::var_os("EGRET_PROFILE").is_some() {
         eprintln!(
-            "compile\ttrain_step\t{:.1} ms\t{} kernel calls",
+            "compile\ttrain_step and grads\t{:.1} ms\t{} kernel calls",
             t0.elapsed().as_secs_f64() * 1e3,
-            prog.kernels.len()
+            progs.iter().map(|(_, p)| p.kernels.len()).sum::<usize>()
         );
     }
     Ok(out)
 }
 
-/// `compile_train_artifact` for the GPU: the step scheduled for it and compiled to PTX.
+/// `compile_train_artifact` for the GPU: the entry points scheduled for it and compiled to PTX.
 pub fn compile_train_artifact_ptx(
     cfg: &LlamaConfig,
     passes: &str,
@@ -334,32 +375,97 @@ pub fn compile_train_artifact_ptx(
         deep_first: true,
         ..egret_backends::ptx::schedule_options(opts)
     };
-    let (prog, spec, model) = train_program(cfg, passes, opt, budget, sopts)?;
-    egret_backends::artifact::write_ptx_artifact(&prog, opts, model, &spec, dir)
+    let (progs, spec, model) = train_programs(cfg, passes, opt, budget, sopts)?;
+    egret_backends::artifact::write_ptx_artifact(&entries(&progs), opts, model, &spec, dir)
         .map_err(|e| EgretError::Usage(e.to_string()))
 }
 
-/// The train step scheduled with `sopts`, its entry point and the configuration to record.
-fn train_program(
+/// A training artifact's programs scheduled with `sopts` (`train_step`, then `grads`: one
+/// differentiated graph, optimised once with AdamW and once without, their symbols unified),
+/// the artifact's mode and optimizer, and the configuration to record.
+fn train_programs(
     cfg: &LlamaConfig,
     passes: &str,
     opt: &AdamW,
     budget: Option<MemoryBudget>,
     sopts: egret_backends::schedule::ScheduleOptions,
 ) -> Result<(
-    egret_backends::kernel::Program,
+    Vec<(&'static str, egret_backends::kernel::Program)>,
     egret_backends::artifact::EntrySpec,
     serde_json::Value,
 )> {
-    let g = step_graph(cfg, passes, opt, budget)?;
-    let prog = egret_backends::schedule::schedule_with(&g, sopts)
-        .map_err(|e| EgretError::Usage(e.to_string()))?;
+    let d = differentiated(cfg, passes)?;
+    let graphs = [
+        ("train_step", step_graph_of(d.clone(), passes, opt, budget)?),
+        (
+            egret_runtime::session::GRADS_ENTRY,
+            grad_graph_of(d, passes, budget)?,
+        ),
+    ];
+    let progs = crate::cpu::schedule_graphs(&[&graphs[0].1, &graphs[1].1], sopts)?;
     let spec = egret_backends::artifact::EntrySpec {
         mode: "training".into(),
-        entry: "train_step".into(),
         optimizer: Some(adamw_spec(opt)),
     };
-    Ok((prog, spec, serde_json::to_value(cfg).unwrap_or_default()))
+    let named = graphs.iter().map(|(n, _)| *n).zip(progs).collect();
+    Ok((named, spec, serde_json::to_value(cfg).unwrap_or_default()))
+}
+
+/// Entry points as the artifact writers take them.
+fn entries<'a>(
+    progs: &'a [(&'a str, egret_backends::kernel::Program)],
+) -> Vec<(&'a str, &'a egret_backends::kernel::Program)> {
+    progs.iter().map(|(n, p)| (*n, p)).collect()
+}
+
+/// A training artifact (`egret compile --mode training`) to run on `backend` (CPU or GPU, as
+/// its target), checked to be for the configuration `cfg`; with the threads to run it on.
+fn training_artifact(
+    cfg: &LlamaConfig,
+    dir: &Path,
+    backend: GradBackend,
+) -> Result<(egret_runtime::Artifact, usize)> {
+    let (kind, threads) = match backend {
+        GradBackend::Cpu { threads, .. } => ("cpu", threads),
+        GradBackend::Gpu { .. } => {
+            egret_runtime::gpu::gpu_available()?;
+            ("ptx", 1)
+        }
+        GradBackend::Interp | GradBackend::Simt { .. } => {
+            return Err(EgretError::Usage(
+                "--artifact runs compiled code: use it with --backend cpu or gpu".into(),
+            ))
+        }
+    };
+    let art = crate::cpu::artifact_for(dir, kind)?;
+    let m = art.manifest();
+    let at = dir.display();
+    if m.mode != "training" {
+        return Err(EgretError::Usage(format!(
+            "{at}: an artifact for {}, not training: compile one with --mode training",
+            m.mode
+        )));
+    }
+    let ours = serde_json::to_value(&cfg).unwrap_or_default();
+    if m.model != ours {
+        let keys: Vec<&str> = match (m.model.as_object(), ours.as_object()) {
+            (Some(a), Some(b)) => a
+                .keys()
+                .chain(b.keys())
+                .filter(|k| a.get(*k) != b.get(*k))
+                .map(String::as_str)
+                .collect(),
+            _ => vec![],
+        };
+        let mut keys = keys;
+        keys.sort_unstable();
+        keys.dedup();
+        return Err(EgretError::Usage(format!(
+            "{at}: compiled for another model configuration than this run's (differs in: {})",
+            keys.join(", ")
+        )));
+    }
+    Ok((art, threads))
 }
 
 impl Trainer {
@@ -457,46 +563,9 @@ impl Trainer {
         dir: &Path,
         backend: GradBackend,
     ) -> Result<Trainer> {
-        let (kind, threads) = match backend {
-            GradBackend::Cpu { threads, .. } => ("cpu", threads),
-            GradBackend::Gpu { .. } => {
-                egret_runtime::gpu::gpu_available()?;
-                ("ptx", 1)
-            }
-            GradBackend::Interp | GradBackend::Simt { .. } => {
-                return Err(EgretError::Usage(
-                    "--artifact runs compiled code: use it with --backend cpu or gpu".into(),
-                ))
-            }
-        };
-        let art = crate::cpu::artifact_for(dir, kind)?;
+        let (art, threads) = training_artifact(&cfg, dir, backend)?;
         let m = art.manifest();
         let at = dir.display();
-        if m.mode != "training" {
-            return Err(EgretError::Usage(format!(
-                "{at}: an artifact for {}, not training: compile one with --mode training",
-                m.mode
-            )));
-        }
-        let ours = serde_json::to_value(&cfg).unwrap_or_default();
-        if m.model != ours {
-            let keys: Vec<&str> = match (m.model.as_object(), ours.as_object()) {
-                (Some(a), Some(b)) => a
-                    .keys()
-                    .chain(b.keys())
-                    .filter(|k| a.get(*k) != b.get(*k))
-                    .map(String::as_str)
-                    .collect(),
-                _ => vec![],
-            };
-            let mut keys = keys;
-            keys.sort_unstable();
-            keys.dedup();
-            return Err(EgretError::Usage(format!(
-                "{at}: compiled for another model configuration than this run's (differs in: {})",
-                keys.join(", ")
-            )));
-        }
         let want = adamw_spec(&opt);
         if m.optimizer != Some(want) {
             let show = |o: &egret_runtime::artifact::AdamWSpec| {

@@ -16,7 +16,10 @@ fn shared_library_matches_the_interpreter() {
     let g = egret_ir::parse(src).unwrap();
     let tmp = TempDir::new("solib");
     let so = tmp.0.join("kernels.so");
-    let plan = compile_shared_library(&schedule(&g).unwrap(), &CpuOptions::default(), &so).unwrap();
+    let prog = schedule(&g).unwrap();
+    let plan = compile_shared_library(&[&prog], &CpuOptions::default(), &so)
+        .unwrap()
+        .remove(0);
     assert!(so.is_file());
     let lib = load_kernel_library(&so, &plan).unwrap();
     let mut ex = CpuExecutor::new(plan, lib.fns.clone(), 2).unwrap();

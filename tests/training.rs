@@ -308,6 +308,92 @@ fn grad_cli_prints_the_loss_and_writes_every_gradient() {
     }
 }
 
+/// `egret grad --artifact` runs a training artifact's `grads` entry point (compiled with the
+/// train step, sharing its kernels): transformers' loss and gradients, with nothing compiled.
+/// An inference artifact, one for another configuration, one without the entry point (from
+/// an older egret), and an id out of the artifact's vocabulary are one clear error each.
+#[test]
+fn grad_from_a_training_artifact_matches_transformers() {
+    let t = TempDir::new("grad-artifact");
+    for name in ["gqa_untied", "mha_tied_rope_parameters"] {
+        let d = fixture(&format!("tiny/{name}"));
+        let d = d.to_str().unwrap();
+        let (toks, want_loss, want) = reference(name);
+        let ids: Vec<String> = toks.iter().map(|x| x.to_string()).collect();
+        let art = t.0.join(name);
+        let a = art.to_str().unwrap();
+        egret_ok(&["compile", d, "--mode", "training", "-o", a]);
+        let out = t.0.join(format!("{name}.safetensors"));
+        let cache = t.0.join(format!("{name}-cache"));
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_egret"))
+            .args(["grad", d, "--tokens", &ids.join(","), "--artifact", a])
+            .args(["--out", out.to_str().unwrap(), "--threads", "2"])
+            .env("EGRET_CACHE", &cache)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "{name}: {stderr}");
+        assert!(!cache.exists(), "{name}: --artifact compiled anyway");
+        let v: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&run.stdout).trim()).unwrap();
+        let loss = v["loss"].as_f64().unwrap() as f32;
+        assert!(
+            (loss - want_loss).abs() <= 1e-5 * want_loss,
+            "{name}: loss {loss} vs {want_loss}"
+        );
+        let w = egret_runtime::weights::load(&out).unwrap();
+        assert_eq!(w.len(), want.len(), "{name}: gradient count");
+        for (n, r) in want.iter() {
+            let g = w.get(n).unwrap_or_else(|| panic!("{name}: missing {n}"));
+            assert_eq!(g.shape, r.shape, "{name} {n}");
+            let e = rel_l2(&g.data, &r.data);
+            assert!(e <= F32_GRAD_TOLERANCE, "{name} {n}: relative L2 {e}");
+        }
+    }
+    let d = fixture("tiny/gqa_untied");
+    let d = d.to_str().unwrap();
+    let a = t.0.join("gqa_untied");
+    let a = a.to_str().unwrap();
+    let grad = |model: &str, art: &str, tokens: &str| {
+        egret_err(&["grad", model, "--tokens", tokens, "--artifact", art])
+    };
+    let e = grad(d, a, "3,1000");
+    assert!(e.contains("out of range"), "{e}");
+    let other = fixture("tiny/mha_tied_rope_parameters");
+    let e = grad(other.to_str().unwrap(), a, "3,1");
+    assert!(e.contains("another model configuration"), "{e}");
+    let out = common::egret(&[
+        "grad",
+        d,
+        "--tokens",
+        "3,1",
+        "--artifact",
+        a,
+        "--passes",
+        "none",
+    ]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("cannot be used with"),
+        "{e}"
+    );
+    let inference = t.0.join("inference");
+    let i = inference.to_str().unwrap();
+    egret_ok(&["compile", d, "-o", i]);
+    let e = grad(d, i, "3,1");
+    assert!(e.contains("not training"), "{e}");
+    // A training artifact without `grads` (as egret wrote them before it had one), its
+    // content hash made to match.
+    let manifest = std::path::Path::new(a).join("manifest.json");
+    let mut m: egret_runtime::Manifest =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    m.entry_points.retain(|e| e.name != "grads");
+    m.content_sha256 = m.content_hash();
+    std::fs::write(&manifest, serde_json::to_string(&m).unwrap()).unwrap();
+    let e = grad(d, a, "3,1");
+    assert!(e.contains("no `grads` entry point"), "{e}");
+}
+
 /// One `egret` AdamW step (clipping at 1.0) against `torch.optim.AdamW`: the new parameters,
 /// and the updates themselves (`p' - p`, about `lr` per element) within 1e-3 relative L2.
 fn adamw_step(backend: &str) {

@@ -25,13 +25,11 @@ fn io(path: &Path, e: std::io::Error) -> BackendError {
     BackendError::Io(format!("{}: {e}", path.display()))
 }
 
-/// What an artifact is for: its mode, entry point and (for training) optimizer constants.
+/// What an artifact is for: its mode and (for training) optimizer constants.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EntrySpec {
     /// `inference` or `training`.
     pub mode: String,
-    /// `step` (inference over the KV cache) or `train_step`.
-    pub entry: String,
     pub optimizer: Option<egret_runtime::artifact::AdamWSpec>,
 }
 
@@ -39,16 +37,21 @@ impl EntrySpec {
     pub fn inference() -> EntrySpec {
         EntrySpec {
             mode: "inference".into(),
-            entry: "step".into(),
             optimizer: None,
         }
     }
 }
 
-/// Compiles `step` (the scheduled program of the entry point) for the CPU into an artifact
-/// at `dir`. `model` is the configuration recorded in the manifest.
+/// An artifact's entry points: each one's name (`step`: inference over the KV cache;
+/// `train_step` and `grads` in a training artifact) and its scheduled program. The programs
+/// compile into one payload, sharing their kernels, so they must share their symbols
+/// (`llvm::unify_symbols`).
+pub type Entries<'a> = [(&'a str, &'a Program)];
+
+/// Compiles `entries` for the CPU into an artifact at `dir`. `model` is the configuration
+/// recorded in the manifest.
 pub fn write_cpu_artifact(
-    step: &Program,
+    entries: &Entries,
     opts: &CpuOptions,
     model: serde_json::Value,
     spec: &EntrySpec,
@@ -66,15 +69,22 @@ pub fn write_cpu_artifact(
         PanelType::BF16 => "bf16",
         PanelType::F16 => "f16",
     };
-    write_artifact(dir, CPU_PAYLOAD, target, dtype, model, spec, |path| {
-        compile_shared_library(step, opts, path)
-    })
+    write_artifact(
+        dir,
+        CPU_PAYLOAD,
+        target,
+        dtype,
+        model,
+        spec,
+        entries,
+        |progs, path| compile_shared_library(progs, opts, path),
+    )
 }
 
-/// Compiles `step` (scheduled with `ptx::schedule_options`) to PTX for `opts.arch` into an
+/// Compiles `entries` (scheduled with `ptx::schedule_options`) to PTX for `opts.arch` into an
 /// artifact at `dir`: `kernels.ptx` beside the manifest, target kind `ptx`.
 pub fn write_ptx_artifact(
-    step: &Program,
+    entries: &Entries,
     opts: &PtxOptions,
     model: serde_json::Value,
     spec: &EntrySpec,
@@ -86,11 +96,20 @@ pub fn write_ptx_artifact(
         cpu: opts.arch.clone(),
         features: crate::ptx::ptx_features(opts),
     };
-    write_artifact(dir, PTX_PAYLOAD, target, "f32", model, spec, |path| {
-        let (text, mut plans) = compile_ptx(&[step], opts)?;
-        std::fs::write(path, text).map_err(|e| io(path, e))?;
-        Ok(plans.remove(0))
-    })
+    write_artifact(
+        dir,
+        PTX_PAYLOAD,
+        target,
+        "f32",
+        model,
+        spec,
+        entries,
+        |progs, path| {
+            let (text, plans) = compile_ptx(progs, opts)?;
+            std::fs::write(path, text).map_err(|e| io(path, e))?;
+            Ok(plans)
+        },
+    )
 }
 
 /// Whether `dir` holds an egret artifact and nothing else (its manifest, of this format,
@@ -108,8 +127,10 @@ fn is_artifact_dir(dir: &Path) -> bool {
     })
 }
 
-/// Writes an artifact whose payload `payload` is made by `compile` (which returns the plan
-/// whose calls the payload implements), under a temporary name renamed into place.
+/// Writes an artifact whose payload `payload` is made from the entries' programs by
+/// `compile` (which returns each program's plan, whose calls the payload implements), under a
+/// temporary name renamed into place.
+#[allow(clippy::too_many_arguments)]
 fn write_artifact(
     dir: &Path,
     payload: &str,
@@ -117,8 +138,15 @@ fn write_artifact(
     weights_dtype: &str,
     model: serde_json::Value,
     spec: &EntrySpec,
-    compile: impl FnOnce(&Path) -> Result<Plan, BackendError>,
+    entries: &Entries,
+    compile: impl FnOnce(&[&Program], &Path) -> Result<Vec<Plan>, BackendError>,
 ) -> Result<PathBuf, BackendError> {
+    if entries.is_empty() {
+        return Err(BackendError::Unsupported(
+            "an artifact needs at least one entry point".into(),
+        ));
+    }
+    let progs: Vec<&Program> = entries.iter().map(|(_, p)| *p).collect();
     let replace = egret_runtime::fsutil::Replace {
         what: "an egret artifact",
         ours: &is_artifact_dir,
@@ -129,20 +157,29 @@ fn write_artifact(
         replace,
         |tmp| {
             let file = tmp.join(payload);
-            let plan = compile(&file)?;
+            let plans = compile(&progs, &file)?;
             let bytes = std::fs::read(&file).map_err(|e| io(&file, e))?;
-            let parameters = plan
-                .buffers
-                .iter()
-                .filter_map(|b| match &b.role {
-                    BufferRole::Param(n) => Some(ParamSpec {
-                        name: n.clone(),
-                        shape: b.dims.iter().map(|d| d.constant.max(0) as usize).collect(),
-                        dtype: "f32".into(),
-                    }),
-                    _ => None,
-                })
-                .collect();
+            // Every parameter any entry point reads, once, in the order first read.
+            let mut parameters: Vec<ParamSpec> = Vec::new();
+            for b in plans.iter().flat_map(|p| &p.buffers) {
+                if let BufferRole::Param(n) = &b.role {
+                    let shape: Vec<usize> =
+                        b.dims.iter().map(|d| d.constant.max(0) as usize).collect();
+                    match parameters.iter().find(|p| p.name == *n) {
+                        Some(p) if p.shape != shape => {
+                            return Err(BackendError::Unsupported(format!(
+                                "entry points disagree on the shape of parameter `{n}`"
+                            )))
+                        }
+                        Some(_) => {}
+                        None => parameters.push(ParamSpec {
+                            name: n.clone(),
+                            shape,
+                            dtype: "f32".into(),
+                        }),
+                    }
+                }
+            }
             let mut manifest = Manifest {
                 format: FORMAT.into(),
                 format_version: FORMAT_VERSION,
@@ -151,11 +188,15 @@ fn write_artifact(
                 mode: spec.mode.clone(),
                 model,
                 weights_dtype: weights_dtype.into(),
-                entry_points: vec![EntryPoint {
-                    name: spec.entry.clone(),
-                    payload: payload.into(),
-                    plan,
-                }],
+                entry_points: entries
+                    .iter()
+                    .zip(plans)
+                    .map(|((name, _), plan)| EntryPoint {
+                        name: name.to_string(),
+                        payload: payload.into(),
+                        plan,
+                    })
+                    .collect(),
                 parameters,
                 payloads: vec![Payload {
                     file: payload.into(),

@@ -36,7 +36,8 @@ pub struct Manifest {
     /// The compiler that wrote it (`egret 0.1.0`).
     pub compiler: String,
     pub target: Target,
-    /// `inference` (training artifacts come with the training work).
+    /// `inference` (entry point `step`) or `training` (entry points `train_step` and
+    /// `grads`).
     pub mode: String,
     /// The model configuration it was compiled from (informative).
     pub model: serde_json::Value,
@@ -96,7 +97,8 @@ pub struct Target {
 /// A plan and the payload whose exported functions its kernel calls name.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EntryPoint {
-    /// `step`: tokens at positions over the KV cache (prompt and decode alike).
+    /// `step`: tokens at positions over the KV cache (prompt and decode alike);
+    /// `train_step`: loss, gradients and the AdamW update; `grads`: loss and gradients.
     pub name: String,
     pub payload: String,
     pub plan: Plan,

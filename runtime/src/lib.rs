@@ -22,5 +22,5 @@ pub mod weights;
 
 pub use artifact::{Artifact, Manifest};
 pub use error::{Result, RuntimeError};
-pub use session::{Session, StepOut, TrainSession};
+pub use session::{GradOut, GradSession, Session, StepOut, TrainSession};
 pub use tensor::HostTensor;

@@ -2,6 +2,9 @@
 //! entry point and runs it on the CPU executor (target `cpu`) or the CUDA executor (target
 //! `ptx`), the KV cache held in the executor's states.
 //! It implements `LanguageModel`, so `generate` drives it like any other backend.
+//! A training artifact has two entry points: `train_step`, run by `TrainSession` (loss,
+//! gradients and the AdamW update in one run), and `grads`, run by `GradSession` (the loss
+//! and every gradient, parameters unchanged).
 //!
 //! ```no_run
 //! use egret_runtime::{Artifact, Session};
@@ -22,7 +25,7 @@ use crate::cpu::{load_kernel_library, CpuExecutor, HostData, HostValue, KernelLi
 use crate::generate::{check_ids, LanguageModel};
 use crate::gpu::GpuExecutor;
 use crate::weights::Weights;
-use crate::{Result, RuntimeError};
+use crate::{HostTensor, Result, RuntimeError};
 
 /// Where a parameter's data comes from: by Hugging Face name, its shape and f32 values.
 pub type ParamSource<'a> = &'a dyn Fn(&str) -> Option<(Vec<usize>, Arc<Vec<f32>>)>;
@@ -291,9 +294,65 @@ fn scalar(out: &mut HashMap<String, HostValue>, name: &str) -> Result<f32> {
     match out.remove(name).map(|v| v.data) {
         Some(HostData::F32(d)) if !d.is_empty() => Ok(d[0]),
         _ => Err(RuntimeError::Invalid(format!(
-            "the train step returned no f32 `{name}`"
+            "the compiled step returned no f32 `{name}`"
         ))),
     }
+}
+
+/// The vocabulary a training artifact was compiled for (its configuration's `vocab_size`),
+/// which bounds the token ids and targets its entry points are given.
+fn training_vocab(art: &Artifact) -> Result<usize> {
+    art.manifest()
+        .model
+        .get("vocab_size")
+        .and_then(serde_json::Value::as_u64)
+        .filter(|&v| v > 0)
+        .map(|v| v as usize)
+        .ok_or_else(|| RuntimeError::Artifact {
+            path: art.dir().to_path_buf(),
+            reason: "its model configuration has no vocab_size".into(),
+        })
+}
+
+/// The inputs every training entry point takes: `b` rows of `t` tokens (ids below `vocab`),
+/// their positions, and their targets (below `vocab`, or negative: none), all `i64[b, t]`.
+fn batch_inputs(
+    tokens: &[u32],
+    targets: &[i64],
+    b: usize,
+    t: usize,
+    vocab: usize,
+) -> Result<HashMap<String, HostValue>> {
+    let n = b.checked_mul(t).filter(|_| t > 0);
+    if n.is_none_or(|n| tokens.len() != n || targets.len() != n) {
+        return Err(RuntimeError::Invalid(format!(
+            "a batch of {b}×{t} needs as many tokens and targets as it has positions, got {} and {}",
+            tokens.len(),
+            targets.len()
+        )));
+    }
+    check_ids(tokens, vocab)?;
+    if let Some(&id) = targets.iter().find(|&&x| x >= vocab as i64) {
+        return Err(RuntimeError::TokenOutOfRange {
+            id: id as u64,
+            vocab,
+        });
+    }
+    let i64v = |v: Vec<i64>| HostValue {
+        shape: vec![b, t],
+        data: HostData::I64(v),
+    };
+    Ok(HashMap::from([
+        (
+            "tokens".to_string(),
+            i64v(tokens.iter().map(|&i| i as i64).collect()),
+        ),
+        (
+            "positions".to_string(),
+            i64v((0..b).flat_map(|_| 0..t as i64).collect()),
+        ),
+        ("targets".to_string(), i64v(targets.to_vec())),
+    ]))
 }
 
 /// What one training step measured.
@@ -312,6 +371,7 @@ pub struct StepOut {
 pub struct TrainSession {
     exec: Exec,
     opt: crate::artifact::AdamWSpec,
+    vocab: usize,
     shapes: Vec<(String, Vec<usize>)>,
     /// Moments still to send (zeros at first, or restored ones) until the next step does.
     m: HashMap<String, Vec<f32>>,
@@ -344,6 +404,7 @@ impl TrainSession {
                 path: art.dir().to_path_buf(),
                 reason: "it is not a training artifact (no optimizer)".into(),
             })?;
+        let vocab = training_vocab(art)?;
         let mut exec = bind(art, "train_step", get, from, threads)?;
         let shapes: Vec<(String, Vec<usize>)> = art
             .manifest()
@@ -371,6 +432,7 @@ impl TrainSession {
         Ok(TrainSession {
             exec,
             opt,
+            vocab,
             m: zeros(&shapes),
             v: zeros(&shapes),
             shapes,
@@ -443,33 +505,13 @@ impl TrainSession {
         t: usize,
         lr: f64,
     ) -> Result<StepOut> {
-        let n = b.checked_mul(t).filter(|_| t > 0);
-        if n.is_none_or(|n| tokens.len() != n || targets.len() != n) {
-            return Err(RuntimeError::Invalid(format!(
-                "a batch of {b}×{t} needs as many tokens and targets as it has positions, got {} and {}",
-                tokens.len(),
-                targets.len()
-            )));
-        }
+        let mut inputs = batch_inputs(tokens, targets, b, t, self.vocab)?;
         let k = (self.step + 1) as i32;
         let f32v = |shape: Vec<usize>, v: Vec<f32>| HostValue {
             shape,
             data: HostData::F32(v),
         };
-        let i64v = |v: Vec<i64>| HostValue {
-            shape: vec![b, t],
-            data: HostData::I64(v),
-        };
-        let mut inputs = HashMap::from([
-            (
-                "tokens".to_string(),
-                i64v(tokens.iter().map(|&i| i as i64).collect()),
-            ),
-            (
-                "positions".to_string(),
-                i64v((0..b).flat_map(|_| 0..t as i64).collect()),
-            ),
-            ("targets".to_string(), i64v(targets.to_vec())),
+        inputs.extend([
             ("lr".to_string(), f32v(vec![1], vec![lr as f32])),
             (
                 "bc1".to_string(),
@@ -523,3 +565,96 @@ impl TrainSession {
         Ok(StepOut { loss, grad_norm })
     }
 }
+
+/// The loss and every parameter's gradient, from a training artifact's `grads` entry point.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GradOut {
+    /// The mean cross-entropy over the positions with a target.
+    pub loss: f32,
+    /// Each parameter's gradient, by parameter name, sorted by name.
+    pub grads: Vec<(String, HostTensor)>,
+}
+
+/// Gradients from a training artifact's `grads` entry point (what `egret grad --artifact`
+/// runs): the loss and each parameter's gradient for a batch, the parameters unchanged.
+pub struct GradSession {
+    exec: Exec,
+    vocab: usize,
+}
+
+// SAFETY: as for `Session`.
+unsafe impl Send for GradSession {}
+
+impl GradSession {
+    /// Binds `weights` to the artifact's `grads` entry point; `threads == 0`: all cores.
+    pub fn new(art: &Artifact, weights: Weights, threads: usize) -> Result<GradSession> {
+        let (source, params) = weight_params(weights);
+        GradSession::with_params(art, &|n| params.get(n).cloned(), &source, threads)
+    }
+
+    /// As `new`, with parameters from any source (`from` names it in errors).
+    pub fn with_params(
+        art: &Artifact,
+        get: ParamSource,
+        from: &str,
+        threads: usize,
+    ) -> Result<GradSession> {
+        let bad = |reason: String| RuntimeError::Artifact {
+            path: art.dir().to_path_buf(),
+            reason,
+        };
+        let m = art.manifest();
+        if m.mode != "training" {
+            return Err(bad(format!(
+                "an artifact for {}, not training: gradients come from one compiled with \
+                 --mode training",
+                m.mode
+            )));
+        }
+        if !m.entry_points.iter().any(|e| e.name == GRADS_ENTRY) {
+            return Err(bad(format!(
+                "it has no `{GRADS_ENTRY}` entry point (compiled by an older egret): compile \
+                 it again"
+            )));
+        }
+        let vocab = training_vocab(art)?;
+        let exec = bind(art, GRADS_ENTRY, get, from, threads)?;
+        Ok(GradSession { exec, vocab })
+    }
+
+    /// The loss and gradients of `b` rows of `t` tokens with their targets (negative: none).
+    pub fn grads(
+        &mut self,
+        tokens: &[u32],
+        targets: &[i64],
+        b: usize,
+        t: usize,
+    ) -> Result<GradOut> {
+        let inputs = batch_inputs(tokens, targets, b, t, self.vocab)?;
+        let mut out = self.exec.run(&inputs)?;
+        let loss = scalar(&mut out, "loss")?;
+        let mut grads = Vec::new();
+        for (name, v) in out {
+            let Some(p) = name.strip_prefix("grad.") else {
+                continue;
+            };
+            let HostData::F32(data) = v.data else {
+                return Err(RuntimeError::Invalid(format!(
+                    "the gradient of `{p}` is not f32"
+                )));
+            };
+            grads.push((
+                p.to_string(),
+                HostTensor {
+                    shape: v.shape,
+                    data,
+                },
+            ));
+        }
+        grads.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(GradOut { loss, grads })
+    }
+}
+
+/// The entry point of a training artifact that computes the loss and gradients only.
+pub const GRADS_ENTRY: &str = "grads";

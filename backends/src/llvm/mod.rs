@@ -570,14 +570,7 @@ pub(crate) fn jit(
             fns.push(resolve(&c.symbol)?);
             light_fns.push(c.light.as_ref().map(|l| resolve(&l.symbol)).transpose()?);
         }
-        let plan = Plan {
-            name: prog.name.clone(),
-            symbols: prog.symbols.clone(),
-            buffers: prog.buffers.clone(),
-            kernels: calls,
-            outputs: prog.outputs.clone(),
-            states: prog.states.clone(),
-        };
+        let plan = plan_of(prog, calls);
         out.push(Compiled {
             plan,
             fns,
@@ -589,17 +582,18 @@ pub(crate) fn jit(
     Ok(out)
 }
 
-/// Compiles a program to a shared library at `path` (an object file from LLVM, linked by the
-/// system C compiler `cc`): the CPU payload of an artifact. The library is written to a
-/// temporary name and renamed, so an existing file is replaced whole or not at all.
-/// Returns the plan whose `KernelCall::symbol`s the library exports.
+/// Compiles programs of one model (an artifact's entry points, which share their symbols and
+/// kernels: `codegen_many`) to a shared library at `path` (an object file from LLVM, linked
+/// by the system C compiler `cc`): the CPU payload of an artifact. The library is written to
+/// a temporary name and renamed, so an existing file is replaced whole or not at all.
+/// Returns each program's plan, whose `KernelCall::symbol`s the library exports.
 pub fn compile_shared_library(
-    prog: &Program,
+    progs: &[&Program],
     opts: &CpuOptions,
     path: &std::path::Path,
-) -> Result<Plan, BackendError> {
+) -> Result<Vec<Plan>, BackendError> {
     let ctx = Context::create();
-    let (module, calls) = codegen(&ctx, prog, &opts.cpu)?;
+    let (module, all) = codegen_many(&ctx, progs, &opts.cpu)?;
     let tm = target_machine(&opts.cpu)?;
     module.set_triple(&tm.get_triple());
     module.set_data_layout(&tm.get_target_data().get_data_layout());
@@ -635,12 +629,21 @@ pub fn compile_shared_library(
     }
     std::fs::rename(&tmp, path)
         .map_err(|e| BackendError::Llvm(format!("cannot write {}: {e}", path.display())))?;
-    Ok(Plan {
+    Ok(progs
+        .iter()
+        .zip(all)
+        .map(|(prog, calls)| plan_of(prog, calls))
+        .collect())
+}
+
+/// The runtime's plan of a program whose kernels compiled to `calls`.
+pub(crate) fn plan_of(prog: &Program, calls: Vec<KernelCall>) -> Plan {
+    Plan {
         name: prog.name.clone(),
         symbols: prog.symbols.clone(),
         buffers: prog.buffers.clone(),
         kernels: calls,
         outputs: prog.outputs.clone(),
         states: prog.states.clone(),
-    })
+    }
 }

@@ -163,14 +163,7 @@ pub fn compile_ptx(
     let plans = progs
         .iter()
         .zip(all)
-        .map(|(prog, calls)| Plan {
-            name: prog.name.clone(),
-            symbols: prog.symbols.clone(),
-            buffers: prog.buffers.clone(),
-            kernels: calls,
-            outputs: prog.outputs.clone(),
-            states: prog.states.clone(),
-        })
+        .map(|(prog, calls)| crate::llvm::plan_of(prog, calls))
         .collect();
     Ok((ptx, plans))
 }
