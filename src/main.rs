@@ -163,7 +163,7 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         batch: usize,
         /// Tokens per sequence.
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = TRAIN_SEQ)]
         seq: usize,
         /// Peak learning rate (linear warmup, then cosine decay to a tenth).
         #[arg(long, default_value_t = 3e-4)]
@@ -213,16 +213,16 @@ enum Cmd {
         mode: Mode,
         #[arg(long, default_value = "default")]
         passes: String,
-        /// LLVM CPU name (`native`: this machine).
-        #[arg(long, default_value = "native")]
-        cpu: String,
-        /// Storage of matmul weights (compute is f32).
-        #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
-        weights_dtype: DTypeArg,
+        /// With `--target cpu`: the LLVM CPU name (`native`: this machine) [default: native].
+        #[arg(long)]
+        cpu: Option<String>,
+        /// With `--target cpu`: storage of matmul weights (compute is f32) [default: f32].
+        #[arg(long, value_enum)]
+        weights_dtype: Option<DTypeArg>,
         /// GPU architecture for `--target ptx` (sm_80, sm_86, sm_89, sm_90; sm_90a: sm_90
-        /// cards alone, with `wgmma` for `--tensor-cores`).
-        #[arg(long, default_value = "sm_80")]
-        gpu_arch: String,
+        /// cards alone, with `wgmma` for `--tensor-cores`) [default: sm_80].
+        #[arg(long)]
+        gpu_arch: Option<String>,
         /// With `--target ptx`: matmuls in bf16 (operands rounded, f32 sums), the large
         /// ones and prompt attention on tensor cores.
         #[arg(long)]
@@ -231,6 +231,17 @@ enum Cmd {
         /// train --weight-decay`, whose default it has).
         #[arg(long)]
         weight_decay: Option<f64>,
+        /// With `--mode training`: place activation checkpoints so that a step of `--batch`
+        /// rows of `--seq` tokens keeps at most this many bytes of activations.
+        #[arg(long)]
+        memory_budget: Option<u64>,
+        /// The batch the memory budget is for [default: 1, as `egret train`'s].
+        #[arg(long, requires = "memory_budget")]
+        batch: Option<usize>,
+        /// The tokens per sequence the memory budget is for [default: 128, as `egret
+        /// train`'s].
+        #[arg(long, requires = "memory_budget")]
+        seq: Option<usize>,
         #[arg(short, long)]
         out: PathBuf,
     },
@@ -320,6 +331,9 @@ enum BenchCmd {
 /// AdamW's weight decay unless `--weight-decay` says otherwise (`egret train`, `egret
 /// compile --mode training`).
 const TRAIN_WEIGHT_DECAY: f64 = 0.01;
+/// Tokens per training sequence unless `--seq` says otherwise (`egret train`, and the shape
+/// `egret compile --mode training --memory-budget` places checkpoints for).
+const TRAIN_SEQ: usize = 128;
 
 /// `println!` that returns a failed write to stdout (a closed pipe, a full disk) as an error
 /// instead of panicking.
@@ -388,16 +402,16 @@ fn read_utf8(path: &Path) -> Result<String> {
 }
 
 fn parse_ids(s: &str) -> Result<Vec<u32>> {
-    let ids: Vec<u32> = s
-        .split(',')
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .map(|t| t.parse::<u32>().map_err(|_| anyhow!("--tokens: `{t}` is not a token id (expected comma-separated non-negative integers)")))
-        .collect::<Result<_>>()?;
-    if ids.is_empty() {
+    if s.trim().is_empty() {
         bail!("--tokens: no token ids given");
     }
-    Ok(ids)
+    s.split(',')
+        .map(str::trim)
+        .map(|t| match t {
+            "" => Err(anyhow!("--tokens `{s}`: an empty entry (expected comma-separated non-negative integers)")),
+            _ => t.parse::<u32>().map_err(|_| anyhow!("--tokens: `{t}` is not a token id (expected comma-separated non-negative integers)")),
+        })
+        .collect()
 }
 
 /// How to run the model: the backend and its options (shared by `generate`, `logits` and
@@ -406,21 +420,23 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
 struct RunOpts {
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
-    #[arg(long, default_value = "default")]
-    passes: String,
+    /// The passes to compile with: `default`, `none` or a comma-separated list [default:
+    /// default].
+    #[arg(long)]
+    passes: Option<String>,
     /// Threads for the CPU backend (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// LLVM CPU name for the CPU backend (`native`: this machine).
-    #[arg(long, default_value = "native")]
-    cpu: String,
-    /// Storage of matmul weights on the CPU backend (compute is f32).
-    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
-    weights_dtype: DTypeArg,
+    /// LLVM CPU name for the CPU backend (`native`: this machine) [default: native].
+    #[arg(long)]
+    cpu: Option<String>,
+    /// Storage of matmul weights on the CPU backend (compute is f32) [default: f32].
+    #[arg(long, value_enum)]
+    weights_dtype: Option<DTypeArg>,
     /// GPU architecture the GPU backend generates PTX for (it runs on that GPU and later;
-    /// sm_90a on sm_90 alone, with `wgmma` for `--tensor-cores`).
-    #[arg(long, default_value = "sm_80")]
-    gpu_arch: String,
+    /// sm_90a on sm_90 alone, with `wgmma` for `--tensor-cores`) [default: sm_80].
+    #[arg(long)]
+    gpu_arch: Option<String>,
     /// GPU matmuls in bf16 (operands rounded, f32 sums), the large ones and prompt attention
     /// on tensor cores.
     #[arg(long)]
@@ -436,6 +452,60 @@ struct RunOpts {
 impl RunOpts {
     fn threads(&self) -> usize {
         self.threads.unwrap_or_else(default_threads).max(1)
+    }
+
+    fn passes(&self) -> &str {
+        self.passes.as_deref().unwrap_or("default")
+    }
+
+    /// Refuses the options that would do nothing with this backend (or with `--artifact`,
+    /// whose code was compiled with its own), so that none is silently ignored.
+    fn check_used(&self) -> Result<()> {
+        let (cpu, weights) = (self.cpu.is_some(), self.weights_dtype.is_some());
+        let (arch, tc) = (self.gpu_arch.is_some(), self.tensor_cores);
+        if self.artifact.is_some() {
+            let fixed = [
+                ("--passes", self.passes.is_some()),
+                ("--cpu", cpu),
+                ("--weights-dtype", weights),
+                ("--gpu-arch", arch),
+                ("--tensor-cores", tc),
+            ];
+            return refuse_unused(
+                &fixed,
+                "with --artifact (fixed when the artifact was compiled)",
+            );
+        }
+        match self.backend {
+            Backend::Interp => refuse_unused(
+                &[
+                    ("--cpu", cpu),
+                    ("--weights-dtype", weights),
+                    ("--gpu-arch", arch),
+                    ("--tensor-cores", tc),
+                    ("--no-cache", self.no_cache),
+                ],
+                "with --backend interp (nothing is compiled)",
+            ),
+            Backend::Cpu => refuse_unused(
+                &[("--gpu-arch", arch), ("--tensor-cores", tc)],
+                "with --backend cpu (they are for --backend gpu)",
+            ),
+            Backend::Gpu => refuse_unused(
+                &[("--cpu", cpu), ("--weights-dtype", weights)],
+                "with --backend gpu (they are for --backend cpu)",
+            ),
+        }
+    }
+}
+
+/// One error naming every option given (`(flag, given)`) that would have no effect, and why.
+fn refuse_unused(flags: &[(&str, bool)], why: &str) -> Result<()> {
+    let given: Vec<&str> = flags.iter().filter(|f| f.1).map(|f| f.0).collect();
+    match given.len() {
+        0 => Ok(()),
+        1 => bail!("{} has no effect {why}", given[0]),
+        _ => bail!("{} have no effect {why}", given.join(", ")),
     }
 }
 
@@ -463,6 +533,7 @@ impl Runner {
         Option<egret_runtime::tokenizer::Tokenizer>,
         Vec<u32>,
     )> {
+        o.check_used()?;
         let stop = loaded.config.eos_token_ids.clone();
         let tok = loaded.tokenizer;
         let r = match o.backend {
@@ -470,15 +541,15 @@ impl Runner {
                 bail!("--artifact runs compiled code: use it with --backend cpu or gpu")
             }
             Backend::Interp => {
-                Runner::Interp(InterpModel::new(loaded.config, loaded.params, &o.passes)?)
+                Runner::Interp(InterpModel::new(loaded.config, loaded.params, o.passes())?)
             }
             Backend::Cpu => Runner::Compiled(egret::cpu::CompiledModel::with_source(
                 loaded.config,
                 loaded.params,
-                &o.passes,
+                o.passes(),
                 &egret_backends::llvm::CpuOptions {
-                    cpu: o.cpu.clone(),
-                    weights: panel_type(o.weights_dtype),
+                    cpu: o.cpu.clone().unwrap_or_else(|| "native".into()),
+                    weights: panel_type(o.weights_dtype.unwrap_or(DTypeArg::F32)),
                 },
                 o.threads(),
                 &match (&o.artifact, o.no_cache) {
@@ -490,9 +561,9 @@ impl Runner {
             Backend::Gpu => Runner::Compiled(egret::gpu::model(
                 loaded.config,
                 loaded.params,
-                &o.passes,
+                o.passes(),
                 &egret_backends::ptx::PtxOptions {
-                    arch: o.gpu_arch.clone(),
+                    arch: o.gpu_arch.clone().unwrap_or_else(|| "sm_80".into()),
                     tensor_cores: o.tensor_cores,
                     tma: false,
                 },
@@ -773,15 +844,49 @@ fn run(cli: Cli) -> Result<()> {
             gpu_arch,
             tensor_cores,
             weight_decay,
+            memory_budget,
+            batch,
+            seq,
             out,
         } => {
             let cfg = egret::load_config(&ModelSource::resolve(&model)?)?;
-            if mode == Mode::Inference && weight_decay.is_some() {
-                bail!("--weight-decay is the training step's: add --mode training");
+            if mode == Mode::Inference {
+                refuse_unused(
+                    &[
+                        ("--weight-decay", weight_decay.is_some()),
+                        ("--memory-budget", memory_budget.is_some()),
+                    ],
+                    "without --mode training (they are the training step's)",
+                )?;
             }
+            let budget = match memory_budget {
+                Some(bytes) => {
+                    let (batch, seq) = (batch.unwrap_or(1), seq.unwrap_or(TRAIN_SEQ));
+                    egret::train::check_step_shape(batch as u64, seq as u64, "--batch and --seq")?;
+                    Some(egret::train::MemoryBudget { bytes, batch, seq })
+                }
+                None => None,
+            };
             if let Some(w) = weight_decay {
                 check_weight_decay(w)?;
             }
+            match target {
+                Target::Cpu => refuse_unused(
+                    &[
+                        ("--gpu-arch", gpu_arch.is_some()),
+                        ("--tensor-cores", tensor_cores),
+                    ],
+                    "with --target cpu (they are for --target ptx)",
+                )?,
+                Target::Ptx => refuse_unused(
+                    &[
+                        ("--cpu", cpu.is_some()),
+                        ("--weights-dtype", weights_dtype.is_some()),
+                    ],
+                    "with --target ptx (they are for --target cpu)",
+                )?,
+            }
+            let weights_dtype = weights_dtype.unwrap_or(DTypeArg::F32);
             if mode == Mode::Training && weights_dtype != DTypeArg::F32 {
                 bail!("--weights-dtype: a training step keeps its weights in f32");
             }
@@ -789,25 +894,25 @@ fn run(cli: Cli) -> Result<()> {
             let adamw = egret::train::cli_adamw(weight_decay.unwrap_or(TRAIN_WEIGHT_DECAY));
             let dir = if target == Target::Ptx {
                 let opts = egret_backends::ptx::PtxOptions {
-                    arch: gpu_arch,
+                    arch: gpu_arch.unwrap_or_else(|| "sm_80".into()),
                     tensor_cores,
                     tma: false,
                 };
                 match mode {
                     Mode::Inference => egret::gpu::compile_artifact(&cfg, &passes, &opts, &out)?,
                     Mode::Training => egret::train::compile_train_artifact_ptx(
-                        &cfg, &passes, &opts, &adamw, None, &out,
+                        &cfg, &passes, &opts, &adamw, budget, &out,
                     )?,
                 }
             } else {
                 let opts = egret_backends::llvm::CpuOptions {
-                    cpu,
+                    cpu: cpu.unwrap_or_else(|| "native".into()),
                     weights: panel_type(weights_dtype),
                 };
                 match mode {
                     Mode::Inference => egret::cpu::compile_artifact(&cfg, &passes, &opts, &out)?,
                     Mode::Training => egret::train::compile_train_artifact(
-                        &cfg, &passes, &opts, &adamw, None, &out,
+                        &cfg, &passes, &opts, &adamw, budget, &out,
                     )?,
                 }
             };
@@ -958,16 +1063,27 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The files `convert` writes: a directory of these and nothing else (an earlier
+/// conversion) may be written over.
+const CONVERT_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
+
 fn convert(model: &str, out: &Path, dtype: DTypeArg) -> Result<()> {
+    let ours = |d: &Path| {
+        std::fs::read_dir(d).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .all(|e| CONVERT_FILES.iter().any(|f| e.file_name() == *f))
+        })
+    };
+    let replace = egret_runtime::fsutil::Replace {
+        what: "a model converted by egret",
+        ours: &ours,
+        keep_others: false,
+    };
+    egret_runtime::fsutil::check_dir_target(out, replace)
+        .map_err(|e| anyhow!("cannot write {}: {e}", out.display()))?;
     let src = ModelSource::resolve(model)?;
     let loaded = load_model(&src)?;
-    if out.exists() && !out.is_dir() {
-        bail!(
-            "{} exists and is not a directory (left as it is)",
-            out.display()
-        );
-    }
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut w = Weights::new();
     for (name, shape) in loaded.config.parameters() {
         let t = &loaded.params[&name];
@@ -978,23 +1094,29 @@ fn convert(model: &str, out: &Path, dtype: DTypeArg) -> Result<()> {
         DTypeArg::Bf16 => SaveDType::BF16,
         DTypeArg::F16 => SaveDType::F16,
     };
-    save_safetensors(&out.join("model.safetensors"), &w, dt)?;
     let mut cfg = loaded.config.to_hf_json();
     cfg["torch_dtype"] = serde_json::json!(match dtype {
         DTypeArg::F32 => "float32",
         DTypeArg::Bf16 => "bfloat16",
         DTypeArg::F16 => "float16",
     });
-    write_atomic(
-        &out.join("config.json"),
-        serde_json::to_string_pretty(&cfg)?.as_bytes(),
-    )?;
-    if let Some(tok) = &loaded.tokenizer {
-        write_atomic(
-            &out.join("tokenizer.json"),
-            serde_json::to_string(&tok.to_tokenizer_json())?.as_bytes(),
+    egret::train::write_dir_atomic(out, replace, |tmp| {
+        save_safetensors(&tmp.join(CONVERT_FILES[1]), &w, dt)?;
+        let write = |name: &str, text: String| {
+            let p = tmp.join(name);
+            std::fs::write(&p, text)
+                .map_err(|e| egret::EgretError::Usage(format!("cannot write {}: {e}", p.display())))
+        };
+        write(
+            CONVERT_FILES[0],
+            serde_json::to_string_pretty(&cfg).unwrap_or_default(),
         )?;
-    }
+        if let Some(tok) = &loaded.tokenizer {
+            let json = serde_json::to_string(&tok.to_tokenizer_json()).unwrap_or_default();
+            write(CONVERT_FILES[2], json)?;
+        }
+        Ok(())
+    })?;
     outln!("{}", out.display())?;
     Ok(())
 }

@@ -382,6 +382,17 @@ fn bad_artifacts_are_refused_with_one_clear_error() {
             "names buffer 1000000",
         ),
         (
+            "a plan whose kernels are gone",
+            edited(
+                "no-kernels",
+                &|m| {
+                    m.entry_points[0].plan.kernels.clear();
+                },
+                true,
+            ),
+            "is computed by no kernel",
+        ),
+        (
             "a payload path outside the artifact",
             edited(
                 "escape",

@@ -66,6 +66,77 @@ fn truncated_and_corrupt_gguf() {
     assert!(e.contains("GGUF"), "{e}");
 }
 
+/// A GGUF v3 file with no tensors and these metadata values (each already encoded as its
+/// type tag and bytes).
+fn gguf_with(kvs: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    b.extend((kvs.len() as u64).to_le_bytes());
+    for (k, v) in kvs {
+        b.extend((k.len() as u64).to_le_bytes());
+        b.extend(k.as_bytes());
+        b.extend(v);
+    }
+    b
+}
+
+/// GGUF metadata values: a u32 (type 4) and a string (type 8).
+fn gguf_u32(x: u32) -> Vec<u8> {
+    [4u32.to_le_bytes().to_vec(), x.to_le_bytes().to_vec()].concat()
+}
+
+fn gguf_str(s: &str) -> Vec<u8> {
+    let mut b = 8u32.to_le_bytes().to_vec();
+    b.extend((s.len() as u64).to_le_bytes());
+    b.extend(s.as_bytes());
+    b
+}
+
+/// A GGUF key of the wrong type is named as such (not called missing), and an optional one
+/// is not silently replaced by its default.
+#[test]
+fn gguf_keys_of_the_wrong_type() {
+    let tmp = TempDir::new("gguf-types");
+    let p = tmp.0.join("m.gguf");
+    let base = |over: (&str, Vec<u8>)| {
+        let mut kvs = vec![
+            ("general.architecture", gguf_str("llama")),
+            ("llama.embedding_length", gguf_u32(64)),
+            ("llama.attention.head_count", gguf_u32(4)),
+            ("llama.vocab_size", gguf_u32(100)),
+            ("llama.feed_forward_length", gguf_u32(128)),
+            ("llama.block_count", gguf_u32(2)),
+        ];
+        kvs.retain(|(k, _)| *k != over.0);
+        kvs.push(over);
+        gguf_with(&kvs)
+    };
+    fs::write(&p, base(("llama.context_length", gguf_u32(256)))).unwrap();
+    common::egret_ok(&["ir", p.to_str().unwrap(), "--stats"]);
+    for (key, value, want) in [
+        (
+            "llama.block_count",
+            gguf_str("2"),
+            "`llama.block_count` holds a string (\"2\"), not a non-negative integer",
+        ),
+        (
+            "llama.rope.freq_base",
+            gguf_str("10000"),
+            "`llama.rope.freq_base` holds a string",
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            gguf_u32(0),
+            "holds a u32 (U32(0)), not a float",
+        ),
+    ] {
+        fs::write(&p, base((key, value))).unwrap();
+        let e = egret_err(&["ir", p.to_str().unwrap(), "--stats"]);
+        assert!(e.contains(want), "{key}: {e}");
+    }
+}
+
 #[test]
 fn wrong_tensor_shape_and_missing_tensor() {
     let tmp = TempDir::new("bad-shape");
@@ -109,6 +180,13 @@ fn token_id_out_of_range() {
     assert!(e.contains("token id 999999 is out of range"), "{e}");
     let e = egret_err(&["logits", d.to_str().unwrap(), "--tokens", "1,x"]);
     assert!(e.contains("`x` is not a token id"), "{e}");
+    for t in ["1,,2", "1,2,", ",1", " "] {
+        let e = egret_err(&["logits", d.to_str().unwrap(), "--tokens", t]);
+        assert!(
+            e.contains("empty entry") || e.contains("no token ids"),
+            "{t:?}: {e}"
+        );
+    }
 }
 
 #[test]
@@ -274,32 +352,30 @@ fn an_output_directory_of_other_things_is_left_alone() {
     fs::create_dir_all(victim.join("2026")).unwrap();
     fs::write(victim.join("notes.txt"), "keep me").unwrap();
     fs::write(victim.join("2026").join("a.jpg"), "jpeg").unwrap();
-    let e = egret_err(&[
-        "compile",
-        d.to_str().unwrap(),
-        "-o",
-        victim.to_str().unwrap(),
-    ]);
-    assert!(e.contains("other things in it"), "{e}");
-    assert_eq!(
-        fs::read_to_string(victim.join("notes.txt")).unwrap(),
-        "keep me"
-    );
-    assert_eq!(
-        fs::read_to_string(victim.join("2026").join("a.jpg")).unwrap(),
-        "jpeg"
-    );
-    // (an empty directory, or an earlier artifact, is written over)
-    let empty = tmp.0.join("empty");
-    fs::create_dir_all(&empty).unwrap();
-    for _ in 0..2 {
-        common::egret_ok(&[
-            "compile",
-            d.to_str().unwrap(),
-            "-o",
-            empty.to_str().unwrap(),
-        ]);
-        assert!(empty.join("manifest.json").is_file());
+    for cmd in ["compile", "convert"] {
+        let e = egret_err(&[cmd, d.to_str().unwrap(), "-o", victim.to_str().unwrap()]);
+        assert!(e.contains("other things in it"), "{cmd}: {e}");
+        assert_eq!(
+            fs::read_to_string(victim.join("notes.txt")).unwrap(),
+            "keep me"
+        );
+        assert_eq!(
+            fs::read_to_string(victim.join("2026").join("a.jpg")).unwrap(),
+            "jpeg"
+        );
+        assert_eq!(fs::read_dir(&victim).unwrap().count(), 2, "{cmd}");
+    }
+    // (an empty directory, or an earlier output of the same command, is written over)
+    for (cmd, file) in [
+        ("compile", "manifest.json"),
+        ("convert", "model.safetensors"),
+    ] {
+        let empty = tmp.0.join(format!("empty-{cmd}"));
+        fs::create_dir_all(&empty).unwrap();
+        for _ in 0..2 {
+            common::egret_ok(&[cmd, d.to_str().unwrap(), "-o", empty.to_str().unwrap()]);
+            assert!(empty.join(file).is_file(), "{cmd}");
+        }
     }
 }
 
@@ -337,4 +413,49 @@ fn bad_text_hyper_parameters_and_a_full_stdout_are_errors() {
             "{stderr}"
         );
     }
+}
+
+/// An option that would do nothing where it is given (for another backend or target, or
+/// fixed in an artifact already) is one clear error naming it, not silently ignored.
+#[test]
+fn options_that_would_do_nothing_are_refused() {
+    let tmp = TempDir::new("unused-flags");
+    let d = copy_tiny(&tmp, "m");
+    let m = d.to_str().unwrap();
+    let out = tmp.0.join("a");
+    let o = out.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["logits", m, "--tokens", "1,2"];
+        args.extend(extra);
+        egret_err(&args)
+    };
+    for (extra, want) in [
+        (
+            &["--tensor-cores"][..],
+            "--tensor-cores has no effect with --backend cpu",
+        ),
+        (
+            &["--backend", "interp", "--cpu", "skylake", "--no-cache"],
+            "--cpu, --no-cache have no effect with --backend interp",
+        ),
+        (
+            &["--backend", "gpu", "--weights-dtype", "bf16"],
+            "--weights-dtype has no effect with --backend gpu",
+        ),
+        (
+            &["--artifact", o, "--passes", "none"],
+            "--passes has no effect with --artifact",
+        ),
+    ] {
+        let e = run(extra);
+        assert!(e.contains(want), "{extra:?}: {e}");
+    }
+    let e = egret_err(&["compile", m, "--tensor-cores", "-o", o]);
+    assert!(
+        e.contains("--tensor-cores has no effect with --target cpu"),
+        "{e}"
+    );
+    let e = egret_err(&["compile", m, "--target", "ptx", "--cpu", "native", "-o", o]);
+    assert!(e.contains("--cpu has no effect with --target ptx"), "{e}");
+    assert!(!out.exists());
 }

@@ -1,6 +1,7 @@
 //! `LlamaConfig`: the hyper-parameters that fix a LLaMA-style model's graph, read from a
 //! Hugging Face `config.json` or a GGUF header, and checked for consistency.
 
+use egret_runtime::gguf::GgufValue;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -259,58 +260,66 @@ impl LlamaConfig {
                 format!("GGUF architecture `{arch}` is not supported (expected `llama`)"),
             ));
         }
+        // Each key absent (`None`: a default applies, or for `req` an error) or of its type:
+        // a value of another type is an error, not taken for a missing key.
+        let int = |k: &str| -> Result<Option<usize>, ModelError> {
+            g.typed(k, "a non-negative integer", GgufValue::as_u64)
+                .map(|v| v.map(|x| x as usize))
+                .map_err(|e| cfg_err(src, e))
+        };
+        let float = |k: &str| -> Result<Option<f64>, ModelError> {
+            g.typed(k, "a float", GgufValue::as_f32)
+                .map(|v| v.map(f64::from))
+                .map_err(|e| cfg_err(src, e))
+        };
         let req = |k: &str| -> Result<usize, ModelError> {
-            g.get_u64(k)
-                .map(|x| x as usize)
-                .ok_or_else(|| cfg_err(src, format!("missing GGUF key `{k}`")))
+            int(k)?.ok_or_else(|| cfg_err(src, format!("missing GGUF key `{k}`")))
         };
         let hidden = req("llama.embedding_length")?;
         let heads = req("llama.attention.head_count")?;
-        let vocab = match g.get_u64("llama.vocab_size") {
-            Some(v) => v as usize,
-            None => g
-                .get_array("tokenizer.ggml.tokens")
-                .map(|a| a.len())
-                .ok_or_else(|| {
-                    cfg_err(
-                        src,
-                        "missing `llama.vocab_size` and `tokenizer.ggml.tokens`",
-                    )
-                })?,
+        let tokens = g
+            .typed("tokenizer.ggml.tokens", "an array", GgufValue::as_array)
+            .map_err(|e| cfg_err(src, e))?;
+        let vocab = match (int("llama.vocab_size")?, tokens) {
+            (Some(v), _) => v,
+            (None, Some(a)) => a.len(),
+            (None, None) => {
+                return Err(cfg_err(
+                    src,
+                    "missing `llama.vocab_size` and `tokenizer.ggml.tokens`",
+                ))
+            }
         };
-        let head_dim = g
-            .get_u64("llama.attention.key_length")
-            .map(|x| x as usize)
-            .unwrap_or(if heads > 0 { hidden / heads } else { 0 });
+        let head_dim = int("llama.attention.key_length")?.unwrap_or(if heads > 0 {
+            hidden / heads
+        } else {
+            0
+        });
         let has_output = g.tensors().iter().any(|t| t.name == "output.weight");
+        let scaling_type = g
+            .typed("llama.rope.scaling.type", "a string", GgufValue::as_str)
+            .map_err(|e| cfg_err(src, e))?;
+        let token_id =
+            |k: &str| -> Result<Option<u32>, ModelError> { Ok(int(k)?.map(|x| x as u32)) };
         let cfg = LlamaConfig {
             vocab_size: vocab,
             hidden_size: hidden,
             intermediate_size: req("llama.feed_forward_length")?,
             num_hidden_layers: req("llama.block_count")?,
             num_attention_heads: heads,
-            num_key_value_heads: g
-                .get_u64("llama.attention.head_count_kv")
-                .map(|x| x as usize)
-                .unwrap_or(heads),
+            num_key_value_heads: int("llama.attention.head_count_kv")?.unwrap_or(heads),
             head_dim,
-            rms_norm_eps: g
-                .get_f32("llama.attention.layer_norm_rms_epsilon")
-                .map(|x| x as f64)
-                .unwrap_or(1e-5),
-            rope_theta: g
-                .get_f32("llama.rope.freq_base")
-                .map(|x| x as f64)
-                .unwrap_or(10000.0),
+            rms_norm_eps: float("llama.attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
+            rope_theta: float("llama.rope.freq_base")?.unwrap_or(10000.0),
             // As llama.cpp reads them: the type defaults to linear, the factor to the older
             // `rope.scale_linear`, then to 1 (none).
-            rope_scaling: match g.get_str("llama.rope.scaling.type").unwrap_or("linear") {
+            rope_scaling: match scaling_type.unwrap_or("linear") {
                 "none" => RopeScaling::Default,
                 "linear" => {
-                    let factor = g
-                        .get_f32("llama.rope.scaling.factor")
-                        .or_else(|| g.get_f32("llama.rope.scale_linear"))
-                        .map_or(1.0, |x| x as f64);
+                    let factor = match float("llama.rope.scaling.factor")? {
+                        Some(f) => f,
+                        None => float("llama.rope.scale_linear")?.unwrap_or(1.0),
+                    };
                     if !(factor.is_finite() && factor > 0.0) {
                         return Err(cfg_err(
                             src,
@@ -331,16 +340,12 @@ impl LlamaConfig {
                 }
             },
             tie_word_embeddings: !has_output,
-            max_position_embeddings: g
-                .get_u64("llama.context_length")
-                .map(|x| x as usize)
-                .unwrap_or(2048),
+            max_position_embeddings: int("llama.context_length")?.unwrap_or(2048),
             attention_bias: g.tensors().iter().any(|t| t.name == "blk.0.attn_q.bias"),
             mlp_bias: false,
-            bos_token_id: g.get_u64("tokenizer.ggml.bos_token_id").map(|x| x as u32),
-            eos_token_ids: g
-                .get_u64("tokenizer.ggml.eos_token_id")
-                .map(|x| vec![x as u32])
+            bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
+            eos_token_ids: token_id("tokenizer.ggml.eos_token_id")?
+                .map(|x| vec![x])
                 .unwrap_or_default(),
         };
         // Llama 3.1's scaling travels as per-dimension divisors of the frequencies, a tensor

@@ -83,6 +83,25 @@ impl GgufValue {
             _ => None,
         }
     }
+
+    /// The value's GGUF type, as errors name it (`u32`, `string`, `array`, …).
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            GgufValue::U8(_) => "u8",
+            GgufValue::I8(_) => "i8",
+            GgufValue::U16(_) => "u16",
+            GgufValue::I16(_) => "i16",
+            GgufValue::U32(_) => "u32",
+            GgufValue::I32(_) => "i32",
+            GgufValue::U64(_) => "u64",
+            GgufValue::I64(_) => "i64",
+            GgufValue::F32(_) => "f32",
+            GgufValue::F64(_) => "f64",
+            GgufValue::Bool(_) => "bool",
+            GgufValue::String(_) => "string",
+            GgufValue::Array(_) => "array",
+        }
+    }
 }
 
 /// GGUF metadata, keyed as in the file (`llama.block_count`, `tokenizer.ggml.tokens`, …).
@@ -369,6 +388,35 @@ impl GgufFile {
 
     pub fn get_array(&self, key: &str) -> Option<&[GgufValue]> {
         self.metadata.get(key)?.as_array()
+    }
+
+    /// `key`'s value read by `read` (`GgufValue::as_u64`, …): `Ok(None)` if the key is
+    /// absent, and if it holds something `read` refuses, an error naming the key, its type and
+    /// value, and `want` (what it should be). Unlike the `get_*` readers, a value of the wrong
+    /// type is not taken for a missing one.
+    pub fn typed<'a, T>(
+        &'a self,
+        key: &str,
+        want: &str,
+        read: impl Fn(&'a GgufValue) -> Option<T>,
+    ) -> std::result::Result<Option<T>, String> {
+        let Some(v) = self.metadata.get(key) else {
+            return Ok(None);
+        };
+        match read(v) {
+            Some(x) => Ok(Some(x)),
+            None => {
+                let shown = match v {
+                    GgufValue::Array(a) => format!("{} elements", a.len()),
+                    GgufValue::String(s) => format!("{:?}", s.chars().take(40).collect::<String>()),
+                    other => format!("{other:?}"),
+                };
+                Err(format!(
+                    "GGUF key `{key}` holds a {} ({shown}), not {want}",
+                    v.type_name()
+                ))
+            }
+        }
     }
 
     /// `general.architecture` (`llama`, …).

@@ -588,6 +588,14 @@ impl Plan {
         if let Some((n, b)) = self.outputs.iter().find(|(_, b)| *b as usize >= nb) {
             return Err(format!("output `{n}` names buffer {b} of {nb}"));
         }
+        // A per-run temporary gets memory only where a kernel (other than an init one)
+        // touches it: an output that none computes would be read from nowhere.
+        if let Some((n, _)) = self.outputs.iter().find(|(_, b)| {
+            self.buffers[*b as usize].role == BufferRole::Temp
+                && !self.kernels.iter().any(|k| !k.init && k.args.contains(b))
+        }) {
+            return Err(format!("output `{n}` is computed by no kernel"));
+        }
         for (i, st) in self.states.iter().enumerate() {
             let ok = (st.buffer as usize) < nb
                 && self.buffers[st.buffer as usize].role == BufferRole::State(i as u32)
