@@ -307,6 +307,7 @@ fn main() -> Res<()> {
         "default",
         &PtxOptions::default(),
         &egret::train::AdamW::default(),
+        egret::train::TrainEntries::Step,
         None,
         &out.join("smollm2-train"),
     )?;
@@ -316,6 +317,7 @@ fn main() -> Res<()> {
         "default",
         &tc,
         &egret::train::AdamW::default(),
+        egret::train::TrainEntries::Step,
         None,
         &out.join("smollm2-train-tc"),
     )?;
@@ -327,6 +329,7 @@ fn main() -> Res<()> {
             ..CpuOptions::default()
         },
         &egret::train::AdamW::default(),
+        egret::train::TrainEntries::Step,
         None,
         &out.join("smollm2-train-cpu"),
     )?;

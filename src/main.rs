@@ -12,7 +12,7 @@ use egret::interp::InterpModel;
 use egret::{load_config, load_model, load_tokenizer, ModelSource};
 use egret_models::GraphKind;
 use egret_passes::{all_passes, pipeline, PassCx, PassManager, PrintAfter};
-use egret_runtime::generate::{generate, GenerateOptions};
+use egret_runtime::generate::{generate_while, GenerateOptions};
 use egret_runtime::sampler::SamplerConfig;
 use egret_runtime::weights::{save_safetensors, SaveDType, Weights};
 use egret_runtime::HostTensor;
@@ -407,8 +407,9 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
     }
     s.split(',')
         .map(str::trim)
-        .map(|t| match t {
-            "" => Err(anyhow!("--tokens `{s}`: an empty entry (expected comma-separated non-negative integers)")),
+        .enumerate()
+        .map(|(i, t)| match t {
+            "" => Err(anyhow!("--tokens: entry {} is empty (expected comma-separated non-negative integers)", i + 1)),
             _ => t.parse::<u32>().map_err(|_| anyhow!("--tokens: `{t}` is not a token id (expected comma-separated non-negative integers)")),
         })
         .collect()
@@ -639,9 +640,12 @@ fn run(cli: Cli) -> Result<()> {
             let stdout = std::io::stdout();
             let mut printed = String::new();
             let mut so_far: Vec<u32> = Vec::new();
-            let gen = generate(m.model(), &prompt_ids, &opts, |id| {
+            // A failed write of the streamed text (a closed pipe, a full disk) stops the
+            // generation; it is reported once it has ended.
+            let mut failed: Option<std::io::Error> = None;
+            let gen = generate_while(m.model(), &prompt_ids, &opts, |id| {
                 if json {
-                    return;
+                    return true;
                 }
                 so_far.push(id);
                 if let Some(tok) = &tokenizer {
@@ -650,13 +654,21 @@ fn run(cli: Cli) -> Result<()> {
                         let stable = text.trim_end_matches('\u{FFFD}');
                         if stable.len() > printed.len() && stable.starts_with(printed.as_str()) {
                             let mut out = stdout.lock();
-                            let _ = write!(out, "{}", &stable[printed.len()..]);
-                            let _ = out.flush();
+                            let r = write!(out, "{}", &stable[printed.len()..])
+                                .and_then(|_| out.flush());
+                            if let Err(e) = r {
+                                failed = Some(e);
+                                return false;
+                            }
                             printed = stable.to_string();
                         }
                     }
                 }
+                true
             })?;
+            if let Some(e) = failed {
+                bail!("cannot write the output: {e}");
+            }
             let text = match &tokenizer {
                 Some(t) => t.decode(&gen.ids)?,
                 None => String::new(),
@@ -901,7 +913,13 @@ fn run(cli: Cli) -> Result<()> {
                 match mode {
                     Mode::Inference => egret::gpu::compile_artifact(&cfg, &passes, &opts, &out)?,
                     Mode::Training => egret::train::compile_train_artifact_ptx(
-                        &cfg, &passes, &opts, &adamw, budget, &out,
+                        &cfg,
+                        &passes,
+                        &opts,
+                        &adamw,
+                        egret::train::TrainEntries::StepAndGrads,
+                        budget,
+                        &out,
                     )?,
                 }
             } else {
@@ -912,7 +930,13 @@ fn run(cli: Cli) -> Result<()> {
                 match mode {
                     Mode::Inference => egret::cpu::compile_artifact(&cfg, &passes, &opts, &out)?,
                     Mode::Training => egret::train::compile_train_artifact(
-                        &cfg, &passes, &opts, &adamw, budget, &out,
+                        &cfg,
+                        &passes,
+                        &opts,
+                        &adamw,
+                        egret::train::TrainEntries::StepAndGrads,
+                        budget,
+                        &out,
                     )?,
                 }
             };

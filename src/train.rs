@@ -328,13 +328,24 @@ fn adamw_spec(o: &AdamW) -> egret_runtime::artifact::AdamWSpec {
     }
 }
 
-/// Compiles a model's training artifact at `dir`: the entry points `train_step` (loss,
-/// gradients, AdamW) and `grads` (loss and gradients, as `egret grad` prints them).
+/// Which entry points a training artifact has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrainEntries {
+    /// `train_step` alone: what `Trainer` runs (from the compile cache).
+    Step,
+    /// `train_step` and `grads` (loss and gradients, as `egret grad` prints them): what
+    /// `egret compile --mode training` writes.
+    StepAndGrads,
+}
+
+/// Compiles a model's training artifact at `dir`: the entry point `train_step` (loss,
+/// gradients, AdamW) and, as `entries` says, `grads`.
 pub fn compile_train_artifact(
     cfg: &LlamaConfig,
     passes: &str,
     opts: &CpuOptions,
     opt: &AdamW,
+    entries: TrainEntries,
     budget: Option<MemoryBudget>,
     dir: &Path,
 ) -> Result<std::path::PathBuf> {
@@ -348,13 +359,15 @@ pub fn compile_train_artifact(
         pack_weights: false,
         ..egret_backends::schedule::ScheduleOptions::default()
     };
-    let (progs, spec, model) = train_programs(cfg, passes, opt, budget, sopts)?;
+    let (progs, spec, model) = train_programs(cfg, passes, opt, entries, budget, sopts)?;
     let out =
-        egret_backends::artifact::write_cpu_artifact(&entries(&progs), opts, model, &spec, dir)
+        egret_backends::artifact::write_cpu_artifact(&entry_refs(&progs), opts, model, &spec, dir)
             .map_err(|e| EgretError::Usage(e.to_string()))?;
     if std::env::var_os("EGRET_PROFILE").is_some() {
+        let names: Vec<&str> = progs.iter().map(|(n, _)| *n).collect();
         eprintln!(
-            "compile\ttrain_step and grads\t{:.1} ms\t{} kernel calls",
+            "compile\t{}\t{:.1} ms\t{} kernel calls",
+            names.join(" and "),
             t0.elapsed().as_secs_f64() * 1e3,
             progs.iter().map(|(_, p)| p.kernels.len()).sum::<usize>()
         );
@@ -368,6 +381,7 @@ pub fn compile_train_artifact_ptx(
     passes: &str,
     opts: &egret_backends::ptx::PtxOptions,
     opt: &AdamW,
+    entries: TrainEntries,
     budget: Option<MemoryBudget>,
     dir: &Path,
 ) -> Result<std::path::PathBuf> {
@@ -375,18 +389,19 @@ pub fn compile_train_artifact_ptx(
         deep_first: true,
         ..egret_backends::ptx::schedule_options(opts)
     };
-    let (progs, spec, model) = train_programs(cfg, passes, opt, budget, sopts)?;
-    egret_backends::artifact::write_ptx_artifact(&entries(&progs), opts, model, &spec, dir)
+    let (progs, spec, model) = train_programs(cfg, passes, opt, entries, budget, sopts)?;
+    egret_backends::artifact::write_ptx_artifact(&entry_refs(&progs), opts, model, &spec, dir)
         .map_err(|e| EgretError::Usage(e.to_string()))
 }
 
-/// A training artifact's programs scheduled with `sopts` (`train_step`, then `grads`: one
-/// differentiated graph, optimised once with AdamW and once without, their symbols unified),
-/// the artifact's mode and optimizer, and the configuration to record.
+/// A training artifact's programs scheduled with `sopts` (`train_step`, then with `entries`
+/// `grads`: one differentiated graph, optimised once with AdamW and once without, their
+/// symbols unified), the artifact's mode and optimizer, and the configuration to record.
 fn train_programs(
     cfg: &LlamaConfig,
     passes: &str,
     opt: &AdamW,
+    entries: TrainEntries,
     budget: Option<MemoryBudget>,
     sopts: egret_backends::schedule::ScheduleOptions,
 ) -> Result<(
@@ -395,14 +410,13 @@ fn train_programs(
     serde_json::Value,
 )> {
     let d = differentiated(cfg, passes)?;
-    let graphs = [
-        ("train_step", step_graph_of(d.clone(), passes, opt, budget)?),
-        (
-            egret_runtime::session::GRADS_ENTRY,
-            grad_graph_of(d, passes, budget)?,
-        ),
-    ];
-    let progs = crate::cpu::schedule_graphs(&[&graphs[0].1, &graphs[1].1], sopts)?;
+    let mut graphs = vec![("train_step", step_graph_of(d.clone(), passes, opt, budget)?)];
+    if entries == TrainEntries::StepAndGrads {
+        let g = grad_graph_of(d, passes, budget)?;
+        graphs.push((egret_runtime::session::GRADS_ENTRY, g));
+    }
+    let refs: Vec<&Graph> = graphs.iter().map(|(_, g)| g).collect();
+    let progs = crate::cpu::schedule_graphs(&refs, sopts)?;
     let spec = egret_backends::artifact::EntrySpec {
         mode: "training".into(),
         optimizer: Some(adamw_spec(opt)),
@@ -412,7 +426,7 @@ fn train_programs(
 }
 
 /// Entry points as the artifact writers take them.
-fn entries<'a>(
+fn entry_refs<'a>(
     progs: &'a [(&'a str, egret_backends::kernel::Program)],
 ) -> Vec<(&'a str, &'a egret_backends::kernel::Program)> {
     progs.iter().map(|(n, p)| (*n, p)).collect()
@@ -514,7 +528,8 @@ impl Trainer {
                         cache,
                         crate::cpu::cache_key(&cfg, passes, opts, &what),
                         Box::new(|d: &Path| {
-                            compile_train_artifact(&cfg, passes, opts, &opt, budget, d)
+                            let e = TrainEntries::Step;
+                            compile_train_artifact(&cfg, passes, opts, &opt, e, budget, d)
                         }),
                     ),
                     GradBackend::Gpu { opts, cache } => {
@@ -524,7 +539,8 @@ impl Trainer {
                             cache,
                             crate::gpu::cache_key(&cfg, passes, opts, &what),
                             Box::new(|d: &Path| {
-                                compile_train_artifact_ptx(&cfg, passes, opts, &opt, budget, d)
+                                let e = TrainEntries::Step;
+                                compile_train_artifact_ptx(&cfg, passes, opts, &opt, e, budget, d)
                             }),
                         )
                     }

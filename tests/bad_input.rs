@@ -183,7 +183,7 @@ fn token_id_out_of_range() {
     for t in ["1,,2", "1,2,", ",1", " "] {
         let e = egret_err(&["logits", d.to_str().unwrap(), "--tokens", t]);
         assert!(
-            e.contains("empty entry") || e.contains("no token ids"),
+            e.contains("is empty") || e.contains("no token ids"),
             "{t:?}: {e}"
         );
     }
@@ -412,6 +412,26 @@ fn bad_text_hyper_parameters_and_a_full_stdout_are_errors() {
             stderr.starts_with("error: cannot write the output"),
             "{stderr}"
         );
+        // Streamed text that cannot be written stops the generation at once (the profile
+        // prints a line per run of the model: the prompt's, and no decode steps after it).
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_egret"))
+            .args(["generate", t, "--prompt", "The capital of France is"])
+            .args(["--max-new-tokens", "30"])
+            .env("EGRET_PROFILE", "1")
+            .stdout(fs::File::create("/dev/full").unwrap())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("error: cannot write the output"),
+            "{stderr}"
+        );
+        let runs = stderr
+            .lines()
+            .filter(|l| l.starts_with("phase\tkernels"))
+            .count();
+        assert!((1..=2).contains(&runs), "{runs} runs after a failed write");
     }
 }
 

@@ -72,6 +72,7 @@ fn smollm2_training_step_ptx_assembles_for_sm80_and_sm90() {
             "default",
             &opts,
             &egret::train::AdamW::default(),
+            egret::train::TrainEntries::StepAndGrads,
             None,
             &t.0.join("a"),
         )

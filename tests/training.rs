@@ -219,6 +219,7 @@ fn tensor_core_attention_backward_in_a_model_on_the_simulated_gpu() {
             "default",
             &opts,
             &adamw,
+            egret::train::TrainEntries::StepAndGrads,
             None,
             &t.0.join("a"),
         )
@@ -255,6 +256,7 @@ fn training_step_ptx_assembles() {
                 "default",
                 &opts,
                 &egret::train::AdamW::default(),
+                egret::train::TrainEntries::StepAndGrads,
                 None,
                 &t.0.join("a"),
             )
@@ -359,6 +361,23 @@ fn grad_from_a_training_artifact_matches_transformers() {
     };
     let e = grad(d, a, "3,1000");
     assert!(e.contains("out of range"), "{e}");
+    // Through the library (no configuration checked before): ids and targets past the
+    // vocabulary are refused, negative targets (none) accepted.
+    let art = egret_runtime::Artifact::load(a).unwrap();
+    let w = egret_runtime::weights::load(&fixture("tiny/gqa_untied").join("model.safetensors"))
+        .unwrap();
+    let mut s = egret_runtime::GradSession::new(&art, w, 2).unwrap();
+    let v = egret::load_config(&egret::ModelSource::resolve(d).unwrap())
+        .unwrap()
+        .vocab_size;
+    let ok = s.grads(&[3, 1], &[1, -1], 1, 2).unwrap();
+    assert!(ok.loss.is_finite() && !ok.grads.is_empty());
+    for (tokens, targets) in [([3, v as u32], [1, -1]), ([3, 1], [v as i64, -1])] {
+        let e = s.grads(&tokens, &targets, 1, 2).unwrap_err().to_string();
+        assert!(e.contains(&format!("token id {v} is out of range")), "{e}");
+    }
+    let e = s.grads(&[3, 1], &[1], 1, 2).unwrap_err().to_string();
+    assert!(e.contains("needs as many tokens and targets"), "{e}");
     let other = fixture("tiny/mha_tied_rope_parameters");
     let e = grad(other.to_str().unwrap(), a, "3,1");
     assert!(e.contains("another model configuration"), "{e}");

@@ -146,6 +146,15 @@ fn write_artifact(
             "an artifact needs at least one entry point".into(),
         ));
     }
+    if let Some((i, (name, _))) = entries
+        .iter()
+        .enumerate()
+        .find(|(i, (n, _))| entries[..*i].iter().any(|(m, _)| m == n))
+    {
+        return Err(BackendError::Unsupported(format!(
+            "entry point `{name}` given twice (the second at {i})"
+        )));
+    }
     let progs: Vec<&Program> = entries.iter().map(|(_, p)| *p).collect();
     let replace = egret_runtime::fsutil::Replace {
         what: "an egret artifact",
@@ -158,6 +167,13 @@ fn write_artifact(
         |tmp| {
             let file = tmp.join(payload);
             let plans = compile(&progs, &file)?;
+            if plans.len() != progs.len() {
+                return Err(BackendError::Unsupported(format!(
+                    "{} plans compiled for {} entry points",
+                    plans.len(),
+                    progs.len()
+                )));
+            }
             let bytes = std::fs::read(&file).map_err(|e| io(&file, e))?;
             // Every parameter any entry point reads, once, in the order first read.
             let mut parameters: Vec<ParamSpec> = Vec::new();

@@ -299,8 +299,15 @@ impl LlamaConfig {
         let scaling_type = g
             .typed("llama.rope.scaling.type", "a string", GgufValue::as_str)
             .map_err(|e| cfg_err(src, e))?;
-        let token_id =
-            |k: &str| -> Result<Option<u32>, ModelError> { Ok(int(k)?.map(|x| x as u32)) };
+        let token_id = |k: &str| -> Result<Option<u32>, ModelError> {
+            int(k)?
+                .map(|x| {
+                    u32::try_from(x).map_err(|_| {
+                        cfg_err(src, format!("GGUF key `{k}`: token id {x} is too large"))
+                    })
+                })
+                .transpose()
+        };
         let cfg = LlamaConfig {
             vocab_size: vocab,
             hidden_size: hidden,

@@ -4,8 +4,9 @@
 //! schedule), the parameters the weights must supply, and the SHA-256 of every payload.
 //!
 //! `Artifact::load` refuses, with one clear error each: an unknown format or version, a
-//! malformed or truncated manifest, a plan that refers to buffers or symbols it does not have,
-//! a missing payload or one whose hash differs, and a target this machine cannot run.
+//! malformed or truncated manifest, a plan that refers to buffers or symbols it does not have
+//! or has an output that no kernel computes, a missing payload or one whose hash differs, and
+//! a target this machine cannot run.
 
 use std::path::{Path, PathBuf};
 

@@ -71,6 +71,20 @@ pub fn generate(
     opts: &GenerateOptions,
     mut on_token: impl FnMut(u32),
 ) -> Result<Generation> {
+    generate_while(model, prompt, opts, |id| {
+        on_token(id);
+        true
+    })
+}
+
+/// `generate`, stopping early after a token for which `on_token` returns false (its reader
+/// has gone, say): the generation then ends with that token.
+pub fn generate_while(
+    model: &mut dyn LanguageModel,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    mut on_token: impl FnMut(u32) -> bool,
+) -> Result<Generation> {
     if prompt.is_empty() {
         return Err(RuntimeError::Invalid(
             "the prompt is empty: give at least one token".into(),
@@ -95,8 +109,8 @@ pub fn generate(
     let t1 = Instant::now();
     loop {
         gen.ids.push(next);
-        on_token(next);
-        if gen.ids.len() >= opts.max_new_tokens || opts.stop_ids.contains(&next) {
+        let go_on = on_token(next);
+        if !go_on || gen.ids.len() >= opts.max_new_tokens || opts.stop_ids.contains(&next) {
             break;
         }
         let logits = model.decode(next)?;

@@ -411,9 +411,15 @@ impl GgufFile {
                     GgufValue::String(s) => format!("{:?}", s.chars().take(40).collect::<String>()),
                     other => format!("{other:?}"),
                 };
+                let t = v.type_name();
+                // ("an i32", "an f32", "an array"; "a u32", "a string", "a bool")
+                let article = if t.starts_with(['i', 'f', 'a']) {
+                    "an"
+                } else {
+                    "a"
+                };
                 Err(format!(
-                    "GGUF key `{key}` holds a {} ({shown}), not {want}",
-                    v.type_name()
+                    "GGUF key `{key}` holds {article} {t} ({shown}), not {want}"
                 ))
             }
         }

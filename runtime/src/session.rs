@@ -299,19 +299,30 @@ fn scalar(out: &mut HashMap<String, HostValue>, name: &str) -> Result<f32> {
     }
 }
 
-/// The vocabulary a training artifact was compiled for (its configuration's `vocab_size`),
-/// which bounds the token ids and targets its entry points are given.
+/// The parameter whose rows the token ids pick: its row count is the vocabulary.
+const EMBEDDING: &str = "model.embed_tokens.weight";
+
+/// The vocabulary a training artifact was compiled for, which bounds the token ids and
+/// targets its entry points are given: the embedding's rows (a parameter, covered by the
+/// content hash), else the recorded configuration's `vocab_size`.
 fn training_vocab(art: &Artifact) -> Result<usize> {
-    art.manifest()
-        .model
-        .get("vocab_size")
-        .and_then(serde_json::Value::as_u64)
-        .filter(|&v| v > 0)
-        .map(|v| v as usize)
-        .ok_or_else(|| RuntimeError::Artifact {
-            path: art.dir().to_path_buf(),
-            reason: "its model configuration has no vocab_size".into(),
-        })
+    let m = art.manifest();
+    let rows = m
+        .parameters
+        .iter()
+        .find(|p| p.name == EMBEDDING && p.shape.len() == 2)
+        .map(|p| p.shape[0] as u64);
+    rows.or_else(|| {
+        m.model
+            .get("vocab_size")
+            .and_then(serde_json::Value::as_u64)
+    })
+    .filter(|&v| v > 0)
+    .map(|v| v as usize)
+    .ok_or_else(|| RuntimeError::Artifact {
+        path: art.dir().to_path_buf(),
+        reason: format!("it has no `{EMBEDDING}` parameter and no model vocab_size"),
+    })
 }
 
 /// The inputs every training entry point takes: `b` rows of `t` tokens (ids below `vocab`),
