@@ -19,6 +19,13 @@ Q41="$C/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 for f in "$EGRET" "$F32" "$Q41" "$C/anchors/venv/bin/python"; do
   [ -e "$f" ] || { echo "compare.sh: missing $f (see bench/README.md)" >&2; exit 1; }
 done
+# llama.cpp's Q8_0 of the same weights (from the F32 file), the anchor of egret's int8 weights.
+Q80="$C/smollm2/SmolLM2-135M-Instruct.Q8_0.gguf"
+if [ ! -s "$Q80" ]; then
+  "$C/anchors/bin/llama-quantize" "$F32" "$Q80.tmp" Q8_0 > /dev/null 2>&1 \
+    || { echo "compare.sh: llama-quantize to Q8_0 failed" >&2; exit 1; }
+  mv "$Q80.tmp" "$Q80"
+fi
 out=$(mktemp)
 for r in $(seq "$R"); do
   echo "numpy $("$C/anchors/venv/bin/python" bench/anchors/numpy_sgemm.py --size 2048 --threads "$T")" >> "$out"
@@ -26,6 +33,9 @@ for r in $(seq "$R"); do
   echo "llama $(bash bench/anchors/llama_cpp.sh "$F32" --threads "$T" --prompt-len 64 --gen 64)" >> "$out"
   echo "egret_model $("$EGRET" bench model "$Q41" --threads "$T" --prompt-len 64 --gen 64 --json)" >> "$out"
   echo "egret_bf16 $("$EGRET" bench model "$Q41" --threads "$T" --prompt-len 64 --gen 64 --weights-dtype bf16 --json)" >> "$out"
+  echo "llama_q8 $(bash bench/anchors/llama_cpp.sh "$Q80" --threads "$T" --prompt-len 64 --gen 64)" >> "$out"
+  echo "egret_q8 $("$EGRET" bench model "$Q41" --threads "$T" --prompt-len 64 --gen 64 --weights-dtype q8 --json)" >> "$out"
+  echo "llama_q41 $(bash bench/anchors/llama_cpp.sh "$Q41" --threads "$T" --prompt-len 64 --gen 64)" >> "$out"
 done
 echo "membw $(bash bench/anchors/membw.sh --threads "$T")" >> "$out"
 python3 - "$out" <<'PY'
@@ -44,10 +54,14 @@ line("SmolLM2 f32 prefill pp64, tok/s (anchor llama.cpp F32)", mean("egret_model
 line("SmolLM2 f32 decode tg64, tok/s (anchor llama.cpp F32)", mean("egret_model", "decode_tok_s"), mean("llama", "decode_tok_s"))
 line("SmolLM2 bf16-weight prefill pp64, tok/s (anchor llama.cpp F32)", mean("egret_bf16", "prefill_tok_s"), mean("llama", "prefill_tok_s"))
 line("SmolLM2 bf16-weight decode tg64, tok/s (anchor llama.cpp F32)", mean("egret_bf16", "decode_tok_s"), mean("llama", "decode_tok_s"))
+line("SmolLM2 int8-weight prefill pp64, tok/s (anchor llama.cpp Q8_0)", mean("egret_q8", "prefill_tok_s"), mean("llama_q8", "prefill_tok_s"))
+line("SmolLM2 int8-weight decode tg64, tok/s (anchor llama.cpp Q8_0)", mean("egret_q8", "decode_tok_s"), mean("llama_q8", "decode_tok_s"))
+line("SmolLM2 int8-weight prefill pp64, tok/s (anchor llama.cpp on the Q4_1 file itself)", mean("egret_q8", "prefill_tok_s"), mean("llama_q41", "prefill_tok_s"))
+line("SmolLM2 int8-weight decode tg64, tok/s (anchor llama.cpp on the Q4_1 file itself)", mean("egret_q8", "decode_tok_s"), mean("llama_q41", "decode_tok_s"))
 # Weight bytes streamed per decoded token: every matmul weight once (the tied embedding
 # doubles as the LM head); against the measured copy bandwidth (read + write).
 params = 134_515_008
-for k, bytes_per in (("egret_model", 4), ("egret_bf16", 2)):
+for k, bytes_per in (("egret_model", 4), ("egret_bf16", 2), ("egret_q8", 1 + 4 / 32)):
     gbs = mean(k, "decode_tok_s") * params * bytes_per / 1e9
     print(f"| {k}: weight bytes/token x tok/s = {gbs:.1f} GB/s of {mean('membw', 'rw_gbs'):.1f} GB/s copy read+write ({gbs / mean('membw', 'rw_gbs'):.0%}) |")
 print("raw:", json.dumps(rows))

@@ -76,6 +76,16 @@ enum DTypeArg {
     F16,
 }
 
+/// How the CPU backend stores matmul weights (`kernel::PanelType`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum WeightsArg {
+    F32,
+    Bf16,
+    F16,
+    /// int8 with an f32 scale per 32 rows of each column (llama.cpp's Q8_0).
+    Q8,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Generate text from a prompt.
@@ -218,7 +228,7 @@ enum Cmd {
         cpu: Option<String>,
         /// With `--target cpu`: storage of matmul weights (compute is f32) [default: f32].
         #[arg(long, value_enum)]
-        weights_dtype: Option<DTypeArg>,
+        weights_dtype: Option<WeightsArg>,
         /// GPU architecture for `--target ptx` (sm_80, sm_86, sm_89, sm_90; sm_90a: sm_90
         /// cards alone, with `wgmma` for `--tensor-cores`) [default: sm_80].
         #[arg(long)]
@@ -433,7 +443,7 @@ struct RunOpts {
     cpu: Option<String>,
     /// Storage of matmul weights on the CPU backend (compute is f32) [default: f32].
     #[arg(long, value_enum)]
-    weights_dtype: Option<DTypeArg>,
+    weights_dtype: Option<WeightsArg>,
     /// GPU architecture the GPU backend generates PTX for (it runs on that GPU and later;
     /// sm_90a on sm_90 alone, with `wgmma` for `--tensor-cores`) [default: sm_80].
     #[arg(long)]
@@ -510,11 +520,12 @@ fn refuse_unused(flags: &[(&str, bool)], why: &str) -> Result<()> {
     }
 }
 
-fn panel_type(d: DTypeArg) -> egret_backends::kernel::PanelType {
+fn panel_type(d: WeightsArg) -> egret_backends::kernel::PanelType {
     match d {
-        DTypeArg::F32 => egret_backends::kernel::PanelType::F32,
-        DTypeArg::Bf16 => egret_backends::kernel::PanelType::BF16,
-        DTypeArg::F16 => egret_backends::kernel::PanelType::F16,
+        WeightsArg::F32 => egret_backends::kernel::PanelType::F32,
+        WeightsArg::Bf16 => egret_backends::kernel::PanelType::BF16,
+        WeightsArg::F16 => egret_backends::kernel::PanelType::F16,
+        WeightsArg::Q8 => egret_backends::kernel::PanelType::Q8,
     }
 }
 
@@ -550,7 +561,7 @@ impl Runner {
                 o.passes(),
                 &egret_backends::llvm::CpuOptions {
                     cpu: o.cpu.clone().unwrap_or_else(|| "native".into()),
-                    weights: panel_type(o.weights_dtype.unwrap_or(DTypeArg::F32)),
+                    weights: panel_type(o.weights_dtype.unwrap_or(WeightsArg::F32)),
                 },
                 o.threads(),
                 &match (&o.artifact, o.no_cache) {
@@ -898,8 +909,8 @@ fn run(cli: Cli) -> Result<()> {
                     "with --target ptx (they are for --target cpu)",
                 )?,
             }
-            let weights_dtype = weights_dtype.unwrap_or(DTypeArg::F32);
-            if mode == Mode::Training && weights_dtype != DTypeArg::F32 {
+            let weights_dtype = weights_dtype.unwrap_or(WeightsArg::F32);
+            if mode == Mode::Training && weights_dtype != WeightsArg::F32 {
                 bail!("--weights-dtype: a training step keeps its weights in f32");
             }
             // (a training artifact's step has AdamW built in, as `egret train` runs it)

@@ -1,5 +1,5 @@
-//! CPU-backend behaviour beyond the conformance suite: half-precision weight storage stays
-//! within its rounding of the f32 result, and a kernel that meets bad data reports it as an
+//! CPU-backend behaviour beyond the conformance suite: half-precision and int8 weight storage
+//! stay within their rounding of the f32 result, and a kernel that meets bad data reports it as an
 //! error instead of reading out of bounds.
 
 mod common;
@@ -24,9 +24,15 @@ fn logits(weights: PanelType) -> Vec<Vec<f32>> {
 }
 
 #[test]
-fn half_precision_weights_stay_within_their_rounding() {
+fn half_precision_and_int8_weights_stay_within_their_rounding() {
     let full = logits(PanelType::F32);
-    for (w, tol) in [(PanelType::BF16, 2e-2f32), (PanelType::F16, 2e-3)] {
+    for (w, tol) in [
+        (PanelType::BF16, 2e-2f32),
+        (PanelType::F16, 2e-3),
+        // (int8's step is a block's max / 127, about 5 times bf16's rounding of a weight
+        // of typical size: 3.8e-2 here)
+        (PanelType::Q8, 6e-2),
+    ] {
         let half = logits(w);
         let scale = full.iter().flatten().fold(1f32, |m, x| m.max(x.abs()));
         let worst = full
@@ -40,6 +46,65 @@ fn half_precision_weights_stay_within_their_rounding() {
             "{w:?}: relative difference {worst} (tolerance {tol})"
         );
         assert!(worst > 0.0, "{w:?}: the weights were not actually rounded");
+    }
+}
+
+/// int8 weights (`PanelType::Q8`) against f32 ones on weights that the q8-block rule stores
+/// exactly (each column's block of 32 rows: integers up to 127 in size, one of them ±127,
+/// times a power of two) and inputs whose products and sums f32 holds exactly: bit for bit
+/// the same outputs, so a misplaced value or scale cannot hide. k = 1000 crosses the GEMM's
+/// 512-row k blocks and ends in a partial block of 8 rows; n = 45 ends in a partial panel;
+/// 1 row takes the decode path (the whole k in one call), 50 rows the blocked one.
+#[test]
+fn int8_weights_are_exact_where_their_blocks_hold_the_weights_exactly() {
+    let (k, n) = (1000usize, 45usize);
+    let g = egret_ir::parse(&format!(
+        "graph q8 {{\n  %x = input \"x\" : f32[T, {k}]\n  %w = param \"w\" : f32[{k}, {n}]\n  %y = matmul(%x, %w) : f32[T, {n}]\n  output \"y\" = %y\n}}"
+    ))
+    .unwrap();
+    let mut w = vec![0f32; k * n];
+    for kk in 0..k {
+        for j in 0..n {
+            let b = kk / 32;
+            let q = if kk % 32 == (j + b) % 32 || kk == k - 1 {
+                if (j + b) % 2 == 0 {
+                    127
+                } else {
+                    -127
+                }
+            } else {
+                ((kk * 37 + j * 11 + b * 5) % 255) as i32 - 127
+            };
+            let scale = (2f32).powi(-7 - ((b + j) % 3) as i32);
+            w[kk * n + j] = q as f32 * scale;
+        }
+    }
+    let params = HashMap::from([("w".to_string(), Tensor::from_f32(vec![k, n], w).unwrap())]);
+    for rows in [1usize, 50] {
+        let x: Vec<f32> = (0..rows * k)
+            .map(|i| (((i * 5 + i / 3) % 7) as f32 - 3.0) * 0.25)
+            .collect();
+        let inputs = HashMap::from([(
+            "x".to_string(),
+            HostValue {
+                shape: vec![rows, k],
+                data: HostData::F32(x),
+            },
+        )]);
+        let run = |weights: PanelType| {
+            let opts = CpuOptions {
+                weights,
+                ..Default::default()
+            };
+            let (mut ex, _code) = egret::cpu::executor(&g, &params, &opts, 2).unwrap();
+            ex.run(&inputs).unwrap().remove("y").unwrap().data
+        };
+        let (full, q8) = (run(PanelType::F32), run(PanelType::Q8));
+        assert_eq!(full, q8, "{rows} rows");
+        let HostData::F32(v) = full else {
+            panic!("f32 output")
+        };
+        assert!(v.iter().any(|&y| y != 0.0), "{rows} rows: all zero");
     }
 }
 

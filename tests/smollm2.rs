@@ -50,8 +50,10 @@ fn reference() -> Reference {
     }
 }
 
-fn generate_json(model: &str, r: &Reference, backend: &str) -> serde_json::Value {
-    let out = egret_ok(&[
+/// `egret generate MODEL` on the reference's prompt, 20 greedy tokens, with `extra`
+/// options, as JSON.
+fn generate_json(model: &str, r: &Reference, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
         "generate",
         model,
         "--prompt",
@@ -60,11 +62,10 @@ fn generate_json(model: &str, r: &Reference, backend: &str) -> serde_json::Value
         "20",
         "--temperature",
         "0",
-        "--backend",
-        backend,
         "--json",
-    ]);
-    serde_json::from_str(&out).unwrap()
+    ];
+    args.extend(extra);
+    serde_json::from_str(&egret_ok(&args)).unwrap()
 }
 
 fn ids_of(v: &serde_json::Value) -> Vec<u32> {
@@ -79,7 +80,7 @@ fn ids_of(v: &serde_json::Value) -> Vec<u32> {
 fn gguf_greedy_ids_match_transformers_and_logits_agree() {
     let r = reference();
     let gguf = smollm2_gguf();
-    let g = generate_json(gguf.to_str().unwrap(), &r, "interp");
+    let g = generate_json(gguf.to_str().unwrap(), &r, &["--backend", "interp"]);
     assert_eq!(ids_of(&g["prompt_ids"]), r.prompt_ids);
     assert_eq!(ids_of(&g["ids"]), r.ids);
     assert!(
@@ -157,7 +158,7 @@ fn converted_hf_directory_generates_the_same_ids() {
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(out_dir.join(f).is_file(), "{f} missing");
     }
-    let g = generate_json(out_dir.to_str().unwrap(), &r, "cpu");
+    let g = generate_json(out_dir.to_str().unwrap(), &r, &["--backend", "cpu"]);
     assert_eq!(ids_of(&g["prompt_ids"]), r.prompt_ids);
     assert_eq!(ids_of(&g["ids"]), r.ids);
 }
@@ -166,7 +167,7 @@ fn converted_hf_directory_generates_the_same_ids() {
 fn cpu_backend_greedy_ids_match_transformers() {
     let r = reference();
     let gguf = smollm2_gguf();
-    let g = generate_json(gguf.to_str().unwrap(), &r, "cpu");
+    let g = generate_json(gguf.to_str().unwrap(), &r, &["--backend", "cpu"]);
     assert_eq!(ids_of(&g["prompt_ids"]), r.prompt_ids);
     assert_eq!(ids_of(&g["ids"]), r.ids);
     // Prompt logits on the CPU backend against the reference's top 16 per position.
@@ -189,5 +190,18 @@ fn cpu_backend_greedy_ids_match_transformers() {
                 "cpu: position {pos}, id {id}: {got} vs {want} (tol {tol})"
             );
         }
+    }
+}
+
+/// Weights stored as bf16 and as int8 (`--weights-dtype`, llama.cpp's Q8_0 rule) change
+/// each weight by up to half a step of its format, yet keep transformers' 20 greedy ids on
+/// SmolLM2 for this prompt (as they did when int8 weights were added).
+#[test]
+fn bf16_and_int8_weights_keep_transformers_greedy_ids() {
+    let r = reference();
+    let gguf = smollm2_gguf();
+    for w in ["bf16", "q8"] {
+        let g = generate_json(gguf.to_str().unwrap(), &r, &["--weights-dtype", w]);
+        assert_eq!(ids_of(&g["ids"]), r.ids, "{w}");
     }
 }

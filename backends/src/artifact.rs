@@ -68,6 +68,7 @@ pub fn write_cpu_artifact(
         PanelType::F32 => "f32",
         PanelType::BF16 => "bf16",
         PanelType::F16 => "f16",
+        PanelType::Q8 => "q8",
     };
     write_artifact(
         dir,

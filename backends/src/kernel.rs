@@ -507,13 +507,45 @@ pub enum Kernel {
     },
 }
 
-/// How packed GEMM weights are stored: f32, or rounded to bf16/f16 (half the bytes, which
-/// is what decode is bound by); the GEMM computes in f32 either way.
+/// How packed GEMM weights are stored: f32, rounded to bf16/f16 (half the bytes, which is
+/// what decode is bound by), or quantised to int8 (a quarter); the GEMM computes in f32
+/// whichever it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PanelType {
     F32,
     BF16,
     F16,
+    /// Symmetric int8, as llama.cpp's Q8_0: each column's weights in blocks of `Q8_BLOCK`
+    /// rows of k share one f32 scale `s = max|w| / 127`, and `q = round(w / s)`.
+    Q8,
+}
+
+/// Rows of k whose weights share one scale in a `PanelType::Q8` panel (Q8_0's block).
+pub const Q8_BLOCK: i64 = 32;
+// (a power of two: the micro-kernel finds a row's block by a shift, and `GEMM_KC` is a
+// multiple of it)
+const _: () = assert!((Q8_BLOCK as u64).is_power_of_two());
+
+impl PanelType {
+    /// Bytes of one stored weight.
+    pub fn value_bytes(self) -> i64 {
+        match self {
+            PanelType::F32 => 4,
+            PanelType::BF16 | PanelType::F16 => 2,
+            PanelType::Q8 => 1,
+        }
+    }
+
+    /// Bytes of a `k × n` weight packed in panels of `nr` columns: the values (`[panel][k]
+    /// [nr]`), then for `Q8` the scales (f32, `[panel][k block][nr]`).
+    pub fn panel_bytes(self, k: i64, n: i64, nr: i64) -> i64 {
+        let panels = (n + nr - 1) / nr;
+        let scales = match self {
+            PanelType::Q8 => panels * ((k + Q8_BLOCK - 1) / Q8_BLOCK) * nr * 4,
+            _ => 0,
+        };
+        panels * k * nr * self.value_bytes() + scales
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

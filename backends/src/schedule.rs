@@ -973,16 +973,16 @@ pub fn schedule_with(g: &Graph, opts: ScheduleOptions) -> Result<Program, Backen
                             }
                             _ => (w, None),
                         };
-                        let panels = (ncst + opts.panel - 1) / opts.panel;
-                        let pe = if opts.weights == PanelType::F32 {
-                            e
-                        } else {
-                            ElemType::Half
+                        let pe = match opts.weights {
+                            PanelType::F32 => e,
+                            PanelType::BF16 | PanelType::F16 => ElemType::Half,
+                            PanelType::Q8 => ElemType::Bytes,
                         };
+                        let bytes = opts.weights.panel_bytes(kc, ncst, opts.panel);
                         let bp = s.new_buffer(
                             BufferRole::Temp,
                             pe,
-                            &[Dim::c(panels * kc * opts.panel)],
+                            &[Dim::c(bytes / pe.size() as i64)],
                             true,
                         );
                         s.buffers[bp as usize].streamed = true;

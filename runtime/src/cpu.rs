@@ -964,9 +964,9 @@ impl CpuExecutor {
                     ElemType::BF16 => HostData::F32(crate::plan::bf16_values(
                         std::slice::from_raw_parts(p, 2 * n),
                     )),
-                    ElemType::Half => {
+                    ElemType::Half | ElemType::Bytes => {
                         return Err(RuntimeError::Invalid(format!(
-                            "output `{name}` is a packed half-precision buffer"
+                            "output `{name}` is a buffer of packed weights"
                         )))
                     }
                 }

@@ -810,9 +810,9 @@ impl GpuExecutor {
                 ElemType::I64 => HostData::I64(i64s(&host)),
                 ElemType::Bool => HostData::I64(host.iter().map(|&b| b as i64).collect()),
                 ElemType::BF16 => HostData::F32(crate::plan::bf16_values(&host)),
-                ElemType::Half => {
+                ElemType::Half | ElemType::Bytes => {
                     return Err(RuntimeError::Invalid(format!(
-                        "output `{name}` is a packed half-precision buffer"
+                        "output `{name}` is a buffer of packed weights"
                     )))
                 }
             };

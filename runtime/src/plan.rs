@@ -46,6 +46,9 @@ pub enum ElemType {
     Bool,
     /// Two bytes per element (bf16 or f16 bits): packed weights only.
     Half,
+    /// Bytes of packed quantised weights (int8 values, then their f32 scales): packed
+    /// weights only.
+    Bytes,
     /// bfloat16 values (GPU tensor-core matmul operands and graph inputs declared `bf16`
     /// when matmuls run on tensor cores): f32 values given for them are rounded to nearest
     /// even as they are copied in, and read back as f32.
@@ -57,7 +60,7 @@ impl ElemType {
         match self {
             ElemType::F32 => 4,
             ElemType::I64 => 8,
-            ElemType::Bool => 1,
+            ElemType::Bool | ElemType::Bytes => 1,
             ElemType::Half | ElemType::BF16 => 2,
         }
     }

@@ -21,7 +21,7 @@ use egret_runtime::plan::ElemType;
 
 use crate::kernel::{
     Access, AttnDims, AttnGradIn, Expr, Kernel, PanelType, Poly, Program, Round, ATTN_SPLITS,
-    ATTN_SPLIT_MIN_KEYS, ATTN_SPLIT_UNITS, SPLIT_K, SPLIT_K_MAX_TILES, SPLIT_K_TILE,
+    ATTN_SPLIT_MIN_KEYS, ATTN_SPLIT_UNITS, Q8_BLOCK, SPLIT_K, SPLIT_K_MAX_TILES, SPLIT_K_TILE,
 };
 use crate::BackendError;
 
@@ -173,7 +173,7 @@ impl<'a, 'ctx> Fb<'a, 'ctx> {
         match e {
             ElemType::F32 => self.f32t.into(),
             ElemType::I64 => self.i64t.into(),
-            ElemType::Bool => self.ctx.i8_type().into(),
+            ElemType::Bool | ElemType::Bytes => self.ctx.i8_type().into(),
             ElemType::Half | ElemType::BF16 => self.ctx.i16_type().into(),
         }
     }
@@ -1429,7 +1429,10 @@ pub fn emit<'ctx>(
             nr,
             store,
         } => {
-            pack_panels(&fb, *out, w, *k, *n, *nr, *store)?;
+            match store {
+                PanelType::Q8 => pack_panels_q8(&fb, *out, w, *k, *n, *nr)?,
+                _ => pack_panels(&fb, *out, w, *k, *n, *nr, *store)?,
+            }
             0
         }
         Kernel::Gemm {
@@ -1892,8 +1895,8 @@ fn eval<'ctx>(
                 .bool_type()
                 .const_int((*v != 0.0) as u64, false)
                 .into(),
-            ElemType::Half | ElemType::BF16 => {
-                return Err(BackendError::Unsupported("half constants".into()))
+            ElemType::Half | ElemType::BF16 | ElemType::Bytes => {
+                return Err(BackendError::Unsupported(format!("{t:?} constants")))
             }
         },
         Expr::Iota(axis, t) => {
@@ -8620,25 +8623,12 @@ fn pack_panels(fb: &Fb, out: u32, w: &Access, k: i64, n: i64, nr: i64, store: Pa
         fb.for_range(fb.i64c(0), fb.i64c(k), |fb, kk| {
             fb.for_range(p0, p1, |fb, p| {
                 fb.for_range(fb.i64c(0), fb.i64c(nr), |fb, j| {
-                    let col = fb.add(fb.mul(p, fb.i64c(nr))?, j)?;
-                    let inside =
-                        fb.b.build_int_compare(IntPredicate::SLT, col, fb.i64c(n), "in")
-                            .map_err(be)?;
-                    let safe =
-                        fb.b.build_select(inside, col, fb.i64c(0), "c")
-                            .map_err(be)?
-                            .into_int_value();
-                    let at = fb.add(
-                        fb.add(wav.off, fb.mul(kk, wav.strides[0])?)?,
-                        fb.mul(safe, wav.strides[1])?,
-                    )?;
-                    let v = fb.load_f32(wav.ptr, at)?;
-                    let v =
-                        fb.b.build_select(inside, v, fb.f32c(0.0), "v")
-                            .map_err(be)?
-                            .into_float_value();
+                    let v = panel_column(fb, &wav, p, j, nr, n)?(fb, kk)?;
                     let o = fb.add(fb.mul(fb.add(fb.mul(p, fb.i64c(k))?, kk)?, fb.i64c(nr))?, j)?;
                     match store {
+                        PanelType::Q8 => Err(BackendError::Unsupported(
+                            "int8 panels are packed by pack_panels_q8".into(),
+                        )),
                         PanelType::F32 => fb.store_f32(optr, o, v),
                         PanelType::BF16 | PanelType::F16 => {
                             let bits = if store == PanelType::BF16 {
@@ -8673,6 +8663,86 @@ fn pack_panels(fb: &Fb, out: u32, w: &Access, k: i64, n: i64, nr: i64, store: Pa
                             Ok(())
                         }
                     }
+                })
+            })
+        })
+    })?;
+    fb.ret_ok()
+}
+
+/// A reader of the weights `w[kk, col]` of column `j` of panel `p` (`col = p·nr + j`) by
+/// row `kk`: zero past the last column `n`, where a panel has fewer.
+#[allow(clippy::type_complexity)]
+fn panel_column<'a, 'ctx>(
+    fb: &Fb<'a, 'ctx>,
+    wav: &'a Av<'ctx>,
+    p: IntValue<'ctx>,
+    j: IntValue<'ctx>,
+    nr: i64,
+    n: i64,
+) -> R<impl Fn(&Fb<'a, 'ctx>, IntValue<'ctx>) -> R<FloatValue<'ctx>> + 'a> {
+    let col = fb.add(fb.mul(p, fb.i64c(nr))?, j)?;
+    let inside =
+        fb.b.build_int_compare(IntPredicate::SLT, col, fb.i64c(n), "in")
+            .map_err(be)?;
+    let safe =
+        fb.b.build_select(inside, col, fb.i64c(0), "c")
+            .map_err(be)?
+            .into_int_value();
+    Ok(move |fb: &Fb<'a, 'ctx>, kk: IntValue<'ctx>| {
+        let at = fb.add(
+            fb.add(wav.off, fb.mul(kk, wav.strides[0])?)?,
+            fb.mul(safe, wav.strides[1])?,
+        )?;
+        let v = fb.load_f32(wav.ptr, at)?;
+        fb.fsel(inside, v, fb.f32c(0.0))
+    })
+}
+
+/// Packs a `k × n` weight into `PanelType::Q8` panels (layout: `PanelType::panel_bytes`).
+/// Rule q8-block: for each panel column `j` and block `b` of `Q8_BLOCK` rows of k,
+/// `s = max_k |w[k, j]| / 127` and `q[k, j] = round(w[k, j] / s)` (0 where `s = 0`), so
+/// `|w − s·q| ≤ s / 2`; columns past `n` are zero with scale 0. Threads take whole panels.
+fn pack_panels_q8<'ctx>(fb: &Fb<'_, 'ctx>, out: u32, w: &Access, k: i64, n: i64, nr: i64) -> R<()> {
+    let wav = fb.access(w, ElemType::F32)?;
+    let optr = fb.buf(out)?;
+    let panels = (n + nr - 1) / nr;
+    let kb = (k + Q8_BLOCK - 1) / Q8_BLOCK;
+    let i8t = fb.ctx.i8_type();
+    // The scales follow the values.
+    let sptr = unsafe {
+        fb.b.build_in_bounds_gep(i8t, optr, &[fb.i64c(panels * k * nr)], "sp")
+    }
+    .map_err(be)?;
+    let (s, e) = fb.split(fb.i64c(panels))?;
+    let absmax = fb.slot(fb.f32t.into())?;
+    fb.for_range(s, e, |fb, p| {
+        fb.for_range(fb.i64c(0), fb.i64c(kb), |fb, b| {
+            let k0 = fb.mul(b, fb.i64c(Q8_BLOCK))?;
+            let k1 = fb.imin(fb.add(k0, fb.i64c(Q8_BLOCK))?, fb.i64c(k))?;
+            fb.for_range(fb.i64c(0), fb.i64c(nr), |fb, j| {
+                let at = panel_column(fb, &wav, p, j, nr, n)?;
+                fb.set(absmax, fb.f32c(0.0))?;
+                fb.for_range(k0, k1, |fb, kk| {
+                    let a = fb.intrinsic("llvm.fabs", &[at(fb, kk)?])?;
+                    fb.set(absmax, fb.intrinsic("llvm.maxnum", &[fb.get(absmax)?, a])?)
+                })?;
+                let m = fb.get(absmax)?;
+                let scale = fb.b.build_float_div(m, fb.f32c(127.0), "s").map_err(be)?;
+                let some = fb.fcmp(FloatPredicate::OGT, m, fb.f32c(0.0))?;
+                let inv = fb.b.build_float_div(fb.f32c(127.0), m, "inv").map_err(be)?;
+                let inv = fb.fsel(some, inv, fb.f32c(0.0))?;
+                let si = fb.add(fb.mul(fb.add(fb.mul(p, fb.i64c(kb))?, b)?, fb.i64c(nr))?, j)?;
+                fb.store_f32(sptr, si, scale)?;
+                fb.for_range(k0, k1, |fb, kk| {
+                    let x = fb.b.build_float_mul(at(fb, kk)?, inv, "x").map_err(be)?;
+                    let r = fb.intrinsic("llvm.roundeven", &[x])?;
+                    let q = fb.b.build_float_to_signed_int(r, i8t, "q").map_err(be)?;
+                    let o = fb.add(fb.mul(fb.add(fb.mul(p, fb.i64c(k))?, kk)?, fb.i64c(nr))?, j)?;
+                    let pp =
+                        unsafe { fb.b.build_in_bounds_gep(i8t, optr, &[o], "p") }.map_err(be)?;
+                    fb.b.build_store(pp, q).map_err(be)?;
+                    Ok(())
                 })
             })
         })
@@ -8715,6 +8785,7 @@ fn ukernel<'ctx>(
             ptrt.into(),
             i64t.into(),
             ptrt.into(),
+            ptrt.into(),
         ],
         false,
     );
@@ -8738,6 +8809,8 @@ fn ukernel<'ctx>(
         p(8).into_int_value(),
         p(9).into_pointer_value(),
     );
+    // Q8 panels: the scales of this slice's first k block (`[k block][nr]`), else null.
+    let qs = p(10).into_pointer_value();
     let fma = Intrinsic::find("llvm.fma")
         .expect("fma")
         .get_declaration(fb.module, &[vt.into()])
@@ -8829,13 +8902,13 @@ fn ukernel<'ctx>(
             .expect("prefetch")
             .get_declaration(fb.module, &[ptrt.into()])
             .expect("prefetch decl");
-        let ety: BasicTypeEnum = if panel == PanelType::F32 {
-            f32t.into()
-        } else {
-            ctx.i16_type().into()
+        let ety: BasicTypeEnum = match panel {
+            PanelType::F32 => f32t.into(),
+            PanelType::BF16 | PanelType::F16 => ctx.i16_type().into(),
+            PanelType::Q8 => ctx.i8_type().into(),
         };
         // One prefetch per cache line of a panel row (two for f32 rows of 32).
-        let elem_bytes = if panel == PanelType::F32 { 4 } else { 2 };
+        let elem_bytes = panel.value_bytes();
         let lines = ((nr * elem_bytes + CACHE_LINE - 1) / CACHE_LINE).max(1);
         let i32t = ctx.i32_type();
         // `llvm.prefetch(base + at, read, locality)`: 3 keeps the line in L1, 2 in L2.
@@ -8867,6 +8940,37 @@ fn ukernel<'ctx>(
             let idx = b.build_int_add(boff, i64c(v * vw as i64), "").map_err(be)?;
             match panel {
                 PanelType::F32 => vload(gep(f32t.into(), bp, idx)?),
+                PanelType::Q8 => {
+                    // q8-block: w = s[k / Q8_BLOCK] · q (int8 widened to f32 exactly).
+                    let qt = ctx.i8_type().vec_type(vw);
+                    let qv = b
+                        .build_load(qt, gep(ctx.i8_type().into(), bp, idx)?, "ql")
+                        .map_err(be)?;
+                    qv.as_instruction_value()
+                        .expect("load")
+                        .set_alignment(1)
+                        .map_err(be)?;
+                    let wide = b
+                        .build_int_s_extend(
+                            qv.into_vector_value(),
+                            ctx.i32_type().vec_type(vw),
+                            "x",
+                        )
+                        .map_err(be)?;
+                    let qf = b.build_signed_int_to_float(wide, vt, "qf").map_err(be)?;
+                    let blk = b
+                        .build_right_shift(kk, i64c(Q8_BLOCK.trailing_zeros() as i64), false, "kb")
+                        .map_err(be)?;
+                    let sidx = b
+                        .build_int_add(
+                            b.build_int_mul(blk, i64c(nr), "").map_err(be)?,
+                            i64c(v * vw as i64),
+                            "si",
+                        )
+                        .map_err(be)?;
+                    let sv = vload(gep(f32t.into(), qs, sidx)?)?;
+                    Ok(b.build_float_mul(qf, sv, "w").map_err(be)?)
+                }
                 PanelType::BF16 | PanelType::F16 => {
                     let ht = ctx.i16_type().vec_type(vw);
                     let hv = b
@@ -9063,7 +9167,8 @@ fn inv_rms_rows<'ctx>(
 }
 
 /// One micro-kernel call `f` (`mr × nr`) on the rows at `a` (row stride `lda`) against the
-/// packed slice `bp`, into `c` (row stride `ldc`), `kl` steps: straight into `c` when the
+/// packed slice `bp` (with `qs` its Q8 scales, else null), into `c` (row stride `ldc`), `kl`
+/// steps: straight into `c` when the
 /// panel has all `nr` columns, else through the scratch `tile` (its `cols` columns copied
 /// in, computed, copied out). With `row_scale = (inv, r, last)`, when `last` (the sums are
 /// complete) the rows are scaled by `inv[r..r + mr]` (rms_norm).
@@ -9073,7 +9178,7 @@ fn ukernel_call<'ctx>(
     f: FunctionValue<'ctx>,
     mr: i64,
     nr: i64,
-    [a, bp, c, tile, next]: [PointerValue<'ctx>; 5],
+    [a, bp, c, tile, next, qs]: [PointerValue<'ctx>; 6],
     [lda, ka, ldc, cols, kl]: [IntValue<'ctx>; 5],
     first: IntValue<'ctx>,
     row_scale: Option<(PointerValue<'ctx>, IntValue<'ctx>, IntValue<'ctx>)>,
@@ -9109,6 +9214,7 @@ fn ukernel_call<'ctx>(
             scale.into(),
             ka.into(),
             next.into(),
+            qs.into(),
         ]
     };
     fb.b.build_call(f, &args(c, ldc), "").map_err(be)?;
@@ -9150,10 +9256,10 @@ fn gemm<'ctx>(
     let uk = ukernel(fb, gemm_mr(nr), nr, panel, &attrs)?;
     let uk4 = ukernel(fb, TAIL_MR, nr, panel, &attrs)?;
     let uk1 = ukernel(fb, 1, nr, panel, &attrs)?;
-    let pty: BasicTypeEnum = if panel == PanelType::F32 {
-        fb.f32t.into()
-    } else {
-        fb.ctx.i16_type().into()
+    let pty: BasicTypeEnum = match panel {
+        PanelType::F32 => fb.f32t.into(),
+        PanelType::BF16 | PanelType::F16 => fb.ctx.i16_type().into(),
+        PanelType::Q8 => fb.ctx.i8_type().into(),
     };
     let aav = fb.access(a, ElemType::F32)?;
     let (optr, bptr) = (fb.buf(out)?, fb.buf(bp)?);
@@ -9312,6 +9418,24 @@ fn gemm<'ctx>(
                     fb.b.build_select(few, bpp, bnext, "bn")
                         .map_err(be)?
                         .into_pointer_value();
+                // Q8: the scales of this panel's k blocks from `kc` on (which is 0 or a
+                // multiple of `GEMM_KC`, itself a multiple of `Q8_BLOCK`).
+                let qs = match panel {
+                    PanelType::Q8 => {
+                        let kb = (k + Q8_BLOCK - 1) / Q8_BLOCK;
+                        let kq =
+                            fb.b.build_int_signed_div(kc, fb.i64c(Q8_BLOCK), "kq")
+                                .map_err(be)?;
+                        let at = fb.mul(fb.add(fb.mul(p, fb.i64c(kb))?, kq)?, fb.i64c(nr))?;
+                        let scales = unsafe {
+                            fb.b.build_in_bounds_gep(pty, bptr, &[fb.i64c(panels * k * nr)], "qb")
+                        }
+                        .map_err(be)?;
+                        unsafe { fb.b.build_in_bounds_gep(fb.f32t, scales, &[at], "qs") }
+                            .map_err(be)?
+                    }
+                    _ => fb.ctx.ptr_type(AddressSpace::default()).const_null(),
+                };
                 // One row block of `mr` rows starting at chunk row `r0`.
                 let call = |fb: &Fb<'_, 'ctx>,
                             r0: IntValue<'ctx>,
@@ -9350,7 +9474,7 @@ fn gemm<'ctx>(
                         f,
                         mr,
                         nr,
-                        [aptr, bpp, cptr, tile, bnext],
+                        [aptr, bpp, cptr, tile, bnext, qs],
                         [lda_, ka, fb.i64c(n), cols, kl],
                         first,
                         norm.map(|_| (inv, r0, last)),
@@ -9403,6 +9527,7 @@ fn rt_gemm_scratch(nr: i64) -> usize {
 /// its scratch and runs the micro-kernel down the chunk's rows. Batch entries go one after
 /// another; with `sum_batch` they accumulate into one result.
 fn packed_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &RuntimeGemm) -> R<()> {
+    let null = fb.ctx.ptr_type(AddressSpace::default()).const_null();
     let nr = mm.nr;
     let mr = gemm_mr(nr);
     let attrs: Vec<_> = fb.func.attributes(AttributeLoc::Function);
@@ -9553,7 +9678,7 @@ fn packed_matmul<'ctx>(fb: &Fb<'_, 'ctx>, mm: &RuntimeGemm) -> R<()> {
                             f,
                             mr,
                             nr,
-                            [aptr, bp, cptr, tile, bp],
+                            [aptr, bp, cptr, tile, bp, null],
                             [lda, fb.i64c(1), nv, cols, kl],
                             first,
                             mm.norm.map(|_| (inv, rr, klast)),

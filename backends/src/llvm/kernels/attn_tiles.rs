@@ -594,6 +594,8 @@ fn call_uk<'ctx>(
             null.into(),
             fb.i64c(1).into(),
             bp.into(),
+            // (f32 panels: no Q8 scales)
+            null.into(),
         ],
         "",
     )
