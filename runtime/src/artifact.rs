@@ -25,7 +25,9 @@ pub const FORMAT: &str = "egret-artifact";
 /// Version 2: CPU kernels take the launch's work counter as a sixth argument (`KernelFn`).
 /// Version 3: GPU kernels may need dynamic shared memory (`KernelCall::shared_bytes`), and
 /// buffers may hold bf16 (`ElemType::BF16`): an older runtime would launch them wrongly.
-pub const FORMAT_VERSION: u32 = 3;
+/// Version 4: packed weights may be int8 with their scales (`ElemType::Bytes`), which an
+/// older runtime cannot parse; training artifacts may also have a `grads` entry point.
+pub const FORMAT_VERSION: u32 = 4;
 /// Manifests larger than this are refused before parsing (a real one is a few MiB).
 const MANIFEST_MAX_BYTES: u64 = 256 << 20;
 
