@@ -82,7 +82,7 @@ enum WeightsArg {
     F32,
     Bf16,
     F16,
-    /// int8 with an f32 scale per 32 rows of each column (llama.cpp's Q8_0).
+    /// int8 with an f32 scale per 32 rows of each column (like llama.cpp's Q8_0).
     Q8,
 }
 

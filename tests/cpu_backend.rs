@@ -11,6 +11,7 @@ use egret_backends::kernel::PanelType;
 use egret_backends::llvm::CpuOptions;
 use egret_ir::Tensor;
 use egret_runtime::cpu::{HostData, HostValue};
+use egret_runtime::plan::ElemType;
 
 fn logits(weights: PanelType) -> Vec<Vec<f32>> {
     let src = egret::ModelSource::resolve(fixture("tiny/gqa_untied").to_str().unwrap()).unwrap();
@@ -96,7 +97,10 @@ fn int8_weights_are_exact_where_their_blocks_hold_the_weights_exactly() {
                 weights,
                 ..Default::default()
             };
-            let (mut ex, _code) = egret::cpu::executor(&g, &params, &opts, 2).unwrap();
+            let (mut ex, code) = egret::cpu::executor(&g, &params, &opts, 2).unwrap();
+            // (the weights really were packed as int8: else both runs are the f32 path)
+            let bytes = code.plan.buffers.iter().any(|b| b.elem == ElemType::Bytes);
+            assert_eq!(bytes, weights == PanelType::Q8, "{weights:?}");
             ex.run(&inputs).unwrap().remove("y").unwrap().data
         };
         let (full, q8) = (run(PanelType::F32), run(PanelType::Q8));

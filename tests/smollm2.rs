@@ -193,7 +193,7 @@ fn cpu_backend_greedy_ids_match_transformers() {
     }
 }
 
-/// Weights stored as bf16 and as int8 (`--weights-dtype`, llama.cpp's Q8_0 rule) change
+/// Weights stored as bf16 and as int8 (`--weights-dtype`, like llama.cpp's Q8_0) change
 /// each weight by up to half a step of its format, yet keep transformers' 20 greedy ids on
 /// SmolLM2 for this prompt (as they did when int8 weights were added).
 #[test]

@@ -515,8 +515,9 @@ pub enum PanelType {
     F32,
     BF16,
     F16,
-    /// Symmetric int8, as llama.cpp's Q8_0: each column's weights in blocks of `Q8_BLOCK`
-    /// rows of k share one f32 scale `s = max|w| / 127`, and `q = round(w / s)`.
+    /// Symmetric int8, like llama.cpp's Q8_0 (which keeps f16 scales and rounds halves away
+    /// from zero): each column's weights in blocks of `Q8_BLOCK` rows of k share one f32
+    /// scale `s = max|w| / 127`, and `q = round(w / s)` to nearest even.
     Q8,
 }
 

@@ -1447,7 +1447,7 @@ pub fn emit<'ctx>(
             panel,
         } => {
             gemm(&fb, *out, a, *bp, rows, *k, *n, *nr, *norm, *panel)?;
-            gemm_scratch(*nr, *k)
+            gemm_scratch(*nr, *k, *panel)
         }
     };
     Ok((arg_list, scratch))
@@ -8555,6 +8555,8 @@ fn scatter_add(
 /// in alternating runs); `gemm_mc(nr)` rows of `a` (`MC·KC` floats, 144 KiB at MR 12) stay
 /// in L2 while every panel of the thread passes over them.
 const GEMM_KC: i64 = 512;
+// (`Q8` panels: a GEMM's k blocks start on a scale block)
+const _: () = assert!(GEMM_KC % Q8_BLOCK == 0);
 
 /// `KC` of the run-time GEMM (`packed_matmul`), whose threads pack `KC × nr` slices of `w`
 /// as they go into scratch (32 KiB at nr = 32, so a slice stays in L1 across the rows).
@@ -8568,11 +8570,22 @@ fn gemm_mr(nr: i64) -> i64 {
     }
 }
 
-/// Scratch floats of a GEMM with `k`-long rows: one output tile, the chunk's row scales, and
-/// its rows of `a` packed for every k block.
-fn gemm_scratch(nr: i64, k: i64) -> usize {
+/// Scratch floats of a GEMM with `k`-long rows: one output tile, the chunk's row scales, its
+/// rows of `a` packed for every k block, and for `Q8` panels one k block of a panel widened
+/// to f32 (`gemm_dequant_at`).
+fn gemm_scratch(nr: i64, k: i64, panel: PanelType) -> usize {
+    let widened = match panel {
+        PanelType::Q8 => GEMM_KC * nr,
+        _ => 0,
+    };
+    (gemm_dequant_at(nr, k) + widened) as usize
+}
+
+/// Where in a GEMM's scratch (in floats) a `Q8` panel's k block widened to f32 goes: after
+/// the tile, the row scales and the packed rows of `a`.
+fn gemm_dequant_at(nr: i64, k: i64) -> i64 {
     let kblocks = (k + GEMM_KC - 1) / GEMM_KC;
-    (gemm_mr(nr) * nr + gemm_mc(nr) + gemm_mc(nr) * GEMM_KC * kblocks.max(1)) as usize
+    gemm_mr(nr) * nr + gemm_mc(nr) + gemm_mc(nr) * GEMM_KC * kblocks.max(1)
 }
 
 /// Units of work per thread a blocked GEMM cuts its chunks into when they are few (one
@@ -8701,13 +8714,19 @@ fn panel_column<'a, 'ctx>(
 
 /// Packs a `k × n` weight into `PanelType::Q8` panels (layout: `PanelType::panel_bytes`).
 /// Rule q8-block: for each panel column `j` and block `b` of `Q8_BLOCK` rows of k,
-/// `s = max_k |w[k, j]| / 127` and `q[k, j] = round(w[k, j] / s)` (0 where `s = 0`), so
-/// `|w − s·q| ≤ s / 2`; columns past `n` are zero with scale 0. Threads take whole panels.
+/// `s = max_k |w[k, j]| / 127` and `q[k, j] = round(w[k, j] / s)` (to nearest even; 0 where
+/// `s = 0`), so `|w − s·q| ≤ s / 2`; columns past `n` are zero with scale 0. A NaN weight
+/// becomes 0. Threads take whole panels.
 fn pack_panels_q8<'ctx>(fb: &Fb<'_, 'ctx>, out: u32, w: &Access, k: i64, n: i64, nr: i64) -> R<()> {
     let wav = fb.access(w, ElemType::F32)?;
     let optr = fb.buf(out)?;
     let panels = (n + nr - 1) / nr;
     let kb = (k + Q8_BLOCK - 1) / Q8_BLOCK;
+    if nr % 4 != 0 {
+        return Err(BackendError::Unsupported(format!(
+            "int8 panels of {nr} columns: their f32 scales would not be 4-byte aligned"
+        )));
+    }
     let i8t = fb.ctx.i8_type();
     // The scales follow the values.
     let sptr = unsafe {
@@ -8736,7 +8755,13 @@ fn pack_panels_q8<'ctx>(fb: &Fb<'_, 'ctx>, out: u32, w: &Access, k: i64, n: i64,
                 fb.store_f32(sptr, si, scale)?;
                 fb.for_range(k0, k1, |fb, kk| {
                     let x = fb.b.build_float_mul(at(fb, kk)?, inv, "x").map_err(be)?;
+                    // (clamped, NaN to 0: a NaN or infinite weight, or a block too small
+                    // for 127 / max, must not reach the conversion, where it is undefined)
                     let r = fb.intrinsic("llvm.roundeven", &[x])?;
+                    let r = fb.intrinsic("llvm.minnum", &[r, fb.f32c(127.0)])?;
+                    let r = fb.intrinsic("llvm.maxnum", &[r, fb.f32c(-127.0)])?;
+                    let nan = fb.fcmp(FloatPredicate::UNO, x, x)?;
+                    let r = fb.fsel(nan, fb.f32c(0.0), r)?;
                     let q = fb.b.build_float_to_signed_int(r, i8t, "q").map_err(be)?;
                     let o = fb.add(fb.mul(fb.add(fb.mul(p, fb.i64c(k))?, kk)?, fb.i64c(nr))?, j)?;
                     let pp =
@@ -9256,6 +9281,26 @@ fn gemm<'ctx>(
     let uk = ukernel(fb, gemm_mr(nr), nr, panel, &attrs)?;
     let uk4 = ukernel(fb, TAIL_MR, nr, panel, &attrs)?;
     let uk1 = ukernel(fb, 1, nr, panel, &attrs)?;
+    // Q8 with rows to block for: each k block of a panel is widened to f32 once per chunk of
+    // rows (into `deq`) and run by the f32 micro-kernels, instead of widened again by every
+    // row block; decode (few rows) streams the int8 panels through the Q8 micro-kernels.
+    let widen = match panel {
+        PanelType::Q8 => {
+            let uks = [
+                (
+                    gemm_mr(nr),
+                    ukernel(fb, gemm_mr(nr), nr, PanelType::F32, &attrs)?,
+                ),
+                (TAIL_MR, ukernel(fb, TAIL_MR, nr, PanelType::F32, &attrs)?),
+                (1, ukernel(fb, 1, nr, PanelType::F32, &attrs)?),
+            ];
+            let at = fb.i64c(gemm_dequant_at(nr, k));
+            let deq = unsafe { fb.b.build_in_bounds_gep(fb.f32t, fb.scratch, &[at], "deq") }
+                .map_err(be)?;
+            Some((uks, deq))
+        }
+        _ => None,
+    };
     let pty: BasicTypeEnum = match panel {
         PanelType::F32 => fb.f32t.into(),
         PanelType::BF16 | PanelType::F16 => fb.ctx.i16_type().into(),
@@ -9436,60 +9481,134 @@ fn gemm<'ctx>(
                     }
                     _ => fb.ctx.ptr_type(AddressSpace::default()).const_null(),
                 };
-                // One row block of `mr` rows starting at chunk row `r0`.
-                let call = |fb: &Fb<'_, 'ctx>,
-                            r0: IntValue<'ctx>,
-                            mr: i64,
-                            f: FunctionValue<'ctx>|
+                // The chunk's row blocks against the panel slice `bp` (`next`: what to
+                // prefetch; `qs`: its Q8 scales or null) with the micro-kernels `uks`.
+                let run = |fb: &Fb<'_, 'ctx>,
+                           uks: [(i64, FunctionValue<'ctx>); 3],
+                           bpp: PointerValue<'ctx>,
+                           bnext: PointerValue<'ctx>,
+                           qs: PointerValue<'ctx>|
                  -> R<()> {
-                    let row = fb.add(mc, r0)?;
-                    let mut aptr = unsafe {
-                        fb.b.build_in_bounds_gep(
-                            fb.f32t,
-                            aav.ptr,
-                            &[fb.add(fb.add(aav.off, fb.mul(row, lda)?)?, kc)?],
-                            "ap",
-                        )
-                    }
-                    .map_err(be)?;
-                    let (mut lda_, mut ka) = (lda, fb.i64c(1));
-                    if mr == mr_full {
-                        // Full blocks read the packed copy (unless rows were too few to pack).
-                        let pa = unsafe {
-                            fb.b.build_in_bounds_gep(fb.f32t, apack, &[block_at(fb, kb, r0)?], "pa")
+                    // One row block of `mr` rows starting at chunk row `r0`.
+                    let call = |fb: &Fb<'_, 'ctx>,
+                                r0: IntValue<'ctx>,
+                                mr: i64,
+                                f: FunctionValue<'ctx>|
+                     -> R<()> {
+                        let row = fb.add(mc, r0)?;
+                        let mut aptr = unsafe {
+                            fb.b.build_in_bounds_gep(
+                                fb.f32t,
+                                aav.ptr,
+                                &[fb.add(fb.add(aav.off, fb.mul(row, lda)?)?, kc)?],
+                                "ap",
+                            )
                         }
                         .map_err(be)?;
-                        let sel = |x: BasicValueEnum<'ctx>, y: BasicValueEnum<'ctx>| {
-                            fb.b.build_select(pack_a, x, y, "s").map_err(be)
-                        };
-                        aptr = sel(pa.into(), aptr.into())?.into_pointer_value();
-                        lda_ = sel(fb.i64c(1).into(), lda.into())?.into_int_value();
-                        ka = sel(fb.i64c(mr_full).into(), fb.i64c(1).into())?.into_int_value();
-                    }
-                    let cidx = fb.add(fb.mul(row, fb.i64c(n))?, fb.mul(p, fb.i64c(nr))?)?;
-                    let cptr = unsafe { fb.b.build_in_bounds_gep(fb.f32t, optr, &[cidx], "cp") }
-                        .map_err(be)?;
-                    ukernel_call(
-                        fb,
-                        f,
-                        mr,
-                        nr,
-                        [aptr, bpp, cptr, tile, bnext, qs],
-                        [lda_, ka, fb.i64c(n), cols, kl],
-                        first,
-                        norm.map(|_| (inv, r0, last)),
-                    )
+                        let (mut lda_, mut ka) = (lda, fb.i64c(1));
+                        if mr == mr_full {
+                            // Full blocks read the packed copy (unless rows were too few to pack).
+                            let pa = unsafe {
+                                fb.b.build_in_bounds_gep(
+                                    fb.f32t,
+                                    apack,
+                                    &[block_at(fb, kb, r0)?],
+                                    "pa",
+                                )
+                            }
+                            .map_err(be)?;
+                            let sel = |x: BasicValueEnum<'ctx>, y: BasicValueEnum<'ctx>| {
+                                fb.b.build_select(pack_a, x, y, "s").map_err(be)
+                            };
+                            aptr = sel(pa.into(), aptr.into())?.into_pointer_value();
+                            lda_ = sel(fb.i64c(1).into(), lda.into())?.into_int_value();
+                            ka = sel(fb.i64c(mr_full).into(), fb.i64c(1).into())?.into_int_value();
+                        }
+                        let cidx = fb.add(fb.mul(row, fb.i64c(n))?, fb.mul(p, fb.i64c(nr))?)?;
+                        let cptr =
+                            unsafe { fb.b.build_in_bounds_gep(fb.f32t, optr, &[cidx], "cp") }
+                                .map_err(be)?;
+                        ukernel_call(
+                            fb,
+                            f,
+                            mr,
+                            nr,
+                            [aptr, bpp, cptr, tile, bnext, qs],
+                            [lda_, ka, fb.i64c(n), cols, kl],
+                            first,
+                            norm.map(|_| (inv, r0, last)),
+                        )
+                    };
+                    row_blocks(fb, mrows, uks, &call)
                 };
-                row_blocks(
-                    fb,
-                    mrows,
-                    [(gemm_mr(nr), uk), (TAIL_MR, uk4), (1, uk1)],
-                    &call,
-                )
+                let uks = [(gemm_mr(nr), uk), (TAIL_MR, uk4), (1, uk1)];
+                match widen {
+                    Some((f32_uks, deq)) => fb.if_else(
+                        few,
+                        |fb| run(fb, uks, bpp, bnext, qs),
+                        |fb| {
+                            // q8-block, once per chunk: deq[kk, j] = s[kk / Q8_BLOCK, j]·q[kk, j].
+                            widen_q8(fb, bpp, qs, deq, kl, nr)?;
+                            let null = fb.ctx.ptr_type(AddressSpace::default()).const_null();
+                            run(fb, f32_uks, deq, deq, null)
+                        },
+                    ),
+                    None => run(fb, uks, bpp, bnext, qs),
+                }
             })
         })
     })?;
     fb.ret_ok()
+}
+
+/// Widens `kl` rows of a `Q8` panel slice (`q` with its scales `qs`, from a k block start)
+/// to f32 at `out`, `nr` per row (rule q8-block): a row at a time in vectors of `nr / 2`.
+fn widen_q8<'ctx>(
+    fb: &Fb<'_, 'ctx>,
+    q: PointerValue<'ctx>,
+    qs: PointerValue<'ctx>,
+    out: PointerValue<'ctx>,
+    kl: IntValue<'ctx>,
+    nr: i64,
+) -> R<()> {
+    let vw = (nr / 2) as u32;
+    let (i8t, vt) = (fb.ctx.i8_type(), fb.f32t.vec_type(vw));
+    let aligned = |v: BasicValueEnum<'ctx>, a: u32| -> R<BasicValueEnum<'ctx>> {
+        v.as_instruction_value()
+            .expect("load")
+            .set_alignment(a)
+            .map_err(be)?;
+        Ok(v)
+    };
+    fb.for_range(fb.i64c(0), kl, |fb, kk| {
+        let row = fb.mul(kk, fb.i64c(nr))?;
+        let blk =
+            fb.b.build_right_shift(kk, fb.i64c(Q8_BLOCK.trailing_zeros() as i64), false, "kb")
+                .map_err(be)?;
+        let srow = fb.mul(blk, fb.i64c(nr))?;
+        for v in 0..(nr / vw as i64) {
+            let at = fb.add(row, fb.i64c(v * vw as i64))?;
+            let qp = unsafe { fb.b.build_in_bounds_gep(i8t, q, &[at], "qp") }.map_err(be)?;
+            let qv = aligned(fb.b.build_load(i8t.vec_type(vw), qp, "qv").map_err(be)?, 1)?;
+            let wide = fb
+                .b
+                .build_int_s_extend(qv.into_vector_value(), fb.ctx.i32_type().vec_type(vw), "x")
+                .map_err(be)?;
+            let qf = fb.b.build_signed_int_to_float(wide, vt, "qf").map_err(be)?;
+            let sat = fb.add(srow, fb.i64c(v * vw as i64))?;
+            let sp = unsafe { fb.b.build_in_bounds_gep(fb.f32t, qs, &[sat], "sp") }.map_err(be)?;
+            let sv = aligned(fb.b.build_load(vt, sp, "sv").map_err(be)?, 4)?;
+            let w =
+                fb.b.build_float_mul(qf, sv.into_vector_value(), "w")
+                    .map_err(be)?;
+            let op = unsafe { fb.b.build_in_bounds_gep(fb.f32t, out, &[at], "op") }.map_err(be)?;
+            fb.b.build_store(op, w)
+                .map_err(be)?
+                .set_alignment(4)
+                .map_err(be)?;
+        }
+        Ok(())
+    })
 }
 
 /// Rows of `a` a packed run-time matmul walks per slice of `w` it packs: 24 register blocks
