@@ -394,6 +394,13 @@ pub fn compile_train_artifact_ptx(
         .map_err(|e| EgretError::Usage(e.to_string()))
 }
 
+/// A training artifact's named programs, what it is for, and the configuration it records.
+type TrainPrograms = (
+    Vec<(&'static str, egret_backends::kernel::Program)>,
+    egret_backends::artifact::EntrySpec,
+    serde_json::Value,
+);
+
 /// A training artifact's programs scheduled with `sopts` (`train_step`, then with `entries`
 /// `grads`: one differentiated graph, optimised once with AdamW and once without, their
 /// symbols unified), the artifact's mode and optimizer, and the configuration to record.
@@ -404,11 +411,7 @@ fn train_programs(
     entries: TrainEntries,
     budget: Option<MemoryBudget>,
     sopts: egret_backends::schedule::ScheduleOptions,
-) -> Result<(
-    Vec<(&'static str, egret_backends::kernel::Program)>,
-    egret_backends::artifact::EntrySpec,
-    serde_json::Value,
-)> {
+) -> Result<TrainPrograms> {
     let d = differentiated(cfg, passes)?;
     let mut graphs = vec![("train_step", step_graph_of(d.clone(), passes, opt, budget)?)];
     if entries == TrainEntries::StepAndGrads {
@@ -460,7 +463,7 @@ fn training_artifact(
             m.mode
         )));
     }
-    let ours = serde_json::to_value(&cfg).unwrap_or_default();
+    let ours = serde_json::to_value(cfg).unwrap_or_default();
     if m.model != ours {
         let keys: Vec<&str> = match (m.model.as_object(), ours.as_object()) {
             (Some(a), Some(b)) => a

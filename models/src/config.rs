@@ -290,11 +290,8 @@ impl LlamaConfig {
                 ))
             }
         };
-        let head_dim = int("llama.attention.key_length")?.unwrap_or(if heads > 0 {
-            hidden / heads
-        } else {
-            0
-        });
+        let head_dim =
+            int("llama.attention.key_length")?.unwrap_or(hidden.checked_div(heads).unwrap_or(0));
         let has_output = g.tensors().iter().any(|t| t.name == "output.weight");
         let scaling_type = g
             .typed("llama.rope.scaling.type", "a string", GgufValue::as_str)
