@@ -500,11 +500,11 @@ impl RunOpts {
             ),
             Backend::Cpu => refuse_unused(
                 &[("--gpu-arch", arch), ("--tensor-cores", tc)],
-                "with --backend cpu (they are for --backend gpu)",
+                "with --backend cpu (for --backend gpu only)",
             ),
             Backend::Gpu => refuse_unused(
                 &[("--cpu", cpu), ("--weights-dtype", weights)],
-                "with --backend gpu (they are for --backend cpu)",
+                "with --backend gpu (for --backend cpu only)",
             ),
         }
     }
@@ -879,7 +879,7 @@ fn run(cli: Cli) -> Result<()> {
                         ("--weight-decay", weight_decay.is_some()),
                         ("--memory-budget", memory_budget.is_some()),
                     ],
-                    "without --mode training (they are the training step's)",
+                    "without --mode training (for training steps only)",
                 )?;
             }
             let budget = match memory_budget {
@@ -899,14 +899,14 @@ fn run(cli: Cli) -> Result<()> {
                         ("--gpu-arch", gpu_arch.is_some()),
                         ("--tensor-cores", tensor_cores),
                     ],
-                    "with --target cpu (they are for --target ptx)",
+                    "with --target cpu (for --target ptx only)",
                 )?,
                 Target::Ptx => refuse_unused(
                     &[
                         ("--cpu", cpu.is_some()),
                         ("--weights-dtype", weights_dtype.is_some()),
                     ],
-                    "with --target ptx (they are for --target cpu)",
+                    "with --target ptx (for --target cpu only)",
                 )?,
             }
             let weights_dtype = weights_dtype.unwrap_or(WeightsArg::F32);
