@@ -474,6 +474,9 @@ impl RunOpts {
     fn check_used(&self) -> Result<()> {
         let (cpu, weights) = (self.cpu.is_some(), self.weights_dtype.is_some());
         let (arch, tc) = (self.gpu_arch.is_some(), self.tensor_cores);
+        if self.backend == Backend::Gpu && self.threads.is_some() {
+            bail!("--threads has no effect with --backend gpu (for --backend cpu only)");
+        }
         if self.artifact.is_some() {
             let fixed = [
                 ("--passes", self.passes.is_some()),

@@ -463,6 +463,10 @@ fn options_that_would_do_nothing_are_refused() {
             "--weights-dtype has no effect with --backend gpu",
         ),
         (
+            &["--backend", "gpu", "--threads", "2"],
+            "--threads has no effect with --backend gpu",
+        ),
+        (
             &["--artifact", o, "--passes", "none"],
             "--passes has no effect with --artifact",
         ),
