@@ -1106,13 +1106,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 const CONVERT_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
 
 fn convert(model: &str, out: &Path, dtype: DTypeArg) -> Result<()> {
-    let ours = |d: &Path| {
-        std::fs::read_dir(d).is_ok_and(|entries| {
-            entries
-                .flatten()
-                .all(|e| CONVERT_FILES.iter().any(|f| e.file_name() == *f))
-        })
-    };
+    let ours = |d: &Path| egret_runtime::fsutil::holds_only(d, &CONVERT_FILES);
     let replace = egret_runtime::fsutil::Replace {
         what: "a model converted by egret",
         ours: &ours,

@@ -76,11 +76,8 @@ pub fn targets(ids: &[u32]) -> Vec<i64> {
         .collect()
 }
 
-/// The loss and each parameter's gradient, by Hugging Face name.
-pub struct Grads {
-    pub loss: f32,
-    pub grads: Vec<(String, HostTensor)>,
-}
+/// The loss and each parameter's gradient, by Hugging Face name (sorted).
+pub use egret_runtime::GradOut as Grads;
 
 /// Where gradients are computed.
 pub enum GradBackend<'a> {
@@ -127,11 +124,7 @@ pub fn grads_from_artifact(
     let (art, threads) = training_artifact(cfg, dir, backend)?;
     let get = |n: &str| crate::cpu::param(params, n);
     let mut s = egret_runtime::GradSession::with_params(&art, &get, "the weights", threads)?;
-    let out = s.grads(ids, &targets(ids), 1, ids.len())?;
-    Ok(Grads {
-        loss: out.loss,
-        grads: out.grads,
-    })
+    Ok(s.grads(ids, &targets(ids), 1, ids.len())?)
 }
 
 /// Loss and gradients of one sequence (batch 1) of at least two tokens.
@@ -154,7 +147,7 @@ pub fn grads(
     let tokens: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
     let positions: Vec<i64> = (0..t as i64).collect();
     let tg = targets(ids);
-    let mut out: HashMap<String, (Vec<usize>, Vec<f32>)> = match backend {
+    let out: HashMap<String, HostValue> = match backend {
         GradBackend::Interp => {
             let i64t = |v: Vec<i64>| Tensor::from_i64(vec![1, t], v);
             let inputs = HashMap::from([
@@ -165,7 +158,11 @@ pub fn grads(
             Interpreter::new(&g)?
                 .run(&inputs, params)?
                 .into_iter()
-                .map(|(k, v)| (k, (v.shape().to_vec(), v.to_f32_vec())))
+                .map(|(k, v)| {
+                    let data = HostData::F32(v.to_f32_vec());
+                    let shape = v.shape().to_vec();
+                    (k, HostValue { shape, data })
+                })
                 .collect()
         }
         GradBackend::Cpu { .. } | GradBackend::Gpu { .. } | GradBackend::Simt { .. } => {
@@ -178,7 +175,7 @@ pub fn grads(
                 ("positions".to_string(), host(positions)),
                 ("targets".to_string(), host(tg)),
             ]);
-            let out = match backend {
+            match backend {
                 GradBackend::Gpu { opts, .. } => {
                     crate::gpu::executor(&g, params, opts)?.run(&inputs)?
                 }
@@ -191,31 +188,10 @@ pub fn grads(
                         .run(&inputs)?
                 }
                 GradBackend::Interp => unreachable!("handled above"),
-            };
-            out.into_iter()
-                .map(|(k, v)| {
-                    let d = match v.data {
-                        HostData::F32(x) => x,
-                        HostData::I64(x) => x.into_iter().map(|i| i as f32).collect(),
-                    };
-                    (k, (v.shape, d))
-                })
-                .collect()
+            }
         }
     };
-    let loss = out
-        .remove("loss")
-        .and_then(|(_, d)| d.first().copied())
-        .ok_or_else(|| EgretError::Usage("the gradient graph returned no loss".into()))?;
-    let mut grads: Vec<(String, HostTensor)> = out
-        .into_iter()
-        .filter_map(|(k, (shape, data))| {
-            let name = k.strip_prefix("grad.")?.to_string();
-            Some((name, HostTensor::new(shape, data)))
-        })
-        .collect();
-    grads.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(Grads { loss, grads })
+    Ok(Grads::from_outputs(out)?)
 }
 
 /// Hyper-parameters of `egret train` that shape the compiled step.

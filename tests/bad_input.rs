@@ -401,28 +401,32 @@ fn bad_text_hyper_parameters_and_a_full_stdout_are_errors() {
         assert!(e.contains(flag), "{arg}: {e}");
     }
     if std::path::Path::new("/dev/full").exists() {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_egret"))
-            .arg("passes")
-            .stdout(fs::File::create("/dev/full").unwrap())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        // `egret ARGS` (with `EGRET_PROFILE` set or not) writing to a full disk: exit 1, and
+        // its stderr.
+        let to_full = |args: &[&str], profile: bool| {
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_egret"));
+            if profile {
+                cmd.env("EGRET_PROFILE", "1");
+            }
+            let out = cmd
+                .args(args)
+                .stdout(fs::File::create("/dev/full").unwrap())
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+            stderr
+        };
+        let stderr = to_full(&["passes"], false);
         assert!(
             stderr.starts_with("error: cannot write the output"),
             "{stderr}"
         );
         // Streamed text that cannot be written stops the generation at once (the profile
         // prints a line per run of the model: the prompt's, and no decode steps after it).
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_egret"))
-            .args(["generate", t, "--prompt", "The capital of France is"])
-            .args(["--max-new-tokens", "30"])
-            .env("EGRET_PROFILE", "1")
-            .stdout(fs::File::create("/dev/full").unwrap())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let prompt = "The capital of France is";
+        let gen = ["generate", t, "--prompt", prompt, "--max-new-tokens", "30"];
+        let stderr = to_full(&gen, true);
         assert!(
             stderr.contains("error: cannot write the output"),
             "{stderr}"

@@ -120,12 +120,7 @@ fn is_artifact_dir(dir: &Path) -> bool {
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
     let ours = manifest.is_some_and(|m| m["format"] == FORMAT);
-    ours && std::fs::read_dir(dir).is_ok_and(|entries| {
-        entries.flatten().all(|e| {
-            let n = e.file_name();
-            [MANIFEST, CPU_PAYLOAD, PTX_PAYLOAD].iter().any(|f| n == *f)
-        })
-    })
+    ours && egret_runtime::fsutil::holds_only(dir, &[MANIFEST, CPU_PAYLOAD, PTX_PAYLOAD])
 }
 
 /// Writes an artifact whose payload `payload` is made from the entries' programs by

@@ -23,6 +23,16 @@ pub struct Replace<'a> {
     pub keep_others: bool,
 }
 
+/// Whether `dir` is a readable directory whose entries all have names among `names` (the
+/// files one kind of output is made of; an empty directory qualifies).
+pub fn holds_only(dir: &Path, names: &[&str]) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .all(|e| names.iter().any(|f| e.file_name() == *f))
+    })
+}
+
 /// Whether `dir` may be written by `write_dir_atomic` under `replace`: absent, an empty
 /// directory, or one that `replace.ours` accepts. Callers check a destination with this
 /// before long work whose result goes there; `write_dir_atomic` checks again.

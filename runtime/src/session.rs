@@ -586,6 +586,34 @@ pub struct GradOut {
     pub grads: Vec<(String, HostTensor)>,
 }
 
+impl GradOut {
+    /// From the outputs of a loss-and-gradients program: `loss`, and `grad.<p>` for each
+    /// parameter `p` (other outputs ignored).
+    pub fn from_outputs(mut out: HashMap<String, HostValue>) -> Result<GradOut> {
+        let loss = scalar(&mut out, "loss")?;
+        let mut grads = Vec::new();
+        for (name, v) in out {
+            let Some(p) = name.strip_prefix("grad.") else {
+                continue;
+            };
+            let HostData::F32(data) = v.data else {
+                return Err(RuntimeError::Invalid(format!(
+                    "the gradient of `{p}` is not f32"
+                )));
+            };
+            grads.push((
+                p.to_string(),
+                HostTensor {
+                    shape: v.shape,
+                    data,
+                },
+            ));
+        }
+        grads.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(GradOut { loss, grads })
+    }
+}
+
 /// Gradients from a training artifact's `grads` entry point (what `egret grad --artifact`
 /// runs): the loss and each parameter's gradient for a batch, the parameters unchanged.
 pub struct GradSession {
@@ -642,28 +670,7 @@ impl GradSession {
         t: usize,
     ) -> Result<GradOut> {
         let inputs = batch_inputs(tokens, targets, b, t, self.vocab)?;
-        let mut out = self.exec.run(&inputs)?;
-        let loss = scalar(&mut out, "loss")?;
-        let mut grads = Vec::new();
-        for (name, v) in out {
-            let Some(p) = name.strip_prefix("grad.") else {
-                continue;
-            };
-            let HostData::F32(data) = v.data else {
-                return Err(RuntimeError::Invalid(format!(
-                    "the gradient of `{p}` is not f32"
-                )));
-            };
-            grads.push((
-                p.to_string(),
-                HostTensor {
-                    shape: v.shape,
-                    data,
-                },
-            ));
-        }
-        grads.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(GradOut { loss, grads })
+        GradOut::from_outputs(self.exec.run(&inputs)?)
     }
 }
 

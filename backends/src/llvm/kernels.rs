@@ -8966,23 +8966,6 @@ fn ukernel<'ctx>(
             match panel {
                 PanelType::F32 => vload(gep(f32t.into(), bp, idx)?),
                 PanelType::Q8 => {
-                    // q8-block: w = s[k / Q8_BLOCK] · q (int8 widened to f32 exactly).
-                    let qt = ctx.i8_type().vec_type(vw);
-                    let qv = b
-                        .build_load(qt, gep(ctx.i8_type().into(), bp, idx)?, "ql")
-                        .map_err(be)?;
-                    qv.as_instruction_value()
-                        .expect("load")
-                        .set_alignment(1)
-                        .map_err(be)?;
-                    let wide = b
-                        .build_int_s_extend(
-                            qv.into_vector_value(),
-                            ctx.i32_type().vec_type(vw),
-                            "x",
-                        )
-                        .map_err(be)?;
-                    let qf = b.build_signed_int_to_float(wide, vt, "qf").map_err(be)?;
                     let blk = b
                         .build_right_shift(kk, i64c(Q8_BLOCK.trailing_zeros() as i64), false, "kb")
                         .map_err(be)?;
@@ -8993,8 +8976,8 @@ fn ukernel<'ctx>(
                             "si",
                         )
                         .map_err(be)?;
-                    let sv = vload(gep(f32t.into(), qs, sidx)?)?;
-                    Ok(b.build_float_mul(qf, sv, "w").map_err(be)?)
+                    let q = gep(ctx.i8_type().into(), bp, idx)?;
+                    q8_vector(&b, vt, q, gep(f32t.into(), qs, sidx)?)
                 }
                 PanelType::BF16 | PanelType::F16 => {
                     let ht = ctx.i16_type().vec_type(vw);
@@ -9561,6 +9544,33 @@ fn gemm<'ctx>(
     fb.ret_ok()
 }
 
+/// Rule q8-block on one vector: the `vt`-wide int8 values at `q` (any alignment) widened to
+/// f32 exactly and times their scales at `s`: `w = s · q`.
+fn q8_vector<'ctx>(
+    b: &Builder<'ctx>,
+    vt: inkwell::types::VectorType<'ctx>,
+    q: PointerValue<'ctx>,
+    s: PointerValue<'ctx>,
+) -> R<inkwell::values::VectorValue<'ctx>> {
+    let ctx = vt.get_context();
+    let vw = vt.get_size();
+    let load = |ty: BasicTypeEnum<'ctx>, p: PointerValue<'ctx>, align: u32| {
+        let v = b.build_load(ty, p, "q8l").map_err(be)?;
+        v.as_instruction_value()
+            .expect("load")
+            .set_alignment(align)
+            .map_err(be)?;
+        Ok::<_, BackendError>(v.into_vector_value())
+    };
+    let qv = load(ctx.i8_type().vec_type(vw).into(), q, 1)?;
+    let wide = b
+        .build_int_s_extend(qv, ctx.i32_type().vec_type(vw), "x")
+        .map_err(be)?;
+    let qf = b.build_signed_int_to_float(wide, vt, "qf").map_err(be)?;
+    let sv = load(vt.into(), s, 4)?;
+    b.build_float_mul(qf, sv, "w").map_err(be)
+}
+
 /// Widens `kl` rows of a `Q8` panel slice (`q` with its scales `qs`, from a k block start)
 /// to f32 at `out`, `nr` per row (rule q8-block): a row at a time in vectors of `nr / 2`.
 fn widen_q8<'ctx>(
@@ -9573,13 +9583,6 @@ fn widen_q8<'ctx>(
 ) -> R<()> {
     let vw = (nr / 2) as u32;
     let (i8t, vt) = (fb.ctx.i8_type(), fb.f32t.vec_type(vw));
-    let aligned = |v: BasicValueEnum<'ctx>, a: u32| -> R<BasicValueEnum<'ctx>> {
-        v.as_instruction_value()
-            .expect("load")
-            .set_alignment(a)
-            .map_err(be)?;
-        Ok(v)
-    };
     fb.for_range(fb.i64c(0), kl, |fb, kk| {
         let row = fb.mul(kk, fb.i64c(nr))?;
         let blk =
@@ -9589,18 +9592,9 @@ fn widen_q8<'ctx>(
         for v in 0..(nr / vw as i64) {
             let at = fb.add(row, fb.i64c(v * vw as i64))?;
             let qp = unsafe { fb.b.build_in_bounds_gep(i8t, q, &[at], "qp") }.map_err(be)?;
-            let qv = aligned(fb.b.build_load(i8t.vec_type(vw), qp, "qv").map_err(be)?, 1)?;
-            let wide = fb
-                .b
-                .build_int_s_extend(qv.into_vector_value(), fb.ctx.i32_type().vec_type(vw), "x")
-                .map_err(be)?;
-            let qf = fb.b.build_signed_int_to_float(wide, vt, "qf").map_err(be)?;
             let sat = fb.add(srow, fb.i64c(v * vw as i64))?;
             let sp = unsafe { fb.b.build_in_bounds_gep(fb.f32t, qs, &[sat], "sp") }.map_err(be)?;
-            let sv = aligned(fb.b.build_load(vt, sp, "sv").map_err(be)?, 4)?;
-            let w =
-                fb.b.build_float_mul(qf, sv.into_vector_value(), "w")
-                    .map_err(be)?;
+            let w = q8_vector(&fb.b, vt, qp, sp)?;
             let op = unsafe { fb.b.build_in_bounds_gep(fb.f32t, out, &[at], "op") }.map_err(be)?;
             fb.b.build_store(op, w)
                 .map_err(be)?
